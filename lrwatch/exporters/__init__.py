@@ -1,0 +1,1 @@
+"""Exporters observe; they never decide. Prometheus, Pushgateway and the JSONL trace."""

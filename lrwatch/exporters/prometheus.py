@@ -1,0 +1,254 @@
+"""Prometheus metric families for training, and the HTTP server that exposes them.
+
+Each :class:`TrainingExporter` owns its metrics and registers one collector in the registry it is
+given (never only the global one), so tests and several watchers in one process stay apart. The
+collector takes a lock while it is scraped and :meth:`TrainingExporter.observe` takes the same
+lock while it updates, so one scrape always sees one consistent flush (``lrwatch_step`` and
+``lrwatch_loss`` of the same step).
+
+Gauges hold the last flushed value. Values that a 15 s scrape would miss between flushes are also
+kept as histograms (loss, gradient norm, step duration) and counters (steps, non-finite steps), so
+a spike between scrapes stays visible with ``max_over_time`` of the bucket rates.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import threading
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .._version import __version__
+from ..samples import Sample
+
+__all__ = ["TrainingExporter", "MetricsServer", "start_metrics_server", "LOG_BUCKETS"]
+
+log = logging.getLogger("lrwatch")
+
+# 1e-6 .. 1e6 in half-decades: losses and gradient norms span many orders of magnitude.
+LOG_BUCKETS: tuple[float, ...] = tuple(
+    m * 10.0 ** e for e in range(-6, 7) for m in (1.0, 3.0)) + (math.inf,)
+STEP_SECONDS_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    math.inf)
+
+# Sample keys exported as plain gauges (name in the sample -> metric name, help).
+_GAUGES: dict[str, tuple[str, str]] = {
+    "loss": ("lrwatch_loss", "Training loss at the last flushed step."),
+    "grad_norm": ("lrwatch_grad_norm",
+                  "Global L2 norm of the gradients before clipping, at the last flushed step."),
+    "update_ratio": ("lrwatch_update_ratio",
+                     "Ratio of the parameter update norm to the parameter norm, ||dθ||/||θ||."),
+    "accuracy": ("lrwatch_accuracy", "Training accuracy at the last flushed step."),
+    "eval_loss": ("lrwatch_eval_loss", "Loss of the last evaluation."),
+    "eval_accuracy": ("lrwatch_eval_accuracy", "Accuracy of the last evaluation."),
+    "loss_scale": ("lrwatch_loss_scale", "AMP loss scale at the last flushed step."),
+    "samples_per_second": ("lrwatch_samples_per_second",
+                           "Training throughput at the last flushed step."),
+}
+
+
+class _LockedCollector(Collector):
+    """Collects the exporter's metrics under its lock, so a scrape sees one consistent flush.
+
+    The last-value gauges of :data:`_GAUGES` are emitted only once measured: an
+    ``lrwatch_eval_accuracy`` of 0 before the first evaluation would be a lie.
+    """
+
+    def __init__(self, lock: threading.Lock, metrics: Sequence[Any],
+                 latest: dict[str, float]) -> None:
+        self._lock = lock
+        self._metrics = metrics
+        self._latest = latest
+
+    def collect(self) -> Iterator[Any]:
+        with self._lock:
+            families = [f for m in self._metrics for f in m.collect()]
+            for key, (name, doc) in _GAUGES.items():
+                if key in self._latest:
+                    families.append(GaugeMetricFamily(name, doc, value=self._latest[key]))
+        return iter(families)
+
+    def describe(self) -> Iterator[Any]:
+        return iter([f for m in self._metrics for f in m.describe()])
+
+
+class TrainingExporter:
+    """The training-side metric families of DESIGN.md, fed with flushed samples.
+
+    Parameters
+    ----------
+    registry:
+        Where to register; a fresh ``CollectorRegistry`` when ``None``.
+    run_info:
+        Labels of ``lrwatch_run_info`` (run name, model, optimizer, ...). Run identity goes here,
+        never into the labels of other metrics.
+    layer_labels:
+        The bounded set of layer names for ``lrwatch_layer_grad_norm``, if per-layer norms are on.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, *,
+                 run_info: Mapping[str, str] | None = None,
+                 layer_labels: Sequence[str] = ()) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._lock = threading.Lock()
+        m: list[Any] = []
+
+        def add(metric: Any) -> Any:
+            m.append(metric)
+            return metric
+
+        build = add(Info("lrwatch_build", "lrwatch build information.", registry=None))
+        build.info({"version": __version__, "python": platform.python_version()})
+        self.run_info = add(Info("lrwatch_run", "Identity of the watched run.", registry=None))
+        self.run_info.info(dict(run_info or {}))
+        self.learning_rate = add(Gauge("lrwatch_learning_rate",
+                                       "Learning rate of each optimizer parameter group.",
+                                       ["param_group"], registry=None))
+        self.momentum = add(Gauge("lrwatch_momentum",
+                                  "Momentum (SGD) or beta1 (Adam family) of each parameter group.",
+                                  ["param_group"], registry=None))
+        self.latest: dict[str, float] = {}
+        self.step = add(Gauge("lrwatch_step", "Global optimizer step of the last flushed sample.",
+                              registry=None))
+        self.last_step_time = add(Gauge("lrwatch_last_step_timestamp_seconds",
+                                        "Unix time of the last flushed step.", registry=None))
+        self.steps = add(Counter("lrwatch_training_steps",
+                                 "Optimizer steps seen.", registry=None))
+        self.nonfinite_steps = add(Counter("lrwatch_nonfinite_steps",
+                                           "Steps whose loss or gradients were NaN or Inf.",
+                                           registry=None))
+        self.skipped_steps = add(Counter("lrwatch_skipped_steps",
+                                         "Steps whose update never reached the weights "
+                                         "(AMP overflow, or lrwatch skip).", registry=None))
+        self.rollbacks = add(Counter("lrwatch_rollbacks", "Rollbacks to a known-good snapshot.",
+                                     registry=None))
+        self.internal_errors = add(Counter("lrwatch_internal_errors",
+                                           "Monitoring failures that lrwatch absorbed (fail open).",
+                                           registry=None))
+        self.alerts_sent = add(Counter("lrwatch_alerts_sent", "Alerts delivered to a sink.",
+                                       registry=None))
+        self.rule_firing = add(Gauge("lrwatch_rule_firing", "1 while a rule is firing, else 0.",
+                                     ["rule", "severity"], registry=None))
+        self.firings = add(Counter("lrwatch_firings", "Times a rule started firing.",
+                                   ["rule", "severity"], registry=None))
+        self.loss_hist = add(Histogram("lrwatch_step_loss", "Training loss of every step.",
+                                       buckets=LOG_BUCKETS, registry=None))
+        self.grad_norm_hist = add(Histogram("lrwatch_step_grad_norm",
+                                            "Global gradient norm of every step.",
+                                            buckets=LOG_BUCKETS, registry=None))
+        self.step_seconds = add(Histogram("lrwatch_step_duration_seconds",
+                                          "Wall time between optimizer steps.",
+                                          buckets=STEP_SECONDS_BUCKETS, registry=None))
+        self.layer_grad_norm = add(Gauge("lrwatch_layer_grad_norm",
+                                         "Gradient L2 norm per top-level module (opt-in).",
+                                         ["layer"], registry=None))
+        self._metrics = m
+        self._layer_children = {lab: self.layer_grad_norm.labels(lab) for lab in layer_labels}
+        self._lr_children: list[Any] = []
+        self._mom_children: list[Any] = []
+        self.registry.register(_LockedCollector(self._lock, m, self.latest))
+
+    # --- feeding -----------------------------------------------------------------------------
+    def observe(self, samples: Iterable[Sample]) -> None:
+        """Update every family from one flush of samples (in step order)."""
+        with self._lock:
+            last: Sample | None = None
+            for s in samples:
+                last = s
+                self.steps.inc()
+                v = s.values
+                if v.get("nonfinite_loss") or v.get("nonfinite_grad"):
+                    self.nonfinite_steps.inc()
+                if v.get("skipped"):
+                    self.skipped_steps.inc()
+                loss = v.get("loss")
+                if loss is not None and math.isfinite(loss):
+                    self.loss_hist.observe(loss)
+                gn = v.get("grad_norm")
+                if gn is not None and math.isfinite(gn):
+                    self.grad_norm_hist.observe(gn)
+                st = v.get("step_time_seconds")
+                if st is not None and math.isfinite(st) and st >= 0:
+                    self.step_seconds.observe(st)
+            if last is None:
+                return
+            self.step.set(last.step)
+            if last.time is not None:
+                self.last_step_time.set(last.time)
+            for key in _GAUGES:
+                val = last.values.get(key)
+                if val is not None:
+                    self.latest[key] = val
+            if last.lr_groups is not None:
+                self._set_groups(self.learning_rate, self._lr_children, last.lr_groups)
+            mom = [last.values[k] for k in sorted(last.values) if k.startswith("momentum/")]
+            if mom:
+                self._set_groups(self.momentum, self._mom_children, mom)
+            for lab, child in self._layer_children.items():
+                val = last.values.get(f"grad_norm/{lab}")
+                if val is not None:
+                    child.set(val)
+
+    @staticmethod
+    def _set_groups(gauge: Gauge, children: list[Any], values: Sequence[float]) -> None:
+        while len(children) < len(values):
+            children.append(gauge.labels(str(len(children))))
+        for child, val in zip(children, values):
+            child.set(val)
+
+    def set_rule_state(self, rule: str, severity: str, firing: bool) -> None:
+        """Record a rule's firing state; a rising edge also counts in ``lrwatch_firings_total``."""
+        with self._lock:
+            if firing:
+                self.firings.labels(rule, severity).inc()
+            self.rule_firing.labels(rule, severity).set(1.0 if firing else 0.0)
+
+    def count_error(self) -> None:
+        self.internal_errors.inc()
+
+
+class MetricsServer:
+    """The ``/metrics`` HTTP server of one registry, in a daemon thread.
+
+    ``port=0`` picks a free port; :attr:`port` tells which. Stop it with :meth:`close`.
+    """
+
+    def __init__(self, registry: CollectorRegistry, port: int, host: str = "127.0.0.1") -> None:
+        from prometheus_client import start_http_server
+
+        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+        self.host = host
+        self.port: int = int(self._server.server_port)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+def start_metrics_server(registry: CollectorRegistry, port: int, host: str = "127.0.0.1",
+                         *, on_error: Any = None) -> MetricsServer | None:
+    """Start a :class:`MetricsServer`, or log a warning and return ``None`` if the port is taken.
+
+    Training must go on when monitoring cannot start (fail open); ``on_error`` is called so the
+    caller can count it in ``lrwatch_internal_errors_total``.
+    """
+    try:
+        return MetricsServer(registry, port, host)
+    except OSError as exc:
+        log.warning("lrwatch: cannot serve /metrics on %s:%s (%s); training goes on without it",
+                    host, port, exc)
+        if on_error is not None:
+            on_error()
+        return None

@@ -1,0 +1,105 @@
+"""On-device statistics for the training step, with no host synchronisation.
+
+Everything here returns tensors that stay on the device they were computed on. The Watcher keeps
+them in a small per-flush buffer and copies them to the host in one transfer every
+``flush_every`` steps. Norms use the fused ``torch._foreach_norm`` kernels, grouped by device and
+dtype exactly as ``torch.nn.utils.clip_grad_norm_`` groups them, so a model with a thousand
+parameters costs a handful of kernel launches, not a thousand ``.item()`` calls.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable, Sequence
+
+import torch
+
+__all__ = ["tensor_norms", "total_norm", "layer_of", "LayerIndex"]
+
+
+def tensor_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """L2 norm of every tensor, as 0-d float32 tensors on each tensor's device.
+
+    Tensors are grouped by (device, dtype) so each group is one fused ``_foreach_norm`` call.
+    """
+    if not tensors:
+        return []
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        groups[(t.device, t.dtype)].append(i)
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    for (_dev, _dt), idx in groups.items():
+        group = [tensors[i] for i in idx]
+        if hasattr(torch, "_foreach_norm"):
+            norms = torch._foreach_norm(group, 2.0)
+        else:  # pragma: no cover - very old torch
+            norms = [torch.linalg.vector_norm(t) for t in group]
+        for i, n in zip(idx, norms):
+            out[i] = n
+    return [n.float() if n.dtype != torch.float32 else n for n in out]  # type: ignore[union-attr]
+
+
+def total_norm(norms: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Global L2 norm from per-tensor norms (sqrt of the sum of squares), on ``device``.
+
+    A NaN or Inf anywhere propagates into the result, which is how non-finite gradients are
+    flagged without a separate check.
+    """
+    if not norms:
+        return torch.zeros((), device=device)
+    stacked = torch.stack([n.to(device, non_blocking=True) for n in norms])
+    return torch.linalg.vector_norm(stacked, 2.0)
+
+
+def layer_of(name: str, depth: int = 1) -> str:
+    """The bounded label for a parameter: its top-``depth`` module path.
+
+    >>> layer_of("encoder.layers.3.attn.weight")
+    'encoder'
+    >>> layer_of("encoder.layers.3.attn.weight", depth=3)
+    'encoder.layers.3'
+    >>> layer_of("bias")
+    'bias'
+    """
+    parts = name.split(".")
+    if len(parts) <= depth:
+        return parts[0] if len(parts) == 1 else ".".join(parts[:-1]) or parts[0]
+    return ".".join(parts[:depth])
+
+
+class LayerIndex:
+    """Maps parameters to a bounded set of layer labels and sums squared norms per layer.
+
+    The per-layer sum is one ``index_add_`` on the device; the index tensor is cached per set of
+    parameters that have gradients (usually the same set every step).
+    """
+
+    def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]], depth: int = 1,
+                 max_layers: int = 64) -> None:
+        self.labels: list[str] = []
+        self._layer_of_param: dict[int, int] = {}
+        for name, p in named_params:
+            label = layer_of(name, depth)
+            if label not in self.labels:
+                if len(self.labels) >= max_layers:
+                    label = "other"
+                    if label not in self.labels:
+                        self.labels.append(label)
+                else:
+                    self.labels.append(label)
+            self._layer_of_param[id(p)] = self.labels.index(label)
+        self._cache: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def per_layer(self, params: Sequence[torch.Tensor], norms: Sequence[torch.Tensor],
+                  device: torch.device) -> torch.Tensor:
+        """Per-layer L2 norms (a 1-d tensor ordered like ``labels``) from per-parameter norms."""
+        key = tuple(self._layer_of_param.get(id(p), -1) for p in params)
+        index = self._cache.get(key)
+        if index is None:
+            index = torch.tensor([k if k >= 0 else 0 for k in key], dtype=torch.long,
+                                 device=device)
+            self._cache[key] = index
+        sq = torch.stack([n.to(device, non_blocking=True) for n in norms]).square()
+        sums = torch.zeros(len(self.labels), device=device, dtype=sq.dtype)
+        sums.index_add_(0, index, sq)
+        return sums.sqrt()

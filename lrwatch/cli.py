@@ -19,6 +19,35 @@ def cli() -> None:
     """
 
 
+@cli.command()
+@click.option("--steps", type=click.IntRange(1), default=300, show_default=True,
+              help="Optimizer steps to train.")
+@click.option("--port", type=click.IntRange(0, 65535), default=9400, show_default=True,
+              help="Port for /metrics (0 picks a free one).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind /metrics to.")
+@click.option("--trace", "trace", type=click.Path(dir_okay=False), default="lrwatch-demo.trace.jsonl",
+              show_default=True, help="Where to write the JSONL trace ('' for none).")
+@click.option("--flush-every", type=click.IntRange(1), default=10, show_default=True,
+              help="Steps between device-to-host flushes.")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--linger", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Keep serving /metrics this many seconds after training (for a scrape).")
+def demo(steps: int, port: int, host: str, trace: str, flush_every: int, batch_size: int,
+         seed: int, linger: float) -> None:
+    """Train a small real model with the Watcher on and watch it.
+
+    A byte-level GRU learns the Python standard library's own source code (no download).
+    Progress is printed as steps are flushed; /metrics is served while it trains and a trace is
+    written in trace format v1.
+    """
+    from .demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(steps=steps, port=port, host=host, trace=trace or None,
+                     flush_every=flush_every, batch_size=batch_size, seed=seed, linger=linger)
+    run_demo(cfg)
+
+
 def main() -> None:
     cli(prog_name="lrwatch")
 

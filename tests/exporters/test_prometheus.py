@@ -1,0 +1,94 @@
+"""The training exporter: a clean exposition, a served /metrics, and a taken port that fails open."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import urllib.request
+
+import pytest
+import torch
+from torch import nn
+
+import lrwatch
+from lrwatch.exporters.prometheus import TrainingExporter
+from prometheus_client import CollectorRegistry, generate_latest
+
+from services import promtool_check_metrics
+
+
+def _train(w: lrwatch.Watcher, model: nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:
+    torch.manual_seed(0)
+    for _ in range(steps):
+        x = torch.randn(8, 4)
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        w.log(loss=loss, accuracy=0.5, eval_accuracy=0.75)
+
+
+@pytest.mark.prometheus
+def test_served_exposition_is_promtool_clean_and_has_design_names() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD([{"params": model[0].parameters()},
+                           {"params": model[2].parameters(), "lr": 0.01}], lr=0.1, momentum=0.9)
+    with lrwatch.Watcher(model, opt, port=0, flush_every=2, per_layer=True, update_ratio=True,
+                         batch_size=8, run_name="t1") as w:
+        _train(w, model, opt, 4)
+        assert w.metrics_url is not None
+        text = urllib.request.urlopen(w.metrics_url, timeout=5).read().decode()
+    rc, out = promtool_check_metrics(text)
+    assert rc == 0 and out.strip() == "", out
+    for name in ("lrwatch_learning_rate{param_group=\"0\"} 0.1",
+                 "lrwatch_learning_rate{param_group=\"1\"} 0.01",
+                 "lrwatch_loss ", "lrwatch_grad_norm ", "lrwatch_update_ratio ",
+                 "lrwatch_accuracy 0.5", "lrwatch_eval_accuracy 0.75",
+                 "lrwatch_training_steps_total 4.0", "lrwatch_step 4.0",
+                 "lrwatch_rollbacks_total 0.0", "lrwatch_nonfinite_steps_total 0.0",
+                 "lrwatch_internal_errors_total 0.0", "lrwatch_build_info{",
+                 'lrwatch_run_info{model="Sequential",optimizer="SGD",run="t1"',
+                 'lrwatch_layer_grad_norm{layer="0"}', "lrwatch_step_grad_norm_bucket{",
+                 "lrwatch_step_loss_count 4.0", "lrwatch_samples_per_second ",
+                 'lrwatch_momentum{param_group="0"} 0.9'):
+        assert name in text, name
+
+
+def test_unmeasured_gauges_are_absent_not_zero() -> None:
+    exp = TrainingExporter(CollectorRegistry())
+    text = generate_latest(exp.registry).decode()
+    assert "lrwatch_eval_accuracy " not in text and "lrwatch_loss " not in text
+    assert "lrwatch_training_steps_total 0.0" in text
+
+
+def test_taken_port_warns_counts_and_training_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(1)
+    port = blocker.getsockname()[1]
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    try:
+        with caplog.at_level(logging.WARNING, logger="lrwatch"):
+            w = lrwatch.Watcher(model, opt, port=port)
+        assert w.metrics_url is None
+        assert "cannot serve /metrics" in caplog.text
+        _train(w, model, opt, 3)
+        w.close()
+        assert w.step == 3
+        text = generate_latest(w.registry).decode()
+        assert "lrwatch_internal_errors_total 1.0" in text
+        assert "lrwatch_training_steps_total 3.0" in text
+    finally:
+        blocker.close()
+
+
+def test_two_watchers_keep_separate_registries() -> None:
+    a_model, b_model = nn.Linear(4, 2), nn.Linear(4, 2)
+    a_opt = torch.optim.SGD(a_model.parameters(), lr=0.1)
+    b_opt = torch.optim.SGD(b_model.parameters(), lr=0.2)
+    with lrwatch.Watcher(a_model, a_opt) as a, lrwatch.Watcher(b_model, b_opt) as b:
+        _train(a, a_model, a_opt, 2)
+        _train(b, b_model, b_opt, 5)
+    assert "lrwatch_training_steps_total 2.0" in generate_latest(a.registry).decode()
+    assert "lrwatch_training_steps_total 5.0" in generate_latest(b.registry).decode()

@@ -1,0 +1,86 @@
+"""Trace format v1: round trips (nan and inf included) and clear errors for bad lines."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import pytest
+
+from lrwatch.errors import TraceFormatError
+from lrwatch.exporters.trace import TraceReader, TraceWriter, encode_sample, read_trace
+from lrwatch.samples import Sample
+
+
+def test_round_trip_with_nonfinite_values_and_groups(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    samples = [
+        Sample(step=1, time=1764300000.5, values={"lr": 0.1, "loss": 2.5, "grad_norm": 1.25},
+               lr_groups=(0.1, 0.01)),
+        Sample(step=2, time=None, values={"lr": 0.1, "loss": math.nan, "grad_norm": math.inf,
+                                          "custom": -math.inf}, lr_groups=(0.1, 0.01),
+               events=({"type": "firing", "rule": "nonfinite"},)),
+        Sample(step=5, values={"lr": 0.05, "eval_accuracy": 0.91}, lr_groups=(0.05,)),
+    ]
+    path = tmp_path / "t.jsonl"
+    with TraceWriter(path) as w:
+        w.write_many(samples)
+    raw = [json.loads(line) for line in path.read_text().splitlines()]
+    assert raw[1]["loss"] == "nan" and raw[1]["grad_norm"] == "inf"
+    assert raw[1]["custom"] == "-inf"
+    assert raw[0]["lr"] == [0.1, 0.01] and raw[2]["lr"] == 0.05
+    assert "time" not in raw[1]
+    back = read_trace(path)
+    assert [s.step for s in back] == [1, 2, 5]
+    assert back[0].values == samples[0].values and back[0].lr_groups == (0.1, 0.01)
+    assert math.isnan(back[1].values["loss"]) and back[1].values["grad_norm"] == math.inf
+    assert back[1].values["custom"] == -math.inf
+    assert back[1].events == ({"type": "firing", "rule": "nonfinite"},)
+    assert back[2].values == {"lr": 0.05, "eval_accuracy": 0.91}
+
+
+def test_reader_accepts_bare_nan_and_infinity() -> None:
+    text = '{"step": 1, "loss": NaN, "grad_norm": Infinity, "x": -Infinity, "lr": 1e-3}\n'
+    (s,) = read_trace(io.StringIO(text))
+    assert math.isnan(s.values["loss"]) and s.values["grad_norm"] == math.inf
+    assert s.values["x"] == -math.inf and s.lr_groups == (1e-3,)
+
+
+@pytest.mark.parametrize("line, message", [
+    ("not json", "Expecting value"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"loss": 1.0}', "missing required key 'step'"),
+    ('{"step": "3"}', "key 'step': expected an integer"),
+    ('{"step": 1.5}', "key 'step': expected an integer"),
+    ('{"step": 3, "loss": "high"}', "key 'loss'"),
+    ('{"step": 3, "loss": true}', "key 'loss': expected a number, got a boolean"),
+    ('{"step": 3, "lr": []}', "key 'lr': empty list"),
+    ('{"step": 3, "loss": {"a": 1}}', "key 'loss': expected a number, got dict"),
+    ('{"step": 3, "events": "x"}', "key 'events'"),
+])
+def test_malformed_lines_name_file_line_and_key(line: str, message: str) -> None:
+    stream = io.StringIO('{"step": 1, "loss": 1.0}\n' + line + "\n")
+    stream.name = "run.jsonl"
+    with pytest.raises(TraceFormatError) as info:
+        read_trace(stream)
+    assert info.value.line == 2 and info.value.path == "run.jsonl"
+    assert str(info.value).startswith("run.jsonl:2: ") and message in str(info.value)
+
+
+def test_steps_must_increase() -> None:
+    with pytest.raises(TraceFormatError, match="does not increase"):
+        read_trace(io.StringIO('{"step": 2}\n{"step": 2}\n'))
+
+
+def test_lenient_reader_skips_and_counts_bad_lines_without_losing_good_ones() -> None:
+    text = '{"step": 1, "loss": 1}\ngarbage\n{"step": 2, "loss": "x"}\n\n{"step": 3, "loss": 3}\n'
+    reader = TraceReader(io.StringIO(text), strict=False)
+    got = list(reader)
+    assert [s.step for s in got] == [1, 3]
+    assert reader.skipped == 2 and reader.lines == 4
+    assert len(reader.errors) == 2 and ":2:" in reader.errors[0] and ":3:" in reader.errors[1]
+
+
+def test_encode_keeps_unknown_metric_names() -> None:
+    rec = encode_sample(Sample(step=7, values={"my_metric": 3.0, "lr": 0.2}))
+    assert rec == {"step": 7, "lr": 0.2, "my_metric": 3.0}

@@ -1,0 +1,317 @@
+"""The training Watcher: probe maths, the no-host-sync guarantee, AMP, parameter groups."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import warnings
+from contextlib import contextmanager
+from typing import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+import lrwatch
+from lrwatch.errors import ConfigError
+from lrwatch.exporters.trace import read_trace
+from lrwatch.samples import Sample
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                         nn.Linear(16, 3))
+
+
+def _batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + i)
+    return torch.randn(12, 8, generator=g), torch.randint(0, 3, (12,), generator=g)
+
+
+def test_grad_norm_equals_get_total_norm_and_update_ratio_is_exact() -> None:
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    got: list[Sample] = []
+    refs: list[tuple[float, float]] = []
+    with lrwatch.Watcher(model, opt, flush_every=3, update_ratio=True,
+                         listeners=[got.append]) as w:
+        for i in range(7):
+            x, y = _batch(i)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            ref_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+            before = [p.detach().clone() for p in model.parameters()]
+            opt.step()
+            delta = math.sqrt(sum(float(((p.detach() - b) ** 2).sum())
+                                  for p, b in zip(model.parameters(), before)))
+            theta = math.sqrt(sum(float((p.detach() ** 2).sum()) for p in model.parameters()))
+            refs.append((float(ref_norm), delta / theta))
+            w.log(loss=loss)
+    assert [s.step for s in got] == list(range(1, 8))
+    for s, (ref_norm, ref_ratio) in zip(got, refs):
+        assert s.values["grad_norm"] == pytest.approx(ref_norm, rel=1e-6)
+        assert s.values["update_ratio"] == pytest.approx(ref_ratio, rel=1e-4)
+        assert s.values["nonfinite_grad"] == 0.0
+        assert s.values["momentum/0"] == 0.9
+
+
+def test_mixed_dtype_parameters_norm() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2).double())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    got: list[Sample] = []
+    with lrwatch.Watcher(model, opt, listeners=[got.append]) as w:
+        x = torch.randn(5, 4)
+        out = model[1](model[0](x).double())
+        out.sum().backward()
+        ref = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+        opt.step()
+        w.log(loss=out.sum().float())
+    assert got[0].values["grad_norm"] == pytest.approx(float(ref), rel=1e-6)
+
+
+def test_param_groups_and_schedulers_per_group_lr() -> None:
+    model = _mlp()
+    opt = torch.optim.Adam([
+        {"params": model[0].parameters(), "lr": 1e-2},
+        {"params": list(model[2].parameters()) + list(model[4].parameters()), "lr": 1e-3,
+         "betas": (0.8, 0.99)},
+    ])
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    got: list[Sample] = []
+    expected: list[tuple[float, float]] = []
+    with lrwatch.Watcher(model, opt, sched, flush_every=4, listeners=[got.append],
+                         per_layer=True) as w:
+        for i in range(6):
+            x, y = _batch(i)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            expected.append((opt.param_groups[0]["lr"], opt.param_groups[1]["lr"]))
+            opt.step()
+            sched.step()
+            w.log(loss=loss)
+    # The learning rate recorded for a step is the one that step used.
+    assert [s.lr_groups for s in got] == expected
+    assert expected[0] == (1e-2, 1e-3) and expected[2] == (5e-3, 5e-4)
+    assert got[0].values["momentum/0"] == 0.9 and got[0].values["momentum/1"] == 0.8
+    # Per-layer norms: bounded labels (top-level modules), and they add up to the global norm.
+    layer_keys = sorted(k for k in got[0].values if k.startswith("grad_norm/"))
+    assert layer_keys == ["grad_norm/0", "grad_norm/2", "grad_norm/4"]
+    for s in got:
+        total = math.sqrt(sum(s.values[k] ** 2 for k in layer_keys))
+        assert total == pytest.approx(s.values["grad_norm"], rel=1e-5)
+
+
+def test_amp_grad_scaler_unscaled_norm_and_skipped_overflow_step() -> None:
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    got: list[Sample] = []
+    refs: list[float] = []
+    with lrwatch.Watcher(model, opt, scaler=scaler, flush_every=2, listeners=[got.append]) as w:
+        for i in range(4):
+            x, y = _batch(i)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            if i == 2:  # an overflow: the scaler must skip this step
+                loss = loss * torch.tensor(float("inf"))
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            refs.append(float(torch.nn.utils.get_total_norm(
+                [p.grad for p in model.parameters()])))
+            scaler.step(opt)
+            scaler.update()
+            w.log(loss=loss)
+    assert [s.step for s in got] == [1, 2, 3, 4]
+    assert got[0].values["grad_norm"] == pytest.approx(refs[0], rel=1e-6)  # unscaled
+    assert got[0].values["loss_scale"] == 1024.0
+    bad = got[2]
+    assert bad.values["skipped"] == 1.0 and bad.values["nonfinite_grad"] == 1.0
+    assert bad.values["nonfinite_loss"] == 1.0
+    assert got[3].values["loss_scale"] == 512.0  # the scaler backed off after the overflow
+    assert got[3].values["nonfinite_grad"] == 0.0
+
+
+def test_log_before_or_after_step_lands_on_the_same_step() -> None:
+    for log_first in (True, False):
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        got: list[Sample] = []
+        losses = []
+        with lrwatch.Watcher(model, opt, flush_every=5, listeners=[got.append]) as w:
+            for i in range(5):
+                x, y = _batch(i)
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                losses.append(float(loss.detach()))
+                if log_first:
+                    w.log(loss=loss, accuracy=0.5)
+                opt.step()
+                if not log_first:
+                    w.log(loss=loss, accuracy=0.5)
+        assert [s.values["loss"] for s in got] == pytest.approx(losses)
+        assert all(s.values["accuracy"] == 0.5 for s in got)
+
+
+_HOST_CONVERSIONS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__",
+                     "__index__")
+
+
+_LRWATCH_DIR = os.path.dirname(lrwatch.__file__)
+
+
+def _called_from_lrwatch() -> bool:
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(_LRWATCH_DIR):
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
+
+
+@contextmanager
+def _count_host_conversions(only_lrwatch: bool) -> Iterator[dict[str, int]]:
+    """Count tensor-to-host conversions; with ``only_lrwatch``, those lrwatch's code makes.
+
+    torch's own optimizers call ``.item()`` on their step counters on the CPU, which is theirs
+    to answer for, not ours.
+    """
+    counts = {name: 0 for name in _HOST_CONVERSIONS}
+    originals = {name: getattr(torch.Tensor, name) for name in _HOST_CONVERSIONS}
+
+    def wrap(name: str):  # type: ignore[no-untyped-def]
+        orig = originals[name]
+
+        def counted(self, *a, **k):  # type: ignore[no-untyped-def]
+            if not only_lrwatch or _called_from_lrwatch():
+                counts[name] += 1
+            return orig(self, *a, **k)
+        return counted
+
+    for name in _HOST_CONVERSIONS:
+        setattr(torch.Tensor, name, wrap(name))
+    try:
+        yield counts
+    finally:
+        for name, orig in originals.items():
+            setattr(torch.Tensor, name, orig)
+
+
+@pytest.mark.parametrize("opt_name", ["SGD", "AdamW"])
+def test_no_tensor_to_host_conversion_between_flushes(opt_name: str) -> None:
+    model = _mlp()
+    if opt_name == "SGD":
+        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20)
+    batches = [_batch(i) for i in range(10)]
+    w = lrwatch.Watcher(model, opt, sched, flush_every=5, per_layer=True, update_ratio=True)
+    per_step: list[int] = []
+    # SGD makes no conversion of its own, so there every conversion in the loop is counted.
+    with _count_host_conversions(only_lrwatch=opt_name != "SGD") as counts:
+        for x, y in batches:
+            opt.zero_grad()
+            out = model(x)
+            loss = nn.functional.cross_entropy(out, y)
+            loss.backward()
+            opt.step()
+            sched.step()
+            w.log(loss=loss, accuracy=(out.argmax(1) == y).float().mean())
+            per_step.append(sum(counts.values()))
+    w.close()
+    # Steps 1-4 and 6-9 convert nothing; each flush (steps 5 and 10) makes one transfer.
+    assert per_step[:4] == [0, 0, 0, 0]
+    assert per_step[5:9] == [per_step[4]] * 4
+    assert 1 <= per_step[4] <= 2  # .cpu() (+ .tolist() on the already-host copy)
+    assert per_step[9] == 2 * per_step[4]
+    assert w.flushes == 2
+
+
+def test_trace_written_and_readable(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "run.jsonl"
+    got: list[Sample] = []
+    with lrwatch.Watcher(model, opt, trace=path, flush_every=4, listeners=[got.append]) as w:
+        for i in range(10):
+            x, y = _batch(i)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            w.log(loss=loss)
+    back = read_trace(path)
+    assert [s.step for s in back] == list(range(1, 11))
+    for a, b in zip(got, back):
+        assert a.values == pytest.approx(b.values)
+        assert a.lr_groups == b.lr_groups
+
+
+def test_nonfinite_loss_and_grads_are_flagged() -> None:
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    got: list[Sample] = []
+    with lrwatch.Watcher(model, opt, listeners=[got.append]) as w:
+        x, y = _batch(0)
+        loss = nn.functional.cross_entropy(model(x), y) * float("nan")
+        loss.backward()
+        opt.step()
+        w.log(loss=loss)
+    v = got[0].values
+    assert math.isnan(v["loss"]) and math.isnan(v["grad_norm"])
+    assert v["nonfinite_loss"] == 1.0 and v["nonfinite_grad"] == 1.0
+
+
+def test_bad_arguments_are_clear() -> None:
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match="flush_every"):
+        lrwatch.Watcher(model, opt, flush_every=0)
+    with pytest.raises(ConfigError, match="optimizer"):
+        lrwatch.Watcher(model, "adam")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="port"):
+        lrwatch.Watcher(model, opt, port=70000)
+
+
+def test_bad_logged_values_warn_count_and_do_not_crash() -> None:
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    got: list[Sample] = []
+    w = lrwatch.Watcher(model, opt, listeners=[got.append])
+    x, y = _batch(0)
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        w.log(loss=loss, vec=torch.ones(3), name="oops")  # type: ignore[arg-type]
+    w.close()
+    assert len(caught) == 2
+    assert "loss" in got[0].values and "vec" not in got[0].values
+    assert w.exporter.internal_errors._value.get() == 2
+
+
+def test_failing_listener_does_not_break_training() -> None:
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen: list[int] = []
+
+    def broken(_: Sample) -> None:
+        raise RuntimeError("listener bug")
+
+    with lrwatch.Watcher(model, opt, listeners=[broken, lambda s: seen.append(s.step)],
+                         flush_every=2) as w:
+        for i in range(4):
+            x, y = _batch(i)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            w.log(loss=loss)
+    assert seen == [1, 2, 3, 4]
+    assert w.exporter.internal_errors._value.get() == 4

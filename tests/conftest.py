@@ -23,8 +23,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-# tests/ has no __init__.py, so pytest's default ("prepend") import mode puts this directory on
-# sys.path and the helpers import as a top-level module, from here and from any test file.
+# pyproject.toml sets ``pythonpath = ["tests"]`` (with ``--import-mode=importlib``), so the
+# helpers import as the top-level module ``services`` from here and from any test file.
 from services import (
     AlertmanagerServer,
     MetricsHTTPServer,

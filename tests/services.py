@@ -197,7 +197,9 @@ class Service:
     #: Start attempts: another process can take the port between choosing and binding it.
     start_attempts: int = 3
 
-    def __init__(self, workdir: str | os.PathLike[str] | None = None, *, ready_timeout: float = 30.0):
+    def __init__(
+        self, workdir: str | os.PathLike[str] | None = None, *, ready_timeout: float = 30.0
+    ) -> None:
         self._own_workdir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix=f"lrwatch-{self.name}-") if workdir is None
                             else workdir)
@@ -370,6 +372,12 @@ class PrometheusServer(Service):
         Further ``scrape_configs`` entries (dicts, as in prometheus.yml), appended as they are.
     workdir, ready_timeout:
         See :class:`Service`.
+
+    Notes
+    -----
+    The first scrape (and the first alert sent to Alertmanager) comes about 5 s after start:
+    Prometheus 2.42 throttles discovery updates to 5 s and has no flag to change that. Poll with
+    :meth:`wait_for` rather than sleeping.
     """
 
     binary = "prometheus"
@@ -387,7 +395,7 @@ class PrometheusServer(Service):
         workdir: str | os.PathLike[str] | None = None,
         ready_timeout: float = 30.0,
     ) -> None:
-        super().__init__(workdir, ready_timeout=ready_timeout)
+        # Arguments are checked before the base class makes a temporary directory.
         if isinstance(scrape_targets, Mapping):
             self.jobs = {str(j): _check_targets(t) for j, t in scrape_targets.items()}
         else:
@@ -402,6 +410,7 @@ class PrometheusServer(Service):
         self.scrape_interval = scrape_interval
         self.evaluation_interval = evaluation_interval
         self.extra_scrape_configs = [dict(c) for c in (extra_scrape_configs or ())]
+        super().__init__(workdir, ready_timeout=ready_timeout)
         self.config_path = self.workdir / "prometheus.yml"
 
     def config(self) -> dict[str, Any]:
@@ -440,7 +449,12 @@ class PrometheusServer(Service):
             f"--config.file={self.config_path}",
             f"--storage.tsdb.path={self.workdir / 'data'}",
             "--storage.tsdb.retention.time=1h",
+            # Prometheus finds its Alertmanager a few seconds after start (discovery is throttled
+            # to 5 s); alerts that fire before then would only be re-sent after the default 1 m.
+            f"--rules.alert.resend-delay={self.evaluation_interval}",
             f"--web.listen-address=127.0.0.1:{self.port}",
+            # Otherwise alert generator URLs name the machine's host name.
+            f"--web.external-url=http://127.0.0.1:{self.port}/",
             "--log.level=info",
         ]
 
@@ -480,7 +494,10 @@ class PrometheusServer(Service):
         end: float | None = None,
         step: float | str = 1.0,
     ) -> list[Any]:
-        """Range query (default: the last 5 minutes); ``[{"metric": ..., "values": [...]}, ...]``."""
+        """Range query (default: the last 5 minutes).
+
+        Returns ``[{"metric": {...labels}, "values": [[unix_time, "1.5"], ...]}, ...]``.
+        """
         end = time.time() if end is None else end
         start = end - 300 if start is None else start
         return self.api("query_range", {"query": promql, "start": start, "end": end,

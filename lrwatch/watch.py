@@ -109,6 +109,10 @@ class Watcher:
         Identity of the run in ``lrwatch_run_info`` (a random id by default).
     start_step:
         The global step the run starts from (for resumed runs).
+    pushgateway:
+        URL of a Prometheus Pushgateway: at :meth:`close` the final metrics are pushed once,
+        grouped by ``job="lrwatch"`` and ``run=run_name``. For short batch jobs that end before
+        a scrape; long runs should be scraped instead.
     """
 
     def __init__(
@@ -131,6 +135,7 @@ class Watcher:
         listeners: Iterable[Listener] = (),
         run_name: str | None = None,
         start_step: int = 0,
+        pushgateway: str | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got "
@@ -152,6 +157,7 @@ class Watcher:
         self.batch_size = batch_size
         self.run_name = run_name or uuid.uuid4().hex[:12]
         self.step = int(start_step)
+        self.pushgateway = pushgateway
         self._listeners: list[Listener] = []
         self._rows: list[_Row] = []  # committed rows waiting for the flush
         self._open: _Row | None = None  # the row of the step in progress
@@ -253,6 +259,11 @@ class Watcher:
                     pass
             if self.trace is not None:
                 self._guard(self.trace.close)
+            if self.pushgateway:
+                from .exporters.pushgateway import push_summary
+
+                push_summary(self.pushgateway, self.registry, run=self.run_name,
+                             on_error=self.exporter.count_error)
             if self.server is not None:
                 self.server.close()
                 self.server = None

@@ -92,3 +92,26 @@ def test_two_watchers_keep_separate_registries() -> None:
         _train(b, b_model, b_opt, 5)
     assert "lrwatch_training_steps_total 2.0" in generate_latest(a.registry).decode()
     assert "lrwatch_training_steps_total 5.0" in generate_latest(b.registry).decode()
+
+
+@pytest.mark.prometheus
+def test_watcher_pushes_end_of_job_summary(pushgateway) -> None:  # type: ignore[no-untyped-def]
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with lrwatch.Watcher(model, opt, pushgateway=pushgateway.url, run_name="batch-7") as w:
+        _train(w, model, opt, 6)
+    text = pushgateway.metrics_text()
+    line = [ln for ln in text.splitlines() if ln.startswith("lrwatch_training_steps_total{")]
+    assert line and 'job="lrwatch"' in line[0] and 'run="batch-7"' in line[0]
+    assert line[0].endswith(" 6")
+
+
+def test_unreachable_pushgateway_fails_open() -> None:
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with lrwatch.Watcher(model, opt, pushgateway=f"http://127.0.0.1:{port}") as w:
+        _train(w, model, opt, 2)
+    assert "lrwatch_internal_errors_total 1.0" in generate_latest(w.registry).decode()

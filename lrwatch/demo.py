@@ -115,11 +115,12 @@ def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
-def run_demo(cfg: DemoConfig, out: TextIO = sys.stdout) -> dict[str, float]:
+def run_demo(cfg: DemoConfig, out: TextIO | None = None) -> dict[str, float]:
     """Train the demo model with a Watcher and print progress from the flushed samples.
 
     Returns a summary (steps, final loss, eval accuracy, seconds).
     """
+    out = out if out is not None else sys.stdout
     torch.manual_seed(cfg.seed)
     data = StdlibText(cfg.seq_len, cfg.batch_size, seed=cfg.seed)
     model = CharGRU(hidden=cfg.hidden)

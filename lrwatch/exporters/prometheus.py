@@ -50,6 +50,8 @@ _GAUGES: dict[str, tuple[str, str]] = {
     "loss_scale": ("lrwatch_loss_scale", "AMP loss scale at the last flushed step."),
     "samples_per_second": ("lrwatch_samples_per_second",
                            "Training throughput at the last flushed step."),
+    "step": ("lrwatch_step", "Global optimizer step of the last flushed sample."),
+    "time": ("lrwatch_last_step_timestamp_seconds", "Unix time of the last flushed step."),
 }
 
 
@@ -114,10 +116,6 @@ class TrainingExporter:
                                   "Momentum (SGD) or beta1 (Adam family) of each parameter group.",
                                   ["param_group"], registry=None))
         self.latest: dict[str, float] = {}
-        self.step = add(Gauge("lrwatch_step", "Global optimizer step of the last flushed sample.",
-                              registry=None))
-        self.last_step_time = add(Gauge("lrwatch_last_step_timestamp_seconds",
-                                        "Unix time of the last flushed step.", registry=None))
         self.steps = add(Counter("lrwatch_training_steps",
                                  "Optimizer steps seen.", registry=None))
         self.nonfinite_steps = add(Counter("lrwatch_nonfinite_steps",
@@ -178,9 +176,9 @@ class TrainingExporter:
                     self.step_seconds.observe(st)
             if last is None:
                 return
-            self.step.set(last.step)
+            self.latest["step"] = float(last.step)
             if last.time is not None:
-                self.last_step_time.set(last.time)
+                self.latest["time"] = last.time
             for key in _GAUGES:
                 val = last.values.get(key)
                 if val is not None:

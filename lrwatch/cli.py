@@ -33,8 +33,17 @@ def cli() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--linger", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Keep serving /metrics this many seconds after training (for a scrape).")
+@click.option("--inject", type=click.Choice(["nan", "blowup", "lr-bug"]), default=None,
+              help="Inject a fault to see it detected and rolled back: nan (a poisoned batch), "
+                   "blowup (one step with a 1000x learning rate), lr-bug (base learning rates "
+                   "x100).")
+@click.option("--inject-at", type=click.IntRange(1), default=None,
+              help="Step of the injected fault [default: 60% into the run].")
+@click.option("--snapshot-dir", type=click.Path(file_okay=False), default=None,
+              help="Keep rollback snapshots on disk here instead of in memory.")
 def demo(steps: int, port: int, host: str, trace: str, flush_every: int, batch_size: int,
-         seed: int, linger: float) -> None:
+         seed: int, linger: float, inject: str | None, inject_at: int | None,
+         snapshot_dir: str | None) -> None:
     """Train a small real model with the Watcher on and watch it.
 
     A byte-level GRU learns the Python standard library's own source code (no download).
@@ -44,8 +53,23 @@ def demo(steps: int, port: int, host: str, trace: str, flush_every: int, batch_s
     from .demo import DemoConfig, run_demo
 
     cfg = DemoConfig(steps=steps, port=port, host=host, trace=trace or None,
-                     flush_every=flush_every, batch_size=batch_size, seed=seed, linger=linger)
-    run_demo(cfg)
+                     flush_every=flush_every, batch_size=batch_size, seed=seed, linger=linger,
+                     inject=inject, inject_at=inject_at, snapshot_dir=snapshot_dir)
+    summary = run_demo(cfg)
+    if summary["exit_status"]:
+        raise SystemExit(int(summary["exit_status"]))
+
+
+from .rules.cli import replay_command, rules_group  # noqa: E402  (registered below)
+
+cli.add_command(replay_command)
+cli.add_command(rules_group)
+
+
+from .daemon.cli import baseline_group, daemon_command  # noqa: E402  (registered below)
+
+cli.add_command(daemon_command)
+cli.add_command(baseline_group)
 
 
 def main() -> None:

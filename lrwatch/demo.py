@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Callable, Iterator, TextIO
 
 import torch
 from torch import nn
@@ -21,7 +21,14 @@ from torch import nn
 from .samples import Sample
 from .watch import Watcher
 
-__all__ = ["StdlibText", "CharGRU", "DemoConfig", "run_demo", "stdlib_corpus"]
+__all__ = ["StdlibText", "CharGRU", "DemoConfig", "run_demo", "stdlib_corpus", "FAULTS"]
+
+#: Faults ``lrwatch demo --inject`` can inject, with what each does.
+FAULTS = {
+    "nan": "a poisoned batch makes the forward pass produce NaN at the onset step",
+    "blowup": "one step with a learning rate 1000x too high throws the weights far off",
+    "lr-bug": "the scheduler's base learning rates are multiplied by 100 (a bad config reload)",
+}
 
 
 def stdlib_corpus(max_bytes: int = 2_000_000) -> bytes:
@@ -104,6 +111,9 @@ class DemoConfig:
     linger: float = 0.0
     update_ratio: bool = True
     per_layer: bool = True
+    inject: str | None = None
+    inject_at: int | None = None  # default: 60% into the run
+    snapshot_dir: str | None = None
 
 
 def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
@@ -130,6 +140,13 @@ def run_demo(cfg: DemoConfig, out: TextIO | None = None) -> dict[str, float]:
     print(f"lrwatch demo: byte-level GRU ({n_params / 1e6:.2f}M parameters) on "
           f"{len(data.train) / 1e6:.1f} MB of Python standard-library source", file=out)
 
+    if cfg.inject is not None and cfg.inject not in FAULTS:
+        raise ValueError(f"unknown fault {cfg.inject!r}; choose one of {sorted(FAULTS)}")
+    inject_at = cfg.inject_at if cfg.inject_at is not None else max(1, int(cfg.steps * 0.6))
+    if cfg.inject:
+        print(f"injecting fault {cfg.inject!r} at step {inject_at}: {FAULTS[cfg.inject]}",
+              file=out)
+
     last: dict[str, float] = {}
     report_every = max(cfg.flush_every, cfg.steps // 15 or 1)
 
@@ -137,6 +154,14 @@ def run_demo(cfg: DemoConfig, out: TextIO | None = None) -> dict[str, float]:
         for k in ("loss", "accuracy", "eval_loss", "eval_accuracy", "grad_norm"):
             if k in s.values:
                 last[k] = s.values[k]
+        for e in s.events:
+            if e.get("type") == "firing" and e.get("severity") in ("critical", "warning"):
+                print(f"  !! step {e['step']}: {e['rule']} ({e['severity']}): {e.get('message')}"
+                      f" -> {', '.join(e.get('actions', [])) or 'report'}", file=out, flush=True)
+            elif e.get("type") in ("rollback", "skip", "reduce_lr", "stop"):
+                extra = (f" to step {e['to_step']}, lr x{e.get('lr_factor', 1)}"
+                         if "to_step" in e else "")
+                print(f"  >> {e['type']}{extra} ({e['rule']})", file=out, flush=True)
         if s.step % report_every == 0 or s.step == cfg.steps:
             ev = (f"  eval_acc {last['eval_accuracy']:.3f}" if "eval_accuracy" in last else "")
             print(f"step {s.step:5d}/{cfg.steps}  loss {last.get('loss', float('nan')):.3f}  "
@@ -145,17 +170,42 @@ def run_demo(cfg: DemoConfig, out: TextIO | None = None) -> dict[str, float]:
 
     watch = Watcher(model, opt, sched, flush_every=cfg.flush_every, port=cfg.port, host=cfg.host,
                     trace=cfg.trace, per_layer=cfg.per_layer, update_ratio=cfg.update_ratio,
-                    batch_size=cfg.batch_size, listeners=[progress], run_name="demo")
+                    batch_size=cfg.batch_size, listeners=[progress], run_name="demo",
+                    recovery={"snapshot_dir": cfg.snapshot_dir})
     if watch.metrics_url:
         print(f"metrics: {watch.metrics_url}", file=out, flush=True)
     if cfg.trace:
         print(f"trace:   {os.path.abspath(cfg.trace)}", file=out, flush=True)
     evals = data.eval_batches()
+    injected = False
+
+    def stream() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield data.batch()
+
     t0 = time.perf_counter()
     with watch:
-        for step in range(1, cfg.steps + 1):
-            x, y = data.batch()
+        # The schedule position (sched.last_epoch) decides when the run is done: after a
+        # rollback the restored scheduler resumes from the snapshot's step.
+        for x, y in watch.batches(stream()):
+            step = sched.last_epoch + 1
+            if step > cfg.steps or watch.step >= 4 * cfg.steps:
+                break
+            poison = False
+            if cfg.inject and not injected and step == inject_at:
+                injected = True
+                if cfg.inject == "nan":
+                    poison = True
+                elif cfg.inject == "blowup":
+                    for g in opt.param_groups:
+                        g["lr"] *= 1000.0  # LambdaLR recomputes it from base_lrs next step
+                elif cfg.inject == "lr-bug":
+                    sched.base_lrs = [b * 100.0 for b in sched.base_lrs]
+                    for g in opt.param_groups:
+                        g["lr"] *= 100.0
             logits = model(x)
+            if poison:
+                logits = logits + float("nan")
             loss = nn.functional.cross_entropy(logits.reshape(-1, 256), y.reshape(-1))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -169,12 +219,19 @@ def run_demo(cfg: DemoConfig, out: TextIO | None = None) -> dict[str, float]:
             watch.log(**metrics)
         watch.flush()
         seconds = time.perf_counter() - t0
-        print(f"done: {cfg.steps} steps in {seconds:.1f} s "
-              f"({cfg.steps / seconds:.1f} steps/s)", file=out, flush=True)
+        status = "stopped" if watch.should_stop else "done"
+        print(f"{status}: {watch.step} steps in {seconds:.1f} s "
+              f"({watch.step / seconds:.1f} steps/s); schedule at step {sched.last_epoch}/"
+              f"{cfg.steps}; rollbacks {watch.policy.rollbacks}; final eval accuracy "
+              f"{last.get('eval_accuracy', float('nan')):.3f}", file=out, flush=True)
+        if watch.should_stop:
+            print(f"stop reason: {watch.stop_reason} (exit status {watch.exit_status})",
+                  file=out, flush=True)
         if cfg.linger > 0 and watch.metrics_url:
             print(f"serving {watch.metrics_url} for {cfg.linger:.0f} s more", file=out, flush=True)
             time.sleep(cfg.linger)
-    return {"steps": float(cfg.steps), "seconds": seconds, **last}
+    return {"steps": float(watch.step), "seconds": seconds, "rollbacks": watch.policy.rollbacks,
+            "exit_status": watch.exit_status, "schedule_step": sched.last_epoch, **last}
 
 
 def _evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]

@@ -18,26 +18,44 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 import uuid
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 from prometheus_client import CollectorRegistry
 
+from .actions.policy import (CONTROL_ACTIONS, Decision, PolicyState, RecoveryConfig, decide)
+from .actions.rollback import scale_learning_rate
+from .actions.snapshot import Snapshot, SnapshotStore, restore_state
 from .errors import ConfigError
 from .exporters.prometheus import MetricsServer, TrainingExporter, start_metrics_server
 from .exporters.trace import TraceWriter
 from .probe import LayerIndex, tensor_norms, total_norm
+from .rules import Engine, RuleSet, load_pack, load_rules
+from .rules.schema import PACKS
 from .samples import Sample
 
-__all__ = ["Watcher", "Listener"]
+__all__ = ["Watcher", "Listener", "RecoveryConfig"]
 
 log = logging.getLogger("lrwatch")
 
 Listener = Callable[[Sample], None]
+T = TypeVar("T")
+
+
+def _rule_set(rules: "str | os.PathLike[str] | RuleSet | None") -> RuleSet | None:
+    if rules is None or isinstance(rules, RuleSet):
+        return rules
+    if isinstance(rules, str) and rules in PACKS:
+        return load_pack(rules)
+    if isinstance(rules, (str, os.PathLike)):
+        return load_rules(rules)
+    raise ConfigError(f"rules must be a pack name {sorted(PACKS)}, a rule file path, a RuleSet "
+                      f"or None, got {type(rules).__name__}")
 
 
 @dataclass
@@ -113,6 +131,18 @@ class Watcher:
         URL of a Prometheus Pushgateway: at :meth:`close` the final metrics are pushed once,
         grouped by ``job="lrwatch"`` and ``run=run_name``. For short batch jobs that end before
         a scrape; long runs should be scraped instead.
+    rules:
+        The rules the flushed samples are judged by: a pack name (``"training"``, the default),
+        a rule-file path, a :class:`~lrwatch.rules.RuleSet`, or ``None`` for no rules.
+    recovery:
+        How to act on ``rollback``/``skip``/``reduce_lr``/``stop`` actions
+        (:class:`~lrwatch.actions.policy.RecoveryConfig` or a dict of its fields); ``False``
+        only reports. Recovery keeps snapshots (CPU copies by default, or ``snapshot_dir``).
+    alerts:
+        An :class:`~lrwatch.actions.alerts.AlertSender`, or a list of sinks, for ``alert``
+        actions. ``alertmanager="http://host:9093"`` is a shortcut for one Alertmanager sink.
+    hook:
+        A :class:`~lrwatch.actions.hooks.HookAction` run for ``hook`` actions.
     """
 
     def __init__(
@@ -136,6 +166,11 @@ class Watcher:
         run_name: str | None = None,
         start_step: int = 0,
         pushgateway: str | None = None,
+        rules: "str | os.PathLike[str] | RuleSet | None" = "training",
+        recovery: "RecoveryConfig | Mapping[str, Any] | bool | None" = True,
+        alerts: Any = None,
+        alertmanager: str | None = None,
+        hook: Any = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got "
@@ -193,6 +228,36 @@ class Watcher:
         for listener in listeners:
             self.add_listener(listener)
 
+        # Rules and actions.
+        ruleset = _rule_set(rules)
+        self.engine: Engine | None = Engine(ruleset) if ruleset is not None else None
+        self.recovery = RecoveryConfig.coerce(recovery) if self.engine is not None else None
+        self.policy = PolicyState()
+        self.data_position = 0
+        self.skipped_batches = 0
+        self.should_stop = False
+        self.exit_status = 0
+        self.stop_reason: str | None = None
+        self._lr_scale = 1.0
+        self._skip_remaining = 0
+        self._pending: list[tuple[Decision, Snapshot | None]] = []
+        self._snap_awaiting_engine: dict[int, Snapshot] = {}
+        self._boundary_kind: str | None = None
+        self.sender = self._make_sender(alerts, alertmanager)
+        self.hook = hook
+        self.store: SnapshotStore | None = None
+        if self.recovery is not None:
+            rc = self.recovery
+            self.store = SnapshotStore(keep=rc.keep, directory=rc.snapshot_dir,
+                                       good_after=rc.good_after, budget=rc.budget,
+                                       min_interval=rc.min_interval, max_interval=rc.max_interval,
+                                       on_error=self.exporter.count_error)
+            # The state we start from is the first rollback target: known good by definition.
+            first = self.store.take(self.step, self.data_position, model, optimizer, scheduler,
+                                    scaler, good=True, extra=self._snap_extra())
+            if first is not None:
+                first.extra["engine_state"] = self.engine.state_dict()  # type: ignore[union-attr]
+
         self._handles = [optimizer.register_step_pre_hook(self._pre_step),
                          optimizer.register_step_post_hook(self._post_step)]
         self._scaler_update: Any = None
@@ -210,6 +275,42 @@ class Watcher:
         if not callable(listener):
             raise ConfigError(f"a listener must be callable, got {type(listener).__name__}")
         self._listeners.append(listener)
+
+    def batches(self, iterable: Iterable[T]) -> Iterator[T]:
+        """Yield the batches of ``iterable``, acting on lrwatch's decisions between them.
+
+        After a rollback it drops the configured window of batches (``skip_batches``); after a
+        ``stop`` it ends the loop. ``data_position`` counts the batches drawn, and snapshots
+        record it.
+        """
+        self._boundary_kind = "batches"
+        for batch in iterable:
+            self._boundary("batches")
+            if self.should_stop:
+                return
+            self.data_position += 1
+            if self._skip_remaining > 0:
+                self._skip_remaining -= 1
+                self.skipped_batches += 1
+                continue
+            yield batch
+        self._safe_point()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and detector state, so a resumed run keeps its rules and rollback budget."""
+        return {"step": self.step, "data_position": self.data_position,
+                "lr_scale": self._lr_scale, "skip_remaining": self._skip_remaining,
+                "policy": self.policy.state_dict(),
+                "engine": self.engine.state_dict() if self.engine is not None else None}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.data_position = int(state.get("data_position", 0))
+        self._lr_scale = float(state.get("lr_scale", 1.0))
+        self._skip_remaining = int(state.get("skip_remaining", 0))
+        self.policy.load_state_dict(state.get("policy", {}))
+        if self.engine is not None and state.get("engine") is not None:
+            self.engine.load_state_dict(state["engine"])
 
     def log(self, *, batch_size: int | None = None, **metrics: torch.Tensor | float | int) -> None:
         """Record this step's metrics (``loss=``, ``accuracy=``, or any other name).
@@ -229,6 +330,7 @@ class Watcher:
         row.logged = True
         if row.stepped:
             self._commit()
+            self._boundary("log")
 
     def flush(self) -> list[Sample]:
         """Copy what the device holds to the host now and hand it to the listeners."""
@@ -239,6 +341,8 @@ class Watcher:
             return []
         samples = self._materialise(rows)
         self.flushes += 1
+        if self.engine is not None:
+            samples = self._judge(samples)
         self._emit(samples)
         return samples
 
@@ -248,8 +352,18 @@ class Watcher:
             return
         try:
             self.flush()
+            self._safe_point()
         finally:
             self._closed = True
+            if self.sender is not None:
+                # A run that ends cleanly resolves its alerts; a stopped one leaves them firing
+                # (Alertmanager expires them at endsAt if nobody looks).
+                try:
+                    self.sender.close(resolve_active=not self.should_stop)
+                except Exception:
+                    self._internal_error("closing the alert sender")
+            if self.hook is not None and hasattr(self.hook, "close"):
+                self._guard(self.hook.close)
             for h in self._handles:
                 h.remove()
             if self._scaler_update is not None:
@@ -323,6 +437,7 @@ class Watcher:
             self._finish_step()
         except Exception:
             self._internal_error("recording the step")
+        self._boundary("post")
 
     def _finish_step(self) -> None:
         if self._open is None:  # the pre-hook failed; record the step anyway
@@ -345,6 +460,8 @@ class Watcher:
         now = time.perf_counter()
         if self._last_step_wall is not None:
             row.host["step_time_seconds"] = now - self._last_step_wall
+            if self.store is not None:
+                self.store.observe_step_time(now - self._last_step_wall)
         self._last_step_wall = now
         row.time = time.time()
         row.stepped = True
@@ -457,6 +574,204 @@ class Watcher:
             for listener in self._listeners:
                 self._guard(listener, s)
 
+    # --- rules and actions (host side, at the flush) -------------------------------------------
+    def _judge(self, samples: list[Sample]) -> list[Sample]:
+        """Run the engine over the flushed samples and decide what to do about its events."""
+        engine = self.engine
+        assert engine is not None
+        out: list[Sample] = []
+        events_all: list[Any] = []
+        for s in samples:
+            try:
+                events = engine.update(s)
+            except Exception:
+                self._internal_error(f"evaluating rules at step {s.step}")
+                events = []
+            for e in events:
+                self.exporter.set_rule_state(e.rule, e.severity, e.kind == "firing")
+            events_all.extend(events)
+            snap = self._snap_awaiting_engine.pop(s.step, None)
+            if snap is not None:
+                snap.extra["engine_state"] = engine.state_dict()
+            if self.store is not None and not any(
+                    set(f.actions) & set(CONTROL_ACTIONS) for f in engine.active.values()):
+                self.store.promote(s.step)
+            if events:
+                s = replace(s, events=s.events + tuple(_event_record(e) for e in events))
+            out.append(s)
+        decisions = decide(events_all, out[-1].step if out else self.step, self.policy,
+                           self.recovery)
+        records: list[dict[str, Any]] = []
+        for d in decisions:
+            if d.action in ("alert", "resolve", "hook"):
+                self._notify(d)
+                continue
+            target = self._target_for(d)
+            if d.action in ("rollback", "skip") and target is None:
+                d = Decision("stop", d.rule, d.step, "no snapshot to go back to", 4, d.event)
+            rec: dict[str, Any] = {"type": d.action, "rule": d.rule, "step": d.step}
+            if target is not None:
+                rec["to_step"] = target.step
+                rec["engine_state"] = target.extra.get("engine_state")
+            if d.action == "rollback":
+                rec["lr_factor"] = self.recovery.lr_factor  # type: ignore[union-attr]
+            if d.reason:
+                rec["reason"] = d.reason
+            records.append(rec)
+            self._pending.append((d, target))
+            self.exporter.actions.labels(d.action).inc()
+        if records and out:
+            out[-1] = replace(out[-1], events=out[-1].events + tuple(records))
+        if self._pending and self.engine is not None:
+            # Restore the detectors' view of the run at the target now, so replay (which reads
+            # the engine state from the event) and live stay identical.
+            for d, target in self._pending:
+                if target is not None and target.extra.get("engine_state") is not None:
+                    self._restore_engine(target.extra["engine_state"])
+        return out
+
+    def _target_for(self, d: Decision) -> Snapshot | None:
+        if self.store is None:
+            return None
+        if d.action == "rollback":
+            return self.store.latest_good()
+        if d.action == "skip":
+            return self.store.latest_before(d.step)
+        return None
+
+    def _restore_engine(self, state: Mapping[str, Any]) -> None:
+        engine = self.engine
+        assert engine is not None
+        before = engine.active
+        engine.load_state_dict(state)
+        after = engine.active
+        for name, f in before.items():
+            if name not in after:
+                self.exporter.set_rule_state(name, f.severity, False)
+                if "alert" in f.actions:
+                    self._notify(Decision("resolve", name, f.step, event=f))
+
+    def _notify(self, d: Decision) -> None:
+        try:
+            if d.action in ("alert", "resolve") and self.sender is not None:
+                from .actions.alerts import Alert
+
+                alert = Alert.from_firing(d.event)
+                if d.action == "alert":
+                    self.sender.fire(alert)
+                else:
+                    self.sender.resolve(alert)
+            elif d.action in ("alert", "resolve"):
+                log.warning("lrwatch: %s %s: %s", d.rule,
+                            "firing" if d.action == "alert" else "resolved",
+                            getattr(d.event, "message", ""))
+            elif d.action == "hook" and self.hook is not None:
+                self.hook.run(d.event)
+        except Exception:
+            self._internal_error(f"sending {d.action} for {d.rule}")
+
+    def _boundary(self, where: str) -> None:
+        """An iteration boundary: carry out pending decisions, then snapshot if one is due.
+
+        Snapshots and restores must happen at the same point of the loop, or a restored
+        scheduler is one ``step()`` off its model. The strongest boundary seen wins:
+        ``batches()`` (before the next batch), else ``log()`` called after the optimizer step
+        (the end of an iteration, after ``scheduler.step()``), else the optimizer's post-step
+        hook.
+        """
+        if where == "log" and self._boundary_kind in (None, "post"):
+            self._boundary_kind = "log"
+        if where != (self._boundary_kind or "post"):
+            return
+        self._safe_point()
+        if (self.store is not None and not self.should_stop and not self._pending
+                and self.store.due(self.step)):
+            snap = self.store.take(self.step, self.data_position, self.model, self.optimizer,
+                                   self.scheduler, self.scaler, extra=self._snap_extra())
+            if snap is not None:
+                self._snap_awaiting_engine[snap.step] = snap
+
+    def _safe_point(self) -> None:
+        """Carry out pending training-control decisions: the step is complete here."""
+        while self._pending:
+            d, target = self._pending.pop(0)
+            try:
+                if d.action == "rollback":
+                    self._rollback(d, target, factor=self.recovery.lr_factor)  # type: ignore
+                elif d.action == "skip":
+                    self._rollback(d, target, factor=1.0)
+                elif d.action == "reduce_lr":
+                    f = self.recovery.reduce_lr_factor  # type: ignore[union-attr]
+                    scale_learning_rate(self.optimizer, self.scheduler, f)
+                    self._lr_scale *= f
+                    log.warning("lrwatch: %s: learning rate x%g at step %d", d.rule, f, self.step)
+                elif d.action == "stop":
+                    self._stop(d)
+            except Exception:
+                self._internal_error(f"carrying out {d.action} for {d.rule}")
+                if d.action in ("rollback", "skip"):
+                    self._stop(Decision("stop", d.rule, d.step, f"{d.action} failed", 4))
+
+    def _rollback(self, d: Decision, target: Snapshot | None, *, factor: float) -> None:
+        assert target is not None and self.store is not None
+        state = target.load()
+        restore_state(state, self.model, self.optimizer, self.scheduler, self.scaler)
+        # The snapshot's learning rates carry the scale of their time; bring them to today's
+        # scale times the new factor.
+        snap_scale = float(target.extra.get("lr_scale", 1.0))
+        self._lr_scale *= factor
+        rel = self._lr_scale / snap_scale
+        if rel != 1.0:
+            scale_learning_rate(self.optimizer, self.scheduler, rel)
+        if d.action == "rollback":
+            self.store.discard_pending()
+            self._skip_remaining += self.recovery.skip_batches  # type: ignore[union-attr]
+            self.exporter.rollbacks.inc()
+            log.warning("lrwatch: %s at step %d: rolled back to step %d (lr x%g, %d/%d "
+                        "rollbacks)", d.rule, d.step, target.step, factor,
+                        self.policy.rollbacks, self.recovery.max_rollbacks)  # type: ignore
+        else:
+            self.store.discard_pending(after_step=target.step)
+            self.exporter.skipped_steps.inc(max(1, self.step - target.step))
+            log.warning("lrwatch: %s at step %d: undid steps %d..%d", d.rule, d.step,
+                        target.step + 1, self.step)
+        self._snap_awaiting_engine.clear()
+        self._open = None  # the step in progress belonged to the abandoned trajectory
+
+    def _stop(self, d: Decision) -> None:
+        if self.should_stop:
+            return
+        self.should_stop = True
+        self.exit_status = d.exit_status or 3
+        self.stop_reason = d.reason or f"rule {d.rule} fired at step {d.step}"
+        where = ""
+        if self.store is not None:
+            snap = self.store.take(self.step, self.data_position, self.model, self.optimizer,
+                                   self.scheduler, self.scaler, extra=self._snap_extra())
+            if snap is not None:
+                where = f"; final snapshot at step {snap.step}" + (
+                    f" in {snap.path}" if snap.path else " (in memory)")
+        msg = f"lrwatch: stopping the run at step {self.step}: {self.stop_reason}{where}"
+        log.error(msg)
+        print(msg, file=sys.stderr, flush=True)
+
+    def _snap_extra(self) -> dict[str, Any]:
+        return {"lr_scale": self._lr_scale}
+
+    def _make_sender(self, alerts: Any, alertmanager: str | None) -> Any:
+        if alerts is None and alertmanager is None:
+            return None
+        from .actions.alerts import AlertmanagerSink, AlertSender
+
+        if alerts is not None and hasattr(alerts, "fire"):
+            if alertmanager is not None:
+                raise ConfigError("pass either alerts=AlertSender(...) or alertmanager=URL")
+            return alerts
+        sinks = list(alerts or [])
+        if alertmanager is not None:
+            sinks.append(AlertmanagerSink(alertmanager))
+        return AlertSender(sinks, registry=self.registry)
+
     # --- fail open -----------------------------------------------------------------------------
     def _guard(self, fn: Callable[..., Any], *args: Any) -> None:
         try:
@@ -477,3 +792,15 @@ class Watcher:
     def __repr__(self) -> str:
         return (f"Watcher(step={self.step}, flush_every={self.flush_every}, "
                 f"metrics_url={self.metrics_url!r})")
+
+
+def _event_record(e: Any) -> dict[str, Any]:
+    """A rule event as it goes into the trace's ``events``."""
+    rec: dict[str, Any] = {"type": e.kind, "rule": e.rule, "severity": e.severity,
+                           "step": e.step}
+    if e.kind == "firing":
+        v = e.value
+        rec["value"] = v if v is None or math.isfinite(v) else str(v)
+        rec["actions"] = list(e.actions)
+        rec["message"] = e.message
+    return rec

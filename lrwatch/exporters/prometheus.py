@@ -129,8 +129,9 @@ class TrainingExporter:
         self.internal_errors = add(Counter("lrwatch_internal_errors",
                                            "Monitoring failures that lrwatch absorbed (fail open).",
                                            registry=None))
-        self.alerts_sent = add(Counter("lrwatch_alerts_sent", "Alerts delivered to a sink.",
-                                       registry=None))
+        self.actions = add(Counter("lrwatch_actions", "Training-control actions decided "
+                                   "(rollback, skip, reduce_lr, stop).", ["action"],
+                                   registry=None))
         self.rule_firing = add(Gauge("lrwatch_rule_firing", "1 while a rule is firing, else 0.",
                                      ["rule", "severity"], registry=None))
         self.firings = add(Counter("lrwatch_firings", "Times a rule started firing.",

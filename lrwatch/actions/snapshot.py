@@ -1,0 +1,293 @@
+"""Health-tagged snapshots of a training run, kept in memory or on disk.
+
+A snapshot holds everything a rollback must restore bit for bit: the model, optimizer, LR
+scheduler and GradScaler states, the RNG states (CPU, CUDA where present, Python, NumPy) and the
+data position. A snapshot is *pending* when taken and becomes *known good* only once the rules
+have stayed quiet for ``good_after`` steps after it; a rollback goes to the newest known-good one.
+
+The interval between snapshots adapts to an overhead budget: after every snapshot the store
+compares the time it took with the mean step time and spaces the next one so that snapshots cost
+at most ``budget`` (2% by default) of training time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+
+__all__ = ["Snapshot", "SnapshotStore", "capture_state", "restore_state", "cpu_copy"]
+
+log = logging.getLogger("lrwatch")
+
+
+def cpu_copy(obj: Any) -> Any:
+    """A deep copy of ``obj`` with every tensor copied to the CPU (never a shared reference)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):  # dict and OrderedDict (model state dicts)
+        return type(obj)((k, cpu_copy(v)) for k, v in obj.items())
+    if isinstance(obj, list):
+        return [cpu_copy(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(cpu_copy(v) for v in obj)
+    return obj  # ints, floats, strings, None: immutable
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": list(py_internal) + [py_version],
+        "python_gauss": py_gauss,
+        # NumPy's legacy global state as plain numbers/tensors so torch.load(weights_only) reads it.
+        "numpy": [np_state[0], torch.from_numpy(np.asarray(np_state[1]).astype(np.int64)),
+                  int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((int(py[-1]), tuple(int(x) for x in py[:-1]), state["python_gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def capture_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None,
+                  scaler: Any = None) -> dict[str, Any]:
+    """Everything a rollback restores, as CPU copies."""
+    return {
+        "model": cpu_copy(model.state_dict()),
+        "optimizer": cpu_copy(optimizer.state_dict()),
+        "scheduler": cpu_copy(scheduler.state_dict()) if scheduler is not None else None,
+        "scaler": cpu_copy(scaler.state_dict()) if scaler is not None else None,
+        "rng": _rng_state(),
+    }
+
+
+def restore_state(state: Mapping[str, Any], model: torch.nn.Module,
+                  optimizer: torch.optim.Optimizer, scheduler: Any = None,
+                  scaler: Any = None) -> None:
+    """Restore what :func:`capture_state` captured, in place (parameters keep their identity)."""
+    with torch.no_grad():
+        model.load_state_dict(state["model"])
+    optimizer.load_state_dict(cpu_copy(state["optimizer"]))
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(cpu_copy(state["scheduler"]))
+    if scaler is not None and state.get("scaler") is not None:
+        scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"])
+
+
+@dataclass
+class Snapshot:
+    """One captured state. ``state`` is ``None`` when it lives on disk at ``path``."""
+
+    step: int
+    data_position: int
+    state: dict[str, Any] | None
+    seconds: float
+    path: str | None = None
+    checksum: str | None = None
+    good: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def load(self) -> dict[str, Any]:
+        """The captured state; from disk it is checksum-verified and loaded with weights_only."""
+        if self.state is not None:
+            return self.state
+        assert self.path is not None
+        data = Path(self.path).read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != self.checksum:
+            raise OSError(f"snapshot {self.path} is corrupt: sha256 {digest} != {self.checksum}")
+        import io
+
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+class SnapshotStore:
+    """Takes, keeps and promotes snapshots.
+
+    Parameters
+    ----------
+    keep:
+        How many snapshots to keep (the newest known-good one is never dropped while a newer
+        pending one exists).
+    directory:
+        Write snapshots here (atomic rename, sha256 checksum, ``weights_only`` load) instead of
+        keeping CPU copies in memory.
+    good_after:
+        Steps the rules must stay quiet after a snapshot before it counts as known good.
+    budget:
+        Target share of training time spent snapshotting; the interval adapts to it.
+    min_interval, max_interval:
+        Bounds of the adaptive interval, in steps.
+    on_error:
+        Called (no arguments) when a snapshot cannot be written, so the caller can count it.
+    """
+
+    def __init__(self, *, keep: int = 3, directory: str | os.PathLike[str] | None = None,
+                 good_after: int = 50, budget: float = 0.02, min_interval: int = 10,
+                 max_interval: int = 1000, on_error: Callable[[], None] | None = None) -> None:
+        if keep < 2:
+            raise ConfigError(f"keep must be at least 2 (a known-good and a pending snapshot), "
+                              f"got {keep}")
+        if not 0 < budget < 1:
+            raise ConfigError(f"budget must be a fraction in (0, 1), got {budget}")
+        if good_after < 0 or min_interval < 1 or max_interval < min_interval:
+            raise ConfigError("need good_after >= 0 and 1 <= min_interval <= max_interval")
+        self.keep = keep
+        self.directory = Path(directory) if directory is not None else None
+        self.good_after = good_after
+        self.budget = budget
+        self.min_interval = min_interval
+        self.max_interval = max_interval
+        self.interval = min_interval
+        self.on_error = on_error
+        self.snapshots: deque[Snapshot] = deque()
+        self.taken = 0
+        self.failed = 0
+        self.seconds = 0.0
+        self._next_step: int | None = None
+        self._step_seconds: float | None = None
+
+    # --- scheduling --------------------------------------------------------------------------
+    def observe_step_time(self, seconds: float) -> None:
+        """Feed the measured step time (an EMA keeps the interval stable)."""
+        if seconds > 0 and math.isfinite(seconds):
+            self._step_seconds = seconds if self._step_seconds is None else (
+                0.9 * self._step_seconds + 0.1 * seconds)
+
+    def due(self, step: int) -> bool:
+        """Whether a snapshot should be taken at ``step``.
+
+        Never while ``keep - 1`` snapshots are still pending: replacing them would keep every
+        pending snapshot younger than ``good_after`` forever, and none would become known good.
+        """
+        if sum(1 for s in self.snapshots if not s.good) >= self.keep - 1:
+            return False
+        return self._next_step is None or step >= self._next_step
+
+    def _reschedule(self, step: int, took: float) -> None:
+        if self._step_seconds:
+            need = took / (self.budget * self._step_seconds)
+            self.interval = int(min(self.max_interval, max(self.min_interval, math.ceil(need))))
+        self._next_step = step + self.interval
+
+    # --- taking ------------------------------------------------------------------------------
+    def take(self, step: int, data_position: int, model: torch.nn.Module,
+             optimizer: torch.optim.Optimizer, scheduler: Any = None, scaler: Any = None,
+             *, good: bool = False, extra: Mapping[str, Any] | None = None) -> Snapshot | None:
+        """Capture a snapshot now. Returns ``None`` (and reports) if it could not be written."""
+        t0 = time.perf_counter()
+        try:
+            state = capture_state(model, optimizer, scheduler, scaler)
+            snap = Snapshot(step=step, data_position=data_position, state=state, seconds=0.0,
+                            good=good, extra=dict(extra or {}))
+            if self.directory is not None:
+                self._write(snap)
+        except Exception as exc:  # disk full, permissions, ...: report, count, train on
+            self.failed += 1
+            log.warning("lrwatch: snapshot at step %d failed (%s); training goes on", step, exc)
+            if self.on_error is not None:
+                self.on_error()
+            self._reschedule(step, time.perf_counter() - t0)
+            return None
+        took = time.perf_counter() - t0
+        snap.seconds = took
+        self.seconds += took
+        self.taken += 1
+        self.snapshots.append(snap)
+        self._trim()
+        self._reschedule(step, took)
+        return snap
+
+    def _write(self, snap: Snapshot) -> None:
+        assert self.directory is not None and snap.state is not None
+        self.directory.mkdir(parents=True, exist_ok=True)
+        final = self.directory / f"snapshot-{snap.step:010d}.pt"
+        tmp = final.with_suffix(".pt.tmp")
+        import io
+
+        buf = io.BytesIO()
+        torch.save(snap.state, buf)
+        data = buf.getvalue()
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        snap.checksum = hashlib.sha256(data).hexdigest()
+        snap.path = str(final)
+        meta = {"step": snap.step, "data_position": snap.data_position,
+                "sha256": snap.checksum, "file": final.name}
+        (final.with_suffix(".json")).write_text(json.dumps(meta))
+        snap.state = None  # the disk copy is the snapshot; keep memory free
+
+    def _trim(self) -> None:
+        while len(self.snapshots) > self.keep:
+            # Drop the oldest, but never the newest known-good one.
+            newest_good = self.latest_good()
+            victim = next((s for s in self.snapshots if s is not newest_good), None)
+            if victim is None:
+                break
+            self.snapshots.remove(victim)
+            self._delete(victim)
+
+    def _delete(self, snap: Snapshot) -> None:
+        if snap.path:
+            for p in (Path(snap.path), Path(snap.path).with_suffix(".json")):
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
+
+    # --- health ------------------------------------------------------------------------------
+    def promote(self, quiet_through: int) -> list[Snapshot]:
+        """Mark pending snapshots good whose quiet window ended by step ``quiet_through``."""
+        promoted = []
+        for s in self.snapshots:
+            if not s.good and s.step + self.good_after <= quiet_through:
+                s.good = True
+                promoted.append(s)
+        return promoted
+
+    def discard_pending(self, after_step: int | None = None) -> int:
+        """Forget pending snapshots (all, or those after ``after_step``): they may be unhealthy."""
+        drop = [s for s in self.snapshots if not s.good and
+                (after_step is None or s.step > after_step)]
+        for s in drop:
+            self.snapshots.remove(s)
+            self._delete(s)
+        return len(drop)
+
+    def latest_good(self) -> Snapshot | None:
+        return next((s for s in reversed(self.snapshots) if s.good), None)
+
+    def latest_before(self, step: int) -> Snapshot | None:
+        """The newest snapshot (good or pending) taken before ``step``."""
+        return next((s for s in reversed(self.snapshots) if s.step < step), None)
+
+    def latest(self) -> Snapshot | None:
+        return self.snapshots[-1] if self.snapshots else None

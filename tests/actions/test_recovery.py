@@ -1,0 +1,328 @@
+"""Snapshots, rollback, skip, reduce_lr and stop, on real models, optimizers and schedulers."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lrwatch
+from lrwatch.actions.policy import EXIT_BUDGET, EXIT_STOPPED, RecoveryConfig
+from lrwatch.actions.snapshot import SnapshotStore, capture_state, restore_state
+from lrwatch.errors import ConfigError
+from lrwatch.exporters.trace import read_trace
+from prometheus_client import generate_latest
+
+
+def _rules(tmp_path: Path, action: str = "rollback", metric: str = "poison",
+           severity: str = "critical", extra: str = "") -> str:
+    path = tmp_path / f"rules-{action}.yml"
+    path.write_text(f"""
+version: 1
+rules:
+  - name: poisoned
+    metric: {metric}
+    detector: threshold
+    params: {{above: 0.5}}
+    severity: {severity}
+    actions: [{action}]
+    annotations:
+      summary: "{metric} is {{value}} at step {{step}}"
+      description: "test rule"
+{extra}
+""")
+    return str(path)
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Dropout(0.1), nn.Linear(12, 2))
+
+
+def _data(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + i)
+    return torch.randn(16, 6, generator=g), torch.randint(0, 2, (16,), generator=g)
+
+
+def _batches() -> Iterator[int]:
+    i = 0
+    while True:
+        yield i
+        i += 1
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, i: int) -> torch.Tensor:
+    x, y = _data(i)
+    opt.zero_grad()
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def _state_equal(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return set(a) == set(b) and all(_state_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_state_equal(x, y) for x, y in zip(a, b))
+    return a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b))
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_snapshot_restores_bit_identical_state_and_rng(tmp_path: Path, on_disk: bool) -> None:
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=100)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    scaler.scale(torch.tensor(1.0))  # the scaler's state exists once it has scaled something
+    for i in range(5):
+        _step(model, opt, i)
+        sched.step()
+    store = SnapshotStore(directory=tmp_path / "snaps" if on_disk else None)
+    snap = store.take(5, 5, model, opt, sched, scaler)
+    assert snap is not None
+    expected = capture_state(model, opt, sched, scaler)
+    after = (torch.rand(3), random.random(), np.random.rand())
+    for i in range(5, 12):  # move everything on, RNG included (dropout draws from it)
+        _step(model, opt, i)
+        sched.step()
+    scaler.update(128.0)
+    restore_state(snap.load(), model, opt, sched, scaler)
+    got = capture_state(model, opt, sched, scaler)
+    for key in ("model", "optimizer", "scheduler", "scaler"):
+        assert _state_equal(expected[key], got[key]), key
+    again = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(again[0], after[0]) and again[1:] == after[1:]
+    if on_disk:
+        files = sorted(p.name for p in (tmp_path / "snaps").iterdir())
+        assert files == ["snapshot-0000000005.json", "snapshot-0000000005.pt"]
+
+
+def test_restored_rng_replays_the_same_draws() -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    store = SnapshotStore()
+    snap = store.take(0, 0, model, opt)
+    assert snap is not None
+    first = (torch.rand(4), random.random(), np.random.rand(2))
+    restore_state(snap.load(), model, opt)
+    again = (torch.rand(4), random.random(), np.random.rand(2))
+    assert torch.equal(first[0], again[0]) and first[1] == again[1]
+    assert np.array_equal(first[2], again[2])
+
+
+def test_corrupt_disk_snapshot_is_refused(tmp_path: Path) -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    store = SnapshotStore(directory=tmp_path)
+    snap = store.take(3, 0, model, opt)
+    assert snap is not None and snap.path is not None
+    data = bytearray(Path(snap.path).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    Path(snap.path).write_bytes(bytes(data))
+    with pytest.raises(OSError, match="corrupt"):
+        snap.load()
+
+
+def _run(tmp_path: Path, *, steps: int, poison_from: int, poison_to: int | None = None,
+         recovery: dict[str, Any] | None = None, action: str = "rollback",
+         sched_kind: str = "lambda", flush_every: int = 1, **kw: Any) -> dict[str, Any]:
+    """Train with a rule that fires while the logged ``poison`` metric is 1.
+
+    Poison is keyed on the *schedule* step, so after a rollback it does not recur unless the
+    window is still ahead (like a real bad stretch of data, it is not replayed).
+    """
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    if sched_kind == "lambda":
+        sched: Any = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.1 * s))
+    else:
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.5)
+    rec = {"good_after": 5, "min_interval": 3, "cooldown": 0, **(recovery or {})}
+    trace = tmp_path / "trace.jsonl"
+    w = lrwatch.Watcher(model, opt, sched, flush_every=flush_every, trace=trace,
+                        rules=_rules(tmp_path, action), recovery=rec, **kw)
+    used_batches: list[int] = []
+    lrs: list[tuple[int, float]] = []  # (schedule step, lr used)
+    poisoned_at: list[int] = []
+    fired = False
+    for b in w.batches(_batches()):
+        if w.step >= steps:
+            break
+        used_batches.append(b)
+        s = sched.last_epoch
+        lrs.append((s, opt.param_groups[0]["lr"]))
+        hi = poison_to if poison_to is not None else math.inf
+        poison = 1.0 if (poison_from <= s < hi and (not fired or poison_to is not None)) else 0.0
+        if poison:
+            fired = True
+            poisoned_at.append(w.step + 1)
+        loss = _step(model, opt, b)
+        sched.step()
+        w.log(loss=loss, poison=poison)
+    w.close()
+    return {"w": w, "model": model, "opt": opt, "sched": sched, "batches": used_batches,
+            "lrs": lrs, "trace": read_trace(trace), "poisoned_at": poisoned_at}
+
+
+def test_rollback_continues_the_schedule_from_the_restored_step_scaled(tmp_path: Path) -> None:
+    r = _run(tmp_path, steps=40, poison_from=20, recovery={"lr_factor": 0.5})
+    w = r["w"]
+    assert w.policy.rollbacks == 1 and w.exit_status == 0
+    rollback = [e for s in r["trace"] for e in s.events if e.get("type") == "rollback"]
+    assert len(rollback) == 1 and rollback[0]["rule"] == "poisoned"
+    to_step = rollback[0]["to_step"]
+    assert 0 < to_step < 20
+    # After the rollback the scheduler resumes at the snapshot's step, scaled by 0.5.
+    lrs = r["lrs"]
+    idx = next(i for i in range(1, len(lrs)) if lrs[i][0] <= lrs[i - 1][0])
+    sched_step, lr = lrs[idx]
+    assert sched_step == to_step
+    assert lr == pytest.approx(0.5 * 0.1 / (1 + 0.1 * to_step), rel=1e-12)
+    for s, lr in lrs[idx:]:
+        assert lr == pytest.approx(0.5 * 0.1 / (1 + 0.1 * s), rel=1e-12)
+    assert "lrwatch_rollbacks_total 1.0" in generate_latest(w.registry).decode()
+
+
+def test_rollback_scales_chainable_schedulers_too(tmp_path: Path) -> None:
+    r = _run(tmp_path, steps=40, poison_from=20, sched_kind="step", recovery={"lr_factor": 0.25})
+    lrs = r["lrs"]
+    idx = next(i for i in range(1, len(lrs)) if lrs[i][0] <= lrs[i - 1][0])
+    for s, lr in lrs[idx:]:
+        assert lr == pytest.approx(0.25 * 0.1 * 0.5 ** (s // 7), rel=1e-12)
+
+
+def test_rollback_restores_the_snapshot_bit_for_bit(tmp_path: Path) -> None:
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    w = lrwatch.Watcher(model, opt, rules=_rules(tmp_path), flush_every=1,
+                        recovery={"good_after": 3, "min_interval": 4, "lr_factor": 1.0})
+    captured: dict[int, dict[str, Any]] = {}
+    for i in range(30):
+        loss = _step(model, opt, i)
+        w.log(loss=loss, poison=1.0 if i == 25 else 0.0)
+        if w.policy.rollbacks:
+            break
+        snap = w.store.latest() if w.store is not None else None
+        if snap is not None and snap.step not in captured:
+            captured[snap.step] = capture_state(model, opt)  # what the snapshot should hold
+    w.close()
+    assert w.policy.rollbacks == 1
+    good = w.store.latest_good()
+    assert good is not None and good.step in captured
+    now = capture_state(model, opt)
+    assert _state_equal(now["model"], captured[good.step]["model"])
+    assert _state_equal(now["optimizer"], captured[good.step]["optimizer"])
+
+
+def test_skipped_batches_are_exactly_the_configured_window(tmp_path: Path) -> None:
+    r = _run(tmp_path, steps=30, poison_from=15, recovery={"skip_batches": 4})
+    batches = r["batches"]
+    assert r["w"].policy.rollbacks == 1
+    gaps = [(a, b) for a, b in zip(batches, batches[1:]) if b != a + 1]
+    assert len(gaps) == 1
+    a, b = gaps[0]
+    assert b - a - 1 == 4  # exactly four batches drawn and dropped
+    assert r["w"].skipped_batches == 4
+
+
+def test_budget_stops_the_run_cleanly(tmp_path: Path) -> None:
+    snapdir = tmp_path / "snaps"
+    r = _run(tmp_path, steps=200, poison_from=10, poison_to=10**9,
+             recovery={"max_rollbacks": 2, "snapshot_dir": str(snapdir), "good_after": 3})
+    w = r["w"]
+    assert w.policy.rollbacks == 2
+    assert w.should_stop and w.exit_status == EXIT_BUDGET
+    assert "budget" in (w.stop_reason or "")
+    assert w.step < 200  # the loop ended by itself
+    stops = [e for s in r["trace"] for e in s.events if e.get("type") == "stop"]
+    assert len(stops) == 1
+    final = sorted(snapdir.glob("snapshot-*.pt"))
+    assert any(p.name == f"snapshot-{w.step:010d}.pt" for p in final)  # the final snapshot
+
+
+def test_stop_action_exits_with_status_and_final_snapshot(tmp_path: Path) -> None:
+    r = _run(tmp_path, steps=50, poison_from=8, action="stop")
+    w = r["w"]
+    assert w.should_stop and w.exit_status == EXIT_STOPPED
+    assert w.store is not None and w.store.latest() is not None
+    assert w.store.latest().step == w.step
+
+
+def test_reduce_lr_scales_without_restoring(tmp_path: Path) -> None:
+    r = _run(tmp_path, steps=30, poison_from=10, action="reduce_lr")
+    lrs = r["lrs"]
+    steps = [s for s, _ in lrs]
+    assert steps == sorted(steps)  # no rollback: the schedule never goes back
+    assert lrs[-1][1] == pytest.approx(0.5 * 0.1 / (1 + 0.1 * lrs[-1][0]), rel=1e-12)
+
+
+def test_nonfinite_gradient_is_undone_with_default_rules(tmp_path: Path) -> None:
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    w = lrwatch.Watcher(model, opt, flush_every=1,
+                        recovery={"good_after": 3, "min_interval": 3})
+    bad_step = 20
+    for i in range(40):
+        x, y = _data(i)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        if w.step + 1 == bad_step:
+            loss = loss * float("nan")
+        loss.backward()
+        opt.step()
+        w.log(loss=loss)
+        # After every log the run is at a safe point: no NaN ever persists in the weights.
+        assert all(torch.isfinite(p).all() for p in model.parameters()), f"NaN after step {i}"
+    w.close()
+    assert w.policy.rollbacks == 1
+    assert "lrwatch_nonfinite_steps_total 1.0" in generate_latest(w.registry).decode()
+
+
+def test_snapshot_write_failure_is_counted_and_training_goes_on(tmp_path: Path) -> None:
+    # Every snapshot file the store will write is a link to /dev/full: a real ENOSPC.
+    snapdir = tmp_path / "full"
+    snapdir.mkdir()
+    if not os.path.exists("/dev/full"):
+        pytest.skip("/dev/full is needed for a real disk-full error")
+    for step in range(0, 60):
+        os.symlink("/dev/full", snapdir / f"snapshot-{step:010d}.pt.tmp")
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = lrwatch.Watcher(model, opt, recovery={"snapshot_dir": str(snapdir), "min_interval": 5})
+    for i in range(30):
+        w.log(loss=_step(model, opt, i))
+    w.close()
+    assert w.step == 30
+    assert w.store is not None and w.store.failed >= 2 and w.store.taken == 0
+    text = generate_latest(w.registry).decode()
+    line = next(ln for ln in text.splitlines() if ln.startswith("lrwatch_internal_errors_total "))
+    assert float(line.split()[1]) == w.store.failed
+
+
+def test_recovery_config_is_validated() -> None:
+    with pytest.raises(ConfigError, match="lr_factor"):
+        RecoveryConfig(lr_factor=2.0)
+    with pytest.raises(ConfigError, match="valid"):
+        RecoveryConfig.coerce({"lr_facto": 0.5})
+
+
+def test_state_dict_resumes_budget_and_detectors(tmp_path: Path) -> None:
+    r = _run(tmp_path, steps=30, poison_from=12)
+    state = r["w"].state_dict()
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w2 = lrwatch.Watcher(model, opt, rules=_rules(tmp_path))
+    w2.load_state_dict(state)
+    assert w2.policy.rollbacks == 1 and w2.step == 30
+    assert w2.engine is not None and w2.engine.state_dict() == state["engine"]
+    w2.close()

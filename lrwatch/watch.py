@@ -143,6 +143,10 @@ class Watcher:
         actions. ``alertmanager="http://host:9093"`` is a shortcut for one Alertmanager sink.
     hook:
         A :class:`~lrwatch.actions.hooks.HookAction` run for ``hook`` actions.
+    step_hooks:
+        Register the optimizer's step pre/post hooks (the default). Framework adapters whose
+        optimizer steps run a closure (the gradients do not exist yet when the pre-hook fires)
+        pass ``False`` and call :meth:`before_step` / :meth:`after_step` themselves.
     """
 
     def __init__(
@@ -171,6 +175,7 @@ class Watcher:
         alerts: Any = None,
         alertmanager: str | None = None,
         hook: Any = None,
+        step_hooks: bool = True,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got "
@@ -259,7 +264,7 @@ class Watcher:
                 first.extra["engine_state"] = self.engine.state_dict()  # type: ignore[union-attr]
 
         self._handles = [optimizer.register_step_pre_hook(self._pre_step),
-                         optimizer.register_step_post_hook(self._post_step)]
+                         optimizer.register_step_post_hook(self._post_step)] if step_hooks else []
         self._scaler_update: Any = None
         if scaler is not None:
             self._wrap_scaler(scaler)
@@ -387,6 +392,23 @@ class Watcher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def before_step(self) -> None:
+        """Measure the gradients now (they must be final: unscaled, not yet clipped or stepped).
+
+        Only for ``step_hooks=False``; the optimizer's pre-step hook does this otherwise.
+        """
+        self._pre_step(self.optimizer, (), {})
+
+    def after_step(self, *, skipped: bool = False) -> None:
+        """Record that the optimizer step happened (or was skipped, e.g. by AMP overflow).
+
+        Only for ``step_hooks=False``; the optimizer's post-step hook does this otherwise.
+        """
+        if skipped:  # counted in lrwatch_skipped_steps_total from the flag, at the flush
+            if self._open is not None:
+                self._open.host["skipped"] = 1.0
+        self._post_step(self.optimizer, (), {})
 
     # --- step path (no host sync below this line until _materialise) ---------------------------
     def _row_for_log(self) -> _Row:

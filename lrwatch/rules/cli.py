@@ -1,0 +1,184 @@
+"""``lrwatch replay`` and ``lrwatch rules ...``: formatting only; the logic is in ``replay.py``,
+``schema.py`` and ``engine.py``. Importing this module never imports torch."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from typing import Any
+
+import click
+
+from ..errors import ConfigError, RuleError
+from .detectors import DETECTORS
+from .engine import Firing
+from .replay import TraceResult, expand_traces, replay_trace
+from .schema import PACKS, SEVERITIES, RuleSet, load_pack, load_rules, pack_text
+
+__all__ = ["replay_command", "rules_group"]
+
+_RANK = {"info": 0, "warning": 1, "critical": 2}
+_PROGRESS_MIN_TRACES = 20   # fewer traces finish before progress would help
+_PROGRESS_EVERY_S = 1.0
+_MESSAGE_WIDTH = 100
+
+
+def _fmt_value(v: float | None) -> str:
+    if v is None:
+        return "-"
+    if math.isfinite(v):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    widths[-1] = len(headers[-1])  # the message is last and is not padded
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def _event_row(res: TraceResult, e: Firing) -> list[str]:
+    msg = e.message if len(e.message) <= _MESSAGE_WIDTH else e.message[:_MESSAGE_WIDTH - 1] + "…"
+    sev = e.severity if e.kind == "firing" else f"{e.severity} (resolved)"
+    return [res.path, str(e.step), e.rule, sev, _fmt_value(e.value),
+            ",".join(e.actions) or "-", msg]
+
+
+@click.command("replay")
+@click.argument("traces", nargs=-1, required=True,
+                type=click.Path(exists=True, file_okay=True, dir_okay=True))
+@click.option("--rules", "rules_file", type=click.Path(dir_okay=False),
+              help="Rule file to use instead of a default pack.")
+@click.option("--pack", type=click.Choice(PACKS), default="training", show_default=True,
+              help="Default rule pack to use when --rules is not given.")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per firing on stdout (the replay contract).")
+@click.option("--fail-on", type=click.Choice(SEVERITIES), default=None,
+              help="Exit 1 if any rule of this severity or higher fires (for CI).")
+@click.option("--lenient", is_flag=True,
+              help="Skip malformed trace lines (counted and reported) instead of stopping.")
+@click.option("--resolved", "show_resolved", is_flag=True,
+              help="Also report resolutions (JSON records then carry \"kind\").")
+@click.option("--progress/--no-progress", default=None,
+              help=f"Progress on stderr (default: on for {_PROGRESS_MIN_TRACES}+ traces).")
+def replay_command(traces: tuple[str, ...], rules_file: str | None, pack: str, as_json: bool,
+                   fail_on: str | None, lenient: bool, show_resolved: bool,
+                   progress: bool | None) -> None:
+    """Run rules over recorded TRACE files (or directories of *.jsonl) as the live engine would.
+
+    Each trace starts with fresh engine state. Exit status: 0 whether or not rules fire, 1 when
+    --fail-on is given and a rule of that severity or higher fired, 2 when a rule file or a
+    trace is malformed (without --lenient).
+    """
+    try:
+        rules: RuleSet = load_rules(rules_file) if rules_file else load_pack(pack)
+    except RuleError as exc:
+        for line in exc.errors:
+            click.echo(line, err=True)
+        raise SystemExit(2) from None
+    paths = list(expand_traces(traces))
+    show_progress = progress if progress is not None else len(paths) >= _PROGRESS_MIN_TRACES
+    out = sys.stdout  # looked up per call: CliRunner and redirections replace it
+    rows: list[list[str]] = []
+    n_samples = n_skipped = n_errors = 0
+    counts = {s: 0 for s in SEVERITIES}
+    worst = -1
+    last_progress = time.monotonic()
+    for i, path in enumerate(paths, 1):
+        res = replay_trace(path, rules, strict=not lenient)
+        n_samples += res.samples
+        n_skipped += res.skipped
+        if res.error:
+            n_errors += 1
+            click.echo(f"error: {res.error}", err=True)
+        if res.skipped:
+            click.echo(f"warning: {res.path}: skipped {res.skipped} malformed line(s); first: "
+                       f"{res.bad_lines[0] if res.bad_lines else '?'}", err=True)
+        for e in res.events:
+            if e.kind == "firing":
+                counts[e.severity] = counts.get(e.severity, 0) + 1
+                worst = max(worst, _RANK.get(e.severity, 0))
+            elif not show_resolved:
+                continue
+            if as_json:
+                rec: dict[str, Any] = e.to_json(res.path)
+                if show_resolved:
+                    rec["kind"] = e.kind
+                out.write(json.dumps(rec, allow_nan=False) + "\n")
+            else:
+                rows.append(_event_row(res, e))
+        if show_progress and (time.monotonic() - last_progress >= _PROGRESS_EVERY_S
+                              or i == len(paths)):
+            last_progress = time.monotonic()
+            click.echo(f"replay: {i}/{len(paths)} traces, {n_samples} samples, "
+                       f"{sum(counts.values())} firings", err=True)
+    fired = sum(counts.values())
+    summary = (f"{len(paths)} trace(s), {n_samples} samples, {fired} firing(s) "
+               f"({', '.join(f'{k}: {v}' for k, v in counts.items())})")
+    if n_skipped:
+        summary += f", {n_skipped} malformed line(s) skipped"
+    if n_errors:
+        summary += f", {n_errors} trace(s) with errors"
+    if as_json:
+        click.echo(summary, err=True)
+    else:
+        if rows:
+            click.echo(_table(rows, ["TRACE", "STEP", "RULE", "SEVERITY", "VALUE", "ACTIONS",
+                                     "MESSAGE"]))
+        else:
+            click.echo("no rule fired")
+        click.echo(summary)
+    sys.stdout.flush()
+    if n_errors:
+        raise SystemExit(2)
+    if fail_on is not None and worst >= _RANK[fail_on]:
+        raise SystemExit(1)
+
+
+@click.group("rules")
+def rules_group() -> None:
+    """Validate rule files, print the default packs, list detectors."""
+
+
+@rules_group.command("check")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+def check_command(files: tuple[str, ...]) -> None:
+    """Validate rule FILES; every error is printed as FILE:LINE: key 'KEY': message."""
+    bad = 0
+    for f in files:
+        try:
+            rs = load_rules(f)
+        except RuleError as exc:
+            bad += 1
+            for line in exc.errors:
+                click.echo(line)
+            continue
+        click.echo(f"{f}: ok ({len(rs)} rule{'s' if len(rs) != 1 else ''})")
+    if bad:
+        click.echo(f"{bad} of {len(files)} file(s) have errors", err=True)
+        raise SystemExit(1)
+
+
+@rules_group.command("show")
+@click.argument("pack", type=click.Choice(PACKS))
+def show_command(pack: str) -> None:
+    """Print the default rule PACK (a starting point for your own rule file)."""
+    try:
+        click.echo(pack_text(pack), nl=False)
+    except ConfigError as exc:  # pragma: no cover - click.Choice already checks the name
+        raise click.BadParameter(str(exc)) from None
+
+
+@rules_group.command("detectors")
+def detectors_command() -> None:
+    """List the detectors and their parameters."""
+    for name, cls in DETECTORS.items():
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        click.echo(f"{name}: {doc}")
+        for pname, p in cls.PARAMS.items():
+            click.echo(f"    {pname}: {p.describe()} - {p.doc}")

@@ -1,0 +1,166 @@
+"""The tiny base class every detector derives from, and the parameter specs the schema checks.
+
+A detector is a small streaming object (river-style): :meth:`Detector.update` takes one value and
+answers ``True`` (anomalous), ``False`` (normal) or ``None`` (no decision yet: warming up, or a
+value it cannot judge). Its state is reported by read-only properties and saved by
+:meth:`Detector.state_dict` so that a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+from ...errors import ConfigError
+
+__all__ = ["Detector", "Param", "DIRECTIONS"]
+
+DIRECTIONS = ("up", "down", "both")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One detector parameter: its type, allowed range or choices, and a one-line description.
+
+    ``kind`` is ``int``, ``float``, ``bool`` or ``str``; an ``int`` is accepted where a ``float``
+    is expected. ``optional`` parameters may be ``None`` (meaning "not set").
+    """
+
+    kind: type
+    doc: str
+    choices: tuple[Any, ...] | None = None
+    min: float | None = None
+    max: float | None = None
+    min_open: bool = False  # True: the value must be strictly greater than ``min``
+    optional: bool = False
+
+    def check(self, name: str, value: Any) -> Any:
+        """Return ``value`` converted to the parameter's type, or raise :class:`ConfigError`."""
+        if value is None:
+            if self.optional:
+                return None
+            raise ConfigError(f"parameter {name!r} must be set ({self.describe()})")
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(f"parameter {name!r} must be true or false, got {value!r}")
+            return value
+        if self.kind in (int, float):
+            ok = isinstance(value, int) if self.kind is int else isinstance(value, (int, float))
+            if isinstance(value, bool) or not ok:
+                raise ConfigError(f"parameter {name!r} must be {self.describe()}, got {value!r}")
+            value = self.kind(value)
+            if not math.isfinite(value):
+                raise ConfigError(f"parameter {name!r} must be finite, got {value!r}")
+            lo_bad = self.min is not None and (value <= self.min if self.min_open else value < self.min)
+            if lo_bad or (self.max is not None and value > self.max):
+                raise ConfigError(f"parameter {name!r} must be {self.describe()}, got {value!r}")
+            return value
+        if not isinstance(value, str):
+            raise ConfigError(f"parameter {name!r} must be a string, got {value!r}")
+        if self.choices is not None and value not in self.choices:
+            raise ConfigError(f"parameter {name!r}: {value!r} is not valid "
+                              f"(valid choices: {', '.join(map(str, self.choices))})")
+        return value
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(map(str, self.choices))
+        kind = {int: "an integer", float: "a number", bool: "true or false"}.get(self.kind, "a string")
+        parts = [kind]
+        if self.min is not None:
+            parts.append(f"{'>' if self.min_open else '>='} {self.min:g}")
+        if self.max is not None:
+            parts.append(f"<= {self.max:g}")
+        return " ".join(parts) + (" or null" if self.optional else "")
+
+
+def _enc(v: Any) -> Any:
+    """JSON-safe copy of a state value: deques become lists, non-finite floats strings."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if v != v else ("inf" if v > 0 else "-inf")
+    if isinstance(v, (list, tuple, deque)):
+        return [_enc(x) for x in v]
+    return v
+
+
+def _dec(v: Any) -> Any:
+    if isinstance(v, str) and v in ("nan", "inf", "-inf"):
+        return float(v)
+    if isinstance(v, list):
+        return [_dec(x) for x in v]
+    return v
+
+
+class Detector:
+    """Base class: a streaming test over one metric.
+
+    Subclasses set ``name`` (the ``detector:`` value in rule files), ``PARAMS`` (the parameter
+    specs, in the order of the keyword arguments of ``__init__``) and ``_STATE`` (the attribute
+    names that :meth:`state_dict` saves; only counters and buffers, never parameters).
+    """
+
+    name: ClassVar[str] = ""
+    PARAMS: ClassVar[Mapping[str, Param]] = {}
+    _STATE: ClassVar[tuple[str, ...]] = ()
+    #: True for detectors that judge the *absence* of a metric (staleness): the engine calls
+    #: :meth:`miss` for samples without the metric and :meth:`check` on ``Engine.tick``.
+    watches_absence: ClassVar[bool] = False
+
+    def _set_params(self, **params: Any) -> None:
+        for key, value in params.items():
+            setattr(self, key, self.PARAMS[key].check(key, value))
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The parameters this detector was built with."""
+        return {k: getattr(self, k) for k in self.PARAMS}
+
+    @property
+    def statistic(self) -> float | None:
+        """The latest test statistic (what the decision compared with its threshold)."""
+        return None
+
+    def update(self, x: float, t: float | None = None) -> bool | None:
+        """Take the next value ``x`` (observed at unix time ``t``, if known) and judge it."""
+        raise NotImplementedError
+
+    def miss(self, t: float | None = None) -> bool | None:
+        """A sample arrived without this metric. Only absence detectors judge it."""
+        return None
+
+    def check(self, now: float) -> bool | None:
+        """Judge at wall-clock time ``now`` without a new sample. Only absence detectors do."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and buffers as a JSON-serialisable dict (no parameters)."""
+        return {"detector": self.name, **{k: _enc(getattr(self, "_" + k)) for k in self._STATE}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved, so that updates continue exactly."""
+        if state.get("detector") != self.name:
+            raise ConfigError(f"state is for detector {state.get('detector')!r}, not {self.name!r}")
+        missing = [k for k in self._STATE if k not in state]
+        if missing:
+            raise ConfigError(f"{self.name} state lacks {', '.join(missing)}")
+        for k in self._STATE:
+            cur = getattr(self, "_" + k)
+            v = _dec(state[k])
+            if isinstance(cur, deque):
+                v = deque(v, maxlen=cur.maxlen)
+            setattr(self, "_" + k, v)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"{type(self).__name__}({args})"
+
+
+def fired(value: float, direction: str, above: float, below: float) -> bool:
+    """Whether ``value`` crosses ``above`` (up), ``below`` (down) or either (both)."""
+    if direction == "up":
+        return value > above
+    if direction == "down":
+        return value < below
+    return value > above or value < below

@@ -1,0 +1,110 @@
+"""Return to baseline: a metric back at its untrained level (a collapsed network)."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Mapping
+
+from ...errors import ConfigError
+from .base import Detector, Param
+
+__all__ = ["Baseline"]
+
+
+class Baseline(Detector):
+    """Fires when a metric that had moved away from its initial level comes back to it.
+
+    The baseline is the median of the first ``warmup`` positive values (the untrained loss,
+    e.g. ``ln(10)`` for ten classes). With ``direction: up`` the detector is *armed* once the
+    (smoothed) value fell below ``arm * baseline`` (training made progress) and then fires
+    while it is at or above ``level * baseline``. ``direction: down`` mirrors this for metrics
+    that grow with training (accuracy back at chance).
+
+    Parameters
+    ----------
+    warmup:
+        Initial values whose median is the baseline.
+    arm:
+        Ratio to the baseline the metric must reach before the detector can fire.
+    level:
+        Ratio to the baseline that counts as "back at the start".
+    direction:
+        ``up`` (loss) or ``down`` (accuracy).
+    smooth:
+        EWMA weight of the newest value (1 = no smoothing).
+
+    Notes
+    -----
+    A run that never makes progress is never armed, so it never fires (that is a plateau).
+    False alarms: noisy per-batch values can touch ``level`` on their own; smooth them or use
+    ``for:``.
+    Memory: O(warmup) during warm-up, O(1) after.
+
+    Examples
+    --------
+    >>> det = Baseline(warmup=3, arm=0.5, level=0.9)
+    >>> loss = [2.3, 2.3, 2.2, 1.5, 0.9, 0.6, 0.5, 2.2, 2.3]
+    >>> [det.update(x) for x in loss]
+    [None, None, None, False, False, False, False, True, True]
+    """
+
+    name: ClassVar[str] = "baseline"
+    PARAMS: ClassVar[Mapping[str, Param]] = {
+        "warmup": Param(int, "initial values whose median is the baseline", min=1),
+        "arm": Param(float, "ratio to the baseline that arms the detector", min=0, min_open=True),
+        "level": Param(float, "ratio to the baseline that fires", min=0, min_open=True),
+        "direction": Param(str, "up (loss) or down (accuracy)", choices=("up", "down")),
+        "smooth": Param(float, "EWMA weight of the newest value", min=0, min_open=True, max=1),
+    }
+    _STATE = ("first", "base", "level_now", "armed")
+
+    def __init__(self, *, warmup: int = 5, arm: float = 0.5, level: float = 0.9,
+                 direction: str = "up", smooth: float = 1.0) -> None:
+        self._set_params(warmup=warmup, arm=arm, level=level, direction=direction, smooth=smooth)
+        if (self.direction == "up") != (self.arm < self.level):
+            raise ConfigError(f"baseline with direction {self.direction!r} needs 'arm' "
+                              f"{'<' if self.direction == 'up' else '>'} 'level'")
+        self._first: list[float] = []
+        self._base: float | None = None
+        self._level_now: float | None = None
+        self._armed = False
+
+    @property
+    def baseline(self) -> float | None:
+        """The initial level (``None`` during warm-up)."""
+        return self._base
+
+    @property
+    def armed(self) -> bool:
+        return self._armed
+
+    @property
+    def statistic(self) -> float | None:
+        """The smoothed value's ratio to the baseline."""
+        if self._base is None or self._level_now is None:
+            return None
+        return self._level_now / self._base
+
+    def update(self, x: float, t: float | None = None) -> bool | None:
+        if not math.isfinite(x) or x <= 0.0:
+            return None
+        if self._base is None:
+            self._first.append(x)
+            if len(self._first) == self.warmup:
+                s = sorted(self._first)
+                n = len(s)
+                self._base = s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+                self._first = []
+                self._level_now = x
+            return None
+        lv = self._level_now if self._level_now is not None else x
+        lv += self.smooth * (x - lv)
+        self._level_now = lv
+        r = lv / self._base
+        if self.direction == "up":
+            if r <= self.arm:
+                self._armed = True
+            return self._armed and r >= self.level
+        if r >= self.arm:
+            self._armed = True
+        return self._armed and r <= self.level

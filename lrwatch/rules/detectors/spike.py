@@ -1,0 +1,150 @@
+"""Robust spikes: distance from the rolling median in units of the rolling MAD."""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left, insort
+from collections import deque
+from typing import ClassVar, Mapping
+
+from .base import DIRECTIONS, Detector, Param
+
+__all__ = ["Spike"]
+
+_MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
+
+
+def _median(a: list[float]) -> float:
+    n = len(a)
+    return a[n // 2] if n % 2 else 0.5 * (a[n // 2 - 1] + a[n // 2])
+
+
+def _mad(a: list[float], m: float) -> float:
+    """Median absolute deviation of sorted ``a`` around ``m``, by merging the deviations that
+    grow to the left and to the right of ``m`` (O(n), no allocation)."""
+    n = len(a)
+    j = bisect_left(a, m)
+    i = j - 1
+    k_lo, k_hi = (n - 1) // 2, n // 2
+    lo = d = 0.0
+    for c in range(k_hi + 1):
+        if i >= 0 and (j >= n or m - a[i] <= a[j] - m):
+            d = m - a[i]
+            i -= 1
+        else:
+            d = a[j] - m
+            j += 1
+        if c == k_lo:
+            lo = d
+    return 0.5 * (lo + d)
+
+
+class Spike(Detector):
+    """Fires when a value is far from the rolling median, measured in rolling MADs.
+
+    The score is ``z = (y - median) / max(1.4826 * MAD, min_scale)`` over the last ``window``
+    values, where ``y = log(x)`` when ``log`` is true (losses and norms are positive and their
+    noise is multiplicative). A spike also has to move the raw value by more than ``floor``, so a
+    near-zero loss that goes from 1e-4 to 1e-3 does not fire.
+
+    Parameters
+    ----------
+    window:
+        Number of recent values that define "normal".
+    threshold:
+        Robust z-score that fires (6 is about one false alarm in 10^8 values of Gaussian noise).
+    warmup:
+        Values needed before the first decision.
+    direction:
+        ``up`` (only increases fire), ``down`` or ``both``.
+    log:
+        Work on ``log(x)``; values ``<= 0`` then get no decision and are not stored.
+    floor:
+        Smallest absolute change ``|x - median|`` (in the metric's own units) that may fire.
+    min_scale:
+        Lower bound of the scale (in the working space, i.e. in log units when ``log``), so a
+        perfectly flat series does not turn rounding noise into infinite scores.
+
+    Notes
+    -----
+    Outliers enter the window clipped to the edge of the band (``median +- threshold *
+    scale``): a single spike barely moves the statistics, a value that keeps growing (a blow-up)
+    keeps firing, and a sustained level shift fires for about ``window / 2`` to ``window`` values
+    before the widened band accepts it as the new normal. False alarms: heavy-tailed but healthy
+    noise (tiny batches) exceeds 6 robust sigmas more often than Gaussian noise; raise
+    ``threshold`` or require ``for: 2`` in the rule. A falling series (a loss that is still
+    improving) never fires ``up``. Memory: ``O(window)``, independent of the stream length; each
+    update costs ``O(window)`` in the worst case and a few microseconds for windows of ~100.
+
+    Examples
+    --------
+    >>> import random
+    >>> rng = random.Random(0)
+    >>> det = Spike(window=50, threshold=6.0, warmup=20, log=True)
+    >>> loss = [2.0 * math.exp(rng.gauss(0, 0.05)) for _ in range(100)] + [20.0]
+    >>> [i for i, x in enumerate(loss) if det.update(x)]
+    [100]
+    >>> round(det.statistic, 1) > 6
+    True
+    """
+
+    name: ClassVar[str] = "spike"
+    PARAMS: ClassVar[Mapping[str, Param]] = {
+        "window": Param(int, "values that define normal", min=3),
+        "threshold": Param(float, "robust z-score that fires", min=0, min_open=True),
+        "warmup": Param(int, "values before the first decision", min=3),
+        "direction": Param(str, "which side fires", choices=DIRECTIONS),
+        "log": Param(bool, "work on log(x)"),
+        "floor": Param(float, "smallest absolute change that fires", min=0),
+        "min_scale": Param(float, "lower bound of the scale", min=0, min_open=True),
+    }
+    _STATE = ("buf", "sorted", "z")
+
+    def __init__(self, *, window: int = 50, threshold: float = 6.0, warmup: int = 20,
+                 direction: str = "up", log: bool = False, floor: float = 0.0,
+                 min_scale: float = 1e-6) -> None:
+        self._set_params(window=window, threshold=threshold, warmup=warmup, direction=direction,
+                         log=log, floor=floor, min_scale=min_scale)
+        self.warmup = min(self.warmup, self.window)
+        self._buf: deque[float] = deque(maxlen=self.window)
+        self._sorted: list[float] = []
+        self._z: float | None = None
+
+    @property
+    def median(self) -> float | None:
+        """Rolling median, in the metric's own units (``None`` while empty)."""
+        if not self._sorted:
+            return None
+        m = _median(self._sorted)
+        return math.exp(m) if self.log else m
+
+    @property
+    def statistic(self) -> float | None:
+        """The latest robust z-score."""
+        return self._z
+
+    def update(self, x: float, t: float | None = None) -> bool | None:
+        if not math.isfinite(x) or (self.log and x <= 0.0):
+            return None
+        y = math.log(x) if self.log else x
+        a = self._sorted
+        verdict: bool | None = None
+        if len(a) >= self.warmup:
+            m = _median(a)
+            scale = max(_MAD_TO_SIGMA * _mad(a, m), self.min_scale)
+            z = (y - m) / scale
+            self._z = z
+            if self.direction == "up":
+                out = z > self.threshold
+            elif self.direction == "down":
+                out = z < -self.threshold
+            else:
+                out = abs(z) > self.threshold
+            verdict = out and abs(x - (math.exp(m) if self.log else m)) > self.floor
+            if out:  # store the outlier clipped to the band, so a blow-up cannot redefine normal
+                y = m + math.copysign(self.threshold * scale, z)
+        if len(self._buf) == self.window:
+            del a[bisect_left(a, self._buf[0])]
+        self._buf.append(y)
+        insort(a, y)
+        return verdict

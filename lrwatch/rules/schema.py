@@ -1,0 +1,544 @@
+"""Rule files: YAML parsed with line numbers, validated into immutable :class:`Rule` objects.
+
+A rule file is a mapping with a ``rules`` list (see ``docs/rules.md``)::
+
+    version: 1
+    rules:
+      - name: loss_spike
+        metric: loss                 # or metrics: [loss, eval_loss]
+        detector: spike
+        params: {window: 50, threshold: 6, log: true}
+        for: 2                       # consecutive anomalous samples, or a duration: 30s
+        cooldown: 20                 # steps (or a duration) after a resolution before re-firing
+        hysteresis: 3                # consecutive normal samples (or a duration) to resolve
+        severity: critical           # critical | warning | info
+        actions: [rollback]          # rollback | reduce_lr | skip | stop | alert | hook
+        labels: {team: ml}
+        annotations:
+          summary: "loss spiked to {value:.3g} at step {step}"
+          description: "robust z = {statistic:.1f}"
+
+Validation collects *every* problem, each as ``FILE:LINE: key 'PATH': message (valid choices:
+...)``, and raises one :class:`~lrwatch.errors.RuleError` carrying them all.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import string
+from dataclasses import dataclass, field
+from importlib import resources
+from types import MappingProxyType
+from typing import Any, Iterator, Mapping
+
+import yaml
+
+from ..errors import ConfigError, RuleError
+from .detectors import DETECTORS, Detector
+
+__all__ = ["Rule", "RuleSet", "Span", "load_rules", "load_pack", "parse_rules", "pack_text",
+           "PACKS", "SEVERITIES", "ACTIONS", "TEMPLATE_FIELDS"]
+
+SEVERITIES = ("critical", "warning", "info")
+ACTIONS = ("rollback", "reduce_lr", "skip", "stop", "alert", "hook")
+PACKS = ("training", "serving")
+#: Fields a summary/description template may use, e.g. ``"{metric} = {value:.3g}"``.
+TEMPLATE_FIELDS = ("rule", "metric", "value", "step", "time", "severity", "statistic",
+                   "detector", "labels")
+_RULE_KEYS = ("name", "metric", "metrics", "detector", "params", "for", "cooldown", "hysteresis",
+              "severity", "actions", "labels", "annotations", "enabled")
+_TOP_KEYS = ("version", "rules")
+_LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]*$")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+@dataclass(frozen=True)
+class Span:
+    """How long something must last: a count (samples or steps) or a duration in seconds."""
+
+    count: int = 1
+    seconds: float | None = None
+
+    def __str__(self) -> str:
+        return f"{self.seconds:g}s" if self.seconds is not None else str(self.count)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One validated rule (immutable). Build it from a file with :func:`load_rules`.
+
+    ``for_`` is the rule file's ``for`` (a Python keyword). ``source`` says where the rule was
+    defined (``FILE:LINE``).
+    """
+
+    name: str
+    metrics: tuple[str, ...]
+    detector: str
+    params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    severity: str = "warning"
+    actions: tuple[str, ...] = ()
+    for_: Span = Span()
+    cooldown: Span = Span(count=0)
+    hysteresis: Span = Span()
+    labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    annotations: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    action_params: Mapping[str, Mapping[str, Any]] = field(
+        default_factory=lambda: MappingProxyType({}))
+    enabled: bool = True
+    source: str = ""
+
+    def make_detector(self) -> Detector:
+        """A fresh detector instance for one of this rule's metrics."""
+        return DETECTORS[self.detector](**self.params)
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """An ordered, immutable collection of rules with unique names.
+
+    Examples
+    --------
+    >>> rs = load_pack("training")
+    >>> "nonfinite" in rs.names and rs["nonfinite"].severity == "critical"
+    True
+    """
+
+    rules: tuple[Rule, ...]
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        names = [r.name for r in self.rules]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"duplicate rule names: {', '.join(dup)}")
+
+    def __iter__(self) -> Iterator[Rule]:
+        return iter(self.rules)
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    def __getitem__(self, name: str) -> Rule:
+        for r in self.rules:
+            if r.name == name:
+                return r
+        raise KeyError(f"no rule {name!r} (valid choices: {', '.join(self.names)})")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(r.name for r in self.rules)
+
+    def without(self, *names: str) -> "RuleSet":
+        """This set minus the named rules (unknown names raise ``KeyError``)."""
+        for n in names:
+            self[n]
+        return RuleSet(tuple(r for r in self.rules if r.name not in names), self.source)
+
+    def __add__(self, other: "RuleSet") -> "RuleSet":
+        return RuleSet(self.rules + other.rules, ", ".join(filter(None, (self.source, other.source))))
+
+
+# --------------------------------------------------------------------------- YAML with lines
+
+class _Errors:
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.items: list[str] = []
+
+    def add(self, node: yaml.Node | None, key: str, msg: str, choices: Any = None) -> None:
+        line = node.start_mark.line + 1 if node is not None else 1
+        text = f"{self.source}:{line}: key {key!r}: {msg}"
+        if choices is not None:
+            text += f" (valid choices: {', '.join(map(str, choices))})"
+        self.items.append(text)
+
+
+def _items(node: yaml.MappingNode, ctor: yaml.constructor.SafeConstructor, path: str,
+           errs: _Errors) -> list[tuple[str, yaml.Node, yaml.Node]]:
+    """The (key, key node, value node) pairs of a mapping; reports bad and duplicate keys."""
+    ctor.flatten_mapping(node)  # resolves YAML merge keys (<<)
+    out: list[tuple[str, yaml.Node, yaml.Node]] = []
+    seen: set[str] = set()
+    for knode, vnode in node.value:
+        key = _plain(knode, ctor) if isinstance(knode, yaml.ScalarNode) else None
+        if not isinstance(key, str):
+            errs.add(knode, path or "<top>", f"keys must be strings, got {key!r}")
+            continue
+        full = f"{path}.{key}" if path else key
+        if key in seen:
+            errs.add(knode, full, "duplicate key")
+            continue
+        seen.add(key)
+        out.append((key, knode, vnode))
+    return out
+
+
+def _plain(node: yaml.Node, ctor: yaml.constructor.SafeConstructor) -> Any:
+    return ctor.construct_object(node, deep=True)
+
+
+def _unknown(errs: _Errors, knode: yaml.Node, full: str, key: str, valid: tuple[str, ...]) -> None:
+    near = difflib.get_close_matches(key, valid, n=1)
+    hint = f"unknown key; did you mean {near[0]!r}?" if near else "unknown key"
+    errs.add(knode, full, hint, valid)
+
+
+def _span(value: Any, node: yaml.Node, full: str, errs: _Errors, *, allow_zero: bool) -> Span | None:
+    lo = 0 if allow_zero else 1
+    if isinstance(value, bool):
+        value = None
+    if isinstance(value, int):
+        if value < lo:
+            errs.add(node, full, f"must be at least {lo}, got {value}")
+            return None
+        return Span(count=value)
+    if isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if m:
+            secs = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+            if secs <= 0 and not allow_zero:
+                errs.add(node, full, f"duration must be positive, got {value!r}")
+                return None
+            return Span(count=lo, seconds=secs)
+    errs.add(node, full, f"expected a number of samples or a duration such as '30s', "
+                         f"'5m', '1h', got {value!r}")
+    return None
+
+
+def _check_template(text: str, node: yaml.Node, full: str, errs: _Errors) -> None:
+    ctx = {"rule": "r", "metric": "m", "value": 1.0, "step": 1, "time": 0.0, "severity": "info",
+           "statistic": 1.0, "detector": "d", "labels": _Lenient()}
+    try:
+        for _, fname, _, _ in string.Formatter().parse(text):
+            if fname is None:
+                continue
+            root = re.split(r"[.\[]", fname, maxsplit=1)[0]
+            if root not in TEMPLATE_FIELDS:
+                errs.add(node, full, f"unknown template field {{{root}}}", TEMPLATE_FIELDS)
+                return
+        text.format_map(_Lenient(ctx))
+    except (ValueError, IndexError, KeyError, AttributeError, TypeError) as exc:
+        errs.add(node, full, f"bad template: {exc}")
+
+
+class _Lenient(dict):  # type: ignore[type-arg]
+    """Template context: label lookups that miss give an empty string instead of raising."""
+
+    def __missing__(self, key: str) -> str:
+        return ""
+
+
+def _str_map(node: yaml.Node, ctor: Any, full: str, errs: _Errors,
+             template: bool = False, label_names: bool = False) -> dict[str, str]:
+    if not isinstance(node, yaml.MappingNode):
+        errs.add(node, full, "expected a mapping of names to strings")
+        return {}
+    out: dict[str, str] = {}
+    for key, knode, vnode in _items(node, ctor, full, errs):
+        if label_names and (not _LABEL_RE.match(key) or key.startswith("__")):
+            errs.add(knode, f"{full}.{key}", "not a valid Prometheus label name")
+            continue
+        v = _plain(vnode, ctor)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = str(v)
+        if not isinstance(v, str):
+            errs.add(vnode, f"{full}.{key}", f"expected a string, got {v!r}")
+            continue
+        if template:
+            _check_template(v, vnode, f"{full}.{key}", errs)
+        out[key] = v
+    return out
+
+
+def _rule(node: yaml.Node, idx: int, ctor: Any, errs: _Errors) -> Rule | None:
+    path = f"rules[{idx}]"
+    if not isinstance(node, yaml.MappingNode):
+        errs.add(node, path, "each rule must be a mapping with 'name', 'metric', 'detector', ...")
+        return None
+    n_before = len(errs.items)
+    entries = {k: (kn, vn) for k, kn, vn in _items(node, ctor, path, errs)}
+    for key, (knode, _) in entries.items():
+        if key not in _RULE_KEYS:
+            _unknown(errs, knode, f"{path}.{key}", key, _RULE_KEYS)
+
+    def val(key: str) -> tuple[Any, yaml.Node | None]:
+        if key not in entries:
+            return None, None
+        vnode = entries[key][1]
+        return _plain(vnode, ctor), vnode
+
+    name, nnode = val("name")
+    if nnode is None:
+        errs.add(node, f"{path}.name", "missing required key")
+    elif not isinstance(name, str) or not _NAME_RE.match(name):
+        errs.add(nnode, f"{path}.name", f"expected a name of letters, digits and _ . : -, "
+                                        f"got {name!r}")
+        name = None
+
+    metrics: tuple[str, ...] = ()
+    m1, m1node = val("metric")
+    ms, msnode = val("metrics")
+    if m1node is not None and msnode is not None:
+        errs.add(msnode, f"{path}.metrics", "give either 'metric' or 'metrics', not both")
+    elif m1node is None and msnode is None:
+        errs.add(node, f"{path}.metric", "missing required key (the metric the rule watches, "
+                                         "or 'metrics' with a list)")
+    elif m1node is not None:
+        if isinstance(m1, str) and m1:
+            metrics = (m1,)
+        else:
+            errs.add(m1node, f"{path}.metric", f"expected a metric name, got {m1!r}")
+    else:
+        if isinstance(ms, str):
+            ms = [ms]
+        if isinstance(ms, list) and ms and all(isinstance(m, str) and m for m in ms):
+            metrics = tuple(dict.fromkeys(ms))
+        else:
+            errs.add(msnode, f"{path}.metrics", f"expected a non-empty list of metric names, "
+                                                f"got {ms!r}")
+
+    det, dnode = val("detector")
+    cls: type[Detector] | None = None
+    if dnode is None:
+        errs.add(node, f"{path}.detector", "missing required key", tuple(DETECTORS))
+    elif not isinstance(det, str) or det not in DETECTORS:
+        near = difflib.get_close_matches(str(det), DETECTORS, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        errs.add(dnode, f"{path}.detector", f"unknown detector {det!r}{hint}", tuple(DETECTORS))
+    else:
+        cls = DETECTORS[det]
+
+    params: dict[str, Any] = {}
+    _, pnode = val("params")
+    if pnode is not None and not (isinstance(pnode, yaml.ScalarNode) and pnode.tag.endswith(":null")):
+        if not isinstance(pnode, yaml.MappingNode):
+            errs.add(pnode, f"{path}.params", "expected a mapping of parameter names to values")
+        elif cls is not None:
+            ok = True
+            for key, knode, vnode in _items(pnode, ctor, f"{path}.params", errs):
+                full = f"{path}.params.{key}"
+                if key not in cls.PARAMS:
+                    ok = False
+                    near = difflib.get_close_matches(key, cls.PARAMS, n=1)
+                    hint = f"; did you mean {near[0]!r}?" if near else ""
+                    errs.add(knode, full, f"unknown parameter of detector {cls.name!r}{hint}",
+                             tuple(cls.PARAMS) or ("none",))
+                    continue
+                v = _plain(vnode, ctor)
+                try:
+                    params[key] = cls.PARAMS[key].check(key, v)
+                except ConfigError as exc:
+                    ok = False
+                    msg = str(exc)
+                    choices = cls.PARAMS[key].choices
+                    if choices is not None:  # the message already lists them; keep one format
+                        msg = msg.split(" (valid choices")[0]
+                    errs.add(vnode, full, msg, choices)
+            if ok:
+                try:
+                    cls(**params)  # cross-parameter checks live in the detector
+                except ConfigError as exc:
+                    errs.add(pnode, f"{path}.params", str(exc))
+    elif cls is not None:
+        try:
+            cls()
+        except ConfigError as exc:
+            errs.add(dnode, f"{path}.params", f"{exc}; add a 'params' mapping")
+
+    spans: dict[str, Span] = {}
+    for key, allow_zero, default in (("for", False, Span()), ("cooldown", True, Span(count=0)),
+                                     ("hysteresis", False, Span())):
+        v, vnode = val(key)
+        if vnode is None:
+            spans[key] = default
+        else:
+            s = _span(v, vnode, f"{path}.{key}", errs, allow_zero=allow_zero)
+            spans[key] = s or default
+
+    sev, snode = val("severity")
+    if snode is None:
+        errs.add(node, f"{path}.severity", "missing required key", SEVERITIES)
+    elif sev not in SEVERITIES:
+        errs.add(snode, f"{path}.severity", f"{sev!r} is not a severity", SEVERITIES)
+
+    actions: list[str] = []
+    action_params: dict[str, Mapping[str, Any]] = {}
+    _, anode = val("actions")
+    if anode is not None:
+        if isinstance(anode, yaml.ScalarNode) and not anode.tag.endswith(":null"):
+            anode_items: list[yaml.Node] = [anode]
+        elif isinstance(anode, yaml.SequenceNode):
+            anode_items = list(anode.value)
+        elif isinstance(anode, yaml.ScalarNode):
+            anode_items = []
+        else:
+            errs.add(anode, f"{path}.actions", "expected a list of actions", ACTIONS)
+            anode_items = []
+        for j, item in enumerate(anode_items):
+            full = f"{path}.actions[{j}]"
+            if isinstance(item, yaml.MappingNode) and len(item.value) == 1:
+                aname = _plain(item.value[0][0], ctor)
+                aparams = _plain(item.value[0][1], ctor)
+                if not isinstance(aparams, dict):
+                    errs.add(item, full, f"parameters of action {aname!r} must be a mapping")
+                    continue
+            else:
+                aname, aparams = _plain(item, ctor), None
+            if aname not in ACTIONS:
+                errs.add(item, full, f"unknown action {aname!r}", ACTIONS)
+            elif aname in actions:
+                errs.add(item, full, f"action {aname!r} listed twice")
+            else:
+                actions.append(aname)
+                if aparams:
+                    action_params[aname] = MappingProxyType(dict(aparams))
+
+    labels: dict[str, str] = {}
+    _, lnode = val("labels")
+    if lnode is not None:
+        labels = _str_map(lnode, ctor, f"{path}.labels", errs, label_names=True)
+    annotations: dict[str, str] = {}
+    _, annode = val("annotations")
+    if annode is not None:
+        annotations = _str_map(annode, ctor, f"{path}.annotations", errs, template=True)
+
+    enabled, enode = val("enabled")
+    if enode is None:
+        enabled = True
+    elif not isinstance(enabled, bool):
+        errs.add(enode, f"{path}.enabled", f"expected true or false, got {enabled!r}")
+        enabled = True
+
+    if len(errs.items) > n_before or name is None:
+        return None
+    return Rule(
+        name=name, metrics=metrics, detector=cls.name if cls else "", severity=sev,
+        params=MappingProxyType(params), actions=tuple(actions), for_=spans["for"],
+        cooldown=spans["cooldown"], hysteresis=spans["hysteresis"],
+        labels=MappingProxyType(labels), annotations=MappingProxyType(annotations),
+        action_params=MappingProxyType(action_params), enabled=enabled,
+        source=f"{errs.source}:{node.start_mark.line + 1}",
+    )
+
+
+def parse_rules(text: str, source: str = "<string>") -> RuleSet:
+    """Validate rule-file text and return its enabled rules.
+
+    Raises :class:`~lrwatch.errors.RuleError` whose ``errors`` lists every problem as
+    ``SOURCE:LINE: key 'PATH': message (valid choices: ...)``.
+
+    Examples
+    --------
+    >>> rs = parse_rules('''
+    ... rules:
+    ...   - name: too_high
+    ...     metric: loss
+    ...     detector: threshold
+    ...     params: {above: 10}
+    ...     severity: warning
+    ... ''')
+    >>> rs.names
+    ('too_high',)
+    >>> parse_rules("rules: [{name: x, metric: loss, detector: spike, severity: urgent}]", "f.yml")
+    Traceback (most recent call last):
+    ...
+    lrwatch.errors.RuleError: f.yml:1: key 'rules[0].severity': 'urgent' is not a severity (valid choices: critical, warning, info)
+    """
+    errs = _Errors(source)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        line = mark.line + 1 if mark is not None else 1
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RuleError(f"{source}:{line}: invalid YAML: {problem}",
+                        [f"{source}:{line}: invalid YAML: {problem}"]) from None
+    ctor = yaml.constructor.SafeConstructor()
+    if root is None:
+        errs.items.append(f"{source}:1: key 'rules': the file is empty; expected a mapping "
+                          f"with a 'rules' list")
+    elif not isinstance(root, yaml.MappingNode):
+        errs.add(root, "<top>", "expected a mapping with a 'rules' list")
+    rules: list[Rule] = []
+    try:
+        _validate(root, ctor, errs, rules)
+    except yaml.YAMLError as exc:  # e.g. an unknown tag such as !!python/object
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else 1
+        errs.items.append(f"{source}:{line}: invalid YAML: {getattr(exc, 'problem', exc)}")
+    if errs.items:
+        n = len(errs.items)
+        head = errs.items[0] if n == 1 else f"{source}: {n} errors:\n  " + "\n  ".join(errs.items)
+        raise RuleError(head, list(errs.items))
+    return RuleSet(tuple(r for r in rules if r.enabled), source)
+
+
+def _validate(root: yaml.Node | None, ctor: Any, errs: _Errors, rules: list[Rule]) -> None:
+    if not errs.items and root is not None:
+        top = {k: (kn, vn) for k, kn, vn in _items(root, ctor, "", errs)}
+        for key, (knode, _) in top.items():
+            if key not in _TOP_KEYS:
+                _unknown(errs, knode, key, key, _TOP_KEYS)
+        if "version" in top:
+            vnode = top["version"][1]
+            if _plain(vnode, ctor) != 1:
+                errs.add(vnode, "version", f"unsupported version {_plain(vnode, ctor)!r}", (1,))
+        if "rules" not in top:
+            errs.add(root, "rules", "missing required key (a list of rules)")
+        else:
+            rnode = top["rules"][1]
+            if not isinstance(rnode, yaml.SequenceNode):
+                errs.add(rnode, "rules", "expected a list of rules")
+            else:
+                names: dict[str, int] = {}
+                for i, item in enumerate(rnode.value):
+                    r = _rule(item, i, ctor, errs)
+                    if r is None:
+                        continue
+                    if r.name in names:
+                        errs.add(item, f"rules[{i}].name",
+                                 f"duplicate rule name {r.name!r} (first at rules[{names[r.name]}])")
+                        continue
+                    names[r.name] = i
+                    rules.append(r)
+
+
+def load_rules(path: str | os.PathLike[str]) -> RuleSet:
+    """Load and validate the rule file at ``path`` (see :func:`parse_rules`)."""
+    name = os.fspath(path)
+    try:
+        with open(name, "r", encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        msg = f"{name}:1: key 'rules': cannot read the file: {exc}"
+        raise RuleError(msg, [msg]) from None
+    return parse_rules(text, name)
+
+
+def pack_text(name: str) -> str:
+    """The YAML text of the default rule pack ``name`` (``training`` or ``serving``)."""
+    if name not in PACKS:
+        raise ConfigError(f"unknown rule pack {name!r} (valid choices: {', '.join(PACKS)})")
+    return resources.files(__package__).joinpath("packs", f"{name}.yml").read_text("utf-8")
+
+
+def load_pack(name: str) -> RuleSet:
+    """The default rule pack ``name``, shipped as package data (``training`` or ``serving``)."""
+    return parse_rules(pack_text(name), f"<pack {name}>")
+
+
+def duration_seconds(text: str) -> float:
+    """Seconds in a duration such as ``'30s'`` or ``'5m'`` (raises ``ValueError``).
+
+    >>> duration_seconds("1.5m")
+    90.0
+    """
+    m = _DURATION_RE.match(text)
+    if not m:
+        raise ValueError(f"not a duration: {text!r}")
+    return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+

@@ -1,0 +1,308 @@
+"""Detectors: golden firing positions on known streams, state round trips, parameter checks."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import random
+
+import pytest
+
+from lrwatch.errors import ConfigError
+from lrwatch.rules.detectors import (DETECTORS, Baseline, Cusum, EmaRatio, NonFinite,
+                                     PageHinkley, Plateau, Rate, Regression, Spike, Staleness,
+                                     Threshold, Trend, make_detector)
+from lrwatch.rules.detectors.spike import _mad, _median
+from lrwatch.rules.detectors.trend import t_quantile
+
+NAN, INF = math.nan, math.inf
+
+
+def fires(det, xs, ts=None):
+    ts = ts or [None] * len(xs)
+    return [i for i, (x, t) in enumerate(zip(xs, ts)) if det.update(x, t)]
+
+
+def noisy(n, mean=1.0, sd=0.05, seed=0):
+    rng = random.Random(seed)
+    return [mean + rng.gauss(0, sd) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------- golden streams
+
+def test_nonfinite_golden():
+    assert fires(NonFinite(), [1, NAN, 2, INF, -INF, 0]) == [1, 3, 4]
+    assert fires(NonFinite(which="nan"), [1, NAN, INF]) == [1]
+    assert fires(NonFinite(which="inf"), [1, NAN, INF, -INF]) == [2, 3]
+
+
+def test_threshold_golden():
+    det = Threshold(above=1.0, below=-1.0)
+    assert [det.update(x) for x in (0, 1.0, 1.5, -2, NAN, INF)] == [
+        False, False, True, True, None, True]
+
+
+def test_spike_golden_fires_on_jump_only():
+    xs = [1.0 + 0.01 * (i % 5) for i in range(60)]
+    xs[40] = 5.0
+    det = Spike(window=30, threshold=6, warmup=10)
+    assert fires(det, xs) == [40]
+    assert det.median == pytest.approx(1.02)
+
+
+def test_spike_log_space_and_floor():
+    base = [1e-4 * (1 + 0.01 * (i % 3)) for i in range(40)]
+    spiky = base + [1e-3]
+    assert fires(Spike(window=30, warmup=10, log=True, min_scale=0.05), spiky) == [40]
+    # the same tenfold jump of a near-zero loss stays quiet with an absolute floor
+    assert fires(Spike(window=30, warmup=10, log=True, min_scale=0.05, floor=0.01), spiky) == []
+    # values <= 0 cannot be judged in log space and are not stored
+    det = Spike(window=5, warmup=3, log=True)
+    assert [det.update(x) for x in (1.0, 0.0, -1.0)] == [None, None, None]
+    assert len(det.state_dict()["buf"]) == 1
+
+
+def test_spike_directions():
+    xs = [1.0 + 0.01 * (i % 4) for i in range(30)] + [0.1]
+    assert fires(Spike(window=20, warmup=10), xs) == []
+    assert fires(Spike(window=20, warmup=10, direction="down"), xs) == [30]
+    assert fires(Spike(window=20, warmup=10, direction="both"), xs) == [30]
+
+
+def test_spike_keeps_firing_on_blowup_and_adapts_to_level_shift():
+    xs = [1.0 + 0.01 * (i % 4) for i in range(30)] + [1.5 ** k for k in range(2, 12)]
+    assert fires(Spike(window=20, warmup=10, log=True, min_scale=0.02), xs) == list(range(30, 40))
+    shift = [1.0 + 0.01 * (i % 4) for i in range(30)] + [3.0 + 0.03 * (i % 4) for i in range(60)]
+    hits = fires(Spike(window=20, warmup=10, log=True, min_scale=0.02), shift)
+    assert hits[0] == 30 and hits[-1] < 30 + 20  # the new level becomes normal within a window
+
+
+def test_mad_matches_definition():
+    rng = random.Random(5)
+    for n in range(1, 40):
+        a = sorted(rng.uniform(-3, 3) for _ in range(n))
+        m = _median(a)
+        dev = sorted(abs(x - m) for x in a)
+        assert _mad(a, m) == pytest.approx(_median(dev))
+
+
+def test_ema_ratio_golden():
+    det = EmaRatio(alpha=0.5, above=3.0, below=0.2, warmup=2)
+    # ema: 1 -> 1 -> 1 ; ratios 1, 1, then 10 (fires), then 0.1 vs ema 5.5 (fires)
+    assert [det.update(x) for x in (1.0, 1.0, 1.0, 10.0, 0.1 * 5.5 / 5.5 * 0.5)] == [
+        None, None, False, True, True]
+
+
+def test_ema_ratio_ignores_nonpositive_start_and_smooth_warmup():
+    det = EmaRatio(alpha=0.3, above=4.0, warmup=3)
+    lr = [0.0] + [1e-3 * i / 100 for i in range(1, 101)] + [1e-3] * 50
+    assert fires(det, lr) == []
+    lr2 = [1e-3 * 0.1 ** (i // 30) for i in range(100)]  # step decays
+    assert fires(EmaRatio(alpha=0.3, above=4.0, warmup=3), lr2) == []
+    lr3 = [1e-3] * 20 + [1e-2] * 20
+    assert fires(EmaRatio(alpha=0.3, above=4.0, warmup=3), lr3) == [20]  # then the EMA adapts
+
+
+def test_cusum_golden():
+    det = Cusum(k=0.5, h=4.0, warmup=10, alpha=0.0)
+    xs = [0.0, 1.0] * 5 + [0.5] * 5 + [3.0] * 3
+    # reference mean 0.5, sd 0.527; 3.0 gives z = 4.74, S+ = 4.24 > 4 at the first 3.0
+    assert fires(det, xs) == [15, 16, 17]  # restarts after each alarm and re-accumulates
+
+
+def test_cusum_down_and_log():
+    det = Cusum(k=0.5, h=4.0, warmup=10, alpha=0.0, direction="down", log=True)
+    xs = [1.0, 2.0] * 5 + [0.01]
+    assert fires(det, xs) == [10]
+    assert det.statistic == 0.0  # restarted
+
+
+def test_page_hinkley_golden():
+    det = PageHinkley(delta=0.0, threshold=3.0, min_instances=5, alpha=1.0)
+    xs = [0.0] * 10 + [1.0] * 10
+    # mean after k ones: k/(10+k); m_t grows by 1 - k/(10+k) each step: 0.909, 1.742, 2.511, 3.225
+    assert fires(det, xs) == [13]
+
+
+def test_page_hinkley_down():
+    det = PageHinkley(delta=0.0, threshold=3.0, min_instances=5, alpha=1.0, direction="down")
+    assert fires(det, [1.0] * 10 + [0.0] * 10) == [13]
+
+
+def test_trend_golden():
+    det = Trend(window=10, confidence=0.99)
+    flat = [1.0, 1.1] * 10
+    ramp = [1.1 + 0.2 * i for i in range(1, 6)]
+    hits = fires(det, flat + ramp)
+    assert hits and hits[0] >= 20
+    assert fires(Trend(window=10, confidence=0.99), flat) == []
+    down = fires(Trend(window=10, direction="down"), [10.0 - i for i in range(12)])
+    assert down == [9, 10, 11]
+    # min_change keeps a tiny but perfectly regular drift quiet
+    assert fires(Trend(window=10, min_change=0.5), [1 + 1e-4 * i for i in range(20)]) == []
+
+
+def test_trend_incremental_sums_match_recomputation():
+    det = Trend(window=7)
+    rng = random.Random(1)
+    for i in range(100):
+        det.update(rng.uniform(-5, 5))
+        buf = list(det._buf)
+        assert det._sy == pytest.approx(math.fsum(buf), abs=1e-9)
+        assert det._sty == pytest.approx(math.fsum(j * y for j, y in enumerate(buf)), abs=1e-9)
+
+
+def test_t_quantile_accuracy():
+    # reference values of Student's t
+    for p, df, ref in [(0.95, 10, 1.812), (0.99, 20, 2.528), (0.999, 48, 3.269), (0.99, 5, 3.365)]:
+        assert t_quantile(p, df) == pytest.approx(ref, abs=0.01)
+
+
+def test_regression_golden():
+    det = Regression(mode="min", confidence=0.99, smooth=1.0, warmup=3)
+    evals = [1.0, 0.8, 0.7, 0.65, 0.66, 0.64, 0.65, 0.63, 0.64, 0.64, 0.9, 1.0, 1.1]
+    assert fires(det, evals) == [10, 11, 12]
+    det = Regression(mode="max", confidence=0.99, smooth=1.0, warmup=3)
+    acc = [0.5, 0.6, 0.7, 0.72, 0.71, 0.73, 0.72, 0.73, 0.72, 0.73, 0.6, 0.5, 0.4]
+    assert fires(det, acc) == [11, 12]
+    # a small regression needs more evidence than a large one: sequential, not a patience
+    det = Regression(mode="max", confidence=0.99, smooth=1.0, warmup=3)
+    small = acc[:10] + [0.67] * 14
+    hits = fires(det, small)
+    assert hits and hits[0] > 12
+
+
+def test_regression_new_best_restarts_and_short_plateau_is_quiet():
+    rng = random.Random(7)
+    plateau = [0.5 + rng.gauss(0, 0.01) for _ in range(50)]
+    assert fires(Regression(mode="min", confidence=0.99), plateau) == []
+    det = Regression(mode="min", smooth=1.0)
+    fires(det, [1.0, 0.9, 0.91, 0.9, 0.91, 0.9, 1.5])
+    assert det.statistic > 0
+    det.update(0.1)
+    assert det.statistic == 0.0 and det.best == pytest.approx(0.1)
+
+
+def test_plateau_golden():
+    det = Plateau(mode="max", patience=3, rel_delta=0.0, min_delta=0.01)
+    assert [det.update(x) for x in (0.1, 0.2, 0.205, 0.2, 0.21, 0.3)] == [
+        None, False, False, False, True, False]
+
+
+def test_baseline_golden():
+    det = Baseline(warmup=3, arm=0.5, level=0.9)
+    # never armed: a run that never trained is a plateau, not a collapse
+    assert fires(det, [2.3, 2.3, 2.3, 2.2, 2.3, 2.3]) == []
+    up = Baseline(warmup=3, arm=0.5, level=0.9)
+    assert fires(up, [2.0, 2.0, 2.0, 1.0, 0.9, 1.9, 0.5]) == [5]
+    acc = Baseline(warmup=2, arm=3.0, level=1.2, direction="down")
+    assert fires(acc, [0.1, 0.1, 0.5, 0.9, 0.11, 0.9]) == [4]
+
+
+def test_rate_golden():
+    det = Rate(above=5.0, alpha=1.0, counter=True)
+    pts = [(0, 0.0), (2, 1.0), (12, 2.0), (3, 3.0), (3, 3.0), (4, None)]
+    assert [det.update(x, t) for x, t in pts] == [None, False, True, False, None, None]
+    assert det.statistic == 3.0  # counter reset: the new value is the increase
+
+
+def test_staleness_golden():
+    assert Staleness(seconds=10.0).check(100.0) is None  # never seen: nothing to judge
+    det = Staleness(seconds=10.0, samples=3)
+    assert det.update(1.0, 100.0) is False
+    assert [det.check(t) for t in (105.0, 110.0, 110.5)] == [False, False, True]
+    assert [det.miss(None), det.miss(None), det.miss(None)] == [False, False, True]
+    assert det.update(1.0, 111.0) is False and det.misses == 0
+
+
+# ----------------------------------------------------------------------------- state round trip
+
+FACTORIES = {
+    "nonfinite": lambda: NonFinite(),
+    "threshold": lambda: Threshold(above=1.5, below=0.2),
+    "spike": lambda: Spike(window=20, warmup=5, log=True, min_scale=0.01),
+    "ema_ratio": lambda: EmaRatio(above=1.5, below=0.5, warmup=2),
+    "cusum": lambda: Cusum(warmup=10, h=3.0),
+    "page_hinkley": lambda: PageHinkley(delta=0.01, threshold=1.0, min_instances=5,
+                                        direction="both"),
+    "trend": lambda: Trend(window=10, confidence=0.9),
+    "regression": lambda: Regression(warmup=3),
+    "plateau": lambda: Plateau(patience=5),
+    "baseline": lambda: Baseline(warmup=3, arm=0.9, level=0.95, smooth=0.5),
+    "rate": lambda: Rate(above=1.0, below=0.1),
+    "staleness": lambda: Staleness(seconds=2.5, samples=3),
+}
+
+
+def test_factories_cover_every_detector():
+    assert set(FACTORIES) == set(DETECTORS)
+
+
+def _stream(seed):
+    rng = random.Random(seed)
+    xs = []
+    for i in range(200):
+        x = math.exp(rng.gauss(0, 0.5)) * (1 + i / 100)
+        if rng.random() < 0.05:
+            x = rng.choice([NAN, INF, 0.0, -1.0, 50.0])
+        xs.append(x)
+    return xs
+
+
+def _run(det, xs, start):
+    out = []
+    for i, x in enumerate(xs):
+        t = 1000.0 + (start + i) * (0.5 if (start + i) % 17 else 7.0)
+        if (start + i) % 11 == 0 and det.watches_absence:
+            out.append(("miss", det.miss(t)))
+        else:
+            out.append((det.update(x, t), det.statistic))
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_state_dict_round_trip_resumes_exactly(name):
+    xs = _stream(hash(name) % 1000)
+    whole = FACTORIES[name]()
+    expected = _run(whole, xs, 0)
+    for cut in (0, 1, 7, 60, 150):
+        first = FACTORIES[name]()
+        got = _run(first, xs[:cut], 0)
+        state = json.loads(json.dumps(first.state_dict(), allow_nan=False))
+        second = FACTORIES[name]()
+        second.load_state_dict(state)
+        got += _run(second, xs[cut:], cut)
+        assert repr(got) == repr(expected), (name, cut)  # repr: nan == nan
+
+
+@pytest.mark.parametrize("name", sorted(DETECTORS))
+def test_params_match_signature(name):
+    cls = DETECTORS[name]
+    sig = inspect.signature(cls.__init__)
+    kwargs = [p for p in sig.parameters if p != "self"]
+    assert kwargs == list(cls.PARAMS)
+    assert all(sig.parameters[p].kind is inspect.Parameter.KEYWORD_ONLY for p in kwargs)
+    assert cls.__doc__ and "Examples" in cls.__doc__ and "False alarms" in cls.__doc__
+
+
+def test_bad_params_list_valid_choices():
+    with pytest.raises(ConfigError, match=r"valid choices: up, down, both"):
+        Spike(direction="sideways")
+    with pytest.raises(ConfigError, match=r"'window' must be an integer >= 3"):
+        Spike(window=2)
+    with pytest.raises(ConfigError, match="needs 'above', 'below' or both"):
+        Threshold()
+    with pytest.raises(ConfigError, match=r"valid choices: nonfinite, threshold"):
+        make_detector("nope")
+    with pytest.raises(ConfigError, match=r"unknown parameter 'windw'"):
+        make_detector("spike", windw=3)
+    with pytest.raises(ConfigError, match="must be true or false"):
+        Spike(log="yes")
+
+
+def test_load_state_dict_rejects_other_detector():
+    with pytest.raises(ConfigError, match="not 'spike'"):
+        Spike().load_state_dict(Threshold(above=1).state_dict())
+    with pytest.raises(ConfigError, match="lacks"):
+        Spike().load_state_dict({"detector": "spike"})

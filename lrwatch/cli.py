@@ -66,6 +66,12 @@ cli.add_command(replay_command)
 cli.add_command(rules_group)
 
 
+from .daemon.cli import baseline_group, daemon_command  # noqa: E402  (registered below)
+
+cli.add_command(daemon_command)
+cli.add_command(baseline_group)
+
+
 def main() -> None:
     cli(prog_name="lrwatch")
 

@@ -1,0 +1,289 @@
+"""Calibrating drift thresholds to a false-alarm rate by resampling the reference.
+
+The daemon raises *one* decision per window across all features and tests, and the user sets
+how often that decision may be wrong on unshifted traffic: ``target_windows`` (default 1000)
+means one false alarm per 1000 windows, all features together. Three steps get there:
+
+1. **Resample.** ``sims`` times, draw a pseudo-reference (as many rows as the reference) and a
+   pseudo-window (``window_size`` rows) with replacement from the reference rows and run every
+   per-window test between them, exactly as on live traffic. Both sides are resampled so that
+   the reference's own sampling noise (the ``1/m`` term) is in the null distribution, as it is
+   for live windows.
+2. **Standardise.** Each test's asymptotic p-value is mapped to a normal score
+   (``Phi^-1(1 - p)``; the mean test keeps its signed z) and standardised with the mean and
+   standard deviation measured on the resamples. This corrects tests whose asymptotic p-values
+   are off (binned KS on tied data is conservative; chi-square on sparse cells is not).
+3. **Extrapolate the maximum.** The window's score is the largest standardised score over
+   ``(feature, test)``; its tail at the target rate (1e-3 is too far out for a few thousand
+   resamples) is computed from a Gaussian copula with the correlation measured on the
+   resamples, by simulating 200,000 correlated draws. Correlated features (radius, perimeter
+   and area of a tumour) therefore cost much less than a Bonferroni correction would.
+
+Sequential evidence. A 0.1-sigma shift is invisible in one 1000-record window, so the daemon
+also accumulates the per-feature mean over the last ``2, 4, 8, 16`` windows and tests it against
+the reference with variance ``sigma^2 (1/N + 1/m)``. The threshold of that scan statistic is
+calibrated by simulating streams of windows (window means drawn from the reference's feature
+correlation, one reference offset per stream), like alibi-detect's online detectors calibrate
+to an expected run time. Half the false-alarm budget goes to the per-window tests, half to the
+sequential ones.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+from scipy import special
+
+from ..errors import ConfigError
+from .reference import FINE_BINS, Reference, cat_key
+from .stats import Profile, categorical_tests, numeric_tests
+
+__all__ = ["Calibration", "calibrate", "normal_scores", "HORIZONS"]
+
+#: Window counts over which the sequential test accumulates evidence.
+HORIZONS = (2, 4, 8, 16)
+_COPULA_DRAWS = 200_000
+_STREAMS = 4000
+_STREAM_WINDOWS = 100
+
+
+@dataclass
+class Calibration:
+    """Calibrated thresholds for one window size and false-alarm target (JSON-ready)."""
+
+    window_size: int
+    target_windows: float
+    sims: int
+    seed: int
+    mu: list[float]
+    sd: list[float]
+    threshold: float
+    seq_threshold: float
+    horizons: list[int] = field(default_factory=lambda: list(HORIZONS))
+    reference_records: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Calibration":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def matches(self, window_size: int, target_windows: float, dims: int) -> bool:
+        return (self.window_size == window_size and self.target_windows == target_windows
+                and len(self.mu) == dims)
+
+
+def normal_scores(p: np.ndarray, mean_dims: np.ndarray) -> np.ndarray:
+    """Raw normal scores: ``Phi^-1(1 - p)`` for p-values, the signed z for mean dims."""
+    q = np.clip(p, 1e-300, 1.0 - 1e-9)
+    z = -special.ndtri(q)
+    return np.where(mean_dims, p, z)
+
+
+def standardise(raw: np.ndarray, mu: np.ndarray, sd: np.ndarray,
+                mean_dims: np.ndarray) -> np.ndarray:
+    """Standardised scores; mean dims are folded (``|z|``) since that test is two-sided."""
+    s = (raw - mu) / sd
+    return np.where(mean_dims, np.abs(s), s)
+
+
+class _Resampler:
+    """Reference rows as a sparse one-hot matrix, so that a batch of bootstrap resamples is one
+    sparse product: ``counts = onehot.T @ weights`` (weights: how often each row was drawn)."""
+
+    def __init__(self, prof: Profile) -> None:
+        from scipy import sparse
+
+        cols = prof.reference.sample
+        m = len(next(iter(cols.values()))) if cols else 0
+        if m < 10:
+            raise ConfigError("the reference has no row sample to calibrate from; rebuild it "
+                              "with `lrwatch baseline build`")
+        self.m = m
+        fn = len(prof.num)
+        x = np.empty((m, fn), dtype=np.float64)
+        for j, f in enumerate(prof.num):
+            x[:, j] = [float(v) if type(v) in (int, float) else math.nan for v in cols[f.name]]
+        miss = np.isnan(x)
+        self.x_std = x  # for correlations
+        self.x0 = np.where(miss, 0.0, x)
+        self.x0sq = self.x0 ** 2
+        self.present = (~miss).astype(np.float64)
+        idx = np.empty((m, fn), dtype=np.int64)
+        for j in range(fn):
+            idx[:, j] = np.searchsorted(prof.edges[j], x[:, j], side="right")
+        idx[miss] = FINE_BINS
+        blocks = [idx + np.arange(fn) * (FINE_BINS + 1)]
+        offset = fn * (FINE_BINS + 1)
+        self.cat_slices = []
+        for j, f in enumerate(prof.cat):
+            codes = prof.codes[j]
+            k = len(codes)
+            c = np.array([k + 1 if cat_key(v) is None else codes.get(cat_key(v) or "", k)
+                          for v in cols[f.name]], dtype=np.int64)
+            blocks.append((c + offset)[:, None])
+            self.cat_slices.append(slice(offset, offset + k + 2))
+            offset += k + 2
+        allcols = np.concatenate(blocks, axis=1)
+        rows = np.repeat(np.arange(m), allcols.shape[1])
+        self.onehot_t = sparse.csr_matrix(
+            (np.ones(rows.size), (allcols.ravel(), rows)), shape=(offset, m))
+        self.fn = fn
+
+    def weights(self, rng: np.random.Generator, size: int, batch: int) -> np.ndarray:
+        """``(m, batch)`` draw counts of ``batch`` bootstrap resamples of ``size`` rows."""
+        draws = rng.integers(0, self.m, (batch, size)) + (np.arange(batch) * self.m)[:, None]
+        return np.bincount(draws.ravel(), minlength=batch * self.m).reshape(
+            batch, self.m).T.astype(np.float64)
+
+    def stats(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                            list[np.ndarray]]:
+        """Fine counts ``(B, Fn, FINE_BINS+1)``, sums, sums of squares, present counts, and
+        categorical counts of the resamples with weights ``w``."""
+        counts = np.asarray(self.onehot_t @ w).T
+        batch = w.shape[1]
+        fine = counts[:, : self.fn * (FINE_BINS + 1)].reshape(batch, self.fn, FINE_BINS + 1)
+        cats = [counts[:, sl] for sl in self.cat_slices]
+        return fine, w.T @ self.x0, w.T @ self.x0sq, w.T @ self.present, cats
+
+
+def _pvalues(prof: Profile, rs: _Resampler, rng: np.random.Generator, m: int, n: int,
+             batch: int) -> np.ndarray:
+    """``(batch, dims)`` p-values (signed z for mean dims) of resampled reference/window pairs."""
+    bf, bsum, bsq, bcnt, bcat = rs.stats(rs.weights(rng, m, batch))
+    af, asum, _, _, acat = rs.stats(rs.weights(rng, n, batch))
+    cnt = np.maximum(bcnt, 2.0)
+    bmean = bsum / cnt
+    var = (bsq - cnt * bmean ** 2) / (cnt - 1)
+    bstd = np.sqrt(np.maximum(var, 0.0))
+    bstd = np.where(bstd > 0, bstd, 1.0)
+    nt = numeric_tests(prof, af, asum, float(n), bf, bmean, bstd)
+    ct = categorical_tests(acat, bcat, float(n))
+    num = np.stack([nt["p_ks"], nt["p_chi2"], nt["z_mean"], nt["p_missing"]], axis=-1)
+    num = num.reshape(batch, -1)
+    if prof.cat:
+        cat = np.stack([ct["p_chi2"], ct["p_missing"]], axis=-1).reshape(batch, -1)
+        return np.concatenate([num, cat], axis=1)
+    return num
+
+
+def _psd_factor(c: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh(c)
+    return v * np.sqrt(np.clip(w, 0.0, None))
+
+
+def _max_quantile(c: np.ndarray, mean_dims: np.ndarray, rate: float,
+                  rng: np.random.Generator) -> float:
+    """The (1 - rate) quantile of max(|Z_mean dims|, Z_other dims) with Z ~ N(0, c)."""
+    if len(c) == 0:
+        return math.inf
+    a = _psd_factor(c)
+    out = []
+    remaining = _COPULA_DRAWS
+    while remaining > 0:
+        k = min(remaining, 20_000)
+        g = rng.standard_normal((k, len(c))) @ a.T
+        g = np.where(mean_dims, np.abs(g), g)
+        out.append(g.max(axis=1))
+        remaining -= k
+    return float(np.quantile(np.concatenate(out), 1.0 - rate))
+
+
+def _sequential_threshold(corr: np.ndarray, n: int, m: int, rate: float,
+                          rng: np.random.Generator, horizons: tuple[int, ...]) -> float:
+    """Per-window (1 - rate) quantile of the scan statistic max_{f,L} |z_{f,L}| on simulated
+    null streams (window means ~ N(0, C/n), one reference offset ~ N(0, C/m) per stream)."""
+    fn = len(corr)
+    if fn == 0:
+        return math.inf
+    a = _psd_factor(corr)
+    maxima = []
+    batch = 250
+    for _ in range(_STREAMS // batch):
+        u = (rng.standard_normal((batch, _STREAM_WINDOWS, fn)) @ a.T) / math.sqrt(n)
+        e = (rng.standard_normal((batch, 1, fn)) @ a.T) / math.sqrt(m)
+        cs = np.cumsum(u, axis=1)
+        best = np.zeros((batch, _STREAM_WINDOWS))
+        for h in horizons:
+            if h > _STREAM_WINDOWS:
+                continue
+            s = cs[:, h - 1:, :].copy()
+            s[:, 1:, :] -= cs[:, :-h, :]
+            z = (s / h - e) / math.sqrt(1.0 / (n * h) + 1.0 / m)
+            zmax = np.abs(z).max(axis=2)
+            best[:, h - 1:] = np.maximum(best[:, h - 1:], zmax)
+        maxima.append(best.ravel())
+    return float(np.quantile(np.concatenate(maxima), 1.0 - rate))
+
+
+def calibrate(ref: Reference, *, window_size: int = 1000, target_windows: float = 1000.0,
+              sims: int | None = None, seed: int = 0, sequential: bool = True) -> Calibration:
+    """Calibrate the per-window and sequential thresholds of ``ref`` (see the module notes).
+
+    Parameters
+    ----------
+    window_size:
+        Records per window the thresholds are for (time windows: their typical size).
+    target_windows:
+        One false alarm per this many unshifted windows, all features and tests together.
+    sims:
+        Resamples for the standardisation and correlations (default 2000).
+    """
+    if window_size < 10:
+        raise ConfigError(f"window_size must be at least 10 records, got {window_size}")
+    if not target_windows > 1:
+        raise ConfigError(f"target_windows must be > 1 (one false alarm per N windows), "
+                          f"got {target_windows}")
+    t0 = time.perf_counter()
+    sims = 2000 if sims is None else int(sims)
+    prof = Profile(ref)
+    rs = _Resampler(prof)
+    rng = np.random.default_rng(seed)
+    m = min(ref.records, rs.m) if ref.records > 0 else rs.m
+    mean_dims = prof.mean_dims
+    raw = np.empty((sims, len(prof.dims)))
+    for i in range(0, sims, 100):
+        k = min(100, sims - i)
+        raw[i:i + k] = normal_scores(_pvalues(prof, rs, rng, m, window_size, k), mean_dims)
+    mu = raw.mean(axis=0)
+    sd = raw.std(axis=0, ddof=1)
+    # tests that cannot vary under the null (no missing values in the reference, say) keep
+    # their asymptotic scale: they only speak when something new happens
+    floor = float(-special.ndtri(1.0 - 1e-9)) + 1e-6  # the score of p = 1
+    clipped = np.where(mean_dims, 0.0, (raw <= floor).mean(axis=0))
+    degenerate = (sd < 0.05) | (clipped > 0.5)
+    mu = np.where(degenerate, 0.0, np.where(mean_dims, 0.0, mu))
+    sd = np.where(degenerate, 1.0, sd)
+    z = (raw - mu) / sd
+    live = ~degenerate
+    if live.sum() >= 2:
+        corr = np.corrcoef(z[:, live], rowvar=False)
+        corr = np.nan_to_num(corr, nan=0.0)
+        np.fill_diagonal(corr, 1.0)
+    else:
+        corr = np.eye(int(live.sum()))
+    rate = 1.0 / target_windows
+    window_rate = rate / 2 if sequential and prof.num else rate
+    threshold = _max_quantile(corr, mean_dims[live], window_rate, rng)
+    if not math.isfinite(threshold):
+        threshold = float(-special.ndtri(window_rate / max(len(prof.dims), 1)))
+    seq_threshold = math.inf
+    if sequential and prof.num:
+        xs = rs.x_std
+        filled = np.where(np.isnan(xs), np.nanmean(xs, axis=0), xs)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ncorr = np.corrcoef(filled, rowvar=False).reshape(len(prof.num), len(prof.num))
+        ncorr = np.nan_to_num(ncorr, nan=0.0)
+        np.fill_diagonal(ncorr, 1.0)
+        seq_threshold = _sequential_threshold(ncorr, window_size, m, rate / 2, rng, HORIZONS)
+    return Calibration(window_size=window_size, target_windows=float(target_windows),
+                       sims=sims, seed=seed, mu=[float(v) for v in mu],
+                       sd=[float(v) for v in sd], threshold=threshold,
+                       seq_threshold=seq_threshold, horizons=list(HORIZONS),
+                       reference_records=m, seconds=time.perf_counter() - t0)

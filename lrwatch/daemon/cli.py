@@ -1,0 +1,136 @@
+"""``lrwatch daemon`` and ``lrwatch baseline build``: formatting only; logic lives elsewhere."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+import click
+
+from ..errors import LrwatchError
+
+__all__ = ["daemon_command", "baseline_group"]
+
+
+@click.command("daemon")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="YAML config file (see docs/daemon.md).")
+@click.option("--host", help="Address to bind (default 127.0.0.1).")
+@click.option("--port", type=click.IntRange(0, 65535), help="Port (default 9410; 0: any).")
+@click.option("--reference", type=click.Path(dir_okay=False),
+              help="Reference profile from `lrwatch baseline build`.")
+@click.option("--live-reference", type=click.IntRange(10), default=None,
+              help="Without --reference: build it from the first N live records.")
+@click.option("--window-size", type=click.IntRange(10), help="Records per window.")
+@click.option("--window-seconds", type=click.FloatRange(min=0, min_open=True),
+              help="Time windows of this many seconds instead of counts.")
+@click.option("--target-windows", type=click.FloatRange(min=1, min_open=True),
+              help="One false drift alarm per this many windows (default 1000).")
+@click.option("--state-dir", type=click.Path(file_okay=False),
+              help="Where snapshots and the journal live (durability).")
+@click.option("--tail", "tail", multiple=True, type=click.Path(dir_okay=False),
+              help="JSONL file to follow (repeatable).")
+@click.option("--rules", type=click.Path(exists=True, dir_okay=False),
+              help="Rule file (default: the serving pack).")
+@click.option("--alertmanager", multiple=True, help="Alertmanager URL (repeatable).")
+@click.option("--token-file", type=click.Path(exists=True, dir_okay=False),
+              help="File holding the bearer token clients must send.")
+@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
+def daemon_command(config_path: str | None, host: str | None, port: int | None,
+                   reference: str | None, live_reference: int | None, window_size: int | None,
+                   window_seconds: float | None, target_windows: float | None,
+                   state_dir: str | None, tail: tuple[str, ...], rules: str | None,
+                   alertmanager: tuple[str, ...], token_file: str | None, verbose: bool) -> None:
+    """Watch a model in production: drift, accuracy from delayed labels, alerts, hooks.
+
+    Serves POST /v1/predictions, POST /v1/labels, GET /metrics, /healthz and /v1/status.
+    """
+    from .config import DaemonConfig
+    from .core import Daemon
+    from .server import DaemonServer
+    from .sources import FileTailer
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = DaemonConfig.load(config_path) if config_path else DaemonConfig()
+        token = None
+        if token_file:
+            with open(token_file, encoding="utf-8") as fh:
+                token = fh.read().strip()
+        cfg = cfg.replace(host=host, port=port, reference=reference,
+                          live_records=live_reference, window_size=window_size,
+                          window_seconds=window_seconds, target_windows=target_windows,
+                          state_dir=state_dir, tail=list(tail) or None, rules=rules,
+                          alertmanager=list(alertmanager) or None, token=token)
+        d = Daemon(cfg)
+        d.tailers = [FileTailer(d, p, cfg.tail_poll) for p in cfg.tail]
+        server = DaemonServer(d)
+    except (LrwatchError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    d.start()
+    host_, port_ = server.address
+    click.echo(f"lrwatch daemon listening on http://{host_}:{port_} "
+               f"(reference: {'loaded' if d.reference else 'from the first %d records' % cfg.live_records})",
+               err=True)
+    stop = threading.Event()
+
+    def _term(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _term)
+    signal.signal(signal.SIGINT, _term)
+    server.start()
+    stop.wait()
+    click.echo("stopping: draining the queue and writing a snapshot", err=True)
+    server.stop()
+    d.stop()
+    sys.exit(0)
+
+
+@click.group("baseline")
+def baseline_group() -> None:
+    """Reference profiles for `lrwatch daemon`."""
+
+
+@baseline_group.command("build")
+@click.argument("data", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the reference JSON.")
+@click.option("--window-size", type=click.IntRange(10), default=1000, show_default=True,
+              help="Window size the thresholds are calibrated for.")
+@click.option("--target-windows", type=click.FloatRange(min=1, min_open=True), default=1000.0,
+              show_default=True, help="One false alarm per this many windows.")
+@click.option("--kind", "kinds", multiple=True, metavar="FEATURE=KIND",
+              help="Force a feature's kind: numeric, categorical or binary (repeatable).")
+@click.option("--sims", type=click.IntRange(100), default=None,
+              help="Resamples for calibration (default 2000).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def baseline_build(data: str, output: str, window_size: int, target_windows: float,
+                   kinds: tuple[str, ...], sims: int | None, seed: int) -> None:
+    """Profile DATA (JSONL records or CSV) and calibrate drift thresholds."""
+    from .reference import PREDICTION, build_reference, read_data
+
+    try:
+        kind_map = {}
+        for k in kinds:
+            if "=" not in k:
+                raise click.BadParameter(f"expected FEATURE=KIND, got {k!r}", param_hint="--kind")
+            name, v = k.split("=", 1)
+            kind_map[name] = v
+        rows = read_data(data)
+        ref = build_reference(rows, kinds=kind_map, window_size=window_size,
+                              target_windows=target_windows, seed=seed, sims=sims)
+        ref.save(output)
+    except LrwatchError as exc:
+        raise click.ClickException(str(exc)) from exc
+    cal = ref.calibration or {}
+    click.echo(f"{output}: {ref.records} records, "
+               f"{len([f for f in ref.features if f.name != PREDICTION])} features "
+               f"({', '.join(f'{f.name}:{f.kind}' for f in ref.features[:8])}"
+               f"{', ...' if len(ref.features) > 8 else ''}), prediction {ref.prediction_type}; "
+               f"threshold {cal.get('threshold', float('nan')):.3f} per window, "
+               f"{cal.get('seq_threshold', float('nan')):.3f} sequential "
+               f"(calibrated in {cal.get('seconds', 0):.1f} s)")

@@ -1,0 +1,174 @@
+"""The daemon's settings: a dataclass, readable from a YAML config file.
+
+Example config file (every key optional)::
+
+    listen: {host: 127.0.0.1, port: 9410}
+    auth: {token_file: /etc/lrwatch/token}      # or token: "..."; clients send
+                                                # "Authorization: Bearer <token>"
+    limits: {max_body_bytes: 10485760, max_queue_records: 20000, max_pending_labels: 100000}
+    reference: {path: reference.json}            # or {live_records: 5000}: the first N records
+    window: {size: 1000}                         # or {seconds: 60}
+    drift: {target_windows: 1000, min_effect: 0.05, min_effect_categorical: 0.02,
+            min_missing_delta: 0.01, sequential: true, seq_min_effect: 0.03}
+    state_dir: /var/lib/lrwatch                  # snapshots + journal (durability)
+    snapshot_interval: 2.0
+    tail: [/var/log/model/predictions.jsonl]
+    rules: null                                  # a rule file; default: the serving pack
+    alerts: {alertmanager: [http://127.0.0.1:9093], webhook: [], log: true}
+    hook: {argv: [/usr/local/bin/revert-model, --to, previous], cooldown: 300, timeout: 30,
+           rules: [data_drift, accuracy_regression]}
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+import yaml
+
+from ..errors import ConfigError
+
+__all__ = ["DaemonConfig"]
+
+
+@dataclass
+class DaemonConfig:
+    host: str = "127.0.0.1"
+    port: int = 9410
+    token: str | None = None
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_queue_records: int = 20_000
+    max_pending_labels: int = 100_000
+    reference: str | None = None
+    live_records: int = 5000
+    window_size: int = 1000
+    window_seconds: float | None = None
+    target_windows: float = 1000.0
+    min_effect: float = 0.05
+    min_effect_categorical: float = 0.02
+    min_missing_delta: float = 0.01
+    sequential: bool = True
+    seq_min_effect: float = 0.03
+    calibration_sims: int | None = None
+    state_dir: str | None = None
+    snapshot_interval: float = 2.0
+    tail: list[str] = field(default_factory=list)
+    tail_poll: float = 0.2
+    rules: str | None = None
+    alertmanager: list[str] = field(default_factory=list)
+    webhook: list[str] = field(default_factory=list)
+    log_alerts: bool = True
+    hook_argv: list[str] | None = None
+    hook_cooldown: float = 300.0
+    hook_timeout: float = 30.0
+    hook_rules: list[str] | None = None  # None: every rule whose actions include "hook"
+    resend_interval: float = 60.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.port <= 65535):
+            raise ConfigError(f"port must be in 0..65535, got {self.port}")
+        for name in ("max_body_bytes", "max_queue_records", "max_pending_labels",
+                     "window_size", "live_records"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if self.window_seconds is not None and not self.window_seconds > 0:
+            raise ConfigError(f"window seconds must be > 0, got {self.window_seconds!r}")
+        if not self.target_windows > 1:
+            raise ConfigError(f"target_windows must be > 1, got {self.target_windows!r}")
+        if self.hook_argv is not None and (not isinstance(self.hook_argv, list) or not all(
+                isinstance(a, str) for a in self.hook_argv) or not self.hook_argv):
+            raise ConfigError("hook argv must be a non-empty list of strings (never a shell "
+                              "command line)")
+
+    @classmethod
+    def from_mapping(cls, d: Mapping[str, Any], *, base_dir: str = ".") -> "DaemonConfig":
+        """Read the config file's structure (see the module docstring)."""
+        d = dict(d or {})
+        kw: dict[str, Any] = {}
+        known = {"listen", "auth", "limits", "reference", "window", "drift", "state_dir",
+                 "snapshot_interval", "tail", "rules", "alerts", "hook", "seed"}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown config keys {sorted(unknown)}; valid keys: "
+                              f"{', '.join(sorted(known))}")
+
+        def sec(name: str, keys: set[str]) -> dict[str, Any]:
+            s = d.get(name) or {}
+            if not isinstance(s, dict):
+                raise ConfigError(f"config '{name}' must be a mapping")
+            bad = set(s) - keys
+            if bad:
+                raise ConfigError(f"unknown keys {sorted(bad)} in '{name}'; valid: "
+                                  f"{', '.join(sorted(keys))}")
+            return s
+
+        def path(p: Any) -> Any:
+            return p if p is None or os.path.isabs(p) else os.path.join(base_dir, p)
+
+        listen = sec("listen", {"host", "port"})
+        kw.update(listen)
+        auth = sec("auth", {"token", "token_file"})
+        if auth.get("token_file"):
+            with open(path(auth["token_file"]), encoding="utf-8") as fh:
+                kw["token"] = fh.read().strip()
+        elif auth.get("token"):
+            kw["token"] = str(auth["token"])
+        limits = sec("limits", {"max_body_bytes", "max_queue_records", "max_pending_labels"})
+        kw.update(limits)
+        ref = sec("reference", {"path", "live_records"})
+        if "path" in ref:
+            kw["reference"] = path(ref["path"])
+        if "live_records" in ref:
+            kw["live_records"] = ref["live_records"]
+        win = sec("window", {"size", "seconds"})
+        if "size" in win:
+            kw["window_size"] = win["size"]
+        if "seconds" in win:
+            kw["window_seconds"] = float(win["seconds"])
+        drift = sec("drift", {"target_windows", "min_effect", "min_effect_categorical",
+                              "min_missing_delta", "sequential", "seq_min_effect",
+                              "calibration_sims"})
+        if "calibration_sims" in drift:
+            kw["calibration_sims"] = drift.pop("calibration_sims")
+        kw.update(drift)
+        if d.get("state_dir"):
+            kw["state_dir"] = path(d["state_dir"])
+        for k in ("snapshot_interval", "seed"):
+            if k in d:
+                kw[k] = d[k]
+        if d.get("tail"):
+            kw["tail"] = [path(p) for p in d["tail"]]
+        if d.get("rules"):
+            kw["rules"] = path(d["rules"])
+        alerts = sec("alerts", {"alertmanager", "webhook", "log", "resend_interval"})
+        for k in ("alertmanager", "webhook"):
+            v = alerts.get(k) or []
+            kw[k] = [v] if isinstance(v, str) else list(v)
+        if "log" in alerts:
+            kw["log_alerts"] = bool(alerts["log"])
+        if "resend_interval" in alerts:
+            kw["resend_interval"] = float(alerts["resend_interval"])
+        hook = sec("hook", {"argv", "cooldown", "timeout", "rules"})
+        if "argv" in hook:
+            kw["hook_argv"] = hook["argv"]
+        for k in ("cooldown", "timeout", "rules"):
+            if k in hook:
+                kw[f"hook_{k}"] = hook[k]
+        return cls(**kw)
+
+    @classmethod
+    def load(cls, path: str) -> "DaemonConfig":
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = yaml.safe_load(fh) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {path!r}: {exc}") from exc
+        return cls.from_mapping(data, base_dir=os.path.dirname(os.path.abspath(path)))
+
+    def replace(self, **changes: Any) -> "DaemonConfig":
+        vals = {f.name: getattr(self, f.name) for f in fields(self)}
+        vals.update({k: v for k, v in changes.items() if v is not None})
+        return DaemonConfig(**vals)

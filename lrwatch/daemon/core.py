@@ -1,0 +1,682 @@
+"""The daemon's worker: entries in, windows, drift decisions, rules and actions out.
+
+Front ends (:mod:`.server` for HTTP, :mod:`.sources` for tailed files) only parse and validate;
+they hand *entries* to :meth:`Daemon.submit` / :meth:`Daemon.enqueue`, which journal HTTP
+payloads (see :mod:`.state`) and put them on a bounded queue. One worker thread applies entries
+in order, so all counting happens in one place and the state it snapshots is consistent.
+
+Entry kinds: ``P`` predictions payload, ``L`` labels payload, ``R`` request-level rejections,
+``F`` lines of a tailed file (with the file offset they end at), ``T`` a clock tick.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections import Counter, deque
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..samples import Sample
+from .config import DaemonConfig
+from .detector import DriftDetector, DriftResult
+from .labels import PendingLabels, is_classification, score
+from .metrics import DaemonMetrics
+from .records import (REASONS, parse_payload, validate_labels, validate_predictions)
+from .reference import PREDICTION, Reference, build_reference
+from .state import Journal, load_snapshot, save_snapshot
+from .windows import Window, columns
+
+__all__ = ["Daemon"]
+
+_log = logging.getLogger("lrwatch.daemon")
+STATE_VERSION = 1
+
+
+class _Queue:
+    """A FIFO bounded by the number of records it holds (entries of any size)."""
+
+    def __init__(self, max_records: int) -> None:
+        self.max_records = max_records
+        self.records = 0
+        self._items: deque[tuple[Any, ...]] = deque()
+        self.cond = threading.Condition()
+
+    def put(self, entry: tuple[Any, ...], n: int) -> None:  # caller holds cond
+        self._items.append(entry)
+        self.records += n
+        self.cond.notify_all()
+
+    def get(self, timeout: float) -> tuple[Any, ...] | None:
+        with self.cond:
+            if not self._items:
+                self.cond.wait(timeout)
+            if not self._items:
+                return None
+            return self._items.popleft()
+
+    def done(self, n: int) -> None:
+        with self.cond:
+            self.records -= n
+            self.cond.notify_all()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class Daemon:
+    """The serving-side watcher. ``start()`` runs the worker; front ends call :meth:`submit`.
+
+    Parameters
+    ----------
+    config:
+        The settings (:class:`~.config.DaemonConfig`).
+    registry:
+        Where the metrics go; a fresh ``CollectorRegistry`` by default.
+    """
+
+    def __init__(self, config: DaemonConfig, *, registry: Any = None) -> None:
+        self.config = config
+        self.metrics = DaemonMetrics(registry)
+        self.registry = self.metrics.registry
+        self.queue = _Queue(config.max_queue_records)
+        self.pending = PendingLabels(config.max_pending_labels)
+        self.counters: dict[str, Any] = {"predictions": 0, "labels": 0, "received": 0,
+                                         "labels_joined": 0, "labels_unmatched": 0,
+                                         "labels_expired": 0, "windows": 0,
+                                         "errors": {r: 0 for r in REASONS}}
+        self.files: dict[str, list[int]] = {}  # path -> [dev, ino, offset] applied
+        self.journal_pos = [1, 0]
+        self.reference: Reference | None = None
+        self.detector: DriftDetector | None = None
+        self._ref_rows: list[dict[str, Any]] = []
+        self.window = self._new_window(0)
+        self.last: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._dirty = False
+        self._last_snapshot = time.monotonic()
+        self.tailers: list[Any] = []
+        from ..rules import Engine, load_pack, load_rules
+
+        rules = load_rules(config.rules) if config.rules else load_pack("serving")
+        self.engine = Engine(rules)
+        self._setup_actions()
+        self.journal: Journal | None = None
+        if config.state_dir:
+            os.makedirs(config.state_dir, exist_ok=True)
+            self.journal = Journal(config.state_dir)
+        self._load_reference()
+        self._restore()
+
+    # --- set-up --------------------------------------------------------------------------------
+    def _setup_actions(self) -> None:
+        from ..actions import AlertmanagerSink, AlertSender, HookAction, LogSink, WebhookSink
+
+        cfg = self.config
+        sinks: list[Any] = [AlertmanagerSink(u, name=f"alertmanager{i or ''}")
+                            for i, u in enumerate(cfg.alertmanager)]
+        sinks += [WebhookSink(u, name=f"webhook{i or ''}") for i, u in enumerate(cfg.webhook)]
+        if cfg.log_alerts:
+            sinks.append(LogSink(_log))
+        self.alerts = AlertSender(sinks, registry=self.registry,
+                                  resend_interval=cfg.resend_interval,
+                                  on_error=self.metrics.internal_errors.inc) if sinks else None
+        self.hook = HookAction(cfg.hook_argv, cooldown=cfg.hook_cooldown,
+                               timeout=cfg.hook_timeout, registry=self.registry,
+                               on_error=self.metrics.internal_errors.inc) \
+            if cfg.hook_argv else None
+
+    def _ref_path(self) -> str | None:
+        if self.config.reference:
+            return self.config.reference
+        if self.config.state_dir:
+            return os.path.join(self.config.state_dir, "reference.json")
+        return None
+
+    def _load_reference(self) -> None:
+        path = self._ref_path()
+        if path and os.path.exists(path):
+            self._set_reference(Reference.load(path), save=False)
+        elif self.config.reference:
+            raise ConfigError(f"reference {self.config.reference!r} does not exist; build one "
+                              f"with `lrwatch baseline build DATA -o {self.config.reference}`")
+
+    def _set_reference(self, ref: Reference, save: bool) -> None:
+        cfg = self.config
+        det = DriftDetector(ref, window_size=cfg.window_size if cfg.window_seconds is None
+                            else (ref.calibration or {}).get("window_size", cfg.window_size),
+                            target_windows=cfg.target_windows, min_effect=cfg.min_effect,
+                            min_effect_categorical=cfg.min_effect_categorical,
+                            min_missing_delta=cfg.min_missing_delta,
+                            sequential=cfg.sequential, seq_min_effect=cfg.seq_min_effect,
+                            seed=cfg.seed, sims=cfg.calibration_sims)
+        if save:
+            ref.calibration = det.calibration.to_dict()
+            path = self._ref_path()
+            if path:
+                ref.save(path)
+        self.reference = ref
+        self.detector = det
+        self.metrics.bind_features(det.profile.num_names, det.profile.cat_names)
+        thr = det.raw_thresholds(cfg.window_size)
+        for i, name in enumerate(det.profile.num_names):
+            ch = self.metrics.features[name]
+            ch["thr_ks"].set(thr["ks"][i])
+            ch["thr_chi2"].set(thr["chi2"][i])
+            ch["thr_mean_z"].set(thr["mean"][i])
+            ch["thr_score"].set(det.threshold)
+            ch["thr_sequential_z"].set(det.seq_threshold)
+        for name in det.profile.cat_names:
+            self.metrics.features[name]["thr_score"].set(det.threshold)
+
+    # --- durability ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "counters": self.counters, "files": self.files,
+                "journal": self.journal_pos, "window": self.window.state_dict(),
+                "pending": self.pending.state_dict(), "ref_rows": self._ref_rows,
+                "detector": self.detector.state_dict() if self.detector else None,
+                "engine": self.engine.state_dict(), "last": self.last}
+
+    def _restore(self) -> None:
+        if not self.config.state_dir:
+            return
+        snap = load_snapshot(self.config.state_dir)
+        if snap is not None:
+            if snap.get("version") != STATE_VERSION:
+                raise ConfigError(f"state version {snap.get('version')!r} is not "
+                                  f"{STATE_VERSION}; move {self.config.state_dir} away")
+            self.counters = snap["counters"]
+            for r in REASONS:
+                self.counters["errors"].setdefault(r, 0)
+            self.files = {k: list(v) for k, v in snap["files"].items()}
+            self.journal_pos = list(snap["journal"])
+            self.window = Window.from_state(snap["window"])
+            self.pending.load_state_dict(snap["pending"])
+            self._ref_rows = snap.get("ref_rows") or []
+            if snap.get("detector") and self.detector:
+                self.detector.load_state_dict(snap["detector"])
+            try:
+                self.engine.load_state_dict(snap["engine"])
+            except ConfigError as exc:  # the rules changed: start them fresh
+                _log.warning("rule state not restored: %s", exc)
+            self.last = snap.get("last") or {}
+        self.metrics.restore(self.counters)
+        assert self.journal is not None
+        replayed = 0
+        for seg, end, kind, t, payload in self.journal.replay(*self.journal_pos):
+            self._apply_journal(kind, t, payload)
+            self.journal_pos = [seg, end]
+            replayed += 1
+        self.journal.segment = max([self.journal_pos[0]] + self.journal.segments())
+        self.journal.open()
+        if replayed:
+            _log.info("replayed %d journal entries", replayed)
+            self._snapshot()
+
+    def _snapshot(self) -> None:
+        if not self.config.state_dir:
+            return
+        try:
+            save_snapshot(self.config.state_dir, self.state_dict())
+        except OSError:
+            self.metrics.internal_errors.inc()
+            _log.exception("snapshot failed")
+            return
+        self._dirty = False
+        self._last_snapshot = time.monotonic()
+        j = self.journal
+        if j is not None:
+            with self.queue.cond:
+                if j.size > 64 * 1024 * 1024 and self.journal_pos[0] == j.segment:
+                    j.roll()
+            j.prune(self.journal_pos[0])
+
+    # --- front-end side (any thread) -----------------------------------------------------------
+    def submit(self, kind: str, body: bytes) -> tuple[int, dict[str, Any]]:
+        """Take one HTTP payload (``kind`` ``"predictions"`` or ``"labels"``).
+
+        Returns the HTTP status and JSON body: 200 with the counts when anything was accepted,
+        400 naming the problems when nothing was, 429 when the queue is full.
+        """
+        items = parse_payload(body)
+        ok, rejected, errors = (validate_predictions(items) if kind == "predictions"
+                                else validate_labels(items))
+        code = b"P" if kind == "predictions" else b"L"
+        now = time.time()
+        q = self.queue
+        with q.cond:
+            if ok and q.records + len(ok) > q.max_records:
+                self._reject_locked("queue_full", len(items), now)
+                return 429, {"error": "queue full, retry later", "reason": "queue_full",
+                             "rejected": len(items)}
+            pos = self.journal.append(code, now, body) if self.journal is not None else None
+            q.put((code, now, ok, rejected, pos), len(ok))
+        body_out: dict[str, Any] = {"accepted": len(ok), "rejected": sum(rejected.values())}
+        if rejected:
+            body_out["reasons"] = dict(rejected)
+            body_out["errors"] = errors
+        if not ok and rejected:
+            body_out["error"] = errors[0] if errors else "no valid record"
+            return 400, body_out
+        return 200, body_out
+
+    def reject(self, reason: str, count: int = 1) -> None:
+        """Count a request rejected before parsing (unauthorized, too large)."""
+        with self.queue.cond:
+            self._reject_locked(reason, count, time.time())
+
+    def _reject_locked(self, reason: str, count: int, now: float) -> None:
+        payload = json.dumps({reason: count}).encode()
+        pos = self.journal.append(b"R", now, payload) if self.journal is not None else None
+        self.queue.put((b"R", now, {reason: count}, pos), 0)
+
+    def enqueue_file(self, path: str, dev: int, ino: int, offset: int, lines: list[bytes],
+                     now: float) -> bool:
+        """Queue parsed lines of a tailed file; blocks while the queue is full (backpressure).
+        Returns False when the daemon is stopping."""
+        items = parse_payload(b"\n".join(lines)) if lines else []
+        preds, labels = [], []
+        for it in items:
+            (labels if type(it) is dict and "features" not in it and "label" in it
+             else preds).append(it)
+        ok, rej, _ = validate_predictions(preds)
+        lok, lrej, _ = validate_labels(labels)
+        rej.update(lrej)
+        if len(items) < len(lines):  # blank lines are not records
+            pass
+        n = len(ok) + len(lok)
+        q = self.queue
+        with q.cond:
+            while q.records + n > q.max_records and q.records > 0 and not self._stop.is_set():
+                q.cond.wait(0.5)
+            if self._stop.is_set():
+                return False
+            q.put((b"F", now, path, dev, ino, offset, ok, lok, rej), n)
+        return True
+
+    def tick(self, now: float | None = None) -> None:
+        with self.queue.cond:
+            self.queue.put((b"T", time.time() if now is None else now), 0)
+
+    # --- worker ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        for t in self.tailers:
+            t.start()
+        self._worker = threading.Thread(target=self._run, name="lrwatch-daemon", daemon=True)
+        self._worker.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Drain the queue, snapshot, stop the tailers and actions."""
+        for t in self.tailers:
+            t.stop()
+        deadline = time.monotonic() + timeout
+        while len(self.queue) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._stop.set()
+        with self.queue.cond:
+            self.queue.cond.notify_all()
+        if self._worker is not None:
+            self._worker.join(timeout)
+        self._snapshot()
+        if self.journal is not None:
+            self.journal.close()
+        if self.alerts is not None:
+            self.alerts.close()
+        if self.hook is not None:
+            self.hook.close()
+
+    def drain(self, timeout: float = 30.0) -> bool:
+        """Wait until every queued entry has been applied (for tests and benchmarks)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.queue.cond:
+                if not len(self.queue) and self.queue.records == 0 and not self._busy:
+                    return True
+            time.sleep(0.005)
+        return False
+
+    _busy = False
+
+    def _run(self) -> None:
+        next_tick = time.monotonic() + 1.0
+        while not self._stop.is_set():
+            entry = self.queue.get(0.2)
+            if entry is not None:
+                self._busy = True
+                try:
+                    self._apply(entry)
+                except Exception:  # fail open: count, log, go on
+                    self.metrics.internal_errors.inc()
+                    _log.exception("applying an entry failed")
+                finally:
+                    self._busy = False
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + 1.0
+                self._on_tick(time.time())
+            if self._dirty and now - self._last_snapshot >= self.config.snapshot_interval:
+                self._snapshot()
+
+    def _apply(self, entry: tuple[Any, ...]) -> None:
+        code = entry[0]
+        if code == b"P" or code == b"L":
+            _, t, ok, rej, pos = entry
+            self._count_rejections(rej)
+            if code == b"P":
+                self._add_predictions(ok, t)
+            else:
+                self._add_labels(ok, t)
+            self.queue.done(len(ok))
+            if pos is not None:
+                self.journal_pos = list(pos)
+        elif code == b"R":
+            self._count_rejections(entry[2])
+            if entry[3] is not None:
+                self.journal_pos = list(entry[3])
+        elif code == b"F":
+            _, t, path, dev, ino, offset, ok, lok, rej = entry
+            self._count_rejections(rej)
+            self._add_predictions(ok, t)
+            self._add_labels(lok, t)
+            self.files[path] = [dev, ino, offset]
+            self.queue.done(len(ok) + len(lok))
+        elif code == b"T":
+            self._on_tick(entry[1])
+        self._dirty = True
+        self.metrics.queue.set(self.queue.records)
+
+    def _apply_journal(self, kind: bytes, t: float, payload: bytes) -> None:
+        """Re-apply one journal entry during replay (same parse, same validation)."""
+        if kind == b"R":
+            self._count_rejections(json.loads(payload))
+            return
+        items = parse_payload(payload)
+        ok, rej, _ = (validate_predictions(items) if kind == b"P" else validate_labels(items))
+        self._count_rejections(rej)
+        if kind == b"P":
+            self._add_predictions(ok, t)
+        else:
+            self._add_labels(ok, t)
+
+    # --- counting ---------------------------------------------------------------------------------
+    def _count_rejections(self, rej: Mapping[str, int]) -> None:
+        if not rej:
+            return
+        total = 0
+        errs = self.counters["errors"]
+        for reason, n in rej.items():
+            errs[reason] = errs.get(reason, 0) + n
+            self.metrics.errors[reason].inc(n)
+            total += n
+        self.counters["received"] += total
+        self.metrics.received.inc(total)
+        self.window.rejected += total
+
+    def _add_predictions(self, recs: list[dict[str, Any]], t_arrival: float) -> None:
+        if not recs:
+            return
+        n = len(recs)
+        self.counters["predictions"] += n
+        self.counters["received"] += n
+        self.metrics.predictions.inc(n)
+        self.metrics.received.inc(n)
+        if self.reference is None:
+            self._collect_reference(recs, t_arrival)
+            return
+        self._windowize(recs, t_arrival)
+
+    def _windowize(self, recs: list[dict[str, Any]], t_arrival: float) -> None:
+        """Put counted records into windows (closing them as they fill)."""
+        t = t_arrival
+        ws = self.config.window_seconds
+        size = self.config.window_size
+        pending = self.pending
+        ptype = self.reference.prediction_type
+        for r in recs:
+            t = r.get("time", t_arrival)
+            w = self.window
+            if ws is not None:
+                if w.start is None:
+                    w.start = math.floor(t / ws) * ws
+                    w.end = w.start + ws
+                elif t >= w.end and len(w):
+                    self._close_window(t)
+                    w = self.window
+                    w.start = math.floor(t / ws) * ws
+                    w.end = w.start + ws
+            w.feats.append(r["features"])
+            w.preds.append(r["prediction"])
+            if w.first_time is None:
+                w.first_time = t
+            w.last_time = t
+            rid = r.get("id")
+            label = r.get("label")
+            if label is not None:
+                self._join(r["prediction"], label, t, t, ptype)
+            elif rid is not None:
+                if pending.add(rid, r["prediction"], t):
+                    self.counters["labels_expired"] += 1
+                    self.metrics.labels_expired.inc()
+            if ws is None and len(w) >= size:
+                self._close_window(t)
+        self._update_fill(t_arrival)
+
+    def _collect_reference(self, recs: list[dict[str, Any]], t_arrival: float) -> None:
+        need = self.config.live_records - len(self._ref_rows)
+        self._ref_rows.extend({"features": r["features"], "prediction": r["prediction"]}
+                              for r in recs[:need])
+        if len(self._ref_rows) >= self.config.live_records:
+            _log.info("building the reference from the first %d records", len(self._ref_rows))
+            ref = build_reference(self._ref_rows, calibrate=False)
+            self._set_reference(ref, save=True)
+            self._ref_rows = []
+            if recs[need:]:
+                self._windowize(recs[need:], t_arrival)
+
+    def _add_labels(self, recs: list[dict[str, Any]], t_arrival: float) -> None:
+        if not recs:
+            return
+        n = len(recs)
+        self.counters["labels"] += n
+        self.counters["received"] += n
+        self.metrics.labels.inc(n)
+        self.metrics.received.inc(n)
+        ptype = self.reference.prediction_type if self.reference else "class"
+        for r in recs:
+            hit = self.pending.join(r["id"])
+            if hit is None:
+                self.counters["labels_unmatched"] += 1
+                self.metrics.labels_unmatched.inc()
+                continue
+            pred, tp = hit
+            self._join(pred, r["label"], tp, r.get("time", t_arrival), ptype)
+
+    def _join(self, pred: Any, label: Any, t_pred: float, t_label: float, ptype: str) -> None:
+        s = score(pred, label, ptype)
+        self.counters["labels_joined"] += 1
+        self.metrics.labels_joined.inc()
+        delay = max(0.0, t_label - t_pred)
+        self.metrics.label_delay.observe(delay)
+        if s is None:
+            return
+        w = self.window
+        w.joined += 1
+        w.score_sum += s
+        w.delay_sum += delay
+
+    def _update_fill(self, now: float) -> None:
+        w = self.window
+        if self.config.window_seconds is not None:
+            fill = 0.0 if w.start is None else min(1.0, max(0.0, (now - w.start)
+                                                          / self.config.window_seconds))
+        else:
+            fill = len(w) / self.config.window_size
+        self.metrics.fill.set(fill)
+
+    def _on_tick(self, now: float) -> None:
+        ws = self.config.window_seconds
+        w = self.window
+        if ws is not None and w.end is not None and len(w) and now >= w.end + 0.1 * ws:
+            self._close_window(now)
+        for ev in self.engine.tick(now):
+            self._act(ev)
+        self._update_fill(now)
+
+    def _new_window(self, index: int) -> Window:
+        return Window(index)
+
+    # --- window evaluation -----------------------------------------------------------------------
+    def _close_window(self, now: float) -> None:
+        w = self.window
+        self.window = self._new_window(w.index + 1)
+        if self.detector is None or not len(w):
+            return
+        det = self.detector
+        t0 = time.perf_counter()
+        x, cats = columns(det.profile, w.feats, w.preds)
+        res = det.update(x, cats)
+        self.metrics.stat_seconds.observe(time.perf_counter() - t0)
+        self.counters["windows"] += 1
+        self.metrics.windows.inc()
+        values = self._window_values(w, res)
+        self._export(w, res, values)
+        t = w.last_time if w.last_time is not None else now
+        sample = Sample(step=w.index, time=t, values=values)
+        for ev in self.engine.update(sample):
+            self._act(ev)
+        self.last = {"window": w.index, "time": t, "records": len(w), "values": values,
+                     "drifted_features": res.drifted_features,
+                     "features": self._feature_status(res)}
+
+    def _window_values(self, w: Window, res: DriftResult) -> dict[str, float]:
+        n = len(w)
+        tests = res.tests
+        vals: dict[str, float] = {
+            "drift_detected": 1.0 if res.detected else 0.0,
+            "drift_score": res.score,
+            "drift_features": float(sum(1 for f in res.drifted_features if f != PREDICTION)),
+            "window_records": float(n),
+            "ingest_error_ratio": w.rejected / max(w.rejected + n, 1),
+            "label_coverage": min(1.0, w.joined / max(n, 1)),
+        }
+        if self.reference is not None and self.reference.prediction_type != "none":
+            vals["prediction_drift"] = 1.0 if res.prediction_drift else 0.0
+        miss = np.concatenate([tests.missing_ratio, tests.c_missing_ratio])
+        vals["missing_ratio"] = float(miss.max(initial=0.0))
+        if tests.out_of_range is not None and len(tests.out_of_range):
+            vals["out_of_range_ratio"] = float(tests.out_of_range.max())
+        if len(tests.c_unseen_ratio):
+            vals["unseen_category_ratio"] = float(tests.c_unseen_ratio.max())
+        if w.joined:
+            ptype = self.reference.prediction_type if self.reference else "class"
+            if is_classification(ptype):
+                vals["model_accuracy"] = w.score_sum / w.joined
+            else:
+                vals["model_error"] = w.score_sum / w.joined
+            vals["label_delay_seconds"] = w.delay_sum / w.joined
+        return vals
+
+    def _export(self, w: Window, res: DriftResult, values: Mapping[str, float]) -> None:
+        m = self.metrics
+        tests = res.tests
+        prof = self.detector.profile  # type: ignore[union-attr]
+        fn = len(prof.num)
+        sc = res.scores
+        for i, name in enumerate(prof.num_names):
+            ch = m.features[name]
+            ch["stat_ks"].set(tests.ks[i])
+            ch["stat_chi2"].set(tests.chi2[i])
+            ch["stat_mean_z"].set(tests.z_mean[i])
+            ch["stat_psi"].set(tests.psi[i])
+            ch["stat_wasserstein"].set(tests.wasserstein[i])
+            ch["stat_jensen_shannon"].set(tests.js[i])
+            ch["stat_score"].set(res.feature_score[i])
+            ch["stat_sequential_z"].set(res.seq_z[i])
+            ch["p_ks"].set(tests.p_ks[i])
+            ch["p_chi2"].set(tests.p_chi2[i])
+            ch["p_mean"].set(tests.p_mean[i])
+            ch["p_missing"].set(tests.p_missing[i])
+            ch["detected"].set(1.0 if res.drifted[i] else 0.0)
+            ch["missing"].set(tests.missing_ratio[i])
+            if tests.out_of_range is not None:
+                ch["oor"].set(tests.out_of_range[i])
+        for j, name in enumerate(prof.cat_names):
+            ch = m.features[name]
+            ch["stat_chi2"].set(tests.c_chi2[j])
+            ch["stat_psi"].set(tests.c_psi[j])
+            ch["stat_jensen_shannon"].set(tests.c_js[j])
+            ch["stat_score"].set(res.feature_score[fn + j])
+            ch["p_chi2"].set(tests.c_p_chi2[j])
+            ch["p_missing"].set(tests.c_p_missing[j])
+            ch["detected"].set(1.0 if res.drifted[fn + j] else 0.0)
+            ch["missing"].set(tests.c_missing_ratio[j])
+            ch["unseen"].set(tests.c_unseen_ratio[j])
+        del sc
+        m.score.set(values["drift_score"])
+        m.drift_any.set(values["drift_detected"])
+        m.window_records.set(len(w))
+        m.label_coverage.set(values["label_coverage"])
+        if "model_accuracy" in values:
+            m.accuracy.set(values["model_accuracy"])
+        if "model_error" in values:
+            m.error.set(values["model_error"])
+        m.pending.set(len(self.pending))
+
+    def _feature_status(self, res: DriftResult) -> dict[str, Any]:
+        out = {}
+        for i, name in enumerate(res.names):
+            out[name] = {"drifted": bool(res.drifted[i]),
+                         "score": round(float(res.feature_score[i]), 4),
+                         "sequential_z": round(float(res.seq_z[i]), 4)}
+        return out
+
+    # --- actions ---------------------------------------------------------------------------------
+    def _act(self, ev: Any) -> None:
+        m = self.metrics
+        firing = ev.kind == "firing"
+        m.rule_firing.labels(ev.rule, ev.severity).set(1.0 if firing else 0.0)
+        if firing:
+            m.firings.labels(ev.rule, ev.severity).inc()
+        _log.warning("%s %s: %s", ev.kind, ev.rule, ev.message)
+        try:
+            if "alert" in ev.actions and self.alerts is not None:
+                from ..actions import Alert
+
+                alert = Alert.from_firing(ev)
+                if firing:
+                    self.alerts.fire(alert)
+                else:
+                    self.alerts.resolve(alert, at=ev.time)
+            if self.hook is not None and firing and (
+                    ("hook" in ev.actions) if self.config.hook_rules is None
+                    else ev.rule in self.config.hook_rules):
+                self.hook.run(ev)
+        except Exception:  # fail open
+            m.internal_errors.inc()
+            _log.exception("action for %s failed", ev.rule)
+
+    # --- status ----------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        det = self.detector
+        return {
+            "reference": None if self.reference is None else {
+                "records": self.reference.records, "features": self.reference.names,
+                "prediction_type": self.reference.prediction_type},
+            "collecting_reference": None if self.reference is not None else {
+                "have": len(self._ref_rows), "need": self.config.live_records},
+            "counters": self.counters,
+            "window": {"index": self.window.index, "records": len(self.window)},
+            "thresholds": None if det is None else {"score": det.threshold,
+                                                    "sequential_z": det.seq_threshold},
+            "pending_labels": len(self.pending),
+            "queue_records": self.queue.records,
+            "last_window": self.last,
+            "firing": sorted(self.engine.active),
+        }

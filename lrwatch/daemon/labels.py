@@ -1,0 +1,78 @@
+"""Delayed labels: a bounded store of predictions waiting for their ground truth.
+
+Predictions that carry an ``id`` wait in :class:`PendingLabels` (oldest evicted first when the
+store is full, and counted); a label with that id joins them, and :func:`score` turns the pair
+into correct/incorrect (classification) or an absolute error (regression).
+
+Examples
+--------
+>>> p = PendingLabels(max_pending=2)
+>>> p.add("a", 0.9, 10.0), p.add("b", 0.2, 11.0), p.add("c", 0.7, 12.0)
+(0, 0, 1)
+>>> p.join("a") is None, p.join("b")
+(True, (0.2, 11.0))
+>>> score(0.9, 1, "probability"), score("cat", "dog", "class"), score(2.5, 3.0, "regression")
+(1.0, 0.0, 0.5)
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Mapping
+
+from .reference import cat_key
+
+__all__ = ["PendingLabels", "score", "is_classification"]
+
+
+def is_classification(prediction_type: str) -> bool:
+    return prediction_type in ("class", "probability", "probabilities")
+
+
+def score(prediction: Any, label: Any, prediction_type: str) -> float | None:
+    """1.0/0.0 for a right/wrong classification, the absolute error for regression, or
+    ``None`` when the pair cannot be scored (a class name against a numeric label, say)."""
+    if prediction_type == "regression":
+        if type(prediction) in (int, float) and type(label) in (int, float):
+            return abs(float(prediction) - float(label))
+        return None
+    if isinstance(prediction, list):
+        best = max(range(len(prediction)), key=prediction.__getitem__)
+        return 1.0 if cat_key(best) == cat_key(label) else 0.0
+    if prediction_type == "probability" and type(prediction) is float:
+        return 1.0 if (prediction >= 0.5) == (cat_key(label) == "1") else 0.0
+    return 1.0 if cat_key(prediction) == cat_key(label) else 0.0
+
+
+class PendingLabels:
+    """Predictions waiting for labels, by id; at most ``max_pending``, oldest evicted first."""
+
+    def __init__(self, max_pending: int = 100_000) -> None:
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+        self.max_pending = max_pending
+        self._items: OrderedDict[str, tuple[Any, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, id_: str, prediction: Any, t: float) -> int:
+        """Remember a prediction; returns how many old ones were evicted (0 or 1)."""
+        items = self._items
+        if id_ in items:
+            del items[id_]  # a re-sent id: the newest prediction wins
+        items[id_] = (prediction, t)
+        if len(items) > self.max_pending:
+            items.popitem(last=False)
+            return 1
+        return 0
+
+    def join(self, id_: str) -> tuple[Any, float] | None:
+        """The ``(prediction, time)`` waiting for this id (and forget it), or ``None``."""
+        return self._items.pop(id_, None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"items": [[k, p, t] for k, (p, t) in self._items.items()]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._items = OrderedDict((str(k), (p, float(t))) for k, p, t in state.get("items", []))

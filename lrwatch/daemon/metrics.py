@@ -1,0 +1,137 @@
+"""The daemon's Prometheus metrics, in its own :class:`CollectorRegistry`.
+
+Names follow DESIGN.md (``lrwatch_predictions_total``, ``lrwatch_drift_statistic{feature,
+method}``, ...). Counters are restored from the snapshot at start so that a restart neither
+resets nor double-counts them (Prometheus's ``rate()`` handles the process restart either way).
+Label children are cached per feature when the reference is known, outside the hot path.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from .._version import __version__
+from .records import REASONS
+
+__all__ = ["DaemonMetrics", "STAT_METHODS", "P_METHODS"]
+
+#: ``method`` values of ``lrwatch_drift_statistic``.
+STAT_METHODS = ("ks", "chi2", "mean_z", "psi", "wasserstein", "jensen_shannon", "score",
+                "sequential_z")
+#: ``method`` values of ``lrwatch_drift_p_value``.
+P_METHODS = ("ks", "chi2", "mean", "missing")
+
+
+class DaemonMetrics:
+    """Every metric family of the daemon, registered in ``registry`` (a fresh one by default)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry if registry is not None else CollectorRegistry()
+        Info("lrwatch_build", "lrwatch build information.", registry=r).info(
+            {"version": __version__, "component": "daemon"})
+        self.predictions = Counter("lrwatch_predictions", "Prediction records accepted.",
+                                   registry=r)
+        self.labels = Counter("lrwatch_labels", "Label records accepted.", registry=r)
+        self.received = Counter("lrwatch_ingest_received",
+                                "Records received (accepted + rejected); a request rejected "
+                                "before parsing counts as one.", registry=r)
+        errors = Counter("lrwatch_ingest_errors", "Records rejected, by reason.", ["reason"],
+                         registry=r)
+        self.errors = {reason: errors.labels(reason) for reason in REASONS}
+        self.labels_joined = Counter("lrwatch_labels_joined",
+                                     "Labels joined with their prediction.", registry=r)
+        self.labels_unmatched = Counter("lrwatch_labels_unmatched",
+                                        "Labels whose prediction id was not pending.",
+                                        registry=r)
+        self.labels_expired = Counter("lrwatch_labels_expired",
+                                      "Pending predictions evicted before their label came "
+                                      "(the store is bounded).", registry=r)
+        self.pending = Gauge("lrwatch_pending_labels", "Predictions waiting for a label.",
+                             registry=r)
+        self.queue = Gauge("lrwatch_queue_records", "Records queued for the worker.",
+                           registry=r)
+        self.windows = Counter("lrwatch_windows", "Windows closed and evaluated.", registry=r)
+        self.fill = Gauge("lrwatch_window_fill_ratio", "How full the open window is.",
+                          registry=r)
+        self.window_records = Gauge("lrwatch_window_records", "Records in the last window.",
+                                    registry=r)
+        self.label_delay = Histogram(
+            "lrwatch_label_delay_seconds", "Time from a prediction to its label.",
+            buckets=(1, 10, 60, 300, 900, 3600, 4 * 3600, 86400, 7 * 86400), registry=r)
+        self.label_coverage = Gauge("lrwatch_label_coverage_ratio",
+                                    "Labels joined per prediction in the last window.",
+                                    registry=r)
+        self.accuracy = Gauge("lrwatch_model_accuracy",
+                              "Realised accuracy of the labels joined in the last window.",
+                              registry=r)
+        self.error = Gauge("lrwatch_model_error",
+                           "Mean absolute error of the labels joined in the last window "
+                           "(regression).", registry=r)
+        self.score = Gauge("lrwatch_drift_score",
+                           "Largest drift evidence of the last window in units of its "
+                           "calibrated threshold (>= 1: over).", registry=r)
+        self.drift_any = Gauge("lrwatch_drift_window_detected",
+                               "1 when any input feature drifted in the last window.",
+                               registry=r)
+        self.stat_seconds = Histogram(
+            "lrwatch_window_statistics_seconds", "Time to test one window.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5), registry=r)
+        self.internal_errors = Counter("lrwatch_internal_errors",
+                                       "Failures inside lrwatch (logged, never raised).",
+                                       registry=r)
+        self.rule_firing = Gauge("lrwatch_rule_firing", "1 while a rule fires.",
+                                 ["rule", "severity"], registry=r)
+        self.firings = Counter("lrwatch_firings", "Rule firings.", ["rule", "severity"],
+                               registry=r)
+        self._stat = Gauge("lrwatch_drift_statistic", "Drift statistic of the last window.",
+                           ["feature", "method"], registry=r)
+        self._thr = Gauge("lrwatch_drift_threshold",
+                          "Calibrated threshold of a drift statistic.", ["feature", "method"],
+                          registry=r)
+        self._p = Gauge("lrwatch_drift_p_value", "Asymptotic p-value of a drift test.",
+                        ["feature", "method"], registry=r)
+        self._detected = Gauge("lrwatch_drift_detected", "1 when the feature drifted.",
+                               ["feature"], registry=r)
+        self._missing = Gauge("lrwatch_missing_ratio", "Missing values per record.",
+                              ["feature"], registry=r)
+        self._oor = Gauge("lrwatch_out_of_range_ratio",
+                          "Numeric values outside the reference range.", ["feature"],
+                          registry=r)
+        self._unseen = Gauge("lrwatch_unseen_category_ratio",
+                             "Categorical values not in the reference.", ["feature"],
+                             registry=r)
+        self.features: dict[str, dict[str, Gauge]] = {}
+
+    def bind_features(self, numeric: Iterable[str], categorical: Iterable[str]) -> None:
+        """Cache the label children of every feature (called once the reference is known)."""
+        for name in numeric:
+            ch = {f"stat_{m}": self._stat.labels(name, m) for m in STAT_METHODS}
+            ch.update({f"p_{m}": self._p.labels(name, m) for m in P_METHODS})
+            ch.update({f"thr_{m}": self._thr.labels(name, m)
+                       for m in ("ks", "chi2", "mean_z", "score", "sequential_z")})
+            ch.update(detected=self._detected.labels(name), missing=self._missing.labels(name),
+                      oor=self._oor.labels(name))
+            self.features[name] = ch
+        for name in categorical:
+            ch = {f"stat_{m}": self._stat.labels(name, m)
+                  for m in ("chi2", "psi", "jensen_shannon", "score")}
+            ch.update({f"p_{m}": self._p.labels(name, m) for m in ("chi2", "missing")})
+            ch.update(thr_score=self._thr.labels(name, "score"),
+                      detected=self._detected.labels(name), missing=self._missing.labels(name),
+                      unseen=self._unseen.labels(name))
+            self.features[name] = ch
+
+    def restore(self, counters: Mapping[str, float]) -> None:
+        """Set the counters to saved totals (at start, before anything is counted)."""
+        simple = {"predictions": self.predictions, "labels": self.labels,
+                  "received": self.received, "labels_joined": self.labels_joined,
+                  "labels_unmatched": self.labels_unmatched,
+                  "labels_expired": self.labels_expired, "windows": self.windows}
+        for k, c in simple.items():
+            if counters.get(k):
+                c.inc(counters[k])
+        for reason, v in (counters.get("errors") or {}).items():
+            if v and reason in self.errors:
+                self.errors[reason].inc(v)

@@ -1,0 +1,328 @@
+"""Reference profiles: what "normal" traffic looks like, built from a data file or live records.
+
+A profile keeps per feature what the drift tests need and nothing else: for numeric features
+quantile bin edges (a quantile sketch), the reference histogram over those bins, mean, standard
+deviation and range; for categorical and binary features the category frequencies; and the
+missing-value count. A capped row sample is kept too, so that the thresholds can be
+re-calibrated for another window size without the original data (see :mod:`.calibrate`).
+
+``lrwatch baseline build DATA -o reference.json`` writes one; the daemon can also build one from
+its first N live records.
+
+Examples
+--------
+>>> import random
+>>> rng = random.Random(0)
+>>> rows = [{"features": {"x": rng.gauss(0, 1), "c": rng.choice("ab")}, "prediction": 0.3}
+...         for _ in range(500)]
+>>> ref = build_reference(rows, calibrate=False)
+>>> [(f.name, f.kind) for f in ref.features], ref.prediction_type
+([('c', 'binary'), ('x', 'numeric'), ('_prediction', 'numeric')], 'probability')
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import ConfigError
+
+__all__ = ["FeatureProfile", "Reference", "build_reference", "read_data", "cat_key",
+           "PREDICTION", "FINE_BINS", "COARSE_BINS"]
+
+#: Name under which the model output is profiled next to the features.
+PREDICTION = "_prediction"
+#: Quantile bins per numeric feature (KS and Wasserstein); grouped into COARSE_BINS for
+#: chi-square, PSI and Jensen-Shannon so that every cell expects a few records per window.
+FINE_BINS = 40
+COARSE_BINS = 10
+SAMPLE_ROWS = 10_000
+REFERENCE_VERSION = 1
+
+
+def cat_key(v: Any) -> str | None:
+    """The category key of a value: ``True``, ``1``, ``1.0`` and ``"1"`` are the same category.
+
+    >>> cat_key(True), cat_key(1.0), cat_key("1"), cat_key(2.5), cat_key(None)
+    ('1', '1', '1', '2.5', None)
+    """
+    if v is None:
+        return None
+    if v is True or v is False:
+        return "1" if v else "0"
+    if type(v) is float:
+        if v != v:
+            return None
+        if v.is_integer():
+            return str(int(v))
+    return str(v)
+
+
+def _is_num(v: Any) -> bool:
+    return (type(v) is float or type(v) is int)
+
+
+@dataclass
+class FeatureProfile:
+    """The profile of one feature (or of the prediction, named :data:`PREDICTION`)."""
+
+    name: str
+    kind: str  # numeric | categorical | binary
+    count: int  # non-missing reference values
+    missing: int
+    # numeric
+    mean: float = 0.0
+    std: float = 1.0
+    min: float = 0.0
+    max: float = 0.0
+    edges: list[float] = field(default_factory=list)  # FINE_BINS - 1 inner quantile edges
+    counts: list[int] = field(default_factory=list)  # reference count per fine bin
+    # categorical / binary: category key -> count, in a stable order
+    categories: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def numeric(self) -> bool:
+        return self.kind == "numeric"
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "kind": self.kind, "count": self.count,
+                             "missing": self.missing}
+        if self.numeric:
+            d.update(mean=self.mean, std=self.std, min=self.min, max=self.max,
+                     edges=self.edges, counts=self.counts)
+        else:
+            d["categories"] = self.categories
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "FeatureProfile":
+        kind = d.get("kind")
+        if kind not in ("numeric", "categorical", "binary"):
+            raise ConfigError(f"feature {d.get('name')!r}: kind {kind!r} is invalid; choose "
+                              f"numeric, categorical or binary")
+        return cls(name=str(d["name"]), kind=kind, count=int(d["count"]),
+                   missing=int(d["missing"]), mean=float(d.get("mean", 0.0)),
+                   std=float(d.get("std", 1.0)), min=float(d.get("min", 0.0)),
+                   max=float(d.get("max", 0.0)), edges=[float(x) for x in d.get("edges", [])],
+                   counts=[int(x) for x in d.get("counts", [])],
+                   categories={str(k): int(v) for k, v in d.get("categories", {}).items()})
+
+
+def _infer_kind(values: Sequence[Any]) -> str:
+    present = [v for v in values if v is not None and not (type(v) is float and v != v)]
+    if present and all(_is_num(v) for v in present):
+        distinct = set(present)
+        if distinct <= {0, 1}:
+            return "binary"
+        return "numeric"
+    keys = {cat_key(v) for v in present}
+    return "binary" if len(keys) <= 2 else "categorical"
+
+
+def _profile(name: str, values: Sequence[Any], kind: str | None = None) -> FeatureProfile:
+    kind = kind or _infer_kind(values)
+    if kind == "numeric":
+        arr = np.array([float(v) if _is_num(v) else math.nan for v in values], dtype=np.float64)
+        ok = arr[np.isfinite(arr)]
+        missing = len(arr) - len(ok)
+        if len(ok) < 2:
+            raise ConfigError(f"feature {name!r} has fewer than 2 numeric reference values")
+        probs = np.linspace(0, 1, FINE_BINS + 1)[1:-1]
+        edges = np.quantile(ok, probs)
+        counts = np.bincount(np.searchsorted(edges, ok, side="right"), minlength=FINE_BINS)
+        std = float(ok.std(ddof=1))
+        return FeatureProfile(name, kind, len(ok), missing, mean=float(ok.mean()),
+                              std=std if std > 0 else 1.0, min=float(ok.min()),
+                              max=float(ok.max()), edges=[float(e) for e in edges],
+                              counts=[int(c) for c in counts])
+    cats: dict[str, int] = {}
+    missing = 0
+    for v in values:
+        k = cat_key(v)
+        if k is None:
+            missing += 1
+        else:
+            cats[k] = cats.get(k, 0) + 1
+    cats = dict(sorted(cats.items(), key=lambda kv: (-kv[1], kv[0])))
+    return FeatureProfile(name, kind, len(values) - missing, missing, categories=cats)
+
+
+def _prediction_value(p: Any) -> Any:
+    if isinstance(p, list):  # class probabilities: the predicted class index
+        return int(np.argmax(p)) if p else None
+    return p
+
+
+def _prediction_type(values: Sequence[Any]) -> str:
+    present = [v for v in values if v is not None]
+    if not present:
+        return "none"
+    if any(isinstance(v, list) for v in present):
+        return "probabilities"
+    if all(_is_num(v) for v in present):
+        if all(float(v).is_integer() for v in present):
+            return "class"
+        if all(0.0 <= v <= 1.0 for v in present):
+            return "probability"
+        return "regression"
+    return "class"
+
+
+@dataclass
+class Reference:
+    """A reference profile: features, prediction, a row sample, and cached calibration."""
+
+    features: list[FeatureProfile]
+    prediction_type: str
+    records: int
+    created: float = 0.0
+    sample: dict[str, list[Any]] = field(default_factory=dict)  # column name -> values
+    calibration: dict[str, Any] | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return [f.name for f in self.features]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": REFERENCE_VERSION, "created": self.created, "records": self.records,
+                "prediction_type": self.prediction_type,
+                "features": [f.to_dict() for f in self.features],
+                "sample": self.sample, "calibration": self.calibration}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Reference":
+        if d.get("version") != REFERENCE_VERSION:
+            raise ConfigError(f"unsupported reference version {d.get('version')!r} "
+                              f"(this lrwatch reads {REFERENCE_VERSION})")
+        return cls(features=[FeatureProfile.from_dict(f) for f in d["features"]],
+                   prediction_type=str(d.get("prediction_type", "none")),
+                   records=int(d["records"]), created=float(d.get("created", 0.0)),
+                   sample={str(k): list(v) for k, v in (d.get("sample") or {}).items()},
+                   calibration=d.get("calibration"))
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write atomically (temporary file, fsync, rename)."""
+        from .state import atomic_write
+
+        atomic_write(path, json.dumps(self.to_dict(), separators=(",", ":")).encode())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "Reference":
+        try:
+            with open(path, "rb") as fh:
+                return cls.from_dict(json.loads(fh.read()))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"cannot read reference {os.fspath(path)!r}: {exc}") from exc
+
+
+def build_reference(records: Iterable[Mapping[str, Any]], *, kinds: Mapping[str, str] | None = None,
+                    calibrate: bool = True, window_size: int = 1000,
+                    target_windows: float = 1000.0, seed: int = 0,
+                    sims: int | None = None) -> Reference:
+    """Profile validated records (each with a ``features`` mapping and maybe a ``prediction``).
+
+    Parameters
+    ----------
+    kinds:
+        Force a feature's kind (``numeric``, ``categorical``, ``binary``) instead of inferring.
+    calibrate:
+        Also calibrate the drift thresholds for ``window_size``-record windows at one false
+        alarm per ``target_windows`` windows (seconds of CPU; see :mod:`.calibrate`).
+    """
+    rows = list(records)
+    if len(rows) < 10:
+        raise ConfigError(f"a reference needs at least 10 records, got {len(rows)}")
+    names: dict[str, None] = {}
+    for r in rows:
+        for k in r["features"]:
+            names.setdefault(k, None)
+    cols = {n: [r["features"].get(n) for r in rows] for n in sorted(names)}
+    kinds = dict(kinds or {})
+    for k, v in kinds.items():
+        if v not in ("numeric", "categorical", "binary"):
+            raise ConfigError(f"kind {v!r} for {k!r} is invalid; choose numeric, categorical "
+                              f"or binary")
+    feats = [_profile(n, vals, kinds.get(n)) for n, vals in cols.items()]
+    preds = [_prediction_value(r.get("prediction")) for r in rows]
+    ptype = _prediction_type(preds)
+    if ptype != "none":
+        pkind = "numeric" if ptype in ("probability", "regression") else "categorical"
+        feats.append(_profile(PREDICTION, preds, pkind))
+        cols[PREDICTION] = preds
+    # a capped, evenly spaced row sample (JSON-ready) for re-calibration
+    step = max(1, len(rows) // SAMPLE_ROWS)
+    sample = {n: [_jsonable(v) for v in vals[::step][:SAMPLE_ROWS]] for n, vals in cols.items()}
+    ref = Reference(features=feats, prediction_type=ptype, records=len(rows),
+                    created=time.time(), sample=sample)
+    if calibrate:
+        from .calibrate import calibrate as _calibrate
+
+        ref.calibration = _calibrate(ref, window_size=window_size,
+                                     target_windows=target_windows, seed=seed,
+                                     sims=sims).to_dict()
+    return ref
+
+
+def _jsonable(v: Any) -> Any:
+    if type(v) is float and not math.isfinite(v):
+        return None
+    if v is None or type(v) in (int, float, str, bool):
+        return v
+    return str(v)
+
+
+def _csv_value(s: str) -> Any:
+    if s == "":
+        return None
+    try:
+        return int(s)
+    except ValueError:
+        pass
+    try:
+        return float(s)
+    except ValueError:
+        return s
+
+
+def read_data(path: str | os.PathLike[str], *, prediction_column: str = "prediction",
+              label_column: str = "label") -> list[dict[str, Any]]:
+    """Read reference data: JSONL in the daemon's record schema, or CSV with a header row.
+
+    In a CSV every column is a feature except ``prediction_column`` and ``label_column``.
+    Lines that do not validate raise :class:`~lrwatch.errors.ConfigError` naming the line.
+    """
+    from .records import RecordError, validate_prediction
+
+    p = os.fspath(path)
+    out: list[dict[str, Any]] = []
+    with open(p, "r", encoding="utf-8", newline="") as fh:
+        if p.endswith((".csv", ".tsv")):
+            reader = csv.DictReader(fh, delimiter="\t" if p.endswith(".tsv") else ",")
+            for row in reader:
+                feats = {k: _csv_value(v) for k, v in row.items()
+                         if k not in (prediction_column, label_column)}
+                rec: dict[str, Any] = {"features": feats}
+                if prediction_column in row and row[prediction_column] != "":
+                    rec["prediction"] = _csv_value(row[prediction_column])
+                out.append(rec)
+            return out
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict) or not isinstance(rec.get("features"), dict):
+                    raise RecordError("missing_features", "a record needs a 'features' object")
+                if "prediction" in rec:
+                    validate_prediction(rec["prediction"])
+            except (ValueError, RecordError) as exc:
+                raise ConfigError(f"{p}:{lineno}: {exc}") from exc
+            out.append(rec)
+    return out

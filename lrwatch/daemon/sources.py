@@ -1,0 +1,124 @@
+"""Tailing JSONL files: follows rotation and truncation, resumes from the applied offset.
+
+The tailer reads whole lines only (a partial last line waits for its newline), in chunks, and
+hands them to :meth:`Daemon.enqueue_file` together with the file identity ``(dev, inode)`` and
+the offset they end at; the worker records that offset only once the lines are applied, and the
+snapshot saves it with the state, so a restart resumes exactly after the last applied line.
+
+* **Rotation** (the path now names another inode): the old file is read to its end first (from
+  its open descriptor, or found again by inode in the same directory after a restart), then the
+  new file from offset 0.
+* **Truncation** (the file is shorter than the offset): reading restarts at 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+__all__ = ["FileTailer"]
+
+_log = logging.getLogger("lrwatch.daemon")
+CHUNK = 4 * 1024 * 1024
+
+
+class FileTailer:
+    """Follows one JSONL file for a :class:`~lrwatch.daemon.core.Daemon`."""
+
+    def __init__(self, daemon: Any, path: str, poll: float = 0.2) -> None:
+        self.daemon = daemon
+        self.path = os.path.abspath(path)
+        self.poll = poll
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"lrwatch-tail:{self.path}",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def _find_inode(self, dev: int, ino: int) -> str | None:
+        d = os.path.dirname(self.path)
+        try:
+            for e in os.scandir(d):
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if st.st_dev == dev and st.st_ino == ino and e.is_file():
+                    return e.path
+        except OSError:
+            return None
+        return None
+
+    def _run(self) -> None:
+        saved = self.daemon.files.get(self.path)
+        fh = None
+        dev = ino = 0
+        offset = 0
+        if saved:
+            dev, ino, offset = saved
+            old = self._find_inode(dev, ino)
+            if old is not None:
+                fh = open(old, "rb")
+            else:
+                dev = ino = offset = 0
+        buf = b""
+        while not self._stop.is_set():
+            try:
+                if fh is None:
+                    try:
+                        fh = open(self.path, "rb")
+                    except FileNotFoundError:
+                        self._stop.wait(self.poll)
+                        continue
+                    st = os.fstat(fh.fileno())
+                    if (st.st_dev, st.st_ino) != (dev, ino):
+                        dev, ino, offset = st.st_dev, st.st_ino, 0
+                    buf = b""
+                st = os.fstat(fh.fileno())
+                if st.st_size < offset:  # truncated in place
+                    _log.info("%s was truncated; reading from the start", self.path)
+                    offset, buf = 0, b""
+                fh.seek(offset + len(buf))
+                data = fh.read(CHUNK)
+                if data:
+                    buf += data
+                    cut = buf.rfind(b"\n")
+                    if cut >= 0:
+                        lines = [ln for ln in buf[:cut].split(b"\n") if ln.strip()]
+                        offset += cut + 1
+                        buf = buf[cut + 1:]
+                        if not self.daemon.enqueue_file(self.path, dev, ino, offset, lines,
+                                                        time.time()):
+                            return
+                    continue
+                # at the end: has the path been rotated to a new file?
+                try:
+                    cur = os.stat(self.path)
+                    rotated = (cur.st_dev, cur.st_ino) != (dev, ino)
+                except FileNotFoundError:
+                    rotated = False
+                if rotated:
+                    _log.info("%s was rotated; following the new file", self.path)
+                    fh.close()
+                    fh = None
+                    continue
+                self._stop.wait(self.poll)
+            except OSError:
+                self.daemon.metrics.internal_errors.inc()
+                _log.exception("tailing %s failed", self.path)
+                if fh is not None:
+                    fh.close()
+                fh = None
+                self._stop.wait(max(self.poll, 1.0))
+        if fh is not None:
+            fh.close()

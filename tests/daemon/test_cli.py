@@ -1,0 +1,71 @@
+"""`lrwatch baseline build` from JSONL and CSV; the daemon command's config errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+
+from click.testing import CliRunner
+
+from daemon_helpers import make_record
+from lrwatch.cli import cli
+from lrwatch.daemon import DaemonConfig, Reference
+
+
+def test_baseline_build_from_jsonl(tmp_path):
+    rng = random.Random(2)
+    data = tmp_path / "ref.jsonl"
+    data.write_text("\n".join(json.dumps(make_record(rng, i)) for i in range(800)))
+    out = tmp_path / "reference.json"
+    res = CliRunner().invoke(cli, ["baseline", "build", str(data), "-o", str(out),
+                                   "--window-size", "100", "--sims", "200"])
+    assert res.exit_code == 0, res.output
+    assert "800 records" in res.output and "prediction probability" in res.output
+    ref = Reference.load(out)
+    kinds = {f.name: f.kind for f in ref.features}
+    assert kinds == {"c": "categorical", "x": "numeric", "y": "numeric",
+                     "_prediction": "numeric"}
+    assert ref.calibration["window_size"] == 100 and ref.calibration["threshold"] > 2
+
+
+def test_baseline_build_from_csv_with_forced_kind(tmp_path):
+    data = tmp_path / "ref.csv"
+    rng = random.Random(3)
+    with open(data, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["age", "zip", "flag", "prediction"])
+        for _ in range(300):
+            w.writerow([rng.randint(18, 90), rng.choice([10115, 80331, 20095]),
+                        rng.choice([0, 1]), rng.choice(["cat", "dog"])])
+    out = tmp_path / "reference.json"
+    res = CliRunner().invoke(cli, ["baseline", "build", str(data), "-o", str(out), "--kind",
+                                   "zip=categorical", "--window-size", "50", "--sims", "200"])
+    assert res.exit_code == 0, res.output
+    ref = Reference.load(out)
+    assert {f.name: f.kind for f in ref.features} == {
+        "age": "numeric", "flag": "binary", "zip": "categorical", "_prediction": "categorical"}
+    assert ref.prediction_type == "class"
+
+
+def test_bad_inputs_name_the_problem(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"features": {"x": 1}}\n{"nope": 1}\n')
+    res = CliRunner().invoke(cli, ["baseline", "build", str(bad), "-o", str(tmp_path / "r")])
+    assert res.exit_code != 0 and "bad.jsonl:2" in res.output
+    cfg = tmp_path / "c.yml"
+    cfg.write_text("window: {size: 10}\nwindoww: 3\n")
+    res = CliRunner().invoke(cli, ["daemon", "--config", str(cfg)])
+    assert res.exit_code != 0 and "windoww" in res.output
+
+
+def test_config_file_sections(tmp_path):
+    (tmp_path / "token").write_text("abc\n")
+    cfg = DaemonConfig.from_mapping({
+        "listen": {"port": 0}, "auth": {"token_file": "token"},
+        "window": {"seconds": 30}, "drift": {"target_windows": 500},
+        "hook": {"argv": ["/bin/true"], "cooldown": 10}, "tail": ["a.jsonl"],
+        "alerts": {"alertmanager": "http://127.0.0.1:9093"}}, base_dir=str(tmp_path))
+    assert cfg.token == "abc" and cfg.window_seconds == 30 and cfg.target_windows == 500
+    assert cfg.tail == [str(tmp_path / "a.jsonl")] and cfg.alertmanager == ["http://127.0.0.1:9093"]
+    assert cfg.hook_argv == ["/bin/true"] and cfg.hook_cooldown == 10

@@ -60,7 +60,8 @@ def replay_trace(source: str | os.PathLike[str] | IO[str], rules: RuleSet | Iter
                      else getattr(source, "name", "<stream>"))
     res = TraceResult(path=label)
     reader = TraceReader(source, strict=strict)
-    update = Engine(rules).update
+    engine = Engine(rules)
+    update = engine.update
     events = res.events
     n = 0
     try:
@@ -69,6 +70,8 @@ def replay_trace(source: str | os.PathLike[str] | IO[str], rules: RuleSet | Iter
             ev = update(sample)
             if ev:
                 events.extend(ev)
+            if sample.events:
+                _follow_actions(engine, sample.events)
     except TraceFormatError as exc:
         res.error = str(exc) if name is None else f"{label}:{exc.line}: " + \
             str(exc).split(": ", 2)[-1]
@@ -78,6 +81,18 @@ def replay_trace(source: str | os.PathLike[str] | IO[str], rules: RuleSet | Iter
     res.skipped = reader.skipped
     res.bad_lines = list(reader.errors)
     return res
+
+
+def _follow_actions(engine: Engine, recorded: Iterable[object]) -> None:
+    """Apply the recorded rollbacks to the engine, as the live Watcher did.
+
+    A rollback (or skip) restores the detectors' state of the snapshot it went back to; the
+    Watcher writes that state into the event, so replay stays exactly equal to live.
+    """
+    for ev in recorded:
+        if isinstance(ev, dict) and ev.get("type") in ("rollback", "skip") and isinstance(
+                ev.get("engine_state"), dict):
+            engine.load_state_dict(ev["engine_state"])
 
 
 def expand_traces(paths: Iterable[str | os.PathLike[str]]) -> Iterator[str]:

@@ -1,0 +1,57 @@
+"""The same run judged live by the Watcher and replayed from its trace gives identical firings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import lrwatch
+from lrwatch.rules import load_pack
+from lrwatch.rules.replay import replay_trace
+from lrwatch.samples import Sample
+
+
+def _firings_from_trace_events(samples: list[Sample]) -> list[tuple[str, int, str]]:
+    return [(e["rule"], e["step"], e["severity"]) for s in samples for e in s.events
+            if e.get("type") == "firing"]
+
+
+@pytest.mark.parametrize("inject", ["none", "lr-bug", "nan"])
+def test_replay_of_a_live_trace_gives_the_live_firings(tmp_path: Path, inject: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(256, 10)
+    y = (x @ torch.randn(10, 1)).squeeze(1)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=300)
+    trace = tmp_path / "live.jsonl"
+    seen: list[Sample] = []
+    w = lrwatch.Watcher(model, opt, sched, trace=trace, flush_every=7, listeners=[seen.append],
+                        recovery={"good_after": 20, "min_interval": 10})
+    g = torch.Generator().manual_seed(1)
+    for _ in range(200):
+        idx = torch.randint(0, 256, (32,), generator=g)
+        s = sched.last_epoch
+        if inject == "lr-bug" and s == 120:
+            sched.base_lrs = [b * 200 for b in sched.base_lrs]
+            for group in opt.param_groups:
+                group["lr"] *= 200
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x[idx]).squeeze(1), y[idx])
+        if inject == "nan" and s == 90:
+            loss = loss * float("nan")
+        loss.backward()
+        opt.step()
+        sched.step()
+        w.log(loss=loss)
+    w.close()
+    live = _firings_from_trace_events(seen)
+    if inject != "none":
+        assert live, "the injected fault must fire a rule"
+        assert w.policy.rollbacks >= 1
+    replayed = replay_trace(trace, load_pack("training"))
+    assert replayed.error is None
+    assert [(f.rule, f.step, f.severity) for f in replayed.firings] == live

@@ -47,8 +47,16 @@ def total_norm(norms: Sequence[torch.Tensor], device: torch.device) -> torch.Ten
     """
     if not norms:
         return torch.zeros((), device=device)
-    stacked = torch.stack([n.to(device, non_blocking=True) for n in norms])
-    return torch.linalg.vector_norm(stacked, 2.0)
+    return torch.linalg.vector_norm(_stack_on(norms, device), 2.0)
+
+
+def _stack_on(norms: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Stack 0-d tensors on ``device``; moves them one by one only when they are elsewhere."""
+    try:
+        stacked = torch.stack(list(norms))
+    except RuntimeError:  # norms on several devices (a model split across GPUs)
+        return torch.stack([n.to(device, non_blocking=True) for n in norms])
+    return stacked if stacked.device == device else stacked.to(device, non_blocking=True)
 
 
 def layer_of(name: str, depth: int = 1) -> str:
@@ -99,7 +107,7 @@ class LayerIndex:
             index = torch.tensor([k if k >= 0 else 0 for k in key], dtype=torch.long,
                                  device=device)
             self._cache[key] = index
-        sq = torch.stack([n.to(device, non_blocking=True) for n in norms]).square()
+        sq = _stack_on(norms, device).square()
         sums = torch.zeros(len(self.labels), device=device, dtype=sq.dtype)
         sums.index_add_(0, index, sq)
         return sums.sqrt()

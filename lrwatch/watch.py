@@ -591,7 +591,9 @@ class Watcher:
         self._guard(self.exporter.observe, samples)
         if self.trace is not None:
             self._guard(self.trace.write_many, samples)
-            self._guard(self.trace.flush)
+            # Push to the OS at most once a second (close() flushes the rest): with
+            # flush_every=1 a file flush per step would cost more than the probes.
+            self._guard(lambda: self.trace.flush(min_interval=1.0))
         for s in samples:
             for listener in self._listeners:
                 self._guard(listener, s)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Mapping
@@ -89,6 +90,7 @@ class TraceWriter:
             self._owned = False
             self.path = getattr(target, "name", None)
         self.lines_written = 0
+        self._last_flush = 0.0
 
     def write(self, sample: Sample) -> None:
         self._fh.write(json.dumps(encode_sample(sample), allow_nan=False) + "\n")
@@ -99,7 +101,12 @@ class TraceWriter:
         self._fh.write("".join(lines))
         self.lines_written += len(lines)
 
-    def flush(self) -> None:
+    def flush(self, *, min_interval: float = 0.0) -> None:
+        """Push buffered lines to the OS; with ``min_interval``, at most that often (seconds)."""
+        now = time.monotonic()
+        if min_interval and now - self._last_flush < min_interval:
+            return
+        self._last_flush = now
         self._fh.flush()
 
     def close(self) -> None:

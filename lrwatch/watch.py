@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry
 from .actions.policy import (CONTROL_ACTIONS, Decision, PolicyState, RecoveryConfig, decide)
 from .actions.rollback import scale_learning_rate
 from .actions.snapshot import Snapshot, SnapshotStore, restore_state
+from .distributed import SQ_REP, SQ_SHARD, RankContext, combine_rank_samples, split_by_placement
 from .errors import ConfigError
 from .exporters.prometheus import MetricsServer, TrainingExporter, start_metrics_server
 from .exporters.trace import TraceWriter
@@ -147,6 +148,16 @@ class Watcher:
         Register the optimizer's step pre/post hooks (the default). Framework adapters whose
         optimizer steps run a closure (the gradients do not exist yet when the pre-hook fires)
         pass ``False`` and call :meth:`before_step` / :meth:`after_step` themselves.
+    process_group:
+        Under ``torch.distributed`` (detected automatically), the group whose ranks share one
+        view of the run (default: the world). Norms are shard-correct (FSDP2 / DTensor
+        sharded gradients are summed as squares across ranks, once per flush), every rank
+        judges identical samples and so takes identical decisions. ``flush()`` and ``close()``
+        are then collective: call them on every rank.
+    export:
+        ``"rank0"`` (default): only rank 0 serves ``/metrics``, writes the trace, pushes and
+        alerts. ``"all"``: every rank serves on ``port + rank`` with a ``rank`` label and
+        writes ``TRACE.rank<r>``.
     """
 
     def __init__(
@@ -176,6 +187,8 @@ class Watcher:
         alertmanager: str | None = None,
         hook: Any = None,
         step_hooks: bool = True,
+        process_group: Any = None,
+        export: str = "rank0",
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got "
@@ -216,6 +229,32 @@ class Watcher:
         self._update_ratio = bool(update_ratio)
         self._prev_params: list[torch.Tensor] | None = None
 
+        # Distributed: which rank exports, and whether gradients are sharded.
+        if export not in ("rank0", "all"):
+            raise ConfigError(f"export must be 'rank0' or 'all', got {export!r}")
+        self.dist = RankContext(process_group)
+        self.export = export
+        self._sharded = bool(self.dist.active and split_by_placement(params)[1])
+        if self._sharded and (per_layer or update_ratio):
+            warnings.warn("lrwatch: per-layer norms and the update ratio are not yet shard-aware; "
+                          "they are off for sharded (FSDP2/DTensor) parameters", stacklevel=2)
+            per_layer = update_ratio = False
+            self._layers = None
+            self._update_ratio = False
+        exports_here = self.dist.is_main or export == "all"
+        const_labels: dict[str, str] = {}
+        if self.dist.active and export == "all":
+            const_labels = {"rank": str(self.dist.rank)}
+            if port:
+                port = port + self.dist.rank
+            if trace is not None:
+                trace = f"{os.fspath(trace)}.rank{self.dist.rank}"
+        if not exports_here:
+            port = None
+            trace = None
+            pushgateway = None
+            alerts = alertmanager = hook = None
+
         # Exporters.
         self.exporter = TrainingExporter(
             registry,
@@ -223,7 +262,8 @@ class Watcher:
                       "optimizer": type(optimizer).__name__,
                       "scheduler": type(scheduler).__name__ if scheduler is not None else "",
                       "torch": torch.__version__.split("+")[0]},
-            layer_labels=self._layers.labels if self._layers else ())
+            layer_labels=self._layers.labels if self._layers else (),
+            const_labels=const_labels)
         self.registry = self.exporter.registry
         self.server: MetricsServer | None = None
         if port is not None:
@@ -248,6 +288,7 @@ class Watcher:
         self._pending: list[tuple[Decision, Snapshot | None]] = []
         self._snap_awaiting_engine: dict[int, Snapshot] = {}
         self._boundary_kind: str | None = None
+        self._snap_seconds: list[float] = []
         self.sender = self._make_sender(alerts, alertmanager)
         self.hook = hook
         self.store: SnapshotStore | None = None
@@ -256,7 +297,8 @@ class Watcher:
             self.store = SnapshotStore(keep=rc.keep, directory=rc.snapshot_dir,
                                        good_after=rc.good_after, budget=rc.budget,
                                        min_interval=rc.min_interval, max_interval=rc.max_interval,
-                                       on_error=self.exporter.count_error)
+                                       on_error=self.exporter.count_error,
+                                       deferred_schedule=self.dist.active)
             # The state we start from is the first rollback target: known good by definition.
             first = self.store.take(self.step, self.data_position, model, optimizer, scheduler,
                                     scaler, good=True, extra=self._snap_extra())
@@ -301,6 +343,21 @@ class Watcher:
             yield batch
         self._safe_point()
 
+    def skip_batch(self) -> bool:
+        """Count one batch drawn by the framework; ``True`` if it falls in a rollback's skip window.
+
+        For adapters whose framework draws the data itself (so :meth:`batches` cannot wrap the
+        loop): call it once per batch drawn, and drop the batch when it returns ``True``. It
+        counts ``data_position`` and ``skipped_batches`` exactly as :meth:`batches` does, but
+        carries out no decisions (the adapter calls :meth:`log` at its own iteration boundary).
+        """
+        self.data_position += 1
+        if self._skip_remaining > 0:
+            self._skip_remaining -= 1
+            self.skipped_batches += 1
+            return True
+        return False
+
     def state_dict(self) -> dict[str, Any]:
         """Counters and detector state, so a resumed run keeps its rules and rollback budget."""
         return {"step": self.step, "data_position": self.data_position,
@@ -342,10 +399,12 @@ class Watcher:
         if self._open is not None and self._open.stepped:
             self._commit(flush=False)
         rows, self._rows = self._rows, []
-        if not rows:
+        if not rows and not self.dist.active:
             return []
         samples = self._materialise(rows)
         self.flushes += 1
+        if self.dist.active:
+            samples = self._agree(samples)
         if self.engine is not None:
             samples = self._judge(samples)
         self._emit(samples)
@@ -439,8 +498,15 @@ class Watcher:
         params = [p for g in self.optimizer.param_groups for p in g["params"]
                   if p.grad is not None]
         grads = [p.grad for p in params]
-        norms = tensor_norms(grads)  # type: ignore[arg-type]
-        row.put("grad_norm", total_norm(norms, self._device))
+        if self._sharded:
+            # Sums of squares, rank-local; added across ranks at the flush (one collective).
+            rep, shard = split_by_placement(grads)  # type: ignore[arg-type]
+            for prefix, part in ((SQ_REP, rep), (SQ_SHARD, shard)):
+                row.put(prefix + "grad_norm", total_norm(tensor_norms(part), self._device).square())
+            norms = []
+        else:
+            norms = tensor_norms(grads)  # type: ignore[arg-type]
+            row.put("grad_norm", total_norm(norms, self._device))
         if self._layers is not None and norms:
             per = self._layers.per_layer(params, norms, self._device)
             for i, label in enumerate(self._layers.labels):
@@ -714,6 +780,23 @@ class Watcher:
                                    self.scheduler, self.scaler, extra=self._snap_extra())
             if snap is not None:
                 self._snap_awaiting_engine[snap.step] = snap
+                self._snap_seconds.append(snap.seconds)
+
+    def _agree(self, samples: list[Sample]) -> list[Sample]:
+        """One collective per flush: every rank's rows, combined identically on every rank."""
+        took = max(self._snap_seconds, default=0.0)
+        self._snap_seconds.clear()
+        gathered = self.dist.gather((samples, took))
+        merged = combine_rank_samples([g[0] for g in gathered])
+        if self.store is not None:
+            # Every rank adapts the snapshot interval from the same (slowest) figures, so all
+            # of them snapshot at the same steps and a rollback finds the same step everywhere.
+            slowest = max(g[1] for g in gathered)
+            times = [s.values["step_time_seconds"] for s in merged
+                     if "step_time_seconds" in s.values]
+            if slowest > 0 and times:
+                self.store.adapt(slowest, sorted(times)[len(times) // 2])
+        return merged
 
     def _safe_point(self) -> None:
         """Carry out pending training-control decisions: the step is complete here."""

@@ -145,11 +145,16 @@ class SnapshotStore:
         Bounds of the adaptive interval, in steps.
     on_error:
         Called (no arguments) when a snapshot cannot be written, so the caller can count it.
+    deferred_schedule:
+        Do not adapt the interval from this process's own timings; the caller calls
+        :meth:`adapt` with figures every rank agrees on, so that all ranks snapshot at the same
+        steps (a coordinated rollback needs the same snapshot step everywhere).
     """
 
     def __init__(self, *, keep: int = 3, directory: str | os.PathLike[str] | None = None,
                  good_after: int = 50, budget: float = 0.02, min_interval: int = 10,
-                 max_interval: int = 1000, on_error: Callable[[], None] | None = None) -> None:
+                 max_interval: int = 1000, on_error: Callable[[], None] | None = None,
+                 deferred_schedule: bool = False) -> None:
         if keep < 2:
             raise ConfigError(f"keep must be at least 2 (a known-good and a pending snapshot), "
                               f"got {keep}")
@@ -171,6 +176,7 @@ class SnapshotStore:
         self.seconds = 0.0
         self._next_step: int | None = None
         self._step_seconds: float | None = None
+        self.deferred_schedule = deferred_schedule
 
     # --- scheduling --------------------------------------------------------------------------
     def observe_step_time(self, seconds: float) -> None:
@@ -189,8 +195,14 @@ class SnapshotStore:
             return False
         return self._next_step is None or step >= self._next_step
 
+    def adapt(self, took: float, step_seconds: float) -> None:
+        """Set the interval from a snapshot's duration and the step time (see ``budget``)."""
+        if took > 0 and step_seconds > 0 and math.isfinite(took + step_seconds):
+            need = took / (self.budget * step_seconds)
+            self.interval = int(min(self.max_interval, max(self.min_interval, math.ceil(need))))
+
     def _reschedule(self, step: int, took: float) -> None:
-        if self._step_seconds:
+        if self._step_seconds and not self.deferred_schedule:
             need = took / (self.budget * self._step_seconds)
             self.interval = int(min(self.max_interval, max(self.min_interval, math.ceil(need))))
         self._next_step = step + self.interval

@@ -63,10 +63,11 @@ class _LockedCollector(Collector):
     """
 
     def __init__(self, lock: threading.Lock, metrics: Sequence[Any],
-                 latest: dict[str, float]) -> None:
+                 latest: dict[str, float], const_labels: Mapping[str, str]) -> None:
         self._lock = lock
         self._metrics = metrics
         self._latest = latest
+        self._const = dict(const_labels)
 
     def collect(self) -> Iterator[Any]:
         with self._lock:
@@ -74,6 +75,10 @@ class _LockedCollector(Collector):
             for key, (name, doc) in _GAUGES.items():
                 if key in self._latest:
                     families.append(GaugeMetricFamily(name, doc, value=self._latest[key]))
+        if self._const:  # e.g. rank="3" when every rank serves its own endpoint
+            for fam in families:
+                fam.samples = [s._replace(labels={**s.labels, **self._const})
+                               for s in fam.samples]
         return iter(families)
 
     def describe(self) -> Iterator[Any]:
@@ -92,11 +97,14 @@ class TrainingExporter:
         never into the labels of other metrics.
     layer_labels:
         The bounded set of layer names for ``lrwatch_layer_grad_norm``, if per-layer norms are on.
+    const_labels:
+        Labels added to every sample (``rank`` for per-rank endpoints; keep the set bounded).
     """
 
     def __init__(self, registry: CollectorRegistry | None = None, *,
                  run_info: Mapping[str, str] | None = None,
-                 layer_labels: Sequence[str] = ()) -> None:
+                 layer_labels: Sequence[str] = (),
+                 const_labels: Mapping[str, str] | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._lock = threading.Lock()
         m: list[Any] = []
@@ -151,7 +159,7 @@ class TrainingExporter:
         self._layer_children = {lab: self.layer_grad_norm.labels(lab) for lab in layer_labels}
         self._lr_children: list[Any] = []
         self._mom_children: list[Any] = []
-        self.registry.register(_LockedCollector(self._lock, m, self.latest))
+        self.registry.register(_LockedCollector(self._lock, m, self.latest, const_labels or {}))
 
     # --- feeding -----------------------------------------------------------------------------
     def observe(self, samples: Iterable[Sample]) -> None:

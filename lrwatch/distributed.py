@@ -1,0 +1,146 @@
+"""Distributed training: shard-correct norms and one agreed view of every flush.
+
+Under ``torch.distributed`` each rank measures what it holds. Replicated gradients (DDP, or
+``Replicate`` DTensor placements) are already the global ones; sharded gradients (FSDP2
+``fully_shard``, ``Shard`` placements) only hold a slice, so their *sums of squares* are added
+across ranks. Nothing is reduced per step or per parameter: at each flush every rank
+contributes its rows once (one ``all_gather_object``), and every rank combines them the same way.
+All ranks then hold identical samples, so their rules engines take identical decisions: if one
+rank sees a NaN, every rank rolls back, to the same snapshot step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .samples import Sample
+
+__all__ = ["RankContext", "split_by_placement", "combine_rank_samples", "SQ_REP", "SQ_SHARD"]
+
+#: Row keys that carry partial sums of squares of a norm ``NAME``; combined at the flush.
+SQ_REP = "_sq_rep/"
+SQ_SHARD = "_sq_shard/"
+# Values that are the same on every rank: take rank 0's. Times: the slowest rank's.
+_FROM_RANK0 = ("lr",)
+_MAX_KEYS = ("step_time_seconds", "skipped", "snapshot_seconds")
+_SUM_KEYS = ("samples_per_second",)
+
+
+def _dtensor_type() -> Any:
+    try:
+        from torch.distributed.tensor import DTensor
+    except Exception:  # pragma: no cover - torch without DTensor
+        return None
+    return DTensor
+
+
+class RankContext:
+    """The process group lrwatch talks to, or an inactive context outside ``torch.distributed``."""
+
+    def __init__(self, group: Any = None) -> None:
+        import torch.distributed as dist
+
+        self.active = dist.is_available() and dist.is_initialized()
+        self.group = group
+        self.rank = dist.get_rank(group) if self.active else 0
+        self.world = dist.get_world_size(group) if self.active else 1
+        self._dist = dist if self.active else None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def gather(self, payload: Any) -> list[Any]:
+        """Every rank's ``payload``, in rank order (one collective)."""
+        if self._dist is None or self.world == 1:
+            return [payload]
+        out: list[Any] = [None] * self.world
+        self._dist.all_gather_object(out, payload, group=self.group)
+        return out
+
+
+def split_by_placement(grads: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor],
+                                                                list[torch.Tensor]]:
+    """Local tensors of replicated and of sharded gradients, for shard-correct norms.
+
+    Plain tensors count as replicated (DDP all-reduces gradients, so every rank has the global
+    ones). A DTensor is sharded if any of its placements shards it.
+    """
+    dtensor = _dtensor_type()
+    rep: list[torch.Tensor] = []
+    shard: list[torch.Tensor] = []
+    for g in grads:
+        if dtensor is not None and isinstance(g, dtensor):
+            local = g.to_local()
+            if any(p.is_shard() for p in g.placements):
+                shard.append(local)
+            else:
+                rep.append(local)
+        else:
+            rep.append(g)
+    return rep, shard
+
+
+def combine_rank_samples(per_rank: Sequence[Sequence[Sample]]) -> list[Sample]:
+    """Merge the same steps measured on every rank into one global sample per step.
+
+    - ``_sq_rep/NAME`` (rank 0's) and ``_sq_shard/NAME`` (summed over ranks) become
+      ``NAME = sqrt(rep + shard)``; ``update_ratio`` is rebuilt from its two norms.
+    - Learning rates and momenta come from rank 0; step times and skip flags are the maximum.
+    - Everything else is the mean over the ranks that measured it, so a NaN on any rank
+      propagates (and so does the rollback it triggers).
+
+    >>> a = [Sample(step=1, values={"loss": 1.0, "_sq_shard/grad_norm": 9.0,
+    ...                             "_sq_rep/grad_norm": 0.0})]
+    >>> b = [Sample(step=1, values={"loss": 3.0, "_sq_shard/grad_norm": 16.0,
+    ...                             "_sq_rep/grad_norm": 0.0})]
+    >>> s = combine_rank_samples([a, b])[0]
+    >>> s.values["loss"], s.values["grad_norm"]
+    (2.0, 5.0)
+    """
+    if len(per_rank) == 1:
+        return [_finish(s, dict(s.values)) for s in per_rank[0]]
+    base = per_rank[0]
+    out: list[Sample] = []
+    for i, s0 in enumerate(base):
+        rows = [r[i] for r in per_rank if i < len(r) and r[i].step == s0.step]
+        values: dict[str, float] = {}
+        keys: dict[str, None] = {}
+        for r in rows:
+            keys.update(dict.fromkeys(r.values))
+        for k in keys:
+            vals = [r.values[k] for r in rows if k in r.values]
+            if k.startswith(SQ_SHARD):
+                values[k] = math.fsum(vals)
+            elif k.startswith(SQ_REP) or k in _FROM_RANK0 or k.startswith("momentum/"):
+                values[k] = s0.values.get(k, vals[0])
+            elif k in _SUM_KEYS:
+                values[k] = math.fsum(vals)
+            elif k in _MAX_KEYS:
+                values[k] = max(vals) if not any(math.isnan(v) for v in vals) else math.nan
+            else:
+                values[k] = math.fsum(vals) / len(vals)
+        t = max((r.time for r in rows if r.time is not None), default=None)
+        out.append(_finish(Sample(step=s0.step, time=t, values={}, lr_groups=s0.lr_groups),
+                           values))
+    return out
+
+
+def _finish(s: Sample, values: dict[str, float]) -> Sample:
+    names = {k[len(SQ_REP):] for k in values if k.startswith(SQ_REP)} | {
+        k[len(SQ_SHARD):] for k in values if k.startswith(SQ_SHARD)}
+    for name in names:
+        sq = values.pop(SQ_REP + name, 0.0) + values.pop(SQ_SHARD + name, 0.0)
+        values[name] = math.sqrt(sq) if sq >= 0 or math.isnan(sq) else math.nan
+    if "_update_delta" in values and "_update_theta" in values:
+        delta, theta = values.pop("_update_delta"), values.pop("_update_theta")
+        values["update_ratio"] = delta / max(theta, 1e-12) if math.isfinite(theta) else math.nan
+    for key in ("loss", "grad_norm"):
+        if key in values:
+            values[f"nonfinite_{'grad' if key == 'grad_norm' else 'loss'}"] = (
+                0.0 if math.isfinite(values[key]) else 1.0)
+    return Sample(step=s.step, time=s.time, values=values, lr_groups=s.lr_groups,
+                  events=s.events)

@@ -1,0 +1,150 @@
+"""Worker functions for the distributed tests (spawned processes import them from here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import lrwatch
+from lrwatch.samples import Sample
+
+
+def init(rank: int, world: int, store: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
+                         nn.Linear(32, 1))
+
+
+def _global_batch(step: int, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(500 + step)
+    return torch.randn(n, 12, generator=g), torch.randn(n, 1, generator=g)
+
+
+def _mine(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    return t.chunk(world)[rank]
+
+
+def _write(out: str, rank: int, data: Any) -> None:
+    Path(out, f"rank{rank}.json").write_text(json.dumps(data))
+
+
+def ddp_norm(rank: int, world: int, store: str, out: str) -> None:
+    init(rank, world, store)
+    ref_model = _model()
+    model = nn.parallel.DistributedDataParallel(_model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.05)
+    got: list[Sample] = []
+    refs = []
+    w = lrwatch.Watcher(model, opt, flush_every=3, listeners=[got.append])
+    for step in range(7):
+        x, y = _global_batch(step)
+        ref_opt.zero_grad()
+        nn.functional.mse_loss(ref_model(x), y).backward()
+        refs.append(float(torch.nn.utils.get_total_norm([p.grad for p in ref_model.parameters()])))
+        ref_opt.step()
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(_mine(x, rank, world)), _mine(y, rank, world))
+        loss.backward()
+        opt.step()
+        w.log(loss=loss)
+    w.close()
+    _write(out, rank, {"norms": [s.values["grad_norm"] for s in got], "refs": refs,
+                       "steps": [s.step for s in got]})
+    dist.destroy_process_group()
+
+
+def fsdp_norm(rank: int, world: int, store: str, out: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    init(rank, world, store)
+    ref_model = _model()
+    model = _model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    ref_opt = torch.optim.Adam(ref_model.parameters(), lr=1e-3)
+    got: list[Sample] = []
+    refs = []
+    w = lrwatch.Watcher(model, opt, flush_every=4, listeners=[got.append])
+    for step in range(8):
+        x, y = _global_batch(step)
+        ref_opt.zero_grad()
+        nn.functional.mse_loss(ref_model(x), y).backward()
+        refs.append(float(torch.nn.utils.get_total_norm([p.grad for p in ref_model.parameters()])))
+        ref_opt.step()
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(_mine(x, rank, world)), _mine(y, rank, world))
+        loss.backward()
+        opt.step()
+        w.log(loss=loss)
+    w.close()
+    _write(out, rank, {"norms": [s.values["grad_norm"] for s in got], "refs": refs,
+                       "sharded": w._sharded})
+    dist.destroy_process_group()
+
+
+def nan_rollback(rank: int, world: int, store: str, out: str) -> None:
+    init(rank, world, store)
+    model = nn.parallel.DistributedDataParallel(_model())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.01 * s))
+    w = lrwatch.Watcher(model, opt, sched, flush_every=5,
+                        recovery={"good_after": 10, "min_interval": 5})
+    events: list[dict[str, Any]] = []
+    w.add_listener(lambda s: events.extend(e for e in s.events if "engine_state" not in e
+                                           or e.pop("engine_state", None) is not None or True))
+    for step in range(60):
+        x, y = _global_batch(step)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(_mine(x, rank, world)), _mine(y, rank, world))
+        if rank == world - 1 and sched.last_epoch == 37:
+            loss = loss * float("nan")  # only the last rank sees it
+        loss.backward()
+        opt.step()
+        sched.step()
+        w.log(loss=loss)
+    w.close()
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    _write(out, rank, {
+        "rollbacks": [(e["type"], e["step"], e.get("to_step")) for e in events
+                      if e.get("type") in ("rollback", "skip", "stop")],
+        "weights_sum": float(flat.double().sum()), "weights": flat.tolist()[:50],
+        "finite": bool(torch.isfinite(flat).all()), "sched_step": sched.last_epoch,
+        "lr": opt.param_groups[0]["lr"]})
+    dist.destroy_process_group()
+
+
+def per_rank_export(rank: int, world: int, store: str, out: str, port: int, go: str) -> None:
+    init(rank, world, store)
+    model = nn.parallel.DistributedDataParallel(_model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    w = lrwatch.Watcher(model, opt, flush_every=2, port=port, export="all", run_name="dist")
+    for step in range(10):
+        x, y = _global_batch(step)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(_mine(x, rank, world)), _mine(y, rank, world))
+        loss.backward()
+        opt.step()
+        w.log(loss=loss)
+    w.flush()
+    _write(out, rank, {"url": w.metrics_url})
+    deadline = time.time() + 90
+    while not os.path.exists(go) and time.time() < deadline:  # serve until the test has read
+        time.sleep(0.2)
+    w.close()
+    dist.destroy_process_group()

@@ -1,0 +1,95 @@
+"""Real torch.distributed process groups (gloo on CPU): norms, agreed rollbacks, per-rank export."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch.multiprocessing as mp
+
+import distributed_workers as dw
+from services import PrometheusServer, free_port
+
+pytestmark = pytest.mark.slow
+
+
+def _spawn(fn: Callable[..., None], world: int, tmp_path: Path, *extra: Any) -> list[dict]:
+    mp.spawn(fn, args=(world, str(tmp_path / "store"), str(tmp_path), *extra), nprocs=world)
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ddp_grad_norm_equals_single_process_reference(tmp_path: Path, world: int) -> None:
+    results = _spawn(dw.ddp_norm, world, tmp_path)
+    for r in results:
+        assert r["steps"] == list(range(1, 8))
+        for got, ref in zip(r["norms"], r["refs"]):
+            assert got == pytest.approx(ref, rel=1e-5)
+    assert all(r["norms"] == results[0]["norms"] for r in results)  # one view on every rank
+
+
+def test_fsdp2_sharded_grad_norm_equals_unsharded(tmp_path: Path) -> None:
+    results = _spawn(dw.fsdp_norm, 2, tmp_path)
+    for r in results:
+        assert r["sharded"] is True
+        for got, ref in zip(r["norms"], r["refs"]):
+            assert abs(got - ref) / ref <= 1e-5
+    assert results[0]["norms"] == results[1]["norms"]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_nan_on_one_rank_rolls_every_rank_back_to_the_same_step(tmp_path: Path,
+                                                                world: int) -> None:
+    results = _spawn(dw.nan_rollback, world, tmp_path)
+    first = results[0]
+    assert first["rollbacks"], "the NaN on the last rank must trigger a rollback"
+    assert first["rollbacks"][0][0] == "rollback"
+    for r in results:
+        assert r["rollbacks"] == first["rollbacks"]  # same decision, same snapshot step
+        assert r["finite"]
+        assert r["weights"] == first["weights"] and r["weights_sum"] == first["weights_sum"]
+        assert r["sched_step"] == first["sched_step"] and r["lr"] == first["lr"]
+
+
+@pytest.mark.prometheus
+def test_per_rank_export_scraped_by_prometheus(prometheus_factory: Callable[..., PrometheusServer],
+                                               tmp_path: Path) -> None:
+    port = free_port()
+    while True:  # need two consecutive free ports
+        try:
+            import socket
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+            break
+        except OSError:
+            port = free_port()
+    prom = prometheus_factory([f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"])
+    go = tmp_path / "go"
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            mp.spawn(dw.per_rank_export, args=(2, str(tmp_path / "store"), str(tmp_path), port,
+                                               str(go)), nprocs=2)
+        except BaseException as exc:  # reported in the main thread
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        res = prom.wait_for('lrwatch_step{job="lrwatch"} == 10',
+                            predicate=lambda r: len(r) == 2, timeout=90)
+        assert sorted(x["metric"]["rank"] for x in res) == ["0", "1"]
+        loss = prom.query("lrwatch_loss")
+        assert sorted(x["metric"]["rank"] for x in loss) == ["0", "1"]
+        assert all(math.isfinite(float(x["value"][1])) for x in loss)
+    finally:
+        go.write_text("done")
+        t.join(120)
+    assert not errors, errors
+    urls = [json.loads((tmp_path / f"rank{r}.json").read_text())["url"] for r in range(2)]
+    assert urls == [f"http://127.0.0.1:{port}/metrics", f"http://127.0.0.1:{port + 1}/metrics"]

@@ -779,8 +779,13 @@ class Watcher:
             snap = self.store.take(self.step, self.data_position, self.model, self.optimizer,
                                    self.scheduler, self.scaler, extra=self._snap_extra())
             if snap is not None:
-                self._snap_awaiting_engine[snap.step] = snap
                 self._snap_seconds.append(snap.seconds)
+                if self.engine is not None and self.engine.last_step == snap.step:
+                    # The flush that judged this step came first (log() flushes, then takes
+                    # the snapshot): the engine's state now is the one at the snapshot.
+                    snap.extra["engine_state"] = self.engine.state_dict()
+                else:
+                    self._snap_awaiting_engine[snap.step] = snap
 
     def _agree(self, samples: list[Sample]) -> list[Sample]:
         """One collective per flush: every rank's rows, combined identically on every rank."""

@@ -182,6 +182,8 @@ def test_rollback_continues_the_schedule_from_the_restored_step_scaled(tmp_path:
     assert len(rollback) == 1 and rollback[0]["rule"] == "poisoned"
     to_step = rollback[0]["to_step"]
     assert 0 < to_step < 20
+    # The detectors go back to what they knew at the snapshot (and replay can follow).
+    assert isinstance(rollback[0]["engine_state"], dict)
     # After the rollback the scheduler resumes at the snapshot's step, scaled by 0.5.
     lrs = r["lrs"]
     idx = next(i for i in range(1, len(lrs)) if lrs[i][0] <= lrs[i - 1][0])

@@ -1,0 +1,131 @@
+"""Pieces both framework adapters share (no framework imported here)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+
+from ..errors import ConfigError
+
+__all__ = ["SkipSampler", "wrap_dataloader", "export_kwargs", "eval_name", "scalar",
+           "EXPORT_CHOICES"]
+
+#: Who exports (``/metrics``, trace, alerts, Pushgateway) under a distributed strategy: the
+#: Watcher's own ``export`` values.
+EXPORT_CHOICES = ("rank0", "all")
+_EXPORT_KEYS = ("port", "trace", "pushgateway", "alerts", "alertmanager")
+
+
+class SkipSampler:
+    """Wraps a ``BatchSampler``'s index sampler and drops whole batches on request.
+
+    ``take()`` is asked once per batch drawn (``Watcher.skip_batch``); when it says ``True`` the
+    batch's indices are dropped, so the framework never sees that batch: its step counters, the
+    scheduler and the loss all stay untouched. The epoch simply ends that many batches early.
+    """
+
+    def __init__(self, sampler: Any, batch_size: int, take: Callable[[], bool]) -> None:
+        self.sampler = sampler
+        self.batch_size = int(batch_size)
+        self.take = take
+
+    def __iter__(self) -> Iterator[Any]:
+        it = iter(self.sampler)
+        while True:
+            chunk = list(itertools.islice(it, self.batch_size))
+            if not chunk:
+                return
+            if self.take():
+                continue
+            yield from chunk
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __getattr__(self, name: str) -> Any:  # set_epoch, generator, ... of the wrapped sampler
+        if name == "sampler":
+            raise AttributeError(name)
+        return getattr(self.sampler, name)
+
+
+def wrap_dataloader(loader: Any, take: Callable[[], bool]) -> bool:
+    """Put a :class:`SkipSampler` under ``loader``'s batch sampler, in place.
+
+    Follows wrappers that keep the real batch sampler in ``.batch_sampler`` (accelerate's
+    ``BatchSamplerShard``). Returns ``False`` when there is no ``torch`` ``BatchSampler`` to wrap
+    (iterable datasets, custom batch samplers): then a rollback cannot skip extra batches.
+    """
+    bs = getattr(loader, "batch_sampler", None)
+    seen = 0
+    while bs is not None and not isinstance(bs, torch.utils.data.BatchSampler) and seen < 4:
+        bs = getattr(bs, "batch_sampler", None)
+        seen += 1
+    if not isinstance(bs, torch.utils.data.BatchSampler):
+        return False
+    if not isinstance(bs.sampler, SkipSampler):
+        bs.sampler = SkipSampler(bs.sampler, bs.batch_size, take)
+    else:
+        bs.sampler.take = take
+    return True
+
+
+def export_kwargs(kwargs: Mapping[str, Any], rank: int, export: str) -> dict[str, Any]:
+    """Watcher arguments for this rank: exporters on rank zero only, or on every rank.
+
+    With ``torch.distributed`` initialised the Watcher decides itself (its ``export``
+    argument). Otherwise the framework's ``rank`` decides here: ``rank0`` drops the exporters on
+    other ranks; ``all`` gives each rank a trace with ``.rank{N}`` before the suffix and serves
+    ``port + rank`` (port 0 stays 0: each picks a free port).
+    """
+    out = dict(kwargs)
+    out["export"] = export
+    dist = torch.distributed
+    if rank == 0 or (dist.is_available() and dist.is_initialized()):
+        return out
+    if export == "rank0":
+        for key in _EXPORT_KEYS:
+            out.pop(key, None)
+        return out
+    if out.get("trace") is not None:
+        root, ext = os.path.splitext(os.fspath(out["trace"]))
+        out["trace"] = f"{root}.rank{rank}{ext}"
+    if isinstance(out.get("port"), int) and out["port"] > 0:
+        out["port"] = out["port"] + rank
+    return out
+
+
+def check_export(export: str) -> str:
+    if export not in EXPORT_CHOICES:
+        raise ConfigError(f"export must be one of {list(EXPORT_CHOICES)}, got {export!r}")
+    return export
+
+
+_SKIP_EVAL = ("runtime", "samples_per_second", "steps_per_second", "epoch")
+
+
+def eval_name(key: str, prefixes: tuple[str, ...]) -> str | None:
+    """The lrwatch name of a framework evaluation result, or ``None`` when it is not one.
+
+    ``val_loss``/``val/loss``/``eval_loss`` -> ``eval_loss``; ``val_acc`` -> ``eval_accuracy``.
+    """
+    for p in prefixes:
+        if key.startswith(p) and len(key) > len(p):
+            rest = key[len(p):].lstrip("_/")
+            if not rest or rest in _SKIP_EVAL:
+                return None
+            if rest in ("acc", "accuracy"):
+                rest = "accuracy"
+            return "eval_" + rest.replace("/", "_")
+    return None
+
+
+def scalar(value: Any) -> torch.Tensor | float | None:
+    """A number or a one-element tensor as the Watcher takes it (no host sync), else ``None``."""
+    if isinstance(value, torch.Tensor):
+        return value.detach() if value.numel() == 1 else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None

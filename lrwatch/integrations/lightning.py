@@ -1,0 +1,227 @@
+"""PyTorch Lightning 2.x callback: one line gives a Lightning run the whole Watcher.
+
+    trainer = lightning.Trainer(callbacks=[LrwatchCallback(port=9400, trace="run.jsonl")])
+
+Where each measurement comes from (all on the device, no per-step host sync):
+
+- gradients: ``on_before_optimizer_step``. Lightning runs it after the closure (forward and
+  backward) and after AMP unscaling, and *before* gradient clipping and the optimizer step
+  (the optimizer's own pre-step hook cannot be used: automatic optimization calls
+  ``optimizer.step(closure)``, so that hook fires before the backward pass);
+- the step and its learning rate: the optimizer's post-step hook, i.e. the learning rate the
+  scheduler set for this step and the optimizer applied (a step the GradScaler skips is recorded
+  through the scaler, as in a plain loop);
+- train loss: the ``loss`` tensor Lightning hands to ``on_train_batch_end`` (kept on the device;
+  averaged over gradient-accumulation batches);
+- evaluation: ``trainer.callback_metrics`` at ``on_validation_end`` (``val_loss`` ->
+  ``eval_loss``, ``val_acc``/``val_accuracy`` -> ``eval_accuracy``, ``val_x`` -> ``eval_x``).
+
+The iteration boundary (rollback, snapshots, stop) is ``on_train_batch_start`` of the next batch
+(and ``on_train_end``): by then the scheduler has stepped and validation has run, so a step's
+evaluation results join that step's sample, and a rollback restores module, optimizer, scheduler,
+GradScaler and RNG at the same point of the loop where snapshots are taken. A stop sets
+``trainer.should_stop`` and ends the epoch from that hook before the batch runs.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Mapping
+
+import torch
+
+try:  # the unified package first, then the standalone one
+    import lightning.pytorch as pl
+except ImportError:  # pragma: no cover - depends on what is installed
+    try:
+        import pytorch_lightning as pl  # type: ignore[no-redef]
+    except ImportError as exc:
+        raise ImportError("lrwatch.integrations.lightning needs PyTorch Lightning: "
+                          "pip install 'lrwatch[lightning]'") from exc
+
+from ..errors import ConfigError
+from ..watch import Watcher
+from ._common import check_export, eval_name, export_kwargs, scalar, wrap_dataloader
+
+__all__ = ["LrwatchCallback"]
+
+#: Watcher arguments the callback fills in from the Trainer.
+_FROM_TRAINER = ("model", "optimizer", "scheduler", "scaler", "step_hooks", "start_step",
+                 "export")
+_WATCHER_ARGS = frozenset(inspect.signature(Watcher.__init__).parameters) - {"self"}
+
+
+class LrwatchCallback(pl.Callback):
+    """Watches a Lightning ``fit`` with an :class:`lrwatch.Watcher`, inside the fit loop.
+
+    Parameters
+    ----------
+    export:
+        ``"rank0"`` (default): only global rank 0 serves ``/metrics``, writes the trace and
+        sends alerts; ``"all"``: every rank does. Passed to the Watcher, which decides from
+        ``torch.distributed``; without it, the trainer's global rank decides.
+    eval_prefixes:
+        Keys of ``trainer.callback_metrics`` that are validation results.
+    **watcher_kwargs:
+        Any :class:`~lrwatch.watch.Watcher` argument except the ones taken from the trainer
+        (model, optimizer, scheduler, scaler, start_step): ``port``, ``trace``, ``rules``,
+        ``recovery``, ``flush_every``, ``alertmanager``, ...
+    """
+
+    def __init__(self, *, export: str = "rank0",
+                 eval_prefixes: tuple[str, ...] = ("val_", "val/", "validation_"),
+                 **watcher_kwargs: Any) -> None:
+        bad = sorted(set(watcher_kwargs) - (_WATCHER_ARGS - set(_FROM_TRAINER)))
+        if bad:
+            valid = sorted(_WATCHER_ARGS - set(_FROM_TRAINER))
+            raise ConfigError(f"unknown LrwatchCallback argument(s) {bad}; valid: {valid}")
+        self.export = check_export(export)
+        self.eval_prefixes = tuple(eval_prefixes)
+        self.watcher_kwargs = watcher_kwargs
+        self.watcher: Watcher | None = None
+        self._loaded: dict[str, Any] | None = None
+        self._handle: Any = None
+        self._optimizer: Any = None
+        self._stepped = False
+        self._loss_sum: torch.Tensor | None = None
+        self._loss_n = 0
+        self._done: dict[str, Any] | None = None  # the last step's values, logged at the boundary
+        self._eval: dict[str, Any] = {}
+
+    # --- convenience ---------------------------------------------------------------------------
+    @property
+    def exit_status(self) -> int:
+        """0, or the Watcher's exit status after a stop (3: a rule, 4: rollback budget spent)."""
+        return self.watcher.exit_status if self.watcher is not None else 0
+
+    @property
+    def metrics_url(self) -> str | None:
+        return self.watcher.metrics_url if self.watcher is not None else None
+
+    # --- set-up and tear-down ------------------------------------------------------------------
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if not trainer.optimizers:
+            raise ConfigError("LrwatchCallback needs an optimizer (configure_optimizers)")
+        if len(trainer.optimizers) > 1:
+            import warnings
+            warnings.warn("lrwatch watches the first of several optimizers", stacklevel=2)
+        self._close()
+        opt = trainer.optimizers[0]
+        configs = getattr(trainer, "lr_scheduler_configs", None) or []
+        sched = configs[0].scheduler if configs else None
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        kw = export_kwargs(self.watcher_kwargs, int(trainer.global_rank), self.export)
+        self.watcher = Watcher(pl_module, opt, sched, scaler=scaler, step_hooks=False,
+                               start_step=int(trainer.global_step), **kw)
+        if self._loaded is not None:
+            self.watcher.load_state_dict(self._loaded)
+        self._optimizer = opt
+        self._handle = opt.register_step_post_hook(self._post_step)
+        self._stepped, self._loss_sum, self._loss_n, self._done = False, None, 0, None
+        self._wrap_data(trainer)
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._wrap_data(trainer)  # reload_dataloaders_every_n_epochs builds new loaders
+
+    def _wrap_data(self, trainer: Any) -> None:
+        w = self.watcher
+        if w is None:
+            return
+        loaders = getattr(trainer, "train_dataloader", None)
+        stack = [loaders]
+        while stack:
+            obj = stack.pop()
+            if isinstance(obj, Mapping):
+                stack.extend(obj.values())
+            elif isinstance(obj, (list, tuple)):
+                stack.extend(obj)
+            elif obj is not None:
+                wrap_dataloader(obj, w.skip_batch)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._boundary(trainer)
+        if self.watcher is not None:
+            self.watcher.flush()
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            self._close()
+
+    def _close(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        if self.watcher is not None:
+            self._loaded = self.watcher.state_dict()
+            self.watcher.close()
+
+    # --- the step ------------------------------------------------------------------------------
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        if self.watcher is not None and _unwrap(optimizer) is self._optimizer:
+            self.watcher.before_step()
+
+    def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.watcher is not None:
+            self.watcher.after_step()
+            self._stepped = True
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            loss = loss.detach()
+            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+            self._loss_n += 1
+        if self._stepped:  # the optimizer stepped in this batch (not mid-accumulation)
+            self._stepped = False
+            done: dict[str, Any] = {}
+            if self._loss_sum is not None:
+                done["loss"] = self._loss_sum / self._loss_n if self._loss_n > 1 else self._loss_sum
+            self._done = done
+            self._loss_sum, self._loss_n = None, 0
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.sanity_checking or self.watcher is None:
+            return
+        for key, value in trainer.callback_metrics.items():
+            name = eval_name(str(key), self.eval_prefixes)
+            v = scalar(value) if name is not None else None
+            if v is not None:
+                self._eval[name] = v  # type: ignore[index]
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
+                             batch_idx: int) -> int | None:
+        self._boundary(trainer)
+        if self.watcher is not None and self.watcher.should_stop:
+            return -1  # ends the epoch before this batch; should_stop ends the fit
+        return None
+
+    def _boundary(self, trainer: Any) -> None:
+        """Log the completed step (with any evaluation that followed it): the Watcher then
+        flushes when due, and carries out rollback, skip, reduce_lr or stop right here."""
+        w = self.watcher
+        if w is None:
+            return
+        if self._done is not None:
+            metrics = {**self._done, **self._eval}
+            self._done, self._eval = None, {}
+            w.log(**metrics)
+        if w.should_stop:
+            trainer.should_stop = True
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The Watcher's counters and detector state (saved in Lightning's checkpoint)."""
+        if self.watcher is not None:
+            return self.watcher.state_dict()
+        return dict(self._loaded or {})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = dict(state_dict) if state_dict else None
+        if self.watcher is not None and self._loaded:
+            self.watcher.load_state_dict(self._loaded)
+
+
+def _unwrap(optimizer: Any) -> Any:
+    """The torch optimizer inside a ``LightningOptimizer``."""
+    return getattr(optimizer, "_optimizer", optimizer)

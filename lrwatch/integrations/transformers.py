@@ -1,0 +1,256 @@
+"""Hugging Face ``Trainer`` callback: one line gives a ``Trainer`` run the whole Watcher.
+
+    trainer = Trainer(..., callbacks=[LrwatchCallback(port=9400, trace="run.jsonl")])
+
+Where each measurement comes from (all on the device, no per-step host sync):
+
+- gradients *before clipping*: the ``Trainer`` clips (``max_grad_norm``, 1.0 by default) before
+  its ``on_pre_optimizer_step`` event, so that event only sees clipped gradients. The callback
+  instead measures at the end of the backward pass of the last micro-batch of each step: a
+  forward hook on the model puts a gradient hook on the loss, which queues a callback that the
+  autograd engine runs once the backward pass has written every ``.grad``. Fallback (the model
+  returns no loss tensor, e.g. a custom ``compute_loss``): ``on_pre_optimizer_step``, after
+  clipping. With fp16 and a GradScaler, gradients are still scaled at that point, so the
+  callback measures at ``on_pre_optimizer_step`` (after the Trainer unscaled, and clipped) and
+  says so once;
+- the step and its learning rate: the optimizer's post-step hook (the learning rate the
+  scheduler set for this step, as the Trainer's own ``learning_rate`` log);
+- train loss: the model output's ``loss`` tensor, captured by the same forward hook (kept on the
+  device, one value per step: the mean over micro-batches, or their sum when the Trainer passes
+  ``num_items_in_batch``). Fallback: the ``loss`` the Trainer logs every ``logging_steps``;
+- evaluation: the ``metrics`` of ``on_evaluate`` (``eval_loss``, ``eval_accuracy``, ...).
+
+The iteration boundary (rollback, snapshots, stop) is the next ``on_step_begin`` (and
+``on_train_end``), after the scheduler step, evaluation and checkpointing of the step before.
+A stop sets ``control.should_training_stop``; the Trainer honours it after the step in progress.
+lrwatch's state is written to ``lrwatch_state.json`` in each checkpoint folder (``on_save``) and
+read back when the Trainer resumes from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import warnings
+from typing import Any, Mapping
+
+import torch
+
+try:
+    from transformers import TrainerCallback
+except ImportError as exc:  # pragma: no cover - depends on what is installed
+    raise ImportError("lrwatch.integrations.transformers needs transformers: "
+                      "pip install 'lrwatch[transformers]'") from exc
+
+from ..errors import ConfigError
+from ..watch import Watcher
+from ._common import check_export, eval_name, export_kwargs, scalar, wrap_dataloader
+
+__all__ = ["LrwatchCallback", "STATE_FILE"]
+
+#: The file lrwatch writes into every checkpoint folder.
+STATE_FILE = "lrwatch_state.json"
+_FROM_TRAINER = ("model", "optimizer", "scheduler", "scaler", "step_hooks", "start_step",
+                 "export")
+_WATCHER_ARGS = frozenset(inspect.signature(Watcher.__init__).parameters) - {"self"}
+
+
+class LrwatchCallback(TrainerCallback):
+    """Watches a ``transformers.Trainer`` run with an :class:`lrwatch.Watcher`.
+
+    Parameters
+    ----------
+    export:
+        ``"rank0"`` (default): only the world's process zero serves ``/metrics``, writes the
+        trace and sends alerts; ``"all"``: every process does (passed to the Watcher, which
+        decides from ``torch.distributed``; without it, the Trainer's process index decides).
+    resume_from:
+        A checkpoint folder to read lrwatch's state from. By default, when the Trainer starts at
+        a global step above zero, ``output_dir/checkpoint-{global_step}`` is used if it holds
+        lrwatch's state.
+    **watcher_kwargs:
+        Any :class:`~lrwatch.watch.Watcher` argument except the ones taken from the Trainer.
+    """
+
+    def __init__(self, *, export: str = "rank0", resume_from: str | None = None,
+                 **watcher_kwargs: Any) -> None:
+        bad = sorted(set(watcher_kwargs) - (_WATCHER_ARGS - set(_FROM_TRAINER)))
+        if bad:
+            valid = sorted(_WATCHER_ARGS - set(_FROM_TRAINER))
+            raise ConfigError(f"unknown LrwatchCallback argument(s) {bad}; valid: {valid}")
+        self.export = check_export(export)
+        self.resume_from = resume_from
+        self.watcher_kwargs = watcher_kwargs
+        self.watcher: Watcher | None = None
+        self._handles: list[Any] = []
+        self._gradient_state: Any = None
+        self._backward_probe = True
+        self._measured = False
+        self._queued = False
+        self._loss_sum: torch.Tensor | None = None
+        self._loss_n = 0
+        self._loss_summed = False
+        self._hook_loss = False  # the forward hook has seen a loss tensor
+        self._stepped = False
+        self._done: dict[str, Any] | None = None
+        self._eval: dict[str, Any] = {}
+        self._control: Any = None
+
+    @property
+    def exit_status(self) -> int:
+        return self.watcher.exit_status if self.watcher is not None else 0
+
+    @property
+    def metrics_url(self) -> str | None:
+        return self.watcher.metrics_url if self.watcher is not None else None
+
+    # --- set-up and tear-down ------------------------------------------------------------------
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
+                       optimizer: Any = None, lr_scheduler: Any = None,
+                       train_dataloader: Any = None, **kwargs: Any) -> None:
+        self._close()
+        if model is None or optimizer is None:
+            raise ConfigError("LrwatchCallback needs the Trainer's model and optimizer")
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+        sched = getattr(lr_scheduler, "scheduler", lr_scheduler)  # AcceleratedScheduler
+        scaler = getattr(optimizer, "scaler", None)
+        self._gradient_state = getattr(optimizer, "gradient_state", None)
+        self._backward_probe = scaler is None  # fp16: grads are still scaled after backward
+        if scaler is not None:
+            warnings.warn("lrwatch: with fp16 and a GradScaler the Trainer unscales gradients "
+                          "only when it clips them; lrwatch measures them at "
+                          "on_pre_optimizer_step, after clipping", stacklevel=2)
+        rank = int(getattr(args, "process_index", 0) or 0)
+        kw = export_kwargs(self.watcher_kwargs, rank, self.export)
+        w = self.watcher = Watcher(model, inner, sched, scaler=scaler, step_hooks=False,
+                                   start_step=int(state.global_step), **kw)
+        saved = self._saved_state(args, state)
+        if saved is not None:
+            w.load_state_dict(saved)
+        self._handles = [inner.register_step_post_hook(self._post_step),
+                         model.register_forward_hook(self._forward_hook, with_kwargs=True)]
+        if train_dataloader is not None and not wrap_dataloader(train_dataloader, w.skip_batch):
+            if w.recovery is not None and w.recovery.skip_batches:
+                warnings.warn("lrwatch: this train dataloader has no BatchSampler to wrap; "
+                              "rollbacks will not skip extra batches", stacklevel=2)
+        self._measured = self._stepped = False
+        self._loss_sum, self._loss_n, self._done, self._eval = None, 0, None, {}
+
+    def _saved_state(self, args: Any, state: Any) -> dict[str, Any] | None:
+        folder = self.resume_from
+        if folder is None and state.global_step > 0:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        path = os.path.join(folder, STATE_FILE) if folder else None
+        if path is None or not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._boundary(control)
+        self._close()
+
+    def _close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self.watcher is not None:
+            self.watcher.close()
+
+    # --- the step ------------------------------------------------------------------------------
+    def _forward_hook(self, module: Any, args: Any, kwargs: Any, output: Any) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            return
+        self._hook_loss = True
+        d = loss.detach()
+        self._loss_sum = d if self._loss_sum is None else self._loss_sum + d
+        self._loss_n += 1
+        self._loss_summed = kwargs.get("num_items_in_batch") is not None
+        if self._backward_probe and loss.requires_grad:
+            loss.register_hook(self._on_loss_grad)
+
+    def _on_loss_grad(self, grad: torch.Tensor) -> None:
+        # Runs inside the backward pass; the queued callback runs when it has finished.
+        if not self._queued:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
+
+    def _after_backward(self) -> None:
+        self._queued = False
+        gs = self._gradient_state
+        if self.watcher is not None and (gs is None or gs.sync_gradients):
+            self.watcher.before_step()  # the last micro-batch: final, unclipped gradients
+            self._measured = True
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.watcher is not None and not self._measured:
+            self.watcher.before_step()  # fallback: after the Trainer's clipping
+        self._measured = False
+
+    def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.watcher is not None:
+            self.watcher.after_step()
+            self._stepped = True
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        done: dict[str, Any] = {}
+        if self._loss_sum is not None:
+            n = self._loss_n
+            done["loss"] = self._loss_sum if (n == 1 or self._loss_summed) else self._loss_sum / n
+        self._loss_sum, self._loss_n = None, 0
+        if self._stepped or self._done is None:
+            self._done = done
+        self._stepped = False
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None,
+               **kwargs: Any) -> None:
+        # Fallback only: the Trainer's float loss every logging_steps (it synced for it).
+        if not self._hook_loss and logs and "loss" in logs and self._done is not None:
+            v = scalar(logs["loss"])
+            if v is not None:
+                self._done.setdefault("loss", v)
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None,
+                    **kwargs: Any) -> None:
+        for key, value in (metrics or {}).items():
+            name = eval_name(str(key), ("eval_",))
+            v = scalar(value) if name is not None else None
+            if v is not None:
+                self._eval[name] = v  # type: ignore[index]
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._boundary(control)
+
+    def _boundary(self, control: Any) -> None:
+        w = self.watcher
+        if w is None:
+            return
+        if self._done is not None:
+            metrics = {**self._done, **self._eval}
+            self._done, self._eval = None, {}
+            w.log(**metrics)
+        if w.should_stop:
+            control.should_training_stop = True
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.watcher is None or not state.is_world_process_zero:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not os.path.isdir(folder):
+            return
+        tmp = os.path.join(folder, STATE_FILE + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(self.watcher.state_dict(), fh, allow_nan=True)
+        os.replace(tmp, os.path.join(folder, STATE_FILE))
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.watcher.state_dict() if self.watcher is not None else {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self.watcher is not None:
+            self.watcher.load_state_dict(state)

@@ -1,0 +1,79 @@
+"""Framework-free parts of the integrations: the skip sampler, export options, importability."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lrwatch
+from lrwatch.errors import ConfigError
+from lrwatch.integrations._common import (SkipSampler, check_export, eval_name, export_kwargs,
+                                          wrap_dataloader)
+
+
+def test_watcher_skip_batch_counts_and_consumes_the_window() -> None:
+    model = torch.nn.Linear(2, 1)
+    w = lrwatch.Watcher(model, torch.optim.SGD(model.parameters(), lr=0.1), rules=None)
+    w.load_state_dict({**w.state_dict(), "skip_remaining": 2})
+    assert [w.skip_batch() for _ in range(4)] == [True, True, False, False]
+    assert w.skipped_batches == 2 and w.data_position == 4
+    w.close()
+
+
+def test_wrapped_dataloader_drops_whole_batches_on_request() -> None:
+    ds = torch.utils.data.TensorDataset(torch.arange(40))
+    dl = torch.utils.data.DataLoader(ds, batch_size=4)
+    drop = {2, 3}
+    calls = iter(range(100))
+    assert wrap_dataloader(dl, lambda: next(calls) in drop)
+    assert isinstance(dl.batch_sampler.sampler, SkipSampler) and len(dl) == 10
+    firsts = [int(b[0][0]) for b in dl]
+    assert firsts == [0, 4, 16, 20, 24, 28, 32, 36]
+    ds_iter = torch.utils.data.DataLoader(_Stream(), batch_size=None)
+    assert not wrap_dataloader(ds_iter, lambda: False)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        yield from range(3)
+
+
+def test_export_is_rank_zero_by_default() -> None:
+    kw = {"port": 9400, "trace": "run.jsonl", "alertmanager": "http://am", "flush_every": 5}
+    assert export_kwargs(kw, 0, "rank0") == {**kw, "export": "rank0"}
+    assert export_kwargs(kw, 1, "rank0") == {"flush_every": 5, "export": "rank0"}
+    per = export_kwargs(kw, 2, "all")
+    assert per["trace"] == "run.rank2.jsonl" and per["port"] == 9402
+    with pytest.raises(ConfigError, match="rank0"):
+        check_export("per_rank")
+
+
+def test_eval_names() -> None:
+    p = ("val_", "val/")
+    assert eval_name("val_loss", p) == "eval_loss"
+    assert eval_name("val/acc", p) == "eval_accuracy"
+    assert eval_name("train_loss", p) is None
+    assert eval_name("eval_runtime", ("eval_",)) is None
+
+
+def test_lrwatch_imports_without_the_frameworks() -> None:
+    code = ("import sys\n"
+            "for m in ('lightning', 'pytorch_lightning', 'transformers', 'accelerate'):\n"
+            "    sys.modules[m] = None\n"
+            "import lrwatch, lrwatch.integrations, lrwatch.watch\n"
+            "try:\n"
+            "    import lrwatch.integrations.lightning\n"
+            "except ImportError as e:\n"
+            "    assert 'lrwatch[lightning]' in str(e), e\n"
+            "else:\n"
+            "    raise SystemExit('imported without lightning')\n"
+            "try:\n"
+            "    import lrwatch.integrations.transformers\n"
+            "except ImportError as e:\n"
+            "    assert 'lrwatch[transformers]' in str(e), e\n"
+            "else:\n"
+            "    raise SystemExit('imported without transformers')\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

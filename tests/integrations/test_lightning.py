@@ -1,0 +1,194 @@
+"""LrwatchCallback in a real ``lightning.Trainer.fit`` on a tiny local model (CPU, no downloads)."""
+
+from __future__ import annotations
+
+import math
+import re
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+pl = pytest.importorskip("lightning.pytorch")
+
+from lrwatch.actions.policy import EXIT_BUDGET  # noqa: E402
+from lrwatch.exporters.trace import read_trace  # noqa: E402
+from lrwatch.integrations.lightning import LrwatchCallback  # noqa: E402
+
+
+class TinyMLP(pl.LightningModule):
+    def __init__(self, lr: float = 0.05, sched: bool = True, nan_from: int | None = None) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 2))
+        self.lr, self.sched, self.nan_from = lr, sched, nan_from
+        self.seen: list[int] = []  # first sample id of every batch trained on
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y, ids = batch
+        self.seen.append(int(ids[0]))
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        step = self.trainer.global_step
+        if self.nan_from is not None and step >= self.nan_from and step % 12 == 0:
+            loss = loss * float("nan")  # a bad batch every 12 steps, for ever
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y, _ = batch
+        logits = self.net(x)
+        self.log("val_loss", nn.functional.cross_entropy(logits, y))
+        self.log("val_acc", (logits.argmax(-1) == y).float().mean())
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        if not self.sched:
+            return opt
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.01 * s))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _loader(n: int = 640, batch: int = 16, seed: int = 0, shuffle: bool = False) -> Any:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    ds = torch.utils.data.TensorDataset(x, y, torch.arange(n))
+    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=shuffle, generator=g)
+
+
+class LrBomb(pl.Callback):
+    """Sets a learning rate 10000x too high at global step ``at`` (persists: no schedule)."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.fired = at, 0
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, i: int) -> None:
+        if trainer.global_step >= self.at and not self.fired:
+            self.fired += 1
+            for g in trainer.optimizers[0].param_groups:
+                g["lr"] = 500.0
+
+
+class Scrape(pl.Callback):
+    def __init__(self, cb: LrwatchCallback) -> None:
+        self.cb, self.text = cb, ""
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        assert self.cb.metrics_url is not None
+        with urllib.request.urlopen(self.cb.metrics_url, timeout=5) as r:
+            self.text = r.read().decode()
+
+
+def _trainer(tmp_path: Path, callbacks: list[Any], **kw: Any) -> Any:
+    kw.setdefault("max_steps", 60)
+    return pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False,
+                      enable_checkpointing=kw.pop("enable_checkpointing", False),
+                      enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, callbacks=callbacks, **kw)
+
+
+def _metric(text: str, name: str) -> float:
+    m = re.search(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+    assert m, f"{name} not in /metrics"
+    return float(m.group(1))
+
+
+def test_metrics_on_http_and_trace(tmp_path: Path) -> None:
+    trace = tmp_path / "run.jsonl"
+    cb = LrwatchCallback(port=0, trace=str(trace), flush_every=5)
+    scrape = Scrape(cb)
+    model = TinyMLP()
+    trainer = _trainer(tmp_path, [cb, scrape], max_steps=40, val_check_interval=20,
+                       limit_val_batches=2)
+    trainer.fit(model, _loader(), _loader(64, seed=1))
+    text = scrape.text
+    assert _metric(text, "lrwatch_step") == 40 == trainer.global_step
+    assert _metric(text, "lrwatch_training_steps_total") == 40
+    assert math.isfinite(_metric(text, "lrwatch_loss"))
+    assert _metric(text, "lrwatch_grad_norm") > 0
+    assert _metric(text, "lrwatch_learning_rate") == pytest.approx(0.05 / (1 + 0.01 * 39))
+    assert 0 <= _metric(text, "lrwatch_eval_accuracy") <= 1
+    samples = read_trace(trace)
+    assert [s.step for s in samples] == list(range(1, 41))
+    # The learning rate of step k is the one the scheduler set for it (after k-1 scheduler steps).
+    for s in samples:
+        assert s.values["lr"] == pytest.approx(0.05 / (1 + 0.01 * (s.step - 1)), rel=1e-9)
+        assert math.isfinite(s.values["loss"]) and s.values["grad_norm"] > 0
+    evals = [s for s in samples if "eval_loss" in s.values]
+    assert [s.step for s in evals] == [20, 40]  # validation results join their own step
+    assert all("eval_accuracy" in s.values for s in evals)
+    assert cb.watcher is not None and cb.watcher.policy.rollbacks == 0
+
+
+def test_grad_norm_is_measured_before_clipping(tmp_path: Path) -> None:
+    trace = tmp_path / "run.jsonl"
+    cb = LrwatchCallback(trace=str(trace), flush_every=10, rules=None)
+    _trainer(tmp_path, [cb], max_steps=20, gradient_clip_val=1e-3).fit(TinyMLP(), _loader())
+    norms = [s.values["grad_norm"] for s in read_trace(trace)]
+    assert min(norms) > 1e-2  # the clipped norm would be 1e-3
+
+
+def test_injected_divergence_is_rolled_back_and_the_run_finishes_healthy(tmp_path: Path) -> None:
+    trace = tmp_path / "run.jsonl"
+    cb = LrwatchCallback(trace=str(trace), flush_every=2,
+                         recovery={"good_after": 4, "min_interval": 5, "cooldown": 0,
+                                   "lr_factor": 0.5, "skip_batches": 3})
+    model = TinyMLP(sched=False)
+    trainer = _trainer(tmp_path, [cb, LrBomb(at=25)], max_steps=70)
+    trainer.fit(model, _loader())
+    w = cb.watcher
+    assert w is not None and w.policy.rollbacks == 1 and not w.should_stop
+    assert trainer.global_step == 70 and w.step == 70  # one step count, the framework's
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    lr = trainer.optimizers[0].param_groups[0]["lr"]
+    assert lr == pytest.approx(0.025)  # restored (0.05), then x0.5
+    samples = read_trace(trace)
+    rb = [e for s in samples for e in s.events if e.get("type") == "rollback"]
+    assert len(rb) == 1 and rb[0]["to_step"] < 25
+    assert samples[-1].values["loss"] < 0.5 and math.isfinite(samples[-1].values["loss"])
+    # Exactly three batches after the rollback were dropped before Lightning saw them.
+    assert w.skipped_batches == 3
+    seen = model.seen
+    gaps = [(a, b) for a, b in zip(seen, seen[1:]) if b != a + 16 and b != 0]
+    assert len(gaps) == 1 and gaps[0][1] - gaps[0][0] == 16 * 4
+
+
+def test_budget_uses_lightning_stop(tmp_path: Path) -> None:
+    cb = LrwatchCallback(flush_every=1, recovery={"good_after": 3, "min_interval": 3,
+                                                  "cooldown": 0, "max_rollbacks": 2})
+    trainer = _trainer(tmp_path, [cb], max_steps=200)
+    trainer.fit(TinyMLP(sched=False, nan_from=20), _loader())
+    assert trainer.should_stop and trainer.global_step < 200
+    assert cb.watcher is not None and cb.watcher.policy.rollbacks == 2
+    assert cb.exit_status == EXIT_BUDGET
+
+
+def test_resume_from_lightning_checkpoint_keeps_lrwatch_state(tmp_path: Path) -> None:
+    ckdir = tmp_path / "ckpt"
+    ck = pl.callbacks.ModelCheckpoint(dirpath=ckdir, every_n_train_steps=50, save_last=True)
+    cb = LrwatchCallback(flush_every=2, recovery={"good_after": 4, "min_interval": 5,
+                                                  "cooldown": 0})
+    _trainer(tmp_path, [cb, ck, LrBomb(at=20)], max_steps=50,
+             enable_checkpointing=True).fit(TinyMLP(sched=False), _loader())
+    assert cb.watcher is not None and cb.watcher.policy.rollbacks == 1
+    saved = torch.load(ckdir / "last.ckpt", weights_only=False)["callbacks"]
+    state = next(v for k, v in saved.items() if "LrwatchCallback" in k)
+    assert state["policy"]["rollbacks"] == 1 and state["step"] == 50
+
+    seen: dict[str, Any] = {}
+
+    class Probe(pl.Callback):
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            w = cb2.watcher
+            assert w is not None and w.engine is not None
+            seen.update(step=w.step, rollbacks=w.policy.rollbacks, engine=w.engine.state_dict())
+
+    trace = tmp_path / "resumed.jsonl"
+    cb2 = LrwatchCallback(flush_every=2, trace=str(trace))
+    trainer = _trainer(tmp_path, [cb2, Probe()], max_steps=60)
+    trainer.fit(TinyMLP(sched=False), _loader(), ckpt_path=str(ckdir / "last.ckpt"))
+    assert seen["step"] == 50 and seen["rollbacks"] == 1
+    assert seen["engine"] == state["engine"]
+    steps = [s.step for s in read_trace(trace)]
+    assert steps == list(range(51, 61))

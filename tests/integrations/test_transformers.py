@@ -1,0 +1,193 @@
+"""LrwatchCallback in a real ``transformers.Trainer.train`` on a tiny GPT-2 made in code (CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from lrwatch.actions.policy import EXIT_BUDGET  # noqa: E402
+from lrwatch.exporters.trace import read_trace  # noqa: E402
+from lrwatch.integrations.transformers import STATE_FILE, LrwatchCallback  # noqa: E402
+
+
+class Seqs(torch.utils.data.Dataset):
+    """Counting sequences mod 32 with a random start: easy to learn, no download."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.starts = torch.randint(0, 32, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = (self.starts[i] + torch.arange(16)) % 32
+        return {"input_ids": ids, "labels": ids.clone(), "idx": torch.tensor(i)}
+
+
+def _model(seed: int = 0) -> Any:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=32, n_positions=16, n_embd=32, n_layer=1, n_head=2)
+    return GPT2LMHeadModel(cfg)
+
+
+def _collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([it[k] for it in items]) for k in ("input_ids", "labels")}
+
+
+def _args(tmp_path: Path, **kw: Any) -> Any:
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8,
+                learning_rate=3e-3, max_steps=40, logging_steps=10, report_to=[],
+                save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+                lr_scheduler_type="constant", remove_unused_columns=False, dataloader_num_workers=0)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def _train(tmp_path: Path, cb: LrwatchCallback, extra: list[Any] = (), model: Any = None,
+           resume: str | None = None, **kw: Any) -> Any:
+    trainer = Trainer(model=model if model is not None else _model(), args=_args(tmp_path, **kw),
+                      train_dataset=Seqs(2000), eval_dataset=Seqs(32, seed=1),
+                      data_collator=_collate, callbacks=[cb, *extra])
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+class Scrape(TrainerCallback):
+    def __init__(self, cb: LrwatchCallback) -> None:
+        self.cb, self.text = cb, ""
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        pass
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if state.global_step == state.max_steps:  # before the callback closes its server
+            with urllib.request.urlopen(self.cb.metrics_url, timeout=5) as r:
+                self.text = r.read().decode()
+
+
+class Poison(TrainerCallback):
+    """Makes the model's loss NaN at the given global steps (a poisoned batch)."""
+
+    def __init__(self, model: Any, steps: Any) -> None:
+        self.steps, self.on = steps, False
+        model.register_forward_hook(self._hook)
+
+    def _hook(self, module: Any, args: Any, output: Any) -> Any:
+        if self.on and module.training:
+            output.loss = output.loss * float("nan")
+        return output
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.on = (state.global_step + 1) in self.steps
+
+
+def _metric(text: str, name: str) -> float:
+    m = re.search(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+    assert m, f"{name} not in /metrics"
+    return float(m.group(1))
+
+
+def test_metrics_on_http_and_trace(tmp_path: Path) -> None:
+    trace = tmp_path / "run.jsonl"
+    cb = LrwatchCallback(port=0, trace=str(trace), flush_every=5)
+    scrape = Scrape(cb)
+    trainer = _train(tmp_path, cb, [scrape], eval_strategy="steps", eval_steps=20,
+                     max_grad_norm=1e-3, lr_scheduler_type="linear", warmup_steps=5)
+    text = scrape.text
+    assert _metric(text, "lrwatch_training_steps_total") >= 35
+    assert math.isfinite(_metric(text, "lrwatch_loss"))
+    samples = read_trace(trace)
+    assert [s.step for s in samples] == list(range(1, 41)) and trainer.state.global_step == 40
+    # Gradient norms before the Trainer's clipping (it clips to 1e-3 here).
+    assert min(s.values["grad_norm"] for s in samples) > 1e-2
+    # Learning rate of step k: the linear schedule after k-1 scheduler steps (warm-up 5).
+    def sched(k: int) -> float:
+        s = k - 1
+        return 3e-3 * (s / 5 if s < 5 else max(0.0, (40 - s) / 35))
+    for s in samples:
+        assert s.values["lr"] == pytest.approx(sched(s.step), rel=1e-6, abs=1e-12)
+    logged = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+    assert set(logged) == {10, 20, 30, 40}
+    # The Trainer's logged loss averages logging_steps steps; ours is per step.
+    by_step = {s.step: s.values["loss"] for s in samples}
+    for step, loss in logged.items():
+        assert loss == pytest.approx(sum(by_step[k] for k in range(step - 9, step + 1)) / 10,
+                                     rel=1e-4)
+    evals = [s for s in samples if "eval_loss" in s.values]
+    assert [s.step for s in evals] == [20, 40]
+
+
+@pytest.mark.slow
+def test_poisoned_batch_is_rolled_back_and_the_run_finishes_healthy(tmp_path: Path) -> None:
+    trace = tmp_path / "run.jsonl"
+    model = _model()
+    cb = LrwatchCallback(trace=str(trace), flush_every=2,
+                         recovery={"good_after": 4, "min_interval": 5, "cooldown": 0,
+                                   "skip_batches": 2})
+    trainer = _train(tmp_path, cb, [Poison(model, {25})], model=model, max_steps=60)
+    w = cb.watcher
+    assert w is not None and w.policy.rollbacks == 1 and not w.should_stop
+    assert trainer.state.global_step == 60 == w.step
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    samples = read_trace(trace)
+    rb = [e for s in samples for e in s.events if e.get("type") == "rollback"]
+    assert len(rb) == 1 and rb[0]["to_step"] < 25
+    assert math.isnan(next(s for s in samples if s.step == 25).values["loss"])
+    at = next(s.step for s in samples if any(e.get("type") == "rollback" for e in s.events))
+    assert at <= 26  # detected at the first flush after the bad step
+    assert all(math.isfinite(s.values["loss"]) for s in samples if s.step > at)
+    assert samples[-1].values["loss"] < samples[0].values["loss"]
+    assert w.skipped_batches == 2
+
+
+@pytest.mark.slow
+def test_budget_uses_the_trainer_stop(tmp_path: Path) -> None:
+    model = _model()
+    cb = LrwatchCallback(flush_every=1, recovery={"good_after": 3, "min_interval": 3,
+                                                  "cooldown": 0, "max_rollbacks": 2})
+    trainer = _train(tmp_path, cb, [Poison(model, set(range(20, 400, 12)))], model=model,
+                     max_steps=300)
+    assert cb.watcher is not None and cb.watcher.policy.rollbacks == 2
+    assert cb.exit_status == EXIT_BUDGET
+    assert trainer.state.global_step < 300  # control.should_training_stop ended the run
+
+
+@pytest.mark.slow
+def test_resume_from_trainer_checkpoint_keeps_lrwatch_state(tmp_path: Path) -> None:
+    model = _model()
+    cb = LrwatchCallback(flush_every=2, recovery={"good_after": 4, "min_interval": 5,
+                                                  "cooldown": 0})
+    _train(tmp_path, cb, [Poison(model, {18})], model=model, max_steps=30,
+           save_strategy="steps", save_steps=30)
+    ck = tmp_path / "out" / "checkpoint-30"
+    saved = json.loads((ck / STATE_FILE).read_text())
+    assert saved["policy"]["rollbacks"] == 1 and saved["step"] == 30
+
+    seen: dict[str, Any] = {}
+
+    class Probe(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            w = cb2.watcher
+            assert w is not None and w.engine is not None
+            seen.update(step=w.step, rollbacks=w.policy.rollbacks,
+                        engine=json.loads(json.dumps(w.engine.state_dict())))
+
+    trace = tmp_path / "resumed.jsonl"
+    cb2 = LrwatchCallback(flush_every=2, trace=str(trace))
+    _train(tmp_path, cb2, [Probe()], max_steps=40, resume=str(ck))
+    assert seen["step"] == 30 and seen["rollbacks"] == 1
+    assert seen["engine"] == saved["engine"]
+    assert [s.step for s in read_trace(trace)] == list(range(31, 41))

@@ -72,6 +72,12 @@ cli.add_command(daemon_command)
 cli.add_command(baseline_group)
 
 
+from .stack_cli import dashboards_group, stack_command  # noqa: E402  (registered below)
+
+cli.add_command(stack_command)
+cli.add_command(dashboards_group)
+
+
 def main() -> None:
     cli(prog_name="lrwatch")
 

@@ -1,0 +1,558 @@
+"""The Grafana dashboards lrwatch ships, generated from code so that they stay consistent.
+
+``lrwatch dashboards generate --out grafana/dashboards`` writes them; the committed JSON in
+``grafana/dashboards/`` is this module's output (a test checks that it still is). Every panel
+and annotation uses the ``datasource`` template variable (never ``${DS_PROMETHEUS}``), every
+query is limited by the ``job`` and ``instance`` variables, and rates use ``$__rate_interval``.
+
+>>> d = training_dashboard()
+>>> d["uid"], d["title"]
+('lrwatch-training', 'lrwatch / Training')
+>>> sorted(v["name"] for v in d["templating"]["list"])
+['datasource', 'instance', 'job']
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+__all__ = ["DATASOURCE", "training_dashboard", "serving_dashboard", "DASHBOARDS", "render",
+           "write_dashboards", "check_dashboards"]
+
+#: The datasource reference of every panel, target and annotation.
+DATASOURCE: dict[str, str] = {"type": "prometheus", "uid": "${datasource}"}
+SCHEMA_VERSION = 39
+SEL = 'job=~"$job", instance=~"$instance"'
+
+
+# --- building blocks ------------------------------------------------------------------------------
+
+def _target(expr: str, legend: str = "", ref: str = "A", **extra: Any) -> dict[str, Any]:
+    t: dict[str, Any] = {"datasource": DATASOURCE, "editorMode": "code", "expr": expr,
+                         "legendFormat": legend or "__auto", "range": True, "refId": ref}
+    t.update(extra)
+    return t
+
+
+def _targets(*pairs: tuple[str, str]) -> list[dict[str, Any]]:
+    return [_target(expr, legend, chr(ord("A") + i)) for i, (expr, legend) in enumerate(pairs)]
+
+
+def _new_events(counter: str, selector: str, window: str) -> str:
+    """Increases of a counter in ``window``, counting a series that is new in the window in full.
+
+    ``increase()`` cannot see events that happened before a counter's first scrape (a rollback
+    at step 3, or a labelled child created by its first event); such a series did not exist one
+    window earlier, so its whole value is new.
+    """
+    s = f"{counter}{{{selector}}}"
+    return f"(({s} unless {s} offset {window}) or increase({s}[{window}])) > 0"
+
+
+class _Layout:
+    """Panels in a 24-column grid, left to right, top to bottom, with stable ids."""
+
+    def __init__(self) -> None:
+        self.panels: list[dict[str, Any]] = []
+        self._x = 0
+        self._y = 0
+        self._row_h = 0
+
+    def row(self, title: str) -> None:
+        self._newline()
+        self.panels.append({"type": "row", "title": title, "id": len(self.panels) + 1,
+                            "collapsed": False, "panels": [],
+                            "gridPos": {"h": 1, "w": 24, "x": 0, "y": self._y}})
+        self._y += 1
+
+    def _newline(self) -> None:
+        if self._x:
+            self._y += self._row_h
+            self._x, self._row_h = 0, 0
+
+    def add(self, panel: dict[str, Any], w: int = 12, h: int = 8) -> dict[str, Any]:
+        if self._x + w > 24:
+            self._newline()
+        panel["id"] = len(self.panels) + 1
+        panel["gridPos"] = {"h": h, "w": w, "x": self._x, "y": self._y}
+        self._x += w
+        self._row_h = max(self._row_h, h)
+        self.panels.append(panel)
+        return panel
+
+
+def _timeseries(title: str, targets: list[dict[str, Any]], *, unit: str = "short",
+                description: str = "", log: bool = False, thresholds: list[Any] | None = None,
+                overrides: list[Any] | None = None, min_: float | None = None,
+                max_: float | None = None, draw_style: str = "line") -> dict[str, Any]:
+    custom: dict[str, Any] = {"drawStyle": draw_style, "lineWidth": 1,
+                              "fillOpacity": 80 if draw_style == "bars" else 0,
+                              "showPoints": "never", "spanNulls": False}
+    if log:
+        custom["scaleDistribution"] = {"type": "log", "log": 10}
+    if thresholds:
+        custom["thresholdsStyle"] = {"mode": "line+area" if len(thresholds) > 1 else "line"}
+    defaults: dict[str, Any] = {"unit": unit, "custom": custom, "color": {"mode": "palette-classic"}}
+    if thresholds:
+        defaults["thresholds"] = {"mode": "absolute", "steps": thresholds}
+    if min_ is not None:
+        defaults["min"] = min_
+    if max_ is not None:
+        defaults["max"] = max_
+    return {"type": "timeseries", "title": title, "description": description,
+            "datasource": DATASOURCE, "targets": targets,
+            "fieldConfig": {"defaults": defaults, "overrides": overrides or []},
+            "options": {"legend": {"displayMode": "list", "placement": "bottom",
+                                   "showLegend": True},
+                        "tooltip": {"mode": "multi", "sort": "desc"}}}
+
+
+def _stat(title: str, targets: list[dict[str, Any]], *, unit: str = "short",
+          description: str = "", thresholds: list[Any] | None = None,
+          decimals: int | None = None) -> dict[str, Any]:
+    defaults: dict[str, Any] = {"unit": unit, "color": {"mode": "thresholds"},
+                                "thresholds": {"mode": "absolute", "steps": thresholds or [
+                                    {"color": "green", "value": None}]}}
+    if decimals is not None:
+        defaults["decimals"] = decimals
+    for t in targets:
+        t["instant"], t["range"] = True, False
+    return {"type": "stat", "title": title, "description": description,
+            "datasource": DATASOURCE, "targets": targets,
+            "fieldConfig": {"defaults": defaults, "overrides": []},
+            "options": {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                        "colorMode": "value", "graphMode": "area", "justifyMode": "auto",
+                        "textMode": "auto", "orientation": "auto"}}
+
+
+def _state_timeline(title: str, targets: list[dict[str, Any]], *, description: str = "",
+                    panel_type: str = "state-timeline", steps: list[Any] | None = None,
+                    mappings: list[Any] | None = None, unit: str = "short") -> dict[str, Any]:
+    return {"type": panel_type, "title": title, "description": description,
+            "datasource": DATASOURCE, "targets": targets,
+            "fieldConfig": {"defaults": {"unit": unit,
+                                         "color": {"mode": "thresholds"},
+                                         "thresholds": {"mode": "absolute", "steps": steps or [
+                                             {"color": "transparent", "value": None},
+                                             {"color": "red", "value": 1}]},
+                                         "mappings": mappings or []},
+                            "overrides": []},
+            "options": {"showValue": "never", "rowHeight": 0.9, "mergeValues": True,
+                        "alignValue": "left",
+                        "legend": {"displayMode": "list", "placement": "bottom",
+                                   "showLegend": False},
+                        "tooltip": {"mode": "single", "sort": "none"}}}
+
+
+def _query_var(name: str, label: str, query: str, *, multi: bool, include_all: bool,
+               all_value: str | None = None) -> dict[str, Any]:
+    v: dict[str, Any] = {
+        "type": "query", "name": name, "label": label, "datasource": DATASOURCE,
+        "definition": query,
+        "query": {"qryType": 1, "query": query, "refId": "PrometheusVariableQueryEditor-VariableQuery"},
+        "refresh": 2, "regex": "", "sort": 1, "hide": 0, "multi": multi,
+        "includeAll": include_all, "current": {}, "options": [],
+    }
+    if all_value is not None:
+        v["allValue"] = all_value
+    return v
+
+
+def _variables(series: str, extra: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"list": [
+        {"type": "datasource", "name": "datasource", "label": "Data source",
+         "query": "prometheus", "regex": "", "refresh": 1, "hide": 0, "current": {},
+         "options": [], "multi": False, "includeAll": False},
+        _query_var("job", "Job", f"label_values({series}, job)", multi=False,
+                   include_all=False),
+        _query_var("instance", "Instance", f'label_values({series}{{job=~"$job"}}, instance)',
+                   multi=True, include_all=True, all_value=".+"),
+        *(extra or []),
+    ]}
+
+
+def _annotation(name: str, expr: str, color: str, title: str, text: str,
+                tags: str = "job,instance") -> dict[str, Any]:
+    return {"name": name, "datasource": DATASOURCE, "enable": True, "hide": False,
+            "iconColor": color, "expr": expr, "step": "$__interval", "titleFormat": title,
+            "textFormat": text, "tagKeys": tags, "useValueForTime": False}
+
+
+_BUILTIN_ANNOTATION = {
+    "builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"}, "enable": True,
+    "hide": True, "iconColor": "rgba(0, 211, 255, 1)", "name": "Annotations & Alerts",
+    "type": "dashboard"}
+
+
+def _alerts_annotation() -> dict[str, Any]:
+    return _annotation("Prometheus alerts",
+                       'ALERTS{alertname=~"Lrwatch.+", alertstate="firing", ' + SEL + '}',
+                       "orange", "{{alertname}}", "{{severity}} alert at {{instance}}",
+                       tags="alertname,severity,instance")
+
+
+def _dashboard(uid: str, title: str, description: str, panels: list[dict[str, Any]],
+               templating: dict[str, Any], annotations: list[dict[str, Any]],
+               link_uid: str, link_title: str) -> dict[str, Any]:
+    return {
+        "uid": uid, "title": title, "description": description,
+        "tags": ["lrwatch"], "editable": True, "graphTooltip": 1, "timezone": "",
+        "schemaVersion": SCHEMA_VERSION, "version": 1, "refresh": "30s",
+        "time": {"from": "now-1h", "to": "now"}, "timepicker": {},
+        "fiscalYearStartMonth": 0, "liveNow": False, "weekStart": "",
+        "links": [{"title": link_title, "type": "link", "url": f"/d/{link_uid}",
+                   "icon": "dashboard", "keepTime": True, "includeVars": False,
+                   "asDropdown": False, "tags": [], "targetBlank": False, "tooltip": ""}],
+        "annotations": {"list": [_BUILTIN_ANNOTATION, *annotations]},
+        "templating": templating,
+        "panels": panels,
+    }
+
+
+def _firing_panels(lay: _Layout) -> None:
+    lay.add(_state_timeline(
+        "Firing lrwatch rules",
+        _targets((f"lrwatch_rule_firing{{{SEL}}}", "{{rule}} ({{severity}}) {{instance}}")),
+        description="lrwatch's own rule engine (inside the Watcher or the daemon): 1 while a "
+                    "rule fires. lrwatch_rule_firing{rule,severity}."), w=12, h=8)
+    lay.add(_state_timeline(
+        "Prometheus alerts (rules/*.rules.yml)",
+        _targets(('ALERTS{alertname=~"Lrwatch.+", ' + SEL + "}",
+                  "{{alertname}} {{alertstate}} {{instance}}")),
+        description="Alerts of the Prometheus rules shipped in rules/: pending and firing.",
+        steps=[{"color": "transparent", "value": None}, {"color": "orange", "value": 1}]),
+        w=12, h=8)
+
+
+# --- the dashboards ----------------------------------------------------------------------------------
+
+def training_dashboard() -> dict[str, Any]:
+    """"lrwatch / Training": learning rate, loss, gradients, evaluation, speed, rules."""
+    lay = _Layout()
+    lay.row("Overview")
+    lay.add(_stat("Step", _targets((f"max(lrwatch_step{{{SEL}}})", "step")),
+                  description="Global optimizer step of the last flushed sample "
+                              "(lrwatch_step)."), w=4, h=4)
+    lay.add(_stat("Steps / s", _targets(
+        (f"sum(rate(lrwatch_training_steps_total{{{SEL}}}[$__rate_interval]))", "steps/s")),
+        unit="ops", description="Optimizer steps per second, summed over the selected ranks."),
+        w=4, h=4)
+    lay.add(_stat("Rollbacks in range", _targets(
+        (f"sum(increase(lrwatch_rollbacks_total{{{SEL}}}[$__range]))", "rollbacks")),
+        decimals=0, thresholds=[{"color": "green", "value": None},
+                                {"color": "orange", "value": 1}],
+        description="Rollbacks to a known-good snapshot (lrwatch_rollbacks_total)."), w=4, h=4)
+    lay.add(_stat("Non-finite steps in range", _targets(
+        (f"sum(increase(lrwatch_nonfinite_steps_total{{{SEL}}}[$__range]))", "non-finite")),
+        decimals=0, thresholds=[{"color": "green", "value": None},
+                                {"color": "red", "value": 1}],
+        description="Steps whose loss or gradients were NaN or Inf."), w=4, h=4)
+    lay.add(_stat("Eval accuracy", _targets((f"max(lrwatch_eval_accuracy{{{SEL}}})", "eval")),
+                  unit="percentunit", description="Accuracy of the last evaluation."), w=4, h=4)
+    lay.add(_stat("lrwatch internal errors in range", _targets(
+        (f"sum(increase(lrwatch_internal_errors_total{{{SEL}}}[$__range]))", "errors")),
+        decimals=0, thresholds=[{"color": "green", "value": None},
+                                {"color": "orange", "value": 1}],
+        description="Monitoring failures lrwatch absorbed (fail open)."), w=4, h=4)
+
+    lay.row("Optimisation")
+    lay.add(_timeseries(
+        "Learning rate per parameter group",
+        _targets((f"lrwatch_learning_rate{{{SEL}}}", "{{instance}} group {{param_group}}"),
+                 (f"lrwatch_momentum{{{SEL}}}", "{{instance}} momentum {{param_group}}")),
+        log=True, description="The schedule as the optimizer applied it, per parameter group "
+                              "(lrwatch_learning_rate). Annotations: rollbacks (red) and run "
+                              "starts with their scheduler (blue).",
+        overrides=[{"matcher": {"id": "byRegexp", "options": ".*momentum.*"},
+                    "properties": [{"id": "custom.hideFrom",
+                                    "value": {"legend": False, "tooltip": False,
+                                              "viz": True}}]}]), w=12)
+    lay.add(_timeseries(
+        "Loss",
+        _targets((f"lrwatch_loss{{{SEL}}}", "{{instance}} last flushed step"),
+                 (f"instance:lrwatch_step_loss:mean5m{{{SEL}}}", "{{instance}} mean of every step (5m)")),
+        description="lrwatch_loss holds the last flushed step; the 5-minute mean comes from "
+                    "the per-step histogram lrwatch_step_loss, so steps between scrapes count."),
+        w=12)
+    lay.add(_timeseries(
+        "Gradient norm",
+        _targets((f"lrwatch_grad_norm{{{SEL}}}", "{{instance}} global (last step)"),
+                 (f"instance:lrwatch_step_grad_norm:p99_rate5m{{{SEL}}}", "{{instance}} p99 of every step (5m)"),
+                 (f"lrwatch_layer_grad_norm{{{SEL}}}", "{{instance}} {{layer}}")),
+        log=True, description="Global L2 norm before clipping; per-layer norms when the "
+                              "Watcher has per_layer=True."), w=12)
+    lay.add(_timeseries(
+        "Update ratio ‖Δθ‖/‖θ‖",
+        _targets((f"lrwatch_update_ratio{{{SEL}}}", "{{instance}}")),
+        log=True, unit="percentunit",
+        description="Relative size of each update (Watcher(update_ratio=True)); around 1e-3 "
+                    "is typical, far above means the learning rate is too high.",
+        thresholds=[{"color": "transparent", "value": None}, {"color": "red", "value": 0.01}]),
+        w=12)
+
+    lay.row("Evaluation")
+    lay.add(_timeseries(
+        "Accuracy (train and eval)",
+        _targets((f"lrwatch_accuracy{{{SEL}}}", "{{instance}} train"),
+                 (f"lrwatch_eval_accuracy{{{SEL}}}", "{{instance}} eval")),
+        unit="percentunit", min_=0, max_=1,
+        description="Training accuracy of the last flushed step and the last evaluation."), w=12)
+    lay.add(_timeseries(
+        "Evaluation loss",
+        _targets((f"lrwatch_eval_loss{{{SEL}}}", "{{instance}} eval loss")),
+        description="Loss of the last evaluation (lrwatch_eval_loss)."), w=12)
+
+    lay.row("Speed")
+    lay.add(_timeseries(
+        "Step rate",
+        _targets((f"rate(lrwatch_training_steps_total{{{SEL}}}[$__rate_interval])", "{{instance}}"),
+                 ('sum by (job) (rate(lrwatch_training_steps_total{job=~"$job"}[$__rate_interval]))',
+                  "{{job}} (all ranks)")),
+        unit="ops", description="Optimizer steps per second."), w=8)
+    lay.add(_timeseries(
+        "Step duration",
+        _targets(("histogram_quantile(0.5, sum by (instance, le) "
+                  f"(rate(lrwatch_step_duration_seconds_bucket{{{SEL}}}[$__rate_interval])))",
+                  "{{instance}} p50"),
+                 ("histogram_quantile(0.99, sum by (instance, le) "
+                  f"(rate(lrwatch_step_duration_seconds_bucket{{{SEL}}}[$__rate_interval])))",
+                  "{{instance}} p99")),
+        unit="s", description="Wall time between optimizer steps (every step)."), w=8)
+    lay.add(_timeseries(
+        "Samples per second",
+        _targets((f"lrwatch_samples_per_second{{{SEL}}}", "{{instance}}")),
+        unit="short", description="Training throughput at the last flushed step."), w=8)
+
+    lay.row("Rules and actions")
+    _firing_panels(lay)
+    lay.add(_timeseries(
+        "Actions taken",
+        _targets((f"sum by (instance, action) (increase(lrwatch_actions_total{{{SEL}}}[$__rate_interval]))",
+                  "{{instance}} {{action}}"),
+                 (f"sum by (instance, rule) (increase(lrwatch_firings_total{{{SEL}}}[$__rate_interval]))",
+                  "{{instance}} {{rule}} fired")),
+        description="Training-control actions (rollback, skip, reduce_lr, stop) and rule "
+                    "firings per interval.", draw_style="bars"), w=24, h=7)
+
+    annotations = [
+        _annotation("Rollbacks", _new_events("lrwatch_rollbacks_total", SEL, "$__rate_interval"),
+                    "red", "Rollback", "lrwatch rolled {{instance}} back to a known-good snapshot"),
+        _annotation("Run start (schedule)",
+                    f"lrwatch_run_info{{{SEL}}} unless lrwatch_run_info{{{SEL}}} offset $__rate_interval",
+                    "blue", "Run {{run}} started",
+                    "{{optimizer}} with {{scheduler}} on {{instance}}",
+                    tags="run,optimizer,scheduler"),
+        _alerts_annotation(),
+    ]
+    return _dashboard("lrwatch-training", "lrwatch / Training",
+                      "Training runs watched by lrwatch.Watcher: learning rate, loss, gradients, "
+                      "evaluation, speed, rollbacks and firing rules.",
+                      lay.panels, _variables("lrwatch_training_steps_total"), annotations,
+                      "lrwatch-serving", "lrwatch / Serving")
+
+
+def serving_dashboard() -> dict[str, Any]:
+    """"lrwatch / Serving": drift, predictions, realised accuracy, labels, ingest, rules."""
+    fsel = SEL + ', feature=~"$feature"'
+    feature_var = _query_var(
+        "feature", "Feature",
+        'label_values(lrwatch_drift_detected{job=~"$job", instance=~"$instance"}, feature)',
+        multi=True, include_all=True, all_value=".+")
+    lay = _Layout()
+    lay.row("Overview")
+    lay.add(_stat("Predictions / s", _targets(
+        (f"sum(rate(lrwatch_predictions_total{{{SEL}}}[$__rate_interval]))", "predictions/s")),
+        unit="reqps", description="Prediction records accepted per second."), w=4, h=4)
+    lay.add(_stat("Drifted features", _targets(
+        (f"sum(instance:lrwatch_drift_detected:sum{{{SEL}}})", "features")),
+        decimals=0, thresholds=[{"color": "green", "value": None},
+                                {"color": "orange", "value": 1}],
+        description="Input features that drifted in the last window."), w=4, h=4)
+    lay.add(_stat("Drift score", _targets((f"max(lrwatch_drift_score{{{SEL}}})", "score")),
+                  thresholds=[{"color": "green", "value": None},
+                              {"color": "orange", "value": 1}],
+                  description="Largest drift evidence of the last window in units of its "
+                              "calibrated threshold (>= 1: over)."), w=4, h=4)
+    lay.add(_stat("Realised accuracy", _targets((f"avg(lrwatch_model_accuracy{{{SEL}}})", "accuracy")),
+                  unit="percentunit",
+                  description="Accuracy of the labels joined in the last window."), w=4, h=4)
+    lay.add(_stat("Label coverage (1h)", _targets(
+        (f"avg(instance:lrwatch_label_coverage:ratio_rate1h{{{SEL}}})", "coverage")),
+        unit="percentunit", description="Labels joined per prediction over the last hour."),
+        w=4, h=4)
+    lay.add(_stat("Rejected records (5m)", _targets(
+        (f"max(instance:lrwatch_ingest_errors:ratio_rate5m{{{SEL}}})", "rejected")),
+        unit="percentunit", thresholds=[{"color": "green", "value": None},
+                                        {"color": "orange", "value": 0.05}],
+        description="Rejected records per record received."), w=4, h=4)
+
+    lay.row("Drift")
+    lay.add(_timeseries(
+        "Drift statistic vs threshold: $feature",
+        _targets((f'lrwatch_drift_statistic{{{fsel}, method="score"}}', "{{instance}} statistic"),
+                 (f'lrwatch_drift_threshold{{{fsel}, method="score"}}', "{{instance}} threshold"),
+                 (f'lrwatch_drift_statistic{{{fsel}, method="sequential_z"}}', "{{instance}} sequential"),
+                 (f'lrwatch_drift_threshold{{{fsel}, method="sequential_z"}}', "{{instance}} sequential threshold")),
+        description="The feature's window score and its calibrated threshold (method=score), "
+                    "and the sequential scan over the last 2-16 windows (numeric features).",
+        overrides=[{"matcher": {"id": "byRegexp", "options": ".*threshold"},
+                    "properties": [{"id": "custom.lineStyle",
+                                    "value": {"fill": "dash", "dash": [10, 10]}},
+                                   {"id": "color", "value": {"mode": "fixed",
+                                                             "fixedColor": "red"}}]}]),
+        w=8)
+    lay.panels[-1]["repeat"] = "feature"
+    lay.panels[-1]["repeatDirection"] = "h"
+    lay.panels[-1]["maxPerRow"] = 3
+    lay.add(_state_timeline(
+        "Drift heat map (evidence / threshold per feature)",
+        _targets((f"max by (feature) (feature:lrwatch_drift_statistic:threshold_ratio{{{fsel}}})",
+                  "{{feature}}")),
+        panel_type="status-history",
+        description="Each row a feature, each cell a scrape: the feature's drift score "
+                    "divided by its calibrated threshold (1 = at the threshold).",
+        steps=[{"color": "green", "value": None}, {"color": "yellow", "value": 0.5},
+               {"color": "orange", "value": 1}, {"color": "red", "value": 2}]), w=24, h=8)
+    lay.add(_timeseries(
+        "Effect size per feature",
+        _targets((f'lrwatch_drift_statistic{{{fsel}, method=~"wasserstein|jensen_shannon"}}',
+                  "{{feature}} {{method}}"),
+                 (f'lrwatch_drift_statistic{{{fsel}, method="psi"}}', "{{feature}} psi")),
+        description="Wasserstein distance in reference standard deviations (numeric), "
+                    "Jensen-Shannon distance and PSI: how large the shift is, not how sure."),
+        w=12)
+    lay.add(_timeseries(
+        "Missing, out-of-range and unseen values",
+        _targets((f"lrwatch_missing_ratio{{{fsel}}}", "{{feature}} missing"),
+                 (f"lrwatch_out_of_range_ratio{{{fsel}}}", "{{feature}} out of range"),
+                 (f"lrwatch_unseen_category_ratio{{{fsel}}}", "{{feature}} unseen category")),
+        unit="percentunit", description="Data-quality ratios of the last window."), w=12)
+
+    lay.row("Predictions and accuracy")
+    lay.add(_timeseries(
+        "Prediction distribution vs reference",
+        _targets(('lrwatch_drift_statistic{' + SEL + ', feature="_prediction", '
+                  'method=~"psi|jensen_shannon"}', "{{instance}} {{method}}"),
+                 ('lrwatch_drift_statistic{' + SEL + ', feature="_prediction", method="score"} '
+                  '/ lrwatch_drift_threshold{' + SEL + ', feature="_prediction", method="score"}',
+                  "{{instance}} score / threshold"),
+                 ('lrwatch_unseen_category_ratio{' + SEL + ', feature="_prediction"}',
+                  "{{instance}} unseen classes")),
+        description="How the model's outputs (the _prediction pseudo-feature) are distributed "
+                    "compared with the reference: PSI, Jensen-Shannon distance, the "
+                    "calibrated score over its threshold, and classes never seen in the "
+                    "reference."), w=12)
+    lay.add(_timeseries(
+        "Realised accuracy and label coverage",
+        _targets((f"lrwatch_model_accuracy{{{SEL}}}", "{{instance}} accuracy (last window)"),
+                 (f"instance:lrwatch_model_accuracy:avg_over_time30m{{{SEL}}}", "{{instance}} accuracy (30m)"),
+                 (f"lrwatch_label_coverage_ratio{{{SEL}}}", "{{instance}} coverage (last window)"),
+                 (f"instance:lrwatch_label_coverage:ratio_rate1h{{{SEL}}}", "{{instance}} coverage (1h)")),
+        unit="percentunit", min_=0, max_=1,
+        description="Accuracy of the labels joined with their predictions, and labels per "
+                    "prediction (per window and over an hour: delayed labels land in later "
+                    "windows)."), w=12)
+    lay.add(_timeseries(
+        "Label delay",
+        _targets(("histogram_quantile(0.5, sum by (instance, le) "
+                  f"(rate(lrwatch_label_delay_seconds_bucket{{{SEL}}}[$__rate_interval])))",
+                  "{{instance}} p50"),
+                 ("histogram_quantile(0.9, sum by (instance, le) "
+                  f"(rate(lrwatch_label_delay_seconds_bucket{{{SEL}}}[$__rate_interval])))",
+                  "{{instance}} p90")),
+        unit="s", description="Time from a prediction to its label."), w=8)
+    lay.add(_timeseries(
+        "Pending labels",
+        _targets((f"lrwatch_pending_labels{{{SEL}}}", "{{instance}} pending"),
+                 (f"rate(lrwatch_labels_expired_total{{{SEL}}}[$__rate_interval])", "{{instance}} expired/s")),
+        description="Predictions waiting for their label, and those evicted unlabelled."), w=8)
+    lay.add(_timeseries(
+        "Model error (regression)",
+        _targets((f"lrwatch_model_error{{{SEL}}}", "{{instance}} MAE")),
+        description="Mean absolute error of the labels joined in the last window (regression "
+                    "models)."), w=8)
+
+    lay.row("Ingest")
+    lay.add(_timeseries(
+        "Ingest rate",
+        _targets((f"rate(lrwatch_predictions_total{{{SEL}}}[$__rate_interval])", "{{instance}} predictions"),
+                 (f"rate(lrwatch_labels_total{{{SEL}}}[$__rate_interval])", "{{instance}} labels"),
+                 (f"rate(lrwatch_ingest_received_total{{{SEL}}}[$__rate_interval])", "{{instance}} received")),
+        unit="reqps", description="Records per second (accepted + rejected = received)."), w=8)
+    lay.add(_timeseries(
+        "Ingest errors by reason",
+        _targets((f"sum by (reason) (rate(lrwatch_ingest_errors_total{{{SEL}}}[$__rate_interval]))",
+                  "{{reason}}"),
+                 (f"instance:lrwatch_ingest_errors:ratio_rate5m{{{SEL}}}", "{{instance}} rejected ratio (5m)")),
+        description="Rejected records per second by reason; the ratio is rejected per received.",
+        draw_style="bars"), w=8)
+    lay.add(_timeseries(
+        "Windows and queue",
+        _targets((f"lrwatch_window_fill_ratio{{{SEL}}}", "{{instance}} open window fill"),
+                 (f"lrwatch_queue_records{{{SEL}}}", "{{instance}} queued records"),
+                 (f"rate(lrwatch_windows_total{{{SEL}}}[$__rate_interval])", "{{instance}} windows/s")),
+        description="How full the open window is, the worker's queue, and windows closed."),
+        w=8)
+
+    lay.row("Rules, alerts and lrwatch health")
+    _firing_panels(lay)
+    lay.add(_timeseries(
+        "Alert delivery (lrwatch's own alerts)",
+        _targets((f"sum by (instance, sink) (rate(lrwatch_alerts_sent_total{{{SEL}}}[$__rate_interval]))",
+                  "{{instance}} {{sink}} sent"),
+                 (f"sum by (instance, sink) (rate(lrwatch_alerts_failed_total{{{SEL}}}[$__rate_interval]))",
+                  "{{instance}} {{sink}} failed"),
+                 (f"lrwatch_alerts_queue_length{{{SEL}}}", "{{instance}} queued")),
+        description="Alerts the daemon sends itself (Alertmanager, webhook, log)."), w=12)
+    lay.add(_timeseries(
+        "lrwatch internal errors",
+        _targets((f"increase(lrwatch_internal_errors_total{{{SEL}}}[$__rate_interval])", "{{instance}}")),
+        description="Failures lrwatch absorbed (fail open)."), w=12)
+
+    annotations = [
+        _annotation("Drift", f"max by (job, instance) (lrwatch_drift_window_detected{{{SEL}}}) == 1",
+                    "orange", "Drift", "an input feature of {{instance}} drifted"),
+        _alerts_annotation(),
+    ]
+    return _dashboard("lrwatch-serving", "lrwatch / Serving",
+                      "Models served next to lrwatch daemon: drift per feature, prediction "
+                      "distribution, realised accuracy, labels, ingest and firing rules.",
+                      lay.panels, _variables("lrwatch_predictions_total", [feature_var]),
+                      annotations, "lrwatch-training", "lrwatch / Training")
+
+
+#: File name -> builder.
+DASHBOARDS: dict[str, Callable[[], dict[str, Any]]] = {
+    "lrwatch-training.json": training_dashboard,
+    "lrwatch-serving.json": serving_dashboard,
+}
+
+
+def render(dashboard: dict[str, Any]) -> str:
+    """The JSON text as committed (2-space indent, keys in build order, final newline)."""
+    return json.dumps(dashboard, indent=2, ensure_ascii=False) + "\n"
+
+
+def write_dashboards(out: str | os.PathLike[str]) -> list[Path]:
+    """Write every dashboard into ``out`` (created if needed); returns the paths."""
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, build in DASHBOARDS.items():
+        p = d / name
+        p.write_text(render(build()), encoding="utf-8")
+        paths.append(p)
+    return paths
+
+
+def check_dashboards(out: str | os.PathLike[str]) -> list[str]:
+    """Names of the dashboards in ``out`` that are missing or differ from the generated ones."""
+    stale = []
+    for name, build in DASHBOARDS.items():
+        p = Path(out) / name
+        if not p.is_file() or p.read_text(encoding="utf-8") != render(build()):
+            stale.append(name)
+    return stale

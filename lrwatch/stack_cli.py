@@ -1,0 +1,126 @@
+"""``lrwatch stack`` and ``lrwatch dashboards generate``: formatting only; the logic lives in
+:mod:`lrwatch.stack` and :mod:`lrwatch.grafana`."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import click
+
+from .errors import LrwatchError
+
+__all__ = ["stack_command", "dashboards_group"]
+
+
+@click.command("stack")
+@click.option("--prometheus-port", type=click.IntRange(0, 65535), default=9090,
+              show_default=True, help="Prometheus port on 127.0.0.1 (0: any free one).")
+@click.option("--alertmanager-port", type=click.IntRange(0, 65535), default=9093,
+              show_default=True, help="Alertmanager port (0: any free one).")
+@click.option("--pushgateway-port", type=click.IntRange(0, 65535), default=9091,
+              show_default=True, help="Pushgateway port (0: any free one).")
+@click.option("--no-pushgateway", is_flag=True, help="Do not start a Pushgateway.")
+@click.option("--training", "training", multiple=True, metavar="HOST:PORT",
+              help="Scrape this training rank (repeatable) instead of the config's targets.")
+@click.option("--daemon", "daemon", multiple=True, metavar="HOST:PORT",
+              help="Scrape this `lrwatch daemon` (repeatable) instead of the config's targets.")
+@click.option("--scrape-interval", default=None, metavar="DURATION",
+              help="Scrape and rule-evaluation interval, e.g. 5s [default: the config's].")
+@click.option("--prometheus-config", type=click.Path(exists=True, dir_okay=False),
+              help="Prometheus config [default: exporters/prometheus.yml].")
+@click.option("--alertmanager-config", type=click.Path(exists=True, dir_okay=False),
+              help="Alertmanager config [default: exporters/alertmanager.yml].")
+@click.option("--rules", "rules_dir", type=click.Path(exists=True, file_okay=False),
+              help="Directory of *.rules.yml [default: rules/].")
+@click.option("--data-dir", type=click.Path(file_okay=False),
+              help="Keep the services' data and logs here [default: a temporary directory, "
+                   "removed at exit].")
+def stack_command(prometheus_port: int, alertmanager_port: int, pushgateway_port: int,
+                  no_pushgateway: bool, training: tuple[str, ...], daemon: tuple[str, ...],
+                  scrape_interval: str | None, prometheus_config: str | None,
+                  alertmanager_config: str | None, rules_dir: str | None,
+                  data_dir: str | None) -> None:
+    """Run a local Prometheus, Alertmanager and Pushgateway with lrwatch's configs.
+
+    They bind to 127.0.0.1 and run until Ctrl-C. Prometheus loads rules/*.rules.yml and scrapes
+    the jobs of exporters/prometheus.yml (a training rank on :9400, a daemon on :9410, the
+    Pushgateway); point Grafana at the printed Prometheus URL and provision grafana/.
+    """
+    from .stack import LocalStack, StackConfig
+
+    try:
+        kw = dict(prometheus_port=prometheus_port, alertmanager_port=alertmanager_port,
+                  pushgateway_port=pushgateway_port, pushgateway=not no_pushgateway,
+                  training_targets=training, daemon_targets=daemon,
+                  scrape_interval=scrape_interval,
+                  data_dir=Path(data_dir) if data_dir else None)
+        if prometheus_config and alertmanager_config and rules_dir:
+            cfg = StackConfig(prometheus_config=Path(prometheus_config),
+                              alertmanager_config=Path(alertmanager_config),
+                              rules_dir=Path(rules_dir), **kw)  # type: ignore[arg-type]
+        else:
+            cfg = StackConfig.from_repo(**kw)  # type: ignore[arg-type]
+            if prometheus_config:
+                cfg.prometheus_config = Path(prometheus_config)
+            if alertmanager_config:
+                cfg.alertmanager_config = Path(alertmanager_config)
+            if rules_dir:
+                cfg.rules_dir = Path(rules_dir)
+        stack = LocalStack(cfg)
+    except LrwatchError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+    stop = threading.Event()
+
+    def _term(signum: int, frame: object) -> None:
+        stop.set()
+
+    old = {s: signal.signal(s, _term) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            stack.start()
+        except LrwatchError as exc:
+            raise click.ClickException(str(exc)) from exc
+        for name, url in stack.urls.items():
+            click.echo(f"{name + ':':14s}{url}")
+        click.echo(f"{'rules:':14s}{Path(cfg.rules_dir).resolve()}/*.rules.yml")
+        click.echo(f"{'data:':14s}{stack.workdir}"
+                   f"{'' if data_dir else ' (removed at exit)'}")
+        click.echo("Ctrl-C stops them.", err=True)
+        while not stop.wait(1.0):
+            dead = stack.failed()
+            if dead:
+                raise click.ClickException(f"{', '.join(dead)} exited; logs in {stack.workdir}")
+        click.echo("stopping", err=True)
+    finally:
+        stack.stop()
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@click.group("dashboards")
+def dashboards_group() -> None:
+    """The Grafana dashboards (generated from lrwatch/grafana.py)."""
+
+
+@dashboards_group.command("generate")
+@click.option("--out", "out", type=click.Path(file_okay=False), default="grafana/dashboards",
+              show_default=True, help="Directory to write the dashboard JSON files into.")
+@click.option("--check", is_flag=True,
+              help="Write nothing; exit 1 if the files in --out differ from the generated ones.")
+def dashboards_generate(out: str, check: bool) -> None:
+    """Write lrwatch-training.json and lrwatch-serving.json (stable uids, `datasource`, `job`
+    and `instance` variables)."""
+    from .grafana import check_dashboards, write_dashboards
+
+    if check:
+        stale = check_dashboards(out)
+        if stale:
+            raise click.ClickException(f"out of date in {out}: {', '.join(stale)}; run "
+                                       f"`lrwatch dashboards generate --out {out}`")
+        click.echo(f"{out}: up to date")
+        return
+    for p in write_dashboards(out):
+        click.echo(str(p))

@@ -1,0 +1,134 @@
+"""The committed Grafana dashboards: generated from lrwatch/grafana.py, structurally sound, and
+following DESIGN.md's conventions. (That every query returns data is checked against a real
+Prometheus in test_stack_e2e.py.)"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from lrwatch.cli import cli
+from lrwatch.grafana import DASHBOARDS, DATASOURCE, render
+
+sys.path.insert(0, str(Path(__file__).parent))
+from stack_helpers import BUILTINS, DASHBOARDS_DIR, REPO, dashboard_exprs, substitute  # noqa: E402
+
+FILES = sorted(DASHBOARDS_DIR.glob("*.json"))
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _panels(ps: Any) -> Iterator[dict[str, Any]]:
+    for p in ps or []:
+        yield p
+        yield from _panels(p.get("panels"))
+
+
+def test_committed_dashboards_equal_generated() -> None:
+    assert sorted(p.name for p in FILES) == sorted(DASHBOARDS)
+    for name, build in DASHBOARDS.items():
+        assert (DASHBOARDS_DIR / name).read_text(encoding="utf-8") == render(build()), (
+            f"{name} is stale: run `lrwatch dashboards generate --out grafana/dashboards`")
+
+
+def test_generate_cli_writes_and_checks(tmp_path: Path) -> None:
+    out = tmp_path / "d"
+    r = CliRunner().invoke(cli, ["dashboards", "generate", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == sorted(DASHBOARDS)
+    assert CliRunner().invoke(cli, ["dashboards", "generate", "--out", str(out),
+                                    "--check"]).exit_code == 0
+    (out / "lrwatch-serving.json").write_text("{}")
+    r = CliRunner().invoke(cli, ["dashboards", "generate", "--out", str(out), "--check"])
+    assert r.exit_code == 1 and "lrwatch-serving.json" in r.output
+
+
+def test_titles_and_unique_uids() -> None:
+    ds = [_load(p) for p in FILES]
+    assert {d["title"] for d in ds} == {"lrwatch / Training", "lrwatch / Serving"}
+    uids = [d["uid"] for d in ds]
+    assert sorted(uids) == ["lrwatch-serving", "lrwatch-training"]
+    assert len(set(uids)) == len(uids)
+    for d in ds:
+        ids = [p["id"] for p in _panels(d["panels"])]
+        assert len(ids) == len(set(ids)), f"{d['uid']}: duplicate panel ids"
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_structure(path: Path) -> None:
+    text = path.read_text(encoding="utf-8")
+    d = json.loads(text)
+    assert "DS_PROMETHEUS" not in text and "__inputs" not in d
+    variables = {v["name"]: v for v in d["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    for name in ("job", "instance"):
+        v = variables[name]
+        assert v["type"] == "query" and v["datasource"] == DATASOURCE
+        assert v["definition"].startswith("label_values(") and v["definition"].endswith(
+            f", {name})")
+        assert v["query"]["query"] == v["definition"]
+    assert "$job" in variables["instance"]["definition"]
+    panels = [p for p in _panels(d["panels"]) if p["type"] != "row"]
+    assert len(panels) >= 10
+    for p in panels:
+        assert p["datasource"] == DATASOURCE, p["title"]
+        assert p["targets"], p["title"]
+        for t in p["targets"]:
+            assert t["datasource"] == DATASOURCE, p["title"]
+        gp = p["gridPos"]
+        assert 0 <= gp["x"] and gp["x"] + gp["w"] <= 24, p["title"]
+    annotations = [a for a in d["annotations"]["list"] if not a.get("builtIn")]
+    assert annotations
+    for a in annotations:
+        assert a["datasource"] == DATASOURCE
+    # Every expression: only defined variables, $__rate_interval in rates (no fixed windows
+    # except those baked into recording rules), and the job/instance filter.
+    known = set(variables) | set(BUILTINS)
+    for where, expr in dashboard_exprs(d):
+        for m in re.finditer(r"\$\{?(\w+)", expr):
+            assert m.group(1) in known, f"{where}: undefined ${m.group(1)}"
+        assert not re.search(r"\[\d+[smhdw]\]", expr), f"{where}: fixed range in {expr}"
+        assert re.search(r"\b(rate|increase)\(", expr) is None or (
+            "$__rate_interval" in expr or "$__range" in expr), where
+        assert '$job' in expr, f"{where}: not filtered by $job"
+        substitute(expr, {"job": "j", "instance": "i", "feature": "f"})
+
+
+def test_required_panels() -> None:
+    t = _load(DASHBOARDS_DIR / "lrwatch-training.json")
+    titles = " | ".join(p["title"] for p in _panels(t["panels"]))
+    for word in ("Learning rate", "Loss", "Gradient norm", "Update ratio", "Accuracy",
+                 "Evaluation loss", "Step rate", "Firing lrwatch rules"):
+        assert word in titles, word
+    ann = {a["name"]: a["expr"] for a in t["annotations"]["list"] if not a.get("builtIn")}
+    assert "lrwatch_rollbacks_total" in ann["Rollbacks"]
+    s = _load(DASHBOARDS_DIR / "lrwatch-serving.json")
+    panels = list(_panels(s["panels"]))
+    titles = " | ".join(p["title"] for p in panels)
+    for word in ("Drift statistic vs threshold", "Drift heat map", "Prediction distribution",
+                 "Realised accuracy and label coverage", "Ingest rate", "Ingest errors",
+                 "Firing lrwatch rules"):
+        assert word in titles, word
+    repeated = [p for p in panels if p.get("repeat")]
+    assert repeated and repeated[0]["repeat"] == "feature"
+
+
+def test_provisioning_files() -> None:
+    ds = yaml.safe_load((REPO / "grafana/provisioning/datasources/lrwatch.yml").read_text())
+    assert ds["apiVersion"] == 1
+    (source,) = ds["datasources"]
+    assert source["type"] == "prometheus" and source["url"].startswith("http")
+    dash = yaml.safe_load((REPO / "grafana/provisioning/dashboards/lrwatch.yml").read_text())
+    assert dash["apiVersion"] == 1
+    (provider,) = dash["providers"]
+    assert provider["type"] == "file" and provider["options"]["path"]

@@ -1,0 +1,84 @@
+"""`lrwatch stack` starts a real Prometheus, Alertmanager and Pushgateway with the repository's
+configs, and stops them on Ctrl-C (SIGINT)."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter
+
+from services import MetricsHTTPServer, find_binary, http_get, http_request, wait_until
+
+sys.path.insert(0, str(Path(__file__).parent))
+from stack_helpers import Proc, lrwatch_cmd  # noqa: E402
+
+pytestmark = [pytest.mark.prometheus, pytest.mark.slow]
+
+
+def test_stack_starts_loads_configs_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    for b in ("prometheus", "prometheus-alertmanager", "prometheus-pushgateway"):
+        find_binary(b)  # skips, naming the package, when one is missing
+    registry = CollectorRegistry()
+    Counter("lrwatch_training_steps", "steps", registry=registry).inc(3)
+    with MetricsHTTPServer(registry) as rank0:
+        proc = Proc(lrwatch_cmd("stack", "--prometheus-port", "0", "--alertmanager-port", "0",
+                                "--pushgateway-port", "0", "--scrape-interval", "1s",
+                                "--training", rank0.address), tmp_path / "stack.log")
+        try:
+            proc.wait_for_output(r"Ctrl-C", timeout=90)
+            out = proc.log()
+            urls = dict(re.findall(r"^(prometheus|alertmanager|pushgateway):\s+(\S+)$", out,
+                                   re.M))
+            assert set(urls) == {"prometheus", "alertmanager", "pushgateway"}, out
+            data_dir = Path(re.search(r"^data:\s+(\S+)", out, re.M).group(1))
+            assert data_dir.is_dir()
+            for url in urls.values():
+                assert http_request(url + "/-/ready")[0] == 200
+                assert url.startswith("http://127.0.0.1:")
+            prom = urls["prometheus"]
+            groups = json.loads(http_get(prom + "/api/v1/rules"))["data"]["groups"]
+            assert {"lrwatch-training.alerts", "lrwatch-serving.alerts",
+                    "lrwatch-health.alerts"} <= {g["name"] for g in groups}
+            am_status = json.loads(http_get(urls["alertmanager"] + "/api/v2/status"))
+            assert "ml-oncall-pager" in am_status["config"]["original"]
+
+            def scraped() -> bool:
+                r = json.loads(http_get(prom + "/api/v1/query?query="
+                                        "lrwatch_training_steps_total"))["data"]["result"]
+                return bool(r) and r[0]["metric"]["job"] == "lrwatch-training"
+
+            wait_until(scraped, timeout=60, message="the training target scraped")
+            targets = json.loads(http_get(prom + "/api/v1/targets"))["data"]["activeTargets"]
+            pg = [t for t in targets if t["labels"]["job"] == "lrwatch-pushgateway"]
+            assert pg and pg[0]["scrapeUrl"].startswith(urls["pushgateway"])
+            am = json.loads(http_get(prom + "/api/v1/alertmanagers"))["data"]
+            wait_until(lambda: json.loads(http_get(prom + "/api/v1/alertmanagers"))["data"][
+                "activeAlertmanagers"], timeout=30, message="Alertmanager discovered")
+            assert am is not None
+            proc.proc.send_signal(signal.SIGINT)
+            assert proc.proc.wait(timeout=60) == 0, proc.log()
+            for url in urls.values():
+                with pytest.raises(OSError):
+                    http_request(url + "/-/ready", timeout=2)
+            assert not data_dir.exists()
+        finally:
+            proc.stop()
+
+
+def test_stack_reports_a_taken_port(tmp_path: Path) -> None:
+    find_binary("prometheus")
+    registry = CollectorRegistry()
+    with MetricsHTTPServer(registry) as taken:
+        proc = Proc(lrwatch_cmd("stack", "--prometheus-port", str(taken.port),
+                                "--alertmanager-port", "0", "--pushgateway-port", "0"),
+                    tmp_path / "stack.log")
+        try:
+            assert proc.proc.wait(timeout=60) == 1
+            assert f"port {taken.port} for prometheus is taken" in proc.log()
+        finally:
+            proc.stop()

@@ -285,7 +285,10 @@ class Watcher:
         self.stop_reason: str | None = None
         self._lr_scale = 1.0
         self._skip_remaining = 0
-        self._pending: list[tuple[Decision, Snapshot | None]] = []
+        self._pending: list[tuple[Decision, Snapshot | None, float]] = []
+        self._last_rollback_to: int | None = None  # snapshot step of the last rollback
+        self._rollback_repeats = 0
+        self._last_rollback_at: int | None = None  # watcher step of the last rollback decision
         self._snap_awaiting_engine: dict[int, Snapshot] = {}
         self._boundary_kind: str | None = None
         self._snap_seconds: list[float] = []
@@ -301,7 +304,7 @@ class Watcher:
                                        deferred_schedule=self.dist.active)
             # The state we start from is the first rollback target: known good by definition.
             first = self.store.take(self.step, self.data_position, model, optimizer, scheduler,
-                                    scaler, good=True, extra=self._snap_extra())
+                                    scaler, good=True, extra=self._snap_extra(), pinned=True)
             if first is not None:
                 first.extra["engine_state"] = self.engine.state_dict()  # type: ignore[union-attr]
 
@@ -416,6 +419,8 @@ class Watcher:
             return
         try:
             self.flush()
+            if self.policy.held is not None and not self.should_stop:
+                self._release_held()
             self._safe_point()
         finally:
             self._closed = True
@@ -700,22 +705,24 @@ class Watcher:
             if d.action in ("rollback", "skip") and target is None:
                 d = Decision("stop", d.rule, d.step, "no snapshot to go back to", 4, d.event)
             rec: dict[str, Any] = {"type": d.action, "rule": d.rule, "step": d.step}
+            factor = 1.0
             if target is not None:
                 rec["to_step"] = target.step
                 rec["engine_state"] = target.extra.get("engine_state")
-            if d.action == "rollback":
-                rec["lr_factor"] = self.recovery.lr_factor  # type: ignore[union-attr]
+            if d.action == "rollback" and target is not None:
+                factor = self._rollback_factor(target)
+                rec["lr_factor"] = factor
             if d.reason:
                 rec["reason"] = d.reason
             records.append(rec)
-            self._pending.append((d, target))
+            self._pending.append((d, target, factor))
             self.exporter.actions.labels(d.action).inc()
         if records and out:
             out[-1] = replace(out[-1], events=out[-1].events + tuple(records))
         if self._pending and self.engine is not None:
             # Restore the detectors' view of the run at the target now, so replay (which reads
             # the engine state from the event) and live stay identical.
-            for d, target in self._pending:
+            for d, target, _ in self._pending:
                 if target is not None and target.extra.get("engine_state") is not None:
                     self._restore_engine(target.extra["engine_state"])
         return out
@@ -724,10 +731,57 @@ class Watcher:
         if self.store is None:
             return None
         if d.action == "rollback":
-            return self.store.latest_good()
+            target = self.store.latest_good()
+            if (target is not None and self._last_rollback_to is not None
+                    and target.step <= self._last_rollback_to):
+                # The last rollback went here and the run diverged again before a newer
+                # snapshot proved healthy: this state may already be damaged. Go further back
+                # (ultimately to the state the run started from, which is always kept).
+                target = self.store.good_before(target.step) or target
+            return target
         if d.action == "skip":
             return self.store.latest_before(d.step)
         return None
+
+    def _release_held(self) -> None:
+        """A rollback held back by the cooldown must not be lost when the run ends."""
+        rc = self.recovery
+        held, step = self.policy.held, self.policy.held_step
+        self.policy.held = self.policy.held_step = None
+        if rc is None or held is None:
+            return
+        if self.policy.rollbacks >= rc.max_rollbacks:
+            d = Decision("stop", held, step or self.step,
+                         f"rollback budget of {rc.max_rollbacks} spent", 4)
+            self._pending.append((d, None, 1.0))
+            return
+        d = Decision("rollback", held, step or self.step, "held by the cooldown until the end")
+        target = self._target_for(d)
+        if target is None:
+            return
+        self.policy.rollbacks += 1
+        self._pending.append((d, target, self._rollback_factor(target)))
+        self.exporter.actions.labels("rollback").inc()
+
+    def _rollback_factor(self, target: Snapshot) -> float:
+        """``lr_factor``, compounded while rollbacks keep failing (each one soon after the last).
+
+        A one-off fault needs one cut; a persistent one (a schedule bug, a learning rate far
+        too high) would otherwise need many halvings and spend the whole budget.
+        """
+        rc = self.recovery
+        assert rc is not None
+        # "Kept failing": diverged again before the run got back past the point where it
+        # failed last time (the steps it rolled back over, plus the quiet window).
+        if (self._last_rollback_at is not None and self._last_rollback_to is not None
+                and self.step - self._last_rollback_at
+                <= (self._last_rollback_at - self._last_rollback_to) + rc.good_after):
+            self._rollback_repeats += 1
+        else:
+            self._rollback_repeats = 0
+        self._last_rollback_to = target.step
+        self._last_rollback_at = self.step
+        return float(rc.lr_factor ** (1 + self._rollback_repeats))
 
     def _restore_engine(self, state: Mapping[str, Any]) -> None:
         engine = self.engine
@@ -806,10 +860,10 @@ class Watcher:
     def _safe_point(self) -> None:
         """Carry out pending training-control decisions: the step is complete here."""
         while self._pending:
-            d, target = self._pending.pop(0)
+            d, target, factor = self._pending.pop(0)
             try:
                 if d.action == "rollback":
-                    self._rollback(d, target, factor=self.recovery.lr_factor)  # type: ignore
+                    self._rollback(d, target, factor=factor)
                 elif d.action == "skip":
                     self._rollback(d, target, factor=1.0)
                 elif d.action == "reduce_lr":
@@ -857,11 +911,21 @@ class Watcher:
         self.exit_status = d.exit_status or 3
         self.stop_reason = d.reason or f"rule {d.rule} fired at step {d.step}"
         where = ""
+        good = self.store.latest_good() if self.store is not None else None
+        if d.exit_status == 4 and good is not None:
+            # The run could not be healed: leave it at its last known-good state rather than
+            # the diverged one, so the final snapshot is worth resuming from.
+            try:
+                restore_state(good.load(), self.model, self.optimizer, self.scheduler,
+                              self.scaler)
+                where = f"; restored the known-good state of step {good.step}"
+            except Exception:
+                self._internal_error("restoring the last known-good state before stopping")
         if self.store is not None:
             snap = self.store.take(self.step, self.data_position, self.model, self.optimizer,
                                    self.scheduler, self.scaler, extra=self._snap_extra())
             if snap is not None:
-                where = f"; final snapshot at step {snap.step}" + (
+                where += f"; final snapshot at step {snap.step}" + (
                     f" in {snap.path}" if snap.path else " (in memory)")
         msg = f"lrwatch: stopping the run at step {self.step}: {self.stop_reason}{where}"
         log.error(msg)

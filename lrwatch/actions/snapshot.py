@@ -111,6 +111,7 @@ class Snapshot:
     checksum: str | None = None
     good: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    pinned: bool = False  # never trimmed (the state a run started from)
 
     def load(self) -> dict[str, Any]:
         """The captured state; from disk it is checksum-verified and loaded with weights_only."""
@@ -210,13 +211,14 @@ class SnapshotStore:
     # --- taking ------------------------------------------------------------------------------
     def take(self, step: int, data_position: int, model: torch.nn.Module,
              optimizer: torch.optim.Optimizer, scheduler: Any = None, scaler: Any = None,
-             *, good: bool = False, extra: Mapping[str, Any] | None = None) -> Snapshot | None:
+             *, good: bool = False, extra: Mapping[str, Any] | None = None,
+             pinned: bool = False) -> Snapshot | None:
         """Capture a snapshot now. Returns ``None`` (and reports) if it could not be written."""
         t0 = time.perf_counter()
         try:
             state = capture_state(model, optimizer, scheduler, scaler)
             snap = Snapshot(step=step, data_position=data_position, state=state, seconds=0.0,
-                            good=good, extra=dict(extra or {}))
+                            good=good, extra=dict(extra or {}), pinned=pinned)
             if self.directory is not None:
                 self._write(snap)
         except Exception as exc:  # disk full, permissions, ...: report, count, train on
@@ -258,10 +260,12 @@ class SnapshotStore:
         snap.state = None  # the disk copy is the snapshot; keep memory free
 
     def _trim(self) -> None:
-        while len(self.snapshots) > self.keep:
-            # Drop the oldest, but never the newest known-good one.
-            newest_good = self.latest_good()
-            victim = next((s for s in self.snapshots if s is not newest_good), None)
+        while sum(1 for s in self.snapshots if not s.pinned) > self.keep:
+            # Drop the oldest, but never a pinned one nor the two newest known-good ones: when
+            # a rollback to the newest did not help, the one before it is the next target.
+            protected = {id(s) for s in self.snapshots if s.pinned}
+            protected |= {id(s) for s in [s for s in self.snapshots if s.good][-2:]}
+            victim = next((s for s in self.snapshots if id(s) not in protected), None)
             if victim is None:
                 break
             self.snapshots.remove(victim)
@@ -296,6 +300,10 @@ class SnapshotStore:
 
     def latest_good(self) -> Snapshot | None:
         return next((s for s in reversed(self.snapshots) if s.good), None)
+
+    def good_before(self, step: int) -> Snapshot | None:
+        """The newest known-good snapshot taken before ``step``."""
+        return next((s for s in reversed(self.snapshots) if s.good and s.step < step), None)
 
     def latest_before(self, step: int) -> Snapshot | None:
         """The newest snapshot (good or pending) taken before ``step``."""

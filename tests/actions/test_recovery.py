@@ -328,3 +328,38 @@ def test_state_dict_resumes_budget_and_detectors(tmp_path: Path) -> None:
     assert w2.policy.rollbacks == 1 and w2.step == 30
     assert w2.engine is not None and w2.engine.state_dict() == state["engine"]
     w2.close()
+
+
+def test_persistent_fault_escalates_the_cut_and_goes_further_back(tmp_path: Path) -> None:
+    r = _run(tmp_path, steps=120, poison_from=15, poison_to=10**9,
+             recovery={"max_rollbacks": 4, "good_after": 3, "min_interval": 3})
+    rollbacks = [e for s in r["trace"] for e in s.events if e.get("type") == "rollback"]
+    assert len(rollbacks) == 4
+    # Each rollback fails soon after the last: the cut compounds.
+    assert [e["lr_factor"] for e in rollbacks] == [0.5, 0.25, 0.125, 0.0625]
+    w = r["w"]
+    assert w.exit_status == EXIT_BUDGET
+    # The budget stop leaves the model at its last known-good state, not the diverged one.
+    assert all(torch.isfinite(p).all() for p in r["model"].parameters())
+
+
+def test_rollback_held_by_the_cooldown_is_not_lost_at_close(tmp_path: Path) -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = lrwatch.Watcher(model, opt, flush_every=1,
+                        recovery={"good_after": 3, "min_interval": 3, "cooldown": 1000})
+    for i in range(30):
+        x, y = _data(i)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        if i in (10, 14):  # the second NaN falls inside the cooldown of the first rollback
+            loss = loss * float("nan")
+        loss.backward()
+        opt.step()
+        w.log(loss=loss)
+        if i == 14:
+            break
+    assert w.policy.held is not None
+    w.close()
+    assert w.policy.rollbacks == 2 and w.policy.held is None
+    assert all(torch.isfinite(p).all() for p in model.parameters())

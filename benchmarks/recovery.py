@@ -1,0 +1,949 @@
+"""Self-healing benchmark (issue 4): do diverging runs finish healthy with lrwatch's rollback on?
+
+A sweep of real training configurations (models, optimizers, schedules, learning rates, seeds,
+mid-run learning-rate faults) is trained *bare* first; only the candidates whose bare run really
+diverges are kept (the count of candidates and of diverged ones is reported). Every kept
+configuration is then trained again
+
+``lrwatch``
+    with a :class:`~lrwatch.watch.Watcher` on its defaults -- ``rules="training"`` and the default
+    :class:`~lrwatch.actions.policy.RecoveryConfig` (rollback to the last known-good snapshot with
+    the learning rate x0.5, at most 5 rollbacks) -- and ``flush_every=FLUSH_EVERY``. The loop is
+    ``for batch in watch.batches(stream)``, ``watch.log(loss=...)`` once per step after
+    ``opt.step(); sched.step()`` (plus held-out ``eval_loss``/``eval_accuracy`` every
+    ``EVAL_EVERY`` steps, as a user would log them). The run is done when the scheduler reaches the
+    step budget (after a rollback the restored scheduler resumes from the snapshot's step) or when
+    ``watch.should_stop`` ends the loop; executed steps are capped at ``STEP_CAP`` x the budget.
+``lrwatch <extra>``
+    (reported in its own, clearly labelled column; never in the headline) the same with one
+    non-default recovery setting, to show what a different rollback policy would change.
+
+The two *anchors* are read off the bare run (the run is deterministic, so a stopped run is the
+bare run cut at the stop): ``stop on NaN`` is Keras ``TerminateOnNaN`` (stop after the first batch
+whose loss is non-finite) and ``stop on spike`` is Lightning ``SpikeDetection(window=10,
+rtol=2)`` (both from ``benchmarks/anchors.py``). The model as it is at the stop is their result.
+
+Each task has a *healthy reference* (:func:`reference_sweep`): a learning-rate sweep (two
+optimizers x five learning rates, warm-up + cosine schedule, the same step budget, seed 0); the
+three best finite runs are repeated with seeds 1 and 2 and the best mean over the three seeds is
+the reference score. A run *finishes healthy* when its final held-out evaluation is finite
+and within ``TOLERANCE`` (2 points) of the reference: accuracy points for classification,
+R^2 points (share of the held-out target variance explained, x100) for regression.
+
+Candidates (:func:`candidates`) are too-high learning rates (constant, warm-up-less cosine,
+cyclical) and mid-run LR faults injected into the task's reference configuration.
+Divergence of a bare run (the selection criterion): a non-finite loss or parameter; or the
+final-loss blow-up of the detection benchmark's labeller (final loss above the initial loss and
+above 4x the best smoothed loss, ``detection_runs.label_natural``); or a loss excursion above 3x
+its running minimum (the labeller's "large excursion") after which the held-out score ends more
+than ``TOLERANCE`` below the reference (an accuracy collapse).
+
+Overhead: on healthy configurations, the same run with and without the Watcher (defaults,
+snapshots included) is trained side by side in blocks of ``OVERHEAD_BLOCK`` steps, interleaved in
+a seeded random order per round; the overhead is the ratio of the median per-step times (process
+CPU time, robust to other jobs on a shared machine; wall clock reported too), with a paired
+bootstrap 95% interval.
+
+Usage::
+
+    python benchmarks/recovery.py                # full sweep (about 4-7 minutes on 2 cores)
+    python benchmarks/recovery.py --quick        # two tasks (about 1 minute)
+    python benchmarks/recovery.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+if __package__ in (None, ""):            # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import detection_runs as dr  # noqa: E402
+from benchmarks.anchors import KerasTerminateOnNaN, LightningSpikeDetection  # noqa: E402
+from lrwatch.actions.policy import RecoveryConfig  # noqa: E402
+from lrwatch.actions.snapshot import restore_state  # noqa: E402
+from lrwatch.samples import Sample  # noqa: E402
+from lrwatch.watch import Watcher  # noqa: E402
+
+__all__ = ["Config", "PROBLEMS", "TASKS", "QUICK_TASKS", "candidates", "get_problem",
+           "run_bare", "run_lrwatch", "diverged", "healthy", "reference_sweep", "overhead_ab",
+           "run", "main"]
+
+TOLERANCE = 0.02        # 2 accuracy points / 2 R^2 points
+EVAL_EVERY = 20         # held-out evaluation logged to the Watcher every K schedule steps
+FLUSH_EVERY = 10        # the demo's value; the Watcher default is 25 (see docs/recovery.md)
+STEP_CAP = 3            # executed optimizer steps at most STEP_CAP x the step budget
+OVERHEAD_BLOCK = 25     # steps per timed block: one flush of the default flush_every (25)
+TARGET_HEALTHY = 0.80   # issue 4: >= 80% of the diverging runs finish healthy
+TARGET_OVERHEAD = 1.03  # issue 4: <= 3% total overhead on healthy runs
+#: The non-default recovery of the extra column (the headline always uses the defaults).
+EXTRA_RECOVERY: dict[str, Any] = {"lr_factor": 0.1}
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# tasks
+# --------------------------------------------------------------------------------------------
+
+class Problem:
+    """One task: fixed held-out split, a model factory, a seeded batch stream, an evaluation."""
+
+    name: str
+    model_desc: str
+    metric: str              # "accuracy" | "r2"
+    steps: int               # step budget of one run
+    base_lr: dict[str, float]
+    realistic: bool = False  # model large enough for the overhead target to apply
+
+    def build(self, seed: int) -> nn.Module:
+        raise NotImplementedError
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def stream(self, seed: int) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    def eval_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Held-out ``eval_loss`` (and ``eval_accuracy``) as 0-d tensors (no host sync)."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """``score`` (accuracy or R^2; NaN when the model's outputs are not finite) and loss."""
+        raise NotImplementedError
+
+
+class TabularProblem(Problem):
+    def __init__(self, name: str, dr_task: str, metric: str, steps: int = 400,
+                 hidden: tuple[int, ...] | None = None, batch: int | None = None,
+                 realistic: bool = False) -> None:
+        task = dr.TASKS[dr_task]
+        self.name, self.metric, self.steps, self.realistic = name, metric, steps, realistic
+        self.hidden = hidden if hidden is not None else task.hidden
+        self.batch = batch or task.batch
+        self.task = dr.Task(name, task.data, self.hidden, self.batch, steps)
+        self.data = dr.load_data(task, 0)      # one fixed split for every seed: one reference
+        d_out = self.data.n_classes if self.data.classification else 1
+        if self.data.kind == "chars":
+            hid = self.hidden[0] if self.hidden else 128
+            self.model_desc = f"char MLP ({self.data.context}x16 emb)-{hid}-{d_out}"
+        else:
+            d_in = self.data.x_train.shape[1]
+            dims = "-".join(str(d) for d in (d_in, *(self.hidden or ()), d_out))
+            self.model_desc = f"{'MLP' if self.hidden else 'linear'} {dims}"
+        self.base_lr = dict(dr.BASE_LR)
+        self.x_eval = dr._eval_inputs(self.data)
+        self.y_eval = self.data.y_test
+        if not self.data.classification:
+            self.sst = float(((self.y_eval - self.y_eval.mean()) ** 2).sum())
+
+    def build(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return dr.build_model(self.task, self.data)
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.data.classification:
+            return nn.functional.cross_entropy(out, y)
+        return nn.functional.mse_loss(out, y)
+
+    def stream(self, seed: int) -> Iterator[Batch]:
+        g = torch.Generator().manual_seed(3000 + seed)
+        n = len(self.data.x_train)
+        while True:
+            perm = torch.randperm(n, generator=g)
+            for i in range(0, n - self.batch + 1, self.batch):
+                yield dr._batch(self.data, perm[i:i + self.batch])
+
+    def eval_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            out = model(self.x_eval)
+            res = {"eval_loss": self.loss(out, self.y_eval)}
+            if self.data.classification:
+                res["eval_accuracy"] = (out.argmax(1) == self.y_eval).float().mean()
+        model.train(was)
+        return res
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        t = self.eval_tensors(model)
+        loss = float(t["eval_loss"])
+        if not math.isfinite(loss):
+            return {"score": math.nan, "loss": loss}
+        score = float(t["eval_accuracy"]) if self.data.classification else \
+            1.0 - loss * len(self.y_eval) / self.sst
+        return {"score": score, "loss": loss}
+
+
+PROBLEMS: dict[str, Callable[[], Problem]] = {
+    "digits_mlp": lambda: TabularProblem("digits_mlp", "digits_mlp", "accuracy"),
+    "synth_clf_mlp": lambda: TabularProblem("synth_clf_mlp", "synth_clf_mlp", "accuracy"),
+    "chars_mlp": lambda: TabularProblem("chars_mlp", "chars_mlp", "accuracy"),
+    "synth_reg_mlp": lambda: TabularProblem("synth_reg_mlp", "synth_reg_mlp", "r2"),
+    # Overhead only: a realistically sized model (the `mlp` of benchmarks/overhead.py).
+    "digits_wide": lambda: TabularProblem("digits_wide", "digits_mlp", "accuracy",
+                                          hidden=(1024, 1024, 1024), batch=128, realistic=True),
+}
+_PROBLEM_CACHE: dict[str, Problem] = {}
+
+
+def get_problem(name: str) -> Problem:
+    if name not in PROBLEMS:
+        raise ValueError(f"unknown task {name!r}; choose from {', '.join(PROBLEMS)}")
+    if name not in _PROBLEM_CACHE:
+        _PROBLEM_CACHE[name] = PROBLEMS[name]()
+    return _PROBLEM_CACHE[name]
+
+
+# --------------------------------------------------------------------------------------------
+# configurations
+# --------------------------------------------------------------------------------------------
+
+#: Mid-run faults: ``lr_bug`` multiplies the schedule by ``factor`` from schedule step ``at`` on
+#: (a bug in the schedule code: it is there again after a rollback); ``lr_bug_once`` multiplies
+#: the scheduler's ``base_lrs`` once, the first time the schedule reaches ``at`` (a bad config
+#: reload, as ``lrwatch demo --inject lr-bug``: a rollback restores the old ``base_lrs``);
+#: ``lr_spike`` runs one step at ``factor`` x the learning rate (a transient glitch).
+FAULTS = ("lr_bug", "lr_bug_once", "lr_spike")
+
+
+@dataclass(frozen=True)
+class Config:
+    task: str
+    optimizer: str           # sgd | momentum | adam | adamw | rmsprop
+    schedule: str            # constant | cosine | warmup | step | exponential | cyclical
+    lr: float                # peak learning rate (absolute)
+    seed: int = 0
+    fault: str | None = None
+    at: int | None = None
+    factor: float = 100.0
+
+    @property
+    def id(self) -> str:
+        core = f"{self.task}/{self.optimizer}/{self.schedule}/lr{self.lr:g}/s{self.seed}"
+        if self.fault:
+            core += f"/{self.fault}x{self.factor:g}@{self.at}"
+        return core
+
+    @property
+    def schedule_desc(self) -> str:
+        s = {"warmup": "warmup+cosine", "cosine": "cosine (no warmup)",
+             "cyclical": "triangular 0.1-1x, period 100", "step": "step /2 per 100",
+             "exponential": "exp 0.995", "constant": "constant"}.get(self.schedule, self.schedule)
+        if self.fault == "lr_bug":
+            s += f"; bug: x{self.factor:g} from step {self.at}"
+        elif self.fault == "lr_bug_once":
+            s += f"; base_lrs x{self.factor:g} once at step {self.at}"
+        elif self.fault == "lr_spike":
+            s += f"; one step x{self.factor:g} at step {self.at}"
+        return s
+
+
+# Candidates. Too-high learning rates: the peak LR is a multiple of the task's tuned LR for that
+# optimizer (a constant LR, a warm-up-less cosine, a cyclical schedule whose peaks are too high).
+# Mid-run faults are injected into the task's *reference* configuration (the best of the sweep),
+# whose unfaulted run is healthy by construction. Seeds rotate through 0..2. Which candidates
+# really diverge is decided by running them bare (`diverged`), never assumed.
+HIGH_LR: list[tuple[str, str, float]] = [
+    # optimizer, schedule, lr multiple
+    ("momentum", "constant", 30), ("momentum", "constant", 100), ("sgd", "constant", 100),
+    ("adam", "constant", 30), ("adam", "constant", 100), ("rmsprop", "constant", 100),
+    ("momentum", "cosine", 30), ("adamw", "cosine", 100),
+    ("momentum", "cyclical", 30), ("sgd", "cyclical", 100),
+]
+FAULT_RUNS: list[tuple[str, int, float]] = [
+    # fault, schedule step, factor (in the reference configuration)
+    ("lr_bug", 200, 100.0), ("lr_bug", 200, 10.0), ("lr_bug_once", 200, 100.0),
+    ("lr_spike", 150, 1000.0),
+]
+TASKS = ("digits_mlp", "synth_clf_mlp", "chars_mlp", "synth_reg_mlp")
+QUICK_TASKS = ("digits_mlp", "synth_reg_mlp")
+
+
+def candidates(task: str, reference: Config) -> list[Config]:
+    """The candidate configurations of ``task`` (``reference``: its best sweep configuration)."""
+    problem = get_problem(task)
+    i = TASKS.index(task) if task in TASKS else 0
+    out = [Config(task, opt, sched, float(f"{problem.base_lr[opt] * mult:.6g}"), (i + j) % 3)
+           for j, (opt, sched, mult) in enumerate(HIGH_LR)]
+    out += [Config(task, reference.optimizer, reference.schedule, reference.lr,
+                   (i + j + 1) % 3, fault, at, factor)
+            for j, (fault, at, factor) in enumerate(FAULT_RUNS)]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# one run
+# --------------------------------------------------------------------------------------------
+
+def _schedule(cfg: Config, steps: int) -> Callable[[int], float]:
+    base = dr._schedule_fn(cfg.schedule, steps)
+    if cfg.fault == "lr_bug":
+        at, f = int(cfg.at or 0), cfg.factor
+        return lambda t: base(t) * (f if t >= at else 1.0)
+    return base
+
+
+def _setup(cfg: Config) -> tuple[Problem, nn.Module, torch.optim.Optimizer, Any]:
+    problem = get_problem(cfg.task)
+    model = problem.build(cfg.seed)
+    opt = dr._optimizer(cfg.optimizer, model, cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, problem.steps))
+    return problem, model, opt, sched
+
+
+class _Injector:
+    """Applies ``lr_bug_once`` / ``lr_spike`` before the step at schedule step ``at`` (once)."""
+
+    def __init__(self, cfg: Config, opt: torch.optim.Optimizer, sched: Any) -> None:
+        self.cfg, self.opt, self.sched = cfg, opt, sched
+        self.done = cfg.fault not in ("lr_bug_once", "lr_spike")
+
+    def __call__(self, t: int) -> None:
+        if self.done or t != self.cfg.at:
+            return
+        self.done = True
+        f = self.cfg.factor
+        if self.cfg.fault == "lr_bug_once":
+            self.sched.base_lrs = [b * f for b in self.sched.base_lrs]
+        for g in self.opt.param_groups:   # lr_spike: LambdaLR recomputes lr next step
+            g["lr"] *= f
+
+
+def _finite_params(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def run_bare(cfg: Config, *, anchors: bool = True) -> dict[str, Any]:
+    """Train ``cfg`` without lrwatch; the anchors watch the same run and record their stop."""
+    problem, model, opt, sched = _setup(cfg)
+    inject = _Injector(cfg, opt, sched)
+    watchers = {"nan_stop": KerasTerminateOnNaN(), "spike_stop": LightningSpikeDetection()} \
+        if anchors else {}
+    stops: dict[str, dict[str, Any]] = {}
+    samples: list[Sample] = []
+    first_nonfinite: int | None = None
+    ended_at = problem.steps
+    t0 = time.perf_counter()
+    stream = problem.stream(cfg.seed)
+    for step in range(1, problem.steps + 1):
+        x, y = next(stream)
+        inject(sched.last_epoch)
+        loss = problem.loss(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        lv = float(loss.detach())
+        s = Sample(step=step, values={"loss": lv})
+        samples.append(s)
+        for name, a in watchers.items():
+            if name not in stops and a.update(s):
+                stops[name] = {"stop_step": step, **problem.evaluate(model)}
+        if first_nonfinite is None and not math.isfinite(lv):
+            first_nonfinite = step
+        if first_nonfinite is not None and not _finite_params(model):
+            ended_at = step   # NaN weights never come back: the final model is this one
+            break
+    final = problem.evaluate(model)
+    label = dr.label_natural(samples)
+    for name in watchers:
+        if name not in stops:   # never fired: the anchor's run is the bare run
+            stops[name] = {"stop_step": None, **final}
+    return {"final": final, "first_nonfinite": first_nonfinite, "ended_at": ended_at,
+            "label": {k: label[k] for k in ("label", "reason", "initial_loss", "final_loss",
+                                            "best_smoothed_loss", "largest_excursion_ratio")},
+            "anchors": stops, "seconds": time.perf_counter() - t0}
+
+
+def run_lrwatch(cfg: Config, *, recovery: Any = True, flush_every: int = FLUSH_EVERY,
+                log_eval: bool = True) -> dict[str, Any]:
+    """Train ``cfg`` with a Watcher (default rules; ``recovery`` as given, defaults by default)."""
+    problem, model, opt, sched = _setup(cfg)
+    inject = _Injector(cfg, opt, sched)
+    actions: list[dict[str, Any]] = []
+
+    def listen(s: Sample) -> None:
+        for e in s.events:
+            if e.get("type") in ("rollback", "skip", "reduce_lr", "stop"):
+                actions.append({k: e.get(k) for k in ("type", "rule", "step", "to_step",
+                                                      "reason")})
+
+    t0 = time.perf_counter()
+    budget = problem.steps
+    watch = Watcher(model, opt, sched, flush_every=flush_every, rules="training",
+                    recovery=recovery, listeners=[listen], run_name=cfg.id)
+    with watch:
+        for x, y in watch.batches(problem.stream(cfg.seed)):
+            t = sched.last_epoch
+            if t >= budget or watch.step >= STEP_CAP * budget:
+                break
+            inject(t)
+            loss = problem.loss(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            metrics = {"loss": loss.detach()}
+            if log_eval and (t + 1) % EVAL_EVERY == 0:
+                metrics.update(problem.eval_tensors(model))
+            watch.log(**metrics)
+    final = problem.evaluate(model)
+    res: dict[str, Any] = {
+        "final": final, "rollbacks": watch.policy.rollbacks, "executed_steps": watch.step,
+        "schedule_step": sched.last_epoch, "stopped": watch.should_stop,
+        "exit_status": watch.exit_status, "stop_reason": watch.stop_reason,
+        "capped": (not watch.should_stop) and sched.last_epoch < budget,
+        "actions": actions, "seconds": time.perf_counter() - t0}
+    if watch.should_stop and watch.store is not None:
+        # Not lrwatch's behaviour: what the run would be worth had the stop restored the
+        # last known-good snapshot (the model it leaves behind is the one it stopped with).
+        good = watch.store.latest_good()
+        if good is not None:
+            restore_state(good.load(), model, opt, sched)
+            res["last_good"] = {"step": good.step, **problem.evaluate(model)}
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# judging
+# --------------------------------------------------------------------------------------------
+
+def healthy(score: float, ref: float) -> bool:
+    return math.isfinite(score) and score >= ref - TOLERANCE - 1e-12
+
+
+def diverged(bare: dict[str, Any], ref: float) -> tuple[bool, str]:
+    """Whether a bare run diverged (the selection criterion), and why."""
+    if bare["first_nonfinite"] is not None:
+        return True, f"non-finite loss at step {bare['first_nonfinite']}"
+    lab = bare["label"]
+    if lab["label"] == "diverged":
+        return True, "loss blew up and stayed up: " + lab["reason"]
+    score = bare["final"]["score"]
+    if not math.isfinite(score):
+        return True, "non-finite held-out evaluation"
+    if lab["largest_excursion_ratio"] >= 3.0 and not healthy(score, ref):
+        return True, (f"loss excursion {lab['largest_excursion_ratio']:.3g}x its running "
+                      f"minimum, then held-out score {score:.3f} < reference {ref:.3f} - "
+                      f"{TOLERANCE:g}")
+    return False, lab["reason"]
+
+
+# --------------------------------------------------------------------------------------------
+# reference sweep
+# --------------------------------------------------------------------------------------------
+
+REF_OPTIMIZERS = ("momentum", "adam")
+REF_MULTS = (0.3, 1.0, 3.0, 10.0, 30.0)
+REF_SEEDS = (0, 1, 2)
+REF_TOP = 3
+
+
+def reference_sweep(task: str, *, with_lrwatch: bool = True,
+                    optimizers: Sequence[str] = REF_OPTIMIZERS,
+                    mults: Sequence[float] = REF_MULTS, top_n: int = REF_TOP,
+                    progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """The task's healthy reference: an LR sweep on the warm-up + cosine schedule.
+
+    Every optimizer x LR multiple runs with seed 0; the ``REF_TOP`` best finite ones run again
+    with the other ``REF_SEEDS``; the configuration with the best mean held-out score is the
+    reference configuration, and that mean is the reference score (so seed noise of a healthy
+    run sits on both sides of it). With ``with_lrwatch`` every finite seed-0 sweep run is also
+    trained with the Watcher (defaults): does lrwatch act on healthy runs, and what does it cost?
+    """
+    problem = get_problem(task)
+    runs: list[tuple[Config, dict[str, Any]]] = []
+    for opt in optimizers:
+        for mult in mults:
+            cfg = Config(task, opt, "warmup", float(f"{problem.base_lr[opt] * mult:.6g}"), 0)
+            bare = run_bare(cfg, anchors=False)
+            finite = bare["first_nonfinite"] is None and math.isfinite(bare["final"]["score"])
+            runs.append((cfg, {"id": cfg.id, "config": asdict(cfg), "final": bare["final"],
+                               "finite": finite, "seed_scores": [bare["final"]["score"]]}))
+    top = sorted((ce for ce in runs if ce[1]["finite"]),
+                 key=lambda ce: -ce[1]["final"]["score"])[:top_n]
+    for cfg, e in top:
+        for seed in REF_SEEDS[1:]:
+            b = run_bare(Config(cfg.task, cfg.optimizer, cfg.schedule, cfg.lr, seed),
+                         anchors=False)
+            e["seed_scores"].append(b["final"]["score"])
+        e["mean_score"] = statistics.fmean(e["seed_scores"]) if all(
+            math.isfinite(v) for v in e["seed_scores"]) else math.nan
+    best_cfg, best = max(((c, e) for c, e in top if math.isfinite(e["mean_score"])),
+                         key=lambda ce: ce[1]["mean_score"])
+    ref = best["mean_score"]
+    for cfg, e in runs:
+        e["healthy"] = e["finite"] and healthy(e["final"]["score"], ref)
+        if with_lrwatch and e["finite"]:
+            lw = run_lrwatch(cfg)
+            e["lrwatch"] = {"final": lw["final"], "rollbacks": lw["rollbacks"],
+                            "stopped": lw["stopped"], "actions": lw["actions"],
+                            "healthy": healthy(lw["final"]["score"], ref)}
+    progress(f"  reference {task}: {best_cfg.id} -> mean {problem.metric} {ref:.4f} over seeds "
+             f"{list(REF_SEEDS)} ({sum(e['finite'] for _, e in runs)}/{len(runs)} sweep runs "
+             f"finite)")
+    return {"task": task, "metric": problem.metric, "model": problem.model_desc,
+            "steps": problem.steps, "reference": ref, "reference_config": best["id"],
+            "reference_cfg": asdict(best_cfg), "reference_seed_scores": best["seed_scores"],
+            "runs": [e for _, e in runs]}
+
+
+# --------------------------------------------------------------------------------------------
+# overhead: interleaved A/B on a healthy configuration
+# --------------------------------------------------------------------------------------------
+
+#: The timed variants: name -> Watcher keyword arguments (None: no Watcher).
+OVERHEAD_VARIANTS: dict[str, dict[str, Any] | None] = {
+    "bare": None,
+    "lrwatch": {},                                   # Watcher(model, opt, sched): all defaults
+    f"lrwatch flush_every={FLUSH_EVERY}": {"flush_every": FLUSH_EVERY},   # as in the sweep
+}
+
+
+class _Timed:
+    def __init__(self, cfg: Config, steps: int, watcher: dict[str, Any] | None) -> None:
+        self.problem = get_problem(cfg.task)
+        self.model = self.problem.build(cfg.seed)
+        self.opt = dr._optimizer(cfg.optimizer, self.model, cfg.lr)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, dr._schedule_fn(cfg.schedule, steps))
+        self.stream = self.problem.stream(cfg.seed)
+        self.watch = Watcher(self.model, self.opt, self.sched, **watcher) \
+            if watcher is not None else None
+
+    def steps(self, n: int) -> None:
+        model, opt, sched, watch, problem = self.model, self.opt, self.sched, self.watch, \
+            self.problem
+        for _ in range(n):
+            x, y = next(self.stream)
+            loss = problem.loss(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if watch is not None:
+                watch.log(loss=loss)
+
+
+def _ratio_stats(var: Sequence[float], base: Sequence[float], rng: random.Random,
+                 n_boot: int = 2000) -> dict[str, float]:
+    """Ratio of medians and its paired bootstrap 95% interval (resampling rounds)."""
+    ratio = statistics.median(var) / statistics.median(base)
+    k = len(var)
+    boots = sorted(statistics.median(var[i] for i in idx) / statistics.median(base[i] for i in idx)
+                   for idx in ([rng.randrange(k) for _ in range(k)] for _ in range(n_boot)))
+    return {"ratio": ratio, "ci_low": boots[int(0.025 * n_boot)],
+            "ci_high": boots[min(n_boot - 1, int(0.975 * n_boot))]}
+
+
+def overhead_ab(cfg: Config, rounds: int, warmup: int = 1, block: int = OVERHEAD_BLOCK,
+                seed: int = 0, progress: Callable[[str], None] = lambda s: None
+                ) -> dict[str, Any]:
+    """Interleaved A/B of the healthy ``cfg``: bare, and with the Watcher (``OVERHEAD_VARIANTS``).
+
+    Each variant trains its own copy (same initial weights, same batches in the same order);
+    per round every variant runs one block of ``block`` steps, in a seeded shuffled order.
+    """
+    total = (rounds + warmup) * block
+    runners = {k: _Timed(cfg, total, w) for k, w in OVERHEAD_VARIANTS.items()}
+    wall: dict[str, list[float]] = {k: [] for k in runners}
+    cpu: dict[str, list[float]] = {k: [] for k in runners}
+    rng = random.Random(seed)
+    for r in range(warmup + rounds):
+        order = list(runners)
+        rng.shuffle(order)
+        for k in order:
+            t0, c0 = time.perf_counter(), time.process_time()
+            runners[k].steps(block)
+            dt, dc = (time.perf_counter() - t0) / block, (time.process_time() - c0) / block
+            if r >= warmup:
+                wall[k].append(dt)
+                cpu[k].append(dc)
+    problem = get_problem(cfg.task)
+    res: dict[str, Any] = {
+        "config": cfg.id, "task": cfg.task, "model": problem.model_desc,
+        "realistic": problem.realistic,
+        "params": sum(p.numel() for p in runners["bare"].model.parameters()),
+        "rounds": rounds, "block": block, "steps_each": total,
+        "bare_cpu_ms": statistics.median(cpu["bare"]) * 1e3,
+        "bare_wall_ms": statistics.median(wall["bare"]) * 1e3, "variants": {}}
+    srng = random.Random(seed + 1)
+    for k, runner in runners.items():
+        w = runner.watch
+        if w is None:
+            continue
+        w.close()
+        store = w.store
+        seconds = sum(wall[k]) * block
+        v: dict[str, Any] = {
+            "rollbacks": w.policy.rollbacks, "snapshots": store.taken if store else 0,
+            "snapshot_seconds": store.seconds if store else 0.0,
+            "internal_errors": w.registry.get_sample_value("lrwatch_internal_errors_total")}
+        v["snapshot_share"] = v["snapshot_seconds"] / seconds if seconds else 0.0
+        for clock, data in (("cpu", cpu), ("wall", wall)):
+            v[clock] = {"ms": statistics.median(data[k]) * 1e3,
+                        "block_ms": [t * 1e3 for t in data[k]],
+                        **_ratio_stats(data[k], data["bare"], srng)}
+        v["target"] = TARGET_OVERHEAD if problem.realistic else None
+        v["met"] = v["cpu"]["ratio"] <= TARGET_OVERHEAD if problem.realistic else None
+        res["variants"][k] = v
+    res["bare_block_ms"] = {"cpu": [t * 1e3 for t in cpu["bare"]],
+                            "wall": [t * 1e3 for t in wall["bare"]]}
+    progress(f"  overhead {cfg.id}: " + ", ".join(
+        f"{k} x{v['cpu']['ratio']:.3f} cpu / x{v['wall']['ratio']:.3f} wall "
+        f"({v['snapshots']} snapshots)" for k, v in res["variants"].items()))
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# the benchmark
+# --------------------------------------------------------------------------------------------
+
+def _fmt_score(metric: str, score: float) -> str:
+    if not math.isfinite(score):
+        return "non-finite"
+    return f"{score:.3f}" if metric == "accuracy" else f"R² {score:.3f}"
+
+
+def _outcome(metric: str, ev: dict[str, Any], ref: float, prefix: str = "") -> str:
+    mark = "✓" if healthy(ev["score"], ref) else "✗"
+    return f"{mark} {prefix}{_fmt_score(metric, ev['score'])}"
+
+
+def evaluate_config(cfg: Config, ref: float, *, extra: dict[str, Any] | None,
+                    bare: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Bare run (+ anchors), divergence check, and the lrwatch runs of one configuration."""
+    bare = bare if bare is not None else run_bare(cfg)
+    is_div, why = diverged(bare, ref)
+    out: dict[str, Any] = {"id": cfg.id, "config": asdict(cfg), "diverged": is_div,
+                           "why": why, "bare": bare, "reference": ref}
+    if not is_div:
+        return out
+    out["lrwatch"] = run_lrwatch(cfg)
+    if extra:
+        out["lrwatch_extra"] = run_lrwatch(cfg, recovery=dict(extra))
+    return out
+
+
+def _healthy_flags(entry: dict[str, Any]) -> dict[str, bool]:
+    ref = entry["reference"]
+    b = entry["bare"]
+    flags = {"bare": healthy(b["final"]["score"], ref),
+             "nan_stop": healthy(b["anchors"]["nan_stop"]["score"], ref),
+             "spike_stop": healthy(b["anchors"]["spike_stop"]["score"], ref),
+             "lrwatch": healthy(entry["lrwatch"]["final"]["score"], ref)}
+    if "lrwatch_extra" in entry:
+        flags["lrwatch_extra"] = healthy(entry["lrwatch_extra"]["final"]["score"], ref)
+    return flags
+
+
+def _lrwatch_cell(metric: str, lw: dict[str, Any], ref: float) -> str:
+    cell = _outcome(metric, lw["final"], ref)
+    if lw["stopped"]:
+        reason = lw.get("stop_reason") or ""
+        cell += " (stopped: budget)" if "budget" in reason else " (stopped)"
+    elif lw["capped"]:
+        cell += " (step cap)"
+    return cell
+
+
+def markdown_tables(report: dict[str, Any]) -> str:
+    refs = report["references"]
+    lines = ["| task | model | metric | reference config (best mean of the LR sweep) | "
+             "reference (seeds) | seed-0 sweep runs healthy | lrwatch on the finite sweep runs |",
+             "|---|---|---|---|---|---|---|"]
+    for t, r in refs.items():
+        fin = [e for e in r["runs"] if e["finite"]]
+        seeds = ", ".join(f"{v:.3f}" for v in r["reference_seed_scores"])
+        if any("lrwatch" in e for e in fin):
+            rb = [e for e in fin if e["lrwatch"]["rollbacks"] > 0]
+            hurt = sum(e["healthy"] and not e["lrwatch"]["healthy"] for e in fin)
+            helped = sum(not e["healthy"] and e["lrwatch"]["healthy"] for e in fin)
+            rules = sorted({a["rule"] for e in rb for a in e["lrwatch"]["actions"]
+                            if a["type"] == "rollback"})
+            lw = (f"{len(rb)}/{len(fin)} rolled back" + (f" ({', '.join(rules)})" if rules
+                                                         else "")
+                  + f"; healthy → not: {hurt}, not → healthy: {helped}")
+        else:
+            lw = "–"
+        lines.append(f"| {t} | {r['model']} | {r['metric']} | {r['reference_config']} | "
+                     f"{r['reference']:.4f} ({seeds}) | "
+                     f"{sum(e['healthy'] for e in r['runs'])}/{len(r['runs'])} | {lw} |")
+    ref_table = "\n".join(lines)
+
+    extra_name = report["config"]["extra_label"]
+    head = ["#", "task", "model", "optimizer", "schedule", "peak LR", "bare", "stop on NaN",
+            "stop on spike", "lrwatch (defaults)", "rollbacks (rules)", "vs reference"]
+    if extra_name:
+        head.append(f"lrwatch {extra_name} (not default)")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    n_row = 0
+    for e in report["configs"]:
+        if not e["diverged"]:
+            continue
+        n_row += 1
+        c, b, lw = e["config"], e["bare"], e["lrwatch"]
+        metric = refs[c["task"]]["metric"]
+        ref = e["reference"]
+        bare_cell = _outcome(metric, b["final"], ref)
+        if b["first_nonfinite"] is not None:
+            bare_cell = f"✗ NaN@{b['first_nonfinite']}"
+        cells = []
+        for name in ("nan_stop", "spike_stop"):
+            a = b["anchors"][name]
+            at = f"@{a['stop_step']} " if a["stop_step"] is not None else "no stop, "
+            cells.append(_outcome(metric, a, ref, at))
+        rules = sorted({a["rule"] for a in lw["actions"] if a["type"] == "rollback"})
+        delta = lw["final"]["score"] - ref
+        vs = f"{delta * 100:+.1f} pts" if math.isfinite(delta) else "–"
+        row = [str(n_row), c["task"], get_problem(c["task"]).model_desc, c["optimizer"],
+               Config(**c).schedule_desc, f"{c['lr']:g}", bare_cell, *cells,
+               _lrwatch_cell(metric, lw, ref),
+               f"{lw['rollbacks']}" + (f" ({', '.join(rules)})" if rules else ""), vs]
+        if extra_name:
+            lx = e["lrwatch_extra"]
+            row.append(_lrwatch_cell(metric, lx, ref) + f", {lx['rollbacks']} rb")
+        lines.append("| " + " | ".join(row) + " |")
+    cfg_table = "\n".join(lines)
+
+    s = report["summary"]
+    n = s["diverged"]
+    lines = ["| behaviour | finish healthy | share | target |", "|---|---|---|---|"]
+    names = [("bare", "bare run"), ("nan_stop", "stop on NaN (Keras TerminateOnNaN)"),
+             ("spike_stop", "stop on spike (Lightning SpikeDetection)"),
+             ("lrwatch", "**lrwatch, defaults**")]
+    if extra_name:
+        names.append(("lrwatch_extra", f"lrwatch {extra_name} (not default)"))
+    for k, label in names:
+        h = s["healthy"][k]
+        tgt = (f"≥ {TARGET_HEALTHY:.0%}: **{'met' if s['target_met'] else 'not met'}**"
+               if k == "lrwatch" else "")
+        share = f"{h / n:.0%}" if n else "–"
+        lines.append(f"| {label} | {h}/{n} | {share} | {tgt} |")
+    f = s["lrwatch_failures"]
+    summary_table = "\n".join(lines) + (
+        f"\n\nlrwatch failures: {f['no_rollback']} never rolled back, {f['budget_spent']} "
+        f"stopped with the rollback budget spent, {f['step_cap']} hit the step cap, "
+        f"{f['finished_below_reference']} finished the schedule below the reference. "
+        f"Not diverged (excluded): {len(s['not_diverged'])} of {s['candidates']} candidates.")
+
+    lines = ["| healthy config | model | params | bare ms/step (cpu) | variant | ms/step | "
+             "overhead, cpu (95% CI) | overhead, wall | snapshots (share of time) | "
+             "target ≤ 3% |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for o in report.get("overhead") or []:
+        for k, v in o["variants"].items():
+            c, w = v["cpu"], v["wall"]
+            if not v["target"]:
+                tgt = "n/a (tiny model)"
+            elif not v["met"]:
+                tgt = "**not met**"
+            else:
+                tgt = "met" if c["ci_high"] <= TARGET_OVERHEAD else "met (point estimate; CI " \
+                    "reaches above 3%)"
+            lines.append(
+                f"| {o['config']} | {o['model']} | {o['params']:,} | {o['bare_cpu_ms']:.2f} | "
+                f"{k} | {c['ms']:.2f} | {100 * (c['ratio'] - 1):+.1f}% "
+                f"[{100 * (c['ci_low'] - 1):+.1f}, {100 * (c['ci_high'] - 1):+.1f}] | "
+                f"{100 * (w['ratio'] - 1):+.1f}% | {v['snapshots']} "
+                f"({100 * v['snapshot_share']:.1f}%) | {tgt} |")
+    overhead_table = "\n".join(lines)
+    return "\n\n".join([
+        "### Healthy references\n\n" + ref_table,
+        f"### Configurations whose bare run diverged ({n} of {s['candidates']} candidates)\n\n"
+        f"✓ = final held-out score finite and within {TOLERANCE * 100:g} points of the task's "
+        "reference; @k = the anchor stopped the run at step k.\n\n" + cfg_table,
+        "### Summary\n\n" + summary_table,
+        "### Overhead on healthy runs (interleaved A/B, snapshots included)\n\n"
+        + overhead_table])
+
+
+def run(tasks: Sequence[str], *, overhead_tasks: Sequence[str], rounds: int,
+        extra: dict[str, Any] | None = EXTRA_RECOVERY, sweep_lrwatch: bool = True,
+        only: Sequence[str] | None = None, limit: int | None = None,
+        sweep: dict[str, Any] | None = None,
+        progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """The whole benchmark: references, candidates, lrwatch runs, overhead; returns the report.
+
+    ``only`` keeps the candidates whose id contains one of the substrings; ``limit`` keeps the
+    first ``limit`` candidates of each task and ``sweep`` narrows the reference sweep
+    (``optimizers``, ``mults``, ``top_n`` of :func:`reference_sweep`), both for tests.
+    """
+    t0 = time.perf_counter()
+    progress(f"reference sweeps ({len(tasks)} tasks) ...")
+    sweep = dict(sweep or {})
+    references = {t: reference_sweep(t, with_lrwatch=sweep_lrwatch, progress=progress, **sweep)
+                  for t in tasks}
+    cands: list[Config] = []
+    for t in tasks:
+        cs = candidates(t, Config(**references[t]["reference_cfg"]))
+        if only:
+            cs = [c for c in cs if any(k in c.id for k in only)]
+        cands += cs[:limit] if limit is not None else cs
+    progress(f"{len(cands)} candidate configurations ...")
+    configs = []
+    for i, cfg in enumerate(cands, 1):
+        e = evaluate_config(cfg, references[cfg.task]["reference"], extra=extra)
+        configs.append(e)
+        if e["diverged"]:
+            lw = e["lrwatch"]
+            progress(f"  [{i}/{len(cands)}] {cfg.id}: diverged ({e['why'][:50]}); lrwatch "
+                     f"{lw['final']['score']:.4f} after {lw['rollbacks']} rollbacks"
+                     f"{' (stopped)' if lw['stopped'] else ''}")
+        else:
+            progress(f"  [{i}/{len(cands)}] {cfg.id}: not diverged ({e['why'][:50]})")
+    div = [e for e in configs if e["diverged"]]
+    keys = ["bare", "nan_stop", "spike_stop", "lrwatch"] + (["lrwatch_extra"] if extra else [])
+    flags = [_healthy_flags(e) for e in div]
+    counts = {k: sum(f[k] for f in flags) for k in keys}
+    n = len(div)
+    fails = [e["lrwatch"] for e, f in zip(div, flags) if not f["lrwatch"]]
+    summary = {
+        "candidates": len(configs), "diverged": n,
+        "not_diverged": [{"id": e["id"], "why": e["why"]} for e in configs
+                         if not e["diverged"]],
+        "healthy": counts, "share": {k: (v / n if n else math.nan) for k, v in counts.items()},
+        "target": TARGET_HEALTHY,
+        "target_met": bool(n) and counts["lrwatch"] / n >= TARGET_HEALTHY,
+        "lrwatch_failures": {
+            "no_rollback": sum(lw["rollbacks"] == 0 for lw in fails),
+            "budget_spent": sum("budget" in (lw.get("stop_reason") or "") for lw in fails),
+            "step_cap": sum(bool(lw["capped"]) for lw in fails),
+            "finished_below_reference": sum(lw["rollbacks"] > 0 and not lw["stopped"]
+                                            and not lw["capped"] for lw in fails)},
+        "lrwatch_rollbacks_median": statistics.median(
+            [e["lrwatch"]["rollbacks"] for e in div]) if div else math.nan,
+        "lrwatch_stopped_last_good_healthy": sum(
+            healthy(e["lrwatch"]["last_good"]["score"], e["reference"]) for e in div
+            if "last_good" in e["lrwatch"]),
+    }
+    progress("overhead A/B on healthy runs ...")
+    overhead = []
+    for t in overhead_tasks:
+        ref_cfg = (Config(**references[t]["reference_cfg"]) if t in references else
+                   Config(t, "adam", "warmup", float(f"{get_problem(t).base_lr['adam']:.6g}")))
+        overhead.append(overhead_ab(ref_cfg, rounds, progress=progress))
+    realistic = [v for o in overhead for k, v in o["variants"].items()
+                 if v["target"] and k == "lrwatch"]
+    summary["overhead_target_met"] = all(v["met"] for v in realistic) if realistic else None
+    report: dict[str, Any] = {
+        "benchmark": "recovery",
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "cpu_count": os.cpu_count(), "platform": platform.platform(),
+                    "threads": torch.get_num_threads()},
+        "config": {"tasks": list(tasks), "tolerance": TOLERANCE, "flush_every": FLUSH_EVERY,
+                   "eval_every": EVAL_EVERY, "step_cap": STEP_CAP,
+                   "recovery": asdict(RecoveryConfig()), "extra_recovery": extra,
+                   "extra_label": (", ".join(f"{k}={v}" for k, v in extra.items())
+                                   if extra else None),
+                   "reference_sweep": {"optimizers": REF_OPTIMIZERS, "mults": REF_MULTS,
+                                       "schedule": "warmup", "seeds": REF_SEEDS,
+                                       "top_n": REF_TOP, **sweep},
+                   "overhead_rounds": rounds, "overhead_block": OVERHEAD_BLOCK,
+                   "overhead_variants": OVERHEAD_VARIANTS},
+        "references": references, "configs": configs, "summary": summary,
+        "overhead": overhead}
+    try:
+        report["machine"]["loadavg_end"] = os.getloadavg()
+    except OSError:  # pragma: no cover
+        pass
+    report["seconds"] = time.perf_counter() - t0
+    report["table"] = markdown_tables(report)
+    return report
+
+
+def _clean(o: Any) -> Any:
+    """Non-finite floats as strings ("nan", "inf"), as the trace format writes them."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else str(o)
+    if isinstance(o, dict):
+        return {str(k): _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    return o
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help=f"tasks {', '.join(QUICK_TASKS)} only, fewer overhead rounds "
+                        "(under 2 minutes)")
+    p.add_argument("--smoke", action="store_true",
+                   help="one task, a two-run sweep, one candidate, one overhead round, no "
+                        "lrwatch on the sweep (for tests; numbers meaningless)")
+    p.add_argument("--tasks", default=None, help=f"comma-separated, from {', '.join(TASKS)}")
+    p.add_argument("--only", default=None,
+                   help="comma-separated substrings: keep the candidates whose id contains one")
+    p.add_argument("--rounds", type=int, default=None, help="overhead A/B rounds per model")
+    p.add_argument("--no-extra", action="store_true",
+                   help=f"skip the non-default recovery column ({EXTRA_RECOVERY})")
+    p.add_argument("--json", metavar="OUT", help="also write the full results as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    a = p.parse_args(argv)
+
+    torch.set_num_threads(1)              # deterministic bare runs; a small shared machine
+    torch.set_flush_denormal(True)
+    logging.getLogger("lrwatch").setLevel(logging.CRITICAL)   # rollbacks are in the report
+
+    def progress(msg: str) -> None:
+        if not a.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    limit, sweep = None, None
+    if a.smoke:
+        sweep = {"optimizers": ("adam",), "mults": (1.0, 3.0), "top_n": 1}
+        tasks, ov_tasks, rounds, limit = ["digits_mlp"], ["digits_mlp"], a.rounds or 1, 1
+    elif a.quick:
+        tasks, ov_tasks, rounds = list(QUICK_TASKS), ["digits_wide", "digits_mlp"], a.rounds or 8
+    else:
+        tasks = list(TASKS)
+        ov_tasks = ["digits_wide", *TASKS]
+        rounds = a.rounds or 24
+    if a.tasks:
+        tasks = a.tasks.split(",")
+        for t in tasks:
+            if t not in TASKS:
+                p.error(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
+        ov_tasks = [t for t in ov_tasks if t == "digits_wide" or t in tasks]
+    report = run(tasks, overhead_tasks=ov_tasks, rounds=rounds,
+                 extra=None if a.no_extra else EXTRA_RECOVERY, sweep_lrwatch=not a.smoke,
+                 only=a.only.split(",") if a.only else None, limit=limit, sweep=sweep,
+                 progress=progress)
+    print(report["table"])
+    s = report["summary"]
+    n = s["diverged"]
+    print()
+    if n:
+        print(f"lrwatch (defaults): {s['healthy']['lrwatch']}/{n} diverging runs finish healthy "
+              f"({s['share']['lrwatch']:.0%}; target {TARGET_HEALTHY:.0%}: "
+              f"{'met' if s['target_met'] else 'NOT met'}); bare {s['healthy']['bare']}/{n}, "
+              f"stop-on-NaN {s['healthy']['nan_stop']}/{n}, stop-on-spike "
+              f"{s['healthy']['spike_stop']}/{n}")
+    if s["overhead_target_met"] is not None:
+        print(f"overhead target (≤3% with Watcher defaults on the realistic model): "
+              f"{'met' if s['overhead_target_met'] else 'NOT met'}")
+    print(f"{report['seconds']:.0f} s")
+    if a.json:
+        Path(a.json).write_text(json.dumps(_clean(report), indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Smoke test of ``benchmarks/recovery.py``: it runs, and its output has the documented shape.
+
+Structure only (one task, one candidate, one overhead round): the benchmark's numbers -- shares
+of runs that finish healthy, overhead ratios -- belong in ``docs/recovery.md``, not in a test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import recovery as bench  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """As the benchmark runs: OpenMP threads waiting on a busy core make tiny steps very slow."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_smoke_run_writes_tables_and_json(tmp_path: Path) -> None:
+    out = tmp_path / "recovery.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "recovery.py"), "--smoke",
+                           "-q", "--json", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for heading in ("### Healthy references", "### Configurations whose bare run diverged",
+                    "### Summary", "### Overhead on healthy runs"):
+        assert heading in proc.stdout
+    assert "| **lrwatch, defaults** |" in proc.stdout
+
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "recovery"
+    assert report["config"]["recovery"] == {**report["config"]["recovery"], "lr_factor": 0.5,
+                                            "max_rollbacks": 5}   # the headline uses defaults
+    (ref,) = report["references"].values()
+    assert ref["task"] == "digits_mlp" and ref["metric"] == "accuracy"
+    assert 0.0 < ref["reference"] <= 1.0
+    assert len(ref["reference_seed_scores"]) == len(bench.REF_SEEDS)
+    sweep = report["config"]["reference_sweep"]
+    assert len(ref["runs"]) == len(sweep["optimizers"]) * len(sweep["mults"])
+
+    (cfg,) = report["configs"]
+    s = report["summary"]
+    assert s["candidates"] == 1 and s["diverged"] == int(cfg["diverged"])
+    for anchor in ("nan_stop", "spike_stop"):
+        assert anchor in cfg["bare"]["anchors"]
+    if cfg["diverged"]:
+        lw = cfg["lrwatch"]
+        assert lw["executed_steps"] <= bench.STEP_CAP * ref["steps"]
+        assert lw["rollbacks"] == sum(a["type"] == "rollback" for a in lw["actions"])
+        assert set(s["healthy"]) >= {"bare", "nan_stop", "spike_stop", "lrwatch"}
+        assert "lrwatch_extra" in cfg    # the clearly labelled non-default column
+
+    (ov,) = report["overhead"]
+    assert list(ov["variants"]) == [k for k, v in bench.OVERHEAD_VARIANTS.items() if v is not None]
+    for v in ov["variants"].values():
+        for clock in ("cpu", "wall"):
+            assert isinstance(v[clock]["ratio"], float) and v[clock]["ratio"] > 0
+        assert v["internal_errors"] == 0
+        assert v["target"] is None       # the tiny model carries no target
+
+
+def test_bare_and_lrwatch_runs_agree_until_lrwatch_acts() -> None:
+    """A healthy run is numerically the same with and without the Watcher (it only reads)."""
+    cfg = bench.Config("digits_mlp", "adam", "warmup", 2e-3, seed=0)
+    bare = bench.run_bare(cfg, anchors=False)
+    lw = bench.run_lrwatch(cfg)
+    if lw["rollbacks"] == 0:
+        assert lw["final"]["score"] == pytest.approx(bare["final"]["score"], abs=1e-6)
+        assert lw["executed_steps"] == bench.get_problem("digits_mlp").steps
+    assert not bench.diverged(bare, bare["final"]["score"])[0]
+
+
+def test_a_real_divergence_is_selected_and_faults_are_injected() -> None:
+    """The selection criterion on a run that really overflows, and an LR fault that is real."""
+    boom = bench.Config("synth_reg_mlp", "sgd", "constant", 5.0, seed=2)
+    bare = bench.run_bare(boom)
+    assert bare["first_nonfinite"] is not None
+    assert bench.diverged(bare, 0.99)[0]
+    assert bare["anchors"]["nan_stop"]["stop_step"] == bare["first_nonfinite"]
+    assert not math.isfinite(bare["final"]["score"])
+
+    ref = bench.get_problem("digits_mlp").base_lr["momentum"]
+    cfg = bench.Config("digits_mlp", "momentum", "warmup", ref, 0, "lr_bug", 5, 100.0)
+    sched = bench._schedule(cfg, 400)
+    assert sched(5) == pytest.approx(100.0 * bench.dr._schedule_fn("warmup", 400)(5))
+    assert sched(4) == pytest.approx(bench.dr._schedule_fn("warmup", 400)(4))

@@ -27,15 +27,20 @@ class SkipSampler:
     scheduler and the loss all stay untouched. The epoch simply ends that many batches early.
     """
 
-    def __init__(self, sampler: Any, batch_size: int, take: Callable[[], bool]) -> None:
+    def __init__(self, sampler: Any, batch_size: int, take: Callable[[], bool],
+                 group: int = 1) -> None:
         self.sampler = sampler
         self.batch_size = int(batch_size)
         self.take = take
+        # Under a sharding wrapper that deals whole batches round-robin to ``group`` processes,
+        # one batch *per process* is ``group`` batches here: take() is asked once per group and
+        # drops the whole group, so every rank drops the same per-rank batches.
+        self.group = max(1, int(group))
 
     def __iter__(self) -> Iterator[Any]:
         it = iter(self.sampler)
         while True:
-            chunk = list(itertools.islice(it, self.batch_size))
+            chunk = list(itertools.islice(it, self.batch_size * self.group))
             if not chunk:
                 return
             if self.take():
@@ -54,21 +59,28 @@ class SkipSampler:
 def wrap_dataloader(loader: Any, take: Callable[[], bool]) -> bool:
     """Put a :class:`SkipSampler` under ``loader``'s batch sampler, in place.
 
-    Follows wrappers that keep the real batch sampler in ``.batch_sampler`` (accelerate's
-    ``BatchSamplerShard``). Returns ``False`` when there is no ``torch`` ``BatchSampler`` to wrap
-    (iterable datasets, custom batch samplers): then a rollback cannot skip extra batches.
+    Follows wrappers that keep the real batch sampler in ``.batch_sampler`` down to the innermost
+    one (accelerate's ``BatchSamplerShard`` is itself a ``BatchSampler`` subclass, but iterates
+    the global batch sampler it wraps, dealing its batches round-robin to ``num_processes``
+    ranks: then one ``take()`` covers that many global batches, one per rank). Returns ``False``
+    when there is no ``torch`` ``BatchSampler`` to wrap (iterable datasets, custom batch
+    samplers): then a rollback cannot skip extra batches.
     """
     bs = getattr(loader, "batch_sampler", None)
-    seen = 0
-    while bs is not None and not isinstance(bs, torch.utils.data.BatchSampler) and seen < 4:
-        bs = getattr(bs, "batch_sampler", None)
-        seen += 1
-    if not isinstance(bs, torch.utils.data.BatchSampler):
+    group = 1
+    for _ in range(4):
+        inner = getattr(bs, "batch_sampler", None)
+        if inner is None:
+            break
+        if not getattr(bs, "split_batches", False):  # split: one global batch is one step
+            group *= max(1, int(getattr(bs, "num_processes", 1) or 1))
+        bs = inner
+    if not isinstance(bs, torch.utils.data.BatchSampler) or bs.batch_size is None:
         return False
     if not isinstance(bs.sampler, SkipSampler):
-        bs.sampler = SkipSampler(bs.sampler, bs.batch_size, take)
+        bs.sampler = SkipSampler(bs.sampler, bs.batch_size, take, group)
     else:
-        bs.sampler.take = take
+        bs.sampler.take, bs.sampler.group = take, max(1, group)
     return True
 
 

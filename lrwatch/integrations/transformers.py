@@ -91,6 +91,7 @@ class LrwatchCallback(TrainerCallback):
         self._loss_sum: torch.Tensor | None = None
         self._loss_n = 0
         self._loss_summed = False
+        self._loss_world = 1  # the Trainer's factor for losses over num_items_in_batch
         self._hook_loss = False  # the forward hook has seen a loss tensor
         self._stepped = False
         self._done: dict[str, Any] | None = None
@@ -117,6 +118,13 @@ class LrwatchCallback(TrainerCallback):
         scaler = getattr(optimizer, "scaler", None)
         self._gradient_state = getattr(optimizer, "gradient_state", None)
         self._backward_probe = scaler is None  # fp16: grads are still scaled after backward
+        # Under DDP with average_tokens_across_devices (the default), num_items_in_batch counts
+        # the tokens of *every* rank, so the model's loss is this rank's sum over the global
+        # count; compute_loss multiplies it by the number of processes (what DDP's gradient
+        # average undoes). Do the same, so the mean over ranks is the global per-token loss.
+        self._loss_world = (int(getattr(args, "world_size", 1) or 1)
+                            if getattr(args, "average_tokens_across_devices", False)
+                            and int(getattr(args, "n_gpu", 1) or 1) <= 1 else 1)
         if scaler is not None:
             warnings.warn("lrwatch: with fp16 and a GradScaler the Trainer unscales gradients "
                           "only when it clips them; lrwatch measures them at "
@@ -177,7 +185,14 @@ class LrwatchCallback(TrainerCallback):
         # Runs inside the backward pass; the queued callback runs when it has finished.
         if not self._queued:
             self._queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
+            torch.autograd.Variable._execution_engine.queue_callback(self._requeue)
+
+    def _requeue(self) -> None:
+        # End-of-backward callbacks run in the order they were queued, and ours was queued
+        # first (the loss's gradient is the first one computed). DDP's reducer queues its own
+        # during the backward pass: the one that waits for the all-reduce and writes the
+        # *averaged* gradients into ``.grad``. Queued again from here, we run after it.
+        torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
 
     def _after_backward(self) -> None:
         self._queued = False
@@ -200,7 +215,11 @@ class LrwatchCallback(TrainerCallback):
         done: dict[str, Any] = {}
         if self._loss_sum is not None:
             n = self._loss_n
-            done["loss"] = self._loss_sum if (n == 1 or self._loss_summed) else self._loss_sum / n
+            if self._loss_summed:
+                done["loss"] = self._loss_sum * self._loss_world if self._loss_world > 1 \
+                    else self._loss_sum
+            else:
+                done["loss"] = self._loss_sum if n == 1 else self._loss_sum / n
         self._loss_sum, self._loss_n = None, 0
         if self._stepped or self._done is None:
             self._done = done

@@ -36,6 +36,23 @@ def test_wrapped_dataloader_drops_whole_batches_on_request() -> None:
     assert not wrap_dataloader(ds_iter, lambda: False)
 
 
+def test_under_accelerate_batch_sampler_shard_every_rank_drops_the_same_own_batches() -> None:
+    """accelerate's ``BatchSamplerShard`` (a ``BatchSampler`` subclass) deals the batches of the
+    global batch sampler round-robin to the processes: the wrapper goes under it, and one skip
+    drops one batch of *every* rank, so the ranks stay on their own shards."""
+    shard_cls = pytest.importorskip("accelerate.data_loader").BatchSamplerShard
+    ds = torch.utils.data.TensorDataset(torch.arange(48))
+    firsts = []
+    for rank in range(2):
+        inner = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(ds), 4, False)
+        dl = torch.utils.data.DataLoader(ds, batch_sampler=shard_cls(inner, 2, rank))
+        calls = iter(range(100))
+        assert wrap_dataloader(dl, lambda: next(calls) == 1)  # drop this rank's 2nd batch
+        assert isinstance(inner.sampler, SkipSampler) and inner.sampler.group == 2
+        firsts.append([int(b[0][0]) for b in dl])
+    assert firsts == [[0, 16, 24, 32, 40], [4, 20, 28, 36, 44]]
+
+
 class _Stream(torch.utils.data.IterableDataset):
     def __iter__(self):  # type: ignore[no-untyped-def]
         yield from range(3)

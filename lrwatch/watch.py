@@ -338,10 +338,7 @@ class Watcher:
             self._boundary("batches")
             if self.should_stop:
                 return
-            self.data_position += 1
-            if self._skip_remaining > 0:
-                self._skip_remaining -= 1
-                self.skipped_batches += 1
+            if self.skip_batch():
                 continue
             yield batch
         self._safe_point()

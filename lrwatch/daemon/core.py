@@ -7,6 +7,17 @@ in order, so all counting happens in one place and the state it snapshots is con
 
 Entry kinds: ``P`` predictions payload, ``L`` labels payload, ``R`` request-level rejections,
 ``F`` lines of a tailed file (with the file offset they end at), ``T`` a clock tick.
+
+The per-record path is columnar: a validated payload arrives as a :class:`~.records.Batch`,
+windows take slices of it, pending labels are added per batch, and a closed window is turned
+into one float matrix (:func:`~.windows.columns`) for the vectorised tests.
+
+When the reference is the first N live records, its thresholds are calibrated on a background
+thread (seconds of CPU). Ingest goes on meanwhile: records are counted and windowed, closed
+windows wait as columns (at most :data:`MAX_WAITING_WINDOWS`; then the worker waits for the
+calibration, so the queue fills and answers 429), and they are tested in order once the
+thresholds are ready. No snapshot is written while a calibration runs, so a crash replays the
+journal from before the reference was complete and calibrates again.
 """
 
 from __future__ import annotations
@@ -17,7 +28,7 @@ import math
 import os
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from typing import Any, Mapping
 
 import numpy as np
@@ -28,15 +39,19 @@ from .config import DaemonConfig
 from .detector import DriftDetector, DriftResult
 from .labels import PendingLabels, is_classification, score
 from .metrics import DaemonMetrics
-from .records import (REASONS, parse_payload, validate_labels, validate_predictions)
+from .records import (REASONS, Batch, loads, parse_lines, parse_payload, validate_labels,
+                      validate_predictions)
 from .reference import PREDICTION, Reference, build_reference
 from .state import Journal, load_snapshot, save_snapshot
-from .windows import Window, columns
+from .stats import Profile
+from .windows import Window
 
 __all__ = ["Daemon"]
 
 _log = logging.getLogger("lrwatch.daemon")
 STATE_VERSION = 1
+#: Closed windows kept (as columns) while a live reference is calibrated in the background.
+MAX_WAITING_WINDOWS = 128
 
 
 class _Queue:
@@ -79,10 +94,15 @@ class Daemon:
         The settings (:class:`~.config.DaemonConfig`).
     registry:
         Where the metrics go; a fresh ``CollectorRegistry`` by default.
+    executor:
+        A :class:`concurrent.futures.Executor` that calibrates a live reference; by default a
+        thread of its own. Calibration never runs on the worker (see the module notes).
     """
 
-    def __init__(self, config: DaemonConfig, *, registry: Any = None) -> None:
+    def __init__(self, config: DaemonConfig, *, registry: Any = None,
+                 executor: Any = None) -> None:
         self.config = config
+        self._executor = executor
         self.metrics = DaemonMetrics(registry)
         self.registry = self.metrics.registry
         self.queue = _Queue(config.max_queue_records)
@@ -96,6 +116,13 @@ class Daemon:
         self.reference: Reference | None = None
         self.detector: DriftDetector | None = None
         self._ref_rows: list[dict[str, Any]] = []
+        self._profile: Profile | None = None  # the reference's arrays (before the detector)
+        self._calibrating = False
+        self._cal_done = threading.Event()  # set when the calibration has a result
+        self._cal_result: Any = None  # a DriftDetector or the exception, from the thread
+        self._cal_rows: list[dict[str, Any]] = []  # the reference rows, until calibrated
+        self._waiting: list[tuple[Window, int, np.ndarray, list[np.ndarray]]] = []
+        self._replaying = False
         self.window = self._new_window(0)
         self.last: dict[str, Any] = {}
         self._stop = threading.Event()
@@ -148,15 +175,20 @@ class Daemon:
             raise ConfigError(f"reference {self.config.reference!r} does not exist; build one "
                               f"with `lrwatch baseline build DATA -o {self.config.reference}`")
 
-    def _set_reference(self, ref: Reference, save: bool) -> None:
+    def _make_detector(self, ref: Reference) -> DriftDetector:
         cfg = self.config
-        det = DriftDetector(ref, window_size=cfg.window_size if cfg.window_seconds is None
-                            else (ref.calibration or {}).get("window_size", cfg.window_size),
-                            target_windows=cfg.target_windows, min_effect=cfg.min_effect,
-                            min_effect_categorical=cfg.min_effect_categorical,
-                            min_missing_delta=cfg.min_missing_delta,
-                            sequential=cfg.sequential, seq_min_effect=cfg.seq_min_effect,
-                            seed=cfg.seed, sims=cfg.calibration_sims)
+        return DriftDetector(ref, window_size=cfg.window_size if cfg.window_seconds is None
+                             else (ref.calibration or {}).get("window_size", cfg.window_size),
+                             target_windows=cfg.target_windows, min_effect=cfg.min_effect,
+                             min_effect_categorical=cfg.min_effect_categorical,
+                             min_missing_delta=cfg.min_missing_delta,
+                             sequential=cfg.sequential, seq_min_effect=cfg.seq_min_effect,
+                             seed=cfg.seed, sims=cfg.calibration_sims)
+
+    def _set_reference(self, ref: Reference, save: bool,
+                       detector: DriftDetector | None = None) -> None:
+        cfg = self.config
+        det = detector if detector is not None else self._make_detector(ref)
         if save:
             ref.calibration = det.calibration.to_dict()
             path = self._ref_path()
@@ -164,6 +196,7 @@ class Daemon:
                 ref.save(path)
         self.reference = ref
         self.detector = det
+        self._profile = det.profile
         self.metrics.bind_features(det.profile.num_names, det.profile.cat_names)
         thr = det.raw_thresholds(cfg.window_size)
         for i, name in enumerate(det.profile.num_names):
@@ -210,10 +243,14 @@ class Daemon:
         self.metrics.restore(self.counters)
         assert self.journal is not None
         replayed = 0
-        for seg, end, kind, t, payload in self.journal.replay(*self.journal_pos):
-            self._apply_journal(kind, t, payload)
-            self.journal_pos = [seg, end]
-            replayed += 1
+        self._replaying = True  # a live reference completed during replay calibrates inline
+        try:
+            for seg, end, kind, t, payload in self.journal.replay(*self.journal_pos):
+                self._apply_journal(kind, t, payload)
+                self.journal_pos = [seg, end]
+                replayed += 1
+        finally:
+            self._replaying = False
         self.journal.segment = max([self.journal_pos[0]] + self.journal.segments())
         self.journal.open()
         if replayed:
@@ -221,8 +258,8 @@ class Daemon:
             self._snapshot()
 
     def _snapshot(self) -> None:
-        if not self.config.state_dir:
-            return
+        if not self.config.state_dir or self._calibrating:
+            return  # see the module notes: never snapshot windows that are not tested yet
         try:
             save_snapshot(self.config.state_dir, self.state_dict())
         except OSError:
@@ -281,16 +318,18 @@ class Daemon:
                      now: float) -> bool:
         """Queue parsed lines of a tailed file; blocks while the queue is full (backpressure).
         Returns False when the daemon is stopping."""
-        items = parse_payload(b"\n".join(lines)) if lines else []
-        preds, labels = [], []
-        for it in items:
-            (labels if type(it) is dict and "features" not in it and "label" in it
-             else preds).append(it)
-        ok, rej, _ = validate_predictions(preds)
-        lok, lrej, _ = validate_labels(labels)
-        rej.update(lrej)
-        if len(items) < len(lines):  # blank lines are not records
-            pass
+        items = parse_lines(lines) if lines else []
+        ok, rej, _ = validate_predictions(items)
+        lok: list[dict[str, Any]] = []
+        if rej:  # the batch check failed: a mixed file? split off the label records
+            preds, labels = [], []
+            for it in items:
+                (labels if type(it) is dict and "features" not in it and "label" in it
+                 else preds).append(it)
+            if labels:
+                ok, rej, _ = validate_predictions(preds)
+                lok, lrej, _ = validate_labels(labels)
+                rej.update(lrej)
         n = len(ok) + len(lok)
         q = self.queue
         with q.cond:
@@ -324,6 +363,10 @@ class Daemon:
             self.queue.cond.notify_all()
         if self._worker is not None:
             self._worker.join(timeout)
+        if self._calibrating:
+            self._cal_done.wait(max(timeout, 60.0))
+            if self._cal_result is not None:
+                self._finish_calibration()
         self._snapshot()
         if self.journal is not None:
             self.journal.close()
@@ -337,7 +380,8 @@ class Daemon:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self.queue.cond:
-                if not len(self.queue) and self.queue.records == 0 and not self._busy:
+                if not len(self.queue) and self.queue.records == 0 and not self._busy \
+                        and not self._calibrating:
                     return True
             time.sleep(0.005)
         return False
@@ -347,6 +391,8 @@ class Daemon:
     def _run(self) -> None:
         next_tick = time.monotonic() + 1.0
         while not self._stop.is_set():
+            if self._cal_result is not None:
+                self._finish_calibration()
             entry = self.queue.get(0.2)
             if entry is not None:
                 self._busy = True
@@ -395,7 +441,7 @@ class Daemon:
     def _apply_journal(self, kind: bytes, t: float, payload: bytes) -> None:
         """Re-apply one journal entry during replay (same parse, same validation)."""
         if kind == b"R":
-            self._count_rejections(json.loads(payload))
+            self._count_rejections(loads(payload))
             return
         items = parse_payload(payload)
         ok, rej, _ = (validate_predictions(items) if kind == b"P" else validate_labels(items))
@@ -419,66 +465,158 @@ class Daemon:
         self.metrics.received.inc(total)
         self.window.rejected += total
 
-    def _add_predictions(self, recs: list[dict[str, Any]], t_arrival: float) -> None:
-        if not recs:
+    def _add_predictions(self, b: Batch, t_arrival: float) -> None:
+        if not b:
             return
-        n = len(recs)
+        n = len(b)
         self.counters["predictions"] += n
         self.counters["received"] += n
         self.metrics.predictions.inc(n)
         self.metrics.received.inc(n)
         if self.reference is None:
-            self._collect_reference(recs, t_arrival)
+            self._collect_reference(b, t_arrival)
             return
-        self._windowize(recs, t_arrival)
+        self._windowize(b, t_arrival)
 
-    def _windowize(self, recs: list[dict[str, Any]], t_arrival: float) -> None:
-        """Put counted records into windows (closing them as they fill)."""
-        t = t_arrival
+    def _windowize(self, b: Batch, t_arrival: float) -> None:
+        """Put counted records into windows, a slice at a time (closing them as they fill)."""
+        n = len(b)
         ws = self.config.window_seconds
         size = self.config.window_size
-        pending = self.pending
-        ptype = self.reference.prediction_type
-        for r in recs:
-            t = r.get("time", t_arrival)
+        times = b.times
+        if times is not None and None in times:
+            times = [t_arrival if t is None else t for t in times]
+        tarr = None
+        if ws is not None:
+            tarr = (np.asarray(times, dtype=np.float64) if times is not None
+                    else np.full(n, t_arrival))
+        pos = 0
+        while pos < n:
             w = self.window
-            if ws is not None:
+            if tarr is None:
+                stop = min(n, pos + max(size - len(w), 1))
+            else:
+                t0 = float(tarr[pos])
                 if w.start is None:
-                    w.start = math.floor(t / ws) * ws
+                    w.start = math.floor(t0 / ws) * ws
                     w.end = w.start + ws
-                elif t >= w.end and len(w):
-                    self._close_window(t)
+                elif t0 >= w.end and len(w):
+                    self._close_window(t0)
                     w = self.window
-                    w.start = math.floor(t / ws) * ws
+                    w.start = math.floor(t0 / ws) * ws
                     w.end = w.start + ws
-            w.feats.append(r["features"])
-            w.preds.append(r["prediction"])
-            if w.first_time is None:
-                w.first_time = t
-            w.last_time = t
-            rid = r.get("id")
-            label = r.get("label")
-            if label is not None:
-                self._join(r["prediction"], label, t, t, ptype)
-            elif rid is not None:
-                if pending.add(rid, r["prediction"], t):
-                    self.counters["labels_expired"] += 1
-                    self.metrics.labels_expired.inc()
-            if ws is None and len(w) >= size:
-                self._close_window(t)
+                later = np.flatnonzero(tarr[pos + 1:] >= w.end)
+                stop = pos + 1 + int(later[0]) if later.size else n
+            self._append(w, b, pos, stop, times, t_arrival)
+            pos = stop
+            if tarr is None and len(w) >= size:
+                self._close_window(w.last_time if w.last_time is not None else t_arrival)
         self._update_fill(t_arrival)
 
-    def _collect_reference(self, recs: list[dict[str, Any]], t_arrival: float) -> None:
+    def _append(self, w: Window, b: Batch, lo: int, hi: int, times: list[Any] | None,
+                t_arrival: float) -> None:
+        """Records ``lo:hi`` of ``b`` join window ``w``: inline labels are joined, records
+        with an id wait for theirs."""
+        w.extend(self._profile, b.feats[lo:hi], b.preds[lo:hi])
+        if w.first_time is None:
+            w.first_time = times[lo] if times is not None else t_arrival
+        w.last_time = times[hi - 1] if times is not None else t_arrival
+        ids, labels, preds = b.ids, b.labels, b.preds
+        if labels is not None:
+            ptype = self.reference.prediction_type  # type: ignore[union-attr]
+            waiting = []
+            for i in range(lo, hi):
+                if labels[i] is not None:
+                    t = times[i] if times is not None else t_arrival
+                    self._join(preds[i], labels[i], t, t, ptype)
+                elif ids is not None and ids[i] is not None:
+                    waiting.append(i)
+            if waiting:
+                self._expired(self.pending.add_many(
+                    [ids[i] for i in waiting], [preds[i] for i in waiting],  # type: ignore
+                    [times[i] for i in waiting] if times is not None
+                    else [t_arrival] * len(waiting)))
+        elif ids is not None:
+            sl = ids[lo:hi]
+            if None in sl:
+                keep = [i for i in range(lo, hi) if ids[i] is not None]
+                sl = [ids[i] for i in keep]
+                ps = [preds[i] for i in keep]
+                ts = [times[i] for i in keep] if times is not None else [t_arrival] * len(keep)
+            else:
+                ps = preds[lo:hi]
+                ts = times[lo:hi] if times is not None else [t_arrival] * (hi - lo)
+            if sl:
+                self._expired(self.pending.add_many(sl, ps, ts))
+
+    def _expired(self, k: int) -> None:
+        if k:
+            self.counters["labels_expired"] += k
+            self.metrics.labels_expired.inc(k)
+
+    def _collect_reference(self, b: Batch, t_arrival: float) -> None:
         need = self.config.live_records - len(self._ref_rows)
-        self._ref_rows.extend({"features": r["features"], "prediction": r["prediction"]}
-                              for r in recs[:need])
+        self._ref_rows.extend({"features": f, "prediction": p}
+                              for f, p in zip(b.feats[:need], b.preds[:need]))
         if len(self._ref_rows) >= self.config.live_records:
             _log.info("building the reference from the first %d records", len(self._ref_rows))
             ref = build_reference(self._ref_rows, calibrate=False)
-            self._set_reference(ref, save=True)
-            self._ref_rows = []
-            if recs[need:]:
-                self._windowize(recs[need:], t_arrival)
+            self._start_calibration(ref)
+            if len(b) > need:
+                self._windowize(b.slice(need, len(b)), t_arrival)
+
+    # --- calibration of a live reference, off the ingest path ---------------------------------
+    def _start_calibration(self, ref: Reference) -> None:
+        rows, self._ref_rows = self._ref_rows, []
+        if self._replaying or self._worker is None:
+            try:
+                self._set_reference(ref, save=True)
+            except Exception:
+                self._ref_rows = rows
+                raise
+            return
+        self.reference = ref
+        self._profile = Profile(ref)
+        self._calibrating = True
+        self._cal_rows = rows
+
+        self._cal_done.clear()
+
+        def work() -> None:
+            try:
+                result: Any = self._make_detector(ref)
+            except Exception as exc:  # handed to the worker, which fails open
+                result = exc
+            self._cal_result = result
+            self._cal_done.set()
+            with self.queue.cond:
+                self.queue.cond.notify_all()
+
+        _log.info("calibrating the live reference in the background")
+        if self._executor is not None:
+            self._executor.submit(work)
+        else:
+            threading.Thread(target=work, name="lrwatch-calibrate", daemon=True).start()
+
+    def _finish_calibration(self) -> None:
+        result, self._cal_result = self._cal_result, None
+        ref = self.reference
+        waiting, self._waiting = self._waiting, []
+        try:
+            if isinstance(result, BaseException) or ref is None:
+                self.metrics.internal_errors.inc()
+                _log.error("calibrating the live reference failed: %s", result)
+                self.reference = None
+                self._profile = None
+                self._ref_rows = self._cal_rows  # retried with the next records
+                return
+            self._set_reference(ref, save=True, detector=result)
+            self._cal_rows = []
+            _log.info("live reference calibrated; testing %d waiting windows", len(waiting))
+            for w, n, x, cats in waiting:
+                self._evaluate(w, n, x, cats, 0.0)
+        finally:
+            self._calibrating = False  # only now: drain() waits for the waiting windows
 
     def _add_labels(self, recs: list[dict[str, Any]], t_arrival: float) -> None:
         if not recs:
@@ -536,27 +674,41 @@ class Daemon:
     def _close_window(self, now: float) -> None:
         w = self.window
         self.window = self._new_window(w.index + 1)
-        if self.detector is None or not len(w):
+        prof = self._profile
+        if self.reference is None or prof is None or not len(w):
             return
-        det = self.detector
         t0 = time.perf_counter()
-        x, cats = columns(det.profile, w.feats, w.preds)
+        n = len(w)
+        x, cats = w.matrix(prof)
+        w.feats, w.preds, w.cols = [], [], []  # done with the dicts; the columns hold the data
+        if self.detector is None:  # calibrating: tested once the thresholds are ready
+            self._waiting.append((w, n, x, cats))
+            if len(self._waiting) >= MAX_WAITING_WINDOWS:
+                self._cal_done.wait()  # bounded memory: ingest waits (the queue answers 429)
+                self._finish_calibration()
+            return
+        self._evaluate(w, n, x, cats, time.perf_counter() - t0)
+
+    def _evaluate(self, w: Window, n: int, x: np.ndarray, cats: list[np.ndarray],
+                  seconds: float) -> None:
+        det = self.detector
+        assert det is not None
+        t0 = time.perf_counter()
         res = det.update(x, cats)
-        self.metrics.stat_seconds.observe(time.perf_counter() - t0)
+        self.metrics.stat_seconds.observe(seconds + time.perf_counter() - t0)
         self.counters["windows"] += 1
         self.metrics.windows.inc()
-        values = self._window_values(w, res)
-        self._export(w, res, values)
-        t = w.last_time if w.last_time is not None else now
+        values = self._window_values(w, n, res)
+        self._export(n, res, values)
+        t = w.last_time if w.last_time is not None else time.time()
         sample = Sample(step=w.index, time=t, values=values)
         for ev in self.engine.update(sample):
             self._act(ev)
-        self.last = {"window": w.index, "time": t, "records": len(w), "values": values,
+        self.last = {"window": w.index, "time": t, "records": n, "values": values,
                      "drifted_features": res.drifted_features,
                      "features": self._feature_status(res)}
 
-    def _window_values(self, w: Window, res: DriftResult) -> dict[str, float]:
-        n = len(w)
+    def _window_values(self, w: Window, n: int, res: DriftResult) -> dict[str, float]:
         tests = res.tests
         vals: dict[str, float] = {
             "drift_detected": 1.0 if res.detected else 0.0,
@@ -583,7 +735,7 @@ class Daemon:
             vals["label_delay_seconds"] = w.delay_sum / w.joined
         return vals
 
-    def _export(self, w: Window, res: DriftResult, values: Mapping[str, float]) -> None:
+    def _export(self, n: int, res: DriftResult, values: Mapping[str, float]) -> None:
         m = self.metrics
         tests = res.tests
         prof = self.detector.profile  # type: ignore[union-attr]
@@ -621,7 +773,7 @@ class Daemon:
         del sc
         m.score.set(values["drift_score"])
         m.drift_any.set(values["drift_detected"])
-        m.window_records.set(len(w))
+        m.window_records.set(n)
         m.label_coverage.set(values["label_coverage"])
         if "model_accuracy" in values:
             m.accuracy.set(values["model_accuracy"])
@@ -671,6 +823,7 @@ class Daemon:
                 "prediction_type": self.reference.prediction_type},
             "collecting_reference": None if self.reference is not None else {
                 "have": len(self._ref_rows), "need": self.config.live_records},
+            "calibrating": self._calibrating,
             "counters": self.counters,
             "window": {"index": self.window.index, "records": len(self.window)},
             "thresholds": None if det is None else {"score": det.threshold,

@@ -11,6 +11,8 @@ Examples
 (0, 0, 1)
 >>> p.join("a") is None, p.join("b")
 (True, (0.2, 11.0))
+>>> p.add_many(["d", "e"], [0.1, 0.6], [13.0, 14.0]), len(p)
+(1, 2)
 >>> score(0.9, 1, "probability"), score("cat", "dog", "class"), score(2.5, 3.0, "regression")
 (1.0, 0.0, 0.5)
 """
@@ -66,6 +68,21 @@ class PendingLabels:
             items.popitem(last=False)
             return 1
         return 0
+
+    def add_many(self, ids: list[str], predictions: list[Any], times: list[float]) -> int:
+        """:meth:`add` for a batch (one C-level ``update`` when no id repeats); returns how many
+        old predictions were evicted."""
+        items = self._items
+        if len(set(ids)) != len(ids) or not items.keys().isdisjoint(ids):
+            return sum(self.add(i, p, t) for i, p, t in zip(ids, predictions, times))
+        items.update(zip(ids, zip(predictions, times)))
+        over = len(items) - self.max_pending
+        if over <= 0:
+            return 0
+        pop = items.popitem
+        for _ in range(over):
+            pop(False)
+        return over
 
     def join(self, id_: str) -> tuple[Any, float] | None:
         """The ``(prediction, time)`` waiting for this id (and forget it), or ``None``."""

@@ -22,7 +22,9 @@ from typing import Any
 __all__ = ["FileTailer"]
 
 _log = logging.getLogger("lrwatch.daemon")
-CHUNK = 4 * 1024 * 1024
+# ~900 records of 585 bytes: small batches keep the freshly parsed records in the CPU
+# cache while the worker windows them (measurably faster than 4 MiB)
+CHUNK = 512 * 1024
 
 
 class FileTailer:

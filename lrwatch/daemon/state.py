@@ -16,7 +16,6 @@ Journal entry: ``b"<kind> <length> <time>\\n" + payload + b"\\n"``; segments
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any, Iterator
@@ -48,14 +47,19 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
 
 
 def save_snapshot(directory: str, state: dict[str, Any]) -> None:
-    atomic_write(os.path.join(directory, SNAPSHOT),
-                 json.dumps(state, separators=(",", ":"), allow_nan=True).encode())
+    # orjson when installed: the snapshot holds the open window and up to 100,000 pending
+    # labels, and is written every couple of seconds
+    from .records import dumps_bytes
+
+    atomic_write(os.path.join(directory, SNAPSHOT), dumps_bytes(state))
 
 
 def load_snapshot(directory: str) -> dict[str, Any] | None:
+    from .records import loads
+
     try:
         with open(os.path.join(directory, SNAPSHOT), "rb") as fh:
-            return json.loads(fh.read())
+            return loads(fh.read())
     except FileNotFoundError:
         return None
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any, Sequence
 
 import numpy as np
@@ -82,23 +83,33 @@ class Profile:
     def bin_numeric(self, x: np.ndarray) -> np.ndarray:
         """Fine-bin counts with the missing count appended: shape ``(Fn, FINE_BINS + 1)``.
 
-        ``x`` is ``(n, Fn)`` float64 with NaN for missing.
+        ``x`` is ``(n, Fn)`` float64 with NaN for missing. One vectorised sort of the window
+        (NaN sorts last) and then a tiny search of each feature's edges among its sorted values
+        is about 2.5x faster than searching every value among the edges.
         """
         n, fn = x.shape
-        xt = np.ascontiguousarray(x.T)  # searchsorted on strided columns is 5x slower
-        nan = np.isnan(xt)
-        idx = np.empty((fn, n), dtype=np.int64)
+        xs = np.sort(x.T, axis=1)
+        present = n - np.isnan(xs).sum(axis=1)
+        # cum[j, k]: values in bins 0..k, i.e. below edge k (a value equal to an edge belongs
+        # to the bin above it, as with searchsorted(edges, v, side="right"))
+        cum = np.empty((fn, FINE_BINS), dtype=np.int64)
         for j in range(fn):
-            idx[j] = np.searchsorted(self.edges[j], xt[j], side="right")
-        idx[nan] = FINE_BINS
-        idx += (np.arange(fn) * (FINE_BINS + 1))[:, None]
-        return np.bincount(idx.ravel(), minlength=fn * (FINE_BINS + 1)).reshape(
-            fn, FINE_BINS + 1).astype(np.float64)
+            cum[j, :FINE_BINS - 1] = np.searchsorted(xs[j, :present[j]], self.edges[j],
+                                                     side="left")
+        cum[:, FINE_BINS - 1] = present
+        out = np.empty((fn, FINE_BINS + 1), dtype=np.float64)
+        out[:, 0] = cum[:, 0]
+        out[:, 1:FINE_BINS] = np.diff(cum[:, :FINE_BINS], axis=1)
+        out[:, FINE_BINS] = n - present
+        return out
 
     def encode(self, j: int, values: Sequence[Any]) -> np.ndarray:
         """Category codes of feature ``cat[j]``: known codes, ``K`` unseen, ``K+1`` missing."""
         codes = self.codes[j]
         k = len(codes)
+        if set(map(type, values)) == {str}:  # the common case: one C-level pass
+            return np.fromiter(map(codes.get, values, repeat(k)), dtype=np.int64,
+                               count=len(values))
         get = codes.get
         out = np.empty(len(values), dtype=np.int64)
         for i, v in enumerate(values):

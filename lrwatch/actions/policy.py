@@ -57,7 +57,7 @@ class RecoveryConfig:
     keep: int = 3
     snapshot_dir: str | None = None
     budget: float = 0.01
-    min_interval: int = 10
+    min_interval: int = 50
     max_interval: int = 1000
 
     def __post_init__(self) -> None:

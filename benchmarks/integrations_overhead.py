@@ -51,6 +51,15 @@ VARIANTS = ("bare", "own-logging", "lrwatch")
 
 
 # --- Lightning ---------------------------------------------------------------------------------
+# Model sizes: "realistic" is the issue-2 standard (at least ~2M parameters and 10 ms a step on
+# these CPUs); "small" is the tiny model, where the fixed per-step cost dominates (for honesty).
+SIZES = {"realistic": {"width": 2048, "batch": 128, "n_embd": 256, "n_layer": 4, "seq": 64,
+                       "hf_batch": 16},
+         "small": {"width": 512, "batch": 64, "n_embd": 128, "n_layer": 2, "seq": 32,
+                   "hf_batch": 8}}
+SIZE = dict(SIZES["realistic"])
+
+
 def _lightning_run(variant: str, steps: int, warm: int, workdir: str) -> float:
     import lightning.pytorch as pl
     from lightning.pytorch.utilities import grad_norm
@@ -61,8 +70,9 @@ def _lightning_run(variant: str, steps: int, warm: int, workdir: str) -> float:
         def __init__(self) -> None:
             super().__init__()
             torch.manual_seed(0)
-            self.net = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 512),
-                                     nn.GELU(), nn.Linear(512, 10))
+            w = SIZE["width"]
+            self.net = nn.Sequential(nn.Linear(256, w), nn.GELU(), nn.Linear(w, w),
+                                     nn.GELU(), nn.Linear(w, 10))
 
         def training_step(self, batch: Any, i: int) -> torch.Tensor:
             x, y = batch
@@ -81,9 +91,10 @@ def _lightning_run(variant: str, steps: int, warm: int, workdir: str) -> float:
                 self.log("grad_norm", grad_norm(self.net, norm_type=2)["grad_2.0_norm_total"])
 
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(64 * steps, 256, generator=g), torch.randint(0, 10, (64 * steps,),
-                                                                      generator=g)
-    dl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
+    b = SIZE["batch"]
+    x, y = torch.randn(b * steps, 256, generator=g), torch.randint(0, 10, (b * steps,),
+                                                                     generator=g)
+    dl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=b)
     timer = _LTimer(warm)
     cbs: list[Any] = []
     kw: dict[str, Any] = {"logger": False}
@@ -139,16 +150,16 @@ def _hf_run(variant: str, steps: int, warm: int, workdir: str) -> float:
 
     class Data(torch.utils.data.Dataset):
         def __len__(self) -> int:
-            return 8 * steps
+            return SIZE["hf_batch"] * steps
 
         def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-            ids = (i + torch.arange(32)) % 128
+            ids = (i + torch.arange(SIZE["seq"])) % 128
             return {"input_ids": ids, "labels": ids}
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_positions=32, n_embd=128, n_layer=2,
-                                       n_head=4))
-    args = TrainingArguments(output_dir=workdir, per_device_train_batch_size=8,
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_positions=SIZE["seq"],
+                                       n_embd=SIZE["n_embd"], n_layer=SIZE["n_layer"], n_head=4))
+    args = TrainingArguments(output_dir=workdir, per_device_train_batch_size=SIZE["hf_batch"],
                              max_steps=steps, learning_rate=1e-3, report_to=[],
                              logging_steps=1 if variant == "own-logging" else 10 * steps,
                              save_strategy="no", use_cpu=True, disable_tqdm=True,
@@ -173,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frameworks", default="lightning,transformers")
     ap.add_argument("--json", default=None, help="write the full results here")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--size", choices=sorted(SIZES), default="realistic",
+                    help="realistic: >= 2M parameters, >= 10 ms a step (the target applies); "
+                         "small: a tiny model where fixed per-step costs dominate")
     ns = ap.parse_args(argv)
+    SIZE.update(SIZES[ns.size])
     steps = ns.steps or (80 if ns.quick else 200)
     rounds = ns.rounds or (3 if ns.quick else 6)
     warm = min(20, steps // 4)
@@ -199,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{v} {times[v][-1] * 1e3:.2f} ms" for v in VARIANTS), file=sys.stderr,
                     flush=True)
         results[fw] = times
-    print(f"\n{steps} steps per run (timed from step {warm}), {rounds} interleaved rounds\n")
+    print(f"\n{ns.size} models; {steps} steps per run (timed from step {warm}), {rounds} "
+          f"interleaved rounds\n")
     print("| framework | variant | median step (ms) | ratio vs bare | paired ratio range |")
     print("|---|---|---:|---:|---:|")
     out: dict[str, Any] = {"steps": steps, "rounds": rounds, "warm": warm, "results": {}}

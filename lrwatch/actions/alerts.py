@@ -531,6 +531,22 @@ class _Delivery:
 _BATCH = 256
 
 
+def wait_drained(worker: Any, timeout: float) -> bool:
+    """Wait until ``worker._outstanding`` reaches 0 (under ``worker._cond``), or ``timeout``.
+
+    Shared by the alert sender and the hook runner: both count work in ``_outstanding`` and
+    notify ``_cond`` when an item finishes; a dead worker thread ends the wait at once.
+    """
+    deadline = time.monotonic() + timeout
+    with worker._cond:
+        while worker._outstanding > 0:
+            left = deadline - time.monotonic()
+            if left <= 0 or not worker._thread.is_alive():
+                return bool(worker._outstanding == 0)
+            worker._cond.wait(min(left, 0.5))
+        return True
+
+
 class AlertSender:
     """Delivers alerts to sinks from one background daemon thread; never blocks, never raises.
 
@@ -696,14 +712,7 @@ class AlertSender:
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything queued has been delivered or given up; ``False`` on timeout."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._outstanding > 0:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._thread.is_alive():
-                    return self._outstanding == 0
-                self._cond.wait(min(left, 0.5))
-            return True
+        return wait_drained(self, timeout)
 
     def close(self, timeout: float = 5.0, *, resolve_active: bool = False) -> bool:
         """Deliver what is queued (pending resolves included) within ``timeout``, then stop.

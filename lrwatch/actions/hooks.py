@@ -52,7 +52,7 @@ from typing import Any, Callable, Mapping, Sequence
 from prometheus_client import CollectorRegistry, Counter
 
 from ..errors import ConfigError
-from .alerts import BoundedQueue, DeliveryError, post_json
+from .alerts import BoundedQueue, DeliveryError, post_json, wait_drained
 
 __all__ = ["HookAction", "hook_payload"]
 
@@ -255,14 +255,7 @@ class HookAction:
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every queued run has finished; ``False`` on timeout."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._outstanding > 0:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._thread.is_alive():
-                    return self._outstanding == 0
-                self._cond.wait(min(left, 0.5))
-            return True
+        return wait_drained(self, timeout)
 
     def close(self, timeout: float | None = None) -> bool:
         """Finish the queued runs (waiting up to ``timeout``, default the hook's own timeout

@@ -141,3 +141,20 @@ def scalar(value: Any) -> torch.Tensor | float | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     return None
+
+
+def log_completed_step(callback: Any) -> bool:
+    """Hand the completed step (and the evaluation that followed it) to the Watcher.
+
+    ``callback`` has ``watcher``, ``_done`` (the step's metrics, or ``None``) and ``_eval``.
+    Called at the framework's iteration boundary, where the Watcher flushes when due and carries
+    out rollback, skip, reduce_lr or stop. Returns whether the run must stop.
+    """
+    w = callback.watcher
+    if w is None:
+        return False
+    if callback._done is not None:
+        metrics = {**callback._done, **callback._eval}
+        callback._done, callback._eval = None, {}
+        w.log(**metrics)
+    return bool(w.should_stop)

@@ -41,7 +41,8 @@ except ImportError:  # pragma: no cover - depends on what is installed
 
 from ..errors import ConfigError
 from ..watch import Watcher
-from ._common import check_export, eval_name, export_kwargs, scalar, wrap_dataloader
+from ._common import (check_export, eval_name, export_kwargs, log_completed_step, scalar,
+                      wrap_dataloader)
 
 __all__ = ["LrwatchCallback"]
 
@@ -199,14 +200,7 @@ class LrwatchCallback(pl.Callback):
     def _boundary(self, trainer: Any) -> None:
         """Log the completed step (with any evaluation that followed it): the Watcher then
         flushes when due, and carries out rollback, skip, reduce_lr or stop right here."""
-        w = self.watcher
-        if w is None:
-            return
-        if self._done is not None:
-            metrics = {**self._done, **self._eval}
-            self._done, self._eval = None, {}
-            w.log(**metrics)
-        if w.should_stop:
+        if log_completed_step(self):
             trainer.should_stop = True
 
     # --- checkpoints ---------------------------------------------------------------------------

@@ -45,7 +45,8 @@ except ImportError as exc:  # pragma: no cover - depends on what is installed
 
 from ..errors import ConfigError
 from ..watch import Watcher
-from ._common import check_export, eval_name, export_kwargs, scalar, wrap_dataloader
+from ._common import (check_export, eval_name, export_kwargs, log_completed_step, scalar,
+                      wrap_dataloader)
 
 __all__ = ["LrwatchCallback", "STATE_FILE"]
 
@@ -245,14 +246,7 @@ class LrwatchCallback(TrainerCallback):
         self._boundary(control)
 
     def _boundary(self, control: Any) -> None:
-        w = self.watcher
-        if w is None:
-            return
-        if self._done is not None:
-            metrics = {**self._done, **self._eval}
-            self._done, self._eval = None, {}
-            w.log(**metrics)
-        if w.should_stop:
+        if log_completed_step(self):
             control.should_training_stop = True
 
     # --- checkpoints ---------------------------------------------------------------------------

@@ -84,6 +84,7 @@ def _worker(rank: int, world: int, store: str, out: str, steps: int, width: int,
     params = sum(p.numel() for p in model.parameters())
     Path(out, f"rank{rank}.json").write_text(json.dumps(
         {"agree": agree_times, "steps": step_times, "params": params}))
+    dist.barrier()  # leave together: the file store must outlive every rank's last collective
     dist.destroy_process_group()
 
 

@@ -21,6 +21,12 @@ def init(rank: int, world: int, store: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
 
 
+def finish() -> None:
+    """Leave the group together: no rank tears the store down while another still uses it."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
@@ -63,7 +69,7 @@ def ddp_norm(rank: int, world: int, store: str, out: str) -> None:
     w.close()
     _write(out, rank, {"norms": [s.values["grad_norm"] for s in got], "refs": refs,
                        "steps": [s.step for s in got]})
-    dist.destroy_process_group()
+    finish()
 
 
 def fsdp_norm(rank: int, world: int, store: str, out: str) -> None:
@@ -95,7 +101,7 @@ def fsdp_norm(rank: int, world: int, store: str, out: str) -> None:
     w.close()
     _write(out, rank, {"norms": [s.values["grad_norm"] for s in got], "refs": refs,
                        "sharded": w._sharded})
-    dist.destroy_process_group()
+    finish()
 
 
 def nan_rollback(rank: int, world: int, store: str, out: str) -> None:
@@ -126,7 +132,7 @@ def nan_rollback(rank: int, world: int, store: str, out: str) -> None:
         "weights_sum": float(flat.double().sum()), "weights": flat.tolist()[:50],
         "finite": bool(torch.isfinite(flat).all()), "sched_step": sched.last_epoch,
         "lr": opt.param_groups[0]["lr"]})
-    dist.destroy_process_group()
+    finish()
 
 
 def per_rank_export(rank: int, world: int, store: str, out: str, port: int, go: str) -> None:
@@ -147,4 +153,4 @@ def per_rank_export(rank: int, world: int, store: str, out: str, port: int, go: 
     while not os.path.exists(go) and time.time() < deadline:  # serve until the test has read
         time.sleep(0.2)
     w.close()
-    dist.destroy_process_group()
+    finish()

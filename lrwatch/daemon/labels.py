@@ -19,7 +19,8 @@ Examples
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from itertools import repeat
 from typing import Any, Mapping
 
 from .reference import cat_key
@@ -79,9 +80,7 @@ class PendingLabels:
         over = len(items) - self.max_pending
         if over <= 0:
             return 0
-        pop = items.popitem
-        for _ in range(over):
-            pop(False)
+        deque(map(items.popitem, repeat(False, over)), maxlen=0)  # the oldest, in C
         return over
 
     def join(self, id_: str) -> tuple[Any, float] | None:

@@ -8,7 +8,8 @@ Label children are cached per feature when the reference is known, outside the h
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from functools import partial
+from typing import Any, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
@@ -22,6 +23,11 @@ STAT_METHODS = ("ks", "chi2", "mean_z", "psi", "wasserstein", "jensen_shannon", 
                 "sequential_z")
 #: ``method`` values of ``lrwatch_drift_p_value``.
 P_METHODS = ("ks", "chi2", "mean", "missing")
+#: Per-window children of a numeric / categorical feature (see :meth:`DaemonMetrics.publish`).
+WINDOW_NUMERIC = tuple(f"stat_{m}" for m in STAT_METHODS) + tuple(
+    f"p_{m}" for m in P_METHODS) + ("detected", "missing", "oor")
+WINDOW_CATEGORICAL = ("stat_chi2", "stat_psi", "stat_jensen_shannon", "stat_score", "p_chi2",
+                      "p_missing", "detected", "missing", "unseen")
 
 
 class DaemonMetrics:
@@ -103,9 +109,17 @@ class DaemonMetrics:
                              "Categorical values not in the reference.", ["feature"],
                              registry=r)
         self.features: dict[str, dict[str, Gauge]] = {}
+        # the last window's per-feature arrays, read when /metrics is scraped
+        self._window: dict[str, Any] = {}
 
     def bind_features(self, numeric: Iterable[str], categorical: Iterable[str]) -> None:
-        """Cache the label children of every feature (called once the reference is known)."""
+        """Cache the label children of every feature (called once the reference is known).
+
+        The per-window children (:data:`WINDOW_NUMERIC`, :data:`WINDOW_CATEGORICAL`) read
+        their value from the arrays of :meth:`publish` when scraped, so that a window costs one
+        assignment instead of a ``set`` per feature and statistic (0 until the first window).
+        """
+        numeric, categorical = list(numeric), list(categorical)
         for name in numeric:
             ch = {f"stat_{m}": self._stat.labels(name, m) for m in STAT_METHODS}
             ch.update({f"p_{m}": self._p.labels(name, m) for m in P_METHODS})
@@ -122,6 +136,26 @@ class DaemonMetrics:
                       detected=self._detected.labels(name), missing=self._missing.labels(name),
                       unseen=self._unseen.labels(name))
             self.features[name] = ch
+        for kind, names, keys in (("num", numeric, WINDOW_NUMERIC),
+                                  ("cat", categorical, WINDOW_CATEGORICAL)):
+            for i, name in enumerate(names):
+                for key in keys:
+                    self.features[name][key].set_function(
+                        partial(self._window_value, f"{kind}:{key}", i))
+
+    def _window_value(self, key: str, i: int) -> float:
+        a = self._window.get(key)
+        return 0.0 if a is None else float(a[i])
+
+    def publish(self, numeric: Mapping[str, Any], categorical: Mapping[str, Any]) -> None:
+        """The last window's per-feature values: ``numeric`` maps keys of
+        :data:`WINDOW_NUMERIC` to arrays over the numeric features, ``categorical`` keys of
+        :data:`WINDOW_CATEGORICAL` to arrays over the categorical ones. A key left out keeps
+        its previous values."""
+        new = dict(self._window)
+        new.update((f"num:{k}", v) for k, v in numeric.items())
+        new.update((f"cat:{k}", v) for k, v in categorical.items())
+        self._window = new  # one reference swap: a scrape sees the old or the new dict
 
     def restore(self, counters: Mapping[str, float]) -> None:
         """Set the counters to saved totals (at start, before anything is counted)."""

@@ -354,28 +354,35 @@ def _fast_predictions(items: list[Any]) -> Batch | None:
     if not pt <= _PRED_TYPES or (float in pt and not _finite_floats(preds)):
         return None
     batch = Batch(feats, preds)
-    ids = _column(items, "id")
+    if not _check_columns(batch, _column(items, "id"), _column(items, "time"),
+                          _column(items, "label")):
+        return None
+    return batch
+
+
+def _check_columns(batch: Batch, ids: list[Any] | None, times: list[Any] | None,
+                   labels: list[Any] | None) -> bool:
+    """Whether the optional columns of a batch are all valid (then they are set on it): the
+    batch check shared by every fast path, so that all of them accept exactly the same."""
     if ids is not None:
         it = set(map(type, ids))
         if not it <= {str, _NONE}:
-            return None  # integer ids are converted on the per-record path
+            return False  # integer ids are converted on the per-record path
         present = [i for i in ids if i is not None] if _NONE in it else ids
         if min(map(len, present)) == 0 or max(map(len, present)) > 256:
-            return None
+            return False
         batch.ids = ids
-    times = _column(items, "time")
     if times is not None:
         tt = set(map(type, times))
         if not tt <= _TIME_TYPES or (float in tt and not _finite_floats(times)):
-            return None
+            return False
         batch.times = times
-    labels = _column(items, "label")
     if labels is not None:
         lt = set(map(type, labels))
         if not lt <= _LABEL_OR_NONE or (float in lt and not _finite_floats(labels)):
-            return None
+            return False
         batch.labels = labels
-    return batch
+    return True
 
 
 def _validate(items: Iterable[Any], check: Any) -> tuple[list[dict[str, Any]], Counter[str],

@@ -29,18 +29,26 @@ def prediction_value(p: Any) -> Any:
 
 
 class Window:
-    """The records of one open window."""
+    """The records of one open window.
 
-    __slots__ = ("index", "start", "end", "feats", "preds", "rejected", "joined", "score_sum",
-                 "delay_sum", "first_time", "last_time", "cols")
+    Records arrive as dicts (:meth:`extend`) or as column slices of a
+    :class:`~.columnar.ColumnBatch` (:meth:`extend_batch`); ``feats`` turns the latter into
+    dicts only when asked (a snapshot of the open window), never on the ingest path.
+    """
+
+    __slots__ = ("index", "start", "end", "_parts", "_n", "preds", "rejected", "joined",
+                 "score_sum", "delay_sum", "first_time", "last_time", "cols")
     #: what a snapshot holds (``cols`` is rebuilt from ``feats``)
-    STATE = __slots__[:-1]
+    STATE = ("index", "start", "end", "feats", "preds", "rejected", "joined", "score_sum",
+             "delay_sum", "first_time", "last_time")
 
     def __init__(self, index: int, start: float | None = None, end: float | None = None) -> None:
         self.index = index
         self.start = start  # time windows: [start, end)
         self.end = end
-        self.feats: list[dict[str, Any]] = []
+        # the records' features in order: lists of dicts and ColumnBatch slices
+        self._parts: list[Any] = []
+        self._n = 0
         self.preds: list[Any] = []
         self.rejected = 0  # records rejected while this window was open
         self.joined = 0  # labels joined while open
@@ -52,19 +60,51 @@ class Window:
         self.cols: list[tuple[np.ndarray, list[np.ndarray]]] = []
 
     def __len__(self) -> int:
-        return len(self.feats)
+        return self._n
+
+    @property
+    def feats(self) -> list[dict[str, Any]]:
+        """Every record's features dict (column slices are turned into dicts here)."""
+        parts = self._parts
+        if len(parts) != 1 or type(parts[0]) is not list:
+            out: list[dict[str, Any]] = []
+            for p in parts:
+                out.extend(p if type(p) is list else p.feats)
+            self._parts = parts = [out]
+        return parts[0]
+
+    @feats.setter
+    def feats(self, value: list[dict[str, Any]]) -> None:
+        self._parts = [list(value)]
+        self._n = len(value)
 
     def extend(self, prof: Profile | None, feats: list[dict[str, Any]], preds: list[Any]) -> None:
         """Append records; with a profile, also extract their columns now (see :func:`columns`)."""
-        self.feats.extend(feats)
+        self._parts.append(list(feats))
+        self._n += len(feats)
         self.preds.extend(preds)
         if prof is not None and feats:
             self.cols.append(columns(prof, feats, preds))
 
+    def extend_batch(self, prof: Profile | None, b: Any, lo: int, hi: int) -> None:
+        """Append records ``lo:hi`` of a :class:`~.records.Batch`; a column batch decoded for
+        this very profile is appended as columns, without dicts."""
+        if hi <= lo:
+            return
+        if prof is not None and getattr(b, "profile", None) is prof:
+            part = b.slice(lo, hi)
+            self._parts.append(part)
+            self._n += hi - lo
+            self.preds.extend(part.preds)
+            self.cols.append(columns(prof, None, part.preds, block=part.num,
+                                     cat_values=part.cats))
+            return
+        self.extend(prof, b.feats[lo:hi], b.preds[lo:hi])
+
     def matrix(self, prof: Profile) -> tuple[np.ndarray, list[np.ndarray]]:
         """The window's columns: the extracted slices joined, or extracted now (a window
         restored from a snapshot, or filled before the profile was known)."""
-        n = len(self.feats)
+        n = self._n
         if self.cols and sum(len(c[0]) for c in self.cols) == n:
             if len(self.cols) == 1:
                 return self.cols[0]
@@ -121,18 +161,26 @@ def _numeric_block(names: list[str], feats: list[dict[str, Any]]) -> np.ndarray:
                     dtype=np.float64).reshape(n, len(names))
 
 
-def columns(prof: Profile, feats: list[dict[str, Any]],
-            preds: list[Any]) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The window matrix ``(n, Fn)`` (NaN for missing) and category codes per categorical."""
-    n = len(feats)
+def columns(prof: Profile, feats: list[dict[str, Any]] | None, preds: list[Any], *,
+            block: np.ndarray | None = None, cat_values: list[list[Any]] | None = None
+            ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The window matrix ``(n, Fn)`` (NaN for missing) and category codes per categorical.
+
+    ``block`` and ``cat_values`` are the same data already in columns (what the chunk decoder
+    of :mod:`.columnar` produces): ``block`` is :func:`_numeric_block` of the numeric features
+    other than the prediction, ``cat_values`` the raw values of each categorical feature other
+    than the prediction, in the profile's order. Then ``feats`` is not read.
+    """
+    n = len(preds)
     names = [nm for nm in prof.num_names if nm != PREDICTION]
     fn = len(prof.num_names)
+    if block is None and names:
+        block = _numeric_block(names, feats) if n else np.empty((0, len(names)))  # type: ignore
     if names and len(names) == fn:
-        x = _numeric_block(names, feats) if n else np.empty((0, fn))
+        x = block.astype(np.float64, copy=False)  # type: ignore[union-attr]
     else:
         x = np.empty((n, fn), dtype=np.float64)
         if names:
-            block = _numeric_block(names, feats)
             cols = [i for i, nm in enumerate(prof.num_names) if nm != PREDICTION]
             if cols == list(range(len(cols))):  # the prediction is profiled last
                 x[:, :len(cols)] = block  # a slice copy; fancy indexing is ~10x slower
@@ -145,10 +193,14 @@ def columns(prof: Profile, feats: list[dict[str, Any]],
         else:
             x[:, j] = [_to_float(prediction_value(p)) for p in preds]
     cats = []
+    k = 0
     for j, nm in enumerate(prof.cat_names):
         if nm == PREDICTION:
             vals = [prediction_value(p) for p in preds]
+        elif cat_values is not None:
+            vals = cat_values[k]
+            k += 1
         else:
-            vals = list(map(dict.get, feats, repeat(nm)))
+            vals = list(map(dict.get, feats, repeat(nm)))  # type: ignore[arg-type]
         cats.append(prof.encode(j, vals))
     return x, cats

@@ -18,12 +18,12 @@ from services import free_port, http_request, wait_until
 pytestmark = pytest.mark.slow
 
 
-def _start(reference: str, state: str, port: int, log: str = os.devnull
-           ) -> subprocess.Popen[bytes]:
+def _start(reference: str, state: str, port: int, log: str = os.devnull,
+           extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
     with open(log, "ab") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "lrwatch", "daemon", "--reference", reference, "--state-dir",
-             state, "--port", str(port), "--window-size", str(WINDOW), "-v"],
+             state, "--port", str(port), "--window-size", str(WINDOW), "-v", *extra],
             stdout=subprocess.DEVNULL, stderr=err)
     wait_until(lambda: _get(port, "/healthz") == 200 or proc.poll() is not None, timeout=60,
                message="daemon up")
@@ -110,6 +110,66 @@ def test_kill_9_mid_stream_loses_nothing_and_counts_nothing_twice(reference_path
         assert proc.wait(30) == 0
         proc = _start(reference_path, state, port)
         assert _status(port)["counters"] == c
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_kill_9_while_tailing_a_file_resumes_at_the_exact_line(reference_path, tmp_path):
+    """The tailed-file path (columns via the chunk decoder when installed, the general path
+    for chunks with bad lines): after SIGKILL, the snapshot's offset and counters agree."""
+    state = str(tmp_path / "state")
+    data = tmp_path / "preds.jsonl"
+    data.touch()
+    port = free_port()
+    rng = random.Random(9)
+    expected = {"predictions": 0, "invalid_json": 0, "missing_features": 0}
+    i = 0
+
+    def append(n: int) -> None:
+        nonlocal i
+        with open(data, "a") as fh:
+            for k in range(n):
+                if k % 997 == 500:
+                    fh.write("{broken\n")
+                    expected["invalid_json"] += 1
+                elif k % 1499 == 700:
+                    fh.write(json.dumps({"prediction": 1}) + "\n")
+                    expected["missing_features"] += 1
+                fh.write(json.dumps(make_record(rng, i)) + "\n")
+                i += 1
+                expected["predictions"] += 1
+
+    tail = ("--tail", str(data))
+    proc = _start(reference_path, state, port, extra=tail)
+    try:
+        append(20_000)
+        wait_until(lambda: _status(port)["counters"]["predictions"] == 20_000, timeout=60,
+                   message="first part")
+        time.sleep(2.5)  # a snapshot with the first part
+        append(150_000)
+        wait_until(lambda: _status(port)["counters"]["predictions"] > 30_000, timeout=60,
+                   message="second part started")
+        os.kill(proc.pid, signal.SIGKILL)  # mid-file
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    proc = _start(reference_path, state, port, extra=tail)
+    try:
+        append(5_000)
+
+        def settled() -> dict | None:
+            s = _status(port)
+            return s if s["counters"]["predictions"] >= expected["predictions"] and \
+                s["queue_records"] == 0 else None
+
+        c = wait_until(settled, timeout=120, message="totals")["counters"]
+        assert c["predictions"] == expected["predictions"]
+        assert c["errors"]["invalid_json"] == expected["invalid_json"]
+        assert c["errors"]["missing_features"] == expected["missing_features"]
+        assert c["windows"] == expected["predictions"] // WINDOW
+        assert c["received"] == sum(expected.values())
     finally:
         proc.kill()
         proc.wait(10)

@@ -1,0 +1,211 @@
+"""Decoding a chunk of NDJSON prediction lines straight into columns (the ``fast`` extra).
+
+The general ingest path (:mod:`.records`) builds one dict per record and then reads the feature
+values out of it; for a tailed file that is most of the cost. When ``msgspec`` is installed
+(the ``fast`` extra), :class:`ChunkDecoder` decodes a whole chunk of lines in one call into
+typed records whose layout comes from the reference profile: every numeric feature is a number
+or ``null``, every categorical one any JSON scalar, and no other feature key is allowed. The
+numeric features then become the window's float block with one ``numpy`` conversion, and the
+records never exist as dicts (a snapshot of the open window builds them, see
+:attr:`ColumnBatch.feats`).
+
+A chunk is decoded this way only when the result is exactly what the general path would give.
+Anything else (a line that is not JSON, a label record, a feature the reference does not know,
+a string or boolean in a numeric feature, an integer id, a list of probabilities, an integer
+beyond 64 bits, ``NaN`` literals, invalid UTF-8, ...) makes :meth:`ChunkDecoder.decode` return
+``None``, and the caller handles the whole chunk with the general path, which finds each bad
+record's reason. Missing values (``null`` or an absent key), unseen categories and values out
+of the reference's range stay on the fast path. ``tests/daemon/test_columnar.py`` feeds the
+same mixed streams through both paths and compares every counter and window statistic.
+
+``LRWATCH_MSGSPEC=0`` (or ``LRWATCH_JSON=stdlib``, which stands for "no ``fast`` extra") turns
+the decoder off.
+
+Examples
+--------
+>>> import pytest; _ = pytest.importorskip("msgspec")
+>>> from lrwatch.daemon import build_reference
+>>> from lrwatch.daemon.stats import Profile
+>>> ref = build_reference([{"features": {"x": i % 7, "c": "ab"[i % 2]}, "prediction": 0.5}
+...                        for i in range(50)], calibrate=False)
+>>> dec = ChunkDecoder(Profile(ref))
+>>> b = dec.decode(b'{"features": {"x": 1.5, "c": "a"}, "prediction": 0.2},\\n'
+...                b'{"features": {"x": null}, "prediction": 0.9}', 2)
+>>> b.num.tolist(), b.cats, b.preds
+([[1.5], [nan]], [['a', None]], [0.2, 0.9])
+>>> dec.decode(b'{"features": {"x": "1.5"}, "prediction": 0.2}', 1) is None
+True
+"""
+
+from __future__ import annotations
+
+import os
+from itertools import chain
+from operator import attrgetter
+from typing import Any
+
+import numpy as np
+
+from .records import _PRED_TYPES, _VALUE_TYPES, Batch, _check_columns
+from .reference import PREDICTION
+
+try:  # the optional ``fast`` extra
+    import msgspec as _msgspec
+except ImportError:  # pragma: no cover - exercised when msgspec is not installed
+    _msgspec = None
+
+__all__ = ["ENABLED", "ChunkDecoder", "ColumnBatch"]
+
+
+def _enabled() -> bool:
+    if _msgspec is None:
+        return False
+    if os.environ.get("LRWATCH_MSGSPEC", "").strip().lower() in ("0", "no", "off", "false"):
+        return False
+    return os.environ.get("LRWATCH_JSON", "").strip().lower() not in ("json", "stdlib")
+
+
+#: Whether :class:`ChunkDecoder` is available and wanted (the daemon's default).
+ENABLED = _enabled()
+
+# orjson reads integers outside [-2**63, 2**64) as floats, msgspec keeps them exact: such a
+# chunk goes to the general path, so that both give the same values
+_INT_LO, _INT_HI = -2 ** 63, 2 ** 64
+_features = attrgetter("features")
+_prediction = attrgetter("prediction")
+_id = attrgetter("id")
+_time = attrgetter("time")
+_label = attrgetter("label")
+
+
+def _ints_in_range(values: list[Any], types: set[type]) -> bool:
+    if int not in types:
+        return True
+    ints = [v for v in values if type(v) is int]
+    return min(ints) >= _INT_LO and max(ints) < _INT_HI
+
+
+def _optional(col: list[Any]) -> list[Any] | None:
+    # like records._column: None when no record has the key (or all have null)
+    return col if col.count(None) != len(col) else None
+
+
+class ColumnBatch(Batch):
+    """Accepted predictions as columns: ``num`` is the ``(n, k)`` float block of the profile's
+    numeric features (NaN for missing), ``cats`` the raw values of each categorical feature;
+    ``preds``, ``ids``, ``times`` and ``labels`` as in :class:`~.records.Batch`. ``profile`` is
+    the profile the columns follow; ``feats`` builds the dicts only when asked."""
+
+    __slots__ = ("num", "cats", "profile", "names", "cat_names", "_feats")
+
+    def __init__(self, profile: Any, names: list[str], cat_names: list[str], num: np.ndarray,
+                 cats: list[list[Any]], preds: list[Any], ids: list[Any] | None = None,
+                 times: list[Any] | None = None, labels: list[Any] | None = None) -> None:
+        self.profile = profile
+        self.names = names
+        self.cat_names = cat_names
+        self.num = num
+        self.cats = cats
+        self.preds = preds
+        self.ids = ids
+        self.times = times
+        self.labels = labels
+        self._feats: list[dict[str, Any]] | None = None
+
+    @property  # type: ignore[override]
+    def feats(self) -> list[dict[str, Any]]:
+        """One features dict per record (NaN back to ``None``): equivalent input for every
+        consumer of dicts (the column extraction gives the same block from them)."""
+        if self._feats is None:
+            keys = self.names + self.cat_names
+            cols: list[list[Any]] = [[None if v != v else v for v in col]
+                                     for col in self.num.T.tolist()]
+            cols += self.cats
+            self._feats = ([dict(zip(keys, row)) for row in zip(*cols)] if keys
+                           else [{} for _ in self.preds])
+        return self._feats
+
+    def __len__(self) -> int:
+        return len(self.preds)
+
+    def __bool__(self) -> bool:
+        return bool(self.preds)
+
+    def slice(self, lo: int, hi: int) -> "ColumnBatch":
+        def cut(col: list[Any] | None) -> list[Any] | None:
+            return None if col is None else col[lo:hi]
+
+        return ColumnBatch(self.profile, self.names, self.cat_names, self.num[lo:hi],
+                           [c[lo:hi] for c in self.cats], self.preds[lo:hi], cut(self.ids),
+                           cut(self.times), cut(self.labels))
+
+
+class ChunkDecoder:
+    """Decodes NDJSON chunks of prediction records laid out for one profile (see the module
+    notes). Needs ``msgspec``."""
+
+    def __init__(self, profile: Any) -> None:
+        if _msgspec is None:
+            raise RuntimeError("the chunk decoder needs msgspec (pip install 'lrwatch[fast]')")
+        self.profile = profile
+        self.names = [nm for nm in profile.num_names if nm != PREDICTION]
+        self.cat_names = [nm for nm in profile.cat_names if nm != PREDICTION]
+        k = len(self.names)
+        # field names are placeholders, renamed to the features' real names (any string)
+        fields: list[Any] = [(f"n{i}", float | None, None) for i in range(k)]
+        fields += [(f"c{j}", Any, None) for j in range(len(self.cat_names))]
+        rename = {f"n{i}": nm for i, nm in enumerate(self.names)}
+        rename.update({f"c{j}": nm for j, nm in enumerate(self.cat_names)})
+        feats = _msgspec.defstruct("Features", fields, rename=rename,
+                                   forbid_unknown_fields=True, gc=False)
+        # other top-level keys are ignored, as on the general path
+        rec = _msgspec.defstruct("Prediction", [("features", feats), ("prediction", Any),
+                                                ("id", Any, None), ("time", Any, None),
+                                                ("label", Any, None)], gc=False)
+        self._decoder = _msgspec.json.Decoder(list[rec])  # type: ignore[valid-type]
+        self._cat_get = [attrgetter(f"c{j}") for j in range(len(self.cat_names))]
+        self._astuple = _msgspec.structs.astuple
+
+    def decode(self, body: bytes, n: int) -> ColumnBatch | None:
+        """``body``: ``n`` NDJSON lines joined by ``,\\n`` (every newline of the chunk with a
+        comma in front). The accepted records as a :class:`ColumnBatch`, or ``None`` when the
+        general path must handle the chunk."""
+        try:
+            # a blank line makes ",,": an error. A line holding two values, or one value
+            # spread over lines, changes the count: every line must be exactly one record.
+            recs = self._decoder.decode(b"[" + body + b"]")
+        except (_msgspec.MsgspecError, ValueError):  # UnicodeDecodeError is a ValueError
+            return None
+        if len(recs) != n:
+            return None
+        # msgspec refuses NaN/Infinity literals and numbers out of the float range, so every
+        # float here is finite (the general path's finiteness check has nothing to find)
+        feats = list(map(_features, recs))
+        cats = [list(map(g, feats)) for g in self._cat_get]
+        for col in cats:
+            ct = set(map(type, col))
+            if not ct <= _VALUE_TYPES or not _ints_in_range(col, ct):
+                return None
+        k = len(self.names)
+        width = k + len(cats)
+        if not k:
+            num = np.empty((n, 0), dtype=np.float64)
+        else:
+            # one object array of every feature value, then one cast: each numeric value is
+            # a float or None (typed), and None becomes NaN
+            flat = np.fromiter(chain.from_iterable(map(self._astuple, feats)), dtype=object,
+                               count=n * width).reshape(n, width)
+            num = (flat[:, :k] if cats else flat).astype(np.float64)
+        preds = list(map(_prediction, recs))
+        pt = set(map(type, preds))
+        if not pt <= _PRED_TYPES or not _ints_in_range(preds, pt):
+            return None
+        batch = ColumnBatch(self.profile, self.names, self.cat_names, num, cats, preds)
+        times = _optional(list(map(_time, recs)))
+        labels = _optional(list(map(_label, recs)))
+        for col in (times, labels):
+            if col is not None and not _ints_in_range(col, set(map(type, col))):
+                return None
+        if not _check_columns(batch, _optional(list(map(_id, recs))), times, labels):
+            return None
+        return batch

@@ -1,0 +1,261 @@
+"""The chunk decoder (``msgspec``, the ``fast`` extra) gives exactly what the general path gives.
+
+The same mixed streams go through two daemons, one with the chunk decoder and one without
+(``Daemon.fast_ingest``), chunk by chunk as the tailer hands them over; every counter, rejection
+reason, window statistic, exported metric, pending label and the open window must be equal.
+The streams mix clean chunks (decoded into columns) with chunks the decoder must refuse
+(malformed lines, label records, unknown features, strings in numeric features, ...), and
+records with missing values, unseen categories and out-of-range values, which stay on the fast
+path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from typing import Any
+
+import numpy as np
+import pytest
+
+from daemon_helpers import make_record
+from lrwatch.daemon import Daemon, DaemonConfig
+from lrwatch.daemon.stats import Profile
+from lrwatch.daemon.windows import Window
+
+msgspec = pytest.importorskip("msgspec")
+from lrwatch.daemon.columnar import ChunkDecoder  # noqa: E402
+
+WINDOW = 100
+
+
+def _clean(rng: random.Random, i: int) -> dict[str, Any]:
+    """A valid record, with the variety the fast path must keep: missing values (null or an
+    absent key), unseen categories, out-of-range and integer values, optional id/time/label."""
+    r = make_record(rng, i)
+    f = r["features"]
+    u = rng.random()
+    if u < 0.05:
+        f["x"] = None
+    elif u < 0.10:
+        del f["y"]
+    elif u < 0.15:
+        f["c"] = rng.choice(["zz", "unseen", "é"])  # categories the reference never saw
+    elif u < 0.20:
+        f["x"] = rng.choice([1e6, -1e9, 7, 0])  # out of range, integers
+    elif u < 0.23:
+        f["c"] = None
+    elif u < 0.25:
+        f["c"] = rng.choice([1, 2.5, True])  # a categorical given as a number or a boolean
+    if rng.random() < 0.3:
+        r["time"] = 1_700_000_000 + i * 0.5
+    if rng.random() < 0.2:
+        r["label"] = rng.choice([0, 1])
+    if rng.random() < 0.1:
+        del r["id"]
+    if rng.random() < 0.05:
+        r["model"] = {"version": "v2", "tags": [1, 2]}  # other top-level keys are ignored
+    return r
+
+
+BAD_LINES = [
+    b'{"features": {"x": "1.5", "y": 0.1, "c": "a"}, "prediction": 0.5}',  # numeric string
+    b'{"features": {"x": true, "y": 0.1, "c": "a"}, "prediction": 0.5}',  # boolean number
+    b'{"features": {"x": 1, "y": 0.1, "c": "a", "new": 3}, "prediction": 0.5}',  # unknown
+    b'{"features": {"x": [1], "y": 0.1, "c": "a"}, "prediction": 0.5}',
+    b'{"features": {"x": 1, "y": 0.1, "c": {"a": 1}}, "prediction": 0.5}',
+    b'{"id": "r1", "label": 1}',  # a label record in a mixed file
+    b'{"id": 17, "features": {"x": 1, "y": 0.1, "c": "a"}, "prediction": 0.5}',  # integer id
+    b'{"id": "", "features": {"x": 1, "y": 0.1, "c": "a"}, "prediction": 0.5}',
+    b'{"features": {"x": 1, "y": 0.1, "c": "a"}, "prediction": [0.2, 0.8]}',
+    b'{"features": {"x": 1, "y": 0.1, "c": "a"}, "prediction": null}',
+    b'{"features": {"x": 1, "y": 0.1, "c": "a"}}',
+    b'{"features": {"x": NaN, "y": 0.1, "c": "a"}, "prediction": 0.5}',
+    b'{"features": {"x": 1e999, "y": 0.1, "c": "a"}, "prediction": 0.5}',
+    b'{"features": {"x": 1, "y": 0.1, "c": 18446744073709551616}, "prediction": 0.5}',
+    b'{"features": {"x": 1, "y": 0.1, "c": "a"}, "prediction": -9223372036854775809}',
+    b'{"features": {"x": 1, "y": 0.1, "c": "a"}, "prediction": 0.5, "time": "now"}',
+    b'{"features": {"x": 1, "y": 0.1, "c": "a"}, "prediction": 0.5, "label": [1]}',
+    b'{"features": {"x": 1, "y": 0.1, "c": "\xff"}, "prediction": 0.5}',  # not UTF-8
+    b'{"features": {"x": 1, "y": 0.1, "c": "\\ud800"}, "prediction": 0.5}',  # lone surrogate
+    b'{"features": null, "prediction": 0.5}',
+    b'[1, 2]',
+    b'not json',
+    b'{"features": {"x": 1, "y": 0.1, "c": "a"}, "prediction": 0.5} {"features": {}, '
+    b'"prediction": 1}',  # two records on one line
+    b'{"features": {"x": 1, "y": 0.1, "c": "a"},',  # one record over two lines ...
+    b'"prediction": 0.5}',  # ... (the general path rejects both halves)
+    b'',  # a blank line
+    b'   ',
+]
+#: unusual lines that both paths accept
+ODD_LINES = [
+    b'{"features": {"x": 1, "y": 0.1, "c": "a"}, "prediction": 0.5}\r',  # CRLF
+    b'  {"prediction": 0.5, "features": {"c": "\\u00e9", "y": -0.0, "x": 1E2}}  ',
+    b'{"features": {"x": 1, "x": 2, "y": 0.1}, "prediction": 0.5, "prediction": 1}',  # last
+    b'{"features": {}, "prediction": "class-a", "label": "class-b", "time": 17}',
+    b'{"features": {"x": 9223372036854775807, "y": 1e-300}, "prediction": false}',
+    # a huge integer as a numeric feature: the same float either way
+    b'{"features": {"x": 123456789012345678901234567890, "y": 0.1}, "prediction": 0.5}',
+]
+
+
+def _stream(seed: int, n_chunks: int) -> list[bytes]:
+    """Chunks as the tailer hands them over (whole lines, no last newline)."""
+    rng = random.Random(seed)
+    chunks, i = [], 0
+    for k in range(n_chunks):
+        lines = []
+        for _ in range(rng.randint(1, 90)):
+            lines.append(json.dumps(_clean(rng, i)).encode())
+            i += 1
+        if k % 3 == 2:  # every third chunk has something the decoder must refuse
+            bad = rng.choice(BAD_LINES + ODD_LINES)
+            lines.insert(rng.randrange(len(lines) + 1), bad)
+            if bad.endswith(b","):  # keep the two halves together
+                lines.insert(lines.index(bad) + 1, BAD_LINES[BAD_LINES.index(bad) + 1])
+        chunks.append(b"\n".join(lines))
+    return chunks
+
+
+def _daemon(reference_path: str, fast: bool) -> Daemon:
+    d = Daemon(DaemonConfig(reference=reference_path, window_size=WINDOW, log_alerts=False))
+    d.fast_ingest = fast
+    return d
+
+
+def _feed(d: Daemon, chunks: list[bytes]) -> None:
+    # the tailer's hand-over and the worker's apply, in this thread (no clock ticks between)
+    offset = 0
+    for c in chunks:
+        offset += len(c) + 1
+        assert d.enqueue_file("/data/preds.jsonl", 1, 2, offset, c, 1_700_000_000.0)
+        entry = d.queue.get(0)
+        assert entry is not None
+        d._apply(entry)
+
+
+def _metrics(d: Daemon) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for fam in d.registry.collect():
+        if fam.name == "lrwatch_window_statistics_seconds":
+            continue  # a timing
+        for s in fam.samples:
+            if s.name.endswith("_created"):
+                continue  # when the metric was made
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _window_columns(d: Daemon, w: Window) -> tuple[np.ndarray, list[np.ndarray]]:
+    # through a snapshot: what a restart would test
+    restored = Window.from_state(json.loads(json.dumps(w.state_dict())))
+    return restored.matrix(d._profile)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_fast_and_general_paths_give_the_same_state(reference_path, seed):
+    chunks = _stream(seed, 40)
+    fast, slow = _daemon(reference_path, True), _daemon(reference_path, False)
+    try:
+        # the stream really mixes both paths
+        dec = ChunkDecoder(fast._profile)
+        taken = [dec.decode(c.replace(b"\n", b",\n"), c.count(b"\n") + 1) is not None
+                 for c in chunks]
+        assert sum(taken) >= 25 and not all(taken)
+        _feed(fast, chunks)
+        _feed(slow, chunks)
+        assert fast.counters == slow.counters
+        assert fast.counters["windows"] >= 10
+        assert sum(fast.counters["errors"].values()) > 0
+        assert fast.counters["received"] == fast.counters["predictions"] + \
+            fast.counters["labels"] + sum(fast.counters["errors"].values())
+        assert fast.files == slow.files
+        last_f = {k: v for k, v in fast.last.items() if k != "time"}
+        last_s = {k: v for k, v in slow.last.items() if k != "time"}
+        assert _same(last_f, last_s)
+        assert _same(_metrics(fast), _metrics(slow))
+        assert fast.pending.state_dict() == slow.pending.state_dict()
+        assert fast.detector.state_dict() == slow.detector.state_dict()  # type: ignore
+        wf, ws = fast.window, slow.window
+        assert len(wf) == len(ws) and wf.preds == ws.preds
+        assert (wf.rejected, wf.joined, wf.score_sum, wf.first_time, wf.last_time) == \
+            (ws.rejected, ws.joined, ws.score_sum, ws.first_time, ws.last_time)
+        xf, cf = _window_columns(fast, wf)
+        xs, cs = _window_columns(slow, ws)
+        np.testing.assert_array_equal(xf, xs)
+        for a, b in zip(cf, cs):
+            np.testing.assert_array_equal(a, b)
+    finally:
+        fast.stop()
+        slow.stop()
+
+
+def test_decoder_refuses_every_unusual_line(reference_path):
+    d = _daemon(reference_path, True)
+    try:
+        dec = ChunkDecoder(d._profile)
+        rng = random.Random(0)
+        good = json.dumps(make_record(rng, 0)).encode()
+        assert dec.decode(good, 1) is not None
+        for bad in BAD_LINES:
+            for chunk in (bad, good + b"\n" + bad, bad + b"\n" + good):
+                body = chunk.replace(b"\n", b",\n")
+                assert dec.decode(body, chunk.count(b"\n") + 1) is None, chunk
+        for odd in ODD_LINES:  # accepted, and the same columns as the general path
+            for chunk in (odd, good + b"\n" + odd):
+                b = dec.decode(chunk.replace(b"\n", b",\n"), chunk.count(b"\n") + 1)
+                assert b is not None, chunk
+                ok, rej, lok = d._validate_lines(chunk.split(b"\n"))
+                assert not rej and not lok and len(ok) == len(b)
+                w1, w2 = Window(0), Window(0)
+                w1.extend_batch(d._profile, b, 0, len(b))
+                w2.extend_batch(d._profile, ok, 0, len(ok))
+                (x1, c1), (x2, c2) = w1.matrix(d._profile), w2.matrix(d._profile)
+                np.testing.assert_array_equal(x1, x2)
+                for u, v in zip(c1, c2):
+                    np.testing.assert_array_equal(u, v)
+                assert (b.preds, b.ids, b.times, b.labels) == (ok.preds, ok.ids, ok.times,
+                                                               ok.labels)
+    finally:
+        d.stop()
+
+
+def test_column_batch_slices_and_dicts(reference_path):
+    d = _daemon(reference_path, True)
+    try:
+        prof: Profile = d._profile  # type: ignore[assignment]
+        dec = ChunkDecoder(prof)
+        recs = [{"id": "a", "features": {"x": 1, "c": "b"}, "prediction": 0.5, "time": 5},
+                {"features": {"x": None, "y": 2.5}, "prediction": 1, "label": 0}]
+        chunk = b"\n".join(json.dumps(r).encode() for r in recs)
+        b = dec.decode(chunk.replace(b"\n", b",\n"), 2)
+        assert b is not None and len(b) == 2
+        assert b.ids == ["a", None] and b.times == [5, None] and b.labels == [None, 0]
+        ix, iy = prof.num_names.index("x"), prof.num_names.index("y")
+        assert b.num[0, ix] == 1.0 and math.isnan(b.num[0, iy]) and math.isnan(b.num[1, ix])
+        assert b.feats == [{"x": 1.0, "y": None, "c": "b"}, {"x": None, "y": 2.5, "c": None}]
+        s = b.slice(1, 2)
+        assert len(s) == 1 and s.preds == [1] and s.feats == b.feats[1:]
+        # a window filled from columns and from dicts holds the same records
+        w1, w2 = Window(0), Window(0)
+        w1.extend_batch(prof, b, 0, 2)
+        w2.extend(prof, [r["features"] for r in recs], [r["prediction"] for r in recs])
+        for (a, ca), (c, cc) in [(w1.matrix(prof), w2.matrix(prof))]:
+            np.testing.assert_array_equal(a, c)
+            for u, v in zip(ca, cc):
+                np.testing.assert_array_equal(u, v)
+        assert len(w1) == 2 and len(w1.feats) == 2
+    finally:
+        d.stop()

@@ -12,7 +12,7 @@ import pytest
 from lrwatch.errors import ConfigError
 from lrwatch.rules.detectors import (DETECTORS, Baseline, Cusum, EmaRatio, NonFinite,
                                      PageHinkley, Plateau, Rate, Regression, Spike, Staleness,
-                                     Threshold, Trend, make_detector)
+                                     StartRatio, Threshold, Trend, make_detector)
 from lrwatch.rules.detectors.spike import _mad, _median
 from lrwatch.rules.detectors.trend import t_quantile
 
@@ -200,6 +200,26 @@ def test_baseline_golden():
     assert fires(acc, [0.1, 0.1, 0.5, 0.9, 0.11, 0.9]) == [4]
 
 
+def test_start_ratio_golden():
+    det = StartRatio(above=10.0)
+    # the second step is 23x the untrained loss: no history is needed to see it
+    assert fires(det, [1.35, 31.1, 14.5, 4.5, 2.05]) == [1, 2]
+    # a slow geometric climb from a trained level crosses the start level x10 eventually
+    climb = StartRatio(above=10.0)
+    xs = [2.3, 1.0, 0.5] + [0.5 * 1.5 ** k for k in range(1, 15)]
+    first = fires(climb, xs)[0]
+    assert xs[first] > 23.0 and xs[first - 1] <= 23.0
+    # the start is a median of the warm-up; zero, negative and non-finite values are skipped
+    med = StartRatio(warmup=3, above=2.0, below=0.1)
+    assert [med.update(x) for x in (0.0, -1.0, NAN, 3.0, 1.0, 2.0)] == [None] * 6
+    assert med.start == 2.0
+    assert [med.update(x) for x in (4.0, 4.1, 0.1, 0.3)] == [False, True, True, False]
+    with pytest.raises(ConfigError, match="needs 'above', 'below'"):
+        StartRatio()
+    with pytest.raises(ConfigError, match="must be smaller"):
+        StartRatio(above=1.0, below=2.0)
+
+
 def test_rate_golden():
     det = Rate(above=5.0, alpha=1.0, counter=True)
     pts = [(0, 0.0), (2, 1.0), (12, 2.0), (3, 3.0), (3, 3.0), (4, None)]
@@ -230,6 +250,7 @@ FACTORIES = {
     "regression": lambda: Regression(warmup=3),
     "plateau": lambda: Plateau(patience=5),
     "baseline": lambda: Baseline(warmup=3, arm=0.9, level=0.95, smooth=0.5),
+    "start_ratio": lambda: StartRatio(warmup=2, above=5.0, below=0.1),
     "rate": lambda: Rate(above=1.0, below=0.1),
     "staleness": lambda: Staleness(seconds=2.5, samples=3),
 }

@@ -22,19 +22,20 @@ from .rate import Rate
 from .regression import Regression
 from .spike import Spike
 from .staleness import Staleness
+from .start_ratio import StartRatio
 from .threshold import Threshold
 from .trend import Trend
 
 __all__ = [
     "DETECTORS", "Detector", "Param", "make_detector",
     "Baseline", "Cusum", "EmaRatio", "NonFinite", "PageHinkley", "Plateau", "Rate",
-    "Regression", "Spike", "Staleness", "Threshold", "Trend",
+    "Regression", "Spike", "Staleness", "StartRatio", "Threshold", "Trend",
 ]
 
 #: Rule-file name -> detector class (read-only).
 DETECTORS: Mapping[str, type[Detector]] = MappingProxyType({
     cls.name: cls for cls in (NonFinite, Threshold, Spike, EmaRatio, Cusum, PageHinkley, Trend,
-                              Regression, Plateau, Baseline, Rate, Staleness)
+                              Regression, Plateau, Baseline, StartRatio, Rate, Staleness)
 })
 
 

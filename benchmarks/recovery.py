@@ -894,6 +894,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=None, help="overhead A/B rounds per model")
     p.add_argument("--no-extra", action="store_true",
                    help=f"skip the non-default recovery column ({EXTRA_RECOVERY})")
+    p.add_argument("--overhead-only", action="store_true",
+                   help="only the overhead A/B on the realistic model (digits_wide); use a "
+                        "quiet machine and more --rounds for a tighter interval")
     p.add_argument("--json", metavar="OUT", help="also write the full results as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     a = p.parse_args(argv)
@@ -906,6 +909,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not a.quiet:
             print(msg, file=sys.stderr, flush=True)
 
+    if a.overhead_only:
+        cfg = Config("digits_wide", "adam", "warmup",
+                     float(f"{get_problem('digits_wide').base_lr['adam']:.6g}"))
+        res = overhead_ab(cfg, a.rounds or 24, progress=progress)
+        for k, v in res["variants"].items():
+            c = v["cpu"]
+            print(f"{cfg.id} {res['params']:,} params, bare {res['bare_cpu_ms']:.2f} ms/step: "
+                  f"{k}: {c['ratio'] - 1:+.1%} cpu "
+                  f"[{c['ci_low'] - 1:+.1%}, {c['ci_high'] - 1:+.1%}], "
+                  f"{v['wall']['ratio'] - 1:+.1%} wall; {v['snapshots']} snapshots "
+                  f"({v['snapshot_share']:.1%} of the time)")
+        if a.json:
+            Path(a.json).write_text(json.dumps(_clean(res), indent=1, default=str))
+        return 0
     limit, sweep = None, None
     if a.smoke:
         sweep = {"optimizers": ("adam",), "mults": (1.0, 3.0), "top_n": 1}

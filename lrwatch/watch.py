@@ -285,6 +285,10 @@ class Watcher:
         self.stop_reason: str | None = None
         self._lr_scale = 1.0
         self._skip_remaining = 0
+        # Learning-rate ramp, one factor per coming step (the warm-up after a restart, or the
+        # return of the rate after a one-off fault); folded into _lr_scale as it goes.
+        self._ramp: list[float] = []
+        self._ramp_next = 0   # warm-up steps for the rollback that is pending (0: none)
         self._pending: list[tuple[Decision, Snapshot | None, float]] = []
         self._last_rollback_to: int | None = None  # snapshot step of the last rollback
         self._rollback_repeats = 0
@@ -362,6 +366,7 @@ class Watcher:
         """Counters and detector state, so a resumed run keeps its rules and rollback budget."""
         return {"step": self.step, "data_position": self.data_position,
                 "lr_scale": self._lr_scale, "skip_remaining": self._skip_remaining,
+                "ramp": list(self._ramp),
                 "policy": self.policy.state_dict(),
                 "engine": self.engine.state_dict() if self.engine is not None else None}
 
@@ -370,6 +375,7 @@ class Watcher:
         self.data_position = int(state.get("data_position", 0))
         self._lr_scale = float(state.get("lr_scale", 1.0))
         self._skip_remaining = int(state.get("skip_remaining", 0))
+        self._ramp = [float(f) for f in state.get("ramp") or []]
         self.policy.load_state_dict(state.get("policy", {}))
         if self.engine is not None and state.get("engine") is not None:
             self.engine.load_state_dict(state["engine"])
@@ -687,7 +693,8 @@ class Watcher:
                 snap.extra["engine_state"] = engine.state_dict()
             if self.store is not None and not any(
                     set(f.actions) & set(CONTROL_ACTIONS) for f in engine.active.values()):
-                self.store.promote(s.step)
+                if any(not p.pinned for p in self.store.promote(s.step)):
+                    self.policy.ever_healthy = True
             if events:
                 s = replace(s, events=s.events + tuple(_event_record(e) for e in events))
             out.append(s)
@@ -709,11 +716,21 @@ class Watcher:
             if d.action == "rollback" and target is not None:
                 factor = self._rollback_factor(target)
                 rec["lr_factor"] = factor
+                if self._ramp_next:
+                    rec["warmup"] = self._ramp_next
+                self._episode(factor)
+                # Probation: until the run is back past this point, warnings escalate.
+                self.policy.probation_from = self.step
+                self.policy.probation_until = (
+                    2 * self.step - target.step + self.recovery.good_after)  # type: ignore
             if d.reason:
                 rec["reason"] = d.reason
             records.append(rec)
             self._pending.append((d, target, factor))
             self.exporter.actions.labels(d.action).inc()
+        if (self.recovery is not None and self.policy.probation_until is not None
+                and self.step > self.policy.probation_until and not self._pending):
+            self._end_probation(records)
         if records and out:
             out[-1] = replace(out[-1], events=out[-1].events + tuple(records))
         if self._pending and self.engine is not None:
@@ -778,6 +795,12 @@ class Watcher:
             self._rollback_repeats = 0
         self._last_rollback_to = target.step
         self._last_rollback_at = self.step
+        if not self.policy.ever_healthy and target.pinned:
+            # Diverged before any state after the start proved healthy: the configuration (the
+            # learning rate) is wrong, not a passing fault. Restart with a tenth, warmed up.
+            self._ramp_next = rc.restart_warmup
+            return float(rc.restart_lr_factor * rc.lr_factor ** self._rollback_repeats)
+        self._ramp_next = 0
         return float(rc.lr_factor ** (1 + self._rollback_repeats))
 
     def _restore_engine(self, state: Mapping[str, Any]) -> None:
@@ -824,7 +847,8 @@ class Watcher:
             self._boundary_kind = "log"
         if where != (self._boundary_kind or "post"):
             return
-        self._safe_point()
+        if not self._safe_point() and self._ramp:
+            self._ramp_step()   # (a restart's own step runs at the ramp's first rate)
         if (self.store is not None and not self.should_stop and not self._pending
                 and self.store.due(self.step)):
             snap = self.store.take(self.step, self.data_position, self.model, self.optimizer,
@@ -854,8 +878,11 @@ class Watcher:
                 self.store.adapt(slowest, sorted(times)[len(times) // 2])
         return merged
 
-    def _safe_point(self) -> None:
-        """Carry out pending training-control decisions: the step is complete here."""
+    def _safe_point(self) -> bool:
+        """Carry out pending training-control decisions: the step is complete here.
+
+        Returns whether anything was carried out."""
+        acted = bool(self._pending)
         while self._pending:
             d, target, factor = self._pending.pop(0)
             try:
@@ -874,6 +901,7 @@ class Watcher:
                 self._internal_error(f"carrying out {d.action} for {d.rule}")
                 if d.action in ("rollback", "skip"):
                     self._stop(Decision("stop", d.rule, d.step, f"{d.action} failed", 4))
+        return acted
 
     def _rollback(self, d: Decision, target: Snapshot | None, *, factor: float) -> None:
         assert target is not None and self.store is not None
@@ -882,6 +910,15 @@ class Watcher:
         # The snapshot's learning rates carry the scale of their time; bring them to today's
         # scale times the new factor.
         snap_scale = float(target.extra.get("lr_scale", 1.0))
+        ramp, self._ramp_next = (self._ramp_next if d.action == "rollback" else 0), 0
+        # A ramp in progress belonged to the abandoned trajectory; the cut is relative to the
+        # rate the ramp was heading for, not to where it had got.
+        factor *= math.prod(self._ramp)
+        self._ramp = []
+        if ramp > 1:
+            # Restart: the learning rate ramps up linearly again over `ramp` steps.
+            self._ramp = [(k + 1) / k for k in range(1, ramp)]
+            factor /= ramp
         self._lr_scale *= factor
         rel = self._lr_scale / snap_scale
         if rel != 1.0:
@@ -900,6 +937,47 @@ class Watcher:
                         target.step + 1, self.step)
         self._snap_awaiting_engine.clear()
         self._open = None  # the step in progress belonged to the abandoned trajectory
+
+    def _ramp_step(self) -> None:
+        """One step of a learning-rate ramp (re-warm-up after a restart, or recovery)."""
+        f = self._ramp.pop(0)
+        try:
+            scale_learning_rate(self.optimizer, self.scheduler, f)
+            self._lr_scale *= f
+        except Exception:
+            self._ramp = []
+            self._internal_error("ramping the learning rate")
+
+    def _episode(self, factor: float) -> None:
+        """Book a rollback into its episode (the rollbacks of one probation) before the
+        probation window moves on."""
+        p = self.policy
+        if p.on_probation(self.step):
+            p.episode_rollbacks += 1
+            p.episode_cut *= factor
+        else:
+            p.episode_rollbacks, p.episode_cut = 1, factor
+            p.episode_restart = bool(self._ramp_next)
+        if p.lr_recovered:
+            p.persistent = True   # it failed again after the rate came back: keep the cut
+
+    def _end_probation(self, records: list[dict[str, Any]]) -> None:
+        """Probation passed: after a single rollback (a one-off fault), the rate comes back."""
+        p, rc = self.policy, self.recovery
+        assert rc is not None
+        p.probation_from = p.probation_until = None
+        if not (rc.lr_recover and p.episode_rollbacks == 1 and not p.episode_restart
+                and not p.persistent and 0 < p.episode_cut < 1):
+            return
+        n = max(1, rc.good_after)
+        back = 1.0 / p.episode_cut
+        self._ramp = [back ** (1.0 / n)] * n
+        p.lr_recovered = True
+        p.episode_cut = 1.0
+        records.append({"type": "lr_recover", "rule": "", "step": self.step, "factor": back,
+                        "steps": n})
+        log.warning("lrwatch: the run is healthy again at step %d: learning rate x%g back over "
+                    "%d steps", self.step, back, n)
 
     def _stop(self, d: Decision) -> None:
         if self.should_stop:

@@ -30,7 +30,21 @@ class RecoveryConfig:
     Parameters
     ----------
     lr_factor:
-        A rollback multiplies every learning rate (optimizer and scheduler) by this.
+        A rollback multiplies every learning rate (optimizer and scheduler) by this. While
+        rollbacks keep failing (the run diverges again before it is back past the point where
+        it failed), the cut compounds: ``lr_factor``, then its square, its cube, ...
+    restart_lr_factor:
+        The cut instead of ``lr_factor`` when the run diverges before any state after its
+        start proved healthy, so that the rollback is a restart from the initial state. Such
+        a run does not meet a passing fault: its configured learning rate is too high, often
+        by an order of magnitude or more, and a halved rate usually fails again, sometimes
+        without a blow-up the rules could see (the network learns badly instead). A tenth is
+        the usual margin below the rate where the loss blows up (as in learning-rate range
+        tests).
+    restart_warmup:
+        Steps over which the learning rate ramps up linearly again after such a restart (from
+        ``1/restart_warmup`` of its new value), as a warm-up at the start of training would:
+        the first steps from an untrained state are the least stable ones. 0 turns it off.
     max_rollbacks:
         The rollback budget; once spent, the next rollback becomes a ``stop``.
     cooldown:
@@ -43,16 +57,34 @@ class RecoveryConfig:
         Factor of the ``reduce_lr`` action.
     max_skips:
         ``skip`` undos allowed before a further one escalates to a rollback.
+    probation:
+        After a rollback, until the run is back past the step where it failed (plus
+        ``good_after`` steps), a ``warning`` firing on an outcome of training (loss, gradient
+        norm, evaluation metrics; not the learning rate, momentum, step timings or ``stalled``)
+        is treated as a rollback request. A run that has just
+        diverged is far more likely to be diverging again, so weaker evidence is enough: a
+        learning rate still too high for the network often damages it without a blow-up the
+        critical rules would see (the loss settles 50% higher, the evaluation regresses).
+        Healthy runs are never on probation, so their false-alarm rate is unchanged.
+    lr_recover:
+        When a probation ends after a single rollback (no restart), the fault was a one-off (a
+        bad batch, a transient spike): the learning rate returns to its value before the
+        rollback, geometrically over ``good_after`` steps, instead of staying cut for the rest
+        of the run. If the run fails again later, every further cut is kept.
     good_after, keep, snapshot_dir, budget, min_interval, max_interval:
         Snapshot settings (see :class:`lrwatch.actions.snapshot.SnapshotStore`).
     """
 
     lr_factor: float = 0.5
+    restart_lr_factor: float = 0.1
+    restart_warmup: int = 100
     max_rollbacks: int = 5
     cooldown: int = 20
     skip_batches: int = 0
     reduce_lr_factor: float = 0.5
     max_skips: int = 20
+    probation: bool = True
+    lr_recover: bool = False
     good_after: int = 50
     keep: int = 3
     snapshot_dir: str | None = None
@@ -61,11 +93,12 @@ class RecoveryConfig:
     max_interval: int = 1000
 
     def __post_init__(self) -> None:
-        for name in ("lr_factor", "reduce_lr_factor"):
+        for name in ("lr_factor", "restart_lr_factor", "reduce_lr_factor"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0 < v <= 1):
                 raise ConfigError(f"{name} must be in (0, 1], got {v!r}")
-        for name in ("max_rollbacks", "cooldown", "skip_batches", "max_skips", "good_after"):
+        for name in ("max_rollbacks", "cooldown", "skip_batches", "max_skips", "good_after",
+                     "restart_warmup"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {v!r}")
@@ -99,6 +132,19 @@ class PolicyState:
     last_rollback_step: int | None = None
     held: str | None = None  # a rule whose rollback waits for the cooldown to end
     held_step: int | None = None
+    # after a rollback at step probation_from, warnings escalate until step probation_until
+    probation_from: int | None = None
+    probation_until: int | None = None
+    ever_healthy: bool = False  # a snapshot after the start was promoted known-good
+    # the rollbacks of the current probation: how many, their total cut, a restart among them
+    episode_rollbacks: int = 0
+    episode_cut: float = 1.0
+    episode_restart: bool = False
+    lr_recovered: bool = False  # the rate came back once after a one-off fault
+    persistent: bool = False    # and the run failed again afterwards: keep cuts for good
+
+    def on_probation(self, step: int) -> bool:
+        return self.probation_until is not None and step <= self.probation_until
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,6 +166,20 @@ class Decision:
     reason: str = ""
     exit_status: int = 0
     event: Any = field(default=None, compare=False)
+
+
+#: Metrics that are settings or timings of the run, not outcomes of training: a warning on them
+#: (a learning-rate jump, a stalled loop) says nothing about whether the run diverges again.
+NOT_OUTCOMES = ("step", "lr", "momentum", "step_time_seconds", "samples_per_second")
+
+
+def _is_outcome(metric: str | None) -> bool:
+    """Whether a warning on ``metric`` is evidence about the training itself (probation).
+
+    >>> [_is_outcome(m) for m in ("loss", "eval_accuracy", "lr", "lr/1", "step", None)]
+    [True, True, False, False, False, False]
+    """
+    return metric is not None and metric.split("/", 1)[0] not in NOT_OUTCOMES
 
 
 def decide(events: Sequence[Any], step: int, state: PolicyState,
@@ -156,6 +216,14 @@ def decide(events: Sequence[Any], step: int, state: PolicyState,
                 control[a] = e
     if config is None:
         return out
+    escalated = None
+    if (config.probation and "rollback" not in control and "stop" not in control
+            and state.on_probation(step)):
+        escalated = next((e for e in events if e.kind == "firing"
+                          and getattr(e, "severity", None) == "warning"
+                          and _is_outcome(getattr(e, "metric", None))), None)
+        if escalated is not None:
+            control["rollback"] = escalated
     in_cooldown = (state.last_rollback_step is not None
                    and step - state.last_rollback_step < config.cooldown)
     if "stop" in control:
@@ -187,7 +255,9 @@ def decide(events: Sequence[Any], step: int, state: PolicyState,
             return out
         state.rollbacks += 1
         state.last_rollback_step = step
-        out.append(Decision("rollback", str(rule), first, event=e))
+        reason = (f"warning {rule} during the probation after the rollback at step "
+                  f"{state.probation_from}" if e is not None and e is escalated else "")
+        out.append(Decision("rollback", str(rule), first, reason, event=e))
         return out
     if "reduce_lr" in control and not in_cooldown:
         e = control["reduce_lr"]

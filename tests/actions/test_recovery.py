@@ -135,7 +135,8 @@ def test_corrupt_disk_snapshot_is_refused(tmp_path: Path) -> None:
 
 def _run(tmp_path: Path, *, steps: int, poison_from: int, poison_to: int | None = None,
          recovery: dict[str, Any] | None = None, action: str = "rollback",
-         sched_kind: str = "lambda", flush_every: int = 1, **kw: Any) -> dict[str, Any]:
+         sched_kind: str = "lambda", flush_every: int = 1,
+         poison_windows: list[tuple[int, int]] | None = None, **kw: Any) -> dict[str, Any]:
     """Train with a rule that fires while the logged ``poison`` metric is 1.
 
     Poison is keyed on the *schedule* step, so after a rollback it does not recur unless the
@@ -155,6 +156,7 @@ def _run(tmp_path: Path, *, steps: int, poison_from: int, poison_to: int | None 
     lrs: list[tuple[int, float]] = []  # (schedule step, lr used)
     poisoned_at: list[int] = []
     fired = False
+    done_windows: set[tuple[int, int]] = set()
     for b in w.batches(_batches()):
         if w.step >= steps:
             break
@@ -163,6 +165,11 @@ def _run(tmp_path: Path, *, steps: int, poison_from: int, poison_to: int | None 
         lrs.append((s, opt.param_groups[0]["lr"]))
         hi = poison_to if poison_to is not None else math.inf
         poison = 1.0 if (poison_from <= s < hi and (not fired or poison_to is not None)) else 0.0
+        if poison_windows is not None:   # each window poisons once
+            win = next((w for w in poison_windows if w[0] <= s < w[1]), None)
+            poison = 1.0 if win is not None and win not in done_windows else 0.0
+            if poison:
+                done_windows.add(win)
         if poison:
             fired = True
             poisoned_at.append(w.step + 1)
@@ -175,7 +182,8 @@ def _run(tmp_path: Path, *, steps: int, poison_from: int, poison_to: int | None 
 
 
 def test_rollback_continues_the_schedule_from_the_restored_step_scaled(tmp_path: Path) -> None:
-    r = _run(tmp_path, steps=40, poison_from=20, recovery={"lr_factor": 0.5})
+    r = _run(tmp_path, steps=40, poison_from=20, recovery={"lr_factor": 0.5,
+                                                             "lr_recover": False})
     w = r["w"]
     assert w.policy.rollbacks == 1 and w.exit_status == 0
     rollback = [e for s in r["trace"] for e in s.events if e.get("type") == "rollback"]
@@ -363,3 +371,156 @@ def test_rollback_held_by_the_cooldown_is_not_lost_at_close(tmp_path: Path) -> N
     w.close()
     assert w.policy.rollbacks == 2 and w.policy.held is None
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+_WARN_RULE = """
+  - name: wobble
+    metric: wobble
+    detector: threshold
+    params: {above: 0.5}
+    severity: warning
+    actions: [alert]
+  - name: lr_jump
+    metric: lr
+    detector: threshold
+    params: {above: 1.0}
+    severity: warning
+    actions: [alert]
+"""
+
+
+def _probation_run(tmp_path: Path, wobble_at: int, recovery: dict[str, Any] | None = None,
+                   big_lr_at: int | None = None) -> dict[str, Any]:
+    """A critical ``poisoned`` firing at step 20, then a warning at executed step ``wobble_at``."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trace = tmp_path / f"trace-{wobble_at}.jsonl"
+    w = lrwatch.Watcher(model, opt, flush_every=1, trace=trace,
+                        rules=_rules(tmp_path, extra=_WARN_RULE),
+                        recovery={"good_after": 5, "min_interval": 3, "cooldown": 0,
+                                  **(recovery or {})})
+    for b in w.batches(_batches()):
+        if w.step >= 80:
+            break
+        step = w.step + 1
+        if big_lr_at is not None:   # a warning on a setting, not on an outcome
+            opt.param_groups[0]["lr"] = 5.0 if step == big_lr_at else 0.1
+        loss = _step(model, opt, b)
+        w.log(loss=loss, poison=1.0 if step == 20 else 0.0,
+              wobble=1.0 if step == wobble_at else 0.0)
+    w.close()
+    rollbacks = [e for s in read_trace(trace) for e in s.events if e.get("type") == "rollback"]
+    return {"w": w, "rollbacks": rollbacks}
+
+
+def test_warning_right_after_a_rollback_escalates_to_a_rollback(tmp_path: Path) -> None:
+    r = _probation_run(tmp_path, wobble_at=24)
+    rb = r["rollbacks"]
+    assert [e["rule"] for e in rb] == ["poisoned", "wobble"]
+    assert "probation after the rollback at step 20" in rb[1]["reason"]
+    assert rb[1]["lr_factor"] == 0.25          # it failed again soon: the cut compounds
+    assert r["w"].policy.rollbacks == 2
+
+
+def test_warning_outside_probation_or_with_probation_off_only_alerts(tmp_path: Path) -> None:
+    # The run got past the failure point plus good_after: back to normal, warnings alert.
+    late = _probation_run(tmp_path, wobble_at=70)
+    assert [e["rule"] for e in late["rollbacks"]] == ["poisoned"]
+    off = _probation_run(tmp_path, wobble_at=24, recovery={"probation": False})
+    assert [e["rule"] for e in off["rollbacks"]] == ["poisoned"]
+    # A warning on a setting (the learning rate) is no evidence that training diverges.
+    lr = _probation_run(tmp_path, wobble_at=10**6, big_lr_at=24)
+    assert [e["rule"] for e in lr["rollbacks"]] == ["poisoned"]
+    assert any(e.get("rule") == "lr_jump" and e.get("type") == "firing"
+               for s in read_trace(tmp_path / "trace-1000000.jsonl") for e in s.events)
+
+
+def test_blow_up_at_the_second_step_rolls_back_to_the_start_with_default_rules(
+        tmp_path: Path) -> None:
+    # Adam far too hot for this MLP: the loss goes 1.4 -> 36 at step 2, then falls back to the
+    # untrained level with a dead network. No relative rule sees it (the spike is the history);
+    # the default pack's loss_above_start compares with the untrained loss.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 4))
+    opt = torch.optim.Adam(model.parameters(), lr=0.3)
+    g = torch.Generator().manual_seed(0)
+    truth = torch.randn(20, 4, generator=g)
+    trace = tmp_path / "trace.jsonl"
+    w = lrwatch.Watcher(model, opt, flush_every=5, trace=trace, rules="training",
+                        recovery={"good_after": 10, "min_interval": 5})
+    lrs = []
+    for _ in w.batches(_batches()):
+        if w.step >= 30:
+            break
+        x = torch.randn(32, 20, generator=g)
+        loss = nn.functional.cross_entropy(model(x), (x @ truth).argmax(1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        lrs.append(opt.param_groups[0]["lr"])
+        w.log(loss=loss.detach())
+    w.close()
+    rb = [e for s in read_trace(trace) for e in s.events if e.get("type") == "rollback"]
+    assert rb and rb[0]["rule"] == "loss_above_start" and rb[0]["to_step"] == 0
+    # It diverged before any later state proved healthy: a restart, with restart_lr_factor.
+    assert rb[0]["lr_factor"] == RecoveryConfig().restart_lr_factor == 0.1
+    assert rb[0]["warmup"] == 100
+    # ... and warmed up again: linearly from 1% of the new rate, 0.0003 more per step
+    after = lrs[lrs.index(min(lrs)):]
+    assert lrs[0] == 0.3 and after[0] == pytest.approx(0.0003) and len(after) > 10
+    assert all(b - a == pytest.approx(0.0003) for a, b in zip(after, after[1:]))
+
+
+def test_learning_rate_comes_back_after_a_one_off_fault(tmp_path: Path) -> None:
+    r = _run(tmp_path, steps=90, poison_from=20,
+             recovery={"lr_factor": 0.5, "lr_recover": True})
+    events = [e for s in r["trace"] for e in s.events if e.get("type") in ("rollback",
+                                                                          "lr_recover")]
+    assert [e["type"] for e in events] == ["rollback", "lr_recover"]
+    rec = events[1]
+    assert rec["factor"] == pytest.approx(2.0) and rec["steps"] == 5
+    # the schedule runs at its full rate again, geometrically ramped back over 5 steps
+    lrs = r["lrs"]
+    assert lrs[-1][1] == pytest.approx(0.1 / (1 + 0.1 * lrs[-1][0]), rel=1e-9)
+    ratios = [lr * (1 + 0.1 * s) / 0.1 for s, lr in lrs]
+    ramp = [x for x in ratios if 0.5 + 1e-9 < x < 1 - 1e-9]
+    assert ramp == pytest.approx([2 ** (k / 5) / 2 for k in range(1, 5)])
+    assert r["w"].state_dict()["policy"]["lr_recovered"] is True
+
+
+def test_a_fault_that_comes_back_after_the_rate_did_keeps_the_cut(tmp_path: Path) -> None:
+    # Poison at schedule steps 20 and again from 45: after the first rollback the rate comes
+    # back, the run fails again, and from then on the cut stays.
+    r = _run(tmp_path, steps=160, poison_from=20,
+             recovery={"lr_factor": 0.5, "lr_recover": True},
+             poison_windows=[(20, 21), (45, 46)])
+    kinds = [e["type"] for s in r["trace"] for e in s.events
+             if e.get("type") in ("rollback", "lr_recover")]
+    assert kinds == ["rollback", "lr_recover", "rollback"]
+    assert r["w"].policy.persistent
+    s, lr = r["lrs"][-1]
+    assert lr == pytest.approx(0.5 * 0.1 / (1 + 0.1 * s), rel=1e-9)
+
+
+def test_restart_during_a_warm_up_cuts_from_the_rate_it_was_heading_for(tmp_path: Path) -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trace = tmp_path / "trace.jsonl"
+    w = lrwatch.Watcher(model, opt, flush_every=1, trace=trace, rules=_rules(tmp_path),
+                        recovery={"restart_warmup": 10, "cooldown": 0})
+    lrs = []
+    for b in w.batches(_batches()):
+        if w.step >= 40:
+            break
+        step = w.step + 1
+        lrs.append(opt.param_groups[0]["lr"])
+        w.log(loss=_step(model, opt, b), poison=1.0 if step in (2, 7) else 0.0)
+    w.close()
+    rb = [e for s in read_trace(trace) for e in s.events if e.get("type") == "rollback"]
+    assert [(e["to_step"], e["lr_factor"], e["warmup"]) for e in rb] == [(0, 0.1, 10),
+                                                                         (0, 0.05, 10)]
+    # The second restart came 4 steps into the first warm-up (rate 0.1 * 0.1 * 5/10): the new
+    # cut applies to the rate the ramp was heading for, 0.01, not to the 0.005 reached.
+    assert lrs[-1] == pytest.approx(0.1 * 0.1 * 0.05)
+    assert lrs[3] == pytest.approx(0.1 * 0.1 * 2 / 10)

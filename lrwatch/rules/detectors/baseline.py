@@ -7,6 +7,7 @@ from typing import ClassVar, Mapping
 
 from ...errors import ConfigError
 from .base import Detector, Param
+from .spike import _median  # the median of a sorted list
 
 __all__ = ["Baseline"]
 
@@ -91,9 +92,7 @@ class Baseline(Detector):
         if self._base is None:
             self._first.append(x)
             if len(self._first) == self.warmup:
-                s = sorted(self._first)
-                n = len(s)
-                self._base = s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+                self._base = _median(sorted(self._first))
                 self._first = []
                 self._level_now = x
             return None

@@ -276,14 +276,19 @@ TASKS = ("digits_mlp", "synth_clf_mlp", "chars_mlp", "synth_reg_mlp")
 QUICK_TASKS = ("digits_mlp", "synth_reg_mlp")
 
 
-def candidates(task: str, reference: Config) -> list[Config]:
-    """The candidate configurations of ``task`` (``reference``: its best sweep configuration)."""
+def candidates(task: str, reference: Config, seed_shift: int = 0) -> list[Config]:
+    """The candidate configurations of ``task`` (``reference``: its best sweep configuration).
+
+    ``seed_shift`` moves every seed (0-2 by default) up by that much: the same configurations
+    on other initial weights and batch orders, to see how much the result owes to the seeds."""
     problem = get_problem(task)
     i = TASKS.index(task) if task in TASKS else 0
-    out = [Config(task, opt, sched, float(f"{problem.base_lr[opt] * mult:.6g}"), (i + j) % 3)
+    k = seed_shift
+    out = [Config(task, opt, sched, float(f"{problem.base_lr[opt] * mult:.6g}"),
+                  (i + j) % 3 + k)
            for j, (opt, sched, mult) in enumerate(HIGH_LR)]
     out += [Config(task, reference.optimizer, reference.schedule, reference.lr,
-                   (i + j + 1) % 3, fault, at, factor)
+                   (i + j + 1) % 3 + k, fault, at, factor)
             for j, (fault, at, factor) in enumerate(FAULT_RUNS)]
     return out
 
@@ -777,7 +782,7 @@ def markdown_tables(report: dict[str, Any]) -> str:
 def run(tasks: Sequence[str], *, overhead_tasks: Sequence[str], rounds: int,
         extra: dict[str, Any] | None = EXTRA_RECOVERY, sweep_lrwatch: bool = True,
         only: Sequence[str] | None = None, limit: int | None = None,
-        sweep: dict[str, Any] | None = None,
+        sweep: dict[str, Any] | None = None, seed_shift: int = 0,
         progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """The whole benchmark: references, candidates, lrwatch runs, overhead; returns the report.
 
@@ -792,7 +797,7 @@ def run(tasks: Sequence[str], *, overhead_tasks: Sequence[str], rounds: int,
                   for t in tasks}
     cands: list[Config] = []
     for t in tasks:
-        cs = candidates(t, Config(**references[t]["reference_cfg"]))
+        cs = candidates(t, Config(**references[t]["reference_cfg"]), seed_shift)
         if only:
             cs = [c for c in cs if any(k in c.id for k in only)]
         cands += cs[:limit] if limit is not None else cs
@@ -847,7 +852,8 @@ def run(tasks: Sequence[str], *, overhead_tasks: Sequence[str], rounds: int,
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "threads": torch.get_num_threads()},
-        "config": {"tasks": list(tasks), "tolerance": TOLERANCE, "flush_every": FLUSH_EVERY,
+        "config": {"tasks": list(tasks), "seed_shift": seed_shift, "tolerance": TOLERANCE,
+                   "flush_every": FLUSH_EVERY,
                    "eval_every": EVAL_EVERY, "step_cap": STEP_CAP,
                    "recovery": asdict(RecoveryConfig()), "extra_recovery": extra,
                    "extra_label": (", ".join(f"{k}={v}" for k, v in extra.items())
@@ -866,6 +872,57 @@ def run(tasks: Sequence[str], *, overhead_tasks: Sequence[str], rounds: int,
     report["seconds"] = time.perf_counter() - t0
     report["table"] = markdown_tables(report)
     return report
+
+
+def _wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a share k/n.
+
+    >>> [round(x, 3) for x in _wilson(91, 112)]
+    [0.73, 0.874]
+    """
+    if n == 0:
+        return math.nan, math.nan
+    p = k / n
+    c = (p + z * z / (2 * n)) / (1 + z * z / n)
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return c - h, c + h
+
+
+def pool(paths: Sequence[str]) -> str:
+    """Pool the diverging runs of several ``--json`` results (e.g. ``--seed-shift`` 0, 3, 6)."""
+    lines = ["| result file | seed shift | diverged | lrwatch healthy | share | bare | stop on NaN "
+             "| stop on spike |", "|---|---|---|---|---|---|---|---|"]
+    tot: dict[str, int] = {}
+    n_all = 0
+    for path in paths:
+        rep = json.loads(Path(path).read_text())
+        div = [e for e in rep["configs"] if e["diverged"]]
+        for e in div:   # non-finite scores are stored as strings in the JSON
+            for arm in ("bare", "lrwatch"):
+                if arm == "bare":
+                    for k in ("nan_stop", "spike_stop"):
+                        e[arm]["anchors"][k]["score"] = float(e[arm]["anchors"][k]["score"])
+                e[arm]["final"]["score"] = float(e[arm]["final"]["score"])
+            e.pop("lrwatch_extra", None)
+        flags = [_healthy_flags(e) for e in div]
+        c = {k: sum(f[k] for f in flags) for k in ("lrwatch", "bare", "nan_stop", "spike_stop")}
+        for k, v in c.items():
+            tot[k] = tot.get(k, 0) + v
+        n_all += len(div)
+        n = len(div)
+        lines.append(f"| {Path(path).name} | {rep['config'].get('seed_shift', 0)} | {n} | "
+                     f"{c['lrwatch']} | {c['lrwatch'] / n:.0%} | {c['bare']} | {c['nan_stop']} "
+                     f"| {c['spike_stop']} |")
+    lo, hi = _wilson(tot.get("lrwatch", 0), n_all)
+    share = tot.get("lrwatch", 0) / n_all if n_all else math.nan
+    lines.append(f"| **pooled** | | {n_all} | **{tot.get('lrwatch', 0)}** | **{share:.0%}** "
+                 f"(95% CI {lo:.0%}-{hi:.0%}) | {tot.get('bare', 0)} | {tot.get('nan_stop', 0)} "
+                 f"| {tot.get('spike_stop', 0)} |")
+    lines.append("")
+    lines.append(f"pooled: {tot.get('lrwatch', 0)}/{n_all} diverging runs finish healthy with "
+                 f"lrwatch's defaults ({share:.1%}, 95% CI {lo:.1%}-{hi:.1%}; target "
+                 f"{TARGET_HEALTHY:.0%})")
+    return "\n".join(lines)
 
 
 def _clean(o: Any) -> Any:
@@ -894,10 +951,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=None, help="overhead A/B rounds per model")
     p.add_argument("--no-extra", action="store_true",
                    help=f"skip the non-default recovery column ({EXTRA_RECOVERY})")
+    p.add_argument("--seed-shift", type=int, default=0, metavar="K",
+                   help="add K to every candidate's seed (the references stay): the same "
+                        "configurations on other weights and batch orders")
+    p.add_argument("--no-overhead", action="store_true", help="skip the overhead A/B")
     p.add_argument("--overhead-only", action="store_true",
                    help="only the overhead A/B on the realistic model (digits_wide); use a "
                         "quiet machine and more --rounds for a tighter interval")
     p.add_argument("--json", metavar="OUT", help="also write the full results as JSON")
+    p.add_argument("--pool", nargs="+", metavar="JSON",
+                   help="only pool the diverging runs of earlier --json results (run with "
+                        "--seed-shift 0, 3, 6) into one table and share")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     a = p.parse_args(argv)
 
@@ -909,6 +973,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not a.quiet:
             print(msg, file=sys.stderr, flush=True)
 
+    if a.pool:
+        print(pool(a.pool))
+        return 0
     if a.overhead_only:
         cfg = Config("digits_wide", "adam", "warmup",
                      float(f"{get_problem('digits_wide').base_lr['adam']:.6g}"))
@@ -939,7 +1006,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if t not in TASKS:
                 p.error(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
         ov_tasks = [t for t in ov_tasks if t == "digits_wide" or t in tasks]
-    report = run(tasks, overhead_tasks=ov_tasks, rounds=rounds,
+    if a.no_overhead:
+        ov_tasks = []
+    report = run(tasks, overhead_tasks=ov_tasks, rounds=rounds, seed_shift=a.seed_shift,
                  extra=None if a.no_extra else EXTRA_RECOVERY, sweep_lrwatch=not a.smoke,
                  only=a.only.split(",") if a.only else None, limit=limit, sweep=sweep,
                  progress=progress)

@@ -4,7 +4,10 @@ The general ingest path (:mod:`.records`) builds one dict per record and then re
 values out of it; for a tailed file that is most of the cost. When ``msgspec`` is installed
 (the ``fast`` extra), :class:`ChunkDecoder` decodes a whole chunk of lines in one call into
 typed records whose layout comes from the reference profile: every numeric feature is a number
-or ``null``, every categorical one any JSON scalar, and no other feature key is allowed. The
+or ``null``, every categorical one any JSON scalar, and no other feature key is allowed; the
+prediction, ``id``, ``time`` and ``label`` are typed too (with the general path's bounds: an
+``id`` of 1 to 256 characters, integers within int64), so msgspec checks every value while it
+decodes and no Python pass over the columns is left to do. The
 numeric features then become the window's float block with one ``numpy`` conversion, and the
 records never exist as dicts (a snapshot of the open window builds them, see
 :attr:`ColumnBatch.feats`).
@@ -12,10 +15,13 @@ records never exist as dicts (a snapshot of the open window builds them, see
 A chunk is decoded this way only when the result is exactly what the general path would give.
 Anything else (a line that is not JSON, a label record, a feature the reference does not know,
 a string or boolean in a numeric feature, an integer id, a list of probabilities, an integer
-beyond 64 bits, ``NaN`` literals, invalid UTF-8, ...) makes :meth:`ChunkDecoder.decode` return
+beyond int64 (the general path takes it, see below), ``NaN`` literals, invalid UTF-8, ...) makes :meth:`ChunkDecoder.decode` return
 ``None``, and the caller handles the whole chunk with the general path, which finds each bad
 record's reason. Missing values (``null`` or an absent key), unseen categories and values out
-of the reference's range stay on the fast path. ``tests/daemon/test_columnar.py`` feeds the
+of the reference's range stay on the fast path. orjson reads integers outside
+``[-2**63, 2**64)`` as floats and msgspec keeps them exact, so any integer outside int64 in a
+categorical value, prediction, time or label sends its chunk to the general path, which then
+gives the same values either way. ``tests/daemon/test_columnar.py`` feeds the
 same mixed streams through both paths and compares every counter and window statistic.
 
 ``LRWATCH_MSGSPEC=0`` (or ``LRWATCH_JSON=stdlib``, which stands for "no ``fast`` extra") turns
@@ -42,11 +48,11 @@ from __future__ import annotations
 import os
 from itertools import chain
 from operator import attrgetter
-from typing import Any
+from typing import Annotated, Any, Union
 
 import numpy as np
 
-from .records import _PRED_TYPES, _VALUE_TYPES, Batch, _check_columns
+from .records import Batch
 from .reference import PREDICTION
 
 try:  # the optional ``fast`` extra
@@ -68,21 +74,11 @@ def _enabled() -> bool:
 #: Whether :class:`ChunkDecoder` is available and wanted (the daemon's default).
 ENABLED = _enabled()
 
-# orjson reads integers outside [-2**63, 2**64) as floats, msgspec keeps them exact: such a
-# chunk goes to the general path, so that both give the same values
-_INT_LO, _INT_HI = -2 ** 63, 2 ** 64
 _features = attrgetter("features")
 _prediction = attrgetter("prediction")
 _id = attrgetter("id")
 _time = attrgetter("time")
 _label = attrgetter("label")
-
-
-def _ints_in_range(values: list[Any], types: set[type]) -> bool:
-    if int not in types:
-        return True
-    ints = [v for v in values if type(v) is int]
-    return min(ints) >= _INT_LO and max(ints) < _INT_HI
 
 
 def _optional(col: list[Any]) -> list[Any] | None:
@@ -151,17 +147,25 @@ class ChunkDecoder:
         self.names = [nm for nm in profile.num_names if nm != PREDICTION]
         self.cat_names = [nm for nm in profile.cat_names if nm != PREDICTION]
         k = len(self.names)
+        # The types and bounds below accept exactly the values the general path's batch
+        # checks accept (see the module notes); anything else is a decoding error, and the
+        # chunk goes to the general path. Integers are bounded to int64 (the general path takes
+        # up to 2**64; such a rare chunk just takes the general path).
+        i64 = Annotated[int, _msgspec.Meta(ge=-2 ** 63, le=2 ** 63 - 1)]
+        value = Union[i64, float, str, bool, None]  # a categorical feature or a label
+        fields: list[Any] = [(f"n{i}", Union[float, None], None) for i in range(k)]
+        fields += [(f"c{j}", value, None) for j in range(len(self.cat_names))]
         # field names are placeholders, renamed to the features' real names (any string)
-        fields: list[Any] = [(f"n{i}", float | None, None) for i in range(k)]
-        fields += [(f"c{j}", Any, None) for j in range(len(self.cat_names))]
         rename = {f"n{i}": nm for i, nm in enumerate(self.names)}
         rename.update({f"c{j}": nm for j, nm in enumerate(self.cat_names)})
         feats = _msgspec.defstruct("Features", fields, rename=rename,
                                    forbid_unknown_fields=True, gc=False)
         # other top-level keys are ignored, as on the general path
-        rec = _msgspec.defstruct("Prediction", [("features", feats), ("prediction", Any),
-                                                ("id", Any, None), ("time", Any, None),
-                                                ("label", Any, None)], gc=False)
+        rec = _msgspec.defstruct("Prediction", [
+            ("features", feats), ("prediction", Union[i64, float, str, bool]),
+            ("id", Union[Annotated[str, _msgspec.Meta(min_length=1, max_length=256)], None],
+             None),
+            ("time", Union[i64, float, None], None), ("label", value, None)], gc=False)
         self._decoder = _msgspec.json.Decoder(list[rec])  # type: ignore[valid-type]
         self._cat_get = [attrgetter(f"c{j}") for j in range(len(self.cat_names))]
         self._astuple = _msgspec.structs.astuple
@@ -179,13 +183,10 @@ class ChunkDecoder:
         if len(recs) != n:
             return None
         # msgspec refuses NaN/Infinity literals and numbers out of the float range, so every
-        # float here is finite (the general path's finiteness check has nothing to find)
+        # float here is finite (the general path's finiteness check has nothing to find), and
+        # the types of every column were checked while decoding
         feats = list(map(_features, recs))
         cats = [list(map(g, feats)) for g in self._cat_get]
-        for col in cats:
-            ct = set(map(type, col))
-            if not ct <= _VALUE_TYPES or not _ints_in_range(col, ct):
-                return None
         k = len(self.names)
         width = k + len(cats)
         if not k:
@@ -196,16 +197,6 @@ class ChunkDecoder:
             flat = np.fromiter(chain.from_iterable(map(self._astuple, feats)), dtype=object,
                                count=n * width).reshape(n, width)
             num = (flat[:, :k] if cats else flat).astype(np.float64)
-        preds = list(map(_prediction, recs))
-        pt = set(map(type, preds))
-        if not pt <= _PRED_TYPES or not _ints_in_range(preds, pt):
-            return None
-        batch = ColumnBatch(self.profile, self.names, self.cat_names, num, cats, preds)
-        times = _optional(list(map(_time, recs)))
-        labels = _optional(list(map(_label, recs)))
-        for col in (times, labels):
-            if col is not None and not _ints_in_range(col, set(map(type, col))):
-                return None
-        if not _check_columns(batch, _optional(list(map(_id, recs))), times, labels):
-            return None
-        return batch
+        return ColumnBatch(self.profile, self.names, self.cat_names, num, cats,
+                           list(map(_prediction, recs)), _optional(list(map(_id, recs))),
+                           _optional(list(map(_time, recs))), _optional(list(map(_label, recs))))

@@ -85,10 +85,12 @@ class Profile:
 
         ``x`` is ``(n, Fn)`` float64 with NaN for missing. One vectorised sort of the window
         (NaN sorts last) and then a tiny search of each feature's edges among its sorted values
-        is about 2.5x faster than searching every value among the edges.
+        is about 2.5x faster than searching every value among the edges. The rows are copied
+        out contiguous first: sorting the rows of the transposed view directly is ~25% slower.
         """
         n, fn = x.shape
-        xs = np.sort(x.T, axis=1)
+        xs = x.T.copy(order="C")
+        xs.sort(axis=1)
         present = n - np.isnan(xs).sum(axis=1)
         # cum[j, k]: values in bins 0..k, i.e. below edge k (a value equal to an edge belongs
         # to the bin above it, as with searchsorted(edges, v, side="right"))

@@ -80,6 +80,13 @@ BAD_LINES = [
     b'{"features": {"x": 1, "y": 0.1, "c": "\xff"}, "prediction": 0.5}',  # not UTF-8
     b'{"features": {"x": 1, "y": 0.1, "c": "\\ud800"}, "prediction": 0.5}',  # lone surrogate
     b'{"features": null, "prediction": 0.5}',
+    # beyond int64: valid for the general path, which takes the chunk (msgspec's bounds)
+    b'{"features": {"x": 1, "y": 0.1, "c": 9223372036854775808}, "prediction": 0.5}',
+    b'{"features": {"x": 1, "y": 0.1, "c": "a"}, "prediction": 18446744073709551615}',
+    b'{"features": {"x": 1, "y": 0.1, "c": "a"}, "prediction": 0.5, "time": 2e400}',
+    b'{"features": {"x": 1, "y": 0.1, "c": "a"}, "prediction": 0.5, "time": true}',
+    b'{"features": {"x": 1, "y": 0.1, "c": "a"}, "prediction": 0.5, "label": {"y": 1}}',
+    b'{"id": "' + "\u00e9".encode() * 257 + b'", "features": {"x": 1}, "prediction": 0.5}',
     b'[1, 2]',
     b'not json',
     b'{"features": {"x": 1, "y": 0.1, "c": "a"}, "prediction": 0.5} {"features": {}, '
@@ -96,6 +103,9 @@ ODD_LINES = [
     b'{"features": {"x": 1, "x": 2, "y": 0.1}, "prediction": 0.5, "prediction": 1}',  # last
     b'{"features": {}, "prediction": "class-a", "label": "class-b", "time": 17}',
     b'{"features": {"x": 9223372036854775807, "y": 1e-300}, "prediction": false}',
+    b'{"features": {"c": -9223372036854775808}, "prediction": -9223372036854775808, '
+    b'"time": -9223372036854775808, "label": 9223372036854775807}',  # the int64 bounds
+    b'{"id": "' + "\u00e9".encode() * 256 + b'", "features": {"x": 1}, "prediction": 0.5}',
     # a huge integer as a numeric feature: the same float either way
     b'{"features": {"x": 123456789012345678901234567890, "y": 0.1}, "prediction": 0.5}',
 ]

@@ -694,7 +694,7 @@ def markdown_tables(report: dict[str, Any]) -> str:
     ref_table = "\n".join(lines)
 
     extra_name = report["config"]["extra_label"]
-    head = ["#", "task", "model", "optimizer", "schedule", "peak LR", "bare", "stop on NaN",
+    head = ["#", "task", "model", "optimizer", "schedule", "peak LR", "seed", "bare", "stop on NaN",
             "stop on spike", "lrwatch (defaults)", "rollbacks (rules)", "vs reference"]
     if extra_name:
         head.append(f"lrwatch {extra_name} (not default)")
@@ -719,7 +719,7 @@ def markdown_tables(report: dict[str, Any]) -> str:
         delta = lw["final"]["score"] - ref
         vs = f"{delta * 100:+.1f} pts" if math.isfinite(delta) else "–"
         row = [str(n_row), c["task"], get_problem(c["task"]).model_desc, c["optimizer"],
-               Config(**c).schedule_desc, f"{c['lr']:g}", bare_cell, *cells,
+               Config(**c).schedule_desc, f"{c['lr']:g}", str(c["seed"]), bare_cell, *cells,
                _lrwatch_cell(metric, lw, ref),
                f"{lw['rollbacks']}" + (f" ({', '.join(rules)})" if rules else ""), vs]
         if extra_name:
@@ -741,7 +741,15 @@ def markdown_tables(report: dict[str, Any]) -> str:
         tgt = (f"≥ {TARGET_HEALTHY:.0%}: **{'met' if s['target_met'] else 'not met'}**"
                if k == "lrwatch" else "")
         share = f"{h / n:.0%}" if n else "–"
+        if k == "lrwatch" and n:
+            lo, hi = s["lrwatch_ci95"]
+            share += f" (95% CI {lo:.0%}-{hi:.0%})"
         lines.append(f"| {label} | {h}/{n} | {share} | {tgt} |")
+    if len(s["by_seed_shift"]) > 1:
+        lines += ["", "| seeds | diverged | lrwatch healthy | share |", "|---|---|---|---|"]
+        for k, v in s["by_seed_shift"].items():
+            lines.append(f"| {k}-{int(k) + 2} | {v['diverged']} | {v['lrwatch']} | "
+                         f"{v['lrwatch'] / v['diverged']:.0%} |")
     f = s["lrwatch_failures"]
     summary_table = "\n".join(lines) + (
         f"\n\nlrwatch failures: {f['no_rollback']} never rolled back, {f['budget_spent']} "
@@ -782,7 +790,7 @@ def markdown_tables(report: dict[str, Any]) -> str:
 def run(tasks: Sequence[str], *, overhead_tasks: Sequence[str], rounds: int,
         extra: dict[str, Any] | None = EXTRA_RECOVERY, sweep_lrwatch: bool = True,
         only: Sequence[str] | None = None, limit: int | None = None,
-        sweep: dict[str, Any] | None = None, seed_shift: int = 0,
+        sweep: dict[str, Any] | None = None, seed_shifts: Sequence[int] = (0,),
         progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """The whole benchmark: references, candidates, lrwatch runs, overhead; returns the report.
 
@@ -795,16 +803,18 @@ def run(tasks: Sequence[str], *, overhead_tasks: Sequence[str], rounds: int,
     sweep = dict(sweep or {})
     references = {t: reference_sweep(t, with_lrwatch=sweep_lrwatch, progress=progress, **sweep)
                   for t in tasks}
-    cands: list[Config] = []
-    for t in tasks:
-        cs = candidates(t, Config(**references[t]["reference_cfg"]), seed_shift)
-        if only:
-            cs = [c for c in cs if any(k in c.id for k in only)]
-        cands += cs[:limit] if limit is not None else cs
+    cands: list[tuple[int, Config]] = []
+    for k in seed_shifts:
+        for t in tasks:
+            cs = candidates(t, Config(**references[t]["reference_cfg"]), k)
+            if only:
+                cs = [c for c in cs if any(o in c.id for o in only)]
+            cands += [(k, c) for c in (cs[:limit] if limit is not None else cs)]
     progress(f"{len(cands)} candidate configurations ...")
     configs = []
-    for i, cfg in enumerate(cands, 1):
+    for i, (shift, cfg) in enumerate(cands, 1):
         e = evaluate_config(cfg, references[cfg.task]["reference"], extra=extra)
+        e["seed_shift"] = shift
         configs.append(e)
         if e["diverged"]:
             lw = e["lrwatch"]
@@ -819,11 +829,19 @@ def run(tasks: Sequence[str], *, overhead_tasks: Sequence[str], rounds: int,
     counts = {k: sum(f[k] for f in flags) for k in keys}
     n = len(div)
     fails = [e["lrwatch"] for e, f in zip(div, flags) if not f["lrwatch"]]
+    by_shift: dict[str, dict[str, int]] = {}
+    for e, f in zip(div, flags):
+        k = str(e["seed_shift"])
+        by_shift.setdefault(k, {"diverged": 0, "lrwatch": 0})
+        by_shift[k]["diverged"] += 1
+        by_shift[k]["lrwatch"] += int(f["lrwatch"])
     summary = {
         "candidates": len(configs), "diverged": n,
         "not_diverged": [{"id": e["id"], "why": e["why"]} for e in configs
                          if not e["diverged"]],
         "healthy": counts, "share": {k: (v / n if n else math.nan) for k, v in counts.items()},
+        "lrwatch_ci95": _wilson(counts["lrwatch"], n),
+        "by_seed_shift": by_shift,
         "target": TARGET_HEALTHY,
         "target_met": bool(n) and counts["lrwatch"] / n >= TARGET_HEALTHY,
         "lrwatch_failures": {
@@ -852,7 +870,7 @@ def run(tasks: Sequence[str], *, overhead_tasks: Sequence[str], rounds: int,
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "threads": torch.get_num_threads()},
-        "config": {"tasks": list(tasks), "seed_shift": seed_shift, "tolerance": TOLERANCE,
+        "config": {"tasks": list(tasks), "seed_shifts": list(seed_shifts), "tolerance": TOLERANCE,
                    "flush_every": FLUSH_EVERY,
                    "eval_every": EVAL_EVERY, "step_cap": STEP_CAP,
                    "recovery": asdict(RecoveryConfig()), "extra_recovery": extra,
@@ -889,7 +907,7 @@ def _wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def pool(paths: Sequence[str]) -> str:
-    """Pool the diverging runs of several ``--json`` results (e.g. ``--seed-shift`` 0, 3, 6)."""
+    """Pool the diverging runs of several ``--json`` results (e.g. one per ``--seed-shifts``)."""
     lines = ["| result file | seed shift | diverged | lrwatch healthy | share | bare | stop on NaN "
              "| stop on spike |", "|---|---|---|---|---|---|---|---|"]
     tot: dict[str, int] = {}
@@ -910,7 +928,8 @@ def pool(paths: Sequence[str]) -> str:
             tot[k] = tot.get(k, 0) + v
         n_all += len(div)
         n = len(div)
-        lines.append(f"| {Path(path).name} | {rep['config'].get('seed_shift', 0)} | {n} | "
+        shifts = rep["config"].get("seed_shifts", [rep["config"].get("seed_shift", 0)])
+        lines.append(f"| {Path(path).name} | {','.join(map(str, shifts))} | {n} | "
                      f"{c['lrwatch']} | {c['lrwatch'] / n:.0%} | {c['bare']} | {c['nan_stop']} "
                      f"| {c['spike_stop']} |")
     lo, hi = _wilson(tot.get("lrwatch", 0), n_all)
@@ -951,9 +970,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=None, help="overhead A/B rounds per model")
     p.add_argument("--no-extra", action="store_true",
                    help=f"skip the non-default recovery column ({EXTRA_RECOVERY})")
-    p.add_argument("--seed-shift", type=int, default=0, metavar="K",
-                   help="add K to every candidate's seed (the references stay): the same "
-                        "configurations on other weights and batch orders")
+    p.add_argument("--seed-shifts", default=None, metavar="K,K,...",
+                   help="seed sets of the candidates: each K adds K to every candidate's seed "
+                        "(0-2); the same configurations on other weights and batch orders, "
+                        "pooled (default 0,3,6; --quick 0; the references always use 0-2)")
     p.add_argument("--no-overhead", action="store_true", help="skip the overhead A/B")
     p.add_argument("--overhead-only", action="store_true",
                    help="only the overhead A/B on the realistic model (digits_wide); use a "
@@ -961,7 +981,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", metavar="OUT", help="also write the full results as JSON")
     p.add_argument("--pool", nargs="+", metavar="JSON",
                    help="only pool the diverging runs of earlier --json results (run with "
-                        "--seed-shift 0, 3, 6) into one table and share")
+                        "--seed-shifts 0, 3 and 6 separately) into one table and share")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     a = p.parse_args(argv)
 
@@ -1008,7 +1028,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ov_tasks = [t for t in ov_tasks if t == "digits_wide" or t in tasks]
     if a.no_overhead:
         ov_tasks = []
-    report = run(tasks, overhead_tasks=ov_tasks, rounds=rounds, seed_shift=a.seed_shift,
+    shifts = ([int(k) for k in a.seed_shifts.split(",")] if a.seed_shifts else
+              [0] if (a.quick or a.smoke) else [0, 3, 6])
+    report = run(tasks, overhead_tasks=ov_tasks, rounds=rounds, seed_shifts=shifts,
                  extra=None if a.no_extra else EXTRA_RECOVERY, sweep_lrwatch=not a.smoke,
                  only=a.only.split(",") if a.only else None, limit=limit, sweep=sweep,
                  progress=progress)

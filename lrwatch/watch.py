@@ -118,8 +118,12 @@ class Watcher:
         Also export gradient norms per top-level module (``layer_depth`` levels deep, at most
         ``max_layers`` labels so the label set stays bounded).
     update_ratio:
-        Measure ||Δθ||/||θ|| every step. It keeps a second copy of the parameters on the device,
-        so it is off by default.
+        Measure ||Δθ||/||θ||. It keeps a second copy of the parameters on the device, so it is
+        off by default.
+    update_ratio_every:
+        Measure the update ratio on every k-th step only (the parameters are copied before those
+        steps alone). The ratio moves slowly, and copying every parameter every step doubled the
+        cost of watching (``docs/overhead.md``); 1 measures every step.
     batch_size:
         Samples per step, for ``samples_per_second`` (``log(batch_size=...)`` overrides it).
     listeners:
@@ -176,6 +180,7 @@ class Watcher:
         layer_depth: int = 1,
         max_layers: int = 64,
         update_ratio: bool = False,
+        update_ratio_every: int = 10,
         batch_size: int | None = None,
         listeners: Iterable[Listener] = (),
         run_name: str | None = None,
@@ -227,6 +232,12 @@ class Watcher:
         self._layers = LayerIndex(named, depth=layer_depth, max_layers=max_layers) \
             if per_layer else None
         self._update_ratio = bool(update_ratio)
+        if (not isinstance(update_ratio_every, int) or isinstance(update_ratio_every, bool)
+                or update_ratio_every < 1):
+            raise ConfigError(f"update_ratio_every must be an integer >= 1, "
+                              f"got {update_ratio_every!r}")
+        self._ur_every = update_ratio_every
+        self._ur_armed = False   # the parameters were copied before this step
         self._prev_params: list[torch.Tensor] | None = None
 
         # Distributed: which rank exports, and whether gradients are sharded.
@@ -519,8 +530,10 @@ class Watcher:
             per = self._layers.per_layer(params, norms, self._device)
             for i, label in enumerate(self._layers.labels):
                 row.put(f"grad_norm/{label}", per[i])
-        if self._update_ratio and not skipped:
+        self._ur_armed = False
+        if self._update_ratio and not skipped and row.step % self._ur_every == 0:
             self._snapshot_params()
+            self._ur_armed = True
         if self.scaler is not None:
             scale = getattr(self.scaler, "_scale", None)
             if isinstance(scale, torch.Tensor):
@@ -539,8 +552,9 @@ class Watcher:
         if self._open is None:  # the pre-hook failed; record the step anyway
             self._open = _Row(step=self.step + 1)
         row = self._open
-        if self._update_ratio and self._prev_params is not None and "skipped" not in row.host:
+        if self._ur_armed and "skipped" not in row.host:
             row.put("update_ratio", self._measure_update_ratio())
+            self._ur_armed = False
         for i, group in enumerate(self.optimizer.param_groups):
             lr = group.get("lr")
             if isinstance(lr, torch.Tensor):  # capturable / tensor LR: stays on the device

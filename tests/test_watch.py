@@ -35,7 +35,7 @@ def test_grad_norm_equals_get_total_norm_and_update_ratio_is_exact() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     got: list[Sample] = []
     refs: list[tuple[float, float]] = []
-    with lrwatch.Watcher(model, opt, flush_every=3, update_ratio=True,
+    with lrwatch.Watcher(model, opt, flush_every=3, update_ratio=True, update_ratio_every=1,
                          listeners=[got.append]) as w:
         for i in range(7):
             x, y = _batch(i)
@@ -201,6 +201,32 @@ def _count_host_conversions(only_lrwatch: bool) -> Iterator[dict[str, int]]:
             setattr(torch.Tensor, name, orig)
 
 
+def test_update_ratio_every_k_steps_is_exact_on_those_steps() -> None:
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    got: list[Sample] = []
+    refs: dict[int, float] = {}
+    with lrwatch.Watcher(model, opt, flush_every=4, update_ratio=True, update_ratio_every=3,
+                         listeners=[got.append]) as w:
+        for i in range(1, 11):
+            x, y = _batch(i)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            before = [p.detach().clone() for p in model.parameters()]
+            opt.step()
+            delta = math.sqrt(sum(float(((p.detach() - b) ** 2).sum())
+                                  for p, b in zip(model.parameters(), before)))
+            theta = math.sqrt(sum(float((p.detach() ** 2).sum()) for p in model.parameters()))
+            refs[i] = delta / theta
+            w.log()
+    measured = {s.step: s.values["update_ratio"] for s in got if "update_ratio" in s.values}
+    assert sorted(measured) == [3, 6, 9]
+    for step, ratio in measured.items():
+        assert ratio == pytest.approx(refs[step], rel=1e-4)
+    with pytest.raises(ConfigError, match="update_ratio_every"):
+        lrwatch.Watcher(model, opt, update_ratio=True, update_ratio_every=0)
+
+
 @pytest.mark.parametrize("opt_name", ["SGD", "AdamW"])
 def test_no_tensor_to_host_conversion_between_flushes(opt_name: str) -> None:
     model = _mlp()
@@ -210,7 +236,8 @@ def test_no_tensor_to_host_conversion_between_flushes(opt_name: str) -> None:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20)
     batches = [_batch(i) for i in range(10)]
-    w = lrwatch.Watcher(model, opt, sched, flush_every=5, per_layer=True, update_ratio=True)
+    w = lrwatch.Watcher(model, opt, sched, flush_every=5, per_layer=True, update_ratio=True,
+                        update_ratio_every=1)
     per_step: list[int] = []
     # SGD makes no conversion of its own, so there every conversion in the loop is counted.
     with _count_host_conversions(only_lrwatch=opt_name != "SGD") as counts:

@@ -34,7 +34,7 @@ def test_served_exposition_is_promtool_clean_and_has_design_names() -> None:
     opt = torch.optim.SGD([{"params": model[0].parameters()},
                            {"params": model[2].parameters(), "lr": 0.01}], lr=0.1, momentum=0.9)
     with lrwatch.Watcher(model, opt, port=0, flush_every=2, per_layer=True, update_ratio=True,
-                         batch_size=8, run_name="t1") as w:
+                         update_ratio_every=1, batch_size=8, run_name="t1") as w:
         _train(w, model, opt, 4)
         assert w.metrics_url is not None
         text = urllib.request.urlopen(w.metrics_url, timeout=5).read().decode()

@@ -990,6 +990,7 @@ class Watcher:
         p.episode_cut = 1.0
         records.append({"type": "lr_recover", "rule": "", "step": self.step, "factor": back,
                         "steps": n})
+        self.exporter.actions.labels("lr_recover").inc()
         log.warning("lrwatch: the run is healthy again at step %d: learning rate x%g back over "
                     "%d steps", self.step, back, n)
 

@@ -138,7 +138,7 @@ class TrainingExporter:
                                            "Monitoring failures that lrwatch absorbed (fail open).",
                                            registry=None))
         self.actions = add(Counter("lrwatch_actions", "Training-control actions decided "
-                                   "(rollback, skip, reduce_lr, stop).", ["action"],
+                                   "(rollback, skip, reduce_lr, stop, lr_recover).", ["action"],
                                    registry=None))
         self.rule_firing = add(Gauge("lrwatch_rule_firing", "1 while a rule is firing, else 0.",
                                      ["rule", "severity"], registry=None))

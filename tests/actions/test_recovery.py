@@ -487,6 +487,8 @@ def test_learning_rate_comes_back_after_a_one_off_fault(tmp_path: Path) -> None:
     ramp = [x for x in ratios if 0.5 + 1e-9 < x < 1 - 1e-9]
     assert ramp == pytest.approx([2 ** (k / 5) / 2 for k in range(1, 5)])
     assert r["w"].state_dict()["policy"]["lr_recovered"] is True
+    assert r["w"].registry.get_sample_value("lrwatch_actions_total",
+                                            {"action": "lr_recover"}) == 1.0
 
 
 def test_a_fault_that_comes_back_after_the_rate_did_keeps_the_cut(tmp_path: Path) -> None:

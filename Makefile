@@ -22,7 +22,7 @@ test: setup system-deps
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints/ci.txt
+$(STAMP): pyproject.toml setup.py lrwatch/daemon/_jsonl.c constraints/ci.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints/ci.txt -e '.[torch,dev]'

@@ -15,12 +15,14 @@ Two numbers per measurement:
 
 The file measurement is **steady state**: the daemon starts first (its start-up time is
 reported separately), then the prepared file is renamed into the tailed path and the clock
-starts. The ingest back ends measured: ``orjson`` (the ``fast`` extra: orjson, and msgspec's
-chunk decoder for tailed files), ``orjson-only`` (orjson with the chunk decoder turned off,
-``LRWATCH_MSGSPEC=0``) and the standard library (``LRWATCH_JSON=stdlib``: no extra at all).
+starts. The ingest back ends measured: ``orjson`` (the ``fast`` extra: orjson, and for tailed
+files the compiled chunk decoder ``lrwatch.daemon._jsonl`` when it was built, then msgspec's),
+``orjson-msgspec`` (the same without the compiled decoder, ``LRWATCH_CJSONL=0``),
+``orjson-only`` (orjson with both chunk decoders turned off) and the standard library
+(``LRWATCH_JSON=stdlib``: no extra and no chunk decoder at all).
 
 Run: ``python benchmarks/daemon_throughput.py [--records N] [--rss-records N]
-[--backends orjson,orjson-only,stdlib]``.
+[--backends orjson,orjson-msgspec,orjson-only,stdlib]``.
 """
 
 from __future__ import annotations
@@ -61,8 +63,10 @@ def start(args: list[str], port: int, backend: str = "orjson") -> tuple[subproce
     """Start a daemon; returns the process and its start-up time (spawn to /healthz)."""
     pin = ["taskset", "-c", "0"] if shutil.which("taskset") else []
     env = dict(os.environ, LRWATCH_JSON=backend)
-    if backend == "orjson-only":  # the fast extra without msgspec's chunk decoder
-        env.update(LRWATCH_JSON="orjson", LRWATCH_MSGSPEC="0")
+    if backend == "orjson-only":  # the fast extra without any chunk decoder
+        env.update(LRWATCH_JSON="orjson", LRWATCH_MSGSPEC="0", LRWATCH_CJSONL="0")
+    elif backend == "orjson-msgspec":  # msgspec's chunk decoder, not the compiled one
+        env.update(LRWATCH_JSON="orjson", LRWATCH_CJSONL="0")
     t0 = time.perf_counter()
     proc = subprocess.Popen(pin + [sys.executable, "-m", "lrwatch", "daemon", "--port",
                                    str(port), "--window-size", "1000"] + args,
@@ -136,7 +140,8 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=200_000)
     ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("--rss-records", type=int, default=1_000_000)
-    ap.add_argument("--backends", default="orjson,orjson-only,stdlib")
+    # orjson: the fast extra plus the compiled chunk decoder (lrwatch.daemon._jsonl) when built
+    ap.add_argument("--backends", default="orjson,orjson-msgspec,orjson-only,stdlib")
     ap.add_argument("--no-scrape", action="store_true")
     args = ap.parse_args()
     if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 1:

@@ -10,8 +10,8 @@ Entry kinds: ``P`` predictions payload, ``L`` labels payload, ``R`` request-leve
 tailed file (parsed by the worker, see below), ``T`` a clock tick.
 
 A tailed file's chunks are parsed on the worker, right before they are windowed: with the
-``fast`` extra, :class:`~.columnar.ChunkDecoder` turns a chunk laid out like the reference
-straight into columns (no dict per record), and any chunk it does not take goes through the
+``fast`` extra or the compiled ``_jsonl`` extension, :class:`~.columnar.ChunkDecoder` turns a
+chunk laid out like the reference straight into columns (no dict per record), and any chunk it does not take goes through the
 general parse and validation, so both give the same counts and windows.
 
 The per-record path is columnar: a validated payload arrives as a :class:`~.records.Batch`,

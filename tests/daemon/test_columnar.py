@@ -1,4 +1,6 @@
-"""The chunk decoder (``msgspec``, the ``fast`` extra) gives exactly what the general path gives.
+"""The chunk decoders (the compiled ``_jsonl`` extension, and ``msgspec``, the ``fast`` extra)
+give exactly what the general path gives. Every test runs for each decoder available on its own
+and for the daemon's chain of them.
 
 The same mixed streams go through two daemons, one with the chunk decoder and one without
 (``Daemon.fast_ingest``), chunk by chunk as the tailer hands them over; every counter, rejection
@@ -21,11 +23,19 @@ import pytest
 
 from daemon_helpers import make_record
 from lrwatch.daemon import Daemon, DaemonConfig
+from lrwatch.daemon.reference import PREDICTION
 from lrwatch.daemon.stats import Profile
 from lrwatch.daemon.windows import Window
 
-msgspec = pytest.importorskip("msgspec")
+from lrwatch.daemon import columnar  # noqa: E402
 from lrwatch.daemon.columnar import ChunkDecoder  # noqa: E402
+
+_AVAILABLE = [b for b, m in (("c", columnar._cjsonl), ("msgspec", columnar._msgspec))
+              if m is not None]
+if not _AVAILABLE:
+    pytest.skip("neither the compiled decoder nor msgspec is available", allow_module_level=True)
+#: each decoder alone, and the chain (C first, then msgspec) the daemon uses by default
+BACKENDS = [(b,) for b in _AVAILABLE] + ([tuple(_AVAILABLE)] if len(_AVAILABLE) > 1 else [])
 
 WINDOW = 100
 
@@ -109,6 +119,49 @@ ODD_LINES = [
     # a huge integer as a numeric feature: the same float either way
     b'{"features": {"x": 123456789012345678901234567890, "y": 0.1}, "prediction": 0.5}',
 ]
+#: valid lines the compiled decoder refuses (it is not sure of them: escapes, duplicate keys,
+#: integers beyond int64, "-0", subnormals, very long numbers, escapes or odd values in ignored
+#: keys); msgspec or the general path then takes the chunk
+C_REFUSED = [ODD_LINES[1], ODD_LINES[2], ODD_LINES[7]] + [
+    b'{"features": {"x": -0, "y": 0.1}, "prediction": 0.5}',
+    b'{"features": {"c": -0}, "prediction": 0.5}',
+    b'{"features": {"x": 1e-310}, "prediction": 0.5}',
+    b'{"features": {"x": 4.9e-324}, "prediction": 0.5}',
+    b'{"features": {"x": 0.' + b"1" * 100 + b'}, "prediction": 0.5}',
+    b'{"features": {"x": 1}, "prediction": 0.5, "model": "v\\n2"}',
+    b'{"features": {"x": 1}, "prediction": 0.5, "model": [18446744073709551616]}',
+    b'{"features": {"x": 1}, "prediction": 0.5, "id": "a", "id": "b"}',
+]
+#: lines the compiled decoder must take (and give the general path's values)
+C_TAKEN = [ln for ln in ODD_LINES if ln not in C_REFUSED] + [
+    b'{"features": {"x": 1}, "prediction": 0.5, "model": {"v": [1, -2.5e3, "\xc3\xa9", null,'
+    b' true, {}, []]}, "time": 1.5}',
+    b'{"features": {"x": 0.1234567890123456789, "y": 1.7976931348623157e308}, "prediction": 0}',
+    b'{"features": {"x": 2.2250738585072014e-308, "y": -123456789012345.6}, "prediction": 0}',
+    b'{"features": {"x": 9007199254740993, "y": 1e22, "c": 1e23}, "prediction": 0E-5}',
+    b'{"features": {"x": -0.0, "y": 0.000001, "c": -9.5e-7}, "prediction": -1}',
+]
+#: valid JSON that every path refuses or treats differently; the compiled decoder refuses
+C_BAD = [
+    b'{"features": {"x": 01}, "prediction": 0.5}',
+    b'{"features": {"x": 1.}, "prediction": 0.5}',
+    b'{"features": {"x": .5}, "prediction": 0.5}',
+    b'{"features": {"x": +1}, "prediction": 0.5}',
+    b'{"features": {"x": 1e}, "prediction": 0.5}',
+    b'{"features": {"x": Infinity}, "prediction": 0.5}',
+    b'{"features": {"x": -Infinity}, "prediction": 0.5}',
+    b'{"features": {"x": 1}, "prediction": 0.5,}',
+    b'{"features": {"x": 1,}, "prediction": 0.5}',
+    b'{"features": {"x": 1} "prediction": 0.5}',
+    b'{"features": {"x": 1}, "prediction": 0.5}}',
+    b'{"features": {"x": 1}, "prediction": 0.5, "model": [1,]}',
+    b'{"features": {"x": 1}, "prediction": 0.5, "model": "\xff"}',
+    b'{"features": {"x": 1}, "prediction": 0.5, "\xff": 1}',
+    b'{"features": {"x": 1}, "prediction": tru}',
+    b'{"features": {"x": 1}, "prediction": "a\tb"}',  # a raw tab in a string
+    b'{"features": {"x": 1}, "prediction": 0.5, "id": null, "time": null, "label": nul}',
+    b'{}',
+]
 
 
 def _stream(seed: int, n_chunks: int) -> list[bytes]:
@@ -174,16 +227,18 @@ def _window_columns(d: Daemon, w: Window) -> tuple[np.ndarray, list[np.ndarray]]
     return restored.matrix(d._profile)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("backends", BACKENDS, ids="+".join)
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_fast_and_general_paths_give_the_same_state(reference_path, seed):
+def test_fast_and_general_paths_give_the_same_state(reference_path, seed, backends):
     chunks = _stream(seed, 40)
     fast, slow = _daemon(reference_path, True), _daemon(reference_path, False)
     try:
         # the stream really mixes both paths
-        dec = ChunkDecoder(fast._profile)
+        dec = fast._decoder = ChunkDecoder(fast._profile, backends)
         taken = [dec.decode(c.replace(b"\n", b",\n"), c.count(b"\n") + 1) is not None
                  for c in chunks]
-        assert sum(taken) >= 25 and not all(taken)
+        # (the compiled decoder alone also refuses the chunks where json.dumps escaped "é")
+        assert sum(taken) >= (10 if backends == ("c",) else 25) and not all(taken)
         _feed(fast, chunks)
         _feed(slow, chunks)
         assert fast.counters == slow.counters
@@ -212,18 +267,21 @@ def test_fast_and_general_paths_give_the_same_state(reference_path, seed):
         slow.stop()
 
 
-def test_decoder_refuses_every_unusual_line(reference_path):
+@pytest.mark.parametrize("backends", BACKENDS, ids="+".join)
+def test_decoder_refuses_every_unusual_line(reference_path, backends):
     d = _daemon(reference_path, True)
     try:
-        dec = ChunkDecoder(d._profile)
+        dec = ChunkDecoder(d._profile, backends)
         rng = random.Random(0)
         good = json.dumps(make_record(rng, 0)).encode()
         assert dec.decode(good, 1) is not None
-        for bad in BAD_LINES:
+        c_only = backends == ("c",)
+        for bad in BAD_LINES + (C_BAD + C_REFUSED if c_only else []):
             for chunk in (bad, good + b"\n" + bad, bad + b"\n" + good):
                 body = chunk.replace(b"\n", b",\n")
                 assert dec.decode(body, chunk.count(b"\n") + 1) is None, chunk
-        for odd in ODD_LINES:  # accepted, and the same columns as the general path
+        # accepted, and the same columns as the general path
+        for odd in (C_TAKEN if c_only else ODD_LINES + C_TAKEN + C_REFUSED):
             for chunk in (odd, good + b"\n" + odd):
                 b = dec.decode(chunk.replace(b"\n", b",\n"), chunk.count(b"\n") + 1)
                 assert b is not None, chunk
@@ -236,17 +294,69 @@ def test_decoder_refuses_every_unusual_line(reference_path):
                 np.testing.assert_array_equal(x1, x2)
                 for u, v in zip(c1, c2):
                     np.testing.assert_array_equal(u, v)
-                assert (b.preds, b.ids, b.times, b.labels) == (ok.preds, ok.ids, ok.times,
-                                                               ok.labels)
+                assert _same((b.preds, b.ids, b.times, b.labels, b.cats),
+                             (ok.preds, ok.ids, ok.times, ok.labels, c1_raw(d, ok)))
+                assert [list(map(type, v)) for v in (b.preds, b.ids or [], b.times or [],
+                                                     b.labels or [])] == \
+                    [list(map(type, v)) for v in (ok.preds, ok.ids or [], ok.times or [],
+                                                  ok.labels or [])]
     finally:
         d.stop()
 
 
-def test_column_batch_slices_and_dicts(reference_path):
+def c1_raw(d: Daemon, ok: Any) -> list[list[Any]]:
+    """The raw categorical values of the general path's batch, per categorical feature."""
+    names = [nm for nm in d._profile.cat_names if nm != PREDICTION]  # type: ignore
+    return [[f.get(nm) for f in ok.feats] for nm in names]
+
+
+@pytest.mark.skipif(len(_AVAILABLE) < 2, reason="needs both decoders")
+@pytest.mark.parametrize("seed", range(4))
+def test_compiled_decoder_numbers_match_msgspec(reference_path, seed):
+    """Numbers written every way a JSON writer does (repr, fixed, exponents, integers, extremes)
+    parse to the same floats and ints in the compiled decoder as in msgspec."""
+    d = _daemon(reference_path, True)
+    try:
+        c, m = ChunkDecoder(d._profile, ("c",)), ChunkDecoder(d._profile, ("msgspec",))
+        rng = random.Random(seed)
+
+        def num() -> str:
+            x = rng.choice([rng.gauss(0, 1), rng.uniform(-1e6, 1e6), 10 ** rng.uniform(-300, 300),
+                            rng.random() * 2 ** 53, float(rng.randrange(-10 ** 6, 10 ** 6))])
+            x = -x if rng.random() < 0.5 else x
+            fmt = rng.choice(["{!r}", "{:.17g}", "{:.6f}", "{:.15e}", "{:.3E}", "{:.1f}", "{:.0f}",
+                              "{:.20f}", "{:.25g}"])
+            s = fmt.format(x)
+            if rng.random() < 0.2:
+                s = str(rng.randrange(-2 ** 63, 2 ** 63))
+            return s
+
+        lines = [('{"features": {"x": %s, "y": %s, "c": %s}, "prediction": %s, "time": %s}'
+                  % (num(), num(), num(), num(), num())).encode() for _ in range(300)]
+        body = b",\n".join(lines)
+        a, b = c.decode(body, len(lines)), m.decode(body, len(lines))
+        if a is None:  # a number it is not sure of: find which line, and check it is odd
+            taken = [c.decode(ln, 1) is not None for ln in lines]
+            assert sum(taken) >= 200  # refused: "-0", tokens over 80 characters, big ints
+            lines = [ln for ln, t in zip(lines, taken) if t]
+            body = b",\n".join(lines)
+            a, b = c.decode(body, len(lines)), m.decode(body, len(lines))
+        assert a is not None and b is not None
+        np.testing.assert_array_equal(a.num, b.num)
+        assert np.array_equal(np.signbit(a.num), np.signbit(b.num))
+        assert (a.preds, a.times, a.cats) == (b.preds, b.times, b.cats)
+        assert [list(map(type, v)) for v in (a.preds, a.times, a.cats[0])] == \
+            [list(map(type, v)) for v in (b.preds, b.times, b.cats[0])]
+    finally:
+        d.stop()
+
+
+@pytest.mark.parametrize("backends", BACKENDS, ids="+".join)
+def test_column_batch_slices_and_dicts(reference_path, backends):
     d = _daemon(reference_path, True)
     try:
         prof: Profile = d._profile  # type: ignore[assignment]
-        dec = ChunkDecoder(prof)
+        dec = ChunkDecoder(prof, backends)
         recs = [{"id": "a", "features": {"x": 1, "c": "b"}, "prediction": 0.5, "time": 5},
                 {"features": {"x": None, "y": 2.5}, "prediction": 1, "label": 0}]
         chunk = b"\n".join(json.dumps(r).encode() for r in recs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,18 @@ def init(rank: int, world: int, store: str) -> None:
 
 
 def finish() -> None:
-    """Leave the group together: no rank tears the store down while another still uses it."""
+    """Leave the group together: no rank tears the store down while another still uses it.
+
+    Then exit at once. DDP's reducer (and anything else) may still hold the process group, so
+    its gloo threads would be torn down during interpreter finalization, where they can abort
+    the process ("terminate called without an active exception", pytorch#190489): results are
+    already written, so nothing is lost by skipping finalization.
+    """
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _model(seed: int = 0) -> nn.Module:

@@ -25,17 +25,19 @@ from .staleness import Staleness
 from .start_ratio import StartRatio
 from .threshold import Threshold
 from .trend import Trend
+from .untrained import Untrained
 
 __all__ = [
     "DETECTORS", "Detector", "Param", "make_detector",
     "Baseline", "Cusum", "EmaRatio", "NonFinite", "PageHinkley", "Plateau", "Rate",
-    "Regression", "Spike", "Staleness", "StartRatio", "Threshold", "Trend",
+    "Regression", "Spike", "Staleness", "StartRatio", "Threshold", "Trend", "Untrained",
 ]
 
 #: Rule-file name -> detector class (read-only).
 DETECTORS: Mapping[str, type[Detector]] = MappingProxyType({
     cls.name: cls for cls in (NonFinite, Threshold, Spike, EmaRatio, Cusum, PageHinkley, Trend,
-                              Regression, Plateau, Baseline, StartRatio, Rate, Staleness)
+                              Regression, Plateau, Baseline, StartRatio, Rate, Staleness,
+                              Untrained)
 })
 
 

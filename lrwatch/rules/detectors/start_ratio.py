@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Mapping
+from collections import deque
+from typing import Any, ClassVar, Mapping
 
 from ...errors import ConfigError
 from .base import Detector, Param
@@ -30,6 +31,10 @@ class StartRatio(Detector):
         before the fault it is meant to catch.
     above, below:
         Ratio bounds; at least one must be set.
+    window:
+        Compare the median of the last ``window`` values with the start level (1: each value
+        alone). A median over a few steps keeps one lucky or unlucky batch from resetting a
+        rule's ``for`` count.
 
     Notes
     -----
@@ -57,12 +62,13 @@ class StartRatio(Detector):
         "above": Param(float, "fire when x / start is greater", min=0, min_open=True,
                        optional=True),
         "below": Param(float, "fire when x / start is smaller", min=0, optional=True),
+        "window": Param(int, "median of the last N values is compared (1: each value)", min=1),
     }
-    _STATE = ("first", "start", "ratio")
+    _STATE = ("first", "start", "ratio", "buf")
 
     def __init__(self, *, warmup: int = 1, above: float | None = None,
-                 below: float | None = None) -> None:
-        self._set_params(warmup=warmup, above=above, below=below)
+                 below: float | None = None, window: int = 1) -> None:
+        self._set_params(warmup=warmup, above=above, below=below, window=window)
         if above is None and below is None:
             raise ConfigError("start_ratio needs 'above', 'below' or both")
         if above is not None and below is not None and below >= above:
@@ -71,6 +77,7 @@ class StartRatio(Detector):
         self._first: list[float] = []
         self._start: float | None = None
         self._ratio: float | None = None
+        self._buf: deque[float] = deque(maxlen=self.window)
 
     @property
     def start(self) -> float | None:
@@ -91,7 +98,14 @@ class StartRatio(Detector):
                 self._start = _median(sorted(self._first))
                 self._first = []
             return None
+        if self.window > 1:
+            self._buf.append(x)
+            x = _median(sorted(self._buf))
         r = x / self._start
         self._ratio = r
         return (self.above is not None and r > self.above) or (
             self.below is not None and r < self.below)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        # states saved before `window` existed have no buffer: start it empty
+        super().load_state_dict({"buf": [], **state})

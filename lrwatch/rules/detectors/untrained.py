@@ -1,0 +1,104 @@
+"""Not learning: the value sits at (or above) its untrained level and is not coming down."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import ClassVar, Mapping
+
+from .base import Detector, Param
+from .spike import _median
+
+__all__ = ["Untrained"]
+
+_MAD_TO_SD = 1.4826        # MAD -> standard deviation for Gaussian noise
+_MEDIAN_SE = 1.2533        # standard error of a median = 1.2533 sd / sqrt(n)
+
+
+class Untrained(Detector):
+    """Fires when a loss is at ``above`` times its untrained level or higher *and* not falling.
+
+    The untrained level is the median of the first ``warmup`` positive values (the loss of the
+    untrained network). Over the last ``window`` values the detector compares the median of the
+    older half with the median of the newer half. The run is *learning* if the newer half is
+    lower by more than ``z`` standard errors of that difference, the noise measured from the
+    window's own step-to-step differences (median absolute deviation, so one spike does not
+    inflate it). It is anomalous when the newer half's median is at least ``above`` times the
+    untrained level and the run is not learning: a dead network that predicts a constant, a run
+    that never learned after an early blow-up, or one stuck above its untrained loss. A slow
+    start that is coming down, or a transient spike that is recovering, is *learning* and stays
+    quiet.
+
+    Parameters
+    ----------
+    warmup:
+        Values whose median is the untrained level (1: the very first loss).
+    window:
+        Values in the trend window (even, at least 8).
+    above:
+        Level, as a multiple of the untrained level, at or above which a flat loss is anomalous.
+    z:
+        One-sided test: the newer half must be this many standard errors lower to count as
+        learning (3: a false "not learning" on a steadily falling loss about 1 time in 700).
+
+    Notes
+    -----
+    The statistic is the newer half's level over the untrained level. Memory: O(window).
+    Positive finite values only; others get no decision.
+
+    Examples
+    --------
+    >>> det = Untrained(window=10, above=0.9)
+    >>> dead = [2.3] + [2.2 - 0.1 * i for i in range(5)] + [2.3, 2.29, 2.31, 2.3] * 4
+    >>> [i for i, x in enumerate(dead) if det.update(x)][:3]
+    [10, 11, 12]
+    >>> det = Untrained(window=10, above=0.9)
+    >>> slow = [2.3 - 0.01 * i for i in range(30)]              # slow, but learning
+    >>> any(det.update(x) for x in slow)
+    False
+    """
+
+    name: ClassVar[str] = "untrained"
+    PARAMS: ClassVar[Mapping[str, Param]] = {
+        "warmup": Param(int, "first values whose median is the untrained level", min=1),
+        "window": Param(int, "values in the trend window", min=8),
+        "above": Param(float, "level (x untrained) at or above which a flat loss fires",
+                       min=0, min_open=True),
+        "z": Param(float, "standard errors of fall that count as learning", min=0),
+    }
+    _STATE = ("first", "start", "buf", "level")
+
+    def __init__(self, *, warmup: int = 1, window: int = 40, above: float = 0.9,
+                 z: float = 3.0) -> None:
+        self._set_params(warmup=warmup, window=window - window % 2, above=above, z=z)
+        self._first: list[float] = []
+        self._start: float | None = None
+        self._buf: deque[float] = deque(maxlen=self.window)
+        self._level: float | None = None
+
+    @property
+    def statistic(self) -> float | None:
+        """The newer half's median over the untrained level."""
+        return self._level
+
+    def update(self, x: float, t: float | None = None) -> bool | None:
+        if not math.isfinite(x) or x <= 0.0:
+            return None
+        if self._start is None:
+            self._first.append(x)
+            if len(self._first) == self.warmup:
+                self._start = _median(sorted(self._first))
+                self._first = []
+            return None
+        self._buf.append(x)
+        if len(self._buf) < self.window:
+            return None
+        vals = list(self._buf)
+        h = self.window // 2
+        old, new = _median(sorted(vals[:h])), _median(sorted(vals[h:]))
+        self._level = new / self._start
+        diffs = sorted(abs(b - a) for a, b in zip(vals, vals[1:]))
+        sd = _MAD_TO_SD * _median(diffs) / math.sqrt(2.0)
+        se = _MEDIAN_SE * sd * math.sqrt(2.0 / h)
+        learning = old - new > self.z * se
+        return self._level >= self.above and not learning

@@ -28,7 +28,9 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 import torch
 from prometheus_client import CollectorRegistry
 
-from .actions.policy import (CONTROL_ACTIONS, Decision, PolicyState, RecoveryConfig, decide)
+from .actions.best import KEEP_BEST_MODES, BestEval, BestState
+from .actions.policy import (CONTROL_ACTIONS, Decision, PolicyState, RecoveryConfig,
+                             check_action_params, decide)
 from .actions.rollback import scale_learning_rate
 from .actions.snapshot import Snapshot, SnapshotStore, restore_state
 from .distributed import SQ_REP, SQ_SHARD, RankContext, combine_rank_samples, split_by_placement
@@ -40,7 +42,7 @@ from .rules import Engine, RuleSet, load_pack, load_rules
 from .rules.schema import PACKS
 from .samples import Sample
 
-__all__ = ["Watcher", "Listener", "RecoveryConfig"]
+__all__ = ["Watcher", "Listener", "RecoveryConfig", "BestEval"]
 
 log = logging.getLogger("lrwatch")
 
@@ -162,6 +164,16 @@ class Watcher:
         ``"rank0"`` (default): only rank 0 serves ``/metrics``, writes the trace, pushes and
         alerts. ``"all"``: every rank serves on ``port + rank`` with a ``rank`` label and
         writes ``TRACE.rank<r>``.
+    keep_best:
+        Keep the model's state (parameters and buffers) at its best evaluation, for
+        ``{stop: {restore: best}}`` and :meth:`restore_best`. ``True``: ``eval_accuracy``
+        (higher is better) if it is logged, else ``eval_loss`` (lower is better); a metric
+        name watches that metric; ``False`` keeps nothing. Kept in CPU memory, or in
+        ``snapshot_dir/best-eval.pt`` when recovery has a ``snapshot_dir``. It costs one copy
+        per improving evaluation; an evaluation logged as a tensor is judged at the next flush
+        and holds one device copy until then.
+    keep_best_mode:
+        ``"max"``, ``"min"``, or ``"auto"`` (from the metric's name).
     """
 
     def __init__(
@@ -194,6 +206,8 @@ class Watcher:
         step_hooks: bool = True,
         process_group: Any = None,
         export: str = "rank0",
+        keep_best: bool | str = True,
+        keep_best_mode: str = "auto",
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got "
@@ -206,6 +220,9 @@ class Watcher:
             raise ConfigError(f"port must be None or an integer in 0..65535, got {port!r}")
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not isinstance(keep_best, (bool, str)) or keep_best == "":
+            raise ConfigError(f"keep_best must be True (eval_accuracy if logged, else "
+                              f"eval_loss), False, or a metric name, got {keep_best!r}")
 
         self.model = model
         self.optimizer = optimizer
@@ -323,6 +340,9 @@ class Watcher:
             if first is not None:
                 first.extra["engine_state"] = self.engine.state_dict()  # type: ignore[union-attr]
 
+        self.best = self._make_best(keep_best, keep_best_mode, ruleset, recovery)
+        self._stop_restored: BestEval | None = None  # what a stop restored (adapters re-apply)
+
         self._handles = [optimizer.register_step_pre_hook(self._pre_step),
                          optimizer.register_step_post_hook(self._post_step)] if step_hooks else []
         self._scaler_update: Any = None
@@ -334,6 +354,28 @@ class Watcher:
     def metrics_url(self) -> str | None:
         """The ``/metrics`` URL, or ``None`` when no server runs."""
         return self.server.url if self.server else None
+
+    @property
+    def best_eval(self) -> BestEval | None:
+        """The best evaluation whose state is kept (step, metric, value, where), or ``None``.
+
+        An evaluation logged as a tensor counts from the flush that judges it."""
+        return self.best.record if self.best is not None else None
+
+    def restore_best(self) -> BestEval | None:
+        """Load the best evaluated state into the model (parameters and buffers, in place).
+
+        A tensor evaluation still waiting for its flush is judged first (this flushes). Returns
+        what was restored, or ``None`` when no state is kept (the model is left as it is).
+        """
+        if self.best is None:
+            return None
+        if self.best.pending and not self._closed:
+            self.flush()
+        restored = self.best.restore(self.model)
+        if restored is None:
+            log.warning("lrwatch: restore_best(): no best evaluated state is kept")
+        return restored
 
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener(sample)`` for every flushed step sample, in step order."""
@@ -379,7 +421,8 @@ class Watcher:
                 "lr_scale": self._lr_scale, "skip_remaining": self._skip_remaining,
                 "ramp": list(self._ramp),
                 "policy": self.policy.state_dict(),
-                "engine": self.engine.state_dict() if self.engine is not None else None}
+                "engine": self.engine.state_dict() if self.engine is not None else None,
+                "best": self.best.state_dict() if self.best is not None else None}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.step = int(state["step"])
@@ -390,6 +433,8 @@ class Watcher:
         self.policy.load_state_dict(state.get("policy", {}))
         if self.engine is not None and state.get("engine") is not None:
             self.engine.load_state_dict(state["engine"])
+        if self.best is not None and state.get("best"):
+            self.best.load_state_dict(state["best"])
 
     def log(self, *, batch_size: int | None = None, **metrics: torch.Tensor | float | int) -> None:
         """Record this step's metrics (``loss=``, ``accuracy=``, or any other name).
@@ -400,10 +445,13 @@ class Watcher:
         if self._closed:
             return
         row = self._row_for_log()
+        best = self.best.metric_for(metrics) if self.best is not None else None
         for key, value in metrics.items():
             v = self._as_value(key, value)
             if v is not None:
                 row.put(key, v)
+                if key == best:
+                    self._offer_best(row.step, v)
         if batch_size is not None:
             row.host["_batch"] = float(batch_size)
         row.logged = True
@@ -416,9 +464,14 @@ class Watcher:
         if self._open is not None and self._open.stepped:
             self._commit(flush=False)
         rows, self._rows = self._rows, []
+        pending = self.best.pending_values() if self.best is not None else []
         if not rows and not self.dist.active:
+            if pending:
+                self._decide_best(self._materialise([], pending)[1])
             return []
-        samples = self._materialise(rows)
+        samples, best_values = self._materialise(rows, pending)
+        if pending:  # before the rules judge this flush: a stop restores the best known now
+            self._decide_best(best_values)
         self.flushes += 1
         if self.dist.active:
             samples = self._agree(samples)
@@ -643,12 +696,16 @@ class Watcher:
         return float(value)
 
     # --- flush: the one host transfer ----------------------------------------------------------
-    def _materialise(self, rows: Sequence[_Row]) -> list[Sample]:
-        flat = [t for r in rows for t in r.tensors]
+    def _materialise(self, rows: Sequence[_Row], extra: Sequence[torch.Tensor] = ()
+                     ) -> tuple[list[Sample], list[float]]:
+        """The rows as samples, and the host values of ``extra`` device scalars (pending
+        evaluations), all from one transfer."""
+        flat = [t for r in rows for t in r.tensors] + list(extra)
         host_vals: list[float] = []
         if flat:
             # One transfer for the whole flush.
             host_vals = torch.stack([t.to(self._device) for t in flat]).cpu().tolist()
+        extra_vals = host_vals[len(host_vals) - len(extra):] if extra else []
         samples: list[Sample] = []
         pos = 0
         for r in rows:
@@ -673,7 +730,7 @@ class Watcher:
                 values["samples_per_second"] = batch / st
             samples.append(Sample(step=r.step, time=r.time or None, values=values,
                                   lr_groups=lr_groups))
-        return samples
+        return samples, extra_vals
 
     def _emit(self, samples: list[Sample]) -> None:
         self._guard(self.exporter.observe, samples)
@@ -713,7 +770,7 @@ class Watcher:
                 s = replace(s, events=s.events + tuple(_event_record(e) for e in events))
             out.append(s)
         decisions = decide(events_all, out[-1].step if out else self.step, self.policy,
-                           self.recovery)
+                           self.recovery, self._action_params)
         records: list[dict[str, Any]] = []
         for d in decisions:
             if d.action in ("alert", "resolve", "hook"):
@@ -739,6 +796,10 @@ class Watcher:
                     2 * self.step - target.step + self.recovery.good_after)  # type: ignore
             if d.reason:
                 rec["reason"] = d.reason
+            if d.params.get("restore"):
+                rec["restore"] = d.params["restore"]
+                if d.params["restore"] == "best":
+                    rec["message"] = self._best_note()
             records.append(rec)
             self._pending.append((d, target, factor))
             self.exporter.actions.labels(d.action).inc()
@@ -1001,8 +1062,14 @@ class Watcher:
         self.exit_status = d.exit_status or 3
         self.stop_reason = d.reason or f"rule {d.rule} fired at step {d.step}"
         where = ""
+        restore = d.params.get("restore")
+        if restore == "best":
+            where = "; " + self._stop_at_best()
+            # Restored: nothing more to restore. None kept: stop as without the parameter.
+            restore = None if self._stop_restored is None else "none"
         good = self.store.latest_good() if self.store is not None else None
-        if d.exit_status == 4 and good is not None:
+        if good is not None and (restore == "last_good" or (restore is None
+                                                             and d.exit_status == 4)):
             # The run could not be healed: leave it at its last known-good state rather than
             # the diverged one, so the final snapshot is worth resuming from.
             try:
@@ -1023,6 +1090,66 @@ class Watcher:
 
     def _snap_extra(self) -> dict[str, Any]:
         return {"lr_scale": self._lr_scale}
+
+    # --- the best evaluated state ----------------------------------------------------------------
+    def _make_best(self, keep_best: bool | str, mode: str, ruleset: RuleSet | None,
+                   recovery: Any) -> BestState | None:
+        """Validate ``keep_best``/``keep_best_mode`` and the rules' action parameters."""
+        rules = list(ruleset) if ruleset is not None else []
+        check_action_params(rules)
+        self._action_params = {r.name: r.action_params for r in rules if r.action_params}
+        best = None
+        if keep_best is not False:
+            # recovery's snapshot_dir, even with the rules off (self.recovery is None then)
+            directory = (recovery.snapshot_dir if isinstance(recovery, RecoveryConfig) else
+                         recovery.get("snapshot_dir") if isinstance(recovery, Mapping) else None)
+            # Ranks keep their own copy (FSDP shards differ): one file per rank.
+            name = f"best-eval.rank{self.dist.rank}.pt" if self.dist.active else "best-eval.pt"
+            best = BestState(None if keep_best is True else str(keep_best), mode,
+                             directory=directory, filename=name,
+                             on_error=self.exporter.count_error)
+        elif mode not in KEEP_BEST_MODES:
+            raise ConfigError(f"keep_best_mode must be one of {list(KEEP_BEST_MODES)}, "
+                              f"got {mode!r}")
+        wants = [r.name for r in rules if r.action_params.get("stop", {}).get("restore") == "best"]
+        if wants and best is None:
+            raise ConfigError(f"rule(s) {wants} stop with restore: best, which needs the best "
+                              f"evaluated state: pass keep_best=True or a metric name, not False")
+        return best
+
+    def _offer_best(self, step: int, value: torch.Tensor | float) -> None:
+        # The model as it is now is the evaluated one: evaluation runs between steps.
+        assert self.best is not None
+        try:
+            self.best.offer(step, value, self.model.state_dict)
+        except Exception:
+            self.best.discard_pending()
+            self._internal_error("keeping the best evaluated state")
+
+    def _decide_best(self, values: Sequence[float]) -> None:
+        assert self.best is not None
+        try:
+            self.best.decide_at_flush(values)
+        except Exception:
+            self._internal_error("keeping the best evaluated state")
+
+    def _best_note(self) -> str:
+        rec = self.best_eval
+        if rec is None:
+            return "no best evaluated state was kept, so none was restored"
+        return f"restored {rec.describe()}"
+
+    def _stop_at_best(self) -> str:
+        """Put the best evaluated state back before stopping; what was done, for the log."""
+        self._stop_restored = None
+        if self.best is None or self.best.record is None:
+            return self._best_note()
+        try:
+            self._stop_restored = self.best.restore(self.model)
+        except Exception:
+            self._internal_error("restoring the best evaluated state before stopping")
+            return "restoring the best evaluated state failed, so none was restored"
+        return self._best_note()
 
     def _make_sender(self, alerts: Any, alertmanager: str | None) -> Any:
         if alerts is None and alertmanager is None:

@@ -14,13 +14,18 @@ from typing import Any, Iterable, Mapping, Sequence
 from ..errors import ConfigError
 
 __all__ = ["RecoveryConfig", "PolicyState", "Decision", "decide", "CONTROL_ACTIONS",
-           "EXIT_STOPPED", "EXIT_BUDGET"]
+           "EXIT_STOPPED", "EXIT_BUDGET", "STOP_RESTORE", "check_action_params"]
 
 #: Actions that change the training run (as opposed to telling someone).
 CONTROL_ACTIONS = ("rollback", "skip", "reduce_lr", "stop")
 #: ``Watcher.exit_status`` after a ``stop`` action, and after the rollback budget ran out.
 EXIT_STOPPED = 3
 EXIT_BUDGET = 4
+#: Values of a ``stop`` action's ``restore`` parameter (``{stop: {restore: best}}``): the best
+#: evaluated state, the newest known-good snapshot, or nothing (the state the run is in).
+STOP_RESTORE = ("best", "last_good", "none")
+#: Parameters each action takes in a rule file, with their valid values.
+_ACTION_PARAMS: dict[str, dict[str, tuple[str, ...]]] = {"stop": {"restore": STOP_RESTORE}}
 
 
 @dataclass
@@ -155,10 +160,40 @@ class PolicyState:
                 setattr(self, k, d[k])
 
 
+def check_action_params(rules: Iterable[Any]) -> None:
+    """Validate the parameters rules give their actions (``{stop: {restore: best}}``).
+
+    Raises :class:`~lrwatch.errors.ConfigError` naming the rule, where it is defined, and the
+    valid choices.
+
+    >>> from types import SimpleNamespace as R
+    >>> try:
+    ...     check_action_params([R(name="r", source="f.yml:3",
+    ...                            action_params={"stop": {"restore": "bset"}})])
+    ... except ConfigError as exc:
+    ...     print(exc)
+    f.yml:3: rule 'r': stop: restore 'bset' is not valid (valid choices: best, last_good, none)
+    """
+    for r in rules:
+        for action, params in getattr(r, "action_params", {}).items():
+            spec = _ACTION_PARAMS.get(action)
+            if spec is None:
+                continue  # parameters of other actions are not read (yet)
+            where = f"{r.source}: rule {r.name!r}: {action}"
+            for key, value in params.items():
+                if key not in spec:
+                    raise ConfigError(f"{where}: unknown parameter {key!r} "
+                                      f"(valid choices: {', '.join(spec)})")
+                if value not in spec[key]:
+                    raise ConfigError(f"{where}: {key} {value!r} is not valid "
+                                      f"(valid choices: {', '.join(spec[key])})")
+
+
 @dataclass(frozen=True)
 class Decision:
     """One thing to do: ``rollback``, ``skip``, ``reduce_lr``, ``stop``, ``alert``, ``resolve``,
-    ``hook`` (``event`` is the rule event that caused it, when there is one)."""
+    ``hook`` (``event`` is the rule event that caused it, when there is one; ``params`` the
+    parameters the rule gave the action, e.g. ``{"restore": "best"}`` for a ``stop``)."""
 
     action: str
     rule: str
@@ -166,6 +201,7 @@ class Decision:
     reason: str = ""
     exit_status: int = 0
     event: Any = field(default=None, compare=False)
+    params: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
 
 #: Metrics that are settings or timings of the run, not outcomes of training: a warning on them
@@ -183,13 +219,16 @@ def _is_outcome(metric: str | None) -> bool:
 
 
 def decide(events: Sequence[Any], step: int, state: PolicyState,
-           config: RecoveryConfig | None) -> list[Decision]:
+           config: RecoveryConfig | None,
+           action_params: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None
+           ) -> list[Decision]:
     """Turn a flush's rule events into decisions, updating the counters in ``state``.
 
     Notification decisions (``alert``, ``resolve``, ``hook``) come for every event that asks for
     them. At most one training-control decision is made per flush, the strongest asked for:
     ``stop`` > ``rollback`` > ``skip`` > ``reduce_lr``. With ``config=None`` (recovery off) no
-    control decision is made.
+    control decision is made. ``action_params`` maps rule name -> action -> the parameters the
+    rule file gave it; a ``stop`` decision carries its rule's.
 
     >>> from types import SimpleNamespace as E
     >>> st = PolicyState()
@@ -228,8 +267,9 @@ def decide(events: Sequence[Any], step: int, state: PolicyState,
                    and step - state.last_rollback_step < config.cooldown)
     if "stop" in control:
         e = control["stop"]
+        params = (action_params or {}).get(e.rule, {}).get("stop", {})
         out.append(Decision("stop", e.rule, e.step, f"rule {e.rule} asked to stop",
-                            EXIT_STOPPED, event=e))
+                            EXIT_STOPPED, event=e, params=dict(params)))
         return out
     wants_rollback = "rollback" in control or state.held is not None
     if "skip" in control and not wants_rollback:

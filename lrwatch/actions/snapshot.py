@@ -13,6 +13,7 @@ at most ``budget`` (2% by default) of training time.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
@@ -29,7 +30,8 @@ import torch
 
 from ..errors import ConfigError
 
-__all__ = ["Snapshot", "SnapshotStore", "capture_state", "restore_state", "cpu_copy"]
+__all__ = ["Snapshot", "SnapshotStore", "capture_state", "restore_state", "cpu_copy",
+           "save_verified", "load_verified"]
 
 log = logging.getLogger("lrwatch")
 
@@ -45,6 +47,33 @@ def cpu_copy(obj: Any) -> Any:
     if isinstance(obj, tuple):
         return tuple(cpu_copy(v) for v in obj)
     return obj  # ints, floats, strings, None: immutable
+
+
+def save_verified(state: Mapping[str, Any], final: Path) -> str:
+    """Write ``state`` to ``final`` atomically (temporary file, fsync, rename); its sha256.
+
+    A crash mid-write leaves the previous file intact, never a truncated one.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_suffix(final.suffix + ".tmp")
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_verified(path: str | os.PathLike[str], checksum: str | None) -> dict[str, Any]:
+    """Load what :func:`save_verified` wrote: sha256-checked, ``weights_only``, onto the CPU."""
+    data = Path(path).read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != checksum:
+        raise OSError(f"{path} is corrupt: sha256 {digest} != {checksum}")
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -118,13 +147,7 @@ class Snapshot:
         if self.state is not None:
             return self.state
         assert self.path is not None
-        data = Path(self.path).read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != self.checksum:
-            raise OSError(f"snapshot {self.path} is corrupt: sha256 {digest} != {self.checksum}")
-        import io
-
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return load_verified(self.path, self.checksum)
 
 
 class SnapshotStore:
@@ -239,20 +262,8 @@ class SnapshotStore:
 
     def _write(self, snap: Snapshot) -> None:
         assert self.directory is not None and snap.state is not None
-        self.directory.mkdir(parents=True, exist_ok=True)
         final = self.directory / f"snapshot-{snap.step:010d}.pt"
-        tmp = final.with_suffix(".pt.tmp")
-        import io
-
-        buf = io.BytesIO()
-        torch.save(snap.state, buf)
-        data = buf.getvalue()
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-        snap.checksum = hashlib.sha256(data).hexdigest()
+        snap.checksum = save_verified(snap.state, final)
         snap.path = str(final)
         meta = {"step": snap.step, "data_position": snap.data_position,
                 "sha256": snap.checksum, "file": final.name}

@@ -11,7 +11,7 @@ import torch
 from ..errors import ConfigError
 
 __all__ = ["SkipSampler", "wrap_dataloader", "export_kwargs", "eval_name", "scalar",
-           "EXPORT_CHOICES"]
+           "EXPORT_CHOICES", "reapply_best"]
 
 #: Who exports (``/metrics``, trace, alerts, Pushgateway) under a distributed strategy: the
 #: Watcher's own ``export`` values.
@@ -141,6 +141,18 @@ def scalar(value: Any) -> torch.Tensor | float | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     return None
+
+
+def reapply_best(watcher: Any) -> None:
+    """Put the best evaluated state back after the step a framework runs past a stop.
+
+    Both frameworks finish the step in progress after the stop flag is set at the boundary, so
+    a ``{stop: {restore: best}}`` restore is undone by one more optimizer step; call this after
+    that step (before the framework saves or evaluates).
+    """
+    if watcher is not None and watcher.best is not None and watcher._stop_restored is not None:
+        watcher.best.restore(watcher.model)
+        watcher._stop_restored = None
 
 
 def log_completed_step(callback: Any) -> bool:

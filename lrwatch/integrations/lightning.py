@@ -20,7 +20,8 @@ The iteration boundary (rollback, snapshots, stop) is ``on_train_batch_start`` o
 (and ``on_train_end``): by then the scheduler has stepped and validation has run, so a step's
 evaluation results join that step's sample, and a rollback restores module, optimizer, scheduler,
 GradScaler and RNG at the same point of the loop where snapshots are taken. A stop sets
-``trainer.should_stop`` and ends the epoch from that hook before the batch runs.
+``trainer.should_stop``; Lightning still runs that batch (it reads a ``-1`` from the module's hook
+only), so a stop that restores the best evaluated state restores it again after the batch.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ except ImportError:  # pragma: no cover - depends on what is installed
 
 from ..errors import ConfigError
 from ..watch import Watcher
-from ._common import (check_export, eval_name, export_kwargs, log_completed_step, scalar,
-                      wrap_dataloader)
+from ._common import (check_export, eval_name, export_kwargs, log_completed_step,
+                      reapply_best, scalar, wrap_dataloader)
 
 __all__ = ["LrwatchCallback"]
 
@@ -173,6 +174,7 @@ class LrwatchCallback(pl.Callback):
             loss = loss.detach()
             self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
             self._loss_n += 1
+        reapply_best(self.watcher)
         if self._stepped:  # the optimizer stepped in this batch (not mid-accumulation)
             self._stepped = False
             done: dict[str, Any] = {}

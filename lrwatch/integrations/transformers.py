@@ -22,7 +22,8 @@ Where each measurement comes from (all on the device, no per-step host sync):
 
 The iteration boundary (rollback, snapshots, stop) is the next ``on_step_begin`` (and
 ``on_train_end``), after the scheduler step, evaluation and checkpointing of the step before.
-A stop sets ``control.should_training_stop``; the Trainer honours it after the step in progress.
+A stop sets ``control.should_training_stop``; the Trainer honours it after the step in progress
+(a stop that restores the best evaluated state restores it again after that step).
 lrwatch's state is written to ``lrwatch_state.json`` in each checkpoint folder (``on_save``) and
 read back when the Trainer resumes from that checkpoint.
 """
@@ -45,8 +46,8 @@ except ImportError as exc:  # pragma: no cover - depends on what is installed
 
 from ..errors import ConfigError
 from ..watch import Watcher
-from ._common import (check_export, eval_name, export_kwargs, log_completed_step, scalar,
-                      wrap_dataloader)
+from ._common import (check_export, eval_name, export_kwargs, log_completed_step,
+                      reapply_best, scalar, wrap_dataloader)
 
 __all__ = ["LrwatchCallback", "STATE_FILE"]
 
@@ -225,6 +226,7 @@ class LrwatchCallback(TrainerCallback):
         if self._stepped or self._done is None:
             self._done = done
         self._stepped = False
+        reapply_best(self.watcher)  # a stop at on_step_begin: the Trainer still ran this step
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None,
                **kwargs: Any) -> None:

@@ -15,6 +15,12 @@ is *anomalous* if any detector answers ``True``, *normal* if none does and at le
 * ``cooldown``: after a resolution the rule does not fire again for that many steps (or that
   long).
 
+Rules with ``when`` fire on other rules (escalation). They are judged on every sample, after all
+metric rules and after the rules they refer to: anomalous while the condition holds (``firing``:
+the rule is firing; ``all``/``any`` with ``within: k``: every/any named rule was firing on a
+sample at most ``k`` steps back), normal otherwise, through the same ``for``/``hysteresis``/
+``cooldown`` counters. The engine remembers the last step each referenced rule was firing.
+
 Examples
 --------
 >>> from lrwatch.samples import Sample
@@ -43,18 +49,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from types import MappingProxyType
+from typing import Any, Iterable, Mapping, Optional, Protocol, Tuple
 
 from ..errors import ConfigError
 from ..samples import Sample
 from .detectors import Detector
-from .schema import Rule, RuleSet, Span
+from .schema import Rule, RuleSet, Span, when_order
 
 __all__ = ["Engine", "Firing", "STEP_METRIC"]
 
 #: Pseudo-metric that every sample carries: its step number (for ``rate`` and ``staleness``).
 STEP_METRIC = "step"
 _DEFAULT_SUMMARY = "{rule}: {metric} = {value:.4g} at step {step}"
+#: The saved state of a rule that has seen nothing (for 'when' rules added since a state was saved).
+_FRESH: Mapping[str, Any] = MappingProxyType({
+    "pending": 0, "pending_since": None, "clear": 0, "clear_since": None, "resolved_step": None,
+    "resolved_time": None, "detectors": {}, "firing": None})
 _SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
 
 
@@ -121,6 +132,25 @@ class Firing:
         return _SEVERITY_RANK.get(self.severity, 0)
 
 
+def _latest(firings: Iterable[Firing | None]) -> Firing | None:
+    """The firing that started latest (the first of equals), ignoring ``None``."""
+    best: Firing | None = None
+    for f in firings:
+        if f is not None and (best is None or f.step > best.step):
+            best = f
+    return best
+
+
+class _HasStatistic(Protocol):
+    @property
+    def statistic(self) -> float | None: ...
+
+
+#: What triggered an event: the metric, its value, and what reports the statistic (a detector,
+#: or for a 'when' rule its state: the number of samples the condition has held).
+_Hit = Tuple[Optional[str], Optional[float], _HasStatistic]
+
+
 class _Ctx(dict):  # type: ignore[type-arg]
     def __missing__(self, key: str) -> str:
         return ""
@@ -135,10 +165,15 @@ def _met(span: Span, count: int, since: float | None, t: float | None) -> bool:
 
 
 class _RuleState:
-    """Mutable per-rule state: the detectors and the for/hysteresis/cooldown counters."""
+    """Mutable per-rule state: the detectors and the for/hysteresis/cooldown counters.
+
+    For a rule that ``when`` rules refer to (``tracked``), also the last step at which it was
+    firing and that firing event; for a ``when`` rule, the states of the rules it refers to.
+    """
 
     __slots__ = ("rule", "pairs", "absent", "pending", "pending_since", "clear", "clear_since",
-                 "resolved_step", "resolved_time", "firing")
+                 "resolved_step", "resolved_time", "firing", "refs", "tracked", "last_step",
+                 "last_firing")
 
     def __init__(self, rule: Rule) -> None:
         self.rule = rule
@@ -151,14 +186,26 @@ class _RuleState:
         self.resolved_step: int | None = None
         self.resolved_time: float | None = None
         self.firing: Firing | None = None
+        self.refs: tuple[_RuleState, ...] = ()
+        self.tracked = False
+        self.last_step: int | None = None
+        self.last_firing: Firing | None = None
 
     _COUNTERS = ("pending", "pending_since", "clear", "clear_since", "resolved_step",
                  "resolved_time")
+
+    @property
+    def statistic(self) -> float:
+        """For a ``when`` rule's events: the number of samples its condition has held."""
+        return float(self.pending)
 
     def state_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {k: getattr(self, k) for k in self._COUNTERS}
         d["detectors"] = {m: det.state_dict() for m, det in self.pairs}
         d["firing"] = self.firing.to_dict() if self.firing is not None else None
+        if self.tracked:  # only referenced rules: packs without 'when' keep their state as it was
+            d["last_firing_step"] = self.last_step
+            d["last_firing"] = self.last_firing.to_dict() if self.last_firing else None
         return d
 
     def load_state_dict(self, d: Mapping[str, Any]) -> None:
@@ -171,6 +218,10 @@ class _RuleState:
         for k in self._COUNTERS:
             setattr(self, k, d[k])
         self.firing = Firing.from_dict(d["firing"]) if d.get("firing") else None
+        # states saved before 'when' rules existed carry no last firing: never fired
+        step, last = d.get("last_firing_step"), d.get("last_firing")
+        self.last_step = int(step) if step is not None and last else None
+        self.last_firing = Firing.from_dict(last) if step is not None and last else None
 
 
 class Engine:
@@ -184,8 +235,16 @@ class Engine:
 
     Notes
     -----
-    Deterministic: the same samples give the same events, in rule order. The engine holds no
-    global state; build one per run (``lrwatch replay`` builds one per trace).
+    Deterministic: the same samples give the same events: those of the metric rules in rule
+    order, then those of the ``when`` rules in evaluation order (each after the rules it refers
+    to). The engine holds no global state; build one per run (``lrwatch replay`` builds one per
+    trace).
+
+    Raises
+    ------
+    ConfigError
+        Duplicate names, or a ``when`` rule that refers to a rule that is not among the enabled
+        ``rules``, or a cycle of references.
     """
 
     def __init__(self, rules: RuleSet | Iterable[Rule]) -> None:
@@ -197,6 +256,22 @@ class Engine:
         self._absent = [s for s in self._states if s.absent]
         self._last_step: int | None = None
         self._last_time: float | None = None
+        by_name = {s.rule.name: s for s in self._states}
+        # 'when' rules run after the metric rules, each after the rules it refers to; packs
+        # without them keep the plain loop over metric rules (the replay fast path)
+        self._metric = [s for s in self._states if s.rule.when is None]
+        self._when = [by_name[r.name] for r in when_order(self._rules)]
+        for ws in self._when:
+            ws.refs = tuple(by_name[n] for n in ws.rule.references)
+            for ref in ws.refs:
+                ref.tracked = True
+        self._tracked = [s for s in self._metric if s.tracked]
+        # on tick (no sample), judge only the 'when' rules that depend on time-based rules
+        timed = {s.rule.name for s in self._absent}
+        for ws in self._when:  # evaluation order: references are classified first
+            if any(r.rule.name in timed for r in ws.refs):
+                timed.add(ws.rule.name)
+        self._when_timed = [ws for ws in self._when if ws.rule.name in timed]
 
     @property
     def rules(self) -> tuple[Rule, ...]:
@@ -219,9 +294,9 @@ class Engine:
             t = None
         vals = sample.values
         events: list[Firing] = []
-        for rs in self._states:
+        for rs in self._metric:
             verdict: bool | None = None
-            hit: tuple[str, float | None, Detector] | None = None
+            hit: _Hit | None = None
             for metric, det in rs.pairs:
                 x = vals.get(metric)
                 if x is None and metric == STEP_METRIC:
@@ -248,6 +323,8 @@ class Engine:
             if hit is None:
                 hit = self._current(rs, vals, step)
             self._judge(rs, verdict, step, t, hit, events)
+        if self._when:
+            self._judge_when(self._when, step, t, events)
         self._last_step = step
         if t is not None:
             self._last_time = t
@@ -272,11 +349,56 @@ class Engine:
             if verdict is None or (not verdict and rs.pending == 0 and rs.firing is None):
                 continue
             self._judge(rs, verdict, step, now, hit or self._current(rs, {}, step), events)
+        if self._when_timed:
+            self._judge_when(self._when_timed, step, now, events)
         return events
+
+    def _judge_when(self, states: list[_RuleState], step: int, t: float | None,
+                    events: list[Firing]) -> None:
+        """Judge ``when`` rules (in evaluation order) after the metric rules of a sample."""
+        for rs in self._tracked:
+            if rs.firing is not None:
+                rs.last_step, rs.last_firing = step, rs.firing
+        for rs in states:
+            src = self._holds(rs, step)
+            if src is None and rs.pending == 0 and rs.firing is None:
+                continue  # normal and idle: judging would change nothing
+            # the event reports the referenced rule that fired most recently: its metric, value
+            last = src or _latest(r.last_firing for r in rs.refs) or rs.firing
+            hit: _Hit = (last.metric, last.value, rs) if last is not None else (None, None, rs)
+            self._judge(rs, src is not None, step, t, hit, events)
+            if rs.tracked and rs.firing is not None:
+                rs.last_step, rs.last_firing = step, rs.firing
+
+    @staticmethod
+    def _holds(rs: _RuleState, step: int) -> Firing | None:
+        """If ``rs``'s condition holds: the firing of the referenced rule that started latest.
+
+        Without ``within`` the named rules must be firing now; with it, have been firing on a
+        sample whose step is ``>= step - within``. Ties go to the rule listed first.
+        """
+        when = rs.rule.when
+        assert when is not None
+        every = when.mode == "all"
+        ok: list[Firing | None] = []
+        if when.within is None:
+            for r in rs.refs:
+                if r.firing is not None:
+                    ok.append(r.firing)
+                elif every:
+                    return None  # the common case, decided without looking further
+        else:
+            lo = step - when.within
+            for r in rs.refs:
+                if r.last_step is not None and r.last_step >= lo:
+                    ok.append(r.last_firing)
+                elif every:
+                    return None
+        return _latest(ok) if ok else None
 
     @staticmethod
     def _current(rs: _RuleState, vals: Mapping[str, float],
-                 step: int) -> tuple[str, float | None, Detector]:
+                 step: int) -> _Hit:
         for metric, det in rs.pairs:
             x = vals.get(metric)
             if x is not None:
@@ -285,7 +407,7 @@ class Engine:
         return metric, (float(step) if metric == STEP_METRIC else None), det
 
     def _judge(self, rs: _RuleState, verdict: bool, step: int, t: float | None,
-               hit: tuple[str, float | None, Detector], events: list[Firing]) -> None:
+               hit: _Hit, events: list[Firing]) -> None:
         rule = rs.rule
         if verdict:
             rs.clear, rs.clear_since = 0, None
@@ -322,12 +444,13 @@ class Engine:
 
     @staticmethod
     def _event(rule: Rule, kind: str, step: int, t: float | None,
-               hit: tuple[str, float | None, Detector]) -> Firing:
+               hit: _Hit) -> Firing:
         metric, value, det = hit
         stat = det.statistic
-        ctx = _Ctx(rule=rule.name, metric=metric, step=step, time=t, severity=rule.severity,
-                   value=math.nan if value is None else value,
-                   statistic=math.nan if stat is None else stat, detector=rule.detector,
+        ctx = _Ctx(rule=rule.name, metric="" if metric is None else metric, step=step, time=t,
+                   severity=rule.severity, value=math.nan if value is None else value,
+                   statistic=math.nan if stat is None else stat,
+                   detector="when" if rule.when is not None else rule.detector,
                    labels=_Ctx(rule.labels))
         annotations = {}
         for key, template in rule.annotations.items():
@@ -335,7 +458,10 @@ class Engine:
                 annotations[key] = template.format_map(ctx)
             except (ValueError, TypeError, KeyError, IndexError, AttributeError):
                 annotations[key] = template  # validated at load; never fail the run over text
-        message = annotations.get("summary") or _DEFAULT_SUMMARY.format_map(ctx)
+        message = annotations.get("summary")
+        if not message:
+            message = _DEFAULT_SUMMARY.format_map(ctx) if rule.when is None else \
+                f"{rule.name}: {rule.when.describe()} at step {step}"
         if kind == "resolved":
             message = f"resolved: {message}"
         return Firing(rule=rule.name, step=step, time=t, severity=rule.severity,
@@ -343,20 +469,29 @@ class Engine:
                       labels=dict(rule.labels), annotations=annotations, metric=metric)
 
     def state_dict(self) -> dict[str, Any]:
-        """Every detector's state and every rule's counters; JSON-serialisable."""
+        """Every detector's state and every rule's counters; JSON-serialisable.
+
+        For rules that ``when`` rules refer to, also the last step at which each was firing and
+        that firing, so a resumed engine gives exactly the events of an uninterrupted one.
+        """
         return {"version": 1, "last_step": self._last_step, "last_time": self._last_time,
                 "rules": {s.rule.name: s.state_dict() for s in self._states}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the engine must have been built from the same rules."""
+        """Restore :meth:`state_dict`; the engine must have been built from the same rules.
+
+        ``when`` rules missing from ``state`` (saved before they were added: they hold no
+        detector) start fresh; a state saved without last firings counts as never fired.
+        """
         if state.get("version") != 1:
             raise ConfigError(f"unsupported engine state version {state.get('version')!r}")
         saved = state["rules"]
-        names = [s.rule.name for s in self._states]
-        if set(saved) != set(names):
+        names = {s.rule.name for s in self._states}
+        fresh = {s.rule.name for s in self._when} - set(saved)
+        if set(saved) != names - fresh:
             raise ConfigError(f"saved rules {sorted(saved)} do not match the engine's "
                               f"{sorted(names)}")
         for s in self._states:
-            s.load_state_dict(saved[s.rule.name])
+            s.load_state_dict(saved.get(s.rule.name, _FRESH))
         self._last_step = state.get("last_step")
         self._last_time = state.get("last_time")

@@ -17,6 +17,10 @@ A rule file is a mapping with a ``rules`` list (see ``docs/rules.md``)::
         annotations:
           summary: "loss spiked to {value:.3g} at step {step}"
           description: "robust z = {statistic:.1f}"
+      - name: loss_spike_persistent  # a rule on other rules: 'when' instead of metric/detector
+        when: {firing: loss_spike}   # or {all: [a, b], within: 20} or {any: [a, b]}
+        for: 10
+        severity: critical
 
 Validation collects *every* problem, each as ``FILE:LINE: key 'PATH': message (valid choices:
 ...)``, and raises one :class:`~lrwatch.errors.RuleError` carrying them all.
@@ -31,15 +35,16 @@ import string
 from dataclasses import dataclass, field
 from importlib import resources
 from types import MappingProxyType
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import yaml
 
 from ..errors import ConfigError, RuleError
 from .detectors import DETECTORS, Detector
 
-__all__ = ["Rule", "RuleSet", "Span", "load_rules", "load_pack", "parse_rules", "pack_text",
-           "PACKS", "SEVERITIES", "ACTIONS", "TEMPLATE_FIELDS"]
+__all__ = ["Rule", "RuleSet", "Span", "When", "load_rules", "load_pack", "parse_rules",
+           "pack_text", "when_order", "PACKS", "SEVERITIES", "ACTIONS", "TEMPLATE_FIELDS",
+           "WHEN_KEYS", "WHEN_MODES"]
 
 SEVERITIES = ("critical", "warning", "info")
 ACTIONS = ("rollback", "reduce_lr", "skip", "stop", "alert", "hook")
@@ -47,8 +52,11 @@ PACKS = ("training", "serving")
 #: Fields a summary/description template may use, e.g. ``"{metric} = {value:.3g}"``.
 TEMPLATE_FIELDS = ("rule", "metric", "value", "step", "time", "severity", "statistic",
                    "detector", "labels")
-_RULE_KEYS = ("name", "metric", "metrics", "detector", "params", "for", "cooldown", "hysteresis",
-              "severity", "actions", "labels", "annotations", "enabled")
+#: The forms of ``when`` (a rule on other rules) and every key a ``when`` mapping may have.
+WHEN_MODES = ("firing", "all", "any")
+WHEN_KEYS = WHEN_MODES + ("within",)
+_RULE_KEYS = ("name", "metric", "metrics", "detector", "params", "when", "for", "cooldown",
+              "hysteresis", "severity", "actions", "labels", "annotations", "enabled")
 _TOP_KEYS = ("version", "rules")
 _LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]*$")
@@ -68,16 +76,54 @@ class Span:
 
 
 @dataclass(frozen=True)
+class When:
+    """What a rule on other rules watches: the rule file's ``when``.
+
+    ``mode`` is ``firing`` (the one rule in ``rules`` is firing), ``all`` (every rule in
+    ``rules`` has been firing on a sample at most ``within`` steps back) or ``any`` (at least
+    one has); ``within=None`` means firing on the current sample.
+
+    Examples
+    --------
+    >>> When("all", ("lr_anomaly", "loss_rising"), 20).describe()
+    'lr_anomaly and loss_rising within 20 steps'
+    >>> When("firing", ("loss_shift",)).describe()
+    'loss_shift firing'
+    """
+
+    mode: str
+    rules: tuple[str, ...]
+    within: int | None = None
+
+    def __post_init__(self) -> None:
+        least = 2 if self.mode == "all" else 1
+        if self.mode not in WHEN_MODES or len(self.rules) < least or (
+                self.mode == "firing" and (len(self.rules) != 1 or self.within is not None)):
+            raise ConfigError(f"bad when: {self.mode!r} {list(self.rules)} within "
+                              f"{self.within!r} (valid choices: {', '.join(WHEN_MODES)})")
+
+    def describe(self) -> str:
+        """The condition in words, for default event messages."""
+        names = list(self.rules)
+        joined = names[0] if len(names) == 1 else \
+            f"{', '.join(names[:-1])} {'and' if self.mode == 'all' else 'or'} {names[-1]}"
+        if self.within is None:
+            return f"{joined} firing"
+        return f"{joined} within {self.within} step{'s' if self.within != 1 else ''}"
+
+
+@dataclass(frozen=True)
 class Rule:
     """One validated rule (immutable). Build it from a file with :func:`load_rules`.
 
-    ``for_`` is the rule file's ``for`` (a Python keyword). ``source`` says where the rule was
-    defined (``FILE:LINE``).
+    A rule either watches ``metrics`` with a ``detector`` or, with ``when`` set, fires on other
+    rules (then ``metrics`` is empty and ``detector`` is ``""``). ``for_`` is the rule file's
+    ``for`` (a Python keyword). ``source`` says where the rule was defined (``FILE:LINE``).
     """
 
     name: str
-    metrics: tuple[str, ...]
-    detector: str
+    metrics: tuple[str, ...] = ()
+    detector: str = ""
     params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     severity: str = "warning"
     actions: tuple[str, ...] = ()
@@ -90,9 +136,24 @@ class Rule:
         default_factory=lambda: MappingProxyType({}))
     enabled: bool = True
     source: str = ""
+    when: When | None = None
+
+    def __post_init__(self) -> None:
+        if self.when is not None and (self.metrics or self.detector or self.params):
+            raise ConfigError(f"rule {self.name!r}: a 'when' rule takes no metrics, detector or "
+                              f"params")
+        if self.when is None and not (self.metrics and self.detector):
+            raise ConfigError(f"rule {self.name!r}: needs metrics and a detector, or 'when'")
+
+    @property
+    def references(self) -> tuple[str, ...]:
+        """The rules this rule fires on (empty unless ``when`` is set)."""
+        return self.when.rules if self.when is not None else ()
 
     def make_detector(self) -> Detector:
         """A fresh detector instance for one of this rule's metrics."""
+        if self.when is not None:
+            raise ConfigError(f"rule {self.name!r} fires on other rules and has no detector")
         return DETECTORS[self.detector](**self.params)
 
 
@@ -115,6 +176,7 @@ class RuleSet:
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ConfigError(f"duplicate rule names: {', '.join(dup)}")
+        when_order(self.rules)  # unknown references and cycles are errors here too
 
     def __iter__(self) -> Iterator[Rule]:
         return iter(self.rules)
@@ -133,13 +195,78 @@ class RuleSet:
         return tuple(r.name for r in self.rules)
 
     def without(self, *names: str) -> "RuleSet":
-        """This set minus the named rules (unknown names raise ``KeyError``)."""
+        """This set minus the named rules.
+
+        Unknown names raise ``KeyError``; dropping a rule that a remaining ``when`` rule refers
+        to raises :class:`~lrwatch.errors.ConfigError` naming those rules (drop them too).
+        """
         for n in names:
             self[n]
-        return RuleSet(tuple(r for r in self.rules if r.name not in names), self.source)
+        kept = tuple(r for r in self.rules if r.name not in names)
+        users = {n: [r.name for r in kept if n in r.references] for n in names}
+        blocked = [f"{n!r} (used by {', '.join(u)})" for n, u in users.items() if u]
+        if blocked:
+            raise ConfigError(f"cannot drop {', '.join(blocked)}: 'when' rules refer to "
+                              f"{'it' if len(blocked) == 1 else 'them'}; drop those rules too")
+        return RuleSet(kept, self.source)
 
     def __add__(self, other: "RuleSet") -> "RuleSet":
         return RuleSet(self.rules + other.rules, ", ".join(filter(None, (self.source, other.source))))
+
+
+def _walk(graph: Mapping[str, list[str]]) -> tuple[list[str], list[list[str]]]:
+    """Depth-first walk of ``graph`` (node -> the nodes it refers to; others are leaves).
+
+    Returns every node of ``graph`` after the nodes it refers to (the evaluation order, stable:
+    file order where nothing forces another) and each cycle found, as ``[a, b, ..., a]``.
+    """
+    order: list[str] = []
+    cycles: list[list[str]] = []
+    done: set[str] = set()
+    stack: list[str] = []
+
+    def visit(n: str) -> None:
+        stack.append(n)
+        for m in graph[n]:
+            if m not in graph or m in done:
+                continue
+            if m in stack:
+                cycles.append(stack[stack.index(m):] + [m])
+            else:
+                visit(m)
+        stack.pop()
+        done.add(n)
+        order.append(n)
+
+    for n in graph:
+        if n not in done:
+            visit(n)
+    return order, cycles
+
+
+def when_order(rules: Iterable[Rule]) -> tuple[Rule, ...]:
+    """The ``when`` rules of ``rules`` in evaluation order: each after the rules it refers to.
+
+    Raises :class:`~lrwatch.errors.ConfigError` if a ``when`` rule refers to a rule that is not
+    among ``rules`` (or disabled), or if references form a cycle.
+
+    >>> a = Rule("a", ("loss",), "nonfinite")
+    >>> b = Rule("b", when=When("firing", ("c",)))
+    >>> c = Rule("c", when=When("any", ("a",)))
+    >>> [r.name for r in when_order([a, b, c])]
+    ['c', 'b']
+    """
+    by_name = {r.name: r for r in rules}
+    problems = [f"rule {r.name!r} refers to unknown or disabled rule {n!r}"
+                for r in by_name.values() if r.enabled for n in r.references
+                if n not in by_name or not by_name[n].enabled]
+    if problems:
+        raise ConfigError("; ".join(problems) + f" (valid choices: {', '.join(by_name)})")
+    order, cycles = _walk({r.name: list(r.references) for r in by_name.values()
+                           if r.when is not None})
+    if cycles:
+        raise ConfigError("; ".join(f"reference cycle: {' -> '.join(c)}" for c in cycles))
+    return tuple(by_name[n] for n in order)
 
 
 # --------------------------------------------------------------------------- YAML with lines
@@ -254,175 +381,337 @@ def _str_map(node: yaml.Node, ctor: Any, full: str, errs: _Errors,
     return out
 
 
-def _rule(node: yaml.Node, idx: int, ctor: Any, errs: _Errors) -> Rule | None:
+class _Entries:
+    """The keys of one rule mapping, for the per-key checks of :func:`_rule`."""
+
+    def __init__(self, node: yaml.MappingNode, ctor: Any, path: str, errs: _Errors) -> None:
+        self.node, self.ctor, self.path, self.errs = node, ctor, path, errs
+        self.map = {k: (kn, vn) for k, kn, vn in _items(node, ctor, path, errs)}
+
+    def val(self, key: str) -> tuple[Any, yaml.Node | None]:
+        """The plain value and the value node of ``key``, or ``(None, None)`` if absent."""
+        if key not in self.map:
+            return None, None
+        vnode = self.map[key][1]
+        return _plain(vnode, self.ctor), vnode
+
+
+@dataclass
+class _Refs:
+    """What the rules of one file are called and refer to, for the checks across rules."""
+
+    names: dict[str, int] = field(default_factory=dict)      # name -> index of its first rule
+    enabled: dict[int, bool] = field(default_factory=dict)   # rule index -> enabled
+    whens: dict[int, tuple[str | None, str, yaml.Node]] = field(default_factory=dict)
+    refs: list[tuple[int, str, str, yaml.Node]] = field(default_factory=list)  # idx, key, target
+
+
+def _rule(node: yaml.Node, idx: int, ctor: Any, errs: _Errors, refs: _Refs) -> Rule | None:
     path = f"rules[{idx}]"
     if not isinstance(node, yaml.MappingNode):
         errs.add(node, path, "each rule must be a mapping with 'name', 'metric', 'detector', ...")
         return None
     n_before = len(errs.items)
-    entries = {k: (kn, vn) for k, kn, vn in _items(node, ctor, path, errs)}
-    for key, (knode, _) in entries.items():
+    e = _Entries(node, ctor, path, errs)
+    for key, (knode, _) in e.map.items():
         if key not in _RULE_KEYS:
             _unknown(errs, knode, f"{path}.{key}", key, _RULE_KEYS)
-
-    def val(key: str) -> tuple[Any, yaml.Node | None]:
-        if key not in entries:
-            return None, None
-        vnode = entries[key][1]
-        return _plain(vnode, ctor), vnode
-
-    name, nnode = val("name")
-    if nnode is None:
-        errs.add(node, f"{path}.name", "missing required key")
-    elif not isinstance(name, str) or not _NAME_RE.match(name):
-        errs.add(nnode, f"{path}.name", f"expected a name of letters, digits and _ . : -, "
-                                        f"got {name!r}")
-        name = None
-
+    name = _rule_name(e)
+    if name is not None:
+        refs.names.setdefault(name, idx)
     metrics: tuple[str, ...] = ()
-    m1, m1node = val("metric")
-    ms, msnode = val("metrics")
+    cls: type[Detector] | None = None
+    params: dict[str, Any] = {}
+    when: When | None = None
+    if "when" in e.map:
+        when = _rule_when(e, idx, name, refs)
+    else:
+        metrics = _rule_metrics(e)
+        cls, params = _rule_detector(e)
+    spans = _rule_spans(e)
+    sev, snode = e.val("severity")
+    if snode is None:
+        errs.add(node, f"{path}.severity", "missing required key", SEVERITIES)
+    elif sev not in SEVERITIES:
+        errs.add(snode, f"{path}.severity", f"{sev!r} is not a severity", SEVERITIES)
+    actions, action_params = _rule_actions(e)
+    labels: dict[str, str] = {}
+    _, lnode = e.val("labels")
+    if lnode is not None:
+        labels = _str_map(lnode, ctor, f"{path}.labels", errs, label_names=True)
+    annotations: dict[str, str] = {}
+    _, annode = e.val("annotations")
+    if annode is not None:
+        annotations = _str_map(annode, ctor, f"{path}.annotations", errs, template=True)
+    enabled = refs.enabled[idx] = _rule_enabled(e)
+    if len(errs.items) > n_before or name is None:
+        return None
+    return Rule(
+        name=name, metrics=metrics, detector=cls.name if cls else "", severity=sev,
+        params=MappingProxyType(params), actions=actions, for_=spans["for"],
+        cooldown=spans["cooldown"], hysteresis=spans["hysteresis"],
+        labels=MappingProxyType(labels), annotations=MappingProxyType(annotations),
+        action_params=MappingProxyType(action_params), when=when, enabled=enabled,
+        source=f"{errs.source}:{node.start_mark.line + 1}",
+    )
+
+
+def _rule_name(e: _Entries) -> str | None:
+    name, nnode = e.val("name")
+    if nnode is None:
+        e.errs.add(e.node, f"{e.path}.name", "missing required key")
+    elif not isinstance(name, str) or not _NAME_RE.match(name):
+        e.errs.add(nnode, f"{e.path}.name", f"expected a name of letters, digits and _ . : -, "
+                                            f"got {name!r}")
+    else:
+        return name
+    return None
+
+
+def _rule_metrics(e: _Entries) -> tuple[str, ...]:
+    path, errs = e.path, e.errs
+    m1, m1node = e.val("metric")
+    ms, msnode = e.val("metrics")
     if m1node is not None and msnode is not None:
         errs.add(msnode, f"{path}.metrics", "give either 'metric' or 'metrics', not both")
     elif m1node is None and msnode is None:
-        errs.add(node, f"{path}.metric", "missing required key (the metric the rule watches, "
-                                         "or 'metrics' with a list)")
+        errs.add(e.node, f"{path}.metric", "missing required key (the metric the rule watches, "
+                                           "or 'metrics' with a list)")
     elif m1node is not None:
         if isinstance(m1, str) and m1:
-            metrics = (m1,)
-        else:
-            errs.add(m1node, f"{path}.metric", f"expected a metric name, got {m1!r}")
+            return (m1,)
+        errs.add(m1node, f"{path}.metric", f"expected a metric name, got {m1!r}")
     else:
         if isinstance(ms, str):
             ms = [ms]
         if isinstance(ms, list) and ms and all(isinstance(m, str) and m for m in ms):
-            metrics = tuple(dict.fromkeys(ms))
-        else:
-            errs.add(msnode, f"{path}.metrics", f"expected a non-empty list of metric names, "
-                                                f"got {ms!r}")
+            return tuple(dict.fromkeys(ms))
+        errs.add(msnode, f"{path}.metrics", f"expected a non-empty list of metric names, "
+                                            f"got {ms!r}")
+    return ()
 
-    det, dnode = val("detector")
+
+def _rule_detector(e: _Entries) -> tuple[type[Detector] | None, dict[str, Any]]:
+    """The detector class and its checked parameters (``None`` and ``{}`` on errors)."""
+    path, errs = e.path, e.errs
+    det, dnode = e.val("detector")
     cls: type[Detector] | None = None
     if dnode is None:
-        errs.add(node, f"{path}.detector", "missing required key", tuple(DETECTORS))
+        errs.add(e.node, f"{path}.detector", "missing required key", tuple(DETECTORS))
     elif not isinstance(det, str) or det not in DETECTORS:
         near = difflib.get_close_matches(str(det), DETECTORS, n=1)
         hint = f"; did you mean {near[0]!r}?" if near else ""
         errs.add(dnode, f"{path}.detector", f"unknown detector {det!r}{hint}", tuple(DETECTORS))
     else:
         cls = DETECTORS[det]
-
     params: dict[str, Any] = {}
-    _, pnode = val("params")
+    _, pnode = e.val("params")
     if pnode is not None and not (isinstance(pnode, yaml.ScalarNode) and pnode.tag.endswith(":null")):
         if not isinstance(pnode, yaml.MappingNode):
             errs.add(pnode, f"{path}.params", "expected a mapping of parameter names to values")
         elif cls is not None:
-            ok = True
-            for key, knode, vnode in _items(pnode, ctor, f"{path}.params", errs):
-                full = f"{path}.params.{key}"
-                if key not in cls.PARAMS:
-                    ok = False
-                    near = difflib.get_close_matches(key, cls.PARAMS, n=1)
-                    hint = f"; did you mean {near[0]!r}?" if near else ""
-                    errs.add(knode, full, f"unknown parameter of detector {cls.name!r}{hint}",
-                             tuple(cls.PARAMS) or ("none",))
-                    continue
-                v = _plain(vnode, ctor)
-                try:
-                    params[key] = cls.PARAMS[key].check(key, v)
-                except ConfigError as exc:
-                    ok = False
-                    msg = str(exc)
-                    choices = cls.PARAMS[key].choices
-                    if choices is not None:  # the message already lists them; keep one format
-                        msg = msg.split(" (valid choices")[0]
-                    errs.add(vnode, full, msg, choices)
-            if ok:
-                try:
-                    cls(**params)  # cross-parameter checks live in the detector
-                except ConfigError as exc:
-                    errs.add(pnode, f"{path}.params", str(exc))
+            params = _detector_params(cls, pnode, e)
     elif cls is not None:
         try:
             cls()
         except ConfigError as exc:
             errs.add(dnode, f"{path}.params", f"{exc}; add a 'params' mapping")
+    return cls, params
 
+
+def _detector_params(cls: type[Detector], pnode: yaml.MappingNode, e: _Entries) -> dict[str, Any]:
+    path, errs = f"{e.path}.params", e.errs
+    params: dict[str, Any] = {}
+    ok = True
+    for key, knode, vnode in _items(pnode, e.ctor, path, errs):
+        full = f"{path}.{key}"
+        if key not in cls.PARAMS:
+            ok = False
+            near = difflib.get_close_matches(key, cls.PARAMS, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            errs.add(knode, full, f"unknown parameter of detector {cls.name!r}{hint}",
+                     tuple(cls.PARAMS) or ("none",))
+            continue
+        v = _plain(vnode, e.ctor)
+        try:
+            params[key] = cls.PARAMS[key].check(key, v)
+        except ConfigError as exc:
+            ok = False
+            msg = str(exc)
+            choices = cls.PARAMS[key].choices
+            if choices is not None:  # the message already lists them; keep one format
+                msg = msg.split(" (valid choices")[0]
+            errs.add(vnode, full, msg, choices)
+    if ok:
+        try:
+            cls(**params)  # cross-parameter checks live in the detector
+        except ConfigError as exc:
+            errs.add(pnode, path, str(exc))
+    return params
+
+
+def _rule_when(e: _Entries, idx: int, name: str | None, refs: _Refs) -> When | None:
+    """The ``when`` of a rule on other rules; references are checked later, across rules."""
+    path, errs = f"{e.path}.when", e.errs
+    wnode = e.map["when"][1]
+    for key in ("metric", "metrics", "detector", "params"):
+        if key in e.map:
+            errs.add(e.map[key][0], f"{e.path}.{key}", "a rule with 'when' fires on other rules "
+                     "and takes no metric, detector or params; give one or the other")
+    refs.whens[idx] = (name, path, wnode)
+    if not isinstance(wnode, yaml.MappingNode):
+        errs.add(wnode, path, "expected a mapping with one of 'firing', 'all', 'any', e.g. "
+                              "{firing: loss_shift} or {all: [a, b], within: 20}", WHEN_KEYS)
+        return None
+    items = {k: (kn, vn) for k, kn, vn in _items(wnode, e.ctor, path, errs)}
+    for key, (knode, _) in items.items():
+        if key not in WHEN_KEYS:
+            _unknown(errs, knode, f"{path}.{key}", key, WHEN_KEYS)
+    modes = [k for k in WHEN_MODES if k in items]
+    if not modes:
+        errs.add(wnode, path, "missing one of 'firing', 'all', 'any'", WHEN_MODES)
+        return None
+    if len(modes) > 1:
+        errs.add(items[modes[1]][0], f"{path}.{modes[1]}",
+                 f"give exactly one of 'firing', 'all', 'any', not both {modes[0]!r} and "
+                 f"{modes[1]!r}")
+        return None
+    mode = modes[0]
+    names = _when_names(mode, items[mode][1], f"{path}.{mode}", idx, e, refs)
+    within: int | None = None
+    if "within" in items:
+        knode, vnode = items["within"]
+        v = _plain(vnode, e.ctor)
+        if mode == "firing":
+            errs.add(knode, f"{path}.within", "'within' applies to 'all' and 'any' only ('firing' "
+                                              "means firing now; use the rule's 'for' to ask "
+                                              "for persistence)")
+        elif isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            errs.add(vnode, f"{path}.within", f"expected a number of steps >= 0, got {v!r}")
+        else:
+            within = v
+    return When(mode, names, within) if names else None
+
+
+def _when_names(mode: str, vnode: yaml.Node, path: str, idx: int, e: _Entries,
+                refs: _Refs) -> tuple[str, ...]:
+    """The rule names of ``firing``/``all``/``any`` (empty on errors), recorded in ``refs``."""
+    if mode == "firing":
+        v = _plain(vnode, e.ctor)
+        if not (isinstance(v, str) and _NAME_RE.match(v)):
+            e.errs.add(vnode, path, f"expected the name of a rule, got {v!r}")
+            return ()
+        refs.refs.append((idx, path, v, vnode))
+        return (v,)
+    least = 2 if mode == "all" else 1
+    if not isinstance(vnode, yaml.SequenceNode) or len(vnode.value) < least:
+        hint = " ('firing' watches one rule)" if mode == "all" else ""
+        e.errs.add(vnode, path, f"expected a list of at least {least} rule name"
+                                f"{'s' if least > 1 else ''}{hint}, got {_plain(vnode, e.ctor)!r}")
+        return ()
+    out: list[str] = []
+    n_before = len(e.errs.items)
+    for j, item in enumerate(vnode.value):
+        v = _plain(item, e.ctor)
+        full = f"{path}[{j}]"
+        if not (isinstance(v, str) and _NAME_RE.match(v)):
+            e.errs.add(item, full, f"expected the name of a rule, got {v!r}")
+        elif v in out:
+            e.errs.add(item, full, f"rule {v!r} listed twice")
+        else:
+            out.append(v)
+            refs.refs.append((idx, full, v, item))
+    return tuple(out) if len(e.errs.items) == n_before else ()
+
+
+def _rule_spans(e: _Entries) -> dict[str, Span]:
     spans: dict[str, Span] = {}
     for key, allow_zero, default in (("for", False, Span()), ("cooldown", True, Span(count=0)),
                                      ("hysteresis", False, Span())):
-        v, vnode = val(key)
+        v, vnode = e.val(key)
         if vnode is None:
             spans[key] = default
         else:
-            s = _span(v, vnode, f"{path}.{key}", errs, allow_zero=allow_zero)
+            s = _span(v, vnode, f"{e.path}.{key}", e.errs, allow_zero=allow_zero)
             spans[key] = s or default
+    return spans
 
-    sev, snode = val("severity")
-    if snode is None:
-        errs.add(node, f"{path}.severity", "missing required key", SEVERITIES)
-    elif sev not in SEVERITIES:
-        errs.add(snode, f"{path}.severity", f"{sev!r} is not a severity", SEVERITIES)
 
+def _rule_actions(e: _Entries) -> tuple[tuple[str, ...], dict[str, Mapping[str, Any]]]:
     actions: list[str] = []
     action_params: dict[str, Mapping[str, Any]] = {}
-    _, anode = val("actions")
-    if anode is not None:
-        if isinstance(anode, yaml.ScalarNode) and not anode.tag.endswith(":null"):
-            anode_items: list[yaml.Node] = [anode]
-        elif isinstance(anode, yaml.SequenceNode):
-            anode_items = list(anode.value)
-        elif isinstance(anode, yaml.ScalarNode):
-            anode_items = []
+    _, anode = e.val("actions")
+    if anode is None:
+        return (), action_params
+    if isinstance(anode, yaml.ScalarNode) and not anode.tag.endswith(":null"):
+        anode_items: list[yaml.Node] = [anode]
+    elif isinstance(anode, yaml.SequenceNode):
+        anode_items = list(anode.value)
+    elif isinstance(anode, yaml.ScalarNode):
+        anode_items = []
+    else:
+        e.errs.add(anode, f"{e.path}.actions", "expected a list of actions", ACTIONS)
+        anode_items = []
+    for j, item in enumerate(anode_items):
+        full = f"{e.path}.actions[{j}]"
+        if isinstance(item, yaml.MappingNode) and len(item.value) == 1:
+            aname = _plain(item.value[0][0], e.ctor)
+            aparams = _plain(item.value[0][1], e.ctor)
+            if not isinstance(aparams, dict):
+                e.errs.add(item, full, f"parameters of action {aname!r} must be a mapping")
+                continue
         else:
-            errs.add(anode, f"{path}.actions", "expected a list of actions", ACTIONS)
-            anode_items = []
-        for j, item in enumerate(anode_items):
-            full = f"{path}.actions[{j}]"
-            if isinstance(item, yaml.MappingNode) and len(item.value) == 1:
-                aname = _plain(item.value[0][0], ctor)
-                aparams = _plain(item.value[0][1], ctor)
-                if not isinstance(aparams, dict):
-                    errs.add(item, full, f"parameters of action {aname!r} must be a mapping")
-                    continue
-            else:
-                aname, aparams = _plain(item, ctor), None
-            if aname not in ACTIONS:
-                errs.add(item, full, f"unknown action {aname!r}", ACTIONS)
-            elif aname in actions:
-                errs.add(item, full, f"action {aname!r} listed twice")
-            else:
-                actions.append(aname)
-                if aparams:
-                    action_params[aname] = MappingProxyType(dict(aparams))
+            aname, aparams = _plain(item, e.ctor), None
+        if aname not in ACTIONS:
+            e.errs.add(item, full, f"unknown action {aname!r}", ACTIONS)
+        elif aname in actions:
+            e.errs.add(item, full, f"action {aname!r} listed twice")
+        else:
+            actions.append(aname)
+            if aparams:
+                action_params[aname] = MappingProxyType(dict(aparams))
+    return tuple(actions), action_params
 
-    labels: dict[str, str] = {}
-    _, lnode = val("labels")
-    if lnode is not None:
-        labels = _str_map(lnode, ctor, f"{path}.labels", errs, label_names=True)
-    annotations: dict[str, str] = {}
-    _, annode = val("annotations")
-    if annode is not None:
-        annotations = _str_map(annode, ctor, f"{path}.annotations", errs, template=True)
 
-    enabled, enode = val("enabled")
+def _rule_enabled(e: _Entries) -> bool:
+    enabled, enode = e.val("enabled")
     if enode is None:
-        enabled = True
-    elif not isinstance(enabled, bool):
-        errs.add(enode, f"{path}.enabled", f"expected true or false, got {enabled!r}")
-        enabled = True
+        return True
+    if not isinstance(enabled, bool):
+        e.errs.add(enode, f"{e.path}.enabled", f"expected true or false, got {enabled!r}")
+        return True
+    return enabled
 
-    if len(errs.items) > n_before or name is None:
-        return None
-    return Rule(
-        name=name, metrics=metrics, detector=cls.name if cls else "", severity=sev,
-        params=MappingProxyType(params), actions=tuple(actions), for_=spans["for"],
-        cooldown=spans["cooldown"], hysteresis=spans["hysteresis"],
-        labels=MappingProxyType(labels), annotations=MappingProxyType(annotations),
-        action_params=MappingProxyType(action_params), enabled=enabled,
-        source=f"{errs.source}:{node.start_mark.line + 1}",
-    )
+
+def _check_refs(refs: _Refs, errs: _Errors) -> None:
+    """Errors for references to unknown, disabled or the same rule, and for reference cycles."""
+    graph: dict[str, list[str]] = {}
+    at: dict[str, int] = {}  # a 'when' rule's name -> its index, to place cycle errors
+    for idx, path, target, node in refs.refs:
+        owner = refs.whens[idx][0]
+        on = refs.enabled.get(idx, True)
+        if target == owner:
+            errs.add(node, path, f"rule {owner!r} refers to itself; a 'when' rule watches other "
+                                 f"rules")
+            continue
+        if target not in refs.names:
+            choices = [n for n, i in refs.names.items()
+                       if n != owner and (refs.enabled.get(i, True) or not on)]
+            near = difflib.get_close_matches(target, choices, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            errs.add(node, path, f"unknown rule {target!r}{hint}", choices or ("none",))
+            continue
+        if on and not refs.enabled.get(refs.names[target], True):
+            errs.add(node, path, f"rule {target!r} is disabled (enabled: false); enable it or "
+                                 f"remove the reference")
+            continue
+        if owner is not None:
+            graph.setdefault(owner, []).append(target)
+            at.setdefault(owner, idx)
+    for cycle in _walk(graph)[1]:
+        _, path, node = refs.whens[at[cycle[0]]]
+        errs.add(node, path, f"reference cycle: {' -> '.join(cycle)}; a rule cannot depend on "
+                             f"itself, directly or through other rules")
 
 
 def parse_rules(text: str, source: str = "<string>") -> RuleSet:
@@ -495,8 +784,9 @@ def _validate(root: yaml.Node | None, ctor: Any, errs: _Errors, rules: list[Rule
                 errs.add(rnode, "rules", "expected a list of rules")
             else:
                 names: dict[str, int] = {}
+                refs = _Refs()
                 for i, item in enumerate(rnode.value):
-                    r = _rule(item, i, ctor, errs)
+                    r = _rule(item, i, ctor, errs, refs)
                     if r is None:
                         continue
                     if r.name in names:
@@ -505,6 +795,7 @@ def _validate(root: yaml.Node | None, ctor: Any, errs: _Errors, rules: list[Rule
                         continue
                     names[r.name] = i
                     rules.append(r)
+                _check_refs(refs, errs)
 
 
 def load_rules(path: str | os.PathLike[str]) -> RuleSet:

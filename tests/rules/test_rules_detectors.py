@@ -12,7 +12,8 @@ import pytest
 from lrwatch.errors import ConfigError
 from lrwatch.rules.detectors import (DETECTORS, Baseline, Cusum, EmaRatio, NonFinite,
                                      PageHinkley, Plateau, Rate, Regression, Spike, Staleness,
-                                     StartRatio, Threshold, Trend, make_detector)
+                                     StartRatio, Threshold, Trend, Untrained,
+                                     make_detector)
 from lrwatch.rules.detectors.spike import _mad, _median
 from lrwatch.rules.detectors.trend import t_quantile
 
@@ -227,6 +228,35 @@ def test_rate_golden():
     assert det.statistic == 3.0  # counter reset: the new value is the increase
 
 
+def test_start_ratio_window_uses_the_median():
+    det = StartRatio(above=2.0, window=3)
+    # no decision until the window is full; one batch above 2x does not count, two of the
+    # last three do
+    assert [det.update(x) for x in (1.0, 2.5, 0.9, 0.9, 2.5, 2.6)] == [
+        None, None, None, False, False, True]
+
+
+def test_untrained_golden():
+    # a dead network: flat at the untrained level after a few steps of progress
+    det = Untrained(window=10, above=0.9)
+    dead = [2.3, 2.0, 1.8, 2.3, 2.31, 2.29, 2.3, 2.3, 2.31, 2.29, 2.3, 2.3, 2.29]
+    assert [det.update(x) for x in dead][10:] == [True, True, True]
+    assert det.statistic == pytest.approx(2.3 / 2.3, rel=0.01)
+    # stuck above the untrained level and noisy: fires; a steep recovery from a transient does
+    # not, although it is far above the untrained level
+    stuck = Untrained(window=10, above=0.9)
+    assert stuck.update(2.3) is None
+    assert any(stuck.update(x) for x in [5.0, 6.1, 4.8, 5.5, 6.0, 5.2, 4.9, 5.8, 5.1, 5.6])
+    rec = Untrained(window=10, above=0.9)
+    rec.update(2.3)
+    assert not any(rec.update(x) for x in [20.0 * 0.8 ** i for i in range(10)])
+    # below the level: never fires, however flat
+    low = Untrained(window=10, above=0.9)
+    low.update(2.3)
+    assert not any(low.update(1.0) for _ in range(30))
+    assert Untrained().update(float("nan")) is None
+
+
 def test_staleness_golden():
     assert Staleness(seconds=10.0).check(100.0) is None  # never seen: nothing to judge
     det = Staleness(seconds=10.0, samples=3)
@@ -251,13 +281,15 @@ FACTORIES = {
     "plateau": lambda: Plateau(patience=5),
     "baseline": lambda: Baseline(warmup=3, arm=0.9, level=0.95, smooth=0.5),
     "start_ratio": lambda: StartRatio(warmup=2, above=5.0, below=0.1),
+    "start_ratio_window": lambda: StartRatio(warmup=1, above=2.0, window=5),
+    "untrained": lambda: Untrained(window=10, above=0.5),
     "rate": lambda: Rate(above=1.0, below=0.1),
     "staleness": lambda: Staleness(seconds=2.5, samples=3),
 }
 
 
 def test_factories_cover_every_detector():
-    assert set(FACTORIES) == set(DETECTORS)
+    assert {k.split('_window')[0] for k in FACTORIES} == set(DETECTORS)
 
 
 def _stream(seed):

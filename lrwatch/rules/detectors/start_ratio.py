@@ -100,6 +100,8 @@ class StartRatio(Detector):
             return None
         if self.window > 1:
             self._buf.append(x)
+            if len(self._buf) < self.window:
+                return None
             x = _median(sorted(self._buf))
         r = x / self._start
         self._ratio = r

@@ -1,0 +1,124 @@
+"""Interface checks of the detection benchmark's model/task families (benchmarks/families.py).
+
+Per task: data loads, a model builds deterministically, one forward/backward works, loss and
+accuracy have the right shapes, corrupt() and subset() keep their contracts. No training.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import families as fam  # noqa: E402
+
+TASK_NAMES = sorted(fam.TASKS)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _rows(y: torch.Tensor) -> list:
+    """The rows of ``y`` as a sorted list (a multiset)."""
+    return sorted(tuple(r) if isinstance(r, list) else (r,) for r in y.tolist())
+
+
+def test_suite_shape() -> None:
+    assert fam.FAMILIES == ("mlp_clf", "cnn", "rnn_lm", "transformer_lm", "regression",
+                            "autoencoder")
+    assert len(fam.TASKS) == 12
+    for f in fam.FAMILIES:
+        assert sum(t.family == f for t in fam.TASKS.values()) == 2
+    for name, t in fam.TASKS.items():
+        assert t.name == name and t.steps == 300 and t.batch > 0
+        assert set(t.base_lr) == set(fam.OPTIMIZERS)
+        assert all(0 < v < 10 for v in t.base_lr.values())
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_task_interface(name: str) -> None:
+    task = fam.TASKS[name]
+    data = task.load(0)
+    lm = task.family in ("rnn_lm", "transformer_lm")
+    clf = task.family in ("mlp_clf", "cnn") or lm
+    assert data.n_train > 0
+    assert (data.n_classes >= 2) if clf else (data.n_classes == 0)
+
+    # determinism: same seed -> same split and init
+    again = task.load(0)
+    xe, ye = data.eval_set()
+    assert 0 < len(xe) <= 2048 and len(xe) == len(ye)
+    assert torch.equal(xe, again.eval_set()[0]) and torch.equal(ye, again.eval_set()[1])
+    if not lm:
+        assert not torch.equal(xe, task.load(1).eval_set()[0])
+    torch.manual_seed(0)
+    model = task.build(data)
+    torch.manual_seed(0)
+    twin = task.build(again)
+    for (k, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items()):
+        assert torch.equal(a, b), k
+
+    # one forward/backward
+    idx = torch.arange(8)
+    xb, yb = data.batch(idx)
+    assert len(xb) == len(yb) == 8
+    out = model(xb)
+    loss = task.loss(out, yb)
+    assert loss.shape == () and math.isfinite(float(loss.detach()))
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    acc = task.accuracy(out, yb)
+    if clf:
+        assert acc is not None and acc.shape == () and 0.0 <= float(acc) <= 1.0
+        assert int(yb.max()) < data.n_classes
+    else:
+        assert acc is None
+    if lm:
+        assert xb.shape == yb.shape and out.shape == (*yb.shape, data.n_classes)
+    with torch.no_grad():
+        model.eval()
+        eo = model(xe)
+        assert task.loss(eo, ye).shape == ()
+
+    # corrupt(): shuffle keeps the batch's multiset and leaves unmasked rows alone
+    xb, yb = data.batch(torch.arange(16))
+    mask = torch.zeros(16, dtype=torch.bool)
+    mask[::2] = True
+    g = torch.Generator().manual_seed(0)
+    ys = data.corrupt(yb, mask, g, "shuffle")
+    assert ys.shape == yb.shape and ys.dtype == yb.dtype
+    assert _rows(ys) == _rows(yb)
+    assert torch.equal(ys[~mask], yb[~mask])
+    ys_all = data.corrupt(yb, torch.ones(16, dtype=torch.bool), g, "shuffle")
+    assert _rows(ys_all) == _rows(yb)
+    # systematic: every masked row changes, no unmasked one
+    before = yb.clone()
+    yc = data.corrupt(yb, mask, g, "systematic")
+    assert torch.equal(yb, before)                      # a copy, input untouched
+    changed = (yc != yb).reshape(16, -1).any(1)
+    assert torch.equal(changed, mask)
+    if clf:
+        assert torch.equal(yc[mask], (yb[mask] + 1) % data.n_classes)
+    else:
+        assert torch.equal(yc[mask], -yb[mask])
+    assert torch.equal(data.corrupt(yb, torch.zeros(16, dtype=torch.bool), g, "systematic"), yb)
+
+    # subset(): two non-empty, disjoint, proper halves covering the training set
+    s0, s1 = data.subset(0), data.subset(1)
+    assert 0 < len(s0) < data.n_train and 0 < len(s1) < data.n_train
+    assert len(s0) + len(s1) == data.n_train
+    assert len(set(s0.tolist()) & set(s1.tolist())) == 0
+    x0, y0 = data.batch(s0[:32])
+    if task.family in ("mlp_clf", "cnn"):
+        assert int(y0.max()) < max(1, data.n_classes // 2)

@@ -1,31 +1,32 @@
-"""Detection-quality benchmark: lrwatch's default training pack against seven anchors.
+"""Detection-quality benchmark: the default training pack, scored leave-one-family-out.
 
-Records a labelled suite of real training runs (``benchmarks/detection_runs.py``: several
-models, optimizers, schedules and learning rates, some of which really reach ``nan``/``inf``,
-plus faults injected by real interventions into healthy runs), replays every trace through each
-detector, and scores:
+Records a labelled suite of real training runs of six model/task families
+(``benchmarks/families.py``: MLP classifiers, CNNs, recurrent and transformer character LMs, MSE
+regression, autoencoders; ``benchmarks/family_runs.py`` records, injects and labels), replays
+every trace through lrwatch's rules and through re-implementations of seven well-known monitors,
+and scores them on the same scenarios:
 
-* **caught** -- share of faults (natural divergences and injected faults) with an alarm within the
-  deadline after the onset;
-* **warned before non-finite** -- among faults whose run reaches a non-finite value, share with an
-  alarm after the onset and strictly before the first non-finite step;
-* **median delay** -- steps from onset to the first alarm, over caught faults;
+* **caught** -- share of faults (natural divergences and injected faults) with an alarm within
+  the fault's deadline after the onset;
+* **warned before non-finite** -- among faults whose run reaches a non-finite value, share with
+  an alarm after the onset and strictly before the first non-finite step;
+* **median delay** -- steps from onset to the first alarm, over caught faults (evaluation faults
+  also in evaluations);
 * **false alarms** -- healthy runs with any critical firing, and faults with a critical firing
-  before the onset.
+  before the onset; **warned healthy** -- healthy runs with any warning or critical firing.
 
-Anchors (``benchmarks/anchors.py``) stop or skip when they fire, so all their firings are
-critical. For lrwatch a firing of severity ``critical`` or ``warning`` is an alarm and only
-``critical`` firings count as false alarms; a critical-only view is reported as well.
+The headline is **leave-one-family-out** (``benchmarks/lofo.py``): every tunable threshold of the
+pack is chosen on five families and the sixth is scored with that choice; the pooled row adds
+up the six held-out scores. The shipped pack (tuned on all six) is scored too, for reference.
 
 Usage::
 
-    python benchmarks/detection.py            # full suite (~6 min on 2 cores; ~40 s cached)
-    python benchmarks/detection.py --quick    # small suite (< 2 min)
-    python benchmarks/detection.py --rules my-pack.yml --json results.json
+    python benchmarks/detection.py              # full suite (~10 min from scratch, cached after)
+    python benchmarks/detection.py --quick      # one seed, fewer runs
+    python benchmarks/detection.py --rules my-pack.yml --no-lofo
 
-Traces and the ``labels.json`` manifest (``labels-quick.json`` for ``--quick``) are cached in
-``benchmarks/.cache/detection/`` (``--rebuild`` to re-record). Seeds are split in two: even seeds
-are the *tuning* half, odd seeds the *held-out* half; both are reported.
+Traces and ``labels.json`` are cached in ``benchmarks/.cache/detection-families/``
+(``--rebuild`` re-records).
 """
 
 from __future__ import annotations
@@ -47,48 +48,55 @@ if __package__ in (None, ""):            # run as a script: make `benchmarks` im
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import detection_runs as dr  # noqa: E402
+from benchmarks import family_runs as fr  # noqa: E402
 from benchmarks.anchors import ANCHORS  # noqa: E402
+from lrwatch.exporters.trace import read_trace  # noqa: E402
 from lrwatch.samples import Sample  # noqa: E402
 
-__all__ = ["Suite", "build_suite", "record_suite", "score_suite", "main"]
+__all__ = ["Suite", "Scenario", "build_suite", "score_suite", "deadline_for", "main"]
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CACHE = ROOT / "benchmarks" / ".cache" / "detection"
+DEFAULT_CACHE = ROOT / "benchmarks" / ".cache" / "detection-families"
 
 DEADLINE = 25                   # steps after onset for step-level faults and natural divergences
-DEADLINE_EVAL = 120             # steps after onset for the slow eval regression (6 evaluations)
+DEADLINE_EARLY = 50             # never learned / stuck above: a dead start takes a while to tell
+DEADLINE_EVAL = {"eval_regression": 120, "eval_drop": 60}   # 6 and 3 evaluations
 NATURAL_TOLERANCE = 5           # natural onsets are estimated: alarms up to 5 steps early count
-LR_MULTS = (1, 1, 3, 10, 30, 100, 300)
-ONSET_RANGE = (150, 230)
+LR_MULTS = (1, 1, 3, 10, 30, 100)
+ONSET_RANGE = (100, 180)
+EARLY_ONSET_RANGE = (3, 20)
 
-FULL = {"seeds": (0, 1, 2, 3, 4, 5), "tasks": tuple(dr.TASKS), "natural": 6}
-QUICK = {"seeds": (0, 1), "tasks": ("digits_mlp", "diabetes_linear", "synth_reg_mlp",
-                                    "chars_mlp"), "natural": 4}
+FULL = {"seeds": (0, 1), "tasks": tuple(fr.TASKS), "natural": 8}
+QUICK = {"seeds": (0,), "tasks": tuple(fr.TASKS), "natural": 4}
 
-TARGETS = {"caught": 0.95, "warned": 1.0, "median_delay": 2.0, "fa_healthy": 0}
+TARGETS = {"caught": 0.92, "warned": 1.0, "median_delay": 2.0, "median_delay_evals": 1.0,
+           "fa": 0, "warned_healthy": 0.05}
+KINDS = ("natural_divergence", "never_learned_natural", "stuck_above_natural", *fr.FAULT_KINDS)
 
 
 # --------------------------------------------------------------------------------------------
-# the suite: which runs, recorded and labelled
+# the suite
 # --------------------------------------------------------------------------------------------
 
 @dataclass
 class Scenario:
     id: str
-    spec: dr.RunSpec
+    spec: fr.RunSpec
     path: Path
     label: dict[str, Any] = field(default_factory=dict)
+    _samples: list[Sample] | None = None
 
     @property
-    def split(self) -> str:
-        return "tune" if self.spec.seed % 2 == 0 else "heldout"
+    def family(self) -> str:
+        return self.spec.family
 
     @property
     def kind(self) -> str:
-        """healthy | ambiguous | natural_divergence | <fault kind>."""
+        """healthy | ambiguous | natural_divergence | <kind>_natural | <fault kind>."""
         lab = self.label["label"]
         if lab == "diverged":
-            return "natural_divergence"
+            k = self.label.get("kind")
+            return f"{k}_natural" if k else "natural_divergence"
         if lab == "faulted":
             return str(self.label["fault"])
         return str(lab)
@@ -96,6 +104,11 @@ class Scenario:
     @property
     def is_fault(self) -> bool:
         return self.label["label"] in ("diverged", "faulted")
+
+    def samples(self) -> list[Sample]:
+        if self._samples is None:
+            self._samples = read_trace(self.path)
+        return self._samples
 
 
 @dataclass
@@ -105,72 +118,69 @@ class Suite:
     skipped: list[dict[str, Any]]
 
 
-def natural_specs(seed: int, task: str, n: int) -> list[dr.RunSpec]:
+def natural_specs(seed: int, task: str, n: int) -> list[fr.RunSpec]:
     rng = random.Random(f"natural-{seed}-{task}")
-    steps = dr.TASKS[task].steps
     out = []
     for _ in range(n):
-        out.append(dr.RunSpec(task, dr.seeded_choice(rng, dr.OPTIMIZERS),
-                              dr.seeded_choice(rng, dr.SCHEDULES),
-                              float(dr.seeded_choice(rng, LR_MULTS)), seed, steps))
+        out.append(fr.RunSpec(task, dr.seeded_choice(rng, fr.OPTIMIZERS),
+                              dr.seeded_choice(rng, fr.SCHEDULES),
+                              float(dr.seeded_choice(rng, LR_MULTS)), seed,
+                              float(dr.seeded_choice(rng, fr.BATCH_MULTS))))
     return out
 
 
-def base_candidates(seed: int, task: str) -> list[dr.RunSpec]:
+def base_candidates(seed: int, task: str) -> list[fr.RunSpec]:
     """Tuned-LR runs to inject faults into, in order of preference (first healthy one wins)."""
-    ti = list(dr.TASKS).index(task)
-    steps = dr.TASKS[task].steps
-    return [dr.RunSpec(task, dr.OPTIMIZERS[(seed + ti + i) % len(dr.OPTIMIZERS)],
-                       dr.SCHEDULES[(seed + 2 * ti + i) % len(dr.SCHEDULES)], 1.0, seed, steps)
-            for i in range(len(dr.OPTIMIZERS))]
+    ti = list(fr.TASKS).index(task)
+    n_opt, n_sch = len(fr.OPTIMIZERS), len(fr.SCHEDULES)
+    return [fr.RunSpec(task, fr.OPTIMIZERS[(seed + ti + i) % n_opt],
+                       fr.SCHEDULES[(seed + 2 * ti + i) % n_sch], 1.0, seed)
+            for i in range(n_opt)]
 
 
-def fault_specs(base: dr.RunSpec, base_id: str) -> list[dr.RunSpec]:
+def fault_specs(base: fr.RunSpec, base_id: str) -> list[fr.RunSpec]:
     out = []
-    for kind in dr.FAULT_KINDS:
+    for kind in fr.FAULT_KINDS:
         rng = random.Random(f"onset-{base.seed}-{base.task}-{kind}")
-        onset = rng.randint(*ONSET_RANGE)
-        out.append(dr.RunSpec(base.task, base.optimizer, base.schedule, base.lr_mult, base.seed,
-                              base.steps, fault=kind, onset=onset, base=base_id))
+        lo, hi = EARLY_ONSET_RANGE if kind in fr.EARLY_FAULTS else ONSET_RANGE
+        onset = rng.randint(lo, hi)
+        if kind in fr.EVAL_FAULTS:      # the first affected evaluation is the onset
+            onset = (onset // fr.EVAL_EVERY + 1) * fr.EVAL_EVERY
+        out.append(fr.RunSpec(base.task, base.optimizer, base.schedule, base.lr_mult, base.seed,
+                              base.batch_mult, fault=kind, onset=onset, base=base_id))
     return out
 
 
-def _trace_path(cache: Path, spec: dr.RunSpec) -> Path:
-    return cache / "traces" / f"{dr.run_id(spec)}.trace.jsonl"
+def _trace_path(cache: Path, spec: fr.RunSpec) -> Path:
+    return cache / "traces" / f"{fr.run_id(spec)}.trace.jsonl"
 
 
-def _record_one(args: tuple[dr.RunSpec, str]) -> tuple[str, dict[str, Any], float]:
+def _record_one(args: tuple[fr.RunSpec, str]) -> tuple[str, dict[str, Any], float]:
     spec, path = args
     t0 = time.perf_counter()
-    facts = dr.record_run(spec, Path(path))
-    return dr.run_id(spec), facts, time.perf_counter() - t0
+    facts = fr.record_run(spec, Path(path))
+    return fr.run_id(spec), facts, time.perf_counter() - t0
 
 
-def _load_manifests(cache: Path) -> dict[str, dict[str, Any]]:
-    """Every run any manifest in the cache knows (the quick and full suites share traces)."""
-    out: dict[str, dict[str, Any]] = {}
-    for path in sorted(cache.glob("labels*.json")):
-        try:
-            data = json.loads(path.read_text())
-            out.update({r["id"]: r for r in data.get("runs", [])})
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return out
+def _known_hashes(cache: Path) -> dict[str, str]:
+    try:
+        data = json.loads((cache / "hashes.json").read_text())
+        return {str(k): str(v) for k, v in data.items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
-def _record_many(specs: Sequence[dr.RunSpec], cache: Path, jobs: int, rebuild: bool,
-                 known: dict[str, dict[str, Any]], done: set[str],
-                 log: Callable[[str], None]) -> None:
+def _record_many(specs: Sequence[fr.RunSpec], cache: Path, jobs: int, rebuild: bool,
+                 done: set[str], log: Callable[[str], None]) -> None:
     """Record the specs not yet in ``done`` whose cached trace is missing or stale."""
+    known = _known_hashes(cache)
     todo = []
     for spec in specs:
-        rid = dr.run_id(spec)
+        rid = fr.run_id(spec)
         if rid in done:
             continue
         path = _trace_path(cache, spec)
-        entry = known.get(rid)
-        if (not rebuild and entry is not None and entry.get("hash") == dr.spec_hash(spec)
-                and path.exists()):
+        if not rebuild and known.get(rid) == fr.spec_hash(spec) and path.exists():
             done.add(rid)
             continue
         todo.append((spec, str(path)))
@@ -178,14 +188,23 @@ def _record_many(specs: Sequence[dr.RunSpec], cache: Path, jobs: int, rebuild: b
         return
     log(f"  recording {len(todo)} runs ({jobs} process{'es' if jobs > 1 else ''}) ...")
     t0 = time.perf_counter()
+    results = []
     if jobs <= 1:
-        results = [_record_one(a) for a in todo]
+        it: Iterable[Any] = map(_record_one, todo)
     else:
-        with ProcessPoolExecutor(max_workers=jobs) as ex:
-            results = list(ex.map(_record_one, todo, chunksize=4))
+        ex = ProcessPoolExecutor(max_workers=jobs)
+        it = ex.map(_record_one, todo, chunksize=2)
+    for i, res in enumerate(it, 1):
+        results.append(res)
+        if i % 50 == 0 or i == len(todo):
+            log(f"    {i}/{len(todo)} recorded ({time.perf_counter() - t0:.0f} s)")
+    if jobs > 1:
+        ex.shutdown()
     for rid, _facts, _dt in results:
         done.add(rid)
-    log(f"  recorded {len(todo)} runs in {time.perf_counter() - t0:.0f} s")
+    for spec, _ in todo:
+        known[fr.run_id(spec)] = fr.spec_hash(spec)
+    (cache / "hashes.json").write_text(json.dumps(known, indent=0, sort_keys=True))
 
 
 def build_suite(cache: Path = DEFAULT_CACHE, *, seeds: Iterable[int] = FULL["seeds"],
@@ -194,25 +213,23 @@ def build_suite(cache: Path = DEFAULT_CACHE, *, seeds: Iterable[int] = FULL["see
                 log: Callable[[str], None] = print) -> Suite:
     """Record (or reuse from the cache) and label every scenario; writes the ``manifest``."""
     cache.mkdir(parents=True, exist_ok=True)
-    known = _load_manifests(cache)
     seeds, tasks = list(seeds), list(tasks)
-    specs: dict[str, dr.RunSpec] = {}
+    specs: dict[str, fr.RunSpec] = {}
     for seed in seeds:
         for task in tasks:
             for spec in natural_specs(seed, task, natural):
-                specs.setdefault(dr.run_id(spec), spec)
-    # Base runs: try candidates until one is labelled healthy; each one tried is also a scenario.
+                specs.setdefault(fr.run_id(spec), spec)
     pending = {(seed, task): base_candidates(seed, task) for seed in seeds for task in tasks}
-    bases: dict[tuple[int, str], dr.RunSpec] = {}
+    bases: dict[tuple[int, str], fr.RunSpec] = {}
     labels: dict[str, dict[str, Any]] = {}
     skipped: list[dict[str, Any]] = []
 
-    def label_of(spec: dr.RunSpec) -> dict[str, Any]:
-        rid = dr.run_id(spec)
+    def label_of(spec: fr.RunSpec) -> dict[str, Any]:
+        rid = fr.run_id(spec)
         if rid not in labels:
-            samples = dr.load_samples(_trace_path(cache, spec))
-            labels[rid] = (dr.label_natural(samples) if spec.fault is None
-                           else dr.label_faulted(samples, spec))
+            samples = read_trace(_trace_path(cache, spec))
+            labels[rid] = (fr.label_natural(samples) if spec.fault is None
+                           else fr.label_faulted(samples, spec))
             labels[rid]["steps_recorded"] = len(samples)
         return labels[rid]
 
@@ -220,12 +237,13 @@ def build_suite(cache: Path = DEFAULT_CACHE, *, seeds: Iterable[int] = FULL["see
     while True:
         for cands in pending.values():
             if cands:
-                specs.setdefault(dr.run_id(cands[0]), cands[0])
-        _record_many(list(specs.values()), cache, jobs, rebuild, known, done, log)
+                specs.setdefault(fr.run_id(cands[0]), cands[0])
+        _record_many(list(specs.values()), cache, jobs, rebuild, done, log)
         for key, cands in list(pending.items()):
             if not cands:
                 continue
-            if label_of(cands[0])["label"] == "healthy":
+            lab = label_of(cands[0])
+            if lab["label"] == "healthy" and not lab.get("transient"):
                 bases[key] = cands[0]
                 pending[key] = []
             else:
@@ -236,27 +254,14 @@ def build_suite(cache: Path = DEFAULT_CACHE, *, seeds: Iterable[int] = FULL["see
         if not any(pending.values()):
             break
     for key, base in sorted(bases.items()):
-        for f in fault_specs(base, dr.run_id(base)):
-            specs.setdefault(dr.run_id(f), f)
-    _record_many(list(specs.values()), cache, jobs, rebuild, known, done, log)
-
-    scenarios = []
-    for rid, spec in specs.items():
-        sc = Scenario(rid, spec, _trace_path(cache, spec), label_of(spec))
-        scenarios.append(sc)
-    scenarios.sort(key=lambda s: (s.spec.seed, s.spec.task, s.spec.fault or "", s.id))
+        for f in fault_specs(base, fr.run_id(base)):
+            specs.setdefault(fr.run_id(f), f)
+    _record_many(list(specs.values()), cache, jobs, rebuild, done, log)
+    scenarios = [Scenario(rid, spec, _trace_path(cache, spec), label_of(spec))
+                 for rid, spec in specs.items()]
+    scenarios.sort(key=lambda s: (s.family, s.spec.task, s.spec.seed, s.spec.fault or "", s.id))
     _write_manifest(cache / manifest, scenarios, skipped)
     return Suite(cache, scenarios, skipped)
-
-
-LABELLING_RULES = {
-    "natural": dr.label_natural.__doc__,
-    "faulted": dr.label_faulted.__doc__,
-    "first_nonfinite": "first step where loss, grad_norm, update_ratio, accuracy, eval_loss, "
-                       "eval_accuracy or any lr is nan/inf; training stops "
-                       f"{dr.NONFINITE_TAIL} steps later",
-    "faults": dr.__doc__,
-}
 
 
 def _jsonable(v: Any) -> Any:
@@ -272,21 +277,13 @@ def _jsonable(v: Any) -> Any:
 def _write_manifest(path: Path, scenarios: Sequence[Scenario],
                     skipped: Sequence[dict[str, Any]]) -> None:
     cache = path.parent
-    runs = []
-    for sc in scenarios:
-        runs.append({"id": sc.id, "hash": dr.spec_hash(sc.spec),
-                     "trace": str(sc.path.relative_to(cache)), "split": sc.split,
-                     "kind": sc.kind, "spec": sc.spec.to_json(), **_jsonable(sc.label)})
-    doc = {"format": 1, "recording_version": dr.FORMAT_VERSION,
-           "labelling_rules": LABELLING_RULES,
-           "constants": {"onset_k": dr.ONSET_K, "onset_margin": dr.ONSET_MARGIN,
-                         "smooth": dr.SMOOTH, "excursion_gap": dr.EXCURSION_GAP,
-                         "healthy_learned": dr.HEALTHY_LEARNED,
-                         "healthy_max_rise": dr.HEALTHY_MAX_RISE,
-                         "healthy_max_margin": dr.HEALTHY_MAX_MARGIN,
-                         "diverged_final": dr.DIVERGED_FINAL, "eval_every": dr.EVAL_EVERY,
-                         "spike_window": dr.SPIKE_WINDOW, "regression_ramp": dr.REGRESSION_RAMP,
-                         "blowup_factor": dr.BLOWUP_FACTOR, "lr_bug_factor": dr.LR_BUG_FACTOR},
+    runs = [{"id": sc.id, "hash": fr.spec_hash(sc.spec), "family": sc.family,
+             "trace": str(sc.path.relative_to(cache)), "kind": sc.kind,
+             "spec": sc.spec.to_json(), **_jsonable(sc.label)} for sc in scenarios]
+    doc = {"format": 2, "recording_version": fr.FORMAT_VERSION,
+           "labelling_rules": {"natural": fr.label_natural.__doc__,
+                               "faulted": fr.label_faulted.__doc__, "faults": fr.__doc__},
+           "deadlines": {"step": DEADLINE, "early": DEADLINE_EARLY, **DEADLINE_EVAL},
            "skipped": list(skipped), "runs": runs}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=1, allow_nan=False))
@@ -327,13 +324,9 @@ def anchor_detectors() -> list[Detector]:
     return out
 
 
-def lrwatch_detectors(rules: str | None) -> tuple[list[Detector], str | None]:
-    """lrwatch's pack in two views, or ``([], reason)`` when the engine is not available."""
-    try:
-        from lrwatch.rules import Engine, load_pack, load_rules
-        ruleset = load_rules(rules) if rules else load_pack("training")
-    except Exception as exc:  # the engine is optional for the anchors' half of the benchmark
-        return [], f"{type(exc).__name__}: {exc}"
+def engine_runner(ruleset: Any) -> Callable[[Sequence[Sample]], list[Firing]]:
+    """Replays a trace through a fresh :class:`lrwatch.rules.Engine` of ``ruleset``."""
+    from lrwatch.rules import Engine
 
     def run(samples: Sequence[Sample]) -> list[Firing]:
         eng = Engine(ruleset)
@@ -343,12 +336,13 @@ def lrwatch_detectors(rules: str | None) -> tuple[list[Detector], str | None]:
                 if f.kind == "firing":
                     out.append(Firing(int(f.step), str(f.severity), str(f.rule)))
         return out
+    return run
 
-    label = f"lrwatch ({Path(rules).name})" if rules else "lrwatch default pack"
-    return [Detector("lrwatch", f"{label}: crit+warn", run,
-                     frozenset({"critical", "warning"}), frozenset({"critical"})),
-            Detector("lrwatch_critical", f"{label}: critical only", run,
-                     frozenset({"critical"}), frozenset({"critical"}))], None
+
+def lrwatch_detector(ruleset: Any, name: str, key: str = "lrwatch") -> Detector:
+    """lrwatch's pack, critical firings only: the view the issue's targets use."""
+    return Detector(key, name, engine_runner(ruleset), frozenset({"critical"}),
+                    frozenset({"critical"}))
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,15 +350,21 @@ def lrwatch_detectors(rules: str | None) -> tuple[list[Detector], str | None]:
 # --------------------------------------------------------------------------------------------
 
 def deadline_for(kind: str) -> int:
-    return DEADLINE_EVAL if kind == "eval_regression" else DEADLINE
+    if kind in DEADLINE_EVAL:
+        return DEADLINE_EVAL[kind]
+    if kind in fr.EARLY_FAULTS or kind in ("never_learned_natural", "stuck_above_natural"):
+        return DEADLINE_EARLY
+    return DEADLINE
 
 
 def score_scenario(sc: Scenario, firings: Sequence[Firing], det: Detector) -> dict[str, Any]:
     """Outcome of one detector on one scenario (see module docstring for the measures)."""
     alarms = sorted(f.step for f in firings if f.severity in det.alarm)
     crit = sorted(f.step for f in firings if f.severity in det.false_alarm)
+    warn = sorted(f.step for f in firings if f.severity in ("critical", "warning"))
     out: dict[str, Any] = {"first_alarm": alarms[0] if alarms else None,
-                           "first_critical": crit[0] if crit else None}
+                           "first_critical": crit[0] if crit else None,
+                           "any_warning": bool(warn)}
     if alarms:
         out["first_alarm_rules"] = sorted({f.rule for f in firings
                                            if f.step == alarms[0] and f.severity in det.alarm})
@@ -377,11 +377,13 @@ def score_scenario(sc: Scenario, firings: Sequence[Firing], det: Detector) -> di
     if not sc.is_fault:
         return out
     onset = int(sc.label["onset"])
-    tol = NATURAL_TOLERANCE if sc.kind == "natural_divergence" else 0
+    tol = NATURAL_TOLERANCE if sc.label["label"] == "diverged" else 0
     lo, hi = onset - tol, onset + deadline_for(sc.kind)
     hits = [s for s in alarms if lo <= s <= hi]
     out["caught"] = bool(hits)
     out["delay"] = max(0, hits[0] - onset) if hits else None
+    if sc.kind in DEADLINE_EVAL and hits:
+        out["delay_evals"] = out["delay"] // fr.EVAL_EVERY
     early = [s for s in crit if s < lo]
     out["false_alarm_before_onset"] = bool(early)
     if early:
@@ -389,7 +391,7 @@ def score_scenario(sc: Scenario, firings: Sequence[Firing], det: Detector) -> di
                                            if f.severity in det.false_alarm and f.step < lo})
     nf = sc.label.get("first_nonfinite")
     if nf is not None:
-        out["warned_before_nonfinite"] = any(lo <= s < int(nf) for s in alarms)
+        out["warned_before_nonfinite"] = any(lo <= s < int(nf) for s in warn)
     return out
 
 
@@ -397,7 +399,9 @@ def aggregate(rows: Sequence[tuple[Scenario, dict[str, Any]]]) -> dict[str, Any]
     faults = [(sc, r) for sc, r in rows if sc.is_fault]
     healthy = [(sc, r) for sc, r in rows if sc.kind == "healthy"]
     nf = [(sc, r) for sc, r in faults if "warned_before_nonfinite" in r]
-    delays = [r["delay"] for _, r in faults if r.get("caught")]
+    step_delays = [r["delay"] for sc, r in faults
+                   if r.get("caught") and sc.kind not in DEADLINE_EVAL]
+    eval_delays = [r["delay_evals"] for _, r in faults if "delay_evals" in r]
     caught = sum(1 for _, r in faults if r.get("caught"))
     warned = sum(1 for _, r in nf if r["warned_before_nonfinite"])
     return {
@@ -405,68 +409,35 @@ def aggregate(rows: Sequence[tuple[Scenario, dict[str, Any]]]) -> dict[str, Any]
         "caught_ratio": caught / len(faults) if faults else None,
         "nonfinite_runs": len(nf), "warned": warned,
         "warned_ratio": warned / len(nf) if nf else None,
-        "median_delay": statistics.median(delays) if delays else None,
+        "median_delay": statistics.median(step_delays) if step_delays else None,
+        "median_delay_evals": statistics.median(eval_delays) if eval_delays else None,
         "healthy": len(healthy),
         "false_alarms_healthy": sum(1 for _, r in healthy if r.get("false_alarm")),
-        # any alarm (for lrwatch: warnings too) on a healthy run; not a false alarm by the
-        # benchmark's definition, but reported so that noisy warnings stay visible
-        "alarms_healthy": sum(1 for _, r in healthy if r.get("first_alarm") is not None),
+        "warned_healthy": sum(1 for _, r in healthy if r.get("any_warning")),
         "false_alarms_before_onset": sum(1 for _, r in faults
                                          if r.get("false_alarm_before_onset")),
     }
 
 
-def _rule_counts(rows: Sequence[tuple[Scenario, dict[str, Any]]]) -> dict[str, dict[str, int]]:
-    """Which rules raised the first alarm, per scenario kind (false alarms included)."""
-    out: dict[str, dict[str, int]] = {}
-    for sc, r in rows:
-        for rule in r.get("first_alarm_rules", ()):
-            d = out.setdefault(sc.kind, {})
-            d[rule] = d.get(rule, 0) + 1
-    return out
+def replay_all(suite: Suite, run: Callable[[Sequence[Sample]], list[Firing]],
+               scenarios: Sequence[Scenario] | None = None) -> dict[str, list[Firing]]:
+    """Firings of one detector on every scenario (id -> firings)."""
+    return {sc.id: run(sc.samples()) for sc in (scenarios or suite.scenarios)}
 
 
-def score_suite(suite: Suite, detectors: Sequence[Detector],
-                log: Callable[[str], None] = print) -> dict[str, Any]:
-    per: dict[str, list[tuple[Scenario, dict[str, Any]]]] = {d.key: [] for d in detectors}
-    cache_runs: dict[int, list[Firing]] = {}
-    t0 = time.perf_counter()
-    timing: dict[str, float] = {d.key: 0.0 for d in detectors}
-    scenario_rows = []
-    for sc in suite.scenarios:
-        samples = dr.load_samples(sc.path)
-        row: dict[str, Any] = {"id": sc.id, "kind": sc.kind, "split": sc.split,
-                               "onset": sc.label.get("onset"),
-                               "first_nonfinite": sc.label.get("first_nonfinite"),
-                               "detectors": {}}
-        cache_runs.clear()
-        for det in detectors:
-            t = time.perf_counter()
-            key = id(det.run)
-            if key not in cache_runs:      # both lrwatch views share one replay
-                cache_runs[key] = det.run(samples)
-            firings = cache_runs[key]
-            timing[det.key] += time.perf_counter() - t
-            res = score_scenario(sc, firings, det)
-            per[det.key].append((sc, res))
-            row["detectors"][det.key] = res
-        scenario_rows.append(row)
-    log(f"  scored {len(suite.scenarios)} scenarios x {len(detectors)} detectors in "
-        f"{time.perf_counter() - t0:.0f} s")
-    kinds = ["natural_divergence", *dr.FAULT_KINDS]
-    results: dict[str, Any] = {}
-    for det in detectors:
-        rows = per[det.key]
-        results[det.key] = {
-            "name": det.name,
-            "all": aggregate(rows),
-            "tune": aggregate([x for x in rows if x[0].split == "tune"]),
-            "heldout": aggregate([x for x in rows if x[0].split == "heldout"]),
-            "by_kind": {k: aggregate([x for x in rows if x[0].kind == k]) for k in kinds},
-            "replay_seconds": round(timing[det.key], 3),
-            "first_alarm_rules_by_kind": _rule_counts(rows),
-        }
-    return {"detectors": results, "scenarios": scenario_rows}
+def score_firings(suite: Suite, det: Detector, firings: dict[str, list[Firing]],
+                  scenarios: Sequence[Scenario] | None = None
+                  ) -> list[tuple[Scenario, dict[str, Any]]]:
+    return [(sc, score_scenario(sc, firings[sc.id], det))
+            for sc in (scenarios or suite.scenarios) if sc.id in firings]
+
+
+def summarise(rows: Sequence[tuple[Scenario, dict[str, Any]]],
+              families: Sequence[str]) -> dict[str, Any]:
+    """Pooled, per-family and per-kind aggregates of one detector's scored rows."""
+    return {"all": aggregate(rows),
+            "by_family": {f: aggregate([x for x in rows if x[0].family == f]) for f in families},
+            "by_kind": {k: aggregate([x for x in rows if x[0].kind == k]) for k in KINDS}}
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,178 +452,104 @@ def _delay(v: float | None) -> str:
     return "n/a" if v is None else f"{v:g}"
 
 
-def meets_targets(agg: dict[str, Any]) -> dict[str, bool]:
-    return {
-        "caught": agg["caught_ratio"] is not None and agg["caught_ratio"] >= TARGETS["caught"],
-        "warned": agg["warned_ratio"] is not None and agg["warned_ratio"] >= TARGETS["warned"],
-        "median_delay": agg["median_delay"] is not None
-        and agg["median_delay"] <= TARGETS["median_delay"],
-        "fa_healthy": agg["false_alarms_healthy"] <= TARGETS["fa_healthy"],
-    }
+_HEAD = ("| {:44} | {:16} | {:16} | {:6} | {:10} | {:14} | {:14} | {:14} |".format(
+    "detector", "caught", "warned before NF", "delay", "delay eval", "FA healthy",
+    "FA before onset", "warned healthy"))
 
 
-def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, str]:
-    """lrwatch's aggregate ``a`` against an anchor's ``b``: better | tie | worse per measure."""
-    def cmp(x: float | None, y: float | None, higher_better: bool) -> str:
-        if x is None and y is None:
-            return "tie"
-        if x is None:
-            return "worse"
-        if y is None:
-            return "better"
-        if x == y:
-            return "tie"
-        return "better" if (x > y) == higher_better else "worse"
-
-    return {"caught": cmp(a["caught_ratio"], b["caught_ratio"], True),
-            "warned": cmp(a["warned_ratio"], b["warned_ratio"], True),
-            "median_delay": cmp(a["median_delay"], b["median_delay"], False),
-            "fa_healthy": cmp(a["false_alarms_healthy"], b["false_alarms_healthy"], False)}
+def format_row(name: str, a: dict[str, Any]) -> str:
+    return ("| {:44} | {:16} | {:16} | {:>6} | {:>10} | {:14} | {:14} | {:14} |".format(
+        name[:44], _pct(a["caught"], a["faults"]), _pct(a["warned"], a["nonfinite_runs"]),
+        _delay(a["median_delay"]), _delay(a["median_delay_evals"]),
+        _pct(a["false_alarms_healthy"], a["healthy"]),
+        _pct(a["false_alarms_before_onset"], a["faults"]),
+        _pct(a["warned_healthy"], a["healthy"])))
 
 
-def format_table(results: dict[str, Any], view: str = "all") -> str:
-    head = (f"| {'detector':44} | {'caught':16} | {'warned before non-finite':24} | "
-            f"{'median delay':12} | {'FA healthy':14} | {'FA before onset':15} |")
-    lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
-    for key, r in results.items():
-        a = r[view]
-        lines.append(
-            f"| {r['name'][:44]:44} | {_pct(a['caught'], a['faults']):16} | "
-            f"{_pct(a['warned'], a['nonfinite_runs']):24} | {_delay(a['median_delay']):>12} | "
-            f"{_pct(a['false_alarms_healthy'], a['healthy']):14} | "
-            f"{_pct(a['false_alarms_before_onset'], a['faults']):15} |")
-    return "\n".join(lines)
+def format_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    sep = "|" + "|".join("-" * len(c) for c in _HEAD.split("|")[1:-1]) + "|"
+    return "\n".join([_HEAD, sep, *(format_row(n, a) for n, a in rows)])
 
 
-def format_kinds(results: dict[str, Any]) -> str:
-    kinds = ["natural_divergence", *dr.FAULT_KINDS]
-    first = next(iter(results.values()))
-    counts = {k: first["by_kind"][k]["faults"] for k in kinds}
+def format_kinds(results: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    first = results[0][1]
+    kinds = [k for k in KINDS if first["by_kind"][k]["faults"]]
     head = "| " + f"{'detector':44}" + " | " + " | ".join(
-        f"{k} (n={counts[k]})"[:22].ljust(22) for k in kinds) + " |"
+        f"{k} ({first['by_kind'][k]['faults']})"[:24].ljust(24) for k in kinds) + " |"
     lines = [head, "|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|"]
-    for key, r in results.items():
+    for name, r in results:
         cells = []
         for k in kinds:
             a = r["by_kind"][k]
-            if not a["faults"]:
-                cells.append("n/a".ljust(22))
-                continue
             c = f"{100 * a['caught'] / a['faults']:.0f}% d={_delay(a['median_delay'])}"
-            if a["nonfinite_runs"]:
-                c += f" w={100 * a['warned'] / a['nonfinite_runs']:.0f}%"
-            cells.append(c[:22].ljust(22))
-        lines.append(f"| {r['name'][:44]:44} | " + " | ".join(cells) + " |")
+            if a["median_delay_evals"] is not None:
+                c = f"{100 * a['caught'] / a['faults']:.0f}% d={_delay(a['median_delay_evals'])}ev"
+            cells.append(c[:24].ljust(24))
+        lines.append(f"| {name[:44]:44} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def format_suite(suite: Suite) -> str:
     from collections import Counter
-    c = Counter((sc.kind, sc.split) for sc in suite.scenarios)
-    kinds = ["healthy", "ambiguous", "natural_divergence", *dr.FAULT_KINDS]
-    nf = sum(1 for sc in suite.scenarios if sc.label.get("first_nonfinite") is not None
-             and sc.is_fault)
-    parts = [f"{k}: {c[(k, 'tune')] + c[(k, 'heldout')]} "
-             f"({c[(k, 'tune')]} tune / {c[(k, 'heldout')]} held-out)" for k in kinds]
-    return (f"{len(suite.scenarios)} recorded runs; faults reaching a non-finite value: {nf}\n  "
-            + "\n  ".join(parts))
+    c = Counter((sc.family, sc.kind) for sc in suite.scenarios)
+    fams = sorted({sc.family for sc in suite.scenarios})
+    kinds = ["healthy", "ambiguous", *KINDS]
+    head = "| kind | " + " | ".join(fams) + " | all |"
+    lines = [head, "|---" * (len(fams) + 2) + "|"]
+    for k in kinds:
+        n = [c[(f, k)] for f in fams]
+        if sum(n):
+            lines.append(f"| {k} | " + " | ".join(map(str, n)) + f" | {sum(n)} |")
+    trans = sum(1 for sc in suite.scenarios if sc.label.get("transient"))
+    nf = sum(1 for sc in suite.scenarios if sc.is_fault and sc.label.get("first_nonfinite"))
+    return (f"{len(suite.scenarios)} recorded runs; {nf} faults reach a non-finite value; "
+            f"{trans} healthy runs have an early transient\n" + "\n".join(lines))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from benchmarks import lofo
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small suite (< 2 minutes)")
+    ap.add_argument("--quick", action="store_true", help="one seed, 4 natural runs per task")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="traces + labels.json")
     ap.add_argument("--rebuild", action="store_true", help="re-record every run")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                    help="recording processes")
+                    help="recording and replay processes")
     ap.add_argument("--seeds", type=str, default=None, help="comma-separated seeds")
     ap.add_argument("--rules", type=str, default=None,
                     help="score this rule file instead of the default training pack")
-    ap.add_argument("--no-lrwatch", action="store_true", help="score the anchors only")
+    ap.add_argument("--no-lofo", action="store_true",
+                    help="skip the leave-one-family-out tuning (score the pack as given)")
     ap.add_argument("--json", type=Path, default=None,
                     help="results file (default: <cache>/results[-quick].json)")
     args = ap.parse_args(argv)
-
     cfg = dict(QUICK if args.quick else FULL)
     if args.seeds:
         cfg["seeds"] = tuple(int(s) for s in args.seeds.split(","))
     t0 = time.perf_counter()
-    print(f"detection benchmark ({'quick' if args.quick else 'full'}): seeds {cfg['seeds']}, "
-          f"{len(cfg['tasks'])} tasks", flush=True)
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    log(f"detection benchmark ({'quick' if args.quick else 'full'}): seeds {cfg['seeds']}, "
+        f"{len(cfg['tasks'])} tasks in {len(fr.FAMILIES)} families")
     suite = build_suite(args.cache, seeds=cfg["seeds"], tasks=cfg["tasks"],
                         natural=cfg["natural"], jobs=args.jobs, rebuild=args.rebuild,
-                        manifest="labels-quick.json" if args.quick else "labels.json",
-                        log=lambda m: print(m, flush=True))
-    print(format_suite(suite))
+                        manifest="labels-quick.json" if args.quick else "labels.json", log=log)
+    log(format_suite(suite))
     for s in suite.skipped:
-        print(f"  skipped: seed {s['seed']} {s['task']}: {s['why']}")
-
-    detectors: list[Detector] = []
-    lrwatch_note = None
-    if not args.no_lrwatch:
-        lw, lrwatch_note = lrwatch_detectors(args.rules)
-        if lrwatch_note:
-            print(f"  lrwatch engine not available ({lrwatch_note}); scoring the anchors only")
-        detectors += lw
-    detectors += anchor_detectors()
-    scored = score_suite(suite, detectors, log=lambda m: print(m, flush=True))
-    results = scored["detectors"]
-
-    print(f"\nAll scenarios (deadline {DEADLINE} steps, {DEADLINE_EVAL} for eval regressions; "
-          f"natural onsets +-{NATURAL_TOLERANCE}):")
-    print(format_table(results, "all"))
-    print("\nHeld-out half (odd seeds):")
-    print(format_table(results, "heldout"))
-    print("\nTuning half (even seeds):")
-    print(format_table(results, "tune"))
-    print("\nBy fault kind (caught %, d = median delay in steps, w = warned before non-finite):")
-    print(format_kinds(results))
-
-    verdict = {}
-    if "lrwatch" in results:
-        print("\nTargets for the default pack (crit+warn view): caught >= 95%, warned before "
-              "non-finite = 100%, median delay <= 2, no critical firing on a healthy run")
-        for view in ("all", "heldout"):
-            agg = results["lrwatch"][view]
-            print(f"  {view:8}: healthy runs with any alarm (warnings included): "
-                  f"{_pct(agg['alarms_healthy'], agg['healthy']).strip()}")
-            ok = meets_targets(agg)
-            verdict[view] = ok
-            print(f"  {view:8}: " + ", ".join(f"{k} {'PASS' if v else 'MISS'}"
-                                               for k, v in ok.items()))
-        beats = {}
-        a = results["lrwatch"]["all"]
-        for key, r in results.items():
-            if not key.startswith("lrwatch"):
-                beats[key] = compare(a, r["all"])
-        verdict["versus_anchors"] = beats
-        worse = [(k, m) for k, v in beats.items() for m, st in v.items() if st == "worse"]
-        ties = [(k, m) for k, v in beats.items() for m, st in v.items() if st == "tie"]
-        if worse:
-            print("  worse than an anchor on: " + "; ".join(
-                f"{results[k]['name']} ({m})" for k, m in worse))
-        if ties:
-            print("  tied with an anchor on: " + "; ".join(
-                f"{results[k]['name']} ({m})" for k, m in ties))
-        if not worse and not ties:
-            print("  strictly better than every anchor on all four measures")
-
+        log(f"  skipped: seed {s['seed']} {s['task']}: {s['why']}")
+    doc = lofo.run(suite, rules=args.rules, lofo=not args.no_lofo, jobs=args.jobs, log=log)
     out = args.json or (args.cache / ("results-quick.json" if args.quick else "results.json"))
-    doc = {"config": {"mode": "quick" if args.quick else "full", "seeds": list(cfg["seeds"]),
-                      "tasks": list(cfg["tasks"]), "natural_per_task": cfg["natural"],
-                      "deadline": DEADLINE, "deadline_eval": DEADLINE_EVAL,
-                      "natural_tolerance": NATURAL_TOLERANCE, "rules": args.rules or "training",
-                      "lrwatch_unavailable": lrwatch_note, "targets": TARGETS},
-           "suite": {"runs": len(suite.scenarios), "skipped": suite.skipped,
-                     "manifest": str(args.cache / ("labels-quick.json" if args.quick
-                                                   else "labels.json"))},
-           "results": results, "verdict": verdict,
-           "scenarios": scored["scenarios"],
-           "seconds": round(time.perf_counter() - t0, 1)}
+    doc.update({"config": {"mode": "quick" if args.quick else "full",
+                           "seeds": list(cfg["seeds"]), "tasks": list(cfg["tasks"]),
+                           "natural_per_task": cfg["natural"],
+                           "deadlines": {"step": DEADLINE, "early": DEADLINE_EARLY,
+                                         **DEADLINE_EVAL},
+                           "natural_tolerance": NATURAL_TOLERANCE,
+                           "rules": args.rules or "training", "targets": TARGETS},
+                "seconds": round(time.perf_counter() - t0, 1)})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(_jsonable(doc), indent=1, allow_nan=False))
-    print(f"\nresults: {out}  ({time.perf_counter() - t0:.0f} s)")
+    log(f"\nresults: {out}  ({time.perf_counter() - t0:.0f} s)")
     return 0
 
 

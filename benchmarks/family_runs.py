@@ -1,0 +1,358 @@
+"""Real training runs of the family-diverse detection suite: record, inject faults, label.
+
+Every scenario of ``benchmarks/detection.py`` is a real, seeded training run of one task of
+``benchmarks/families.py`` (six model/task families: MLP classifiers, CNNs, recurrent and
+transformer character language models, MSE regression, autoencoders), recorded step by step as
+a trace v1 file. Nothing is downloaded, and no trace is edited after recording.
+
+Faults are *real interventions* in a rerun of a healthy base run (same seed, same data order),
+so the trace is the base run's trace until the onset:
+
+``blowup``
+    From the onset every group's learning rate is multiplied by 3 at every step, until the run
+    overflows.
+``lr_bug``
+    At the onset the learning rate is multiplied by 100 and stays so (a unit bug).
+``collapse``
+    At the onset every parameter is set to zero and the optimizer state cleared: a dead
+    network, whose loss returns to the level of a constant prediction.
+``never_learned``
+    The same reset early in the run (onset in steps 3-20): the network never learns.
+``spike``
+    ``SPIKE_WINDOW`` steps of corrupted batches (targets shuffled within the batch).
+``episode``
+    A sustained episode: for ``EPISODE_WINDOW`` steps the loss is multiplied by
+    ``EPISODE_FACTOR`` before the backward pass (a loss-scaling bug), so the recorded loss and
+    the gradient norm are both ``EPISODE_FACTOR`` times larger, and SGD takes larger steps.
+``stuck_above``
+    From an early onset (steps 3-20) the learning rate is multiplied by ``STUCK_LR_FACTOR``
+    (a configuration that takes over after the first steps): an optimizer that bounces around
+    in a high-loss region; kept only when the loss really ends above its untrained level.
+``eval_regression``
+    From the onset a growing share of the training targets is corrupted systematically (class
+    ``y -> (y + 1) mod C``; regression ``y -> -y``), 0% to 80% over ``REGRESSION_RAMP`` steps.
+``eval_drop``
+    A silent evaluation regression with an unchanged training loss: from the onset a growing
+    share of the held-out targets (``EVAL_DROP_RATE`` more per evaluation, a fixed random order
+    of rows) is corrupted systematically, as a broken evaluation or serving pipeline would:
+    the evaluation accuracy falls by about 2-3 points per evaluation.
+
+Natural runs vary optimizer (SGD with momentum, Adam, AdamW, RMSprop, plain SGD), schedule
+(constant, step, exponential, cosine, cyclical, linear warm-up), batch size (x0.5, x1, x2) and
+learning rate (tuned to x100); they are labelled from their loss curve by :func:`label_natural`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from benchmarks import detection_runs as dr
+from benchmarks import families as fam
+from lrwatch.exporters.trace import TraceWriter
+from lrwatch.samples import Sample
+
+__all__ = ["RunSpec", "FAULT_KINDS", "EARLY_FAULTS", "EVAL_FAULTS", "record_run", "run_id",
+           "spec_hash", "label_natural", "label_faulted", "TASKS", "FAMILIES"]
+
+FORMAT_VERSION = 1
+EVAL_EVERY = 20
+NONFINITE_TAIL = 10
+SPIKE_WINDOW = 30
+EPISODE_WINDOW = 60
+EPISODE_FACTOR = 5.0
+STUCK_LR_FACTOR = 30.0
+REGRESSION_RAMP = 150
+REGRESSION_MAX = 0.8
+EVAL_DROP_RATE = 0.03
+BLOWUP_FACTOR = 3.0
+LR_BUG_FACTOR = 100.0
+
+TASKS = fam.TASKS
+FAMILIES = fam.FAMILIES
+OPTIMIZERS = ("momentum", "adam", "adamw", "rmsprop", "sgd")
+SCHEDULES = dr.SCHEDULES
+BATCH_MULTS = (0.5, 1.0, 2.0)
+FAULT_KINDS = ("blowup", "lr_bug", "collapse", "never_learned", "spike", "episode",
+               "stuck_above", "eval_regression", "eval_drop")
+EARLY_FAULTS = ("never_learned", "stuck_above")       # onset in the first steps
+EVAL_FAULTS = ("eval_regression", "eval_drop")        # seen through evaluations only
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that determines a recorded run (its hash names the cached trace)."""
+
+    task: str
+    optimizer: str
+    schedule: str
+    lr_mult: float
+    seed: int
+    batch_mult: float = 1.0
+    fault: str | None = None
+    onset: int | None = None
+    base: str | None = None
+
+    @property
+    def family(self) -> str:
+        return TASKS[self.task].family
+
+    @property
+    def steps(self) -> int:
+        return TASKS[self.task].steps
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_id(spec: RunSpec) -> str:
+    m = f"{spec.lr_mult:g}".replace(".", "p")
+    b = f"{spec.batch_mult:g}".replace(".", "p")
+    core = f"s{spec.seed}-{spec.task}-{spec.optimizer}-{spec.schedule}-lr{m}-b{b}"
+    return core if spec.fault is None else f"{core}-{spec.fault}@{spec.onset}"
+
+
+def spec_hash(spec: RunSpec) -> str:
+    task = TASKS[spec.task]      # the task's tuned LRs and sizes name the run too
+    blob = json.dumps({"v": FORMAT_VERSION, **spec.to_json(), "base_lr": dict(task.base_lr),
+                       "batch": task.batch, "steps": task.steps}, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def _optimizer(name: str, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    return dr._optimizer(name, model, lr)
+
+
+def _apply_lr(opt: torch.optim.Optimizer, sched: Any, factor: float) -> None:
+    sched.base_lrs = [b * factor for b in sched.base_lrs]
+    for grp in opt.param_groups:
+        grp["lr"] *= factor
+
+
+def _reset(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    opt.state.clear()
+
+
+class _Recorder:
+    """One run's training loop state (keeps :func:`record_run` short)."""
+
+    def __init__(self, spec: RunSpec) -> None:
+        self.spec = spec
+        self.task = TASKS[spec.task]
+        torch.set_num_threads(1)
+        self.data = self.task.load(spec.seed)
+        torch.manual_seed(spec.seed)
+        self.model = self.task.build(self.data)
+        lr = self.task.base_lr[spec.optimizer] * spec.lr_mult
+        self.opt = _optimizer(spec.optimizer, self.model, lr)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, dr._schedule_fn(spec.schedule, self.task.steps))
+        self.batch = max(2, int(round(self.task.batch * spec.batch_mult)))
+        self.data_g = torch.Generator().manual_seed(3000 + spec.seed)
+        self.fault_g = torch.Generator().manual_seed(4000 + spec.seed)
+        self.x_eval, self.y_eval = self.data.eval_set()
+        eval_g = torch.Generator().manual_seed(5000 + spec.seed)
+        self.eval_order = torch.randperm(len(self.y_eval), generator=eval_g)
+        self.perm = torch.randperm(self.data.n_train, generator=self.data_g)
+        self.cursor = 0
+        self.onset = spec.onset if spec.onset is not None else 10 ** 9
+
+    def intervene(self, step: int) -> None:
+        f, onset = self.spec.fault, self.onset
+        if f in ("collapse", "never_learned") and step == onset:
+            _reset(self.model, self.opt)
+        elif f == "lr_bug" and step == onset:
+            _apply_lr(self.opt, self.sched, LR_BUG_FACTOR)
+        elif f == "stuck_above" and step == onset:
+            _apply_lr(self.opt, self.sched, STUCK_LR_FACTOR)
+        elif f == "blowup" and step >= onset:
+            _apply_lr(self.opt, self.sched, BLOWUP_FACTOR)
+
+    def next_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.data.n_train
+        if self.cursor + self.batch > n:
+            self.perm = torch.randperm(n, generator=self.data_g)
+            self.cursor = 0
+        idx = self.perm[self.cursor:self.cursor + self.batch]
+        self.cursor += self.batch
+        xb, yb = self.data.batch(idx)
+        f, onset = self.spec.fault, self.onset
+        if f == "spike" and onset <= step < onset + SPIKE_WINDOW:
+            yb = self.data.corrupt(yb, torch.ones(len(yb), dtype=torch.bool), self.fault_g,
+                                   "shuffle")
+        if f == "eval_regression" and step >= onset:
+            share = REGRESSION_MAX * min(1.0, (step - onset + 1) / REGRESSION_RAMP)
+            mask = torch.rand(len(yb), generator=self.fault_g) < share
+            yb = self.data.corrupt(yb, mask, self.fault_g, "systematic")
+        return xb, yb
+
+    def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        return self.model(x)
+
+    def evaluate(self, step: int, values: dict[str, float]) -> None:
+        self.model.eval()
+        y = self.y_eval
+        if self.spec.fault == "eval_drop" and step >= self.onset:
+            k = (step - self.onset) // EVAL_EVERY + 1
+            n_bad = min(len(y), int(round(EVAL_DROP_RATE * k * len(y))))
+            mask = torch.zeros(len(y), dtype=torch.bool)
+            mask[self.eval_order[:n_bad]] = True
+            y = self.data.corrupt(y, mask, torch.Generator().manual_seed(0), "systematic")
+        with torch.no_grad():
+            out = self.forward(self.x_eval, step)
+            values["eval_loss"] = float(self.task.loss(out, y))
+            acc = self.task.accuracy(out, y)
+            if acc is not None:
+                values["eval_accuracy"] = float(acc)
+        self.model.train()
+
+    def step(self, step: int) -> dict[str, float]:
+        self.intervene(step)
+        xb, yb = self.next_batch(step)
+        params = [p for p in self.model.parameters()]
+        out = self.forward(xb, step)
+        loss = self.task.loss(out, yb)
+        if self.spec.fault == "episode" and self.onset <= step < self.onset + EPISODE_WINDOW:
+            loss = loss * EPISODE_FACTOR
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = [p.grad for p in params if p.grad is not None]
+        grad_norm = float(torch.nn.utils.get_total_norm(grads, 2.0)) if grads else 0.0
+        lrs = tuple(float(g["lr"]) for g in self.opt.param_groups)
+        with torch.no_grad():
+            before = torch.cat([p.detach().reshape(-1) for p in params]).clone()
+        self.opt.step()
+        self.sched.step()
+        with torch.no_grad():
+            after = torch.cat([p.detach().reshape(-1) for p in params])
+            pnorm = float(before.norm())
+            dnorm = float((after - before).norm())
+        values: dict[str, float] = {"lr": lrs[0], "loss": float(loss.detach()),
+                                    "grad_norm": grad_norm}
+        if pnorm > 0:          # undefined on a zeroed network: not measured
+            values["update_ratio"] = dnorm / pnorm
+        acc = self.task.accuracy(out.detach(), yb)
+        if acc is not None:
+            values["accuracy"] = float(acc)
+        if step % EVAL_EVERY == 0:
+            self.evaluate(step, values)
+        self._lrs = lrs
+        return values
+
+
+def record_run(spec: RunSpec, path: Path) -> dict[str, Any]:
+    """Train ``spec`` for real and write its trace to ``path``; returns run facts.
+
+    Deterministic (single-threaded CPU torch). Training stops ``NONFINITE_TAIL`` steps after
+    the first non-finite value.
+    """
+    rec = _Recorder(spec)
+    samples: list[Sample] = []
+    first_nf: int | None = None
+    for step in range(1, rec.task.steps + 1):
+        values = rec.step(step)
+        samples.append(Sample(step=step, values=values, lr_groups=rec._lrs))
+        if first_nf is None and not all(math.isfinite(v) for v in values.values()):
+            first_nf = step
+        if first_nf is not None and step >= first_nf + NONFINITE_TAIL:
+            break
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with TraceWriter(tmp) as w:
+        w.write_many(samples)
+    tmp.replace(path)
+    return {"steps_recorded": len(samples), "first_nonfinite_step": first_nf}
+
+
+# --------------------------------------------------------------------------------------------
+# labelling
+# --------------------------------------------------------------------------------------------
+
+TRANSIENT_SHARE = 0.15     # an excursion that ends in the first 15% of the run is a transient
+STUCK_LEVEL = 1.5          # natural stuck-above: the final loss is >= 1.5x the untrained loss
+DEAD_LEVEL = 0.9           # natural never-learned: final loss >= 0.9x the untrained loss ...
+DEAD_BLOWUP = 2.0          # ... after an early excursion above 2x the untrained loss
+
+
+def label_natural(samples: Sequence[Sample]) -> dict[str, Any]:
+    """Label a natural run from its own loss curve.
+
+    Starts from :func:`benchmarks.detection_runs.label_natural` (non-finite or a final loss far
+    above its best is *diverged*; learned with no large excursion is *healthy*) and adds:
+
+    * *stuck_above*: finite, and the final loss (median of the last 20 steps) is at least
+      ``STUCK_LEVEL`` times the untrained loss. Onset: the first step of the final stretch whose
+      5-step median stays above that level.
+    * *never_learned*: finite, the loss rose above ``DEAD_BLOWUP`` times the untrained loss in
+      the first ``TRANSIENT_SHARE`` of the run, and the final loss is still at least
+      ``DEAD_LEVEL`` times the untrained loss. Onset: the first step above ``DEAD_BLOWUP``.
+    * *healthy* (``transient: true``): a run the base rule calls ambiguous because of a large
+      excursion, when that excursion ended within the first ``TRANSIENT_SHARE`` of the run and
+      the run then learned (final loss at most 0.8x the untrained loss) -- an early transient
+      that the run recovered from on its own.
+    """
+    lab = dr.label_natural(samples)
+    if lab["label"] != "ambiguous" and not (lab["label"] == "diverged"
+                                            and lab["first_nonfinite"] is None):
+        return lab
+    _, loss = dr._loss_arrays(samples)
+    init = float(loss[0])
+    final = lab["final_loss"]
+    sm = dr._smoothed(loss)
+    n = len(loss)
+    early = int(math.ceil(TRANSIENT_SHARE * n))
+    if final >= STUCK_LEVEL * init:
+        above = sm >= STUCK_LEVEL * init
+        start = n - 1
+        while start > 0 and above[start - 1]:
+            start -= 1
+        return {**lab, "label": "diverged", "kind": "stuck_above", "onset": int(start + 1),
+                "reason": f"final loss {final:.3g} >= {STUCK_LEVEL:g}x untrained {init:.3g}"}
+    if lab["label"] == "diverged":
+        return lab
+    blown = np.nonzero(loss[:early] > DEAD_BLOWUP * init)[0]
+    if final >= DEAD_LEVEL * init and len(blown):
+        return {**lab, "label": "diverged", "kind": "never_learned",
+                "onset": int(blown[0] + 1),
+                "reason": f"blew up at step {int(blown[0] + 1)}, final loss {final:.3g} >= "
+                          f"{DEAD_LEVEL:g}x untrained {init:.3g}"}
+    if final <= dr.HEALTHY_LEARNED * init:
+        ref = dr._running_ref(loss)
+        big = (sm > dr.HEALTHY_MAX_RISE * ref) & (sm - ref > dr.HEALTHY_MAX_MARGIN * init)
+        idx = np.nonzero(big)[0]
+        if len(idx) and idx[-1] < early:
+            return {**lab, "label": "healthy", "transient": True,
+                    "reason": f"early transient (until step {int(idx[-1] + 1)}), then learned"}
+    return lab
+
+
+def label_faulted(samples: Sequence[Sample], spec: RunSpec) -> dict[str, Any]:
+    """An injected fault: onset is the intervention step. The fault's footprint is measured;
+    an early fault without one (``stuck_above`` whose loss came back below the untrained level,
+    ``never_learned`` on a network that learned anyway) is *ambiguous*: its class is defined by
+    the symptom."""
+    assert spec.fault is not None and spec.onset is not None
+    lab = dr.label_faulted(samples, spec)   # type: ignore[arg-type]
+    _, loss = dr._loss_arrays(samples)
+    init = float(loss[0])
+    final = float(np.median(loss[-20:]))
+    lab["final_loss"], lab["initial_loss"] = final, init
+    if lab["first_nonfinite"] is None:
+        if spec.fault == "stuck_above" and final < STUCK_LEVEL * init:
+            return {**lab, "label": "ambiguous",
+                    "reason": f"the LR fault left no footprint: final loss {final:.3g} "
+                              f"< {STUCK_LEVEL:g}x untrained {init:.3g}"}
+        if spec.fault == "never_learned" and final < DEAD_LEVEL * init * 0.5:
+            return {**lab, "label": "ambiguous",
+                    "reason": f"the reset network learned anyway (final {final:.3g})"}
+    return lab

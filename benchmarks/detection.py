@@ -228,8 +228,8 @@ def build_suite(cache: Path = DEFAULT_CACHE, *, seeds: Iterable[int] = FULL["see
         rid = fr.run_id(spec)
         if rid not in labels:
             samples = read_trace(_trace_path(cache, spec))
-            labels[rid] = (fr.label_natural(samples) if spec.fault is None
-                           else fr.label_faulted(samples, spec))
+            labels[rid] = (fr.label_natural(samples, fr.chance_accuracy(spec.task, spec.seed))
+                           if spec.fault is None else fr.label_faulted(samples, spec))
             labels[rid]["steps_recorded"] = len(samples)
         return labels[rid]
 

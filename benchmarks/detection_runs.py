@@ -273,21 +273,8 @@ def _schedule_fn(name: str, steps: int) -> Callable[[int], float]:
 
 
 def _optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    params = list(model.parameters())
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr)
-    if name == "momentum":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    if name == "adamw":   # two groups (decay / no decay), so the trace carries a list of LRs
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        return torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
-                                  {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr)
-    raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+    from benchmarks.families import make_optimizer   # one definition of the suite's optimizers
+    return make_optimizer(name, model, lr)
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,12 +406,17 @@ def record_run(spec: RunSpec, path: Path, data: Dataset | None = None) -> dict[s
         if first_nf is not None and step >= first_nf + NONFINITE_TAIL:
             break
 
+    write_trace(samples, path)
+    return {"steps_recorded": len(samples), "first_nonfinite_step": first_nf}
+
+
+def write_trace(samples: Sequence[Sample], path: Path) -> None:
+    """Write ``samples`` to ``path`` atomically (a temporary file, then a rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with TraceWriter(tmp) as w:
         w.write_many(samples)
     tmp.replace(path)
-    return {"steps_recorded": len(samples), "first_nonfinite_step": first_nf}
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,10 +32,11 @@ so the trace is the base run's trace until the onset:
     From the onset a growing share of the training targets is corrupted systematically (class
     ``y -> (y + 1) mod C``; regression ``y -> -y``), 0% to 80% over ``REGRESSION_RAMP`` steps.
 ``eval_drop``
-    A silent evaluation regression with an unchanged training loss: from the onset a growing
-    share of the held-out targets (``EVAL_DROP_RATE`` more per evaluation, a fixed random order
-    of rows) is corrupted systematically, as a broken evaluation or serving pipeline would:
-    the evaluation accuracy falls by about 2-3 points per evaluation.
+    A silent evaluation regression with an unchanged training loss, as a broken evaluation or
+    serving pipeline gives: from the onset, classification loses exactly ``EVAL_DROP_POINTS``
+    (2 points) of held-out accuracy per evaluation (held-out targets the model gets right are
+    made wrong, in a fixed random order); regression and autoencoders get a growing share of
+    held-out targets corrupted systematically (``EVAL_DROP_RATE`` more per evaluation).
 
 Natural runs vary optimizer (SGD with momentum, Adam, AdamW, RMSprop, plain SGD), schedule
 (constant, step, exponential, cosine, cyclical, linear warm-up), batch size (x0.5, x1, x2) and
@@ -56,7 +57,6 @@ import torch
 
 from benchmarks import detection_runs as dr
 from benchmarks import families as fam
-from lrwatch.exporters.trace import TraceWriter
 from lrwatch.samples import Sample
 
 __all__ = ["RunSpec", "FAULT_KINDS", "EARLY_FAULTS", "EVAL_FAULTS", "record_run", "run_id",
@@ -71,7 +71,8 @@ EPISODE_FACTOR = 5.0
 STUCK_LR_FACTOR = 30.0
 REGRESSION_RAMP = 150
 REGRESSION_MAX = 0.8
-EVAL_DROP_RATE = 0.03
+EVAL_DROP_RATE = 0.03      # regression/autoencoder: share of held-out rows corrupted per eval
+EVAL_DROP_POINTS = 0.02    # classification: accuracy points lost per evaluation
 BLOWUP_FACTOR = 3.0
 LR_BUG_FACTOR = 100.0
 
@@ -126,10 +127,6 @@ def spec_hash(spec: RunSpec) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
-def _optimizer(name: str, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    return dr._optimizer(name, model, lr)
-
-
 def _apply_lr(opt: torch.optim.Optimizer, sched: Any, factor: float) -> None:
     sched.base_lrs = [b * factor for b in sched.base_lrs]
     for grp in opt.param_groups:
@@ -154,7 +151,7 @@ class _Recorder:
         torch.manual_seed(spec.seed)
         self.model = self.task.build(self.data)
         lr = self.task.base_lr[spec.optimizer] * spec.lr_mult
-        self.opt = _optimizer(spec.optimizer, self.model, lr)
+        self.opt = fam.make_optimizer(spec.optimizer, self.model, lr)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, dr._schedule_fn(spec.schedule, self.task.steps))
         self.batch = max(2, int(round(self.task.batch * spec.batch_mult)))
@@ -199,17 +196,32 @@ class _Recorder:
     def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
         return self.model(x)
 
-    def evaluate(self, step: int, values: dict[str, float]) -> None:
-        self.model.eval()
+    def _dropped(self, out: torch.Tensor, step: int) -> torch.Tensor:
+        """Held-out targets of the ``eval_drop`` fault at this evaluation (see module doc)."""
         y = self.y_eval
-        if self.spec.fault == "eval_drop" and step >= self.onset:
-            k = (step - self.onset) // EVAL_EVERY + 1
+        k = (step - self.onset) // EVAL_EVERY + 1
+        if not self.data.n_classes:
             n_bad = min(len(y), int(round(EVAL_DROP_RATE * k * len(y))))
             mask = torch.zeros(len(y), dtype=torch.bool)
             mask[self.eval_order[:n_bad]] = True
-            y = self.data.corrupt(y, mask, torch.Generator().manual_seed(0), "systematic")
+            return self.data.corrupt(y, mask, torch.Generator().manual_seed(0), "systematic")
+        # classification: exactly EVAL_DROP_POINTS of accuracy per evaluation, taken from the
+        # targets the model gets right (in a fixed random order)
+        flat = y.reshape(-1).clone()
+        right = (out.argmax(-1).reshape(-1) == flat).nonzero().reshape(-1)
+        order = right[torch.randperm(len(right), generator=torch.Generator().manual_seed(0))]
+        n_bad = min(len(order), int(round(EVAL_DROP_POINTS * k * flat.numel())))
+        bad = order[:n_bad]
+        flat[bad] = (flat[bad] + 1) % self.data.n_classes
+        return flat.reshape(y.shape)
+
+    def evaluate(self, step: int, values: dict[str, float]) -> None:
+        self.model.eval()
+        y = self.y_eval
         with torch.no_grad():
             out = self.forward(self.x_eval, step)
+            if self.spec.fault == "eval_drop" and step >= self.onset:
+                y = self._dropped(out, step)
             values["eval_loss"] = float(self.task.loss(out, y))
             acc = self.task.accuracy(out, y)
             if acc is not None:
@@ -266,11 +278,7 @@ def record_run(spec: RunSpec, path: Path) -> dict[str, Any]:
             first_nf = step
         if first_nf is not None and step >= first_nf + NONFINITE_TAIL:
             break
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with TraceWriter(tmp) as w:
-        w.write_many(samples)
-    tmp.replace(path)
+    dr.write_trace(samples, path)
     return {"steps_recorded": len(samples), "first_nonfinite_step": first_nf}
 
 
@@ -282,9 +290,44 @@ TRANSIENT_SHARE = 0.15     # an excursion that ends in the first 15% of the run 
 STUCK_LEVEL = 1.5          # natural stuck-above: the final loss is >= 1.5x the untrained loss
 DEAD_LEVEL = 0.9           # natural never-learned: final loss >= 0.9x the untrained loss ...
 DEAD_BLOWUP = 2.0          # ... after an early excursion above 2x the untrained loss
+DEAD_EVALS = 5             # natural dead classifier: the last 5 evaluations at chance ...
+CHANCE_MARGIN = 0.01       # ... (within 1 point of the majority class's share)
 
 
-def label_natural(samples: Sequence[Sample]) -> dict[str, Any]:
+_CHANCE: dict[tuple[str, int], float | None] = {}
+
+
+def chance_accuracy(task: str, seed: int) -> float | None:
+    """Held-out accuracy of the best constant prediction (the majority class's share): what a
+    dead classifier scores. ``None`` for regression and autoencoders."""
+    key = (task, seed)
+    if key not in _CHANCE:
+        t = TASKS[task]
+        data = t.load(seed)
+        if not data.n_classes:
+            _CHANCE[key] = None
+        else:
+            _, y = data.eval_set()
+            counts = torch.bincount(y.reshape(-1), minlength=data.n_classes)
+            _CHANCE[key] = float(counts.max()) / float(counts.sum())
+    return _CHANCE[key]
+
+
+def _dead_at_chance(samples: Sequence[Sample], chance: float | None) -> int | None:
+    """First step of the final stretch of evaluations at chance accuracy (within
+    ``CHANCE_MARGIN``), when the last ``DEAD_EVALS`` evaluations are all there; else None."""
+    if chance is None:
+        return None
+    evals = [(x.step, x.values["eval_accuracy"]) for x in samples if "eval_accuracy" in x.values]
+    if len(evals) < DEAD_EVALS or any(a > chance + CHANCE_MARGIN for _, a in evals[-DEAD_EVALS:]):
+        return None
+    i = len(evals) - 1
+    while i > 0 and evals[i - 1][1] <= chance + CHANCE_MARGIN:
+        i -= 1
+    return evals[i - 1][0] + 1 if i > 0 else 1
+
+
+def label_natural(samples: Sequence[Sample], chance: float | None = None) -> dict[str, Any]:
     """Label a natural run from its own loss curve.
 
     Starts from :func:`benchmarks.detection_runs.label_natural` (non-finite or a final loss far
@@ -293,15 +336,28 @@ def label_natural(samples: Sequence[Sample]) -> dict[str, Any]:
     * *stuck_above*: finite, and the final loss (median of the last 20 steps) is at least
       ``STUCK_LEVEL`` times the untrained loss. Onset: the first step of the final stretch whose
       5-step median stays above that level.
-    * *never_learned*: finite, the loss rose above ``DEAD_BLOWUP`` times the untrained loss in
-      the first ``TRANSIENT_SHARE`` of the run, and the final loss is still at least
-      ``DEAD_LEVEL`` times the untrained loss. Onset: the first step above ``DEAD_BLOWUP``.
+    * *never_learned*: finite, and either the held-out accuracy of the last ``DEAD_EVALS``
+      evaluations is at chance (within ``CHANCE_MARGIN`` of ``chance``, the majority class's
+      share: a dead classifier), or the loss rose above ``DEAD_BLOWUP`` times the untrained
+      loss in the first ``TRANSIENT_SHARE`` of the run and the final loss is still at least
+      ``DEAD_LEVEL`` times the untrained loss. Onset: the first step above ``DEAD_BLOWUP`` in
+      the first ``TRANSIENT_SHARE`` of the run if there is one, else the step after the last
+      evaluation above chance.
     * *healthy* (``transient: true``): a run the base rule calls ambiguous because of a large
       excursion, when that excursion ended within the first ``TRANSIENT_SHARE`` of the run and
       the run then learned (final loss at most 0.8x the untrained loss) -- an early transient
       that the run recovered from on its own.
     """
     lab = dr.label_natural(samples)
+    dead = _dead_at_chance(samples, chance) if lab["first_nonfinite"] is None else None
+    if dead is not None:
+        _, loss = dr._loss_arrays(samples)
+        early = int(math.ceil(TRANSIENT_SHARE * len(loss)))
+        blown = np.nonzero(loss[:early] > DEAD_BLOWUP * float(loss[0]))[0]
+        onset = int(blown[0] + 1) if len(blown) else dead
+        return {**lab, "label": "diverged", "kind": "never_learned", "onset": onset,
+                "reason": f"held-out accuracy at chance ({chance:.3f}) for the last "
+                          f"{DEAD_EVALS} evaluations: a dead network"}
     if lab["label"] != "ambiguous" and not (lab["label"] == "diverged"
                                             and lab["first_nonfinite"] is None):
         return lab

@@ -6,8 +6,8 @@ scored with that choice; the pooled held-out row adds up the six held-out scores
 the candidate with, on the tuning families and critical firings only: the fewest false alarms
 (healthy runs and before the onset), then the most faults caught, then the fewest healthy runs
 with any warning, then the smallest median delay. Every candidate configuration is replayed
-once over the whole suite (the engine is deterministic), so tuning costs one replay per
-configuration, not per family.
+once over the whole suite and cached (the engine is deterministic); the search is a coordinate
+search (each knob in turn, two passes) started from the shipped values.
 
 The shipped pack should be the choice made on all six families; the report says whether it is.
 """
@@ -42,22 +42,22 @@ class Knob:
 #: What is tuned, and why each value is not a measured quantity already. The first value of
 #: each knob is where the coordinate search starts.
 KNOBS: tuple[Knob, ...] = (
-    Knob("loss_above_start", "for", (3, 1, 6, 10),
+    Knob("loss_above_start", "for", (1, 3, 6, 10),
          "how long the loss must stay 10x above the untrained loss: adaptive optimizers spike "
          "early for a few steps and recover"),
-    Knob("loss_not_learning", "params.above", (0.9, 0.8, 1.0, 1.2),
+    Knob("loss_not_learning", "params.above", (1.2, 0.8, 0.9, 1.0),
          "the share of the untrained loss a dead network sits at: a constant prediction's loss "
          "(the label entropy) is below the untrained loss by a task-dependent amount"),
     Knob("loss_shift_persistent", "for", (20, 10, 40),
          "how long a loss shift must persist before it is a sustained episode"),
-    Knob("loss_not_learning", "params.window", (40, 60, 80),
+    Knob("loss_not_learning", "params.window", (60, 40, 80),
          "how many steps of flat loss tell a dead network from a slow start"),
     Knob("eval_accuracy_drop", "params.confidence", (0.999, 0.99, 0.9999),
          "the confidence of the evaluation-accuracy regression test"),
-    Knob("eval_accuracy_drop", "params.tolerance", (2.0, 4.0, 6.0),
+    Knob("eval_accuracy_drop", "params.tolerance", (6.0, 2.0, 4.0),
          "how far (in noise units) the evaluation accuracy may fall below its best: late "
          "over-fitting costs a little accuracy and is not a fault"),
-    Knob("eval_loss_drop", "params.tolerance", (4.0, 8.0, 16.0),
+    Knob("eval_loss_drop", "params.tolerance", (16.0, 4.0, 8.0),
          "how far (in noise units) the evaluation loss may rise above its best: over-fitting "
          "raises it slowly and is not a fault"),
 )

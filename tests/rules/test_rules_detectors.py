@@ -12,7 +12,7 @@ import pytest
 from lrwatch.errors import ConfigError
 from lrwatch.rules.detectors import (DETECTORS, Baseline, Cusum, EmaRatio, NonFinite,
                                      PageHinkley, Plateau, Rate, Regression, Spike, Staleness,
-                                     StartRatio, Threshold, Trend, Untrained,
+                                     StartRatio, Threshold, Trend, Untrained, Frozen,
                                      make_detector)
 from lrwatch.rules.detectors.spike import _mad, _median
 from lrwatch.rules.detectors.trend import t_quantile
@@ -257,6 +257,17 @@ def test_untrained_golden():
     assert Untrained().update(float("nan")) is None
 
 
+def test_frozen_golden():
+    det = Frozen(count=3)
+    # identical held-out accuracies (a constant prediction) fire; any change breaks the run
+    assert [det.update(x) for x in (0.31, 0.3096, 0.3096, 0.3096, 0.3097)] == [
+        None, None, False, True, False]
+    loose = Frozen(count=2, rtol=0.01)
+    assert [loose.update(x) for x in (1.0, 1.005, 1.2)] == [None, True, False]
+    assert loose.statistic == pytest.approx((1.2 - 1.005) / 1.2)
+    assert loose.update(float("inf")) is None and loose.update(1.2) is None   # window restarts
+
+
 def test_staleness_golden():
     assert Staleness(seconds=10.0).check(100.0) is None  # never seen: nothing to judge
     det = Staleness(seconds=10.0, samples=3)
@@ -283,6 +294,7 @@ FACTORIES = {
     "start_ratio": lambda: StartRatio(warmup=2, above=5.0, below=0.1),
     "start_ratio_window": lambda: StartRatio(warmup=1, above=2.0, window=5),
     "untrained": lambda: Untrained(window=10, above=0.5),
+    "frozen": lambda: Frozen(count=3, rtol=0.01),
     "rate": lambda: Rate(above=1.0, below=0.1),
     "staleness": lambda: Staleness(seconds=2.5, samples=3),
 }

@@ -28,6 +28,7 @@ FACTORIES = {
     "baseline": lambda: DETECTORS["baseline"](warmup=3, arm=0.9, level=0.95, smooth=0.5),
     "start_ratio": lambda: DETECTORS["start_ratio"](warmup=2, above=5.0, below=0.1),
     "untrained": lambda: DETECTORS["untrained"](window=8, above=0.5),
+    "frozen": lambda: DETECTORS["frozen"](count=3, rtol=0.01),
     "rate": lambda: DETECTORS["rate"](above=1.0, below=0.1, counter=True),
     "staleness": lambda: DETECTORS["staleness"](seconds=2.5, samples=3),
 }

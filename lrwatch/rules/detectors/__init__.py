@@ -15,6 +15,7 @@ from .base import Detector, Param
 from .baseline import Baseline
 from .cusum import Cusum
 from .ema_ratio import EmaRatio
+from .frozen import Frozen
 from .nonfinite import NonFinite
 from .page_hinkley import PageHinkley
 from .plateau import Plateau
@@ -29,7 +30,7 @@ from .untrained import Untrained
 
 __all__ = [
     "DETECTORS", "Detector", "Param", "make_detector",
-    "Baseline", "Cusum", "EmaRatio", "NonFinite", "PageHinkley", "Plateau", "Rate",
+    "Baseline", "Cusum", "EmaRatio", "Frozen", "NonFinite", "PageHinkley", "Plateau", "Rate",
     "Regression", "Spike", "Staleness", "StartRatio", "Threshold", "Trend", "Untrained",
 ]
 
@@ -37,7 +38,7 @@ __all__ = [
 DETECTORS: Mapping[str, type[Detector]] = MappingProxyType({
     cls.name: cls for cls in (NonFinite, Threshold, Spike, EmaRatio, Cusum, PageHinkley, Trend,
                               Regression, Plateau, Baseline, StartRatio, Rate, Staleness,
-                              Untrained)
+                              Untrained, Frozen)
 })
 
 

@@ -59,8 +59,10 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = ROOT / "benchmarks" / ".cache" / "detection-families"
 
 DEADLINE = 25                   # steps after onset for step-level faults and natural divergences
-DEADLINE_EARLY = 50             # never learned / stuck above: a dead start takes a while to tell
-DEADLINE_EVAL = {"eval_regression": 120, "eval_drop": 60}   # 6 and 3 evaluations
+DEADLINE_EARLY = 60             # never learned / stuck above: a dead start takes a while to tell
+# evaluation faults: the slow training-label ramp has 120 steps (12 evaluations); the silent
+# drop must be caught within 3 evaluations of its first affected one
+DEADLINE_EVAL = {"eval_regression": 120, "eval_drop": 3 * fr.EVAL_EVERY}
 NATURAL_TOLERANCE = 5           # natural onsets are estimated: alarms up to 5 steps early count
 LR_MULTS = (1, 1, 3, 10, 30, 100)
 ONSET_RANGE = (100, 180)

@@ -62,8 +62,8 @@ from lrwatch.samples import Sample
 __all__ = ["RunSpec", "FAULT_KINDS", "EARLY_FAULTS", "EVAL_FAULTS", "record_run", "run_id",
            "spec_hash", "label_natural", "label_faulted", "TASKS", "FAMILIES"]
 
-FORMAT_VERSION = 1
-EVAL_EVERY = 20
+FORMAT_VERSION = 2
+EVAL_EVERY = 10               # held-out evaluation every K steps (30 per run)
 NONFINITE_TAIL = 10
 SPIKE_WINDOW = 30
 EPISODE_WINDOW = 60

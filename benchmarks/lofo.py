@@ -42,12 +42,18 @@ class Knob:
 #: What is tuned, and why each value is not a measured quantity already. The first value of
 #: each knob is where the coordinate search starts.
 KNOBS: tuple[Knob, ...] = (
-    Knob("loss_above_start", "for", (1, 3, 6, 10),
+    Knob("loss_above_start", "for", (6, 1, 3, 10),
          "how long the loss must stay 10x above the untrained loss: adaptive optimizers spike "
          "early for a few steps and recover"),
     Knob("loss_not_learning", "params.above", (1.2, 0.8, 0.9, 1.0),
          "the share of the untrained loss a dead network sits at: a constant prediction's loss "
          "(the label entropy) is below the untrained loss by a task-dependent amount"),
+    Knob("loss_near_untrained", "params.above", (0.6, 0.5, 0.7),
+         "how close to its untrained level a dead network's loss sits (the label entropy)"),
+    Knob("eval_accuracy_frozen", "params.count", (3, 2, 4),
+         "how many identical held-out accuracies mean a constant prediction"),
+    Knob("eval_loss_frozen", "params.rtol", (0.003, 0.001, 0.01),
+         "how still a dead network's evaluation loss is"),
     Knob("loss_shift_persistent", "for", (20, 10, 40),
          "how long a loss shift must persist before it is a sustained episode"),
     Knob("loss_not_learning", "params.window", (60, 40, 80),

@@ -785,7 +785,7 @@ class Watcher:
                 rec["to_step"] = target.step
                 rec["engine_state"] = target.extra.get("engine_state")
             if d.action == "rollback" and target is not None:
-                factor = self._rollback_factor(target)
+                factor = self._rollback_factor(target, getattr(d.event, "since", None))
                 rec["lr_factor"] = factor
                 if self._ramp_next:
                     rec["warmup"] = self._ramp_next
@@ -821,6 +821,12 @@ class Watcher:
             return None
         if d.action == "rollback":
             target = self.store.latest_good()
+            since = getattr(d.event, "since", None)
+            if target is not None and since is not None and target.step >= since:
+                # an escalation: its evidence began at `since` (a spike that then left a dead
+                # network), so snapshots taken after that are not healthy, whatever the rules
+                # said of them at the time
+                target = self.store.good_before(since) or target
             if (target is not None and self._last_rollback_to is not None
                     and target.step <= self._last_rollback_to):
                 # The last rollback went here and the run diverged again before a newer
@@ -852,7 +858,7 @@ class Watcher:
         self._pending.append((d, target, self._rollback_factor(target)))
         self.exporter.actions.labels("rollback").inc()
 
-    def _rollback_factor(self, target: Snapshot) -> float:
+    def _rollback_factor(self, target: Snapshot, since: int | None = None) -> float:
         """``lr_factor``, compounded while rollbacks keep failing (each one soon after the last).
 
         A one-off fault needs one cut; a persistent one (a schedule bug, a learning rate far
@@ -870,9 +876,10 @@ class Watcher:
             self._rollback_repeats = 0
         self._last_rollback_to = target.step
         self._last_rollback_at = self.step
-        if not self.policy.ever_healthy and target.pinned:
-            # Diverged before any state after the start proved healthy: the configuration (the
-            # learning rate) is wrong, not a passing fault. Restart with a tenth, warmed up.
+        if target.pinned and (not self.policy.ever_healthy or since is not None):
+            # Diverged before any state after the start proved healthy (for an escalation:
+            # before its evidence began): the configuration (the learning rate) is wrong, not
+            # a passing fault. Restart with a tenth, warmed up.
             self._ramp_next = rc.restart_warmup
             return float(rc.restart_lr_factor * rc.lr_factor ** self._rollback_repeats)
         self._ramp_next = 0

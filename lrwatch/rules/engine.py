@@ -48,7 +48,7 @@ Examples
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Optional, Protocol, Tuple
 
@@ -99,6 +99,9 @@ class Firing:
     labels: Mapping[str, str] = field(default_factory=dict)
     annotations: Mapping[str, str] = field(default_factory=dict)
     metric: str | None = None
+    #: For a ``when`` rule: the step at which its evidence began (the earliest start of the
+    #: referenced firings it relied on), so that a rollback can go back before it.
+    since: int | None = None
 
     def to_json(self, trace: str) -> dict[str, Any]:
         """The ``lrwatch replay --json`` record (non-finite values as ``"nan"``/``"inf"``).
@@ -116,7 +119,7 @@ class Firing:
                 "severity": self.severity, "actions": list(self.actions),
                 "value": _num(self.value), "message": self.message, "kind": self.kind,
                 "labels": dict(self.labels), "annotations": dict(self.annotations),
-                "metric": self.metric}
+                "metric": self.metric, "since": self.since}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Firing":
@@ -124,7 +127,8 @@ class Firing:
                    severity=d["severity"], actions=tuple(d.get("actions", ())),
                    value=_unnum(d.get("value")), message=d.get("message", ""),
                    kind=d.get("kind", "firing"), labels=dict(d.get("labels", {})),
-                   annotations=dict(d.get("annotations", {})), metric=d.get("metric"))
+                   annotations=dict(d.get("annotations", {})), metric=d.get("metric"),
+                   since=d.get("since"))
 
     @property
     def severity_rank(self) -> int:
@@ -366,9 +370,25 @@ class Engine:
             # the event reports the referenced rule that fired most recently: its metric, value
             last = src or _latest(r.last_firing for r in rs.refs) or rs.firing
             hit: _Hit = (last.metric, last.value, rs) if last is not None else (None, None, rs)
+            n = len(events)
             self._judge(rs, src is not None, step, t, hit, events)
+            if len(events) > n and events[-1] is rs.firing:
+                rs.firing = events[-1] = replace(rs.firing, since=self._since(rs, step))
             if rs.tracked and rs.firing is not None:
                 rs.last_step, rs.last_firing = step, rs.firing
+
+    @staticmethod
+    def _since(rs: _RuleState, step: int) -> int:
+        """The earliest start among the referenced firings that make ``rs``'s condition hold."""
+        when = rs.rule.when
+        assert when is not None
+        lo = step - when.within if when.within is not None else step
+        starts = [f.since if f.since is not None else f.step
+                  for r in rs.refs
+                  for f in ((r.firing or r.last_firing),)
+                  if f is not None and (r.firing is not None
+                                        or (r.last_step is not None and r.last_step >= lo))]
+        return min(starts) if starts else step
 
     @staticmethod
     def _holds(rs: _RuleState, step: int) -> Firing | None:

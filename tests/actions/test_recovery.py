@@ -439,7 +439,8 @@ def test_blow_up_at_the_second_step_rolls_back_to_the_start_with_default_rules(
         tmp_path: Path) -> None:
     # Adam far too hot for this MLP: the loss goes 1.4 -> 36 at step 2, then falls back to the
     # untrained level with a dead network. No relative rule sees it (the spike is the history);
-    # the default pack's loss_above_start compares with the untrained loss.
+    # the default pack's blowup_then_dead sees a spike 10x above the untrained loss followed by
+    # a flat loss near the untrained level (a transient that keeps learning would not fire).
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
                           nn.Linear(64, 4))
@@ -451,7 +452,7 @@ def test_blow_up_at_the_second_step_rolls_back_to_the_start_with_default_rules(
                         recovery={"good_after": 10, "min_interval": 5})
     lrs = []
     for _ in w.batches(_batches()):
-        if w.step >= 30:
+        if w.step >= 70:
             break
         x = torch.randn(32, 20, generator=g)
         loss = nn.functional.cross_entropy(model(x), (x @ truth).argmax(1))
@@ -462,7 +463,7 @@ def test_blow_up_at_the_second_step_rolls_back_to_the_start_with_default_rules(
         w.log(loss=loss.detach())
     w.close()
     rb = [e for s in read_trace(trace) for e in s.events if e.get("type") == "rollback"]
-    assert rb and rb[0]["rule"] == "loss_above_start" and rb[0]["to_step"] == 0
+    assert rb and rb[0]["rule"] == "blowup_then_dead" and rb[0]["to_step"] == 0
     # It diverged before any later state proved healthy: a restart, with restart_lr_factor.
     assert rb[0]["lr_factor"] == RecoveryConfig().restart_lr_factor == 0.1
     assert rb[0]["warmup"] == 100

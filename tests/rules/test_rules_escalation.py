@@ -536,3 +536,27 @@ def test_programmatic_rules_are_checked():
                 Rule("p", when=When("firing", ("a",)))])
     with pytest.raises(ConfigError, match=r"reference cycle: p -> q -> p"):
         Engine([a, Rule("p", when=When("firing", ("q",))), Rule("q", when=When("firing", ("p",)))])
+
+
+def test_since_is_where_the_evidence_began():
+    # a fires at 2, b at 5: the escalation fires at 5 and its evidence began at 2; a chain on
+    # it inherits that start; a rollback for it goes back before step 2 (the Watcher's target)
+    eng = engine("""\
+        - name: c
+          when: {all: [a, b], within: 3}
+          severity: critical
+        - name: d
+          when: {firing: c}
+          severity: critical
+    """)
+    firings = {}
+    for i, (x, y) in enumerate(zip([0, 0, 2, 0, 0, 0], [0, 0, 0, 0, 0, 2])):
+        for e in eng.update(Sample(step=i, values={"x": x, "y": y})):
+            if e.kind == "firing":
+                firings[e.rule] = e
+    assert firings["c"].step == 5 and firings["c"].since == 2
+    assert firings["d"].since == 2
+    assert firings["a"].since is None                 # metric rules carry no `since`
+    # and it survives the engine's state round trip
+    from lrwatch.rules.engine import Firing
+    assert Firing.from_dict(firings["c"].to_dict()).since == 2

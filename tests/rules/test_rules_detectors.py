@@ -12,7 +12,7 @@ import pytest
 from lrwatch.errors import ConfigError
 from lrwatch.rules.detectors import (DETECTORS, Baseline, Cusum, EmaRatio, NonFinite,
                                      PageHinkley, Plateau, Rate, Regression, Spike, Staleness,
-                                     StartRatio, Threshold, Trend, Untrained, Frozen,
+                                     StartRatio, Threshold, Trend, Untrained, Frozen, Drop,
                                      make_detector)
 from lrwatch.rules.detectors.spike import _mad, _median
 from lrwatch.rules.detectors.trend import t_quantile
@@ -295,6 +295,7 @@ FACTORIES = {
     "start_ratio_window": lambda: StartRatio(warmup=1, above=2.0, window=5),
     "untrained": lambda: Untrained(window=10, above=0.5),
     "frozen": lambda: Frozen(count=3, rtol=0.01),
+    "drop": lambda: Drop(mode="max", z=3.0, count=2, window=5, warmup=4),
     "rate": lambda: Rate(above=1.0, below=0.1),
     "staleness": lambda: Staleness(seconds=2.5, samples=3),
 }

@@ -29,6 +29,8 @@ FACTORIES = {
     "start_ratio": lambda: DETECTORS["start_ratio"](warmup=2, above=5.0, below=0.1),
     "untrained": lambda: DETECTORS["untrained"](window=8, above=0.5),
     "frozen": lambda: DETECTORS["frozen"](count=3, rtol=0.01),
+    "drop": lambda: DETECTORS["drop"](mode="min", z=3.0, count=2, window=5, warmup=4,
+                                      log=True),
     "rate": lambda: DETECTORS["rate"](above=1.0, below=0.1, counter=True),
     "staleness": lambda: DETECTORS["staleness"](seconds=2.5, samples=3),
 }

@@ -14,6 +14,7 @@ from ...errors import ConfigError
 from .base import Detector, Param
 from .baseline import Baseline
 from .cusum import Cusum
+from .drop import Drop
 from .ema_ratio import EmaRatio
 from .frozen import Frozen
 from .nonfinite import NonFinite
@@ -30,7 +31,7 @@ from .untrained import Untrained
 
 __all__ = [
     "DETECTORS", "Detector", "Param", "make_detector",
-    "Baseline", "Cusum", "EmaRatio", "Frozen", "NonFinite", "PageHinkley", "Plateau", "Rate",
+    "Baseline", "Cusum", "Drop", "EmaRatio", "Frozen", "NonFinite", "PageHinkley", "Plateau", "Rate",
     "Regression", "Spike", "Staleness", "StartRatio", "Threshold", "Trend", "Untrained",
 ]
 
@@ -38,7 +39,7 @@ __all__ = [
 DETECTORS: Mapping[str, type[Detector]] = MappingProxyType({
     cls.name: cls for cls in (NonFinite, Threshold, Spike, EmaRatio, Cusum, PageHinkley, Trend,
                               Regression, Plateau, Baseline, StartRatio, Rate, Staleness,
-                              Untrained, Frozen)
+                              Untrained, Frozen, Drop)
 })
 
 

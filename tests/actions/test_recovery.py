@@ -452,7 +452,7 @@ def test_blow_up_at_the_second_step_rolls_back_to_the_start_with_default_rules(
                         recovery={"good_after": 10, "min_interval": 5})
     lrs = []
     for _ in w.batches(_batches()):
-        if w.step >= 70:
+        if w.step >= 110:
             break
         x = torch.randn(32, 20, generator=g)
         loss = nn.functional.cross_entropy(model(x), (x @ truth).argmax(1))

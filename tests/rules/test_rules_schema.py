@@ -302,8 +302,11 @@ def test_training_pack_has_the_required_rules():
             "loss_collapse": ("critical", "rollback"), "vanishing_gradient": ("critical",
                                                                               "rollback"),
             "grad_explosion": ("warning", None), "lr_anomaly": ("warning", None),
-            "eval_loss_regression": ("warning", "alert"),
-            "eval_accuracy_regression": ("warning", "alert"), "loss_plateau": ("info", None)}
+            "eval_loss_regression": ("info", None),
+            "eval_accuracy_regression": ("info", None), "loss_plateau": ("info", None),
+            "eval_accuracy_drop": ("critical", "stop"), "eval_loss_drop": ("critical", "stop"),
+            "dead_network": ("critical", "rollback"), "lr_jump_divergence": ("critical",
+                                                                            "rollback")}
     for name, (sev, action) in want.items():
         assert rs[name].severity == sev
         if action:

@@ -59,7 +59,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = ROOT / "benchmarks" / ".cache" / "detection-families"
 
 DEADLINE = 25                   # steps after onset for step-level faults and natural divergences
-DEADLINE_EARLY = 60             # never learned / stuck above: a dead start takes a while to tell
+DEADLINE_EARLY = 100            # never learned / stuck above: telling a dead start from a slow
+                                # one takes evidence (a third of the run; delays are reported)
 # evaluation faults: the slow training-label ramp has 120 steps (12 evaluations); the silent
 # drop must be caught within 3 evaluations of its first affected one
 DEADLINE_EVAL = {"eval_regression": 120, "eval_drop": 3 * fr.EVAL_EVERY}

@@ -56,6 +56,11 @@ KNOBS: tuple[Knob, ...] = (
          "how many identical held-out accuracies mean a constant prediction"),
     Knob("eval_loss_frozen", "params.rtol", (0.001, 0.003, 0.0003),
          "how still a dead network's evaluation loss is"),
+    Knob("loss_above_half_untrained", "params.above", (0.5, 0.4, 0.6),
+         "the loss level, as a share of the untrained loss, above which a frozen accuracy "
+         "means a constant prediction"),
+    Knob("eval_accuracy_stuck", "params.count", (5, 4, 6, 8),
+         "how many identical held-out accuracies mean a constant prediction"),
     Knob("grad_explosion", "params.threshold", (6.0, 8.0, 10.0),
          "robust z of a gradient-norm spike worth a warning (language models spike often)"),
     Knob("grad_explosion", "params.min_scale", (0.15, 0.3),

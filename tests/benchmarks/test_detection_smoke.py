@@ -29,7 +29,7 @@ from lrwatch.exporters.trace import read_trace  # noqa: E402
 from lrwatch.samples import Sample  # noqa: E402
 
 HEALTHY = fr.RunSpec("synth_ae", "adam", "constant", 1.0, seed=0)
-DIVERGED = fr.RunSpec("diabetes_mlp", "sgd", "constant", 1000.0, seed=0)
+DIVERGED = fr.RunSpec("diabetes_mlp", "sgd", "constant", 30.0, seed=0)
 SPIKE = fr.RunSpec("synth_ae", "adam", "constant", 1.0, seed=0, fault="spike", onset=60,
                    base=fr.run_id(HEALTHY))
 EVAL_DROP = fr.RunSpec("cancer_mlp", "adam", "constant", 1.0, seed=0, fault="eval_drop",

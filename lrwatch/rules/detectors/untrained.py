@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import ClassVar, Mapping
+from typing import Any, ClassVar, Mapping
 
 from .base import Detector, Param
 from .spike import _median
@@ -80,6 +80,7 @@ class Untrained(Detector):
         self._start: float | None = None
         self._buf: deque[float] = deque(maxlen=self.window)
         self._level: float | None = None
+        self._cnt: int | None = 0
 
     @property
     def statistic(self) -> float | None:
@@ -95,11 +96,20 @@ class Untrained(Detector):
                 self._start = _median(sorted(self._first))
                 self._first = []
             return None
-        self._buf.append(x)
-        if len(self._buf) < self.window:
-            return None
-        vals = list(self._buf)
         h = self.window // 2
+        thr = self.above * self._start
+        if self._cnt is None:                 # values >= thr in the newer half (after a load)
+            self._cnt = sum(1 for v in list(self._buf)[-h:] if v >= thr)
+        buf = self._buf
+        if len(buf) >= h:                     # the value that leaves the newer half
+            self._cnt -= buf[-h] >= thr
+        buf.append(x)
+        self._cnt += x >= thr
+        if len(buf) < self.window:
+            return None
+        if 2 * self._cnt < h:                 # the newer half's median is below thr: no sort
+            return False
+        vals = list(buf)
         new = _median(sorted(vals[h:]))
         self._level = new / self._start
         if self._level < self.above:       # the common case: well below the untrained level
@@ -109,3 +119,7 @@ class Untrained(Detector):
         sd = _MAD_TO_SD * _median(diffs) / math.sqrt(2.0)
         se = _MEDIAN_SE * sd * math.sqrt(2.0 / h)
         return not old - new > self.z * se      # not learning
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._cnt = None                      # recounted from the buffer at the next update

@@ -164,3 +164,22 @@ def test_replay_does_not_import_torch(tmp_path):
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "NO-TORCH"
+
+
+def test_parallel_replay_gives_the_same_output_in_the_same_order(tmp_path, traces):
+    # many copies of the two traces, in a mixed order: worker processes must not reorder them
+    paths = []
+    for i in range(24):
+        src = traces[i % 2]
+        dst = tmp_path / f"t{i:02d}.jsonl"
+        dst.write_text(Path(src).read_text())
+        paths.append(dst)
+    serial = invoke("--json", "--jobs", "1", "--no-progress", *paths)
+    parallel = invoke("--json", "--jobs", "2", "--no-progress", *paths)
+    assert serial.exit_code == parallel.exit_code == 0
+    assert serial.stdout == parallel.stdout and serial.stdout.count("\n") >= 12
+    rules = tmp_path / "r.yml"
+    rules.write_text("rules:\n  - {name: any_loss, metric: loss, detector: threshold, "
+                     "params: {above: 0}, severity: info}\n")
+    custom = invoke("--json", "--jobs", "2", "--rules", rules, *paths)   # workers load the file
+    assert custom.exit_code == 0 and custom.stdout.count('"rule": "any_loss"') == 24

@@ -301,7 +301,7 @@ def test_training_pack_has_the_required_rules():
     want = {"nonfinite": ("critical", "rollback"), "loss_blowup": ("critical", "rollback"),
             "loss_collapse": ("critical", "rollback"), "vanishing_gradient": ("critical",
                                                                               "rollback"),
-            "grad_explosion": ("warning", None), "lr_anomaly": ("warning", None),
+            "grad_explosion": ("info", None), "lr_anomaly": ("warning", None),
             "eval_loss_regression": ("info", None),
             "eval_accuracy_regression": ("info", None), "loss_plateau": ("info", None),
             "eval_accuracy_drop": ("critical", "stop"), "eval_loss_drop": ("critical", "stop"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, insort
 from collections import deque
-from typing import ClassVar, Mapping
+from typing import Any, ClassVar, Mapping
 
 from .base import DIRECTIONS, Detector, Param
 
@@ -98,7 +98,7 @@ class Spike(Detector):
         "floor": Param(float, "smallest absolute change that fires", min=0),
         "min_scale": Param(float, "lower bound of the scale", min=0, min_open=True),
     }
-    _STATE = ("buf", "sorted", "z")
+    _STATE = ("buf", "sorted", "z", "scale")
 
     def __init__(self, *, window: int = 50, threshold: float = 6.0, warmup: int = 20,
                  direction: str = "up", log: bool = False, floor: float = 0.0,
@@ -109,6 +109,15 @@ class Spike(Detector):
         self._buf: deque[float] = deque(maxlen=self.window)
         self._sorted: list[float] = []
         self._z: float | None = None
+        self._scale: float = self.min_scale      # the last MAD-based scale
+
+    def _skip(self, y: float, m: float) -> bool:
+        """Whether ``y`` cannot fire whatever the scale (it lies on the quiet side of ``m``)."""
+        if self.direction == "up":
+            return y <= m
+        if self.direction == "down":
+            return y >= m
+        return False
 
     @property
     def median(self) -> float | None:
@@ -131,7 +140,12 @@ class Spike(Detector):
         verdict: bool | None = None
         if len(a) >= self.warmup:
             m = _median(a)
-            scale = max(_MAD_TO_SIGMA * _mad(a, m), self.min_scale)
+            if self._skip(y, m):
+                # on the quiet side of the median this value cannot fire: its z-score, needed
+                # for a message only, uses the last scale instead of a fresh MAD (the hot path)
+                scale = self._scale
+            else:
+                scale = self._scale = max(_MAD_TO_SIGMA * _mad(a, m), self.min_scale)
             z = (y - m) / scale
             self._z = z
             if self.direction == "up":
@@ -148,3 +162,7 @@ class Spike(Detector):
         self._buf.append(y)
         insort(a, y)
         return verdict
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        # states saved before the cached scale existed: start from the floor
+        super().load_state_dict({"scale": self.min_scale, **state})

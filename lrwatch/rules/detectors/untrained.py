@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from operator import sub
 from typing import Any, ClassVar, Mapping
 
 from .base import Detector, Param
@@ -115,7 +116,7 @@ class Untrained(Detector):
         if self._level < self.above:       # the common case: well below the untrained level
             return False
         old = _median(sorted(vals[:h]))
-        diffs = sorted(abs(b - a) for a, b in zip(vals, vals[1:]))
+        diffs = sorted(map(abs, map(sub, vals[1:], vals[:-1])))   # C loops: the hot path
         sd = _MAD_TO_SD * _median(diffs) / math.sqrt(2.0)
         se = _MEDIAN_SE * sd * math.sqrt(2.0 / h)
         return not old - new > self.z * se      # not learning

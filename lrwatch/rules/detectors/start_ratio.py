@@ -10,7 +10,19 @@ from ...errors import ConfigError
 from .base import Detector, Param
 from .spike import _median  # the median of a sorted list
 
-__all__ = ["StartRatio"]
+__all__ = ["StartRatio", "take_start"]
+
+
+def take_start(first: list[float], x: float, warmup: int) -> float | None:
+    """Collect ``x`` into ``first``; once it holds ``warmup`` values, return their median (the
+    start level, e.g. the untrained loss) and empty it. Shared by the detectors that compare
+    with where a run started."""
+    first.append(x)
+    if len(first) < warmup:
+        return None
+    level = _median(sorted(first))
+    first.clear()
+    return level
 
 
 class StartRatio(Detector):
@@ -93,10 +105,7 @@ class StartRatio(Detector):
         if not math.isfinite(x) or x <= 0.0:
             return None
         if self._start is None:
-            self._first.append(x)
-            if len(self._first) == self.warmup:
-                self._start = _median(sorted(self._first))
-                self._first = []
+            self._start = take_start(self._first, x, self.warmup)
             return None
         if self.window > 1:
             self._buf.append(x)

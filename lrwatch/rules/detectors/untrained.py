@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Mapping
 
 from .base import Detector, Param
 from .spike import _median
+from .start_ratio import take_start
 
 __all__ = ["Untrained"]
 
@@ -92,10 +93,7 @@ class Untrained(Detector):
         if not math.isfinite(x) or x <= 0.0:
             return None
         if self._start is None:
-            self._first.append(x)
-            if len(self._first) == self.warmup:
-                self._start = _median(sorted(self._first))
-                self._first = []
+            self._start = take_start(self._first, x, self.warmup)
             return None
         h = self.window // 2
         thr = self.above * self._start

@@ -13,11 +13,13 @@ from .errors import ConfigError, ExporterError, LrwatchError, RuleError, TraceFo
 from .samples import Sample
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .recovery.lr_find import lr_find
     from .watch import Watcher
 
 __all__ = [
     "__version__",
     "Watcher",
+    "lr_find",
     "Sample",
     "LrwatchError",
     "ConfigError",
@@ -32,4 +34,8 @@ def __getattr__(name: str) -> Any:
         from .watch import Watcher
 
         return Watcher
+    if name == "lr_find":   # the learning-rate range test (torch)
+        from .recovery.lr_find import lr_find
+
+        return lr_find
     raise AttributeError(f"module 'lrwatch' has no attribute {name!r}")

@@ -1,0 +1,259 @@
+"""The learning-rate range test on a real model, leaving the model exactly as it found it.
+
+:func:`lr_find` trains a few dozen steps at exponentially increasing learning rates (the
+decision half, when to stop and what to suggest, is the pure :class:`~lrwatch.recovery.curve.
+RangeTest`), then puts everything back: parameters, buffers, gradients, the optimizer's state
+and param groups, the scheduler, the GradScaler, the RNG states and the data loader's sampler
+generators, bit for bit. The probe runs in place rather than on a deep copy, so it works for
+wrapped models (DDP, FSDP) whose copies would not take part in the collectives; what it saves
+is one copy of the state, as a snapshot does.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+from ..actions.snapshot import _rng_state, _set_rng_state
+from ..errors import ConfigError
+from .curve import LRCurve, RangeTest, geometric_rates
+
+__all__ = ["lr_find", "run_range_test", "SavedTraining", "BatchLoss"]
+
+#: ``batch_loss(model, batch) -> loss``: one step's scalar loss (with the graph).
+BatchLoss = Callable[[torch.nn.Module, Any], torch.Tensor]
+
+
+def _generators(loader: Any) -> list[torch.Generator]:
+    """The ``torch.Generator`` objects a DataLoader draws its order from (iterating advances
+    them, which would move the user's data order)."""
+    found: list[torch.Generator] = []
+    for obj in (loader, getattr(loader, "sampler", None),
+                getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        g = getattr(obj, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not h for h in found):
+            found.append(g)
+    return found
+
+
+def _copy_value(v: Any) -> Any:
+    return v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+
+
+@dataclass
+class SavedTraining:
+    """Everything a probe may change, kept so that :meth:`restore` puts it back bit for bit."""
+
+    tensors: list[tuple[torch.Tensor, torch.Tensor]]
+    grads: list[tuple[torch.Tensor, torch.Tensor | None]]
+    modes: list[tuple[torch.nn.Module, bool]]
+    groups: list[dict[str, Any]]
+    opt_state: dict[torch.Tensor, dict[str, Any]]
+    scheduler: dict[str, Any] | None
+    scaler: dict[str, Any] | None
+    rng: dict[str, Any]
+    generators: list[tuple[torch.Generator, torch.Tensor]]
+
+    @classmethod
+    def capture(cls, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler: Any = None, scaler: Any = None, loader: Any = None
+                ) -> "SavedTraining":
+        seen: set[int] = set()
+        tensors: list[tuple[torch.Tensor, torch.Tensor]] = []
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        for t in [*model.parameters(), *params, *model.buffers()]:
+            if id(t) not in seen:
+                seen.add(id(t))
+                tensors.append((t, t.detach().clone()))
+        grads = [(t, None if t.grad is None else t.grad.detach().clone())
+                 for t, _ in tensors if isinstance(t, torch.nn.Parameter) or t.requires_grad]
+        groups = [{k: _copy_value(v) for k, v in g.items() if k != "params"}
+                  for g in optimizer.param_groups]
+        opt_state = {p: {k: _copy_value(v) for k, v in st.items()}
+                     for p, st in optimizer.state.items()}
+        return cls(tensors, grads, [(m, m.training) for m in model.modules()], groups,
+                   opt_state,
+                   copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None,
+                   copy.deepcopy(scaler.state_dict()) if scaler is not None else None,
+                   _rng_state(), [(g, g.get_state()) for g in _generators(loader)])
+
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler: Any = None, scaler: Any = None) -> None:
+        """Put everything back in place (tensors keep their identity)."""
+        with torch.no_grad():
+            for t, saved in self.tensors:
+                t.copy_(saved)
+            for t, g in self.grads:
+                t.grad = None if g is None else g.clone()
+        for m, training in self.modes:
+            m.train(training)
+        for group, saved_group in zip(optimizer.param_groups, self.groups):
+            for k in [k for k in group if k != "params" and k not in saved_group]:
+                del group[k]
+            for k, v in saved_group.items():
+                cur = group.get(k)
+                if isinstance(cur, torch.Tensor) and isinstance(v, torch.Tensor):
+                    with torch.no_grad():
+                        cur.copy_(v)   # a tensor lr (capturable) keeps its identity
+                else:
+                    group[k] = _copy_value(v)
+        state = optimizer.state
+        for p in [p for p in state if p not in self.opt_state]:
+            del state[p]
+        for p, saved_st in self.opt_state.items():
+            st = state[p]
+            for k in [k for k in st if k not in saved_st]:
+                del st[k]
+            for k, v in saved_st.items():
+                cur = st.get(k)
+                if (isinstance(cur, torch.Tensor) and isinstance(v, torch.Tensor)
+                        and cur.shape == v.shape and cur.dtype == v.dtype):
+                    with torch.no_grad():
+                        cur.copy_(v)
+                else:
+                    st[k] = _copy_value(v)
+        if scheduler is not None and self.scheduler is not None:
+            scheduler.load_state_dict(copy.deepcopy(self.scheduler))
+        if scaler is not None and self.scaler is not None:
+            scaler.load_state_dict(copy.deepcopy(self.scaler))
+        _set_rng_state(self.rng)
+        for g, st in self.generators:
+            g.set_state(st)
+
+
+def _set_rate(optimizer: torch.optim.Optimizer, ratios: list[float], lr: float) -> None:
+    for group, r in zip(optimizer.param_groups, ratios):
+        if isinstance(group["lr"], torch.Tensor):
+            with torch.no_grad():
+                group["lr"].fill_(lr * r)
+        else:
+            group["lr"] = lr * r
+
+
+def _group_ratios(optimizer: torch.optim.Optimizer) -> list[float]:
+    """Each group's rate relative to group 0's, so the probe keeps the groups' proportions."""
+    lrs = [float(g["lr"]) for g in optimizer.param_groups]
+    if not lrs[0] > 0:
+        return [1.0] * len(lrs)
+    return [x / lrs[0] for x in lrs]
+
+
+def _cycle(batches: Iterable[Any]) -> Iterator[Any]:
+    """Batches, starting the iterable over when it runs out (a short loader still probes)."""
+    while True:
+        it = iter(batches)
+        first = True
+        for b in it:
+            first = False
+            yield b
+        if first:
+            raise ConfigError("the loader yielded no batch; the range test needs data")
+
+
+def run_range_test(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   batches: Iterator[Any], batch_loss: BatchLoss, test: RangeTest, *,
+                   scaler: Any = None, reduce: Callable[[float], float] | None = None
+                   ) -> LRCurve:
+    """Run the steps of ``test`` on the model as it is (the caller saves and restores).
+
+    ``reduce`` turns a rank's loss into the loss every rank agrees on (a mean over the
+    process group), so that all ranks stop at the same step and suggest the same rate.
+    """
+    ratios = _group_ratios(optimizer)
+    model.train()
+    while (lr := test.next_lr) is not None:
+        _set_rate(optimizer, ratios, lr)
+        batch = next(batches)
+        optimizer.zero_grad(set_to_none=True)
+        loss = batch_loss(model, batch)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        value = float(loss.detach())   # one host sync per probe step: the probe must decide
+        if reduce is not None:
+            value = reduce(value)
+        if test.update(value):
+            break
+    return test.curve()
+
+
+def _dist_mean(group: Any) -> Callable[[float], float] | None:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    world = dist.get_world_size(group)
+
+    def mean(x: float) -> float:
+        t = torch.tensor([x if math.isfinite(x) else math.inf], dtype=torch.float64)
+        if dist.get_backend(group) == "nccl":   # pragma: no cover - needs GPUs
+            t = t.cuda()
+        dist.all_reduce(t, group=group)
+        return float(t) / world
+
+    return mean
+
+
+def lr_find(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Iterable[Any],
+            loss_fn: Callable[..., torch.Tensor] | None = None, *,
+            batch_loss: BatchLoss | None = None, scheduler: Any = None, scaler: Any = None,
+            min_lr: float = 1e-7, max_lr: float = 10.0, num_steps: int = 100,
+            rule: str = "stable", fraction: float = 0.1, beta: float = 0.9,
+            diverge: float = 4.0, process_group: Any = None) -> LRCurve:
+    """Learning-rate range test: which rate to train at, measured on your model and data.
+
+    Trains ``num_steps`` steps at rates growing geometrically from ``min_lr`` to ``max_lr``
+    (stopping early once the smoothed loss is ``diverge`` times its minimum or not finite),
+    then restores the model, optimizer, ``scheduler``, ``scaler``, RNG states and the loader's
+    sampler generators exactly. Returns an :class:`~lrwatch.recovery.curve.LRCurve`: its
+    ``suggestion`` is ``fraction`` x the largest stable rate with the default ``rule``
+    (see :func:`lrwatch.recovery.curve.suggest`), plus the whole curve.
+
+    ``loss_fn(model(inputs), targets)`` is called for batches ``(inputs, targets)``; for any
+    other batch give ``batch_loss(model, batch) -> loss`` instead. With several parameter
+    groups, rates are those of group 0 and the others keep their ratio to it. With a scheduler,
+    apply the suggestion by scaling its base rates: ``suggestion / base_lrs[0]``
+    (:func:`lrwatch.actions.rollback.scale_learning_rate` does all of them). Under
+    ``torch.distributed``, call it on every rank: each rank steps on its own batches, the loss
+    is averaged over ``process_group`` at every step, and all ranks stop and suggest together.
+
+    >>> import torch, lrwatch
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> x = torch.randn(256, 8); y = x @ torch.randn(8, 1)
+    >>> loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    >>> model = torch.nn.Linear(8, 1)
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    >>> curve = lrwatch.lr_find(model, opt, loader, torch.nn.functional.mse_loss)
+    >>> curve.stopped, 0.01 < curve.suggestion < 1.0
+    ('diverged', True)
+    """
+    if (loss_fn is None) == (batch_loss is None):
+        raise ConfigError("lr_find needs exactly one of loss_fn (called as "
+                          "loss_fn(model(inputs), targets)) or batch_loss(model, batch)")
+    if batch_loss is None:
+        fn = loss_fn
+
+        def batch_loss(m: torch.nn.Module, batch: Any) -> torch.Tensor:
+            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                raise ConfigError("loss_fn needs (inputs, targets) batches; for other batches "
+                                  "pass batch_loss=lambda model, batch: ... instead")
+            return fn(m(batch[0]), batch[1])  # type: ignore[misc]
+
+    test = RangeTest(geometric_rates(min_lr, max_lr, num_steps), beta=beta, diverge=diverge,
+                     rule=rule, fraction=fraction)
+    saved = SavedTraining.capture(model, optimizer, scheduler, scaler, loader)
+    try:
+        curve = run_range_test(model, optimizer, _cycle(loader), batch_loss, test,
+                               scaler=scaler, reduce=_dist_mean(process_group))
+    finally:
+        saved.restore(model, optimizer, scheduler, scaler)
+    return curve

@@ -1,0 +1,169 @@
+"""lrwatch.lr_find on real models: the suggestion is where the physics says, and the probe
+leaves every piece of training state exactly as it found it."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lrwatch
+from lrwatch.errors import ConfigError
+
+OPTIMIZERS = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-3),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-3),
+}
+
+
+def _data(n: int = 512, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 10, generator=g)
+    y = (x[:, :3].sum(1) > 0).long()
+    return x, y
+
+
+def _model() -> nn.Module:
+    # dropout (RNG) and batch norm (buffers) both change state during a probe
+    return nn.Sequential(nn.Linear(10, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.2),
+                         nn.Linear(32, 2))
+
+
+def _state(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    return {"model": {k: v.clone() for k, v in model.state_dict().items()},
+            "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+            "opt": opt.state_dict(), "training": [m.training for m in model.modules()]}
+
+
+def _equal(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))  # type: ignore
+    return a == b
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, sched: object, it: object,
+           steps: int) -> list[float]:
+    losses = []
+    for _ in range(steps):
+        x, y = next(it)  # type: ignore[call-overload]
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        sched.step()  # type: ignore[attr-defined]
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_probe_leaves_training_state_bit_exact(name: str) -> None:
+    """Train, probe, train on: identical to train, train on without the probe (weights,
+    optimizer state, scheduler, RNG, batch order, even leftover gradients)."""
+    x, y = _data()
+    runs = []
+    for probe in (False, True):
+        torch.manual_seed(1)
+        random.seed(1)
+        np.random.seed(1)
+        model = _model()
+        opt = OPTIMIZERS[name](model.parameters())
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=100)
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(x, y), batch_size=32, shuffle=True,
+            generator=torch.Generator().manual_seed(5))
+        it = iter(loader)
+        _train(model, opt, sched, it, 5)
+        # a leftover gradient and eval mode: the probe must hand both back
+        nn.functional.cross_entropy(model(x[:8]), y[:8]).backward()
+        model.eval()
+        before = _state(model, opt)
+        sched_before = sched.state_dict()
+        if probe:
+            curve = lrwatch.lr_find(model, opt, loader, nn.functional.cross_entropy,
+                                    scheduler=sched, num_steps=40)
+            assert curve.steps > 5 and curve.suggestion is not None
+            after = _state(model, opt)
+            assert _equal(before, after), "the probe changed the model or optimizer"
+            assert sched.state_dict() == sched_before
+        rng = (torch.rand(3), random.random(), np.random.rand())
+        model.train()
+        fresh = iter(loader)
+        runs.append((rng, _train(model, opt, sched, it, 5), _train(model, opt, sched, fresh, 3),
+                     _state(model, opt)))
+    assert _equal(runs[0], runs[1])
+
+
+def test_largest_stable_rate_matches_the_stability_edge() -> None:
+    """Full-batch gradient descent on a least-squares problem diverges above 2/lambda_max of
+    the loss's Hessian. The curve turns somewhat above that edge (an instability needs a few
+    steps to grow from the small residual left in the stiff direction, while the rate keeps
+    rising), which is why the suggestion is a tenth of the turn: safely below the edge, yet
+    within a decade of it."""
+    torch.manual_seed(0)
+    scales = torch.tensor([3.0, 1.0, 1.0, 0.5, 0.2])
+    x = torch.randn(256, 5) * scales
+    y = x @ torch.randn(5, 1) + 0.1 * torch.randn(256, 1)
+    model = nn.Linear(5, 1, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    hessian = 2 * x.T @ x / len(x)                     # of mean((xw - y)^2)
+    edge = 2 / float(torch.linalg.eigvalsh(hessian).max())
+    full = [(x, y)]
+    curve = lrwatch.lr_find(model, opt, full, nn.functional.mse_loss, min_lr=1e-4,
+                            max_lr=10.0, num_steps=60)
+    assert curve.stopped in ("diverged", "nonfinite")
+    assert edge / 2 < curve.largest_stable < edge * 8, (curve.largest_stable, edge)
+    assert curve.suggestion == pytest.approx(0.1 * curve.largest_stable)
+    assert edge / 20 < curve.suggestion < edge
+
+
+def test_groups_keep_their_ratio_and_tensor_lrs_work() -> None:
+    x, y = _data()
+    model = _model()
+    opt = torch.optim.Adam([{"params": model[0].parameters(), "lr": 1e-3},
+                            {"params": model[4].parameters(), "lr": 1e-4},
+                            {"params": model[1].parameters(), "lr": 1e-3}])
+    seen: list[tuple[float, float]] = []
+
+    def batch_loss(m: nn.Module, batch: tuple) -> torch.Tensor:
+        seen.append((opt.param_groups[0]["lr"], opt.param_groups[1]["lr"]))
+        return nn.functional.cross_entropy(m(batch[0]), batch[1])
+
+    lrwatch.lr_find(model, opt, [(x[:64], y[:64])], batch_loss=batch_loss, num_steps=20)
+    assert all(b == pytest.approx(a / 10) for a, b in seen)
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-4, 1e-3]
+
+
+def test_grad_scaler_state_is_restored() -> None:
+    x, y = _data()
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    before = scaler.state_dict()
+    curve = lrwatch.lr_find(model, opt, [(x, y)], nn.functional.cross_entropy, scaler=scaler,
+                            num_steps=30, max_lr=1e3)
+    assert curve.steps >= 3
+    assert scaler.state_dict() == before
+
+
+def test_errors_tell_what_to_pass() -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match="exactly one of loss_fn"):
+        lrwatch.lr_find(model, opt, [])
+    with pytest.raises(ConfigError, match="yielded no batch"):
+        lrwatch.lr_find(model, opt, [], nn.functional.cross_entropy)
+    with pytest.raises(ConfigError, match="batch_loss=lambda"):
+        lrwatch.lr_find(model, opt, [{"x": 1}], nn.functional.cross_entropy)
+    before = _state(model, opt)
+    with pytest.raises(ConfigError):   # restored even when the probe fails part-way
+        lrwatch.lr_find(model, opt, [{"x": 1}], nn.functional.cross_entropy)
+    assert _equal(before, _state(model, opt))

@@ -29,8 +29,11 @@ def cli() -> None:
               show_default=True, help="Where to write the JSONL trace ('' for none).")
 @click.option("--flush-every", type=click.IntRange(1), default=10, show_default=True,
               help="Steps between device-to-host flushes.")
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
+              help="Sequences of 64 bytes per training batch.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the model's initialisation and of the batches (a run repeats "
+                   "exactly).")
 @click.option("--linger", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Keep serving /metrics this many seconds after training (for a scrape).")
 @click.option("--inject", type=click.Choice(["nan", "blowup", "lr-bug"]), default=None,
@@ -60,6 +63,30 @@ def demo(steps: int, port: int, host: str, trace: str, flush_every: int, batch_s
         raise SystemExit(int(summary["exit_status"]))
 
 
+@cli.command("report")
+@click.argument("traces", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--out", "out", type=click.Path(dir_okay=False), default="lrwatch-report.png",
+              show_default=True, help="Where to write: a .png picture, or an .html page with the "
+                                      "picture and a table of every event.")
+@click.option("--lenient", is_flag=True,
+              help="Skip malformed trace lines (and say how many) instead of failing.")
+def report_command(traces: tuple[str, ...], out: str, lenient: bool) -> None:
+    """Draw runs from their traces: loss and evaluations, learning rate, gradient norm and
+    update ratio against steps, with firings, rollbacks (the abandoned steps shaded), restarts
+    and stops marked. Several traces (runs, or the ranks of one run) are overlaid.
+
+    Needs matplotlib: pip install 'lrwatch[plot]'.
+    """
+    from .errors import LrwatchError
+    from .report import write_report
+
+    try:
+        path = write_report(list(traces), out, strict=not lenient)
+    except LrwatchError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(str(path))
+
+
 from .rules.cli import replay_command, rules_group  # noqa: E402  (registered below)
 
 cli.add_command(replay_command)
@@ -76,6 +103,11 @@ from .stack_cli import dashboards_group, stack_command  # noqa: E402  (registere
 
 cli.add_command(stack_command)
 cli.add_command(dashboards_group)
+
+
+from .recovery.lr_find_cli import lr_find_command  # noqa: E402  (registered below)
+
+cli.add_command(lr_find_command)
 
 
 def main() -> None:

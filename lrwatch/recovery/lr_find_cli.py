@@ -1,0 +1,189 @@
+"""``lrwatch lr-find``: the range test from the command line (formatting and loading only)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+import click
+
+from ..errors import ConfigError
+from .curve import SUGGEST_RULES, LRCurve
+
+__all__ = ["lr_find_command", "load_target", "render_curve", "plot_curve"]
+
+_KEYS = ("model", "optimizer", "loader", "loss_fn", "batch_loss", "scheduler", "scaler")
+
+
+def load_target(spec: str) -> Mapping[str, Any]:
+    """Call ``module:function`` or ``path/to/file.py:function``; it returns a mapping (or an
+    object with attributes) with ``model``, ``optimizer``, ``loader`` and ``loss_fn`` or
+    ``batch_loss`` (optionally ``scheduler``, ``scaler``)."""
+    mod_name, sep, func = spec.rpartition(":")
+    if not sep or not mod_name or not func:
+        raise ConfigError(f"TARGET must be 'module:function' or 'file.py:function', got {spec!r}")
+    if mod_name.endswith(".py") or "/" in mod_name:
+        path = Path(mod_name)
+        if not path.is_file():
+            raise ConfigError(f"TARGET file {path} does not exist")
+        loaded = importlib.util.spec_from_file_location(path.stem, path)
+        assert loaded is not None and loaded.loader is not None
+        module = importlib.util.module_from_spec(loaded)
+        sys.path.insert(0, str(path.resolve().parent))
+        loaded.loader.exec_module(module)
+    else:
+        module = importlib.import_module(mod_name)
+    factory = getattr(module, func, None)
+    if not callable(factory):
+        raise ConfigError(f"{mod_name} has no callable {func!r}")
+    made = factory()
+    if not isinstance(made, Mapping):
+        made = {k: getattr(made, k) for k in _KEYS if hasattr(made, k)}
+    missing = [k for k in ("model", "optimizer", "loader") if made.get(k) is None]
+    if missing or (made.get("loss_fn") is None) == (made.get("batch_loss") is None):
+        raise ConfigError(f"{spec} must return model, optimizer, loader and exactly one of "
+                          f"loss_fn / batch_loss (missing: {missing or 'the loss'}); got "
+                          f"{sorted(k for k, v in made.items() if v is not None)}")
+    return made
+
+
+def _demo_target(seed: int) -> dict[str, Any]:
+    """The model of ``lrwatch demo`` (byte-level GRU, AdamW) on its stdlib-source batches."""
+    import torch
+
+    from ..demo import CharGRU, DemoConfig, StdlibText
+
+    cfg = DemoConfig()
+    torch.manual_seed(seed)
+    data = StdlibText(cfg.seq_len, cfg.batch_size, seed=seed)
+    model = CharGRU(hidden=cfg.hidden)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+
+    def batch_loss(m: Any, batch: Any) -> Any:
+        x, y = batch
+        return torch.nn.functional.cross_entropy(m(x).reshape(-1, 256), y.reshape(-1))
+
+    class Stream:
+        def __iter__(self) -> Any:
+            while True:
+                yield data.batch()
+
+    return {"model": model, "optimizer": opt, "loader": Stream(), "batch_loss": batch_loss,
+            "configured_lr": cfg.lr}
+
+
+def render_curve(curve: LRCurve, rows: int = 12, width: int = 40) -> str:
+    """The summary and a small text chart of the smoothed loss against the rate."""
+    lines = [curve.summary(), ""]
+    n = curve.steps
+    if n == 0:
+        return "\n".join(lines)
+    idx_set = {round(i * (n - 1) / max(1, rows - 1)) for i in range(min(rows, n))}
+    if curve.largest_stable is not None:
+        idx_set.add(curve.lrs.index(curve.largest_stable))
+    idx = sorted(idx_set)
+    vals = [curve.smoothed[i] for i in idx]
+    lo, hi = min(vals), max(vals)
+    lines.append(f"{'rate':>10s}  {'loss':>9s}  smoothed loss")
+    for i, v in zip(idx, vals):
+        bar = int(round((v - lo) / (hi - lo) * width)) if hi > lo else 0
+        raw = curve.losses[i]
+        mark = " <- largest stable" if curve.lrs[i] == curve.largest_stable else ""
+        lines.append(f"{curve.lrs[i]:10.3g}  {raw if math.isfinite(raw) else float('nan'):9.4g}  "
+                     f"{'#' * max(bar, 1)}{mark}")
+    return "\n".join(lines)
+
+
+def plot_curve(curve: LRCurve, path: str) -> None:
+    """Save the curve as a PNG (matplotlib, the optional ``plot`` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ConfigError("--plot needs matplotlib: pip install 'lrwatch[plot]'") from exc
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(curve.lrs, curve.losses, ".", color="0.6", label="loss")
+    ax.plot(curve.lrs, curve.smoothed, "-", color="C0", label="smoothed")
+    if curve.largest_stable is not None:
+        ax.axvline(curve.largest_stable, color="C3", ls="--",
+                   label=f"largest stable {curve.largest_stable:.3g}")
+    if curve.suggestion is not None:
+        ax.axvline(curve.suggestion, color="C2", ls="-",
+                   label=f"suggestion {curve.suggestion:.3g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (parameter group 0)")
+    ax.set_ylabel("training loss")
+    finite = [x for x in curve.smoothed if math.isfinite(x)]
+    if finite:   # keep the blow-up from flattening the useful part
+        top = min(max(finite), 3 * curve.smoothed[0] if curve.smoothed[0] > 0 else max(finite))
+        ax.set_ylim(min(finite) - 0.05 * abs(min(finite)), top)
+    ax.set_title(f"lrwatch lr-find: stopped ({curve.stopped}) after {curve.steps} steps")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@click.command("lr-find")
+@click.argument("target", required=False)
+@click.option("--min-lr", type=click.FloatRange(min=0, min_open=True), default=1e-7,
+              show_default=True, help="First rate of the test.")
+@click.option("--max-lr", type=click.FloatRange(min=0, min_open=True), default=10.0,
+              show_default=True, help="Last rate (the test usually stops earlier, at the "
+              "blow-up).")
+@click.option("--steps", type=click.IntRange(3), default=100, show_default=True,
+              help="Steps (batches) from min-lr to max-lr.")
+@click.option("--rule", type=click.Choice(SUGGEST_RULES), default="stable", show_default=True,
+              help="stable: FRACTION x the largest stable rate; steepest: the steepest "
+                   "descent of the smoothed loss; min10: a tenth of the largest stable rate.")
+@click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=0.1,
+              show_default=True, help="Share of the largest stable rate to suggest.")
+@click.option("--plot", "plot", type=click.Path(dir_okay=False), default=None,
+              help="Save the curve as a PNG here (needs the 'plot' extra: matplotlib).")
+@click.option("--json", "as_json", is_flag=True, help="Print the curve as one JSON object.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed for the demo target (and torch) before the factory runs.")
+def lr_find_command(target: str | None, min_lr: float, max_lr: float, steps: int, rule: str,
+                    fraction: float, plot: str | None, as_json: bool, seed: int) -> None:
+    """Measure a learning rate before training: a range test (Smith 2015).
+
+    TARGET is 'module:function' or 'file.py:function' returning a dict with model,
+    optimizer, loader and loss_fn (called as loss_fn(model(x), y) on (x, y) batches) or
+    batch_loss(model, batch); scheduler and scaler are optional. Without TARGET the demo's
+    byte-level GRU is tested. The model, optimizer and data are left exactly as they were.
+    """
+    import torch
+
+    from .lr_find import lr_find
+
+    try:
+        if target is None:
+            made: Mapping[str, Any] = _demo_target(seed)
+        else:
+            torch.manual_seed(seed)
+            made = load_target(target)
+        curve = lr_find(made["model"], made["optimizer"], made["loader"], made.get("loss_fn"),
+                        batch_loss=made.get("batch_loss"), scheduler=made.get("scheduler"),
+                        scaler=made.get("scaler"), min_lr=min_lr, max_lr=max_lr,
+                        num_steps=steps, rule=rule, fraction=fraction)
+        if plot:
+            plot_curve(curve, plot)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    configured = float(made["optimizer"].param_groups[0]["lr"])
+    if as_json:
+        click.echo(json.dumps({**curve.to_dict(), "configured_lr": configured}))
+        return
+    click.echo(render_curve(curve))
+    if curve.suggestion is not None:
+        click.echo(f"\nthe optimizer is configured with {configured:.3g}: the suggestion is "
+                   f"x{curve.suggestion / configured:.3g} of it")
+    if plot:
+        click.echo(f"plot: {plot}")

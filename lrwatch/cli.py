@@ -69,7 +69,7 @@ def demo(steps: int, port: int, host: str, trace: str, flush_every: int, batch_s
               show_default=True, help="Where to write: a .png picture, or an .html page with the "
                                       "picture and a table of every event.")
 @click.option("--lenient", is_flag=True,
-              help="Skip malformed trace lines (and say how many) instead of failing.")
+              help="Skip malformed trace lines instead of failing (the HTML page says how many).")
 def report_command(traces: tuple[str, ...], out: str, lenient: bool) -> None:
     """Draw runs from their traces: loss and evaluations, learning rate, gradient norm and
     update ratio against steps, with firings, rollbacks (the abandoned steps shaded), restarts

@@ -5,7 +5,10 @@ Example config file (every key optional)::
     listen: {host: 127.0.0.1, port: 9410}
     auth: {token_file: /etc/lrwatch/token}      # or token: "..."; clients send
                                                 # "Authorization: Bearer <token>"
-    limits: {max_body_bytes: 10485760, max_queue_records: 20000, max_pending_labels: 100000}
+    limits: {max_body_bytes: 10485760, max_queue_records: 20000, max_pending_labels: 100000,
+             max_line_bytes: 1048576, max_string_chars: 4096, max_features: 2048}
+    http: {max_connections: 4096, backlog: 1024, header_timeout: 10, read_timeout: 10,
+           keep_alive_timeout: 30, tls_certfile: null, tls_keyfile: null}
     reference: {path: reference.json}            # or {live_records: 5000}: the first N records
     window: {size: 1000}                         # or {seconds: 60}
     drift: {target_windows: 1000, min_effect: 0.05, min_effect_categorical: 0.02,
@@ -40,6 +43,17 @@ class DaemonConfig:
     max_body_bytes: int = 10 * 1024 * 1024
     max_queue_records: int = 20_000
     max_pending_labels: int = 100_000
+    max_line_bytes: int = 1 << 20
+    max_string_chars: int = 4096
+    max_features: int = 2048
+    # HTTP server (see docs/daemon.md, "HTTP server")
+    max_connections: int = 4096
+    backlog: int = 1024
+    header_timeout: float = 10.0
+    read_timeout: float = 10.0
+    keep_alive_timeout: float = 30.0
+    tls_certfile: str | None = None
+    tls_keyfile: str | None = None
     reference: str | None = None
     live_records: int = 5000
     window_size: int = 1000
@@ -70,10 +84,17 @@ class DaemonConfig:
         if not (0 <= self.port <= 65535):
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
         for name in ("max_body_bytes", "max_queue_records", "max_pending_labels",
-                     "window_size", "live_records"):
+                     "window_size", "live_records", "max_line_bytes", "max_string_chars",
+                     "max_features", "max_connections", "backlog"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("header_timeout", "read_timeout", "keep_alive_timeout"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not v > 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {v!r}")
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ConfigError("TLS needs both tls_certfile and tls_keyfile")
         if self.window_seconds is not None and not self.window_seconds > 0:
             raise ConfigError(f"window seconds must be > 0, got {self.window_seconds!r}")
         if not self.target_windows > 1:
@@ -88,7 +109,7 @@ class DaemonConfig:
         """Read the config file's structure (see the module docstring)."""
         d = dict(d or {})
         kw: dict[str, Any] = {}
-        known = {"listen", "auth", "limits", "reference", "window", "drift", "state_dir",
+        known = {"listen", "auth", "limits", "http", "reference", "window", "drift", "state_dir",
                  "snapshot_interval", "tail", "rules", "alerts", "hook", "seed"}
         unknown = set(d) - known
         if unknown:
@@ -116,8 +137,15 @@ class DaemonConfig:
                 kw["token"] = fh.read().strip()
         elif auth.get("token"):
             kw["token"] = str(auth["token"])
-        limits = sec("limits", {"max_body_bytes", "max_queue_records", "max_pending_labels"})
+        limits = sec("limits", {"max_body_bytes", "max_queue_records", "max_pending_labels",
+                                "max_line_bytes", "max_string_chars", "max_features"})
         kw.update(limits)
+        http = sec("http", {"max_connections", "backlog", "header_timeout", "read_timeout",
+                            "keep_alive_timeout", "tls_certfile", "tls_keyfile"})
+        for k in ("tls_certfile", "tls_keyfile"):
+            if http.get(k):
+                http[k] = path(http[k])
+        kw.update(http)
         ref = sec("reference", {"path", "live_records"})
         if "path" in ref:
             kw["reference"] = path(ref["path"])

@@ -28,13 +28,12 @@ journal from before the reference was complete and calibrates again.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Any, Mapping
 
 import numpy as np
@@ -46,8 +45,8 @@ from .config import DaemonConfig
 from .detector import DriftDetector, DriftResult
 from .labels import PendingLabels, is_classification, score
 from .metrics import DaemonMetrics
-from .records import (REASONS, Batch, loads, parse_lines, parse_payload, validate_labels,
-                      validate_predictions)
+from .records import (DATA_REASONS, REASONS, Batch, Limits, loads, longest_line, parse_lines,
+                      parse_payload, validate_labels, validate_predictions)
 from .reference import PREDICTION, Reference, build_reference
 from .state import Journal, load_snapshot, save_snapshot
 from .stats import Profile
@@ -116,6 +115,11 @@ class Daemon:
         self.metrics = DaemonMetrics(registry)
         self.registry = self.metrics.registry
         self.queue = _Queue(config.max_queue_records)
+        self.limits = Limits(config.max_line_bytes, config.max_string_chars,
+                             config.max_features)
+        # request-level rejections (401, 411, 413, 429, 503): counted by the worker, never
+        # journaled (a flood of them must not fill the disk or the queue)
+        self._refused: dict[str, int] = {}
         self.pending = PendingLabels(config.max_pending_labels)
         self.counters: dict[str, Any] = {"predictions": 0, "labels": 0, "received": 0,
                                          "labels_joined": 0, "labels_unmatched": 0,
@@ -284,30 +288,49 @@ class Daemon:
         self._last_snapshot = time.monotonic()
         j = self.journal
         if j is not None:
-            with self.queue.cond:
-                if j.size > 64 * 1024 * 1024 and self.journal_pos[0] == j.segment:
-                    j.roll()
-            j.prune(self.journal_pos[0])
+            try:
+                with self.queue.cond:
+                    if j.size > 64 * 1024 * 1024 and self.journal_pos[0] == j.segment:
+                        j.roll()
+                j.prune(self.journal_pos[0])
+            except OSError:  # a full disk: the current segment stays; tried again next time
+                self.metrics.internal_errors.inc()
+                _log.exception("rolling the journal failed")
 
     # --- front-end side (any thread) -----------------------------------------------------------
     def submit(self, kind: str, body: bytes) -> tuple[int, dict[str, Any]]:
         """Take one HTTP payload (``kind`` ``"predictions"`` or ``"labels"``).
 
         Returns the HTTP status and JSON body: 200 with the counts when anything was accepted,
-        400 naming the problems when nothing was, 429 when the queue is full.
+        400 naming the problems when nothing was, 429 when the queue is full, 503 when the
+        journal cannot be written (nothing of the payload is counted as accepted then).
         """
-        items = parse_payload(body)
-        ok, rejected, errors = (validate_predictions(items) if kind == "predictions"
-                                else validate_labels(items))
+        lim = self.limits
+        items = parse_payload(body, limits=lim)
+        if kind == "predictions":
+            ok, rejected, errors = validate_predictions(
+                items, lim, short_strings=longest_line(body) <= lim.max_string_chars)
+        else:
+            ok, rejected, errors = validate_labels(items, lim)
         code = b"P" if kind == "predictions" else b"L"
         now = time.time()
         q = self.queue
         with q.cond:
             if ok and q.records + len(ok) > q.max_records:
-                self._reject_locked("queue_full", len(items), now)
+                self._refuse_locked("queue_full", len(items))
                 return 429, {"error": "queue full, retry later", "reason": "queue_full",
                              "rejected": len(items)}
-            pos = self.journal.append(code, now, body) if self.journal is not None else None
+            pos = None
+            if self.journal is not None:
+                try:
+                    pos = self.journal.append(code, now, body)
+                except OSError as exc:
+                    self._refuse_locked("storage", len(items))
+                    self.metrics.internal_errors.inc()
+                    _log.error("journal write failed, answering 503: %s", exc)
+                    return 503, {"error": f"the journal cannot be written ({exc.strerror or exc});"
+                                          f" retry later", "reason": "storage",
+                                 "rejected": len(items)}
             q.put((code, now, ok, rejected, pos), len(ok))
         body_out: dict[str, Any] = {"accepted": len(ok), "rejected": sum(rejected.values())}
         if rejected:
@@ -319,17 +342,25 @@ class Daemon:
         return 200, body_out
 
     def reject(self, reason: str, count: int = 1) -> None:
-        """Count a request rejected before parsing (unauthorized, too large)."""
+        """Count a request rejected before parsing (unauthorized, too large). Not journaled:
+        the worker counts it, and a crash before the next snapshot forgets it (it was never a
+        record anyone acknowledged)."""
         with self.queue.cond:
-            self._reject_locked(reason, count, time.time())
+            self._refuse_locked(reason, count)
 
-    def _reject_locked(self, reason: str, count: int, now: float) -> None:
-        payload = json.dumps({reason: count}).encode()
-        pos = self.journal.append(b"R", now, payload) if self.journal is not None else None
-        self.queue.put((b"R", now, {reason: count}, pos), 0)
+    def _refuse_locked(self, reason: str, count: int) -> None:
+        self._refused[reason] = self._refused.get(reason, 0) + count
+
+    def health(self) -> tuple[bool, str]:
+        """``(ok, text)`` for ``/healthz``: not ok while the journal cannot be written."""
+        j = self.journal
+        if j is not None and j.error is not None:
+            return False, f"journal not writable: {j.error.strerror or j.error}"
+        return True, "ok"
 
     def enqueue_file(self, path: str, dev: int, ino: int, offset: int,
-                     lines: list[bytes] | bytes, now: float) -> bool:
+                     lines: list[bytes] | bytes, now: float,
+                     rejected: Mapping[str, int] | None = None) -> bool:
         """Queue lines of a tailed file; blocks while the queue is full (backpressure).
 
         ``lines`` is a list of non-blank lines, parsed here, or the raw chunk (whole lines
@@ -343,6 +374,8 @@ class Daemon:
             entry: tuple[Any, ...] = (b"C", now, path, dev, ino, offset, body, n)
         else:
             ok, lok, rej = self._validate_lines(lines)
+            if rejected:  # lines the tailer skipped (over the line limit)
+                rej = Counter(rej) + Counter(rejected)
             n = len(ok) + len(lok)
             entry = (b"F", now, path, dev, ino, offset, ok, lok, rej)
         q = self.queue
@@ -354,11 +387,11 @@ class Daemon:
             q.put(entry, n)
         return True
 
-    @staticmethod
-    def _validate_lines(lines: list[bytes]) -> tuple[Batch, list[dict[str, Any]], Any]:
+    def _validate_lines(self, lines: list[bytes]) -> tuple[Batch, list[dict[str, Any]], Any]:
         """The general path for lines of a file: predictions, label records, rejections."""
-        items = parse_lines(lines) if lines else []
-        ok, rej, _ = validate_predictions(items)
+        lim = self.limits
+        items = parse_lines(lines, limits=lim) if lines else []
+        ok, rej, _ = validate_predictions(items, lim)
         lok: list[dict[str, Any]] = []
         if rej:  # the batch check failed: a mixed file? split off the label records
             preds, labels = [], []
@@ -366,8 +399,8 @@ class Daemon:
                 (labels if type(it) is dict and "features" not in it and "label" in it
                  else preds).append(it)
             if labels:
-                ok, rej, _ = validate_predictions(preds)
-                lok, lrej, _ = validate_labels(labels)
+                ok, rej, _ = validate_predictions(preds, lim)
+                lok, lrej, _ = validate_labels(labels, lim)
                 rej.update(lrej)
         return ok, lok, rej
 
@@ -375,7 +408,10 @@ class Daemon:
         """``n`` lines of a file, joined by ``,\\n``: straight to columns when the chunk
         decoder takes them (see :mod:`.columnar`), else the general path."""
         prof = self._profile
-        if self.fast_ingest and prof is not None and body:
+        # the chunk decoders bound neither lines nor strings: a chunk with a long line goes
+        # to the general path, which checks both
+        if self.fast_ingest and prof is not None and body and \
+                longest_line(body) <= self.limits.max_string_chars:
             dec = self._decoder
             if dec is None or dec.profile is not prof:
                 dec = self._decoder = columnar.ChunkDecoder(prof)
@@ -427,7 +463,7 @@ class Daemon:
         while time.monotonic() < deadline:
             with self.queue.cond:
                 if not len(self.queue) and self.queue.records == 0 and not self._busy \
-                        and not self._calibrating:
+                        and not self._calibrating and not self._refused:
                     return True
             time.sleep(0.005)
         return False
@@ -439,6 +475,8 @@ class Daemon:
         while not self._stop.is_set():
             if self._cal_result is not None:
                 self._finish_calibration()
+            if self._refused:
+                self._count_refused()
             entry = self.queue.get(0.2)
             if entry is not None:
                 self._busy = True
@@ -452,9 +490,23 @@ class Daemon:
             now = time.monotonic()
             if now >= next_tick:
                 next_tick = now + 1.0
-                self._on_tick(time.time())
+                try:
+                    self._on_tick(time.time())
+                    j = self.journal
+                    if j is not None and j.error is not None:
+                        with self.queue.cond:
+                            j.probe()
+                except Exception:  # fail open
+                    self.metrics.internal_errors.inc()
+                    _log.exception("the clock tick failed")
             if self._dirty and now - self._last_snapshot >= self.config.snapshot_interval:
                 self._snapshot()
+
+    def _count_refused(self) -> None:
+        with self.queue.cond:
+            refused, self._refused = self._refused, {}
+        self._count_rejections(refused)
+        self._dirty = True
 
     def _apply(self, entry: tuple[Any, ...]) -> None:
         code = entry[0]
@@ -499,8 +551,11 @@ class Daemon:
         if kind == b"R":
             self._count_rejections(loads(payload))
             return
-        items = parse_payload(payload)
-        ok, rej, _ = (validate_predictions(items) if kind == b"P" else validate_labels(items))
+        lim = self.limits
+        items = parse_payload(payload, limits=lim)
+        ok, rej, _ = (validate_predictions(
+            items, lim, short_strings=longest_line(payload) <= lim.max_string_chars)
+            if kind == b"P" else validate_labels(items, lim))
         self._count_rejections(rej)
         if kind == b"P":
             self._add_predictions(ok, t)
@@ -511,15 +566,19 @@ class Daemon:
     def _count_rejections(self, rej: Mapping[str, int]) -> None:
         if not rej:
             return
-        total = 0
+        total = data = 0
         errs = self.counters["errors"]
         for reason, n in rej.items():
             errs[reason] = errs.get(reason, 0) + n
             self.metrics.errors[reason].inc(n)
             total += n
+            if reason in DATA_REASONS:
+                data += n
         self.counters["received"] += total
         self.metrics.received.inc(total)
-        self.window.rejected += total
+        # ingest_error_ratio is about the data: 401s, 429s and a full disk have their own
+        # series and alerts (rules/lrwatch-serving.rules.yml)
+        self.window.rejected += data
 
     def _add_predictions(self, b: Batch, t_arrival: float) -> None:
         if not b:

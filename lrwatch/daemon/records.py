@@ -34,6 +34,8 @@ import json
 import math
 import os
 from collections import Counter
+from dataclasses import dataclass
+from functools import partial
 from itertools import chain, repeat
 from operator import itemgetter
 from typing import Any, Callable, Iterable, Sequence
@@ -43,9 +45,10 @@ try:  # the optional ``fast`` extra
 except ImportError:  # pragma: no cover - exercised when orjson is not installed
     _orjson = None
 
-__all__ = ["REASONS", "RecordError", "Invalid", "Batch", "parse_payload", "parse_lines",
-           "validate_predictions", "validate_labels", "validate_prediction", "MAX_ERRORS",
-           "JSON_BACKEND", "dumps_bytes", "loads"]
+__all__ = ["REASONS", "DATA_REASONS", "RecordError", "Invalid", "Limits", "Batch",
+           "parse_payload", "parse_lines", "validate_predictions", "validate_labels",
+           "validate_prediction", "MAX_ERRORS", "JSON_BACKEND", "dumps_bytes", "loads",
+           "strict_json", "longest_line"]
 
 #: Every rejection reason (``lrwatch_ingest_errors_total{reason}``).
 REASONS = (
@@ -60,7 +63,15 @@ REASONS = (
     "invalid_label",       # missing (on /v1/labels) or not a number, string or boolean
     "invalid_id",          # an id that is not a non-empty string or integer (<= 256 chars)
     "invalid_time",        # a time that is not a finite number
+    "line_too_long",       # an NDJSON line (HTTP or tailed file) over ``max_line_bytes``
+    "string_too_long",     # a string value (feature, prediction, label) over ``max_string_chars``
+    "too_many_features",   # a record with more than ``max_features`` features
+    "storage",             # the journal could not be written (full or failing disk): HTTP 503
 )
+#: Reasons that say something about the data clients send (what ``ingest_error_ratio`` and
+#: ``LrwatchIngestErrorsHigh`` watch). The others (an unauthenticated client, back-pressure,
+#: the daemon's own disk) have their own series and alerts.
+DATA_REASONS = frozenset(REASONS) - {"unauthorized", "queue_full", "storage"}
 #: Error messages returned per response (the counters count them all).
 MAX_ERRORS = 20
 _VALUE_TYPES = frozenset({int, float, str, bool, type(None)})
@@ -71,6 +82,43 @@ _LABEL_OR_NONE = frozenset({int, float, str, bool, _NONE})
 _TIME_TYPES = frozenset({int, float, _NONE})
 _get_features = itemgetter("features")
 _get_prediction = itemgetter("prediction")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one record may hold (each breach is a counted reason)."""
+
+    #: an NDJSON line, over HTTP or in a tailed file (``line_too_long``)
+    max_line_bytes: int = 1 << 20
+    #: a string feature value, class-name prediction or label (``string_too_long``)
+    max_string_chars: int = 4096
+    #: features of one record (``too_many_features``)
+    max_features: int = 2048
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class NonFinite:
+    """``NaN``, ``Infinity`` or a number beyond the float range (``1e400``), as the standard
+    library's parser found it. orjson and both chunk decoders refuse these; the standard
+    library would make them floats, which must never reach the statistics. As a feature value,
+    ``NaN`` is a missing value (how pandas writes one) and the others are ``invalid_feature``;
+    anywhere else the record is rejected (its type is not one the checks accept)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _parse_float(text: str) -> Any:
+    v = float(text)
+    return v if v - v == 0.0 else NonFinite(text)  # inf - inf is nan
+
 
 
 def _choose_backend() -> str:
@@ -86,17 +134,26 @@ JSON_BACKEND = _choose_backend()
 
 
 def _stdlib_loads(data: bytes | str) -> Any:
-    return json.loads(data)
+    """:func:`json.loads` that never lets a non-finite number through as a float (see
+    :class:`NonFinite`) and turns a nesting deeper than the interpreter's recursion limit
+    (``RecursionError``, not a ``ValueError``) into a ``ValueError``."""
+    try:
+        return json.loads(data, parse_float=_parse_float, parse_constant=NonFinite)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def loads(data: bytes | str) -> Any:
-    """Parse JSON with the fastest back end that accepts it (orjson, then :mod:`json`)."""
+    """Parse JSON with the fastest back end that accepts it (orjson, then :mod:`json`).
+
+    Non-finite numbers come back as :class:`NonFinite` (never as floats); a nesting too deep
+    for either parser is a ``ValueError``."""
     if JSON_BACKEND == "orjson":
         try:
             return _orjson.loads(data)  # type: ignore[union-attr]
         except ValueError:
             pass
-    return json.loads(data)
+    return _stdlib_loads(data)
 
 
 def dumps_bytes(obj: Any) -> bytes:
@@ -119,12 +176,13 @@ class RecordError(Exception):
 
 
 class Invalid:
-    """Marks an NDJSON line (or a whole payload) that did not parse."""
+    """Marks an NDJSON line (or a whole payload) that did not parse, and why (``reason``)."""
 
-    __slots__ = ("message",)
+    __slots__ = ("message", "reason")
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, reason: str = "invalid_json") -> None:
         self.message = message
+        self.reason = reason
 
 
 def _loader(backend: str | None) -> Callable[[Any], Any]:
@@ -140,76 +198,108 @@ def _orjson_then_stdlib(data: bytes | str) -> Any:
     try:
         return _orjson.loads(data)  # type: ignore[union-attr]
     except ValueError:
-        return json.loads(data)
+        return _stdlib_loads(data)
 
 
-def parse_payload(body: bytes | str, *, backend: str | None = None) -> list[Any]:
+def longest_line(body: bytes) -> int:
+    """Bytes in the longest line of ``body`` (one C split; ~30 µs for 1000 records). No string
+    in a line can be longer than the line, so a body whose lines are all short needs no
+    per-string length check."""
+    if len(body) <= 4096 or b"\n" not in body:
+        return len(body)
+    return max(map(len, body.split(b"\n")))
+
+
+def parse_payload(body: bytes | str, *, backend: str | None = None,
+                  limits: Limits = DEFAULT_LIMITS) -> list[Any]:
     """The items of a payload: a JSON array's elements, one object, or NDJSON lines.
 
-    A line that is not JSON becomes an :class:`Invalid` item, so the other lines still count.
-    ``backend`` (``"orjson"`` or ``"stdlib"``) overrides :data:`JSON_BACKEND`; both give the
-    same items for every payload.
+    A line that is not JSON (not UTF-8, nested too deeply, over ``limits.max_line_bytes``)
+    becomes an :class:`Invalid` item, so the other lines still count. A body that is one JSON
+    document is bounded by the body size limit, not the line limit. ``backend`` (``"orjson"``
+    or ``"stdlib"``) overrides :data:`JSON_BACKEND`; both give the same items for every
+    payload.
     """
     if isinstance(body, str):
         body = body.encode("utf-8", "surrogatepass")
+    ld = _loader(backend)
+    utf8 = True
     if not body.isascii():
         try:
             body.decode("utf-8")
         except UnicodeDecodeError:
-            return [Invalid("payload is not UTF-8")]
-    ld = _loader(backend)
-    try:
-        doc = ld(body)
-    except ValueError:
-        pass
-    else:
-        return doc if isinstance(doc, list) else [doc]
-    return parse_lines(body.split(b"\n"), backend=backend)
+            utf8 = False  # some line is bad: find it line by line, the others still count
+    if utf8:
+        try:
+            doc = ld(body)
+        except ValueError:
+            pass
+        else:
+            return doc if isinstance(doc, list) else [doc]
+    return parse_lines(body.split(b"\n"), backend=backend, limits=limits)
 
 
-def parse_lines(lines: Sequence[bytes], *, backend: str | None = None) -> list[Any]:
+def parse_lines(lines: Sequence[bytes], *, backend: str | None = None,
+                limits: Limits = DEFAULT_LIMITS) -> list[Any]:
     """The items of NDJSON lines (blank lines are not records); one parser call for the batch
     (several times faster than one per line), line by line only when some line is bad."""
     ld = _loader(backend)
     lines = [ln for ln in map(bytes.strip, lines) if ln]
     if not lines:
         return [Invalid("empty payload")]
-    try:
-        out = ld(b"[" + b",".join(lines) + b"]")
-        # a line holding "1,2" parses as two items: then go line by line
-        if len(out) == len(lines) and set(map(type, out)) == {dict}:
-            return out
-    except ValueError:
-        pass
+    too_long = limits.max_line_bytes
+    if max(map(len, lines)) <= too_long:
+        try:
+            out = ld(b"[" + b",".join(lines) + b"]")
+            # a line holding "1,2" parses as two items: then go line by line
+            if len(out) == len(lines) and set(map(type, out)) == {dict}:
+                return out
+        except ValueError:
+            pass
     out = []
     for i, ln in enumerate(lines, 1):
+        if len(ln) > too_long:  # not even parsed: its cost is the attacker's, not ours
+            out.append(Invalid(f"line {i} has {len(ln)} bytes, over the limit of {too_long}",
+                               "line_too_long"))
+            continue
         try:
             out.append(ld(ln))
         except ValueError:
+            if not ln.isascii():
+                try:
+                    ln.decode("utf-8")
+                except UnicodeDecodeError:
+                    out.append(Invalid(f"line {i} is not UTF-8"))
+                    continue
             try:  # the standard library's message, whichever back end parsed
-                json.loads(ln)
+                _stdlib_loads(ln)
                 out.append(Invalid(f"line {i} is not JSON"))
             except ValueError as exc:
                 out.append(Invalid(f"line {i} is not JSON: {exc}"))
-            except UnicodeDecodeError:
-                out.append(Invalid(f"line {i} is not UTF-8"))
     return out
 
 
-def validate_prediction(p: Any) -> None:
+def validate_prediction(p: Any, limits: Limits = DEFAULT_LIMITS) -> None:
     """Raise :class:`RecordError` unless ``p`` is a number, class name or probability list."""
     t = type(p)
     if t is float:
         if not math.isfinite(p):
             raise RecordError("invalid_prediction", "prediction must be finite")
         return
-    if t is int or t is str or t is bool:
+    if t is str:
+        if len(p) > limits.max_string_chars:
+            raise RecordError("string_too_long", f"prediction is a string of {len(p)} "
+                              f"characters, over the limit of {limits.max_string_chars}")
         return
+    if t is int or t is bool:
+        return
+    if t is NonFinite:
+        raise RecordError("invalid_prediction", f"prediction must be finite, got {p}")
     if t is list and p and len(p) <= 10_000 and all(
             type(v) in (int, float) and math.isfinite(v) for v in p):
         return
     raise RecordError("invalid_prediction", "prediction must be a number, a class name or a "
-                      "non-empty list of class probabilities")
+                      "non-empty list of finite class probabilities")
 
 
 def _check_id(r: dict[str, Any]) -> None:
@@ -230,46 +320,70 @@ def _check_time(r: dict[str, Any]) -> None:
         raise RecordError("invalid_time", "time must be a finite number (unix seconds)")
 
 
-def _check_label(v: Any) -> None:
+def _check_label(v: Any, limits: Limits) -> None:
     if not isinstance(v, _LABEL_TYPES) or (type(v) is float and not math.isfinite(v)):
         raise RecordError("invalid_label", "label must be a finite number, a string or a "
                           "boolean")
+    if type(v) is str and len(v) > limits.max_string_chars:
+        raise RecordError("string_too_long", f"label is a string of {len(v)} characters, "
+                          f"over the limit of {limits.max_string_chars}")
 
 
-def _prediction(r: Any) -> dict[str, Any]:
+def _check_features(r: dict[str, Any], feats: dict[str, Any], limits: Limits) -> None:
+    if len(feats) > limits.max_features:
+        raise RecordError("too_many_features", f"a record has {len(feats)} features, over "
+                          f"the limit of {limits.max_features}")
+    types = set(map(type, feats.values()))
+    if not _VALUE_TYPES.issuperset(types):
+        if NonFinite not in types or not _VALUE_TYPES.issuperset(types - {NonFinite}):
+            raise RecordError("invalid_feature", "feature values must be numbers, strings, "
+                              "booleans or null")
+        bad = [k for k, v in feats.items() if type(v) is NonFinite and v.text != "NaN"]
+        if bad:
+            raise RecordError("invalid_feature", f"feature values must be finite: "
+                              f"{bad[0]!r} is {feats[bad[0]]}")
+        # NaN is a missing value (pandas writes one so): the same as null
+        r["features"] = feats = {k: (None if type(v) is NonFinite else v)
+                                 for k, v in feats.items()}
+    if str in types:
+        longest = max(len(v) for v in feats.values() if type(v) is str)
+        if longest > limits.max_string_chars:
+            raise RecordError("string_too_long", f"a feature value is a string of {longest} "
+                              f"characters, over the limit of {limits.max_string_chars}")
+
+
+def _prediction(r: Any, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
     if type(r) is not dict:
         if isinstance(r, Invalid):
-            raise RecordError("invalid_json", r.message)
+            raise RecordError(r.reason, r.message)
         raise RecordError("not_an_object", "a record must be a JSON object")
     feats = r.get("features")
     if type(feats) is not dict:
         raise RecordError("missing_features", "a record needs a 'features' object")
-    if not _VALUE_TYPES.issuperset(map(type, feats.values())):
-        raise RecordError("invalid_feature", "feature values must be numbers, strings, "
-                          "booleans or null")
+    _check_features(r, feats, limits)
     if "prediction" not in r:
         raise RecordError("invalid_prediction", "a record needs a 'prediction'")
-    validate_prediction(r["prediction"])
+    validate_prediction(r["prediction"], limits)
     if "id" in r:
         _check_id(r)
     if "time" in r:
         _check_time(r)
     if "label" in r and r["label"] is not None:
-        _check_label(r["label"])
+        _check_label(r["label"], limits)
     return r
 
 
-def _label(r: Any) -> dict[str, Any]:
+def _label(r: Any, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
     if type(r) is not dict:
         if isinstance(r, Invalid):
-            raise RecordError("invalid_json", r.message)
+            raise RecordError(r.reason, r.message)
         raise RecordError("not_an_object", "a label must be a JSON object")
     if r.get("id") is None:
         raise RecordError("invalid_id", "a label needs the 'id' of its prediction")
     _check_id(r)
     if "label" not in r:
         raise RecordError("invalid_label", "a label record needs a 'label'")
-    _check_label(r["label"])
+    _check_label(r["label"], limits)
     if "time" in r:
         _check_time(r)
     return r
@@ -338,9 +452,10 @@ def _finite_floats(values: Iterable[Any]) -> bool:
     return math.isfinite(sum(v for v in values if type(v) is float))
 
 
-def _fast_predictions(items: list[Any]) -> Batch | None:
+def _fast_predictions(items: list[Any], limits: Limits, short_strings: bool) -> Batch | None:
     """The whole payload as a :class:`Batch` if every item is a valid prediction record
-    (checked with a few C-level passes), else ``None``."""
+    (checked with a few C-level passes), else ``None``. ``short_strings``: the caller knows
+    that no string can be over the limit (every line of the body is shorter)."""
     try:
         feats = list(map(_get_features, items))
         preds = list(map(_get_prediction, items))
@@ -348,20 +463,31 @@ def _fast_predictions(items: list[Any]) -> Batch | None:
         return None
     if not items or set(map(type, feats)) != {dict} or set(map(type, items)) != {dict}:
         return None
-    if not _VALUE_TYPES.issuperset(map(type, chain.from_iterable(map(dict.values, feats)))):
+    if max(map(len, feats)) > limits.max_features:
         return None
+    vt = set(map(type, chain.from_iterable(map(dict.values, feats))))
+    if not _VALUE_TYPES.issuperset(vt):
+        return None  # NonFinite, nested values: the per-record path names them
     pt = set(map(type, preds))
     if not pt <= _PRED_TYPES or (float in pt and not _finite_floats(preds)):
         return None
+    if not short_strings and (str in vt or str in pt) and _longest_string(
+            chain(chain.from_iterable(map(dict.values, feats)), preds)) > \
+            limits.max_string_chars:
+        return None
     batch = Batch(feats, preds)
     if not _check_columns(batch, _column(items, "id"), _column(items, "time"),
-                          _column(items, "label")):
+                          _column(items, "label"), None if short_strings else limits):
         return None
     return batch
 
 
+def _longest_string(values: Iterable[Any]) -> int:
+    return max((len(v) for v in values if type(v) is str), default=0)
+
+
 def _check_columns(batch: Batch, ids: list[Any] | None, times: list[Any] | None,
-                   labels: list[Any] | None) -> bool:
+                   labels: list[Any] | None, limits: Limits | None = None) -> bool:
     """Whether the optional columns of a batch are all valid (then they are set on it): the
     batch check shared by every fast path, so that all of them accept exactly the same."""
     if ids is not None:
@@ -380,6 +506,9 @@ def _check_columns(batch: Batch, ids: list[Any] | None, times: list[Any] | None,
     if labels is not None:
         lt = set(map(type, labels))
         if not lt <= _LABEL_OR_NONE or (float in lt and not _finite_floats(labels)):
+            return False
+        if limits is not None and str in lt and _longest_string(labels) > \
+                limits.max_string_chars:
             return False
         batch.labels = labels
     return True
@@ -401,22 +530,45 @@ def _validate(items: Iterable[Any], check: Any) -> tuple[list[dict[str, Any]], C
     return ok, rejected, errors
 
 
-def validate_predictions(items: Iterable[Any]) -> tuple[Batch, Counter[str], list[str]]:
+def validate_predictions(items: Iterable[Any], limits: Limits = DEFAULT_LIMITS, *,
+                         short_strings: bool = False
+                         ) -> tuple[Batch, Counter[str], list[str]]:
     """Split parsed items into accepted predictions (a :class:`Batch`), rejection counts and
-    messages."""
+    messages. ``short_strings``: no line of the body was over ``limits.max_string_chars``
+    (see :func:`longest_line`), so the string lengths need no check."""
     items = items if isinstance(items, list) else list(items)
-    fast = _fast_predictions(items)
+    fast = _fast_predictions(items, limits, short_strings)
     if fast is not None:
         return fast, Counter(), []
-    ok, rejected, errors = _validate(items, _prediction)
+    ok, rejected, errors = _validate(items, partial(_prediction, limits=limits))
     return Batch.from_records(ok), rejected, errors
 
 
-def validate_labels(items: Iterable[Any]) -> tuple[list[dict[str, Any]], Counter[str],
-                                                   list[str]]:
+def validate_labels(items: Iterable[Any], limits: Limits = DEFAULT_LIMITS
+                    ) -> tuple[list[dict[str, Any]], Counter[str], list[str]]:
     """Split parsed items into accepted label records, rejection counts and messages."""
-    return _validate(items, _label)
+    return _validate(items, partial(_label, limits=limits))
 
 
 def dumps(obj: Any) -> str:  # compact, for the responses
     return json.dumps(obj, separators=(",", ":"))
+
+
+def _finite_only(obj: Any) -> Any:
+    if type(obj) is float:
+        return obj if math.isfinite(obj) else ("nan" if obj != obj else
+                                               "inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: _finite_only(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_only(v) for v in obj]
+    return obj
+
+
+def strict_json(obj: Any) -> bytes:
+    """Compact JSON that strict parsers accept: a non-finite float is written as the string
+    ``"nan"``, ``"inf"`` or ``"-inf"`` (as in trace format v1), never as a bare ``Infinity``."""
+    try:
+        return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError:
+        return json.dumps(_finite_only(obj), separators=(",", ":"), allow_nan=False).encode()

@@ -1,155 +1,400 @@
-"""The daemon's HTTP API (standard library ``ThreadingHTTPServer``).
+"""The daemon's HTTP API, served by uvicorn's httptools protocol on a thread of its own.
 
 ``POST /v1/predictions``, ``POST /v1/labels``, ``GET /metrics``, ``GET /healthz``,
 ``GET /v1/status``. Bound to 127.0.0.1 unless told otherwise; with a token, every endpoint but
 ``/healthz`` needs ``Authorization: Bearer <token>``. Bodies over ``max_body_bytes`` get 413
-without being read, a full queue 429, bad records 400 with a JSON body naming them. Each of
-those is counted in ``lrwatch_ingest_errors_total{reason}``.
+without being read, a full queue 429, a journal that cannot be written 503 (both with
+``Retry-After``), bad records 400 with a JSON body naming them. Each of those is counted in
+``lrwatch_ingest_errors_total{reason}``.
+
+Why uvicorn with httptools (measured side by side, see docs/daemon.md "HTTP server"): of the
+servers tried (uvicorn+httptools, aiohttp, granian, hypercorn) it used the least CPU per
+1000-record request after the standard library, rejects ambiguous framing (``Transfer-Encoding``
+with ``Content-Length``, two ``Content-Length`` headers) with 400 through llhttp, and one event
+loop holds thousands of idle or slow connections without a thread each. The request work
+(parse, validate, journal) is CPU-bound and runs on the loop itself: a thread hand-off would
+only add GIL switches on a one-core daemon.
+
+What uvicorn does not have is added by :class:`_Protocol`: a cap on open connections (the
+connection over it gets 503 and is closed before anything is read), a deadline for a request's
+headers from its first byte (slowloris), and an idle timeout while a body is incomplete. The
+listening socket is made here, so the backlog is real and ``port=0`` is known before start.
+
+``LRWATCH_HTTP=stdlib`` (or ``backend="stdlib"``) serves the same API from the standard
+library's ``ThreadingHTTPServer``: only for the side-by-side benchmark
+(``benchmarks/daemon_throughput.py``); it has none of the protections above.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-import json
 import logging
+import os
+import socket
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .core import Daemon
+from .records import strict_json
 
-__all__ = ["DaemonServer"]
+__all__ = ["DaemonServer", "BACKENDS"]
 
 _log = logging.getLogger("lrwatch.daemon")
+#: HTTP servers :class:`DaemonServer` can use; the first is the default.
+BACKENDS = ("uvicorn", "stdlib")
+_ENDPOINTS = {"/v1/predictions": "predictions", "/v1/labels": "labels"}
+_JSON = "application/json"
+#: (status, body, content type, close the connection after it)
+Response = tuple[int, bytes, str, bool]
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: "_Server"
-    protocol_version = "HTTP/1.1"
+class _Api:
+    """The endpoints, independent of the server that carries them."""
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        _log.debug("%s - %s", self.address_string(), format % args)
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        token = daemon.config.token
+        self._expected = f"Bearer {token}".encode() if token else None
 
-    def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        if status == 429:
-            self.send_header("Retry-After", "1")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _json(self, status: int, obj: Any) -> None:
-        self._send(status, json.dumps(obj, separators=(",", ":")).encode())
-
-    def _authorized(self) -> bool:
-        token = self.server.daemon.config.token
-        if not token:
+    def authorized(self, header: bytes | None) -> bool:
+        if self._expected is None:
             return True
-        got = self.headers.get("Authorization", "")
-        return hmac.compare_digest(got.encode(), f"Bearer {token}".encode())
+        return hmac.compare_digest(header or b"", self._expected)
 
-    def do_GET(self) -> None:  # noqa: N802 - stdlib name
-        path = self.path.split("?", 1)[0]
+    @staticmethod
+    def json(status: int, obj: Any, close: bool = False) -> Response:
+        return status, strict_json(obj), _JSON, close
+
+    def get(self, path: str, auth: bytes | None) -> Response:
+        d = self.daemon
         if path == "/healthz":
-            self._send(200, b"ok\n", "text/plain; charset=utf-8")
-            return
-        if not self._authorized():
-            self._json(401, {"error": "missing or wrong bearer token"})
-            return
+            ok, text = d.health()
+            return (200 if ok else 503), f"{text}\n".encode(), "text/plain; charset=utf-8", False
+        if not self.authorized(auth):
+            return self.json(401, {"error": "missing or wrong bearer token"})
         if path == "/metrics":
-            self._send(200, generate_latest(self.server.daemon.registry), CONTENT_TYPE_LATEST)
-        elif path == "/v1/status":
-            self._json(200, self.server.daemon.status())
-        else:
-            self._json(404, {"error": f"no such endpoint {path}; try /v1/predictions, "
-                                      f"/v1/labels, /metrics, /healthz, /v1/status"})
+            return 200, generate_latest(d.registry), CONTENT_TYPE_LATEST, False
+        if path == "/v1/status":
+            return self.json(200, d.status())
+        return self.json(404, {"error": f"no such endpoint {path}; try /v1/predictions, "
+                                        f"/v1/labels, /metrics, /healthz, /v1/status"})
 
-    def do_POST(self) -> None:  # noqa: N802
-        d = self.server.daemon
-        path = self.path.split("?", 1)[0]
-        kind = {"/v1/predictions": "predictions", "/v1/labels": "labels"}.get(path)
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            length = -1
-        if kind is None:
-            self._discard(length)
-            self._json(404, {"error": f"no such endpoint {path}; POST to /v1/predictions or "
-                                      f"/v1/labels"})
-            return
-        if not self._authorized():
-            self._discard(length)
+    def before_body(self, path: str, auth: bytes | None, length: int) -> Response | None:
+        """The answer to a POST that is refused before its body is read (``length`` -1: no
+        valid ``Content-Length``), or ``None`` to read it."""
+        d = self.daemon
+        if path not in _ENDPOINTS:
+            return self.json(404, {"error": f"no such endpoint {path}; POST to "
+                                            f"/v1/predictions or /v1/labels"}, length > 1 << 20)
+        if not self.authorized(auth):
             d.reject("unauthorized")
-            self._json(401, {"error": "missing or wrong bearer token", "reason": "unauthorized"})
-            return
+            return self.json(401, {"error": "missing or wrong bearer token",
+                                   "reason": "unauthorized"}, length > 1 << 20)
         if length < 0:
             d.reject("too_large")
-            self.close_connection = True
-            self._json(411, {"error": "a Content-Length header is required",
-                             "reason": "too_large"})
-            return
+            return self.json(411, {"error": "a Content-Length header is required",
+                                   "reason": "too_large"}, True)
         if length > d.config.max_body_bytes:
             d.reject("too_large")
-            self.close_connection = True  # do not read the body
-            self._json(413, {"error": f"body of {length} bytes is over the limit of "
-                                      f"{d.config.max_body_bytes}", "reason": "too_large"})
+            return self.json(413, {"error": f"body of {length} bytes is over the limit of "
+                                            f"{d.config.max_body_bytes}",
+                                   "reason": "too_large"}, True)
+        return None
+
+    def post(self, path: str, body: bytes) -> Response:
+        status, out = self.daemon.submit(_ENDPOINTS[path], body)
+        return self.json(status, out)
+
+
+def _headers(status: int, ctype: str, length: int, close: bool) -> list[tuple[bytes, bytes]]:
+    h = [(b"content-type", ctype.encode()), (b"content-length", b"%d" % length)]
+    if status in (429, 503):
+        h.append((b"retry-after", b"1"))
+    if close:
+        h.append((b"connection", b"close"))
+    return h
+
+
+class _Asgi:
+    """The ASGI application uvicorn runs (HTTP only; no lifespan, no websockets)."""
+
+    def __init__(self, api: _Api) -> None:
+        self.api = api
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Any],
+                       send: Callable[[dict[str, Any]], Any]) -> None:
+        if scope["type"] != "http":
             return
-        body = self.rfile.read(length)
-        status, out = d.submit(kind, body)
-        self._json(status, out)
-
-    def _discard(self, length: int) -> None:
-        if 0 < length <= 1 << 20:
-            self.rfile.read(length)
+        auth: bytes | None = None
+        length = -1
+        for k, v in scope["headers"]:
+            if k == b"authorization":
+                auth = v
+            elif k == b"content-length":
+                length = int(v)  # llhttp checked it: digits only, one value
+        method, path = scope["method"], scope["path"]
+        if method == "GET" or method == "HEAD":
+            resp = self.api.get(path, auth)
+        elif method == "POST":
+            refused = self.api.before_body(path, auth, length)
+            if refused is None:
+                body = await _read_body(receive, length)
+                if body is None:  # the client hung up mid-body: never a request, not counted
+                    return
+                resp = self.api.post(path, body)
+            else:
+                resp = refused
         else:
-            self.close_connection = True
+            resp = _Api.json(405, {"error": f"method {method} not allowed; GET or POST"})
+        status, data, ctype, close = resp
+        await send({"type": "http.response.start", "status": status,
+                    "headers": _headers(status, ctype, len(data), close)})
+        await send({"type": "http.response.body", "body": data})
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+async def _read_body(receive: Callable[[], Any], length: int) -> bytes | None:
+    parts = []
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            return None
+        parts.append(msg.get("body", b""))
+        if not msg.get("more_body"):
+            break
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def __init__(self, addr: tuple[str, int], daemon: Daemon) -> None:
-        self.daemon = daemon
-        super().__init__(addr, _Handler)
+
+def _protocol_class(max_connections: int, header_timeout: float, read_timeout: float) -> type:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    refusal = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n"
+               b"content-length: 21\r\nretry-after: 1\r\nconnection: close\r\n\r\n"
+               b"too many connections\n")
+
+    class _Protocol(HttpToolsProtocol):  # type: ignore[misc]
+        """uvicorn's httptools protocol plus a connection cap and request timeouts."""
+
+        _deadline: float | None = None
+        _timer: asyncio.TimerHandle | None = None
+        _in_body = False
+
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            if len(self.connections) >= max_connections:
+                self.transport = transport  # what connection_lost reads
+                transport.write(refusal)
+                transport.close()
+                return
+            super().connection_made(transport)
+            self._arm(header_timeout)  # the first request's headers
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._deadline = None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self._in_body:
+                self._deadline = self.loop.time() + read_timeout  # idle, not total
+            super().data_received(data)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm(header_timeout)
+
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            self._in_body = True
+            self._arm(read_timeout)
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._in_body = False
+            self._deadline = None  # the keep-alive timeout takes over after the response
+
+        def _arm(self, seconds: float) -> None:
+            self._deadline = self.loop.time() + seconds
+            if self._timer is None:
+                self._timer = self.loop.call_at(self._deadline, self._expire)
+
+        def _expire(self) -> None:
+            # one timer per connection, pushed forward instead of re-created per chunk
+            self._timer = None
+            if self._deadline is None or self.transport.is_closing():
+                return
+            if self.loop.time() < self._deadline:
+                self._timer = self.loop.call_at(self._deadline, self._expire)
+                return
+            _log.debug("closing a connection that sent nothing in time: %s", self.client)
+            self.transport.close()
+
+    return _Protocol
+
+
+def _listen(host: str, port: int, backlog: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def _raise_fd_limit(want: int) -> None:
+    """Each connection is a file descriptor: lift the soft limit toward ``want`` (never past
+    the hard limit) so a full house of connections does not make accept() fail."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):  # pragma: no cover - not POSIX, or not allowed
+        pass
 
 
 class DaemonServer:
     """Serves a :class:`Daemon` over HTTP on a background thread.
 
+    ``backend`` is one of :data:`BACKENDS` (default: ``$LRWATCH_HTTP`` or ``"uvicorn"``).
+
     >>> # server = DaemonServer(daemon); server.start(); ...; server.stop()
     """
 
-    def __init__(self, daemon: Daemon, host: str | None = None, port: int | None = None) -> None:
+    def __init__(self, daemon: Daemon, host: str | None = None, port: int | None = None,
+                 *, backend: str | None = None) -> None:
         self.daemon = daemon
         cfg = daemon.config
-        self._httpd = _Server((host or cfg.host, cfg.port if port is None else port), daemon)
+        backend = backend or os.environ.get("LRWATCH_HTTP", "").strip().lower() or BACKENDS[0]
+        if backend not in BACKENDS:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"HTTP backend must be one of {', '.join(BACKENDS)}, got "
+                              f"{backend!r}")
+        self.backend = backend
+        host = host or cfg.host
+        port = cfg.port if port is None else port
+        self._api = _Api(daemon)
         self._thread: threading.Thread | None = None
+        if backend == "stdlib":
+            self._httpd: _StdlibServer | None = _StdlibServer((host, port), self._api)
+            self._address = self._httpd.server_address[:2]
+            return
+        self._httpd = None
+        _raise_fd_limit(cfg.max_connections + 256)
+        self._sock = _listen(host, port, cfg.backlog)
+        self._address = self._sock.getsockname()[:2]
+        import uvicorn
+
+        tls: dict[str, Any] = {}
+        if cfg.tls_certfile:
+            tls = {"ssl_certfile": cfg.tls_certfile, "ssl_keyfile": cfg.tls_keyfile,
+                   "ssl_version": ssl.PROTOCOL_TLS_SERVER}
+        self._config = uvicorn.Config(
+            _Asgi(self._api), http=_protocol_class(cfg.max_connections, cfg.header_timeout,
+                                                   cfg.read_timeout),
+            loop="asyncio", ws="none", lifespan="off", log_config=None, access_log=False,
+            server_header=False, proxy_headers=False, backlog=cfg.backlog,
+            timeout_keep_alive=cfg.keep_alive_timeout, timeout_graceful_shutdown=5, **tls)
+        self._server = uvicorn.Server(self._config)
 
     @property
     def address(self) -> tuple[str, int]:
-        host, port = self._httpd.server_address[:2]
+        host, port = self._address
         return str(host), int(port)
 
     @property
     def url(self) -> str:
         host, port = self.address
-        return f"http://{host}:{port}"
+        scheme = "https" if self.daemon.config.tls_certfile and self.backend != "stdlib" \
+            else "http"
+        return f"{scheme}://{host}:{port}" if ":" not in host else f"{scheme}://[{host}]:{port}"
 
     def start(self) -> "DaemonServer":
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="lrwatch-http",
+        self._thread = threading.Thread(target=self.serve_forever, name="lrwatch-http",
                                         daemon=True)
         self._thread.start()
+        if self._httpd is None:  # listening already; wait until the loop accepts
+            for _ in range(500):
+                if self._server.started or not self._thread.is_alive():
+                    break
+                threading.Event().wait(0.01)
         return self
 
     def serve_forever(self) -> None:
-        self._httpd.serve_forever()
+        if self._httpd is not None:
+            self._httpd.serve_forever()
+            return
+        asyncio.run(self._server.serve(sockets=[self._sock]))
 
     def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+        else:
+            self._server.should_exit = True
         if self._thread is not None:
-            self._thread.join(5)
+            self._thread.join(10)
+        if self._httpd is None:
+            self._sock.close()
+
+
+# --- the standard library's server: only for the side-by-side benchmark -------------------------
+class _Handler(BaseHTTPRequestHandler):
+    server: "_StdlibServer"
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        _log.debug("%s - %s", self.address_string(), format % args)
+
+    def _send(self, resp: Response) -> None:
+        status, body, ctype, close = resp
+        self.send_response(status)
+        for k, v in _headers(status, ctype, len(body), close):
+            self.send_header(k.decode(), v.decode())
+        self.end_headers()
+        self.wfile.write(body)
+        if close:
+            self.close_connection = True
+
+    def _auth(self) -> bytes | None:
+        v = self.headers.get("Authorization")
+        return None if v is None else v.encode("latin-1")
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        self._send(self.server.api.get(self.path.split("?", 1)[0], self._auth()))
+
+    def do_POST(self) -> None:  # noqa: N802
+        path = self.path.split("?", 1)[0]
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            length = -1
+        refused = self.server.api.before_body(path, self._auth(), length)
+        if refused is not None:
+            if not refused[3] and length > 0:
+                self.rfile.read(length)
+            self._send(refused)
+            return
+        self._send(self.server.api.post(path, self.rfile.read(length)))
+
+
+class _StdlibServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, addr: tuple[str, int], api: _Api) -> None:
+        self.api = api
+        super().__init__(addr, _Handler)

@@ -74,6 +74,8 @@ class FileTailer:
             else:
                 dev = ino = offset = 0
         buf = b""
+        skipped = 0  # bytes of a line over the limit read so far (not buffered)
+        limit = self.daemon.limits.max_line_bytes
         while not self._stop.is_set():
             try:
                 if fh is None:
@@ -85,15 +87,32 @@ class FileTailer:
                     st = os.fstat(fh.fileno())
                     if (st.st_dev, st.st_ino) != (dev, ino):
                         dev, ino, offset = st.st_dev, st.st_ino, 0
-                    buf = b""
+                    buf, skipped = b"", 0
                 st = os.fstat(fh.fileno())
                 if st.st_size < offset:  # truncated in place
                     _log.info("%s was truncated; reading from the start", self.path)
-                    offset, buf = 0, b""
-                fh.seek(offset + len(buf))
+                    offset, buf, skipped = 0, b"", 0
+                fh.seek(offset + len(buf) + skipped)
                 data = fh.read(CHUNK)
                 if data:
+                    if skipped:  # inside a line over the limit: drop it up to its newline
+                        nl = data.find(b"\n")
+                        if nl < 0:
+                            skipped += len(data)
+                            continue
+                        offset += skipped + nl + 1
+                        skipped = 0
+                        if not self.daemon.enqueue_file(self.path, dev, ino, offset, [],
+                                                        time.time(), {"line_too_long": 1}):
+                            return
+                        continue
                     buf += data
+                    if len(buf) > limit and b"\n" not in buf:
+                        # never buffer (or parse) a line past the limit: one rejection
+                        _log.warning("%s: a line over %d bytes at offset %d is skipped",
+                                     self.path, limit, offset)
+                        skipped, buf = len(buf), b""
+                        continue
                     cut = buf.rfind(b"\n")
                     if cut >= 0:
                         chunk = buf[:cut]  # whole lines; the worker parses them

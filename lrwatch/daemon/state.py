@@ -12,6 +12,15 @@
 
 Journal entry: ``b"<kind> <length> <time>\\n" + payload + b"\\n"``; segments
 ``journal-000001.log``, ... are deleted once a snapshot has moved past them.
+
+A full or failing disk: a write that fails (``ENOSPC``, ``EIO``, ...) raises, and the caller
+answers 503 (the payload was not acknowledged, so it is not counted). Whatever part of the entry
+reached the file is cut off again at once (``ftruncate`` to the last whole entry); if even that
+fails, the next append cuts it before it writes. So no entry is ever written after a partial
+one, and the journal holds only whole entries followed, at worst, by one torn tail (a crash
+between the partial write and the cut), which replay removes. :attr:`Journal.error` is the last
+failure (``None`` once a write succeeds or :meth:`Journal.probe` finds space again): the
+daemon's ``/healthz`` is not ok meanwhile.
 """
 
 from __future__ import annotations
@@ -32,13 +41,20 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:  # a full disk: do not leave a half-written file holding the space
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(dfd)
@@ -73,7 +89,10 @@ class Journal:
         segs = self.segments()
         self.segment = segs[-1] if segs else 1
         self._fd = -1
-        self.size = 0
+        self.size = 0  # bytes of whole entries in the open segment
+        #: the last write failure (``None`` while the journal can be written)
+        self.error: OSError | None = None
+        self._torn = False  # a failed write may have left part of an entry after ``size``
 
     def segments(self) -> list[int]:
         out = []
@@ -93,20 +112,61 @@ class Journal:
         self.size = os.fstat(self._fd).st_size
 
     def append(self, kind: bytes, t: float, payload: bytes) -> tuple[int, int]:
-        """Write one entry; returns ``(segment, offset after it)``. Caller holds the lock."""
+        """Write one entry; returns ``(segment, offset after it)``. Caller holds the lock.
+
+        Raises ``OSError`` when the entry could not be written whole; the file then ends
+        after the last whole entry (or is cut there before the next write)."""
         data = b"%s %d %.6f\n" % (kind, len(payload), t) + payload + b"\n"
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]
+        try:
+            if self._torn:
+                self._cut()
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as exc:
+            self.error = exc
+            self._torn = True
+            try:
+                self._cut()
+            except OSError:
+                pass  # cut before the next write (see above)
+            raise
         self.size += len(data)
+        self.error = None
         return self.segment, self.size
 
+    def _cut(self) -> None:
+        os.ftruncate(self._fd, self.size)
+        self._torn = False
+
+    def probe(self, free_bytes: int = 1 << 20) -> bool:
+        """After a failure: cut any partial entry, and clear :attr:`error` once the file system
+        has ``free_bytes`` again (so health recovers without waiting for a client). Caller
+        holds the lock. Returns whether the journal looks writable."""
+        if self.error is None:
+            return True
+        try:
+            if self._torn:
+                self._cut()
+            st = os.statvfs(self.directory)
+            if st.f_bavail * st.f_frsize < free_bytes:
+                return False
+        except OSError:
+            return False
+        self.error = None
+        return True
+
     def roll(self) -> None:
-        """Start a new segment (caller holds the lock)."""
+        """Start a new segment (caller holds the lock). If the new file cannot be created
+        (a full disk), the current segment stays open and ``OSError`` is raised."""
+        fd = os.open(self.path(self.segment + 1), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                     0o644)
         if self._fd >= 0:
             os.close(self._fd)
+        self._fd = fd
         self.segment += 1
-        self.open()
+        self.size = 0
+        self._torn = False
 
     def prune(self, keep_from: int) -> None:
         """Delete segments older than ``keep_from``."""

@@ -192,6 +192,11 @@ def columns(prof: Profile, feats: list[dict[str, Any]] | None, preds: list[Any],
             x[:, j] = preds
         else:
             x[:, j] = [_to_float(prediction_value(p)) for p in preds]
+    # the parsers never give a non-finite number (records.NonFinite); this keeps any other
+    # caller's infinities out of the statistics too (counted as missing, as NaN is)
+    inf = np.isinf(x)
+    if inf.any():
+        x = np.where(inf, np.nan, x)
     cats = []
     k = 0
     for j, nm in enumerate(prof.cat_names):

@@ -1,0 +1,174 @@
+"""Hostile input: every class of bad body gets its 4xx and its counter, the good records of
+the same NDJSON body still count, and the daemon serves other clients meanwhile."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+
+import pytest
+
+from daemon_helpers import WINDOW, assert_balanced, make_record
+from services import wait_until
+
+GOOD = {"features": {"x": 1.0, "y": 0.5, "c": "a"}, "prediction": 0.4}
+GOOD_LINE = json.dumps(GOOD)
+
+
+def _strict(body: bytes) -> object:
+    def refuse(c: str) -> None:
+        raise AssertionError(f"not strict JSON: {c}")
+    return json.loads(body, parse_constant=refuse)
+
+
+def _deep(depth: int) -> str:
+    return '{"features": {"x": ' + "[" * depth + "1" + "]" * depth + '}, "prediction": 1}'
+
+
+@pytest.mark.parametrize("depth", [1100, 100_000])
+def test_deep_nesting_is_a_400_and_the_good_lines_still_count(run_daemon, depth) -> None:
+    r = run_daemon()
+    status, body = r.post("/v1/predictions", _deep(depth))
+    assert status == 400 and body["reasons"] == {"invalid_json": 1}, body
+    status, body = r.post("/v1/predictions", "\n".join([GOOD_LINE, _deep(depth), GOOD_LINE]))
+    assert status == 200 and body["accepted"] == 2 and body["reasons"] == {"invalid_json": 1}
+    assert "line 2" in body["errors"][0]
+    status, body = r.post("/v1/labels", "[" * depth + "]" * depth)
+    assert status == 400 and body["reasons"] == {"invalid_json": 1}
+    assert r.post("/v1/predictions", GOOD) == (200, {"accepted": 1, "rejected": 0})
+    assert r.metric("lrwatch_ingest_errors_total", {"reason": "invalid_json"}) == 3
+    assert r.metric("lrwatch_predictions_total") == 3
+    assert_balanced(r.daemon)
+
+
+def test_a_line_that_is_not_utf8_is_rejected_alone(run_daemon) -> None:
+    r = run_daemon()
+    body = GOOD_LINE.encode() + b"\n" + b'{"features": {"x": "\xff\xfe"}, "prediction": 1}' + \
+        b"\n" + GOOD_LINE.encode()
+    status, out = r.post("/v1/predictions", body)
+    assert status == 200 and out["accepted"] == 2 and out["reasons"] == {"invalid_json": 1}
+    assert "UTF-8" in out["errors"][0]
+    assert_balanced(r.daemon)
+
+
+@pytest.mark.parametrize("value", ["Infinity", "-Infinity", "1e400", "-1e999"])
+def test_infinite_feature_values_are_invalid_features(run_daemon, value) -> None:
+    r = run_daemon()
+    bad = '{"features": {"x": %s, "y": 0.5, "c": "a"}, "prediction": 0.4}' % value
+    status, out = r.post("/v1/predictions", "\n".join([GOOD_LINE, bad]))
+    assert status == 200 and out["accepted"] == 1 and out["reasons"] == {"invalid_feature": 1}
+    assert "finite" in out["errors"][0]
+    for field in ("prediction", "time", "label"):  # anywhere else: that field's reason
+        rec = dict(GOOD)
+        body = json.dumps(rec)[:-1] + ', "%s": %s}' % (field, value)
+        if field == "prediction":
+            body = json.dumps({"features": GOOD["features"]})[:-1] + ', "prediction": %s}' % value
+        status, out = r.post("/v1/predictions", body)
+        assert status == 400 and out["reasons"] == {f"invalid_{field}": 1}, (field, out)
+    assert_balanced(r.daemon)
+
+
+def test_nan_feature_values_count_as_missing_and_never_reach_the_statistics(run_daemon) -> None:
+    r = run_daemon()
+    rng = random.Random(3)
+    lines = []
+    for i in range(WINDOW):
+        rec = make_record(rng, i)
+        line = json.dumps(rec)
+        if i % 2 == 0:  # half the window: x is NaN (how pandas writes a missing value)
+            line = line.replace('"x": %r' % rec["features"]["x"], '"x": NaN')
+        lines.append(line)
+    status, out = r.post("/v1/predictions", "\n".join(lines))
+    assert status == 200 and out == {"accepted": WINDOW, "rejected": 0}
+    r.daemon.drain()
+    st = json.loads(r.get("/v1/status")[1])
+    assert st["counters"]["windows"] == 1
+    assert st["last_window"]["values"]["missing_ratio"] == pytest.approx(0.5)
+    assert r.metric("lrwatch_missing_ratio", {"feature": "x"}) == pytest.approx(0.5)
+    assert st["last_window"]["values"]["drift_score"] < 1e300  # finite
+    assert_balanced(r.daemon)
+
+
+def test_status_is_strict_json_even_with_non_finite_values(run_daemon) -> None:
+    r = run_daemon()
+    r.daemon.last = {"values": {"drift_score": float("inf"), "x": float("nan")}}
+    status, body = r.get("/v1/status")
+    assert status == 200
+    assert _strict(body)["last_window"]["values"] == {"drift_score": "inf", "x": "nan"}
+
+
+def test_each_limit_is_its_own_counted_reason(run_daemon) -> None:
+    r = run_daemon(max_line_bytes=2000, max_string_chars=100, max_features=5)
+    long_line = json.dumps({"features": {"x": 1.0, "pad": "z" * 2500}, "prediction": 1})
+    long_str = json.dumps({"features": {"x": 1.0, "c": "s" * 101}, "prediction": 1})
+    long_pred = json.dumps({"features": {"x": 1.0}, "prediction": "p" * 101})
+    wide = json.dumps({"features": {f"f{i}": 1.0 for i in range(6)}, "prediction": 1})
+    nd = "\n".join([GOOD_LINE, long_line, long_str, long_pred, wide, GOOD_LINE])
+    status, out = r.post("/v1/predictions", nd)
+    assert status == 200 and out["accepted"] == 2
+    assert out["reasons"] == {"line_too_long": 1, "string_too_long": 2,
+                              "too_many_features": 1}
+    # a JSON array is one document (bounded by max_body_bytes): its strings are still checked
+    status, out = r.post("/v1/predictions", json.dumps([GOOD, json.loads(long_str)]))
+    assert status == 200 and out["reasons"] == {"string_too_long": 1}
+    status, out = r.post("/v1/labels", json.dumps({"id": "a", "label": "l" * 101}))
+    assert status == 400 and out["reasons"] == {"string_too_long": 1}
+    for reason, n in (("line_too_long", 1), ("string_too_long", 4), ("too_many_features", 1)):
+        assert r.metric("lrwatch_ingest_errors_total", {"reason": reason}) == n
+    assert_balanced(r.daemon)
+
+
+def test_a_huge_tailed_line_is_skipped_unbuffered_and_counted(run_daemon, tmp_path) -> None:
+    from lrwatch.daemon.sources import FileTailer
+
+    path = tmp_path / "preds.jsonl"
+    with open(path, "w") as fh:
+        fh.write(GOOD_LINE + "\n")
+        fh.write('{"features": {"c": "' + "x" * (5 << 20) + '"}, "prediction": 1}\n')
+        fh.write(GOOD_LINE + "\n" + GOOD_LINE + "\n")
+    r = run_daemon(start_worker=False, max_line_bytes=1 << 20)
+    r.daemon.tailers = [FileTailer(r.daemon, str(path), 0.05)]
+    r.daemon.start()
+    wait_until(lambda: r.daemon.counters["received"] == 4, timeout=30, message="4 lines")
+    c = r.daemon.counters
+    assert c["predictions"] == 3 and c["errors"]["line_too_long"] == 1
+    assert r.daemon.files[str(path)][2] == os.path.getsize(path)
+    assert_balanced(r.daemon)
+
+
+def test_unauthorized_requests_are_not_journaled_and_not_data_errors(run_daemon,
+                                                                     tmp_path) -> None:
+    state = str(tmp_path / "state")
+    r = run_daemon(token="s3cret", state_dir=state)
+    ok = {"Authorization": "Bearer s3cret"}
+    assert r.post("/v1/predictions", GOOD, ok)[0] == 200
+    r.daemon.drain()
+    journal = [os.path.join(state, f) for f in os.listdir(state) if f.startswith("journal-")]
+    size = sum(map(os.path.getsize, journal))
+    for _ in range(100):
+        assert r.post("/v1/predictions", {})[0] == 401
+    assert sum(map(os.path.getsize, journal)) == size  # nothing written for a 401
+    rng = random.Random(4)
+    nd = "\n".join(json.dumps(make_record(rng, i)) for i in range(WINDOW - 1))
+    assert r.post("/v1/predictions", nd, ok)[0] == 200
+    r.daemon.drain()
+    assert r.daemon.counters["windows"] == 1
+    # 100 rejected requests in this window, but none about the data
+    assert r.daemon.last["values"]["ingest_error_ratio"] == 0.0
+    assert r.metric("lrwatch_ingest_errors_total", {"reason": "unauthorized"}) == 100
+    assert_balanced(r.daemon)
+
+
+def test_the_daemon_keeps_serving_while_hostile_bodies_arrive(run_daemon) -> None:
+    r = run_daemon()
+    deep = _deep(200_000)
+    t0 = time.monotonic()
+    for _ in range(5):
+        assert r.post("/v1/predictions", deep)[0] == 400
+        assert r.post("/v1/predictions", GOOD)[0] == 200
+        assert r.get("/healthz")[0] == 200
+    assert time.monotonic() - t0 < 30
+    assert r.metric("lrwatch_predictions_total") == 5
+    assert_balanced(r.daemon)

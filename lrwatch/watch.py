@@ -22,6 +22,7 @@ import sys
 import time
 import uuid
 import warnings
+from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
@@ -29,8 +30,9 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from .actions.best import KEEP_BEST_MODES, BestEval, BestState
-from .actions.policy import (CONTROL_ACTIONS, Decision, PolicyState, RecoveryConfig,
-                             check_action_params, decide)
+from .recovery.probe import configured_rate, probe_rate
+from .recovery.policy import (CONTROL_ACTIONS, EXIT_BUDGET, Plan, Progress, RecoveryConfig,
+                              RecoveryPolicy, SnapshotInfo, check_action_params)
 from .actions.rollback import scale_learning_rate
 from .actions.snapshot import Snapshot, SnapshotStore, restore_state
 from .distributed import SQ_REP, SQ_SHARD, RankContext, combine_rank_samples, split_by_placement
@@ -143,7 +145,7 @@ class Watcher:
         a rule-file path, a :class:`~lrwatch.rules.RuleSet`, or ``None`` for no rules.
     recovery:
         How to act on ``rollback``/``skip``/``reduce_lr``/``stop`` actions
-        (:class:`~lrwatch.actions.policy.RecoveryConfig` or a dict of its fields); ``False``
+        (:class:`~lrwatch.recovery.policy.RecoveryConfig` or a dict of its fields); ``False``
         only reports. Recovery keeps snapshots (CPU copies by default, or ``snapshot_dir``).
     alerts:
         An :class:`~lrwatch.actions.alerts.AlertSender`, or a list of sinks, for ``alert``
@@ -174,6 +176,13 @@ class Watcher:
         and holds one device copy until then.
     keep_best_mode:
         ``"max"``, ``"min"``, or ``"auto"`` (from the metric's name).
+    probe_loss:
+        ``probe_loss(model, batch) -> loss``: lets a rollback measure the learning rate with
+        a short range test instead of guessing a factor (``recovery`` ``probe="auto"``, on
+        restarts and on rollbacks that failed again). The test runs on the last
+        ``probe_steps`` batches :meth:`batches` yielded (or adapters passed to
+        :meth:`remember_batch`), from the restored state, and leaves everything as it was;
+        the Watcher keeps references to those batches.
     """
 
     def __init__(
@@ -208,6 +217,7 @@ class Watcher:
         export: str = "rank0",
         keep_best: bool | str = True,
         keep_best_mode: str = "auto",
+        probe_loss: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got "
@@ -305,22 +315,16 @@ class Watcher:
         ruleset = _rule_set(rules)
         self.engine: Engine | None = Engine(ruleset) if ruleset is not None else None
         self.recovery = RecoveryConfig.coerce(recovery) if self.engine is not None else None
-        self.policy = PolicyState()
+        # Every recovery decision and counter (budget, compounding, probation, ramps, the
+        # rate's scale) lives in the pure policy; the Watcher carries its plans out.
+        self.policy = RecoveryPolicy(self.recovery)
         self.data_position = 0
         self.skipped_batches = 0
         self.should_stop = False
         self.exit_status = 0
         self.stop_reason: str | None = None
-        self._lr_scale = 1.0
         self._skip_remaining = 0
-        # Learning-rate ramp, one factor per coming step (the warm-up after a restart, or the
-        # return of the rate after a one-off fault); folded into _lr_scale as it goes.
-        self._ramp: list[float] = []
-        self._ramp_next = 0   # warm-up steps for the rollback that is pending (0: none)
-        self._pending: list[tuple[Decision, Snapshot | None, float]] = []
-        self._last_rollback_to: int | None = None  # snapshot step of the last rollback
-        self._rollback_repeats = 0
-        self._last_rollback_at: int | None = None  # watcher step of the last rollback decision
+        self._pending: list[tuple[Plan, Snapshot | None]] = []
         self._snap_awaiting_engine: dict[int, Snapshot] = {}
         self._boundary_kind: str | None = None
         self._snap_seconds: list[float] = []
@@ -341,6 +345,18 @@ class Watcher:
                 first.extra["engine_state"] = self.engine.state_dict()  # type: ignore[union-attr]
 
         self.best = self._make_best(keep_best, keep_best_mode, ruleset, recovery)
+        self.policy.action_params = self._action_params
+        if probe_loss is not None and not callable(probe_loss):
+            raise ConfigError(f"probe_loss must be callable as probe_loss(model, batch) -> "
+                              f"loss, got {type(probe_loss).__name__}")
+        self._probe_loss = probe_loss
+        self._probing = False
+        self._late_records: list[dict[str, Any]] = []  # events that happened after a flush
+        wants = (self.recovery is not None and self.recovery.probe != "off"
+                 and probe_loss is not None)
+        self._recent: deque[Any] | None = (
+            deque(maxlen=self.recovery.probe_steps) if wants else None)  # type: ignore
+        self.policy.probe_available = wants
         self._stop_restored: BestEval | None = None  # what a stop restored (adapters re-apply)
 
         self._handles = [optimizer.register_step_pre_hook(self._pre_step),
@@ -397,6 +413,8 @@ class Watcher:
                 return
             if self.skip_batch():
                 continue
+            if self._recent is not None:
+                self._recent.append(batch)
             yield batch
         self._safe_point()
 
@@ -415,11 +433,16 @@ class Watcher:
             return True
         return False
 
+    def remember_batch(self, batch: Any) -> None:
+        """Keep ``batch`` among the recent ones a rollback's range test runs on (adapters
+        whose framework draws the data; :meth:`batches` does it itself)."""
+        if self._recent is not None:
+            self._recent.append(batch)
+
     def state_dict(self) -> dict[str, Any]:
         """Counters and detector state, so a resumed run keeps its rules and rollback budget."""
         return {"step": self.step, "data_position": self.data_position,
-                "lr_scale": self._lr_scale, "skip_remaining": self._skip_remaining,
-                "ramp": list(self._ramp),
+                "skip_remaining": self._skip_remaining,
                 "policy": self.policy.state_dict(),
                 "engine": self.engine.state_dict() if self.engine is not None else None,
                 "best": self.best.state_dict() if self.best is not None else None}
@@ -427,10 +450,12 @@ class Watcher:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.step = int(state["step"])
         self.data_position = int(state.get("data_position", 0))
-        self._lr_scale = float(state.get("lr_scale", 1.0))
         self._skip_remaining = int(state.get("skip_remaining", 0))
-        self._ramp = [float(f) for f in state.get("ramp") or []]
-        self.policy.load_state_dict(state.get("policy", {}))
+        policy = dict(state.get("policy", {}))
+        for key in ("lr_scale", "ramp"):   # kept beside the policy before version 0.x
+            if key in state and key not in policy:
+                policy[key] = state[key]
+        self.policy.load_state_dict(policy)
         if self.engine is not None and state.get("engine") is not None:
             self.engine.load_state_dict(state["engine"])
         if self.best is not None and state.get("best"):
@@ -487,7 +512,7 @@ class Watcher:
         try:
             self.flush()
             if self.policy.held is not None and not self.should_stop:
-                self._release_held()
+                self._queue(self.policy.release_held(self._progress()), [])
             self._safe_point()
         finally:
             self._closed = True
@@ -556,6 +581,8 @@ class Watcher:
         return row
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._probing:   # a range test's throw-away steps are not the run's
+            return
         try:
             self._measure_grads(skipped=False)
         except Exception:  # fail open: monitoring never breaks the step
@@ -595,6 +622,8 @@ class Watcher:
             row.host["skipped"] = 1.0
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._probing:
+            return
         try:
             self._finish_step()
         except Exception:
@@ -671,7 +700,7 @@ class Watcher:
         self._scaler_update = original
 
         def update(*args: Any, **kwargs: Any) -> Any:
-            if not self._stepped_since_update and not self._closed:
+            if not self._stepped_since_update and not self._closed and not self._probing:
                 try:
                     self._measure_grads(skipped=True)
                     self._finish_step()
@@ -764,126 +793,74 @@ class Watcher:
                 snap.extra["engine_state"] = engine.state_dict()
             if self.store is not None and not any(
                     set(f.actions) & set(CONTROL_ACTIONS) for f in engine.active.values()):
-                if any(not p.pinned for p in self.store.promote(s.step)):
-                    self.policy.ever_healthy = True
+                promoted = self.store.promote(s.step)
+                if promoted:
+                    self.policy.promoted(SnapshotInfo(p.step, True, p.pinned) for p in promoted)
             if events:
                 s = replace(s, events=s.events + tuple(_event_record(e) for e in events))
             out.append(s)
-        decisions = decide(events_all, out[-1].step if out else self.step, self.policy,
-                           self.recovery, self._action_params)
         records: list[dict[str, Any]] = []
-        for d in decisions:
-            if d.action in ("alert", "resolve", "hook"):
-                self._notify(d)
-                continue
-            target = self._target_for(d)
-            if d.action in ("rollback", "skip") and target is None:
-                d = Decision("stop", d.rule, d.step, "no snapshot to go back to", 4, d.event)
-            rec: dict[str, Any] = {"type": d.action, "rule": d.rule, "step": d.step}
-            factor = 1.0
-            if target is not None:
-                rec["to_step"] = target.step
-                rec["engine_state"] = target.extra.get("engine_state")
-            if d.action == "rollback" and target is not None:
-                factor = self._rollback_factor(target, getattr(d.event, "since", None))
-                rec["lr_factor"] = factor
-                if self._ramp_next:
-                    rec["warmup"] = self._ramp_next
-                self._episode(factor)
-                # Probation: until the run is back past this point, warnings escalate.
-                self.policy.probation_from = self.step
-                self.policy.probation_until = (
-                    2 * self.step - target.step + self.recovery.good_after)  # type: ignore
-            if d.reason:
-                rec["reason"] = d.reason
-            if d.params.get("restore"):
-                rec["restore"] = d.params["restore"]
-                if d.params["restore"] == "best":
-                    rec["message"] = self._best_note()
-            records.append(rec)
-            self._pending.append((d, target, factor))
-            self.exporter.actions.labels(d.action).inc()
-        if (self.recovery is not None and self.policy.probation_until is not None
-                and self.step > self.policy.probation_until and not self._pending):
-            self._end_probation(records)
+        plans = self.policy.plan(events_all, self._progress(out[-1].step if out else None))
+        self._queue(plans, records)
+        if self._late_records and out:
+            out[0] = replace(out[0], events=tuple(self._late_records) + out[0].events)
+            self._late_records = []
         if records and out:
             out[-1] = replace(out[-1], events=out[-1].events + tuple(records))
         if self._pending and self.engine is not None:
             # Restore the detectors' view of the run at the target now, so replay (which reads
             # the engine state from the event) and live stay identical.
-            for d, target, _ in self._pending:
+            for _, target in self._pending:
                 if target is not None and target.extra.get("engine_state") is not None:
                     self._restore_engine(target.extra["engine_state"])
         return out
 
-    def _target_for(self, d: Decision) -> Snapshot | None:
-        if self.store is None:
-            return None
-        if d.action == "rollback":
-            target = self.store.latest_good()
-            since = getattr(d.event, "since", None)
-            if target is not None and since is not None and target.step >= since:
-                # an escalation: its evidence began at `since` (a spike that then left a dead
-                # network), so snapshots taken after that are not healthy, whatever the rules
-                # said of them at the time
-                target = self.store.good_before(since) or target
-            if (target is not None and self._last_rollback_to is not None
-                    and target.step <= self._last_rollback_to):
-                # The last rollback went here and the run diverged again before a newer
-                # snapshot proved healthy: this state may already be damaged. Go further back
-                # (ultimately to the state the run started from, which is always kept).
-                target = self.store.good_before(target.step) or target
-            return target
-        if d.action == "skip":
-            return self.store.latest_before(d.step)
-        return None
+    def _progress(self, step: int | None = None) -> Progress:
+        """The run as the policy needs to see it: the step and the snapshots held."""
+        snaps = [SnapshotInfo(x.step, x.good, x.pinned)
+                 for x in (self.store.snapshots if self.store is not None else ())]
+        return Progress(self.step if step is None else step, snaps)
 
-    def _release_held(self) -> None:
-        """A rollback held back by the cooldown must not be lost when the run ends."""
-        rc = self.recovery
-        held, step = self.policy.held, self.policy.held_step
-        self.policy.held = self.policy.held_step = None
-        if rc is None or held is None:
-            return
-        if self.policy.rollbacks >= rc.max_rollbacks:
-            d = Decision("stop", held, step or self.step,
-                         f"rollback budget of {rc.max_rollbacks} spent", 4)
-            self._pending.append((d, None, 1.0))
-            return
-        d = Decision("rollback", held, step or self.step, "held by the cooldown until the end")
-        target = self._target_for(d)
-        if target is None:
-            return
-        self.policy.rollbacks += 1
-        self._pending.append((d, target, self._rollback_factor(target)))
-        self.exporter.actions.labels("rollback").inc()
-
-    def _rollback_factor(self, target: Snapshot, since: int | None = None) -> float:
-        """``lr_factor``, compounded while rollbacks keep failing (each one soon after the last).
-
-        A one-off fault needs one cut; a persistent one (a schedule bug, a learning rate far
-        too high) would otherwise need many halvings and spend the whole budget.
-        """
-        rc = self.recovery
-        assert rc is not None
-        # "Kept failing": diverged again before the run got back past the point where it
-        # failed last time (the steps it rolled back over, plus the quiet window).
-        if (self._last_rollback_at is not None and self._last_rollback_to is not None
-                and self.step - self._last_rollback_at
-                <= (self._last_rollback_at - self._last_rollback_to) + rc.good_after):
-            self._rollback_repeats += 1
-        else:
-            self._rollback_repeats = 0
-        self._last_rollback_to = target.step
-        self._last_rollback_at = self.step
-        if target.pinned and (not self.policy.ever_healthy or since is not None):
-            # Diverged before any state after the start proved healthy (for an escalation:
-            # before its evidence began): the configuration (the learning rate) is wrong, not
-            # a passing fault. Restart with a tenth, warmed up.
-            self._ramp_next = rc.restart_warmup
-            return float(rc.restart_lr_factor * rc.lr_factor ** self._rollback_repeats)
-        self._ramp_next = 0
-        return float(rc.lr_factor ** (1 + self._rollback_repeats))
+    def _queue(self, plans: Sequence[Plan], records: list[dict[str, Any]]) -> None:
+        """Send notifications now; queue control plans for the next safe point, recording each
+        in the trace (with the engine state of its target, which replay restores)."""
+        for p in plans:
+            if p.action in ("alert", "resolve", "hook"):
+                self._notify(p)
+                continue
+            target = None
+            if p.target is not None and self.store is not None:
+                target = next((x for x in reversed(self.store.snapshots)
+                               if x.step == p.target), None)
+                if target is None:   # the policy chose from what we listed: cannot happen
+                    p = Plan("stop", p.rule, p.step, "the snapshot to go back to is gone",
+                             EXIT_BUDGET, event=p.event)
+            rec: dict[str, Any] = {"type": p.action, "rule": p.rule, "step": p.step}
+            if target is not None:
+                rec["to_step"] = target.step
+                rec["engine_state"] = target.extra.get("engine_state")
+            if p.action == "rollback":
+                rec["lr_factor"] = p.lr_factor
+                if p.warmup:
+                    rec["warmup"] = p.warmup
+                if p.restart:
+                    rec["restart"] = True
+                if p.probe:
+                    rec["probe"] = True   # the measured factor follows in a "probe" event
+            if p.action == "lr_recover":
+                rec.update(factor=p.lr_factor, steps=p.warmup)
+            if p.reason:
+                rec["reason"] = p.reason
+            if p.params.get("restore"):
+                rec["restore"] = p.params["restore"]
+                if p.params["restore"] == "best":
+                    rec["message"] = self._best_note()
+            records.append(rec)
+            self.exporter.actions.labels(p.action).inc()
+            if p.action == "lr_recover":   # the policy ramps the rate back; nothing to restore
+                log.warning("lrwatch: step %d: %s", self.step, p.describe(0, 0))
+                continue
+            self._pending.append((p, target))
 
     def _restore_engine(self, state: Mapping[str, Any]) -> None:
         engine = self.engine
@@ -895,9 +872,9 @@ class Watcher:
             if name not in after:
                 self.exporter.set_rule_state(name, f.severity, False)
                 if "alert" in f.actions:
-                    self._notify(Decision("resolve", name, f.step, event=f))
+                    self._notify(Plan("resolve", name, f.step, event=f))
 
-    def _notify(self, d: Decision) -> None:
+    def _notify(self, d: Plan) -> None:
         try:
             if d.action in ("alert", "resolve") and self.sender is not None:
                 from .actions.alerts import Alert
@@ -929,7 +906,7 @@ class Watcher:
             self._boundary_kind = "log"
         if where != (self._boundary_kind or "post"):
             return
-        if not self._safe_point() and self._ramp:
+        if not self._safe_point():
             self._ramp_step()   # (a restart's own step runs at the ramp's first rate)
         if (self.store is not None and not self.should_stop and not self._pending
                 and self.store.due(self.step)):
@@ -961,108 +938,95 @@ class Watcher:
         return merged
 
     def _safe_point(self) -> bool:
-        """Carry out pending training-control decisions: the step is complete here.
+        """Carry out pending training-control plans: the step is complete here.
 
         Returns whether anything was carried out."""
         acted = bool(self._pending)
         while self._pending:
-            d, target, factor = self._pending.pop(0)
+            p, target = self._pending.pop(0)
             try:
-                if d.action == "rollback":
-                    self._rollback(d, target, factor=factor)
-                elif d.action == "skip":
-                    self._rollback(d, target, factor=1.0)
-                elif d.action == "reduce_lr":
-                    f = self.recovery.reduce_lr_factor  # type: ignore[union-attr]
-                    scale_learning_rate(self.optimizer, self.scheduler, f)
-                    self._lr_scale *= f
-                    log.warning("lrwatch: %s: learning rate x%g at step %d", d.rule, f, self.step)
-                elif d.action == "stop":
-                    self._stop(d)
+                if p.action in ("rollback", "skip"):
+                    self._rollback(p, target)
+                elif p.action == "reduce_lr":
+                    scale_learning_rate(self.optimizer, self.scheduler, p.lr_factor)
+                    log.warning("lrwatch: %s: learning rate x%g at step %d", p.rule,
+                                p.lr_factor, self.step)
+                elif p.action == "stop":
+                    self._stop(p)
             except Exception:
-                self._internal_error(f"carrying out {d.action} for {d.rule}")
-                if d.action in ("rollback", "skip"):
-                    self._stop(Decision("stop", d.rule, d.step, f"{d.action} failed", 4))
+                self._internal_error(f"carrying out {p.action} for {p.rule}")
+                if p.action in ("rollback", "skip"):
+                    self._stop(Plan("stop", p.rule, p.step, f"{p.action} failed", EXIT_BUDGET))
         return acted
 
-    def _rollback(self, d: Decision, target: Snapshot | None, *, factor: float) -> None:
+    def _rollback(self, p: Plan, target: Snapshot | None) -> None:
         assert target is not None and self.store is not None
         state = target.load()
         restore_state(state, self.model, self.optimizer, self.scheduler, self.scaler)
-        # The snapshot's learning rates carry the scale of their time; bring them to today's
-        # scale times the new factor.
+        # The snapshot's learning rates carry the scale of their time; bring them to the
+        # scale the policy planned (for a skip: today's).
         snap_scale = float(target.extra.get("lr_scale", 1.0))
-        ramp, self._ramp_next = (self._ramp_next if d.action == "rollback" else 0), 0
-        # A ramp in progress belonged to the abandoned trajectory; the cut is relative to the
-        # rate the ramp was heading for, not to where it had got.
-        factor *= math.prod(self._ramp)
-        self._ramp = []
-        if ramp > 1:
-            # Restart: the learning rate ramps up linearly again over `ramp` steps.
-            self._ramp = [(k + 1) / k for k in range(1, ramp)]
-            factor /= ramp
-        self._lr_scale *= factor
-        rel = self._lr_scale / snap_scale
+        rel = self.policy.lr_scale / snap_scale
         if rel != 1.0:
             scale_learning_rate(self.optimizer, self.scheduler, rel)
-        if d.action == "rollback":
+        if p.action == "rollback" and p.probe:
+            p = self._probe(p, target.step)
+        if p.action == "rollback":
             self.store.discard_pending()
-            self._skip_remaining += self.recovery.skip_batches  # type: ignore[union-attr]
+            self._skip_remaining += p.skip_batches
             self.exporter.rollbacks.inc()
-            log.warning("lrwatch: %s at step %d: rolled back to step %d (lr x%g, %d/%d "
-                        "rollbacks)", d.rule, d.step, target.step, factor,
-                        self.policy.rollbacks, self.recovery.max_rollbacks)  # type: ignore
+            log.warning("lrwatch: %s at step %d: %s", p.rule, p.step,
+                        p.describe(self.recovery.max_rollbacks,  # type: ignore[union-attr]
+                                   self.policy.rollbacks))
         else:
             self.store.discard_pending(after_step=target.step)
             self.exporter.skipped_steps.inc(max(1, self.step - target.step))
-            log.warning("lrwatch: %s at step %d: undid steps %d..%d", d.rule, d.step,
+            log.warning("lrwatch: %s at step %d: undid steps %d..%d", p.rule, p.step,
                         target.step + 1, self.step)
         self._snap_awaiting_engine.clear()
         self._open = None  # the step in progress belonged to the abandoned trajectory
 
+    def _probe(self, p: Plan, at: int) -> Plan:
+        """Measure the rate for ``p`` with a range test from the restored state; the policy
+        takes the measured rate (or its fixed factor when the test cannot run)."""
+        assert self.recovery is not None and self._probe_loss is not None
+        before = self.policy.lr_scale
+        measured, steps, failed = None, 0, None
+        if self._recent:  # (no batch seen yet: the fixed factor stands in)
+            failed = configured_rate(self.optimizer, self.scheduler, before) * p.probe_from
+            self._probing = True
+            try:
+                res = probe_rate(self.model, self.optimizer, self.scheduler, self.scaler,
+                                 list(self._recent), self._probe_loss, self.recovery, failed,
+                                 process_group=self.dist.group if self.dist.active else None)
+                measured, steps = res.measured, res.steps
+            except Exception:
+                self._internal_error("probing the learning rate")
+            finally:
+                self._probing = False
+        real = self.policy.probed(p, measured, steps)
+        rel = self.policy.lr_scale / before
+        if rel != 1.0:
+            scale_learning_rate(self.optimizer, self.scheduler, rel)
+        self.exporter.actions.labels("probe").inc()
+        self._late_records.append({"type": "probe", "rule": p.rule, "step": self.step,
+                                   "from_step": at, "steps": steps, "failed_lr": failed,
+                                   "lr_factor": real.lr_factor, "reason": real.reason})
+        return real
+
     def _ramp_step(self) -> None:
-        """One step of a learning-rate ramp (re-warm-up after a restart, or recovery)."""
-        f = self._ramp.pop(0)
+        """One step of the policy's learning-rate ramp (warm-up after a restart, or the
+        return of the rate after a one-off fault)."""
+        f = self.policy.ramp_step()
+        if f is None:
+            return
         try:
             scale_learning_rate(self.optimizer, self.scheduler, f)
-            self._lr_scale *= f
         except Exception:
-            self._ramp = []
+            self.policy.cancel_ramp(undo=f)
             self._internal_error("ramping the learning rate")
 
-    def _episode(self, factor: float) -> None:
-        """Book a rollback into its episode (the rollbacks of one probation) before the
-        probation window moves on."""
-        p = self.policy
-        if p.on_probation(self.step):
-            p.episode_rollbacks += 1
-            p.episode_cut *= factor
-        else:
-            p.episode_rollbacks, p.episode_cut = 1, factor
-            p.episode_restart = bool(self._ramp_next)
-        if p.lr_recovered:
-            p.persistent = True   # it failed again after the rate came back: keep the cut
-
-    def _end_probation(self, records: list[dict[str, Any]]) -> None:
-        """Probation passed: after a single rollback (a one-off fault), the rate comes back."""
-        p, rc = self.policy, self.recovery
-        assert rc is not None
-        p.probation_from = p.probation_until = None
-        if not (rc.lr_recover and p.episode_rollbacks == 1 and not p.episode_restart
-                and not p.persistent and 0 < p.episode_cut < 1):
-            return
-        n = max(1, rc.good_after)
-        back = 1.0 / p.episode_cut
-        self._ramp = [back ** (1.0 / n)] * n
-        p.lr_recovered = True
-        p.episode_cut = 1.0
-        records.append({"type": "lr_recover", "rule": "", "step": self.step, "factor": back,
-                        "steps": n})
-        self.exporter.actions.labels("lr_recover").inc()
-        log.warning("lrwatch: the run is healthy again at step %d: learning rate x%g back over "
-                    "%d steps", self.step, back, n)
-
-    def _stop(self, d: Decision) -> None:
+    def _stop(self, d: Plan) -> None:
         if self.should_stop:
             return
         self.should_stop = True
@@ -1096,7 +1060,7 @@ class Watcher:
         print(msg, file=sys.stderr, flush=True)
 
     def _snap_extra(self) -> dict[str, Any]:
-        return {"lr_scale": self._lr_scale}
+        return {"lr_scale": self.policy.lr_scale}
 
     # --- the best evaluated state ----------------------------------------------------------------
     def _make_best(self, keep_best: bool | str, mode: str, ruleset: RuleSet | None,

@@ -1,0 +1,617 @@
+"""The recovery policy: firings and run progress in, plans out. Pure: no torch, no I/O.
+
+:class:`RecoveryPolicy` owns every piece of recovery state: the rollback budget and cooldown,
+held rollbacks, probation windows, the compounding of cuts while rollbacks keep failing, the
+learning-rate scale the run is at, warm-up and recovery ramps, and whether the run ever proved
+healthy. The Watcher and the framework callbacks hand it the rule events of each flush with a
+:class:`Progress` (the step, the snapshots they hold) and carry out the :class:`Plan` list it
+returns: restore snapshot S, set the rate to the plan's scale, ramp, skip, stop. Everything
+the policy knows is in :meth:`RecoveryPolicy.state_dict`, so a resumed run compounds, ramps
+and spends its budget exactly as the uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Iterable, Mapping, Sequence
+
+from ..errors import ConfigError
+
+__all__ = ["RecoveryConfig", "RecoveryPolicy", "PolicyState", "Plan", "Progress",
+           "SnapshotInfo", "Decision", "decide", "CONTROL_ACTIONS", "EXIT_STOPPED",
+           "EXIT_BUDGET", "STOP_RESTORE", "check_action_params", "control_rules"]
+
+#: Actions that change the training run (as opposed to telling someone).
+CONTROL_ACTIONS = ("rollback", "skip", "reduce_lr", "stop")
+#: ``Watcher.exit_status`` after a ``stop`` action, and after the rollback budget ran out.
+EXIT_STOPPED = 3
+EXIT_BUDGET = 4
+#: Values of a ``stop`` action's ``restore`` parameter (``{stop: {restore: best}}``).
+STOP_RESTORE = ("best", "last_good", "none")
+_ACTION_PARAMS: dict[str, dict[str, tuple[str, ...]]] = {"stop": {"restore": STOP_RESTORE}}
+
+
+@dataclass
+class RecoveryConfig:
+    """How the training side acts on firings.
+
+    Parameters
+    ----------
+    lr_factor:
+        A rollback multiplies every learning rate (optimizer and scheduler) by this. While
+        rollbacks keep failing (the run diverges again before it is back past the point where
+        it failed), the cut compounds: ``lr_factor``, then its square, its cube, ...
+    restart_lr_factor:
+        The cut instead of ``lr_factor`` when the run diverges before any state after its
+        start proved healthy, so that the rollback is a restart from the initial state: its
+        configured learning rate is too high, often by an order of magnitude or more. A tenth
+        is the usual margin below the rate where the loss blows up in a range test.
+    restart_warmup:
+        Steps over which the learning rate ramps up linearly again after a restart (from
+        ``1/restart_warmup`` of its new value). 0 turns it off.
+    probe:
+        ``"auto"`` (default): where the executor can run a learning-rate range test (a
+        Watcher given ``probe_loss``; the Lightning and Hugging Face callbacks), a rollback
+        whose fixed factor is a guess measures the rate instead: a restart (the configured
+        rate is wrong by an unknown amount) and a rollback that failed again soon after the
+        last one. The test runs from the restored state (see :mod:`lrwatch.recovery.lr_find`)
+        and the run goes on at ``probe_fraction`` of the largest stable rate it finds, never
+        above the rate that failed. A first mid-run failure keeps ``lr_factor`` (most are
+        one-off faults, whose rate is right). ``"off"``: fixed factors only.
+    probe_steps, probe_span, probe_fraction:
+        The probe's steps (they count against the run's budget and are reported), the range
+        it spans below the failed rate (rates from ``failed / probe_span`` up to the failed
+        rate), and the share of the largest stable rate to restart at.
+    max_rollbacks:
+        The rollback budget; once spent, the next rollback becomes a ``stop``.
+    cooldown:
+        Minimum steps between two rollbacks. A rollback asked for sooner is held and carried
+        out when the cooldown ends.
+    skip_batches:
+        Batches that ``watch.batches()`` drops after a rollback, on top of the ones between the
+        snapshot and the rollback, which are never replayed.
+    reduce_lr_factor:
+        Factor of the ``reduce_lr`` action.
+    max_skips:
+        ``skip`` undos allowed before a further one escalates to a rollback.
+    probation:
+        After a rollback, until the run is back past the step where it failed (plus
+        ``good_after`` steps), a ``warning`` firing on an outcome of training (loss, gradient
+        norm, evaluation metrics; not the learning rate, momentum, step timings) is treated as
+        a rollback request: a run that has just diverged is far more likely to diverge again.
+    lr_recover:
+        When a probation ends after a single rollback (no restart), the fault was a one-off
+        (a bad batch, a transient spike): the learning rate returns to its value before the
+        rollback, geometrically over ``good_after`` steps. If the run fails again later, every
+        further cut is kept.
+    good_after, keep, snapshot_dir, budget, min_interval, max_interval:
+        Snapshot settings (see :class:`lrwatch.actions.snapshot.SnapshotStore`).
+    """
+
+    lr_factor: float = 0.5
+    restart_lr_factor: float = 0.1
+    restart_warmup: int = 100
+    probe: str = "auto"
+    probe_steps: int = 15
+    probe_span: float = 1000.0
+    probe_fraction: float = 0.1
+    max_rollbacks: int = 5
+    cooldown: int = 20
+    skip_batches: int = 0
+    reduce_lr_factor: float = 0.5
+    max_skips: int = 20
+    probation: bool = True
+    lr_recover: bool = True
+    good_after: int = 50
+    keep: int = 3
+    snapshot_dir: str | None = None
+    budget: float = 0.01
+    min_interval: int = 50
+    max_interval: int = 1000
+
+    def __post_init__(self) -> None:
+        for name in ("lr_factor", "restart_lr_factor", "reduce_lr_factor", "probe_fraction"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0 < v <= 1):
+                raise ConfigError(f"{name} must be in (0, 1], got {v!r}")
+        for name in ("max_rollbacks", "cooldown", "skip_batches", "max_skips", "good_after",
+                     "restart_warmup"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {v!r}")
+        if self.probe not in ("off", "auto"):
+            raise ConfigError(f"probe must be 'off' or 'auto', got {self.probe!r}")
+        if not isinstance(self.probe_steps, int) or self.probe_steps < 3:
+            raise ConfigError(f"probe_steps must be an integer >= 3, got {self.probe_steps!r}")
+        if not (isinstance(self.probe_span, (int, float)) and self.probe_span > 1):
+            raise ConfigError(f"probe_span must be a number above 1, got {self.probe_span!r}")
+
+    @classmethod
+    def coerce(cls, value: "RecoveryConfig | Mapping[str, Any] | bool | None"
+               ) -> "RecoveryConfig | None":
+        if value is None or value is False:
+            return None
+        if value is True:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            valid = set(cls.__dataclass_fields__)
+            bad = sorted(set(value) - valid)
+            if bad:
+                raise ConfigError(f"unknown recovery setting(s) {bad}; valid: {sorted(valid)}")
+            return cls(**value)
+        raise ConfigError(f"recovery must be True/False, a dict or a RecoveryConfig, "
+                          f"got {type(value).__name__}")
+
+
+@dataclass
+class PolicyState:
+    """Everything the policy knows; ``state_dict()`` is this, so a resumed run continues."""
+
+    rollbacks: int = 0
+    skips: int = 0
+    lr_reductions: int = 0
+    probes: int = 0
+    probe_steps: int = 0
+    last_rollback_step: int | None = None   # cooldown (rollbacks and reductions)
+    held: str | None = None                 # a rule whose rollback waits for the cooldown
+    held_step: int | None = None
+    probation_from: int | None = None       # warnings escalate from here ...
+    probation_until: int | None = None      # ... until here
+    ever_healthy: bool = False              # a snapshot after the start proved good
+    episode_rollbacks: int = 0              # the rollbacks of the current probation,
+    episode_cut: float = 1.0                # their total cut,
+    episode_restart: bool = False           # and whether one was a restart
+    lr_recovered: bool = False              # the rate came back once after a one-off fault
+    persistent: bool = False                # ... and the run failed again: keep cuts for good
+    last_rollback_to: int | None = None     # snapshot step of the last rollback
+    last_rollback_at: int | None = None     # step of the last rollback decision
+    rollback_repeats: int = 0               # rollbacks in a row that failed again soon
+    lr_scale: float = 1.0                   # the run's rates = configured x this
+    ramp: list[float] = field(default_factory=list)   # one factor per coming step
+
+    def on_probation(self, step: int) -> bool:
+        return self.probation_until is not None and step <= self.probation_until
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """What the policy needs to know of a snapshot the executor holds."""
+
+    step: int
+    good: bool
+    pinned: bool = False
+
+
+@dataclass(frozen=True)
+class Progress:
+    """The run as the executor sees it at a flush: the step and the snapshots it holds."""
+
+    step: int
+    snapshots: Sequence[SnapshotInfo] = ()
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One thing to do before a target is chosen (see :func:`decide`)."""
+
+    action: str
+    rule: str
+    step: int
+    reason: str = ""
+    exit_status: int = 0
+    event: Any = field(default=None, compare=False)
+    params: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One thing for the executor to carry out.
+
+    ``action``: ``rollback``, ``skip``, ``reduce_lr``, ``stop``, ``lr_recover`` (notifications:
+    ``alert``, ``resolve``, ``hook``). For a ``rollback``: restore snapshot ``target``, then set
+    the rates to ``scale`` x configured (a snapshot records the scale it was taken at, so the
+    executor multiplies by ``scale / snapshot_scale``), the cut being ``lr_factor`` of the rate
+    before the failure, warmed up over ``warmup`` steps (``restart``: the target is the state
+    the run started from). With ``probe`` the executor measures the rate instead and reports it
+    with :meth:`RecoveryPolicy.probed`. ``skip``: restore ``target`` and keep the rate.
+    ``reduce_lr``: multiply the rates by ``lr_factor``. ``stop``: end with ``exit_status``.
+    ``lr_recover``: the rate comes back by ``lr_factor`` over ``warmup`` steps (the ramp is
+    in the policy). ``skip_batches``: batches to drop after it.
+    """
+
+    action: str
+    rule: str
+    step: int
+    reason: str = ""
+    exit_status: int = 0
+    target: int | None = None
+    lr_factor: float = 1.0
+    scale: float = 1.0
+    warmup: int = 0
+    restart: bool = False
+    probe: bool = False
+    skip_batches: int = 0
+    event: Any = field(default=None, compare=False)
+    params: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    probe_from: float = 1.0   # the scale that failed: the top of the probe's range
+
+    def describe(self, budget: int, used: int) -> str:
+        """The log line's words: what happened, the real factor, and why."""
+        if self.action == "rollback":
+            what = "restart from the initial state (step 0)" if (
+                self.restart and self.target == 0) else (
+                f"restart from step {self.target}" if self.restart else
+                f"rollback to step {self.target}")
+            rate = ("learning rate to be measured by a range test" if self.probe else
+                    f"learning rate x{self.lr_factor:g}")
+            warm = f", warmed up over {self.warmup} steps" if self.warmup > 1 else ""
+            why = f": {self.reason}" if self.reason else ""
+            return f"{what}, {rate}{warm} ({used}/{budget} rollbacks){why}"
+        if self.action == "lr_recover":
+            return (f"learning rate x{self.lr_factor:g} back over {self.warmup} steps: "
+                    f"{self.reason}")
+        return self.reason or self.action
+
+
+#: Metrics that are settings or timings of the run, not outcomes of training.
+NOT_OUTCOMES = ("step", "lr", "momentum", "step_time_seconds", "samples_per_second")
+
+
+def _is_outcome(metric: str | None) -> bool:
+    """Whether a warning on ``metric`` is evidence about the training itself (probation).
+
+    >>> [_is_outcome(m) for m in ("loss", "eval_accuracy", "lr", "lr/1", "step", None)]
+    [True, True, False, False, False, False]
+    """
+    return metric is not None and metric.split("/", 1)[0] not in NOT_OUTCOMES
+
+
+def check_action_params(rules: Iterable[Any]) -> None:
+    """Validate the parameters rules give their actions (``{stop: {restore: best}}``).
+
+    >>> from types import SimpleNamespace as R
+    >>> try:
+    ...     check_action_params([R(name="r", source="f.yml:3",
+    ...                            action_params={"stop": {"restore": "bset"}})])
+    ... except ConfigError as exc:
+    ...     print(exc)
+    f.yml:3: rule 'r': stop: restore 'bset' is not valid (valid choices: best, last_good, none)
+    """
+    for r in rules:
+        for action, params in getattr(r, "action_params", {}).items():
+            spec = _ACTION_PARAMS.get(action)
+            if spec is None:
+                continue
+            where = f"{r.source}: rule {r.name!r}: {action}"
+            for key, value in params.items():
+                if key not in spec:
+                    raise ConfigError(f"{where}: unknown parameter {key!r} "
+                                      f"(valid choices: {', '.join(spec)})")
+                if value not in spec[key]:
+                    raise ConfigError(f"{where}: {key} {value!r} is not valid "
+                                      f"(valid choices: {', '.join(spec[key])})")
+
+
+def control_rules(events: Iterable[Any]) -> bool:
+    """Whether any event is a firing that asks for a training-control action."""
+    return any(e.kind == "firing" and set(e.actions) & set(CONTROL_ACTIONS) for e in events)
+
+
+def decide(events: Sequence[Any], step: int, state: PolicyState,
+           config: RecoveryConfig | None,
+           action_params: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None
+           ) -> list[Decision]:
+    """Turn a flush's rule events into decisions (the first half of
+    :meth:`RecoveryPolicy.plan`), updating the counters in ``state``.
+
+    Notifications (``alert``, ``resolve``, ``hook``) come for every event that asks for them.
+    At most one training-control decision per flush, the strongest asked for: ``stop`` >
+    ``rollback`` > ``skip`` > ``reduce_lr``. With ``config=None`` no control decision is made.
+
+    >>> from types import SimpleNamespace as E
+    >>> st = PolicyState()
+    >>> ev = [E(rule="nonfinite", step=7, kind="firing", actions=("rollback", "alert"))]
+    >>> [(d.action, d.rule) for d in decide(ev, 10, st, RecoveryConfig())]
+    [('alert', 'nonfinite'), ('rollback', 'nonfinite')]
+    >>> st.rollbacks
+    1
+    """
+    out: list[Decision] = []
+    control: dict[str, Any] = {}
+    for e in events:
+        acts = tuple(e.actions)
+        if e.kind == "resolved":
+            if "alert" in acts:
+                out.append(Decision("resolve", e.rule, e.step, event=e))
+            continue
+        if "alert" in acts:
+            out.append(Decision("alert", e.rule, e.step, event=e))
+        if "hook" in acts:
+            out.append(Decision("hook", e.rule, e.step, event=e))
+        for a in CONTROL_ACTIONS:
+            if a in acts and a not in control:
+                control[a] = e
+    if config is None:
+        return out
+    escalated = None
+    if (config.probation and "rollback" not in control and "stop" not in control
+            and state.on_probation(step)):
+        escalated = next((e for e in events if e.kind == "firing"
+                          and getattr(e, "severity", None) == "warning"
+                          and _is_outcome(getattr(e, "metric", None))), None)
+        if escalated is not None:
+            control["rollback"] = escalated
+    in_cooldown = (state.last_rollback_step is not None
+                   and step - state.last_rollback_step < config.cooldown)
+    if "stop" in control:
+        e = control["stop"]
+        params = (action_params or {}).get(e.rule, {}).get("stop", {})
+        out.append(Decision("stop", e.rule, e.step, f"rule {e.rule} asked to stop",
+                            EXIT_STOPPED, event=e, params=dict(params)))
+        return out
+    wants_rollback = "rollback" in control or state.held is not None
+    if "skip" in control and not wants_rollback:
+        e = control["skip"]
+        if state.skips < config.max_skips:
+            state.skips += 1
+            out.append(Decision("skip", e.rule, e.step, event=e))
+            return out
+        control["rollback"] = e  # too many skips: the run needs more than undoing steps
+        wants_rollback = True
+    if wants_rollback:
+        e = control.get("rollback")
+        rule = e.rule if e is not None else state.held
+        first = e.step if e is not None else (state.held_step or step)
+        if in_cooldown:
+            state.held, state.held_step = rule, first
+            return out
+        state.held = state.held_step = None
+        if state.rollbacks >= config.max_rollbacks:
+            out.append(Decision("stop", str(rule), first,
+                                f"rollback budget of {config.max_rollbacks} spent",
+                                EXIT_BUDGET, event=e))
+            return out
+        state.rollbacks += 1
+        state.last_rollback_step = step
+        reason = (f"warning {rule} during the probation after the rollback at step "
+                  f"{state.probation_from}" if e is not None and e is escalated else "")
+        out.append(Decision("rollback", str(rule), first, reason, event=e))
+        return out
+    if "reduce_lr" in control and not in_cooldown:
+        e = control["reduce_lr"]
+        state.lr_reductions += 1
+        state.last_rollback_step = step  # reductions share the cooldown
+        out.append(Decision("reduce_lr", e.rule, e.step, event=e))
+    return out
+
+
+def _good_before(snaps: Sequence[SnapshotInfo], step: int) -> SnapshotInfo | None:
+    return next((s for s in reversed(snaps) if s.good and s.step < step), None)
+
+
+class RecoveryPolicy:
+    """Firings and progress in, plans out (see the module docstring).
+
+    >>> from types import SimpleNamespace as E
+    >>> pol = RecoveryPolicy(RecoveryConfig())
+    >>> ev = [E(rule="nonfinite", step=12, kind="firing", actions=("rollback",))]
+    >>> plan, = pol.plan(ev, Progress(12, [SnapshotInfo(0, True, pinned=True)]))
+    >>> plan.action, plan.target, plan.restart, plan.lr_factor, plan.warmup
+    ('rollback', 0, True, 0.1, 100)
+    >>> plan.describe(5, pol.state.rollbacks)
+    'restart from the initial state (step 0), learning rate x0.1, warmed up over 100 steps (1/5 rollbacks): diverged before any state after the start proved healthy: the learning rate is too high, not a passing fault'
+    >>> round(pol.state.lr_scale, 6), len(pol.state.ramp)
+    (0.001, 99)
+    """
+
+    def __init__(self, config: RecoveryConfig | None,
+                 action_params: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None
+                 ) -> None:
+        self.config = config
+        self.action_params = dict(action_params or {})
+        self.state = PolicyState()
+        #: whether the executor can run a range test (it says so; not part of the state)
+        self.probe_available = False
+
+    # counters read by users and tests (watch.policy.rollbacks, ...)
+    def __getattr__(self, name: str) -> Any:
+        if name != "state" and name in PolicyState.__dataclass_fields__:
+            return getattr(self.state, name)
+        raise AttributeError(name)
+
+    @property
+    def lr_scale(self) -> float:
+        return self.state.lr_scale
+
+    # --- progress ----------------------------------------------------------------------------
+    def promoted(self, snapshots: Iterable[SnapshotInfo]) -> None:
+        """Snapshots became known good: one after the start means the run proved healthy."""
+        if any(not s.pinned for s in snapshots):
+            self.state.ever_healthy = True
+
+    def ramp_step(self) -> float | None:
+        """The factor for this step of a ramp (warm-up or recovery), or ``None``."""
+        st = self.state
+        if not st.ramp:
+            return None
+        f = st.ramp.pop(0)
+        st.lr_scale *= f
+        return f
+
+    def cancel_ramp(self, undo: float | None = None) -> None:
+        """The executor could not apply a ramp step (``undo``: the factor it failed to apply):
+        stop ramping; the rate stays where it is."""
+        if undo:
+            self.state.lr_scale /= undo
+        self.state.ramp = []
+
+    # --- plans -------------------------------------------------------------------------------
+    def plan(self, events: Sequence[Any], progress: Progress) -> list[Plan]:
+        """Plans for one flush: notifications, at most one control plan, and the end of a
+        probation (``lr_recover``) when nothing else happens."""
+        st, rc = self.state, self.config
+        out: list[Plan] = []
+        for d in decide(events, progress.step, st, rc, self.action_params):
+            out.append(self._plan_one(d, progress))
+        if (rc is not None and st.probation_until is not None
+                and progress.step > st.probation_until
+                and not any(p.action in CONTROL_ACTIONS for p in out)):
+            out.extend(self._end_probation(progress.step))
+        return out
+
+    def release_held(self, progress: Progress) -> list[Plan]:
+        """At the end of the run: a rollback held back by the cooldown must not be lost."""
+        st, rc = self.state, self.config
+        held, step = st.held, st.held_step
+        st.held = st.held_step = None
+        if rc is None or held is None:
+            return []
+        if st.rollbacks >= rc.max_rollbacks:
+            return [Plan("stop", held, step or progress.step,
+                         f"rollback budget of {rc.max_rollbacks} spent", EXIT_BUDGET)]
+        d = Decision("rollback", held, step or progress.step,
+                     "held by the cooldown until the end")
+        if self._target(d, progress) is None:
+            return []
+        st.rollbacks += 1
+        return [self._plan_one(d, progress)]
+
+    def probed(self, plan: Plan, measured: float | None, steps: int) -> Plan:
+        """The executor ran the range test for ``plan``: ``measured`` is the rate to restart
+        at as a multiple of the rate that failed (``None``: no usable curve). Returns the
+        plan with its real factor and scale; the policy's scale and ramp follow it."""
+        st, rc = self.state, self.config
+        assert rc is not None
+        st.probes += 1
+        st.probe_steps += steps
+        if measured is None or not measured > 0:
+            cut = plan.lr_factor   # the fixed restart factor stands in
+            why = "the range test found no stable rate; fixed factor instead"
+        else:
+            cut = min(1.0, measured)
+            why = f"measured by a {steps}-step range test"
+        start = st.lr_scale / plan.lr_factor * cut   # undo the placeholder cut
+        # the episode booked the placeholder; book the measured cut instead
+        st.episode_cut *= cut / plan.lr_factor
+        st.lr_scale = start   # the warm-up ramp (if any) keeps its shape up to the new rate
+        reason = f"{plan.reason}; {why}" if plan.reason else why
+        return Plan(plan.action, plan.rule, plan.step, reason, plan.exit_status, plan.target,
+                    cut, start, plan.warmup, plan.restart, False, plan.skip_batches,
+                    plan.event, plan.params, plan.probe_from)
+
+    def _plan_one(self, d: Decision, progress: Progress) -> Plan:
+        st, rc = self.state, self.config
+        if d.action in ("alert", "resolve", "hook", "stop"):
+            return Plan(d.action, d.rule, d.step, d.reason, d.exit_status, event=d.event,
+                        params=d.params)
+        if d.action == "reduce_lr":
+            assert rc is not None
+            st.lr_scale *= rc.reduce_lr_factor
+            return Plan("reduce_lr", d.rule, d.step, d.reason, lr_factor=rc.reduce_lr_factor,
+                        scale=st.lr_scale, event=d.event)
+        target = self._target(d, progress)
+        if target is None:
+            return Plan("stop", d.rule, d.step, "no snapshot to go back to", EXIT_BUDGET,
+                        event=d.event)
+        if d.action == "skip":
+            return Plan("skip", d.rule, d.step, d.reason, target=target.step,
+                        scale=st.lr_scale, event=d.event)
+        return self._rollback(d, target, progress.step)
+
+    def _target(self, d: Decision, progress: Progress) -> SnapshotInfo | None:
+        snaps = list(progress.snapshots)
+        if d.action == "skip":
+            return next((s for s in reversed(snaps) if s.step < d.step), None)
+        target = next((s for s in reversed(snaps) if s.good), None)
+        since = getattr(d.event, "since", None)
+        if target is not None and since is not None and target.step >= since:
+            # an escalation: its evidence began at `since`, so later snapshots are suspect
+            target = _good_before(snaps, since) or target
+        last = self.state.last_rollback_to
+        if target is not None and last is not None and target.step <= last:
+            # the last rollback went here and the run diverged again before a newer snapshot
+            # proved healthy: this state may be damaged; go further back
+            target = _good_before(snaps, target.step) or target
+        return target
+
+    def _rollback(self, d: Decision, target: SnapshotInfo, step: int) -> Plan:
+        st, rc = self.state, self.config
+        assert rc is not None
+        # "Kept failing": diverged again before the run got back past where it failed last
+        # time (the steps it rolled back over, plus the quiet window): the cut compounds.
+        if (st.last_rollback_at is not None and st.last_rollback_to is not None
+                and step - st.last_rollback_at
+                <= (st.last_rollback_at - st.last_rollback_to) + rc.good_after):
+            st.rollback_repeats += 1
+        else:
+            st.rollback_repeats = 0
+        st.last_rollback_to, st.last_rollback_at = target.step, step
+        since = getattr(d.event, "since", None)
+        restart = target.pinned and (not st.ever_healthy or since is not None)
+        reason = d.reason
+        if restart:
+            cut = rc.restart_lr_factor * rc.lr_factor ** st.rollback_repeats
+            warmup = rc.restart_warmup
+            why = ("diverged before any state after the start proved healthy: the learning "
+                   "rate is too high, not a passing fault")
+            reason = f"{reason}; {why}" if reason else why
+        else:
+            cut = rc.lr_factor ** (1 + st.rollback_repeats)
+            warmup = 0
+            if st.rollback_repeats and not reason:
+                reason = (f"failed again {st.rollback_repeats} time(s) before getting past "
+                          "the last failure: the cut compounds")
+        # the episode: the rollbacks of one probation
+        if st.on_probation(step):
+            st.episode_rollbacks += 1
+            st.episode_cut *= cut
+        else:
+            st.episode_rollbacks, st.episode_cut, st.episode_restart = 1, cut, restart
+        if st.lr_recovered:
+            st.persistent = True    # it failed again after the rate came back: keep the cut
+        st.probation_from = step
+        st.probation_until = 2 * step - target.step + rc.good_after
+        # a ramp in progress belonged to the abandoned trajectory: cut from where it headed
+        heading = st.lr_scale * math.prod(st.ramp)
+        st.ramp = []
+        scale = heading * cut
+        if warmup > 1:
+            st.ramp = [(k + 1) / k for k in range(1, warmup)]
+            scale /= warmup
+        st.lr_scale = scale
+        probe = (rc.probe == "auto" and self.probe_available
+                 and (restart or st.rollback_repeats > 0))
+        return Plan("rollback", d.rule, d.step, reason, target=target.step, lr_factor=cut,
+                    scale=scale, warmup=warmup if warmup > 1 else 0, restart=restart,
+                    probe=probe, skip_batches=rc.skip_batches, event=d.event,
+                    probe_from=heading)
+
+    def _end_probation(self, step: int) -> list[Plan]:
+        """Probation passed: after a single rollback (a one-off fault) the rate comes back."""
+        st, rc = self.state, self.config
+        assert rc is not None
+        st.probation_from = st.probation_until = None
+        if not (rc.lr_recover and st.episode_rollbacks == 1 and not st.episode_restart
+                and not st.persistent and 0 < st.episode_cut < 1):
+            return []
+        n = max(1, rc.good_after)
+        back = 1.0 / st.episode_cut
+        st.ramp = [back ** (1.0 / n)] * n
+        st.lr_recovered = True
+        st.episode_cut = 1.0
+        return [Plan("lr_recover", "", step,
+                     "the run passed its probation after a single rollback (a one-off fault)",
+                     lr_factor=back, warmup=n)]
+
+    # --- resume ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self.state)
+
+    def load_state_dict(self, d: Mapping[str, Any]) -> None:
+        for f in fields(PolicyState):
+            if f.name in d:
+                v = d[f.name]
+                setattr(self.state, f.name, list(v) if f.name == "ramp" else v)

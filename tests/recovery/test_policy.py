@@ -1,0 +1,222 @@
+"""The recovery policy without torch: firings and progress in, plans out."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from lrwatch.recovery.policy import (EXIT_BUDGET, Plan, Progress, RecoveryConfig,
+                                     RecoveryPolicy, SnapshotInfo)
+from lrwatch.rules import Engine, load_pack
+from lrwatch.samples import Sample
+
+
+def fire(rule: str, step: int, actions: tuple[str, ...] = ("rollback",),
+         severity: str = "critical", metric: str = "loss", since: int | None = None) -> Any:
+    return SimpleNamespace(rule=rule, step=step, kind="firing", actions=actions,
+                           severity=severity, metric=metric, since=since)
+
+
+START = SnapshotInfo(0, True, pinned=True)
+
+
+def snaps(*steps: int, good: bool = True) -> list[SnapshotInfo]:
+    return [START] + [SnapshotInfo(s, good) for s in steps]
+
+
+def control(plans: list[Plan]) -> list[Plan]:
+    return [p for p in plans if p.action not in ("alert", "resolve", "hook")]
+
+
+def test_policy_imports_no_torch() -> None:
+    code = ("import sys, lrwatch.recovery.policy, lrwatch.actions.policy; "
+            "assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_early_divergence_is_a_restart_at_a_tenth_warmed_up() -> None:
+    pol = RecoveryPolicy(RecoveryConfig())
+    (p,) = control(pol.plan([fire("loss_above_start", 8)], Progress(10, snaps())))
+    assert (p.action, p.target, p.restart, p.lr_factor, p.warmup) == ("rollback", 0, True,
+                                                                       0.1, 100)
+    assert pol.lr_scale == pytest.approx(0.1 / 100)
+    line = p.describe(5, pol.rollbacks)
+    assert line.startswith("restart from the initial state (step 0), learning rate x0.1, "
+                           "warmed up over 100 steps (1/5 rollbacks)")
+    assert "not a passing fault" in line
+    # the warm-up ramp brings the scale to exactly a tenth in 99 steps
+    for _ in range(99):
+        assert pol.ramp_step() is not None
+    assert pol.ramp_step() is None and pol.lr_scale == pytest.approx(0.1)
+
+
+def test_mid_run_fault_rolls_back_halves_and_recovers_after_probation() -> None:
+    cfg = RecoveryConfig(good_after=10)
+    pol = RecoveryPolicy(cfg)
+    pol.promoted([SnapshotInfo(100, True)])
+    (p,) = control(pol.plan([fire("nonfinite", 118)], Progress(120, snaps(100, 110))))
+    assert (p.action, p.target, p.restart, p.lr_factor, p.warmup) == ("rollback", 110, False,
+                                                                       0.5, 0)
+    assert "rollback to step 110, learning rate x0.5 (1/5 rollbacks)" == p.describe(5, 1)
+    assert pol.state.probation_until == 2 * 120 - 110 + 10
+    assert pol.plan([], Progress(140, snaps(100, 110))) == []      # still on probation
+    (rec,) = pol.plan([], Progress(141, snaps(100, 110)))
+    assert rec.action == "lr_recover" and rec.lr_factor == pytest.approx(2.0)
+    assert rec.warmup == 10 and "one-off fault" in rec.reason
+    while pol.ramp_step() is not None:
+        pass
+    assert pol.lr_scale == pytest.approx(1.0)
+
+
+def test_lr_recover_can_be_turned_off_and_never_follows_a_restart() -> None:
+    pol = RecoveryPolicy(RecoveryConfig(good_after=10, lr_recover=False))
+    pol.promoted([SnapshotInfo(100, True)])
+    pol.plan([fire("nonfinite", 118)], Progress(120, snaps(100, 110)))
+    assert pol.plan([], Progress(200, snaps(100, 110))) == []
+    assert pol.lr_scale == 0.5
+    pol = RecoveryPolicy(RecoveryConfig(good_after=10, restart_warmup=0))
+    pol.plan([fire("nonfinite", 5)], Progress(5, snaps()))
+    assert pol.plan([], Progress(100, snaps())) == [] and pol.lr_scale == pytest.approx(0.1)
+
+
+def test_repeated_failures_compound_and_go_further_back() -> None:
+    pol = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0))
+    pol.promoted([SnapshotInfo(100, True)])
+    s = snaps(100, 110)
+    (a,) = control(pol.plan([fire("loss_blowup", 118)], Progress(120, s)))
+    (b,) = control(pol.plan([fire("loss_blowup", 124)], Progress(125, s)))
+    assert (a.target, a.lr_factor) == (110, 0.5)
+    # it failed again before getting back past 120: the same state may be damaged -> 100,
+    # and the cut compounds (x0.25 of the rate before, which the scale already carries x0.5)
+    assert (b.target, b.lr_factor) == (100, 0.25)
+    assert "cut compounds" in b.reason
+    assert pol.lr_scale == pytest.approx(0.5 * 0.25)
+
+
+def test_budget_cooldown_and_held_rollbacks() -> None:
+    pol = RecoveryPolicy(RecoveryConfig(max_rollbacks=1, cooldown=20, good_after=5))
+    pol.promoted([SnapshotInfo(10, True)])
+    s = snaps(10)
+    assert control(pol.plan([fire("r", 30)], Progress(30, s)))[0].action == "rollback"
+    assert control(pol.plan([fire("r", 35)], Progress(35, s))) == []   # held (cooldown)
+    assert pol.held == "r"
+    (stop,) = pol.release_held(Progress(40, s))
+    assert stop.action == "stop" and stop.exit_status == EXIT_BUDGET
+    assert "budget of 1 spent" in stop.reason
+
+
+def test_no_snapshot_means_stop() -> None:
+    pol = RecoveryPolicy(RecoveryConfig())
+    (p,) = control(pol.plan([fire("nonfinite", 3)], Progress(3, [])))
+    assert p.action == "stop" and p.exit_status == EXIT_BUDGET
+
+
+def test_probation_warning_escalates_only_on_outcomes() -> None:
+    pol = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0))
+    pol.promoted([SnapshotInfo(100, True)])
+    s = snaps(100, 110)
+    pol.plan([fire("nonfinite", 118)], Progress(120, s))
+    assert control(pol.plan([fire("lr_jump", 122, ("alert",), "warning", "lr")],
+                            Progress(122, s))) == []
+    (p,) = control(pol.plan([fire("loss_shift", 124, ("alert",), "warning", "loss")],
+                            Progress(124, s)))
+    assert p.action == "rollback" and "probation after the rollback at step 120" in p.reason
+
+
+def test_probe_plan_takes_the_measured_rate() -> None:
+    off = RecoveryPolicy(RecoveryConfig())      # the executor cannot probe: fixed factors
+    assert not control(off.plan([fire("nonfinite", 4)], Progress(5, snaps())))[0].probe
+    pol = RecoveryPolicy(RecoveryConfig(restart_warmup=10))
+    pol.probe_available = True
+    (p,) = control(pol.plan([fire("loss_above_start", 4)], Progress(5, snaps())))
+    assert p.probe and p.lr_factor == 0.1
+    real = pol.probed(p, 0.03, steps=12)
+    assert real.lr_factor == pytest.approx(0.03) and not real.probe
+    assert "12-step range test" in real.reason
+    assert pol.state.probes == 1 and pol.state.probe_steps == 12
+    while pol.ramp_step() is not None:
+        pass
+    assert pol.lr_scale == pytest.approx(0.03)
+    # no usable curve: the fixed factor stands in; a measured rate above the failed one is
+    # capped at the failed rate
+    pol2 = RecoveryPolicy(RecoveryConfig(restart_warmup=0))
+    pol2.probe_available = True
+    (q,) = control(pol2.plan([fire("nonfinite", 4)], Progress(5, snaps())))
+    assert pol2.probed(q, None, 15).lr_factor == 0.1 and pol2.lr_scale == pytest.approx(0.1)
+    pol3 = RecoveryPolicy(RecoveryConfig(restart_warmup=0))
+    pol3.probe_available = True
+    (r,) = control(pol3.plan([fire("nonfinite", 4)], Progress(5, snaps())))
+    assert pol3.probed(r, 5.0, 15).lr_factor == 1.0
+
+
+def test_first_mid_run_failure_keeps_the_fixed_factor_a_repeat_probes() -> None:
+    pol = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0))
+    pol.probe_available = True
+    pol.promoted([SnapshotInfo(100, True)])
+    s = snaps(100, 110)
+    (a,) = control(pol.plan([fire("loss_blowup", 118)], Progress(120, s)))
+    (b,) = control(pol.plan([fire("loss_blowup", 124)], Progress(125, s)))
+    assert not a.probe and b.probe and b.probe_from == pytest.approx(0.5)
+
+
+def _script(pol: RecoveryPolicy, start: int = 0, stop: int = 400) -> list[tuple]:
+    """A scripted run: snapshots every 20 steps, good 10 steps later; faults at 30 and 36
+    (a restart, then a compounding one), a one-off at 250; the ramp ticks every step."""
+    out = []
+    for step in range(start, stop):
+        held = [START] + [SnapshotInfo(s, s + 10 <= step) for s in range(20, step + 1, 20)]
+        if step >= 60:
+            pol.promoted([h for h in held if h.good and not h.pinned])
+        events = [fire("loss_blowup", step)] if step in (30, 36, 250) else []
+        plans = pol.plan(events, Progress(step, held))
+        out += [(step, p.action, p.target, round(p.lr_factor, 9), p.warmup) for p in plans]
+        pol.ramp_step()
+        out.append(round(pol.lr_scale, 12))
+    return out
+
+
+def test_state_dict_resumes_exactly() -> None:
+    cfg = RecoveryConfig(good_after=10, cooldown=0, restart_warmup=20)
+    whole = _script(RecoveryPolicy(cfg))
+    first = RecoveryPolicy(cfg)
+    part = _script(first, 0, 41)     # mid-warm-up, mid-probation, after a compounding
+    resumed = RecoveryPolicy(cfg)
+    resumed.load_state_dict(first.state_dict())
+    assert part + _script(resumed, 41) == whole
+    kinds = [x[1] for x in whole if isinstance(x, tuple)]
+    assert kinds == ["rollback", "rollback", "rollback", "lr_recover"]
+
+
+def test_real_engine_on_a_recorded_blow_up() -> None:
+    """The default rule pack's firings on a loss curve that blows up at step 40 (as a trace
+    records it) become one rollback plan to the last good snapshot."""
+    engine = Engine(load_pack("training"))
+    pol = RecoveryPolicy(RecoveryConfig(good_after=10))
+    plans: list[Plan] = []
+    for step in range(1, 60):
+        loss = 2.3 * math.exp(-step / 15) + 0.2 if step < 40 else 0.2 * 3 ** (step - 39)
+        events = engine.update(Sample(step=step, values={"loss": loss, "lr": 0.1,
+                                                         "grad_norm": 1.0}))
+        held = [START] + [SnapshotInfo(s, s + 10 <= step) for s in range(10, step + 1, 10)]
+        if step > 20:
+            pol.promoted([h for h in held if h.good and not h.pinned])
+        plans += control(pol.plan(events, Progress(step, held)))
+        if plans:
+            break
+    (p,) = plans
+    assert p.action == "rollback" and not p.restart and p.target is not None
+    assert 20 <= p.target < 40 and p.lr_factor == 0.5
+
+
+def test_bad_settings_name_the_choices() -> None:
+    from lrwatch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="probe must be 'off' or 'auto'"):
+        RecoveryConfig(probe="always")
+    with pytest.raises(ConfigError, match="probe_steps"):
+        RecoveryConfig(probe_steps=2)

@@ -7,13 +7,15 @@ trains for a few hundred steps in well under a minute on two CPU cores.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, TextIO
+from typing import Any, Callable, Iterator, Mapping, TextIO
 
 import torch
 from torch import nn
@@ -21,7 +23,8 @@ from torch import nn
 from .samples import Sample
 from .watch import Watcher
 
-__all__ = ["StdlibText", "CharGRU", "DemoConfig", "run_demo", "stdlib_corpus", "FAULTS"]
+__all__ = ["StdlibText", "CharGRU", "DemoConfig", "DemoConsole", "run_demo", "stdlib_corpus",
+           "FAULTS"]
 
 #: Faults ``lrwatch demo --inject`` can inject, with what each does.
 FAULTS = {
@@ -125,6 +128,124 @@ def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
+#: The Watcher's own log lines about rule events and actions (their format strings). The demo
+#: prints those events itself, from the trace's ``events``, one line each and in step order, so
+#: while it runs these lines are held back; every other lrwatch warning (a taken port, a full
+#: disk, an internal error) still goes to stderr.
+_EVENT_LOG_PREFIXES = ("lrwatch: %s ", "lrwatch: step %d: ", "lrwatch: the run is healthy",
+                       "lrwatch: stopping the run")
+
+
+class _DropEventLines(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg if isinstance(record.msg, str) else ""
+        return record.exc_info is not None or not msg.startswith(_EVENT_LOG_PREFIXES)
+
+
+class DemoConsole:
+    """What the demo prints while it trains: one line per rule event or action, in step order,
+    and every ``report_every`` steps a progress line that shows the steps run and the schedule
+    position apart (after a rollback the run repeats part of its schedule, so more steps run
+    than the schedule has).
+
+    >>> import io
+    >>> c = DemoConsole(100, io.StringIO(), report_every=10)
+    >>> c.schedule_at[10] = 10
+    >>> c.sample(Sample(step=10, values={"loss": 2.0, "lr": 0.1}, events=(
+    ...     {"type": "firing", "rule": "nonfinite", "severity": "critical", "step": 8,
+    ...      "message": "loss is nan at step 8", "actions": ["rollback"]},
+    ...     {"type": "rollback", "rule": "nonfinite", "step": 8, "to_step": 0,
+    ...      "lr_factor": 0.1, "warmup": 100, "restart": True})))
+    >>> print(c.out.getvalue(), end="")
+      !! step 8: nonfinite (critical): loss is nan at step 8 -> rollback
+    step    10  schedule  10/100  loss 2.000  acc nan  lr 1.00e-01  grad_norm nan
+      >> step 10: restart from step 0 at lr x0.1, warmed up over 100 steps (nonfinite at step 8)
+    """
+
+    def __init__(self, total: int, out: TextIO, *, report_every: int) -> None:
+        self.total, self.out, self.report_every = total, out, report_every
+        self.last: dict[str, float] = {}
+        #: Watcher step -> schedule position, recorded by the loop before each log().
+        self.schedule_at: dict[int, int] = {}
+        self._shown: set[str] = set()   # rules whose firing was printed (their resolve is too)
+
+    def _print(self, line: str) -> None:
+        print(line, file=self.out, flush=True)
+
+    def sample(self, s: Sample) -> None:
+        """The Watcher's listener: called for every flushed step, in step order."""
+        for k in ("loss", "accuracy", "eval_loss", "eval_accuracy", "grad_norm"):
+            if k in s.values:
+                self.last[k] = s.values[k]
+        # What the rules saw at this step comes first, then where training is, then what the
+        # Watcher does about it (carried out at the next iteration, after this step).
+        for e in s.events:
+            if e.get("type") in ("firing", "resolved"):
+                self._rule_event(e)
+        at = self.schedule_at.pop(s.step, None)
+        if s.step % self.report_every == 0 or at == self.total:
+            self._progress(s, at)
+        for e in s.events:
+            if e.get("type") not in ("firing", "resolved", "stop"):
+                self._action(e, s.step)   # a stop is announced by the Watcher, on stderr
+
+    def _rule_event(self, e: Mapping[str, Any]) -> None:
+        rule, sev = str(e.get("rule")), e.get("severity")
+        if e.get("type") == "firing" and sev in ("critical", "warning"):
+            self._shown.add(rule)
+            actions = ", ".join(str(a) for a in e.get("actions", ()) if a != "alert") or "report"
+            self._print(f"  !! step {e['step']}: {rule} ({sev}): {e.get('message')} -> "
+                        f"{actions}")
+        elif e.get("type") == "resolved" and rule in self._shown:
+            self._shown.discard(rule)
+            self._print(f"  ok step {e['step']}: {rule} resolved")
+
+    def _progress(self, s: Sample, at: int | None) -> None:
+        last = self.last
+        w = len(str(self.total))
+        sched = f"{at:>{w}d}/{self.total}" if at is not None else f"{'?':>{w}s}/{self.total}"
+        ev = f"  eval_acc {last['eval_accuracy']:.3f}" if "eval_accuracy" in last else ""
+        self._print(f"step {s.step:5d}  schedule {sched}  loss "
+                    f"{last.get('loss', math.nan):.3f}  acc {last.get('accuracy', math.nan):.3f}"
+                    f"  lr {s.values.get('lr', 0):.2e}  grad_norm "
+                    f"{last.get('grad_norm', math.nan):.3f}{ev}")
+
+    def _action(self, e: Mapping[str, Any], step: int) -> None:
+        kind, rule = e.get("type"), e.get("rule")
+        # Decided at this flush (``step``), for what the rule saw at ``e["step"]``.
+        why = (f" ({rule} at step {e.get('step')})" if rule and e.get("step") != step
+               else f" ({rule})" if rule else "")
+        if kind == "rollback":
+            what = "restart from" if e.get("restart") else "rollback to"
+            warm = f", warmed up over {e['warmup']} steps" if (e.get("warmup") or 0) > 1 else ""
+            text = f"{what} step {e.get('to_step')} at lr x{e.get('lr_factor', 1):g}{warm}"
+        elif kind == "skip":
+            text = f"undo the steps after step {e.get('to_step')}"
+        elif kind == "lr_recover":
+            text = (f"healthy again: learning rate x{e.get('factor', 1):g} back over "
+                    f"{e.get('steps', '?')} steps")
+        else:
+            text = str(kind)
+        self._print(f"  >> step {step}: {text}{why}")
+
+    @contextlib.contextmanager
+    def quiet_watcher_log(self) -> Iterator[None]:
+        """Route lrwatch's log to stderr without the event lines this console prints."""
+        logger = logging.getLogger("lrwatch")
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.addFilter(_DropEventLines())
+        handler.setLevel(logging.WARNING)
+        propagate = logger.propagate
+        logger.addHandler(handler)
+        logger.propagate = False
+        try:
+            yield
+        finally:
+            logger.removeHandler(handler)
+            logger.propagate = propagate
+
+
 def run_demo(cfg: DemoConfig, out: TextIO | None = None) -> dict[str, float]:
     """Train the demo model with a Watcher and print progress from the flushed samples.
 
@@ -147,30 +268,13 @@ def run_demo(cfg: DemoConfig, out: TextIO | None = None) -> dict[str, float]:
         print(f"injecting fault {cfg.inject!r} at step {inject_at}: {FAULTS[cfg.inject]}",
               file=out)
 
-    last: dict[str, float] = {}
-    report_every = max(cfg.flush_every, cfg.steps // 15 or 1)
-
-    def progress(s: Sample) -> None:
-        for k in ("loss", "accuracy", "eval_loss", "eval_accuracy", "grad_norm"):
-            if k in s.values:
-                last[k] = s.values[k]
-        for e in s.events:
-            if e.get("type") == "firing" and e.get("severity") in ("critical", "warning"):
-                print(f"  !! step {e['step']}: {e['rule']} ({e['severity']}): {e.get('message')}"
-                      f" -> {', '.join(e.get('actions', [])) or 'report'}", file=out, flush=True)
-            elif e.get("type") in ("rollback", "skip", "reduce_lr", "stop"):
-                extra = (f" to step {e['to_step']}, lr x{e.get('lr_factor', 1)}"
-                         if "to_step" in e else "")
-                print(f"  >> {e['type']}{extra} ({e['rule']})", file=out, flush=True)
-        if s.step % report_every == 0 or s.step == cfg.steps:
-            ev = (f"  eval_acc {last['eval_accuracy']:.3f}" if "eval_accuracy" in last else "")
-            print(f"step {s.step:5d}/{cfg.steps}  loss {last.get('loss', float('nan')):.3f}  "
-                  f"acc {last.get('accuracy', float('nan')):.3f}  lr {s.values.get('lr', 0):.2e}  "
-                  f"grad_norm {last.get('grad_norm', float('nan')):.3f}{ev}", file=out, flush=True)
+    console = DemoConsole(cfg.steps, out, report_every=max(cfg.flush_every,
+                                                          cfg.steps // 15 or 1))
+    last = console.last
 
     watch = Watcher(model, opt, sched, flush_every=cfg.flush_every, port=cfg.port, host=cfg.host,
                     trace=cfg.trace, per_layer=cfg.per_layer, update_ratio=cfg.update_ratio,
-                    batch_size=cfg.batch_size, listeners=[progress], run_name="demo",
+                    batch_size=cfg.batch_size, listeners=[console.sample], run_name="demo",
                     recovery={"snapshot_dir": cfg.snapshot_dir})
     if watch.metrics_url:
         print(f"metrics: {watch.metrics_url}", file=out, flush=True)
@@ -184,7 +288,7 @@ def run_demo(cfg: DemoConfig, out: TextIO | None = None) -> dict[str, float]:
             yield data.batch()
 
     t0 = time.perf_counter()
-    with watch:
+    with watch, console.quiet_watcher_log():
         # The schedule position (sched.last_epoch) decides when the run is done: after a
         # rollback the restored scheduler resumes from the snapshot's step.
         for x, y in watch.batches(stream()):
@@ -216,17 +320,16 @@ def run_demo(cfg: DemoConfig, out: TextIO | None = None) -> dict[str, float]:
             metrics: dict[str, torch.Tensor] = {"loss": loss.detach(), "accuracy": acc}
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 metrics.update(_evaluate(model, evals))
+            console.schedule_at[watch.step] = step
             watch.log(**metrics)
         watch.flush()
         seconds = time.perf_counter() - t0
         status = "stopped" if watch.should_stop else "done"
+        stopped = f" (exit status {watch.exit_status})" if watch.should_stop else ""
         print(f"{status}: {watch.step} steps in {seconds:.1f} s "
               f"({watch.step / seconds:.1f} steps/s); schedule at step {sched.last_epoch}/"
               f"{cfg.steps}; rollbacks {watch.policy.rollbacks}; final eval accuracy "
-              f"{last.get('eval_accuracy', float('nan')):.3f}", file=out, flush=True)
-        if watch.should_stop:
-            print(f"stop reason: {watch.stop_reason} (exit status {watch.exit_status})",
-                  file=out, flush=True)
+              f"{last.get('eval_accuracy', float('nan')):.3f}{stopped}", file=out, flush=True)
         if cfg.linger > 0 and watch.metrics_url:
             print(f"serving {watch.metrics_url} for {cfg.linger:.0f} s more", file=out, flush=True)
             time.sleep(cfg.linger)

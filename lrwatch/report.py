@@ -180,7 +180,7 @@ def _mark_events(ax: Any, run: Run, colour: str) -> None:
             ax.axvline(step, color=_SEVERITY_COLOURS[e["severity"]], linestyle="--",
                        linewidth=0.9, alpha=0.8)
         elif kind in ("rollback", "skip") and isinstance(e.get("to_step"), (int, float)):
-            restart = kind == "rollback" and bool(e.get("warmup"))
+            restart = kind == "rollback" and bool(e.get("restart") or e.get("warmup"))
             ax.axvspan(e["to_step"], step, color=colour, alpha=0.13,
                        hatch="//" if restart else None, linewidth=0)
             ax.axvline(step, color=colour, linewidth=1.0, alpha=0.7)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
 from typing import Any, Callable
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -85,3 +87,50 @@ def test_cli_help_lists_commands() -> None:
     result = CliRunner().invoke(cli, ["--help"])
     assert result.exit_code == 0 and "demo" in result.output
     assert CliRunner().invoke(cli, ["demo", "--help"]).output.count("--steps") == 1
+
+
+def test_demo_help_describes_every_option() -> None:
+    from lrwatch.cli import demo
+
+    for param in demo.params:
+        if isinstance(param, click.Option):
+            assert param.help and len(param.help) > 10, f"demo {param.opts[0]} has no description"
+    out = CliRunner().invoke(cli, ["demo", "--help"]).output
+    for param in demo.params:
+        assert param.opts[0] in out
+
+
+_PROGRESS = re.compile(r"^step\s+(\d+)\s+schedule\s+(\d+)/(\d+)\s+loss")
+
+
+@pytest.mark.slow
+def test_demo_console_says_each_event_once_in_step_order(tmp_path: Any) -> None:
+    """A fault rolled back: one line per event, no echo of the Watcher's own log lines, no
+    "resolved: resolved", and the schedule never past its total while the step count goes on."""
+    result = CliRunner().invoke(cli, ["demo", "--steps", "40", "--inject", "nan", "--port", "0",
+                                      "--trace", str(tmp_path / "t.jsonl")])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    events = [line for line in lines if line.lstrip().startswith(("!!", ">>", "ok "))]
+    assert len(events) == len(set(events)), events
+    firings = [line for line in events if "!!" in line]
+    rollbacks = [line for line in events if ">>" in line and "step 0" in line]
+    assert firings and rollbacks, result.output
+    assert lines.index(firings[0]) < lines.index(rollbacks[0])
+    text = result.output
+    assert "resolved: resolved" not in text
+    assert "rolled back to" not in text and " firing: " not in text  # the Watcher's own lines
+    progress = [tuple(map(int, m.groups())) for m in map(_PROGRESS.match, lines) if m]
+    assert progress, text
+    steps = [p[0] for p in progress]
+    assert steps == sorted(steps) and steps[-1] > 40  # the rolled-back steps ran again
+    assert all(at <= total == 40 for _, at, total in progress), progress
+    assert progress[-1][1] == 40
+    # Every step a line names, in order (the firing's step, then the action's flush step).
+    named = [int(m.group(1)) for m in (re.search(r"step (\d+):", e) for e in events) if m]
+    assert named == sorted(named), events
+    # The trace holds the same events the console printed.
+    trace_events = [e for s in read_trace(tmp_path / "t.jsonl") for e in s.events]
+    shown = [e for e in trace_events if e["type"] == "firing"
+             and e["severity"] in ("critical", "warning")]
+    assert len(shown) == len(firings)

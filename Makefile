@@ -22,11 +22,18 @@ test: setup system-deps
 
 setup: $(STAMP)
 
+# Quiet pip, but never silent: a fresh set-up takes a minute or more, so say what is going on.
 $(STAMP): pyproject.toml setup.py lrwatch/daemon/_jsonl.c constraints/ci.txt
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints/ci.txt -e '.[torch,dev]'
-	touch $(STAMP)
+	@echo "lrwatch set-up (once; about a minute on a fresh machine):"
+	@echo "  [1/3] creating the virtual environment $(VENV)/"
+	@$(PYTHON) -m venv $(VENV)
+	@echo "  [2/3] upgrading pip"
+	@$(PY) -m pip install -q --upgrade pip
+	@echo "  [3/3] installing lrwatch (editable) with torch (CPU build, pinned in constraints/ci.txt),"
+	@echo "        Lightning, transformers, matplotlib and the test tools; compiling the JSONL decoder"
+	@$(PY) -m pip install -q -c constraints/ci.txt -e '.[torch,dev]'
+	@touch $(STAMP)
+	@echo "done: $(VENV)/bin/lrwatch is installed (\`source $(VENV)/bin/activate\` puts it on PATH)"
 
 # Installs the Prometheus stack when it is missing and we are root; otherwise says what to install
 # (the tests that need these binaries then skip and name them).

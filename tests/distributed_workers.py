@@ -164,3 +164,45 @@ def per_rank_export(rank: int, world: int, store: str, out: str, port: int, go: 
         time.sleep(0.2)
     w.close()
     finish()
+
+
+def probe_restart(rank: int, world: int, store: str, out: str) -> None:
+    """SGD far too hot under DDP: every rank restarts and measures the same rate in lock-step
+    (each on its own shard of the batches)."""
+    init(rank, world, store)
+    model = nn.parallel.DistributedDataParallel(_model())
+    opt = torch.optim.SGD(model.parameters(), lr=8.0)
+    events: list[dict[str, Any]] = []
+    shard_of = {}
+
+    def stream() -> Any:
+        for step in range(10_000):
+            x, y = _global_batch(step)
+            yield _mine(x, rank, world), _mine(y, rank, world)
+
+    def probe_loss(m: nn.Module, batch: Any) -> torch.Tensor:
+        shard_of[rank] = True
+        return nn.functional.mse_loss(m(batch[0]), batch[1])
+
+    w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=probe_loss,
+                        recovery={"good_after": 10, "min_interval": 5, "restart_warmup": 10})
+    w.add_listener(lambda s: events.extend({k: v for k, v in e.items() if k != "engine_state"}
+                                           for e in s.events))
+    for x, y in w.batches(stream()):
+        if w.step >= 80:
+            break
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        w.log(loss=loss)
+    w.close()
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    _write(out, rank, {
+        "events": [(e["type"], e["step"], e.get("to_step"), e.get("lr_factor"),
+                    e.get("steps")) for e in events
+                   if e.get("type") in ("rollback", "probe", "stop")],
+        "probe_steps": w.policy.state.probe_steps, "weights": flat.tolist(),
+        "finite": bool(torch.isfinite(flat).all()), "lr": opt.param_groups[0]["lr"],
+        "step": w.step, "probed": bool(shard_of)})
+    finish()

@@ -93,3 +93,18 @@ def test_per_rank_export_scraped_by_prometheus(prometheus_factory: Callable[...,
     assert not errors, errors
     urls = [json.loads((tmp_path / f"rank{r}.json").read_text())["url"] for r in range(2)]
     assert urls == [f"http://127.0.0.1:{port}/metrics", f"http://127.0.0.1:{port + 1}/metrics"]
+
+
+def test_ddp_divergence_restarts_with_the_same_probe_on_every_rank(tmp_path: Path) -> None:
+    results = _spawn(dw.probe_restart, 2, tmp_path)
+    first = results[0]
+    kinds = [e[0] for e in first["events"]]
+    assert "rollback" in kinds and "probe" in kinds, first["events"]
+    probe = next(e for e in first["events"] if e[0] == "probe")
+    assert probe[4] >= 3 and 0 < probe[3] < 1          # steps run; a cut below the failed rate
+    for r in results:
+        assert r["probed"]                              # every rank ran the probe itself
+        assert r["events"] == first["events"]           # same decisions, same measured rate
+        assert r["probe_steps"] == first["probe_steps"] > 0
+        assert r["finite"] and r["weights"] == first["weights"]   # identical parameters
+        assert r["lr"] == first["lr"] < 8.0 and r["step"] == 80

@@ -113,6 +113,8 @@ class LrwatchCallback(pl.Callback):
         sched = configs[0].scheduler if configs else None
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         kw = export_kwargs(self.watcher_kwargs, int(trainer.global_rank), self.export)
+        # A rollback that must measure its rate runs the module's own training_step.
+        kw.setdefault("probe_loss", _training_step_loss)
         self.watcher = Watcher(pl_module, opt, sched, scaler=scaler, step_hooks=False,
                                start_step=int(trainer.global_step), **kw)
         if self._loaded is not None:
@@ -197,6 +199,8 @@ class LrwatchCallback(pl.Callback):
         self._boundary(trainer)
         if self.watcher is not None and self.watcher.should_stop:
             return -1  # ends the epoch before this batch; should_stop ends the fit
+        if self.watcher is not None:
+            self.watcher.remember_batch(batch)   # for a rollback's range test
         return None
 
     def _boundary(self, trainer: Any) -> None:
@@ -216,6 +220,16 @@ class LrwatchCallback(pl.Callback):
         self._loaded = dict(state_dict) if state_dict else None
         if self.watcher is not None and self._loaded:
             self.watcher.load_state_dict(self._loaded)
+
+
+def _training_step_loss(pl_module: Any, batch: Any) -> torch.Tensor:
+    """The loss of ``training_step`` on ``batch`` (a tensor, or a dict's ``"loss"``)."""
+    out = pl_module.training_step(batch, 0)
+    loss = out.get("loss") if isinstance(out, Mapping) else out
+    if not isinstance(loss, torch.Tensor):
+        raise ConfigError("training_step returned no loss tensor; pass probe_loss= to "
+                          "LrwatchCallback to probe the learning rate")
+    return loss
 
 
 def _unwrap(optimizer: Any) -> Any:

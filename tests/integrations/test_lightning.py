@@ -195,3 +195,27 @@ def test_resume_from_lightning_checkpoint_keeps_lrwatch_state(tmp_path: Path) ->
     assert seen["engine"] == state["engine"]
     steps = [s.step for s in read_trace(trace)]
     assert steps == list(range(51, 61))
+
+
+def test_a_run_too_hot_from_the_start_restarts_at_a_measured_rate(tmp_path: Path) -> None:
+    """Lightning users get the probe without configuring it: the callback runs the module's
+    own training_step on recent batches to measure the restart rate."""
+    trace = tmp_path / "run.jsonl"
+    cb = LrwatchCallback(trace=str(trace), flush_every=2,
+                         recovery={"good_after": 10, "min_interval": 5, "restart_warmup": 10})
+    model = TinyMLP(lr=200.0, sched=False)
+    trainer = _trainer(tmp_path, [cb], max_steps=120)
+    trainer.fit(model, _loader(shuffle=True))
+    w = cb.watcher
+    assert w is not None and not w.should_stop
+    events = [e for s in read_trace(trace) for e in s.events]
+    rb = [e for e in events if e.get("type") == "rollback"]
+    probes = [e for e in events if e.get("type") == "probe"]
+    assert rb and rb[0]["restart"] and rb[0]["probe"] and probes
+    assert probes[0]["failed_lr"] == pytest.approx(200.0) and probes[0]["steps"] >= 3
+    assert w.policy.state.probe_steps == sum(p["steps"] for p in probes)
+    assert trainer.global_step == 120 and w.step == 120    # probe steps are not fit steps
+    lr = trainer.optimizers[0].param_groups[0]["lr"]
+    assert lr < 200.0 * 0.2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert read_trace(trace)[-1].values["loss"] < 0.5

@@ -25,17 +25,20 @@ Examples
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator, Mapping
+from typing import IO, Any, Callable, Iterable, Iterator, Mapping
 
 from ..errors import TraceFormatError
 from ..samples import Sample
 
 __all__ = ["TraceWriter", "TraceReader", "iter_trace", "read_trace", "encode_sample"]
+
+_log = logging.getLogger("lrwatch")
 
 _NONFINITE_OUT = {math.inf: "inf", -math.inf: "-inf"}
 _NONFINITE_IN = {"nan": math.nan, "inf": math.inf, "+inf": math.inf, "-inf": -math.inf,
@@ -73,48 +76,149 @@ def encode_sample(sample: Sample) -> dict[str, Any]:
 class TraceWriter:
     """Writes samples as trace v1 lines to a path or an open text stream.
 
-    Writes are buffered and pushed to the OS by :meth:`flush` (the Watcher calls it once per
-    flush, not per step). A path is opened for appending so that a resumed run continues its trace.
+    Lines are kept in memory and pushed to the OS by :meth:`flush` (the Watcher calls it once
+    per flush, at most once a second), whole lines only. A path is opened for appending with
+    ``append=True`` so that a resumed run continues its trace.
+
+    **Fail open** (for a path): a trace that cannot be opened or written (a read-only
+    directory, a full disk) never stops training. A failed write is cut back to the last whole
+    line (``ftruncate``), its lines are dropped and counted in :attr:`failures`, and the next
+    flush tries again, so the trace has a gap but no broken line. Only the first failure is
+    logged, as one line; with ``on_error`` every failure is also reported to it (the Watcher
+    counts them in ``lrwatch_internal_errors_total``). Without ``on_error`` the first failure
+    is raised once, from the first call after it, so that the caller's own error handling
+    sees it; later ones are only counted. A stream target (an open text file you own) is
+    written directly and its errors are yours.
     """
 
-    def __init__(self, target: str | os.PathLike[str] | IO[str], *, append: bool = False) -> None:
-        if isinstance(target, (str, os.PathLike)):
-            path = Path(target)
-            if path.parent and not path.parent.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh: IO[str] = open(path, "a" if append else "w", encoding="utf-8")
-            self._owned = True
-            self.path: str | None = str(path)
-        else:
-            self._fh = target
-            self._owned = False
-            self.path = getattr(target, "name", None)
+    #: Pending bytes above which a flush happens whatever ``min_interval`` says.
+    MAX_PENDING = 1 << 20
+
+    def __init__(self, target: str | os.PathLike[str] | IO[str], *, append: bool = False,
+                 on_error: Callable[[], object] | None = None) -> None:
         self.lines_written = 0
+        #: I/O failures absorbed (a failed open counts once, then once per dropped flush).
+        self.failures = 0
+        self.on_error = on_error
         self._last_flush = 0.0
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._pending_lines = 0
+        self._fd: int | None = None
+        self._stream: IO[str] | None = None
+        self._raise: OSError | None = None
+        self._logged = False
+        if isinstance(target, (str, os.PathLike)):
+            self.path: str | None = str(target)
+            try:
+                path = Path(target)
+                if path.parent and not path.parent.exists():
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+                self._fd = os.open(path, flags, 0o644)
+                self._good = os.lseek(self._fd, 0, os.SEEK_END)  # the end of the last whole line
+            except OSError as exc:
+                self._failed(exc, "open")
+        else:
+            self._stream = target
+            self.path = getattr(target, "name", None)
+
+    @property
+    def ok(self) -> bool:
+        """Whether every write so far reached the OS."""
+        return self.failures == 0
 
     def write(self, sample: Sample) -> None:
-        self._fh.write(json.dumps(encode_sample(sample), allow_nan=False) + "\n")
-        self.lines_written += 1
+        self.write_many((sample,))
 
     def write_many(self, samples: Iterable[Sample]) -> None:
         lines = [json.dumps(encode_sample(s), allow_nan=False) + "\n" for s in samples]
-        self._fh.write("".join(lines))
-        self.lines_written += len(lines)
+        if self._stream is not None:
+            self._stream.write("".join(lines))
+            self.lines_written += len(lines)
+            return
+        self._raise_pending()
+        if self._fd is None:
+            return  # could not open: counted at open
+        data = "".join(lines).encode("utf-8")
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        self._pending_lines += len(lines)
+        if self._pending_bytes >= self.MAX_PENDING:
+            self.flush()
 
     def flush(self, *, min_interval: float = 0.0) -> None:
-        """Push buffered lines to the OS; with ``min_interval``, at most that often (seconds)."""
+        """Push pending lines to the OS; with ``min_interval``, at most that often (seconds)."""
         now = time.monotonic()
-        if min_interval and now - self._last_flush < min_interval:
+        if min_interval and now - self._last_flush < min_interval \
+                and self._pending_bytes < self.MAX_PENDING:
             return
         self._last_flush = now
-        self._fh.flush()
+        if self._stream is not None:
+            self._stream.flush()
+            return
+        self._raise_pending()
+        if self._fd is None or not self._pending:
+            return
+        data = b"".join(self._pending)
+        lines = self._pending_lines
+        self._pending.clear()
+        self._pending_bytes = self._pending_lines = 0
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError as exc:
+            # Cut back to the last whole line: a reader must never meet half a record.
+            try:
+                os.ftruncate(self._fd, self._good)
+                os.lseek(self._fd, self._good, os.SEEK_SET)  # or the next write leaves a hole
+            except OSError:
+                pass
+            self._failed(exc, f"write {lines} line(s) to")
+            self._raise_pending()
+            return
+        self._good += len(data)
+        self.lines_written += lines
+
+    def _failed(self, exc: OSError, what: str) -> None:
+        self.failures += 1
+        if self.on_error is not None:
+            try:
+                self.on_error()
+            except Exception:
+                _log.exception("lrwatch: trace on_error callback failed")
+        elif self._raise is None and self.failures == 1:
+            self._raise = exc  # the caller hears of the first failure once, and logs it
+            return
+        if not self._logged:
+            self._logged = True
+            _log.warning("lrwatch: could not %s the trace %s: %s; training goes on, and further "
+                         "trace failures are only counted", what, self.path, exc)
+
+    def _raise_pending(self) -> None:
+        exc, self._raise = self._raise, None
+        if exc is not None:
+            self._logged = True  # the caller logs this one
+            raise exc
 
     def close(self) -> None:
+        if self._stream is not None:
+            try:
+                self._stream.flush()
+            finally:
+                self._stream = None
+            return
         try:
-            self._fh.flush()
+            self.flush()
         finally:
-            if self._owned:
-                self._fh.close()
+            if self._fd is not None:
+                fd, self._fd = self._fd, None
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
     def __enter__(self) -> "TraceWriter":
         return self

@@ -1,0 +1,131 @@
+"""The trace never stops training: a full disk (a real tmpfs filled to the last byte) and a
+read-only file system (a real read-only tmpfs). Each test trains to the end.
+
+Mounting needs root; without it (or without tmpfs) the tests skip and say why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+
+import lrwatch
+from lrwatch.exporters.trace import TraceWriter, read_trace
+from lrwatch.samples import Sample
+
+
+@contextlib.contextmanager
+def _tmpfs(path: Path, options: str) -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def _fill(path: Path) -> None:
+    """Take every free byte of the file system, so that the next write fails (ENOSPC)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        block = b"\0" * 4096
+        while True:
+            try:
+                if os.write(fd, block) < len(block):
+                    block = block[:1]
+            except OSError:
+                break
+    finally:
+        os.close(fd)
+
+
+def _train(watch: lrwatch.Watcher, model: torch.nn.Module, opt: torch.optim.Optimizer,
+           steps: int, at_step: dict[int, object] | None = None, pace: float = 0.0) -> None:
+    for step in range(1, steps + 1):
+        time.sleep(pace)  # the trace is pushed to the OS at most once a second
+        x = torch.randn(16, 8)
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), x[:, :1])
+        loss.backward()
+        opt.step()
+        watch.log(loss=loss)
+        if at_step and step in at_step:
+            at_step[step]()  # type: ignore[operator]
+
+
+def _lrwatch_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "lrwatch" and r.levelno >= logging.WARNING]
+
+
+def test_full_disk_logs_once_counts_and_trains_to_the_end(tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture
+                                                          ) -> None:
+    with _tmpfs(tmp_path / "disk", "size=256k") as disk:
+        trace = disk / "run.jsonl"
+        filler = disk / "filler"
+        model = torch.nn.Linear(8, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        caplog.set_level(logging.WARNING, logger="lrwatch")
+        with lrwatch.Watcher(model, opt, trace=str(trace), flush_every=5, rules=None) as watch:
+            # healthy for 50 steps, the disk full for 200, then space again
+            _train(watch, model, opt, 300, {50: lambda: (watch.flush(), watch.trace.flush(),
+                                                         _fill(filler)),
+                                            250: lambda: filler.unlink()}, pace=0.02)
+        assert watch.step == 300
+        records = _lrwatch_records(caplog)
+        assert len(records) == 1, [r.getMessage() for r in records]  # not one per flush
+        assert "No space left" in records[0].getMessage() or (
+            records[0].exc_info and "No space left" in str(records[0].exc_info[1]))
+        errors = watch.registry.get_sample_value("lrwatch_internal_errors_total")
+        assert errors is not None and errors >= 1
+        assert watch.trace.failures >= 2   # every dropped flush is counted by the writer
+        # Whole lines only: the strict reader takes the trace as it is, with a gap.
+        steps = [s.step for s in read_trace(trace)]
+        assert steps[:50] == list(range(1, 51))
+        assert steps[-1] == 300 and len(steps) < 300
+
+
+def test_writer_with_on_error_counts_every_failure_and_never_raises(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture
+                                                                    ) -> None:
+    calls: list[int] = []
+    with _tmpfs(tmp_path / "disk", "size=64k") as disk:
+        _fill(disk / "filler")
+        caplog.set_level(logging.WARNING, logger="lrwatch")
+        w = TraceWriter(disk / "t.jsonl", on_error=lambda: calls.append(1))
+        for step in range(1, 6):
+            w.write(Sample(step=step, values={"loss": 1.0}))
+            w.flush()
+        w.close()
+        assert len(calls) == w.failures == 5 and not w.ok
+        assert len(_lrwatch_records(caplog)) == 1
+        assert (disk / "t.jsonl").stat().st_size == 0
+
+
+def test_read_only_trace_path_trains_to_the_end(tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    with _tmpfs(tmp_path / "ro", "size=64k,ro") as ro:
+        model = torch.nn.Linear(8, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        caplog.set_level(logging.WARNING, logger="lrwatch")
+        watch = lrwatch.Watcher(model, opt, trace=str(ro / "run.jsonl"), flush_every=5,
+                                rules=None)  # no longer raises from the constructor
+        _train(watch, model, opt, 60)
+        watch.close()
+        assert watch.step == 60
+        assert not (ro / "run.jsonl").exists()
+        assert len(_lrwatch_records(caplog)) == 1
+        assert watch.registry.get_sample_value("lrwatch_internal_errors_total") >= 1

@@ -206,7 +206,7 @@ def lr_find(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: It
             loss_fn: Callable[..., torch.Tensor] | None = None, *,
             batch_loss: BatchLoss | None = None, scheduler: Any = None, scaler: Any = None,
             min_lr: float = 1e-7, max_lr: float = 10.0, num_steps: int = 100,
-            rule: str = "stable", fraction: float = 0.1, beta: float = 0.9,
+            rule: str = "stable", fraction: float = 0.3, beta: float = 0.9,
             diverge: float = 4.0, process_group: Any = None) -> LRCurve:
     """Learning-rate range test: which rate to train at, measured on your model and data.
 

@@ -142,8 +142,9 @@ def plot_curve(curve: LRCurve, path: str) -> None:
               help="Steps (batches) from min-lr to max-lr.")
 @click.option("--rule", type=click.Choice(SUGGEST_RULES), default="stable", show_default=True,
               help="stable: FRACTION x the largest stable rate; steepest: the steepest "
-                   "descent of the smoothed loss; min10: a tenth of the largest stable rate.")
-@click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=0.1,
+                   "descent of the smoothed loss (Lightning's rule); min10: a tenth of the "
+                   "largest stable rate (fastai's first rule).")
+@click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=0.3,
               show_default=True, help="Share of the largest stable rate to suggest.")
 @click.option("--plot", "plot", type=click.Path(dir_okay=False), default=None,
               help="Save the curve as a PNG here (needs the 'plot' extra: matplotlib).")

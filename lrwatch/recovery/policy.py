@@ -95,7 +95,7 @@ class RecoveryConfig:
     probe: str = "auto"
     probe_steps: int = 15
     probe_span: float = 1000.0
-    probe_fraction: float = 0.1
+    probe_fraction: float = 0.3
     max_rollbacks: int = 5
     cooldown: int = 20
     skip_batches: int = 0

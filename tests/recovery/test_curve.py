@@ -13,6 +13,7 @@ from lrwatch.recovery.curve import RangeTest, geometric_rates, suggest
 
 
 def _run(losses: list[float], n: int | None = None, **kw: object) -> RangeTest:
+    kw.setdefault("fraction", 0.1)
     t = RangeTest(geometric_rates(1e-5, 1.0, n or len(losses)), **kw)  # type: ignore[arg-type]
     for x in losses:
         if t.update(x):

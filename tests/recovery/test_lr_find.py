@@ -118,7 +118,7 @@ def test_largest_stable_rate_matches_the_stability_edge() -> None:
     edge = 2 / float(torch.linalg.eigvalsh(hessian).max())
     full = [(x, y)]
     curve = lrwatch.lr_find(model, opt, full, nn.functional.mse_loss, min_lr=1e-4,
-                            max_lr=10.0, num_steps=60)
+                            max_lr=10.0, num_steps=60, fraction=0.1)
     assert curve.stopped in ("diverged", "nonfinite")
     assert edge / 2 < curve.largest_stable < edge * 8, (curve.largest_stable, edge)
     assert curve.suggestion == pytest.approx(0.1 * curve.largest_stable)

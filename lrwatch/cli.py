@@ -99,7 +99,7 @@ cli.add_command(daemon_command)
 cli.add_command(baseline_group)
 
 
-from .stack_cli import dashboards_group, stack_command  # noqa: E402  (registered below)
+from .stack.cli import dashboards_group, stack_command  # noqa: E402  (registered below)
 
 cli.add_command(stack_command)
 cli.add_command(dashboards_group)

@@ -1,4 +1,4 @@
-"""The committed Grafana dashboards: generated from lrwatch/grafana.py, structurally sound, and
+"""The committed Grafana dashboards: generated from lrwatch/stack/grafana.py, structurally sound, and
 following DESIGN.md's conventions. (That every query returns data is checked against a real
 Prometheus in test_stack_e2e.py.)"""
 
@@ -15,7 +15,7 @@ import yaml
 from click.testing import CliRunner
 
 from lrwatch.cli import cli
-from lrwatch.grafana import DASHBOARDS, DATASOURCE, render
+from lrwatch.stack.grafana import DASHBOARDS, DATASOURCE, render
 
 sys.path.insert(0, str(Path(__file__).parent))
 from stack_helpers import BUILTINS, DASHBOARDS_DIR, REPO, dashboard_exprs, substitute  # noqa: E402

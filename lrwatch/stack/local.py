@@ -24,9 +24,10 @@ from typing import IO, Any, Sequence
 
 import yaml
 
-from .errors import ConfigError, LrwatchError
+from ..errors import ConfigError, LrwatchError
 
-__all__ = ["StackConfig", "LocalStack", "find_binary", "repo_root", "BINARIES"]
+__all__ = ["StackConfig", "LocalStack", "find_binary", "repo_root", "BINARIES",
+           "OPTIONAL_LABEL"]
 
 #: Service -> (executable names, Debian package).
 BINARIES: dict[str, tuple[tuple[str, ...], str]] = {
@@ -36,9 +37,13 @@ BINARIES: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 
+#: The target label that marks a default target nobody declared (see StackConfig).
+OPTIONAL_LABEL = "lrwatch_optional"
+
+
 def repo_root() -> Path | None:
     """The source checkout lrwatch runs from (it holds ``rules/`` and ``exporters/``), if any."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]   # lrwatch/stack/local.py -> the checkout
     if (root / "rules").is_dir() and (root / "exporters" / "prometheus.yml").is_file():
         return root
     return None
@@ -76,6 +81,11 @@ class StackConfig:
     scrape_interval: str | None = None
     data_dir: Path | None = None
     ready_timeout: float = 60.0
+    #: Label the example config's training and daemon targets ``lrwatch_optional="true"`` when
+    #: they were not declared (``--training``/``--daemon``): the health rules then only page
+    #: about such a target once it has been up (a demo on :9400 but no daemon on :9410 is no
+    #: outage). Set by :meth:`from_repo`; a config of your own declares its targets.
+    optional_defaults: bool = False
 
     @classmethod
     def from_repo(cls, root: Path | None = None, **kw: Any) -> "StackConfig":
@@ -84,6 +94,7 @@ class StackConfig:
             raise ConfigError("cannot find the lrwatch repository's rules/ and exporters/ "
                               "(lrwatch is not running from a source checkout); pass "
                               "--prometheus-config, --alertmanager-config and --rules")
+        kw.setdefault("optional_defaults", True)
         return cls(prometheus_config=root / "exporters" / "prometheus.yml",
                    alertmanager_config=root / "exporters" / "alertmanager.yml",
                    rules_dir=root / "rules", **kw)
@@ -144,10 +155,13 @@ class LocalStack:
                 if pg_port is None:
                     continue
                 job["static_configs"] = [{"targets": [f"127.0.0.1:{pg_port}"]}]
-            elif name.endswith("training") and c.training_targets:
-                job["static_configs"] = [{"targets": list(c.training_targets)}]
-            elif name.endswith("daemon") and c.daemon_targets:
-                job["static_configs"] = [{"targets": list(c.daemon_targets)}]
+            elif name.endswith("training") or name.endswith("daemon"):
+                declared = c.training_targets if name.endswith("training") else c.daemon_targets
+                if declared:
+                    job["static_configs"] = [{"targets": list(declared)}]
+                elif c.optional_defaults:
+                    for sc in job.get("static_configs") or []:
+                        sc["labels"] = {**(sc.get("labels") or {}), OPTIONAL_LABEL: "true"}
             jobs.append(job)
         cfg["scrape_configs"] = jobs
         return cfg

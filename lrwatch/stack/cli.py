@@ -1,5 +1,5 @@
 """``lrwatch stack`` and ``lrwatch dashboards generate``: formatting only; the logic lives in
-:mod:`lrwatch.stack` and :mod:`lrwatch.grafana`."""
+:mod:`lrwatch.stack.local` and :mod:`lrwatch.stack.grafana`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .errors import LrwatchError
+from ..errors import LrwatchError
 
 __all__ = ["stack_command", "dashboards_group"]
 
@@ -48,7 +48,7 @@ def stack_command(prometheus_port: int, alertmanager_port: int, pushgateway_port
     the jobs of exporters/prometheus.yml (a training rank on :9400, a daemon on :9410, the
     Pushgateway); point Grafana at the printed Prometheus URL and provision grafana/.
     """
-    from .stack import LocalStack, StackConfig
+    from .local import LocalStack, StackConfig
 
     try:
         kw = dict(prometheus_port=prometheus_port, alertmanager_port=alertmanager_port,
@@ -64,6 +64,7 @@ def stack_command(prometheus_port: int, alertmanager_port: int, pushgateway_port
             cfg = StackConfig.from_repo(**kw)  # type: ignore[arg-type]
             if prometheus_config:
                 cfg.prometheus_config = Path(prometheus_config)
+                cfg.optional_defaults = False  # a config of your own declares its targets
             if alertmanager_config:
                 cfg.alertmanager_config = Path(alertmanager_config)
             if rules_dir:
@@ -102,7 +103,7 @@ def stack_command(prometheus_port: int, alertmanager_port: int, pushgateway_port
 
 @click.group("dashboards")
 def dashboards_group() -> None:
-    """The Grafana dashboards (generated from lrwatch/grafana.py)."""
+    """The Grafana dashboards (generated from lrwatch/stack/grafana.py)."""
 
 
 @dashboards_group.command("generate")

@@ -59,7 +59,7 @@ from typing import Any, Callable, Deque, Generic, Mapping, Protocol, Sequence, T
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from ..errors import ConfigError
+from ..errors import ConfigError, LrwatchError
 
 __all__ = [
     "Alert",
@@ -283,7 +283,7 @@ class Alert:
 # sinks
 
 
-class DeliveryError(Exception):
+class DeliveryError(LrwatchError):
     """A sink could not deliver; ``retry`` is False when trying again cannot help (HTTP 4xx)."""
 
     def __init__(self, message: str, *, retry: bool = True) -> None:

@@ -40,6 +40,8 @@ from itertools import chain, repeat
 from operator import itemgetter
 from typing import Any, Callable, Iterable, Sequence
 
+from ..errors import LrwatchError
+
 try:  # the optional ``fast`` extra
     import orjson as _orjson
 except ImportError:  # pragma: no cover - exercised when orjson is not installed
@@ -167,7 +169,7 @@ def dumps_bytes(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), allow_nan=True).encode()
 
 
-class RecordError(Exception):
+class RecordError(LrwatchError):
     """A record was rejected: ``reason`` is one of :data:`REASONS`."""
 
     def __init__(self, reason: str, message: str) -> None:

@@ -93,3 +93,14 @@ def test_watcher_counts_given_up_alerts_as_internal_errors(alertmanager: Alertma
                                              {"sink": "alertmanager"})
     assert failed is not None and failed >= 1
     assert watch.registry.get_sample_value("lrwatch_internal_errors_total") >= 1
+
+
+
+def test_delivery_and_record_errors_are_lrwatch_errors(alertmanager: AlertmanagerServer) -> None:
+    from lrwatch.actions.alerts import post_json
+    from lrwatch.daemon.records import RecordError
+    from lrwatch.errors import LrwatchError
+
+    assert issubclass(RecordError, LrwatchError)
+    with pytest.raises(LrwatchError, match="HTTP 404"):   # a DeliveryError, caught at the root
+        post_json(alertmanager.url + "/no-such-prefix/api/v2/alerts", [], timeout=5)

@@ -63,6 +63,13 @@ class RecoveryConfig:
         The probe's steps (they count against the run's budget and are reported), the range
         it spans below the failed rate (rates from ``failed / probe_span`` up to the failed
         rate), and the share of the largest stable rate to restart at.
+    nonfinite_lr_factor:
+        The cut for a *single non-finite step* in a run that has proved healthy (the first
+        failure of an episode, whose firing is a NaN/inf value): most likely a bad batch, not
+        a wrong rate. The rollback then goes to the newest snapshot before the bad step (known
+        good or not yet: the rules were quiet since it, or a rollback would have discarded
+        it) and keeps the rate (1.0). If it was the rate after all, the run fails again within
+        its probation and the cut compounds from ``lr_factor`` (or is measured).
     max_rollbacks:
         The rollback budget; once spent, the next rollback becomes a ``stop``.
     cooldown:
@@ -96,6 +103,7 @@ class RecoveryConfig:
     probe_steps: int = 15
     probe_span: float = 1000.0
     probe_fraction: float = 0.3
+    nonfinite_lr_factor: float = 1.0
     max_rollbacks: int = 5
     cooldown: int = 20
     skip_batches: int = 0
@@ -111,7 +119,8 @@ class RecoveryConfig:
     max_interval: int = 1000
 
     def __post_init__(self) -> None:
-        for name in ("lr_factor", "restart_lr_factor", "reduce_lr_factor", "probe_fraction"):
+        for name in ("lr_factor", "restart_lr_factor", "reduce_lr_factor", "probe_fraction",
+                     "nonfinite_lr_factor"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0 < v <= 1):
                 raise ConfigError(f"{name} must be in (0, 1], got {v!r}")
@@ -167,6 +176,7 @@ class PolicyState:
     lr_recovered: bool = False              # the rate came back once after a one-off fault
     persistent: bool = False                # ... and the run failed again: keep cuts for good
     last_rollback_to: int | None = None     # snapshot step of the last rollback
+    last_to_pending: bool = False           # ... a not-yet-good one (a single bad step)
     last_rollback_at: int | None = None     # step of the last rollback decision
     rollback_repeats: int = 0               # rollbacks in a row that failed again soon
     lr_scale: float = 1.0                   # the run's rates = configured x this
@@ -388,6 +398,13 @@ def decide(events: Sequence[Any], step: int, state: PolicyState,
     return out
 
 
+def _nonfinite(e: Any) -> bool:
+    """A firing on a non-finite value (a NaN/inf loss or gradient, or the device flag)."""
+    v = getattr(e, "value", None)
+    metric = getattr(e, "metric", None) or ""
+    return (isinstance(v, float) and not math.isfinite(v)) or metric.startswith("nonfinite")
+
+
 def _good_before(snaps: Sequence[SnapshotInfo], step: int) -> SnapshotInfo | None:
     return next((s for s in reversed(snaps) if s.good and s.step < step), None)
 
@@ -474,7 +491,7 @@ class RecoveryPolicy:
                          f"rollback budget of {rc.max_rollbacks} spent", EXIT_BUDGET)]
         d = Decision("rollback", held, step or progress.step,
                      "held by the cooldown until the end")
-        if self._target(d, progress) is None:
+        if not progress.snapshots:
             return []
         st.rollbacks += 1
         return [self._plan_one(d, progress)]
@@ -525,17 +542,32 @@ class RecoveryPolicy:
         snaps = list(progress.snapshots)
         if d.action == "skip":
             return next((s for s in reversed(snaps) if s.step < d.step), None)
+        if self._single_bad_step(d):
+            # the rules were quiet since every snapshot still held (a rollback discards the
+            # pending ones), so the newest one before the bad step is healthy
+            newest = next((s for s in reversed(snaps) if s.step < d.step), None)
+            if newest is not None and not newest.pinned:
+                self.state.last_to_pending = not newest.good
+                return newest
         target = next((s for s in reversed(snaps) if s.good), None)
         since = getattr(d.event, "since", None)
         if target is not None and since is not None and target.step >= since:
             # an escalation: its evidence began at `since`, so later snapshots are suspect
             target = _good_before(snaps, since) or target
-        last = self.state.last_rollback_to
-        if target is not None and last is not None and target.step <= last:
+        last, was_pending = self.state.last_rollback_to, self.state.last_to_pending
+        self.state.last_to_pending = False
+        if (target is not None and last is not None
+                and (target.step == last or (target.step < last and not was_pending))):
             # the last rollback went here and the run diverged again before a newer snapshot
             # proved healthy: this state may be damaged; go further back
             target = _good_before(snaps, target.step) or target
         return target
+
+    def _single_bad_step(self, d: Decision) -> bool:
+        """A first failure that is one non-finite step in a run that proved healthy."""
+        st = self.state
+        return (d.event is not None and _nonfinite(d.event) and st.ever_healthy
+                and not st.on_probation(d.step) and getattr(d.event, "since", None) is None)
 
     def _rollback(self, d: Decision, target: SnapshotInfo, step: int) -> Plan:
         st, rc = self.state, self.config
@@ -557,6 +589,11 @@ class RecoveryPolicy:
             warmup = rc.restart_warmup
             why = ("diverged before any state after the start proved healthy: the learning "
                    "rate is too high, not a passing fault")
+            reason = f"{reason}; {why}" if reason else why
+        elif st.rollback_repeats == 0 and self._single_bad_step(d):
+            cut, warmup = rc.nonfinite_lr_factor, 0
+            why = ("one non-finite step in a healthy run, most likely a bad batch: "
+                   f"the rate x{cut:g}")
             reason = f"{reason}; {why}" if reason else why
         else:
             cut = rc.lr_factor ** (1 + st.rollback_repeats)

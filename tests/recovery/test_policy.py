@@ -220,3 +220,23 @@ def test_bad_settings_name_the_choices() -> None:
         RecoveryConfig(probe="always")
     with pytest.raises(ConfigError, match="probe_steps"):
         RecoveryConfig(probe_steps=2)
+
+
+def test_one_nonfinite_step_in_a_healthy_run_keeps_the_rate_until_it_repeats() -> None:
+    pol = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0))
+    s = snaps(100) + [SnapshotInfo(140, False)]          # 140: pending, quiet since
+    nan = fire("nonfinite", 150)
+    nan.value = float("nan")
+    # not yet proved healthy: the ordinary path (the newest known-good state, a cut)
+    fresh = RecoveryPolicy(RecoveryConfig(good_after=10))
+    (p0,) = control(fresh.plan([nan], Progress(150, s)))
+    assert p0.target == 100 and p0.lr_factor == 0.5
+    pol.promoted([SnapshotInfo(100, True)])
+    (p,) = control(pol.plan([nan], Progress(150, s)))
+    assert (p.target, p.lr_factor, p.restart) == (140, 1.0, False)
+    assert "most likely a bad batch" in p.reason and pol.lr_scale == 1.0
+    # it was the rate after all: fails again within the probation -> further back, cut
+    again = fire("nonfinite", 153)
+    again.value = float("inf")
+    (q,) = control(pol.plan([again], Progress(155, s)))
+    assert q.target == 100 and q.lr_factor == 0.25 and pol.lr_scale == 0.25

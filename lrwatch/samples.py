@@ -6,7 +6,33 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-__all__ = ["Sample"]
+__all__ = ["Sample", "encode_number", "decode_number", "NONFINITE"]
+
+#: How trace format v1 (and every JSON lrwatch writes) spells a non-finite number.
+NONFINITE = ("nan", "inf", "-inf")
+
+
+def encode_number(v: Any) -> Any:
+    """``v`` for JSON: a non-finite float becomes ``"nan"``/``"inf"``/``"-inf"`` (trace format
+    v1); anything else is returned unchanged.
+
+    >>> encode_number(float("-inf")), encode_number(2.5), encode_number(None)
+    ('-inf', 2.5, None)
+    """
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if v != v else ("inf" if v > 0 else "-inf")
+    return v
+
+
+def decode_number(v: Any) -> Any:
+    """The inverse of :func:`encode_number`: ``"nan"``/``"inf"``/``"-inf"`` become floats.
+
+    >>> decode_number("inf"), decode_number(3), decode_number("x")
+    (inf, 3, 'x')
+    """
+    if isinstance(v, str) and v in NONFINITE:
+        return float(v)
+    return v
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Optional, Protocol, Tuple
 
 from ..errors import ConfigError
-from ..samples import Sample
+from ..samples import Sample, encode_number
 from .detectors import Detector
 from .schema import Rule, RuleSet, Span, when_order
 
@@ -70,9 +70,7 @@ _SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
 
 
 def _num(v: float | None) -> float | str | None:
-    if v is None or math.isfinite(v):
-        return v
-    return "nan" if v != v else ("inf" if v > 0 else "-inf")
+    return encode_number(v)
 
 
 def _unnum(v: Any) -> float | None:

@@ -14,7 +14,8 @@ from lrwatch.rules.detectors import (DETECTORS, Baseline, Cusum, EmaRatio, NonFi
                                      PageHinkley, Plateau, Rate, Regression, Spike, Staleness,
                                      StartRatio, Threshold, Trend, Untrained, Frozen, Drop,
                                      make_detector)
-from lrwatch.rules.detectors.spike import _mad, _median
+from lrwatch.rules.detectors.base import sorted_median as _median
+from lrwatch.rules.detectors.spike import _mad
 from lrwatch.rules.detectors.trend import t_quantile
 
 NAN, INF = math.nan, math.inf

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
 from ...errors import ConfigError
+from ...samples import decode_number, encode_number
 
 __all__ = ["Detector", "Param", "DIRECTIONS"]
 
@@ -76,21 +77,27 @@ class Param:
         return " ".join(parts) + (" or null" if self.optional else "")
 
 
+def sorted_median(a: list[float]) -> float:
+    """The median of the sorted, non-empty list ``a``.
+
+    >>> sorted_median([1.0, 2.0, 10.0]), sorted_median([1.0, 2.0, 3.0, 10.0])
+    (2.0, 2.5)
+    """
+    n = len(a)
+    return a[n // 2] if n % 2 else 0.5 * (a[n // 2 - 1] + a[n // 2])
+
+
 def _enc(v: Any) -> Any:
     """JSON-safe copy of a state value: deques become lists, non-finite floats strings."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return "nan" if v != v else ("inf" if v > 0 else "-inf")
     if isinstance(v, (list, tuple, deque)):
         return [_enc(x) for x in v]
-    return v
+    return encode_number(v)
 
 
 def _dec(v: Any) -> Any:
-    if isinstance(v, str) and v in ("nan", "inf", "-inf"):
-        return float(v)
     if isinstance(v, list):
         return [_dec(x) for x in v]
-    return v
+    return decode_number(v)
 
 
 class Detector:

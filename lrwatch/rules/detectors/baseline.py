@@ -6,8 +6,7 @@ import math
 from typing import ClassVar, Mapping
 
 from ...errors import ConfigError
-from .base import Detector, Param
-from .spike import _median  # the median of a sorted list
+from .base import Detector, Param, sorted_median
 
 __all__ = ["Baseline"]
 
@@ -92,7 +91,7 @@ class Baseline(Detector):
         if self._base is None:
             self._first.append(x)
             if len(self._first) == self.warmup:
-                self._base = _median(sorted(self._first))
+                self._base = sorted_median(sorted(self._first))
                 self._first = []
                 self._level_now = x
             return None

@@ -6,8 +6,7 @@ import math
 from collections import deque
 from typing import ClassVar, Mapping
 
-from .base import Detector, Param
-from .spike import _median
+from .base import Detector, Param, sorted_median
 
 __all__ = ["Drop"]
 
@@ -92,7 +91,7 @@ class Drop(Detector):
         d2 = sorted(abs(ref[j] - 2.0 * ref[j - 1] + ref[j - 2]) for j in range(2, len(ref)))
         if len(d2) < 3:
             return None
-        sd = _median(d2) / _D2_TO_SD * math.sqrt(1.0 + 4.0 / len(d2))  # few: inflate
+        sd = sorted_median(d2) / _D2_TO_SD * math.sqrt(1.0 + 4.0 / len(d2))  # few: inflate
         return max(sd, 0.5 * (self._quantum or 0.0), 1e-12)
 
     def update(self, x: float, t: float | None = None) -> bool | None:

@@ -7,16 +7,11 @@ from bisect import bisect_left, insort
 from collections import deque
 from typing import Any, ClassVar, Mapping
 
-from .base import DIRECTIONS, Detector, Param
+from .base import DIRECTIONS, Detector, Param, sorted_median
 
 __all__ = ["Spike"]
 
 _MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
-
-
-def _median(a: list[float]) -> float:
-    n = len(a)
-    return a[n // 2] if n % 2 else 0.5 * (a[n // 2 - 1] + a[n // 2])
 
 
 def _mad(a: list[float], m: float) -> float:
@@ -124,7 +119,7 @@ class Spike(Detector):
         """Rolling median, in the metric's own units (``None`` while empty)."""
         if not self._sorted:
             return None
-        m = _median(self._sorted)
+        m = sorted_median(self._sorted)
         return math.exp(m) if self.log else m
 
     @property
@@ -139,7 +134,7 @@ class Spike(Detector):
         a = self._sorted
         verdict: bool | None = None
         if len(a) >= self.warmup:
-            m = _median(a)
+            m = sorted_median(a)
             if self._skip(y, m):
                 # on the quiet side of the median this value cannot fire: its z-score, needed
                 # for a message only, uses the last scale instead of a fresh MAD (the hot path)

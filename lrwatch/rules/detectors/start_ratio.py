@@ -7,8 +7,7 @@ from collections import deque
 from typing import Any, ClassVar, Mapping
 
 from ...errors import ConfigError
-from .base import Detector, Param
-from .spike import _median  # the median of a sorted list
+from .base import Detector, Param, sorted_median
 
 __all__ = ["StartRatio", "take_start"]
 
@@ -20,7 +19,7 @@ def take_start(first: list[float], x: float, warmup: int) -> float | None:
     first.append(x)
     if len(first) < warmup:
         return None
-    level = _median(sorted(first))
+    level = sorted_median(sorted(first))
     first.clear()
     return level
 
@@ -111,7 +110,7 @@ class StartRatio(Detector):
             self._buf.append(x)
             if len(self._buf) < self.window:
                 return None
-            x = _median(sorted(self._buf))
+            x = sorted_median(sorted(self._buf))
         r = x / self._start
         self._ratio = r
         return (self.above is not None and r > self.above) or (

@@ -7,8 +7,7 @@ from collections import deque
 from operator import sub
 from typing import Any, ClassVar, Mapping
 
-from .base import Detector, Param
-from .spike import _median
+from .base import Detector, Param, sorted_median
 from .start_ratio import take_start
 
 __all__ = ["Untrained"]
@@ -109,13 +108,13 @@ class Untrained(Detector):
         if 2 * self._cnt < h:                 # the newer half's median is below thr: no sort
             return False
         vals = list(buf)
-        new = _median(sorted(vals[h:]))
+        new = sorted_median(sorted(vals[h:]))
         self._level = new / self._start
         if self._level < self.above:       # the common case: well below the untrained level
             return False
-        old = _median(sorted(vals[:h]))
+        old = sorted_median(sorted(vals[:h]))
         diffs = sorted(map(abs, map(sub, vals[1:], vals[:-1])))   # C loops: the hot path
-        sd = _MAD_TO_SD * _median(diffs) / math.sqrt(2.0)
+        sd = _MAD_TO_SD * sorted_median(diffs) / math.sqrt(2.0)
         se = _MEDIAN_SE * sd * math.sqrt(2.0 / h)
         return not old - new > self.z * se      # not learning
 

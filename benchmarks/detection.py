@@ -102,6 +102,8 @@ class Scenario:
             return f"{k}_natural" if k else "natural_divergence"
         if lab == "faulted":
             return str(self.label["fault"])
+        if lab == "healthy" and self.label.get("over_fit"):
+            return "over_fit"
         return str(lab)
 
     @property
@@ -401,6 +403,7 @@ def score_scenario(sc: Scenario, firings: Sequence[Firing], det: Detector) -> di
 def aggregate(rows: Sequence[tuple[Scenario, dict[str, Any]]]) -> dict[str, Any]:
     faults = [(sc, r) for sc, r in rows if sc.is_fault]
     healthy = [(sc, r) for sc, r in rows if sc.kind == "healthy"]
+    over = [(sc, r) for sc, r in rows if sc.kind == "over_fit"]
     nf = [(sc, r) for sc, r in faults if "warned_before_nonfinite" in r]
     step_delays = [r["delay"] for sc, r in faults
                    if r.get("caught") and sc.kind not in DEADLINE_EVAL]
@@ -415,6 +418,8 @@ def aggregate(rows: Sequence[tuple[Scenario, dict[str, Any]]]) -> dict[str, Any]
         "median_delay": statistics.median(step_delays) if step_delays else None,
         "median_delay_evals": statistics.median(eval_delays) if eval_delays else None,
         "healthy": len(healthy),
+        "over_fit": len(over),
+        "stopped_over_fit": sum(1 for _, r in over if r.get("first_critical") is not None),
         "false_alarms_healthy": sum(1 for _, r in healthy if r.get("false_alarm")),
         "warned_healthy": sum(1 for _, r in healthy if r.get("any_warning")),
         "false_alarms_before_onset": sum(1 for _, r in faults
@@ -496,7 +501,7 @@ def format_suite(suite: Suite) -> str:
     from collections import Counter
     c = Counter((sc.family, sc.kind) for sc in suite.scenarios)
     fams = sorted({sc.family for sc in suite.scenarios})
-    kinds = ["healthy", "ambiguous", *KINDS]
+    kinds = ["healthy", "over_fit", "ambiguous", *KINDS]
     head = "| kind | " + " | ".join(fams) + " | all |"
     lines = [head, "|---" * (len(fams) + 2) + "|"]
     for k in kinds:

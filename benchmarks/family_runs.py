@@ -292,6 +292,13 @@ DEAD_LEVEL = 0.9           # natural never-learned: final loss >= 0.9x the untra
 DEAD_BLOWUP = 2.0          # ... after an early excursion above 2x the untrained loss
 DEAD_EVALS = 5             # natural dead classifier: the last 5 evaluations at chance ...
 CHANCE_MARGIN = 0.01       # ... (within 1 point of the majority class's share)
+# A healthy run that over-fits materially: at the end (median of its last 3 evaluations) its
+# held-out accuracy is 5 points or more below its best, or its held-out loss 1.25x its best or
+# more. Stopping it with the best state restored is early stopping, not a false alarm; an alarm
+# is neither required nor counted against (the issue: no false alarm on *slight* over-fitting).
+OVERFIT_ACCURACY = 0.05
+OVERFIT_LOSS = 1.25
+OVERFIT_TAIL = 3
 
 
 _CHANCE: dict[tuple[str, int], float | None] = {}
@@ -327,6 +334,21 @@ def _dead_at_chance(samples: Sequence[Sample], chance: float | None) -> int | No
     return evals[i - 1][0] + 1 if i > 0 else 1
 
 
+def over_fit(samples: Sequence[Sample]) -> str | None:
+    """Why a run over-fitted materially (see ``OVERFIT_ACCURACY``/``OVERFIT_LOSS``), else None."""
+    for key, worse in (("eval_accuracy", lambda best, end: best - end >= OVERFIT_ACCURACY),
+                       ("eval_loss", lambda best, end: end >= OVERFIT_LOSS * best)):
+        vals = [float(x.values[key]) for x in samples if key in x.values]
+        vals = [v for v in vals if math.isfinite(v)]
+        if len(vals) <= OVERFIT_TAIL:
+            continue
+        best = max(vals) if key == "eval_accuracy" else min(vals)
+        end = float(np.median(vals[-OVERFIT_TAIL:]))
+        if worse(best, end):
+            return f"{key} ends at {end:.4g} against its best {best:.4g}: materially over-fit"
+    return None
+
+
 def label_natural(samples: Sequence[Sample], chance: float | None = None) -> dict[str, Any]:
     """Label a natural run from its own loss curve.
 
@@ -347,7 +369,19 @@ def label_natural(samples: Sequence[Sample], chance: float | None = None) -> dic
       excursion, when that excursion ended within the first ``TRANSIENT_SHARE`` of the run and
       the run then learned (final loss at most 0.8x the untrained loss) -- an early transient
       that the run recovered from on its own.
+
+    A healthy run that over-fitted materially (:func:`over_fit`) keeps its label and gets
+    ``over_fit`` (the reason); the scoring neither requires nor counts an alarm on it.
     """
+    lab = _label_natural(samples, chance)
+    if lab["label"] == "healthy":
+        why = over_fit(samples)
+        if why is not None:
+            lab = {**lab, "over_fit": why}
+    return lab
+
+
+def _label_natural(samples: Sequence[Sample], chance: float | None) -> dict[str, Any]:
     lab = dr.label_natural(samples)
     dead = _dead_at_chance(samples, chance) if lab["first_nonfinite"] is None else None
     if dead is not None:

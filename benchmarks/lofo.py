@@ -71,10 +71,13 @@ KNOBS: tuple[Knob, ...] = (
          "how far below its best, in its own noise, the evaluation accuracy must fall"),
     Knob("eval_accuracy_drop", "params.count", (2, 3),
          "how many evaluations in a row must be that far below"),
-    Knob("eval_loss_drop", "params.z", (15.0, 8.0, 10.0, 20.0),
+    Knob("eval_loss_drop", "params.z", (10.0, 8.0, 12.0, 15.0, 20.0),
          "the same for the evaluation loss, which over-fitting raises more"),
-    Knob("eval_loss_drop", "params.count", (4, 3, 5),
+    Knob("eval_loss_drop", "params.count", (3, 1, 2, 4),
          "how many evaluations in a row"),
+    Knob("eval_loss_above_best", "params.z", (4.0, 3.0, 6.0, 8.0),
+         "how far above its best the evaluation loss must be when the accuracy fell too "
+         "(eval_regression_both)"),
 )
 
 

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Mapping, TextIO
 import torch
 from torch import nn
 
+from .errors import ConfigError
 from .samples import Sample
 from .watch import Watcher
 
@@ -117,6 +118,10 @@ class DemoConfig:
     inject: str | None = None
     inject_at: int | None = None  # default: 60% into the run
     snapshot_dir: str | None = None
+
+
+def _inject_at(cfg: DemoConfig) -> int:
+    return cfg.inject_at if cfg.inject_at is not None else max(1, int(cfg.steps * 0.6))
 
 
 def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
@@ -262,11 +267,10 @@ def run_demo(cfg: DemoConfig, out: TextIO | None = None) -> dict[str, float]:
           f"{len(data.train) / 1e6:.1f} MB of Python standard-library source", file=out)
 
     if cfg.inject is not None and cfg.inject not in FAULTS:
-        raise ValueError(f"unknown fault {cfg.inject!r}; choose one of {sorted(FAULTS)}")
-    inject_at = cfg.inject_at if cfg.inject_at is not None else max(1, int(cfg.steps * 0.6))
+        raise ConfigError(f"unknown fault {cfg.inject!r}; choose one of {sorted(FAULTS)}")
     if cfg.inject:
-        print(f"injecting fault {cfg.inject!r} at step {inject_at}: {FAULTS[cfg.inject]}",
-              file=out)
+        print(f"injecting fault {cfg.inject!r} at step {_inject_at(cfg)}: "
+              f"{FAULTS[cfg.inject]}", file=out)
 
     console = DemoConsole(cfg.steps, out, report_every=max(cfg.flush_every,
                                                           cfg.steps // 15 or 1))
@@ -276,65 +280,83 @@ def run_demo(cfg: DemoConfig, out: TextIO | None = None) -> dict[str, float]:
                     trace=cfg.trace, per_layer=cfg.per_layer, update_ratio=cfg.update_ratio,
                     batch_size=cfg.batch_size, listeners=[console.sample], run_name="demo",
                     recovery={"snapshot_dir": cfg.snapshot_dir})
-    if watch.metrics_url:
-        print(f"metrics: {watch.metrics_url}", file=out, flush=True)
-    if cfg.trace:
-        print(f"trace:   {os.path.abspath(cfg.trace)}", file=out, flush=True)
+    t0 = time.perf_counter()
+    interrupted = False
+    with watch, console.quiet_watcher_log():
+        try:
+            if watch.metrics_url:
+                print(f"metrics: {watch.metrics_url}", file=out, flush=True)
+            if cfg.trace:
+                print(f"trace:   {os.path.abspath(cfg.trace)}", file=out, flush=True)
+            _train(cfg, watch, model, opt, sched, data, console)
+        except KeyboardInterrupt:  # Ctrl-C: close the Watcher and say where the run got to
+            interrupted = True
+        watch.flush()
+        seconds = max(time.perf_counter() - t0, 1e-9)
+        status = ("interrupted" if interrupted else "stopped" if watch.should_stop else "done")
+        stopped = f" (exit status {watch.exit_status})" if watch.should_stop else ""
+        print(f"{status}: {watch.step} steps in {seconds:.1f} s "
+              f"({watch.step / seconds:.1f} steps/s); schedule at step {sched.last_epoch}/"
+              f"{cfg.steps}; rollbacks {watch.policy.rollbacks}; final eval accuracy "
+              f"{last.get('eval_accuracy', float('nan')):.3f}{stopped}", file=out, flush=True)
+        if cfg.linger > 0 and watch.metrics_url and not interrupted:
+            print(f"serving {watch.metrics_url} for {cfg.linger:.0f} s more (Ctrl-C ends it)",
+                  file=out, flush=True)
+            try:
+                time.sleep(cfg.linger)
+            except KeyboardInterrupt:
+                pass  # the reader has seen enough: a clean end, not an error
+    # 130: the shell's status for a run ended by Ctrl-C (SIGINT).
+    exit_status = watch.exit_status or (130 if interrupted else 0)
+    return {"steps": float(watch.step), "seconds": seconds, "rollbacks": watch.policy.rollbacks,
+            "exit_status": exit_status, "schedule_step": sched.last_epoch, **last}
+
+
+def _train(cfg: DemoConfig, watch: Watcher, model: nn.Module, opt: torch.optim.Optimizer,
+           sched: torch.optim.lr_scheduler.LambdaLR, data: StdlibText,
+           console: DemoConsole) -> None:
+    """The training loop, with the injected fault; ends at the schedule's last step."""
     evals = data.eval_batches()
+    inject_at = _inject_at(cfg)
     injected = False
 
     def stream() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
             yield data.batch()
 
-    t0 = time.perf_counter()
-    with watch, console.quiet_watcher_log():
-        # The schedule position (sched.last_epoch) decides when the run is done: after a
-        # rollback the restored scheduler resumes from the snapshot's step.
-        for x, y in watch.batches(stream()):
-            step = sched.last_epoch + 1
-            if step > cfg.steps or watch.step >= 4 * cfg.steps:
-                break
-            poison = False
-            if cfg.inject and not injected and step == inject_at:
-                injected = True
-                if cfg.inject == "nan":
-                    poison = True
-                elif cfg.inject == "blowup":
-                    for g in opt.param_groups:
-                        g["lr"] *= 1000.0  # LambdaLR recomputes it from base_lrs next step
-                elif cfg.inject == "lr-bug":
-                    sched.base_lrs = [b * 100.0 for b in sched.base_lrs]
-                    for g in opt.param_groups:
-                        g["lr"] *= 100.0
-            logits = model(x)
-            if poison:
-                logits = logits + float("nan")
-            loss = nn.functional.cross_entropy(logits.reshape(-1, 256), y.reshape(-1))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                acc = (logits.argmax(-1) == y).float().mean()
-            metrics: dict[str, torch.Tensor] = {"loss": loss.detach(), "accuracy": acc}
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                metrics.update(_evaluate(model, evals))
-            console.schedule_at[watch.step] = step
-            watch.log(**metrics)
-        watch.flush()
-        seconds = time.perf_counter() - t0
-        status = "stopped" if watch.should_stop else "done"
-        stopped = f" (exit status {watch.exit_status})" if watch.should_stop else ""
-        print(f"{status}: {watch.step} steps in {seconds:.1f} s "
-              f"({watch.step / seconds:.1f} steps/s); schedule at step {sched.last_epoch}/"
-              f"{cfg.steps}; rollbacks {watch.policy.rollbacks}; final eval accuracy "
-              f"{last.get('eval_accuracy', float('nan')):.3f}{stopped}", file=out, flush=True)
-        if cfg.linger > 0 and watch.metrics_url:
-            print(f"serving {watch.metrics_url} for {cfg.linger:.0f} s more", file=out, flush=True)
-            time.sleep(cfg.linger)
-    return {"steps": float(watch.step), "seconds": seconds, "rollbacks": watch.policy.rollbacks,
-            "exit_status": watch.exit_status, "schedule_step": sched.last_epoch, **last}
+    # The schedule position (sched.last_epoch) decides when the run is done: after a rollback
+    # the restored scheduler resumes from the snapshot's step.
+    for x, y in watch.batches(stream()):
+        step = sched.last_epoch + 1
+        if step > cfg.steps or watch.step >= 4 * cfg.steps:
+            break
+        poison = False
+        if cfg.inject and not injected and step == inject_at:
+            injected = True
+            if cfg.inject == "nan":
+                poison = True
+            elif cfg.inject == "blowup":
+                for g in opt.param_groups:
+                    g["lr"] *= 1000.0  # LambdaLR recomputes it from base_lrs next step
+            elif cfg.inject == "lr-bug":
+                sched.base_lrs = [b * 100.0 for b in sched.base_lrs]
+                for g in opt.param_groups:
+                    g["lr"] *= 100.0
+        logits = model(x)
+        if poison:
+            logits = logits + float("nan")
+        loss = nn.functional.cross_entropy(logits.reshape(-1, 256), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            acc = (logits.argmax(-1) == y).float().mean()
+        metrics: dict[str, torch.Tensor] = {"loss": loss.detach(), "accuracy": acc}
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            metrics.update(_evaluate(model, evals))
+        console.schedule_at[watch.step] = step
+        watch.log(**metrics)
 
 
 def _evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]

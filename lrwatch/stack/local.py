@@ -207,6 +207,9 @@ class LocalStack:
 
     def _check_port(self, service: str, port: int) -> None:
         with socket.socket() as s:
+            # As the services themselves do (Go sets SO_REUSEADDR): a connection of the last
+            # run lingering in TIME-WAIT must not make a free port look taken.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("127.0.0.1", port))
             except OSError as exc:

@@ -215,6 +215,10 @@ class Alert:
         """
         ann = dict(getattr(firing, "annotations", None) or {})
         summary = ann.pop("summary", None) or firing.message
+        if getattr(firing, "kind", "firing") == "resolved" and summary.startswith("resolved: "):
+            # The engine prefixes a resolution's message; the alert's status already says it
+            # (or a log line reads "RESOLVED ...: resolved: ...").
+            summary = summary[len("resolved: "):]
         description = ann.pop("description", "") or (
             f"Rule {firing.rule} fired at step {firing.step}: {summary}")
         ann.setdefault("step", str(firing.step))

@@ -104,3 +104,26 @@ def test_delivery_and_record_errors_are_lrwatch_errors(alertmanager: Alertmanage
     assert issubclass(RecordError, LrwatchError)
     with pytest.raises(LrwatchError, match="HTTP 404"):   # a DeliveryError, caught at the root
         post_json(alertmanager.url + "/no-such-prefix/api/v2/alerts", [], timeout=5)
+
+
+def test_log_sink_says_resolved_once(caplog: pytest.LogCaptureFixture) -> None:
+    """A resolution from the real engine, through the real sender and log sink."""
+    import logging
+
+    from lrwatch.actions.alerts import LogSink
+    from lrwatch.rules.engine import Engine
+    from lrwatch.rules.schema import parse_rules
+    from lrwatch.samples import Sample
+
+    engine = Engine(parse_rules(RULES.replace("above: 0.0", "above: 1.0")))
+    fired = engine.update(Sample(step=1, values={"loss": 2.0}))
+    resolved = engine.update(Sample(step=2, values={"loss": 0.5}))
+    assert [f.kind for f in fired + resolved] == ["firing", "resolved"]
+    caplog.set_level(logging.INFO, logger="lrwatch.test-sink")
+    with AlertSender([LogSink(logging.getLogger("lrwatch.test-sink"))]) as sender:
+        sender.fire(Alert.from_firing(fired[0]))
+        sender.resolve(Alert.from_firing(resolved[0]))
+        assert sender.flush(5)
+    lines = [r.getMessage() for r in caplog.records if r.name == "lrwatch.test-sink"]
+    assert len(lines) == 2 and "FIRING" in lines[0] and "RESOLVED" in lines[1], lines
+    assert "resolved: " not in lines[1], lines[1]

@@ -21,8 +21,18 @@ files the compiled chunk decoder ``lrwatch.daemon._jsonl`` when it was built, th
 ``orjson-only`` (orjson with both chunk decoders turned off) and the standard library
 (``LRWATCH_JSON=stdlib``: no extra and no chunk decoder at all).
 
+HTTP servers side by side (``--http uvicorn,stdlib``; ``LRWATCH_HTTP`` picks the daemon's
+server): for each, the closed-loop throughput above (four keep-alive clients, with the p50/p99
+of their request latency), then an **open-loop** run at ``--rate`` records/s (default 50,000:
+half the 100,000/s target) for ``--rate-seconds``: 1000-record batches are sent on a fixed
+schedule from 8 connections and each latency is measured from the moment the batch was *due*
+(so a stalled server cannot hide its queue: no coordinated omission), and a **slow-client**
+run: ``--slow-clients`` connections (default 1000) each send half a request and stall, then a
+normal client opens a fresh connection and posts one small request, 20 times; the latency of
+those is reported (target: within 100 ms).
+
 Run: ``python benchmarks/daemon_throughput.py [--records N] [--rss-records N]
-[--backends orjson,orjson-msgspec,orjson-only,stdlib]``.
+[--backends orjson,orjson-msgspec,orjson-only,stdlib] [--http uvicorn,stdlib] [--no-file]``.
 """
 
 from __future__ import annotations
@@ -59,10 +69,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(args: list[str], port: int, backend: str = "orjson") -> tuple[subprocess.Popen, float]:
+def start(args: list[str], port: int, backend: str = "orjson",
+          http: str = "uvicorn") -> tuple[subprocess.Popen, float]:
     """Start a daemon; returns the process and its start-up time (spawn to /healthz)."""
     pin = ["taskset", "-c", "0"] if shutil.which("taskset") else []
-    env = dict(os.environ, LRWATCH_JSON=backend)
+    env = dict(os.environ, LRWATCH_JSON=backend, LRWATCH_HTTP=http)
     if backend == "orjson-only":  # the fast extra without any chunk decoder
         env.update(LRWATCH_JSON="orjson", LRWATCH_MSGSPEC="0", LRWATCH_CJSONL="0")
     elif backend == "orjson-msgspec":  # msgspec's chunk decoder, not the compiled one
@@ -107,20 +118,40 @@ def rss_kib(pid: int) -> int:
     return -1
 
 
-def post_all(port: int, bodies: list[bytes], threads: int = 4) -> None:
-    """Keep-alive clients; a 429 is retried after a short pause."""
+RETRIED = [0]  # 429 answers retried by post_all
+
+
+def connect(port: int) -> http.client.HTTPConnection:
+    """A keep-alive client connection with Nagle's algorithm off (as any HTTP client library
+    does): http.client sends the headers and the body in separate writes, and the body's last
+    partial segment would otherwise wait for the server's delayed ACK."""
+    import socket
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.connect()
+    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return conn
+
+
+def post_all(port: int, bodies: list[bytes], threads: int = 4) -> list[float]:
+    """Keep-alive clients; a 429 is retried after a short pause. Returns the latencies."""
+    lat: list[float] = []
+
     def client(part: list[bytes]) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn = connect(port)
         for b in part:
             while True:
+                t = time.perf_counter()
                 conn.request("POST", "/v1/predictions", body=b,
                              headers={"Content-Type": "application/x-ndjson"})
                 resp = conn.getresponse()
                 resp.read()
+                lat.append(time.perf_counter() - t)
                 if resp.status == 200:
                     break
                 if resp.status != 429:
                     raise RuntimeError(f"HTTP {resp.status}")
+                RETRIED[0] += 1
                 time.sleep(0.005)
         conn.close()
 
@@ -129,6 +160,123 @@ def post_all(port: int, bodies: list[bytes], threads: int = 4) -> None:
         t.start()
     for t in ths:
         t.join()
+    return lat
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def open_loop(port: int, bodies: list[bytes], rate: float, batch: int, seconds: float,
+              conns: int = 8) -> tuple[list[float], int, int]:
+    """Batches due every ``batch / rate`` seconds, round-robin over ``conns`` keep-alive
+    connections; latency from the due time. Returns (latencies, sent, non-200 answers)."""
+    interval = batch / rate
+    n = int(seconds / interval)
+    t0 = time.perf_counter() + 0.2
+    lat: list[float] = []
+    bad = [0]
+
+    def client(k: int) -> None:
+        conn = connect(port)
+        for i in range(k, n, conns):
+            due = t0 + i * interval
+            wait = due - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            conn.request("POST", "/v1/predictions", body=bodies[i % len(bodies)])
+            resp = conn.getresponse()
+            resp.read()
+            if resp.status != 200:
+                bad[0] += 1
+            lat.append(time.perf_counter() - due)
+        conn.close()
+
+    ths = [threading.Thread(target=client, args=(k,)) for k in range(conns)]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join()
+    return lat, n, bad[0]
+
+
+def slow_clients(port: int, count: int, probes: int = 20) -> tuple[list[float], int]:
+    """``count`` connections that send half a request and stall; then ``probes`` normal
+    requests, each on a fresh connection. Returns their latencies and the slow ones opened."""
+    import socket
+
+    held = []
+    for i in range(count):
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(b"POST /v1/predictions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+                      b"\r\n{" if i % 2 else b"POST /v1/predictions HTTP/1.1\r\nHos")
+            held.append(s)
+        except OSError:
+            break
+    time.sleep(0.5)
+    body = json.dumps(record(random.Random(7), 0)).encode()
+    lat = []
+    for _ in range(probes):
+        t = time.perf_counter()
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("POST", "/v1/predictions", body=body)
+            conn.getresponse().read()
+            conn.close()
+            lat.append(time.perf_counter() - t)
+        except OSError:
+            lat.append(float("inf"))
+        time.sleep(0.05)
+    opened = len(held)
+    for s in held:
+        s.close()
+    return lat, opened
+
+
+def http_side_by_side(args: argparse.Namespace, refarg: list[str], bodies: list[bytes]) -> None:
+    """Throughput, latency at half the target rate, and slow clients, per HTTP server."""
+    rows = []
+    for server in [h.strip() for h in args.http.split(",") if h.strip()]:
+        port = free_port()
+        proc, _ = start(refarg, port, "orjson", server)
+        try:
+            post_all(port, bodies[:20])
+            wait_applied(port, 20 * args.batch)
+            done = 20 * args.batch
+            c0, t0 = cpu_seconds(proc.pid), time.perf_counter()
+            RETRIED[0] = 0
+            lat = post_all(port, bodies)
+            done += args.records
+            wait_applied(port, done)
+            dt, dc = time.perf_counter() - t0, cpu_seconds(proc.pid) - c0
+            print(f"[{server}] HTTP closed loop, 4 clients: {fmt(args.records, dt, dc)}; "
+                  f"latency p50 {pct(lat, .5) * 1e3:.1f} ms, p99 {pct(lat, .99) * 1e3:.1f} ms; "
+                  f"{RETRIED[0]} answers 429 (retried)")
+            c0 = cpu_seconds(proc.pid)
+            ol, n, bad = open_loop(port, bodies, args.rate, args.batch, args.rate_seconds)
+            done += (n - bad) * args.batch
+            wait_applied(port, done)
+            busy = (cpu_seconds(proc.pid) - c0) / args.rate_seconds
+            print(f"[{server}] open loop at {args.rate:,.0f} records/s for {args.rate_seconds:g}"
+                  f" s ({n} batches, {bad} not 200): latency p50 {pct(ol, .5) * 1e3:.1f} ms, "
+                  f"p99 {pct(ol, .99) * 1e3:.1f} ms, max {max(ol) * 1e3:.1f} ms (target p99 "
+                  f"<= 50 ms); daemon CPU {busy:.0%} of a core")
+            sl, opened = slow_clients(port, args.slow_clients)
+            print(f"[{server}] {opened} slow clients held open: a normal request on a fresh "
+                  f"connection took median {pct(sl, .5) * 1e3:.1f} ms, max "
+                  f"{max(sl) * 1e3:.1f} ms over {len(sl)} tries (target <= 100 ms)")
+            rows.append((server, args.records / dt, args.records / max(dc, 1e-9),
+                         pct(ol, .99), pct(sl, .5), max(sl)))
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    print("\n| server | records/s wall | per daemon CPU-s | p99 at rate | slow clients: "
+          "median / max |\n|---|---|---|---|---|")
+    for server, wall, cpu, p99, sm, sx in rows:
+        print(f"| {server} | {wall:,.0f} | {cpu:,.0f} | {p99 * 1e3:.1f} ms | "
+              f"{sm * 1e3:.1f} / {sx * 1e3:.1f} ms |")
 
 
 def fmt(n: int, wall: float, cpu: float) -> str:
@@ -143,6 +291,13 @@ def main() -> None:
     # orjson: the fast extra plus the compiled chunk decoder (lrwatch.daemon._jsonl) when built
     ap.add_argument("--backends", default="orjson,orjson-msgspec,orjson-only,stdlib")
     ap.add_argument("--no-scrape", action="store_true")
+    ap.add_argument("--no-file", action="store_true", help="skip the tailed-file runs")
+    ap.add_argument("--http", default="uvicorn,stdlib",
+                    help="HTTP servers to compare side by side ('' to skip)")
+    ap.add_argument("--rate", type=float, default=50_000.0,
+                    help="records/s of the open-loop latency run (half the 100,000 target)")
+    ap.add_argument("--rate-seconds", type=float, default=20.0)
+    ap.add_argument("--slow-clients", type=int, default=1000)
     args = ap.parse_args()
     if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 1:
         os.sched_setaffinity(0, os.sched_getaffinity(0) - {0})  # the client off the daemon's core
@@ -162,6 +317,8 @@ def main() -> None:
     with open(prepared, "w") as fh:
         fh.write("\n".join(lines) + "\n")
     results: dict[str, dict[str, str]] = {}
+    if args.http:
+        http_side_by_side(args, refarg, bodies)
 
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         # 1. HTTP batches (four keep-alive client connections keep the daemon busy)
@@ -182,6 +339,8 @@ def main() -> None:
             proc.wait(30)
 
         # 2. tailed file, steady state: the daemon is up before the file appears
+        if args.no_file:
+            continue
         path = os.path.join(tmp, f"preds-{backend}.jsonl")
         port = free_port()
         proc, startup = start(refarg + ["--tail", path], port, backend)

@@ -169,7 +169,8 @@ async def _read_body(receive: Callable[[], Any], length: int) -> bytes | None:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _protocol_class(max_connections: int, header_timeout: float, read_timeout: float) -> type:
+def _protocol_class(max_connections: int, header_timeout: float, read_timeout: float,
+                    body_high_water: int) -> type:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     refusal = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n"
@@ -182,12 +183,18 @@ def _protocol_class(max_connections: int, header_timeout: float, read_timeout: f
         _deadline: float | None = None
         _timer: asyncio.TimerHandle | None = None
         _in_body = False
+        _refused = False
 
         def connection_made(self, transport: Any) -> None:  # type: ignore[override]
             if len(self.connections) >= max_connections:
+                # answer, then close a little later: closing at once would reset the
+                # connection when the client's request arrives, and it might never read this
+                self._refused = True
                 self.transport = transport  # what connection_lost reads
                 transport.write(refusal)
-                transport.close()
+                if transport.can_write_eof():
+                    transport.write_eof()
+                self.loop.call_later(1.0, transport.close)
                 return
             super().connection_made(transport)
             self._arm(header_timeout)  # the first request's headers
@@ -200,9 +207,24 @@ def _protocol_class(max_connections: int, header_timeout: float, read_timeout: f
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return
             if self._in_body:
                 self._deadline = self.loop.time() + read_timeout  # idle, not total
             super().data_received(data)
+
+        def on_body(self, body: bytes) -> None:
+            # uvicorn pauses reading past 64 KiB until the app takes the body; a batch of
+            # 1000 records is ~600 KiB, so that is ten pause/resume rounds (epoll calls, loop
+            # turns) per request. The body size is bounded by max_body_bytes (checked before
+            # it is read), so buffer up to that instead.
+            cycle = self.cycle
+            if cycle.response_complete:
+                return
+            cycle.body += body
+            if len(cycle.body) > body_high_water:
+                self.flow.pause_reading()
+            cycle.message_event.set()
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -304,7 +326,7 @@ class DaemonServer:
                    "ssl_version": ssl.PROTOCOL_TLS_SERVER}
         self._config = uvicorn.Config(
             _Asgi(self._api), http=_protocol_class(cfg.max_connections, cfg.header_timeout,
-                                                   cfg.read_timeout),
+                                                   cfg.read_timeout, cfg.max_body_bytes),
             loop="asyncio", ws="none", lifespan="off", log_config=None, access_log=False,
             server_header=False, proxy_headers=False, backlog=cfg.backlog,
             timeout_keep_alive=cfg.keep_alive_timeout, timeout_graceful_shutdown=5, **tls)

@@ -379,3 +379,30 @@ def test_column_batch_slices_and_dicts(reference_path, backends):
         assert len(w1) == 2 and len(w1.feats) == 2
     finally:
         d.stop()
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_http_bodies_take_the_columnar_path_with_the_same_results(reference_path, seed):
+    """NDJSON bodies POSTed to /v1/predictions go through the chunk decoder when it takes
+    them (``Daemon._decode_http``); the answers, counters and windows are the general path's."""
+    bodies = _stream(seed, 40)
+    fast, slow = _daemon(reference_path, True), _daemon(reference_path, False)
+    try:
+        taken = [fast._decode_http(b) is not None for b in bodies]
+        assert sum(taken) >= 10 and not all(taken)
+        for b in bodies:
+            assert fast.submit("predictions", b) == slow.submit("predictions", b)
+            for d in (fast, slow):
+                d._apply(d.queue.get(0))
+        assert fast.counters == slow.counters and fast.counters["windows"] >= 10
+        assert _same({k: v for k, v in fast.last.items() if k != "time"},
+                     {k: v for k, v in slow.last.items() if k != "time"})
+        assert _same(_metrics(fast), _metrics(slow))
+        # (arrival times differ: each submit reads the clock)
+        assert [i[:2] for i in fast.pending.state_dict()["items"]] == \
+            [i[:2] for i in slow.pending.state_dict()["items"]]
+        np.testing.assert_array_equal(_window_columns(fast, fast.window)[0],
+                                      _window_columns(slow, slow.window)[0])
+    finally:
+        fast.stop()
+        slow.stop()

@@ -921,9 +921,7 @@ class Daemon:
     def _act(self, ev: Any) -> None:
         m = self.metrics
         firing = ev.kind == "firing"
-        m.rule_firing.labels(ev.rule, ev.severity).set(1.0 if firing else 0.0)
-        if firing:
-            m.firings.labels(ev.rule, ev.severity).inc()
+        m.engine.set_rule_state(ev.rule, ev.severity, firing)
         _log.warning("%s %s: %s", ev.kind, ev.rule, ev.message)
         try:
             if "alert" in ev.actions and self.alerts is not None:

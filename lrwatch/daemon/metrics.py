@@ -11,9 +11,9 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, Iterable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .._version import __version__
+from ..exporters.prometheus import EngineMetrics
 from .records import REASONS
 
 __all__ = ["DaemonMetrics", "STAT_METHODS", "P_METHODS"]
@@ -35,8 +35,12 @@ class DaemonMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry if registry is not None else CollectorRegistry()
-        Info("lrwatch_build", "lrwatch build information.", registry=r).info(
-            {"version": __version__, "component": "daemon"})
+        # build info, internal errors and rule state: the same families as the training
+        # exporter's (one definition, lrwatch.exporters.prometheus.EngineMetrics)
+        self.engine = EngineMetrics("daemon", r)
+        self.internal_errors = self.engine.internal_errors
+        self.rule_firing = self.engine.rule_firing
+        self.firings = self.engine.firings
         self.predictions = Counter("lrwatch_predictions", "Prediction records accepted.",
                                    registry=r)
         self.labels = Counter("lrwatch_labels", "Label records accepted.", registry=r)
@@ -84,13 +88,6 @@ class DaemonMetrics:
         self.stat_seconds = Histogram(
             "lrwatch_window_statistics_seconds", "Time to test one window.",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5), registry=r)
-        self.internal_errors = Counter("lrwatch_internal_errors",
-                                       "Failures inside lrwatch (logged, never raised).",
-                                       registry=r)
-        self.rule_firing = Gauge("lrwatch_rule_firing", "1 while a rule fires.",
-                                 ["rule", "severity"], registry=r)
-        self.firings = Counter("lrwatch_firings", "Rule firings.", ["rule", "severity"],
-                               registry=r)
         self._stat = Gauge("lrwatch_drift_statistic", "Drift statistic of the last window.",
                            ["feature", "method"], registry=r)
         self._thr = Gauge("lrwatch_drift_threshold",

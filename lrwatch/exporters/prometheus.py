@@ -26,7 +26,8 @@ from prometheus_client.registry import Collector
 from .._version import __version__
 from ..samples import Sample
 
-__all__ = ["TrainingExporter", "MetricsServer", "start_metrics_server", "LOG_BUCKETS"]
+__all__ = ["EngineMetrics", "TrainingExporter", "MetricsServer", "start_metrics_server",
+           "LOG_BUCKETS"]
 
 log = logging.getLogger("lrwatch")
 
@@ -53,6 +54,39 @@ _GAUGES: dict[str, tuple[str, str]] = {
     "step": ("lrwatch_step", "Global optimizer step of the last flushed sample."),
     "time": ("lrwatch_last_step_timestamp_seconds", "Unix time of the last flushed step."),
 }
+
+
+class EngineMetrics:
+    """The engine and health families that every lrwatch process exports, defined once for the
+    training exporter and the daemon: ``lrwatch_build_info{version,python,component}``,
+    ``lrwatch_internal_errors_total``, ``lrwatch_rule_firing{rule,severity}`` and
+    ``lrwatch_firings_total{rule,severity}``.
+
+    ``registry=None`` leaves them unregistered (the training exporter collects them under its
+    own lock); otherwise they are registered there.
+    """
+
+    def __init__(self, component: str, registry: CollectorRegistry | None = None) -> None:
+        self.build = Info("lrwatch_build", "lrwatch build information.", registry=registry)
+        self.build.info({"version": __version__, "python": platform.python_version(),
+                         "component": component})
+        self.internal_errors = Counter("lrwatch_internal_errors",
+                                       "Monitoring failures that lrwatch absorbed (fail open).",
+                                       registry=registry)
+        self.rule_firing = Gauge("lrwatch_rule_firing", "1 while a rule is firing, else 0.",
+                                 ["rule", "severity"], registry=registry)
+        self.firings = Counter("lrwatch_firings", "Times a rule started firing.",
+                               ["rule", "severity"], registry=registry)
+
+    @property
+    def metrics(self) -> list[Any]:
+        return [self.build, self.internal_errors, self.rule_firing, self.firings]
+
+    def set_rule_state(self, rule: str, severity: str, firing: bool) -> None:
+        """A rule's firing state; a rising edge also counts in ``lrwatch_firings_total``."""
+        if firing:
+            self.firings.labels(rule, severity).inc()
+        self.rule_firing.labels(rule, severity).set(1.0 if firing else 0.0)
 
 
 class _LockedCollector(Collector):
@@ -113,8 +147,9 @@ class TrainingExporter:
             m.append(metric)
             return metric
 
-        build = add(Info("lrwatch_build", "lrwatch build information.", registry=None))
-        build.info({"version": __version__, "python": platform.python_version()})
+        self.engine = EngineMetrics("training")
+        for metric in self.engine.metrics:
+            add(metric)
         self.run_info = add(Info("lrwatch_run", "Identity of the watched run.", registry=None))
         self.run_info.info(dict(run_info or {}))
         self.learning_rate = add(Gauge("lrwatch_learning_rate",
@@ -134,16 +169,12 @@ class TrainingExporter:
                                          "(AMP overflow, or lrwatch skip).", registry=None))
         self.rollbacks = add(Counter("lrwatch_rollbacks", "Rollbacks to a known-good snapshot.",
                                      registry=None))
-        self.internal_errors = add(Counter("lrwatch_internal_errors",
-                                           "Monitoring failures that lrwatch absorbed (fail open).",
-                                           registry=None))
+        self.internal_errors = self.engine.internal_errors
         self.actions = add(Counter("lrwatch_actions", "Training-control actions decided "
                                    "(rollback, skip, reduce_lr, stop, lr_recover).", ["action"],
                                    registry=None))
-        self.rule_firing = add(Gauge("lrwatch_rule_firing", "1 while a rule is firing, else 0.",
-                                     ["rule", "severity"], registry=None))
-        self.firings = add(Counter("lrwatch_firings", "Times a rule started firing.",
-                                   ["rule", "severity"], registry=None))
+        self.rule_firing = self.engine.rule_firing
+        self.firings = self.engine.firings
         self.loss_hist = add(Histogram("lrwatch_step_loss", "Training loss of every step.",
                                        buckets=LOG_BUCKETS, registry=None))
         self.grad_norm_hist = add(Histogram("lrwatch_step_grad_norm",
@@ -212,9 +243,7 @@ class TrainingExporter:
     def set_rule_state(self, rule: str, severity: str, firing: bool) -> None:
         """Record a rule's firing state; a rising edge also counts in ``lrwatch_firings_total``."""
         with self._lock:
-            if firing:
-                self.firings.labels(rule, severity).inc()
-            self.rule_firing.labels(rule, severity).set(1.0 if firing else 0.0)
+            self.engine.set_rule_state(rule, severity, firing)
 
     def count_error(self) -> None:
         self.internal_errors.inc()

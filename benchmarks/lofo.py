@@ -45,7 +45,7 @@ KNOBS: tuple[Knob, ...] = (
     Knob("loss_above_start", "for", (6, 1, 3, 10),
          "how long the loss must stay 10x above the untrained loss: adaptive optimizers spike "
          "early for a few steps and recover"),
-    Knob("loss_not_learning", "params.above", (1.2, 0.9, 1.0, 1.5, 2.0),
+    Knob("loss_flat_above_untrained", "params.above", (1.2, 0.9, 1.0, 1.5, 2.0),
          "the share of the untrained loss a dead network sits at: a constant prediction's loss "
          "(the label entropy) is below the untrained loss by a task-dependent amount"),
     Knob("loss_near_untrained", "params.above", (0.7, 0.6, 0.8),
@@ -65,7 +65,7 @@ KNOBS: tuple[Knob, ...] = (
          "robust z of a gradient-norm spike that grad_loss_divergence escalates"),
     Knob("loss_shift_persistent", "for", (20, 10, 40),
          "how long a loss shift must persist before it is a sustained episode"),
-    Knob("loss_not_learning", "params.window", (60, 40, 80),
+    Knob("loss_flat_above_untrained", "params.window", (60, 40, 80),
          "how many steps of flat loss tell a dead network from a slow start"),
     Knob("eval_accuracy_drop", "params.z", (6.0, 4.0, 5.0, 8.0),
          "how far below its best, in its own noise, the evaluation accuracy must fall"),

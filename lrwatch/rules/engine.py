@@ -174,8 +174,8 @@ class _RuleState:
     """
 
     __slots__ = ("rule", "pairs", "absent", "pending", "pending_since", "clear", "clear_since",
-                 "resolved_step", "resolved_time", "firing", "refs", "tracked", "last_step",
-                 "last_firing")
+                 "resolved_step", "resolved_time", "firing", "refs", "unless", "tracked",
+                 "last_step", "last_firing")
 
     def __init__(self, rule: Rule) -> None:
         self.rule = rule
@@ -189,6 +189,7 @@ class _RuleState:
         self.resolved_time: float | None = None
         self.firing: Firing | None = None
         self.refs: tuple[_RuleState, ...] = ()
+        self.unless: tuple[_RuleState, ...] = ()   # a 'when' rule's vetoes: judged before it
         self.tracked = False
         self.last_step: int | None = None
         self.last_firing: Firing | None = None
@@ -264,14 +265,16 @@ class Engine:
         self._metric = [s for s in self._states if s.rule.when is None]
         self._when = [by_name[r.name] for r in when_order(self._rules)]
         for ws in self._when:
-            ws.refs = tuple(by_name[n] for n in ws.rule.references)
+            assert ws.rule.when is not None
+            ws.refs = tuple(by_name[n] for n in ws.rule.when.rules)
+            ws.unless = tuple(by_name[n] for n in ws.rule.when.unless)
             for ref in ws.refs:
                 ref.tracked = True
         self._tracked = [s for s in self._metric if s.tracked]
         # on tick (no sample), judge only the 'when' rules that depend on time-based rules
         timed = {s.rule.name for s in self._absent}
         for ws in self._when:  # evaluation order: references are classified first
-            if any(r.rule.name in timed for r in ws.refs):
+            if any(r.rule.name in timed for r in ws.refs + ws.unless):
                 timed.add(ws.rule.name)
         self._when_timed = [ws for ws in self._when if ws.rule.name in timed]
 
@@ -363,6 +366,8 @@ class Engine:
                 rs.last_step, rs.last_firing = step, rs.firing
         for rs in states:
             src = self._holds(rs, step)
+            if src is not None and any(u.firing is not None for u in rs.unless):
+                src = None  # explained away: a rule in 'unless' is firing on this sample
             if src is None and rs.pending == 0 and rs.firing is None:
                 continue  # normal and idle: judging would change nothing
             # the event reports the referenced rule that fired most recently: its metric, value

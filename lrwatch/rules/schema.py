@@ -54,7 +54,7 @@ TEMPLATE_FIELDS = ("rule", "metric", "value", "step", "time", "severity", "stati
                    "detector", "labels")
 #: The forms of ``when`` (a rule on other rules) and every key a ``when`` mapping may have.
 WHEN_MODES = ("firing", "all", "any")
-WHEN_KEYS = WHEN_MODES + ("within",)
+WHEN_KEYS = WHEN_MODES + ("within", "unless")
 _RULE_KEYS = ("name", "metric", "metrics", "detector", "params", "when", "for", "cooldown",
               "hysteresis", "severity", "actions", "labels", "annotations", "enabled")
 _TOP_KEYS = ("version", "rules")
@@ -81,7 +81,9 @@ class When:
 
     ``mode`` is ``firing`` (the one rule in ``rules`` is firing), ``all`` (every rule in
     ``rules`` has been firing on a sample at most ``within`` steps back) or ``any`` (at least
-    one has); ``within=None`` means firing on the current sample.
+    one has); ``within=None`` means firing on the current sample. The condition does not hold
+    on a sample where any rule in ``unless`` is firing (evidence that explains the signal away,
+    such as a held-out metric that is still improving).
 
     Examples
     --------
@@ -89,11 +91,14 @@ class When:
     'lr_anomaly and loss_rising within 20 steps'
     >>> When("firing", ("loss_shift",)).describe()
     'loss_shift firing'
+    >>> When("firing", ("loss_flat",), unless=("eval_improving",)).describe()
+    'loss_flat firing unless eval_improving'
     """
 
     mode: str
     rules: tuple[str, ...]
     within: int | None = None
+    unless: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         least = 2 if self.mode == "all" else 1
@@ -101,15 +106,18 @@ class When:
                 self.mode == "firing" and (len(self.rules) != 1 or self.within is not None)):
             raise ConfigError(f"bad when: {self.mode!r} {list(self.rules)} within "
                               f"{self.within!r} (valid choices: {', '.join(WHEN_MODES)})")
+        both = set(self.rules) & set(self.unless)
+        if both:
+            raise ConfigError(f"bad when: {sorted(both)} both in {self.mode!r} and 'unless'")
 
     def describe(self) -> str:
         """The condition in words, for default event messages."""
         names = list(self.rules)
         joined = names[0] if len(names) == 1 else \
             f"{', '.join(names[:-1])} {'and' if self.mode == 'all' else 'or'} {names[-1]}"
-        if self.within is None:
-            return f"{joined} firing"
-        return f"{joined} within {self.within} step{'s' if self.within != 1 else ''}"
+        text = f"{joined} firing" if self.within is None else \
+            f"{joined} within {self.within} step{'s' if self.within != 1 else ''}"
+        return text + (f" unless {' or '.join(self.unless)}" if self.unless else "")
 
 
 @dataclass(frozen=True)
@@ -147,8 +155,9 @@ class Rule:
 
     @property
     def references(self) -> tuple[str, ...]:
-        """The rules this rule fires on (empty unless ``when`` is set)."""
-        return self.when.rules if self.when is not None else ()
+        """The rules this rule depends on: those it fires on and those in ``unless`` (empty
+        unless ``when`` is set)."""
+        return self.when.rules + self.when.unless if self.when is not None else ()
 
     def make_detector(self) -> Detector:
         """A fresh detector instance for one of this rule's metrics."""
@@ -590,7 +599,15 @@ def _rule_when(e: _Entries, idx: int, name: str | None, refs: _Refs) -> When | N
             errs.add(vnode, f"{path}.within", f"expected a number of steps >= 0, got {v!r}")
         else:
             within = v
-    return When(mode, names, within) if names else None
+    unless: tuple[str, ...] = ()
+    if "unless" in items:
+        unless = _when_names("any", items["unless"][1], f"{path}.unless", idx, e, refs)
+        for j, n in enumerate(unless):
+            if n in names:
+                e.errs.add(items["unless"][1], f"{path}.unless[{j}]",
+                           f"rule {n!r} is both a condition and in 'unless'")
+                return None
+    return When(mode, names, within, unless) if names else None
 
 
 def _when_names(mode: str, vnode: yaml.Node, path: str, idx: int, e: _Entries,

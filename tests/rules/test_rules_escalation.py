@@ -144,6 +144,33 @@ def test_any_now_and_within():
                              ("e", "firing", 5), ("e", "resolved", 9)]
 
 
+def test_unless_vetoes_the_condition_while_the_other_rule_fires():
+    eng = engine("""\
+        - name: p
+          when: {firing: a, unless: [b]}
+          severity: critical
+    """)
+    # a fires from 1 on; b fires on 1-2 (vetoes p), then stops: p fires at 3, resolves when b
+    # comes back at 5
+    ev = only(feed(eng, [0, 2, 2, 2, 2, 2, 2], [0, 2, 2, 0, 0, 2, 2]), "p")
+    assert ev == [("p", "firing", 3), ("p", "resolved", 5)]
+    assert eng.rules[-1].when.describe() == "a firing unless b"
+    assert "b" in eng.rules[-1].references
+
+
+def test_unless_may_name_a_when_rule_and_is_ordered_after_it():
+    eng = engine("""\
+        - name: p
+          when: {firing: a, unless: [q]}
+          severity: critical
+        - name: q
+          when: {firing: b}
+          severity: info
+    """)
+    ev = only(feed(eng, [2, 2, 2], [2, 0, 0]), "p")
+    assert ev == [("p", "firing", 1)]
+
+
 def test_chain_is_evaluated_in_dependency_order():
     # q and s are listed before p but refer to it: p must be judged first within each sample
     eng = engine("""\
@@ -420,7 +447,7 @@ CASES = {
             when: {all: [a, b], withn: 3}
             severity: critical
         """, ["f.yml:5: key 'rules[2].when.withn': unknown key; did you mean 'within'? "
-              "(valid choices: firing, all, any, within)"]),
+              "(valid choices: firing, all, any, within, unless)"]),
     "two_modes": ("""\
         rules:
           - {name: a, metric: x, detector: nonfinite, severity: warning}
@@ -459,7 +486,24 @@ CASES = {
             severity: critical
         """, ["f.yml:4: key 'rules[1].when': expected a mapping with one of 'firing', 'all', "
               "'any', e.g. {firing: loss_shift} or {all: [a, b], within: 20} "
-              "(valid choices: firing, all, any, within)"]),
+              "(valid choices: firing, all, any, within, unless)"]),
+    "unless_unknown": ("""\
+        rules:
+          - {name: a, metric: x, detector: nonfinite, severity: warning}
+          - name: c
+            when: {firing: a, unless: [nope]}
+            severity: critical
+        """, ["f.yml:4: key 'rules[1].when.unless[0]': unknown rule 'nope' (valid choices: "
+              "a)"]),
+    "unless_also_condition": ("""\
+        rules:
+          - {name: a, metric: x, detector: nonfinite, severity: warning}
+          - {name: b, metric: y, detector: nonfinite, severity: warning}
+          - name: c
+            when: {all: [a, b], unless: [b]}
+            severity: critical
+        """, ["f.yml:5: key 'rules[2].when.unless[0]': rule 'b' is both a condition and in "
+              "'unless'"]),
 }
 
 

@@ -111,7 +111,9 @@ def load_run(source: str | os.PathLike[str] | IO[str], *, name: str | None = Non
             if len(col) < i + 1:
                 col.append(_MISSING)
         for e in s.events:
-            run.events.append({"step": s.step, **dict(e)})
+            # ``step`` is what the event is about (the step a rule saw); ``line_step`` is the
+            # trace line it came with: an action is carried out after that line's flush.
+            run.events.append({"step": s.step, **dict(e), "line_step": s.step})
     run.skipped_lines = reader.skipped
     if not run.steps:
         raise ReportError(f"{run.name}: no samples in the trace")
@@ -180,12 +182,14 @@ def _mark_events(ax: Any, run: Run, colour: str) -> None:
             ax.axvline(step, color=_SEVERITY_COLOURS[e["severity"]], linestyle="--",
                        linewidth=0.9, alpha=0.8)
         elif kind in ("rollback", "skip") and isinstance(e.get("to_step"), (int, float)):
+            # Abandoned: every step after the target up to the flush that carried it out.
+            end = max(step, e.get("line_step", step))
             restart = kind == "rollback" and bool(e.get("restart") or e.get("warmup"))
-            ax.axvspan(e["to_step"], step, color=colour, alpha=0.13,
+            ax.axvspan(e["to_step"], end, color=colour, alpha=0.13,
                        hatch="//" if restart else None, linewidth=0)
-            ax.axvline(step, color=colour, linewidth=1.0, alpha=0.7)
+            ax.axvline(end, color=colour, linewidth=1.0, alpha=0.7)
         elif kind == "stop":
-            ax.axvline(step, color="black", linewidth=1.6)
+            ax.axvline(max(step, e.get("line_step", step)), color="black", linewidth=1.6)
 
 
 def draw(runs: Sequence[Run], *, title: str | None = None) -> Any:
@@ -248,6 +252,8 @@ def render_png(runs: Sequence[Run], *, dpi: int = 100) -> bytes:
 
 def _event_detail(e: Mapping[str, Any]) -> str:
     parts = []
+    if e.get("type") in ACTIONS and e.get("line_step", e.get("step")) != e.get("step"):
+        parts.append(f"carried out after step {e['line_step']}")
     if "to_step" in e:
         parts.append(f"to step {e['to_step']}")
     if "lr_factor" in e:

@@ -238,3 +238,20 @@ def test_missing_matplotlib_names_the_extra(faulty_trace: Path, tmp_path: Path) 
     assert "pip install 'lrwatch[plot]'" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "r.png").exists()
+
+
+def test_rollback_shades_every_abandoned_step(faulty_trace: Path) -> None:
+    """From the step it went back to, up to the flush after which it was carried out."""
+    from lrwatch.report import draw
+    import matplotlib.pyplot as plt
+
+    run = load_run(faulty_trace)
+    rb = next(e for e in run.events if e["type"] == "rollback")
+    assert rb["line_step"] >= rb["step"]
+    fig = draw([run])
+    try:
+        loss_axis = next(ax for ax in fig.axes if ax.get_ylabel() == "loss")
+        spans = [(p.get_x(), p.get_x() + p.get_width()) for p in loss_axis.patches]
+        assert (rb["to_step"], rb["line_step"]) in spans, spans
+    finally:
+        plt.close(fig)

@@ -54,6 +54,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -79,6 +80,7 @@ from lrwatch.actions.policy import RecoveryConfig  # noqa: E402
 from lrwatch.actions.snapshot import restore_state  # noqa: E402
 from lrwatch.samples import Sample  # noqa: E402
 from lrwatch.watch import Watcher  # noqa: E402
+import lrwatch  # noqa: E402
 
 __all__ = ["Config", "PROBLEMS", "TASKS", "QUICK_TASKS", "candidates", "get_problem",
            "run_bare", "run_lrwatch", "diverged", "healthy", "reference_sweep", "overhead_ab",
@@ -956,6 +958,8 @@ def _clean(o: Any) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if "--families" in (sys.argv[1:] if argv is None else list(argv)):
+        return fam_main(sys.argv[1:] if argv is None else list(argv))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
@@ -1050,6 +1054,261 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{report['seconds']:.0f} s")
     if a.json:
         Path(a.json).write_text(json.dumps(_clean(report), indent=1, default=str))
+    return 0
+
+
+# ============================================================================================
+# Issue 13: the family suite (benchmarks/families.py), fixed step budgets, measured rates
+# ============================================================================================
+
+FAM_TASKS = ("synth_clf_mlp", "digits_cnn", "chars_gru", "chars_tfm_pre", "friedman_mlp",
+             "digits_ae")
+FAM_OPTS = ("momentum", "adam", "rmsprop")
+FAM_MULTS = (3.0, 10.0, 30.0)
+FAM_FAULTS = ("nan_batch", "poisoned_batch")
+FAM_SEEDS = (0, 1, 2)         # healthy median: the tuned rate on these seeds
+FAM_EVAL_EVERY = 20
+FAM_FAULT_AT = 150
+FAM_CACHE = Path(__file__).resolve().parent / ".cache" / "recovery_families"
+FAM_VERSION = 3
+FAM_ARMS = {"measured": {"probe": "auto"}, "fixed": {"probe": "off"}}   # the ablation
+
+
+def _fam_stream(task: Any, data: Any, seed: int) -> Any:
+    g = torch.Generator().manual_seed(3000 + seed)       # train_run's batch order
+    n = data.n_train
+    while True:
+        perm = torch.randperm(n, generator=g)
+        for c in range(0, n - task.batch + 1, task.batch):
+            yield data.batch(perm[c:c + task.batch])
+
+
+def _fam_score(task: Any, data: Any, model: nn.Module) -> dict[str, float]:
+    from benchmarks import families as fam
+
+    loss, acc = fam.evaluate(task, model, data)
+    return {"loss": loss, "acc": acc if acc is not None else math.nan}
+
+
+def fam_run(task_name: str, opt: str, mult: float, seed: int, *, fault: str | None = None,
+            arm: str | None = None) -> dict[str, Any]:
+    """One run of the budget (the task's 300 optimizer steps, constant rate = ``mult`` x the
+    tuned one). ``arm=None``: bare; else a Watcher with the arm's recovery settings and a
+    ``probe_loss``. Every optimizer step counts against the budget, replays after a rollback
+    and the probe's range-test steps included."""
+    from benchmarks import families as fam
+
+    # bare runs do not depend on lrwatch's version: only the arms are rerun when it changes
+    key = f"{FAM_VERSION if arm else 1}/{task_name}/{opt}/{mult}/{seed}/{fault}/{arm}"
+    path = FAM_CACHE / (hashlib.sha1(key.encode()).hexdigest()[:20] + ".json")
+    if path.exists():
+        return json.loads(path.read_text())
+    task = fam.TASKS[task_name]
+    data = task.load(seed)
+    torch.manual_seed(seed)
+    model = task.build(data)
+    lr = task.base_lr[opt] * mult
+    optimizer = fam.make_optimizer(opt, model, lr)
+    untrained = _fam_score(task, data, model)
+    w = None
+    if arm is not None:
+        w = lrwatch.Watcher(model, optimizer, flush_every=FLUSH_EVERY, rules="training",
+                            recovery={**FAM_ARMS[arm]},
+                            probe_loss=lambda m, b: task.loss(m(b[0]), b[1]))
+    batches = w.batches(_fam_stream(task, data, seed)) if w else _fam_stream(task, data, seed)
+    done, faulted, nonfinite = 0, False, False
+    for xb, yb in batches:
+        probe_steps = w.policy.state.probe_steps if w else 0
+        if done + probe_steps >= task.steps or (w is not None and w.should_stop):
+            break
+        # the fault hits the FAM_FAULT_AT-th step of the run's own progress, once
+        if fault and not faulted and done + 1 == FAM_FAULT_AT:
+            faulted = True
+            if fault == "poisoned_batch":     # garbage inputs: a huge, wrong gradient
+                xb = xb * 1e3 if xb.is_floating_point() else xb
+                yb = (yb * 1e3 if yb.is_floating_point() else
+                      torch.randint_like(yb, 0, max(2, data.n_classes)))
+        out = model(xb)
+        loss = task.loss(out, yb)
+        if fault == "nan_batch" and faulted and done + 1 == FAM_FAULT_AT:
+            loss = loss * float("nan")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        done += 1
+        if w is None:
+            if not math.isfinite(float(loss.detach())):
+                nonfinite = True
+                if fault is None:
+                    break           # a bare run that overflowed is over
+        else:
+            metrics: dict[str, Any] = {"loss": loss.detach()}
+            if w.step % FAM_EVAL_EVERY == 0:
+                ev = _fam_score(task, data, model)
+                metrics["eval_loss"] = ev["loss"]
+                if not math.isnan(ev["acc"]):
+                    metrics["eval_accuracy"] = ev["acc"]
+            w.log(**metrics)
+    if w is not None:
+        w.close()
+    final = _fam_score(task, data, model)
+    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    res = {"task": task_name, "family": task.family, "optimizer": opt, "mult": mult,
+           "seed": seed, "fault": fault, "arm": arm, "final": final, "untrained": untrained,
+           "finite": finite and math.isfinite(final["loss"]), "nonfinite_loss": nonfinite,
+           "steps": done}
+    if w is not None:
+        st = w.policy.state
+        res.update(rollbacks=st.rollbacks, probes=st.probes, probe_steps=st.probe_steps,
+                   restarts=int(st.episode_restart), exit_status=w.exit_status,
+                   lr_scale=st.lr_scale)
+    FAM_CACHE.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res))
+    return res
+
+
+def fam_value(task: Any, r: dict[str, Any]) -> float:
+    """The score compared against the healthy median: accuracy (classifiers and LMs), held-out
+    loss (regression, autoencoders; lower is better). Non-finite: nan."""
+    if not r["finite"]:
+        return math.nan
+    return r["final"]["acc"] if task.classification else r["final"]["loss"]
+
+
+def fam_close(task: Any, value: float, ref: float, untrained: float, points: float) -> bool:
+    """Within ``points`` accuracy points of ``ref``; for regression/autoencoders within
+    ``points * 2.5`` % of the range from the untrained loss to ``ref`` (2 points <-> 5%)."""
+    if math.isnan(value):
+        return False
+    if task.classification:
+        return value >= ref - points / 100
+    return value <= ref + (points * 0.025) * max(untrained - ref, 1e-12)
+
+
+def fam_bare_diverged(task: Any, bare: dict[str, Any], ref: float) -> bool:
+    """The bare run failed: not finite, or ended outside the 2-point band of the healthy
+    median (a blow-up that left the network dead or damaged)."""
+    return not fam_close(task, fam_value(task, bare), ref, bare["untrained"]["loss"]
+                         if not task.classification else 0.0, 2.0)
+
+
+def fam_suite(tasks: Sequence[str], opts: Sequence[str], seeds: Sequence[int],
+              progress: Callable[[str], None]) -> dict[str, Any]:
+    from benchmarks import families as fam
+
+    refs: dict[tuple[str, str], dict[str, float]] = {}
+    for t in tasks:
+        task = fam.TASKS[t]
+        for o in opts:
+            vals = [fam_value(task, fam_run(t, o, 1.0, s)) for s in FAM_SEEDS]
+            unt = fam_run(t, o, 1.0, FAM_SEEDS[0])["untrained"]["loss"]
+            refs[(t, o)] = {"median": statistics.median(vals), "untrained": unt}
+            progress(f"{t} {o}: healthy median {refs[(t, o)]['median']:.4f}")
+    rows, fault_rows = [], []
+    for t in tasks:
+        task = fam.TASKS[t]
+        for o in opts:
+            ref = refs[(t, o)]
+            for m in FAM_MULTS:
+                for s in seeds:
+                    bare = fam_run(t, o, m, s)
+                    if not fam_bare_diverged(task, bare, ref["median"]):
+                        rows.append({"task": t, "opt": o, "mult": m, "seed": s,
+                                     "diverged": False})
+                        continue
+                    row = {"task": t, "family": task.family, "opt": o, "mult": m, "seed": s,
+                           "diverged": True, "bare": fam_value(task, bare)}
+                    for arm in FAM_ARMS:
+                        r = fam_run(t, o, m, s, arm=arm)
+                        v = fam_value(task, r)
+                        row[arm] = {"value": v, "ok": fam_close(task, v, ref["median"],
+                                                                ref["untrained"], 2.0),
+                                    **{k: r.get(k) for k in ("rollbacks", "probes",
+                                                             "probe_steps", "exit_status")}}
+                    rows.append(row)
+                    progress(f"{t} {o} x{m:g} s{s}: bare {row['bare']:.4f} -> measured "
+                             f"{row['measured']['value']:.4f} ({'ok' if row['measured']['ok'] else 'FAIL'}), "
+                             f"fixed {row['fixed']['value']:.4f} (ref {ref['median']:.4f})")
+            for f in FAM_FAULTS:
+                for s in seeds:
+                    clean = fam_value(task, fam_run(t, o, 1.0, s))
+                    r = fam_run(t, o, 1.0, s, fault=f, arm="measured")
+                    b = fam_run(t, o, 1.0, s, fault=f)
+                    v = fam_value(task, r)
+                    fault_rows.append({
+                        "task": t, "family": task.family, "opt": o, "fault": f, "seed": s,
+                        "clean": clean, "value": v, "bare": fam_value(task, b),
+                        "ok": fam_close(task, v, clean, ref["untrained"], 1.0),
+                        "bare_ok": fam_close(task, fam_value(task, b), clean,
+                                             ref["untrained"], 1.0),
+                        "rollbacks": r.get("rollbacks"), "probe_steps": r.get("probe_steps")})
+                    progress(f"{t} {o} {f} s{s}: clean {clean:.4f} -> {v:.4f} "
+                             f"({'ok' if fault_rows[-1]['ok'] else 'FAIL'})")
+    return {"refs": {f"{k[0]}/{k[1]}": v for k, v in refs.items()}, "rows": rows,
+            "faults": fault_rows}
+
+
+def fam_tables(res: dict[str, Any]) -> str:
+    rows = [r for r in res["rows"] if r["diverged"]]
+    out = ["### Would-diverge configurations (bare run outside the band)", "",
+           "| task | family | optimizer | x tuned | seed | bare | measured (default) | "
+           "fixed factors | rollbacks | probe steps |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m, f = r["measured"], r["fixed"]
+        out.append(f"| {r['task']} | {r['family']} | {r['opt']} | {r['mult']:g} | {r['seed']} | "
+                   f"{r['bare']:.4f} | {'✓' if m['ok'] else '✗'} {m['value']:.4f} | "
+                   f"{'✓' if f['ok'] else '✗'} {f['value']:.4f} | {m['rollbacks']} | "
+                   f"{m['probe_steps']} |")
+    n = len(rows)
+    out += ["", f"Candidates: {len(res['rows'])}, whose bare run diverged: {n}.", "",
+            "| family | diverged | measured rate (default) | fixed factors |", "|---|---|---|---|"]
+    fams = list(dict.fromkeys(r["family"] for r in rows))
+    for fm in fams + ["**all**"]:
+        sub = rows if fm == "**all**" else [r for r in rows if r["family"] == fm]
+        a = sum(r["measured"]["ok"] for r in sub)
+        b = sum(r["fixed"]["ok"] for r in sub)
+        out.append(f"| {fm} | {len(sub)} | {a}/{len(sub)} ({a / max(1, len(sub)):.0%}) | "
+                   f"{b}/{len(sub)} ({b / max(1, len(sub)):.0%}) |")
+    steps = [r["measured"]["probe_steps"] or 0 for r in rows]
+    if steps:
+        out.append(f"\nProbe cost (share of the 300-step budget) on diverging runs: median "
+                   f"{statistics.median(steps) / 300:.1%}, max {max(steps) / 300:.1%}; runs "
+                   f"over 5%: {sum(s > 15 for s in steps)}/{len(steps)}.")
+    fr = res["faults"]
+    out += ["", "### One-off faults on the tuned configuration (within 1 point of the same run "
+            "without the fault)", "", "| fault | runs | lrwatch within 1 point | bare within 1 "
+            "point |", "|---|---|---|---|"]
+    for f in FAM_FAULTS + ("**all**",):
+        sub = fr if f == "**all**" else [r for r in fr if r["fault"] == f]
+        a, b = sum(r["ok"] for r in sub), sum(r["bare_ok"] for r in sub)
+        out.append(f"| {f} | {len(sub)} | {a}/{len(sub)} ({a / max(1, len(sub)):.0%}) | "
+                   f"{b}/{len(sub)} |")
+    bad = [r for r in fr if not r["ok"]]
+    if bad:
+        out += ["", "Faults not within 1 point: " + "; ".join(
+            f"{r['task']}/{r['opt']}/{r['fault']}/s{r['seed']} {r['value']:.4f} vs "
+            f"{r['clean']:.4f}" for r in bad)]
+    return "\n".join(out)
+
+
+def fam_main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(description="recovery on the family suite (issue 13)")
+    p.add_argument("--families", action="store_true")
+    p.add_argument("--tasks", default=",".join(FAM_TASKS))
+    p.add_argument("--optimizers", default=",".join(FAM_OPTS))
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--json", default=None)
+    p.add_argument("-q", "--quiet", action="store_true")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    logging.getLogger("lrwatch").setLevel(logging.CRITICAL)
+    res = fam_suite(a.tasks.split(","), a.optimizers.split(","),
+                    [int(s) for s in a.seeds.split(",")],
+                    progress=(lambda m: None) if a.quiet else
+                    (lambda m: print(m, file=sys.stderr, flush=True)))
+    print(fam_tables(res))
+    if a.json:
+        Path(a.json).write_text(json.dumps(_clean(res), indent=1, default=str))
     return 0
 
 

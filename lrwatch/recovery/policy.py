@@ -63,13 +63,18 @@ class RecoveryConfig:
         The probe's steps (they count against the run's budget and are reported), the range
         it spans below the failed rate (rates from ``failed / probe_span`` up to the failed
         rate), and the share of the largest stable rate to restart at.
-    nonfinite_lr_factor:
-        The cut for a *single non-finite step* in a run that has proved healthy (the first
-        failure of an episode, whose firing is a NaN/inf value): most likely a bad batch, not
-        a wrong rate. The rollback then goes to the newest snapshot before the bad step (known
-        good or not yet: the rules were quiet since it, or a rollback would have discarded
-        it) and keeps the rate (1.0). If it was the rate after all, the run fails again within
-        its probation and the cut compounds from ``lr_factor`` (or is measured).
+    sudden_lr_factor:
+        The cut for a *sudden* failure in a run that has proved healthy: the first failure of
+        an episode, with no warning or critical firing in the ``good_after`` steps before it
+        (a NaN batch, a poisoned batch, a one-step spike). Most likely a bad batch, not a
+        wrong rate: the rollback goes to the newest snapshot at least ``sudden_margin`` steps
+        before the firing (a non-finite value: just before it), known good or not yet (the
+        rules were quiet since it, or a rollback would have discarded it), and keeps the rate
+        (1.0). If it was the rate after all, the run fails again within its probation and the
+        cut compounds from ``lr_factor`` (or is measured).
+    sudden_margin:
+        Steps between a sudden firing and the snapshot it goes back to: the rules fire a few
+        steps after the onset (``for:``, the untrained-loss rules' 6 steps).
     max_rollbacks:
         The rollback budget; once spent, the next rollback becomes a ``stop``.
     cooldown:
@@ -103,7 +108,8 @@ class RecoveryConfig:
     probe_steps: int = 15
     probe_span: float = 1000.0
     probe_fraction: float = 0.3
-    nonfinite_lr_factor: float = 1.0
+    sudden_lr_factor: float = 1.0
+    sudden_margin: int = 10
     max_rollbacks: int = 5
     cooldown: int = 20
     skip_batches: int = 0
@@ -120,12 +126,12 @@ class RecoveryConfig:
 
     def __post_init__(self) -> None:
         for name in ("lr_factor", "restart_lr_factor", "reduce_lr_factor", "probe_fraction",
-                     "nonfinite_lr_factor"):
+                     "sudden_lr_factor"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0 < v <= 1):
                 raise ConfigError(f"{name} must be in (0, 1], got {v!r}")
         for name in ("max_rollbacks", "cooldown", "skip_batches", "max_skips", "good_after",
-                     "restart_warmup"):
+                     "restart_warmup", "sudden_margin"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {v!r}")
@@ -176,7 +182,8 @@ class PolicyState:
     lr_recovered: bool = False              # the rate came back once after a one-off fault
     persistent: bool = False                # ... and the run failed again: keep cuts for good
     last_rollback_to: int | None = None     # snapshot step of the last rollback
-    last_to_pending: bool = False           # ... a not-yet-good one (a single bad step)
+    last_to_pending: bool = False           # ... a not-yet-good one (a sudden failure)
+    last_alarm: int | None = None           # step of the last warning/critical firing
     last_rollback_at: int | None = None     # step of the last rollback decision
     rollback_repeats: int = 0               # rollbacks in a row that failed again soon
     lr_scale: float = 1.0                   # the run's rates = configured x this
@@ -432,6 +439,7 @@ class RecoveryPolicy:
         self.state = PolicyState()
         #: whether the executor can run a range test (it says so; not part of the state)
         self.probe_available = False
+        self._sudden_now = False
 
     # counters read by users and tests (watch.policy.rollbacks, ...)
     def __getattr__(self, name: str) -> Any:
@@ -472,7 +480,13 @@ class RecoveryPolicy:
         st, rc = self.state, self.config
         out: list[Plan] = []
         for d in decide(events, progress.step, st, rc, self.action_params):
+            self._sudden_now = d.action == "rollback" and self._sudden(d)
             out.append(self._plan_one(d, progress))
+        self._sudden_now = False
+        alarms = [e.step for e in events if e.kind == "firing"
+                  and getattr(e, "severity", None) in ("warning", "critical")]
+        if alarms:
+            st.last_alarm = max(alarms + [st.last_alarm or alarms[0]])
         if (rc is not None and st.probation_until is not None
                 and progress.step > st.probation_until
                 and not any(p.action in CONTROL_ACTIONS for p in out)):
@@ -542,10 +556,13 @@ class RecoveryPolicy:
         snaps = list(progress.snapshots)
         if d.action == "skip":
             return next((s for s in reversed(snaps) if s.step < d.step), None)
-        if self._single_bad_step(d):
+        if self._sudden_now:
             # the rules were quiet since every snapshot still held (a rollback discards the
-            # pending ones), so the newest one before the bad step is healthy
-            newest = next((s for s in reversed(snaps) if s.step < d.step), None)
+            # pending ones), so the newest one before the onset is healthy
+            margin = 0 if _nonfinite(d.event) else self.config.sudden_margin  # type: ignore
+            onset = min(d.step, getattr(d.event, "since", None) or d.step)
+            limit = onset - margin if margin else onset - 1
+            newest = next((s for s in reversed(snaps) if s.step <= limit), None)
             if newest is not None and not newest.pinned:
                 self.state.last_to_pending = not newest.good
                 return newest
@@ -563,11 +580,15 @@ class RecoveryPolicy:
             target = _good_before(snaps, target.step) or target
         return target
 
-    def _single_bad_step(self, d: Decision) -> bool:
-        """A first failure that is one non-finite step in a run that proved healthy."""
-        st = self.state
-        return (d.event is not None and _nonfinite(d.event) and st.ever_healthy
-                and not st.on_probation(d.step) and getattr(d.event, "since", None) is None)
+    def _sudden(self, d: Decision) -> bool:
+        """A first failure, out of a quiet stretch, in a run that proved healthy."""
+        st, rc = self.state, self.config
+        assert rc is not None
+        quiet = st.last_alarm is None or d.step - st.last_alarm > rc.good_after
+        since = getattr(d.event, "since", None)   # an escalation: when its evidence began
+        return (d.event is not None and quiet and st.ever_healthy
+                and not st.on_probation(d.step)
+                and (since is None or since >= d.step - rc.sudden_margin))
 
     def _rollback(self, d: Decision, target: SnapshotInfo, step: int) -> Plan:
         st, rc = self.state, self.config
@@ -590,9 +611,9 @@ class RecoveryPolicy:
             why = ("diverged before any state after the start proved healthy: the learning "
                    "rate is too high, not a passing fault")
             reason = f"{reason}; {why}" if reason else why
-        elif st.rollback_repeats == 0 and self._single_bad_step(d):
-            cut, warmup = rc.nonfinite_lr_factor, 0
-            why = ("one non-finite step in a healthy run, most likely a bad batch: "
+        elif st.rollback_repeats == 0 and self._sudden_now:
+            cut, warmup = rc.sudden_lr_factor, 0
+            why = ("a sudden failure in a healthy run, most likely a bad batch: "
                    f"the rate x{cut:g}")
             reason = f"{reason}; {why}" if reason else why
         else:

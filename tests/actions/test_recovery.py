@@ -182,7 +182,10 @@ def _run(tmp_path: Path, *, steps: int, poison_from: int, poison_to: int | None 
 
 
 def test_rollback_continues_the_schedule_from_the_restored_step_scaled(tmp_path: Path) -> None:
+    # (a single poisoned step out of a quiet run is a sudden failure, which keeps the rate by
+    # default: sudden_lr_factor makes it cut, to see the schedule scaled)
     r = _run(tmp_path, steps=40, poison_from=20, recovery={"lr_factor": 0.5,
+                                                             "sudden_lr_factor": 0.5,
                                                              "lr_recover": False})
     w = r["w"]
     assert w.policy.rollbacks == 1 and w.exit_status == 0
@@ -204,7 +207,8 @@ def test_rollback_continues_the_schedule_from_the_restored_step_scaled(tmp_path:
 
 
 def test_rollback_scales_chainable_schedulers_too(tmp_path: Path) -> None:
-    r = _run(tmp_path, steps=40, poison_from=20, sched_kind="step", recovery={"lr_factor": 0.25})
+    r = _run(tmp_path, steps=40, poison_from=20, sched_kind="step",
+             recovery={"lr_factor": 0.25, "sudden_lr_factor": 0.25})
     lrs = r["lrs"]
     idx = next(i for i in range(1, len(lrs)) if lrs[i][0] <= lrs[i - 1][0])
     for s, lr in lrs[idx:]:
@@ -214,8 +218,11 @@ def test_rollback_scales_chainable_schedulers_too(tmp_path: Path) -> None:
 def test_rollback_restores_the_snapshot_bit_for_bit(tmp_path: Path) -> None:
     model = _model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    went: list[int] = []
     w = lrwatch.Watcher(model, opt, rules=_rules(tmp_path), flush_every=1,
-                        recovery={"good_after": 3, "min_interval": 4, "lr_factor": 1.0})
+                        recovery={"good_after": 3, "min_interval": 4, "lr_factor": 1.0},
+                        listeners=[lambda s: went.extend(e["to_step"] for e in s.events
+                                                         if e.get("type") == "rollback")])
     captured: dict[int, dict[str, Any]] = {}
     for i in range(30):
         loss = _step(model, opt, i)
@@ -226,12 +233,11 @@ def test_rollback_restores_the_snapshot_bit_for_bit(tmp_path: Path) -> None:
         if snap is not None and snap.step not in captured:
             captured[snap.step] = capture_state(model, opt)  # what the snapshot should hold
     w.close()
-    assert w.policy.rollbacks == 1
-    good = w.store.latest_good()
-    assert good is not None and good.step in captured
+    assert w.policy.rollbacks == 1 and len(went) == 1
+    assert went[0] in captured   # (a sudden failure may go to a not-yet-good snapshot)
     now = capture_state(model, opt)
-    assert _state_equal(now["model"], captured[good.step]["model"])
-    assert _state_equal(now["optimizer"], captured[good.step]["optimizer"])
+    assert _state_equal(now["model"], captured[went[0]]["model"])
+    assert _state_equal(now["optimizer"], captured[went[0]]["optimizer"])
 
 
 def test_skipped_batches_are_exactly_the_configured_window(tmp_path: Path) -> None:
@@ -343,8 +349,9 @@ def test_persistent_fault_escalates_the_cut_and_goes_further_back(tmp_path: Path
              recovery={"max_rollbacks": 4, "good_after": 3, "min_interval": 3})
     rollbacks = [e for s in r["trace"] for e in s.events if e.get("type") == "rollback"]
     assert len(rollbacks) == 4
-    # Each rollback fails soon after the last: the cut compounds.
-    assert [e["lr_factor"] for e in rollbacks] == [0.5, 0.25, 0.125, 0.0625]
+    # The first failure came out of a quiet run (sudden: the rate is kept); each later one
+    # fails soon after the last: the cut compounds from lr_factor.
+    assert [e["lr_factor"] for e in rollbacks] == [1.0, 0.25, 0.125, 0.0625]
     w = r["w"]
     assert w.exit_status == EXIT_BUDGET
     # The budget stop leaves the model at its last known-good state, not the diverged one.
@@ -475,7 +482,7 @@ def test_blow_up_at_the_second_step_rolls_back_to_the_start_with_default_rules(
 
 def test_learning_rate_comes_back_after_a_one_off_fault(tmp_path: Path) -> None:
     r = _run(tmp_path, steps=90, poison_from=20,
-             recovery={"lr_factor": 0.5, "lr_recover": True})
+             recovery={"lr_factor": 0.5, "sudden_lr_factor": 0.5, "lr_recover": True})
     events = [e for s in r["trace"] for e in s.events if e.get("type") in ("rollback",
                                                                           "lr_recover")]
     assert [e["type"] for e in events] == ["rollback", "lr_recover"]
@@ -496,7 +503,7 @@ def test_a_fault_that_comes_back_after_the_rate_did_keeps_the_cut(tmp_path: Path
     # Poison at schedule steps 20 and again from 45: after the first rollback the rate comes
     # back, the run fails again, and from then on the cut stays.
     r = _run(tmp_path, steps=160, poison_from=20,
-             recovery={"lr_factor": 0.5, "lr_recover": True},
+             recovery={"lr_factor": 0.5, "sudden_lr_factor": 0.5, "lr_recover": True},
              poison_windows=[(20, 21), (45, 46)])
     kinds = [e["type"] for s in r["trace"] for e in s.events
              if e.get("type") in ("rollback", "lr_recover")]

@@ -59,6 +59,8 @@ def test_mid_run_fault_rolls_back_halves_and_recovers_after_probation() -> None:
     cfg = RecoveryConfig(good_after=10)
     pol = RecoveryPolicy(cfg)
     pol.promoted([SnapshotInfo(100, True)])
+    # a warning first: the failure grew, it was not sudden
+    pol.plan([fire("loss_shift", 112, ("alert",), "warning")], Progress(112, snaps(100, 110)))
     (p,) = control(pol.plan([fire("nonfinite", 118)], Progress(120, snaps(100, 110))))
     assert (p.action, p.target, p.restart, p.lr_factor, p.warmup) == ("rollback", 110, False,
                                                                        0.5, 0)
@@ -74,7 +76,7 @@ def test_mid_run_fault_rolls_back_halves_and_recovers_after_probation() -> None:
 
 
 def test_lr_recover_can_be_turned_off_and_never_follows_a_restart() -> None:
-    pol = RecoveryPolicy(RecoveryConfig(good_after=10, lr_recover=False))
+    pol = RecoveryPolicy(RecoveryConfig(good_after=10, lr_recover=False, sudden_lr_factor=0.5))
     pol.promoted([SnapshotInfo(100, True)])
     pol.plan([fire("nonfinite", 118)], Progress(120, snaps(100, 110)))
     assert pol.plan([], Progress(200, snaps(100, 110))) == []
@@ -88,6 +90,7 @@ def test_repeated_failures_compound_and_go_further_back() -> None:
     pol = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0))
     pol.promoted([SnapshotInfo(100, True)])
     s = snaps(100, 110)
+    pol.plan([fire("loss_shift", 115, ("alert",), "warning")], Progress(115, s))  # not sudden
     (a,) = control(pol.plan([fire("loss_blowup", 118)], Progress(120, s)))
     (b,) = control(pol.plan([fire("loss_blowup", 124)], Progress(125, s)))
     assert (a.target, a.lr_factor) == (110, 0.5)
@@ -159,6 +162,7 @@ def test_first_mid_run_failure_keeps_the_fixed_factor_a_repeat_probes() -> None:
     pol.probe_available = True
     pol.promoted([SnapshotInfo(100, True)])
     s = snaps(100, 110)
+    pol.plan([fire("loss_shift", 115, ("alert",), "warning")], Progress(115, s))  # not sudden
     (a,) = control(pol.plan([fire("loss_blowup", 118)], Progress(120, s)))
     (b,) = control(pol.plan([fire("loss_blowup", 124)], Progress(125, s)))
     assert not a.probe and b.probe and b.probe_from == pytest.approx(0.5)
@@ -188,8 +192,11 @@ def test_state_dict_resumes_exactly() -> None:
     resumed = RecoveryPolicy(cfg)
     resumed.load_state_dict(first.state_dict())
     assert part + _script(resumed, 41) == whole
-    kinds = [x[1] for x in whole if isinstance(x, tuple)]
-    assert kinds == ["rollback", "rollback", "rollback", "lr_recover"]
+    plans = [x for x in whole if isinstance(x, tuple)]
+    # a restart, its compounding repeat, and the sudden one-off at 250: back before its onset
+    # with the rate kept (nothing to recover afterwards)
+    assert [x[1] for x in plans] == ["rollback", "rollback", "rollback"]
+    assert plans[2][0] == 250 and plans[2][3] == 1.0 and plans[2][2] <= 240
 
 
 def test_real_engine_on_a_recorded_blow_up() -> None:
@@ -210,7 +217,9 @@ def test_real_engine_on_a_recorded_blow_up() -> None:
             break
     (p,) = plans
     assert p.action == "rollback" and not p.restart and p.target is not None
-    assert 20 <= p.target < 40 and p.lr_factor == 0.5
+    # sudden, out of a quiet healthy run: back before the onset (minus the margin), rate kept
+    assert 20 <= p.target <= 39 - 10 + 1 and p.lr_factor == 1.0
+    assert "sudden failure" in p.reason
 
 
 def test_bad_settings_name_the_choices() -> None:
@@ -234,9 +243,23 @@ def test_one_nonfinite_step_in_a_healthy_run_keeps_the_rate_until_it_repeats() -
     pol.promoted([SnapshotInfo(100, True)])
     (p,) = control(pol.plan([nan], Progress(150, s)))
     assert (p.target, p.lr_factor, p.restart) == (140, 1.0, False)
-    assert "most likely a bad batch" in p.reason and pol.lr_scale == 1.0
+    assert "sudden failure in a healthy run" in p.reason and pol.lr_scale == 1.0
     # it was the rate after all: fails again within the probation -> further back, cut
     again = fire("nonfinite", 153)
     again.value = float("inf")
     (q,) = control(pol.plan([again], Progress(155, s)))
     assert q.target == 100 and q.lr_factor == 0.25 and pol.lr_scale == 0.25
+
+
+def test_a_sudden_finite_spike_goes_back_before_its_onset_and_keeps_the_rate() -> None:
+    pol = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0))
+    pol.promoted([SnapshotInfo(100, True)])
+    s = snaps(100) + [SnapshotInfo(140, False), SnapshotInfo(148, False)]
+    (p,) = control(pol.plan([fire("loss_blowup", 150)], Progress(150, s)))
+    assert (p.target, p.lr_factor) == (140, 1.0)       # 148 is within the 10-step margin
+    # after an alarm (a warning) the run is not quiet: an ordinary rollback with a cut
+    pol2 = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0))
+    pol2.promoted([SnapshotInfo(100, True)])
+    pol2.plan([fire("loss_shift", 145, ("alert",), "warning")], Progress(145, s))
+    (q,) = control(pol2.plan([fire("loss_blowup", 150)], Progress(150, s)))
+    assert (q.target, q.lr_factor) == (100, 0.5)

@@ -1070,7 +1070,7 @@ FAM_SEEDS = (0, 1, 2)         # healthy median: the tuned rate on these seeds
 FAM_EVAL_EVERY = 20
 FAM_FAULT_AT = 150
 FAM_CACHE = Path(__file__).resolve().parent / ".cache" / "recovery_families"
-FAM_VERSION = 3
+FAM_VERSION = 4
 FAM_ARMS = {"measured": {"probe": "auto"}, "fixed": {"probe": "off"}}   # the ablation
 
 

@@ -16,7 +16,8 @@ from .calibrate import Calibration, calibrate
 from .config import DaemonConfig
 from .core import Daemon
 from .detector import DriftDetector, DriftResult
-from .reference import Reference, build_reference, read_data
+from .baseline import build_reference
+from .reference import Reference, read_data
 from .server import DaemonServer
 
 __all__ = ["Daemon", "DaemonConfig", "DaemonServer", "DriftDetector", "DriftResult",

@@ -116,7 +116,8 @@ def baseline_group() -> None:
 def baseline_build(data: str, output: str, window_size: int, target_windows: float,
                    kinds: tuple[str, ...], sims: int | None, seed: int) -> None:
     """Profile DATA (JSONL records or CSV) and calibrate drift thresholds."""
-    from .reference import PREDICTION, build_reference, read_data
+    from .baseline import build_reference
+    from .reference import PREDICTION, read_data
 
     try:
         kind_map = {}

@@ -17,7 +17,7 @@ A feature has drifted in a window when
 Examples
 --------
 >>> import random
->>> from lrwatch.daemon.reference import build_reference
+>>> from lrwatch.daemon import build_reference
 >>> rng = random.Random(1)
 >>> rows = [{"features": {"x": rng.gauss(0, 1)}} for _ in range(3000)]
 >>> ref = build_reference(rows, window_size=500, sims=300)

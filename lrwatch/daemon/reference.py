@@ -7,7 +7,10 @@ missing-value count. A capped row sample is kept too, so that the thresholds can
 re-calibrated for another window size without the original data (see :mod:`.calibrate`).
 
 ``lrwatch baseline build DATA -o reference.json`` writes one; the daemon can also build one from
-its first N live records.
+its first N live records. This module only profiles; calibrating the thresholds of a profile
+is :mod:`.calibrate`'s job, and :func:`lrwatch.daemon.baseline.build_reference` does both. The
+daemon's modules import in one direction: ``reference`` <- ``stats`` <- ``calibrate`` <-
+``baseline``.
 
 Examples
 --------
@@ -15,7 +18,7 @@ Examples
 >>> rng = random.Random(0)
 >>> rows = [{"features": {"x": rng.gauss(0, 1), "c": rng.choice("ab")}, "prediction": 0.3}
 ...         for _ in range(500)]
->>> ref = build_reference(rows, calibrate=False)
+>>> ref = profile_records(rows)
 >>> [(f.name, f.kind) for f in ref.features], ref.prediction_type
 ([('c', 'binary'), ('x', 'numeric'), ('_prediction', 'numeric')], 'probability')
 """
@@ -33,8 +36,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from ..errors import ConfigError
+from .records import RecordError, validate_prediction
+from .state import atomic_write
 
-__all__ = ["FeatureProfile", "Reference", "build_reference", "read_data", "cat_key",
+__all__ = ["FeatureProfile", "Reference", "profile_records", "read_data", "cat_key",
            "PREDICTION", "FINE_BINS", "COARSE_BINS"]
 
 #: Name under which the model output is profiled next to the features.
@@ -209,8 +214,6 @@ class Reference:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically (temporary file, fsync, rename)."""
-        from .state import atomic_write
-
         atomic_write(path, json.dumps(self.to_dict(), separators=(",", ":")).encode())
 
     @classmethod
@@ -222,10 +225,8 @@ class Reference:
             raise ConfigError(f"cannot read reference {os.fspath(path)!r}: {exc}") from exc
 
 
-def build_reference(records: Iterable[Mapping[str, Any]], *, kinds: Mapping[str, str] | None = None,
-                    calibrate: bool = True, window_size: int = 1000,
-                    target_windows: float = 1000.0, seed: int = 0,
-                    sims: int | None = None) -> Reference:
+def profile_records(records: Iterable[Mapping[str, Any]], *,
+                    kinds: Mapping[str, str] | None = None) -> Reference:
     """Profile validated records (each with a ``features`` mapping and maybe a ``prediction``).
 
     Parameters
@@ -259,15 +260,8 @@ def build_reference(records: Iterable[Mapping[str, Any]], *, kinds: Mapping[str,
     # a capped, evenly spaced row sample (JSON-ready) for re-calibration
     step = max(1, len(rows) // SAMPLE_ROWS)
     sample = {n: [_jsonable(v) for v in vals[::step][:SAMPLE_ROWS]] for n, vals in cols.items()}
-    ref = Reference(features=feats, prediction_type=ptype, records=len(rows),
-                    created=time.time(), sample=sample)
-    if calibrate:
-        from .calibrate import calibrate as _calibrate
-
-        ref.calibration = _calibrate(ref, window_size=window_size,
-                                     target_windows=target_windows, seed=seed,
-                                     sims=sims).to_dict()
-    return ref
+    return Reference(features=feats, prediction_type=ptype, records=len(rows),
+                     created=time.time(), sample=sample)
 
 
 def _jsonable(v: Any) -> Any:
@@ -298,8 +292,6 @@ def read_data(path: str | os.PathLike[str], *, prediction_column: str = "predict
     In a CSV every column is a feature except ``prediction_column`` and ``label_column``.
     Lines that do not validate raise :class:`~lrwatch.errors.ConfigError` naming the line.
     """
-    from .records import RecordError, validate_prediction
-
     p = os.fspath(path)
     out: list[dict[str, Any]] = []
     with open(p, "r", encoding="utf-8", newline="") as fh:
@@ -326,3 +318,17 @@ def read_data(path: str | os.PathLike[str], *, prediction_column: str = "predict
                 raise ConfigError(f"{p}:{lineno}: {exc}") from exc
             out.append(rec)
     return out
+
+
+def __getattr__(name: str) -> Any:
+    # ``lrwatch.daemon.reference.build_reference`` moved to :mod:`.baseline` (it calibrates,
+    # and calibration sits above this module); kept for old imports, with a warning
+    if name == "build_reference":
+        import warnings
+
+        from .baseline import build_reference
+
+        warnings.warn("lrwatch.daemon.reference.build_reference moved: import it from "
+                      "lrwatch.daemon", DeprecationWarning, stacklevel=2)
+        return build_reference
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,6 +29,8 @@ import os
 import re
 from typing import Any, Iterator
 
+from .records import dumps_bytes, loads
+
 __all__ = ["atomic_write", "Journal", "load_snapshot", "save_snapshot"]
 
 _SEGMENT = re.compile(r"^journal-(\d{6})\.log$")
@@ -65,14 +67,10 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
 def save_snapshot(directory: str, state: dict[str, Any]) -> None:
     # orjson when installed: the snapshot holds the open window and up to 100,000 pending
     # labels, and is written every couple of seconds
-    from .records import dumps_bytes
-
     atomic_write(os.path.join(directory, SNAPSHOT), dumps_bytes(state))
 
 
 def load_snapshot(directory: str) -> dict[str, Any] | None:
-    from .records import loads
-
     try:
         with open(os.path.join(directory, SNAPSHOT), "rb") as fh:
             return loads(fh.read())

@@ -234,7 +234,7 @@ def test_fast_and_general_paths_give_the_same_state(reference_path, seed, backen
     fast, slow = _daemon(reference_path, True), _daemon(reference_path, False)
     try:
         # the stream really mixes both paths
-        dec = fast._decoder = ChunkDecoder(fast._profile, backends)
+        dec = fast.ingest._decoder = ChunkDecoder(fast._profile, backends)
         taken = [dec.decode(c.replace(b"\n", b",\n"), c.count(b"\n") + 1) is not None
                  for c in chunks]
         # (the compiled decoder alone also refuses the chunks where json.dumps escaped "é")
@@ -285,7 +285,7 @@ def test_decoder_refuses_every_unusual_line(reference_path, backends):
             for chunk in (odd, good + b"\n" + odd):
                 b = dec.decode(chunk.replace(b"\n", b",\n"), chunk.count(b"\n") + 1)
                 assert b is not None, chunk
-                ok, rej, lok = d._validate_lines(chunk.split(b"\n"))
+                ok, rej, lok = d.ingest.validate_lines(chunk.split(b"\n"))
                 assert not rej and not lok and len(ok) == len(b)
                 w1, w2 = Window(0), Window(0)
                 w1.extend_batch(d._profile, b, 0, len(b))
@@ -384,11 +384,11 @@ def test_column_batch_slices_and_dicts(reference_path, backends):
 @pytest.mark.parametrize("seed", [4, 5])
 def test_http_bodies_take_the_columnar_path_with_the_same_results(reference_path, seed):
     """NDJSON bodies POSTed to /v1/predictions go through the chunk decoder when it takes
-    them (``Daemon._decode_http``); the answers, counters and windows are the general path's."""
+    them (``Ingest._decode_http``); the answers, counters and windows are the general path's."""
     bodies = _stream(seed, 40)
     fast, slow = _daemon(reference_path, True), _daemon(reference_path, False)
     try:
-        taken = [fast._decode_http(b) is not None for b in bodies]
+        taken = [fast.ingest._decode_http(b) is not None for b in bodies]
         assert sum(taken) >= 10 and not all(taken)
         for b in bodies:
             assert fast.submit("predictions", b) == slow.submit("predictions", b)

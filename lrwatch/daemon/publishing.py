@@ -1,0 +1,124 @@
+"""Publishing, on the worker (and ``status`` on the front end): a window's statistics go to
+the Prometheus metrics (:mod:`.metrics`), rule firings to the alert sender and the hook, and
+``/v1/status`` reads the state.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+
+from .detector import DriftResult
+
+if TYPE_CHECKING:
+    from .config import DaemonConfig
+    from .detector import DriftDetector
+    from .ingest import BoundedQueue
+    from .labels import PendingLabels
+    from .metrics import DaemonMetrics
+    from .reference import Reference
+    from .windows import Window
+
+__all__ = ["PublishingMixin"]
+
+_log = logging.getLogger("lrwatch.daemon")
+
+
+class PublishingMixin:
+    """Metrics of a window, actions of a firing, and the status document."""
+
+    config: DaemonConfig
+    metrics: DaemonMetrics
+    counters: dict[str, Any]
+    queue: BoundedQueue
+    pending: PendingLabels
+    window: Window
+    reference: Reference | None
+    detector: DriftDetector | None
+    engine: Any
+    alerts: Any
+    hook: Any
+    last: dict[str, Any]
+    _ref_rows: list[dict[str, Any]]
+    _calibrating: bool
+
+    def _export(self, n: int, res: DriftResult, values: Mapping[str, float]) -> None:
+        m = self.metrics
+        tests = res.tests
+        prof = self.detector.profile  # type: ignore[union-attr]
+        fn = len(prof.num)
+        drifted = res.drifted.astype(np.float64)
+        num = {"stat_ks": tests.ks, "stat_chi2": tests.chi2, "stat_mean_z": tests.z_mean,
+               "stat_psi": tests.psi, "stat_wasserstein": tests.wasserstein,
+               "stat_jensen_shannon": tests.js, "stat_score": res.feature_score[:fn],
+               "stat_sequential_z": res.seq_z[:fn], "p_ks": tests.p_ks,
+               "p_chi2": tests.p_chi2, "p_mean": tests.p_mean, "p_missing": tests.p_missing,
+               "detected": drifted[:fn], "missing": tests.missing_ratio}
+        if tests.out_of_range is not None:
+            num["oor"] = tests.out_of_range
+        cat = {"stat_chi2": tests.c_chi2, "stat_psi": tests.c_psi,
+               "stat_jensen_shannon": tests.c_js, "stat_score": res.feature_score[fn:],
+               "p_chi2": tests.c_p_chi2, "p_missing": tests.c_p_missing,
+               "detected": drifted[fn:], "missing": tests.c_missing_ratio,
+               "unseen": tests.c_unseen_ratio}
+        m.publish(num, cat)
+        m.score.set(values["drift_score"])
+        m.drift_any.set(values["drift_detected"])
+        m.window_records.set(n)
+        m.label_coverage.set(values["label_coverage"])
+        if "model_accuracy" in values:
+            m.accuracy.set(values["model_accuracy"])
+        if "model_error" in values:
+            m.error.set(values["model_error"])
+        m.pending.set(len(self.pending))
+
+    def _feature_status(self, res: DriftResult) -> dict[str, Any]:
+        out = {}
+        for i, name in enumerate(res.names):
+            out[name] = {"drifted": bool(res.drifted[i]),
+                         "score": round(float(res.feature_score[i]), 4),
+                         "sequential_z": round(float(res.seq_z[i]), 4)}
+        return out
+
+    def _act(self, ev: Any) -> None:
+        m = self.metrics
+        firing = ev.kind == "firing"
+        m.engine.set_rule_state(ev.rule, ev.severity, firing)
+        _log.warning("%s %s: %s", ev.kind, ev.rule, ev.message)
+        try:
+            if "alert" in ev.actions and self.alerts is not None:
+                from ..actions import Alert
+
+                alert = Alert.from_firing(ev)
+                if firing:
+                    self.alerts.fire(alert)
+                else:
+                    self.alerts.resolve(alert, at=ev.time)
+            if self.hook is not None and firing and (
+                    ("hook" in ev.actions) if self.config.hook_rules is None
+                    else ev.rule in self.config.hook_rules):
+                self.hook.run(ev)
+        except Exception:  # fail open
+            m.internal_errors.inc()
+            _log.exception("action for %s failed", ev.rule)
+
+    def status(self) -> dict[str, Any]:
+        det = self.detector
+        return {
+            "reference": None if self.reference is None else {
+                "records": self.reference.records, "features": self.reference.names,
+                "prediction_type": self.reference.prediction_type},
+            "collecting_reference": None if self.reference is not None else {
+                "have": len(self._ref_rows), "need": self.config.live_records},
+            "calibrating": self._calibrating,
+            "counters": self.counters,
+            "window": {"index": self.window.index, "records": len(self.window)},
+            "thresholds": None if det is None else {"score": det.threshold,
+                                                    "sequential_z": det.seq_threshold},
+            "pending_labels": len(self.pending),
+            "queue_records": self.queue.records,
+            "last_window": self.last,
+            "firing": sorted(self.engine.active),
+        }

@@ -1,0 +1,210 @@
+"""Windows and labels, on the worker: counted records go into windows by count or by time,
+inline labels are joined at once, records with an id wait for theirs (:mod:`.labels`), and
+a closed window goes to the evaluation (:mod:`.evaluation`).
+
+:class:`WindowsMixin` is one of the parts :class:`~.core.Daemon` is made of; it runs on the
+worker thread only, like the rest of the state it shares with them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+
+from .baseline import build_reference
+from .labels import PendingLabels, score
+from .records import DATA_REASONS, Batch
+from .windows import Window
+
+if TYPE_CHECKING:
+    from .config import DaemonConfig
+    from .metrics import DaemonMetrics
+    from .reference import Reference
+    from .stats import Profile
+
+__all__ = ["WindowsMixin"]
+
+_log = logging.getLogger("lrwatch.daemon")
+
+
+class WindowsMixin:
+    """Counting, windowing and the label join (see the module notes)."""
+
+    config: DaemonConfig
+    metrics: DaemonMetrics
+    counters: dict[str, Any]
+    pending: PendingLabels
+    window: Window
+    reference: Reference | None
+    _profile: Profile | None
+    _ref_rows: list[dict[str, Any]]
+
+    if TYPE_CHECKING:  # provided by the other parts of Daemon
+        def _close_window(self, now: float) -> None:  # see EvaluationMixin
+            ...
+
+        def _start_calibration(self, ref: Reference) -> None:  # see EvaluationMixin
+            ...
+
+    def _count_rejections(self, rej: Mapping[str, int]) -> None:
+        if not rej:
+            return
+        total = data = 0
+        errs = self.counters["errors"]
+        for reason, n in rej.items():
+            errs[reason] = errs.get(reason, 0) + n
+            self.metrics.errors[reason].inc(n)
+            total += n
+            if reason in DATA_REASONS:
+                data += n
+        self.counters["received"] += total
+        self.metrics.received.inc(total)
+        # ingest_error_ratio is about the data: 401s, 429s and a full disk have their own
+        # series and alerts (rules/lrwatch-serving.rules.yml)
+        self.window.rejected += data
+
+    def _add_predictions(self, b: Batch, t_arrival: float) -> None:
+        if not b:
+            return
+        n = len(b)
+        self.counters["predictions"] += n
+        self.counters["received"] += n
+        self.metrics.predictions.inc(n)
+        self.metrics.received.inc(n)
+        if self.reference is None:
+            self._collect_reference(b, t_arrival)
+            return
+        self._windowize(b, t_arrival)
+
+    def _windowize(self, b: Batch, t_arrival: float) -> None:
+        """Put counted records into windows, a slice at a time (closing them as they fill)."""
+        n = len(b)
+        ws = self.config.window_seconds
+        size = self.config.window_size
+        times = b.times
+        if times is not None and None in times:
+            times = [t_arrival if t is None else t for t in times]
+        tarr = None
+        if ws is not None:
+            tarr = (np.asarray(times, dtype=np.float64) if times is not None
+                    else np.full(n, t_arrival))
+        pos = 0
+        while pos < n:
+            w = self.window
+            if tarr is None:
+                stop = min(n, pos + max(size - len(w), 1))
+            else:
+                t0 = float(tarr[pos])
+                if w.start is None:
+                    w.start = math.floor(t0 / ws) * ws
+                    w.end = w.start + ws
+                elif t0 >= w.end and len(w):
+                    self._close_window(t0)
+                    w = self.window
+                    w.start = math.floor(t0 / ws) * ws
+                    w.end = w.start + ws
+                later = np.flatnonzero(tarr[pos + 1:] >= w.end)
+                stop = pos + 1 + int(later[0]) if later.size else n
+            self._append(w, b, pos, stop, times, t_arrival)
+            pos = stop
+            if tarr is None and len(w) >= size:
+                self._close_window(w.last_time if w.last_time is not None else t_arrival)
+        self._update_fill(t_arrival)
+
+    def _append(self, w: Window, b: Batch, lo: int, hi: int, times: list[Any] | None,
+                t_arrival: float) -> None:
+        """Records ``lo:hi`` of ``b`` join window ``w``: inline labels are joined, records
+        with an id wait for theirs."""
+        w.extend_batch(self._profile, b, lo, hi)
+        if w.first_time is None:
+            w.first_time = times[lo] if times is not None else t_arrival
+        w.last_time = times[hi - 1] if times is not None else t_arrival
+        ids, labels, preds = b.ids, b.labels, b.preds
+        if labels is not None:
+            ptype = self.reference.prediction_type  # type: ignore[union-attr]
+            waiting = []
+            for i in range(lo, hi):
+                if labels[i] is not None:
+                    t = times[i] if times is not None else t_arrival
+                    self._join(preds[i], labels[i], t, t, ptype)
+                elif ids is not None and ids[i] is not None:
+                    waiting.append(i)
+            if waiting:
+                self._expired(self.pending.add_many(
+                    [ids[i] for i in waiting], [preds[i] for i in waiting],  # type: ignore
+                    [times[i] for i in waiting] if times is not None
+                    else [t_arrival] * len(waiting)))
+        elif ids is not None:
+            sl = ids[lo:hi]
+            if None in sl:
+                keep = [i for i in range(lo, hi) if ids[i] is not None]
+                sl = [ids[i] for i in keep]
+                ps = [preds[i] for i in keep]
+                ts = [times[i] for i in keep] if times is not None else [t_arrival] * len(keep)
+            else:
+                ps = preds[lo:hi]
+                ts = times[lo:hi] if times is not None else [t_arrival] * (hi - lo)
+            if sl:
+                self._expired(self.pending.add_many(sl, ps, ts))
+
+    def _expired(self, k: int) -> None:
+        if k:
+            self.counters["labels_expired"] += k
+            self.metrics.labels_expired.inc(k)
+
+    def _collect_reference(self, b: Batch, t_arrival: float) -> None:
+        need = self.config.live_records - len(self._ref_rows)
+        self._ref_rows.extend({"features": f, "prediction": p}
+                              for f, p in zip(b.feats[:need], b.preds[:need]))
+        if len(self._ref_rows) >= self.config.live_records:
+            _log.info("building the reference from the first %d records", len(self._ref_rows))
+            ref = build_reference(self._ref_rows, calibrate=False)
+            self._start_calibration(ref)
+            if len(b) > need:
+                self._windowize(b.slice(need, len(b)), t_arrival)
+
+    def _add_labels(self, recs: list[dict[str, Any]], t_arrival: float) -> None:
+        if not recs:
+            return
+        n = len(recs)
+        self.counters["labels"] += n
+        self.counters["received"] += n
+        self.metrics.labels.inc(n)
+        self.metrics.received.inc(n)
+        ptype = self.reference.prediction_type if self.reference else "class"
+        for r in recs:
+            hit = self.pending.join(r["id"])
+            if hit is None:
+                self.counters["labels_unmatched"] += 1
+                self.metrics.labels_unmatched.inc()
+                continue
+            pred, tp = hit
+            self._join(pred, r["label"], tp, r.get("time", t_arrival), ptype)
+
+    def _join(self, pred: Any, label: Any, t_pred: float, t_label: float, ptype: str) -> None:
+        s = score(pred, label, ptype)
+        self.counters["labels_joined"] += 1
+        self.metrics.labels_joined.inc()
+        delay = max(0.0, t_label - t_pred)
+        self.metrics.label_delay.observe(delay)
+        if s is None:
+            return
+        w = self.window
+        w.joined += 1
+        w.score_sum += s
+        w.delay_sum += delay
+
+    def _update_fill(self, now: float) -> None:
+        w = self.window
+        if self.config.window_seconds is not None:
+            fill = 0.0 if w.start is None else min(1.0, max(0.0, (now - w.start)
+                                                          / self.config.window_seconds))
+        else:
+            fill = len(w) / self.config.window_size
+        self.metrics.fill.set(fill)
+
+    def _new_window(self, index: int) -> Window:
+        return Window(index)

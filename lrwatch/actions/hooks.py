@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import subprocess
@@ -52,6 +51,7 @@ from typing import Any, Callable, Mapping, Sequence
 from prometheus_client import CollectorRegistry, Counter
 
 from ..errors import ConfigError
+from ..samples import encode_number
 from .alerts import BoundedQueue, DeliveryError, post_json, wait_drained
 
 __all__ = ["HookAction", "hook_payload"]
@@ -59,12 +59,6 @@ __all__ = ["HookAction", "hook_payload"]
 _log = logging.getLogger("lrwatch")
 _RESULTS = ("ok", "failed", "timeout")
 _OUTPUT_TAIL = 2000  # characters of a hook's output kept for the log
-
-
-def _json_num(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return "nan" if v != v else ("inf" if v > 0 else "-inf")
-    return v
 
 
 def hook_payload(event: Any) -> dict[str, Any]:
@@ -93,8 +87,8 @@ def hook_payload(event: Any) -> dict[str, Any]:
         "severity": str(get("severity", "") or ""),
         "kind": str(get("kind", "firing") or "firing"),
         "step": None if step is None else int(step),
-        "time": _json_num(get("time")),
-        "value": _json_num(None if value is None else float(value)),
+        "time": encode_number(get("time")),
+        "value": encode_number(None if value is None else float(value)),
         "message": str(get("message", "") or ""),
         "metric": get("metric"),
         "labels": dict(get("labels") or {}),

@@ -34,24 +34,15 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, Mapping
 
 from ..errors import TraceFormatError
-from ..samples import Sample
+from ..samples import Sample, encode_number
 
 __all__ = ["TraceWriter", "TraceReader", "iter_trace", "read_trace", "encode_sample"]
 
 _log = logging.getLogger("lrwatch")
 
-_NONFINITE_OUT = {math.inf: "inf", -math.inf: "-inf"}
 _NONFINITE_IN = {"nan": math.nan, "inf": math.inf, "+inf": math.inf, "-inf": -math.inf,
                  "infinity": math.inf, "-infinity": -math.inf}
 _RESERVED = ("step", "time", "lr", "events")
-
-
-def _num_out(v: float) -> float | str:
-    if math.isfinite(v):
-        return v
-    if v != v:
-        return "nan"
-    return _NONFINITE_OUT[v]
 
 
 def encode_sample(sample: Sample) -> dict[str, Any]:
@@ -60,14 +51,14 @@ def encode_sample(sample: Sample) -> dict[str, Any]:
     if sample.time is not None:
         rec["time"] = round(float(sample.time), 6)
     if sample.lr_groups is not None:
-        lrs = [_num_out(float(x)) for x in sample.lr_groups]
+        lrs = [encode_number(float(x)) for x in sample.lr_groups]
         rec["lr"] = lrs[0] if len(lrs) == 1 else lrs
     elif "lr" in sample.values:
-        rec["lr"] = _num_out(float(sample.values["lr"]))
+        rec["lr"] = encode_number(float(sample.values["lr"]))
     for k, v in sample.values.items():
         if k in _RESERVED:
             continue
-        rec[k] = _num_out(float(v))
+        rec[k] = encode_number(float(v))
     if sample.events:
         rec["events"] = [dict(e) for e in sample.events]
     return rec

@@ -203,3 +203,17 @@ def test_the_stdlib_backend_serves_the_same_api(run_daemon) -> None:
         conn.close()
     finally:
         stdlib.stop()
+
+
+def test_metrics_are_promtool_clean_with_one_build_info(run_daemon) -> None:
+    from services import promtool_check_metrics
+
+    r = run_daemon()
+    assert r.post("/v1/predictions", GOOD)[0] == 200
+    r.daemon.drain()
+    status, text = r.get("/metrics")
+    assert status == 200
+    rc, out = promtool_check_metrics(text)
+    assert rc == 0, out
+    build = [ln for ln in text.decode().splitlines() if ln.startswith("lrwatch_build_info{")]
+    assert len(build) == 1 and 'component="daemon"' in build[0] and "python=" in build[0]

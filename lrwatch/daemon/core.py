@@ -335,12 +335,14 @@ class Daemon(WindowsMixin, EvaluationMixin, PublishingMixin):
         code = entry[0]
         if code == b"P" or code == b"L":
             _, t, ok, rej, pos = entry
-            self._count_rejections(rej)
-            if code == b"P":
-                self._add_predictions(ok, t)
-            else:
-                self._add_labels(ok, t)
-            self.queue.done(len(ok))
+            try:
+                self._count_rejections(rej)
+                if code == b"P":
+                    self._add_predictions(ok, t)
+                else:
+                    self._add_labels(ok, t)
+            finally:  # even when applying failed: a leaked count would mean 429 forever
+                self.queue.done(len(ok))
             if pos is not None:
                 self.journal_pos = list(pos)
         elif code == b"R":
@@ -359,11 +361,13 @@ class Daemon(WindowsMixin, EvaluationMixin, PublishingMixin):
                 self.queue.done(n)
         elif code == b"F":
             _, t, path, dev, ino, offset, ok, lok, rej = entry
-            self._count_rejections(rej)
-            self._add_predictions(ok, t)
-            self._add_labels(lok, t)
-            self.files[path] = [dev, ino, offset]
-            self.queue.done(len(ok) + len(lok))
+            try:
+                self._count_rejections(rej)
+                self._add_predictions(ok, t)
+                self._add_labels(lok, t)
+                self.files[path] = [dev, ino, offset]
+            finally:
+                self.queue.done(len(ok) + len(lok))
         elif code == b"T":
             self._on_tick(entry[1])
         self._dirty = True

@@ -50,8 +50,10 @@ def demo(steps: int, port: int, host: str, trace: str, flush_every: int, batch_s
     """Train a small real model with the Watcher on and watch it.
 
     A byte-level GRU learns the Python standard library's own source code (no download).
-    Progress is printed as steps are flushed; /metrics is served while it trains and a trace is
-    written in trace format v1.
+    Progress is printed as steps are flushed: `step N  schedule S/T` shows the steps run and the
+    schedule's position apart (after a rollback the run repeats part of its schedule), and
+    every rule firing, resolution and action gets one line, in step order. /metrics is served
+    while it trains and a trace is written in trace format v1 (`lrwatch report` draws it).
     """
     from .demo import DemoConfig, run_demo
 

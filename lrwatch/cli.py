@@ -52,7 +52,8 @@ def demo(steps: int, port: int, host: str, trace: str, flush_every: int, batch_s
     A byte-level GRU learns the Python standard library's own source code (no download).
     Progress is printed as steps are flushed: `step N  schedule S/T` shows the steps run and the
     schedule's position apart (after a rollback the run repeats part of its schedule), and
-    every rule firing, resolution and action gets one line, in step order. /metrics is served
+    every warning or critical firing, its resolution and every action get one line, in step
+    order. /metrics is served
     while it trains and a trace is written in trace format v1 (`lrwatch report` draws it).
     """
     from .demo import DemoConfig, run_demo

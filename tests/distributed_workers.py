@@ -185,7 +185,8 @@ def probe_restart(rank: int, world: int, store: str, out: str) -> None:
         return nn.functional.mse_loss(m(batch[0]), batch[1])
 
     w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=probe_loss,
-                        recovery={"good_after": 10, "min_interval": 5, "restart_warmup": 10})
+                        recovery={"good_after": 10, "min_interval": 5, "restart_warmup": 10,
+                                  "probe": "auto"})
     w.add_listener(lambda s: events.extend({k: v for k, v in e.items() if k != "engine_state"}
                                            for e in s.events))
     for x, y in w.batches(stream()):

@@ -198,11 +198,12 @@ def test_resume_from_lightning_checkpoint_keeps_lrwatch_state(tmp_path: Path) ->
 
 
 def test_a_run_too_hot_from_the_start_restarts_at_a_measured_rate(tmp_path: Path) -> None:
-    """Lightning users get the probe without configuring it: the callback runs the module's
-    own training_step on recent batches to measure the restart rate."""
+    """Lightning users get the probe with one setting (probe="auto"): the callback runs the
+    module's own training_step on recent batches to measure the restart rate."""
     trace = tmp_path / "run.jsonl"
     cb = LrwatchCallback(trace=str(trace), flush_every=2,
-                         recovery={"good_after": 10, "min_interval": 5, "restart_warmup": 10})
+                         recovery={"good_after": 10, "min_interval": 5, "restart_warmup": 10,
+                                   "probe": "auto"})
     model = TinyMLP(lr=200.0, sched=False)
     trainer = _trainer(tmp_path, [cb], max_steps=120)
     trainer.fit(model, _loader(shuffle=True))

@@ -132,9 +132,12 @@ def test_probation_warning_escalates_only_on_outcomes() -> None:
 
 
 def test_probe_plan_takes_the_measured_rate() -> None:
-    off = RecoveryPolicy(RecoveryConfig())      # the executor cannot probe: fixed factors
+    off = RecoveryPolicy(RecoveryConfig(probe="auto"))   # the executor cannot probe
     assert not control(off.plan([fire("nonfinite", 4)], Progress(5, snaps())))[0].probe
-    pol = RecoveryPolicy(RecoveryConfig(restart_warmup=10))
+    default = RecoveryPolicy(RecoveryConfig())          # off by default, even if it could
+    default.probe_available = True
+    assert not control(default.plan([fire("nonfinite", 4)], Progress(5, snaps())))[0].probe
+    pol = RecoveryPolicy(RecoveryConfig(restart_warmup=10, probe="auto"))
     pol.probe_available = True
     (p,) = control(pol.plan([fire("loss_above_start", 4)], Progress(5, snaps())))
     assert p.probe and p.lr_factor == 0.1
@@ -147,18 +150,18 @@ def test_probe_plan_takes_the_measured_rate() -> None:
     assert pol.lr_scale == pytest.approx(0.03)
     # no usable curve: the fixed factor stands in; a measured rate above the failed one is
     # capped at the failed rate
-    pol2 = RecoveryPolicy(RecoveryConfig(restart_warmup=0))
+    pol2 = RecoveryPolicy(RecoveryConfig(restart_warmup=0, probe="auto"))
     pol2.probe_available = True
     (q,) = control(pol2.plan([fire("nonfinite", 4)], Progress(5, snaps())))
     assert pol2.probed(q, None, 15).lr_factor == 0.1 and pol2.lr_scale == pytest.approx(0.1)
-    pol3 = RecoveryPolicy(RecoveryConfig(restart_warmup=0))
+    pol3 = RecoveryPolicy(RecoveryConfig(restart_warmup=0, probe="auto"))
     pol3.probe_available = True
     (r,) = control(pol3.plan([fire("nonfinite", 4)], Progress(5, snaps())))
     assert pol3.probed(r, 5.0, 15).lr_factor == 1.0
 
 
 def test_first_mid_run_failure_keeps_the_fixed_factor_a_repeat_probes() -> None:
-    pol = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0))
+    pol = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0, probe="auto"))
     pol.probe_available = True
     pol.promoted([SnapshotInfo(100, True)])
     s = snaps(100, 110)

@@ -38,7 +38,6 @@ Run: ``python benchmarks/daemon_throughput.py [--records N] [--rss-records N]
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import random
@@ -121,16 +120,44 @@ def rss_kib(pid: int) -> int:
 RETRIED = [0]  # 429 answers retried by post_all
 
 
-def connect(port: int) -> http.client.HTTPConnection:
-    """A keep-alive client connection with Nagle's algorithm off (as any HTTP client library
-    does): http.client sends the headers and the body in separate writes, and the body's last
-    partial segment would otherwise wait for the server's delayed ACK."""
-    import socket
+class Client:
+    """A keep-alive HTTP/1.1 client on a raw socket: the request line, headers and body go out
+    in one ``sendall`` and the answer is read by its ``Content-Length``. ``http.client`` sends
+    the headers and the body in separate writes and waited ~40 ms per 600 KB request here
+    (48 ms against 6 ms on a raw socket, for both servers), so it measured itself, not the
+    daemon."""
 
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    conn.connect()
-    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return conn
+    def __init__(self, port: int) -> None:
+        import socket
+
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+
+    def post(self, body: bytes, path: str = "/v1/predictions") -> tuple[int, bytes]:
+        self.sock.sendall(b"POST %s HTTP/1.1\r\nHost: bench\r\nContent-Type: "
+                          b"application/x-ndjson\r\nContent-Length: %d\r\n\r\n"
+                          % (path.encode(), len(body)) + body)
+        while b"\r\n\r\n" not in self.buf:
+            self._more()
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        n = next(int(ln.split(b":", 1)[1]) for ln in lines[1:]
+                 if ln.lower().startswith(b"content-length:"))
+        while len(self.buf) < n:
+            self._more()
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return status, out
+
+    def _more(self) -> None:
+        data = self.sock.recv(1 << 16)
+        if not data:
+            raise ConnectionError("the daemon closed the connection")
+        self.buf += data
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def post_all(port: int, bodies: list[bytes], threads: int = 4) -> list[float]:
@@ -138,19 +165,16 @@ def post_all(port: int, bodies: list[bytes], threads: int = 4) -> list[float]:
     lat: list[float] = []
 
     def client(part: list[bytes]) -> None:
-        conn = connect(port)
+        conn = Client(port)
         for b in part:
             while True:
                 t = time.perf_counter()
-                conn.request("POST", "/v1/predictions", body=b,
-                             headers={"Content-Type": "application/x-ndjson"})
-                resp = conn.getresponse()
-                resp.read()
+                status, _ = conn.post(b)
                 lat.append(time.perf_counter() - t)
-                if resp.status == 200:
+                if status == 200:
                     break
-                if resp.status != 429:
-                    raise RuntimeError(f"HTTP {resp.status}")
+                if status != 429:
+                    raise RuntimeError(f"HTTP {status}")
                 RETRIED[0] += 1
                 time.sleep(0.005)
         conn.close()
@@ -179,16 +203,14 @@ def open_loop(port: int, bodies: list[bytes], rate: float, batch: int, seconds: 
     bad = [0]
 
     def client(k: int) -> None:
-        conn = connect(port)
+        conn = Client(port)
         for i in range(k, n, conns):
             due = t0 + i * interval
             wait = due - time.perf_counter()
             if wait > 0:
                 time.sleep(wait)
-            conn.request("POST", "/v1/predictions", body=bodies[i % len(bodies)])
-            resp = conn.getresponse()
-            resp.read()
-            if resp.status != 200:
+            status, _ = conn.post(bodies[i % len(bodies)])
+            if status != 200:
                 bad[0] += 1
             lat.append(time.perf_counter() - due)
         conn.close()
@@ -224,9 +246,8 @@ def slow_clients(port: int, count: int, probes: int = 20) -> tuple[list[float], 
     for _ in range(probes):
         t = time.perf_counter()
         try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-            conn.request("POST", "/v1/predictions", body=body)
-            conn.getresponse().read()
+            conn = Client(port)  # a fresh connection each time
+            conn.post(body)
             conn.close()
             lat.append(time.perf_counter() - t)
         except OSError:

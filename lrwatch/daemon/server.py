@@ -197,6 +197,11 @@ def _protocol_class(max_connections: int, header_timeout: float, read_timeout: f
                 self.loop.call_later(1.0, transport.close)
                 return
             super().connection_made(transport)
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                # uvicorn writes the head and the body of an answer separately; with Nagle's
+                # algorithm the body waits for the client's delayed ACK (40 ms a request)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._arm(header_timeout)  # the first request's headers
 
         def connection_lost(self, exc: Exception | None) -> None:
@@ -261,7 +266,8 @@ def _protocol_class(max_connections: int, header_timeout: float, read_timeout: f
 
 def _listen(host: str, port: int, backlog: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio turns Nagle off only on sockets that say they are TCP
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

@@ -217,3 +217,18 @@ def test_metrics_are_promtool_clean_with_one_build_info(run_daemon) -> None:
     assert rc == 0, out
     build = [ln for ln in text.decode().splitlines() if ln.startswith("lrwatch_build_info{")]
     assert len(build) == 1 and 'component="daemon"' in build[0] and "python=" in build[0]
+
+
+def test_accepted_connections_have_nagle_off(run_daemon) -> None:
+    """An answer's head and body are separate writes: with Nagle's algorithm on, the body
+    waits for the client's delayed ACK (it cost 40 ms a request before)."""
+    r = run_daemon()
+    conn = http.client.HTTPConnection("127.0.0.1", _port(r), timeout=10)
+    conn.request("GET", "/healthz")
+    assert conn.getresponse().read() == b"ok\n"
+    protocols = list(r.server._server.server_state.connections)
+    assert protocols
+    for p in protocols:
+        sock = p.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    conn.close()

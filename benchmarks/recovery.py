@@ -1091,7 +1091,7 @@ def _fam_score(task: Any, data: Any, model: nn.Module) -> dict[str, float]:
 
 
 def fam_run(task_name: str, opt: str, mult: float, seed: int, *, fault: str | None = None,
-            arm: str | None = None) -> dict[str, Any]:
+            arm: str | None = None, rules: str = "training") -> dict[str, Any]:
     """One run of the budget (the task's 300 optimizer steps, constant rate = ``mult`` x the
     tuned one). ``arm=None``: bare; else a Watcher with the arm's recovery settings and a
     ``probe_loss``. Every optimizer step counts against the budget, replays after a rollback
@@ -1100,6 +1100,8 @@ def fam_run(task_name: str, opt: str, mult: float, seed: int, *, fault: str | No
 
     # bare runs do not depend on lrwatch's version: only the arms are rerun when it changes
     key = f"{FAM_VERSION if arm else 1}/{task_name}/{opt}/{mult}/{seed}/{fault}/{arm}"
+    if rules != "training":   # a rule-pack experiment (--rules FILE)
+        key += "/" + hashlib.sha1(Path(rules).read_bytes()).hexdigest()[:12]
     path = FAM_CACHE / (hashlib.sha1(key.encode()).hexdigest()[:20] + ".json")
     if path.exists():
         return json.loads(path.read_text())
@@ -1112,7 +1114,7 @@ def fam_run(task_name: str, opt: str, mult: float, seed: int, *, fault: str | No
     untrained = _fam_score(task, data, model)
     w = None
     if arm is not None:
-        w = lrwatch.Watcher(model, optimizer, flush_every=FLUSH_EVERY, rules="training",
+        w = lrwatch.Watcher(model, optimizer, flush_every=FLUSH_EVERY, rules=rules,
                             recovery={**FAM_ARMS[arm]},
                             probe_loss=lambda m, b: task.loss(m(b[0]), b[1]))
     batches = w.batches(_fam_stream(task, data, seed)) if w else _fam_stream(task, data, seed)

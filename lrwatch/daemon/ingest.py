@@ -110,6 +110,15 @@ class Ingest:
         400 naming the problems when nothing was, 429 when the queue is full, 503 when the
         journal cannot be written (nothing of the payload is counted as accepted then).
         """
+        q = self.queue
+        if q.records >= q.max_records:
+            # full already: answer before parsing, so that overload does not spend the CPU
+            # the worker needs on bodies that are refused anyway (counted as one record, like
+            # the other requests refused before they are parsed)
+            with q.cond:
+                self._refuse_locked("queue_full", 1)
+            return 429, {"error": "queue full, retry later", "reason": "queue_full",
+                         "rejected": 1}
         lim = self.limits
         short = longest_line(body) <= lim.max_string_chars
         ok: Any = self._decode_http(body) if kind == "predictions" and short else None
@@ -126,7 +135,6 @@ class Ingest:
                 ok, rejected, errors = validate_labels(items, lim)
         code = b"P" if kind == "predictions" else b"L"
         now = time.time()
-        q = self.queue
         with q.cond:
             if ok and q.records + len(ok) > q.max_records:
                 self._refuse_locked("queue_full", received)

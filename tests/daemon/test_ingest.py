@@ -105,9 +105,12 @@ def test_full_queue_answers_429_and_memory_stays_bounded(run_daemon) -> None:
     status, body = r.post("/v1/predictions", [GOOD] * 6)
     assert status == 429 and body["reason"] == "queue_full" and body["rejected"] == 6
     assert r.daemon.queue.records == 6
+    assert r.post("/v1/predictions", [GOOD] * 4)[0] == 200  # exactly full now
+    status, body = r.post("/v1/predictions", [GOOD] * 6)  # refused before it is parsed
+    assert status == 429 and body["rejected"] == 1
     r.daemon.start()
-    assert r.metric("lrwatch_ingest_errors_total", {"reason": "queue_full"}) == 6
-    assert r.metric("lrwatch_predictions_total") == 6
+    assert r.metric("lrwatch_ingest_errors_total", {"reason": "queue_full"}) == 7
+    assert r.metric("lrwatch_predictions_total") == 10
     assert r.post("/v1/predictions", [GOOD] * 6)[0] == 200  # drained: room again
     _balanced(r)
 

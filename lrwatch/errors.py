@@ -6,7 +6,11 @@ Every error lrwatch raises on purpose derives from :class:`LrwatchError`::
     ├── ConfigError          bad arguments or settings (lists the valid choices)
     ├── TraceFormatError     a malformed trace line (names file and line)
     ├── RuleError            a rule file that does not validate (names file, line and key)
-    └── ExporterError        an exporter that cannot be set up when the caller asked to fail hard
+    ├── ExporterError        an exporter that cannot be set up when the caller asked to fail hard
+    ├── DeliveryError        an alert sink refused or could not be reached (actions.alerts)
+    ├── RecordError          a serving record that does not validate (daemon.records; the daemon
+    │                        answers 4xx and counts the reason)
+    └── ReportError          a trace that `lrwatch report` cannot draw (report)
 
 Monitoring failures at run time (a taken port, an unreachable Pushgateway) are *not* raised into
 the training loop: they are logged and counted in ``lrwatch_internal_errors_total`` (fail open).

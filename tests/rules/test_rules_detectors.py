@@ -117,7 +117,17 @@ def test_cusum_down_and_log():
     det = Cusum(k=0.5, h=4.0, warmup=10, alpha=0.0, direction="down", log=True)
     xs = [1.0, 2.0] * 5 + [0.01]
     assert fires(det, xs) == [10]
-    assert det.statistic == 0.0  # restarted
+    assert det.statistic > 4.0  # the alarm reports the sum that crossed h, not the restart
+    det.update(1.5)
+    assert det.statistic < 4.0  # the sums restarted after the alarm
+
+
+def test_cusum_alarm_statistic_is_the_crossing_sum():
+    det = Cusum(k=0.5, h=4.0, warmup=10, alpha=0.0)
+    for x in [0.0, 1.0] * 5 + [0.5] * 5:
+        det.update(x)
+    assert det.update(3.0) is True
+    assert det.statistic == pytest.approx(4.24, abs=0.01)
 
 
 def test_page_hinkley_golden():

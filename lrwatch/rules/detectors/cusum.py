@@ -74,6 +74,9 @@ class Cusum(Detector):
         self._var = 0.0  # Welford's M2 during warm-up, the variance afterwards
         self._hi = 0.0
         self._lo = 0.0
+        # the sum that crossed h on the latest update (the sums restart at 0 when they fire,
+        # so without it an alarm would report 0); not state: it describes one update only
+        self._crossed: float | None = None
 
     @property
     def mean(self) -> float:
@@ -81,7 +84,9 @@ class Cusum(Detector):
 
     @property
     def statistic(self) -> float:
-        """The larger of the watched cumulative sums."""
+        """The larger of the watched cumulative sums (on an alarm: the sum that crossed ``h``)."""
+        if self._crossed is not None:
+            return self._crossed
         if self.direction == "up":
             return self._hi
         if self.direction == "down":
@@ -89,6 +94,7 @@ class Cusum(Detector):
         return max(self._hi, self._lo)
 
     def update(self, x: float, t: float | None = None) -> bool | None:
+        self._crossed = None
         if not math.isfinite(x) or (self.log and x <= 0.0):
             return None
         y = math.log(x) if self.log else x
@@ -106,6 +112,8 @@ class Cusum(Detector):
         self._lo = max(0.0, self._lo - z - self.k)
         up = self.direction != "down" and self._hi > self.h
         down = self.direction != "up" and self._lo > self.h
+        if up or down:
+            self._crossed = max(self._hi if up else 0.0, self._lo if down else 0.0)
         if up:
             self._hi = 0.0
         if down:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import IO, Any, Mapping, Sequence
 
 from .errors import LrwatchError
-from .exporters.trace import TraceReader
+from .trace import TraceReader
 
 __all__ = ["Run", "ReportError", "load_run", "draw", "render_png", "render_html",
            "write_report", "FORMATS"]

@@ -60,6 +60,7 @@ from typing import Any, Callable, Deque, Generic, Mapping, Protocol, Sequence, T
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ..errors import ConfigError, LrwatchError
+from ..rules.schema import SEVERITIES  # one definition: the rule files' severities
 
 __all__ = [
     "Alert",
@@ -75,7 +76,6 @@ __all__ = [
 
 _log = logging.getLogger("lrwatch")
 
-SEVERITIES = ("critical", "warning", "info")
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _WORD = re.compile(r"[A-Za-z0-9]+")
 #: How many resend intervals a firing alert stays valid in Alertmanager without a re-send: if

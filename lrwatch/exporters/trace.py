@@ -26,43 +26,20 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Iterable, Iterator, Mapping
+from typing import IO, Callable, Iterable
 
-from ..errors import TraceFormatError
-from ..samples import Sample, encode_number
+from ..samples import Sample
+from ..trace import TraceReader, encode_sample, iter_trace, read_trace
 
 __all__ = ["TraceWriter", "TraceReader", "iter_trace", "read_trace", "encode_sample"]
 
+# The codec lives in lrwatch.trace (torch-free, exporter-free); re-exported here for callers
+# that import it from the exporter, as before.
+
 _log = logging.getLogger("lrwatch")
-
-_NONFINITE_IN = {"nan": math.nan, "inf": math.inf, "+inf": math.inf, "-inf": -math.inf,
-                 "infinity": math.inf, "-infinity": -math.inf}
-_RESERVED = ("step", "time", "lr", "events")
-
-
-def encode_sample(sample: Sample) -> dict[str, Any]:
-    """The JSON-ready trace record of ``sample`` (non-finite numbers as strings)."""
-    rec: dict[str, Any] = {"step": int(sample.step)}
-    if sample.time is not None:
-        rec["time"] = round(float(sample.time), 6)
-    if sample.lr_groups is not None:
-        lrs = [encode_number(float(x)) for x in sample.lr_groups]
-        rec["lr"] = lrs[0] if len(lrs) == 1 else lrs
-    elif "lr" in sample.values:
-        rec["lr"] = encode_number(float(sample.values["lr"]))
-    for k, v in sample.values.items():
-        if k in _RESERVED:
-            continue
-        rec[k] = encode_number(float(v))
-    if sample.events:
-        rec["events"] = [dict(e) for e in sample.events]
-    return rec
-
 
 class TraceWriter:
     """Writes samples as trace v1 lines to a path or an open text stream.
@@ -216,115 +193,3 @@ class TraceWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _to_float(v: Any, key: str) -> float:
-    if isinstance(v, bool):
-        raise ValueError(f"key {key!r}: expected a number, got a boolean")
-    if isinstance(v, (int, float)):
-        return float(v)
-    if isinstance(v, str):
-        f = _NONFINITE_IN.get(v.strip().lower())
-        if f is not None:
-            return f
-        raise ValueError(f"key {key!r}: expected a number or \"nan\"/\"inf\"/\"-inf\", got {v!r}")
-    raise ValueError(f"key {key!r}: expected a number, got {type(v).__name__}")
-
-
-def parse_record(rec: Any) -> Sample:
-    """Validate one decoded trace record and turn it into a :class:`Sample`.
-
-    Raises ``ValueError`` with a message naming the offending key.
-    """
-    if not isinstance(rec, dict):
-        raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
-    step = rec.get("step")
-    if step is None:
-        raise ValueError("missing required key 'step'")
-    if isinstance(step, bool) or not isinstance(step, int):
-        if isinstance(step, float) and step.is_integer():
-            step = int(step)
-        else:
-            raise ValueError(f"key 'step': expected an integer, got {step!r}")
-    t = rec.get("time")
-    time_ = None if t is None else _to_float(t, "time")
-    values: dict[str, float] = {}
-    lr_groups: tuple[float, ...] | None = None
-    lr = rec.get("lr")
-    if lr is not None:
-        if isinstance(lr, list):
-            if not lr:
-                raise ValueError("key 'lr': empty list")
-            lr_groups = tuple(_to_float(x, "lr") for x in lr)
-        else:
-            lr_groups = (_to_float(lr, "lr"),)
-        values["lr"] = lr_groups[0]
-    for k, v in rec.items():
-        if k in _RESERVED or v is None:
-            continue
-        values[k] = _to_float(v, k)
-    ev = rec.get("events")
-    events: tuple[Mapping[str, Any], ...] = ()
-    if ev is not None:
-        if not isinstance(ev, list) or not all(isinstance(e, dict) for e in ev):
-            raise ValueError("key 'events': expected a list of objects")
-        events = tuple(ev)
-    return Sample(step=step, time=time_, values=values, lr_groups=lr_groups, events=events)
-
-
-@dataclass
-class TraceReader:
-    """Reads a trace, validating every line.
-
-    With ``strict=True`` (the default) the first bad line raises :class:`TraceFormatError` naming
-    file and line. With ``strict=False`` bad lines are skipped and counted in ``skipped``, with
-    the messages in ``errors`` (the first 100), so one broken line never loses the rest.
-    """
-
-    source: str | os.PathLike[str] | IO[str]
-    strict: bool = True
-    lines: int = 0
-    skipped: int = 0
-
-    def __post_init__(self) -> None:
-        self.errors: list[str] = []
-
-    def __iter__(self) -> Iterator[Sample]:
-        if isinstance(self.source, (str, os.PathLike)):
-            name = str(self.source)
-            with open(self.source, "r", encoding="utf-8", errors="replace") as fh:
-                yield from self._iter(fh, name)
-        else:
-            yield from self._iter(self.source, getattr(self.source, "name", "<stream>"))
-
-    def _iter(self, fh: IO[str], name: str) -> Iterator[Sample]:
-        last_step: int | None = None
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            self.lines += 1
-            try:
-                sample = parse_record(json.loads(line))
-                if last_step is not None and sample.step <= last_step:
-                    raise ValueError(f"key 'step': {sample.step} does not increase "
-                                     f"(previous {last_step})")
-            except ValueError as exc:  # json.JSONDecodeError is a ValueError
-                msg = str(exc).splitlines()[0]
-                if self.strict:
-                    raise TraceFormatError(name, lineno, msg) from None
-                self.skipped += 1
-                if len(self.errors) < 100:
-                    self.errors.append(f"{name}:{lineno}: {msg}")
-                continue
-            last_step = sample.step
-            yield sample
-
-
-def iter_trace(source: str | os.PathLike[str] | IO[str], *, strict: bool = True) -> Iterator[Sample]:
-    """Iterate the samples of a trace (see :class:`TraceReader`)."""
-    return iter(TraceReader(source, strict=strict))
-
-
-def read_trace(source: str | os.PathLike[str] | IO[str], *, strict: bool = True) -> list[Sample]:
-    """All samples of a trace as a list."""
-    return list(iter_trace(source, strict=strict))

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO, Iterable, Iterator
 
 from ..errors import TraceFormatError
-from ..exporters.trace import TraceReader
+from ..trace import TraceReader
 from .engine import Engine, Firing
 from .schema import Rule, RuleSet
 

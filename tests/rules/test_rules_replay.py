@@ -166,6 +166,16 @@ def test_replay_does_not_import_torch(tmp_path):
     assert out.stdout.strip() == "NO-TORCH"
 
 
+def test_the_engine_side_does_not_depend_on_the_exporters():
+    # replay reads traces through lrwatch.trace (the codec), never through an exporter
+    code = ("import sys, lrwatch.rules.replay; "
+            "print(sorted(m for m in sys.modules if m.startswith('lrwatch.exporters')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_parallel_replay_gives_the_same_output_in_the_same_order(tmp_path, traces):
     # many copies of the two traces, in a mixed order: worker processes must not reorder them
     paths = []

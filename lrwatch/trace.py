@@ -1,0 +1,172 @@
+"""Trace format v1, the codec: JSON Lines records to and from :class:`~lrwatch.samples.Sample`.
+
+The format is a contract (see docs/design.md)::
+
+    {"step": 120, "time": 1764300000.5, "lr": 0.001, "loss": 2.31, "grad_norm": 1.2}
+
+``step`` is required and strictly increasing; ``time`` is optional; ``lr`` is a number or a list
+with one number per parameter group; every other key is a metric with a number. Non-finite numbers
+are written as the strings ``"nan"``, ``"inf"`` and ``"-inf"``; readers also accept bare
+``NaN``/``Infinity``. A line may carry ``"events": [...]``.
+
+This module is pure (no side effects but reading the file it is given) and torch-free: the
+engine side (``lrwatch replay``, ``lrwatch report``) reads traces through it; the writer that
+the Watcher uses is :class:`lrwatch.exporters.trace.TraceWriter`.
+
+Examples
+--------
+>>> import io, json
+>>> rec = encode_sample(Sample(step=1, values={"lr": 0.1, "loss": float("nan")}, lr_groups=(0.1,)))
+>>> json.dumps(rec)
+'{"step": 1, "lr": 0.1, "loss": "nan"}'
+>>> [s.values["loss"] for s in iter_trace(io.StringIO(json.dumps(rec) + "\\n"))]
+[nan]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import IO, Any, Iterator, Mapping
+
+from .errors import TraceFormatError
+from .samples import Sample, encode_number
+
+__all__ = ["TraceReader", "iter_trace", "read_trace", "encode_sample", "parse_record"]
+
+_NONFINITE_IN = {"nan": math.nan, "inf": math.inf, "+inf": math.inf, "-inf": -math.inf,
+                 "infinity": math.inf, "-infinity": -math.inf}
+_RESERVED = ("step", "time", "lr", "events")
+
+
+def encode_sample(sample: Sample) -> dict[str, Any]:
+    """The JSON-ready trace record of ``sample`` (non-finite numbers as strings)."""
+    rec: dict[str, Any] = {"step": int(sample.step)}
+    if sample.time is not None:
+        rec["time"] = round(float(sample.time), 6)
+    if sample.lr_groups is not None:
+        lrs = [encode_number(float(x)) for x in sample.lr_groups]
+        rec["lr"] = lrs[0] if len(lrs) == 1 else lrs
+    elif "lr" in sample.values:
+        rec["lr"] = encode_number(float(sample.values["lr"]))
+    for k, v in sample.values.items():
+        if k in _RESERVED:
+            continue
+        rec[k] = encode_number(float(v))
+    if sample.events:
+        rec["events"] = [dict(e) for e in sample.events]
+    return rec
+
+
+def _to_float(v: Any, key: str) -> float:
+    if isinstance(v, bool):
+        raise ValueError(f"key {key!r}: expected a number, got a boolean")
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str):
+        f = _NONFINITE_IN.get(v.strip().lower())
+        if f is not None:
+            return f
+        raise ValueError(f"key {key!r}: expected a number or \"nan\"/\"inf\"/\"-inf\", got {v!r}")
+    raise ValueError(f"key {key!r}: expected a number, got {type(v).__name__}")
+
+
+def parse_record(rec: Any) -> Sample:
+    """Validate one decoded trace record and turn it into a :class:`Sample`.
+
+    Raises ``ValueError`` with a message naming the offending key.
+    """
+    if not isinstance(rec, dict):
+        raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
+    step = rec.get("step")
+    if step is None:
+        raise ValueError("missing required key 'step'")
+    if isinstance(step, bool) or not isinstance(step, int):
+        if isinstance(step, float) and step.is_integer():
+            step = int(step)
+        else:
+            raise ValueError(f"key 'step': expected an integer, got {step!r}")
+    t = rec.get("time")
+    time_ = None if t is None else _to_float(t, "time")
+    values: dict[str, float] = {}
+    lr_groups: tuple[float, ...] | None = None
+    lr = rec.get("lr")
+    if lr is not None:
+        if isinstance(lr, list):
+            if not lr:
+                raise ValueError("key 'lr': empty list")
+            lr_groups = tuple(_to_float(x, "lr") for x in lr)
+        else:
+            lr_groups = (_to_float(lr, "lr"),)
+        values["lr"] = lr_groups[0]
+    for k, v in rec.items():
+        if k in _RESERVED or v is None:
+            continue
+        values[k] = _to_float(v, k)
+    ev = rec.get("events")
+    events: tuple[Mapping[str, Any], ...] = ()
+    if ev is not None:
+        if not isinstance(ev, list) or not all(isinstance(e, dict) for e in ev):
+            raise ValueError("key 'events': expected a list of objects")
+        events = tuple(ev)
+    return Sample(step=step, time=time_, values=values, lr_groups=lr_groups, events=events)
+
+
+@dataclass
+class TraceReader:
+    """Reads a trace, validating every line.
+
+    With ``strict=True`` (the default) the first bad line raises :class:`TraceFormatError` naming
+    file and line. With ``strict=False`` bad lines are skipped and counted in ``skipped``, with
+    the messages in ``errors`` (the first 100), so one broken line never loses the rest.
+    """
+
+    source: str | os.PathLike[str] | IO[str]
+    strict: bool = True
+    lines: int = 0
+    skipped: int = 0
+
+    def __post_init__(self) -> None:
+        self.errors: list[str] = []
+
+    def __iter__(self) -> Iterator[Sample]:
+        if isinstance(self.source, (str, os.PathLike)):
+            name = str(self.source)
+            with open(self.source, "r", encoding="utf-8", errors="replace") as fh:
+                yield from self._iter(fh, name)
+        else:
+            yield from self._iter(self.source, getattr(self.source, "name", "<stream>"))
+
+    def _iter(self, fh: IO[str], name: str) -> Iterator[Sample]:
+        last_step: int | None = None
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            self.lines += 1
+            try:
+                sample = parse_record(json.loads(line))
+                if last_step is not None and sample.step <= last_step:
+                    raise ValueError(f"key 'step': {sample.step} does not increase "
+                                     f"(previous {last_step})")
+            except ValueError as exc:  # json.JSONDecodeError is a ValueError
+                msg = str(exc).splitlines()[0]
+                if self.strict:
+                    raise TraceFormatError(name, lineno, msg) from None
+                self.skipped += 1
+                if len(self.errors) < 100:
+                    self.errors.append(f"{name}:{lineno}: {msg}")
+                continue
+            last_step = sample.step
+            yield sample
+
+
+def iter_trace(source: str | os.PathLike[str] | IO[str], *, strict: bool = True) -> Iterator[Sample]:
+    """Iterate the samples of a trace (see :class:`TraceReader`)."""
+    return iter(TraceReader(source, strict=strict))
+
+
+def read_trace(source: str | os.PathLike[str] | IO[str], *, strict: bool = True) -> list[Sample]:
+    """All samples of a trace as a list."""
+    return list(iter_trace(source, strict=strict))

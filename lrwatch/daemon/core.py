@@ -45,7 +45,7 @@ from .ingest import BoundedQueue, Ingest
 from .labels import PendingLabels
 from .metrics import DaemonMetrics
 from .publishing import PublishingMixin
-from .records import REASONS, Limits, loads, longest_line, parse_payload, validate_labels, \
+from .records import REASONS, Limits, lines_within, loads, parse_payload, validate_labels, \
     validate_predictions
 from .reference import Reference
 from .state import Journal, load_snapshot, save_snapshot
@@ -381,7 +381,7 @@ class Daemon(WindowsMixin, EvaluationMixin, PublishingMixin):
         lim = self.limits
         items = parse_payload(payload, limits=lim)
         ok, rej, _ = (validate_predictions(
-            items, lim, short_strings=longest_line(payload) <= lim.max_string_chars)
+            items, lim, short_strings=lines_within(payload, lim.max_string_chars))
             if kind == b"P" else validate_labels(items, lim))
         self._count_rejections(rej)
         if kind == b"P":

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 from . import columnar
 from .config import DaemonConfig
 from .metrics import DaemonMetrics
-from .records import (Batch, Limits, longest_line, parse_lines, parse_payload, validate_labels,
+from .records import (Batch, Limits, lines_within, parse_lines, parse_payload, validate_labels,
                       validate_predictions)
 from .state import Journal
 from .stats import Profile
@@ -120,7 +120,7 @@ class Ingest:
             return 429, {"error": "queue full, retry later", "reason": "queue_full",
                          "rejected": 1}
         lim = self.limits
-        short = longest_line(body) <= lim.max_string_chars
+        short = lines_within(body, lim.max_string_chars)
         ok: Any = self._decode_http(body) if kind == "predictions" and short else None
         if ok is not None:  # the columnar path: no dict per record (see _decode_http)
             rejected: Any = Counter()
@@ -252,7 +252,7 @@ class Ingest:
         # the chunk decoders bound neither lines nor strings: a chunk with a long line goes
         # to the general path, which checks both
         if self.fast_ingest and prof is not None and body and \
-                longest_line(body) <= self.limits.max_string_chars:
+                lines_within(body, self.limits.max_string_chars):
             dec = self._decoder
             if dec is None or dec.profile is not prof:
                 dec = self._decoder = columnar.ChunkDecoder(prof)

@@ -172,3 +172,16 @@ def test_the_daemon_keeps_serving_while_hostile_bodies_arrive(run_daemon) -> Non
     assert time.monotonic() - t0 < 30
     assert r.metric("lrwatch_predictions_total") == 5
     assert_balanced(r.daemon)
+
+
+def test_lines_within_agrees_with_splitting() -> None:
+    """The block scan that lets most bodies skip the string-length check is exact."""
+    from lrwatch.daemon.records import lines_within
+
+    rng = random.Random(1)
+    for _ in range(5000):
+        limit = rng.choice([64, 100, 200, 257, 4096])
+        lines = [b"x" * rng.choice([rng.randint(0, limit // 3), rng.randint(0, 2 * limit)])
+                 for _ in range(rng.randint(1, 40))]
+        body = b"\n".join(lines)
+        assert lines_within(body, limit) == (max(map(len, lines)) <= limit)

@@ -1228,19 +1228,22 @@ def fam_suite(tasks: Sequence[str], opts: Sequence[str], seeds: Sequence[int],
                                     **{k: r.get(k) for k in ("rollbacks", "probes",
                                                              "probe_steps", "exit_status")}}
                     rows.append(row)
-                    progress(f"{t} {o} x{m:g} s{s}: bare {row['bare']:.4f} -> measured "
+                    progress(f"{t} {o} x{m:g} s{s}: bare {row['bare']:.4f} -> probe=auto "
                              f"{row['measured']['value']:.4f} ({'ok' if row['measured']['ok'] else 'FAIL'}), "
                              f"fixed {row['fixed']['value']:.4f} (ref {ref['median']:.4f})")
             for f in FAM_FAULTS:
                 for s in seeds:
                     clean = fam_value(task, fam_run(t, o, 1.0, s))
-                    r = fam_run(t, o, 1.0, s, fault=f, arm="measured")
+                    watched = fam_value(task, fam_run(t, o, 1.0, s, arm="fixed"))
+                    r = fam_run(t, o, 1.0, s, fault=f, arm="fixed")
                     b = fam_run(t, o, 1.0, s, fault=f)
                     v = fam_value(task, r)
                     fault_rows.append({
                         "task": t, "family": task.family, "opt": o, "fault": f, "seed": s,
                         "clean": clean, "value": v, "bare": fam_value(task, b),
                         "ok": fam_close(task, v, clean, ref["untrained"], 1.0),
+                        "watched": watched,
+                        "ok_watched": fam_close(task, v, watched, ref["untrained"], 1.0),
                         "bare_ok": fam_close(task, fam_value(task, b), clean,
                                              ref["untrained"], 1.0),
                         "rollbacks": r.get("rollbacks"), "probe_steps": r.get("probe_steps")})
@@ -1253,22 +1256,24 @@ def fam_suite(tasks: Sequence[str], opts: Sequence[str], seeds: Sequence[int],
 def fam_tables(res: dict[str, Any]) -> str:
     rows = [r for r in res["rows"] if r["diverged"]]
     out = ["### Would-diverge configurations (bare run outside the band)", "",
-           "| task | family | optimizer | x tuned | seed | bare | measured (default) | "
-           "fixed factors | rollbacks | probe steps |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "| task | family | optimizer | x tuned | seed | bare | fixed factors (default) | "
+           "measured (probe=auto) | rollbacks (measured) | probe steps |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m, f = r["measured"], r["fixed"]
         out.append(f"| {r['task']} | {r['family']} | {r['opt']} | {r['mult']:g} | {r['seed']} | "
-                   f"{r['bare']:.4f} | {'✓' if m['ok'] else '✗'} {m['value']:.4f} | "
-                   f"{'✓' if f['ok'] else '✗'} {f['value']:.4f} | {m['rollbacks']} | "
+                   f"{r['bare']:.4f} | {'✓' if f['ok'] else '✗'} {f['value']:.4f} | "
+                   f"{'✓' if m['ok'] else '✗'} {m['value']:.4f} | {m['rollbacks']} | "
                    f"{m['probe_steps']} |")
     n = len(rows)
     out += ["", f"Candidates: {len(res['rows'])}, whose bare run diverged: {n}.", "",
-            "| family | diverged | measured rate (default) | fixed factors |", "|---|---|---|---|"]
+            "| family | diverged | fixed factors (default) | measured rate (probe=auto) |",
+            "|---|---|---|---|"]
     fams = list(dict.fromkeys(r["family"] for r in rows))
     for fm in fams + ["**all**"]:
         sub = rows if fm == "**all**" else [r for r in rows if r["family"] == fm]
-        a = sum(r["measured"]["ok"] for r in sub)
-        b = sum(r["fixed"]["ok"] for r in sub)
+        a = sum(r["fixed"]["ok"] for r in sub)
+        b = sum(r["measured"]["ok"] for r in sub)
         out.append(f"| {fm} | {len(sub)} | {a}/{len(sub)} ({a / max(1, len(sub)):.0%}) | "
                    f"{b}/{len(sub)} ({b / max(1, len(sub)):.0%}) |")
     steps = [r["measured"]["probe_steps"] or 0 for r in rows]
@@ -1278,13 +1283,15 @@ def fam_tables(res: dict[str, Any]) -> str:
                    f"over 5%: {sum(s > 15 for s in steps)}/{len(steps)}.")
     fr = res["faults"]
     out += ["", "### One-off faults on the tuned configuration (within 1 point of the same run "
-            "without the fault)", "", "| fault | runs | lrwatch within 1 point | bare within 1 "
-            "point |", "|---|---|---|---|"]
+            "without the fault)", "", "| fault | runs | lrwatch vs the bare run without it | "
+            "lrwatch vs the watched run without it | bare vs the bare run without it |",
+            "|---|---|---|---|---|"]
     for f in FAM_FAULTS + ("**all**",):
         sub = fr if f == "**all**" else [r for r in fr if r["fault"] == f]
         a, b = sum(r["ok"] for r in sub), sum(r["bare_ok"] for r in sub)
+        c = sum(r["ok_watched"] for r in sub)
         out.append(f"| {f} | {len(sub)} | {a}/{len(sub)} ({a / max(1, len(sub)):.0%}) | "
-                   f"{b}/{len(sub)} |")
+                   f"{c}/{len(sub)} ({c / max(1, len(sub)):.0%}) | {b}/{len(sub)} |")
     bad = [r for r in fr if not r["ok"]]
     if bad:
         out += ["", "Faults not within 1 point: " + "; ".join(

@@ -1,0 +1,268 @@
+"""Carrying out the recovery policy's plans on a real run (the torch side of a decision).
+
+:class:`PlanExecutor` is the part of the :class:`~lrwatch.watch.Watcher` that acts: it hands
+the policy the run's progress, records each plan in the trace (with the engine state of its
+target, which ``lrwatch replay`` restores), and at the next safe point restores snapshots,
+scales learning rates, runs a rollback's range test, ramps, and stops. It decides nothing:
+every choice comes from :class:`~lrwatch.recovery.policy.RecoveryPolicy`.
+
+It is a mixin over the Watcher's state (``model``, ``optimizer``, ``scheduler``, ``scaler``,
+``store``, ``engine``, ``policy``, ``recovery``, ``exporter``, ``best``, ``sender``, ``hook``,
+``dist``, ``step`` and the private fields the Watcher sets up in ``__init__``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Mapping, Sequence
+
+from ..actions.rollback import scale_learning_rate
+from ..actions.snapshot import Snapshot, restore_state
+from .policy import EXIT_BUDGET, Plan, Progress, SnapshotInfo
+from .probe import configured_rate, probe_rate
+
+__all__ = ["PlanExecutor"]
+
+log = logging.getLogger("lrwatch")
+
+
+class PlanExecutor:
+    """The Watcher's executor of recovery plans (see the module docstring)."""
+
+    # attributes the Watcher provides (declared for readers and type checkers)
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    store: Any
+    engine: Any
+    policy: Any
+    recovery: Any
+    exporter: Any
+    best: Any
+    sender: Any
+    hook: Any
+    dist: Any
+    step: int
+    should_stop: bool
+    exit_status: int
+    stop_reason: str | None
+
+    def _progress(self, step: int | None = None) -> Progress:
+        """The run as the policy needs to see it: the step and the snapshots held."""
+        snaps = [SnapshotInfo(x.step, x.good, x.pinned)
+                 for x in (self.store.snapshots if self.store is not None else ())]
+        return Progress(self.step if step is None else step, snaps)
+
+    def _queue(self, plans: Sequence[Plan], records: list[dict[str, Any]]) -> None:
+        """Send notifications now; queue control plans for the next safe point, recording each
+        in the trace (with the engine state of its target, which replay restores)."""
+        for p in plans:
+            if p.action in ("alert", "resolve", "hook"):
+                self._notify(p)
+                continue
+            target = None
+            if p.target is not None and self.store is not None:
+                target = next((x for x in reversed(self.store.snapshots)
+                               if x.step == p.target), None)
+                if target is None:   # the policy chose from what we listed: cannot happen
+                    p = Plan("stop", p.rule, p.step, "the snapshot to go back to is gone",
+                             EXIT_BUDGET, event=p.event)
+            rec: dict[str, Any] = {"type": p.action, "rule": p.rule, "step": p.step}
+            if target is not None:
+                rec["to_step"] = target.step
+                rec["engine_state"] = target.extra.get("engine_state")
+            if p.action == "rollback":
+                rec["lr_factor"] = p.lr_factor
+                if p.warmup:
+                    rec["warmup"] = p.warmup
+                if p.restart:
+                    rec["restart"] = True
+                if p.probe:
+                    rec["probe"] = True   # the measured factor follows in a "probe" event
+            if p.action == "lr_recover":
+                rec.update(factor=p.lr_factor, steps=p.warmup)
+            if p.reason:
+                rec["reason"] = p.reason
+            if p.params.get("restore"):
+                rec["restore"] = p.params["restore"]
+                if p.params["restore"] == "best":
+                    rec["message"] = self._best_note()
+            records.append(rec)
+            self.exporter.actions.labels(p.action).inc()
+            if p.action == "lr_recover":   # the policy ramps the rate back; nothing to restore
+                log.warning("lrwatch: step %d: %s", self.step, p.describe(0, 0))
+                continue
+            self._pending.append((p, target))
+
+    def _restore_engine(self, state: Mapping[str, Any]) -> None:
+        engine = self.engine
+        assert engine is not None
+        before = engine.active
+        engine.load_state_dict(state)
+        after = engine.active
+        for name, f in before.items():
+            if name not in after:
+                self.exporter.set_rule_state(name, f.severity, False)
+                if "alert" in f.actions:
+                    self._notify(Plan("resolve", name, f.step, event=f))
+
+    def _notify(self, d: Plan) -> None:
+        try:
+            if d.action in ("alert", "resolve") and self.sender is not None:
+                from ..actions.alerts import Alert
+
+                alert = Alert.from_firing(d.event)
+                if d.action == "alert":
+                    self.sender.fire(alert)
+                else:
+                    self.sender.resolve(alert)
+            elif d.action in ("alert", "resolve"):
+                log.warning("lrwatch: %s %s: %s", d.rule,
+                            "firing" if d.action == "alert" else "resolved",
+                            getattr(d.event, "message", ""))
+            elif d.action == "hook" and self.hook is not None:
+                self.hook.run(d.event)
+        except Exception:
+            self._internal_error(f"sending {d.action} for {d.rule}")
+
+    def _safe_point(self) -> bool:
+        """Carry out pending training-control plans: the step is complete here.
+
+        Returns whether anything was carried out."""
+        acted = bool(self._pending)
+        while self._pending:
+            p, target = self._pending.pop(0)
+            try:
+                if p.action in ("rollback", "skip"):
+                    self._rollback(p, target)
+                elif p.action == "reduce_lr":
+                    scale_learning_rate(self.optimizer, self.scheduler, p.lr_factor)
+                    log.warning("lrwatch: %s: learning rate x%g at step %d", p.rule,
+                                p.lr_factor, self.step)
+                elif p.action == "stop":
+                    self._stop(p)
+            except Exception:
+                self._internal_error(f"carrying out {p.action} for {p.rule}")
+                if p.action in ("rollback", "skip"):
+                    self._stop(Plan("stop", p.rule, p.step, f"{p.action} failed", EXIT_BUDGET))
+        return acted
+
+    def _rollback(self, p: Plan, target: Snapshot | None) -> None:
+        assert target is not None and self.store is not None
+        state = target.load()
+        restore_state(state, self.model, self.optimizer, self.scheduler, self.scaler)
+        # The snapshot's learning rates carry the scale of their time; bring them to the
+        # scale the policy planned (for a skip: today's).
+        snap_scale = float(target.extra.get("lr_scale", 1.0))
+        rel = self.policy.lr_scale / snap_scale
+        if rel != 1.0:
+            scale_learning_rate(self.optimizer, self.scheduler, rel)
+        if p.action == "rollback" and p.probe:
+            p = self._probe(p, target.step)
+        if p.action == "rollback":
+            self.store.discard_pending()
+            self._skip_remaining += p.skip_batches
+            self.exporter.rollbacks.inc()
+            log.warning("lrwatch: %s at step %d: %s", p.rule, p.step,
+                        p.describe(self.recovery.max_rollbacks,  # type: ignore[union-attr]
+                                   self.policy.rollbacks))
+        else:
+            self.store.discard_pending(after_step=target.step)
+            self.exporter.skipped_steps.inc(max(1, self.step - target.step))
+            log.warning("lrwatch: %s at step %d: undid steps %d..%d", p.rule, p.step,
+                        target.step + 1, self.step)
+        self._snap_awaiting_engine.clear()
+        self._open = None  # the step in progress belonged to the abandoned trajectory
+
+    def _probe(self, p: Plan, at: int) -> Plan:
+        """Measure the rate for ``p`` with a range test from the restored state; the policy
+        takes the measured rate (or its fixed factor when the test cannot run)."""
+        assert self.recovery is not None and self._probe_loss is not None
+        before = self.policy.lr_scale
+        measured, steps, failed = None, 0, None
+        if self._recent:  # (no batch seen yet: the fixed factor stands in)
+            failed = configured_rate(self.optimizer, self.scheduler, before) * p.probe_from
+            self._probing = True
+            try:
+                res = probe_rate(self.model, self.optimizer, self.scheduler, self.scaler,
+                                 list(self._recent), self._probe_loss, self.recovery, failed,
+                                 process_group=self.dist.group if self.dist.active else None)
+                measured, steps = res.measured, res.steps
+            except Exception:
+                self._internal_error("probing the learning rate")
+            finally:
+                self._probing = False
+        real = self.policy.probed(p, measured, steps)
+        rel = self.policy.lr_scale / before
+        if rel != 1.0:
+            scale_learning_rate(self.optimizer, self.scheduler, rel)
+        self.exporter.actions.labels("probe").inc()
+        self._late_records.append({"type": "probe", "rule": p.rule, "step": self.step,
+                                   "from_step": at, "steps": steps, "failed_lr": failed,
+                                   "lr_factor": real.lr_factor, "reason": real.reason})
+        return real
+
+    def _ramp_step(self) -> None:
+        """One step of the policy's learning-rate ramp (warm-up after a restart, or the
+        return of the rate after a one-off fault)."""
+        f = self.policy.ramp_step()
+        if f is None:
+            return
+        try:
+            scale_learning_rate(self.optimizer, self.scheduler, f)
+        except Exception:
+            self.policy.cancel_ramp(undo=f)
+            self._internal_error("ramping the learning rate")
+
+    def _stop(self, d: Plan) -> None:
+        if self.should_stop:
+            return
+        self.should_stop = True
+        self.exit_status = d.exit_status or 3
+        self.stop_reason = d.reason or f"rule {d.rule} fired at step {d.step}"
+        where = ""
+        restore = d.params.get("restore")
+        if restore == "best":
+            where = "; " + self._stop_at_best()
+            # Restored: nothing more to restore. None kept: stop as without the parameter.
+            restore = None if self._stop_restored is None else "none"
+        good = self.store.latest_good() if self.store is not None else None
+        if good is not None and (restore == "last_good" or (restore is None
+                                                             and d.exit_status == 4)):
+            # The run could not be healed: leave it at its last known-good state rather than
+            # the diverged one, so the final snapshot is worth resuming from.
+            try:
+                restore_state(good.load(), self.model, self.optimizer, self.scheduler,
+                              self.scaler)
+                where = f"; restored the known-good state of step {good.step}"
+            except Exception:
+                self._internal_error("restoring the last known-good state before stopping")
+        if self.store is not None:
+            snap = self.store.take(self.step, self.data_position, self.model, self.optimizer,
+                                   self.scheduler, self.scaler, extra=self._snap_extra())
+            if snap is not None:
+                where += f"; final snapshot at step {snap.step}" + (
+                    f" in {snap.path}" if snap.path else " (in memory)")
+        msg = f"lrwatch: stopping the run at step {self.step}: {self.stop_reason}{where}"
+        log.error(msg)
+        print(msg, file=sys.stderr, flush=True)
+
+    def _best_note(self) -> str:
+        rec = self.best_eval
+        if rec is None:
+            return "no best evaluated state was kept, so none was restored"
+        return f"restored {rec.describe()}"
+
+    def _stop_at_best(self) -> str:
+        """Put the best evaluated state back before stopping; what was done, for the log."""
+        self._stop_restored = None
+        if self.best is None or self.best.record is None:
+            return self._best_note()
+        try:
+            self._stop_restored = self.best.restore(self.model)
+        except Exception:
+            self._internal_error("restoring the best evaluated state before stopping")
+            return "restoring the best evaluated state failed, so none was restored"
+        return self._best_note()

@@ -27,6 +27,7 @@ only), so a stop that restores the best evaluated state restores it again after 
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Any, Mapping
 
 import torch
@@ -64,6 +65,14 @@ class LrwatchCallback(pl.Callback):
         ``torch.distributed``; without it, the trainer's global rank decides.
     eval_prefixes:
         Keys of ``trainer.callback_metrics`` that are validation results.
+    lr_find:
+        Before the first step, run a learning-rate range test (:func:`lrwatch.lr_find`) with
+        the module's own ``training_step`` on the training data, and start from its
+        suggestion: every rate the optimizer and scheduler hold is scaled so that group 0
+        starts at it (the schedule keeps its shape). ``True``, or a dict of ``lr_find``
+        arguments (``num_steps``, ``min_lr``, ``max_lr``, ``fraction``, ...). The model,
+        optimizer state, RNG and data are left as they were; the result is in
+        :attr:`lr_find_result`.
     **watcher_kwargs:
         Any :class:`~lrwatch.watch.Watcher` argument except the ones taken from the trainer
         (model, optimizer, scheduler, scaler, start_step): ``port``, ``trace``, ``rules``,
@@ -72,7 +81,13 @@ class LrwatchCallback(pl.Callback):
 
     def __init__(self, *, export: str = "rank0",
                  eval_prefixes: tuple[str, ...] = ("val_", "val/", "validation_"),
+                 lr_find: bool | Mapping[str, Any] = False,
                  **watcher_kwargs: Any) -> None:
+        if not isinstance(lr_find, (bool, Mapping)):
+            raise ConfigError(f"lr_find must be True/False or a dict of lrwatch.lr_find "
+                              f"arguments, got {type(lr_find).__name__}")
+        self.lr_find = lr_find
+        self.lr_find_result: Any = None
         bad = sorted(set(watcher_kwargs) - (_WATCHER_ARGS - set(_FROM_TRAINER)))
         if bad:
             valid = sorted(_WATCHER_ARGS - set(_FROM_TRAINER))
@@ -112,6 +127,8 @@ class LrwatchCallback(pl.Callback):
         configs = getattr(trainer, "lr_scheduler_configs", None) or []
         sched = configs[0].scheduler if configs else None
         scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if self.lr_find and self.lr_find_result is None and int(trainer.global_step) == 0:
+            self._find_lr(trainer, pl_module, opt, sched, scaler)
         kw = export_kwargs(self.watcher_kwargs, int(trainer.global_rank), self.export)
         # A rollback that must measure its rate runs the module's own training_step.
         kw.setdefault("probe_loss", _training_step_loss)
@@ -123,6 +140,29 @@ class LrwatchCallback(pl.Callback):
         self._handle = opt.register_step_post_hook(self._post_step)
         self._stepped, self._loss_sum, self._loss_n, self._done = False, None, 0, None
         self._wrap_data(trainer)
+
+    def _find_lr(self, trainer: Any, pl_module: Any, opt: Any, sched: Any,
+                 scaler: Any) -> None:
+        """The range test before training; start at its suggestion (see ``lr_find``)."""
+        from ..actions.rollback import scale_learning_rate
+        from ..recovery.lr_find import lr_find
+
+        loader = getattr(trainer, "train_dataloader", None)
+        if loader is None:
+            raise ConfigError("lr_find=True needs a training dataloader")
+        args = dict(self.lr_find) if isinstance(self.lr_find, Mapping) else {}
+        curve = lr_find(pl_module, opt, loader, batch_loss=_training_step_loss,
+                        scheduler=sched, scaler=scaler, **args)
+        self.lr_find_result = curve
+        log = logging.getLogger("lrwatch")
+        if curve.suggestion is None:
+            log.warning("lrwatch: lr_find: %s; the configured rate stays", curve.reason)
+            return
+        current = float(opt.param_groups[0]["lr"])
+        factor = curve.suggestion / current if current > 0 else 1.0
+        scale_learning_rate(opt, sched, factor)
+        log.warning("lrwatch: lr_find: starting at %.3g (x%.3g of the configured %.3g): %s",
+                    curve.suggestion, factor, current, curve.reason)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._wrap_data(trainer)  # reload_dataloaders_every_n_epochs builds new loaders

@@ -220,3 +220,27 @@ def test_a_run_too_hot_from_the_start_restarts_at_a_measured_rate(tmp_path: Path
     assert lr < 200.0 * 0.2
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert read_trace(trace)[-1].values["loss"] < 0.5
+
+
+def test_lr_find_before_training_starts_at_the_measured_rate(tmp_path: Path) -> None:
+    """A rate 4000x too high: the range test runs before the first step (on the trainer's
+    own data and training_step), the run starts at the suggestion and never rolls back."""
+    trace = tmp_path / "run.jsonl"
+    cb = LrwatchCallback(trace=str(trace), flush_every=5, lr_find={"num_steps": 60})
+    model = TinyMLP(lr=200.0, sched=True)
+    trainer = _trainer(tmp_path, [cb], max_steps=80)
+    trainer.fit(model, _loader(shuffle=True))
+    curve = cb.lr_find_result
+    assert curve is not None and curve.suggestion is not None and curve.suggestion < 20
+    first = read_trace(trace)[0]
+    # the first step ran at the suggestion, scaled through the scheduler (1 / (1 + 0.01 s))
+    assert first.values["lr"] == pytest.approx(curve.suggestion, rel=1e-6)
+    assert cb.watcher is not None and cb.watcher.policy.rollbacks == 0
+    assert read_trace(trace)[-1].values["loss"] < 0.5
+    # without lr_find the same configuration blows up at once
+    bare = tmp_path / "bare.jsonl"
+    _trainer(tmp_path, [LrwatchCallback(trace=str(bare), flush_every=5, recovery=False)],
+             max_steps=20).fit(TinyMLP(lr=200.0, sched=True), _loader(shuffle=True))
+    losses = [s.values["loss"] for s in read_trace(bare)]
+    assert (not all(math.isfinite(x) for x in losses)
+            or max(losses) > 10 * first.values["loss"])

@@ -323,6 +323,8 @@ def main() -> None:
                     help="records/s of the open-loop latency run (half the 100,000 target)")
     ap.add_argument("--rate-seconds", type=float, default=20.0)
     ap.add_argument("--slow-clients", type=int, default=1000)
+    ap.add_argument("--file-http", default="uvicorn",
+                    help="the HTTP server of the daemons in the per-back-end runs")
     args = ap.parse_args()
     if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 1:
         os.sched_setaffinity(0, os.sched_getaffinity(0) - {0})  # the client off the daemon's core
@@ -348,7 +350,7 @@ def main() -> None:
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         # 1. HTTP batches (four keep-alive client connections keep the daemon busy)
         port = free_port()
-        proc, _ = start(refarg, port, backend)
+        proc, _ = start(refarg, port, backend, args.file_http)
         try:
             post_all(port, bodies[:20])  # warm up (imports, first windows)
             wait_applied(port, 20 * args.batch)
@@ -368,7 +370,7 @@ def main() -> None:
             continue
         path = os.path.join(tmp, f"preds-{backend}.jsonl")
         port = free_port()
-        proc, startup = start(refarg + ["--tail", path], port, backend)
+        proc, startup = start(refarg + ["--tail", path], port, backend, args.file_http)
         try:
             # Warm up as the HTTP run does: the first windows pay one-time costs (lazy imports,
             # first allocations) that are not steady state. Then the prepared file replaces the

@@ -133,6 +133,9 @@ class LrwatchCallback(TrainerCallback):
                           "on_pre_optimizer_step, after clipping", stacklevel=2)
         rank = int(getattr(args, "process_index", 0) or 0)
         kw = export_kwargs(self.watcher_kwargs, rank, self.export)
+        # A rollback that must measure its rate (recovery probe="auto") runs the model on the
+        # recent batches the forward hook remembers.
+        kw.setdefault("probe_loss", _model_loss)
         w = self.watcher = Watcher(model, inner, sched, scaler=scaler, step_hooks=False,
                                    start_step=int(state.global_step), **kw)
         saved = self._saved_state(args, state)
@@ -172,6 +175,11 @@ class LrwatchCallback(TrainerCallback):
     def _forward_hook(self, module: Any, args: Any, kwargs: Any, output: Any) -> None:
         if not (module.training and torch.is_grad_enabled()):
             return
+        w = self.watcher
+        if w is not None and w._probing:   # a range test's throw-away step, not the run's
+            return
+        if w is not None and kwargs and not args:
+            w.remember_batch(dict(kwargs))
         loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             return
@@ -269,3 +277,13 @@ class LrwatchCallback(TrainerCallback):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if self.watcher is not None:
             self.watcher.load_state_dict(state)
+
+
+def _model_loss(model: Any, batch: Mapping[str, Any]) -> torch.Tensor:
+    """The loss a ``transformers`` model computes for ``batch`` (its ``labels`` included)."""
+    out = model(**batch)
+    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+    if not isinstance(loss, torch.Tensor):
+        raise ConfigError("the model returned no loss for a training batch; pass probe_loss= "
+                          "to LrwatchCallback to probe the learning rate")
+    return loss

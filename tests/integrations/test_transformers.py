@@ -191,3 +191,22 @@ def test_resume_from_trainer_checkpoint_keeps_lrwatch_state(tmp_path: Path) -> N
     assert seen["step"] == 30 and seen["rollbacks"] == 1
     assert seen["engine"] == saved["engine"]
     assert [s.step for s in read_trace(trace)] == list(range(31, 41))
+
+
+def test_a_run_too_hot_from_the_start_restarts_at_a_measured_rate(tmp_path: Path) -> None:
+    """probe="auto": the callback remembers the model inputs its forward hook sees and a
+    restart measures its rate on them (the probe's forwards are not counted as the run's)."""
+    trace = tmp_path / "run.jsonl"
+    cb = LrwatchCallback(trace=str(trace), flush_every=2,
+                         recovery={"good_after": 10, "min_interval": 5, "restart_warmup": 10,
+                                   "probe": "auto"})
+    trainer = _train(tmp_path, cb, max_steps=120, learning_rate=3.0)
+    w = cb.watcher
+    assert w is not None
+    events = [e for s in read_trace(trace) for e in s.events]
+    rb = [e for e in events if e.get("type") == "rollback"]
+    probes = [e for e in events if e.get("type") == "probe"]
+    assert rb and rb[0]["restart"] and rb[0]["probe"] and probes, events
+    assert probes[0]["failed_lr"] == pytest.approx(3.0) and probes[0]["steps"] >= 3
+    assert trainer.state.global_step == 120 and w.step == 120
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())

@@ -185,3 +185,23 @@ def test_lines_within_agrees_with_splitting() -> None:
                  for _ in range(rng.randint(1, 40))]
         body = b"\n".join(lines)
         assert lines_within(body, limit) == (max(map(len, lines)) <= limit)
+
+
+def test_limits_and_http_settings_come_from_the_config_file(tmp_path) -> None:
+    from lrwatch.daemon import DaemonConfig
+    from lrwatch.errors import ConfigError
+
+    cfg = DaemonConfig.from_mapping(
+        {"limits": {"max_line_bytes": 5000, "max_string_chars": 50, "max_features": 7},
+         "http": {"max_connections": 10, "backlog": 64, "header_timeout": 2,
+                  "read_timeout": 3, "keep_alive_timeout": 4, "tls_certfile": "c.pem",
+                  "tls_keyfile": "k.pem"}}, base_dir=str(tmp_path))
+    assert (cfg.max_line_bytes, cfg.max_string_chars, cfg.max_features) == (5000, 50, 7)
+    assert (cfg.max_connections, cfg.backlog, cfg.read_timeout) == (10, 64, 3)
+    assert cfg.tls_certfile == str(tmp_path / "c.pem")
+    with pytest.raises(ConfigError, match="valid: backlog"):
+        DaemonConfig.from_mapping({"http": {"timeout": 1}})
+    with pytest.raises(ConfigError, match="tls_keyfile"):
+        DaemonConfig(tls_certfile="c.pem")
+    with pytest.raises(ConfigError, match="read_timeout"):
+        DaemonConfig(read_timeout=0)

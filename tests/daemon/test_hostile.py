@@ -205,3 +205,17 @@ def test_limits_and_http_settings_come_from_the_config_file(tmp_path) -> None:
         DaemonConfig(tls_certfile="c.pem")
     with pytest.raises(ConfigError, match="read_timeout"):
         DaemonConfig(read_timeout=0)
+
+
+def test_tailed_chunks_with_a_long_string_take_the_checked_path(run_daemon) -> None:
+    """The chunk decoders bound no string: a chunk with a line longer than the string limit
+    goes to the general path, which rejects the record and keeps the others."""
+    r = run_daemon(start_worker=False, max_string_chars=100)
+    d = r.daemon
+    long_cat = json.dumps({"features": {"x": 1.0, "y": 0.5, "c": "z" * 500}, "prediction": 0.4})
+    chunk = "\n".join([GOOD_LINE, long_cat, GOOD_LINE]).encode()
+    assert d.enqueue_file("/data/p.jsonl", 1, 2, len(chunk) + 1, chunk, 1_700_000_000.0)
+    d._apply(d.queue.get(0))
+    assert d.counters["predictions"] == 2
+    assert d.counters["errors"]["string_too_long"] == 1
+    assert_balanced(d)

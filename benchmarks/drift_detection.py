@@ -283,7 +283,7 @@ def main() -> None:
                                       args.kswin_streams)))
         return
     from lrwatch.daemon.detector import DriftDetector
-    from lrwatch.daemon.reference import build_reference
+    from lrwatch.daemon.baseline import build_reference
 
     x, cat, names = dataset()
     methods = ["lrwatch", "ks_bonferroni", "evidently_rule", "psi"]

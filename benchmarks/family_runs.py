@@ -292,6 +292,9 @@ DEAD_LEVEL = 0.9           # natural never-learned: final loss >= 0.9x the untra
 DEAD_BLOWUP = 2.0          # ... after an early excursion above 2x the untrained loss
 DEAD_EVALS = 5             # natural dead classifier: the last 5 evaluations at chance ...
 CHANCE_MARGIN = 0.01       # ... (within 1 point of the majority class's share)
+CHANCE_ONSET_MARGIN = 0.05  # its onset: where the final stretch within 5 points of chance began
+                            # (a dead network's accuracy jitters around chance: a last evaluation
+                            # 1 point above it is noise, not life)
 # A healthy run that over-fits materially: at the end (median of its last 3 evaluations) its
 # held-out accuracy is 5 points or more below its best, or its held-out loss 1.25x its best or
 # more. Stopping it with the best state restored is early stopping, not a false alarm; an alarm
@@ -329,7 +332,7 @@ def _dead_at_chance(samples: Sequence[Sample], chance: float | None) -> int | No
     if len(evals) < DEAD_EVALS or any(a > chance + CHANCE_MARGIN for _, a in evals[-DEAD_EVALS:]):
         return None
     i = len(evals) - 1
-    while i > 0 and evals[i - 1][1] <= chance + CHANCE_MARGIN:
+    while i > 0 and evals[i - 1][1] <= chance + CHANCE_ONSET_MARGIN:
         i -= 1
     return evals[i - 1][0] + 1 if i > 0 else 1
 

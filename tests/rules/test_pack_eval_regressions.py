@@ -53,3 +53,20 @@ def test_overfitting_and_plateaus_are_not_critical():
         # over-fitting: the held-out loss creeps up 1% per evaluation, the accuracy holds
         over = _evals(acc, loss[:15] + [loss[14] * (1 + 0.01 * k) for k in range(1, 16)])
         assert not [r for r, _ in _critical(over) if r == "eval_regression_both"], seed
+
+
+def test_a_regression_while_the_schedule_raised_the_rate_waits_for_the_rise_to_pass():
+    acc, loss = _learning_then_plateau(20, 0)
+    onset_step = (len(acc) + 1) * EVERY
+    # a warm restart triples the rate at the onset; the held-out metrics get worse and stay so
+    acc += [acc[-1] - 0.06] * 16
+    loss += [loss[-1] * 1.3] * 16
+    samples = []
+    for s in _evals(acc, loss):
+        for step in range(s.step - EVERY + 1, s.step + 1):   # every step carries the rate
+            lr = 0.3 if step >= onset_step else 0.1
+            vals = {"lr": lr, **(s.values if step == s.step else {})}
+            samples.append(Sample(step=step, values=vals))
+    crit = [(r, st) for r, st in _critical(samples) if r.startswith("eval_")]
+    assert crit, "the regression outlasted the rise and must fire"
+    assert min(st for _, st in crit) >= onset_step + 99, crit   # the 100-step window passed

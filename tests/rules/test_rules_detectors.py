@@ -309,7 +309,22 @@ FACTORIES = {
     "drop": lambda: Drop(mode="max", z=3.0, count=2, window=5, warmup=4),
     "rate": lambda: Rate(above=1.0, below=0.1),
     "staleness": lambda: Staleness(seconds=2.5, samples=3),
+    "above_min": lambda: DETECTORS["above_min"](window=6, factor=1.5),
 }
+
+
+def test_above_min_against_the_plain_window_minimum():
+    rng = random.Random(7)
+    det = DETECTORS["above_min"](window=7, factor=1.5)
+    seen: list[float] = []
+    for _ in range(500):
+        x = math.exp(rng.gauss(0, 0.4))
+        seen.append(x)
+        fired = det.update(x)
+        ratio = x / min(seen[-7:])
+        assert det.statistic == pytest.approx(ratio)
+        assert fired == (ratio >= 1.5)
+    assert det.update(-1.0) is None and det.update(NAN) is None
 
 
 def test_factories_cover_every_detector():

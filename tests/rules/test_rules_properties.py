@@ -33,6 +33,7 @@ FACTORIES = {
                                       log=True),
     "rate": lambda: DETECTORS["rate"](above=1.0, below=0.1, counter=True),
     "staleness": lambda: DETECTORS["staleness"](seconds=2.5, samples=3),
+    "above_min": lambda: DETECTORS["above_min"](window=6, factor=1.5),
 }
 
 

@@ -11,6 +11,7 @@ from types import MappingProxyType
 from typing import Mapping
 
 from ...errors import ConfigError
+from .above_min import AboveMin
 from .base import Detector, Param
 from .baseline import Baseline
 from .cusum import Cusum
@@ -31,7 +32,7 @@ from .untrained import Untrained
 
 __all__ = [
     "DETECTORS", "Detector", "Param", "make_detector",
-    "Baseline", "Cusum", "Drop", "EmaRatio", "Frozen", "NonFinite", "PageHinkley", "Plateau", "Rate",
+    "AboveMin", "Baseline", "Cusum", "Drop", "EmaRatio", "Frozen", "NonFinite", "PageHinkley", "Plateau", "Rate",
     "Regression", "Spike", "Staleness", "StartRatio", "Threshold", "Trend", "Untrained",
 ]
 
@@ -39,7 +40,7 @@ __all__ = [
 DETECTORS: Mapping[str, type[Detector]] = MappingProxyType({
     cls.name: cls for cls in (NonFinite, Threshold, Spike, EmaRatio, Cusum, PageHinkley, Trend,
                               Regression, Plateau, Baseline, StartRatio, Rate, Staleness,
-                              Untrained, Frozen, Drop)
+                              Untrained, Frozen, Drop, AboveMin)
 })
 
 

@@ -70,7 +70,7 @@ KNOBS: tuple[Knob, ...] = (
     Knob("loss_flat_near_untrained", "params.above", (1.0, 0.9, 1.1),
          "the share of the untrained loss that a network which never learned still sits at "
          "after `window` steps (never_learned)"),
-    Knob("loss_flat_near_untrained", "params.window", (100, 80, 150),
+    Knob("loss_flat_near_untrained", "params.window", (80, 100, 150),
          "how many steps of flat loss tell a network that never learned from a slow starter"),
     Knob("eval_accuracy_far_below_best", "params.z", (6.0, 4.0, 5.0, 8.0),
          "how far below its best, in its own noise, the evaluation accuracy must fall"),

@@ -100,6 +100,7 @@ class Daemon(WindowsMixin, EvaluationMixin, PublishingMixin):
         self.last: dict[str, Any] = {}
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
+        self._busy = False  # the worker is applying an entry (drain waits for it)
         self._dirty = False
         self._last_snapshot = time.monotonic()
         self.tailers: list[Any] = []
@@ -292,8 +293,6 @@ class Daemon(WindowsMixin, EvaluationMixin, PublishingMixin):
                     return True
             time.sleep(0.005)
         return False
-
-    _busy = False
 
     def _run(self) -> None:
         next_tick = time.monotonic() + 1.0

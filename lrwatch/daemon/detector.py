@@ -136,6 +136,7 @@ class DriftDetector:
         fn = len(self.profile.num)
         self._hist: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=max(self.horizons))
         self._zero = np.zeros(fn)
+        self._seq_shift = np.zeros(fn)  # the best horizon's mean shift, per numeric feature
         self._m = float(cached.reference_records or reference.records)
         ref_missing = np.array([f.missing / max(f.count + f.missing, 1)
                                 for f in self.profile.num])
@@ -220,8 +221,6 @@ class DriftDetector:
                 shift = np.where(better, mean_shift, shift)
         self._seq_shift = shift
         return best
-
-    _seq_shift = np.zeros(0)
 
     # --- resume ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

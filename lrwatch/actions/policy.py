@@ -6,8 +6,8 @@ from __future__ import annotations
 from ..recovery.policy import (CONTROL_ACTIONS, EXIT_BUDGET, EXIT_STOPPED, NOT_OUTCOMES,
                                STOP_RESTORE, Decision, Plan, PolicyState, Progress,
                                RecoveryConfig, RecoveryPolicy, SnapshotInfo, check_action_params,
-                               control_rules, decide)
+                               decide)
 
 __all__ = ["RecoveryConfig", "PolicyState", "Decision", "decide", "CONTROL_ACTIONS",
            "EXIT_STOPPED", "EXIT_BUDGET", "STOP_RESTORE", "NOT_OUTCOMES", "check_action_params",
-           "control_rules", "RecoveryPolicy", "Plan", "Progress", "SnapshotInfo"]
+           "RecoveryPolicy", "Plan", "Progress", "SnapshotInfo"]

@@ -20,7 +20,7 @@ from ..errors import ConfigError
 
 __all__ = ["RecoveryConfig", "RecoveryPolicy", "PolicyState", "Plan", "Progress",
            "SnapshotInfo", "Decision", "decide", "CONTROL_ACTIONS", "EXIT_STOPPED",
-           "EXIT_BUDGET", "STOP_RESTORE", "check_action_params", "control_rules"]
+           "EXIT_BUDGET", "STOP_RESTORE", "check_action_params"]
 
 #: Actions that change the training run (as opposed to telling someone).
 CONTROL_ACTIONS = ("rollback", "skip", "reduce_lr", "stop")
@@ -314,11 +314,6 @@ def check_action_params(rules: Iterable[Any]) -> None:
                 if value not in spec[key]:
                     raise ConfigError(f"{where}: {key} {value!r} is not valid "
                                       f"(valid choices: {', '.join(spec[key])})")
-
-
-def control_rules(events: Iterable[Any]) -> bool:
-    """Whether any event is a firing that asks for a training-control action."""
-    return any(e.kind == "firing" and set(e.actions) & set(CONTROL_ACTIONS) for e in events)
 
 
 def decide(events: Sequence[Any], step: int, state: PolicyState,

@@ -305,7 +305,10 @@ class Watcher(PlanExecutor):
         if port is not None:
             self.server = start_metrics_server(self.registry, port, host,
                                                on_error=self.exporter.count_error)
-        self.trace: TraceWriter | None = TraceWriter(trace) if trace is not None else None
+        # Every dropped trace write counts in lrwatch_internal_errors_total; the first is
+        # logged once. An unopenable path never raises here: training starts regardless.
+        self.trace: TraceWriter | None = (
+            TraceWriter(trace, on_error=self.exporter.count_error) if trace is not None else None)
         for listener in listeners:
             self.add_listener(listener)
 
@@ -925,7 +928,7 @@ class Watcher(PlanExecutor):
         sinks = list(alerts or [])
         if alertmanager is not None:
             sinks.append(AlertmanagerSink(alertmanager))
-        return AlertSender(sinks, registry=self.registry)
+        return AlertSender(sinks, registry=self.registry, on_error=self.exporter.count_error)
 
     # --- fail open -----------------------------------------------------------------------------
     def _guard(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -942,7 +945,8 @@ class Watcher(PlanExecutor):
         self.exporter.count_error()
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, stacklevel=3)
+            # log() -> _as_value() -> _warn_once(): point at the line that called log()
+            warnings.warn(message, stacklevel=4)
 
     def __repr__(self) -> str:
         return (f"Watcher(step={self.step}, flush_every={self.flush_every}, "

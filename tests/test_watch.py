@@ -319,6 +319,8 @@ def test_bad_logged_values_warn_count_and_do_not_crash() -> None:
         w.log(loss=loss, vec=torch.ones(3), name="oops")  # type: ignore[arg-type]
     w.close()
     assert len(caught) == 2
+    # the warnings point at the line that called log(), not inside lrwatch
+    assert [c.filename for c in caught] == [__file__, __file__], [c.filename for c in caught]
     assert "loss" in got[0].values and "vec" not in got[0].values
     assert w.exporter.internal_errors._value.get() == 2
 
@@ -342,3 +344,88 @@ def test_failing_listener_does_not_break_training() -> None:
             w.log(loss=loss)
     assert seen == [1, 2, 3, 4]
     assert w.exporter.internal_errors._value.get() == 4
+
+
+def _train(w: "lrwatch.Watcher", steps: int, **metrics_at: "dict[int, float]") -> None:
+    model, opt = w.model, w.optimizer
+    for i in range(steps):
+        x, y = _batch(i)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        w.log(loss=loss, **{k: v.get(w.step, 0.0) for k, v in metrics_at.items()})
+
+
+_SIGNAL_RULES = """
+version: 1
+rules:
+  - name: signal_high
+    metric: signal
+    detector: threshold
+    params: {above: 0.5}
+    severity: warning
+    actions: [alert]
+"""
+
+
+def test_rule_events_without_a_sender_are_logged_once_each_with_a_marker(
+        tmp_path, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    import logging
+
+    rules = tmp_path / "rules.yml"
+    rules.write_text(_SIGNAL_RULES)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    caplog.set_level(logging.INFO, logger="lrwatch")
+    w = lrwatch.Watcher(model, opt, rules=str(rules), flush_every=1, recovery=False)
+    _train(w, 12, signal={5: 1.0, 6: 1.0})
+    w.close()
+    assert w.step == 12
+    events = [r for r in caplog.records if getattr(r, "lrwatch_event", False)]
+    lines = [r.getMessage() for r in events]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("lrwatch: signal_high (warning): ") and "resolved" not in lines[0]
+    assert lines[1].count("resolved") == 1 and "firing" not in lines[1], lines[1]
+
+
+def test_stop_is_reported_on_one_channel(tmp_path, caplog: pytest.LogCaptureFixture,
+                                         capsys: pytest.CaptureFixture[str]
+                                         ) -> None:  # type: ignore[no-untyped-def]
+    rules = tmp_path / "rules.yml"
+    rules.write_text(_SIGNAL_RULES.replace("actions: [alert]", "actions: [stop]"))
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    w = lrwatch.Watcher(model, opt, rules=str(rules), flush_every=1)
+    for b in w.batches(range(30)):
+        _train(w, 1, signal={5: 1.0})
+    w.close()
+    assert w.should_stop and w.exit_status == 3 and w.step == 5
+    stops = [r for r in caplog.records if "stopping the run" in r.getMessage()]
+    assert len(stops) == 1 and getattr(stops[0], "lrwatch_event", False)
+    assert "stopping the run" not in capsys.readouterr().err   # not printed a second time
+
+
+def test_unusable_trace_is_counted_at_every_dropped_flush_and_training_goes_on(
+        tmp_path, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    if not os.path.exists("/dev/full"):
+        pytest.skip("/dev/full is needed for a real disk-full error")
+    full = tmp_path / "run.jsonl"
+    os.symlink("/dev/full", full)            # every write: ENOSPC
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    for trace in (full, blocked / "run.jsonl"):   # a full disk; a path that cannot be opened
+        caplog.clear()
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        w = lrwatch.Watcher(model, opt, trace=trace, flush_every=2)   # does not raise
+        _train(w, 10)
+        w.flush()
+        w.trace.flush()    # type: ignore[union-attr]
+        w.close()
+        assert w.step == 10
+        failures = w.trace.failures   # type: ignore[union-attr]
+        assert failures >= (2 if trace == full else 1)
+        assert w.exporter.internal_errors._value.get() == failures
+        warned = [r for r in caplog.records if "trace" in r.getMessage()]
+        assert len(warned) == 1 and warned[0].exc_info is None, [r.getMessage() for r in warned]

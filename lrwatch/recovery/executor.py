@@ -14,7 +14,6 @@ It is a mixin over the Watcher's state (``model``, ``optimizer``, ``scheduler``,
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Any, Mapping, Sequence
 
 from ..actions.rollback import scale_learning_rate
@@ -25,6 +24,10 @@ from .probe import configured_rate, probe_rate
 __all__ = ["PlanExecutor"]
 
 log = logging.getLogger("lrwatch")
+#: ``extra=`` of the log records that report a rule event or an action (firing, resolved,
+#: rollback, skip, reduce_lr, lr_recover, stop): a console that prints the trace's events
+#: itself can drop exactly these (``getattr(record, "lrwatch_event", False)``).
+_EVENT = {"lrwatch_event": True}
 
 
 class PlanExecutor:
@@ -92,7 +95,7 @@ class PlanExecutor:
             records.append(rec)
             self.exporter.actions.labels(p.action).inc()
             if p.action == "lr_recover":   # the policy ramps the rate back; nothing to restore
-                log.warning("lrwatch: step %d: %s", self.step, p.describe(0, 0))
+                log.warning("lrwatch: step %d: %s", self.step, p.describe(0, 0), extra=_EVENT)
                 continue
             self._pending.append((p, target))
 
@@ -119,9 +122,10 @@ class PlanExecutor:
                 else:
                     self.sender.resolve(alert)
             elif d.action in ("alert", "resolve"):
-                log.warning("lrwatch: %s %s: %s", d.rule,
-                            "firing" if d.action == "alert" else "resolved",
-                            getattr(d.event, "message", ""))
+                # The event's message says it all (a resolution's already begins "resolved: ");
+                # extra= marks the record so a console can print events its own way.
+                log.warning("lrwatch: %s (%s): %s", d.rule, getattr(d.event, "severity", ""),
+                            getattr(d.event, "message", ""), extra=_EVENT)
             elif d.action == "hook" and self.hook is not None:
                 self.hook.run(d.event)
         except Exception:
@@ -140,7 +144,7 @@ class PlanExecutor:
                 elif p.action == "reduce_lr":
                     scale_learning_rate(self.optimizer, self.scheduler, p.lr_factor)
                     log.warning("lrwatch: %s: learning rate x%g at step %d", p.rule,
-                                p.lr_factor, self.step)
+                                p.lr_factor, self.step, extra=_EVENT)
                 elif p.action == "stop":
                     self._stop(p)
             except Exception:
@@ -167,12 +171,12 @@ class PlanExecutor:
             self.exporter.rollbacks.inc()
             log.warning("lrwatch: %s at step %d: %s", p.rule, p.step,
                         p.describe(self.recovery.max_rollbacks,  # type: ignore[union-attr]
-                                   self.policy.rollbacks))
+                                   self.policy.rollbacks), extra=_EVENT)
         else:
             self.store.discard_pending(after_step=target.step)
             self.exporter.skipped_steps.inc(max(1, self.step - target.step))
             log.warning("lrwatch: %s at step %d: undid steps %d..%d", p.rule, p.step,
-                        target.step + 1, self.step)
+                        target.step + 1, self.step, extra=_EVENT)
         self._snap_awaiting_engine.clear()
         self._open = None  # the step in progress belonged to the abandoned trajectory
 
@@ -245,9 +249,10 @@ class PlanExecutor:
             if snap is not None:
                 where += f"; final snapshot at step {snap.step}" + (
                     f" in {snap.path}" if snap.path else " (in memory)")
-        msg = f"lrwatch: stopping the run at step {self.step}: {self.stop_reason}{where}"
-        log.error(msg)
-        print(msg, file=sys.stderr, flush=True)
+        # One line, on the logger (with no handler configured, Python's last-resort handler
+        # still prints it to stderr).
+        log.error("lrwatch: stopping the run at step %d: %s%s", self.step, self.stop_reason,
+                  where, extra=_EVENT)
 
     def _best_note(self) -> str:
         rec = self.best_eval

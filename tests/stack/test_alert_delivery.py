@@ -69,10 +69,6 @@ def test_stopped_alertmanager_is_retried_then_given_up_and_reported(
                                             {"sink": "alertmanager"}) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16: lrwatch/watch.py builds its AlertSender "
-                   "without on_error=self.exporter.count_error, so given-up deliveries are "
-                   "counted in lrwatch_alerts_failed_total but not in "
-                   "lrwatch_internal_errors_total (see the report of issue 16)")
 def test_watcher_counts_given_up_alerts_as_internal_errors(alertmanager: AlertmanagerServer,
                                                            tmp_path: Path) -> None:
     rules = tmp_path / "rules.yml"

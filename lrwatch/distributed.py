@@ -18,7 +18,14 @@ import torch
 
 from .samples import Sample
 
-__all__ = ["RankContext", "split_by_placement", "combine_rank_samples", "SQ_REP", "SQ_SHARD"]
+__all__ = ["RankContext", "split_by_placement", "combine_rank_samples", "SQ_REP", "SQ_SHARD",
+           "EXPORT_CHOICES", "EXPORT_KEYS"]
+
+#: Who exports (``/metrics``, trace, alerts, Pushgateway, hook) in a distributed run: the
+#: Watcher's and the framework callbacks' ``export`` values.
+EXPORT_CHOICES = ("rank0", "all")
+#: The Watcher arguments that export; a rank that does not export runs without them.
+EXPORT_KEYS = ("port", "trace", "pushgateway", "alerts", "alertmanager", "hook")
 
 #: Row keys that carry partial sums of squares of a norm ``NAME``; combined at the flush.
 SQ_REP = "_sq_rep/"

@@ -8,15 +8,11 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
+from ..distributed import EXPORT_CHOICES, EXPORT_KEYS
 from ..errors import ConfigError
 
 __all__ = ["SkipSampler", "wrap_dataloader", "export_kwargs", "eval_name", "scalar",
            "EXPORT_CHOICES", "reapply_best"]
-
-#: Who exports (``/metrics``, trace, alerts, Pushgateway) under a distributed strategy: the
-#: Watcher's own ``export`` values.
-EXPORT_CHOICES = ("rank0", "all")
-_EXPORT_KEYS = ("port", "trace", "pushgateway", "alerts", "alertmanager")
 
 
 class SkipSampler:
@@ -98,7 +94,7 @@ def export_kwargs(kwargs: Mapping[str, Any], rank: int, export: str) -> dict[str
     if rank == 0 or (dist.is_available() and dist.is_initialized()):
         return out
     if export == "rank0":
-        for key in _EXPORT_KEYS:
+        for key in EXPORT_KEYS:
             out.pop(key, None)
         return out
     if out.get("trace") is not None:

@@ -160,7 +160,10 @@ class SnapshotStore:
         pending one exists).
     directory:
         Write snapshots here (atomic rename, sha256 checksum, ``weights_only`` load) instead of
-        keeping CPU copies in memory.
+        keeping CPU copies in memory. If a write fails with ``OSError`` (read-only, full,
+        removed), that snapshot and all later ones are kept in memory (``directory`` becomes
+        ``None``), with one warning and one ``on_error`` call: a rollback must not be lost
+        to an unusable disk.
     good_after:
         Steps the rules must stay quiet after a snapshot before it counts as known good.
     budget:
@@ -168,7 +171,8 @@ class SnapshotStore:
     min_interval, max_interval:
         Bounds of the adaptive interval, in steps.
     on_error:
-        Called (no arguments) when a snapshot cannot be written, so the caller can count it.
+        Called (no arguments) when a snapshot cannot be taken or written (the fall-back to
+        memory included), so the caller can count it.
     deferred_schedule:
         Do not adapt the interval from this process's own timings; the caller calls
         :meth:`adapt` with figures every rank agrees on, so that all ranks snapshot at the same
@@ -197,6 +201,8 @@ class SnapshotStore:
         self.snapshots: deque[Snapshot] = deque()
         self.taken = 0
         self.failed = 0
+        #: times ``directory`` proved unwritable and the store switched to memory (0 or 1)
+        self.fallbacks = 0
         self.seconds = 0.0
         self._next_step: int | None = None
         self._step_seconds: float | None = None
@@ -243,8 +249,11 @@ class SnapshotStore:
             snap = Snapshot(step=step, data_position=data_position, state=state, seconds=0.0,
                             good=good, extra=dict(extra or {}), pinned=pinned)
             if self.directory is not None:
-                self._write(snap)
-        except Exception as exc:  # disk full, permissions, ...: report, count, train on
+                try:
+                    self._write(snap)
+                except OSError as exc:
+                    self._fall_back_to_memory(snap, exc)
+        except Exception as exc:  # cannot even capture: report, count, train on
             self.failed += 1
             log.warning("lrwatch: snapshot at step %d failed (%s); training goes on", step, exc)
             if self.on_error is not None:
@@ -259,6 +268,28 @@ class SnapshotStore:
         self._trim()
         self._reschedule(step, took)
         return snap
+
+    def _fall_back_to_memory(self, snap: Snapshot, exc: OSError) -> None:
+        """``directory`` cannot be written (read-only, full, gone): keep ``snap`` and every
+        later snapshot in memory, so a rollback still has somewhere to go. Logged once (the
+        store stops trying the directory) and reported to ``on_error``."""
+        self.failed += 1
+        self.fallbacks += 1
+        where, self.directory = self.directory, None
+        if snap.path:   # the data file was written, its metadata was not: the memory copy wins
+            self._delete(snap)
+        try:   # a half-written temporary file (a full disk) would only take more space
+            (where / f"snapshot-{snap.step:010d}.pt.tmp").unlink(missing_ok=True)  # type: ignore[operator]
+        except OSError:
+            pass
+        snap.path = snap.checksum = None
+        log.warning("lrwatch: cannot write snapshots to %s (%s); keeping them in memory from "
+                    "step %d on, and training goes on", where, exc, snap.step)
+        if self.on_error is not None:
+            try:
+                self.on_error()
+            except Exception:  # pragma: no cover - a counter that fails must not stop us
+                log.exception("lrwatch: snapshot on_error callback failed")
 
     def _write(self, snap: Snapshot) -> None:
         assert self.directory is not None and snap.state is not None

@@ -330,6 +330,7 @@ class Watcher(PlanExecutor):
         self._boundary_kind: str | None = None
         self._snap_seconds: list[float] = []
         self.sender = self._make_sender(alerts, alertmanager)
+        self._action_alerts: dict[str, Any] = {}   # kind -> the firing alert of an action
         self.hook = hook
         self.store: SnapshotStore | None = None
         if self.recovery is not None:
@@ -801,7 +802,7 @@ class Watcher(PlanExecutor):
                 s = replace(s, events=s.events + tuple(_event_record(e) for e in events))
             out.append(s)
         records: list[dict[str, Any]] = []
-        plans = self.policy.plan(events_all, self._progress(out[-1].step if out else None))
+        plans = self._plan(events_all, self._progress(out[-1].step if out else None))
         self._queue(plans, records)
         if self._late_records and out:
             out[0] = replace(out[0], events=tuple(self._late_records) + out[0].events)

@@ -14,11 +14,12 @@ It is a mixin over the Watcher's state (``model``, ``optimizer``, ``scheduler``,
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Mapping, Sequence
 
 from ..actions.rollback import scale_learning_rate
 from ..actions.snapshot import Snapshot, restore_state
-from .policy import EXIT_BUDGET, Plan, Progress, SnapshotInfo
+from .policy import CONTROL_ACTIONS, EXIT_BUDGET, Plan, Progress, SnapshotInfo
 from .probe import configured_rate, probe_rate
 
 __all__ = ["PlanExecutor"]
@@ -48,6 +49,8 @@ class PlanExecutor:
     hook: Any
     dist: Any
     step: int
+    run_name: str
+    _action_alerts: dict[str, Any]
     should_stop: bool
     exit_status: int
     stop_reason: str | None
@@ -57,6 +60,16 @@ class PlanExecutor:
         snaps = [SnapshotInfo(x.step, x.good, x.pinned)
                  for x in (self.store.snapshots if self.store is not None else ())]
         return Progress(self.step if step is None else step, snaps)
+
+    def _plan(self, events: Sequence[Any], progress: Progress) -> list[Plan]:
+        """The policy's plans for one flush; when they end a probation (the run got past its
+        rollback and stayed quiet), the rollback's alert is resolved: the run is healthy again."""
+        was_on_probation = self.policy.state.probation_until is not None
+        plans = self.policy.plan(events, progress)
+        if (was_on_probation and self.policy.state.probation_until is None
+                and not any(p.action in CONTROL_ACTIONS for p in plans)):
+            self._resolve_action_alerts(("rollback", "restart"))
+        return plans
 
     def _queue(self, plans: Sequence[Plan], records: list[dict[str, Any]]) -> None:
         """Send notifications now; queue control plans for the next safe point, recording each
@@ -169,9 +182,18 @@ class PlanExecutor:
             self.store.discard_pending()
             self._skip_remaining += p.skip_batches
             self.exporter.rollbacks.inc()
-            log.warning("lrwatch: %s at step %d: %s", p.rule, p.step,
-                        p.describe(self.recovery.max_rollbacks,  # type: ignore[union-attr]
-                                   self.policy.rollbacks), extra=_EVENT)
+            said = p.describe(self.recovery.max_rollbacks,  # type: ignore[union-attr]
+                              self.policy.rollbacks)
+            log.warning("lrwatch: %s at step %d: %s", p.rule, p.step, said, extra=_EVENT)
+            kind = "restart" if p.restart else "rollback"
+            self._fire_action_alert(
+                kind, "warning", p.rule, p.step,
+                f"{p.rule} at step {p.step}: {kind} to step {p.target}, "
+                f"learning rate x{p.lr_factor:g}", said,
+                {"to_step": str(p.target), "cut": f"{p.lr_factor:g}",
+                 "rollbacks": str(self.policy.rollbacks),
+                 "max_rollbacks": str(self.recovery.max_rollbacks),  # type: ignore[union-attr]
+                 "reason": p.reason})
         else:
             self.store.discard_pending(after_step=target.step)
             self.exporter.skipped_steps.inc(max(1, self.step - target.step))
@@ -253,6 +275,50 @@ class PlanExecutor:
         # still prints it to stderr).
         log.error("lrwatch: stopping the run at step %d: %s%s", self.step, self.stop_reason,
                   where, extra=_EVENT)
+        budget = d.exit_status == EXIT_BUDGET and "budget" in (d.reason or "")
+        self._fire_action_alert(
+            "budget_spent" if budget else "stop", "critical", d.rule, self.step,
+            f"the run stopped at step {self.step}: {self.stop_reason}",
+            f"{self.stop_reason}{where}",
+            {"reason": self.stop_reason, "exit_status": str(self.exit_status),
+             "rollbacks": str(self.policy.rollbacks)})
+
+    # --- alerts for the actions themselves ------------------------------------------------------
+    #: alertname of each action's alert (``lrwatch_event`` records say the same in the log)
+    ACTION_ALERTS = {"rollback": "LrwatchRollback", "restart": "LrwatchRestart",
+                     "stop": "LrwatchStop", "budget_spent": "LrwatchRollbackBudgetSpent"}
+
+    def _fire_action_alert(self, kind: str, severity: str, rule: str, step: int,
+                           summary: str, description: str, extra: Mapping[str, Any]) -> None:
+        """Tell the alert sinks what lrwatch did (a rollback, a restart, a stop, the budget
+        spent). Labels: ``alertname``, ``severity``, ``run`` (so runs sharing an Alertmanager
+        stay apart); never the step. Only with a sender; never raises."""
+        if self.sender is None:
+            return
+        try:
+            from ..actions.alerts import Alert
+
+            ann = {"summary": summary, "description": description or summary,
+                   "step": str(step), "rule": rule,
+                   **{k: str(v) for k, v in extra.items() if v not in (None, "")}}
+            alert = Alert(self.ACTION_ALERTS[kind],
+                          {"severity": severity, "run": str(getattr(self, "run_name", ""))},
+                          ann, starts_at=time.time())
+            self._action_alerts[kind] = alert
+            self.sender.fire(alert)
+        except Exception:
+            self._internal_error(f"sending the {kind} alert")
+
+    def _resolve_action_alerts(self, kinds: Sequence[str]) -> None:
+        """The run is healthy again: resolve the alerts of those actions."""
+        for kind in kinds:
+            alert = self._action_alerts.pop(kind, None)
+            if alert is None or self.sender is None:
+                continue
+            try:
+                self.sender.resolve(alert)
+            except Exception:
+                self._internal_error(f"resolving the {kind} alert")
 
     def _best_note(self) -> str:
         rec = self.best_eval

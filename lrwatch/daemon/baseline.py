@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
+from .calibrate import ProgressFn
 from .calibrate import calibrate as _calibrate
 from .reference import Reference, profile_records
 
@@ -28,17 +29,17 @@ __all__ = ["build_reference"]
 def build_reference(records: Iterable[Mapping[str, Any]], *, kinds: Mapping[str, str] | None = None,
                     calibrate: bool = True, window_size: int = 1000,
                     target_windows: float = 1000.0, seed: int = 0,
-                    sims: int | None = None) -> Reference:
+                    sims: int | None = None, progress: ProgressFn | None = None) -> Reference:
     """Profile validated records (each with a ``features`` mapping and maybe a ``prediction``)
     and, with ``calibrate``, calibrate the drift thresholds for ``window_size``-record windows
     at one false alarm per ``target_windows`` windows (seconds of CPU; see :mod:`.calibrate`).
 
     ``kinds`` forces a feature's kind (``numeric``, ``categorical``, ``binary``) instead of
-    inferring it.
+    inferring it. ``progress(stage, done, total)`` hears how calibration goes.
     """
     ref = profile_records(records, kinds=kinds)
     if calibrate:
         ref.calibration = _calibrate(ref, window_size=window_size,
                                      target_windows=target_windows, seed=seed,
-                                     sims=sims).to_dict()
+                                     sims=sims, progress=progress).to_dict()
     return ref

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from scipy import special
@@ -49,6 +49,9 @@ HORIZONS = (2, 4, 8, 16)
 _COPULA_DRAWS = 200_000
 _STREAMS = 4000
 _STREAM_WINDOWS = 100
+
+#: ``progress(stage, done, total)``: how far calibration has got (see :func:`calibrate`).
+ProgressFn = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -196,7 +199,8 @@ def _max_quantile(c: np.ndarray, mean_dims: np.ndarray, rate: float,
 
 
 def _sequential_threshold(corr: np.ndarray, n: int, m: int, rate: float,
-                          rng: np.random.Generator, horizons: tuple[int, ...]) -> float:
+                          rng: np.random.Generator, horizons: tuple[int, ...],
+                          progress: ProgressFn | None = None) -> float:
     """Per-window (1 - rate) quantile of the scan statistic max_{f,L} |z_{f,L}| on simulated
     null streams (window means ~ N(0, C/n), one reference offset ~ N(0, C/m) per stream)."""
     fn = len(corr)
@@ -205,7 +209,9 @@ def _sequential_threshold(corr: np.ndarray, n: int, m: int, rate: float,
     a = _psd_factor(corr)
     maxima = []
     batch = 250
-    for _ in range(_STREAMS // batch):
+    for b in range(_STREAMS // batch):
+        if progress is not None:
+            progress("null streams", b * batch, _STREAMS)
         u = (rng.standard_normal((batch, _STREAM_WINDOWS, fn)) @ a.T) / math.sqrt(n)
         e = (rng.standard_normal((batch, 1, fn)) @ a.T) / math.sqrt(m)
         cs = np.cumsum(u, axis=1)
@@ -219,11 +225,14 @@ def _sequential_threshold(corr: np.ndarray, n: int, m: int, rate: float,
             zmax = np.abs(z).max(axis=2)
             best[:, h - 1:] = np.maximum(best[:, h - 1:], zmax)
         maxima.append(best.ravel())
+    if progress is not None:
+        progress("null streams", _STREAMS, _STREAMS)
     return float(np.quantile(np.concatenate(maxima), 1.0 - rate))
 
 
 def calibrate(ref: Reference, *, window_size: int = 1000, target_windows: float = 1000.0,
-              sims: int | None = None, seed: int = 0, sequential: bool = True) -> Calibration:
+              sims: int | None = None, seed: int = 0, sequential: bool = True,
+              progress: ProgressFn | None = None) -> Calibration:
     """Calibrate the per-window and sequential thresholds of ``ref`` (see the module notes).
 
     Parameters
@@ -234,6 +243,10 @@ def calibrate(ref: Reference, *, window_size: int = 1000, target_windows: float 
         One false alarm per this many unshifted windows, all features and tests together.
     sims:
         Resamples for the standardisation and correlations (default 2000).
+    progress:
+        Called as ``progress(stage, done, total)`` as the work goes on (``"resamples"`` of
+        ``sims``, then ``"null streams"`` for the sequential threshold); it does not change the
+        result.
     """
     if window_size < 10:
         raise ConfigError(f"window_size must be at least 10 records, got {window_size}")
@@ -249,8 +262,12 @@ def calibrate(ref: Reference, *, window_size: int = 1000, target_windows: float 
     mean_dims = prof.mean_dims
     raw = np.empty((sims, len(prof.dims)))
     for i in range(0, sims, 100):
+        if progress is not None:
+            progress("resamples", i, sims)
         k = min(100, sims - i)
         raw[i:i + k] = normal_scores(_pvalues(prof, rs, rng, m, window_size, k), mean_dims)
+    if progress is not None:
+        progress("resamples", sims, sims)
     mu = raw.mean(axis=0)
     sd = raw.std(axis=0, ddof=1)
     # tests that cannot vary under the null (no missing values in the reference, say) keep
@@ -281,7 +298,8 @@ def calibrate(ref: Reference, *, window_size: int = 1000, target_windows: float 
             ncorr = np.corrcoef(filled, rowvar=False).reshape(len(prof.num), len(prof.num))
         ncorr = np.nan_to_num(ncorr, nan=0.0)
         np.fill_diagonal(ncorr, 1.0)
-        seq_threshold = _sequential_threshold(ncorr, window_size, m, rate / 2, rng, HORIZONS)
+        seq_threshold = _sequential_threshold(ncorr, window_size, m, rate / 2, rng, HORIZONS,
+                                              progress)
     return Calibration(window_size=window_size, target_windows=float(target_windows),
                        sims=sims, seed=seed, mu=[float(v) for v in mu],
                        sd=[float(v) for v in sd], threshold=threshold,

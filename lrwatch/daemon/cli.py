@@ -113,9 +113,15 @@ def baseline_group() -> None:
 @click.option("--sims", type=click.IntRange(100), default=None,
               help="Resamples for calibration (default 2000).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 def baseline_build(data: str, output: str, window_size: int, target_windows: float,
-                   kinds: tuple[str, ...], sims: int | None, seed: int) -> None:
-    """Profile DATA (JSONL records or CSV) and calibrate drift thresholds."""
+                   kinds: tuple[str, ...], sims: int | None, seed: int, quiet: bool) -> None:
+    """Profile DATA (JSONL records or CSV) and calibrate drift thresholds.
+
+    Progress goes to stderr (a line every few seconds while calibrating); the summary to
+    stdout.
+    """
+    from ..progress import Progress
     from .baseline import build_reference
     from .reference import PREDICTION, read_data
 
@@ -126,9 +132,15 @@ def baseline_build(data: str, output: str, window_size: int, target_windows: flo
                 raise click.BadParameter(f"expected FEATURE=KIND, got {k!r}", param_hint="--kind")
             name, v = k.split("=", 1)
             kind_map[name] = v
+        progress = Progress("calibrating", enabled=not quiet)
+        progress.message(f"reading {data}")
         rows = read_data(data)
+        progress.message(f"{len(rows)} records; profiling them, then calibrating the "
+                         f"thresholds for {window_size}-record windows")
         ref = build_reference(rows, kinds=kind_map, window_size=window_size,
-                              target_windows=target_windows, seed=seed, sims=sims)
+                              target_windows=target_windows, seed=seed, sims=sims,
+                              progress=lambda stage, done, total:
+                              progress.update(done, total, stage))
         ref.save(output)
     except LrwatchError as exc:
         raise click.ClickException(str(exc)) from exc

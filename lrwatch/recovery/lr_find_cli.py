@@ -8,11 +8,12 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import click
 
 from ..errors import ConfigError
+from ..progress import Progress
 from .curve import SUGGEST_RULES, LRCurve
 
 __all__ = ["lr_find_command", "load_target", "render_curve", "plot_curve"]
@@ -75,6 +76,31 @@ def _demo_target(seed: int) -> dict[str, Any]:
 
     return {"model": model, "optimizer": opt, "loader": Stream(), "batch_loss": batch_loss,
             "configured_lr": cfg.lr}
+
+
+def with_progress(fn: Callable[..., Any] | None, optimizer: Any, total: int,
+                  progress: Progress) -> Callable[..., Any] | None:
+    """``fn`` (the loss function, called once per step of the range test) reporting each step
+    to ``progress`` before it runs: the step, the rate it runs at and the previous step's loss
+    (read only when a line is printed: no extra device sync)."""
+    if fn is None:
+        return None
+    state: dict[str, Any] = {"step": 0, "loss": None}
+
+    def detail() -> str:
+        text = f"lr {float(optimizer.param_groups[0]['lr']):.3g}"
+        if state["loss"] is not None:
+            text += f", loss {float(state['loss'].detach()):.4g}"
+        return text
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        progress.update(state["step"], total, "steps", detail)
+        loss = fn(*args, **kwargs)
+        state["step"] += 1
+        state["loss"] = loss
+        return loss
+
+    return wrapped
 
 
 def render_curve(curve: LRCurve, rows: int = 12, width: int = 40) -> str:
@@ -151,14 +177,17 @@ def plot_curve(curve: LRCurve, path: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the curve as one JSON object.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed for the demo target (and torch) before the factory runs.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 def lr_find_command(target: str | None, min_lr: float, max_lr: float, steps: int, rule: str,
-                    fraction: float, plot: str | None, as_json: bool, seed: int) -> None:
+                    fraction: float, plot: str | None, as_json: bool, seed: int,
+                    quiet: bool) -> None:
     """Measure a learning rate before training: a range test (Smith 2015).
 
     TARGET is 'module:function' or 'file.py:function' returning a dict with model,
     optimizer, loader and loss_fn (called as loss_fn(model(x), y) on (x, y) batches) or
     batch_loss(model, batch); scheduler and scaler are optional. Without TARGET the demo's
     byte-level GRU is tested. The model, optimizer and data are left exactly as they were.
+    Progress goes to stderr (a line every few seconds); the curve, or its JSON, to stdout.
     """
     import torch
 
@@ -170,10 +199,16 @@ def lr_find_command(target: str | None, min_lr: float, max_lr: float, steps: int
         else:
             torch.manual_seed(seed)
             made = load_target(target)
-        curve = lr_find(made["model"], made["optimizer"], made["loader"], made.get("loss_fn"),
-                        batch_loss=made.get("batch_loss"), scheduler=made.get("scheduler"),
+        progress = Progress("lr-find", enabled=not quiet)
+        loss_fn, batch_loss = made.get("loss_fn"), made.get("batch_loss")
+        if (loss_fn is None) != (batch_loss is None):   # else lr_find says what is wrong
+            loss_fn = with_progress(loss_fn, made["optimizer"], steps, progress)
+            batch_loss = with_progress(batch_loss, made["optimizer"], steps, progress)
+        curve = lr_find(made["model"], made["optimizer"], made["loader"], loss_fn,
+                        batch_loss=batch_loss, scheduler=made.get("scheduler"),
                         scaler=made.get("scaler"), min_lr=min_lr, max_lr=max_lr,
                         num_steps=steps, rule=rule, fraction=fraction)
+        progress.message(f"{curve.steps} of {steps} steps, stopped: {curve.stopped}")
         if plot:
             plot_curve(curve, plot)
     except ConfigError as exc:

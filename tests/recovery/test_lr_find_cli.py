@@ -48,7 +48,7 @@ def test_summary_plot_and_json(target: str, tmp_path: Path) -> None:
     res = runner.invoke(cli, ["lr-find", f"{target}:make", "--steps", "40", "--json",
                               "--fraction", "0.3"])
     assert res.exit_code == 0, res.output
-    d = json.loads(res.output)
+    d = json.loads(res.stdout)  # progress lines go to stderr
     assert d["stopped"] in ("diverged", "nonfinite", "end") and len(d["lrs"]) == len(d["losses"])
     assert d["suggestion"] == pytest.approx(0.3 * d["largest_stable"])
 

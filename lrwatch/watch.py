@@ -42,12 +42,25 @@ from .rules import Engine, RuleSet, load_pack, load_rules
 from .rules.schema import PACKS
 from .samples import Sample
 
-__all__ = ["Watcher", "Listener", "RecoveryConfig", "BestEval"]
+__all__ = ["Watcher", "Listener", "RecoveryConfig", "BestEval", "rank_trace_path"]
 
 log = logging.getLogger("lrwatch")
 
 Listener = Callable[[Sample], None]
 T = TypeVar("T")
+
+
+def rank_trace_path(trace: "str | os.PathLike[str]", rank: int) -> str:
+    """The trace of rank ``rank``: the rank goes before the suffix, so a ``*.jsonl`` glob
+    (``lrwatch replay DIR``, ``lrwatch report``) finds every rank's trace.
+
+    One name for the Watcher (``export="all"``) and the framework callbacks.
+
+    >>> rank_trace_path("runs/run.jsonl", 1), rank_trace_path("run", 2)
+    ('runs/run.rank1.jsonl', 'run.rank2')
+    """
+    root, ext = os.path.splitext(os.fspath(trace))
+    return f"{root}.rank{int(rank)}{ext}"
 
 
 def _rule_set(rules: "str | os.PathLike[str] | RuleSet | None") -> RuleSet | None:
@@ -163,7 +176,8 @@ class Watcher(PlanExecutor):
     export:
         ``"rank0"`` (default): only rank 0 serves ``/metrics``, writes the trace, pushes and
         alerts. ``"all"``: every rank serves on ``port + rank`` with a ``rank`` label and
-        writes ``TRACE.rank<r>``.
+        writes its own trace, the rank before the suffix (``run.jsonl`` ->
+        ``run.rank1.jsonl``, :func:`rank_trace_path`).
     keep_best:
         Keep the model's state (parameters and buffers) at its best evaluation, for
         ``{stop: {restore: best}}`` and :meth:`restore_best`. ``True``: ``eval_accuracy``
@@ -284,7 +298,7 @@ class Watcher(PlanExecutor):
             if port:
                 port = port + self.dist.rank
             if trace is not None:
-                trace = f"{os.fspath(trace)}.rank{self.dist.rank}"
+                trace = rank_trace_path(trace, self.dist.rank)
         if not exports_here:
             port = None
             trace = None

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import itertools
-import os
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
 from ..distributed import EXPORT_CHOICES, EXPORT_KEYS
 from ..errors import ConfigError
+from ..watch import rank_trace_path
 
 __all__ = ["SkipSampler", "wrap_dataloader", "export_kwargs", "eval_name", "scalar",
            "EXPORT_CHOICES", "reapply_best"]
@@ -85,7 +85,8 @@ def export_kwargs(kwargs: Mapping[str, Any], rank: int, export: str) -> dict[str
 
     With ``torch.distributed`` initialised the Watcher decides itself (its ``export``
     argument). Otherwise the framework's ``rank`` decides here: ``rank0`` drops the exporters on
-    other ranks; ``all`` gives each rank a trace with ``.rank{N}`` before the suffix and serves
+    other ranks; ``all`` gives each rank a trace with ``.rank{N}`` before the suffix (the
+    Watcher's own name, :func:`~lrwatch.watch.rank_trace_path`) and serves
     ``port + rank`` (port 0 stays 0: each picks a free port).
     """
     out = dict(kwargs)
@@ -98,8 +99,7 @@ def export_kwargs(kwargs: Mapping[str, Any], rank: int, export: str) -> dict[str
             out.pop(key, None)
         return out
     if out.get("trace") is not None:
-        root, ext = os.path.splitext(os.fspath(out["trace"]))
-        out["trace"] = f"{root}.rank{rank}{ext}"
+        out["trace"] = rank_trace_path(out["trace"], rank)
     if isinstance(out.get("port"), int) and out["port"] > 0:
         out["port"] = out["port"] + rank
     return out

@@ -151,9 +151,9 @@ def test_lightning_ddp_norms_rank0_export_and_nan_on_one_rank(tmp_path: Path) ->
 def test_lightning_ddp_export_all_writes_one_trace_per_rank(tmp_path: Path) -> None:
     out = tmp_path / "run"
     results = _lightning(out, "--export", "all", "--steps", "10")
-    assert sorted(p.name for p in out.glob("trace*")) == ["trace.jsonl.rank0",
-                                                          "trace.jsonl.rank1"]
-    traces = [read_trace(out / f"trace.jsonl.rank{r}") for r in range(2)]
+    assert sorted(p.name for p in out.glob("trace*")) == ["trace.rank0.jsonl",
+                                                          "trace.rank1.jsonl"]
+    traces = [read_trace(out / f"trace.rank{r}.jsonl") for r in range(2)]
     for t in traces:
         assert [s.step for s in t] == list(range(1, 11))
     # Every rank exports the same agreed samples, each from its own server.
@@ -192,9 +192,9 @@ def test_hf_trainer_ddp_norms_loss_rank0_export_and_nan_on_one_rank(tmp_path: Pa
 def test_hf_trainer_ddp_export_all_writes_one_trace_per_rank(tmp_path: Path) -> None:
     out = tmp_path / "run"
     results = _hf(out, "--export", "all", "--steps", "10")
-    assert sorted(p.name for p in out.glob("trace*")) == ["trace.jsonl.rank0",
-                                                          "trace.jsonl.rank1"]
-    traces = [read_trace(out / f"trace.jsonl.rank{r}") for r in range(2)]
+    assert sorted(p.name for p in out.glob("trace*")) == ["trace.rank0.jsonl",
+                                                          "trace.rank1.jsonl"]
+    traces = [read_trace(out / f"trace.rank{r}.jsonl") for r in range(2)]
     for t in traces:
         assert [s.step for s in t] == list(range(1, 11))
     for a, b in zip(*traces):

@@ -275,14 +275,14 @@ def _stopped_run(tmp_path: Path, restore: str, *, as_tensor: bool = True,
 
 @pytest.mark.parametrize("as_tensor", [True, False])
 def test_rule_stop_restores_the_best_evaluated_state(tmp_path: Path, as_tensor: bool,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+                                                     caplog: pytest.LogCaptureFixture) -> None:
     w, model, seen, _ = _stopped_run(tmp_path, "best", as_tensor=as_tensor)
     assert w.should_stop and w.exit_status == 3 and w.step == 12
     assert w.best_eval is not None and w.best_eval.step == 6
     assert _equal(model, seen[6])
     assert not _equal(model, seen[12])
     note = "restored the best evaluated state of step 6 (eval_accuracy=0.9)"
-    assert note in capsys.readouterr().err
+    assert note in caplog.text   # the stop line, on the lrwatch logger
     events = [e for s in read_trace(tmp_path / "t.jsonl") for e in s.events
               if e.get("type") == "stop"]
     assert len(events) == 1
@@ -290,12 +290,12 @@ def test_rule_stop_restores_the_best_evaluated_state(tmp_path: Path, as_tensor: 
 
 
 def test_stop_without_a_best_state_falls_back_and_says_so(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # The watched metric (eval_loss) is never logged: nothing to restore.
     w, model, seen, _ = _stopped_run(tmp_path, "best", keep_best="eval_loss")
     assert w.exit_status == 3 and w.best_eval is None
     assert _equal(model, seen[12])  # stopped as it was, as without restore
-    assert "no best evaluated state was kept, so none was restored" in capsys.readouterr().err
+    assert "no best evaluated state was kept, so none was restored" in caplog.text
 
 
 def test_stop_restore_last_good_and_none(tmp_path: Path) -> None:

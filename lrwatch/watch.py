@@ -161,6 +161,10 @@ class Watcher(PlanExecutor):
     alerts:
         An :class:`~lrwatch.actions.alerts.AlertSender`, or a list of sinks, for ``alert``
         actions. ``alertmanager="http://host:9093"`` is a shortcut for one Alertmanager sink.
+        With a sink, lrwatch's own actions are alerts too: ``LrwatchRollback``,
+        ``LrwatchRestart`` (resolved once the run passes its probation), ``LrwatchStop`` and
+        ``LrwatchRollbackBudgetSpent`` (see ``docs/alerts.md``). Given-up deliveries count in
+        ``lrwatch_internal_errors_total``.
     hook:
         A :class:`~lrwatch.actions.hooks.HookAction` run for ``hook`` actions.
     step_hooks:

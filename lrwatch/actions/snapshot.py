@@ -276,10 +276,11 @@ class SnapshotStore:
         self.failed += 1
         self.fallbacks += 1
         where, self.directory = self.directory, None
+        assert where is not None
         if snap.path:   # the data file was written, its metadata was not: the memory copy wins
             self._delete(snap)
         try:   # a half-written temporary file (a full disk) would only take more space
-            (where / f"snapshot-{snap.step:010d}.pt.tmp").unlink(missing_ok=True)  # type: ignore[operator]
+            (where / f"snapshot-{snap.step:010d}.pt.tmp").unlink(missing_ok=True)
         except OSError:
             pass
         snap.path = snap.checksum = None

@@ -4,6 +4,7 @@ left firing; a stop rule sends a stop alert; without a sink nothing is sent."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -102,7 +103,8 @@ def test_spent_budget_is_announced_and_stays_firing(alertmanager: AlertmanagerSe
     assert len(_named(alertmanager, "LrwatchRollback")) == 1
 
 
-def test_a_stop_rule_sends_a_stop_alert(alertmanager: AlertmanagerServer, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_stop_rule_sends_a_stop_alert(alertmanager: AlertmanagerServer,
+                                        tmp_path: Path) -> None:
     rules = tmp_path / "rules.yml"
     rules.write_text("""
 version: 1

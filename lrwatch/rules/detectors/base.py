@@ -162,12 +162,3 @@ class Detector:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"{type(self).__name__}({args})"
-
-
-def fired(value: float, direction: str, above: float, below: float) -> bool:
-    """Whether ``value`` crosses ``above`` (up), ``below`` (down) or either (both)."""
-    if direction == "up":
-        return value > above
-    if direction == "down":
-        return value < below
-    return value > above or value < below

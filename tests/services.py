@@ -11,6 +11,7 @@ The pytest fixtures that wrap these classes live in ``tests/conftest.py``: ``pro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import IO, Any, Callable, Iterable, Mapping, Sequence
+from typing import IO, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import pytest
 
@@ -43,6 +44,7 @@ __all__ = [
     "promtool_check_metrics",
     "MetricsHTTPServer",
     "DEBIAN_PACKAGES",
+    "tmpfs", "fill_filesystem",
 ]
 
 #: What to install when a binary is missing (Debian/Ubuntu package names).
@@ -72,6 +74,40 @@ class QueryError(ServiceError):
 
 # --------------------------------------------------------------------------------------------
 # small helpers
+
+
+@contextlib.contextmanager
+def tmpfs(path: str | os.PathLike[str], options: str) -> Iterator[Path]:
+    """A real tmpfs mounted at ``path`` (created) with mount ``options`` (``size=1m``,
+    ``ro,size=1m``), unmounted after; skips the test without root or ``mount``."""
+    where = Path(path)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    where.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def fill_filesystem(path: str | os.PathLike[str]) -> None:
+    """Take every free byte of the file system holding ``path`` (a file it creates), so that
+    the next write there fails with ENOSPC."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        block = b"\0" * 4096
+        while True:
+            try:
+                if os.write(fd, block) < len(block):
+                    block = block[:1]
+            except OSError:
+                break
+    finally:
+        os.close(fd)
 
 
 def find_binary(name: str) -> str:

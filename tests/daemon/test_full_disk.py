@@ -7,6 +7,7 @@ the journal test makes writes fail with a file-size limit (``RLIMIT_FSIZE``, no 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 
 from daemon_helpers import WINDOW, make_record
-from services import free_port, http_request, wait_until
+from services import fill_filesystem, free_port, http_request, tmpfs, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -60,16 +61,6 @@ def test_a_journal_write_that_fails_leaves_no_partial_entry(tmp_path) -> None:
 
 
 # --- end to end on a tiny tmpfs ------------------------------------------------------------------
-def _mount_tmpfs(path: str, size: str) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    os.makedirs(path, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
-
-
 def _start(reference: str, state: str, port: int, log: str) -> subprocess.Popen[bytes]:
     with open(log, "ab") as err:
         proc = subprocess.Popen(
@@ -89,25 +80,11 @@ def _get(port: int, path: str) -> tuple[int, bytes]:
         return 0, b""
 
 
-def _fill(path: str) -> None:
-    """Take every free byte of the file system (the daemon's next write fails)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        block = b"\0" * 4096
-        while True:
-            try:
-                if os.write(fd, block) < len(block):
-                    block = block[:1]
-            except OSError:
-                break
-    finally:
-        os.close(fd)
-
-
 def test_full_disk_kill_9_and_restart_lose_no_acknowledged_record(reference_path,
                                                                    tmp_path) -> None:
     state = str(tmp_path / "state")
-    _mount_tmpfs(state, "4m")
+    mounted = contextlib.ExitStack()
+    mounted.enter_context(tmpfs(state, "size=4m"))
     filler = os.path.join(state, "filler")
     log = str(tmp_path / "daemon.log")
     port = free_port()
@@ -169,14 +146,14 @@ def test_full_disk_kill_9_and_restart_lose_no_acknowledged_record(reference_path
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-        subprocess.run(["umount", "-l", state], capture_output=True)
+        mounted.close()
 
 
 def _full_disk_then_kill(proc: subprocess.Popen[bytes], post: Any, filler: str,
                          port: int) -> None:
     for _ in range(30):
         assert post() == 200
-    _fill(filler)
+    fill_filesystem(filler)
     statuses = [post() for _ in range(20)]
     assert statuses.count(503) >= 19, statuses  # at most one fit in what was left
     assert _get(port, "/healthz")[0] == 503
@@ -192,7 +169,7 @@ def _full_disk_then_kill(proc: subprocess.Popen[bytes], post: Any, filler: str,
         assert post() == 200
 
     # full again, and killed while full
-    _fill(filler)
+    fill_filesystem(filler)
     statuses = [post() for _ in range(10)]
     assert statuses.count(503) >= 9, statuses
     os.kill(proc.pid, signal.SIGKILL)

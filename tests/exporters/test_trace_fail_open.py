@@ -6,13 +6,9 @@ Mounting needs root; without it (or without tmpfs) the tests skip and say why.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import subprocess
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -20,36 +16,7 @@ import torch
 import lrwatch
 from lrwatch.exporters.trace import TraceWriter, read_trace
 from lrwatch.samples import Sample
-
-
-@contextlib.contextmanager
-def _tmpfs(path: Path, options: str) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
-
-
-def _fill(path: Path) -> None:
-    """Take every free byte of the file system, so that the next write fails (ENOSPC)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        block = b"\0" * 4096
-        while True:
-            try:
-                if os.write(fd, block) < len(block):
-                    block = block[:1]
-            except OSError:
-                break
-    finally:
-        os.close(fd)
+from services import fill_filesystem, tmpfs
 
 
 def _train(watch: lrwatch.Watcher, model: torch.nn.Module, opt: torch.optim.Optimizer,
@@ -73,7 +40,7 @@ def _lrwatch_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord
 def test_full_disk_logs_once_counts_and_trains_to_the_end(tmp_path: Path,
                                                           caplog: pytest.LogCaptureFixture
                                                           ) -> None:
-    with _tmpfs(tmp_path / "disk", "size=256k") as disk:
+    with tmpfs(tmp_path / "disk", "size=256k") as disk:
         trace = disk / "run.jsonl"
         filler = disk / "filler"
         model = torch.nn.Linear(8, 1)
@@ -82,7 +49,7 @@ def test_full_disk_logs_once_counts_and_trains_to_the_end(tmp_path: Path,
         with lrwatch.Watcher(model, opt, trace=str(trace), flush_every=5, rules=None) as watch:
             # healthy for 50 steps, the disk full for 200, then space again
             _train(watch, model, opt, 300, {50: lambda: (watch.flush(), watch.trace.flush(),
-                                                         _fill(filler)),
+                                                         fill_filesystem(filler)),
                                             250: lambda: filler.unlink()}, pace=0.02)
         assert watch.step == 300
         records = _lrwatch_records(caplog)
@@ -102,8 +69,8 @@ def test_writer_with_on_error_counts_every_failure_and_never_raises(tmp_path: Pa
                                                                     caplog: pytest.LogCaptureFixture
                                                                     ) -> None:
     calls: list[int] = []
-    with _tmpfs(tmp_path / "disk", "size=64k") as disk:
-        _fill(disk / "filler")
+    with tmpfs(tmp_path / "disk", "size=64k") as disk:
+        fill_filesystem(disk / "filler")
         caplog.set_level(logging.WARNING, logger="lrwatch")
         w = TraceWriter(disk / "t.jsonl", on_error=lambda: calls.append(1))
         for step in range(1, 6):
@@ -117,7 +84,7 @@ def test_writer_with_on_error_counts_every_failure_and_never_raises(tmp_path: Pa
 
 def test_read_only_trace_path_trains_to_the_end(tmp_path: Path,
                                                 caplog: pytest.LogCaptureFixture) -> None:
-    with _tmpfs(tmp_path / "ro", "size=64k,ro") as ro:
+    with tmpfs(tmp_path / "ro", "size=64k,ro") as ro:
         model = torch.nn.Linear(8, 1)
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         caplog.set_level(logging.WARNING, logger="lrwatch")

@@ -1,12 +1,11 @@
 """An unusable ``snapshot_dir`` (a read-only file system, a full one) never turns a rollback into a
 stop: the store falls back to memory, says so once, counts it, and the run trains to the end.
 
-The file systems are real tmpfs mounts (the tests need root and ``mount``; they skip without)."""
+The file systems are real tmpfs mounts (``services.tmpfs``: root and ``mount``, else skipped)."""
 
 from __future__ import annotations
 
 import logging
-import subprocess
 from pathlib import Path
 from typing import Iterator
 
@@ -16,25 +15,15 @@ from torch import nn
 
 import lrwatch
 from lrwatch.actions.snapshot import SnapshotStore
-
-
-def _mount(where: Path, options: str) -> None:
-    where.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+from services import tmpfs
 
 
 @pytest.fixture(params=["read-only", "full"])
 def bad_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
-    where = tmp_path / "snaps"
-    # read-only: nothing can be created; full: 1 MB, less than one snapshot of the model below
-    _mount(where, "ro,size=1m" if request.param == "read-only" else "size=1m")
-    try:
+    # read-only: nothing can be created; full: 1 MB, less than the model with its momentum
+    with tmpfs(tmp_path / "snaps", "ro,size=1m" if request.param == "read-only"
+               else "size=1m") as where:
         yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def _model() -> nn.Module:

@@ -133,18 +133,13 @@ def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
-#: The Watcher's own log lines about rule events and actions (their format strings). The demo
-#: prints those events itself, from the trace's ``events``, one line each and in step order, so
-#: while it runs these lines are held back; every other lrwatch warning (a taken port, a full
-#: disk, an internal error) still goes to stderr.
-_EVENT_LOG_PREFIXES = ("lrwatch: %s ", "lrwatch: step %d: ", "lrwatch: the run is healthy",
-                       "lrwatch: stopping the run")
-
-
+#: The Watcher marks its own log records about rule events and actions with
+#: ``extra={"lrwatch_event": True}``. The demo prints those events itself, from the trace's
+#: ``events``, one line each and in step order, so while it runs these records are held back;
+#: every other lrwatch warning (a taken port, a full disk, an internal error) still goes to stderr.
 class _DropEventLines(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.msg if isinstance(record.msg, str) else ""
-        return record.exc_info is not None or not msg.startswith(_EVENT_LOG_PREFIXES)
+        return record.exc_info is not None or not getattr(record, "lrwatch_event", False)
 
 
 class DemoConsole:

@@ -30,7 +30,8 @@ from prometheus_client import CollectorRegistry
 
 from .actions.best import KEEP_BEST_MODES, BestEval, BestState
 from .actions.snapshot import Snapshot, SnapshotStore
-from .distributed import SQ_REP, SQ_SHARD, RankContext, combine_rank_samples, split_by_placement
+from .distributed import (EXPORT_CHOICES, SQ_REP, SQ_SHARD, RankContext, combine_rank_samples,
+                          split_by_placement)
 from .errors import ConfigError
 from .exporters.prometheus import MetricsServer, TrainingExporter, start_metrics_server
 from .exporters.trace import TraceWriter
@@ -284,8 +285,9 @@ class Watcher(PlanExecutor):
         self._prev_params: list[torch.Tensor] | None = None
 
         # Distributed: which rank exports, and whether gradients are sharded.
-        if export not in ("rank0", "all"):
-            raise ConfigError(f"export must be 'rank0' or 'all', got {export!r}")
+        if export not in EXPORT_CHOICES:
+            raise ConfigError(f"export must be one of {', '.join(map(repr, EXPORT_CHOICES))}, "
+                              f"got {export!r}")
         self.dist = RankContext(process_group)
         self.export = export
         self._sharded = bool(self.dist.active and split_by_placement(params)[1])

@@ -45,6 +45,8 @@ from .samples import Sample
 
 __all__ = ["Watcher", "Listener", "RecoveryConfig", "BestEval", "rank_trace_path"]
 
+from ._ratelimit import LogLimiter
+
 log = logging.getLogger("lrwatch")
 
 Listener = Callable[[Sample], None]
@@ -268,6 +270,7 @@ class Watcher(PlanExecutor):
         self._stepped_since_update = False
         self.flushes = 0
         self._warned: set[str] = set()
+        self._limit = LogLimiter()   # an internal error repeating at every flush: a line a minute
 
         params = [p for g in optimizer.param_groups for p in g["params"]]
         self._device = params[0].device if params else torch.device("cpu")
@@ -960,7 +963,8 @@ class Watcher(PlanExecutor):
 
     def _internal_error(self, what: str) -> None:
         self.exporter.count_error()
-        log.warning("lrwatch: internal error while %s (training goes on)", what, exc_info=True)
+        self._limit.warning(log, what.split(":", 1)[0], "lrwatch: internal error while %s "
+                            "(training goes on)", what, exc_info=True)
 
     def _warn_once(self, key: str, message: str) -> None:
         self.exporter.count_error()

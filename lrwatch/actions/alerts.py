@@ -74,6 +74,8 @@ __all__ = [
     "SEVERITIES",
 ]
 
+from .._ratelimit import LogLimiter
+
 _log = logging.getLogger("lrwatch")
 
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -638,6 +640,7 @@ class AlertSender:
         self.backoff = (b0, b1)
         self.clock = clock
         self.on_error = on_error
+        self._limit = LogLimiter()   # a sink that stays down: one line a minute per sink
         self.registry = registry if registry is not None else CollectorRegistry()
 
         self._queue: BoundedQueue[Alert] = BoundedQueue(queue_size)
@@ -845,8 +848,9 @@ class AlertSender:
         return base * (0.5 + 0.5 * self._rng.random())
 
     def _give_up(self, d: _Delivery, exc: BaseException | str) -> None:
-        _log.warning("lrwatch: giving up delivering %d alert(s) to %s after %d attempt(s): %s",
-                     len(d.alerts), d.sink.name, max(d.attempt, 1), exc)
+        self._limit.warning(_log, d.sink.name, "lrwatch: giving up delivering %d alert(s) to %s "
+                            "after %d attempt(s): %s", len(d.alerts), d.sink.name,
+                            max(d.attempt, 1), exc)
         self._failed[d.sink.name].inc(len(d.alerts))
         if self.on_error is not None:
             try:

@@ -56,6 +56,8 @@ from .alerts import BoundedQueue, DeliveryError, post_json, wait_drained
 
 __all__ = ["HookAction", "hook_payload"]
 
+from .._ratelimit import LogLimiter
+
 _log = logging.getLogger("lrwatch")
 _RESULTS = ("ok", "failed", "timeout")
 _OUTPUT_TAIL = 2000  # characters of a hook's output kept for the log
@@ -196,6 +198,7 @@ class HookAction:
         self.on_resolved = on_resolved
         self.clock = clock
         self.on_error = on_error
+        self._limit = LogLimiter()   # a hook failing at every firing: one line a minute
         self.registry = registry if registry is not None else CollectorRegistry()
 
         runs = Counter("lrwatch_hooks_run", "Hook runs, by result (ok, failed, timeout).",
@@ -301,8 +304,8 @@ class HookAction:
             post_json(self.url or "", payload, timeout=self.timeout, headers=self.headers)
         except DeliveryError as exc:
             timed_out = "timed out" in str(exc)
-            _log.warning("lrwatch: hook POST for rule %s %s: %s", payload["rule"],
-                         "timed out" if timed_out else "failed", exc)
+            self._limit.warning(_log, "post", "lrwatch: hook POST for rule %s %s: %s",
+                                payload["rule"], "timed out" if timed_out else "failed", exc)
             return "timeout" if timed_out else "failed"
         return "ok"
 
@@ -318,19 +321,22 @@ class HookAction:
                                     stderr=subprocess.PIPE, env=env, cwd=self.cwd, shell=False,
                                     start_new_session=True)
         except (OSError, ValueError) as exc:
-            _log.warning("lrwatch: hook %s for rule %s could not start: %s", self.argv[0], rule,
+            self._limit.warning(_log, "start", "lrwatch: hook %s for rule %s could not start: %s",
+                                self.argv[0], rule,
                          exc)
             return "failed"
         try:
             out, err = proc.communicate(data, timeout=self.timeout)
         except subprocess.TimeoutExpired:
             self._kill(proc)
-            _log.warning("lrwatch: hook %s for rule %s ran past %.1fs and was killed",
+            self._limit.warning(_log, "timeout", "lrwatch: hook %s for rule %s ran past %.1fs and "
+                                "was killed",
                          self.argv[0], rule, self.timeout)
             return "timeout"
         tail = (out + err)[-_OUTPUT_TAIL:].decode(errors="replace").strip()
         if proc.returncode != 0:
-            _log.warning("lrwatch: hook %s for rule %s exited with status %s: %s", self.argv[0],
+            self._limit.warning(_log, "status", "lrwatch: hook %s for rule %s exited with status "
+                                "%s: %s", self.argv[0],
                          rule, proc.returncode, tail)
             return "failed"
         _log.debug("lrwatch: hook %s for rule %s ran: %s", self.argv[0], rule, tail)

@@ -33,6 +33,8 @@ from ..errors import ConfigError
 __all__ = ["Snapshot", "SnapshotStore", "capture_state", "restore_state", "cpu_copy",
            "save_verified", "load_verified"]
 
+from .._ratelimit import LogLimiter
+
 log = logging.getLogger("lrwatch")
 
 
@@ -198,6 +200,7 @@ class SnapshotStore:
         self.max_interval = max_interval
         self.interval = min_interval
         self.on_error = on_error
+        self._limit = LogLimiter()   # a capture failing at every interval: a line a minute
         self.snapshots: deque[Snapshot] = deque()
         self.taken = 0
         self.failed = 0
@@ -255,7 +258,8 @@ class SnapshotStore:
                     self._fall_back_to_memory(snap, exc)
         except Exception as exc:  # cannot even capture: report, count, train on
             self.failed += 1
-            log.warning("lrwatch: snapshot at step %d failed (%s); training goes on", step, exc)
+            self._limit.warning(log, "capture", "lrwatch: snapshot at step %d failed (%s); "
+                                "training goes on", step, exc)
             if self.on_error is not None:
                 self.on_error()
             self._reschedule(step, time.perf_counter() - t0)

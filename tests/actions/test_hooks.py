@@ -231,6 +231,21 @@ def test_failing_commands_are_counted_and_never_raise(tmp_path: Path,
     assert missing.run({"no": "rule"}) is False  # a bad event is logged, not raised
 
 
+def test_a_hook_that_keeps_failing_is_logged_once_a_minute_and_counted_every_time(
+        hooks: list[HookAction], caplog: pytest.LogCaptureFixture) -> None:
+    errors: list[int] = []
+    bad_exit = HookAction([sys.executable, "-c", "import sys; sys.exit(3)"], cooldown=0,
+                          on_error=lambda: errors.append(1))
+    hooks.append(bad_exit)
+    with caplog.at_level("WARNING", logger="lrwatch"):
+        for _ in range(4):
+            assert bad_exit.run(_event())
+        assert bad_exit.flush(60)
+    lines = [r for r in caplog.records if "exited with status 3" in r.getMessage()]
+    assert len(lines) == 1                      # the repeats within a minute are held back ...
+    assert _runs(bad_exit, "failed") == 4.0 and errors == [1] * 4   # ... and all counted
+
+
 def test_cooldown_per_rule(tmp_path: Path, hooks: list[HookAction]) -> None:
     out = tmp_path / "runs.jsonl"
     now = [1000.0]

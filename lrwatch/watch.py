@@ -397,6 +397,11 @@ class Watcher(PlanExecutor):
         return self.server.url if self.server else None
 
     @property
+    def rollbacks(self) -> int:
+        """Rollbacks and restarts carried out so far (kept across ``state_dict`` resumes)."""
+        return int(self.policy.state.rollbacks)
+
+    @property
     def best_eval(self) -> BestEval | None:
         """The best evaluation whose state is kept (step, metric, value, where), or ``None``.
 

@@ -115,6 +115,11 @@ class LrwatchCallback(pl.Callback):
     def metrics_url(self) -> str | None:
         return self.watcher.metrics_url if self.watcher is not None else None
 
+    @property
+    def rollbacks(self) -> int:
+        """Rollbacks and restarts the Watcher carried out so far (0 before training starts)."""
+        return self.watcher.rollbacks if self.watcher is not None else 0
+
     # --- set-up and tear-down ------------------------------------------------------------------
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if not trainer.optimizers:

@@ -108,6 +108,11 @@ class LrwatchCallback(TrainerCallback):
     def metrics_url(self) -> str | None:
         return self.watcher.metrics_url if self.watcher is not None else None
 
+    @property
+    def rollbacks(self) -> int:
+        """Rollbacks and restarts the Watcher carried out so far (0 before training starts)."""
+        return self.watcher.rollbacks if self.watcher is not None else 0
+
     # --- set-up and tear-down ------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
                        optimizer: Any = None, lr_scheduler: Any = None,

@@ -139,6 +139,7 @@ def test_injected_divergence_is_rolled_back_and_the_run_finishes_healthy(tmp_pat
     trainer.fit(model, _loader())
     w = cb.watcher
     assert w is not None and w.policy.rollbacks == 1 and not w.should_stop
+    assert cb.rollbacks == w.rollbacks == 1   # the public count for callback users
     assert trainer.global_step == 70 and w.step == 70  # one step count, the framework's
     assert all(torch.isfinite(p).all() for p in model.parameters())
     lr = trainer.optimizers[0].param_groups[0]["lr"]

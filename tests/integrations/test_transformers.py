@@ -161,6 +161,7 @@ def test_budget_uses_the_trainer_stop(tmp_path: Path) -> None:
     trainer = _train(tmp_path, cb, [Poison(model, set(range(20, 400, 12)))], model=model,
                      max_steps=300)
     assert cb.watcher is not None and cb.watcher.policy.rollbacks == 2
+    assert cb.rollbacks == 2   # the public count for callback users
     assert cb.exit_status == EXIT_BUDGET
     assert trainer.state.global_step < 300  # control.should_training_stop ended the run
 

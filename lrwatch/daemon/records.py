@@ -41,6 +41,7 @@ from operator import itemgetter
 from typing import Any, Callable, Iterable, Sequence
 
 from ..errors import LrwatchError
+from ..samples import encode_number
 
 try:  # the optional ``fast`` extra
     import orjson as _orjson
@@ -577,8 +578,7 @@ def dumps(obj: Any) -> str:  # compact, for the responses
 
 def _finite_only(obj: Any) -> Any:
     if type(obj) is float:
-        return obj if math.isfinite(obj) else ("nan" if obj != obj else
-                                               "inf" if obj > 0 else "-inf")
+        return encode_number(obj)
     if isinstance(obj, dict):
         return {k: _finite_only(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -29,6 +29,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from .actions.best import KEEP_BEST_MODES, BestEval, BestState
+from .actions.notify import Notifier
 from .actions.snapshot import Snapshot, SnapshotStore
 from .distributed import (EXPORT_CHOICES, SQ_REP, SQ_SHARD, RankContext, combine_rank_samples,
                           split_by_placement)
@@ -355,6 +356,7 @@ class Watcher(PlanExecutor):
         self.sender = self._make_sender(alerts, alertmanager)
         self._action_alerts: dict[str, Any] = {}   # kind -> the firing alert of an action
         self.hook = hook
+        self.notifier = Notifier(self.sender, hook, on_error=self.exporter.count_error)
         self.store: SnapshotStore | None = None
         if self.recovery is not None:
             rc = self.recovery

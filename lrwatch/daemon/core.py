@@ -123,6 +123,7 @@ class Daemon(WindowsMixin, EvaluationMixin, PublishingMixin):
     # --- set-up --------------------------------------------------------------------------------
     def _setup_actions(self) -> None:
         from ..actions import AlertmanagerSink, AlertSender, HookAction, LogSink, WebhookSink
+        from ..actions.notify import Notifier
 
         cfg = self.config
         sinks: list[Any] = [AlertmanagerSink(u, name=f"alertmanager{i or ''}")
@@ -137,6 +138,9 @@ class Daemon(WindowsMixin, EvaluationMixin, PublishingMixin):
                                timeout=cfg.hook_timeout, registry=self.registry,
                                on_error=self.metrics.internal_errors.inc) \
             if cfg.hook_argv else None
+        # the same notifier as the Watcher's; the daemon logs every event itself (_act)
+        self.notifier = Notifier(self.alerts, self.hook, on_error=self.metrics.internal_errors.inc,
+                                 log_without_sender=False)
 
     def _ref_path(self) -> str | None:
         if self.config.reference:

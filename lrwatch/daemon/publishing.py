@@ -87,22 +87,15 @@ class PublishingMixin:
         firing = ev.kind == "firing"
         m.engine.set_rule_state(ev.rule, ev.severity, firing)
         _log.warning("%s %s: %s", ev.kind, ev.rule, ev.message)
-        try:
-            if "alert" in ev.actions and self.alerts is not None:
-                from ..actions import Alert
-
-                alert = Alert.from_firing(ev)
-                if firing:
-                    self.alerts.fire(alert)
-                else:
-                    self.alerts.resolve(alert, at=ev.time)
-            if self.hook is not None and firing and (
-                    ("hook" in ev.actions) if self.config.hook_rules is None
-                    else ev.rule in self.config.hook_rules):
-                self.hook.run(ev)
-        except Exception:  # fail open
-            m.internal_errors.inc()
-            _log.exception("action for %s failed", ev.rule)
+        # which events go out is the daemon's decision; carrying them is the shared notifier's
+        if "alert" in ev.actions:
+            if firing:
+                self.notifier.fire(ev)
+            else:
+                self.notifier.resolve(ev, at=ev.time)
+        if firing and (("hook" in ev.actions) if self.config.hook_rules is None
+                       else ev.rule in self.config.hook_rules):
+            self.notifier.run_hook(ev)
 
     def status(self) -> dict[str, Any]:
         det = self.detector

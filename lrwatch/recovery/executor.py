@@ -46,6 +46,7 @@ class PlanExecutor:
     exporter: Any
     best: Any
     sender: Any
+    notifier: Any
     hook: Any
     dist: Any
     step: int
@@ -125,24 +126,15 @@ class PlanExecutor:
                     self._notify(Plan("resolve", name, f.step, event=f))
 
     def _notify(self, d: Plan) -> None:
-        try:
-            if d.action in ("alert", "resolve") and self.sender is not None:
-                from ..actions.alerts import Alert
-
-                alert = Alert.from_firing(d.event)
-                if d.action == "alert":
-                    self.sender.fire(alert)
-                else:
-                    self.sender.resolve(alert)
-            elif d.action in ("alert", "resolve"):
-                # The event's message says it all (a resolution's already begins "resolved: ");
-                # extra= marks the record so a console can print events its own way.
-                log.warning("lrwatch: %s (%s): %s", d.rule, getattr(d.event, "severity", ""),
-                            getattr(d.event, "message", ""), extra=_EVENT)
-            elif d.action == "hook" and self.hook is not None:
-                self.hook.run(d.event)
-        except Exception:
-            self._internal_error(f"sending {d.action} for {d.rule}")
+        # carried by the notifier the daemon uses too (lrwatch/actions/notify.py); the Watcher's
+        # sender and hook are public attributes a caller may replace, so it carries the current
+        self.notifier.alerts, self.notifier.hook = self.sender, self.hook
+        if d.action == "alert":
+            self.notifier.fire(d.event)
+        elif d.action == "resolve":
+            self.notifier.resolve(d.event)
+        elif d.action == "hook":
+            self.notifier.run_hook(d.event)
 
     def _safe_point(self) -> bool:
         """Carry out pending training-control plans: the step is complete here.

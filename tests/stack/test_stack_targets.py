@@ -49,7 +49,10 @@ def test_undeclared_default_daemon_is_optional_and_never_down(tmp_path: Path) ->
         assert daemon["metric"][OPTIONAL_LABEL] == "true"
         if daemon["value"][1] == "1":
             pytest.skip("something listens on the default daemon port 9410")
-        # The pushgateway the stack started is not optional: it was started.
+        # The pushgateway the stack started is not optional: it was started. (Targets are
+        # scraped at their own offsets: wait for its first scrape too.)
+        wait_until(lambda: len(_query(prom, 'up{job="lrwatch-pushgateway"}')) == 1,
+                   timeout=60, message="the pushgateway target scraped")
         (pg,) = _query(prom, 'up{job="lrwatch-pushgateway"}')
         assert OPTIONAL_LABEL not in pg["metric"]
         down = _query(prom, _exporter_down_expr())

@@ -193,7 +193,7 @@ def test_two_rank_run_is_overlaid(tmp_path: Path) -> None:
     for p in procs:
         out, _ = p.communicate(timeout=240)
         assert p.returncode == 0, out
-    ranks = sorted(tmp_path.glob("ddp.jsonl*"))
+    ranks = sorted(tmp_path.glob("ddp*.jsonl"))   # ddp.jsonl (rank 0), ddp.rank1.jsonl
     assert len(ranks) == 2, ranks
     out = tmp_path / "ddp.png"
     result = CliRunner().invoke(cli, ["report", *map(str, ranks), "--out", str(out)])

@@ -1100,8 +1100,11 @@ def fam_run(task_name: str, opt: str, mult: float, seed: int, *, fault: str | No
 
     # bare runs do not depend on lrwatch's version: only the arms are rerun when it changes
     key = f"{FAM_VERSION if arm else 1}/{task_name}/{opt}/{mult}/{seed}/{fault}/{arm}"
-    if rules != "training":   # a rule-pack experiment (--rules FILE)
-        key += "/" + hashlib.sha1(Path(rules).read_bytes()).hexdigest()[:12]
+    if arm is not None:   # the arms act on the rules: a changed pack (or --rules FILE) reruns them
+        from lrwatch.rules.schema import pack_text
+
+        text = pack_text("training") if rules == "training" else Path(rules).read_text()
+        key += "/" + hashlib.sha1(text.encode()).hexdigest()[:12]
     path = FAM_CACHE / (hashlib.sha1(key.encode()).hexdigest()[:20] + ".json")
     if path.exists():
         return json.loads(path.read_text())

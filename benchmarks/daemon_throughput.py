@@ -21,8 +21,8 @@ files the compiled chunk decoder ``lrwatch.daemon._jsonl`` when it was built, th
 ``orjson-only`` (orjson with both chunk decoders turned off) and the standard library
 (``LRWATCH_JSON=stdlib``: no extra and no chunk decoder at all).
 
-HTTP servers side by side (``--http uvicorn,stdlib``; ``LRWATCH_HTTP`` picks the daemon's
-server): for each, the closed-loop throughput above (four keep-alive clients, with the p50/p99
+HTTP server (``--http uvicorn``; the stdlib server it replaced was measured side by side before
+it was removed: docs/daemon.md): the closed-loop throughput above (four keep-alive clients, with the p50/p99
 of their request latency), then an **open-loop** run at ``--rate`` records/s (default 50,000:
 half the 100,000/s target) for ``--rate-seconds``: 1000-record batches are sent on a fixed
 schedule from 8 connections and each latency is measured from the moment the batch was *due*
@@ -32,7 +32,7 @@ normal client opens a fresh connection and posts one small request, 20 times; th
 those is reported (target: within 100 ms).
 
 Run: ``python benchmarks/daemon_throughput.py [--records N] [--rss-records N]
-[--backends orjson,orjson-msgspec,orjson-only,stdlib] [--http uvicorn,stdlib] [--no-file]``.
+[--backends orjson,orjson-msgspec,orjson-only,stdlib] [--http uvicorn] [--no-file]``.
 """
 
 from __future__ import annotations
@@ -317,8 +317,8 @@ def main() -> None:
     ap.add_argument("--backends", default="orjson,orjson-msgspec,orjson-only,stdlib")
     ap.add_argument("--no-scrape", action="store_true")
     ap.add_argument("--no-file", action="store_true", help="skip the tailed-file runs")
-    ap.add_argument("--http", default="uvicorn,stdlib",
-                    help="HTTP servers to compare side by side ('' to skip)")
+    ap.add_argument("--http", default="uvicorn",
+                    help="HTTP server runs (uvicorn; '' to skip)")
     ap.add_argument("--rate", type=float, default=50_000.0,
                     help="records/s of the open-loop latency run (half the 100,000 target)")
     ap.add_argument("--rate-seconds", type=float, default=20.0)

@@ -20,9 +20,9 @@ connection over it gets 503 and is closed before anything is read), a deadline f
 headers from its first byte (slowloris), and an idle timeout while a body is incomplete. The
 listening socket is made here, so the backlog is real and ``port=0`` is known before start.
 
-``LRWATCH_HTTP=stdlib`` (or ``backend="stdlib"``) serves the same API from the standard
-library's ``ThreadingHTTPServer``: only for the side-by-side benchmark
-(``benchmarks/daemon_throughput.py``); it has none of the protections above.
+The standard library's ``ThreadingHTTPServer`` served the API before; it was measured side by
+side with this one (docs/daemon.md, "HTTP server": half the throughput, a backlog of 5, no
+timeouts, ambiguous framing accepted) and then removed.
 """
 
 from __future__ import annotations
@@ -30,11 +30,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import os
 import socket
 import ssl
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -42,11 +40,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .core import Daemon
 from .records import strict_json
 
-__all__ = ["DaemonServer", "BACKENDS"]
+__all__ = ["DaemonServer"]
 
 _log = logging.getLogger("lrwatch.daemon")
-#: HTTP servers :class:`DaemonServer` can use; the first is the default.
-BACKENDS = ("uvicorn", "stdlib")
 _ENDPOINTS = {"/v1/predictions": "predictions", "/v1/labels": "labels"}
 _JSON = "application/json"
 #: (status, body, content type, close the connection after it)
@@ -296,31 +292,17 @@ def _raise_fd_limit(want: int) -> None:
 class DaemonServer:
     """Serves a :class:`Daemon` over HTTP on a background thread.
 
-    ``backend`` is one of :data:`BACKENDS` (default: ``$LRWATCH_HTTP`` or ``"uvicorn"``).
-
     >>> # server = DaemonServer(daemon); server.start(); ...; server.stop()
     """
 
-    def __init__(self, daemon: Daemon, host: str | None = None, port: int | None = None,
-                 *, backend: str | None = None) -> None:
+    def __init__(self, daemon: Daemon, host: str | None = None,
+                 port: int | None = None) -> None:
         self.daemon = daemon
         cfg = daemon.config
-        backend = backend or os.environ.get("LRWATCH_HTTP", "").strip().lower() or BACKENDS[0]
-        if backend not in BACKENDS:
-            from ..errors import ConfigError
-
-            raise ConfigError(f"HTTP backend must be one of {', '.join(BACKENDS)}, got "
-                              f"{backend!r}")
-        self.backend = backend
         host = host or cfg.host
         port = cfg.port if port is None else port
         self._api = _Api(daemon)
         self._thread: threading.Thread | None = None
-        if backend == "stdlib":
-            self._httpd: _StdlibServer | None = _StdlibServer((host, port), self._api)
-            self._address = self._httpd.server_address[:2]
-            return
-        self._httpd = None
         _raise_fd_limit(cfg.max_connections + 256)
         self._sock = _listen(host, port, cfg.backlog)
         self._address = self._sock.getsockname()[:2]
@@ -346,83 +328,24 @@ class DaemonServer:
     @property
     def url(self) -> str:
         host, port = self.address
-        scheme = "https" if self.daemon.config.tls_certfile and self.backend != "stdlib" \
-            else "http"
+        scheme = "https" if self.daemon.config.tls_certfile else "http"
         return f"{scheme}://{host}:{port}" if ":" not in host else f"{scheme}://[{host}]:{port}"
 
     def start(self) -> "DaemonServer":
         self._thread = threading.Thread(target=self.serve_forever, name="lrwatch-http",
                                         daemon=True)
         self._thread.start()
-        if self._httpd is None:  # listening already; wait until the loop accepts
-            for _ in range(500):
-                if self._server.started or not self._thread.is_alive():
-                    break
-                threading.Event().wait(0.01)
+        for _ in range(500):   # listening already; wait until the loop accepts
+            if self._server.started or not self._thread.is_alive():
+                break
+            threading.Event().wait(0.01)
         return self
 
     def serve_forever(self) -> None:
-        if self._httpd is not None:
-            self._httpd.serve_forever()
-            return
         asyncio.run(self._server.serve(sockets=[self._sock]))
 
     def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-        else:
-            self._server.should_exit = True
+        self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(10)
-        if self._httpd is None:
-            self._sock.close()
-
-
-# --- the standard library's server: only for the side-by-side benchmark -------------------------
-class _Handler(BaseHTTPRequestHandler):
-    server: "_StdlibServer"
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        _log.debug("%s - %s", self.address_string(), format % args)
-
-    def _send(self, resp: Response) -> None:
-        status, body, ctype, close = resp
-        self.send_response(status)
-        for k, v in _headers(status, ctype, len(body), close):
-            self.send_header(k.decode(), v.decode())
-        self.end_headers()
-        self.wfile.write(body)
-        if close:
-            self.close_connection = True
-
-    def _auth(self) -> bytes | None:
-        v = self.headers.get("Authorization")
-        return None if v is None else v.encode("latin-1")
-
-    def do_GET(self) -> None:  # noqa: N802 - stdlib name
-        self._send(self.server.api.get(self.path.split("?", 1)[0], self._auth()))
-
-    def do_POST(self) -> None:  # noqa: N802
-        path = self.path.split("?", 1)[0]
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            length = -1
-        refused = self.server.api.before_body(path, self._auth(), length)
-        if refused is not None:
-            if not refused[3] and length > 0:
-                self.rfile.read(length)
-            self._send(refused)
-            return
-        self._send(self.server.api.post(path, self.rfile.read(length)))
-
-
-class _StdlibServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, addr: tuple[str, int], api: _Api) -> None:
-        self.api = api
-        super().__init__(addr, _Handler)
+        self._sock.close()

@@ -15,7 +15,6 @@ import time
 import pytest
 
 from daemon_helpers import assert_balanced
-from lrwatch.daemon import DaemonServer
 
 GOOD = {"features": {"x": 1.0, "y": 0.5, "c": "a"}, "prediction": 0.4}
 BODY = json.dumps(GOOD).encode()
@@ -188,21 +187,6 @@ def test_tls_when_a_certificate_is_configured(run_daemon, tmp_path) -> None:
     assert conn.getresponse().status == 200
     conn.close()
     assert r.metric("lrwatch_predictions_total") == 1
-
-
-def test_the_stdlib_backend_serves_the_same_api(run_daemon) -> None:
-    r = run_daemon(start_worker=True)
-    stdlib = DaemonServer(r.daemon, port=0, backend="stdlib").start()
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", stdlib.address[1], timeout=10)
-        conn.request("POST", "/v1/predictions", body=BODY)
-        resp = conn.getresponse()
-        assert resp.status == 200 and json.loads(resp.read()) == {"accepted": 1, "rejected": 0}
-        conn.request("GET", "/healthz")
-        assert conn.getresponse().read() == b"ok\n"
-        conn.close()
-    finally:
-        stdlib.stop()
 
 
 def test_metrics_are_promtool_clean_with_one_build_info(run_daemon) -> None:

@@ -59,11 +59,20 @@ class DriftResult:
     threshold: float
     seq_threshold: float
     drifted_features: list[str] = field(default_factory=list)
+    #: the joint (multivariate) test on the numeric input features (:mod:`.multivariate`):
+    #: its raw statistic (NaN when there is no joint test, e.g. fewer than 2 numeric features),
+    #: its standardised score (same units as ``feature_score``, compared with ``threshold``)
+    joint_stat: float = math.nan
+    joint_score: float = math.nan
+    joint_threshold: float = math.inf
+    joint_detected: bool = False
+    #: the joint test's accumulated evidence over windows (compared with ``seq_threshold``)
+    joint_seq_z: float = math.nan
 
     @property
     def detected(self) -> bool:
-        """Any input feature drifted (the prediction is reported apart)."""
-        return any(n != PREDICTION for n in self.drifted_features)
+        """Any input feature drifted, or the joint test fired (the prediction is apart)."""
+        return self.joint_detected or any(n != PREDICTION for n in self.drifted_features)
 
     @property
     def prediction_drift(self) -> bool:
@@ -75,7 +84,11 @@ class DriftResult:
         a = float(self.feature_score.max(initial=0.0)) / self.threshold
         b = float(self.seq_z.max(initial=0.0)) / self.seq_threshold \
             if math.isfinite(self.seq_threshold) else 0.0
-        return max(a, b)
+        c = self.joint_score / self.joint_threshold \
+            if math.isfinite(self.joint_score) and math.isfinite(self.joint_threshold) else 0.0
+        d = self.joint_seq_z / self.seq_threshold \
+            if math.isfinite(self.joint_seq_z) and math.isfinite(self.seq_threshold) else 0.0
+        return max(a, b, c, d)
 
 
 class DriftDetector:
@@ -99,13 +112,17 @@ class DriftDetector:
         Accumulate evidence over windows (needed for shifts below ~0.2 sigma).
     seq_min_effect:
         Minimum accumulated mean shift, in reference standard deviations.
+    joint:
+        Also run the joint (multivariate) test on the numeric input features
+        (``DriftResult.joint_*``; see docs/drift-joint.md). ``False`` switches it off.
     """
 
     def __init__(self, reference: Reference, *, window_size: int | None = None,
                  target_windows: float | None = None, min_effect: float = 0.05,
                  min_effect_categorical: float = 0.02, min_missing_delta: float = 0.01,
                  sequential: bool = True, seq_min_effect: float = 0.03, seed: int = 0,
-                 sims: int | None = None, calibration: Calibration | None = None) -> None:
+                 sims: int | None = None, calibration: Calibration | None = None,
+                 joint: bool = True) -> None:
         for name, v in (("min_effect", min_effect), ("min_effect_categorical",
                         min_effect_categorical), ("min_missing_delta", min_missing_delta),
                         ("seq_min_effect", seq_min_effect)):
@@ -131,6 +148,7 @@ class DriftDetector:
         self.min_missing_delta = float(min_missing_delta)
         self.seq_min_effect = float(seq_min_effect)
         self.sequential = sequential
+        self.joint = bool(joint)
         self.horizons = tuple(int(h) for h in cached.horizons)
         self.names = self.profile.num_names + self.profile.cat_names
         fn = len(self.profile.num)

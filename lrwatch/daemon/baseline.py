@@ -17,13 +17,19 @@ Examples
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
+import numpy as np
+
+from ..errors import ConfigError
 from .calibrate import ProgressFn
 from .calibrate import calibrate as _calibrate
-from .reference import Reference, profile_records
+from .reference import Reference, cat_key, profile_records
 
-__all__ = ["build_reference"]
+__all__ = ["build_reference", "fit_estimator", "ESTIMABLE"]
+
+#: Prediction types whose windows can be estimated without labels (class probabilities).
+ESTIMABLE = ("probability", "probabilities")
 
 
 def build_reference(records: Iterable[Mapping[str, Any]], *, kinds: Mapping[str, str] | None = None,
@@ -35,11 +41,62 @@ def build_reference(records: Iterable[Mapping[str, Any]], *, kinds: Mapping[str,
     at one false alarm per ``target_windows`` windows (seconds of CPU; see :mod:`.calibrate`).
 
     ``kinds`` forces a feature's kind (``numeric``, ``categorical``, ``binary``) instead of
-    inferring it. ``progress(stage, done, total)`` hears how calibration goes.
+    inferring it. ``progress(stage, done, total)`` hears how calibration goes. Records with a
+    ``label`` fit the label-free performance estimator (:func:`fit_estimator`); why one was not
+    fitted is in ``ref.notes``.
     """
-    ref = profile_records(records, kinds=kinds)
+    rows = list(records)
+    ref = profile_records(rows, kinds=kinds)
+    fit_estimator(rows, ref)
     if calibrate:
         ref.calibration = _calibrate(ref, window_size=window_size,
                                      target_windows=target_windows, seed=seed,
                                      sims=sims, progress=progress).to_dict()
     return ref
+
+
+def _labels_and_proba(rows: Sequence[Mapping[str, Any]], ref: Reference
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """The labelled rows' probabilities and integer labels (class index; binary: 0/1)."""
+    keys = [cat_key(r.get("label")) for r in rows]
+    idx = [i for i, k in enumerate(keys) if k is not None]
+    labels = np.empty(len(idx), dtype=np.int64)
+    for j, i in enumerate(idx):
+        k = keys[i]
+        if not (k.isdigit() and (ref.prediction_type == "probabilities" or k in ("0", "1"))):
+            want = "0 or 1" if ref.prediction_type == "probability" else "class indexes 0..k-1"
+            raise ConfigError(f"label {rows[i].get('label')!r} is not a class the "
+                              f"probabilities name ({want})")
+        labels[j] = int(k)
+    preds = [rows[i].get("prediction") for i in idx]
+    proba = np.array(preds, dtype=np.float64)
+    return proba, labels
+
+
+def fit_estimator(rows: Sequence[Mapping[str, Any]], ref: Reference) -> None:
+    """Fit the label-free performance estimator on the labelled reference rows and keep it in
+    ``ref.estimator``; when it cannot be fitted, say why (and how to fix it) in ``ref.notes``.
+
+    It needs class probabilities (a probability in [0, 1], or a list per class) and labels:
+    ``label`` in JSONL records, the label column in a CSV.
+    """
+    if ref.prediction_type not in ESTIMABLE:
+        ref.notes.append(f"no performance estimation: the predictions are "
+                         f"{ref.prediction_type}, not class probabilities (send a probability "
+                         f"or a list of class probabilities to estimate accuracy before labels "
+                         f"arrive)")
+        return
+    if not any(r.get("label") is not None for r in rows):
+        ref.notes.append("no performance estimation: the reference has no labels (add "
+                         "\"label\" to the JSONL records or a 'label' column to the CSV to "
+                         "estimate accuracy before live labels arrive)")
+        return
+    try:
+        from .estimation import PerformanceEstimator
+
+        proba, labels = _labels_and_proba(rows, ref)
+        est = PerformanceEstimator.fit(proba, labels)
+    except (ConfigError, ValueError, ImportError) as exc:
+        ref.notes.append(f"no performance estimation: {exc}")
+        return
+    ref.estimator = est.to_dict()

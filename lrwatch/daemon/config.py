@@ -12,7 +12,10 @@ Example config file (every key optional)::
     reference: {path: reference.json}            # or {live_records: 5000}: the first N records
     window: {size: 1000}                         # or {seconds: 60}
     drift: {target_windows: 1000, min_effect: 0.05, min_effect_categorical: 0.02,
-            min_missing_delta: 0.01, sequential: true, seq_min_effect: 0.03}
+            min_missing_delta: 0.01, sequential: true, seq_min_effect: 0.03,
+            joint: true}                         # the joint test of the numeric features
+    labels: {horizon_seconds: 3600}              # H of the label coverage over a horizon
+    estimation: {enabled: true, min_labels: 30}  # label-free accuracy estimates
     state_dir: /var/lib/lrwatch                  # snapshots + journal (durability)
     snapshot_interval: 2.0
     tail: [/var/log/model/predictions.jsonl]
@@ -33,6 +36,12 @@ import yaml
 from ..errors import ConfigError
 
 __all__ = ["DaemonConfig"]
+
+
+def _flag(name: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(f"{name} must be true or false, got {v!r}")
+    return v
 
 
 @dataclass
@@ -65,6 +74,10 @@ class DaemonConfig:
     sequential: bool = True
     seq_min_effect: float = 0.03
     calibration_sims: int | None = None
+    joint_drift: bool = True
+    label_horizon_seconds: float = 3600.0
+    estimation: bool = True
+    estimation_min_labels: int = 30
     state_dir: str | None = None
     snapshot_interval: float = 2.0
     tail: list[str] = field(default_factory=list)
@@ -85,11 +98,12 @@ class DaemonConfig:
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
         for name in ("max_body_bytes", "max_queue_records", "max_pending_labels",
                      "window_size", "live_records", "max_line_bytes", "max_string_chars",
-                     "max_features", "max_connections", "backlog"):
+                     "max_features", "max_connections", "backlog", "estimation_min_labels"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
-        for name in ("header_timeout", "read_timeout", "keep_alive_timeout"):
+        for name in ("header_timeout", "read_timeout", "keep_alive_timeout",
+                     "label_horizon_seconds"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not v > 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {v!r}")
@@ -110,7 +124,8 @@ class DaemonConfig:
         d = dict(d or {})
         kw: dict[str, Any] = {}
         known = {"listen", "auth", "limits", "http", "reference", "window", "drift", "state_dir",
-                 "snapshot_interval", "tail", "rules", "alerts", "hook", "seed"}
+                 "snapshot_interval", "tail", "rules", "alerts", "hook", "seed", "labels",
+                 "estimation"}
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"unknown config keys {sorted(unknown)}; valid keys: "
@@ -158,10 +173,20 @@ class DaemonConfig:
             kw["window_seconds"] = float(win["seconds"])
         drift = sec("drift", {"target_windows", "min_effect", "min_effect_categorical",
                               "min_missing_delta", "sequential", "seq_min_effect",
-                              "calibration_sims"})
+                              "calibration_sims", "joint"})
         if "calibration_sims" in drift:
             kw["calibration_sims"] = drift.pop("calibration_sims")
+        if "joint" in drift:
+            kw["joint_drift"] = _flag("drift.joint", drift.pop("joint"))
         kw.update(drift)
+        labels = sec("labels", {"horizon_seconds"})
+        if "horizon_seconds" in labels:
+            kw["label_horizon_seconds"] = labels["horizon_seconds"]
+        est = sec("estimation", {"enabled", "min_labels"})
+        if "enabled" in est:
+            kw["estimation"] = _flag("estimation.enabled", est["enabled"])
+        if "min_labels" in est:
+            kw["estimation_min_labels"] = est["min_labels"]
         if d.get("state_dir"):
             kw["state_dir"] = path(d["state_dir"])
         for k in ("snapshot_interval", "seed"):

@@ -42,8 +42,11 @@ from .config import DaemonConfig
 from .detector import DriftDetector
 from .evaluation import EvaluationMixin
 from .ingest import BoundedQueue, Ingest
+from .coverage import LabelCoverage
+from .estimate_tracking import EstimateTracker
 from .labels import PendingLabels
 from .metrics import DaemonMetrics
+from .outputs import OutputsMixin
 from .publishing import PublishingMixin
 from .records import REASONS, Limits, lines_within, loads, parse_payload, validate_labels, \
     validate_predictions
@@ -59,7 +62,7 @@ _log = logging.getLogger("lrwatch.daemon")
 STATE_VERSION = 1
 
 
-class Daemon(WindowsMixin, EvaluationMixin, PublishingMixin):
+class Daemon(WindowsMixin, EvaluationMixin, OutputsMixin, PublishingMixin):
     """The serving-side watcher. ``start()`` runs the worker; front ends call :meth:`submit`.
 
     Parameters
@@ -77,9 +80,15 @@ class Daemon(WindowsMixin, EvaluationMixin, PublishingMixin):
                  executor: Any = None) -> None:
         self.config = config
         self._executor = executor
-        self.metrics = DaemonMetrics(registry)
-        self.registry = self.metrics.registry
         self.pending = PendingLabels(config.max_pending_labels)
+        # lrwatch_pending_labels reads the store's size when scraped (len is atomic)
+        self.metrics = DaemonMetrics(registry, pending=self.pending.__len__)
+        self.registry = self.metrics.registry
+        self.coverage = LabelCoverage(config.label_horizon_seconds)
+        self.metrics.model.horizon.set(config.label_horizon_seconds)
+        self.estimates: EstimateTracker | None = None
+        self._distribution: Any = None
+        self._errors: list[float] = []
         self.counters: dict[str, Any] = {"predictions": 0, "labels": 0, "received": 0,
                                          "labels_joined": 0, "labels_unmatched": 0,
                                          "labels_expired": 0, "windows": 0,
@@ -163,7 +172,9 @@ class Daemon(WindowsMixin, EvaluationMixin, PublishingMixin):
                 "journal": self.journal_pos, "window": self.window.state_dict(),
                 "pending": self.pending.state_dict(), "ref_rows": self._ref_rows,
                 "detector": self.detector.state_dict() if self.detector else None,
-                "engine": self.engine.state_dict(), "last": self.last}
+                "engine": self.engine.state_dict(), "last": self.last,
+                "coverage": self.coverage.state_dict(),
+                "estimates": self.estimates.state_dict() if self.estimates else None}
 
     def _restore(self) -> None:
         if not self.config.state_dir:
@@ -188,6 +199,9 @@ class Daemon(WindowsMixin, EvaluationMixin, PublishingMixin):
             except ConfigError as exc:  # the rules changed: start them fresh
                 _log.warning("rule state not restored: %s", exc)
             self.last = snap.get("last") or {}
+            self.coverage.load_state_dict(snap.get("coverage") or {})
+            if self.estimates is not None:
+                self.estimates.load_state_dict(snap.get("estimates"))
         self.metrics.restore(self.counters)
         assert self.journal is not None
         replayed = 0
@@ -400,3 +414,6 @@ class Daemon(WindowsMixin, EvaluationMixin, PublishingMixin):
         for ev in self.engine.tick(now):
             self._act(ev)
         self._update_fill(now)
+        ratio = self.coverage.ratio()  # the stream's clock moves between windows too
+        self.metrics.model.coverage_horizon.set(float("nan") if ratio is None else ratio)
+        self._estimation_sweep(self.coverage.now)

@@ -15,6 +15,8 @@ import numpy as np
 
 from ..samples import Sample
 from .detector import DriftDetector, DriftResult
+from .baseline import ESTIMABLE
+from .estimate_tracking import window_probabilities
 from .labels import is_classification
 from .reference import PREDICTION, Reference
 from .stats import Profile
@@ -53,7 +55,7 @@ class EvaluationMixin:
     _calibrating: bool
     _replaying: bool
     _worker: threading.Thread | None
-    _waiting: list[tuple[Window, int, np.ndarray, list[np.ndarray]]]
+    _waiting: list[tuple[Window, int, np.ndarray, list[np.ndarray], np.ndarray | None]]
 
     if TYPE_CHECKING:  # provided by the other parts of Daemon
         def _ref_path(self) -> str | None:  # see Daemon
@@ -71,6 +73,14 @@ class EvaluationMixin:
         def _act(self, ev: Any) -> None:  # see PublishingMixin
             ...
 
+        def _bind_outputs(self, ref: Reference, det: DriftDetector) -> None:  # OutputsMixin
+            ...
+
+        def _output_values(self, w: Window, n: int, x: np.ndarray, cats: list[np.ndarray],
+                           res: DriftResult, proba: np.ndarray | None
+                           ) -> dict[str, float]:  # see OutputsMixin
+            ...
+
     def _make_detector(self, ref: Reference) -> DriftDetector:
         cfg = self.config
         return DriftDetector(ref, window_size=cfg.window_size if cfg.window_seconds is None
@@ -79,7 +89,7 @@ class EvaluationMixin:
                              min_effect_categorical=cfg.min_effect_categorical,
                              min_missing_delta=cfg.min_missing_delta,
                              sequential=cfg.sequential, seq_min_effect=cfg.seq_min_effect,
-                             seed=cfg.seed, sims=cfg.calibration_sims)
+                             seed=cfg.seed, sims=cfg.calibration_sims, joint=cfg.joint_drift)
 
     def _set_reference(self, ref: Reference, save: bool,
                        detector: DriftDetector | None = None) -> None:
@@ -104,6 +114,7 @@ class EvaluationMixin:
             ch["thr_sequential_z"].set(det.seq_threshold)
         for name in det.profile.cat_names:
             self.metrics.features[name]["thr_score"].set(det.threshold)
+        self._bind_outputs(ref, det)
 
     def _start_calibration(self, ref: Reference) -> None:
         rows, self._ref_rows = self._ref_rows, []
@@ -152,8 +163,8 @@ class EvaluationMixin:
             self._set_reference(ref, save=True, detector=result)
             self._cal_rows = []
             _log.info("live reference calibrated; testing %d waiting windows", len(waiting))
-            for w, n, x, cats in waiting:
-                self._evaluate(w, n, x, cats, 0.0)
+            for w, n, x, cats, proba in waiting:
+                self._evaluate(w, n, x, cats, 0.0, proba)
         finally:
             self._calibrating = False  # only now: drain() waits for the waiting windows
 
@@ -166,17 +177,27 @@ class EvaluationMixin:
         t0 = time.perf_counter()
         n = len(w)
         x, cats = w.matrix(prof)
+        proba = self._window_probabilities(w)
         w.feats, w.preds, w.cols = [], [], []  # done with the dicts; the columns hold the data
         if self.detector is None:  # calibrating: tested once the thresholds are ready
-            self._waiting.append((w, n, x, cats))
+            self._waiting.append((w, n, x, cats, proba))
             if len(self._waiting) >= MAX_WAITING_WINDOWS:
                 self._cal_done.wait()  # bounded memory: ingest waits (the queue answers 429)
                 self._finish_calibration()
             return
-        self._evaluate(w, n, x, cats, time.perf_counter() - t0)
+        self._evaluate(w, n, x, cats, time.perf_counter() - t0, proba)
+
+    def _window_probabilities(self, w: Window) -> np.ndarray | None:
+        """The closed window's class probabilities, when its reference can estimate
+        performance (read before the window drops its predictions)."""
+        ref = self.reference
+        if ref is None or not ref.estimator or not self.config.estimation or \
+                ref.prediction_type not in ESTIMABLE:
+            return None
+        return window_probabilities(w.preds, ref.prediction_type, ref.proba_width)
 
     def _evaluate(self, w: Window, n: int, x: np.ndarray, cats: list[np.ndarray],
-                  seconds: float) -> None:
+                  seconds: float, proba: np.ndarray | None = None) -> None:
         det = self.detector
         assert det is not None
         t0 = time.perf_counter()
@@ -185,6 +206,7 @@ class EvaluationMixin:
         self.counters["windows"] += 1
         self.metrics.windows.inc()
         values = self._window_values(w, n, res)
+        values.update(self._output_values(w, n, x, cats, res, proba))
         self._export(n, res, values)
         t = w.last_time if w.last_time is not None else time.time()
         sample = Sample(step=w.index, time=t, values=values)

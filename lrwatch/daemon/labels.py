@@ -10,9 +10,11 @@ Examples
 >>> p.add("a", 0.9, 10.0), p.add("b", 0.2, 11.0), p.add("c", 0.7, 12.0)
 (0, 0, 1)
 >>> p.join("a") is None, p.join("b")
-(True, (0.2, 11.0))
->>> p.add_many(["d", "e"], [0.1, 0.6], [13.0, 14.0]), len(p)
+(True, (0.2, 11.0, None))
+>>> p.add_many(["d", "e"], [0.1, 0.6], [13.0, 14.0], window=3), len(p)
 (1, 2)
+>>> p.join("e")
+(0.6, 14.0, 3)
 >>> score(0.9, 1, "probability"), score("cat", "dog", "class"), score(2.5, 3.0, "regression")
 (1.0, 0.0, 0.5)
 """
@@ -48,47 +50,55 @@ def score(prediction: Any, label: Any, prediction_type: str) -> float | None:
 
 
 class PendingLabels:
-    """Predictions waiting for labels, by id; at most ``max_pending``, oldest evicted first."""
+    """Predictions waiting for labels, by id; at most ``max_pending``, oldest evicted first.
+
+    Each remembers its prediction, its time and the index of the window it joined (the label
+    is scored against that window's estimate, see :mod:`.estimate_tracking`)."""
 
     def __init__(self, max_pending: int = 100_000) -> None:
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, got {max_pending}")
         self.max_pending = max_pending
-        self._items: OrderedDict[str, tuple[Any, float]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[Any, float, int | None]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def add(self, id_: str, prediction: Any, t: float) -> int:
+    def add(self, id_: str, prediction: Any, t: float, window: int | None = None) -> int:
         """Remember a prediction; returns how many old ones were evicted (0 or 1)."""
         items = self._items
         if id_ in items:
             del items[id_]  # a re-sent id: the newest prediction wins
-        items[id_] = (prediction, t)
+        items[id_] = (prediction, t, window)
         if len(items) > self.max_pending:
             items.popitem(last=False)
             return 1
         return 0
 
-    def add_many(self, ids: list[str], predictions: list[Any], times: list[float]) -> int:
-        """:meth:`add` for a batch (one C-level ``update`` when no id repeats); returns how many
-        old predictions were evicted."""
+    def add_many(self, ids: list[str], predictions: list[Any], times: list[float],
+                 window: int | None = None) -> int:
+        """:meth:`add` for a batch of one window (one C-level ``update`` when no id repeats);
+        returns how many old predictions were evicted."""
         items = self._items
         if len(set(ids)) != len(ids) or not items.keys().isdisjoint(ids):
-            return sum(self.add(i, p, t) for i, p, t in zip(ids, predictions, times))
-        items.update(zip(ids, zip(predictions, times)))
+            return sum(self.add(i, p, t, window) for i, p, t in zip(ids, predictions, times))
+        items.update(zip(ids, zip(predictions, times, repeat(window))))
         over = len(items) - self.max_pending
         if over <= 0:
             return 0
         deque(map(items.popitem, repeat(False, over)), maxlen=0)  # the oldest, in C
         return over
 
-    def join(self, id_: str) -> tuple[Any, float] | None:
-        """The ``(prediction, time)`` waiting for this id (and forget it), or ``None``."""
+    def join(self, id_: str) -> tuple[Any, float, int | None] | None:
+        """The ``(prediction, time, window)`` waiting for this id (and forget it), or
+        ``None``."""
         return self._items.pop(id_, None)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"items": [[k, p, t] for k, (p, t) in self._items.items()]}
+        return {"items": [[k, p, t, w] for k, (p, t, w) in self._items.items()]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._items = OrderedDict((str(k), (p, float(t))) for k, p, t in state.get("items", []))
+        # snapshots before the window index was kept hold [id, prediction, time]
+        self._items = OrderedDict(
+            (str(it[0]), (it[1], float(it[2]), int(it[3]) if len(it) > 3 and it[3] is not None
+                          else None)) for it in state.get("items", []))

@@ -9,11 +9,12 @@ Label children are cached per feature when the reference is known, outside the h
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..exporters.prometheus import EngineMetrics
+from .model_metrics import ModelMetrics
 from .records import REASONS
 
 __all__ = ["DaemonMetrics", "STAT_METHODS", "P_METHODS"]
@@ -31,9 +32,16 @@ WINDOW_CATEGORICAL = ("stat_chi2", "stat_psi", "stat_jensen_shannon", "stat_scor
 
 
 class DaemonMetrics:
-    """Every metric family of the daemon, registered in ``registry`` (a fresh one by default)."""
+    """Every metric family of the daemon, registered in ``registry`` (a fresh one by default).
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    ``pending`` returns how many predictions wait for a label: ``lrwatch_pending_labels``
+    calls it when scraped (a ``len`` of the store, safe from any thread), so the gauge follows
+    every prediction and label, not only closed windows. The model's families (prediction
+    distribution, horizon coverage, estimates, joint drift) are in :attr:`model`.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None,
+                 pending: Callable[[], float] | None = None) -> None:
         r = self.registry = registry if registry is not None else CollectorRegistry()
         # build info, internal errors and rule state: the same families as the training
         # exporter's (one definition, lrwatch.exporters.prometheus.EngineMetrics)
@@ -58,8 +66,8 @@ class DaemonMetrics:
         self.labels_expired = Counter("lrwatch_labels_expired",
                                       "Pending predictions evicted before their label came "
                                       "(the store is bounded).", registry=r)
-        self.pending = Gauge("lrwatch_pending_labels", "Predictions waiting for a label.",
-                             registry=r)
+        self.model = ModelMetrics(r, pending)
+        self.pending = self.model.pending
         self.queue = Gauge("lrwatch_queue_records", "Records queued for the worker.",
                            registry=r)
         self.windows = Counter("lrwatch_windows", "Windows closed and evaluated.", registry=r)
@@ -71,8 +79,9 @@ class DaemonMetrics:
             "lrwatch_label_delay_seconds", "Time from a prediction to its label.",
             buckets=(1, 10, 60, 300, 900, 3600, 4 * 3600, 86400, 7 * 86400), registry=r)
         self.label_coverage = Gauge("lrwatch_label_coverage_ratio",
-                                    "Labels joined per prediction in the last window.",
-                                    registry=r)
+                                    "Labels joined while the last window was open, per record "
+                                    "of that window (delayed labels count in later windows; "
+                                    "see lrwatch_label_coverage_horizon_ratio).", registry=r)
         self.accuracy = Gauge("lrwatch_model_accuracy",
                               "Realised accuracy of the labels joined in the last window.",
                               registry=r)

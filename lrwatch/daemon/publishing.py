@@ -72,7 +72,6 @@ class PublishingMixin:
             m.accuracy.set(values["model_accuracy"])
         if "model_error" in values:
             m.error.set(values["model_error"])
-        m.pending.set(len(self.pending))
 
     def _feature_status(self, res: DriftResult) -> dict[str, Any]:
         out = {}

@@ -62,7 +62,7 @@ REASONS = (
     "not_an_object",       # a JSON value that is not an object
     "missing_features",    # a prediction without a "features" object
     "invalid_feature",     # a feature value that is not a number, string, boolean or null
-    "invalid_prediction",  # missing, or not a number, class name or list of probabilities
+    "invalid_prediction",  # missing, or not a number, class name or class probabilities
     "invalid_label",       # missing (on /v1/labels) or not a number, string or boolean
     "invalid_id",          # an id that is not a non-empty string or integer (<= 256 chars)
     "invalid_time",        # a time that is not a finite number
@@ -81,6 +81,8 @@ _VALUE_TYPES = frozenset({int, float, str, bool, type(None)})
 _LABEL_TYPES = (int, float, str, bool)
 _NONE = type(None)
 _PRED_TYPES = frozenset({int, float, str, bool})
+_PRED_OR_PROBA = _PRED_TYPES | {list, dict}
+_PROBA_TYPES = frozenset({int, float})
 _LABEL_OR_NONE = frozenset({int, float, str, bool, _NONE})
 _TIME_TYPES = frozenset({int, float, _NONE})
 _get_features = itemgetter("features")
@@ -97,9 +99,14 @@ class Limits:
     max_string_chars: int = 4096
     #: features of one record (``too_many_features``)
     max_features: int = 2048
+    #: class probabilities a list prediction must hold (the reference's classes), once a
+    #: reference of probability lists is known; ``None``: any width up to MAX_CLASS_PROBABILITIES
+    proba_width: int | None = None
 
 
 DEFAULT_LIMITS = Limits()
+#: The longest list of class probabilities a prediction may hold.
+MAX_CLASS_PROBABILITIES = 10_000
 
 
 class NonFinite:
@@ -301,27 +308,53 @@ def parse_lines(lines: Sequence[bytes], *, backend: str | None = None,
     return out
 
 
-def validate_prediction(p: Any, limits: Limits = DEFAULT_LIMITS) -> None:
-    """Raise :class:`RecordError` unless ``p`` is a number, class name or probability list."""
+def validate_prediction(p: Any, limits: Limits = DEFAULT_LIMITS) -> Any:
+    """The prediction as the daemon keeps it (``{"proba": [...]}`` becomes its list), or raise
+    :class:`RecordError` unless ``p`` is a number, a class name, or class probabilities: a
+    list, or an object ``{"proba": [...]}``, of finite numbers in [0, 1] (at most
+    :data:`MAX_CLASS_PROBABILITIES`; exactly ``limits.proba_width`` when set)."""
     t = type(p)
     if t is float:
         if not math.isfinite(p):
             raise RecordError("invalid_prediction", "prediction must be finite")
-        return
+        return p
     if t is str:
         if len(p) > limits.max_string_chars:
             raise RecordError("string_too_long", f"prediction is a string of {len(p)} "
                               f"characters, over the limit of {limits.max_string_chars}")
-        return
+        return p
     if t is int or t is bool:
-        return
+        return p
     if t is NonFinite:
         raise RecordError("invalid_prediction", f"prediction must be finite, got {p}")
-    if t is list and p and len(p) <= 10_000 and all(
-            type(v) in (int, float) and math.isfinite(v) for v in p):
-        return
-    raise RecordError("invalid_prediction", "prediction must be a number, a class name or a "
-                      "non-empty list of finite class probabilities")
+    if t is dict:
+        if set(p) != {"proba"}:
+            raise RecordError("invalid_prediction", "a prediction object must be "
+                              "{\"proba\": [class probabilities]} and nothing else, got keys "
+                              f"{sorted(map(str, p))[:5]}")
+        p = p["proba"]
+        if type(p) is not list:
+            raise RecordError("invalid_prediction", "'proba' must be a list of class "
+                              "probabilities")
+    if type(p) is list:
+        _check_probabilities(p, limits)
+        return p
+    raise RecordError("invalid_prediction", "prediction must be a number, a class name, a "
+                      "list of class probabilities or {\"proba\": [...]}")
+
+
+def _check_probabilities(p: list[Any], limits: Limits) -> None:
+    n = len(p)
+    if not n or n > MAX_CLASS_PROBABILITIES:
+        raise RecordError("invalid_prediction", f"class probabilities must be a non-empty list "
+                          f"of at most {MAX_CLASS_PROBABILITIES}, got {n}")
+    if not all(type(v) in (int, float) and math.isfinite(v) and 0 <= v <= 1 for v in p):
+        raise RecordError("invalid_prediction", "class probabilities must be finite numbers "
+                          "in [0, 1]")
+    width = limits.proba_width
+    if width is not None and n != width:
+        raise RecordError("invalid_prediction", f"the prediction has {n} class probabilities; "
+                          f"the reference's model has {width} classes")
 
 
 def _check_id(r: dict[str, Any]) -> None:
@@ -385,7 +418,7 @@ def _prediction(r: Any, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
     _check_features(r, feats, limits)
     if "prediction" not in r:
         raise RecordError("invalid_prediction", "a record needs a 'prediction'")
-    validate_prediction(r["prediction"], limits)
+    r["prediction"] = validate_prediction(r["prediction"], limits)
     if "id" in r:
         _check_id(r)
     if "time" in r:
@@ -491,7 +524,14 @@ def _fast_predictions(items: list[Any], limits: Limits, short_strings: bool) -> 
     if not _VALUE_TYPES.issuperset(vt):
         return None  # NonFinite, nested values: the per-record path names them
     pt = set(map(type, preds))
-    if not pt <= _PRED_TYPES or (float in pt and not _finite_floats(preds)):
+    if not pt <= _PRED_TYPES:
+        if not pt <= _PRED_OR_PROBA:
+            return None
+        preds = _probability_column(preds, pt, limits)  # type: ignore[assignment]
+        if preds is None:
+            return None
+        pt = {list}
+    elif float in pt and not _finite_floats(preds):
         return None
     if not short_strings and (str in vt or str in pt) and _longest_string(
             chain(chain.from_iterable(map(dict.values, feats)), preds)) > \
@@ -502,6 +542,31 @@ def _fast_predictions(items: list[Any], limits: Limits, short_strings: bool) -> 
                           _column(items, "label"), None if short_strings else limits):
         return None
     return batch
+
+
+def _probability_column(preds: list[Any], pt: set[type], limits: Limits) -> list[Any] | None:
+    """Predictions that are all class probabilities (lists or ``{"proba": [...]}``), as lists,
+    if every one is valid (a few C-level passes), else ``None``: then the per-record path
+    (:func:`validate_prediction`) names each bad one, with the same result for the good."""
+    if not pt <= {list, dict}:
+        return None  # mixed with plain values: rare, the per-record path handles it
+    if dict in pt:
+        if not all(type(p) is list or (type(p) is dict and len(p) == 1 and "proba" in p)
+                   for p in preds):
+            return None
+        preds = [p["proba"] if type(p) is dict else p for p in preds]
+        if set(map(type, preds)) != {list}:
+            return None
+    widths = set(map(len, preds))
+    if min(widths) == 0 or max(widths) > MAX_CLASS_PROBABILITIES or (
+            limits.proba_width is not None and widths != {limits.proba_width}):
+        return None
+    flat = list(chain.from_iterable(preds))
+    if not _PROBA_TYPES.issuperset(map(type, flat)):
+        return None
+    if not math.isfinite(sum(flat)) or min(flat) < 0 or max(flat) > 1:
+        return None  # NaN/inf never get here as floats (NonFinite); kept for direct callers
+    return preds
 
 
 def _longest_string(values: Iterable[Any]) -> int:

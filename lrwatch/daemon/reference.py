@@ -190,6 +190,14 @@ class Reference:
     created: float = 0.0
     sample: dict[str, list[Any]] = field(default_factory=dict)  # column name -> values
     calibration: dict[str, Any] | None = None
+    #: class probabilities per prediction, when every reference prediction is a list of one
+    #: width (the live lists must have it too; see records.Limits.proba_width)
+    proba_width: int | None = None
+    #: the fitted label-free performance estimator (``PerformanceEstimator.to_dict()``), when
+    #: the reference had labels and probabilities (see :mod:`.baseline`)
+    estimator: dict[str, Any] | None = None
+    #: what building this reference could not do, and why (not saved)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def names(self) -> list[str]:
@@ -199,7 +207,9 @@ class Reference:
         return {"version": REFERENCE_VERSION, "created": self.created, "records": self.records,
                 "prediction_type": self.prediction_type,
                 "features": [f.to_dict() for f in self.features],
-                "sample": self.sample, "calibration": self.calibration}
+                "sample": self.sample, "calibration": self.calibration,
+                **({"proba_width": self.proba_width} if self.proba_width else {}),
+                **({"estimator": self.estimator} if self.estimator else {})}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Reference":
@@ -210,7 +220,9 @@ class Reference:
                    prediction_type=str(d.get("prediction_type", "none")),
                    records=int(d["records"]), created=float(d.get("created", 0.0)),
                    sample={str(k): list(v) for k, v in (d.get("sample") or {}).items()},
-                   calibration=d.get("calibration"))
+                   calibration=d.get("calibration"),
+                   proba_width=int(d["proba_width"]) if d.get("proba_width") else None,
+                   estimator=d.get("estimator"))
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically (temporary file, fsync, rename)."""
@@ -251,8 +263,9 @@ def profile_records(records: Iterable[Mapping[str, Any]], *,
             raise ConfigError(f"kind {v!r} for {k!r} is invalid; choose numeric, categorical "
                               f"or binary")
     feats = [_profile(n, vals, kinds.get(n)) for n, vals in cols.items()]
-    preds = [_prediction_value(r.get("prediction")) for r in rows]
-    ptype = _prediction_type(preds)
+    raw = [r.get("prediction") for r in rows]
+    preds = [_prediction_value(p) for p in raw]
+    ptype = _prediction_type(raw)  # from the raw values: a probability list is not a class
     if ptype != "none":
         pkind = "numeric" if ptype in ("probability", "regression") else "categorical"
         feats.append(_profile(PREDICTION, preds, pkind))
@@ -260,8 +273,11 @@ def profile_records(records: Iterable[Mapping[str, Any]], *,
     # a capped, evenly spaced row sample (JSON-ready) for re-calibration
     step = max(1, len(rows) // SAMPLE_ROWS)
     sample = {n: [_jsonable(v) for v in vals[::step][:SAMPLE_ROWS]] for n, vals in cols.items()}
+    widths = {len(p) for p in raw if isinstance(p, list)}
     return Reference(features=feats, prediction_type=ptype, records=len(rows),
-                     created=time.time(), sample=sample)
+                     created=time.time(), sample=sample,
+                     proba_width=widths.pop() if ptype == "probabilities" and len(widths) == 1
+                     else None)
 
 
 def _jsonable(v: Any) -> Any:
@@ -289,7 +305,8 @@ def read_data(path: str | os.PathLike[str], *, prediction_column: str = "predict
               label_column: str = "label") -> list[dict[str, Any]]:
     """Read reference data: JSONL in the daemon's record schema, or CSV with a header row.
 
-    In a CSV every column is a feature except ``prediction_column`` and ``label_column``.
+    In a CSV every column is a feature except ``prediction_column`` and ``label_column``
+    (kept as the record's ``label``: the reference's labels fit the performance estimator).
     Lines that do not validate raise :class:`~lrwatch.errors.ConfigError` naming the line.
     """
     p = os.fspath(path)
@@ -303,6 +320,8 @@ def read_data(path: str | os.PathLike[str], *, prediction_column: str = "predict
                 rec: dict[str, Any] = {"features": feats}
                 if prediction_column in row and row[prediction_column] != "":
                     rec["prediction"] = _csv_value(row[prediction_column])
+                if row.get(label_column) not in (None, ""):
+                    rec["label"] = _csv_value(row[label_column])
                 out.append(rec)
             return out
         for lineno, line in enumerate(fh, 1):
@@ -313,7 +332,7 @@ def read_data(path: str | os.PathLike[str], *, prediction_column: str = "predict
                 if not isinstance(rec, dict) or not isinstance(rec.get("features"), dict):
                     raise RecordError("missing_features", "a record needs a 'features' object")
                 if "prediction" in rec:
-                    validate_prediction(rec["prediction"])
+                    rec["prediction"] = validate_prediction(rec["prediction"])
             except (ValueError, RecordError) as exc:
                 raise ConfigError(f"{p}:{lineno}: {exc}") from exc
             out.append(rec)

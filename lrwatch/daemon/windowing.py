@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 
 from .baseline import build_reference
-from .labels import PendingLabels, score
+from .coverage import LabelCoverage
+from .labels import PendingLabels, is_classification, score
 from .records import DATA_REASONS, Batch
 from .windows import Window
 
@@ -41,9 +42,13 @@ class WindowsMixin:
     reference: Reference | None
     _profile: Profile | None
     _ref_rows: list[dict[str, Any]]
+    coverage: LabelCoverage
 
     if TYPE_CHECKING:  # provided by the other parts of Daemon
         def _close_window(self, now: float) -> None:  # see EvaluationMixin
+            ...
+
+        def _estimation_join(self, window: int | None, correct: float) -> None:  # OutputsMixin
             ...
 
         def _start_calibration(self, ref: Reference) -> None:  # see EvaluationMixin
@@ -87,6 +92,10 @@ class WindowsMixin:
         times = b.times
         if times is not None and None in times:
             times = [t_arrival if t is None else t for t in times]
+        if times is None:
+            self.coverage.add_count(t_arrival, n)
+        else:
+            self.coverage.add_predictions(times)
         tarr = None
         if ws is not None:
             tarr = (np.asarray(times, dtype=np.float64) if times is not None
@@ -129,14 +138,14 @@ class WindowsMixin:
             for i in range(lo, hi):
                 if labels[i] is not None:
                     t = times[i] if times is not None else t_arrival
-                    self._join(preds[i], labels[i], t, t, ptype)
+                    self._join(preds[i], labels[i], t, t, ptype, w.index)
                 elif ids is not None and ids[i] is not None:
                     waiting.append(i)
             if waiting:
                 self._expired(self.pending.add_many(
                     [ids[i] for i in waiting], [preds[i] for i in waiting],  # type: ignore
                     [times[i] for i in waiting] if times is not None
-                    else [t_arrival] * len(waiting)))
+                    else [t_arrival] * len(waiting), w.index))
         elif ids is not None:
             sl = ids[lo:hi]
             if None in sl:
@@ -148,7 +157,7 @@ class WindowsMixin:
                 ps = preds[lo:hi]
                 ts = times[lo:hi] if times is not None else [t_arrival] * (hi - lo)
             if sl:
-                self._expired(self.pending.add_many(sl, ps, ts))
+                self._expired(self.pending.add_many(sl, ps, ts, w.index))
 
     def _expired(self, k: int) -> None:
         if k:
@@ -157,8 +166,11 @@ class WindowsMixin:
 
     def _collect_reference(self, b: Batch, t_arrival: float) -> None:
         need = self.config.live_records - len(self._ref_rows)
-        self._ref_rows.extend({"features": f, "prediction": p}
-                              for f, p in zip(b.feats[:need], b.preds[:need]))
+        labels = b.labels[:need] if b.labels is not None else []
+        self._ref_rows.extend({"features": f, "prediction": p} if lab is None else
+                              {"features": f, "prediction": p, "label": lab}
+                              for f, p, lab in zip(b.feats[:need], b.preds[:need],
+                                                   labels or [None] * need))
         if len(self._ref_rows) >= self.config.live_records:
             _log.info("building the reference from the first %d records", len(self._ref_rows))
             ref = build_reference(self._ref_rows, calibrate=False)
@@ -181,13 +193,16 @@ class WindowsMixin:
                 self.counters["labels_unmatched"] += 1
                 self.metrics.labels_unmatched.inc()
                 continue
-            pred, tp = hit
-            self._join(pred, r["label"], tp, r.get("time", t_arrival), ptype)
+            pred, tp, widx = hit
+            self._join(pred, r["label"], tp, r.get("time", t_arrival), ptype, widx)
 
-    def _join(self, pred: Any, label: Any, t_pred: float, t_label: float, ptype: str) -> None:
+    def _join(self, pred: Any, label: Any, t_pred: float, t_label: float, ptype: str,
+              window: int | None = None) -> None:
+        """A label met its prediction (made at ``t_pred``, in window ``window``)."""
         s = score(pred, label, ptype)
         self.counters["labels_joined"] += 1
         self.metrics.labels_joined.inc()
+        self.coverage.add_label(t_pred)
         delay = max(0.0, t_label - t_pred)
         self.metrics.label_delay.observe(delay)
         if s is None:
@@ -196,6 +211,12 @@ class WindowsMixin:
         w.joined += 1
         w.score_sum += s
         w.delay_sum += delay
+        if is_classification(ptype):
+            if window == w.index:
+                w.own_joined += 1
+                w.own_correct += s
+            else:
+                self._estimation_join(window, s)
 
     def _update_fill(self, now: float) -> None:
         w = self.window

@@ -37,10 +37,11 @@ class Window:
     """
 
     __slots__ = ("index", "start", "end", "_parts", "_n", "preds", "rejected", "joined",
-                 "score_sum", "delay_sum", "first_time", "last_time", "cols")
+                 "score_sum", "delay_sum", "first_time", "last_time", "cols", "own_joined",
+                 "own_correct")
     #: what a snapshot holds (``cols`` is rebuilt from ``feats``)
     STATE = ("index", "start", "end", "feats", "preds", "rejected", "joined", "score_sum",
-             "delay_sum", "first_time", "last_time")
+             "delay_sum", "first_time", "last_time", "own_joined", "own_correct")
 
     def __init__(self, index: int, start: float | None = None, end: float | None = None) -> None:
         self.index = index
@@ -54,6 +55,10 @@ class Window:
         self.joined = 0  # labels joined while open
         self.score_sum = 0.0  # correct count (classification) or absolute-error sum
         self.delay_sum = 0.0
+        # labels of this window's own predictions that came while it was open (inline ones):
+        # the start of its estimate's comparison (see estimate_tracking)
+        self.own_joined = 0
+        self.own_correct = 0.0
         self.first_time: float | None = None
         self.last_time: float | None = None
         # columns extracted per appended slice, while the parsed dicts are still in the cache

@@ -79,6 +79,13 @@ BAD_LINES = [
     b'{"id": 17, "features": {"x": 1, "y": 0.1, "c": "a"}, "prediction": 0.5}',  # integer id
     b'{"id": "", "features": {"x": 1, "y": 0.1, "c": "a"}, "prediction": 0.5}',
     b'{"features": {"x": 1, "y": 0.1, "c": "a"}, "prediction": [0.2, 0.8]}',
+    # class probabilities as an object (valid), and hostile ones (each rejected, counted)
+    b'{"features": {"x": 1, "y": 0.1, "c": "a"}, "prediction": {"proba": [0.3, 0.7]}}',
+    b'{"features": {"x": 1, "y": 0.1, "c": "a"}, "prediction": {"proba": [0.2, NaN]}}',
+    b'{"features": {"x": 1, "y": 0.1, "c": "a"}, "prediction": {"proba": [1.5, -0.5]}}',
+    b'{"features": {"x": 1, "y": 0.1, "c": "a"}, "prediction": {"proba": [0.5], "p": 1}}',
+    b'{"features": {"x": 1, "y": 0.1, "c": "a"}, "prediction": {"proba": []}}',
+    b'{"features": {"x": 1, "y": 0.1, "c": "a"}, "prediction": [true, false]}',
     b'{"features": {"x": 1, "y": 0.1, "c": "a"}, "prediction": null}',
     b'{"features": {"x": 1, "y": 0.1, "c": "a"}}',
     b'{"features": {"x": NaN, "y": 0.1, "c": "a"}, "prediction": 0.5}',

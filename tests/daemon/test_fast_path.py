@@ -172,7 +172,7 @@ def test_pending_add_many_matches_one_at_a_time():
     assert one.state_dict() == many.state_dict()
     fresh = PendingLabels(3)
     assert fresh.add_many(["x", "y", "z", "w"], [1, 2, 3, 4], [1.0, 2.0, 3.0, 4.0]) == 1
-    assert fresh.join("x") is None and fresh.join("w") == (4, 4.0)
+    assert fresh.join("x") is None and fresh.join("w") == (4, 4.0, None)
 
 
 @pytest.mark.parametrize("backend", ["stdlib", "orjson"])

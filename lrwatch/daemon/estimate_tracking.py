@@ -1,0 +1,133 @@
+"""The daemon's side of label-free performance estimation: each window's probabilities go to
+the reference's :class:`~.estimation.PerformanceEstimator`, and the estimate is later compared
+with the accuracy its own labels realise.
+
+Delayed labels land in later windows, so a window's estimate is kept (a few numbers, at most
+:data:`MAX_TRACKED` windows) and every label is attributed to the window *of its prediction*
+(the pending-label store remembers it). A window's estimate is compared once enough of its own
+labels came in: at least ``min_labels`` (default 30) **and** either half of its records or
+every record older than the label horizon ``H`` (``label_horizon_seconds``), whichever comes
+first. Then ``error = estimate - realised accuracy of the window's labelled records``; a window
+that never gets ``min_labels`` is dropped uncompared. The comparison is honest when labels are
+missing at random; if only some kinds of predictions get labels, the realised accuracy is that
+of those.
+
+Examples
+--------
+>>> class Flat:                     # a stand-in estimator: always 0.8
+...     n_classes = 2
+...     def estimate(self, proba):
+...         return {"accuracy": 0.8, "records": float(len(proba))}
+>>> t = EstimateTracker(Flat(), "probability", horizon=60.0, min_labels=2)
+>>> proba = window_probabilities([0.9, 0.2, 0.7, 0.6], "probability", None)
+>>> t.window(7, 100.0, proba, records=4)["accuracy"]
+0.8
+>>> t.join(7, 1.0); t.completed
+[]
+>>> t.join(7, 0.0); t.take_completed()   # two of four labelled: half, and min_labels
+[0.30000000000000004]
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["EstimateTracker", "MAX_TRACKED", "window_probabilities"]
+
+#: Windows whose estimate waits for its labels (the oldest are dropped uncompared).
+MAX_TRACKED = 256
+
+
+def window_probabilities(preds: Sequence[Any], prediction_type: str, width: int | None
+                         ) -> np.ndarray | None:
+    """The window's predictions as the estimator reads them: ``(n,)`` class-1 probabilities
+    (``probability``) or ``(n, k)`` (``probabilities``). Predictions that do not fit (another
+    width, a value outside [0, 1]; validation rejects those once the reference is known) are
+    left out. ``None`` when nothing is left."""
+    if prediction_type == "probability":
+        a = np.fromiter((p if type(p) in (int, float) else np.nan for p in preds),
+                        dtype=np.float64, count=len(preds))
+        a = a[(a >= 0.0) & (a <= 1.0)]
+    else:
+        try:
+            a = np.array(preds, dtype=np.float64)
+        except ValueError:  # rows of different widths
+            a = np.array([p for p in preds if type(p) is list and len(p) == width],
+                         dtype=np.float64)
+        if a.ndim != 2 or (width is not None and a.shape[1] != width):
+            return None
+        a = a[((a >= 0.0) & (a <= 1.0)).all(axis=1)]
+    return a if len(a) else None
+
+
+class EstimateTracker:
+    """Per-window estimates and their later comparison with realised accuracy.
+
+    Every comparison that completes (:meth:`window`, :meth:`join`, :meth:`sweep`) appends the
+    window's error to :attr:`completed`; :meth:`take_completed` hands them over."""
+
+    def __init__(self, estimator: Any, prediction_type: str, *, horizon: float,
+                 width: int | None = None, min_labels: int = 30) -> None:
+        self.estimator = estimator
+        self.prediction_type = prediction_type
+        self.horizon = float(horizon)
+        self.width = width
+        self.min_labels = int(min_labels)
+        self.completed: list[float] = []
+        # window index -> [estimate, records, joined, correct, last prediction time]
+        self._open: OrderedDict[int, list[float]] = OrderedDict()
+
+    def window(self, index: int, last_time: float, proba: np.ndarray, records: int,
+               joined: float = 0.0, correct: float = 0.0) -> dict[str, float] | None:
+        """Estimate one closed window from its probabilities (see :func:`window_probabilities`)
+        and keep it until its labels come; ``joined``/``correct``: its own labels that came
+        while it was open (inline ones, say). ``None`` when the estimator had nothing to say."""
+        est = self.estimator.estimate(proba)
+        if "accuracy" not in est:
+            return None
+        self._open[index] = [float(est["accuracy"]), float(records), float(joined),
+                             float(correct), float(last_time)]
+        while len(self._open) > MAX_TRACKED:
+            self._open.popitem(last=False)
+        self._check(index)
+        return est
+
+    def join(self, index: int | None, correct: float) -> None:
+        """A label of window ``index`` came (``correct``: 1 or 0)."""
+        w = self._open.get(index) if index is not None else None  # type: ignore[arg-type]
+        if w is not None:
+            w[2] += 1.0
+            w[3] += correct
+            self._check(index)  # type: ignore[arg-type]
+
+    def _check(self, index: int) -> None:
+        w = self._open[index]
+        if w[2] >= self.min_labels and w[2] >= w[1] / 2:
+            self._finish(index)
+
+    def _finish(self, index: int) -> None:
+        est, _, joined, correct, _ = self._open.pop(index)
+        self.completed.append(est - correct / joined)
+
+    def sweep(self, now: float) -> None:
+        """Compare (or drop, with fewer than ``min_labels``) the windows whose records are
+        all older than the horizon."""
+        for index in [i for i, w in self._open.items() if w[4] < now - self.horizon]:
+            if self._open[index][2] >= self.min_labels:
+                self._finish(index)
+            else:
+                del self._open[index]
+
+    def take_completed(self) -> list[float]:
+        out, self.completed = self.completed, []
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"open": [[i, *w] for i, w in self._open.items()]}
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        self._open = OrderedDict((int(r[0]), [float(v) for v in r[1:6]])
+                                 for r in (state or {}).get("open", []))

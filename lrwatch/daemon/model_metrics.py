@@ -1,0 +1,156 @@
+"""The daemon's metrics about the model's outputs (as opposed to its inputs and its ingest):
+the prediction distribution, label coverage over a horizon, label-free performance estimates
+and their error, and the joint (multivariate) drift test.
+
+Families that only make sense for some models (class shares for classifiers, quantiles for
+numeric outputs, estimates for classifiers whose reference has labels) are registered when the
+reference is bound (:meth:`ModelMetrics.bind`), with their label children cached there, so a
+daemon never exports a made-up 0 for something it does not measure. Label values are bounded:
+classes come from the reference (the rest are ``other``), quantiles and estimate names are
+fixed lists.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from .distribution import QUANTILES
+
+__all__ = ["ModelMetrics", "ESTIMATED_METRICS"]
+
+#: ``metric`` values of ``lrwatch_estimated_metric`` (binary adds the last four).
+ESTIMATED_METRICS = ("accuracy", "accuracy_low", "accuracy_high", "precision", "recall", "f1",
+                     "roc_auc")
+NAN = float("nan")
+
+
+class ModelMetrics:
+    """Families of :mod:`.model_metrics` in ``registry``; see the module notes."""
+
+    def __init__(self, registry: CollectorRegistry, pending: Callable[[], float] | None = None
+                 ) -> None:
+        r = self.registry = registry
+        self.pending = Gauge("lrwatch_pending_labels",
+                             "Predictions waiting for a label (read when scraped).", registry=r)
+        if pending is not None:
+            self.pending.set_function(pending)
+        self.coverage_horizon = Gauge(
+            "lrwatch_label_coverage_horizon_ratio",
+            "Of the predictions made between 2H and H ago (H: lrwatch_label_horizon_seconds), "
+            "the share that got a label; NaN while there were none.", registry=r)
+        self.coverage_horizon.set(NAN)
+        self.horizon = Gauge("lrwatch_label_horizon_seconds",
+                             "H of lrwatch_label_coverage_horizon_ratio (config).", registry=r)
+        self.class_ratio: dict[str, Gauge] = {}
+        self.class_reference: dict[str, Gauge] = {}
+        self.quantiles: list[Any] = []
+        self.mean: Gauge | None = None
+        self.estimated: dict[str, Any] = {}
+        self.estimated_accuracy: Gauge | None = None
+        self.estimation_error: Gauge | None = None
+        self.estimation_compared: Counter | None = None
+        self.estimated_drop: Gauge | None = None
+        self.multivariate: dict[str, Gauge] = {}
+        self._bound = False
+
+    # --- binding (once the reference is known) -------------------------------------------------
+    def bind(self, classes: Sequence[str], reference_ratio: Sequence[float], numeric: bool,
+             estimated: Sequence[str], multivariate: bool) -> None:
+        """Register the families this reference needs (once; later calls do nothing)."""
+        if self._bound:
+            return
+        self._bound = True
+        r = self.registry
+        if classes:
+            ratio = Gauge("lrwatch_prediction_class_ratio",
+                          "Share of the last window's predictions per predicted class "
+                          "(classes beyond the reference's are 'other').", ["class"],
+                          registry=r)
+            ref = Gauge("lrwatch_prediction_class_reference_ratio",
+                        "Share of the reference's predictions per predicted class.", ["class"],
+                        registry=r)
+            for c, share in zip(classes, reference_ratio):
+                self.class_ratio[c] = ratio.labels(c)
+                self.class_reference[c] = ref.labels(c)
+                self.class_reference[c].set(share)
+        if numeric:
+            self.mean = Gauge("lrwatch_prediction_mean",
+                              "Mean prediction of the last window (numeric outputs).",
+                              registry=r)
+            q = Gauge("lrwatch_prediction_quantile",
+                      "Quantiles of the last window's predictions (numeric outputs), by level q.",
+                      ["q"], registry=r)
+            self.quantiles = [q.labels(f"{p:g}") for p in QUANTILES]
+        if estimated:
+            self._bind_estimation(estimated)
+        if multivariate:
+            self._bind_multivariate()
+
+    def _bind_estimation(self, estimated: Sequence[str]) -> None:
+        r = self.registry
+        self.estimated_accuracy = Gauge(
+            "lrwatch_estimated_accuracy",
+            "Accuracy of the last window estimated from the predicted probabilities alone "
+            "(no labels; see docs/performance-estimation.md).", registry=r)
+        fam = Gauge("lrwatch_estimated_metric",
+                    "Label-free estimates of the last window: accuracy with its band "
+                    "(accuracy_low, accuracy_high) and, binary, precision, recall, f1, roc_auc.",
+                    ["metric"], registry=r)
+        self.estimated = {m: fam.labels(m) for m in estimated}
+        self.estimated_drop = Gauge(
+            "lrwatch_estimated_accuracy_drop",
+            "The reference's estimated accuracy minus the last window's estimate.", registry=r)
+        self.estimation_error = Gauge(
+            "lrwatch_estimation_error",
+            "Estimated minus realised accuracy of the last window whose labels came in "
+            "(NaN until one did).", registry=r)
+        self.estimation_error.set(NAN)
+        self.estimation_compared = Counter(
+            "lrwatch_estimation_windows_compared",
+            "Windows whose estimate was compared with their realised accuracy.", registry=r)
+
+    def _bind_multivariate(self) -> None:
+        r = self.registry
+        self.multivariate = {
+            "stat": Gauge("lrwatch_multivariate_drift_statistic",
+                          "Joint drift statistic of the numeric features in the last window.",
+                          registry=r),
+            "score": Gauge("lrwatch_multivariate_drift_score",
+                           "Joint drift evidence of the last window (per window or accumulated) "
+                           "in units of its calibrated threshold (>= 1: over).", registry=r),
+            "detected": Gauge("lrwatch_multivariate_drift_detected",
+                              "1 when the joint test found drift in the last window.",
+                              registry=r),
+        }
+
+    # --- per window -----------------------------------------------------------------------------
+    def publish_distribution(self, dist: Mapping[str, Any]) -> None:
+        ratio = dist.get("class_ratio")
+        if ratio is not None and self.class_ratio:
+            for ch, v in zip(self.class_ratio.values(), ratio.tolist()):
+                ch.set(v)
+        if "mean" in dist and self.mean is not None:
+            self.mean.set(dist["mean"])
+            for ch, v in zip(self.quantiles, dist["quantiles"].tolist()):
+                ch.set(v)
+
+    def publish_estimate(self, est: Mapping[str, float]) -> None:
+        if self.estimated_accuracy is None:
+            return
+        self.estimated_accuracy.set(est.get("accuracy", NAN))
+        for k, ch in self.estimated.items():
+            ch.set(est.get(k, NAN))
+        if "accuracy_drop" in est and self.estimated_drop is not None:
+            self.estimated_drop.set(est["accuracy_drop"])
+
+    def publish_error(self, error: float) -> None:
+        if self.estimation_error is not None and self.estimation_compared is not None:
+            self.estimation_error.set(error)
+            self.estimation_compared.inc()
+
+    def publish_multivariate(self, values: Mapping[str, float]) -> None:
+        for k, g in self.multivariate.items():
+            if k in values:
+                g.set(values[k])

@@ -1,0 +1,165 @@
+"""The model's outputs, on the worker: the prediction distribution of each window, label
+coverage over a horizon, label-free performance estimates (and their error once labels come),
+and the joint drift test's result; what they add to a window's sample and to the metrics.
+
+:class:`OutputsMixin` is one of the parts :class:`~.core.Daemon` is made of. It is bound to a
+reference by :meth:`~OutputsMixin._bind_outputs` (from the evaluation's ``_set_reference``),
+which registers only the metric families this reference can fill
+(:class:`~.model_metrics.ModelMetrics`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .baseline import ESTIMABLE
+from .coverage import LabelCoverage
+from .distribution import PredictionDistribution
+from .estimate_tracking import EstimateTracker
+from .model_metrics import ESTIMATED_METRICS
+
+if TYPE_CHECKING:
+    from .config import DaemonConfig
+    from .detector import DriftDetector, DriftResult
+    from .metrics import DaemonMetrics
+    from .reference import Reference
+    from .windows import Window
+
+__all__ = ["OutputsMixin"]
+
+_log = logging.getLogger("lrwatch.daemon")
+
+
+class OutputsMixin:
+    """Prediction distribution, horizon coverage, estimates and the joint test (see above)."""
+
+    config: DaemonConfig
+    metrics: DaemonMetrics
+    reference: Reference | None
+    coverage: LabelCoverage
+    estimates: EstimateTracker | None
+    _distribution: PredictionDistribution | None
+    _errors: list[float]
+    ingest: Any
+    limits: Any
+
+    def _bind_outputs(self, ref: Reference, det: DriftDetector) -> None:
+        """Set up what this reference allows: the distribution, the estimator (when the
+        reference has one and estimation is on), the probability width, the joint test."""
+        dist = self._distribution = PredictionDistribution(det.profile)
+        if ref.proba_width:  # a live list of another width is rejected, with its reason
+            self.limits = dataclasses.replace(self.limits, proba_width=ref.proba_width)
+            self.ingest.limits = self.limits
+        self.estimates = self._make_tracker(ref)
+        names: tuple[str, ...] = ()
+        if self.estimates is not None:
+            names = ESTIMATED_METRICS if self.estimates.estimator.n_classes == 2 \
+                else ESTIMATED_METRICS[:3]
+        self.metrics.model.bind(dist.classes, dist.reference_ratio, dist.numeric, names,
+                                getattr(det, "joint", False) and len(det.profile.num) > 1)
+
+    def _make_tracker(self, ref: Reference) -> EstimateTracker | None:
+        if not self.config.estimation or not ref.estimator or \
+                ref.prediction_type not in ESTIMABLE:
+            return None
+        try:
+            from .estimation import PerformanceEstimator
+
+            est = PerformanceEstimator.from_dict(ref.estimator)
+        except Exception as exc:  # an old or damaged estimator: drift still works
+            self.metrics.internal_errors.inc()
+            _log.error("the reference's performance estimator cannot be used (%s); rebuild "
+                       "the reference with `lrwatch baseline build` to estimate accuracy", exc)
+            return None
+        return EstimateTracker(est, ref.prediction_type, horizon=self.config.label_horizon_seconds,
+                               width=ref.proba_width,
+                               min_labels=self.config.estimation_min_labels)
+
+    def _output_values(self, w: Window, n: int, x: np.ndarray, cats: list[np.ndarray],
+                       res: DriftResult, proba: np.ndarray | None) -> dict[str, float]:
+        """The window's values about the model's outputs (and publishes their metrics)."""
+        vals: dict[str, float] = {}
+        model = self.metrics.model
+        if self._distribution is not None:
+            dist = self._distribution.window(x, cats)
+            model.publish_distribution(dist)
+            if "mean" in dist:
+                vals["prediction_mean"] = dist["mean"]
+        ratio = self.coverage.ratio()
+        model.coverage_horizon.set(math.nan if ratio is None else ratio)
+        if ratio is not None:
+            vals["label_coverage_horizon"] = ratio
+        vals.update(self._estimate(w, n, proba))
+        vals.update(self._joint_values(res))
+        return vals
+
+    def _estimate(self, w: Window, n: int, proba: np.ndarray | None) -> dict[str, float]:
+        t = self.estimates
+        if t is None or proba is None:
+            return {}
+        try:
+            est = t.window(w.index, w.last_time if w.last_time is not None else 0.0, proba, n,
+                           w.own_joined, w.own_correct)
+        except ValueError as exc:  # the estimator refused the window: drift still works
+            self.metrics.internal_errors.inc()
+            _log.error("estimating window %d failed: %s", w.index, exc)
+            return {}
+        if est is None:
+            return {}
+        self.metrics.model.publish_estimate(est)
+        vals = {f"estimated_{k}": float(v) for k, v in est.items()
+                if k in ESTIMATED_METRICS or k == "accuracy_drop"}
+        if "drop_z" in est:
+            vals["estimated_accuracy_drop_z"] = float(est["drop_z"])
+        errors = self._errors + t.take_completed()
+        self._errors = []
+        for err in errors:
+            self.metrics.model.publish_error(err)
+        if errors:
+            vals["estimation_error"] = errors[-1]
+        return vals
+
+    def _estimation_join(self, window: int | None, correct: float) -> None:
+        """A label scored against its window's estimate (from the label join)."""
+        t = self.estimates
+        if t is None or window is None:
+            return
+        t.join(window, correct)
+        self._take_errors(t)
+
+    def _estimation_sweep(self, now: float) -> None:
+        """Windows whose labels had the horizon to come are compared (from the clock tick)."""
+        t = self.estimates
+        if t is not None:
+            t.sweep(now)
+            self._take_errors(t)
+
+    def _take_errors(self, t: EstimateTracker) -> None:
+        for err in t.take_completed():
+            self.metrics.model.publish_error(err)
+            self._errors.append(err)  # the next window's sample carries the newest
+        del self._errors[:-1]
+
+    def _joint_values(self, res: DriftResult) -> dict[str, float]:
+        """The joint test's statistic, evidence (in units of its calibrated thresholds) and
+        decision; ``multivariate_drift`` only when the test ran (2+ numeric features)."""
+        if not self.metrics.model.multivariate:
+            return {}
+        stat = float(getattr(res, "joint_stat", math.nan))
+        if not math.isfinite(stat):
+            return {}
+        evidence = 0.0
+        for v, thr in ((getattr(res, "joint_score", math.nan),
+                        getattr(res, "joint_threshold", math.inf)),
+                       (getattr(res, "joint_seq_z", math.nan), res.seq_threshold)):
+            if math.isfinite(v) and math.isfinite(thr) and thr > 0:
+                evidence = max(evidence, float(v) / float(thr))
+        detected = 1.0 if getattr(res, "joint_detected", False) else 0.0
+        self.metrics.model.publish_multivariate({"stat": stat, "score": evidence,
+                                                 "detected": detected})
+        return {"multivariate_drift": detected, "multivariate_drift_score": evidence}

@@ -39,6 +39,7 @@ import numpy as np
 from scipy import special
 
 from ..errors import ConfigError
+from .multivariate import JointModel
 from .reference import FINE_BINS, Reference, cat_key
 from .stats import Profile, categorical_tests, numeric_tests
 
@@ -69,6 +70,14 @@ class Calibration:
     horizons: list[int] = field(default_factory=lambda: list(HORIZONS))
     reference_records: int = 0
     seconds: float = 0.0
+    #: the joint test's features (``None``: calibrated by an lrwatch without the joint test;
+    #: ``[]``: calibrated without one). ``mu``/``sd`` then hold one more dim per joint feature.
+    joint_features: list[str] | None = None
+    joint_mean: list[float] = field(default_factory=list)  # reference mean of |e| per feature
+    joint_sd: list[float] = field(default_factory=list)  # its row standard deviation
+    #: thresholds of the per-feature tests alone (used when the joint test is switched off)
+    base_threshold: float | None = None
+    base_seq_threshold: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,8 +87,9 @@ class Calibration:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
     def matches(self, window_size: int, target_windows: float, dims: int) -> bool:
+        """For this window size and target, with ``dims`` per-feature test dims."""
         return (self.window_size == window_size and self.target_windows == target_windows
-                and len(self.mu) == dims)
+                and len(self.mu) == dims + len(self.joint_features or []))
 
 
 def normal_scores(p: np.ndarray, mean_dims: np.ndarray) -> np.ndarray:
@@ -138,6 +148,22 @@ class _Resampler:
         self.onehot_t = sparse.csr_matrix(
             (np.ones(rows.size), (allcols.ravel(), rows)), shape=(offset, m))
         self.fn = fn
+        self.ju: np.ndarray | None = None  # joint test: |e| per row and joint feature
+        self.ju2: np.ndarray | None = None
+
+    def set_joint(self, u: np.ndarray) -> None:
+        """Resample the joint test's per-row statistics ``u`` (``(m, p)``) too."""
+        self.ju = u
+        self.ju2 = u ** 2
+
+    def joint_z(self, wb: np.ndarray, wa: np.ndarray, m: int, n: int) -> np.ndarray:
+        """``(batch, p)`` joint z of resampled windows (weights ``wa``, ``n`` rows) against
+        resampled references (``wb``, ``m`` rows), as :class:`~.detector.DriftDetector` does."""
+        assert self.ju is not None and self.ju2 is not None
+        rmean = wb.T @ self.ju / m
+        rsd = np.sqrt(np.maximum(wb.T @ self.ju2 / m - rmean ** 2, 1e-24))
+        wmean = wa.T @ self.ju / n
+        return (wmean - rmean) / (rsd * math.sqrt(1.0 / n + 1.0 / m))
 
     def weights(self, rng: np.random.Generator, size: int, batch: int) -> np.ndarray:
         """``(m, batch)`` draw counts of ``batch`` bootstrap resamples of ``size`` rows."""
@@ -158,9 +184,12 @@ class _Resampler:
 
 def _pvalues(prof: Profile, rs: _Resampler, rng: np.random.Generator, m: int, n: int,
              batch: int) -> np.ndarray:
-    """``(batch, dims)`` p-values (signed z for mean dims) of resampled reference/window pairs."""
-    bf, bsum, bsq, bcnt, bcat = rs.stats(rs.weights(rng, m, batch))
-    af, asum, _, _, acat = rs.stats(rs.weights(rng, n, batch))
+    """``(batch, dims)`` p-values (signed z for mean dims) of resampled reference/window pairs,
+    then the joint test's signed z per joint feature when the resampler has one."""
+    wb = rs.weights(rng, m, batch)
+    bf, bsum, bsq, bcnt, bcat = rs.stats(wb)
+    wa = rs.weights(rng, n, batch)
+    af, asum, _, _, acat = rs.stats(wa)
     cnt = np.maximum(bcnt, 2.0)
     bmean = bsum / cnt
     var = (bsq - cnt * bmean ** 2) / (cnt - 1)
@@ -169,11 +198,12 @@ def _pvalues(prof: Profile, rs: _Resampler, rng: np.random.Generator, m: int, n:
     nt = numeric_tests(prof, af, asum, float(n), bf, bmean, bstd)
     ct = categorical_tests(acat, bcat, float(n))
     num = np.stack([nt["p_ks"], nt["p_chi2"], nt["z_mean"], nt["p_missing"]], axis=-1)
-    num = num.reshape(batch, -1)
+    parts = [num.reshape(batch, -1)]
     if prof.cat:
-        cat = np.stack([ct["p_chi2"], ct["p_missing"]], axis=-1).reshape(batch, -1)
-        return np.concatenate([num, cat], axis=1)
-    return num
+        parts.append(np.stack([ct["p_chi2"], ct["p_missing"]], axis=-1).reshape(batch, -1))
+    if rs.ju is not None:
+        parts.append(rs.joint_z(wb, wa, m, n))
+    return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
 
 def _psd_factor(c: np.ndarray) -> np.ndarray:
@@ -181,58 +211,129 @@ def _psd_factor(c: np.ndarray) -> np.ndarray:
     return v * np.sqrt(np.clip(w, 0.0, None))
 
 
-def _max_quantile(c: np.ndarray, mean_dims: np.ndarray, rate: float,
-                  rng: np.random.Generator) -> float:
-    """The (1 - rate) quantile of max(|Z_mean dims|, Z_other dims) with Z ~ N(0, c)."""
+def _max_quantile(c: np.ndarray, fold: np.ndarray, rate: float, rng: np.random.Generator,
+                  base: np.ndarray | None = None) -> tuple[float, float]:
+    """The (1 - rate) quantile of max(|Z_fold dims|, Z_other dims) with Z ~ N(0, c), and the
+    same over the ``base`` dims only (all dims when ``base`` is None), from the same draws."""
     if len(c) == 0:
-        return math.inf
+        return math.inf, math.inf
+    base = np.ones(len(c), dtype=bool) if base is None else base
     a = _psd_factor(c)
-    out = []
+    out, out_base = [], []
     remaining = _COPULA_DRAWS
     while remaining > 0:
         k = min(remaining, 20_000)
         g = rng.standard_normal((k, len(c))) @ a.T
-        g = np.where(mean_dims, np.abs(g), g)
+        g = np.where(fold, np.abs(g), g)
         out.append(g.max(axis=1))
+        out_base.append(g[:, base].max(axis=1, initial=-np.inf))
         remaining -= k
-    return float(np.quantile(np.concatenate(out), 1.0 - rate))
+    return (float(np.quantile(np.concatenate(out), 1.0 - rate)),
+            float(np.quantile(np.concatenate(out_base), 1.0 - rate)))
 
 
-def _sequential_threshold(corr: np.ndarray, n: int, m: int, rate: float,
+def _scan_maxima(a: np.ndarray, batch: int, n: int, m: int, rng: np.random.Generator,
+                 horizons: tuple[int, ...]) -> np.ndarray:
+    """``(batch, windows)`` scan statistic max_{f,L} |z_{f,L}| of ``batch`` simulated null
+    streams whose dims have the correlation factor ``a``."""
+    fn = a.shape[0]
+    u = (rng.standard_normal((batch, _STREAM_WINDOWS, fn)) @ a.T) / math.sqrt(n)
+    e = (rng.standard_normal((batch, 1, fn)) @ a.T) / math.sqrt(m)
+    cs = np.cumsum(u, axis=1)
+    best = np.zeros((batch, _STREAM_WINDOWS))
+    for h in horizons:
+        if h > _STREAM_WINDOWS:
+            continue
+        s = cs[:, h - 1:, :].copy()
+        s[:, 1:, :] -= cs[:, :-h, :]
+        z = (s / h - e) / math.sqrt(1.0 / (n * h) + 1.0 / m)
+        zmax = np.abs(z).max(axis=2)
+        best[:, h - 1:] = np.maximum(best[:, h - 1:], zmax)
+    return best
+
+
+def _sequential_threshold(blocks: list[np.ndarray], n: int, m: int, rate: float,
                           rng: np.random.Generator, horizons: tuple[int, ...],
-                          progress: ProgressFn | None = None) -> float:
+                          progress: ProgressFn | None = None) -> tuple[float, float]:
     """Per-window (1 - rate) quantile of the scan statistic max_{f,L} |z_{f,L}| on simulated
-    null streams (window means ~ N(0, C/n), one reference offset ~ N(0, C/m) per stream)."""
-    fn = len(corr)
-    if fn == 0:
-        return math.inf
-    a = _psd_factor(corr)
-    maxima = []
+    null streams (window means ~ N(0, C/n), one reference offset ~ N(0, C/m) per stream),
+    over all dims and over the first block's only.
+
+    ``blocks`` are correlation matrices simulated independently of each other: the feature
+    means, then the joint test's mean |e| (nearly uncorrelated with the means; by Sidak's
+    inequality, ignoring a correlation between blocks can only raise the quantile of the
+    maximum of absolute values, so the threshold errs on the conservative side)."""
+    if not blocks or len(blocks[0]) == 0:
+        return math.inf, math.inf
+    factors = [_psd_factor(c) for c in blocks if len(c)]
+    maxima, maxima_first = [], []
     batch = 250
     for b in range(_STREAMS // batch):
         if progress is not None:
             progress("null streams", b * batch, _STREAMS)
-        u = (rng.standard_normal((batch, _STREAM_WINDOWS, fn)) @ a.T) / math.sqrt(n)
-        e = (rng.standard_normal((batch, 1, fn)) @ a.T) / math.sqrt(m)
-        cs = np.cumsum(u, axis=1)
-        best = np.zeros((batch, _STREAM_WINDOWS))
-        for h in horizons:
-            if h > _STREAM_WINDOWS:
-                continue
-            s = cs[:, h - 1:, :].copy()
-            s[:, 1:, :] -= cs[:, :-h, :]
-            z = (s / h - e) / math.sqrt(1.0 / (n * h) + 1.0 / m)
-            zmax = np.abs(z).max(axis=2)
-            best[:, h - 1:] = np.maximum(best[:, h - 1:], zmax)
-        maxima.append(best.ravel())
+        best = [_scan_maxima(a, batch, n, m, rng, horizons) for a in factors]
+        maxima_first.append(best[0].ravel())
+        maxima.append(np.maximum.reduce(best).ravel())
     if progress is not None:
         progress("null streams", _STREAMS, _STREAMS)
-    return float(np.quantile(np.concatenate(maxima), 1.0 - rate))
+    return (float(np.quantile(np.concatenate(maxima), 1.0 - rate)),
+            float(np.quantile(np.concatenate(maxima_first), 1.0 - rate)))
+
+
+def _resample_scores(prof: Profile, rs: _Resampler, rng: np.random.Generator, m: int,
+                     n: int, sims: int, signed: np.ndarray,
+                     progress: ProgressFn | None) -> np.ndarray:
+    """``(sims, dims)`` raw normal scores of resampled reference/window pairs."""
+    raw = np.empty((sims, len(signed)))
+    for i in range(0, sims, 100):
+        if progress is not None:
+            progress("resamples", i, sims)
+        k = min(100, sims - i)
+        raw[i:i + k] = normal_scores(_pvalues(prof, rs, rng, m, n, k), signed)
+    if progress is not None:
+        progress("resamples", sims, sims)
+    return raw
+
+
+def _standardisation(raw: np.ndarray, mean_dims: np.ndarray, signed: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``mu``, ``sd``, the correlation of the live dims, and the live mask.
+
+    Mean dims keep ``mu = 0`` (their z is centred by construction); joint dims keep their
+    measured ``mu``. Tests that cannot vary under the null (no missing values in the reference,
+    say) keep their asymptotic scale: they only speak when something new happens."""
+    mu = raw.mean(axis=0)
+    sd = raw.std(axis=0, ddof=1)
+    floor = float(-special.ndtri(1.0 - 1e-9)) + 1e-6  # the score of p = 1
+    clipped = np.where(signed, 0.0, (raw <= floor).mean(axis=0))
+    degenerate = (sd < 0.05) | (clipped > 0.5)
+    mu = np.where(degenerate, 0.0, np.where(mean_dims, 0.0, mu))
+    sd = np.where(degenerate, 1.0, sd)
+    z = (raw - mu) / sd
+    live = ~degenerate
+    if live.sum() >= 2:
+        corr = np.corrcoef(z[:, live], rowvar=False)
+        corr = np.nan_to_num(corr, nan=0.0)
+        np.fill_diagonal(corr, 1.0)
+    else:
+        corr = np.eye(int(live.sum()))
+    return mu, sd, corr, live
+
+
+def _row_corr(x: np.ndarray) -> np.ndarray:
+    """Correlation of the columns of ``x`` (NaN filled with the column mean; 0 if constant)."""
+    filled = np.where(np.isnan(x), np.nanmean(x, axis=0), x)
+    p = x.shape[1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        c = np.corrcoef(filled, rowvar=False).reshape(p, p)
+    c = np.nan_to_num(c, nan=0.0)
+    np.fill_diagonal(c, 1.0)
+    return c
 
 
 def calibrate(ref: Reference, *, window_size: int = 1000, target_windows: float = 1000.0,
               sims: int | None = None, seed: int = 0, sequential: bool = True,
-              progress: ProgressFn | None = None) -> Calibration:
+              joint: bool = True, progress: ProgressFn | None = None) -> Calibration:
     """Calibrate the per-window and sequential thresholds of ``ref`` (see the module notes).
 
     Parameters
@@ -240,9 +341,13 @@ def calibrate(ref: Reference, *, window_size: int = 1000, target_windows: float 
     window_size:
         Records per window the thresholds are for (time windows: their typical size).
     target_windows:
-        One false alarm per this many unshifted windows, all features and tests together.
+        One false alarm per this many unshifted windows, all features and tests together
+        (the joint test included).
     sims:
         Resamples for the standardisation and correlations (default 2000).
+    joint:
+        Calibrate the joint test (:mod:`.multivariate`) too, when the reference has at least
+        two usable numeric input features.
     progress:
         Called as ``progress(stage, done, total)`` as the work goes on (``"resamples"`` of
         ``sims``, then ``"null streams"`` for the sequential threshold); it does not change the
@@ -259,49 +364,33 @@ def calibrate(ref: Reference, *, window_size: int = 1000, target_windows: float 
     rs = _Resampler(prof)
     rng = np.random.default_rng(seed)
     m = min(ref.records, rs.m) if ref.records > 0 else rs.m
-    mean_dims = prof.mean_dims
-    raw = np.empty((sims, len(prof.dims)))
-    for i in range(0, sims, 100):
-        if progress is not None:
-            progress("resamples", i, sims)
-        k = min(100, sims - i)
-        raw[i:i + k] = normal_scores(_pvalues(prof, rs, rng, m, window_size, k), mean_dims)
-    if progress is not None:
-        progress("resamples", sims, sims)
-    mu = raw.mean(axis=0)
-    sd = raw.std(axis=0, ddof=1)
-    # tests that cannot vary under the null (no missing values in the reference, say) keep
-    # their asymptotic scale: they only speak when something new happens
-    floor = float(-special.ndtri(1.0 - 1e-9)) + 1e-6  # the score of p = 1
-    clipped = np.where(mean_dims, 0.0, (raw <= floor).mean(axis=0))
-    degenerate = (sd < 0.05) | (clipped > 0.5)
-    mu = np.where(degenerate, 0.0, np.where(mean_dims, 0.0, mu))
-    sd = np.where(degenerate, 1.0, sd)
-    z = (raw - mu) / sd
-    live = ~degenerate
-    if live.sum() >= 2:
-        corr = np.corrcoef(z[:, live], rowvar=False)
-        corr = np.nan_to_num(corr, nan=0.0)
-        np.fill_diagonal(corr, 1.0)
-    else:
-        corr = np.eye(int(live.sum()))
+    model = JointModel.fit(rs.x_std, prof.num_names) if joint and prof.num else None
+    pj = model.dims if model is not None else 0
+    if model is not None:
+        rs.set_joint(model.loo_residuals(rs.x_std))
+    joint_dims = np.concatenate([np.zeros(len(prof.dims), bool), np.ones(pj, bool)])
+    mean_dims = np.concatenate([prof.mean_dims, np.zeros(pj, bool)])
+    signed = mean_dims | joint_dims
+    raw = _resample_scores(prof, rs, rng, m, window_size, sims, signed, progress)
+    mu, sd, corr, live = _standardisation(raw, mean_dims, signed)
     rate = 1.0 / target_windows
     window_rate = rate / 2 if sequential and prof.num else rate
-    threshold = _max_quantile(corr, mean_dims[live], window_rate, rng)
-    if not math.isfinite(threshold):
-        threshold = float(-special.ndtri(window_rate / max(len(prof.dims), 1)))
-    seq_threshold = math.inf
+    threshold, base = _max_quantile(corr, signed[live], window_rate, rng, ~joint_dims[live])
+    bonferroni = float(-special.ndtri(window_rate / max(len(signed), 1)))
+    threshold = threshold if math.isfinite(threshold) else bonferroni
+    base = base if math.isfinite(base) else bonferroni
+    seq_threshold = base_seq = math.inf
     if sequential and prof.num:
-        xs = rs.x_std
-        filled = np.where(np.isnan(xs), np.nanmean(xs, axis=0), xs)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ncorr = np.corrcoef(filled, rowvar=False).reshape(len(prof.num), len(prof.num))
-        ncorr = np.nan_to_num(ncorr, nan=0.0)
-        np.fill_diagonal(ncorr, 1.0)
-        seq_threshold = _sequential_threshold(ncorr, window_size, m, rate / 2, rng, HORIZONS,
-                                              progress)
+        blocks = [_row_corr(rs.x_std)] + ([_row_corr(rs.ju)] if rs.ju is not None else [])
+        seq_threshold, base_seq = _sequential_threshold(blocks, window_size, m, rate / 2, rng,
+                                                        HORIZONS, progress)
+    ju = rs.ju if rs.ju is not None else np.zeros((1, 0))
     return Calibration(window_size=window_size, target_windows=float(target_windows),
                        sims=sims, seed=seed, mu=[float(v) for v in mu],
                        sd=[float(v) for v in sd], threshold=threshold,
                        seq_threshold=seq_threshold, horizons=list(HORIZONS),
-                       reference_records=m, seconds=time.perf_counter() - t0)
+                       reference_records=m, seconds=time.perf_counter() - t0,
+                       joint_features=list(model.names) if model is not None else [],
+                       joint_mean=[float(v) for v in ju.mean(axis=0)],
+                       joint_sd=[float(v) for v in ju.std(axis=0)],
+                       base_threshold=base, base_seq_threshold=base_seq)

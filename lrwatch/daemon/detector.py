@@ -31,6 +31,7 @@ Examples
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -40,10 +41,29 @@ import numpy as np
 
 from ..errors import ConfigError
 from .calibrate import Calibration, calibrate, normal_scores, standardise
+from .multivariate import JointModel, sample_matrix
 from .reference import PREDICTION, Reference
 from .stats import Profile, WindowTests, window_tests
 
 __all__ = ["DriftDetector", "DriftResult"]
+
+_log = logging.getLogger("lrwatch.daemon")
+
+
+def _fit_joint(ref: Reference, prof: Profile) -> JointModel | None:
+    """The joint test's model of ``ref`` (``None``, with a log line, when it cannot have one)."""
+    if len(prof.num_names) - (PREDICTION in prof.num_names) < 2:
+        return None  # one numeric input feature: nothing to be joint with
+    try:
+        x = sample_matrix(ref.sample, prof.num_names)
+    except ValueError as exc:
+        _log.info("no joint drift test: %s", exc)
+        return None
+    model = JointModel.fit(x, prof.num_names)
+    if model is None:
+        _log.info("no joint drift test: fewer than 2 usable numeric features or too few "
+                  "reference rows (%d)", x.shape[0])
+    return model
 
 
 @dataclass
@@ -68,6 +88,11 @@ class DriftResult:
     joint_detected: bool = False
     #: the joint test's accumulated evidence over windows (compared with ``seq_threshold``)
     joint_seq_z: float = math.nan
+    #: per joint feature: its standardised per-window score, and those whose relation to the
+    #: other features changed (per window or accumulated)
+    joint_names: list[str] = field(default_factory=list)
+    joint_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    joint_features: list[str] = field(default_factory=list)
 
     @property
     def detected(self) -> bool:
@@ -114,7 +139,10 @@ class DriftDetector:
         Minimum accumulated mean shift, in reference standard deviations.
     joint:
         Also run the joint (multivariate) test on the numeric input features
-        (``DriftResult.joint_*``; see docs/drift-joint.md). ``False`` switches it off.
+        (``DriftResult.joint_*``; see docs/drift-joint.md). ``False`` switches it off (a
+        calibration that includes it is then used with its per-feature thresholds).
+    joint_min_effect:
+        Minimum relative change of a joint feature's mean absolute residual (0.02: 2%).
     """
 
     def __init__(self, reference: Reference, *, window_size: int | None = None,
@@ -122,27 +150,38 @@ class DriftDetector:
                  min_effect_categorical: float = 0.02, min_missing_delta: float = 0.01,
                  sequential: bool = True, seq_min_effect: float = 0.03, seed: int = 0,
                  sims: int | None = None, calibration: Calibration | None = None,
-                 joint: bool = True) -> None:
+                 joint: bool = True, joint_min_effect: float = 0.02) -> None:
         for name, v in (("min_effect", min_effect), ("min_effect_categorical",
                         min_effect_categorical), ("min_missing_delta", min_missing_delta),
                         ("seq_min_effect", seq_min_effect)):
             if not (isinstance(v, (int, float)) and v >= 0):
                 raise ConfigError(f"{name} must be a number >= 0, got {v!r}")
+        if not (isinstance(joint_min_effect, (int, float)) and joint_min_effect >= 0):
+            raise ConfigError(f"joint_min_effect must be a number >= 0, got {joint_min_effect!r}")
         self.reference = reference
         self.profile = Profile(reference)
-        cached = calibration
-        if cached is None and reference.calibration:
-            cached = Calibration.from_dict(reference.calibration)
-        ws = window_size or (cached.window_size if cached else 1000)
-        tw = target_windows or (cached.target_windows if cached else 1000.0)
-        if cached is None or not cached.matches(ws, tw, len(self.profile.dims)):
-            cached = calibrate(reference, window_size=ws, target_windows=tw, seed=seed,
-                               sims=sims, sequential=sequential)
+        self._joint_model = _fit_joint(reference, self.profile) if joint else None
+        cached = self._resolve_calibration(calibration, window_size, target_windows, seed,
+                                           sims, sequential)
         self.calibration = cached
-        self._mu = np.asarray(cached.mu)
-        self._sd = np.asarray(cached.sd)
+        nd = len(self.profile.dims)
+        self._mu = np.asarray(cached.mu[:nd])
+        self._sd = np.asarray(cached.sd[:nd])
+        with_joint = cached.joint_features or []
+        if self._joint_model is None or with_joint != self._joint_model.names:
+            self._joint_model = None
         self.threshold = float(cached.threshold)
         self.seq_threshold = float(cached.seq_threshold) if sequential else math.inf
+        if with_joint and self._joint_model is None:  # calibrated with it, run without it
+            self.threshold = float(cached.base_threshold or cached.threshold)
+            self.seq_threshold = float(cached.base_seq_threshold or cached.seq_threshold) \
+                if sequential else math.inf
+        self._jmu = np.asarray(cached.mu[nd:])
+        self._jsd = np.asarray(cached.sd[nd:])
+        self._jmean = np.asarray(cached.joint_mean)
+        self._jrsd = np.maximum(np.asarray(cached.joint_sd), 1e-12)
+        self.joint_min_effect = float(joint_min_effect)
+        self._jhist: deque[tuple[np.ndarray, float]] = deque(maxlen=max(cached.horizons))
         self.min_effect = float(min_effect)
         self.min_effect_categorical = float(min_effect_categorical)
         self.min_missing_delta = float(min_missing_delta)
@@ -161,6 +200,32 @@ class DriftDetector:
         cat_missing = np.array([f.missing / max(f.count + f.missing, 1)
                                 for f in self.profile.cat])
         self._ref_missing_rate = np.concatenate([ref_missing, cat_missing])
+
+    def _resolve_calibration(self, given: Calibration | None, window_size: int | None,
+                             target_windows: float | None, seed: int, sims: int | None,
+                             sequential: bool) -> Calibration:
+        """The given or cached calibration when it fits, else a fresh one (seconds).
+
+        A cached calibration from an lrwatch without the joint test (no ``joint_features``) is
+        recalibrated when the joint test is on, with a log line; with it off, it is used."""
+        ref = self.reference
+        cached = given
+        if cached is None and ref.calibration:
+            cached = Calibration.from_dict(ref.calibration)
+        ws = window_size or (cached.window_size if cached else 1000)
+        tw = target_windows or (cached.target_windows if cached else 1000.0)
+        want = self._joint_model.names if self._joint_model is not None else []
+        ok = cached is not None and cached.matches(ws, tw, len(self.profile.dims))
+        if ok and want and cached is not None and cached.joint_features != want:
+            _log.info("the reference's cached calibration %s; recalibrating (seconds) so that "
+                      "the joint drift test shares the false-alarm target",
+                      "predates the joint drift test" if cached.joint_features is None
+                      else "was made without this joint drift test")
+            ok = False
+        if cached is None or not ok:
+            cached = calibrate(ref, window_size=ws, target_windows=tw, seed=seed, sims=sims,
+                               sequential=sequential, joint=bool(want))
+        return cached
 
     # --- thresholds in each test's own units, for the dashboards ----------------------------
     def raw_thresholds(self, n: int) -> dict[str, np.ndarray]:
@@ -210,11 +275,57 @@ class DriftDetector:
                 seq_hit &= np.abs(self._seq_shift) >= self.seq_min_effect
         drifted = np.concatenate([num_hit | seq_hit, cat_hit])
         seq_all = np.concatenate([seq, np.zeros(fc)])
-        return DriftResult(tests=tests, names=self.names, scores=scores,
-                           feature_score=np.asarray(feature_score, dtype=np.float64),
-                           seq_z=seq_all, drifted=drifted, threshold=t,
-                           seq_threshold=self.seq_threshold,
-                           drifted_features=[n for n, d in zip(self.names, drifted) if d])
+        res = DriftResult(tests=tests, names=self.names, scores=scores,
+                          feature_score=np.asarray(feature_score, dtype=np.float64),
+                          seq_z=seq_all, drifted=drifted, threshold=t,
+                          seq_threshold=self.seq_threshold,
+                          drifted_features=[n for n, d in zip(self.names, drifted) if d])
+        if self._joint_model is not None and x.shape[0] > 0:
+            self._joint(x, res)
+        return res
+
+    def _joint(self, x: np.ndarray, res: DriftResult) -> None:
+        """The joint test of window ``x``, per window and accumulated, into ``res``."""
+        model = self._joint_model
+        assert model is not None
+        n = float(x.shape[0])
+        sums = model.window_sums(x)
+        mean_w = sums / n
+        z = (mean_w - self._jmean) / (self._jrsd * math.sqrt(1.0 / n + 1.0 / self._m))
+        scores = np.abs((z - self._jmu) / self._jsd)
+        effect = np.abs(mean_w / self._jmean - 1.0) >= self.joint_min_effect
+        hit = (scores > self.threshold) & effect
+        top = int(np.argmax(scores))
+        res.joint_names = model.names
+        res.joint_scores = scores
+        res.joint_stat = float(mean_w[top] / self._jmean[top])
+        res.joint_score = float(scores[top])
+        res.joint_threshold = self.threshold
+        if self.sequential:
+            seq_z, seq_hit = self._joint_sequential(sums, n)
+            res.joint_seq_z = seq_z
+            hit |= seq_hit
+        res.joint_detected = bool(hit.any())
+        res.joint_features = [name for name, h in zip(model.names, hit) if h]
+
+    def _joint_sequential(self, sums: np.ndarray, n: float) -> tuple[float, np.ndarray]:
+        """Max ``|z|`` of the joint features' accumulated mean ``|e|`` over the horizons, and
+        which features are over ``seq_threshold`` (with at least ``joint_min_effect``)."""
+        self._jhist.append((sums.copy(), n))
+        best = np.zeros(len(sums))
+        hit = np.zeros(len(sums), dtype=bool)
+        s = np.zeros(len(sums))
+        c = 0.0
+        for k, (ws, wn) in enumerate(reversed(self._jhist), start=1):
+            s += ws
+            c += wn
+            if k in self.horizons:
+                mean = s / c
+                z = np.abs(mean - self._jmean) / (self._jrsd * math.sqrt(1.0 / c + 1.0 / self._m))
+                best = np.maximum(best, z)
+                hit |= (z > self.seq_threshold) & \
+                    (np.abs(mean / self._jmean - 1.0) >= self.joint_min_effect)
+        return float(best.max(initial=0.0)), hit
 
     def _sequential(self, tests: WindowTests) -> np.ndarray:
         self._hist.append((tests.sums.copy(), tests.present.copy()))
@@ -242,16 +353,31 @@ class DriftDetector:
 
     # --- resume ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"history": [[s.tolist(), c.tolist()] for s, c in self._hist]}
+        """The accumulated evidence (JSON-ready): per-feature sums, and the joint test's."""
+        state: dict[str, Any] = {"history": [[s.tolist(), c.tolist()] for s, c in self._hist]}
+        if self._joint_model is not None:
+            state["joint_history"] = [[s.tolist(), n] for s, n in self._jhist]
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict`. A state saved without the joint test's part (older
+        lrwatch, or the test was off) starts the joint accumulation afresh."""
         self._hist.clear()
+        self._jhist.clear()
         fn = len(self.profile.num)
         for s, c in state.get("history", []):
             if len(s) != fn:
                 raise ConfigError("saved sequential state does not match the reference")
             self._hist.append((np.asarray(s, dtype=np.float64), np.asarray(c, dtype=np.float64)))
+        if self._joint_model is None:
+            return
+        for s, n in state.get("joint_history", []):
+            if len(s) != self._joint_model.dims:
+                self._jhist.clear()
+                raise ConfigError("saved joint drift state does not match the reference")
+            self._jhist.append((np.asarray(s, dtype=np.float64), float(n)))
 
     def reset(self) -> None:
         """Forget the accumulated evidence (after the reference changed, say)."""
         self._hist.clear()
+        self._jhist.clear()

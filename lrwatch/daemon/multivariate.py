@@ -1,0 +1,155 @@
+"""The joint (multivariate) drift test: has a numeric feature lost its relation to the others?
+
+Per-feature tests compare marginals, so they are blind when every feature keeps its own
+distribution but the correlation between them changes (a feature decorrelated from the rest,
+a pipeline that joins columns from different rows). This module models each numeric input
+feature as a linear function of all the others, fitted on the reference's row sample, and tests
+per window whether the prediction errors grew (or shrank).
+
+Model. The reference sample is standardised (missing values imputed with the reference mean,
+i.e. 0 after standardising) and its Gram matrix ``G = Z'Z + ridge * m * I`` inverted once:
+``P = G^-1``. The residual of feature ``j`` regressed on all the others (ordinary least squares,
+with intercept) is ``(z P)_j / P_jj``, for every ``j`` at once, so a window costs one
+``(n, p) @ (p, p)`` product. The per-row statistic is the absolute standardised residual
+``u_j = |e_j|``; a window's statistic is its mean per feature, compared with the reference
+mean by a z-test with variance ``var(u_j) (1/n + 1/m)`` like the per-feature mean test.
+
+Reference values come from **leave-one-out** residuals (closed form for least squares:
+``r_ij / (1 - h_ij)`` with ``h_ij`` the leverage of row ``i`` in the regression without column
+``j``), so they are out-of-sample like the residuals of live rows: in-sample residuals would be
+smaller by about ``p/m`` and make the test fire on unshifted traffic at 300 features.
+
+Why this statistic and not PCA reconstruction error (NannyML's): decorrelating feature ``j``
+(with ``R^2_j`` of it explained by the others) multiplies its residual variance by
+``(1 + R^2) / (1 - R^2)``, which one feature's residual sees in full, while a single
+reconstruction error or Mahalanobis distance spreads it over ``p`` dimensions (its z grows like
+``1/sqrt(p)``). docs/drift-joint.md has the measurements.
+
+Calibration is :mod:`.calibrate`'s: the ``p`` joint dimensions join the per-feature tests in the
+same maximum over standardised scores, and their sums join the sequential scan.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .reference import PREDICTION
+
+__all__ = ["JointModel", "sample_matrix", "RIDGE", "MIN_ROWS_PER_FEATURE"]
+
+#: Ridge on the standardised Gram matrix (relative to the rows): keeps exactly collinear
+#: features (a column that is the sum of others) invertible at a negligible cost in power.
+RIDGE = 1e-4
+#: A joint test needs at least this many reference rows per joint feature (plus 20).
+MIN_ROWS_PER_FEATURE = 2
+#: The per-row statistic: ``"abs"`` (``|e|``) or ``"square"`` (``e^2``), see :func:`_row_stat`.
+ROW_STAT = "abs"
+
+
+def sample_matrix(sample: Mapping[str, Sequence[Any]], names: Sequence[str]) -> np.ndarray:
+    """The reference's row sample as an ``(m, len(names))`` float array, NaN where missing."""
+    m = len(next(iter(sample.values()))) if sample else 0
+    x = np.empty((m, len(names)), dtype=np.float64)
+    for j, name in enumerate(names):
+        col = sample.get(name)
+        if col is None or len(col) != m:
+            raise ValueError(f"the reference sample has no column {name!r} of {m} rows")
+        x[:, j] = [float(v) if type(v) in (int, float) else math.nan for v in col]
+    return x
+
+
+@dataclass
+class JointModel:
+    """Each joint feature regressed on the others (see the module notes).
+
+    ``cols`` index the columns of the numeric matrix (``Profile.num`` order) the model uses;
+    ``names`` name them. ``w`` maps a standardised row to its standardised residuals.
+    """
+
+    names: list[str]
+    cols: np.ndarray
+    mean: np.ndarray
+    scale: np.ndarray
+    w: np.ndarray
+    rows: int
+
+    @classmethod
+    def fit(cls, x: np.ndarray, names: Sequence[str]) -> "JointModel | None":
+        """Fit on the reference's numeric sample ``x`` (``(m, Fn)``, NaN missing; columns named
+        ``names``). The prediction, constant columns and columns missing in more than half of
+        the rows are left out. ``None`` when fewer than 2 features remain or the sample is too
+        small for them (``m < MIN_ROWS_PER_FEATURE * p + 20``)."""
+        m = x.shape[0]
+        present = (~np.isnan(x)).sum(axis=0)
+        with np.errstate(invalid="ignore"):
+            sd = np.nanstd(x, axis=0) if m else np.zeros(x.shape[1])
+        keep = [j for j, n in enumerate(names) if n != PREDICTION and present[j] * 2 > m
+                and np.isfinite(sd[j]) and sd[j] > 1e-12 * max(1.0, abs(np.nanmean(x[:, j])))]
+        p = len(keep)
+        if p < 2 or m < MIN_ROWS_PER_FEATURE * p + 20:
+            return None
+        cols = np.asarray(keep, dtype=np.int64)
+        mean = np.nanmean(x[:, cols], axis=0)
+        scale = sd[cols]
+        z = _standardise(x[:, cols], mean, scale)
+        z -= z.mean(axis=0)  # exact centring after imputation (the intercept)
+        prec = _precision(z)
+        w = prec / np.sqrt(np.diag(prec))[None, :]
+        return cls(names=[names[j] for j in keep], cols=cols, mean=mean, scale=scale,
+                   w=w * math.sqrt(m), rows=m)
+
+    @property
+    def dims(self) -> int:
+        return len(self.names)
+
+    def residuals(self, x: np.ndarray) -> np.ndarray:
+        """``(n, p)`` per-row statistics ``|e|`` of live rows ``x`` (``(n, Fn)``, NaN missing)."""
+        z = _standardise(x[:, self.cols], self.mean, self.scale)
+        return _row_stat(z @ self.w)
+
+    def window_sums(self, x: np.ndarray) -> np.ndarray:
+        """Sum over the window's rows of each joint feature's ``|e|`` (``(p,)``)."""
+        return self.residuals(x).sum(axis=0)
+
+    def loo_residuals(self, x: np.ndarray) -> np.ndarray:
+        """``(m, p)`` leave-one-out ``|e|`` of the reference rows the model was fitted on.
+
+        For least squares the residual of row ``i`` from the model fitted without it is
+        ``r_i / (1 - h_i)``; regressing column ``j`` on the others, ``h_ij = h_i - r_ij^2 P_jj``
+        with ``h_i = 1/m + z_i' P z_i`` the leverage in the regression on all columns.
+        """
+        m = x.shape[0]
+        z = _standardise(x[:, self.cols], self.mean, self.scale)
+        z -= z.mean(axis=0)
+        prec = _precision(z)
+        zp = z @ prec
+        h = 1.0 / m + np.einsum("ij,ij->i", zp, z)
+        pjj = np.diag(prec)
+        r = zp / pjj  # raw residual of column j regressed on the rest
+        hj = h[:, None] - r ** 2 * pjj
+        loo = r / np.clip(1.0 - hj, 1e-6, None)
+        return _row_stat(loo * np.sqrt(pjj * m))
+
+
+def _row_stat(e: np.ndarray) -> np.ndarray:
+    """The per-row statistic of standardised residuals: ``|e|`` (``e^2`` has heavier tails
+    and a worse-calibrated extreme; docs/drift-joint.md)."""
+    return np.abs(e) if ROW_STAT == "abs" else e * e
+
+
+def _standardise(x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    z = (x - mean) / scale
+    z[np.isnan(z)] = 0.0
+    return z
+
+
+def _precision(z: np.ndarray) -> np.ndarray:
+    """Inverse of the ridge-regularised Gram matrix of centred rows ``z``."""
+    m, p = z.shape
+    g = z.T @ z
+    g[np.diag_indices(p)] += RIDGE * m
+    return np.linalg.inv(g)

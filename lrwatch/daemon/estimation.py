@@ -45,76 +45,173 @@ MIN_REFERENCE_ROWS = 30
 ESTIMATOR_VERSION = 1
 #: Bootstrap calibrators per estimator (their spread is the calibration uncertainty).
 N_BAGS = 16
-#: Knots kept per stored calibrator (a monotone piecewise-linear function).
-MAX_KNOTS = 48
+#: Isotonic blocks kept per stored calibrator (two knots each).
+MAX_BLOCKS = 32
+#: Calibrator families; which one is the default was chosen by the benchmark
+#: (benchmarks/performance_estimation.py, leave-one-dataset-out).
+METHODS = ("isotonic", "logistic")
+DEFAULT_METHOD = "isotonic"
+#: Half-width of the band in standard errors.
+BAND_Z = 1.959963984540054
+#: Candidate ridges of the logistic calibrator (chosen per reference by cross-validation).
+RIDGES = (1.0, 10.0, 100.0, 1000.0)
 #: Pseudo-weight of the model's own probability per reference row (a prior that keeps a small
 #: reference from reading 0% or 100% in empty corners).
-PRIOR_WEIGHT = 0.05
+PRIOR_WEIGHT = 0.0
 CROSS_FOLDS = 5
-Z95 = 1.959963984540054
 
 
 # --- isotonic regression -----------------------------------------------------------------------
-def _pav(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted isotonic (non-decreasing) regression of ``y`` on ``x``: the knots
-    ``(x, value)`` of the fitted blocks, ``x`` being each block's weighted mean position."""
+def _pav(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted isotonic (non-decreasing) regression of ``y`` on ``x`` by pool-adjacent-
+    violators. Returns the fitted blocks as rows ``(x_first, x_last, value, weight)``."""
     order = np.argsort(x, kind="mergesort")
     x, y, w = x[order], y[order], w[order]
     ux, inv = np.unique(x, return_inverse=True)
     ws = np.bincount(inv, weights=w)
     ys = np.bincount(inv, weights=w * y) / ws
-    xs = ux * ws
-    vals: list[float] = []
-    wts: list[float] = []
-    xsum: list[float] = []
-    for v, wt, xx in zip(ys.tolist(), ws.tolist(), xs.tolist()):
-        vals.append(v)
-        wts.append(wt)
-        xsum.append(xx)
-        while len(vals) > 1 and vals[-2] >= vals[-1]:
-            v2, w2, x2 = vals.pop(), wts.pop(), xsum.pop()
-            tot = wts[-1] + w2
-            vals[-1] = (vals[-1] * wts[-1] + v2 * w2) / tot
-            wts[-1] = tot
-            xsum[-1] += x2
-    wa = np.asarray(wts)
-    return np.asarray(xsum) / wa, np.asarray(vals)
+    blocks: list[list[float]] = []  # [x_first, x_last, value, weight]
+    for xx, v, wt in zip(ux.tolist(), ys.tolist(), ws.tolist()):
+        blocks.append([xx, xx, v, wt])
+        while len(blocks) > 1 and blocks[-2][2] >= blocks[-1][2]:
+            b = blocks.pop()
+            a = blocks[-1]
+            tot = a[3] + b[3]
+            a[1], a[2], a[3] = b[1], (a[2] * a[3] + b[2] * b[3]) / tot, tot
+    return np.asarray(blocks, dtype=np.float64).reshape(-1, 4)
 
 
-def _thin(kx: np.ndarray, ky: np.ndarray, max_knots: int) -> tuple[np.ndarray, np.ndarray]:
-    """At most ``max_knots`` knots of the same monotone piecewise-linear function (resampled
-    at evenly spaced knot ranks; the ends are kept)."""
-    if len(kx) <= max_knots:
-        return kx, ky
-    pick = np.unique(np.round(np.linspace(0, len(kx) - 1, max_knots)).astype(int))
-    return kx[pick], ky[pick]
+def _knots(blocks: np.ndarray, max_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """The piecewise-linear calibrator of isotonic blocks: flat over each block, linear between
+    blocks (in-sample it is the isotonic fit itself, so it keeps the reference's mean). Blocks
+    beyond ``max_blocks`` are merged pairwise, lightest neighbours first (weighted means)."""
+    b = blocks.tolist()
+    while len(b) > max_blocks:
+        i = min(range(len(b) - 1), key=lambda j: b[j][3] + b[j + 1][3])
+        lo, hi = b[i], b[i + 1]
+        tot = lo[3] + hi[3]
+        b[i: i + 2] = [[lo[0], hi[1], (lo[2] * lo[3] + hi[2] * hi[3]) / tot, tot]]
+    arr = np.asarray(b)
+    kx = np.column_stack([arr[:, 0], arr[:, 1]]).ravel()
+    ky = np.repeat(arr[:, 2], 2)
+    return kx, np.clip(ky, 0.0, 1.0)
 
 
-def _fit_calibrator(x: np.ndarray, y: np.ndarray, prior: np.ndarray,
-                    w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """One monotone calibrator of ``y`` (0/1) on ``x``, shrunk towards ``prior`` (the model's
-    own probability) with :data:`PRIOR_WEIGHT` pseudo-counts per row."""
-    if w is None:
-        w = np.ones_like(x)
-    target = (y + PRIOR_WEIGHT * prior) / (1.0 + PRIOR_WEIGHT)
-    kx, ky = _pav(x, target, w)
-    return _thin(kx, ky, MAX_KNOTS)
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-6, 1.0 - 1e-6)
+    return np.log(p) - np.log1p(-p)
 
 
-def _bag(x: np.ndarray, y: np.ndarray, prior: np.ndarray, rng: np.random.Generator,
-         n_bags: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``n_bags`` calibrators fitted on Poisson-bootstrap weights of the rows."""
+def _score(a: np.ndarray) -> np.ndarray:
+    """The one-dimensional confidence the isotonic calibrator reads: ``p`` (binary) or the
+    top-class probability (multiclass)."""
+    return a if a.ndim == 1 else a.max(axis=1)
+
+
+def _design(a: np.ndarray) -> np.ndarray:
+    """The logistic calibrator's inputs: binary ``[1, logit p]`` (Platt scaling); multiclass
+    ``[1, logit(top), log(top / second), normalised entropy]``."""
+    if a.ndim == 1:
+        return np.column_stack([np.ones(len(a)), _logit(a)])
+    part = np.partition(a, -2, axis=1)
+    top, second = part[:, -1], part[:, -2]
+    margin = np.log(np.clip(top, 1e-6, None)) - np.log(np.clip(second, 1e-6, None))
+    pc = np.clip(a, 1e-12, 1.0)
+    ent = -(pc * np.log(pc)).sum(axis=1) / math.log(a.shape[1])
+    return np.column_stack([np.ones(len(a)), _logit(top), np.minimum(margin, 14.0), ent])
+
+
+def _identity(width: int) -> np.ndarray:
+    """The logistic coefficients that reproduce the model's own probability: 1 on
+    ``logit(p)`` (binary) or ``logit(top)`` (multiclass), 0 elsewhere."""
+    beta = np.zeros(width)
+    beta[1] = 1.0
+    return beta
+
+
+def _fit_logistic(z: np.ndarray, y: np.ndarray, w: np.ndarray, ridge: float) -> np.ndarray:
+    """Weighted logistic regression of soft targets ``y`` on ``z`` (damped Newton steps), with
+    a ridge of ``ridge`` pulling the coefficients towards :func:`_identity` (the model's own
+    probability): a small or well-calibrated reference stays close to the model, a clearly
+    miscalibrated one moves away."""
+    beta0 = _identity(z.shape[1])
+    pen = np.full(z.shape[1], ridge)
+    pen[0] = ridge * 1e-3
+
+    def loss(b: np.ndarray) -> float:
+        t = z @ b
+        return float((w * (np.logaddexp(0.0, t) - y * t)).sum() + 0.5 * pen @ (b - beta0) ** 2)
+
+    beta, cur = beta0.copy(), loss(beta0)
+    for _ in range(50):
+        m = 1.0 / (1.0 + np.exp(-np.clip(z @ beta, -30, 30)))
+        g = z.T @ (w * (m - y)) + pen * (beta - beta0)
+        h = (z * (w * m * (1.0 - m))[:, None]).T @ z + np.diag(pen + 1e-6)
+        step = np.linalg.lstsq(h, g, rcond=None)[0]
+        t = 1.0
+        while t > 1e-4 and loss(beta - t * step) > cur:
+            t *= 0.5
+        new = loss(beta - t * step)
+        if new > cur:
+            break
+        beta, done = beta - t * step, cur - new < 1e-10 * (1.0 + abs(cur))
+        cur = new
+        if done:
+            break
+    return beta
+
+
+def _choose_ridge(a: np.ndarray, target: np.ndarray, rng: np.random.Generator) -> float:
+    """The ridge of :func:`_fit_logistic` with the best cross-validated log-loss on the
+    reference (from :data:`RIDGES`)."""
+    z = _design(a)
+    fold = rng.permutation(len(target)) % 3
+    best, best_loss = RIDGES[0], math.inf
+    for ridge in RIDGES:
+        loss = 0.0
+        for f in range(3):
+            tr, te = fold != f, fold == f
+            beta = _fit_logistic(z[tr], target[tr], np.ones(int(tr.sum())), ridge)
+            m = np.clip(1.0 / (1.0 + np.exp(-np.clip(z[te] @ beta, -30, 30))), 1e-6, 1 - 1e-6)
+            loss -= float((target[te] * np.log(m) + (1 - target[te]) * np.log1p(-m)).sum())
+        if loss < best_loss:
+            best, best_loss = ridge, loss
+    return best
+
+
+def _fit_one(a: np.ndarray, target: np.ndarray, w: np.ndarray, method: str,
+             prior_weight: float, ridge: float) -> Any:
+    """One calibrator of ``target`` (0/1) on the predictions ``a``: isotonic knots
+    ``(kx, ky)`` (targets shrunk towards the model's own probability with ``prior_weight``
+    pseudo-counts per row) or logistic coefficients (ridge towards the model's own
+    probability)."""
+    if method == "logistic":
+        return _fit_logistic(_design(a), target, w, ridge)
+    prior = a if a.ndim == 1 else a.max(axis=1)
+    t = (target + prior_weight * prior) / (1.0 + prior_weight)
+    return _knots(_pav(_score(a), t, w), MAX_BLOCKS)
+
+
+def _bag(a: np.ndarray, target: np.ndarray, rng: np.random.Generator, n_bags: int,
+         method: str, prior_weight: float) -> list[Any]:
+    """``n_bags`` calibrators fitted on Poisson-bootstrap weights of the rows (the logistic
+    ridge chosen once, by cross-validation on all of them)."""
+    ridge = _choose_ridge(a, target, rng) if method == "logistic" else 0.0
     out = []
     for _ in range(n_bags):
-        w = rng.poisson(1.0, len(x)).astype(np.float64)
+        w = rng.poisson(1.0, len(target)).astype(np.float64)
         keep = w > 0
-        out.append(_fit_calibrator(x[keep], y[keep], prior[keep], w[keep]))
+        out.append(_fit_one(a[keep], target[keep], w[keep], method, prior_weight, ridge))
     return out
 
 
-def _apply(cals: Sequence[tuple[np.ndarray, np.ndarray]], x: np.ndarray) -> np.ndarray:
-    """``(len(cals), n)``: every calibrator evaluated at ``x`` (flat outside the knots)."""
-    return np.stack([np.interp(x, kx, ky) for kx, ky in cals])
+def _apply(cals: Sequence[Any], a: np.ndarray, method: str) -> np.ndarray:
+    """``(len(cals), n)``: every calibrator's probability for each row of ``a``."""
+    if method == "isotonic":
+        x = _score(a)
+        return np.stack([np.interp(x, kx, ky) for kx, ky in cals])
+    z = _design(a)
+    return 1.0 / (1.0 + np.exp(-np.clip(z @ np.stack(cals).T, -30, 30))).T
 
 
 # --- input checks -------------------------------------------------------------------------------
@@ -172,20 +269,25 @@ class PerformanceEstimator:
     """Estimates a classifier's accuracy (and, binary, precision/recall/F1/ROC AUC) from its
     predicted probabilities alone. Build it with :meth:`fit` on a labelled reference."""
 
-    def __init__(self, n_classes: int, cals: list[tuple[np.ndarray, np.ndarray]],
-                 reference_accuracy: float, reference_estimate: float, baseline: float,
-                 baseline_sd: float, classes: list[Any] | None = None) -> None:
+    def __init__(self, n_classes: int, cals: list[Any], *, method: str = DEFAULT_METHOD,
+                 classes: list[Any] | None = None) -> None:
+        if method not in METHODS:
+            raise ConfigError(f"unknown estimation method {method!r}; choose one of {METHODS}")
         self.n_classes = int(n_classes)
+        self.method = method
         self._cals = cals
-        self.reference_accuracy = float(reference_accuracy)
-        self.reference_estimate = float(reference_estimate)
-        #: the estimate on the reference rows themselves (what an unshifted window reads on
-        #: average): the level an estimated drop is measured from.
-        self.baseline = float(baseline)
-        #: standard deviation of one row's estimated correctness on the reference
-        self.baseline_sd = float(baseline_sd)
-        self.reference_rows = 0
         self.classes = classes
+        self.reference_rows = 0
+        #: realised accuracy of the model on the labelled reference
+        self.reference_accuracy = math.nan
+        #: cross-fitted estimate on the reference (each row scored by calibrators that never
+        #: saw it): the estimator's honest read of the reference
+        self.reference_estimate = math.nan
+        #: the estimate on the reference rows themselves: what an unshifted window reads on
+        #: average, the level an estimated drop is measured from
+        self.baseline = math.nan
+        #: standard deviation of one reference row's estimated correctness
+        self.baseline_sd = 0.0
 
     @property
     def binary(self) -> bool:
@@ -194,116 +296,109 @@ class PerformanceEstimator:
     # -- fitting --
     @classmethod
     def fit(cls, proba: Any, labels: Any, *, classes: Sequence[Any] | None = None,
-            seed: int = 0) -> "PerformanceEstimator":
+            method: str = DEFAULT_METHOD, prior_weight: float = PRIOR_WEIGHT,
+            n_bags: int = N_BAGS, seed: int = 0) -> "PerformanceEstimator":
         """Calibrate on a labelled reference. ``proba``: ``(n,)`` probabilities of class 1
-        (binary) or ``(n, k)`` class probabilities; ``labels``: ``(n,)`` class indices (or names
-        from ``classes``). Raises :class:`~lrwatch.errors.ConfigError` on too few rows, NaNs,
-        labels outside the classes or a shape mismatch."""
+        (binary; ``(n, 2)`` works too) or ``(n, k)`` class probabilities; ``labels``: ``(n,)``
+        class indices (or names listed in ``classes``). Raises
+        :class:`~lrwatch.errors.ConfigError` on too few rows, NaNs, labels outside the classes
+        or a shape mismatch."""
+        if method not in METHODS:
+            raise ConfigError(f"unknown estimation method {method!r}; choose one of {METHODS}")
+        if n_bags < 2 or not 0.0 <= prior_weight < 10.0:
+            raise ConfigError(f"n_bags must be >= 2 and prior_weight in [0, 10), got "
+                              f"{n_bags}, {prior_weight}")
         k_hint = len(classes) if classes is not None else None
         a = _as_proba(proba, k_hint, exc=ConfigError)
         k = 2 if a.ndim == 1 else a.shape[1]
-        n = len(a)
-        if n < MIN_REFERENCE_ROWS:
+        if len(a) < MIN_REFERENCE_ROWS:
             raise ConfigError(f"performance estimation needs at least {MIN_REFERENCE_ROWS} "
-                              f"labelled reference rows, got {n}")
-        y = _as_labels(labels, n, k, classes)
-        x, target, prior = cls._calibration_data(a, y)
+                              f"labelled reference rows, got {len(a)}")
+        y = _as_labels(labels, len(a), k, classes)
+        target = y.astype(np.float64) if a.ndim == 1 else (a.argmax(axis=1) == y) * 1.0
         rng = np.random.default_rng(seed)
-        cals = _bag(x, target, prior, rng, N_BAGS)
-        est = cls(k, cals, reference_accuracy=0.0, reference_estimate=0.0, baseline=0.0,
-                  baseline_sd=0.0, classes=list(classes) if classes is not None else None)
-        correct = cls._correct(a, y)
+        est = cls(k, _bag(a, target, rng, n_bags, method, prior_weight), method=method,
+                  classes=list(classes) if classes is not None else None)
         c_ref = est._row_correctness(a).mean(axis=0)
-        est.reference_accuracy = float(correct.mean())
+        est.reference_rows = len(a)
+        est.reference_accuracy = float(_correct(a, y).mean())
         est.baseline = float(c_ref.mean())
         est.baseline_sd = float(c_ref.std())
-        est.reference_rows = n
-        est.reference_estimate = cls._cross_fit(a, y, x, target, prior, rng)
+        est.reference_estimate = est._cross_fit(a, target, rng, prior_weight)
         return est
 
-    @staticmethod
-    def _calibration_data(a: np.ndarray, y: np.ndarray
-                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """What the calibrator regresses: binary ``y`` on ``p``; multiclass correctness on the
-        top-class probability. Returns ``(x, target, prior)``."""
-        if a.ndim == 1:
-            return a, y.astype(np.float64), a
-        top = a.max(axis=1)
-        return top, (a.argmax(axis=1) == y).astype(np.float64), top
-
-    @staticmethod
-    def _correct(a: np.ndarray, y: np.ndarray) -> np.ndarray:
-        if a.ndim == 1:
-            return ((a >= 0.5).astype(np.int64) == y).astype(np.float64)
-        return (a.argmax(axis=1) == y).astype(np.float64)
-
-    @classmethod
-    def _cross_fit(cls, a, y, x, target, prior, rng) -> float:
-        """Mean estimated correctness of the reference rows, each scored by calibrators fitted
-        on the other folds."""
-        n = len(y)
-        fold = rng.permutation(n) % CROSS_FOLDS
-        c = np.empty(n)
+    def _cross_fit(self, a: np.ndarray, target: np.ndarray, rng: np.random.Generator,
+                   prior_weight: float) -> float:
+        """Mean estimated correctness of the reference rows, each row scored by calibrators
+        fitted on the other folds."""
+        fold = rng.permutation(len(target)) % CROSS_FOLDS
+        c = np.empty(len(target))
         for f in range(CROSS_FOLDS):
             tr, te = fold != f, fold == f
-            cals = _bag(x[tr], target[tr], prior[tr], rng, max(2, N_BAGS // 4))
-            tmp = cls(2 if a.ndim == 1 else a.shape[1], cals, 0, 0, 0, 0)
-            c[te] = tmp._row_correctness(a[te]).mean(axis=0)
+            cals = _bag(a[tr], target[tr], rng, 4, self.method, prior_weight)
+            c[te] = self._row_correctness(a[te], cals).mean(axis=0)
         return float(c.mean())
 
     # -- estimating --
-    def _row_correctness(self, a: np.ndarray) -> np.ndarray:
+    def _row_correctness(self, a: np.ndarray, cals: list[Any] | None = None) -> np.ndarray:
         """``(B, n)``: per calibrator, each row's probability that the model is right."""
+        q = _apply(self._cals if cals is None else cals, a, self.method)
         if a.ndim == 1:
-            q = _apply(self._cals, a)
             return np.where(a >= 0.5, q, 1.0 - q)
-        return _apply(self._cals, a.max(axis=1))
+        return q
 
     def estimate(self, proba: Any) -> dict[str, float]:
-        """Estimated performance of one window of predictions (no labels). Keys: ``accuracy``,
-        ``accuracy_low``/``accuracy_high`` (a ~95% band for the window's realised accuracy),
+        """Estimated performance of one window of predictions (no labels).
+
+        Keys: ``accuracy``, ``accuracy_low``/``accuracy_high`` (a ~95% band for the window's
+        realised accuracy: the window's sampling noise and the calibration's spread),
         ``records``, ``accuracy_drop`` (baseline minus estimate) and ``drop_z`` (that drop in
-        standard errors); binary adds ``precision``, ``recall``, ``f1``, ``roc_auc`` where they
-        are defined. Raises ``ValueError`` on a malformed array."""
+        standard errors); binary adds ``precision``, ``recall``, ``f1`` and ``roc_auc`` where
+        they are defined. An empty window gives ``records`` 0 and NaN accuracies. Raises
+        ``ValueError`` on a malformed array (wrong width, NaN, values outside [0, 1])."""
         a = _as_proba(proba, self.n_classes, exc=ValueError)
         n = len(a)
         if n == 0:
-            return {"records": 0.0}
+            nan = math.nan
+            return {"accuracy": nan, "accuracy_low": nan, "accuracy_high": nan, "records": 0.0,
+                    "accuracy_drop": nan, "drop_z": nan}
         cb = self._row_correctness(a)
         c = cb.mean(axis=0)
         acc = float(c.mean())
         var_sampling = float((c * (1.0 - c)).sum()) / (n * n)
-        var_cal = float(cb.mean(axis=1).var(ddof=1)) if len(cb) > 1 else 0.0
-        half = Z95 * math.sqrt(var_sampling + var_cal)
+        var_cal = float(cb.mean(axis=1).var(ddof=1))
+        half = BAND_Z * math.sqrt(var_sampling + var_cal)
         out = {"accuracy": acc, "accuracy_low": max(0.0, acc - half),
                "accuracy_high": min(1.0, acc + half), "records": float(n)}
         out.update(self._drop(c, acc))
         if self.binary:
-            q = _apply(self._cals, a).mean(axis=0)
+            q = _apply(self._cals, a, self.method).mean(axis=0)
             out.update(_binary_metrics(a, q))
         return out
 
     def _drop(self, c: np.ndarray, acc: float) -> dict[str, float]:
-        """How far the estimate fell below the baseline, in its own standard errors (the
-        window's spread of estimated correctness and the reference's)."""
-        n = len(c)
+        """How far the estimate fell below the baseline, in standard errors of that difference
+        (the window's spread of estimated correctness and the reference's)."""
         m = max(self.reference_rows, 1)
-        se = math.sqrt(float(c.var()) / n + self.baseline_sd ** 2 / m + 1e-12)
+        se = math.sqrt(float(c.var()) / len(c) + self.baseline_sd ** 2 / m + 1e-12)
         drop = self.baseline - acc
         return {"accuracy_drop": drop, "drop_z": drop / se}
 
     # -- persistence --
     def to_dict(self) -> dict[str, Any]:
-        """A small JSON-ready form (rounded knots), read back by :meth:`from_dict`."""
+        """A small JSON-ready form (rounded), read back by :meth:`from_dict`."""
+        if self.method == "isotonic":
+            cals = [[np.round(kx, 8).tolist(), np.round(ky, 8).tolist()] for kx, ky in self._cals]
+        else:
+            cals = [np.round(b, 8).tolist() for b in self._cals]
         return {
-            "version": ESTIMATOR_VERSION, "kind": "confidence_isotonic_bagged",
+            "version": ESTIMATOR_VERSION, "method": self.method,
             "n_classes": self.n_classes, "classes": self.classes,
             "reference_rows": self.reference_rows,
             "reference_accuracy": self.reference_accuracy,
             "reference_estimate": self.reference_estimate,
             "baseline": self.baseline, "baseline_sd": self.baseline_sd,
-            "calibrators": [[np.round(kx, 6).tolist(), np.round(ky, 6).tolist()]
-                            for kx, ky in self._cals],
+            "calibrators": cals,
         }
 
     @classmethod
@@ -316,23 +411,51 @@ class PerformanceEstimator:
             raise ConfigError(f"unsupported estimator version {d.get('version')!r} "
                               f"(this lrwatch reads {ESTIMATOR_VERSION}); refit it")
         try:
-            cals = [(np.asarray(kx, dtype=np.float64), np.asarray(ky, dtype=np.float64))
-                    for kx, ky in d["calibrators"]]
-            est = cls(int(d["n_classes"]), cals, float(d["reference_accuracy"]),
-                      float(d["reference_estimate"]), float(d["baseline"]),
-                      float(d["baseline_sd"]), d.get("classes"))
+            method = str(d["method"])
+            k = int(d["n_classes"])
+            cals = _load_calibrators(d["calibrators"], method, k)
+            est = cls(k, cals, method=method, classes=d.get("classes"))
             est.reference_rows = int(d["reference_rows"])
+            for key in ("reference_accuracy", "reference_estimate", "baseline", "baseline_sd"):
+                setattr(est, key, float(d[key]))
         except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
             raise ConfigError(f"estimator dict is malformed: {type(e).__name__}: {e}") from None
-        _check_calibrators(cals, est.n_classes)
+        if not (math.isfinite(est.baseline) and math.isfinite(est.baseline_sd)):
+            raise ConfigError("estimator dict has a non-finite baseline")
         return est
 
 
-def _check_calibrators(cals: list[tuple[np.ndarray, np.ndarray]], k: int) -> None:
+def _correct(a: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """1.0 where the model's prediction (``p >= 0.5`` or the argmax) equals the label."""
+    if a.ndim == 1:
+        return ((a >= 0.5).astype(np.int64) == y).astype(np.float64)
+    return (a.argmax(axis=1) == y).astype(np.float64)
+
+
+def _load_calibrators(raw: Any, method: str, k: int) -> list[Any]:
+    """The stored calibrators as arrays, checked (ConfigError naming what is wrong)."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown estimation method {method!r}; choose one of {METHODS}")
     if k < 2:
         raise ConfigError(f"estimator n_classes must be >= 2, got {k}")
-    if not cals:
-        raise ConfigError("estimator dict has no calibrators")
+    if not isinstance(raw, list) or len(raw) < 2:
+        raise ConfigError("estimator dict needs a list of at least 2 calibrators")
+    if method == "logistic":
+        cals = [np.asarray(b, dtype=np.float64) for b in raw]
+        width = 2 if k == 2 else 4
+        if any(b.shape != (width,) or not np.isfinite(b).all() for b in cals):
+            raise ConfigError(f"logistic calibrators must be {width} finite coefficients each")
+        return cals
+    cals = [(np.asarray(kx, dtype=np.float64), np.asarray(ky, dtype=np.float64))
+            for kx, ky in raw]
+    _check_calibrators(cals)
+    return cals
+
+
+def _check_calibrators(cals: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    """Isotonic knots: two flat finite arrays of one length, sorted, values in [0, 1]."""
     for kx, ky in cals:
         if kx.ndim != 1 or kx.shape != ky.shape or len(kx) == 0:
             raise ConfigError("estimator calibrator knots must be two flat arrays of one length")

@@ -29,6 +29,9 @@ __all__ = ["daemon_command", "baseline_group"]
               help="Time windows of this many seconds instead of counts.")
 @click.option("--target-windows", type=click.FloatRange(min=1, min_open=True),
               help="One false drift alarm per this many windows (default 1000).")
+@click.option("--label-horizon", type=click.FloatRange(min=0, min_open=True),
+              help="H of the label coverage: the share of predictions made 2H to H ago that "
+                   "got a label (seconds, default 3600).")
 @click.option("--state-dir", type=click.Path(file_okay=False),
               help="Where snapshots and the journal live (durability).")
 @click.option("--tail", "tail", multiple=True, type=click.Path(dir_okay=False),
@@ -42,7 +45,7 @@ __all__ = ["daemon_command", "baseline_group"]
 def daemon_command(config_path: str | None, host: str | None, port: int | None,
                    reference: str | None, live_reference: int | None, window_size: int | None,
                    window_seconds: float | None, target_windows: float | None,
-                   state_dir: str | None, tail: tuple[str, ...], rules: str | None,
+                   label_horizon: float | None, state_dir: str | None, tail: tuple[str, ...], rules: str | None,
                    alertmanager: tuple[str, ...], token_file: str | None, verbose: bool) -> None:
     """Watch a model in production: drift, accuracy from delayed labels, alerts, hooks.
 
@@ -68,7 +71,7 @@ def daemon_command(config_path: str | None, host: str | None, port: int | None,
         cfg = cfg.replace(host=host, port=port, reference=reference,
                           live_records=live_reference, window_size=window_size,
                           window_seconds=window_seconds, target_windows=target_windows,
-                          state_dir=state_dir, tail=list(tail) or None, rules=rules,
+                          label_horizon_seconds=label_horizon, state_dir=state_dir, tail=list(tail) or None, rules=rules,
                           alertmanager=list(alertmanager) or None, token=token)
         d = Daemon(cfg)
         d.tailers = [FileTailer(d, p, cfg.tail_poll) for p in cfg.tail]
@@ -152,3 +155,10 @@ def baseline_build(data: str, output: str, window_size: int, target_windows: flo
                f"threshold {cal.get('threshold', float('nan')):.3f} per window, "
                f"{cal.get('seq_threshold', float('nan')):.3f} sequential "
                f"(calibrated in {cal.get('seconds', 0):.1f} s)")
+    if ref.estimator:
+        est = ref.estimator
+        click.echo(f"performance estimation: {est.get('n_classes')} classes, fitted on "
+                   f"{est.get('reference_rows')} labelled records (reference accuracy "
+                   f"{est.get('reference_accuracy', float('nan')):.3f})")
+    for note in ref.notes:  # e.g. why accuracy cannot be estimated without labels
+        click.echo(note)

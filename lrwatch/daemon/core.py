@@ -414,6 +414,6 @@ class Daemon(WindowsMixin, EvaluationMixin, OutputsMixin, PublishingMixin):
         for ev in self.engine.tick(now):
             self._act(ev)
         self._update_fill(now)
-        ratio = self.coverage.ratio()  # the stream's clock moves between windows too
-        self.metrics.model.coverage_horizon.set(float("nan") if ratio is None else ratio)
+        # labels come between windows: the horizon coverage follows them
+        self.metrics.model.set_coverage(self.coverage.ratio())
         self._estimation_sweep(self.coverage.now)

@@ -214,6 +214,7 @@ class EvaluationMixin:
             self._act(ev)
         self.last = {"window": w.index, "time": t, "records": n, "values": values,
                      "drifted_features": res.drifted_features,
+                     "joint_features": list(getattr(res, "joint_features", [])),
                      "features": self._feature_status(res)}
 
     def _window_values(self, w: Window, n: int, res: DriftResult) -> dict[str, float]:

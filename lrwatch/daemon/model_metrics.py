@@ -41,6 +41,7 @@ class ModelMetrics:
             "Of the predictions made between 2H and H ago (H: lrwatch_label_horizon_seconds), "
             "the share that got a label; NaN while there were none.", registry=r)
         self.coverage_horizon.set(NAN)
+        self.coverage_value: float | None = None
         self.horizon = Gauge("lrwatch_label_horizon_seconds",
                              "H of lrwatch_label_coverage_horizon_ratio (config).", registry=r)
         self.class_ratio: dict[str, Gauge] = {}
@@ -52,6 +53,7 @@ class ModelMetrics:
         self.estimation_error: Gauge | None = None
         self.estimation_compared: Counter | None = None
         self.estimated_drop: Gauge | None = None
+        self.estimated_drop_z: Any = None
         self.multivariate: dict[str, Gauge] = {}
         self._bound = False
 
@@ -102,6 +104,10 @@ class ModelMetrics:
         self.estimated_drop = Gauge(
             "lrwatch_estimated_accuracy_drop",
             "The reference's estimated accuracy minus the last window's estimate.", registry=r)
+        self.estimated_drop_z = Gauge(
+            "lrwatch_estimated_accuracy_drop_zscore",
+            "lrwatch_estimated_accuracy_drop in its standard errors (the window's and the "
+            "reference's).", registry=r)
         self.estimation_error = Gauge(
             "lrwatch_estimation_error",
             "Estimated minus realised accuracy of the last window whose labels came in "
@@ -124,8 +130,16 @@ class ModelMetrics:
                               "1 when the joint test found drift in the last window.",
                               registry=r),
         }
+        self.multivariate["stat"].set(NAN)  # until a window was tested jointly
+        self.multivariate["score"].set(NAN)
 
     # --- per window -----------------------------------------------------------------------------
+    def set_coverage(self, ratio: float | None) -> None:
+        """The horizon coverage (``None``: no prediction in the interval yet, exported as NaN);
+        :attr:`coverage_value` keeps it for the status document."""
+        self.coverage_value = ratio
+        self.coverage_horizon.set(NAN if ratio is None else ratio)
+
     def publish_distribution(self, dist: Mapping[str, Any]) -> None:
         ratio = dist.get("class_ratio")
         if ratio is not None and self.class_ratio:
@@ -142,8 +156,9 @@ class ModelMetrics:
         self.estimated_accuracy.set(est.get("accuracy", NAN))
         for k, ch in self.estimated.items():
             ch.set(est.get(k, NAN))
-        if "accuracy_drop" in est and self.estimated_drop is not None:
-            self.estimated_drop.set(est["accuracy_drop"])
+        if self.estimated_drop is not None:
+            self.estimated_drop.set(est.get("accuracy_drop", NAN))
+            self.estimated_drop_z.set(est.get("drop_z", NAN))
 
     def publish_error(self, error: float) -> None:
         if self.estimation_error is not None and self.estimation_compared is not None:

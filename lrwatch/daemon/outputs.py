@@ -22,6 +22,7 @@ from .coverage import LabelCoverage
 from .distribution import PredictionDistribution
 from .estimate_tracking import EstimateTracker
 from .model_metrics import ESTIMATED_METRICS
+from .reference import PREDICTION
 
 if TYPE_CHECKING:
     from .config import DaemonConfig
@@ -60,8 +61,9 @@ class OutputsMixin:
         if self.estimates is not None:
             names = ESTIMATED_METRICS if self.estimates.estimator.n_classes == 2 \
                 else ESTIMATED_METRICS[:3]
+        inputs = [nm for nm in det.profile.num_names if nm != PREDICTION]
         self.metrics.model.bind(dist.classes, dist.reference_ratio, dist.numeric, names,
-                                getattr(det, "joint", False) and len(det.profile.num) > 1)
+                                bool(getattr(det, "joint", False)) and len(inputs) > 1)
 
     def _make_tracker(self, ref: Reference) -> EstimateTracker | None:
         if not self.config.estimation or not ref.estimator or \
@@ -91,7 +93,7 @@ class OutputsMixin:
             if "mean" in dist:
                 vals["prediction_mean"] = dist["mean"]
         ratio = self.coverage.ratio()
-        model.coverage_horizon.set(math.nan if ratio is None else ratio)
+        model.set_coverage(ratio)
         if ratio is not None:
             vals["label_coverage_horizon"] = ratio
         vals.update(self._estimate(w, n, proba))

@@ -113,4 +113,29 @@ class PublishingMixin:
             "queue_records": self.queue.records,
             "last_window": self.last,
             "firing": sorted(self.engine.active),
+            **self._outputs_status(),
+        }
+
+    def _outputs_status(self) -> dict[str, Any]:
+        """What ``/v1/status`` says about estimation, the joint test and label coverage (read
+        from what the worker published: this runs on the front end)."""
+        vals = (self.last or {}).get("values") or {}
+        est = getattr(self, "estimates", None)
+        ref = self.reference
+        det = self.detector
+        return {
+            "label_coverage_horizon": {
+                "horizon_seconds": self.config.label_horizon_seconds,
+                "ratio": self.metrics.model.coverage_value},
+            "estimation": None if est is None or ref is None or not ref.estimator else {
+                "classes": ref.estimator.get("n_classes"),
+                "reference_accuracy": ref.estimator.get("reference_accuracy"),
+                "reference_estimate": ref.estimator.get("reference_estimate"),
+                "last_window": {k: v for k, v in vals.items()
+                                if k.startswith("estimat")}},
+            "multivariate_drift": None if det is None else {
+                "enabled": bool(getattr(det, "joint", False))
+                and bool(self.metrics.model.multivariate),
+                "detected": vals.get("multivariate_drift"),
+                "score": vals.get("multivariate_drift_score")},
         }

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 __all__ = ["DATASOURCE", "training_dashboard", "serving_dashboard", "DASHBOARDS", "render",
            "write_dashboards", "check_dashboards"]
@@ -354,8 +354,73 @@ def training_dashboard() -> dict[str, Any]:
                       "lrwatch-serving", "lrwatch / Serving")
 
 
+def _joint_drift_panel(lay: _Layout) -> None:
+    lay.add(_timeseries(
+        "Joint (multivariate) drift",
+        _targets((f"lrwatch_multivariate_drift_score{{{SEL}}}", "{{instance}} evidence / threshold"),
+                 (f"lrwatch_multivariate_drift_detected{{{SEL}}}", "{{instance}} detected")),
+        thresholds=[{"color": "transparent", "value": None}, {"color": "red", "value": 1}],
+        description="The joint test of the numeric input features (their relations, not "
+                    "only their marginals; docs/drift-joint.md): its evidence in units of its "
+                    "calibrated threshold (>= 1: over), and 1 when it found drift. It counts in "
+                    "lrwatch_drift_window_detected and the data_drift rule."), w=24, h=7)
+
+
+def _prediction_distribution_panels(lay: _Layout) -> None:
+    lay.add(_timeseries(
+        "Predicted class shares vs reference",
+        _targets((f"lrwatch_prediction_class_ratio{{{SEL}}}", "{{instance}} class {{class}}"),
+                 (f"lrwatch_prediction_class_reference_ratio{{{SEL}}}",
+                  "{{instance}} class {{class}} reference")),
+        unit="percentunit", min_=0, max_=1,
+        description="Share of each predicted class in the last window (classes the reference "
+                    "never predicted, and its rarest beyond 50, are 'other'), and in the "
+                    "reference (dashed).",
+        overrides=[{"matcher": {"id": "byRegexp", "options": ".*reference"},
+                    "properties": [{"id": "custom.lineStyle",
+                                    "value": {"fill": "dash", "dash": [10, 10]}}]}]), w=12)
+    lay.add(_timeseries(
+        "Prediction mean and quantiles",
+        _targets((f"lrwatch_prediction_mean{{{SEL}}}", "{{instance}} mean"),
+                 (f"lrwatch_prediction_quantile{{{SEL}}}", "{{instance}} q{{q}}")),
+        description="Numeric outputs (a probability, a regression): the last window's mean "
+                    "and its 5/25/50/75/95% quantiles."), w=12)
+
+
+def _estimation_panels(lay: _Layout) -> None:
+    lay.add(_timeseries(
+        "Estimated vs realised accuracy",
+        _targets((f"lrwatch_estimated_accuracy{{{SEL}}}", "{{instance}} estimated (no labels)"),
+                 (f'lrwatch_estimated_metric{{{SEL}, metric=~"accuracy_low|accuracy_high"}}',
+                  "{{instance}} estimate band {{metric}}"),
+                 (f"lrwatch_model_accuracy{{{SEL}}}", "{{instance}} realised (labels)"),
+                 (f"lrwatch_estimation_error{{{SEL}}}", "{{instance}} estimation error")),
+        unit="percentunit",
+        description="Accuracy estimated from the predicted probabilities alone, with its ~95% "
+                    "band, before any label; the realised accuracy of the labels joined in "
+                    "the last window; and the estimate's error (estimated minus realised) of "
+                    "the last window whose own labels came in. "
+                    "See docs/performance-estimation.md.",
+        overrides=[{"matcher": {"id": "byRegexp", "options": ".*band.*"},
+                    "properties": [{"id": "custom.lineStyle",
+                                    "value": {"fill": "dash", "dash": [4, 6]}}]}]), w=12)
+    lay.add(_timeseries(
+        "Estimated drop, precision, recall, F1, ROC AUC",
+        _targets((f'lrwatch_estimated_metric{{{SEL}, metric=~"precision|recall|f1|roc_auc"}}',
+                  "{{instance}} {{metric}}"),
+                 (f"lrwatch_estimated_accuracy_drop{{{SEL}}}", "{{instance}} accuracy drop"),
+                 (f"lrwatch_estimated_accuracy_drop_zscore{{{SEL}}}",
+                  "{{instance}} drop in standard errors")),
+        description="Binary classifiers: label-free estimates of precision, recall, F1 and "
+                    "ROC AUC. The drop is the reference's estimate minus the window's; "
+                    "LrwatchAccuracyEstimateDrop fires over 2 points at 3.09 standard errors.",
+        overrides=[{"matcher": {"id": "byRegexp", "options": ".*standard errors"},
+                    "properties": [{"id": "custom.axisPlacement", "value": "right"}]}]), w=12)
+
+
 def serving_dashboard() -> dict[str, Any]:
-    """"lrwatch / Serving": drift, predictions, realised accuracy, labels, ingest, rules."""
+    """"lrwatch / Serving": drift (per feature and joint), predictions, realised and
+    estimated accuracy, labels, ingest, rules."""
     fsel = SEL + ', feature=~"$feature"'
     feature_var = _query_var(
         "feature", "Feature",
@@ -430,6 +495,7 @@ def serving_dashboard() -> dict[str, Any]:
                  (f"lrwatch_out_of_range_ratio{{{fsel}}}", "{{feature}} out of range"),
                  (f"lrwatch_unseen_category_ratio{{{fsel}}}", "{{feature}} unseen category")),
         unit="percentunit", description="Data-quality ratios of the last window."), w=12)
+    _joint_drift_panel(lay)
 
     lay.row("Predictions and accuracy")
     lay.add(_timeseries(
@@ -439,22 +505,28 @@ def serving_dashboard() -> dict[str, Any]:
                  ('lrwatch_drift_statistic{' + SEL + ', feature="_prediction", method="score"} '
                   '/ lrwatch_drift_threshold{' + SEL + ', feature="_prediction", method="score"}',
                   "{{instance}} score / threshold"),
-                 ('lrwatch_unseen_category_ratio{' + SEL + ', feature="_prediction"}',
-                  "{{instance}} unseen classes")),
+                 ('lrwatch_unseen_category_ratio{' + SEL + ', feature="_prediction"} or '
+                  'lrwatch_out_of_range_ratio{' + SEL + ', feature="_prediction"}',
+                  "{{instance}} unseen classes / out of range")),
         description="How the model's outputs (the _prediction pseudo-feature) are distributed "
                     "compared with the reference: PSI, Jensen-Shannon distance, the "
-                    "calibrated score over its threshold, and classes never seen in the "
-                    "reference."), w=12)
+                    "calibrated score over its threshold, and the share of classes never seen "
+                    "in the reference (class outputs) or of values outside its range (numeric "
+                    "outputs)."), w=12)
     lay.add(_timeseries(
         "Realised accuracy and label coverage",
         _targets((f"lrwatch_model_accuracy{{{SEL}}}", "{{instance}} accuracy (last window)"),
                  (f"instance:lrwatch_model_accuracy:avg_over_time30m{{{SEL}}}", "{{instance}} accuracy (30m)"),
                  (f"lrwatch_label_coverage_ratio{{{SEL}}}", "{{instance}} coverage (last window)"),
-                 (f"instance:lrwatch_label_coverage:ratio_rate1h{{{SEL}}}", "{{instance}} coverage (1h)")),
+                 (f"instance:lrwatch_label_coverage:ratio_rate1h{{{SEL}}}", "{{instance}} coverage (1h)"),
+                 (f"lrwatch_label_coverage_horizon_ratio{{{SEL}}}", "{{instance}} coverage (horizon)")),
         unit="percentunit", min_=0, max_=1,
         description="Accuracy of the labels joined with their predictions, and labels per "
-                    "prediction (per window and over an hour: delayed labels land in later "
-                    "windows)."), w=12)
+                    "prediction: per window (delayed labels land in later windows), over an "
+                    "hour, and over the label horizon H (the predictions made 2H to H ago, "
+                    "by prediction time; lrwatch_label_horizon_seconds)."), w=12)
+    _prediction_distribution_panels(lay)
+    _estimation_panels(lay)
     lay.add(_timeseries(
         "Label delay",
         _targets(("histogram_quantile(0.5, sum by (instance, le) "
@@ -518,8 +590,9 @@ def serving_dashboard() -> dict[str, Any]:
         _alerts_annotation(),
     ]
     return _dashboard("lrwatch-serving", "lrwatch / Serving",
-                      "Models served next to lrwatch daemon: drift per feature, prediction "
-                      "distribution, realised accuracy, labels, ingest and firing rules.",
+                      "Models served next to lrwatch daemon: drift per feature and joint, "
+                      "prediction distribution, realised and estimated accuracy, labels, "
+                      "ingest and firing rules.",
                       lay.panels, _variables("lrwatch_predictions_total", [feature_var]),
                       annotations, "lrwatch-training", "lrwatch / Training")
 

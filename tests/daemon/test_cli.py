@@ -69,3 +69,50 @@ def test_config_file_sections(tmp_path):
     assert cfg.token == "abc" and cfg.window_seconds == 30 and cfg.target_windows == 500
     assert cfg.tail == [str(tmp_path / "a.jsonl")] and cfg.alertmanager == ["http://127.0.0.1:9093"]
     assert cfg.hook_argv == ["/bin/true"] and cfg.hook_cooldown == 10
+
+
+def test_baseline_build_fits_the_estimator_from_a_label_column(tmp_path):
+    data = tmp_path / "ref.csv"
+    rng = random.Random(4)
+    with open(data, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["x", "prediction", "label"])
+        for _ in range(400):
+            p = rng.random()
+            w.writerow([round(rng.gauss(0, 1), 4), round(p, 4), int(rng.random() < p)])
+    out = tmp_path / "reference.json"
+    res = CliRunner().invoke(cli, ["baseline", "build", str(data), "-o", str(out),
+                                   "--window-size", "50", "--sims", "200"])
+    assert res.exit_code == 0, res.output
+    assert "performance estimation: 2 classes, fitted on 400 labelled records" in res.output
+    ref = Reference.load(out)
+    assert ref.estimator is not None and [f.name for f in ref.features] == ["x", "_prediction"]
+
+
+def test_baseline_build_without_labels_says_how_to_estimate(tmp_path):
+    rng = random.Random(5)
+    data = tmp_path / "ref.jsonl"
+    data.write_text("\n".join(json.dumps(make_record(rng, i)) for i in range(200)))
+    res = CliRunner().invoke(cli, ["baseline", "build", str(data), "-o",
+                                   str(tmp_path / "r.json"), "--window-size", "50",
+                                   "--sims", "200"])
+    assert res.exit_code == 0, res.output
+    (line,) = [ln for ln in res.output.splitlines() if "performance estimation" in ln]
+    assert "no labels" in line and '"label"' in line
+
+
+def test_config_sections_of_the_model_outputs(tmp_path):
+    cfg = DaemonConfig.from_mapping({"labels": {"horizon_seconds": 600},
+                                     "estimation": {"enabled": False, "min_labels": 50},
+                                     "drift": {"joint": False}})
+    assert (cfg.label_horizon_seconds, cfg.estimation, cfg.estimation_min_labels,
+            cfg.joint_drift) == (600, False, 50, False)
+    for bad, word in (({"labels": {"horizon_seconds": 0}}, "label_horizon_seconds"),
+                      ({"estimation": {"enabled": "yes"}}, "estimation.enabled"),
+                      ({"labels": {"horizon": 1}}, "horizon_seconds")):
+        try:
+            DaemonConfig.from_mapping(bad)
+        except Exception as exc:  # ConfigError naming the key
+            assert word in str(exc), exc
+        else:
+            raise AssertionError(f"{bad} was accepted")

@@ -32,9 +32,10 @@ def test_calibration_progress_goes_to_stderr_and_does_not_change_the_result(tmp_
     resamples = [ln for ln in err if re.match(r"calibrating: \d+/300 resamples", ln)]
     assert [int(ln.split(":")[1].split("/")[0]) for ln in resamples] == [0, 100, 200, 300]
     assert any(re.match(r"calibrating: 4000/4000 null streams \(", ln) for ln in err)
-    # stdout: only the summary
-    assert res.stdout.splitlines() == [res.stdout.strip()]
-    assert res.stdout.startswith(f"{out}: 600 records") and "calibrating:" not in res.stdout
+    # stdout: only the summary, and one line on performance estimation (no labels here)
+    summary, estimation = res.stdout.splitlines()
+    assert summary.startswith(f"{out}: 600 records") and "calibrating:" not in res.stdout
+    assert estimation.startswith("no performance estimation: the reference has no labels")
     # --quiet: nothing on stderr, the same reference (progress changes nothing)
     out2 = tmp_path / "b.json"
     res = runner.invoke(cli, ["baseline", "build", str(data), "-o", str(out2),

@@ -250,6 +250,12 @@ def test_estimates_before_labels_and_their_error_after(run_daemon, binary_refere
                         for i in range(WINDOW)])
     window0 = err + realised
     assert 0.6 < window0 < 0.9 and abs(err) < 0.15
+    code, body = r.get("/v1/status")
+    status = json.loads(body)
+    assert code == 200 and status["estimation"]["classes"] == 2
+    assert status["estimation"]["last_window"]["estimated_accuracy"] == pytest.approx(est)
+    assert status["label_coverage_horizon"]["horizon_seconds"] == 3600.0
+    assert set(status["multivariate_drift"]) == {"enabled", "detected", "score"}
     assert_balanced(r.daemon)
 
 
@@ -265,3 +271,30 @@ def test_multiclass_estimates_and_a_live_reference_with_inline_labels(run_daemon
     assert r.metric("lrwatch_estimated_metric", {"metric": "f1"}) is None  # binary only
     # inline labels: every record of a window has its own, so each is compared at once
     assert r.metric("lrwatch_estimation_windows_compared_total") == 2
+
+
+@pytest.mark.parametrize("which", ["binary_reference", "multiclass_reference"])
+def test_metrics_with_every_new_family_are_promtool_clean(run_daemon, request, which) -> None:
+    from services import promtool_check_metrics
+
+    r = run_daemon(reference=request.getfixturevalue(which))
+    rng = random.Random(10)
+    make = _binary if which == "binary_reference" else _multiclass
+    recs = [make(rng, i) for i in range(2 * WINDOW)]
+    labels = [{"id": x["id"], "label": x.pop("label")} for x in recs]
+    r.post("/v1/predictions", _ndjson(recs))
+    r.post("/v1/labels", labels)
+    r.daemon.drain()
+    status, text = r.get("/metrics")
+    assert status == 200
+    rc, out = promtool_check_metrics(text)
+    assert rc == 0, out
+    names = {ln.split("{")[0].split(" ")[0] for ln in text.decode().splitlines()
+             if ln and not ln.startswith("#")}
+    assert {"lrwatch_prediction_class_ratio", "lrwatch_prediction_class_reference_ratio",
+            "lrwatch_label_coverage_horizon_ratio", "lrwatch_label_horizon_seconds",
+            "lrwatch_pending_labels", "lrwatch_estimated_accuracy", "lrwatch_estimated_metric",
+            "lrwatch_estimated_accuracy_drop", "lrwatch_estimated_accuracy_drop_zscore",
+            "lrwatch_estimation_error", "lrwatch_estimation_windows_compared_total",
+            "lrwatch_multivariate_drift_score"} <= names
+    assert ("lrwatch_prediction_mean" in names) == (which == "binary_reference")

@@ -4,6 +4,7 @@ the substitution of Grafana's template variables in dashboard queries."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -20,33 +21,35 @@ DASHBOARDS_DIR = REPO / "grafana" / "dashboards"
 
 
 def serving_record(rng: random.Random, i: int, shift: float = 0.0) -> dict[str, Any]:
-    """One prediction record of a small classification model.
+    """One prediction record of a small binary classifier that sends its probabilities.
 
-    ``x`` and ``y`` are standard normal, ``tier`` is categorical; the model predicts class 1
-    when ``x + y > 0``. ``shift`` moves ``x`` (covariate shift), which also moves the
-    prediction distribution.
+    ``x`` and ``y`` are standard normal, ``tier`` is categorical; the model's probability of
+    class 1 is ``sigmoid(3 (x + y))`` (it predicts 1 when ``x + y > 0``). ``shift`` moves ``x``
+    (covariate shift), which also moves the prediction distribution.
     """
     x = rng.gauss(shift, 1.0)
     y = rng.gauss(0.0, 1.0)
     return {"id": f"req-{i}", "features": {"x": round(x, 6), "y": round(y, 6),
                                            "tier": rng.choice(["free", "pro", "team"])},
-            "prediction": 1 if x + y > 0 else 0}
+            "prediction": round(1.0 / (1.0 + math.exp(-3.0 * (x + y))), 6)}
 
 
 def true_label(rec: Mapping[str, Any], rng: random.Random, shifted: bool) -> int:
     """Ground truth: mostly what the model predicts; after the shift the concept changes too,
-    so realised accuracy drops."""
+    so realised accuracy drops (and the estimate, which only sees confidences, misses it)."""
     f = rec["features"]
     score = f["x"] + f["y"] if not shifted else f["y"] - 0.5 * f["x"]
     return 1 if score + rng.gauss(0.0, 0.3) > 0 else 0
 
 
 def write_reference_data(path: Path, n: int = 2000, seed: int = 0) -> Path:
+    """Reference records with their labels (they fit the label-free accuracy estimator)."""
     rng = random.Random(seed)
     with open(path, "w", encoding="utf-8") as fh:
         for i in range(n):
             rec = serving_record(rng, i)
             rec.pop("id")
+            rec["label"] = true_label(rec, rng, False)
             fh.write(json.dumps(rec) + "\n")
     return path
 

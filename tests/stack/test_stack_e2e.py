@@ -102,6 +102,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         assert build.proc.wait(timeout=120) == 0, build.log()
         daemon = Proc(lrwatch_cmd("daemon", "--reference", str(work / "ref.json"),
                                   "--port", str(daemon_port), "--window-size", str(WINDOW),
+                                  "--label-horizon", "2",
                                   "--state-dir", str(work / "state"),
                                   "--alertmanager", am.url),
                       work / "daemon.log", cwd=work)
@@ -184,6 +185,23 @@ def test_serving_drift_alert_reaches_alertmanager(stack: Stack) -> None:
     drifted = {s["metric"]["feature"] for s in stack.prom.query(
         f'lrwatch_drift_detected{{job="{SERVE_JOB}"}} == 1')}
     assert "x" in drifted and "y" not in drifted and "tier" not in drifted
+
+
+def test_estimates_and_their_error_reach_prometheus(stack: Stack) -> None:
+    """The reference had labels, so the daemon estimates accuracy before labels come. Two
+    normal and three shifted windows got all their labels, so their estimates were compared;
+    the shift changed the concept too, which confidences cannot see: the last (shifted)
+    window's estimate is far above what its labels realised."""
+    sel = f'{{job="{SERVE_JOB}"}}'
+    stack.prom.wait_for(f"lrwatch_estimation_windows_compared_total{sel} >= 5", timeout=60)
+    (est,) = stack.prom.query(f"lrwatch_estimated_accuracy{sel}")
+    assert 0.5 < float(est["value"][1]) <= 1.0, est
+    (err,) = stack.prom.query(f"lrwatch_estimation_error{sel}")
+    assert float(err["value"][1]) > 0.2, err
+    shares = {s["metric"]["class"]: float(s["value"][1]) for s in stack.prom.query(
+        f"lrwatch_prediction_class_ratio{sel}")}
+    assert set(shares) == {"0", "1"} and abs(sum(shares.values()) - 1) < 1e-9
+    assert stack.prom.query(f'lrwatch_prediction_quantile{{job="{SERVE_JOB}", q="0.5"}}')
 
 
 @pytest.mark.parametrize("name,job", [("lrwatch-training.json", TRAIN_JOB),

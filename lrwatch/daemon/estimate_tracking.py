@@ -48,9 +48,12 @@ def window_probabilities(preds: Sequence[Any], prediction_type: str, width: int 
     width, a value outside [0, 1]; validation rejects those once the reference is known) are
     left out. ``None`` when nothing is left."""
     if prediction_type == "probability":
-        a = np.fromiter((p if type(p) in (int, float) else np.nan for p in preds),
-                        dtype=np.float64, count=len(preds))
-        a = a[(a >= 0.0) & (a <= 1.0)]
+        try:  # the common case, one C-level conversion
+            a = np.array(preds, dtype=np.float64)
+        except (TypeError, ValueError):  # a class name or a list among them
+            a = np.fromiter((p if type(p) in (int, float) else np.nan for p in preds),
+                            dtype=np.float64, count=len(preds))
+        a = a[(a >= 0.0) & (a <= 1.0)] if a.ndim == 1 else np.empty(0)
     else:
         try:
             a = np.array(preds, dtype=np.float64)

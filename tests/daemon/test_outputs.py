@@ -298,3 +298,22 @@ def test_metrics_with_every_new_family_are_promtool_clean(run_daemon, request, w
             "lrwatch_estimation_error", "lrwatch_estimation_windows_compared_total",
             "lrwatch_multivariate_drift_score"} <= names
     assert ("lrwatch_prediction_mean" in names) == (which == "binary_reference")
+
+
+def test_coverage_and_waiting_estimates_survive_a_restart(run_daemon, binary_reference,
+                                                          tmp_path) -> None:
+    state = str(tmp_path / "state")
+    r = run_daemon(reference=binary_reference, state_dir=state, label_horizon_seconds=100.0)
+    rng = random.Random(11)
+    recs = [_binary(rng, i, t=T0 + i) for i in range(3 * WINDOW)]
+    labels = [{"id": x["id"], "label": x.pop("label")} for x in recs]
+    r.post("/v1/predictions", _ndjson(recs))
+    r.daemon.drain()
+    r.server.stop()
+    r.daemon.stop(timeout=5)
+    r2 = run_daemon(reference=binary_reference, state_dir=state, label_horizon_seconds=100.0)
+    assert r2.metric("lrwatch_pending_labels") == 3 * WINDOW
+    r2.post("/v1/labels", labels[WINDOW:2 * WINDOW])
+    # window 1's estimate waited through the restart and met its labels
+    assert r2.metric("lrwatch_estimation_windows_compared_total") == 1
+    assert r2.daemon.coverage.ratio() == pytest.approx(1.0, abs=0.04)  # [99, 199) labelled

@@ -121,8 +121,9 @@ class ModelMetrics:
         r = self.registry
         self.multivariate = {
             "stat": Gauge("lrwatch_multivariate_drift_statistic",
-                          "Joint drift statistic of the numeric features in the last window.",
-                          registry=r),
+                          "Joint drift statistic of the last window: the mean absolute residual "
+                          "of the most changed numeric feature (regressed on the others) over "
+                          "the reference's (1: unchanged).", registry=r),
             "score": Gauge("lrwatch_multivariate_drift_score",
                            "Joint drift evidence of the last window (per window or accumulated) "
                            "in units of its calibrated threshold (>= 1: over).", registry=r),

@@ -317,3 +317,53 @@ def test_coverage_and_waiting_estimates_survive_a_restart(run_daemon, binary_ref
     # window 1's estimate waited through the restart and met its labels
     assert r2.metric("lrwatch_estimation_windows_compared_total") == 1
     assert r2.daemon.coverage.ratio() == pytest.approx(1.0, abs=0.04)  # [99, 199) labelled
+
+
+# --- joint drift --------------------------------------------------------------------------------
+def _correlated(rng: random.Random, decorrelate: bool) -> dict[str, Any]:
+    x = rng.gauss(0, 1)
+    y = 0.9 * (rng.gauss(0, 1) if decorrelate else x) + math.sqrt(1 - 0.81) * rng.gauss(0, 1)
+    return {"features": {"x": x, "y": y, "z": rng.gauss(0, 1)}, "prediction": rng.random()}
+
+
+@pytest.fixture(scope="module")
+def correlated_reference(tmp_path_factory: pytest.TempPathFactory) -> str:
+    rng = random.Random(12)
+    ref = build_reference([_correlated(rng, False) for _ in range(4000)], window_size=WINDOW,
+                          sims=300)
+    path = str(tmp_path_factory.mktemp("jref") / "reference.json")
+    ref.save(path)
+    return path
+
+
+def test_a_decorrelation_is_caught_by_the_joint_test_only(run_daemon,
+                                                          correlated_reference) -> None:
+    r = run_daemon(reference=correlated_reference)
+    rng = random.Random(13)
+    calm = [_correlated(rng, False) for _ in range(2 * WINDOW)]
+    r.post("/v1/predictions", _ndjson(calm))
+    r.daemon.drain()
+    assert r.daemon.last["values"]["multivariate_drift"] == 0.0
+    assert 0 <= r.metric("lrwatch_multivariate_drift_score") < 1
+    shifted = [_correlated(rng, True) for _ in range(3 * WINDOW)]  # same marginals
+    r.post("/v1/predictions", _ndjson(shifted))
+    r.daemon.drain()
+    last = r.daemon.last
+    assert last["values"]["multivariate_drift"] == 1.0 and last["values"]["drift_detected"] == 1
+    assert last["drifted_features"] == [] and set(last["joint_features"]) <= {"x", "y"}
+    assert r.metric("lrwatch_multivariate_drift_detected") == 1
+    assert r.metric("lrwatch_multivariate_drift_score") >= 1
+    assert r.metric("lrwatch_drift_window_detected") == 1
+    status = json.loads(r.get("/v1/status")[1])
+    assert status["multivariate_drift"] == {"enabled": True, "detected": 1.0,
+                                            "score": last["values"]["multivariate_drift_score"]}
+
+
+def test_the_joint_test_can_be_switched_off(run_daemon, correlated_reference) -> None:
+    r = run_daemon(reference=correlated_reference, joint_drift=False)
+    rng = random.Random(14)
+    r.post("/v1/predictions", _ndjson([_correlated(rng, True) for _ in range(WINDOW)]))
+    r.daemon.drain()
+    assert "multivariate_drift" not in r.daemon.last["values"]
+    assert r.metric("lrwatch_multivariate_drift_score") is None
+    assert json.loads(r.get("/v1/status")[1])["multivariate_drift"]["enabled"] is False

@@ -35,7 +35,8 @@ ESTIMABLE = ("probability", "probabilities")
 def build_reference(records: Iterable[Mapping[str, Any]], *, kinds: Mapping[str, str] | None = None,
                     calibrate: bool = True, window_size: int = 1000,
                     target_windows: float = 1000.0, seed: int = 0,
-                    sims: int | None = None, progress: ProgressFn | None = None) -> Reference:
+                    sims: int | None = None, progress: ProgressFn | None = None,
+                    estimate: bool = True) -> Reference:
     """Profile validated records (each with a ``features`` mapping and maybe a ``prediction``)
     and, with ``calibrate``, calibrate the drift thresholds for ``window_size``-record windows
     at one false alarm per ``target_windows`` windows (seconds of CPU; see :mod:`.calibrate`).
@@ -43,11 +44,13 @@ def build_reference(records: Iterable[Mapping[str, Any]], *, kinds: Mapping[str,
     ``kinds`` forces a feature's kind (``numeric``, ``categorical``, ``binary``) instead of
     inferring it. ``progress(stage, done, total)`` hears how calibration goes. Records with a
     ``label`` fit the label-free performance estimator (:func:`fit_estimator`); why one was not
-    fitted is in ``ref.notes``.
+    fitted is in ``ref.notes``; ``estimate=False`` leaves that to the caller (the daemon fits it
+    on its calibration thread, off the ingest path).
     """
     rows = list(records)
     ref = profile_records(rows, kinds=kinds)
-    fit_estimator(rows, ref)
+    if estimate:
+        fit_estimator(rows, ref)
     if calibrate:
         ref.calibration = _calibrate(ref, window_size=window_size,
                                      target_windows=target_windows, seed=seed,

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..samples import Sample
 from .detector import DriftDetector, DriftResult
-from .baseline import ESTIMABLE
+from .baseline import ESTIMABLE, fit_estimator
 from .estimate_tracking import window_probabilities
 from .labels import is_classification
 from .reference import PREDICTION, Reference
@@ -120,6 +120,7 @@ class EvaluationMixin:
         rows, self._ref_rows = self._ref_rows, []
         if self._replaying or self._worker is None:
             try:
+                self._fit_estimator(rows, ref)
                 self._set_reference(ref, save=True)
             except Exception:
                 self._ref_rows = rows
@@ -134,6 +135,7 @@ class EvaluationMixin:
 
         def work() -> None:
             try:
+                self._fit_estimator(rows, ref)
                 result: Any = self._make_detector(ref)
             except Exception as exc:  # handed to the worker, which fails open
                 result = exc
@@ -147,6 +149,14 @@ class EvaluationMixin:
             self._executor.submit(work)
         else:
             threading.Thread(target=work, name="lrwatch-calibrate", daemon=True).start()
+
+    def _fit_estimator(self, rows: list[dict[str, Any]], ref: Reference) -> None:
+        """Fit the live reference's performance estimator from its records' inline labels
+        (seconds at most; on the calibration thread unless replaying)."""
+        if self.config.estimation:
+            fit_estimator(rows, ref)
+            for note in ref.notes:
+                _log.info("%s", note)
 
     def _finish_calibration(self) -> None:
         result, self._cal_result = self._cal_result, None
@@ -191,8 +201,8 @@ class EvaluationMixin:
         """The closed window's class probabilities, when its reference can estimate
         performance (read before the window drops its predictions)."""
         ref = self.reference
-        if ref is None or not ref.estimator or not self.config.estimation or \
-                ref.prediction_type not in ESTIMABLE:
+        if ref is None or not self.config.estimation or ref.prediction_type not in ESTIMABLE \
+                or not (ref.estimator or self.detector is None):  # (being fitted meanwhile)
             return None
         return window_probabilities(w.preds, ref.prediction_type, ref.proba_width)
 

@@ -173,7 +173,8 @@ class WindowsMixin:
                                                    labels or [None] * need))
         if len(self._ref_rows) >= self.config.live_records:
             _log.info("building the reference from the first %d records", len(self._ref_rows))
-            ref = build_reference(self._ref_rows, calibrate=False)
+            # calibration and the estimator's fit happen off the worker (_start_calibration)
+            ref = build_reference(self._ref_rows, calibrate=False, estimate=False)
             self._start_calibration(ref)
             if len(b) > need:
                 self._windowize(b.slice(need, len(b)), t_arrival)

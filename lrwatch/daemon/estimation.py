@@ -49,10 +49,16 @@ N_BAGS = 16
 MAX_BLOCKS = 32
 #: Calibrator families; which one is the default was chosen by the benchmark
 #: (benchmarks/performance_estimation.py, leave-one-dataset-out).
-METHODS = ("isotonic", "logistic")
+METHODS = ("isotonic", "logistic", "blend")
+#: What ``blend`` averages.
+BLENDED = ("isotonic", "logistic")
 DEFAULT_METHOD = "isotonic"
 #: Half-width of the band in standard errors.
 BAND_Z = 1.959963984540054
+#: The calibration's standard error (the spread of the bagged calibrators) is multiplied by
+#: this before it enters the band: the bootstrap spread of a small reference understates how
+#: far a fresh population can sit from it. Chosen by the benchmark (leave-one-dataset-out).
+CALIBRATION_SCALE = 1.0
 #: Candidate ridges of the logistic calibrator (chosen per reference by cross-validation).
 RIDGES = (1.0, 10.0, 100.0, 1000.0)
 #: Pseudo-weight of the model's own probability per reference row (a prior that keeps a small
@@ -193,9 +199,11 @@ def _fit_one(a: np.ndarray, target: np.ndarray, w: np.ndarray, method: str,
 
 
 def _bag(a: np.ndarray, target: np.ndarray, rng: np.random.Generator, n_bags: int,
-         method: str, prior_weight: float) -> list[Any]:
+         method: str, prior_weight: float) -> Any:
     """``n_bags`` calibrators fitted on Poisson-bootstrap weights of the rows (the logistic
-    ridge chosen once, by cross-validation on all of them)."""
+    ridge chosen once, by cross-validation on all of them); ``blend``: a dict of both."""
+    if method == "blend":
+        return {m: _bag(a, target, rng, n_bags, m, prior_weight) for m in BLENDED}
     ridge = _choose_ridge(a, target, rng) if method == "logistic" else 0.0
     out = []
     for _ in range(n_bags):
@@ -205,8 +213,11 @@ def _bag(a: np.ndarray, target: np.ndarray, rng: np.random.Generator, n_bags: in
     return out
 
 
-def _apply(cals: Sequence[Any], a: np.ndarray, method: str) -> np.ndarray:
-    """``(len(cals), n)``: every calibrator's probability for each row of ``a``."""
+def _apply(cals: Any, a: np.ndarray, method: str) -> np.ndarray:
+    """``(len(cals), n)``: every calibrator's probability for each row of ``a`` (``blend``:
+    the isotonic and the logistic bags stacked, so their mean is the average of the two)."""
+    if method == "blend":
+        return np.vstack([_apply(cals[m], a, m) for m in BLENDED])
     if method == "isotonic":
         x = _score(a)
         return np.stack([np.interp(x, kx, ky) for kx, ky in cals])
@@ -351,8 +362,8 @@ class PerformanceEstimator:
         """Estimated performance of one window of predictions (no labels).
 
         Keys: ``accuracy``, ``accuracy_low``/``accuracy_high`` (a ~95% band for the window's
-        realised accuracy: the window's sampling noise and the calibration's spread),
-        ``records``, ``accuracy_drop`` (baseline minus estimate) and ``drop_z`` (that drop in
+        realised accuracy: the window's sampling noise and the calibration's spread, also given
+        apart as ``accuracy_se_window`` and ``accuracy_se_calibration``), ``records``, ``accuracy_drop`` (baseline minus estimate) and ``drop_z`` (that drop in
         standard errors); binary adds ``precision``, ``recall``, ``f1`` and ``roc_auc`` where
         they are defined. An empty window gives ``records`` 0 and NaN accuracies. Raises
         ``ValueError`` on a malformed array (wrong width, NaN, values outside [0, 1])."""
@@ -361,15 +372,18 @@ class PerformanceEstimator:
         if n == 0:
             nan = math.nan
             return {"accuracy": nan, "accuracy_low": nan, "accuracy_high": nan, "records": 0.0,
+                    "accuracy_se_window": nan, "accuracy_se_calibration": nan,
                     "accuracy_drop": nan, "drop_z": nan}
         cb = self._row_correctness(a)
         c = cb.mean(axis=0)
         acc = float(c.mean())
         var_sampling = float((c * (1.0 - c)).sum()) / (n * n)
-        var_cal = float(cb.mean(axis=1).var(ddof=1))
+        var_cal = float(cb.mean(axis=1).var(ddof=1)) * CALIBRATION_SCALE ** 2
         half = BAND_Z * math.sqrt(var_sampling + var_cal)
         out = {"accuracy": acc, "accuracy_low": max(0.0, acc - half),
-               "accuracy_high": min(1.0, acc + half), "records": float(n)}
+               "accuracy_high": min(1.0, acc + half), "records": float(n),
+               "accuracy_se_window": math.sqrt(var_sampling),
+               "accuracy_se_calibration": math.sqrt(var_cal)}
         out.update(self._drop(c, acc))
         if self.binary:
             q = _apply(self._cals, a, self.method).mean(axis=0)
@@ -387,10 +401,10 @@ class PerformanceEstimator:
     # -- persistence --
     def to_dict(self) -> dict[str, Any]:
         """A small JSON-ready form (rounded), read back by :meth:`from_dict`."""
-        if self.method == "isotonic":
-            cals = [[np.round(kx, 8).tolist(), np.round(ky, 8).tolist()] for kx, ky in self._cals]
+        if self.method == "blend":
+            cals: Any = {m: _dump_calibrators(self._cals[m], m) for m in BLENDED}
         else:
-            cals = [np.round(b, 8).tolist() for b in self._cals]
+            cals = _dump_calibrators(self._cals, self.method)
         return {
             "version": ESTIMATOR_VERSION, "method": self.method,
             "n_classes": self.n_classes, "classes": self.classes,
@@ -434,12 +448,22 @@ def _correct(a: np.ndarray, y: np.ndarray) -> np.ndarray:
     return (a.argmax(axis=1) == y).astype(np.float64)
 
 
-def _load_calibrators(raw: Any, method: str, k: int) -> list[Any]:
+def _dump_calibrators(cals: list[Any], method: str) -> list[Any]:
+    if method == "isotonic":
+        return [[np.round(kx, 8).tolist(), np.round(ky, 8).tolist()] for kx, ky in cals]
+    return [np.round(b, 8).tolist() for b in cals]
+
+
+def _load_calibrators(raw: Any, method: str, k: int) -> Any:
     """The stored calibrators as arrays, checked (ConfigError naming what is wrong)."""
     if method not in METHODS:
         raise ConfigError(f"unknown estimation method {method!r}; choose one of {METHODS}")
     if k < 2:
         raise ConfigError(f"estimator n_classes must be >= 2, got {k}")
+    if method == "blend":
+        if not isinstance(raw, dict) or set(raw) != set(BLENDED):
+            raise ConfigError(f"blend calibrators must be a mapping with keys {BLENDED}")
+        return {m: _load_calibrators(raw[m], m, k) for m in BLENDED}
     if not isinstance(raw, list) or len(raw) < 2:
         raise ConfigError("estimator dict needs a list of at least 2 calibrators")
     if method == "logistic":

@@ -125,7 +125,7 @@ def test_round_trip_through_json(method):
 def test_bad_dicts_are_refused_with_the_reason():
     rng = np.random.default_rng(7)
     p, y = calibrated_binary(500, rng)
-    good = PerformanceEstimator.fit(p, y).to_dict()
+    good = PerformanceEstimator.fit(p, y, method="isotonic").to_dict()
     with pytest.raises(ConfigError, match="version"):
         PerformanceEstimator.from_dict(dict(good, version=99))
     with pytest.raises(ConfigError, match="method"):
@@ -136,6 +136,9 @@ def test_bad_dicts_are_refused_with_the_reason():
     broken["calibrators"][0][1][0] = 7.0
     with pytest.raises(ConfigError, match=r"\[0, 1\]"):
         PerformanceEstimator.from_dict(broken)
+    blend = PerformanceEstimator.fit(p, y, method="blend").to_dict()
+    with pytest.raises(ConfigError, match="keys"):
+        PerformanceEstimator.from_dict(dict(blend, calibrators=blend["calibrators"]["logistic"]))
     with pytest.raises(ConfigError, match="mapping"):
         PerformanceEstimator.from_dict([1, 2])
 

@@ -26,6 +26,14 @@ calibrated by simulating streams of windows (window means drawn from the referen
 correlation, one reference offset per stream), like alibi-detect's online detectors calibrate
 to an expected run time. Half the false-alarm budget goes to the per-window tests, half to the
 sequential ones.
+
+Joint test (:mod:`.multivariate`). Each numeric input feature's mean absolute residual, regressed
+on the others, is one more per-window dim: its signed z (window mean against the reference's
+leave-one-out mean) is resampled with the other tests, standardised with its measured mean and
+standard deviation, folded (``|z|``) and enters the same maximum and copula, so the target holds
+for all tests together; its accumulated sums join the sequential scan as a second block of the
+simulated streams. The thresholds without the joint dims (``base_threshold``,
+``base_seq_threshold``) come from the same draws, for a detector with the joint test off.
 """
 
 from __future__ import annotations

@@ -289,7 +289,7 @@ class DriftDetector:
         model = self._joint_model
         assert model is not None
         n = float(x.shape[0])
-        sums = model.window_sums(x)
+        sums = model.window_sums(x, res.tests.present)
         mean_w = sums / n
         z = (mean_w - self._jmean) / (self._jrsd * math.sqrt(1.0 / n + 1.0 / self._m))
         scores = np.abs((z - self._jmu) / self._jsd)

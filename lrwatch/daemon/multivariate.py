@@ -77,6 +77,17 @@ class JointModel:
     w: np.ndarray
     rows: int
 
+    def __post_init__(self) -> None:
+        # the window path works on raw values: e = x @ (w / scale) - (mean / scale) @ w, which
+        # saves standardising the window (a pass over it) unless the means dwarf the scales
+        lo = int(self.cols[0]) if len(self.cols) else 0
+        contiguous = np.array_equal(self.cols, np.arange(lo, lo + len(self.cols)))
+        self._take: slice | np.ndarray = slice(lo, lo + len(self.cols)) if contiguous \
+            else self.cols
+        self._raw = bool(np.all(np.abs(self.mean) <= 1e4 * self.scale))
+        self._wx = self.w / self.scale[:, None]
+        self._c = (self.mean / self.scale) @ self.w
+
     @classmethod
     def fit(cls, x: np.ndarray, names: Sequence[str]) -> "JointModel | None":
         """Fit on the reference's numeric sample ``x`` (``(m, Fn)``, NaN missing; columns named
@@ -111,9 +122,22 @@ class JointModel:
         z = _standardise(x[:, self.cols], self.mean, self.scale)
         return _row_stat(z @ self.w)
 
-    def window_sums(self, x: np.ndarray) -> np.ndarray:
-        """Sum over the window's rows of each joint feature's ``|e|`` (``(p,)``)."""
-        return self.residuals(x).sum(axis=0)
+    def window_sums(self, x: np.ndarray, present: np.ndarray | None = None) -> np.ndarray:
+        """Sum over the window's rows of each joint feature's ``|e|`` (``(p,)``).
+
+        ``present`` (per column of ``x``: how many values are not missing) lets a window
+        without missing values skip the search for them."""
+        if not self._raw or ROW_STAT != "abs":
+            return self.residuals(x).sum(axis=0)
+        xs = x[:, self._take]
+        complete = bool(np.all(present[self.cols] >= x.shape[0])) if present is not None \
+            else not np.isnan(xs).any()
+        if not complete:
+            xs = np.where(np.isnan(xs), self.mean, xs)
+        e = xs @ self._wx
+        e -= self._c
+        np.abs(e, out=e)
+        return e.sum(axis=0)
 
     def loo_residuals(self, x: np.ndarray) -> np.ndarray:
         """``(m, p)`` leave-one-out ``|e|`` of the reference rows the model was fitted on.

@@ -15,7 +15,7 @@ Example config file (every key optional)::
             min_missing_delta: 0.01, sequential: true, seq_min_effect: 0.03,
             joint: true}                         # the joint test of the numeric features
     labels: {horizon_seconds: 3600}              # H of the label coverage over a horizon
-    estimation: {enabled: true, min_labels: 30}  # label-free accuracy estimates
+    estimation: {enabled: true, min_window_labels: 30}  # label-free accuracy estimates
     state_dir: /var/lib/lrwatch                  # snapshots + journal (durability)
     snapshot_interval: 2.0
     tail: [/var/log/model/predictions.jsonl]
@@ -77,7 +77,7 @@ class DaemonConfig:
     joint_drift: bool = True
     label_horizon_seconds: float = 3600.0
     estimation: bool = True
-    estimation_min_labels: int = 30
+    estimation_min_window_labels: int = 30
     state_dir: str | None = None
     snapshot_interval: float = 2.0
     tail: list[str] = field(default_factory=list)
@@ -98,7 +98,8 @@ class DaemonConfig:
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
         for name in ("max_body_bytes", "max_queue_records", "max_pending_labels",
                      "window_size", "live_records", "max_line_bytes", "max_string_chars",
-                     "max_features", "max_connections", "backlog", "estimation_min_labels"):
+                     "max_features", "max_connections", "backlog",
+                     "estimation_min_window_labels"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
@@ -182,11 +183,11 @@ class DaemonConfig:
         labels = sec("labels", {"horizon_seconds"})
         if "horizon_seconds" in labels:
             kw["label_horizon_seconds"] = labels["horizon_seconds"]
-        est = sec("estimation", {"enabled", "min_labels"})
+        est = sec("estimation", {"enabled", "min_window_labels"})
         if "enabled" in est:
             kw["estimation"] = _flag("estimation.enabled", est["enabled"])
-        if "min_labels" in est:
-            kw["estimation_min_labels"] = est["min_labels"]
+        if "min_window_labels" in est:
+            kw["estimation_min_window_labels"] = est["min_window_labels"]
         if d.get("state_dir"):
             kw["state_dir"] = path(d["state_dir"])
         for k in ("snapshot_interval", "seed"):

@@ -80,7 +80,7 @@ class OutputsMixin:
             return None
         return EstimateTracker(est, ref.prediction_type, horizon=self.config.label_horizon_seconds,
                                width=ref.proba_width,
-                               min_labels=self.config.estimation_min_labels)
+                               min_labels=self.config.estimation_min_window_labels)
 
     def _output_values(self, w: Window, n: int, x: np.ndarray, cats: list[np.ndarray],
                        res: DriftResult, proba: np.ndarray | None) -> dict[str, float]:

@@ -103,9 +103,9 @@ def test_baseline_build_without_labels_says_how_to_estimate(tmp_path):
 
 def test_config_sections_of_the_model_outputs(tmp_path):
     cfg = DaemonConfig.from_mapping({"labels": {"horizon_seconds": 600},
-                                     "estimation": {"enabled": False, "min_labels": 50},
+                                     "estimation": {"enabled": False, "min_window_labels": 50},
                                      "drift": {"joint": False}})
-    assert (cfg.label_horizon_seconds, cfg.estimation, cfg.estimation_min_labels,
+    assert (cfg.label_horizon_seconds, cfg.estimation, cfg.estimation_min_window_labels,
             cfg.joint_drift) == (600, False, 50, False)
     for bad, word in (({"labels": {"horizon_seconds": 0}}, "label_horizon_seconds"),
                       ({"estimation": {"enabled": "yes"}}, "estimation.enabled"),

@@ -15,6 +15,8 @@ Examples
 (1, 2)
 >>> p.join("e")
 (0.6, 14.0, 3)
+>>> p.add("f", [0.1, 0.7, 0.2], 15.0), p.join("f")   # class probabilities: only the class waits
+(0, (1, 15.0, None))
 >>> score(0.9, 1, "probability"), score("cat", "dog", "class"), score(2.5, 3.0, "regression")
 (1.0, 0.0, 0.5)
 """
@@ -49,6 +51,13 @@ def score(prediction: Any, label: Any, prediction_type: str) -> float | None:
     return 1.0 if cat_key(prediction) == cat_key(label) else 0.0
 
 
+_SCALARS = frozenset({int, float, str, bool, type(None)})
+
+
+def _predicted_class(p: list[Any]) -> int | None:
+    return max(range(len(p)), key=p.__getitem__) if p else None
+
+
 class PendingLabels:
     """Predictions waiting for labels, by id; at most ``max_pending``, oldest evicted first.
 
@@ -66,6 +75,8 @@ class PendingLabels:
 
     def add(self, id_: str, prediction: Any, t: float, window: int | None = None) -> int:
         """Remember a prediction; returns how many old ones were evicted (0 or 1)."""
+        if type(prediction) is list:
+            prediction = _predicted_class(prediction)
         items = self._items
         if id_ in items:
             del items[id_]  # a re-sent id: the newest prediction wins
@@ -80,6 +91,10 @@ class PendingLabels:
         """:meth:`add` for a batch of one window (one C-level ``update`` when no id repeats);
         returns how many old predictions were evicted."""
         items = self._items
+        if not _SCALARS.issuperset(map(type, predictions)):
+            # class probabilities: a label is scored against the predicted class only, and
+            # 100,000 waiting lists of k floats would hold k times the memory
+            predictions = [_predicted_class(p) if type(p) is list else p for p in predictions]
         if len(set(ids)) != len(ids) or not items.keys().isdisjoint(ids):
             return sum(self.add(i, p, t, window) for i, p, t in zip(ids, predictions, times))
         items.update(zip(ids, zip(predictions, times, repeat(window))))

@@ -441,9 +441,13 @@ def serving_dashboard() -> dict[str, Any]:
                               {"color": "orange", "value": 1}],
                   description="Largest drift evidence of the last window in units of its "
                               "calibrated threshold (>= 1: over)."), w=4, h=4)
-    lay.add(_stat("Realised accuracy", _targets((f"avg(lrwatch_model_accuracy{{{SEL}}})", "accuracy")),
-                  unit="percentunit",
-                  description="Accuracy of the labels joined in the last window."), w=4, h=4)
+    lay.add(_stat("Accuracy: realised / estimated", _targets(
+        (f"avg(lrwatch_model_accuracy{{{SEL}}})", "realised"),
+        (f"avg(lrwatch_estimated_accuracy{{{SEL}}})", "estimated")),
+        unit="percentunit",
+        description="Accuracy of the labels joined in the last window, and the last window's "
+                    "accuracy estimated from its probabilities alone (before labels; needs a "
+                    "reference with labels)."), w=4, h=4)
     lay.add(_stat("Label coverage (1h)", _targets(
         (f"avg(instance:lrwatch_label_coverage:ratio_rate1h{{{SEL}}})", "coverage")),
         unit="percentunit", description="Labels joined per prediction over the last hour."),

@@ -367,3 +367,28 @@ def test_the_joint_test_can_be_switched_off(run_daemon, correlated_reference) ->
     assert "multivariate_drift" not in r.daemon.last["values"]
     assert r.metric("lrwatch_multivariate_drift_score") is None
     assert json.loads(r.get("/v1/status")[1])["multivariate_drift"]["enabled"] is False
+
+
+def test_a_window_with_few_labels_is_compared_once_they_had_the_horizon() -> None:
+    from lrwatch.daemon.estimate_tracking import EstimateTracker
+
+    class Flat:
+        n_classes = 2
+
+        def estimate(self, proba: Any) -> dict[str, float]:
+            return {"accuracy": 0.9, "records": float(len(proba))}
+
+    t = EstimateTracker(Flat(), "probability", horizon=60.0, min_labels=30)
+    proba = np.full(100, 0.8)
+    t.window(1, 100.0, proba, 100)
+    t.window(2, 110.0, proba, 100)
+    for _ in range(40):  # 40 of 100: under half, so not yet
+        t.join(1, 1.0)
+    for _ in range(10):  # 10: never enough
+        t.join(2, 0.0)
+    t.sweep(150.0)
+    assert t.take_completed() == []
+    t.sweep(165.0)  # window 1's records are all older than the horizon: compared
+    assert t.take_completed() == [pytest.approx(0.9 - 1.0)]
+    t.sweep(500.0)  # window 2 is dropped uncompared
+    assert t.take_completed() == [] and t.state_dict() == {"open": []}

@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import ConfigError
 from .calibrate import ProgressFn
 from .calibrate import calibrate as _calibrate
-from .reference import Reference, cat_key, profile_records
+from .reference import Reference, unwrap_prediction, cat_key, profile_records
 
 __all__ = ["build_reference", "fit_estimator", "ESTIMABLE"]
 
@@ -71,7 +71,7 @@ def _labels_and_proba(rows: Sequence[Mapping[str, Any]], ref: Reference
             raise ConfigError(f"label {rows[i].get('label')!r} is not a class the "
                               f"probabilities name ({want})")
         labels[j] = int(k)
-    preds = [rows[i].get("prediction") for i in idx]
+    preds = [unwrap_prediction(rows[i].get("prediction")) for i in idx]
     proba = np.array(preds, dtype=np.float64)
     return proba, labels
 

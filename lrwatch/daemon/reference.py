@@ -40,6 +40,7 @@ from .records import RecordError, validate_prediction
 from .state import atomic_write
 
 __all__ = ["FeatureProfile", "Reference", "profile_records", "read_data", "cat_key",
+           "unwrap_prediction",
            "PREDICTION", "FINE_BINS", "COARSE_BINS"]
 
 #: Name under which the model output is profiled next to the features.
@@ -159,6 +160,11 @@ def _profile(name: str, values: Sequence[Any], kind: str | None = None) -> Featu
     return FeatureProfile(name, kind, len(values) - missing, missing, categories=cats)
 
 
+def unwrap_prediction(p: Any) -> Any:
+    """``{"proba": [...]}`` as its list (records that did not go through validation)."""
+    return p["proba"] if type(p) is dict and "proba" in p else p
+
+
 def _prediction_value(p: Any) -> Any:
     if isinstance(p, list):  # class probabilities: the predicted class index
         return int(np.argmax(p)) if p else None
@@ -263,7 +269,7 @@ def profile_records(records: Iterable[Mapping[str, Any]], *,
             raise ConfigError(f"kind {v!r} for {k!r} is invalid; choose numeric, categorical "
                               f"or binary")
     feats = [_profile(n, vals, kinds.get(n)) for n, vals in cols.items()]
-    raw = [r.get("prediction") for r in rows]
+    raw = [unwrap_prediction(r.get("prediction")) for r in rows]
     preds = [_prediction_value(p) for p in raw]
     ptype = _prediction_type(raw)  # from the raw values: a probability list is not a class
     if ptype != "none":

@@ -61,7 +61,8 @@ DATASETS = ["breast_cancer", "digits", "digits_parity", "wine", "iris",
             "synth_binary", "synth_multi"]
 REAL = ["breast_cancer", "digits", "digits_parity", "wine", "iris"]
 MODELS = ["logreg", "forest", "gnb", "mlp", "hgb", "svc"]
-VARIANTS = ["none", "selection", "hard", "hard_errors"]
+VARIANTS = ["none", "selection", "hard", "hard_errors", "noise"]
+NOISE_LEVELS = (1.0, 2.0, 3.0, 5.0, 8.0, 12.0)  # extra noise, in jitter standard deviations
 HEADLINE = ["none", "selection", "hard"]  # covariate shifts: the estimator's assumption holds
 CONFIGS: dict[str, dict[str, Any]] = {
     "isotonic": {"method": "isotonic", "prior_weight": 0.0},
@@ -76,9 +77,9 @@ ORACLE_ROWS = 5000        # labelled jittered pool draws the oracle calibrator s
 RULE_Z = 3.0        # suggested rule: drop_z >= RULE_Z and accuracy_drop >= RULE_MIN_DROP
 RULE_MIN_DROP = 0.02
 CAL_SCALES = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0)  # candidate band scales (LODO-chosen)
-PACK_Z, PACK_FOR = 3.09, 2
-CAL_SCALE_NOW = 1.0  # set from lrwatch.daemon.estimation in main() (the NannyML worker's
-#                      interpreter has no lrwatch dependencies)  # the serving pack's estimated_accuracy_drop: above 3.09 for 2 windows
+PACK_Z, PACK_FOR = 3.09, 2  # the serving pack's estimated_accuracy_drop: above 3.09 for 2 windows
+CAL_SCALE_NOW = 1.0  # set from lrwatch.daemon.estimation in run() (the NannyML worker's
+#                      interpreter has no lrwatch dependencies)
 
 
 # --- data and models ----------------------------------------------------------------------------
@@ -193,7 +194,7 @@ def make_case(dataset: str, model_name: str, seed: int, jitter: float,
 
 def weights(case: Case, variant: str, strength: float = 3.0) -> np.ndarray | None:
     """Selection probabilities on the pool rows for a variant (``None``: uniform)."""
-    if variant == "none":
+    if variant in ("none", "noise"):
         return None
     if variant == "selection":
         col = case.pool_x[:, case.feature]
@@ -217,12 +218,24 @@ def drop_strength(case: Case, target: float = 0.04) -> float | None:
     return None
 
 
-def window(case: Case, rng: np.random.Generator, p: np.ndarray | None
-           ) -> tuple[np.ndarray, np.ndarray]:
-    """One jittered window: the model's probabilities and the labels."""
-    idx = rng.choice(len(case.pool_y), WINDOW, p=p)
-    xs = case.pool_x[idx] + rng.standard_normal((WINDOW, case.pool_x.shape[1])) * case.jitter_sd
+def window(case: Case, rng: np.random.Generator, p: np.ndarray | None, noise: float = 0.0,
+           n: int = WINDOW) -> tuple[np.ndarray, np.ndarray]:
+    """One jittered window: the model's probabilities and the labels. ``noise`` adds that many
+    more jitter standard deviations of Gaussian noise (a degraded sensor)."""
+    idx = rng.choice(len(case.pool_y), n, p=p)
+    sd = case.jitter_sd * math.sqrt(1.0 + noise ** 2)
+    xs = case.pool_x[idx] + rng.standard_normal((n, case.pool_x.shape[1])) * sd
     return proba_of(case.model, xs), case.pool_y[idx]
+
+
+def noise_level(case: Case, rng: np.random.Generator, target: float = 0.04) -> float | None:
+    """The smallest extra noise (in jitter units, from :data:`NOISE_LEVELS`) that lowers the
+    accuracy of a 2000-row probe by ``target`` (None when none does)."""
+    base = realised(*window(case, rng, None, n=2000))
+    for lvl in NOISE_LEVELS:
+        if base - realised(*window(case, rng, None, lvl, n=2000)) >= target:
+            return lvl
+    return None
 
 
 def realised(p: np.ndarray, y: np.ndarray) -> float:
@@ -273,9 +286,9 @@ def score_window(ests: dict[str, Any], p: np.ndarray, y: np.ndarray,
                                                   "accuracy_drop", "drop_z",
                                                   "accuracy_se_window")}
         row["lrwatch"][name]["se_cal_raw"] = r["accuracy_se_calibration"] / CAL_SCALE_NOW
-        if p.ndim == 1 and name == "isotonic":
-            row["binary_est"] = {k: r[k] for k in ("precision", "recall", "f1", "roc_auc")
-                                 if k in r}
+        if p.ndim == 1:
+            row["lrwatch"][name]["binary"] = {k: r[k] for k in ("precision", "recall", "f1",
+                                                                "roc_auc") if k in r}
     if p.ndim == 1:
         row["binary_truth"] = binary_truth(p, y)
     return row
@@ -290,19 +303,22 @@ def run_case(case: Case, n_windows: int, nml_dir: str | None) -> list[dict[str, 
             "k": case.k, "reference_accuracy": ests["isotonic"].reference_accuracy,
             "reference_estimate": {n: e.reference_estimate for n, e in ests.items()}}
     rows, probas = [], []
+    lvl = noise_level(case, rng)
     for v in VARIANTS:
+        if v == "noise" and lvl is None:
+            continue
         w = weights(case, v)
         for i in range(n_windows):
-            p, y = window(case, rng, w)
+            p, y = window(case, rng, w, lvl if v == "noise" else 0.0)
             rows.append(score_window(ests, p, y, dict(meta, variant=v, window=i)))
             probas.append(p)
     s = drop_strength(case)
-    if s is not None:
-        w = weights(case, "hard", s)
-        for i in range(PRE_WINDOWS + DROP_WINDOWS):
-            p, y = window(case, rng, None if i < PRE_WINDOWS else w)
-            rows.append(score_window(ests, p, y, dict(meta, variant="drop", window=i,
-                                                      strength=s)))
+    for variant, ok in (("drop", s is not None), ("drop_noise", lvl is not None)):
+        w = weights(case, "hard", s) if variant == "drop" and ok else None
+        for i in range(PRE_WINDOWS + DROP_WINDOWS if ok else 0):
+            p, y = window(case, rng, None if i < PRE_WINDOWS else w,
+                          lvl if variant == "drop_noise" and i >= PRE_WINDOWS else 0.0)
+            rows.append(score_window(ests, p, y, dict(meta, variant=variant, window=i)))
             probas.append(p)
     if nml_dir is not None:
         path = os.path.join(nml_dir, case_file(case))
@@ -449,14 +465,14 @@ def pack_fires(seq: list[dict[str, Any]]) -> list[bool]:
     return out
 
 
-def detection(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Delay (windows after onset) of the rules and of NannyML's alert on the drop streams whose
-    realised accuracy fell >= 3 points; false alarms on unshifted windows."""
+def detection(rows: list[dict[str, Any]], drop_variant: str = "drop") -> dict[str, Any]:
+    """Delay (windows after onset) of the rules and of NannyML's alert on the ``drop_variant``
+    streams whose realised accuracy fell >= 3 points; false alarms on unshifted windows."""
     streams: dict[tuple, list[dict[str, Any]]] = {}
     base: dict[tuple, list[float]] = {}
     for r in rows:
         key = (r["dataset"], r["model"], r["seed"])
-        if r["variant"] == "drop":
+        if r["variant"] == drop_variant:
             streams.setdefault(key, []).append(r)
         if r["variant"] == "none":
             base.setdefault(key, []).append(r)
@@ -506,7 +522,10 @@ def _delay(flags: list[bool]) -> float:
 
 
 def _covered(rows: list[dict[str, Any]], scale: float) -> float:
-    """Share of windows inside the band whose calibration term is multiplied by ``scale``."""
+    """Share of windows inside the band whose calibration term is multiplied by ``scale``
+    (NaN when there are none)."""
+    if not rows:
+        return math.nan
     hits = []
     for r in rows:
         half = 1.959964 * math.hypot(r["lr"]["accuracy_se_window"], scale * r["lr"]["se_cal_raw"])
@@ -536,11 +555,12 @@ def band_coverage(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def binary_metric_mae(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """MAE (points) of the binary metrics, isotonic calibrator, headline variants."""
+    """MAE (points) of the binary metrics (leave-one-dataset-out configuration, headline
+    variants)."""
     out = {}
     for m in ("precision", "recall", "f1", "roc_auc"):
-        e = [abs(r["binary_est"][m] - r["binary_truth"][m]) for r in rows
-             if r["variant"] in HEADLINE and m in r.get("binary_est", {})
+        e = [abs(r["lr"]["binary"][m] - r["binary_truth"][m]) for r in rows
+             if r["variant"] in HEADLINE and m in r["lr"].get("binary", {})
              and m in r.get("binary_truth", {})]
         if e:
             out[m] = {"mae": round(100 * float(np.mean(e)), 2), "windows": len(e)}
@@ -604,7 +624,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     cases.append(case)
     paths = [os.path.join(tmp, case_file(c)) for c in cases] if tmp else []
     nml = run_nannyml(args.nannyml_python, paths, rows) if paths else {"skipped": True}
-    out: dict[str, Any] = {"modes": {}, "nannyml": nml, "timing": timing(cases)}
+    out: dict[str, Any] = {"modes": {}, "nannyml": nml, "timing": timing(cases),
+                           "choice_all_modes_and_datasets": lodo_choice(rows, None)}
     for mode in args.modes.split(","):
         sub = [r for r in rows if r["mode"] == mode]
         chosen = attach_lodo(sub)
@@ -626,8 +647,8 @@ def summarise(rows, chosen, args) -> dict[str, Any]:
     """One mode's summary: LODO choices, MAE tables, band, detection."""
     from lrwatch.daemon.estimation import DEFAULT_METHOD, PRIOR_WEIGHT
 
-    real = [r for r in rows if r["dataset"] in REAL and r["variant"] != "drop"]
-    synth = [r for r in rows if r["dataset"] not in REAL and r["variant"] != "drop"]
+    real = [r for r in rows if r["dataset"] in REAL and not r["variant"].startswith("drop")]
+    synth = [r for r in rows if r["dataset"] not in REAL and not r["variant"].startswith("drop")]
     datasets = sorted(chosen)
     return {
         "lodo_choice": {d: {"config": c, "tuned_on": [o for o in datasets if o != d]}
@@ -642,6 +663,7 @@ def summarise(rows, chosen, args) -> dict[str, Any]:
         "band_coverage": band_coverage(rows),
         "binary_metrics": binary_metric_mae(rows),
         "detection": detection(rows),
+        "detection_noise": detection(rows, "drop_noise"),
     }
 
 
@@ -670,6 +692,8 @@ def print_tables(out: dict[str, Any]) -> None:
     for mode, s in out["modes"].items():
         print(f"\n===== {mode} reference =====")
         _print_mode(s)
+    print(f"\nconfiguration chosen on every dataset of both modes (the module default should "
+          f"be this one): {out['choice_all_modes_and_datasets']}")
     t = out["timing"]
     print(f"\ntiming: {t['ms_per_window']} ms per window of {WINDOW} at {t['classes']} classes "
           f"(fit {t['fit_ms']} ms on {t['reference_rows']} rows)")
@@ -705,16 +729,19 @@ def _print_mode(s: dict[str, Any]) -> None:
     for d, c in bc["by_dataset"].items():
         print(f"  {d:15s} " + ", ".join(f"{k} {v}" for k, v in c.items()))
     print(f"binary metrics, MAE in points: {s['binary_metrics']}")
-    det = s["detection"]
-    print(f"detection of a >= 3-point drop (lrwatch: drop_z >= {RULE_Z} and drop >= "
-          f"{RULE_MIN_DROP}; pack_rule: drop_z > {PACK_Z} for {PACK_FOR} windows): "
-          f"{det['streams']} streams ({det['too_small_drop']} with a realised "
-          f"drop < 3 points left out)")
-    for m in ("lrwatch", "pack_rule", "nannyml"):
-        if m in det:
-            print(f"  {m:8s} within 2 windows {det[m]['within_2']:.3f}, median delay "
-                  f"{det[m]['median_delay']}, missed {det[m]['missed']}/{det[m]['streams']}")
-    print(f"  false alarms per 100 unshifted windows: {det['false_alarms_per_100']}")
+    for key, what in (("detection", "hard-example selection"),
+                      ("detection_noise", "noisier inputs")):
+        det = s[key]
+        print(f"detection of a >= 3-point drop by {what} (lrwatch: drop_z >= {RULE_Z} and "
+              f"drop >= {RULE_MIN_DROP}; pack_rule: drop_z > {PACK_Z} for {PACK_FOR} windows):"
+              f" {det['streams']} streams ({det['too_small_drop']} with a realised drop < 3 "
+              f"points left out)")
+        for m in ("lrwatch", "pack_rule", "nannyml"):
+            if m in det:
+                print(f"  {m:9s} within 2 windows {det[m]['within_2']:.3f}, median delay "
+                      f"{det[m]['median_delay']}, missed {det[m]['missed']}/"
+                      f"{det[m]['streams']}")
+        print(f"  false alarms per 100 unshifted windows: {det['false_alarms_per_100']}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -78,15 +78,15 @@ class JointModel:
     rows: int
 
     def __post_init__(self) -> None:
-        # the window path works on raw values: e = x @ (w / scale) - (mean / scale) @ w, which
-        # saves standardising the window (a pass over it) unless the means dwarf the scales
+        # the window path: a view when the columns are contiguous (the usual case: all numeric
+        # features but the prediction), and the product in float32 (several times faster than
+        # float64 at 300 features; the window is standardised first, so nothing large cancels)
         lo = int(self.cols[0]) if len(self.cols) else 0
         contiguous = np.array_equal(self.cols, np.arange(lo, lo + len(self.cols)))
         self._take: slice | np.ndarray = slice(lo, lo + len(self.cols)) if contiguous \
             else self.cols
-        self._raw = bool(np.all(np.abs(self.mean) <= 1e4 * self.scale))
-        self._wx = self.w / self.scale[:, None]
-        self._c = (self.mean / self.scale) @ self.w
+        self._inv_scale = 1.0 / self.scale
+        self._w32 = self.w.astype(np.float32)
 
     @classmethod
     def fit(cls, x: np.ndarray, names: Sequence[str]) -> "JointModel | None":
@@ -127,17 +127,12 @@ class JointModel:
 
         ``present`` (per column of ``x``: how many values are not missing) lets a window
         without missing values skip the search for them."""
-        if not self._raw or ROW_STAT != "abs":
-            return self.residuals(x).sum(axis=0)
-        xs = x[:, self._take]
+        z = np.multiply(x[:, self._take] - self.mean, self._inv_scale, dtype=np.float32)
         complete = bool(np.all(present[self.cols] >= x.shape[0])) if present is not None \
-            else not np.isnan(xs).any()
+            else False
         if not complete:
-            xs = np.where(np.isnan(xs), self.mean, xs)
-        e = xs @ self._wx
-        e -= self._c
-        np.abs(e, out=e)
-        return e.sum(axis=0)
+            z[np.isnan(z)] = 0.0
+        return _row_stat(z @ self._w32).sum(axis=0, dtype=np.float64)
 
     def loo_residuals(self, x: np.ndarray) -> np.ndarray:
         """``(m, p)`` leave-one-out ``|e|`` of the reference rows the model was fitted on.
@@ -162,7 +157,9 @@ class JointModel:
 def _row_stat(e: np.ndarray) -> np.ndarray:
     """The per-row statistic of standardised residuals: ``|e|`` (``e^2`` has heavier tails
     and a worse-calibrated extreme; docs/drift-joint.md)."""
-    return np.abs(e) if ROW_STAT == "abs" else e * e
+    if ROW_STAT == "abs":
+        return np.abs(e, out=e)
+    return np.multiply(e, e, out=e)
 
 
 def _standardise(x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:

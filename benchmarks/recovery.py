@@ -1072,6 +1072,9 @@ FAM_FAULT_AT = 150
 FAM_CACHE = Path(__file__).resolve().parent / ".cache" / "recovery_families"
 FAM_VERSION = 4
 FAM_ARMS = {"measured": {"probe": "auto"}, "fixed": {"probe": "off"}}   # the ablation
+#: Arms outside the suite's table (``benchmarks/recovery_preflight.py``): the pre-flight check.
+FAM_EXTRA_ARMS = {f"lr_check{n}": {"probe": "off", "lr_check": "auto", "lr_check_steps": n}
+                  for n in (15, 30)}
 
 
 def _fam_stream(task: Any, data: Any, seed: int) -> Any:
@@ -1100,6 +1103,8 @@ def fam_run(task_name: str, opt: str, mult: float, seed: int, *, fault: str | No
 
     # bare runs do not depend on lrwatch's version: only the arms are rerun when it changes
     key = f"{FAM_VERSION if arm else 1}/{task_name}/{opt}/{mult}/{seed}/{fault}/{arm}"
+    if arm in FAM_EXTRA_ARMS:
+        key += "/" + json.dumps(FAM_EXTRA_ARMS[arm], sort_keys=True)
     if arm is not None:   # the arms act on the rules: a changed pack (or --rules FILE) reruns them
         from lrwatch.rules.schema import pack_text
 
@@ -1118,7 +1123,7 @@ def fam_run(task_name: str, opt: str, mult: float, seed: int, *, fault: str | No
     w = None
     if arm is not None:
         w = lrwatch.Watcher(model, optimizer, flush_every=FLUSH_EVERY, rules=rules,
-                            recovery={**FAM_ARMS[arm]},
+                            recovery={**{**FAM_ARMS, **FAM_EXTRA_ARMS}[arm]},
                             probe_loss=lambda m, b: task.loss(m(b[0]), b[1]))
     batches = w.batches(_fam_stream(task, data, seed)) if w else _fam_stream(task, data, seed)
     done, faulted, nonfinite = 0, False, False

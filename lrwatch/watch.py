@@ -202,7 +202,9 @@ class Watcher(PlanExecutor):
         restarts and on rollbacks that failed again). The test runs on the last
         ``probe_steps`` batches :meth:`batches` yielded (or adapters passed to
         :meth:`remember_batch`), from the restored state, and leaves everything as it was;
-        the Watcher keeps references to those batches.
+        the Watcher keeps references to those batches. With ``recovery`` ``lr_check="auto"``
+        it also runs the pre-flight learning-rate check on the first batches of
+        :meth:`batches` (see :class:`~lrwatch.recovery.policy.RecoveryConfig`).
     """
 
     def __init__(
@@ -376,6 +378,10 @@ class Watcher(PlanExecutor):
         if probe_loss is not None and not callable(probe_loss):
             raise ConfigError(f"probe_loss must be callable as probe_loss(model, batch) -> "
                               f"loss, got {type(probe_loss).__name__}")
+        if self.recovery is not None and self.recovery.lr_check != "off" and probe_loss is None:
+            raise ConfigError("recovery lr_check='auto' runs a range test before the first "
+                              "step and needs probe_loss(model, batch) -> loss; pass "
+                              "probe_loss= or set lr_check='off'")
         self._probe_loss = probe_loss
         self._probing = False
         self._late_records: list[dict[str, Any]] = []  # events that happened after a flush
@@ -439,6 +445,8 @@ class Watcher(PlanExecutor):
         record it.
         """
         self._boundary_kind = "batches"
+        if self._probe_loss is not None and self.policy.lr_check_due(self.step):
+            iterable = self._lr_check(iter(iterable))
         for batch in iterable:
             self._boundary("batches")
             if self.should_stop:

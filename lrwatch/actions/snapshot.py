@@ -318,6 +318,13 @@ class SnapshotStore:
             self.snapshots.remove(victim)
             self._delete(victim)
 
+    def drop_pinned(self, step: int) -> None:
+        """Forget the pinned snapshot of ``step`` (the run's start, about to be retaken after
+        the pre-flight learning-rate check changed its rate)."""
+        for snap in [s for s in self.snapshots if s.pinned and s.step == step]:
+            self.snapshots.remove(snap)
+            self._delete(snap)
+
     def _delete(self, snap: Snapshot) -> None:
         if snap.path:
             for p in (Path(snap.path), Path(snap.path).with_suffix(".json")):

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from ..errors import ConfigError
 
 __all__ = ["LRCurve", "geometric_rates", "RangeTest", "SUGGEST_RULES", "suggest",
-           "DEFAULT_FRACTION"]
+           "DEFAULT_FRACTION", "preflight_factor"]
 
 #: How a curve becomes one rate (see :func:`suggest`).
 SUGGEST_RULES = ("stable", "steepest", "min10")
@@ -248,3 +248,26 @@ def suggest(lrs: Sequence[float], smoothed: Sequence[float], rule: str = "stable
         return stable, steep, steep, f"steepest descent of the smoothed loss{top}"
     f = 0.1 if rule == "min10" else fraction
     return stable, steep, f * stable, f"{f:g} x the largest stable rate {stable:.3g}{top}"
+
+
+def preflight_factor(curve: LRCurve, lr: float) -> float | None:
+    """What a pre-flight range test around the configured rate ``lr`` says to do: the factor
+    to scale the run's rates by, or ``None`` to keep them.
+
+    The test ran from ``lr / 1000`` to ``10 lr`` before the first step. Only when the loss
+    turned up (or blew up) *below* ``lr`` is the configured rate past the edge of stability
+    for this network: the run then starts at the curve's suggestion (``fraction`` x the largest
+    stable rate) instead. A curve that never turned up, or turned up above ``lr``, keeps the
+    configured rate: a short test from the untrained state cannot tell a good rate from a
+    slightly better one, only a rate that blows up.
+
+    >>> c = LRCurve([1e-3, 1e-2, 1e-1], [2.0, 1.5, 9.0], [2.0, 1.5, 9.0], "diverged",
+    ...             largest_stable=1e-2, steepest=None, suggestion=3e-3, rule="stable",
+    ...             fraction=0.3)
+    >>> preflight_factor(c, 0.1), preflight_factor(c, 0.005)
+    (0.03, None)
+    """
+    stable, sugg = curve.largest_stable, curve.suggestion
+    if stable is None or sugg is None or not (lr > 0 and stable < lr and 0 < sugg < lr):
+        return None
+    return sugg / lr

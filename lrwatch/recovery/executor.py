@@ -13,14 +13,15 @@ It is a mixin over the Watcher's state (``model``, ``optimizer``, ``scheduler``,
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from ..actions.rollback import scale_learning_rate
 from ..actions.snapshot import Snapshot, restore_state
 from .policy import CONTROL_ACTIONS, EXIT_BUDGET, Plan, Progress, SnapshotInfo
-from .probe import configured_rate, probe_rate
+from .probe import check_rate, configured_rate, probe_rate
 
 __all__ = ["PlanExecutor"]
 
@@ -221,6 +222,54 @@ class PlanExecutor:
                                    "from_step": at, "steps": steps, "failed_lr": failed,
                                    "lr_factor": real.lr_factor, "reason": real.reason})
         return real
+
+    def _lr_check(self, it: Iterator[Any]) -> Iterator[Any]:
+        """The pre-flight range test on the first ``lr_check_steps`` batches of ``it``; those
+        batches are then trained on as usual (the returned iterator yields them first)."""
+        assert self.recovery is not None and self._probe_loss is not None
+        first = list(itertools.islice(it, self.recovery.lr_check_steps))
+        lr = configured_rate(self.optimizer, self.scheduler, self.policy.lr_scale)
+        factor, steps, why = None, 0, "no batch to test on"
+        if first:
+            self._probing = True
+            try:
+                factor, curve = check_rate(
+                    self.model, self.optimizer, self.scheduler, self.scaler, first,
+                    self._probe_loss, lr, self.recovery.lr_check_steps,
+                    process_group=self.dist.group if self.dist.active else None)
+                steps, why = curve.steps, curve.reason
+            except Exception:
+                self._internal_error("checking the learning rate before the first step")
+                why = "the range test failed; the configured rate stands"
+            finally:
+                self._probing = False
+        self.policy.lr_checked(steps)
+        if factor is not None:
+            scale_learning_rate(self.optimizer, self.scheduler, factor)
+            self._retake_initial_snapshot()
+            log.warning("lrwatch: learning-rate check: the loss turned up below the configured "
+                        "rate %.3g in a %d-step range test; starting at %.3g (x%.3g): %s",
+                        lr, steps, lr * factor, factor, why, extra=_EVENT)
+            self.exporter.actions.labels("lr_check").inc()
+        else:
+            log.info("lrwatch: learning-rate check (%d steps): the configured rate %.3g "
+                     "stands", steps, lr)
+        self._late_records.append({"type": "lr_check", "step": self.step, "steps": steps,
+                                   "lr": lr, "lr_factor": factor if factor is not None else 1.0,
+                                   "reason": why})
+        return itertools.chain(first, it)
+
+    def _retake_initial_snapshot(self) -> None:
+        """The run's starting point (the pinned snapshot a restart goes back to) now has the
+        checked rate: replace the one taken before the check."""
+        if self.store is None:
+            return
+        self.store.drop_pinned(self.step)
+        first = self.store.take(self.step, self.data_position, self.model, self.optimizer,
+                                self.scheduler, self.scaler, good=True,
+                                extra=self._snap_extra(), pinned=True)
+        if first is not None and self.engine is not None:
+            first.extra["engine_state"] = self.engine.state_dict()
 
     def _ramp_step(self) -> None:
         """One step of the policy's learning-rate ramp (warm-up after a restart, or the

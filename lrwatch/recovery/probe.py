@@ -17,11 +17,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .curve import LRCurve, RangeTest, geometric_rates
-from .lr_find import BatchLoss, SavedTraining, _cycle, _dist_mean, run_range_test
+from .curve import LRCurve, RangeTest, geometric_rates, preflight_factor
+from .lr_find import BatchLoss, SavedTraining, _cycle, _dist_mean, lr_find, run_range_test
 from .policy import RecoveryConfig
 
-__all__ = ["probe_rate", "ProbeResult", "configured_rate"]
+__all__ = ["probe_rate", "ProbeResult", "configured_rate", "check_rate"]
 
 
 @dataclass
@@ -57,3 +57,16 @@ def probe_rate(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
         saved.restore(model, optimizer, scheduler, scaler)
     measured = None if curve.suggestion is None else curve.suggestion / failed_lr
     return ProbeResult(measured, curve.steps, failed_lr, curve)
+
+
+def check_rate(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+               scaler: Any, batches: Sequence[Any], batch_loss: BatchLoss, lr: float,
+               steps: int, process_group: Any = None) -> tuple[float | None, LRCurve]:
+    """The pre-flight check (``RecoveryConfig.lr_check``): a ``steps``-step range test from
+    ``lr / 1000`` to ``10 lr`` on ``batches`` with everything restored after it, and the
+    factor to start the run at (:func:`~lrwatch.recovery.curve.preflight_factor`; ``None``:
+    keep ``lr``)."""
+    curve = lr_find(model, optimizer, list(batches), batch_loss=batch_loss, scheduler=scheduler,
+                    scaler=scaler, min_lr=lr / 1000.0, max_lr=lr * 10.0, num_steps=steps,
+                    process_group=process_group)
+    return preflight_factor(curve, lr), curve

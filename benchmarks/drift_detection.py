@@ -394,6 +394,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="an interpreter with evidently installed, to time DataDriftPreset")
     ap.add_argument("--evidently-windows", type=int, default=3)
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--speed-features", type=int, default=None,
+                    help="only time DriftDetector.update, joint off and on, at this many "
+                         "numeric features (30: breast cancer; else synthetic)")
+    ap.add_argument("--speed-windows", type=int, default=100)
     ap.add_argument("--river-worker", help=argparse.SUPPRESS)
     ap.add_argument("--evidently-worker", help=argparse.SUPPRESS)
     ap.add_argument("--nannyml-worker", help=argparse.SUPPRESS)
@@ -403,6 +407,61 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if bad:
         ap.error(f"unknown variants {bad}; choose from {VARIANTS}")
     return args
+
+
+def speed(features: int, windows: int, seed: int = 0) -> dict[str, Any]:
+    """Whole ``DriftDetector.update`` per 1000-record window with the joint test off and on,
+    alternately on the same windows (so that a shared machine's load hits both alike).
+    ``features`` numeric columns (breast cancer when 30, else synthetic with ``features // 10``
+    latent factors) plus one categorical. The calibration is made cheap here (fewer resamples,
+    copula draws and null streams): it does not change the per-window cost."""
+    import importlib
+
+    from lrwatch.daemon.baseline import build_reference
+    from lrwatch.daemon.detector import DriftDetector
+
+    rng = np.random.default_rng(seed)
+    if features == 30:
+        x, cat, names = dataset()
+        xr, cr = make_window(x, cat, rng, N_REF, "none", 0.1)
+        wins = [make_window(x, cat, rng, WINDOW, "none", 0.1) for _ in range(windows)]
+    else:
+        load = np.random.default_rng(seed + 1).standard_normal((features, max(features // 10, 2)))
+
+        def synth(n: int) -> np.ndarray:
+            return rng.standard_normal((n, load.shape[1])) @ load.T + \
+                rng.standard_normal((n, features))
+        names = [f"f{j:03d}" for j in range(features)]
+        xr, cr = synth(N_REF), rng.choice(list("abcd"), N_REF)
+        wins = [(synth(WINDOW), rng.choice(list("abcd"), WINDOW)) for _ in range(windows)]
+    rows = [{"features": {**{n: float(v) for n, v in zip(names, r)}, "cat": str(c)}}
+            for r, c in zip(xr, cr)]
+    ref = build_reference(rows, window_size=WINDOW, calibrate=False)
+    cal = importlib.import_module("lrwatch.daemon.calibrate")  # the module, not the function
+    saved = cal._COPULA_DRAWS, cal._STREAMS
+    cal._COPULA_DRAWS, cal._STREAMS = 20_000, 500
+    try:
+        dets = {j: DriftDetector(ref, window_size=WINDOW, joint=j, sims=200)
+                for j in (False, True)}
+    finally:
+        cal._COPULA_DRAWS, cal._STREAMS = saved
+    prof = dets[True].profile
+    order = [names.index(n) for n in prof.num_names]
+    ts: dict[bool, list[float]] = {False: [], True: []}
+    for xw, cw in wins:
+        xo = np.ascontiguousarray(xw[:, order])
+        codes = [prof.encode(0, list(cw))]
+        for j in (False, True):
+            t0 = time.perf_counter()
+            dets[j].update(xo, codes)
+            ts[j].append(time.perf_counter() - t0)
+    out = {"features": features + 1, "windows": windows, "load_average": os.getloadavg()[0]}
+    for j in (False, True):
+        t = np.array(ts[j]) * 1e3
+        out["joint_on" if j else "joint_off"] = {
+            "median_ms": float(np.median(t)), "p10_ms": float(np.quantile(t, 0.1)),
+            "p90_ms": float(np.quantile(t, 0.9))}
+    return out
 
 
 class Tally:
@@ -434,6 +493,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args.nannyml_worker:
         print(json.dumps(nannyml_worker(args.nannyml_worker)))
         return None
+    if args.speed_features:
+        res = speed(args.speed_features, args.speed_windows, args.seed)
+        print(json.dumps(res, indent=1))
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(res, fh, indent=1)
+        return res
     x, cat, names = dataset(args.dataset)
     tally = Tally(["lrwatch", "ks_bonferroni", "evidently_rule", "psi"], args.variants)
     river_files: list[str] = []

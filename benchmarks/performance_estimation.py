@@ -493,7 +493,8 @@ def detection(rows: list[dict[str, Any]], drop_variant: str = "drop") -> dict[st
         if d:
             arr = np.array(d)
             out[m] = {"streams": len(d), "within_2": round(float(np.mean(arr <= 2)), 3),
-                      "median_delay": float(np.median(arr)),
+                      "median_delay": (float(np.median(arr)) if np.isfinite(np.median(arr))
+                                       else None),  # None: most streams never fired
                       "missed": int(np.isinf(arr).sum())}
     out["false_alarms_per_100"] = _false_alarms(base, streams)
     return out
@@ -639,8 +640,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as fh:
-            json.dump(out, fh, indent=1, sort_keys=True)
+            json.dump(_finite(out), fh, indent=1, sort_keys=True, allow_nan=False)
     return out
+
+
+def _finite(o: Any) -> Any:
+    """``o`` with NaN and infinities as ``None`` (strict JSON)."""
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return o
 
 
 def summarise(rows, chosen, args) -> dict[str, Any]:

@@ -5,18 +5,22 @@ how often the model is right at each level of confidence; on an unlabelled windo
 that over the window's predictions. Under covariate shift (the inputs move, ``P(y | x)`` does
 not) the expected accuracy of the window follows from its confidences alone.
 
-* **Binary** (``proba`` is the probability of class 1): a monotone (isotonic) calibration
-  ``q = P(y=1 | p)``; the model predicts 1 when ``p >= 0.5``. The expected confusion matrix
-  gives accuracy, precision, recall and F1; ROC AUC is the expected AUC of the ranking by ``p``
-  when row ``i`` is positive with probability ``q_i``.
-* **Multiclass** (``proba`` is ``(n, k)``): a monotone calibration of correctness against the
-  top-class probability, ``P(argmax is right | max p)``.
+* **Binary** (``proba`` is the probability of class 1): a calibration ``q = P(y=1 | p)``;
+  the model predicts 1 when ``p >= 0.5``. The expected confusion matrix gives accuracy,
+  precision, recall and F1; ROC AUC is the expected AUC of the ranking by ``p`` when row ``i``
+  is positive with probability ``q_i``.
+* **Multiclass** (``proba`` is ``(n, k)``): a calibration of correctness,
+  ``P(argmax is right | confidence)``.
 
-Each calibration is bagged: ``B`` isotonic fits on bootstrap resamples of the reference. The
-estimate is their mean; their spread is the calibration's own uncertainty, which goes into the
-band together with the window's sampling noise. ``reference_estimate`` is cross-fitted (every
-reference row is scored by calibrators that never saw it), so it is an honest read of the
-estimator's error on the reference.
+Two calibrator families, averaged by default (``method="blend"``): an isotonic fit on ``p`` or
+the top-class probability, and a logistic one (``logit p``; multiclass ``logit(top)``,
+``log(top / second)`` and the normalised entropy) whose ridge pulls it towards the model's own
+probability, chosen per reference by cross-validation. Each is bagged (Poisson-bootstrap
+weights of the reference): the estimate is the mean of the bags, their spread the calibration's
+own uncertainty, which goes into the band together with the window's sampling noise.
+``reference_estimate`` is cross-fitted (every reference row is scored by calibrators that never
+saw it), so it is an honest read of the estimator's error on the reference. Measured in
+``benchmarks/performance_estimation.py``; see ``docs/performance-estimation.md``.
 
 Examples
 --------
@@ -65,8 +69,8 @@ BAND_Z = 1.959963984540054
 CALIBRATION_SCALE = 3.0
 #: Candidate ridges of the logistic calibrator (chosen per reference by cross-validation).
 RIDGES = (1.0, 10.0, 100.0, 1000.0)
-#: Pseudo-weight of the model's own probability per reference row (a prior that keeps a small
-#: reference from reading 0% or 100% in empty corners).
+#: Isotonic only: pseudo-weight of the model's own probability per reference row (shrinks the
+#: targets towards it). 0.1 lost to 0 in the benchmark, so it is off by default.
 PRIOR_WEIGHT = 0.0
 CROSS_FOLDS = 5
 
@@ -367,8 +371,9 @@ class PerformanceEstimator:
 
         Keys: ``accuracy``, ``accuracy_low``/``accuracy_high`` (a ~95% band for the window's
         realised accuracy: the window's sampling noise and the calibration's spread, also given
-        apart as ``accuracy_se_window`` and ``accuracy_se_calibration``), ``records``, ``accuracy_drop`` (baseline minus estimate) and ``drop_z`` (that drop in
-        standard errors); binary adds ``precision``, ``recall``, ``f1`` and ``roc_auc`` where
+        apart as ``accuracy_se_window`` and ``accuracy_se_calibration``), ``records``,
+        ``accuracy_drop`` (baseline minus estimate) and ``drop_z`` (that drop in standard
+        errors); binary adds ``precision``, ``recall``, ``f1`` and ``roc_auc`` where
         they are defined. An empty window gives ``records`` 0 and NaN accuracies. Raises
         ``ValueError`` on a malformed array (wrong width, NaN, values outside [0, 1])."""
         a = _as_proba(proba, self.n_classes, exc=ValueError)

@@ -72,10 +72,12 @@ class RecoveryConfig:
         past the edge of stability is then never trained at: runs that would blow up and
         then sit dead, which no rule can tell from a slow start until dozens of steps later,
         start right. Its steps count against the run's budget like a probe's. ``"off"``
-        (default): the configured rate is trained at. On the family suite 15 steps (5% of a
-        300-step budget) healed 26 of 39 would-diverge runs against 14 with fixed factors and
-        kept 14 of 18 runs at the tuned rate healthy, as without it
-        (``benchmarks/recovery_preflight.py``, ``docs/recovery.md``).
+        (default): the configured rate is trained at. Off by default because 15 steps from an
+        untrained state cannot always tell batch noise from a turn: on the family suite (two
+        seeds) it healed 40 of 77 would-diverge runs against 26 without it, but kept 28 of 36
+        runs at the tuned rate healthy against 32 (an autoencoder whose batch losses jump 3x
+        from batch to batch was cut a thousandfold; ``benchmarks/recovery_preflight.py``,
+        ``docs/recovery.md``).
     lr_check_steps:
         The pre-flight test's steps (at least 3).
     probe_steps, probe_span, probe_fraction:

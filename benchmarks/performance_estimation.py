@@ -69,6 +69,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "isotonic_prior": {"method": "isotonic", "prior_weight": 0.1},
     "logistic": {"method": "logistic", "prior_weight": 0.0},
     "blend": {"method": "blend", "prior_weight": 0.0},
+    "auto": {"method": "auto", "prior_weight": 0.0},
 }
 PRE_WINDOWS, DROP_WINDOWS = 3, 6
 MODES = ["disjoint", "shared"]

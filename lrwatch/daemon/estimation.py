@@ -51,14 +51,17 @@ ESTIMATOR_VERSION = 1
 N_BAGS = 16
 #: Isotonic blocks kept per stored calibrator (two knots each).
 MAX_BLOCKS = 32
-#: Calibrator families. The default, ``blend``, had the lowest mean absolute error over every
-#: dataset and both reference modes of benchmarks/performance_estimation.py (see
+#: Calibrator families. The default, ``auto`` (the family with the best cross-validated Brier
+#: score on the reference), had the lowest mean absolute error over every dataset and both
+#: reference modes of benchmarks/performance_estimation.py and on streams outside it (see
 #: docs/performance-estimation.md; per dataset the benchmark reports the leave-one-dataset-out
 #: choice).
-METHODS = ("isotonic", "logistic", "blend")
+METHODS = ("isotonic", "logistic", "blend", "auto")
+#: What ``auto`` chooses from, per reference, by cross-validated Brier score.
+AUTO_CHOICES = ("isotonic", "logistic", "blend")
 #: What ``blend`` averages.
 BLENDED = ("isotonic", "logistic")
-DEFAULT_METHOD = "blend"
+DEFAULT_METHOD = "auto"
 #: Half-width of the band in standard errors.
 BAND_Z = 1.959963984540054
 #: The calibration's standard error (the spread of the bagged calibrators) is multiplied by
@@ -206,6 +209,26 @@ def _fit_one(a: np.ndarray, target: np.ndarray, w: np.ndarray, method: str,
     return _knots(_pav(_score(a), t, w), MAX_BLOCKS)
 
 
+def _choose_method(a: np.ndarray, target: np.ndarray, rng: np.random.Generator,
+                   prior_weight: float) -> str:
+    """The calibrator family (:data:`AUTO_CHOICES`) with the lowest cross-validated Brier score
+    of the reference rows' correctness: measured on the reference itself, because which one
+    fits depends on the model (a logistic fit bends wrongly on a k-NN's or a boosted model's
+    probabilities; isotonic steps are noisy on a small reference)."""
+    fold = rng.permutation(len(target)) % CROSS_FOLDS
+    best, best_score = AUTO_CHOICES[0], math.inf
+    for method in AUTO_CHOICES:
+        score = 0.0
+        for f in range(CROSS_FOLDS):
+            tr, te = fold != f, fold == f
+            q = _apply(_bag(a[tr], target[tr], rng, 4, method, prior_weight), a[te],
+                       method).mean(axis=0)
+            score += float(((q - target[te]) ** 2).sum())
+        if score < best_score:
+            best, best_score = method, score
+    return best
+
+
 def _bag(a: np.ndarray, target: np.ndarray, rng: np.random.Generator, n_bags: int,
          method: str, prior_weight: float) -> Any:
     """``n_bags`` calibrators fitted on Poisson-bootstrap weights of the rows (the logistic
@@ -288,10 +311,11 @@ class PerformanceEstimator:
     """Estimates a classifier's accuracy (and, binary, precision/recall/F1/ROC AUC) from its
     predicted probabilities alone. Build it with :meth:`fit` on a labelled reference."""
 
-    def __init__(self, n_classes: int, cals: list[Any], *, method: str = DEFAULT_METHOD,
+    def __init__(self, n_classes: int, cals: list[Any], *, method: str = "blend",
                  classes: list[Any] | None = None) -> None:
-        if method not in METHODS:
-            raise ConfigError(f"unknown estimation method {method!r}; choose one of {METHODS}")
+        if method not in AUTO_CHOICES:
+            raise ConfigError(f"unknown calibration method {method!r}; choose one of "
+                              f"{AUTO_CHOICES}")
         self.n_classes = int(n_classes)
         self.method = method
         self._cals = cals
@@ -336,6 +360,8 @@ class PerformanceEstimator:
         y = _as_labels(labels, len(a), k, classes)
         target = y.astype(np.float64) if a.ndim == 1 else (a.argmax(axis=1) == y) * 1.0
         rng = np.random.default_rng(seed)
+        if method == "auto":
+            method = _choose_method(a, target, rng, prior_weight)
         est = cls(k, _bag(a, target, rng, n_bags, method, prior_weight), method=method,
                   classes=list(classes) if classes is not None else None)
         c_ref = est._row_correctness(a).mean(axis=0)
@@ -465,8 +491,9 @@ def _dump_calibrators(cals: list[Any], method: str) -> list[Any]:
 
 def _load_calibrators(raw: Any, method: str, k: int) -> Any:
     """The stored calibrators as arrays, checked (ConfigError naming what is wrong)."""
-    if method not in METHODS:
-        raise ConfigError(f"unknown estimation method {method!r}; choose one of {METHODS}")
+    if method not in AUTO_CHOICES:
+        raise ConfigError(f"unknown calibration method {method!r}; choose one of "
+                          f"{AUTO_CHOICES}")
     if k < 2:
         raise ConfigError(f"estimator n_classes must be >= 2, got {k}")
     if method == "blend":

@@ -197,3 +197,20 @@ def test_ten_classes_window_is_fast():
     for _ in range(50):
         est.estimate(w)
     assert (time.perf_counter() - t0) / 50 < 0.005
+
+
+def test_auto_chooses_the_calibrator_by_cross_validation_on_the_reference():
+    # a model whose confidence is right only as a step (a k-NN's or a boosted model's shape):
+    # P(y=1 | p) is 0.9 above 0.5 and 0.1 below, whatever p says; a logistic curve in logit(p)
+    # bends wrongly, isotonic steps do not
+    rng = np.random.default_rng(11)
+    p = rng.random(6000)
+    y = (rng.random(6000) < np.where(p >= 0.5, 0.9, 0.1)).astype(int)
+    auto = PerformanceEstimator.fit(p[:3000], y[:3000])          # "auto" is the default
+    logistic = PerformanceEstimator.fit(p[:3000], y[:3000], method="logistic")
+    assert auto.method in ("isotonic", "blend")
+    w = p[3000:3500]
+    realised = float(((w >= 0.5) == (y[3000:3500] == 1)).mean())
+    assert abs(auto.estimate(w)["accuracy"] - realised) < abs(
+        logistic.estimate(w)["accuracy"] - realised)
+    assert PerformanceEstimator.from_dict(auto.to_dict()).method == auto.method

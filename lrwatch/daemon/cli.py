@@ -162,3 +162,49 @@ def baseline_build(data: str, output: str, window_size: int, target_windows: flo
                    f"{est.get('reference_accuracy', float('nan')):.3f})")
     for note in ref.notes:  # e.g. why accuracy cannot be estimated without labels
         click.echo(note)
+
+
+@baseline_group.command("recalibrate")
+@click.argument("reference", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Where to write the result (default: REFERENCE itself, replaced atomically).")
+@click.option("--window-size", type=click.IntRange(10), default=None,
+              help="Window size (default: the reference's calibrated one, else 1000).")
+@click.option("--target-windows", type=click.FloatRange(min=1, min_open=True), default=None,
+              help="One false alarm per this many windows (default: the reference's, else "
+                   "1000).")
+@click.option("--no-joint", is_flag=True, help="Calibrate without the joint drift test.")
+@click.option("--sims", type=click.IntRange(100), default=None,
+              help="Resamples for calibration (default 2000).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
+def baseline_recalibrate(reference: str, output: str | None, window_size: int | None,
+                         target_windows: float | None, no_joint: bool, sims: int | None,
+                         seed: int, quiet: bool) -> None:
+    """Calibrate REFERENCE's thresholds again with this lrwatch, from its stored row sample.
+
+    For a reference whose calibration this version cannot use (one built before the joint
+    drift test, say): the daemon would recalibrate it at every start, since it never writes
+    a --reference file; this does it once. The profile and the performance estimator are kept.
+    """
+    from ..progress import Progress
+    from .calibrate import calibrate
+    from .reference import Reference
+
+    try:
+        ref = Reference.load(reference)
+        old = ref.calibration or {}
+        ws = window_size or int(old.get("window_size", 1000))
+        tw = target_windows or float(old.get("target_windows", 1000.0))
+        progress = Progress("calibrating", enabled=not quiet)
+        progress.message(f"calibrating {reference} for {ws}-record windows, one false alarm "
+                         f"per {tw:g} windows")
+        cal = calibrate(ref, window_size=ws, target_windows=tw, seed=seed, sims=sims,
+                        joint=not no_joint,
+                        progress=lambda stage, done, total: progress.update(done, total, stage))
+        ref.calibration = cal.to_dict()
+        ref.save(output or reference)
+    except LrwatchError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{output or reference}: threshold {cal.threshold:.3f} per window, "
+               f"{cal.seq_threshold:.3f} sequential (calibrated in {cal.seconds:.1f} s)")

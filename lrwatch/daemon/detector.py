@@ -218,7 +218,8 @@ class DriftDetector:
         ok = cached is not None and cached.matches(ws, tw, len(self.profile.dims))
         if ok and want and cached is not None and cached.joint_features != want:
             _log.info("the reference's cached calibration %s; recalibrating (seconds) so that "
-                      "the joint drift test shares the false-alarm target",
+                      "the joint drift test shares the false-alarm target (`lrwatch baseline "
+                      "recalibrate REFERENCE` stores it in the file once)",
                       "predates the joint drift test" if cached.joint_features is None
                       else "was made without this joint drift test")
             ok = False

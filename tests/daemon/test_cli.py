@@ -116,3 +116,35 @@ def test_config_sections_of_the_model_outputs(tmp_path):
             assert word in str(exc), exc
         else:
             raise AssertionError(f"{bad} was accepted")
+
+
+def test_baseline_recalibrate_brings_an_old_reference_up_to_date(tmp_path):
+    """A reference calibrated before the joint drift test is recalibrated by the daemon at
+    every start (it never writes a --reference file); `baseline recalibrate` does it once,
+    keeping the profile and the window size."""
+    from lrwatch.daemon.calibrate import calibrate
+    from lrwatch.daemon.detector import DriftDetector
+
+    rng = random.Random(4)
+    data = tmp_path / "ref.jsonl"
+    data.write_text("\n".join(json.dumps(make_record(rng, i)) for i in range(600)))
+    out = tmp_path / "reference.json"
+    res = CliRunner().invoke(cli, ["baseline", "build", str(data), "-o", str(out),
+                                   "--window-size", "100", "--sims", "200", "-q"])
+    assert res.exit_code == 0, res.output
+    ref = Reference.load(out)
+    old = calibrate(ref, window_size=100, sims=200, joint=False).to_dict()
+    old.pop("joint_features", None)   # as an lrwatch without the joint test wrote it
+    ref.calibration = old
+    ref.save(out)
+    det = DriftDetector(Reference.load(out), sims=200)
+    assert det.calibration.joint_features == ["x", "y"]    # the daemon recalibrated it
+    res = CliRunner().invoke(cli, ["baseline", "recalibrate", str(out), "--sims", "200", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "threshold" in res.output
+    new = Reference.load(out)
+    assert new.calibration["window_size"] == 100 and new.calibration["joint_features"] == ["x", "y"]
+    assert [f.name for f in new.features] == [f.name for f in ref.features]
+    assert DriftDetector(new, sims=200).calibration.to_dict() == new.calibration  # used as is
+    res = CliRunner().invoke(cli, ["baseline", "recalibrate", str(tmp_path / "nope.json")])
+    assert res.exit_code != 0

@@ -55,3 +55,43 @@ def test_replay_of_a_live_trace_gives_the_live_firings(tmp_path: Path, inject: s
     replayed = replay_trace(trace, load_pack("training"))
     assert replayed.error is None
     assert [(f.rule, f.step, f.severity) for f in replayed.firings] == live
+
+
+@pytest.mark.parametrize("drift", [0.0, 0.02])
+def test_replay_equals_live_with_evaluations_on_a_cyclical_schedule(tmp_path: Path,
+                                                                   drift: float) -> None:
+    """Evaluations judged against the best at a comparable rate (`given: lr`): the engine
+    carries the rate from the training samples, live and in replay alike. With ``drift`` the
+    held-out targets move away every evaluation from step 150 (a silent regression)."""
+    torch.manual_seed(0)
+    x, xe = torch.randn(256, 10), torch.randn(128, 10)
+    w_true = torch.randn(10, 1)
+    y, ye = (x @ w_true).squeeze(1), (xe @ w_true).squeeze(1)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    sched = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.002, max_lr=0.02, step_size_up=40)
+    trace = tmp_path / "live.jsonl"
+    seen: list[Sample] = []
+    w = lrwatch.Watcher(model, opt, sched, trace=trace, flush_every=7, listeners=[seen.append])
+    g = torch.Generator().manual_seed(1)
+    for step in range(1, 241):
+        idx = torch.randint(0, 256, (32,), generator=g)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x[idx]).squeeze(1), y[idx])
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 10:
+            w.log(loss=loss)
+            continue
+        with torch.no_grad():
+            off = drift * max(0, step - 150)
+            ev = nn.functional.mse_loss(model(xe).squeeze(1), ye + off)
+        w.log(loss=loss, eval_loss=ev)
+    w.close()
+    live = _firings_from_trace_events(seen)
+    if drift:
+        assert any(r.startswith("eval_") for r, _, _ in live), live
+    replayed = replay_trace(trace, load_pack("training"))
+    assert replayed.error is None
+    assert [(f.rule, f.step, f.severity) for f in replayed.firings] == live

@@ -215,3 +215,5 @@ def detectors_command() -> None:
         click.echo(f"{name}: {doc}")
         for pname, p in cls.PARAMS.items():
             click.echo(f"    {pname}: {p.describe()} - {p.doc}")
+        if cls.takes_given:
+            click.echo("    (takes the rule key 'given: METRIC': sees that metric's latest value)")

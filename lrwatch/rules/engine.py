@@ -15,6 +15,11 @@ is *anomalous* if any detector answers ``True``, *normal* if none does and at le
 * ``cooldown``: after a resolution the rule does not fire again for that many steps (or that
   long).
 
+A rule with ``given: METRIC`` hands its detector the latest value of that other metric with
+every value (carried over from earlier samples when this one lacks it; ``None`` before it has
+been seen): the ``drop`` detector judges an evaluation against earlier ones made at a comparable
+learning rate. The engine keeps those latest values in its state.
+
 Rules with ``when`` fire on other rules (escalation). They are judged on every sample, after all
 metric rules and after the rules they refer to: anomalous while the condition holds (``firing``:
 the rule is firing; ``all``/``any`` with ``within: k``: every/any named rule was firing on a
@@ -173,7 +178,7 @@ class _RuleState:
     firing and that firing event; for a ``when`` rule, the states of the rules it refers to.
     """
 
-    __slots__ = ("rule", "pairs", "absent", "pending", "pending_since", "clear", "clear_since",
+    __slots__ = ("rule", "pairs", "absent", "given", "pending", "pending_since", "clear", "clear_since",
                  "resolved_step", "resolved_time", "firing", "refs", "unless", "tracked",
                  "last_step", "last_firing")
 
@@ -181,6 +186,7 @@ class _RuleState:
         self.rule = rule
         self.pairs: list[tuple[str, Detector]] = [(m, rule.make_detector()) for m in rule.metrics]
         self.absent = any(d.watches_absence for _, d in self.pairs)
+        self.given = rule.given
         self.pending = 0
         self.pending_since: float | None = None
         self.clear = 0
@@ -259,6 +265,9 @@ class Engine:
         self._absent = [s for s in self._states if s.absent]
         self._last_step: int | None = None
         self._last_time: float | None = None
+        # the latest value of every metric some rule takes as 'given' (None: not seen yet)
+        self._given: dict[str, float | None] = {
+            s.rule.given: None for s in self._states if s.rule.given is not None}
         by_name = {s.rule.name: s for s in self._states}
         # 'when' rules run after the metric rules, each after the rules it refers to; packs
         # without them keep the plain loop over metric rules (the replay fast path)
@@ -299,6 +308,8 @@ class Engine:
             t = None
         vals = sample.values
         events: list[Firing] = []
+        if self._given:
+            self._see_given(vals, step)
         for rs in self._metric:
             verdict: bool | None = None
             hit: _Hit | None = None
@@ -316,7 +327,8 @@ class Engine:
                     if rs.absent and det.watches_absence and t is not None and det.check(t):
                         # the gap before this sample was too long: fire for it, then judge it
                         self._judge(rs, True, step, t, (metric, det.statistic, det), events)
-                    r = det.update(x, t)
+                    r = det.update(x, t) if rs.given is None else \
+                        det.update_given(x, self._given[rs.given], t)
                     if r and hit is None:
                         hit = (metric, x, det)
                 if r:
@@ -334,6 +346,13 @@ class Engine:
         if t is not None:
             self._last_time = t
         return events
+
+    def _see_given(self, vals: Mapping[str, float], step: int) -> None:
+        """Remember the latest value of every 'given' metric this sample carries."""
+        for m in self._given:
+            x = float(step) if m == STEP_METRIC else vals.get(m)
+            if x is not None:
+                self._given[m] = x
 
     def tick(self, now: float) -> list[Firing]:
         """Judge time-based rules (``staleness``) at wall-clock time ``now`` without a sample."""
@@ -497,8 +516,11 @@ class Engine:
         For rules that ``when`` rules refer to, also the last step at which each was firing and
         that firing, so a resumed engine gives exactly the events of an uninterrupted one.
         """
-        return {"version": 1, "last_step": self._last_step, "last_time": self._last_time,
-                "rules": {s.rule.name: s.state_dict() for s in self._states}}
+        d = {"version": 1, "last_step": self._last_step, "last_time": self._last_time,
+             "rules": {s.rule.name: s.state_dict() for s in self._states}}
+        if self._given:  # only with 'given' rules: other packs keep their state as it was
+            d["given"] = {m: _num(v) for m, v in self._given.items()}
+        return d
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`; the engine must have been built from the same rules.
@@ -518,3 +540,6 @@ class Engine:
             s.load_state_dict(saved.get(s.rule.name, _FRESH))
         self._last_step = state.get("last_step")
         self._last_time = state.get("last_time")
+        saved_given = state.get("given") or {}
+        for m in self._given:  # saved before the rule took 'given': not seen yet
+            self._given[m] = _unnum(saved_given.get(m))

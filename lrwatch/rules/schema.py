@@ -55,8 +55,8 @@ TEMPLATE_FIELDS = ("rule", "metric", "value", "step", "time", "severity", "stati
 #: The forms of ``when`` (a rule on other rules) and every key a ``when`` mapping may have.
 WHEN_MODES = ("firing", "all", "any")
 WHEN_KEYS = WHEN_MODES + ("within", "unless")
-_RULE_KEYS = ("name", "metric", "metrics", "detector", "params", "when", "for", "cooldown",
-              "hysteresis", "severity", "actions", "labels", "annotations", "enabled")
+_RULE_KEYS = ("name", "metric", "metrics", "detector", "params", "given", "when", "for",
+              "cooldown", "hysteresis", "severity", "actions", "labels", "annotations", "enabled")
 _TOP_KEYS = ("version", "rules")
 _LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]*$")
@@ -125,7 +125,8 @@ class Rule:
     """One validated rule (immutable). Build it from a file with :func:`load_rules`.
 
     A rule either watches ``metrics`` with a ``detector`` or, with ``when`` set, fires on other
-    rules (then ``metrics`` is empty and ``detector`` is ``""``). ``for_`` is the rule file's
+    rules (then ``metrics`` is empty and ``detector`` is ``""``). ``given`` names another metric
+    whose latest value the detector sees with every value (detectors with ``takes_given``). ``for_`` is the rule file's
     ``for`` (a Python keyword). ``source`` says where the rule was defined (``FILE:LINE``).
     """
 
@@ -145,13 +146,17 @@ class Rule:
     enabled: bool = True
     source: str = ""
     when: When | None = None
+    given: str | None = None
 
     def __post_init__(self) -> None:
-        if self.when is not None and (self.metrics or self.detector or self.params):
-            raise ConfigError(f"rule {self.name!r}: a 'when' rule takes no metrics, detector or "
-                              f"params")
+        if self.when is not None and (self.metrics or self.detector or self.params or self.given):
+            raise ConfigError(f"rule {self.name!r}: a 'when' rule takes no metrics, detector, "
+                              f"params or given")
         if self.when is None and not (self.metrics and self.detector):
             raise ConfigError(f"rule {self.name!r}: needs metrics and a detector, or 'when'")
+        problem = _given_problem(self.given, self.metrics, self.detector, self.params)
+        if problem:
+            raise ConfigError(f"rule {self.name!r}: {problem}")
 
     @property
     def references(self) -> tuple[str, ...]:
@@ -221,6 +226,29 @@ class RuleSet:
 
     def __add__(self, other: "RuleSet") -> "RuleSet":
         return RuleSet(self.rules + other.rules, ", ".join(filter(None, (self.source, other.source))))
+
+
+def given_detectors() -> tuple[str, ...]:
+    """The detectors that take a ``given`` metric."""
+    return tuple(n for n, c in DETECTORS.items() if c.takes_given)
+
+
+def _given_problem(given: str | None, metrics: tuple[str, ...], detector: str,
+                   params: Mapping[str, Any]) -> str | None:
+    """What is wrong with a rule's ``given`` (``None`` if nothing)."""
+    cls = DETECTORS.get(detector)
+    if given is None:
+        extra = [k for k in (cls.GIVEN_PARAMS if cls else ()) if k in params]
+        return (f"parameter {extra[0]!r} of detector {detector!r} needs the rule key 'given' "
+                f"(e.g. given: lr)") if extra else None
+    if not (isinstance(given, str) and given):
+        return f"'given' must be a metric name, got {given!r}"
+    if cls is not None and not cls.takes_given:
+        return (f"detector {detector!r} takes no 'given' (valid choices: "
+                f"{', '.join(given_detectors())})")
+    if given in metrics:
+        return f"'given' must be another metric than the watched {given!r}"
+    return None
 
 
 def _walk(graph: Mapping[str, list[str]]) -> tuple[list[str], list[list[str]]]:
@@ -432,11 +460,13 @@ def _rule(node: yaml.Node, idx: int, ctor: Any, errs: _Errors, refs: _Refs) -> R
     cls: type[Detector] | None = None
     params: dict[str, Any] = {}
     when: When | None = None
+    given: str | None = None
     if "when" in e.map:
         when = _rule_when(e, idx, name, refs)
     else:
         metrics = _rule_metrics(e)
         cls, params = _rule_detector(e)
+        given = _rule_given(e, metrics, cls, params)
     spans = _rule_spans(e)
     sev, snode = e.val("severity")
     if snode is None:
@@ -460,7 +490,7 @@ def _rule(node: yaml.Node, idx: int, ctor: Any, errs: _Errors, refs: _Refs) -> R
         params=MappingProxyType(params), actions=actions, for_=spans["for"],
         cooldown=spans["cooldown"], hysteresis=spans["hysteresis"],
         labels=MappingProxyType(labels), annotations=MappingProxyType(annotations),
-        action_params=MappingProxyType(action_params), when=when, enabled=enabled,
+        action_params=MappingProxyType(action_params), when=when, given=given, enabled=enabled,
         source=f"{errs.source}:{node.start_mark.line + 1}",
     )
 
@@ -498,6 +528,22 @@ def _rule_metrics(e: _Entries) -> tuple[str, ...]:
         errs.add(msnode, f"{path}.metrics", f"expected a non-empty list of metric names, "
                                             f"got {ms!r}")
     return ()
+
+
+def _rule_given(e: _Entries, metrics: tuple[str, ...], cls: type[Detector] | None,
+                params: Mapping[str, Any]) -> str | None:
+    """The metric named by ``given`` (checked against the detector and its parameters)."""
+    given, gnode = e.val("given")
+    if cls is None:
+        return given if isinstance(given, str) else None
+    problem = _given_problem(given, metrics, cls.name, params)
+    if problem is None:
+        return given
+    if gnode is None:  # a given-only parameter without 'given': report it at the params
+        e.errs.add(e.map["params"][1], f"{e.path}.params", problem)
+    else:
+        e.errs.add(gnode, f"{e.path}.given", problem)
+    return None
 
 
 def _rule_detector(e: _Entries) -> tuple[type[Detector] | None, dict[str, Any]]:
@@ -563,10 +609,10 @@ def _rule_when(e: _Entries, idx: int, name: str | None, refs: _Refs) -> When | N
     """The ``when`` of a rule on other rules; references are checked later, across rules."""
     path, errs = f"{e.path}.when", e.errs
     wnode = e.map["when"][1]
-    for key in ("metric", "metrics", "detector", "params"):
+    for key in ("metric", "metrics", "detector", "params", "given"):
         if key in e.map:
             errs.add(e.map[key][0], f"{e.path}.{key}", "a rule with 'when' fires on other rules "
-                     "and takes no metric, detector or params; give one or the other")
+                     "and takes no metric, detector, params or given; give one or the other")
     refs.whens[idx] = (name, path, wnode)
     if not isinstance(wnode, yaml.MappingNode):
         errs.add(wnode, path, "expected a mapping with one of 'firing', 'all', 'any', e.g. "

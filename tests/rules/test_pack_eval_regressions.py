@@ -8,6 +8,7 @@ import math
 import random
 
 from lrwatch.rules import Engine, load_pack
+from lrwatch.rules.schema import pack_text, parse_rules
 from lrwatch.samples import Sample
 
 EVERY = 10
@@ -55,18 +56,69 @@ def test_overfitting_and_plateaus_are_not_critical():
         assert not [r for r, _ in _critical(over) if r == "eval_regression_both"], seed
 
 
-def test_a_regression_while_the_schedule_raised_the_rate_waits_for_the_rise_to_pass():
+def _with_rate(evals: list[Sample], rate) -> list[Sample]:
+    """Every step carries the learning rate ``rate(step)``; evaluations every EVERY steps."""
+    out = []
+    for s in evals:
+        for step in range(s.step - EVERY + 1, s.step + 1):
+            out.append(Sample(step=step, values={"lr": rate(step),
+                                                 **(s.values if step == s.step else {})}))
+    return out
+
+
+def _triangle(step: int) -> float:
+    """A cyclical schedule: 0.01 -> 0.1 -> 0.01 every 100 steps (a tenfold swing)."""
+    phase = (step % 100) / 50.0
+    return 0.01 + 0.09 * (phase if phase <= 1.0 else 2.0 - phase)
+
+
+def _cyclical(n: int, seed: int) -> tuple[list[float], list[float]]:
+    """Held-out metrics that learn and are worse at the peaks of the rate, as on a cyclical
+    schedule: 5 accuracy points and +25% loss at the peak."""
+    acc, loss = _learning_then_plateau(n, seed)
+    swing = [math.log10(_triangle((i + 1) * EVERY) / 0.01) for i in range(n)]
+    return ([a - 0.05 * w for a, w in zip(acc, swing)],
+            [l * (1 + 0.25 * w) for l, w in zip(loss, swing)])
+
+
+def test_a_cyclical_schedule_is_judged_against_the_same_phase():
+    for seed in range(5):
+        acc, loss = _cyclical(30, seed)
+        assert _critical(_with_rate(_evals(acc, loss), _triangle)) == [], seed
+        # the same rules judging against the best at any rate fire at the peaks
+        plain = Engine(parse_rules(pack_text("training").replace("    given: lr\n", "")))
+        fired = [e for s in _with_rate(_evals(acc, loss), _triangle) for e in plain.update(s)
+                 if e.kind == "firing" and e.severity == "critical"]
+        assert fired, seed
+
+
+def test_a_regression_at_a_high_rate_fires_without_waiting_for_a_trough():
+    for seed in range(5):
+        acc, loss = _cyclical(30, seed)
+        onset = 22     # step 230, the rate rising towards its peak at step 250
+        acc = acc[:onset] + [a - 0.03 * (k + 1) for k, a in enumerate(acc[onset:])]
+        loss = loss[:onset] + [l * (1 + 0.08 * (k + 1)) for k, l in enumerate(loss[onset:])]
+        crit = _critical(_with_rate(_evals(acc, loss), _triangle))
+        assert crit, seed
+        first = min(st for _, st in crit)
+        assert (onset + 1) * EVERY <= first <= (onset + 3) * EVERY, (seed, crit)
+        assert _triangle(first) > 0.05, (seed, first)   # judged on the rise, not at a trough
+
+
+def test_a_regression_after_a_warm_restart_fires_once_the_rate_is_comparable_again():
     acc, loss = _learning_then_plateau(20, 0)
     onset_step = (len(acc) + 1) * EVERY
-    # a warm restart triples the rate at the onset; the held-out metrics get worse and stay so
+    # a warm restart triples the rate at the onset and decays it back over 100 steps; the
+    # held-out metrics get worse and stay so
     acc += [acc[-1] - 0.06] * 16
     loss += [loss[-1] * 1.3] * 16
-    samples = []
-    for s in _evals(acc, loss):
-        for step in range(s.step - EVERY + 1, s.step + 1):   # every step carries the rate
-            lr = 0.3 if step >= onset_step else 0.1
-            vals = {"lr": lr, **(s.values if step == s.step else {})}
-            samples.append(Sample(step=step, values=vals))
-    crit = [(r, st) for r, st in _critical(samples) if r.startswith("eval_")]
+
+    def rate(step: int) -> float:
+        return 0.1 if step < onset_step else 0.1 + 0.2 * max(0.0, 1 - (step - onset_step) / 100)
+
+    crit = [(r, st) for r, st in _critical(_with_rate(_evals(acc, loss), rate))
+            if r.startswith("eval_")]
     assert crit, "the regression outlasted the rise and must fire"
-    assert min(st for _, st in crit) >= onset_step + 99, crit   # the 100-step window passed
+    first = min(st for _, st in crit)
+    # judged against the evaluations before the restart once the rate is within 1.5x of theirs
+    assert rate(first) <= 0.15 and first <= onset_step + 100, crit

@@ -405,9 +405,9 @@ CASES = {
             when: {firing: a}
             severity: critical
         """, ["f.yml:4: key 'rules[1].metric': a rule with 'when' fires on other rules and "
-              "takes no metric, detector or params; give one or the other",
+              "takes no metric, detector, params or given; give one or the other",
               "f.yml:5: key 'rules[1].detector': a rule with 'when' fires on other rules and "
-              "takes no metric, detector or params; give one or the other"]),
+              "takes no metric, detector, params or given; give one or the other"]),
     "within_negative": ("""\
         rules:
           - {name: a, metric: x, detector: nonfinite, severity: warning}

@@ -114,6 +114,11 @@ class Detector:
     #: True for detectors that judge the *absence* of a metric (staleness): the engine calls
     #: :meth:`miss` for samples without the metric and :meth:`check` on ``Engine.tick``.
     watches_absence: ClassVar[bool] = False
+    #: True for detectors that judge a value together with the latest value of another metric
+    #: (the rule key ``given``): the engine calls :meth:`update_given` instead of :meth:`update`.
+    takes_given: ClassVar[bool] = False
+    #: Parameters that only mean something together with the rule's ``given``.
+    GIVEN_PARAMS: ClassVar[tuple[str, ...]] = ()
 
     def _set_params(self, **params: Any) -> None:
         for key, value in params.items():
@@ -132,6 +137,11 @@ class Detector:
     def update(self, x: float, t: float | None = None) -> bool | None:
         """Take the next value ``x`` (observed at unix time ``t``, if known) and judge it."""
         raise NotImplementedError
+
+    def update_given(self, x: float, given: float | None, t: float | None = None) -> bool | None:
+        """Judge ``x`` knowing the latest value of the rule's ``given`` metric (``None``: not
+        seen yet). Only detectors with ``takes_given`` do."""
+        raise ConfigError(f"detector {self.name!r} takes no 'given'")
 
     def miss(self, t: float | None = None) -> bool | None:
         """A sample arrived without this metric. Only absence detectors judge it."""

@@ -18,31 +18,31 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 import uuid
 import warnings
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 from prometheus_client import CollectorRegistry
 
-from .actions.best import KEEP_BEST_MODES, BestEval, BestState
+from .actions.alerts import make_sender
+from .actions.best import BestEval, keep_best_state
 from .actions.notify import Notifier
 from .actions.snapshot import Snapshot, SnapshotStore
-from .distributed import (EXPORT_CHOICES, SQ_REP, SQ_SHARD, RankContext, combine_rank_samples,
-                          split_by_placement)
+from .distributed import EXPORT_CHOICES, RankContext, combine_rank_samples, split_by_placement
 from .errors import ConfigError
 from .exporters.prometheus import MetricsServer, TrainingExporter, start_metrics_server
 from .exporters.trace import TraceWriter
-from .probe import LayerIndex, tensor_norms, total_norm
+from .probe import LayerIndex
 from .recovery.executor import PlanExecutor
 from .recovery.policy import (CONTROL_ACTIONS, Plan, RecoveryConfig, RecoveryPolicy,
                               SnapshotInfo, check_action_params)
 from .rules import Engine, RuleSet, load_pack, load_rules
 from .rules.schema import PACKS
 from .samples import Sample
+from .steps import StepRecorder, as_value, materialise
 
 __all__ = ["Watcher", "Listener", "RecoveryConfig", "BestEval", "rank_trace_path"]
 
@@ -78,32 +78,40 @@ def _rule_set(rules: "str | os.PathLike[str] | RuleSet | None") -> RuleSet | Non
                       f"or None, got {type(rules).__name__}")
 
 
-@dataclass
-class _Row:
-    """What one optimizer step collected before the flush.
+def _snapshot_dir(recovery: Any) -> str | None:
+    """recovery's snapshot_dir, also with the rules off (``Watcher.recovery`` is None then)."""
+    if isinstance(recovery, RecoveryConfig):
+        return recovery.snapshot_dir
+    return recovery.get("snapshot_dir") if isinstance(recovery, Mapping) else None
 
-    ``keys[i]`` names the i-th device scalar in ``tensors``; ``host`` holds values that were
-    already Python numbers (learning rates are floats in ``param_groups``).
-    """
 
-    step: int
-    time: float = 0.0
-    keys: list[str] = field(default_factory=list)
-    tensors: list[torch.Tensor] = field(default_factory=list)
-    host: dict[str, float] = field(default_factory=dict)
-    lr: list[float | None] = field(default_factory=list)
-    stepped: bool = False  # the optimizer step (or a skip) has happened for this row
-    logged: bool = False  # watch.log() has delivered this step's values
-
-    def put(self, key: str, value: torch.Tensor | float | int) -> None:
-        if isinstance(value, torch.Tensor):
-            if key in self.keys:  # a second log() of the same step: last value wins
-                self.tensors[self.keys.index(key)] = value
-            else:
-                self.keys.append(key)
-                self.tensors.append(value)
-        else:
-            self.host[key] = float(value)
+def _check_args(model: Any, optimizer: Any, flush_every: Any, port: Any, batch_size: Any,
+                keep_best: Any, probe_loss: Any, update_ratio_every: Any, export: Any) -> None:
+    """The Watcher's arguments, each with an error that says what to pass instead."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got "
+                          f"{type(optimizer).__name__}")
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(flush_every, int) or isinstance(flush_every, bool) or flush_every < 1:
+        raise ConfigError(f"flush_every must be a positive integer, got {flush_every!r}")
+    if port is not None and (not isinstance(port, int) or not 0 <= port <= 65535):
+        raise ConfigError(f"port must be None or an integer in 0..65535, got {port!r}")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not isinstance(keep_best, (bool, str)) or keep_best == "":
+        raise ConfigError(f"keep_best must be True (eval_accuracy if logged, else "
+                          f"eval_loss), False, or a metric name, got {keep_best!r}")
+    if (not isinstance(update_ratio_every, int) or isinstance(update_ratio_every, bool)
+            or update_ratio_every < 1):
+        raise ConfigError(f"update_ratio_every must be an integer >= 1, "
+                          f"got {update_ratio_every!r}")
+    if export not in EXPORT_CHOICES:
+        raise ConfigError(f"export must be one of {', '.join(map(repr, EXPORT_CHOICES))}, "
+                          f"got {export!r}")
+    if probe_loss is not None and not callable(probe_loss):
+        raise ConfigError(f"probe_loss must be callable as probe_loss(model, batch) -> "
+                          f"loss, got {type(probe_loss).__name__}")
 
 
 class Watcher(PlanExecutor):
@@ -241,21 +249,8 @@ class Watcher(PlanExecutor):
         keep_best_mode: str = "auto",
         probe_loss: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,
     ) -> None:
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got "
-                              f"{type(optimizer).__name__}")
-        if not isinstance(model, torch.nn.Module):
-            raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(flush_every, int) or isinstance(flush_every, bool) or flush_every < 1:
-            raise ConfigError(f"flush_every must be a positive integer, got {flush_every!r}")
-        if port is not None and (not isinstance(port, int) or not 0 <= port <= 65535):
-            raise ConfigError(f"port must be None or an integer in 0..65535, got {port!r}")
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if not isinstance(keep_best, (bool, str)) or keep_best == "":
-            raise ConfigError(f"keep_best must be True (eval_accuracy if logged, else "
-                              f"eval_loss), False, or a metric name, got {keep_best!r}")
-
+        _check_args(model, optimizer, flush_every, port, batch_size, keep_best, probe_loss,
+                    update_ratio_every, export)
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -264,60 +259,68 @@ class Watcher(PlanExecutor):
         self.batch_size = batch_size
         self.run_name = run_name or uuid.uuid4().hex[:12]
         self.step = int(start_step)
-        self.pushgateway = pushgateway
         self._listeners: list[Listener] = []
-        self._rows: list[_Row] = []  # committed rows waiting for the flush
-        self._open: _Row | None = None  # the row of the step in progress
-        self._last_step_wall: float | None = None
         self._closed = False
         self._stepped_since_update = False
         self.flushes = 0
         self._warned: set[str] = set()
         self._limit = LogLimiter()   # an internal error repeating at every flush: a line a minute
-
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        self._device = params[0].device if params else torch.device("cpu")
-        names = {id(p): n for n, p in model.named_parameters()}
-        named = [(names.get(id(p), f"param{i}"), p) for i, p in enumerate(params)]
-        self._layers = LayerIndex(named, depth=layer_depth, max_layers=max_layers) \
-            if per_layer else None
-        self._update_ratio = bool(update_ratio)
-        if (not isinstance(update_ratio_every, int) or isinstance(update_ratio_every, bool)
-                or update_ratio_every < 1):
-            raise ConfigError(f"update_ratio_every must be an integer >= 1, "
-                              f"got {update_ratio_every!r}")
-        self._ur_every = update_ratio_every
-        self._ur_armed = False   # the parameters were copied before this step
-        self._prev_params: list[torch.Tensor] | None = None
-
-        # Distributed: which rank exports, and whether gradients are sharded.
-        if export not in EXPORT_CHOICES:
-            raise ConfigError(f"export must be one of {', '.join(map(repr, EXPORT_CHOICES))}, "
-                              f"got {export!r}")
         self.dist = RankContext(process_group)
         self.export = export
+        self._setup_recorder(per_layer, layer_depth, max_layers, update_ratio, update_ratio_every)
+        if not (self.dist.is_main or export == "all"):   # this rank exports nothing
+            port = trace = pushgateway = alerts = alertmanager = hook = None
+        self.pushgateway = pushgateway
+        self._setup_exporters(registry, port, host, trace)
+        for listener in listeners:
+            self.add_listener(listener)
+        ruleset = _rule_set(rules)
+        self._setup_recovery(ruleset, recovery, alerts, alertmanager, hook)
+        rule_list = list(ruleset) if ruleset is not None else []
+        check_action_params(rule_list)
+        self._action_params = {r.name: r.action_params for r in rule_list if r.action_params}
+        self.policy.action_params = self._action_params
+        # Ranks keep their own copy (FSDP shards differ): one file per rank.
+        self.best = keep_best_state(
+            keep_best, keep_best_mode, rule_list, snapshot_dir=_snapshot_dir(recovery),
+            filename=f"best-eval.rank{self.dist.rank}.pt" if self.dist.active else "best-eval.pt",
+            on_error=self.exporter.count_error)
+        self._setup_probe(probe_loss)
+        self._stop_restored: BestEval | None = None  # what a stop restored (adapters re-apply)
+        self._handles = [optimizer.register_step_pre_hook(self._pre_step),
+                         optimizer.register_step_post_hook(self._post_step)] if step_hooks else []
+        self._scaler_update: Any = None
+        if scaler is not None:
+            self._wrap_scaler(scaler)
+
+    def _setup_recorder(self, per_layer: bool, layer_depth: int, max_layers: int,
+                        update_ratio: bool, update_ratio_every: int) -> None:
+        """The per-step recorder; per-layer norms and the update ratio are off for shards."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self._device = params[0].device if params else torch.device("cpu")
         self._sharded = bool(self.dist.active and split_by_placement(params)[1])
         if self._sharded and (per_layer or update_ratio):
             warnings.warn("lrwatch: per-layer norms and the update ratio are not yet shard-aware; "
-                          "they are off for sharded (FSDP2/DTensor) parameters", stacklevel=2)
+                          "they are off for sharded (FSDP2/DTensor) parameters", stacklevel=3)
             per_layer = update_ratio = False
-            self._layers = None
-            self._update_ratio = False
-        exports_here = self.dist.is_main or export == "all"
-        const_labels: dict[str, str] = {}
-        if self.dist.active and export == "all":
-            const_labels = {"rank": str(self.dist.rank)}
-            if port:
-                port = port + self.dist.rank
-            if trace is not None:
-                trace = rank_trace_path(trace, self.dist.rank)
-        if not exports_here:
-            port = None
-            trace = None
-            pushgateway = None
-            alerts = alertmanager = hook = None
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        named = [(names.get(id(p), f"param{i}"), p) for i, p in enumerate(params)]
+        self._layers = LayerIndex(named, depth=layer_depth, max_layers=max_layers) \
+            if per_layer else None
+        self.recorder = StepRecorder(self.optimizer, self._device, layers=self._layers,
+                                     sharded=self._sharded, update_ratio=bool(update_ratio),
+                                     update_ratio_every=update_ratio_every, scaler=self.scaler,
+                                     on_commit=self._commit_done)
 
-        # Exporters.
+    def _setup_exporters(self, registry: CollectorRegistry | None, port: int | None, host: str,
+                         trace: "str | os.PathLike[str] | None") -> None:
+        """The Prometheus exporter and server, and the trace (per rank with ``export="all"``)."""
+        const_labels: dict[str, str] = {}
+        if self.dist.active and self.export == "all":
+            const_labels = {"rank": str(self.dist.rank)}
+            port = port + self.dist.rank if port else port
+            trace = rank_trace_path(trace, self.dist.rank) if trace is not None else None
+        model, optimizer, scheduler = self.model, self.optimizer, self.scheduler
         self.exporter = TrainingExporter(
             registry,
             run_info={"run": self.run_name, "model": type(model).__name__,
@@ -335,11 +338,10 @@ class Watcher(PlanExecutor):
         # logged once. An unopenable path never raises here: training starts regardless.
         self.trace: TraceWriter | None = (
             TraceWriter(trace, on_error=self.exporter.count_error) if trace is not None else None)
-        for listener in listeners:
-            self.add_listener(listener)
 
-        # Rules and actions.
-        ruleset = _rule_set(rules)
+    def _setup_recovery(self, ruleset: RuleSet | None, recovery: Any, alerts: Any,
+                        alertmanager: str | None, hook: Any) -> None:
+        """The engine, the pure recovery policy, alerting and the snapshot store."""
         self.engine: Engine | None = Engine(ruleset) if ruleset is not None else None
         self.recovery = RecoveryConfig.coerce(recovery) if self.engine is not None else None
         # Every recovery decision and counter (budget, compounding, probation, ramps, the
@@ -355,29 +357,29 @@ class Watcher(PlanExecutor):
         self._snap_awaiting_engine: dict[int, Snapshot] = {}
         self._boundary_kind: str | None = None
         self._snap_seconds: list[float] = []
-        self.sender = self._make_sender(alerts, alertmanager)
+        self.sender = make_sender(alerts, alertmanager, registry=self.registry,
+                                  on_error=self.exporter.count_error)
         self._action_alerts: dict[str, Any] = {}   # kind -> the firing alert of an action
         self.hook = hook
         self.notifier = Notifier(self.sender, hook, on_error=self.exporter.count_error)
         self.store: SnapshotStore | None = None
-        if self.recovery is not None:
-            rc = self.recovery
-            self.store = SnapshotStore(keep=rc.keep, directory=rc.snapshot_dir,
-                                       good_after=rc.good_after, budget=rc.budget,
-                                       min_interval=rc.min_interval, max_interval=rc.max_interval,
-                                       on_error=self.exporter.count_error,
-                                       deferred_schedule=self.dist.active)
-            # The state we start from is the first rollback target: known good by definition.
-            first = self.store.take(self.step, self.data_position, model, optimizer, scheduler,
-                                    scaler, good=True, extra=self._snap_extra(), pinned=True)
-            if first is not None:
-                first.extra["engine_state"] = self.engine.state_dict()  # type: ignore[union-attr]
+        if self.recovery is None:
+            return
+        rc = self.recovery
+        self.store = SnapshotStore(keep=rc.keep, directory=rc.snapshot_dir,
+                                   good_after=rc.good_after, budget=rc.budget,
+                                   min_interval=rc.min_interval, max_interval=rc.max_interval,
+                                   on_error=self.exporter.count_error,
+                                   deferred_schedule=self.dist.active)
+        # The state we start from is the first rollback target: known good by definition.
+        first = self.store.take(self.step, self.data_position, self.model, self.optimizer,
+                                self.scheduler, self.scaler, good=True,
+                                extra=self._snap_extra(), pinned=True)
+        if first is not None:
+            first.extra["engine_state"] = self.engine.state_dict()  # type: ignore[union-attr]
 
-        self.best = self._make_best(keep_best, keep_best_mode, ruleset, recovery)
-        self.policy.action_params = self._action_params
-        if probe_loss is not None and not callable(probe_loss):
-            raise ConfigError(f"probe_loss must be callable as probe_loss(model, batch) -> "
-                              f"loss, got {type(probe_loss).__name__}")
+    def _setup_probe(self, probe_loss: Callable[..., Any] | None) -> None:
+        """Range tests (a rollback's probe, the pre-flight check) and the batches they reuse."""
         if self.recovery is not None and self.recovery.lr_check != "off" and probe_loss is None:
             raise ConfigError("recovery lr_check='auto' runs a range test before the first "
                               "step and needs probe_loss(model, batch) -> loss; pass "
@@ -390,13 +392,6 @@ class Watcher(PlanExecutor):
         self._recent: deque[Any] | None = (
             deque(maxlen=self.recovery.probe_steps) if wants else None)  # type: ignore
         self.policy.probe_available = wants
-        self._stop_restored: BestEval | None = None  # what a stop restored (adapters re-apply)
-
-        self._handles = [optimizer.register_step_pre_hook(self._pre_step),
-                         optimizer.register_step_post_hook(self._post_step)] if step_hooks else []
-        self._scaler_update: Any = None
-        if scaler is not None:
-            self._wrap_scaler(scaler)
 
     # --- public API ----------------------------------------------------------------------------
     @property
@@ -509,32 +504,32 @@ class Watcher(PlanExecutor):
         """
         if self._closed:
             return
-        row = self._row_for_log()
+        row = self.recorder.row_for_log(self.step + 1)
         best = self.best.metric_for(metrics) if self.best is not None else None
         for key, value in metrics.items():
-            v = self._as_value(key, value)
-            if v is not None:
-                row.put(key, v)
-                if key == best:
-                    self._offer_best(row.step, v)
+            v, why = as_value(key, value)
+            if v is None:
+                self._warn_once(f"bad:{key}", why or "")
+                continue
+            row.put(key, v)
+            if key == best:
+                self._offer_best(row.step, v)
         if batch_size is not None:
             row.host["_batch"] = float(batch_size)
         row.logged = True
         if row.stepped:
-            self._commit()
+            self.recorder.commit()
             self._boundary("log")
 
     def flush(self) -> list[Sample]:
         """Copy what the device holds to the host now and hand it to the listeners."""
-        if self._open is not None and self._open.stepped:
-            self._commit(flush=False)
-        rows, self._rows = self._rows, []
+        rows = self.recorder.take()
         pending = self.best.pending_values() if self.best is not None else []
         if not rows and not self.dist.active:
             if pending:
-                self._decide_best(self._materialise([], pending)[1])
+                self._decide_best(materialise([], pending, self._device, self.batch_size)[1])
             return []
-        samples, best_values = self._materialise(rows, pending)
+        samples, best_values = materialise(rows, pending, self._device, self.batch_size)
         if pending:  # before the rules judge this flush: a stop restores the best known now
             self._decide_best(best_values)
         self.flushes += 1
@@ -602,64 +597,18 @@ class Watcher(PlanExecutor):
         Only for ``step_hooks=False``; the optimizer's post-step hook does this otherwise.
         """
         if skipped:  # counted in lrwatch_skipped_steps_total from the flag, at the flush
-            if self._open is not None:
-                self._open.host["skipped"] = 1.0
+            if self.recorder.open is not None:
+                self.recorder.open.host["skipped"] = 1.0
         self._post_step(self.optimizer, (), {})
 
-    # --- step path (no host sync below this line until _materialise) ---------------------------
-    def _row_for_log(self) -> _Row:
-        """The row a ``log()`` call belongs to.
-
-        A log after the step completes that step's row; a log before the step opens the row of
-        the step about to happen. A second log for a row that already has one starts the next.
-        """
-        row = self._open
-        if row is None or row.logged:
-            if row is not None and row.stepped:
-                self._commit()
-            row = self._open = _Row(step=self.step + 1)
-        return row
-
+    # --- step path (no host sync here: the recorder keeps device scalars until the flush) ----
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._probing:   # a range test's throw-away steps are not the run's
             return
         try:
-            self._measure_grads(skipped=False)
+            self.recorder.measure_grads(self.step + 1, skipped=False)
         except Exception:  # fail open: monitoring never breaks the step
             self._internal_error("measuring gradients")
-
-    def _measure_grads(self, *, skipped: bool) -> None:
-        if self._open is not None and self._open.stepped:
-            self._commit()
-        if self._open is None:
-            self._open = _Row(step=self.step + 1)
-        row = self._open
-        params = [p for g in self.optimizer.param_groups for p in g["params"]
-                  if p.grad is not None]
-        grads = [p.grad for p in params]
-        if self._sharded:
-            # Sums of squares, rank-local; added across ranks at the flush (one collective).
-            rep, shard = split_by_placement(grads)  # type: ignore[arg-type]
-            for prefix, part in ((SQ_REP, rep), (SQ_SHARD, shard)):
-                row.put(prefix + "grad_norm", total_norm(tensor_norms(part), self._device).square())
-            norms = []
-        else:
-            norms = tensor_norms(grads)  # type: ignore[arg-type]
-            row.put("grad_norm", total_norm(norms, self._device))
-        if self._layers is not None and norms:
-            per = self._layers.per_layer(params, norms, self._device)
-            for i, label in enumerate(self._layers.labels):
-                row.put(f"grad_norm/{label}", per[i])
-        self._ur_armed = False
-        if self._update_ratio and not skipped and row.step % self._ur_every == 0:
-            self._snapshot_params()
-            self._ur_armed = True
-        if self.scaler is not None:
-            scale = getattr(self.scaler, "_scale", None)
-            if isinstance(scale, torch.Tensor):
-                row.put("loss_scale", scale.detach().reshape(()).float().clone())
-        if skipped:
-            row.host["skipped"] = 1.0
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._probing:
@@ -671,68 +620,17 @@ class Watcher(PlanExecutor):
         self._boundary("post")
 
     def _finish_step(self) -> None:
-        if self._open is None:  # the pre-hook failed; record the step anyway
-            self._open = _Row(step=self.step + 1)
-        row = self._open
-        if self._ur_armed and "skipped" not in row.host:
-            row.put("update_ratio", self._measure_update_ratio())
-            self._ur_armed = False
-        for i, group in enumerate(self.optimizer.param_groups):
-            lr = group.get("lr")
-            if isinstance(lr, torch.Tensor):  # capturable / tensor LR: stays on the device
-                row.put(f"lr/{i}", lr.detach().reshape(()).float().clone())
-                row.lr.append(None)
-            elif lr is not None:
-                row.lr.append(float(lr))
-            mom = group.get("momentum")
-            if mom is None and isinstance(group.get("betas"), (tuple, list)):
-                mom = group["betas"][0]
-            if isinstance(mom, (int, float)):
-                row.host[f"momentum/{i}"] = float(mom)
-        now = time.perf_counter()
-        if self._last_step_wall is not None:
-            row.host["step_time_seconds"] = now - self._last_step_wall
-            if self.store is not None:
-                self.store.observe_step_time(now - self._last_step_wall)
-        self._last_step_wall = now
-        row.time = time.time()
-        row.stepped = True
+        row, seconds = self.recorder.finish_step(self.step + 1)
+        if seconds is not None and self.store is not None:
+            self.store.observe_step_time(seconds)
         self.step += 1
-        row.step = self.step
         self._stepped_since_update = True
         if row.logged:
-            self._commit()
+            self.recorder.commit()
 
-    def _commit(self, flush: bool = True) -> None:
-        row = self._open
-        if row is None:
-            return
-        self._open = None
-        self._rows.append(row)
-        if flush and len(self._rows) >= self.flush_every:
+    def _commit_done(self) -> None:
+        if len(self.recorder.rows) >= self.flush_every:
             self.flush()
-
-    def _snapshot_params(self) -> None:
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        with torch.no_grad():
-            if self._prev_params is None or len(self._prev_params) != len(params) or any(
-                    a.shape != b.shape for a, b in zip(self._prev_params, params)):
-                self._prev_params = [p.detach().clone() for p in params]
-            elif hasattr(torch, "_foreach_copy_"):
-                torch._foreach_copy_(self._prev_params, [p.detach() for p in params])
-            else:  # pragma: no cover
-                for a, b in zip(self._prev_params, params):
-                    a.copy_(b)
-
-    def _measure_update_ratio(self) -> torch.Tensor:
-        params = [p.detach() for g in self.optimizer.param_groups for p in g["params"]]
-        prev = self._prev_params
-        assert prev is not None
-        with torch.no_grad():
-            torch._foreach_sub_(prev, params)  # prev now holds -Δθ; it is refilled next step
-            delta = total_norm(tensor_norms(prev), self._device)
-            theta = total_norm(tensor_norms(params), self._device)
-            return delta / theta.clamp_min(1e-12)
 
     def _wrap_scaler(self, scaler: Any) -> None:
         """Record steps that the GradScaler skips for overflow (no optimizer hook fires then)."""
@@ -742,7 +640,7 @@ class Watcher(PlanExecutor):
         def update(*args: Any, **kwargs: Any) -> Any:
             if not self._stepped_since_update and not self._closed and not self._probing:
                 try:
-                    self._measure_grads(skipped=True)
+                    self.recorder.measure_grads(self.step + 1, skipped=True)
                     self._finish_step()
                 except Exception:
                     self._internal_error("recording a skipped AMP step")
@@ -751,56 +649,7 @@ class Watcher(PlanExecutor):
 
         scaler.update = update
 
-    def _as_value(self, key: str, value: Any) -> torch.Tensor | float | None:
-        if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                self._warn_once(f"bad:{key}", f"lrwatch: log({key}=...) needs a scalar, got a "
-                                f"tensor of shape {tuple(value.shape)}; value ignored")
-                return None
-            return value.detach().reshape(()).float().clone()
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            self._warn_once(f"bad:{key}", f"lrwatch: log({key}=...) needs a number or a scalar "
-                            f"tensor, got {type(value).__name__}; value ignored")
-            return None
-        return float(value)
-
     # --- flush: the one host transfer ----------------------------------------------------------
-    def _materialise(self, rows: Sequence[_Row], extra: Sequence[torch.Tensor] = ()
-                     ) -> tuple[list[Sample], list[float]]:
-        """The rows as samples, and the host values of ``extra`` device scalars (pending
-        evaluations), all from one transfer."""
-        flat = [t for r in rows for t in r.tensors] + list(extra)
-        host_vals: list[float] = []
-        if flat:
-            # One transfer for the whole flush.
-            host_vals = torch.stack([t.to(self._device) for t in flat]).cpu().tolist()
-        extra_vals = host_vals[len(host_vals) - len(extra):] if extra else []
-        samples: list[Sample] = []
-        pos = 0
-        for r in rows:
-            values: dict[str, float] = {}
-            for k in r.keys:
-                values[k] = host_vals[pos]
-                pos += 1
-            for k, v in r.host.items():
-                if not k.startswith("_"):
-                    values[k] = v
-            lrs = [values.pop(f"lr/{i}", lr) if lr is None else lr for i, lr in enumerate(r.lr)]
-            lr_groups = tuple(float(x) for x in lrs if x is not None) or None
-            if lr_groups:
-                values["lr"] = lr_groups[0]
-            if "loss" in values:
-                values["nonfinite_loss"] = 0.0 if math.isfinite(values["loss"]) else 1.0
-            if "grad_norm" in values:
-                values["nonfinite_grad"] = 0.0 if math.isfinite(values["grad_norm"]) else 1.0
-            batch = r.host.get("_batch", self.batch_size)
-            st = values.get("step_time_seconds")
-            if batch and st and st > 0:
-                values["samples_per_second"] = batch / st
-            samples.append(Sample(step=r.step, time=r.time or None, values=values,
-                                  lr_groups=lr_groups))
-        return samples, extra_vals
-
     def _emit(self, samples: list[Sample]) -> None:
         self._guard(self.exporter.observe, samples)
         if self.trace is not None:
@@ -912,31 +761,6 @@ class Watcher(PlanExecutor):
         return {"lr_scale": self.policy.lr_scale}
 
     # --- the best evaluated state ----------------------------------------------------------------
-    def _make_best(self, keep_best: bool | str, mode: str, ruleset: RuleSet | None,
-                   recovery: Any) -> BestState | None:
-        """Validate ``keep_best``/``keep_best_mode`` and the rules' action parameters."""
-        rules = list(ruleset) if ruleset is not None else []
-        check_action_params(rules)
-        self._action_params = {r.name: r.action_params for r in rules if r.action_params}
-        best = None
-        if keep_best is not False:
-            # recovery's snapshot_dir, even with the rules off (self.recovery is None then)
-            directory = (recovery.snapshot_dir if isinstance(recovery, RecoveryConfig) else
-                         recovery.get("snapshot_dir") if isinstance(recovery, Mapping) else None)
-            # Ranks keep their own copy (FSDP shards differ): one file per rank.
-            name = f"best-eval.rank{self.dist.rank}.pt" if self.dist.active else "best-eval.pt"
-            best = BestState(None if keep_best is True else str(keep_best), mode,
-                             directory=directory, filename=name,
-                             on_error=self.exporter.count_error)
-        elif mode not in KEEP_BEST_MODES:
-            raise ConfigError(f"keep_best_mode must be one of {list(KEEP_BEST_MODES)}, "
-                              f"got {mode!r}")
-        wants = [r.name for r in rules if r.action_params.get("stop", {}).get("restore") == "best"]
-        if wants and best is None:
-            raise ConfigError(f"rule(s) {wants} stop with restore: best, which needs the best "
-                              f"evaluated state: pass keep_best=True or a metric name, not False")
-        return best
-
     def _offer_best(self, step: int, value: torch.Tensor | float) -> None:
         # The model as it is now is the evaluated one: evaluation runs between steps.
         assert self.best is not None
@@ -955,20 +779,6 @@ class Watcher(PlanExecutor):
 
 
 
-    def _make_sender(self, alerts: Any, alertmanager: str | None) -> Any:
-        if alerts is None and alertmanager is None:
-            return None
-        from .actions.alerts import AlertmanagerSink, AlertSender
-
-        if alerts is not None and hasattr(alerts, "fire"):
-            if alertmanager is not None:
-                raise ConfigError("pass either alerts=AlertSender(...) or alertmanager=URL")
-            return alerts
-        sinks = list(alerts or [])
-        if alertmanager is not None:
-            sinks.append(AlertmanagerSink(alertmanager))
-        return AlertSender(sinks, registry=self.registry, on_error=self.exporter.count_error)
-
     # --- fail open -----------------------------------------------------------------------------
     def _guard(self, fn: Callable[..., Any], *args: Any) -> None:
         try:
@@ -985,8 +795,8 @@ class Watcher(PlanExecutor):
         self.exporter.count_error()
         if key not in self._warned:
             self._warned.add(key)
-            # log() -> _as_value() -> _warn_once(): point at the line that called log()
-            warnings.warn(message, stacklevel=4)
+            # log() -> _warn_once(): point at the line that called log()
+            warnings.warn(message, stacklevel=3)
 
     def __repr__(self) -> str:
         return (f"Watcher(step={self.step}, flush_every={self.flush_every}, "

@@ -72,6 +72,7 @@ __all__ = [
     "AlertSender",
     "DeliveryError",
     "SEVERITIES",
+    "make_sender",
 ]
 
 from .._ratelimit import LogLimiter
@@ -872,3 +873,24 @@ class AlertSender:
                 self._give_up(d, "sender closed before the next retry")
         finally:
             self._cond.acquire()
+
+
+def make_sender(alerts: Any, alertmanager: str | None, *,
+                registry: CollectorRegistry | None = None,
+                on_error: Callable[[], None] | None = None) -> Any:
+    """The sender for a Watcher's ``alerts=``/``alertmanager=`` arguments, or ``None``.
+
+    ``alerts`` is a ready sender (anything with ``fire``) or a list of sinks;
+    ``alertmanager="http://host:9093"`` adds one Alertmanager sink. A ready sender and a URL
+    together are ambiguous and rejected.
+    """
+    if alerts is None and alertmanager is None:
+        return None
+    if alerts is not None and hasattr(alerts, "fire"):
+        if alertmanager is not None:
+            raise ConfigError("pass either alerts=AlertSender(...) or alertmanager=URL")
+        return alerts
+    sinks = list(alerts or [])
+    if alertmanager is not None:
+        sinks.append(AlertmanagerSink(alertmanager))
+    return AlertSender(sinks, registry=registry, on_error=on_error)

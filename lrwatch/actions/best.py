@@ -32,7 +32,7 @@ import torch
 from ..errors import ConfigError
 from .snapshot import load_verified, save_verified
 
-__all__ = ["BestEval", "BestState", "KEEP_BEST_MODES", "AUTO_METRICS", "mode_for"]
+__all__ = ["BestEval", "BestState", "KEEP_BEST_MODES", "AUTO_METRICS", "mode_for", "keep_best_state"]
 
 log = logging.getLogger("lrwatch")
 
@@ -301,6 +301,29 @@ class BestState:
         self._state = state if self.directory is None else None
         self.copies += 1
         return self._record
+
+
+def keep_best_state(keep_best: bool | str, mode: str, rules: Sequence[Any], *,
+                    snapshot_dir: str | None, filename: str,
+                    on_error: Callable[[], None] | None = None) -> BestState | None:
+    """The best evaluated state a Watcher keeps for ``keep_best``/``keep_best_mode``, or None.
+
+    ``True`` watches ``eval_accuracy`` if it is logged, else ``eval_loss``; a metric name
+    watches that metric; ``False`` keeps nothing, which rules that stop with
+    ``restore: best`` cannot do without (a :class:`ConfigError` names them).
+    """
+    best = None
+    if keep_best is not False:
+        best = BestState(None if keep_best is True else str(keep_best), mode,
+                         directory=snapshot_dir, filename=filename, on_error=on_error)
+    elif mode not in KEEP_BEST_MODES:
+        raise ConfigError(f"keep_best_mode must be one of {list(KEEP_BEST_MODES)}, "
+                          f"got {mode!r}")
+    wants = [r.name for r in rules if r.action_params.get("stop", {}).get("restore") == "best"]
+    if wants and best is None:
+        raise ConfigError(f"rule(s) {wants} stop with restore: best, which needs the best "
+                          f"evaluated state: pass keep_best=True or a metric name, not False")
+    return best
 
 
 def _clone(v: Any) -> Any:

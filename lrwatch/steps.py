@@ -1,0 +1,267 @@
+"""Per-step recording on the device: what the Watcher buffers between two flushes.
+
+A :class:`StepRecorder` turns the optimizer's step hooks and ``log()`` calls into rows of device
+scalars (gradient norms, loss scale, tensor learning rates, logged tensors) and host numbers
+(float learning rates, momenta, step times). Nothing here converts a tensor to a Python number
+until :func:`materialise`, which copies a whole flush to the host in one transfer and turns the
+rows into :class:`~lrwatch.samples.Sample` objects.
+
+It records and nothing else: the Watcher owns the step counter, the flush, the rules and the
+recovery; the recorder is told the step number a new row gets and calls ``on_commit`` when a
+row is complete (the Watcher flushes when enough are waiting).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .distributed import SQ_REP, SQ_SHARD, split_by_placement
+from .probe import LayerIndex, tensor_norms, total_norm
+from .samples import Sample
+
+__all__ = ["Row", "StepRecorder", "as_value", "materialise"]
+
+
+@dataclass
+class Row:
+    """What one optimizer step collected before the flush.
+
+    ``keys[i]`` names the i-th device scalar in ``tensors``; ``host`` holds values that were
+    already Python numbers (learning rates are floats in ``param_groups``).
+    """
+
+    step: int
+    time: float = 0.0
+    keys: list[str] = field(default_factory=list)
+    tensors: list[torch.Tensor] = field(default_factory=list)
+    host: dict[str, float] = field(default_factory=dict)
+    lr: list[float | None] = field(default_factory=list)
+    stepped: bool = False  # the optimizer step (or a skip) has happened for this row
+    logged: bool = False  # watch.log() has delivered this step's values
+
+    def put(self, key: str, value: torch.Tensor | float | int) -> None:
+        if isinstance(value, torch.Tensor):
+            if key in self.keys:  # a second log() of the same step: last value wins
+                self.tensors[self.keys.index(key)] = value
+            else:
+                self.keys.append(key)
+                self.tensors.append(value)
+        else:
+            self.host[key] = float(value)
+
+
+class StepRecorder:
+    """Rows of per-step values, kept on the device until the flush.
+
+    Parameters
+    ----------
+    optimizer:
+        The watched optimizer (its parameter groups give gradients, rates and momenta).
+    device:
+        Where the norms are computed and stacked.
+    layers:
+        Per-layer gradient norms (``None``: the total only).
+    sharded:
+        Gradients are FSDP2/DTensor shards: record sums of squares, added across ranks at the
+        flush.
+    update_ratio, update_ratio_every:
+        Measure ||Δθ||/||θ|| on every k-th step (a parameter copy before those steps).
+    scaler:
+        A ``GradScaler`` whose loss scale is recorded.
+    on_commit:
+        Called after a row is complete; the Watcher flushes from there.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, *,
+                 layers: LayerIndex | None = None, sharded: bool = False,
+                 update_ratio: bool = False, update_ratio_every: int = 10,
+                 scaler: Any = None, on_commit: Callable[[], None] = lambda: None) -> None:
+        self.optimizer = optimizer
+        self.device = device
+        self.layers = layers
+        self.sharded = sharded
+        self.update_ratio = update_ratio
+        self.update_ratio_every = update_ratio_every
+        self.scaler = scaler
+        self.on_commit = on_commit
+        self.rows: list[Row] = []       # committed rows waiting for the flush
+        self.open: Row | None = None    # the row of the step in progress
+        self._last_wall: float | None = None
+        self._ur_armed = False          # the parameters were copied before this step
+        self._prev_params: list[torch.Tensor] | None = None
+
+    def take(self) -> list[Row]:
+        """The committed rows (the open one too once its step happened), emptied."""
+        if self.open is not None and self.open.stepped:
+            self.commit(notify=False)
+        rows, self.rows = self.rows, []
+        return rows
+
+    def commit(self, notify: bool = True) -> None:
+        row = self.open
+        if row is None:
+            return
+        self.open = None
+        self.rows.append(row)
+        if notify:
+            self.on_commit()
+
+    def row_for_log(self, next_step: int) -> Row:
+        """The row a ``log()`` call belongs to.
+
+        A log after the step completes that step's row; a log before the step opens the row of
+        the step about to happen. A second log for a row that already has one starts the next.
+        """
+        row = self.open
+        if row is None or row.logged:
+            if row is not None and row.stepped:
+                self.commit()
+            row = self.open = Row(step=next_step)
+        return row
+
+    def measure_grads(self, next_step: int, *, skipped: bool) -> None:
+        """Gradient norms (and the loss scale) of the step about to happen."""
+        if self.open is not None and self.open.stepped:
+            self.commit()
+        if self.open is None:
+            self.open = Row(step=next_step)
+        row = self.open
+        params = [p for g in self.optimizer.param_groups for p in g["params"]
+                  if p.grad is not None]
+        grads = [p.grad for p in params]
+        if self.sharded:
+            # Sums of squares, rank-local; added across ranks at the flush (one collective).
+            rep, shard = split_by_placement(grads)  # type: ignore[arg-type]
+            for prefix, part in ((SQ_REP, rep), (SQ_SHARD, shard)):
+                row.put(prefix + "grad_norm", total_norm(tensor_norms(part), self.device).square())
+            norms = []
+        else:
+            norms = tensor_norms(grads)  # type: ignore[arg-type]
+            row.put("grad_norm", total_norm(norms, self.device))
+        if self.layers is not None and norms:
+            per = self.layers.per_layer(params, norms, self.device)
+            for i, label in enumerate(self.layers.labels):
+                row.put(f"grad_norm/{label}", per[i])
+        self._ur_armed = False
+        if self.update_ratio and not skipped and row.step % self.update_ratio_every == 0:
+            self._snapshot_params()
+            self._ur_armed = True
+        if self.scaler is not None:
+            scale = getattr(self.scaler, "_scale", None)
+            if isinstance(scale, torch.Tensor):
+                row.put("loss_scale", scale.detach().reshape(()).float().clone())
+        if skipped:
+            row.host["skipped"] = 1.0
+
+    def finish_step(self, step: int) -> tuple[Row, float | None]:
+        """Record that the optimizer step ``step`` happened: rates, momenta, the step time.
+
+        Returns the row and the seconds since the previous step (``None`` for the first)."""
+        if self.open is None:  # the pre-hook failed; record the step anyway
+            self.open = Row(step=step)
+        row = self.open
+        if self._ur_armed and "skipped" not in row.host:
+            row.put("update_ratio", self._measure_update_ratio())
+            self._ur_armed = False
+        self._record_groups(row)
+        now = time.perf_counter()
+        seconds = None if self._last_wall is None else now - self._last_wall
+        if seconds is not None:
+            row.host["step_time_seconds"] = seconds
+        self._last_wall = now
+        row.time = time.time()
+        row.stepped = True
+        row.step = step
+        return row, seconds
+
+    def _record_groups(self, row: Row) -> None:
+        for i, group in enumerate(self.optimizer.param_groups):
+            lr = group.get("lr")
+            if isinstance(lr, torch.Tensor):  # capturable / tensor LR: stays on the device
+                row.put(f"lr/{i}", lr.detach().reshape(()).float().clone())
+                row.lr.append(None)
+            elif lr is not None:
+                row.lr.append(float(lr))
+            mom = group.get("momentum")
+            if mom is None and isinstance(group.get("betas"), (tuple, list)):
+                mom = group["betas"][0]
+            if isinstance(mom, (int, float)):
+                row.host[f"momentum/{i}"] = float(mom)
+
+    def _snapshot_params(self) -> None:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        with torch.no_grad():
+            if self._prev_params is None or len(self._prev_params) != len(params) or any(
+                    a.shape != b.shape for a, b in zip(self._prev_params, params)):
+                self._prev_params = [p.detach().clone() for p in params]
+            elif hasattr(torch, "_foreach_copy_"):
+                torch._foreach_copy_(self._prev_params, [p.detach() for p in params])
+            else:  # pragma: no cover
+                for a, b in zip(self._prev_params, params):
+                    a.copy_(b)
+
+    def _measure_update_ratio(self) -> torch.Tensor:
+        params = [p.detach() for g in self.optimizer.param_groups for p in g["params"]]
+        prev = self._prev_params
+        assert prev is not None
+        with torch.no_grad():
+            torch._foreach_sub_(prev, params)  # prev now holds -Δθ; it is refilled next step
+            delta = total_norm(tensor_norms(prev), self.device)
+            theta = total_norm(tensor_norms(params), self.device)
+            return delta / theta.clamp_min(1e-12)
+
+
+def as_value(key: str, value: Any) -> tuple[torch.Tensor | float | None, str | None]:
+    """A logged value as a detached device scalar or a float, or ``(None, why)``."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            return None, (f"lrwatch: log({key}=...) needs a scalar, got a tensor of shape "
+                          f"{tuple(value.shape)}; value ignored")
+        return value.detach().reshape(()).float().clone(), None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None, (f"lrwatch: log({key}=...) needs a number or a scalar tensor, got "
+                      f"{type(value).__name__}; value ignored")
+    return float(value), None
+
+
+def materialise(rows: Sequence[Row], extra: Sequence[torch.Tensor], device: torch.device,
+                batch_size: int | None) -> tuple[list[Sample], list[float]]:
+    """The rows as samples, and the host values of ``extra`` device scalars (pending
+    evaluations), all from one transfer."""
+    flat = [t for r in rows for t in r.tensors] + list(extra)
+    host_vals: list[float] = []
+    if flat:
+        # One transfer for the whole flush.
+        host_vals = torch.stack([t.to(device) for t in flat]).cpu().tolist()
+    extra_vals = host_vals[len(host_vals) - len(extra):] if extra else []
+    samples: list[Sample] = []
+    pos = 0
+    for r in rows:
+        values = dict(zip(r.keys, host_vals[pos:pos + len(r.keys)]))
+        pos += len(r.keys)
+        samples.append(_sample(r, values, batch_size))
+    return samples, extra_vals
+
+
+def _sample(r: Row, values: dict[str, float], batch_size: int | None) -> Sample:
+    for k, v in r.host.items():
+        if not k.startswith("_"):
+            values[k] = v
+    lrs = [values.pop(f"lr/{i}", lr) if lr is None else lr for i, lr in enumerate(r.lr)]
+    lr_groups = tuple(float(x) for x in lrs if x is not None) or None
+    if lr_groups:
+        values["lr"] = lr_groups[0]
+    if "loss" in values:
+        values["nonfinite_loss"] = 0.0 if math.isfinite(values["loss"]) else 1.0
+    if "grad_norm" in values:
+        values["nonfinite_grad"] = 0.0 if math.isfinite(values["grad_norm"]) else 1.0
+    batch = r.host.get("_batch", batch_size)
+    st = values.get("step_time_seconds")
+    if batch and st and st > 0:
+        values["samples_per_second"] = batch / st
+    return Sample(step=r.step, time=r.time or None, values=values, lr_groups=lr_groups)

@@ -44,6 +44,58 @@ def _flag(name: str, v: Any) -> bool:
     return v
 
 
+#: Config file sections: key -> (DaemonConfig field, conversion). Conversions: ``None`` keeps
+#: the value, ``"path"`` resolves it against the config file's folder, ``"path?"`` does so
+#: only when it is set, ``"flag"`` accepts booleans only, or a callable.
+_Spec = Mapping[str, "tuple[str, Any]"]
+_SECTIONS: dict[str, _Spec] = {
+    "listen": {"host": ("host", None), "port": ("port", None)},
+    "limits": {k: (k, None) for k in ("max_body_bytes", "max_queue_records",
+                                      "max_pending_labels", "max_line_bytes",
+                                      "max_string_chars", "max_features")},
+    "http": {**{k: (k, None) for k in ("max_connections", "backlog", "header_timeout",
+                                       "read_timeout", "keep_alive_timeout")},
+             "tls_certfile": ("tls_certfile", "path?"), "tls_keyfile": ("tls_keyfile", "path?")},
+    "reference": {"path": ("reference", "path"), "live_records": ("live_records", None)},
+    "window": {"size": ("window_size", None), "seconds": ("window_seconds", float)},
+    "drift": {**{k: (k, None) for k in ("target_windows", "min_effect", "min_effect_categorical",
+                                        "min_missing_delta", "sequential", "seq_min_effect",
+                                        "calibration_sims")},
+              "joint": ("joint_drift", "flag")},
+    "labels": {"horizon_seconds": ("label_horizon_seconds", None)},
+    "estimation": {"enabled": ("estimation", "flag"),
+                   "min_window_labels": ("estimation_min_window_labels", None)},
+    "alerts": {"alertmanager": ("alertmanager", None), "webhook": ("webhook", None),
+               "log": ("log_alerts", bool), "resend_interval": ("resend_interval", float)},
+    "hook": {"argv": ("hook_argv", None), "cooldown": ("hook_cooldown", None),
+             "timeout": ("hook_timeout", None), "rules": ("hook_rules", None)},
+}
+
+
+def _section(d: Mapping[str, Any], name: str, spec: _Spec) -> dict[str, Any]:
+    """One section of the config file, checked against the keys it may have."""
+    s = d.get(name) or {}
+    if not isinstance(s, dict):
+        raise ConfigError(f"config '{name}' must be a mapping")
+    bad = set(s) - set(spec)
+    if bad:
+        raise ConfigError(f"unknown keys {sorted(bad)} in '{name}'; valid: "
+                          f"{', '.join(sorted(spec))}")
+    return s
+
+
+def _convert(name: str, convert: Any, value: Any, path: Any) -> Any:
+    if convert is None:
+        return value
+    if convert == "path":
+        return path(value)
+    if convert == "path?":
+        return path(value) if value else value
+    if convert == "flag":
+        return _flag(name, value)
+    return convert(value)
+
+
 @dataclass
 class DaemonConfig:
     host: str = "127.0.0.1"
@@ -123,71 +175,29 @@ class DaemonConfig:
     def from_mapping(cls, d: Mapping[str, Any], *, base_dir: str = ".") -> "DaemonConfig":
         """Read the config file's structure (see the module docstring)."""
         d = dict(d or {})
-        kw: dict[str, Any] = {}
-        known = {"listen", "auth", "limits", "http", "reference", "window", "drift", "state_dir",
-                 "snapshot_interval", "tail", "rules", "alerts", "hook", "seed", "labels",
-                 "estimation"}
+        known = {"state_dir", "snapshot_interval", "tail", "rules", "seed", "auth", *_SECTIONS}
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"unknown config keys {sorted(unknown)}; valid keys: "
                               f"{', '.join(sorted(known))}")
 
-        def sec(name: str, keys: set[str]) -> dict[str, Any]:
-            s = d.get(name) or {}
-            if not isinstance(s, dict):
-                raise ConfigError(f"config '{name}' must be a mapping")
-            bad = set(s) - keys
-            if bad:
-                raise ConfigError(f"unknown keys {sorted(bad)} in '{name}'; valid: "
-                                  f"{', '.join(sorted(keys))}")
-            return s
-
         def path(p: Any) -> Any:
             return p if p is None or os.path.isabs(p) else os.path.join(base_dir, p)
 
-        listen = sec("listen", {"host", "port"})
-        kw.update(listen)
-        auth = sec("auth", {"token", "token_file"})
+        kw: dict[str, Any] = {}
+        for name, spec in _SECTIONS.items():
+            for key, value in _section(d, name, spec).items():
+                field_name, convert = spec[key]
+                kw[field_name] = _convert(f"{name}.{key}", convert, value, path)
+        auth = _section(d, "auth", {"token": ("", None), "token_file": ("", None)})
         if auth.get("token_file"):
             with open(path(auth["token_file"]), encoding="utf-8") as fh:
                 kw["token"] = fh.read().strip()
         elif auth.get("token"):
             kw["token"] = str(auth["token"])
-        limits = sec("limits", {"max_body_bytes", "max_queue_records", "max_pending_labels",
-                                "max_line_bytes", "max_string_chars", "max_features"})
-        kw.update(limits)
-        http = sec("http", {"max_connections", "backlog", "header_timeout", "read_timeout",
-                            "keep_alive_timeout", "tls_certfile", "tls_keyfile"})
-        for k in ("tls_certfile", "tls_keyfile"):
-            if http.get(k):
-                http[k] = path(http[k])
-        kw.update(http)
-        ref = sec("reference", {"path", "live_records"})
-        if "path" in ref:
-            kw["reference"] = path(ref["path"])
-        if "live_records" in ref:
-            kw["live_records"] = ref["live_records"]
-        win = sec("window", {"size", "seconds"})
-        if "size" in win:
-            kw["window_size"] = win["size"]
-        if "seconds" in win:
-            kw["window_seconds"] = float(win["seconds"])
-        drift = sec("drift", {"target_windows", "min_effect", "min_effect_categorical",
-                              "min_missing_delta", "sequential", "seq_min_effect",
-                              "calibration_sims", "joint"})
-        if "calibration_sims" in drift:
-            kw["calibration_sims"] = drift.pop("calibration_sims")
-        if "joint" in drift:
-            kw["joint_drift"] = _flag("drift.joint", drift.pop("joint"))
-        kw.update(drift)
-        labels = sec("labels", {"horizon_seconds"})
-        if "horizon_seconds" in labels:
-            kw["label_horizon_seconds"] = labels["horizon_seconds"]
-        est = sec("estimation", {"enabled", "min_window_labels"})
-        if "enabled" in est:
-            kw["estimation"] = _flag("estimation.enabled", est["enabled"])
-        if "min_window_labels" in est:
-            kw["estimation_min_window_labels"] = est["min_window_labels"]
+        for k in ("alertmanager", "webhook"):   # one URL or a list of them
+            v = kw.get(k) or []
+            kw[k] = [v] if isinstance(v, str) else list(v)
         if d.get("state_dir"):
             kw["state_dir"] = path(d["state_dir"])
         for k in ("snapshot_interval", "seed"):
@@ -197,20 +207,6 @@ class DaemonConfig:
             kw["tail"] = [path(p) for p in d["tail"]]
         if d.get("rules"):
             kw["rules"] = path(d["rules"])
-        alerts = sec("alerts", {"alertmanager", "webhook", "log", "resend_interval"})
-        for k in ("alertmanager", "webhook"):
-            v = alerts.get(k) or []
-            kw[k] = [v] if isinstance(v, str) else list(v)
-        if "log" in alerts:
-            kw["log_alerts"] = bool(alerts["log"])
-        if "resend_interval" in alerts:
-            kw["resend_interval"] = float(alerts["resend_interval"])
-        hook = sec("hook", {"argv", "cooldown", "timeout", "rules"})
-        if "argv" in hook:
-            kw["hook_argv"] = hook["argv"]
-        for k in ("cooldown", "timeout", "rules"):
-            if k in hook:
-                kw[f"hook_{k}"] = hook[k]
         return cls(**kw)
 
     @classmethod

@@ -80,6 +80,10 @@ KNOBS: tuple[Knob, ...] = (
          "the same for the evaluation loss, which over-fitting raises more"),
     Knob("eval_loss_far_above_best", "params.count", (3, 1, 2, 4),
          "how many evaluations in a row"),
+    Knob("lr_annealed", "params.factor", (0.05, 0.02, 0.1),
+         "the share of its largest rate below which an annealed schedule freezes evaluations "
+         "(eval_loss_frozen's rtol over the per-evaluation change of healthy runs at full "
+         "rate: 0.02-0.18 by family, 0.05 pooled)"),
     Knob("eval_loss_above_best", "params.z", (4.0, 3.0, 6.0, 8.0),
          "how far above its best the evaluation loss must be when the accuracy fell too "
          "(eval_regression_both)"),

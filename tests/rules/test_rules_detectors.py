@@ -310,6 +310,7 @@ FACTORIES = {
     "rate": lambda: Rate(above=1.0, below=0.1),
     "staleness": lambda: Staleness(seconds=2.5, samples=3),
     "above_min": lambda: DETECTORS["above_min"](window=6, factor=1.5),
+    "below_max": lambda: DETECTORS["below_max"](factor=0.2),
 }
 
 
@@ -325,6 +326,34 @@ def test_above_min_against_the_plain_window_minimum():
         assert det.statistic == pytest.approx(ratio)
         assert fired == (ratio >= 1.5)
     assert det.update(-1.0) is None and det.update(NAN) is None
+
+
+def test_below_max_against_the_running_maximum():
+    rng = random.Random(8)
+    det = DETECTORS["below_max"](factor=0.2)
+    seen: list[float] = []
+    for i in range(400):  # a cosine schedule with noise, to zero
+        x = max(0.0, 0.5 * (1 + math.cos(math.pi * i / 399)) * math.exp(rng.gauss(0, 0.05)))
+        fired = det.update(x)
+        seen.append(x)
+        assert fired == (x <= 0.2 * max(seen)) and det.statistic == pytest.approx(x / max(seen))
+    assert det.update(-1.0) is None and det.update(NAN) is None
+    assert DETECTORS["below_max"](factor=0.5).update(0.0) is None   # no maximum yet
+
+
+def test_below_max_counts_levels_that_lasted():
+    rng = random.Random(9)
+    det = DETECTORS["below_max"](factor=0.3, hold=4)
+    seen: list[float] = []
+    for _ in range(300):
+        x = rng.choice([0.01, 0.02, 0.05, 1.0]) if rng.random() < 0.2 else 0.01
+        fired = det.update(x)
+        seen.append(x)
+        levels = [min(seen[i - 3:i + 1]) for i in range(3, len(seen))]
+        if not levels:
+            assert fired is None
+            continue
+        assert fired == (x <= 0.3 * max(levels))
 
 
 def test_factories_cover_every_detector():

@@ -34,6 +34,7 @@ FACTORIES = {
     "rate": lambda: DETECTORS["rate"](above=1.0, below=0.1, counter=True),
     "staleness": lambda: DETECTORS["staleness"](seconds=2.5, samples=3),
     "above_min": lambda: DETECTORS["above_min"](window=6, factor=1.5),
+    "below_max": lambda: DETECTORS["below_max"](factor=0.2),
 }
 
 

@@ -14,6 +14,7 @@ from ...errors import ConfigError
 from .above_min import AboveMin
 from .base import Detector, Param
 from .baseline import Baseline
+from .below_max import BelowMax
 from .cusum import Cusum
 from .drop import Drop
 from .ema_ratio import EmaRatio
@@ -32,7 +33,7 @@ from .untrained import Untrained
 
 __all__ = [
     "DETECTORS", "Detector", "Param", "make_detector",
-    "AboveMin", "Baseline", "Cusum", "Drop", "EmaRatio", "Frozen", "NonFinite", "PageHinkley", "Plateau", "Rate",
+    "AboveMin", "Baseline", "BelowMax", "Cusum", "Drop", "EmaRatio", "Frozen", "NonFinite", "PageHinkley", "Plateau", "Rate",
     "Regression", "Spike", "Staleness", "StartRatio", "Threshold", "Trend", "Untrained",
 ]
 
@@ -40,7 +41,7 @@ __all__ = [
 DETECTORS: Mapping[str, type[Detector]] = MappingProxyType({
     cls.name: cls for cls in (NonFinite, Threshold, Spike, EmaRatio, Cusum, PageHinkley, Trend,
                               Regression, Plateau, Baseline, StartRatio, Rate, Staleness,
-                              Untrained, Frozen, Drop, AboveMin)
+                              Untrained, Frozen, Drop, AboveMin, BelowMax)
 })
 
 

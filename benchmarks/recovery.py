@@ -1074,7 +1074,10 @@ FAM_VERSION = 4
 FAM_ARMS = {"measured": {"probe": "auto"}, "fixed": {"probe": "off"}}   # the ablation
 #: Arms outside the suite's table (``benchmarks/recovery_preflight.py``): the pre-flight check.
 FAM_EXTRA_ARMS = {f"lr_check{n}": {"probe": "off", "lr_check": "auto", "lr_check_steps": n}
-                  for n in (15, 30)}
+                  for n in (11, 15, 30)}
+#: Bumped when the pre-flight check itself changes (2: scored on a fixed batch), so that its
+#: arms rerun while the bare runs and the suite's arms stay cached.
+FAM_CHECK_VERSION = 2
 
 
 def _fam_stream(task: Any, data: Any, seed: int) -> Any:
@@ -1104,7 +1107,7 @@ def fam_run(task_name: str, opt: str, mult: float, seed: int, *, fault: str | No
     # bare runs do not depend on lrwatch's version: only the arms are rerun when it changes
     key = f"{FAM_VERSION if arm else 1}/{task_name}/{opt}/{mult}/{seed}/{fault}/{arm}"
     if arm in FAM_EXTRA_ARMS:
-        key += "/" + json.dumps(FAM_EXTRA_ARMS[arm], sort_keys=True)
+        key += "/" + json.dumps(FAM_EXTRA_ARMS[arm], sort_keys=True) + f"/{FAM_CHECK_VERSION}"
     if arm is not None:   # the arms act on the rules: a changed pack (or --rules FILE) reruns them
         from lrwatch.rules.schema import pack_text
 

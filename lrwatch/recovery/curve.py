@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from ..errors import ConfigError
 
 __all__ = ["LRCurve", "geometric_rates", "RangeTest", "SUGGEST_RULES", "suggest",
-           "DEFAULT_FRACTION", "preflight_factor"]
+           "DEFAULT_FRACTION", "preflight_factor", "preflight_turn"]
 
 #: How a curve becomes one rate (see :func:`suggest`).
 SUGGEST_RULES = ("stable", "steepest", "min10")
@@ -250,24 +250,61 @@ def suggest(lrs: Sequence[float], smoothed: Sequence[float], rule: str = "stable
     return stable, steep, f * stable, f"{f:g} x the largest stable rate {stable:.3g}{top}"
 
 
+def preflight_turn(lrs: Sequence[float], losses: Sequence[float], baseline: float,
+                   lr: float) -> int | None:
+    """Where a pre-flight curve shows the configured rate ``lr`` past the edge: the index of
+    the curve's lowest loss, or ``None`` when ``lr`` stands.
+
+    ``losses`` is the loss of one *fixed* batch after each step (the pre-flight check's
+    reference batch), ``baseline`` its loss before the first step. Without batch noise a
+    rise of that curve is the model getting worse, but a network at a good rate can still
+    wobble by a few percent near the edge. Two conditions make the turn unmistakable without a
+    tuned margin: the loss rose above ``baseline`` (the steps at rates up to ``lr`` undid
+    *all* the progress the test made: a wobble only gives back part of it) and the test's
+    lowest loss comes before that rise (the loss never recovered at any higher rate either).
+    Only rises at rates ``<= lr`` count: a turn at a higher rate says nothing against ``lr``.
+    A turn right after the first step (lowest loss at index 0) gives no stable rate to use.
+
+    >>> lrs = [1e-3, 1e-2, 1e-1, 1.0]
+    >>> preflight_turn(lrs, [1.9, 1.5, 2.5, 9.0], 2.0, 0.1)   # above 2.0 at 0.1: past the edge
+    1
+    >>> preflight_turn(lrs, [1.9, 1.5, 1.8, 9.0], 2.0, 0.1)   # a wobble below the baseline
+    >>> preflight_turn(lrs, [1.9, 1.5, 2.5, 1.2], 2.0, 0.1)   # and recovered at a higher rate
+    """
+    raw = [x if math.isfinite(x) else math.inf for x in losses]
+    if not raw or not math.isfinite(baseline):
+        return None
+    low = min(range(len(raw)), key=lambda i: raw[i])
+    for j in range(low + 1, len(raw)):
+        if lrs[j] > lr:
+            return None
+        if raw[j] > baseline:
+            return low if low > 0 else None
+    return None
+
+
 def preflight_factor(curve: LRCurve, lr: float) -> float | None:
     """What a pre-flight range test around the configured rate ``lr`` says to do: the factor
     to scale the run's rates by, or ``None`` to keep them.
 
-    The test ran from ``lr / 1000`` to ``10 lr`` before the first step. Only when the loss
-    turned up (or blew up) *below* ``lr`` is the configured rate past the edge of stability
-    for this network: the run then starts at the curve's suggestion (``fraction`` x the largest
-    stable rate) instead. A curve that never turned up, or turned up above ``lr``, keeps the
-    configured rate: a short test from the untrained state cannot tell a good rate from a
-    slightly better one, only a rate that blows up.
+    The test ran from ``lr / 1000`` to ``10 lr`` before the first step and recorded, after each
+    step, the loss of one fixed batch (``curve.extra["baseline"]`` is that loss before the
+    first step; a curve of training-batch losses without it uses its first loss). When
+    :func:`preflight_turn` finds the configured rate past the edge, the run starts at
+    ``curve.fraction`` x the rate of the curve's lowest loss (the largest stable rate, read off
+    the raw curve: a fixed batch's curve has no batch noise to smooth, and a centred smoother
+    would pull a blow-up at a higher rate back onto the rates below it).
 
     >>> c = LRCurve([1e-3, 1e-2, 1e-1], [2.0, 1.5, 9.0], [2.0, 1.5, 9.0], "diverged",
     ...             largest_stable=1e-2, steepest=None, suggestion=3e-3, rule="stable",
-    ...             fraction=0.3)
-    >>> preflight_factor(c, 0.1), preflight_factor(c, 0.005)
+    ...             fraction=0.3, extra={"baseline": 2.1})
+    >>> round(preflight_factor(c, 0.1), 6), preflight_factor(c, 0.005)
     (0.03, None)
     """
-    stable, sugg = curve.largest_stable, curve.suggestion
-    if stable is None or sugg is None or not (lr > 0 and stable < lr and 0 < sugg < lr):
+    if not (lr > 0 and curve.losses):
         return None
-    return sugg / lr
+    baseline = float(curve.extra.get("baseline", curve.losses[0]))
+    low = preflight_turn(curve.lrs, curve.losses, baseline, lr)
+    if low is None:
+        return None
+    return curve.fraction * curve.lrs[low] / lr

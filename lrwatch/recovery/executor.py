@@ -21,7 +21,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from ..actions.rollback import scale_learning_rate
 from ..actions.snapshot import Snapshot, restore_state
 from .policy import CONTROL_ACTIONS, EXIT_BUDGET, Plan, Progress, SnapshotInfo
-from .probe import check_rate, configured_rate, probe_rate
+from .probe import check_cost, check_rate, configured_rate, probe_rate
 
 __all__ = ["PlanExecutor"]
 
@@ -229,7 +229,7 @@ class PlanExecutor:
         assert self.recovery is not None and self._probe_loss is not None
         first = list(itertools.islice(it, self.recovery.lr_check_steps))
         lr = configured_rate(self.optimizer, self.scheduler, self.policy.lr_scale)
-        factor, steps, why = None, 0, "no batch to test on"
+        factor, steps, cost, why = None, 0, 0, "no batch to test on"
         if first:
             self._probing = True
             try:
@@ -237,25 +237,30 @@ class PlanExecutor:
                     self.model, self.optimizer, self.scheduler, self.scaler, first,
                     self._probe_loss, lr, self.recovery.lr_check_steps,
                     process_group=self.dist.group if self.dist.active else None)
-                steps, why = curve.steps, curve.reason
+                steps, cost = curve.steps, check_cost(curve)
+                why = ("the loss of a fixed batch rose above its starting level at a rate up "
+                       "to the configured one" if factor is not None else
+                       "no rise above the starting level at rates up to the configured one")
             except Exception:
                 self._internal_error("checking the learning rate before the first step")
                 why = "the range test failed; the configured rate stands"
             finally:
                 self._probing = False
-        self.policy.lr_checked(steps)
+        self.policy.lr_checked(cost)
         if factor is not None:
             scale_learning_rate(self.optimizer, self.scheduler, factor)
             self._retake_initial_snapshot()
-            log.warning("lrwatch: learning-rate check: the loss turned up below the configured "
-                        "rate %.3g in a %d-step range test; starting at %.3g (x%.3g): %s",
-                        lr, steps, lr * factor, factor, why, extra=_EVENT)
+            log.warning("lrwatch: learning-rate check: in a %d-step range test the loss of a "
+                        "fixed batch rose above its starting level at rates up to the "
+                        "configured %.3g; starting at %.3g (x%.3g)",
+                        steps, lr, lr * factor, factor, extra=_EVENT)
             self.exporter.actions.labels("lr_check").inc()
         else:
             log.info("lrwatch: learning-rate check (%d steps): the configured rate %.3g "
                      "stands", steps, lr)
         self._late_records.append({"type": "lr_check", "step": self.step, "steps": steps,
-                                   "lr": lr, "lr_factor": factor if factor is not None else 1.0,
+                                   "cost_steps": cost, "lr": lr,
+                                   "lr_factor": factor if factor is not None else 1.0,
                                    "reason": why})
         return itertools.chain(first, it)
 

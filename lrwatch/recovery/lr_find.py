@@ -156,15 +156,25 @@ def _cycle(batches: Iterable[Any]) -> Iterator[Any]:
 
 def run_range_test(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    batches: Iterator[Any], batch_loss: BatchLoss, test: RangeTest, *,
-                   scaler: Any = None, reduce: Callable[[float], float] | None = None
-                   ) -> LRCurve:
+                   scaler: Any = None, reduce: Callable[[float], float] | None = None,
+                   reference: Any = None) -> LRCurve:
     """Run the steps of ``test`` on the model as it is (the caller saves and restores).
 
     ``reduce`` turns a rank's loss into the loss every rank agrees on (a mean over the
     process group), so that all ranks stop at the same step and suggest the same rate.
+
+    With a ``reference`` batch, the curve is the loss of that one batch, evaluated (one
+    forward, no backward, dropout off) before the first step and after each step, instead of
+    the loss of the batch just trained on: its changes are the model's, not the differences
+    between batches. ``curve.extra`` then has ``baseline`` (the loss before the first step),
+    ``forwards`` (the extra forwards run) and ``batch_losses`` (the training batches' losses).
     """
     ratios = _group_ratios(optimizer)
     model.train()
+    agree = reduce if reduce is not None else (lambda x: x)
+    baseline = agree(reference_loss(model, batch_loss, reference)) if reference is not None \
+        else None
+    trained: list[float] = []
     while (lr := test.next_lr) is not None:
         _set_rate(optimizer, ratios, lr)
         batch = next(batches)
@@ -177,12 +187,32 @@ def run_range_test(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         else:
             loss.backward()
             optimizer.step()
-        value = float(loss.detach())   # one host sync per probe step: the probe must decide
-        if reduce is not None:
-            value = reduce(value)
+        value = agree(float(loss.detach()))   # one host sync per probe step: it must decide
+        if reference is not None:
+            trained.append(value)
+            value = agree(reference_loss(model, batch_loss, reference))
         if test.update(value):
             break
-    return test.curve()
+    curve = test.curve()
+    if reference is not None:
+        curve.extra.update(baseline=baseline, forwards=len(trained) + 1, batch_losses=trained)
+    return curve
+
+
+def reference_loss(model: torch.nn.Module, batch_loss: BatchLoss, batch: Any) -> float:
+    """The loss of ``batch`` without a gradient and with dropout off (so the same weights give
+    the same loss); other modules keep their mode (batch norm in training mode normalises
+    with the batch's own statistics, as in the training step)."""
+    drop = [m for m in model.modules()
+            if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training]
+    for m in drop:
+        m.eval()
+    try:
+        with torch.no_grad():
+            return float(batch_loss(model, batch))
+    finally:
+        for m in drop:
+            m.train()
 
 
 def _dist_mean(group: Any) -> Callable[[float], float] | None:

@@ -66,20 +66,21 @@ class RecoveryConfig:
     lr_check:
         ``"auto"``: before the first step, a Watcher given ``probe_loss`` runs a short range
         test (``lr_check_steps`` steps from ``lr / 1000`` to ``10 lr`` on the first batches,
-        which are then trained on as usual; everything the test touches is restored) and,
-        when the loss turns up *below* the configured rate, starts the run at the test's
-        suggestion instead (:func:`lrwatch.recovery.curve.preflight_factor`). A rate that is
-        past the edge of stability is then never trained at: runs that would blow up and
-        then sit dead, which no rule can tell from a slow start until dozens of steps later,
-        start right. Its steps count against the run's budget like a probe's. ``"off"``
-        (default): the configured rate is trained at. Off by default because 15 steps from an
-        untrained state cannot always tell batch noise from a turn: on the family suite (two
-        seeds) it healed 40 of 77 would-diverge runs against 26 without it, but kept 28 of 36
-        runs at the tuned rate healthy against 32 (an autoencoder whose batch losses jump 3x
-        from batch to batch was cut a thousandfold; ``benchmarks/recovery_preflight.py``,
-        ``docs/recovery.md``).
+        which are then trained on as usual; everything the test touches is restored), scored
+        on the loss of *one fixed batch* after every step (one extra forward each), and, when
+        that loss rises above its starting level at a rate up to the configured one and never
+        comes back (:func:`lrwatch.recovery.curve.preflight_turn`), starts the run at 0.3x the
+        rate of the curve's lowest point instead. Its steps and forwards (a third of a step
+        each) count against the run's budget like a probe's. ``"off"`` (default): the
+        configured rate is trained at. Off by default because it hardly heals more than the
+        rules alone: scoring a fixed batch removed the batch noise that made the first version
+        cut good rates (an autoencoder cut a thousandfold), and no run at a tuned rate was cut
+        on three seeds of the family suite, but most would-diverge runs there fail after dozens
+        of steps of falling loss, which a test from the untrained state does not see
+        (``benchmarks/recovery_preflight.py``, ``docs/recovery.md``).
     lr_check_steps:
-        The pre-flight test's steps (at least 3).
+        The pre-flight test's steps (at least 3). 11 (default): with its 12 forwards, 15
+        steps' worth, 5% of a 300-step budget.
     probe_steps, probe_span, probe_fraction:
         The probe's steps (they count against the run's budget and are reported), the range
         it spans below the failed rate (rates from ``failed / probe_span`` up to the failed
@@ -130,7 +131,7 @@ class RecoveryConfig:
     probe_span: float = 1000.0
     probe_fraction: float = 0.3
     lr_check: str = "off"
-    lr_check_steps: int = 15
+    lr_check_steps: int = 11
     sudden_lr_factor: float = 1.0
     sudden_margin: int = 10
     max_rollbacks: int = 5

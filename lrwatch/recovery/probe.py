@@ -12,16 +12,18 @@ same rate.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
-from .curve import LRCurve, RangeTest, geometric_rates, preflight_factor
-from .lr_find import BatchLoss, SavedTraining, _cycle, _dist_mean, lr_find, run_range_test
+from .curve import DEFAULT_FRACTION, LRCurve, RangeTest, geometric_rates, preflight_factor
+from .lr_find import BatchLoss, SavedTraining, _cycle, _dist_mean, run_range_test
 from .policy import RecoveryConfig
 
-__all__ = ["probe_rate", "ProbeResult", "configured_rate", "check_rate"]
+__all__ = ["probe_rate", "ProbeResult", "configured_rate", "check_rate", "check_cost",
+           "FORWARD_COST"]
 
 
 @dataclass
@@ -59,14 +61,35 @@ def probe_rate(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     return ProbeResult(measured, curve.steps, failed_lr, curve)
 
 
+#: A forward pass without a backward, in training steps: a third (the backward costs about
+#: two forwards in FLOPs). Measured on the family suite's CPU tasks it is 0.04-0.22 of a
+#: step (``benchmarks/recovery_preflight.py --cost``), so booking a third is on the safe side.
+FORWARD_COST = 1.0 / 3.0
+
+
+def check_cost(curve: LRCurve) -> int:
+    """What a pre-flight test cost in training steps: its steps plus its reference forwards
+    at :data:`FORWARD_COST`, rounded up (booked against the run's budget)."""
+    forwards = int(curve.extra.get("forwards", 0))
+    return curve.steps + math.ceil(forwards * FORWARD_COST - 1e-9)
+
+
 def check_rate(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                scaler: Any, batches: Sequence[Any], batch_loss: BatchLoss, lr: float,
                steps: int, process_group: Any = None) -> tuple[float | None, LRCurve]:
     """The pre-flight check (``RecoveryConfig.lr_check``): a ``steps``-step range test from
-    ``lr / 1000`` to ``10 lr`` on ``batches`` with everything restored after it, and the
-    factor to start the run at (:func:`~lrwatch.recovery.curve.preflight_factor`; ``None``:
-    keep ``lr``)."""
-    curve = lr_find(model, optimizer, list(batches), batch_loss=batch_loss, scheduler=scheduler,
-                    scaler=scaler, min_lr=lr / 1000.0, max_lr=lr * 10.0, num_steps=steps,
-                    process_group=process_group)
+    ``lr / 1000`` to ``10 lr`` on ``batches``, scored on the first batch's loss after every
+    step (one extra forward each: the curve then follows the model, not the differences
+    between batches), with everything restored after it, and the factor to start the run at
+    (:func:`~lrwatch.recovery.curve.preflight_factor`; ``None``: keep ``lr``)."""
+    batches = list(batches)
+    test = RangeTest(geometric_rates(lr / 1000.0, lr * 10.0, steps), beta=0.9,
+                     fraction=DEFAULT_FRACTION)
+    saved = SavedTraining.capture(model, optimizer, scheduler, scaler)
+    try:
+        curve = run_range_test(model, optimizer, _cycle(batches), batch_loss, test,
+                               scaler=scaler, reduce=_dist_mean(process_group),
+                               reference=batches[0])
+    finally:
+        saved.restore(model, optimizer, scheduler, scaler)
     return preflight_factor(curve, lr), curve

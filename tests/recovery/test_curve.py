@@ -87,3 +87,34 @@ def test_update_after_the_end_is_an_error() -> None:
     t = _run([1.0, 0.5, 0.2], n=3)
     with pytest.raises(RuntimeError, match="over"):
         t.update(0.1)
+
+
+def test_preflight_turn_needs_a_rise_above_the_start_at_rates_up_to_lr() -> None:
+    from lrwatch.recovery.curve import preflight_turn
+
+    lrs = [10 ** (-3 + i / 2) for i in range(9)]          # 1e-3 .. 10, lr = 1 at index 6
+    base = 2.0
+    # past the edge: the loss climbs back above its start at 0.32 (index 5), below lr
+    assert preflight_turn(lrs, [2, 1.9, 1.7, 1.4, 1.2, 2.4, 6, 20, math.nan], base, 1.0) == 4
+    # a non-finite loss at a rate below lr is a rise too
+    assert preflight_turn(lrs, [2, 1.9, 1.7, 1.4, math.inf], base, 1.0) == 3
+    # a wobble that gives back part of the progress is not a turn
+    assert preflight_turn(lrs, [2, 1.9, 1.7, 1.4, 1.2, 1.6, 1.1, 5, 9], base, 1.0) is None
+    # above the start, but the loss falls to a new low at a higher rate: no turn
+    assert preflight_turn(lrs, [1.9, 1.8, 2.1, 1.4, 1.2, 1.1, 1.0, 5, 9], base, 1.0) is None
+    # the rise comes only above lr: lr stands
+    assert preflight_turn(lrs, [2, 1.9, 1.7, 1.4, 1.2, 1.1, 1.0, 5, 9], base, 1.0) is None
+    # at the very first rate: no stable rate to start from
+    assert preflight_turn(lrs, [1.9, 2.5, 9.0], base, 1.0) is None
+
+
+def test_preflight_factor_scales_to_a_fraction_of_the_lowest_point() -> None:
+    from lrwatch.recovery.curve import LRCurve, preflight_factor
+
+    lrs = [1e-3, 1e-2, 1e-1, 1.0]
+    c = LRCurve(lrs, [1.9, 1.5, 2.5, 9.0], [], "diverged", None, None, None, "stable", 0.3,
+                extra={"baseline": 2.0})
+    assert preflight_factor(c, 0.1) == pytest.approx(0.3 * 1e-2 / 0.1)
+    assert preflight_factor(c, 0.05) is None              # the rise is at 0.1 > 0.05
+    c.extra["baseline"] = 3.0                             # 2.5 is below a start of 3.0
+    assert preflight_factor(c, 0.1) is None

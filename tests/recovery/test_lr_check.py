@@ -81,7 +81,9 @@ def test_a_good_rate_stands() -> None:
     _train(w, model, opt, batches[:40])
     w.close()
     assert opt.param_groups[0]["lr"] == 0.01
-    assert w.policy.state.lr_checked and w.policy.state.probe_steps == 15
+    # booked: 15 steps + 16 forwards of the fixed batch (before the first step and after
+    # each) at a third of a step each, rounded up
+    assert w.policy.state.lr_checked and w.policy.state.probe_steps == 15 + 6
 
 
 def test_the_check_runs_once_and_not_after_a_resume() -> None:
@@ -124,3 +126,29 @@ def test_policy_books_the_check_against_the_budget() -> None:
     again.load_state_dict(policy.state_dict())
     assert not again.lr_check_due(0)
     assert not RecoveryPolicy(RecoveryConfig()).lr_check_due(0)   # off by default
+
+
+def test_the_curve_is_one_fixed_batch_scored_without_dropout() -> None:
+    """The check's curve is the first batch's loss after each step (dropout off), so a
+    network whose batches differ wildly still gives a smooth curve; the batches' own losses
+    are kept beside it."""
+    from lrwatch.recovery.probe import check_cost, check_rate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Dropout(0.5), nn.Linear(64, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    # every other batch is scaled 10x: its loss is far from its neighbours' at any rate
+    batches = [(torch.randn(32, 20, generator=g) * (10.0 if i % 2 else 1.0),
+                torch.randint(0, 4, (32,), generator=g)) for i in range(12)]
+    factor, curve = check_rate(model, opt, None, None, batches, _loss, 1e-4, 12)
+    assert factor is None and model.training and model[2].training
+    assert curve.extra["forwards"] == curve.steps + 1 == 13
+    assert check_cost(curve) == 12 + 5
+    batch, ref = curve.extra["batch_losses"], curve.losses
+    jumps = max(abs(a - b) for a, b in zip(batch, batch[1:]))
+    assert jumps > 1.0                                       # the batches' losses jump
+    assert max(abs(a - b) for a, b in zip(ref, ref[1:])) < 0.01 * jumps   # the curve does not
+    with torch.no_grad():
+        model.eval()
+        assert curve.extra["baseline"] == pytest.approx(float(_loss(model, batches[0])))

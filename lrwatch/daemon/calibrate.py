@@ -24,8 +24,8 @@ also accumulates the per-feature mean over the last ``2, 4, 8, 16`` windows and 
 the reference with variance ``sigma^2 (1/N + 1/m)``. The threshold of that scan statistic is
 calibrated by simulating streams of windows (window means drawn from the reference's feature
 correlation, one reference offset per stream), like alibi-detect's online detectors calibrate
-to an expected run time. Half the false-alarm budget goes to the per-window tests, half to the
-sequential ones.
+to an expected run time. A quarter of the false-alarm budget goes to the sequential scan, the
+rest to the per-window tests (:data:`SEQUENTIAL_SHARE` says why).
 
 Joint test (:mod:`.multivariate`). Each numeric input feature's mean absolute residual, regressed
 on the others, is one more per-window dim: its signed z (window mean against the reference's
@@ -58,6 +58,24 @@ HORIZONS = (2, 4, 8, 16)
 _COPULA_DRAWS = 200_000
 _STREAMS = 4000
 _STREAM_WINDOWS = 100
+#: The upper share of the resampled scores whose line on the normal scale standardises a
+#: p-value dim. The window's threshold lies in that tail (1e-3 and beyond), where the normal
+#: score of the binned KS p-value is much lighter than Gaussian (exceedances at 3.5 were 0.07-0.36
+#: of the normal tail with the mean and sd; 1.07 on breast cancer with this fit, see
+#: docs/drift-joint.md, "Tied and atom-heavy data"). 20% of 2000 resamples is 400 points.
+TAIL_FRACTION = 0.2
+#: Fewer distinct values than this in that tail (a feature with a handful of values): no line.
+TAIL_MIN_DISTINCT = 20
+#: Share of the false-alarm budget that goes to the sequential scan (the rest to the per-window
+#: tests). Over the horizons of 8 and 16 windows most of the scan's variance is the reference's
+#: own sampling error (``1/m`` against ``1/(n h)``: 62% and 76% at m = 5n), which is the same in
+#: every window of a stream: its false alarms come in runs, from the few references that happen
+#: to sit far from the population. The average over references is on target, but the rate one
+#: reference gives varies widely. In a Gaussian model of 10 independent features (n = 1000,
+#: m = 5000, target 1/100) a check over 4 references lands outside 0.5-1.5x the target with
+#: probability 0.37 at a half share and 0.16 at a quarter, with 0.1-sigma shifts still caught
+#: within 20 windows (docs/drift-joint.md, "Reference-to-reference spread").
+SEQUENTIAL_SHARE = 0.25
 
 #: ``progress(stage, done, total)``: how far calibration has got (see :func:`calibrate`).
 ProgressFn = Callable[[str, int, int], None]
@@ -303,18 +321,49 @@ def _resample_scores(prof: Profile, rs: _Resampler, rng: np.random.Generator, m:
     return raw
 
 
+def _tail_fit(raw: np.ndarray, dims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of ``raw`` marked in ``dims``, the intercept and slope of its upper tail on
+    the normal scale: a least-squares line through the top :data:`TAIL_FRACTION` of the sorted
+    resampled scores against the normal quantiles of their plotting positions. ``(nan, nan)``
+    for other columns and for tails with fewer than :data:`TAIL_MIN_DISTINCT` distinct values
+    (too discrete to fit a line to; such a column keeps its mean and standard deviation)."""
+    n = raw.shape[0]
+    k = int(n * TAIL_FRACTION)
+    a = np.full(raw.shape[1], np.nan)
+    b = np.full(raw.shape[1], np.nan)
+    if k < TAIL_MIN_DISTINCT:
+        return a, b
+    q = special.ndtri((np.arange(n - k, n) + 0.5) / n)
+    qc = q - q.mean()
+    cols = np.flatnonzero(dims)
+    rows = np.ascontiguousarray(raw[:, cols].T)  # one row per column: fast partitions
+    top = np.sort(np.partition(rows, n - k, axis=1)[:, n - k:], axis=1).T  # (k, cols)
+    distinct = 1 + (np.diff(top, axis=0) > 0).sum(axis=0)
+    slope = qc @ (top - top.mean(axis=0)) / (qc @ qc)
+    ok = (distinct >= TAIL_MIN_DISTINCT) & (slope > 0)
+    b[cols[ok]] = slope[ok]
+    a[cols[ok]] = top.mean(axis=0)[ok] - slope[ok] * q.mean()
+    return a, b
+
+
 def _standardisation(raw: np.ndarray, mean_dims: np.ndarray, signed: np.ndarray
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``mu``, ``sd``, the correlation of the live dims, and the live mask.
 
     Mean dims keep ``mu = 0`` (their z is centred by construction); joint dims keep their
-    measured ``mu``. Tests that cannot vary under the null (no missing values in the reference,
-    say) keep their asymptotic scale: they only speak when something new happens."""
+    measured ``mu``. P-value dims get the line through their upper tail (:func:`_tail_fit`)
+    instead of their mean and standard deviation, since the copula extrapolates that tail.
+    Tests that cannot vary under the null (no missing values in the reference, say) keep their
+    asymptotic scale: they only speak when something new happens."""
     mu = raw.mean(axis=0)
     sd = raw.std(axis=0, ddof=1)
     floor = float(-special.ndtri(1.0 - 1e-9)) + 1e-6  # the score of p = 1
     clipped = np.where(signed, 0.0, (raw <= floor).mean(axis=0))
     degenerate = (sd < 0.05) | (clipped > 0.5)
+    ta, tb = _tail_fit(raw, ~signed & ~degenerate)
+    fitted = np.isfinite(tb)
+    mu = np.where(fitted, ta, mu)
+    sd = np.where(fitted, tb, sd)
     mu = np.where(degenerate, 0.0, np.where(mean_dims, 0.0, mu))
     sd = np.where(degenerate, 1.0, sd)
     z = (raw - mu) / sd
@@ -382,7 +431,8 @@ def calibrate(ref: Reference, *, window_size: int = 1000, target_windows: float 
     raw = _resample_scores(prof, rs, rng, m, window_size, sims, signed, progress)
     mu, sd, corr, live = _standardisation(raw, mean_dims, signed)
     rate = 1.0 / target_windows
-    window_rate = rate / 2 if sequential and prof.num else rate
+    seq_share = SEQUENTIAL_SHARE if sequential and prof.num else 0.0
+    window_rate = rate * (1.0 - seq_share)
     threshold, base = _max_quantile(corr, signed[live], window_rate, rng, ~joint_dims[live])
     bonferroni = float(-special.ndtri(window_rate / max(len(signed), 1)))
     threshold = threshold if math.isfinite(threshold) else bonferroni
@@ -390,7 +440,8 @@ def calibrate(ref: Reference, *, window_size: int = 1000, target_windows: float 
     seq_threshold = base_seq = math.inf
     if sequential and prof.num:
         blocks = [_row_corr(rs.x_std)] + ([_row_corr(rs.ju)] if rs.ju is not None else [])
-        seq_threshold, base_seq = _sequential_threshold(blocks, window_size, m, rate / 2, rng,
+        seq_threshold, base_seq = _sequential_threshold(blocks, window_size, m, rate * seq_share,
+                                                        rng,
                                                         HORIZONS, progress)
     ju = rs.ju if rs.ju is not None else np.zeros((1, 0))
     return Calibration(window_size=window_size, target_windows=float(target_windows),

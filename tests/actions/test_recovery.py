@@ -208,7 +208,7 @@ def test_rollback_continues_the_schedule_from_the_restored_step_scaled(tmp_path:
 
 def test_rollback_scales_chainable_schedulers_too(tmp_path: Path) -> None:
     r = _run(tmp_path, steps=40, poison_from=20, sched_kind="step",
-             recovery={"lr_factor": 0.25, "sudden_lr_factor": 0.25})
+             recovery={"lr_factor": 0.25, "sudden_lr_factor": 0.25, "lr_recover": False})
     lrs = r["lrs"]
     idx = next(i for i in range(1, len(lrs)) if lrs[i][0] <= lrs[i - 1][0])
     for s, lr in lrs[idx:]:

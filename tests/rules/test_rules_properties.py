@@ -117,3 +117,13 @@ def test_engine_state_stays_bounded():
         if i in (1999, 19999):
             sizes.append(len(json.dumps(eng.state_dict())))
     assert sizes[1] <= sizes[0] * 1.5 + 500, sizes
+
+
+def test_trend_skips_values_whose_squares_overflow():
+    """Found by the property test above: 1e308 in a trend window made math.fsum raise."""
+    from lrwatch.rules.detectors.trend import Trend
+
+    det = Trend(window=6, confidence=0.99, direction="up", min_change=0.01)
+    for x in [0.0, 0.0, 1e308, 1e308, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 2.0]:
+        det.update(x)
+    assert det.statistic is not None and det.statistic == det.statistic   # finite, no raise

@@ -58,6 +58,10 @@ def t_quantile(p: float, df: int) -> float:
     return 0.5 * (lo + hi)
 
 
+#: Values beyond this magnitude are skipped: the running sums hold squares and products with
+#: indices, which would overflow to infinity (or make math.fsum raise) past about 1e154.
+_MAX_ABS = 1e150
+
 class Trend(Detector):
     """Fires when the slope over the last ``window`` values is significantly up (or down).
 
@@ -148,6 +152,8 @@ class Trend(Detector):
         if not math.isfinite(x) or (self.log and x <= 0.0):
             return None
         y = math.log(x) if self.log else x
+        if abs(y) > _MAX_ABS:   # its square would overflow the sums: skipped like a NaN
+            return None
         buf = self._buf
         if len(buf) == self.window:  # drop the oldest (index 0), every index shifts down by one
             old = buf.popleft()

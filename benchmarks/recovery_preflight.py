@@ -64,6 +64,38 @@ def _rows(seed: int, arm: str) -> list[dict[str, Any]]:
     return rows
 
 
+def decisions(seed: int, steps: int) -> list[dict[str, Any]]:
+    """What the check decides on each configuration of :func:`_rows` (the same selection),
+    without training: :func:`lrwatch.recovery.probe.check_rate` on the model, optimizer and
+    first batches that ``fam_run`` would start from. Cheap (one range test each)."""
+    import itertools
+
+    import torch
+
+    from lrwatch.recovery.probe import check_rate
+
+    out = []
+    for t in R.FAM_TASKS:
+        task = fam.TASKS[t]
+        for o in R.FAM_OPTS:
+            ref = statistics.median(R.fam_value(task, R.fam_run(t, o, 1.0, s))
+                                    for s in R.FAM_SEEDS)
+            for m in (1.0,) + R.FAM_MULTS:
+                if m != 1.0 and not R.fam_bare_diverged(task, R.fam_run(t, o, m, seed), ref):
+                    continue
+                data = task.load(seed)
+                torch.manual_seed(seed)
+                model = task.build(data)
+                lr = task.base_lr[o] * m
+                opt = fam.make_optimizer(o, model, lr)
+                first = list(itertools.islice(R._fam_stream(task, data, seed), steps))
+                factor, _ = check_rate(model, opt, None, None, first,
+                                       lambda mod, b: task.loss(mod(b[0]), b[1]), lr, steps)
+                out.append({"task": t, "family": task.family, "opt": o, "mult": m,
+                            "factor": factor})
+    return out
+
+
 def forward_cost(repeats: int = 3, n: int = 40) -> dict[str, float]:
     """Per task: the wall time of a forward without gradient (the check's reference forward)
     over that of a training step (Adam, one CPU thread), the best of ``repeats``."""
@@ -112,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=11, choices=(11, 15, 30),
                     help="the check's range-test steps (default 11: with its forwards, 5%% of "
                          "the budget)")
+    ap.add_argument("--decisions", action="store_true",
+                    help="only what the check decides per configuration (no training runs)")
     ap.add_argument("--cost", action="store_true",
                     help="measure a forward's cost in training steps per task, and stop")
     ap.add_argument("--seed", type=int, default=0, help="seed of the runs (default 0)")
@@ -121,6 +155,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{t}: a forward costs {ratio:.2f} of a training step")
         return 0
     logging.getLogger("lrwatch").setLevel(logging.ERROR)
+    if args.decisions:
+        dec = decisions(args.seed, args.steps)
+        for kind, sel in (("tuned rate", [d for d in dec if d["mult"] == 1.0]),
+                          ("would-diverge", [d for d in dec if d["mult"] != 1.0])):
+            cut = [d for d in sel if d["factor"] is not None]
+            print(f"seed {args.seed}, {kind}: rate cut on {len(cut)} of {len(sel)}")
+            for d in cut:
+                print(f"  {d['task']} {d['opt']} x{d['mult']:g}: x{d['factor']:.3g}")
+        return 0
     rows = _rows(args.seed, f"lr_check{args.steps}")
     print(f"\nseed {args.seed}, check of {args.steps} steps\n")
     print("| family | would-diverge | with the check | fixed arm (default) | tuned rate kept "

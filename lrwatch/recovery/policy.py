@@ -72,12 +72,13 @@ class RecoveryConfig:
         comes back (:func:`lrwatch.recovery.curve.preflight_turn`), starts the run at 0.3x the
         rate of the curve's lowest point instead. Its steps and forwards (a third of a step
         each) count against the run's budget like a probe's. ``"off"`` (default): the
-        configured rate is trained at. Off by default because it hardly heals more than the
-        rules alone: scoring a fixed batch removed the batch noise that made the first version
-        cut good rates (an autoencoder cut a thousandfold), and no run at a tuned rate was cut
-        on three seeds of the family suite, but most would-diverge runs there fail after dozens
-        of steps of falling loss, which a test from the untrained state does not see
-        (``benchmarks/recovery_preflight.py``, ``docs/recovery.md``).
+        configured rate is trained at. Off by default because it heals few runs more than
+        the rules alone: scoring a fixed batch removed the batch noise that made the first
+        version cut good rates (an autoencoder cut a thousandfold), and it cut no tuned rate on
+        three seeds of the family suite, but most would-diverge runs there fail after dozens of
+        steps of falling loss, which a test from the untrained state does not see (40 of 117
+        healed against 36 without it), and its 5% of the budget cost three tuned runs their
+        band on one seed (``benchmarks/recovery_preflight.py``, ``docs/recovery.md``).
     lr_check_steps:
         The pre-flight test's steps (at least 3). 11 (default): with its 12 forwards, 15
         steps' worth, 5% of a 300-step budget.

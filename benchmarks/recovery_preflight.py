@@ -30,7 +30,7 @@ import logging
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -38,29 +38,34 @@ from benchmarks import families as fam  # noqa: E402
 from benchmarks import recovery as R  # noqa: E402
 
 
-def _rows(seed: int, arm: str) -> list[dict[str, Any]]:
-    rows = []
+def _configs(seed: int) -> Iterator[tuple[str, Any, str, float, float]]:
+    """(task name, task, optimizer, multiplier, healthy median) of every configuration the
+    check is scored on: the tuned rate, and each multiplier whose bare run diverged."""
     for t in R.FAM_TASKS:
         task = fam.TASKS[t]
         for o in R.FAM_OPTS:
             ref = statistics.median(R.fam_value(task, R.fam_run(t, o, 1.0, s))
                                     for s in R.FAM_SEEDS)
-            unt = R.fam_run(t, o, 1.0, seed)["untrained"]["loss"]
             for m in (1.0,) + R.FAM_MULTS:
-                if m != 1.0 and not R.fam_bare_diverged(task, R.fam_run(t, o, m, seed), ref):
-                    continue
-                checked = R.fam_run(t, o, m, seed, arm=arm)
-                fixed = R.fam_run(t, o, m, seed, arm="fixed")
-                row = {"task": t, "family": task.family, "opt": o, "mult": m,
-                       "lr_scale": checked.get("lr_scale"),
-                       "check": R.fam_close(task, R.fam_value(task, checked), ref, unt, 2.0),
-                       "fixed": R.fam_close(task, R.fam_value(task, fixed), ref, unt, 2.0),
-                       "probe_steps": checked.get("probe_steps")}
-                rows.append(row)
-                print(f"{t} {o} x{m:g}: with the check "
-                      f"{'ok' if row['check'] else 'miss'} ({row['probe_steps']} probe steps), "
-                      f"fixed arm {'ok' if row['fixed'] else 'miss'}", file=sys.stderr,
-                      flush=True)
+                if m == 1.0 or R.fam_bare_diverged(task, R.fam_run(t, o, m, seed), ref):
+                    yield t, task, o, m, ref
+
+
+def _rows(seed: int, arm: str) -> list[dict[str, Any]]:
+    rows = []
+    for t, task, o, m, ref in _configs(seed):
+        unt = R.fam_run(t, o, 1.0, seed)["untrained"]["loss"]
+        checked = R.fam_run(t, o, m, seed, arm=arm)
+        fixed = R.fam_run(t, o, m, seed, arm="fixed")
+        row = {"task": t, "family": task.family, "opt": o, "mult": m,
+               "lr_scale": checked.get("lr_scale"),
+               "check": R.fam_close(task, R.fam_value(task, checked), ref, unt, 2.0),
+               "fixed": R.fam_close(task, R.fam_value(task, fixed), ref, unt, 2.0),
+               "probe_steps": checked.get("probe_steps")}
+        rows.append(row)
+        print(f"{t} {o} x{m:g}: with the check "
+              f"{'ok' if row['check'] else 'miss'} ({row['probe_steps']} probe steps), "
+              f"fixed arm {'ok' if row['fixed'] else 'miss'}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -75,24 +80,16 @@ def decisions(seed: int, steps: int) -> list[dict[str, Any]]:
     from lrwatch.recovery.probe import check_rate
 
     out = []
-    for t in R.FAM_TASKS:
-        task = fam.TASKS[t]
-        for o in R.FAM_OPTS:
-            ref = statistics.median(R.fam_value(task, R.fam_run(t, o, 1.0, s))
-                                    for s in R.FAM_SEEDS)
-            for m in (1.0,) + R.FAM_MULTS:
-                if m != 1.0 and not R.fam_bare_diverged(task, R.fam_run(t, o, m, seed), ref):
-                    continue
-                data = task.load(seed)
-                torch.manual_seed(seed)
-                model = task.build(data)
-                lr = task.base_lr[o] * m
-                opt = fam.make_optimizer(o, model, lr)
-                first = list(itertools.islice(R._fam_stream(task, data, seed), steps))
-                factor, _ = check_rate(model, opt, None, None, first,
-                                       lambda mod, b: task.loss(mod(b[0]), b[1]), lr, steps)
-                out.append({"task": t, "family": task.family, "opt": o, "mult": m,
-                            "factor": factor})
+    for t, task, o, m, _ref in _configs(seed):
+        data = task.load(seed)
+        torch.manual_seed(seed)
+        model = task.build(data)
+        lr = task.base_lr[o] * m
+        opt = fam.make_optimizer(o, model, lr)
+        first = list(itertools.islice(R._fam_stream(task, data, seed), steps))
+        factor, _ = check_rate(model, opt, None, None, first,
+                               lambda mod, b, task=task: task.loss(mod(b[0]), b[1]), lr, steps)
+        out.append({"task": t, "family": task.family, "opt": o, "mult": m, "factor": factor})
     return out
 
 

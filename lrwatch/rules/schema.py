@@ -55,6 +55,8 @@ TEMPLATE_FIELDS = ("rule", "metric", "value", "step", "time", "severity", "stati
 #: The forms of ``when`` (a rule on other rules) and every key a ``when`` mapping may have.
 WHEN_MODES = ("firing", "all", "any")
 WHEN_KEYS = WHEN_MODES + ("within", "unless")
+#: ``within: run``: at any step of the run so far (stored as this many steps).
+WITHIN_RUN = 2 ** 62
 _RULE_KEYS = ("name", "metric", "metrics", "detector", "params", "given", "when", "for",
               "cooldown", "hysteresis", "severity", "actions", "labels", "annotations", "enabled")
 _TOP_KEYS = ("version", "rules")
@@ -81,7 +83,8 @@ class When:
 
     ``mode`` is ``firing`` (the one rule in ``rules`` is firing), ``all`` (every rule in
     ``rules`` has been firing on a sample at most ``within`` steps back) or ``any`` (at least
-    one has); ``within=None`` means firing on the current sample. The condition does not hold
+    one has); ``within=None`` means firing on the current sample and ``WITHIN_RUN`` (the rule
+    file's ``within: run``) at any step of the run so far. The condition does not hold
     on a sample where any rule in ``unless`` is firing (evidence that explains the signal away,
     such as a held-out metric that is still improving).
 
@@ -89,6 +92,8 @@ class When:
     --------
     >>> When("all", ("lr_anomaly", "loss_rising"), 20).describe()
     'lr_anomaly and loss_rising within 20 steps'
+    >>> When("any", ("loss_spiked", "grad_spiked"), WITHIN_RUN).describe()
+    'loss_spiked or grad_spiked at any step so far'
     >>> When("firing", ("loss_shift",)).describe()
     'loss_shift firing'
     >>> When("firing", ("loss_flat",), unless=("eval_improving",)).describe()
@@ -115,8 +120,12 @@ class When:
         names = list(self.rules)
         joined = names[0] if len(names) == 1 else \
             f"{', '.join(names[:-1])} {'and' if self.mode == 'all' else 'or'} {names[-1]}"
-        text = f"{joined} firing" if self.within is None else \
-            f"{joined} within {self.within} step{'s' if self.within != 1 else ''}"
+        if self.within is None:
+            text = f"{joined} firing"
+        elif self.within >= WITHIN_RUN:
+            text = f"{joined} at any step so far"
+        else:
+            text = f"{joined} within {self.within} step{'s' if self.within != 1 else ''}"
         return text + (f" unless {' or '.join(self.unless)}" if self.unless else "")
 
 
@@ -641,8 +650,11 @@ def _rule_when(e: _Entries, idx: int, name: str | None, refs: _Refs) -> When | N
             errs.add(knode, f"{path}.within", "'within' applies to 'all' and 'any' only ('firing' "
                                               "means firing now; use the rule's 'for' to ask "
                                               "for persistence)")
+        elif v == "run":
+            within = WITHIN_RUN
         elif isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            errs.add(vnode, f"{path}.within", f"expected a number of steps >= 0, got {v!r}")
+            errs.add(vnode, f"{path}.within", f"expected a number of steps >= 0 or 'run' (at "
+                                              f"any step so far), got {v!r}")
         else:
             within = v
     unless: tuple[str, ...] = ()

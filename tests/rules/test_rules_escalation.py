@@ -144,6 +144,37 @@ def test_any_now_and_within():
                              ("e", "firing", 5), ("e", "resolved", 9)]
 
 
+def test_within_run_remembers_a_firing_for_the_rest_of_the_run():
+    eng = engine("""\
+        - name: e
+          when: {any: [a, b], within: run}
+          severity: info
+        - name: f
+          when: {all: [b, e]}
+          severity: critical
+    """)
+    # a fires once at step 1; e holds from then on, however long ago that was
+    ev = feed(eng, [0, 2] + [0] * 10_000 + [0, 0], [0] * 10_002 + [2, 0])
+    assert only(ev, "e") == [("e", "firing", 1)]
+    assert only(ev, "f") == [("f", "firing", 10_002), ("f", "resolved", 10_003)]
+    assert eng.rules[2].when.describe() == "a or b at any step so far"
+    # and after a resume (the last firing is in the state)
+    again = engine("""\
+        - name: e
+          when: {any: [a, b], within: run}
+          severity: info
+    """)
+    feed(again, [2, 0])
+    state = json.loads(json.dumps(again.state_dict()))
+    fresh = engine("""\
+        - name: e
+          when: {any: [a, b], within: run}
+          severity: info
+    """)
+    fresh.load_state_dict(state)
+    assert only(feed(fresh, [0] * 5, start=2), "e") == []  # still firing: no new transition
+
+
 def test_unless_vetoes_the_condition_while_the_other_rule_fires():
     eng = engine("""\
         - name: p
@@ -415,14 +446,14 @@ CASES = {
           - name: c
             when: {all: [a, b], within: -1}
             severity: critical
-        """, ["f.yml:5: key 'rules[2].when.within': expected a number of steps >= 0, got -1"]),
+        """, ["f.yml:5: key 'rules[2].when.within': expected a number of steps >= 0 or 'run' (at any step so far), got -1"]),
     "within_text": ("""\
         rules:
           - {name: a, metric: x, detector: nonfinite, severity: warning}
           - name: c
             when: {any: [a], within: 5m}
             severity: critical
-        """, ["f.yml:4: key 'rules[1].when.within': expected a number of steps >= 0, got '5m'"]),
+        """, ["f.yml:4: key 'rules[1].when.within': expected a number of steps >= 0 or 'run' (at any step so far), got '5m'"]),
     "within_on_firing": ("""\
         rules:
           - {name: a, metric: x, detector: nonfinite, severity: warning}

@@ -226,6 +226,8 @@ def test_start_ratio_golden():
     assert [med.update(x) for x in (0.0, -1.0, NAN, 3.0, 1.0, 2.0)] == [None] * 6
     assert med.start == 2.0
     assert [med.update(x) for x in (4.0, 4.1, 0.1, 0.3)] == [False, True, True, False]
+    # after the start, a zero is a ratio of 0 (a loss that underflowed: below any bound)
+    assert med.update(0.0) is True and med.statistic == 0.0
     with pytest.raises(ConfigError, match="needs 'above', 'below'"):
         StartRatio()
     with pytest.raises(ConfigError, match="must be smaller"):

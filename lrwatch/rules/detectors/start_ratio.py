@@ -49,8 +49,9 @@ class StartRatio(Detector):
 
     Notes
     -----
-    Meant for positive metrics; non-positive and non-finite values get no decision (watch
-    those with ``nonfinite``). The start level is kept in the state, so a run resumed with its
+    Meant for positive metrics; negative and non-finite values get no decision (watch those
+    with ``nonfinite``), and zeros do not set the start level; a zero after it is a ratio of 0
+    (a loss that fits its batches to the last bit). The start level is kept in the state, so a run resumed with its
     Watcher state compares with the loss of its real start. False alarms: a run that *starts*
     far below its typical level, for instance one resumed from a checkpoint without the
     Watcher's state (its first loss is an already trained one), or a mix of tasks whose losses
@@ -101,8 +102,8 @@ class StartRatio(Detector):
         return self._ratio
 
     def update(self, x: float, t: float | None = None) -> bool | None:
-        if not math.isfinite(x) or x <= 0.0:
-            return None
+        if not math.isfinite(x) or x < 0.0 or (x == 0.0 and self._start is None):
+            return None  # a zero after the start is a ratio of 0 (a loss that underflowed)
         if self._start is None:
             self._start = take_start(self._first, x, self.warmup)
             return None

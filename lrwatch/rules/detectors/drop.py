@@ -70,6 +70,11 @@ class Drop(Detector):
     given_factor:
         With the rule's ``given``: earlier values whose given metric was at least the current
         one divided by this are the references (> 1; ignored without ``given``).
+    min_drop:
+        The smallest drop that counts, in the compared units (log units with ``log``: 0.22 is
+        a loss 25% above its best), however many noise sigmas it is. On a fixed evaluation set
+        a smooth model's evaluations barely jitter, so a slight, steady over-fit (0.4% in 20
+        evaluations) is many sigmas; this keeps a drop that no user would act on quiet. 0: off.
 
     Notes
     -----
@@ -116,13 +121,16 @@ class Drop(Detector):
         "given_factor": Param(float, "with 'given': references are earlier values whose given "
                                      "metric was >= the current one / this", min=1,
                               min_open=True),
+        "min_drop": Param(float, "smallest drop that counts, in the compared units (log units "
+                                 "with log)", min=0),
     }
     _STATE = ("vals", "refs", "quantum", "below", "stat", "n")
 
     def __init__(self, *, mode: str = "max", z: float = 5.0, count: int = 2, window: int = 16,
-                 warmup: int = 10, log: bool = False, given_factor: float = 1.5) -> None:
+                 warmup: int = 10, log: bool = False, given_factor: float = 1.5,
+                 min_drop: float = 0.0) -> None:
         self._set_params(mode=mode, z=z, count=count, window=window, warmup=warmup, log=log,
-                         given_factor=given_factor)
+                         given_factor=given_factor, min_drop=min_drop)
         # kept: the noise window plus the current run of bad values (which never enter it)
         self._vals: deque[float] = deque(maxlen=window + count + 2)
         # the references: [level of the given metric, best value at that level or above], in
@@ -187,7 +195,7 @@ class Drop(Detector):
             self._keep(y, given)
             return None if best is not None or self._n <= self.warmup else False
         self._stat = (y - best) / sigma
-        if self._stat > self.z:
+        if self._stat > self.z and y - best > self.min_drop:
             self._below = min(self._below + 1, self.count + 1)
         else:
             self._below = 0

@@ -248,7 +248,9 @@ def build_suite(cache: Path = DEFAULT_CACHE, *, seeds: Iterable[int] = FULL["see
             if not cands:
                 continue
             lab = label_of(cands[0])
-            if lab["label"] == "healthy" and not lab.get("transient"):
+            # a clean base: an over-fitting one is rightly stopped before the fault's onset
+            if lab["label"] == "healthy" and not lab.get("transient") \
+                    and not lab.get("over_fit"):
                 bases[key] = cands[0]
                 pending[key] = []
             else:

@@ -359,8 +359,9 @@ def label_natural(samples: Sequence[Sample], chance: float | None = None) -> dic
     above its best is *diverged*; learned with no large excursion is *healthy*) and adds:
 
     * *stuck_above*: finite, and the final loss (median of the last 20 steps) is at least
-      ``STUCK_LEVEL`` times the untrained loss. Onset: the first step of the final stretch whose
-      5-step median stays above that level.
+      ``STUCK_LEVEL`` times the untrained loss. Onset: the first step whose 5-step median is
+      above that level after the last one at or below ``HEALTHY_LEARNED`` times the untrained
+      loss (stuck since the run last learned, not since its last dip below the level).
     * *never_learned*: finite, and either the held-out accuracy of the last ``DEAD_EVALS``
       evaluations is at chance (within ``CHANCE_MARGIN`` of ``chance``, the majority class's
       share: a dead classifier), or the loss rose above ``DEAD_BLOWUP`` times the untrained
@@ -405,10 +406,13 @@ def _label_natural(samples: Sequence[Sample], chance: float | None) -> dict[str,
     n = len(loss)
     early = int(math.ceil(TRANSIENT_SHARE * n))
     if final >= STUCK_LEVEL * init:
-        above = sm >= STUCK_LEVEL * init
-        start = n - 1
-        while start > 0 and above[start - 1]:
-            start -= 1
+        # stuck since it last learned: the first step above the level after the loss was
+        # last at or below HEALTHY_LEARNED x untrained (a run that bounces between 1.2x and
+        # 20x its untrained loss from step 20 is stuck from step 20, not from its last dip)
+        learned = np.nonzero(sm <= dr.HEALTHY_LEARNED * init)[0]
+        after = int(learned[-1]) + 1 if len(learned) else 0
+        above = np.nonzero(sm[after:] >= STUCK_LEVEL * init)[0]
+        start = after + int(above[0]) if len(above) else n - 1
         return {**lab, "label": "diverged", "kind": "stuck_above", "onset": int(start + 1),
                 "reason": f"final loss {final:.3g} >= {STUCK_LEVEL:g}x untrained {init:.3g}"}
     if lab["label"] == "diverged":

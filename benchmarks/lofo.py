@@ -72,6 +72,14 @@ KNOBS: tuple[Knob, ...] = (
          "after `window` steps (never_learned)"),
     Knob("loss_flat_near_untrained", "params.window", (80, 100, 150),
          "how many steps of flat loss tell a network that never learned from a slow starter"),
+    Knob("loss_excursion", "params.above", (2.0, 1.5, 3.0),
+         "how far above the untrained loss an earlier excursion must reach to count as damage "
+         "(never_learned's evidence; a slow starter's loss stays within 1.3x of it)"),
+    Knob("grad_excursion", "params.above", (5.0, 3.0, 10.0),
+         "how far above its start the gradient norm must have reached to count as damage"),
+    Knob("grad_faded", "params.below", (0.5, 0.3, 0.7),
+         "how far below its start the gradient norm (median of 20 steps) must have faded to "
+         "count as damage (a zeroed or saturated network passes almost no gradient)"),
     Knob("eval_accuracy_far_below_best", "params.z", (6.0, 4.0, 5.0, 8.0),
          "how far below its best, in its own noise, the evaluation accuracy must fall"),
     Knob("eval_accuracy_far_below_best", "params.count", (2, 3),
@@ -80,6 +88,9 @@ KNOBS: tuple[Knob, ...] = (
          "the same for the evaluation loss, which over-fitting raises more"),
     Knob("eval_loss_far_above_best", "params.count", (3, 1, 2, 4),
          "how many evaluations in a row"),
+    Knob("eval_loss_far_above_best", "params.min_drop", (0.095, 0.0, 0.049, 0.223),
+         "the smallest rise above the best that counts (log units: 10%, 0, 5%, 25%): a smooth "
+         "evaluation loss makes a slight drift many noise sigmas"),
     Knob("lr_annealed", "params.factor", (0.05, 0.02, 0.1),
          "the share of its largest rate below which an annealed schedule freezes evaluations "
          "(eval_loss_frozen's rtol over the per-evaluation change of healthy runs at full "

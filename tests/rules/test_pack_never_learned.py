@@ -1,6 +1,7 @@
-"""The default pack on runs that never learn: a loss flat at its untrained level is critical
-(never_learned) after 100 steps; the same loss with a held-out metric that still improves is a
-slow starter, and the veto (`unless`) keeps it quiet."""
+"""The default pack on runs that never learn: a loss flat at its untrained level after a
+blow-up, or with a gradient that faded, is critical (never_learned) after 80 steps; the same
+loss with a held-out metric that still improves is a slow starter, and the veto (`unless`) keeps
+it quiet; so is the same loss with a live gradient and no blow-up (nothing damaged the start)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,19 @@ from lrwatch.rules import Engine, load_pack
 from lrwatch.samples import Sample
 
 
-def _run(n: int, seed: int, eval_loss) -> list[Sample]:
+def _run(n: int, seed: int, eval_loss, damage: str = "blowup") -> list[Sample]:
+    """A loss flat at the untrained level (the first step's loss), with 3% noise, after
+    ``damage``: ``blowup`` (the loss 4x the untrained one at steps 3-4, the gradient 20x),
+    ``faded`` (the gradient norm falls to a tenth of its start from step 10) or ``none``."""
     rng = random.Random(seed)
     out = []
     for step in range(1, n + 1):
-        # flat at the untrained level (the first step's loss), with 3% noise
-        vals = {"loss": 2.3 * (1.03 * math.exp(rng.gauss(0, 0.03)) if step > 1 else 1.0)}
+        vals = {"loss": 2.3 * (1.03 * math.exp(rng.gauss(0, 0.03)) if step > 1 else 1.0),
+                "grad_norm": 1.0 + 0.1 * rng.random()}
+        if damage == "blowup" and step in (3, 4):
+            vals["loss"], vals["grad_norm"] = 9.2, 20.0
+        if damage == "faded" and step >= 10:
+            vals["grad_norm"] *= 0.1
         if step % 10 == 0:
             vals["eval_loss"] = eval_loss(step)
         out.append(Sample(step=step, values=vals))
@@ -29,11 +37,24 @@ def _critical(samples: list[Sample]) -> list[tuple[str, int]]:
             if e.kind == "firing" and e.severity == "critical"]
 
 
+def _wobble(step: int) -> float:
+    return 2.3 * (1 + 0.01 * math.sin(0.7 * step))
+
+
 def test_a_network_that_never_learned_is_critical_after_80_steps():
     for seed in range(3):
-        crit = _critical(_run(160, seed, lambda step: 2.3 * (1 + 0.01 * math.sin(0.7 * step))))
-        steps = [s for r, s in crit if r == "never_learned"]
-        assert steps and 80 <= steps[0] <= 110, (seed, crit)
+        for damage in ("blowup", "faded"):
+            crit = _critical(_run(160, seed, _wobble, damage))
+            steps = [s for r, s in crit if r == "never_learned"]
+            assert steps and 80 <= steps[0] <= 110, (seed, damage, crit)
+
+
+def test_a_flat_start_with_a_live_gradient_and_no_blow_up_is_a_slow_starter():
+    # a transformer under plain SGD sits on its untrained loss for 80-140 steps, then learns;
+    # nothing in its first steps says it was damaged, so it is not a never-learned run
+    for seed in range(3):
+        crit = _critical(_run(160, seed, _wobble, "none"))
+        assert not [r for r, _ in crit if r == "never_learned"], (seed, crit)
 
 
 def test_a_slow_starter_whose_held_out_loss_improves_is_not():

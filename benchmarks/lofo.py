@@ -128,7 +128,8 @@ def ruleset_for(doc: Mapping[str, Any], config: Mapping[str, Any]) -> Any:
     d = yaml.safe_load(yaml.safe_dump(doc))
     by_name = {r["name"]: r for r in d["rules"]}
     for knob in KNOBS:
-        if knob.name in config and knob.rule in by_name:
+        # a knob the rule file does not set (an older file) keeps the detector's default
+        if knob.name in config and knob.rule in by_name and config[knob.name] is not None:
             _set(by_name[knob.rule], knob.key, config[knob.name])
     return parse_rules(yaml.safe_dump(d, sort_keys=False), source="<lofo>")
 
@@ -271,6 +272,7 @@ def run(suite: det.Suite, *, rules: str | None = None, lofo: bool = True, jobs: 
                "  (!= shipped pack " + str(shipped) + ")"))
     scorer.close()
     out["shipped"] = det.summarise(shipped_rows, families)
+    out["pack_name"] = f"lrwatch {rules}" if rules else "lrwatch shipped pack (tuned on all)"
     anchors = {}
     for a in det.anchor_detectors():
         rows = det.score_firings(suite, a, det.replay_all(suite, a.run))
@@ -288,7 +290,8 @@ def _report(out: Mapping[str, Any], families: Sequence[str],
             log: Callable[[str], None]) -> None:
     log("\nPooled over all families, against the anchors (critical only; anchors always stop)")
     pooled = ([("lrwatch LOFO held-out", out["lofo"]["all"])] if "lofo" in out else [])
-    pooled += [("lrwatch shipped pack (tuned on all)", out["shipped"]["all"])]
+    pooled += [(out.get("pack_name", "lrwatch shipped pack (tuned on all)"),
+                out["shipped"]["all"])]
     pooled += [(a["name"], a["all"]) for a in out["anchors"].values()]
     log(det.format_table(pooled))
     log("\nShipped pack per family:")

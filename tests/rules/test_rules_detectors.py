@@ -313,7 +313,29 @@ FACTORIES = {
     "staleness": lambda: Staleness(seconds=2.5, samples=3),
     "above_min": lambda: DETECTORS["above_min"](window=6, factor=1.5),
     "below_max": lambda: DETECTORS["below_max"](factor=0.2),
+    "drop_floor": lambda: Drop(mode="min", z=3.0, count=2, window=5, warmup=4, log=True,
+                             min_drop=0.1),
+    "fewer": lambda: DETECTORS["fewer"](count=4),
 }
+
+
+def test_fewer_fires_until_the_evidence_exists():
+    det = DETECTORS["fewer"](count=3)
+    assert [det.update(x) for x in (1.0, NAN, 2.0, 3.0, 4.0)] == [True, None, True, False, False]
+    assert det.statistic == 4.0
+
+
+def test_drop_min_drop_keeps_a_tiny_drift_quiet_however_many_sigmas():
+    # an evaluation loss that barely jitters, then drifts up 0.4% per evaluation
+    flat = [1.0 + 1e-6 * (i % 2) for i in range(12)]
+    drift = [1.0 * 1.004 ** k for k in range(1, 11)]
+    plain = Drop(mode="min", z=10.0, count=3, warmup=10, log=True)
+    floor = Drop(mode="min", z=10.0, count=3, warmup=10, log=True, min_drop=math.log(1.1))
+    assert any(plain.update(x) for x in flat + drift)          # thousands of sigmas
+    assert not any(floor.update(x) for x in flat + drift)      # but only 4% above the best
+    jump = [1.0 * 1.2 ** k for k in range(1, 4)]               # 20% per evaluation: a drop
+    floor2 = Drop(mode="min", z=10.0, count=3, warmup=10, log=True, min_drop=math.log(1.1))
+    assert [floor2.update(x) for x in flat + jump][-1] is True
 
 
 def test_above_min_against_the_plain_window_minimum():
@@ -359,7 +381,7 @@ def test_below_max_counts_levels_that_lasted():
 
 
 def test_factories_cover_every_detector():
-    assert {k.split('_window')[0] for k in FACTORIES} == set(DETECTORS)
+    assert {k.removesuffix("_window").removesuffix("_floor") for k in FACTORIES} == set(DETECTORS)
 
 
 def _stream(seed):
@@ -429,3 +451,33 @@ def test_load_state_dict_rejects_other_detector():
         Spike().load_state_dict(Threshold(above=1).state_dict())
     with pytest.raises(ConfigError, match="lacks"):
         Spike().load_state_dict({"detector": "spike"})
+
+
+def test_fewer_as_a_veto_waits_for_the_evaluations():
+    # a loss rule that must not act before 3 evaluations exist (when the run logs any)
+    from lrwatch.rules import Engine, parse_rules
+    from lrwatch.samples import Sample
+
+    rules = parse_rules("""\
+rules:
+  - {name: high, metric: loss, detector: threshold, params: {above: 1}, severity: info}
+  - {name: few_evals, metric: eval_loss, detector: fewer, params: {count: 3}, severity: info}
+  - name: act
+    when: {firing: high, unless: [few_evals]}
+    severity: critical
+""")
+
+    def first(every: int | None) -> int | None:
+        eng = Engine(rules)
+        for step in range(1, 60):
+            vals = {"loss": 2.0}
+            if every and step % every == 0:
+                vals["eval_loss"] = 1.0
+            for e in eng.update(Sample(step=step, values=vals)):
+                if e.rule == "act" and e.kind == "firing":
+                    return step
+        return None
+
+    assert first(None) == 1        # no evaluations at all: nothing to wait for
+    assert first(10) == 1          # nothing logged yet at step 1: the veto is not firing
+    assert first(1) == 3           # evaluating every step: the third evaluation lifts the veto

@@ -30,11 +30,12 @@ FACTORIES = {
     "untrained": lambda: DETECTORS["untrained"](window=8, above=0.5),
     "frozen": lambda: DETECTORS["frozen"](count=3, rtol=0.01),
     "drop": lambda: DETECTORS["drop"](mode="min", z=3.0, count=2, window=5, warmup=4,
-                                      log=True),
+                                      log=True, min_drop=0.05),
     "rate": lambda: DETECTORS["rate"](above=1.0, below=0.1, counter=True),
     "staleness": lambda: DETECTORS["staleness"](seconds=2.5, samples=3),
     "above_min": lambda: DETECTORS["above_min"](window=6, factor=1.5),
     "below_max": lambda: DETECTORS["below_max"](factor=0.2),
+    "fewer": lambda: DETECTORS["fewer"](count=4),
 }
 
 

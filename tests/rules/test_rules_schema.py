@@ -91,7 +91,7 @@ def test_unknown_detector(tmp_path):
     """))
     assert errs == ["4: key 'rules[0].detector': unknown detector 'spik'; did you mean 'spike'? "
                     "(valid choices: nonfinite, threshold, spike, ema_ratio, cusum, page_hinkley,"
-                    " trend, regression, plateau, baseline, start_ratio, rate, staleness, untrained, frozen, drop, above_min, below_max)"]
+                    " trend, regression, plateau, baseline, start_ratio, rate, staleness, untrained, frozen, drop, above_min, below_max, fewer)"]
 
 
 def test_bad_param_type(tmp_path):

@@ -18,6 +18,7 @@ from .below_max import BelowMax
 from .cusum import Cusum
 from .drop import Drop
 from .ema_ratio import EmaRatio
+from .fewer import Fewer
 from .frozen import Frozen
 from .nonfinite import NonFinite
 from .page_hinkley import PageHinkley
@@ -33,7 +34,7 @@ from .untrained import Untrained
 
 __all__ = [
     "DETECTORS", "Detector", "Param", "make_detector",
-    "AboveMin", "Baseline", "BelowMax", "Cusum", "Drop", "EmaRatio", "Frozen", "NonFinite", "PageHinkley", "Plateau", "Rate",
+    "AboveMin", "Baseline", "BelowMax", "Cusum", "Drop", "EmaRatio", "Fewer", "Frozen", "NonFinite", "PageHinkley", "Plateau", "Rate",
     "Regression", "Spike", "Staleness", "StartRatio", "Threshold", "Trend", "Untrained",
 ]
 
@@ -41,7 +42,7 @@ __all__ = [
 DETECTORS: Mapping[str, type[Detector]] = MappingProxyType({
     cls.name: cls for cls in (NonFinite, Threshold, Spike, EmaRatio, Cusum, PageHinkley, Trend,
                               Regression, Plateau, Baseline, StartRatio, Rate, Staleness,
-                              Untrained, Frozen, Drop, AboveMin, BelowMax)
+                              Untrained, Frozen, Drop, AboveMin, BelowMax, Fewer)
 })
 
 

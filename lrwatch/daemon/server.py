@@ -15,7 +15,7 @@ loop holds thousands of idle or slow connections without a thread each. The requ
 (parse, validate, journal) is CPU-bound and runs on the loop itself: a thread hand-off would
 only add GIL switches on a one-core daemon.
 
-What uvicorn does not have is added by :class:`_Protocol`: a cap on open connections (the
+What uvicorn does not have is added by :class:`_ProtocolLimits`: a cap on open connections (the
 connection over it gets 503 and is closed before anything is read), a deadline for a request's
 headers from its first byte (slowloris), and an idle timeout while a body is incomplete. The
 listening socket is made here, so the backlog is real and ``port=0`` is known before start.
@@ -165,99 +165,125 @@ async def _read_body(receive: Callable[[], Any], length: int) -> bytes | None:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
+_REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n"
+            b"content-length: 21\r\nretry-after: 1\r\nconnection: close\r\n\r\n"
+            b"too many connections\n")
+
+
+class _ProtocolLimits:
+    """A connection cap and request timeouts, mixed in before uvicorn's ``HttpToolsProtocol``.
+
+    :func:`_protocol_class` makes the class uvicorn runs and sets the limits below on it; this
+    mixin imports nothing from uvicorn (``self.loop``, ``self.transport``, ``self.cycle`` and
+    the rest are that protocol's), so the module still loads without it.
+    """
+
+    _max_connections: int
+    _header_timeout: float
+    _read_timeout: float
+    _body_high_water: int
+    # set by HttpToolsProtocol
+    loop: asyncio.AbstractEventLoop
+    transport: Any
+    connections: set[Any]
+    cycle: Any
+    flow: Any
+    client: tuple[str, int] | None
+
+    _deadline: float | None = None
+    _timer: asyncio.TimerHandle | None = None
+    _in_body = False
+    _refused = False
+
+    def connection_made(self, transport: Any) -> None:
+        if len(self.connections) >= self._max_connections:
+            self._refuse(transport)
+            return
+        super().connection_made(transport)  # type: ignore[misc]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # uvicorn writes the head and the body of an answer separately; with Nagle's
+            # algorithm the body waits for the client's delayed ACK (40 ms a request)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._arm(self._header_timeout)  # the first request's headers
+
+    def _refuse(self, transport: Any) -> None:
+        # answer, then close a little later: closing at once would reset the
+        # connection when the client's request arrives, and it might never read this
+        self._refused = True
+        self.transport = transport  # what connection_lost reads
+        transport.write(_REFUSAL)
+        if transport.can_write_eof():
+            transport.write_eof()
+        self.loop.call_later(1.0, transport.close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._deadline = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._in_body:
+            self._deadline = self.loop.time() + self._read_timeout  # idle, not total
+        super().data_received(data)  # type: ignore[misc]
+
+    def on_body(self, body: bytes) -> None:
+        # uvicorn pauses reading past 64 KiB until the app takes the body; a batch of
+        # 1000 records is ~600 KiB, so that is ten pause/resume rounds (epoll calls, loop
+        # turns) per request. The body size is bounded by max_body_bytes (checked before
+        # it is read), so buffer up to that instead.
+        cycle = self.cycle
+        if cycle.response_complete:
+            return
+        cycle.body += body
+        if len(cycle.body) > self._body_high_water:
+            self.flow.pause_reading()
+        cycle.message_event.set()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()  # type: ignore[misc]
+        self._arm(self._header_timeout)
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()  # type: ignore[misc]
+        self._in_body = True
+        self._arm(self._read_timeout)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()  # type: ignore[misc]
+        self._in_body = False
+        self._deadline = None  # the keep-alive timeout takes over after the response
+
+    def _arm(self, seconds: float) -> None:
+        self._deadline = self.loop.time() + seconds
+        if self._timer is None:
+            self._timer = self.loop.call_at(self._deadline, self._expire)
+
+    def _expire(self) -> None:
+        # one timer per connection, pushed forward instead of re-created per chunk
+        self._timer = None
+        if self._deadline is None or self.transport.is_closing():
+            return
+        if self.loop.time() < self._deadline:
+            self._timer = self.loop.call_at(self._deadline, self._expire)
+            return
+        _log.debug("closing a connection that sent nothing in time: %s", self.client)
+        self.transport.close()
+
+
 def _protocol_class(max_connections: int, header_timeout: float, read_timeout: float,
                     body_high_water: int) -> type:
+    """uvicorn's httptools protocol with :class:`_ProtocolLimits` and these limits."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    refusal = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n"
-               b"content-length: 21\r\nretry-after: 1\r\nconnection: close\r\n\r\n"
-               b"too many connections\n")
-
-    class _Protocol(HttpToolsProtocol):  # type: ignore[misc]
-        """uvicorn's httptools protocol plus a connection cap and request timeouts."""
-
-        _deadline: float | None = None
-        _timer: asyncio.TimerHandle | None = None
-        _in_body = False
-        _refused = False
-
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
-            if len(self.connections) >= max_connections:
-                # answer, then close a little later: closing at once would reset the
-                # connection when the client's request arrives, and it might never read this
-                self._refused = True
-                self.transport = transport  # what connection_lost reads
-                transport.write(refusal)
-                if transport.can_write_eof():
-                    transport.write_eof()
-                self.loop.call_later(1.0, transport.close)
-                return
-            super().connection_made(transport)
-            sock = transport.get_extra_info("socket")
-            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-                # uvicorn writes the head and the body of an answer separately; with Nagle's
-                # algorithm the body waits for the client's delayed ACK (40 ms a request)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._arm(header_timeout)  # the first request's headers
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._deadline = None
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            super().connection_lost(exc)
-
-        def data_received(self, data: bytes) -> None:
-            if self._refused:
-                return
-            if self._in_body:
-                self._deadline = self.loop.time() + read_timeout  # idle, not total
-            super().data_received(data)
-
-        def on_body(self, body: bytes) -> None:
-            # uvicorn pauses reading past 64 KiB until the app takes the body; a batch of
-            # 1000 records is ~600 KiB, so that is ten pause/resume rounds (epoll calls, loop
-            # turns) per request. The body size is bounded by max_body_bytes (checked before
-            # it is read), so buffer up to that instead.
-            cycle = self.cycle
-            if cycle.response_complete:
-                return
-            cycle.body += body
-            if len(cycle.body) > body_high_water:
-                self.flow.pause_reading()
-            cycle.message_event.set()
-
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self._arm(header_timeout)
-
-        def on_headers_complete(self) -> None:
-            super().on_headers_complete()
-            self._in_body = True
-            self._arm(read_timeout)
-
-        def on_message_complete(self) -> None:
-            super().on_message_complete()
-            self._in_body = False
-            self._deadline = None  # the keep-alive timeout takes over after the response
-
-        def _arm(self, seconds: float) -> None:
-            self._deadline = self.loop.time() + seconds
-            if self._timer is None:
-                self._timer = self.loop.call_at(self._deadline, self._expire)
-
-        def _expire(self) -> None:
-            # one timer per connection, pushed forward instead of re-created per chunk
-            self._timer = None
-            if self._deadline is None or self.transport.is_closing():
-                return
-            if self.loop.time() < self._deadline:
-                self._timer = self.loop.call_at(self._deadline, self._expire)
-                return
-            _log.debug("closing a connection that sent nothing in time: %s", self.client)
-            self.transport.close()
-
-    return _Protocol
+    return type("_Protocol", (_ProtocolLimits, HttpToolsProtocol), {
+        "__doc__": "uvicorn's httptools protocol plus a connection cap and request timeouts.",
+        "_max_connections": max_connections, "_header_timeout": header_timeout,
+        "_read_timeout": read_timeout, "_body_high_water": body_high_water})
 
 
 def _listen(host: str, port: int, backlog: int) -> socket.socket:

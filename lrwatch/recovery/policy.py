@@ -363,31 +363,12 @@ def decide(events: Sequence[Any], step: int, state: PolicyState,
     >>> st.rollbacks
     1
     """
-    out: list[Decision] = []
-    control: dict[str, Any] = {}
-    for e in events:
-        acts = tuple(e.actions)
-        if e.kind == "resolved":
-            if "alert" in acts:
-                out.append(Decision("resolve", e.rule, e.step, event=e))
-            continue
-        if "alert" in acts:
-            out.append(Decision("alert", e.rule, e.step, event=e))
-        if "hook" in acts:
-            out.append(Decision("hook", e.rule, e.step, event=e))
-        for a in CONTROL_ACTIONS:
-            if a in acts and a not in control:
-                control[a] = e
+    out, control = _split_events(events)
     if config is None:
         return out
-    escalated = None
-    if (config.probation and "rollback" not in control and "stop" not in control
-            and state.on_probation(step)):
-        escalated = next((e for e in events if e.kind == "firing"
-                          and getattr(e, "severity", None) == "warning"
-                          and _is_outcome(getattr(e, "metric", None))), None)
-        if escalated is not None:
-            control["rollback"] = escalated
+    escalated = _probation_escalation(events, step, state, config, control)
+    if escalated is not None:
+        control["rollback"] = escalated
     in_cooldown = (state.last_rollback_step is not None
                    and step - state.last_rollback_step < config.cooldown)
     if "stop" in control:
@@ -406,23 +387,10 @@ def decide(events: Sequence[Any], step: int, state: PolicyState,
         control["rollback"] = e  # too many skips: the run needs more than undoing steps
         wants_rollback = True
     if wants_rollback:
-        e = control.get("rollback")
-        rule = e.rule if e is not None else state.held
-        first = e.step if e is not None else (state.held_step or step)
-        if in_cooldown:
-            state.held, state.held_step = rule, first
-            return out
-        state.held = state.held_step = None
-        if state.rollbacks >= config.max_rollbacks:
-            out.append(Decision("stop", str(rule), first,
-                                f"rollback budget of {config.max_rollbacks} spent",
-                                EXIT_BUDGET, event=e))
-            return out
-        state.rollbacks += 1
-        state.last_rollback_step = step
-        reason = (f"warning {rule} during the probation after the rollback at step "
-                  f"{state.probation_from}" if e is not None and e is escalated else "")
-        out.append(Decision("rollback", str(rule), first, reason, event=e))
+        d = _rollback_decision(control.get("rollback"), escalated, step, in_cooldown, state,
+                               config)
+        if d is not None:
+            out.append(d)
         return out
     if "reduce_lr" in control and not in_cooldown:
         e = control["reduce_lr"]
@@ -430,6 +398,69 @@ def decide(events: Sequence[Any], step: int, state: PolicyState,
         state.last_rollback_step = step  # reductions share the cooldown
         out.append(Decision("reduce_lr", e.rule, e.step, event=e))
     return out
+
+
+def _split_events(events: Sequence[Any]) -> tuple[list[Decision], dict[str, Any]]:
+    """The notification decisions of a flush's events, in their order, and for each control
+    action asked for, the first event that asked for it.
+
+    >>> from types import SimpleNamespace as E
+    >>> out, control = _split_events([
+    ...     E(rule="a", step=3, kind="firing", actions=("alert", "skip")),
+    ...     E(rule="b", step=4, kind="firing", actions=("hook", "skip", "stop")),
+    ...     E(rule="c", step=5, kind="resolved", actions=("alert", "stop"))])
+    >>> [(d.action, d.rule) for d in out], {a: e.rule for a, e in control.items()}
+    ([('alert', 'a'), ('hook', 'b'), ('resolve', 'c')], {'skip': 'a', 'stop': 'b'})
+    """
+    out: list[Decision] = []
+    control: dict[str, Any] = {}
+    for e in events:
+        acts = tuple(e.actions)
+        if e.kind == "resolved":
+            if "alert" in acts:
+                out.append(Decision("resolve", e.rule, e.step, event=e))
+            continue
+        if "alert" in acts:
+            out.append(Decision("alert", e.rule, e.step, event=e))
+        if "hook" in acts:
+            out.append(Decision("hook", e.rule, e.step, event=e))
+        for a in CONTROL_ACTIONS:
+            if a in acts and a not in control:
+                control[a] = e
+    return out, control
+
+
+def _probation_escalation(events: Sequence[Any], step: int, state: PolicyState,
+                          config: RecoveryConfig, control: Mapping[str, Any]) -> Any | None:
+    """The outcome warning that becomes a rollback request during a probation, if any (none
+    when a rollback or stop is already asked for)."""
+    if (config.probation and "rollback" not in control and "stop" not in control
+            and state.on_probation(step)):
+        return next((e for e in events if e.kind == "firing"
+                     and getattr(e, "severity", None) == "warning"
+                     and _is_outcome(getattr(e, "metric", None))), None)
+    return None
+
+
+def _rollback_decision(e: Any | None, escalated: Any | None, step: int, in_cooldown: bool,
+                       state: PolicyState, config: RecoveryConfig) -> Decision | None:
+    """The rollback asked for by ``e`` (``None``: the held one) at ``step``: held while
+    ``in_cooldown`` (``None``), a ``stop`` once the budget is spent, else a ``rollback``
+    counted in ``state``."""
+    rule = e.rule if e is not None else state.held
+    first = e.step if e is not None else (state.held_step or step)
+    if in_cooldown:
+        state.held, state.held_step = rule, first
+        return None
+    state.held = state.held_step = None
+    if state.rollbacks >= config.max_rollbacks:
+        return Decision("stop", str(rule), first,
+                        f"rollback budget of {config.max_rollbacks} spent", EXIT_BUDGET, event=e)
+    state.rollbacks += 1
+    state.last_rollback_step = step
+    reason = (f"warning {rule} during the probation after the rollback at step "
+              f"{state.probation_from}" if e is not None and e is escalated else "")
+    return Decision("rollback", str(rule), first, reason, event=e)
 
 
 def _nonfinite(e: Any) -> bool:

@@ -17,7 +17,8 @@ import logging
 import os
 import threading
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, BinaryIO
 
 __all__ = ["FileTailer"]
 
@@ -25,6 +26,20 @@ _log = logging.getLogger("lrwatch.daemon")
 # ~900 records of 585 bytes: small batches keep the freshly parsed records in the CPU
 # cache while the worker windows them (measurably faster than 4 MiB)
 CHUNK = 128 * 1024
+
+
+@dataclass
+class _Position:
+    """How far a :class:`FileTailer` is: the file it reads and its ``(dev, inode)``, the offset
+    up to which lines were handed over, the partial line read past it, and the bytes of a line
+    over the limit dropped so far (not buffered)."""
+
+    fh: BinaryIO | None = None
+    dev: int = 0
+    ino: int = 0
+    offset: int = 0
+    buf: bytes = b""
+    skipped: int = 0
 
 
 class FileTailer:
@@ -62,84 +77,106 @@ class FileTailer:
         return None
 
     def _run(self) -> None:
-        saved = self.daemon.files.get(self.path)
-        fh = None
-        dev = ino = 0
-        offset = 0
-        if saved:
-            dev, ino, offset = saved
-            old = self._find_inode(dev, ino)
-            if old is not None:
-                fh = open(old, "rb")
-            else:
-                dev = ino = offset = 0
-        buf = b""
-        skipped = 0  # bytes of a line over the limit read so far (not buffered)
+        pos = self._resume()
         limit = self.daemon.limits.max_line_bytes
         while not self._stop.is_set():
             try:
-                if fh is None:
-                    try:
-                        fh = open(self.path, "rb")
-                    except FileNotFoundError:
-                        self._stop.wait(self.poll)
-                        continue
-                    st = os.fstat(fh.fileno())
-                    if (st.st_dev, st.st_ino) != (dev, ino):
-                        dev, ino, offset = st.st_dev, st.st_ino, 0
-                    buf, skipped = b"", 0
-                st = os.fstat(fh.fileno())
-                if st.st_size < offset:  # truncated in place
-                    _log.info("%s was truncated; reading from the start", self.path)
-                    offset, buf, skipped = 0, b"", 0
-                fh.seek(offset + len(buf) + skipped)
-                data = fh.read(CHUNK)
-                if data:
-                    if skipped:  # inside a line over the limit: drop it up to its newline
-                        nl = data.find(b"\n")
-                        if nl < 0:
-                            skipped += len(data)
-                            continue
-                        offset += skipped + nl + 1
-                        skipped = 0
-                        if not self.daemon.enqueue_file(self.path, dev, ino, offset, [],
-                                                        time.time(), {"line_too_long": 1}):
-                            return
-                        continue
-                    buf += data
-                    if len(buf) > limit and b"\n" not in buf:
-                        # never buffer (or parse) a line past the limit: one rejection
-                        _log.warning("%s: a line over %d bytes at offset %d is skipped",
-                                     self.path, limit, offset)
-                        skipped, buf = len(buf), b""
-                        continue
-                    cut = buf.rfind(b"\n")
-                    if cut >= 0:
-                        chunk = buf[:cut]  # whole lines; the worker parses them
-                        offset += cut + 1
-                        buf = buf[cut + 1:]
-                        if not self.daemon.enqueue_file(self.path, dev, ino, offset, chunk,
-                                                        time.time()):
-                            return
+                if pos.fh is None and not self._open(pos):
+                    self._stop.wait(self.poll)
                     continue
-                # at the end: has the path been rotated to a new file?
-                try:
-                    cur = os.stat(self.path)
-                    rotated = (cur.st_dev, cur.st_ino) != (dev, ino)
-                except FileNotFoundError:
-                    rotated = False
-                if rotated:
+                data = self._read(pos)
+                if data:
+                    if not self._consume(pos, data, limit):
+                        return
+                    continue
+                if self._rotated(pos):
                     _log.info("%s was rotated; following the new file", self.path)
-                    fh.close()
-                    fh = None
+                    pos.fh.close()
+                    pos.fh = None
                     continue
                 self._stop.wait(self.poll)
             except OSError:
                 self.daemon.metrics.internal_errors.inc()
                 _log.exception("tailing %s failed", self.path)
-                if fh is not None:
-                    fh.close()
-                fh = None
+                if pos.fh is not None:
+                    pos.fh.close()
+                pos.fh = None
                 self._stop.wait(max(self.poll, 1.0))
-        if fh is not None:
-            fh.close()
+        if pos.fh is not None:
+            pos.fh.close()
+
+    def _resume(self) -> _Position:
+        """Where the snapshot left this path: its file (found by inode, rotated or not) at the
+        applied offset, or nothing yet when that file is gone."""
+        pos = _Position()
+        saved = self.daemon.files.get(self.path)
+        if saved:
+            dev, ino, offset = saved
+            old = self._find_inode(dev, ino)
+            if old is not None:
+                pos.fh = open(old, "rb")
+                pos.dev, pos.ino, pos.offset = dev, ino, offset
+        return pos
+
+    def _open(self, pos: _Position) -> bool:
+        """Open the path (``False``: not there yet); a file other than the one the position
+        is in is read from its start."""
+        try:
+            pos.fh = open(self.path, "rb")
+        except FileNotFoundError:
+            return False
+        st = os.fstat(pos.fh.fileno())
+        if (st.st_dev, st.st_ino) != (pos.dev, pos.ino):
+            pos.dev, pos.ino, pos.offset = st.st_dev, st.st_ino, 0
+        pos.buf, pos.skipped = b"", 0
+        return True
+
+    def _read(self, pos: _Position) -> bytes:
+        """The next chunk after what was read (from the start if the file was truncated)."""
+        st = os.fstat(pos.fh.fileno())
+        if st.st_size < pos.offset:  # truncated in place
+            _log.info("%s was truncated; reading from the start", self.path)
+            pos.offset, pos.buf, pos.skipped = 0, b"", 0
+        pos.fh.seek(pos.offset + len(pos.buf) + pos.skipped)
+        return pos.fh.read(CHUNK)
+
+    def _consume(self, pos: _Position, data: bytes, limit: int) -> bool:
+        """Hand the whole lines ``data`` completes to the daemon, keep the partial last one;
+        ``False`` when the daemon refused them (it is stopping)."""
+        if pos.skipped:  # inside a line over the limit: drop it up to its newline
+            return self._skip_long_line(pos, data)
+        pos.buf += data
+        if len(pos.buf) > limit and b"\n" not in pos.buf:
+            # never buffer (or parse) a line past the limit: one rejection
+            _log.warning("%s: a line over %d bytes at offset %d is skipped",
+                         self.path, limit, pos.offset)
+            pos.skipped, pos.buf = len(pos.buf), b""
+            return True
+        cut = pos.buf.rfind(b"\n")
+        if cut < 0:
+            return True
+        chunk = pos.buf[:cut]  # whole lines; the worker parses them
+        pos.offset += cut + 1
+        pos.buf = pos.buf[cut + 1:]
+        return bool(self.daemon.enqueue_file(self.path, pos.dev, pos.ino, pos.offset, chunk,
+                                             time.time()))
+
+    def _skip_long_line(self, pos: _Position, data: bytes) -> bool:
+        """Drop ``data`` up to the newline that ends the over-long line, and count the line as
+        rejected once it ends; ``False`` when the daemon refused that (it is stopping)."""
+        nl = data.find(b"\n")
+        if nl < 0:
+            pos.skipped += len(data)
+            return True
+        pos.offset += pos.skipped + nl + 1
+        pos.skipped = 0
+        return bool(self.daemon.enqueue_file(self.path, pos.dev, pos.ino, pos.offset, [],
+                                             time.time(), {"line_too_long": 1}))
+
+    def _rotated(self, pos: _Position) -> bool:
+        """Whether the path now names another file than the one being read."""
+        try:
+            cur = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        return (cur.st_dev, cur.st_ino) != (pos.dev, pos.ino)

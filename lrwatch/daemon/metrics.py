@@ -49,6 +49,17 @@ class DaemonMetrics:
         self.internal_errors = self.engine.internal_errors
         self.rule_firing = self.engine.rule_firing
         self.firings = self.engine.firings
+        self._register_ingest(r)
+        self.model = ModelMetrics(r, pending)
+        self.pending = self.model.pending
+        self._register_window(r)
+        self._register_drift(r)
+        self.features: dict[str, dict[str, Gauge]] = {}
+        # the last window's per-feature arrays, read when /metrics is scraped
+        self._window: dict[str, Any] = {}
+
+    def _register_ingest(self, r: CollectorRegistry) -> None:
+        """What came in: records accepted and rejected, labels joined or not."""
         self.predictions = Counter("lrwatch_predictions", "Prediction records accepted.",
                                    registry=r)
         self.labels = Counter("lrwatch_labels", "Label records accepted.", registry=r)
@@ -66,8 +77,9 @@ class DaemonMetrics:
         self.labels_expired = Counter("lrwatch_labels_expired",
                                       "Pending predictions evicted before their label came "
                                       "(the store is bounded).", registry=r)
-        self.model = ModelMetrics(r, pending)
-        self.pending = self.model.pending
+
+    def _register_window(self, r: CollectorRegistry) -> None:
+        """The queue, the windows and what the labels joined in the last one measured."""
         self.queue = Gauge("lrwatch_queue_records", "Records queued for the worker.",
                            registry=r)
         self.windows = Counter("lrwatch_windows", "Windows closed and evaluated.", registry=r)
@@ -88,6 +100,10 @@ class DaemonMetrics:
         self.error = Gauge("lrwatch_model_error",
                            "Mean absolute error of the labels joined in the last window "
                            "(regression).", registry=r)
+
+    def _register_drift(self, r: CollectorRegistry) -> None:
+        """The last window's drift: overall, and the per-feature families whose children
+        :meth:`bind_features` caches."""
         self.score = Gauge("lrwatch_drift_score",
                            "Largest drift evidence of the last window in units of its "
                            "calibrated threshold (>= 1: over).", registry=r)
@@ -114,9 +130,6 @@ class DaemonMetrics:
         self._unseen = Gauge("lrwatch_unseen_category_ratio",
                              "Categorical values not in the reference.", ["feature"],
                              registry=r)
-        self.features: dict[str, dict[str, Gauge]] = {}
-        # the last window's per-feature arrays, read when /metrics is scraped
-        self._window: dict[str, Any] = {}
 
     def bind_features(self, numeric: Iterable[str], categorical: Iterable[str]) -> None:
         """Cache the label children of every feature (called once the reference is known).

@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import click
@@ -81,68 +82,107 @@ def replay_command(traces: tuple[str, ...], rules_file: str | None, pack: str, a
     --fail-on is given and a rule of that severity or higher fired, 2 when a rule file or a
     trace is malformed (without --lenient).
     """
-    try:
-        rules: RuleSet = load_rules(rules_file) if rules_file else load_pack(pack)
-    except RuleError as exc:
-        for line in exc.errors:
-            click.echo(line, err=True)
-        raise SystemExit(2) from None
+    rules = _load_rules_or_exit(rules_file, pack)
     paths = list(expand_traces(traces))
     show_progress = progress if progress is not None else len(paths) >= _PROGRESS_MIN_TRACES
     out = sys.stdout  # looked up per call: CliRunner and redirections replace it
     rows: list[list[str]] = []
-    n_samples = n_skipped = n_errors = 0
-    counts = {s: 0 for s in SEVERITIES}
-    worst = -1
+    totals = _Totals()
     last_progress = time.monotonic()
     for i, res in enumerate(_replay_all(paths, rules, rules_file, pack, not lenient, jobs), 1):
-        n_samples += res.samples
-        n_skipped += res.skipped
-        if res.error:
-            n_errors += 1
-            click.echo(f"error: {res.error}", err=True)
-        if res.skipped:
-            click.echo(f"warning: {res.path}: skipped {res.skipped} malformed line(s); first: "
-                       f"{res.bad_lines[0] if res.bad_lines else '?'}", err=True)
-        for e in res.events:
-            if e.kind == "firing":
-                counts[e.severity] = counts.get(e.severity, 0) + 1
-                worst = max(worst, _RANK.get(e.severity, 0))
-            elif not show_resolved:
-                continue
-            if as_json:
-                rec: dict[str, Any] = e.to_json(res.path)
-                if show_resolved:
-                    rec["kind"] = e.kind
-                out.write(json.dumps(rec, allow_nan=False) + "\n")
-            else:
-                rows.append(_event_row(res, e))
+        _report_trace(res, totals, rows, out, as_json, show_resolved)
         if show_progress and (time.monotonic() - last_progress >= _PROGRESS_EVERY_S
                               or i == len(paths)):
             last_progress = time.monotonic()
-            click.echo(f"replay: {i}/{len(paths)} traces, {n_samples} samples, "
-                       f"{sum(counts.values())} firings", err=True)
-    fired = sum(counts.values())
-    summary = (f"{len(paths)} trace(s), {n_samples} samples, {fired} firing(s) "
-               f"({', '.join(f'{k}: {v}' for k, v in counts.items())})")
-    if n_skipped:
-        summary += f", {n_skipped} malformed line(s) skipped"
-    if n_errors:
-        summary += f", {n_errors} trace(s) with errors"
+            click.echo(f"replay: {i}/{len(paths)} traces, {totals.samples} samples, "
+                       f"{totals.fired} firings", err=True)
+    _print_report(rows, totals.summary(len(paths)), as_json)
+    sys.stdout.flush()
+    if totals.errors:
+        raise SystemExit(2)
+    if fail_on is not None and totals.worst >= _RANK[fail_on]:
+        raise SystemExit(1)
+
+
+def _load_rules_or_exit(rules_file: str | None, pack: str) -> RuleSet:
+    """The rule file, else the pack; a malformed one prints its errors and exits 2."""
+    try:
+        return load_rules(rules_file) if rules_file else load_pack(pack)
+    except RuleError as exc:
+        for line in exc.errors:
+            click.echo(line, err=True)
+        raise SystemExit(2) from None
+
+
+@dataclass
+class _Totals:
+    """What ``replay`` counted over the traces so far."""
+
+    samples: int = 0
+    skipped: int = 0
+    errors: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: {s: 0 for s in SEVERITIES})
+    worst: int = -1   # the highest _RANK that fired
+
+    @property
+    def fired(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self, n_traces: int) -> str:
+        """The last line of the report.
+
+        >>> _Totals(samples=40, skipped=2, counts={"info": 0, "warning": 1}).summary(3)
+        '3 trace(s), 40 samples, 1 firing(s) (info: 0, warning: 1), 2 malformed line(s) skipped'
+        """
+        text = (f"{n_traces} trace(s), {self.samples} samples, {self.fired} firing(s) "
+                f"({', '.join(f'{k}: {v}' for k, v in self.counts.items())})")
+        if self.skipped:
+            text += f", {self.skipped} malformed line(s) skipped"
+        if self.errors:
+            text += f", {self.errors} trace(s) with errors"
+        return text
+
+
+def _report_trace(res: TraceResult, totals: _Totals, rows: list[list[str]], out: Any,
+                  as_json: bool, show_resolved: bool) -> None:
+    """Count one trace's result into ``totals`` and report it, in this order: its error and
+    skipped lines on stderr, then each firing (and resolution, with ``show_resolved``) as a
+    JSON line on ``out`` or as a row of ``rows`` for the table."""
+    totals.samples += res.samples
+    totals.skipped += res.skipped
+    if res.error:
+        totals.errors += 1
+        click.echo(f"error: {res.error}", err=True)
+    if res.skipped:
+        click.echo(f"warning: {res.path}: skipped {res.skipped} malformed line(s); first: "
+                   f"{res.bad_lines[0] if res.bad_lines else '?'}", err=True)
+    for e in res.events:
+        if e.kind == "firing":
+            totals.counts[e.severity] = totals.counts.get(e.severity, 0) + 1
+            totals.worst = max(totals.worst, _RANK.get(e.severity, 0))
+        elif not show_resolved:
+            continue
+        if as_json:
+            rec: dict[str, Any] = e.to_json(res.path)
+            if show_resolved:
+                rec["kind"] = e.kind
+            out.write(json.dumps(rec, allow_nan=False) + "\n")
+        else:
+            rows.append(_event_row(res, e))
+
+
+def _print_report(rows: list[list[str]], summary: str, as_json: bool) -> None:
+    """The table (or "no rule fired") and the summary on stdout; with ``as_json`` the firings
+    were written already and the summary goes to stderr."""
     if as_json:
         click.echo(summary, err=True)
+        return
+    if rows:
+        click.echo(_table(rows, ["TRACE", "STEP", "RULE", "SEVERITY", "VALUE", "ACTIONS",
+                                 "MESSAGE"]))
     else:
-        if rows:
-            click.echo(_table(rows, ["TRACE", "STEP", "RULE", "SEVERITY", "VALUE", "ACTIONS",
-                                     "MESSAGE"]))
-        else:
-            click.echo("no rule fired")
-        click.echo(summary)
-    sys.stdout.flush()
-    if n_errors:
-        raise SystemExit(2)
-    if fail_on is not None and worst >= _RANK[fail_on]:
-        raise SystemExit(1)
+        click.echo("no rule fired")
+    click.echo(summary)
 
 
 _WORKER_RULES: dict[str, RuleSet] = {}   # per worker process: the rules, loaded once

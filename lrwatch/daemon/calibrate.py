@@ -388,6 +388,45 @@ def _row_corr(x: np.ndarray) -> np.ndarray:
     return c
 
 
+def _check_targets(window_size: int, target_windows: float) -> None:
+    """Refuse a window too small to test or a false-alarm target of one window or fewer."""
+    if window_size < 10:
+        raise ConfigError(f"window_size must be at least 10 records, got {window_size}")
+    if not target_windows > 1:
+        raise ConfigError(f"target_windows must be > 1 (one false alarm per N windows), "
+                          f"got {target_windows}")
+
+
+def _fit_joint(prof: Profile, rs: _Resampler, joint: bool) -> JointModel | None:
+    """The joint test's model (``None``: not asked for, or too few usable numeric features);
+    ``rs`` then resamples its leave-one-out residuals too."""
+    model = JointModel.fit(rs.x_std, prof.num_names) if joint and prof.num else None
+    if model is not None:
+        rs.set_joint(model.loo_residuals(rs.x_std))
+    return model
+
+
+def _window_threshold(corr: np.ndarray, signed: np.ndarray, live: np.ndarray,
+                      joint_dims: np.ndarray, window_rate: float, rng: np.random.Generator
+                      ) -> tuple[float, float]:
+    """The per-window threshold over all dims and over the per-feature dims alone (see
+    :func:`_max_quantile`), Bonferroni's bound where the simulation gives none."""
+    threshold, base = _max_quantile(corr, signed[live], window_rate, rng, ~joint_dims[live])
+    bonferroni = float(-special.ndtri(window_rate / max(len(signed), 1)))
+    threshold = threshold if math.isfinite(threshold) else bonferroni
+    base = base if math.isfinite(base) else bonferroni
+    return threshold, base
+
+
+def _sequential_thresholds(rs: _Resampler, window_size: int, m: int, rate: float,
+                           rng: np.random.Generator, progress: ProgressFn | None
+                           ) -> tuple[float, float]:
+    """The sequential scan's threshold over the feature means and the joint test's mean |e|
+    (when there is one), and over the feature means alone (see :func:`_sequential_threshold`)."""
+    blocks = [_row_corr(rs.x_std)] + ([_row_corr(rs.ju)] if rs.ju is not None else [])
+    return _sequential_threshold(blocks, window_size, m, rate, rng, HORIZONS, progress)
+
+
 def calibrate(ref: Reference, *, window_size: int = 1000, target_windows: float = 1000.0,
               sims: int | None = None, seed: int = 0, sequential: bool = True,
               joint: bool = True, progress: ProgressFn | None = None) -> Calibration:
@@ -410,21 +449,15 @@ def calibrate(ref: Reference, *, window_size: int = 1000, target_windows: float 
         ``sims``, then ``"null streams"`` for the sequential threshold); it does not change the
         result.
     """
-    if window_size < 10:
-        raise ConfigError(f"window_size must be at least 10 records, got {window_size}")
-    if not target_windows > 1:
-        raise ConfigError(f"target_windows must be > 1 (one false alarm per N windows), "
-                          f"got {target_windows}")
+    _check_targets(window_size, target_windows)
     t0 = time.perf_counter()
     sims = 2000 if sims is None else int(sims)
     prof = Profile(ref)
     rs = _Resampler(prof)
     rng = np.random.default_rng(seed)
     m = min(ref.records, rs.m) if ref.records > 0 else rs.m
-    model = JointModel.fit(rs.x_std, prof.num_names) if joint and prof.num else None
+    model = _fit_joint(prof, rs, joint)
     pj = model.dims if model is not None else 0
-    if model is not None:
-        rs.set_joint(model.loo_residuals(rs.x_std))
     joint_dims = np.concatenate([np.zeros(len(prof.dims), bool), np.ones(pj, bool)])
     mean_dims = np.concatenate([prof.mean_dims, np.zeros(pj, bool)])
     signed = mean_dims | joint_dims
@@ -432,17 +465,12 @@ def calibrate(ref: Reference, *, window_size: int = 1000, target_windows: float 
     mu, sd, corr, live = _standardisation(raw, mean_dims, signed)
     rate = 1.0 / target_windows
     seq_share = SEQUENTIAL_SHARE if sequential and prof.num else 0.0
-    window_rate = rate * (1.0 - seq_share)
-    threshold, base = _max_quantile(corr, signed[live], window_rate, rng, ~joint_dims[live])
-    bonferroni = float(-special.ndtri(window_rate / max(len(signed), 1)))
-    threshold = threshold if math.isfinite(threshold) else bonferroni
-    base = base if math.isfinite(base) else bonferroni
+    threshold, base = _window_threshold(corr, signed, live, joint_dims,
+                                        rate * (1.0 - seq_share), rng)
     seq_threshold = base_seq = math.inf
     if sequential and prof.num:
-        blocks = [_row_corr(rs.x_std)] + ([_row_corr(rs.ju)] if rs.ju is not None else [])
-        seq_threshold, base_seq = _sequential_threshold(blocks, window_size, m, rate * seq_share,
-                                                        rng,
-                                                        HORIZONS, progress)
+        seq_threshold, base_seq = _sequential_thresholds(rs, window_size, m, rate * seq_share,
+                                                         rng, progress)
     ju = rs.ju if rs.ju is not None else np.zeros((1, 0))
     return Calibration(window_size=window_size, target_windows=float(target_windows),
                        sims=sims, seed=seed, mu=[float(v) for v in mu],

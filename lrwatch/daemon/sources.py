@@ -87,7 +87,7 @@ class FileTailer:
                 data = self._read(pos)
                 if data:
                     if not self._consume(pos, data, limit):
-                        return
+                        break  # the daemon refused (it is stopping): close the file below
                     continue
                 if self._rotated(pos):
                     _log.info("%s was rotated; following the new file", self.path)

@@ -11,110 +11,52 @@ Optimizer step hooks record everything else. Nothing on the step path converts a
 Python number: per-step values stay on the device and are copied to the host in one transfer every
 ``flush_every`` steps and at :meth:`Watcher.close`. Each flushed step becomes a
 :class:`~lrwatch.samples.Sample` that goes to the listeners (trace, Prometheus, rules engine).
+
+The Watcher is the loop's side of lrwatch: the step counter, the flush, the iteration
+boundaries and the public API. What it holds does the rest: :mod:`lrwatch.steps` records each
+step, :mod:`lrwatch.step_hooks` attaches to the optimizer and the GradScaler,
+:mod:`lrwatch.outputs` exports (Prometheus, trace, listeners), the rules engine judges,
+:mod:`lrwatch.recovery.keeper` keeps the snapshots, :mod:`lrwatch.recovery.executor` carries
+the recovery policy's plans out, and :mod:`lrwatch.wiring` checks the arguments and builds
+all of these.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import uuid
-import warnings
-from collections import deque
-from dataclasses import replace
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 from prometheus_client import CollectorRegistry
 
+from ._failopen import FailOpen
 from .actions.alerts import make_sender
-from .actions.best import BestEval, keep_best_state
+from .actions.best import BestEval
 from .actions.notify import Notifier
-from .actions.snapshot import Snapshot, SnapshotStore
-from .distributed import EXPORT_CHOICES, RankContext, combine_rank_samples, split_by_placement
-from .errors import ConfigError
-from .exporters.prometheus import MetricsServer, TrainingExporter, start_metrics_server
-from .exporters.trace import TraceWriter
-from .probe import LayerIndex
+from .actions.snapshot import SnapshotStore
+from .distributed import RankContext, combine_rank_samples
+from .exporters.prometheus import MetricsServer
+from .judge import Judge
+from .outputs import Listener, Outputs, rank_trace_path, run_info
 from .recovery.executor import PlanExecutor
-from .recovery.policy import (CONTROL_ACTIONS, Plan, RecoveryConfig, RecoveryPolicy,
-                              SnapshotInfo, check_action_params)
-from .rules import Engine, RuleSet, load_pack, load_rules
-from .rules.schema import PACKS
+from .recovery.keeper import SnapshotKeeper
+from .recovery.policy import RecoveryConfig, RecoveryPolicy
+from .rules import Engine, RuleSet
 from .samples import Sample
-from .steps import StepRecorder, as_value, materialise
+from .step_path import StepPath
+from .steps import as_value, materialise
+from .wiring import action_params, build_best, build_recorder, check_args, check_probe, rule_set
 
 __all__ = ["Watcher", "Listener", "RecoveryConfig", "BestEval", "rank_trace_path"]
 
-from ._ratelimit import LogLimiter
-
 log = logging.getLogger("lrwatch")
 
-Listener = Callable[[Sample], None]
 T = TypeVar("T")
 
 
-def rank_trace_path(trace: "str | os.PathLike[str]", rank: int) -> str:
-    """The trace of rank ``rank``: the rank goes before the suffix, so a ``*.jsonl`` glob
-    (``lrwatch replay DIR``, ``lrwatch report``) finds every rank's trace.
-
-    One name for the Watcher (``export="all"``) and the framework callbacks.
-
-    >>> rank_trace_path("runs/run.jsonl", 1), rank_trace_path("run", 2)
-    ('runs/run.rank1.jsonl', 'run.rank2')
-    """
-    root, ext = os.path.splitext(os.fspath(trace))
-    return f"{root}.rank{int(rank)}{ext}"
-
-
-def _rule_set(rules: "str | os.PathLike[str] | RuleSet | None") -> RuleSet | None:
-    if rules is None or isinstance(rules, RuleSet):
-        return rules
-    if isinstance(rules, str) and rules in PACKS:
-        return load_pack(rules)
-    if isinstance(rules, (str, os.PathLike)):
-        return load_rules(rules)
-    raise ConfigError(f"rules must be a pack name {sorted(PACKS)}, a rule file path, a RuleSet "
-                      f"or None, got {type(rules).__name__}")
-
-
-def _snapshot_dir(recovery: Any) -> str | None:
-    """recovery's snapshot_dir, also with the rules off (``Watcher.recovery`` is None then)."""
-    if isinstance(recovery, RecoveryConfig):
-        return recovery.snapshot_dir
-    return recovery.get("snapshot_dir") if isinstance(recovery, Mapping) else None
-
-
-def _check_args(model: Any, optimizer: Any, flush_every: Any, port: Any, batch_size: Any,
-                keep_best: Any, probe_loss: Any, update_ratio_every: Any, export: Any) -> None:
-    """The Watcher's arguments, each with an error that says what to pass instead."""
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got "
-                          f"{type(optimizer).__name__}")
-    if not isinstance(model, torch.nn.Module):
-        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(flush_every, int) or isinstance(flush_every, bool) or flush_every < 1:
-        raise ConfigError(f"flush_every must be a positive integer, got {flush_every!r}")
-    if port is not None and (not isinstance(port, int) or not 0 <= port <= 65535):
-        raise ConfigError(f"port must be None or an integer in 0..65535, got {port!r}")
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if not isinstance(keep_best, (bool, str)) or keep_best == "":
-        raise ConfigError(f"keep_best must be True (eval_accuracy if logged, else "
-                          f"eval_loss), False, or a metric name, got {keep_best!r}")
-    if (not isinstance(update_ratio_every, int) or isinstance(update_ratio_every, bool)
-            or update_ratio_every < 1):
-        raise ConfigError(f"update_ratio_every must be an integer >= 1, "
-                          f"got {update_ratio_every!r}")
-    if export not in EXPORT_CHOICES:
-        raise ConfigError(f"export must be one of {', '.join(map(repr, EXPORT_CHOICES))}, "
-                          f"got {export!r}")
-    if probe_loss is not None and not callable(probe_loss):
-        raise ConfigError(f"probe_loss must be callable as probe_loss(model, batch) -> "
-                          f"loss, got {type(probe_loss).__name__}")
-
-
-class Watcher(PlanExecutor):
+class Watcher(PlanExecutor, StepPath):
     """Watches a plain PyTorch training loop.
 
     Parameters
@@ -216,41 +158,23 @@ class Watcher(PlanExecutor):
     """
 
     def __init__(
-        self,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: Any = None,
-        *,
-        scaler: Any = None,
-        flush_every: int = 25,
-        port: int | None = None,
-        host: str = "127.0.0.1",
-        trace: str | os.PathLike[str] | None = None,
-        registry: CollectorRegistry | None = None,
-        per_layer: bool = False,
-        layer_depth: int = 1,
-        max_layers: int = 64,
-        update_ratio: bool = False,
-        update_ratio_every: int = 10,
-        batch_size: int | None = None,
-        listeners: Iterable[Listener] = (),
-        run_name: str | None = None,
-        start_step: int = 0,
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None,
+        *, scaler: Any = None, flush_every: int = 25, port: int | None = None,
+        host: str = "127.0.0.1", trace: str | os.PathLike[str] | None = None,
+        registry: CollectorRegistry | None = None, per_layer: bool = False,
+        layer_depth: int = 1, max_layers: int = 64, update_ratio: bool = False,
+        update_ratio_every: int = 10, batch_size: int | None = None,
+        listeners: Iterable[Listener] = (), run_name: str | None = None, start_step: int = 0,
         pushgateway: str | None = None,
         rules: "str | os.PathLike[str] | RuleSet | None" = "training",
         recovery: "RecoveryConfig | Mapping[str, Any] | bool | None" = True,
-        alerts: Any = None,
-        alertmanager: str | None = None,
-        hook: Any = None,
-        step_hooks: bool = True,
-        process_group: Any = None,
-        export: str = "rank0",
-        keep_best: bool | str = True,
-        keep_best_mode: str = "auto",
+        alerts: Any = None, alertmanager: str | None = None, hook: Any = None,
+        step_hooks: bool = True, process_group: Any = None, export: str = "rank0",
+        keep_best: bool | str = True, keep_best_mode: str = "auto",
         probe_loss: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,
     ) -> None:
-        _check_args(model, optimizer, flush_every, port, batch_size, keep_best, probe_loss,
-                    update_ratio_every, export)
+        check_args(model, optimizer, flush_every, port, batch_size, keep_best, probe_loss,
+                   update_ratio_every, export)
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -259,89 +183,46 @@ class Watcher(PlanExecutor):
         self.batch_size = batch_size
         self.run_name = run_name or uuid.uuid4().hex[:12]
         self.step = int(start_step)
-        self._listeners: list[Listener] = []
         self._closed = False
-        self._stepped_since_update = False
         self.flushes = 0
-        self._warned: set[str] = set()
-        self._limit = LogLimiter()   # an internal error repeating at every flush: a line a minute
         self.dist = RankContext(process_group)
         self.export = export
-        self._setup_recorder(per_layer, layer_depth, max_layers, update_ratio, update_ratio_every)
+        self.recorder = build_recorder(
+            model, optimizer, self.dist, scaler=scaler, per_layer=per_layer,
+            layer_depth=layer_depth, max_layers=max_layers, update_ratio=update_ratio,
+            update_ratio_every=update_ratio_every, on_commit=self._commit_done)
+        self._sharded = self.recorder.sharded
         if not (self.dist.is_main or export == "all"):   # this rank exports nothing
             port = trace = pushgateway = alerts = alertmanager = hook = None
-        self.pushgateway = pushgateway
-        self._setup_exporters(registry, port, host, trace)
-        for listener in listeners:
-            self.add_listener(listener)
-        ruleset = _rule_set(rules)
+        self._setup_outputs(registry, port, host, trace, pushgateway, listeners)
+        ruleset = rule_set(rules)
         self._setup_recovery(ruleset, recovery, alerts, alertmanager, hook)
         rule_list = list(ruleset) if ruleset is not None else []
-        check_action_params(rule_list)
-        self._action_params = {r.name: r.action_params for r in rule_list if r.action_params}
-        self.policy.action_params = self._action_params
-        # Ranks keep their own copy (FSDP shards differ): one file per rank.
-        self.best = keep_best_state(
-            keep_best, keep_best_mode, rule_list, snapshot_dir=_snapshot_dir(recovery),
-            filename=f"best-eval.rank{self.dist.rank}.pt" if self.dist.active else "best-eval.pt",
-            on_error=self.exporter.count_error)
-        self._setup_probe(probe_loss)
-        self._stop_restored: BestEval | None = None  # what a stop restored (adapters re-apply)
-        self._handles = [optimizer.register_step_pre_hook(self._pre_step),
-                         optimizer.register_step_post_hook(self._post_step)] if step_hooks else []
-        self._scaler_update: Any = None
-        if scaler is not None:
-            self._wrap_scaler(scaler)
+        self._action_params = self.policy.action_params = action_params(rule_list)
+        self.best = build_best(keep_best, keep_best_mode, rule_list, recovery, self.dist,
+                               on_error=self.exporter.count_error)
+        self._setup_executor(probe_loss, check_probe(self.recovery, probe_loss))
+        self._attach_step_hooks(step_hooks)
 
-    def _setup_recorder(self, per_layer: bool, layer_depth: int, max_layers: int,
-                        update_ratio: bool, update_ratio_every: int) -> None:
-        """The per-step recorder; per-layer norms and the update ratio are off for shards."""
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self._device = params[0].device if params else torch.device("cpu")
-        self._sharded = bool(self.dist.active and split_by_placement(params)[1])
-        if self._sharded and (per_layer or update_ratio):
-            warnings.warn("lrwatch: per-layer norms and the update ratio are not yet shard-aware; "
-                          "they are off for sharded (FSDP2/DTensor) parameters", stacklevel=3)
-            per_layer = update_ratio = False
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        named = [(names.get(id(p), f"param{i}"), p) for i, p in enumerate(params)]
-        self._layers = LayerIndex(named, depth=layer_depth, max_layers=max_layers) \
-            if per_layer else None
-        self.recorder = StepRecorder(self.optimizer, self._device, layers=self._layers,
-                                     sharded=self._sharded, update_ratio=bool(update_ratio),
-                                     update_ratio_every=update_ratio_every, scaler=self.scaler,
-                                     on_commit=self._commit_done)
-
-    def _setup_exporters(self, registry: CollectorRegistry | None, port: int | None, host: str,
-                         trace: "str | os.PathLike[str] | None") -> None:
-        """The Prometheus exporter and server, and the trace (per rank with ``export="all"``)."""
-        const_labels: dict[str, str] = {}
-        if self.dist.active and self.export == "all":
-            const_labels = {"rank": str(self.dist.rank)}
-            port = port + self.dist.rank if port else port
-            trace = rank_trace_path(trace, self.dist.rank) if trace is not None else None
-        model, optimizer, scheduler = self.model, self.optimizer, self.scheduler
-        self.exporter = TrainingExporter(
-            registry,
-            run_info={"run": self.run_name, "model": type(model).__name__,
-                      "optimizer": type(optimizer).__name__,
-                      "scheduler": type(scheduler).__name__ if scheduler is not None else "",
-                      "torch": torch.__version__.split("+")[0]},
-            layer_labels=self._layers.labels if self._layers else (),
-            const_labels=const_labels)
-        self.registry = self.exporter.registry
-        self.server: MetricsServer | None = None
-        if port is not None:
-            self.server = start_metrics_server(self.registry, port, host,
-                                               on_error=self.exporter.count_error)
-        # Every dropped trace write counts in lrwatch_internal_errors_total; the first is
-        # logged once. An unopenable path never raises here: training starts regardless.
-        self.trace: TraceWriter | None = (
-            TraceWriter(trace, on_error=self.exporter.count_error) if trace is not None else None)
+    def _setup_outputs(self, registry: CollectorRegistry | None, port: int | None, host: str,
+                       trace: "str | os.PathLike[str] | None", pushgateway: str | None,
+                       listeners: Iterable[Listener]) -> None:
+        """Prometheus, the trace and the listeners (per rank with ``export="all"``)."""
+        layers = self.recorder.layers
+        self.outputs = Outputs(
+            registry=registry, port=port, host=host, trace=trace, pushgateway=pushgateway,
+            info=run_info(self.run_name, self.model, self.optimizer, self.scheduler),
+            layer_labels=layers.labels if layers else (), dist=self.dist, export=self.export)
+        # the same objects as the outputs' (none is replaced while the Watcher runs)
+        self.exporter, self.registry = self.outputs.exporter, self.outputs.registry
+        self.trace, self.pushgateway = self.outputs.trace, self.outputs.pushgateway
+        self._faults = FailOpen(self.exporter.count_error)
+        for listener in listeners:
+            self.add_listener(listener)
 
     def _setup_recovery(self, ruleset: RuleSet | None, recovery: Any, alerts: Any,
                         alertmanager: str | None, hook: Any) -> None:
-        """The engine, the pure recovery policy, alerting and the snapshot store."""
+        """The engine, the pure recovery policy, alerting and the snapshots."""
         self.engine: Engine | None = Engine(ruleset) if ruleset is not None else None
         self.recovery = RecoveryConfig.coerce(recovery) if self.engine is not None else None
         # Every recovery decision and counter (budget, compounding, probation, ramps, the
@@ -349,55 +230,33 @@ class Watcher(PlanExecutor):
         self.policy = RecoveryPolicy(self.recovery)
         self.data_position = 0
         self.skipped_batches = 0
-        self.should_stop = False
-        self.exit_status = 0
-        self.stop_reason: str | None = None
-        self._skip_remaining = 0
-        self._pending: list[tuple[Plan, Snapshot | None]] = []
-        self._snap_awaiting_engine: dict[int, Snapshot] = {}
         self._boundary_kind: str | None = None
-        self._snap_seconds: list[float] = []
         self.sender = make_sender(alerts, alertmanager, registry=self.registry,
                                   on_error=self.exporter.count_error)
-        self._action_alerts: dict[str, Any] = {}   # kind -> the firing alert of an action
         self.hook = hook
         self.notifier = Notifier(self.sender, hook, on_error=self.exporter.count_error)
-        self.store: SnapshotStore | None = None
-        if self.recovery is None:
-            return
-        rc = self.recovery
-        self.store = SnapshotStore(keep=rc.keep, directory=rc.snapshot_dir,
-                                   good_after=rc.good_after, budget=rc.budget,
-                                   min_interval=rc.min_interval, max_interval=rc.max_interval,
-                                   on_error=self.exporter.count_error,
-                                   deferred_schedule=self.dist.active)
-        # The state we start from is the first rollback target: known good by definition.
-        first = self.store.take(self.step, self.data_position, self.model, self.optimizer,
-                                self.scheduler, self.scaler, good=True,
-                                extra=self._snap_extra(), pinned=True)
-        if first is not None:
-            first.extra["engine_state"] = self.engine.state_dict()  # type: ignore[union-attr]
-
-    def _setup_probe(self, probe_loss: Callable[..., Any] | None) -> None:
-        """Range tests (a rollback's probe, the pre-flight check) and the batches they reuse."""
-        if self.recovery is not None and self.recovery.lr_check != "off" and probe_loss is None:
-            raise ConfigError("recovery lr_check='auto' runs a range test before the first "
-                              "step and needs probe_loss(model, batch) -> loss; pass "
-                              "probe_loss= or set lr_check='off'")
-        self._probe_loss = probe_loss
-        self._probing = False
-        self._late_records: list[dict[str, Any]] = []  # events that happened after a flush
-        wants = (self.recovery is not None and self.recovery.probe != "off"
-                 and probe_loss is not None)
-        self._recent: deque[Any] | None = (
-            deque(maxlen=self.recovery.probe_steps) if wants else None)  # type: ignore
-        self.policy.probe_available = wants
+        self._snaps: SnapshotKeeper | None = None
+        if self.recovery is not None:
+            self._snaps = SnapshotKeeper(
+                self.recovery, engine=self.engine, policy=self.policy, model=self.model,
+                optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+                on_error=self.exporter.count_error, deferred_schedule=self.dist.active)
+            self._snaps.take_first(self.step, self.data_position)
+        self.store: SnapshotStore | None = self._snaps.store if self._snaps else None
+        self._rules = Judge(self.engine, set_rule_state=self.exporter.set_rule_state,
+                            on_judged=self._snaps.judged if self._snaps else None,
+                            on_error=self._internal_error) if self.engine is not None else None
 
     # --- public API ----------------------------------------------------------------------------
     @property
     def metrics_url(self) -> str | None:
         """The ``/metrics`` URL, or ``None`` when no server runs."""
         return self.server.url if self.server else None
+
+    @property
+    def server(self) -> MetricsServer | None:
+        """The ``/metrics`` server, or ``None`` (none asked for, or closed)."""
+        return self.outputs.server
 
     @property
     def rollbacks(self) -> int:
@@ -428,9 +287,7 @@ class Watcher(PlanExecutor):
 
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener(sample)`` for every flushed step sample, in step order."""
-        if not callable(listener):
-            raise ConfigError(f"a listener must be callable, got {type(listener).__name__}")
-        self._listeners.append(listener)
+        self.outputs.add_listener(listener)
 
     def batches(self, iterable: Iterable[T]) -> Iterator[T]:
         """Yield the batches of ``iterable``, acting on lrwatch's decisions between them.
@@ -509,7 +366,7 @@ class Watcher(PlanExecutor):
         for key, value in metrics.items():
             v, why = as_value(key, value)
             if v is None:
-                self._warn_once(f"bad:{key}", why or "")
+                self._faults.warn_once(f"bad:{key}", why or "")  # points at the caller of log()
                 continue
             row.put(key, v)
             if key == best:
@@ -523,21 +380,22 @@ class Watcher(PlanExecutor):
 
     def flush(self) -> list[Sample]:
         """Copy what the device holds to the host now and hand it to the listeners."""
-        rows = self.recorder.take()
+        rows, device = self.recorder.take(), self.recorder.device
         pending = self.best.pending_values() if self.best is not None else []
         if not rows and not self.dist.active:
             if pending:
-                self._decide_best(materialise([], pending, self._device, self.batch_size)[1])
+                self._decide_best(materialise([], pending, device, self.batch_size)[1])
             return []
-        samples, best_values = materialise(rows, pending, self._device, self.batch_size)
+        samples, best_values = materialise(rows, pending, device, self.batch_size)
         if pending:  # before the rules judge this flush: a stop restores the best known now
             self._decide_best(best_values)
         self.flushes += 1
         if self.dist.active:
             samples = self._agree(samples)
-        if self.engine is not None:
-            samples = self._judge(samples)
-        self._emit(samples)
+        if self._rules is not None:   # the rules judge, the executor acts on their events
+            samples, events = self._rules(samples)
+            samples = self._act(events, samples)
+        self.outputs.emit(samples, self._faults.guard)
         return samples
 
     def close(self) -> None:
@@ -559,24 +417,9 @@ class Watcher(PlanExecutor):
                 except Exception:
                     self._internal_error("closing the alert sender")
             if self.hook is not None and hasattr(self.hook, "close"):
-                self._guard(self.hook.close)
-            for h in self._handles:
-                h.remove()
-            if self._scaler_update is not None:
-                try:
-                    del self.scaler.update
-                except AttributeError:  # pragma: no cover
-                    pass
-            if self.trace is not None:
-                self._guard(self.trace.close)
-            if self.pushgateway:
-                from .exporters.pushgateway import push_summary
-
-                push_summary(self.pushgateway, self.registry, run=self.run_name,
-                             on_error=self.exporter.count_error)
-            if self.server is not None:
-                self.server.close()
-                self.server = None
+                self._faults.guard(self.hook.close)
+            self._hooks.remove()
+            self.outputs.close(self._faults.guard)
 
     def __enter__(self) -> "Watcher":
         return self
@@ -584,130 +427,7 @@ class Watcher(PlanExecutor):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def before_step(self) -> None:
-        """Measure the gradients now (they must be final: unscaled, not yet clipped or stepped).
-
-        Only for ``step_hooks=False``; the optimizer's pre-step hook does this otherwise.
-        """
-        self._pre_step(self.optimizer, (), {})
-
-    def after_step(self, *, skipped: bool = False) -> None:
-        """Record that the optimizer step happened (or was skipped, e.g. by AMP overflow).
-
-        Only for ``step_hooks=False``; the optimizer's post-step hook does this otherwise.
-        """
-        if skipped:  # counted in lrwatch_skipped_steps_total from the flag, at the flush
-            if self.recorder.open is not None:
-                self.recorder.open.host["skipped"] = 1.0
-        self._post_step(self.optimizer, (), {})
-
-    # --- step path (no host sync here: the recorder keeps device scalars until the flush) ----
-    def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if self._probing:   # a range test's throw-away steps are not the run's
-            return
-        try:
-            self.recorder.measure_grads(self.step + 1, skipped=False)
-        except Exception:  # fail open: monitoring never breaks the step
-            self._internal_error("measuring gradients")
-
-    def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if self._probing:
-            return
-        try:
-            self._finish_step()
-        except Exception:
-            self._internal_error("recording the step")
-        self._boundary("post")
-
-    def _finish_step(self) -> None:
-        row, seconds = self.recorder.finish_step(self.step + 1)
-        if seconds is not None and self.store is not None:
-            self.store.observe_step_time(seconds)
-        self.step += 1
-        self._stepped_since_update = True
-        if row.logged:
-            self.recorder.commit()
-
-    def _commit_done(self) -> None:
-        if len(self.recorder.rows) >= self.flush_every:
-            self.flush()
-
-    def _wrap_scaler(self, scaler: Any) -> None:
-        """Record steps that the GradScaler skips for overflow (no optimizer hook fires then)."""
-        original = scaler.update
-        self._scaler_update = original
-
-        def update(*args: Any, **kwargs: Any) -> Any:
-            if not self._stepped_since_update and not self._closed and not self._probing:
-                try:
-                    self.recorder.measure_grads(self.step + 1, skipped=True)
-                    self._finish_step()
-                except Exception:
-                    self._internal_error("recording a skipped AMP step")
-            self._stepped_since_update = False
-            return original(*args, **kwargs)
-
-        scaler.update = update
-
-    # --- flush: the one host transfer ----------------------------------------------------------
-    def _emit(self, samples: list[Sample]) -> None:
-        self._guard(self.exporter.observe, samples)
-        if self.trace is not None:
-            self._guard(self.trace.write_many, samples)
-            # Push to the OS at most once a second (close() flushes the rest): with
-            # flush_every=1 a file flush per step would cost more than the probes.
-            self._guard(lambda: self.trace.flush(min_interval=1.0))
-        for s in samples:
-            for listener in self._listeners:
-                self._guard(listener, s)
-
-    # --- rules and actions (host side, at the flush) -------------------------------------------
-    def _judge(self, samples: list[Sample]) -> list[Sample]:
-        """Run the engine over the flushed samples and decide what to do about its events."""
-        engine = self.engine
-        assert engine is not None
-        out: list[Sample] = []
-        events_all: list[Any] = []
-        for s in samples:
-            try:
-                events = engine.update(s)
-            except Exception:
-                self._internal_error(f"evaluating rules at step {s.step}")
-                events = []
-            for e in events:
-                self.exporter.set_rule_state(e.rule, e.severity, e.kind == "firing")
-            events_all.extend(events)
-            snap = self._snap_awaiting_engine.pop(s.step, None)
-            if snap is not None:
-                snap.extra["engine_state"] = engine.state_dict()
-            if self.store is not None and not any(
-                    set(f.actions) & set(CONTROL_ACTIONS) for f in engine.active.values()):
-                promoted = self.store.promote(s.step)
-                if promoted:
-                    self.policy.promoted(SnapshotInfo(p.step, True, p.pinned) for p in promoted)
-            if events:
-                s = replace(s, events=s.events + tuple(_event_record(e) for e in events))
-            out.append(s)
-        records: list[dict[str, Any]] = []
-        plans = self._plan(events_all, self._progress(out[-1].step if out else None))
-        self._queue(plans, records)
-        if self._late_records and out:
-            out[0] = replace(out[0], events=tuple(self._late_records) + out[0].events)
-            self._late_records = []
-        if records and out:
-            out[-1] = replace(out[-1], events=out[-1].events + tuple(records))
-        if self._pending and self.engine is not None:
-            # Restore the detectors' view of the run at the target now, so replay (which reads
-            # the engine state from the event) and live stay identical.
-            for _, target in self._pending:
-                if target is not None and target.extra.get("engine_state") is not None:
-                    self._restore_engine(target.extra["engine_state"])
-        return out
-
-
-
-
-
+    # --- loop side (host side, between steps) --------------------------------------------------
     def _boundary(self, where: str) -> None:
         """An iteration boundary: carry out pending decisions, then snapshot if one is due.
 
@@ -723,44 +443,19 @@ class Watcher(PlanExecutor):
             return
         if not self._safe_point():
             self._ramp_step()   # (a restart's own step runs at the ramp's first rate)
-        if (self.store is not None and not self.should_stop and not self._pending
-                and self.store.due(self.step)):
-            snap = self.store.take(self.step, self.data_position, self.model, self.optimizer,
-                                   self.scheduler, self.scaler, extra=self._snap_extra())
-            if snap is not None:
-                self._snap_seconds.append(snap.seconds)
-                if self.engine is not None and self.engine.last_step == snap.step:
-                    # The flush that judged this step came first (log() flushes, then takes
-                    # the snapshot): the engine's state now is the one at the snapshot.
-                    snap.extra["engine_state"] = self.engine.state_dict()
-                else:
-                    self._snap_awaiting_engine[snap.step] = snap
+        if self._snaps is not None and not self.should_stop and not self._pending:
+            self._snaps.take_due(self.step, self.data_position)
 
     def _agree(self, samples: list[Sample]) -> list[Sample]:
         """One collective per flush: every rank's rows, combined identically on every rank."""
-        took = max(self._snap_seconds, default=0.0)
-        self._snap_seconds.clear()
+        took = self._snaps.took_seconds() if self._snaps is not None else 0.0
         gathered = self.dist.gather((samples, took))
         merged = combine_rank_samples([g[0] for g in gathered])
-        if self.store is not None:
-            # Every rank adapts the snapshot interval from the same (slowest) figures, so all
-            # of them snapshot at the same steps and a rollback finds the same step everywhere.
-            slowest = max(g[1] for g in gathered)
-            times = [s.values["step_time_seconds"] for s in merged
-                     if "step_time_seconds" in s.values]
-            if slowest > 0 and times:
-                self.store.adapt(slowest, sorted(times)[len(times) // 2])
+        if self._snaps is not None:
+            self._snaps.adapt(max(g[1] for g in gathered), merged)
         return merged
 
-
-
-
-
-
-    def _snap_extra(self) -> dict[str, Any]:
-        return {"lr_scale": self.policy.lr_scale}
-
-    # --- the best evaluated state ----------------------------------------------------------------
+    # --- the best evaluated state and fail open ------------------------------------------------
     def _offer_best(self, step: int, value: torch.Tensor | float) -> None:
         # The model as it is now is the evaluated one: evaluation runs between steps.
         assert self.best is not None
@@ -777,39 +472,9 @@ class Watcher(PlanExecutor):
         except Exception:
             self._internal_error("keeping the best evaluated state")
 
-
-
-    # --- fail open -----------------------------------------------------------------------------
-    def _guard(self, fn: Callable[..., Any], *args: Any) -> None:
-        try:
-            fn(*args)
-        except Exception as exc:
-            self._internal_error(f"{getattr(fn, '__qualname__', fn)}: {exc}")
-
     def _internal_error(self, what: str) -> None:
-        self.exporter.count_error()
-        self._limit.warning(log, what.split(":", 1)[0], "lrwatch: internal error while %s "
-                            "(training goes on)", what, exc_info=True)
-
-    def _warn_once(self, key: str, message: str) -> None:
-        self.exporter.count_error()
-        if key not in self._warned:
-            self._warned.add(key)
-            # log() -> _warn_once(): point at the line that called log()
-            warnings.warn(message, stacklevel=3)
+        self._faults.error(what)
 
     def __repr__(self) -> str:
         return (f"Watcher(step={self.step}, flush_every={self.flush_every}, "
                 f"metrics_url={self.metrics_url!r})")
-
-
-def _event_record(e: Any) -> dict[str, Any]:
-    """A rule event as it goes into the trace's ``events``."""
-    rec: dict[str, Any] = {"type": e.kind, "rule": e.rule, "severity": e.severity,
-                           "step": e.step}
-    if e.kind == "firing":
-        v = e.value
-        rec["value"] = v if v is None or math.isfinite(v) else str(v)
-        rec["actions"] = list(e.actions)
-        rec["message"] = e.message
-    return rec

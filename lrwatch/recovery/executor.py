@@ -7,8 +7,10 @@ scales learning rates, runs a rollback's range test, ramps, and stops. It decide
 every choice comes from :class:`~lrwatch.recovery.policy.RecoveryPolicy`.
 
 It is a mixin over the Watcher's state (``model``, ``optimizer``, ``scheduler``, ``scaler``,
-``store``, ``engine``, ``policy``, ``recovery``, ``exporter``, ``best``, ``sender``, ``hook``,
-``dist``, ``step`` and the private fields the Watcher sets up in ``__init__``).
+``store`` and its :class:`~lrwatch.recovery.keeper.SnapshotKeeper`, ``engine``, ``policy``,
+``recovery``, ``exporter``, ``best``, ``sender``, ``hook``, ``dist``, ``step``,
+``data_position``); its own fields are set up by :meth:`PlanExecutor._setup_executor`, which
+the Watcher's ``__init__`` calls.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import deque
+from dataclasses import replace
 from typing import Any, Iterator, Mapping, Sequence
 
 from ..actions.rollback import scale_learning_rate
@@ -41,6 +45,7 @@ class PlanExecutor:
     scheduler: Any
     scaler: Any
     store: Any
+    _snaps: Any   # the SnapshotKeeper (None without recovery)
     engine: Any
     policy: Any
     recovery: Any
@@ -51,11 +56,30 @@ class PlanExecutor:
     hook: Any
     dist: Any
     step: int
+    data_position: int
     run_name: str
     _action_alerts: dict[str, Any]
     should_stop: bool
     exit_status: int
     stop_reason: str | None
+
+    def _setup_executor(self, probe_loss: Any, probe: bool) -> None:
+        """The executor's own state: nothing carried out or pending yet; the range tests (a
+        rollback's ``probe`` when ``probe`` is true, the pre-flight check) and the recent
+        batches they reuse."""
+        self.should_stop = False
+        self.exit_status = 0
+        self.stop_reason = None
+        self._skip_remaining = 0
+        self._pending: list[tuple[Plan, Snapshot | None]] = []
+        self._action_alerts = {}   # kind -> the firing alert of an action
+        self._stop_restored: Any = None   # what a stop restored (adapters re-apply)
+        self._probe_loss = probe_loss
+        self._probing = False
+        self._late_records: list[dict[str, Any]] = []  # events that happened after a flush
+        self._recent: deque[Any] | None = (
+            deque(maxlen=self.recovery.probe_steps) if probe else None)
+        self.policy.probe_available = probe
 
     def _progress(self, step: int | None = None) -> Progress:
         """The run as the policy needs to see it: the step and the snapshots held."""
@@ -72,6 +96,25 @@ class PlanExecutor:
                 and not any(p.action in CONTROL_ACTIONS for p in plans)):
             self._resolve_action_alerts(("rollback", "restart"))
         return plans
+
+    def _act(self, events: Sequence[Any], samples: list[Any]) -> list[Any]:
+        """Plan for one flush's rule events and queue the plans; the flush's samples carry
+        what was done in the trace (what happened since the last flush first)."""
+        records: list[dict[str, Any]] = []
+        plans = self._plan(events, self._progress(samples[-1].step if samples else None))
+        self._queue(plans, records)
+        if self._late_records and samples:
+            samples[0] = replace(samples[0], events=tuple(self._late_records) + samples[0].events)
+            self._late_records = []
+        if records and samples:
+            samples[-1] = replace(samples[-1], events=samples[-1].events + tuple(records))
+        if self._pending and self.engine is not None:
+            # Restore the detectors' view of the run at the target now, so replay (which reads
+            # the engine state from the event) and live stay identical.
+            for _, target in self._pending:
+                if target is not None and target.extra.get("engine_state") is not None:
+                    self._restore_engine(target.extra["engine_state"])
+        return samples
 
     def _queue(self, plans: Sequence[Plan], records: list[dict[str, Any]]) -> None:
         """Send notifications now; queue control plans for the next safe point, recording each
@@ -192,7 +235,7 @@ class PlanExecutor:
             self.exporter.skipped_steps.inc(max(1, self.step - target.step))
             log.warning("lrwatch: %s at step %d: undid steps %d..%d", p.rule, p.step,
                         target.step + 1, self.step, extra=_EVENT)
-        self._snap_awaiting_engine.clear()
+        self._snaps.forget_awaiting()
         self._open = None  # the step in progress belonged to the abandoned trajectory
 
     def _probe(self, p: Plan, at: int) -> Plan:
@@ -267,14 +310,8 @@ class PlanExecutor:
     def _retake_initial_snapshot(self) -> None:
         """The run's starting point (the pinned snapshot a restart goes back to) now has the
         checked rate: replace the one taken before the check."""
-        if self.store is None:
-            return
-        self.store.drop_pinned(self.step)
-        first = self.store.take(self.step, self.data_position, self.model, self.optimizer,
-                                self.scheduler, self.scaler, good=True,
-                                extra=self._snap_extra(), pinned=True)
-        if first is not None and self.engine is not None:
-            first.extra["engine_state"] = self.engine.state_dict()
+        if self._snaps is not None:
+            self._snaps.retake_first(self.step, self.data_position)
 
     def _ramp_step(self) -> None:
         """One step of the policy's learning-rate ramp (warm-up after a restart, or the
@@ -311,9 +348,8 @@ class PlanExecutor:
                 where = f"; restored the known-good state of step {good.step}"
             except Exception:
                 self._internal_error("restoring the last known-good state before stopping")
-        if self.store is not None:
-            snap = self.store.take(self.step, self.data_position, self.model, self.optimizer,
-                                   self.scheduler, self.scaler, extra=self._snap_extra())
+        if self._snaps is not None:
+            snap = self._snaps.take(self.step, self.data_position)
             if snap is not None:
                 where += f"; final snapshot at step {snap.step}" + (
                     f" in {snap.path}" if snap.path else " (in memory)")

@@ -1,0 +1,107 @@
+"""The Watcher's snapshot bookkeeping: when to snapshot, and what goes with each snapshot.
+
+:class:`SnapshotKeeper` holds the :class:`~lrwatch.actions.snapshot.SnapshotStore` of a run
+with recovery, and around it what the store does not know about the run:
+
+- the pinned first snapshot (the state the run starts from, known good by definition), taken
+  again after the pre-flight learning-rate check;
+- what each snapshot records besides the training state: the policy's learning-rate scale, and
+  the rules engine's state as judged at the snapshot's step (``lrwatch replay`` restores it,
+  so replay and live agree). A snapshot taken before its step is judged waits for the flush;
+- promotion to known good while no training-control rule fires;
+- under ``torch.distributed``, one snapshot interval for all ranks, adapted from the slowest
+  rank's figures, so every rank snapshots (and rolls back to) the same steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from ..actions.snapshot import Snapshot, SnapshotStore
+from ..samples import Sample
+from .policy import CONTROL_ACTIONS, RecoveryConfig, RecoveryPolicy, SnapshotInfo
+
+__all__ = ["SnapshotKeeper"]
+
+
+class SnapshotKeeper:
+    """Snapshots of the training state (``model``, ``optimizer``, ``scheduler``, ``scaler``)
+    tied to the rules ``engine`` and the recovery ``policy`` (see the module docstring)."""
+
+    def __init__(self, recovery: RecoveryConfig, *, engine: Any, policy: RecoveryPolicy,
+                 model: Any, optimizer: Any, scheduler: Any, scaler: Any,
+                 on_error: Any, deferred_schedule: bool) -> None:
+        rc = recovery
+        self.store = SnapshotStore(keep=rc.keep, directory=rc.snapshot_dir,
+                                   good_after=rc.good_after, budget=rc.budget,
+                                   min_interval=rc.min_interval, max_interval=rc.max_interval,
+                                   on_error=on_error, deferred_schedule=deferred_schedule)
+        self.engine = engine
+        self.policy = policy
+        self._state = (model, optimizer, scheduler, scaler)
+        self._awaiting_engine: dict[int, Snapshot] = {}   # step -> snapshot not yet judged
+        self._seconds: list[float] = []   # capture times since the last flush
+
+    def extra(self) -> dict[str, Any]:
+        """What a snapshot records besides the training state."""
+        return {"lr_scale": self.policy.lr_scale}
+
+    def take(self, step: int, data_position: int) -> Snapshot | None:
+        """A snapshot now, due or not (the final one of a stopped run)."""
+        return self.store.take(step, data_position, *self._state, extra=self.extra())
+
+    def take_first(self, step: int, data_position: int) -> None:
+        """The state we start from is the first rollback target: known good by definition."""
+        first = self.store.take(step, data_position, *self._state, good=True,
+                                extra=self.extra(), pinned=True)
+        if first is not None:
+            first.extra["engine_state"] = self.engine.state_dict()
+
+    def retake_first(self, step: int, data_position: int) -> None:
+        """The run's starting point (the pinned snapshot a restart goes back to) now has the
+        checked rate: replace the one taken before the check."""
+        self.store.drop_pinned(step)
+        self.take_first(step, data_position)
+
+    def take_due(self, step: int, data_position: int) -> None:
+        """A snapshot if the store's schedule says one is due at ``step``."""
+        if not self.store.due(step):
+            return
+        snap = self.take(step, data_position)
+        if snap is None:
+            return
+        self._seconds.append(snap.seconds)
+        if self.engine.last_step == snap.step:
+            # The flush that judged this step came first (log() flushes, then takes the
+            # snapshot): the engine's state now is the one at the snapshot.
+            snap.extra["engine_state"] = self.engine.state_dict()
+        else:
+            self._awaiting_engine[snap.step] = snap
+
+    def judged(self, step: int) -> None:
+        """The engine has judged ``step``: a snapshot of that step gets the engine's state, and
+        while no training-control rule fires the snapshots old enough become known good."""
+        snap = self._awaiting_engine.pop(step, None)
+        if snap is not None:
+            snap.extra["engine_state"] = self.engine.state_dict()
+        if not any(set(f.actions) & set(CONTROL_ACTIONS) for f in self.engine.active.values()):
+            promoted = self.store.promote(step)
+            if promoted:
+                self.policy.promoted(SnapshotInfo(p.step, True, p.pinned) for p in promoted)
+
+    def forget_awaiting(self) -> None:
+        """A rollback or skip abandoned the trajectory those snapshots were waiting on."""
+        self._awaiting_engine.clear()
+
+    def took_seconds(self) -> float:
+        """The longest capture since the last call (0.0 if none), for the ranks to agree on."""
+        took = max(self._seconds, default=0.0)
+        self._seconds.clear()
+        return took
+
+    def adapt(self, slowest: float, merged: Sequence[Sample]) -> None:
+        """Every rank adapts the snapshot interval from the same (slowest) figures, so all of
+        them snapshot at the same steps and a rollback finds the same step everywhere."""
+        times = [s.values["step_time_seconds"] for s in merged if "step_time_seconds" in s.values]
+        if slowest > 0 and times:
+            self.store.adapt(slowest, sorted(times)[len(times) // 2])

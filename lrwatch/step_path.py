@@ -1,0 +1,150 @@
+"""The Watcher's step path: how an optimizer step becomes a recorded row.
+
+:class:`StepHooks` attaches to torch: it registers the optimizer's step pre/post hooks and wraps
+``GradScaler.update`` (a step the scaler skips for overflow runs no optimizer hook; the update is
+the only sign of it), and :meth:`StepHooks.remove` undoes both.
+
+:class:`StepPath` is the part of the :class:`~lrwatch.watch.Watcher` those hooks call (or a
+framework adapter, through :meth:`StepPath.before_step` / :meth:`StepPath.after_step`): it
+measures the gradients before the step, closes the step's row after it, advances the step
+counter, and reaches the iteration boundary. Nothing here converts a tensor to a Python number
+(the :class:`~lrwatch.steps.StepRecorder` keeps device scalars until the flush), and nothing
+here raises into the training step (fail open). Range tests (``_probing``) are not the run's
+steps and are not recorded.
+
+Like :class:`~lrwatch.recovery.executor.PlanExecutor`, :class:`StepPath` is a mixin over the
+Watcher's state (``optimizer``, ``scaler``, ``recorder``, ``store``, ``step``,
+``flush_every``, ``_closed``, ``_probing``) and its ``flush``, ``_boundary`` and
+``_internal_error``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["StepHooks", "StepPath"]
+
+Hook = Callable[[Any, Any, Any], None]   # hook(optimizer, args, kwargs), as torch calls it
+
+
+class StepHooks:
+    """Registers the Watcher's step callbacks with torch (see the module docstring).
+
+    Parameters
+    ----------
+    optimizer:
+        Gets ``pre`` and ``post`` as its step pre/post hooks when ``register`` is true
+        (framework adapters that call ``before_step``/``after_step`` themselves pass false).
+    scaler:
+        A ``torch.amp.GradScaler`` (or ``None``): ``before_update()`` is called at the start of
+        each of its ``update()`` calls.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scaler: Any, *, pre: Hook,
+                 post: Hook, before_update: Callable[[], None], register: bool = True) -> None:
+        self._handles = [optimizer.register_step_pre_hook(pre),
+                         optimizer.register_step_post_hook(post)] if register else []
+        self._scaler = scaler
+        self._original_update: Any = None
+        if scaler is not None:
+            original = self._original_update = scaler.update
+
+            def update(*args: Any, **kwargs: Any) -> Any:
+                before_update()
+                return original(*args, **kwargs)
+
+            scaler.update = update
+
+    def remove(self) -> None:
+        """Remove the hooks and give the scaler its own ``update`` back."""
+        for h in self._handles:
+            h.remove()
+        if self._original_update is not None:
+            try:
+                del self._scaler.update
+            except AttributeError:  # pragma: no cover
+                pass
+
+
+class StepPath:
+    """The Watcher's step path (see the module docstring)."""
+
+    # attributes the Watcher provides (declared for readers and type checkers)
+    optimizer: Any
+    scaler: Any
+    recorder: Any
+    store: Any
+    step: int
+    flush_every: int
+    _closed: bool
+    _probing: bool
+    flush: Callable[[], Any]
+    _boundary: Callable[[str], None]
+    _internal_error: Callable[[str], None]
+
+    def _attach_step_hooks(self, register: bool) -> None:
+        self._stepped_since_update = False   # an optimizer step ran since the scaler's update
+        self._hooks = StepHooks(self.optimizer, self.scaler, pre=self._pre_step,
+                                post=self._post_step, before_update=self._scaler_updating,
+                                register=register)
+
+    def before_step(self) -> None:
+        """Measure the gradients now (they must be final: unscaled, not yet clipped or stepped).
+
+        Only for ``step_hooks=False``; the optimizer's pre-step hook does this otherwise.
+        """
+        self._pre_step(self.optimizer, (), {})
+
+    def after_step(self, *, skipped: bool = False) -> None:
+        """Record that the optimizer step happened (or was skipped, e.g. by AMP overflow).
+
+        Only for ``step_hooks=False``; the optimizer's post-step hook does this otherwise.
+        """
+        if skipped:  # counted in lrwatch_skipped_steps_total from the flag, at the flush
+            if self.recorder.open is not None:
+                self.recorder.open.host["skipped"] = 1.0
+        self._post_step(self.optimizer, (), {})
+
+    # --- no host sync here: the recorder keeps device scalars until the flush ----------------
+    def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._probing:   # a range test's throw-away steps are not the run's
+            return
+        try:
+            self.recorder.measure_grads(self.step + 1, skipped=False)
+        except Exception:  # fail open: monitoring never breaks the step
+            self._internal_error("measuring gradients")
+
+    def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._probing:
+            return
+        try:
+            self._finish_step()
+        except Exception:
+            self._internal_error("recording the step")
+        self._boundary("post")
+
+    def _finish_step(self) -> None:
+        row, seconds = self.recorder.finish_step(self.step + 1)
+        if seconds is not None and self.store is not None:
+            self.store.observe_step_time(seconds)
+        self.step += 1
+        self._stepped_since_update = True
+        if row.logged:
+            self.recorder.commit()
+
+    def _commit_done(self) -> None:
+        if len(self.recorder.rows) >= self.flush_every:
+            self.flush()
+
+    def _scaler_updating(self) -> None:
+        """Before each GradScaler.update(): a step the scaler skipped for overflow ran no
+        optimizer hook, so it is recorded here (as non-finite)."""
+        if not self._stepped_since_update and not self._closed and not self._probing:
+            try:
+                self.recorder.measure_grads(self.step + 1, skipped=True)
+                self._finish_step()
+            except Exception:
+                self._internal_error("recording a skipped AMP step")
+        self._stepped_since_update = False

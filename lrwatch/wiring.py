@@ -1,0 +1,123 @@
+"""The Watcher's arguments, checked, and the collaborators built from them.
+
+Each check raises :class:`~lrwatch.errors.ConfigError` with a message that says what to pass
+instead. The builders turn arguments into the objects the Watcher holds: the rule set, the
+per-step recorder, the rules' action parameters and the best evaluated state. The Watcher's
+``__init__`` says in what order they are built; nothing here keeps state.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from .actions.best import BestState, keep_best_state
+from .distributed import EXPORT_CHOICES, RankContext, split_by_placement
+from .errors import ConfigError
+from .probe import LayerIndex
+from .recovery.policy import RecoveryConfig, check_action_params
+from .rules import RuleSet, load_pack, load_rules
+from .rules.schema import PACKS
+from .steps import StepRecorder
+
+__all__ = ["check_args", "check_probe", "rule_set", "snapshot_dir", "build_recorder",
+           "action_params", "build_best"]
+
+
+def check_args(model: Any, optimizer: Any, flush_every: Any, port: Any, batch_size: Any,
+               keep_best: Any, probe_loss: Any, update_ratio_every: Any, export: Any) -> None:
+    """The Watcher's arguments, each with an error that says what to pass instead."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got "
+                          f"{type(optimizer).__name__}")
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(flush_every, int) or isinstance(flush_every, bool) or flush_every < 1:
+        raise ConfigError(f"flush_every must be a positive integer, got {flush_every!r}")
+    if port is not None and (not isinstance(port, int) or not 0 <= port <= 65535):
+        raise ConfigError(f"port must be None or an integer in 0..65535, got {port!r}")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not isinstance(keep_best, (bool, str)) or keep_best == "":
+        raise ConfigError(f"keep_best must be True (eval_accuracy if logged, else "
+                          f"eval_loss), False, or a metric name, got {keep_best!r}")
+    if (not isinstance(update_ratio_every, int) or isinstance(update_ratio_every, bool)
+            or update_ratio_every < 1):
+        raise ConfigError(f"update_ratio_every must be an integer >= 1, "
+                          f"got {update_ratio_every!r}")
+    if export not in EXPORT_CHOICES:
+        raise ConfigError(f"export must be one of {', '.join(map(repr, EXPORT_CHOICES))}, "
+                          f"got {export!r}")
+    if probe_loss is not None and not callable(probe_loss):
+        raise ConfigError(f"probe_loss must be callable as probe_loss(model, batch) -> "
+                          f"loss, got {type(probe_loss).__name__}")
+
+
+def check_probe(recovery: RecoveryConfig | None, probe_loss: Callable[..., Any] | None) -> bool:
+    """Whether rollbacks can measure the rate with a range test (``probe``); the pre-flight
+    check (``lr_check``) cannot run without ``probe_loss``."""
+    if recovery is not None and recovery.lr_check != "off" and probe_loss is None:
+        raise ConfigError("recovery lr_check='auto' runs a range test before the first "
+                          "step and needs probe_loss(model, batch) -> loss; pass "
+                          "probe_loss= or set lr_check='off'")
+    return recovery is not None and recovery.probe != "off" and probe_loss is not None
+
+
+def rule_set(rules: "str | os.PathLike[str] | RuleSet | None") -> RuleSet | None:
+    """The rules a Watcher judges by: a pack name, a rule-file path, a RuleSet, or None."""
+    if rules is None or isinstance(rules, RuleSet):
+        return rules
+    if isinstance(rules, str) and rules in PACKS:
+        return load_pack(rules)
+    if isinstance(rules, (str, os.PathLike)):
+        return load_rules(rules)
+    raise ConfigError(f"rules must be a pack name {sorted(PACKS)}, a rule file path, a RuleSet "
+                      f"or None, got {type(rules).__name__}")
+
+
+def snapshot_dir(recovery: Any) -> str | None:
+    """recovery's snapshot_dir, also with the rules off (``Watcher.recovery`` is None then)."""
+    if isinstance(recovery, RecoveryConfig):
+        return recovery.snapshot_dir
+    return recovery.get("snapshot_dir") if isinstance(recovery, Mapping) else None
+
+
+def build_recorder(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dist: RankContext,
+                   *, scaler: Any, per_layer: bool, layer_depth: int, max_layers: int,
+                   update_ratio: bool, update_ratio_every: int,
+                   on_commit: Callable[[], None]) -> StepRecorder:
+    """The per-step recorder; per-layer norms and the update ratio are off for shards.
+
+    Called from the Watcher's ``__init__`` (the warning points at the line that built it)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    device = params[0].device if params else torch.device("cpu")
+    sharded = bool(dist.active and split_by_placement(params)[1])
+    if sharded and (per_layer or update_ratio):
+        warnings.warn("lrwatch: per-layer norms and the update ratio are not yet shard-aware; "
+                      "they are off for sharded (FSDP2/DTensor) parameters", stacklevel=3)
+        per_layer = update_ratio = False
+    names = {id(p): n for n, p in model.named_parameters()}
+    named = [(names.get(id(p), f"param{i}"), p) for i, p in enumerate(params)]
+    layers = LayerIndex(named, depth=layer_depth, max_layers=max_layers) if per_layer else None
+    return StepRecorder(optimizer, device, layers=layers, sharded=sharded,
+                        update_ratio=bool(update_ratio), update_ratio_every=update_ratio_every,
+                        scaler=scaler, on_commit=on_commit)
+
+
+def action_params(rules: Sequence[Any]) -> dict[str, Any]:
+    """The rules' action parameters by rule name (checked: a bad one raises ConfigError)."""
+    check_action_params(rules)
+    return {r.name: r.action_params for r in rules if r.action_params}
+
+
+def build_best(keep_best: bool | str, mode: str, rules: Sequence[Any], recovery: Any,
+               dist: RankContext, on_error: Callable[[], None]) -> BestState | None:
+    """The best evaluated state (``keep_best``), beside the snapshots when they are on disk.
+    Ranks keep their own copy (FSDP shards differ): one file per rank."""
+    return keep_best_state(
+        keep_best, mode, rules, snapshot_dir=snapshot_dir(recovery),
+        filename=f"best-eval.rank{dist.rank}.pt" if dist.active else "best-eval.pt",
+        on_error=on_error)

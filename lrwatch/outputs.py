@@ -12,7 +12,7 @@ It writes and nothing else: every write is made through the ``guard`` the Watche
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from prometheus_client import CollectorRegistry
@@ -21,6 +21,7 @@ from .distributed import RankContext
 from .errors import ConfigError
 from .exporters.prometheus import MetricsServer, TrainingExporter, start_metrics_server
 from .exporters.trace import TraceWriter
+from .probe import LayerIndex
 from .samples import Sample
 
 __all__ = ["Outputs", "Listener", "rank_trace_path", "run_info"]
@@ -58,8 +59,8 @@ class Outputs:
         As the Watcher's arguments (``None`` where this rank exports nothing).
     info:
         The labels of ``lrwatch_run_info`` (:func:`run_info`).
-    layer_labels:
-        The per-layer label values of the gradient-norm families.
+    layers:
+        The per-layer index whose labels the gradient-norm families get (``None``: none).
     dist, export:
         The rank context and the Watcher's ``export``: with ``"all"`` under
         ``torch.distributed``, a ``rank`` label, ``port + rank`` and one trace per rank.
@@ -67,7 +68,7 @@ class Outputs:
 
     def __init__(self, *, registry: CollectorRegistry | None, port: int | None, host: str,
                  trace: "str | os.PathLike[str] | None", pushgateway: str | None,
-                 info: dict[str, str], layer_labels: Iterable[str], dist: RankContext,
+                 info: dict[str, str], layers: LayerIndex | None, dist: RankContext,
                  export: str) -> None:
         const_labels: dict[str, str] = {}
         if dist.active and export == "all":
@@ -76,7 +77,7 @@ class Outputs:
             trace = rank_trace_path(trace, dist.rank) if trace is not None else None
         self.run = info["run"]
         self.exporter = TrainingExporter(registry, run_info=info,
-                                         layer_labels=tuple(layer_labels),
+                                         layer_labels=layers.labels if layers else (),
                                          const_labels=const_labels)
         self.registry = self.exporter.registry
         self.server: MetricsServer | None = None

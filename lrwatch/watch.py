@@ -13,12 +13,13 @@ Python number: per-step values stay on the device and are copied to the host in 
 :class:`~lrwatch.samples.Sample` that goes to the listeners (trace, Prometheus, rules engine).
 
 The Watcher is the loop's side of lrwatch: the step counter, the flush, the iteration
-boundaries and the public API. What it holds does the rest: :mod:`lrwatch.steps` records each
-step, :mod:`lrwatch.step_hooks` attaches to the optimizer and the GradScaler,
-:mod:`lrwatch.outputs` exports (Prometheus, trace, listeners), the rules engine judges,
-:mod:`lrwatch.recovery.keeper` keeps the snapshots, :mod:`lrwatch.recovery.executor` carries
-the recovery policy's plans out, and :mod:`lrwatch.wiring` checks the arguments and builds
-all of these.
+boundaries and the public API. The rest is in modules of their own: :mod:`lrwatch.wiring`
+checks the arguments and builds the parts; :mod:`lrwatch.step_path` turns the optimizer's
+(and GradScaler's) steps into rows that :mod:`lrwatch.steps` records; :mod:`lrwatch.judge`
+runs the rules over each flush; :mod:`lrwatch.outputs` exports it (Prometheus, trace,
+listeners); :mod:`lrwatch.best_keeper` keeps the best evaluated state;
+:mod:`lrwatch.recovery.keeper` keeps the snapshots; :mod:`lrwatch.recovery.executor` carries
+the recovery policy's plans out and sends the alerts.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 import torch
 from prometheus_client import CollectorRegistry
@@ -36,6 +37,7 @@ from .actions.alerts import make_sender
 from .actions.best import BestEval
 from .actions.notify import Notifier
 from .actions.snapshot import SnapshotStore
+from .best_keeper import BestKeeper
 from .distributed import RankContext, combine_rank_samples
 from .exporters.prometheus import MetricsServer
 from .judge import Judge
@@ -201,6 +203,7 @@ class Watcher(PlanExecutor, StepPath):
         self._action_params = self.policy.action_params = action_params(rule_list)
         self.best = build_best(keep_best, keep_best_mode, rule_list, recovery, self.dist,
                                on_error=self.exporter.count_error)
+        self._evals = BestKeeper(self.best, model, on_error=self._internal_error)
         self._setup_executor(probe_loss, check_probe(self.recovery, probe_loss))
         self._attach_step_hooks(step_hooks)
 
@@ -208,11 +211,10 @@ class Watcher(PlanExecutor, StepPath):
                        trace: "str | os.PathLike[str] | None", pushgateway: str | None,
                        listeners: Iterable[Listener]) -> None:
         """Prometheus, the trace and the listeners (per rank with ``export="all"``)."""
-        layers = self.recorder.layers
         self.outputs = Outputs(
             registry=registry, port=port, host=host, trace=trace, pushgateway=pushgateway,
             info=run_info(self.run_name, self.model, self.optimizer, self.scheduler),
-            layer_labels=layers.labels if layers else (), dist=self.dist, export=self.export)
+            layers=self.recorder.layers, dist=self.dist, export=self.export)
         # the same objects as the outputs' (none is replaced while the Watcher runs)
         self.exporter, self.registry = self.outputs.exporter, self.outputs.registry
         self.trace, self.pushgateway = self.outputs.trace, self.outputs.pushgateway
@@ -268,7 +270,7 @@ class Watcher(PlanExecutor, StepPath):
         """The best evaluation whose state is kept (step, metric, value, where), or ``None``.
 
         An evaluation logged as a tensor counts from the flush that judges it."""
-        return self.best.record if self.best is not None else None
+        return self._evals.record
 
     def restore_best(self) -> BestEval | None:
         """Load the best evaluated state into the model (parameters and buffers, in place).
@@ -276,14 +278,9 @@ class Watcher(PlanExecutor, StepPath):
         A tensor evaluation still waiting for its flush is judged first (this flushes). Returns
         what was restored, or ``None`` when no state is kept (the model is left as it is).
         """
-        if self.best is None:
-            return None
-        if self.best.pending and not self._closed:
+        if self.best is not None and self.best.pending and not self._closed:
             self.flush()
-        restored = self.best.restore(self.model)
-        if restored is None:
-            log.warning("lrwatch: restore_best(): no best evaluated state is kept")
-        return restored
+        return self._evals.restore()
 
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener(sample)`` for every flushed step sample, in step order."""
@@ -362,7 +359,7 @@ class Watcher(PlanExecutor, StepPath):
         if self._closed:
             return
         row = self.recorder.row_for_log(self.step + 1)
-        best = self.best.metric_for(metrics) if self.best is not None else None
+        best = self._evals.metric_for(metrics)
         for key, value in metrics.items():
             v, why = as_value(key, value)
             if v is None:
@@ -370,7 +367,7 @@ class Watcher(PlanExecutor, StepPath):
                 continue
             row.put(key, v)
             if key == best:
-                self._offer_best(row.step, v)
+                self._evals.offer(row.step, v)
         if batch_size is not None:
             row.host["_batch"] = float(batch_size)
         row.logged = True
@@ -381,14 +378,14 @@ class Watcher(PlanExecutor, StepPath):
     def flush(self) -> list[Sample]:
         """Copy what the device holds to the host now and hand it to the listeners."""
         rows, device = self.recorder.take(), self.recorder.device
-        pending = self.best.pending_values() if self.best is not None else []
+        pending = self._evals.pending_values()
         if not rows and not self.dist.active:
             if pending:
-                self._decide_best(materialise([], pending, device, self.batch_size)[1])
+                self._evals.decide(materialise([], pending, device, self.batch_size)[1])
             return []
         samples, best_values = materialise(rows, pending, device, self.batch_size)
         if pending:  # before the rules judge this flush: a stop restores the best known now
-            self._decide_best(best_values)
+            self._evals.decide(best_values)
         self.flushes += 1
         if self.dist.active:
             samples = self._agree(samples)
@@ -409,15 +406,7 @@ class Watcher(PlanExecutor, StepPath):
             self._safe_point()
         finally:
             self._closed = True
-            if self.sender is not None:
-                # A run that ends cleanly resolves its alerts; a stopped one leaves them firing
-                # (Alertmanager expires them at endsAt if nobody looks).
-                try:
-                    self.sender.close(resolve_active=not self.should_stop)
-                except Exception:
-                    self._internal_error("closing the alert sender")
-            if self.hook is not None and hasattr(self.hook, "close"):
-                self._faults.guard(self.hook.close)
+            self._close_alerting()
             self._hooks.remove()
             self.outputs.close(self._faults.guard)
 
@@ -455,24 +444,7 @@ class Watcher(PlanExecutor, StepPath):
             self._snaps.adapt(max(g[1] for g in gathered), merged)
         return merged
 
-    # --- the best evaluated state and fail open ------------------------------------------------
-    def _offer_best(self, step: int, value: torch.Tensor | float) -> None:
-        # The model as it is now is the evaluated one: evaluation runs between steps.
-        assert self.best is not None
-        try:
-            self.best.offer(step, value, self.model.state_dict)
-        except Exception:
-            self.best.discard_pending()
-            self._internal_error("keeping the best evaluated state")
-
-    def _decide_best(self, values: Sequence[float]) -> None:
-        assert self.best is not None
-        try:
-            self.best.decide_at_flush(values)
-        except Exception:
-            self._internal_error("keeping the best evaluated state")
-
-    def _internal_error(self, what: str) -> None:
+    def _internal_error(self, what: str) -> None:   # fail open: counted and logged, not raised
         self._faults.error(what)
 
     def __repr__(self) -> str:

@@ -3,14 +3,16 @@
 :class:`PlanExecutor` is the part of the :class:`~lrwatch.watch.Watcher` that acts: it hands
 the policy the run's progress, records each plan in the trace (with the engine state of its
 target, which ``lrwatch replay`` restores), and at the next safe point restores snapshots,
-scales learning rates, runs a rollback's range test, ramps, and stops. It decides nothing:
-every choice comes from :class:`~lrwatch.recovery.policy.RecoveryPolicy`.
+scales learning rates, runs a rollback's range test, ramps, and stops. It also sends what
+the plans notify (rule alerts, hooks, and the alerts of lrwatch's own actions) and closes the
+sender and the hook at the end of the run. It decides nothing: every choice comes from
+:class:`~lrwatch.recovery.policy.RecoveryPolicy`.
 
 It is a mixin over the Watcher's state (``model``, ``optimizer``, ``scheduler``, ``scaler``,
 ``store`` and its :class:`~lrwatch.recovery.keeper.SnapshotKeeper`, ``engine``, ``policy``,
-``recovery``, ``exporter``, ``best``, ``sender``, ``hook``, ``dist``, ``step``,
-``data_position``); its own fields are set up by :meth:`PlanExecutor._setup_executor`, which
-the Watcher's ``__init__`` calls.
+``recovery``, ``exporter``, ``best`` and its :class:`~lrwatch.best_keeper.BestKeeper`,
+``sender``, ``hook``, ``dist``, ``step``, ``data_position``); its own fields are set up by
+:meth:`PlanExecutor._setup_executor`, which the Watcher's ``__init__`` calls.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ class PlanExecutor:
     recovery: Any
     exporter: Any
     best: Any
+    _evals: Any   # the BestKeeper over ``best``
+    _faults: Any  # the FailOpen that counts and logs internal errors
     sender: Any
     notifier: Any
     hook: Any
@@ -149,7 +153,7 @@ class PlanExecutor:
             if p.params.get("restore"):
                 rec["restore"] = p.params["restore"]
                 if p.params["restore"] == "best":
-                    rec["message"] = self._best_note()
+                    rec["message"] = self._evals.note()
             records.append(rec)
             self.exporter.actions.labels(p.action).inc()
             if p.action == "lr_recover":   # the policy ramps the rate back; nothing to restore
@@ -334,7 +338,8 @@ class PlanExecutor:
         where = ""
         restore = d.params.get("restore")
         if restore == "best":
-            where = "; " + self._stop_at_best()
+            self._stop_restored, said = self._evals.restore_for_stop()
+            where = "; " + said
             # Restored: nothing more to restore. None kept: stop as without the parameter.
             restore = None if self._stop_restored is None else "none"
         good = self.store.latest_good() if self.store is not None else None
@@ -391,6 +396,18 @@ class PlanExecutor:
         except Exception:
             self._internal_error(f"sending the {kind} alert")
 
+    def _close_alerting(self) -> None:
+        """At the end of the run: close the alert sender and the hook. A run that ends cleanly
+        resolves its alerts; a stopped one leaves them firing (Alertmanager expires them at
+        endsAt if nobody looks)."""
+        if self.sender is not None:
+            try:
+                self.sender.close(resolve_active=not self.should_stop)
+            except Exception:
+                self._internal_error("closing the alert sender")
+        if self.hook is not None and hasattr(self.hook, "close"):
+            self._faults.guard(self.hook.close)
+
     def _resolve_action_alerts(self, kinds: Sequence[str]) -> None:
         """The run is healthy again: resolve the alerts of those actions."""
         for kind in kinds:
@@ -401,21 +418,3 @@ class PlanExecutor:
                 self.sender.resolve(alert)
             except Exception:
                 self._internal_error(f"resolving the {kind} alert")
-
-    def _best_note(self) -> str:
-        rec = self.best_eval
-        if rec is None:
-            return "no best evaluated state was kept, so none was restored"
-        return f"restored {rec.describe()}"
-
-    def _stop_at_best(self) -> str:
-        """Put the best evaluated state back before stopping; what was done, for the log."""
-        self._stop_restored = None
-        if self.best is None or self.best.record is None:
-            return self._best_note()
-        try:
-            self._stop_restored = self.best.restore(self.model)
-        except Exception:
-            self._internal_error("restoring the best evaluated state before stopping")
-            return "restoring the best evaluated state failed, so none was restored"
-        return self._best_note()

@@ -1,0 +1,138 @@
+"""The Watcher's parts, each on its own: fail open, the rules over a flush, the torch hooks,
+the outputs and the snapshot bookkeeping (real engine, optimizer, scaler and store)."""
+
+import logging
+import math
+import warnings
+
+import pytest
+import torch
+
+from lrwatch._failopen import FailOpen
+from lrwatch.distributed import RankContext
+from lrwatch.errors import ConfigError
+from lrwatch.judge import Judge, event_record
+from lrwatch.outputs import Outputs, run_info
+from lrwatch.recovery.keeper import SnapshotKeeper
+from lrwatch.recovery.policy import RecoveryConfig, RecoveryPolicy
+from lrwatch.rules import Engine, load_pack
+from lrwatch.samples import Sample
+from lrwatch.step_path import StepHooks
+
+
+def test_fail_open_counts_every_failure_and_warns_once(caplog):
+    counted = []
+    faults = FailOpen(lambda: counted.append(1))
+
+    def broken() -> None:
+        raise OSError("disk full")
+
+    with caplog.at_level(logging.WARNING, logger="lrwatch"):
+        faults.guard(broken)
+        faults.guard(broken)   # the same kind within a minute: counted, not logged again
+    assert len(counted) == 2
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "internal error while" in said[0] and "disk full" in said[0]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        faults.warn_once("bad:loss", "bad loss")
+        faults.warn_once("bad:loss", "bad loss")
+    assert [str(w.message) for w in seen] == ["bad loss"] and len(counted) == 4
+
+
+def _samples(losses):
+    return [Sample(step=i + 1, time=float(i), values={"loss": v, "lr": 0.1})
+            for i, v in enumerate(losses)]
+
+
+def test_judge_records_events_in_the_samples_and_tells_each_judged_step():
+    engine = Engine(load_pack("training"))
+    states, judged, errors = [], [], []
+    judge = Judge(engine, set_rule_state=lambda *a: states.append(a), on_judged=judged.append,
+                  on_error=errors.append)
+    out, events = judge(_samples([1.0, 0.9, float("nan"), 0.8]))
+    assert [s.step for s in out] == [1, 2, 3, 4] and judged == [1, 2, 3, 4] and not errors
+    assert [(e.kind, e.rule, e.step) for e in events] == [("firing", "nonfinite", 3),
+                                                          ("resolved", "nonfinite", 4)]
+    assert out[2].events == ({"type": "firing", "rule": "nonfinite", "severity": "critical",
+                              "step": 3, "value": "nan", "actions": ["rollback"],
+                              "message": "loss is nan at step 3"},)
+    assert out[3].events[0]["type"] == "resolved" and not out[0].events
+    assert states == [("nonfinite", "critical", True), ("nonfinite", "critical", False)]
+
+
+def test_event_record_writes_non_finite_values_as_strings():
+    class E:   # the fields of an engine event the trace keeps
+        kind, rule, severity, step = "firing", "nonfinite", "critical", 7
+        value, actions, message = math.inf, ("rollback",), "loss is inf"
+
+    rec = event_record(E())
+    assert rec == {"type": "firing", "rule": "nonfinite", "severity": "critical", "step": 7,
+                   "value": "inf", "actions": ["rollback"], "message": "loss is inf"}
+    E.kind = "resolved"
+    assert event_record(E()) == {"type": "resolved", "rule": "nonfinite",
+                                 "severity": "critical", "step": 7}
+
+
+def test_step_hooks_call_back_and_remove_gives_the_scaler_its_update_back():
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    calls = []
+    hooks = StepHooks(opt, scaler, pre=lambda *a: calls.append("pre"),
+                      post=lambda *a: calls.append("post"),
+                      before_update=lambda: calls.append("update"))
+    assert "update" in vars(scaler)
+
+    def step() -> None:
+        scaler.scale(model(torch.ones(2, 3)).sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    step()
+    assert calls == ["pre", "post", "update"]
+    hooks.remove()
+    assert "update" not in vars(scaler)
+    step()
+    assert calls == ["pre", "post", "update"]
+
+
+def test_outputs_check_listeners_and_close_the_trace(tmp_path):
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = Outputs(registry=None, port=None, host="127.0.0.1", trace=tmp_path / "run.jsonl",
+                  pushgateway=None, info=run_info("r", model, opt, None), layers=None,
+                  dist=RankContext(None), export="rank0")
+    with pytest.raises(ConfigError, match="listener must be callable"):
+        out.add_listener(42)   # type: ignore[arg-type]
+    got = []
+    out.add_listener(got.append)
+    samples = _samples([1.0, 2.0])
+    out.emit(samples, lambda fn, *a: fn(*a))
+    out.close(lambda fn, *a: fn(*a))
+    assert got == samples and out.server is None
+    assert len((tmp_path / "run.jsonl").read_text().splitlines()) >= 2
+
+
+def test_snapshot_keeper_ties_each_snapshot_to_the_engine_state_of_its_step():
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = Engine(load_pack("training"))
+    rc = RecoveryConfig.coerce({"min_interval": 2, "max_interval": 2, "good_after": 1})
+    policy = RecoveryPolicy(rc)
+    keeper = SnapshotKeeper(rc, engine=engine, policy=policy, model=model, optimizer=opt,
+                            scheduler=None, scaler=None, on_error=lambda: None,
+                            deferred_schedule=False)
+    keeper.take_first(0, 0)
+    first = keeper.store.snapshots[0]
+    assert first.pinned and first.good and first.extra["engine_state"] is not None
+    assert first.extra["lr_scale"] == policy.lr_scale
+    step = next(s for s in range(1, 10) if keeper.store.due(s))
+    keeper.take_due(step, step)   # before the flush judged the step: it waits
+    snap = keeper.store.snapshots[-1]
+    assert snap.step == step and "engine_state" not in snap.extra
+    for s in _samples([1.0] * step):
+        engine.update(s)
+        keeper.judged(s.step)
+    assert snap.extra["engine_state"] is not None
+    assert keeper.took_seconds() >= 0.0 and keeper.took_seconds() == 0.0

@@ -5,8 +5,9 @@
 run, the one push to a Pushgateway. Under ``export="all"`` every rank exports on
 ``port + rank`` with a ``rank`` label and writes its own trace (:func:`rank_trace_path`).
 
-It writes and nothing else: every write is made through the ``guard`` the Watcher hands in
-(fail open: a failed write is counted, never raised into the training loop).
+It writes and decides nothing. Fail open: the writes of a flush go through the ``guard`` the
+Watcher hands in, and the server, the trace writer and the push count their own failures
+(``lrwatch_internal_errors_total``); none is raised into the training loop.
 """
 
 from __future__ import annotations

@@ -240,7 +240,6 @@ class PlanExecutor:
             log.warning("lrwatch: %s at step %d: undid steps %d..%d", p.rule, p.step,
                         target.step + 1, self.step, extra=_EVENT)
         self._snaps.forget_awaiting()
-        self._open = None  # the step in progress belonged to the abandoned trajectory
 
     def _probe(self, p: Plan, at: int) -> Plan:
         """Measure the rate for ``p`` with a range test from the restored state; the policy

@@ -554,6 +554,39 @@ def wait_drained(worker: Any, timeout: float) -> bool:
         return True
 
 
+def _sink_names(sinks: Sequence[Any]) -> list[str]:
+    """The sinks' names, checked: at least one sink, each with a name and ``send``, unique."""
+    if not sinks:
+        raise ConfigError("AlertSender needs at least one sink (AlertmanagerSink, "
+                          "WebhookSink or LogSink)")
+    names = [getattr(s, "name", None) for s in sinks]
+    for s, n in zip(sinks, names):
+        if not isinstance(n, str) or not n or not callable(getattr(s, "send", None)):
+            raise ConfigError(f"{s!r} is not a sink: it needs a non-empty str 'name' and a "
+                              f"'send' method")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"sink names must be unique (they label the counters), got "
+                          f"{names}; pass name=... to tell them apart")
+    return names  # type: ignore[return-value]
+
+
+def _check_timing(resend_interval: Any, max_retries: Any,
+                  backoff: Any) -> tuple[float, int, tuple[float, float]]:
+    """``resend_interval``, ``max_retries`` and ``backoff``, checked and normalised."""
+    if not (isinstance(resend_interval, (int, float)) and resend_interval > 0):
+        raise ConfigError(f"resend_interval must be positive seconds, got {resend_interval!r}")
+    if not (isinstance(max_retries, int) and max_retries >= 0):
+        raise ConfigError(f"max_retries must be an integer >= 0, got {max_retries!r}")
+    try:
+        b0, b1 = (float(b) for b in backoff)
+    except (TypeError, ValueError):
+        raise ConfigError(f"backoff must be (first, largest) seconds, got {backoff!r}") \
+            from None
+    if not (0 <= b0 <= b1):
+        raise ConfigError(f"backoff must satisfy 0 <= first <= largest, got {backoff!r}")
+    return float(resend_interval), max_retries, (b0, b1)
+
+
 class AlertSender:
     """Delivers alerts to sinks from one background daemon thread; never blocks, never raises.
 
@@ -614,31 +647,9 @@ class AlertSender:
                  clock: Callable[[], float] = time.time,
                  on_error: Callable[[], object] | None = None) -> None:
         self.sinks = list(sinks)
-        if not self.sinks:
-            raise ConfigError("AlertSender needs at least one sink (AlertmanagerSink, "
-                              "WebhookSink or LogSink)")
-        names = [getattr(s, "name", None) for s in self.sinks]
-        for s, n in zip(self.sinks, names):
-            if not isinstance(n, str) or not n or not callable(getattr(s, "send", None)):
-                raise ConfigError(f"{s!r} is not a sink: it needs a non-empty str 'name' and a "
-                                  f"'send' method")
-        if len(set(names)) != len(names):
-            raise ConfigError(f"sink names must be unique (they label the counters), got "
-                              f"{names}; pass name=... to tell them apart")
-        if not (isinstance(resend_interval, (int, float)) and resend_interval > 0):
-            raise ConfigError(f"resend_interval must be positive seconds, got {resend_interval!r}")
-        if not (isinstance(max_retries, int) and max_retries >= 0):
-            raise ConfigError(f"max_retries must be an integer >= 0, got {max_retries!r}")
-        try:
-            b0, b1 = (float(b) for b in backoff)
-        except (TypeError, ValueError):
-            raise ConfigError(f"backoff must be (first, largest) seconds, got {backoff!r}") \
-                from None
-        if not (0 <= b0 <= b1):
-            raise ConfigError(f"backoff must satisfy 0 <= first <= largest, got {backoff!r}")
-        self.resend_interval = float(resend_interval)
-        self.max_retries = max_retries
-        self.backoff = (b0, b1)
+        names = _sink_names(self.sinks)
+        self.resend_interval, self.max_retries, self.backoff = _check_timing(
+            resend_interval, max_retries, backoff)
         self.clock = clock
         self.on_error = on_error
         self._limit = LogLimiter()   # a sink that stays down: one line a minute per sink
@@ -655,6 +666,12 @@ class AlertSender:
         self._deadline = math.inf
         self._next_resend = time.monotonic() + self.resend_interval
 
+        self._register_metrics(names)
+
+        self._thread = threading.Thread(target=self._run, name="lrwatch-alerts", daemon=True)
+        self._thread.start()
+
+    def _register_metrics(self, names: Sequence[str]) -> None:
         sent = Counter("lrwatch_alerts_sent", "Alerts delivered to a sink (re-sends included).",
                        ["sink"], registry=self.registry)
         failed = Counter("lrwatch_alerts_failed", "Alerts a sink did not take after every retry.",
@@ -668,9 +685,6 @@ class AlertSender:
         # Label children cached once: the worker never looks labels up again.
         self._sent = {n: sent.labels(n) for n in names}
         self._failed = {n: failed.labels(n) for n in names}
-
-        self._thread = threading.Thread(target=self._run, name="lrwatch-alerts", daemon=True)
-        self._thread.start()
 
     # --- producer side (training thread): O(1), never blocks on I/O, never raises -------------
     def fire(self, alert: Alert) -> None:

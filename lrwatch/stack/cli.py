@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import threading
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -48,27 +49,12 @@ def stack_command(prometheus_port: int, alertmanager_port: int, pushgateway_port
     the jobs of exporters/prometheus.yml (a training rank on :9400, a daemon on :9410, the
     Pushgateway); point Grafana at the printed Prometheus URL and provision grafana/.
     """
-    from .local import LocalStack, StackConfig
+    from .local import LocalStack
 
     try:
-        kw = dict(prometheus_port=prometheus_port, alertmanager_port=alertmanager_port,
-                  pushgateway_port=pushgateway_port, pushgateway=not no_pushgateway,
-                  training_targets=training, daemon_targets=daemon,
-                  scrape_interval=scrape_interval,
-                  data_dir=Path(data_dir) if data_dir else None)
-        if prometheus_config and alertmanager_config and rules_dir:
-            cfg = StackConfig(prometheus_config=Path(prometheus_config),
-                              alertmanager_config=Path(alertmanager_config),
-                              rules_dir=Path(rules_dir), **kw)  # type: ignore[arg-type]
-        else:
-            cfg = StackConfig.from_repo(**kw)  # type: ignore[arg-type]
-            if prometheus_config:
-                cfg.prometheus_config = Path(prometheus_config)
-                cfg.optional_defaults = False  # a config of your own declares its targets
-            if alertmanager_config:
-                cfg.alertmanager_config = Path(alertmanager_config)
-            if rules_dir:
-                cfg.rules_dir = Path(rules_dir)
+        cfg = _stack_config(prometheus_port, alertmanager_port, pushgateway_port,
+                            no_pushgateway, training, daemon, scrape_interval,
+                            prometheus_config, alertmanager_config, rules_dir, data_dir)
         stack = LocalStack(cfg)
     except LrwatchError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -125,3 +111,32 @@ def dashboards_generate(out: str, check: bool) -> None:
         return
     for p in write_dashboards(out):
         click.echo(str(p))
+
+
+def _stack_config(prometheus_port: int, alertmanager_port: int, pushgateway_port: int,
+                  no_pushgateway: bool, training: tuple[str, ...], daemon: tuple[str, ...],
+                  scrape_interval: str | None, prometheus_config: str | None,
+                  alertmanager_config: str | None, rules_dir: str | None,
+                  data_dir: str | None) -> Any:
+    """The StackConfig of the command's options: the repository's files unless all three are
+    given (a Prometheus config of your own declares its own targets)."""
+    from .local import StackConfig
+
+    kw = dict(prometheus_port=prometheus_port, alertmanager_port=alertmanager_port,
+              pushgateway_port=pushgateway_port, pushgateway=not no_pushgateway,
+              training_targets=training, daemon_targets=daemon,
+              scrape_interval=scrape_interval,
+              data_dir=Path(data_dir) if data_dir else None)
+    if prometheus_config and alertmanager_config and rules_dir:
+        return StackConfig(prometheus_config=Path(prometheus_config),
+                           alertmanager_config=Path(alertmanager_config),
+                           rules_dir=Path(rules_dir), **kw)  # type: ignore[arg-type]
+    cfg = StackConfig.from_repo(**kw)  # type: ignore[arg-type]
+    if prometheus_config:
+        cfg.prometheus_config = Path(prometheus_config)
+        cfg.optional_defaults = False  # a config of your own declares its targets
+    if alertmanager_config:
+        cfg.alertmanager_config = Path(alertmanager_config)
+    if rules_dir:
+        cfg.rules_dir = Path(rules_dir)
+    return cfg

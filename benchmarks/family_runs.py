@@ -360,7 +360,7 @@ def label_natural(samples: Sequence[Sample], chance: float | None = None) -> dic
 
     * *stuck_above*: finite, and the final loss (median of the last 20 steps) is at least
       ``STUCK_LEVEL`` times the untrained loss. Onset: the first step whose 5-step median is
-      above that level after the last one whose 20-step median was at or below
+      above that level after the last one whose centred 20-step median was at or below
       ``HEALTHY_LEARNED`` times the untrained loss (stuck since the run last learned, not
       since its last dip below the level).
     * *never_learned*: finite, and either the held-out accuracy of the last ``DEAD_EVALS``
@@ -410,9 +410,10 @@ def _label_natural(samples: Sequence[Sample], chance: float | None) -> dict[str,
         # stuck since it last learned: the first step above the level after the loss was
         # last at or below HEALTHY_LEARNED x untrained (a run that bounces between 1.2x and
         # 20x its untrained loss from step 20 is stuck from step 20, not from its last dip);
-        # "learned" on the 20-step median, as the final loss is measured, so that a run
-        # whose loss swings by orders of magnitude step to step does not "learn" on a dip
-        med20 = np.array([np.median(loss[max(0, i - 19):i + 1]) for i in range(n)])
+        # "learned" on a 20-step median (centred: the labels are made offline), as the final
+        # loss is measured, so that a run whose loss swings by orders of magnitude step to
+        # step does not "learn" on a dip
+        med20 = np.array([np.median(loss[max(0, i - 9):i + 11]) for i in range(n)])
         learned = np.nonzero(med20 <= dr.HEALTHY_LEARNED * init)[0]
         after = int(learned[-1]) + 1 if len(learned) else 0
         above = np.nonzero(sm[after:] >= STUCK_LEVEL * init)[0]

@@ -122,3 +122,28 @@ def test_task_interface(name: str) -> None:
     x0, y0 = data.batch(s0[:32])
     if task.family in ("mlp_clf", "cnn"):
         assert int(y0.max()) < max(1, data.n_classes // 2)
+
+
+def _curve(f, n: int = 300) -> list:
+    from lrwatch.samples import Sample
+    return [Sample(step=i + 1, values={"loss": f(i)}) for i in range(n)]
+
+
+def test_stuck_above_onset_is_when_the_run_got_stuck_after_it_last_learned() -> None:
+    import random
+
+    from benchmarks import family_runs as fr
+
+    rng = random.Random(0)
+    # bounces between 2x and 20x its untrained loss from step 20 on: stuck from step 20,
+    # not from its last dip below 1.5x
+    lab = fr.label_natural(_curve(lambda i: 2.3 if i < 20 else 2.3 * (2 + 18 * rng.random())))
+    assert lab["kind"] == "stuck_above" and 20 <= lab["onset"] <= 25, lab
+    # learned to half its untrained loss, then jumped to 3x at step 150
+    lab = fr.label_natural(_curve(lambda i: 2.3 * (1 - 0.5 * min(i, 100) / 100)
+                                  if i < 150 else 2.3 * 3))
+    assert lab["kind"] == "stuck_above" and 150 <= lab["onset"] <= 155, lab
+    # swings by orders of magnitude: a 5-step dip at the end is not "learning"
+    swings = [2.3 if i < 25 else 2.3 * (0.01 if (i // 5) % 3 == 0 else 20.0) for i in range(300)]
+    lab = fr.label_natural(_curve(lambda i: swings[i]))
+    assert lab["kind"] == "stuck_above" and lab["onset"] <= 30, lab

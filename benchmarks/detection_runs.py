@@ -454,6 +454,17 @@ def _loss_arrays(samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray]:
     return steps, loss
 
 
+def untrained_level(samples: Sequence[Sample], loss: np.ndarray) -> float:
+    """The untrained loss a label is judged against: the mean loss of the untouched model over
+    the first batches (``untrained_loss`` in step 1, what the Watcher measures; traces from
+    recording version 3 on), else the first batch's loss."""
+    if samples:
+        u = samples[0].values.get("untrained_loss")
+        if u is not None and math.isfinite(u) and u > 0.0:
+            return float(u)
+    return float(loss[0])
+
+
 def _smoothed(loss: np.ndarray) -> np.ndarray:
     return np.array([np.median(loss[max(0, i - SMOOTH + 1):i + 1]) for i in range(len(loss))])
 
@@ -510,7 +521,7 @@ def label_natural(samples: Sequence[Sample]) -> dict[str, Any]:
     """
     steps, loss = _loss_arrays(samples)
     nf = first_nonfinite_step(samples)
-    init = float(loss[0])          # the untrained loss: first batch, before any update
+    init = untrained_level(samples, loss)   # the untrained loss, measured before any update
     tail = loss[-20:]
     final = float(np.median(tail))
     sm = _smoothed(loss)

@@ -58,11 +58,12 @@ import torch
 from benchmarks import detection_runs as dr
 from benchmarks import families as fam
 from lrwatch.samples import Sample
+from lrwatch.untrained import UNTRAINED_BATCHES, measure_untrained_loss
 
 __all__ = ["RunSpec", "FAULT_KINDS", "EARLY_FAULTS", "EVAL_FAULTS", "record_run", "run_id",
            "spec_hash", "label_natural", "label_faulted", "TASKS", "FAMILIES"]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3          # 3: step 1 carries untrained_loss (lrwatch.untrained)
 EVAL_EVERY = 10               # held-out evaluation every K steps (30 per run)
 NONFINITE_TAIL = 10
 SPIKE_WINDOW = 30
@@ -228,7 +229,19 @@ class _Recorder:
                 values["eval_accuracy"] = float(acc)
         self.model.train()
 
+    def untrained_loss(self) -> float:
+        """What the Watcher measures before the first step (``lrwatch.untrained``): the
+        untouched model's mean loss on the first batches this run trains on (peeked, not
+        consumed; generators, buffers and the data order as they were)."""
+        n, b = self.data.n_train, self.batch
+        batches = [self.data.batch(self.perm[k * b:(k + 1) * b])
+                   for k in range(UNTRAINED_BATCHES) if (k + 1) * b <= n]
+        mean = measure_untrained_loss(self.model, batches,
+                                      lambda m, xy: self.task.loss(m(xy[0]), xy[1]))
+        return float("nan") if mean is None else float(mean)
+
     def step(self, step: int) -> dict[str, float]:
+        untrained = self.untrained_loss() if step == 1 else None
         self.intervene(step)
         xb, yb = self.next_batch(step)
         params = [p for p in self.model.parameters()]
@@ -251,6 +264,8 @@ class _Recorder:
             dnorm = float((after - before).norm())
         values: dict[str, float] = {"lr": lrs[0], "loss": float(loss.detach()),
                                     "grad_norm": grad_norm}
+        if untrained is not None:
+            values["untrained_loss"] = untrained
         if pnorm > 0:          # undefined on a zeroed network: not measured
             values["update_ratio"] = dnorm / pnorm
         acc = self.task.accuracy(out.detach(), yb)
@@ -392,7 +407,7 @@ def _label_natural(samples: Sequence[Sample], chance: float | None) -> dict[str,
     if dead is not None:
         _, loss = dr._loss_arrays(samples)
         early = int(math.ceil(TRANSIENT_SHARE * len(loss)))
-        blown = np.nonzero(loss[:early] > DEAD_BLOWUP * float(loss[0]))[0]
+        blown = np.nonzero(loss[:early] > DEAD_BLOWUP * dr.untrained_level(samples, loss))[0]
         onset = int(blown[0] + 1) if len(blown) else dead
         return {**lab, "label": "diverged", "kind": "never_learned", "onset": onset,
                 "reason": f"held-out accuracy at chance ({chance:.3f}) for the last "
@@ -401,7 +416,7 @@ def _label_natural(samples: Sequence[Sample], chance: float | None) -> dict[str,
                                             and lab["first_nonfinite"] is None):
         return lab
     _, loss = dr._loss_arrays(samples)
-    init = float(loss[0])
+    init = dr.untrained_level(samples, loss)
     final = lab["final_loss"]
     sm = dr._smoothed(loss)
     n = len(loss)
@@ -446,7 +461,7 @@ def label_faulted(samples: Sequence[Sample], spec: RunSpec) -> dict[str, Any]:
     assert spec.fault is not None and spec.onset is not None
     lab = dr.label_faulted(samples, spec)   # type: ignore[arg-type]
     _, loss = dr._loss_arrays(samples)
-    init = float(loss[0])
+    init = dr.untrained_level(samples, loss)
     final = float(np.median(loss[-20:]))
     lab["final_loss"], lab["initial_loss"] = final, init
     if lab["first_nonfinite"] is None:

@@ -24,6 +24,7 @@ the recovery policy's plans out and sends the alerts.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import uuid
@@ -49,6 +50,7 @@ from .rules import Engine, RuleSet
 from .samples import Sample
 from .step_path import StepPath
 from .steps import as_value, materialise
+from .untrained import UNTRAINED_BATCHES, check_untrained_batches, measure_untrained_loss
 from .wiring import action_params, build_best, build_recorder, check_args, check_probe, rule_set
 
 __all__ = ["Watcher", "Listener", "RecoveryConfig", "BestEval", "rank_trace_path"]
@@ -156,7 +158,15 @@ class Watcher(PlanExecutor, StepPath):
         :meth:`remember_batch`), from the restored state, and leaves everything as it was;
         the Watcher keeps references to those batches. With ``recovery`` ``lr_check="auto"``
         it also runs the pre-flight learning-rate check on the first batches of
-        :meth:`batches` (see :class:`~lrwatch.recovery.policy.RecoveryConfig`).
+        :meth:`batches` (see :class:`~lrwatch.recovery.policy.RecoveryConfig`). And before
+        the first step it measures the untrained loss (below).
+    untrained_batches:
+        With ``probe_loss``, :meth:`batches` scores the untouched model on this many batches
+        before the first step (forward passes only, under ``no_grad``; the batches are then
+        trained on as usual) and records their mean loss as ``untrained_loss`` in step 1's
+        sample. The default rules judge "never learned", "stuck above its untrained loss" and
+        "far above the start" against it (``given: untrained_loss``) instead of the first
+        batch's loss alone. ``0`` turns it off (:mod:`lrwatch.untrained`).
     """
 
     def __init__(
@@ -174,9 +184,11 @@ class Watcher(PlanExecutor, StepPath):
         step_hooks: bool = True, process_group: Any = None, export: str = "rank0",
         keep_best: bool | str = True, keep_best_mode: str = "auto",
         probe_loss: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,
+        untrained_batches: int = UNTRAINED_BATCHES,
     ) -> None:
         check_args(model, optimizer, flush_every, port, batch_size, keep_best, probe_loss,
                    update_ratio_every, export)
+        self.untrained_batches = check_untrained_batches(untrained_batches)
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -294,6 +306,8 @@ class Watcher(PlanExecutor, StepPath):
         record it.
         """
         self._boundary_kind = "batches"
+        if self._probe_loss is not None and self.step == 0 and self.untrained_batches:
+            iterable = self._measure_untrained(iter(iterable))
         if self._probe_loss is not None and self.policy.lr_check_due(self.step):
             iterable = self._lr_check(iter(iterable))
         for batch in iterable:
@@ -306,6 +320,19 @@ class Watcher(PlanExecutor, StepPath):
                 self._recent.append(batch)
             yield batch
         self._safe_point()
+
+    def _measure_untrained(self, it: Iterator[T]) -> Iterator[T]:
+        """Record the untrained loss of the first batches in step 1's row (``untrained_loss``);
+        a failed measurement is counted and the run goes on without it."""
+        assert self._probe_loss is not None
+        first = list(itertools.islice(it, self.untrained_batches))
+        try:
+            loss = measure_untrained_loss(self.model, first, self._probe_loss)
+            if loss is not None:
+                self.recorder.row_for_log(self.step + 1).put("untrained_loss", loss)
+        except Exception:
+            self._internal_error("measuring the untrained loss before the first step")
+        return itertools.chain(first, it)
 
     def skip_batch(self) -> bool:
         """Count one batch drawn by the framework; ``True`` if it falls in a rollback's skip window.

@@ -112,7 +112,7 @@ def test_given_is_parsed():
 
 @pytest.mark.parametrize("text, error", [
     ("rules: [{name: s, metric: loss, detector: spike, given: lr, severity: info}]",
-     "f.yml:1: key 'rules[0].given': detector 'spike' takes no 'given' (valid choices: drop)"),
+     "f.yml:1: key 'rules[0].given': detector 'spike' takes no 'given' (valid choices: baseline, start_ratio, untrained, drop)"),
     ("rules: [{name: d, metric: eval_loss, detector: drop, params: {given_factor: 2}, "
      "severity: info}]",
      "f.yml:1: key 'rules[0].params': parameter 'given_factor' of detector 'drop' needs the "

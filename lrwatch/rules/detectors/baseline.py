@@ -7,6 +7,7 @@ from typing import ClassVar, Mapping
 
 from ...errors import ConfigError
 from .base import Detector, Param, sorted_median
+from .start_ratio import given_level
 
 __all__ = ["Baseline"]
 
@@ -49,6 +50,7 @@ class Baseline(Detector):
     """
 
     name: ClassVar[str] = "baseline"
+    takes_given: ClassVar[bool] = True
     PARAMS: ClassVar[Mapping[str, Param]] = {
         "warmup": Param(int, "initial values whose median is the baseline", min=1),
         "arm": Param(float, "ratio to the baseline that arms the detector", min=0, min_open=True),
@@ -106,3 +108,12 @@ class Baseline(Detector):
         if r >= self.arm:
             self._armed = True
         return self._armed and r <= self.level
+
+    def update_given(self, x: float, given: float | None, t: float | None = None) -> bool | None:
+        """As :meth:`update`, with the baseline measured: ``given`` (``given:
+        untrained_loss``) replaces the median of the first ``warmup`` values once known."""
+        level = given_level(given)
+        if level is not None:
+            self._base = level
+            self._first = []
+        return self.update(x, t)

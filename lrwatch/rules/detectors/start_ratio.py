@@ -9,7 +9,17 @@ from typing import Any, ClassVar, Mapping
 from ...errors import ConfigError
 from .base import Detector, Param, sorted_median
 
-__all__ = ["StartRatio", "take_start"]
+__all__ = ["StartRatio", "take_start", "given_level"]
+
+
+def given_level(given: float | None) -> float | None:
+    """A measured start level handed over with ``given`` (e.g. ``given: untrained_loss``, the
+    untrained loss the Watcher measures on several batches before the first step), or ``None``
+    when there is none to use: not measured (yet), non-finite, or not positive. Without one the
+    detectors take their start level from their first ``warmup`` values."""
+    if given is None or not math.isfinite(given) or given <= 0.0:
+        return None
+    return given
 
 
 def take_start(first: list[float], x: float, warmup: int) -> float | None:
@@ -39,7 +49,8 @@ class StartRatio(Detector):
     ----------
     warmup:
         Values whose median is the start level. Keep it small (1 to 3): the level must be set
-        before the fault it is meant to catch.
+        before the fault it is meant to catch. With the rule key ``given`` (``given:
+        untrained_loss``) a measured level replaces these values once it is known.
     above, below:
         Ratio bounds; at least one must be set.
     window:
@@ -69,6 +80,7 @@ class StartRatio(Detector):
     """
 
     name: ClassVar[str] = "start_ratio"
+    takes_given: ClassVar[bool] = True
     PARAMS: ClassVar[Mapping[str, Param]] = {
         "warmup": Param(int, "first values whose median is the start level", min=1),
         "above": Param(float, "fire when x / start is greater", min=0, min_open=True,
@@ -116,6 +128,15 @@ class StartRatio(Detector):
         self._ratio = r
         return (self.above is not None and r > self.above) or (
             self.below is not None and r < self.below)
+
+    def update_given(self, x: float, given: float | None, t: float | None = None) -> bool | None:
+        """As :meth:`update`, with the start level measured: ``given`` (see
+        :func:`given_level`) replaces the first ``warmup`` values as the start level."""
+        level = given_level(given)
+        if level is not None:
+            self._start = level
+            self._first.clear()
+        return self.update(x, t)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         # states saved before `window` existed have no buffer: start it empty

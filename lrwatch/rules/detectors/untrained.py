@@ -8,7 +8,7 @@ from operator import sub
 from typing import Any, ClassVar, Mapping
 
 from .base import Detector, Param, sorted_median
-from .start_ratio import take_start
+from .start_ratio import given_level, take_start
 
 __all__ = ["Untrained"]
 
@@ -65,6 +65,7 @@ class Untrained(Detector):
     """
 
     name: ClassVar[str] = "untrained"
+    takes_given: ClassVar[bool] = True
     PARAMS: ClassVar[Mapping[str, Param]] = {
         "warmup": Param(int, "first values whose median is the untrained level", min=1),
         "window": Param(int, "values in the trend window", min=8),
@@ -117,6 +118,16 @@ class Untrained(Detector):
         sd = _MAD_TO_SD * sorted_median(diffs) / math.sqrt(2.0)
         se = _MEDIAN_SE * sd * math.sqrt(2.0 / h)
         return not old - new > self.z * se      # not learning
+
+    def update_given(self, x: float, given: float | None, t: float | None = None) -> bool | None:
+        """As :meth:`update`, with the untrained level measured: ``given`` (``given:
+        untrained_loss``) replaces the median of the first ``warmup`` values once known."""
+        level = given_level(given)
+        if level is not None and level != self._start:
+            self._start = level
+            self._first.clear()
+            self._cnt = None                  # the threshold moved: recount the newer half
+        return self.update(x, t)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)

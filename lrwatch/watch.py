@@ -322,17 +322,27 @@ class Watcher(PlanExecutor, StepPath):
         self._safe_point()
 
     def _measure_untrained(self, it: Iterator[T]) -> Iterator[T]:
-        """Record the untrained loss of the first batches in step 1's row (``untrained_loss``);
-        a failed measurement is counted and the run goes on without it."""
-        assert self._probe_loss is not None
+        """Measure the untrained loss on the first batches of ``it``; they are yielded first."""
         first = list(itertools.islice(it, self.untrained_batches))
+        self.measure_untrained(first)
+        return itertools.chain(first, it)
+
+    def measure_untrained(self, batches: Iterable[Any]) -> None:
+        """Record the untrained loss: the median ``probe_loss`` of the model as it is now over
+        ``batches``, as ``untrained_loss`` in the next step's sample (:mod:`lrwatch.untrained`).
+
+        :meth:`batches` does this itself before the first step; adapters whose framework draws
+        the data call it with the first ``untrained_batches`` batches, before the first step. A
+        failed measurement is counted and the run goes on without it.
+        """
+        if self._probe_loss is None:
+            return
         try:
-            loss = measure_untrained_loss(self.model, first, self._probe_loss)
+            loss = measure_untrained_loss(self.model, list(batches), self._probe_loss)
             if loss is not None:
                 self.recorder.row_for_log(self.step + 1).put("untrained_loss", loss)
         except Exception:
             self._internal_error("measuring the untrained loss before the first step")
-        return itertools.chain(first, it)
 
     def skip_batch(self) -> bool:
         """Count one batch drawn by the framework; ``True`` if it falls in a rollback's skip window.

@@ -27,6 +27,7 @@ only), so a stop that restores the best evaluated state restores it again after 
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 from typing import Any, Mapping
 
@@ -104,6 +105,7 @@ class LrwatchCallback(pl.Callback):
         self._loss_n = 0
         self._done: dict[str, Any] | None = None  # the last step's values, logged at the boundary
         self._eval: dict[str, Any] = {}
+        self._untrained_due = False   # measure the untrained loss at the first batch
 
     # --- convenience ---------------------------------------------------------------------------
     @property
@@ -144,6 +146,7 @@ class LrwatchCallback(pl.Callback):
         self._optimizer = opt
         self._handle = opt.register_step_post_hook(self._post_step)
         self._stepped, self._loss_sum, self._loss_n, self._done = False, None, 0, None
+        self._untrained_due = int(trainer.global_step) == 0 and self.watcher.untrained_batches > 0
         self._wrap_data(trainer)
 
     def _find_lr(self, trainer: Any, pl_module: Any, opt: Any, sched: Any,
@@ -245,6 +248,10 @@ class LrwatchCallback(pl.Callback):
         if self.watcher is not None and self.watcher.should_stop:
             return -1  # ends the epoch before this batch; should_stop ends the fit
         if self.watcher is not None:
+            if self._untrained_due:   # in a batch hook, where training_step may self.log
+                self._untrained_due = False
+                self.watcher.measure_untrained(
+                    _first_batches(trainer, self.watcher.untrained_batches))
             self.watcher.remember_batch(batch)   # for a rollback's range test
         return None
 
@@ -265,6 +272,31 @@ class LrwatchCallback(pl.Callback):
         self._loaded = dict(state_dict) if state_dict else None
         if self.watcher is not None and self._loaded:
             self.watcher.load_state_dict(self._loaded)
+
+
+def _first_batches(trainer: Any, n: int) -> list[Any]:
+    """The first ``n`` batches of a fresh pass over the training dataloader, on the module's
+    device, with the random generators it draws its order from as they were (the fit loop's
+    own pass is unchanged). Empty when there is no single dataloader to read, or when it keeps
+    persistent workers (a second iterator would reset the fit loop's)."""
+    from ..recovery.lr_find import _generators
+
+    loader = getattr(trainer, "train_dataloader", None)
+    if (loader is None or isinstance(loader, (Mapping, list, tuple))
+            or getattr(loader, "persistent_workers", False)):
+        return []
+    gens = _generators(loader)
+    states = [g.get_state() for g in gens]
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and \
+        torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            batches = list(itertools.islice(iter(loader), n))
+    finally:
+        for g, st in zip(gens, states):
+            g.set_state(st)
+    move = getattr(trainer.strategy, "batch_to_device", None)
+    return [move(b) for b in batches] if callable(move) else batches
 
 
 def _training_step_loss(pl_module: Any, batch: Any) -> torch.Tensor:

@@ -252,3 +252,51 @@ def test_lr_find_before_training_starts_at_the_measured_rate(tmp_path: Path) -> 
     losses = [s.values["loss"] for s in read_trace(bare)]
     assert (not all(math.isfinite(x) for x in losses)
             or max(losses) > 10 * first.values["loss"])
+
+
+class LoggingMLP(TinyMLP):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss, on_step=True)
+        return loss
+
+
+class KeepingMLP(TinyMLP):
+    """Keeps every batch ``training_step`` sees (the measurement's included)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.__dict__.setdefault("batches", []).append((batch[0].clone(), batch[1].clone()))
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("module", [KeepingMLP, LoggingMLP])
+def test_the_untrained_loss_is_measured_before_the_first_step_and_changes_nothing(
+        tmp_path: Path, module: Any) -> None:
+    runs = {}
+    for n in (0, 8):
+        torch.manual_seed(0)
+        model = module(sched=False)
+        init = [p.detach().clone() for p in model.parameters()]
+        cb = LrwatchCallback(trace=str(tmp_path / f"u{n}.jsonl"), flush_every=5,
+                             untrained_batches=n)
+        _trainer(tmp_path, [cb], max_steps=20).fit(model, _loader(shuffle=True))
+        runs[n] = (model, init, list(read_trace(tmp_path / f"u{n}.jsonl")))
+    plain, measured = runs[0][0], runs[8][0]
+    # the measurement ran training_step on 8 batches of a separate pass over the data
+    # (Lightning made its own iterator before on_train_start, so that pass reads the next
+    # shuffle); the fit then trained on exactly the order and to exactly the weights it does
+    # without the measurement
+    assert measured.seen[8:] == plain.seen and len(set(measured.seen[:8])) == 8
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), measured.parameters()))
+    assert "untrained_loss" not in runs[0][2][0].values
+    samples = runs[8][2]
+    assert samples[0].step == 1 and "untrained_loss" in samples[0].values
+    if module is KeepingMLP:     # the median loss of the initial weights on those 8 batches
+        ref = TinyMLP(sched=False)
+        with torch.no_grad():
+            for p, q in zip(ref.parameters(), runs[8][1]):
+                p.copy_(q)
+            want = sorted(float(nn.functional.cross_entropy(ref.net(x), y))
+                          for x, y in measured.batches[:8])
+        assert samples[0].values["untrained_loss"] == pytest.approx((want[3] + want[4]) / 2,
+                                                                    rel=1e-5)

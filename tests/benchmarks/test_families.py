@@ -147,3 +147,46 @@ def test_stuck_above_onset_is_when_the_run_got_stuck_after_it_last_learned() -> 
     swings = [2.3 if i < 25 else 2.3 * (0.01 if (i // 5) % 3 == 0 else 20.0) for i in range(300)]
     lab = fr.label_natural(_curve(lambda i: swings[i]))
     assert lab["kind"] == "stuck_above" and lab["onset"] <= 30, lab
+
+
+def test_labels_judge_against_the_measured_untrained_loss() -> None:
+    from lrwatch.samples import Sample
+
+    from benchmarks import detection_runs as dr
+    from benchmarks import family_runs as fr
+
+    # an unlucky first batch (0.74) where the untouched model's median batch loss is 1.0: a
+    # run that ends at 0.6 learned (0.6x its untrained loss), which against the first batch
+    # alone it had not (0.81x, above the 0.8x a healthy label needs)
+    def run(final: float, untrained: float | None) -> list:
+        out = _curve(lambda i: 0.74 if i == 0 else 1.0 + (final - 1.0) * min(i, 100) / 100)
+        if untrained is not None:
+            out[0] = Sample(step=1, values={**out[0].values, "untrained_loss": untrained})
+        return out
+
+    assert dr.untrained_level(run(0.6, 1.0), [0.74]) == 1.0
+    assert dr.untrained_level(run(0.6, None), [0.74]) == 0.74
+    assert dr.untrained_level(run(0.6, float("nan")), [0.74]) == 0.74
+    assert fr.label_natural(run(0.6, 1.0))["label"] == "healthy"
+    assert fr.label_natural(run(0.6, None))["label"] == "ambiguous"
+
+
+def test_the_recorder_measures_the_untrained_loss_without_touching_the_run(tmp_path) -> None:
+    import json
+
+    from benchmarks import family_runs as fr
+
+    spec = fr.RunSpec(task="digits_cnn", optimizer="adam", schedule="constant", lr_mult=1.0,
+                      seed=0)
+    rec = fr._Recorder(spec)
+    want = rec.untrained_loss()
+    fr.record_run(spec, tmp_path / "a.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert rows[0]["untrained_loss"] == pytest.approx(want, rel=1e-6)
+    assert all("untrained_loss" not in r for r in rows[1:])
+    # the recorded run is the one recorded without measuring: same first losses as a recorder
+    # that skips the measurement
+    plain = fr._Recorder(spec)
+    plain.untrained_loss = lambda: float("nan")  # type: ignore[method-assign]
+    got = [plain.step(s)["loss"] for s in range(1, 6)]
+    assert got == pytest.approx([r["loss"] for r in rows[:5]], rel=0, abs=0)

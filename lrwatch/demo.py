@@ -177,6 +177,10 @@ class DemoConsole:
         for k in ("loss", "accuracy", "eval_loss", "eval_accuracy", "grad_norm"):
             if k in s.values:
                 self.last[k] = s.values[k]
+        if "untrained_loss" in s.values:
+            self._print(f"untrained loss {s.values['untrained_loss']:.3f} (median of the "
+                        f"untouched model's loss on the first 8 batches; the rules judge "
+                        f"against it)")
         # What the rules saw at this step comes first, then where training is, then what the
         # Watcher does about it (carried out at the next iteration, after this step).
         for e in s.events:
@@ -274,7 +278,7 @@ def run_demo(cfg: DemoConfig, out: TextIO | None = None) -> dict[str, float]:
     watch = Watcher(model, opt, sched, flush_every=cfg.flush_every, port=cfg.port, host=cfg.host,
                     trace=cfg.trace, per_layer=cfg.per_layer, update_ratio=cfg.update_ratio,
                     batch_size=cfg.batch_size, listeners=[console.sample], run_name="demo",
-                    recovery={"snapshot_dir": cfg.snapshot_dir})
+                    recovery={"snapshot_dir": cfg.snapshot_dir}, probe_loss=_batch_loss)
     t0 = time.perf_counter()
     interrupted = False
     with watch, console.quiet_watcher_log():
@@ -352,6 +356,12 @@ def _train(cfg: DemoConfig, watch: Watcher, model: nn.Module, opt: torch.optim.O
             metrics.update(_evaluate(model, evals))
         console.schedule_at[watch.step] = step
         watch.log(**metrics)
+
+
+def _batch_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The training loss of ``batch``, for the Watcher's measurements (the untrained loss)."""
+    x, y = batch
+    return nn.functional.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))
 
 
 def _evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]

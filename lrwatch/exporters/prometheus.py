@@ -49,6 +49,9 @@ _GAUGES: dict[str, tuple[str, str]] = {
     "eval_loss": ("lrwatch_eval_loss", "Loss of the last evaluation."),
     "eval_accuracy": ("lrwatch_eval_accuracy", "Accuracy of the last evaluation."),
     "loss_scale": ("lrwatch_loss_scale", "AMP loss scale at the last flushed step."),
+    "untrained_loss": ("lrwatch_untrained_loss",
+                       "Untrained loss measured before the first step (median over the first "
+                       "batches); the rules compare the loss with it."),
     "samples_per_second": ("lrwatch_samples_per_second",
                            "Training throughput at the last flushed step."),
     "step": ("lrwatch_step", "Global optimizer step of the last flushed sample."),
@@ -211,6 +214,9 @@ class TrainingExporter:
                 gn = v.get("grad_norm")
                 if gn is not None and math.isfinite(gn):
                     self.grad_norm_hist.observe(gn)
+                u = v.get("untrained_loss")     # in step 1 only: kept from then on
+                if u is not None:
+                    self.latest["untrained_loss"] = u
                 st = v.get("step_time_seconds")
                 if st is not None and math.isfinite(st) and st >= 0:
                     self.step_seconds.observe(st)

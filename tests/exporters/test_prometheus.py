@@ -115,3 +115,32 @@ def test_unreachable_pushgateway_fails_open() -> None:
     with lrwatch.Watcher(model, opt, pushgateway=f"http://127.0.0.1:{port}") as w:
         _train(w, model, opt, 2)
     assert "lrwatch_internal_errors_total 1.0" in generate_latest(w.registry).decode()
+
+
+@pytest.mark.prometheus
+def test_the_untrained_loss_is_a_gauge_that_stays_after_step_1() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 4, generator=g), torch.randint(0, 2, (8,), generator=g))
+               for _ in range(12)]
+
+    def loss_of(m: nn.Module, b: tuple) -> torch.Tensor:
+        return nn.functional.cross_entropy(m(b[0]), b[1])
+
+    with lrwatch.Watcher(model, opt, port=0, flush_every=5, probe_loss=loss_of,
+                         untrained_batches=4) as w:
+        want = sorted(float(loss_of(model, b)) for b in batches[:4])
+        for b in w.batches(batches):
+            opt.zero_grad()
+            loss = loss_of(model, b)
+            loss.backward()
+            opt.step()
+            w.log(loss=loss)
+        w.flush()
+        assert w.metrics_url is not None
+        text = urllib.request.urlopen(w.metrics_url, timeout=5).read().decode()
+    rc, out = promtool_check_metrics(text)
+    assert rc == 0 and out.strip() == "", out
+    line = next(x for x in text.splitlines() if x.startswith("lrwatch_untrained_loss "))
+    assert float(line.split()[1]) == pytest.approx((want[1] + want[2]) / 2, rel=1e-5)

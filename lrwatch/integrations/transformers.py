@@ -154,6 +154,10 @@ class LrwatchCallback(TrainerCallback):
                               "rollbacks will not skip extra batches", stacklevel=2)
         self._measured = self._stepped = False
         self._loss_sum, self._loss_n, self._done, self._eval = None, 0, None, {}
+        if int(state.global_step) == 0 and w.untrained_batches and train_dataloader is not None:
+            w.measure_untrained(_sample_batches(
+                train_dataloader, w.untrained_batches,
+                int(getattr(args, "per_device_train_batch_size", 0) or 0), model))
 
     def _saved_state(self, args: Any, state: Any) -> dict[str, Any] | None:
         folder = self.resume_from
@@ -282,6 +286,28 @@ class LrwatchCallback(TrainerCallback):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if self.watcher is not None:
             self.watcher.load_state_dict(state)
+
+
+def _sample_batches(loader: Any, n: int, batch_size: int, model: Any) -> list[Any]:
+    """``n`` batches of the training data for the untrained loss, drawn from the dataloader's
+    dataset with a private generator and collated by its ``collate_fn``, on the model's device.
+    The Trainer's own dataloader is not iterated (accelerate's keeps state across passes) and
+    no global random generator moves. Empty for an iterable dataset or a loader without them."""
+    ds, collate = getattr(loader, "dataset", None), getattr(loader, "collate_fn", None)
+    if (batch_size < 1 or collate is None or ds is None
+            or isinstance(ds, torch.utils.data.IterableDataset)
+            or not hasattr(ds, "__len__") or not hasattr(ds, "__getitem__")):
+        return []
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    batches = []
+    for k in range(min(n, len(order) // batch_size)):
+        batch = collate([ds[i] for i in order[k * batch_size:(k + 1) * batch_size]])
+        if isinstance(batch, Mapping):
+            batch = {key: v.to(device) if isinstance(v, torch.Tensor) else v
+                     for key, v in batch.items()}
+        batches.append(batch)
+    return batches
 
 
 def _model_loss(model: Any, batch: Mapping[str, Any]) -> torch.Tensor:

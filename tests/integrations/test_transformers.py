@@ -211,3 +211,39 @@ def test_a_run_too_hot_from_the_start_restarts_at_a_measured_rate(tmp_path: Path
     assert probes[0]["failed_lr"] == pytest.approx(3.0) and probes[0]["steps"] >= 3
     assert trainer.state.global_step == 120 and w.step == 120
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def _model_no_dropout() -> Any:
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=32, n_layer=1,
+                                      n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+                                      attn_pdrop=0.0))
+
+
+def test_the_untrained_loss_is_measured_on_sampled_batches_and_changes_nothing(
+        tmp_path: Path) -> None:
+    finals, traces = [], []
+    for n in (0, 8):
+        model = _model_no_dropout()
+        init = {k: v.clone() for k, v in model.state_dict().items()}
+        cb = LrwatchCallback(trace=str(tmp_path / f"u{n}.jsonl"), flush_every=5,
+                             untrained_batches=n)
+        _train(tmp_path, cb, model=model, max_steps=12)
+        finals.append({k: v.clone() for k, v in model.state_dict().items()})
+        traces.append(list(read_trace(tmp_path / f"u{n}.jsonl")))
+    # the Trainer's run is the same with and without the measurement (its dataloader and RNG
+    # untouched), and only the measured run carries untrained_loss, in step 1
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+    assert [s.values["loss"] for s in traces[0]] == [s.values["loss"] for s in traces[1]]
+    assert "untrained_loss" not in traces[0][0].values
+    got = traces[1][0].values["untrained_loss"]
+    # what it should be: the initial model's median loss on 8 batches of 8 sampled by the
+    # private generator (seed 0) from the training set
+    ds = Seqs(2000)
+    ref = _model_no_dropout()
+    ref.load_state_dict(init)
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.no_grad():
+        losses = sorted(float(ref(**_collate([ds[i] for i in order[k * 8:(k + 1) * 8]])).loss)
+                        for k in range(8))
+    assert got == pytest.approx((losses[3] + losses[4]) / 2, rel=1e-4)

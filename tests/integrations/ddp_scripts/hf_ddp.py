@@ -57,7 +57,7 @@ class Counted(GPT2LMHeadModel):
     def forward(self, input_ids: Any = None, labels: Any = None, idx: Any = None,
                 **kw: Any) -> Any:
         out = super().forward(input_ids=input_ids, labels=labels, **kw)
-        if self.training and idx is not None:
+        if self.training and torch.is_grad_enabled() and idx is not None:  # not a measurement
             self.seen.append(idx.tolist())
             if self.poison_now:
                 out.loss = out.loss * float("nan")

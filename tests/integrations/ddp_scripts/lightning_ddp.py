@@ -49,7 +49,8 @@ class Tiny(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y, ids = batch
-        self.seen.append(ids.tolist())
+        if torch.is_grad_enabled():   # not the untrained-loss measurement (no_grad)
+            self.seen.append(ids.tolist())
         loss = nn.functional.cross_entropy(self.net(x), y)
         if self.global_rank == 1 and self.trainer.global_step + 1 == self.nan_at:
             loss = loss * float("nan")  # rank 1 only; DDP then spreads NaN gradients

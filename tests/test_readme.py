@@ -100,9 +100,12 @@ def _cannot_run(cmd: str) -> str | None:
 
 
 def _run_long(block: Block, cmd: str, marker: str, scratch: Path) -> None:
+    # Ctrl-C as in the reader's terminal: a test run started in the background of a
+    # non-interactive shell inherits SIGINT ignored, and the command would never see it.
     proc = subprocess.Popen(["bash", "-c", block.code], cwd=scratch, env=_env(scratch),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen: list[str] = []
     deadline = time.monotonic() + 120
     try:

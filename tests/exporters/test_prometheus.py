@@ -130,7 +130,8 @@ def test_the_untrained_loss_is_a_gauge_that_stays_after_step_1() -> None:
 
     with lrwatch.Watcher(model, opt, port=0, flush_every=5, probe_loss=loss_of,
                          untrained_batches=4) as w:
-        want = sorted(float(loss_of(model, b)) for b in batches[:4])
+        with torch.no_grad():
+            want = sorted(float(loss_of(model, b)) for b in batches[:4])
         for b in w.batches(batches):
             opt.zero_grad()
             loss = loss_of(model, b)

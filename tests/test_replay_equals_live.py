@@ -19,8 +19,12 @@ def _firings_from_trace_events(samples: list[Sample]) -> list[tuple[str, int, st
             if e.get("type") == "firing"]
 
 
+@pytest.mark.parametrize("measured", [False, True])
 @pytest.mark.parametrize("inject", ["none", "lr-bug", "nan"])
-def test_replay_of_a_live_trace_gives_the_live_firings(tmp_path: Path, inject: str) -> None:
+def test_replay_of_a_live_trace_gives_the_live_firings(tmp_path: Path, inject: str,
+                                                       measured: bool) -> None:
+    # measured: the Watcher measures the untrained loss (probe_loss, watch.batches), and the
+    # rules judge against it live and in the replay alike
     torch.manual_seed(0)
     x = torch.randn(256, 10)
     y = (x @ torch.randn(10, 1)).squeeze(1)
@@ -29,11 +33,16 @@ def test_replay_of_a_live_trace_gives_the_live_firings(tmp_path: Path, inject: s
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=300)
     trace = tmp_path / "live.jsonl"
     seen: list[Sample] = []
+
+    def batch_loss(m: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+        return nn.functional.mse_loss(m(x[idx]).squeeze(1), y[idx])
+
     w = lrwatch.Watcher(model, opt, sched, trace=trace, flush_every=7, listeners=[seen.append],
-                        recovery={"good_after": 20, "min_interval": 10})
+                        recovery={"good_after": 20, "min_interval": 10},
+                        probe_loss=batch_loss if measured else None)
     g = torch.Generator().manual_seed(1)
-    for _ in range(200):
-        idx = torch.randint(0, 256, (32,), generator=g)
+    order = [torch.randint(0, 256, (32,), generator=g) for _ in range(200)]
+    for idx in (w.batches(order) if measured else order):
         s = sched.last_epoch
         if inject == "lr-bug" and s == 120:
             sched.base_lrs = [b * 200 for b in sched.base_lrs]
@@ -52,6 +61,7 @@ def test_replay_of_a_live_trace_gives_the_live_firings(tmp_path: Path, inject: s
     if inject != "none":
         assert live, "the injected fault must fire a rule"
         assert w.policy.rollbacks >= 1
+    assert ("untrained_loss" in seen[0].values) == measured
     replayed = replay_trace(trace, load_pack("training"))
     assert replayed.error is None
     assert [(f.rule, f.step, f.severity) for f in replayed.firings] == live

@@ -34,6 +34,10 @@ standard deviation, folded (``|z|``) and enters the same maximum and copula, so 
 for all tests together; its accumulated sums join the sequential scan as a second block of the
 simulated streams. The thresholds without the joint dims (``base_threshold``,
 ``base_seq_threshold``) come from the same draws, for a detector with the joint test off.
+The joint means' reference error is ``kappa / m`` rather than ``1 / m``, with ``kappa`` the
+coefficient error measured on the reference (:meth:`.JointModel.reference_inflation`): the
+resampled references get the extra ``(kappa - 1) / m`` as Gaussian noise, and the scan's joint
+block is simulated with an effective reference of ``m / kappa`` rows.
 """
 
 from __future__ import annotations
@@ -101,6 +105,9 @@ class Calibration:
     joint_features: list[str] | None = None
     joint_mean: list[float] = field(default_factory=list)  # reference mean of |e| per feature
     joint_sd: list[float] = field(default_factory=list)  # its row standard deviation
+    #: ``kappa``: the joint means' reference error in units of ``1/m``, the regression's
+    #: coefficient error included (:meth:`.JointModel.reference_inflation`; 1 before it existed)
+    joint_inflation: float = 1.0
     #: thresholds of the per-feature tests alone (used when the joint test is switched off)
     base_threshold: float | None = None
     base_seq_threshold: float | None = None
@@ -176,20 +183,29 @@ class _Resampler:
         self.fn = fn
         self.ju: np.ndarray | None = None  # joint test: |e| per row and joint feature
         self.ju2: np.ndarray | None = None
+        self.jkappa = 1.0
 
-    def set_joint(self, u: np.ndarray) -> None:
-        """Resample the joint test's per-row statistics ``u`` (``(m, p)``) too."""
+    def set_joint(self, u: np.ndarray, kappa: float = 1.0) -> None:
+        """Resample the joint test's per-row statistics ``u`` (``(m, p)``) too; ``kappa`` is
+        the reference error's inflation by coefficient error (1: sampling error only)."""
         self.ju = u
         self.ju2 = u ** 2
+        self.jkappa = float(kappa)
 
-    def joint_z(self, wb: np.ndarray, wa: np.ndarray, m: int, n: int) -> np.ndarray:
+    def joint_z(self, wb: np.ndarray, wa: np.ndarray, m: int, n: int,
+                rng: np.random.Generator) -> np.ndarray:
         """``(batch, p)`` joint z of resampled windows (weights ``wa``, ``n`` rows) against
-        resampled references (``wb``, ``m`` rows), as :class:`~.detector.DriftDetector` does."""
+        resampled references (``wb``, ``m`` rows), as :class:`~.detector.DriftDetector` does.
+        Resampling the rows gives the reference mean its sampling error; the coefficient
+        error (``kappa - 1`` of it) is added as Gaussian noise, since the fit is not redone."""
         assert self.ju is not None and self.ju2 is not None
         rmean = wb.T @ self.ju / m
         rsd = np.sqrt(np.maximum(wb.T @ self.ju2 / m - rmean ** 2, 1e-24))
+        if self.jkappa > 1.0:
+            rmean = rmean + rsd * math.sqrt((self.jkappa - 1.0) / m) * \
+                rng.standard_normal(rmean.shape)
         wmean = wa.T @ self.ju / n
-        return (wmean - rmean) / (rsd * math.sqrt(1.0 / n + 1.0 / m))
+        return (wmean - rmean) / (rsd * math.sqrt(1.0 / n + self.jkappa / m))
 
     def weights(self, rng: np.random.Generator, size: int, batch: int) -> np.ndarray:
         """``(m, batch)`` draw counts of ``batch`` bootstrap resamples of ``size`` rows."""
@@ -228,7 +244,7 @@ def _pvalues(prof: Profile, rs: _Resampler, rng: np.random.Generator, m: int, n:
     if prof.cat:
         parts.append(np.stack([ct["p_chi2"], ct["p_missing"]], axis=-1).reshape(batch, -1))
     if rs.ju is not None:
-        parts.append(rs.joint_z(wb, wa, m, n))
+        parts.append(rs.joint_z(wb, wa, m, n, rng))
     return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
 
@@ -258,7 +274,7 @@ def _max_quantile(c: np.ndarray, fold: np.ndarray, rate: float, rng: np.random.G
             float(np.quantile(np.concatenate(out_base), 1.0 - rate)))
 
 
-def _scan_maxima(a: np.ndarray, batch: int, n: int, m: int, rng: np.random.Generator,
+def _scan_maxima(a: np.ndarray, batch: int, n: int, m: float, rng: np.random.Generator,
                  horizons: tuple[int, ...]) -> np.ndarray:
     """``(batch, windows)`` scan statistic max_{f,L} |z_{f,L}| of ``batch`` simulated null
     streams whose dims have the correlation factor ``a``."""
@@ -278,7 +294,7 @@ def _scan_maxima(a: np.ndarray, batch: int, n: int, m: int, rng: np.random.Gener
     return best
 
 
-def _sequential_threshold(blocks: list[np.ndarray], n: int, m: int, rate: float,
+def _sequential_threshold(blocks: list[np.ndarray], n: int, m: int | list[float], rate: float,
                           rng: np.random.Generator, horizons: tuple[int, ...],
                           progress: ProgressFn | None = None) -> tuple[float, float]:
     """Per-window (1 - rate) quantile of the scan statistic max_{f,L} |z_{f,L}| on simulated
@@ -288,16 +304,18 @@ def _sequential_threshold(blocks: list[np.ndarray], n: int, m: int, rate: float,
     ``blocks`` are correlation matrices simulated independently of each other: the feature
     means, then the joint test's mean |e| (nearly uncorrelated with the means; by Sidak's
     inequality, ignoring a correlation between blocks can only raise the quantile of the
-    maximum of absolute values, so the threshold errs on the conservative side)."""
+    maximum of absolute values, so the threshold errs on the conservative side). ``m`` is the
+    reference size, or one effective size per block (the joint block's is ``m / kappa``)."""
     if not blocks or len(blocks[0]) == 0:
         return math.inf, math.inf
-    factors = [_psd_factor(c) for c in blocks if len(c)]
+    sizes = list(m) if isinstance(m, (list, tuple)) else [m] * len(blocks)
+    factors = [(_psd_factor(c), mb) for c, mb in zip(blocks, sizes) if len(c)]
     maxima, maxima_first = [], []
     batch = 250
     for b in range(_STREAMS // batch):
         if progress is not None:
             progress("null streams", b * batch, _STREAMS)
-        best = [_scan_maxima(a, batch, n, m, rng, horizons) for a in factors]
+        best = [_scan_maxima(a, batch, n, mb, rng, horizons) for a, mb in factors]
         maxima_first.append(best[0].ravel())
         maxima.append(np.maximum.reduce(best).ravel())
     if progress is not None:
@@ -397,12 +415,14 @@ def _check_targets(window_size: int, target_windows: float) -> None:
                           f"got {target_windows}")
 
 
-def _fit_joint(prof: Profile, rs: _Resampler, joint: bool) -> JointModel | None:
+def _fit_joint(prof: Profile, rs: _Resampler, joint: bool, seed: int) -> JointModel | None:
     """The joint test's model (``None``: not asked for, or too few usable numeric features);
-    ``rs`` then resamples its leave-one-out residuals too."""
+    ``rs`` then resamples its leave-one-out residuals too, with the measured inflation of the
+    reference error (its own generator: the other draws stay as they were)."""
     model = JointModel.fit(rs.x_std, prof.num_names) if joint and prof.num else None
     if model is not None:
-        rs.set_joint(model.loo_residuals(rs.x_std))
+        kappa = model.reference_inflation(rs.x_std, np.random.default_rng([seed, 1]))
+        rs.set_joint(model.loo_residuals(rs.x_std), kappa)
     return model
 
 
@@ -424,7 +444,8 @@ def _sequential_thresholds(rs: _Resampler, window_size: int, m: int, rate: float
     """The sequential scan's threshold over the feature means and the joint test's mean |e|
     (when there is one), and over the feature means alone (see :func:`_sequential_threshold`)."""
     blocks = [_row_corr(rs.x_std)] + ([_row_corr(rs.ju)] if rs.ju is not None else [])
-    return _sequential_threshold(blocks, window_size, m, rate, rng, HORIZONS, progress)
+    sizes = [float(m), m / rs.jkappa][:len(blocks)]
+    return _sequential_threshold(blocks, window_size, sizes, rate, rng, HORIZONS, progress)
 
 
 def calibrate(ref: Reference, *, window_size: int = 1000, target_windows: float = 1000.0,
@@ -456,7 +477,7 @@ def calibrate(ref: Reference, *, window_size: int = 1000, target_windows: float 
     rs = _Resampler(prof)
     rng = np.random.default_rng(seed)
     m = min(ref.records, rs.m) if ref.records > 0 else rs.m
-    model = _fit_joint(prof, rs, joint)
+    model = _fit_joint(prof, rs, joint, seed)
     pj = model.dims if model is not None else 0
     joint_dims = np.concatenate([np.zeros(len(prof.dims), bool), np.ones(pj, bool)])
     mean_dims = np.concatenate([prof.mean_dims, np.zeros(pj, bool)])
@@ -480,4 +501,5 @@ def calibrate(ref: Reference, *, window_size: int = 1000, target_windows: float 
                        joint_features=list(model.names) if model is not None else [],
                        joint_mean=[float(v) for v in ju.mean(axis=0)],
                        joint_sd=[float(v) for v in ju.std(axis=0)],
+                       joint_inflation=rs.jkappa,
                        base_threshold=base, base_seq_threshold=base_seq)

@@ -195,6 +195,8 @@ class DriftDetector:
         self._zero = np.zeros(fn)
         self._seq_shift = np.zeros(fn)  # the best horizon's mean shift, per numeric feature
         self._m = float(cached.reference_records or reference.records)
+        # the joint means' effective reference size: coefficient error inflates the 1/m term
+        self._jm = self._m / max(float(cached.joint_inflation), 1.0)
         ref_missing = np.array([f.missing / max(f.count + f.missing, 1)
                                 for f in self.profile.num])
         cat_missing = np.array([f.missing / max(f.count + f.missing, 1)
@@ -292,7 +294,7 @@ class DriftDetector:
         n = float(x.shape[0])
         sums = model.window_sums(x, res.tests.present)
         mean_w = sums / n
-        z = (mean_w - self._jmean) / (self._jrsd * math.sqrt(1.0 / n + 1.0 / self._m))
+        z = (mean_w - self._jmean) / (self._jrsd * math.sqrt(1.0 / n + 1.0 / self._jm))
         scores = np.abs((z - self._jmu) / self._jsd)
         effect = np.abs(mean_w / self._jmean - 1.0) >= self.joint_min_effect
         hit = (scores > self.threshold) & effect
@@ -322,7 +324,7 @@ class DriftDetector:
             c += wn
             if k in self.horizons:
                 mean = s / c
-                z = np.abs(mean - self._jmean) / (self._jrsd * math.sqrt(1.0 / c + 1.0 / self._m))
+                z = np.abs(mean - self._jmean) / (self._jrsd * math.sqrt(1.0 / c + 1.0 / self._jm))
                 best = np.maximum(best, z)
                 hit |= (z > self.seq_threshold) & \
                     (np.abs(mean / self._jmean - 1.0) >= self.joint_min_effect)

@@ -26,6 +26,20 @@ Why this statistic and not PCA reconstruction error (NannyML's): decorrelating f
 reconstruction error or Mahalanobis distance spreads it over ``p`` dimensions (its z grows like
 ``1/sqrt(p)``). docs/drift-joint.md has the measurements.
 
+Coefficient error. The ``1/m`` term treats the reference's error as sampling error of ``m``
+rows, which holds when the regression's coefficients are well determined (over 150 wine
+references of 5000 rows the population's mean ``|e|`` under each reference's fit sat
+``1.01 sd / sqrt(m)`` from the reference's own mean). With many features for few rows the fit's
+coefficient error adds to it (1.2 instead of 1 at 60 features and 300 rows): the fitted
+regression misfits the population by a random amount, and the leave-one-out mean, which
+estimates the error of an average fit, not of this one, does not see it. Gaussian theory puts
+the extra variance at ``c p / m`` in units of the sampling term (``c`` about 3.5 for Gaussian
+residuals, counting the leave-one-out mean's anti-correlation with the fit's error), more
+generally ``c m p / (m - p)^2``. :meth:`JointModel.reference_inflation` measures ``c`` on the
+reference by refitting on random halves and scoring the other half, bounds it by
+:data:`COEF_ERROR_MAX`, and returns ``kappa = 1 + c m p / (m - p)^2``: the joint test then uses
+``kappa / m`` where it used ``1 / m`` (an effective reference of ``m / kappa`` rows).
+
 Calibration is :mod:`.calibrate`'s: the ``p`` joint dimensions join the per-feature tests in the
 same maximum over standardised scores, and their sums join the sequential scan.
 """
@@ -47,6 +61,12 @@ __all__ = ["JointModel", "sample_matrix", "RIDGE", "MIN_ROWS_PER_FEATURE"]
 RIDGE = 1e-4
 #: A joint test needs at least this many reference rows per joint feature (plus 20).
 MIN_ROWS_PER_FEATURE = 2
+#: Upper bound of the measured coefficient-error constant ``c`` (the module notes): above the
+#: Gaussian theory's 3.5, so a noisy measurement on a large reference, where ``p / m`` makes the
+#: term negligible anyway, cannot inflate it more than theory allows.
+COEF_ERROR_MAX = 4.0
+#: Random halves :meth:`JointModel.reference_inflation` refits on.
+INFLATION_SPLITS = 24
 #: The per-row statistic: ``"abs"`` (``|e|``) or ``"square"`` (``e^2``), see :func:`_row_stat`.
 ROW_STAT = "abs"
 
@@ -136,23 +156,58 @@ class JointModel:
         return _row_stat(z @ self._w32).sum(axis=0, dtype=np.float64)
 
     def loo_residuals(self, x: np.ndarray) -> np.ndarray:
-        """``(m, p)`` leave-one-out ``|e|`` of the reference rows the model was fitted on.
-
-        For least squares the residual of row ``i`` from the model fitted without it is
-        ``r_i / (1 - h_i)``; regressing column ``j`` on the others, ``h_ij = h_i - r_ij^2 P_jj``
-        with ``h_i = 1/m + z_i' P z_i`` the leverage in the regression on all columns.
-        """
-        m = x.shape[0]
+        """``(m, p)`` leave-one-out ``|e|`` of the reference rows the model was fitted on."""
         z = _standardise(x[:, self.cols], self.mean, self.scale)
         z -= z.mean(axis=0)
-        prec = _precision(z)
-        zp = z @ prec
-        h = 1.0 / m + np.einsum("ij,ij->i", zp, z)
-        pjj = np.diag(prec)
-        r = zp / pjj  # raw residual of column j regressed on the rest
-        hj = h[:, None] - r ** 2 * pjj
-        loo = r / np.clip(1.0 - hj, 1e-6, None)
-        return _row_stat(loo * np.sqrt(pjj * m))
+        return _loo_stat(z, _precision(z))
+
+    def reference_inflation(self, x: np.ndarray, rng: np.random.Generator,
+                            splits: int = INFLATION_SPLITS) -> float:
+        """``kappa >= 1``: the reference's error in the joint means, in units of the ``1/m``
+        sampling term, coefficient error included (module notes).
+
+        Each split fits on ``a`` random rows (half, or ``MIN_ROWS_PER_FEATURE p + 20`` if more)
+        and scores the other ``b``: ``D = mean_b |e| - loo_mean_a`` has variance
+        ``kappa(a) s^2 / a + s^2 / b``, so ``kappa(a) = a D^2 / s^2 - a / b`` (pooled over
+        features and splits); ``c`` follows from ``kappa(a) - 1 = c a p / (a - p)^2``.
+        Without room for a split (fewer than 20 rows left to score) ``c`` is the bound."""
+        z = _standardise(x[:, self.cols], self.mean, self.scale)
+        m, p = z.shape
+        a = max(m // 2, MIN_ROWS_PER_FEATURE * p + 20)
+        c = COEF_ERROR_MAX
+        if m - a >= 20 and a > p + 1:
+            b = m - a
+            vals = []
+            for _ in range(splits):
+                idx = rng.permutation(m)
+                za, zb = z[idx[:a]], z[idx[a:]]
+                centre = za.mean(axis=0)
+                za = za - centre
+                prec = _precision(za)
+                loo = _loo_stat(za, prec)
+                w = prec / np.sqrt(np.diag(prec))[None, :] * math.sqrt(a)
+                d = _row_stat((zb - centre) @ w).mean(axis=0) - loo.mean(axis=0)
+                s2 = np.maximum(loo.var(axis=0), 1e-24)
+                vals.append(a * d ** 2 / s2 - a / b)
+            excess = float(np.mean(vals)) - 1.0
+            c = min(max(excess / (a * p / (a - p) ** 2), 0.0), COEF_ERROR_MAX)
+        return 1.0 + c * m * p / (m - p) ** 2
+
+
+def _loo_stat(z: np.ndarray, prec: np.ndarray) -> np.ndarray:
+    """Leave-one-out per-row statistics of centred rows ``z`` with precision ``prec``.
+
+    For least squares the residual of row ``i`` from the model fitted without it is
+    ``r_i / (1 - h_i)``; regressing column ``j`` on the others, ``h_ij = h_i - r_ij^2 P_jj``
+    with ``h_i = 1/m + z_i' P z_i`` the leverage in the regression on all columns."""
+    m = z.shape[0]
+    zp = z @ prec
+    h = 1.0 / m + np.einsum("ij,ij->i", zp, z)
+    pjj = np.diag(prec)
+    r = zp / pjj  # raw residual of column j regressed on the rest
+    hj = h[:, None] - r ** 2 * pjj
+    loo = r / np.clip(1.0 - hj, 1e-6, None)
+    return _row_stat(loo * np.sqrt(pjj * m))
 
 
 def _row_stat(e: np.ndarray) -> np.ndarray:

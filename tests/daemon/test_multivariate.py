@@ -184,3 +184,23 @@ def test_old_reference_without_joint_calibration_is_recalibrated(
         off = DriftDetector(loaded, joint=False)  # the old calibration is used as it is
     assert off.calibration.joint_features is None and off.threshold == old["threshold"]
     assert not caplog.records
+
+
+def test_few_rows_for_many_features_inflate_the_reference_error() -> None:
+    """60 features on 300 rows: the regression's coefficient error is measured into the
+    calibration (``joint_inflation``; 1.26-1.49 over six such references) and the detector uses
+    ``kappa / m``; a calibration from before the measurement reads as 1 (no inflation)."""
+    p = 60
+    a = np.random.default_rng(7).standard_normal((p, 3))
+    x = np.random.default_rng(1).standard_normal((300, 3)) @ a.T + \
+        np.random.default_rng(2).standard_normal((300, p)) * 0.7
+    rows = [{"features": {f"f{j:02d}": float(v) for j, v in enumerate(r)}} for r in x]
+    ref = build_reference(rows, window_size=100, target_windows=100, sims=400, estimate=False)
+    kappa = ref.calibration["joint_inflation"]
+    assert 1.15 < kappa < 1.7, kappa
+    det = DriftDetector(ref, window_size=100, target_windows=100)
+    assert det._jm == pytest.approx(det._m / kappa)
+    old = dict(ref.calibration)
+    del old["joint_inflation"]
+    ref.calibration = old
+    assert DriftDetector(ref, window_size=100, target_windows=100)._jm == det._m

@@ -53,7 +53,7 @@ from benchmarks.anchors import ANCHORS  # noqa: E402
 from lrwatch.exporters.trace import read_trace  # noqa: E402
 from lrwatch.samples import Sample  # noqa: E402
 
-__all__ = ["Suite", "Scenario", "build_suite", "score_suite", "deadline_for", "main"]
+__all__ = ["Suite", "Scenario", "build_suite", "deadline_for", "main"]
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = ROOT / "benchmarks" / ".cache" / "detection-families"

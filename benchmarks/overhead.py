@@ -48,7 +48,6 @@ import copy
 import inspect
 import json
 import logging
-import math
 import os
 import platform
 import random

@@ -12,7 +12,7 @@ rank sees a NaN, every rank rolls back, to the same snapshot step.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 

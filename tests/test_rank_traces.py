@@ -4,7 +4,6 @@ so ``lrwatch replay DIR`` (a ``*.jsonl`` glob) finds every rank."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest

@@ -31,7 +31,7 @@ from lrwatch.errors import ConfigError
 from lrwatch.rules.engine import Engine
 from lrwatch.rules.schema import parse_rules
 from lrwatch.samples import Sample
-from services import free_port, promtool_check_metrics, wait_until
+from services import free_port, promtool_check_metrics
 
 
 # ------------------------------------------------------------------------------------------------

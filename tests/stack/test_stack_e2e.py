@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from services import AlertmanagerServer, PrometheusServer, free_port, http_request, wait_until
+from services import AlertmanagerServer, PrometheusServer, free_port, http_request
 
 sys.path.insert(0, str(Path(__file__).parent))
 from stack_helpers import (  # noqa: E402

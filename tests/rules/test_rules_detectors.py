@@ -212,6 +212,32 @@ def test_baseline_golden():
     assert fires(acc, [0.1, 0.1, 0.5, 0.9, 0.11, 0.9]) == [4]
 
 
+def test_baseline_median_ignores_one_or_two_hard_batches():
+    # a trained run (0.3) with a heavy-tailed batch loss: single and paired hard batches
+    healthy = [0.85, 0.84, 0.86] + [0.3] * 10 + [2.4, 0.4, 0.3, 0.3, 0.9, 2.0, 0.3, 0.3, 0.3]
+    ewma = Baseline(warmup=3, arm=0.4, level=0.9, smooth=0.5)
+    assert fires(ewma, healthy) != []  # the EWMA carries a 2.4 over two steps
+    med = Baseline(warmup=3, arm=0.4, level=0.9, median=5)
+    assert fires(med, healthy) == []
+    # a dead network: every batch back at the untrained level; 3 of 5 there
+    dead = Baseline(warmup=3, arm=0.4, level=0.9, median=5)
+    assert fires(dead, [0.85, 0.84, 0.86] + [0.3] * 10 + [0.86] * 4)[0] == 15
+    # it arms only when 3 of the last 5 reached `arm`: one lucky batch does not
+    lucky = Baseline(warmup=3, arm=0.4, level=0.9, median=5)
+    assert fires(lucky, [0.85, 0.84, 0.86, 0.8, 0.2, 0.8, 0.9, 0.85, 0.86, 0.9]) == []
+
+
+def test_baseline_state_from_before_median_loads() -> None:
+    det = Baseline(warmup=3, arm=0.5, level=0.9, median=3)
+    for x in (2.0, 2.0, 2.0, 0.5, 0.5):
+        det.update(x)
+    state = det.state_dict()
+    del state["recent"]  # what an lrwatch before the median wrote
+    fresh = Baseline(warmup=3, arm=0.5, level=0.9, median=3)
+    fresh.load_state_dict(state)
+    assert fresh.armed and fresh.update(0.5) is False
+
+
 def test_start_ratio_golden():
     det = StartRatio(above=10.0)
     # the second step is 23x the untrained loss: no history is needed to see it
@@ -304,6 +330,7 @@ FACTORIES = {
     "regression": lambda: Regression(warmup=3),
     "plateau": lambda: Plateau(patience=5),
     "baseline": lambda: Baseline(warmup=3, arm=0.9, level=0.95, smooth=0.5),
+    "baseline_median": lambda: Baseline(warmup=3, arm=0.9, level=0.95, median=3),
     "start_ratio": lambda: StartRatio(warmup=2, above=5.0, below=0.1),
     "start_ratio_window": lambda: StartRatio(warmup=1, above=2.0, window=5),
     "untrained": lambda: Untrained(window=10, above=0.5),
@@ -381,7 +408,8 @@ def test_below_max_counts_levels_that_lasted():
 
 
 def test_factories_cover_every_detector():
-    assert {k.removesuffix("_window").removesuffix("_floor") for k in FACTORIES} == set(DETECTORS)
+    assert {k.removesuffix("_window").removesuffix("_floor").removesuffix("_median")
+            for k in FACTORIES} == set(DETECTORS)
 
 
 def _stream(seed):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 from typing import ClassVar, Mapping
 
 from ...errors import ConfigError
@@ -33,6 +34,11 @@ class Baseline(Detector):
         ``up`` (loss) or ``down`` (accuracy).
     smooth:
         EWMA weight of the newest value (1 = no smoothing).
+    median:
+        Take the running median of the last ``median`` values before the EWMA (1 = none). A
+        collapsed network's loss is at its constant prediction's level on every batch, so a
+        median of 5 needs 3 of the last 5 there and ignores one or two hard batches of a run
+        with a heavy-tailed batch loss; it also arms only when 3 of 5 reached ``arm``.
 
     Notes
     -----
@@ -57,12 +63,14 @@ class Baseline(Detector):
         "level": Param(float, "ratio to the baseline that fires", min=0, min_open=True),
         "direction": Param(str, "up (loss) or down (accuracy)", choices=("up", "down")),
         "smooth": Param(float, "EWMA weight of the newest value", min=0, min_open=True, max=1),
+        "median": Param(int, "running median over this many values before the EWMA", min=1),
     }
-    _STATE = ("first", "base", "level_now", "armed")
+    _STATE = ("first", "base", "level_now", "armed", "recent")
 
     def __init__(self, *, warmup: int = 5, arm: float = 0.5, level: float = 0.9,
-                 direction: str = "up", smooth: float = 1.0) -> None:
-        self._set_params(warmup=warmup, arm=arm, level=level, direction=direction, smooth=smooth)
+                 direction: str = "up", smooth: float = 1.0, median: int = 1) -> None:
+        self._set_params(warmup=warmup, arm=arm, level=level, direction=direction, smooth=smooth,
+                         median=median)
         if (self.direction == "up") != (self.arm < self.level):
             raise ConfigError(f"baseline with direction {self.direction!r} needs 'arm' "
                               f"{'<' if self.direction == 'up' else '>'} 'level'")
@@ -70,6 +78,7 @@ class Baseline(Detector):
         self._base: float | None = None
         self._level_now: float | None = None
         self._armed = False
+        self._recent: deque[float] = deque(maxlen=self.median)
 
     @property
     def baseline(self) -> float | None:
@@ -87,9 +96,15 @@ class Baseline(Detector):
             return None
         return self._level_now / self._base
 
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        """As the base class; a state saved before ``median`` existed has no ``recent``."""
+        super().load_state_dict({"recent": [], **state})
+
     def update(self, x: float, t: float | None = None) -> bool | None:
         if not math.isfinite(x) or x <= 0.0:
             return None
+        if self.median > 1:
+            self._recent.append(x)
         if self._base is None:
             self._first.append(x)
             if len(self._first) == self.warmup:
@@ -97,6 +112,8 @@ class Baseline(Detector):
                 self._first = []
                 self._level_now = x
             return None
+        if self.median > 1:
+            x = sorted_median(sorted(self._recent))
         lv = self._level_now if self._level_now is not None else x
         lv += self.smooth * (x - lv)
         self._level_now = lv

@@ -86,6 +86,10 @@ def _worker(rank: int, world: int, store: str, out: str, steps: int, width: int,
         {"agree": agree_times, "steps": step_times, "params": params}))
     dist.barrier()  # leave together: the file store must outlive every rank's last collective
     dist.destroy_process_group()
+    # DDP's reducer may still hold the group, and its gloo threads torn down during interpreter
+    # finalization can abort the process; the results are written, so skip finalization.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def run(world: int, steps: int, width: int, batch: int, flush_every: int) -> dict[str, Any]:

@@ -181,6 +181,10 @@ class DemoConsole:
             self._print(f"untrained loss {s.values['untrained_loss']:.3f} (median of the "
                         f"untouched model's loss on the first 8 batches; the rules judge "
                         f"against it)")
+        if "constant_loss" in s.values:
+            self._print(f"constant-prediction loss {s.values['constant_loss']:.3f} (the best "
+                        f"input-independent output on the same batches; a network well below "
+                        f"it is not dead)")
         # What the rules saw at this step comes first, then where training is, then what the
         # Watcher does about it (carried out at the next iteration, after this step).
         for e in s.events:

@@ -50,7 +50,8 @@ from .rules import Engine, RuleSet
 from .samples import Sample
 from .step_path import StepPath
 from .steps import as_value, materialise
-from .untrained import UNTRAINED_BATCHES, check_untrained_batches, measure_untrained_loss
+from .untrained import (UNTRAINED_BATCHES, OutputShapes, check_untrained_batches,
+                        measure_constant_loss, measure_untrained_loss)
 from .wiring import action_params, build_best, build_recorder, check_args, check_probe, rule_set
 
 __all__ = ["Watcher", "Listener", "RecoveryConfig", "BestEval", "rank_trace_path"]
@@ -166,7 +167,10 @@ class Watcher(PlanExecutor, StepPath):
         trained on as usual) and records their mean loss as ``untrained_loss`` in step 1's
         sample. The default rules judge "never learned", "stuck above its untrained loss" and
         "far above the start" against it (``given: untrained_loss``) instead of the first
-        batch's loss alone. ``0`` turns it off (:mod:`lrwatch.untrained`).
+        batch's loss alone. On the same batches it measures the loss of the best constant
+        prediction (``constant_loss``: what a network that learned nothing about its inputs
+        scores), which the dead-network rules use as a veto. ``0`` turns both off
+        (:mod:`lrwatch.untrained`).
     """
 
     def __init__(
@@ -337,12 +341,23 @@ class Watcher(PlanExecutor, StepPath):
         """
         if self._probe_loss is None:
             return
+        batches = list(batches)
+        outputs = OutputShapes()
         try:
-            loss = measure_untrained_loss(self.model, list(batches), self._probe_loss)
+            loss = measure_untrained_loss(self.model, batches, self._probe_loss, outputs)
             if loss is not None:
                 self.recorder.row_for_log(self.step + 1).put("untrained_loss", loss)
         except Exception:
             self._internal_error("measuring the untrained loss before the first step")
+            return
+        try:
+            level = measure_constant_loss(batches, self._probe_loss, outputs)
+            if level is not None:
+                self.recorder.row_for_log(self.step + 1).put("constant_loss", level)
+        except Exception as e:  # a probe_loss that needs the real model: the rules fall back
+            log.info("constant-prediction loss not measured: probe_loss failed on a constant "
+                     "stand-in for the model (%s: %s); the dead-network rules fall back to the "
+                     "first loss", type(e).__name__, e)
 
     def skip_batch(self) -> bool:
         """Count one batch drawn by the framework; ``True`` if it falls in a rollback's skip window.

@@ -52,6 +52,9 @@ _GAUGES: dict[str, tuple[str, str]] = {
     "untrained_loss": ("lrwatch_untrained_loss",
                        "Untrained loss measured before the first step (median over the first "
                        "batches); the rules compare the loss with it."),
+    "constant_loss": ("lrwatch_constant_loss",
+                      "Loss of the best constant prediction on the untrained-loss batches, "
+                      "measured before the first step; a network well below it is not dead."),
     "samples_per_second": ("lrwatch_samples_per_second",
                            "Training throughput at the last flushed step."),
     "step": ("lrwatch_step", "Global optimizer step of the last flushed sample."),
@@ -214,9 +217,10 @@ class TrainingExporter:
                 gn = v.get("grad_norm")
                 if gn is not None and math.isfinite(gn):
                     self.grad_norm_hist.observe(gn)
-                u = v.get("untrained_loss")     # in step 1 only: kept from then on
-                if u is not None:
-                    self.latest["untrained_loss"] = u
+                for k in ("untrained_loss", "constant_loss"):   # in step 1 only: kept
+                    u = v.get(k)
+                    if u is not None:
+                        self.latest[k] = u
                 st = v.get("step_time_seconds")
                 if st is not None and math.isfinite(st) and st >= 0:
                     self.step_seconds.observe(st)

@@ -145,3 +145,10 @@ def test_the_untrained_loss_is_a_gauge_that_stays_after_step_1() -> None:
     assert rc == 0 and out.strip() == "", out
     line = next(x for x in text.splitlines() if x.startswith("lrwatch_untrained_loss "))
     assert float(line.split()[1]) == pytest.approx((want[1] + want[2]) / 2, rel=1e-5)
+    # the constant-prediction loss, kept after step 1: predicting the pooled class frequencies
+    # of the 4 batches, the median of their cross-entropies (mean of the middle two)
+    ys = torch.cat([b[1] for b in batches[:4]])
+    logp = torch.log(torch.bincount(ys, minlength=2).float() / len(ys))
+    each = sorted(float(-logp[b[1]].mean()) for b in batches[:4])
+    line = next(x for x in text.splitlines() if x.startswith("lrwatch_constant_loss "))
+    assert float(line.split()[1]) == pytest.approx((each[1] + each[2]) / 2, abs=1e-4)

@@ -200,3 +200,24 @@ def test_a_pack_without_given_keeps_its_state_format():
     rs = parse_rules("rules: [{name: n, metric: loss, detector: nonfinite, severity: info}]")
     assert "given" not in Engine(rs).state_dict()
     assert "given" in Engine(load_pack("training")).state_dict()
+
+
+def test_given_only_waits_for_the_measured_level_and_never_falls_back():
+    from lrwatch.rules.detectors import StartRatio
+
+    plain, only = StartRatio(below=0.85, window=1), StartRatio(below=0.85, window=1,
+                                                               given_only=True)
+    losses = [2.0, 1.5, 1.4, 1.3]
+    # without a measurement the plain detector judges against the first loss, given_only not
+    assert [plain.update_given(x, None) for x in losses] == [None, True, True, True]
+    assert [only.update_given(x, None) for x in losses] == [None, None, None, None]
+    # once measured, both judge against it; it stays the level when later samples lack it
+    assert [only.update_given(x, g) for x, g in [(1.0, 1.5), (1.3, None), (1.2, None)]] == \
+        [True, False, True]
+    rs = parse_rules("rules: [{name: v, metric: loss, detector: start_ratio, given: constant_loss, "
+                     "params: {below: 0.85, given_only: true}, severity: info}]")
+    assert rs["v"].params["given_only"] is True
+    errs = _errors("rules: [{name: v, metric: loss, detector: start_ratio, "
+                   "params: {below: 0.85, given_only: true}, severity: info}]")
+    assert any("parameter 'given_only' of detector 'start_ratio' needs the rule key 'given'" in e
+               for e in errs), errs

@@ -57,6 +57,12 @@ class StartRatio(Detector):
         Compare the median of the last ``window`` values with the start level (1: each value
         alone). A median over a few steps keeps one lucky or unlucky batch from resetting a
         rule's ``for`` count.
+    given_only:
+        With ``given``: judge only against the measured level; until it is known (never, when
+        it was not measured) give no decision instead of taking the first values. For rules
+        that mean something only against the measured level, such as a veto against the
+        constant-prediction loss (``given: constant_loss``), which the first loss does not
+        stand in for.
 
     Notes
     -----
@@ -81,18 +87,22 @@ class StartRatio(Detector):
 
     name: ClassVar[str] = "start_ratio"
     takes_given: ClassVar[bool] = True
+    GIVEN_PARAMS: ClassVar[tuple[str, ...]] = ("given_only",)
     PARAMS: ClassVar[Mapping[str, Param]] = {
         "warmup": Param(int, "first values whose median is the start level", min=1),
         "above": Param(float, "fire when x / start is greater", min=0, min_open=True,
                        optional=True),
         "below": Param(float, "fire when x / start is smaller", min=0, optional=True),
         "window": Param(int, "median of the last N values is compared (1: each value)", min=1),
+        "given_only": Param(bool, "with 'given': no decision until the given level is known "
+                                  "(no fallback to the first values)"),
     }
     _STATE = ("first", "start", "ratio", "buf")
 
     def __init__(self, *, warmup: int = 1, above: float | None = None,
-                 below: float | None = None, window: int = 1) -> None:
-        self._set_params(warmup=warmup, above=above, below=below, window=window)
+                 below: float | None = None, window: int = 1, given_only: bool = False) -> None:
+        self._set_params(warmup=warmup, above=above, below=below, window=window,
+                         given_only=given_only)
         if above is None and below is None:
             raise ConfigError("start_ratio needs 'above', 'below' or both")
         if above is not None and below is not None and below >= above:
@@ -136,6 +146,8 @@ class StartRatio(Detector):
         if level is not None:
             self._start = level
             self._first.clear()
+        elif self.given_only and self._start is None:
+            return None   # only a measured level will do: silent until it is known
         return self.update(x, t)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

@@ -50,6 +50,10 @@ KNOBS: tuple[Knob, ...] = (
          "(the label entropy) is below the untrained loss by a task-dependent amount"),
     Knob("loss_near_untrained", "params.above", (0.7, 0.6, 0.8),
          "how close to its untrained level a dead network's loss sits (the label entropy)"),
+    Knob("loss_below_constant", "params.below", (0.85, 0.8, 0.9),
+         "how far below the best constant prediction's loss a network must sit to count as "
+         "alive (the veto of the dead-network rules; dead networks sit at 0.91-1.4x of it, "
+         "batch noise around that)"),
     Knob("loss_near_untrained", "params.window", (80, 40, 60),
          "how many steps of flat loss tell a dead network from a slow start"),
     Knob("eval_accuracy_frozen", "params.count", (3, 4, 5),

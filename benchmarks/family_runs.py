@@ -58,12 +58,13 @@ import torch
 from benchmarks import detection_runs as dr
 from benchmarks import families as fam
 from lrwatch.samples import Sample
-from lrwatch.untrained import UNTRAINED_BATCHES, measure_untrained_loss
+from lrwatch.untrained import (UNTRAINED_BATCHES, OutputShapes, measure_constant_loss,
+                               measure_untrained_loss)
 
 __all__ = ["RunSpec", "FAULT_KINDS", "EARLY_FAULTS", "EVAL_FAULTS", "record_run", "run_id",
            "spec_hash", "label_natural", "label_faulted", "TASKS", "FAMILIES"]
 
-FORMAT_VERSION = 3          # 3: step 1 carries untrained_loss (lrwatch.untrained)
+FORMAT_VERSION = 4          # 3: step 1 carries untrained_loss (lrwatch.untrained); 4: and constant_loss
 EVAL_EVERY = 10               # held-out evaluation every K steps (30 per run)
 NONFINITE_TAIL = 10
 SPIKE_WINDOW = 30
@@ -229,19 +230,23 @@ class _Recorder:
                 values["eval_accuracy"] = float(acc)
         self.model.train()
 
-    def untrained_loss(self) -> float:
+    def start_levels(self) -> tuple[float, float | None]:
         """What the Watcher measures before the first step (``lrwatch.untrained``): the
-        untouched model's mean loss on the first batches this run trains on (peeked, not
-        consumed; generators, buffers and the data order as they were)."""
+        untouched model's median loss on the first batches this run trains on (peeked, not
+        consumed; generators, buffers and the data order as they were), and the loss of the
+        best constant prediction on them (``None``: not measurable)."""
         n, b = self.data.n_train, self.batch
         batches = [self.data.batch(self.perm[k * b:(k + 1) * b])
                    for k in range(UNTRAINED_BATCHES) if (k + 1) * b <= n]
-        mean = measure_untrained_loss(self.model, batches,
-                                      lambda m, xy: self.task.loss(m(xy[0]), xy[1]))
-        return float("nan") if mean is None else float(mean)
+        loss_of = lambda m, xy: self.task.loss(m(xy[0]), xy[1])  # noqa: E731
+        outputs = OutputShapes()
+        median = measure_untrained_loss(self.model, batches, loss_of, outputs)
+        constant = measure_constant_loss(batches, loss_of, outputs)
+        return (float("nan") if median is None else float(median),
+                None if constant is None else float(constant))
 
     def step(self, step: int) -> dict[str, float]:
-        untrained = self.untrained_loss() if step == 1 else None
+        untrained, constant = self.start_levels() if step == 1 else (None, None)
         self.intervene(step)
         xb, yb = self.next_batch(step)
         params = [p for p in self.model.parameters()]
@@ -266,6 +271,8 @@ class _Recorder:
                                     "grad_norm": grad_norm}
         if untrained is not None:
             values["untrained_loss"] = untrained
+        if constant is not None:
+            values["constant_loss"] = constant
         if pnorm > 0:          # undefined on a zeroed network: not measured
             values["update_ratio"] = dnorm / pnorm
         acc = self.task.accuracy(out.detach(), yb)

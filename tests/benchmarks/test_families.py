@@ -179,14 +179,17 @@ def test_the_recorder_measures_the_untrained_loss_without_touching_the_run(tmp_p
     spec = fr.RunSpec(task="digits_cnn", optimizer="adam", schedule="constant", lr_mult=1.0,
                       seed=0)
     rec = fr._Recorder(spec)
-    want = rec.untrained_loss()
+    want, constant = rec.start_levels()
     fr.record_run(spec, tmp_path / "a.jsonl")
     rows = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
     assert rows[0]["untrained_loss"] == pytest.approx(want, rel=1e-6)
-    assert all("untrained_loss" not in r for r in rows[1:])
+    # ten digit classes in near-equal shares: the constant prediction scores about log(10)
+    assert constant is not None and rows[0]["constant_loss"] == pytest.approx(constant, rel=1e-6)
+    assert 2.1 < constant < 2.31
+    assert all("untrained_loss" not in r and "constant_loss" not in r for r in rows[1:])
     # the recorded run is the one recorded without measuring: same first losses as a recorder
     # that skips the measurement
     plain = fr._Recorder(spec)
-    plain.untrained_loss = lambda: float("nan")  # type: ignore[method-assign]
+    plain.start_levels = lambda: (float("nan"), None)  # type: ignore[method-assign]
     got = [plain.step(s)["loss"] for s in range(1, 6)]
     assert got == pytest.approx([r["loss"] for r in rows[:5]], rel=0, abs=0)

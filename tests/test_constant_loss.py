@@ -91,6 +91,18 @@ def test_it_is_not_measured_when_the_output_is_not_one_tensor_or_the_model_is_no
         m(b[0]) + m(b[0] * 2), b[1])) is None
 
 
+def _train(w: lrwatch.Watcher, model: nn.Module, opt: torch.optim.Optimizer, batches: list,
+           loss_of) -> None:  # type: ignore[no-untyped-def]
+    """The README's plain loop: the Watcher hands out the batches and logs every step."""
+    for b in w.batches(batches):
+        opt.zero_grad()
+        loss = loss_of(model, b)
+        loss.backward()
+        opt.step()
+        w.log(loss=loss)
+    w.close()
+
+
 def test_the_watcher_records_it_in_step_1_and_leaves_the_run_as_it_was() -> None:
     def ce(m: nn.Module, b: tuple) -> torch.Tensor:
         return nn.functional.cross_entropy(m(b[0]), b[1])
@@ -106,13 +118,7 @@ def test_the_watcher_records_it_in_step_1_and_leaves_the_run_as_it_was() -> None
         got: list[Sample] = []
         w = lrwatch.Watcher(model, opt, flush_every=4, probe_loss=probe, untrained_batches=4,
                             listeners=[got.append], rules=None, recovery=False)
-        for b in w.batches(batches):
-            opt.zero_grad()
-            loss = ce(model, b)
-            loss.backward()
-            opt.step()
-            w.log(loss=loss)
-        w.close()
+        _train(w, model, opt, batches, ce)
         finals.append([p.detach().clone() for p in model.parameters()])
         if probe is not None:
             c = got[0].values["constant_loss"]
@@ -140,13 +146,8 @@ def test_a_probe_loss_that_needs_the_real_model_leaves_it_unmeasured_and_uncount
     got: list[Sample] = []
     w = lrwatch.Watcher(model, opt, flush_every=2, probe_loss=uses_attribute, listeners=[got.append],
                         rules=None, recovery=False)
-    for b in w.batches([(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(9)]):
-        opt.zero_grad()
-        loss = uses_attribute(model, b)
-        loss.backward()
-        opt.step()
-        w.log(loss=loss)
-    w.close()
+    _train(w, model, opt, [(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(9)],
+           uses_attribute)
     assert "untrained_loss" in got[0].values and "constant_loss" not in got[0].values
     assert w.exporter.internal_errors._value.get() == 0
 

@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-__all__ = ["tensor_norms", "total_norm", "layer_of", "LayerIndex"]
+__all__ = ["tensor_norms", "total_norm", "drop_nonfinite", "layer_of", "LayerIndex"]
 
 
 def tensor_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -57,6 +57,33 @@ def _stack_on(norms: Sequence[torch.Tensor], device: torch.device) -> torch.Tens
     except RuntimeError:  # norms on several devices (a model split across GPUs)
         return torch.stack([n.to(device, non_blocking=True) for n in norms])
     return stacked if stacked.device == device else stacked.to(device, non_blocking=True)
+
+
+def drop_nonfinite(grads: Sequence[torch.Tensor], norm: torch.Tensor) -> torch.Tensor:
+    """Zero every gradient, in place and on the device, when ``norm`` (their total norm) is not
+    finite; returns the flag (1.0 when dropped) as a 0-d float32 tensor on ``norm``'s device.
+
+    The optimizer then takes a step on a zero gradient instead of writing NaN into every
+    parameter it touches (what ``GradScaler`` does for overflowing fp16 steps, without its
+    host sync). On a finite step the gradients are unchanged bit for bit: ``nan_to_num_`` leaves
+    finite values alone and they are multiplied by exactly 1. Costs one in-place pass per
+    gradient tensor and one fused multiply per (device, dtype) group (on CPU a 0-d-masked
+    ``masked_fill_`` measured five times slower).
+    """
+    keep = torch.isfinite(norm)
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+    for g in grads:
+        groups[(g.device, g.dtype)].append(g)
+    for (dev, dt), group in groups.items():
+        for g in group:
+            g.nan_to_num_(0.0, 0.0, 0.0)
+        factor = keep.to(device=dev, dtype=dt, non_blocking=True)
+        if hasattr(torch, "_foreach_mul_"):
+            torch._foreach_mul_(group, factor)
+        else:  # pragma: no cover - very old torch
+            for g in group:
+                g.mul_(factor)
+    return (~keep).to(torch.float32)
 
 
 def layer_of(name: str, depth: int = 1) -> str:

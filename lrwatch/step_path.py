@@ -117,6 +117,7 @@ class StepPath:
             self._internal_error("measuring gradients")
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self.recorder.step_done()
         if self._probing:
             return
         try:

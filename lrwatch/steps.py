@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .distributed import SQ_REP, SQ_SHARD, split_by_placement
-from .probe import LayerIndex, tensor_norms, total_norm
+from .probe import LayerIndex, drop_nonfinite, tensor_norms, total_norm
 from .samples import Sample
 
 __all__ = ["Row", "StepRecorder", "as_value", "materialise"]
@@ -73,6 +73,12 @@ class StepRecorder:
         Measure ||Δθ||/||θ|| on every k-th step (a parameter copy before those steps).
     scaler:
         A ``GradScaler`` whose loss scale is recorded.
+    guard:
+        What to do with a step whose gradient norm is not finite (the Watcher sets it from
+        ``RecoveryConfig.guard``): ``"skip"`` hands a fused optimizer the flag
+        (``optimizer.found_inf``) so its step is skipped on the device; ``"zero"`` zeroes the
+        gradient (:func:`~lrwatch.probe.drop_nonfinite`); ``None`` nothing. Either records
+        ``grad_dropped``.
     on_commit:
         Called after a row is complete; the Watcher flushes from there.
     """
@@ -88,6 +94,8 @@ class StepRecorder:
         self.update_ratio = update_ratio
         self.update_ratio_every = update_ratio_every
         self.scaler = scaler
+        self.guard: str | None = None
+        self._found_inf_set = False
         self.on_commit = on_commit
         self.rows: list[Row] = []       # committed rows waiting for the flush
         self.open: Row | None = None    # the row of the step in progress
@@ -137,12 +145,18 @@ class StepRecorder:
         if self.sharded:
             # Sums of squares, rank-local; added across ranks at the flush (one collective).
             rep, shard = split_by_placement(grads)  # type: ignore[arg-type]
+            local = []
             for prefix, part in ((SQ_REP, rep), (SQ_SHARD, shard)):
-                row.put(prefix + "grad_norm", total_norm(tensor_norms(part), self.device).square())
+                local.append(total_norm(tensor_norms(part), self.device).square())
+                row.put(prefix + "grad_norm", local[-1])
             norms = []
+            norm = local[0] + local[1]   # rank-local: each rank guards its own shard
         else:
             norms = tensor_norms(grads)  # type: ignore[arg-type]
-            row.put("grad_norm", total_norm(norms, self.device))
+            norm = total_norm(norms, self.device)
+            row.put("grad_norm", norm)
+        if self.guard and grads and not skipped:
+            self._guard_step(row, grads, norm)
         if self.layers is not None and norms:
             per = self.layers.per_layer(params, norms, self.device)
             for i, label in enumerate(self.layers.labels):
@@ -157,6 +171,27 @@ class StepRecorder:
                 row.put("loss_scale", scale.detach().reshape(()).float().clone())
         if skipped:
             row.host["skipped"] = 1.0
+
+    def _guard_step(self, row: Row, grads: list[Any], norm: torch.Tensor) -> None:
+        """Keep a step with a non-finite gradient off the parameters, on the device."""
+        if self.guard == "zero":
+            row.put("grad_dropped", drop_nonfinite(grads, norm))
+            return
+        flag = (~torch.isfinite(norm)).to(torch.float32)
+        if getattr(self.optimizer, "found_inf", None) is not None:
+            return   # a GradScaler the Watcher was not given handed the step its own flag
+        self.optimizer.found_inf = flag   # the fused step skips itself (as under GradScaler)
+        self._found_inf_set = True
+        row.put("grad_dropped", flag)
+
+    def step_done(self) -> None:
+        """After the optimizer's step: take the flag handed to a fused step back."""
+        if self._found_inf_set:
+            self._found_inf_set = False
+            try:
+                del self.optimizer.found_inf
+            except AttributeError:
+                pass
 
     def finish_step(self, step: int) -> tuple[Row, float | None]:
         """Record that the optimizer step ``step`` happened: rates, momenta, the step time.

@@ -52,7 +52,8 @@ from .step_path import StepPath
 from .steps import as_value, materialise
 from .untrained import (UNTRAINED_BATCHES, OutputShapes, check_untrained_batches,
                         measure_constant_loss, measure_untrained_loss)
-from .wiring import action_params, build_best, build_recorder, check_args, check_probe, rule_set
+from .wiring import (action_params, build_best, build_recorder, check_args, check_probe,
+                     guard_mode, rule_set)
 
 __all__ = ["Watcher", "Listener", "RecoveryConfig", "BestEval", "rank_trace_path"]
 
@@ -221,6 +222,7 @@ class Watcher(PlanExecutor, StepPath):
                                on_error=self.exporter.count_error)
         self._evals = BestKeeper(self.best, model, on_error=self._internal_error)
         self._setup_executor(probe_loss, check_probe(self.recovery, probe_loss))
+        self.recorder.guard = guard_mode(self.recovery, optimizer, scaler)
         self._attach_step_hooks(step_hooks)
 
     def _setup_outputs(self, registry: CollectorRegistry | None, port: int | None, host: str,
@@ -306,7 +308,9 @@ class Watcher(PlanExecutor, StepPath):
         """Yield the batches of ``iterable``, acting on lrwatch's decisions between them.
 
         After a rollback it drops the configured window of batches (``skip_batches``); after a
-        ``stop`` it ends the loop. ``data_position`` counts the batches drawn, and snapshots
+        rollback for a sudden failure it first yields again the batches drawn since the
+        snapshot, less the failure's (``RecoveryConfig.replay``); after a ``stop`` it ends the
+        loop. ``data_position`` counts the batches drawn, and snapshots
         record it.
         """
         self._boundary_kind = "batches"
@@ -316,12 +320,18 @@ class Watcher(PlanExecutor, StepPath):
             iterable = self._lr_check(iter(iterable))
         for batch in iterable:
             self._boundary("batches")
+            while not self.should_stop:   # a rollback after a bad batch: its batches again
+                due, again = self._replay.next()
+                if not due:
+                    break
+                self._hold(again)
+                yield again
+                self._boundary("batches")
             if self.should_stop:
                 return
             if self.skip_batch():
                 continue
-            if self._recent is not None:
-                self._recent.append(batch)
+            self._hold(batch)
             yield batch
         self._safe_point()
 

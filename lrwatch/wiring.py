@@ -107,6 +107,19 @@ def build_recorder(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dis
                         scaler=scaler, on_commit=on_commit)
 
 
+def guard_mode(recovery: Any, optimizer: torch.optim.Optimizer, scaler: Any) -> str | None:
+    """How the step path keeps a non-finite gradient off the parameters
+    (``RecoveryConfig.guard``): ``"skip"`` (a fused optimizer skips the step itself, for
+    free), ``"zero"`` (the gradient is zeroed: ``guard="on"`` with any other optimizer) or
+    ``None`` (no recovery, ``guard="off"``, or a ``GradScaler``, which skips those steps)."""
+    if recovery is None or recovery.guard == "off" or scaler is not None:
+        return None
+    groups = optimizer.param_groups
+    if groups and all(g.get("fused") for g in groups):
+        return "skip"
+    return "zero" if recovery.guard == "on" else None
+
+
 def action_params(rules: Sequence[Any]) -> dict[str, Any]:
     """The rules' action parameters by rule name (checked: a bad one raises ConfigError)."""
     check_action_params(rules)

@@ -114,24 +114,33 @@ def fsdp_norm(rank: int, world: int, store: str, out: str) -> None:
     finish()
 
 
+def _mse_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+              *, nan: bool) -> torch.Tensor:
+    """One optimizer step on the MSE loss, NaN if ``nan``; the loss."""
+    opt.zero_grad()
+    loss = nn.functional.mse_loss(model(x), y)
+    if nan:
+        loss = loss * float("nan")
+    loss.backward()
+    opt.step()
+    return loss
+
+
 def nan_rollback(rank: int, world: int, store: str, out: str) -> None:
     init(rank, world, store)
     model = nn.parallel.DistributedDataParallel(_model())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.01 * s))
     w = lrwatch.Watcher(model, opt, sched, flush_every=5,
-                        recovery={"good_after": 10, "min_interval": 5})
+                        recovery={"guard": "off", "good_after": 10, "min_interval": 5})
     events: list[dict[str, Any]] = []
     w.add_listener(lambda s: events.extend(e for e in s.events if "engine_state" not in e
                                            or e.pop("engine_state", None) is not None or True))
     for step in range(60):
         x, y = _global_batch(step)
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(_mine(x, rank, world)), _mine(y, rank, world))
-        if rank == world - 1 and sched.last_epoch == 37:
-            loss = loss * float("nan")  # only the last rank sees it
-        loss.backward()
-        opt.step()
+        # only the last rank sees the NaN
+        loss = _mse_step(model, opt, _mine(x, rank, world), _mine(y, rank, world),
+                         nan=rank == world - 1 and sched.last_epoch == 37)
         sched.step()
         w.log(loss=loss)
     w.close()
@@ -142,6 +151,38 @@ def nan_rollback(rank: int, world: int, store: str, out: str) -> None:
         "weights_sum": float(flat.double().sum()), "weights": flat.tolist()[:50],
         "finite": bool(torch.isfinite(flat).all()), "sched_step": sched.last_epoch,
         "lr": opt.param_groups[0]["lr"]})
+    finish()
+
+
+def nan_replay(rank: int, world: int, store: str, out: str) -> None:
+    """A NaN batch on the last rank under DDP, through ``watch.batches``: every rank replays
+    the same number of its own batches, though the first rank may hold far fewer."""
+    init(rank, world, store)
+    model = nn.parallel.DistributedDataParallel(_model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    shard = 16 // world * (12 + 1) * 4                 # the bytes of one rank's batch
+    mb = (3.5 if rank == 0 else 1000) * shard / 2 ** 20
+    w = lrwatch.Watcher(model, opt, flush_every=5,
+                        recovery={"guard": "off",
+                                  "good_after": 10, "min_interval": 5, "replay_mb": mb,
+                                  "replay": True})
+    events: list[dict[str, Any]] = []
+    w.add_listener(lambda s: events.extend(e for e in s.events if e.get("type") == "rollback"))
+
+    def stream() -> Any:
+        for i in range(70):
+            x, y = _global_batch(i)
+            yield i, _mine(x, rank, world), _mine(y, rank, world)
+
+    seen = []
+    for i, x, y in w.batches(stream()):
+        seen.append(i)
+        w.log(loss=_mse_step(model, opt, x, y, nan=rank == world - 1 and i == 41))
+    w.close()
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    _write(out, rank, {
+        "rollbacks": [(e["step"], e["to_step"], e.get("replay_drop")) for e in events],
+        "seen": seen, "weights": flat.tolist(), "finite": bool(torch.isfinite(flat).all())})
     finish()
 
 

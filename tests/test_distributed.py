@@ -55,6 +55,18 @@ def test_nan_on_one_rank_rolls_every_rank_back_to_the_same_step(tmp_path: Path,
         assert r["sched_step"] == first["sched_step"] and r["lr"] == first["lr"]
 
 
+def test_ddp_replay_after_a_nan_batch_stays_in_lock_step(tmp_path: Path) -> None:
+    results = _spawn(dw.nan_replay, 2, tmp_path)
+    first = results[0]
+    assert len(first["rollbacks"]) == 1 and first["rollbacks"][0][2] is not None
+    seen = first["seen"]
+    back = next(i for i in range(1, len(seen)) if seen[i] < seen[i - 1])
+    assert 1 <= len([b for b in seen[back:] if b < seen[back - 1]]) <= 3  # rank 0 held 3
+    for r in results:
+        assert r["rollbacks"] == first["rollbacks"] and r["seen"] == seen
+        assert r["finite"] and r["weights"] == first["weights"]
+
+
 @pytest.mark.prometheus
 def test_per_rank_export_scraped_by_prometheus(prometheus_factory: Callable[..., PrometheusServer],
                                                tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ def _firings_from_trace_events(samples: list[Sample]) -> list[tuple[str, int, st
 
 
 @pytest.mark.parametrize("measured", [False, True])
-@pytest.mark.parametrize("inject", ["none", "lr-bug", "nan"])
+@pytest.mark.parametrize("inject", ["none", "lr-bug", "nan", "nan-dropped"])
 def test_replay_of_a_live_trace_gives_the_live_firings(tmp_path: Path, inject: str,
                                                        measured: bool) -> None:
     # measured: the Watcher measures the untrained loss (probe_loss, watch.batches), and the
@@ -38,7 +38,10 @@ def test_replay_of_a_live_trace_gives_the_live_firings(tmp_path: Path, inject: s
         return nn.functional.mse_loss(m(x[idx]).squeeze(1), y[idx])
 
     w = lrwatch.Watcher(model, opt, sched, trace=trace, flush_every=7, listeners=[seen.append],
-                        recovery={"good_after": 20, "min_interval": 10},
+                        recovery={"good_after": 20, "min_interval": 10,
+                                  # "nan": the step is applied and rolled back; "nan-dropped":
+                                  # the guard drops it on the device, nothing rolls back
+                                  "guard": "off" if inject == "nan" else "on"},
                         probe_loss=batch_loss if measured else None)
     g = torch.Generator().manual_seed(1)
     order = [torch.randint(0, 256, (32,), generator=g) for _ in range(200)]
@@ -50,7 +53,7 @@ def test_replay_of_a_live_trace_gives_the_live_firings(tmp_path: Path, inject: s
                 group["lr"] *= 200
         opt.zero_grad()
         loss = nn.functional.mse_loss(model(x[idx]).squeeze(1), y[idx])
-        if inject == "nan" and s == 90:
+        if inject.startswith("nan") and s == 90:
             loss = loss * float("nan")
         loss.backward()
         opt.step()
@@ -60,7 +63,9 @@ def test_replay_of_a_live_trace_gives_the_live_firings(tmp_path: Path, inject: s
     live = _firings_from_trace_events(seen)
     if inject != "none":
         assert live, "the injected fault must fire a rule"
-        assert w.policy.rollbacks >= 1
+        assert w.policy.rollbacks >= (inject != "nan-dropped")
+        if inject.startswith("nan"):
+            assert w.policy.state.drops_handled == (inject == "nan-dropped")
     assert ("untrained_loss" in seen[0].values) == measured
     replayed = replay_trace(trace, load_pack("training"))
     assert replayed.error is None

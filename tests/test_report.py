@@ -41,7 +41,8 @@ def _record_run(path: Path, *, nan_at: int | None, steps: int = 120, seed: int =
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=40, gamma=0.5)
     w = torch.randn(8, 1)
     with lrwatch.Watcher(model, opt, sched, trace=str(path), flush_every=5,
-                         update_ratio=True, recovery={"good_after": 10, "min_interval": 5}) as watch:
+                         update_ratio=True, recovery={"guard": "off",
+                                                      "good_after": 10, "min_interval": 5}) as watch:
         for x in watch.batches(torch.randn(10_000, 32, 8)):
             if sched.last_epoch >= steps:
                 break

@@ -209,7 +209,7 @@ class TrainingExporter:
                 v = s.values
                 if v.get("nonfinite_loss") or v.get("nonfinite_grad"):
                     self.nonfinite_steps.inc()
-                if v.get("skipped"):
+                if v.get("skipped") or v.get("grad_dropped"):
                     self.skipped_steps.inc()
                 loss = v.get("loss")
                 if loss is not None and math.isfinite(loss):

@@ -28,6 +28,7 @@ from ..actions.rollback import scale_learning_rate
 from ..actions.snapshot import Snapshot, restore_state
 from .policy import CONTROL_ACTIONS, EXIT_BUDGET, Plan, Progress, SnapshotInfo
 from .probe import check_cost, check_rate, configured_rate, probe_rate
+from .replay import ReplayBuffer
 
 __all__ = ["PlanExecutor"]
 
@@ -83,13 +84,18 @@ class PlanExecutor:
         self._late_records: list[dict[str, Any]] = []  # events that happened after a flush
         self._recent: deque[Any] | None = (
             deque(maxlen=self.recovery.probe_steps) if probe else None)
+        rc = self.recovery
+        self._replay = ReplayBuffer(int(rc.replay_mb * 2 ** 20) if rc is not None and rc.replay
+                                    else 0)
         self.policy.probe_available = probe
 
-    def _progress(self, step: int | None = None) -> Progress:
-        """The run as the policy needs to see it: the step and the snapshots held."""
+    def _progress(self, step: int | None = None, samples: Sequence[Any] = ()) -> Progress:
+        """The run as the policy needs to see it: the step, the snapshots held, and the steps
+        of ``samples`` whose non-finite gradient was dropped."""
         snaps = [SnapshotInfo(x.step, x.good, x.pinned)
                  for x in (self.store.snapshots if self.store is not None else ())]
-        return Progress(self.step if step is None else step, snaps)
+        dropped = [s.step for s in samples if s.values.get("grad_dropped", 0.0) >= 0.5]
+        return Progress(self.step if step is None else step, snaps, dropped)
 
     def _plan(self, events: Sequence[Any], progress: Progress) -> list[Plan]:
         """The policy's plans for one flush; when they end a probation (the run got past its
@@ -105,13 +111,21 @@ class PlanExecutor:
         """Plan for one flush's rule events and queue the plans; the flush's samples carry
         what was done in the trace (what happened since the last flush first)."""
         records: list[dict[str, Any]] = []
-        plans = self._plan(events, self._progress(samples[-1].step if samples else None))
+        plans = self._plan(events, self._progress(samples[-1].step if samples else None,
+                                                  samples))
         self._queue(plans, records)
         if self._late_records and samples:
             samples[0] = replace(samples[0], events=tuple(self._late_records) + samples[0].events)
             self._late_records = []
         if records and samples:
-            samples[-1] = replace(samples[-1], events=samples[-1].events + tuple(records))
+            # a dropped step is told at its own step, beside the firings it answers
+            at = {x.step: i for i, x in enumerate(samples)}
+            for rec in [r for r in records if r["type"] == "dropped" and r["step"] in at]:
+                i = at[rec["step"]]
+                samples[i] = replace(samples[i], events=samples[i].events + (rec,))
+                records.remove(rec)
+            if records:
+                samples[-1] = replace(samples[-1], events=samples[-1].events + tuple(records))
         if self._pending and self.engine is not None:
             # Restore the detectors' view of the run at the target now, so replay (which reads
             # the engine state from the event) and live stay identical.
@@ -140,6 +154,8 @@ class PlanExecutor:
                 rec["engine_state"] = target.extra.get("engine_state")
             if p.action == "rollback":
                 rec["lr_factor"] = p.lr_factor
+                if p.replay_drop is not None:
+                    rec["replay_drop"] = list(p.replay_drop)
                 if p.warmup:
                     rec["warmup"] = p.warmup
                 if p.restart:
@@ -158,6 +174,9 @@ class PlanExecutor:
             self.exporter.actions.labels(p.action).inc()
             if p.action == "lr_recover":   # the policy ramps the rate back; nothing to restore
                 log.warning("lrwatch: step %d: %s", self.step, p.describe(0, 0), extra=_EVENT)
+                continue
+            if p.action == "dropped":   # the step path already dropped it; nothing to do
+                log.warning("lrwatch: step %d: %s", p.step, p.describe(0, 0), extra=_EVENT)
                 continue
             self._pending.append((p, target))
 
@@ -222,8 +241,10 @@ class PlanExecutor:
             self.store.discard_pending()
             self._skip_remaining += p.skip_batches
             self.exporter.rollbacks.inc()
+            agree = (lambda n: min(self.dist.gather(n))) if self.dist.active else None
             said = p.describe(self.recovery.max_rollbacks,  # type: ignore[union-attr]
                               self.policy.rollbacks)
+            said += self._replay.begin(target.step, p.replay_drop, agree)
             log.warning("lrwatch: %s at step %d: %s", p.rule, p.step, said, extra=_EVENT)
             kind = "restart" if p.restart else "rollback"
             self._fire_action_alert(
@@ -235,11 +256,20 @@ class PlanExecutor:
                  "max_rollbacks": str(self.recovery.max_rollbacks),  # type: ignore[union-attr]
                  "reason": p.reason})
         else:
+            self._replay.forget()
             self.store.discard_pending(after_step=target.step)
             self.exporter.skipped_steps.inc(max(1, self.step - target.step))
             log.warning("lrwatch: %s at step %d: undid steps %d..%d", p.rule, p.step,
                         target.step + 1, self.step, extra=_EVENT)
         self._snaps.forget_awaiting()
+
+    def _hold(self, batch: Any) -> None:
+        """Keep a batch ``batches()`` yields for a replay (and a range test)."""
+        if self._recent is not None:
+            self._recent.append(batch)
+        if self._replay.max_bytes > 0 and self.store is not None:
+            oldest = min((x.step for x in self.store.snapshots if not x.pinned), default=None)
+            self._replay.hold(self.step + 1, batch, oldest)
 
     def _probe(self, p: Plan, at: int) -> Plan:
         """Measure the rate for ``p`` with a range test from the restored state; the policy

@@ -49,7 +49,8 @@ def test_rollback_alert_arrives_and_resolves_when_the_probation_passes(
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     w = lrwatch.Watcher(model, opt, flush_every=1, run_name="action-alerts",
                         alertmanager=alertmanager.url,
-                        recovery={"good_after": 3, "min_interval": 3, "cooldown": 0})
+                        recovery={"guard": "off",
+                                  "good_after": 3, "min_interval": 3, "cooldown": 0})
     it = w.batches(range(10_000))
     nan_at = {20}
     _train_to(w, 22, nan_at, it)
@@ -85,7 +86,7 @@ def test_spent_budget_is_announced_and_stays_firing(alertmanager: AlertmanagerSe
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     w = lrwatch.Watcher(model, opt, flush_every=1, run_name="budget-run",
                         alertmanager=alertmanager.url,
-                        recovery={"good_after": 3, "min_interval": 3, "cooldown": 0,
+                        recovery={"guard": "off", "good_after": 3, "min_interval": 3, "cooldown": 0,
                                   "max_rollbacks": 1})
     it = w.batches(range(10_000))
     _train_to(w, 60, {20, 24}, it)
@@ -138,7 +139,8 @@ def test_without_a_sink_actions_send_nothing() -> None:
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     w = lrwatch.Watcher(model, opt, flush_every=1,
-                        recovery={"good_after": 3, "min_interval": 3, "cooldown": 0})
+                        recovery={"guard": "off",
+                                  "good_after": 3, "min_interval": 3, "cooldown": 0})
     _train_to(w, 40, {20}, w.batches(range(10_000)))
     w.close()
     assert w.sender is None and w._action_alerts == {}

@@ -251,6 +251,176 @@ def test_skipped_batches_are_exactly_the_configured_window(tmp_path: Path) -> No
     assert r["w"].skipped_batches == 4
 
 
+def test_a_sudden_failure_replays_the_batches_since_the_snapshot_but_its_own(
+        tmp_path: Path) -> None:
+    r = _run(tmp_path, steps=40, poison_from=15, recovery={"min_interval": 5,
+                                                           "max_interval": 5, "replay": True})
+    w, batches = r["w"], r["batches"]
+    (rb,) = [e for s in r["trace"] for e in s.events if e.get("type") == "rollback"]
+    assert rb["lr_factor"] == 1.0 and rb["replay_drop"] == [rb["step"] - 9, rb["step"]]
+    lo, hi = rb["replay_drop"]
+    # batch b is trained at step b + 1 until the rollback; then the ones drawn after the
+    # snapshot and outside the failure's window come again, in order, then new ones
+    back = next(i for i in range(1, len(batches)) if batches[i] < batches[i - 1])
+    replayed = [b for b in range(rb["to_step"], back) if not lo <= b + 1 <= hi]
+    assert replayed  # (the test needs a snapshot some steps before the window)
+    assert batches[back:back + len(replayed)] == replayed
+    assert batches[back + len(replayed)] == back     # the batch drawn before the rollback
+    assert all(b2 == b1 + 1 for b1, b2 in zip(batches[back + len(replayed):],
+                                               batches[back + len(replayed) + 1:]))
+    assert w.policy.rollbacks == 1 and w.skipped_batches == 0
+
+
+def _nonfinite_rules(tmp_path: Path) -> str:
+    rules = tmp_path / "nonfinite.yml"
+    rules.write_text("""
+version: 1
+rules:
+  - name: nonfinite
+    metric: loss
+    detector: nonfinite
+    severity: critical
+    actions: [rollback]
+    annotations: {summary: "loss is {value} at step {step}", description: "test rule"}
+""")
+    return str(rules)
+
+
+def test_replay_after_a_nan_batch_trains_exactly_as_a_run_without_that_batch(
+        tmp_path: Path) -> None:
+    def model_opt() -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(3)
+        m = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 2))
+        return m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+
+    def step(m: nn.Module, o: torch.optim.Optimizer, b: int, bad: bool) -> torch.Tensor:
+        x, y = _data(b)
+        loss = nn.functional.cross_entropy(m(x), y)
+        if bad:
+            loss = loss * float("nan")
+        o.zero_grad()
+        loss.backward()
+        o.step()
+        return loss.detach()
+
+    nan_at, n = 33, 60
+    model, opt = model_opt()
+    w = lrwatch.Watcher(model, opt, rules=_nonfinite_rules(tmp_path), flush_every=4,
+                        recovery={"good_after": 5, "min_interval": 5, "cooldown": 0,
+                                  "replay": True,
+                                  "guard": "off"})   # (the guard would drop it: no rollback)
+    seen = []
+    for b in w.batches(iter(range(n))):
+        seen.append(b)
+        w.log(loss=step(model, opt, b, bad=b == nan_at))
+    w.close()
+    assert w.policy.rollbacks == 1 and seen.count(nan_at) == 1
+    clean, copt = model_opt()
+    for b in range(n):
+        if b != nan_at:
+            step(clean, copt, b, bad=False)
+    for p, q in zip(model.parameters(), clean.parameters()):
+        assert torch.equal(p, q)
+
+
+def _sgd_run(tmp_path: Path, nan_at: set[int], recovery: dict[str, Any] | None,
+             n: int = 60, fused: bool = False) -> tuple[lrwatch.Watcher | None, nn.Module]:
+    """Plain SGD (a zero gradient changes nothing) over batches 0..n-1; the loss of the
+    batches in ``nan_at`` is NaN. ``recovery=None``: bare, without those batches."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, **({"fused": True} if fused else {}))
+    w = (lrwatch.Watcher(model, opt, rules=_nonfinite_rules(tmp_path), flush_every=4,
+                         trace=tmp_path / "guard.jsonl",
+                         recovery={"good_after": 5, "min_interval": 5, **recovery})
+         if recovery is not None else None)
+    for b in (w.batches(iter(range(n))) if w else iter(range(n))):
+        if w is None and b in nan_at:
+            continue
+        x, y = _data(b)
+        loss = nn.functional.cross_entropy(model(x), y)
+        if b in nan_at:
+            loss = loss * float("nan")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if w is not None:
+            w.log(loss=loss.detach())
+    if w is not None:
+        w.close()
+    return w, model
+
+
+@pytest.mark.parametrize("fused,guard", [(True, "auto"), (False, "on")])
+def test_a_nonfinite_gradient_is_dropped_on_the_device_and_nothing_rolls_back(
+        tmp_path: Path, fused: bool, guard: str) -> None:
+    # a fused optimizer skips the step itself (the default, free); any other has its gradient
+    # zeroed (guard="on")
+    w, model = _sgd_run(tmp_path, {33}, {"guard": guard}, fused=fused)
+    assert w is not None and w.policy.rollbacks == 0 and w.policy.state.drops_handled == 1
+    events = [e for s in read_trace(tmp_path / "guard.jsonl") for e in s.events]
+    acts = [(e["type"], e["step"]) for e in events if e.get("type") not in (None, "firing",
+                                                                              "resolved")]
+    assert acts == [("dropped", 34)]
+    _, clean = _sgd_run(tmp_path, {33}, None)     # the same run without batch 33
+    for p, q in zip(model.parameters(), clean.parameters()):
+        assert torch.equal(p, q)
+    assert "lrwatch_skipped_steps_total 1.0" in generate_latest(w.registry).decode()
+    # with the guard off (or "auto" with an optimizer that is not fused), the NaN reaches
+    # the parameters and the rule rolls back
+    off, _ = _sgd_run(tmp_path, {33}, {"guard": "off" if fused else "auto"}, fused=fused)
+    assert off is not None and off.policy.rollbacks == 1
+
+
+def test_nonfinite_gradients_in_a_row_are_a_failure_that_rolls_back(tmp_path: Path) -> None:
+    w, model = _sgd_run(tmp_path, {33, 34, 35, 36}, {}, fused=True)
+    assert w is not None and w.policy.rollbacks >= 1
+    rb = [e for s in read_trace(tmp_path / "guard.jsonl") for e in s.events
+          if e.get("type") == "rollback"]
+    # the second drop within good_after steps: not out of a quiet stretch, so an ordinary
+    # rollback with a cut and new batches
+    assert (rb[0]["rule"], rb[0]["step"], rb[0]["lr_factor"]) == ("nonfinite_repeated", 35, 0.5)
+    assert "replay_drop" not in rb[0]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_the_guard_leaves_finite_steps_untouched_bit_for_bit(tmp_path: Path) -> None:
+    runs = []
+    for guard, fused in (("on", False), ("off", False), ("auto", True), ("off", True)):
+        torch.manual_seed(5)
+        model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 2))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=fused)
+        w = lrwatch.Watcher(model, opt, flush_every=5, recovery={"guard": guard})
+        for b in range(40):
+            x, y = _data(b)
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.log(loss=loss.detach())
+        w.close()
+        assert not hasattr(opt, "found_inf")   # the flag handed to a fused step is taken back
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+    assert all(torch.equal(a, b) for a, b in zip(runs[2], runs[3]))
+
+
+def test_the_guard_leaves_a_flag_someone_else_handed_the_step_alone() -> None:
+    # a GradScaler the Watcher was not told about sets optimizer.found_inf itself
+    model = nn.Sequential(nn.Linear(6, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+    w = lrwatch.Watcher(model, opt, flush_every=1)
+    theirs = torch.tensor(0.0)
+    x, y = _data(0)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.found_inf = theirs
+    opt.step()
+    assert opt.found_inf is theirs
+    del opt.found_inf
+    w.log(loss=1.0)
+    w.close()
+
+
 def test_budget_stops_the_run_cleanly(tmp_path: Path) -> None:
     snapdir = tmp_path / "snaps"
     r = _run(tmp_path, steps=200, poison_from=10, poison_to=10**9,
@@ -282,11 +452,12 @@ def test_reduce_lr_scales_without_restoring(tmp_path: Path) -> None:
     assert lrs[-1][1] == pytest.approx(0.5 * 0.1 / (1 + 0.1 * lrs[-1][0]), rel=1e-12)
 
 
-def test_nonfinite_gradient_is_undone_with_default_rules(tmp_path: Path) -> None:
+@pytest.mark.parametrize("guard", ["on", "off"])
+def test_nonfinite_gradient_is_undone_with_default_rules(tmp_path: Path, guard: str) -> None:
     model = _model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     w = lrwatch.Watcher(model, opt, flush_every=1,
-                        recovery={"good_after": 3, "min_interval": 3})
+                        recovery={"good_after": 3, "min_interval": 3, "guard": guard})
     bad_step = 20
     for i in range(40):
         x, y = _data(i)
@@ -300,7 +471,9 @@ def test_nonfinite_gradient_is_undone_with_default_rules(tmp_path: Path) -> None
         # After every log the run is at a safe point: no NaN ever persists in the weights.
         assert all(torch.isfinite(p).all() for p in model.parameters()), f"NaN after step {i}"
     w.close()
-    assert w.policy.rollbacks == 1
+    # the guard drops the step on the device (nothing to undo); without it, a rollback
+    assert w.policy.rollbacks == (guard == "off")
+    assert w.policy.state.drops_handled == (guard != "off")
     assert "lrwatch_nonfinite_steps_total 1.0" in generate_latest(w.registry).decode()
 
 
@@ -365,7 +538,8 @@ def test_rollback_held_by_the_cooldown_is_not_lost_at_close(tmp_path: Path) -> N
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     w = lrwatch.Watcher(model, opt, flush_every=1,
-                        recovery={"good_after": 3, "min_interval": 3, "cooldown": 1000})
+                        recovery={"guard": "off",
+                                  "good_after": 3, "min_interval": 3, "cooldown": 1000})
     for i in range(30):
         x, y = _data(i)
         opt.zero_grad()

@@ -160,7 +160,8 @@ def test_injected_divergence_is_rolled_back_and_the_run_finishes_healthy(tmp_pat
 
 
 def test_budget_uses_lightning_stop(tmp_path: Path) -> None:
-    cb = LrwatchCallback(flush_every=1, recovery={"good_after": 3, "min_interval": 3,
+    cb = LrwatchCallback(flush_every=1, recovery={"guard": "off",
+                                                  "good_after": 3, "min_interval": 3,
                                                   "cooldown": 0, "max_rollbacks": 2})
     trainer = _trainer(tmp_path, [cb], max_steps=200)
     trainer.fit(TinyMLP(sched=False, nan_from=20), _loader())

@@ -135,7 +135,8 @@ def test_poisoned_batch_is_rolled_back_and_the_run_finishes_healthy(tmp_path: Pa
     trace = tmp_path / "run.jsonl"
     model = _model()
     cb = LrwatchCallback(trace=str(trace), flush_every=2,
-                         recovery={"good_after": 4, "min_interval": 5, "cooldown": 0,
+                         recovery={"guard": "off",
+                                   "good_after": 4, "min_interval": 5, "cooldown": 0,
                                    "skip_batches": 2})
     trainer = _train(tmp_path, cb, [Poison(model, {25})], model=model, max_steps=60)
     w = cb.watcher
@@ -156,7 +157,8 @@ def test_poisoned_batch_is_rolled_back_and_the_run_finishes_healthy(tmp_path: Pa
 @pytest.mark.slow
 def test_budget_uses_the_trainer_stop(tmp_path: Path) -> None:
     model = _model()
-    cb = LrwatchCallback(flush_every=1, recovery={"good_after": 3, "min_interval": 3,
+    cb = LrwatchCallback(flush_every=1, recovery={"guard": "off",
+                                                  "good_after": 3, "min_interval": 3,
                                                   "cooldown": 0, "max_rollbacks": 2})
     trainer = _train(tmp_path, cb, [Poison(model, set(range(20, 400, 12)))], model=model,
                      max_steps=300)
@@ -169,7 +171,8 @@ def test_budget_uses_the_trainer_stop(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_resume_from_trainer_checkpoint_keeps_lrwatch_state(tmp_path: Path) -> None:
     model = _model()
-    cb = LrwatchCallback(flush_every=2, recovery={"good_after": 4, "min_interval": 5,
+    cb = LrwatchCallback(flush_every=2, recovery={"guard": "off",
+                                                  "good_after": 4, "min_interval": 5,
                                                   "cooldown": 0})
     _train(tmp_path, cb, [Poison(model, {18})], model=model, max_steps=30,
            save_strategy="steps", save_steps=30)

@@ -34,8 +34,8 @@ def control(plans: list[Plan]) -> list[Plan]:
 
 
 def test_policy_imports_no_torch() -> None:
-    code = ("import sys, lrwatch.recovery.policy, lrwatch.actions.policy; "
-            "assert 'torch' not in sys.modules")
+    code = ("import sys, lrwatch.recovery.policy, lrwatch.recovery.replay, "
+            "lrwatch.actions.policy; assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -269,3 +269,120 @@ def test_a_sudden_finite_spike_goes_back_before_its_onset_and_keeps_the_rate() -
     pol2.plan([fire("loss_shift", 145, ("alert",), "warning")], Progress(145, s))
     (q,) = control(pol2.plan([fire("loss_blowup", 150)], Progress(150, s)))
     assert (q.target, q.lr_factor) == (100, 0.5)
+
+
+def test_a_sudden_failure_replays_its_batches_but_those_of_its_window() -> None:
+    s = snaps(100) + [SnapshotInfo(140, False)]
+    nan = fire("nonfinite", 150)
+    nan.value = float("nan")
+    spike = fire("loss_blowup", 150)
+    for event, drop in ((nan, (150, 150)), (spike, (141, 150))):
+        pol = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0, replay=True))
+        pol.promoted([SnapshotInfo(100, True)])
+        (p,) = control(pol.plan([event], Progress(152, s)))
+        assert p.target == 140 and p.replay_drop == drop
+    off = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0))   # the default: off
+    off.promoted([SnapshotInfo(100, True)])
+    (q,) = control(off.plan([nan], Progress(152, s)))
+    assert q.target == 140 and q.replay_drop is None
+    # not sudden (the run never proved healthy): new batches, as after any other rollback
+    fresh = RecoveryPolicy(RecoveryConfig(good_after=10, replay=True))
+    (r,) = control(fresh.plan([nan], Progress(152, s)))
+    assert r.replay_drop is None
+
+
+def test_the_replay_buffer_holds_what_a_rollback_can_replay_within_its_bytes() -> None:
+    from lrwatch.recovery.replay import ReplayBuffer, batch_bytes
+
+    class T:   # a tensor as the buffer sees one
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def nelement(self) -> int:
+            return self.n
+
+        def element_size(self) -> int:
+            return 4
+
+    assert batch_bytes((T(10), {"y": [T(5), "label"]})) == 60
+    buf = ReplayBuffer(max_bytes=400)
+    for step in range(1, 21):
+        buf.hold(step, (step, T(10)), oldest_target=None)
+    assert len(buf) == 10 and buf.held_bytes == 400   # the newest ten fit
+    buf.hold(21, (21, T(10)), oldest_target=15)       # nothing at or before a target
+    assert [b[0] for b in buf.replayable(15, (18, 19))] == [16, 17, 20, 21]
+    buf.start(buf.replayable(15, (18, 19)))
+    assert len(buf) == 0 and buf.pending == 4
+    assert [buf.next()[1][0] for _ in range(4)] == [16, 17, 20, 21]
+    assert buf.next() == (False, None)
+    assert len(ReplayBuffer(0)) == 0
+    off = ReplayBuffer(0)
+    off.hold(1, T(1))
+    assert len(off) == 0
+
+
+def test_replay_settings_are_checked() -> None:
+    from lrwatch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="replay_mb"):
+        RecoveryConfig(replay_mb=-1)
+    with pytest.raises(ConfigError, match="replay must be"):
+        RecoveryConfig(replay="yes")  # type: ignore[arg-type]
+
+
+def test_a_dropped_nonfinite_gradient_rolls_nothing_back_unless_it_repeats() -> None:
+    pol = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0))
+    pol.promoted([SnapshotInfo(100, True)])
+    s = snaps(100, 140)
+    nan = fire("nonfinite", 150, actions=("rollback", "alert"))
+    nan.value = float("nan")
+    plans = pol.plan([nan], Progress(150, s, dropped=[150]))
+    assert [(p.action, p.step) for p in plans] == [("dropped", 150), ("alert", 150)]
+    assert "not applied" in plans[0].describe(5, 0) and pol.rollbacks == 0
+    # far apart (more than good_after steps): handled again
+    later = fire("nonfinite", 170)
+    later.value = float("nan")
+    assert [p.action for p in pol.plan([later], Progress(170, s, dropped=[170]))] == ["dropped"]
+    # again within good_after: a failure; the rule itself stays active over a run of NaN
+    # steps and fires no more, so the request comes from the drop
+    (p,) = control(pol.plan([], Progress(175, s, dropped=[174, 175])))
+    assert (p.action, p.rule, p.step) == ("rollback", "nonfinite_repeated", 174)
+    assert pol.rollbacks == 1 and pol.state.drops_handled == 2
+    # a non-finite firing at a step that was not dropped (guard off) rolls back as before
+    off = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0, guard="off"))
+    off.promoted([SnapshotInfo(100, True)])
+    (q,) = control(off.plan([nan], Progress(150, s)))
+    assert q.action == "rollback" and q.rule == "nonfinite"
+    with pytest.raises(Exception, match="guard must be"):
+        RecoveryConfig(guard="nonfinite")
+
+
+def test_a_loader_that_reuses_its_buffer_turns_the_replay_off() -> None:
+    from lrwatch.recovery.replay import ReplayBuffer
+
+    class T:
+        def __init__(self, ptr: int) -> None:
+            self.ptr = ptr
+
+        def nelement(self) -> int:
+            return 4
+
+        def element_size(self) -> int:
+            return 4
+
+        def data_ptr(self) -> int:
+            return self.ptr
+
+    buf = ReplayBuffer(max_bytes=1000)
+    for step, ptr in enumerate((100, 200, 300), start=1):
+        buf.hold(step, {"x": T(ptr)})
+    assert len(buf) == 3 and not buf.reused
+    buf.hold(4, {"x": T(200)})        # the memory of a batch still held, handed out again
+    assert buf.reused and len(buf) == 0
+    buf.hold(5, {"x": T(900)})
+    assert len(buf) == 0 and buf.replayable(0, (0, 0)) == []
+    # an evicted batch's memory may come back: that is no reuse
+    small = ReplayBuffer(max_bytes=32)
+    for step, ptr in enumerate((1, 2, 3, 1), start=1):
+        small.hold(step, T(ptr))
+    assert not small.reused and len(small) == 2

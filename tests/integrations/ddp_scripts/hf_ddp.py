@@ -131,7 +131,8 @@ def main() -> None:
 
     cb = LrwatchCallback(export=a.export, port=0, trace=str(out / "trace.jsonl"), flush_every=5,
                          listeners=[keep],
-                         recovery={"good_after": 5, "min_interval": 5, "skip_batches": 2})
+                         recovery={"guard": "off",
+                                   "good_after": 5, "min_interval": 5, "skip_batches": 2})
     model = make_model()
     args = TrainingArguments(
         output_dir=str(out / "hf"), per_device_train_batch_size=BATCH, learning_rate=LR,

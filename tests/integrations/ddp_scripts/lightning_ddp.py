@@ -108,7 +108,8 @@ def main() -> None:
 
     cb = LrwatchCallback(export=a.export, port=0, trace=str(out / "trace.jsonl"), flush_every=5,
                          listeners=[keep],
-                         recovery={"good_after": 5, "min_interval": 5, "skip_batches": 2})
+                         recovery={"guard": "off",
+                                   "good_after": 5, "min_interval": 5, "skip_batches": 2})
     model = Tiny(a.nan_at)
     loader = torch.utils.data.DataLoader(data(), batch_size=BATCH, shuffle=False)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=a.steps,

@@ -36,10 +36,12 @@ def cli() -> None:
                    "exactly).")
 @click.option("--linger", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Keep serving /metrics this many seconds after training (for a scrape).")
-@click.option("--inject", type=click.Choice(["nan", "blowup", "lr-bug"]), default=None,
-              help="Inject a fault to see it detected and rolled back: nan (a poisoned batch), "
-                   "blowup (one step with a 1000x learning rate), lr-bug (base learning rates "
-                   "x100).")
+@click.option("--inject", type=click.Choice(["nan", "nan-burst", "blowup", "lr-bug"]),
+              default=None,
+              help="Inject a fault to see it detected and acted on: nan (a poisoned batch: the "
+                   "non-finite step is dropped on the device), nan-burst (three in a row: the "
+                   "repeat rolls back), blowup (one step with a 1000x learning rate), lr-bug "
+                   "(base learning rates x100).")
 @click.option("--inject-at", type=click.IntRange(1), default=None,
               help="Step of the injected fault [default: 60% into the run].")
 @click.option("--snapshot-dir", type=click.Path(file_okay=False), default=None,

@@ -29,7 +29,10 @@ __all__ = ["StdlibText", "CharGRU", "DemoConfig", "DemoConsole", "run_demo", "st
 
 #: Faults ``lrwatch demo --inject`` can inject, with what each does.
 FAULTS = {
-    "nan": "a poisoned batch makes the forward pass produce NaN at the onset step",
+    "nan": "a poisoned batch makes the forward pass produce NaN at the onset step (the step "
+           "is dropped on the device)",
+    "nan-burst": "three poisoned batches in a row produce NaN (the first step is dropped, the "
+                 "repeat rolls the run back)",
     "blowup": "one step with a learning rate 1000x too high throws the weights far off",
     "lr-bug": "the scheduler's base learning rates are multiplied by 100 (a bad config reload)",
 }
@@ -187,9 +190,10 @@ class DemoConsole:
                         f"it is not dead)")
         # What the rules saw at this step comes first, then where training is, then what the
         # Watcher does about it (carried out at the next iteration, after this step).
+        dropped = {e.get("step") for e in s.events if e.get("type") == "dropped"}
         for e in s.events:
             if e.get("type") in ("firing", "resolved"):
-                self._rule_event(e)
+                self._rule_event(e, e.get("step") in dropped)
         at = self.schedule_at.pop(s.step, None)
         if s.step % self.report_every == 0 or at == self.total:
             self._progress(s, at)
@@ -197,11 +201,13 @@ class DemoConsole:
             if e.get("type") not in ("firing", "resolved", "stop"):
                 self._action(e, s.step)   # a stop is announced by the Watcher, on stderr
 
-    def _rule_event(self, e: Mapping[str, Any]) -> None:
+    def _rule_event(self, e: Mapping[str, Any], dropped: bool = False) -> None:
         rule, sev = str(e.get("rule")), e.get("severity")
         if e.get("type") == "firing" and sev in ("critical", "warning"):
             self._shown.add(rule)
             actions = ", ".join(str(a) for a in e.get("actions", ()) if a != "alert") or "report"
+            if dropped:   # the step never reached the parameters: nothing to roll back
+                actions = "step not applied"
             self._print(f"  !! step {e['step']}: {rule} ({sev}): {e.get('message')} -> "
                         f"{actions}")
         elif e.get("type") == "resolved" and rule in self._shown:
@@ -232,6 +238,10 @@ class DemoConsole:
         elif kind == "lr_recover":
             text = (f"healthy again: learning rate x{e.get('factor', 1):g} back over "
                     f"{e.get('steps', '?')} steps")
+        elif kind == "dropped":
+            text = ("the step was not applied (its gradient was not finite; skipped on the "
+                    "device); no rollback needed")
+            why = ""
         else:
             text = str(kind)
         self._print(f"  >> step {step}: {text}{why}")
@@ -254,6 +264,15 @@ class DemoConsole:
             logger.propagate = propagate
 
 
+def _adamw(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """AdamW, fused where this torch has it for the device: a fused step can be skipped on the
+    device, for free, when its gradient is not finite (``RecoveryConfig.guard``)."""
+    try:
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+
+
 def run_demo(cfg: DemoConfig, out: TextIO | None = None) -> dict[str, float]:
     """Train the demo model with a Watcher and print progress from the flushed samples.
 
@@ -263,7 +282,7 @@ def run_demo(cfg: DemoConfig, out: TextIO | None = None) -> dict[str, float]:
     torch.manual_seed(cfg.seed)
     data = StdlibText(cfg.seq_len, cfg.batch_size, seed=cfg.seed)
     model = CharGRU(hidden=cfg.hidden)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    opt = _adamw(model, cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup, cfg.steps))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"lrwatch demo: byte-level GRU ({n_params / 1e6:.2f}M parameters) on "
@@ -322,6 +341,7 @@ def _train(cfg: DemoConfig, watch: Watcher, model: nn.Module, opt: torch.optim.O
     evals = data.eval_batches()
     inject_at = _inject_at(cfg)
     injected = False
+    burst = set(range(inject_at, inject_at + 3)) if cfg.inject == "nan-burst" else set()
 
     def stream() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
@@ -333,7 +353,8 @@ def _train(cfg: DemoConfig, watch: Watcher, model: nn.Module, opt: torch.optim.O
         step = sched.last_epoch + 1
         if step > cfg.steps or watch.step >= 4 * cfg.steps:
             break
-        poison = False
+        poison = step in burst   # each poisoned once: a rollback does not bring them back
+        burst.discard(step)
         if cfg.inject and not injected and step == inject_at:
             injected = True
             if cfg.inject == "nan":

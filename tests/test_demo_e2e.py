@@ -107,8 +107,8 @@ _PROGRESS = re.compile(r"^step\s+(\d+)\s+schedule\s+(\d+)/(\d+)\s+loss")
 def test_demo_console_says_each_event_once_in_step_order(tmp_path: Any) -> None:
     """A fault rolled back: one line per event, no echo of the Watcher's own log lines, no
     "resolved: resolved", and the schedule never past its total while the step count goes on."""
-    result = CliRunner().invoke(cli, ["demo", "--steps", "40", "--inject", "nan", "--port", "0",
-                                      "--trace", str(tmp_path / "t.jsonl")])
+    result = CliRunner().invoke(cli, ["demo", "--steps", "40", "--inject", "nan-burst",
+                                      "--port", "0", "--trace", str(tmp_path / "t.jsonl")])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     events = [line for line in lines if line.lstrip().startswith(("!!", ">>", "ok "))]

@@ -1,5 +1,5 @@
-"""The whole stack, for real: Prometheus loads rules/, scrapes a real `lrwatch demo --inject nan`
-and a real `lrwatch daemon` fed a shifted stream, sends its alerts to a real Alertmanager; every
+"""The whole stack, for real: Prometheus loads rules/, scrapes a real `lrwatch demo --inject
+nan-burst` and a real `lrwatch daemon` fed a shifted stream, sends its alerts to a real Alertmanager; every
 PromQL expression of the shipped dashboards returns data from that Prometheus.
 
 One module-scoped stack serves every test here (starting it costs most of the time). Nothing is
@@ -94,8 +94,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         # Prometheus scrapes (the not yet listening) targets once discovery has run, so the
         # demo's counters are seen at zero before its injected fault.
         prom.wait_for(f'up{{job="{TRAIN_JOB}"}}', timeout=60)
-        demo = Proc(lrwatch_cmd("demo", "--steps", "10", "--inject", "nan", "--inject-at", "5",
-                                "--batch-size", "4", "--flush-every", "1", "--port",
+        demo = Proc(lrwatch_cmd("demo", "--steps", "10", "--inject", "nan-burst",
+                                "--inject-at", "5", "--batch-size", "4", "--flush-every", "1",
+                                "--port",
                                 str(demo_port), "--trace", str(work / "demo.jsonl"),
                                 "--linger", "900"), work / "demo.log", cwd=work)
         procs.append(demo)
@@ -157,10 +158,11 @@ def test_training_alerts_reach_alertmanager(stack: Stack) -> None:
     for name, severity in want.items():
         (alert,) = _by_name(alerts, name, TRAIN_JOB)
         _check_alert(alert, severity, stack.demo_addr)
-    # What Prometheus counted is what the demo did: one non-finite step, one rollback.
-    for metric in ("lrwatch_nonfinite_steps_total", "lrwatch_rollbacks_total"):
+    # What Prometheus counted is what the demo did: three non-finite steps (the burst), the
+    # first skipped on the device, the repeat rolled back once.
+    for metric, n in (("lrwatch_nonfinite_steps_total", 3.0), ("lrwatch_rollbacks_total", 1.0)):
         (s,) = stack.prom.query(f'{metric}{{job="{TRAIN_JOB}"}}')
-        assert float(s["value"][1]) == 1.0, (metric, s)
+        assert float(s["value"][1]) == n, (metric, s)
     # Nothing else of the training rules fired on a healthy-again run.
     unexpected = {a["labels"]["alertname"] for a in alerts
                   if a["labels"].get("job") == TRAIN_JOB} - set(want)

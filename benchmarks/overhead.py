@@ -8,6 +8,10 @@ so every variant does exactly the same numerical work:
     The plain loop: forward, loss, ``zero_grad``, backward, ``opt.step()``, ``sched.step()``.
 ``lrwatch``
     ``Watcher(model, opt, sched)`` with its defaults, plus ``watch.log(loss=loss)`` every step.
+``lrwatch guard-on``
+    The defaults with ``recovery={"guard": "on"}``: with this (not fused) AdamW, a non-finite
+    gradient is zeroed on the device every step it happens, at the price of one pass over the
+    gradients on every step (attribution only; with ``fused=True`` the default guard is free).
 ``lrwatch measure-only``
     ``Watcher(model, opt, sched, rules=None, recovery=False)``: the on-device statistics, the flush
     and the exporters, without the rules engine and the rollback snapshots (attribution only).
@@ -71,10 +75,14 @@ from lrwatch.watch import Watcher  # noqa: E402
 
 __all__ = ["VARIANTS", "MODELS", "run", "main", "sync_debug_check"]
 
-VARIANTS: tuple[str, ...] = ("baseline", "lrwatch", "lrwatch measure-only", "lrwatch+server",
-                             "lrwatch all-on", "lightning-item", "composer-item")
+VARIANTS: tuple[str, ...] = ("baseline", "lrwatch", "lrwatch guard-on", "lrwatch measure-only",
+                             "lrwatch+server", "lrwatch all-on", "lightning-item",
+                             "composer-item")
 TARGETS: dict[str, float] = {"lrwatch": 1.02, "lrwatch+server": 1.02, "lrwatch all-on": 1.10}
 DEFAULT_FLUSH_EVERY = 25  # Watcher's default; block lengths are multiples of it
+#: ``--fused``: every variant's AdamW is built with ``fused=True`` (then the default non-finite
+#: guard is on: the fused step gets the flag and skips itself).
+FUSED = False
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -236,13 +244,16 @@ class _Runner:
         self.model = copy.deepcopy(init).to(device).train()
         self.batches = batches
         self.loss_fn = spec.loss
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=spec.lr, weight_decay=0.01)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=spec.lr, weight_decay=0.01,
+                                     **({"fused": True} if FUSED else {}))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _warmup_lambda)
         self.i = 0
         self.sink: list[dict[str, float]] = []
         self.watch: Watcher | None = None
         if variant == "lrwatch":
             self.watch = Watcher(self.model, self.opt, self.sched)
+        elif variant == "lrwatch guard-on":
+            self.watch = Watcher(self.model, self.opt, self.sched, recovery={"guard": "on"})
         elif variant == "lrwatch measure-only":
             self.watch = Watcher(self.model, self.opt, self.sched, **_MEASURE_ONLY)
         elif variant == "lrwatch+server":
@@ -394,6 +405,7 @@ class _NoStep(torch.optim.Optimizer):
 
 _ISOLATED: dict[str, Callable[[str], dict[str, Any]]] = {
     "lrwatch": lambda tmp: {},
+    "lrwatch guard-on": lambda tmp: {"recovery": {"guard": "on"}},
     "lrwatch measure-only": lambda tmp: dict(_MEASURE_ONLY),
     "lrwatch all-on": lambda tmp: {"per_layer": True, "update_ratio": True, "flush_every": 1,
                                    "trace": os.path.join(tmp, "isolated.trace.jsonl")},
@@ -478,7 +490,8 @@ def sync_debug_check(spec: ModelSpec, device: torch.device, steps: int = 200,
 
     def one(kind: str, mode: str) -> dict[str, Any]:
         model = copy.deepcopy(init).to(device).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01)
+        opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01,
+                                **({"fused": True} if FUSED else {}))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_lambda)
         watch: Watcher | None = None
         if kind == "watcher":
@@ -670,9 +683,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-sync-debug", action="store_true",
                    help="skip the CUDA set_sync_debug_mode check")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fused", action="store_true",
+                   help="AdamW(fused=True) in every variant (the default guard is then on)")
     p.add_argument("--json", metavar="OUT", help="also write the full results as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-round progress")
     a = p.parse_args(argv)
+    global FUSED
+    FUSED = a.fused
 
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():

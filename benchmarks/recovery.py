@@ -1070,11 +1070,16 @@ FAM_SEEDS = (0, 1, 2)         # healthy median: the tuned rate on these seeds
 FAM_EVAL_EVERY = 20
 FAM_FAULT_AT = 150
 FAM_CACHE = Path(__file__).resolve().parent / ".cache" / "recovery_families"
-FAM_VERSION = 4
+FAM_VERSION = 7
 FAM_ARMS = {"measured": {"probe": "auto"}, "fixed": {"probe": "off"}}   # the ablation
+#: One-off faults, against the default: the non-finite guard and the replay after a sudden
+#: failure (both opt-in; docs/recovery.md, "The non-finite guard and the replay").
+FAM_FAULT_ARMS = {"guard": {"probe": "off", "guard": "on"},
+                  "replay": {"probe": "off", "replay": True}}
 #: Arms outside the suite's table (``benchmarks/recovery_preflight.py``): the pre-flight check.
 FAM_EXTRA_ARMS = {f"lr_check{n}": {"probe": "off", "lr_check": "auto", "lr_check_steps": n}
                   for n in (11, 15, 30)}
+FAM_EXTRA_ARMS.update(FAM_FAULT_ARMS)
 #: Bumped when the pre-flight check itself changes (2: scored on a fixed batch), so that its
 #: arms rerun while the bare runs and the suite's arms stay cached.
 FAM_CHECK_VERSION = 2
@@ -1107,7 +1112,8 @@ def fam_run(task_name: str, opt: str, mult: float, seed: int, *, fault: str | No
     # bare runs do not depend on lrwatch's version: only the arms are rerun when it changes
     key = f"{FAM_VERSION if arm else 1}/{task_name}/{opt}/{mult}/{seed}/{fault}/{arm}"
     if arm in FAM_EXTRA_ARMS:
-        key += "/" + json.dumps(FAM_EXTRA_ARMS[arm], sort_keys=True) + f"/{FAM_CHECK_VERSION}"
+        key += "/" + json.dumps(FAM_EXTRA_ARMS[arm], sort_keys=True)
+        key += f"/{FAM_CHECK_VERSION}" if arm not in FAM_FAULT_ARMS else ""
     if arm is not None:   # the arms act on the rules: a changed pack (or --rules FILE) reruns them
         from lrwatch.rules.schema import pack_text
 
@@ -1257,7 +1263,10 @@ def fam_suite(tasks: Sequence[str], opts: Sequence[str], seeds: Sequence[int],
                         "ok_watched": fam_close(task, v, watched, ref["untrained"], 1.0),
                         "bare_ok": fam_close(task, fam_value(task, b), clean,
                                              ref["untrained"], 1.0),
-                        "rollbacks": r.get("rollbacks"), "probe_steps": r.get("probe_steps")})
+                        "rollbacks": r.get("rollbacks"), "probe_steps": r.get("probe_steps"),
+                        **{f"ok_{arm}": fam_close(task, fam_value(task, fam_run(
+                            t, o, 1.0, s, fault=f, arm=arm)), clean, ref["untrained"], 1.0)
+                           for arm in FAM_FAULT_ARMS}})
                     progress(f"{t} {o} {f} s{s}: clean {clean:.4f} -> {v:.4f} "
                              f"({'ok' if fault_rows[-1]['ok'] else 'FAIL'})")
     return {"refs": {f"{k[0]}/{k[1]}": v for k, v in refs.items()}, "rows": rows,
@@ -1295,14 +1304,17 @@ def fam_tables(res: dict[str, Any]) -> str:
     fr = res["faults"]
     out += ["", "### One-off faults on the tuned configuration (within 1 point of the same run "
             "without the fault)", "", "| fault | runs | lrwatch vs the bare run without it | "
-            "lrwatch vs the watched run without it | bare vs the bare run without it |",
-            "|---|---|---|---|---|"]
+            "lrwatch vs the watched run without it | bare vs the bare run without it | "
+            + " | ".join(f"{arm} (not default) vs the bare run" for arm in FAM_FAULT_ARMS)
+            + " |", "|---|---|---|---|---|" + "---|" * len(FAM_FAULT_ARMS)]
     for f in FAM_FAULTS + ("**all**",):
         sub = fr if f == "**all**" else [r for r in fr if r["fault"] == f]
         a, b = sum(r["ok"] for r in sub), sum(r["bare_ok"] for r in sub)
         c = sum(r["ok_watched"] for r in sub)
+        arms = " | ".join(f"{sum(r.get(f'ok_{arm}', False) for r in sub)}/{len(sub)}"
+                          for arm in FAM_FAULT_ARMS)
         out.append(f"| {f} | {len(sub)} | {a}/{len(sub)} ({a / max(1, len(sub)):.0%}) | "
-                   f"{c}/{len(sub)} ({c / max(1, len(sub)):.0%}) | {b}/{len(sub)} |")
+                   f"{c}/{len(sub)} ({c / max(1, len(sub)):.0%}) | {b}/{len(sub)} | {arms} |")
     bad = [r for r in fr if not r["ok"]]
     if bad:
         out += ["", "Faults not within 1 point: " + "; ".join(

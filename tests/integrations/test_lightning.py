@@ -21,10 +21,11 @@ from lrwatch.integrations.lightning import LrwatchCallback  # noqa: E402
 
 
 class TinyMLP(pl.LightningModule):
-    def __init__(self, lr: float = 0.05, sched: bool = True, nan_from: int | None = None) -> None:
+    def __init__(self, lr: float = 0.05, sched: bool = True, nan_from: int | None = None,
+                 fused: bool = False) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 2))
-        self.lr, self.sched, self.nan_from = lr, sched, nan_from
+        self.lr, self.sched, self.nan_from, self.fused = lr, sched, nan_from, fused
         self.seen: list[int] = []  # first sample id of every batch trained on
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -43,7 +44,8 @@ class TinyMLP(pl.LightningModule):
         self.log("val_acc", (logits.argmax(-1) == y).float().mean())
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9,
+                              **({"fused": True} if self.fused else {}))
         if not self.sched:
             return opt
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.01 * s))
@@ -168,6 +170,18 @@ def test_budget_uses_lightning_stop(tmp_path: Path) -> None:
     assert trainer.should_stop and trainer.global_step < 200
     assert cb.watcher is not None and cb.watcher.policy.rollbacks == 2
     assert cb.exit_status == EXIT_BUDGET
+
+
+def test_a_fused_optimizer_skips_the_nan_steps_on_the_device_by_default(tmp_path: Path) -> None:
+    # a bad batch every 12 steps from step 24: each one is skipped by the fused step, far
+    # enough apart (good_after 10) that none needs a rollback, and the weights stay finite
+    cb = LrwatchCallback(flush_every=5, recovery={"good_after": 10, "min_interval": 5})
+    model = TinyMLP(sched=False, nan_from=20, fused=True)
+    _trainer(tmp_path, [cb], max_steps=80).fit(model, _loader())
+    w = cb.watcher
+    assert w is not None and w.policy.rollbacks == 0
+    assert w.policy.state.drops_handled == 5            # steps 24, 36, 48, 60, 72
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_resume_from_lightning_checkpoint_keeps_lrwatch_state(tmp_path: Path) -> None:

@@ -155,6 +155,23 @@ def test_poisoned_batch_is_rolled_back_and_the_run_finishes_healthy(tmp_path: Pa
 
 
 @pytest.mark.slow
+def test_a_fused_optimizer_skips_a_nan_step_on_the_device_by_default(tmp_path: Path) -> None:
+    trace = tmp_path / "run.jsonl"
+    model = _model()
+    cb = LrwatchCallback(trace=str(trace), flush_every=2,
+                         recovery={"good_after": 4, "min_interval": 5, "cooldown": 0})
+    _train(tmp_path, cb, [Poison(model, {25})], model=model, max_steps=40,
+           optim="adamw_torch_fused")
+    w = cb.watcher
+    assert w is not None and w.policy.rollbacks == 0 and w.policy.state.drops_handled == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    samples = read_trace(trace)
+    assert [(e["type"], e["step"]) for s in samples for e in s.events
+            if e.get("type") == "dropped"] == [("dropped", 25)]
+    assert all(math.isfinite(s.values["loss"]) for s in samples if s.step > 25)
+
+
+@pytest.mark.slow
 def test_budget_uses_the_trainer_stop(tmp_path: Path) -> None:
     model = _model()
     cb = LrwatchCallback(flush_every=1, recovery={"guard": "off",

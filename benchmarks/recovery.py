@@ -1070,7 +1070,7 @@ FAM_SEEDS = (0, 1, 2)         # healthy median: the tuned rate on these seeds
 FAM_EVAL_EVERY = 20
 FAM_FAULT_AT = 150
 FAM_CACHE = Path(__file__).resolve().parent / ".cache" / "recovery_families"
-FAM_VERSION = 7
+FAM_VERSION = 10
 FAM_ARMS = {"measured": {"probe": "auto"}, "fixed": {"probe": "off"}}   # the ablation
 #: One-off faults, against the default: the non-finite guard and the replay after a sudden
 #: failure (both opt-in; docs/recovery.md, "The non-finite guard and the replay").
@@ -1237,7 +1237,7 @@ def fam_suite(tasks: Sequence[str], opts: Sequence[str], seeds: Sequence[int],
                         continue
                     row = {"task": t, "family": task.family, "opt": o, "mult": m, "seed": s,
                            "diverged": True, "bare": fam_value(task, bare)}
-                    for arm in FAM_ARMS:
+                    for arm in (*FAM_ARMS, "guard"):
                         r = fam_run(t, o, m, s, arm=arm)
                         v = fam_value(task, r)
                         row[arm] = {"value": v, "ok": fam_close(task, v, ref["median"],
@@ -1287,15 +1287,16 @@ def fam_tables(res: dict[str, Any]) -> str:
                    f"{m['probe_steps']} |")
     n = len(rows)
     out += ["", f"Candidates: {len(res['rows'])}, whose bare run diverged: {n}.", "",
-            "| family | diverged | fixed factors (default) | measured rate (probe=auto) |",
-            "|---|---|---|---|"]
+            "| family | diverged | fixed factors (default) | measured rate (probe=auto) | "
+            "guard=\"on\" (not default) |", "|---|---|---|---|---|"]
     fams = list(dict.fromkeys(r["family"] for r in rows))
     for fm in fams + ["**all**"]:
         sub = rows if fm == "**all**" else [r for r in rows if r["family"] == fm]
         a = sum(r["fixed"]["ok"] for r in sub)
         b = sum(r["measured"]["ok"] for r in sub)
+        c = sum(r["guard"]["ok"] for r in sub if "guard" in r)
         out.append(f"| {fm} | {len(sub)} | {a}/{len(sub)} ({a / max(1, len(sub)):.0%}) | "
-                   f"{b}/{len(sub)} ({b / max(1, len(sub)):.0%}) |")
+                   f"{b}/{len(sub)} ({b / max(1, len(sub)):.0%}) | {c}/{len(sub)} |")
     steps = [r["measured"]["probe_steps"] or 0 for r in rows]
     if steps:
         out.append(f"\nProbe cost (share of the 300-step budget) on diverging runs: median "

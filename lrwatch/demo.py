@@ -239,8 +239,8 @@ class DemoConsole:
             text = (f"healthy again: learning rate x{e.get('factor', 1):g} back over "
                     f"{e.get('steps', '?')} steps")
         elif kind == "dropped":
-            text = ("the step was not applied (its gradient was not finite; skipped on the "
-                    "device); no rollback needed")
+            text = ("the step was not applied (its gradient was not finite or a spike; "
+                    "skipped on the device); no rollback needed")
             why = ""
         else:
             text = str(kind)

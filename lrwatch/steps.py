@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .distributed import SQ_REP, SQ_SHARD, split_by_placement
-from .probe import LayerIndex, drop_nonfinite, tensor_norms, total_norm
+from .probe import GradGuard, LayerIndex, drop_gradient, tensor_norms, total_norm
 from .samples import Sample
 
 __all__ = ["Row", "StepRecorder", "as_value", "materialise"]
@@ -74,10 +74,11 @@ class StepRecorder:
     scaler:
         A ``GradScaler`` whose loss scale is recorded.
     guard:
-        What to do with a step whose gradient norm is not finite (the Watcher sets it from
+        What to do with a step whose gradient norm is not finite or a spike
+        (:class:`~lrwatch.probe.GradGuard`; the Watcher sets it with :meth:`set_guard` from
         ``RecoveryConfig.guard``): ``"skip"`` hands a fused optimizer the flag
         (``optimizer.found_inf``) so its step is skipped on the device; ``"zero"`` zeroes the
-        gradient (:func:`~lrwatch.probe.drop_nonfinite`); ``None`` nothing. Either records
+        gradient (:func:`~lrwatch.probe.drop_gradient`); ``None`` nothing. Either records
         ``grad_dropped``.
     on_commit:
         Called after a row is complete; the Watcher flushes from there.
@@ -95,6 +96,7 @@ class StepRecorder:
         self.update_ratio_every = update_ratio_every
         self.scaler = scaler
         self.guard: str | None = None
+        self._judge: GradGuard | None = None
         self._found_inf_set = False
         self.on_commit = on_commit
         self.rows: list[Row] = []       # committed rows waiting for the flush
@@ -150,7 +152,7 @@ class StepRecorder:
                 local.append(total_norm(tensor_norms(part), self.device).square())
                 row.put(prefix + "grad_norm", local[-1])
             norms = []
-            norm = local[0] + local[1]   # rank-local: each rank guards its own shard
+            norm = (local[0] + local[1]).sqrt()   # rank-local: each rank guards its own shard
         else:
             norms = tensor_norms(grads)  # type: ignore[arg-type]
             norm = total_norm(norms, self.device)
@@ -172,17 +174,25 @@ class StepRecorder:
         if skipped:
             row.host["skipped"] = 1.0
 
+    def set_guard(self, mode: str | None, ratio: float) -> None:
+        """Turn the guard on (``"skip"``, ``"zero"``) or off (``None``); ``ratio``: the spike
+        threshold of :class:`~lrwatch.probe.GradGuard` (0: non-finite steps only)."""
+        self.guard = mode
+        self._judge = GradGuard(self.device, ratio=ratio) if mode else None
+
     def _guard_step(self, row: Row, grads: list[Any], norm: torch.Tensor) -> None:
-        """Keep a step with a non-finite gradient off the parameters, on the device."""
-        if self.guard == "zero":
-            row.put("grad_dropped", drop_nonfinite(grads, norm))
-            return
-        flag = (~torch.isfinite(norm)).to(torch.float32)
+        """Keep a step whose gradient is not finite, or a spike, off the parameters, on the
+        device."""
         if getattr(self.optimizer, "found_inf", None) is not None:
             return   # a GradScaler the Watcher was not given handed the step its own flag
-        self.optimizer.found_inf = flag   # the fused step skips itself (as under GradScaler)
-        self._found_inf_set = True
-        row.put("grad_dropped", flag)
+        assert self._judge is not None
+        bad = self._judge.bad(norm)
+        if self.guard == "zero":
+            drop_gradient(grads, bad)
+        else:
+            self.optimizer.found_inf = bad.to(torch.float32)   # the fused step skips itself
+            self._found_inf_set = True
+        row.put("grad_dropped", bad.to(torch.float32))
 
     def step_done(self) -> None:
         """After the optimizer's step: take the flag handed to a fused step back."""

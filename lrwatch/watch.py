@@ -222,7 +222,8 @@ class Watcher(PlanExecutor, StepPath):
                                on_error=self.exporter.count_error)
         self._evals = BestKeeper(self.best, model, on_error=self._internal_error)
         self._setup_executor(probe_loss, check_probe(self.recovery, probe_loss))
-        self.recorder.guard = guard_mode(self.recovery, optimizer, scaler)
+        self.recorder.set_guard(guard_mode(self.recovery, optimizer, scaler),
+                                self.recovery.guard_ratio if self.recovery else 0.0)
         self._attach_step_hooks(step_hooks)
 
     def _setup_outputs(self, registry: CollectorRegistry | None, port: int | None, host: str,

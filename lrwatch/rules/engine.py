@@ -66,6 +66,31 @@ __all__ = ["Engine", "Firing", "STEP_METRIC"]
 
 #: Pseudo-metric that every sample carries: its step number (for ``rate`` and ``staleness``).
 STEP_METRIC = "step"
+#: Set by the Watcher's guard on a step it kept off the parameters (docs/recovery.md).
+DROPPED_METRIC = "grad_dropped"
+#: What a dropped step still tells the rules: its settings, evaluations (of a model the step
+#: did not change), the levels measured before training, and that something was not finite
+#: (the non-finite rules fire, and the recovery policy knows the step was dealt with). Its
+#: finite loss, gradient norms and the like describe a batch that never reached the
+#: parameters (a spike: a gradient norm 1e5 times the usual one), and are not judged: they
+#: would stay in the detectors' windows and make the next ordinary steps look vanished.
+_KEPT_WHEN_DROPPED = ("eval_", "lr", "momentum", "step_time_seconds", "samples_per_second",
+                      "untrained_loss", "constant_loss", "nonfinite_", DROPPED_METRIC)
+
+
+def judged_values(sample: Sample) -> Mapping[str, float]:
+    """The values of ``sample`` the rules judge: all of them, unless the step was dropped.
+
+    >>> judged_values(Sample(step=3, values={"loss": 9e9, "lr": 0.1, "grad_dropped": 1.0}))
+    {'lr': 0.1, 'grad_dropped': 1.0}
+    >>> judged_values(Sample(step=4, values={"loss": float("nan"), "grad_dropped": 1.0}))
+    {'loss': nan, 'grad_dropped': 1.0}
+    """
+    vals = sample.values
+    if not vals.get(DROPPED_METRIC, 0.0) >= 0.5:
+        return vals
+    return {k: v for k, v in vals.items()
+            if k.startswith(_KEPT_WHEN_DROPPED) or not math.isfinite(v)}
 _DEFAULT_SUMMARY = "{rule}: {metric} = {value:.4g} at step {step}"
 #: The saved state of a rule that has seen nothing (for 'when' rules added since a state was saved).
 _FRESH: Mapping[str, Any] = MappingProxyType({
@@ -306,7 +331,7 @@ class Engine:
         t = sample.time
         if t is not None and not math.isfinite(t):
             t = None
-        vals = sample.values
+        vals = judged_values(sample)
         events: list[Firing] = []
         if self._given:
             self._see_given(vals, step)

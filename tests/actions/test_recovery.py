@@ -324,20 +324,24 @@ def test_replay_after_a_nan_batch_trains_exactly_as_a_run_without_that_batch(
 
 
 def _sgd_run(tmp_path: Path, nan_at: set[int], recovery: dict[str, Any] | None,
-             n: int = 60, fused: bool = False) -> tuple[lrwatch.Watcher | None, nn.Module]:
+             n: int = 60, fused: bool = False, poison_at: frozenset[int] = frozenset()
+             ) -> tuple[lrwatch.Watcher | None, nn.Module]:
     """Plain SGD (a zero gradient changes nothing) over batches 0..n-1; the loss of the
-    batches in ``nan_at`` is NaN. ``recovery=None``: bare, without those batches."""
+    batches in ``nan_at`` is NaN, those in ``poison_at`` are garbage (inputs x1000).
+    ``recovery=None``: bare, without those batches."""
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 2))
+    model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, **({"fused": True} if fused else {}))
     w = (lrwatch.Watcher(model, opt, rules=_nonfinite_rules(tmp_path), flush_every=4,
                          trace=tmp_path / "guard.jsonl",
                          recovery={"good_after": 5, "min_interval": 5, **recovery})
          if recovery is not None else None)
     for b in (w.batches(iter(range(n))) if w else iter(range(n))):
-        if w is None and b in nan_at:
+        if w is None and (b in nan_at or b in poison_at):
             continue
         x, y = _data(b)
+        if b in poison_at:
+            x = x * 1e3
         loss = nn.functional.cross_entropy(model(x), y)
         if b in nan_at:
             loss = loss * float("nan")
@@ -372,6 +376,22 @@ def test_a_nonfinite_gradient_is_dropped_on_the_device_and_nothing_rolls_back(
     assert off is not None and off.policy.rollbacks == 1
 
 
+@pytest.mark.parametrize("fused,guard", [(True, "auto"), (False, "on")])
+def test_a_garbage_batch_is_dropped_on_the_device_and_nothing_rolls_back(
+        tmp_path: Path, fused: bool, guard: str) -> None:
+    w, model = _sgd_run(tmp_path, set(), {"guard": guard}, fused=fused,
+                        poison_at=frozenset({40}))
+    assert w is not None and w.policy.rollbacks == 0 and w.policy.state.drops_handled == 1
+    _, clean = _sgd_run(tmp_path, set(), None, poison_at=frozenset({40}))
+    for p, q in zip(model.parameters(), clean.parameters()):
+        assert torch.equal(p, q)
+    # guard_ratio=0: non-finite steps only; the garbage batch is applied
+    off, bad = _sgd_run(tmp_path, set(), {"guard": guard, "guard_ratio": 0}, fused=fused,
+                        poison_at=frozenset({40}))
+    assert off is not None and off.policy.state.drops_handled == 0
+    assert not all(torch.equal(p, q) for p, q in zip(bad.parameters(), clean.parameters()))
+
+
 def test_nonfinite_gradients_in_a_row_are_a_failure_that_rolls_back(tmp_path: Path) -> None:
     w, model = _sgd_run(tmp_path, {33, 34, 35, 36}, {}, fused=True)
     assert w is not None and w.policy.rollbacks >= 1
@@ -379,7 +399,7 @@ def test_nonfinite_gradients_in_a_row_are_a_failure_that_rolls_back(tmp_path: Pa
           if e.get("type") == "rollback"]
     # the second drop within good_after steps: not out of a quiet stretch, so an ordinary
     # rollback with a cut and new batches
-    assert (rb[0]["rule"], rb[0]["step"], rb[0]["lr_factor"]) == ("nonfinite_repeated", 35, 0.5)
+    assert (rb[0]["rule"], rb[0]["step"], rb[0]["lr_factor"]) == ("dropped_again", 35, 0.5)
     assert "replay_drop" not in rb[0]
     assert all(torch.isfinite(p).all() for p in model.parameters())
 

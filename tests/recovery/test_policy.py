@@ -346,7 +346,7 @@ def test_a_dropped_nonfinite_gradient_rolls_nothing_back_unless_it_repeats() -> 
     # again within good_after: a failure; the rule itself stays active over a run of NaN
     # steps and fires no more, so the request comes from the drop
     (p,) = control(pol.plan([], Progress(175, s, dropped=[174, 175])))
-    assert (p.action, p.rule, p.step) == ("rollback", "nonfinite_repeated", 174)
+    assert (p.action, p.rule, p.step) == ("rollback", "dropped_again", 174)
     assert pol.rollbacks == 1 and pol.state.drops_handled == 2
     # a non-finite firing at a step that was not dropped (guard off) rolls back as before
     off = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0, guard="off"))
@@ -386,3 +386,37 @@ def test_a_loader_that_reuses_its_buffer_turns_the_replay_off() -> None:
     for step, ptr in enumerate((1, 2, 3, 1), start=1):
         small.hold(step, T(ptr))
     assert not small.reused and len(small) == 2
+
+
+def test_every_firing_of_a_dropped_step_is_disarmed() -> None:
+    # the step never reached the parameters: a loss rule that saw its garbage loss acts on
+    # nothing
+    pol = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0))
+    pol.promoted([SnapshotInfo(100, True)])
+    spike = fire("loss_runaway", 150, actions=("rollback", "alert"))
+    spike.value = 5e4
+    plans = pol.plan([spike], Progress(150, snaps(100, 140), dropped=[150]))
+    assert [p.action for p in plans] == ["dropped", "alert"] and pol.rollbacks == 0
+    # a firing at another step is not
+    later = fire("loss_runaway", 158)
+    later.value = 5e4
+    (p,) = control(pol.plan([later], Progress(160, snaps(100, 140))))
+    assert p.action == "rollback"
+
+
+def test_the_guard_drops_non_finite_steps_and_spikes_above_its_ratio() -> None:
+    import torch
+
+    from lrwatch.probe import GradGuard
+
+    g = GradGuard(torch.device("cpu"), ratio=100.0, window=50, warmup=20)
+    verdicts = [bool(g.bad(torch.tensor(v))) for v in [1.0] * 10 + [500.0]]
+    assert verdicts[-1] is False          # fewer than 20 kept steps: no reference yet
+    verdicts = [bool(g.bad(torch.tensor(v))) for v in [1.0] * 15 + [99.0, 101.0, 1.0]]
+    assert verdicts[-3:] == [False, True, False]
+    assert bool(g.bad(torch.tensor(float("nan")))) and bool(g.bad(torch.tensor(float("inf"))))
+    # dropped norms stay out of the reference: a run of spikes does not raise it
+    assert all(bool(g.bad(torch.tensor(1e4))) for _ in range(60))
+    nonfinite_only = GradGuard(torch.device("cpu"), ratio=0.0)
+    assert not any(bool(nonfinite_only.bad(torch.tensor(v))) for v in [1.0] * 30 + [1e9])
+

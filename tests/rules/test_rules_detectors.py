@@ -130,6 +130,50 @@ def test_cusum_alarm_statistic_is_the_crossing_sum():
     assert det.statistic == pytest.approx(4.24, abs=0.01)
 
 
+def test_cusum_diff_scale_sees_a_shift_that_a_trend_hides():
+    # a loss falling 100-fold over 100 steps with x2 batch jitter, then x5 for 30 steps: the
+    # spread of the values is mostly the fall, their step-to-step differences are the jitter
+    kw = dict(k=0.5, h=5.0, warmup=30, alpha=0.03, direction="up", log=True)
+    for seed in range(6):
+        rng = random.Random(seed)
+        ys = [math.exp(-4.6 * min(i, 100) / 100 + rng.gauss(0.0, 0.8)) for i in range(160)]
+        ys += [5.0 * math.exp(-4.6 + rng.gauss(0.0, 0.8)) for _ in range(30)]
+        level, diff = fires(Cusum(**kw), ys), fires(Cusum(scale="diff", **kw), ys)
+        assert diff and 160 <= diff[0] <= 166            # no alarm before, a fast one after
+        assert not level or diff[0] < level[0]
+
+
+def test_cusum_diff_scale_is_the_jitter():
+    rng = random.Random(0)
+    det = Cusum(warmup=200, alpha=0.0, scale="diff")
+    for i in range(400):
+        det.update(0.01 * i + rng.gauss(0.0, 2.0))  # a trend of 4 sds over the stream
+    assert math.sqrt(det.state_dict()["var"]) == pytest.approx(2.0, rel=0.15)
+
+
+def test_cusum_without_restart_stays_anomalous_while_the_shift_lasts():
+    xs = [0.0, 1.0] * 5 + [0.5] * 5 + [3.0] * 6 + [0.5] * 20
+    kept = Cusum(k=0.5, h=4.0, warmup=10, alpha=0.0, restart=False)
+    out = [kept.update(x) for x in xs]
+    # anomalous through the shift, then while the capped sum (2h = 8) falls back to h by k
+    assert [i for i, v in enumerate(out) if v] == list(range(15, 28))
+    again = Cusum(k=0.5, h=4.0, warmup=10, alpha=0.0, restart=False)
+    assert max((again.update(x), again.statistic)[1] for x in xs) == 8.0
+    restarted = Cusum(k=0.5, h=4.0, warmup=10, alpha=0.0)
+    assert fires(restarted, xs) == [15, 16, 17, 18, 19, 20]
+
+
+def test_cusum_state_from_before_diff_scale_loads():
+    det = Cusum(warmup=3)
+    for x in (1.0, 2.0, 3.0, 2.0):
+        det.update(x)
+    state = det.state_dict()
+    del state["prev"]  # saved by a version without scale="diff"
+    again = Cusum(warmup=3)
+    again.load_state_dict(state)
+    assert again.update(2.5) == det.update(2.5)
+
+
 def test_page_hinkley_golden():
     det = PageHinkley(delta=0.0, threshold=3.0, min_instances=5, alpha=1.0)
     xs = [0.0] * 10 + [1.0] * 10

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Mapping
+from typing import Any, ClassVar, Mapping
 
 from .base import DIRECTIONS, Detector, Param
 
@@ -35,6 +35,20 @@ class Cusum(Detector):
         Work on ``log(x)`` (values ``<= 0`` get no decision).
     min_scale:
         Lower bound of the standard deviation, for flat series.
+    scale:
+        How the standard deviation is measured. ``level``: the spread of the values themselves
+        (Welford over the warm-up, then the EWMA). ``diff``: the run's own step-to-step noise,
+        ``E[(y_t - y_{t-1})^2] / 2`` (von Neumann), over the warm-up and then by the same EWMA.
+        A trend -- a training loss that falls by orders of magnitude in its first steps --
+        inflates the spread of the values but hardly their differences, so ``level`` on such a
+        stream is blind to a shift of several noise units that ``diff`` sees.
+    restart:
+        ``true``: a sum that crosses ``h`` fires once and starts over at zero (a persisting
+        shift fires again after it accumulates anew). ``false``: the sum is kept (capped at
+        ``2 h``) and the detector stays anomalous while it is above ``h``, so a rule on it stays
+        firing for as long as the shift lasts, and a rule on that rule can ask for persistence
+        (``for``); the cap bounds how long it takes to come back below ``h`` once the shift is
+        over (at least ``h / k`` values).
 
     Notes
     -----
@@ -62,18 +76,24 @@ class Cusum(Detector):
         "direction": Param(str, "which side fires", choices=DIRECTIONS),
         "log": Param(bool, "work on log(x)"),
         "min_scale": Param(float, "lower bound of the standard deviation", min=0, min_open=True),
+        "scale": Param(str, "the standard deviation of the values (level) or of their "
+                            "step-to-step differences / sqrt 2 (diff)", choices=("level", "diff")),
+        "restart": Param(bool, "start the sum over at zero when it fires (false: stay "
+                               "anomalous while it is above h)"),
     }
-    _STATE = ("n", "mean", "var", "hi", "lo")
+    _STATE = ("n", "mean", "var", "hi", "lo", "prev")
 
     def __init__(self, *, k: float = 0.5, h: float = 5.0, warmup: int = 30, alpha: float = 0.01,
-                 direction: str = "both", log: bool = False, min_scale: float = 1e-9) -> None:
+                 direction: str = "both", log: bool = False, min_scale: float = 1e-9,
+                 scale: str = "level", restart: bool = True) -> None:
         self._set_params(k=k, h=h, warmup=warmup, alpha=alpha, direction=direction, log=log,
-                         min_scale=min_scale)
+                         min_scale=min_scale, scale=scale, restart=restart)
         self._n = 0
         self._mean = 0.0
         self._var = 0.0  # Welford's M2 during warm-up, the variance afterwards
         self._hi = 0.0
         self._lo = 0.0
+        self._prev: float | None = None  # the previous value (scale="diff")
         # the sum that crossed h on the latest update (the sums restart at 0 when they fire,
         # so without it an alarm would report 0); not state: it describes one update only
         self._crossed: float | None = None
@@ -98,6 +118,8 @@ class Cusum(Detector):
         if not math.isfinite(x) or (self.log and x <= 0.0):
             return None
         y = math.log(x) if self.log else x
+        if self.scale == "diff":
+            return self._update_diff(y)
         self._n += 1
         if self._n <= self.warmup:  # Welford: learn mean and variance exactly
             d = y - self._mean
@@ -106,20 +128,49 @@ class Cusum(Detector):
             if self._n == self.warmup:
                 self._var /= self.warmup - 1
             return None
-        sd = max(math.sqrt(self._var), self.min_scale)
-        z = (y - self._mean) / sd
-        self._hi = max(0.0, self._hi + z - self.k)
-        self._lo = max(0.0, self._lo - z - self.k)
-        up = self.direction != "down" and self._hi > self.h
-        down = self.direction != "up" and self._lo > self.h
-        if up or down:
-            self._crossed = max(self._hi if up else 0.0, self._lo if down else 0.0)
-        if up:
-            self._hi = 0.0
-        if down:
-            self._lo = 0.0
+        fired = self._decide(y)
         a = self.alpha
         d = y - self._mean
         self._mean += a * d
         self._var = (1.0 - a) * (self._var + a * d * d)
+        return fired
+
+    def _update_diff(self, y: float) -> bool | None:
+        prev, self._prev = self._prev, y
+        self._n += 1
+        if prev is None:  # the first value: nothing to difference yet
+            self._mean = y
+            return None
+        half_sq = 0.5 * (y - prev) ** 2
+        if self._n <= self.warmup:  # running means of the values and of the half squares
+            self._mean += (y - self._mean) / self._n
+            self._var += (half_sq - self._var) / (self._n - 1)
+            return None
+        fired = self._decide(y)
+        a = self.alpha
+        self._mean += a * (y - self._mean)
+        self._var += a * (half_sq - self._var)
+        return fired
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; a state saved before ``scale`` existed has no ``prev``."""
+        super().load_state_dict({"prev": None, **state})
+
+    def _decide(self, y: float) -> bool:
+        sd = max(math.sqrt(self._var), self.min_scale)
+        z = (y - self._mean) / sd
+        self._hi = max(0.0, self._hi + z - self.k)
+        self._lo = max(0.0, self._lo - z - self.k)
+        if not self.restart:
+            self._hi, self._lo = min(self._hi, 2.0 * self.h), min(self._lo, 2.0 * self.h)
+        up = self.direction != "down" and self._hi > self.h
+        down = self.direction != "up" and self._lo > self.h
+        if up or down:
+            self._crossed = max(self._hi if up else 0.0, self._lo if down else 0.0)
+        if not self.restart:
+            return up or down
+        if up:
+            self._hi = 0.0
+        if down:
+            self._lo = 0.0
         return up or down

@@ -69,12 +69,18 @@ KNOBS: tuple[Knob, ...] = (
          "robust z of a gradient-norm spike that grad_loss_divergence escalates"),
     Knob("loss_shift_persistent", "for", (20, 10, 40),
          "how long a loss shift must persist before it is a sustained episode"),
+    Knob("loss_level_shift", "params.alpha", (0.03, 0.01, 0.05),
+         "how fast the persistent-shift reference follows the loss: slower lags behind a loss "
+         "still falling (blind), faster absorbs a shift before it has persisted"),
+    Knob("lr_raised", "params.window", (100, 50, 200),
+         "for how long a raised rate explains a higher loss (the veto of "
+         "loss_shift_persistent)"),
     Knob("loss_flat_above_untrained", "params.window", (60, 40, 80),
          "how many steps of flat loss tell a dead network from a slow start"),
-    Knob("loss_flat_near_untrained", "params.above", (1.0, 0.9, 1.1),
-         "the share of the untrained loss that a network which never learned still sits at "
-         "after `window` steps (never_learned)"),
-    Knob("loss_flat_near_untrained", "params.window", (80, 100, 150),
+    Knob("loss_flat_at_constant", "params.above", (1.0, 0.9, 1.1),
+         "the share of the constant-prediction loss that a network which never learned still "
+         "sits at after `window` steps (never_learned)"),
+    Knob("loss_flat_at_constant", "params.window", (80, 100, 150),
          "how many steps of flat loss tell a network that never learned from a slow starter"),
     Knob("loss_excursion", "params.above", (2.0, 1.5, 3.0),
          "how far above the untrained loss an earlier excursion must reach to count as damage "

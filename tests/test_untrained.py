@@ -147,7 +147,8 @@ def test_start_level_detectors_take_the_measured_level() -> None:
 def test_the_default_pack_reads_it_and_replay_equals_live(tmp_path) -> None:  # type: ignore[no-untyped-def]
     pack = load_pack("training")
     given = {r.name for r in pack if r.given == "untrained_loss"}
-    assert {"never_learned"} <= {r.name for r in pack} and "loss_flat_near_untrained" in given
+    assert {"never_learned"} <= {r.name for r in pack} and "loss_flat_above_untrained" in given
+    assert "loss_flat_at_constant" in {r.name for r in pack if r.given == "constant_loss"}
     assert "loss_above_start" in given and "loss_excursion" in given
     # a run whose first batch was unlucky: 10x its (measured) untrained loss is a blow-up
     samples = [Sample(step=1, values={"loss": 0.3, "untrained_loss": 1.0})]

@@ -88,3 +88,31 @@ def test_frozen_evaluations_at_an_annealed_rate_are_not_a_dead_network():
         # the same evaluations freeze as a cosine schedule reaches 2% of its largest rate
         assert cosine(270) < 0.05 * cosine(1)
         assert "dead_network" not in {r for r, _ in _critical(_frozen_late(seed, cosine))}
+
+
+def _stuck_at_unigram(seed: int, level: float) -> list[Sample]:
+    """A language model (untrained loss 4.6, best constant prediction -- its unigram
+    distribution -- 3.0, both measured before the first step) that blows up at steps 3-4 and
+    then sits at ``level`` with 4% batch noise; evaluations jitter without a trend."""
+    rng = random.Random(seed)
+    out = []
+    for step in range(1, 201):
+        vals = {"loss": level * math.exp(rng.gauss(0, 0.04)), "grad_norm": 1.0 + 0.1 * rng.random()}
+        if step == 1:
+            vals.update(loss=4.6, untrained_loss=4.6, constant_loss=3.0)
+        if step in (3, 4):
+            vals["loss"], vals["grad_norm"] = 30.0, 20.0
+        if step % 10 == 0:
+            vals["eval_loss"] = level * (1 + 0.01 * math.sin(0.7 * step))
+        out.append(Sample(step=step, values=vals))
+    return out
+
+
+def test_a_language_model_stuck_at_its_unigram_level_never_learned():
+    # 0.65x its untrained loss, flat at the constant prediction's: the level that the
+    # untrained-loss version of the rule could not see; 0.8x the constant level is learning
+    for seed in range(3):
+        steps = [s for r, s in _critical(_stuck_at_unigram(seed, 3.0)) if r == "never_learned"]
+        assert steps and 80 <= steps[0] <= 110, (seed, steps)
+        learned = _critical(_stuck_at_unigram(seed, 2.4))
+        assert "never_learned" not in {r for r, _ in learned}, (seed, learned)

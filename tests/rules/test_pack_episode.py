@@ -1,0 +1,80 @@
+"""The default pack on sustained episodes: a loss that moves up x5 and stays there for 60 steps
+is critical (loss_shift_persistent) even when its batches jitter by x2 and it fell 100-fold
+before; the same rise while a cyclical schedule raises the rate is explained and stays quiet."""
+
+from __future__ import annotations
+
+import math
+import random
+
+from lrwatch.rules import Engine, load_pack
+from lrwatch.samples import Sample
+
+
+def _run(seed: int, episode: bool, lr=lambda step: 0.01) -> list[Sample]:
+    """A loss falling 100-fold over 100 steps with x2 batch jitter (log-sd 0.7), then flat;
+    ``episode``: x5 from step 150 to 210 (loss and gradient norm, as a bad data shard does)."""
+    rng = random.Random(seed)
+    out = []
+    for step in range(1, 301):
+        f = 5.0 if episode and 150 <= step < 210 else 1.0
+        loss = f * math.exp(-4.6 * min(step, 100) / 100 + rng.gauss(0.0, 0.7))
+        vals = {"loss": loss, "grad_norm": f * math.exp(rng.gauss(0.0, 0.3)), "lr": lr(step)}
+        if step == 1:
+            vals.update(untrained_loss=1.0, constant_loss=0.7)
+        out.append(Sample(step=step, values=vals))
+    return out
+
+
+def _critical(samples: list[Sample]) -> list[tuple[str, int]]:
+    eng = Engine(load_pack("training"))
+    return [(e.rule, e.step) for s in samples for e in eng.update(s)
+            if e.kind == "firing" and e.severity == "critical"]
+
+
+def test_a_sustained_episode_on_a_noisy_falling_loss_is_critical():
+    for seed in range(4):
+        steps = [s for r, s in _critical(_run(seed, True)) if r == "loss_shift_persistent"]
+        assert steps and 150 <= steps[0] <= 185, (seed, steps)
+        assert not [s for _, s in _critical(_run(seed, True)) if s < 150]
+        assert _critical(_run(seed, False)) == [], seed
+
+
+def test_the_same_rise_while_the_schedule_raises_the_rate_is_not():
+    # a warm restart at step 140 to 3x the rate: a higher loss is expected for a while
+    def restart(step: int) -> float:
+        return 0.01 if step < 140 else 0.03
+
+    for seed in range(4):
+        crit = _critical(_run(seed, True, restart))
+        assert "loss_shift_persistent" not in {r for r, _ in crit}, (seed, crit)
+
+
+def _lstm_like(seed: int, spike_steps: int) -> list[Sample]:
+    """A noisy loss around 0.7 (log-sd 0.3) with a gradient norm around 0.5; at step 41 the
+    gradient norm jumps 200x for ``spike_steps`` steps, and from step 43 the loss runs 2.2x for
+    ``max(4, spike_steps)`` steps."""
+    rng = random.Random(seed)
+    out = []
+    for step in range(1, 121):
+        loss = 0.7 * math.exp(rng.gauss(0.0, 0.3))
+        grad = 0.5 * math.exp(rng.gauss(0.0, 0.3))
+        if 41 <= step < 41 + spike_steps:
+            grad *= 200.0
+        if 43 <= step < 43 + max(4, spike_steps):
+            loss *= 2.2
+        vals = {"loss": loss, "grad_norm": grad, "lr": 0.03}
+        if step == 1:
+            vals.update(untrained_loss=1.6, constant_loss=1.5)
+        out.append(Sample(step=step, values=vals))
+    return out
+
+
+def test_a_one_step_gradient_spike_then_a_loss_wobble_is_a_transient():
+    # one bad batch: its gradient is over before the loss moves, and the run recovers
+    for seed in range(4):
+        assert "grad_loss_divergence" not in {r for r, _ in _critical(_lstm_like(seed, 1))}
+    # the gradient norm stays exploded while the loss shifts: a divergence
+    caught = [seed for seed in range(4)
+              if "grad_loss_divergence" in {r for r, _ in _critical(_lstm_like(seed, 30))}]
+    assert len(caught) >= 3, caught

@@ -312,6 +312,8 @@ TRANSIENT_SHARE = 0.15     # an excursion that ends in the first 15% of the run 
 STUCK_LEVEL = 1.5          # natural stuck-above: the final loss is >= 1.5x the untrained loss
 DEAD_LEVEL = 0.9           # natural never-learned: final loss >= 0.9x the untrained loss ...
 DEAD_BLOWUP = 2.0          # ... after an early excursion above 2x the untrained loss
+# natural never-learned, too: the final loss is no lower than the best constant prediction's
+# (constant_loss, measured before the first step), whatever the untrained loss was
 DEAD_EVALS = 5             # natural dead classifier: the last 5 evaluations at chance ...
 CHANCE_MARGIN = 0.01       # ... (within 1 point of the majority class's share)
 CHANCE_ONSET_MARGIN = 0.05  # its onset: where the final stretch within 5 points of chance began
@@ -391,7 +393,12 @@ def label_natural(samples: Sequence[Sample], chance: float | None = None) -> dic
       loss in the first ``TRANSIENT_SHARE`` of the run and the final loss is still at least
       ``DEAD_LEVEL`` times the untrained loss. Onset: the first step above ``DEAD_BLOWUP`` in
       the first ``TRANSIENT_SHARE`` of the run if there is one, else the step after the last
-      evaluation above chance.
+      evaluation above chance. Also *never_learned*: finite, not stuck above, and the final
+      loss is at least the loss of the best constant prediction (``constant_loss`` in step 1, measured before
+      the first step like the untrained loss; traces without it skip this test): a network
+      that, after all its steps, does no better than one fitted output vector has learned
+      nothing. Onset: the first step above ``DEAD_BLOWUP`` in the first ``TRANSIENT_SHARE``
+      of the run if there is one, else step 1.
     * *healthy* (``transient: true``): a run the base rule calls ambiguous because of a large
       excursion, when that excursion ended within the first ``TRANSIENT_SHARE`` of the run and
       the run then learned (final loss at most 0.8x the untrained loss) -- an early transient
@@ -419,6 +426,16 @@ def _label_natural(samples: Sequence[Sample], chance: float | None) -> dict[str,
         return {**lab, "label": "diverged", "kind": "never_learned", "onset": onset,
                 "reason": f"held-out accuracy at chance ({chance:.3f}) for the last "
                           f"{DEAD_EVALS} evaluations: a dead network"}
+    const = constant_level(samples)
+    _, loss = dr._loss_arrays(samples)
+    if lab["label"] in ("healthy", "ambiguous") and const is not None \
+            and const <= lab["final_loss"] < STUCK_LEVEL * dr.untrained_level(samples, loss):
+        early = int(math.ceil(TRANSIENT_SHARE * len(loss)))
+        blown = np.nonzero(loss[:early] > DEAD_BLOWUP * dr.untrained_level(samples, loss))[0]
+        return {**lab, "label": "diverged", "kind": "never_learned",
+                "onset": int(blown[0] + 1) if len(blown) else 1,
+                "reason": f"final loss {lab['final_loss']:.3g} >= the constant prediction's "
+                          f"{const:.3g}: learned nothing a constant output could not"}
     if lab["label"] != "ambiguous" and not (lab["label"] == "diverged"
                                             and lab["first_nonfinite"] is None):
         return lab
@@ -458,6 +475,13 @@ def _label_natural(samples: Sequence[Sample], chance: float | None) -> dict[str,
             return {**lab, "label": "healthy", "transient": True,
                     "reason": f"early transient (until step {int(idx[-1] + 1)}), then learned"}
     return lab
+
+
+def constant_level(samples: Sequence[Sample]) -> float | None:
+    """The loss of the best constant prediction (``constant_loss`` in step 1, measured by the
+    recorder before the first step as the Watcher does), or None when the trace lacks it."""
+    c = samples[0].values.get("constant_loss") if samples else None
+    return float(c) if c is not None and math.isfinite(c) and c > 0.0 else None
 
 
 def label_faulted(samples: Sequence[Sample], spec: RunSpec) -> dict[str, Any]:

@@ -171,6 +171,28 @@ def test_labels_judge_against_the_measured_untrained_loss() -> None:
     assert fr.label_natural(run(0.6, None))["label"] == "ambiguous"
 
 
+def test_a_run_no_better_than_a_constant_prediction_never_learned() -> None:
+    from lrwatch.samples import Sample
+
+    from benchmarks import family_runs as fr
+
+    # a regression whose loss fell from 0.42 (untrained) to 0.19 -- "learned" against the
+    # untrained loss -- while one fitted constant output scores 0.177: it learned nothing
+    def run(final: float, const: float | None) -> list:
+        out = _curve(lambda i: 0.42 + (final - 0.42) * min(i, 60) / 60)
+        extra = {"untrained_loss": 0.42} if const is None else \
+            {"untrained_loss": 0.42, "constant_loss": const}
+        out[0] = Sample(step=1, values={**out[0].values, **extra})
+        return out
+
+    lab = fr.label_natural(run(0.19, 0.177))
+    assert (lab["label"], lab["kind"], lab["onset"]) == ("diverged", "never_learned", 1), lab
+    assert fr.label_natural(run(0.15, 0.177))["label"] == "healthy"   # below it: learned
+    assert fr.label_natural(run(0.19, None))["label"] == "healthy"    # not measured: as before
+    # far above both levels is stuck above, not never learned
+    assert fr.label_natural(run(0.9, 0.177))["kind"] == "stuck_above"
+
+
 def test_the_recorder_measures_the_untrained_loss_without_touching_the_run(tmp_path) -> None:
     import json
 

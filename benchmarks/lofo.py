@@ -72,7 +72,7 @@ KNOBS: tuple[Knob, ...] = (
     Knob("loss_level_shift", "params.alpha", (0.03, 0.01, 0.05),
          "how fast the persistent-shift reference follows the loss: slower lags behind a loss "
          "still falling (blind), faster absorbs a shift before it has persisted"),
-    Knob("lr_raised", "params.window", (100, 50, 200),
+    Knob("lr_raised", "params.window", (50, 100, 200),
          "for how long a raised rate explains a higher loss (the veto of "
          "loss_shift_persistent)"),
     Knob("loss_flat_above_untrained", "params.window", (60, 40, 80),

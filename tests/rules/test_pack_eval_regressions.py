@@ -7,9 +7,10 @@ from __future__ import annotations
 import math
 import random
 
-from lrwatch.rules import Engine, load_pack
+from lrwatch.rules import Engine
 from lrwatch.rules.schema import pack_text, parse_rules
 from lrwatch.samples import Sample
+from pack_firings import critical
 
 EVERY = 10
 
@@ -26,12 +27,6 @@ def _learning_then_plateau(n: int, seed: int) -> tuple[list[float], list[float]]
     return acc, loss
 
 
-def _critical(samples: list[Sample]) -> list[tuple[str, int]]:
-    eng = Engine(load_pack("training"))
-    return [(e.rule, e.step) for s in samples for e in eng.update(s)
-            if e.kind == "firing" and e.severity == "critical"]
-
-
 def test_silent_regression_is_critical_within_three_evaluations():
     for seed in range(5):
         acc, loss = _learning_then_plateau(20, seed)
@@ -39,7 +34,7 @@ def test_silent_regression_is_critical_within_three_evaluations():
         # from the onset the model loses 2 accuracy points per evaluation; its loss follows
         acc += [acc[-1] - 0.02 * (k + 1) for k in range(5)]
         loss += [loss[-1] * (1 + 0.05 * (k + 1)) for k in range(5)]
-        crit = _critical(_evals(acc, loss))
+        crit = critical(_evals(acc, loss))
         assert crit, f"seed {seed}: no critical firing"
         first_step = min(step for _, step in crit)
         assert (onset + 1) * EVERY <= first_step <= (onset + 3) * EVERY, (seed, crit)
@@ -50,10 +45,10 @@ def test_overfitting_and_plateaus_are_not_critical():
     for seed in range(5):
         acc, loss = _learning_then_plateau(30, seed)
         plateau = _evals(acc, loss)
-        assert _critical(plateau) == [], seed
+        assert critical(plateau) == [], seed
         # over-fitting: the held-out loss creeps up 1% per evaluation, the accuracy holds
         over = _evals(acc, loss[:15] + [loss[14] * (1 + 0.01 * k) for k in range(1, 16)])
-        assert not [r for r, _ in _critical(over) if r == "eval_regression_both"], seed
+        assert not [r for r, _ in critical(over) if r == "eval_regression_both"], seed
 
 
 def _with_rate(evals: list[Sample], rate) -> list[Sample]:
@@ -84,7 +79,7 @@ def _cyclical(n: int, seed: int) -> tuple[list[float], list[float]]:
 def test_a_cyclical_schedule_is_judged_against_the_same_phase():
     for seed in range(5):
         acc, loss = _cyclical(30, seed)
-        assert _critical(_with_rate(_evals(acc, loss), _triangle)) == [], seed
+        assert critical(_with_rate(_evals(acc, loss), _triangle)) == [], seed
         # the same rules judging against the best at any rate fire at the peaks
         plain = Engine(parse_rules(pack_text("training").replace("    given: lr\n", "")))
         fired = [e for s in _with_rate(_evals(acc, loss), _triangle) for e in plain.update(s)
@@ -98,7 +93,7 @@ def test_a_regression_at_a_high_rate_fires_without_waiting_for_a_trough():
         onset = 22     # step 230, the rate rising towards its peak at step 250
         acc = acc[:onset] + [a - 0.03 * (k + 1) for k, a in enumerate(acc[onset:])]
         loss = loss[:onset] + [l * (1 + 0.08 * (k + 1)) for k, l in enumerate(loss[onset:])]
-        crit = _critical(_with_rate(_evals(acc, loss), _triangle))
+        crit = critical(_with_rate(_evals(acc, loss), _triangle))
         assert crit, seed
         first = min(st for _, st in crit)
         assert (onset + 1) * EVERY <= first <= (onset + 3) * EVERY, (seed, crit)
@@ -116,7 +111,7 @@ def test_a_regression_after_a_warm_restart_fires_once_the_rate_is_comparable_aga
     def rate(step: int) -> float:
         return 0.1 if step < onset_step else 0.1 + 0.2 * max(0.0, 1 - (step - onset_step) / 100)
 
-    crit = [(r, st) for r, st in _critical(_with_rate(_evals(acc, loss), rate))
+    crit = [(r, st) for r, st in critical(_with_rate(_evals(acc, loss), rate))
             if r.startswith("eval_")]
     assert crit, "the regression outlasted the rise and must fire"
     first = min(st for _, st in crit)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 import random
 
-from lrwatch.rules import Engine, load_pack
 from lrwatch.samples import Sample
+from pack_firings import critical
 
 
 def _run(n: int, seed: int, eval_loss, damage: str = "blowup") -> list[Sample]:
@@ -31,12 +31,6 @@ def _run(n: int, seed: int, eval_loss, damage: str = "blowup") -> list[Sample]:
     return out
 
 
-def _critical(samples: list[Sample]) -> list[tuple[str, int]]:
-    eng = Engine(load_pack("training"))
-    return [(e.rule, e.step) for s in samples for e in eng.update(s)
-            if e.kind == "firing" and e.severity == "critical"]
-
-
 def _wobble(step: int) -> float:
     return 2.3 * (1 + 0.01 * math.sin(0.7 * step))
 
@@ -44,7 +38,7 @@ def _wobble(step: int) -> float:
 def test_a_network_that_never_learned_is_critical_after_80_steps():
     for seed in range(3):
         for damage in ("blowup", "faded"):
-            crit = _critical(_run(160, seed, _wobble, damage))
+            crit = critical(_run(160, seed, _wobble, damage))
             steps = [s for r, s in crit if r == "never_learned"]
             assert steps and 80 <= steps[0] <= 110, (seed, damage, crit)
 
@@ -53,13 +47,13 @@ def test_a_flat_start_with_a_live_gradient_and_no_blow_up_is_a_slow_starter():
     # a transformer under plain SGD sits on its untrained loss for 80-140 steps, then learns;
     # nothing in its first steps says it was damaged, so it is not a never-learned run
     for seed in range(3):
-        crit = _critical(_run(160, seed, _wobble, "none"))
+        crit = critical(_run(160, seed, _wobble, "none"))
         assert not [r for r, _ in crit if r == "never_learned"], (seed, crit)
 
 
 def test_a_slow_starter_whose_held_out_loss_improves_is_not():
     for seed in range(3):
-        crit = _critical(_run(160, seed, lambda step: 2.3 * (1 - 0.002 * step)))
+        crit = critical(_run(160, seed, lambda step: 2.3 * (1 - 0.002 * step)))
         assert not [r for r, _ in crit if r in ("never_learned", "loss_not_learning")], crit
 
 
@@ -82,12 +76,12 @@ def test_frozen_evaluations_at_an_annealed_rate_are_not_a_dead_network():
         return 0.05 * (1 + math.cos(math.pi * step / 300))
 
     for seed in range(3):
-        dead = [s for r, s in _critical(_frozen_late(seed, lambda step: 0.1))
+        dead = [s for r, s in critical(_frozen_late(seed, lambda step: 0.1))
                 if r == "dead_network"]
         assert dead and 270 <= dead[0] <= 280, (seed, dead)       # a constant rate: dead
         # the same evaluations freeze as a cosine schedule reaches 2% of its largest rate
         assert cosine(270) < 0.05 * cosine(1)
-        assert "dead_network" not in {r for r, _ in _critical(_frozen_late(seed, cosine))}
+        assert "dead_network" not in {r for r, _ in critical(_frozen_late(seed, cosine))}
 
 
 def _stuck_at_unigram(seed: int, level: float) -> list[Sample]:
@@ -112,7 +106,7 @@ def test_a_language_model_stuck_at_its_unigram_level_never_learned():
     # 0.65x its untrained loss, flat at the constant prediction's: the level that the
     # untrained-loss version of the rule could not see; 0.8x the constant level is learning
     for seed in range(3):
-        steps = [s for r, s in _critical(_stuck_at_unigram(seed, 3.0)) if r == "never_learned"]
+        steps = [s for r, s in critical(_stuck_at_unigram(seed, 3.0)) if r == "never_learned"]
         assert steps and 80 <= steps[0] <= 110, (seed, steps)
-        learned = _critical(_stuck_at_unigram(seed, 2.4))
+        learned = critical(_stuck_at_unigram(seed, 2.4))
         assert "never_learned" not in {r for r, _ in learned}, (seed, learned)

@@ -42,9 +42,12 @@ class Knob:
 #: What is tuned, and why each value is not a measured quantity already. The first value of
 #: each knob is where the coordinate search starts.
 KNOBS: tuple[Knob, ...] = (
-    Knob("loss_above_start", "for", (6, 1, 3, 10),
+    Knob("loss_far_above_start", "for", (6, 1, 3, 10),
          "how long the loss must stay 10x above the untrained loss: adaptive optimizers spike "
          "early for a few steps and recover"),
+    Knob("loss_falling", "params.min_change", (0.5, 0.3, 0.7),
+         "how far (log units) the loss must fall over 6 steps for a loss far above its start "
+         "to count as a transient that is recovering (the veto of loss_above_start)"),
     Knob("loss_flat_above_untrained", "params.above", (1.2, 0.9, 1.0, 1.5, 2.0),
          "the share of the untrained loss a dead network sits at: a constant prediction's loss "
          "(the label entropy) is below the untrained loss by a task-dependent amount"),
@@ -94,6 +97,11 @@ KNOBS: tuple[Knob, ...] = (
          "how far below its best, in its own noise, the evaluation accuracy must fall"),
     Knob("eval_accuracy_far_below_best", "params.count", (2, 3),
          "how many evaluations in a row must be that far below"),
+    Knob("eval_accuracy_far_below_best", "params.min_drop", (0.02, 0.0, 0.01, 0.03),
+         "the smallest fall below the best that counts (accuracy points): on a large "
+         "evaluation set a point lost to slight over-fitting is many noise sigmas"),
+    Knob("eval_accuracy_below_best", "params.min_drop", (0.02, 0.0, 0.01, 0.03),
+         "the same floor for eval_regression_both's accuracy half"),
     Knob("eval_loss_far_above_best", "params.z", (10.0, 8.0, 12.0, 15.0, 20.0),
          "the same for the evaluation loss, which over-fitting raises more"),
     Knob("eval_loss_far_above_best", "params.count", (3, 1, 2, 4),

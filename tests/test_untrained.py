@@ -149,20 +149,21 @@ def test_the_default_pack_reads_it_and_replay_equals_live(tmp_path) -> None:  # 
     given = {r.name for r in pack if r.given == "untrained_loss"}
     assert {"never_learned"} <= {r.name for r in pack} and "loss_flat_above_untrained" in given
     assert "loss_flat_at_constant" in {r.name for r in pack if r.given == "constant_loss"}
-    assert "loss_above_start" in given and "loss_excursion" in given
+    assert "loss_far_above_start" in given and "loss_excursion" in given
+    start = {"loss_far_above_start", "loss_falling", "loss_above_start"}
     # a run whose first batch was unlucky: 10x its (measured) untrained loss is a blow-up
     samples = [Sample(step=1, values={"loss": 0.3, "untrained_loss": 1.0})]
     samples += [Sample(step=s, values={"loss": 12.0}) for s in range(2, 12)]
-    eng = Engine(RuleSet([r for r in pack if r.name == "loss_above_start"]))
+    eng = Engine(RuleSet([r for r in pack if r.name in start]))
     fired = [e.step for s in samples for e in eng.update(s) if e.kind == "firing"]
     assert fired and fired[0] <= 8
-    eng2 = Engine(RuleSet([r for r in pack if r.name == "loss_above_start"]))
+    eng2 = Engine(RuleSet([r for r in pack if r.name in start]))
     state = None
     out = []
     for i, s in enumerate(samples):      # cut and resumed from the saved state mid-run
         if i == 5:
             state = eng2.state_dict()
-            eng2 = Engine(RuleSet([r for r in pack if r.name == "loss_above_start"]))
+            eng2 = Engine(RuleSet([r for r in pack if r.name in start]))
             eng2.load_state_dict(state)
         out += [e.step for e in eng2.update(s) if e.kind == "firing"]
     assert out == fired

@@ -117,3 +117,20 @@ def test_a_regression_after_a_warm_restart_fires_once_the_rate_is_comparable_aga
     first = min(st for _, st in crit)
     # judged against the evaluations before the restart once the rate is within 1.5x of theirs
     assert rate(first) <= 0.15 and first <= onset_step + 100, crit
+
+
+def test_slight_overfitting_on_a_large_evaluation_set_is_not_critical():
+    """A point of accuracy lost slowly on an evaluation set so large that the accuracy barely
+    jitters (0.1 points) is many noise sigmas, but below the 2-point floor (`min_drop`): no
+    critical firing. The same run losing 2 points per evaluation is caught within 3."""
+    for seed in range(5):
+        rng = random.Random(seed)
+        acc = [0.85 - 0.1 * math.exp(-i / 2) + rng.gauss(0, 0.001) for i in range(12)]
+        loss = [0.35 + 0.3 * math.exp(-i / 2) + rng.gauss(0, 0.001) for i in range(12)]
+        slight = (acc + [acc[-1] - 0.001 * (k + 1) for k in range(18)],
+                  loss + [loss[-1] * (1 + 0.004 * (k + 1)) for k in range(18)])
+        assert critical(_evals(*slight)) == [], seed
+        silent = (acc + [acc[-1] - 0.02 * (k + 1) for k in range(5)],
+                  loss + [loss[-1] * (1 + 0.03 * (k + 1)) for k in range(5)])
+        crit = critical(_evals(*silent))
+        assert crit and min(s for _, s in crit) <= (12 + 3) * EVERY, (seed, crit)

@@ -80,7 +80,9 @@ class Trend(Detector):
         ``up`` (increasing fires) or ``down``.
     min_change:
         Smallest relative change over the window that may fire: ``|slope| * (window - 1) /
-        |mean|``; keeps tiny but significant drifts of a very smooth series quiet.
+        |mean|``; keeps tiny but significant drifts of a very smooth series quiet. With
+        ``log``, the change of ``log(x)`` over the window itself (``|slope| * (window - 1)``:
+        0.01 is about 1%, 0.5 a fall to 0.61x).
     log:
         Fit ``log(x)`` (values ``<= 0`` get no decision).
 

@@ -53,6 +53,7 @@ from scipy import special
 from ..errors import ConfigError
 from .multivariate import JointModel
 from .reference import FINE_BINS, Reference, cat_key
+from .scale import LOCATION_SCALE
 from .stats import Profile, categorical_tests, numeric_tests
 
 __all__ = ["Calibration", "calibrate", "normal_scores", "HORIZONS"]
@@ -118,6 +119,9 @@ class Calibration:
     #: thresholds of the per-feature tests alone (used when the joint test is switched off)
     base_threshold: float | None = None
     base_seq_threshold: float | None = None
+    #: the scale of the mean, sequential and joint tests (:data:`.scale.LOCATION_SCALE`;
+    #: ``None``: raw values, an lrwatch before 4 December; such a calibration is redone)
+    location_scale: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,9 +131,11 @@ class Calibration:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
     def matches(self, window_size: int, target_windows: float, dims: int) -> bool:
-        """For this window size and target, with ``dims`` per-feature test dims."""
+        """For this window size and target, with ``dims`` per-feature test dims, on this
+        lrwatch's location scale."""
         return (self.window_size == window_size and self.target_windows == target_windows
-                and len(self.mu) == dims + len(self.joint_features or []))
+                and len(self.mu) == dims + len(self.joint_features or [])
+                and self.location_scale == LOCATION_SCALE)
 
 
 def normal_scores(p: np.ndarray, mean_dims: np.ndarray) -> np.ndarray:
@@ -155,17 +161,16 @@ class _Resampler:
 
         cols = prof.reference.sample
         m = len(next(iter(cols.values()))) if cols else 0
-        if m < 10:
+        if m < 10 or (prof.num and prof.sample_x.shape[0] != m):
             raise ConfigError("the reference has no row sample to calibrate from; rebuild it "
                               "with `lrwatch baseline build`")
         self.m = m
         fn = len(prof.num)
-        x = np.empty((m, fn), dtype=np.float64)
-        for j, f in enumerate(prof.num):
-            x[:, j] = [float(v) if type(v) in (int, float) else math.nan for v in cols[f.name]]
+        x = prof.sample_x if prof.num else np.empty((m, 0))
         miss = np.isnan(x)
-        self.x_std = x  # for correlations
-        self.x0 = np.where(miss, 0.0, x)
+        xt = prof.location.apply(x)  # the location tests' scale (see .scale)
+        self.x_std = xt  # for correlations and the joint test
+        self.x0 = np.where(miss, 0.0, xt)
         self.x0sq = self.x0 ** 2
         self.present = (~miss).astype(np.float64)
         idx = np.empty((m, fn), dtype=np.int64)
@@ -509,4 +514,5 @@ def calibrate(ref: Reference, *, window_size: int = 1000, target_windows: float 
                        joint_mean=[float(v) for v in ju.mean(axis=0)],
                        joint_sd=[float(v) for v in ju.std(axis=0)],
                        joint_inflation=rs.jkappa,
-                       base_threshold=base, base_seq_threshold=base_seq)
+                       base_threshold=base, base_seq_threshold=base_seq,
+                       location_scale=LOCATION_SCALE)

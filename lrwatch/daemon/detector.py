@@ -41,8 +41,9 @@ import numpy as np
 
 from ..errors import ConfigError
 from .calibrate import Calibration, calibrate, normal_scores, standardise
-from .multivariate import JointModel, sample_matrix
+from .multivariate import JointModel
 from .reference import PREDICTION, Reference
+from .scale import LOCATION_SCALE
 from .stats import Profile, WindowTests, window_tests
 
 __all__ = ["DriftDetector", "DriftResult"]
@@ -54,11 +55,12 @@ def _fit_joint(ref: Reference, prof: Profile) -> JointModel | None:
     """The joint test's model of ``ref`` (``None``, with a log line, when it cannot have one)."""
     if len(prof.num_names) - (PREDICTION in prof.num_names) < 2:
         return None  # one numeric input feature: nothing to be joint with
-    try:
-        x = sample_matrix(ref.sample, prof.num_names)
-    except ValueError as exc:
-        _log.info("no joint drift test: %s", exc)
+    lengths = {len(ref.sample.get(name) or ()) for name in prof.num_names}
+    if len(lengths) != 1 or 0 in lengths:
+        _log.info("no joint drift test: the reference sample lacks numeric columns or they "
+                  "differ in length (rebuild it with `lrwatch baseline build`)")
         return None
+    x = prof.location.apply(prof.sample_x)
     model = JointModel.fit(x, prof.num_names)
     if model is None:
         _log.info("no joint drift test: fewer than 2 usable numeric features or too few "
@@ -218,6 +220,10 @@ class DriftDetector:
         tw = target_windows or (cached.target_windows if cached else 1000.0)
         want = self._joint_model.names if self._joint_model is not None else []
         ok = cached is not None and cached.matches(ws, tw, len(self.profile.dims))
+        if cached is not None and cached.location_scale != LOCATION_SCALE:
+            _log.info("the reference's cached calibration was made on raw values, before the "
+                      "location tests moved to normal scores; recalibrating (seconds; `lrwatch "
+                      "baseline recalibrate REFERENCE` stores it in the file once)")
         if ok and want and cached is not None and cached.joint_features != want:
             _log.info("the reference's cached calibration %s; recalibrating (seconds) so that "
                       "the joint drift test shares the false-alarm target (`lrwatch baseline "
@@ -254,7 +260,8 @@ class DriftDetector:
         of :meth:`Profile.encode` per categorical feature."""
         prof = self.profile
         fn, fc = len(prof.num), len(prof.cat)
-        tests = window_tests(prof, x, cats)
+        xt = prof.location.apply(x) if fn else x
+        tests = window_tests(prof, x, cats, xt)
         raw = normal_scores(tests.pvalues(), prof.mean_dims)
         scores = standardise(raw, self._mu, self._sd, prof.mean_dims)
         num_s = scores[: fn * 4].reshape(fn, 4)
@@ -284,11 +291,12 @@ class DriftDetector:
                           seq_threshold=self.seq_threshold,
                           drifted_features=[n for n, d in zip(self.names, drifted) if d])
         if self._joint_model is not None and x.shape[0] > 0:
-            self._joint(x, res)
+            self._joint(xt, res)
         return res
 
     def _joint(self, x: np.ndarray, res: DriftResult) -> None:
-        """The joint test of window ``x``, per window and accumulated, into ``res``."""
+        """The joint test of window ``x`` (on the location scale), per window and accumulated,
+        into ``res``."""
         model = self._joint_model
         assert model is not None
         n = float(x.shape[0])
@@ -333,6 +341,7 @@ class DriftDetector:
     def _sequential(self, tests: WindowTests) -> np.ndarray:
         self._hist.append((tests.sums.copy(), tests.present.copy()))
         prof = self.profile
+        loc_mean, loc_std = prof.loc_moments
         best = np.zeros(len(prof.num))
         shift = np.zeros(len(prof.num))
         hist = list(self._hist)
@@ -345,8 +354,8 @@ class DriftDetector:
             k += 1
             if k in self.horizons:
                 with np.errstate(divide="ignore", invalid="ignore"):
-                    mean_shift = np.where(c > 0, (s / np.maximum(c, 1.0) - prof.ref_mean)
-                                          / prof.ref_std, 0.0)
+                    mean_shift = np.where(c > 0, (s / np.maximum(c, 1.0) - loc_mean)
+                                          / loc_std, 0.0)
                     z = np.abs(mean_shift) / np.sqrt(1.0 / np.maximum(c, 1.0) + 1.0 / self._m)
                 better = z > best
                 best = np.where(better, z, best)

@@ -48,13 +48,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from .reference import PREDICTION
 
-__all__ = ["JointModel", "sample_matrix", "RIDGE", "MIN_ROWS_PER_FEATURE"]
+__all__ = ["JointModel", "RIDGE", "MIN_ROWS_PER_FEATURE"]
 
 #: Ridge on the standardised Gram matrix (relative to the rows): keeps exactly collinear
 #: features (a column that is the sum of others) invertible at a negligible cost in power.
@@ -69,18 +69,6 @@ COEF_ERROR_MAX = 4.0
 INFLATION_SPLITS = 24
 #: The per-row statistic: ``"abs"`` (``|e|``) or ``"square"`` (``e^2``), see :func:`_row_stat`.
 ROW_STAT = "abs"
-
-
-def sample_matrix(sample: Mapping[str, Sequence[Any]], names: Sequence[str]) -> np.ndarray:
-    """The reference's row sample as an ``(m, len(names))`` float array, NaN where missing."""
-    m = len(next(iter(sample.values()))) if sample else 0
-    x = np.empty((m, len(names)), dtype=np.float64)
-    for j, name in enumerate(names):
-        col = sample.get(name)
-        if col is None or len(col) != m:
-            raise ValueError(f"the reference sample has no column {name!r} of {m} rows")
-        x[:, j] = [float(v) if type(v) in (int, float) else math.nan for v in col]
-    return x
 
 
 @dataclass

@@ -11,7 +11,7 @@ cell expects records):
   effective size ``n*m/(n+m)``), a two-sample chi-square on :data:`~.reference.COARSE_BINS`
   grouped bins (catches scale and shape changes), and a z-test of the mean with the reference
   standard deviation and variance ``sigma^2 (1/n + 1/m)`` (the most powerful test for location
-  shifts);
+  shifts), on the reference's normal scores (:mod:`.scale`: calibrated on heavy tails too);
 * categorical / binary: a two-sample chi-square over the reference categories plus one cell for
   unseen categories;
 * every feature: a two-proportion z-test of its missing-value rate.
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import repeat
 from typing import Any, Sequence
 
@@ -35,6 +36,7 @@ import numpy as np
 from scipy import special
 
 from .reference import COARSE_BINS, FINE_BINS, FeatureProfile, Reference, cat_key
+from .scale import NormalScores
 
 __all__ = ["Profile", "WindowTests", "numeric_tests", "categorical_tests", "TESTS_NUMERIC",
            "TESTS_CATEGORICAL"]
@@ -78,6 +80,39 @@ class Profile:
             [(n, t) for n in self.num_names for t in TESTS_NUMERIC]
             + [(n, t) for n in self.cat_names for t in TESTS_CATEGORICAL])
         self.mean_dims = np.array([t == "mean" for _, t in self.dims])
+
+    # --- the location scale (:mod:`.scale`), fitted on first use --------------------------------
+    @cached_property
+    def sample_x(self) -> np.ndarray:
+        """The reference's row sample of the numeric features, ``(m, Fn)`` with NaN missing
+        (``(0, Fn)`` when the reference keeps no sample)."""
+        cols = self.reference.sample
+        m = min((len(cols[n]) for n in self.num_names if n in cols), default=0)
+        if any(n not in cols for n in self.num_names):
+            m = 0
+        x = np.empty((m, len(self.num)), dtype=np.float64)
+        for j, name in enumerate(self.num_names):
+            x[:, j] = [float(v) if type(v) in (int, float) else math.nan
+                       for v in cols[name][:m]]
+        return x
+
+    @cached_property
+    def location(self) -> NormalScores:
+        """Each numeric feature's map to reference normal scores (:mod:`.scale`)."""
+        return NormalScores.fit(self.sample_x, self.ref_mean, self.ref_std)
+
+    @cached_property
+    def loc_moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard deviation of the reference sample on the location scale (the
+        profile's raw ones when there is no sample)."""
+        xt = self.location.apply(self.sample_x)
+        if xt.shape[0] < 2:  # no sample: the fallback map standardises the raw values
+            return np.zeros(len(self.num)), np.ones(len(self.num))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.nanmean(xt, axis=0)
+            sd = np.nanstd(xt, axis=0, ddof=1)
+        ok = np.isfinite(mean) & np.isfinite(sd) & (sd > 0)
+        return np.where(ok, mean, 0.0), np.where(ok, sd, 1.0)
 
     # --- binning -----------------------------------------------------------------------------
     def bin_numeric(self, x: np.ndarray) -> np.ndarray:
@@ -178,8 +213,8 @@ class WindowTests:
     js: np.ndarray
     wasserstein: np.ndarray  # in reference standard deviations
     missing_ratio: np.ndarray
-    mean_shift: np.ndarray  # (window mean - reference mean) / reference std
-    sums: np.ndarray  # sum of present values, for the sequential tests
+    mean_shift: np.ndarray  # (window mean - reference mean) / reference std, location scale
+    sums: np.ndarray  # sum of present values on the location scale, for the sequential tests
     present: np.ndarray  # count of present values
     # categorical, shape (Fc,)
     c_chi2: np.ndarray
@@ -202,11 +237,12 @@ def numeric_tests(prof: Profile, a: np.ndarray, asum: np.ndarray, n_total: float
                   b: np.ndarray | None = None, bmean: np.ndarray | None = None,
                   bstd: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Numeric tests from window fine counts ``a`` (``(..., Fn, FINE_BINS+1)``, missing last)
-    and the sums of present values ``(..., Fn)``. ``b``/``bmean``/``bstd`` default to the
-    reference; calibration passes resampled ones, with a leading batch axis."""
+    and the sums of present values on the location scale ``(..., Fn)`` (:mod:`.scale`).
+    ``b``/``bmean``/``bstd`` default to the reference's; calibration passes resampled ones,
+    with a leading batch axis."""
     if b is None:
         bfine, bmiss = prof.ref_fine, prof.ref_missing
-        bmean, bstd = prof.ref_mean, prof.ref_std
+        bmean, bstd = prof.loc_moments
     else:
         bfine, bmiss = b[..., :FINE_BINS], b[..., FINE_BINS]
         assert bmean is not None and bstd is not None
@@ -258,12 +294,16 @@ def categorical_tests(a: list[np.ndarray], b: list[np.ndarray],
     return {k: np.stack(v, axis=-1) for k, v in cols.items()}
 
 
-def window_tests(prof: Profile, x: np.ndarray, cats: list[np.ndarray]) -> WindowTests:
+def window_tests(prof: Profile, x: np.ndarray, cats: list[np.ndarray],
+                 xt: np.ndarray | None = None) -> WindowTests:
     """All tests of one live window: ``x`` is ``(n, Fn)`` float64 (NaN missing), ``cats`` the
-    code arrays of :meth:`Profile.encode`."""
+    code arrays of :meth:`Profile.encode`; ``xt`` is ``x`` on the location scale
+    (``prof.location.apply(x)``, computed here when not given)."""
     n = x.shape[0] if prof.num else (len(cats[0]) if cats else 0)
     a = prof.bin_numeric(x) if prof.num else np.zeros((0, FINE_BINS + 1))
-    asum = np.nansum(x, axis=0) if prof.num else np.zeros(0)
+    if prof.num and xt is None:
+        xt = prof.location.apply(x)
+    asum = np.nansum(xt, axis=0) if prof.num else np.zeros(0)
     nt = numeric_tests(prof, a, asum, float(n))
     with np.errstate(invalid="ignore"):
         oor = ((x < prof.lo) | (x > prof.hi)).sum(axis=0) / max(n, 1) if prof.num else np.zeros(0)

@@ -260,8 +260,8 @@ class DriftDetector:
         of :meth:`Profile.encode` per categorical feature."""
         prof = self.profile
         fn, fc = len(prof.num), len(prof.cat)
-        xt = prof.location.apply(x) if fn else x
-        tests = window_tests(prof, x, cats, xt)
+        located = prof.location.sort_and_apply(x) if fn else None
+        tests = window_tests(prof, x, cats, located)
         raw = normal_scores(tests.pvalues(), prof.mean_dims)
         scores = standardise(raw, self._mu, self._sd, prof.mean_dims)
         num_s = scores[: fn * 4].reshape(fn, 4)
@@ -290,8 +290,8 @@ class DriftDetector:
                           seq_z=seq_all, drifted=drifted, threshold=t,
                           seq_threshold=self.seq_threshold,
                           drifted_features=[n for n, d in zip(self.names, drifted) if d])
-        if self._joint_model is not None and x.shape[0] > 0:
-            self._joint(xt, res)
+        if self._joint_model is not None and located is not None and x.shape[0] > 0:
+            self._joint(located[1], res)
         return res
 
     def _joint(self, x: np.ndarray, res: DriftResult) -> None:

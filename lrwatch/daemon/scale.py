@@ -44,7 +44,7 @@ LOCATION_SCALE = "normal_scores"
 #: Knots per feature: distinct reference values when there are at most this many, otherwise
 #: knots evenly spaced in score (every 0.03 of a standard normal at 10,000 rows), so that the
 #: linear interpolation between them is as fine in the tails as in the middle.
-MAX_KNOTS = 256
+MAX_KNOTS = 64
 
 
 class NormalScores:
@@ -83,17 +83,35 @@ class NormalScores:
         return cls(xs, zs, sd)
 
     def apply(self, x: np.ndarray) -> np.ndarray:
-        """Normal scores of ``x`` (``(n, Fn)``), with the raw excess beyond the knots added."""
-        out = np.empty_like(x, dtype=np.float64)
-        for j in range(x.shape[1]):
-            out[:, j] = np.interp(x[:, j], self.xs[j], self.zs[j])
+        """Normal scores of ``x`` (``(n, Fn)``), with the log excess beyond the knots added."""
+        return self.apply_rows(np.ascontiguousarray(x.T)).T
+
+    def apply_rows(self, xt: np.ndarray) -> np.ndarray:
+        """The same for one row per feature (``(Fn, n)``). Rows sorted ascending are about 7x
+        faster: the interpolation's search then starts where the last one ended."""
+        out = np.empty_like(xt, dtype=np.float64)
+        for j in range(xt.shape[0]):
+            out[j] = np.interp(xt[j], self.xs[j], self.zs[j])
+        lo, hi = self.lo[:, None], self.hi[:, None]
         with np.errstate(invalid="ignore"):
-            rows, cols = np.nonzero((x > self.hi) | (x < self.lo))  # a few per window
+            rows, cols = np.nonzero((xt > hi) | (xt < lo))  # a few per window
         if len(rows):
-            v = x[rows, cols]
-            d = np.maximum(v - self.hi[cols], 0.0) - np.maximum(self.lo[cols] - v, 0.0)
-            out[rows, cols] += np.sign(d) * np.log1p(np.abs(d) / self.sd[cols])
+            v = xt[rows, cols]
+            d = np.maximum(v - self.hi[rows], 0.0) - np.maximum(self.lo[rows] - v, 0.0)
+            out[rows, cols] += np.sign(d) * np.log1p(np.abs(d) / self.sd[rows])
         return out
+
+    def sort_and_apply(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``x`` (``(n, Fn)``) sorted per feature (``(Fn, n)``, NaN last) and its normal scores
+        in ``x``'s own layout: one argsort serves both the binned tests, which need the sorted
+        values, and the scores, which are fast on sorted values (at 300 features, 10 ms
+        against 16 ms for a sort plus scores of the unsorted rows)."""
+        xt = np.ascontiguousarray(x.T)
+        perm = np.argsort(xt, axis=1)
+        xs = np.take_along_axis(xt, perm, axis=1)
+        scores = np.empty_like(xs)
+        np.put_along_axis(scores, perm, self.apply_rows(xs), axis=1)
+        return xs, scores.T
 
 
 def _knots(col: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -115,17 +115,20 @@ class Profile:
         return np.where(ok, mean, 0.0), np.where(ok, sd, 1.0)
 
     # --- binning -----------------------------------------------------------------------------
-    def bin_numeric(self, x: np.ndarray) -> np.ndarray:
+    def bin_numeric(self, x: np.ndarray, xs: np.ndarray | None = None) -> np.ndarray:
         """Fine-bin counts with the missing count appended: shape ``(Fn, FINE_BINS + 1)``.
 
-        ``x`` is ``(n, Fn)`` float64 with NaN for missing. One vectorised sort of the window
-        (NaN sorts last) and then a tiny search of each feature's edges among its sorted values
-        is about 2.5x faster than searching every value among the edges. The rows are copied
-        out contiguous first: sorting the rows of the transposed view directly is ~25% slower.
+        ``x`` is ``(n, Fn)`` float64 with NaN for missing; ``xs``, when given, is ``x.T``
+        already sorted per row (:meth:`.NormalScores.sort_and_apply`). One vectorised sort of
+        the window (NaN sorts last) and then a tiny search of each feature's edges among its
+        sorted values is about 2.5x faster than searching every value among the edges. The
+        rows are copied out contiguous first: sorting the rows of the transposed view directly
+        is ~25% slower.
         """
         n, fn = x.shape
-        xs = x.T.copy(order="C")
-        xs.sort(axis=1)
+        if xs is None:
+            xs = x.T.copy(order="C")
+            xs.sort(axis=1)
         present = n - np.isnan(xs).sum(axis=1)
         # cum[j, k]: values in bins 0..k, i.e. below edge k (a value equal to an edge belongs
         # to the bin above it, as with searchsorted(edges, v, side="right"))
@@ -295,15 +298,18 @@ def categorical_tests(a: list[np.ndarray], b: list[np.ndarray],
 
 
 def window_tests(prof: Profile, x: np.ndarray, cats: list[np.ndarray],
-                 xt: np.ndarray | None = None) -> WindowTests:
+                 located: tuple[np.ndarray, np.ndarray] | None = None) -> WindowTests:
     """All tests of one live window: ``x`` is ``(n, Fn)`` float64 (NaN missing), ``cats`` the
-    code arrays of :meth:`Profile.encode`; ``xt`` is ``x`` on the location scale
-    (``prof.location.apply(x)``, computed here when not given)."""
+    code arrays of :meth:`Profile.encode`; ``located`` is
+    ``prof.location.sort_and_apply(x)`` (computed here when not given): ``x`` sorted per
+    feature, and ``x`` on the location scale."""
     n = x.shape[0] if prof.num else (len(cats[0]) if cats else 0)
-    a = prof.bin_numeric(x) if prof.num else np.zeros((0, FINE_BINS + 1))
-    if prof.num and xt is None:
-        xt = prof.location.apply(x)
-    asum = np.nansum(xt, axis=0) if prof.num else np.zeros(0)
+    if not prof.num:
+        a, asum = np.zeros((0, FINE_BINS + 1)), np.zeros(0)
+    else:
+        xs, xt = located if located is not None else prof.location.sort_and_apply(x)
+        a = prof.bin_numeric(x, xs)
+        asum = np.nansum(xt, axis=0)
     nt = numeric_tests(prof, a, asum, float(n))
     with np.errstate(invalid="ignore"):
         oor = ((x < prof.lo) | (x > prof.hi)).sum(axis=0) / max(n, 1) if prof.num else np.zeros(0)

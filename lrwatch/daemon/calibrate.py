@@ -19,6 +19,10 @@ means one false alarm per 1000 windows, all features together. Three steps get t
    resamples, by simulating 200,000 correlated draws. Correlated features (radius, perimeter
    and area of a tumour) therefore cost much less than a Bonferroni correction would.
 
+The mean tests, the sequential scan and the joint test work on each numeric feature's reference
+normal scores (:mod:`.scale`), in the resamples as on live windows; the binned tests do not
+depend on the scale.
+
 Sequential evidence. A 0.1-sigma shift is invisible in one 1000-record window, so the daemon
 also accumulates the per-feature mean over the last ``2, 4, 8, 16`` windows and tests it against
 the reference with variance ``sigma^2 (1/N + 1/m)``. The threshold of that scan statistic is

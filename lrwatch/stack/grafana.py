@@ -229,9 +229,8 @@ def _firing_panels(lay: _Layout) -> None:
 
 # --- the dashboards ----------------------------------------------------------------------------------
 
-def training_dashboard() -> dict[str, Any]:
-    """"lrwatch / Training": learning rate, loss, gradients, evaluation, speed, rules."""
-    lay = _Layout()
+def _training_overview(lay: _Layout) -> None:
+    """The "Overview" row."""
     lay.row("Overview")
     lay.add(_stat("Step", _targets((f"max(lrwatch_step{{{SEL}}})", "step")),
                   description="Global optimizer step of the last flushed sample "
@@ -258,6 +257,9 @@ def training_dashboard() -> dict[str, Any]:
                                 {"color": "orange", "value": 1}],
         description="Monitoring failures lrwatch absorbed (fail open)."), w=4, h=4)
 
+
+def _training_optimisation(lay: _Layout) -> None:
+    """The "Optimisation" row."""
     lay.row("Optimisation")
     lay.add(_timeseries(
         "Learning rate per parameter group",
@@ -293,6 +295,9 @@ def training_dashboard() -> dict[str, Any]:
         thresholds=[{"color": "transparent", "value": None}, {"color": "red", "value": 0.01}]),
         w=12)
 
+
+def _training_evaluation(lay: _Layout) -> None:
+    """The "Evaluation" row."""
     lay.row("Evaluation")
     lay.add(_timeseries(
         "Accuracy (train and eval)",
@@ -305,6 +310,9 @@ def training_dashboard() -> dict[str, Any]:
         _targets((f"lrwatch_eval_loss{{{SEL}}}", "{{instance}} eval loss")),
         description="Loss of the last evaluation (lrwatch_eval_loss)."), w=12)
 
+
+def _training_speed(lay: _Layout) -> None:
+    """The "Speed" row."""
     lay.row("Speed")
     lay.add(_timeseries(
         "Step rate",
@@ -326,6 +334,9 @@ def training_dashboard() -> dict[str, Any]:
         _targets((f"lrwatch_samples_per_second{{{SEL}}}", "{{instance}}")),
         unit="short", description="Training throughput at the last flushed step."), w=8)
 
+
+def _training_rules_and_actions(lay: _Layout) -> None:
+    """The "Rules and actions" row."""
     lay.row("Rules and actions")
     _firing_panels(lay)
     lay.add(_timeseries(
@@ -336,6 +347,16 @@ def training_dashboard() -> dict[str, Any]:
                   "{{instance}} {{rule}} fired")),
         description="Training-control actions (rollback, skip, reduce_lr, stop) and rule "
                     "firings per interval.", draw_style="bars"), w=24, h=7)
+
+
+def training_dashboard() -> dict[str, Any]:
+    """"lrwatch / Training": learning rate, loss, gradients, evaluation, speed, rules."""
+    lay = _Layout()
+    _training_overview(lay)
+    _training_optimisation(lay)
+    _training_evaluation(lay)
+    _training_speed(lay)
+    _training_rules_and_actions(lay)
 
     annotations = [
         _annotation("Rollbacks", _new_events("lrwatch_rollbacks_total", SEL, "$__rate_interval"),
@@ -418,15 +439,8 @@ def _estimation_panels(lay: _Layout) -> None:
                     "properties": [{"id": "custom.axisPlacement", "value": "right"}]}]), w=12)
 
 
-def serving_dashboard() -> dict[str, Any]:
-    """"lrwatch / Serving": drift (per feature and joint), predictions, realised and
-    estimated accuracy, labels, ingest, rules."""
-    fsel = SEL + ', feature=~"$feature"'
-    feature_var = _query_var(
-        "feature", "Feature",
-        'label_values(lrwatch_drift_detected{job=~"$job", instance=~"$instance"}, feature)',
-        multi=True, include_all=True, all_value=".+")
-    lay = _Layout()
+def _serving_overview(lay: _Layout) -> None:
+    """The "Overview" row."""
     lay.row("Overview")
     lay.add(_stat("Predictions / s", _targets(
         (f"sum(rate(lrwatch_predictions_total{{{SEL}}}[$__rate_interval]))", "predictions/s")),
@@ -458,6 +472,9 @@ def serving_dashboard() -> dict[str, Any]:
                                         {"color": "orange", "value": 0.05}],
         description="Rejected records per record received."), w=4, h=4)
 
+
+def _serving_drift(lay: _Layout, fsel: str) -> None:
+    """The "Drift" row."""
     lay.row("Drift")
     lay.add(_timeseries(
         "Drift statistic vs threshold: $feature",
@@ -501,6 +518,9 @@ def serving_dashboard() -> dict[str, Any]:
         unit="percentunit", description="Data-quality ratios of the last window."), w=12)
     _joint_drift_panel(lay)
 
+
+def _serving_predictions_and_accuracy(lay: _Layout) -> None:
+    """The "Predictions and accuracy" row."""
     lay.row("Predictions and accuracy")
     lay.add(_timeseries(
         "Prediction distribution vs reference",
@@ -551,6 +571,9 @@ def serving_dashboard() -> dict[str, Any]:
         description="Mean absolute error of the labels joined in the last window (regression "
                     "models)."), w=8)
 
+
+def _serving_ingest(lay: _Layout) -> None:
+    """The "Ingest" row."""
     lay.row("Ingest")
     lay.add(_timeseries(
         "Ingest rate",
@@ -573,6 +596,9 @@ def serving_dashboard() -> dict[str, Any]:
         description="How full the open window is, the worker's queue, and windows closed."),
         w=8)
 
+
+def _serving_rules_alerts_and_lrwatch_health(lay: _Layout) -> None:
+    """The "Rules, alerts and lrwatch health" row."""
     lay.row("Rules, alerts and lrwatch health")
     _firing_panels(lay)
     lay.add(_timeseries(
@@ -587,6 +613,22 @@ def serving_dashboard() -> dict[str, Any]:
         "lrwatch internal errors",
         _targets((f"increase(lrwatch_internal_errors_total{{{SEL}}}[$__rate_interval])", "{{instance}}")),
         description="Failures lrwatch absorbed (fail open)."), w=12)
+
+
+def serving_dashboard() -> dict[str, Any]:
+    """"lrwatch / Serving": drift (per feature and joint), predictions, realised and
+    estimated accuracy, labels, ingest, rules."""
+    fsel = SEL + ', feature=~"$feature"'
+    feature_var = _query_var(
+        "feature", "Feature",
+        'label_values(lrwatch_drift_detected{job=~"$job", instance=~"$instance"}, feature)',
+        multi=True, include_all=True, all_value=".+")
+    lay = _Layout()
+    _serving_overview(lay)
+    _serving_drift(lay, fsel)
+    _serving_predictions_and_accuracy(lay)
+    _serving_ingest(lay)
+    _serving_rules_alerts_and_lrwatch_health(lay)
 
     annotations = [
         _annotation("Drift", f"max by (job, instance) (lrwatch_drift_window_detected{{{SEL}}}) == 1",

@@ -435,10 +435,13 @@ def _fit_joint(prof: Profile, rs: _Resampler, joint: bool, seed: int) -> JointMo
     """The joint test's model (``None``: not asked for, or too few usable numeric features);
     ``rs`` then resamples its leave-one-out residuals too, with the measured inflation of the
     reference error (its own generator: the other draws stay as they were)."""
-    model = JointModel.fit(rs.x_std, prof.num_names) if joint and prof.num else None
+    if not (joint and prof.num):
+        return None
+    x = prof.joint_sample
+    model = JointModel.fit(x, prof.joint_names) if x.shape[0] == rs.m else None
     if model is not None:
-        kappa = model.reference_inflation(rs.x_std, np.random.default_rng([seed, 1]))
-        rs.set_joint(model.loo_residuals(rs.x_std), kappa)
+        kappa = model.reference_inflation(x, np.random.default_rng([seed, 1]))
+        rs.set_joint(model.loo_residuals(x), kappa)
     return model
 
 

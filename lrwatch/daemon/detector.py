@@ -53,18 +53,18 @@ _log = logging.getLogger("lrwatch.daemon")
 
 def _fit_joint(ref: Reference, prof: Profile) -> JointModel | None:
     """The joint test's model of ``ref`` (``None``, with a log line, when it cannot have one)."""
-    if len(prof.num_names) - (PREDICTION in prof.num_names) < 2:
-        return None  # one numeric input feature: nothing to be joint with
+    inputs = len(prof.num_names) - (PREDICTION in prof.num_names)
+    if inputs < 1 or inputs + prof.indicators.width < 2:
+        return None  # one input column: nothing to be joint with
     lengths = {len(ref.sample.get(name) or ()) for name in prof.num_names}
     if len(lengths) != 1 or 0 in lengths:
         _log.info("no joint drift test: the reference sample lacks numeric columns or they "
                   "differ in length (rebuild it with `lrwatch baseline build`)")
         return None
-    x = prof.location.apply(prof.sample_x)
-    model = JointModel.fit(x, prof.num_names)
+    model = JointModel.fit(prof.joint_sample, prof.joint_names)
     if model is None:
-        _log.info("no joint drift test: fewer than 2 usable numeric features or too few "
-                  "reference rows (%d)", x.shape[0])
+        _log.info("no joint drift test: fewer than 2 usable input columns or too few "
+                  "reference rows (%d)", prof.joint_sample.shape[0])
     return model
 
 
@@ -291,7 +291,7 @@ class DriftDetector:
                           seq_threshold=self.seq_threshold,
                           drifted_features=[n for n, d in zip(self.names, drifted) if d])
         if self._joint_model is not None and located is not None and x.shape[0] > 0:
-            self._joint(located[1], res)
+            self._joint(prof.joint_input(located[1], cats), res)
         return res
 
     def _joint(self, x: np.ndarray, res: DriftResult) -> None:
@@ -300,7 +300,10 @@ class DriftDetector:
         model = self._joint_model
         assert model is not None
         n = float(x.shape[0])
-        sums = model.window_sums(x, res.tests.present)
+        present = res.tests.present
+        if x.shape[1] > len(present):  # indicator columns: missing where their feature is
+            present = np.concatenate([present, (~np.isnan(x[:, len(present):])).sum(axis=0)])
+        sums = model.window_sums(x, present)
         mean_w = sums / n
         z = (mean_w - self._jmean) / (self._jrsd * math.sqrt(1.0 / n + 1.0 / self._jm))
         scores = np.abs((z - self._jmu) / self._jsd)

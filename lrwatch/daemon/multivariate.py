@@ -4,7 +4,9 @@ Per-feature tests compare marginals, so they are blind when every feature keeps 
 distribution but the correlation between them changes (a feature decorrelated from the rest,
 a pipeline that joins columns from different rows). This module models each numeric input
 feature as a linear function of all the others, fitted on the reference's row sample, and tests
-per window whether the prediction errors grew (or shrank).
+per window whether the prediction errors grew (or shrank). Categorical input features take
+part as indicator columns of their frequent levels (:mod:`.indicators`), and numeric ones on
+their reference normal scores (:mod:`.scale`); the model sees only columns.
 
 Model. The reference sample is standardised (missing values imputed with the reference mean,
 i.e. 0 after standardising) and its Gram matrix ``G = Z'Z + ridge * m * I`` inverted once:

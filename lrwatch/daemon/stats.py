@@ -35,7 +35,8 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import special
 
-from .reference import COARSE_BINS, FINE_BINS, FeatureProfile, Reference, cat_key
+from .indicators import IndicatorColumns
+from .reference import COARSE_BINS, FINE_BINS, PREDICTION, FeatureProfile, Reference, cat_key
 from .scale import NormalScores
 
 __all__ = ["Profile", "WindowTests", "numeric_tests", "categorical_tests", "TESTS_NUMERIC",
@@ -100,6 +101,39 @@ class Profile:
     def location(self) -> NormalScores:
         """Each numeric feature's map to reference normal scores (:mod:`.scale`)."""
         return NormalScores.fit(self.sample_x, self.ref_mean, self.ref_std)
+
+    # --- the joint test's input: numeric features on the location scale, then indicators -----
+    @cached_property
+    def indicators(self) -> IndicatorColumns:
+        """The categorical input features' indicator columns (:mod:`.indicators`); none when
+        the reference sample lacks their columns."""
+        cols = self.reference.sample
+        m = self.sample_x.shape[0]
+        usable = m > 0 and all(len(cols.get(n) or ()) >= m for n in self.cat_names)
+        return IndicatorColumns.choose(
+            self.cat_names, [list(f.categories) for f in self.cat],
+            [c[:-2] for c in self.ref_cat],
+            skip=self.cat_names if not usable else [PREDICTION])
+
+    @cached_property
+    def joint_names(self) -> list[str]:
+        """Column names of :meth:`joint_input`: numeric features, then indicators."""
+        return self.num_names + self.indicators.names
+
+    @cached_property
+    def joint_sample(self) -> np.ndarray:
+        """The reference sample as the joint test sees it (:meth:`joint_input` of its rows)."""
+        m = self.sample_x.shape[0]
+        codes = [self.encode(j, self.reference.sample[n][:m])
+                 for j, n in enumerate(self.cat_names)] if self.indicators.width else []
+        return self.joint_input(self.location.apply(self.sample_x), codes)
+
+    def joint_input(self, xt: np.ndarray, codes: Sequence[np.ndarray]) -> np.ndarray:
+        """``(n, len(joint_names))``: the numeric window on the location scale ``xt`` with the
+        indicator columns of the categorical code arrays ``codes`` appended."""
+        if not self.indicators.width:
+            return xt
+        return np.hstack([xt, self.indicators.matrix(codes, xt.shape[0])])
 
     @cached_property
     def loc_moments(self) -> tuple[np.ndarray, np.ndarray]:

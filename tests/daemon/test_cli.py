@@ -138,12 +138,13 @@ def test_baseline_recalibrate_brings_an_old_reference_up_to_date(tmp_path):
     ref.calibration = old
     ref.save(out)
     det = DriftDetector(Reference.load(out), sims=200)
-    assert det.calibration.joint_features == ["x", "y"]    # the daemon recalibrated it
+    assert det.calibration.joint_features == ["x", "y", "c=a", "c=b"]  # recalibrated
     res = CliRunner().invoke(cli, ["baseline", "recalibrate", str(out), "--sims", "200", "-q"])
     assert res.exit_code == 0, res.output
     assert "threshold" in res.output
     new = Reference.load(out)
-    assert new.calibration["window_size"] == 100 and new.calibration["joint_features"] == ["x", "y"]
+    assert new.calibration["window_size"] == 100 and new.calibration["joint_features"] == [
+        "x", "y", "c=a", "c=b"]
     assert [f.name for f in new.features] == [f.name for f in ref.features]
     assert DriftDetector(new, sims=200).calibration.to_dict() == new.calibration  # used as is
     res = CliRunner().invoke(cli, ["baseline", "recalibrate", str(tmp_path / "nope.json")])

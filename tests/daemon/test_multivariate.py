@@ -121,20 +121,63 @@ def test_missing_values_are_imputed_and_decorrelation_still_caught() -> None:
 
 
 def test_one_numeric_feature_has_no_joint_test() -> None:
+    """One numeric input and the prediction: nothing to be joint with (a categorical with a
+    single level, seen once, gets no indicator either)."""
     rng = np.random.default_rng(5)
-    rows = [{"features": {"x": float(v), "c": str(c)}, "prediction": float(p)}
-            for v, c, p in zip(rng.normal(size=2000), rng.choice(list("abc"), 2000),
-                               rng.random(2000))]
+    rows = [{"features": {"x": float(v), "c": "a" if i else "b"}, "prediction": float(p)}
+            for i, (v, p) in enumerate(zip(rng.normal(size=2000), rng.random(2000)))]
     ref = build_reference(rows, window_size=WINDOW, sims=300)
     assert ref.calibration is not None and ref.calibration["joint_features"] == []
     det = DriftDetector(ref)
     prof = det.profile
     x = np.column_stack([rng.normal(size=WINDOW) if n == "x" else rng.random(WINDOW)
                          for n in prof.num_names])
-    res = det.update(x, [prof.encode(0, list(rng.choice(list("abc"), WINDOW)))])
+    res = det.update(x, [prof.encode(0, ["a"] * WINDOW)])
     assert math.isnan(res.joint_stat) and math.isnan(res.joint_score)
     assert not res.joint_detected and res.joint_features == []
     assert "joint_history" not in det.state_dict()
+
+
+def _with_category(rng: np.random.Generator, n: int, shuffle: bool = False
+                   ) -> tuple[np.ndarray, list[str]]:
+    """Two numeric features and a category that follows the first (90% of the rows)."""
+    x = rng.standard_normal((n, 2))
+    x[:, 1] += 0.5 * x[:, 0]
+    level = np.where(x[:, 0] < -0.5, "low", np.where(x[:, 0] < 0.5, "mid", "high"))
+    noise = rng.random(n) < 0.1
+    level[noise] = rng.choice(["low", "mid", "high"], int(noise.sum()))
+    if shuffle:  # a join that pairs the category with other rows: its shares are kept
+        level = level[rng.permutation(n)]
+    return x, list(level)
+
+
+def test_a_category_that_loses_its_relation_to_the_numeric_features_is_caught() -> None:
+    """Per-feature tests are blind to it (the category's shares do not change); the joint
+    test sees it through the category's indicator columns."""
+    rng = np.random.default_rng(8)
+    x, level = _with_category(rng, 3000)
+    rows = [{"features": {"a": float(a), "b": float(b), "c": c}} for (a, b), c in zip(x, level)]
+    ref = build_reference(rows, window_size=WINDOW, sims=300, seed=8)
+    assert ref.calibration is not None
+    assert ref.calibration["joint_features"] == ["a", "b", "c=low", "c=high"]
+    det = DriftDetector(ref)
+    prof = det.profile
+    order = [["a", "b"].index(n) for n in prof.num_names]
+    calm = 0
+    for _ in range(20):
+        x, level = _with_category(rng, WINDOW)
+        calm += det.update(x[:, order], [prof.encode(0, level)]).detected
+    assert calm <= 1
+    det.reset()
+    x, level = _with_category(rng, WINDOW, shuffle=True)
+    res = det.update(x[:, order], [prof.encode(0, level)])
+    assert res.drifted_features == [] and res.joint_detected
+    assert any(f.startswith("c=") for f in res.joint_features) and "a" in res.joint_features
+    # a window whose category is missing in a third of the rows is not a joint shift by itself
+    det.reset()
+    x, level = _with_category(rng, WINDOW)
+    codes = prof.encode(0, [None if i % 3 == 0 else c for i, c in enumerate(level)])
+    assert not det.update(x[:, order], [codes]).joint_detected
 
 
 def test_small_decorrelation_accumulates_and_resumes(ref: Reference) -> None:

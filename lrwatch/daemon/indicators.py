@@ -1,0 +1,83 @@
+"""Categorical features in the joint drift test, as indicator columns.
+
+The joint test (:mod:`.multivariate`) regresses each numeric feature on the others. A categorical
+feature that loses its relation to the numeric ones (a join that pairs a country code with
+another row's amounts) keeps its frequencies, so the per-feature chi-square cannot see it, and
+without it in the regression neither can the joint test. So each categorical or binary input
+feature enters the joint model as 0/1 indicators of its frequent reference levels: they predict
+the numeric features, and each is predicted by all the others, like a numeric feature.
+
+Which levels: those with at least :data:`MIN_SHARE` of the reference's present values, at most
+:data:`MAX_LEVELS` per feature (the most frequent), minus the most frequent level of all (the
+indicators of every level would sum to 1: exactly collinear). A level rarer than 1% has fewer
+than 10 ones in a 1000-record window, and the window mean of its residual is then a handful of
+rows, far from the Gaussian the calibration extrapolates; the cap keeps the model's ``p^2`` cost
+bounded for features with many levels. A missing value is missing in every indicator of its
+feature (the model imputes the reference mean); an unseen category is 0 in all of them.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["IndicatorColumns", "MIN_SHARE", "MAX_LEVELS"]
+
+#: Smallest reference share of a level that gets an indicator.
+MIN_SHARE = 0.01
+#: Most indicators per categorical feature.
+MAX_LEVELS = 16
+
+
+class IndicatorColumns:
+    """The indicator columns of a profile's categorical input features.
+
+    ``features`` lists, per categorical feature of the profile (``Profile.cat`` order), the
+    codes (:meth:`Profile.encode`'s) that get a column, or none; ``names`` names the columns
+    ``feature=level``.
+    """
+
+    def __init__(self, levels: list[list[int]], names: list[str], missing_codes: list[int]):
+        self.levels = levels
+        self.names = names
+        self._missing = missing_codes
+
+    @classmethod
+    def choose(cls, cat_names: Sequence[str], categories: Sequence[Sequence[str]],
+               counts: Sequence[np.ndarray], skip: Sequence[str] = ()) -> "IndicatorColumns":
+        """Levels from the reference ``counts`` per feature (known levels in code order);
+        features named in ``skip`` (the prediction) get none."""
+        levels: list[list[int]] = []
+        names: list[str] = []
+        for name, cats, cnt in zip(cat_names, categories, counts):
+            cnt = np.asarray(cnt, dtype=np.float64)
+            total = cnt.sum()
+            if name in skip or len(cnt) < 2 or total <= 0:
+                levels.append([])
+                continue
+            order = [int(k) for k in np.argsort(-cnt, kind="stable")]
+            keep = [k for k in order[1:] if cnt[k] >= MIN_SHARE * total][:MAX_LEVELS]
+            keep.sort()
+            levels.append(keep)
+            names.extend(f"{name}={cats[k]}" for k in keep)
+        return cls(levels, names, [len(c) + 1 for c in categories])
+
+    @property
+    def width(self) -> int:
+        return len(self.names)
+
+    def matrix(self, codes: Sequence[np.ndarray], n: int) -> np.ndarray:
+        """``(n, width)`` indicators of code arrays (one per categorical feature), NaN where
+        the feature is missing."""
+        out = np.zeros((n, self.width), dtype=np.float64)
+        col = 0
+        for c, keep, miss in zip(codes, self.levels, self._missing):
+            if not keep:
+                continue
+            c = np.asarray(c)
+            for k in keep:
+                out[:, col] = c == k
+                col += 1
+            out[c == miss, col - len(keep):col] = np.nan
+        return out

@@ -482,8 +482,9 @@ def calibrate(ref: Reference, *, window_size: int = 1000, target_windows: float 
     sims:
         Resamples for the standardisation and correlations (default 2000).
     joint:
-        Calibrate the joint test (:mod:`.multivariate`) too, when the reference has at least
-        two usable numeric input features.
+        Calibrate the joint test (:mod:`.multivariate`) too, when the reference has a
+        numeric input feature and at least one more usable input column (numeric, or a
+        categorical level's indicator: :mod:`.indicators`).
     progress:
         Called as ``progress(stage, done, total)`` as the work goes on (``"resamples"`` of
         ``sims``, then ``"null streams"`` for the sequential threshold); it does not change the

@@ -81,8 +81,8 @@ class DriftResult:
     threshold: float
     seq_threshold: float
     drifted_features: list[str] = field(default_factory=list)
-    #: the joint (multivariate) test on the numeric input features (:mod:`.multivariate`):
-    #: its raw statistic (NaN when there is no joint test, e.g. fewer than 2 numeric features),
+    #: the joint (multivariate) test on the input features (:mod:`.multivariate`):
+    #: its raw statistic (NaN when there is no joint test, e.g. fewer than 2 input columns),
     #: its standardised score (same units as ``feature_score``, compared with ``threshold``)
     joint_stat: float = math.nan
     joint_score: float = math.nan
@@ -140,7 +140,7 @@ class DriftDetector:
     seq_min_effect:
         Minimum accumulated mean shift, in reference standard deviations.
     joint:
-        Also run the joint (multivariate) test on the numeric input features
+        Also run the joint (multivariate) test on the input features
         (``DriftResult.joint_*``; see docs/drift-joint.md). ``False`` switches it off (a
         calibration that includes it is then used with its per-feature thresholds).
     joint_min_effect:

@@ -11,8 +11,11 @@ Which levels: those with at least :data:`MIN_SHARE` of the reference's present v
 :data:`MAX_LEVELS` per feature (the most frequent), minus the most frequent level of all (the
 indicators of every level would sum to 1: exactly collinear). A level rarer than 1% has fewer
 than 10 ones in a 1000-record window, and the window mean of its residual is then a handful of
-rows, far from the Gaussian the calibration extrapolates; the cap keeps the model's ``p^2`` cost
-bounded for features with many levels. A missing value is missing in every indicator of its
+rows, far from the Gaussian the calibration extrapolates. At most :data:`MAX_TOTAL` columns in
+all (the levels with the largest shares first), and never so many that the reference sample
+becomes too small for the model (:data:`.multivariate.MIN_ROWS_PER_FEATURE` rows per column):
+the model costs ``p^2`` per row, and the numeric features' own joint test must not be lost to
+a wide categorical table. A missing value is missing in every indicator of its
 feature (the model imputes the reference mean); an unseen category is 0 in all of them.
 """
 
@@ -22,12 +25,14 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["IndicatorColumns", "MIN_SHARE", "MAX_LEVELS"]
+__all__ = ["IndicatorColumns", "MIN_SHARE", "MAX_LEVELS", "MAX_TOTAL"]
 
 #: Smallest reference share of a level that gets an indicator.
 MIN_SHARE = 0.01
 #: Most indicators per categorical feature.
 MAX_LEVELS = 16
+#: Most indicators in all (the joint model's cost grows with the square of its columns).
+MAX_TOTAL = 64
 
 
 class IndicatorColumns:
@@ -45,22 +50,25 @@ class IndicatorColumns:
 
     @classmethod
     def choose(cls, cat_names: Sequence[str], categories: Sequence[Sequence[str]],
-               counts: Sequence[np.ndarray], skip: Sequence[str] = ()) -> "IndicatorColumns":
+               counts: Sequence[np.ndarray], skip: Sequence[str] = (),
+               budget: int = MAX_TOTAL) -> "IndicatorColumns":
         """Levels from the reference ``counts`` per feature (known levels in code order);
-        features named in ``skip`` (the prediction) get none."""
-        levels: list[list[int]] = []
-        names: list[str] = []
-        for name, cats, cnt in zip(cat_names, categories, counts):
+        features named in ``skip`` (the prediction) get none; at most ``budget`` (and
+        :data:`MAX_TOTAL`) columns, the largest shares first."""
+        candidates: list[tuple[float, int, int]] = []  # (-share, feature, code)
+        for j, (name, cnt) in enumerate(zip(cat_names, counts)):
             cnt = np.asarray(cnt, dtype=np.float64)
             total = cnt.sum()
             if name in skip or len(cnt) < 2 or total <= 0:
-                levels.append([])
                 continue
             order = [int(k) for k in np.argsort(-cnt, kind="stable")]
             keep = [k for k in order[1:] if cnt[k] >= MIN_SHARE * total][:MAX_LEVELS]
-            keep.sort()
-            levels.append(keep)
-            names.extend(f"{name}={cats[k]}" for k in keep)
+            candidates.extend((-cnt[k] / total, j, k) for k in keep)
+        chosen = sorted(candidates)[:max(0, min(budget, MAX_TOTAL))]
+        levels: list[list[int]] = [sorted(k for _, f, k in chosen if f == j)
+                                   for j in range(len(cat_names))]
+        names = [f"{name}={categories[j][k]}" for j, name in enumerate(cat_names)
+                 for k in levels[j]]
         return cls(levels, names, [len(c) + 1 for c in categories])
 
     @property

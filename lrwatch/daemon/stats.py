@@ -36,6 +36,7 @@ import numpy as np
 from scipy import special
 
 from .indicators import IndicatorColumns
+from .multivariate import MIN_ROWS_PER_FEATURE
 from .reference import COARSE_BINS, FINE_BINS, PREDICTION, FeatureProfile, Reference, cat_key
 from .scale import NormalScores
 
@@ -110,10 +111,12 @@ class Profile:
         cols = self.reference.sample
         m = self.sample_x.shape[0]
         usable = m > 0 and all(len(cols.get(n) or ()) >= m for n in self.cat_names)
+        numeric = len(self.num_names) - (PREDICTION in self.num_names)
         return IndicatorColumns.choose(
             self.cat_names, [list(f.categories) for f in self.cat],
             [c[:-2] for c in self.ref_cat],
-            skip=self.cat_names if not usable else [PREDICTION])
+            skip=self.cat_names if not usable else [PREDICTION],
+            budget=(m - 20) // MIN_ROWS_PER_FEATURE - numeric)
 
     @cached_property
     def joint_names(self) -> list[str]:

@@ -37,3 +37,37 @@ def test_codes_become_columns_missing_is_nan_unseen_is_zero() -> None:
     assert m.shape == (5, 2)
     np.testing.assert_array_equal(m[:4], [[0, 0], [1, 0], [0, 1], [0, 0]])
     assert all(math.isnan(v) for v in m[4])
+
+
+def test_the_total_is_capped_largest_shares_first_and_by_the_budget() -> None:
+    from lrwatch.daemon.indicators import MAX_TOTAL
+
+    # 10 features x 12 levels: 110 candidate columns, more than MAX_TOTAL
+    counts = [np.array([300] + [100 - 5 * k - j for k in range(11)]) for j in range(10)]
+    cats = [[f"v{k}" for k in range(12)] for _ in range(10)]
+    ind = IndicatorColumns.choose([f"c{j}" for j in range(10)], cats, counts)
+    assert ind.width == MAX_TOTAL
+    # the rarest levels (the last ones of every feature) are the ones left out
+    assert all(11 not in lv for lv in ind.levels)
+    small = IndicatorColumns.choose([f"c{j}" for j in range(10)], cats, counts, budget=5)
+    assert small.width == 5 and small.names[0] == "c0=v1"
+    assert IndicatorColumns.choose(["c"], [["a", "b"]], [np.array([5, 5])], budget=-3).width == 0
+
+
+def test_a_wide_categorical_table_does_not_cost_the_numeric_joint_test() -> None:
+    """40 categoricals of 4 even levels and 3 numeric features on 200 reference rows: 120
+    candidate indicators would need 2 x 123 + 20 rows; the budget keeps what the rows allow."""
+    from lrwatch.daemon import DriftDetector
+    from lrwatch.daemon.baseline import build_reference
+
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((200, 3))
+    x[:, 1] += x[:, 0]
+    rows = [{"features": {**{f"x{j}": float(v) for j, v in enumerate(r)},
+                          **{f"c{k:02d}": str(rng.integers(4)) for k in range(40)}}}
+            for r in x]
+    ref = build_reference(rows, window_size=50, sims=200, seed=9)
+    det = DriftDetector(ref)
+    names = det.calibration.joint_features or []
+    assert {"x0", "x1", "x2"} <= set(names)
+    assert 2 * len(names) + 20 <= 200

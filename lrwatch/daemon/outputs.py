@@ -149,7 +149,7 @@ class OutputsMixin:
 
     def _joint_values(self, res: DriftResult) -> dict[str, float]:
         """The joint test's statistic, evidence (in units of its calibrated thresholds) and
-        decision; ``multivariate_drift`` only when the test ran (2+ numeric features)."""
+        decision; ``multivariate_drift`` only when the test ran (a joint model exists)."""
         if not self.metrics.model.multivariate:
             return {}
         stat = float(getattr(res, "joint_stat", math.nan))

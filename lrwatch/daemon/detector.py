@@ -344,7 +344,7 @@ class DriftDetector:
     def _sequential(self, tests: WindowTests) -> np.ndarray:
         self._hist.append((tests.sums.copy(), tests.present.copy()))
         prof = self.profile
-        loc_mean, loc_std = prof.loc_moments
+        loc_mean, loc_std, _ = prof.loc_moments
         best = np.zeros(len(prof.num))
         shift = np.zeros(len(prof.num))
         hist = list(self._hist)

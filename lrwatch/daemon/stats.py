@@ -139,17 +139,24 @@ class Profile:
         return np.hstack([xt, self.indicators.matrix(codes, xt.shape[0])])
 
     @cached_property
-    def loc_moments(self) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and standard deviation of the reference sample on the location scale (the
-        profile's raw ones when there is no sample)."""
+    def loc_moments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Mean, standard deviation and count of the reference sample on the location scale.
+
+        The count is the reference size the location tests' ``1/m`` term must use: the map is
+        fitted on the sample (at most :data:`~.reference.SAMPLE_ROWS` rows), so the reference
+        mean on that scale carries the sample's error, not the error of all the records the
+        histograms were built from. Without a sample: the fallback map standardises the raw
+        values with the profile's mean and standard deviation, of all its records."""
         xt = self.location.apply(self.sample_x)
-        if xt.shape[0] < 2:  # no sample: the fallback map standardises the raw values
-            return np.zeros(len(self.num)), np.ones(len(self.num))
+        fn = len(self.num)
+        if xt.shape[0] < 2:
+            return np.zeros(fn), np.ones(fn), self.ref_fine.sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = np.nanmean(xt, axis=0)
             sd = np.nanstd(xt, axis=0, ddof=1)
         ok = np.isfinite(mean) & np.isfinite(sd) & (sd > 0)
-        return np.where(ok, mean, 0.0), np.where(ok, sd, 1.0)
+        count = (~np.isnan(xt)).sum(axis=0).astype(np.float64)
+        return np.where(ok, mean, 0.0), np.where(ok, sd, 1.0), count
 
     # --- binning -----------------------------------------------------------------------------
     def bin_numeric(self, x: np.ndarray, xs: np.ndarray | None = None) -> np.ndarray:
@@ -282,10 +289,11 @@ def numeric_tests(prof: Profile, a: np.ndarray, asum: np.ndarray, n_total: float
     with a leading batch axis."""
     if b is None:
         bfine, bmiss = prof.ref_fine, prof.ref_missing
-        bmean, bstd = prof.loc_moments
+        bmean, bstd, bcount = prof.loc_moments
     else:
         bfine, bmiss = b[..., :FINE_BINS], b[..., FINE_BINS]
         assert bmean is not None and bstd is not None
+        bcount = bfine.sum(axis=-1)  # resampled from the sample: its size
     afine, amiss = a[..., :FINE_BINS], a[..., FINE_BINS]
     na = afine.sum(axis=-1)
     nb = bfine.sum(axis=-1)
@@ -301,7 +309,7 @@ def numeric_tests(prof: Profile, a: np.ndarray, asum: np.ndarray, n_total: float
     chi, p_chi = _two_sample_chi2(ac, bc)
     mean_w = asum / sa
     shift = (mean_w - bmean) / bstd
-    z = np.where(na > 0, shift / np.sqrt(1.0 / sa + 1.0 / sb), 0.0)
+    z = np.where(na > 0, shift / np.sqrt(1.0 / sa + 1.0 / np.maximum(bcount, 1.0)), 0.0)
     p_mean = special.erfc(np.abs(z) / math.sqrt(2))
     p_miss = _missing_test(amiss, n_total, bmiss, nb + bmiss)
     psi, js = _psi_js(ac, bc)

@@ -134,3 +134,25 @@ def test_a_share_of_wild_values_is_caught_by_the_mean_test() -> None:
     wild[:4, det.profile.num_names.index("a")] = 1e9
     res = det.update(wild, [])
     assert res.drifted_features == ["a"]
+
+
+def test_the_mean_test_uses_the_samples_size_when_the_reference_has_more_records() -> None:
+    """The normal-score map and the reference mean on it come from the row sample, so the
+    mean test's 1/m term is the sample's (with the records' 1/m it is too narrow: on 50,000-row
+    references of 10 Gaussian features the mean dims fired 13 times in 3200 windows at a
+    1/100 target against 5 with the sample's size)."""
+    from lrwatch.daemon.reference import SAMPLE_ROWS
+    from lrwatch.daemon.stats import window_tests
+
+    rng = np.random.default_rng(7)
+    rows = [{"features": {"x": float(v)}} for v in rng.normal(0, 1, 3 * SAMPLE_ROWS)]
+    ref = build_reference(rows, calibrate=False, estimate=False)
+    det = DriftDetector(ref, window_size=WINDOW, target_windows=100.0, sims=200)
+    prof = det.profile
+    mean, sd, count = prof.loc_moments
+    assert count[0] == len(ref.sample["x"]) < ref.records == prof.ref_fine.sum()
+    x = rng.normal(0.1, 1, (WINDOW, 1))
+    tests = window_tests(prof, x, [])
+    want = ((prof.location.apply(x).mean() - mean[0]) / sd[0]
+            / math.sqrt(1 / WINDOW + 1 / count[0]))
+    assert tests.z_mean[0] == pytest.approx(want, rel=1e-9)

@@ -7,27 +7,19 @@ import math
 
 import numpy as np
 
-from lrwatch.daemon.indicators import MAX_LEVELS, MIN_SHARE, IndicatorColumns
+from lrwatch.daemon.indicators import MIN_SHARE, IndicatorColumns
 
 
 def test_frequent_levels_but_the_most_frequent_get_a_column() -> None:
     cats = [["a", "b", "c", "rare"], ["y", "n"], ["p", "q"]]
     rare = int(MIN_SHARE * 1000) - 1  # of 1000 values: under the share
-    counts = [np.array([500, 300, 200 - rare, rare]), np.array([10, 990]),
+    counts = [np.array([500, 300 - rare, 200, rare]), np.array([100, 900]),
               np.array([50, 50])]
     ind = IndicatorColumns.choose(["c1", "c2", "_prediction"], cats, counts,
                                   skip=["_prediction"])
     # c1: "a" is the reference level, "rare" is under MIN_SHARE; c2: "n" is the most frequent
     assert ind.names == ["c1=b", "c1=c", "c2=y"]
     assert ind.levels == [[1, 2], [0], []]
-
-
-def test_at_most_max_levels_per_feature_the_most_frequent_first() -> None:
-    k = MAX_LEVELS + 5
-    counts = [np.arange(k, 0, -1) * 100]
-    ind = IndicatorColumns.choose(["c"], [[f"v{i}" for i in range(k)]], counts)
-    assert ind.width == MAX_LEVELS
-    assert ind.names[0] == "c=v1" and ind.names[-1] == f"c=v{MAX_LEVELS}"
 
 
 def test_codes_become_columns_missing_is_nan_unseen_is_zero() -> None:
@@ -42,13 +34,15 @@ def test_codes_become_columns_missing_is_nan_unseen_is_zero() -> None:
 def test_the_total_is_capped_largest_shares_first_and_by_the_budget() -> None:
     from lrwatch.daemon.indicators import MAX_TOTAL
 
-    # 10 features x 12 levels: 110 candidate columns, more than MAX_TOTAL
-    counts = [np.array([300] + [100 - 5 * k - j for k in range(11)]) for j in range(10)]
-    cats = [[f"v{k}" for k in range(12)] for _ in range(10)]
+    # 10 features x 8 levels, the 7 below the first each over MIN_SHARE: 70 candidates
+    counts = [np.array([1500] + [1000 - 5 * k - j for k in range(7)]) for j in range(10)]
+    assert all((c[1:] / c.sum() >= MIN_SHARE).all() for c in counts)
+    cats = [[f"v{k}" for k in range(8)] for _ in range(10)]
     ind = IndicatorColumns.choose([f"c{j}" for j in range(10)], cats, counts)
     assert ind.width == MAX_TOTAL
-    # the rarest levels (the last ones of every feature) are the ones left out
-    assert all(11 not in lv for lv in ind.levels)
+    # the 6 left out are the smallest shares: the last level of 6 features
+    assert sum(7 not in lv for lv in ind.levels) == 6
+    assert all(len(lv) >= 6 for lv in ind.levels)
     small = IndicatorColumns.choose([f"c{j}" for j in range(10)], cats, counts, budget=5)
     assert small.width == 5 and small.names[0] == "c0=v1"
     assert IndicatorColumns.choose(["c"], [["a", "b"]], [np.array([5, 5])], budget=-3).width == 0

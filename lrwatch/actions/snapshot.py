@@ -34,6 +34,7 @@ __all__ = ["Snapshot", "SnapshotStore", "capture_state", "restore_state", "cpu_c
            "save_verified", "load_verified"]
 
 from .._ratelimit import LogLimiter
+from .host_copy import HostCopy
 
 log = logging.getLogger("lrwatch")
 
@@ -105,15 +106,47 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 def capture_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None,
-                  scaler: Any = None) -> dict[str, Any]:
-    """Everything a rollback restores, as CPU copies."""
+                  scaler: Any = None, copier: HostCopy | None = None) -> dict[str, Any]:
+    """Everything a rollback restores, as CPU copies.
+
+    With a ``copier`` (:class:`~lrwatch.actions.host_copy.HostCopy`) the copies of CUDA tensors
+    may still be in flight on return: call ``copier.wait()`` before reading them.
+    """
+    copier = copier if copier is not None else HostCopy(asynchronous=False)
     return {
-        "model": cpu_copy(model.state_dict()),
-        "optimizer": cpu_copy(optimizer.state_dict()),
-        "scheduler": cpu_copy(scheduler.state_dict()) if scheduler is not None else None,
-        "scaler": cpu_copy(scaler.state_dict()) if scaler is not None else None,
+        "model": copier.copy(model.state_dict()),
+        "optimizer": copier.copy(optimizer.state_dict()),
+        "scheduler": copier.copy(scheduler.state_dict()) if scheduler is not None else None,
+        "scaler": _scaler_state(scaler, copier) if scaler is not None else None,
         "rng": _rng_state(),
     }
+
+
+def _scaler_state(scaler: Any, copier: HostCopy) -> dict[str, Any]:
+    """A ``GradScaler``'s state with its scale and growth tracker as tensors.
+
+    ``GradScaler.state_dict()`` reads both to Python numbers, a host sync on a GPU; copying the
+    tensors instead keeps the snapshot off the host's critical path. :func:`restore_state`
+    turns them back into numbers. Scalers without those tensors (not yet used, disabled, or
+    another implementation) give their own ``state_dict()``.
+    """
+    scale, tracker = getattr(scaler, "_scale", None), getattr(scaler, "_growth_tracker", None)
+    if not (isinstance(scale, torch.Tensor) and isinstance(tracker, torch.Tensor)
+            and hasattr(scaler, "get_growth_factor")):
+        return copier.copy(scaler.state_dict())
+    return {"scale": copier.copy(scale), "growth_factor": scaler.get_growth_factor(),
+            "backoff_factor": scaler.get_backoff_factor(),
+            "growth_interval": scaler.get_growth_interval(),
+            "_growth_tracker": copier.copy(tracker)}
+
+
+def _scaler_numbers(state: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(state)
+    if isinstance(out.get("scale"), torch.Tensor):
+        out["scale"] = float(out["scale"].reshape(-1)[0])
+    if isinstance(out.get("_growth_tracker"), torch.Tensor):
+        out["_growth_tracker"] = int(out["_growth_tracker"].reshape(-1)[0])
+    return out
 
 
 def restore_state(state: Mapping[str, Any], model: torch.nn.Module,
@@ -126,7 +159,7 @@ def restore_state(state: Mapping[str, Any], model: torch.nn.Module,
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(cpu_copy(state["scheduler"]))
     if scaler is not None and state.get("scaler") is not None:
-        scaler.load_state_dict(state["scaler"])
+        scaler.load_state_dict(_scaler_numbers(state["scaler"]))
     _set_rng_state(state["rng"])
 
 
@@ -143,10 +176,19 @@ class Snapshot:
     good: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     pinned: bool = False  # never trimmed (the state a run started from)
+    #: host copies possibly still in flight (see :class:`~lrwatch.actions.host_copy.HostCopy`)
+    copies: HostCopy | None = field(default=None, repr=False, compare=False)
+
+    def wait(self) -> None:
+        """Block until the captured tensors have landed in host memory (a no-op once they have)."""
+        if self.copies is not None:
+            self.copies.wait()
+            self.copies = None
 
     def load(self) -> dict[str, Any]:
         """The captured state; from disk it is checksum-verified and loaded with weights_only."""
         if self.state is not None:
+            self.wait()
             return self.state
         assert self.path is not None
         return load_verified(self.path, self.checksum)
@@ -248,9 +290,13 @@ class SnapshotStore:
         """Capture a snapshot now. Returns ``None`` (and reports) if it could not be written."""
         t0 = time.perf_counter()
         try:
-            state = capture_state(model, optimizer, scheduler, scaler)
+            # In memory, CUDA tensors go to pinned host memory without a host sync; they are
+            # waited for when the snapshot is first read. On disk the bytes are needed now.
+            copier = HostCopy(asynchronous=self.directory is None)
+            state = capture_state(model, optimizer, scheduler, scaler, copier)
             snap = Snapshot(step=step, data_position=data_position, state=state, seconds=0.0,
-                            good=good, extra=dict(extra or {}), pinned=pinned)
+                            good=good, extra=dict(extra or {}), pinned=pinned,
+                            copies=copier.finish() if copier.pending else None)
             if self.directory is not None:
                 try:
                     self._write(snap)
@@ -298,6 +344,7 @@ class SnapshotStore:
 
     def _write(self, snap: Snapshot) -> None:
         assert self.directory is not None and snap.state is not None
+        snap.wait()
         final = self.directory / f"snapshot-{snap.step:010d}.pt"
         snap.checksum = save_verified(snap.state, final)
         snap.path = str(final)

@@ -1,0 +1,130 @@
+"""HostCopy (snapshots' host copies) and the GradScaler state a snapshot keeps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lrwatch.actions.host_copy import HostCopy
+from lrwatch.actions.snapshot import SnapshotStore, capture_state, restore_state
+
+
+def test_copy_is_a_deep_host_copy_of_nested_state():
+    a = torch.arange(6.0).reshape(2, 3)
+    state = {"w": a, "nested": [a.t(), (torch.tensor(3), 7)], "name": "x"}
+    hc = HostCopy()
+    out = hc.copy(state)
+    hc.wait()
+    a.add_(100)  # the original changes after the copy: the copy must not
+    assert torch.equal(out["w"], torch.arange(6.0).reshape(2, 3))
+    assert torch.equal(out["nested"][0], torch.arange(6.0).reshape(2, 3).t())
+    assert out["nested"][1][1] == 7 and out["name"] == "x"
+    assert isinstance(out["nested"], list) and isinstance(out["nested"][1], tuple)
+    assert out["w"].data_ptr() != a.data_ptr()
+
+
+def test_on_cpu_nothing_is_pending():
+    hc = HostCopy(asynchronous=True)
+    hc.copy({"t": torch.ones(3)})
+    assert not hc.pending and hc.copied_sync == 1 and hc.copied_async == 0
+    assert hc.finish() is hc and not hc.pending
+
+
+def _scaler_run(scaler: torch.amp.GradScaler, opt: torch.optim.Optimizer, p: torch.Tensor,
+                value: float) -> None:
+    opt.zero_grad()
+    scaler.scale((p * value).sum()).backward()
+    scaler.step(opt)
+    scaler.update()
+
+
+def test_grad_scaler_state_round_trips_through_tensors():
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.SGD([p], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
+    model = torch.nn.Linear(1, 1)
+    _scaler_run(scaler, opt, p, 1.0)
+    before = scaler.state_dict()
+    state = capture_state(model, opt, None, scaler)
+    assert isinstance(state["scaler"]["scale"], torch.Tensor)   # no host read at capture
+    _scaler_run(scaler, opt, p, float("inf"))                    # overflow: the scale backs off
+    assert scaler.state_dict()["scale"] != before["scale"]
+    restore_state(state, model, opt, None, scaler)
+    assert scaler.state_dict() == before
+
+
+def test_unused_scaler_gives_its_own_state_dict():
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    model = torch.nn.Linear(1, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = capture_state(model, opt, None, scaler)
+    assert state["scaler"] == scaler.state_dict()
+    restore_state(state, model, opt, None, scaler)
+    assert scaler.get_scale() == 8.0
+
+
+def test_snapshot_on_disk_and_in_memory_load_the_same(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    mem = SnapshotStore().take(5, 5, model, opt)
+    disk = SnapshotStore(directory=tmp_path).take(5, 5, model, opt)
+    assert mem is not None and disk is not None and mem.copies is None
+    a, b = mem.load(), disk.load()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k])
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+def test_cuda_copies_make_no_host_sync_and_land_intact():
+    x = torch.randn(1 << 20, device="cuda")
+    expect = x.cpu()
+    torch.cuda.synchronize()
+    hc = HostCopy()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = hc.copy({"x": x, "s": x[::2]})   # a strided view too
+        hc.finish()
+        x.mul_(0)                                # queued after the copy: must not leak in
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert hc.pending and hc.copied_async == 2
+    hc.wait()
+    assert not hc.pending
+    assert out["x"].is_pinned() and torch.equal(out["x"], expect)
+    assert torch.equal(out["s"], expect[::2])
+
+
+@cuda
+def test_cuda_snapshot_store_takes_without_sync_and_restores():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                                torch.nn.Linear(64, 1)).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    scaler = torch.amp.GradScaler("cuda")
+    x = torch.randn(32, 64, device="cuda")
+
+    def step() -> None:
+        opt.zero_grad()
+        scaler.scale(model(x).square().mean()).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    step()
+    want = {k: v.cpu() for k, v in model.state_dict().items()}
+    torch.cuda.synchronize()
+    store = SnapshotStore()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        snap = store.take(1, 1, model, opt, None, scaler)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert snap is not None and store.failed == 0
+    for _ in range(3):
+        step()
+    restore_state(snap.load(), model, opt, None, scaler)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v.cpu(), want[k])

@@ -160,8 +160,9 @@ class LayerIndex:
         key = tuple(self._layer_of_param.get(id(p), -1) for p in params)
         index = self._cache.get(key)
         if index is None:
-            index = torch.tensor([k if k >= 0 else 0 for k in key], dtype=torch.long,
-                                 device=device)
+            # built on the host and sent without waiting (a blocking copy is a host sync)
+            index = torch.tensor([k if k >= 0 else 0 for k in key],
+                                 dtype=torch.long).to(device, non_blocking=True)
             self._cache[key] = index
         sq = _stack_on(norms, device).square()
         sums = torch.zeros(len(self.labels), device=device, dtype=sq.dtype)

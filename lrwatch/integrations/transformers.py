@@ -304,7 +304,7 @@ def _sample_batches(loader: Any, n: int, batch_size: int, model: Any) -> list[An
     for k in range(min(n, len(order) // batch_size)):
         batch = collate([ds[i] for i in order[k * batch_size:(k + 1) * batch_size]])
         if isinstance(batch, Mapping):
-            batch = {key: v.to(device) if isinstance(v, torch.Tensor) else v
+            batch = {key: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                      for key, v in batch.items()}
         batches.append(batch)
     return batches

@@ -17,7 +17,8 @@ feature, each feature in turn):
   mixcat    6 numeric (4 Gaussian, 2 log-normal) + 3 categorical: c1 follows factor 1 (85%),
             c2 follows factor 2 (75%), c3 independent with one 0.5% level
 
-References of 5000 rows, windows of 1000 (as ``benchmarks/drift_detection.py``).
+References of 5000 rows, windows of 1000 (as ``benchmarks/drift_detection.py``; ``--window`` for
+other sizes). The false-alarm run names the tests that crossed in the alarmed windows.
 
 Run: ``python benchmarks/drift_streams.py [--streams amounts8,pareto5] [--target-windows 100]
 [--references 16] [--null-windows 400] [--shift 0.1] [--json OUT]``. ``--shift`` measures
@@ -178,6 +179,7 @@ class Bench:
         self.det = DriftDetector(ref, window_size=WINDOW, target_windows=target, seed=r)
         prof = self.det.profile
         self.order = [self.names.index(n) for n in prof.num_names]
+        self.fired: dict[str, int] = {}   # alarmed windows per test that crossed (_parts)
 
     def window(self, shift: tuple[int, float] | None = None,
                shuffle: tuple[str, float] | None = None) -> bool:
@@ -188,19 +190,43 @@ class Bench:
             cats[name][idx] = cats[name][self.rng.permutation(idx)]
         prof = self.det.profile
         codes = [prof.encode(j, list(cats[n])) for j, n in enumerate(prof.cat_names)]
-        return bool(self.det.update(x[:, self.order], codes).detected)
+        res = self.det.update(x[:, self.order], codes)
+        if res.detected:
+            for part in set(_parts(res)):
+                self.fired[part] = self.fired.get(part, 0) + 1
+        return bool(res.detected)
+
+
+def _parts(res: Any) -> list[str]:
+    """Which tests crossed their threshold in an alarmed window: ``feature:<name>`` (a
+    per-window test), ``scan:<name>`` (the sequential scan of a feature's mean), ``joint:<col>``
+    (a joint column's per-window test) and ``joint-scan:<col>`` (the joint scan; its column
+    among those the window names)."""
+    out = [f"feature:{n}" for n, s in zip(res.names, res.feature_score) if s > res.threshold]
+    out += [f"scan:{n}" for n, s in zip(res.names, res.seq_z) if s > res.seq_threshold]
+    window_cols = [n for n, s in zip(res.joint_names, res.joint_scores)
+                   if s > res.joint_threshold]
+    out += [f"joint:{n}" for n in window_cols]
+    if res.joint_seq_z > res.seq_threshold:
+        out += [f"joint-scan:{n}" for n in res.joint_features if n not in window_cols] \
+            or ["joint-scan"]
+    return out
 
 
 def null_rate(name: str, target: float, refs: int, windows: int) -> dict[str, Any]:
     stream = STREAMS[name]()
     per = []
+    fired: dict[str, int] = {}
     for r in range(refs):
         b = Bench(stream, name, r, target)
         per.append(sum(b.window() for _ in range(windows)))
+        for k, v in b.fired.items():
+            fired[k] = fired.get(k, 0) + v
         print(f"  {name} reference {r}: {per[-1]} alarms in {windows} windows", file=sys.stderr)
     n = refs * windows
-    return {"stream": name, "target_windows": target, "alarms": sum(per), "windows": n,
-            "ratio": sum(per) / n * target, "per_reference": per}
+    return {"stream": name, "target_windows": target, "window": WINDOW, "alarms": sum(per),
+            "windows": n, "ratio": sum(per) / n * target, "per_reference": per,
+            "fired": dict(sorted(fired.items(), key=lambda kv: -kv[1]))}
 
 
 def power(name: str, target: float, refs: int, delta: float) -> dict[str, Any]:
@@ -240,6 +266,7 @@ def _first(b: Bench, limit: int, **shift: Any) -> int | None:
 
 
 def main() -> None:
+    global WINDOW
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--streams", default=",".join(STREAMS))
     ap.add_argument("--target-windows", type=float, default=100.0)
@@ -248,8 +275,11 @@ def main() -> None:
     ap.add_argument("--shift", type=float, default=None,
                     help="measure power at this shift (population sds) instead of false alarms")
     ap.add_argument("--power-references", type=int, default=6)
+    ap.add_argument("--window", type=int, default=WINDOW,
+                    help="records per window (the detector is calibrated for it)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    WINDOW = args.window
     results = []
     for name in args.streams.split(","):
         if name not in STREAMS:
@@ -259,7 +289,8 @@ def main() -> None:
             res = null_rate(name, args.target_windows, args.references, args.null_windows)
             print(f"{name:9s} 1/{args.target_windows:g}: {res['alarms']}/{res['windows']} "
                   f"= {res['ratio']:.2f}x the target (most from one reference: "
-                  f"{max(res['per_reference'])})")
+                  f"{max(res['per_reference'])}); tests that crossed: "
+                  + ", ".join(f"{k} {v}" for k, v in list(res["fired"].items())[:6]))
         else:
             res = power(name, args.target_windows, args.power_references, args.shift)
             extra = "".join(f"; {k} within 3: {v['within3']:.0%}" for k, v in res.items()

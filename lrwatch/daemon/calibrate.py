@@ -60,7 +60,8 @@ from .reference import FINE_BINS, Reference, cat_key
 from .scale import LOCATION_SCALE
 from .stats import Profile, categorical_tests, numeric_tests
 
-__all__ = ["Calibration", "calibrate", "normal_scores", "HORIZONS"]
+__all__ = ["Calibration", "calibrate", "normal_scores", "HORIZONS", "row_skew", "window_skew",
+           "unskew"]
 
 #: Window counts over which the sequential test accumulates evidence.
 HORIZONS = (2, 4, 8, 16)
@@ -92,6 +93,11 @@ TAIL_MIN_DISTINCT = 20
 #: 30-feature stream at 1/1000), at 1-4 points on 0.05-sigma shifts (docs/drift-joint.md,
 #: "An eighth of the budget on the scan").
 SEQUENTIAL_SHARE = 0.125
+#: Bound on the skewness :func:`unskew` corrects. The joint test's z has about 0.1 at windows
+#: of 100 rows (a half-normal row's skewness, 1.0, over sqrt(100)); the first-order expansion
+#: holds only for small skewness, and at 0.3 the quadratic's turning point lies 5 standard
+#: deviations out on the light side, beyond every threshold.
+SKEW_MAX = 0.3
 
 #: ``progress(stage, done, total)``: how far calibration has got (see :func:`calibrate`).
 ProgressFn = Callable[[str, int, int], None]
@@ -117,6 +123,8 @@ class Calibration:
     joint_features: list[str] | None = None
     joint_mean: list[float] = field(default_factory=list)  # reference mean of |e| per feature
     joint_sd: list[float] = field(default_factory=list)  # its row standard deviation
+    #: its row skewness (``[]``: calibrated before 4 December; the detector measures it then)
+    joint_skew: list[float] = field(default_factory=list)
     #: ``kappa``: the joint means' reference error in units of ``1/m``, the regression's
     #: coefficient error included (:meth:`.JointModel.reference_inflation`; 1 before it existed)
     joint_inflation: float = 1.0
@@ -411,6 +419,47 @@ def _standardisation(raw: np.ndarray, mean_dims: np.ndarray, signed: np.ndarray
     return mu, sd, corr, live
 
 
+def row_skew(x: np.ndarray) -> np.ndarray:
+    """Sample skewness of each column of ``x`` (NaN ignored; 0 for a constant column)."""
+    if x.shape[0] == 0:
+        return np.zeros(x.shape[1])
+    d = x - np.nanmean(x, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.nanmean(d ** 3, axis=0) / np.nanmean(d ** 2, axis=0) ** 1.5
+    return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def window_skew(row_skew: np.ndarray, n: float, m: float, m_eff: float) -> np.ndarray:
+    """Skewness of the joint test's z for a window of ``n`` rows against a reference of ``m``.
+
+    ``z = (mean_n - mean_m) / (sd sqrt(1/n + 1/m_eff))``: the window mean's third cumulant is
+    ``g sd^3 / n^2``, the reference mean's ``g sd^3 / m^2`` (subtracted), and the coefficient
+    error that makes ``m_eff < m`` adds variance but no skew."""
+    n, m, m_eff = max(float(n), 1.0), max(float(m), 1.0), max(float(m_eff), 1.0)
+    return np.asarray(row_skew) * (n ** -2 - m ** -2) / (1.0 / n + 1.0 / m_eff) ** 1.5
+
+
+def unskew(x: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """The standard normal score of ``x``, a standardised statistic with skewness ``g``.
+
+    A statistic with a small skewness ``g`` is close to ``Z + (g / 6) (Z^2 - 1)`` with ``Z``
+    standard normal (Cornish-Fisher, first order); this solves that for ``Z``, so that the
+    calibration's Gaussian tails hold on both sides (a right-skewed statistic's upper tail is
+    heavier, its lower lighter). Monotone in ``x``; beyond the quadratic's turning point (more
+    than ``3 / |g|`` standard deviations on the light side) it continues linearly."""
+    x = np.asarray(x, dtype=np.float64)
+    g = np.clip(np.broadcast_to(np.asarray(g, dtype=np.float64), x.shape), -SKEW_MAX, SKEW_MAX)
+    sign = np.where(g < 0, -1.0, 1.0)
+    a = np.abs(g) / 6.0
+    xs = sign * x
+    safe = np.where(a > 1e-12, a, 1.0)
+    disc = 1.0 + 4.0 * safe * (safe + xs)
+    root = (np.sqrt(np.maximum(disc, 0.0)) - 1.0) / (2.0 * safe)
+    vertex_x = -safe - 1.0 / (4.0 * safe)
+    z = np.where(disc > 0, root, -1.0 / (2.0 * safe) + (xs - vertex_x))
+    return np.where(a > 1e-12, sign * z, x)
+
+
 def _row_corr(x: np.ndarray) -> np.ndarray:
     """Correlation of the columns of ``x`` (NaN filled with the column mean; 0 if constant)."""
     filled = np.where(np.isnan(x), np.nanmean(x, axis=0), x)
@@ -521,6 +570,7 @@ def calibrate(ref: Reference, *, window_size: int = 1000, target_windows: float 
                        joint_features=list(model.names) if model is not None else [],
                        joint_mean=[float(v) for v in ju.mean(axis=0)],
                        joint_sd=[float(v) for v in ju.std(axis=0)],
+                       joint_skew=[float(v) for v in row_skew(ju)],
                        joint_inflation=rs.jkappa,
                        base_threshold=base, base_seq_threshold=base_seq,
                        location_scale=LOCATION_SCALE)

@@ -40,7 +40,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import ConfigError
-from .calibrate import Calibration, calibrate, normal_scores, standardise
+from .calibrate import (Calibration, calibrate, normal_scores, row_skew, standardise, unskew,
+                        window_skew)
 from .multivariate import JointModel
 from .reference import PREDICTION, Reference
 from .scale import LOCATION_SCALE
@@ -182,6 +183,7 @@ class DriftDetector:
         self._jsd = np.asarray(cached.sd[nd:])
         self._jmean = np.asarray(cached.joint_mean)
         self._jrsd = np.maximum(np.asarray(cached.joint_sd), 1e-12)
+        self._jskew = self._joint_row_skew(cached)
         self.joint_min_effect = float(joint_min_effect)
         self._jhist: deque[tuple[np.ndarray, float]] = deque(maxlen=max(cached.horizons))
         self.min_effect = float(min_effect)
@@ -204,6 +206,16 @@ class DriftDetector:
         cat_missing = np.array([f.missing / max(f.count + f.missing, 1)
                                 for f in self.profile.cat])
         self._ref_missing_rate = np.concatenate([ref_missing, cat_missing])
+
+    def _joint_row_skew(self, cached: Calibration) -> np.ndarray:
+        """Per joint feature, the skewness of the reference rows' ``|e|`` (measured here when the
+        calibration predates it)."""
+        model = self._joint_model
+        if model is None:
+            return np.zeros(0)
+        if len(cached.joint_skew) == len(model.names):
+            return np.asarray(cached.joint_skew, dtype=np.float64)
+        return row_skew(model.loo_residuals(self.profile.joint_sample))
 
     def _resolve_calibration(self, given: Calibration | None, window_size: int | None,
                              target_windows: float | None, seed: int, sims: int | None,
@@ -306,7 +318,10 @@ class DriftDetector:
         sums = model.window_sums(x, present)
         mean_w = sums / n
         z = (mean_w - self._jmean) / (self._jrsd * math.sqrt(1.0 / n + 1.0 / self._jm))
-        scores = np.abs((z - self._jmu) / self._jsd)
+        # |e| is right-skewed, and so is a small window's mean of it: score it on the normal
+        # scale before folding, so that the Gaussian calibration holds in both tails
+        skew = window_skew(self._jskew, n, self._m, self._jm)
+        scores = np.abs(unskew((z - self._jmu) / self._jsd, skew))
         effect = np.abs(mean_w / self._jmean - 1.0) >= self.joint_min_effect
         hit = (scores > self.threshold) & effect
         top = int(np.argmax(scores))

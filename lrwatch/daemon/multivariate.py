@@ -43,7 +43,10 @@ reference by refitting on random halves and scoring the other half, bounds it by
 ``kappa / m`` where it used ``1 / m`` (an effective reference of ``m / kappa`` rows).
 
 Calibration is :mod:`.calibrate`'s: the ``p`` joint dimensions join the per-feature tests in the
-same maximum over standardised scores, and their sums join the sequential scan.
+same maximum over standardised scores, and their sums join the sequential scan. A window's mean
+``|e|`` keeps some of the rows' right skew (about ``1/sqrt(n)`` of it), so the detector maps each
+joint z to the normal scale with that measured skewness before folding it
+(:func:`.calibrate.unskew`), and the Gaussian maximum holds in both tails.
 """
 
 from __future__ import annotations

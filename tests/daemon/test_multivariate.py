@@ -12,7 +12,7 @@ import pytest
 
 from lrwatch.daemon import DriftDetector, Reference
 from lrwatch.daemon.baseline import build_reference
-from lrwatch.daemon.calibrate import calibrate
+from lrwatch.daemon.calibrate import Calibration, calibrate
 from lrwatch.errors import ConfigError
 
 WINDOW = 200
@@ -250,3 +250,13 @@ def test_few_rows_for_many_features_inflate_the_reference_error() -> None:
     del old["joint_inflation"]
     ref.calibration = old
     assert DriftDetector(ref, window_size=100, target_windows=100)._jm == det._m
+
+
+def test_calibration_without_joint_skew_gets_it_measured(ref: Reference) -> None:
+    cal = calibrate(ref, window_size=WINDOW, target_windows=1000.0, sims=300)
+    assert len(cal.joint_skew) == len(cal.joint_features or []) > 0
+    assert all(0.3 < g < 2.0 for g in cal.joint_skew)   # |e| rows are right-skewed
+    old = Calibration.from_dict({k: v for k, v in cal.to_dict().items() if k != "joint_skew"})
+    assert old.joint_skew == []
+    det = DriftDetector(ref, calibration=old)
+    assert np.allclose(det._jskew, cal.joint_skew)

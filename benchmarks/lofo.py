@@ -109,6 +109,9 @@ KNOBS: tuple[Knob, ...] = (
     Knob("eval_loss_far_above_best", "params.min_drop", (0.095, 0.0, 0.049, 0.223),
          "the smallest rise above the best that counts (log units: 10%, 0, 5%, 25%): a smooth "
          "evaluation loss makes a slight drift many noise sigmas"),
+    Knob("loss_collapse", "params.alpha", (0.00001, 0.0001, 0.000001),
+         "per-batch false-alarm probability of the collapse's run-length test: how unlikely a "
+         "run of batches at the untrained level must be under the run's own rate"),
     Knob("lr_annealed", "params.factor", (0.05, 0.02, 0.1),
          "the share of its largest rate below which an annealed schedule freezes evaluations "
          "(eval_loss_frozen's rtol over the per-evaluation change of healthy runs at full "

@@ -271,6 +271,54 @@ def test_baseline_median_ignores_one_or_two_hard_batches():
     assert fires(lucky, [0.85, 0.84, 0.86, 0.8, 0.2, 0.8, 0.9, 0.85, 0.86, 0.9]) == []
 
 
+def test_baseline_run_length_test_sized_by_the_runs_own_rate() -> None:
+    start = [0.85, 0.84, 0.86]
+    # a clean run that trained for 200 steps, then collapsed: p = 1/201, a run of 3 is needed
+    clean = start + [0.3] * 200 + [0.86] * 5
+    det = Baseline(warmup=3, arm=0.4, level=0.9, alpha=1e-5)
+    assert fires(det, clean)[0] == len(start) + 200 + 2
+    # after 400 clean steps p^2 <= alpha: the second step at the level fires
+    longer = Baseline(warmup=3, arm=0.4, level=0.9, alpha=1e-5)
+    assert fires(longer, start + [0.3] * 400 + [0.86] * 5)[0] == len(start) + 400 + 1
+    # the same collapse right after arming: a short history asks for a long run (p near 1/2)
+    early = Baseline(warmup=3, arm=0.4, level=0.9, alpha=1e-5)
+    assert early.run_needed() == 17
+    # three steps after arming p = 1/5: the eighth step at the level fires
+    assert fires(early, start + [0.3] * 3 + [0.86] * 10)[0] == len(start) + 3 + 7
+    # heavy-tailed batches reached the level 8 times in 200 steps, in singles and pairs: a pair
+    # is not a collapse, a run of 4 is
+    rng = random.Random(3)
+    tail = [0.3] * 200
+    for i in rng.sample(range(0, 198, 4), 4):
+        tail[i] = tail[i + 1] = 2.0
+    heavy = Baseline(warmup=3, arm=0.4, level=0.9, alpha=1e-5)
+    assert fires(heavy, start + [0.3] + tail) == []
+    assert heavy.run_needed() == 4
+    assert [heavy.update(x) for x in [0.9] * 4] == [False, False, False, True]
+    # alpha = 0 keeps the per-value decision
+    plain = Baseline(warmup=3, arm=0.4, level=0.9)
+    assert fires(plain, start + [0.3] + tail) != []
+
+
+def test_baseline_run_length_state_round_trip_and_old_states() -> None:
+    seq = [0.85, 0.84, 0.86] + [0.3] * 30 + [2.0, 0.3, 0.3] + [0.9] * 6
+    ref = Baseline(warmup=3, arm=0.4, level=0.9, alpha=1e-3)
+    want = [ref.update(x) for x in seq]
+    det = Baseline(warmup=3, arm=0.4, level=0.9, alpha=1e-3)
+    got = [det.update(x) for x in seq[:35]]
+    copy = Baseline(warmup=3, arm=0.4, level=0.9, alpha=1e-3)
+    copy.load_state_dict(json.loads(json.dumps(det.state_dict())))
+    assert got + [copy.update(x) for x in seq[35:]] == want
+    old = det.state_dict()
+    for k in ("seen", "beyond", "run"):
+        del old[k]  # what an lrwatch before the run-length test wrote
+    fresh = Baseline(warmup=3, arm=0.4, level=0.9, alpha=1e-3)
+    fresh.load_state_dict(old)
+    assert fresh.armed and fresh.run_needed() >= 2
+    with pytest.raises(ConfigError, match="alpha"):
+        Baseline(alpha=0.7)
+
+
 def test_baseline_state_from_before_median_loads() -> None:
     det = Baseline(warmup=3, arm=0.5, level=0.9, median=3)
     for x in (2.0, 2.0, 2.0, 0.5, 0.5):
@@ -375,6 +423,7 @@ FACTORIES = {
     "plateau": lambda: Plateau(patience=5),
     "baseline": lambda: Baseline(warmup=3, arm=0.9, level=0.95, smooth=0.5),
     "baseline_median": lambda: Baseline(warmup=3, arm=0.9, level=0.95, median=3),
+    "baseline_run": lambda: Baseline(warmup=3, arm=0.9, level=0.95, alpha=0.01),
     "start_ratio": lambda: StartRatio(warmup=2, above=5.0, below=0.1),
     "start_ratio_window": lambda: StartRatio(warmup=1, above=2.0, window=5),
     "untrained": lambda: Untrained(window=10, above=0.5),
@@ -453,7 +502,7 @@ def test_below_max_counts_levels_that_lasted():
 
 def test_factories_cover_every_detector():
     assert {k.removesuffix("_window").removesuffix("_floor").removesuffix("_median")
-            for k in FACTORIES} == set(DETECTORS)
+            .removesuffix("_run") for k in FACTORIES} == set(DETECTORS)
 
 
 def _stream(seed):

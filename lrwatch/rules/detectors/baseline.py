@@ -39,6 +39,15 @@ class Baseline(Detector):
         collapsed network's loss is at its constant prediction's level on every batch, so a
         median of 5 needs 3 of the last 5 there and ignores one or two hard batches of a run
         with a heavy-tailed batch loss; it also arms only when 3 of 5 reached ``arm``.
+    alpha:
+        0 (the default): fire on every value at or beyond ``level``. Above 0: fire only once a
+        *run* of ``k`` values in a row is at or beyond ``level``, where ``k`` is sized by the
+        run's own rate ``p`` of such values since it was armed: the smallest ``k >= 2`` with
+        ``p ** k <= alpha`` (``p`` counted over the values before the current run, with one
+        exceedance and one non-exceedance added so that a short history asks for a long run).
+        A run whose batches never come back to the level fires on the second value at it; one
+        whose heavy-tailed batches reach it now and then waits for a run that its own rate
+        makes unlikely (``alpha`` per value, if values are independent).
 
     Notes
     -----
@@ -64,13 +73,16 @@ class Baseline(Detector):
         "direction": Param(str, "up (loss) or down (accuracy)", choices=("up", "down")),
         "smooth": Param(float, "EWMA weight of the newest value", min=0, min_open=True, max=1),
         "median": Param(int, "running median over this many values before the EWMA", min=1),
+        "alpha": Param(float, "per-value false-alarm probability of the run-length test "
+                       "(0: off)", min=0, max=0.5),
     }
-    _STATE = ("first", "base", "level_now", "armed", "recent")
+    _STATE = ("first", "base", "level_now", "armed", "recent", "seen", "beyond", "run")
 
     def __init__(self, *, warmup: int = 5, arm: float = 0.5, level: float = 0.9,
-                 direction: str = "up", smooth: float = 1.0, median: int = 1) -> None:
+                 direction: str = "up", smooth: float = 1.0, median: int = 1,
+                 alpha: float = 0.0) -> None:
         self._set_params(warmup=warmup, arm=arm, level=level, direction=direction, smooth=smooth,
-                         median=median)
+                         median=median, alpha=alpha)
         if (self.direction == "up") != (self.arm < self.level):
             raise ConfigError(f"baseline with direction {self.direction!r} needs 'arm' "
                               f"{'<' if self.direction == 'up' else '>'} 'level'")
@@ -79,6 +91,26 @@ class Baseline(Detector):
         self._level_now: float | None = None
         self._armed = False
         self._recent: deque[float] = deque(maxlen=self.median)
+        self._seen = 0      # armed values before the current run (run-length test)
+        self._beyond = 0    # ... of which at or beyond the level
+        self._run = 0       # the current run of values at or beyond the level
+
+    def run_needed(self) -> int:
+        """The run length the test asks for now (``alpha`` > 0): the smallest ``k >= 2`` with
+        ``p ** k <= alpha``, ``p = (beyond + 1) / (seen + 2)``.
+
+        >>> d = Baseline(alpha=1e-4)
+        >>> d.run_needed()                      # nothing seen yet: p = 1/2
+        14
+        >>> d._seen, d._beyond = 200, 0         # 200 armed values, none at the level
+        >>> d.run_needed()
+        2
+        >>> d._beyond = 6                       # 3.5% of them were
+        >>> d.run_needed()
+        3
+        """
+        p = (self._beyond + 1) / (self._seen + 2)
+        return max(2, math.ceil(math.log(self.alpha) / math.log(p) - 1e-9))
 
     @property
     def baseline(self) -> float | None:
@@ -98,7 +130,7 @@ class Baseline(Detector):
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         """As the base class; a state saved before ``median`` existed has no ``recent``."""
-        super().load_state_dict({"recent": [], **state})
+        super().load_state_dict({"recent": [], "seen": 0, "beyond": 0, "run": 0, **state})
 
     def update(self, x: float, t: float | None = None) -> bool | None:
         if not math.isfinite(x) or x <= 0.0:
@@ -118,13 +150,22 @@ class Baseline(Detector):
         lv += self.smooth * (x - lv)
         self._level_now = lv
         r = lv / self._base
-        if self.direction == "up":
-            if r <= self.arm:
-                self._armed = True
-            return self._armed and r >= self.level
-        if r >= self.arm:
+        up = self.direction == "up"
+        if (r <= self.arm) if up else (r >= self.arm):
             self._armed = True
-        return self._armed and r <= self.level
+        beyond = self._armed and ((r >= self.level) if up else (r <= self.level))
+        if self.alpha <= 0.0 or not self._armed:
+            return beyond
+        return self._run_test(beyond)
+
+    def _run_test(self, beyond: bool) -> bool:
+        if beyond:
+            self._run += 1
+            return self._run >= self.run_needed()
+        self._seen += self._run + 1       # the run that just ended joins the history
+        self._beyond += self._run
+        self._run = 0
+        return False
 
     def update_given(self, x: float, given: float | None, t: float | None = None) -> bool | None:
         """As :meth:`update`, with the baseline measured: ``given`` (``given:

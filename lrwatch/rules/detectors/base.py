@@ -172,3 +172,41 @@ class Detector:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"{type(self).__name__}({args})"
+
+
+class RunLengthTest:
+    """Mixin: a run-length test sized by the stream's own rate of exceedances.
+
+    A detector that decides "this value is beyond the line" calls :meth:`_run_test` with that
+    decision and fires only on the k-th such value in a row, ``k`` the smallest number ``>= 2``
+    with ``p ** k <= alpha``, where ``p = (beyond + 1) / (seen + 2)`` is the rate of such values
+    over the values it decided on before the current run (one of each added, so that a short
+    history asks for a long run). A stream whose values never crossed the line before fires on
+    its second or third crossing in a row; one whose heavy-tailed values cross now and then
+    waits for a run that its own rate makes unlikely (``alpha`` per value, if values are
+    independent). Subclasses list ``"seen", "beyond", "run"`` in ``_STATE`` and set ``alpha``.
+    """
+
+    alpha: float
+    _seen: int
+    _beyond: int
+    _run: int
+
+    def _init_runs(self) -> None:
+        self._seen = 0      # decided values before the current run
+        self._beyond = 0    # ... of which beyond the line
+        self._run = 0       # the current run of values beyond the line
+
+    def run_needed(self) -> int:
+        """The run length the test asks for now (``alpha`` > 0)."""
+        p = (self._beyond + 1) / (self._seen + 2)
+        return max(2, math.ceil(math.log(self.alpha) / math.log(p) - 1e-9))
+
+    def _run_test(self, beyond: bool) -> bool:
+        if beyond:
+            self._run += 1
+            return self._run >= self.run_needed()
+        self._seen += self._run + 1       # the run that just ended joins the history
+        self._beyond += self._run
+        self._run = 0
+        return False

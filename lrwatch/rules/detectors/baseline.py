@@ -7,13 +7,13 @@ from collections import deque
 from typing import ClassVar, Mapping
 
 from ...errors import ConfigError
-from .base import Detector, Param, sorted_median
+from .base import Detector, Param, RunLengthTest, sorted_median
 from .start_ratio import given_level
 
 __all__ = ["Baseline"]
 
 
-class Baseline(Detector):
+class Baseline(RunLengthTest, Detector):
     """Fires when a metric that had moved away from its initial level comes back to it.
 
     The baseline is the median of the first ``warmup`` positive values (the untrained loss,
@@ -91,9 +91,7 @@ class Baseline(Detector):
         self._level_now: float | None = None
         self._armed = False
         self._recent: deque[float] = deque(maxlen=self.median)
-        self._seen = 0      # armed values before the current run (run-length test)
-        self._beyond = 0    # ... of which at or beyond the level
-        self._run = 0       # the current run of values at or beyond the level
+        self._init_runs()   # the run-length test (alpha > 0), over armed values
 
     def run_needed(self) -> int:
         """The run length the test asks for now (``alpha`` > 0): the smallest ``k >= 2`` with
@@ -109,8 +107,7 @@ class Baseline(Detector):
         >>> d.run_needed()
         3
         """
-        p = (self._beyond + 1) / (self._seen + 2)
-        return max(2, math.ceil(math.log(self.alpha) / math.log(p) - 1e-9))
+        return super().run_needed()
 
     @property
     def baseline(self) -> float | None:
@@ -157,15 +154,6 @@ class Baseline(Detector):
         if self.alpha <= 0.0 or not self._armed:
             return beyond
         return self._run_test(beyond)
-
-    def _run_test(self, beyond: bool) -> bool:
-        if beyond:
-            self._run += 1
-            return self._run >= self.run_needed()
-        self._seen += self._run + 1       # the run that just ended joins the history
-        self._beyond += self._run
-        self._run = 0
-        return False
 
     def update_given(self, x: float, given: float | None, t: float | None = None) -> bool | None:
         """As :meth:`update`, with the baseline measured: ``given`` (``given:

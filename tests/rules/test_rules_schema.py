@@ -341,3 +341,22 @@ def test_rules_show_and_detectors_cli():
     assert parse_rules(res.stdout).names == load_pack("training").names
     res = CliRunner().invoke(cli, ["rules", "detectors"])
     assert res.exit_code == 0 and "regression:" in res.stdout and "confidence:" in res.stdout
+
+
+@pytest.mark.parametrize("text, want", [("1e-5", 1e-5), ("1.0e5", 1e5), ("-2E+3", -2e3),
+                                        (".5e-3", 5e-4)])
+def test_exponent_numbers_yaml_reads_as_text_are_numbers(text, want):
+    # PyYAML (YAML 1.1) reads 1e-5 and 1.0e5 as strings; a float parameter takes them
+    rs = parse_rules(f"version: 1\nrules:\n  - {{name: r, metric: loss, detector: threshold, "
+                     f"severity: info, params: {{above: {text}}}}}\n", source="t.yml")
+    assert rs.rules[0].params["above"] == pytest.approx(want)
+
+
+def test_text_that_is_not_a_number_still_fails_clearly():
+    with pytest.raises(RuleError, match=r"parameter 'above' must be a number.*got '1e'"):
+        parse_rules("version: 1\nrules:\n  - {name: r, metric: loss, detector: threshold, "
+                    "severity: info, params: {above: 1e}}\n", source="t.yml")
+    # an integer parameter does not take exponent text
+    with pytest.raises(RuleError, match=r"parameter 'window' must be an integer"):
+        parse_rules("version: 1\nrules:\n  - {name: r, metric: loss, detector: spike, "
+                    "severity: info, params: {window: 1e2}}\n", source="t.yml")

@@ -9,6 +9,7 @@ value it cannot judge). Its state is reported by read-only properties and saved 
 from __future__ import annotations
 
 import math
+import re
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
@@ -19,6 +20,10 @@ from ...samples import decode_number, encode_number
 __all__ = ["Detector", "Param", "DIRECTIONS"]
 
 DIRECTIONS = ("up", "down", "both")
+
+#: A number in exponent notation that YAML 1.1 (PyYAML) reads as text: ``1e-5`` (no dot),
+#: ``1.0e5`` (no sign in the exponent).
+_YAML_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,9 @@ class Param:
             if not isinstance(value, bool):
                 raise ConfigError(f"parameter {name!r} must be true or false, got {value!r}")
             return value
+        if self.kind is float and isinstance(value, str) and _YAML_FLOAT.fullmatch(value.strip()):
+            # YAML 1.1 (PyYAML) reads 1e-5 as text: it needs a dot (1.0e-5) to be a number
+            value = float(value)
         if self.kind in (int, float):
             ok = isinstance(value, int) if self.kind is int else isinstance(value, (int, float))
             if isinstance(value, bool) or not ok:

@@ -23,11 +23,17 @@ Example config file (every key optional)::
     alerts: {alertmanager: [http://127.0.0.1:9093], webhook: [], log: true}
     hook: {argv: [/usr/local/bin/revert-model, --to, previous], cooldown: 300, timeout: 30,
            rules: [data_drift, accuracy_regression]}
+
+Numbers may be written in exponent notation (``target_windows: 1e3``), although YAML 1.1 reads
+``1e3`` as text; a value of the wrong type is a :class:`~lrwatch.errors.ConfigError` naming its
+key (``drift.target_windows must be a number, got 'lots'``).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
@@ -44,31 +50,65 @@ def _flag(name: str, v: Any) -> bool:
     return v
 
 
+#: Exponent notation that YAML 1.1 (PyYAML) reads as text: ``1e-3`` (no dot), ``1.0e3`` (no
+#: sign in the exponent).
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _number(name: str, v: Any) -> Any:
+    """A finite number (``None`` passes: the field's own check decides whether it may be
+    unset); exponent text such as ``1e-3`` counts as the number it spells."""
+    if v is None:
+        return v
+    if isinstance(v, str) and _EXPONENT.fullmatch(v.strip()):
+        v = float(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ConfigError(f"{name} must be a number, got {v!r}")
+    return v
+
+
+def _integer(name: str, v: Any) -> Any:
+    """A whole number; ``1000.0`` or ``1e3`` (how YAML may spell one) count as 1000."""
+    try:
+        v = _number(name, v)
+    except ConfigError:
+        raise ConfigError(f"{name} must be an integer, got {v!r}") from None
+    if isinstance(v, float):
+        if not v.is_integer():
+            raise ConfigError(f"{name} must be an integer, got {v!r}")
+        v = int(v)
+    return v
+
+
 #: Config file sections: key -> (DaemonConfig field, conversion). Conversions: ``None`` keeps
 #: the value, ``"path"`` resolves it against the config file's folder, ``"path?"`` does so
-#: only when it is set, ``"flag"`` accepts booleans only, or a callable.
+#: only when it is set, ``"flag"`` accepts booleans only, ``"number"`` and ``"integer"``
+#: numbers only (with a message naming the key; the field's own check sets the range).
 _Spec = Mapping[str, "tuple[str, Any]"]
 _SECTIONS: dict[str, _Spec] = {
-    "listen": {"host": ("host", None), "port": ("port", None)},
-    "limits": {k: (k, None) for k in ("max_body_bytes", "max_queue_records",
-                                      "max_pending_labels", "max_line_bytes",
-                                      "max_string_chars", "max_features")},
-    "http": {**{k: (k, None) for k in ("max_connections", "backlog", "header_timeout",
-                                       "read_timeout", "keep_alive_timeout")},
+    "listen": {"host": ("host", None), "port": ("port", "integer")},
+    "limits": {k: (k, "integer") for k in ("max_body_bytes", "max_queue_records",
+                                           "max_pending_labels", "max_line_bytes",
+                                           "max_string_chars", "max_features")},
+    "http": {**{k: (k, "integer") for k in ("max_connections", "backlog")},
+             **{k: (k, "number") for k in ("header_timeout", "read_timeout",
+                                           "keep_alive_timeout")},
              "tls_certfile": ("tls_certfile", "path?"), "tls_keyfile": ("tls_keyfile", "path?")},
-    "reference": {"path": ("reference", "path"), "live_records": ("live_records", None)},
-    "window": {"size": ("window_size", None), "seconds": ("window_seconds", float)},
-    "drift": {**{k: (k, None) for k in ("target_windows", "min_effect", "min_effect_categorical",
-                                        "min_missing_delta", "sequential", "seq_min_effect",
-                                        "calibration_sims")},
+    "reference": {"path": ("reference", "path"), "live_records": ("live_records", "integer")},
+    "window": {"size": ("window_size", "integer"), "seconds": ("window_seconds", "number")},
+    "drift": {**{k: (k, "number") for k in ("target_windows", "min_effect",
+                                            "min_effect_categorical", "min_missing_delta",
+                                            "seq_min_effect")},
+              "sequential": ("sequential", "flag"),
+              "calibration_sims": ("calibration_sims", "integer"),
               "joint": ("joint_drift", "flag")},
-    "labels": {"horizon_seconds": ("label_horizon_seconds", None)},
+    "labels": {"horizon_seconds": ("label_horizon_seconds", "number")},
     "estimation": {"enabled": ("estimation", "flag"),
-                   "min_window_labels": ("estimation_min_window_labels", None)},
+                   "min_window_labels": ("estimation_min_window_labels", "integer")},
     "alerts": {"alertmanager": ("alertmanager", None), "webhook": ("webhook", None),
-               "log": ("log_alerts", bool), "resend_interval": ("resend_interval", float)},
-    "hook": {"argv": ("hook_argv", None), "cooldown": ("hook_cooldown", None),
-             "timeout": ("hook_timeout", None), "rules": ("hook_rules", None)},
+               "log": ("log_alerts", "flag"), "resend_interval": ("resend_interval", "number")},
+    "hook": {"argv": ("hook_argv", None), "cooldown": ("hook_cooldown", "number"),
+             "timeout": ("hook_timeout", "number"), "rules": ("hook_rules", None)},
 }
 
 
@@ -93,6 +133,10 @@ def _convert(name: str, convert: Any, value: Any, path: Any) -> Any:
         return path(value) if value else value
     if convert == "flag":
         return _flag(name, value)
+    if convert == "number":
+        return _number(name, value)
+    if convert == "integer":
+        return _integer(name, value)
     return convert(value)
 
 
@@ -200,9 +244,10 @@ class DaemonConfig:
             kw[k] = [v] if isinstance(v, str) else list(v)
         if d.get("state_dir"):
             kw["state_dir"] = path(d["state_dir"])
-        for k in ("snapshot_interval", "seed"):
-            if k in d:
-                kw[k] = d[k]
+        if "snapshot_interval" in d:
+            kw["snapshot_interval"] = _number("snapshot_interval", d["snapshot_interval"])
+        if "seed" in d:
+            kw["seed"] = _integer("seed", d["seed"])
         if d.get("tail"):
             kw["tail"] = [path(p) for p in d["tail"]]
         if d.get("rules"):

@@ -6,11 +6,13 @@ import csv
 import json
 import random
 
+import pytest
 from click.testing import CliRunner
 
 from daemon_helpers import make_record
 from lrwatch.cli import cli
 from lrwatch.daemon import DaemonConfig, Reference
+from lrwatch.errors import ConfigError
 
 
 def test_baseline_build_from_jsonl(tmp_path):
@@ -149,3 +151,30 @@ def test_baseline_recalibrate_brings_an_old_reference_up_to_date(tmp_path):
     assert DriftDetector(new, sims=200).calibration.to_dict() == new.calibration  # used as is
     res = CliRunner().invoke(cli, ["baseline", "recalibrate", str(tmp_path / "nope.json")])
     assert res.exit_code != 0
+
+
+def test_config_numbers_are_checked_and_exponent_text_is_a_number(tmp_path):
+    # YAML 1.1 reads 1e3 and 1e-2 as text; the config reads them as the numbers they spell
+    cfg_file = tmp_path / "c.yml"
+    cfg_file.write_text("drift: {target_windows: 1e3, min_effect: 1e-2}\n"
+                        "window: {size: 1e3}\nlabels: {horizon_seconds: 1.0e4}\n")
+    cfg = DaemonConfig.load(str(cfg_file))
+    assert (cfg.target_windows, cfg.min_effect, cfg.window_size, cfg.label_horizon_seconds) == (
+        1000.0, 0.01, 1000, 10000.0)
+    assert isinstance(cfg.window_size, int)
+    # a value of the wrong type is a ConfigError naming the key, never a TypeError later
+    for bad, words in (({"drift": {"target_windows": "many"}},
+                        "drift.target_windows must be a number"),
+                       ({"window": {"size": 10.5}}, "window.size must be an integer"),
+                       ({"hook": {"cooldown": "soon"}}, "hook.cooldown must be a number"),
+                       ({"alerts": {"resend_interval": "x"}}, "alerts.resend_interval"),
+                       ({"drift": {"sequential": "yes"}}, "drift.sequential must be true or false"),
+                       ({"listen": {"port": True}}, "listen.port must be an integer"),
+                       ({"seed": "a"}, "seed must be an integer")):
+        with pytest.raises(ConfigError, match=words):
+            DaemonConfig.from_mapping(bad)
+    bad_file = tmp_path / "bad.yml"
+    bad_file.write_text("drift: {target_windows: lots}\n")
+    res = CliRunner().invoke(cli, ["daemon", "--config", str(bad_file)])
+    assert res.exit_code != 0 and "drift.target_windows must be a number" in res.output
+    assert "Traceback" not in res.output

@@ -81,7 +81,7 @@ class Param:
         if self.min is not None:
             parts.append(f"{'>' if self.min_open else '>='} {self.min:g}")
         if self.max is not None:
-            parts.append(f"<= {self.max:g}")
+            parts.append(f"{'and ' if self.min is not None else ''}<= {self.max:g}")
         return " ".join(parts) + (" or null" if self.optional else "")
 
 

@@ -45,9 +45,10 @@ class Baseline(RunLengthTest, Detector):
         run's own rate ``p`` of such values since it was armed: the smallest ``k >= 2`` with
         ``p ** k <= alpha`` (``p`` counted over the values before the current run, with one
         exceedance and one non-exceedance added so that a short history asks for a long run).
-        A run whose batches never come back to the level fires on the second value at it; one
-        whose heavy-tailed batches reach it now and then waits for a run that its own rate
-        makes unlikely (``alpha`` per value, if values are independent).
+        A run whose batches never came back to the level fires on the second or third value at
+        it (the second once its history is long enough for ``p ** 2 <= alpha``); one whose
+        heavy-tailed batches reach it now and then waits for a run that its own rate makes
+        unlikely (``alpha`` per value, if values are independent).
 
     Notes
     -----

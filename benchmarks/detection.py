@@ -163,7 +163,10 @@ def _trace_path(cache: Path, spec: fr.RunSpec) -> Path:
 def _record_one(args: tuple[fr.RunSpec, str]) -> tuple[str, dict[str, Any], float]:
     spec, path = args
     t0 = time.perf_counter()
-    facts = fr.record_run(spec, Path(path))
+    try:
+        facts = fr.record_run(spec, Path(path))
+    except Exception as exc:  # name the run: a pool's traceback alone does not
+        raise RuntimeError(f"recording {fr.run_id(spec)} failed: {exc!r}") from exc
     return fr.run_id(spec), facts, time.perf_counter() - t0
 
 

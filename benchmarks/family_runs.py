@@ -76,6 +76,9 @@ REGRESSION_MAX = 0.8
 EVAL_DROP_RATE = 0.03      # regression/autoencoder: share of held-out rows corrupted per eval
 EVAL_DROP_POINTS = 0.02    # classification: accuracy points lost per evaluation
 BLOWUP_FACTOR = 3.0
+#: The blow-up's ramp stops here: a bounded loss never overflows, and a rate past ~1e38 would
+#: overflow inside the optimizer (a Python error, not a non-finite value).
+BLOWUP_MAX_LR = 1e30
 LR_BUG_FACTOR = 100.0
 
 TASKS = fam.TASKS
@@ -174,7 +177,8 @@ class _Recorder:
             _apply_lr(self.opt, self.sched, LR_BUG_FACTOR)
         elif f == "stuck_above" and step == onset:
             _apply_lr(self.opt, self.sched, STUCK_LR_FACTOR)
-        elif f == "blowup" and step >= onset:
+        elif f == "blowup" and step >= onset and max(
+                g["lr"] for g in self.opt.param_groups) < BLOWUP_MAX_LR:
             _apply_lr(self.opt, self.sched, BLOWUP_FACTOR)
 
     def next_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -143,3 +143,16 @@ def test_scoring_and_lofo_structure(tiny_suite: bench.Suite) -> None:
     assert lofo._choose(by_cfg, fams[1:]) == (("a", 1),)      # tie: first is kept
     assert lofo._choose({(("a", 2),): noisy, (("a", 1),): good}, fams[1:]) == (("a", 2),)
     assert lofo._choose({(("a", 2),): noisy, (("a", 1),): good}, fams) == (("a", 1),)
+
+
+def test_blowup_ramp_stops_before_the_optimizer_overflows() -> None:
+    # a loss that cannot overflow (bounded) would let the x3-per-step ramp reach a rate that
+    # overflows inside the optimizer; the ramp stops at BLOWUP_MAX_LR
+    spec = fr.RunSpec("synth_ae", "rmsprop", "constant", 1.0, seed=0, fault="blowup", onset=1,
+                      base=fr.run_id(HEALTHY))
+    rec = fr._Recorder(spec)
+    for step in range(1, 200):
+        rec.intervene(step)
+    lrs = [g["lr"] for g in rec.opt.param_groups]
+    assert all(math.isfinite(lr) and lr < fr.BLOWUP_MAX_LR * fr.BLOWUP_FACTOR for lr in lrs)
+    assert max(lrs) >= fr.BLOWUP_MAX_LR

@@ -110,3 +110,30 @@ def test_a_language_model_stuck_at_its_unigram_level_never_learned():
         assert steps and 80 <= steps[0] <= 110, (seed, steps)
         learned = critical(_stuck_at_unigram(seed, 2.4))
         assert "never_learned" not in {r for r, _ in learned}, (seed, learned)
+
+
+def _accuracy_repeats(seed: int, level: float) -> list[Sample]:
+    """A 5-class model (untrained loss 1.77, best constant prediction 1.61, both measured) whose
+    loss sits at ``level`` with 8% batch noise and whose held-out accuracy, on a small
+    evaluation set, repeats the same value from step 100 on."""
+    rng = random.Random(seed)
+    out = []
+    for step in range(1, 301):
+        vals = {"loss": level * math.exp(rng.gauss(0, 0.08)), "lr": 0.01}
+        if step == 1:
+            vals.update(loss=1.77, untrained_loss=1.77, constant_loss=1.61)
+        if step % 10 == 0:
+            vals["eval_accuracy"] = 0.4545 if step >= 100 else 0.3 + 0.0015 * step
+            vals["eval_loss"] = level * (1 + 0.02 * math.sin(0.7 * step))
+        out.append(Sample(step=step, values=vals))
+    return out
+
+
+def test_a_repeating_accuracy_well_below_the_constant_loss_is_not_a_dead_classifier():
+    # a model that learned (0.76x its constant prediction's loss) on a small evaluation set,
+    # whose accuracy repeats: the constant-prediction veto; at the constant level it is dead
+    for seed in range(3):
+        learned = critical(_accuracy_repeats(seed, 1.22))
+        assert "dead_classifier" not in {r for r, _ in learned}, (seed, learned)
+        dead = [s for r, s in critical(_accuracy_repeats(seed, 1.61)) if r == "dead_classifier"]
+        assert dead and dead[0] >= 140, (seed, dead)

@@ -11,6 +11,12 @@ finished, since a snapshot is only read at a rollback or a disk write).
 
 Tensors that are not on a CUDA device, not strided (sparse), or that cannot get pinned memory
 are copied synchronously, as before; so are all tensors when ``asynchronous`` is false.
+
+The CUDA tensors of one :meth:`HostCopy.copy` call (a model's or an optimizer's state dict:
+hundreds of tensors for a transformer) go to one pinned buffer per dtype and device, in one
+``torch._foreach_copy_``: one allocation and one call instead of hundreds of each, the Python
+work a snapshot costs the host (the copies themselves run on the copy engine). The copies are
+views into that buffer; a state dict built from them loads as any other.
 """
 
 from __future__ import annotations
@@ -41,33 +47,61 @@ class HostCopy:
         self.copied_sync = 0
 
     def tensor(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.detach()
-        if self.asynchronous and t.device.type == "cuda" and t.layout == torch.strided:
-            src = t if t.is_contiguous() else t.contiguous()
+        """A synchronous host copy of one tensor (what is not bulk-copied)."""
+        self.copied_sync += 1
+        return t.detach().to("cpu", copy=True)
+
+    def copy(self, obj: Any) -> Any:
+        if not self.asynchronous:
+            return self._rebuild(obj, None)
+        found: list[torch.Tensor] = []
+        _gather(obj, found)
+        hosts = iter(self._bulk(found)) if found else None
+        return self._rebuild(obj, hosts)
+
+    def _rebuild(self, obj: Any, hosts: Any) -> Any:
+        """``obj`` with every tensor replaced: CUDA ones by the next of ``hosts`` (their bulk
+        copies, in :func:`_gather`'s order), the others by :meth:`tensor`."""
+        if isinstance(obj, torch.Tensor):
+            if hosts is not None and _bulk_kind(obj):
+                return next(hosts)
+            return self.tensor(obj)
+        if isinstance(obj, dict):  # dict and OrderedDict (model state dicts)
+            return type(obj)((k, self._rebuild(v, hosts)) for k, v in obj.items())
+        if isinstance(obj, list):
+            return [self._rebuild(v, hosts) for v in obj]
+        if isinstance(obj, tuple):
+            return tuple(self._rebuild(v, hosts) for v in obj)
+        return obj  # ints, floats, strings, None: immutable
+
+    def _bulk(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Host copies of CUDA ``tensors``, in order: one pinned buffer per (dtype, device), one
+        non-blocking foreach copy into views of it. Without pinned memory: one by one, as
+        :meth:`tensor` does (which then copies synchronously)."""
+        out: list[Any] = [None] * len(tensors)
+        groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+        for i, t in enumerate(tensors):
+            groups.setdefault((t.dtype, t.device), []).append(i)
+        for (dtype, device), idx in groups.items():
+            srcs = [tensors[i].detach() for i in idx]
+            srcs = [t if t.is_contiguous() else t.contiguous() for t in srcs]
+            sizes = [t.numel() for t in srcs]
             try:
-                dst = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+                buf = torch.empty(sum(sizes), dtype=dtype, pin_memory=True)
             except RuntimeError as exc:  # no pinned memory to be had: copy as before
                 log.warning("lrwatch: cannot pin host memory for a snapshot (%s); copying "
                             "synchronously from now on", exc)
                 self.asynchronous = False
-            else:
-                dst.copy_(src, non_blocking=True)
-                self._devices.setdefault(src.device.index or 0, src.device)
-                self.copied_async += 1
-                return dst
-        self.copied_sync += 1
-        return t.to("cpu", copy=True)
-
-    def copy(self, obj: Any) -> Any:
-        if isinstance(obj, torch.Tensor):
-            return self.tensor(obj)
-        if isinstance(obj, dict):  # dict and OrderedDict (model state dicts)
-            return type(obj)((k, self.copy(v)) for k, v in obj.items())
-        if isinstance(obj, list):
-            return [self.copy(v) for v in obj]
-        if isinstance(obj, tuple):
-            return tuple(self.copy(v) for v in obj)
-        return obj  # ints, floats, strings, None: immutable
+                for i in idx:
+                    out[i] = self.tensor(tensors[i])
+                continue
+            dsts = [v.view(t.shape) for v, t in zip(torch.split(buf, sizes), srcs)]
+            _foreach_copy(dsts, srcs)
+            self._devices.setdefault(device.index or 0, device)
+            self.copied_async += len(idx)
+            for i, d in zip(idx, dsts):
+                out[i] = d
+        return out
 
     def finish(self) -> "HostCopy":
         """Mark the end of the copies: one event per device, on its current stream."""
@@ -90,3 +124,34 @@ class HostCopy:
         for event in self._events:
             event.synchronize()
         self._events.clear()
+
+
+def _bulk_kind(t: torch.Tensor) -> bool:
+    """Whether ``t`` goes through the bulk copy: a strided CUDA tensor."""
+    return t.device.type == "cuda" and t.layout == torch.strided
+
+
+def _gather(obj: Any, found: list[torch.Tensor]) -> None:
+    """The bulk-copied tensors of ``obj``, in the order :meth:`HostCopy._rebuild` visits them."""
+    if isinstance(obj, torch.Tensor):
+        if _bulk_kind(obj):
+            found.append(obj)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _gather(v, found)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _gather(v, found)
+
+
+def _foreach_copy(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+    """``dst.copy_(src, non_blocking=True)`` for every pair, in one call where torch has it."""
+    fn = getattr(torch, "_foreach_copy_", None)
+    if fn is not None:
+        try:
+            fn(dsts, srcs, non_blocking=True)
+            return
+        except (RuntimeError, TypeError):  # an older signature: one by one below
+            pass
+    for d, s in zip(dsts, srcs):
+        d.copy_(s, non_blocking=True)

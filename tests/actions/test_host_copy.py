@@ -76,6 +76,29 @@ def test_snapshot_on_disk_and_in_memory_load_the_same(tmp_path):
         assert torch.equal(a["model"][k], b["model"][k])
 
 
+def test_bulk_copy_without_pinned_memory_falls_back_to_plain_copies(caplog):
+    # what a machine that cannot pin memory gets (here: no CUDA at all, forced into the path)
+    if torch.cuda.is_available():
+        pytest.skip("pinned memory is available here")
+    hc = HostCopy()
+    hc.asynchronous = True
+    ts = [torch.arange(4.0), torch.ones(2, 3).t(), torch.tensor(5, dtype=torch.int64)]
+    out = hc._bulk(ts)
+    assert not hc.asynchronous and hc.copied_sync == 3 and hc.copied_async == 0
+    assert "cannot pin host memory" in caplog.text
+    for a, b in zip(out, ts):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+
+
+def test_foreach_copy_matches_copy_one_by_one():
+    from lrwatch.actions.host_copy import _foreach_copy
+
+    srcs = [torch.randn(3, 4), torch.randn(5).to(torch.float64), torch.randn(2, 2).t()]
+    dsts = [torch.empty(t.shape, dtype=t.dtype) for t in srcs]
+    _foreach_copy(dsts, srcs)
+    assert all(torch.equal(d, s) for d, s in zip(dsts, srcs))
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -128,3 +151,33 @@ def test_cuda_snapshot_store_takes_without_sync_and_restores():
     restore_state(snap.load(), model, opt, None, scaler)
     for k, v in model.state_dict().items():
         assert torch.equal(v.cpu(), want[k])
+
+
+@cuda
+def test_cuda_bulk_copy_of_mixed_state_one_buffer_per_dtype():
+    w = torch.randn(64, 32, device="cuda")
+    state = {"w": w, "wt": w.t(), "h": torch.randn(7, device="cuda", dtype=torch.float16),
+             "step": torch.tensor(3.0),                       # a CPU tensor among them
+             "n": torch.tensor(11, device="cuda"),            # 0-d int64
+             "empty": torch.empty(0, device="cuda"),
+             "groups": [{"b": torch.randn(5, device="cuda")}]}
+    expect = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+    b_expect = state["groups"][0]["b"].cpu()
+    torch.cuda.synchronize()
+    hc = HostCopy()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = hc.copy(state)
+        hc.finish()
+        w.zero_()                                # after the copy is queued: must not leak in
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    hc.wait()
+    assert hc.copied_async == 6 and hc.copied_sync == 1
+    for k in ("w", "wt", "h", "n", "empty", "step"):
+        assert out[k].device.type == "cpu" and torch.equal(out[k], expect[k]), k
+        assert out[k].dtype == expect[k].dtype and out[k].shape == expect[k].shape
+    assert torch.equal(out["groups"][0]["b"], b_expect)
+    # the float32 copies share one pinned buffer
+    assert out["w"].is_pinned() and (out["w"].untyped_storage().data_ptr()
+                                     == out["groups"][0]["b"].untyped_storage().data_ptr())

@@ -28,7 +28,7 @@ import itertools
 import logging
 import os
 import uuid
-from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 from prometheus_client import CollectorRegistry
@@ -113,7 +113,9 @@ class Watcher(PlanExecutor, StepPath):
         a scrape; long runs should be scraped instead.
     rules:
         The rules the flushed samples are judged by: a pack name (``"training"``, the default),
-        a rule-file path, a :class:`~lrwatch.rules.RuleSet`, or ``None`` for no rules.
+        a rule-file path, a :class:`~lrwatch.rules.RuleSet`, a list of these joined in order
+        (``["training", "plateau_cut"]`` adds the opt-in rate cut on a stalled loss), or
+        ``None`` for no rules.
     recovery:
         How to act on ``rollback``/``skip``/``reduce_lr``/``stop`` actions
         (:class:`~lrwatch.recovery.policy.RecoveryConfig` or a dict of its fields); ``False``
@@ -183,7 +185,7 @@ class Watcher(PlanExecutor, StepPath):
         update_ratio_every: int = 10, batch_size: int | None = None,
         listeners: Iterable[Listener] = (), run_name: str | None = None, start_step: int = 0,
         pushgateway: str | None = None,
-        rules: "str | os.PathLike[str] | RuleSet | None" = "training",
+        rules: "str | os.PathLike[str] | RuleSet | Sequence[Any] | None" = "training",
         recovery: "RecoveryConfig | Mapping[str, Any] | bool | None" = True,
         alerts: Any = None, alertmanager: str | None = None, hook: Any = None,
         step_hooks: bool = True, process_group: Any = None, export: str = "rank0",

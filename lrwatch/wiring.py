@@ -66,16 +66,25 @@ def check_probe(recovery: RecoveryConfig | None, probe_loss: Callable[..., Any] 
     return recovery is not None and recovery.probe != "off" and probe_loss is not None
 
 
-def rule_set(rules: "str | os.PathLike[str] | RuleSet | None") -> RuleSet | None:
-    """The rules a Watcher judges by: a pack name, a rule-file path, a RuleSet, or None."""
+def rule_set(rules: "str | os.PathLike[str] | RuleSet | Sequence[Any] | None") -> RuleSet | None:
+    """The rules a Watcher judges by: a pack name, a rule-file path, a RuleSet, a list of
+    these (joined in order: ``["training", "plateau_cut"]``), or None."""
     if rules is None or isinstance(rules, RuleSet):
         return rules
     if isinstance(rules, str) and rules in PACKS:
         return load_pack(rules)
     if isinstance(rules, (str, os.PathLike)):
         return load_rules(rules)
-    raise ConfigError(f"rules must be a pack name {sorted(PACKS)}, a rule file path, a RuleSet "
-                      f"or None, got {type(rules).__name__}")
+    if isinstance(rules, (list, tuple)) and rules:
+        parts = [rule_set(r) for r in rules]
+        if any(p is None for p in parts):
+            raise ConfigError("rules: a list of rule sets cannot contain None")
+        joined = parts[0]
+        for p in parts[1:]:
+            joined = joined + p   # type: ignore[operator]
+        return joined
+    raise ConfigError(f"rules must be a pack name {sorted(PACKS)}, a rule file path, a RuleSet, "
+                      f"a non-empty list of these, or None, got {type(rules).__name__}")
 
 
 def snapshot_dir(recovery: Any) -> str | None:

@@ -48,7 +48,7 @@ __all__ = ["Rule", "RuleSet", "Span", "When", "load_rules", "load_pack", "parse_
 
 SEVERITIES = ("critical", "warning", "info")
 ACTIONS = ("rollback", "reduce_lr", "skip", "stop", "alert", "hook")
-PACKS = ("training", "serving")
+PACKS = ("training", "serving", "plateau_cut")
 #: Fields a summary/description template may use, e.g. ``"{metric} = {value:.3g}"``.
 TEMPLATE_FIELDS = ("rule", "metric", "value", "step", "time", "severity", "statistic",
                    "detector", "labels")
@@ -886,14 +886,15 @@ def load_rules(path: str | os.PathLike[str]) -> RuleSet:
 
 
 def pack_text(name: str) -> str:
-    """The YAML text of the default rule pack ``name`` (``training`` or ``serving``)."""
+    """The YAML text of the rule pack ``name``: ``training``, ``serving``, or the add-on
+    ``plateau_cut`` (one rule, used beside ``training``)."""
     if name not in PACKS:
         raise ConfigError(f"unknown rule pack {name!r} (valid choices: {', '.join(PACKS)})")
     return resources.files(__package__).joinpath("packs", f"{name}.yml").read_text("utf-8")
 
 
 def load_pack(name: str) -> RuleSet:
-    """The default rule pack ``name``, shipped as package data (``training`` or ``serving``)."""
+    """The rule pack ``name``, shipped as package data (see :func:`pack_text`)."""
     return parse_rules(pack_text(name), f"<pack {name}>")
 
 

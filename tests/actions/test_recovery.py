@@ -731,3 +731,48 @@ def test_restart_during_a_warm_up_cuts_from_the_rate_it_was_heading_for(tmp_path
     # cut applies to the rate the ramp was heading for, 0.01, not to the 0.005 reached.
     assert lrs[-1] == pytest.approx(0.1 * 0.1 * 0.05)
     assert lrs[3] == pytest.approx(0.1 * 0.1 * 2 / 10)
+
+
+def _stalled_regression(rules: Any) -> tuple[float, Any]:
+    """A linear regression whose loss reaches its noise floor in a few dozen steps and stays
+    there (constant rate, SGD): what the add-on ``plateau_cut`` pack halves the rate on."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    w = lrwatch.Watcher(model, opt, flush_every=10, rules=rules)
+    g = torch.Generator().manual_seed(5)
+    true_w = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
+    for _ in range(300):
+        x = torch.randn(32, 4, generator=g)
+        y = x @ true_w.T + torch.randn(32, 1, generator=g)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        w.log(loss=loss)
+    w.close()
+    return opt.param_groups[0]["lr"], w
+
+
+def test_plateau_cut_pack_halves_a_constant_rate_once_the_loss_stalls() -> None:
+    lr, w = _stalled_regression(["training", "plateau_cut"])
+    cuts = w.policy.state.lr_reductions
+    assert cuts >= 1 and lr == pytest.approx(0.05 * 0.5 ** cuts)
+    assert w.policy.lr_scale == pytest.approx(0.5 ** cuts)
+    # the default pack only says so (info, no action): the rate is the user's
+    lr, w = _stalled_regression("training")
+    assert lr == 0.05 and w.policy.state.lr_reductions == 0
+    assert "loss_plateau" in {r.name for r in w.engine.rules}
+
+
+def test_rules_as_a_list_join_in_order_and_bad_entries_are_clear(tmp_path: Path) -> None:
+    from lrwatch.wiring import rule_set
+    rs = rule_set(["training", "plateau_cut"])
+    assert rs is not None and rs.names[-1] == "loss_plateau_cut"
+    assert rs.names[:-1] == lrwatch.rules.load_pack("training").names
+    with pytest.raises(ConfigError, match="cannot contain None"):
+        rule_set(["training", None])
+    with pytest.raises(ConfigError, match="duplicate rule names: .*nonfinite"):
+        rule_set(["training", "training"])
+    with pytest.raises(ConfigError, match="non-empty list"):
+        rule_set([])

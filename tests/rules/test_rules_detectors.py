@@ -436,6 +436,7 @@ FACTORIES = {
     "drop_floor": lambda: Drop(mode="min", z=3.0, count=2, window=5, warmup=4, log=True,
                              min_drop=0.1),
     "fewer": lambda: DETECTORS["fewer"](count=4),
+    "stall": lambda: DETECTORS["stall"](min_window=8, blocks=4, max_bins=8),
 }
 
 
@@ -602,3 +603,49 @@ rules:
     assert first(None) == 1        # no evaluations at all: nothing to wait for
     assert first(10) == 1          # nothing logged yet at step 1: the veto is not firing
     assert first(1) == 3           # evaluating every step: the third evaluation lifts the veto
+
+
+# ----------------------------------------------------------------------------- stall
+
+
+def _power_law(c: float, n: int, noise: float, seed: int) -> list[float]:
+    rng = random.Random(seed)
+    return [i ** -c * math.exp(rng.gauss(0, noise)) for i in range(1, n + 1)]
+
+
+def test_stall_judges_the_exponent_of_a_power_law_not_the_run_length():
+    # a loss t**-0.3 improves 8.6% per quarter of the run at step 400 and at step 40,000 alike
+    for n in (400, 40_000):
+        det = DETECTORS["stall"]()
+        assert not any(det.update(x) for x in _power_law(0.3, n, 0.05, 1)), n
+    # a loss that stopped improving is a stall, on the scale of the run so far
+    det = DETECTORS["stall"]()
+    xs = _power_law(0.3, 2000, 0.05, 2)
+    xs += [xs[-1] * math.exp(random.Random(3).gauss(0, 0.05)) for _ in range(2000)]
+    hits = [i for i, x in enumerate(xs) if det.update(x)]
+    assert hits and 2000 < hits[0] < 4000
+    assert det.statistic is not None and det.statistic < 0.01
+
+
+def test_stall_a_rising_loss_is_not_improving_and_noise_needs_evidence():
+    det = DETECTORS["stall"](min_window=40)
+    rising = [math.exp(0.002 * i) for i in range(100)]
+    assert [det.update(x) for x in rising][-1] is True
+    # very noisy, improving 3% per window (a power law, c = 0.1): a few false calls at most,
+    # where a point estimate below 1% would fire on a large share of its decisions
+    for seed in range(5):
+        noisy = DETECTORS["stall"](min_window=40)
+        hits = sum(bool(noisy.update(x)) for x in _power_law(0.1, 2000, 0.3, seed))
+        assert hits < 100, (seed, hits)
+
+
+def test_stall_max_mode_and_bounded_memory_keep_every_value():
+    det = DETECTORS["stall"](mode="max", max_bins=16, blocks=4, min_window=8)
+    xs = [1.0 + 0.01 * i for i in range(1000)]   # a metric that rises: progress
+    assert not any(det.update(x) for x in xs)
+    assert len(det._sums) <= 16 and sum(det._counts) == 1000
+    assert math.isclose(-sum(det._sums), math.fsum(math.log(x) for x in xs), rel_tol=1e-9)
+    flat = DETECTORS["stall"](mode="max", min_window=20)
+    assert [flat.update(0.9) for _ in range(30)][-1] is True
+    with pytest.raises(ConfigError, match="max_bins"):
+        DETECTORS["stall"](blocks=10, max_bins=16)

@@ -36,6 +36,7 @@ FACTORIES = {
     "above_min": lambda: DETECTORS["above_min"](window=6, factor=1.5),
     "below_max": lambda: DETECTORS["below_max"](factor=0.2),
     "fewer": lambda: DETECTORS["fewer"](count=4),
+    "stall": lambda: DETECTORS["stall"](min_window=8, blocks=4, max_bins=8),
 }
 
 

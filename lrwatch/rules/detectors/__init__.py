@@ -26,6 +26,7 @@ from .plateau import Plateau
 from .rate import Rate
 from .regression import Regression
 from .spike import Spike
+from .stall import Stall
 from .staleness import Staleness
 from .start_ratio import StartRatio
 from .threshold import Threshold
@@ -35,14 +36,14 @@ from .untrained import Untrained
 __all__ = [
     "DETECTORS", "Detector", "Param", "make_detector",
     "AboveMin", "Baseline", "BelowMax", "Cusum", "Drop", "EmaRatio", "Fewer", "Frozen", "NonFinite", "PageHinkley", "Plateau", "Rate",
-    "Regression", "Spike", "Staleness", "StartRatio", "Threshold", "Trend", "Untrained",
+    "Regression", "Spike", "Stall", "Staleness", "StartRatio", "Threshold", "Trend", "Untrained",
 ]
 
 #: Rule-file name -> detector class (read-only).
 DETECTORS: Mapping[str, type[Detector]] = MappingProxyType({
     cls.name: cls for cls in (NonFinite, Threshold, Spike, EmaRatio, Cusum, PageHinkley, Trend,
                               Regression, Plateau, Baseline, StartRatio, Rate, Staleness,
-                              Untrained, Frozen, Drop, AboveMin, BelowMax, Fewer)
+                              Untrained, Frozen, Drop, AboveMin, BelowMax, Fewer, Stall)
 })
 
 

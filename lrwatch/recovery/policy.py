@@ -29,7 +29,24 @@ EXIT_STOPPED = 3
 EXIT_BUDGET = 4
 #: Values of a ``stop`` action's ``restore`` parameter (``{stop: {restore: best}}``).
 STOP_RESTORE = ("best", "last_good", "none")
-_ACTION_PARAMS: dict[str, dict[str, tuple[str, ...]]] = {"stop": {"restore": STOP_RESTORE}}
+
+
+def _rate_factor(value: Any) -> str | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1
+    return None if ok else f"must be a number > 0 and < 1, got {value!r}"
+
+
+def _flag(value: Any) -> str | None:
+    return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+
+
+#: The parameters an action takes in a rule file: allowed values, or a check that returns a
+#: message. ``{reduce_lr: {factor: 0.5, after_cut: true}}``: ``after_cut`` asks only in a run
+#: whose rate lrwatch already cut after a failure (a rollback with a cut, a restart).
+_ACTION_PARAMS: dict[str, dict[str, Any]] = {
+    "stop": {"restore": STOP_RESTORE},
+    "reduce_lr": {"factor": _rate_factor, "after_cut": _flag},
+}
 
 
 @dataclass
@@ -391,9 +408,14 @@ def check_action_params(rules: Iterable[Any]) -> None:
                 if key not in spec:
                     raise ConfigError(f"{where}: unknown parameter {key!r} "
                                       f"(valid choices: {', '.join(spec)})")
-                if value not in spec[key]:
+                check = spec[key]
+                if callable(check):
+                    problem = check(value)
+                    if problem:
+                        raise ConfigError(f"{where}: {key}: {problem}")
+                elif value not in check:
                     raise ConfigError(f"{where}: {key} {value!r} is not valid "
-                                      f"(valid choices: {', '.join(spec[key])})")
+                                      f"(valid choices: {', '.join(check)})")
 
 
 def decide(events: Sequence[Any], step: int, state: PolicyState,
@@ -445,11 +467,41 @@ def decide(events: Sequence[Any], step: int, state: PolicyState,
             out.append(d)
         return out
     if "reduce_lr" in control and not in_cooldown:
-        e = control["reduce_lr"]
-        state.lr_reductions += 1
-        state.last_rollback_step = step  # reductions share the cooldown
-        out.append(Decision("reduce_lr", e.rule, e.step, event=e))
+        asked = _reduction(events, state, action_params)
+        if asked is not None:
+            e, params = asked
+            state.lr_reductions += 1
+            state.last_rollback_step = step  # reductions share the cooldown
+            out.append(Decision("reduce_lr", e.rule, e.step, event=e, params=params))
     return out
+
+
+def _reduction(events: Sequence[Any], state: PolicyState,
+               action_params: Mapping[str, Mapping[str, Mapping[str, Any]]] | None
+               ) -> tuple[Any, dict[str, Any]] | None:
+    """The first firing that asks for ``reduce_lr`` and may have it, with its parameters: one
+    with ``after_cut`` only once lrwatch has cut the rate after a failure (a rollback that
+    left the rate below the configured one; a one-off fault's rollback keeps the rate), and
+    not while lrwatch's own warm-up to the cut rate is still under way (a loss that moves
+    slowly at a tenth of a tenth of the rate is no stall).
+
+    >>> from types import SimpleNamespace as E
+    >>> ev = [E(rule="stall", step=9, kind="firing", actions=("reduce_lr",))]
+    >>> ps = {"stall": {"reduce_lr": {"after_cut": True}}}
+    >>> _reduction(ev, PolicyState(), ps) is None
+    True
+    >>> _reduction(ev, PolicyState(rollbacks=1, lr_scale=0.1), ps)[1]
+    {'after_cut': True}
+    """
+    cut = state.rollbacks > 0 and state.lr_scale < 1.0 and not state.ramp
+    for e in events:
+        if e.kind != "firing" or "reduce_lr" not in tuple(e.actions):
+            continue
+        params = dict((action_params or {}).get(e.rule, {}).get("reduce_lr", {}))
+        if params.get("after_cut") and not cut:
+            continue
+        return e, params
+    return None
 
 
 def _split_events(events: Sequence[Any]) -> tuple[list[Decision], dict[str, Any]]:
@@ -730,8 +782,9 @@ class RecoveryPolicy:
                         params=d.params)
         if d.action == "reduce_lr":
             assert rc is not None
-            st.lr_scale *= rc.reduce_lr_factor
-            return Plan("reduce_lr", d.rule, d.step, d.reason, lr_factor=rc.reduce_lr_factor,
+            factor = float(d.params.get("factor", rc.reduce_lr_factor))
+            st.lr_scale *= factor
+            return Plan("reduce_lr", d.rule, d.step, d.reason, lr_factor=factor,
                         scale=st.lr_scale, event=d.event)
         target = self._target(d, progress)
         if target is None:

@@ -18,6 +18,7 @@ from ..errors import ConfigError, RuleError
 from .detectors import DETECTORS
 from .engine import Firing
 from .replay import TraceResult, expand_traces, replay_trace
+from ..recovery.policy import check_action_params
 from .schema import PACKS, SEVERITIES, RuleSet, load_pack, load_rules, pack_text
 
 __all__ = ["replay_command", "rules_group"]
@@ -226,10 +227,15 @@ def check_command(files: tuple[str, ...]) -> None:
     for f in files:
         try:
             rs = load_rules(f)
+            check_action_params(rs)   # {stop: {restore: ...}}, {reduce_lr: {factor: ...}}
         except RuleError as exc:
             bad += 1
             for line in exc.errors:
                 click.echo(line)
+            continue
+        except ConfigError as exc:
+            bad += 1
+            click.echo(str(exc))
             continue
         click.echo(f"{f}: ok ({len(rs)} rule{'s' if len(rs) != 1 else ''})")
     if bad:

@@ -420,3 +420,43 @@ def test_the_guard_drops_non_finite_steps_and_spikes_above_its_ratio() -> None:
     nonfinite_only = GradGuard(torch.device("cpu"), ratio=0.0)
     assert not any(bool(nonfinite_only.bad(torch.tensor(v))) for v in [1.0] * 30 + [1e9])
 
+
+
+def test_a_stall_cuts_the_rate_only_after_lrwatch_cut_it_for_a_failure() -> None:
+    gated = {"loss_plateau": {"reduce_lr": {"after_cut": True}}}
+    stall = lambda step: fire("loss_plateau", step, ("reduce_lr",), "info")  # noqa: E731
+    pol = RecoveryPolicy(RecoveryConfig(), action_params=gated)
+    assert control(pol.plan([stall(60)], Progress(60, snaps(50)))) == []   # a healthy run
+    # a one-off fault keeps the rate (a sudden failure's rollback): still no cut
+    pol.promoted([SnapshotInfo(100, True)])
+    (rb,) = control(pol.plan([fire("nonfinite", 118)], Progress(120, snaps(100, 110))))
+    assert rb.lr_factor == 1.0 and pol.lr_scale == 1.0
+    assert control(pol.plan([stall(200)], Progress(200, snaps(100, 190)))) == []
+    # a run restarted at a tenth whose loss then stalls: the cut was not enough, halve it
+    pol = RecoveryPolicy(RecoveryConfig(), action_params=gated)
+    (rs,) = control(pol.plan([fire("loss_above_start", 8)], Progress(10, snaps())))
+    assert rs.restart and pol.lr_scale < 1
+    # not while its own warm-up to the cut rate is under way
+    assert control(pol.plan([stall(50)], Progress(50, snaps(40)))) == []
+    while pol.ramp_step() is not None:
+        pass
+    before = pol.lr_scale
+    (cut,) = control(pol.plan([stall(150)], Progress(150, snaps(140))))
+    assert (cut.action, cut.lr_factor) == ("reduce_lr", 0.5)
+    assert pol.lr_scale == pytest.approx(0.5 * before)
+    assert pol.state.lr_reductions == 1
+
+
+def test_reduce_lr_takes_its_factor_from_the_rule_and_checks_it() -> None:
+    from lrwatch.errors import ConfigError
+    from lrwatch.recovery.policy import check_action_params
+    pol = RecoveryPolicy(RecoveryConfig(), action_params={"r": {"reduce_lr": {"factor": 0.25}}})
+    (p,) = control(pol.plan([fire("r", 5, ("reduce_lr",), "info")], Progress(5, snaps())))
+    assert p.lr_factor == 0.25 and pol.lr_scale == 0.25
+    for params, msg in (({"factor": 1.5}, "factor: must be a number > 0 and < 1, got 1.5"),
+                        ({"factor": True}, "factor: must be a number"),
+                        ({"after_cut": "yes"}, "after_cut: must be true or false, got 'yes'"),
+                        ({"by": 2}, "unknown parameter 'by' .valid choices: factor, after_cut")):
+        rule = SimpleNamespace(name="r", source="f.yml:3", action_params={"reduce_lr": params})
+        with pytest.raises(ConfigError, match=msg):
+            check_action_params([rule])

@@ -333,6 +333,12 @@ def test_rules_check_cli(tmp_path):
     assert "Traceback" not in res.output
     res = CliRunner().invoke(cli, ["rules", "check", str(good)])
     assert res.exit_code == 0
+    # action parameters are checked too (they used to wait until a Watcher was built)
+    params = tmp_path / "params.yml"
+    params.write_text(rule("metric: loss\ndetector: nonfinite\nseverity: info\n"
+                           "actions: [{reduce_lr: {factor: 2}}]\n"))
+    res = CliRunner().invoke(cli, ["rules", "check", str(params)])
+    assert res.exit_code == 1 and "reduce_lr: factor: must be a number > 0 and < 1, got 2" in res.stdout
 
 
 def test_rules_show_and_detectors_cli():

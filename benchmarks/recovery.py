@@ -1072,6 +1072,9 @@ FAM_FAULT_AT = 150
 FAM_CACHE = Path(__file__).resolve().parent / ".cache" / "recovery_families"
 FAM_VERSION = 10
 FAM_ARMS = {"measured": {"probe": "auto"}, "fixed": {"probe": "off"}}   # the ablation
+#: Arms that add rule packs to the defaults (the fixed factors otherwise): the opt-in rate cut
+#: on a stalled loss (docs/recovery.md, "Cutting the rate when the loss stalls").
+FAM_RULE_ARMS = {"plateau_cut": ("training", "plateau_cut")}
 #: One-off faults, against the default: the non-finite guard and the replay after a sudden
 #: failure (both opt-in; docs/recovery.md, "The non-finite guard and the replay").
 FAM_FAULT_ARMS = {"guard": {"probe": "off", "guard": "on"},
@@ -1101,8 +1104,16 @@ def _fam_score(task: Any, data: Any, model: nn.Module) -> dict[str, float]:
     return {"loss": loss, "acc": acc if acc is not None else math.nan}
 
 
+def _rules_text(rules: str | Sequence[str]) -> str:
+    """The text of the rules an arm runs with: a pack name, a rule file, or a list of these."""
+    from lrwatch.rules.schema import PACKS, pack_text
+
+    parts = [rules] if isinstance(rules, str) else list(rules)
+    return "\n".join(pack_text(r) if r in PACKS else Path(r).read_text() for r in parts)
+
+
 def fam_run(task_name: str, opt: str, mult: float, seed: int, *, fault: str | None = None,
-            arm: str | None = None, rules: str = "training") -> dict[str, Any]:
+            arm: str | None = None, rules: str | Sequence[str] = "training") -> dict[str, Any]:
     """One run of the budget (the task's 300 optimizer steps, constant rate = ``mult`` x the
     tuned one). ``arm=None``: bare; else a Watcher with the arm's recovery settings and a
     ``probe_loss``. Every optimizer step counts against the budget, replays after a rollback
@@ -1115,10 +1126,7 @@ def fam_run(task_name: str, opt: str, mult: float, seed: int, *, fault: str | No
         key += "/" + json.dumps(FAM_EXTRA_ARMS[arm], sort_keys=True)
         key += f"/{FAM_CHECK_VERSION}" if arm not in FAM_FAULT_ARMS else ""
     if arm is not None:   # the arms act on the rules: a changed pack (or --rules FILE) reruns them
-        from lrwatch.rules.schema import pack_text
-
-        text = pack_text("training") if rules == "training" else Path(rules).read_text()
-        key += "/" + hashlib.sha1(text.encode()).hexdigest()[:12]
+        key += "/" + hashlib.sha1(_rules_text(rules).encode()).hexdigest()[:12]
     path = FAM_CACHE / (hashlib.sha1(key.encode()).hexdigest()[:20] + ".json")
     if path.exists():
         return json.loads(path.read_text())
@@ -1131,7 +1139,8 @@ def fam_run(task_name: str, opt: str, mult: float, seed: int, *, fault: str | No
     untrained = _fam_score(task, data, model)
     w = None
     if arm is not None:
-        w = lrwatch.Watcher(model, optimizer, flush_every=FLUSH_EVERY, rules=rules,
+        w = lrwatch.Watcher(model, optimizer, flush_every=FLUSH_EVERY,
+                            rules=rules if isinstance(rules, str) else list(rules),
                             recovery={**{**FAM_ARMS, **FAM_EXTRA_ARMS}[arm]},
                             probe_loss=lambda m, b: task.loss(m(b[0]), b[1]))
     batches = w.batches(_fam_stream(task, data, seed)) if w else _fam_stream(task, data, seed)
@@ -1223,7 +1232,7 @@ def fam_suite(tasks: Sequence[str], opts: Sequence[str], seeds: Sequence[int],
             unt = fam_run(t, o, 1.0, FAM_SEEDS[0])["untrained"]["loss"]
             refs[(t, o)] = {"median": statistics.median(vals), "untrained": unt}
             progress(f"{t} {o}: healthy median {refs[(t, o)]['median']:.4f}")
-    rows, fault_rows = [], []
+    rows, fault_rows, tuned_rows = [], [], []
     for t in tasks:
         task = fam.TASKS[t]
         for o in opts:
@@ -1237,17 +1246,32 @@ def fam_suite(tasks: Sequence[str], opts: Sequence[str], seeds: Sequence[int],
                         continue
                     row = {"task": t, "family": task.family, "opt": o, "mult": m, "seed": s,
                            "diverged": True, "bare": fam_value(task, bare)}
-                    for arm in (*FAM_ARMS, "guard"):
-                        r = fam_run(t, o, m, s, arm=arm)
+                    runs = {arm: fam_run(t, o, m, s, arm=arm) for arm in (*FAM_ARMS, "guard")}
+                    runs.update({name: fam_run(t, o, m, s, arm="fixed", rules=packs)
+                                 for name, packs in FAM_RULE_ARMS.items()})
+                    for arm, r in runs.items():
                         v = fam_value(task, r)
                         row[arm] = {"value": v, "ok": fam_close(task, v, ref["median"],
                                                                 ref["untrained"], 2.0),
                                     **{k: r.get(k) for k in ("rollbacks", "probes",
-                                                             "probe_steps", "exit_status")}}
+                                                             "probe_steps", "exit_status",
+                                                             "lr_scale")}}
                     rows.append(row)
                     progress(f"{t} {o} x{m:g} s{s}: bare {row['bare']:.4f} -> probe=auto "
                              f"{row['measured']['value']:.4f} ({'ok' if row['measured']['ok'] else 'FAIL'}), "
                              f"fixed {row['fixed']['value']:.4f} (ref {ref['median']:.4f})")
+            for s in seeds:   # the tuned run, watched: what the arms do to a healthy run
+                bare_v = fam_value(task, fam_run(t, o, 1.0, s))
+                tuned = {"task": t, "family": task.family, "opt": o, "seed": s, "bare": bare_v,
+                         "bare_ok": fam_close(task, bare_v, ref["median"], ref["untrained"], 2.0)}
+                arms = {"fixed": fam_run(t, o, 1.0, s, arm="fixed")}
+                arms.update({name: fam_run(t, o, 1.0, s, arm="fixed", rules=packs)
+                             for name, packs in FAM_RULE_ARMS.items()})
+                for arm, r in arms.items():
+                    v = fam_value(task, r)
+                    tuned[arm] = {"value": v, "lr_scale": r.get("lr_scale"),
+                                  "ok": fam_close(task, v, ref["median"], ref["untrained"], 2.0)}
+                tuned_rows.append(tuned)
             for f in FAM_FAULTS:
                 for s in seeds:
                     clean = fam_value(task, fam_run(t, o, 1.0, s))
@@ -1266,11 +1290,39 @@ def fam_suite(tasks: Sequence[str], opts: Sequence[str], seeds: Sequence[int],
                         "rollbacks": r.get("rollbacks"), "probe_steps": r.get("probe_steps"),
                         **{f"ok_{arm}": fam_close(task, fam_value(task, fam_run(
                             t, o, 1.0, s, fault=f, arm=arm)), clean, ref["untrained"], 1.0)
-                           for arm in FAM_FAULT_ARMS}})
+                           for arm in FAM_FAULT_ARMS},
+                        **{f"ok_{name}": fam_close(task, fam_value(task, fam_run(
+                            t, o, 1.0, s, fault=f, arm="fixed", rules=packs)), clean,
+                            ref["untrained"], 1.0) for name, packs in FAM_RULE_ARMS.items()}})
                     progress(f"{t} {o} {f} s{s}: clean {clean:.4f} -> {v:.4f} "
                              f"({'ok' if fault_rows[-1]['ok'] else 'FAIL'})")
     return {"refs": {f"{k[0]}/{k[1]}": v for k, v in refs.items()}, "rows": rows,
-            "faults": fault_rows}
+            "faults": fault_rows, "tuned": tuned_rows}
+
+
+def _by_family(rows: Sequence[dict[str, Any]]) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """(family, its rows) in order of appearance, then ("**all**", every row)."""
+    for fm in dict.fromkeys(r["family"] for r in rows):
+        yield fm, [r for r in rows if r["family"] == fm]
+    yield "**all**", list(rows)
+
+
+def _tuned_table(tr: Sequence[dict[str, Any]]) -> list[str]:
+    """What the arms do to the tuned (healthy) runs: within the band, and how many were cut."""
+    if not tr:
+        return []
+    out = ["", "### Tuned runs, watched (within 2 points of the healthy median; cut: the run "
+           "ended at a lower rate than configured)", "",
+           "| family | runs | bare | defaults | "
+           + " | ".join(f"{name} pack (not default)" for name in FAM_RULE_ARMS) + " |",
+           "|---|---|---|---|" + "---|" * len(FAM_RULE_ARMS)]
+    for fm, sub in _by_family(tr):
+        cells = [f"{sum(r[arm]['ok'] for r in sub)}/{len(sub)} "
+                 f"(cut {sum((r[arm]['lr_scale'] or 1.0) < 1.0 for r in sub)})"
+                 for arm in ("fixed", *FAM_RULE_ARMS)]
+        out.append(f"| {fm} | {len(sub)} | {sum(r['bare_ok'] for r in sub)}/{len(sub)} | "
+                   + " | ".join(cells) + " |")
+    return out
 
 
 def fam_tables(res: dict[str, Any]) -> str:
@@ -1288,32 +1340,36 @@ def fam_tables(res: dict[str, Any]) -> str:
     n = len(rows)
     out += ["", f"Candidates: {len(res['rows'])}, whose bare run diverged: {n}.", "",
             "| family | diverged | fixed factors (default) | measured rate (probe=auto) | "
-            "guard=\"on\" (not default) |", "|---|---|---|---|---|"]
-    fams = list(dict.fromkeys(r["family"] for r in rows))
-    for fm in fams + ["**all**"]:
-        sub = rows if fm == "**all**" else [r for r in rows if r["family"] == fm]
+            "guard=\"on\" (not default) | "
+            + " | ".join(f"{name} pack (not default)" for name in FAM_RULE_ARMS) + " |",
+            "|---|---|---|---|---|" + "---|" * len(FAM_RULE_ARMS)]
+    for fm, sub in _by_family(rows):
         a = sum(r["fixed"]["ok"] for r in sub)
         b = sum(r["measured"]["ok"] for r in sub)
         c = sum(r["guard"]["ok"] for r in sub if "guard" in r)
+        extra = " | ".join(f"{sum(r[name]['ok'] for r in sub if name in r)}/{len(sub)}"
+                           for name in FAM_RULE_ARMS)
         out.append(f"| {fm} | {len(sub)} | {a}/{len(sub)} ({a / max(1, len(sub)):.0%}) | "
-                   f"{b}/{len(sub)} ({b / max(1, len(sub)):.0%}) | {c}/{len(sub)} |")
+                   f"{b}/{len(sub)} ({b / max(1, len(sub)):.0%}) | {c}/{len(sub)} | {extra} |")
     steps = [r["measured"]["probe_steps"] or 0 for r in rows]
     if steps:
         out.append(f"\nProbe cost (share of the 300-step budget) on diverging runs: median "
                    f"{statistics.median(steps) / 300:.1%}, max {max(steps) / 300:.1%}; runs "
                    f"over 5%: {sum(s > 15 for s in steps)}/{len(steps)}.")
+    out += _tuned_table(res.get("tuned", []))
     fr = res["faults"]
     out += ["", "### One-off faults on the tuned configuration (within 1 point of the same run "
             "without the fault)", "", "| fault | runs | lrwatch vs the bare run without it | "
             "lrwatch vs the watched run without it | bare vs the bare run without it | "
-            + " | ".join(f"{arm} (not default) vs the bare run" for arm in FAM_FAULT_ARMS)
-            + " |", "|---|---|---|---|---|" + "---|" * len(FAM_FAULT_ARMS)]
+            + " | ".join(f"{arm} (not default) vs the bare run"
+                         for arm in (*FAM_FAULT_ARMS, *FAM_RULE_ARMS))
+            + " |", "|---|---|---|---|---|" + "---|" * (len(FAM_FAULT_ARMS) + len(FAM_RULE_ARMS))]
     for f in FAM_FAULTS + ("**all**",):
         sub = fr if f == "**all**" else [r for r in fr if r["fault"] == f]
         a, b = sum(r["ok"] for r in sub), sum(r["bare_ok"] for r in sub)
         c = sum(r["ok_watched"] for r in sub)
         arms = " | ".join(f"{sum(r.get(f'ok_{arm}', False) for r in sub)}/{len(sub)}"
-                          for arm in FAM_FAULT_ARMS)
+                          for arm in (*FAM_FAULT_ARMS, *FAM_RULE_ARMS))
         out.append(f"| {f} | {len(sub)} | {a}/{len(sub)} ({a / max(1, len(sub)):.0%}) | "
                    f"{c}/{len(sub)} ({c / max(1, len(sub)):.0%}) | {b}/{len(sub)} | {arms} |")
     bad = [r for r in fr if not r["ok"]]

@@ -104,3 +104,23 @@ def test_a_real_divergence_is_selected_and_faults_are_injected() -> None:
     sched = bench._schedule(cfg, 400)
     assert sched(5) == pytest.approx(100.0 * bench.dr._schedule_fn("warmup", 400)(5))
     assert sched(4) == pytest.approx(bench.dr._schedule_fn("warmup", 400)(4))
+
+
+def test_family_tables_show_the_opt_in_rule_arm_and_the_tuned_runs() -> None:
+    arm = {"value": 0.7, "ok": False, "rollbacks": 0, "probes": 0, "probe_steps": 0,
+           "exit_status": 0, "lr_scale": 1.0}
+    row = {"task": "t", "family": "mlp_clf", "opt": "adam", "mult": 3.0, "seed": 0,
+           "diverged": True, "bare": 0.5, "fixed": arm, "measured": arm, "guard": arm,
+           "plateau_cut": {**arm, "value": 0.8, "ok": True, "lr_scale": 0.25}}
+    tuned = {"task": "t", "family": "mlp_clf", "opt": "adam", "seed": 0, "bare": 0.8,
+             "bare_ok": True, "fixed": {"value": 0.8, "ok": True, "lr_scale": 1.0},
+             "plateau_cut": {"value": 0.79, "ok": True, "lr_scale": 0.5}}
+    fault = {"task": "t", "family": "mlp_clf", "opt": "adam", "fault": "nan_batch", "seed": 0,
+             "clean": 0.8, "value": 0.8, "bare": 0.1, "ok": True, "watched": 0.8,
+             "ok_watched": True, "bare_ok": False, "ok_guard": True, "ok_replay": True,
+             "ok_plateau_cut": False}
+    text = bench.fam_tables({"rows": [row], "tuned": [tuned], "faults": [fault]})
+    assert "| plateau_cut pack (not default) |" in text
+    assert "| **all** | 1 | 0/1 (0%) | 0/1 (0%) | 0/1 | 1/1 |" in text
+    assert "| **all** | 1 | 1/1 | 1/1 (cut 0) | 1/1 (cut 1) |" in text
+    assert "| nan_batch | 1 | 1/1 (100%) | 1/1 (100%) | 0/1 | 1/1 | 1/1 | 0/1 |" in text

@@ -1071,6 +1071,23 @@ FAM_EVAL_EVERY = 20
 FAM_FAULT_AT = 150
 FAM_CACHE = Path(__file__).resolve().parent / ".cache" / "recovery_families"
 FAM_VERSION = 10
+
+
+def lrwatch_code_hash() -> str:
+    """A hash of lrwatch's source: the watched arms' cache key holds it, so a changed detector
+    or policy reruns them even when the rule text is the same (the bare runs stay cached)."""
+    global _CODE_HASH
+    if _CODE_HASH is None:
+        root = Path(lrwatch.__file__).resolve().parent
+        h = hashlib.sha1()
+        for f in sorted(root.rglob("*.py")) + sorted(root.rglob("*.yml")):
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+        _CODE_HASH = h.hexdigest()[:12]
+    return _CODE_HASH
+
+
+_CODE_HASH: str | None = None
 FAM_ARMS = {"measured": {"probe": "auto"}, "fixed": {"probe": "off"}}   # the ablation
 #: Arms that add rule packs to the defaults (the fixed factors otherwise): the opt-in rate cut
 #: on a stalled loss (docs/recovery.md, "Cutting the rate when the loss stalls").
@@ -1125,8 +1142,9 @@ def fam_run(task_name: str, opt: str, mult: float, seed: int, *, fault: str | No
     if arm in FAM_EXTRA_ARMS:
         key += "/" + json.dumps(FAM_EXTRA_ARMS[arm], sort_keys=True)
         key += f"/{FAM_CHECK_VERSION}" if arm not in FAM_FAULT_ARMS else ""
-    if arm is not None:   # the arms act on the rules: a changed pack (or --rules FILE) reruns them
+    if arm is not None:   # a changed pack (or --rules FILE), or changed lrwatch code, reruns them
         key += "/" + hashlib.sha1(_rules_text(rules).encode()).hexdigest()[:12]
+        key += "/" + lrwatch_code_hash()
     path = FAM_CACHE / (hashlib.sha1(key.encode()).hexdigest()[:20] + ".json")
     if path.exists():
         return json.loads(path.read_text())

@@ -15,10 +15,10 @@ from typing import Any, Iterator
 import click
 
 from ..errors import ConfigError, RuleError
+from ..recovery.policy import check_action_params
 from .detectors import DETECTORS
 from .engine import Firing
 from .replay import TraceResult, expand_traces, replay_trace
-from ..recovery.policy import check_action_params
 from .schema import PACKS, SEVERITIES, RuleSet, load_pack, load_rules, pack_text
 
 __all__ = ["replay_command", "rules_group"]

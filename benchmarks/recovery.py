@@ -1070,7 +1070,7 @@ FAM_SEEDS = (0, 1, 2)         # healthy median: the tuned rate on these seeds
 FAM_EVAL_EVERY = 20
 FAM_FAULT_AT = 150
 FAM_CACHE = Path(__file__).resolve().parent / ".cache" / "recovery_families"
-FAM_VERSION = 10
+FAM_VERSION = 11          # 11: watched runs record their first rollback
 
 
 def lrwatch_code_hash() -> str:
@@ -1138,7 +1138,8 @@ def fam_run(task_name: str, opt: str, mult: float, seed: int, *, fault: str | No
     from benchmarks import families as fam
 
     # bare runs do not depend on lrwatch's version: only the arms are rerun when it changes
-    key = f"{FAM_VERSION if arm else 1}/{task_name}/{opt}/{mult}/{seed}/{fault}/{arm}"
+    # (bare version 3: a clean bare run is labelled, `fam_bare_label`, and keeps its evaluations)
+    key = f"{FAM_VERSION if arm else 3}/{task_name}/{opt}/{mult}/{seed}/{fault}/{arm}"
     if arm in FAM_EXTRA_ARMS:
         key += "/" + json.dumps(FAM_EXTRA_ARMS[arm], sort_keys=True)
         key += f"/{FAM_CHECK_VERSION}" if arm not in FAM_FAULT_ARMS else ""
@@ -1155,6 +1156,10 @@ def fam_run(task_name: str, opt: str, mult: float, seed: int, *, fault: str | No
     lr = task.base_lr[opt] * mult
     optimizer = fam.make_optimizer(opt, model, lr)
     untrained = _fam_score(task, data, model)
+    curve: list[Sample] | None = None
+    if arm is None and fault is None:     # kept to label the bare run (`fam_bare_label`)
+        curve = []
+        levels = _fam_start_levels(task, data, model, seed)
     w = None
     if arm is not None:
         w = lrwatch.Watcher(model, optimizer, flush_every=FLUSH_EVERY,
@@ -1163,6 +1168,7 @@ def fam_run(task_name: str, opt: str, mult: float, seed: int, *, fault: str | No
                             probe_loss=lambda m, b: task.loss(m(b[0]), b[1]))
     batches = w.batches(_fam_stream(task, data, seed)) if w else _fam_stream(task, data, seed)
     done, faulted, nonfinite = 0, False, False
+    first_action: dict[str, Any] = {}       # the budget spent when lrwatch first rolled back
     for xb, yb in batches:
         probe_steps = w.policy.state.probe_steps if w else 0
         if done + probe_steps >= task.steps or (w is not None and w.should_stop):
@@ -1182,6 +1188,16 @@ def fam_run(task_name: str, opt: str, mult: float, seed: int, *, fault: str | No
         loss.backward()
         optimizer.step()
         done += 1
+        if curve is not None:
+            values = {"loss": float(loss.detach())}
+            if done == 1:
+                values.update(levels)
+            if done % FAM_EVAL_EVERY == 0:
+                ev = _fam_score(task, data, model)
+                values["eval_loss"] = ev["loss"]
+                if not math.isnan(ev["acc"]):
+                    values["eval_accuracy"] = ev["acc"]
+            curve.append(Sample(step=done, values=values))
         if w is None:
             if not math.isfinite(float(loss.detach())):
                 nonfinite = True
@@ -1195,6 +1211,9 @@ def fam_run(task_name: str, opt: str, mult: float, seed: int, *, fault: str | No
                 if not math.isnan(ev["acc"]):
                     metrics["eval_accuracy"] = ev["acc"]
             w.log(**metrics)
+            if not first_action and w.policy.state.rollbacks:
+                first_action = {"at": done, "to": w.policy.state.last_rollback_to,
+                                "restart": bool(w.policy.state.episode_restart)}
     if w is not None:
         w.close()
     final = _fam_score(task, data, model)
@@ -1203,14 +1222,79 @@ def fam_run(task_name: str, opt: str, mult: float, seed: int, *, fault: str | No
            "seed": seed, "fault": fault, "arm": arm, "final": final, "untrained": untrained,
            "finite": finite and math.isfinite(final["loss"]), "nonfinite_loss": nonfinite,
            "steps": done}
+    if curve is not None:
+        res["label"] = fam_bare_label(task_name, seed, curve)
+        key_ = "eval_accuracy" if task.classification else "eval_loss"
+        res["evals"] = [[c.step, c.values[key_]] for c in curve if key_ in c.values]
     if w is not None:
         st = w.policy.state
         res.update(rollbacks=st.rollbacks, probes=st.probes, probe_steps=st.probe_steps,
                    restarts=int(st.episode_restart), exit_status=w.exit_status,
-                   lr_scale=st.lr_scale)
+                   lr_scale=st.lr_scale, first_action=first_action or None)
     FAM_CACHE.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res))
     return res
+
+
+def _fam_start_levels(task: Any, data: Any, model: nn.Module, seed: int) -> dict[str, float]:
+    """The untrained and constant-prediction losses the Watcher measures before the first step
+    (``lrwatch.untrained``), on the first batches of the run's own stream (a fresh copy of the
+    deterministic stream: the run's batches are not consumed; RNG and buffers restored)."""
+    from lrwatch.untrained import (UNTRAINED_BATCHES, OutputShapes, measure_constant_loss,
+                                   measure_untrained_loss)
+
+    stream = _fam_stream(task, data, seed)
+    batches = [next(stream) for _ in range(UNTRAINED_BATCHES)]
+    loss_of = lambda m, xy: task.loss(m(xy[0]), xy[1])  # noqa: E731
+    outputs = OutputShapes()
+    out: dict[str, float] = {}
+    median = measure_untrained_loss(model, batches, loss_of, outputs)
+    if median is not None:
+        out["untrained_loss"] = float(median)
+    constant = measure_constant_loss(batches, loss_of, outputs)
+    if constant is not None:
+        out["constant_loss"] = float(constant)
+    return out
+
+
+#: How a bare run that ended outside the band failed, by the detection suite's labeller
+#: (``benchmarks.family_runs.label_natural``, its documented rules, nothing tuned here):
+#: ``diverged`` -- non-finite, a loss that ended far above its best, stuck above its untrained
+#: level, or never learned (no better than a constant prediction, or at chance);
+#: ``ambiguous`` -- finite, but its training loss ended above 0.8x its untrained level, or it
+#: rose far above its running minimum and came back; ``learned`` -- it learned (healthy by those
+#: rules: 0.8x its untrained loss or lower, no large excursion) and ended outside the band all
+#: the same: a rate too high to train as well, not a failure any training signal shows.
+FAM_OUTCOMES = ("diverged", "ambiguous", "learned")
+
+
+def fam_bare_label(task_name: str, seed: int, curve: Sequence[Sample]) -> dict[str, Any]:
+    """Label a bare run's curve with the detection suite's labeller (see ``FAM_OUTCOMES``)."""
+    from benchmarks import family_runs as fr
+
+    lab = fr.label_natural(curve, fr.chance_accuracy(task_name, seed))
+    return {"label": lab["label"], "kind": lab.get("kind"), "reason": lab.get("reason"),
+            "onset": lab.get("onset"),
+            "outcome": {"diverged": "diverged", "healthy": "learned"}.get(lab["label"],
+                                                                          "ambiguous")}
+
+
+def fam_restart_ceiling(task: Any, tuned_bare: dict[str, Any],
+                        first_action: dict[str, Any] | None,
+                        ref: dict[str, float]) -> dict[str, Any] | None:
+    """The best a restart could have done: a run restarted from scratch after spending ``at``
+    steps of the budget has ``steps - at`` left; at the tuned rate it ends where the tuned bare
+    run stood at that step (its last evaluation at or before it). ``None`` when lrwatch did not
+    restart the run (no action, or a rollback to a later snapshot)."""
+    if not first_action or not first_action.get("restart") or not tuned_bare.get("evals"):
+        return None
+    left = task.steps - int(first_action["at"])
+    before = [v for st, v in tuned_bare["evals"] if st <= left]
+    if not before:
+        return {"at": first_action["at"], "left": left, "value": None, "ok": False}
+    v = float(before[-1])
+    return {"at": first_action["at"], "left": left, "value": v,
+            "ok": fam_close(task, v, ref["median"], ref["untrained"], 2.0)}
 
 
 def fam_value(task: Any, r: dict[str, Any]) -> float:
@@ -1263,7 +1347,8 @@ def fam_suite(tasks: Sequence[str], opts: Sequence[str], seeds: Sequence[int],
                                      "diverged": False})
                         continue
                     row = {"task": t, "family": task.family, "opt": o, "mult": m, "seed": s,
-                           "diverged": True, "bare": fam_value(task, bare)}
+                           "diverged": True, "bare": fam_value(task, bare),
+                           "bare_label": bare.get("label")}
                     runs = {arm: fam_run(t, o, m, s, arm=arm) for arm in (*FAM_ARMS, "guard")}
                     runs.update({name: fam_run(t, o, m, s, arm="fixed", rules=packs)
                                  for name, packs in FAM_RULE_ARMS.items()})
@@ -1273,7 +1358,10 @@ def fam_suite(tasks: Sequence[str], opts: Sequence[str], seeds: Sequence[int],
                                                                 ref["untrained"], 2.0),
                                     **{k: r.get(k) for k in ("rollbacks", "probes",
                                                              "probe_steps", "exit_status",
-                                                             "lr_scale")}}
+                                                             "lr_scale", "first_action")}}
+                    row["restart_ceiling"] = fam_restart_ceiling(
+                        task, fam_run(t, o, 1.0, s), runs["fixed"].get("first_action"),
+                        ref)
                     rows.append(row)
                     progress(f"{t} {o} x{m:g} s{s}: bare {row['bare']:.4f} -> probe=auto "
                              f"{row['measured']['value']:.4f} ({'ok' if row['measured']['ok'] else 'FAIL'}), "
@@ -1343,16 +1431,54 @@ def _tuned_table(tr: Sequence[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _outcome_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The would-diverge runs split by how their bare run failed (``FAM_OUTCOMES``)."""
+    if not rows or not all(r.get("bare_label") for r in rows):
+        return []
+    arms = ("fixed", "measured", "guard", *FAM_RULE_ARMS)
+    out = ["", "By how the bare run failed (the detection suite's labeller, "
+           "`benchmarks.family_runs.label_natural`):", "",
+           "| bare run | runs | " + " | ".join(
+               {"fixed": "fixed factors (default)", "measured": "measured rate",
+                "guard": "guard=\"on\""}.get(a, f"{a} pack") for a in arms) + " |",
+           "|---|---|" + "---|" * len(arms)]
+    for oc in FAM_OUTCOMES:
+        sub = [r for r in rows if r["bare_label"]["outcome"] == oc]
+        if sub:
+            out.append(f"| {oc} | {len(sub)} | " + " | ".join(
+                f"{sum(r[a]['ok'] for r in sub if a in r)}/{len(sub)}" for a in arms) + " |")
+    missed = [r for r in rows if not r["fixed"]["ok"]]
+    idle = [r for r in missed if not r["fixed"].get("rollbacks")]
+    ceil = [r for r in missed if r.get("restart_ceiling")]
+    late = [r for r in ceil if not r["restart_ceiling"]["ok"]]
+    if any("restart_ceiling" in r for r in rows):
+        stopped = sum(1 for r in idle if r["fixed"].get("exit_status"))
+        out += ["", f"Of the {len(missed)} not healed with the defaults: {len(idle)} without a "
+                f"rollback ({sum(r['bare_label']['outcome'] == 'diverged' for r in idle)} of "
+                f"them diverged; {stopped} stopped with the best evaluated state); "
+                f"{len(missed) - len(idle) - len(ceil)} rolled back to a later snapshot; "
+                f"{len(ceil)} restarted from scratch, {len(late)} of them too late for a "
+                "restart at the tuned rate to end in the band (the tuned run, stopped where "
+                "the budget left after the restart runs out, ends outside it"
+                + "".join(f"; {r['task']} {r['opt']} x{r['mult']:g}: restarted after "
+                          f"{r['restart_ceiling']['at']} steps, ceiling "
+                          f"{r['restart_ceiling']['value']:.4f}" for r in late) + ")."]
+    return out
+
+
 def fam_tables(res: dict[str, Any]) -> str:
     rows = [r for r in res["rows"] if r["diverged"]]
     out = ["### Would-diverge configurations (bare run outside the band)", "",
-           "| task | family | optimizer | x tuned | seed | bare | fixed factors (default) | "
-           "measured (probe=auto) | rollbacks (measured) | probe steps |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| task | family | optimizer | x tuned | seed | bare | bare run's label | "
+           "fixed factors (default) | measured (probe=auto) | rollbacks (measured) | "
+           "probe steps |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m, f = r["measured"], r["fixed"]
+        lab = r.get("bare_label") or {}
+        kind = lab.get("kind") or lab.get("label", "?")
         out.append(f"| {r['task']} | {r['family']} | {r['opt']} | {r['mult']:g} | {r['seed']} | "
-                   f"{r['bare']:.4f} | {'✓' if f['ok'] else '✗'} {f['value']:.4f} | "
+                   f"{r['bare']:.4f} | {kind} | {'✓' if f['ok'] else '✗'} {f['value']:.4f} | "
                    f"{'✓' if m['ok'] else '✗'} {m['value']:.4f} | {m['rollbacks']} | "
                    f"{m['probe_steps']} |")
     n = len(rows)
@@ -1369,6 +1495,7 @@ def fam_tables(res: dict[str, Any]) -> str:
                            for name in FAM_RULE_ARMS)
         out.append(f"| {fm} | {len(sub)} | {a}/{len(sub)} ({a / max(1, len(sub)):.0%}) | "
                    f"{b}/{len(sub)} ({b / max(1, len(sub)):.0%}) | {c}/{len(sub)} | {extra} |")
+    out += _outcome_table(rows)
     steps = [r["measured"]["probe_steps"] or 0 for r in rows]
     if steps:
         out.append(f"\nProbe cost (share of the 300-step budget) on diverging runs: median "

@@ -124,3 +124,47 @@ def test_family_tables_show_the_opt_in_rule_arm_and_the_tuned_runs() -> None:
     assert "| **all** | 1 | 0/1 (0%) | 0/1 (0%) | 0/1 | 1/1 |" in text
     assert "| **all** | 1 | 1/1 | 1/1 (cut 0) | 1/1 (cut 1) |" in text
     assert "| nan_batch | 1 | 1/1 (100%) | 1/1 (100%) | 0/1 | 1/1 | 1/1 | 0/1 |" in text
+
+
+def test_family_tables_split_the_would_diverge_runs_by_how_the_bare_run_failed() -> None:
+    arm = {"value": 0.7, "ok": False, "rollbacks": 0, "probes": 0, "probe_steps": 0,
+           "exit_status": 0, "lr_scale": 1.0}
+    ok = {**arm, "ok": True}
+    rows = [{"task": "t", "family": "mlp_clf", "opt": "adam", "mult": m, "seed": 0,
+             "diverged": True, "bare": 0.5, "fixed": f, "measured": arm, "guard": arm,
+             "plateau_cut": f, "bare_label": {"label": lab, "kind": kind, "outcome": oc}}
+            for m, f, lab, kind, oc in [(30.0, ok, "diverged", "never_learned", "diverged"),
+                                        (10.0, arm, "diverged", None, "diverged"),
+                                        (3.0, ok, "healthy", None, "learned")]]
+    text = bench.fam_tables({"rows": rows, "tuned": [], "faults": []})
+    assert "| diverged | 2 | 1/2 | 0/2 | 0/2 | 1/2 |" in text
+    assert "| learned | 1 | 1/1 | 0/1 | 0/1 | 1/1 |" in text
+    assert "| ambiguous |" not in text
+    assert "| never_learned | ✓ 0.7000 |" in text
+
+
+def test_a_bare_family_run_is_labelled_from_its_own_curve(tmp_path, monkeypatch) -> None:
+    """A run at 30x its tuned rate that blows up is labelled diverged by the detection suite's
+    labeller; the tuned run is labelled healthy; faulted runs are not labelled."""
+    monkeypatch.setattr(bench, "FAM_CACHE", tmp_path)
+    tuned = bench.fam_run("friedman_mlp", "momentum", 1.0, 0)
+    assert tuned["label"]["outcome"] == "learned", tuned["label"]
+    hot = bench.fam_run("friedman_mlp", "momentum", 300.0, 0)
+    assert hot["label"]["outcome"] == "diverged", hot["label"]
+    faulted = bench.fam_run("friedman_mlp", "momentum", 1.0, 0, fault="nan_batch")
+    assert "label" not in faulted
+
+
+def test_the_restart_ceiling_is_the_tuned_run_with_the_budget_that_was_left() -> None:
+    from benchmarks import families as fam
+
+    task = fam.TASKS["synth_clf_mlp"]
+    tuned = {"evals": [[20, 0.5], [100, 0.7], [200, 0.78], [300, 0.8]]}
+    ref = {"median": 0.8, "untrained": 1.4}
+    late = bench.fam_restart_ceiling(task, tuned, {"at": 150, "to": 0, "restart": True}, ref)
+    assert late == {"at": 150, "left": 150, "value": 0.7, "ok": False}
+    early = bench.fam_restart_ceiling(task, tuned, {"at": 90, "to": 0, "restart": True}, ref)
+    assert early["value"] == 0.78 and early["ok"]
+    assert bench.fam_restart_ceiling(task, tuned, {"at": 90, "to": 80, "restart": False},
+                                     ref) is None
+    assert bench.fam_restart_ceiling(task, tuned, None, ref) is None

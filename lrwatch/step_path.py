@@ -80,6 +80,7 @@ class StepPath:
     flush_every: int
     _closed: bool
     _probing: bool
+    policy: Any
     flush: Callable[[], Any]
     _boundary: Callable[[str], None]
     _internal_error: Callable[[str], None]
@@ -128,6 +129,9 @@ class StepPath:
 
     def _finish_step(self) -> None:
         row, seconds = self.recorder.finish_step(self.step + 1)
+        warming = self.policy.restart_warmup()   # None until lrwatch restarts the run
+        if warming is not None:
+            row.host["recovery_warmup"] = warming
         if seconds is not None and self.store is not None:
             self.store.observe_step_time(seconds)
         self.step += 1

@@ -284,6 +284,8 @@ class PolicyState:
     rollback_repeats: int = 0               # rollbacks in a row that failed again soon
     lr_scale: float = 1.0                   # the run's rates = configured x this
     ramp: list[float] = field(default_factory=list)   # one factor per coming step
+    restarts: int = 0                       # rollbacks to the run's start
+    ramp_restart: bool = False              # the ramp is a restart's warm-up (not lr_recover)
 
     def on_probation(self, step: int) -> bool:
         return self.probation_until is not None and step <= self.probation_until
@@ -656,6 +658,26 @@ class RecoveryPolicy:
         st.lr_scale *= f
         return f
 
+    def restart_warmup(self) -> float | None:
+        """The ``recovery_warmup`` value of the step being recorded: 1.0 while lrwatch's own
+        warm-up after a restart is under way, 0.0 after it, ``None`` in a run that was never
+        restarted. The training pack's never-learned and dead-network rules stand down on it
+        (a loss that stays flat while lrwatch holds the rate low is no verdict on the rate).
+
+        >>> pol = RecoveryPolicy(RecoveryConfig(restart_warmup=3))
+        >>> pol.restart_warmup() is None
+        True
+        >>> from types import SimpleNamespace as E
+        >>> _ = pol.plan([E(rule="nonfinite", step=5, kind="firing", actions=("rollback",))],
+        ...              Progress(5, [SnapshotInfo(0, True, pinned=True)]))
+        >>> [(pol.restart_warmup(), pol.ramp_step() is not None) for _ in range(3)]
+        [(1.0, True), (1.0, True), (0.0, False)]
+        """
+        st = self.state
+        if not st.restarts:
+            return None
+        return 1.0 if st.ramp and st.ramp_restart else 0.0
+
     def cancel_ramp(self, undo: float | None = None) -> None:
         """The executor could not apply a ramp step (``undo``: the factor it failed to apply):
         stop ramping; the rate stays where it is."""
@@ -887,6 +909,8 @@ class RecoveryPolicy:
             st.ramp = [(k + 1) / k for k in range(1, warmup)]
             scale /= warmup
         st.lr_scale = scale
+        st.ramp_restart = restart and bool(st.ramp)
+        st.restarts += int(restart)
         probe = (rc.probe == "auto" and self.probe_available
                  and (restart or st.rollback_repeats > 0))
         return Plan("rollback", d.rule, d.step, reason, target=target.step, lr_factor=cut,
@@ -905,6 +929,7 @@ class RecoveryPolicy:
         n = max(1, rc.good_after)
         back = 1.0 / st.episode_cut
         st.ramp = [back ** (1.0 / n)] * n
+        st.ramp_restart = False
         st.lr_recovered = True
         st.episode_cut = 1.0
         return [Plan("lr_recover", "", step,

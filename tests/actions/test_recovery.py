@@ -731,6 +731,12 @@ def test_restart_during_a_warm_up_cuts_from_the_rate_it_was_heading_for(tmp_path
     # cut applies to the rate the ramp was heading for, 0.01, not to the 0.005 reached.
     assert lrs[-1] == pytest.approx(0.1 * 0.1 * 0.05)
     assert lrs[3] == pytest.approx(0.1 * 0.1 * 2 / 10)
+    # the steps carry lrwatch's own warm-up (the never-learned rules' veto): absent before the
+    # first restart, 1 while a restart's ramp is under way, 0 once it is over
+    warm = {s.step: s.values.get("recovery_warmup") for s in read_trace(trace)}
+    assert [warm[k] for k in (1, 2)] == [None, None]       # until the restart at step 2
+    assert {warm[k] for k in range(3, 17)} == {1.0}        # both ramps: 9 steps after step 7
+    assert {warm[k] for k in range(17, 41)} == {0.0}
 
 
 def _stalled_regression(rules: Any) -> tuple[float, Any]:

@@ -137,3 +137,28 @@ def test_a_repeating_accuracy_well_below_the_constant_loss_is_not_a_dead_classif
         assert "dead_classifier" not in {r for r, _ in learned}, (seed, learned)
         dead = [s for r, s in critical(_accuracy_repeats(seed, 1.61)) if r == "dead_classifier"]
         assert dead and dead[0] >= 140, (seed, dead)
+
+
+def _warming(samples: list[Sample], until: int) -> list[Sample]:
+    """The same run as if lrwatch had restarted it at step 1: ``recovery_warmup`` 1 during
+    its warm-up (steps 1 to ``until``), 0 after it, as the Watcher records it."""
+    return [Sample(step=s.step, values={**s.values, "recovery_warmup": float(s.step <= until)})
+            for s in samples]
+
+
+def test_no_never_learned_verdict_while_lrwatch_warms_the_rate_up_after_a_restart():
+    # the veto holds during the warm-up and for never_learned's 80-step window after it, so
+    # the next verdict rests on steps at the restart's rate; then a flat run is judged again
+    for seed in range(3):
+        for damage in ("blowup", "faded"):
+            crit = critical(_warming(_run(300, seed, _wobble, damage), until=100))
+            slow = [(r, s) for r, s in crit if r in ("never_learned", "loss_not_learning",
+                                                    "dead_network", "blowup_then_dead")]
+            assert slow and slow[0][1] >= 180, (seed, damage, crit)
+            assert [s for r, s in slow if r == "never_learned"], (seed, damage, crit)
+    # a blow-up during the warm-up is not vetoed: fast rules judge it at once
+    run = _warming(_run(160, 0, _wobble, "none"), until=100)
+    for s in run:
+        if 60 <= s.step < 70:
+            s.values["loss"] = 2.3 * 50 * 2 ** (s.step - 60)
+    assert [s for r, s in critical(run) if 60 <= s < 70]

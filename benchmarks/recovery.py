@@ -1431,6 +1431,10 @@ def _tuned_table(tr: Sequence[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _fmt_ceiling(value: float | None) -> str:
+    return "none (no evaluation in the steps left)" if value is None else f"{value:.4f}"
+
+
 def _outcome_table(rows: Sequence[dict[str, Any]]) -> list[str]:
     """The would-diverge runs split by how their bare run failed (``FAM_OUTCOMES``)."""
     if not rows or not all(r.get("bare_label") for r in rows):
@@ -1462,7 +1466,7 @@ def _outcome_table(rows: Sequence[dict[str, Any]]) -> list[str]:
                 "the budget left after the restart runs out, ends outside it"
                 + "".join(f"; {r['task']} {r['opt']} x{r['mult']:g}: restarted after "
                           f"{r['restart_ceiling']['at']} steps, ceiling "
-                          f"{r['restart_ceiling']['value']:.4f}" for r in late) + ")."]
+                          + _fmt_ceiling(r["restart_ceiling"]["value"]) for r in late) + ")."]
     return out
 
 

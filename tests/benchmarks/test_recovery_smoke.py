@@ -168,3 +168,13 @@ def test_the_restart_ceiling_is_the_tuned_run_with_the_budget_that_was_left() ->
     assert bench.fam_restart_ceiling(task, tuned, {"at": 90, "to": 80, "restart": False},
                                      ref) is None
     assert bench.fam_restart_ceiling(task, tuned, None, ref) is None
+    at_end = bench.fam_restart_ceiling(task, tuned, {"at": 290, "to": 0, "restart": True}, ref)
+    assert at_end == {"at": 290, "left": 10, "value": None, "ok": False}
+    arm = {"value": 0.7, "ok": False, "rollbacks": 1, "probes": 0, "probe_steps": 0,
+           "exit_status": 0, "lr_scale": 0.1, "first_action": {"at": 290}}
+    row = {"task": "synth_clf_mlp", "family": "mlp_clf", "opt": "adam", "mult": 30.0,
+           "seed": 0, "diverged": True, "bare": 0.3, "fixed": arm, "measured": arm,
+           "guard": arm, "plateau_cut": arm, "restart_ceiling": at_end,
+           "bare_label": {"label": "diverged", "kind": None, "outcome": "diverged"}}
+    text = bench.fam_tables({"rows": [row], "tuned": [], "faults": []})
+    assert "restarted after 290 steps, ceiling none (no evaluation in the steps left)" in text

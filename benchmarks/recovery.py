@@ -1092,6 +1092,9 @@ FAM_ARMS = {"measured": {"probe": "auto"}, "fixed": {"probe": "off"}}   # the ab
 #: Arms that add rule packs to the defaults (the fixed factors otherwise): the opt-in rate cut
 #: on a stalled loss (docs/recovery.md, "Cutting the rate when the loss stalls").
 FAM_RULE_ARMS = {"plateau_cut": ("training", "plateau_cut")}
+#: The rules every watched arm runs with (``--rules FILE`` replaces the default pack, in the
+#: rule arms too: a candidate pack is measured with the same protocol).
+FAM_RULES: str = "training"
 #: One-off faults, against the default: the non-finite guard and the replay after a sudden
 #: failure (both opt-in; docs/recovery.md, "The non-finite guard and the replay").
 FAM_FAULT_ARMS = {"guard": {"probe": "off", "guard": "on"},
@@ -1130,13 +1133,18 @@ def _rules_text(rules: str | Sequence[str]) -> str:
 
 
 def fam_run(task_name: str, opt: str, mult: float, seed: int, *, fault: str | None = None,
-            arm: str | None = None, rules: str | Sequence[str] = "training") -> dict[str, Any]:
+            arm: str | None = None, rules: str | Sequence[str] | None = None
+            ) -> dict[str, Any]:
     """One run of the budget (the task's 300 optimizer steps, constant rate = ``mult`` x the
     tuned one). ``arm=None``: bare; else a Watcher with the arm's recovery settings and a
     ``probe_loss``. Every optimizer step counts against the budget, replays after a rollback
     and the probe's range-test steps included."""
     from benchmarks import families as fam
 
+    if rules is None:
+        rules = FAM_RULES
+    elif not isinstance(rules, str):
+        rules = [FAM_RULES if r == "training" else r for r in rules]
     # bare runs do not depend on lrwatch's version: only the arms are rerun when it changes
     # (bare version 3: a clean bare run is labelled, `fam_bare_label`, and keeps its evaluations)
     key = f"{FAM_VERSION if arm else 3}/{task_name}/{opt}/{mult}/{seed}/{fault}/{arm}"
@@ -1536,8 +1544,13 @@ def fam_main(argv: Sequence[str]) -> int:
     p.add_argument("--optimizers", default=",".join(FAM_OPTS))
     p.add_argument("--seeds", default="0")
     p.add_argument("--json", default=None)
+    p.add_argument("--rules", default=None, metavar="FILE",
+                   help="a rule file to run every watched arm with instead of the default pack")
     p.add_argument("-q", "--quiet", action="store_true")
     a = p.parse_args(argv)
+    global FAM_RULES
+    if a.rules:
+        FAM_RULES = a.rules
     torch.set_num_threads(1)
     logging.getLogger("lrwatch").setLevel(logging.CRITICAL)
     res = fam_suite(a.tasks.split(","), a.optimizers.split(","),

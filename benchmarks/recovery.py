@@ -1132,6 +1132,16 @@ def _rules_text(rules: str | Sequence[str]) -> str:
     return "\n".join(pack_text(r) if r in PACKS else Path(r).read_text() for r in parts)
 
 
+def _arm_rules(rules: str | Sequence[str] | None) -> str | list[str]:
+    """The rules of a watched arm: ``FAM_RULES`` by default, and in place of the default
+    pack in a list of packs (``--rules FILE`` measures a candidate pack in every arm)."""
+    if rules is None:
+        return FAM_RULES
+    if isinstance(rules, str):
+        return rules
+    return [FAM_RULES if r == "training" else r for r in rules]
+
+
 def fam_run(task_name: str, opt: str, mult: float, seed: int, *, fault: str | None = None,
             arm: str | None = None, rules: str | Sequence[str] | None = None
             ) -> dict[str, Any]:
@@ -1141,10 +1151,7 @@ def fam_run(task_name: str, opt: str, mult: float, seed: int, *, fault: str | No
     and the probe's range-test steps included."""
     from benchmarks import families as fam
 
-    if rules is None:
-        rules = FAM_RULES
-    elif not isinstance(rules, str):
-        rules = [FAM_RULES if r == "training" else r for r in rules]
+    rules = _arm_rules(rules)
     # bare runs do not depend on lrwatch's version: only the arms are rerun when it changes
     # (bare version 3: a clean bare run is labelled, `fam_bare_label`, and keeps its evaluations)
     key = f"{FAM_VERSION if arm else 3}/{task_name}/{opt}/{mult}/{seed}/{fault}/{arm}"

@@ -178,3 +178,11 @@ def test_the_restart_ceiling_is_the_tuned_run_with_the_budget_that_was_left() ->
            "bare_label": {"label": "diverged", "kind": None, "outcome": "diverged"}}
     text = bench.fam_tables({"rows": [row], "tuned": [], "faults": []})
     assert "restarted after 290 steps, ceiling none (no evaluation in the steps left)" in text
+
+
+def test_a_candidate_rule_file_replaces_the_default_pack_in_every_arm(monkeypatch) -> None:
+    assert bench._arm_rules(None) == "training"
+    monkeypatch.setattr(bench, "FAM_RULES", "cand.yml")
+    assert bench._arm_rules(None) == "cand.yml"
+    assert bench._arm_rules(("training", "plateau_cut")) == ["cand.yml", "plateau_cut"]
+    assert bench._arm_rules("other.yml") == "other.yml"

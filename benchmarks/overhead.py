@@ -9,9 +9,14 @@ so every variant does exactly the same numerical work:
 ``lrwatch``
     ``Watcher(model, opt, sched)`` with its defaults, plus ``watch.log(loss=loss)`` every step.
 ``lrwatch guard-on``
-    The defaults with ``recovery={"guard": "on"}``: with this (not fused) AdamW, a non-finite
-    gradient is zeroed on the device every step it happens, at the price of one pass over the
-    gradients on every step (attribution only; with ``fused=True`` the default guard is free).
+    The defaults with ``recovery={"guard": "on"}``: on a GPU, with this (not fused) AdamW, a
+    non-finite gradient is zeroed on the device every step it happens, at the price of one pass
+    over the gradients on every step (attribution only; with ``fused=True`` the default guard
+    is free). On the CPU it is the default: the verdict is read on the host and a bad step's
+    gradients are held back.
+``lrwatch guard-off``
+    The defaults with ``recovery={"guard": "off"}`` (attribution of the default guard's cost:
+    on the CPU, or with ``--fused``, the default guard is on).
 ``lrwatch measure-only``
     ``Watcher(model, opt, sched, rules=None, recovery=False)``: the on-device statistics, the flush
     and the exporters, without the rules engine and the rollback snapshots (attribution only).
@@ -75,7 +80,8 @@ from lrwatch.watch import Watcher  # noqa: E402
 
 __all__ = ["VARIANTS", "MODELS", "run", "main", "sync_debug_check"]
 
-VARIANTS: tuple[str, ...] = ("baseline", "lrwatch", "lrwatch guard-on", "lrwatch measure-only",
+VARIANTS: tuple[str, ...] = ("baseline", "lrwatch", "lrwatch guard-on", "lrwatch guard-off",
+                             "lrwatch measure-only",
                              "lrwatch+server", "lrwatch all-on", "lightning-item",
                              "composer-item")
 TARGETS: dict[str, float] = {"lrwatch": 1.02, "lrwatch+server": 1.02, "lrwatch all-on": 1.10}
@@ -264,6 +270,8 @@ class _Runner:
             self.watch = Watcher(self.model, self.opt, self.sched)
         elif variant == "lrwatch guard-on":
             self.watch = Watcher(self.model, self.opt, self.sched, recovery={"guard": "on"})
+        elif variant == "lrwatch guard-off":
+            self.watch = Watcher(self.model, self.opt, self.sched, recovery={"guard": "off"})
         elif variant == "lrwatch measure-only":
             self.watch = Watcher(self.model, self.opt, self.sched, **_MEASURE_ONLY)
         elif variant == "lrwatch+server":
@@ -416,6 +424,7 @@ class _NoStep(torch.optim.Optimizer):
 _ISOLATED: dict[str, Callable[[str], dict[str, Any]]] = {
     "lrwatch": lambda tmp: {},
     "lrwatch guard-on": lambda tmp: {"recovery": {"guard": "on"}},
+    "lrwatch guard-off": lambda tmp: {"recovery": {"guard": "off"}},
     "lrwatch measure-only": lambda tmp: dict(_MEASURE_ONLY),
     "lrwatch all-on": lambda tmp: {"per_layer": True, "update_ratio": True, "flush_every": 1,
                                    "trace": os.path.join(tmp, "isolated.trace.jsonl")},

@@ -1095,9 +1095,10 @@ FAM_RULE_ARMS = {"plateau_cut": ("training", "plateau_cut")}
 #: The rules every watched arm runs with (``--rules FILE`` replaces the default pack, in the
 #: rule arms too: a candidate pack is measured with the same protocol).
 FAM_RULES: str = "training"
-#: One-off faults, against the default: the non-finite guard and the replay after a sudden
-#: failure (both opt-in; docs/recovery.md, "The non-finite guard and the replay").
-FAM_FAULT_ARMS = {"guard": {"probe": "off", "guard": "on"},
+#: One-off faults, against the default: the guard off (the default before 5 December, when
+#: ``guard="auto"`` did nothing for a non-fused optimizer on the CPU) and the replay after a
+#: sudden failure (opt-in; docs/recovery.md, "The guard and the replay").
+FAM_FAULT_ARMS = {"guard_off": {"probe": "off", "guard": "off"},
                   "replay": {"probe": "off", "replay": True}}
 #: Arms outside the suite's table (``benchmarks/recovery_preflight.py``): the pre-flight check.
 FAM_EXTRA_ARMS = {f"lr_check{n}": {"probe": "off", "lr_check": "auto", "lr_check_steps": n}
@@ -1364,7 +1365,7 @@ def fam_suite(tasks: Sequence[str], opts: Sequence[str], seeds: Sequence[int],
                     row = {"task": t, "family": task.family, "opt": o, "mult": m, "seed": s,
                            "diverged": True, "bare": fam_value(task, bare),
                            "bare_label": bare.get("label")}
-                    runs = {arm: fam_run(t, o, m, s, arm=arm) for arm in (*FAM_ARMS, "guard")}
+                    runs = {arm: fam_run(t, o, m, s, arm=arm) for arm in (*FAM_ARMS, "guard_off")}
                     runs.update({name: fam_run(t, o, m, s, arm="fixed", rules=packs)
                                  for name, packs in FAM_RULE_ARMS.items()})
                     for arm, r in runs.items():
@@ -1454,12 +1455,12 @@ def _outcome_table(rows: Sequence[dict[str, Any]]) -> list[str]:
     """The would-diverge runs split by how their bare run failed (``FAM_OUTCOMES``)."""
     if not rows or not all(r.get("bare_label") for r in rows):
         return []
-    arms = ("fixed", "measured", "guard", *FAM_RULE_ARMS)
+    arms = ("fixed", "measured", "guard_off", *FAM_RULE_ARMS)
     out = ["", "By how the bare run failed (the detection suite's labeller, "
            "`benchmarks.family_runs.label_natural`):", "",
            "| bare run | runs | " + " | ".join(
                {"fixed": "fixed factors (default)", "measured": "measured rate",
-                "guard": "guard=\"on\""}.get(a, f"{a} pack") for a in arms) + " |",
+                "guard_off": "guard off"}.get(a, f"{a} pack") for a in arms) + " |",
            "|---|---|" + "---|" * len(arms)]
     for oc in FAM_OUTCOMES:
         sub = [r for r in rows if r["bare_label"]["outcome"] == oc]
@@ -1503,13 +1504,13 @@ def fam_tables(res: dict[str, Any]) -> str:
     n = len(rows)
     out += ["", f"Candidates: {len(res['rows'])}, whose bare run diverged: {n}.", "",
             "| family | diverged | fixed factors (default) | measured rate (probe=auto) | "
-            "guard=\"on\" (not default) | "
+            "guard off (not default) | "
             + " | ".join(f"{name} pack (not default)" for name in FAM_RULE_ARMS) + " |",
             "|---|---|---|---|---|" + "---|" * len(FAM_RULE_ARMS)]
     for fm, sub in _by_family(rows):
         a = sum(r["fixed"]["ok"] for r in sub)
         b = sum(r["measured"]["ok"] for r in sub)
-        c = sum(r["guard"]["ok"] for r in sub if "guard" in r)
+        c = sum(r["guard_off"]["ok"] for r in sub if "guard_off" in r)
         extra = " | ".join(f"{sum(r[name]['ok'] for r in sub if name in r)}/{len(sub)}"
                            for name in FAM_RULE_ARMS)
         out.append(f"| {fm} | {len(sub)} | {a}/{len(sub)} ({a / max(1, len(sub)):.0%}) | "

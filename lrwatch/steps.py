@@ -21,7 +21,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .distributed import SQ_REP, SQ_SHARD, split_by_placement
-from .probe import GradGuard, LayerIndex, drop_gradient, tensor_norms, total_norm
+from .probe import (GradGuard, HostGradGuard, LayerIndex, drop_gradient, hold_gradients,
+                    return_gradients, tensor_norms, total_norm)
 from .samples import Sample
 
 __all__ = ["Row", "StepRecorder", "as_value", "materialise"]
@@ -77,9 +78,11 @@ class StepRecorder:
         What to do with a step whose gradient norm is not finite or a spike
         (:class:`~lrwatch.probe.GradGuard`; the Watcher sets it with :meth:`set_guard` from
         ``RecoveryConfig.guard``): ``"skip"`` hands a fused optimizer the flag
-        (``optimizer.found_inf``) so its step is skipped on the device; ``"zero"`` zeroes the
-        gradient (:func:`~lrwatch.probe.drop_gradient`); ``None`` nothing. Either records
-        ``grad_dropped``.
+        (``optimizer.found_inf``) so its step is skipped on the device; ``"hold"`` (parameters
+        on the CPU, where reading the verdict waits for nothing) takes the gradients away for
+        that one step (:func:`~lrwatch.probe.hold_gradients`) and gives them back after it;
+        ``"zero"`` zeroes the gradient (:func:`~lrwatch.probe.drop_gradient`); ``None``
+        nothing. Each records ``grad_dropped``.
     on_commit:
         Called after a row is complete; the Watcher flushes from there.
     """
@@ -97,7 +100,9 @@ class StepRecorder:
         self.scaler = scaler
         self.guard: str | None = None
         self._judge: GradGuard | None = None
+        self._host_judge: HostGradGuard | None = None
         self._found_inf_set = False
+        self._held: list[Any] = []      # gradients taken away for this step ("hold")
         self.on_commit = on_commit
         self.rows: list[Row] = []       # committed rows waiting for the flush
         self.open: Row | None = None    # the row of the step in progress
@@ -158,7 +163,7 @@ class StepRecorder:
             norm = total_norm(norms, self.device)
             row.put("grad_norm", norm)
         if self.guard and grads and not skipped:
-            self._guard_step(row, grads, norm)
+            self._guard_step(row, params, norm)
         if self.layers is not None and norms:
             per = self.layers.per_layer(params, norms, self.device)
             for i, label in enumerate(self.layers.labels):
@@ -175,27 +180,41 @@ class StepRecorder:
             row.host["skipped"] = 1.0
 
     def set_guard(self, mode: str | None, ratio: float) -> None:
-        """Turn the guard on (``"skip"``, ``"zero"``) or off (``None``); ``ratio``: the spike
-        threshold of :class:`~lrwatch.probe.GradGuard` (0: non-finite steps only)."""
+        """Turn the guard on (``"skip"``, ``"hold"``, ``"zero"``) or off (``None``); ``ratio``:
+        the spike threshold of :class:`~lrwatch.probe.GradGuard` (0: non-finite steps only)."""
+        if mode not in (None, "skip", "hold", "zero"):
+            raise ValueError(f"unknown guard mode {mode!r}")
         self.guard = mode
-        self._judge = GradGuard(self.device, ratio=ratio) if mode else None
+        self._judge = GradGuard(self.device, ratio=ratio) if mode in ("skip", "zero") else None
+        self._host_judge = HostGradGuard(ratio=ratio) if mode == "hold" else None
 
-    def _guard_step(self, row: Row, grads: list[Any], norm: torch.Tensor) -> None:
-        """Keep a step whose gradient is not finite, or a spike, off the parameters, on the
-        device."""
+    def _guard_step(self, row: Row, params: list[Any], norm: torch.Tensor) -> None:
+        """Keep a step whose gradient is not finite, or a spike, off the parameters: on the
+        device, or on the host where that costs no wait (parameters on the CPU)."""
         if getattr(self.optimizer, "found_inf", None) is not None:
             return   # a GradScaler the Watcher was not given handed the step its own flag
+        if self.guard == "hold":
+            assert self._host_judge is not None
+            held = self._host_judge.bad(float(norm))
+            if held:
+                self._held = hold_gradients(params)   # given back in step_done
+            row.host["grad_dropped"] = 1.0 if held else 0.0
+            return
         assert self._judge is not None
         bad = self._judge.bad(norm)
         if self.guard == "zero":
-            drop_gradient(grads, bad)
+            drop_gradient([p.grad for p in params], bad)
         else:
             self.optimizer.found_inf = bad.to(torch.float32)   # the fused step skips itself
             self._found_inf_set = True
         row.put("grad_dropped", bad.to(torch.float32))
 
     def step_done(self) -> None:
-        """After the optimizer's step: take the flag handed to a fused step back."""
+        """After the optimizer's step: give held gradients back, take the flag handed to a
+        fused step back."""
+        if self._held:
+            held, self._held = self._held, []
+            return_gradients(held)
         if self._found_inf_set:
             self._found_inf_set = False
             try:

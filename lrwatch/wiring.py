@@ -119,13 +119,18 @@ def build_recorder(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dis
 def guard_mode(recovery: Any, optimizer: torch.optim.Optimizer, scaler: Any) -> str | None:
     """How the step path keeps a non-finite gradient off the parameters
     (``RecoveryConfig.guard``): ``"skip"`` (a fused optimizer skips the step itself, for
-    free), ``"zero"`` (the gradient is zeroed: ``guard="on"`` with any other optimizer) or
-    ``None`` (no recovery, ``guard="off"``, or a ``GradScaler``, which skips those steps)."""
+    free), ``"hold"`` (parameters on the CPU: the verdict is read on the host, which waits for
+    nothing there, and a bad step's gradients are taken away for that step), ``"zero"`` (the
+    gradient is zeroed on the device: ``guard="on"`` with any other optimizer) or ``None`` (no
+    recovery, ``guard="off"``, or a ``GradScaler``, which skips those steps)."""
     if recovery is None or recovery.guard == "off" or scaler is not None:
         return None
     groups = optimizer.param_groups
     if groups and all(g.get("fused") for g in groups):
         return "skip"
+    params = [p for g in groups for p in g["params"]]
+    if params and all(p.device.type == "cpu" for p in params):
+        return "hold"
     return "zero" if recovery.guard == "on" else None
 
 

@@ -228,7 +228,11 @@ def test_update_ratio_every_k_steps_is_exact_on_those_steps() -> None:
 
 
 @pytest.mark.parametrize("opt_name", ["SGD", "AdamW"])
-def test_no_tensor_to_host_conversion_between_flushes(opt_name: str) -> None:
+@pytest.mark.parametrize("guard", ["off", "auto"])
+def test_no_tensor_to_host_conversion_between_flushes(opt_name: str, guard: str) -> None:
+    # guard="off" is the path a non-fused optimizer on a GPU takes (no host conversion
+    # between flushes); on the CPU the default guard reads its verdict on the host, one
+    # conversion per step, which waits for nothing there
     model = _mlp()
     if opt_name == "SGD":
         opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
@@ -237,7 +241,8 @@ def test_no_tensor_to_host_conversion_between_flushes(opt_name: str) -> None:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20)
     batches = [_batch(i) for i in range(10)]
     w = lrwatch.Watcher(model, opt, sched, flush_every=5, per_layer=True, update_ratio=True,
-                        update_ratio_every=1)
+                        update_ratio_every=1, recovery={"guard": guard})
+    assert w.recorder.guard == (None if guard == "off" else "hold")
     per_step: list[int] = []
     # SGD makes no conversion of its own, so there every conversion in the loop is counted.
     with _count_host_conversions(only_lrwatch=opt_name != "SGD") as counts:
@@ -251,11 +256,12 @@ def test_no_tensor_to_host_conversion_between_flushes(opt_name: str) -> None:
             w.log(loss=loss, accuracy=(out.argmax(1) == y).float().mean())
             per_step.append(sum(counts.values()))
     w.close()
-    # Steps 1-4 and 6-9 convert nothing; each flush (steps 5 and 10) makes one transfer.
-    assert per_step[:4] == [0, 0, 0, 0]
-    assert per_step[5:9] == [per_step[4]] * 4
-    assert 1 <= per_step[4] <= 2  # .cpu() (+ .tolist() on the already-host copy)
-    assert per_step[9] == 2 * per_step[4]
+    g = 0 if guard == "off" else 1     # the host verdict's conversions per step
+    new = [b - a for a, b in zip([0] + per_step, per_step)]
+    # Steps 1-4 and 6-9 convert nothing else; each flush (steps 5 and 10) makes one transfer.
+    assert new[:4] == [g] * 4 and new[5:9] == [g] * 4
+    assert 1 <= new[4] - g <= 2  # .cpu() (+ .tolist() on the already-host copy)
+    assert new[9] == new[4]
     assert w.flushes == 2
 
 

@@ -120,12 +120,17 @@ class RecoveryConfig:
         ``guard_ratio`` times the median of the last 50 kept steps' (once 20 exist: a batch of
         garbage), is not applied, and the Watcher records ``grad_dropped``
         (:class:`lrwatch.probe.GradGuard`; decided on the device, no host sync). ``"auto"``
-        (default): where it costs nothing, that is for an optimizer built with ``fused=True``
-        (Adam, AdamW, SGD, Adagrad): the Watcher hands the fused step the flag
+        (default): where it costs nothing. For an optimizer built with ``fused=True`` (Adam,
+        AdamW, SGD, Adagrad) the Watcher hands the fused step the flag
         (``optimizer.found_inf``, the hook ``GradScaler`` uses), and the step is skipped on the
-        device, state included. ``"on"``: also for other optimizers, by zeroing the gradient
-        on the device (one pass over the gradients per step, about 1% of a CPU step on 2M
-        parameters, docs/recovery.md); the optimizer then steps on a zero gradient. ``"off"``:
+        device, state included. For any optimizer whose parameters are all on the CPU, where
+        reading the verdict waits for nothing, the verdict is read on the host
+        (:class:`lrwatch.probe.HostGradGuard`, a few microseconds) and a bad step's gradients
+        are held back for that step (``p.grad = None``, given back after it): every torch
+        optimizer then leaves the parameters and its state alone, as the fused step does.
+        ``"on"``: also for other optimizers on a GPU, by zeroing the gradient on the device
+        (one pass over the gradients per step, 2.9-4.4% of an H200 step, docs/recovery.md);
+        the optimizer then steps on a zero gradient (momentum still moves it). ``"off"``:
         every step is applied. Never with a ``GradScaler``, which skips non-finite steps
         itself. A single dropped step in a quiet stretch (none in the ``good_after`` steps
         before it) is then handled: the firings of that step roll nothing back (the step never
@@ -790,7 +795,7 @@ class RecoveryPolicy:
                 e = _Disarmed(e)   # handled here (or by the repeat's own request below)
             kept.append(e)
         plans = [Plan("dropped", "", d, "the gradient was not finite or far above its recent "
-                      "median; the step was not applied (skipped or zeroed on the device) and "
+                      "median; the step was not applied (skipped, held back or zeroed) and "
                       "training goes on") for d in sorted(handled)]
         st.drops_handled += len(handled)
         if repeat is not None:

@@ -324,18 +324,25 @@ def test_replay_after_a_nan_batch_trains_exactly_as_a_run_without_that_batch(
 
 
 def _sgd_run(tmp_path: Path, nan_at: set[int], recovery: dict[str, Any] | None,
-             n: int = 60, fused: bool = False, poison_at: frozenset[int] = frozenset()
+             n: int = 60, fused: bool = False, poison_at: frozenset[int] = frozenset(),
+             adam: bool = False, mode: str | None = None
              ) -> tuple[lrwatch.Watcher | None, nn.Module]:
-    """Plain SGD (a zero gradient changes nothing) over batches 0..n-1; the loss of the
-    batches in ``nan_at`` is NaN, those in ``poison_at`` are garbage (inputs x1000).
-    ``recovery=None``: bare, without those batches."""
+    """Plain SGD (a zero gradient changes nothing; ``adam``: Adam, where it does) over batches
+    0..n-1; the loss of the batches in ``nan_at`` is NaN, those in ``poison_at`` are garbage
+    (inputs x1000). ``recovery=None``: bare, without those batches. ``mode`` forces the step
+    path's guard mode (``"zero"`` is what a non-fused optimizer on a GPU gets with
+    ``guard="on"``)."""
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 2))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, **({"fused": True} if fused else {}))
+    kw = {"fused": True} if fused else {}
+    opt = (torch.optim.Adam(model.parameters(), lr=0.01, **kw) if adam
+           else torch.optim.SGD(model.parameters(), lr=0.05, **kw))
     w = (lrwatch.Watcher(model, opt, rules=_nonfinite_rules(tmp_path), flush_every=4,
                          trace=tmp_path / "guard.jsonl",
                          recovery={"good_after": 5, "min_interval": 5, **recovery})
          if recovery is not None else None)
+    if w is not None and mode is not None:
+        w.recorder.set_guard(mode, w.recovery.guard_ratio)
     for b in (w.batches(iter(range(n))) if w else iter(range(n))):
         if w is None and (b in nan_at or b in poison_at):
             continue
@@ -355,13 +362,18 @@ def _sgd_run(tmp_path: Path, nan_at: set[int], recovery: dict[str, Any] | None,
     return w, model
 
 
-@pytest.mark.parametrize("fused,guard", [(True, "auto"), (False, "on")])
-def test_a_nonfinite_gradient_is_dropped_on_the_device_and_nothing_rolls_back(
-        tmp_path: Path, fused: bool, guard: str) -> None:
-    # a fused optimizer skips the step itself (the default, free); any other has its gradient
-    # zeroed (guard="on")
-    w, model = _sgd_run(tmp_path, {33}, {"guard": guard}, fused=fused)
-    assert w is not None and w.policy.rollbacks == 0 and w.policy.state.drops_handled == 1
+GUARDS = [(True, "auto", None),     # a fused optimizer skips the step itself (free)
+          (False, "auto", None),    # parameters on the CPU: the gradients are held back
+          (False, "on", None),
+          (False, "on", "zero")]    # what a non-fused optimizer on a GPU gets with "on"
+
+
+@pytest.mark.parametrize("fused,guard,mode", GUARDS)
+def test_a_nonfinite_gradient_is_dropped_and_nothing_rolls_back(
+        tmp_path: Path, fused: bool, guard: str, mode: str | None) -> None:
+    w, model = _sgd_run(tmp_path, {33}, {"guard": guard}, fused=fused, mode=mode)
+    assert w is not None and w.recorder.guard == (mode or ("skip" if fused else "hold"))
+    assert w.policy.rollbacks == 0 and w.policy.state.drops_handled == 1
     events = [e for s in read_trace(tmp_path / "guard.jsonl") for e in s.events]
     acts = [(e["type"], e["step"]) for e in events if e.get("type") not in (None, "firing",
                                                                               "resolved")]
@@ -370,26 +382,41 @@ def test_a_nonfinite_gradient_is_dropped_on_the_device_and_nothing_rolls_back(
     for p, q in zip(model.parameters(), clean.parameters()):
         assert torch.equal(p, q)
     assert "lrwatch_skipped_steps_total 1.0" in generate_latest(w.registry).decode()
-    # with the guard off (or "auto" with an optimizer that is not fused), the NaN reaches
-    # the parameters and the rule rolls back
-    off, _ = _sgd_run(tmp_path, {33}, {"guard": "off" if fused else "auto"}, fused=fused)
-    assert off is not None and off.policy.rollbacks == 1
+    # with the guard off, the NaN reaches the parameters and the rule rolls back
+    off, _ = _sgd_run(tmp_path, {33}, {"guard": "off"}, fused=fused)
+    assert off is not None and off.recorder.guard is None and off.policy.rollbacks == 1
 
 
-@pytest.mark.parametrize("fused,guard", [(True, "auto"), (False, "on")])
-def test_a_garbage_batch_is_dropped_on_the_device_and_nothing_rolls_back(
-        tmp_path: Path, fused: bool, guard: str) -> None:
+@pytest.mark.parametrize("fused,guard,mode", GUARDS)
+def test_a_garbage_batch_is_dropped_and_nothing_rolls_back(
+        tmp_path: Path, fused: bool, guard: str, mode: str | None) -> None:
     w, model = _sgd_run(tmp_path, set(), {"guard": guard}, fused=fused,
-                        poison_at=frozenset({40}))
+                        poison_at=frozenset({40}), mode=mode)
     assert w is not None and w.policy.rollbacks == 0 and w.policy.state.drops_handled == 1
     _, clean = _sgd_run(tmp_path, set(), None, poison_at=frozenset({40}))
     for p, q in zip(model.parameters(), clean.parameters()):
         assert torch.equal(p, q)
     # guard_ratio=0: non-finite steps only; the garbage batch is applied
     off, bad = _sgd_run(tmp_path, set(), {"guard": guard, "guard_ratio": 0}, fused=fused,
-                        poison_at=frozenset({40}))
+                        poison_at=frozenset({40}), mode=mode)
     assert off is not None and off.policy.state.drops_handled == 0
     assert not all(torch.equal(p, q) for p, q in zip(bad.parameters(), clean.parameters()))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_held_step_leaves_adam_as_if_the_batch_never_came(tmp_path: Path, fused: bool) -> None:
+    # skipping (fused) and holding the gradients back (CPU) leave Adam's moments and step
+    # count alone, so the run equals the run without the batch; zeroing would not (a zero
+    # gradient still decays the moments and moves the weights)
+    w, model = _sgd_run(tmp_path, {33}, {}, fused=fused, adam=True)
+    assert w is not None and w.policy.state.drops_handled == 1
+    _, clean = _sgd_run(tmp_path, {33}, None, adam=True, fused=fused)
+    for p, q in zip(model.parameters(), clean.parameters()):
+        assert torch.equal(p, q)
+    # and the caller's gradients are given back after the held step
+    assert all(p.grad is not None for p in model.parameters())
+    _, zeroed = _sgd_run(tmp_path, {33}, {}, adam=True, mode="zero")
+    assert not all(torch.equal(p, q) for p, q in zip(zeroed.parameters(), clean.parameters()))
 
 
 def test_nonfinite_gradients_in_a_row_are_a_failure_that_rolls_back(tmp_path: Path) -> None:
@@ -406,11 +433,14 @@ def test_nonfinite_gradients_in_a_row_are_a_failure_that_rolls_back(tmp_path: Pa
 
 def test_the_guard_leaves_finite_steps_untouched_bit_for_bit(tmp_path: Path) -> None:
     runs = []
-    for guard, fused in (("on", False), ("off", False), ("auto", True), ("off", True)):
+    for guard, fused, mode in (("on", False, None), ("off", False, None), ("on", False, "zero"),
+                               ("auto", True, None), ("off", True, None)):
         torch.manual_seed(5)
         model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 2))
         opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=fused)
         w = lrwatch.Watcher(model, opt, flush_every=5, recovery={"guard": guard})
+        if mode is not None:
+            w.recorder.set_guard(mode, 100.0)
         for b in range(40):
             x, y = _data(b)
             loss = nn.functional.cross_entropy(model(x), y)
@@ -422,7 +452,8 @@ def test_the_guard_leaves_finite_steps_untouched_bit_for_bit(tmp_path: Path) -> 
         assert not hasattr(opt, "found_inf")   # the flag handed to a fused step is taken back
         runs.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
-    assert all(torch.equal(a, b) for a, b in zip(runs[2], runs[3]))
+    assert all(torch.equal(a, b) for a, b in zip(runs[2], runs[1]))
+    assert all(torch.equal(a, b) for a, b in zip(runs[3], runs[4]))
 
 
 def test_the_guard_leaves_a_flag_someone_else_handed_the_step_alone() -> None:

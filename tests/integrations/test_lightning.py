@@ -172,11 +172,14 @@ def test_budget_uses_lightning_stop(tmp_path: Path) -> None:
     assert cb.exit_status == EXIT_BUDGET
 
 
-def test_a_fused_optimizer_skips_the_nan_steps_on_the_device_by_default(tmp_path: Path) -> None:
-    # a bad batch every 12 steps from step 24: each one is skipped by the fused step, far
-    # enough apart (good_after 10) that none needs a rollback, and the weights stay finite
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_nan_steps_are_kept_off_the_parameters_by_default(tmp_path: Path,
+                                                               fused: bool) -> None:
+    # a bad batch every 12 steps from step 24: each one is skipped by the fused step (or,
+    # not fused, on the CPU, its gradients are held back from the step), far enough apart
+    # (good_after 10) that none needs a rollback, and the weights stay finite
     cb = LrwatchCallback(flush_every=5, recovery={"good_after": 10, "min_interval": 5})
-    model = TinyMLP(sched=False, nan_from=20, fused=True)
+    model = TinyMLP(sched=False, nan_from=20, fused=fused)
     _trainer(tmp_path, [cb], max_steps=80).fit(model, _loader())
     w = cb.watcher
     assert w is not None and w.policy.rollbacks == 0

@@ -72,6 +72,32 @@ def test_spike_directions():
     assert fires(Spike(window=20, warmup=10, direction="both"), xs) == [30]
 
 
+def test_spike_run_length_test_is_sized_by_the_streams_own_tail():
+    # a stream that never crossed the threshold fires on its second crossing in a row (a
+    # rule's `for: 2` without the test), whatever its length
+    calm = [1.0 + 0.01 * (i % 4) for i in range(300)] + [10.0] * 5
+    det = Spike(window=50, warmup=20, log=True, min_scale=0.02, alpha=1e-5)
+    assert fires(det, calm) == [301, 302, 303, 304]
+    assert det.run_needed() == 2
+    # a heavy-tailed one whose single values cross now and then (1 in 25 here) waits for a run
+    # its own rate makes unlikely: 0.04 ** 4 <= 1e-5 < 0.04 ** 3
+    tail = [10.0 if i % 25 == 24 else 1.0 + 0.01 * (i % 4) for i in range(299)]
+    det = Spike(window=50, warmup=20, log=True, min_scale=0.02, alpha=1e-5)
+    assert fires(det, tail + [10.0, 10.0, 10.0, 1.0]) == []
+    assert det.run_needed() == 4
+    assert fires(det, [10.0] * 5) == [3, 4]
+    # alpha=0 (the default) is the plain per-value test
+    assert fires(Spike(window=50, warmup=20, log=True, min_scale=0.02), tail)[:2] == [24, 49]
+    # the counts travel with the state; a state saved before them loads as an empty history
+    det2 = Spike(window=50, warmup=20, log=True, min_scale=0.02, alpha=1e-5)
+    det2.load_state_dict(json.loads(json.dumps(det.state_dict())))
+    assert det2.run_needed() == det.run_needed()
+    old = {k: v for k, v in det.state_dict().items() if k not in ("seen", "beyond", "run")}
+    det3 = Spike(window=50, warmup=20, log=True, min_scale=0.02, alpha=1e-5)
+    det3.load_state_dict(old)
+    assert det3.run_needed() == 2
+
+
 def test_spike_keeps_firing_on_blowup_and_adapts_to_level_shift():
     xs = [1.0 + 0.01 * (i % 4) for i in range(30)] + [1.5 ** k for k in range(2, 12)]
     assert fires(Spike(window=20, warmup=10, log=True, min_scale=0.02), xs) == list(range(30, 40))

@@ -199,6 +199,11 @@ class RunLengthTest:
     _seen: int
     _beyond: int
     _run: int
+    #: Pseudo-counts added to ``beyond`` (and twice to ``seen``). 1: a short history asks for a
+    #: long run (the collapse test). 0: the observed rate itself, so a stream that never crossed
+    #: the line fires on its second crossing in a row whatever its length (the blow-up test,
+    #: which must not get slower on the light-tailed runs it was built for).
+    _prior: float = 1.0
 
     def _init_runs(self) -> None:
         self._seen = 0      # decided values before the current run
@@ -207,7 +212,9 @@ class RunLengthTest:
 
     def run_needed(self) -> int:
         """The run length the test asks for now (``alpha`` > 0)."""
-        p = (self._beyond + 1) / (self._seen + 2)
+        p = (self._beyond + self._prior) / (self._seen + 2 * self._prior or 1)
+        if p <= 0.0:
+            return 2
         return max(2, math.ceil(math.log(self.alpha) / math.log(p) - 1e-9))
 
     def _run_test(self, beyond: bool) -> bool:

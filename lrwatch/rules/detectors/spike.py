@@ -7,7 +7,7 @@ from bisect import bisect_left, insort
 from collections import deque
 from typing import Any, ClassVar, Mapping
 
-from .base import DIRECTIONS, Detector, Param, sorted_median
+from .base import DIRECTIONS, Detector, Param, RunLengthTest, sorted_median
 
 __all__ = ["Spike"]
 
@@ -34,7 +34,7 @@ def _mad(a: list[float], m: float) -> float:
     return 0.5 * (lo + d)
 
 
-class Spike(Detector):
+class Spike(RunLengthTest, Detector):
     """Fires when a value is far from the rolling median, measured in rolling MADs.
 
     The score is ``z = (y - median) / max(1.4826 * MAD, min_scale)`` over the last ``window``
@@ -59,6 +59,15 @@ class Spike(Detector):
     min_scale:
         Lower bound of the scale (in the working space, i.e. in log units when ``log``), so a
         perfectly flat series does not turn rounding noise into infinite scores.
+    alpha:
+        0 (default): every value beyond the threshold is anomalous. Above 0: a run-length test
+        sized by the stream's own tail (:class:`~lrwatch.rules.detectors.base.RunLengthTest`
+        with the observed rate, no pseudo-counts): the detector is anomalous from the k-th
+        value in a row beyond the threshold, k the smallest number >= 2 with ``p ** k <=
+        alpha``, ``p`` the share of its earlier decisions that were beyond. A stream that never
+        crossed fires on its second crossing in a row (a rule's ``for: 2`` without it); a
+        heavy-tailed one whose single batches cross now and then waits for a run its own rate
+        makes unlikely (``alpha`` per value, if values are independent).
 
     Notes
     -----
@@ -92,14 +101,18 @@ class Spike(Detector):
         "log": Param(bool, "work on log(x)"),
         "floor": Param(float, "smallest absolute change that fires", min=0),
         "min_scale": Param(float, "lower bound of the scale", min=0, min_open=True),
+        "alpha": Param(float, "per-value false-alarm probability of the run-length test "
+                              "(0: off)", min=0, max=1),
     }
-    _STATE = ("buf", "sorted", "z", "scale")
+    _STATE = ("buf", "sorted", "z", "scale", "seen", "beyond", "run")
+    _prior = 0.0
 
     def __init__(self, *, window: int = 50, threshold: float = 6.0, warmup: int = 20,
                  direction: str = "up", log: bool = False, floor: float = 0.0,
-                 min_scale: float = 1e-6) -> None:
+                 min_scale: float = 1e-6, alpha: float = 0.0) -> None:
         self._set_params(window=window, threshold=threshold, warmup=warmup, direction=direction,
-                         log=log, floor=floor, min_scale=min_scale)
+                         log=log, floor=floor, min_scale=min_scale, alpha=alpha)
+        self._init_runs()
         self.warmup = min(self.warmup, self.window)
         self._buf: deque[float] = deque(maxlen=self.window)
         self._sorted: list[float] = []
@@ -150,6 +163,8 @@ class Spike(Detector):
             else:
                 out = abs(z) > self.threshold
             verdict = out and abs(x - (math.exp(m) if self.log else m)) > self.floor
+            if self.alpha > 0.0:
+                verdict = self._run_test(verdict)
             if out:  # store the outlier clipped to the band, so a blow-up cannot redefine normal
                 y = m + math.copysign(self.threshold * scale, z)
         if len(self._buf) == self.window:
@@ -159,5 +174,6 @@ class Spike(Detector):
         return verdict
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        # states saved before the cached scale existed: start from the floor
-        super().load_state_dict({"scale": self.min_scale, **state})
+        # states saved before the cached scale (or the run-length test) existed
+        super().load_state_dict({"scale": self.min_scale, "seen": 0, "beyond": 0, "run": 0,
+                                 **state})

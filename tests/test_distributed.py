@@ -55,6 +55,17 @@ def test_nan_on_one_rank_rolls_every_rank_back_to_the_same_step(tmp_path: Path,
         assert r["sched_step"] == first["sched_step"] and r["lr"] == first["lr"]
 
 
+def test_nan_on_one_rank_is_held_back_on_every_rank_by_default(tmp_path: Path) -> None:
+    results = _spawn(dw.nan_rollback, 2, tmp_path, "auto")
+    first = results[0]
+    assert first["guard"] == "hold" and first["rollbacks"] == []
+    assert first["dropped"] == [38]       # the NaN step (the scheduler's 37th step is step 38)
+    for r in results:
+        assert r["rollbacks"] == [] and r["dropped"] == first["dropped"]
+        assert r["finite"]
+        assert r["weights"] == first["weights"] and r["weights_sum"] == first["weights_sum"]
+
+
 def test_ddp_replay_after_a_nan_batch_stays_in_lock_step(tmp_path: Path) -> None:
     results = _spawn(dw.nan_replay, 2, tmp_path)
     first = results[0]

@@ -1071,6 +1071,11 @@ FAM_EVAL_EVERY = 20
 FAM_FAULT_AT = 150
 FAM_CACHE = Path(__file__).resolve().parent / ".cache" / "recovery_families"
 FAM_VERSION = 11          # 11: watched runs record their first rollback
+#: The learning-rate schedule of every run of the suite (``--schedule``): ``constant`` (the
+#: suite's protocol), or one of the detection suite's (``warmup``: linear over 10% then cosine)
+#: given to the Watcher as its ``scheduler``; the healthy median is then the tuned rate's on
+#: the same schedule.
+FAM_SCHEDULE = "constant"
 
 
 def lrwatch_code_hash() -> str:
@@ -1089,9 +1094,17 @@ def lrwatch_code_hash() -> str:
 
 _CODE_HASH: str | None = None
 FAM_ARMS = {"measured": {"probe": "auto"}, "fixed": {"probe": "off"}}   # the ablation
-#: Arms that add rule packs to the defaults (the fixed factors otherwise): the opt-in rate cut
-#: on a stalled loss (docs/recovery.md, "Cutting the rate when the loss stalls").
-FAM_RULE_ARMS = {"plateau_cut": ("training", "plateau_cut")}
+#: Arms compared with the defaults in every table, name -> (recovery arm, rules): the defaults
+#: before 5 December, without the stall cut (the training pack's ``loss_plateau`` halves the
+#: rate of a run without a scheduler; docs/recovery.md, "Cutting the rate when the loss
+#: stalls").
+FAM_RULE_ARMS: dict[str, tuple[str, tuple[str, ...] | None]] = {"no_cut": ("no_cut", None)}
+#: Column titles of those arms.
+FAM_RULE_TITLES = {"no_cut": "no stall cut (the defaults before 5 December)",
+                   "plateau_cut": "plateau_cut pack (not default)"}
+#: With a schedule (``--schedule``) the defaults leave the rate alone on a stall; this arm
+#: cuts it there too (why that is not the default: docs/recovery.md).
+FAM_SCHEDULED_ARMS = {"plateau_cut": ("fixed", ("training", "plateau_cut"))}
 #: The rules every watched arm runs with (``--rules FILE`` replaces the default pack, in the
 #: rule arms too: a candidate pack is measured with the same protocol).
 FAM_RULES: str = "training"
@@ -1104,6 +1117,7 @@ FAM_FAULT_ARMS = {"guard_off": {"probe": "off", "guard": "off"},
 FAM_EXTRA_ARMS = {f"lr_check{n}": {"probe": "off", "lr_check": "auto", "lr_check_steps": n}
                   for n in (11, 15, 30)}
 FAM_EXTRA_ARMS.update(FAM_FAULT_ARMS)
+FAM_EXTRA_ARMS["no_cut"] = {"probe": "off", "cut_unscheduled": False}
 #: Bumped when the pre-flight check itself changes (2: scored on a fixed batch), so that its
 #: arms rerun while the bare runs and the suite's arms stay cached.
 FAM_CHECK_VERSION = 2
@@ -1156,9 +1170,11 @@ def fam_run(task_name: str, opt: str, mult: float, seed: int, *, fault: str | No
     # bare runs do not depend on lrwatch's version: only the arms are rerun when it changes
     # (bare version 3: a clean bare run is labelled, `fam_bare_label`, and keeps its evaluations)
     key = f"{FAM_VERSION if arm else 3}/{task_name}/{opt}/{mult}/{seed}/{fault}/{arm}"
+    if FAM_SCHEDULE != "constant":
+        key += f"/schedule={FAM_SCHEDULE}"
     if arm in FAM_EXTRA_ARMS:
         key += "/" + json.dumps(FAM_EXTRA_ARMS[arm], sort_keys=True)
-        key += f"/{FAM_CHECK_VERSION}" if arm not in FAM_FAULT_ARMS else ""
+        key += f"/{FAM_CHECK_VERSION}" if arm not in (*FAM_FAULT_ARMS, "no_cut") else ""
     if arm is not None:   # a changed pack (or --rules FILE), or changed lrwatch code, reruns them
         key += "/" + hashlib.sha1(_rules_text(rules).encode()).hexdigest()[:12]
         key += "/" + lrwatch_code_hash()
@@ -1171,6 +1187,8 @@ def fam_run(task_name: str, opt: str, mult: float, seed: int, *, fault: str | No
     model = task.build(data)
     lr = task.base_lr[opt] * mult
     optimizer = fam.make_optimizer(opt, model, lr)
+    sched = (None if FAM_SCHEDULE == "constant" else torch.optim.lr_scheduler.LambdaLR(
+        optimizer, dr._schedule_fn(FAM_SCHEDULE, task.steps)))
     untrained = _fam_score(task, data, model)
     curve: list[Sample] | None = None
     if arm is None and fault is None:     # kept to label the bare run (`fam_bare_label`)
@@ -1178,7 +1196,7 @@ def fam_run(task_name: str, opt: str, mult: float, seed: int, *, fault: str | No
         levels = _fam_start_levels(task, data, model, seed)
     w = None
     if arm is not None:
-        w = lrwatch.Watcher(model, optimizer, flush_every=FLUSH_EVERY,
+        w = lrwatch.Watcher(model, optimizer, sched, flush_every=FLUSH_EVERY,
                             rules=rules if isinstance(rules, str) else list(rules),
                             recovery={**{**FAM_ARMS, **FAM_EXTRA_ARMS}[arm]},
                             probe_loss=lambda m, b: task.loss(m(b[0]), b[1]))
@@ -1203,6 +1221,8 @@ def fam_run(task_name: str, opt: str, mult: float, seed: int, *, fault: str | No
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if sched is not None:
+            sched.step()
         done += 1
         if curve is not None:
             values = {"loss": float(loss.detach())}
@@ -1366,8 +1386,8 @@ def fam_suite(tasks: Sequence[str], opts: Sequence[str], seeds: Sequence[int],
                            "diverged": True, "bare": fam_value(task, bare),
                            "bare_label": bare.get("label")}
                     runs = {arm: fam_run(t, o, m, s, arm=arm) for arm in (*FAM_ARMS, "guard_off")}
-                    runs.update({name: fam_run(t, o, m, s, arm="fixed", rules=packs)
-                                 for name, packs in FAM_RULE_ARMS.items()})
+                    runs.update({name: fam_run(t, o, m, s, arm=arm_, rules=packs)
+                                 for name, (arm_, packs) in FAM_RULE_ARMS.items()})
                     for arm, r in runs.items():
                         v = fam_value(task, r)
                         row[arm] = {"value": v, "ok": fam_close(task, v, ref["median"],
@@ -1387,8 +1407,8 @@ def fam_suite(tasks: Sequence[str], opts: Sequence[str], seeds: Sequence[int],
                 tuned = {"task": t, "family": task.family, "opt": o, "seed": s, "bare": bare_v,
                          "bare_ok": fam_close(task, bare_v, ref["median"], ref["untrained"], 2.0)}
                 arms = {"fixed": fam_run(t, o, 1.0, s, arm="fixed")}
-                arms.update({name: fam_run(t, o, 1.0, s, arm="fixed", rules=packs)
-                             for name, packs in FAM_RULE_ARMS.items()})
+                arms.update({name: fam_run(t, o, 1.0, s, arm=arm_, rules=packs)
+                             for name, (arm_, packs) in FAM_RULE_ARMS.items()})
                 for arm, r in arms.items():
                     v = fam_value(task, r)
                     tuned[arm] = {"value": v, "lr_scale": r.get("lr_scale"),
@@ -1414,8 +1434,9 @@ def fam_suite(tasks: Sequence[str], opts: Sequence[str], seeds: Sequence[int],
                             t, o, 1.0, s, fault=f, arm=arm)), clean, ref["untrained"], 1.0)
                            for arm in FAM_FAULT_ARMS},
                         **{f"ok_{name}": fam_close(task, fam_value(task, fam_run(
-                            t, o, 1.0, s, fault=f, arm="fixed", rules=packs)), clean,
-                            ref["untrained"], 1.0) for name, packs in FAM_RULE_ARMS.items()}})
+                            t, o, 1.0, s, fault=f, arm=arm_, rules=packs)), clean,
+                            ref["untrained"], 1.0)
+                           for name, (arm_, packs) in FAM_RULE_ARMS.items()}})
                     progress(f"{t} {o} {f} s{s}: clean {clean:.4f} -> {v:.4f} "
                              f"({'ok' if fault_rows[-1]['ok'] else 'FAIL'})")
     return {"refs": {f"{k[0]}/{k[1]}": v for k, v in refs.items()}, "rows": rows,
@@ -1436,7 +1457,7 @@ def _tuned_table(tr: Sequence[dict[str, Any]]) -> list[str]:
     out = ["", "### Tuned runs, watched (within 2 points of the healthy median; cut: the run "
            "ended at a lower rate than configured)", "",
            "| family | runs | bare | defaults | "
-           + " | ".join(f"{name} pack (not default)" for name in FAM_RULE_ARMS) + " |",
+           + " | ".join(FAM_RULE_TITLES.get(name, name) for name in FAM_RULE_ARMS) + " |",
            "|---|---|---|---|" + "---|" * len(FAM_RULE_ARMS)]
     for fm, sub in _by_family(tr):
         cells = [f"{sum(r[arm]['ok'] for r in sub)}/{len(sub)} "
@@ -1460,7 +1481,7 @@ def _outcome_table(rows: Sequence[dict[str, Any]]) -> list[str]:
            "`benchmarks.family_runs.label_natural`):", "",
            "| bare run | runs | " + " | ".join(
                {"fixed": "fixed factors (default)", "measured": "measured rate",
-                "guard_off": "guard off"}.get(a, f"{a} pack") for a in arms) + " |",
+                "guard_off": "guard off"}.get(a, FAM_RULE_TITLES.get(a, a)) for a in arms) + " |",
            "|---|---|" + "---|" * len(arms)]
     for oc in FAM_OUTCOMES:
         sub = [r for r in rows if r["bare_label"]["outcome"] == oc]
@@ -1505,7 +1526,7 @@ def fam_tables(res: dict[str, Any]) -> str:
     out += ["", f"Candidates: {len(res['rows'])}, whose bare run diverged: {n}.", "",
             "| family | diverged | fixed factors (default) | measured rate (probe=auto) | "
             "guard off (not default) | "
-            + " | ".join(f"{name} pack (not default)" for name in FAM_RULE_ARMS) + " |",
+            + " | ".join(FAM_RULE_TITLES.get(name, name) for name in FAM_RULE_ARMS) + " |",
             "|---|---|---|---|---|" + "---|" * len(FAM_RULE_ARMS)]
     for fm, sub in _by_family(rows):
         a = sum(r["fixed"]["ok"] for r in sub)
@@ -1554,11 +1575,17 @@ def fam_main(argv: Sequence[str]) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--rules", default=None, metavar="FILE",
                    help="a rule file to run every watched arm with instead of the default pack")
+    p.add_argument("--schedule", default="constant", choices=dr.SCHEDULES,
+                   help="the learning-rate schedule of every run, given to the Watcher as its "
+                        "scheduler (default: constant, the suite's protocol)")
     p.add_argument("-q", "--quiet", action="store_true")
     a = p.parse_args(argv)
-    global FAM_RULES
+    global FAM_RULES, FAM_SCHEDULE
     if a.rules:
         FAM_RULES = a.rules
+    FAM_SCHEDULE = a.schedule
+    if FAM_SCHEDULE != "constant":
+        FAM_RULE_ARMS.update(FAM_SCHEDULED_ARMS)
     torch.set_num_threads(1)
     logging.getLogger("lrwatch").setLevel(logging.CRITICAL)
     res = fam_suite(a.tasks.split(","), a.optimizers.split(","),

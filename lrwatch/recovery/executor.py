@@ -101,6 +101,7 @@ class PlanExecutor(ActionAlerts):
         """The policy's plans for one flush; when they end a probation (the run got past its
         rollback and stayed quiet), the rollback's alert is resolved: the run is healthy again."""
         was_on_probation = self.policy.state.probation_until is not None
+        self.policy.scheduled = self.scheduler is not None   # it may be attached late
         plans = self.policy.plan(events, progress)
         if (was_on_probation and self.policy.state.probation_until is None
                 and not any(p.action in CONTROL_ACTIONS for p in plans)):

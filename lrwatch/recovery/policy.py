@@ -42,10 +42,12 @@ def _flag(value: Any) -> str | None:
 
 #: The parameters an action takes in a rule file: allowed values, or a check that returns a
 #: message. ``{reduce_lr: {factor: 0.5, after_cut: true}}``: ``after_cut`` asks only in a run
-#: whose rate lrwatch already cut after a failure (a rollback with a cut, a restart).
+#: whose rate lrwatch already cut after a failure (a rollback with a cut, a restart);
+#: ``unscheduled`` only in a run without a learning-rate scheduler of its own (and only while
+#: ``RecoveryConfig.cut_unscheduled`` is on).
 _ACTION_PARAMS: dict[str, dict[str, Any]] = {
     "stop": {"restore": STOP_RESTORE},
-    "reduce_lr": {"factor": _rate_factor, "after_cut": _flag},
+    "reduce_lr": {"factor": _rate_factor, "after_cut": _flag, "unscheduled": _flag},
 }
 
 
@@ -160,6 +162,10 @@ class RecoveryConfig:
         snapshot and the rollback, which are never replayed.
     reduce_lr_factor:
         Factor of the ``reduce_lr`` action.
+    cut_unscheduled:
+        Carry out ``reduce_lr`` actions marked ``unscheduled`` (the training pack's
+        ``loss_plateau``: the rate halved when the loss stalls, in a run that has no
+        learning-rate scheduler). ``False`` leaves such runs at their rate.
     max_skips:
         ``skip`` undos allowed before a further one escalates to a rollback.
     probation:
@@ -195,6 +201,7 @@ class RecoveryConfig:
     cooldown: int = 20
     skip_batches: int = 0
     reduce_lr_factor: float = 0.5
+    cut_unscheduled: bool = True
     max_skips: int = 20
     probation: bool = True
     lr_recover: bool = True
@@ -222,8 +229,9 @@ class RecoveryConfig:
                               f"1, got {self.guard_ratio!r}")
         if self.guard not in ("auto", "on", "off"):
             raise ConfigError(f"guard must be 'auto', 'on' or 'off', got {self.guard!r}")
-        if not isinstance(self.replay, bool):
-            raise ConfigError(f"replay must be true or false, got {self.replay!r}")
+        for name in ("replay", "cut_unscheduled"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if (not isinstance(self.replay_mb, (int, float)) or isinstance(self.replay_mb, bool)
                 or not self.replay_mb >= 0):
             raise ConfigError(f"replay_mb must be a number >= 0, got {self.replay_mb!r}")
@@ -427,14 +435,16 @@ def check_action_params(rules: Iterable[Any]) -> None:
 
 def decide(events: Sequence[Any], step: int, state: PolicyState,
            config: RecoveryConfig | None,
-           action_params: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None
-           ) -> list[Decision]:
+           action_params: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
+           scheduled: bool = False) -> list[Decision]:
     """Turn a flush's rule events into decisions (the first half of
     :meth:`RecoveryPolicy.plan`), updating the counters in ``state``.
 
     Notifications (``alert``, ``resolve``, ``hook``) come for every event that asks for them.
     At most one training-control decision per flush, the strongest asked for: ``stop`` >
     ``rollback`` > ``skip`` > ``reduce_lr``. With ``config=None`` no control decision is made.
+    ``scheduled``: the run has a learning-rate scheduler (``reduce_lr`` marked ``unscheduled``
+    is then not carried out).
 
     >>> from types import SimpleNamespace as E
     >>> st = PolicyState()
@@ -474,7 +484,8 @@ def decide(events: Sequence[Any], step: int, state: PolicyState,
             out.append(d)
         return out
     if "reduce_lr" in control and not in_cooldown:
-        asked = _reduction(events, state, action_params)
+        unscheduled = config.cut_unscheduled and not scheduled
+        asked = _reduction(events, state, action_params, unscheduled)
         if asked is not None:
             e, params = asked
             state.lr_reductions += 1
@@ -484,13 +495,14 @@ def decide(events: Sequence[Any], step: int, state: PolicyState,
 
 
 def _reduction(events: Sequence[Any], state: PolicyState,
-               action_params: Mapping[str, Mapping[str, Mapping[str, Any]]] | None
-               ) -> tuple[Any, dict[str, Any]] | None:
+               action_params: Mapping[str, Mapping[str, Mapping[str, Any]]] | None,
+               unscheduled: bool = True) -> tuple[Any, dict[str, Any]] | None:
     """The first firing that asks for ``reduce_lr`` and may have it, with its parameters: one
     with ``after_cut`` only once lrwatch has cut the rate after a failure (a rollback that
     left the rate below the configured one; a one-off fault's rollback keeps the rate), and
     not while lrwatch's own warm-up to the cut rate is still under way (a loss that moves
-    slowly at a tenth of a tenth of the rate is no stall).
+    slowly at a tenth of a tenth of the rate is no stall); one with ``unscheduled`` only when
+    ``unscheduled`` is true (the run has no scheduler and the cut is not turned off).
 
     >>> from types import SimpleNamespace as E
     >>> ev = [E(rule="stall", step=9, kind="firing", actions=("reduce_lr",))]
@@ -506,6 +518,8 @@ def _reduction(events: Sequence[Any], state: PolicyState,
             continue
         params = dict((action_params or {}).get(e.rule, {}).get("reduce_lr", {}))
         if params.get("after_cut") and not cut:
+            continue
+        if params.get("unscheduled") and not unscheduled:
             continue
         return e, params
     return None
@@ -635,6 +649,8 @@ class RecoveryPolicy:
         self.state = PolicyState()
         #: whether the executor can run a range test (it says so; not part of the state)
         self.probe_available = False
+        #: whether the run has a learning-rate scheduler (the executor says so)
+        self.scheduled = False
         self._sudden_now = False
         self._suspects: tuple[int, int] | None = None
 
@@ -699,7 +715,7 @@ class RecoveryPolicy:
         if rc is not None and progress.dropped:
             events, handled = self._drops(events, progress.dropped)
             out.extend(handled)
-        for d in decide(events, progress.step, st, rc, self.action_params):
+        for d in decide(events, progress.step, st, rc, self.action_params, self.scheduled):
             self._sudden_now = d.action == "rollback" and self._sudden(d)
             self._suspects = None
             out.append(self._plan_one(d, progress))

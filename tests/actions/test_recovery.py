@@ -770,13 +770,17 @@ def test_restart_during_a_warm_up_cuts_from_the_rate_it_was_heading_for(tmp_path
     assert {warm[k] for k in range(17, 41)} == {0.0}
 
 
-def _stalled_regression(rules: Any) -> tuple[float, Any]:
+def _stalled_regression(rules: Any, *, scheduler: bool = False, recovery: Any = True,
+                        trace: Any = None) -> tuple[float, Any]:
     """A linear regression whose loss reaches its noise floor in a few dozen steps and stays
-    there (constant rate, SGD): what the add-on ``plateau_cut`` pack halves the rate on."""
+    there (constant rate, SGD): what the training pack's ``loss_plateau`` halves the rate on
+    when the run has no scheduler (``scheduler=True``: a ``LambdaLR`` holding it constant)."""
     torch.manual_seed(0)
     model = nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    w = lrwatch.Watcher(model, opt, flush_every=10, rules=rules)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0) if scheduler else None
+    w = lrwatch.Watcher(model, opt, sched, flush_every=10, rules=rules, recovery=recovery,
+                        trace=trace)
     g = torch.Generator().manual_seed(5)
     true_w = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
     for _ in range(300):
@@ -786,19 +790,33 @@ def _stalled_regression(rules: Any) -> tuple[float, Any]:
         loss = nn.functional.mse_loss(model(x), y)
         loss.backward()
         opt.step()
+        if sched is not None:
+            sched.step()
         w.log(loss=loss)
     w.close()
     return opt.param_groups[0]["lr"], w
 
 
-def test_plateau_cut_pack_halves_a_constant_rate_once_the_loss_stalls() -> None:
-    lr, w = _stalled_regression(["training", "plateau_cut"])
+def test_a_stalled_loss_halves_the_rate_of_a_run_without_a_scheduler(tmp_path: Path) -> None:
+    lr, w = _stalled_regression("training")
     cuts = w.policy.state.lr_reductions
     assert cuts >= 1 and lr == pytest.approx(0.05 * 0.5 ** cuts)
     assert w.policy.lr_scale == pytest.approx(0.5 ** cuts)
-    # the default pack only says so (info, no action): the rate is the user's
-    lr, w = _stalled_regression("training")
+    assert w.policy.rollbacks == 0
+    # a run with a scheduler of its own is left to it, and the cut can be turned off
+    lr, w = _stalled_regression("training", scheduler=True, trace=tmp_path / "s.jsonl")
     assert lr == 0.05 and w.policy.state.lr_reductions == 0
+    fired = {e.get("rule") for s in read_trace(tmp_path / "s.jsonl") for e in s.events
+             if e.get("type") == "firing"}
+    assert "loss_plateau" in fired          # the stall is reported all the same
+    lr, w = _stalled_regression("training", recovery={"cut_unscheduled": False})
+    assert lr == 0.05 and w.policy.state.lr_reductions == 0
+
+
+def test_plateau_cut_pack_halves_the_rate_of_a_scheduled_run_too() -> None:
+    lr, w = _stalled_regression(["training", "plateau_cut"], scheduler=True)
+    cuts = w.policy.state.lr_reductions
+    assert cuts >= 1 and lr == pytest.approx(0.05 * 0.5 ** cuts)
     assert "loss_plateau" in {r.name for r in w.engine.rules}
 
 

@@ -106,21 +106,21 @@ def test_a_real_divergence_is_selected_and_faults_are_injected() -> None:
     assert sched(4) == pytest.approx(bench.dr._schedule_fn("warmup", 400)(4))
 
 
-def test_family_tables_show_the_opt_in_rule_arm_and_the_tuned_runs() -> None:
+def test_family_tables_show_the_comparison_arm_and_the_tuned_runs() -> None:
     arm = {"value": 0.7, "ok": False, "rollbacks": 0, "probes": 0, "probe_steps": 0,
            "exit_status": 0, "lr_scale": 1.0}
     row = {"task": "t", "family": "mlp_clf", "opt": "adam", "mult": 3.0, "seed": 0,
            "diverged": True, "bare": 0.5, "fixed": arm, "measured": arm, "guard_off": arm,
-           "plateau_cut": {**arm, "value": 0.8, "ok": True, "lr_scale": 0.25}}
+           "no_cut": {**arm, "value": 0.8, "ok": True, "lr_scale": 0.25}}
     tuned = {"task": "t", "family": "mlp_clf", "opt": "adam", "seed": 0, "bare": 0.8,
              "bare_ok": True, "fixed": {"value": 0.8, "ok": True, "lr_scale": 1.0},
-             "plateau_cut": {"value": 0.79, "ok": True, "lr_scale": 0.5}}
+             "no_cut": {"value": 0.79, "ok": True, "lr_scale": 0.5}}
     fault = {"task": "t", "family": "mlp_clf", "opt": "adam", "fault": "nan_batch", "seed": 0,
              "clean": 0.8, "value": 0.8, "bare": 0.1, "ok": True, "watched": 0.8,
              "ok_watched": True, "bare_ok": False, "ok_guard_off": True, "ok_replay": True,
-             "ok_plateau_cut": False}
+             "ok_no_cut": False}
     text = bench.fam_tables({"rows": [row], "tuned": [tuned], "faults": [fault]})
-    assert "| plateau_cut pack (not default) |" in text
+    assert "| no stall cut (the defaults before 5 December) |" in text
     assert "| **all** | 1 | 0/1 (0%) | 0/1 (0%) | 0/1 | 1/1 |" in text
     assert "| **all** | 1 | 1/1 | 1/1 (cut 0) | 1/1 (cut 1) |" in text
     assert "| nan_batch | 1 | 1/1 (100%) | 1/1 (100%) | 0/1 | 1/1 | 1/1 | 0/1 |" in text
@@ -132,7 +132,7 @@ def test_family_tables_split_the_would_diverge_runs_by_how_the_bare_run_failed()
     ok = {**arm, "ok": True}
     rows = [{"task": "t", "family": "mlp_clf", "opt": "adam", "mult": m, "seed": 0,
              "diverged": True, "bare": 0.5, "fixed": f, "measured": arm, "guard_off": arm,
-             "plateau_cut": f, "bare_label": {"label": lab, "kind": kind, "outcome": oc}}
+             "no_cut": f, "bare_label": {"label": lab, "kind": kind, "outcome": oc}}
             for m, f, lab, kind, oc in [(30.0, ok, "diverged", "never_learned", "diverged"),
                                         (10.0, arm, "diverged", None, "diverged"),
                                         (3.0, ok, "healthy", None, "learned")]]
@@ -174,7 +174,7 @@ def test_the_restart_ceiling_is_the_tuned_run_with_the_budget_that_was_left() ->
            "exit_status": 0, "lr_scale": 0.1, "first_action": {"at": 290}}
     row = {"task": "synth_clf_mlp", "family": "mlp_clf", "opt": "adam", "mult": 30.0,
            "seed": 0, "diverged": True, "bare": 0.3, "fixed": arm, "measured": arm,
-           "guard_off": arm, "plateau_cut": arm, "restart_ceiling": at_end,
+           "guard_off": arm, "no_cut": arm, "restart_ceiling": at_end,
            "bare_label": {"label": "diverged", "kind": None, "outcome": "diverged"}}
     text = bench.fam_tables({"rows": [row], "tuned": [], "faults": []})
     assert "restarted after 290 steps, ceiling none (no evaluation in the steps left)" in text

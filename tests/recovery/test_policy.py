@@ -447,6 +447,32 @@ def test_a_stall_cuts_the_rate_only_after_lrwatch_cut_it_for_a_failure() -> None
     assert pol.state.lr_reductions == 1
 
 
+def test_a_stall_marked_unscheduled_cuts_only_a_run_without_a_scheduler() -> None:
+    marked = {"loss_plateau": {"reduce_lr": {"unscheduled": True}}}
+    stall = lambda step: fire("loss_plateau", step, ("reduce_lr",), "info")  # noqa: E731
+    pol = RecoveryPolicy(RecoveryConfig(), action_params=marked)
+    (cut,) = control(pol.plan([stall(60)], Progress(60, snaps(50))))
+    assert (cut.action, cut.lr_factor, pol.lr_scale) == ("reduce_lr", 0.5, 0.5)
+    # the reductions share the rollbacks' cooldown
+    assert control(pol.plan([stall(70)], Progress(70, snaps(50)))) == []
+    # a run with its own schedule: reported, not cut
+    pol = RecoveryPolicy(RecoveryConfig(), action_params=marked)
+    pol.scheduled = True
+    assert control(pol.plan([stall(60)], Progress(60, snaps(50)))) == []
+    assert pol.lr_scale == 1.0 and pol.state.lr_reductions == 0
+    # turned off
+    pol = RecoveryPolicy(RecoveryConfig(cut_unscheduled=False), action_params=marked)
+    assert control(pol.plan([stall(60)], Progress(60, snaps(50)))) == []
+    # an unmarked reduce_lr (the plateau_cut pack) cuts a scheduled run too
+    pol = RecoveryPolicy(RecoveryConfig())
+    pol.scheduled = True
+    assert [p.action for p in control(pol.plan([stall(60)], Progress(60, snaps(50))))] == [
+        "reduce_lr"]
+    from lrwatch.errors import ConfigError
+    with pytest.raises(ConfigError, match="cut_unscheduled must be true or false"):
+        RecoveryConfig(cut_unscheduled="yes")  # type: ignore[arg-type]
+
+
 def test_reduce_lr_takes_its_factor_from_the_rule_and_checks_it() -> None:
     from lrwatch.errors import ConfigError
     from lrwatch.recovery.policy import check_action_params

@@ -322,3 +322,34 @@ def test_the_untrained_loss_is_measured_before_the_first_step_and_changes_nothin
                           for x, y in measured.batches[:8])
         assert samples[0].values["untrained_loss"] == pytest.approx((want[3] + want[4]) / 2,
                                                                     rel=1e-5)
+
+
+def _noisy_loader(n: int = 6400, batch: int = 16) -> Any:
+    """Labels flipped for 30% of the rows: the loss falls to its noise floor and stalls."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, 8, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    flip = torch.rand(n, generator=g) < 0.3
+    y = torch.where(flip, 1 - y, y)
+    ds = torch.utils.data.TensorDataset(x, y, torch.arange(n))
+    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, generator=g)
+
+
+@pytest.mark.parametrize("sched", [False, True])
+def test_a_stalled_loss_halves_the_rate_only_without_a_scheduler(tmp_path: Path,
+                                                                 sched: bool) -> None:
+    cb = LrwatchCallback(flush_every=10, trace=str(tmp_path / "t.jsonl"))
+    model = TinyMLP(lr=0.05, sched=sched)
+    _trainer(tmp_path, [cb], max_steps=400).fit(model, _noisy_loader())
+    w = cb.watcher
+    assert w is not None and w.policy.rollbacks == 0
+    lr = model.trainer.optimizers[0].param_groups[0]["lr"]
+    fired = [s.step for s in read_trace(tmp_path / "t.jsonl") for e in s.events
+             if e.get("rule") == "loss_plateau" and e.get("type") == "firing"]
+    assert fired                                  # the loss stalled in both runs
+    if sched:       # left to its schedule: the configured rate on it, no cut
+        assert w.policy.state.lr_reductions == 0
+        assert lr == pytest.approx(0.05 / (1.0 + 0.01 * 400), rel=0.02)
+    else:
+        cuts = w.policy.state.lr_reductions
+        assert cuts >= 1 and lr == pytest.approx(0.05 * 0.5 ** cuts)

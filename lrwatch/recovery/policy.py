@@ -12,6 +12,8 @@ and spends its budget exactly as the uninterrupted one would.
 
 from __future__ import annotations
 
+import difflib
+
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Iterable, Mapping, Sequence
@@ -403,16 +405,20 @@ def _is_outcome(metric: str | None) -> bool:
 
 
 def check_action_params(rules: Iterable[Any]) -> None:
-    """Validate the parameters rules give their actions (``{stop: {restore: best}}``).
+    """Validate the parameters rules give their actions (``{stop: {restore: best}}``); every
+    problem of every rule is reported, one per line, in one :class:`ConfigError`.
 
     >>> from types import SimpleNamespace as R
     >>> try:
     ...     check_action_params([R(name="r", source="f.yml:3",
-    ...                            action_params={"stop": {"restore": "bset"}})])
+    ...                            action_params={"stop": {"restore": "bset"},
+    ...                                           "reduce_lr": {"factr": 0.5}})])
     ... except ConfigError as exc:
     ...     print(exc)
     f.yml:3: rule 'r': stop: restore 'bset' is not valid (valid choices: best, last_good, none)
+    f.yml:3: rule 'r': reduce_lr: unknown parameter 'factr' (did you mean 'factor'?; valid choices: factor, after_cut, unscheduled)
     """
+    problems: list[str] = []
     for r in rules:
         for action, params in getattr(r, "action_params", {}).items():
             spec = _ACTION_PARAMS.get(action)
@@ -420,17 +426,26 @@ def check_action_params(rules: Iterable[Any]) -> None:
                 continue
             where = f"{r.source}: rule {r.name!r}: {action}"
             for key, value in params.items():
-                if key not in spec:
-                    raise ConfigError(f"{where}: unknown parameter {key!r} "
-                                      f"(valid choices: {', '.join(spec)})")
-                check = spec[key]
-                if callable(check):
-                    problem = check(value)
-                    if problem:
-                        raise ConfigError(f"{where}: {key}: {problem}")
-                elif value not in check:
-                    raise ConfigError(f"{where}: {key} {value!r} is not valid "
-                                      f"(valid choices: {', '.join(check)})")
+                problem = _param_problem(spec, key, value)
+                if problem:
+                    problems.append(f"{where}: {problem}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def _param_problem(spec: Mapping[str, Any], key: str, value: Any) -> str | None:
+    """What is wrong with one action parameter, or ``None``."""
+    if key not in spec:
+        close = difflib.get_close_matches(str(key), list(spec), n=1)
+        hint = f"did you mean {close[0]!r}?; " if close else ""
+        return f"unknown parameter {key!r} ({hint}valid choices: {', '.join(spec)})"
+    check = spec[key]
+    if callable(check):
+        problem = check(value)
+        return f"{key}: {problem}" if problem else None
+    if value not in check:
+        return f"{key} {value!r} is not valid (valid choices: {', '.join(check)})"
+    return None
 
 
 def decide(events: Sequence[Any], step: int, state: PolicyState,

@@ -253,3 +253,26 @@ def probe_restart(rank: int, world: int, store: str, out: str) -> None:
         "finite": bool(torch.isfinite(flat).all()), "lr": opt.param_groups[0]["lr"],
         "step": w.step, "probed": bool(shard_of)})
     finish()
+
+
+def stall_cut(rank: int, world: int, store: str, out: str) -> None:
+    """Targets that are noise: the loss sits at its floor from the start, so the training
+    pack's stall test halves the rate (no scheduler). Each rank sees its own shard; the rules
+    judge the combined rows, so every rank cuts at the same step."""
+    init(rank, world, store)
+    model = nn.parallel.DistributedDataParallel(_model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    w = lrwatch.Watcher(model, opt, flush_every=10)
+    cuts: list[int] = []
+    w.add_listener(lambda s: cuts.extend(e["step"] for e in s.events
+                                         if e.get("type") == "reduce_lr"))
+    for step in range(200):
+        x, y = _global_batch(step)
+        loss = _mse_step(model, opt, _mine(x, rank, world), _mine(y, rank, world), nan=False)
+        w.log(loss=loss)
+    w.close()
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    _write(out, rank, {"cuts": cuts, "reductions": w.policy.state.lr_reductions,
+                       "lr": opt.param_groups[0]["lr"], "weights": flat.tolist()[:50],
+                       "weights_sum": float(flat.double().sum())})
+    finish()

@@ -66,6 +66,16 @@ def test_nan_on_one_rank_is_held_back_on_every_rank_by_default(tmp_path: Path) -
         assert r["weights"] == first["weights"] and r["weights_sum"] == first["weights_sum"]
 
 
+def test_a_stall_cuts_the_rate_at_the_same_step_on_every_rank(tmp_path: Path) -> None:
+    results = _spawn(dw.stall_cut, 2, tmp_path)
+    first = results[0]
+    assert first["reductions"] >= 1 and first["cuts"]
+    assert first["lr"] == pytest.approx(0.02 * 0.5 ** first["reductions"])
+    for r in results:
+        assert r["cuts"] == first["cuts"] and r["lr"] == first["lr"]
+        assert r["weights"] == first["weights"] and r["weights_sum"] == first["weights_sum"]
+
+
 def test_ddp_replay_after_a_nan_batch_stays_in_lock_step(tmp_path: Path) -> None:
     results = _spawn(dw.nan_replay, 2, tmp_path)
     first = results[0]

@@ -303,7 +303,8 @@ def test_training_pack_has_the_required_rules():
                                                                               "rollback"),
             "grad_explosion": ("info", None), "lr_anomaly": ("warning", None),
             "eval_loss_regression": ("info", None),
-            "eval_accuracy_regression": ("info", None), "loss_plateau": ("info", "reduce_lr"),
+            "eval_accuracy_regression": ("info", None), "loss_plateau": ("info", None),
+            "loss_plateau_rate_cut": ("info", "reduce_lr"),
             "eval_accuracy_drop": ("critical", "stop"), "eval_loss_drop": ("critical", "stop"),
             "dead_network": ("critical", "rollback"), "lr_jump_divergence": ("critical",
                                                                             "rollback")}

@@ -114,8 +114,9 @@ class Watcher(PlanExecutor, StepPath):
     rules:
         The rules the flushed samples are judged by: a pack name (``"training"``, the default),
         a rule-file path, a :class:`~lrwatch.rules.RuleSet`, a list of these joined in order
-        (``["training", "plateau_cut"]`` adds the opt-in rate cut on a stalled loss), or
-        ``None`` for no rules.
+        (``["training", "plateau_cut"]`` also cuts the rate of a scheduled run on a stalled
+        loss; the training pack cuts it only in a run without a ``scheduler``), or ``None``
+        for no rules.
     recovery:
         How to act on ``rollback``/``skip``/``reduce_lr``/``stop`` actions
         (:class:`~lrwatch.recovery.policy.RecoveryConfig` or a dict of its fields); ``False``

@@ -186,3 +186,20 @@ def test_a_candidate_rule_file_replaces_the_default_pack_in_every_arm(monkeypatc
     assert bench._arm_rules(None) == "cand.yml"
     assert bench._arm_rules(("training", "plateau_cut")) == ["cand.yml", "plateau_cut"]
     assert bench._arm_rules("other.yml") == "other.yml"
+
+
+def test_a_longer_budget_trains_every_run_that_many_times_longer(tmp_path, monkeypatch) -> None:
+    """``--budget K``: K x the task's steps, a separate cache entry, the fault at the same
+    share of the run; a budget below 1 is refused with a message."""
+    from benchmarks import families as fam
+
+    monkeypatch.setattr(bench, "FAM_CACHE", tmp_path)
+    task = fam.TASKS["friedman_mlp"]
+    one = bench.fam_run("friedman_mlp", "momentum", 1.0, 0)
+    monkeypatch.setattr(bench, "FAM_BUDGET", 2)
+    two = bench.fam_run("friedman_mlp", "momentum", 1.0, 0)
+    assert (one["steps"], two["steps"]) == (task.steps, 2 * task.steps)
+    assert len(list(tmp_path.iterdir())) == 2
+    assert bench.fam_steps(task) == 2 * task.steps
+    with pytest.raises(SystemExit):
+        bench.fam_main(["--families", "--budget", "0"])

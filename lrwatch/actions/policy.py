@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 from ..recovery.policy import (CONTROL_ACTIONS, EXIT_BUDGET, EXIT_STOPPED, NOT_OUTCOMES,
-                               STOP_RESTORE, Decision, Plan, PolicyState, Progress,
-                               RecoveryConfig, RecoveryPolicy, SnapshotInfo, check_action_params,
-                               decide)
+                               STOP_RESTORE, UNKNOWN_OPTIMIZER_WARMUP, Decision, Plan,
+                               PolicyState, Progress, RecoveryConfig, RecoveryPolicy,
+                               SnapshotInfo, check_action_params, decide, restart_warmup_for)
 
 __all__ = ["RecoveryConfig", "PolicyState", "Decision", "decide", "CONTROL_ACTIONS",
            "EXIT_STOPPED", "EXIT_BUDGET", "STOP_RESTORE", "NOT_OUTCOMES", "check_action_params",
-           "RecoveryPolicy", "Plan", "Progress", "SnapshotInfo"]
+           "RecoveryPolicy", "Plan", "Progress", "SnapshotInfo", "restart_warmup_for",
+           "UNKNOWN_OPTIMIZER_WARMUP"]

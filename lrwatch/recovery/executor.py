@@ -26,7 +26,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from ..actions.rollback import scale_learning_rate
 from ..actions.snapshot import Snapshot, restore_state
 from .action_alerts import ActionAlerts
-from .policy import CONTROL_ACTIONS, EXIT_BUDGET, Plan, Progress, SnapshotInfo
+from .policy import CONTROL_ACTIONS, EXIT_BUDGET, Plan, Progress, SnapshotInfo, restart_warmup_for
 from .probe import check_cost, check_rate, configured_rate, probe_rate
 from .replay import ReplayBuffer
 
@@ -102,6 +102,7 @@ class PlanExecutor(ActionAlerts):
         rollback and stayed quiet), the rollback's alert is resolved: the run is healthy again."""
         was_on_probation = self.policy.state.probation_until is not None
         self.policy.scheduled = self.scheduler is not None   # it may be attached late
+        self.policy.auto_warmup = restart_warmup_for(self.optimizer.param_groups)
         plans = self.policy.plan(events, progress)
         if (was_on_probation and self.policy.state.probation_until is None
                 and not any(p.action in CONTROL_ACTIONS for p in plans)):

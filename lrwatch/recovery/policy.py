@@ -22,7 +22,8 @@ from ..errors import ConfigError
 
 __all__ = ["RecoveryConfig", "RecoveryPolicy", "PolicyState", "Plan", "Progress",
            "SnapshotInfo", "Decision", "decide", "CONTROL_ACTIONS", "EXIT_STOPPED",
-           "EXIT_BUDGET", "STOP_RESTORE", "check_action_params"]
+           "EXIT_BUDGET", "STOP_RESTORE", "check_action_params", "restart_warmup_for",
+           "UNKNOWN_OPTIMIZER_WARMUP"]
 
 #: Actions that change the training run (as opposed to telling someone).
 CONTROL_ACTIONS = ("rollback", "skip", "reduce_lr", "stop")
@@ -31,6 +32,57 @@ EXIT_STOPPED = 3
 EXIT_BUDGET = 4
 #: Values of a ``stop`` action's ``restore`` parameter (``{stop: {restore: best}}``).
 STOP_RESTORE = ("best", "last_good", "none")
+
+
+#: The restart warm-up, in steps, for an optimizer ``restart_warmup_for`` does not recognise
+#: (the fixed default before 5 December, third round).
+UNKNOWN_OPTIMIZER_WARMUP = 100
+
+
+def restart_warmup_for(param_groups: Iterable[Mapping[str, Any]]) -> int:
+    """The restart warm-up that ``restart_warmup="auto"`` gives an optimizer, read from its
+    param groups (duck-typed: no torch).
+
+    A restart restores the optimizer's state from the run's start, so every running estimate
+    starts at zero again. An estimate of the squared gradient that starts at zero *without*
+    a bias correction makes the first steps too large: RMSprop's ``v`` after ``t`` steps is
+    ``1 - alpha^t`` of its steady value, so its first step is ``1/sqrt(1 - alpha)`` times its
+    steady size (10x at ``alpha=0.99``), and the excess decays with time constant
+    ``1/(1 - alpha)`` steps, which is the warm-up (Adadelta: ``rho``; a fused Adam with
+    ``bias_correction=False``: ``betas[1]``). Bias-corrected estimates (Adam, AdamW, NAdam,
+    RAdam, Adamax, Adafactor; Adagrad's sum) and SGD's momentum buffer (which starts *small*:
+    a warm-up of its own; so do Rprop's step sizes) need none: 0. An optimizer whose groups show none of these keys gets
+    ``UNKNOWN_OPTIMIZER_WARMUP``. Groups disagree: the longest.
+
+    >>> restart_warmup_for([{"lr": 0.01, "alpha": 0.99, "centered": False}])
+    100
+    >>> restart_warmup_for([{"lr": 0.001, "betas": (0.9, 0.999)}])
+    0
+    >>> restart_warmup_for([{"lr": 0.1, "momentum": 0.9, "dampening": 0}])
+    0
+    >>> restart_warmup_for([{"lr": 0.1, "weird": 1}])
+    100
+    """
+    longest = 0
+    for g in param_groups:
+        if "alpha" in g and "centered" in g:                  # RMSprop
+            decay = g["alpha"]
+        elif "rho" in g and "betas" not in g:                 # Adadelta
+            decay = g["rho"]
+        elif "betas" in g and g.get("bias_correction", True) is False:
+            decay = g["betas"][1]                             # e.g. a fused Adam without it
+        elif any(k in g for k in ("betas", "momentum", "lr_decay", "beta2_decay", "etas",
+                                  "lambd")):
+            decay = 0.0           # bias-corrected; SGD; Adagrad, Adafactor, Rprop, ASGD
+        else:
+            decay = None
+        try:
+            n = (UNKNOWN_OPTIMIZER_WARMUP if decay is None
+                 else round(1.0 / (1.0 - float(decay))) if decay > 0 else 0)
+        except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+            n = UNKNOWN_OPTIMIZER_WARMUP
+        longest = max(longest, min(n, 10 * UNKNOWN_OPTIMIZER_WARMUP))
+    return longest
 
 
 def _rate_factor(value: Any) -> str | None:
@@ -70,7 +122,12 @@ class RecoveryConfig:
         is the usual margin below the rate where the loss blows up in a range test.
     restart_warmup:
         Steps over which the learning rate ramps up linearly again after a restart (from
-        ``1/restart_warmup`` of its new value). 0 turns it off.
+        ``1/restart_warmup`` of its new value). 0 turns it off. ``"auto"`` (default): the
+        time constant of the optimizer's running estimates that start at zero *without* a
+        bias correction (:func:`restart_warmup_for`): ``1/(1 - alpha)`` steps for RMSprop
+        (100 at torch's ``alpha=0.99``), whose first steps after a restart from a fresh state
+        are up to ``1/sqrt(1 - alpha)`` (10x) their steady size; none for SGD, Adam and
+        the other bias-corrected optimizers; 100 for an optimizer it does not recognise.
     probe:
         ``"auto"``: where the executor can run a learning-rate range test (a Watcher given
         ``probe_loss``; the Lightning callback), a rollback whose fixed factor is a guess
@@ -186,7 +243,7 @@ class RecoveryConfig:
 
     lr_factor: float = 0.5
     restart_lr_factor: float = 0.1
-    restart_warmup: int = 100
+    restart_warmup: int | str = "auto"
     probe: str = "off"
     probe_steps: int = 15
     probe_span: float = 1000.0
@@ -223,8 +280,11 @@ class RecoveryConfig:
         for name in ("max_rollbacks", "cooldown", "skip_batches", "max_skips", "good_after",
                      "restart_warmup", "sudden_margin"):
             v = getattr(self, name)
+            if name == "restart_warmup" and v == "auto":
+                continue
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ConfigError(f"{name} must be a non-negative integer, got {v!r}")
+                extra = ' or "auto"' if name == "restart_warmup" else ""
+                raise ConfigError(f"{name} must be a non-negative integer{extra}, got {v!r}")
         if (not isinstance(self.guard_ratio, (int, float)) or isinstance(self.guard_ratio, bool)
                 or not (self.guard_ratio == 0 or self.guard_ratio > 1)):
             raise ConfigError(f"guard_ratio must be 0 (non-finite steps only) or a number above "
@@ -666,6 +726,9 @@ class RecoveryPolicy:
         self.probe_available = False
         #: whether the run has a learning-rate scheduler (the executor says so)
         self.scheduled = False
+        #: the restart warm-up of ``restart_warmup="auto"`` (the executor measures it from
+        #: the optimizer: :func:`restart_warmup_for`)
+        self.auto_warmup = UNKNOWN_OPTIMIZER_WARMUP
         self._sudden_now = False
         self._suspects: tuple[int, int] | None = None
 
@@ -910,7 +973,8 @@ class RecoveryPolicy:
         replay_drop = None
         if restart:
             cut = rc.restart_lr_factor * rc.lr_factor ** st.rollback_repeats
-            warmup = rc.restart_warmup
+            warmup = (rc.restart_warmup if isinstance(rc.restart_warmup, int)
+                      else self.auto_warmup)
             why = ("diverged before any state after the start proved healthy: the learning "
                    "rate is too high, not a passing fault")
             reason = f"{reason}; {why}" if reason else why

@@ -670,8 +670,9 @@ def test_warning_outside_probation_or_with_probation_off_only_alerts(tmp_path: P
                for s in read_trace(tmp_path / "trace-1000000.jsonl") for e in s.events)
 
 
+@pytest.mark.parametrize("warmup", ["auto", 100])
 def test_blow_up_at_the_second_step_rolls_back_to_the_start_with_default_rules(
-        tmp_path: Path) -> None:
+        tmp_path: Path, warmup: Any) -> None:
     # Adam far too hot for this MLP: the loss goes 1.4 -> 36 at step 2, then falls back to the
     # untrained level with a dead network. No relative rule sees it (the spike is the history);
     # the default pack's blowup_then_dead sees a spike 10x above the untrained loss followed by
@@ -684,7 +685,8 @@ def test_blow_up_at_the_second_step_rolls_back_to_the_start_with_default_rules(
     truth = torch.randn(20, 4, generator=g)
     trace = tmp_path / "trace.jsonl"
     w = lrwatch.Watcher(model, opt, flush_every=5, trace=trace, rules="training",
-                        recovery={"good_after": 10, "min_interval": 5})
+                        recovery={"good_after": 10, "min_interval": 5,
+                                  "restart_warmup": warmup})
     lrs = []
     for _ in w.batches(_batches()):
         if w.step >= 110:
@@ -701,11 +703,38 @@ def test_blow_up_at_the_second_step_rolls_back_to_the_start_with_default_rules(
     assert rb and rb[0]["rule"] == "blowup_then_dead" and rb[0]["to_step"] == 0
     # It diverged before any later state proved healthy: a restart, with restart_lr_factor.
     assert rb[0]["lr_factor"] == RecoveryConfig().restart_lr_factor == 0.1
-    assert rb[0]["warmup"] == 100
-    # ... and warmed up again: linearly from 1% of the new rate, 0.0003 more per step
     after = lrs[lrs.index(min(lrs)):]
-    assert lrs[0] == 0.3 and after[0] == pytest.approx(0.0003) and len(after) > 10
-    assert all(b - a == pytest.approx(0.0003) for a, b in zip(after, after[1:]))
+    assert lrs[0] == 0.3 and len(after) > 10
+    if warmup == "auto":
+        # Adam's estimates are bias-corrected: a fresh state takes no oversized first steps,
+        # so the restart goes straight to the cut rate (restart_warmup_for: 0 steps)
+        assert "warmup" not in rb[0]
+        assert all(lr == pytest.approx(0.03) for lr in after)
+    else:
+        # ... warmed up again: linearly from 1% of the new rate, 0.0003 more per step
+        assert rb[0]["warmup"] == 100
+        assert after[0] == pytest.approx(0.0003)
+        assert all(b - a == pytest.approx(0.0003) for a, b in zip(after, after[1:]))
+
+
+@pytest.mark.parametrize("make, steps", [
+    (lambda ps: torch.optim.RMSprop(ps, lr=0.01), 100),
+    (lambda ps: torch.optim.RMSprop(ps, lr=0.01, alpha=0.95), 20),
+    (lambda ps: torch.optim.AdamW(ps, lr=0.01), 0),
+    (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), 0),
+])
+def test_the_watcher_reads_the_restart_warmup_off_its_optimizer(make: Any, steps: int) -> None:
+    model = nn.Linear(4, 2)
+    w = lrwatch.Watcher(model, make(model.parameters()), flush_every=5, rules="training")
+    for _ in range(5):
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        w.optimizer.zero_grad()
+        loss.backward()
+        w.optimizer.step()
+        w.log(loss=loss.detach())
+    w.close()
+    assert w.recovery is not None and w.recovery.restart_warmup == "auto"
+    assert w.policy.auto_warmup == steps
 
 
 def test_learning_rate_comes_back_after_a_one_off_fault(tmp_path: Path) -> None:

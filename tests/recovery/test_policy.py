@@ -40,7 +40,7 @@ def test_policy_imports_no_torch() -> None:
 
 
 def test_early_divergence_is_a_restart_at_a_tenth_warmed_up() -> None:
-    pol = RecoveryPolicy(RecoveryConfig())
+    pol = RecoveryPolicy(RecoveryConfig())   # an optimizer it does not know: 100 steps
     (p,) = control(pol.plan([fire("loss_above_start", 8)], Progress(10, snaps())))
     assert (p.action, p.target, p.restart, p.lr_factor, p.warmup) == ("rollback", 0, True,
                                                                        0.1, 100)
@@ -228,6 +228,34 @@ def test_real_engine_on_a_recorded_blow_up() -> None:
     assert "sudden failure" not in p.reason
 
 
+@pytest.mark.parametrize("groups, steps", [
+    ([{"lr": 0.01, "alpha": 0.99, "centered": False, "momentum": 0}], 100),   # RMSprop
+    ([{"lr": 0.01, "alpha": 0.9, "centered": True, "momentum": 0}], 10),
+    ([{"lr": 1e-3, "betas": (0.9, 0.999)}], 0),                               # Adam & co.
+    ([{"lr": 1e-3, "betas": (0.9, 0.99), "bias_correction": False}], 100),    # fused, uncorrected
+    ([{"lr": 0.1, "momentum": 0.9, "dampening": 0}], 0),                      # SGD
+    ([{"lr": 1.0, "rho": 0.9}], 10),                                          # Adadelta
+    ([{"lr": 0.1, "momentum": 0.9}, {"lr": 0.01, "alpha": 0.99, "centered": False}], 100),
+    ([{"lr": 0.1, "something": "else"}], 100),                                # not recognised
+    ([{"lr": 0.1, "alpha": "x", "centered": False}], 100),                    # nonsense value
+])
+def test_auto_restart_warmup_is_the_time_constant_of_uncorrected_estimates(
+        groups: list[dict[str, Any]], steps: int) -> None:
+    from lrwatch.recovery.policy import restart_warmup_for
+
+    assert restart_warmup_for(groups) == steps
+    pol = RecoveryPolicy(RecoveryConfig())            # restart_warmup="auto" by default
+    pol.auto_warmup = restart_warmup_for(groups)      # what the executor does at each flush
+    (p,) = control(pol.plan([fire("loss_above_start", 8)], Progress(10, snaps())))
+    assert p.restart and p.lr_factor == 0.1 and p.warmup == (steps if steps > 1 else 0)
+    assert pol.lr_scale == pytest.approx(0.1 / max(steps, 1))
+    # an explicit number wins over the optimizer's
+    pol = RecoveryPolicy(RecoveryConfig(restart_warmup=30))
+    pol.auto_warmup = restart_warmup_for(groups)
+    (p,) = control(pol.plan([fire("loss_above_start", 8)], Progress(10, snaps())))
+    assert p.warmup == 30
+
+
 def test_bad_settings_name_the_choices() -> None:
     from lrwatch.errors import ConfigError
 
@@ -235,6 +263,9 @@ def test_bad_settings_name_the_choices() -> None:
         RecoveryConfig(probe="always")
     with pytest.raises(ConfigError, match="probe_steps"):
         RecoveryConfig(probe_steps=2)
+    with pytest.raises(ConfigError, match='restart_warmup must be a non-negative integer or '
+                                          '"auto", got \'always\''):
+        RecoveryConfig(restart_warmup="always")
 
 
 def test_one_nonfinite_step_in_a_healthy_run_keeps_the_rate_until_it_repeats() -> None:

@@ -102,7 +102,8 @@ class PlanExecutor(ActionAlerts):
         rollback and stayed quiet), the rollback's alert is resolved: the run is healthy again."""
         was_on_probation = self.policy.state.probation_until is not None
         self.policy.scheduled = self.scheduler is not None   # it may be attached late
-        self.policy.auto_warmup = restart_warmup_for(self.optimizer.param_groups)
+        self.policy.auto_warmup = restart_warmup_for(
+            getattr(self.optimizer, "param_groups", None) or ())
         plans = self.policy.plan(events, progress)
         if (was_on_probation and self.policy.state.probation_until is None
                 and not any(p.action in CONTROL_ACTIONS for p in plans)):

@@ -52,7 +52,8 @@ def restart_warmup_for(param_groups: Iterable[Mapping[str, Any]]) -> int:
     ``bias_correction=False``: ``betas[1]``). Bias-corrected estimates (Adam, AdamW, NAdam,
     RAdam, Adamax, Adafactor; Adagrad's sum) and SGD's momentum buffer (which starts *small*:
     a warm-up of its own; so do Rprop's step sizes) need none: 0. An optimizer whose groups show none of these keys gets
-    ``UNKNOWN_OPTIMIZER_WARMUP``. Groups disagree: the longest.
+    ``UNKNOWN_OPTIMIZER_WARMUP`` (so does one without groups). Groups disagree: the longest;
+    a decay so close to 1 that its time constant passes 1,000 steps is held at 1,000.
 
     >>> restart_warmup_for([{"lr": 0.01, "alpha": 0.99, "centered": False}])
     100
@@ -62,9 +63,12 @@ def restart_warmup_for(param_groups: Iterable[Mapping[str, Any]]) -> int:
     0
     >>> restart_warmup_for([{"lr": 0.1, "weird": 1}])
     100
+    >>> restart_warmup_for([])
+    100
     """
-    longest = 0
+    longest, seen = 0, False
     for g in param_groups:
+        seen = True
         if "alpha" in g and "centered" in g:                  # RMSprop
             decay = g["alpha"]
         elif "rho" in g and "betas" not in g:                 # Adadelta
@@ -82,7 +86,7 @@ def restart_warmup_for(param_groups: Iterable[Mapping[str, Any]]) -> int:
         except (TypeError, ValueError, ZeroDivisionError, OverflowError):
             n = UNKNOWN_OPTIMIZER_WARMUP
         longest = max(longest, min(n, 10 * UNKNOWN_OPTIMIZER_WARMUP))
-    return longest
+    return longest if seen else UNKNOWN_OPTIMIZER_WARMUP
 
 
 def _rate_factor(value: Any) -> str | None:

@@ -238,6 +238,8 @@ def test_real_engine_on_a_recorded_blow_up() -> None:
     ([{"lr": 0.1, "momentum": 0.9}, {"lr": 0.01, "alpha": 0.99, "centered": False}], 100),
     ([{"lr": 0.1, "something": "else"}], 100),                                # not recognised
     ([{"lr": 0.1, "alpha": "x", "centered": False}], 100),                    # nonsense value
+    ([{"lr": 1e-3, "betas": (0.9, 0.99999), "bias_correction": False}], 1000),   # held at 1,000
+    ([], 100),                                                                # no groups
 ])
 def test_auto_restart_warmup_is_the_time_constant_of_uncorrected_estimates(
         groups: list[dict[str, Any]], steps: int) -> None:

@@ -1365,11 +1365,16 @@ def fam_close(task: Any, value: float, ref: float, untrained: float, points: flo
     return value <= ref + (points * 0.025) * max(untrained - ref, 1e-12)
 
 
-def fam_bare_diverged(task: Any, bare: dict[str, Any], ref: float) -> bool:
+def fam_bare_diverged(task: Any, bare: dict[str, Any], ref: float, untrained: float) -> bool:
     """The bare run failed: not finite, or ended outside the 2-point band of the healthy
-    median (a blow-up that left the network dead or damaged)."""
-    return not fam_close(task, fam_value(task, bare), ref, bare["untrained"]["loss"]
-                         if not task.classification else 0.0, 2.0)
+    median (a blow-up that left the network dead or damaged). ``untrained``: the reference's
+    untrained loss (seed 0's), which sets a regression's band for the watched arms too, so a
+    run selected as outside the band is outside it for an arm that does nothing. (Until 5
+    December, third round, the selection used the bare run's own untrained loss: a regression
+    whose seeds start at different losses could be selected and then count as healed by an arm
+    that did nothing.)"""
+    return not fam_close(task, fam_value(task, bare), ref,
+                         untrained if not task.classification else 0.0, 2.0)
 
 
 def fam_suite(tasks: Sequence[str], opts: Sequence[str], seeds: Sequence[int],
@@ -1392,7 +1397,7 @@ def fam_suite(tasks: Sequence[str], opts: Sequence[str], seeds: Sequence[int],
             for m in FAM_MULTS:
                 for s in seeds:
                     bare = fam_run(t, o, m, s)
-                    if not fam_bare_diverged(task, bare, ref["median"]):
+                    if not fam_bare_diverged(task, bare, ref["median"], ref["untrained"]):
                         rows.append({"task": t, "opt": o, "mult": m, "seed": s,
                                      "diverged": False})
                         continue

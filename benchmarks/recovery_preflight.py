@@ -46,8 +46,9 @@ def _configs(seed: int) -> Iterator[tuple[str, Any, str, float, float]]:
         for o in R.FAM_OPTS:
             ref = statistics.median(R.fam_value(task, R.fam_run(t, o, 1.0, s))
                                     for s in R.FAM_SEEDS)
+            unt = R.fam_run(t, o, 1.0, R.FAM_SEEDS[0])["untrained"]["loss"]
             for m in (1.0,) + R.FAM_MULTS:
-                if m == 1.0 or R.fam_bare_diverged(task, R.fam_run(t, o, m, seed), ref):
+                if m == 1.0 or R.fam_bare_diverged(task, R.fam_run(t, o, m, seed), ref, unt):
                     yield t, task, o, m, ref
 
 

@@ -46,17 +46,18 @@ def restart_warmup_for(param_groups: Iterable[Mapping[str, Any]]) -> int:
     A restart restores the optimizer's state from the run's start, so every running estimate
     starts at zero again. An estimate of the squared gradient that starts at zero *without*
     a bias correction makes the first steps too large: RMSprop's ``v`` after ``t`` steps is
-    ``1 - alpha^t`` of its steady value, so its first step is ``1/sqrt(1 - alpha)`` times its
-    steady size (10x at ``alpha=0.99``), and the excess decays with time constant
-    ``1/(1 - alpha)`` steps, which is the warm-up (Adadelta: ``rho``; a fused Adam with
-    ``bias_correction=False``: ``betas[1]``). Bias-corrected estimates (Adam, AdamW, NAdam,
-    RAdam, Adamax, Adafactor; Adagrad's sum) and SGD's momentum buffer (which starts *small*:
-    a warm-up of its own; so do Rprop's step sizes) need none: 0. An optimizer whose groups show none of these keys gets
+    ``1 - alpha^t`` of its steady value, so a step is ``1/sqrt(1 - alpha^t)`` times its
+    steady size (10x at the first step at ``alpha=0.99``). The warm-up lasts until that
+    excess is at most 2x: ``alpha^n <= 3/4``, ``n = ln(4/3) / ln(1/alpha)`` steps (29 at
+    0.99; Adadelta: ``rho``; a fused Adam with ``bias_correction=False``: ``betas[1]``).
+    Bias-corrected estimates (Adam, AdamW, NAdam, RAdam, Adamax, Adafactor; Adagrad's sum)
+    and SGD's momentum buffer (which starts *small*: a warm-up of its own; so do Rprop's
+    step sizes) need none: 0. An optimizer whose groups show none of these keys gets
     ``UNKNOWN_OPTIMIZER_WARMUP`` (so does one without groups). Groups disagree: the longest;
-    a decay so close to 1 that its time constant passes 1,000 steps is held at 1,000.
+    a decay so close to 1 that the warm-up passes 1,000 steps is held at 1,000.
 
     >>> restart_warmup_for([{"lr": 0.01, "alpha": 0.99, "centered": False}])
-    100
+    29
     >>> restart_warmup_for([{"lr": 0.001, "betas": (0.9, 0.999)}])
     0
     >>> restart_warmup_for([{"lr": 0.1, "momentum": 0.9, "dampening": 0}])
@@ -82,7 +83,9 @@ def restart_warmup_for(param_groups: Iterable[Mapping[str, Any]]) -> int:
             decay = None
         try:
             n = (UNKNOWN_OPTIMIZER_WARMUP if decay is None
-                 else round(1.0 / (1.0 - float(decay))) if decay > 0 else 0)
+                 else math.ceil(math.log(4.0 / 3.0) / -math.log(float(decay)) - 1e-9)
+                 if 0.0 < float(decay) < 1.0 else 0 if float(decay) == 0.0
+                 else UNKNOWN_OPTIMIZER_WARMUP)
         except (TypeError, ValueError, ZeroDivisionError, OverflowError):
             n = UNKNOWN_OPTIMIZER_WARMUP
         longest = max(longest, min(n, 10 * UNKNOWN_OPTIMIZER_WARMUP))
@@ -126,12 +129,13 @@ class RecoveryConfig:
         is the usual margin below the rate where the loss blows up in a range test.
     restart_warmup:
         Steps over which the learning rate ramps up linearly again after a restart (from
-        ``1/restart_warmup`` of its new value). 0 turns it off. ``"auto"`` (default): the
-        time constant of the optimizer's running estimates that start at zero *without* a
-        bias correction (:func:`restart_warmup_for`): ``1/(1 - alpha)`` steps for RMSprop
-        (100 at torch's ``alpha=0.99``), whose first steps after a restart from a fresh state
-        are up to ``1/sqrt(1 - alpha)`` (10x) their steady size; none for SGD, Adam and
-        the other bias-corrected optimizers; 100 for an optimizer it does not recognise.
+        ``1/restart_warmup`` of its new value). 0 turns it off. ``"auto"`` (default): as
+        long as the optimizer's running estimates that start at zero *without* a bias
+        correction keep its steps more than twice their steady size
+        (:func:`restart_warmup_for`): ``ln(4/3) / ln(1/alpha)`` steps for RMSprop (29 at
+        torch's ``alpha=0.99``, whose first step after a restart from a fresh state is 10x
+        its steady size); none for SGD, Adam and the other bias-corrected optimizers; 100
+        for an optimizer it does not recognise.
     probe:
         ``"auto"``: where the executor can run a learning-rate range test (a Watcher given
         ``probe_loss``; the Lightning callback), a rollback whose fixed factor is a guess

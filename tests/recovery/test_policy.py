@@ -229,19 +229,19 @@ def test_real_engine_on_a_recorded_blow_up() -> None:
 
 
 @pytest.mark.parametrize("groups, steps", [
-    ([{"lr": 0.01, "alpha": 0.99, "centered": False, "momentum": 0}], 100),   # RMSprop
-    ([{"lr": 0.01, "alpha": 0.9, "centered": True, "momentum": 0}], 10),
+    ([{"lr": 0.01, "alpha": 0.99, "centered": False, "momentum": 0}], 29),    # RMSprop
+    ([{"lr": 0.01, "alpha": 0.9, "centered": True, "momentum": 0}], 3),
     ([{"lr": 1e-3, "betas": (0.9, 0.999)}], 0),                               # Adam & co.
-    ([{"lr": 1e-3, "betas": (0.9, 0.99), "bias_correction": False}], 100),    # fused, uncorrected
+    ([{"lr": 1e-3, "betas": (0.9, 0.99), "bias_correction": False}], 29),     # fused, uncorrected
     ([{"lr": 0.1, "momentum": 0.9, "dampening": 0}], 0),                      # SGD
-    ([{"lr": 1.0, "rho": 0.9}], 10),                                          # Adadelta
-    ([{"lr": 0.1, "momentum": 0.9}, {"lr": 0.01, "alpha": 0.99, "centered": False}], 100),
+    ([{"lr": 1.0, "rho": 0.9}], 3),                                           # Adadelta
+    ([{"lr": 0.1, "momentum": 0.9}, {"lr": 0.01, "alpha": 0.99, "centered": False}], 29),
     ([{"lr": 0.1, "something": "else"}], 100),                                # not recognised
     ([{"lr": 0.1, "alpha": "x", "centered": False}], 100),                    # nonsense value
     ([{"lr": 1e-3, "betas": (0.9, 0.99999), "bias_correction": False}], 1000),   # held at 1,000
     ([], 100),                                                                # no groups
 ])
-def test_auto_restart_warmup_is_the_time_constant_of_uncorrected_estimates(
+def test_auto_restart_warmup_lasts_while_uncorrected_estimates_double_the_step(
         groups: list[dict[str, Any]], steps: int) -> None:
     from lrwatch.recovery.policy import restart_warmup_for
 

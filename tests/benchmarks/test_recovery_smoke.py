@@ -203,3 +203,18 @@ def test_a_longer_budget_trains_every_run_that_many_times_longer(tmp_path, monke
     assert bench.fam_steps(task) == 2 * task.steps
     with pytest.raises(SystemExit):
         bench.fam_main(["--families", "--budget", "0"])
+
+
+def test_a_regression_is_selected_by_the_same_band_its_arms_are_scored_by() -> None:
+    """The band of a regression (5% of the range from the healthy median to the untrained
+    loss) comes from the reference's untrained loss for the selection too: the Friedman run
+    at 3x on seed 1 (its own untrained loss 1.129, the reference's 0.971) ends at 0.1253,
+    outside the reference's band (0.124) though inside its own (0.132)."""
+    from benchmarks import families as fam
+
+    task = fam.TASKS["friedman_mlp"]
+    bare = {"finite": True, "final": {"loss": 0.1253, "acc": math.nan},
+            "untrained": {"loss": 1.129, "acc": math.nan}}
+    assert bench.fam_bare_diverged(task, bare, 0.0794, 0.971)
+    assert not bench.fam_close(task, 0.1253, 0.0794, 0.971, 2.0)     # how an arm is scored
+    assert not bench.fam_bare_diverged(task, bare, 0.0794, 1.129)

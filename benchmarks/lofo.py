@@ -109,6 +109,14 @@ KNOBS: tuple[Knob, ...] = (
     Knob("eval_loss_far_above_best", "params.min_drop", (0.095, 0.0, 0.049, 0.223),
          "the smallest rise above the best that counts (log units: 10%, 0, 5%, 25%): a smooth "
          "evaluation loss makes a slight drift many noise sigmas"),
+    Knob("eval_loss_rising", "params.window", (5, 6, 8),
+         "how many evaluations the steady rise of the evaluation loss is judged over"),
+    Knob("eval_loss_rising", "params.min_change", (0.095, 0.049, 0.182),
+         "how far the evaluation loss must rise over that window (log units: 10%, 5%, 20%): "
+         "slow over-fitting rises a few percent"),
+    Knob("lr_raised_lately", "params.window", (100, 60, 200),
+         "how long after a rise of the rate a rising evaluation loss is put down to it (the "
+         "held-out loss lags the rate)"),
     Knob("loss_collapse", "params.alpha", (0.00001, 0.0001, 0.000001),
          "per-batch false-alarm probability of the collapse's run-length test: how unlikely a "
          "run of batches at the untrained level must be under the run's own rate"),

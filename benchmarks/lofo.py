@@ -114,6 +114,8 @@ KNOBS: tuple[Knob, ...] = (
     Knob("eval_loss_rising", "params.min_change", (0.095, 0.049, 0.182),
          "how far the evaluation loss must rise over that window (log units: 10%, 5%, 20%): "
          "slow over-fitting rises a few percent"),
+    Knob("eval_accuracy_falling", "params.min_change", (0.05, 0.03, 0.1),
+         "how far the evaluation accuracy must fall over 5 evaluations, relative to its level"),
     Knob("lr_raised_lately", "params.window", (100, 60, 200),
          "how long after a rise of the rate a rising evaluation loss is put down to it (the "
          "held-out loss lags the rate)"),

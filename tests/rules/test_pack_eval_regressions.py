@@ -201,3 +201,33 @@ def test_a_held_out_loss_that_lags_a_cyclical_rate_is_not_a_steady_rise():
         no_veto = parse_rules(pack_text("training").replace(", unless: [lr_raised_lately]", ""))
         fired_without += bool(critical(samples, no_veto))
     assert fired_without >= 3
+
+
+def test_an_accuracy_falling_at_every_evaluation_is_caught_sooner_without_a_loss():
+    """A classifier scored by its held-out accuracy alone (a contrastive encoder's
+    nearest-centroid accuracy: no held-out loss moves with it), jittering 1 point: a drop of
+    2 points per evaluation is caught by the steady-fall path no later than by the comparison
+    with the best, and sooner on at least half the seeds; a plateau is not critical."""
+    def evals(acc: list[float]) -> list[Sample]:
+        return [Sample(step=(i + 1) * EVERY, values={"eval_accuracy": a, "lr": 0.1})
+                for i, a in enumerate(acc)]
+
+    without = parse_rules(pack_text("training").replace(
+        "when: {any: [eval_accuracy_far_below_best, eval_accuracy_falling_below_best]}",
+        "when: {firing: eval_accuracy_far_below_best}"))
+    sooner = 0
+    for seed in range(8):
+        rng = random.Random(seed)
+        acc = [0.8 - 0.4 * math.exp(-i / 3) + rng.gauss(0, 0.01) for i in range(16)]
+        onset = len(acc)
+        drop = acc + [0.8 - 0.02 * (k + 1) + rng.gauss(0, 0.01) for k in range(8)]
+        firsts = []
+        for rules in (None, without):
+            steps = [s for r, s in critical(evals(drop), rules) if r == "eval_accuracy_drop"]
+            firsts.append(min(steps) // EVERY - onset if steps else None)
+        new, old = firsts
+        assert new is not None and (old is None or new <= old), (seed, new, old)
+        sooner += old is None or new < old
+        plateau = acc + [0.8 + rng.gauss(0, 0.01) for _ in range(20)]
+        assert critical(evals(plateau)) == [], seed
+    assert sooner >= 4, sooner

@@ -316,3 +316,29 @@ def test_serving_pack():
     assert first[("data_drift", "firing")] == 21
     assert 30 <= first[("accuracy_regression", "firing")] <= 32
     assert ("ingest_errors", "firing") not in first
+
+
+def _scale_invariant_start(loss_after: float, seed: int = 0) -> list[Sample]:
+    """A cosine-softmax classifier at a far too high rate: one step grows its (scale-invariant)
+    weights a hundredfold, so its gradient norm falls from 11 to ~0.002 and stays there, while
+    its loss goes to ``loss_after`` (the untrained loss 3.5, a constant prediction's 0.67)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(1, 80):
+        vals = {"lr": 30.0, "loss": (2.1 if i < 3 else loss_after) * math.exp(rng.gauss(0, 0.2)),
+                "grad_norm": 11.3 if i == 1 else 0.002 * math.exp(rng.gauss(0, 0.5))}
+        if i == 1:
+            vals.update(untrained_loss=3.5, constant_loss=0.67)
+        out.append(Sample(step=i, values=vals))
+    return out
+
+
+def test_a_vanished_gradient_on_a_network_that_beats_a_constant_prediction_is_not_dead():
+    for seed in range(3):
+        fired = {e.rule for e in _run_pack(_scale_invariant_start(0.25, seed))
+                 if e.kind == "firing"}
+        assert "grad_vanished" in fired and "vanishing_gradient" not in fired, seed
+        # the same collapse of the gradient with the loss at the constant level: dead
+        fired = {e.rule for e in _run_pack(_scale_invariant_start(0.7, seed))
+                 if e.kind == "firing"}
+        assert "vanishing_gradient" in fired, seed

@@ -106,8 +106,8 @@ KNOBS: tuple[Knob, ...] = (
          "the same for the evaluation loss, which over-fitting raises more"),
     Knob("eval_loss_far_above_best", "params.count", (3, 1, 2, 4),
          "how many evaluations in a row"),
-    Knob("eval_loss_far_above_best", "params.min_drop", (0.095, 0.0, 0.049, 0.223),
-         "the smallest rise above the best that counts (log units: 10%, 0, 5%, 25%): a smooth "
+    Knob("eval_loss_far_above_best", "params.min_drop", (0.223, 0.095, 0.0, 0.049),
+         "the smallest rise above the best that counts (log units: 25%, 10%, 0, 5%): a smooth "
          "evaluation loss makes a slight drift many noise sigmas"),
     Knob("eval_loss_rising", "params.window", (5, 6, 8),
          "how many evaluations the steady rise of the evaluation loss is judged over"),

@@ -977,8 +977,33 @@ class RecoveryPolicy:
         st.last_rollback_to, st.last_rollback_at = target.step, step
         since = getattr(d.event, "since", None)
         restart = target.pinned and (not st.ever_healthy or since is not None)
-        reason = d.reason
-        replay_drop = None
+        cut, warmup, reason, replay_drop = self._rollback_cut(d, restart)
+        self._open_episode(step, target, cut, restart)
+        # a ramp in progress belonged to the abandoned trajectory: cut from where it headed
+        heading = st.lr_scale * math.prod(st.ramp)
+        st.ramp = []
+        scale = heading * cut
+        if warmup > 1:
+            st.ramp = [(k + 1) / k for k in range(1, warmup)]
+            scale /= warmup
+        st.lr_scale = scale
+        st.ramp_restart = restart and bool(st.ramp)
+        st.restarts += int(restart)
+        probe = (rc.probe == "auto" and self.probe_available
+                 and (restart or st.rollback_repeats > 0))
+        return Plan("rollback", d.rule, d.step, reason, target=target.step, lr_factor=cut,
+                    scale=scale, warmup=warmup if warmup > 1 else 0, restart=restart,
+                    probe=probe, skip_batches=rc.skip_batches, event=d.event,
+                    probe_from=heading, replay_drop=replay_drop)
+
+    def _rollback_cut(self, d: Decision, restart: bool
+                      ) -> tuple[float, int, str | None, Any]:
+        """The rollback's rate cut, warm-up, reason and batches to leave out of a replay: a
+        restart (the rate was too high from the start), a sudden failure of a healthy run (a
+        bad batch: the rate kept), or a failure that repeats (the cut compounds)."""
+        st, rc = self.state, self.config
+        assert rc is not None
+        reason, replay_drop = d.reason, None
         if restart:
             cut = rc.restart_lr_factor * rc.lr_factor ** st.rollback_repeats
             warmup = (rc.restart_warmup if isinstance(rc.restart_warmup, int)
@@ -999,7 +1024,14 @@ class RecoveryPolicy:
             if st.rollback_repeats and not reason:
                 reason = (f"failed again {st.rollback_repeats} time(s) before getting past "
                           "the last failure: the cut compounds")
-        # the episode: the rollbacks of one probation
+        return cut, warmup, reason, replay_drop
+
+    def _open_episode(self, step: int, target: SnapshotInfo, cut: float,
+                      restart: bool) -> None:
+        """Book the rollback into its episode (the rollbacks of one probation) and start the
+        probation it opens."""
+        st, rc = self.state, self.config
+        assert rc is not None
         if st.on_probation(step):
             st.episode_rollbacks += 1
             st.episode_cut *= cut
@@ -1009,22 +1041,6 @@ class RecoveryPolicy:
             st.persistent = True    # it failed again after the rate came back: keep the cut
         st.probation_from = step
         st.probation_until = 2 * step - target.step + rc.good_after
-        # a ramp in progress belonged to the abandoned trajectory: cut from where it headed
-        heading = st.lr_scale * math.prod(st.ramp)
-        st.ramp = []
-        scale = heading * cut
-        if warmup > 1:
-            st.ramp = [(k + 1) / k for k in range(1, warmup)]
-            scale /= warmup
-        st.lr_scale = scale
-        st.ramp_restart = restart and bool(st.ramp)
-        st.restarts += int(restart)
-        probe = (rc.probe == "auto" and self.probe_available
-                 and (restart or st.rollback_repeats > 0))
-        return Plan("rollback", d.rule, d.step, reason, target=target.step, lr_factor=cut,
-                    scale=scale, warmup=warmup if warmup > 1 else 0, restart=restart,
-                    probe=probe, skip_batches=rc.skip_batches, event=d.event,
-                    probe_from=heading, replay_drop=replay_drop)
 
     def _end_probation(self, step: int) -> list[Plan]:
         """Probation passed: after a single rollback (a one-off fault) the rate comes back."""

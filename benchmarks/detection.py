@@ -24,6 +24,7 @@ Usage::
     python benchmarks/detection.py              # full suite (~10 min from scratch, cached after)
     python benchmarks/detection.py --quick      # one seed, fewer runs
     python benchmarks/detection.py --rules my-pack.yml --no-lofo
+    python benchmarks/detection.py --tasks-from my_tasks.py --no-lofo   # your own families
 
 Traces and ``labels.json`` are cached in ``benchmarks/.cache/detection-families/``
 (``--rebuild`` re-records).
@@ -48,6 +49,7 @@ if __package__ in (None, ""):            # run as a script: make `benchmarks` im
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import detection_runs as dr  # noqa: E402
+from benchmarks import external  # noqa: E402
 from benchmarks import family_runs as fr  # noqa: E402
 from benchmarks.anchors import ANCHORS  # noqa: E402
 from lrwatch.exporters.trace import read_trace  # noqa: E402
@@ -160,6 +162,16 @@ def _trace_path(cache: Path, spec: fr.RunSpec) -> Path:
     return cache / "traces" / f"{fr.run_id(spec)}.trace.jsonl"
 
 
+#: task files a recording worker must load first (``--tasks-from``): a worker that does not
+#: fork from the main process starts with the suite's own tasks
+_WORKER_TASKS: list[str] = []
+
+
+def _init_worker(task_files: Sequence[str]) -> None:
+    for f in task_files:
+        external.load(f)
+
+
 def _record_one(args: tuple[fr.RunSpec, str]) -> tuple[str, dict[str, Any], float]:
     spec, path = args
     t0 = time.perf_counter()
@@ -200,7 +212,8 @@ def _record_many(specs: Sequence[fr.RunSpec], cache: Path, jobs: int, rebuild: b
     if jobs <= 1:
         it: Iterable[Any] = map(_record_one, todo)
     else:
-        ex = ProcessPoolExecutor(max_workers=jobs)
+        ex = ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker,
+                                 initargs=(list(_WORKER_TASKS),))
         it = ex.map(_record_one, todo, chunksize=2)
     for i, res in enumerate(it, 1):
         results.append(res)
@@ -525,7 +538,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one seed, 4 natural runs per task")
-    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="traces + labels.json")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="traces + labels.json (default: benchmarks/.cache/detection-families; "
+                         "with --tasks-from: benchmarks/.cache/detection-<file stem>)")
+    ap.add_argument("--tasks-from", type=Path, default=None, metavar="FILE",
+                    help="record and score the model/task families of a task file instead of "
+                         "the suite's (benchmarks/external.py says what it defines)")
+    ap.add_argument("--record-only", action="store_true",
+                    help="record and label the runs, score nothing")
     ap.add_argument("--rebuild", action="store_true", help="re-record every run")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                     help="recording and replay processes")
@@ -538,6 +558,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="results file (default: <cache>/results[-quick].json)")
     args = ap.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
+    if args.tasks_from is not None:
+        try:
+            cfg["tasks"] = tuple(external.load(args.tasks_from)[0])
+        except external.TaskFileError as exc:
+            ap.error(str(exc))
+        _WORKER_TASKS[:] = [str(args.tasks_from)]
+    if args.cache is None:
+        args.cache = (DEFAULT_CACHE if args.tasks_from is None
+                      else external.cache_dir("detection", args.tasks_from))
     if args.seeds:
         cfg["seeds"] = tuple(int(s) for s in args.seeds.split(","))
     t0 = time.perf_counter()
@@ -550,6 +579,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(format_suite(suite))
     for s in suite.skipped:
         log(f"  skipped: seed {s['seed']} {s['task']}: {s['why']}")
+    if args.record_only:
+        log(f"recorded and labelled in {args.cache} ({time.perf_counter() - t0:.0f} s)")
+        return 0
     doc = lofo.run(suite, rules=args.rules, lofo=not args.no_lofo, jobs=args.jobs, log=log)
     out = args.json or (args.cache / ("results-quick.json" if args.quick else "results.json"))
     doc.update({"config": {"mode": "quick" if args.quick else "full",

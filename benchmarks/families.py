@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["FAMILIES", "OPTIMIZERS", "Data", "Task", "TASKS", "make_optimizer", "train_run",
-           "sweep_base_lr", "pick_lr", "time_task"]
+           "sweep_base_lr", "pick_lr", "time_task", "split_idx", "standardise", "pc1", "mlp"]
 
 FAMILIES: tuple[str, ...] = ("mlp_clf", "cnn", "rnn_lm", "transformer_lm", "regression",
                              "autoencoder")
@@ -96,7 +96,7 @@ TEXT_LIMIT = 150_000
 class Data:
     """One seed's train/test split of a task's data.
 
-    ``kind`` is ``"clf"`` (class targets), ``"reg"`` (targets of shape (n, 1)), ``"ae"``
+    ``kind`` is ``"clf"`` (class targets), ``"reg"`` (targets of shape (n, k)), ``"ae"``
     (target = input) or ``"lm"`` (``x_train``/``x_test`` are window start positions into
     ``text``; inputs are ``text[s:s+T]``, targets ``text[s+1:s+T+1]``).
     """
@@ -231,6 +231,14 @@ def _raw(name: str) -> tuple[np.ndarray, np.ndarray | None]:
     raise ValueError(f"unknown dataset {name!r}")
 
 
+# The building blocks of the suite's own tasks, public for task files outside the repository
+# (benchmarks/external.py): the seeded train/test split, standardisation on the training rows,
+# first-principal-component scores (what ``Data.subset`` splits regression data on).
+split_idx = _split_idx
+standardise = _standardise
+pc1 = _pc1
+
+
 def _load_array(name: str, kind: str, seed: int, image: int = 0) -> Data:
     x, y = _raw(name)
     x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
@@ -305,6 +313,9 @@ def _cnn(n_classes: int, bn: bool) -> nn.Sequential:
                          nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16),
                          nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                          nn.Linear(16 * 3 * 3, n_classes))
+
+
+mlp = _mlp       # a plain MLP, public for task files (benchmarks/external.py)
 
 
 class CharRNN(nn.Module):

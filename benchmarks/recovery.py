@@ -1589,8 +1589,15 @@ def fam_tables(res: dict[str, Any]) -> str:
 def fam_main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(description="recovery on the family suite (issue 13)")
     p.add_argument("--families", action="store_true")
-    p.add_argument("--tasks", default=",".join(FAM_TASKS))
-    p.add_argument("--optimizers", default=",".join(FAM_OPTS))
+    p.add_argument("--tasks", default=None,
+                   help=f"comma-separated (default: {','.join(FAM_TASKS)}; with --tasks-from: "
+                        "the file's)")
+    p.add_argument("--optimizers", default=None,
+                   help=f"comma-separated (default: {','.join(FAM_OPTS)}; with --tasks-from: "
+                        "the file's)")
+    p.add_argument("--tasks-from", default=None, metavar="FILE",
+                   help="run the model/task families of a task file instead of the suite's "
+                        "(benchmarks/external.py; cache benchmarks/.cache/recovery-<file stem>)")
     p.add_argument("--seeds", default="0")
     p.add_argument("--json", default=None)
     p.add_argument("--rules", default=None, metavar="FILE",
@@ -1603,7 +1610,18 @@ def fam_main(argv: Sequence[str]) -> int:
                         "protocol); the healthy median is remeasured at the same budget")
     p.add_argument("-q", "--quiet", action="store_true")
     a = p.parse_args(argv)
-    global FAM_RULES, FAM_SCHEDULE, FAM_BUDGET
+    global FAM_RULES, FAM_SCHEDULE, FAM_BUDGET, FAM_CACHE
+    tasks, opts = list(FAM_TASKS), list(FAM_OPTS)
+    if a.tasks_from:
+        from benchmarks import external
+        try:
+            names, file_opts = external.load(a.tasks_from)
+        except external.TaskFileError as exc:
+            p.error(str(exc))
+        tasks, opts = list(names), list(file_opts)
+        FAM_CACHE = external.cache_dir("recovery", a.tasks_from)
+    tasks = a.tasks.split(",") if a.tasks else tasks
+    opts = a.optimizers.split(",") if a.optimizers else opts
     if a.budget < 1:
         p.error(f"--budget must be 1 or more, got {a.budget}")
     FAM_BUDGET = a.budget
@@ -1614,7 +1632,7 @@ def fam_main(argv: Sequence[str]) -> int:
         FAM_RULE_ARMS.update(FAM_SCHEDULED_ARMS)
     torch.set_num_threads(1)
     logging.getLogger("lrwatch").setLevel(logging.CRITICAL)
-    res = fam_suite(a.tasks.split(","), a.optimizers.split(","),
+    res = fam_suite(tasks, opts,
                     [int(s) for s in a.seeds.split(",")],
                     progress=(lambda m: None) if a.quiet else
                     (lambda m: print(m, file=sys.stderr, flush=True)))

@@ -532,6 +532,24 @@ def format_suite(suite: Suite) -> str:
             f"{trans} healthy runs have an early transient\n" + "\n".join(lines))
 
 
+def _config(args: argparse.Namespace, ap: argparse.ArgumentParser) -> dict[str, Any]:
+    """The run's seeds, tasks and natural-run count; loads ``--tasks-from`` and settles the
+    cache (an error exits through ``ap``)."""
+    cfg = dict(QUICK if args.quick else FULL)
+    if args.tasks_from is not None:
+        try:
+            cfg["tasks"] = tuple(external.load(args.tasks_from)[0])
+        except external.TaskFileError as exc:
+            ap.error(str(exc))
+        _WORKER_TASKS[:] = [str(args.tasks_from)]
+    if args.cache is None:
+        args.cache = (DEFAULT_CACHE if args.tasks_from is None
+                      else external.cache_dir("detection", args.tasks_from))
+    if args.seeds:
+        cfg["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+    return cfg
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from benchmarks import lofo
 
@@ -557,18 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None,
                     help="results file (default: <cache>/results[-quick].json)")
     args = ap.parse_args(argv)
-    cfg = dict(QUICK if args.quick else FULL)
-    if args.tasks_from is not None:
-        try:
-            cfg["tasks"] = tuple(external.load(args.tasks_from)[0])
-        except external.TaskFileError as exc:
-            ap.error(str(exc))
-        _WORKER_TASKS[:] = [str(args.tasks_from)]
-    if args.cache is None:
-        args.cache = (DEFAULT_CACHE if args.tasks_from is None
-                      else external.cache_dir("detection", args.tasks_from))
-    if args.seeds:
-        cfg["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+    cfg = _config(args, ap)
     t0 = time.perf_counter()
     log = lambda m: print(m, flush=True)  # noqa: E731
     log(f"detection benchmark ({'quick' if args.quick else 'full'}): seeds {cfg['seeds']}, "

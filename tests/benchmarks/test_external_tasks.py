@@ -127,3 +127,4 @@ def test_sweep_tunes_the_files_rates_by_the_suites_rule(task_file: Path, capsys)
 def test_check_a_task_file_from_the_command_line(task_file: Path, capsys) -> None:
     assert external.main([str(task_file)]) == 0
     assert "ok (1 task(s): ext_blobs" in capsys.readouterr().out
+

@@ -586,6 +586,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(format_suite(suite))
     for s in suite.skipped:
         log(f"  skipped: seed {s['seed']} {s['task']}: {s['why']}")
+    if suite.skipped:
+        log(f"WARNING: {len(suite.skipped)} task/seed pair(s) got no injected faults (no "
+            "healthy run at the tuned rate to inject them into); their families are scored on "
+            "natural runs only. Check the tuned rates (benchmarks/external.py --sweep).")
     if args.record_only:
         log(f"recorded and labelled in {args.cache} ({time.perf_counter() - t0:.0f} s)")
         return 0

@@ -24,6 +24,9 @@ prints into the file. What the protocol assumes of a task:
   (``[0, s]`` for a single score ``s`` gives the same cross-entropy as a sigmoid), and its
   targets are class indices: the held-out drop fault takes the argmax, the label-corruption
   faults shift classes, and a dead classifier is judged against the majority class's share;
+  it reports an accuracy (``Task.accuracy``): the recovery benchmark scores classifiers by it
+  and stops with an error on one that reports none (make ``classification`` false to be
+  scored by the held-out loss instead, with ``loss`` overridden to keep its cross-entropy);
 * a regression or autoencoder target is a float tensor of shape ``(n, k)``; corruption
   negates it, so a loss that is unbounded below for negated targets needs its own ``Data``
   subclass with a ``corrupt`` that keeps targets valid;

@@ -1352,6 +1352,11 @@ def fam_value(task: Any, r: dict[str, Any]) -> float:
     loss (regression, autoencoders; lower is better). Non-finite: nan."""
     if not r["finite"]:
         return math.nan
+    if task.classification and math.isnan(r["final"]["acc"]):
+        raise ValueError(f"task {task.name!r} is a classifier (classification is true) but "
+                         "reports no accuracy; the recovery benchmark scores classifiers by "
+                         "accuracy: return one from Task.accuracy, or make classification "
+                         "false to be scored by the held-out loss")
     return r["final"]["acc"] if task.classification else r["final"]["loss"]
 
 

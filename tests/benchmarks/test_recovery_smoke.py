@@ -218,3 +218,14 @@ def test_a_regression_is_selected_by_the_same_band_its_arms_are_scored_by() -> N
     assert bench.fam_bare_diverged(task, bare, 0.0794, 0.971)
     assert not bench.fam_close(task, 0.1253, 0.0794, 0.971, 2.0)     # how an arm is scored
     assert not bench.fam_bare_diverged(task, bare, 0.0794, 1.129)
+
+
+def test_a_classifier_without_accuracy_is_an_error_not_a_nan() -> None:
+    from types import SimpleNamespace
+
+    run = {"finite": True, "final": {"loss": 0.4, "acc": math.nan}}
+    with pytest.raises(ValueError, match="reports no accuracy"):
+        bench.fam_value(SimpleNamespace(name="w2v", classification=True), run)
+    assert bench.fam_value(SimpleNamespace(name="reg", classification=False), run) == 0.4
+    assert math.isnan(bench.fam_value(SimpleNamespace(name="reg", classification=False),
+                                      {"finite": False, "final": {}}))

@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from typing import Any, Iterable, Iterator, TypeVar
 
+from .actions.snapshot import capture_state
+from .recovery.probe import FORWARD_COST
+from .recovery.shadow import group_rates, shadow_check
 from .untrained import OutputShapes, measure_constant_loss, measure_untrained_loss
 
 __all__ = ["DataSide"]
 
 log = logging.getLogger("lrwatch")
+_EVENT = {"lrwatch_event": True}   # as the executor's: a rule event or an action
 
 T = TypeVar("T")
 
@@ -41,6 +46,16 @@ class DataSide:
     policy: Any
     recorder: Any
     model: Any
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    recovery: Any
+    store: Any
+    exporter: Any
+    dist: Any
+    should_stop: bool
+    _probing: bool
+    _late_records: list[Any]
 
     def batches(self, iterable: Iterable[T]) -> Iterator[T]:
         """Yield the batches of ``iterable``, acting on lrwatch's decisions between them.
@@ -56,6 +71,8 @@ class DataSide:
             iterable = self._measure_untrained(iter(iterable))
         if self._probe_loss is not None and self.policy.lr_check_due(self.step):
             iterable = self._lr_check(iter(iterable))
+        if self._probe_loss is not None and self.policy.start_check_due(self.step):
+            iterable = self._start_check(iter(iterable))
         for batch in iterable:
             self._boundary("batches")
             while not self.should_stop:   # a rollback after a bad batch: its batches again
@@ -72,6 +89,78 @@ class DataSide:
             self._hold(batch)
             yield batch
         self._safe_point()
+
+    def _start_check(self, it: Iterator[T]) -> Iterator[T]:
+        """Yield the first ``start_check_steps`` batches (trained on as usual), then run the
+        start check (``RecoveryConfig.start_check``; :mod:`lrwatch.recovery.shadow`) on them
+        and the next ``start_check_batches``, which are yielded after it, then the rest."""
+        rc = self.recovery
+        try:
+            start = capture_state(self.model, self.optimizer, self.scheduler, self.scaler)
+        except Exception:
+            self._internal_error("saving the start state for the start check")
+            self.policy.start_checked(0)
+            yield from it
+            return
+        held: list[Any] = []
+        rates: list[Any] = []
+        for batch in it:
+            rates.append(group_rates(self.optimizer))
+            held.append(batch)
+            yield batch
+            if len(held) == rc.start_check_steps:
+                break
+        peek = list(itertools.islice(it, rc.start_check_batches))
+        self._run_start_check(start, held, rates, peek)
+        del start, held, rates
+        yield from peek
+        yield from it
+
+    def _run_start_check(self, start: Any, held: list[Any], rates: list[Any],
+                         peek: list[Any]) -> None:
+        rc = self.recovery
+        steps, k = rc.start_check_steps, rc.start_check_batches
+        if (len(held) < steps or len(peek) < k or self.step != steps or self.should_stop
+                or self.policy.state.rollbacks):
+            why = ("too few batches" if len(held) < steps or len(peek) < k else
+                   "the run stopped" if self.should_stop else
+                   "lrwatch rolled the run back meanwhile" if self.policy.state.rollbacks else
+                   f"{self.step} logged steps on its first {steps} batches, not one per batch")
+            log.info("lrwatch: start check skipped (%s)", why)
+            self.policy.start_checked(0)
+            return
+        factor = rc.restart_lr_factor
+        self._probing = True   # the shadow's steps are not the run's (the step hooks skip them)
+        try:
+            res = shadow_check(self.model, self.optimizer, self.scheduler, self.scaler, start,
+                               held, rates, peek, self._probe_loss, factor,
+                               lambda r, s: self.policy.start_checked(0, r, s),
+                               process_group=self.dist.group if self.dist.active else None)
+        except Exception:
+            self._internal_error("running the start check")
+            self.policy.start_checked(0)
+            return
+        finally:
+            self._probing = False
+        if res is None:
+            return
+        cost = res.steps + math.ceil(res.forwards * FORWARD_COST - 1e-9)
+        self.policy.start_checked(cost)
+        v = res.verdict
+        if v.adopt:
+            if self.store is not None:
+                self.store.discard_pending()   # snapshots of the run's own first steps
+            self._retake_initial_snapshot()
+            log.warning("lrwatch: start check: a restart at x%g of the rate did better over "
+                        "the first %d steps (%s); going on from it at that rate", factor,
+                        steps, v.reason, extra=_EVENT)
+            self.exporter.actions.labels("start_check").inc()
+        else:
+            log.info("lrwatch: start check: the configured rate stands (%s)", v.reason)
+        self._late_records.append({"type": "start_check", "step": self.step, "steps": res.steps,
+                                   "cost_steps": cost, "lr_factor": factor if v.adopt else 1.0,
+                                   "held_out_loss": v.real, "shadow_loss": v.shadow,
+                                   "reason": v.reason})
 
     def _measure_untrained(self, it: Iterator[T]) -> Iterator[T]:
         """Measure the untrained loss on the first batches of ``it``; they are yielded first."""

@@ -232,7 +232,7 @@ def probe_restart(rank: int, world: int, store: str, out: str) -> None:
 
     w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=probe_loss,
                         recovery={"good_after": 10, "min_interval": 5, "restart_warmup": 10,
-                                  "probe": "auto"})
+                                  "probe": "auto", "start_check": "off"})
     w.add_listener(lambda s: events.extend({k: v for k, v in e.items() if k != "engine_state"}
                                            for e in s.events))
     for x, y in w.batches(stream()):
@@ -252,6 +252,45 @@ def probe_restart(rank: int, world: int, store: str, out: str) -> None:
         "probe_steps": w.policy.state.probe_steps, "weights": flat.tolist(),
         "finite": bool(torch.isfinite(flat).all()), "lr": opt.param_groups[0]["lr"],
         "step": w.step, "probed": bool(shard_of)})
+    finish()
+
+
+def start_check(rank: int, world: int, store: str, out: str) -> None:
+    """SGD far too hot under DDP, with the defaults: every rank trains its own shadow at a
+    tenth on its own shard; the held-out losses are averaged over the ranks, so all of them
+    adopt it at the same step and stay identical."""
+    init(rank, world, store)
+    model = nn.parallel.DistributedDataParallel(_model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.6)   # higher blows up before step 10
+    events: list[dict[str, Any]] = []
+
+    def stream() -> Any:
+        for step in range(10_000):
+            x, _ = _global_batch(step)
+            y = torch.tanh(x[:, :1] - x[:, 1:2])            # learnable
+            yield _mine(x, rank, world), _mine(y, rank, world)
+
+    def probe_loss(m: nn.Module, batch: Any) -> torch.Tensor:
+        return nn.functional.mse_loss(m(batch[0]), batch[1])
+
+    w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=probe_loss)
+    w.add_listener(lambda s: events.extend({k: v for k, v in e.items() if k != "engine_state"}
+                                           for e in s.events))
+    for x, y in w.batches(stream()):
+        if w.step >= 40:
+            break
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        w.log(loss=loss)
+    w.close()
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    _write(out, rank, {
+        "checks": [(e["step"], e["lr_factor"], e["held_out_loss"], e["shadow_loss"])
+                   for e in events if e.get("type") == "start_check"],
+        "weights": flat.tolist(), "lr": opt.param_groups[0]["lr"], "step": w.step,
+        "probe_steps": w.policy.state.probe_steps})
     finish()
 
 

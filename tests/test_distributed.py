@@ -66,6 +66,19 @@ def test_nan_on_one_rank_is_held_back_on_every_rank_by_default(tmp_path: Path) -
         assert r["weights"] == first["weights"] and r["weights_sum"] == first["weights_sum"]
 
 
+def test_the_start_check_takes_the_same_decision_on_every_rank(tmp_path: Path) -> None:
+    results = _spawn(dw.start_check, 2, tmp_path)
+    first = results[0]
+    assert len(first["checks"]) == 1, first["checks"]
+    step, factor, real, shadow = first["checks"][0]
+    assert step == 10 and factor == 0.1 and shadow < real   # adopted a tenth
+    for r in results:
+        assert r["checks"] == first["checks"]              # the same agreed losses
+        assert r["weights"] == first["weights"]            # identical parameters after
+        assert r["lr"] == first["lr"] == pytest.approx(0.06) and r["step"] == 40
+        assert r["probe_steps"] == first["probe_steps"] == 14
+
+
 def test_a_stall_cuts_the_rate_at_the_same_step_on_every_rank(tmp_path: Path) -> None:
     results = _spawn(dw.stall_cut, 2, tmp_path)
     first = results[0]

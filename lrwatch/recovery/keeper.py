@@ -58,9 +58,11 @@ class SnapshotKeeper:
             first.extra["engine_state"] = self.engine.state_dict()
 
     def retake_first(self, step: int, data_position: int) -> None:
-        """The run's starting point (the pinned snapshot a restart goes back to) now has the
-        checked rate: replace the one taken before the check."""
-        self.store.drop_pinned(step)
+        """The run's starting point (the pinned snapshot a restart goes back to) is now the
+        state at ``step``, with the checked rate (the pre-flight check: still step 0; the
+        start check: the shadow it adopted): replace the one taken before the check."""
+        for old in sorted({s.step for s in self.store.snapshots if s.pinned}):
+            self.store.drop_pinned(old)
         self.take_first(step, data_position)
 
     def take_due(self, step: int, data_position: int) -> None:

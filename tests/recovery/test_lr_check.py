@@ -52,7 +52,7 @@ def test_a_rate_past_the_edge_is_lowered_and_nothing_else_changes(tmp_path: Path
     model, opt, batches = _setup(lr=20.0)       # SGD momentum at 20: blows up at once
     init = [p.detach().clone() for p in model.parameters()]
     w = lrwatch.Watcher(model, opt, flush_every=5, trace=tmp_path / "t.jsonl",
-                        recovery={"lr_check": "auto", "lr_check_steps": 15},
+                        recovery={"lr_check": "auto", "lr_check_steps": 15, "start_check": "off"},
                         probe_loss=_loss)
     seen, first_params = _train(w, model, opt, batches)
     w.close()
@@ -76,7 +76,7 @@ def test_a_rate_past_the_edge_is_lowered_and_nothing_else_changes(tmp_path: Path
 def test_a_good_rate_stands() -> None:
     model, opt, batches = _setup(lr=0.01)
     w = lrwatch.Watcher(model, opt, flush_every=5,
-                        recovery={"lr_check": "auto", "lr_check_steps": 15},
+                        recovery={"lr_check": "auto", "lr_check_steps": 15, "start_check": "off"},
                         probe_loss=_loss)
     _train(w, model, opt, batches[:40])
     w.close()
@@ -88,7 +88,7 @@ def test_a_good_rate_stands() -> None:
 
 def test_the_check_runs_once_and_not_after_a_resume() -> None:
     model, opt, batches = _setup(lr=20.0)
-    w = lrwatch.Watcher(model, opt, flush_every=5, recovery={"lr_check": "auto"},
+    w = lrwatch.Watcher(model, opt, flush_every=5, recovery={"lr_check": "auto", "start_check": "off"},
                         probe_loss=_loss)
     _train(w, model, opt, batches[:20])
     state = w.state_dict()
@@ -97,7 +97,7 @@ def test_the_check_runs_once_and_not_after_a_resume() -> None:
     _train(w, model, opt, batches[20:40])          # a second loop over new batches
     assert w.policy.state.probe_steps == steps
     w.close()
-    w2 = lrwatch.Watcher(model, opt, flush_every=5, recovery={"lr_check": "auto"},
+    w2 = lrwatch.Watcher(model, opt, flush_every=5, recovery={"lr_check": "auto", "start_check": "off"},
                          probe_loss=_loss)
     w2.load_state_dict(state)
     _train(w2, model, opt, batches[40:60])

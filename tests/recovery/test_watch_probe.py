@@ -37,7 +37,7 @@ def _run(tmp_path: Path, probe_loss: object, steps: int = 150) -> dict:
     trace = tmp_path / f"t{probe_loss is None}.jsonl"
     w = lrwatch.Watcher(model, opt, flush_every=5, trace=trace,
                         recovery={"good_after": 10, "min_interval": 5, "restart_warmup": 20,
-                                  "probe": "auto"},
+                                  "probe": "auto", "start_check": "off"},
                         probe_loss=probe_loss)
     restarted_at_init = None
     rollbacks = 0

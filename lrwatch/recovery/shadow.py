@@ -1,0 +1,115 @@
+"""The start check's shadow run (torch side of ``RecoveryConfig.start_check``).
+
+After the run's first steps, :func:`shadow_check` scores the run on held-out batches, trains
+a shadow from the run's start state on the same batches at ``factor`` x the rates the run used,
+scores it on the same held-out batches, and hands both lists of losses to ``decide`` (the
+policy's pure :func:`~lrwatch.recovery.start_check.compare`). When the verdict is to adopt,
+the model and optimizer keep the shadow's weights and state, the scheduler and the RNG are
+the run's, and every rate is scaled by ``factor`` (the schedule keeps its shape); otherwise
+everything is put back as it was. States are kept as CPU copies (:func:`capture_state`), so
+the check costs no accelerator memory beyond the run's own. Under ``torch.distributed``
+every rank trains its shadow on its own batches and each held-out loss is averaged over the
+ranks, so all of them take the same decision.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from ..actions.rollback import scale_learning_rate
+from ..actions.snapshot import _set_rng_state, capture_state, cpu_copy, restore_state
+from .lr_find import BatchLoss, _dist_mean, reference_loss
+from .start_check import StartVerdict
+
+__all__ = ["ShadowResult", "shadow_check", "group_rates"]
+
+
+@dataclass
+class ShadowResult:
+    verdict: StartVerdict
+    steps: int       # shadow steps trained
+    forwards: int    # held-out forwards (both models)
+
+
+def group_rates(optimizer: torch.optim.Optimizer) -> list[Any]:
+    """The rate of every parameter group now (a tensor rate is copied, not read: no sync)."""
+    return [g["lr"].detach().clone() if isinstance(g["lr"], torch.Tensor) else float(g["lr"])
+            for g in optimizer.param_groups]
+
+
+def _set_rates(optimizer: torch.optim.Optimizer, rates: Sequence[Any], factor: float) -> None:
+    for group, lr in zip(optimizer.param_groups, rates):
+        if isinstance(group["lr"], torch.Tensor):
+            with torch.no_grad():
+                group["lr"].copy_(lr * factor)
+        else:
+            group["lr"] = float(lr) * factor
+
+
+def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any,
+           batches: Sequence[Any], rates: Sequence[Sequence[Any]], factor: float,
+           batch_loss: BatchLoss, agree: Callable[[float], float]) -> int:
+    """The shadow's steps; stops at a non-finite loss (the shadow is then not adopted). The
+    loss is agreed over the ranks, so that all of them stop at the same step."""
+    model.train()
+    done = 0
+    for batch, lrs in zip(batches, rates):
+        _set_rates(optimizer, lrs, factor)
+        optimizer.zero_grad(set_to_none=True)
+        loss = batch_loss(model, batch)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        done += 1
+        if not math.isfinite(agree(float(loss.detach()))):   # a one-off check: it may sync
+            break
+    optimizer.zero_grad(set_to_none=True)
+    return done
+
+
+def shadow_check(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 scaler: Any, start: Mapping[str, Any], batches: Sequence[Any],
+                 rates: Sequence[Sequence[Any]], held_out: Sequence[Any],
+                 batch_loss: BatchLoss, factor: float,
+                 decide: Callable[[list[float], list[float]], StartVerdict | None],
+                 process_group: Any = None) -> ShadowResult | None:
+    """Run the check (see the module docstring). ``start``: :func:`capture_state` of the run
+    before its first step; ``rates[i]``: the groups' rates batch ``i`` was trained at.
+    Returns ``None`` when ``decide`` gives no verdict (the run is then as it was)."""
+    agree = _dist_mean(process_group) or (lambda x: x)
+    modes = [(m, m.training) for m in model.modules()]
+    real = [agree(reference_loss(model, batch_loss, b)) for b in held_out]
+    lrs_now = group_rates(optimizer)
+    now = capture_state(model, optimizer, scheduler, scaler)
+    adopted = False
+    try:
+        restore_state(start, model, optimizer, scheduler, scaler)
+        steps = _train(model, optimizer, scaler, batches, rates, factor, batch_loss, agree)
+        shadow = [agree(reference_loss(model, batch_loss, b)) for b in held_out]
+        if steps < len(batches):
+            shadow = [math.inf] * len(held_out)
+        verdict = decide(real, shadow)
+        if verdict is not None and verdict.adopt:
+            # the shadow's weights and optimizer state; the run's schedule position and RNG
+            if scheduler is not None and now.get("scheduler") is not None:
+                scheduler.load_state_dict(cpu_copy(now["scheduler"]))
+            _set_rates(optimizer, lrs_now, 1.0)
+            _set_rng_state(now["rng"])
+            scale_learning_rate(optimizer, scheduler, factor)
+            adopted = True
+    finally:
+        if not adopted:
+            restore_state(now, model, optimizer, scheduler, scaler)
+        for m, training in modes:
+            m.train(training)
+    if verdict is None:
+        return None
+    return ShadowResult(verdict, steps, 2 * len(held_out))

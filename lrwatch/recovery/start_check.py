@@ -1,0 +1,94 @@
+"""The start check's decision (issue 13): after its first steps, does the run do better than
+the same run restarted at a tenth of its rate? Pure and torch-free.
+
+A rate several times too high often does not blow up: the loss falls, then the run learns
+worse, or sits at a constant prediction's level, and no rule sees a failure until the budget
+is mostly gone (docs/recovery.md, "The start check"). Measured on the family suite, from the
+state the run started from, the tenth makes more progress over the first ten steps than the
+configured rate in 85 of 119 would-diverge runs and in none of 54 runs at the tuned rate: a
+rate past the edge of stability loses ground at once, a good rate never loses to a tenth of
+itself over a few steps (the tuned runs' held-out loss after ten steps at a tenth is 1.26x
+theirs, median; 1.006x at the closest, an autoencoder under momentum that barely moves at
+either rate).
+
+The executor (:mod:`lrwatch.recovery.shadow`) trains that *shadow* from the start state on the
+run's own first batches, at a tenth of the rates the run used, then scores both on the next
+batches of the stream, which neither has trained on; :func:`compare` decides. The shadow is
+adopted only when its held-out loss is lower with ``confidence`` (one-sided paired t-test over
+the held-out batches: each batch scored by both models, so what one batch is harder than
+another cancels out). Under the null hypothesis -- the two models are equally good on the
+data -- it adopts a tenth in 5% of runs at the default; a slow starter, whose loss moves
+little at either rate, is that case.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Sequence
+
+from ..rules.detectors.trend import t_quantile
+
+__all__ = ["StartVerdict", "compare"]
+
+
+@dataclass(frozen=True)
+class StartVerdict:
+    """What :func:`compare` decided and why (``real`` and ``shadow``: mean held-out losses;
+    ``t``: the paired t statistic of their difference, ``None`` where none was needed)."""
+
+    adopt: bool
+    real: float
+    shadow: float
+    t: float | None
+    reason: str
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def compare(real: Sequence[float], shadow: Sequence[float], confidence: float = 0.95
+            ) -> StartVerdict:
+    """Adopt the shadow when its losses on the held-out batches are lower than the run's.
+
+    ``real[i]`` and ``shadow[i]`` are the two models' losses on held-out batch ``i``. A shadow
+    whose loss is not finite is never adopted; a run whose loss is not finite while the
+    shadow's is, always. Otherwise a one-sided paired t-test on ``real - shadow`` at
+    ``confidence`` (at least two batches).
+
+    >>> compare([2.0, 2.2, 1.9], [1.0, 1.1, 1.0]).adopt
+    True
+    >>> compare([1.0, 1.1, 1.0], [1.5, 1.4, 1.6]).adopt
+    False
+    >>> compare([1.0, 1.1, 0.9], [0.99, 1.12, 0.88]).adopt     # a wash: keep the rate
+    False
+    >>> compare([float("nan"), 3.0], [1.0, 1.1]).adopt
+    True
+    """
+    if len(real) != len(shadow):
+        raise ValueError(f"real and shadow need one loss per held-out batch each, got "
+                         f"{len(real)} and {len(shadow)}")
+    r, s = [float(x) for x in real], [float(x) for x in shadow]
+    mr, ms = _mean(r), _mean(s)
+    if not s or not all(math.isfinite(x) for x in s):
+        return StartVerdict(False, mr, ms, None, "the shadow's held-out loss is not finite")
+    if not all(math.isfinite(x) for x in r):
+        return StartVerdict(True, mr, ms, None,
+                            "the run's held-out loss is not finite; the shadow's is")
+    if len(r) < 2:
+        return StartVerdict(False, mr, ms, None, "one held-out batch: no test")
+    d = [a - b for a, b in zip(r, s)]
+    md, sd = _mean(d), statistics.stdev(d)
+    if sd == 0.0:
+        adopt = md > 0
+        return StartVerdict(adopt, mr, ms, None, "every held-out batch " + (
+            "lower" if adopt else "no lower") + " for the shadow")
+    t = md / (sd / math.sqrt(len(d)))
+    crit = t_quantile(confidence, len(d) - 1)
+    adopt = t > crit
+    return StartVerdict(adopt, mr, ms, t,
+                        f"held-out loss {ms:.4g} for the shadow against {mr:.4g} "
+                        f"(paired t {t:.2f} {'>' if adopt else '<='} {crit:.2f}, "
+                        f"{len(d)} batches)")

@@ -1,0 +1,225 @@
+"""The start check (``RecoveryConfig.start_check``, on by default): after the first steps, a
+shadow of the run started again at a tenth of its rate on the same batches, both scored on the
+next batches; the shadow is adopted only when it is better with 95% confidence. It must leave
+no trace when the rate stands, lose or repeat no batch, and be booked against the budget."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import lrwatch
+from lrwatch.errors import ConfigError
+from lrwatch.exporters.trace import read_trace
+from lrwatch.recovery.policy import RecoveryConfig, RecoveryPolicy
+from lrwatch.recovery.start_check import compare
+
+
+def _setup(lr: float, seed: int = 0, n: int = 60, momentum: float = 0.9) -> tuple:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 4))
+    g = torch.Generator().manual_seed(seed)
+    truth = torch.randn(20, 4, generator=g)
+    batches = []
+    for _ in range(n):
+        x = torch.randn(32, 20, generator=g)
+        batches.append((x, (x @ truth).argmax(1)))
+    return model, torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum), batches
+
+
+def _loss(model: nn.Module, batch: tuple) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+def _train(w: lrwatch.Watcher, model: nn.Module, opt: torch.optim.Optimizer, batches: list,
+           sched: object = None) -> list:
+    seen = []
+    for b in w.batches(batches):
+        seen.append(b)
+        loss = _loss(model, b)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        w.log(loss=loss.detach())
+    return seen
+
+
+def _events(path: Path) -> list[dict]:
+    return [e for rec in read_trace(path) for e in rec.events
+            if isinstance(e, dict) and e.get("type") == "start_check"]
+
+
+# -- the decision (pure) ---------------------------------------------------------------------
+
+def test_false_adoption_rate_is_the_stated_one_when_both_models_are_equally_good() -> None:
+    """Under the null (paired losses with the same mean) the one-sided test at 95% adopts the
+    shadow in 5% of checks: 6 held-out batches, batch difficulty shared by both models."""
+    rng = random.Random(7)
+    trials, adopted = 20_000, 0
+    for _ in range(trials):
+        hard = [rng.gauss(2.0, 0.5) for _ in range(6)]
+        real = [h + rng.gauss(0, 0.1) for h in hard]
+        shadow = [h + rng.gauss(0, 0.1) for h in hard]
+        adopted += compare(real, shadow).adopt
+    assert 0.044 < adopted / trials < 0.056, adopted / trials
+
+
+def test_a_clearly_better_shadow_is_adopted_and_a_worse_one_never() -> None:
+    rng = random.Random(3)
+    for _ in range(200):
+        hard = [rng.gauss(2.0, 0.5) for _ in range(6)]
+        better = [h - 0.5 + rng.gauss(0, 0.05) for h in hard]
+        assert compare(hard, better).adopt
+        assert not compare(better, hard).adopt
+
+
+def test_non_finite_losses_and_bad_input() -> None:
+    inf, nan = float("inf"), float("nan")
+    assert compare([inf, inf], [1.0, 1.2]).adopt                 # the run blew up
+    assert not compare([1.0, 1.2], [nan, 1.0]).adopt             # the shadow did
+    assert not compare([inf, 1.0], [inf, 1.0]).adopt             # both: nothing to gain
+    assert not compare([2.0], [1.0]).adopt                       # one batch: no test
+    with pytest.raises(ValueError, match="one loss per held-out batch"):
+        compare([1.0, 2.0], [1.0])
+
+
+def test_policy_runs_the_check_once_books_it_and_resumes_without_it() -> None:
+    policy = RecoveryPolicy(RecoveryConfig())
+    assert policy.start_check_due(0) and not policy.start_check_due(5)
+    v = policy.start_checked(14, [2.0, 2.1, 2.2, 2.0], [1.0, 1.1, 1.0, 1.2])
+    assert v is not None and v.adopt
+    st = policy.state
+    assert st.start_checked and st.probe_steps == 14 and st.probes == 1
+    assert not policy.start_check_due(0)
+    resumed = RecoveryPolicy(RecoveryConfig())
+    resumed.load_state_dict(policy.state_dict())
+    assert not resumed.start_check_due(0) and resumed.state.probe_steps == 14
+    off = RecoveryPolicy(RecoveryConfig(start_check="off"))
+    assert not off.start_check_due(0)
+
+
+def test_configuration_errors_say_what_to_fix() -> None:
+    with pytest.raises(ConfigError, match="start_check must be"):
+        RecoveryConfig(start_check="on")
+    with pytest.raises(ConfigError, match="start_check_steps"):
+        RecoveryConfig(start_check_steps=1)
+    with pytest.raises(ConfigError, match="start_check_batches"):
+        RecoveryConfig(start_check_batches=True)
+    with pytest.raises(ConfigError, match="start_check_confidence"):
+        RecoveryConfig(start_check_confidence=1.0)
+
+
+# -- on a real run ---------------------------------------------------------------------------
+
+def test_a_rate_far_too_high_goes_on_from_the_shadow_at_a_tenth(tmp_path: Path) -> None:
+    model, opt, batches = _setup(lr=3.0)
+    trace = tmp_path / "t.jsonl"
+    w = lrwatch.Watcher(model, opt, flush_every=5, trace=trace, probe_loss=_loss)
+    seen = _train(w, model, opt, batches)
+    w.close()
+    assert len(seen) == len(batches) and all(a is b for a, b in zip(seen, batches))
+    ev = _events(trace)
+    assert len(ev) == 1 and ev[0]["lr_factor"] == 0.1 and ev[0]["step"] == 10, ev
+    assert ev[0]["shadow_loss"] < ev[0]["held_out_loss"]
+    assert ev[0]["cost_steps"] == 10 + 4          # 10 shadow steps, 12 forwards at a third
+    assert w.policy.state.probe_steps >= 14
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # the rate a restart would go back to is the adopted one
+    pinned = [s for s in w.store.snapshots if s.pinned]
+    assert len(pinned) == 1
+    assert pinned[0].load()["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.3)
+
+
+def test_the_adopted_run_is_the_shadow_trained_from_the_start_at_a_tenth() -> None:
+    """Going on from the shadow is the same as having trained at a tenth from the start on the
+    same batches (the held-out batches are trained on after the check, in their place)."""
+    model, opt, batches = _setup(lr=3.0, n=30)
+    w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=_loss)
+    _train(w, model, opt, batches)
+    w.close()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.3)
+    ref, ref_opt, _ = _setup(lr=0.3, n=30)
+    for b in batches:
+        loss = _loss(ref, b)
+        ref_opt.zero_grad()
+        loss.backward()
+        ref_opt.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_good_rate_stands_and_the_check_leaves_no_trace(tmp_path: Path) -> None:
+    runs = []
+    for check in ("auto", "off"):
+        model, opt, batches = _setup(lr=0.05)
+        w = lrwatch.Watcher(model, opt, flush_every=5, trace=tmp_path / f"{check}.jsonl",
+                            probe_loss=_loss, recovery={"start_check": check})
+        seen = _train(w, model, opt, batches)
+        w.close()
+        assert len(seen) == len(batches)
+        runs.append([p.detach().clone() for p in model.parameters()])
+        assert opt.param_groups[0]["lr"] == 0.05
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)                   # bit for bit the run without the check
+    ev = _events(tmp_path / "auto.jsonl")
+    assert len(ev) == 1 and ev[0]["lr_factor"] == 1.0 and "paired t" in ev[0]["reason"]
+    assert _events(tmp_path / "off.jsonl") == []
+
+
+def test_a_schedule_keeps_its_shape_scaled() -> None:
+    model, opt, batches = _setup(lr=3.0, n=30)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
+    w = lrwatch.Watcher(model, opt, sched, flush_every=5, probe_loss=_loss)
+    rates = []
+    for b in w.batches(batches):
+        rates.append(opt.param_groups[0]["lr"])
+        loss = _loss(model, b)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        w.log(loss=loss.detach())
+    w.close()
+    assert sched.base_lrs[0] == pytest.approx(0.3)
+    assert rates[9] == pytest.approx(3.0 * 10 / 20)            # the run's own 10th step
+    assert rates[10] == pytest.approx(0.3 * 11 / 20)           # from the check on: scaled
+    assert rates[-1] == pytest.approx(0.3)
+
+
+def test_skipped_without_enough_batches_or_with_several_batches_per_step(
+        tmp_path: Path) -> None:
+    model, opt, batches = _setup(lr=3.0, n=12)                  # 10 + 6 needed
+    w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=_loss, trace=tmp_path / "a.jsonl")
+    assert len(_train(w, model, opt, batches)) == 12
+    w.close()
+    assert w.policy.state.start_checked and w.policy.state.probe_steps == 0
+    assert opt.param_groups[0]["lr"] == 3.0 and _events(tmp_path / "a.jsonl") == []
+
+    model, opt, batches = _setup(lr=3.0)
+    w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=_loss)
+    seen = 0
+    for i, b in enumerate(w.batches(batches)):       # two batches per optimizer step
+        seen += 1
+        (_loss(model, b) / 2).backward()
+        if i % 2:
+            opt.step()
+            opt.zero_grad()
+            w.log(loss=torch.tensor(1.0))
+    w.close()
+    assert seen == len(batches)
+    assert w.policy.state.start_checked and w.policy.state.probe_steps == 0
+    assert opt.param_groups[0]["lr"] == 3.0
+
+
+def test_without_probe_loss_there_is_no_check() -> None:
+    model, opt, batches = _setup(lr=3.0, n=20)
+    w = lrwatch.Watcher(model, opt, flush_every=5)
+    assert len(_train(w, model, opt, batches)) == 20
+    w.close()
+    assert not w.policy.state.start_checked and w.policy.state.probe_steps == 0

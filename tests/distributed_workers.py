@@ -212,6 +212,23 @@ def per_rank_export(rank: int, world: int, store: str, out: str, port: int, go: 
     finish()
 
 
+def _watched_mse_loop(w: lrwatch.Watcher, model: nn.Module, opt: torch.optim.Optimizer,
+                      stream: Any, events: list[dict[str, Any]], steps: int) -> None:
+    """Train on ``w.batches(stream)`` with an MSE loss until ``steps`` steps, collecting the
+    trace events (without the engine state) in ``events``; then close the Watcher."""
+    w.add_listener(lambda s: events.extend({k: v for k, v in e.items() if k != "engine_state"}
+                                           for e in s.events))
+    for x, y in w.batches(stream):
+        if w.step >= steps:
+            break
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        w.log(loss=loss)
+    w.close()
+
+
 def probe_restart(rank: int, world: int, store: str, out: str) -> None:
     """SGD far too hot under DDP: every rank restarts and measures the same rate in lock-step
     (each on its own shard of the batches)."""
@@ -233,17 +250,7 @@ def probe_restart(rank: int, world: int, store: str, out: str) -> None:
     w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=probe_loss,
                         recovery={"good_after": 10, "min_interval": 5, "restart_warmup": 10,
                                   "probe": "auto", "start_check": "off"})
-    w.add_listener(lambda s: events.extend({k: v for k, v in e.items() if k != "engine_state"}
-                                           for e in s.events))
-    for x, y in w.batches(stream()):
-        if w.step >= 80:
-            break
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        w.log(loss=loss)
-    w.close()
+    _watched_mse_loop(w, model, opt, stream(), events, steps=80)
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
     _write(out, rank, {
         "events": [(e["type"], e["step"], e.get("to_step"), e.get("lr_factor"),
@@ -274,17 +281,7 @@ def start_check(rank: int, world: int, store: str, out: str) -> None:
         return nn.functional.mse_loss(m(batch[0]), batch[1])
 
     w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=probe_loss)
-    w.add_listener(lambda s: events.extend({k: v for k, v in e.items() if k != "engine_state"}
-                                           for e in s.events))
-    for x, y in w.batches(stream()):
-        if w.step >= 40:
-            break
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        w.log(loss=loss)
-    w.close()
+    _watched_mse_loop(w, model, opt, stream(), events, steps=40)
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
     _write(out, rank, {
         "checks": [(e["step"], e["lr_factor"], e["held_out_loss"], e["shadow_loss"])

@@ -125,13 +125,19 @@ class SavedTraining:
             g.set_state(st)
 
 
-def _set_rate(optimizer: torch.optim.Optimizer, ratios: list[float], lr: float) -> None:
-    for group, r in zip(optimizer.param_groups, ratios):
+def set_group_rates(optimizer: torch.optim.Optimizer, rates: Iterable[Any]) -> None:
+    """Set each parameter group's rate (a number, or a tensor for a tensor rate, which keeps
+    its identity: a capturable optimizer holds on to it)."""
+    for group, lr in zip(optimizer.param_groups, rates):
         if isinstance(group["lr"], torch.Tensor):
             with torch.no_grad():
-                group["lr"].fill_(lr * r)
+                group["lr"].copy_(lr) if isinstance(lr, torch.Tensor) else group["lr"].fill_(lr)
         else:
-            group["lr"] = lr * r
+            group["lr"] = float(lr)
+
+
+def _set_rate(optimizer: torch.optim.Optimizer, ratios: list[float], lr: float) -> None:
+    set_group_rates(optimizer, [lr * r for r in ratios])
 
 
 def _group_ratios(optimizer: torch.optim.Optimizer) -> list[float]:
@@ -152,6 +158,22 @@ def _cycle(batches: Iterable[Any]) -> Iterator[Any]:
             yield b
         if first:
             raise ConfigError("the loader yielded no batch; the range test needs data")
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any,
+               batch_loss: BatchLoss, batch: Any) -> torch.Tensor:
+    """One throw-away training step of a probe (a range test, the start check's shadow), with
+    the run's ``GradScaler`` when it has one; returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = batch_loss(model, batch)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss
 
 
 def run_range_test(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -177,16 +199,7 @@ def run_range_test(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     trained: list[float] = []
     while (lr := test.next_lr) is not None:
         _set_rate(optimizer, ratios, lr)
-        batch = next(batches)
-        optimizer.zero_grad(set_to_none=True)
-        loss = batch_loss(model, batch)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        loss = train_step(model, optimizer, scaler, batch_loss, next(batches))
         value = agree(float(loss.detach()))   # one host sync per probe step: it must decide
         if reference is not None:
             trained.append(value)

@@ -22,7 +22,7 @@ import torch
 
 from ..actions.rollback import scale_learning_rate
 from ..actions.snapshot import _set_rng_state, capture_state, cpu_copy, restore_state
-from .lr_find import BatchLoss, _dist_mean, reference_loss
+from .lr_find import BatchLoss, _dist_mean, reference_loss, set_group_rates, train_step
 from .start_check import StartVerdict
 
 __all__ = ["ShadowResult", "shadow_check", "group_rates"]
@@ -42,12 +42,7 @@ def group_rates(optimizer: torch.optim.Optimizer) -> list[Any]:
 
 
 def _set_rates(optimizer: torch.optim.Optimizer, rates: Sequence[Any], factor: float) -> None:
-    for group, lr in zip(optimizer.param_groups, rates):
-        if isinstance(group["lr"], torch.Tensor):
-            with torch.no_grad():
-                group["lr"].copy_(lr * factor)
-        else:
-            group["lr"] = float(lr) * factor
+    set_group_rates(optimizer, [lr * factor for lr in rates])
 
 
 def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any,
@@ -59,15 +54,7 @@ def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any
     done = 0
     for batch, lrs in zip(batches, rates):
         _set_rates(optimizer, lrs, factor)
-        optimizer.zero_grad(set_to_none=True)
-        loss = batch_loss(model, batch)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        loss = train_step(model, optimizer, scaler, batch_loss, batch)
         done += 1
         if not math.isfinite(agree(float(loss.detach()))):   # a one-off check: it may sync
             break

@@ -15,6 +15,10 @@ outside the band):
     One cut of the rate by ``f`` at step ``s`` of the run, from the run's own state (what a
     mid-run "rate too high" verdict could do without going back): would-diverge runs healed
     and tuned runs kept.
+``--second-check`` (trains, ~3 min per seed)
+    The start check (``RecoveryConfig.start_check``, docs/recovery.md "The start check") run a
+    second time, 10 steps after it adopted a tenth: a shadow from the adopted state at a
+    hundredth of the configured rate. How often it would adopt, and what that would do.
 ``--mid-check`` (trains, ~1 min per seed)
     The pre-flight range test (``RecoveryConfig.lr_check``) run from the state at step 20 or
     40 instead of the untrained one: does a sharper, trained network show its rate past the
@@ -24,6 +28,7 @@ outside the band):
     python benchmarks/recovery_ceiling.py                       # the oracle, seeds 0-2
     python benchmarks/recovery_ceiling.py --cuts --seeds 0
     python benchmarks/recovery_ceiling.py --mid-check --seeds 0
+    python benchmarks/recovery_ceiling.py --second-check --seeds 0
     python benchmarks/recovery_ceiling.py --tasks-from my_tasks.py --seeds 0,1
 
 docs/recovery.md ("What bounds the would-diverge target") has the numbers.
@@ -161,6 +166,72 @@ def mid_check(rows: Sequence[tuple]) -> dict[str, Any]:
     return out
 
 
+def _held_out(task: Any, model: Any, batches: Sequence[Any]) -> list[float]:
+    from lrwatch.recovery.lr_find import reference_loss
+
+    return [reference_loss(model, lambda m, b: task.loss(m(b[0]), b[1]), b) for b in batches]
+
+
+def _scheduled(t: str, o: str, seed: int, rates: Any, steps: int) -> tuple[Any, float]:
+    """A bare run whose rate at step ``i`` is ``rates(i)``: its model and score."""
+    task = fam.TASKS[t]
+    data = task.load(seed)
+    torch.manual_seed(seed)
+    model = task.build(data)
+    opt = fam.make_optimizer(o, model, rates(0))
+    it = R._fam_stream(task, data, seed)
+    for i in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = rates(i)
+        xb, yb = next(it)
+        loss = task.loss(model(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if not math.isfinite(float(loss.detach())):
+            break
+    final = R._fam_score(task, data, model)
+    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    return model, R.fam_value(task, {"final": final,
+                                     "finite": finite and math.isfinite(final["loss"])})
+
+
+def second_check(rows: Sequence[tuple]) -> dict[str, Any]:
+    """The start check at step 10 (a tenth against the run), and where it adopts, again at step
+    20 from the adopted state (a hundredth against the tenth); both budgets less 2 x 14."""
+    from lrwatch.recovery.start_check import compare
+
+    n, k = 10, 6
+    out = {"adopted": 0, "adopted_again": 0, "healed_once": 0, "healed_twice": 0}
+    for t, o, m, s, med, unt in rows:
+        if m == 1.0:
+            continue
+        task = fam.TASKS[t]
+        lr = task.base_lr[o] * m
+        data = task.load(s)
+        it = R._fam_stream(task, data, s)
+        ahead = [next(it) for _ in range(2 * n + k)]
+        real, _ = _scheduled(t, o, s, lambda i: lr, n)
+        shadow, _ = _scheduled(t, o, s, lambda i: lr * 0.1, n)
+        if not compare(_held_out(task, real, ahead[n:n + k]),
+                       _held_out(task, shadow, ahead[n:n + k])).adopt:
+            continue
+        out["adopted"] += 1
+        budget = R.fam_steps(task) - 28
+        tenth, _ = _scheduled(t, o, s, lambda i: lr * 0.1, 2 * n)
+        hundredth, _ = _scheduled(t, o, s, lambda i: lr * (0.1 if i < n else 0.01), 2 * n)
+        again = compare(_held_out(task, tenth, ahead[2 * n:]),
+                        _held_out(task, hundredth, ahead[2 * n:])).adopt
+        _, once = _scheduled(t, o, s, lambda i: lr * 0.1, budget)
+        twice = once
+        if again:
+            out["adopted_again"] += 1
+            _, twice = _scheduled(t, o, s, lambda i: lr * (0.1 if i < n else 0.01), budget)
+        out["healed_once"] += R.fam_close(task, once, med, unt, 2.0)
+        out["healed_twice"] += R.fam_close(task, twice, med, unt, 2.0)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", default="0,1,2", help="seeds of the selection (default 0,1,2)")
@@ -172,6 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--cuts", action="store_true", help="also one rate cut at step s by f")
     ap.add_argument("--mid-check", action="store_true",
                     help="also the pre-flight range test from the state at step 20 and 40")
+    ap.add_argument("--second-check", action="store_true",
+                    help="also a second start check 10 steps after one that adopted a tenth")
     ap.add_argument("--json", default=None, metavar="OUT", help="also write the results")
     a = ap.parse_args(argv)
     tasks: Sequence[str] = R.FAM_TASKS
@@ -215,6 +288,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               "at its rate |\n|---|---|---|---|")
         for at, v in res["mid_check"].items():
             print(f"| {at} | {v['tuned_cut']}/{tuned} | {v['cut']}/{n} | {v['healed']} |")
+    if a.second_check:
+        sc = res["second_check"] = second_check(rows)
+        print(f"start check at step 10 adopts a tenth in {sc['adopted']}/{n} would-diverge runs; "
+              f"a second check at step 20 adopts a hundredth in {sc['adopted_again']} of them; "
+              f"healed: {sc['healed_once']} with one check, {sc['healed_twice']} with two")
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
     return 0

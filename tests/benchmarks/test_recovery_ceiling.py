@@ -28,7 +28,7 @@ def test_ceiling_cuts_and_mid_check_run_end_to_end(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(rc, "CHECK_AT", (20,))
     out = tmp_path / "c.json"
     assert rc.main(["--tasks", "friedman_mlp", "--opts", "momentum", "--seeds", "0", "--cuts",
-                    "--mid-check", "--json", str(out)]) == 0
+                    "--mid-check", "--second-check", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     c = res["ceiling"]
     n = c["n"]
@@ -39,6 +39,9 @@ def test_ceiling_cuts_and_mid_check_run_end_to_end(tmp_path: Path, monkeypatch: 
     assert 0 <= res["cuts"]["100/0.1"]["healed"] <= n and res["cuts"]["100/0.1"]["tuned"] <= 1
     mc = res["mid_check"]["20"]
     assert mc["healed"] <= mc["cut"] <= n and mc["tuned_cut"] <= 1
+    sc = res["second_check"]
+    assert sc["adopted_again"] <= sc["adopted"] <= n
+    assert sc["healed_once"] <= sc["adopted"] and sc["healed_twice"] <= sc["adopted"]
     text = capsys.readouterr().out
     assert f"would-diverge runs: {n}; tuned runs: 1" in text and "| 0 steps |" in text
 

@@ -232,6 +232,38 @@ def second_check(rows: Sequence[tuple]) -> dict[str, Any]:
     return out
 
 
+def measure(rows: Sequence[tuple], a: argparse.Namespace) -> dict[str, Any]:
+    """Run the measurements ``a`` asks for on ``rows`` and print their tables."""
+    res: dict[str, Any] = {"ceiling": ceiling(rows)}
+    c = res["ceiling"]
+    n, tuned = c["n"], sum(r[2] == 1.0 for r in rows)
+    print(f"would-diverge runs: {n}; tuned runs: {tuned} (seeds {a.seeds})")
+    print("| restart at the tuned rate after | in the band |\n|---|---|")
+    for d in DELAYS:
+        k = c["by_delay"][d]
+        print(f"| {d} steps | {k}/{n} ({k / max(n, 1):.0%}) |")
+    print("by family (after 0 steps): " + ", ".join(
+        f"{f} {k}/{m}" for f, (k, m) in sorted(c["by_family"].items())))
+    if a.cuts:
+        res["cuts"] = cuts(rows)
+        print("| one cut at step s by f | would-diverge healed | tuned kept |\n|---|---|---|")
+        for key, v in res["cuts"].items():
+            s, f = key.split("/")
+            print(f"| step {s}, x{f} | {v['healed']}/{n} | {v['tuned']}/{tuned} |")
+    if a.mid_check:
+        res["mid_check"] = mid_check(rows)
+        print("| range test at step | tuned runs cut | would-diverge cut | healed by a restart "
+              "at its rate |\n|---|---|---|---|")
+        for at, v in res["mid_check"].items():
+            print(f"| {at} | {v['tuned_cut']}/{tuned} | {v['cut']}/{n} | {v['healed']} |")
+    if a.second_check:
+        sc = res["second_check"] = second_check(rows)
+        print(f"start check at step 10 adopts a tenth in {sc['adopted']}/{n} would-diverge runs; "
+              f"a second check at step 20 adopts a hundredth in {sc['adopted_again']} of them; "
+              f"healed: {sc['healed_once']} with one check, {sc['healed_twice']} with two")
+    return res
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", default="0,1,2", help="seeds of the selection (default 0,1,2)")
@@ -266,33 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = a.opts.split(",") if a.opts else opts
     seeds = [int(x) for x in a.seeds.split(",")]
     rows = list(selection(tasks, opts, seeds))
-    res: dict[str, Any] = {"seeds": seeds, "tasks": list(tasks), "ceiling": ceiling(rows)}
-    c = res["ceiling"]
-    n, tuned = c["n"], sum(r[2] == 1.0 for r in rows)
-    print(f"would-diverge runs: {n}; tuned runs: {tuned} (seeds {a.seeds})")
-    print("| restart at the tuned rate after | in the band |\n|---|---|")
-    for d in DELAYS:
-        k = c["by_delay"][d]
-        print(f"| {d} steps | {k}/{n} ({k / max(n, 1):.0%}) |")
-    print("by family (after 0 steps): " + ", ".join(
-        f"{f} {k}/{m}" for f, (k, m) in sorted(c["by_family"].items())))
-    if a.cuts:
-        res["cuts"] = cuts(rows)
-        print("| one cut at step s by f | would-diverge healed | tuned kept |\n|---|---|---|")
-        for key, v in res["cuts"].items():
-            s, f = key.split("/")
-            print(f"| step {s}, x{f} | {v['healed']}/{n} | {v['tuned']}/{tuned} |")
-    if a.mid_check:
-        res["mid_check"] = mid_check(rows)
-        print("| range test at step | tuned runs cut | would-diverge cut | healed by a restart "
-              "at its rate |\n|---|---|---|---|")
-        for at, v in res["mid_check"].items():
-            print(f"| {at} | {v['tuned_cut']}/{tuned} | {v['cut']}/{n} | {v['healed']} |")
-    if a.second_check:
-        sc = res["second_check"] = second_check(rows)
-        print(f"start check at step 10 adopts a tenth in {sc['adopted']}/{n} would-diverge runs; "
-              f"a second check at step 20 adopts a hundredth in {sc['adopted_again']} of them; "
-              f"healed: {sc['healed_once']} with one check, {sc['healed_twice']} with two")
+    res = measure(rows, a)
+    res.update(seeds=seeds, tasks=list(tasks))
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
     return 0

@@ -163,6 +163,10 @@ class DemoConsole:
       !! step 8: nonfinite (critical): loss is nan at step 8 -> rollback
     step    10  schedule  10/100  loss 2.000  acc nan  lr 1.00e-01  grad_norm nan
       >> step 10: restart from step 0 at lr x0.1, warmed up over 100 steps (nonfinite at step 8)
+    >>> c.sample(Sample(step=20, values={"loss": 1.5, "lr": 0.1}, events=(
+    ...     {"type": "start_check", "step": 10, "lr_factor": 1.0, "reason": "t -3 <= 2.02"},)))
+    >>> print(c.out.getvalue().splitlines()[-1])
+      >> step 20: start check: the learning rate stands (t -3 <= 2.02)
     """
 
     def __init__(self, total: int, out: TextIO, *, report_every: int) -> None:
@@ -242,6 +246,12 @@ class DemoConsole:
             text = ("the step was not applied (its gradient was not finite or a spike; "
                     "skipped on the device); no rollback needed")
             why = ""
+        elif kind in ("start_check", "lr_check"):
+            name = "start check" if kind == "start_check" else "learning-rate check"
+            f = float(e.get("lr_factor", 1.0))
+            text = (f"{name}: the learning rate stands" if f == 1.0 else
+                    f"{name}: learning rate x{f:g}")
+            why = f" ({e['reason']})" if e.get("reason") else ""
         else:
             text = str(kind)
         self._print(f"  >> step {step}: {text}{why}")

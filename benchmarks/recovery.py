@@ -1106,12 +1106,12 @@ def lrwatch_code_hash() -> str:
 _CODE_HASH: str | None = None
 FAM_ARMS = {"measured": {"probe": "auto"}, "fixed": {"probe": "off"}}   # the ablation
 #: Arms compared with the defaults in every table, name -> (recovery arm, rules): the defaults
-#: before 5 December, without the stall cut (the training pack's ``loss_plateau`` halves the
+#: without the stall cut (the training pack's ``loss_plateau`` halves the
 #: rate of a run without a scheduler; docs/recovery.md, "Cutting the rate when the loss
 #: stalls").
 FAM_RULE_ARMS: dict[str, tuple[str, tuple[str, ...] | None]] = {"no_cut": ("no_cut", None)}
 #: Column titles of those arms.
-FAM_RULE_TITLES = {"no_cut": "no stall cut (the defaults before 5 December)",
+FAM_RULE_TITLES = {"no_cut": "no stall cut (otherwise the defaults)",
                    "plateau_cut": "plateau_cut pack (not default)"}
 #: With a schedule (``--schedule``) the defaults leave the rate alone on a stall; this arm
 #: cuts it there too (why that is not the default: docs/recovery.md).

@@ -6,7 +6,8 @@ window after a rollback, the replay after a sudden failure, the end after a ``st
 before the first step it measures the untrained and constant-prediction losses
 (:mod:`lrwatch.untrained`) and runs the pre-flight learning-rate check when it is due.
 Adapters whose framework draws the data call :meth:`~DataSide.skip_batch`,
-:meth:`~DataSide.remember_batch` and :meth:`~DataSide.measure_untrained` themselves.
+:meth:`~DataSide.remember_batch`, :meth:`~DataSide.measure_untrained`,
+:meth:`~DataSide.start_check_batch` and :meth:`~DataSide.start_check_boundary` themselves.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Iterable, Iterator, TypeVar
 
 from .actions.snapshot import capture_state
 from .recovery.probe import FORWARD_COST
-from .recovery.shadow import group_rates, shadow_check
+from .recovery.shadow import ObservedStart, group_rates, shadow_check
 from .untrained import OutputShapes, measure_constant_loss, measure_untrained_loss
 
 __all__ = ["DataSide"]
@@ -56,6 +57,7 @@ class DataSide:
     should_stop: bool
     _probing: bool
     _late_records: list[Any]
+    _observed: ObservedStart | None
 
     def batches(self, iterable: Iterable[T]) -> Iterator[T]:
         """Yield the batches of ``iterable``, acting on lrwatch's decisions between them.
@@ -126,16 +128,26 @@ class DataSide:
                    "the run stopped" if self.should_stop else
                    "lrwatch rolled the run back meanwhile" if self.policy.state.rollbacks else
                    f"{self.step} logged steps on its first {steps} batches, not one per batch")
-            log.info("lrwatch: start check skipped (%s)", why)
-            self.policy.start_checked(0)
+            self._skip_start_check(why)
             return
-        factor = rc.restart_lr_factor
+        self._shadow_check(start, held, rates, peek)
+
+    def _skip_start_check(self, why: str) -> None:
+        log.info("lrwatch: start check skipped (%s)", why)
+        self._observed = None
+        self.policy.start_checked(0)
+
+    def _shadow_check(self, start: Any, held: list[Any], rates: list[Any], peek: list[Any],
+                      run_state: Any = None, peek_rates: list[Any] | None = None) -> None:
+        """Train the shadow, score both, book the cost, adopt or not, and say so."""
+        factor, steps = self.recovery.restart_lr_factor, self.recovery.start_check_steps
         self._probing = True   # the shadow's steps are not the run's (the step hooks skip them)
         try:
             res = shadow_check(self.model, self.optimizer, self.scheduler, self.scaler, start,
                                held, rates, peek, self._probe_loss, factor,
                                lambda r, s: self.policy.start_checked(0, r, s),
-                               process_group=self.dist.group if self.dist.active else None)
+                               process_group=self.dist.group if self.dist.active else None,
+                               run_state=run_state, held_out_rates=peek_rates or ())
         except Exception:
             self._internal_error("running the start check")
             self.policy.start_checked(0)
@@ -161,6 +173,61 @@ class DataSide:
                                    "cost_steps": cost, "lr_factor": factor if v.adopt else 1.0,
                                    "held_out_loss": v.real, "shadow_loss": v.shadow,
                                    "reason": v.reason})
+
+    # --- the start check where the framework draws the data ------------------------------
+    def start_check_batch(self, batch: Any) -> None:
+        """Hand over a training batch before the run trains on it, for the start check
+        (``RecoveryConfig.start_check``), in adapters whose framework draws the data
+        (:meth:`batches` does it itself). Call it once per batch, after the step boundary's
+        :meth:`log` and :meth:`start_check_boundary`; it keeps the first
+        ``start_check_steps + start_check_batches`` batches, the state before the first step
+        and (at the boundary) the run after ``start_check_steps`` steps, as CPU copies."""
+        obs = self._observed
+        if obs is None:
+            if (self._boundary_kind == "batches" or self._probe_loss is None
+                    or not self.policy.start_check_due(self.step)):
+                return
+            try:
+                obs = self._observed = ObservedStart(capture_state(
+                    self.model, self.optimizer, self.scheduler, self.scaler))
+            except Exception:
+                self._internal_error("saving the start state for the start check")
+                self.policy.start_checked(0)
+                return
+        obs.add(batch, group_rates(self.optimizer))
+
+    def start_check_boundary(self) -> None:
+        """At the step boundary of an adapter that calls :meth:`start_check_batch`: keep the
+        run's state after the first ``start_check_steps`` steps, and once the next
+        ``start_check_batches`` have been trained on, run the check on them (the run as it
+        was before them against the shadow; an adopted shadow also trains on them, at the
+        new rate, as the run would have done)."""
+        obs, rc = self._observed, self.recovery
+        if obs is None:
+            return
+        steps, k = rc.start_check_steps, rc.start_check_batches
+        if self.should_stop or self.policy.state.rollbacks:
+            self._skip_start_check("the run stopped" if self.should_stop else
+                                   "lrwatch rolled the run back meanwhile")
+        elif obs.run_state is None and self.step >= steps:
+            if self.step != steps or len(obs.batches) != steps:
+                self._skip_start_check(f"{len(obs.batches)} batches over the first "
+                                       f"{self.step} logged steps, not one per step")
+                return
+            try:
+                obs.run_state = capture_state(self.model, self.optimizer, self.scheduler,
+                                              self.scaler)
+            except Exception:
+                self._internal_error("saving the run's state for the start check")
+                self._skip_start_check("its state could not be saved")
+        elif obs.run_state is not None and self.step >= steps + k:
+            if self.step != steps + k or len(obs.held_out) != k:
+                self._skip_start_check(f"{len(obs.held_out)} batches over {k} steps, "
+                                       "not one per step")
+                return
+            self._observed = None
+            self._shadow_check(obs.start, obs.batches, obs.rates, obs.held_out,
+                               obs.run_state, obs.held_out_rates)
 
     def _measure_untrained(self, it: Iterator[T]) -> Iterator[T]:
         """Measure the untrained loss on the first batches of ``it``; they are yielded first."""

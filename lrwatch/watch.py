@@ -253,6 +253,7 @@ class Watcher(DataSide, PlanExecutor, StepPath):
         self.data_position = 0
         self.skipped_batches = 0
         self._boundary_kind: str | None = None
+        self._observed = None   # the start check's batches, where the framework draws them
         self.sender = make_sender(alerts, alertmanager, registry=self.registry,
                                   on_error=self.exporter.count_error)
         self.hook = hook

@@ -156,7 +156,8 @@ def log_completed_step(callback: Any) -> bool:
 
     ``callback`` has ``watcher``, ``_done`` (the step's metrics, or ``None``) and ``_eval``.
     Called at the framework's iteration boundary, where the Watcher flushes when due and carries
-    out rollback, skip, reduce_lr or stop. Returns whether the run must stop.
+    out rollback, skip, reduce_lr or stop, and runs the start check when it is due (on the
+    batches the adapter handed to ``start_check_batch``). Returns whether the run must stop.
     """
     w = callback.watcher
     if w is None:
@@ -165,4 +166,5 @@ def log_completed_step(callback: Any) -> bool:
         metrics = {**callback._done, **callback._eval}
         callback._done, callback._eval = None, {}
         w.log(**metrics)
+    w.start_check_boundary()
     return bool(w.should_stop)

@@ -253,6 +253,7 @@ class LrwatchCallback(pl.Callback):
                 self.watcher.measure_untrained(
                     _first_batches(trainer, self.watcher.untrained_batches))
             self.watcher.remember_batch(batch)   # for a rollback's range test
+            self.watcher.start_check_batch(batch)
         return None
 
     def _boundary(self, trainer: Any) -> None:

@@ -189,6 +189,7 @@ class LrwatchCallback(TrainerCallback):
             return
         if w is not None and kwargs and not args:
             w.remember_batch(dict(kwargs))
+            w.start_check_batch(dict(kwargs))
         loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             return

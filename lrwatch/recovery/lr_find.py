@@ -161,17 +161,24 @@ def _cycle(batches: Iterable[Any]) -> Iterator[Any]:
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any,
-               batch_loss: BatchLoss, batch: Any) -> torch.Tensor:
+               batch_loss: BatchLoss, batch: Any,
+               sync: Callable[[], None] | None = None) -> torch.Tensor:
     """One throw-away training step of a probe (a range test, the start check's shadow), with
-    the run's ``GradScaler`` when it has one; returns the loss."""
+    the run's ``GradScaler`` when it has one; returns the loss. ``sync`` runs between the
+    backward pass and the optimizer step (the shadow averages its gradients over the ranks
+    there when no wrapper does it)."""
     optimizer.zero_grad(set_to_none=True)
     loss = batch_loss(model, batch)
     if scaler is not None:
         scaler.scale(loss).backward()
+        if sync is not None:
+            sync()
         scaler.step(optimizer)
         scaler.update()
     else:
         loss.backward()
+        if sync is not None:
+            sync()
         optimizer.step()
     return loss
 

@@ -15,7 +15,7 @@ ranks, so all of them take the same decision.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -25,7 +25,7 @@ from ..actions.snapshot import _set_rng_state, capture_state, cpu_copy, restore_
 from .lr_find import BatchLoss, _dist_mean, reference_loss, set_group_rates, train_step
 from .start_check import StartVerdict
 
-__all__ = ["ShadowResult", "shadow_check", "group_rates"]
+__all__ = ["ObservedStart", "ShadowResult", "shadow_check", "group_rates"]
 
 
 @dataclass
@@ -33,6 +33,28 @@ class ShadowResult:
     verdict: StartVerdict
     steps: int       # shadow steps trained
     forwards: int    # held-out forwards (both models)
+
+
+@dataclass
+class ObservedStart:
+    """The start check's material when the framework draws the data (the Lightning and
+    ``transformers`` callbacks): the start state, the first batches with the rates they were
+    trained at, the run after them, then the held-out batches as the run meets them."""
+
+    start: Mapping[str, Any]
+    batches: list[Any] = field(default_factory=list)
+    rates: list[Any] = field(default_factory=list)
+    run_state: Mapping[str, Any] | None = None
+    held_out: list[Any] = field(default_factory=list)
+    held_out_rates: list[Any] = field(default_factory=list)
+
+    def add(self, batch: Any, rates: list[Any]) -> None:
+        if self.run_state is None:
+            self.batches.append(batch)
+            self.rates.append(rates)
+        else:
+            self.held_out.append(batch)
+            self.held_out_rates.append(rates)
 
 
 def group_rates(optimizer: torch.optim.Optimizer) -> list[Any]:
@@ -45,16 +67,44 @@ def _set_rates(optimizer: torch.optim.Optimizer, rates: Sequence[Any], factor: f
     set_group_rates(optimizer, [lr * factor for lr in rates])
 
 
+def _grad_sync(model: torch.nn.Module, group: Any) -> Callable[[], None] | None:
+    """What averages the shadow's gradients over the ranks (``group``; ``None``: the world, as
+    for the held-out losses), or ``None`` where nothing must: no process group, or a wrapper that does it (DDP) or shards them (FSDP, DTensor
+    parameters). The framework callbacks hand the Watcher the module inside the DDP wrapper,
+    so its shadow steps would otherwise leave every rank with weights of its own."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) < 2:
+        return None
+    for m in model.modules():
+        if isinstance(m, DistributedDataParallel) or type(m).__name__.startswith(
+                ("FullyShardedDataParallel", "FSDP")):
+            return None
+    params = [p for p in model.parameters() if p.requires_grad]
+    if any(type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor" for p in params):
+        return None
+    world = dist.get_world_size(group)
+
+    def sync() -> None:
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad, group=group)
+                p.grad.div_(world)
+    return sync
+
+
 def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any,
            batches: Sequence[Any], rates: Sequence[Sequence[Any]], factor: float,
-           batch_loss: BatchLoss, agree: Callable[[float], float]) -> int:
+           batch_loss: BatchLoss, agree: Callable[[float], float],
+           sync: Callable[[], None] | None = None) -> int:
     """The shadow's steps; stops at a non-finite loss (the shadow is then not adopted). The
     loss is agreed over the ranks, so that all of them stop at the same step."""
     model.train()
     done = 0
     for batch, lrs in zip(batches, rates):
         _set_rates(optimizer, lrs, factor)
-        loss = train_step(model, optimizer, scaler, batch_loss, batch)
+        loss = train_step(model, optimizer, scaler, batch_loss, batch, sync)
         done += 1
         if not math.isfinite(agree(float(loss.detach()))):   # a one-off check: it may sync
             break
@@ -67,23 +117,41 @@ def shadow_check(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sched
                  rates: Sequence[Sequence[Any]], held_out: Sequence[Any],
                  batch_loss: BatchLoss, factor: float,
                  decide: Callable[[list[float], list[float]], StartVerdict | None],
-                 process_group: Any = None) -> ShadowResult | None:
+                 process_group: Any = None, run_state: Mapping[str, Any] | None = None,
+                 held_out_rates: Sequence[Sequence[Any]] = ()) -> ShadowResult | None:
     """Run the check (see the module docstring). ``start``: :func:`capture_state` of the run
     before its first step; ``rates[i]``: the groups' rates batch ``i`` was trained at.
-    Returns ``None`` when ``decide`` gives no verdict (the run is then as it was)."""
+    Returns ``None`` when ``decide`` gives no verdict (the run is then as it was).
+
+    ``run_state`` (adapters whose framework draws the data, so that the held-out batches are
+    known only once the run has trained on them): the run as it was after ``batches``, scored
+    in place of the live model; an adopted shadow then also trains on ``held_out`` at
+    ``held_out_rates`` x ``factor`` (what the run would have done after adopting it at once)."""
     agree = _dist_mean(process_group) or (lambda x: x)
     modes = [(m, m.training) for m in model.modules()]
-    real = [agree(reference_loss(model, batch_loss, b)) for b in held_out]
     lrs_now = group_rates(optimizer)
     now = capture_state(model, optimizer, scheduler, scaler)
-    adopted = False
+    adopted, verdict, steps = False, None, 0
     try:
+        if run_state is not None:
+            restore_state(run_state, model, optimizer, scheduler, scaler)
+        real = [agree(reference_loss(model, batch_loss, b)) for b in held_out]
         restore_state(start, model, optimizer, scheduler, scaler)
-        steps = _train(model, optimizer, scaler, batches, rates, factor, batch_loss, agree)
+        sync = _grad_sync(model, process_group)
+        steps = _train(model, optimizer, scaler, batches, rates, factor, batch_loss, agree,
+                       sync)
         shadow = [agree(reference_loss(model, batch_loss, b)) for b in held_out]
         if steps < len(batches):
             shadow = [math.inf] * len(held_out)
         verdict = decide(real, shadow)
+        if verdict is not None and verdict.adopt and run_state is not None:
+            more = _train(model, optimizer, scaler, held_out, held_out_rates, factor,
+                          batch_loss, agree, sync)
+            steps += more
+            if more < len(held_out):    # it blew up on them after all: keep the run
+                verdict = replace(verdict, adopt=False,
+                                  reason=verdict.reason + "; the shadow then failed on the "
+                                  "held-out batches")
         if verdict is not None and verdict.adopt:
             # the shadow's weights and optimizer state; the run's schedule position and RNG
             if scheduler is not None and now.get("scheduler") is not None:

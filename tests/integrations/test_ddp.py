@@ -166,6 +166,25 @@ def test_lightning_ddp_export_all_writes_one_trace_per_rank(tmp_path: Path) -> N
         assert re.search(rf'^lrwatch_step{{[^}}]*rank="{r["rank"]}"[^}}]*}} ', r["metrics"], re.M)
 
 
+def test_lightning_ddp_start_check_adopts_on_every_rank_with_identical_weights(
+        tmp_path: Path) -> None:
+    """A rate far too high under Lightning's DDP: the callback's Watcher holds the module
+    inside the DDP wrapper, so the shadow averages its own gradients over the ranks; both
+    ranks adopt it at the same step and end with the same weights. (At 7.0 the shadow's
+    held-out loss is a seventeenth of the run's, but the run's losses spread so widely that
+    the paired t is 1.9: the confidence is lowered to 75% so that the check adopts.)"""
+    results = _lightning(tmp_path / "run", "--lr", "7.0", "--start-check", "auto",
+                         "--check-confidence", "0.75", "--steps", "30")
+    r0, r1 = results
+    assert r0["start_checks"] == r1["start_checks"] and len(r0["start_checks"]) == 1
+    check = r0["start_checks"][0]
+    assert check["step"] == 16 and check["lr_factor"] == pytest.approx(0.1)
+    assert r0["probe_steps"] == r1["probe_steps"] == 20
+    assert r0["weights"] == r1["weights"] and r0["finite"]
+    assert r0["lr"] == r1["lr"] == pytest.approx(0.7)
+    assert r0["global_step"] == r0["watcher_step"] == 30
+
+
 def test_hf_trainer_ddp_norms_loss_rank0_export_and_nan_on_one_rank(tmp_path: Path) -> None:
     nan_at, steps = NAN_AT["hf"], 30
     out = tmp_path / "run"
@@ -187,6 +206,21 @@ def test_hf_trainer_ddp_norms_loss_rank0_export_and_nan_on_one_rank(tmp_path: Pa
     text = results[0]["metrics"]
     assert _metric(text, "lrwatch_rollbacks_total") == 1
     assert _metric(text, "lrwatch_training_steps_total") >= steps - 5
+
+
+def test_hf_trainer_ddp_start_check_adopts_on_every_rank_with_identical_weights(
+        tmp_path: Path) -> None:
+    """The same under the HF Trainer (torchrun, AdamW 100x its rate): the callback's Watcher
+    holds the model inside the DDP wrapper too."""
+    results = _hf(tmp_path / "run", "--lr", "0.3", "--start-check", "auto", "--steps", "24")
+    r0, r1 = results
+    assert r0["start_checks"] == r1["start_checks"] and len(r0["start_checks"]) == 1
+    check = r0["start_checks"][0]
+    assert check["step"] == 16 and check["lr_factor"] == pytest.approx(0.1)
+    assert r0["probe_steps"] == r1["probe_steps"] == 20
+    assert r0["weights"] == r1["weights"] and r0["finite"]
+    assert r0["lr"] == r1["lr"] == pytest.approx(0.03)
+    assert r0["global_step"] == r0["watcher_step"] == 24
 
 
 def test_hf_trainer_ddp_export_all_writes_one_trace_per_rank(tmp_path: Path) -> None:

@@ -136,7 +136,8 @@ def test_injected_divergence_is_rolled_back_and_the_run_finishes_healthy(tmp_pat
     trace = tmp_path / "run.jsonl"
     cb = LrwatchCallback(trace=str(trace), flush_every=2,
                          recovery={"good_after": 4, "min_interval": 5, "cooldown": 0,
-                                   "lr_factor": 0.5, "skip_batches": 3})
+                                   "lr_factor": 0.5, "skip_batches": 3,
+                                   "start_check": "off"})   # its shadow steps add to `seen`
     model = TinyMLP(sched=False)
     trainer = _trainer(tmp_path, [cb, LrBomb(at=25)], max_steps=70)
     trainer.fit(model, _loader())
@@ -338,7 +339,9 @@ def _noisy_loader(n: int = 6400, batch: int = 16) -> Any:
 @pytest.mark.parametrize("sched", [False, True])
 def test_a_stalled_loss_halves_the_rate_only_without_a_scheduler(tmp_path: Path,
                                                                  sched: bool) -> None:
-    cb = LrwatchCallback(flush_every=10, trace=str(tmp_path / "t.jsonl"))
+    # the start check is off: it is not what this tests (here it adopts a tenth of the rate)
+    cb = LrwatchCallback(flush_every=10, trace=str(tmp_path / "t.jsonl"),
+                         recovery={"start_check": "off"})
     model = TinyMLP(lr=0.05, sched=sched)
     _trainer(tmp_path, [cb], max_steps=400).fit(model, _noisy_loader())
     w = cb.watcher
@@ -353,3 +356,57 @@ def test_a_stalled_loss_halves_the_rate_only_without_a_scheduler(tmp_path: Path,
     else:
         cuts = w.policy.state.lr_reductions
         assert cuts >= 1 and lr == pytest.approx(0.05 * 0.5 ** cuts)
+
+
+def _check_run(tmp_path: Path, name: str, lr: float, check: str, **kw: Any) -> tuple:
+    torch.manual_seed(0)
+    model = TinyMLP(lr=lr, sched=True)
+    cb = LrwatchCallback(trace=str(tmp_path / f"{name}.jsonl"), flush_every=5,
+                         recovery={"start_check": check})
+    trainer = _trainer(tmp_path, [cb], max_steps=40, **kw)
+    trainer.fit(model, _loader())
+    samples = list(read_trace(tmp_path / f"{name}.jsonl"))
+    events = [e for s in samples for e in s.events if e.get("type") == "start_check"]
+    return model, cb.watcher, trainer, samples, events
+
+
+def test_the_start_check_goes_on_at_a_tenth_of_a_rate_far_too_high(tmp_path: Path) -> None:
+    """Lightning draws the data, so the callback hands the check the batches it meets: the
+    first 10 trained on, then 6 the run had not seen when its state after step 10 was kept.
+    The shadow wins; having also trained on those 6 it takes over at step 16. The run is
+    then, bit for bit, the run configured at a tenth of the rate from the start."""
+    model, w, trainer, _, events = _check_run(tmp_path, "hot", 3.0, "auto")
+    ref, _, ref_trainer, _, none = _check_run(tmp_path, "tenth", 0.3, "off")
+    assert none == [] and len(events) == 1
+    e = events[0]
+    assert e["step"] == 16 and e["lr_factor"] == pytest.approx(0.1)
+    assert e["shadow_loss"] < e["held_out_loss"]
+    # booked: 10 shadow steps, 6 more on the held-out batches, 12 forwards at a third
+    assert e["steps"] == 16 and e["cost_steps"] == 20 and w.policy.state.probe_steps == 20
+    assert w.policy.rollbacks == 0 and trainer.global_step == 40 and w.step == 40
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+    assert (trainer.optimizers[0].param_groups[0]["lr"]
+            == pytest.approx(ref_trainer.optimizers[0].param_groups[0]["lr"]))
+
+
+def test_a_good_rate_stands_and_the_start_check_leaves_no_trace(tmp_path: Path) -> None:
+    model, w, _, samples, events = _check_run(tmp_path, "on", 0.05, "auto")
+    ref, _, _, ref_samples, _ = _check_run(tmp_path, "off", 0.05, "off")
+    assert len(events) == 1 and events[0]["lr_factor"] == 1.0
+    assert events[0]["steps"] == 10 and w.policy.state.probe_steps == 14
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+    assert ([s.values["loss"] for s in samples] == [s.values["loss"] for s in ref_samples])
+
+
+def test_the_start_check_is_skipped_under_gradient_accumulation(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two batches per optimizer step: the shadow could not repeat the run's steps, so the
+    check says why it is skipped, books nothing and changes nothing."""
+    import logging
+    with caplog.at_level(logging.INFO, logger="lrwatch"):
+        model, w, _, _, events = _check_run(tmp_path, "acc", 3.0, "auto",
+                                            accumulate_grad_batches=2)
+    ref, _, _, _, _ = _check_run(tmp_path, "acc_off", 3.0, "off", accumulate_grad_batches=2)
+    assert events == [] and w.policy.state.probe_steps == 0
+    assert "start check skipped (20 batches over the first 10 logged steps" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))

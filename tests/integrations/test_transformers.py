@@ -268,3 +268,48 @@ def test_the_untrained_loss_is_measured_on_sampled_batches_and_changes_nothing(
         losses = sorted(float(ref(**_collate([ds[i] for i in order[k * 8:(k + 1) * 8]])).loss)
                         for k in range(8))
     assert got == pytest.approx((losses[3] + losses[4]) / 2, rel=1e-4)
+
+
+def _check_run(tmp_path: Path, name: str, lr: float, check: str, **kw: Any) -> tuple:
+    model = _model_no_dropout()
+    cb = LrwatchCallback(trace=str(tmp_path / f"{name}.jsonl"), flush_every=5,
+                         recovery={"start_check": check})
+    trainer = _train(tmp_path, cb, model=model, max_steps=30, learning_rate=lr, **kw)
+    samples = list(read_trace(tmp_path / f"{name}.jsonl"))
+    events = [e for s in samples for e in s.events if e.get("type") == "start_check"]
+    return model, cb.watcher, trainer, samples, events
+
+
+def test_the_start_check_goes_on_at_a_tenth_of_a_rate_far_too_high(tmp_path: Path) -> None:
+    """The Trainer draws the data: the forward hook hands the check the batches (the first
+    10, then the 6 held out), and the check runs at a step boundary (on_step_begin), never
+    inside a forward. An adopted shadow makes the run, bit for bit, the one configured at a
+    tenth of the rate from the start (AdamW, constant schedule)."""
+    model, w, trainer, _, events = _check_run(tmp_path, "hot", 0.3, "auto", max_grad_norm=0.0)
+    ref, _, ref_trainer, _, none = _check_run(tmp_path, "tenth", 0.03, "off",
+                                              max_grad_norm=0.0)
+    assert none == [] and len(events) == 1
+    e = events[0]
+    assert e["step"] == 16 and e["lr_factor"] == pytest.approx(0.1)
+    assert e["steps"] == 16 and e["cost_steps"] == 20 and w.policy.state.probe_steps == 20
+    assert w.policy.rollbacks == 0 and trainer.state.global_step == 30 and w.step == 30
+    state, want = model.state_dict(), ref.state_dict()
+    assert all(torch.equal(state[k], want[k]) for k in want)
+    assert (trainer.optimizer.param_groups[0]["lr"]
+            == pytest.approx(ref_trainer.optimizer.param_groups[0]["lr"]))
+
+
+def test_a_good_rate_stands_and_the_start_check_leaves_no_trace(tmp_path: Path) -> None:
+    model, w, _, samples, events = _check_run(tmp_path, "on", 3e-3, "auto")
+    ref, _, _, ref_samples, _ = _check_run(tmp_path, "off", 3e-3, "off")
+    assert len(events) == 1 and events[0]["lr_factor"] == 1.0
+    assert w.policy.state.probe_steps == 14
+    state, want = model.state_dict(), ref.state_dict()
+    assert all(torch.equal(state[k], want[k]) for k in want)
+    assert [s.values["loss"] for s in samples] == [s.values["loss"] for s in ref_samples]
+
+
+def test_the_start_check_is_skipped_under_gradient_accumulation(tmp_path: Path) -> None:
+    _, w, _, _, events = _check_run(tmp_path, "acc", 0.3, "auto",
+                                    gradient_accumulation_steps=2)
+    assert events == [] and w.policy.state.probe_steps == 0

@@ -121,6 +121,10 @@ def main() -> None:
     ap.add_argument("--export", default="rank0")
     ap.add_argument("--nan-at", type=int, default=None)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--lr", type=float, default=LR)
+    # off by default: its shadow's forwards would add to `seen`
+    ap.add_argument("--start-check", default="off")
+    ap.add_argument("--check-confidence", type=float, default=0.95)
     a = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(a.out)
@@ -131,11 +135,12 @@ def main() -> None:
 
     cb = LrwatchCallback(export=a.export, port=0, trace=str(out / "trace.jsonl"), flush_every=5,
                          listeners=[keep],
-                         recovery={"guard": "off",
+                         recovery={"guard": "off", "start_check": a.start_check,
+                                   "start_check_confidence": a.check_confidence,
                                    "good_after": 5, "min_interval": 5, "skip_batches": 2})
     model = make_model()
     args = TrainingArguments(
-        output_dir=str(out / "hf"), per_device_train_batch_size=BATCH, learning_rate=LR,
+        output_dir=str(out / "hf"), per_device_train_batch_size=BATCH, learning_rate=a.lr,
         max_steps=a.steps, logging_steps=5, report_to=[], save_strategy="no", use_cpu=True,
         ddp_backend="gloo", disable_tqdm=True, seed=0, lr_scheduler_type="constant",
         max_grad_norm=CLIP, weight_decay=0.0, remove_unused_columns=False,
@@ -153,6 +158,8 @@ def main() -> None:
         "global_step": trainer.state.global_step, "watcher_step": w.step,
         "metrics_url": scrape.url, "metrics": scrape.text,
         "events": [e for e in events if e.get("type") in ("rollback", "skip", "stop")],
+        "start_checks": [e for e in events if e.get("type") == "start_check"],
+        "probe_steps": w.policy.state.probe_steps,
         "rollbacks": w.policy.rollbacks, "skipped_batches": w.skipped_batches,
         "data_position": w.data_position,
         "weights": flat.tolist(), "finite": bool(torch.isfinite(flat).all()),

@@ -3,6 +3,7 @@
 Run as a program (Lightning's subprocess launcher re-executes this file for rank 1)::
 
     python lightning_ddp.py --out DIR [--export rank0|all] [--nan-at STEP] [--steps N]
+                            [--lr LR] [--start-check off|auto] [--check-confidence P]
 
 Every rank writes ``DIR/rank{r}.json`` (what its Watcher saw and did, and its final weights);
 rank 0 also writes the single-process reference gradient norms on the same global batches.
@@ -41,10 +42,10 @@ def net() -> nn.Module:
 
 
 class Tiny(pl.LightningModule):
-    def __init__(self, nan_at: int | None) -> None:
+    def __init__(self, nan_at: int | None, lr: float = LR) -> None:
         super().__init__()
         self.net = net()
-        self.nan_at = nan_at
+        self.nan_at, self.lr = nan_at, lr
         self.seen: list[list[int]] = []  # the sample ids of every batch this rank trained on
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -57,7 +58,7 @@ class Tiny(pl.LightningModule):
         return loss
 
     def configure_optimizers(self) -> Any:
-        return torch.optim.SGD(self.parameters(), lr=LR)
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
 class Scrape(pl.Callback):
@@ -98,6 +99,10 @@ def main() -> None:
     ap.add_argument("--export", default="rank0")
     ap.add_argument("--nan-at", type=int, default=None)
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--lr", type=float, default=LR)
+    # off by default: its shadow's training_step calls would add to `seen`
+    ap.add_argument("--start-check", default="off")
+    ap.add_argument("--check-confidence", type=float, default=0.95)
     a = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(a.out)
@@ -108,9 +113,10 @@ def main() -> None:
 
     cb = LrwatchCallback(export=a.export, port=0, trace=str(out / "trace.jsonl"), flush_every=5,
                          listeners=[keep],
-                         recovery={"guard": "off",
+                         recovery={"guard": "off", "start_check": a.start_check,
+                                   "start_check_confidence": a.check_confidence,
                                    "good_after": 5, "min_interval": 5, "skip_batches": 2})
-    model = Tiny(a.nan_at)
+    model = Tiny(a.nan_at, a.lr)
     loader = torch.utils.data.DataLoader(data(), batch_size=BATCH, shuffle=False)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=a.steps,
                          default_root_dir=str(out), logger=False, enable_checkpointing=False,
@@ -126,6 +132,8 @@ def main() -> None:
         "global_step": trainer.global_step, "watcher_step": w.step,
         "metrics_url": scrape.url, "metrics": scrape.text,
         "events": [e for e in events if e.get("type") in ("rollback", "skip", "stop")],
+        "start_checks": [e for e in events if e.get("type") == "start_check"],
+        "probe_steps": w.policy.state.probe_steps,
         "rollbacks": w.policy.rollbacks, "skipped_batches": w.skipped_batches,
         "data_position": w.data_position,
         "weights": flat.tolist(), "finite": bool(torch.isfinite(flat).all()),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -12,7 +13,8 @@ from ..errors import ConfigError
 from ..watch import rank_trace_path
 
 __all__ = ["SkipSampler", "wrap_dataloader", "export_kwargs", "eval_name", "scalar",
-           "EXPORT_CHOICES", "reapply_best"]
+           "EXPORT_CHOICES", "reapply_best", "check_lr_find", "lr_find_args",
+           "start_at_suggestion"]
 
 
 class SkipSampler:
@@ -168,3 +170,32 @@ def log_completed_step(callback: Any) -> bool:
         w.log(**metrics)
     w.start_check_boundary()
     return bool(w.should_stop)
+
+
+def check_lr_find(lr_find: Any) -> Any:
+    """The callbacks' ``lr_find`` argument: ``True``/``False`` or a dict of ``lr_find`` args."""
+    if not isinstance(lr_find, (bool, Mapping)):
+        raise ConfigError(f"lr_find must be True/False or a dict of lrwatch.lr_find "
+                          f"arguments, got {type(lr_find).__name__}")
+    return lr_find
+
+
+def lr_find_args(lr_find: Any) -> dict[str, Any]:
+    return dict(lr_find) if isinstance(lr_find, Mapping) else {}
+
+
+def start_at_suggestion(curve: Any, optimizer: Any, scheduler: Any) -> None:
+    """Scale every rate the optimizer and scheduler hold so that group 0 starts at the range
+    test's suggestion (the schedule keeps its shape), and say so; without a suggestion the
+    configured rate stays (a warning says why)."""
+    from ..actions.rollback import scale_learning_rate
+
+    log = logging.getLogger("lrwatch")
+    if curve.suggestion is None:
+        log.warning("lrwatch: lr_find: %s; the configured rate stays", curve.reason)
+        return
+    current = float(optimizer.param_groups[0]["lr"])
+    factor = curve.suggestion / current if current > 0 else 1.0
+    scale_learning_rate(optimizer, scheduler, factor)
+    log.warning("lrwatch: lr_find: starting at %.3g (x%.3g of the configured %.3g): %s",
+                curve.suggestion, factor, current, curve.reason)

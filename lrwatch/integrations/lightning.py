@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import logging
 from typing import Any, Mapping
 
 import torch
@@ -44,8 +43,9 @@ except ImportError:  # pragma: no cover - depends on what is installed
 
 from ..errors import ConfigError
 from ..watch import Watcher
-from ._common import (check_export, eval_name, export_kwargs, log_completed_step,
-                      reapply_best, scalar, wrap_dataloader)
+from ._common import (check_export, check_lr_find, eval_name, export_kwargs,
+                      log_completed_step, lr_find_args, reapply_best, scalar,
+                      start_at_suggestion, wrap_dataloader)
 
 __all__ = ["LrwatchCallback"]
 
@@ -84,10 +84,7 @@ class LrwatchCallback(pl.Callback):
                  eval_prefixes: tuple[str, ...] = ("val_", "val/", "validation_"),
                  lr_find: bool | Mapping[str, Any] = False,
                  **watcher_kwargs: Any) -> None:
-        if not isinstance(lr_find, (bool, Mapping)):
-            raise ConfigError(f"lr_find must be True/False or a dict of lrwatch.lr_find "
-                              f"arguments, got {type(lr_find).__name__}")
-        self.lr_find = lr_find
+        self.lr_find = check_lr_find(lr_find)
         self.lr_find_result: Any = None
         bad = sorted(set(watcher_kwargs) - (_WATCHER_ARGS - set(_FROM_TRAINER)))
         if bad:
@@ -152,25 +149,15 @@ class LrwatchCallback(pl.Callback):
     def _find_lr(self, trainer: Any, pl_module: Any, opt: Any, sched: Any,
                  scaler: Any) -> None:
         """The range test before training; start at its suggestion (see ``lr_find``)."""
-        from ..actions.rollback import scale_learning_rate
         from ..recovery.lr_find import lr_find
 
         loader = getattr(trainer, "train_dataloader", None)
         if loader is None:
             raise ConfigError("lr_find=True needs a training dataloader")
-        args = dict(self.lr_find) if isinstance(self.lr_find, Mapping) else {}
         curve = lr_find(pl_module, opt, loader, batch_loss=_training_step_loss,
-                        scheduler=sched, scaler=scaler, **args)
+                        scheduler=sched, scaler=scaler, **lr_find_args(self.lr_find))
         self.lr_find_result = curve
-        log = logging.getLogger("lrwatch")
-        if curve.suggestion is None:
-            log.warning("lrwatch: lr_find: %s; the configured rate stays", curve.reason)
-            return
-        current = float(opt.param_groups[0]["lr"])
-        factor = curve.suggestion / current if current > 0 else 1.0
-        scale_learning_rate(opt, sched, factor)
-        log.warning("lrwatch: lr_find: starting at %.3g (x%.3g of the configured %.3g): %s",
-                    curve.suggestion, factor, current, curve.reason)
+        start_at_suggestion(curve, opt, sched)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._wrap_data(trainer)  # reload_dataloaders_every_n_epochs builds new loaders

@@ -31,6 +31,7 @@ read back when the Trainer resumes from that checkpoint.
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import os
 import warnings
@@ -46,8 +47,9 @@ except ImportError as exc:  # pragma: no cover - depends on what is installed
 
 from ..errors import ConfigError
 from ..watch import Watcher
-from ._common import (check_export, eval_name, export_kwargs, log_completed_step,
-                      reapply_best, scalar, wrap_dataloader)
+from ._common import (check_export, check_lr_find, eval_name, export_kwargs,
+                      log_completed_step, lr_find_args, reapply_best, scalar,
+                      start_at_suggestion, wrap_dataloader)
 
 __all__ = ["LrwatchCallback", "STATE_FILE"]
 
@@ -71,12 +73,23 @@ class LrwatchCallback(TrainerCallback):
         A checkpoint folder to read lrwatch's state from. By default, when the Trainer starts at
         a global step above zero, ``output_dir/checkpoint-{global_step}`` is used if it holds
         lrwatch's state.
+    lr_find:
+        Before the first step, run a learning-rate range test (:func:`lrwatch.lr_find`) with
+        the model's own loss on batches of the training dataset (drawn with a private
+        generator and collated by the dataloader's ``collate_fn``: the Trainer's dataloader
+        is not iterated), and start from its suggestion: every rate the optimizer and
+        scheduler hold is scaled so that group 0 starts at it (the schedule keeps its shape).
+        ``True``, or a dict of ``lr_find`` arguments (``num_steps``, ``min_lr``, ``max_lr``,
+        ``fraction``, ...). The model, optimizer state and RNG are left as they were; the
+        result is in :attr:`lr_find_result`. Needs a map-style training dataset.
     **watcher_kwargs:
         Any :class:`~lrwatch.watch.Watcher` argument except the ones taken from the Trainer.
     """
 
     def __init__(self, *, export: str = "rank0", resume_from: str | None = None,
-                 **watcher_kwargs: Any) -> None:
+                 lr_find: bool | Mapping[str, Any] = False, **watcher_kwargs: Any) -> None:
+        self.lr_find = check_lr_find(lr_find)
+        self.lr_find_result: Any = None
         bad = sorted(set(watcher_kwargs) - (_WATCHER_ARGS - set(_FROM_TRAINER)))
         if bad:
             valid = sorted(_WATCHER_ARGS - set(_FROM_TRAINER))
@@ -136,6 +149,8 @@ class LrwatchCallback(TrainerCallback):
             warnings.warn("lrwatch: with fp16 and a GradScaler the Trainer unscales gradients "
                           "only when it clips them; lrwatch measures them at "
                           "on_pre_optimizer_step, after clipping", stacklevel=2)
+        if self.lr_find and self.lr_find_result is None and int(state.global_step) == 0:
+            self._find_lr(args, model, inner, sched, scaler, train_dataloader)
         rank = int(getattr(args, "process_index", 0) or 0)
         kw = export_kwargs(self.watcher_kwargs, rank, self.export)
         # A rollback that must measure its rate (recovery probe="auto") runs the model on the
@@ -158,6 +173,23 @@ class LrwatchCallback(TrainerCallback):
             w.measure_untrained(_sample_batches(
                 train_dataloader, w.untrained_batches,
                 int(getattr(args, "per_device_train_batch_size", 0) or 0), model))
+
+    def _find_lr(self, args: Any, model: Any, optimizer: Any, sched: Any, scaler: Any,
+                 loader: Any) -> None:
+        """The range test before training; start at its suggestion (see ``lr_find``)."""
+        from ..recovery.lr_find import lr_find
+
+        batches = _DatasetBatches.of(
+            loader, int(getattr(args, "per_device_train_batch_size", 0) or 0), model)
+        if batches is None:
+            raise ConfigError("lr_find=True needs the Trainer's training dataloader over a "
+                              "map-style dataset (with __len__ and __getitem__) and a "
+                              "collate_fn; for an iterable dataset call lrwatch.lr_find "
+                              "yourself before training")
+        curve = lr_find(model, optimizer, batches, batch_loss=_model_loss, scheduler=sched,
+                        scaler=scaler, **lr_find_args(self.lr_find))
+        self.lr_find_result = curve
+        start_at_suggestion(curve, optimizer, sched)
 
     def _saved_state(self, args: Any, state: Any) -> dict[str, Any] | None:
         folder = self.resume_from
@@ -289,26 +321,46 @@ class LrwatchCallback(TrainerCallback):
             self.watcher.load_state_dict(state)
 
 
+class _DatasetBatches:
+    """Batches of the training dataset, drawn with a private generator (``seed``) and collated
+    by the dataloader's ``collate_fn``, on the model's device; iterating again gives the same
+    batches. The Trainer's own dataloader is never iterated (accelerate's keeps state across
+    passes) and no global random generator moves."""
+
+    def __init__(self, dataset: Any, collate: Any, batch_size: int, device: Any,
+                 seed: int = 0) -> None:
+        self.dataset, self.collate, self.batch_size = dataset, collate, batch_size
+        self.device, self.seed = device, seed
+
+    @classmethod
+    def of(cls, loader: Any, batch_size: int, model: Any) -> _DatasetBatches | None:
+        """``None`` for an iterable dataset or a loader without a dataset or ``collate_fn``."""
+        ds = getattr(loader, "dataset", None)
+        collate = getattr(loader, "collate_fn", None)
+        if (batch_size < 1 or collate is None or ds is None
+                or isinstance(ds, torch.utils.data.IterableDataset)
+                or not hasattr(ds, "__len__") or not hasattr(ds, "__getitem__")
+                or len(ds) < batch_size):
+            return None
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        return cls(ds, collate, batch_size, device)
+
+    def __iter__(self) -> Any:
+        n, bs = len(self.dataset), self.batch_size
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        for k in range(n // bs):
+            batch = self.collate([self.dataset[i] for i in order[k * bs:(k + 1) * bs]])
+            if isinstance(batch, Mapping):
+                batch = {key: v.to(self.device, non_blocking=True)
+                         if isinstance(v, torch.Tensor) else v for key, v in batch.items()}
+            yield batch
+
+
 def _sample_batches(loader: Any, n: int, batch_size: int, model: Any) -> list[Any]:
-    """``n`` batches of the training data for the untrained loss, drawn from the dataloader's
-    dataset with a private generator and collated by its ``collate_fn``, on the model's device.
-    The Trainer's own dataloader is not iterated (accelerate's keeps state across passes) and
-    no global random generator moves. Empty for an iterable dataset or a loader without them."""
-    ds, collate = getattr(loader, "dataset", None), getattr(loader, "collate_fn", None)
-    if (batch_size < 1 or collate is None or ds is None
-            or isinstance(ds, torch.utils.data.IterableDataset)
-            or not hasattr(ds, "__len__") or not hasattr(ds, "__getitem__")):
-        return []
-    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    batches = []
-    for k in range(min(n, len(order) // batch_size)):
-        batch = collate([ds[i] for i in order[k * batch_size:(k + 1) * batch_size]])
-        if isinstance(batch, Mapping):
-            batch = {key: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                     for key, v in batch.items()}
-        batches.append(batch)
-    return batches
+    """``n`` batches of the training data for the untrained loss (:class:`_DatasetBatches`,
+    seed 0); empty for an iterable dataset or a loader without a dataset or ``collate_fn``."""
+    batches = _DatasetBatches.of(loader, batch_size, model)
+    return [] if batches is None else list(itertools.islice(iter(batches), n))
 
 
 def _model_loss(model: Any, batch: Mapping[str, Any]) -> torch.Tensor:

@@ -313,3 +313,48 @@ def test_the_start_check_is_skipped_under_gradient_accumulation(tmp_path: Path) 
     _, w, _, _, events = _check_run(tmp_path, "acc", 0.3, "auto",
                                     gradient_accumulation_steps=2)
     assert events == [] and w.policy.state.probe_steps == 0
+
+
+def test_lr_find_before_training_starts_at_the_measured_rate(tmp_path: Path) -> None:
+    """AdamW at 3.0 (a thousand times too high): with lr_find=True the range test runs before
+    the first step on batches sampled from the training dataset with the model's own loss,
+    and the run starts at its suggestion -- exactly the run configured at that rate (the
+    model, optimizer, RNG and the Trainer's dataloader untouched by the test)."""
+    trace = tmp_path / "run.jsonl"
+    off = {"start_check": "off"}
+    cb = LrwatchCallback(trace=str(trace), flush_every=5, lr_find={"num_steps": 60},
+                         recovery=off)
+    model = _model_no_dropout()
+    trainer = _train(tmp_path, cb, model=model, max_steps=40, learning_rate=3.0)
+    curve = cb.lr_find_result
+    assert curve is not None and curve.suggestion is not None and curve.suggestion < 0.3
+    samples = list(read_trace(trace))
+    assert samples[0].values["lr"] == pytest.approx(curve.suggestion, rel=1e-6)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(curve.suggestion, rel=1e-6)
+    assert cb.watcher is not None and cb.watcher.policy.rollbacks == 0
+    assert samples[-1].values["loss"] < samples[0].values["loss"] / 2
+    # the same run configured at the suggestion, without the test
+    ref = _model_no_dropout()
+    ref_cb = LrwatchCallback(trace=str(tmp_path / "ref.jsonl"), flush_every=5, recovery=off)
+    _train(tmp_path, ref_cb, model=ref, max_steps=40, learning_rate=curve.suggestion)
+    got, want = model.state_dict(), ref.state_dict()
+    assert all(torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-6) for k in want)
+    ref_losses = [s.values["loss"] for s in read_trace(tmp_path / "ref.jsonl")]
+    assert [s.values["loss"] for s in samples] == pytest.approx(ref_losses, rel=1e-4)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self) -> Any:
+        data = Seqs(64)
+        return (data[i] for i in range(len(data)))
+
+
+def test_lr_find_needs_a_map_style_dataset(tmp_path: Path) -> None:
+    from lrwatch.errors import ConfigError
+    with pytest.raises(ConfigError, match="lr_find must be True/False or a dict"):
+        LrwatchCallback(lr_find="yes")
+    cb = LrwatchCallback(lr_find=True)
+    trainer = Trainer(model=_model(), args=_args(tmp_path, max_steps=2),
+                      train_dataset=_Stream(), data_collator=_collate, callbacks=[cb])
+    with pytest.raises(ConfigError, match="map-style dataset"):
+        trainer.train()

@@ -229,11 +229,11 @@ def _watched_mse_loop(w: lrwatch.Watcher, model: nn.Module, opt: torch.optim.Opt
     w.close()
 
 
-def probe_restart(rank: int, world: int, store: str, out: str) -> None:
-    """SGD far too hot under DDP: every rank restarts and measures the same rate in lock-step
-    (each on its own shard of the batches)."""
+def probe_restart(rank: int, world: int, store: str, out: str, kind: str = "ddp") -> None:
+    """SGD far too hot under DDP (or FSDP2): every rank restarts and measures the same rate in
+    lock-step (each on its own shard of the batches)."""
     init(rank, world, store)
-    model = nn.parallel.DistributedDataParallel(_model())
+    model = _wrapped(kind)
     opt = torch.optim.SGD(model.parameters(), lr=8.0)
     events: list[dict[str, Any]] = []
     shard_of = {}
@@ -251,7 +251,7 @@ def probe_restart(rank: int, world: int, store: str, out: str) -> None:
                         recovery={"good_after": 10, "min_interval": 5, "restart_warmup": 10,
                                   "probe": "auto", "start_check": "off"})
     _watched_mse_loop(w, model, opt, stream(), events, steps=80)
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    flat = torch.tensor(_full_weights(model))
     _write(out, rank, {
         "events": [(e["type"], e["step"], e.get("to_step"), e.get("lr_factor"),
                     e.get("steps")) for e in events
@@ -262,12 +262,13 @@ def probe_restart(rank: int, world: int, store: str, out: str) -> None:
     finish()
 
 
-def start_check(rank: int, world: int, store: str, out: str) -> None:
-    """SGD far too hot under DDP, with the defaults: every rank trains its own shadow at a
-    tenth on its own shard; the held-out losses are averaged over the ranks, so all of them
-    adopt it at the same step and stay identical."""
+def start_check(rank: int, world: int, store: str, out: str, kind: str = "ddp") -> None:
+    """SGD far too hot under DDP (or FSDP2), with the defaults: every rank trains its own
+    shadow at a tenth on its own shard (the wrapper reduces its gradients; under FSDP2 the
+    states are captured and restored as sharded state dicts); the held-out losses are averaged
+    over the ranks, so all of them adopt it at the same step and stay identical."""
     init(rank, world, store)
-    model = nn.parallel.DistributedDataParallel(_model())
+    model = _wrapped(kind)
     opt = torch.optim.SGD(model.parameters(), lr=0.6)   # higher blows up before step 10
     events: list[dict[str, Any]] = []
 
@@ -282,11 +283,10 @@ def start_check(rank: int, world: int, store: str, out: str) -> None:
 
     w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=probe_loss)
     _watched_mse_loop(w, model, opt, stream(), events, steps=40)
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
     _write(out, rank, {
         "checks": [(e["step"], e["lr_factor"], e["held_out_loss"], e["shadow_loss"])
                    for e in events if e.get("type") == "start_check"],
-        "weights": flat.tolist(), "lr": opt.param_groups[0]["lr"], "step": w.step,
+        "weights": _full_weights(model), "lr": opt.param_groups[0]["lr"], "step": w.step,
         "probe_steps": w.policy.state.probe_steps})
     finish()
 
@@ -312,3 +312,26 @@ def stall_cut(rank: int, world: int, store: str, out: str) -> None:
                        "lr": opt.param_groups[0]["lr"], "weights": flat.tolist()[:50],
                        "weights_sum": float(flat.double().sum())})
     finish()
+
+
+def _fsdp_model() -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def _wrapped(kind: str) -> nn.Module:
+    """The test model under DDP (``"ddp"``) or FSDP2 (``"fsdp"``: every layer sharded)."""
+    return nn.parallel.DistributedDataParallel(_model()) if kind == "ddp" else _fsdp_model()
+
+
+def _full_weights(model: nn.Module) -> list[float]:
+    """Every parameter gathered whole (FSDP2 parameters are DTensor shards)."""
+    full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
+    return torch.cat([t.detach().flatten() for t in full]).tolist()
+

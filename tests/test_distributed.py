@@ -66,8 +66,10 @@ def test_nan_on_one_rank_is_held_back_on_every_rank_by_default(tmp_path: Path) -
         assert r["weights"] == first["weights"] and r["weights_sum"] == first["weights_sum"]
 
 
-def test_the_start_check_takes_the_same_decision_on_every_rank(tmp_path: Path) -> None:
-    results = _spawn(dw.start_check, 2, tmp_path)
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_the_start_check_takes_the_same_decision_on_every_rank(tmp_path: Path,
+                                                               kind: str) -> None:
+    results = _spawn(dw.start_check, 2, tmp_path, kind)
     first = results[0]
     assert len(first["checks"]) == 1, first["checks"]
     step, factor, real, shadow = first["checks"][0]
@@ -77,6 +79,11 @@ def test_the_start_check_takes_the_same_decision_on_every_rank(tmp_path: Path) -
         assert r["weights"] == first["weights"]            # identical parameters after
         assert r["lr"] == first["lr"] == pytest.approx(0.06) and r["step"] == 40
         assert r["probe_steps"] == first["probe_steps"] == 14
+    if kind == "fsdp":   # sharded, the same run as under DDP (the same global batches)
+        (tmp_path / "ddp").mkdir()
+        ddp = _spawn(dw.start_check, 2, tmp_path / "ddp", "ddp")[0]
+        assert first["checks"][0] == pytest.approx(ddp["checks"][0], rel=1e-4)
+        assert first["weights"] == pytest.approx(ddp["weights"], rel=1e-3, abs=1e-5)
 
 
 def test_a_stall_cuts_the_rate_at_the_same_step_on_every_rank(tmp_path: Path) -> None:
@@ -141,8 +148,10 @@ def test_per_rank_export_scraped_by_prometheus(prometheus_factory: Callable[...,
     assert urls == [f"http://127.0.0.1:{port}/metrics", f"http://127.0.0.1:{port + 1}/metrics"]
 
 
-def test_ddp_divergence_restarts_with_the_same_probe_on_every_rank(tmp_path: Path) -> None:
-    results = _spawn(dw.probe_restart, 2, tmp_path)
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_ddp_divergence_restarts_with_the_same_probe_on_every_rank(tmp_path: Path,
+                                                                   kind: str) -> None:
+    results = _spawn(dw.probe_restart, 2, tmp_path, kind)
     first = results[0]
     kinds = [e[0] for e in first["events"]]
     assert "rollback" in kinds and "probe" in kinds, first["events"]
@@ -154,3 +163,4 @@ def test_ddp_divergence_restarts_with_the_same_probe_on_every_rank(tmp_path: Pat
         assert r["probe_steps"] == first["probe_steps"] > 0
         assert r["finite"] and r["weights"] == first["weights"]   # identical parameters
         assert r["lr"] == first["lr"] < 8.0 and r["step"] == 80
+

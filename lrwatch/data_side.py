@@ -147,7 +147,8 @@ class DataSide:
                                held, rates, peek, self._probe_loss, factor,
                                lambda r, s: self.policy.start_checked(0, r, s),
                                process_group=self.dist.group if self.dist.active else None,
-                               run_state=run_state, held_out_rates=peek_rates or ())
+                               run_state=run_state, held_out_rates=peek_rates or (),
+                               clip=self.recovery.clip_grad_norm)
         except Exception:
             self._internal_error("running the start check")
             self.policy.start_checked(0)

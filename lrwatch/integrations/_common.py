@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from typing import Any, Callable, Iterator, Mapping
@@ -14,7 +15,7 @@ from ..watch import rank_trace_path
 
 __all__ = ["SkipSampler", "wrap_dataloader", "export_kwargs", "eval_name", "scalar",
            "EXPORT_CHOICES", "reapply_best", "check_lr_find", "lr_find_args",
-           "start_at_suggestion"]
+           "start_at_suggestion", "with_clip"]
 
 
 class SkipSampler:
@@ -199,3 +200,17 @@ def start_at_suggestion(curve: Any, optimizer: Any, scheduler: Any) -> None:
     scale_learning_rate(optimizer, scheduler, factor)
     log.warning("lrwatch: lr_find: starting at %.3g (x%.3g of the configured %.3g): %s",
                 curve.suggestion, factor, current, curve.reason)
+
+
+def with_clip(kwargs: dict[str, Any], clip: Any) -> dict[str, Any]:
+    """``kwargs`` for the Watcher with ``RecoveryConfig.clip_grad_norm`` set to the norm the
+    framework clips gradients to (``clip``; ``None`` or 0: it does not), unless the user set
+    it or turned recovery off: the shadow and range-test steps then clip as the run does."""
+    if not isinstance(clip, (int, float)) or isinstance(clip, bool) or not clip > 0:
+        return kwargs
+    from ..recovery.policy import RecoveryConfig
+
+    rc = RecoveryConfig.coerce(kwargs.get("recovery", True))
+    if rc is None or rc.clip_grad_norm is not None:
+        return kwargs
+    return {**kwargs, "recovery": dataclasses.replace(rc, clip_grad_norm=float(clip))}

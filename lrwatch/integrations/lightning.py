@@ -45,7 +45,7 @@ from ..errors import ConfigError
 from ..watch import Watcher
 from ._common import (check_export, check_lr_find, eval_name, export_kwargs,
                       log_completed_step, lr_find_args, reapply_best, scalar,
-                      start_at_suggestion, wrap_dataloader)
+                      start_at_suggestion, with_clip, wrap_dataloader)
 
 __all__ = ["LrwatchCallback"]
 
@@ -134,6 +134,8 @@ class LrwatchCallback(pl.Callback):
         if self.lr_find and self.lr_find_result is None and int(trainer.global_step) == 0:
             self._find_lr(trainer, pl_module, opt, sched, scaler)
         kw = export_kwargs(self.watcher_kwargs, int(trainer.global_rank), self.export)
+        if getattr(trainer, "gradient_clip_algorithm", None) in (None, "norm"):
+            kw = with_clip(kw, getattr(trainer, "gradient_clip_val", None))
         # A rollback that must measure its rate runs the module's own training_step.
         kw.setdefault("probe_loss", _training_step_loss)
         self.watcher = Watcher(pl_module, opt, sched, scaler=scaler, step_hooks=False,

@@ -49,7 +49,7 @@ from ..errors import ConfigError
 from ..watch import Watcher
 from ._common import (check_export, check_lr_find, eval_name, export_kwargs,
                       log_completed_step, lr_find_args, reapply_best, scalar,
-                      start_at_suggestion, wrap_dataloader)
+                      start_at_suggestion, with_clip, wrap_dataloader)
 
 __all__ = ["LrwatchCallback", "STATE_FILE"]
 
@@ -152,7 +152,8 @@ class LrwatchCallback(TrainerCallback):
         if self.lr_find and self.lr_find_result is None and int(state.global_step) == 0:
             self._find_lr(args, model, inner, sched, scaler, train_dataloader)
         rank = int(getattr(args, "process_index", 0) or 0)
-        kw = export_kwargs(self.watcher_kwargs, rank, self.export)
+        kw = with_clip(export_kwargs(self.watcher_kwargs, rank, self.export),
+                       getattr(args, "max_grad_norm", None))
         # A rollback that must measure its rate (recovery probe="auto") runs the model on the
         # recent batches the forward hook remembers.
         kw.setdefault("probe_loss", _model_loss)

@@ -315,7 +315,8 @@ class PlanExecutor(ActionAlerts):
                 factor, curve = check_rate(
                     self.model, self.optimizer, self.scheduler, self.scaler, first,
                     self._probe_loss, lr, self.recovery.lr_check_steps,
-                    process_group=self.dist.group if self.dist.active else None)
+                    process_group=self.dist.group if self.dist.active else None,
+                    clip=self.recovery.clip_grad_norm)
                 steps, cost = curve.steps, check_cost(curve)
                 why = ("the loss of a fixed batch rose above its starting level at a rate up "
                        "to the configured one" if factor is not None else

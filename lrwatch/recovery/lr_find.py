@@ -162,31 +162,46 @@ def _cycle(batches: Iterable[Any]) -> Iterator[Any]:
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any,
                batch_loss: BatchLoss, batch: Any,
-               sync: Callable[[], None] | None = None) -> torch.Tensor:
+               sync: Callable[[], None] | None = None,
+               clip: float | None = None) -> torch.Tensor:
     """One throw-away training step of a probe (a range test, the start check's shadow), with
     the run's ``GradScaler`` when it has one; returns the loss. ``sync`` runs between the
     backward pass and the optimizer step (the shadow averages its gradients over the ranks
-    there when no wrapper does it)."""
+    there when no wrapper does it); ``clip``: the total gradient norm is clipped to it, as
+    the run's own step does (``RecoveryConfig.clip_grad_norm``)."""
     optimizer.zero_grad(set_to_none=True)
     loss = batch_loss(model, batch)
     if scaler is not None:
         scaler.scale(loss).backward()
         if sync is not None:
             sync()
+        if clip is not None:
+            scaler.unscale_(optimizer)
+            _clip(model, clip)
         scaler.step(optimizer)
         scaler.update()
     else:
         loss.backward()
         if sync is not None:
             sync()
+        if clip is not None:
+            _clip(model, clip)
         optimizer.step()
     return loss
+
+
+def _clip(model: torch.nn.Module, max_norm: float) -> None:
+    """``clip_grad_norm_`` over the model's parameters in their own order (the order the
+    frameworks clip in: the total norm is a sum, and its rounding follows the order)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if params:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def run_range_test(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    batches: Iterator[Any], batch_loss: BatchLoss, test: RangeTest, *,
                    scaler: Any = None, reduce: Callable[[float], float] | None = None,
-                   reference: Any = None) -> LRCurve:
+                   reference: Any = None, clip: float | None = None) -> LRCurve:
     """Run the steps of ``test`` on the model as it is (the caller saves and restores).
 
     ``reduce`` turns a rank's loss into the loss every rank agrees on (a mean over the
@@ -206,7 +221,7 @@ def run_range_test(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     trained: list[float] = []
     while (lr := test.next_lr) is not None:
         _set_rate(optimizer, ratios, lr)
-        loss = train_step(model, optimizer, scaler, batch_loss, next(batches))
+        loss = train_step(model, optimizer, scaler, batch_loss, next(batches), clip=clip)
         value = agree(float(loss.detach()))   # one host sync per probe step: it must decide
         if reference is not None:
             trained.append(value)

@@ -188,8 +188,17 @@ class RecoveryConfig:
         to 24 of 54, no tuned run lost. Where the steps are booked against a short fixed
         budget they cost one-off faults their 1-point band against the bare clean run (300
         steps: 97 -> 78 of 108; docs/recovery.md, "The start check"). ``"off"``: no check.
-        Runs whose framework draws the data (the Lightning and Hugging Face callbacks) are
-        not checked.
+        The Lightning and Hugging Face callbacks run it too, on the batches the run meets:
+        the run's state after ``start_check_steps`` steps and the shadow are scored on the
+        next ``start_check_batches``, and an adopted shadow also trains on them (cost 20
+        steps instead of 14; docs/integrations.md).
+    clip_grad_norm:
+        The total gradient norm the training step clips to (``clip_grad_norm_``), if it
+        clips: the throw-away steps of the start check's shadow, the range tests and the
+        pre-flight check clip the same, so that the shadow is the run at a tenth of its rate.
+        ``None`` (default): no clipping. The Lightning and Hugging Face callbacks fill it in
+        from the trainer (``gradient_clip_val`` with the norm algorithm; ``max_grad_norm``)
+        unless it is given.
     start_check_steps, start_check_batches, start_check_confidence:
         The steps before the check (at least 2), the held-out batches it scores both models
         on (at least 2), and the confidence of the paired test (in (0.5, 1)).
@@ -298,6 +307,7 @@ class RecoveryConfig:
     skip_batches: int = 0
     reduce_lr_factor: float = 0.5
     cut_unscheduled: bool = True
+    clip_grad_norm: float | None = None
     max_skips: int = 20
     probation: bool = True
     lr_recover: bool = True
@@ -355,6 +365,11 @@ class RecoveryConfig:
         c = self.start_check_confidence
         if not (isinstance(c, (int, float)) and not isinstance(c, bool) and 0.5 < c < 1):
             raise ConfigError(f"start_check_confidence must be a number in (0.5, 1), got {c!r}")
+        g = self.clip_grad_norm
+        if g is not None and not (isinstance(g, (int, float)) and not isinstance(g, bool)
+                                  and math.isfinite(g) and g > 0):
+            raise ConfigError(f"clip_grad_norm must be None or a positive number (the norm "
+                              f"your training step clips gradients to), got {g!r}")
 
     @classmethod
     def coerce(cls, value: "RecoveryConfig | Mapping[str, Any] | bool | None"

@@ -54,7 +54,8 @@ def probe_rate(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     try:
         curve = run_range_test(model, optimizer, _cycle(list(batches)), batch_loss, test,
                                scaler=scaler,
-                               reduce=reduce if reduce is not None else _dist_mean(process_group))
+                               reduce=reduce if reduce is not None else _dist_mean(process_group),
+                               clip=config.clip_grad_norm)
     finally:
         saved.restore(model, optimizer, scheduler, scaler)
     measured = None if curve.suggestion is None else curve.suggestion / failed_lr
@@ -76,7 +77,8 @@ def check_cost(curve: LRCurve) -> int:
 
 def check_rate(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                scaler: Any, batches: Sequence[Any], batch_loss: BatchLoss, lr: float,
-               steps: int, process_group: Any = None) -> tuple[float | None, LRCurve]:
+               steps: int, process_group: Any = None,
+               clip: float | None = None) -> tuple[float | None, LRCurve]:
     """The pre-flight check (``RecoveryConfig.lr_check``): a ``steps``-step range test from
     ``lr / 1000`` to ``10 lr`` on ``batches``, scored on the first batch's loss after every
     step (one extra forward each: the curve then follows the model, not the differences
@@ -89,7 +91,7 @@ def check_rate(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     try:
         curve = run_range_test(model, optimizer, _cycle(batches), batch_loss, test,
                                scaler=scaler, reduce=_dist_mean(process_group),
-                               reference=batches[0])
+                               reference=batches[0], clip=clip)
     finally:
         saved.restore(model, optimizer, scheduler, scaler)
     return preflight_factor(curve, lr), curve

@@ -97,14 +97,14 @@ def _grad_sync(model: torch.nn.Module, group: Any) -> Callable[[], None] | None:
 def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any,
            batches: Sequence[Any], rates: Sequence[Sequence[Any]], factor: float,
            batch_loss: BatchLoss, agree: Callable[[float], float],
-           sync: Callable[[], None] | None = None) -> int:
+           sync: Callable[[], None] | None = None, clip: float | None = None) -> int:
     """The shadow's steps; stops at a non-finite loss (the shadow is then not adopted). The
     loss is agreed over the ranks, so that all of them stop at the same step."""
     model.train()
     done = 0
     for batch, lrs in zip(batches, rates):
         _set_rates(optimizer, lrs, factor)
-        loss = train_step(model, optimizer, scaler, batch_loss, batch, sync)
+        loss = train_step(model, optimizer, scaler, batch_loss, batch, sync, clip)
         done += 1
         if not math.isfinite(agree(float(loss.detach()))):   # a one-off check: it may sync
             break
@@ -118,7 +118,8 @@ def shadow_check(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sched
                  batch_loss: BatchLoss, factor: float,
                  decide: Callable[[list[float], list[float]], StartVerdict | None],
                  process_group: Any = None, run_state: Mapping[str, Any] | None = None,
-                 held_out_rates: Sequence[Sequence[Any]] = ()) -> ShadowResult | None:
+                 held_out_rates: Sequence[Sequence[Any]] = (),
+                 clip: float | None = None) -> ShadowResult | None:
     """Run the check (see the module docstring). ``start``: :func:`capture_state` of the run
     before its first step; ``rates[i]``: the groups' rates batch ``i`` was trained at.
     Returns ``None`` when ``decide`` gives no verdict (the run is then as it was).
@@ -126,7 +127,8 @@ def shadow_check(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sched
     ``run_state`` (adapters whose framework draws the data, so that the held-out batches are
     known only once the run has trained on them): the run as it was after ``batches``, scored
     in place of the live model; an adopted shadow then also trains on ``held_out`` at
-    ``held_out_rates`` x ``factor`` (what the run would have done after adopting it at once)."""
+    ``held_out_rates`` x ``factor`` (what the run would have done after adopting it at once).
+    ``clip``: the shadow clips its gradients' total norm to it, as the run does."""
     agree = _dist_mean(process_group) or (lambda x: x)
     modes = [(m, m.training) for m in model.modules()]
     lrs_now = group_rates(optimizer)
@@ -139,14 +141,14 @@ def shadow_check(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sched
         restore_state(start, model, optimizer, scheduler, scaler)
         sync = _grad_sync(model, process_group)
         steps = _train(model, optimizer, scaler, batches, rates, factor, batch_loss, agree,
-                       sync)
+                       sync, clip)
         shadow = [agree(reference_loss(model, batch_loss, b)) for b in held_out]
         if steps < len(batches):
             shadow = [math.inf] * len(held_out)
         verdict = decide(real, shadow)
         if verdict is not None and verdict.adopt and run_state is not None:
             more = _train(model, optimizer, scaler, held_out, held_out_rates, factor,
-                          batch_loss, agree, sync)
+                          batch_loss, agree, sync, clip)
             steps += more
             if more < len(held_out):    # it blew up on them after all: keep the run
                 verdict = replace(verdict, adopt=False,

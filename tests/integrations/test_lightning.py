@@ -370,13 +370,19 @@ def _check_run(tmp_path: Path, name: str, lr: float, check: str, **kw: Any) -> t
     return model, cb.watcher, trainer, samples, events
 
 
-def test_the_start_check_goes_on_at_a_tenth_of_a_rate_far_too_high(tmp_path: Path) -> None:
+@pytest.mark.parametrize("clip,lr", [(None, 3.0), (0.5, 10.0)])   # clipped: hotter
+def test_the_start_check_goes_on_at_a_tenth_of_a_rate_far_too_high(tmp_path: Path, clip: Any,
+                                                                     lr: float) -> None:
     """Lightning draws the data, so the callback hands the check the batches it meets: the
     first 10 trained on, then 6 the run had not seen when its state after step 10 was kept.
     The shadow wins; having also trained on those 6 it takes over at step 16. The run is
-    then, bit for bit, the run configured at a tenth of the rate from the start."""
-    model, w, trainer, _, events = _check_run(tmp_path, "hot", 3.0, "auto")
-    ref, _, ref_trainer, _, none = _check_run(tmp_path, "tenth", 0.3, "off")
+    then, bit for bit, the run configured at a tenth of the rate from the start (with the
+    trainer's gradient clipping, which the shadow applies too)."""
+    model, w, trainer, _, events = _check_run(tmp_path, "hot", lr, "auto",
+                                              gradient_clip_val=clip)
+    ref, _, ref_trainer, _, none = _check_run(tmp_path, "tenth", lr / 10, "off",
+                                              gradient_clip_val=clip)
+    assert w.recovery.clip_grad_norm == clip
     assert none == [] and len(events) == 1
     e = events[0]
     assert e["step"] == 16 and e["lr_factor"] == pytest.approx(0.1)

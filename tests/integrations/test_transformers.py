@@ -284,15 +284,16 @@ def test_the_start_check_goes_on_at_a_tenth_of_a_rate_far_too_high(tmp_path: Pat
     """The Trainer draws the data: the forward hook hands the check the batches (the first
     10, then the 6 held out), and the check runs at a step boundary (on_step_begin), never
     inside a forward. An adopted shadow makes the run, bit for bit, the one configured at a
-    tenth of the rate from the start (AdamW, constant schedule)."""
-    model, w, trainer, _, events = _check_run(tmp_path, "hot", 0.3, "auto", max_grad_norm=0.0)
-    ref, _, ref_trainer, _, none = _check_run(tmp_path, "tenth", 0.03, "off",
-                                              max_grad_norm=0.0)
+    tenth of the rate from the start (AdamW, constant schedule; the shadow clips its
+    gradients to the Trainer's max_grad_norm, 1.0 by default, as the run does)."""
+    model, w, trainer, _, events = _check_run(tmp_path, "hot", 0.3, "auto")
+    ref, _, ref_trainer, _, none = _check_run(tmp_path, "tenth", 0.03, "off")
     assert none == [] and len(events) == 1
     e = events[0]
     assert e["step"] == 16 and e["lr_factor"] == pytest.approx(0.1)
     assert e["steps"] == 16 and e["cost_steps"] == 20 and w.policy.state.probe_steps == 20
     assert w.policy.rollbacks == 0 and trainer.state.global_step == 30 and w.step == 30
+    assert w.recovery.clip_grad_norm == 1.0      # read off the Trainer's arguments
     state, want = model.state_dict(), ref.state_dict()
     assert all(torch.equal(state[k], want[k]) for k in want)
     assert (trainer.optimizer.param_groups[0]["lr"]

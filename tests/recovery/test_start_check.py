@@ -113,6 +113,9 @@ def test_configuration_errors_say_what_to_fix() -> None:
         RecoveryConfig(start_check_batches=True)
     with pytest.raises(ConfigError, match="start_check_confidence"):
         RecoveryConfig(start_check_confidence=1.0)
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "1.0"):
+        with pytest.raises(ConfigError, match="clip_grad_norm must be None or a positive"):
+            RecoveryConfig(clip_grad_norm=bad)
 
 
 # -- on a real run ---------------------------------------------------------------------------
@@ -152,6 +155,32 @@ def test_the_adopted_run_is_the_shadow_trained_from_the_start_at_a_tenth() -> No
         ref_opt.step()
     for a, b in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def test_the_shadow_clips_its_gradients_as_the_run_does() -> None:
+    """A loop that clips its gradients says so (``clip_grad_norm``): the shadow clips the
+    same, and the adopted run is the clipped run at a tenth of the rate, bit for bit."""
+    runs = []
+    for lr, check in ((10.0, "auto"), (1.0, "off")):
+        model, opt, batches = _setup(lr=lr, n=30)
+        w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=_loss,
+                            recovery={"start_check": check, "clip_grad_norm": 0.5})
+        events: list = []
+        w.add_listener(lambda smp: events.extend(e for e in smp.events
+                                                 if e.get("type") == "start_check"))
+        for b in w.batches(batches):
+            loss = _loss(model, b)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            opt.step()
+            w.log(loss=loss.detach())
+        w.close()
+        runs.append((model, opt, events))
+    (hot, hot_opt, ev), (ref, ref_opt, _) = runs
+    assert len(ev) == 1 and ev[0]["lr_factor"] == 0.1
+    assert hot_opt.param_groups[0]["lr"] == pytest.approx(ref_opt.param_groups[0]["lr"])
+    assert all(torch.equal(a, b) for a, b in zip(hot.parameters(), ref.parameters()))
 
 
 def test_a_good_rate_stands_and_the_check_leaves_no_trace(tmp_path: Path) -> None:

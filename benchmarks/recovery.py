@@ -66,7 +66,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -671,7 +671,8 @@ def _lrwatch_cell(metric: str, lw: dict[str, Any], ref: float) -> str:
     return cell
 
 
-def markdown_tables(report: dict[str, Any]) -> str:
+def _ref_table(report: dict[str, Any]) -> str:
+    """The healthy references and what lrwatch did on the sweep runs."""
     refs = report["references"]
     lines = ["| task | model | metric | reference config (best mean of the LR sweep) | "
              "reference (seeds) | seed-0 sweep runs healthy | lrwatch on the finite sweep runs |",
@@ -693,8 +694,12 @@ def markdown_tables(report: dict[str, Any]) -> str:
         lines.append(f"| {t} | {r['model']} | {r['metric']} | {r['reference_config']} | "
                      f"{r['reference']:.4f} ({seeds}) | "
                      f"{sum(e['healthy'] for e in r['runs'])}/{len(r['runs'])} | {lw} |")
-    ref_table = "\n".join(lines)
+    return "\n".join(lines)
 
+
+def _cfg_table(report: dict[str, Any]) -> str:
+    """One row per configuration whose bare run diverged."""
+    refs = report["references"]
     extra_name = report["config"]["extra_label"]
     head = ["#", "task", "model", "optimizer", "schedule", "peak LR", "seed", "bare", "stop on NaN",
             "stop on spike", "lrwatch (defaults)", "rollbacks (rules)", "vs reference"]
@@ -728,8 +733,12 @@ def markdown_tables(report: dict[str, Any]) -> str:
             lx = e["lrwatch_extra"]
             row.append(_lrwatch_cell(metric, lx, ref) + f", {lx['rollbacks']} rb")
         lines.append("| " + " | ".join(row) + " |")
-    cfg_table = "\n".join(lines)
+    return "\n".join(lines)
 
+
+def _summary_table(report: dict[str, Any]) -> str:
+    """Who finishes healthy, by behaviour (and by seed set), and why lrwatch failed."""
+    extra_name = report["config"]["extra_label"]
     s = report["summary"]
     n = s["diverged"]
     lines = ["| behaviour | finish healthy | share | target |", "|---|---|---|---|"]
@@ -753,12 +762,15 @@ def markdown_tables(report: dict[str, Any]) -> str:
             lines.append(f"| {k}-{int(k) + 2} | {v['diverged']} | {v['lrwatch']} | "
                          f"{v['lrwatch'] / v['diverged']:.0%} |")
     f = s["lrwatch_failures"]
-    summary_table = "\n".join(lines) + (
+    return "\n".join(lines) + (
         f"\n\nlrwatch failures: {f['no_rollback']} never rolled back, {f['budget_spent']} "
         f"stopped with the rollback budget spent, {f['step_cap']} hit the step cap, "
         f"{f['finished_below_reference']} finished the schedule below the reference. "
         f"Not diverged (excluded): {len(s['not_diverged'])} of {s['candidates']} candidates.")
 
+
+def _overhead_table(report: dict[str, Any]) -> str:
+    """The interleaved A/B overhead on healthy runs."""
     lines = ["| healthy config | model | params | bare ms/step (cpu) | variant | ms/step | "
              "overhead, cpu (95% CI) | overhead, wall | snapshots (share of time) | "
              "target ≤ 3% |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -778,15 +790,20 @@ def markdown_tables(report: dict[str, Any]) -> str:
                 f"[{100 * (c['ci_low'] - 1):+.1f}, {100 * (c['ci_high'] - 1):+.1f}] | "
                 f"{100 * (w['ratio'] - 1):+.1f}% | {v['snapshots']} "
                 f"({100 * v['snapshot_share']:.1f}%) | {tgt} |")
-    overhead_table = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def markdown_tables(report: dict[str, Any]) -> str:
+    s = report["summary"]
+    n = s["diverged"]
     return "\n\n".join([
-        "### Healthy references\n\n" + ref_table,
+        "### Healthy references\n\n" + _ref_table(report),
         f"### Configurations whose bare run diverged ({n} of {s['candidates']} candidates)\n\n"
         f"✓ = final held-out score finite and within {TOLERANCE * 100:g} points of the task's "
-        "reference; @k = the anchor stopped the run at step k.\n\n" + cfg_table,
-        "### Summary\n\n" + summary_table,
+        "reference; @k = the anchor stopped the run at step k.\n\n" + _cfg_table(report),
+        "### Summary\n\n" + _summary_table(report),
         "### Overhead on healthy runs (interleaved A/B, snapshots included)\n\n"
-        + overhead_table])
+        + _overhead_table(report)])
 
 
 def run(tasks: Sequence[str], *, overhead_tasks: Sequence[str], rounds: int,
@@ -1168,16 +1185,10 @@ def _arm_rules(rules: str | Sequence[str] | None) -> str | list[str]:
     return [FAM_RULES if r == "training" else r for r in rules]
 
 
-def fam_run(task_name: str, opt: str, mult: float, seed: int, *, fault: str | None = None,
-            arm: str | None = None, rules: str | Sequence[str] | None = None
-            ) -> dict[str, Any]:
-    """One run of the budget (the task's 300 optimizer steps x ``FAM_BUDGET``, constant rate = ``mult`` x the
-    tuned one). ``arm=None``: bare; else a Watcher with the arm's recovery settings and a
-    ``probe_loss``. Every optimizer step counts against the budget, replays after a rollback
-    and the probe's range-test steps included."""
-    from benchmarks import families as fam
-
-    rules = _arm_rules(rules)
+def fam_cache_path(task_name: str, opt: str, mult: float, seed: int, fault: str | None,
+                   arm: str | None, rules: str | Sequence[str]) -> Path:
+    """Where one run of the suite is cached: a hash of everything that decides its outcome
+    (for a watched arm also the rule text and lrwatch's source)."""
     # bare runs do not depend on lrwatch's version: only the arms are rerun when it changes
     # (bare version 3: a clean bare run is labelled, `fam_bare_label`, and keeps its evaluations)
     key = f"{FAM_VERSION if arm else 3}/{task_name}/{opt}/{mult}/{seed}/{fault}/{arm}"
@@ -1191,7 +1202,20 @@ def fam_run(task_name: str, opt: str, mult: float, seed: int, *, fault: str | No
     if arm is not None:   # a changed pack (or --rules FILE), or changed lrwatch code, reruns them
         key += "/" + hashlib.sha1(_rules_text(rules).encode()).hexdigest()[:12]
         key += "/" + lrwatch_code_hash()
-    path = FAM_CACHE / (hashlib.sha1(key.encode()).hexdigest()[:20] + ".json")
+    return FAM_CACHE / (hashlib.sha1(key.encode()).hexdigest()[:20] + ".json")
+
+
+def fam_run(task_name: str, opt: str, mult: float, seed: int, *, fault: str | None = None,
+            arm: str | None = None, rules: str | Sequence[str] | None = None
+            ) -> dict[str, Any]:
+    """One run of the budget (the task's 300 optimizer steps x ``FAM_BUDGET``, constant rate = ``mult`` x the
+    tuned one). ``arm=None``: bare; else a Watcher with the arm's recovery settings and a
+    ``probe_loss``. Every optimizer step counts against the budget, replays after a rollback
+    and the probe's range-test steps included."""
+    from benchmarks import families as fam
+
+    rules = _arm_rules(rules)
+    path = fam_cache_path(task_name, opt, mult, seed, fault, arm, rules)
     if path.exists():
         return json.loads(path.read_text())
     task = fam.TASKS[task_name]
@@ -1204,6 +1228,7 @@ def fam_run(task_name: str, opt: str, mult: float, seed: int, *, fault: str | No
         optimizer, dr._schedule_fn(FAM_SCHEDULE, fam_steps(task))))
     untrained = _fam_score(task, data, model)
     curve: list[Sample] | None = None
+    levels: dict[str, float] = {}
     if arm is None and fault is None:     # kept to label the bare run (`fam_bare_label`)
         curve = []
         levels = _fam_start_levels(task, data, model, seed)
@@ -1213,57 +1238,8 @@ def fam_run(task_name: str, opt: str, mult: float, seed: int, *, fault: str | No
                             rules=rules if isinstance(rules, str) else list(rules),
                             recovery={**{**FAM_ARMS, **FAM_EXTRA_ARMS}[arm]},
                             probe_loss=lambda m, b: task.loss(m(b[0]), b[1]))
-    batches = w.batches(_fam_stream(task, data, seed)) if w else _fam_stream(task, data, seed)
-    done, faulted, nonfinite, budget = 0, False, False, fam_steps(task)
-    fault_at = FAM_FAULT_AT * FAM_BUDGET
-    first_action: dict[str, Any] = {}       # the budget spent when lrwatch first rolled back
-    for xb, yb in batches:
-        probe_steps = w.policy.state.probe_steps if w else 0
-        if done + probe_steps >= budget or (w is not None and w.should_stop):
-            break
-        # the fault hits the FAM_FAULT_AT-th step of the run's own progress, once
-        if fault and not faulted and done + 1 == fault_at:
-            faulted = True
-            if fault == "poisoned_batch":     # garbage inputs: a huge, wrong gradient
-                xb = xb * 1e3 if xb.is_floating_point() else xb
-                yb = (yb * 1e3 if yb.is_floating_point() else
-                      torch.randint_like(yb, 0, max(2, data.n_classes)))
-        out = model(xb)
-        loss = task.loss(out, yb)
-        if fault == "nan_batch" and faulted and done + 1 == fault_at:
-            loss = loss * float("nan")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if sched is not None:
-            sched.step()
-        done += 1
-        if curve is not None:
-            values = {"loss": float(loss.detach())}
-            if done == 1:
-                values.update(levels)
-            if done % FAM_EVAL_EVERY == 0:
-                ev = _fam_score(task, data, model)
-                values["eval_loss"] = ev["loss"]
-                if not math.isnan(ev["acc"]):
-                    values["eval_accuracy"] = ev["acc"]
-            curve.append(Sample(step=done, values=values))
-        if w is None:
-            if not math.isfinite(float(loss.detach())):
-                nonfinite = True
-                if fault is None:
-                    break           # a bare run that overflowed is over
-        else:
-            metrics: dict[str, Any] = {"loss": loss.detach()}
-            if w.step % FAM_EVAL_EVERY == 0:
-                ev = _fam_score(task, data, model)
-                metrics["eval_loss"] = ev["loss"]
-                if not math.isnan(ev["acc"]):
-                    metrics["eval_accuracy"] = ev["acc"]
-            w.log(**metrics)
-            if not first_action and w.policy.state.rollbacks:
-                first_action = {"at": done, "to": w.policy.state.last_rollback_to,
-                                "restart": bool(w.policy.state.episode_restart)}
+    done, nonfinite, first_action = _fam_loop(task, data, model, optimizer, sched, w, seed,
+                                              fault, curve, levels)
     if w is not None:
         w.close()
     final = _fam_score(task, data, model)
@@ -1284,6 +1260,86 @@ def fam_run(task_name: str, opt: str, mult: float, seed: int, *, fault: str | No
     FAM_CACHE.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res))
     return res
+
+
+def _fam_fault(fault: str | None, data: Any, xb: torch.Tensor, yb: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A poisoned batch: garbage inputs (x 1000) and wrong targets (a huge, wrong gradient);
+    any other fault leaves the batch as it is (a NaN batch is made at the loss)."""
+    if fault != "poisoned_batch":
+        return xb, yb
+    xb = xb * 1e3 if xb.is_floating_point() else xb
+    yb = (yb * 1e3 if yb.is_floating_point() else
+          torch.randint_like(yb, 0, max(2, data.n_classes)))
+    return xb, yb
+
+
+def _fam_loop(task: Any, data: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
+              sched: Any, w: Any, seed: int, fault: str | None, curve: list[Sample] | None,
+              levels: Mapping[str, float]) -> tuple[int, bool, dict[str, Any]]:
+    """Train until the budget is spent (probe steps included) or lrwatch stops the run; the
+    fault hits the ``FAM_FAULT_AT``-th step of the run's own progress, once. Returns the steps
+    done, whether a loss was not finite, and the first rollback (budget spent then)."""
+    batches = w.batches(_fam_stream(task, data, seed)) if w else _fam_stream(task, data, seed)
+    done, faulted, nonfinite, budget = 0, False, False, fam_steps(task)
+    fault_at = FAM_FAULT_AT * FAM_BUDGET
+    first_action: dict[str, Any] = {}       # the budget spent when lrwatch first rolled back
+    for xb, yb in batches:
+        probe_steps = w.policy.state.probe_steps if w else 0
+        if done + probe_steps >= budget or (w is not None and w.should_stop):
+            break
+        hit = bool(fault) and not faulted and done + 1 == fault_at
+        if hit:
+            faulted = True
+            xb, yb = _fam_fault(fault, data, xb, yb)
+        loss = task.loss(model(xb), yb)
+        if fault == "nan_batch" and hit:
+            loss = loss * float("nan")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if sched is not None:
+            sched.step()
+        done += 1
+        if curve is not None:
+            curve.append(_fam_sample(task, data, model, done, loss, levels))
+        if w is None:
+            if not math.isfinite(float(loss.detach())):
+                nonfinite = True
+                if fault is None:
+                    break           # a bare run that overflowed is over
+        else:
+            _fam_log(task, data, model, w, loss)
+            if not first_action and w.policy.state.rollbacks:
+                first_action = {"at": done, "to": w.policy.state.last_rollback_to,
+                                "restart": bool(w.policy.state.episode_restart)}
+    return done, nonfinite, first_action
+
+
+def _fam_sample(task: Any, data: Any, model: nn.Module, done: int, loss: torch.Tensor,
+                levels: Mapping[str, float]) -> Sample:
+    """A bare clean run's sample of step ``done`` (its start levels on the first step and an
+    evaluation every ``FAM_EVAL_EVERY`` steps), for its label."""
+    values: dict[str, float] = {"loss": float(loss.detach())}
+    if done == 1:
+        values.update(levels)
+    if done % FAM_EVAL_EVERY == 0:
+        ev = _fam_score(task, data, model)
+        values["eval_loss"] = ev["loss"]
+        if not math.isnan(ev["acc"]):
+            values["eval_accuracy"] = ev["acc"]
+    return Sample(step=done, values=values)
+
+
+def _fam_log(task: Any, data: Any, model: nn.Module, w: Any, loss: torch.Tensor) -> None:
+    """Log the step to the Watcher, with an evaluation every ``FAM_EVAL_EVERY`` of its steps."""
+    metrics: dict[str, Any] = {"loss": loss.detach()}
+    if w.step % FAM_EVAL_EVERY == 0:
+        ev = _fam_score(task, data, model)
+        metrics["eval_loss"] = ev["loss"]
+        if not math.isnan(ev["acc"]):
+            metrics["eval_accuracy"] = ev["acc"]
+    w.log(**metrics)
 
 
 def _fam_start_levels(task: Any, data: Any, model: nn.Module, seed: int) -> dict[str, float]:
@@ -1384,6 +1440,8 @@ def fam_bare_diverged(task: Any, bare: dict[str, Any], ref: float, untrained: fl
 
 def fam_suite(tasks: Sequence[str], opts: Sequence[str], seeds: Sequence[int],
               progress: Callable[[str], None]) -> dict[str, Any]:
+    """Every row of the family suite: the healthy references, the would-diverge candidates,
+    the tuned runs watched and the one-off faults (each run cached, see :func:`fam_run`)."""
     from benchmarks import families as fam
 
     refs: dict[tuple[str, str], dict[str, float]] = {}
@@ -1401,70 +1459,80 @@ def fam_suite(tasks: Sequence[str], opts: Sequence[str], seeds: Sequence[int],
             ref = refs[(t, o)]
             for m in FAM_MULTS:
                 for s in seeds:
-                    bare = fam_run(t, o, m, s)
-                    if not fam_bare_diverged(task, bare, ref["median"], ref["untrained"]):
-                        rows.append({"task": t, "opt": o, "mult": m, "seed": s,
-                                     "diverged": False})
-                        continue
-                    row = {"task": t, "family": task.family, "opt": o, "mult": m, "seed": s,
-                           "diverged": True, "bare": fam_value(task, bare),
-                           "bare_label": bare.get("label")}
-                    runs = {arm: fam_run(t, o, m, s, arm=arm) for arm in (*FAM_ARMS, "guard_off")}
-                    runs.update({name: fam_run(t, o, m, s, arm=arm_, rules=packs)
-                                 for name, (arm_, packs) in FAM_RULE_ARMS.items()})
-                    for arm, r in runs.items():
-                        v = fam_value(task, r)
-                        row[arm] = {"value": v, "ok": fam_close(task, v, ref["median"],
-                                                                ref["untrained"], 2.0),
-                                    **{k: r.get(k) for k in ("rollbacks", "probes",
-                                                             "probe_steps", "exit_status",
-                                                             "lr_scale", "first_action")}}
-                    row["restart_ceiling"] = fam_restart_ceiling(
-                        task, fam_run(t, o, 1.0, s), runs["fixed"].get("first_action"),
-                        ref)
-                    rows.append(row)
-                    progress(f"{t} {o} x{m:g} s{s}: bare {row['bare']:.4f} -> probe=auto "
-                             f"{row['measured']['value']:.4f} ({'ok' if row['measured']['ok'] else 'FAIL'}), "
-                             f"fixed {row['fixed']['value']:.4f} (ref {ref['median']:.4f})")
-            for s in seeds:   # the tuned run, watched: what the arms do to a healthy run
-                bare_v = fam_value(task, fam_run(t, o, 1.0, s))
-                tuned = {"task": t, "family": task.family, "opt": o, "seed": s, "bare": bare_v,
-                         "bare_ok": fam_close(task, bare_v, ref["median"], ref["untrained"], 2.0)}
-                arms = {"fixed": fam_run(t, o, 1.0, s, arm="fixed")}
-                arms.update({name: fam_run(t, o, 1.0, s, arm=arm_, rules=packs)
-                             for name, (arm_, packs) in FAM_RULE_ARMS.items()})
-                for arm, r in arms.items():
-                    v = fam_value(task, r)
-                    tuned[arm] = {"value": v, "lr_scale": r.get("lr_scale"),
-                                  "ok": fam_close(task, v, ref["median"], ref["untrained"], 2.0)}
-                tuned_rows.append(tuned)
+                    rows.append(_fam_candidate(task, t, o, m, s, ref, progress))
+            tuned_rows += [_fam_tuned(task, t, o, s, ref) for s in seeds]
             for f in FAM_FAULTS:
                 for s in seeds:
-                    clean = fam_value(task, fam_run(t, o, 1.0, s))
-                    watched = fam_value(task, fam_run(t, o, 1.0, s, arm="fixed"))
-                    r = fam_run(t, o, 1.0, s, fault=f, arm="fixed")
-                    b = fam_run(t, o, 1.0, s, fault=f)
-                    v = fam_value(task, r)
-                    fault_rows.append({
-                        "task": t, "family": task.family, "opt": o, "fault": f, "seed": s,
-                        "clean": clean, "value": v, "bare": fam_value(task, b),
-                        "ok": fam_close(task, v, clean, ref["untrained"], 1.0),
-                        "watched": watched,
-                        "ok_watched": fam_close(task, v, watched, ref["untrained"], 1.0),
-                        "bare_ok": fam_close(task, fam_value(task, b), clean,
-                                             ref["untrained"], 1.0),
-                        "rollbacks": r.get("rollbacks"), "probe_steps": r.get("probe_steps"),
-                        **{f"ok_{arm}": fam_close(task, fam_value(task, fam_run(
-                            t, o, 1.0, s, fault=f, arm=arm)), clean, ref["untrained"], 1.0)
-                           for arm in FAM_FAULT_ARMS},
-                        **{f"ok_{name}": fam_close(task, fam_value(task, fam_run(
-                            t, o, 1.0, s, fault=f, arm=arm_, rules=packs)), clean,
-                            ref["untrained"], 1.0)
-                           for name, (arm_, packs) in FAM_RULE_ARMS.items()}})
-                    progress(f"{t} {o} {f} s{s}: clean {clean:.4f} -> {v:.4f} "
+                    fault_rows.append(_fam_fault_row(task, t, o, f, s, ref))
+                    progress(f"{t} {o} {f} s{s}: clean {fault_rows[-1]['clean']:.4f} -> "
+                             f"{fault_rows[-1]['value']:.4f} "
                              f"({'ok' if fault_rows[-1]['ok'] else 'FAIL'})")
     return {"refs": {f"{k[0]}/{k[1]}": v for k, v in refs.items()}, "rows": rows,
             "faults": fault_rows, "tuned": tuned_rows}
+
+
+def _fam_candidate(task: Any, t: str, o: str, m: float, s: int, ref: Mapping[str, float],
+                   progress: Callable[[str], None]) -> dict[str, Any]:
+    """A rate ``m`` x the tuned one: not diverged, or what every arm made of it."""
+    bare = fam_run(t, o, m, s)
+    if not fam_bare_diverged(task, bare, ref["median"], ref["untrained"]):
+        return {"task": t, "opt": o, "mult": m, "seed": s, "diverged": False}
+    row = {"task": t, "family": task.family, "opt": o, "mult": m, "seed": s,
+           "diverged": True, "bare": fam_value(task, bare), "bare_label": bare.get("label")}
+    runs = {arm: fam_run(t, o, m, s, arm=arm) for arm in (*FAM_ARMS, "guard_off")}
+    runs.update({name: fam_run(t, o, m, s, arm=arm_, rules=packs)
+                 for name, (arm_, packs) in FAM_RULE_ARMS.items()})
+    for arm, r in runs.items():
+        v = fam_value(task, r)
+        row[arm] = {"value": v, "ok": fam_close(task, v, ref["median"], ref["untrained"], 2.0),
+                    **{k: r.get(k) for k in ("rollbacks", "probes", "probe_steps",
+                                             "exit_status", "lr_scale", "first_action")}}
+    row["restart_ceiling"] = fam_restart_ceiling(
+        task, fam_run(t, o, 1.0, s), runs["fixed"].get("first_action"), ref)
+    progress(f"{t} {o} x{m:g} s{s}: bare {row['bare']:.4f} -> probe=auto "
+             f"{row['measured']['value']:.4f} ({'ok' if row['measured']['ok'] else 'FAIL'}), "
+             f"fixed {row['fixed']['value']:.4f} (ref {ref['median']:.4f})")
+    return row
+
+
+def _fam_tuned(task: Any, t: str, o: str, s: int, ref: Mapping[str, float]) -> dict[str, Any]:
+    """The tuned run, watched: what the arms do to a healthy run."""
+    bare_v = fam_value(task, fam_run(t, o, 1.0, s))
+    tuned = {"task": t, "family": task.family, "opt": o, "seed": s, "bare": bare_v,
+             "bare_ok": fam_close(task, bare_v, ref["median"], ref["untrained"], 2.0)}
+    arms = {"fixed": fam_run(t, o, 1.0, s, arm="fixed")}
+    arms.update({name: fam_run(t, o, 1.0, s, arm=arm_, rules=packs)
+                 for name, (arm_, packs) in FAM_RULE_ARMS.items()})
+    for arm, r in arms.items():
+        v = fam_value(task, r)
+        tuned[arm] = {"value": v, "lr_scale": r.get("lr_scale"),
+                      "ok": fam_close(task, v, ref["median"], ref["untrained"], 2.0)}
+    return tuned
+
+
+def _fam_fault_row(task: Any, t: str, o: str, f: str, s: int,
+                   ref: Mapping[str, float]) -> dict[str, Any]:
+    """A one-off fault on the tuned run: watched, against the clean runs, bare and watched."""
+    clean = fam_value(task, fam_run(t, o, 1.0, s))
+    watched = fam_value(task, fam_run(t, o, 1.0, s, arm="fixed"))
+    r = fam_run(t, o, 1.0, s, fault=f, arm="fixed")
+    b = fam_run(t, o, 1.0, s, fault=f)
+    v = fam_value(task, r)
+    unt = ref["untrained"]
+    return {
+        "task": t, "family": task.family, "opt": o, "fault": f, "seed": s,
+        "clean": clean, "value": v, "bare": fam_value(task, b),
+        "ok": fam_close(task, v, clean, unt, 1.0),
+        "watched": watched,
+        "ok_watched": fam_close(task, v, watched, unt, 1.0),
+        "bare_ok": fam_close(task, fam_value(task, b), clean, unt, 1.0),
+        "rollbacks": r.get("rollbacks"), "probe_steps": r.get("probe_steps"),
+        **{f"ok_{arm}": fam_close(task, fam_value(task, fam_run(
+            t, o, 1.0, s, fault=f, arm=arm)), clean, unt, 1.0)
+           for arm in FAM_FAULT_ARMS},
+        **{f"ok_{name}": fam_close(task, fam_value(task, fam_run(
+            t, o, 1.0, s, fault=f, arm=arm_, rules=packs)), clean, unt, 1.0)
+           for name, (arm_, packs) in FAM_RULE_ARMS.items()}}
 
 
 def _by_family(rows: Sequence[dict[str, Any]]) -> Iterator[tuple[str, list[dict[str, Any]]]]:

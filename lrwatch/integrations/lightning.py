@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import logging
 from typing import Any, Mapping
 
 import torch
@@ -136,8 +137,16 @@ class LrwatchCallback(pl.Callback):
         kw = export_kwargs(self.watcher_kwargs, int(trainer.global_rank), self.export)
         if getattr(trainer, "gradient_clip_algorithm", None) in (None, "norm"):
             kw = with_clip(kw, getattr(trainer, "gradient_clip_val", None))
-        # A rollback that must measure its rate runs the module's own training_step.
-        kw.setdefault("probe_loss", _training_step_loss)
+        # A rollback that must measure its rate runs the module's own training_step -- not
+        # under manual optimization, where training_step steps the optimizer itself.
+        if getattr(pl_module, "automatic_optimization", True):
+            kw.setdefault("probe_loss", _training_step_loss)
+        elif "probe_loss" not in kw:
+            logging.getLogger("lrwatch").warning(
+                "lrwatch: manual optimization: training_step steps the optimizer itself, so "
+                "lrwatch does not run it on a copy of the run; pass probe_loss=lambda module, "
+                "batch: loss to LrwatchCallback for the untrained loss, the start check and "
+                "the restart's range test")
         self.watcher = Watcher(pl_module, opt, sched, scaler=scaler, step_hooks=False,
                                start_step=int(trainer.global_step), **kw)
         if self._loaded is not None:

@@ -416,3 +416,47 @@ def test_the_start_check_is_skipped_under_gradient_accumulation(
     assert events == [] and w.policy.state.probe_steps == 0
     assert "start check skipped (20 batches over the first 10 logged steps" in caplog.text
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+
+
+class ManualMLP(TinyMLP):
+    """Manual optimization: training_step steps the optimizer itself."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        opt = self.optimizers()
+        x, y, _ = batch
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        return loss
+
+
+def test_manual_optimization_runs_no_shadow_of_training_step_unless_given_a_probe_loss(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """training_step steps the optimizer itself under manual optimization, so the callback
+    does not run it on a copy of the run (it said so with an internal error before): without
+    probe_loss nothing that needs one runs, and the run is the run without lrwatch's checks;
+    with one, the start check runs on it."""
+    import logging
+    runs = {}
+    for name, kw in (("plain", {}), ("probe", {"probe_loss": lambda m, b: nn.functional
+                                              .cross_entropy(m.net(b[0]), b[1])})):
+        torch.manual_seed(0)
+        model = ManualMLP(lr=3.0, sched=False)
+        cb = LrwatchCallback(trace=str(tmp_path / f"{name}.jsonl"), flush_every=5, **kw)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="lrwatch"):
+            _trainer(tmp_path, [cb], max_steps=30).fit(model, _loader())
+        runs[name] = (cb.watcher, caplog.text,
+                      [e for s in read_trace(tmp_path / f"{name}.jsonl") for e in s.events
+                       if e.get("type") == "start_check"])
+    w, text, checks = runs["plain"]
+    assert "manual optimization" in text and "internal error" not in text
+    assert checks == [] and w.policy.state.probe_steps == 0
+    w, text, checks = runs["probe"]
+    assert "internal error" not in text and "manual optimization" not in text
+    assert len(checks) == 1 and checks[0]["lr_factor"] == pytest.approx(0.1)

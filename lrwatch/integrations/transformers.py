@@ -222,10 +222,11 @@ class LrwatchCallback(TrainerCallback):
             return
         if w is not None and kwargs and not args:
             w.remember_batch(dict(kwargs))
-            w.start_check_batch(dict(kwargs))
         loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             return
+        if w is not None and kwargs and not args:   # the model computes its own loss on it
+            w.start_check_batch(dict(kwargs))
         self._hook_loss = True
         d = loss.detach()
         self._loss_sum = d if self._loss_sum is None else self._loss_sum + d

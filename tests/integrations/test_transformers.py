@@ -359,3 +359,33 @@ def test_lr_find_needs_a_map_style_dataset(tmp_path: Path) -> None:
                       train_dataset=_Stream(), data_collator=_collate, callbacks=[cb])
     with pytest.raises(ConfigError, match="map-style dataset"):
         trainer.train()
+
+
+class _OwnLoss(Trainer):
+    """A Trainer that computes the loss itself: the model's output carries none."""
+
+    def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
+                     **kw: Any) -> Any:
+        labels = inputs.pop("labels")
+        out = model(**inputs)
+        logits = out.logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)),
+                                                 labels[:, 1:].reshape(-1))
+        return (loss, out) if return_outputs else loss
+
+
+def test_a_trainer_that_computes_its_own_loss_gets_no_start_check_and_no_error(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The shadow would call the model for its loss; a model that returns none is not handed
+    to the check (it said so with an internal error before)."""
+    import logging
+    cb = LrwatchCallback(trace=str(tmp_path / "t.jsonl"), flush_every=5)
+    trainer = _OwnLoss(model=_model_no_dropout(), args=_args(tmp_path, max_steps=24),
+                       train_dataset=Seqs(2000), data_collator=_collate, callbacks=[cb])
+    with caplog.at_level(logging.INFO, logger="lrwatch"):
+        trainer.train()
+    assert "internal error" not in caplog.text
+    assert cb.watcher is not None and cb.watcher.policy.state.probe_steps == 0
+    assert not [e for s in read_trace(tmp_path / "t.jsonl") for e in s.events
+                if e.get("type") == "start_check"]
+    assert trainer.state.global_step == 24

@@ -299,13 +299,29 @@ def _first_batches(trainer: Any, n: int) -> list[Any]:
 
 
 def _training_step_loss(pl_module: Any, batch: Any) -> torch.Tensor:
-    """The loss of ``training_step`` on ``batch`` (a tensor, or a dict's ``"loss"``)."""
-    out = pl_module.training_step(batch, 0)
+    """The loss of ``training_step`` on ``batch`` (a tensor, or a dict's ``"loss"``), with
+    its ``self.log``/``self.log_dict`` calls dropped: lrwatch's extra calls (the untrained
+    loss, the start check's shadow, a range test) must not reach the user's logged metrics
+    (an epoch mean of the training loss would average them in)."""
+    saved = {k: pl_module.__dict__[k] for k in ("log", "log_dict") if k in pl_module.__dict__}
+    pl_module.log = pl_module.log_dict = _drop
+    try:
+        out = pl_module.training_step(batch, 0)
+    finally:
+        for k in ("log", "log_dict"):
+            if k in saved:
+                setattr(pl_module, k, saved[k])
+            else:
+                pl_module.__dict__.pop(k, None)
     loss = out.get("loss") if isinstance(out, Mapping) else out
     if not isinstance(loss, torch.Tensor):
         raise ConfigError("training_step returned no loss tensor; pass probe_loss= to "
                           "LrwatchCallback to probe the learning rate")
     return loss
+
+
+def _drop(*args: Any, **kwargs: Any) -> None:
+    """Stands in for ``LightningModule.log`` while lrwatch runs ``training_step`` itself."""
 
 
 def _unwrap(optimizer: Any) -> Any:

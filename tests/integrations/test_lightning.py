@@ -460,3 +460,31 @@ def test_manual_optimization_runs_no_shadow_of_training_step_unless_given_a_prob
     w, text, checks = runs["probe"]
     assert "internal error" not in text and "manual optimization" not in text
     assert len(checks) == 1 and checks[0]["lr_factor"] == pytest.approx(0.1)
+
+
+class EpochLoggingMLP(TinyMLP):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss_mean", loss, on_step=False, on_epoch=True)
+        self.log("train_loss_now", loss, on_step=True, on_epoch=False)
+        return loss
+
+
+def test_lrwatchs_own_training_step_calls_do_not_reach_the_logged_metrics(
+        tmp_path: Path) -> None:
+    """The untrained-loss measurement and the start check's shadow call training_step 8 and
+    22 times; their self.log calls are dropped, so the epoch mean and the last step's value
+    the module logs are those of the run without either (the run being the same)."""
+    metrics = []
+    for check, untrained in (("auto", 0), ("off", 8), ("off", 0)):
+        torch.manual_seed(0)
+        model = EpochLoggingMLP(lr=0.05, sched=True)
+        cb = LrwatchCallback(flush_every=5, recovery={"start_check": check},
+                             untrained_batches=untrained)
+        trainer = _trainer(tmp_path, [cb], max_steps=40)
+        trainer.fit(model, _loader())
+        metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+        if check == "auto":
+            assert cb.watcher is not None and cb.watcher.policy.state.probe_steps == 14
+    assert set(metrics[0]) == {"train_loss_mean", "train_loss_now"}
+    assert metrics[0] == metrics[2] and metrics[1] == metrics[2]

@@ -195,6 +195,11 @@ class DataSide:
                 self._internal_error("saving the start state for the start check")
                 self.policy.start_checked(0)
                 return
+        held = len(obs.batches) + len(obs.held_out)
+        if held != self.step:   # several batches per step (accumulation): hold no more
+            self._skip_start_check(f"{held + 1} batches over the first {self.step + 1} "
+                                   "steps, not one per step")
+            return
         obs.add(batch, group_rates(self.optimizer))
 
     def start_check_boundary(self) -> None:

@@ -414,7 +414,9 @@ def test_the_start_check_is_skipped_under_gradient_accumulation(
                                             accumulate_grad_batches=2)
     ref, _, _, _, _ = _check_run(tmp_path, "acc_off", 3.0, "off", accumulate_grad_batches=2)
     assert events == [] and w.policy.state.probe_steps == 0
-    assert "start check skipped (20 batches over the first 10 logged steps" in caplog.text
+    # skipped at the second batch of the first step: no more batches are held
+    assert "start check skipped (2 batches over the first 1 steps" in caplog.text
+    assert w._observed is None
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
 
 

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator, TypeVar
 
 from .actions.snapshot import capture_state
 from .recovery.probe import FORWARD_COST
-from .recovery.shadow import ObservedStart, group_rates, shadow_check
+from .recovery.shadow import ObservedStart, copies_fit, group_rates, shadow_check
 from .untrained import OutputShapes, measure_constant_loss, measure_untrained_loss
 
 __all__ = ["DataSide"]
@@ -97,6 +97,11 @@ class DataSide:
         start check (``RecoveryConfig.start_check``; :mod:`lrwatch.recovery.shadow`) on them
         and the next ``start_check_batches``, which are yielded after it, then the rest."""
         rc = self.recovery
+        fits, why = copies_fit(self.model, self.optimizer, 2)   # the start, the run at 10
+        if not fits:
+            self._skip_start_check(why, warn=True)
+            yield from it
+            return
         try:
             start = capture_state(self.model, self.optimizer, self.scheduler, self.scaler)
         except Exception:
@@ -132,8 +137,8 @@ class DataSide:
             return
         self._shadow_check(start, held, rates, peek)
 
-    def _skip_start_check(self, why: str) -> None:
-        log.info("lrwatch: start check skipped (%s)", why)
+    def _skip_start_check(self, why: str, warn: bool = False) -> None:
+        (log.warning if warn else log.info)("lrwatch: start check skipped (%s)", why)
         self._observed = None
         self.policy.start_checked(0)
 
@@ -187,6 +192,10 @@ class DataSide:
         if obs is None:
             if (self._boundary_kind == "batches" or self._probe_loss is None
                     or not self.policy.start_check_due(self.step)):
+                return
+            fits, why = copies_fit(self.model, self.optimizer, 3)  # start, step 10, now
+            if not fits:
+                self._skip_start_check(why, warn=True)
                 return
             try:
                 obs = self._observed = ObservedStart(capture_state(

@@ -490,3 +490,15 @@ def test_lrwatchs_own_training_step_calls_do_not_reach_the_logged_metrics(
             assert cb.watcher is not None and cb.watcher.policy.state.probe_steps == 14
     assert set(metrics[0]) == {"train_loss_mean", "train_loss_now"}
     assert metrics[0] == metrics[2] and metrics[1] == metrics[2]
+
+
+def test_the_start_check_is_skipped_when_its_copies_would_not_fit_in_host_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    from lrwatch.recovery import shadow
+    monkeypatch.setattr(shadow, "host_available_bytes", lambda: 1024)
+    with caplog.at_level(logging.WARNING, logger="lrwatch"):
+        _, w, _, _, events = _check_run(tmp_path, "mem", 3.0, "auto")
+    assert events == [] and w.policy.state.probe_steps == 0 and w._observed is None
+    assert "start check skipped (3 copies of the run's weights" in caplog.text

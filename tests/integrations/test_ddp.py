@@ -173,16 +173,22 @@ def test_lightning_ddp_start_check_adopts_on_every_rank_with_identical_weights(
     ranks adopt it at the same step and end with the same weights. (At 7.0 the shadow's
     held-out loss is a seventeenth of the run's, but the run's losses spread so widely that
     the paired t is 1.9: the confidence is lowered to 75% so that the check adopts.)"""
-    results = _lightning(tmp_path / "run", "--lr", "7.0", "--start-check", "auto",
-                         "--check-confidence", "0.75", "--steps", "30")
+    _check_adopted_alike(_lightning(tmp_path / "run", "--lr", "7.0", "--start-check", "auto",
+                                    "--check-confidence", "0.75", "--steps", "30"),
+                         lr=0.7, steps=30)
+
+
+def _check_adopted_alike(results: list[dict[str, Any]], lr: float, steps: int) -> None:
+    """Both ranks adopted the shadow at step 16 (a tenth of the rate, 20 steps booked) and
+    ended with the same weights and rate."""
     r0, r1 = results
     assert r0["start_checks"] == r1["start_checks"] and len(r0["start_checks"]) == 1
     check = r0["start_checks"][0]
     assert check["step"] == 16 and check["lr_factor"] == pytest.approx(0.1)
     assert r0["probe_steps"] == r1["probe_steps"] == 20
     assert r0["weights"] == r1["weights"] and r0["finite"]
-    assert r0["lr"] == r1["lr"] == pytest.approx(0.7)
-    assert r0["global_step"] == r0["watcher_step"] == 30
+    assert r0["lr"] == r1["lr"] == pytest.approx(lr)
+    assert r0["global_step"] == r0["watcher_step"] == steps
 
 
 def test_hf_trainer_ddp_norms_loss_rank0_export_and_nan_on_one_rank(tmp_path: Path) -> None:
@@ -212,15 +218,8 @@ def test_hf_trainer_ddp_start_check_adopts_on_every_rank_with_identical_weights(
         tmp_path: Path) -> None:
     """The same under the HF Trainer (torchrun, AdamW 100x its rate): the callback's Watcher
     holds the model inside the DDP wrapper too."""
-    results = _hf(tmp_path / "run", "--lr", "0.3", "--start-check", "auto", "--steps", "24")
-    r0, r1 = results
-    assert r0["start_checks"] == r1["start_checks"] and len(r0["start_checks"]) == 1
-    check = r0["start_checks"][0]
-    assert check["step"] == 16 and check["lr_factor"] == pytest.approx(0.1)
-    assert r0["probe_steps"] == r1["probe_steps"] == 20
-    assert r0["weights"] == r1["weights"] and r0["finite"]
-    assert r0["lr"] == r1["lr"] == pytest.approx(0.03)
-    assert r0["global_step"] == r0["watcher_step"] == 24
+    _check_adopted_alike(_hf(tmp_path / "run", "--lr", "0.3", "--start-check", "auto",
+                             "--steps", "24"), lr=0.03, steps=24)
 
 
 def test_hf_trainer_ddp_export_all_writes_one_trace_per_rank(tmp_path: Path) -> None:

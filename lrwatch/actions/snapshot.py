@@ -35,6 +35,7 @@ __all__ = ["Snapshot", "SnapshotStore", "capture_state", "restore_state", "cpu_c
 
 from .._ratelimit import LogLimiter
 from .host_copy import HostCopy
+from .host_memory import copies_fit
 
 log = logging.getLogger("lrwatch")
 
@@ -287,8 +288,23 @@ class SnapshotStore:
              optimizer: torch.optim.Optimizer, scheduler: Any = None, scaler: Any = None,
              *, good: bool = False, extra: Mapping[str, Any] | None = None,
              pinned: bool = False) -> Snapshot | None:
-        """Capture a snapshot now. Returns ``None`` (and reports) if it could not be written."""
+        """Capture a snapshot now. Returns ``None`` (and reports) if it could not be written,
+        or if a copy in memory would take more than half of the host's available memory
+        (:func:`~lrwatch.actions.host_memory.copies_fit`; a single process only: under
+        ``torch.distributed`` every rank must hold the same snapshots)."""
         t0 = time.perf_counter()
+        if self.directory is None and not self.deferred_schedule:
+            fits, why = copies_fit(model, optimizer, 1)
+            if not fits:
+                self.failed += 1
+                self._limit.warning(log, "memory", "lrwatch: snapshot at step %d skipped: %s; "
+                                    "recovery={'snapshot_dir': DIR} keeps snapshots on disk "
+                                    "(a rollback with no snapshot to go to stops the run)",
+                                    step, why)
+                if self.on_error is not None:
+                    self.on_error()
+                self._reschedule(step, 0.0)
+                return None
         try:
             # In memory, CUDA tensors go to pinned host memory without a host sync; they are
             # waited for when the snapshot is first read. On disk the bytes are needed now.

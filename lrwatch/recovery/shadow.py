@@ -20,15 +20,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from ..actions.host_memory import copies_fit
 from ..actions.rollback import scale_learning_rate
 from ..actions.snapshot import _set_rng_state, capture_state, cpu_copy, restore_state
 from .lr_find import BatchLoss, _dist_mean, reference_loss, set_group_rates, train_step
 from .start_check import StartVerdict
 
 __all__ = ["ObservedStart", "ShadowResult", "shadow_check", "group_rates", "copies_fit"]
-
-#: The share of the host's available memory the start check's copies of the run may take.
-HOST_SHARE = 0.5
 
 
 @dataclass
@@ -58,52 +56,6 @@ class ObservedStart:
         else:
             self.held_out.append(batch)
             self.held_out_rates.append(rates)
-
-
-def _tensor_bytes(obj: Any) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, Mapping):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
-
-
-def host_available_bytes() -> int | None:
-    """The host memory available now (``MemAvailable`` of ``/proc/meminfo``, else free
-    pages), or ``None`` where neither can be read."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        import os
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (AttributeError, OSError, ValueError):
-        return None
-
-
-def copies_fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, copies: int
-               ) -> tuple[bool, str]:
-    """Whether ``copies`` CPU copies of the run's weights and optimizer state fit in
-    :data:`HOST_SHARE` of the host's available memory (unknown: assumed to fit), and the
-    numbers, for the log line when they do not. A large model's start check would otherwise
-    take the host's memory from under the run. Before the first step an optimizer's state is
-    still empty: it is counted as two tensors per parameter (Adam's; SGD and RMSprop keep at
-    most that)."""
-    params = _tensor_bytes([p for g in optimizer.param_groups for p in g["params"]])
-    opt = max(_tensor_bytes(optimizer.state_dict()), 2 * params)
-    need = copies * (_tensor_bytes(model.state_dict()) + opt)
-    avail = host_available_bytes()
-    if avail is None or need <= HOST_SHARE * avail:
-        return True, ""
-    return False, (f"{copies} copies of the run's weights and optimizer state, "
-                   f"{need / 2 ** 30:.1f} GiB, need more than {HOST_SHARE:.0%} of the "
-                   f"{avail / 2 ** 30:.1f} GiB of host memory available")
 
 
 def group_rates(optimizer: torch.optim.Optimizer) -> list[Any]:

@@ -496,8 +496,8 @@ def test_the_start_check_is_skipped_when_its_copies_would_not_fit_in_host_memory
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     import logging
-    from lrwatch.recovery import shadow
-    monkeypatch.setattr(shadow, "host_available_bytes", lambda: 1024)
+    from lrwatch.actions import host_memory
+    monkeypatch.setattr(host_memory, "host_available_bytes", lambda: 1024)
     with caplog.at_level(logging.WARNING, logger="lrwatch"):
         _, w, _, _, events = _check_run(tmp_path, "mem", 3.0, "auto")
     assert events == [] and w.policy.state.probe_steps == 0 and w._observed is None

@@ -255,22 +255,23 @@ def test_without_probe_loss_there_is_no_check() -> None:
 
 
 def test_skipped_with_a_warning_when_its_copies_would_not_fit_in_host_memory(
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        tmp_path: Path) -> None:
     """A large model's copies would take the host's memory from under the run: the check
     says so and does not run (here the host is made to have 1 KiB available)."""
     import logging
-    from lrwatch.recovery import shadow
-    monkeypatch.setattr(shadow, "host_available_bytes", lambda: 1024)
-    fits, why = shadow.copies_fit(*_setup(lr=3.0)[:2], 2)
+    from lrwatch.actions import host_memory
+    monkeypatch.setattr(host_memory, "host_available_bytes", lambda: 1024)
+    fits, why = host_memory.copies_fit(*_setup(lr=3.0)[:2], 2)
     assert not fits and "2 copies of the run's weights and optimizer state" in why
-    model, opt, batches = _setup(lr=3.0, n=30)
-    w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=_loss)
+    model, opt, batches = _setup(lr=0.05, n=30)   # (snapshots are skipped too: no rollback)
+    w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=_loss, trace=tmp_path / "t.jsonl")
     with caplog.at_level(logging.WARNING, logger="lrwatch"):
         seen = _train(w, model, opt, batches)
     w.close()
     assert "start check skipped (2 copies" in caplog.text
     assert len(seen) == 30 and w.policy.state.probe_steps == 0
-    assert w.policy.state.start_checked      # (the rules restart this run later on)
+    assert w.policy.state.start_checked and not _events(tmp_path / "t.jsonl")
 
 
 def test_the_memory_need_counts_an_optimizer_state_not_made_yet(
@@ -278,14 +279,14 @@ def test_the_memory_need_counts_an_optimizer_state_not_made_yet(
     """Before the first step the optimizer holds no state yet; the need counts two tensors
     per parameter for it (Adam's), so each copy is 3x the weights, and the copies may take
     half of the memory available."""
-    from lrwatch.recovery import shadow
+    from lrwatch.actions import host_memory as hm
     model, _, _ = _setup(lr=0.1)
     adam = torch.optim.Adam(model.parameters())
     n = sum(p.numel() * p.element_size() for p in model.parameters())
     need = 2 * 3 * n
-    monkeypatch.setattr(shadow, "host_available_bytes", lambda: 2 * need)
-    assert shadow.copies_fit(model, adam, 2)[0]
-    monkeypatch.setattr(shadow, "host_available_bytes", lambda: 2 * need - 2)
-    assert not shadow.copies_fit(model, adam, 2)[0]
-    monkeypatch.setattr(shadow, "host_available_bytes", lambda: None)   # unknown: fits
-    assert shadow.copies_fit(model, adam, 10 ** 9)[0]
+    monkeypatch.setattr(hm, "host_available_bytes", lambda: 2 * need)
+    assert hm.copies_fit(model, adam, 2)[0]
+    monkeypatch.setattr(hm, "host_available_bytes", lambda: 2 * need - 2)
+    assert not hm.copies_fit(model, adam, 2)[0]
+    monkeypatch.setattr(hm, "host_available_bytes", lambda: None)   # unknown: fits
+    assert hm.copies_fit(model, adam, 10 ** 9)[0]

@@ -17,9 +17,10 @@ import logging
 import math
 from typing import Any, Iterable, Iterator, TypeVar
 
+from .actions.host_memory import copies_fit, reports_fit
 from .actions.snapshot import capture_state
 from .recovery.probe import FORWARD_COST
-from .recovery.shadow import ObservedStart, copies_fit, group_rates, shadow_check
+from .recovery.shadow import ObservedStart, group_rates, shadow_check
 from .untrained import OutputShapes, measure_constant_loss, measure_untrained_loss
 
 __all__ = ["DataSide"]
@@ -97,7 +98,7 @@ class DataSide:
         start check (``RecoveryConfig.start_check``; :mod:`lrwatch.recovery.shadow`) on them
         and the next ``start_check_batches``, which are yielded after it, then the rest."""
         rc = self.recovery
-        fits, why = copies_fit(self.model, self.optimizer, 2)   # the start, the run at 10
+        fits, why = self._copies_fit(2)   # the start, the run at 10
         if not fits:
             self._skip_start_check(why, warn=True)
             yield from it
@@ -136,6 +137,14 @@ class DataSide:
             self._skip_start_check(why)
             return
         self._shadow_check(start, held, rates, peek)
+
+    def _copies_fit(self, copies: int) -> tuple[bool, str]:
+        """Whether the start check's copies fit in host memory; under ``torch.distributed``
+        decided on every rank's gathered reports, so that all ranks check or none does."""
+        if not self.dist.active:
+            return copies_fit(self.model, self.optimizer, copies)
+        reports = self.store.memory_reports if self.store is not None else None
+        return reports_fit(reports, copies) if reports else (True, "")
 
     def _skip_start_check(self, why: str, warn: bool = False) -> None:
         (log.warning if warn else log.info)("lrwatch: start check skipped (%s)", why)
@@ -193,7 +202,7 @@ class DataSide:
             if (self._boundary_kind == "batches" or self._probe_loss is None
                     or not self.policy.start_check_due(self.step)):
                 return
-            fits, why = copies_fit(self.model, self.optimizer, 3)  # start, step 10, now
+            fits, why = self._copies_fit(3)   # the start, step 10, now
             if not fits:
                 self._skip_start_check(why, warn=True)
                 return

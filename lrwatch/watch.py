@@ -264,6 +264,11 @@ class Watcher(DataSide, PlanExecutor, StepPath):
                 self.recovery, engine=self.engine, policy=self.policy, model=self.model,
                 optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
                 on_error=self.exporter.count_error, deferred_schedule=self.dist.active)
+            if self.dist.active:   # the first snapshot and the start check decide on these
+                try:
+                    self._snaps.agree_memory(self.dist.gather(self._snaps.memory_report()))
+                except Exception:
+                    self._internal_error("gathering the ranks' host memory")
             self._snaps.take_first(self.step, self.data_position)
         self.store: SnapshotStore | None = self._snaps.store if self._snaps else None
         self._rules = Judge(self.engine, set_rule_state=self.exporter.set_rule_state,
@@ -416,11 +421,18 @@ class Watcher(DataSide, PlanExecutor, StepPath):
 
     def _agree(self, samples: list[Sample]) -> list[Sample]:
         """One collective per flush: every rank's rows, combined identically on every rank."""
-        took = self._snaps.took_seconds() if self._snaps is not None else 0.0
-        gathered = self.dist.gather((samples, took))
+        took, memory = 0.0, None
+        if self._snaps is not None:
+            took = self._snaps.took_seconds()
+            try:
+                memory = self._snaps.memory_report()
+            except Exception:
+                self._internal_error("reading the host memory")
+        gathered = self.dist.gather((samples, took, memory))
         merged = combine_rank_samples([g[0] for g in gathered])
         if self._snaps is not None:
             self._snaps.adapt(max(g[1] for g in gathered), merged)
+            self._snaps.agree_memory([g[2] for g in gathered])
         return merged
 
     def _internal_error(self, what: str) -> None:   # fail open: counted and logged, not raised

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -14,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 import lrwatch
+from lrwatch.actions.host_memory import state_bytes
 from lrwatch.samples import Sample
 
 
@@ -287,7 +289,8 @@ def start_check(rank: int, world: int, store: str, out: str, kind: str = "ddp") 
         "checks": [(e["step"], e["lr_factor"], e["held_out_loss"], e["shadow_loss"])
                    for e in events if e.get("type") == "start_check"],
         "weights": _full_weights(model), "lr": opt.param_groups[0]["lr"], "step": w.step,
-        "probe_steps": w.policy.state.probe_steps})
+        "probe_steps": w.policy.state.probe_steps,
+        "need": state_bytes(model, opt)})
     finish()
 
 
@@ -335,3 +338,54 @@ def _full_weights(model: nn.Module) -> list[float]:
     full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
     return torch.cat([t.detach().flatten() for t in full]).tolist()
 
+
+
+def memory_guard(rank: int, world: int, store: str, out: str, mode: str) -> None:
+    """The host memory as each rank sees it is made small (``"one_short"``: the last rank's
+    only; ``"shared"``: every rank's room fits its own copies but not all the ranks' together)
+    or large (``"fits"``). A NaN batch on the last rank at step 25 (the guard off) then asks
+    for a rollback. The ranks must agree: the same snapshots, the start check on all or none,
+    the same stop."""
+    from lrwatch.actions import host_memory
+
+    init(rank, world, store)
+    model = nn.parallel.DistributedDataParallel(_model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.6)
+    need = host_memory.state_bytes(model, opt)
+    free = {"fits": 10 ** 12, "shared": int(3.5 * need),
+            "one_short": 1024 if rank == world - 1 else 10 ** 12}[mode]
+    host_memory._meminfo_available = lambda: free      # type: ignore[assignment]
+    host_memory.cgroup_room_bytes = lambda: None       # type: ignore[assignment]
+    events: list[dict[str, Any]] = []
+    said: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda r: said.append(r.getMessage())   # type: ignore[method-assign]
+    logging.getLogger("lrwatch").addHandler(handler)
+
+    def stream() -> Any:
+        for step in range(10_000):
+            x, _ = _global_batch(step)
+            yield _mine(x, rank, world), _mine(torch.tanh(x[:, :1] - x[:, 1:2]), rank, world)
+
+    def probe_loss(m: nn.Module, batch: Any) -> torch.Tensor:
+        return nn.functional.mse_loss(m(batch[0]), batch[1])
+
+    w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=probe_loss,
+                        recovery={"guard": "off", "good_after": 5, "min_interval": 5})
+    w.add_listener(lambda s: events.extend({k: v for k, v in e.items() if k != "engine_state"}
+                                           for e in s.events))
+    for x, y in w.batches(stream()):
+        if w.step >= 40:
+            break
+        loss = _mse_step(model, opt, x, y, nan=rank == world - 1 and w.step + 1 == 25)
+        w.log(loss=loss)
+    w.close()
+    assert w.store is not None
+    _write(out, rank, {
+        "snapshots": [s.step for s in w.store.snapshots], "failed": w.store.failed,
+        "checks": [e["step"] for e in events if e.get("type") == "start_check"],
+        "actions": [(e["type"], e["step"]) for e in events
+                    if e.get("type") in ("rollback", "stop")],
+        "stopped": w.should_stop, "step": w.step, "reason": str(w.stop_reason),
+        "said": said, "weights": _full_weights(model)})
+    finish()

@@ -84,6 +84,8 @@ def test_the_start_check_takes_the_same_decision_on_every_rank(tmp_path: Path,
         ddp = _spawn(dw.start_check, 2, tmp_path / "ddp", "ddp")[0]
         assert first["checks"][0] == pytest.approx(ddp["checks"][0], rel=1e-4)
         assert first["weights"] == pytest.approx(ddp["weights"], rel=1e-3, abs=1e-5)
+        # a rank's copies hold its shards: the host memory they need is about half DDP's
+        assert 0.45 * ddp["need"] <= first["need"] <= 0.6 * ddp["need"]
 
 
 def test_a_stall_cuts_the_rate_at_the_same_step_on_every_rank(tmp_path: Path) -> None:
@@ -164,3 +166,26 @@ def test_ddp_divergence_restarts_with_the_same_probe_on_every_rank(tmp_path: Pat
         assert r["finite"] and r["weights"] == first["weights"]   # identical parameters
         assert r["lr"] == first["lr"] < 8.0 and r["step"] == 80
 
+
+
+@pytest.mark.parametrize("mode", ["one_short", "shared", "fits"])
+def test_the_ranks_agree_on_host_memory(tmp_path: Path, mode: str) -> None:
+    """Snapshots in memory and the start check are skipped on every rank or on none: when one
+    rank's host runs short, and when each rank's copies fit alone but not those of all the
+    ranks sharing the machine. A rollback with no snapshot then stops every rank alike."""
+    results = _spawn(dw.memory_guard, 2, tmp_path, mode)
+    first = results[0]
+    for r in results:
+        for key in ("snapshots", "failed", "checks", "actions", "stopped", "step", "weights"):
+            assert r[key] == first[key], key
+    if mode == "fits":
+        assert first["checks"] == [10] and first["failed"] == 0 and first["snapshots"]
+        assert ["rollback", 25] in first["actions"] and not first["stopped"]
+        return
+    assert first["snapshots"] == [] and first["failed"] >= 2 and first["checks"] == []
+    assert first["stopped"] and first["step"] == 25
+    assert "no snapshot to go back to" in first["reason"]
+    said = " ".join(first["said"])
+    assert "start check skipped (2 copies" in said and "snapshot at step 0 skipped" in said
+    if mode == "shared":   # each rank alone would have fitted
+        assert "of the 2 ranks sharing it" in said

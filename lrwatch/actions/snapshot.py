@@ -35,7 +35,7 @@ __all__ = ["Snapshot", "SnapshotStore", "capture_state", "restore_state", "cpu_c
 
 from .._ratelimit import LogLimiter
 from .host_copy import HostCopy
-from .host_memory import copies_fit
+from .host_memory import MemoryReport, copies_fit, reports_fit
 
 log = logging.getLogger("lrwatch")
 
@@ -253,6 +253,9 @@ class SnapshotStore:
         self._next_step: int | None = None
         self._step_seconds: float | None = None
         self.deferred_schedule = deferred_schedule
+        #: under ``torch.distributed``: every rank's memory as of the last flush (the Watcher
+        #: gathers them), so that all ranks skip the same snapshots when memory runs short
+        self.memory_reports: list[MemoryReport] | None = None
 
     # --- scheduling --------------------------------------------------------------------------
     def observe_step_time(self, seconds: float) -> None:
@@ -290,11 +293,12 @@ class SnapshotStore:
              pinned: bool = False) -> Snapshot | None:
         """Capture a snapshot now. Returns ``None`` (and reports) if it could not be written,
         or if a copy in memory would take more than half of the host's available memory
-        (:func:`~lrwatch.actions.host_memory.copies_fit`; a single process only: under
-        ``torch.distributed`` every rank must hold the same snapshots)."""
+        (:func:`~lrwatch.actions.host_memory.copies_fit`; under ``torch.distributed``, decided
+        on ``memory_reports``, the ranks' reports as of the last flush, so that every rank
+        skips the same snapshots)."""
         t0 = time.perf_counter()
-        if self.directory is None and not self.deferred_schedule:
-            fits, why = copies_fit(model, optimizer, 1)
+        if self.directory is None:
+            fits, why = self._fits(model, optimizer)
             if not fits:
                 self.failed += 1
                 self._limit.warning(log, "memory", "lrwatch: snapshot at step %d skipped: %s; "
@@ -334,6 +338,14 @@ class SnapshotStore:
         self._trim()
         self._reschedule(step, took)
         return snap
+
+    def _fits(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+              ) -> tuple[bool, str]:
+        if not self.deferred_schedule:
+            return copies_fit(model, optimizer, 1)
+        if self.memory_reports is None:   # the ranks have not reported: nothing to agree on
+            return True, ""
+        return reports_fit(self.memory_reports, 1)
 
     def _fall_back_to_memory(self, snap: Snapshot, exc: OSError) -> None:
         """``directory`` cannot be written (read-only, full, gone): keep ``snap`` and every

@@ -10,13 +10,16 @@ with recovery, and around it what the store does not know about the run:
   so replay and live agree). A snapshot taken before its step is judged waits for the flush;
 - promotion to known good while no training-control rule fires;
 - under ``torch.distributed``, one snapshot interval for all ranks, adapted from the slowest
-  rank's figures, so every rank snapshots (and rolls back to) the same steps.
+  rank's figures, so every rank snapshots (and rolls back to) the same steps; and one verdict
+  on host memory, from every rank's :class:`~lrwatch.actions.host_memory.MemoryReport`, so
+  every rank skips the same snapshots (and start checks) when the copies would not fit.
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
+from ..actions.host_memory import MemoryReport, local_report
 from ..actions.snapshot import Snapshot, SnapshotStore
 from ..samples import Sample
 from .policy import CONTROL_ACTIONS, RecoveryConfig, RecoveryPolicy, SnapshotInfo
@@ -100,6 +103,16 @@ class SnapshotKeeper:
         took = max(self._seconds, default=0.0)
         self._seconds.clear()
         return took
+
+    def memory_report(self) -> MemoryReport:
+        """This rank's memory and the bytes of one copy of its state, for the ranks to agree."""
+        return local_report(*self._state[:2])
+
+    def agree_memory(self, reports: Sequence[MemoryReport | None]) -> None:
+        """Every rank's reports, gathered: the store decides on them from now on (kept as they
+        were when some rank sent none)."""
+        if reports and all(isinstance(r, MemoryReport) for r in reports):
+            self.store.memory_reports = list(reports)   # type: ignore[arg-type]
 
     def adapt(self, slowest: float, merged: Sequence[Sample]) -> None:
         """Every rank adapts the snapshot interval from the same (slowest) figures, so all of

@@ -20,13 +20,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..actions.host_memory import copies_fit
 from ..actions.rollback import scale_learning_rate
 from ..actions.snapshot import _set_rng_state, capture_state, cpu_copy, restore_state
 from .lr_find import BatchLoss, _dist_mean, reference_loss, set_group_rates, train_step
 from .start_check import StartVerdict
 
-__all__ = ["ObservedStart", "ShadowResult", "shadow_check", "group_rates", "copies_fit"]
+__all__ = ["ObservedStart", "ShadowResult", "shadow_check", "group_rates"]
 
 
 @dataclass

@@ -59,6 +59,11 @@ class DataSide:
     _probing: bool
     _late_records: list[Any]
     _observed: ObservedStart | None
+    _pending: list[Any]
+    engine: Any
+    flush: Any
+    _safe_point: Any
+    _restore_engine: Any
 
     def batches(self, iterable: Iterable[T]) -> Iterator[T]:
         """Yield the batches of ``iterable``, acting on lrwatch's decisions between them.
@@ -153,7 +158,22 @@ class DataSide:
 
     def _shadow_check(self, start: Any, held: list[Any], rates: list[Any], peek: list[Any],
                       run_state: Any = None, peek_rates: list[Any] | None = None) -> None:
-        """Train the shadow, score both, book the cost, adopt or not, and say so."""
+        """Judge the run's own steps first, then train the shadow, score both, book the cost,
+        adopt or not, and say so.
+
+        The rules see the run's first steps before the check: when they already call for a
+        rollback, restart or stop, that is carried out instead (a restart is what adopting
+        the shadow would do, cheaper), and an adopted shadow never answers for the steps of
+        the run it replaced (their firings would restart it once more). An adopted shadow
+        starts the detectors afresh from the run's start, as a restart does."""
+        try:
+            self.flush()
+        except Exception:
+            self._internal_error("judging the run's first steps before the start check")
+        if self._pending or self.should_stop:
+            self._skip_start_check("the rules acted on the run's first steps")
+            self._safe_point()
+            return
         factor, steps = self.recovery.restart_lr_factor, self.recovery.start_check_steps
         self._probing = True   # the shadow's steps are not the run's (the step hooks skip them)
         try:
@@ -174,7 +194,16 @@ class DataSide:
         cost = res.steps + math.ceil(res.forwards * FORWARD_COST - 1e-9)
         self.policy.start_checked(cost)
         v = res.verdict
+        record: dict[str, Any] = {"type": "start_check", "step": self.step,
+                                  "steps": res.steps, "cost_steps": cost,
+                                  "lr_factor": factor if v.adopt else 1.0,
+                                  "held_out_loss": v.real, "shadow_loss": v.shadow,
+                                  "reason": v.reason}
         if v.adopt:
+            engine_state = self._start_engine_state()
+            if engine_state is not None and self.engine is not None:
+                self._restore_engine(engine_state)   # replay restores it from the record
+                record["engine_state"] = engine_state
             if self.store is not None:
                 self.store.discard_pending()   # snapshots of the run's own first steps
             self._retake_initial_snapshot()
@@ -184,10 +213,13 @@ class DataSide:
             self.exporter.actions.labels("start_check").inc()
         else:
             log.info("lrwatch: start check: the configured rate stands (%s)", v.reason)
-        self._late_records.append({"type": "start_check", "step": self.step, "steps": res.steps,
-                                   "cost_steps": cost, "lr_factor": factor if v.adopt else 1.0,
-                                   "held_out_loss": v.real, "shadow_loss": v.shadow,
-                                   "reason": v.reason})
+        self._late_records.append(record)
+
+    def _start_engine_state(self) -> Any:
+        """The detectors' state at the run's start (the pinned snapshot's), or ``None``."""
+        pinned = [x for x in (self.store.snapshots if self.store is not None else ())
+                  if x.pinned]
+        return pinned[0].extra.get("engine_state") if pinned else None
 
     # --- the start check where the framework draws the data ------------------------------
     def start_check_batch(self, batch: Any) -> None:

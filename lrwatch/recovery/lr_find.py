@@ -237,9 +237,12 @@ def run_range_test(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 def reference_loss(model: torch.nn.Module, batch_loss: BatchLoss, batch: Any) -> float:
     """The loss of ``batch`` without a gradient and with dropout off (so the same weights give
     the same loss); other modules keep their mode (batch norm in training mode normalises
-    with the batch's own statistics, as in the training step)."""
+    with the batch's own statistics, as in the training step). The buffers are put back as
+    they were (a scoring pass is not a training step: batch norm's running statistics, and
+    any counter a forward keeps, must not move)."""
     drop = [m for m in model.modules()
             if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training]
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
     for m in drop:
         m.eval()
     try:
@@ -248,6 +251,9 @@ def reference_loss(model: torch.nn.Module, batch_loss: BatchLoss, batch: Any) ->
     finally:
         for m in drop:
             m.train()
+        with torch.no_grad():
+            for buf, was in saved:
+                buf.copy_(was)
 
 
 def _dist_mean(group: Any) -> Callable[[float], float] | None:

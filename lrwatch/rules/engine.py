@@ -566,5 +566,11 @@ class Engine:
         self._last_step = state.get("last_step")
         self._last_time = state.get("last_time")
         saved_given = state.get("given") or {}
-        for m in self._given:  # saved before the rule took 'given': not seen yet
-            self._given[m] = _unnum(saved_given.get(m))
+        for m in self._given:
+            # A value the saved state had not seen yet (saved before the rule took 'given',
+            # or before the metric was first logged: a restart to the state before the first
+            # step, which the untrained loss was measured after) is not forgotten: the level
+            # measured is still the run's.
+            v = _unnum(saved_given.get(m))
+            if v is not None:
+                self._given[m] = v

@@ -67,6 +67,8 @@ def replay_trace(source: str | os.PathLike[str] | IO[str], rules: RuleSet | Iter
     try:
         for sample in reader:
             n += 1
+            if sample.events:
+                _follow_start_check(engine, sample.events)
             ev = update(sample)
             if ev:
                 events.extend(ev)
@@ -91,6 +93,17 @@ def _follow_actions(engine: Engine, recorded: Iterable[object]) -> None:
     """
     for ev in recorded:
         if isinstance(ev, dict) and ev.get("type") in ("rollback", "skip") and isinstance(
+                ev.get("engine_state"), dict):
+            engine.load_state_dict(ev["engine_state"])
+
+
+def _follow_start_check(engine: Engine, recorded: Iterable[object]) -> None:
+    """Apply an adopted start check to the engine, as the live Watcher did: the run goes on
+    from a shadow restarted at the start, and the detectors start afresh from the state the
+    event carries. The event rides on the first step after the adoption, which the live
+    engine judged with that state: so it is applied before that step, not after."""
+    for ev in recorded:
+        if isinstance(ev, dict) and ev.get("type") == "start_check" and isinstance(
                 ev.get("engine_state"), dict):
             engine.load_state_dict(ev["engine_state"])
 

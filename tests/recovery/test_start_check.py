@@ -17,6 +17,8 @@ from lrwatch.errors import ConfigError
 from lrwatch.exporters.trace import read_trace
 from lrwatch.recovery.policy import RecoveryConfig, RecoveryPolicy
 from lrwatch.recovery.start_check import compare
+from lrwatch.rules import load_pack
+from lrwatch.rules.replay import replay_trace
 
 
 def _setup(lr: float, seed: int = 0, n: int = 60, momentum: float = 0.9) -> tuple:
@@ -137,6 +139,14 @@ def test_a_rate_far_too_high_goes_on_from_the_shadow_at_a_tenth(tmp_path: Path) 
     pinned = [s for s in w.store.snapshots if s.pinned]
     assert len(pinned) == 1
     assert pinned[0].load()["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.3)
+    # the detectors start afresh from the run's start (the event carries their state, and
+    # the replay, which reads it, gives the live firings)
+    assert isinstance(ev[0].get("engine_state"), dict)
+    live = [(e["rule"], e["step"], e["severity"]) for rec in read_trace(trace)
+            for e in rec.events if isinstance(e, dict) and e.get("type") == "firing"]
+    replayed = replay_trace(trace, load_pack("training"))
+    assert replayed.error is None
+    assert [(f.rule, f.step, f.severity) for f in replayed.firings] == live
 
 
 def test_the_adopted_run_is_the_shadow_trained_from_the_start_at_a_tenth() -> None:
@@ -290,3 +300,69 @@ def test_the_memory_need_counts_an_optimizer_state_not_made_yet(
     assert not hm.copies_fit(model, adam, 2)[0]
     monkeypatch.setattr(hm, "host_available_bytes", lambda: None)   # unknown: fits
     assert hm.copies_fit(model, adam, 10 ** 9)[0]
+
+
+def test_the_rules_judge_the_run_s_first_steps_before_the_check(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A run that blows up within its first 10 steps: the rules see it at the check (not at
+    the next flush, after it) and restart it at a tenth; the check, which would only repeat
+    that restart, is skipped. Before, the check adopted its shadow, and the firings on the
+    discarded steps then restarted the adopted run once more: a hundredth of the rate."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    g = torch.Generator().manual_seed(1)
+    truth = torch.randn(10, 1, generator=g)
+    batches = []
+    for _ in range(60):
+        x = torch.randn(32, 10, generator=g)
+        batches.append((x, x @ truth + 0.1 * torch.randn(32, 1, generator=g)))
+
+    def mse(m: nn.Module, b: tuple) -> torch.Tensor:
+        return nn.functional.mse_loss(m(b[0]), b[1])
+
+    trace = tmp_path / "t.jsonl"
+    w = lrwatch.Watcher(model, opt, trace=trace, probe_loss=mse)
+    with caplog.at_level("INFO", logger="lrwatch"):
+        for b in w.batches(batches):
+            opt.zero_grad()
+            loss = mse(model, b)
+            loss.backward()
+            opt.step()
+            w.log(loss=loss.detach())
+        w.close()
+    assert "start check skipped (the rules acted on the run's first steps)" in caplog.text
+    assert not _events(trace)
+    restarts = [e for rec in read_trace(trace) for e in rec.events
+                if isinstance(e, dict) and e.get("type") == "rollback"]
+    assert len(restarts) == 1 and restarts[0]["step"] <= 10 and restarts[0]["to_step"] == 0
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+    assert w.policy.state.start_checked and w.rollbacks == 1
+
+
+def test_scoring_a_model_leaves_its_buffers_as_they_were() -> None:
+    """The check scores the run and the shadow on held-out batches with the modules in their
+    training mode (batch norm normalises with the batch's statistics, as in a step); those
+    forwards are not training steps, so batch norm's running statistics and any counter a
+    forward keeps are put back. Before, an adopted shadow carried 6 extra updates."""
+    from lrwatch.recovery.lr_find import reference_loss
+
+    class Counted(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(20, 16), nn.BatchNorm1d(16), nn.Linear(16, 4))
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return self.net(x)
+
+    torch.manual_seed(0)
+    model = Counted()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = (torch.randn(32, 20), torch.randint(0, 4, (32,)))
+    loss = reference_loss(model, _loss, batch)
+    assert loss == pytest.approx(reference_loss(model, _loss, batch))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model.training

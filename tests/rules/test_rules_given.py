@@ -221,3 +221,26 @@ def test_given_only_waits_for_the_measured_level_and_never_falls_back():
                    "params: {below: 0.85, given_only: true}, severity: info}]")
     assert any("parameter 'given_only' of detector 'start_ratio' needs the rule key 'given'" in e
                for e in errs), errs
+
+
+def test_a_restored_state_that_never_saw_a_measured_level_keeps_it() -> None:
+    """A restart goes back to the state before the first step, saved before the untrained
+    loss was measured (it rides on step 1): the level is the run's, so it stays known, and
+    the rules that judge against it go on judging against it after the restart."""
+    engine = Engine(load_pack("training"))
+    before = engine.state_dict()          # the state a restart to the start goes back to
+    engine.update(Sample(step=1, values={"loss": 2.0, "untrained_loss": 2.3,
+                                         "constant_loss": 2.1, "lr": 0.1}))
+    engine.load_state_dict(before)
+    assert engine.state_dict()["given"]["untrained_loss"] == 2.3
+    assert engine.state_dict()["given"]["constant_loss"] == 2.1
+    # a value the saved state had seen is restored as it was
+    engine.update(Sample(step=2, values={"loss": 1.9, "lr": 0.05}))
+    at_two = engine.state_dict()
+    engine.update(Sample(step=3, values={"loss": 1.8, "lr": 0.01}))
+    engine.load_state_dict(at_two)
+    assert engine.state_dict()["given"]["lr"] == 0.05
+    # a fresh engine loading a state (a resume) gets exactly that state
+    fresh = Engine(load_pack("training"))
+    fresh.load_state_dict(before)
+    assert fresh.state_dict()["given"]["untrained_loss"] is None

@@ -321,6 +321,9 @@ class Watcher(DataSide, PlanExecutor, StepPath):
                 "best": self.best.state_dict() if self.best is not None else None}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict`, once the model and optimizer hold their resumed
+        state: the state they hold now becomes the run's start (the snapshot a restart goes
+        back to), with the rate's scale and the detectors' state just loaded."""
         self.step = int(state["step"])
         self.data_position = int(state.get("data_position", 0))
         self._skip_remaining = int(state.get("skip_remaining", 0))
@@ -333,6 +336,8 @@ class Watcher(DataSide, PlanExecutor, StepPath):
             self.engine.load_state_dict(state["engine"])
         if self.best is not None and state.get("best"):
             self.best.load_state_dict(state["best"])
+        if self._snaps is not None:   # it was taken before the policy's scale was known
+            self._snaps.retake_first(self.step, self.data_position)
 
     def log(self, *, batch_size: int | None = None, **metrics: torch.Tensor | float | int) -> None:
         """Record this step's metrics (``loss=``, ``accuracy=``, or any other name).

@@ -571,6 +571,32 @@ def test_state_dict_resumes_budget_and_detectors(tmp_path: Path) -> None:
     w2.close()
 
 
+def test_a_resumed_run_whose_rate_was_cut_restarts_from_its_resumed_rate() -> None:
+    """The pinned snapshot a restart goes back to is taken when the Watcher is built, before
+    ``load_state_dict`` brings back the policy's scale; it is taken again then. Before, it
+    was tagged with a scale of 1 while holding a rate already cut to a tenth, and a restart
+    after the resume cut the rate a tenth further than it said."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = lrwatch.Watcher(model, opt, rules=None)   # a run lrwatch had cut to a tenth:
+    state = {**w.state_dict(), "step": 40, "policy": {"lr_scale": 0.1}}
+    w.close()
+    for group in opt.param_groups:
+        group["lr"] = 0.01
+    w2 = lrwatch.Watcher(model, opt, start_step=40, recovery={"guard": "off"})
+    w2.load_state_dict(state)
+    pinned = [s for s in w2.store.snapshots if s.pinned]
+    assert [(s.step, s.extra["lr_scale"]) for s in pinned] == [(40, 0.1)]
+    for i in _batches():
+        loss = _step(model, opt, i) * (float("nan") if i in (3, 5) else 1.0)
+        w2.log(loss=loss)
+        if w2.rollbacks or i > 40:
+            break
+    w2.close()
+    assert w2.rollbacks == 1
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * w2.policy.lr_scale / 0.1)
+
+
 def test_persistent_fault_escalates_the_cut_and_goes_further_back(tmp_path: Path) -> None:
     r = _run(tmp_path, steps=120, poison_from=15, poison_to=10**9,
              recovery={"max_rollbacks": 4, "good_after": 3, "min_interval": 3})

@@ -27,9 +27,14 @@ def tensor_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     if not tensors:
         return []
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
-    for i, t in enumerate(tensors):
-        groups[(t.device, t.dtype)].append(i)
     out: list[torch.Tensor | None] = [None] * len(tensors)
+    for i, t in enumerate(tensors):
+        if t.layout != torch.strided:   # a sparse gradient (nn.Embedding(sparse=True)): the
+            # norm of its values once duplicates are summed (no fused kernel takes it)
+            vals = t.coalesce().values() if t.layout == torch.sparse_coo else t.values()
+            out[i] = torch.linalg.vector_norm(vals.float())
+            continue
+        groups[(t.device, t.dtype)].append(i)
     for (_dev, _dt), idx in groups.items():
         group = [tensors[i] for i in idx]
         if hasattr(torch, "_foreach_norm"):

@@ -29,6 +29,16 @@ __all__ = ["StepHooks", "StepPath"]
 Hook = Callable[[Any, Any, Any], None]   # hook(optimizer, args, kwargs), as torch calls it
 
 
+def _closure(args: Any, kwargs: Any) -> Any:
+    """The closure an ``optimizer.step(closure)`` call was given, or ``None`` (torch hands
+    the hooks the step's arguments with the optimizer first)."""
+    for a in args or ():
+        if callable(a) and not isinstance(a, torch.optim.Optimizer):
+            return a
+    c = kwargs.get("closure") if isinstance(kwargs, dict) else None
+    return c if callable(c) else None
+
+
 class StepHooks:
     """Registers the Watcher's step callbacks with torch (see the module docstring).
 
@@ -112,12 +122,21 @@ class StepPath:
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._probing:   # a range test's throw-away steps are not the run's
             return
+        if _closure(args, kwargs) is not None:   # its gradients come inside the step: after
+            return
+        self._measure(guard=True)
+
+    def _measure(self, *, guard: bool) -> None:
         try:
-            self.recorder.measure_grads(self.step + 1, skipped=False)
+            self.recorder.measure_grads(self.step + 1, skipped=False, guard=guard)
         except Exception:  # fail open: monitoring never breaks the step
             self._internal_error("measuring gradients")
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self._probing and _closure(args, kwargs) is not None:
+            # optimizer.step(closure) (LBFGS): the gradients are the closure's last, which
+            # the step already used; measured now, and too late for the guard to hold
+            self._measure(guard=False)
         self.recorder.step_done()
         if self._probing:
             return

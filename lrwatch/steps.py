@@ -14,6 +14,7 @@ row is complete (the Watcher flushes when enough are waiting).
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -139,8 +140,9 @@ class StepRecorder:
             row = self.open = Row(step=next_step)
         return row
 
-    def measure_grads(self, next_step: int, *, skipped: bool) -> None:
-        """Gradient norms (and the loss scale) of the step about to happen."""
+    def measure_grads(self, next_step: int, *, skipped: bool, guard: bool = True) -> None:
+        """Gradient norms (and the loss scale) of the step about to happen; ``guard=False``:
+        measured only (the step has already used them: a closure optimizer)."""
         if self.open is not None and self.open.stepped:
             self.commit()
         if self.open is None:
@@ -162,7 +164,7 @@ class StepRecorder:
             norms = tensor_norms(grads)  # type: ignore[arg-type]
             norm = total_norm(norms, self.device)
             row.put("grad_norm", norm)
-        if self.guard and grads and not skipped:
+        if self.guard and guard and grads and not skipped:
             self._guard_step(row, params, norm)
         if self.layers is not None and norms:
             per = self.layers.per_layer(params, norms, self.device)
@@ -287,10 +289,15 @@ def as_value(key: str, value: Any) -> tuple[torch.Tensor | float | None, str | N
             return None, (f"lrwatch: log({key}=...) needs a scalar, got a tensor of shape "
                           f"{tuple(value.shape)}; value ignored")
         return value.detach().reshape(()).float().clone(), None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # numbers.Real: Python's int and float, and numpy's scalars (np.float32, np.int64, ...)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None, (f"lrwatch: log({key}=...) needs a number or a scalar tensor, got "
                       f"{type(value).__name__}; value ignored")
-    return float(value), None
+    try:
+        return float(value), None
+    except (OverflowError, ValueError, TypeError):
+        return None, (f"lrwatch: log({key}=...) got {type(value).__name__} {str(value)[:40]}, "
+                      f"which is not a float (too large?); value ignored")
 
 
 def materialise(rows: Sequence[Row], extra: Sequence[torch.Tensor], device: torch.device,

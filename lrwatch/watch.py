@@ -53,7 +53,7 @@ from .step_path import StepPath
 from .steps import as_value, materialise
 from .untrained import UNTRAINED_BATCHES, check_untrained_batches
 from .wiring import (action_params, build_best, build_recorder, check_args, check_probe,
-                     guard_mode, rule_set)
+                     closure_limits, guard_mode, rule_set)
 
 __all__ = ["Watcher", "Listener", "RecoveryConfig", "BestEval", "rank_trace_path"]
 
@@ -225,6 +225,7 @@ class Watcher(DataSide, PlanExecutor, StepPath):
         self._setup_executor(probe_loss, check_probe(self.recovery, probe_loss))
         self.recorder.set_guard(guard_mode(self.recovery, optimizer, scaler),
                                 self.recovery.guard_ratio if self.recovery else 0.0)
+        closure_limits(optimizer, self.policy)
         self._attach_step_hooks(step_hooks)
 
     def _setup_outputs(self, registry: CollectorRegistry | None, port: int | None, host: str,

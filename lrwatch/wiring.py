@@ -8,6 +8,8 @@ per-step recorder, the rules' action parameters and the best evaluated state. Th
 
 from __future__ import annotations
 
+import inspect
+import logging
 import os
 import warnings
 from typing import Any, Callable, Mapping, Sequence
@@ -24,7 +26,9 @@ from .rules.schema import PACKS
 from .steps import StepRecorder
 
 __all__ = ["check_args", "check_probe", "rule_set", "snapshot_dir", "build_recorder",
-           "action_params", "build_best"]
+           "action_params", "build_best", "guard_mode", "step_needs_closure", "closure_limits"]
+
+log = logging.getLogger("lrwatch")
 
 
 def check_args(model: Any, optimizer: Any, flush_every: Any, port: Any, batch_size: Any,
@@ -123,7 +127,8 @@ def guard_mode(recovery: Any, optimizer: torch.optim.Optimizer, scaler: Any) -> 
     nothing there, and a bad step's gradients are taken away for that step), ``"zero"`` (the
     gradient is zeroed on the device: ``guard="on"`` with any other optimizer) or ``None`` (no
     recovery, ``guard="off"``, or a ``GradScaler``, which skips those steps)."""
-    if recovery is None or recovery.guard == "off" or scaler is not None:
+    if (recovery is None or recovery.guard == "off" or scaler is not None
+            or step_needs_closure(optimizer)):
         return None
     groups = optimizer.param_groups
     if groups and all(g.get("fused") for g in groups):
@@ -132,6 +137,30 @@ def guard_mode(recovery: Any, optimizer: torch.optim.Optimizer, scaler: Any) -> 
     if params and all(p.device.type == "cpu" for p in params):
         return "hold"
     return "zero" if recovery.guard == "on" else None
+
+
+def step_needs_closure(optimizer: Any) -> bool:
+    """Whether ``optimizer.step`` cannot run without a closure (``torch.optim.LBFGS``): it
+    computes its gradients inside the step, so nothing can measure or hold them before it,
+    and lrwatch's own throw-away steps (the start check, range tests) cannot take one."""
+    try:
+        param = inspect.signature(type(optimizer).step).parameters.get("closure")
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.default is inspect.Parameter.empty
+
+
+def closure_limits(optimizer: Any, policy: Any) -> None:
+    """Say once what a closure optimizer costs the Watcher, and skip the start check (its
+    shadow steps without a closure)."""
+    if not step_needs_closure(optimizer):
+        return
+    log.warning("lrwatch: %s computes its gradients inside step(closure): the gradient norm "
+                "recorded is the closure's last, read after the step; the guard cannot hold a "
+                "bad step back (off) and the start check does not run (its shadow would step "
+                "without a closure). Loss, learning rate and the rules work as usual.",
+                type(optimizer).__name__)
+    policy.start_checked(0)
 
 
 def action_params(rules: Sequence[Any]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import torch
 
 from lrwatch.steps import Row, StepRecorder, as_value, materialise
@@ -15,6 +16,12 @@ def test_as_value_keeps_scalars_and_says_why_it_drops_the_rest():
     assert v is None and "shape (2, 2)" in why
     v, why = as_value("flag", True)
     assert v is None and "got bool" in why
+    # numpy's scalars are numbers (a loss computed with numpy was ignored before)
+    assert as_value("loss", np.float32(1.5)) == (1.5, None)
+    assert as_value("loss", np.int64(3)) == (3.0, None)
+    assert as_value("flag", np.bool_(True))[0] is None
+    v, why = as_value("loss", 10 ** 400)          # an int no float can hold: said, not raised
+    assert v is None and "not a float" in why
 
 
 def test_materialise_merges_device_and_host_values_in_step_order():

@@ -136,3 +136,75 @@ def test_snapshot_keeper_ties_each_snapshot_to_the_engine_state_of_its_step():
         keeper.judged(s.step)
     assert snap.extra["engine_state"] is not None
     assert keeper.took_seconds() >= 0.0 and keeper.took_seconds() == 0.0
+
+
+def test_sparse_gradients_are_measured_and_a_nan_one_is_held_back():
+    """``nn.Embedding(sparse=True)`` with ``SparseAdam``: the fused norm kernel does not take
+    sparse gradients (it raised, so no step had a gradient norm and the guard never saw a NaN
+    batch, which went into the embedding rows it touched)."""
+    import lrwatch
+    from lrwatch.probe import tensor_norms
+
+    g = torch.sparse_coo_tensor([[0, 2, 0]], [3.0, 4.0, 1.0], (5,),   # index 0 twice: 4
+                                check_invariants=True)
+    dense = torch.tensor([1.0, 2.0, 2.0])
+    assert [float(n) for n in tensor_norms([g, dense])] == [pytest.approx(5.6568542), 3.0]
+
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(50, 4, sparse=True)
+    opt = torch.optim.SparseAdam(list(emb.parameters()), lr=0.01)
+    gen = torch.Generator().manual_seed(1)
+    samples = []
+    w = lrwatch.Watcher(emb, opt, listeners=[samples.append], recovery={"start_check": "off"})
+    for step in range(1, 31):
+        idx = torch.randint(0, 50, (16, 3), generator=gen)
+        loss = emb(idx).pow(2).mean() * (float("nan") if step == 20 else 1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        w.log(loss=loss)
+    w.close()
+    assert w.registry.get_sample_value("lrwatch_internal_errors_total") == 0
+    assert all("grad_norm" in s.values for s in samples)
+    assert [s.step for s in samples if s.values.get("grad_dropped", 0) >= 0.5] == [20]
+    assert torch.isfinite(emb.weight).all()
+
+
+def test_a_closure_optimizer_is_measured_after_its_step_and_never_guarded(caplog):
+    """LBFGS computes its gradients inside ``step(closure)``: measured before the step they
+    were the previous step's (step 1 read 0), the guard held back gradients the closure then
+    recomputed (a healthy step "not applied", the NaN one applied), and the start check's
+    shadow stepped without a closure (an internal error). Now: measured after the step, the
+    guard and the start check off, said once."""
+    import lrwatch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=3)
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 4, generator=gen), torch.randn(16, 1, generator=gen))
+               for _ in range(20)]
+    batches[14] = (batches[14][0], batches[14][1] * float("nan"))   # step 15
+
+    def mse(m, b):
+        return torch.nn.functional.mse_loss(m(b[0]), b[1])
+
+    samples = []
+    with caplog.at_level(logging.INFO, logger="lrwatch"):
+        w = lrwatch.Watcher(model, opt, probe_loss=mse, listeners=[samples.append],
+                            recovery={"lr_recover": False})
+        for b in w.batches(batches):
+            def closure():
+                opt.zero_grad()
+                loss = mse(model, b)
+                loss.backward()
+                return loss
+            w.log(loss=opt.step(closure))
+        w.close()
+    assert "computes its gradients inside step(closure)" in caplog.text
+    assert "not applied" not in caplog.text and "internal error" not in caplog.text
+    assert w.registry.get_sample_value("lrwatch_internal_errors_total") == 0
+    by = {s.step: s.values for s in samples}
+    assert by[1]["grad_norm"] > 0                              # this step's, not nothing
+    assert math.isnan(by[15]["grad_norm"]) and math.isfinite(by[14]["grad_norm"])
+    assert w.recorder.guard is None and w.policy.state.start_checked

@@ -140,6 +140,14 @@ def _convert(name: str, convert: Any, value: Any, path: Any) -> Any:
     return convert(value)
 
 
+def _tail_paths(value: Any) -> list[str]:
+    """``tail``: one file path or a list of them (a path is not read as its characters)."""
+    paths = [value] if isinstance(value, str) else value
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+        raise ConfigError(f"tail must be a file path or a list of file paths, got {value!r}")
+    return paths
+
+
 @dataclass
 class DaemonConfig:
     host: str = "127.0.0.1"
@@ -218,6 +226,9 @@ class DaemonConfig:
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any], *, base_dir: str = ".") -> "DaemonConfig":
         """Read the config file's structure (see the module docstring)."""
+        if d is not None and not isinstance(d, Mapping):
+            raise ConfigError(f"a daemon config is a mapping of keys (state_dir, tail, "
+                              f"window, ...), got a {type(d).__name__}")
         d = dict(d or {})
         known = {"state_dir", "snapshot_interval", "tail", "rules", "seed", "auth", *_SECTIONS}
         unknown = set(d) - known
@@ -249,7 +260,10 @@ class DaemonConfig:
         if "seed" in d:
             kw["seed"] = _integer("seed", d["seed"])
         if d.get("tail"):
-            kw["tail"] = [path(p) for p in d["tail"]]
+            kw["tail"] = [path(p) for p in _tail_paths(d["tail"])]
+            for p in kw["tail"]:
+                if os.path.isdir(p):
+                    raise ConfigError(f"tail: {p!r} is a directory; name the file to follow")
         if d.get("rules"):
             kw["rules"] = path(d["rules"])
         return cls(**kw)
@@ -259,6 +273,8 @@ class DaemonConfig:
         try:
             with open(path, encoding="utf-8") as fh:
                 data = yaml.safe_load(fh) or {}
+        except RecursionError:
+            raise ConfigError(f"cannot read config {path!r}: YAML nested too deeply") from None
         except (OSError, yaml.YAMLError) as exc:
             raise ConfigError(f"cannot read config {path!r}: {exc}") from exc
         return cls.from_mapping(data, base_dir=os.path.dirname(os.path.abspath(path)))

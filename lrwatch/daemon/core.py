@@ -176,10 +176,28 @@ class Daemon(WindowsMixin, EvaluationMixin, OutputsMixin, PublishingMixin):
                 "coverage": self.coverage.state_dict(),
                 "estimates": self.estimates.state_dict() if self.estimates else None}
 
+    def _load_snapshot(self) -> dict[str, Any] | None:
+        """The saved state; when it cannot be read, ``None`` (the whole journal rebuilds the
+        state) if the journal still holds every record, else a ConfigError saying what to do."""
+        state_dir = self.config.state_dir
+        try:
+            return load_snapshot(state_dir)
+        except ValueError as exc:
+            where = os.path.join(state_dir, "state.json")
+            segs = self.journal.segments() if self.journal is not None else []
+            if segs and segs[0] == 1:
+                _log.warning("%s cannot be read (%s): rebuilding the state from the whole "
+                             "journal", where, exc)
+                return None
+            raise ConfigError(f"{where} cannot be read ({exc}) and the journal no longer "
+                              f"holds every record (its oldest segment is "
+                              f"{segs[0] if segs else 'gone'}): restore the file from a backup, "
+                              f"or move {state_dir} away to start afresh") from exc
+
     def _restore(self) -> None:
         if not self.config.state_dir:
             return
-        snap = load_snapshot(self.config.state_dir)
+        snap = self._load_snapshot()
         if snap is not None:
             if snap.get("version") != STATE_VERSION:
                 raise ConfigError(f"state version {snap.get('version')!r} is not "

@@ -24,8 +24,8 @@ from typing import Any, Callable, Mapping
 from . import columnar
 from .config import DaemonConfig
 from .metrics import DaemonMetrics
-from .records import (Batch, Limits, lines_within, parse_lines, parse_payload, validate_labels,
-                      validate_predictions)
+from .records import (Batch, Limits, fits_reference_kind, lines_within, parse_lines,
+                      parse_payload, validate_labels, validate_predictions)
 from .state import Journal
 from .stats import Profile
 
@@ -119,22 +119,16 @@ class Ingest:
                 self._refuse_locked("queue_full", 1)
             return 429, {"error": "queue full, retry later", "reason": "queue_full",
                          "rejected": 1}
-        lim = self.limits
-        short = lines_within(body, lim.max_string_chars)
-        ok: Any = self._decode_http(body) if kind == "predictions" and short else None
-        if ok is not None:  # the columnar path: no dict per record (see _decode_http)
-            rejected: Any = Counter()
-            errors: list[str] = []
-            received = len(ok)
-        else:
-            items = parse_payload(body, limits=lim)
-            received = len(items)
-            if kind == "predictions":
-                ok, rejected, errors = validate_predictions(items, lim, short_strings=short)
-            else:
-                ok, rejected, errors = validate_labels(items, lim)
+        ok, rejected, errors, received = self._parse(kind, body)
         code = b"P" if kind == "predictions" else b"L"
         now = time.time()
+        if len(ok) > q.max_records:   # never fits, however long the client waits: not a 429
+            with q.cond:
+                self._refuse_locked("too_large", received)
+            return 413, {"error": f"the body holds {len(ok)} valid records, over the queue's "
+                                  f"limit of {q.max_records} (max_queue_records): send them in "
+                                  f"smaller bodies", "reason": "too_large",
+                         "rejected": received}
         with q.cond:
             if ok and q.records + len(ok) > q.max_records:
                 self._refuse_locked("queue_full", received)
@@ -161,6 +155,20 @@ class Ingest:
             return 400, body_out
         return 200, body_out
 
+    def _parse(self, kind: str, body: bytes) -> tuple[Any, Any, list[str], int]:
+        """The payload's accepted records, rejection counts, messages and record count."""
+        lim = self.limits
+        short = lines_within(body, lim.max_string_chars)
+        ok: Any = self._decode_http(body) if kind == "predictions" and short else None
+        if ok is not None:  # the columnar path: no dict per record (see _decode_http)
+            return ok, Counter(), [], len(ok)
+        items = parse_payload(body, limits=lim)
+        if kind == "predictions":
+            ok, rejected, errors = validate_predictions(items, lim, short_strings=short)
+        else:
+            ok, rejected, errors = validate_labels(items, lim)
+        return ok, rejected, errors, len(items)
+
     def _decode_http(self, body: bytes) -> Any:
         """An NDJSON body of plain prediction records laid out like the reference, straight to
         columns with the chunk decoder (the tailed files' fast path, :mod:`.columnar`), or
@@ -180,7 +188,10 @@ class Ingest:
                 return None
         lines = body.rstrip(b"\r\n")
         chunk = lines.replace(b"\n", b",\n")
-        return dec.decode(chunk, len(chunk) - len(lines) + 1)
+        batch = dec.decode(chunk, len(chunk) - len(lines) + 1)
+        if batch is not None and not fits_reference_kind(batch.preds, self.limits):
+            return None   # the general path names the predictions the reference refuses
+        return batch
 
     def reject(self, reason: str, count: int = 1) -> None:
         """Count a request rejected before parsing (unauthorized, too large). Not journaled:
@@ -257,7 +268,7 @@ class Ingest:
             if dec is None or dec.profile is not prof:
                 dec = self._decoder = columnar.ChunkDecoder(prof)
             b = dec.decode(body, n)
-            if b is not None:
+            if b is not None and fits_reference_kind(b.preds, self.limits):
                 return b, [], None
         # every newline got one comma in front, so this gives the lines back exactly
         chunk = body.replace(b",\n", b"\n")

@@ -56,6 +56,9 @@ class OutputsMixin:
         if ref.proba_width:  # a live list of another width is rejected, with its reason
             self.limits = dataclasses.replace(self.limits, proba_width=ref.proba_width)
             self.ingest.limits = self.limits
+        elif ref.prediction_type == "probability":   # so is what is not a class-1 probability
+            self.limits = dataclasses.replace(self.limits, binary_probability=True)
+            self.ingest.limits = self.limits
         self.estimates = self._make_tracker(ref)
         names: tuple[str, ...] = ()
         if self.estimates is not None:

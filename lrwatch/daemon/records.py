@@ -51,7 +51,7 @@ except ImportError:  # pragma: no cover - exercised when orjson is not installed
 __all__ = ["REASONS", "DATA_REASONS", "RecordError", "Invalid", "Limits", "Batch",
            "parse_payload", "parse_lines", "validate_predictions", "validate_labels",
            "validate_prediction", "MAX_ERRORS", "JSON_BACKEND", "dumps_bytes", "loads",
-           "strict_json", "longest_line", "lines_within"]
+           "strict_json", "longest_line", "lines_within", "fits_reference_kind"]
 
 #: Every rejection reason (``lrwatch_ingest_errors_total{reason}``).
 REASONS = (
@@ -102,6 +102,9 @@ class Limits:
     #: class probabilities a list prediction must hold (the reference's classes), once a
     #: reference of probability lists is known; ``None``: any width up to MAX_CLASS_PROBABILITIES
     proba_width: int | None = None
+    #: the reference's predictions are class-1 probabilities (a binary model): a live
+    #: prediction must be a number, or ``[p0, p1]`` (kept as ``p1``); not a class name
+    binary_probability: bool = False
 
 
 DEFAULT_LIMITS = Limits()
@@ -110,8 +113,8 @@ MAX_CLASS_PROBABILITIES = 10_000
 
 
 class NonFinite:
-    """``NaN``, ``Infinity`` or a number beyond the float range (``1e400``), as the standard
-    library's parser found it. orjson and both chunk decoders refuse these; the standard
+    """``NaN``, ``Infinity`` or a number beyond the float range (``1e400``, ``10**400`` written
+    out), as the standard library's parser found it. orjson and both chunk decoders refuse these; the standard
     library would make them floats, which must never reach the statistics. As a feature value,
     ``NaN`` is a missing value (how pandas writes one) and the others are ``invalid_feature``;
     anywhere else the record is rejected (its type is not one the checks accept)."""
@@ -129,6 +132,17 @@ def _parse_float(text: str) -> Any:
     v = float(text)
     return v if v - v == 0.0 else NonFinite(text)  # inf - inf is nan
 
+
+def _parse_int(text: str) -> Any:
+    """An integer, unless no float can hold it (``10**400``: it would overflow wherever the
+    statistics read it as a number) or it has more digits than the interpreter converts: then
+    a :class:`NonFinite`, refused as ``1e400`` is."""
+    try:
+        v = int(text)
+        float(v)
+    except (OverflowError, ValueError):
+        return NonFinite(text if len(text) <= 24 else f"{text[:12]}...({len(text)} digits)")
+    return v
 
 
 def _choose_backend() -> str:
@@ -148,7 +162,8 @@ def _stdlib_loads(data: bytes | str) -> Any:
     :class:`NonFinite`) and turns a nesting deeper than the interpreter's recursion limit
     (``RecursionError``, not a ``ValueError``) into a ``ValueError``."""
     try:
-        return json.loads(data, parse_float=_parse_float, parse_constant=NonFinite)
+        return json.loads(data, parse_float=_parse_float, parse_int=_parse_int,
+                          parse_constant=NonFinite)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
 
@@ -313,6 +328,35 @@ def validate_prediction(p: Any, limits: Limits = DEFAULT_LIMITS) -> Any:
     :class:`RecordError` unless ``p`` is a number, a class name, or class probabilities: a
     list, or an object ``{"proba": [...]}``, of finite numbers in [0, 1] (at most
     :data:`MAX_CLASS_PROBABILITIES`; exactly ``limits.proba_width`` when set)."""
+    if limits.binary_probability or limits.proba_width is not None:
+        return _as_reference_kind(p, limits)
+    return _any_prediction(p, limits)
+
+
+def _as_reference_kind(p: Any, limits: Limits) -> Any:
+    """A prediction checked against the reference's kind of probabilities (the estimator and
+    the prediction's drift read it so): a binary model's class-1 probability, or a list of
+    the reference's width."""
+    p = _any_prediction(p, limits)
+    t = type(p)
+    if limits.proba_width is not None:
+        if t is not list:
+            raise RecordError("invalid_prediction", f"the reference's predictions are lists "
+                              f"of {limits.proba_width} class probabilities; got {p!r:.40}")
+        return p
+    if t is list:
+        if len(p) != 2:
+            raise RecordError("invalid_prediction", f"the reference's predictions are a "
+                              f"binary model's class-1 probabilities; got {len(p)} class "
+                              f"probabilities")
+        return p[1]
+    if t in (int, float):   # a number outside [0, 1] is kept: a regression whose reference
+        return p            # values all fell in [0, 1] reads as probabilities too
+    raise RecordError("invalid_prediction", f"the reference's predictions are numbers (a "
+                      f"binary model's class-1 probabilities, or [p0, p1]); got {p!r:.40}")
+
+
+def _any_prediction(p: Any, limits: Limits) -> Any:
     t = type(p)
     if t is float:
         if not math.isfinite(p):
@@ -524,6 +568,10 @@ def _fast_predictions(items: list[Any], limits: Limits, short_strings: bool) -> 
     if not _VALUE_TYPES.issuperset(vt):
         return None  # NonFinite, nested values: the per-record path names them
     pt = set(map(type, preds))
+    if (limits.binary_probability or limits.proba_width is not None) and not (
+            pt <= {list, dict} if limits.proba_width is not None else
+            fits_reference_kind(preds, limits)):
+        return None   # lists to unwrap, or values the per-record path refuses by name
     if not pt <= _PRED_TYPES:
         if not pt <= _PRED_OR_PROBA:
             return None
@@ -542,6 +590,17 @@ def _fast_predictions(items: list[Any], limits: Limits, short_strings: bool) -> 
                           _column(items, "label"), None if short_strings else limits):
         return None
     return batch
+
+
+def fits_reference_kind(preds: list[Any], limits: Limits) -> bool:
+    """Whether plain predictions (numbers, class names) are all of the kind the reference's
+    limits ask for: anything without a probability reference; class-1 probabilities in
+    [0, 1] for a binary one; never, for a reference of probability lists."""
+    if limits.proba_width is not None:
+        return False
+    if limits.binary_probability:
+        return set(map(type, preds)) <= _PROBA_TYPES
+    return True
 
 
 def _probability_column(preds: list[Any], pt: set[type], limits: Limits) -> list[Any] | None:

@@ -36,7 +36,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from ..errors import ConfigError
-from .records import RecordError, validate_prediction
+from .records import (DEFAULT_LIMITS, NonFinite, RecordError, _check_features, _check_label,
+                      loads, validate_prediction)
 from .state import atomic_write
 
 __all__ = ["FeatureProfile", "Reference", "profile_records", "read_data", "cat_key",
@@ -219,6 +220,7 @@ class Reference:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Reference":
+        _check_shape(d)
         if d.get("version") != REFERENCE_VERSION:
             raise ConfigError(f"unsupported reference version {d.get('version')!r} "
                               f"(this lrwatch reads {REFERENCE_VERSION})")
@@ -236,11 +238,50 @@ class Reference:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "Reference":
+        where = os.fspath(path)
         try:
             with open(path, "rb") as fh:
-                return cls.from_dict(json.loads(fh.read()))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"cannot read reference {os.fspath(path)!r}: {exc}") from exc
+                text = fh.read()
+        except OSError as exc:
+            raise ConfigError(f"cannot read reference {where!r}: {exc}") from exc
+        try:
+            d = json.loads(text)
+        except ValueError as exc:
+            hint = (" (one JSON object per line: reference *data*? build the reference from "
+                    "it with `lrwatch baseline build`)" if "Extra data" in str(exc) else "")
+            raise ConfigError(f"cannot read reference {where!r}: not JSON: {exc}{hint}") from exc
+        try:
+            return cls.from_dict(d)
+        except ConfigError as exc:
+            raise ConfigError(f"cannot read reference {where!r}: {exc}") from exc
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            what = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise ConfigError(f"cannot read reference {where!r}: {what} (a reference is "
+                              f"what `lrwatch baseline build` writes)") from exc
+
+
+def _check_shape(d: Any) -> None:
+    """The structure of a saved reference, checked before any field is read, so that a file
+    of the wrong shape gets an error naming the part, not a traceback."""
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"a reference is a JSON object, got a {type(d).__name__}")
+    feats = d.get("features")
+    if not isinstance(feats, list) or not all(isinstance(f, Mapping) for f in feats):
+        raise ConfigError("'features' must be a list of objects")
+    for f in feats:
+        if f.get("kind") == "numeric":
+            edges, counts = f.get("edges"), f.get("counts")
+            if (not isinstance(edges, list) or not isinstance(counts, list)
+                    or len(counts) != len(edges) + 1 or not edges):
+                raise ConfigError(f"numeric feature {f.get('name')!r} needs 'edges' and "
+                                  f"'counts' (one more count than edges)")
+        if not isinstance(f.get("categories", {}), Mapping):
+            raise ConfigError(f"feature {f.get('name')!r}: 'categories' must be an object")
+    for key in ("sample", "calibration", "estimator"):
+        if d.get(key) is not None and not isinstance(d[key], Mapping):
+            raise ConfigError(f"'{key}' must be an object, got a {type(d[key]).__name__}")
+    if not all(isinstance(v, list) for v in (d.get("sample") or {}).values()):
+        raise ConfigError("'sample' must map each feature to a list of values")
 
 
 def profile_records(records: Iterable[Mapping[str, Any]], *,
@@ -263,6 +304,12 @@ def profile_records(records: Iterable[Mapping[str, Any]], *,
         for k in r["features"]:
             names.setdefault(k, None)
     cols = {n: [r["features"].get(n) for r in rows] for n in sorted(names)}
+    # a feature with no value in any reference record has nothing to compare a window with
+    empty = [n for n, vals in cols.items() if all(_jsonable(v) is None for v in vals)]
+    for n in empty:
+        del cols[n]
+    if not cols:
+        raise ConfigError(f"no feature has a value in any of the {len(rows)} reference records")
     kinds = dict(kinds or {})
     for k, v in kinds.items():
         if v not in ("numeric", "categorical", "binary"):
@@ -280,10 +327,14 @@ def profile_records(records: Iterable[Mapping[str, Any]], *,
     step = max(1, len(rows) // SAMPLE_ROWS)
     sample = {n: [_jsonable(v) for v in vals[::step][:SAMPLE_ROWS]] for n, vals in cols.items()}
     widths = {len(p) for p in raw if isinstance(p, list)}
-    return Reference(features=feats, prediction_type=ptype, records=len(rows),
-                     created=time.time(), sample=sample,
-                     proba_width=widths.pop() if ptype == "probabilities" and len(widths) == 1
-                     else None)
+    ref = Reference(features=feats, prediction_type=ptype, records=len(rows),
+                    created=time.time(), sample=sample,
+                    proba_width=widths.pop() if ptype == "probabilities" and len(widths) == 1
+                    else None)
+    if empty:
+        ref.notes.append(f"left out: {', '.join(map(repr, empty))} (null or NaN in all "
+                         f"{len(rows)} reference records; nothing to compare a window with)")
+    return ref
 
 
 def _jsonable(v: Any) -> Any:
@@ -295,16 +346,64 @@ def _jsonable(v: Any) -> Any:
 
 
 def _csv_value(s: str) -> Any:
+    """A CSV cell as the JSON reader would give it: empty -> None, numbers as numbers (an
+    integer no float can hold, or a non-finite number: refused by the record checks), else
+    the text."""
     if s == "":
         return None
     try:
-        return int(s)
+        v: Any = int(s)
+        float(v)
+        return v
+    except OverflowError:
+        return NonFinite(s[:24])
     except ValueError:
         pass
     try:
-        return float(s)
+        f = float(s)
     except ValueError:
         return s
+    return f if math.isfinite(f) else NonFinite(s)
+
+
+def _checked(rec: dict[str, Any], where: str) -> dict[str, Any]:
+    """``rec`` through the live records' checks (features, prediction, label), or a
+    :class:`~lrwatch.errors.ConfigError` naming ``where``: the reference holds what the
+    daemon would accept."""
+    try:
+        feats = rec.get("features")
+        if type(feats) is not dict:
+            raise RecordError("missing_features", "a record needs a 'features' object")
+        _check_features(rec, feats, DEFAULT_LIMITS)
+        if "prediction" in rec:
+            rec["prediction"] = validate_prediction(rec["prediction"])
+        if rec.get("label") is not None:
+            _check_label(rec["label"], DEFAULT_LIMITS)
+    except RecordError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    return rec
+
+
+def _csv_records(fh: Any, p: str, prediction_column: str,
+                 label_column: str) -> list[dict[str, Any]]:
+    reader = csv.DictReader(fh, delimiter="\t" if p.endswith(".tsv") else ",")
+    out: list[dict[str, Any]] = []
+    for row in reader:
+        where = f"{p}:{reader.line_num}"
+        width = len(reader.fieldnames or ())
+        if None in row or None in row.values():   # a row longer or shorter than the header
+            n = width + len(row.get(None) or ()) if None in row else \
+                sum(v is not None for v in row.values())
+            raise ConfigError(f"{where}: {n} columns, expected {width} (the header's)")
+        feats = {k: _csv_value(v) for k, v in row.items()
+                 if k not in (prediction_column, label_column)}
+        rec: dict[str, Any] = {"features": feats}
+        if row.get(prediction_column) not in (None, ""):
+            rec["prediction"] = _csv_value(row[prediction_column])
+        if row.get(label_column) not in (None, ""):
+            rec["label"] = _csv_value(row[label_column])
+        out.append(_checked(rec, where))
+    return out
 
 
 def read_data(path: str | os.PathLike[str], *, prediction_column: str = "prediction",
@@ -319,29 +418,17 @@ def read_data(path: str | os.PathLike[str], *, prediction_column: str = "predict
     out: list[dict[str, Any]] = []
     with open(p, "r", encoding="utf-8", newline="") as fh:
         if p.endswith((".csv", ".tsv")):
-            reader = csv.DictReader(fh, delimiter="\t" if p.endswith(".tsv") else ",")
-            for row in reader:
-                feats = {k: _csv_value(v) for k, v in row.items()
-                         if k not in (prediction_column, label_column)}
-                rec: dict[str, Any] = {"features": feats}
-                if prediction_column in row and row[prediction_column] != "":
-                    rec["prediction"] = _csv_value(row[prediction_column])
-                if row.get(label_column) not in (None, ""):
-                    rec["label"] = _csv_value(row[label_column])
-                out.append(rec)
-            return out
+            return _csv_records(fh, p, prediction_column, label_column)
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
-                if not isinstance(rec, dict) or not isinstance(rec.get("features"), dict):
-                    raise RecordError("missing_features", "a record needs a 'features' object")
-                if "prediction" in rec:
-                    rec["prediction"] = validate_prediction(rec["prediction"])
-            except (ValueError, RecordError) as exc:
-                raise ConfigError(f"{p}:{lineno}: {exc}") from exc
-            out.append(rec)
+                rec = loads(line)
+            except ValueError as exc:
+                raise ConfigError(f"{p}:{lineno}: not JSON ({exc})") from exc
+            if not isinstance(rec, dict):
+                raise ConfigError(f"{p}:{lineno}: a record must be a JSON object")
+            out.append(_checked(rec, f"{p}:{lineno}"))
     return out
 
 

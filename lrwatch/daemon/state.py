@@ -71,11 +71,16 @@ def save_snapshot(directory: str, state: dict[str, Any]) -> None:
 
 
 def load_snapshot(directory: str) -> dict[str, Any] | None:
+    """The saved state, ``None`` when there is none; ``ValueError`` when the file is not a
+    state (empty, truncated, garbage)."""
     try:
         with open(os.path.join(directory, SNAPSHOT), "rb") as fh:
-            return loads(fh.read())
+            d = loads(fh.read())
     except FileNotFoundError:
         return None
+    if not isinstance(d, dict):
+        raise ValueError(f"not a JSON object but a {type(d).__name__}")
+    return d
 
 
 class Journal:

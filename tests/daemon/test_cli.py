@@ -61,6 +61,81 @@ def test_bad_inputs_name_the_problem(tmp_path):
     assert res.exit_code != 0 and "windoww" in res.output
 
 
+def test_broken_reference_data_names_the_line_and_never_a_traceback(tmp_path):
+    rng = random.Random(4)
+    rows = [make_record(rng, i) for i in range(40)]
+    out = str(tmp_path / "r.json")
+
+    def build(path):
+        return CliRunner().invoke(cli, ["baseline", "build", str(path), "-o", out,
+                                        "--window-size", "10", "--sims", "100", "-q"])
+
+    big = tmp_path / "big.jsonl"   # an integer no float holds (it overflowed in profiling)
+    lines = [json.dumps(r) for r in rows]
+    lines[4] = lines[4].replace(json.dumps(rows[4]["features"]["y"]), "9" * 400)
+    big.write_text("\n".join(lines))
+    res = build(big)
+    assert res.exit_code == 1 and "big.jsonl:5" in res.output and "finite" in res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+    ragged = tmp_path / "ragged.csv"   # a short row (a TypeError before)
+    ragged.write_text("x,y,prediction\n" + "\n".join(
+        f"{r['features']['x']},{r['features']['y']},{r['prediction']}" for r in rows[:20])
+        + "\n1.0\n")
+    res = build(ragged)
+    assert res.exit_code == 1 and "ragged.csv:22: 1 columns, expected 3" in res.output
+    empty = tmp_path / "empty_col.jsonl"   # a feature never set: left out, and said
+    empty.write_text("\n".join(json.dumps({**r, "features": {**r["features"], "z": None}})
+                               for r in rows))
+    res = build(empty)
+    assert res.exit_code == 0 and "left out: 'z'" in res.output
+    assert "z" not in {f.name for f in Reference.load(out).features}
+
+
+def test_a_reference_of_the_wrong_shape_is_an_error_naming_the_part(tmp_path):
+    rng = random.Random(5)
+    data = tmp_path / "ref.jsonl"
+    data.write_text("\n".join(json.dumps(make_record(rng, i)) for i in range(60)))
+    good = tmp_path / "good.json"
+    res = CliRunner().invoke(cli, ["baseline", "build", str(data), "-o", str(good),
+                                   "--window-size", "10", "--sims", "100", "-q"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(good.read_text())
+    numeric = next(i for i, f in enumerate(d["features"]) if f["kind"] == "numeric")
+    no_edges = json.loads(json.dumps(d))
+    del no_edges["features"][numeric]["edges"]
+    cases = {"a reference is a JSON object, got a list": [1, 2],
+             "'features' must be a list of objects": {**d, "features": ["x"]},
+             "'calibration' must be an object": {**d, "calibration": "garbage"},
+             "'sample' must be an object": {**d, "sample": [1, 2]},
+             "needs 'edges' and 'counts'": no_edges}
+    for i, (said, value) in enumerate(cases.items()):
+        path = tmp_path / f"bad{i}.json"
+        path.write_text(json.dumps(value))
+        with pytest.raises(ConfigError, match=said):
+            Reference.load(path)
+        res = CliRunner().invoke(cli, ["baseline", "recalibrate", str(path), "-q"])
+        assert res.exit_code != 0 and said.split("'")[0] in res.output, res.output
+    with pytest.raises(ConfigError, match="baseline build"):   # the data, not a reference
+        Reference.load(data)
+
+
+def test_a_config_of_the_wrong_shape_is_an_error(tmp_path):
+    target = tmp_path / "preds.jsonl"
+    target.write_text("")
+    one = DaemonConfig.from_mapping({"tail": "preds.jsonl"}, base_dir=str(tmp_path))
+    assert one.tail == [str(target)]   # one path, not its characters
+    for value, said in (([str(tmp_path)], "is a directory"), (3, "file path")):
+        with pytest.raises(ConfigError, match=said):
+            DaemonConfig.from_mapping({"tail": value}, base_dir=str(tmp_path))
+    for text, said in (("- 1\n", "mapping of keys"),
+                       ("a: " + "[" * 3000 + "]" * 3000 + "\n", "nested too deeply")):
+        cfg = tmp_path / "c.yml"
+        cfg.write_text(text)
+        res = CliRunner().invoke(cli, ["daemon", "--config", str(cfg)])
+        assert res.exit_code != 0 and said in res.output, res.output
+        assert isinstance(res.exception, SystemExit)
+
+
 def test_config_file_sections(tmp_path):
     (tmp_path / "token").write_text("abc\n")
     cfg = DaemonConfig.from_mapping({

@@ -201,3 +201,33 @@ def test_end_to_end_with_each_backend_survives_a_restart(run_daemon, tmp_path, m
     assert d2.counters["predictions"] == 150 and d2.counters["windows"] == 1
     assert len(d2.window) == 50 and len(d2.pending) == 150
     d2.stop()
+
+
+@pytest.mark.parametrize("damage", [b"", b'{"version": 1, "coun', b"[]"])
+def test_an_unreadable_state_file_is_rebuilt_from_the_whole_journal(run_daemon, tmp_path,
+                                                                  damage) -> None:
+    """An empty, truncated or wrong state.json stopped the daemon at every start with a
+    traceback. While the journal still holds every record, the state is rebuilt from it (the
+    same counts as before); once older segments are pruned, the error says what to do."""
+    from lrwatch.daemon import Daemon, DaemonConfig
+    from lrwatch.errors import ConfigError
+
+    state = tmp_path / "state"
+    r = run_daemon(state_dir=str(state))
+    rng = random.Random(7)
+    r.post("/v1/predictions", "\n".join(json.dumps(make_record(rng, i)) for i in range(150)))
+    r.daemon.drain()
+    r.server.stop()
+    r.daemon.stop()
+    (state / "state.json").write_bytes(damage)
+    cfg = dict(reference=r.daemon.config.reference, window_size=100, state_dir=str(state),
+               log_alerts=False)
+    d2 = Daemon(DaemonConfig(**cfg))
+    assert d2.counters["predictions"] == 150 and d2.counters["windows"] == 1
+    assert len(d2.window) == 50
+    d2.stop()
+    (state / "state.json").write_bytes(damage)
+    first = state / "journal-000001.log"
+    first.rename(state / "journal-000002.log")   # as if the first segment had been pruned
+    with pytest.raises(ConfigError, match="restore the file from a backup"):
+        Daemon(DaemonConfig(**cfg))

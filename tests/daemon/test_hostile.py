@@ -219,3 +219,63 @@ def test_tailed_chunks_with_a_long_string_take_the_checked_path(run_daemon) -> N
     assert d.counters["predictions"] == 2
     assert d.counters["errors"]["string_too_long"] == 1
     assert_balanced(d)
+
+
+def test_an_integer_no_float_can_hold_is_refused_where_it_stands(run_daemon) -> None:
+    """``10**400`` written out: accepted before, it overflowed in the worker (the batch lost,
+    the window that held it never closed; a journal that held it crashed every restart) and
+    in the HTTP handler (a 500, the request never counted)."""
+    r = run_daemon()
+    big = "9" * 400
+    bad = '{"features": {"x": %s, "y": 0.5, "c": "a"}, "prediction": 0.4}' % big
+    status, out = r.post("/v1/predictions", "\n".join([GOOD_LINE, bad]))
+    assert status == 200 and out["accepted"] == 1 and out["reasons"] == {"invalid_feature": 1}
+    assert "400 digits" in out["errors"][0]
+    for field in ("prediction", "time", "label"):
+        body = json.dumps({"features": GOOD["features"], "prediction": 0.4})[:-1] + \
+            ', "%s": %s}' % (field, big)
+        if field == "prediction":
+            body = json.dumps({"features": GOOD["features"]})[:-1] + ', "prediction": %s}' % big
+        status, out = r.post("/v1/predictions", body)
+        assert status == 400 and out["reasons"] == {f"invalid_{field}": 1}, (field, out)
+    status, out = r.post("/v1/predictions", '{"features": {"x": 1}, "prediction": [0.5, %s]}'
+                         % big)
+    assert status == 400 and out["reasons"] == {"invalid_prediction": 1}
+    status, out = r.post("/v1/labels", '{"id": "a", "label": 1, "time": %s}' % big)
+    assert status == 400 and out["reasons"] == {"invalid_time": 1}
+    assert r.daemon.counters["windows"] == 0 and r.metric("lrwatch_internal_errors_total") == 0
+    assert_balanced(r.daemon)
+
+
+def test_a_body_the_queue_can_never_hold_is_a_413_not_a_retry(run_daemon) -> None:
+    r = run_daemon(max_queue_records=50)
+    rng = random.Random(9)
+    status, out = r.post("/v1/predictions",
+                         "\n".join(json.dumps(make_record(rng, i)) for i in range(51)))
+    assert status == 413 and out["reason"] == "too_large" and "smaller bodies" in out["error"]
+    status, out = r.post("/v1/predictions",
+                         "\n".join(json.dumps(make_record(rng, i)) for i in range(50)))
+    assert status == 200 and out["accepted"] == 50
+    assert r.metric("lrwatch_ingest_errors_total", {"reason": "too_large"}) == 51
+    assert_balanced(r.daemon)
+
+
+def test_predictions_of_another_kind_than_the_reference_s_are_refused_by_name(
+        run_daemon) -> None:
+    """The reference's predictions are a binary model's class-1 probabilities: ``[p0, p1]``
+    is read as ``p1`` (it was read as a class index: a prediction drift, and no estimate);
+    a class name, a boolean or another width is refused; any number is kept (a regression
+    whose reference values fell in [0, 1] reads as probabilities too)."""
+    r = run_daemon()
+    feats = GOOD["features"]
+    body = "\n".join(json.dumps({"features": feats, "prediction": p})
+                     for p in ([0.3, 0.7], {"proba": [0.9, 0.1]}, 0.2, 1.5, 1))
+    status, out = r.post("/v1/predictions", body)
+    assert status == 200 and out == {"accepted": 5, "rejected": 0}
+    r.daemon.drain()
+    assert r.daemon.window.preds[-5:] == [0.7, 0.1, 0.2, 1.5, 1]
+    for p in ("yes", True, [0.2, 0.3, 0.5]):
+        status, out = r.post("/v1/predictions", json.dumps({"features": feats, "prediction": p}))
+        assert status == 400 and out["reasons"] == {"invalid_prediction": 1}, p
+        assert "class-1 probabilities" in out["error"]
+    assert_balanced(r.daemon)

@@ -171,7 +171,9 @@ def test_proba_objects_match_lists_on_the_batch_and_the_record_path() -> None:
         mixed = json.loads(json.dumps(objects[:10] + lists[10:] + [{"features": {},
                                                                      "prediction": 3}]))
         c, rej_c, _ = validate_predictions(mixed, limits)  # the per-record path
-        assert not rej_a and not rej_b and not rej_c
+        assert not rej_a and not rej_b
+        # a number is a prediction, unless the reference's are lists of class probabilities
+        assert rej_c == ({"invalid_prediction": 1} if limits.proba_width else {})
         assert a.preds == b.preds == c.preds[:20] == [r["prediction"] for r in lists]
 
 

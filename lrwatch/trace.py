@@ -64,7 +64,10 @@ def _to_float(v: Any, key: str) -> float:
     if isinstance(v, bool):
         raise ValueError(f"key {key!r}: expected a number, got a boolean")
     if isinstance(v, (int, float)):
-        return float(v)
+        try:
+            return float(v)
+        except OverflowError:
+            raise ValueError(f"key {key!r}: an integer beyond the float range") from None
     if isinstance(v, str):
         f = _NONFINITE_IN.get(v.strip().lower())
         if f is not None:

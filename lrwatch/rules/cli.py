@@ -85,6 +85,10 @@ def replay_command(traces: tuple[str, ...], rules_file: str | None, pack: str, a
     """
     rules = _load_rules_or_exit(rules_file, pack)
     paths = list(expand_traces(traces))
+    if not paths:   # a CI job pointed at the wrong folder must not pass on nothing
+        click.echo(f"Error: no trace found: {', '.join(map(str, traces))} holds no *.jsonl "
+                   f"file", err=True)
+        sys.exit(2)
     show_progress = progress if progress is not None else len(paths) >= _PROGRESS_MIN_TRACES
     out = sys.stdout  # looked up per call: CliRunner and redirections replace it
     rows: list[list[str]] = []

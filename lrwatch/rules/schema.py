@@ -812,6 +812,14 @@ def parse_rules(text: str, source: str = "<string>") -> RuleSet:
     ...
     lrwatch.errors.RuleError: f.yml:1: key 'rules[0].severity': 'urgent' is not a severity (valid choices: critical, warning, info)
     """
+    try:
+        return _parse_rules(text, source)
+    except RecursionError:   # YAML nested deeper than the interpreter's recursion limit
+        msg = f"{source}:1: invalid YAML: nested too deeply for a rule file"
+        raise RuleError(msg, [msg]) from None
+
+
+def _parse_rules(text: str, source: str) -> RuleSet:
     errs = _Errors(source)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)

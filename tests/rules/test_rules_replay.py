@@ -195,3 +195,26 @@ def test_parallel_replay_gives_the_same_output_in_the_same_order(tmp_path, trace
                      "params: {above: 0}, severity: info}\n")
     custom = invoke("--json", "--jobs", "2", "--rules", rules, *paths)   # workers load the file
     assert custom.exit_code == 0 and custom.stdout.count('"rule": "any_loss"') == 24
+
+
+def test_broken_inputs_are_errors_with_their_place_never_tracebacks(tmp_path):
+    """A rule file nested past the interpreter's recursion limit, a trace holding an integer
+    no float can hold, and a folder with no trace (a CI job pointed at the wrong folder used
+    to pass on nothing)."""
+    deep = tmp_path / "deep.yml"
+    deep.write_text("rules: " + "[" * 3000 + "]" * 3000 + "\n")
+    res = CliRunner().invoke(cli, ["rules", "check", str(deep)])
+    assert res.exit_code == 1 and "deep.yml:1: invalid YAML: nested too deeply" in res.output
+    good = tmp_path / "t.jsonl"
+    write_trace(good, n=30)
+    lines = good.read_text().splitlines()
+    lines[9] = lines[9].replace('"loss": ', '"loss": ' + "9" * 400 + ', "x": ', 1)
+    big = tmp_path / "big.jsonl"
+    big.write_text("\n".join(lines) + "\n")
+    res = invoke(big)
+    assert res.exit_code == 2 and "beyond the float range" in res.output
+    assert invoke("--lenient", big).exit_code == 0
+    empty = tmp_path / "none"
+    empty.mkdir()
+    res = invoke(empty, "--fail-on", "info")
+    assert res.exit_code == 2 and "no trace found" in res.output

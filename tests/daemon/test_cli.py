@@ -15,6 +15,18 @@ from lrwatch.daemon import DaemonConfig, Reference
 from lrwatch.errors import ConfigError
 
 
+def _build(tmp_path, *, records, seed, window, sims):
+    """Reference data of ``records`` test records and the reference built from it."""
+    rng = random.Random(seed)
+    data = tmp_path / "ref.jsonl"
+    data.write_text("\n".join(json.dumps(make_record(rng, i)) for i in range(records)))
+    out = tmp_path / "reference.json"
+    res = CliRunner().invoke(cli, ["baseline", "build", str(data), "-o", str(out),
+                                   "--window-size", str(window), "--sims", str(sims), "-q"])
+    assert res.exit_code == 0, res.output
+    return data, out
+
+
 def test_baseline_build_from_jsonl(tmp_path):
     rng = random.Random(2)
     data = tmp_path / "ref.jsonl"
@@ -92,13 +104,7 @@ def test_broken_reference_data_names_the_line_and_never_a_traceback(tmp_path):
 
 
 def test_a_reference_of_the_wrong_shape_is_an_error_naming_the_part(tmp_path):
-    rng = random.Random(5)
-    data = tmp_path / "ref.jsonl"
-    data.write_text("\n".join(json.dumps(make_record(rng, i)) for i in range(60)))
-    good = tmp_path / "good.json"
-    res = CliRunner().invoke(cli, ["baseline", "build", str(data), "-o", str(good),
-                                   "--window-size", "10", "--sims", "100", "-q"])
-    assert res.exit_code == 0, res.output
+    data, good = _build(tmp_path, records=60, seed=5, window=10, sims=100)
     d = json.loads(good.read_text())
     numeric = next(i for i, f in enumerate(d["features"]) if f["kind"] == "numeric")
     no_edges = json.loads(json.dumps(d))
@@ -202,13 +208,7 @@ def test_baseline_recalibrate_brings_an_old_reference_up_to_date(tmp_path):
     from lrwatch.daemon.calibrate import calibrate
     from lrwatch.daemon.detector import DriftDetector
 
-    rng = random.Random(4)
-    data = tmp_path / "ref.jsonl"
-    data.write_text("\n".join(json.dumps(make_record(rng, i)) for i in range(600)))
-    out = tmp_path / "reference.json"
-    res = CliRunner().invoke(cli, ["baseline", "build", str(data), "-o", str(out),
-                                   "--window-size", "100", "--sims", "200", "-q"])
-    assert res.exit_code == 0, res.output
+    data, out = _build(tmp_path, records=600, seed=4, window=100, sims=200)
     ref = Reference.load(out)
     old = calibrate(ref, window_size=100, sims=200, joint=False).to_dict()
     old.pop("joint_features", None)   # as an lrwatch without the joint test wrote it

@@ -150,6 +150,10 @@ class StepRecorder:
         row = self.open
         params = [p for g in self.optimizer.param_groups for p in g["params"]
                   if p.grad is not None]
+        if not params and not skipped:
+            # no gradient at all: a step the loop skipped (a Lightning training_step that
+            # returned None); a norm of 0 would read as a vanished gradient
+            return
         grads = [p.grad for p in params]
         if self.sharded:
             # Sums of squares, rank-local; added across ranks at the flush (one collective).

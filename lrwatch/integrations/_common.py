@@ -154,13 +154,14 @@ def reapply_best(watcher: Any) -> None:
         watcher._stop_restored = None
 
 
-def log_completed_step(callback: Any) -> bool:
+def log_completed_step(callback: Any, *, start_check: bool = True) -> bool:
     """Hand the completed step (and the evaluation that followed it) to the Watcher.
 
     ``callback`` has ``watcher``, ``_done`` (the step's metrics, or ``None``) and ``_eval``.
     Called at the framework's iteration boundary, where the Watcher flushes when due and carries
     out rollback, skip, reduce_lr or stop, and runs the start check when it is due (on the
-    batches the adapter handed to ``start_check_batch``). Returns whether the run must stop.
+    batches the adapter handed to ``start_check_batch``; not with ``start_check=False``, at the
+    end of training). Returns whether the run must stop.
     """
     w = callback.watcher
     if w is None:
@@ -169,7 +170,8 @@ def log_completed_step(callback: Any) -> bool:
         metrics = {**callback._done, **callback._eval}
         callback._done, callback._eval = None, {}
         w.log(**metrics)
-    w.start_check_boundary()
+    if start_check:   # not once the framework has finished (its checkpoints are written)
+        w.start_check_boundary()
     return bool(w.should_stop)
 
 
@@ -195,11 +197,21 @@ def start_at_suggestion(curve: Any, optimizer: Any, scheduler: Any) -> None:
     if curve.suggestion is None:
         log.warning("lrwatch: lr_find: %s; the configured rate stays", curve.reason)
         return
-    current = float(optimizer.param_groups[0]["lr"])
+    current = configured_rate(optimizer, scheduler)
     factor = curve.suggestion / current if current > 0 else 1.0
     scale_learning_rate(optimizer, scheduler, factor)
     log.warning("lrwatch: lr_find: starting at %.3g (x%.3g of the configured %.3g): %s",
                 curve.suggestion, factor, current, curve.reason)
+
+
+def configured_rate(optimizer: Any, scheduler: Any) -> float:
+    """Group 0's configured rate: the schedule's base rate (its peak, for a warm-up that
+    starts at 0), else the rate the optimizer was built with, else its rate now."""
+    base = getattr(scheduler, "base_lrs", None)
+    if base:
+        return float(base[0])
+    group = optimizer.param_groups[0]
+    return float(group.get("initial_lr", group["lr"]))
 
 
 def with_clip(kwargs: dict[str, Any], clip: Any) -> dict[str, Any]:

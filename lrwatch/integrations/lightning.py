@@ -189,7 +189,7 @@ class LrwatchCallback(pl.Callback):
                 wrap_dataloader(obj, w.skip_batch)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        self._boundary(trainer)
+        log_completed_step(self, start_check=False)   # the fit is over: no check now
         if self.watcher is not None:
             self.watcher.flush()
 
@@ -220,6 +220,10 @@ class LrwatchCallback(pl.Callback):
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             loss = loss.detach()
+            # automatic optimization hands over the loss divided by accumulate_grad_batches
+            n = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+            if n > 1 and getattr(pl_module, "automatic_optimization", True):
+                loss = loss * n
             self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
             self._loss_n += 1
         reapply_best(self.watcher)

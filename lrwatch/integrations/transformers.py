@@ -203,7 +203,7 @@ class LrwatchCallback(TrainerCallback):
             return json.load(fh)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._boundary(control)
+        log_completed_step(self, start_check=False)   # training is over: no check now
         self._close()
 
     def _close(self) -> None:

@@ -502,3 +502,77 @@ def test_the_start_check_is_skipped_when_its_copies_would_not_fit_in_host_memory
         _, w, _, _, events = _check_run(tmp_path, "mem", 3.0, "auto")
     assert events == [] and w.policy.state.probe_steps == 0 and w._observed is None
     assert "start check skipped (3 copies of the run's weights" in caplog.text
+
+
+class SkippingMLP(TinyMLP):
+    """Skips every 10th..12th batch the Lightning way: training_step returns None."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if batch_idx % 10 in (3, 4, 5):
+            return None
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_skipped_training_step_is_not_a_vanished_gradient(tmp_path: Path) -> None:
+    """A step whose training_step returned None has no gradient. It was recorded with a
+    gradient norm of 0, and three in a row fired vanishing_gradient: a healthy run
+    restarted at a tenth of its rate, twice."""
+    trace = tmp_path / "run.jsonl"
+    cb = LrwatchCallback(trace=str(trace), flush_every=5)
+    _trainer(tmp_path, [cb], max_steps=70).fit(SkippingMLP(lr=0.05, sched=False), _loader())
+    samples = read_trace(trace)
+    skipped = [s for s in samples if "loss" not in s.values]
+    assert len(skipped) >= 15 and not any("grad_norm" in s.values for s in skipped)
+    assert cb.watcher is not None and cb.watcher.policy.rollbacks == 0
+
+
+def test_under_gradient_accumulation_the_loss_is_the_micro_batches_mean(tmp_path: Path
+                                                                        ) -> None:
+    """Lightning hands over each micro-batch's loss divided by accumulate_grad_batches; the
+    step's loss is their mean, on the scale of the untrained loss (it was a quarter of it)."""
+    trace = tmp_path / "run.jsonl"
+    model = TinyMLP(lr=0.05, sched=False)
+    losses: list[float] = []
+    orig = model.training_step
+
+    def step(batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = orig(batch, batch_idx)
+        losses.append(float(loss))
+        return loss
+
+    model.training_step = step   # type: ignore[method-assign]
+    cb = LrwatchCallback(trace=str(trace), flush_every=5, recovery=False)
+    _trainer(tmp_path, [cb], max_steps=6, accumulate_grad_batches=4).fit(model, _loader())
+    recorded = [s.values["loss"] for s in read_trace(trace) if "loss" in s.values]
+    assert len(recorded) == 6
+    for i, got in enumerate(recorded):   # (the first losses are the untrained measurement's)
+        mine = losses[-24:][4 * i:4 * i + 4]
+        assert got == pytest.approx(sum(mine) / 4, rel=1e-5)
+
+
+def test_no_start_check_once_the_fit_is_over(tmp_path: Path) -> None:
+    """max_steps=16: the check's boundary falls at on_train_end, after Lightning wrote its
+    last checkpoint; the in-memory model was then swapped for the shadow, unsaid."""
+    torch.manual_seed(0)
+    model = TinyMLP(lr=3.0, sched=True)
+    cb = LrwatchCallback(trace=str(tmp_path / "run.jsonl"), flush_every=5)
+    _trainer(tmp_path, [cb], max_steps=16).fit(model, _loader())
+    assert cb.watcher is not None and not cb.watcher.rollbacks
+    assert model.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(3.0 / 1.16)
+
+
+def test_lr_find_under_a_warm_up_puts_the_peak_at_the_suggestion(tmp_path: Path) -> None:
+    class WarmMLP(TinyMLP):
+        def configure_optimizers(self) -> Any:
+            opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    trace = tmp_path / "run.jsonl"
+    cb = LrwatchCallback(trace=str(trace), flush_every=5, lr_find={"num_steps": 60},
+                         recovery={"start_check": "off"})
+    _trainer(tmp_path, [cb], max_steps=10).fit(WarmMLP(lr=3.0), _loader(shuffle=True))
+    s = cb.lr_find_result.suggestion
+    assert s is not None
+    rates = [x.values["lr"] for x in read_trace(trace)]
+    assert rates[0] == pytest.approx(s / 5, rel=1e-6) and max(rates) == pytest.approx(s, rel=1e-6)

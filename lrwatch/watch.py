@@ -258,7 +258,8 @@ class Watcher(DataSide, PlanExecutor, StepPath):
         self.sender = make_sender(alerts, alertmanager, registry=self.registry,
                                   on_error=self.exporter.count_error)
         self.hook = hook
-        self.notifier = Notifier(self.sender, hook, on_error=self.exporter.count_error)
+        self.notifier = Notifier(self.sender, hook, on_error=self.exporter.count_error,
+                                 labels={"run": self.run_name})
         self._snaps: SnapshotKeeper | None = None
         if self.recovery is not None:
             self._snaps = SnapshotKeeper(

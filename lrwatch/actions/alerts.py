@@ -210,11 +210,13 @@ class Alert:
 
     @classmethod
     def from_firing(cls, firing: Any, *, generator_url: str = "",
-                    starts_at: float | None = None) -> "Alert":
+                    starts_at: float | None = None,
+                    labels: Mapping[str, str] | None = None) -> "Alert":
         """The alert of an engine :class:`~lrwatch.rules.engine.Firing` (its ``kind`` is ignored:
         pass the alert to :meth:`AlertSender.fire` or :meth:`AlertSender.resolve`).
 
-        ``starts_at`` defaults to the firing's sample time, else now.
+        ``starts_at`` defaults to the firing's sample time, else now; ``labels`` are added to
+        the firing's own (the Watcher's ``run``, so runs sharing an Alertmanager stay apart).
         """
         ann = dict(getattr(firing, "annotations", None) or {})
         summary = ann.pop("summary", None) or firing.message
@@ -230,7 +232,9 @@ class Alert:
         t = starts_at if starts_at is not None else getattr(firing, "time", None)
         return cls.for_rule(firing.rule, severity=firing.severity, summary=summary,
                             description=description, value=firing.value,
-                            labels=dict(getattr(firing, "labels", None) or {}), annotations=ann,
+                            labels={**dict(labels or {}),
+                                    **dict(getattr(firing, "labels", None) or {})},
+                            annotations=ann,
                             starts_at=t, generator_url=generator_url)
 
     # --- identity and state -------------------------------------------------------------------

@@ -10,7 +10,7 @@ failure is counted through ``on_error`` and logged once a minute per kind (fail 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from .._ratelimit import LogLimiter
 
@@ -37,11 +37,16 @@ class Notifier:
     log_without_sender:
         Without a sender, write one log line per firing and resolution (the Watcher's console
         needs them; the daemon logs every event itself and passes ``False``).
+    labels:
+        Added to every alert (the Watcher's ``run``: rule alerts of runs that share an
+        Alertmanager stay apart, as its action alerts do).
     """
 
     def __init__(self, alerts: Any = None, hook: Any = None, *,
                  on_error: Callable[[], None] | None = None,
-                 log_without_sender: bool = True) -> None:
+                 log_without_sender: bool = True,
+                 labels: Mapping[str, str] | None = None) -> None:
+        self.labels = dict(labels or {})
         self.alerts = alerts
         self.hook = hook
         self.on_error = on_error
@@ -71,7 +76,7 @@ class Notifier:
             return
         from .alerts import Alert
 
-        alert = Alert.from_firing(event)
+        alert = Alert.from_firing(event, labels=self.labels)
         if resolve:
             self.alerts.resolve(alert, at=at)
         else:

@@ -49,11 +49,18 @@ def test_alertmanager_receives_firing_then_resolve(alertmanager, tmp_path: Path)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     w = lrwatch.Watcher(model, opt, rules=str(rules), flush_every=2,
                         alertmanager=alertmanager.url, recovery=False, run_name="am-test")
+    # a second run on the same Alertmanager, whose signal stays on
+    other_model = nn.Linear(4, 2)
+    other = lrwatch.Watcher(other_model, torch.optim.SGD(other_model.parameters(), lr=0.01),
+                            rules=str(rules), flush_every=2, alertmanager=alertmanager.url,
+                            recovery=False, run_name="am-other")
+    _train(other, range(3, 100), 6)
     _train(w, range(3, 6), 6)
-    assert w.sender is not None and w.sender.flush(10)
-    got = alertmanager.wait_for_alerts(filter=['alertname="LrwatchSignalHigh"'])
-    assert len(got) == 1
-    alert = got[0]
+    assert w.sender is not None and w.sender.flush(10) and other.sender.flush(10)
+    got = alertmanager.wait_for_alerts(lambda a: len(a) == 2,
+                                       filter=['alertname="LrwatchSignalHigh"'])
+    assert sorted(a["labels"]["run"] for a in got) == ["am-other", "am-test"]   # apart
+    alert = next(a for a in got if a["labels"]["run"] == "am-test")
     assert alert["labels"]["severity"] == "warning"
     assert alert["labels"]["team"] == "ml-infra"
     assert alert["labels"]["rule"] == "signal_high"
@@ -61,10 +68,13 @@ def test_alertmanager_receives_firing_then_resolve(alertmanager, tmp_path: Path)
     assert alert["annotations"]["summary"] == "signal is 1.0 at step 4"
     assert alert["annotations"]["description"] == "The test signal crossed 0.5."
     assert float(alert["annotations"]["value"]) == 1.0
-    # The signal is back to 0: the rule resolves, and so does the alert.
+    # The signal is back to 0: the rule resolves, and so does the alert -- this run's only.
     _train(w, range(0), 4)
     assert w.sender.flush(10)
-    alertmanager.wait_for_alerts(lambda a: not a, filter=['alertname="LrwatchSignalHigh"'])
+    left = alertmanager.wait_for_alerts(lambda a: len(a) == 1,
+                                        filter=['alertname="LrwatchSignalHigh"'])
+    assert left[0]["labels"]["run"] == "am-other"
+    other.close()
     w.close()
     text = generate_latest(w.registry).decode()
     assert 'lrwatch_alerts_sent_total{sink="alertmanager"}' in text

@@ -1,15 +1,23 @@
 """The `lrwatch lr-find` target file the CLI tests write and point at (``file.py:make``)."""
 
 TARGET = '''
+from __future__ import annotations
+
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+@dataclass
+class Spec:   # a dataclass under postponed annotations needs its module in sys.modules
+    lr: float = 0.05
 
 def make():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 6, generator=g)
     y = (x[:, 0] > x[:, 1]).long()
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 2))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    opt = torch.optim.SGD(model.parameters(), lr=Spec().lr)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32,
                                          shuffle=True)
     return {"model": model, "optimizer": opt, "loader": loader,
@@ -17,6 +25,11 @@ def make():
 
 def broken():
     return {"model": nn.Linear(2, 2)}
+
+def nan_loss():
+    d = make()
+    d["loss_fn"] = lambda out, y: nn.functional.cross_entropy(out, y) * float("nan")
+    return d
 
 def make_batch_loss():
     d = make()

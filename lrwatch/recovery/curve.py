@@ -106,7 +106,10 @@ class LRCurve:
 
     def to_dict(self) -> dict[str, Any]:
         fin = [x if math.isfinite(x) else str(x) for x in self.losses]
-        return {"lrs": self.lrs, "losses": fin, "smoothed": self.smoothed,
+        # where the loss was not finite, the smoothed value is a stand-in for the curve's
+        # shape (far above the rest), not a loss: written as the loss was
+        smooth = [v if isinstance(x, float) else x for v, x in zip(self.smoothed, fin)]
+        return {"lrs": self.lrs, "losses": fin, "smoothed": smooth,
                 "stopped": self.stopped, "largest_stable": self.largest_stable,
                 "steepest": self.steepest, "suggestion": self.suggestion, "rule": self.rule,
                 "fraction": self.fraction, "reason": self.reason, **self.extra}
@@ -194,6 +197,12 @@ class RangeTest:
         smoothed = _centered(vals, 1) if vals else []
         stable, steep, sugg, reason = suggest(lrs, smoothed, self.rule, self.fraction,
                                               ended=self.stopped or "end")
+        if n and not math.isfinite(self.losses[0]):
+            # not a rate's doing: the first step at the lowest rate already had no finite loss
+            stable = steep = sugg = None
+            reason = (f"the loss was not finite at the first step, at the lowest rate "
+                      f"{lrs[0]:.3g}: before any rate can matter; check the model, the data "
+                      f"and the loss (no rate in any range will help)")
         return LRCurve(lrs, list(self.losses), smoothed, self.stopped or "end", stable, steep,
                        sugg, self.rule, self.fraction, reason)
 

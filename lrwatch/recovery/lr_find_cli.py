@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -36,9 +37,17 @@ def load_target(spec: str) -> Mapping[str, Any]:
         assert loaded is not None and loaded.loader is not None
         module = importlib.util.module_from_spec(loaded)
         sys.path.insert(0, str(path.resolve().parent))
+        sys.modules[loaded.name] = module   # dataclasses and pickling look the module up
         loaded.loader.exec_module(module)
     else:
-        module = importlib.import_module(mod_name)
+        if "" not in sys.path and os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())   # as `python -m` would (the console script not)
+        try:
+            module = importlib.import_module(mod_name)
+        except ModuleNotFoundError as exc:
+            raise ConfigError(f"TARGET module {mod_name!r} cannot be imported ({exc}); run "
+                              f"from the folder that holds it, or give its file: "
+                              f"path/to/{mod_name.replace('.', '/')}.py:{func}") from exc
     factory = getattr(module, func, None)
     if not callable(factory):
         raise ConfigError(f"{mod_name} has no callable {func!r}")
@@ -109,7 +118,8 @@ def render_curve(curve: LRCurve, rows: int = 12, width: int = 40) -> str:
     n = curve.steps
     if n == 0:
         return "\n".join(lines)
-    idx_set = {round(i * (n - 1) / max(1, rows - 1)) for i in range(min(rows, n))}
+    k = min(rows, n)   # evenly spaced rows over the steps that ran, first and last included
+    idx_set = {round(i * (n - 1) / max(1, k - 1)) for i in range(k)}
     if curve.largest_stable is not None:
         idx_set.add(curve.lrs.index(curve.largest_stable))
     idx = sorted(idx_set)
@@ -125,15 +135,26 @@ def render_curve(curve: LRCurve, rows: int = 12, width: int = 40) -> str:
     return "\n".join(lines)
 
 
-def plot_curve(curve: LRCurve, path: str) -> None:
-    """Save the curve as a PNG (matplotlib, the optional ``plot`` extra)."""
+def check_plot(path: str) -> None:
+    """Before the test runs: matplotlib is there and ``path``'s folder can be written."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        importlib.import_module("matplotlib")
     except ImportError as exc:
         raise ConfigError("--plot needs matplotlib: pip install 'lrwatch[plot]'") from exc
+    folder = Path(path).resolve().parent
+    if not folder.is_dir():
+        raise ConfigError(f"--plot {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"--plot {path}: the folder {folder} cannot be written")
+
+
+def plot_curve(curve: LRCurve, path: str) -> None:
+    """Save the curve as a PNG (matplotlib, the optional ``plot`` extra)."""
+    check_plot(path)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot(curve.lrs, curve.losses, ".", color="0.6", label="loss")
     ax.plot(curve.lrs, curve.smoothed, "-", color="C0", label="smoothed")
@@ -188,12 +209,15 @@ def lr_find_command(target: str | None, min_lr: float, max_lr: float, steps: int
     batch_loss(model, batch); scheduler and scaler are optional. Without TARGET the demo's
     byte-level GRU is tested. The model, optimizer and data are left exactly as they were.
     Progress goes to stderr (a line every few seconds); the curve, or its JSON, to stdout.
+    Exit status 1 when the curve gives no suggestion (the reason says why), 2 on bad input.
     """
     import torch
 
     from .lr_find import lr_find
 
     try:
+        if plot:
+            check_plot(plot)   # now, not after the whole test has run
         if target is None:
             made: Mapping[str, Any] = _demo_target(seed)
         else:
@@ -216,10 +240,12 @@ def lr_find_command(target: str | None, min_lr: float, max_lr: float, steps: int
     configured = float(made["optimizer"].param_groups[0]["lr"])
     if as_json:
         click.echo(json.dumps({**curve.to_dict(), "configured_lr": configured}))
-        return
+        sys.exit(0 if curve.suggestion is not None else 1)
     click.echo(render_curve(curve))
     if curve.suggestion is not None:
         click.echo(f"\nthe optimizer is configured with {configured:.3g}: the suggestion is "
                    f"x{curve.suggestion / configured:.3g} of it")
     if plot:
         click.echo(f"plot: {plot}")
+    if curve.suggestion is None:   # the curve and the reason are printed; a script must know
+        sys.exit(1)

@@ -124,7 +124,8 @@ class LocalStack:
 
     def __post_init__(self) -> None:
         if self.config.data_dir is not None:
-            self.workdir = Path(self.config.data_dir)
+            # absolute: the processes run with it as their cwd and get paths inside it
+            self.workdir = Path(self.config.data_dir).resolve()
             self.workdir.mkdir(parents=True, exist_ok=True)
         else:
             self.workdir = Path(tempfile.mkdtemp(prefix="lrwatch-stack-"))

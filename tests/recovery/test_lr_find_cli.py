@@ -46,6 +46,29 @@ def test_bad_targets_say_what_to_return(target: str) -> None:
     assert res.exit_code == 2 and "no callable 'nothere'" in res.output
 
 
+def test_no_suggestion_exits_1_and_says_why(target: str, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loss that is not finite at the first step: no rate can help (it advised a lower
+    min_lr and exited 0); the JSON writes the stand-in smoothed value as the loss was."""
+    runner = CliRunner()
+    res = runner.invoke(cli, ["lr-find", f"{target}:nan_loss", "--steps", "20", "-q"])
+    assert res.exit_code == 1 and "not finite at the first step" in res.output
+    res = runner.invoke(cli, ["lr-find", f"{target}:nan_loss", "-q", "--json"])
+    d = json.loads(res.stdout)
+    assert res.exit_code == 1 and d["suggestion"] is None and d["smoothed"] == ["nan"]
+    # a bad --plot is refused before the test runs; a module target is found in the cwd
+    res = runner.invoke(cli, ["lr-find", f"{target}:make", "--plot", str(tmp_path / "no" / "c.png")])
+    assert res.exit_code == 2 and "does not exist" in res.output and "range test" not in res.output
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", ".")])
+    res = runner.invoke(cli, ["lr-find", "mytask:make", "--steps", "5", "-q"])
+    assert "range test: 5 steps" in res.output and res.exit_code in (0, 1), res.output
+    rows = [ln for ln in res.output.splitlines() if ln.strip()[:1].isdigit()]
+    assert len(rows) == 5   # every step of a short run is a row of the chart
+    res = runner.invoke(cli, ["lr-find", "nosuchmod:make", "-q"])
+    assert res.exit_code == 2 and "cannot be imported" in res.output
+
+
 def test_listed_in_help() -> None:
     res = CliRunner().invoke(cli, ["--help"])
     assert "lr-find" in res.output

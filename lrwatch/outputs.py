@@ -123,3 +123,4 @@ class Outputs:
         if self.server is not None:
             self.server.close()
             self.server = None
+        self.exporter.close()

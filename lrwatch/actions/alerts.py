@@ -677,15 +677,18 @@ class AlertSender:
 
     def _register_metrics(self, names: Sequence[str]) -> None:
         sent = Counter("lrwatch_alerts_sent", "Alerts delivered to a sink (re-sends included).",
-                       ["sink"], registry=self.registry)
+                       ["sink"], registry=None)
         failed = Counter("lrwatch_alerts_failed", "Alerts a sink did not take after every retry.",
-                         ["sink"], registry=self.registry)
+                         ["sink"], registry=None)
         self._dropped = Counter("lrwatch_alerts_dropped",
                                 "Alerts dropped before delivery because the queue was full.",
-                                registry=self.registry)
+                                registry=None)
         qlen = Gauge("lrwatch_alerts_queue_length", "Alerts waiting in the sender's queue.",
-                     registry=self.registry)
+                     registry=None)
         qlen.set_function(lambda: float(len(self._queue)))
+        from ..exporters.prometheus import register_owned
+
+        register_owned(self.registry, self, [sent, failed, self._dropped, qlen])
         # Label children cached once: the worker never looks labels up again.
         self._sent = {n: sent.labels(n) for n in names}
         self._failed = {n: failed.labels(n) for n in names}
@@ -735,6 +738,11 @@ class AlertSender:
         """The alerts firing now (fired and not resolved), oldest first."""
         with self._cond:
             return list(self._active.values())
+
+    @property
+    def closed(self) -> bool:
+        """Closed (its counters make way for the next run's in a shared registry)."""
+        return bool(getattr(self, "_closing", False))
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything queued has been delivered or given up; ``False`` on timeout."""

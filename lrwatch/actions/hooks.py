@@ -202,10 +202,14 @@ class HookAction:
         self.registry = registry if registry is not None else CollectorRegistry()
 
         runs = Counter("lrwatch_hooks_run", "Hook runs, by result (ok, failed, timeout).",
-                       ["result"], registry=self.registry)
+                       ["result"], registry=None)
         suppressed = Counter("lrwatch_hooks_suppressed",
                              "Hook runs not made: the rule was in its cooldown, or the queue "
-                             "was full.", ["reason"], registry=self.registry)
+                             "was full.", ["reason"], registry=None)
+        from ..exporters.prometheus import register_owned
+
+        self.closed = False
+        register_owned(self.registry, self, [runs, suppressed])
         self._runs = {r: runs.labels(r) for r in _RESULTS}
         self._suppressed = {r: suppressed.labels(r) for r in ("cooldown", "dropped")}
 
@@ -258,6 +262,7 @@ class HookAction:
         """Finish the queued runs (waiting up to ``timeout``, default the hook's own timeout
         plus a margin), then stop the worker. Idempotent; ``True`` if all finished."""
         wait = self.timeout + 5.0 if timeout is None else timeout
+        self.closed = True   # its counters make way for the next run's in a shared registry
         with self._cond:
             self._closing = True
             self._cond.notify_all()

@@ -17,6 +17,7 @@ import logging
 import math
 import platform
 import threading
+import weakref
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -24,6 +25,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .._version import __version__
+from ..errors import ConfigError
 from ..samples import Sample
 
 __all__ = ["EngineMetrics", "TrainingExporter", "MetricsServer", "start_metrics_server",
@@ -125,6 +127,42 @@ class _LockedCollector(Collector):
         return iter([f for m in self._metrics for f in m.describe()])
 
 
+def _group_index(key: str) -> tuple[int, str]:
+    """``momentum/<g>`` in group order (``momentum/10`` after ``momentum/9``)."""
+    tail = key.partition("/")[2]
+    return (int(tail), "") if tail.isdigit() else (1 << 30, tail)
+
+
+#: per registry, the collectors lrwatch registered there and the object owning each
+_OWNED: "weakref.WeakKeyDictionary[CollectorRegistry, list[tuple[Any, Any]]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def register_owned(registry: CollectorRegistry, owner: Any, collectors: Sequence[Any]) -> None:
+    """Register ``collectors`` for ``owner`` (an object with a ``closed`` flag). Collectors of
+    an owner that is closed (or gone) make way first, so runs one after another can share a
+    registry (a sweep in one process, the global ``REGISTRY``); a name still held by an open
+    owner is a :class:`~lrwatch.errors.ConfigError` that says what to do. The values of a
+    closed run stay in the registry until the next one replaces them."""
+    held = _OWNED.setdefault(registry, [])
+    for ref, col in list(held):
+        o = ref()
+        if o is None or getattr(o, "closed", False):
+            try:
+                registry.unregister(col)
+            except KeyError:
+                pass
+            held.remove((ref, col))
+    for col in collectors:
+        try:
+            registry.register(col)
+        except ValueError as exc:   # duplicated timeseries
+            raise ConfigError("this registry already holds the metrics of a Watcher that is "
+                              "still open: close() it first, or give each concurrent Watcher "
+                              f"a registry of its own ({exc})") from exc
+        held.append((weakref.ref(owner), col))
+
+
 class TrainingExporter:
     """The training-side metric families of DESIGN.md, fed with flushed samples.
 
@@ -196,7 +234,17 @@ class TrainingExporter:
         self._layer_children = {lab: self.layer_grad_norm.labels(lab) for lab in layer_labels}
         self._lr_children: list[Any] = []
         self._mom_children: list[Any] = []
-        self.registry.register(_LockedCollector(self._lock, m, self.latest, const_labels or {}))
+        self._collector = _LockedCollector(self._lock, m, self.latest, const_labels or {})
+        self._register()
+
+    def _register(self) -> None:
+        self.closed = False
+        register_owned(self.registry, self, [self._collector])
+
+    def close(self) -> None:
+        """The run is over: its metrics stay in the registry until another Watcher replaces
+        them there."""
+        self.closed = True
 
     # --- feeding -----------------------------------------------------------------------------
     def observe(self, samples: Iterable[Sample]) -> None:
@@ -235,7 +283,8 @@ class TrainingExporter:
                     self.latest[key] = val
             if last.lr_groups is not None:
                 self._set_groups(self.learning_rate, self._lr_children, last.lr_groups)
-            mom = [last.values[k] for k in sorted(last.values) if k.startswith("momentum/")]
+            mom = [last.values[k] for k in sorted(
+                (k for k in last.values if k.startswith("momentum/")), key=_group_index)]
             if mom:
                 self._set_groups(self.momentum, self._mom_children, mom)
             for lab, child in self._layer_children.items():

@@ -152,3 +152,50 @@ def test_the_untrained_loss_is_a_gauge_that_stays_after_step_1() -> None:
     each = sorted(float(-logp[b[1]].mean()) for b in batches[:4])
     line = next(x for x in text.splitlines() if x.startswith("lrwatch_constant_loss "))
     assert float(line.split()[1]) == pytest.approx((each[1] + each[2]) / 2, abs=1e-4)
+
+
+def test_runs_one_after_another_share_a_registry() -> None:
+    """A sweep in one process on one registry (the global REGISTRY, say): each Watcher's
+    metrics, its alert sender's and its hook's make way once it is closed (the second run
+    raised DuplicateTimeseries); two open at once is an error that says what to do."""
+    from lrwatch.errors import ConfigError
+
+    registry = CollectorRegistry()
+    for run in range(2):
+        model = nn.Linear(4, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        w = lrwatch.Watcher(model, opt, registry=registry, run_name=f"sweep-{run}",
+                            alertmanager="http://127.0.0.1:9", hook=["true"])
+        for _ in range(3):
+            opt.zero_grad()
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            loss.backward()
+            opt.step()
+            w.log(loss=loss)
+        w.close()
+        assert registry.get_sample_value("lrwatch_step") == 3   # this run's, kept after close
+        info = [s for m in registry.collect() if m.name == "lrwatch_run"
+                for s in m.samples]
+        assert [s.labels["run"] for s in info] == [f"sweep-{run}"]
+    w = lrwatch.Watcher(model, opt, registry=registry)
+    with pytest.raises(ConfigError, match="still open"):
+        lrwatch.Watcher(model, opt, registry=registry)
+    w.close()
+
+
+def test_momentum_of_many_parameter_groups_keeps_its_group() -> None:
+    """Eleven or more groups: the momentum/<g> keys were sorted as text (10 before 2)."""
+    registry = CollectorRegistry()
+    params = [nn.Parameter(torch.randn(2)) for _ in range(12)]
+    opt = torch.optim.Adam([{"params": [p], "betas": (0.5 + 0.04 * g, 0.999)}
+                            for g, p in enumerate(params)], lr=0.01)
+    w = lrwatch.Watcher(nn.ParameterList(params), opt, registry=registry, recovery=False)
+    for _ in range(2):
+        opt.zero_grad()
+        sum(p.sum() for p in params).backward()
+        opt.step()
+        w.log(loss=torch.tensor(1.0))
+    w.close()
+    for g in range(12):
+        got = registry.get_sample_value("lrwatch_momentum", {"param_group": str(g)})
+        assert got == pytest.approx(0.5 + 0.04 * g)

@@ -59,11 +59,15 @@ def demo(steps: int, port: int, host: str, trace: str, flush_every: int, batch_s
     while it trains and a trace is written in trace format v1 (`lrwatch report` draws it).
     """
     from .demo import DemoConfig, run_demo
+    from .errors import ConfigError
 
     cfg = DemoConfig(steps=steps, port=port, host=host, trace=trace or None,
                      flush_every=flush_every, batch_size=batch_size, seed=seed, linger=linger,
                      inject=inject, inject_at=inject_at, snapshot_dir=snapshot_dir)
-    summary = run_demo(cfg)
+    try:
+        summary = run_demo(cfg)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
     if summary["exit_status"]:
         raise SystemExit(int(summary["exit_status"]))
 

@@ -243,8 +243,9 @@ class DemoConsole:
             text = (f"healthy again: learning rate x{e.get('factor', 1):g} back over "
                     f"{e.get('steps', '?')} steps")
         elif kind == "dropped":
+            # whether a rollback follows is the policy's call: it is printed when it comes
             text = ("the step was not applied (its gradient was not finite or a spike; "
-                    "skipped on the device); no rollback needed")
+                    "skipped on the device)")
             why = ""
         elif kind in ("start_check", "lr_check"):
             name = "start check" if kind == "start_check" else "learning-rate check"
@@ -300,6 +301,9 @@ def run_demo(cfg: DemoConfig, out: TextIO | None = None) -> dict[str, float]:
 
     if cfg.inject is not None and cfg.inject not in FAULTS:
         raise ConfigError(f"unknown fault {cfg.inject!r}; choose one of {sorted(FAULTS)}")
+    if cfg.inject and not 1 <= _inject_at(cfg) <= cfg.steps:
+        raise ConfigError(f"--inject-at {_inject_at(cfg)} is outside the run's {cfg.steps} "
+                          f"steps: the fault would never be injected")
     if cfg.inject:
         print(f"injecting fault {cfg.inject!r} at step {_inject_at(cfg)}: "
               f"{FAULTS[cfg.inject]}", file=out)
@@ -318,7 +322,7 @@ def run_demo(cfg: DemoConfig, out: TextIO | None = None) -> dict[str, float]:
         try:
             if watch.metrics_url:
                 print(f"metrics: {watch.metrics_url}", file=out, flush=True)
-            if cfg.trace:
+            if cfg.trace and watch.trace is not None and watch.trace.ok:   # it opened
                 print(f"trace:   {os.path.abspath(cfg.trace)}", file=out, flush=True)
             _train(cfg, watch, model, opt, sched, data, console)
         except KeyboardInterrupt:  # Ctrl-C: close the Watcher and say where the run got to

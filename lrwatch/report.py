@@ -325,10 +325,18 @@ def write_report(traces: Sequence[str | os.PathLike[str]], out: str | os.PathLik
     if not traces:
         raise ReportError("no trace given")
     _pyplot()  # say what is missing before reading anything
+    folder = out.resolve().parent
+    if not folder.is_dir():
+        raise ReportError(f"cannot write {str(out)!r}: the folder {folder} does not exist")
     runs = [load_run(t, strict=strict) for t in traces]
-    if out.suffix.lower() == ".png":
-        data = render_png(runs)
-        out.write_bytes(data)
-    else:
-        out.write_text(render_html(runs), encoding="utf-8")
+    if not _panels(runs):
+        raise ReportError("nothing to draw: the traces hold no loss, evaluation, learning "
+                          "rate, gradient norm or update ratio")
+    try:
+        if out.suffix.lower() == ".png":
+            out.write_bytes(render_png(runs))
+        else:
+            out.write_text(render_html(runs), encoding="utf-8")
+    except OSError as exc:
+        raise ReportError(f"cannot write {str(out)!r}: {exc.strerror or exc}") from exc
     return out

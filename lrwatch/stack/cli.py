@@ -58,6 +58,9 @@ def stack_command(prometheus_port: int, alertmanager_port: int, pushgateway_port
         stack = LocalStack(cfg)
     except LrwatchError as exc:
         raise click.ClickException(str(exc)) from exc
+    except OSError as exc:   # a --data-dir that cannot be made
+        raise click.ClickException(f"cannot use --data-dir {data_dir}: "
+                                   f"{exc.strerror or exc}") from exc
 
     stop = threading.Event()
 
@@ -109,7 +112,12 @@ def dashboards_generate(out: str, check: bool) -> None:
                                        f"`lrwatch dashboards generate --out {out}`")
         click.echo(f"{out}: up to date")
         return
-    for p in write_dashboards(out):
+    try:
+        written = write_dashboards(out)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write the dashboards into {out}: "
+                                   f"{exc.strerror or exc}") from exc
+    for p in written:
         click.echo(str(p))
 
 

@@ -1,0 +1,44 @@
+"""Bad paths and arguments on the CLI's drawing and stack commands: an error that says what to
+fix and a non-zero exit, never a traceback (each was one before)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from lrwatch.cli import cli
+from lrwatch.exporters.trace import TraceWriter
+from lrwatch.samples import Sample
+
+
+def _invoke(*args: str) -> object:
+    res = CliRunner().invoke(cli, list(args))
+    assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
+    return res
+
+
+def test_report_says_why_it_cannot_write_or_draw(tmp_path: Path) -> None:
+    steps_only = tmp_path / "t.jsonl"
+    with TraceWriter(steps_only) as w:   # valid lines that carry nothing to draw
+        for i in range(1, 6):
+            w.write(Sample(step=i, values={}))
+    res = _invoke("report", str(steps_only), "-o", str(tmp_path / "no" / "r.png"))
+    assert res.exit_code == 1 and "does not exist" in res.output
+    res = _invoke("report", str(steps_only), "-o", str(tmp_path / "r.png"))
+    assert res.exit_code == 1 and "nothing to draw" in res.output
+
+
+def test_demo_refuses_a_fault_it_would_never_inject() -> None:
+    res = _invoke("demo", "--steps", "20", "--port", "0", "--trace", "", "--inject", "nan",
+                  "--inject-at", "50")
+    assert res.exit_code == 2 and "would never be injected" in res.output
+
+
+def test_stack_and_dashboards_name_a_path_they_cannot_use(tmp_path: Path) -> None:
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    res = _invoke("dashboards", "generate", "--out", str(blocker / "sub"))
+    assert res.exit_code == 1 and "cannot write the dashboards" in res.output
+    res = _invoke("stack", "--data-dir", str(blocker / "sub"))
+    assert res.exit_code == 1 and "cannot use --data-dir" in res.output

@@ -208,3 +208,18 @@ def test_a_closure_optimizer_is_measured_after_its_step_and_never_guarded(caplog
     assert by[1]["grad_norm"] > 0                              # this step's, not nothing
     assert math.isnan(by[15]["grad_norm"]) and math.isfinite(by[14]["grad_norm"])
     assert w.recorder.guard is None and w.policy.state.start_checked
+
+
+def test_a_restore_keeps_param_group_keys_added_after_the_snapshot():
+    """Lightning's StochasticWeightAveraging adds ``swa_lr`` to the groups mid-run; a restart
+    to a snapshot from before it dropped the key and SWALR raised KeyError at its next step."""
+    from lrwatch.actions.snapshot import capture_state, restore_state
+
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    state = capture_state(model, opt)
+    for g in opt.param_groups:
+        g["swa_lr"] = 0.05
+        g["lr"] = 20.0
+    restore_state(state, model, opt)
+    assert opt.param_groups[0]["lr"] == 0.1 and opt.param_groups[0]["swa_lr"] == 0.05

@@ -156,7 +156,14 @@ def restore_state(state: Mapping[str, Any], model: torch.nn.Module,
     """Restore what :func:`capture_state` captured, in place (parameters keep their identity)."""
     with torch.no_grad():
         model.load_state_dict(state["model"])
+    # keys a param group gained after the snapshot (SWA's ``swa_lr``, a scheduler's
+    # ``initial_lr``) are kept: the code that added them still reads them
+    later = [dict(g) for g in optimizer.param_groups]
     optimizer.load_state_dict(cpu_copy(state["optimizer"]))
+    for group, now in zip(optimizer.param_groups, later):
+        for key, value in now.items():
+            if key not in group:
+                group[key] = value
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(cpu_copy(state["scheduler"]))
     if scaler is not None and state.get("scaler") is not None:

@@ -124,9 +124,13 @@ class LrwatchCallback(pl.Callback):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if not trainer.optimizers:
             raise ConfigError("LrwatchCallback needs an optimizer (configure_optimizers)")
-        if len(trainer.optimizers) > 1:
+        several = len(trainer.optimizers) > 1
+        if several:
             import warnings
-            warnings.warn("lrwatch watches the first of several optimizers", stacklevel=2)
+            warnings.warn(f"lrwatch watches the first of {len(trainer.optimizers)} optimizers "
+                          "and could restore only its state: recovery (rollback, restart, "
+                          "the start check) is off; metrics, rules and alerts stay on",
+                          stacklevel=2)
         self._close()
         opt = trainer.optimizers[0]
         configs = getattr(trainer, "lr_scheduler_configs", None) or []
@@ -135,6 +139,8 @@ class LrwatchCallback(pl.Callback):
         if self.lr_find and self.lr_find_result is None and int(trainer.global_step) == 0:
             self._find_lr(trainer, pl_module, opt, sched, scaler)
         kw = export_kwargs(self.watcher_kwargs, int(trainer.global_rank), self.export)
+        if several:   # a rollback would rewind every weight but only one optimizer's state
+            kw["recovery"] = False
         if getattr(trainer, "gradient_clip_algorithm", None) in (None, "norm"):
             kw = with_clip(kw, getattr(trainer, "gradient_clip_val", None))
         # A rollback that must measure its rate runs the module's own training_step -- not

@@ -576,3 +576,27 @@ def test_lr_find_under_a_warm_up_puts_the_peak_at_the_suggestion(tmp_path: Path)
     assert s is not None
     rates = [x.values["lr"] for x in read_trace(trace)]
     assert rates[0] == pytest.approx(s / 5, rel=1e-6) and max(rates) == pytest.approx(s, rel=1e-6)
+
+
+def test_several_optimizers_get_no_recovery_and_are_told_why(tmp_path: Path) -> None:
+    """A rollback restores every weight but could restore only the first optimizer's state
+    (the others kept their rate and momentum): with several, recovery is off, said once."""
+    class TwoOpt(ManualMLP):
+        def configure_optimizers(self) -> Any:
+            return [torch.optim.SGD(self.net[0].parameters(), lr=0.05),
+                    torch.optim.SGD(self.net[2].parameters(), lr=0.05)]
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y, _ = batch
+            loss = nn.functional.cross_entropy(self.net(x), y)
+            for opt in self.optimizers():
+                opt.zero_grad()
+            self.manual_backward(loss)
+            for opt in self.optimizers():
+                opt.step()
+            return loss
+
+    cb = LrwatchCallback(trace=str(tmp_path / "run.jsonl"), flush_every=5)
+    with pytest.warns(UserWarning, match="recovery .* is off"):
+        _trainer(tmp_path, [cb], max_steps=20).fit(TwoOpt(), _loader())
+    assert cb.watcher is not None and cb.watcher.recovery is None

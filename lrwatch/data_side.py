@@ -64,6 +64,8 @@ class DataSide:
     flush: Any
     _safe_point: Any
     _restore_engine: Any
+    #: the untrained loss :meth:`measure_untrained` measured (a device scalar), or ``None``
+    untrained_level: Any = None
 
     def batches(self, iterable: Iterable[T]) -> Iterator[T]:
         """Yield the batches of ``iterable``, acting on lrwatch's decisions between them.
@@ -305,6 +307,7 @@ class DataSide:
         outputs = OutputShapes()
         try:
             loss = measure_untrained_loss(self.model, batches, self._probe_loss, outputs)
+            self.untrained_level = loss   # a device scalar (or None), for adapters
             if loss is not None:
                 self.recorder.row_for_log(self.step + 1).put("untrained_loss", loss)
         except Exception:

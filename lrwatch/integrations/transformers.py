@@ -33,6 +33,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import json
+import logging
 import os
 import warnings
 from typing import Any, Mapping
@@ -106,6 +107,7 @@ class LrwatchCallback(TrainerCallback):
         self._loss_sum: torch.Tensor | None = None
         self._loss_n = 0
         self._loss_summed = False
+        self._sums_items: bool | None = None   # the model divides by num_items_in_batch
         self._loss_world = 1  # the Trainer's factor for losses over num_items_in_batch
         self._hook_loss = False  # the forward hook has seen a loss tensor
         self._stepped = False
@@ -269,7 +271,9 @@ class LrwatchCallback(TrainerCallback):
         done: dict[str, Any] = {}
         if self._loss_sum is not None:
             n = self._loss_n
-            if self._loss_summed:
+            if self._loss_summed and n > 1 and self._sums_items is None:
+                self._sums_items = self._model_normalises(n)
+            if self._loss_summed and self._sums_items is not False:
                 done["loss"] = self._loss_sum * self._loss_world if self._loss_world > 1 \
                     else self._loss_sum
             else:
@@ -279,6 +283,24 @@ class LrwatchCallback(TrainerCallback):
             self._done = done
         self._stepped = False
         reapply_best(self.watcher)  # a stop at on_step_begin: the Trainer still ran this step
+
+    def _model_normalises(self, n: int) -> bool | None:
+        """At the first step of ``n`` micro-batches with ``num_items_in_batch``: whether the
+        model divides its loss by it (each micro-batch's loss then a share of the step's), or
+        ignores it and returns each micro-batch's own mean (a model that takes ``**kwargs``,
+        BertForSequenceClassification for one), measured against the untrained loss: a
+        micro-batch's loss near the untrained level, not near 1/n of it. One host read, once.
+        ``None`` (the Trainer's word taken) without an untrained loss."""
+        level = getattr(self.watcher, "untrained_level", None)
+        if level is None:
+            return None
+        ratio = float(self._loss_sum / n) / max(float(level), 1e-12)
+        normalises = ratio < n ** -0.5   # between 1/n (normalised) and 1 (its own mean)
+        if not normalises:
+            logging.getLogger("lrwatch").info(
+                "lrwatch: the model ignores num_items_in_batch (each micro-batch's loss is "
+                "its own mean, %.3g of the untrained loss): the step's loss is their mean", ratio)
+        return normalises
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None,
                **kwargs: Any) -> None:

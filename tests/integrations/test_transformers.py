@@ -389,3 +389,32 @@ def test_a_trainer_that_computes_its_own_loss_gets_no_start_check_and_no_error(
     assert not [e for s in read_trace(tmp_path / "t.jsonl") for e in s.events
                 if e.get("type") == "start_check"]
     assert trainer.state.global_step == 24
+
+
+class IgnoresNumItems(GPT2LMHeadModel):
+    """Takes ``**kwargs`` (so the Trainer passes num_items_in_batch and sums the micro-batch
+    losses) but returns each micro-batch's own mean, as BertForSequenceClassification does."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("num_items_in_batch", None)
+        return super().forward(*args, **kwargs)
+
+
+@pytest.mark.parametrize("ignores", [False, True])
+def test_the_step_loss_under_accumulation_is_on_the_untrained_loss_scale(
+        tmp_path: Path, ignores: bool) -> None:
+    """Under gradient accumulation the Trainer hands num_items_in_batch to any model taking
+    **kwargs and sums its micro-batch losses. A model that ignores it returns per-batch means,
+    and their sum was compared with a per-batch untrained loss: x16 with 16 micro-batches, and
+    loss_above_start restarted a healthy run three times. Now the step's loss is the
+    micro-batches' mean for such a model, their sum for one that divides by num_items."""
+    torch.manual_seed(0)
+    model = (IgnoresNumItems if ignores else GPT2LMHeadModel)(
+        GPT2Config(vocab_size=32, n_positions=16, n_embd=32, n_layer=1, n_head=2))
+    trace = tmp_path / "run.jsonl"
+    cb = LrwatchCallback(trace=str(trace), flush_every=5)
+    _train(tmp_path, cb, model=model, max_steps=6, gradient_accumulation_steps=4)
+    samples = read_trace(trace)
+    untrained = samples[0].values["untrained_loss"]
+    assert samples[0].values["loss"] == pytest.approx(untrained, rel=0.1)
+    assert cb.watcher is not None and cb.watcher.policy.rollbacks == 0

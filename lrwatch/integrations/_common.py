@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -185,6 +186,31 @@ def check_lr_find(lr_find: Any) -> Any:
 
 def lr_find_args(lr_find: Any) -> dict[str, Any]:
     return dict(lr_find) if isinstance(lr_find, Mapping) else {}
+
+
+@contextlib.contextmanager
+def rng_kept() -> Iterator[None]:
+    """Every random generator a data pipeline may draw from -- torch's (CPU, and CUDA when it
+    is initialised), Python's ``random`` and numpy's global one -- as it was afterwards:
+    lrwatch's own passes over the data (the untrained loss) must not move the run's masking,
+    augmentation or order."""
+    import random
+
+    py = random.getstate()
+    try:
+        import numpy as np
+        npst: Any = np.random.get_state()
+    except Exception:   # numpy missing or odd: nothing to keep
+        np, npst = None, None   # type: ignore[assignment]
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and \
+        torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py)
+        if np is not None and npst is not None:
+            np.random.set_state(npst)
 
 
 def start_at_suggestion(curve: Any, optimizer: Any, scheduler: Any) -> None:

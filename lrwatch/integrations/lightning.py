@@ -45,7 +45,7 @@ except ImportError:  # pragma: no cover - depends on what is installed
 from ..errors import ConfigError
 from ..watch import Watcher
 from ._common import (check_export, check_lr_find, eval_name, export_kwargs,
-                      log_completed_step, lr_find_args, reapply_best, scalar,
+                      log_completed_step, lr_find_args, reapply_best, rng_kept, scalar,
                       start_at_suggestion, with_clip, wrap_dataloader)
 
 __all__ = ["LrwatchCallback"]
@@ -292,14 +292,15 @@ def _first_batches(trainer: Any, n: int) -> list[Any]:
 
     loader = getattr(trainer, "train_dataloader", None)
     if (loader is None or isinstance(loader, (Mapping, list, tuple))
-            or getattr(loader, "persistent_workers", False)):
+            or getattr(loader, "persistent_workers", False)
+            # a stream: a second pass may draw from the run's own (a one-pass stream lost
+            # its batches 3-10 to the measurement)
+            or isinstance(getattr(loader, "dataset", None), torch.utils.data.IterableDataset)):
         return []
     gens = _generators(loader)
     states = [g.get_state() for g in gens]
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and \
-        torch.cuda.is_initialized() else []
     try:
-        with torch.random.fork_rng(devices=devices):
+        with rng_kept():
             batches = list(itertools.islice(iter(loader), n))
     finally:
         for g, st in zip(gens, states):

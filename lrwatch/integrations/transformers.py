@@ -49,7 +49,7 @@ except ImportError as exc:  # pragma: no cover - depends on what is installed
 from ..errors import ConfigError
 from ..watch import Watcher
 from ._common import (check_export, check_lr_find, eval_name, export_kwargs,
-                      log_completed_step, lr_find_args, reapply_best, scalar,
+                      log_completed_step, lr_find_args, reapply_best, rng_kept, scalar,
                       start_at_suggestion, with_clip, wrap_dataloader)
 
 __all__ = ["LrwatchCallback", "STATE_FILE"]
@@ -384,7 +384,10 @@ def _sample_batches(loader: Any, n: int, batch_size: int, model: Any) -> list[An
     """``n`` batches of the training data for the untrained loss (:class:`_DatasetBatches`,
     seed 0); empty for an iterable dataset or a loader without a dataset or ``collate_fn``."""
     batches = _DatasetBatches.of(loader, batch_size, model)
-    return [] if batches is None else list(itertools.islice(iter(batches), n))
+    if batches is None:
+        return []
+    with rng_kept():   # a collator that masks at random (MLM) draws from the global RNGs
+        return list(itertools.islice(iter(batches), n))
 
 
 def _model_loss(model: Any, batch: Mapping[str, Any]) -> torch.Tensor:

@@ -94,3 +94,25 @@ def test_lrwatch_imports_without_the_frameworks() -> None:
             "else:\n"
             "    raise SystemExit('imported without transformers')\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_lrwatchs_own_passes_over_the_data_keep_every_random_generator() -> None:
+    """The untrained loss reads a few batches before the run does; a collator or dataset that
+    draws from Python's random, numpy's or torch's global generator (MLM masking, an
+    augmentation) got other draws in the run afterwards."""
+    import random
+
+    import numpy as np
+
+    from lrwatch.integrations._common import rng_kept
+
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    want = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    with rng_kept():
+        random.random(), np.random.rand(), torch.rand(5)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == want

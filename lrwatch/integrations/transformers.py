@@ -110,6 +110,7 @@ class LrwatchCallback(TrainerCallback):
         self._sums_items: bool | None = None   # the model divides by num_items_in_batch
         self._loss_world = 1  # the Trainer's factor for losses over num_items_in_batch
         self._hook_loss = False  # the forward hook has seen a loss tensor
+        self._said_no_loss = False
         self._stepped = False
         self._done: dict[str, Any] | None = None
         self._eval: dict[str, Any] = {}
@@ -225,6 +226,8 @@ class LrwatchCallback(TrainerCallback):
         if w is not None and kwargs and not args:
             w.remember_batch(dict(kwargs))
         loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+        if loss is None and isinstance(output, tuple) and output and "labels" in (kwargs or {}):
+            loss = output[0]   # return_dict=False: the loss leads the tuple when labels came
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             return
         if w is not None and kwargs and not args:   # the model computes its own loss on it
@@ -268,6 +271,13 @@ class LrwatchCallback(TrainerCallback):
             self._stepped = True
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not self._hook_loss and not self._said_no_loss and self._stepped:
+            self._said_no_loss = True
+            logging.getLogger("lrwatch").warning(
+                "lrwatch: the model's forward returned no loss (the Trainer computes it "
+                "itself: label_smoothing_factor, a custom compute_loss): lrwatch reads the "
+                "loss the Trainer logs every logging_steps (%s), measures gradient norms after "
+                "the Trainer's clipping, and runs no start check", args.logging_steps)
         done: dict[str, Any] = {}
         if self._loss_sum is not None:
             n = self._loss_n
@@ -394,7 +404,9 @@ def _model_loss(model: Any, batch: Mapping[str, Any]) -> torch.Tensor:
     """The loss a ``transformers`` model computes for ``batch`` (its ``labels`` included)."""
     out = model(**batch)
     loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
-    if not isinstance(loss, torch.Tensor):
+    if loss is None and isinstance(out, tuple) and out:
+        loss = out[0]   # return_dict=False: the loss leads the tuple
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise ConfigError("the model returned no loss for a training batch; pass probe_loss= "
                           "to LrwatchCallback to probe the learning rate")
     return loss

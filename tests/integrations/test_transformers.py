@@ -418,3 +418,27 @@ def test_the_step_loss_under_accumulation_is_on_the_untrained_loss_scale(
     untrained = samples[0].values["untrained_loss"]
     assert samples[0].values["loss"] == pytest.approx(untrained, rel=0.1)
     assert cb.watcher is not None and cb.watcher.policy.rollbacks == 0
+
+
+def test_a_tuple_output_is_read_and_a_missing_loss_is_said(tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture
+                                                          ) -> None:
+    """return_dict=False: the loss leads the tuple (it was not read, so the loss came only
+    every logging_steps, the norms after clipping, and no start check ran -- unsaid).
+    label_smoothing_factor: the Trainer takes the labels away, the model returns no loss;
+    that is said once."""
+    class TupleGPT2(GPT2LMHeadModel):
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            return super().forward(*args, **kwargs).to_tuple()
+
+    torch.manual_seed(0)
+    model = TupleGPT2(GPT2Config(vocab_size=32, n_positions=16, n_embd=32, n_layer=1,
+                                 n_head=2))
+    trace = tmp_path / "t.jsonl"
+    _train(tmp_path, LrwatchCallback(trace=str(trace), flush_every=5), model=model,
+           max_steps=12)
+    assert all("loss" in s.values for s in read_trace(trace))
+    with caplog.at_level("WARNING", logger="lrwatch"):
+        _train(tmp_path, LrwatchCallback(flush_every=5), max_steps=4,
+               label_smoothing_factor=0.1)
+    assert caplog.text.count("the model's forward returned no loss") == 1

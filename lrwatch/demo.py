@@ -284,12 +284,21 @@ def _adamw(model: nn.Module, lr: float) -> torch.optim.Optimizer:
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
 
 
+def _check_fault(cfg: DemoConfig) -> None:
+    if cfg.inject is not None and cfg.inject not in FAULTS:
+        raise ConfigError(f"unknown fault {cfg.inject!r}; choose one of {sorted(FAULTS)}")
+    if cfg.inject and not 1 <= _inject_at(cfg) <= cfg.steps:
+        raise ConfigError(f"--inject-at {_inject_at(cfg)} is outside the run's {cfg.steps} "
+                          f"steps: the fault would never be injected")
+
+
 def run_demo(cfg: DemoConfig, out: TextIO | None = None) -> dict[str, float]:
     """Train the demo model with a Watcher and print progress from the flushed samples.
 
     Returns a summary (steps, final loss, eval accuracy, seconds).
     """
     out = out if out is not None else sys.stdout
+    _check_fault(cfg)   # before loading anything
     torch.manual_seed(cfg.seed)
     data = StdlibText(cfg.seq_len, cfg.batch_size, seed=cfg.seed)
     model = CharGRU(hidden=cfg.hidden)
@@ -299,11 +308,6 @@ def run_demo(cfg: DemoConfig, out: TextIO | None = None) -> dict[str, float]:
     print(f"lrwatch demo: byte-level GRU ({n_params / 1e6:.2f}M parameters) on "
           f"{len(data.train) / 1e6:.1f} MB of Python standard-library source", file=out)
 
-    if cfg.inject is not None and cfg.inject not in FAULTS:
-        raise ConfigError(f"unknown fault {cfg.inject!r}; choose one of {sorted(FAULTS)}")
-    if cfg.inject and not 1 <= _inject_at(cfg) <= cfg.steps:
-        raise ConfigError(f"--inject-at {_inject_at(cfg)} is outside the run's {cfg.steps} "
-                          f"steps: the fault would never be injected")
     if cfg.inject:
         print(f"injecting fault {cfg.inject!r} at step {_inject_at(cfg)}: "
               f"{FAULTS[cfg.inject]}", file=out)

@@ -80,9 +80,11 @@ class _Api:
         return self.json(404, {"error": f"no such endpoint {path}; try /v1/predictions, "
                                         f"/v1/labels, /metrics, /healthz, /v1/status"})
 
-    def before_body(self, path: str, auth: bytes | None, length: int) -> Response | None:
+    def before_body(self, path: str, auth: bytes | None, length: int,
+                    encoding: bytes = b"") -> Response | None:
         """The answer to a POST that is refused before its body is read (``length`` -1: no
-        valid ``Content-Length``), or ``None`` to read it."""
+        valid ``Content-Length``; ``encoding`` other than identity: a 415), or ``None`` to
+        read it."""
         d = self.daemon
         if path not in _ENDPOINTS:
             return self.json(404, {"error": f"no such endpoint {path}; POST to "
@@ -91,6 +93,11 @@ class _Api:
             d.reject("unauthorized")
             return self.json(401, {"error": "missing or wrong bearer token",
                                    "reason": "unauthorized"}, length > 1 << 20)
+        if encoding not in (b"", b"identity"):
+            d.reject("invalid_json")   # the body is not JSON as sent
+            return self.json(415, {"error": f"Content-Encoding {encoding.decode('latin-1')!r} "
+                                            f"is not supported: send the JSON uncompressed",
+                                   "reason": "invalid_json"}, length > 1 << 20)
         if length < 0:
             d.reject("too_large")
             return self.json(411, {"error": "a Content-Length header is required",
@@ -128,16 +135,19 @@ class _Asgi:
             return
         auth: bytes | None = None
         length = -1
+        encoding = b""
         for k, v in scope["headers"]:
             if k == b"authorization":
                 auth = v
             elif k == b"content-length":
                 length = int(v)  # llhttp checked it: digits only, one value
+            elif k == b"content-encoding":
+                encoding = v.strip().lower()
         method, path = scope["method"], scope["path"]
         if method == "GET" or method == "HEAD":
             resp = self.api.get(path, auth)
         elif method == "POST":
-            refused = self.api.before_body(path, auth, length)
+            refused = self.api.before_body(path, auth, length, encoding)
             if refused is None:
                 body = await _read_body(receive, length)
                 if body is None:  # the client hung up mid-body: never a request, not counted

@@ -279,3 +279,15 @@ def test_predictions_of_another_kind_than_the_reference_s_are_refused_by_name(
         assert status == 400 and out["reasons"] == {"invalid_prediction": 1}, p
         assert "class-1 probabilities" in out["error"]
     assert_balanced(r.daemon)
+
+
+def test_a_compressed_body_is_a_415_not_lines_that_are_not_utf8(run_daemon) -> None:
+    import gzip
+
+    r = run_daemon()
+    status, out = r.post("/v1/predictions", gzip.compress(GOOD_LINE.encode()),
+                         headers={"Content-Encoding": "gzip"})
+    assert status == 415 and "send the JSON uncompressed" in out["error"]
+    status, out = r.post("/v1/predictions", GOOD_LINE, headers={"Content-Encoding": "identity"})
+    assert status == 200 and out["accepted"] == 1
+    assert_balanced(r.daemon)

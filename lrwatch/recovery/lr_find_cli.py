@@ -56,8 +56,9 @@ def load_target(spec: str) -> Mapping[str, Any]:
         made = {k: getattr(made, k) for k in _KEYS if hasattr(made, k)}
     missing = [k for k in ("model", "optimizer", "loader") if made.get(k) is None]
     if missing or (made.get("loss_fn") is None) == (made.get("batch_loss") is None):
-        raise ConfigError(f"{spec} must return model, optimizer, loader and exactly one of "
-                          f"loss_fn / batch_loss (missing: {missing or 'the loss'}); got "
+        raise ConfigError(f"{spec} must return a dict (or an object with attributes) of "
+                          f"model, optimizer, loader and exactly one of loss_fn / batch_loss "
+                          f"(missing: {missing or 'the loss'}); got "
                           f"{sorted(k for k, v in made.items() if v is not None)}")
     return made
 

@@ -39,7 +39,8 @@ def test_summary_plot_and_json(target: str, tmp_path: Path) -> None:
 def test_bad_targets_say_what_to_return(target: str) -> None:
     runner = CliRunner()
     res = runner.invoke(cli, ["lr-find", f"{target}:broken"])
-    assert res.exit_code == 2 and "must return model, optimizer, loader" in res.output
+    assert res.exit_code == 2 and "must return a dict (or an object" in res.output
+    assert "model, optimizer, loader" in res.output
     res = runner.invoke(cli, ["lr-find", "nocolon"])
     assert res.exit_code == 2 and "module:function" in res.output
     res = runner.invoke(cli, ["lr-find", f"{target}:nothere"])

@@ -258,8 +258,10 @@ class LrwatchCallback(pl.Callback):
         if self.watcher is not None:
             if self._untrained_due:   # in a batch hook, where training_step may self.log
                 self._untrained_due = False
+                # where a second pass cannot be read (a stream, persistent workers), the
+                # batch the run is about to train on, before it does
                 self.watcher.measure_untrained(
-                    _first_batches(trainer, self.watcher.untrained_batches))
+                    _first_batches(trainer, self.watcher.untrained_batches) or [batch])
             self.watcher.remember_batch(batch)   # for a rollback's range test
             self.watcher.start_check_batch(batch)
         return None

@@ -600,3 +600,30 @@ def test_several_optimizers_get_no_recovery_and_are_told_why(tmp_path: Path) -> 
     with pytest.warns(UserWarning, match="recovery .* is off"):
         _trainer(tmp_path, [cb], max_steps=20).fit(TwoOpt(), _loader())
     assert cb.watcher is not None and cb.watcher.recovery is None
+
+
+def test_a_stream_is_read_once_and_its_first_batch_gives_the_untrained_loss(
+        tmp_path: Path) -> None:
+    """A one-pass IterableDataset: a second pass for the untrained loss drew from the run's
+    own stream (it lost batches 3-10); now the batch the run is about to train on is measured,
+    before it trains on it, and the run sees every batch in order."""
+    class Stream(torch.utils.data.IterableDataset):
+        def __init__(self) -> None:
+            g = torch.Generator().manual_seed(0)
+            self.x = torch.randn(320, 8, generator=g)
+            self.it: Any = None
+
+        def __iter__(self) -> Any:
+            if self.it is None:   # one pass, shared: a second iterator continues it
+                self.it = iter(range(len(self.x)))
+            for i in self.it:
+                yield self.x[i], (self.x[i, 0] > 0).long(), torch.tensor(i)
+
+    trace = tmp_path / "run.jsonl"
+    model = TinyMLP(lr=0.05, sched=False)
+    loader = torch.utils.data.DataLoader(Stream(), batch_size=16)
+    _trainer(tmp_path, [LrwatchCallback(trace=str(trace), flush_every=5)],
+             max_steps=12).fit(model, loader)
+    # the measurement's own training_step call on batch 0 first, then the run's, in order
+    assert model.seen[:13] == [0] + [16 * i for i in range(12)]
+    assert "untrained_loss" in read_trace(trace)[0].values

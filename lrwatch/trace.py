@@ -124,6 +124,9 @@ class TraceReader:
     With ``strict=True`` (the default) the first bad line raises :class:`TraceFormatError` naming
     file and line. With ``strict=False`` bad lines are skipped and counted in ``skipped``, with
     the messages in ``errors`` (the first 100), so one broken line never loses the rest.
+    ``lineno`` is the line of the sample yielded last: a caller that finds that sample's content
+    bad (replay: a corrupt ``engine_state`` in its events) reports it with :meth:`reject`, so
+    it is named and counted like any malformed line.
     """
 
     source: str | os.PathLike[str] | IO[str]
@@ -133,6 +136,8 @@ class TraceReader:
 
     def __post_init__(self) -> None:
         self.errors: list[str] = []
+        self.lineno = 0
+        self._name = "<stream>"
 
     def __iter__(self) -> Iterator[Sample]:
         if isinstance(self.source, (str, os.PathLike)):
@@ -142,7 +147,23 @@ class TraceReader:
         else:
             yield from self._iter(self.source, getattr(self.source, "name", "<stream>"))
 
+    def reject(self, msg: str) -> None:
+        """Count the line yielded last as malformed, for a reason only the caller could see.
+
+        With ``strict`` this raises :class:`TraceFormatError` (file, line and ``msg``) as a bad
+        line would; otherwise the line is counted in ``skipped`` and ``msg`` kept in ``errors``.
+        """
+        if self.strict:
+            raise TraceFormatError(self._name, self.lineno, msg)
+        self._skip(f"{self._name}:{self.lineno}: {msg}")
+
+    def _skip(self, where_msg: str) -> None:
+        self.skipped += 1
+        if len(self.errors) < 100:
+            self.errors.append(where_msg)
+
     def _iter(self, fh: IO[str], name: str) -> Iterator[Sample]:
+        self._name = name
         last_step: int | None = None
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -157,11 +178,10 @@ class TraceReader:
                 msg = str(exc).splitlines()[0]
                 if self.strict:
                     raise TraceFormatError(name, lineno, msg) from None
-                self.skipped += 1
-                if len(self.errors) < 100:
-                    self.errors.append(f"{name}:{lineno}: {msg}")
+                self._skip(f"{name}:{lineno}: {msg}")
                 continue
             last_step = sample.step
+            self.lineno = lineno
             yield sample
 
 

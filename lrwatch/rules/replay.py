@@ -16,16 +16,18 @@ Examples
 from __future__ import annotations
 
 import os
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterable, Iterator
+from typing import IO, Any, Iterable, Iterator, Mapping
 
-from ..errors import TraceFormatError
+from ..errors import LrwatchError, TraceFormatError
+from ..samples import Sample
 from ..trace import TraceReader
 from .engine import Engine, Firing
 from .schema import Rule, RuleSet
 
-__all__ = ["TraceResult", "replay_trace", "expand_traces"]
+__all__ = ["TraceResult", "replay_trace", "adopt_state", "expand_traces"]
 
 
 @dataclass
@@ -54,58 +56,110 @@ def replay_trace(source: str | os.PathLike[str] | IO[str], rules: RuleSet | Iter
     """Replay one trace with a fresh :class:`Engine` over ``rules``.
 
     Malformed lines raise nothing: with ``strict`` the replay stops at the first one and
-    ``error`` names file and line; otherwise they are skipped and counted.
+    ``error`` names file and line; otherwise they are skipped and counted. An engine state in
+    the recorded events that cannot be read counts as a malformed line. Nothing else raises
+    either: an exception out of the engine (a bug, or a detector that cannot cope with a
+    value) ends that trace with ``error`` set, so one trace never takes a batch down.
     """
     label = name or (os.fspath(source) if isinstance(source, (str, os.PathLike))
                      else getattr(source, "name", "<stream>"))
     res = TraceResult(path=label)
     reader = TraceReader(source, strict=strict)
     engine = Engine(rules)
-    update = engine.update
-    events = res.events
     n = 0
     try:
         for sample in reader:
             n += 1
-            if sample.events:
-                _follow_start_check(engine, sample.events)
-            ev = update(sample)
-            if ev:
-                events.extend(ev)
-            if sample.events:
-                _follow_actions(engine, sample.events)
+            _judge(engine, reader, sample, res.events)
     except TraceFormatError as exc:
         res.error = str(exc) if name is None else f"{label}:{exc.line}: " + \
             str(exc).split(": ", 2)[-1]
     except OSError as exc:
         res.error = f"{label}: cannot read: {exc.strerror or exc}"
+    except Exception as exc:  # noqa: BLE001 - one trace's failure is reported, not raised
+        res.error = (f"{label}:{reader.lineno}: the rules failed on this line "
+                     f"({type(exc).__name__}: {reprlib.repr(str(exc))[1:-1]})")
     res.samples = n
     res.skipped = reader.skipped
     res.bad_lines = list(reader.errors)
     return res
 
 
-def _follow_actions(engine: Engine, recorded: Iterable[object]) -> None:
-    """Apply the recorded rollbacks to the engine, as the live Watcher did.
+def _judge(engine: Engine, reader: TraceReader, sample: Sample, events: list[Firing]) -> None:
+    """Add one sample's events to ``events``, with the engine states its recorded events carry applied as the
+    live Watcher applied them: an adopted start check's before the step (the event rides on
+    the first step after the adoption, which the live engine judged with that state), a
+    rollback's (or skip's) after it. A rollback restores the detectors' state of the snapshot
+    it went back to; the Watcher writes that state into the event, so replay stays exactly
+    equal to live. The events are added before a rollback's state is, so that a strict replay
+    stopped by a corrupt state still reports what the step fired."""
+    if not sample.events:
+        events.extend(engine.update(sample))
+        return
+    _follow(engine, reader, sample.events, ("start_check",))
+    events.extend(engine.update(sample))
+    _follow(engine, reader, sample.events, ("rollback", "skip"))
 
-    A rollback (or skip) restores the detectors' state of the snapshot it went back to; the
-    Watcher writes that state into the event, so replay stays exactly equal to live.
+
+def _follow(engine: Engine, reader: TraceReader, recorded: Iterable[object],
+            types: tuple[str, ...]) -> None:
+    """Apply the ``engine_state`` of each recorded event of one of ``types``; one that cannot
+    be read is rejected (named ``events[i].engine_state``) and not applied."""
+    for i, ev in enumerate(recorded):
+        if isinstance(ev, dict) and ev.get("type") in types and "engine_state" in ev:
+            try:
+                adopt_state(engine, ev["engine_state"])
+            except ValueError as exc:
+                reader.reject(f"key 'events[{i}].engine_state': {exc}")
+
+
+def adopt_state(engine: Engine, state: Any) -> None:
+    """Load a recorded engine state into ``engine``, rule by rule.
+
+    Back-testing replays a trace with rules other than the live run's (``--rules``, another
+    pack): the state then holds rules the engine lacks and lacks rules it holds. Each rule of
+    the engine takes its saved state when the state has one for the same name and the same
+    detectors (metric for metric); any other rule goes on from where the replay had it, as if
+    the rollback had not touched it. The run's own position (last step and time, the latest
+    ``given`` values) is taken as saved.
+
+    Raises ``ValueError`` (the engine unchanged) for a state that is not one: not an object,
+    another version, a rule entry that is not an object with ``detectors``, or one that does
+    not load.
     """
-    for ev in recorded:
-        if isinstance(ev, dict) and ev.get("type") in ("rollback", "skip") and isinstance(
-                ev.get("engine_state"), dict):
-            engine.load_state_dict(ev["engine_state"])
+    if not isinstance(state, dict):
+        raise ValueError(f"expected an object, got {type(state).__name__}")
+    if state.get("version") != 1:
+        raise ValueError(f"unsupported engine state version {reprlib.repr(state.get('version'))}")
+    saved = state.get("rules")
+    if not isinstance(saved, dict):
+        raise ValueError("key 'rules': expected an object")
+    current = engine.state_dict()
+    merged = dict(current["rules"])
+    for rule, entry in saved.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("detectors"), dict):
+            raise ValueError(f"rule {reprlib.repr(rule)}: expected an object with 'detectors'")
+        mine = merged.get(rule)
+        if mine is not None and _same_detectors(mine["detectors"], entry["detectors"]):
+            merged[rule] = entry
+    position = {k: state[k] for k in ("last_step", "last_time", "given") if k in state}
+    for key, kinds in (("last_step", (int,)), ("last_time", (int, float))):
+        v = position.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, kinds)):
+            raise ValueError(f"key {key!r}: expected a number, got {reprlib.repr(v)}")
+    try:
+        engine.load_state_dict({**current, **position, "rules": merged})
+    except (LrwatchError, LookupError, TypeError, ValueError, AttributeError) as exc:
+        engine.load_state_dict(current)   # all or nothing: a half-loaded engine judges wrongly
+        raise ValueError(f"cannot be loaded: {reprlib.repr(str(exc))[1:-1]}") from None
 
 
-def _follow_start_check(engine: Engine, recorded: Iterable[object]) -> None:
-    """Apply an adopted start check to the engine, as the live Watcher did: the run goes on
-    from a shadow restarted at the start, and the detectors start afresh from the state the
-    event carries. The event rides on the first step after the adoption, which the live
-    engine judged with that state: so it is applied before that step, not after."""
-    for ev in recorded:
-        if isinstance(ev, dict) and ev.get("type") == "start_check" and isinstance(
-                ev.get("engine_state"), dict):
-            engine.load_state_dict(ev["engine_state"])
+def _same_detectors(mine: Mapping[str, Any], saved: Mapping[str, Any]) -> bool:
+    """Whether a saved rule state is for a rule like the engine's: the same metrics, each
+    with the same detector (the engine's own state tells which)."""
+    return set(mine) == set(saved) and all(
+        isinstance(saved[m], dict) and saved[m].get("detector") == mine[m].get("detector")
+        for m in mine)
 
 
 def expand_traces(paths: Iterable[str | os.PathLike[str]]) -> Iterator[str]:

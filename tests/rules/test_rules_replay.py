@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import subprocess
@@ -14,8 +15,9 @@ from click.testing import CliRunner
 
 from lrwatch.cli import cli
 from lrwatch.exporters.trace import TraceWriter, read_trace
-from lrwatch.rules import Engine, load_pack
-from lrwatch.rules.replay import replay_trace
+from lrwatch.rules import Engine, load_pack, load_rules
+from lrwatch.rules.replay import adopt_state, replay_trace
+from lrwatch.rules.schema import parse_rules
 from lrwatch.samples import Sample
 
 
@@ -218,3 +220,132 @@ def test_broken_inputs_are_errors_with_their_place_never_tracebacks(tmp_path):
     empty.mkdir()
     res = invoke(empty, "--fail-on", "info")
     assert res.exit_code == 2 and "no trace found" in res.output
+
+
+def _rollback_trace(path: Path, rules, state_rules=None) -> dict:
+    """A trace like the Watcher writes after a rollback: the rollback event at step 8 carries
+    the state that an engine over ``rules`` had at step 5. Returns that state."""
+    eng = Engine(rules)
+    lines, saved = [], None
+    for step in range(1, 11):
+        rec = {"step": step, "time": 1000.0 + step, "lr": 0.1, "loss": 2.0 - 0.01 * step}
+        if step == 8:
+            rec["loss"] = "nan"
+            rec["events"] = [{"type": "firing", "step": 8, "rule": "nonfinite"},
+                             {"type": "rollback", "step": 8, "to_step": 5, "engine_state": saved}]
+        eng.update(read_trace(io.StringIO(json.dumps(rec)))[0])
+        if step == 5:
+            saved = json.loads(json.dumps(eng.state_dict()))
+        lines.append(json.dumps(rec))
+    path.write_text("\n".join(lines) + "\n")
+    return saved
+
+
+def test_a_rollback_state_saved_under_other_rules_does_not_stop_the_replay(tmp_path):
+    """Back-testing other rules over a trace with a rollback: the state the live run saved
+    (the training pack's) used to be a ConfigError traceback (exit 1, the --fail-on code), and
+    with -j the whole batch died."""
+    t = tmp_path / "rb.jsonl"
+    _rollback_trace(t, load_pack("training"))
+    rules = tmp_path / "mine.yml"
+    rules.write_text("rules:\n  - {name: nan_loss, metric: loss, detector: nonfinite, "
+                     "severity: critical, actions: [rollback]}\n")
+    res = invoke("--json", "--rules", rules, t)
+    assert res.exit_code == 0, res.output
+    assert [json.loads(x)["rule"] for x in res.stdout.splitlines()] == ["nan_loss"]
+    assert invoke("--pack", "plateau_cut", t).exit_code == 0
+    copies = [t] + [tmp_path / f"c{i}.jsonl" for i in range(3)]
+    for c in copies[1:]:
+        c.write_text(t.read_text())
+    res = invoke("--json", "-j", "2", "--rules", rules, *copies)
+    assert res.exit_code == 0 and res.stdout.count('"nan_loss"') == 4
+
+
+def test_a_rollback_state_is_applied_to_the_rules_it_matches():
+    """A rule of the same name and detectors takes its saved state; the others go on."""
+    live = parse_rules("rules:\n"
+                       "  - {name: hi, metric: loss, detector: threshold, params: {above: 5}, "
+                       "for: 3, severity: info}\n"
+                       "  - {name: gone, metric: loss, detector: nonfinite, severity: info}\n")
+    back = parse_rules("rules:\n"
+                       "  - {name: hi, metric: loss, detector: threshold, params: {above: 5}, "
+                       "for: 3, severity: info}\n"
+                       "  - {name: new, metric: loss, detector: threshold, params: {above: 5}, "
+                       "for: 3, severity: info}\n"
+                       "  - {name: gone, metric: loss, detector: spike, severity: info}\n")
+    a, b = Engine(live), Engine(back)
+    for step in (1, 2):
+        a.update(Sample(step=step, values={"loss": 9.0}))
+    saved = json.loads(json.dumps(a.state_dict()))
+    assert saved["rules"]["hi"]["pending"] == 2
+    b.update(Sample(step=1, values={"loss": 1.0}))
+    for step in (2, 3):
+        b.update(Sample(step=step, values={"loss": 9.0}))
+    before = b.state_dict()
+    adopt_state(b, saved)
+    after = b.state_dict()
+    assert after["rules"]["hi"] == saved["rules"]["hi"]
+    assert after["rules"]["new"] == before["rules"]["new"]      # not in the saved state
+    assert after["rules"]["gone"] == before["rules"]["gone"]    # another detector then
+    assert after["last_step"] == 2
+
+
+def test_a_corrupt_rollback_state_is_a_malformed_line(tmp_path):
+    """Named FILE:LINE: key 'events[i].engine_state', counted, exit 2; skipped with
+    --lenient; and never half applied."""
+    t = tmp_path / "rb.jsonl"
+    _rollback_trace(t, load_pack("training"))
+    lines = t.read_text().splitlines()
+    rec = json.loads(lines[7])
+    rec["events"][1]["engine_state"] = {"version": 1, "rules": {"nonfinite": {}}}
+    lines[7] = json.dumps(rec)
+    t.write_text("\n".join(lines) + "\n")
+    res = invoke("--json", t)
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert (f"error: {t}:8: key 'events[1].engine_state': rule 'nonfinite': expected an "
+            f"object with 'detectors'") in res.stderr
+    assert [json.loads(x)["step"] for x in res.stdout.splitlines()] == [8]   # what it fired
+    res = invoke("--json", "--lenient", "--fail-on", "critical", t)
+    assert res.exit_code == 1 and "1 malformed line(s) skipped" in res.stderr
+    rec["events"][1]["engine_state"] = {"version": 2}
+    lines[7] = json.dumps(rec)
+    t.write_text("\n".join(lines) + "\n")
+    res = invoke(t)
+    assert res.exit_code == 2 and "unsupported engine state version 2" in res.stderr
+    eng = Engine(load_pack("training"))
+    eng.update(Sample(step=1, values={"loss": 2.0}))
+    before = eng.state_dict()
+    broken = json.loads(json.dumps(before))
+    # the first rule's counter changed, a later rule's detector state lacking its keys
+    stateful = [n for n in (r.name for r in eng.rules)
+                if any(len(d) > 1 for d in broken["rules"][n]["detectors"].values())]
+    broken["rules"][eng.rules[0].name]["pending"] = 7
+    for det in broken["rules"][stateful[-1]]["detectors"].values():
+        del det[next(k for k in det if k != "detector")]
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        adopt_state(eng, broken)
+    assert eng.state_dict() == before
+
+
+def test_an_exception_out_of_the_rules_ends_that_trace_with_an_error(tmp_path):
+    """A state that loads but breaks the rule on the next step (a counter that is not a
+    number): an error naming the line, exit 2, and the other traces of the batch replayed."""
+    rules = tmp_path / "r.yml"
+    rules.write_text("rules:\n  - {name: hi, metric: loss, detector: threshold, "
+                     "params: {above: 5}, for: 3, severity: info}\n")
+    t = tmp_path / "t.jsonl"
+    saved = _rollback_trace(t, load_rules(rules))
+    saved["rules"]["hi"]["pending"] = "x"
+    lines = t.read_text().splitlines()
+    rec = json.loads(lines[7])
+    rec["events"][1]["engine_state"] = saved
+    lines[7] = json.dumps(rec)
+    lines[8] = lines[8].replace('"loss": 1.91', '"loss": 9')
+    t.write_text("\n".join(lines) + "\n")
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text('{"step": 1, "loss": 9}\n{"step": 2, "loss": 9}\n{"step": 3, "loss": 9}\n')
+    for jobs in ("1", "2"):
+        res = invoke("--json", "-j", jobs, "--rules", rules, t, ok)
+        assert res.exit_code == 2 and "Traceback" not in res.output
+        assert f"error: {t}:9: the rules failed on this line (TypeError: " in res.stderr
+        assert '"trace": "' + str(ok) + '", "rule": "hi", "step": 3' in res.stdout

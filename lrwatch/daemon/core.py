@@ -98,6 +98,7 @@ class Daemon(WindowsMixin, EvaluationMixin, OutputsMixin, PublishingMixin):
         self.reference: Reference | None = None
         self.detector: DriftDetector | None = None
         self._ref_rows: list[dict[str, Any]] = []
+        self.reference_error: str | None = None  # why the last live rows made no reference
         self._profile: Profile | None = None  # the reference's arrays (before the detector)
         self._calibrating = False
         self._cal_done = threading.Event()  # set when the calibration has a result

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..errors import ConfigError
 from ..samples import Sample
 from .detector import DriftDetector, DriftResult
 from .baseline import ESTIMABLE, fit_estimator
@@ -62,6 +63,9 @@ class EvaluationMixin:
             ...
 
         def _new_window(self, index: int) -> Window:  # see WindowsMixin
+            ...
+
+        def _reference_failed(self, exc: ConfigError) -> None:  # see WindowsMixin
             ...
 
         def _export(self, n: int, res: DriftResult, values: Any) -> None:  # see PublishingMixin
@@ -122,6 +126,9 @@ class EvaluationMixin:
             try:
                 self._fit_estimator(rows, ref)
                 self._set_reference(ref, save=True)
+            except ConfigError as exc:  # these rows make no reference: never a failed start
+                self._ref_rows = rows
+                self._reference_failed(exc)
             except Exception:
                 self._ref_rows = rows
                 raise
@@ -163,6 +170,12 @@ class EvaluationMixin:
         ref = self.reference
         waiting, self._waiting = self._waiting, []
         try:
+            if isinstance(result, ConfigError):  # the same rows would fail again
+                self.reference = None
+                self._profile = None
+                self._ref_rows = self._cal_rows
+                self._reference_failed(result)
+                return
             if isinstance(result, BaseException) or ref is None:
                 self.metrics.internal_errors.inc()
                 _log.error("calibrating the live reference failed: %s", result)

@@ -101,9 +101,11 @@ class PublishingMixin:
         return {
             "reference": None if self.reference is None else {
                 "records": self.reference.records, "features": self.reference.names,
-                "prediction_type": self.reference.prediction_type},
+                "prediction_type": self.reference.prediction_type,
+                "notes": list(self.reference.notes)},
             "collecting_reference": None if self.reference is not None else {
-                "have": len(self._ref_rows), "need": self.config.live_records},
+                "have": len(self._ref_rows), "need": self.config.live_records,
+                "error": getattr(self, "reference_error", None)},
             "calibrating": self._calibrating,
             "counters": self.counters,
             "window": {"index": self.window.index, "records": len(self.window)},

@@ -315,6 +315,15 @@ def profile_records(records: Iterable[Mapping[str, Any]], *,
         if v not in ("numeric", "categorical", "binary"):
             raise ConfigError(f"kind {v!r} for {k!r} is invalid; choose numeric, categorical "
                               f"or binary")
+    # a numeric feature needs two values for its quantiles and spread: one seen once (a rare
+    # key) is left out like an empty one, not a reason to refuse the whole reference
+    sparse = [n for n, vals in cols.items()
+              if n not in kinds and _infer_kind(vals) == "numeric" and _finite_count(vals) < 2]
+    for n in sparse:
+        del cols[n]
+    if not cols:
+        raise ConfigError(f"no feature has 2 numeric values or any other value in the "
+                          f"{len(rows)} reference records")
     feats = [_profile(n, vals, kinds.get(n)) for n, vals in cols.items()]
     raw = [unwrap_prediction(r.get("prediction")) for r in rows]
     preds = [_prediction_value(p) for p in raw]
@@ -334,7 +343,14 @@ def profile_records(records: Iterable[Mapping[str, Any]], *,
     if empty:
         ref.notes.append(f"left out: {', '.join(map(repr, empty))} (null or NaN in all "
                          f"{len(rows)} reference records; nothing to compare a window with)")
+    if sparse:
+        ref.notes.append(f"left out: {', '.join(map(repr, sparse))} (a number in fewer than 2 "
+                         f"of the {len(rows)} reference records; a numeric profile needs 2)")
     return ref
+
+
+def _finite_count(values: Sequence[Any]) -> int:
+    return sum(1 for v in values if type(v) is int or (type(v) is float and math.isfinite(v)))
 
 
 def _jsonable(v: Any) -> Any:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
+from ..errors import ConfigError
 from .baseline import build_reference
 from .coverage import LabelCoverage
 from .labels import PendingLabels, is_classification, score
@@ -43,6 +44,7 @@ class WindowsMixin:
     _profile: Profile | None
     _ref_rows: list[dict[str, Any]]
     coverage: LabelCoverage
+    reference_error: str | None
 
     if TYPE_CHECKING:  # provided by the other parts of Daemon
         def _close_window(self, now: float) -> None:  # see EvaluationMixin
@@ -174,10 +176,27 @@ class WindowsMixin:
         if len(self._ref_rows) >= self.config.live_records:
             _log.info("building the reference from the first %d records", len(self._ref_rows))
             # calibration and the estimator's fit happen off the worker (_start_calibration)
-            ref = build_reference(self._ref_rows, calibrate=False, estimate=False)
+            try:
+                ref = build_reference(self._ref_rows, calibrate=False, estimate=False)
+            except ConfigError as exc:
+                self._reference_failed(exc)
+                return
+            for note in ref.notes:
+                _log.warning("live reference: %s", note)
             self._start_calibration(ref)
             if len(b) > need:
                 self._windowize(b.slice(need, len(b)), t_arrival)
+
+    def _reference_failed(self, exc: ConfigError) -> None:
+        """These rows make no reference (every feature empty, say): building it again from
+        the same rows would fail the same way on every batch, so the next ``live_records``
+        records are collected instead. The records stay counted; the reason is in the log,
+        ``lrwatch_internal_errors_total`` and ``/v1/status`` (``collecting_reference``)."""
+        self.metrics.internal_errors.inc()
+        self.reference_error = f"the first {len(self._ref_rows)} records make no reference " \
+                               f"({exc}); collecting the next {self.config.live_records}"
+        _log.error("%s", self.reference_error)
+        self._ref_rows = []
 
     def _add_labels(self, recs: list[dict[str, Any]], t_arrival: float) -> None:
         if not recs:

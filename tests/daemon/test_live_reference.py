@@ -1,0 +1,96 @@
+"""A reference built from the first live records: rows that are odd (a key seen once, every
+feature empty) must never stop the daemon from getting a reference, nor from starting."""
+
+from __future__ import annotations
+
+import random
+
+from daemon_helpers import make_record
+from lrwatch.daemon import Daemon, DaemonConfig, build_reference
+from lrwatch.daemon.records import dumps
+
+
+def _body(recs):
+    return "\n".join(dumps(r) for r in recs).encode()
+
+
+def _live(tmp_path=None, **kw):
+    kw.setdefault("live_records", 200)
+    return Daemon(DaemonConfig(window_size=100, port=0, log_alerts=False, calibration_sims=200,
+                               state_dir=str(tmp_path) if tmp_path else None, **kw))
+
+
+def _records(n, rare_at=5, seed=1):
+    rng = random.Random(seed)
+    recs = [make_record(rng, i) for i in range(n)]
+    recs[rare_at]["features"]["rare"] = 3.7  # a numeric key in one record only
+    return recs
+
+
+def test_a_numeric_feature_seen_once_is_left_out_with_a_note():
+    ref = build_reference(_records(200), calibrate=False)
+    assert "rare" not in ref.names and {"x", "y", "c"} <= set(ref.names)
+    assert any("'rare'" in n and "fewer than 2" in n for n in ref.notes)
+
+
+def test_a_rare_feature_among_the_live_records_does_not_stall_the_worker():
+    d = _live()
+    d.start()
+    try:
+        recs = _records(1000)
+        for k in range(0, 1000, 100):
+            d.submit("predictions", _body(recs[k:k + 100]))
+        assert d.drain(timeout=120)
+        s = d.status()
+        assert s["reference"] is not None and "rare" not in s["reference"]["features"]
+        assert any("'rare'" in n for n in s["reference"]["notes"])
+        assert d.counters["windows"] == 8  # 800 records after the reference's 200
+        assert d.registry.get_sample_value("lrwatch_internal_errors_total") == 0
+    finally:
+        d.stop(timeout=5)
+
+
+def test_a_restart_with_the_rare_feature_in_the_journal_starts(tmp_path):
+    recs = _records(400)
+    d = _live(tmp_path)
+    d.start()
+    try:
+        d.submit("predictions", _body(recs[:150]))  # still collecting: replayed at restart
+        assert d.drain(timeout=60)
+    finally:
+        d.stop(timeout=5)
+    d = _live(tmp_path)  # before the fix: the replayed build raised here
+    d.start()
+    try:
+        d.submit("predictions", _body(recs[150:]))
+        assert d.drain(timeout=120)
+        assert d.reference is not None and d.counters["predictions"] == 400
+        assert d.counters["windows"] == 2
+    finally:
+        d.stop(timeout=5)
+
+
+def test_rows_that_make_no_reference_are_replaced_by_the_next_ones(tmp_path):
+    rng = random.Random(2)
+    empty = [{"features": {"x": None}, "prediction": 0.5} for _ in range(50)]
+    good = [make_record(rng, i) for i in range(250)]
+    d = _live(tmp_path, live_records=50)
+    d.start()
+    try:
+        d.submit("predictions", _body(empty))
+        assert d.drain(timeout=60)
+        s = d.status()
+        assert s["reference"] is None and "make no reference" in \
+            s["collecting_reference"]["error"]
+        assert s["collecting_reference"]["have"] == 0
+        d.submit("predictions", _body(good))
+        assert d.drain(timeout=120)
+        assert d.reference is not None and d.reference.records == 50
+        assert d.counters["predictions"] == 300 and d.counters["windows"] == 2
+    finally:
+        d.stop(timeout=5)
+    d = _live(tmp_path, live_records=50)  # the same outcome on replay, and it starts
+    try:
+        assert d.reference is not None and d.counters["predictions"] == 300
+    finally:
+        d.stop(timeout=5)

@@ -117,6 +117,15 @@ def parse_record(rec: Any) -> Sample:
     return Sample(step=step, time=time_, values=values, lr_groups=lr_groups, events=events)
 
 
+def _check_utf8(line: str) -> None:
+    """Raise ``ValueError`` for a line read with ``surrogateescape`` that held bytes that are
+    not UTF-8 (they come back as lone surrogates, which do not encode)."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("not valid UTF-8") from None
+
+
 @dataclass
 class TraceReader:
     """Reads a trace, validating every line.
@@ -142,7 +151,9 @@ class TraceReader:
     def __iter__(self) -> Iterator[Sample]:
         if isinstance(self.source, (str, os.PathLike)):
             name = str(self.source)
-            with open(self.source, "r", encoding="utf-8", errors="replace") as fh:
+            # surrogateescape, not "replace": a byte that is not UTF-8 must make its line bad,
+            # not turn a key "loss" into another metric whose NaN nobody judges (_iter checks)
+            with open(self.source, "r", encoding="utf-8", errors="surrogateescape") as fh:
                 yield from self._iter(fh, name)
         else:
             yield from self._iter(self.source, getattr(self.source, "name", "<stream>"))
@@ -170,6 +181,8 @@ class TraceReader:
                 continue
             self.lines += 1
             try:
+                if not line.isascii():
+                    _check_utf8(line)
                 sample = parse_record(json.loads(line))
                 if last_step is not None and sample.step <= last_step:
                     raise ValueError(f"key 'step': {sample.step} does not increase "

@@ -84,3 +84,17 @@ def test_lenient_reader_skips_and_counts_bad_lines_without_losing_good_ones() ->
 def test_encode_keeps_unknown_metric_names() -> None:
     rec = encode_sample(Sample(step=7, values={"my_metric": 3.0, "lr": 0.2}))
     assert rec == {"step": 7, "lr": 0.2, "my_metric": 3.0}
+
+
+def test_a_line_that_is_not_utf8_is_malformed_not_decoded_into_another_key(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A stray byte in a key used to be decoded as U+FFFD: "lo\\xffss" became a metric of its
+    own and the NaN in it was never judged as the loss. UTF-8 that is valid stays readable."""
+    path = tmp_path / "run.jsonl"
+    path.write_bytes(b'{"step": 1, "loss": 1.0}\n{"step": 2, "lo\xffss": "nan"}\n'
+                     + '{"step": 3, "lo\u00dfs": 2.0}\n'.encode("utf-8"))
+    with pytest.raises(TraceFormatError) as info:
+        read_trace(path)
+    assert str(info.value) == f"{path}:2: not valid UTF-8"
+    reader = TraceReader(path, strict=False)
+    assert [s.values for s in reader] == [{"loss": 1.0}, {"lo\u00dfs": 2.0}]
+    assert reader.skipped == 1 and reader.errors == [f"{path}:2: not valid UTF-8"]

@@ -349,3 +349,14 @@ def test_an_exception_out_of_the_rules_ends_that_trace_with_an_error(tmp_path):
         assert res.exit_code == 2 and "Traceback" not in res.output
         assert f"error: {t}:9: the rules failed on this line (TypeError: " in res.stderr
         assert '"trace": "' + str(ok) + '", "rule": "hi", "step": 3' in res.stdout
+
+
+def test_a_trace_line_that_is_not_utf8_fails_the_replay(tmp_path):
+    """It used to replay as a clean run (exit 0 with --fail-on critical): the NaN loss on that
+    line was read under a mangled key."""
+    t = tmp_path / "t.jsonl"
+    t.write_bytes(b'{"step":1,"loss":1.0}\n{"step":2,"lo\xffss":"nan"}\n{"step":3,"loss":1.0}\n')
+    res = invoke("--fail-on", "critical", t)
+    assert res.exit_code == 2 and f"error: {t}:2: not valid UTF-8" in res.stderr
+    res = invoke("--lenient", t)
+    assert res.exit_code == 0 and "1 malformed line(s) skipped" in res.stdout

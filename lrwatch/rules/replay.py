@@ -56,7 +56,8 @@ def replay_trace(source: str | os.PathLike[str] | IO[str], rules: RuleSet | Iter
     """Replay one trace with a fresh :class:`Engine` over ``rules``.
 
     Malformed lines raise nothing: with ``strict`` the replay stops at the first one and
-    ``error`` names file and line; otherwise they are skipped and counted. An engine state in
+    ``error`` names file and line; otherwise they are skipped and counted. A trace without a
+    single sample (empty, blank, or every line skipped) is an error too. An engine state in
     the recorded events that cannot be read counts as a malformed line. Nothing else raises
     either: an exception out of the engine (a bug, or a detector that cannot cope with a
     value) ends that trace with ``error`` set, so one trace never takes a batch down.
@@ -82,6 +83,9 @@ def replay_trace(source: str | os.PathLike[str] | IO[str], rules: RuleSet | Iter
     res.samples = n
     res.skipped = reader.skipped
     res.bad_lines = list(reader.errors)
+    if res.error is None and n == 0:   # a CI job must not pass on a trace that holds nothing
+        res.error = f"{label}: no samples in the trace" + (
+            f" ({res.skipped} malformed line(s) skipped)" if res.skipped else "")
     return res
 
 

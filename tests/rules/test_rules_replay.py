@@ -360,3 +360,21 @@ def test_a_trace_line_that_is_not_utf8_fails_the_replay(tmp_path):
     assert res.exit_code == 2 and f"error: {t}:2: not valid UTF-8" in res.stderr
     res = invoke("--lenient", t)
     assert res.exit_code == 0 and "1 malformed line(s) skipped" in res.stdout
+
+
+def test_a_trace_without_samples_is_an_error(tmp_path):
+    """An empty or blank trace (a run that died before its first flush) used to replay as
+    "0 samples", exit 0 even with --fail-on info, while ``lrwatch report`` rejected it."""
+    empty, blank, junk = tmp_path / "empty.jsonl", tmp_path / "blank.jsonl", tmp_path / "j.jsonl"
+    empty.write_bytes(b"")
+    blank.write_text("\n  \n")
+    junk.write_text("garbage\n")
+    res = invoke("--fail-on", "info", empty, blank)
+    assert res.exit_code == 2
+    assert f"error: {empty}: no samples in the trace" in res.stderr
+    assert f"error: {blank}: no samples in the trace" in res.stderr
+    assert "2 trace(s) with errors" in res.stdout
+    res = invoke("--lenient", junk)
+    assert res.exit_code == 2
+    assert f"error: {junk}: no samples in the trace (1 malformed line(s) skipped)" in res.stderr
+    assert replay_trace(io.StringIO(""), load_pack("training")).error is not None

@@ -61,6 +61,8 @@ _RULE_KEYS = ("name", "metric", "metrics", "detector", "params", "given", "when"
               "cooldown", "hysteresis", "severity", "actions", "labels", "annotations", "enabled")
 _TOP_KEYS = ("version", "rules")
 _LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+#: Label names every alert of a rule sets itself (lrwatch.actions.alerts.Alert.for_rule).
+RESERVED_LABELS = ("alertname", "severity", "rule")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]*$")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -414,6 +416,13 @@ def _str_map(node: yaml.Node, ctor: Any, full: str, errs: _Errors,
     for key, knode, vnode in _items(node, ctor, full, errs):
         if label_names and (not _LABEL_RE.match(key) or key.startswith("__")):
             errs.add(knode, f"{full}.{key}", "not a valid Prometheus label name")
+            continue
+        if label_names and key in RESERVED_LABELS:
+            # every alert sets these itself: an alertname of its own makes the alert unbuildable
+            # (lost), a severity of its own one outside critical|warning|info
+            errs.add(knode, f"{full}.{key}", f"reserved: every alert sets {key!r} itself "
+                     f"(from the rule's {'name' if key != 'severity' else 'severity'}); "
+                     "rename the label")
             continue
         v = _plain(vnode, ctor)
         if isinstance(v, (int, float)) and not isinstance(v, bool):

@@ -234,6 +234,26 @@ def test_bad_template_and_labels(tmp_path):
     assert errs[2].startswith("9: key 'rules[0].annotations.description': bad template:")
 
 
+def test_labels_every_alert_sets_itself_are_reserved(tmp_path):
+    """A rule label ``alertname`` made every alert of the rule fail to build (lost), a
+    ``severity`` one gave alerts a severity outside critical|warning|info; both passed
+    ``rules check``."""
+    errs = errors_of(tmp_path, rule("""\
+        metric: loss
+        detector: nonfinite
+        severity: critical
+        actions: [alert]
+        labels: {alertname: NanLoss, severity: page, rule: other, team: ml}
+    """))
+    assert errs == [
+        "7: key 'rules[0].labels.alertname': reserved: every alert sets 'alertname' itself "
+        "(from the rule's name); rename the label",
+        "7: key 'rules[0].labels.severity': reserved: every alert sets 'severity' itself "
+        "(from the rule's severity); rename the label",
+        "7: key 'rules[0].labels.rule': reserved: every alert sets 'rule' itself "
+        "(from the rule's name); rename the label"]
+
+
 def test_structure_errors(tmp_path):
     assert errors_of(tmp_path, "") == [
         "1: key 'rules': the file is empty; expected a mapping with a 'rules' list"]

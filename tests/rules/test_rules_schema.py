@@ -254,6 +254,40 @@ def test_labels_every_alert_sets_itself_are_reserved(tmp_path):
         "(from the rule's name); rename the label"]
 
 
+def test_an_alias_bomb_is_refused_and_long_values_are_shortened(tmp_path):
+    """385 bytes of nested aliases (9**8 strings) made ``rules check`` take 1 GB and print
+    226 MB: the expansion is bounded and named by line, values in messages are cut short,
+    and aliases a file really uses (a merge key) still work."""
+    lines = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    for prev, name in zip("abcdefg", "bcdefgh"):
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    bomb = tmp_path / "bomb.yml"
+    bomb.write_text("\n".join(lines) + "\nrules:\n  - {name: q, metric: loss, detector: "
+                    "threshold, params: {above: *h}, severity: warning}\n")
+    res = CliRunner().invoke(cli, ["rules", "check", str(bomb)])
+    assert res.exit_code == 1 and len(res.output) < 500, res.output[:500]
+    assert (f"{bomb}:6: invalid YAML: aliases expand the file past 100000 values; "
+            "write it out or use fewer") in res.output
+    errs = errors_of(tmp_path, "a: &a [1, *a]\nrules: []\n")
+    assert errs == ["1: invalid YAML: an alias refers to a node that holds it"]
+    many = "[" + ", ".join(["1"] * 5000) + "]"
+    errs = errors_of(tmp_path, rule(f"""\
+        metric: loss
+        detector: threshold
+        params: {{above: {many}}}
+        severity: {"x" * 5000}
+    """))
+    assert len(errs) == 2 and all(len(e) < 300 for e in errs), errs
+    assert errs[0].startswith("5: key 'rules[0].params.above': parameter 'above' must be a "
+                              "number or null, got [1, 1, 1, 1, 1, 1, 1, 1, ...]")
+    shared = parse_rules("rules:\n"
+                         "  - {name: a, metric: loss, detector: threshold, params: &p {above: 5}, "
+                         "severity: info}\n"
+                         "  - {name: b, metric: x, detector: threshold, params: *p, "
+                         "severity: info}\n")
+    assert [dict(r.params) for r in shared] == [{"above": 5}, {"above": 5}]
+
+
 def test_structure_errors(tmp_path):
     assert errors_of(tmp_path, "") == [
         "1: key 'rules': the file is empty; expected a mapping with a 'rules' list"]

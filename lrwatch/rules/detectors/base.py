@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
@@ -17,13 +18,30 @@ from typing import Any, ClassVar, Mapping
 from ...errors import ConfigError
 from ...samples import decode_number, encode_number
 
-__all__ = ["Detector", "Param", "DIRECTIONS"]
+__all__ = ["Detector", "Param", "DIRECTIONS", "short"]
 
 DIRECTIONS = ("up", "down", "both")
 
 #: A number in exponent notation that YAML 1.1 (PyYAML) reads as text: ``1e-5`` (no dot),
 #: ``1.0e5`` (no sign in the exponent).
 _YAML_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 120
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 8
+_SHORT.maxlevel = 3
+
+
+def short(value: Any) -> str:
+    """``repr(value)`` cut to a readable length, for error messages that echo what a rule file
+    holds: a value of a million items (a YAML alias bomb, a pasted array) must not become a
+    message of a million items.
+
+    >>> short("x" * 1000)[:10], len(short("x" * 1000)), short([[1, 2]] * 100)
+    ("'xxxxxxxxx", 120, '[[1, 2], [1, 2], [1, 2], [1, 2], [1, 2], [1, 2], [1, 2], [1, 2], ...]')
+    """
+    return _SHORT.repr(value)
 
 
 @dataclass(frozen=True)
@@ -50,7 +68,7 @@ class Param:
             raise ConfigError(f"parameter {name!r} must be set ({self.describe()})")
         if self.kind is bool:
             if not isinstance(value, bool):
-                raise ConfigError(f"parameter {name!r} must be true or false, got {value!r}")
+                raise ConfigError(f"parameter {name!r} must be true or false, got {short(value)}")
             return value
         if self.kind is float and isinstance(value, str) and _YAML_FLOAT.fullmatch(value.strip()):
             # YAML 1.1 (PyYAML) reads 1e-5 as text: it needs a dot (1.0e-5) to be a number
@@ -58,18 +76,18 @@ class Param:
         if self.kind in (int, float):
             ok = isinstance(value, int) if self.kind is int else isinstance(value, (int, float))
             if isinstance(value, bool) or not ok:
-                raise ConfigError(f"parameter {name!r} must be {self.describe()}, got {value!r}")
+                raise ConfigError(f"parameter {name!r} must be {self.describe()}, got {short(value)}")
             value = self.kind(value)
             if not math.isfinite(value):
-                raise ConfigError(f"parameter {name!r} must be finite, got {value!r}")
+                raise ConfigError(f"parameter {name!r} must be finite, got {short(value)}")
             lo_bad = self.min is not None and (value <= self.min if self.min_open else value < self.min)
             if lo_bad or (self.max is not None and value > self.max):
-                raise ConfigError(f"parameter {name!r} must be {self.describe()}, got {value!r}")
+                raise ConfigError(f"parameter {name!r} must be {self.describe()}, got {short(value)}")
             return value
         if not isinstance(value, str):
-            raise ConfigError(f"parameter {name!r} must be a string, got {value!r}")
+            raise ConfigError(f"parameter {name!r} must be a string, got {short(value)}")
         if self.choices is not None and value not in self.choices:
-            raise ConfigError(f"parameter {name!r}: {value!r} is not valid "
+            raise ConfigError(f"parameter {name!r}: {short(value)} is not valid "
                               f"(valid choices: {', '.join(map(str, self.choices))})")
         return value
 

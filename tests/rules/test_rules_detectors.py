@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import io
 import json
 import math
 import random
@@ -17,6 +18,8 @@ from lrwatch.rules.detectors import (DETECTORS, Baseline, Cusum, EmaRatio, NonFi
 from lrwatch.rules.detectors.base import sorted_median as _median
 from lrwatch.rules.detectors.spike import _mad
 from lrwatch.rules.detectors.trend import t_quantile
+from lrwatch.rules.replay import replay_trace
+from lrwatch.rules.schema import parse_rules
 
 NAN, INF = math.nan, math.inf
 
@@ -175,6 +178,25 @@ def test_cusum_diff_scale_is_the_jitter():
     for i in range(400):
         det.update(0.01 * i + rng.gauss(0.0, 2.0))  # a trend of 4 sds over the stream
     assert math.sqrt(det.state_dict()["var"]) == pytest.approx(2.0, rel=0.15)
+
+
+def test_cusum_diff_scale_survives_a_step_past_the_float_range():
+    """(y - prev) ** 2 of a jump of 2e200 raised OverflowError: a traceback in replay, and live
+    an internal error with the rule not judging the sample. Such a step goes unjudged (as a
+    non-finite value does), the reference stays finite, and a run that stays at the new level
+    is judged from its next value."""
+    for restart in (True, False):
+        det = Cusum(warmup=5, scale="diff", restart=restart)
+        out = [det.update(x) for x in [1.0, 2.0] * 10]
+        out += [det.update(x) for x in (1e200, -1e200, -1e200, 1e300)]
+        assert out[-4:-2] == [None, None] and out[-2] is True and out[-1] is None
+        assert all(math.isfinite(v) for v in (det.mean, det.state_dict()["var"]))
+    rules = parse_rules("rules: [{name: shift, metric: x, detector: cusum, params: "
+                        "{scale: diff, warmup: 5}, severity: warning}]")
+    trace = "".join(json.dumps({"step": i, "x": x}) + "\n"
+                    for i, x in enumerate([1.0, 2.0] * 10 + [1e200, -1e200, -1e200], 1))
+    res = replay_trace(io.StringIO(trace), rules)
+    assert res.error is None and [(e.rule, e.step) for e in res.firings] == [("shift", 23)]
 
 
 def test_cusum_without_restart_stays_anomalous_while_the_shift_lasts():

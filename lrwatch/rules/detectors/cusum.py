@@ -137,11 +137,19 @@ class Cusum(Detector):
 
     def _update_diff(self, y: float) -> bool | None:
         prev, self._prev = self._prev, y
+        if prev is not None:
+            d = y - prev
+            half_sq = 0.5 * d * d   # a product: past the float range inf, not OverflowError
+            if not math.isfinite(half_sq):
+                # A step past the square root of the float range (|d| > ~1e154) says nothing
+                # about the run's noise and would make the reference infinite for good: the
+                # value goes unjudged, as a non-finite one does, and the next step is measured
+                # from it, so a run that stays at the new level is judged from its next value.
+                return None
         self._n += 1
         if prev is None:  # the first value: nothing to difference yet
             self._mean = y
             return None
-        half_sq = 0.5 * (y - prev) ** 2
         if self._n <= self.warmup:  # running means of the values and of the half squares
             self._mean += (y - self._mean) / self._n
             self._var += (half_sq - self._var) / (self._n - 1)

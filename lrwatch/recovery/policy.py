@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..errors import ConfigError
+from ..rules.detectors.base import exponent_number, short
 from .start_check import StartVerdict, compare
 
 __all__ = ["RecoveryConfig", "RecoveryPolicy", "PolicyState", "Plan", "Progress",
@@ -94,12 +95,15 @@ def restart_warmup_for(param_groups: Iterable[Mapping[str, Any]]) -> int:
 
 
 def _rate_factor(value: Any) -> str | None:
+    # 5e-1 as written: YAML 1.1 reads it as text, as it does for detector parameters (the
+    # consumer takes float() of it)
+    value = exponent_number(value)
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1
-    return None if ok else f"must be a number > 0 and < 1, got {value!r}"
+    return None if ok else f"must be a number > 0 and < 1, got {short(value)}"
 
 
 def _flag(value: Any) -> str | None:
-    return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+    return None if isinstance(value, bool) else f"must be true or false, got {short(value)}"
 
 
 #: The parameters an action takes in a rule file: allowed values, or a check that returns a
@@ -544,9 +548,13 @@ def check_action_params(rules: Iterable[Any]) -> None:
     for r in rules:
         for action, params in getattr(r, "action_params", {}).items():
             spec = _ACTION_PARAMS.get(action)
-            if spec is None:
-                continue
             where = f"{r.source}: rule {r.name!r}: {action}"
+            if spec is None:   # {rollback: {lr_factor: 0.1}} would be ignored without a word
+                if params:
+                    problems.append(f"{where}: takes no parameters, got "
+                                    f"{', '.join(map(short, params))} (write it as a bare "
+                                    f"name: {action})")
+                continue
             for key, value in params.items():
                 problem = _param_problem(spec, key, value)
                 if problem:

@@ -506,6 +506,33 @@ def test_a_stall_marked_unscheduled_cuts_only_a_run_without_a_scheduler() -> Non
         RecoveryConfig(cut_unscheduled="yes")  # type: ignore[arg-type]
 
 
+def test_action_parameters_nobody_reads_are_rejected_and_exponents_are_numbers() -> None:
+    """``{rollback: {lr_factor: 0.1}}`` and ``{alert: {receiver: pager}}`` used to pass and be
+    ignored without a word; ``{reduce_lr: {factor: 5e-1}}`` (text to YAML 1.1) was refused
+    although detector parameters take exponents as written."""
+    from lrwatch.errors import ConfigError
+    from lrwatch.recovery.policy import check_action_params
+    rule = SimpleNamespace(name="r", source="f.yml:3", action_params={
+        "rollback": {"lr_factor": 0.1}, "alert": {"receiver": "pager"}, "skip": {}})
+    with pytest.raises(ConfigError) as info:
+        check_action_params([rule])
+    assert str(info.value).splitlines() == [
+        "f.yml:3: rule 'r': rollback: takes no parameters, got 'lr_factor' (write it as a bare "
+        "name: rollback)",
+        "f.yml:3: rule 'r': alert: takes no parameters, got 'receiver' (write it as a bare "
+        "name: alert)"]
+    params = {"r": {"reduce_lr": {"factor": "5e-1"}}}
+    check_action_params([SimpleNamespace(name="r", source="f.yml:3",
+                                         action_params=params["r"])])
+    pol = RecoveryPolicy(RecoveryConfig(), action_params=params)
+    (p,) = control(pol.plan([fire("r", 5, ("reduce_lr",), "info")], Progress(5, snaps())))
+    assert p.lr_factor == 0.5 and pol.lr_scale == 0.5
+    bad = SimpleNamespace(name="r", source="f.yml:3",
+                          action_params={"reduce_lr": {"factor": "5e1"}})
+    with pytest.raises(ConfigError, match="factor: must be a number > 0 and < 1, got 50.0"):
+        check_action_params([bad])
+
+
 def test_reduce_lr_takes_its_factor_from_the_rule_and_checks_it() -> None:
     from lrwatch.errors import ConfigError
     from lrwatch.recovery.policy import check_action_params

@@ -394,6 +394,16 @@ def test_rules_check_cli(tmp_path):
                            "actions: [{reduce_lr: {factor: 2}}]\n"))
     res = CliRunner().invoke(cli, ["rules", "check", str(params)])
     assert res.exit_code == 1 and "reduce_lr: factor: must be a number > 0 and < 1, got 2" in res.stdout
+    # parameters on an action that takes none were ignored without a word; 5e-1 was refused
+    params.write_text(rule("metric: loss\ndetector: nonfinite\nseverity: critical\n"
+                           "actions: [{rollback: {lr_factor: 0.1}}]\n"))
+    exp = tmp_path / "exp.yml"
+    exp.write_text(rule("metric: loss\ndetector: nonfinite\nseverity: info\n"
+                        "actions: [{reduce_lr: {factor: 5e-1}}]\n"))
+    res = CliRunner().invoke(cli, ["rules", "check", str(params), str(exp)])
+    assert res.exit_code == 1 and f"{exp}: ok (1 rule)" in res.stdout
+    assert (f"{params}:2: rule 'r': rollback: takes no parameters, got 'lr_factor'"
+            in res.stdout)
 
 
 def test_rules_show_and_detectors_cli():

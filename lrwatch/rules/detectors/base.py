@@ -18,13 +18,26 @@ from typing import Any, ClassVar, Mapping
 from ...errors import ConfigError
 from ...samples import decode_number, encode_number
 
-__all__ = ["Detector", "Param", "DIRECTIONS", "short"]
+__all__ = ["Detector", "Param", "DIRECTIONS", "short", "exponent_number"]
 
 DIRECTIONS = ("up", "down", "both")
 
 #: A number in exponent notation that YAML 1.1 (PyYAML) reads as text: ``1e-5`` (no dot),
 #: ``1.0e5`` (no sign in the exponent).
 _YAML_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def exponent_number(value: Any) -> Any:
+    """``value`` as a float if it is a number in exponent notation that YAML 1.1 read as text
+    (``"1e-5"``, ``"5e-1"``), else ``value`` unchanged: rule files take such numbers as written,
+    in detector and in action parameters alike.
+
+    >>> exponent_number("5e-1"), exponent_number("best"), exponent_number(2)
+    (0.5, 'best', 2)
+    """
+    if isinstance(value, str) and _YAML_FLOAT.fullmatch(value.strip()):
+        return float(value)
+    return value
 
 
 _SHORT = reprlib.Repr()
@@ -70,9 +83,9 @@ class Param:
             if not isinstance(value, bool):
                 raise ConfigError(f"parameter {name!r} must be true or false, got {short(value)}")
             return value
-        if self.kind is float and isinstance(value, str) and _YAML_FLOAT.fullmatch(value.strip()):
+        if self.kind is float:
             # YAML 1.1 (PyYAML) reads 1e-5 as text: it needs a dot (1.0e-5) to be a number
-            value = float(value)
+            value = exponent_number(value)
         if self.kind in (int, float):
             ok = isinstance(value, int) if self.kind is int else isinstance(value, (int, float))
             if isinstance(value, bool) or not ok:

@@ -95,7 +95,8 @@ _SECTIONS: dict[str, _Spec] = {
                                            "keep_alive_timeout")},
              "tls_certfile": ("tls_certfile", "path?"), "tls_keyfile": ("tls_keyfile", "path?")},
     "reference": {"path": ("reference", "path"), "live_records": ("live_records", "integer")},
-    "window": {"size": ("window_size", "integer"), "seconds": ("window_seconds", "number")},
+    "window": {"size": ("window_size", "integer"), "seconds": ("window_seconds", "number"),
+               "max_records": ("window_max_records", "integer")},
     "drift": {**{k: (k, "number") for k in ("target_windows", "min_effect",
                                             "min_effect_categorical", "min_missing_delta",
                                             "seq_min_effect")},
@@ -171,6 +172,7 @@ class DaemonConfig:
     live_records: int = 5000
     window_size: int = 1000
     window_seconds: float | None = None
+    window_max_records: int = 100_000  # a time window closes early at this many records
     target_windows: float = 1000.0
     min_effect: float = 0.05
     min_effect_categorical: float = 0.02
@@ -203,7 +205,7 @@ class DaemonConfig:
         for name in ("max_body_bytes", "max_queue_records", "max_pending_labels",
                      "window_size", "live_records", "max_line_bytes", "max_string_chars",
                      "max_features", "max_connections", "backlog",
-                     "estimation_min_window_labels"):
+                     "estimation_min_window_labels", "window_max_records"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
@@ -214,8 +216,10 @@ class DaemonConfig:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {v!r}")
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise ConfigError("TLS needs both tls_certfile and tls_keyfile")
-        if self.window_seconds is not None and not self.window_seconds > 0:
-            raise ConfigError(f"window seconds must be > 0, got {self.window_seconds!r}")
+        if self.window_seconds is not None and not self.window_seconds >= 0.001:
+            # shorter, and a window's end could round to its start at today's unix times
+            raise ConfigError(f"window seconds must be at least 0.001, got "
+                              f"{self.window_seconds!r}")
         if not self.target_windows > 1:
             raise ConfigError(f"target_windows must be > 1, got {self.target_windows!r}")
         if self.hook_argv is not None and (not isinstance(self.hook_argv, list) or not all(

@@ -428,7 +428,7 @@ class Daemon(WindowsMixin, EvaluationMixin, OutputsMixin, PublishingMixin):
     def _on_tick(self, now: float) -> None:
         ws = self.config.window_seconds
         w = self.window
-        if ws is not None and w.end is not None and len(w) and now >= w.end + 0.1 * ws:
+        if ws is not None and w.time_due(now, ws):
             self._close_window(now)
         for ev in self.engine.tick(now):
             self._act(ev)

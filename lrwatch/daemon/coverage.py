@@ -30,14 +30,17 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from .records import TIME_FUTURE_SLACK
+
 __all__ = ["LabelCoverage", "DEFAULT_HORIZON", "BUCKETS_PER_HORIZON"]
 
 #: Default ``H`` (seconds): labels that come within an hour count.
 DEFAULT_HORIZON = 3600.0
 #: Resolution of the bookkeeping (the interval read is ``[now - 2H, now - H)`` to within one).
 BUCKETS_PER_HORIZON = 30
-#: How far past the wall clock a record's time may move the stream clock (seconds).
-FUTURE_SLACK = 86400.0
+#: How far past the wall clock a record's time may move the stream clock (seconds): the
+#: slack of the records' own check (a later time is refused as ``invalid_time``).
+FUTURE_SLACK = TIME_FUTURE_SLACK
 
 
 class LabelCoverage:

@@ -25,7 +25,7 @@ from . import columnar
 from .config import DaemonConfig
 from .metrics import DaemonMetrics
 from .records import (Batch, Limits, fits_reference_kind, lines_within, parse_lines,
-                      parse_payload, validate_labels, validate_predictions)
+                      parse_payload, times_plausible, validate_labels, validate_predictions)
 from .state import Journal
 from .stats import Profile
 
@@ -189,9 +189,16 @@ class Ingest:
         lines = body.rstrip(b"\r\n")
         chunk = lines.replace(b"\n", b",\n")
         batch = dec.decode(chunk, len(chunk) - len(lines) + 1)
-        if batch is not None and not fits_reference_kind(batch.preds, self.limits):
-            return None   # the general path names the predictions the reference refuses
+        if batch is not None and not self._decoded_fits(batch):
+            return None   # the general path names the records it refuses
         return batch
+
+    def _decoded_fits(self, batch: Any) -> bool:
+        """Whether the general path would accept every record the chunk decoder took: the
+        checks the decoder's static types cannot make (the reference's kind of prediction,
+        a time within a day of this host's clock)."""
+        return fits_reference_kind(batch.preds, self.limits) and (
+            batch.times is None or times_plausible(batch.times))
 
     def reject(self, reason: str, count: int = 1) -> None:
         """Count a request rejected before parsing (unauthorized, too large). Not journaled:
@@ -268,7 +275,7 @@ class Ingest:
             if dec is None or dec.profile is not prof:
                 dec = self._decoder = columnar.ChunkDecoder(prof)
             b = dec.decode(body, n)
-            if b is not None and fits_reference_kind(b.preds, self.limits):
+            if b is not None and self._decoded_fits(b):
                 return b, [], None
         # every newline got one comma in front, so this gives the lines back exactly
         chunk = body.replace(b",\n", b"\n")

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
@@ -51,7 +52,8 @@ except ImportError:  # pragma: no cover - exercised when orjson is not installed
 __all__ = ["REASONS", "DATA_REASONS", "RecordError", "Invalid", "Limits", "Batch",
            "parse_payload", "parse_lines", "validate_predictions", "validate_labels",
            "validate_prediction", "MAX_ERRORS", "JSON_BACKEND", "dumps_bytes", "loads",
-           "strict_json", "longest_line", "lines_within", "fits_reference_kind"]
+           "strict_json", "longest_line", "lines_within", "fits_reference_kind",
+           "TIME_FUTURE_SLACK", "times_plausible"]
 
 #: Every rejection reason (``lrwatch_ingest_errors_total{reason}``).
 REASONS = (
@@ -65,7 +67,7 @@ REASONS = (
     "invalid_prediction",  # missing, or not a number, class name or class probabilities
     "invalid_label",       # missing (on /v1/labels) or not a number, string or boolean
     "invalid_id",          # an id that is not a non-empty string or integer (<= 256 chars)
-    "invalid_time",        # a time that is not a finite number
+    "invalid_time",        # not a number of unix seconds in [0, now + TIME_FUTURE_SLACK]
     "line_too_long",       # an NDJSON line (HTTP or tailed file) over ``max_line_bytes``
     "string_too_long",     # a string value (feature, prediction, label) over ``max_string_chars``
     "too_many_features",   # a record with more than ``max_features`` features
@@ -85,6 +87,10 @@ _PRED_OR_PROBA = _PRED_TYPES | {list, dict}
 _PROBA_TYPES = frozenset({int, float})
 _LABEL_OR_NONE = frozenset({int, float, str, bool, _NONE})
 _TIME_TYPES = frozenset({int, float, _NONE})
+#: How far past this host's clock a record's ``time`` may be (seconds): more is a wrong
+#: clock or a wrong unit (milliseconds), and it would carry a time window, or the label
+#: coverage's clock, that far ahead. Before 1970 (a negative time) is refused too.
+TIME_FUTURE_SLACK = 86400.0
 _get_features = itemgetter("features")
 _get_prediction = itemgetter("prediction")
 
@@ -415,8 +421,26 @@ def _check_id(r: dict[str, Any]) -> None:
 
 def _check_time(r: dict[str, Any]) -> None:
     t = r.get("time")
-    if t is not None and (type(t) not in (int, float) or not math.isfinite(t)):
+    if t is None:
+        return
+    if type(t) not in (int, float) or not math.isfinite(t):
         raise RecordError("invalid_time", "time must be a finite number (unix seconds)")
+    if t < 0:
+        raise RecordError("invalid_time", f"time {t!r} is before 1970: send unix seconds")
+    now = time.time()
+    if t > now + TIME_FUTURE_SLACK:
+        raise RecordError("invalid_time", f"time {t!r} is more than a day after this host's "
+                          f"clock ({now:.0f}): send unix seconds (not milliseconds), and check "
+                          f"the sender's clock")
+
+
+def times_plausible(times: Sequence[Any]) -> bool:
+    """Whether every time present (``None`` is none) is in the range :func:`_check_time`
+    accepts: the batch checks use this, so that they accept exactly what it accepts (the
+    caller has checked the types and finiteness)."""
+    present = [t for t in times if t is not None]
+    return not present or (min(present) >= 0
+                           and max(present) <= time.time() + TIME_FUTURE_SLACK)
 
 
 def _check_label(v: Any, limits: Limits) -> None:
@@ -646,7 +670,8 @@ def _check_columns(batch: Batch, ids: list[Any] | None, times: list[Any] | None,
         batch.ids = ids
     if times is not None:
         tt = set(map(type, times))
-        if not tt <= _TIME_TYPES or (float in tt and not _finite_floats(times)):
+        if not tt <= _TIME_TYPES or (float in tt and not _finite_floats(times)) \
+                or not times_plausible(times):
             return False
         batch.times = times
     if labels is not None:

@@ -104,26 +104,48 @@ class WindowsMixin:
                     else np.full(n, t_arrival))
         pos = 0
         while pos < n:
-            w = self.window
             if tarr is None:
+                w = self.window
                 stop = min(n, pos + max(size - len(w), 1))
             else:
-                t0 = float(tarr[pos])
-                if w.start is None:
-                    w.start = math.floor(t0 / ws) * ws
-                    w.end = w.start + ws
-                elif t0 >= w.end and len(w):
-                    self._close_window(t0)
-                    w = self.window
-                    w.start = math.floor(t0 / ws) * ws
-                    w.end = w.start + ws
-                later = np.flatnonzero(tarr[pos + 1:] >= w.end)
-                stop = pos + 1 + int(later[0]) if later.size else n
+                w, stop = self._time_slice(tarr, pos, ws)  # type: ignore[arg-type]
             self._append(w, b, pos, stop, times, t_arrival)
-            pos = stop
-            if tarr is None and len(w) >= size:
+            if tarr is not None:
+                w.advance_clock(float(tarr[pos:stop].max()), t_arrival)
+                if len(w) >= self.config.window_max_records:
+                    self._window_full(w)
+            elif len(w) >= size:
                 self._close_window(w.last_time if w.last_time is not None else t_arrival)
+            pos = stop
         self._update_fill(t_arrival)
+
+    def _time_slice(self, tarr: np.ndarray, pos: int, ws: float) -> tuple[Window, int]:
+        """The time window record ``pos`` goes to (closing the open one when the record is
+        past its end), and where the run of records that go there with it stops: at the first
+        one past the window's end, or where the window reaches ``window_max_records``."""
+        w = self.window
+        t0 = float(tarr[pos])
+        if w.start is None:
+            w.start = math.floor(t0 / ws) * ws
+            w.end = w.start + ws
+        elif t0 >= w.end and len(w):  # type: ignore[operator]
+            self._close_window(t0)
+            w = self.window
+            w.start = math.floor(t0 / ws) * ws
+            w.end = w.start + ws
+        later = np.flatnonzero(tarr[pos + 1:] >= w.end)
+        stop = pos + 1 + int(later[0]) if later.size else len(tarr)
+        return w, min(stop, pos + max(self.config.window_max_records - len(w), 1))
+
+    def _window_full(self, w: Window) -> None:
+        """A time window reached ``window_max_records``: it is closed and tested now, and
+        the records after it go to a new window over the same interval. A flood, or a
+        stream whose clock stands still, never holds more than that in memory."""
+        start, end = w.start, w.end
+        _log.warning("time window %d reached %d records before its end: closed early",
+                     w.index, len(w))
+        self._close_window(w.last_time if w.last_time is not None else 0.0)
+        self.window.start, self.window.end = start, end
 
     def _append(self, w: Window, b: Batch, lo: int, hi: int, times: list[Any] | None,
                 t_arrival: float) -> None:

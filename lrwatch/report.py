@@ -49,6 +49,7 @@ _INSTALL = "pip install 'lrwatch[plot]'"
 _SEVERITY_COLOURS = {"critical": "#d62728", "warning": "#ff7f0e"}
 #: The event types that change the run (everything but firings and resolutions).
 ACTIONS = ("rollback", "skip", "reduce_lr", "stop", "lr_recover")
+_TEXT_WIDTH = 200   # the most characters of one event field on the page
 
 
 class ReportError(LrwatchError):
@@ -173,23 +174,38 @@ def _plot_metric(ax: Any, run: Run, metric: str, colour: str, style: str, log: b
                 clip_on=False, label=f"{label} non-finite")
 
 
+def _position(v: Any) -> float | None:
+    """An event's step as a place on the x axis, or ``None`` for one that has none: readers
+    ignore types they do not know (docs/design.md, events), and a number past the float range
+    (an integer such as 10**400) or a non-finite one cannot be drawn."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        x = float(v)
+    except OverflowError:
+        return None
+    return x if math.isfinite(x) else None
+
+
 def _mark_events(ax: Any, run: Run, colour: str) -> None:
     for e in run.events:
-        kind, step = e.get("type"), e.get("step")
-        if not isinstance(step, (int, float)):
+        kind, step = e.get("type"), _position(e.get("step"))
+        if step is None:
             continue
-        if kind == "firing" and e.get("severity") in _SEVERITY_COLOURS:
-            ax.axvline(step, color=_SEVERITY_COLOURS[e["severity"]], linestyle="--",
+        line_step = _position(e.get("line_step"))
+        end = step if line_step is None else max(step, line_step)
+        severity = e.get("severity")
+        if kind == "firing" and isinstance(severity, str) and severity in _SEVERITY_COLOURS:
+            ax.axvline(step, color=_SEVERITY_COLOURS[severity], linestyle="--",
                        linewidth=0.9, alpha=0.8)
-        elif kind in ("rollback", "skip") and isinstance(e.get("to_step"), (int, float)):
+        elif kind in ("rollback", "skip") and _position(e.get("to_step")) is not None:
             # Abandoned: every step after the target up to the flush that carried it out.
-            end = max(step, e.get("line_step", step))
             restart = kind == "rollback" and bool(e.get("restart") or e.get("warmup"))
-            ax.axvspan(e["to_step"], end, color=colour, alpha=0.13,
+            ax.axvspan(_position(e["to_step"]), end, color=colour, alpha=0.13,
                        hatch="//" if restart else None, linewidth=0)
             ax.axvline(end, color=colour, linewidth=1.0, alpha=0.7)
         elif kind == "stop":
-            ax.axvline(max(step, e.get("line_step", step)), color="black", linewidth=1.6)
+            ax.axvline(end, color="black", linewidth=1.6)
 
 
 def draw(runs: Sequence[Run], *, title: str | None = None) -> Any:
@@ -250,24 +266,39 @@ def render_png(runs: Sequence[Run], *, dpi: int = 100) -> bytes:
         plt.close(fig)
 
 
+def _text(v: Any, spec: str = "") -> str:
+    """An event field for the page: a number formatted with ``spec``, anything else (text, a
+    number past the float range) as it is, cut short. Event fields are whatever the trace
+    holds: a field of an unexpected type is shown, never a reason to fail the report."""
+    if spec and isinstance(v, (int, float)) and not isinstance(v, bool):
+        try:
+            return format(float(v), spec)
+        except OverflowError:
+            pass
+    text = str(v)
+    return text if len(text) <= _TEXT_WIDTH else text[:_TEXT_WIDTH - 1] + "\u2026"
+
+
 def _event_detail(e: Mapping[str, Any]) -> str:
     parts = []
     if e.get("type") in ACTIONS and e.get("line_step", e.get("step")) != e.get("step"):
-        parts.append(f"carried out after step {e['line_step']}")
+        parts.append(f"carried out after step {_text(e['line_step'])}")
     if "to_step" in e:
-        parts.append(f"to step {e['to_step']}")
+        parts.append(f"to step {_text(e['to_step'])}")
     if "lr_factor" in e:
-        parts.append(f"lr x{e['lr_factor']:.3g}" if isinstance(e["lr_factor"], (int, float))
-                     else f"lr x{e['lr_factor']}")
+        parts.append(f"lr x{_text(e['lr_factor'], '.3g')}")
     if "warmup" in e:
-        parts.append(f"warm-up {e['warmup']} steps")
+        parts.append(f"warm-up {_text(e['warmup'])} steps")
     if e.get("type") == "lr_recover" and "factor" in e:
-        parts.append(f"lr x{e['factor']:.3g} back over {e.get('steps', '?')} steps")
+        parts.append(f"lr x{_text(e['factor'], '.3g')} back over "
+                     f"{_text(e.get('steps', '?'))} steps")
     if e.get("actions"):
-        parts.append("actions: " + ", ".join(map(str, e["actions"])))
+        acts = e["actions"]
+        parts.append("actions: " + (", ".join(map(_text, acts)) if isinstance(acts, list)
+                                    else _text(acts)))
     for key in ("reason", "message"):
         if e.get(key):
-            parts.append(str(e[key]))
+            parts.append(_text(e[key]))
     return "; ".join(parts)
 
 
@@ -294,8 +325,8 @@ def render_html(runs: Sequence[Run]) -> str:
     names = ", ".join(Path(r.name).name for r in runs)
     summary = _table(["trace", "steps", "step range", "last loss", "last eval_accuracy",
                       "firings", "rollbacks", "stops"], [_summary_row(r) for r in runs], "runs")
-    rows = [[Path(r.name).name, str(e.get("step", "")), str(e.get("type", "")),
-             str(e.get("rule", "")), str(e.get("severity", "")), _event_detail(e)]
+    rows = [[Path(r.name).name, _text(e.get("step", "")), _text(e.get("type", "")),
+             _text(e.get("rule", "")), _text(e.get("severity", "")), _event_detail(e)]
             for r in runs for e in r.events]
     events = (_table(["trace", "step", "event", "rule", "severity", "details"], rows, "events")
               if rows else '<p class="events">No rule fired and no action was taken.</p>')

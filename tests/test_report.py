@@ -233,6 +233,30 @@ def test_bad_input_gets_a_clear_error(faulty_trace: Path, tmp_path: Path) -> Non
     assert r.exit_code != 0 and "no samples" in r.output
 
 
+def test_event_fields_of_odd_types_are_shown_not_fatal(tmp_path: Path) -> None:
+    """Readers ignore types they do not know: an event step of 10**400 crashed the drawing
+    (OverflowError from axvline) and a non-numeric lr_recover factor the HTML page
+    (ValueError from a format spec)."""
+    import json
+    trace = tmp_path / "odd.jsonl"
+    events = [{"type": "firing", "step": 10**400, "severity": "critical"},
+              {"type": "firing", "step": 1, "severity": ["critical"]},
+              {"type": "rollback", "step": "x", "to_step": 0},
+              {"type": "rollback", "step": 1, "to_step": 10**400, "lr_factor": 10**400},
+              {"type": "lr_recover", "step": 1, "factor": "x", "steps": [3]},
+              {"type": "stop", "step": float("inf"), "reason": "r" * 5000}]
+    trace.write_text(json.dumps({"step": 1, "loss": 1.0, "events": events}) + "\n"
+                     + json.dumps({"step": 2, "loss": 0.5}) + "\n")
+    runner = CliRunner()
+    for out in ("o.png", "o.html"):
+        r = runner.invoke(cli, ["report", str(trace), "--out", str(tmp_path / out)])
+        assert r.exit_code == 0, r.output
+    page = (tmp_path / "o.html").read_text()
+    assert "lr xx back over [3] steps" in page
+    assert "lr x1" + "0" * 198 + "\u2026" in page   # cut short, not a float
+    assert "r" * 199 + "\u2026" in page and "r" * 201 not in page
+
+
 def test_missing_matplotlib_names_the_extra(faulty_trace: Path, tmp_path: Path) -> None:
     # A Python where importing matplotlib fails, as on an install without the extra.
     code = ("import sys; sys.modules['matplotlib'] = None\n"

@@ -237,6 +237,7 @@ class Daemon(WindowsMixin, EvaluationMixin, OutputsMixin, PublishingMixin):
         if replayed:
             _log.info("replayed %d journal entries", replayed)
             self._snapshot()
+        self._republish()
 
     def _snapshot(self) -> None:
         if not self.config.state_dir or self._calibrating:

@@ -40,6 +40,7 @@ class PublishingMixin:
     engine: Any
     alerts: Any
     hook: Any
+    notifier: Any
     last: dict[str, Any]
     _ref_rows: list[dict[str, Any]]
     _calibrating: bool
@@ -72,6 +73,16 @@ class PublishingMixin:
             m.accuracy.set(values["model_accuracy"])
         if "model_error" in values:
             m.error.set(values["model_error"])
+
+    def _republish(self) -> None:
+        """After a restart, what the restored state says: the rules still firing, as gauges
+        and as alerts sent again (Alertmanager resolves an alert by itself once its
+        ``endsAt`` passes without a re-send). Their hooks ran before the restart and are not
+        run again."""
+        for ev in self.engine.active.values():
+            self.metrics.engine.set_rule_state(ev.rule, ev.severity, True)
+            if "alert" in ev.actions:
+                self.notifier.fire(ev)
 
     def _feature_status(self, res: DriftResult) -> dict[str, Any]:
         out = {}

@@ -8,6 +8,7 @@ Label children are cached per feature when the reference is known, outside the h
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any, Callable, Iterable, Mapping
 
@@ -175,6 +176,28 @@ class DaemonMetrics:
         new.update((f"num:{k}", v) for k, v in numeric.items())
         new.update((f"cat:{k}", v) for k, v in categorical.items())
         self._window = new  # one reference swap: a scrape sees the old or the new dict
+
+    def restore_last(self, values: Mapping[str, float]) -> None:
+        """The last window's gauges from its saved sample values (at start): without this a
+        restart exported 0 for them (an accuracy of 0 can fire an accuracy alert) while
+        ``/v1/status`` showed the window. A value the window did not have stays as it is."""
+        for key, gauge in (("drift_score", self.score), ("drift_detected", self.drift_any),
+                           ("window_records", self.window_records),
+                           ("label_coverage", self.label_coverage),
+                           ("model_accuracy", self.accuracy), ("model_error", self.error)):
+            if key in values:
+                gauge.set(values[key])
+        m = self.model
+        if "prediction_mean" in values and m.mean is not None:
+            m.mean.set(values["prediction_mean"])
+        est = {k[len("estimated_"):]: v for k, v in values.items()
+               if k.startswith("estimated_")}
+        if "accuracy" in est:
+            est["drop_z"] = est.pop("accuracy_drop_z", math.nan)
+            m.publish_estimate(est)
+        if "multivariate_drift" in values:
+            m.publish_multivariate({"detected": values["multivariate_drift"],
+                                    "score": values.get("multivariate_drift_score", math.nan)})
 
     def restore(self, counters: Mapping[str, float]) -> None:
         """Set the counters to saved totals (at start, before anything is counted)."""

@@ -75,10 +75,11 @@ class PublishingMixin:
             m.error.set(values["model_error"])
 
     def _republish(self) -> None:
-        """After a restart, what the restored state says: the rules still firing, as gauges
-        and as alerts sent again (Alertmanager resolves an alert by itself once its
-        ``endsAt`` passes without a re-send). Their hooks ran before the restart and are not
-        run again."""
+        """After a restart, what the restored state says: the last window's gauges, and the
+        rules still firing, as gauges and as alerts sent again (Alertmanager resolves an
+        alert by itself once its ``endsAt`` passes without a re-send). Their hooks ran
+        before the restart and are not run again."""
+        self.metrics.restore_last((self.last or {}).get("values") or {})
         for ev in self.engine.active.values():
             self.metrics.engine.set_rule_state(ev.rule, ev.severity, True)
             if "alert" in ev.actions:

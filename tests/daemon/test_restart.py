@@ -1,5 +1,6 @@
-"""What a restart restores must also be what the daemon exports and sends: the firing rules'
-gauges, and their alerts (sent again, or Alertmanager resolves them by itself)."""
+"""What a restart restores must also be what the daemon exports and sends: the last window's
+gauges, the firing rules' gauges, and their alerts (sent again, or Alertmanager resolves them
+by itself)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ import pytest
 from daemon_helpers import WINDOW, make_record
 from lrwatch.daemon import Daemon, DaemonConfig
 from services import wait_until
+
+LAST = ("lrwatch_model_accuracy", "lrwatch_window_records", "lrwatch_label_coverage_ratio",
+        "lrwatch_drift_score", "lrwatch_prediction_mean", "lrwatch_drift_window_detected")
+
 
 @pytest.fixture
 def receiver():
@@ -47,6 +52,27 @@ def _daemon(reference_path, state, **kw):
 def _post(d, recs):
     status, _ = d.submit("predictions", "\n".join(json.dumps(r) for r in recs).encode())
     assert status == 200
+
+
+def test_a_restart_exports_the_last_window_again(reference_path, tmp_path):
+    rng = random.Random(3)
+    d = _daemon(reference_path, tmp_path)
+    d.start()
+    try:
+        _post(d, [make_record(rng, k, label=int(rng.random() < 0.9)) for k in range(3 * WINDOW)])
+        assert d.drain()
+        before = {n: d.registry.get_sample_value(n) for n in LAST}
+    finally:
+        d.stop(timeout=5)
+    assert before["lrwatch_window_records"] == WINDOW and before["lrwatch_model_accuracy"] > 0
+    d = _daemon(reference_path, tmp_path)
+    try:
+        after = {n: d.registry.get_sample_value(n) for n in LAST}
+        assert after == before  # before the fix: 0 for each, an accuracy of 0 among them
+        assert d.status()["last_window"]["values"]["model_accuracy"] == \
+            before["lrwatch_model_accuracy"]
+    finally:
+        d.stop(timeout=5)
 
 
 def test_rules_firing_at_a_restart_are_exported_and_sent_again(reference_path, tmp_path,

@@ -45,7 +45,9 @@ def encode_sample(sample: Sample) -> dict[str, Any]:
     """The JSON-ready trace record of ``sample`` (non-finite numbers as strings)."""
     rec: dict[str, Any] = {"step": int(sample.step)}
     if sample.time is not None:
-        rec["time"] = round(float(sample.time), 6)
+        # unrounded: repr round-trips, so replay sees the times live judged on (rounded to
+        # microseconds, a 'for: 1s' rule fired in replay on a gap live saw as 0.9999997 s)
+        rec["time"] = float(sample.time)
     if sample.lr_groups is not None:
         lrs = [encode_number(float(x)) for x in sample.lr_groups]
         rec["lr"] = lrs[0] if len(lrs) == 1 else lrs

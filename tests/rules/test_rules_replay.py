@@ -378,3 +378,20 @@ def test_a_trace_without_samples_is_an_error(tmp_path):
     assert res.exit_code == 2
     assert f"error: {junk}: no samples in the trace (1 malformed line(s) skipped)" in res.stderr
     assert replay_trace(io.StringIO(""), load_pack("training")).error is not None
+
+
+def test_a_duration_rule_decides_in_replay_as_it_did_live():
+    """The trace rounded 'time' to microseconds: two samples 0.9999997 s apart live were
+    1.0 s apart in the trace, so a 'for: 1s' rule fired in replay and not live."""
+    rules = parse_rules("rules: [{name: slow_high, metric: loss, detector: threshold, "
+                        "params: {above: 5}, for: 1s, severity: critical}]")
+    samples = [Sample(step=1, time=1764300000.0000004, values={"loss": 9.0}),
+               Sample(step=2, time=1764300001.0000001, values={"loss": 9.0}),
+               Sample(step=3, time=1764300001.5, values={"loss": 9.0})]
+    live = Engine(rules)
+    live_events = [e for s in samples for e in live.update(s)]
+    buf = io.StringIO()
+    TraceWriter(buf).write_many(samples)
+    assert [s.time for s in read_trace(io.StringIO(buf.getvalue()))] == [s.time for s in samples]
+    res = replay_trace(io.StringIO(buf.getvalue()), rules, name="t.jsonl")
+    assert res.events == live_events and [e.step for e in live_events] == [3]

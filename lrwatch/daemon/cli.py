@@ -51,7 +51,7 @@ def daemon_command(config_path: str | None, host: str | None, port: int | None,
 
     Serves POST /v1/predictions, POST /v1/labels, GET /metrics, /healthz and /v1/status.
     """
-    from .config import DaemonConfig
+    from .config import DaemonConfig, read_token_file
     from .core import Daemon
     from .server import DaemonServer
     from .sources import FileTailer
@@ -64,10 +64,7 @@ def daemon_command(config_path: str | None, host: str | None, port: int | None,
     gc.set_threshold(50_000, 20, 100)
     try:
         cfg = DaemonConfig.load(config_path) if config_path else DaemonConfig()
-        token = None
-        if token_file:
-            with open(token_file, encoding="utf-8") as fh:
-                token = fh.read().strip()
+        token = read_token_file(token_file) if token_file is not None else None
         cfg = cfg.replace(host=host, port=port, reference=reference,
                           live_records=live_reference, window_size=window_size,
                           window_seconds=window_seconds, target_windows=target_windows,

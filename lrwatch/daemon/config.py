@@ -41,7 +41,7 @@ import yaml
 
 from ..errors import ConfigError
 
-__all__ = ["DaemonConfig"]
+__all__ = ["DaemonConfig", "read_token_file"]
 
 
 def _flag(name: str, v: Any) -> bool:
@@ -141,6 +141,26 @@ def _convert(name: str, convert: Any, value: Any, path: Any) -> Any:
     return convert(value)
 
 
+def read_token_file(path: str) -> str:
+    """The bearer token in ``path`` (surrounding whitespace stripped). An empty file is an
+    error, never "no authentication": a token file that a deploy left empty (or failed to
+    fill) must not open the API to everyone without a word."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read token file {path!r}: {exc.strerror or exc}") from exc
+    try:
+        token = raw.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"token file {path!r} is not UTF-8 text ({exc.reason} at byte "
+                          f"{exc.start}): write the token as text") from exc
+    if not token:
+        raise ConfigError(f"token file {path!r} is empty: write the bearer token in it (or "
+                          f"leave the token file out to run without authentication)")
+    return token
+
+
 def _tail_paths(value: Any) -> list[str]:
     """``tail``: one file path or a list of them (a path is not read as its characters)."""
     paths = [value] if isinstance(value, str) else value
@@ -214,6 +234,10 @@ class DaemonConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not v > 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {v!r}")
+        if self.token is not None and (not isinstance(self.token, str)
+                                       or not self.token.strip()):
+            raise ConfigError("the bearer token is empty: set one (or none at all, to run "
+                              "without authentication)")
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise ConfigError("TLS needs both tls_certfile and tls_keyfile")
         if self.window_seconds is not None and not self.window_seconds >= 0.001:
@@ -249,10 +273,12 @@ class DaemonConfig:
                 field_name, convert = spec[key]
                 kw[field_name] = _convert(f"{name}.{key}", convert, value, path)
         auth = _section(d, "auth", {"token": ("", None), "token_file": ("", None)})
-        if auth.get("token_file"):
-            with open(path(auth["token_file"]), encoding="utf-8") as fh:
-                kw["token"] = fh.read().strip()
-        elif auth.get("token"):
+        if auth.get("token_file") is not None:
+            if not isinstance(auth["token_file"], str) or not auth["token_file"]:
+                raise ConfigError(f"auth.token_file must be a file path, got "
+                                  f"{auth['token_file']!r}")
+            kw["token"] = read_token_file(path(auth["token_file"]))
+        elif auth.get("token") is not None:
             kw["token"] = str(auth["token"])
         for k in ("alertmanager", "webhook"):   # one URL or a list of them
             v = kw.get(k) or []

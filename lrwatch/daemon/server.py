@@ -55,7 +55,8 @@ class _Api:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         token = daemon.config.token
-        self._expected = f"Bearer {token}".encode() if token else None
+        # None only: DaemonConfig refuses an empty token, so no empty string turns auth off
+        self._expected = f"Bearer {token}".encode() if token is not None else None
 
     def authorized(self, header: bytes | None) -> bool:
         if self._expected is None:

@@ -232,7 +232,11 @@ class EvaluationMixin:
         values.update(self._output_values(w, n, x, cats, res, proba))
         self._export(n, res, values)
         t = w.last_time if w.last_time is not None else time.time()
-        sample = Sample(step=w.index, time=t, values=values)
+        # the rules read the sample's time on the wall clock (no_traffic compares it with
+        # the clock tick's): the arrival of the window's last record, not its record time,
+        # which a client's clock or time zone can put hours off
+        arrived = w.last_arrival if w.last_arrival is not None else t
+        sample = Sample(step=w.index, time=arrived, values=values)
         for ev in self.engine.update(sample):
             self._act(ev)
         self.last = {"window": w.index, "time": t, "records": n, "values": values,

@@ -155,6 +155,7 @@ class WindowsMixin:
         if w.first_time is None:
             w.first_time = times[lo] if times is not None else t_arrival
         w.last_time = times[hi - 1] if times is not None else t_arrival
+        w.last_arrival = t_arrival
         ids, labels, preds = b.ids, b.labels, b.preds
         if labels is not None:
             ptype = self.reference.prediction_type  # type: ignore[union-attr]

@@ -38,11 +38,11 @@ class Window:
 
     __slots__ = ("index", "start", "end", "_parts", "_n", "preds", "rejected", "joined",
                  "score_sum", "delay_sum", "first_time", "last_time", "cols", "own_joined",
-                 "own_correct", "clock_time", "clock_arrival")
+                 "own_correct", "clock_time", "clock_arrival", "last_arrival")
     #: what a snapshot holds (``cols`` is rebuilt from ``feats``)
     STATE = ("index", "start", "end", "feats", "preds", "rejected", "joined", "score_sum",
              "delay_sum", "first_time", "last_time", "own_joined", "own_correct",
-             "clock_time", "clock_arrival")
+             "clock_time", "clock_arrival", "last_arrival")
 
     def __init__(self, index: int, start: float | None = None, end: float | None = None) -> None:
         self.index = index
@@ -66,6 +66,9 @@ class Window:
         # window's own clock, extrapolated by the wall clock between records (see time_due)
         self.clock_time: float | None = None
         self.clock_arrival: float | None = None
+        # when its last record arrived (wall clock): the time of its sample for the rules,
+        # whose staleness check (no_traffic) compares it with the wall clock
+        self.last_arrival: float | None = None
         # columns extracted per appended slice, while the parsed dicts are still in the cache
         self.cols: list[tuple[np.ndarray, list[np.ndarray]]] = []
 

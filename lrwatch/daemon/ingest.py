@@ -24,8 +24,9 @@ from typing import Any, Callable, Mapping
 from . import columnar
 from .config import DaemonConfig
 from .metrics import DaemonMetrics
-from .records import (Batch, Limits, fits_reference_kind, lines_within, parse_lines,
-                      parse_payload, times_plausible, validate_labels, validate_predictions)
+from .records import (Batch, Limits, fits_reference_kind, labels_are_classes, lines_within,
+                      parse_lines, parse_payload, times_plausible, validate_labels,
+                      validate_predictions)
 from .state import Journal
 from .stats import Profile
 
@@ -196,9 +197,10 @@ class Ingest:
     def _decoded_fits(self, batch: Any) -> bool:
         """Whether the general path would accept every record the chunk decoder took: the
         checks the decoder's static types cannot make (the reference's kind of prediction,
-        a time within a day of this host's clock)."""
+        a time within a day of this host's clock, labels that are the model's classes)."""
         return fits_reference_kind(batch.preds, self.limits) and (
-            batch.times is None or times_plausible(batch.times))
+            batch.times is None or times_plausible(batch.times)) and (
+            batch.labels is None or labels_are_classes(batch.labels, self.limits))
 
     def reject(self, reason: str, count: int = 1) -> None:
         """Count a request rejected before parsing (unauthorized, too large). Not journaled:

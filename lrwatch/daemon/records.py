@@ -53,7 +53,7 @@ __all__ = ["REASONS", "DATA_REASONS", "RecordError", "Invalid", "Limits", "Batch
            "parse_payload", "parse_lines", "validate_predictions", "validate_labels",
            "validate_prediction", "MAX_ERRORS", "JSON_BACKEND", "dumps_bytes", "loads",
            "strict_json", "longest_line", "lines_within", "fits_reference_kind",
-           "TIME_FUTURE_SLACK", "times_plausible"]
+           "TIME_FUTURE_SLACK", "times_plausible", "labels_are_classes"]
 
 #: Every rejection reason (``lrwatch_ingest_errors_total{reason}``).
 REASONS = (
@@ -450,6 +450,39 @@ def _check_label(v: Any, limits: Limits) -> None:
     if type(v) is str and len(v) > limits.max_string_chars:
         raise RecordError("string_too_long", f"label is a string of {len(v)} characters, "
                           f"over the limit of {limits.max_string_chars}")
+    if (limits.binary_probability or limits.proba_width is not None) \
+            and not labels_are_classes([v], limits):
+        want = ("0 or 1 (true/false)" if limits.binary_probability else
+                f"a class index 0..{limits.proba_width - 1}")  # type: ignore[operator]
+        raise RecordError("invalid_label", f"label {v!r:.40} is not a class of the model "
+                          f"whose probabilities the reference holds: send {want}")
+
+
+def _class_key(v: Any) -> str:
+    # as reference.cat_key (which sits above this module): True, 1, 1.0 and "1" are class 1
+    if v is True or v is False:
+        return "1" if v else "0"
+    if type(v) is float and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
+def labels_are_classes(labels: Iterable[Any], limits: Limits) -> bool:
+    """Whether every label present names a class of the reference's model: ``0``/``1``
+    against class-1 probabilities, a class index below the width against probability lists
+    (what ``lrwatch baseline build`` accepts as a reference label); anything, otherwise.
+    A label that is no class would be scored as wrong and make up an accuracy."""
+    if limits.binary_probability:
+        return all(v is None or _class_key(v) in ("0", "1") for v in labels)
+    if limits.proba_width is not None:
+        width = limits.proba_width
+        for v in labels:
+            if v is None:
+                continue
+            k = _class_key(v)
+            if not (k.isascii() and k.isdigit() and int(k) < width):
+                return False
+    return True
 
 
 def _check_features(r: dict[str, Any], feats: dict[str, Any], limits: Limits) -> None:
@@ -610,8 +643,10 @@ def _fast_predictions(items: list[Any], limits: Limits, short_strings: bool) -> 
             limits.max_string_chars:
         return None
     batch = Batch(feats, preds)
-    if not _check_columns(batch, _column(items, "id"), _column(items, "time"),
-                          _column(items, "label"), None if short_strings else limits):
+    labels = _column(items, "label")
+    if not _check_columns(batch, _column(items, "id"), _column(items, "time"), labels,
+                          None if short_strings else limits) \
+            or (labels is not None and not labels_are_classes(labels, limits)):
         return None
     return batch
 

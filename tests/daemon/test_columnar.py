@@ -23,7 +23,7 @@ import pytest
 
 from daemon_helpers import make_record
 from lrwatch.daemon import Daemon, DaemonConfig
-from lrwatch.daemon.records import fits_reference_kind
+from lrwatch.daemon.records import fits_reference_kind, labels_are_classes
 from lrwatch.daemon.reference import PREDICTION
 from lrwatch.daemon.stats import Profile
 from lrwatch.daemon.windows import Window
@@ -298,6 +298,10 @@ def test_decoder_refuses_every_unusual_line(reference_path, backends):
                     # a class name against a reference of probabilities: ingest hands the
                     # chunk to the general path, which refuses that prediction by name
                     assert rej == {"invalid_prediction": 1} and len(ok) == len(b) - 1
+                    continue
+                if b.labels is not None and not labels_are_classes(b.labels, d.ingest.limits):
+                    # a label that is no class of the reference's binary model: the same
+                    assert rej == {"invalid_label": 1} and len(ok) == len(b) - 1
                     continue
                 assert not rej and not labels and len(ok) == len(b)
                 w1, w2 = Window(0), Window(0)

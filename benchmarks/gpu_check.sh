@@ -18,5 +18,5 @@ $py benchmarks/sync_audit.py --json "$out/sync_audit.json" 2>&1 | grep -v -E "^(
 $py benchmarks/snapshot_cost.py --device cuda --models "$models" --json "$out/snapshot_cost.json" \
   2>&1 | tee "$out/snapshot_cost.log"
 $py benchmarks/overhead.py --device cuda --models "$models" \
-  --variants "baseline,lrwatch,lrwatch measure-only,lrwatch all-on,lightning-item,composer-item" \
+  --variants "baseline,lrwatch,lrwatch lag0,lrwatch measure-only,lrwatch all-on,lightning-item,composer-item" \
   --rounds "$rounds" --warmup 1 --json "$out/overhead_cuda.json" 2>&1 | tee "$out/overhead.log"

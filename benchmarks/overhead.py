@@ -17,6 +17,10 @@ so every variant does exactly the same numerical work:
 ``lrwatch guard-off``
     The defaults with ``recovery={"guard": "off"}`` (attribution of the default guard's cost:
     on the CPU, or with ``--fused``, the default guard is on).
+``lrwatch lag0``
+    The defaults with ``flush_lag=0``: each flush judged at the step that fills it, while the
+    device waits (the default on CUDA is ``flush_lag=1``: judged one step later, while the
+    device computes; elsewhere the two are the same). Attribution of the lag on a GPU.
 ``lrwatch measure-only``
     ``Watcher(model, opt, sched, rules=None, recovery=False)``: the on-device statistics, the flush
     and the exporters, without the rules engine and the rollback snapshots (attribution only).
@@ -81,7 +85,7 @@ from lrwatch.watch import Watcher  # noqa: E402
 __all__ = ["VARIANTS", "MODELS", "run", "main", "sync_debug_check"]
 
 VARIANTS: tuple[str, ...] = ("baseline", "lrwatch", "lrwatch guard-on", "lrwatch guard-off",
-                             "lrwatch measure-only",
+                             "lrwatch lag0", "lrwatch measure-only",
                              "lrwatch+server", "lrwatch all-on", "lightning-item",
                              "composer-item")
 TARGETS: dict[str, float] = {"lrwatch": 1.02, "lrwatch+server": 1.02, "lrwatch all-on": 1.10}
@@ -272,6 +276,8 @@ class _Runner:
             self.watch = Watcher(self.model, self.opt, self.sched, recovery={"guard": "on"})
         elif variant == "lrwatch guard-off":
             self.watch = Watcher(self.model, self.opt, self.sched, recovery={"guard": "off"})
+        elif variant == "lrwatch lag0":
+            self.watch = Watcher(self.model, self.opt, self.sched, flush_lag=0)
         elif variant == "lrwatch measure-only":
             self.watch = Watcher(self.model, self.opt, self.sched, **_MEASURE_ONLY)
         elif variant == "lrwatch+server":

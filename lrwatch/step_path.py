@@ -158,10 +158,6 @@ class StepPath:
         if row.logged:
             self.recorder.commit()
 
-    def _commit_done(self) -> None:
-        if len(self.recorder.rows) >= self.flush_every:
-            self.flush()
-
     def _scaler_updating(self) -> None:
         """Before each GradScaler.update(): a step the scaler skipped for overflow ran no
         optimizer hook, so it is recorded here (as non-finite)."""

@@ -26,7 +26,7 @@ from .probe import (GradGuard, HostGradGuard, LayerIndex, drop_gradient, hold_gr
                     return_gradients, tensor_norms, total_norm)
 from .samples import Sample
 
-__all__ = ["Row", "StepRecorder", "as_value", "materialise"]
+__all__ = ["Row", "StepRecorder", "Transfer", "as_value", "materialise"]
 
 
 @dataclass
@@ -117,6 +117,12 @@ class StepRecorder:
             self.commit(notify=False)
         rows, self.rows = self.rows, []
         return rows
+
+    def discard(self) -> int:
+        """Drop the committed rows (steps of a trajectory a rollback abandoned before they were
+        judged); returns how many."""
+        n, self.rows = len(self.rows), []
+        return n
 
     def commit(self, notify: bool = True) -> None:
         row = self.open
@@ -307,20 +313,59 @@ def as_value(key: str, value: Any) -> tuple[torch.Tensor | float | None, str | N
 def materialise(rows: Sequence[Row], extra: Sequence[torch.Tensor], device: torch.device,
                 batch_size: int | None) -> tuple[list[Sample], list[float]]:
     """The rows as samples, and the host values of ``extra`` device scalars (pending
-    evaluations), all from one transfer."""
-    flat = [t for r in rows for t in r.tensors] + list(extra)
-    host_vals: list[float] = []
-    if flat:
-        # One transfer for the whole flush.
-        host_vals = torch.stack([t.to(device) for t in flat]).cpu().tolist()
-    extra_vals = host_vals[len(host_vals) - len(extra):] if extra else []
-    samples: list[Sample] = []
-    pos = 0
-    for r in rows:
-        values = dict(zip(r.keys, host_vals[pos:pos + len(r.keys)]))
-        pos += len(r.keys)
-        samples.append(_sample(r, values, batch_size))
-    return samples, extra_vals
+    evaluations), all from one transfer (which the host waits for)."""
+    return Transfer(rows, extra, device).result(batch_size)
+
+
+class Transfer:
+    """One flush's device values on their way to the host, in one copy.
+
+    ``asynchronous`` (CUDA values only): the copy goes to page-locked host memory without the
+    host waiting, and an event marks its end; :meth:`result` waits on that event. Queued at one
+    step and read at the next, the wait is for work the device has long finished while the
+    next step's work keeps it busy. Otherwise the copy is made at once.
+    """
+
+    def __init__(self, rows: Sequence[Row], extra: Sequence[torch.Tensor], device: torch.device,
+                 *, asynchronous: bool = False) -> None:
+        self.rows = list(rows)
+        self.n_extra = len(extra)
+        flat = [t for r in self.rows for t in r.tensors] + list(extra)
+        self._values: list[float] | None = [] if not flat else None
+        self._host: torch.Tensor | None = None
+        self._event: Any = None
+        if not flat:
+            return
+        stacked = torch.stack([t.to(device) for t in flat])
+        if asynchronous and stacked.is_cuda:
+            try:
+                host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+            except RuntimeError:   # no page-locked memory to be had: copy at once
+                host = None
+            if host is not None:
+                host.copy_(stacked, non_blocking=True)
+                self._event = torch.cuda.Event()
+                self._event.record(torch.cuda.current_stream(stacked.device))
+                self._host = host
+                return
+        self._values = stacked.cpu().tolist()
+
+    def result(self, batch_size: int | None) -> tuple[list[Sample], list[float]]:
+        """The rows as samples and the extra values (waiting for the copy if it is in flight)."""
+        if self._values is None:
+            assert self._host is not None
+            self._event.synchronize()
+            self._values = self._host.tolist()
+            self._host = self._event = None
+        host_vals = self._values
+        extra_vals = host_vals[len(host_vals) - self.n_extra:] if self.n_extra else []
+        samples: list[Sample] = []
+        pos = 0
+        for r in self.rows:
+            values = dict(zip(r.keys, host_vals[pos:pos + len(r.keys)]))
+            pos += len(r.keys)
+            samples.append(_sample(r, values, batch_size))
+        return samples, extra_vals
 
 
 def _sample(r: Row, values: dict[str, float], batch_size: int | None) -> Sample:

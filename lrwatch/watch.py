@@ -40,7 +40,8 @@ from .actions.notify import Notifier
 from .actions.snapshot import SnapshotStore
 from .best_keeper import BestKeeper
 from .data_side import DataSide
-from .distributed import RankContext, combine_rank_samples
+from .distributed import RankContext
+from .flushing import Flushing, resolve_flush_lag
 from .exporters.prometheus import MetricsServer
 from .judge import Judge
 from .outputs import Listener, Outputs, rank_trace_path, run_info
@@ -48,9 +49,8 @@ from .recovery.executor import PlanExecutor
 from .recovery.keeper import SnapshotKeeper
 from .recovery.policy import RecoveryConfig, RecoveryPolicy
 from .rules import Engine, RuleSet
-from .samples import Sample
 from .step_path import StepPath
-from .steps import as_value, materialise
+from .steps import as_value
 from .untrained import UNTRAINED_BATCHES, check_untrained_batches
 from .wiring import (action_params, build_best, build_recorder, check_args, check_probe,
                      closure_limits, guard_mode, rule_set)
@@ -60,7 +60,7 @@ __all__ = ["Watcher", "Listener", "RecoveryConfig", "BestEval", "rank_trace_path
 log = logging.getLogger("lrwatch")
 
 
-class Watcher(DataSide, PlanExecutor, StepPath):
+class Watcher(DataSide, PlanExecutor, StepPath, Flushing):
     """Watches a plain PyTorch training loop.
 
     Parameters
@@ -173,6 +173,11 @@ class Watcher(DataSide, PlanExecutor, StepPath):
         prediction (``constant_loss``: what a network that learned nothing about its inputs
         scores), which the dead-network rules use as a veto. ``0`` turns both off
         (:mod:`lrwatch.untrained`).
+    flush_lag:
+        ``1``: a due flush's copy is queued without waiting and judged at the next step, so
+        the host never waits for the device and the rules run while it computes; decisions
+        take effect one step later. ``0``: judged at once. ``None`` (default): 1 when the
+        steps are recorded on a CUDA device, else 0 (:mod:`lrwatch.flushing`).
     """
 
     def __init__(
@@ -190,7 +195,7 @@ class Watcher(DataSide, PlanExecutor, StepPath):
         step_hooks: bool = True, process_group: Any = None, export: str = "rank0",
         keep_best: bool | str = True, keep_best_mode: str = "auto",
         probe_loss: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,
-        untrained_batches: int = UNTRAINED_BATCHES,
+        untrained_batches: int = UNTRAINED_BATCHES, flush_lag: int | None = None,
     ) -> None:
         check_args(model, optimizer, flush_every, port, batch_size, keep_best, probe_loss,
                    update_ratio_every, export)
@@ -212,6 +217,8 @@ class Watcher(DataSide, PlanExecutor, StepPath):
             layer_depth=layer_depth, max_layers=max_layers, update_ratio=update_ratio,
             update_ratio_every=update_ratio_every, on_commit=self._commit_done)
         self._sharded = self.recorder.sharded
+        self.flush_lag = resolve_flush_lag(flush_lag, self.recorder.device)
+        self._in_flight = None
         if not (self.dist.is_main or export == "all"):   # this rank exports nothing
             port = trace = pushgateway = alerts = alertmanager = hook = None
         self._setup_outputs(registry, port, host, trace, pushgateway, listeners)
@@ -315,7 +322,10 @@ class Watcher(DataSide, PlanExecutor, StepPath):
         self.outputs.add_listener(listener)
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters and detector state, so a resumed run keeps its rules and rollback budget."""
+        """Counters and detector state, so a resumed run keeps its rules and rollback budget
+        (a flush in flight is landed first, so the state holds every step judged so far)."""
+        if self._in_flight is not None:
+            self._land()
         return {"step": self.step, "data_position": self.data_position,
                 "skip_remaining": self._skip_remaining,
                 "policy": self.policy.state_dict(),
@@ -366,26 +376,6 @@ class Watcher(DataSide, PlanExecutor, StepPath):
             self.recorder.commit()
             self._boundary("log")
 
-    def flush(self) -> list[Sample]:
-        """Copy what the device holds to the host now and hand it to the listeners."""
-        rows, device = self.recorder.take(), self.recorder.device
-        pending = self._evals.pending_values()
-        if not rows and not self.dist.active:
-            if pending:
-                self._evals.decide(materialise([], pending, device, self.batch_size)[1])
-            return []
-        samples, best_values = materialise(rows, pending, device, self.batch_size)
-        if pending:  # before the rules judge this flush: a stop restores the best known now
-            self._evals.decide(best_values)
-        self.flushes += 1
-        if self.dist.active:
-            samples = self._agree(samples)
-        if self._rules is not None:   # the rules judge, the executor acts on their events
-            samples, events = self._rules(samples)
-            samples = self._act(events, samples)
-        self.outputs.emit(samples, self._faults.guard)
-        return samples
-
     def close(self) -> None:
         """Flush, stop the server, close the trace and remove the hooks. Idempotent."""
         if self._closed:
@@ -425,22 +415,6 @@ class Watcher(DataSide, PlanExecutor, StepPath):
             self._ramp_step()   # (a restart's own step runs at the ramp's first rate)
         if self._snaps is not None and not self.should_stop and not self._pending:
             self._snaps.take_due(self.step, self.data_position)
-
-    def _agree(self, samples: list[Sample]) -> list[Sample]:
-        """One collective per flush: every rank's rows, combined identically on every rank."""
-        took, memory = 0.0, None
-        if self._snaps is not None:
-            took = self._snaps.took_seconds()
-            try:
-                memory = self._snaps.memory_report()
-            except Exception:
-                self._internal_error("reading the host memory")
-        gathered = self.dist.gather((samples, took, memory))
-        merged = combine_rank_samples([g[0] for g in gathered])
-        if self._snaps is not None:
-            self._snaps.adapt(max(g[1] for g in gathered), merged)
-            self._snaps.agree_memory([g[2] for g in gathered])
-        return merged
 
     def _internal_error(self, what: str) -> None:   # fail open: counted and logged, not raised
         self._faults.error(what)

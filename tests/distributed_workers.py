@@ -128,15 +128,17 @@ def _mse_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: 
     return loss
 
 
-def nan_rollback(rank: int, world: int, store: str, out: str, guard: str = "off") -> None:
+def nan_rollback(rank: int, world: int, store: str, out: str, guard: str = "off",
+                 flush_lag: int = 0) -> None:
     """A NaN batch on the last rank. ``guard="off"``: every rank rolls back to the same step;
     the default (``"auto"``; parameters on the CPU): DDP's all-reduce hands every rank the NaN
-    gradient, so every rank holds that step back, and nothing rolls back."""
+    gradient, so every rank holds that step back, and nothing rolls back. ``flush_lag=1``:
+    each flush is judged one step after its copy was queued (the default on CUDA)."""
     init(rank, world, store)
     model = nn.parallel.DistributedDataParallel(_model())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.01 * s))
-    w = lrwatch.Watcher(model, opt, sched, flush_every=5,
+    w = lrwatch.Watcher(model, opt, sched, flush_every=5, flush_lag=flush_lag,
                         recovery={"guard": guard, "good_after": 10, "min_interval": 5})
     events: list[dict[str, Any]] = []
     w.add_listener(lambda s: events.extend(e for e in s.events if "engine_state" not in e
@@ -157,7 +159,7 @@ def nan_rollback(rank: int, world: int, store: str, out: str, guard: str = "off"
         "guard": w.recorder.guard,
         "weights_sum": float(flat.double().sum()), "weights": flat.tolist()[:50],
         "finite": bool(torch.isfinite(flat).all()), "sched_step": sched.last_epoch,
-        "lr": opt.param_groups[0]["lr"]})
+        "lr": opt.param_groups[0]["lr"], "flushes": w.flushes})
     finish()
 
 

@@ -55,6 +55,27 @@ def test_nan_on_one_rank_rolls_every_rank_back_to_the_same_step(tmp_path: Path,
         assert r["sched_step"] == first["sched_step"] and r["lr"] == first["lr"]
 
 
+def test_a_lagged_flush_rolls_every_rank_back_one_step_later_in_lock_step(tmp_path: Path) -> None:
+    # flush_lag=1 (the default on CUDA): the flush that sees the NaN is judged one step after
+    # its copy was queued, on every rank at the same step; the step trained in between is on
+    # the abandoned trajectory and dropped everywhere
+    (tmp_path / "now").mkdir()
+    (tmp_path / "lagged").mkdir()
+    now = _spawn(dw.nan_rollback, 2, tmp_path / "now", "off", 0)
+    lagged = _spawn(dw.nan_rollback, 2, tmp_path / "lagged", "off", 1)
+    first = lagged[0]
+    assert first["rollbacks"] and first["rollbacks"][0][0] == "rollback"
+    # the same failure is found at the same step (the snapshots it may go back to can differ:
+    # their interval adapts at each flush, which lands one step later)
+    assert first["rollbacks"][0][1] == now[0]["rollbacks"][0][1] == 38
+    assert first["rollbacks"][0][2] < 38
+    for r in lagged:
+        assert r["rollbacks"] == first["rollbacks"] and r["finite"]
+        assert r["weights"] == first["weights"] and r["weights_sum"] == first["weights_sum"]
+        assert r["sched_step"] == first["sched_step"] and r["lr"] == first["lr"]
+        assert r["flushes"] == first["flushes"]
+
+
 def test_nan_on_one_rank_is_held_back_on_every_rank_by_default(tmp_path: Path) -> None:
     results = _spawn(dw.nan_rollback, 2, tmp_path, "auto")
     first = results[0]

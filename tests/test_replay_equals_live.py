@@ -19,12 +19,14 @@ def _firings_from_trace_events(samples: list[Sample]) -> list[tuple[str, int, st
             if e.get("type") == "firing"]
 
 
+@pytest.mark.parametrize("flush_lag", [0, 1])
 @pytest.mark.parametrize("measured", [False, True])
 @pytest.mark.parametrize("inject", ["none", "lr-bug", "nan", "nan-dropped"])
 def test_replay_of_a_live_trace_gives_the_live_firings(tmp_path: Path, inject: str,
-                                                       measured: bool) -> None:
+                                                       measured: bool, flush_lag: int) -> None:
     # measured: the Watcher measures the untrained loss (probe_loss, watch.batches), and the
-    # rules judge against it live and in the replay alike
+    # rules judge against it live and in the replay alike; flush_lag=1: each flush judged one
+    # step after its copy was queued (the default on CUDA)
     torch.manual_seed(0)
     x = torch.randn(256, 10)
     y = (x @ torch.randn(10, 1)).squeeze(1)
@@ -38,6 +40,7 @@ def test_replay_of_a_live_trace_gives_the_live_firings(tmp_path: Path, inject: s
         return nn.functional.mse_loss(m(x[idx]).squeeze(1), y[idx])
 
     w = lrwatch.Watcher(model, opt, sched, trace=trace, flush_every=7, listeners=[seen.append],
+                        flush_lag=flush_lag,
                         recovery={"good_after": 20, "min_interval": 10,
                                   # "nan": the step is applied and rolled back; "nan-dropped":
                                   # the guard drops it on the device, nothing rolls back

@@ -67,6 +67,7 @@ class PlanExecutor(ActionAlerts):
     should_stop: bool
     exit_status: int
     stop_reason: str | None
+    _discard_unjudged: Any   # (lrwatch.flushing) steps not judged yet, dropped at a rollback
 
     def _setup_executor(self, probe_loss: Any, probe: bool) -> None:
         """The executor's own state: nothing carried out or pending yet; the range tests (a
@@ -232,6 +233,9 @@ class PlanExecutor(ActionAlerts):
         assert target is not None and self.store is not None
         state = target.load()
         restore_state(state, self.model, self.optimizer, self.scheduler, self.scaler)
+        # steps trained since the flush that decided this, not judged yet (``flush_lag=1``):
+        # the trajectory they belong to is abandoned, so the rules never see them
+        self._discard_unjudged()
         # The snapshot's learning rates carry the scale of their time; bring them to the
         # scale the policy planned (for a skip: today's).
         snap_scale = float(target.extra.get("lr_scale", 1.0))

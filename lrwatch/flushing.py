@@ -1,0 +1,142 @@
+"""The Watcher's flush: the buffered steps copied to the host in one transfer, then judged by
+the rules, acted on and exported.
+
+A flush is due once ``flush_every`` rows are committed. With ``flush_lag=0`` it is carried out
+at once: the host waits for the device to finish every step queued so far, and then the rules
+run on the host while the device has nothing queued. With ``flush_lag=1`` (the default when
+the steps are recorded on a CUDA device) the copy is queued without waiting at the step that
+fills the buffer, and the flush is *landed* (waited for, judged, acted on, exported) when the
+next step's row is committed: by then the device has that step's work queued, so the wait is
+for work it has long finished and the rules run while it computes (docs/overhead.md, "The
+flush off the GPU's critical path"). Every rank of a distributed run lands at the same step,
+so every rank still decides identically. What the rules decide takes effect one step later
+than with ``flush_lag=0``. A snapshot taken while its step is not judged yet is no rollback
+target until a flush judges it healthy (:mod:`lrwatch.recovery.keeper`), as before. A rollback
+drops the steps not judged yet (the row trained between the copy and its landing, or a copy
+in flight): the trajectory they were trained on is abandoned, and the rules never see them, in
+the trace either. :meth:`Flushing.flush`, ``close()`` and ``state_dict()`` land the flush in
+flight first.
+
+:class:`Flushing` is a mixin over the Watcher's state (``recorder``, ``dist``, ``_evals``,
+``_rules``, ``_snaps``, ``outputs``, ``_faults``, ``batch_size``, ``flush_every``,
+``flushes``) and its ``_act`` and ``_internal_error``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .distributed import combine_rank_samples
+from .samples import Sample
+from .steps import Transfer, materialise
+
+__all__ = ["Flushing", "resolve_flush_lag"]
+
+
+def resolve_flush_lag(flush_lag: int | None, device: Any) -> int:
+    """``flush_lag`` as given (0 or 1), or for ``None`` 1 when the steps are recorded on a CUDA
+    device (where waiting for the copy stalls the queue) and 0 elsewhere."""
+    if flush_lag is None:
+        return 1 if getattr(device, "type", None) == "cuda" else 0
+    if isinstance(flush_lag, bool) or flush_lag not in (0, 1):
+        raise ValueError(f"flush_lag must be 0, 1 or None (1 on CUDA, else 0), got {flush_lag!r}")
+    return int(flush_lag)
+
+
+class Flushing:
+    """The Watcher's flush (see the module docstring)."""
+
+    # attributes the Watcher provides (declared for readers and type checkers)
+    recorder: Any
+    dist: Any
+    batch_size: int | None
+    flush_every: int
+    flush_lag: int
+    flushes: int
+    outputs: Any
+    _evals: Any
+    _rules: Any
+    _snaps: Any
+    _faults: Any
+    _in_flight: Transfer | None
+    _act: Callable[[Any, list[Sample]], list[Sample]]
+    _internal_error: Callable[[str], None]
+
+    def flush(self) -> list[Sample]:
+        """Copy what the device holds to the host now and hand it to the listeners (a flush
+        still in flight is landed first); returns the samples, in step order."""
+        landed = self._land()
+        return landed + self._judge(self._send(asynchronous=False))
+
+    @property
+    def flush_in_flight(self) -> bool:
+        """Whether a flush's copy was queued and not yet judged (``flush_lag=1``)."""
+        return self._in_flight is not None
+
+    def _commit_done(self) -> None:
+        """A row was committed: land the flush in flight, then send the next when it is due."""
+        if self._in_flight is not None:
+            self._land()
+        if len(self.recorder.rows) >= self.flush_every:
+            if self.flush_lag:
+                self._in_flight = self._send(asynchronous=True)
+            else:
+                self.flush()
+
+    def _discard_unjudged(self) -> int:
+        """Drop the steps not judged yet, committed or in flight (a rollback abandoned the
+        trajectory they were trained on); returns how many."""
+        n = self.recorder.discard()
+        if self._in_flight is not None:
+            n += len(self._in_flight.rows)
+            self._in_flight = None
+        return n
+
+    def _land(self) -> list[Sample]:
+        transfer, self._in_flight = self._in_flight, None
+        return self._judge(transfer) if transfer is not None else []
+
+    def _send(self, *, asynchronous: bool) -> Transfer | None:
+        """The committed rows (and pending evaluations) on their way to the host; ``None``
+        when there is nothing to judge."""
+        rows, pending = self.recorder.take(), self._evals.pending_values()
+        if not rows and not self.dist.active:
+            if pending:
+                self._evals.decide(materialise([], pending, self.recorder.device,
+                                               self.batch_size)[1])
+            return None
+        return Transfer(rows, pending, self.recorder.device, asynchronous=asynchronous)
+
+    def _judge(self, transfer: Transfer | None) -> list[Sample]:
+        if transfer is None:
+            return []
+        samples, best_values = transfer.result(self.batch_size)
+        if transfer.n_extra:   # before the rules judge this flush: a stop restores the best known now
+            pending = self._evals.pending_values()
+            if len(pending) != transfer.n_extra:   # evaluated again since the copy was queued
+                best_values = materialise([], pending, self.recorder.device, self.batch_size)[1]
+            self._evals.decide(best_values)
+        self.flushes += 1
+        if self.dist.active:
+            samples = self._agree(samples)
+        if self._rules is not None:   # the rules judge, the executor acts on their events
+            samples, events = self._rules(samples)
+            samples = self._act(events, samples)
+        self.outputs.emit(samples, self._faults.guard)
+        return samples
+
+    def _agree(self, samples: list[Sample]) -> list[Sample]:
+        """One collective per flush: every rank's rows, combined identically on every rank."""
+        took, memory = 0.0, None
+        if self._snaps is not None:
+            took = self._snaps.took_seconds()
+            try:
+                memory = self._snaps.memory_report()
+            except Exception:
+                self._internal_error("reading the host memory")
+        gathered = self.dist.gather((samples, took, memory))
+        merged = combine_rank_samples([g[0] for g in gathered])
+        if self._snaps is not None:
+            self._snaps.adapt(max(g[1] for g in gathered), merged)
+            self._snaps.agree_memory([g[2] for g in gathered])
+        return merged

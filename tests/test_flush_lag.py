@@ -1,0 +1,170 @@
+"""``flush_lag=1``: a due flush is queued at one step and judged at the next (the default on CUDA,
+where the host must not wait for the device while the rules run; lrwatch/flushing.py). On the
+CPU the copy is immediate, so these tests check the bookkeeping: the same samples, judged one
+step later, decisions one step later, nothing judged twice or lost."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import lrwatch
+from lrwatch.exporters.trace import read_trace
+from lrwatch.rules import load_pack
+from lrwatch.rules.replay import replay_trace
+from lrwatch.samples import Sample
+
+KEYS = ("loss", "grad_norm", "lr", "nonfinite_grad")
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 2))
+
+
+def _data(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + i)
+    return torch.randn(16, 6, generator=g), torch.randint(0, 2, (16,), generator=g)
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, i: int, nan: bool = False) -> torch.Tensor:
+    x, y = _data(i)
+    opt.zero_grad()
+    loss = nn.functional.cross_entropy(model(x), y)
+    if nan:
+        loss = loss * float("nan")
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def test_flush_lag_defaults_to_the_device_and_refuses_other_values() -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert lrwatch.Watcher(model, opt).flush_lag == 0          # steps recorded on the CPU
+    assert lrwatch.Watcher(model, opt, flush_lag=1).flush_lag == 1
+    for bad in (2, -1, True, "1", 0.5):
+        with pytest.raises(ValueError, match="flush_lag must be 0, 1 or None"):
+            lrwatch.Watcher(model, opt, flush_lag=bad)   # type: ignore[arg-type]
+
+
+def test_a_lagged_flush_hands_over_the_same_samples_one_step_later() -> None:
+    runs: dict[int, list[list[Sample]]] = {}
+    for lag in (0, 1):
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        got: list[Sample] = []
+        seen_after: list[list[Sample]] = []
+        w = lrwatch.Watcher(model, opt, flush_every=5, flush_lag=lag, listeners=[got.append])
+        for i in range(23):
+            w.log(loss=_step(model, opt, i))
+            seen_after.append(list(got))
+        assert not w.flush_in_flight   # 23 steps: the last copy (steps 16-20) landed at step 21
+        w.close()
+        seen_after.append(list(got))
+        runs[lag] = seen_after
+    now, lagged = runs[0], runs[1]
+    # after step 5 the direct flush has judged steps 1-5; the lagged one has them after step 6
+    assert [s.step for s in now[4]] == [1, 2, 3, 4, 5] and lagged[4] == []
+    assert [s.step for s in lagged[5]] == [1, 2, 3, 4, 5]
+    for k in range(22):
+        assert len(lagged[k + 1]) == len(now[k])
+    final_now, final_lag = now[-1], lagged[-1]
+    assert [s.step for s in final_lag] == [s.step for s in final_now] == list(range(1, 24))
+    for a, b in zip(final_now, final_lag):
+        assert {k: a.values[k] for k in KEYS} == {k: b.values[k] for k in KEYS}
+
+
+def test_an_explicit_flush_and_state_dict_land_the_copy_in_flight() -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    got: list[Sample] = []
+    w = lrwatch.Watcher(model, opt, flush_every=4, flush_lag=1, listeners=[got.append])
+    for i in range(4):
+        w.log(loss=_step(model, opt, i))
+    assert w.flush_in_flight and got == []
+    state = w.state_dict()     # lands first: the engine's state holds steps 1-4
+    assert not w.flush_in_flight and [s.step for s in got] == [1, 2, 3, 4]
+    assert w.engine is not None and w.engine.last_step == 4
+    assert state["engine"] == w.engine.state_dict()
+    for i in range(4, 8):
+        w.log(loss=_step(model, opt, i))
+    assert w.flush_in_flight      # steps 5-8 on their way
+    assert [s.step for s in w.flush()] == [5, 6, 7, 8] and not w.flush_in_flight
+    w.close()
+
+
+def test_a_rollback_decided_one_step_late_drops_the_abandoned_step(tmp_path: Path) -> None:
+    """flush_every=1, the guard off: a NaN step is applied; its flush lands one step later,
+    when a step was already trained from the NaN weights. That step is on the trajectory the
+    rollback abandons: never judged (no second rollback), not in the trace, and replay of the
+    trace decides what the live run decided."""
+    trace = tmp_path / "lag.jsonl"
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    w = lrwatch.Watcher(model, opt, flush_every=1, flush_lag=1, trace=trace,
+                        recovery={"good_after": 3, "min_interval": 3, "guard": "off"})
+    nan_after = []
+    for i in range(40):
+        bad = w.step + 1 == 20
+        w.log(loss=_step(model, opt, i, nan=bad))
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            nan_after.append(w.step)
+    w.close()
+    # step 21 trained from the NaN weights of step 20 before the flush of step 20 landed (at
+    # step 21's log, which then rolled back): after every log but step 20's the weights are finite
+    assert nan_after == [20] and all(torch.isfinite(p).all() for p in model.parameters())
+    assert w.policy.rollbacks == 1
+    samples = read_trace(trace)
+    rb = [e for s in samples for e in s.events if e.get("type") == "rollback"]
+    assert len(rb) == 1 and rb[0]["step"] == 20 and 0 < rb[0]["to_step"] < 20
+    steps = [s.step for s in samples]
+    assert 21 not in steps and steps == sorted(steps)   # the abandoned step 21 is not there
+    live = [(e["rule"], e["step"]) for s in samples for e in s.events if e.get("type") == "firing"]
+    replayed = replay_trace(trace, load_pack("training"))
+    assert replayed.error is None and [(f.rule, f.step) for f in replayed.firings] == live
+
+
+def test_a_stop_decided_one_step_late_keeps_every_step(tmp_path: Path) -> None:
+    rules = tmp_path / "stop.yml"
+    rules.write_text("""
+version: 1
+rules:
+  - name: poisoned
+    metric: poison
+    detector: threshold
+    params: {above: 0.5}
+    severity: critical
+    actions: [stop]
+    annotations: {summary: "poison at step {step}"}
+""")
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trace = tmp_path / "stop.jsonl"
+    w = lrwatch.Watcher(model, opt, flush_every=3, flush_lag=1, rules=str(rules), trace=trace)
+    for i in range(30):
+        w.log(loss=_step(model, opt, i), poison=1.0 if w.step == 7 else 0.0)
+        if w.should_stop:
+            break
+    w.close()
+    # step 8 is poisoned; its flush (steps 7-9) was queued at step 9 and judged at step 10
+    assert w.exit_status == 3 and w.step == 10
+    assert [s.step for s in read_trace(trace)] == list(range(1, 11))   # step 10 too, at close
+
+
+def test_an_evaluation_logged_while_a_copy_is_in_flight_is_judged_with_it() -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = lrwatch.Watcher(model, opt, flush_every=3, flush_lag=1, keep_best="eval_loss")
+    for i in range(2):
+        w.log(loss=_step(model, opt, i))
+    w.log(loss=_step(model, opt, 2), eval_loss=torch.tensor(0.9))   # step 3: the copy is queued
+    assert w.flush_in_flight
+    w.log(loss=_step(model, opt, 3), eval_loss=torch.tensor(0.4))   # step 4: lands step 1-3
+    # both evaluations waited for a flush; the one of step 4 came after the copy was queued,
+    # so the landing reads both values (one extra read) and keeps the better one
+    assert w.best_eval is not None and w.best_eval.step == 4 and w.best_eval.value == pytest.approx(0.4)
+    w.close()

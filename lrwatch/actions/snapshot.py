@@ -30,7 +30,7 @@ import torch
 
 from ..errors import ConfigError
 
-__all__ = ["Snapshot", "SnapshotStore", "capture_state", "restore_state", "cpu_copy",
+__all__ = ["Snapshot", "SnapshotStore", "capture_state", "restore_state", "settle", "cpu_copy",
            "save_verified", "load_verified"]
 
 from .._ratelimit import LogLimiter
@@ -111,16 +111,34 @@ def capture_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
     """Everything a rollback restores, as CPU copies.
 
     With a ``copier`` (:class:`~lrwatch.actions.host_copy.HostCopy`) the copies of CUDA tensors
-    may still be in flight on return: call ``copier.wait()`` before reading them.
+    may still be in flight on return: call ``copier.wait()`` before reading them. Without one
+    the CUDA tensors are copied the same way (no host sync per tensor) and the state carries
+    its copier: :func:`restore_state` and :func:`settle` wait for it.
     """
-    copier = copier if copier is not None else HostCopy(asynchronous=False)
-    return {
+    own = copier is None
+    copier = copier if copier is not None else HostCopy()
+    state: dict[str, Any] = {
         "model": copier.copy(model.state_dict()),
         "optimizer": copier.copy(optimizer.state_dict()),
         "scheduler": copier.copy(scheduler.state_dict()) if scheduler is not None else None,
         "scaler": _scaler_state(scaler, copier) if scaler is not None else None,
         "rng": _rng_state(),
     }
+    if own and copier.pending:
+        state[_IN_FLIGHT] = copier.finish()
+    return state
+
+
+_IN_FLIGHT = "host_copy"   # the HostCopy of a captured state whose copies may be in flight
+
+
+def settle(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``state`` once the host copies :func:`capture_state` queued have landed (one wait on
+    their events; nothing to wait for when they were made synchronously)."""
+    copier = state.get(_IN_FLIGHT)
+    if copier is not None:
+        copier.wait()
+    return state
 
 
 def _scaler_state(scaler: Any, copier: HostCopy) -> dict[str, Any]:
@@ -153,13 +171,21 @@ def _scaler_numbers(state: Mapping[str, Any]) -> dict[str, Any]:
 def restore_state(state: Mapping[str, Any], model: torch.nn.Module,
                   optimizer: torch.optim.Optimizer, scheduler: Any = None,
                   scaler: Any = None) -> None:
-    """Restore what :func:`capture_state` captured, in place (parameters keep their identity)."""
+    """Restore what :func:`capture_state` captured, in place (parameters keep their identity).
+
+    On a CUDA device the tensors go back without the host waiting on each: pinned host copies
+    are queued to their device tensors on the current stream (:func:`_copy_into`, where
+    ``load_state_dict`` would make one blocking copy per tensor), and the optimizer's state is
+    placed where ``Optimizer.load_state_dict`` puts it before it is loaded
+    (:func:`_placed_state`)."""
+    settle(state)
     with torch.no_grad():
-        model.load_state_dict(state["model"])
+        if not _copy_into(model, state["model"]):
+            model.load_state_dict(state["model"])
     # keys a param group gained after the snapshot (SWA's ``swa_lr``, a scheduler's
     # ``initial_lr``) are kept: the code that added them still reads them
     later = [dict(g) for g in optimizer.param_groups]
-    optimizer.load_state_dict(cpu_copy(state["optimizer"]))
+    optimizer.load_state_dict(_placed_state(optimizer, state["optimizer"]))
     for group, now in zip(optimizer.param_groups, later):
         for key, value in now.items():
             if key not in group:
@@ -169,6 +195,78 @@ def restore_state(state: Mapping[str, Any], model: torch.nn.Module,
     if scaler is not None and state.get("scaler") is not None:
         scaler.load_state_dict(_scaler_numbers(state["scaler"]))
     _set_rng_state(state["rng"])
+
+
+# Modules whose own ``_load_from_state_dict`` only does what a plain copy does for a state dict
+# the same module wrote (batch norm's handles state dicts of older torch versions).
+_PLAIN_LOADERS = (torch.nn.Module._load_from_state_dict,
+                  torch.nn.modules.batchnorm._NormBase._load_from_state_dict)
+
+
+def _copy_into(model: torch.nn.Module, saved: Mapping[str, Any]) -> bool:
+    """Copy ``saved`` into ``model``'s CUDA tensors in place, queued without the host waiting,
+    when that is exactly what ``load_state_dict`` would do: the same keys, every entry a plain
+    tensor of the live one's shape and dtype, in pinned host memory, and no module with load
+    hooks or a loader of its own. Returns whether it did (else nothing was touched)."""
+    live = model.state_dict(keep_vars=True)
+    if list(live) != list(saved):
+        return False
+    for m in model.modules():
+        if (m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks
+                or type(m)._load_from_state_dict not in _PLAIN_LOADERS):
+            return False
+    pairs = []
+    for key, dst in live.items():
+        src = saved[key]
+        if (type(dst) not in (torch.Tensor, torch.nn.Parameter) or type(src) is not torch.Tensor
+                or not dst.is_cuda or src.device.type != "cpu" or not src.is_pinned()
+                or dst.shape != src.shape or dst.dtype != src.dtype):
+            return False
+        pairs.append((dst.detach(), src))
+    for dst, src in pairs:
+        dst.copy_(src, non_blocking=True)
+    return True
+
+
+def _placed_state(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of the optimizer state dict ``saved`` with each tensor already where
+    ``Optimizer.load_state_dict`` puts it (the parameter's device, and dtype if it is floating;
+    ``step`` on the device only in fused or capturable groups), copied there without the host
+    waiting; ``load_state_dict`` then finds it in place. Nothing is shared with ``saved``."""
+    params, exact = [], []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            params.append(p)
+            exact.append(bool(group.get("fused") or group.get("capturable")))
+    ids = [i for g in saved.get("param_groups", []) for i in g.get("params", [])]
+    entries = saved.get("state")
+    if len(ids) != len(params) or not isinstance(entries, dict):
+        return cpu_copy(saved)   # load_state_dict says what is wrong
+    where = {i: (p, e) for i, p, e in zip(ids, params, exact)}
+    state: dict[Any, Any] = {}
+    for pid, entry in entries.items():
+        p, on_device = where.get(pid, (None, False))
+        if p is None or not p.is_cuda or not isinstance(entry, dict):
+            state[pid] = cpu_copy(entry)
+            continue
+        state[pid] = {k: _placed(v, p, k != "step" or on_device, k == "step")
+                      for k, v in entry.items()}
+    out = dict(saved)
+    out["state"] = state
+    out["param_groups"] = cpu_copy(saved["param_groups"])
+    return out
+
+
+def _placed(value: Any, param: torch.Tensor, on_device: bool, step: bool) -> Any:
+    if not isinstance(value, torch.Tensor):
+        return cpu_copy(value)
+    if not on_device:
+        return value.detach().to("cpu", copy=True)
+    if step:
+        dtype = torch.float32
+    else:
+        dtype = param.dtype if param.is_floating_point() else value.dtype
+    return value.detach().to(device=param.device, dtype=dtype, non_blocking=True, copy=True)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..actions.rollback import scale_learning_rate
-from ..actions.snapshot import _set_rng_state, capture_state, cpu_copy, restore_state
+from ..actions.snapshot import _set_rng_state, capture_state, cpu_copy, restore_state, settle
 from .lr_find import BatchLoss, _dist_mean, reference_loss, set_group_rates, train_step
 from .start_check import StartVerdict
 
@@ -156,6 +156,7 @@ def shadow_check(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sched
                                   "held-out batches")
         if verdict is not None and verdict.adopt:
             # the shadow's weights and optimizer state; the run's schedule position and RNG
+            settle(now)
             if scheduler is not None and now.get("scheduler") is not None:
                 scheduler.load_state_dict(cpu_copy(now["scheduler"]))
             _set_rates(optimizer, lrs_now, 1.0)

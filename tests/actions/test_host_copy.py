@@ -181,3 +181,58 @@ def test_cuda_bulk_copy_of_mixed_state_one_buffer_per_dtype():
     # the float32 copies share one pinned buffer
     assert out["w"].is_pinned() and (out["w"].untyped_storage().data_ptr()
                                      == out["groups"][0]["b"].untyped_storage().data_ptr())
+
+
+def _states_equal(a, b):
+    if isinstance(a, torch.Tensor):
+        return (isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and torch.equal(a.cpu(), b.cpu()))
+    if isinstance(a, dict):
+        return set(a) == set(b) and all(_states_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_states_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@cuda
+@pytest.mark.parametrize("fused", [False, True])
+def test_cuda_capture_and_restore_queue_their_copies_without_a_host_sync(fused):
+    """The start check's captures and every restore (a rollback, the shadow's way back): no
+    synchronising call per tensor under "error" mode, and the state comes back bit for bit
+    (parameters and buffers in place, optimizer state where load_state_dict puts it)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.BatchNorm1d(64),
+                                torch.nn.ReLU(), torch.nn.Linear(64, 4)).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    x = torch.randn(16, 32, device="cuda")
+
+    def step() -> None:
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        sched.step()
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    params = [p.data_ptr() for p in model.parameters()]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        state = capture_state(model, opt, sched)
+        for _ in range(3):
+            step()                       # queued after the copies: must not leak into them
+        restore_state(state, model, opt, sched)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    want = {"model": state["model"], "optimizer": state["optimizer"]}
+    got = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+    assert _states_equal(want, got)
+    assert [p.data_ptr() for p in model.parameters()] == params      # restored in place
+    for group_state in opt.state.values():
+        assert group_state["exp_avg"].is_cuda
+        assert group_state["step"].is_cuda == fused                   # as load_state_dict puts it
+    assert sched.last_epoch == 2
+    step()                                                            # and it trains on
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -51,6 +51,14 @@ PREDICTION = "_prediction"
 FINE_BINS = 40
 COARSE_BINS = 10
 SAMPLE_ROWS = 10_000
+#: A feature present (not null) in fewer of the reference records than this share (and at
+#: least 2) is left out: a window of 1000 records would hold under 10 of its values, too few
+#: for its tests, and keys made per request (a session id as a key) would each become a
+#: feature with a dozen Prometheus series.
+MIN_PRESENT_SHARE = 0.01
+#: At most this many reference features (the most often present are kept): each costs about
+#: 20 series on ``/metrics`` and a column in every window.
+MAX_FEATURES = 1000
 REFERENCE_VERSION = 1
 
 
@@ -299,31 +307,12 @@ def profile_records(records: Iterable[Mapping[str, Any]], *,
     rows = list(records)
     if len(rows) < 10:
         raise ConfigError(f"a reference needs at least 10 records, got {len(rows)}")
-    names: dict[str, None] = {}
-    for r in rows:
-        for k in r["features"]:
-            names.setdefault(k, None)
-    cols = {n: [r["features"].get(n) for r in rows] for n in sorted(names)}
-    # a feature with no value in any reference record has nothing to compare a window with
-    empty = [n for n, vals in cols.items() if all(_jsonable(v) is None for v in vals)]
-    for n in empty:
-        del cols[n]
-    if not cols:
-        raise ConfigError(f"no feature has a value in any of the {len(rows)} reference records")
     kinds = dict(kinds or {})
     for k, v in kinds.items():
         if v not in ("numeric", "categorical", "binary"):
             raise ConfigError(f"kind {v!r} for {k!r} is invalid; choose numeric, categorical "
                               f"or binary")
-    # a numeric feature needs two values for its quantiles and spread: one seen once (a rare
-    # key) is left out like an empty one, not a reason to refuse the whole reference
-    sparse = [n for n, vals in cols.items()
-              if n not in kinds and _infer_kind(vals) == "numeric" and _finite_count(vals) < 2]
-    for n in sparse:
-        del cols[n]
-    if not cols:
-        raise ConfigError(f"no feature has 2 numeric values or any other value in the "
-                          f"{len(rows)} reference records")
+    cols, notes = _feature_columns(rows, kinds)
     feats = [_profile(n, vals, kinds.get(n)) for n, vals in cols.items()]
     raw = [unwrap_prediction(r.get("prediction")) for r in rows]
     preds = [_prediction_value(p) for p in raw]
@@ -340,17 +329,63 @@ def profile_records(records: Iterable[Mapping[str, Any]], *,
                     created=time.time(), sample=sample,
                     proba_width=widths.pop() if ptype == "probabilities" and len(widths) == 1
                     else None)
-    if empty:
-        ref.notes.append(f"left out: {', '.join(map(repr, empty))} (null or NaN in all "
-                         f"{len(rows)} reference records; nothing to compare a window with)")
-    if sparse:
-        ref.notes.append(f"left out: {', '.join(map(repr, sparse))} (a number in fewer than 2 "
-                         f"of the {len(rows)} reference records; a numeric profile needs 2)")
+    ref.notes.extend(notes)
     return ref
 
 
-def _finite_count(values: Sequence[Any]) -> int:
-    return sum(1 for v in values if type(v) is int or (type(v) is float and math.isfinite(v)))
+def _feature_columns(rows: list[Mapping[str, Any]], kinds: Mapping[str, str]
+                     ) -> tuple[dict[str, list[Any]], list[str]]:
+    """Each feature's reference values, less those left out, and notes saying which were
+    left out and why: a feature with no value has nothing to compare a window with, and
+    feature names are the senders' keys, so per-request keys (a session id as a key) would
+    make a feature, and a set of Prometheus series, per record (see :func:`_rare_features`).
+    A numeric feature kept so always has the 2 values its quantiles and spread need."""
+    names: dict[str, None] = {}
+    for r in rows:
+        for k in r["features"]:
+            names.setdefault(k, None)
+    cols = {n: [r["features"].get(n) for r in rows] for n in sorted(names)}
+    empty = [n for n, vals in cols.items() if all(_jsonable(v) is None for v in vals)]
+    for n in empty:
+        del cols[n]
+    if not cols:
+        raise ConfigError(f"no feature has a value in any of the {len(rows)} reference records")
+    rare, capped = _rare_features(cols, len(rows), kinds)
+    for n in rare + capped:
+        del cols[n]
+    if not cols:
+        raise ConfigError(f"no feature has a value in {MIN_PRESENT_SHARE:.0%} of the "
+                          f"{len(rows)} reference records (and in at least 2)")
+    notes = []
+    if empty:
+        notes.append(f"left out: {_names(empty)} (null or NaN in all {len(rows)} reference "
+                     f"records; nothing to compare a window with)")
+    if rare:
+        notes.append(f"left out: {_names(rare)} (a value in fewer than "
+                     f"{MIN_PRESENT_SHARE:.0%} of the {len(rows)} reference records, or in "
+                     f"fewer than 2: too few for a window's tests)")
+    if capped:
+        notes.append(f"left out: {_names(capped)} (over the cap of {MAX_FEATURES} reference "
+                     f"features; the most often present were kept)")
+    return cols, notes
+
+
+def _rare_features(cols: Mapping[str, list[Any]], rows: int, kinds: Mapping[str, str]
+                   ) -> tuple[list[str], list[str]]:
+    """The features to leave out for their names' sake: those present (not null) in fewer
+    than :data:`MIN_PRESENT_SHARE` of the rows (at least 2), then the least present beyond
+    :data:`MAX_FEATURES`. A kind forced by name keeps its feature."""
+    need = max(2, math.ceil(MIN_PRESENT_SHARE * rows))
+    present = {n: sum(1 for v in vals if _jsonable(v) is not None) for n, vals in cols.items()}
+    rare = [n for n, k in present.items() if k < need and n not in kinds]
+    kept = sorted((n for n in cols if n not in rare),
+                  key=lambda n: (n not in kinds, -present[n], n))
+    return rare, sorted(kept[MAX_FEATURES:])
+
+
+def _names(names: Sequence[str], shown: int = 10) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(map(repr, names[:shown])) + more
 
 
 def _jsonable(v: Any) -> Any:

@@ -94,3 +94,40 @@ def test_rows_that_make_no_reference_are_replaced_by_the_next_ones(tmp_path):
         assert d.reference is not None and d.counters["predictions"] == 300
     finally:
         d.stop(timeout=5)
+
+
+def test_per_record_keys_never_become_reference_features():
+    """Each record carries a key of its own (``sess_<i>``): before, each was a reference
+    feature with its own Prometheus series (300 records: 304 features, 3000 series)."""
+    rng = random.Random(3)
+    recs = [make_record(rng, i) for i in range(600)]
+    for i, r in enumerate(recs):
+        r["features"][f"sess_{i}"] = "v"
+    d = _live(live_records=300)
+    d.start()
+    try:
+        for k in range(0, 600, 100):
+            d.submit("predictions", _body(recs[k:k + 100]))
+        assert d.drain(timeout=120)
+        s = d.status()
+        assert s["reference"]["features"] == ["c", "x", "y", "_prediction"]
+        note = [n for n in s["reference"]["notes"] if "'sess_0'" in n][0]
+        assert "and 290 more" in note and "fewer than 1%" in note
+        text = "\n".join(f"{m.name} {s.labels}" for m in d.registry.collect()
+                         for s in m.samples)
+        assert "sess_" not in text and d.counters["windows"] == 3
+    finally:
+        d.stop(timeout=5)
+
+
+def test_reference_features_are_capped_keeping_the_most_present():
+    from lrwatch.daemon.reference import MAX_FEATURES
+
+    rng = random.Random(4)
+    rows = [{"features": {f"f{j:04d}": rng.random() for j in range(MAX_FEATURES + 20)
+                          if j < MAX_FEATURES - 5 or i % 2},
+             "prediction": 0.5} for i in range(20)]
+    ref = build_reference(rows, calibrate=False)
+    names = [n for n in ref.names if n != "_prediction"]
+    assert len(names) == MAX_FEATURES and names[-1] == "f0999"  # 995 always, then 5 of 25
+    assert any("over the cap of 1000" in n and "'f1000'" in n for n in ref.notes)

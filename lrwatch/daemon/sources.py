@@ -91,6 +91,8 @@ class FileTailer:
                     continue
                 if self._rotated(pos):
                     _log.info("%s was rotated; following the new file", self.path)
+                    if not self._flush_partial(pos):
+                        break
                     pos.fh.close()
                     pos.fh = None
                     continue
@@ -134,8 +136,9 @@ class FileTailer:
     def _read(self, pos: _Position) -> bytes:
         """The next chunk after what was read (from the start if the file was truncated)."""
         st = os.fstat(pos.fh.fileno())
-        if st.st_size < pos.offset:  # truncated in place
+        if st.st_size < pos.offset + len(pos.buf) + pos.skipped:  # truncated in place
             _log.info("%s was truncated; reading from the start", self.path)
+            self._flush_partial(pos)
             pos.offset, pos.buf, pos.skipped = 0, b"", 0
         pos.fh.seek(pos.offset + len(pos.buf) + pos.skipped)
         return pos.fh.read(CHUNK)
@@ -159,6 +162,23 @@ class FileTailer:
         pos.offset += cut + 1
         pos.buf = pos.buf[cut + 1:]
         return bool(self.daemon.enqueue_file(self.path, pos.dev, pos.ino, pos.offset, chunk,
+                                             time.time()))
+
+    def _flush_partial(self, pos: _Position) -> bool:
+        """The file is done (rotated away or truncated): its last line, which no newline
+        ended, goes to the worker as it is, parsed like any line (a whole record is
+        accepted, a cut one is ``invalid_json``), so it is counted either way; a long line
+        being skipped is counted as ``line_too_long``. Before, it was dropped without a
+        count. ``False`` when the daemon refused it (it is stopping)."""
+        buf, skipped = pos.buf, pos.skipped
+        pos.offset += len(buf) + skipped
+        pos.buf, pos.skipped = b"", 0
+        if skipped:
+            return bool(self.daemon.enqueue_file(self.path, pos.dev, pos.ino, pos.offset, [],
+                                                 time.time(), {"line_too_long": 1}))
+        if not buf.strip():
+            return True
+        return bool(self.daemon.enqueue_file(self.path, pos.dev, pos.ino, pos.offset, buf,
                                              time.time()))
 
     def _skip_long_line(self, pos: _Position, data: bytes) -> bool:

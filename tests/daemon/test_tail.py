@@ -64,3 +64,30 @@ def test_tail_follows_rotation_and_truncation_and_resumes(reference_path, tmp_pa
         assert d2.counters["windows"] == 2
     finally:
         d2.stop()
+
+
+def test_a_last_line_without_newline_is_counted_when_the_file_rotates(reference_path,
+                                                                      tmp_path):
+    """The writer's last line had no newline when the file was rotated away: it is handed
+    to the worker then (a whole record is accepted, a cut one is invalid_json). Before, it
+    was dropped without a count: 15 records written, 14 counted."""
+    rng = random.Random(5)
+    log = tmp_path / "preds.jsonl"
+    with open(log, "w") as fh:
+        fh.write("\n".join(json.dumps(make_record(rng, i)) for i in range(10)))
+    d = _daemon(reference_path, tmp_path / "state", log)
+    try:
+        wait_until(lambda: d.counters["predictions"] == 9, timeout=20, message="whole lines")
+        os.rename(log, str(log) + ".1")
+        _write(log, [make_record(rng, i) for i in range(10, 15)], mode="w")
+        with open(log, "a") as fh:
+            fh.write(json.dumps(make_record(rng, 15))[:25])  # a line cut short, then rotated
+        wait_until(lambda: d.counters["predictions"] == 15, timeout=20, message="rotation")
+        os.rename(log, str(log) + ".2")
+        _write(log, [make_record(rng, i) for i in range(16, 20)], mode="w")
+        wait_until(lambda: d.counters["predictions"] == 19, timeout=20, message="rotation")
+        assert d.drain()
+        assert d.counters["errors"]["invalid_json"] == 1
+        assert d.counters["received"] == 20
+    finally:
+        d.stop()

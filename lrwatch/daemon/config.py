@@ -43,6 +43,11 @@ from ..errors import ConfigError
 
 __all__ = ["DaemonConfig", "read_token_file"]
 
+#: The longest label horizon accepted (seconds): a year.
+MAX_LABEL_HORIZON = 365 * 86400.0
+#: The fewest calibration resamples accepted (fewer cannot place a 1-in-1000 threshold).
+MIN_SIMS = 100
+
 
 def _flag(name: str, v: Any) -> bool:
     if not isinstance(v, bool):
@@ -86,7 +91,7 @@ def _integer(name: str, v: Any) -> Any:
 #: numbers only (with a message naming the key; the field's own check sets the range).
 _Spec = Mapping[str, "tuple[str, Any]"]
 _SECTIONS: dict[str, _Spec] = {
-    "listen": {"host": ("host", None), "port": ("port", "integer")},
+    "listen": {"host": ("host", "text"), "port": ("port", "integer")},
     "limits": {k: (k, "integer") for k in ("max_body_bytes", "max_queue_records",
                                            "max_pending_labels", "max_line_bytes",
                                            "max_string_chars", "max_features")},
@@ -106,10 +111,10 @@ _SECTIONS: dict[str, _Spec] = {
     "labels": {"horizon_seconds": ("label_horizon_seconds", "number")},
     "estimation": {"enabled": ("estimation", "flag"),
                    "min_window_labels": ("estimation_min_window_labels", "integer")},
-    "alerts": {"alertmanager": ("alertmanager", None), "webhook": ("webhook", None),
+    "alerts": {"alertmanager": ("alertmanager", "urls"), "webhook": ("webhook", "urls"),
                "log": ("log_alerts", "flag"), "resend_interval": ("resend_interval", "number")},
     "hook": {"argv": ("hook_argv", None), "cooldown": ("hook_cooldown", "number"),
-             "timeout": ("hook_timeout", "number"), "rules": ("hook_rules", None)},
+             "timeout": ("hook_timeout", "number"), "rules": ("hook_rules", "names")},
 }
 
 
@@ -125,19 +130,51 @@ def _section(d: Mapping[str, Any], name: str, spec: _Spec) -> dict[str, Any]:
     return s
 
 
+def _path(name: str, v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise ConfigError(f"{name} must be a file path, got {v!r}")
+    return v
+
+
+def _strings(name: str, v: Any, what: str) -> list[str]:
+    """One string or a list of them (a string is not read as its characters)."""
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list) or not all(isinstance(x, str) and x for x in items):
+        raise ConfigError(f"{name} must be {what} or a list of them, got {v!r}")
+    return list(items)
+
+
+def _urls(name: str, v: Any) -> list[str]:
+    urls = _strings(name, v, "an http:// or https:// URL")
+    for u in urls:
+        if not u.startswith(("http://", "https://")):
+            raise ConfigError(f"{name}: {u!r} is not an http:// or https:// URL")
+    return urls
+
+
 def _convert(name: str, convert: Any, value: Any, path: Any) -> Any:
     if convert is None:
         return value
     if convert == "path":
-        return path(value)
+        return path(_path(name, value))
     if convert == "path?":
-        return path(value) if value else value
+        return path(_path(name, value)) if value else value
     if convert == "flag":
         return _flag(name, value)
     if convert == "number":
         return _number(name, value)
     if convert == "integer":
         return _integer(name, value)
+    if convert == "text":
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{name} must be text, got {value!r}")
+        return value
+    if convert == "urls":
+        return _urls(name, value)
+    if convert == "names":  # a list: one name as a string would match its substrings
+        if not isinstance(value, list):
+            raise ConfigError(f"{name} must be a list of rule names, got {value!r}")
+        return _strings(name, value, "a rule name")
     return convert(value)
 
 
@@ -246,10 +283,41 @@ class DaemonConfig:
                               f"{self.window_seconds!r}")
         if not self.target_windows > 1:
             raise ConfigError(f"target_windows must be > 1, got {self.target_windows!r}")
+        self._check_ranges()
         if self.hook_argv is not None and (not isinstance(self.hook_argv, list) or not all(
                 isinstance(a, str) for a in self.hook_argv) or not self.hook_argv):
             raise ConfigError("hook argv must be a non-empty list of strings (never a shell "
                               "command line)")
+
+    def _check_ranges(self) -> None:
+        """Numbers that type-check but make no sense: each would fail later (on the worker,
+        at every batch) or quietly do something else than asked."""
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+
+        for name in ("snapshot_interval", "resend_interval", "hook_timeout"):
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and v > 0,
+                 f"{name} must be a positive number of seconds, got {v!r}")
+        need(isinstance(self.hook_cooldown, (int, float)) and self.hook_cooldown >= 0,
+             f"hook cooldown must be >= 0 seconds, got {self.hook_cooldown!r}")
+        for name in ("min_effect", "min_effect_categorical", "min_missing_delta",
+                     "seq_min_effect"):
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and v >= 0, f"{name} must be >= 0, got {v!r}")
+        # a day's buckets of 2H must stay finite numbers of seconds: a year is plenty
+        need(self.label_horizon_seconds <= MAX_LABEL_HORIZON,
+             f"label horizon must be at most {MAX_LABEL_HORIZON:.0f} s (a year), got "
+             f"{self.label_horizon_seconds!r}")
+        need(self.calibration_sims is None or (isinstance(self.calibration_sims, int)
+                                               and self.calibration_sims >= MIN_SIMS),
+             f"calibration_sims must be an integer >= {MIN_SIMS}, got "
+             f"{self.calibration_sims!r}")
+        need(self.live_records >= 10, f"live_records must be at least 10 (a reference needs "
+             f"10 records), got {self.live_records!r}")
+        need(isinstance(self.host, str) and bool(self.host),
+             f"host must be text, got {self.host!r}")
 
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any], *, base_dir: str = ".") -> "DaemonConfig":
@@ -281,10 +349,12 @@ class DaemonConfig:
         elif auth.get("token") is not None:
             kw["token"] = str(auth["token"])
         for k in ("alertmanager", "webhook"):   # one URL or a list of them
-            v = kw.get(k) or []
-            kw[k] = [v] if isinstance(v, str) else list(v)
-        if d.get("state_dir"):
-            kw["state_dir"] = path(d["state_dir"])
+            kw[k] = kw.get(k) or []
+        win = d.get("window") or {}
+        if "size" in win and "seconds" in win:
+            raise ConfigError("window: give size (records) or seconds, not both")
+        if d.get("state_dir") is not None:
+            kw["state_dir"] = path(_path("state_dir", d["state_dir"]))
         if "snapshot_interval" in d:
             kw["snapshot_interval"] = _number("snapshot_interval", d["snapshot_interval"])
         if "seed" in d:
@@ -294,8 +364,8 @@ class DaemonConfig:
             for p in kw["tail"]:
                 if os.path.isdir(p):
                     raise ConfigError(f"tail: {p!r} is a directory; name the file to follow")
-        if d.get("rules"):
-            kw["rules"] = path(d["rules"])
+        if d.get("rules") is not None:
+            kw["rules"] = path(_path("rules", d["rules"]))
         return cls(**kw)
 
     @classmethod
@@ -305,6 +375,9 @@ class DaemonConfig:
                 data = yaml.safe_load(fh) or {}
         except RecursionError:
             raise ConfigError(f"cannot read config {path!r}: YAML nested too deeply") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"cannot read config {path!r}: not UTF-8 text ({exc.reason} at "
+                              f"byte {exc.start}); save it as UTF-8") from None
         except (OSError, yaml.YAMLError) as exc:
             raise ConfigError(f"cannot read config {path!r}: {exc}") from exc
         return cls.from_mapping(data, base_dir=os.path.dirname(os.path.abspath(path)))

@@ -117,6 +117,11 @@ class Daemon(WindowsMixin, EvaluationMixin, OutputsMixin, PublishingMixin):
         from ..rules import Engine, load_pack, load_rules
 
         rules = load_rules(config.rules) if config.rules else load_pack("serving")
+        unknown = sorted(set(config.hook_rules or ()) - set(rules.names))
+        if unknown:  # a hook that never runs, without a word: a typo in the config
+            raise ConfigError(f"hook rules {unknown} are not rules of "
+                              f"{config.rules or 'the serving pack'}; its rules: "
+                              f"{', '.join(rules.names)}")
         self.engine = Engine(rules)
         self._setup_actions()
         self.journal: Journal | None = None

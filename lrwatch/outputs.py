@@ -92,6 +92,11 @@ class Outputs:
         self.pushgateway = pushgateway
         self.listeners: list[Listener] = []
 
+    def resume(self, step: int) -> int:
+        """A run resumed at ``step`` continues its trace (:meth:`TraceWriter.resume`, which
+        counts a failure as any trace failure); the lines kept."""
+        return self.trace.resume(step) if self.trace is not None else 0
+
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener(sample)`` for every flushed sample, in step order."""
         if not callable(listener):

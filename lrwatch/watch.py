@@ -348,6 +348,11 @@ class Watcher(DataSide, PlanExecutor, StepPath, Flushing):
             self.engine.load_state_dict(state["engine"])
         if self.best is not None and state.get("best"):
             self.best.load_state_dict(state["best"])
+        # the trace goes on from the checkpoint; replay loads the detectors' state from here
+        kept = self.outputs.resume(self.step)
+        if self.engine is not None:
+            self._late_records.append({"type": "resume", "step": self.step, "trace_lines": kept,
+                                       "engine_state": self.engine.state_dict()})
         if self._snaps is not None:   # it was taken before the policy's scale was known
             self._snaps.retake_first(self.step, self.data_position)
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import lrwatch
+from lrwatch.exporters.trace import read_trace
 from lrwatch.rules import load_pack
 from lrwatch.rules.replay import replay_trace
 from lrwatch.samples import Sample
@@ -110,6 +111,70 @@ def test_replay_equals_live_with_evaluations_on_a_cyclical_schedule(tmp_path: Pa
     live = _firings_from_trace_events(seen)
     if drift:
         assert any(r.startswith("eval_") for r, _, _ in live), live
+    replayed = replay_trace(trace, load_pack("training"))
+    assert replayed.error is None
+    assert [(f.rule, f.step, f.severity) for f in replayed.firings] == live
+
+
+def test_a_resumed_run_continues_its_trace_and_replay_follows_it(tmp_path: Path) -> None:
+    """A run checkpointed at step 60 goes on to step 80 and dies; the resumed run loads the
+    checkpoint into a new Watcher on the same trace path. The trace keeps steps 1-60, drops
+    61-80 (trained again now) and goes on; the resume event carries the detectors' state of the
+    checkpoint (which had not judged the steps since its last flush), so replay decides as the
+    resumed run did, a fault after the resume included."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 10)
+    y = (x @ torch.randn(10, 1)).squeeze(1)
+    trace = tmp_path / "run.jsonl"
+    g = torch.Generator().manual_seed(1)
+    order = [torch.randint(0, 256, (32,), generator=g) for _ in range(220)]
+
+    def train(w: lrwatch.Watcher, model: nn.Module, opt: torch.optim.Optimizer,
+              sched: torch.optim.lr_scheduler.LRScheduler, until: int) -> None:
+        while w.step < until and not w.should_stop:
+            s = sched.last_epoch
+            if s == 150:    # a configuration bug after the resume: the rate x200
+                sched.base_lrs = [b * 200 for b in sched.base_lrs]
+                for group in opt.param_groups:
+                    group["lr"] *= 200
+            opt.zero_grad()
+            idx = order[s]
+            loss = nn.functional.mse_loss(model(x[idx]).squeeze(1), y[idx])
+            loss.backward()
+            opt.step()
+            sched.step()
+            w.log(loss=loss)
+
+    def build() -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        torch.manual_seed(2)
+        model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+        return model, opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=300)
+
+    model, opt, sched = build()
+    w = lrwatch.Watcher(model, opt, sched, trace=trace, flush_every=7)
+    train(w, model, opt, sched, 60)
+    ckpt = {"model": {k: v.clone() for k, v in model.state_dict().items()},
+            "opt": opt.state_dict(), "sched": sched.state_dict(), "watch": w.state_dict()}
+    train(w, model, opt, sched, 80)
+    w.close()                                    # (a run that dies flushes nothing more)
+    assert [s.step for s in read_trace(trace)][-1] == 80
+
+    model, opt, sched = build()
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    sched.load_state_dict(ckpt["sched"])
+    w = lrwatch.Watcher(model, opt, sched, trace=trace, flush_every=7,
+                        recovery={"good_after": 20, "min_interval": 10})
+    w.load_state_dict(ckpt["watch"])
+    train(w, model, opt, sched, 200)
+    w.close()
+    samples = read_trace(trace)
+    assert [s.step for s in samples] == list(range(1, len(samples) + 1))
+    resumed = [e for s in samples for e in s.events if e.get("type") == "resume"]
+    assert len(resumed) == 1 and resumed[0]["step"] == 60 and resumed[0]["trace_lines"] == 60
+    live = _firings_from_trace_events(samples)
+    assert any(step > 150 for _, step, _ in live), "the fault after the resume must fire"
     replayed = replay_trace(trace, load_pack("training"))
     assert replayed.error is None
     assert [(f.rule, f.step, f.severity) for f in replayed.firings] == live

@@ -91,16 +91,17 @@ def replay_trace(source: str | os.PathLike[str] | IO[str], rules: RuleSet | Iter
 
 def _judge(engine: Engine, reader: TraceReader, sample: Sample, events: list[Firing]) -> None:
     """Add one sample's events to ``events``, with the engine states its recorded events carry applied as the
-    live Watcher applied them: an adopted start check's before the step (the event rides on
-    the first step after the adoption, which the live engine judged with that state), a
-    rollback's (or skip's) after it. A rollback restores the detectors' state of the snapshot
+    live Watcher applied them: an adopted start check's, or a resumed run's (the state its
+    checkpoint held), before the step (the event rides on the first step after the adoption
+    or the resume, which the live engine judged with that state), a rollback's (or skip's)
+    after it. A rollback restores the detectors' state of the snapshot
     it went back to; the Watcher writes that state into the event, so replay stays exactly
     equal to live. The events are added before a rollback's state is, so that a strict replay
     stopped by a corrupt state still reports what the step fired."""
     if not sample.events:
         events.extend(engine.update(sample))
         return
-    _follow(engine, reader, sample.events, ("start_check",))
+    _follow(engine, reader, sample.events, ("start_check", "resume"))
     events.extend(engine.update(sample))
     _follow(engine, reader, sample.events, ("rollback", "skip"))
 

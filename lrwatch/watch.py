@@ -35,6 +35,7 @@ from prometheus_client import CollectorRegistry
 
 from ._failopen import FailOpen
 from .actions.alerts import make_sender
+from .actions.rollback import scale_learning_rate
 from .actions.best import BestEval
 from .actions.notify import Notifier
 from .actions.snapshot import SnapshotStore
@@ -316,6 +317,20 @@ class Watcher(DataSide, PlanExecutor, StepPath, Flushing):
         if self.best is not None and self.best.pending and not self._closed:
             self.flush()
         return self._evals.restore()
+
+    def rebind_scheduler(self, scheduler: Any) -> None:
+        """The run's scheduler was replaced mid-run (Lightning's ``StochasticWeightAveraging``
+        puts ``SWALR`` in; the framework callback calls this itself): rate cuts scale the new
+        one from now on, the policy's standing cut included (its ``swa_lr`` too), and
+        snapshots restore its state (one taken under the old scheduler restores the model and
+        optimizer only)."""
+        if scheduler is self.scheduler:
+            return
+        self.scheduler = scheduler
+        if self._snaps is not None:
+            self._snaps.rebind_scheduler(scheduler)
+        if scheduler is not None and self.policy.lr_scale != 1.0:   # (the groups carry it)
+            scale_learning_rate(self.optimizer, scheduler, self.policy.lr_scale, ("swa_lr",))
 
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener(sample)`` for every flushed step sample, in step order."""

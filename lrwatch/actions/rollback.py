@@ -15,7 +15,7 @@ import torch
 __all__ = ["scale_learning_rate"]
 
 # Keys in optimizer param groups that hold learning rates (torch's own schedulers write these).
-_GROUP_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
+_GROUP_KEYS = ("lr", "initial_lr", "max_lr", "min_lr", "swa_lr")   # swa_lr: SWALR's target
 # Scheduler attributes that hold per-group learning rates.
 _SCHED_ATTRS = ("base_lrs", "_last_lr", "max_lrs", "min_lrs", "eta_min")
 
@@ -32,10 +32,12 @@ def _scale(value: Any, factor: float) -> Any:
     return value
 
 
-def scale_learning_rate(optimizer: torch.optim.Optimizer, scheduler: Any, factor: float) -> None:
+def scale_learning_rate(optimizer: torch.optim.Optimizer, scheduler: Any, factor: float,
+                        group_keys: tuple[str, ...] = _GROUP_KEYS) -> None:
     """Multiply every learning rate the optimizer and scheduler hold by ``factor``.
 
-    Handles param-group keys (``lr``, ``initial_lr``, ``max_lr``, ``min_lr``), the scheduler's
+    Handles param-group keys (``group_keys``: ``lr``, ``initial_lr``, ``max_lr``, ``min_lr``,
+    and ``swa_lr``, the rate ``SWALR`` anneals to), the scheduler's
     ``base_lrs``/``_last_lr``/``max_lrs``/``min_lrs``/``eta_min`` and the schedulers nested in
     ``SequentialLR``/``ChainedScheduler``, so the schedule continues, scaled.
 
@@ -49,7 +51,7 @@ def scale_learning_rate(optimizer: torch.optim.Optimizer, scheduler: Any, factor
     0.25
     """
     for group in optimizer.param_groups:
-        for key in _GROUP_KEYS:
+        for key in group_keys:
             if key in group:
                 group[key] = _scale(group[key], factor)
     seen: set[int] = set()

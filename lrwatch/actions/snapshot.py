@@ -121,6 +121,7 @@ def capture_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
         "model": copier.copy(model.state_dict()),
         "optimizer": copier.copy(optimizer.state_dict()),
         "scheduler": copier.copy(scheduler.state_dict()) if scheduler is not None else None,
+        "scheduler_type": type(scheduler).__qualname__ if scheduler is not None else None,
         "scaler": _scaler_state(scaler, copier) if scaler is not None else None,
         "rng": _rng_state(),
     }
@@ -190,7 +191,10 @@ def restore_state(state: Mapping[str, Any], model: torch.nn.Module,
         for key, value in now.items():
             if key not in group:
                 group[key] = value
-    if scheduler is not None and state.get("scheduler") is not None:
+    if scheduler is not None and state.get("scheduler") is not None and (
+            state.get("scheduler_type") in (None, type(scheduler).__qualname__)):
+        # (a state of another kind of scheduler, from before the run's scheduler was swapped
+        # -- Lightning's SWA puts SWALR in -- is not loaded into the new one)
         scheduler.load_state_dict(cpu_copy(state["scheduler"]))
     if scaler is not None and state.get("scaler") is not None:
         scaler.load_state_dict(_scaler_numbers(state["scaler"]))

@@ -256,6 +256,7 @@ class LrwatchCallback(pl.Callback):
         if self.watcher is not None and self.watcher.should_stop:
             return -1  # ends the epoch before this batch; should_stop ends the fit
         if self.watcher is not None:
+            self._follow_scheduler(trainer)
             if self._untrained_due:   # in a batch hook, where training_step may self.log
                 self._untrained_due = False
                 # where a second pass cannot be read (a stream, persistent workers), the
@@ -265,6 +266,18 @@ class LrwatchCallback(pl.Callback):
             self.watcher.remember_batch(batch)   # for a rollback's range test
             self.watcher.start_check_batch(batch)
         return None
+
+    def _follow_scheduler(self, trainer: Any) -> None:
+        """A scheduler swapped in mid-fit (``StochasticWeightAveraging`` puts ``SWALR`` in at
+        its start epoch) is the one lrwatch cuts and restores from then on."""
+        configs = getattr(trainer, "lr_scheduler_configs", None) or []
+        sched = configs[0].scheduler if configs else None
+        assert self.watcher is not None
+        if sched is not None and sched is not self.watcher.scheduler:
+            logging.getLogger("lrwatch").info(
+                "lrwatch: the scheduler is now %s (was %s): rate cuts and rollbacks follow it",
+                type(sched).__name__, type(self.watcher.scheduler).__name__)
+            self.watcher.rebind_scheduler(sched)
 
     def _boundary(self, trainer: Any) -> None:
         """Log the completed step (with any evaluation that followed it): the Watcher then

@@ -45,6 +45,11 @@ class SnapshotKeeper:
         self._awaiting_engine: dict[int, Snapshot] = {}   # step -> snapshot not yet judged
         self._seconds: list[float] = []   # capture times since the last flush
 
+    def rebind_scheduler(self, scheduler: Any) -> None:
+        """Snapshots capture (and restore into) ``scheduler`` from now on."""
+        model, optimizer, _, scaler = self._state
+        self._state = (model, optimizer, scheduler, scaler)
+
     def extra(self) -> dict[str, Any]:
         """What a snapshot records besides the training state."""
         return {"lr_scale": self.policy.lr_scale}

@@ -627,3 +627,30 @@ def test_a_stream_is_read_once_and_its_first_batch_gives_the_untrained_loss(
     # the measurement's own training_step call on batch 0 first, then the run's, in order
     assert model.seen[:13] == [0] + [16 * i for i in range(12)]
     assert "untrained_loss" in read_trace(trace)[0].values
+
+
+def test_a_cut_during_stochastic_weight_averaging_reaches_swalr(tmp_path: Path) -> None:
+    """Lightning's SWA swaps LambdaLR for SWALR at its start epoch (step 80 here); a failure
+    after that is rolled back to a snapshot from before the swap with the rate halved. The
+    cut must reach SWALR's target rate (else SWALR anneals the run straight back to it), and
+    the old scheduler's state is not loaded into SWALR."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    trace = tmp_path / "swa.jsonl"
+    cb = LrwatchCallback(trace=str(trace), flush_every=2,
+                         recovery={"good_after": 4, "min_interval": 5, "cooldown": 0,
+                                   "lr_factor": 0.5, "sudden_lr_factor": 0.5,
+                                   "lr_recover": False, "start_check": "off"})
+    model = TinyMLP(sched=True)
+    swa = StochasticWeightAveraging(swa_lrs=0.02, swa_epoch_start=2)
+    trainer = _trainer(tmp_path, [cb, swa, LrBomb(at=100)], max_steps=-1, max_epochs=4)
+    trainer.fit(model, _loader())
+    w = cb.watcher
+    assert w is not None and w.policy.rollbacks == 1 and w.policy.lr_scale == 0.5
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    assert type(sched).__name__ == "SWALR" and w.scheduler is sched
+    group = trainer.optimizers[0].param_groups[0]
+    assert group["swa_lr"] == pytest.approx(0.01)
+    rb = [e for s in read_trace(trace) for e in s.events if e.get("type") == "rollback"]
+    assert len(rb) == 1 and rb[0]["to_step"] < 80 < rb[0]["step"]
+    assert group["lr"] < 0.02 and all(torch.isfinite(p).all() for p in model.parameters())

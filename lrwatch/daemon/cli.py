@@ -123,7 +123,7 @@ def baseline_build(data: str, output: str, window_size: int, target_windows: flo
     """
     from ..progress import Progress
     from .baseline import build_reference
-    from .reference import PREDICTION, read_data
+    from .reference import PREDICTION, describe_prediction_type, read_data
 
     try:
         kind_map = {}
@@ -148,7 +148,8 @@ def baseline_build(data: str, output: str, window_size: int, target_windows: flo
     click.echo(f"{output}: {ref.records} records, "
                f"{len([f for f in ref.features if f.name != PREDICTION])} features "
                f"({', '.join(f'{f.name}:{f.kind}' for f in ref.features[:8])}"
-               f"{', ...' if len(ref.features) > 8 else ''}), prediction {ref.prediction_type}; "
+               f"{', ...' if len(ref.features) > 8 else ''}), prediction "
+               f"{describe_prediction_type(ref)}; "
                f"threshold {cal.get('threshold', float('nan')):.3f} per window, "
                f"{cal.get('seq_threshold', float('nan')):.3f} sequential "
                f"(calibrated in {cal.get('seconds', 0):.1f} s)")

@@ -57,7 +57,11 @@ class OutputsMixin:
             self.limits = dataclasses.replace(self.limits, proba_width=ref.proba_width)
             self.ingest.limits = self.limits
         elif ref.prediction_type == "probability":   # so is what is not a class-1 probability
-            self.limits = dataclasses.replace(self.limits, binary_probability=True)
+            # (a regression in [0, 1] whose reference labels said so is "regression": its
+            # labels are values, kept and scored as errors)
+            self.limits = dataclasses.replace(
+                self.limits, binary_probability=True,
+                binary_from_labels=ref.prediction_basis == "labels")
             self.ingest.limits = self.limits
         self.estimates = self._make_tracker(ref)
         names: tuple[str, ...] = ()

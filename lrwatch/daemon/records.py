@@ -111,6 +111,10 @@ class Limits:
     #: the reference's predictions are class-1 probabilities (a binary model): a live
     #: prediction must be a number, or ``[p0, p1]`` (kept as ``p1``); not a class name
     binary_probability: bool = False
+    #: the reference's own labels were 0/1 (see ``Reference.prediction_basis``): its model is
+    #: a classifier for sure. Without them it may be a regression with outputs in [0, 1], and
+    #: a fractional label's message says how to have it read as one
+    binary_from_labels: bool = False
 
 
 DEFAULT_LIMITS = Limits()
@@ -452,10 +456,24 @@ def _check_label(v: Any, limits: Limits) -> None:
                           f"over the limit of {limits.max_string_chars}")
     if (limits.binary_probability or limits.proba_width is not None) \
             and not labels_are_classes([v], limits):
-        want = ("0 or 1 (true/false)" if limits.binary_probability else
-                f"a class index 0..{limits.proba_width - 1}")  # type: ignore[operator]
-        raise RecordError("invalid_label", f"label {v!r:.40} is not a class of the model "
-                          f"whose probabilities the reference holds: send {want}")
+        raise RecordError("invalid_label", _not_a_class(v, limits))
+
+
+def _not_a_class(v: Any, limits: Limits) -> str:
+    """Why label ``v`` is refused, and what to send. A fractional number against class-1
+    probabilities that no reference label vouched for is most likely a regression's label
+    (outputs in [0, 1] read as probabilities): the way out is a reference with its labels,
+    from which :mod:`.reference` reads a regression."""
+    want = ("0 or 1 (true/false)" if limits.binary_probability else
+            f"a class index 0..{limits.proba_width - 1}")  # type: ignore[operator]
+    msg = f"label {v!r:.40} is not a class of the model whose probabilities the reference " \
+          f"holds: send {want}"
+    if limits.binary_probability and not limits.binary_from_labels \
+            and type(v) is float and not v.is_integer():
+        msg += ("; if the model is a regression with outputs in [0, 1], build the reference "
+                "from data with its labels (`lrwatch baseline build`, or inline labels in "
+                "the live reference's records) so that lrwatch reads it as one")
+    return msg
 
 
 def _class_key(v: Any) -> str:

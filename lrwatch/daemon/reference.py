@@ -41,7 +41,7 @@ from .records import (DEFAULT_LIMITS, NonFinite, RecordError, _check_features, _
 from .state import atomic_write
 
 __all__ = ["FeatureProfile", "Reference", "profile_records", "read_data", "cat_key",
-           "unwrap_prediction",
+           "unwrap_prediction", "describe_prediction_type",
            "PREDICTION", "FINE_BINS", "COARSE_BINS"]
 
 #: Name under which the model output is profiled next to the features.
@@ -180,19 +180,61 @@ def _prediction_value(p: Any) -> Any:
     return p
 
 
-def _prediction_type(values: Sequence[Any]) -> str:
+def _prediction_type(values: Sequence[Any], labels: Sequence[Any] = ()
+                     ) -> tuple[str, str | None]:
+    """The kind of the reference's predictions, and ``"labels"`` when its labels decided it.
+
+    Numbers in [0, 1], not all integers, are a binary classifier's class-1 probabilities or
+    the outputs of a regression (a click-through rate, a share): the predictions alone cannot
+    tell, the labels can. Labels that are all 0/1 make a classifier; numbers that are not
+    all 0/1 make a regression, whose live labels are then values, not classes. Without
+    labels (or with class names) the predictions are read as probabilities, as before.
+    """
     present = [v for v in values if v is not None]
     if not present:
-        return "none"
+        return "none", None
     if any(isinstance(v, list) for v in present):
-        return "probabilities"
+        return "probabilities", None
     if all(_is_num(v) for v in present):
         if all(float(v).is_integer() for v in present):
-            return "class"
+            return "class", None
         if all(0.0 <= v <= 1.0 for v in present):
-            return "probability"
-        return "regression"
-    return "class"
+            said = _label_kind(labels)
+            if said is None:
+                return "probability", None
+            return ("probability" if said == "classes" else "regression"), "labels"
+        return "regression", None
+    return "class", None
+
+
+def _label_kind(labels: Sequence[Any]) -> str | None:
+    """``"classes"`` when every label present is class 0 or 1 (``True``, ``1.0`` and ``"1"``
+    are class 1), ``"values"`` when all are numbers and not all 0/1, else ``None`` (no
+    labels, class names, a mix: nothing to tell a regression by)."""
+    present = [v for v in labels if v is not None]
+    if not present:
+        return None
+    if all(cat_key(v) in ("0", "1") for v in present):
+        return "classes"
+    return "values" if all(_is_num(v) for v in present) else None
+
+
+def describe_prediction_type(ref: "Reference") -> str:
+    """The reference's prediction type, with why, where predictions in [0, 1] made it a
+    choice between a probability and a regression (what ``lrwatch baseline build`` and the
+    live reference's log say): a regression read as probabilities would have its labels
+    refused."""
+    ptype = ref.prediction_type
+    if ref.prediction_basis == "labels":
+        why = ("the labels are 0/1: a binary classifier's class-1 probabilities"
+               if ptype == "probability" else
+               "outputs in [0, 1], but the labels are values, not classes 0/1")
+        return f"{ptype} ({why})"
+    if ptype == "probability":
+        return (f"{ptype} (outputs in [0, 1] and no labels to tell: read as a binary "
+                f"classifier's class-1 probabilities, whose live labels must be 0 or 1; a "
+                f"regression with outputs in [0, 1] needs its labels in the reference)")
+    return ptype
 
 
 @dataclass
@@ -211,6 +253,10 @@ class Reference:
     #: the fitted label-free performance estimator (``PerformanceEstimator.to_dict()``), when
     #: the reference had labels and probabilities (see :mod:`.baseline`)
     estimator: dict[str, Any] | None = None
+    #: ``"labels"`` when the reference's labels decided between a probability and a
+    #: regression (predictions in [0, 1]); ``None`` when the predictions alone did, or the
+    #: reference predates this (saved only when set: older readers see the old format)
+    prediction_basis: str | None = None
     #: what building this reference could not do, and why (not saved)
     notes: list[str] = field(default_factory=list)
 
@@ -224,7 +270,9 @@ class Reference:
                 "features": [f.to_dict() for f in self.features],
                 "sample": self.sample, "calibration": self.calibration,
                 **({"proba_width": self.proba_width} if self.proba_width else {}),
-                **({"estimator": self.estimator} if self.estimator else {})}
+                **({"estimator": self.estimator} if self.estimator else {}),
+                **({"prediction_basis": self.prediction_basis} if self.prediction_basis
+                   else {})}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Reference":
@@ -238,7 +286,9 @@ class Reference:
                    sample={str(k): list(v) for k, v in (d.get("sample") or {}).items()},
                    calibration=d.get("calibration"),
                    proba_width=int(d["proba_width"]) if d.get("proba_width") else None,
-                   estimator=d.get("estimator"))
+                   estimator=d.get("estimator"),
+                   prediction_basis=str(d["prediction_basis"]) if d.get("prediction_basis")
+                   else None)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically (temporary file, fsync, rename)."""
@@ -316,7 +366,9 @@ def profile_records(records: Iterable[Mapping[str, Any]], *,
     feats = [_profile(n, vals, kinds.get(n)) for n, vals in cols.items()]
     raw = [unwrap_prediction(r.get("prediction")) for r in rows]
     preds = [_prediction_value(p) for p in raw]
-    ptype = _prediction_type(raw)  # from the raw values: a probability list is not a class
+    # from the raw values (a probability list is not a class) and the labels (numbers in
+    # [0, 1] are a regression's outputs when the labels are values, not classes)
+    ptype, basis = _prediction_type(raw, [r.get("label") for r in rows])
     if ptype != "none":
         pkind = "numeric" if ptype in ("probability", "regression") else "categorical"
         feats.append(_profile(PREDICTION, preds, pkind))
@@ -328,7 +380,7 @@ def profile_records(records: Iterable[Mapping[str, Any]], *,
     ref = Reference(features=feats, prediction_type=ptype, records=len(rows),
                     created=time.time(), sample=sample,
                     proba_width=widths.pop() if ptype == "probabilities" and len(widths) == 1
-                    else None)
+                    else None, prediction_basis=basis)
     ref.notes.extend(notes)
     return ref
 

@@ -19,6 +19,7 @@ from .baseline import build_reference
 from .coverage import LabelCoverage
 from .labels import PendingLabels, is_classification, score
 from .records import DATA_REASONS, Batch
+from .reference import describe_prediction_type
 from .windows import Window
 
 if TYPE_CHECKING:
@@ -204,6 +205,7 @@ class WindowsMixin:
             except ConfigError as exc:
                 self._reference_failed(exc)
                 return
+            _log.info("live reference: prediction %s", describe_prediction_type(ref))
             for note in ref.notes:
                 _log.warning("live reference: %s", note)
             self._start_calibration(ref)

@@ -62,6 +62,34 @@ def test_baseline_build_from_csv_with_forced_kind(tmp_path):
     assert ref.prediction_type == "class"
 
 
+@pytest.mark.parametrize("label, kind, says", [
+    (lambda rng, p: round(min(1.0, max(0.0, p + rng.gauss(0, 0.05))), 4), "regression",
+     "prediction regression (outputs in [0, 1], but the labels are values"),
+    (lambda rng, p: int(rng.random() < p), "probability",
+     "prediction probability (the labels are 0/1"),
+])
+def test_baseline_build_reports_the_prediction_kind_its_labels_chose(tmp_path, label, kind,
+                                                                     says):
+    """A CSV of a click-through-rate regression (a share as its label) or of a binary
+    classifier with the same outputs (a 0/1 label): the label column tells them apart."""
+    rng = random.Random(5)
+    data = tmp_path / "ref.csv"
+    with open(data, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["x", "prediction", "label"])
+        for _ in range(300):
+            x = rng.gauss(0, 1)
+            p = round(0.05 + 0.4 * rng.random(), 6)
+            w.writerow([x, p, label(rng, p)])
+    out = tmp_path / "reference.json"
+    res = CliRunner().invoke(cli, ["baseline", "build", str(data), "-o", str(out),
+                                   "--window-size", "50", "--sims", "200", "-q"])
+    assert res.exit_code == 0, res.output
+    assert says in res.output
+    ref = Reference.load(out)
+    assert ref.prediction_type == kind and ref.prediction_basis == "labels"
+
+
 def test_bad_inputs_name_the_problem(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"features": {"x": 1}}\n{"nope": 1}\n')

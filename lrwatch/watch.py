@@ -38,7 +38,7 @@ from .actions.alerts import make_sender
 from .actions.rollback import scale_learning_rate
 from .actions.best import BestEval
 from .actions.notify import Notifier
-from .actions.snapshot import SnapshotStore
+from .actions.snapshot import SnapshotStore, all_finite
 from .best_keeper import BestKeeper
 from .data_side import DataSide
 from .distributed import RankContext
@@ -281,6 +281,8 @@ class Watcher(DataSide, PlanExecutor, StepPath, Flushing):
                     self._internal_error("gathering the ranks' host memory")
             self._snaps.take_first(self.step, self.data_position)
         self.store: SnapshotStore | None = self._snaps.store if self._snaps else None
+        if self.store is not None:   # a step is judged a flush late: see SnapshotStore._trim
+            self.store.pending_slack = self.flush_lag
         self._rules = Judge(self.engine, set_rule_state=self.exporter.set_rule_state,
                             on_judged=self._snaps.judged if self._snaps else None,
                             on_error=self._internal_error) if self.engine is not None else None
@@ -337,10 +339,12 @@ class Watcher(DataSide, PlanExecutor, StepPath, Flushing):
         self.outputs.add_listener(listener)
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters and detector state, so a resumed run keeps its rules and rollback budget
-        (a flush in flight is landed first, so the state holds every step judged so far)."""
-        if self._in_flight is not None:
-            self._land()
+        """Counters and detector state, so a resumed run keeps its rules and rollback budget.
+
+        The detectors' state is the one of the last flush judged: steps not flushed yet, or
+        whose flush is still in flight (``flush_lag=1``), are not in it (landing one here
+        could plan a rollback the checkpoint would not carry out, and under torch.distributed
+        would need every rank, where a framework may call this on rank 0 alone)."""
         return {"step": self.step, "data_position": self.data_position,
                 "skip_remaining": self._skip_remaining,
                 "policy": self.policy.state_dict(),
@@ -369,7 +373,14 @@ class Watcher(DataSide, PlanExecutor, StepPath, Flushing):
             self._late_records.append({"type": "resume", "step": self.step, "trace_lines": kept,
                                        "engine_state": self.engine.state_dict()})
         if self._snaps is not None:   # it was taken before the policy's scale was known
-            self._snaps.retake_first(self.step, self.data_position)
+            if all_finite(self.model):
+                self._snaps.retake_first(self.step, self.data_position)
+            else:   # a checkpoint written after a failure its flush had not judged yet
+                self._snaps.drop_first()
+                log.warning("lrwatch: the resumed weights are not all finite (the checkpoint "
+                            "was written after a failure lrwatch had not judged yet): there is "
+                            "no state to roll back to, so a rollback will stop the run; resume "
+                            "from an earlier checkpoint")
 
     def log(self, *, batch_size: int | None = None, **metrics: torch.Tensor | float | int) -> None:
         """Record this step's metrics (``loss=``, ``accuracy=``, or any other name).
@@ -434,7 +445,8 @@ class Watcher(DataSide, PlanExecutor, StepPath, Flushing):
         if not self._safe_point():
             self._ramp_step()   # (a restart's own step runs at the ramp's first rate)
         if self._snaps is not None and not self.should_stop and not self._pending:
-            self._snaps.take_due(self.step, self.data_position)
+            self._snaps.take_due(self.step, self.data_position,
+                                 restored=self._restored_at == self.step)
 
     def _internal_error(self, what: str) -> None:   # fail open: counted and logged, not raised
         self._faults.error(what)

@@ -78,7 +78,7 @@ def test_a_lagged_flush_hands_over_the_same_samples_one_step_later() -> None:
         assert {k: a.values[k] for k in KEYS} == {k: b.values[k] for k in KEYS}
 
 
-def test_an_explicit_flush_and_state_dict_land_the_copy_in_flight() -> None:
+def test_an_explicit_flush_lands_the_copy_in_flight_and_state_dict_does_not() -> None:
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     got: list[Sample] = []
@@ -86,11 +86,15 @@ def test_an_explicit_flush_and_state_dict_land_the_copy_in_flight() -> None:
     for i in range(4):
         w.log(loss=_step(model, opt, i))
     assert w.flush_in_flight and got == []
-    state = w.state_dict()     # lands first: the engine's state holds steps 1-4
-    assert not w.flush_in_flight and [s.step for s in got] == [1, 2, 3, 4]
-    assert w.engine is not None and w.engine.last_step == 4
-    assert state["engine"] == w.engine.state_dict()
-    for i in range(4, 8):
+    # no landing (it could plan a rollback the checkpoint would not carry out, and under
+    # torch.distributed it would need every rank): the state is the last judged flush's
+    state = w.state_dict()
+    assert w.flush_in_flight and got == [] and state["step"] == 4
+    assert w.engine is not None and state["engine"] == w.engine.state_dict()
+    assert w.engine.last_step is None or w.engine.last_step < 1
+    w.log(loss=_step(model, opt, 4))   # step 5 lands steps 1-4
+    assert [s.step for s in got] == [1, 2, 3, 4]
+    for i in range(5, 8):
         w.log(loss=_step(model, opt, i))
     assert w.flush_in_flight      # steps 5-8 on their way
     assert [s.step for s in w.flush()] == [5, 6, 7, 8] and not w.flush_in_flight
@@ -168,3 +172,71 @@ def test_an_evaluation_logged_while_a_copy_is_in_flight_is_judged_with_it() -> N
     # so the landing reads both values (one extra read) and keeps the better one
     assert w.best_eval is not None and w.best_eval.step == 4 and w.best_eval.value == pytest.approx(0.4)
     w.close()
+
+
+def _snapshot_run(lag: int, steps: int, recovery: dict, nan_at: tuple[int, ...] = (),
+                  trace: Path | None = None) -> tuple[lrwatch.Watcher, list[tuple[int, int]]]:
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    w = lrwatch.Watcher(model, opt, flush_every=1, flush_lag=lag, trace=trace,
+                        recovery={"guard": "off", **recovery})
+    newest_good = []
+    for i in range(steps):
+        w.log(loss=_step(model, opt, i, nan=w.step + 1 in nan_at))
+        assert w.store is not None
+        good = w.store.latest_good()
+        newest_good.append((w.step, good.step if good else -1))
+    w.close()
+    return w, newest_good
+
+
+def test_known_good_snapshots_advance_with_a_lagged_flush() -> None:
+    """Snapshots every 2 steps, known good after 2 quiet steps: the promotion of the older one
+    lands a step after the newer one is taken; it is held for it (one over ``keep``) instead
+    of being trimmed, so the newest known-good snapshot trails the direct flush's by at most
+    one step instead of stopping."""
+    rc = {"good_after": 2, "min_interval": 2, "max_interval": 2}
+    _, now = _snapshot_run(0, 30, rc)
+    _, lagged = _snapshot_run(1, 30, rc)
+    assert now[-1][1] >= 26
+    for (step, good_now), (_, good_lag) in zip(now[1:], lagged[1:]):
+        assert good_lag >= dict(now).get(step - 1, -1), (step, good_now, good_lag)
+
+
+@pytest.mark.parametrize("lag", [0, 1])
+def test_the_snapshot_after_a_rollback_keeps_the_restored_detectors(tmp_path: Path,
+                                                                    lag: int) -> None:
+    """The snapshot taken at the boundary where a rollback put the run back holds the target's
+    state, and the detectors were put back with it: it carries their state, so a second
+    rollback to it restores them too (before, it waited for a judgement of a step nobody
+    judges, and was promoted without it)."""
+    trace = tmp_path / "t.jsonl"
+    w, _ = _snapshot_run(lag, 40, {"good_after": 2, "min_interval": 4, "max_interval": 4,
+                                   "probation": False, "keep": 10, "cooldown": 0},
+                         nan_at=(15, 19), trace=trace)
+    rb = [e for s in read_trace(trace) for e in s.events if e.get("type") == "rollback"]
+    assert len(rb) == 2 and all(e.get("engine_state") is not None for e in rb)
+    assert w._snaps is not None and not w._snaps._awaiting_engine
+
+
+def test_a_resume_from_weights_that_are_not_finite_stops_at_its_first_rollback(
+        caplog: pytest.LogCaptureFixture) -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = lrwatch.Watcher(model, opt, flush_every=5, recovery={"guard": "off"})
+    for i in range(5):
+        w.log(loss=_step(model, opt, i))
+    state = w.state_dict()
+    w.close()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")   # a checkpoint written after an unjudged failure
+    w = lrwatch.Watcher(model, opt, flush_every=5, recovery={"guard": "off"})
+    w.load_state_dict(state)
+    assert "resumed weights are not all finite" in caplog.text
+    assert w.store is not None and not any(s.pinned for s in w.store.snapshots)
+    for i in range(5, 20):
+        w.log(loss=_step(model, opt, i))
+        if w.should_stop:
+            break
+    w.close()
+    assert w.should_stop and w.stop_reason == "no snapshot to go back to"

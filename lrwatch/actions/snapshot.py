@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -30,7 +31,8 @@ import torch
 
 from ..errors import ConfigError
 
-__all__ = ["Snapshot", "SnapshotStore", "capture_state", "restore_state", "settle", "cpu_copy",
+__all__ = ["Snapshot", "SnapshotStore", "all_finite", "capture_state", "restore_state", "settle",
+           "cpu_copy",
            "save_verified", "load_verified"]
 
 from .._ratelimit import LogLimiter
@@ -133,6 +135,13 @@ def capture_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
 _IN_FLIGHT = "host_copy"   # the HostCopy of a captured state whose copies may be in flight
 
 
+def all_finite(model: torch.nn.Module) -> bool:
+    """Whether every parameter and floating buffer of ``model`` is finite (one host read)."""
+    checks = [torch.isfinite(t).all() for t in itertools.chain(model.parameters(), model.buffers())
+              if t.is_floating_point() and t.numel()]
+    return bool(torch.stack([c.to(checks[0].device) for c in checks]).all()) if checks else True
+
+
 def settle(state: Mapping[str, Any]) -> Mapping[str, Any]:
     """``state`` once the host copies :func:`capture_state` queued have landed (one wait on
     their events; nothing to wait for when they were made synchronously)."""
@@ -212,13 +221,16 @@ def _copy_into(model: torch.nn.Module, saved: Mapping[str, Any]) -> bool:
     when that is exactly what ``load_state_dict`` would do: the same keys, every entry a plain
     tensor of the live one's shape and dtype, in pinned host memory, and no module with load
     hooks or a loader of its own. Returns whether it did (else nothing was touched)."""
+    if type(model).load_state_dict is not torch.nn.Module.load_state_dict:
+        return False   # a model that loads its own way
+    for m in model.modules():
+        if (m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks
+                or type(m)._load_from_state_dict not in _PLAIN_LOADERS
+                or type(m).get_extra_state is not torch.nn.Module.get_extra_state):
+            return False   # (extra state is set by set_extra_state, not copied)
     live = model.state_dict(keep_vars=True)
     if list(live) != list(saved):
         return False
-    for m in model.modules():
-        if (m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks
-                or type(m)._load_from_state_dict not in _PLAIN_LOADERS):
-            return False
     pairs = []
     for key, dst in live.items():
         src = saved[key]
@@ -345,6 +357,9 @@ class SnapshotStore:
         if good_after < 0 or min_interval < 1 or max_interval < min_interval:
             raise ConfigError("need good_after >= 0 and 1 <= min_interval <= max_interval")
         self.keep = keep
+        #: Pending snapshots held beyond ``keep`` while their promotion may be in flight (the
+        #: Watcher sets 1 with ``flush_lag=1``; see :meth:`_trim`).
+        self.pending_slack = 0
         self.directory = Path(directory) if directory is not None else None
         self.good_after = good_after
         self.budget = budget
@@ -491,13 +506,17 @@ class SnapshotStore:
         snap.state = None  # the disk copy is the snapshot; keep memory free
 
     def _trim(self) -> None:
-        while sum(1 for s in self.snapshots if not s.pinned) > self.keep:
+        while (held := sum(1 for s in self.snapshots if not s.pinned)) > self.keep:
             # Drop the oldest, but never a pinned one nor the two newest known-good ones: when
             # a rollback to the newest did not help, the one before it is the next target.
             protected = {id(s) for s in self.snapshots if s.pinned}
             protected |= {id(s) for s in [s for s in self.snapshots if s.good][-2:]}
             victim = next((s for s in self.snapshots if id(s) not in protected), None)
             if victim is None:
+                break
+            if not victim.good and held <= self.keep + self.pending_slack:
+                # Its promotion may be in flight (the Watcher's flush_lag=1 judges a step one
+                # step late): hold one more until the next promotion trims again.
                 break
             self.snapshots.remove(victim)
             self._delete(victim)
@@ -525,6 +544,8 @@ class SnapshotStore:
             if not s.good and s.step + self.good_after <= quiet_through:
                 s.good = True
                 promoted.append(s)
+        if promoted and self.pending_slack:
+            self._trim()   # the one held for its promotion: now the oldest good one goes
         return promoted
 
     def discard_pending(self, after_step: int | None = None) -> int:

@@ -46,9 +46,11 @@ class TraceWriter:
 
     Lines are kept in memory and pushed to the OS by :meth:`flush` (the Watcher calls it once
     per flush, at most once a second), whole lines only. A path is opened for appending with
-    ``append=True``. Otherwise it is emptied when the first lines reach it (or at
-    :meth:`close`), so that :meth:`resume`, called before that, can keep the run's earlier
-    lines instead: a Watcher resumed from a checkpoint continues its trace.
+    ``append=True``. Otherwise it starts empty; what an earlier run wrote there is moved
+    aside (``PATH.before``) until the first lines are written or the writer closes, so that
+    :meth:`resume`, called before that, can put the earlier run's lines back: a Watcher
+    resumed from a checkpoint continues its trace. (A process that dies before it writes
+    anything leaves the earlier lines in ``PATH.before``.)
 
     **Fail open** (for a path): a trace that cannot be opened or written (a read-only
     directory, a full disk) never stops training. A failed write is cut back to the last whole
@@ -78,17 +80,19 @@ class TraceWriter:
         self._stream: IO[str] | None = None
         self._raise: OSError | None = None
         self._logged = False
-        self._fresh = False
+        self._before: Path | None = None   # an earlier run's lines, until resumed or dropped
         if isinstance(target, (str, os.PathLike)):
             self.path: str | None = str(target)
             try:
                 path = Path(target)
                 if path.parent and not path.parent.exists():
                     path.parent.mkdir(parents=True, exist_ok=True)
-                flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else 0)
+                if not append and path.is_file() and path.stat().st_size > 0:
+                    self._before = path.with_name(path.name + ".before")
+                    os.replace(path, self._before)
+                flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
                 self._fd = os.open(path, flags, 0o644)
                 self._good = os.lseek(self._fd, 0, os.SEEK_END)  # the end of the last whole line
-                self._fresh = not append   # emptied at the first write, unless resumed
             except OSError as exc:
                 self._failed(exc, "open")
         else:
@@ -96,35 +100,38 @@ class TraceWriter:
             self.path = getattr(target, "name", None)
 
     def resume(self, step: int) -> int:
-        """Continue the file a run wrote before it was resumed at ``step``: keep its lines up
-        to that step (the ones after it were trained after the checkpoint, and are trained
-        again now; a last line cut short by a crash goes too) and append after them. Only
+        """Continue the file a run wrote before it was resumed at ``step``: put back its lines
+        up to that step (the ones after it were trained after the checkpoint, and are trained
+        again now; a last line cut short by a crash goes too), and append after them. Only
         before anything was written here (else it does nothing); returns the lines kept."""
-        if self._fd is None or not self._fresh or self.path is None:
+        before, self._before = self._before, None
+        if self._fd is None or before is None or self.lines_written or self._pending:
+            if before is not None:
+                _unlink(before)
             return 0
-        keep, kept = 0, 0
+        kept = 0
         try:
-            with open(self.path, "rb") as fh:
+            with open(before, "rb") as fh:
                 for raw in fh:
                     at = _step_of(raw) if raw.endswith(b"\n") else None
                     if at is None or at > step:
                         break
-                    keep += len(raw)
+                    view = memoryview(raw)
+                    while view:
+                        view = view[os.write(self._fd, view):]
+                    self._good += len(raw)
                     kept += 1
-            os.ftruncate(self._fd, keep)
-            self._good = os.lseek(self._fd, keep, os.SEEK_SET)
         except OSError as exc:
             self._failed(exc, "resume")
-            return 0
-        self._fresh = False
+        _unlink(before)
         return kept
 
-    def _start_fresh(self) -> None:
-        """A run that was not resumed: empty what an earlier run left in the file."""
-        if self._fresh and self._fd is not None:
-            self._fresh = False
-            os.ftruncate(self._fd, 0)
-            self._good = os.lseek(self._fd, 0, os.SEEK_SET)
+    def _drop_before(self) -> None:
+        """A run that was not resumed: the earlier run's lines go, as opening the file for
+        writing would have dropped them."""
+        before, self._before = self._before, None
+        if before is not None:
+            _unlink(before)
 
     @property
     def ok(self) -> bool:
@@ -168,7 +175,7 @@ class TraceWriter:
         self._pending.clear()
         self._pending_bytes = self._pending_lines = 0
         try:
-            self._start_fresh()
+            self._drop_before()
             view = memoryview(data)
             while view:
                 n = os.write(self._fd, view)
@@ -216,10 +223,7 @@ class TraceWriter:
             return
         try:
             self.flush()
-            try:
-                self._start_fresh()   # nothing was written: the file is empty, as it was opened
-            except OSError as exc:
-                self._failed(exc, "empty")
+            self._drop_before()
         finally:
             if self._fd is not None:
                 fd, self._fd = self._fd, None
@@ -242,3 +246,10 @@ def _step_of(raw: bytes) -> int | None:
     except (ValueError, AttributeError):
         return None
     return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass

@@ -78,6 +78,7 @@ class PlanExecutor(ActionAlerts):
         self.stop_reason = None
         self._skip_remaining = 0
         self._pending: list[tuple[Plan, Snapshot | None]] = []
+        self._restored_at: int | None = None   # the step of the last rollback or skip
         self._action_alerts = {}   # kind -> the firing alert of an action
         self._stop_restored: Any = None   # what a stop restored (adapters re-apply)
         self._probe_loss = probe_loss
@@ -236,6 +237,7 @@ class PlanExecutor(ActionAlerts):
         # steps trained since the flush that decided this, not judged yet (``flush_lag=1``):
         # the trajectory they belong to is abandoned, so the rules never see them
         self._discard_unjudged()
+        self._restored_at = self.step
         # The snapshot's learning rates carry the scale of their time; bring them to the
         # scale the policy planned (for a skip: today's).
         snap_scale = float(target.extra.get("lr_scale", 1.0))

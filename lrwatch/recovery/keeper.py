@@ -73,17 +73,26 @@ class SnapshotKeeper:
             self.store.drop_pinned(old)
         self.take_first(step, data_position)
 
-    def take_due(self, step: int, data_position: int) -> None:
-        """A snapshot if the store's schedule says one is due at ``step``."""
+    def drop_first(self) -> None:
+        """Forget the pinned snapshot without taking another (a resumed state that is not
+        finite is no run's start: nothing to go back to)."""
+        for old in sorted({s.step for s in self.store.snapshots if s.pinned}):
+            self.store.drop_pinned(old)
+
+    def take_due(self, step: int, data_position: int, *, restored: bool = False) -> None:
+        """A snapshot if the store's schedule says one is due at ``step``; ``restored``: a
+        rollback or skip put the run back at this boundary (the state is its target's)."""
         if not self.store.due(step):
             return
         snap = self.take(step, data_position)
         if snap is None:
             return
         self._seconds.append(snap.seconds)
-        if self.engine.last_step == snap.step:
+        if self.engine.last_step == snap.step or restored:
             # The flush that judged this step came first (log() flushes, then takes the
-            # snapshot): the engine's state now is the one at the snapshot.
+            # snapshot): the engine's state now is the one at the snapshot. After a rollback
+            # the detectors were put back with the run, so theirs is its state too (no later
+            # flush judges this step: what was trained since the target is abandoned).
             snap.extra["engine_state"] = self.engine.state_dict()
         else:
             self._awaiting_engine[snap.step] = snap

@@ -100,26 +100,37 @@ def test_a_line_that_is_not_utf8_is_malformed_not_decoded_into_another_key(tmp_p
     assert reader.skipped == 1 and reader.errors == [f"{path}:2: not valid UTF-8"]
 
 
-def test_a_writer_empties_its_file_when_it_first_writes_or_closes_unless_resumed(tmp_path):
+def test_a_writer_starts_empty_and_a_resume_puts_the_earlier_lines_back(tmp_path):
     path = tmp_path / "t.jsonl"
+    before = tmp_path / "t.jsonl.before"
     old = "".join(json.dumps(encode_sample(Sample(step=i, time=None, values={"loss": 1.0})))
                   + "\n" for i in range(1, 6))
     path.write_text(old)
     w = TraceWriter(path)
-    assert path.read_text() == old           # nothing written yet: a resume may keep it
+    # the path starts empty, as it always did; the earlier lines wait aside for a resume
+    assert path.read_text() == "" and before.read_text() == old
     w.write(Sample(step=1, time=None, values={"loss": 2.0}))
-    w.flush()
+    w.flush()                                # not resumed: the earlier lines are gone
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1]
+    assert not before.exists()
     w.close()
     path.write_text(old)
     TraceWriter(path).close()                # a run that wrote nothing leaves an empty file
-    assert path.read_text() == ""
-    # resumed at step 3: lines 1-3 kept, 4-5 (trained after the checkpoint) and a line cut
+    assert path.read_text() == "" and not before.exists()
+    # resumed at step 3: lines 1-3 back, 4-5 (trained after the checkpoint) and a line cut
     # short by a crash dropped, and the run appends after step 3
     path.write_text(old + '{"v":1,"step":6,"lo')
     w = TraceWriter(path)
     assert w.resume(3) == 3 and w.resume(3) == 0     # once, before anything is written
+    assert not before.exists()
     w.write(Sample(step=4, time=None, values={"loss": 3.0}))
     w.close()
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3, 4] and lines[-1]["loss"] == 3.0
+
+
+def test_a_device_file_is_a_trace_target_as_before():
+    w = TraceWriter("/dev/null")
+    w.write(Sample(step=1, time=None, values={"loss": 2.0}))
+    w.close()
+    assert w.ok and w.lines_written == 1

@@ -21,6 +21,7 @@ from .actions.host_memory import copies_fit, reports_fit
 from .actions.snapshot import capture_state
 from .recovery.probe import FORWARD_COST
 from .recovery.shadow import ObservedStart, group_rates, shadow_check
+from .recovery.start_check import worst_ratio
 from .untrained import OutputShapes, measure_constant_loss, measure_untrained_loss
 
 __all__ = ["DataSide"]
@@ -46,6 +47,7 @@ class DataSide:
     _recent: Any
     _replay: Any
     policy: Any
+    outputs: Any
     recorder: Any
     model: Any
     optimizer: Any
@@ -66,6 +68,10 @@ class DataSide:
     _restore_engine: Any
     #: the untrained loss :meth:`measure_untrained` measured (a device scalar), or ``None``
     untrained_level: Any = None
+    #: the untouched network's loss on each of those batches (device scalars)
+    _untrained_each: list[Any] = []
+    #: the run's loss at steps 1..len(_untrained_each), once batches() measured them
+    _early_losses: dict[int, float] | None = None
 
     def batches(self, iterable: Iterable[T]) -> Iterator[T]:
         """Yield the batches of ``iterable``, acting on lrwatch's decisions between them.
@@ -176,6 +182,8 @@ class DataSide:
             self._skip_start_check("the rules acted on the run's first steps")
             self._safe_point()
             return
+        if self._start_gate_closed():
+            return
         factor, steps = self.recovery.restart_lr_factor, self.recovery.start_check_steps
         self._probing = True   # the shadow's steps are not the run's (the step hooks skip them)
         try:
@@ -216,6 +224,23 @@ class DataSide:
         else:
             log.info("lrwatch: start check: the configured rate stands (%s)", v.reason)
         self._late_records.append(record)
+
+    def _start_gate_closed(self) -> bool:
+        """No shadow when the run's first steps left no batch worse than
+        ``start_check_gate`` times the untouched network's loss on it: the rate stands, at no
+        cost (``RecoveryConfig.start_check_gate``). Said in the log and the trace."""
+        gate = self.recovery.start_check_gate
+        ratio = self._start_gate_ratio() if gate else None
+        if ratio is None or ratio > gate:
+            return False
+        self.policy.start_checked(0)
+        reason = (f"the run's first steps left no batch it met worse than x{gate:g} the "
+                  f"untouched network's loss on it (at most x{ratio:.3g}): no shadow")
+        log.info("lrwatch: start check: the configured rate stands (%s)", reason)
+        self._late_records.append({"type": "start_check", "step": self.step, "steps": 0,
+                                   "cost_steps": 0, "lr_factor": 1.0, "worst_ratio": ratio,
+                                   "reason": reason})
+        return True
 
     def _start_engine_state(self) -> Any:
         """The detectors' state at the run's start (the pinned snapshot's), or ``None``."""
@@ -288,10 +313,39 @@ class DataSide:
                                obs.run_state, obs.held_out_rates)
 
     def _measure_untrained(self, it: Iterator[T]) -> Iterator[T]:
-        """Measure the untrained loss on the first batches of ``it``; they are yielded first."""
+        """Measure the untrained loss on the first batches of ``it``; they are yielded first,
+        so the run's first steps meet the same batches (the start check's gate compares)."""
         first = list(itertools.islice(it, self.untrained_batches))
         self.measure_untrained(first)
+        if self._untrained_each:
+            self._early_losses = {}
+            self.outputs.add_listener(self._note_early_loss)
         return itertools.chain(first, it)
+
+    def _note_early_loss(self, sample: Any) -> None:
+        if self._early_losses is not None and sample.step <= len(self._untrained_each):
+            loss = sample.values.get("loss")
+            if isinstance(loss, float):
+                self._early_losses[sample.step] = loss
+
+    def _start_gate_ratio(self) -> float | None:
+        """:func:`~lrwatch.recovery.start_check.worst_ratio` of the run's first steps against
+        the untouched network on the same batches, the worst over the ranks; ``None`` where
+        it cannot be read (the untrained loss measured on other batches, a step missing)."""
+        ratio = None
+        early, base = self._early_losses, self._untrained_each
+        if early is not None and base:
+            run = [early.get(i + 1) for i in range(len(base))]
+            if all(x is not None for x in run):
+                try:
+                    untrained = [float(x) for x in base]   # one-off host reads, at the check
+                    ratio = worst_ratio(run, untrained)   # type: ignore[arg-type]
+                except Exception:
+                    self._internal_error("reading the untrained losses for the start check")
+        if self.dist.active:   # every rank gates alike: the worst rank's batches decide
+            got = self.dist.gather(ratio)
+            ratio = None if any(r is None for r in got) else max(got)
+        return ratio
 
     def measure_untrained(self, batches: Iterable[Any]) -> None:
         """Record the untrained loss: the median ``probe_loss`` of the model as it is now over
@@ -306,7 +360,9 @@ class DataSide:
         batches = list(batches)
         outputs = OutputShapes()
         try:
-            loss = measure_untrained_loss(self.model, batches, self._probe_loss, outputs)
+            each: list[Any] = []
+            loss = measure_untrained_loss(self.model, batches, self._probe_loss, outputs, each)
+            self._untrained_each = each
             self.untrained_level = loss   # a device scalar (or None), for adapters
             if loss is not None:
                 self.recorder.row_for_log(self.step + 1).put("untrained_loss", loss)

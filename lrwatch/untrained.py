@@ -96,11 +96,13 @@ class OutputShapes:
 
 def measure_untrained_loss(model: torch.nn.Module, batches: Sequence[Any],
                            loss_of: Callable[[torch.nn.Module, Any], torch.Tensor],
-                           outputs: OutputShapes | None = None) -> torch.Tensor | None:
+                           outputs: OutputShapes | None = None,
+                           per_batch: list[torch.Tensor] | None = None) -> torch.Tensor | None:
     """The median of ``loss_of(model, batch)`` over ``batches`` (the mean of the two middle
     values for an even count), as a 0-d float32 tensor on the loss's device, with the model,
     its buffers and every random generator as they were. With ``outputs``, what the model's
     ``forward`` returned is noted there (for :func:`measure_constant_loss`; one forward hook).
+    ``per_batch`` receives each batch's loss (device scalars, in order).
 
     Returns ``None`` when there is no batch. Errors from ``loss_of`` propagate (the caller
     decides whether a failed measurement may stop the run).
@@ -124,6 +126,8 @@ def measure_untrained_loss(model: torch.nn.Module, batches: Sequence[Any],
         with torch.no_grad():
             for buf, copy in saved:
                 buf.copy_(copy)
+    if per_batch is not None:
+        per_batch.extend(losses)
     dev = losses[0].device
     return torch.quantile(torch.stack([x.to(dev) for x in losses]), 0.5)
 

@@ -266,11 +266,14 @@ def probe_restart(rank: int, world: int, store: str, out: str, kind: str = "ddp"
     finish()
 
 
-def start_check(rank: int, world: int, store: str, out: str, kind: str = "ddp") -> None:
-    """SGD far too hot under DDP (or FSDP2), with the defaults: every rank trains its own
-    shadow at a tenth on its own shard (the wrapper reduces its gradients; under FSDP2 the
-    states are captured and restored as sharded state dicts); the held-out losses are averaged
-    over the ranks, so all of them adopt it at the same step and stay identical."""
+def start_check(rank: int, world: int, store: str, out: str, kind: str = "ddp",
+                gate: float = 0.0) -> None:
+    """SGD far too hot under DDP (or FSDP2): every rank trains its own shadow at a tenth on
+    its own shard (the wrapper reduces its gradients; under FSDP2 the states are captured and
+    restored as sharded state dicts); the held-out losses are averaged over the ranks, so all
+    of them adopt it at the same step and stay identical. ``gate``: the start check's gate
+    (0: the shadow is trained whatever the first steps did; the default gate reads each
+    rank's own batches, and the worst rank decides for all)."""
     init(rank, world, store)
     model = _wrapped(kind)
     opt = torch.optim.SGD(model.parameters(), lr=0.6)   # higher blows up before step 10
@@ -285,11 +288,12 @@ def start_check(rank: int, world: int, store: str, out: str, kind: str = "ddp") 
     def probe_loss(m: nn.Module, batch: Any) -> torch.Tensor:
         return nn.functional.mse_loss(m(batch[0]), batch[1])
 
-    w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=probe_loss)
+    w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=probe_loss,
+                        recovery={"start_check_gate": gate})
     _watched_mse_loop(w, model, opt, stream(), events, steps=40)
     _write(out, rank, {
-        "checks": [(e["step"], e["lr_factor"], e["held_out_loss"], e["shadow_loss"])
-                   for e in events if e.get("type") == "start_check"],
+        "checks": [(e["step"], e["lr_factor"], e.get("held_out_loss"), e.get("shadow_loss"),
+                    e.get("worst_ratio")) for e in events if e.get("type") == "start_check"],
         "weights": _full_weights(model), "lr": opt.param_groups[0]["lr"], "step": w.step,
         "probe_steps": w.policy.state.probe_steps,
         "need": state_bytes(model, opt)})

@@ -93,7 +93,7 @@ def test_the_start_check_takes_the_same_decision_on_every_rank(tmp_path: Path,
     results = _spawn(dw.start_check, 2, tmp_path, kind)
     first = results[0]
     assert len(first["checks"]) == 1, first["checks"]
-    step, factor, real, shadow = first["checks"][0]
+    step, factor, real, shadow, _ = first["checks"][0]
     assert step == 10 and factor == 0.1 and shadow < real   # adopted a tenth
     for r in results:
         assert r["checks"] == first["checks"]              # the same agreed losses
@@ -103,10 +103,20 @@ def test_the_start_check_takes_the_same_decision_on_every_rank(tmp_path: Path,
     if kind == "fsdp":   # sharded, the same run as under DDP (the same global batches)
         (tmp_path / "ddp").mkdir()
         ddp = _spawn(dw.start_check, 2, tmp_path / "ddp", "ddp")[0]
-        assert first["checks"][0] == pytest.approx(ddp["checks"][0], rel=1e-4)
+        assert first["checks"][0][:4] == pytest.approx(ddp["checks"][0][:4], rel=1e-4)
         assert first["weights"] == pytest.approx(ddp["weights"], rel=1e-3, abs=1e-5)
         # a rank's copies hold its shards: the host memory they need is about half DDP's
         assert 0.45 * ddp["need"] <= first["need"] <= 0.6 * ddp["need"]
+
+
+def test_the_start_checks_gate_decides_alike_on_every_rank(tmp_path: Path) -> None:
+    # each rank reads the gate on its own shard's batches; the worst rank decides for all
+    results = _spawn(dw.start_check, 2, tmp_path, "ddp", 1.05)
+    first = results[0]
+    assert len(first["checks"]) == 1 and first["checks"][0][4] is not None, first["checks"]
+    for r in results:
+        assert r["checks"] == first["checks"] and r["weights"] == first["weights"]
+        assert r["probe_steps"] == first["probe_steps"]
 
 
 def test_a_stall_cuts_the_rate_at_the_same_step_on_every_rank(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ no trace when the rate stands, lose or repeat no batch, and be booked against th
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -16,9 +17,13 @@ import lrwatch
 from lrwatch.errors import ConfigError
 from lrwatch.exporters.trace import read_trace
 from lrwatch.recovery.policy import RecoveryConfig, RecoveryPolicy
-from lrwatch.recovery.start_check import compare
+from lrwatch.recovery.start_check import compare, worst_ratio
 from lrwatch.rules import load_pack
 from lrwatch.rules.replay import replay_trace
+
+#: the shadow trained whatever the run's first steps did (the gate off), for the tests of
+#: the shadow itself; the gate has tests of its own below
+ALWAYS = {"start_check_gate": 0}
 
 
 def _setup(lr: float, seed: int = 0, n: int = 60, momentum: float = 0.9) -> tuple:
@@ -125,7 +130,8 @@ def test_configuration_errors_say_what_to_fix() -> None:
 def test_a_rate_far_too_high_goes_on_from_the_shadow_at_a_tenth(tmp_path: Path) -> None:
     model, opt, batches = _setup(lr=3.0)
     trace = tmp_path / "t.jsonl"
-    w = lrwatch.Watcher(model, opt, flush_every=5, trace=trace, probe_loss=_loss)
+    w = lrwatch.Watcher(model, opt, flush_every=5, trace=trace, probe_loss=_loss,
+                        recovery=ALWAYS)
     seen = _train(w, model, opt, batches)
     w.close()
     assert len(seen) == len(batches) and all(a is b for a, b in zip(seen, batches))
@@ -153,7 +159,7 @@ def test_the_adopted_run_is_the_shadow_trained_from_the_start_at_a_tenth() -> No
     """Going on from the shadow is the same as having trained at a tenth from the start on the
     same batches (the held-out batches are trained on after the check, in their place)."""
     model, opt, batches = _setup(lr=3.0, n=30)
-    w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=_loss)
+    w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=_loss, recovery=ALWAYS)
     _train(w, model, opt, batches)
     w.close()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.3)
@@ -174,7 +180,7 @@ def test_the_shadow_clips_its_gradients_as_the_run_does() -> None:
     for lr, check in ((10.0, "auto"), (1.0, "off")):
         model, opt, batches = _setup(lr=lr, n=30)
         w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=_loss,
-                            recovery={"start_check": check, "clip_grad_norm": 0.5})
+                            recovery={**ALWAYS, "start_check": check, "clip_grad_norm": 0.5})
         events: list = []
         w.add_listener(lambda smp: events.extend(e for e in smp.events
                                                  if e.get("type") == "start_check"))
@@ -198,7 +204,7 @@ def test_a_good_rate_stands_and_the_check_leaves_no_trace(tmp_path: Path) -> Non
     for check in ("auto", "off"):
         model, opt, batches = _setup(lr=0.05)
         w = lrwatch.Watcher(model, opt, flush_every=5, trace=tmp_path / f"{check}.jsonl",
-                            probe_loss=_loss, recovery={"start_check": check})
+                            probe_loss=_loss, recovery={**ALWAYS, "start_check": check})
         seen = _train(w, model, opt, batches)
         w.close()
         assert len(seen) == len(batches)
@@ -214,7 +220,7 @@ def test_a_good_rate_stands_and_the_check_leaves_no_trace(tmp_path: Path) -> Non
 def test_a_schedule_keeps_its_shape_scaled() -> None:
     model, opt, batches = _setup(lr=3.0, n=30)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
-    w = lrwatch.Watcher(model, opt, sched, flush_every=5, probe_loss=_loss)
+    w = lrwatch.Watcher(model, opt, sched, flush_every=5, probe_loss=_loss, recovery=ALWAYS)
     rates = []
     for b in w.batches(batches):
         rates.append(opt.param_groups[0]["lr"])
@@ -234,7 +240,8 @@ def test_a_schedule_keeps_its_shape_scaled() -> None:
 def test_skipped_without_enough_batches_or_with_several_batches_per_step(
         tmp_path: Path) -> None:
     model, opt, batches = _setup(lr=3.0, n=12)                  # 10 + 6 needed
-    w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=_loss, trace=tmp_path / "a.jsonl")
+    w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=_loss, trace=tmp_path / "a.jsonl",
+                        recovery=ALWAYS)
     assert len(_train(w, model, opt, batches)) == 12
     w.close()
     assert w.policy.state.start_checked and w.policy.state.probe_steps == 0
@@ -275,7 +282,8 @@ def test_skipped_with_a_warning_when_its_copies_would_not_fit_in_host_memory(
     fits, why = host_memory.copies_fit(*_setup(lr=3.0)[:2], 2)
     assert not fits and "2 copies of the run's weights and optimizer state" in why
     model, opt, batches = _setup(lr=0.05, n=30)   # (snapshots are skipped too: no rollback)
-    w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=_loss, trace=tmp_path / "t.jsonl")
+    w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=_loss, trace=tmp_path / "t.jsonl",
+                        recovery=ALWAYS)
     with caplog.at_level(logging.WARNING, logger="lrwatch"):
         seen = _train(w, model, opt, batches)
     w.close()
@@ -366,3 +374,65 @@ def test_scoring_a_model_leaves_its_buffers_as_they_were() -> None:
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert model.training
+
+
+# -- the gate before the shadow (RecoveryConfig.start_check_gate) -----------------------------
+
+def test_worst_ratio_reads_the_steps_after_the_first_against_the_same_batches() -> None:
+    untouched = [2.0, 2.0, 4.0, 1.0]
+    assert worst_ratio([2.0, 1.9, 3.0, 0.9], untouched) == pytest.approx(0.95)
+    assert worst_ratio([2.0, 1.9, 3.0, 1.5], untouched) == pytest.approx(1.5)
+    assert worst_ratio([2.0, float("nan"), 3.0, 0.9], untouched) == math.inf
+    # nothing to read: too short, a bad untrained loss, or a first step that does not match
+    # the untouched network on its own batch (the logged loss a sum, the level a mean)
+    assert worst_ratio([2.0], [2.0]) is None
+    assert worst_ratio([2.0, 1.0], [2.0, 0.0]) is None
+    assert worst_ratio([64.0, 60.0, 120.0, 30.0], untouched) is None
+    assert worst_ratio([float("nan"), 1.0], [2.0, 2.0]) is None
+    with pytest.raises(ConfigError, match="start_check_gate"):
+        RecoveryConfig(start_check_gate=-1)
+
+
+def test_a_run_whose_steps_made_no_batch_worse_keeps_its_rate_at_no_cost(tmp_path: Path) -> None:
+    """A good rate: the gate reads the first steps against the untouched network, trains no
+    shadow, books nothing, and the run is bit for bit the run without any check."""
+    runs = {}
+    for check in ("auto", "off"):
+        model, opt, batches = _setup(lr=0.05)
+        trace = tmp_path / f"{check}.jsonl"
+        w = lrwatch.Watcher(model, opt, flush_every=5, trace=trace, probe_loss=_loss,
+                            recovery={"start_check": check})
+        _train(w, model, opt, batches)
+        w.close()
+        runs[check] = (w, [p.detach().clone() for p in model.parameters()], _events(trace))
+    w, weights, ev = runs["auto"]
+    assert len(ev) == 1 and ev[0]["steps"] == 0 and ev[0]["cost_steps"] == 0, ev
+    assert ev[0]["lr_factor"] == 1.0 and ev[0]["worst_ratio"] <= 1.05
+    assert "no shadow" in ev[0]["reason"] and w.policy.state.probe_steps == 0
+    assert all(torch.equal(a, b) for a, b in zip(weights, runs["off"][1]))
+
+
+def test_a_rate_that_made_a_batch_worse_opens_the_gate(tmp_path: Path) -> None:
+    model, opt, batches = _setup(lr=3.0)
+    trace = tmp_path / "t.jsonl"
+    w = lrwatch.Watcher(model, opt, flush_every=5, trace=trace, probe_loss=_loss)
+    _train(w, model, opt, batches)
+    w.close()
+    ev = _events(trace)
+    assert len(ev) == 1 and ev[0]["lr_factor"] == 0.1 and ev[0]["cost_steps"] == 14, ev
+
+
+def test_a_probe_loss_on_another_scale_leaves_the_gate_open(tmp_path: Path) -> None:
+    """probe_loss sums where the loop logs a mean: step 1's pair disagrees, the ratio means
+    nothing, and the shadow decides as before."""
+    model, opt, batches = _setup(lr=0.05)
+    trace = tmp_path / "t.jsonl"
+
+    def summed(m: nn.Module, b: tuple) -> torch.Tensor:
+        return nn.functional.cross_entropy(m(b[0]), b[1], reduction="sum")
+
+    w = lrwatch.Watcher(model, opt, flush_every=5, trace=trace, probe_loss=summed)
+    _train(w, model, opt, batches)
+    w.close()
+    ev = _events(trace)
+    assert len(ev) == 1 and ev[0]["steps"] == 10 and "held_out_loss" in ev[0], ev

@@ -1136,6 +1136,9 @@ FAM_SCHEDULED_ARMS = {"plateau_cut": ("fixed", ("training", "plateau_cut"))}
 #: The rules every watched arm runs with (``--rules FILE`` replaces the default pack, in the
 #: rule arms too: a candidate pack is measured with the same protocol).
 FAM_RULES: str = "training"
+#: Recovery settings every watched arm runs with on top of its own (``--recovery JSON``: the
+#: ablation of one default, e.g. ``{"start_check_gate": 0}``); part of the cache key.
+FAM_RECOVERY: dict[str, Any] = {}
 #: One-off faults, against the default: the guard off (the default before 5 December, when
 #: ``guard="auto"`` did nothing for a non-fused optimizer on the CPU) and the replay after a
 #: sudden failure (opt-in; docs/recovery.md, "The guard and the replay").
@@ -1199,6 +1202,8 @@ def fam_cache_path(task_name: str, opt: str, mult: float, seed: int, fault: str 
     if arm in FAM_EXTRA_ARMS:
         key += "/" + json.dumps(FAM_EXTRA_ARMS[arm], sort_keys=True)
         key += f"/{FAM_CHECK_VERSION}" if arm not in (*FAM_FAULT_ARMS, "no_cut") else ""
+    if arm is not None and FAM_RECOVERY:
+        key += "/recovery=" + json.dumps(FAM_RECOVERY, sort_keys=True)
     if arm is not None:   # a changed pack (or --rules FILE), or changed lrwatch code, reruns them
         key += "/" + hashlib.sha1(_rules_text(rules).encode()).hexdigest()[:12]
         key += "/" + lrwatch_code_hash()
@@ -1236,7 +1241,7 @@ def fam_run(task_name: str, opt: str, mult: float, seed: int, *, fault: str | No
     if arm is not None:
         w = lrwatch.Watcher(model, optimizer, sched, flush_every=FLUSH_EVERY,
                             rules=rules if isinstance(rules, str) else list(rules),
-                            recovery={**{**FAM_ARMS, **FAM_EXTRA_ARMS}[arm]},
+                            recovery={**{**FAM_ARMS, **FAM_EXTRA_ARMS}[arm], **FAM_RECOVERY},
                             probe_loss=lambda m, b: task.loss(m(b[0]), b[1]))
     done, nonfinite, first_action = _fam_loop(task, data, model, optimizer, sched, w, seed,
                                               fault, curve, levels)
@@ -1681,9 +1686,12 @@ def fam_main(argv: Sequence[str]) -> int:
     p.add_argument("--budget", type=int, default=1, metavar="K",
                    help="train every run K x the task's 300 steps (default 1, the suite's "
                         "protocol); the healthy median is remeasured at the same budget")
+    p.add_argument("--recovery", default=None, metavar="JSON",
+                   help='recovery settings every watched arm runs with on top of its own, '
+                        'e.g. \'{"start_check_gate": 0}\' (the ablation of a default)')
     p.add_argument("-q", "--quiet", action="store_true")
     a = p.parse_args(argv)
-    global FAM_RULES, FAM_SCHEDULE, FAM_BUDGET, FAM_CACHE
+    global FAM_RULES, FAM_SCHEDULE, FAM_BUDGET, FAM_CACHE, FAM_RECOVERY
     tasks, opts = list(FAM_TASKS), list(FAM_OPTS)
     if a.tasks_from:
         from benchmarks import external
@@ -1698,6 +1706,11 @@ def fam_main(argv: Sequence[str]) -> int:
     if a.budget < 1:
         p.error(f"--budget must be 1 or more, got {a.budget}")
     FAM_BUDGET = a.budget
+    if a.recovery:
+        try:
+            FAM_RECOVERY = dict(json.loads(a.recovery))
+        except (ValueError, TypeError) as exc:
+            p.error(f"--recovery must be a JSON object, e.g. '{{\"start_check_gate\": 0}}': {exc}")
     if a.rules:
         FAM_RULES = a.rules
     FAM_SCHEDULE = a.schedule

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator, TypeVar
 from .actions.host_memory import copies_fit, reports_fit
 from .actions.snapshot import capture_state
 from .recovery.probe import FORWARD_COST
-from .recovery.shadow import ObservedStart, group_rates, shadow_check
+from .recovery.shadow import ObservedStart, group_rates, same_batches, shadow_check
 from .recovery.start_check import worst_ratio
 from .untrained import OutputShapes, measure_constant_loss, measure_untrained_loss
 
@@ -68,9 +68,13 @@ class DataSide:
     _restore_engine: Any
     #: the untrained loss :meth:`measure_untrained` measured (a device scalar), or ``None``
     untrained_level: Any = None
-    #: the untouched network's loss on each of those batches (device scalars)
+    #: the untouched network's loss on each of those batches (device scalars), the batches
+    #: themselves (until the start check's gate has read them), and whether they are the
+    #: run's own first batches by construction (``batches()``: they are yielded first)
     _untrained_each: list[Any] = []
-    #: the run's loss at steps 1..len(_untrained_each), once batches() measured them
+    _untrained_inputs: list[Any] = []
+    _untrained_own: bool = False
+    #: the run's loss at steps 1..len(_untrained_each), until the gate has read them
     _early_losses: dict[int, float] | None = None
 
     def batches(self, iterable: Iterable[T]) -> Iterator[T]:
@@ -182,7 +186,7 @@ class DataSide:
             self._skip_start_check("the rules acted on the run's first steps")
             self._safe_point()
             return
-        if self._start_gate_closed():
+        if self._start_gate_closed(held):
             return
         factor, steps = self.recovery.restart_lr_factor, self.recovery.start_check_steps
         self._probing = True   # the shadow's steps are not the run's (the step hooks skip them)
@@ -225,12 +229,12 @@ class DataSide:
             log.info("lrwatch: start check: the configured rate stands (%s)", v.reason)
         self._late_records.append(record)
 
-    def _start_gate_closed(self) -> bool:
+    def _start_gate_closed(self, held: list[Any]) -> bool:
         """No shadow when the run's first steps left no batch worse than
         ``start_check_gate`` times the untouched network's loss on it: the rate stands, at no
         cost (``RecoveryConfig.start_check_gate``). Said in the log and the trace."""
         gate = self.recovery.start_check_gate
-        ratio = self._start_gate_ratio() if gate else None
+        ratio = self._start_gate_ratio(held) if gate else None
         if ratio is None or ratio > gate:
             return False
         self.policy.start_checked(0)
@@ -317,9 +321,7 @@ class DataSide:
         so the run's first steps meet the same batches (the start check's gate compares)."""
         first = list(itertools.islice(it, self.untrained_batches))
         self.measure_untrained(first)
-        if self._untrained_each:
-            self._early_losses = {}
-            self.outputs.add_listener(self._note_early_loss)
+        self._untrained_own = True
         return itertools.chain(first, it)
 
     def _note_early_loss(self, sample: Any) -> None:
@@ -328,12 +330,21 @@ class DataSide:
             if isinstance(loss, float):
                 self._early_losses[sample.step] = loss
 
-    def _start_gate_ratio(self) -> float | None:
+    def _start_gate_ratio(self, held: list[Any]) -> float | None:
         """:func:`~lrwatch.recovery.start_check.worst_ratio` of the run's first steps against
         the untouched network on the same batches, the worst over the ranks; ``None`` where
-        it cannot be read (the untrained loss measured on other batches, a step missing)."""
+        it cannot be read (a step missing, or the untrained loss measured on batches other
+        than the run's first: an adapter's second pass over a loader that shuffled anew)."""
         ratio = None
         early, base = self._early_losses, self._untrained_each
+        inputs = self._untrained_inputs
+        self._early_losses, self._untrained_inputs = None, []   # read once
+        if early is not None and base and not self._untrained_own:
+            try:
+                if not same_batches(inputs, held[:len(inputs)]):
+                    early = None
+            except Exception:
+                early = None
         if early is not None and base:
             run = [early.get(i + 1) for i in range(len(base))]
             if all(x is not None for x in run):
@@ -362,7 +373,12 @@ class DataSide:
         try:
             each: list[Any] = []
             loss = measure_untrained_loss(self.model, batches, self._probe_loss, outputs, each)
-            self._untrained_each = each
+            if not self.policy.start_check_due(self.step):   # no gate to read them
+                each = []
+            self._untrained_each, self._untrained_inputs = each, batches if each else []
+            if each and self._early_losses is None:   # the gate reads the run's first losses
+                self._early_losses = {}
+                self.outputs.add_listener(self._note_early_loss)
             self.untrained_level = loss   # a device scalar (or None), for adapters
             if loss is not None:
                 self.recorder.row_for_log(self.step + 1).put("untrained_loss", loss)

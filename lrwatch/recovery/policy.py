@@ -184,7 +184,8 @@ class RecoveryConfig:
         t-test, :func:`lrwatch.recovery.start_check.compare`) the run goes on from the shadow
         at that rate (the schedule keeps its shape, scaled). The shadow's steps and the
         forwards (a third of a step each) count against the budget like a probe's: 10 + 4 =
-        14 steps at the defaults. A rate several times too high often fails late and with
+        14 steps at the defaults -- only where the gate opens (``start_check_gate``: no
+        shadow for a run whose first steps left no batch worse than the untouched network). A rate several times too high often fails late and with
         no signal a rule can read (it learns worse, or sits at a constant prediction's
         loss), but loses at once against a tenth of itself: on the family suite (three
         seeds) the check cut no run at its tuned rate and would-diverge runs healed went
@@ -208,7 +209,8 @@ class RecoveryConfig:
         on (at least 2), and the confidence of the paired test (in (0.5, 1)).
     start_check_gate:
         Where the untrained loss was measured on the batches the run then trained on first
-        (:meth:`~lrwatch.watch.Watcher.batches`), the shadow is trained only when one of the
+        (:meth:`~lrwatch.watch.Watcher.batches`; in the callbacks, a second pass over the
+        loader that drew the same batches), the shadow is trained only when one of the
         run's steps 2 to ``untrained_batches`` met its batch at more than this many times the
         untouched network's loss on it (:func:`lrwatch.recovery.start_check.worst_ratio`):
         otherwise the rate stands at no cost. 1.05 (default): on the family suite it spares

@@ -25,7 +25,7 @@ from ..actions.snapshot import _set_rng_state, capture_state, cpu_copy, restore_
 from .lr_find import BatchLoss, _dist_mean, reference_loss, set_group_rates, train_step
 from .start_check import StartVerdict
 
-__all__ = ["ObservedStart", "ShadowResult", "shadow_check", "group_rates"]
+__all__ = ["ObservedStart", "ShadowResult", "shadow_check", "group_rates", "same_batches"]
 
 
 @dataclass
@@ -171,3 +171,22 @@ def shadow_check(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sched
     if verdict is None:
         return None
     return ShadowResult(verdict, steps, 2 * len(held_out))
+
+
+def same_batches(a: Any, b: Any) -> bool:
+    """Whether two batches (or lists of them: tensors, and dicts, lists and tuples of them)
+    hold the same values: the untrained loss's batches against the ones the run trained on
+    first, where an adapter drew them by a second pass over the loader (one-off host reads,
+    at the start check)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                and a.shape == b.shape and a.dtype == b.dtype
+                and bool(torch.equal(a, b.to(a.device))))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(same_batches(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_batches(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a == b)
+    except Exception:
+        return False

@@ -396,10 +396,14 @@ def test_the_start_check_goes_on_at_a_tenth_of_a_rate_far_too_high(tmp_path: Pat
 
 
 def test_a_good_rate_stands_and_the_start_check_leaves_no_trace(tmp_path: Path) -> None:
+    # the untrained loss was measured on a second pass over the loader that drew the run's
+    # own first batches (checked at the gate): the first steps left no batch worse than the
+    # untouched module, so no shadow is trained and nothing is booked
     model, w, _, samples, events = _check_run(tmp_path, "on", 0.05, "auto")
     ref, _, _, ref_samples, _ = _check_run(tmp_path, "off", 0.05, "off")
     assert len(events) == 1 and events[0]["lr_factor"] == 1.0
-    assert events[0]["steps"] == 10 and w.policy.state.probe_steps == 14
+    assert events[0]["steps"] == 0 and events[0]["worst_ratio"] <= 1.05
+    assert w.policy.state.probe_steps == 0
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
     assert ([s.values["loss"] for s in samples] == [s.values["loss"] for s in ref_samples])
 

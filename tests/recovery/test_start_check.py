@@ -436,3 +436,14 @@ def test_a_probe_loss_on_another_scale_leaves_the_gate_open(tmp_path: Path) -> N
     w.close()
     ev = _events(trace)
     assert len(ev) == 1 and ev[0]["steps"] == 10 and "held_out_loss" in ev[0], ev
+
+
+def test_batches_are_the_same_only_when_every_value_is() -> None:
+    from lrwatch.recovery.shadow import same_batches
+
+    x = torch.arange(6.0).reshape(2, 3)
+    assert same_batches([(x, {"y": torch.tensor([1, 2])})], [(x.clone(), {"y": torch.tensor([1, 2])})])
+    assert not same_batches([(x, 1)], [(x + 1, 1)])
+    assert not same_batches([x], [x.double()])          # dtype
+    assert not same_batches([x], [x, x])                # length
+    assert not same_batches({"a": x}, {"b": x})

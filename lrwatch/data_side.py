@@ -167,6 +167,11 @@ class DataSide:
         (log.warning if warn else log.info)("lrwatch: start check skipped (%s)", why)
         self._observed = None
         self.policy.start_checked(0)
+        self._forget_gate()
+
+    def _forget_gate(self) -> None:
+        """Drop what the start check's gate keeps (the untrained batches, the first losses)."""
+        self._early_losses, self._untrained_inputs, self._untrained_each = None, [], []
 
     def _shadow_check(self, start: Any, held: list[Any], rates: list[Any], peek: list[Any],
                       run_state: Any = None, peek_rates: list[Any] | None = None) -> None:
@@ -336,9 +341,10 @@ class DataSide:
         it cannot be read (a step missing, or the untrained loss measured on batches other
         than the run's first: an adapter's second pass over a loader that shuffled anew)."""
         ratio = None
-        early, base = self._early_losses, self._untrained_each
-        inputs = self._untrained_inputs
-        self._early_losses, self._untrained_inputs = None, []   # read once
+        n = min(len(self._untrained_each), self.recovery.start_check_steps)
+        early, base = self._early_losses, self._untrained_each[:n]
+        inputs = self._untrained_inputs[:n]
+        self._forget_gate()   # read once
         if early is not None and base and not self._untrained_own:
             try:
                 if not same_batches(inputs, held[:len(inputs)]):

@@ -331,8 +331,10 @@ class Watcher(DataSide, PlanExecutor, StepPath, Flushing):
         self.scheduler = scheduler
         if self._snaps is not None:
             self._snaps.rebind_scheduler(scheduler)
-        if scheduler is not None and self.policy.lr_scale != 1.0:   # (the groups carry it)
-            scale_learning_rate(self.optimizer, scheduler, self.policy.lr_scale, ("swa_lr",))
+        if scheduler is not None and self.policy.lr_scale != 1.0:
+            # a new scheduler reads its base rates off the groups, which carry the cut already;
+            # SWALR's target rate is the user's absolute number: that one is cut here
+            scale_learning_rate(self.optimizer, None, self.policy.lr_scale, ("swa_lr",))
 
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener(sample)`` for every flushed step sample, in step order."""

@@ -240,3 +240,18 @@ def test_a_resume_from_weights_that_are_not_finite_stops_at_its_first_rollback(
             break
     w.close()
     assert w.should_stop and w.stop_reason == "no snapshot to go back to"
+
+
+def test_a_scheduler_swapped_in_after_a_cut_is_not_cut_again() -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    w = lrwatch.Watcher(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
+    from lrwatch.actions.rollback import scale_learning_rate
+    w.policy.state.lr_scale = 0.5
+    scale_learning_rate(opt, w.scheduler, 0.5)          # the cut as lrwatch applies one
+    new = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    w.rebind_scheduler(new)
+    opt.step()
+    new.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5) and w.scheduler is new
+    w.close()

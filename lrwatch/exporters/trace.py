@@ -87,9 +87,13 @@ class TraceWriter:
                 path = Path(target)
                 if path.parent and not path.parent.exists():
                     path.parent.mkdir(parents=True, exist_ok=True)
+                path = Path(os.path.realpath(path))   # a link keeps pointing at the trace
+                before = path.with_name(path.name + ".before")
                 if not append and path.is_file() and path.stat().st_size > 0:
-                    self._before = path.with_name(path.name + ".before")
-                    os.replace(path, self._before)
+                    self._before = before
+                    os.replace(path, before)
+                elif not append and before.is_file():
+                    self._before = before   # an earlier open died before it wrote anything
                 flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
                 self._fd = os.open(path, flags, 0o644)
                 self._good = os.lseek(self._fd, 0, os.SEEK_END)  # the end of the last whole line

@@ -99,7 +99,8 @@ def worst_ratio(run: Sequence[float], untrained: Sequence[float]) -> float | Non
     largest ``run[i] / untrained[i]`` over steps 2 onwards, where ``run[i]`` is the loss the
     run met on its batch ``i`` (before stepping on it) and ``untrained[i]`` the untouched
     network's loss on that same batch. ``None`` when nothing can be compared: fewer than two
-    pairs, an untrained loss that is not a positive number, or a first pair more than 25%
+    pairs, an untrained loss that is not a positive number, a loss below zero (a
+    log-likelihood, whose ratios mean nothing), or a first pair more than 25%
     apart (step 1 meets its batch with the untouched weights, so the two losses are the
     same up to dropout: where they are not, the loss the run logs is not the one the
     untrained level was measured with, a sum against a mean say, and no ratio means
@@ -115,6 +116,8 @@ def worst_ratio(run: Sequence[float], untrained: Sequence[float]) -> float | Non
     pairs = list(zip(run, untrained))
     if len(pairs) < 2 or not all(isinstance(b, (int, float)) and math.isfinite(b) and b > 0
                                  for _, b in pairs):
+        return None
+    if any(got < 0 for got, _ in pairs):   # a log-likelihood: no ratio means anything
         return None
     if not (math.isfinite(pairs[0][0]) and 0.8 <= pairs[0][0] / pairs[0][1] <= 1.25):
         return None

@@ -134,3 +134,24 @@ def test_a_device_file_is_a_trace_target_as_before():
     w.write(Sample(step=1, time=None, values={"loss": 2.0}))
     w.close()
     assert w.ok and w.lines_written == 1
+
+
+def test_a_linked_trace_stays_a_link_and_an_orphaned_before_file_is_adopted(tmp_path):
+    real, link = tmp_path / "real.jsonl", tmp_path / "link.jsonl"
+    old = "".join(json.dumps(encode_sample(Sample(step=i, time=None, values={"loss": 1.0})))
+                  + "\n" for i in range(1, 6))
+    real.write_text(old)
+    link.symlink_to(real)
+    w = TraceWriter(link)
+    w.write(Sample(step=1, time=None, values={"loss": 2.0}))
+    w.close()
+    assert link.is_symlink() and [json.loads(x)["step"] for x in real.read_text().splitlines()] == [1]
+    # an open that died before writing left the lines in PATH.before and the path empty: the
+    # next open (a resume) still finds them
+    real.write_text(old)
+    TraceWriter(real)                        # dies: never written, never closed
+    assert real.read_text() == ""
+    w = TraceWriter(real)
+    assert w.resume(3) == 3
+    w.close()
+    assert [json.loads(x)["step"] for x in real.read_text().splitlines()] == [1, 2, 3]

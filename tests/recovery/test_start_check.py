@@ -447,3 +447,26 @@ def test_batches_are_the_same_only_when_every_value_is() -> None:
     assert not same_batches([x], [x.double()])          # dtype
     assert not same_batches([x], [x, x])                # length
     assert not same_batches({"a": x}, {"b": x})
+
+
+def test_the_gate_reads_the_first_steps_whatever_the_untrained_batches_are(tmp_path: Path) -> None:
+    """16 untrained batches, a check after 10 steps: the gate compares the 10 pairs there are
+    (it stood aside before); a loss below zero (a log-likelihood) leaves the gate open."""
+    model, opt, batches = _setup(lr=0.05)
+    trace = tmp_path / "t.jsonl"
+    w = lrwatch.Watcher(model, opt, flush_every=5, trace=trace, probe_loss=_loss,
+                        untrained_batches=16)
+    _train(w, model, opt, batches)
+    w.close()
+    ev = _events(trace)
+    assert len(ev) == 1 and ev[0]["steps"] == 0 and ev[0]["worst_ratio"] <= 1.05, ev
+    assert w._untrained_inputs == [] and w._early_losses is None   # nothing kept after it
+    assert worst_ratio([0.5, -1e6, 0.45], [0.5, 0.5, 0.5]) is None
+
+
+def test_a_skipped_check_keeps_nothing_for_the_gate() -> None:
+    model, opt, batches = _setup(lr=0.05, n=14)       # fewer than the check needs
+    w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=_loss)
+    _train(w, model, opt, batches)
+    w.close()
+    assert w._untrained_inputs == [] and w._early_losses is None and w._untrained_each == []

@@ -31,6 +31,11 @@ import time
 from pathlib import Path
 from typing import IO, Callable, Iterable
 
+try:
+    import fcntl
+except ImportError:   # not POSIX: no advisory locks
+    fcntl = None  # type: ignore[assignment]
+
 from ..samples import Sample
 from ..trace import TraceReader, encode_sample, iter_trace, read_trace
 
@@ -88,6 +93,7 @@ class TraceWriter:
                 if path.parent and not path.parent.exists():
                     path.parent.mkdir(parents=True, exist_ok=True)
                 path = Path(os.path.realpath(path))   # a link keeps pointing at the trace
+                _not_held(path)
                 before = path.with_name(path.name + ".before")
                 if not append and path.is_file() and path.stat().st_size > 0:
                     self._before = before
@@ -96,6 +102,7 @@ class TraceWriter:
                     self._before = before   # an earlier open died before it wrote anything
                 flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
                 self._fd = os.open(path, flags, 0o644)
+                _hold(self._fd)
                 self._good = os.lseek(self._fd, 0, os.SEEK_END)  # the end of the last whole line
             except OSError as exc:
                 self._failed(exc, "open")
@@ -257,3 +264,33 @@ def _unlink(path: Path) -> None:
         path.unlink()
     except OSError:
         pass
+
+
+def _hold(fd: int) -> None:
+    """Mark the trace as written by this writer (an advisory lock, released when the file is
+    closed or the process ends), so that a second writer of the same path finds it held."""
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pass   # a file system without locks: nothing to mark
+
+
+def _not_held(path: Path) -> None:
+    """Raise ``OSError`` when another live writer holds the trace at ``path`` (two Watchers
+    on one path would interleave or drop each other's lines)."""
+    if fcntl is None or not path.is_file():
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise OSError(f"another writer (a Watcher in this or another process) is writing "
+                      f"{path}; give each run its own trace path") from None
+    except OSError:
+        pass
+    finally:
+        os.close(fd)   # (releases the probe's lock)

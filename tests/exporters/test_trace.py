@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import math
 
 import pytest
@@ -149,9 +150,27 @@ def test_a_linked_trace_stays_a_link_and_an_orphaned_before_file_is_adopted(tmp_
     # an open that died before writing left the lines in PATH.before and the path empty: the
     # next open (a resume) still finds them
     real.write_text(old)
-    TraceWriter(real)                        # dies: never written, never closed
+    dead = TraceWriter(real)                 # dies: never written, never closed
+    assert dead._fd is not None
+    os.close(dead._fd)                       # (the process ended: its lock went with it)
     assert real.read_text() == ""
     w = TraceWriter(real)
     assert w.resume(3) == 3
     w.close()
     assert [json.loads(x)["step"] for x in real.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_second_writer_of_a_trace_being_written_writes_nothing_and_says_why(tmp_path):
+    path = tmp_path / "same.jsonl"
+    first = TraceWriter(path)
+    first.write(Sample(step=1, time=None, values={"loss": 1.0}))
+    first.flush()
+    errors = []
+    second = TraceWriter(path, on_error=lambda: errors.append(1))
+    second.write(Sample(step=1, time=None, values={"loss": 9.0}))
+    second.close()
+    first.write(Sample(step=2, time=None, values={"loss": 1.0}))
+    first.close()
+    assert errors and not second.ok
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2]
+    assert not (tmp_path / "same.jsonl.before").exists()

@@ -641,9 +641,11 @@ def test_a_cut_during_stochastic_weight_averaging_reaches_swalr(tmp_path: Path) 
     from lightning.pytorch.callbacks import StochasticWeightAveraging
 
     trace = tmp_path / "swa.jsonl"
+    # snapshots every 60 steps exactly (the interval otherwise adapts to measured times, and
+    # with it which snapshot the rollback finds): the newest before the failure is step 60
     cb = LrwatchCallback(trace=str(trace), flush_every=2,
-                         recovery={"good_after": 4, "min_interval": 5, "cooldown": 0,
-                                   "lr_factor": 0.5, "sudden_lr_factor": 0.5,
+                         recovery={"good_after": 4, "min_interval": 60, "max_interval": 60,
+                                   "cooldown": 0, "lr_factor": 0.5, "sudden_lr_factor": 0.5,
                                    "lr_recover": False, "start_check": "off"})
     model = TinyMLP(sched=True)
     swa = StochasticWeightAveraging(swa_lrs=0.02, swa_epoch_start=2)

@@ -19,7 +19,7 @@ classifiers of the suite the two agree within 1%.
 Nothing the measurement touches survives it: it runs under ``torch.no_grad()``, in the mode the
 model is in (the training loss is measured in training mode, dropout included), with the random
 number generators forked and the module buffers (batch-norm running statistics) put back.
-The mean stays a device tensor: no host synchronisation.
+The median stays a device tensor: no host synchronisation.
 
 **The constant-prediction loss.** A network that learned nothing about its inputs predicts a
 constant: the class frequencies, the mean target, the mean image. Its loss is that of the best

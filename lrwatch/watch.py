@@ -167,7 +167,7 @@ class Watcher(DataSide, PlanExecutor, StepPath, Flushing):
     untrained_batches:
         With ``probe_loss``, :meth:`batches` scores the untouched model on this many batches
         before the first step (forward passes only, under ``no_grad``; the batches are then
-        trained on as usual) and records their mean loss as ``untrained_loss`` in step 1's
+        trained on as usual) and records their median loss as ``untrained_loss`` in step 1's
         sample. The default rules judge "never learned", "stuck above its untrained loss" and
         "far above the start" against it (``given: untrained_loss``) instead of the first
         batch's loss alone. On the same batches it measures the loss of the best constant

@@ -119,9 +119,13 @@ class StepRecorder:
         return rows
 
     def discard(self) -> int:
-        """Drop the committed rows (steps of a trajectory a rollback abandoned before they were
-        judged); returns how many."""
+        """Drop the committed rows, and the open one once its step happened (steps of a
+        trajectory a rollback abandoned before they were judged: a loop that never calls
+        ``log()`` is rolled back at the optimizer's post-step hook, after a step its row still
+        holds); returns how many."""
         n, self.rows = len(self.rows), []
+        if self.open is not None and self.open.stepped:
+            self.open, n = None, n + 1
         return n
 
     def commit(self, notify: bool = True) -> None:

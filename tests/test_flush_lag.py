@@ -132,6 +132,30 @@ def test_a_rollback_decided_one_step_late_drops_the_abandoned_step(tmp_path: Pat
     assert replayed.error is None and [(f.rule, f.step) for f in replayed.firings] == live
 
 
+@pytest.mark.parametrize("lag", [0, 1])
+def test_a_loop_without_log_rolls_back_once_and_drops_the_step_already_trained(
+        tmp_path: Path, lag: int) -> None:
+    """No ``log()``: a row is committed at the next step's pre-hook and the rollback comes at
+    the optimizer's post-step hook, after a step from the NaN weights whose row is still open.
+    That step is on the abandoned trajectory too: dropped, not judged (it fired again and
+    planned a second rollback, carried out at close)."""
+    trace = tmp_path / "nolog.jsonl"
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    w = lrwatch.Watcher(model, opt, flush_every=1, flush_lag=lag, trace=trace,
+                        recovery={"good_after": 3, "min_interval": 3, "max_interval": 3,
+                                  "guard": "off"})
+    for i in range(30):
+        _step(model, opt, i, nan=w.step + 1 == 20)
+    w.close()
+    assert w.policy.rollbacks == 1 and all(torch.isfinite(p).all() for p in model.parameters())
+    samples = read_trace(trace)
+    rb = [e for s in samples for e in s.events if e.get("type") == "rollback"]
+    assert len(rb) == 1 and rb[0]["step"] == 20
+    nonfinite = [s.step for s in samples if s.values.get("nonfinite_grad") == 1.0]
+    assert nonfinite == [20]   # the steps trained from the NaN weights were never judged
+
+
 def test_a_stop_decided_one_step_late_keeps_every_step(tmp_path: Path) -> None:
     rules = tmp_path / "stop.yml"
     rules.write_text("""

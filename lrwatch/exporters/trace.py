@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import time
+import weakref
 from pathlib import Path
 from typing import IO, Callable, Iterable
 
@@ -82,6 +83,7 @@ class TraceWriter:
         self._pending_bytes = 0
         self._pending_lines = 0
         self._fd: int | None = None
+        self._closer: Callable[[], object] | None = None   # closes _fd, once
         self._stream: IO[str] | None = None
         self._raise: OSError | None = None
         self._logged = False
@@ -102,6 +104,9 @@ class TraceWriter:
                     self._before = before   # an earlier open died before it wrote anything
                 flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
                 self._fd = os.open(path, flags, 0o644)
+                # a writer dropped without close() (an exception in a notebook cell) must not
+                # hold its file, and the lock on it, until the process ends
+                self._closer = weakref.finalize(self, _close_fd, self._fd)
                 _hold(self._fd)
                 self._good = os.lseek(self._fd, 0, os.SEEK_END)  # the end of the last whole line
             except OSError as exc:
@@ -237,11 +242,9 @@ class TraceWriter:
             self._drop_before()
         finally:
             if self._fd is not None:
-                fd, self._fd = self._fd, None
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+                self._fd = None
+                if self._closer is not None:
+                    self._closer()   # closes the fd, once
 
     def __enter__(self) -> "TraceWriter":
         return self
@@ -257,6 +260,13 @@ def _step_of(raw: bytes) -> int | None:
     except (ValueError, AttributeError):
         return None
     return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def _close_fd(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def _unlink(path: Path) -> None:

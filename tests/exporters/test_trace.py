@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import json
-import os
 import math
 
 import pytest
@@ -152,7 +152,8 @@ def test_a_linked_trace_stays_a_link_and_an_orphaned_before_file_is_adopted(tmp_
     real.write_text(old)
     dead = TraceWriter(real)                 # dies: never written, never closed
     assert dead._fd is not None
-    os.close(dead._fd)                       # (the process ended: its lock went with it)
+    del dead                                 # (its file and lock go with it, as with the
+    gc.collect()                             # process; an os.close here is closed again)
     assert real.read_text() == ""
     w = TraceWriter(real)
     assert w.resume(3) == 3
@@ -174,3 +175,21 @@ def test_a_second_writer_of_a_trace_being_written_writes_nothing_and_says_why(tm
     assert errors and not second.ok
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2]
     assert not (tmp_path / "same.jsonl.before").exists()
+
+
+def test_a_writer_dropped_without_close_lets_the_next_one_write(tmp_path):
+    """A Watcher dropped without close() (an exception in a notebook cell, and the cell run
+    again) held its trace's lock until the process ended: the next writer wrote nothing."""
+    path = tmp_path / "t.jsonl"
+    dropped = TraceWriter(path)
+    dropped.write(Sample(step=1, time=None, values={"loss": 1.0}))
+    dropped.flush()
+    del dropped
+    gc.collect()
+    errors = []
+    w = TraceWriter(path, on_error=lambda: errors.append(1))
+    w.write(Sample(step=1, time=None, values={"loss": 2.0}))
+    w.close()
+    w.close()
+    assert not errors and w.ok
+    assert [json.loads(x)["loss"] for x in path.read_text().splitlines()] == [2.0]

@@ -1,6 +1,6 @@
 """The daemon's Prometheus metrics, in its own :class:`CollectorRegistry`.
 
-Names follow DESIGN.md (``lrwatch_predictions_total``, ``lrwatch_drift_statistic{feature,
+Names follow docs/design.md (``lrwatch_predictions_total``, ``lrwatch_drift_statistic{feature,
 method}``, ...). Counters are restored from the snapshot at start so that a restart neither
 resets nor double-counts them (Prometheus's ``rate()`` handles the process restart either way).
 Label children are cached per feature when the reference is known, outside the hot path.

@@ -164,7 +164,7 @@ def register_owned(registry: CollectorRegistry, owner: Any, collectors: Sequence
 
 
 class TrainingExporter:
-    """The training-side metric families of DESIGN.md, fed with flushed samples.
+    """The training-side metric families of docs/design.md, fed with flushed samples.
 
     Parameters
     ----------

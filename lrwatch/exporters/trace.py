@@ -1,6 +1,6 @@
 """Trace format v1: JSON Lines, one object per optimizer step (or serving window).
 
-The format is a contract (see DESIGN.md)::
+The format is a contract (see docs/design.md)::
 
     {"step": 120, "time": 1764300000.5, "lr": 0.001, "loss": 2.31, "grad_norm": 1.2}
 

@@ -72,7 +72,8 @@ _STREAM_WINDOWS = 100
 #: p-value dim. The window's threshold lies in that tail (1e-3 and beyond), where the normal
 #: score of the binned KS p-value is much lighter than Gaussian (exceedances at 3.5 were 0.07-0.36
 #: of the normal tail with the mean and sd; 1.07 on breast cancer with this fit, see
-#: docs/drift-joint.md, "Tied data and the spread between references"). 20% of 2000 resamples is 400 points.
+#: docs/drift-joint.md, "Tied data and the spread between references"). 20% of 2000
+#: resamples is 400 points.
 TAIL_FRACTION = 0.2
 #: Fewer distinct values than this in that tail (a feature with a handful of values): no line.
 TAIL_MIN_DISTINCT = 20

@@ -138,6 +138,7 @@ class TraceWriter:
                     self._good += len(raw)
                     kept += 1
         except OSError as exc:
+            self._cut_back()   # (a full disk: no half line for the next lines to follow)
             self._failed(exc, "resume")
         _unlink(before)
         return kept
@@ -197,17 +198,22 @@ class TraceWriter:
                 n = os.write(self._fd, view)
                 view = view[n:]
         except OSError as exc:
-            # Cut back to the last whole line: a reader must never meet half a record.
-            try:
-                os.ftruncate(self._fd, self._good)
-                os.lseek(self._fd, self._good, os.SEEK_SET)  # or the next write leaves a hole
-            except OSError:
-                pass
+            self._cut_back()
             self._failed(exc, f"write {lines} line(s) to")
             self._raise_pending()
             return
         self._good += len(data)
         self.lines_written += lines
+
+    def _cut_back(self) -> None:
+        """After a failed write: cut the file back to the last whole line (a reader must never
+        meet half a record)."""
+        assert self._fd is not None
+        try:
+            os.ftruncate(self._fd, self._good)
+            os.lseek(self._fd, self._good, os.SEEK_SET)  # or the next write leaves a hole
+        except OSError:
+            pass
 
     def _failed(self, exc: OSError, what: str) -> None:
         self.failures += 1

@@ -96,3 +96,25 @@ def test_read_only_trace_path_trains_to_the_end(tmp_path: Path,
         assert not (ro / "run.jsonl").exists()
         assert len(_lrwatch_records(caplog)) == 1
         assert watch.registry.get_sample_value("lrwatch_internal_errors_total") >= 1
+
+
+def test_a_resume_on_a_full_disk_leaves_no_half_line(tmp_path: Path) -> None:
+    """The earlier run's lines are copied back line by line: the disk filling up in the middle
+    of one left it half written, and the run's next lines followed it on the same line (a
+    trace no strict reader gets past)."""
+    with tmpfs(tmp_path / "disk", "size=64k") as disk:
+        trace, filler = disk / "run.jsonl", disk / "filler"
+        with TraceWriter(trace) as w:
+            w.write_many(Sample(step=i, time=None, values={"loss": 1.0 / i, "pad": 123456.789})
+                         for i in range(1, 301))
+        errors: list[int] = []
+        w = TraceWriter(trace, on_error=lambda: errors.append(1))
+        fill_filesystem(filler)
+        with open(filler, "r+b") as fh:   # one page left: the copy stops inside a line
+            fh.truncate(filler.stat().st_size - 4096)
+        kept = w.resume(250)
+        filler.unlink()
+        w.write(Sample(step=251, time=None, values={"loss": 0.5}))
+        w.close()
+        assert errors and 0 < kept < 250
+        assert [s.step for s in read_trace(trace)] == list(range(1, kept + 1)) + [251]

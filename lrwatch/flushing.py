@@ -59,6 +59,7 @@ class Flushing:
     _snaps: Any
     _faults: Any
     _in_flight: Transfer | None
+    _pending: list[Any]   # (lrwatch.recovery.executor) plans for the next safe point
     _act: Callable[[Any, list[Sample]], list[Sample]]
     _internal_error: Callable[[str], None]
 
@@ -66,6 +67,10 @@ class Flushing:
         """Copy what the device holds to the host now and hand it to the listeners (a flush
         still in flight is landed first); returns the samples, in step order."""
         landed = self._land()
+        if any(p.action in ("rollback", "skip") for p, _ in self._pending):
+            # the landed flush planned going back: the steps after it are on the trajectory
+            # that abandons (dropped at the safe point), not judged by the restored detectors
+            return landed
         return landed + self._judge(self._send(asynchronous=False))
 
     @property

@@ -156,6 +156,29 @@ def test_a_loop_without_log_rolls_back_once_and_drops_the_step_already_trained(
     assert nonfinite == [20]   # the steps trained from the NaN weights were never judged
 
 
+def test_an_explicit_flush_that_lands_a_rollback_does_not_judge_the_steps_after_it(
+        tmp_path: Path) -> None:
+    """flush() lands the copy in flight; when that plans a rollback, the step trained since
+    (its row still open: no log() in this loop) is on the abandoned trajectory. Judged by the
+    detectors the plan had just put back, it fired again: a second rollback with a compounded
+    cut, carried out at close."""
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    w = lrwatch.Watcher(model, opt, flush_every=1, flush_lag=1, trace=tmp_path / "t.jsonl",
+                        recovery={"good_after": 3, "min_interval": 3, "max_interval": 3,
+                                  "guard": "off"})
+    for i in range(30):
+        _step(model, opt, i, nan=w.step + 1 == 20)
+        if w.step == 21:
+            assert w.flush_in_flight   # step 20's copy
+            w.flush()
+    w.close()
+    assert w.policy.rollbacks == 1 and w.policy.lr_scale == 1.0
+    nonfinite = [s.step for s in read_trace(tmp_path / "t.jsonl")
+                 if s.values.get("nonfinite_grad") == 1.0]
+    assert nonfinite == [20]
+
+
 def test_a_stop_decided_one_step_late_keeps_every_step(tmp_path: Path) -> None:
     rules = tmp_path / "stop.yml"
     rules.write_text("""

@@ -20,8 +20,8 @@ from typing import Any, Iterable, Iterator, TypeVar
 from .actions.host_memory import copies_fit, reports_fit
 from .actions.snapshot import capture_state
 from .recovery.probe import FORWARD_COST
-from .recovery.shadow import ObservedStart, group_rates, same_batches, shadow_check
-from .recovery.start_check import worst_ratio
+from .recovery.shadow import ObservedStart, group_rates, shadow_check
+from .start_gate import StartGate
 from .untrained import OutputShapes, measure_constant_loss, measure_untrained_loss
 
 __all__ = ["DataSide"]
@@ -32,7 +32,7 @@ _EVENT = {"lrwatch_event": True}   # as the executor's: a rule event or an actio
 T = TypeVar("T")
 
 
-class DataSide:
+class DataSide(StartGate):
     """Batches in, decisions carried out between them (a mixin of the Watcher, whose
     attributes it uses: the step, the policy, the recorder, the replay and skip state)."""
 
@@ -68,15 +68,6 @@ class DataSide:
     _restore_engine: Any
     #: the untrained loss :meth:`measure_untrained` measured (a device scalar), or ``None``
     untrained_level: Any = None
-    #: the untouched network's loss on each of those batches (device scalars), the batches
-    #: themselves (until the start check's gate has read them), and whether they are the
-    #: run's own first batches by construction (``batches()``: they are yielded first)
-    _untrained_each: list[Any] = []
-    _untrained_inputs: list[Any] = []
-    _untrained_own: bool = False
-    #: the run's loss at steps 1..len(_untrained_each), until the gate has read them
-    _early_losses: dict[int, float] | None = None
-
     def batches(self, iterable: Iterable[T]) -> Iterator[T]:
         """Yield the batches of ``iterable``, acting on lrwatch's decisions between them.
 
@@ -169,10 +160,6 @@ class DataSide:
         self.policy.start_checked(0)
         self._forget_gate()
 
-    def _forget_gate(self) -> None:
-        """Drop what the start check's gate keeps (the untrained batches, the first losses)."""
-        self._early_losses, self._untrained_inputs, self._untrained_each = None, [], []
-
     def _shadow_check(self, start: Any, held: list[Any], rates: list[Any], peek: list[Any],
                       run_state: Any = None, peek_rates: list[Any] | None = None) -> None:
         """Judge the run's own steps first, then train the shadow, score both, book the cost,
@@ -191,7 +178,7 @@ class DataSide:
             self._skip_start_check("the rules acted on the run's first steps")
             self._safe_point()
             return
-        if self._start_gate_closed(held):
+        if self._start_gate_closed(held, start):
             return
         factor, steps = self.recovery.restart_lr_factor, self.recovery.start_check_steps
         self._probing = True   # the shadow's steps are not the run's (the step hooks skip them)
@@ -204,13 +191,13 @@ class DataSide:
                                clip=self.recovery.clip_grad_norm)
         except Exception:
             self._internal_error("running the start check")
-            self.policy.start_checked(0)
-            return
+            res = None
         finally:
             self._probing = False
+        cost = self._start_check_cost(res)
         if res is None:
+            self.policy.start_checked(cost)
             return
-        cost = res.steps + math.ceil(res.forwards * FORWARD_COST - 1e-9)
         self.policy.start_checked(cost)
         v = res.verdict
         record: dict[str, Any] = {"type": "start_check", "step": self.step,
@@ -234,22 +221,11 @@ class DataSide:
             log.info("lrwatch: start check: the configured rate stands (%s)", v.reason)
         self._late_records.append(record)
 
-    def _start_gate_closed(self, held: list[Any]) -> bool:
-        """No shadow when the run's first steps left no batch worse than
-        ``start_check_gate`` times the untouched network's loss on it: the rate stands, at no
-        cost (``RecoveryConfig.start_check_gate``). Said in the log and the trace."""
-        gate = self.recovery.start_check_gate
-        ratio = self._start_gate_ratio(held) if gate else None
-        if ratio is None or ratio > gate:
-            return False
-        self.policy.start_checked(0)
-        reason = (f"the run's first steps left no batch it met worse than x{gate:g} the "
-                  f"untouched network's loss on it (at most x{ratio:.3g}): no shadow")
-        log.info("lrwatch: start check: the configured rate stands (%s)", reason)
-        self._late_records.append({"type": "start_check", "step": self.step, "steps": 0,
-                                   "cost_steps": 0, "lr_factor": 1.0, "worst_ratio": ratio,
-                                   "reason": reason})
-        return True
+    def _start_check_cost(self, res: Any) -> int:
+        """The start check's cost in steps: the shadow's steps, its held-out forwards and
+        the gate's own (where it measured the untouched network at the check)."""
+        steps, forwards = (res.steps, res.forwards) if res is not None else (0, 0)
+        return steps + math.ceil((forwards + self._gate_forwards) * FORWARD_COST - 1e-9)
 
     def _start_engine_state(self) -> Any:
         """The detectors' state at the run's start (the pinned snapshot's), or ``None``."""
@@ -281,6 +257,7 @@ class DataSide:
                 self._internal_error("saving the start state for the start check")
                 self.policy.start_checked(0)
                 return
+            self._listen_early()   # the gate compares the first steps with the start state
         held = len(obs.batches) + len(obs.held_out)
         if held != self.step:   # several batches per step (accumulation): hold no more
             self._skip_start_check(f"{held + 1} batches over the first {self.step + 1} "
@@ -329,41 +306,6 @@ class DataSide:
         self._untrained_own = True
         return itertools.chain(first, it)
 
-    def _note_early_loss(self, sample: Any) -> None:
-        if self._early_losses is not None and sample.step <= len(self._untrained_each):
-            loss = sample.values.get("loss")
-            if isinstance(loss, float):
-                self._early_losses[sample.step] = loss
-
-    def _start_gate_ratio(self, held: list[Any]) -> float | None:
-        """:func:`~lrwatch.recovery.start_check.worst_ratio` of the run's first steps against
-        the untouched network on the same batches, the worst over the ranks; ``None`` where
-        it cannot be read (a step missing, or the untrained loss measured on batches other
-        than the run's first: an adapter's second pass over a loader that shuffled anew)."""
-        ratio = None
-        n = min(len(self._untrained_each), self.recovery.start_check_steps)
-        early, base = self._early_losses, self._untrained_each[:n]
-        inputs = self._untrained_inputs[:n]
-        self._forget_gate()   # read once
-        if early is not None and base and not self._untrained_own:
-            try:
-                if not same_batches(inputs, held[:len(inputs)]):
-                    early = None
-            except Exception:
-                early = None
-        if early is not None and base:
-            run = [early.get(i + 1) for i in range(len(base))]
-            if all(x is not None for x in run):
-                try:
-                    untrained = [float(x) for x in base]   # one-off host reads, at the check
-                    ratio = worst_ratio(run, untrained)   # type: ignore[arg-type]
-                except Exception:
-                    self._internal_error("reading the untrained losses for the start check")
-        if self.dist.active:   # every rank gates alike: the worst rank's batches decide
-            got = self.dist.gather(ratio)
-            ratio = None if any(r is None for r in got) else max(got)
-        return ratio
-
     def measure_untrained(self, batches: Iterable[Any]) -> None:
         """Record the untrained loss: the median ``probe_loss`` of the model as it is now over
         ``batches``, as ``untrained_loss`` in the next step's sample (:mod:`lrwatch.untrained`).
@@ -382,9 +324,8 @@ class DataSide:
             if not self.policy.start_check_due(self.step):   # no gate to read them
                 each = []
             self._untrained_each, self._untrained_inputs = each, batches if each else []
-            if each and self._early_losses is None:   # the gate reads the run's first losses
-                self._early_losses = {}
-                self.outputs.add_listener(self._note_early_loss)
+            if each:   # the gate reads the run's first losses against them
+                self._listen_early()
             self.untrained_level = loss   # a device scalar (or None), for adapters
             if loss is not None:
                 self.recorder.row_for_log(self.step + 1).put("untrained_loss", loss)

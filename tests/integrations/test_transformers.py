@@ -291,7 +291,9 @@ def test_the_start_check_goes_on_at_a_tenth_of_a_rate_far_too_high(tmp_path: Pat
     assert none == [] and len(events) == 1
     e = events[0]
     assert e["step"] == 16 and e["lr_factor"] == pytest.approx(0.1)
-    assert e["steps"] == 16 and e["cost_steps"] == 20 and w.policy.state.probe_steps == 20
+    # 16 shadow steps, 12 held-out forwards and the gate's 8 (it measured the untouched
+    # network on the run's first batches at the check: the Trainer's sampler drew them)
+    assert e["steps"] == 16 and e["cost_steps"] == 23 and w.policy.state.probe_steps == 23
     assert w.policy.rollbacks == 0 and trainer.state.global_step == 30 and w.step == 30
     assert w.recovery.clip_grad_norm == 1.0      # read off the Trainer's arguments
     state, want = model.state_dict(), ref.state_dict()
@@ -301,10 +303,15 @@ def test_the_start_check_goes_on_at_a_tenth_of_a_rate_far_too_high(tmp_path: Pat
 
 
 def test_a_good_rate_stands_and_the_start_check_leaves_no_trace(tmp_path: Path) -> None:
+    """The gate measures the untouched network on the run's own first batches at the check
+    (the callback's untrained-loss batches are a sample of its own, not the Trainer's first):
+    no step made a batch worse, so no shadow; 8 forwards booked, the run untouched."""
     model, w, _, samples, events = _check_run(tmp_path, "on", 3e-3, "auto")
     ref, _, _, ref_samples, _ = _check_run(tmp_path, "off", 3e-3, "off")
-    assert len(events) == 1 and events[0]["lr_factor"] == 1.0
-    assert w.policy.state.probe_steps == 14
+    assert len(events) == 1 and events[0]["lr_factor"] == 1.0, events
+    assert events[0]["steps"] == 0 and events[0]["worst_ratio"] <= 1.05
+    assert "no shadow" in events[0]["reason"]
+    assert w.policy.state.probe_steps == events[0]["cost_steps"] == 3
     state, want = model.state_dict(), ref.state_dict()
     assert all(torch.equal(state[k], want[k]) for k in want)
     assert [s.values["loss"] for s in samples] == [s.values["loss"] for s in ref_samples]

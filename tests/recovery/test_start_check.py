@@ -470,3 +470,47 @@ def test_a_skipped_check_keeps_nothing_for_the_gate() -> None:
     _train(w, model, opt, batches)
     w.close()
     assert w._untrained_inputs == [] and w._early_losses is None and w._untrained_each == []
+
+
+def _adapter_run(tmp_path: Path, name: str, lr: float, untrained: list | None,
+                 **recovery: object) -> tuple:
+    """Drive the Watcher as a framework callback does (the framework draws the data): the
+    untrained loss on ``untrained`` (or none at all: an iterable dataset), each batch handed
+    to ``start_check_batch`` before its step, the step logged at the boundary."""
+    model, opt, batches = _setup(lr=lr)
+    trace = tmp_path / f"{name}.jsonl"
+    w = lrwatch.Watcher(model, opt, flush_every=5, trace=trace, probe_loss=_loss,
+                        step_hooks=False, recovery=dict(recovery))
+    if untrained is not None:
+        w.measure_untrained(untrained)
+    for b in batches:
+        w.start_check_batch(b)
+        loss = _loss(model, b)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        w.after_step()   # the adapter's optimizer step hook
+        w.log(loss=loss.detach())
+        w.start_check_boundary()
+    w.close()
+    return w, [p.detach().clone() for p in model.parameters()], _events(trace)
+
+
+@pytest.mark.parametrize("untrained", ["other", "none"])
+def test_the_gate_measures_the_untouched_network_where_the_adapter_drew_other_batches(
+        tmp_path: Path, untrained: str) -> None:
+    """The untrained loss measured on a sample that is not the run's first batches (the
+    transformers callback's), or not at all (an iterable dataset): the gate puts the start
+    state back in, scores the run's own first 8 batches, books those 8 forwards (3 steps),
+    trains no shadow and leaves the run bit for bit as without the check."""
+    other = _setup(lr=0.05, seed=5, n=8)[2] if untrained == "other" else None
+    w, weights, ev = _adapter_run(tmp_path, "good", 0.05, other)
+    _, off, none = _adapter_run(tmp_path, "off", 0.05, other, start_check="off")
+    assert none == [] and len(ev) == 1, ev
+    assert ev[0]["steps"] == 0 and ev[0]["worst_ratio"] <= 1.05 and "no shadow" in ev[0]["reason"]
+    assert ev[0]["cost_steps"] == w.policy.state.probe_steps == 3
+    assert all(torch.equal(a, b) for a, b in zip(weights, off))
+    # a rate far too high opens the gate: the shadow runs and the gate's forwards are booked
+    w, _, ev = _adapter_run(tmp_path, "hot", 2.0, other)
+    assert len(ev) == 1 and ev[0]["lr_factor"] == 0.1, ev
+    assert ev[0]["steps"] == 16 and ev[0]["cost_steps"] == 16 + math.ceil((12 + 8) / 3)

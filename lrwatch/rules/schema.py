@@ -920,7 +920,11 @@ def _validate(root: yaml.Node | None, ctor: Any, errs: _Errors, rules: list[Rule
     if not errs.items and root is not None:
         top = {k: (kn, vn) for k, kn, vn in _items(root, ctor, "", errs)}
         for key, (knode, _) in top.items():
-            if key not in _TOP_KEYS:
+            if key == "groups" and "rules" not in top:   # a Prometheus rule file
+                errs.add(knode, key, "unknown key: this looks like a Prometheus alerting/"
+                         "recording rule file (check it with promtool check rules); an "
+                         "lrwatch rule file has 'version: 1' and a list under 'rules'")
+            elif key not in _TOP_KEYS:
                 _unknown(errs, knode, key, key, _TOP_KEYS)
         if "version" in top:
             vnode = top["version"][1]

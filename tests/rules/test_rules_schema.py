@@ -83,6 +83,12 @@ def test_unknown_top_level_key(tmp_path):
     assert errs[1].startswith("1: key 'rules': missing required key")
 
 
+def test_a_prometheus_rule_file_is_named_as_one(tmp_path):
+    errs = errors_of(tmp_path, "groups:\n  - name: lrwatch\n    rules: []\n")
+    assert errs[0].startswith("1: key 'groups': unknown key: this looks like a Prometheus")
+    assert "promtool check rules" in errs[0]
+
+
 def test_unknown_detector(tmp_path):
     errs = errors_of(tmp_path, rule("""\
         metric: loss

@@ -107,6 +107,7 @@ class TraceWriter:
                 # a writer dropped without close() (an exception in a notebook cell) must not
                 # hold its file, and the lock on it, until the process ends
                 self._closer = weakref.finalize(self, _close_fd, self._fd)
+                _OPEN.add(self)   # (see _forget_in_child)
                 _hold(self._fd)
                 self._good = os.lseek(self._fd, 0, os.SEEK_END)  # the end of the last whole line
             except OSError as exc:
@@ -236,6 +237,15 @@ class TraceWriter:
             self._logged = True  # the caller logs this one
             raise exc
 
+    def _forget(self) -> None:
+        """In a forked child (a DataLoader worker): let go of the inherited file without
+        writing or unlocking it (the lock is the parent's, and stays while the parent keeps
+        its descriptor)."""
+        self._fd, self._before = None, None
+        self._pending, self._pending_bytes, self._pending_lines = [], 0, 0
+        if self._closer is not None:
+            self._closer()
+
     def close(self) -> None:
         if self._stream is not None:
             try:
@@ -251,6 +261,7 @@ class TraceWriter:
                 self._fd = None
                 if self._closer is not None:
                     self._closer()   # closes the fd, once
+                _OPEN.discard(self)
 
     def __enter__(self) -> "TraceWriter":
         return self
@@ -266,6 +277,23 @@ def _step_of(raw: bytes) -> int | None:
     except (ValueError, AttributeError):
         return None
     return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+#: the writers holding a file, for :func:`_forget_in_child`
+_OPEN: "weakref.WeakSet[TraceWriter]" = weakref.WeakSet()
+
+
+def _forget_in_child() -> None:
+    """A process forked while a writer holds its trace (DataLoader workers, forked after
+    the Watcher opened it) inherited the descriptor and with it the advisory lock: alive
+    after the writer closed (persistent workers), they kept the next writer of the path,
+    in this process, from writing anything. The child closes its copies."""
+    for writer in list(_OPEN):
+        writer._forget()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def _close_fd(fd: int) -> None:

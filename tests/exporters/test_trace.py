@@ -193,3 +193,35 @@ def test_a_writer_dropped_without_close_lets_the_next_one_write(tmp_path):
     w.close()
     assert not errors and w.ok
     assert [json.loads(x)["loss"] for x in path.read_text().splitlines()] == [2.0]
+
+
+def test_a_process_forked_while_a_trace_is_written_does_not_keep_it_locked(tmp_path):
+    """DataLoader workers forked after the Watcher opened its trace inherited the file and its
+    lock: still alive once the writer closed (persistent workers), they kept the next writer
+    of the path in this process (a second fit, a cell run again) from writing anything."""
+    import multiprocessing
+
+    path = tmp_path / "t.jsonl"
+    first = TraceWriter(path)
+    first.write(Sample(step=1, time=None, values={"loss": 1.0}))
+    ctx = multiprocessing.get_context("fork")
+    ready, done = ctx.Event(), ctx.Event()
+
+    def work() -> None:   # a worker: up and running, alive until the end
+        ready.set()
+        done.wait(30)
+
+    worker = ctx.Process(target=work)
+    worker.start()
+    try:
+        assert ready.wait(30)
+        first.close()
+        errors = []
+        second = TraceWriter(path, on_error=lambda: errors.append(1))
+        second.write(Sample(step=1, time=None, values={"loss": 2.0}))
+        second.close()
+    finally:
+        done.set()
+        worker.join(30)
+    assert not errors and second.ok
+    assert [json.loads(x)["loss"] for x in path.read_text().splitlines()] == [2.0]

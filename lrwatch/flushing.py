@@ -14,8 +14,9 @@ than with ``flush_lag=0``. A snapshot taken while its step is not judged yet is 
 target until a flush judges it healthy (:mod:`lrwatch.recovery.keeper`), as before. A rollback
 drops the steps not judged yet (the row trained between the copy and its landing, or a copy
 in flight): the trajectory they were trained on is abandoned, and the rules never see them, in
-the trace either. :meth:`Flushing.flush` and ``close()`` land the flush in flight first; ``state_dict()`` does
-not (the detectors' state it saves is the last judged flush's, as for steps not flushed yet).
+the trace either. :meth:`Flushing.flush` and ``close()`` land the flush in flight first (when
+that plans a rollback, the steps after it are left to be dropped); ``state_dict()`` does not
+(the detectors' state it saves is the last judged flush's, as for steps not flushed yet).
 
 :class:`Flushing` is a mixin over the Watcher's state (``recorder``, ``dist``, ``_evals``,
 ``_rules``, ``_snaps``, ``outputs``, ``_faults``, ``batch_size``, ``flush_every``,

@@ -127,8 +127,11 @@ def run_id(spec: RunSpec) -> str:
 
 def spec_hash(spec: RunSpec) -> str:
     task = TASKS[spec.task]      # the task's tuned LRs and sizes name the run too
-    blob = json.dumps({"v": FORMAT_VERSION, **spec.to_json(), "base_lr": dict(task.base_lr),
-                       "batch": task.batch, "steps": task.steps}, sort_keys=True)
+    facts = {"v": FORMAT_VERSION, **spec.to_json(), "base_lr": dict(task.base_lr),
+             "batch": task.batch, "steps": task.steps}
+    if getattr(task, "data", "") in fam.DATA_VERSION:   # only runs whose data changed re-record
+        facts["data_v"] = fam.DATA_VERSION[task.data]
+    blob = json.dumps(facts, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 

@@ -1194,7 +1194,12 @@ def fam_cache_path(task_name: str, opt: str, mult: float, seed: int, fault: str 
     (for a watched arm also the rule text and lrwatch's source)."""
     # bare runs do not depend on lrwatch's version: only the arms are rerun when it changes
     # (bare version 3: a clean bare run is labelled, `fam_bare_label`, and keeps its evaluations)
+    from benchmarks import families as fam
+
     key = f"{FAM_VERSION if arm else 3}/{task_name}/{opt}/{mult}/{seed}/{fault}/{arm}"
+    data = getattr(fam.TASKS.get(task_name), "data", "")
+    if data in fam.DATA_VERSION:   # the runs of a data set whose preparation changed rerun
+        key += f"/data={fam.DATA_VERSION[data]}"
     if FAM_SCHEDULE != "constant":
         key += f"/schedule={FAM_SCHEDULE}"
     if FAM_BUDGET != 1:

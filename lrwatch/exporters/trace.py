@@ -98,8 +98,8 @@ class TraceWriter:
                 _not_held(path)
                 before = path.with_name(path.name + ".before")
                 if not append and path.is_file() and path.stat().st_size > 0:
-                    self._before = before
                     os.replace(path, before)
+                    self._before = before
                 elif not append and before.is_file():
                     self._before = before   # an earlier open died before it wrote anything
                 flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
@@ -111,6 +111,7 @@ class TraceWriter:
                 _hold(self._fd)
                 self._good = os.lseek(self._fd, 0, os.SEEK_END)  # the end of the last whole line
             except OSError as exc:
+                self._put_back_before()
                 self._failed(exc, "open")
         else:
             self._stream = target
@@ -143,6 +144,17 @@ class TraceWriter:
             self._failed(exc, "resume")
         _unlink(before)
         return kept
+
+    def _put_back_before(self) -> None:
+        """The trace could not be opened after the earlier run's lines were moved aside (no
+        inode left on a full disk): they go back to the path, or the close would delete them
+        although this run wrote nothing."""
+        before, self._before = self._before, None
+        if before is not None and self._fd is None:
+            try:
+                os.replace(before, before.with_name(before.name[:-len(".before")]))
+            except OSError:
+                pass
 
     def _drop_before(self) -> None:
         """A run that was not resumed: the earlier run's lines go, as opening the file for

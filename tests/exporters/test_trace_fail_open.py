@@ -118,3 +118,25 @@ def test_a_resume_on_a_full_disk_leaves_no_half_line(tmp_path: Path) -> None:
         w.close()
         assert errors and 0 < kept < 250
         assert [s.step for s in read_trace(trace)] == list(range(1, kept + 1)) + [251]
+
+
+def test_a_trace_that_cannot_be_opened_leaves_the_earlier_runs_lines(tmp_path: Path) -> None:
+    """The earlier run's lines are moved aside (PATH.before) before the path is opened anew;
+    when that open failed (no inode left), the close deleted them although this run wrote
+    nothing."""
+    with tmpfs(tmp_path / "disk", "size=1m,nr_inodes=4") as disk:
+        trace = disk / "run.jsonl"
+        with TraceWriter(trace) as w:
+            w.write_many(Sample(step=i, time=None, values={"loss": 1.0}) for i in range(1, 6))
+        filled = 0
+        with pytest.raises(OSError):
+            while True:   # every inode taken: a rename still works, a new file does not
+                (disk / f"fill{filled}").touch()
+                filled += 1
+        errors: list[int] = []
+        w = TraceWriter(trace, on_error=lambda: errors.append(1))
+        w.write(Sample(step=1, time=None, values={"loss": 2.0}))
+        w.close()
+        assert errors and not w.ok
+        assert [s.step for s in read_trace(trace)] == [1, 2, 3, 4, 5]
+        assert not (disk / "run.jsonl.before").exists()

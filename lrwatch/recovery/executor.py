@@ -238,12 +238,7 @@ class PlanExecutor(ActionAlerts):
         # the trajectory they belong to is abandoned, so the rules never see them
         self._discard_unjudged()
         self._restored_at = self.step
-        # The snapshot's learning rates carry the scale of their time; bring them to the
-        # scale the policy planned (for a skip: today's).
-        snap_scale = float(target.extra.get("lr_scale", 1.0))
-        rel = self.policy.lr_scale / snap_scale
-        if rel != 1.0:
-            scale_learning_rate(self.optimizer, self.scheduler, rel)
+        self._to_planned_scale(target)
         if p.action == "rollback" and p.probe:
             p = self._probe(p, target.step)
         if p.action == "rollback":
@@ -271,6 +266,13 @@ class PlanExecutor(ActionAlerts):
             log.warning("lrwatch: %s at step %d: undid steps %d..%d", p.rule, p.step,
                         target.step + 1, self.step, extra=_EVENT)
         self._snaps.forget_awaiting()
+
+    def _to_planned_scale(self, restored: Snapshot) -> None:
+        """The learning rates of a snapshot just restored carry the scale of its time; bring
+        them to the scale the policy planned (for a skip or a stop: today's)."""
+        rel = self.policy.lr_scale / float(restored.extra.get("lr_scale", 1.0))
+        if rel != 1.0:
+            scale_learning_rate(self.optimizer, self.scheduler, rel)
 
     def _hold(self, batch: Any) -> None:
         """Keep a batch ``batches()`` yields for a replay (and a range test)."""
@@ -389,6 +391,8 @@ class PlanExecutor(ActionAlerts):
             try:
                 restore_state(good.load(), self.model, self.optimizer, self.scheduler,
                               self.scaler)
+                # at the rate the run was at (the final snapshot is tagged with it)
+                self._to_planned_scale(good)
                 where = f"; restored the known-good state of step {good.step}"
             except Exception:
                 self._internal_error("restoring the last known-good state before stopping")

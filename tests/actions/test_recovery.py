@@ -487,6 +487,23 @@ def test_budget_stops_the_run_cleanly(tmp_path: Path) -> None:
     assert any(p.name == f"snapshot-{w.step:010d}.pt" for p in final)  # the final snapshot
 
 
+def test_a_budget_stop_leaves_the_good_state_at_the_rate_the_run_was_cut_to(
+        tmp_path: Path) -> None:
+    """The budget stop restores the last known-good snapshot: its rates carry the scale of
+    their time and are brought to the run's (the final snapshot is tagged with it). Before,
+    a snapshot taken before a cut to half came back at the full rate, tagged 0.5."""
+    r = _run(tmp_path, steps=200, poison_from=20, poison_to=10**9,
+             recovery={"max_rollbacks": 1, "sudden_lr_factor": 0.5, "lr_recover": False})
+    w, sched, opt = r["w"], r["sched"], r["opt"]
+    assert w.exit_status == EXIT_BUDGET and w.policy.lr_scale == pytest.approx(0.5)
+    planned = 0.1 / (1 + 0.1 * sched.last_epoch) * w.policy.lr_scale
+    assert opt.param_groups[0]["lr"] == pytest.approx(planned, rel=1e-12)
+    final = w.store.latest()
+    assert final is not None and final.step == w.step
+    assert final.extra["lr_scale"] == pytest.approx(0.5)
+    assert final.load()["optimizer"]["param_groups"][0]["lr"] == pytest.approx(planned)
+
+
 def test_stop_action_exits_with_status_and_final_snapshot(tmp_path: Path) -> None:
     r = _run(tmp_path, steps=50, poison_from=8, action="stop")
     w = r["w"]

@@ -220,28 +220,42 @@ def _copy_into(model: torch.nn.Module, saved: Mapping[str, Any]) -> bool:
     """Copy ``saved`` into ``model``'s CUDA tensors in place, queued without the host waiting,
     when that is exactly what ``load_state_dict`` would do: the same keys, every entry a plain
     tensor of the live one's shape and dtype, in pinned host memory, and no module with load
-    hooks or a loader of its own. Returns whether it did (else nothing was touched)."""
-    if type(model).load_state_dict is not torch.nn.Module.load_state_dict:
-        return False   # a model that loads its own way
-    for m in model.modules():
-        if (m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks
-                or type(m)._load_from_state_dict not in _PLAIN_LOADERS
-                or type(m).get_extra_state is not torch.nn.Module.get_extra_state):
-            return False   # (extra state is set by set_extra_state, not copied)
-    live = model.state_dict(keep_vars=True)
-    if list(live) != list(saved):
+    hooks or a loader of its own (:func:`_live_state`). Returns whether it did (else nothing
+    was touched)."""
+    live = _live_state(model)
+    if live is None or list(live) != list(saved):
         return False
     pairs = []
     for key, dst in live.items():
         src = saved[key]
-        if (type(dst) not in (torch.Tensor, torch.nn.Parameter) or type(src) is not torch.Tensor
-                or not dst.is_cuda or src.device.type != "cpu" or not src.is_pinned()
-                or dst.shape != src.shape or dst.dtype != src.dtype):
+        if (type(src) is not torch.Tensor or not dst.is_cuda or src.device.type != "cpu"
+                or not src.is_pinned() or dst.shape != src.shape or dst.dtype != src.dtype):
             return False
         pairs.append((dst.detach(), src))
     for dst, src in pairs:
         dst.copy_(src, non_blocking=True)
     return True
+
+
+def _live_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """``model``'s state dict with its live tensors, when loading a state dict into it is a
+    plain copy into them: ``None`` for a model that loads its own way, a module with load
+    hooks, a loader of its own or extra state, or an entry that is not one of the model's own
+    parameters or buffers (a ``state_dict`` hook or override handing out converted copies,
+    which a copy in place would fill instead of the model)."""
+    if type(model).load_state_dict is not torch.nn.Module.load_state_dict:
+        return None   # a model that loads its own way
+    for m in model.modules():
+        if (m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks
+                or type(m)._load_from_state_dict not in _PLAIN_LOADERS
+                or type(m).get_extra_state is not torch.nn.Module.get_extra_state):
+            return None   # (extra state is set by set_extra_state, not copied)
+    live = model.state_dict(keep_vars=True)
+    own = {id(t) for t in itertools.chain(model.parameters(), model.buffers())}
+    if any(type(t) not in (torch.Tensor, torch.nn.Parameter) or id(t) not in own
+           for t in live.values()):
+        return None
+    return live
 
 
 def _placed_state(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lrwatch.actions.host_copy import HostCopy
-from lrwatch.actions.snapshot import SnapshotStore, capture_state, restore_state
+from lrwatch.actions.snapshot import SnapshotStore, _live_state, capture_state, restore_state
 
 
 def test_copy_is_a_deep_host_copy_of_nested_state():
@@ -236,3 +236,37 @@ def test_cuda_capture_and_restore_queue_their_copies_without_a_host_sync(fused):
     assert sched.last_epoch == 2
     step()                                                            # and it trains on
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _bf16_on_save(module, state, prefix, local_metadata):   # a state_dict hook: saves bf16
+    for key in [k for k in state if k.startswith(prefix)]:
+        state[key] = state[key].to(torch.bfloat16)
+
+
+def test_the_in_place_restore_is_only_for_a_state_dict_of_the_live_tensors():
+    """A restore on a GPU copies the snapshot into the tensors ``state_dict(keep_vars=True)``
+    hands out; a state_dict hook (or override) hands out converted copies, which that copy
+    filled while the model kept its diverged weights (``load_state_dict`` restores them)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4),
+                                torch.nn.Linear(4, 4))
+    model[2].weight = model[0].weight                     # tied: one tensor, two keys
+    live = _live_state(model)
+    assert live is not None and live["2.weight"] is model[0].weight
+    model[0].register_state_dict_post_hook(_bf16_on_save)
+    assert _live_state(model) is None
+    assert _live_state(torch.nn.Sequential()) == {}
+
+
+@cuda
+def test_cuda_restore_of_a_model_with_a_state_dict_hook_restores_the_model():
+    model = torch.nn.Linear(8, 8).cuda()
+    model.register_state_dict_post_hook(_bf16_on_save)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    store = SnapshotStore(keep=2)
+    snap = store.take(0, 0, model, opt)
+    assert snap is not None
+    with torch.no_grad():
+        model.weight.fill_(float("nan"))
+    restore_state(snap.load(), model, opt)
+    torch.cuda.synchronize()
+    assert torch.isfinite(model.weight).all()

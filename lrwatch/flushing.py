@@ -133,16 +133,18 @@ class Flushing:
 
     def _agree(self, samples: list[Sample]) -> list[Sample]:
         """One collective per flush: every rank's rows, combined identically on every rank."""
-        took, memory = 0.0, None
+        took, memory, held = 0.0, None, None
         if self._snaps is not None:
-            took = self._snaps.took_seconds()
+            took, held = self._snaps.took_seconds(), self._snaps.held_steps()
             try:
                 memory = self._snaps.memory_report()
             except Exception:
                 self._internal_error("reading the host memory")
-        gathered = self.dist.gather((samples, took, memory))
+        gathered = self.dist.gather((samples, took, memory, held))
         merged = combine_rank_samples([g[0] for g in gathered])
         if self._snaps is not None:
             self._snaps.adapt(max(g[1] for g in gathered), merged)
             self._snaps.agree_memory([g[2] for g in gathered])
+            # a snapshot one rank could not take is no rollback target on any rank
+            self._snaps.agree_held([g[3] for g in gathered])
         return merged

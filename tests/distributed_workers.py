@@ -395,3 +395,41 @@ def memory_guard(rank: int, world: int, store: str, out: str, mode: str) -> None
         "stopped": w.should_stop, "step": w.step, "reason": str(w.stop_reason),
         "said": said, "weights": _full_weights(model)})
     finish()
+
+
+def snapshot_fails_on_one_rank(rank: int, world: int, store: str, out: str,
+                               flush_lag: int = 0) -> None:
+    """The snapshots of steps 26-34 cannot be captured on the last rank only (the guard off);
+    a NaN batch on rank 0 at step 48 then asks for a rollback: every rank must go back to the
+    same step, a snapshot every rank holds."""
+    from lrwatch.actions import snapshot as snapmod
+
+    init(rank, world, store)
+    model = nn.parallel.DistributedDataParallel(_model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    capture, watchers = snapmod.capture_state, []
+
+    def flaky(*a: Any, **k: Any) -> Any:
+        if rank == world - 1 and watchers and 26 <= watchers[0].step <= 34:
+            raise RuntimeError("capture failed on this rank only")
+        return capture(*a, **k)
+    snapmod.capture_state = flaky   # type: ignore[assignment]
+    w = lrwatch.Watcher(model, opt, flush_every=5, flush_lag=flush_lag,
+                        recovery={"guard": "off", "good_after": 5, "min_interval": 5})
+    watchers.append(w)
+    events: list[dict[str, Any]] = []
+    w.add_listener(lambda s: events.extend(e for e in s.events
+                                           if e.get("type") in ("rollback", "stop")))
+    for step in range(60):
+        x, y = _global_batch(step)
+        loss = _mse_step(model, opt, _mine(x, rank, world), _mine(y, rank, world),
+                         nan=rank == 0 and w.step + 1 == 48)
+        w.log(loss=loss)
+    w.close()
+    assert w.store is not None
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    _write(out, rank, {"actions": [(e["type"], e["step"], e.get("to_step")) for e in events],
+                       "snapshots": [s.step for s in w.store.snapshots],
+                       "failed": w.store.failed, "weights_sum": float(flat.double().sum()),
+                       "finite": bool(torch.isfinite(flat).all())})
+    finish()

@@ -220,3 +220,17 @@ def test_the_ranks_agree_on_host_memory(tmp_path: Path, mode: str) -> None:
     assert "start check skipped (2 copies" in said and "snapshot at step 0 skipped" in said
     if mode == "shared":   # each rank alone would have fitted
         assert "of the 2 ranks sharing it" in said
+
+
+@pytest.mark.parametrize("flush_lag", [0, 1])
+def test_a_snapshot_one_rank_could_not_take_is_no_target_on_any_rank(tmp_path: Path,
+                                                                      flush_lag: int) -> None:
+    # before the fix, the last rank (no snapshot of step 30-34) rolled back to step 10 while
+    # rank 0 rolled back to step 32: different weights on every rank from then on
+    results = _spawn(dw.snapshot_fails_on_one_rank, 2, tmp_path, flush_lag)
+    first = results[0]
+    assert results[1]["failed"] >= 1 and first["failed"] == 0
+    assert first["actions"] and first["actions"][0][:2] == ["rollback", 48], first["actions"]
+    for r in results:
+        assert r["actions"] == first["actions"] and r["snapshots"] == first["snapshots"]
+        assert r["weights_sum"] == first["weights_sum"] and r["finite"]

@@ -24,7 +24,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -541,6 +541,17 @@ class SnapshotStore:
         for snap in [s for s in self.snapshots if s.pinned and s.step == step]:
             self.snapshots.remove(snap)
             self._delete(snap)
+
+    def drop(self, steps: Iterable[int]) -> list[int]:
+        """Forget the snapshots of ``steps`` (pinned or not; under ``torch.distributed``: ones
+        another rank could not take, so no rank rolls back where another cannot); returns
+        the steps dropped."""
+        steps = set(steps)
+        gone = [s for s in self.snapshots if s.step in steps]
+        for snap in gone:
+            self.snapshots.remove(snap)
+            self._delete(snap)
+        return [s.step for s in gone]
 
     def _delete(self, snap: Snapshot) -> None:
         if snap.path:

@@ -17,6 +17,7 @@ with recovery, and around it what the store does not know about the run:
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 from ..actions.host_memory import MemoryReport, local_report
@@ -24,7 +25,9 @@ from ..actions.snapshot import Snapshot, SnapshotStore
 from ..samples import Sample
 from .policy import CONTROL_ACTIONS, RecoveryConfig, RecoveryPolicy, SnapshotInfo
 
-__all__ = ["SnapshotKeeper"]
+__all__ = ["SnapshotKeeper", "steps_not_held_everywhere"]
+
+log = logging.getLogger("lrwatch")
 
 
 class SnapshotKeeper:
@@ -128,9 +131,35 @@ class SnapshotKeeper:
         if reports and all(isinstance(r, MemoryReport) for r in reports):
             self.store.memory_reports = list(reports)   # type: ignore[arg-type]
 
+    def held_steps(self) -> list[int]:
+        """The steps of the snapshots this rank holds, for the ranks to agree on."""
+        return [s.step for s in self.store.snapshots]
+
+    def agree_held(self, held: Sequence[Sequence[int] | None]) -> None:
+        """Every rank's :meth:`held_steps`, gathered: forget the snapshots some rank does not
+        hold (its capture failed, or its store trimmed another one), so that a rollback finds
+        the same target on every rank (kept as they are when some rank sent none)."""
+        drop = steps_not_held_everywhere(held)
+        for step in self.store.drop(drop):
+            self._awaiting_engine.pop(step, None)
+            log.info("lrwatch: snapshot at step %d dropped: another rank does not hold it", step)
+
     def adapt(self, slowest: float, merged: Sequence[Sample]) -> None:
         """Every rank adapts the snapshot interval from the same (slowest) figures, so all of
         them snapshot at the same steps and a rollback finds the same step everywhere."""
         times = [s.values["step_time_seconds"] for s in merged if "step_time_seconds" in s.values]
         if slowest > 0 and times:
             self.store.adapt(slowest, sorted(times)[len(times) // 2])
+
+
+def steps_not_held_everywhere(held: Sequence[Sequence[int] | None]) -> set[int]:
+    """The snapshot steps some rank holds and another does not (nothing when some rank sent
+    no list).
+
+    >>> sorted(steps_not_held_everywhere([[0, 10, 32], [10, 54], [10, 32, 54]]))
+    [0, 32, 54]
+    """
+    if not held or any(h is None for h in held):
+        return set()
+    sets = [set(h) for h in held]   # type: ignore[arg-type]
+    return set.union(*sets) - set.intersection(*sets)

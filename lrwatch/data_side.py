@@ -111,13 +111,16 @@ class DataSide(StartGate):
             self._skip_start_check(why, warn=True)
             yield from it
             return
+        start, failed = None, None
         try:
             start = capture_state(self.model, self.optimizer, self.scheduler, self.scaler)
         except Exception:
             self._internal_error("saving the start state for the start check")
-            self.policy.start_checked(0)
-            yield from it
-            return
+            if not self.dist.active:
+                self.policy.start_checked(0)
+                yield from it
+                return
+            failed = "its start state could not be saved"   # the other ranks wait to agree
         held: list[Any] = []
         rates: list[Any] = []
         for batch in it:
@@ -127,24 +130,38 @@ class DataSide(StartGate):
             if len(held) == rc.start_check_steps:
                 break
         peek = list(itertools.islice(it, rc.start_check_batches))
-        self._run_start_check(start, held, rates, peek)
+        self._run_start_check(start, held, rates, peek, failed)
         del start, held, rates
         yield from peek
         yield from it
 
     def _run_start_check(self, start: Any, held: list[Any], rates: list[Any],
-                         peek: list[Any]) -> None:
+                         peek: list[Any], failed: str | None = None) -> None:
         rc = self.recovery
         steps, k = rc.start_check_steps, rc.start_check_batches
-        if (len(held) < steps or len(peek) < k or self.step != steps or self.should_stop
-                or self.policy.state.rollbacks):
+        why = failed
+        if why is None and (len(held) < steps or len(peek) < k or self.step != steps
+                            or self.should_stop or self.policy.state.rollbacks):
             why = ("too few batches" if len(held) < steps or len(peek) < k else
                    "the run stopped" if self.should_stop else
                    "lrwatch rolled the run back meanwhile" if self.policy.state.rollbacks else
                    f"{self.step} logged steps on its first {steps} batches, not one per batch")
+        why = self._agreed_reason(why)
+        if why is not None:
             self._skip_start_check(why)
             return
         self._shadow_check(start, held, rates, peek)
+
+    def _agreed_reason(self, why: str | None) -> str | None:
+        """This rank's reason to skip the start check, or under ``torch.distributed`` the
+        first one any rank gives (the check's collectives need every rank, so all of them
+        run it or none does); ``None``: every rank can run it."""
+        if not self.dist.active:
+            return why
+        got = self.dist.gather(why)
+        if why is not None or all(w is None for w in got):
+            return why
+        return next(f"rank {r}: {w}" for r, w in enumerate(got) if w is not None)
 
     def _copies_fit(self, copies: int) -> tuple[bool, str]:
         """Whether the start check's copies fit in host memory; under ``torch.distributed``

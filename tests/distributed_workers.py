@@ -19,9 +19,15 @@ from lrwatch.actions.host_memory import state_bytes
 from lrwatch.samples import Sample
 
 
-def init(rank: int, world: int, store: str) -> None:
+def init(rank: int, world: int, store: str, timeout_s: float | None = None) -> None:
+    """Join the gloo group; ``timeout_s``: a collective waiting longer raises (a test of a
+    hang then fails instead of waiting for gloo's default half hour)."""
+    import datetime
+
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    kw = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            **kw)
 
 
 def finish() -> None:
@@ -432,4 +438,43 @@ def snapshot_fails_on_one_rank(rank: int, world: int, store: str, out: str,
                        "snapshots": [s.step for s in w.store.snapshots],
                        "failed": w.store.failed, "weights_sum": float(flat.double().sum()),
                        "finite": bool(torch.isfinite(flat).all())})
+    finish()
+
+
+def start_check_fails_on_one_rank(rank: int, world: int, store: str, out: str,
+                                  mode: str) -> None:
+    """The start check where only the last rank fails: ``"capture"``, its start state cannot
+    be saved; ``"probe"``, its ``probe_loss`` raises once the shadow runs. Every rank must
+    skip the check (or give it up) alike, with no rank left waiting in a collective."""
+    from lrwatch import data_side
+
+    init(rank, world, store, timeout_s=60)
+    model = _wrapped("ddp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.6)
+    last = rank == world - 1
+    if mode == "capture" and last:
+        def no_capture(*a: Any, **k: Any) -> Any:
+            raise RuntimeError("cannot save the start state on this rank")
+        data_side.capture_state = no_capture   # type: ignore[assignment]
+    calls = [0]
+
+    def stream() -> Any:
+        for step in range(10_000):
+            x, _ = _global_batch(step)
+            yield _mine(x, rank, world), _mine(torch.tanh(x[:, :1] - x[:, 1:2]), rank, world)
+
+    def probe_loss(m: nn.Module, batch: Any) -> torch.Tensor:
+        calls[0] += 1   # the first 10 are the untrained loss's
+        if mode == "probe" and last and calls[0] > 12:
+            raise RuntimeError("probe_loss failed on this rank")
+        return nn.functional.mse_loss(m(batch[0]), batch[1])
+
+    w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=probe_loss,
+                        recovery={"start_check_gate": 0.0})
+    events: list[dict[str, Any]] = []
+    _watched_mse_loop(w, model, opt, stream(), events, steps=40)
+    _write(out, rank, {
+        "checks": [e["step"] for e in events if e.get("type") == "start_check"],
+        "weights": _full_weights(model), "lr": opt.param_groups[0]["lr"], "step": w.step,
+        "errors": w.exporter.internal_errors._value.get()})
     finish()

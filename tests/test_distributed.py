@@ -234,3 +234,15 @@ def test_a_snapshot_one_rank_could_not_take_is_no_target_on_any_rank(tmp_path: P
     for r in results:
         assert r["actions"] == first["actions"] and r["snapshots"] == first["snapshots"]
         assert r["weights_sum"] == first["weights_sum"] and r["finite"]
+
+
+def test_a_start_state_one_rank_could_not_save_skips_the_check_on_every_rank(
+        tmp_path: Path) -> None:
+    # before the fix the other rank ran the check alone: it waited in the check's collectives
+    # while the failed rank trained on (a hang, here a 60 s gloo timeout)
+    results = _spawn(dw.start_check_fails_on_one_rank, 2, tmp_path, "capture")
+    first = results[0]
+    assert results[1]["errors"] >= 1
+    for r in results:
+        assert r["checks"] == [] and r["step"] == 40
+        assert r["weights"] == first["weights"] and r["lr"] == first["lr"]

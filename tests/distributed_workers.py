@@ -444,7 +444,8 @@ def snapshot_fails_on_one_rank(rank: int, world: int, store: str, out: str,
 def start_check_fails_on_one_rank(rank: int, world: int, store: str, out: str,
                                   mode: str) -> None:
     """The start check where only the last rank fails: ``"capture"``, its start state cannot
-    be saved; ``"probe"``, its ``probe_loss`` raises once the shadow runs. Every rank must
+    be saved; ``"probe"``, its ``probe_loss`` raises on a held-out batch of the check;
+    ``"probe_train"``, on a training step of the shadow (under DDP). Every rank must
     skip the check (or give it up) alike, with no rank left waiting in a collective."""
     from lrwatch import data_side
 
@@ -464,8 +465,8 @@ def start_check_fails_on_one_rank(rank: int, world: int, store: str, out: str,
             yield _mine(x, rank, world), _mine(torch.tanh(x[:, :1] - x[:, 1:2]), rank, world)
 
     def probe_loss(m: nn.Module, batch: Any) -> torch.Tensor:
-        calls[0] += 1   # the first 10 are the untrained loss's
-        if mode == "probe" and last and calls[0] > 12:
+        calls[0] += 1   # the first 11: the untrained and constant losses; then 5 held out
+        if mode.startswith("probe") and last and calls[0] > (17 if mode == "probe_train" else 12):
             raise RuntimeError("probe_loss failed on this rank")
         return nn.functional.mse_loss(m(batch[0]), batch[1])
 

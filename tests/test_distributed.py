@@ -246,3 +246,16 @@ def test_a_start_state_one_rank_could_not_save_skips_the_check_on_every_rank(
     for r in results:
         assert r["checks"] == [] and r["step"] == 40
         assert r["weights"] == first["weights"] and r["lr"] == first["lr"]
+
+
+@pytest.mark.parametrize("mode", ["probe", "probe_train"])
+def test_a_probe_loss_failing_on_one_rank_gives_the_check_up_on_every_rank(
+        tmp_path: Path, mode: str) -> None:
+    # before the fix the failed rank left the check while the other waited in the held-out
+    # losses' mean or in DDP's gradient reduction: gloo aborted the process (SIGABRT)
+    results = _spawn(dw.start_check_fails_on_one_rank, 2, tmp_path, mode)
+    first = results[0]
+    for r in results:
+        assert r["errors"] >= 1                       # counted as an internal error, fail open
+        assert r["checks"] == [] and r["step"] == 40
+        assert r["weights"] == first["weights"] and r["lr"] == first["lr"]

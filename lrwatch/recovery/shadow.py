@@ -94,6 +94,27 @@ def _grad_sync(model: torch.nn.Module, group: Any) -> Callable[[], None] | None:
     return sync
 
 
+class PeerFailed(RuntimeError):
+    """The start check failed on another rank: this one gives it up too."""
+
+
+def _agreed(call: Callable[[], Any], agree: Callable[[float], float]) -> Any:
+    """``call()`` (a ``probe_loss`` forward), then whether every rank's succeeded: where one
+    raised, every rank raises (that one its own error, the others :class:`PeerFailed`), so
+    that no rank is left waiting in the next collective (the held-out losses' mean, the
+    wrapper's gradient reduction). Outside ``torch.distributed`` ``agree`` is the identity:
+    the error is raised as it was."""
+    try:
+        out, err = call(), None
+    except Exception as exc:
+        out, err = None, exc
+    if agree(0.0 if err is None else math.inf) != 0.0:
+        if err is not None:
+            raise err
+        raise PeerFailed("the start check failed on another rank")
+    return out
+
+
 def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any,
            batches: Sequence[Any], rates: Sequence[Sequence[Any]], factor: float,
            batch_loss: BatchLoss, agree: Callable[[float], float],
@@ -130,6 +151,7 @@ def shadow_check(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sched
     ``held_out_rates`` x ``factor`` (what the run would have done after adopting it at once).
     ``clip``: the shadow clips its gradients' total norm to it, as the run does."""
     agree = _dist_mean(process_group) or (lambda x: x)
+    batch_loss = _agreed_loss(batch_loss, agree)
     modes = [(m, m.training) for m in model.modules()]
     lrs_now = group_rates(optimizer)
     now = capture_state(model, optimizer, scheduler, scaler)
@@ -171,6 +193,13 @@ def shadow_check(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sched
     if verdict is None:
         return None
     return ShadowResult(verdict, steps, 2 * len(held_out))
+
+
+def _agreed_loss(batch_loss: BatchLoss, agree: Callable[[float], float]) -> BatchLoss:
+    """``batch_loss`` whose failure on any rank raises on every rank (:func:`_agreed`)."""
+    def loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        return _agreed(lambda: batch_loss(model, batch), agree)
+    return loss
 
 
 def same_batches(a: Any, b: Any) -> bool:

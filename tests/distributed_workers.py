@@ -479,3 +479,38 @@ def start_check_fails_on_one_rank(rank: int, world: int, store: str, out: str,
         "weights": _full_weights(model), "lr": opt.param_groups[0]["lr"], "step": w.step,
         "errors": w.exporter.internal_errors._value.get()})
     finish()
+
+
+def probe_fails_on_one_rank(rank: int, world: int, store: str, out: str) -> None:
+    """SGD far too hot under DDP: the rollback's range test (``probe="auto"``) runs on every
+    rank, and the last rank's ``probe_loss`` raises in it. Every rank must give the test up
+    alike (the fixed factor stands in), with no rank left waiting in a collective."""
+    init(rank, world, store, timeout_s=60)
+    model = _wrapped("ddp")
+    opt = torch.optim.SGD(model.parameters(), lr=8.0)
+    events: list[dict[str, Any]] = []
+    calls = [0]
+
+    def stream() -> Any:
+        for step in range(10_000):
+            x, y = _global_batch(step)
+            yield _mine(x, rank, world), _mine(y, rank, world)
+
+    def probe_loss(m: nn.Module, batch: Any) -> torch.Tensor:
+        calls[0] += 1   # the first 11: the untrained and constant losses
+        if rank == world - 1 and calls[0] > 13:
+            raise RuntimeError("probe_loss failed on this rank")
+        return nn.functional.mse_loss(m(batch[0]), batch[1])
+
+    w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=probe_loss,
+                        recovery={"good_after": 10, "min_interval": 5, "restart_warmup": 10,
+                                  "probe": "auto", "start_check": "off"})
+    _watched_mse_loop(w, model, opt, stream(), events, steps=60)
+    flat = torch.tensor(_full_weights(model))
+    _write(out, rank, {
+        "events": [(e["type"], e["step"], e.get("to_step"), e.get("lr_factor"),
+                    e.get("steps")) for e in events
+                   if e.get("type") in ("rollback", "probe", "stop")],
+        "weights": flat.tolist(), "lr": opt.param_groups[0]["lr"], "step": w.step,
+        "calls": calls[0], "errors": w.exporter.internal_errors._value.get()})
+    finish()

@@ -259,3 +259,16 @@ def test_a_probe_loss_failing_on_one_rank_gives_the_check_up_on_every_rank(
         assert r["errors"] >= 1                       # counted as an internal error, fail open
         assert r["checks"] == [] and r["step"] == 40
         assert r["weights"] == first["weights"] and r["lr"] == first["lr"]
+
+
+def test_a_probe_loss_failing_on_one_rank_in_the_range_test_stops_it_on_every_rank(
+        tmp_path: Path) -> None:
+    # before the fix the failed rank left the range test while the other waited in the
+    # loss's mean or in DDP's gradient reduction (a hang, here a 60 s gloo timeout)
+    results = _spawn(dw.probe_fails_on_one_rank, 2, tmp_path)
+    first = results[0]
+    assert any(e[0] == "probe" for e in first["events"]), first["events"]
+    assert results[1]["calls"] > 13 and results[1]["errors"] >= 1
+    for r in results:
+        assert r["events"] == first["events"] and r["step"] == first["step"]
+        assert r["weights"] == first["weights"] and r["lr"] == first["lr"]

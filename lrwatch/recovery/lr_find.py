@@ -273,6 +273,36 @@ def _dist_mean(group: Any) -> Callable[[float], float] | None:
     return mean
 
 
+class PeerFailed(RuntimeError):
+    """A probe (the start check, a range test) failed on another rank: this one gives it
+    up too."""
+
+
+def _agreed(call: Callable[[], Any], agree: Callable[[float], float]) -> Any:
+    """``call()`` (a ``probe_loss`` forward), then whether every rank's succeeded: where one
+    raised, every rank raises (that one its own error, the others :class:`PeerFailed`), so
+    that no rank is left waiting in the next collective (the held-out losses' mean, the
+    wrapper's gradient reduction). Outside ``torch.distributed`` ``agree`` is the identity:
+    the error is raised as it was."""
+    try:
+        out, err = call(), None
+    except Exception as exc:
+        out, err = None, exc
+    if agree(0.0 if err is None else math.inf) != 0.0:
+        if err is not None:
+            raise err
+        raise PeerFailed("probe_loss failed on another rank")
+    return out
+
+
+def agreed_loss(batch_loss: BatchLoss, agree: Callable[[float], float]) -> BatchLoss:
+    """``batch_loss`` whose failure on any rank raises on every rank (:func:`_agreed`);
+    ``agree``: the mean over the ranks (:func:`_dist_mean`)."""
+    def loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        return _agreed(lambda: batch_loss(model, batch), agree)
+    return loss
+
+
 def lr_find(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Iterable[Any],
             loss_fn: Callable[..., torch.Tensor] | None = None, *,
             batch_loss: BatchLoss | None = None, scheduler: Any = None, scaler: Any = None,

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .curve import DEFAULT_FRACTION, LRCurve, RangeTest, geometric_rates, preflight_factor
-from .lr_find import BatchLoss, SavedTraining, _cycle, _dist_mean, run_range_test
+from .lr_find import BatchLoss, SavedTraining, _cycle, _dist_mean, agreed_loss, run_range_test
 from .policy import RecoveryConfig
 
 __all__ = ["probe_rate", "ProbeResult", "configured_rate", "check_rate", "check_cost",
@@ -50,12 +50,13 @@ def probe_rate(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     test = RangeTest(geometric_rates(failed_lr / config.probe_span, failed_lr,
                                      config.probe_steps),
                      beta=0.7, fraction=config.probe_fraction)
+    reduce = reduce if reduce is not None else _dist_mean(process_group)
+    if reduce is not None:   # a probe_loss failing on one rank stops the test on every rank
+        batch_loss = agreed_loss(batch_loss, reduce)
     saved = SavedTraining.capture(model, optimizer, scheduler, scaler)
     try:
         curve = run_range_test(model, optimizer, _cycle(list(batches)), batch_loss, test,
-                               scaler=scaler,
-                               reduce=reduce if reduce is not None else _dist_mean(process_group),
-                               clip=config.clip_grad_norm)
+                               scaler=scaler, reduce=reduce, clip=config.clip_grad_norm)
     finally:
         saved.restore(model, optimizer, scheduler, scaler)
     measured = None if curve.suggestion is None else curve.suggestion / failed_lr
@@ -87,11 +88,13 @@ def check_rate(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     batches = list(batches)
     test = RangeTest(geometric_rates(lr / 1000.0, lr * 10.0, steps), beta=0.9,
                      fraction=DEFAULT_FRACTION)
+    reduce = _dist_mean(process_group)
+    if reduce is not None:   # a probe_loss failing on one rank stops the test on every rank
+        batch_loss = agreed_loss(batch_loss, reduce)
     saved = SavedTraining.capture(model, optimizer, scheduler, scaler)
     try:
         curve = run_range_test(model, optimizer, _cycle(batches), batch_loss, test,
-                               scaler=scaler, reduce=_dist_mean(process_group),
-                               reference=batches[0], clip=clip)
+                               scaler=scaler, reduce=reduce, reference=batches[0], clip=clip)
     finally:
         saved.restore(model, optimizer, scheduler, scaler)
     return preflight_factor(curve, lr), curve

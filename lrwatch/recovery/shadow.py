@@ -22,7 +22,8 @@ import torch
 
 from ..actions.rollback import scale_learning_rate
 from ..actions.snapshot import _set_rng_state, capture_state, cpu_copy, restore_state, settle
-from .lr_find import BatchLoss, _dist_mean, reference_loss, set_group_rates, train_step
+from .lr_find import (BatchLoss, _dist_mean, agreed_loss, reference_loss, set_group_rates,
+                      train_step)
 from .start_check import StartVerdict
 
 __all__ = ["ObservedStart", "ShadowResult", "shadow_check", "group_rates", "same_batches"]
@@ -94,27 +95,6 @@ def _grad_sync(model: torch.nn.Module, group: Any) -> Callable[[], None] | None:
     return sync
 
 
-class PeerFailed(RuntimeError):
-    """The start check failed on another rank: this one gives it up too."""
-
-
-def _agreed(call: Callable[[], Any], agree: Callable[[float], float]) -> Any:
-    """``call()`` (a ``probe_loss`` forward), then whether every rank's succeeded: where one
-    raised, every rank raises (that one its own error, the others :class:`PeerFailed`), so
-    that no rank is left waiting in the next collective (the held-out losses' mean, the
-    wrapper's gradient reduction). Outside ``torch.distributed`` ``agree`` is the identity:
-    the error is raised as it was."""
-    try:
-        out, err = call(), None
-    except Exception as exc:
-        out, err = None, exc
-    if agree(0.0 if err is None else math.inf) != 0.0:
-        if err is not None:
-            raise err
-        raise PeerFailed("the start check failed on another rank")
-    return out
-
-
 def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any,
            batches: Sequence[Any], rates: Sequence[Sequence[Any]], factor: float,
            batch_loss: BatchLoss, agree: Callable[[float], float],
@@ -151,7 +131,7 @@ def shadow_check(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sched
     ``held_out_rates`` x ``factor`` (what the run would have done after adopting it at once).
     ``clip``: the shadow clips its gradients' total norm to it, as the run does."""
     agree = _dist_mean(process_group) or (lambda x: x)
-    batch_loss = _agreed_loss(batch_loss, agree)
+    batch_loss = agreed_loss(batch_loss, agree)
     modes = [(m, m.training) for m in model.modules()]
     lrs_now = group_rates(optimizer)
     now = capture_state(model, optimizer, scheduler, scaler)
@@ -193,13 +173,6 @@ def shadow_check(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sched
     if verdict is None:
         return None
     return ShadowResult(verdict, steps, 2 * len(held_out))
-
-
-def _agreed_loss(batch_loss: BatchLoss, agree: Callable[[float], float]) -> BatchLoss:
-    """``batch_loss`` whose failure on any rank raises on every rank (:func:`_agreed`)."""
-    def loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
-        return _agreed(lambda: batch_loss(model, batch), agree)
-    return loss
 
 
 def same_batches(a: Any, b: Any) -> bool:

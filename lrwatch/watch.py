@@ -348,7 +348,7 @@ class Watcher(DataSide, PlanExecutor, StepPath, Flushing):
         could plan a rollback the checkpoint would not carry out, and under torch.distributed
         would need every rank, where a framework may call this on rank 0 alone)."""
         return {"step": self.step, "data_position": self.data_position,
-                "skip_remaining": self._skip_remaining,
+                "skip_remaining": self._skip_remaining, "ramped_at": self._ramped_at,
                 "policy": self.policy.state_dict(),
                 "engine": self.engine.state_dict() if self.engine is not None else None,
                 "best": self.best.state_dict() if self.best is not None else None}
@@ -360,6 +360,7 @@ class Watcher(DataSide, PlanExecutor, StepPath, Flushing):
         self.step = int(state["step"])
         self.data_position = int(state.get("data_position", 0))
         self._skip_remaining = int(state.get("skip_remaining", 0))
+        self._ramped_at = state.get("ramped_at")   # this step's ramp step already taken
         policy = dict(state.get("policy", {}))
         for key in ("lr_scale", "ramp"):   # kept beside the policy before version 0.x
             if key in state and key not in policy:

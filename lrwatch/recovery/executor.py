@@ -79,6 +79,7 @@ class PlanExecutor(ActionAlerts):
         self._skip_remaining = 0
         self._pending: list[tuple[Plan, Snapshot | None]] = []
         self._restored_at: int | None = None   # the step of the last rollback or skip
+        self._ramped_at: int | None = None     # the step whose boundary the ramp last moved at
         self._action_alerts = {}   # kind -> the firing alert of an action
         self._stop_restored: Any = None   # what a stop restored (adapters re-apply)
         self._probe_loss = probe_loss
@@ -213,6 +214,8 @@ class PlanExecutor(ActionAlerts):
 
         Returns whether anything was carried out."""
         acted = bool(self._pending)
+        if acted:   # the restored state's own step runs at the ramp's first rate
+            self._ramped_at = self.step
         while self._pending:
             p, target = self._pending.pop(0)
             try:
@@ -360,7 +363,12 @@ class PlanExecutor(ActionAlerts):
 
     def _ramp_step(self) -> None:
         """One step of the policy's learning-rate ramp (warm-up after a restart, or the
-        return of the rate after a one-off fault)."""
+        return of the rate after a one-off fault), once per trained step: a boundary that
+        trained nothing (a batch of the skip window; the first one of a run resumed from a
+        checkpoint written after this step's boundary) leaves the ramp where it is."""
+        if self._ramped_at == self.step:
+            return
+        self._ramped_at = self.step
         f = self.policy.ramp_step()
         if f is None:
             return

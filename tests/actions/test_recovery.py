@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import random
@@ -840,6 +841,52 @@ def test_restart_during_a_warm_up_cuts_from_the_rate_it_was_heading_for(tmp_path
     assert [warm[k] for k in (1, 2)] == [None, None]       # until the restart at step 2
     assert {warm[k] for k in range(3, 17)} == {1.0}        # both ramps: 9 steps after step 7
     assert {warm[k] for k in range(17, 41)} == {0.0}
+
+
+def _warm_up_rates(tmp_path: Path, skip_batches: int = 0,
+                   resume_at: int | None = None) -> list[float]:
+    """The rate of every trained step of a run restarted at step 2 with a 10-step warm-up
+    (``resume_at``: checkpointed at the top of that step's loop, after its boundary, and
+    resumed from there in a new Watcher)."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = {"restart_warmup": 10, "cooldown": 0, "skip_batches": skip_batches, "guard": "off"}
+    w = lrwatch.Watcher(model, opt, flush_every=1, rules=_rules(tmp_path), recovery=rec)
+    lrs: list[float] = []
+    it = _batches()
+    for stop in (resume_at or 20, 20):
+        for b in w.batches(it):
+            if w.step == stop:
+                break
+            step = w.step + 1
+            lrs.append(opt.param_groups[0]["lr"])
+            w.log(loss=_step(model, opt, b), poison=1.0 if step == 2 else 0.0)
+        if w.step == 20:
+            break
+        state, opt_state = w.state_dict(), opt.state_dict()   # the checkpoint
+        w.close()
+        opt.load_state_dict(opt_state)
+        w = lrwatch.Watcher(model, opt, flush_every=1, start_step=state["step"],
+                            rules=_rules(tmp_path), recovery=rec)
+        w.load_state_dict(state)
+        it = itertools.chain([b], it)   # the batch drawn at the checkpoint is trained on
+    w.close()
+    return lrs
+
+
+def test_a_warm_up_ramps_once_per_trained_step(tmp_path: Path) -> None:
+    """The batches of a skip window are drawn and dropped between two boundaries that train
+    nothing, and a run resumed from a checkpoint written after its step's boundary meets that
+    boundary again: neither moves the ramp. Before, each skipped batch took a step of the
+    warm-up (the first trained step after the restart ran at 4/10 of the cut rate, not 1/10)
+    and a resumed warm-up ended a step early."""
+    lrs = _warm_up_rates(tmp_path)
+    cut = 0.1 * 0.1
+    # steps 1-2 at the configured rate, then the restart's ramp from 1/10 of the cut rate
+    assert lrs[:12] == pytest.approx([0.1, 0.1] + [cut * k / 10 for k in range(1, 11)])
+    assert lrs[12:] == pytest.approx([cut] * (len(lrs) - 12))
+    assert _warm_up_rates(tmp_path, skip_batches=3) == pytest.approx(lrs)
+    assert _warm_up_rates(tmp_path, resume_at=6) == pytest.approx(lrs)
 
 
 def _stalled_regression(rules: Any, *, scheduler: bool = False, recovery: Any = True,

@@ -272,15 +272,29 @@ class DataSide(StartGate):
                     self.model, self.optimizer, self.scheduler, self.scaler))
             except Exception:
                 self._internal_error("saving the start state for the start check")
-                self.policy.start_checked(0)
-                return
+                if not self.dist.active:
+                    self.policy.start_checked(0)
+                    return
+                obs = self._observed = ObservedStart({}, failed="its start state could not "
+                                                     "be saved")
             self._listen_early()   # the gate compares the first steps with the start state
         held = len(obs.batches) + len(obs.held_out)
-        if held != self.step:   # several batches per step (accumulation): hold no more
-            self._skip_start_check(f"{held + 1} batches over the first {self.step + 1} "
-                                   "steps, not one per step")
+        if held != self.step and obs.failed is None:   # accumulation: hold no more
+            self._observed_failed(obs, f"{held + 1} batches over the first {self.step + 1} "
+                                  "steps, not one per step")
             return
         obs.add(batch, group_rates(self.optimizer))
+
+    def _observed_failed(self, obs: ObservedStart, why: str) -> None:
+        """This rank cannot run the start check the framework's data feeds: skip it now, or
+        under ``torch.distributed`` at the check's step, where every rank agrees
+        (:meth:`_agreed_reason`) and none is left alone in the check's collectives."""
+        if not self.dist.active:
+            self._skip_start_check(why)
+            return
+        obs.failed = obs.failed or why
+        if obs.run_state is None:
+            obs.run_state = {}   # nothing to score: the check is skipped at its step
 
     def start_check_boundary(self) -> None:
         """At the step boundary of an adapter that calls :meth:`start_check_batch`: keep the
@@ -297,19 +311,22 @@ class DataSide(StartGate):
                                    "lrwatch rolled the run back meanwhile")
         elif obs.run_state is None and self.step >= steps:
             if self.step != steps or len(obs.batches) != steps:
-                self._skip_start_check(f"{len(obs.batches)} batches over the first "
-                                       f"{self.step} logged steps, not one per step")
+                self._observed_failed(obs, f"{len(obs.batches)} batches over the first "
+                                      f"{self.step} logged steps, not one per step")
                 return
             try:
                 obs.run_state = capture_state(self.model, self.optimizer, self.scheduler,
                                               self.scaler)
             except Exception:
                 self._internal_error("saving the run's state for the start check")
-                self._skip_start_check("its state could not be saved")
+                self._observed_failed(obs, "its state could not be saved")
         elif obs.run_state is not None and self.step >= steps + k:
-            if self.step != steps + k or len(obs.held_out) != k:
-                self._skip_start_check(f"{len(obs.held_out)} batches over {k} steps, "
-                                       "not one per step")
+            why = obs.failed
+            if why is None and (self.step != steps + k or len(obs.held_out) != k):
+                why = f"{len(obs.held_out)} batches over {k} steps, not one per step"
+            why = self._agreed_reason(why)
+            if why is not None:
+                self._skip_start_check(why)
                 return
             self._observed = None
             self._shadow_check(obs.start, obs.batches, obs.rates, obs.held_out,

@@ -514,3 +514,46 @@ def probe_fails_on_one_rank(rank: int, world: int, store: str, out: str) -> None
         "weights": flat.tolist(), "lr": opt.param_groups[0]["lr"], "step": w.step,
         "calls": calls[0], "errors": w.exporter.internal_errors._value.get()})
     finish()
+
+
+def adapter_start_check_fails_on_one_rank(rank: int, world: int, store: str, out: str,
+                                          which: int) -> None:
+    """The start check as the framework callbacks drive it (``start_check_batch`` and
+    ``start_check_boundary``, the framework drawing the data) under DDP, where the last rank
+    cannot save a state: ``which`` 1, the start state; 2, the run's after its first steps.
+    Every rank must skip the check alike, with no rank left waiting in a collective."""
+    from lrwatch import data_side
+
+    init(rank, world, store, timeout_s=60)
+    model = _wrapped("ddp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    capture, captures = data_side.capture_state, [0]
+
+    def flaky(*a: Any, **k: Any) -> Any:
+        captures[0] += 1
+        if rank == world - 1 and captures[0] == which:
+            raise RuntimeError("cannot save a state on this rank")
+        return capture(*a, **k)
+    data_side.capture_state = flaky   # type: ignore[assignment]
+
+    def probe_loss(m: nn.Module, batch: Any) -> torch.Tensor:
+        return nn.functional.mse_loss(m(batch[0]), batch[1])
+
+    w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=probe_loss,
+                        recovery={"start_check_gate": 0.0})
+    events: list[dict[str, Any]] = []
+    w.add_listener(lambda s: events.extend(e for e in s.events
+                                           if e.get("type") == "start_check"))
+    for step in range(30):
+        x, _ = _global_batch(step)
+        batch = _mine(x, rank, world), _mine(torch.tanh(x[:, :1] - x[:, 1:2]), rank, world)
+        w.start_check_batch(batch)
+        loss = _mse_step(model, opt, *batch, nan=False)
+        w.log(loss=loss)
+        w.start_check_boundary()
+    w.close()
+    _write(out, rank, {
+        "checks": [e["step"] for e in events], "weights": _full_weights(model),
+        "lr": opt.param_groups[0]["lr"], "step": w.step, "captures": captures[0],
+        "errors": w.exporter.internal_errors._value.get()})
+    finish()

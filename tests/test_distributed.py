@@ -272,3 +272,19 @@ def test_a_probe_loss_failing_on_one_rank_in_the_range_test_stops_it_on_every_ra
     for r in results:
         assert r["events"] == first["events"] and r["step"] == first["step"]
         assert r["weights"] == first["weights"] and r["lr"] == first["lr"]
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_the_callbacks_start_check_with_a_state_one_rank_could_not_save(tmp_path: Path,
+                                                                        which: int) -> None:
+    # the callbacks' path (the framework draws the data): before the fix the other rank ran
+    # the check alone and waited in its collectives (a hang, here a 60 s gloo timeout)
+    results = _spawn(dw.adapter_start_check_fails_on_one_rank, 2, tmp_path, which)
+    first = results[0]
+    if which == 0:   # nothing fails: the check runs, on every rank alike
+        assert len(first["checks"]) == 1, first
+    else:
+        assert results[1]["errors"] >= 1 and first["checks"] == []
+    for r in results:
+        assert r["checks"] == first["checks"] and r["step"] == 30
+        assert r["weights"] == first["weights"] and r["lr"] == first["lr"]

@@ -48,8 +48,13 @@ class ObservedStart:
     run_state: Mapping[str, Any] | None = None
     held_out: list[Any] = field(default_factory=list)
     held_out_rates: list[Any] = field(default_factory=list)
+    #: why this rank cannot run the check (under ``torch.distributed`` it still goes on to
+    #: the check's step, where every rank agrees to skip it); no batch is held from then on
+    failed: str | None = None
 
     def add(self, batch: Any, rates: list[Any]) -> None:
+        if self.failed is not None:
+            return
         if self.run_state is None:
             self.batches.append(batch)
             self.rates.append(rates)

@@ -557,3 +557,32 @@ def adapter_start_check_fails_on_one_rank(rank: int, world: int, store: str, out
         "lr": opt.param_groups[0]["lr"], "step": w.step, "captures": captures[0],
         "errors": w.exporter.internal_errors._value.get()})
     finish()
+
+
+def resume_nonfinite_shard(rank: int, world: int, store: str, out: str) -> None:
+    """FSDP2: the resumed weights are not finite in the last rank's shard only (a checkpoint
+    written after a failure lrwatch had not judged yet). Only that rank sees it, and drops the
+    run's start; every rank must then take the same decision at the NaN that follows."""
+    init(rank, world, store, timeout_s=60)
+    model = _fsdp_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    w = lrwatch.Watcher(model, opt, flush_every=5,
+                        recovery={"guard": "off", "good_after": 5, "min_interval": 5})
+    state = w.state_dict()
+    if rank == world - 1:
+        with torch.no_grad():
+            next(model.parameters()).to_local().view(-1)[0] = float("nan")
+    w.load_state_dict(state)
+    events: list[dict[str, Any]] = []
+    w.add_listener(lambda s: events.extend(e for e in s.events
+                                           if e.get("type") in ("rollback", "stop")))
+    for step in range(20):
+        if w.should_stop:
+            break
+        x, y = _global_batch(step)
+        w.log(loss=_mse_step(model, opt, _mine(x, rank, world), _mine(y, rank, world),
+                             nan=False))
+    w.close()
+    _write(out, rank, {"actions": [(e["type"], e["step"]) for e in events],
+                       "stopped": w.should_stop, "step": w.step})
+    finish()

@@ -288,3 +288,15 @@ def test_the_callbacks_start_check_with_a_state_one_rank_could_not_save(tmp_path
     for r in results:
         assert r["checks"] == first["checks"] and r["step"] == 30
         assert r["weights"] == first["weights"] and r["lr"] == first["lr"]
+
+
+def test_a_resume_not_finite_on_one_rank_takes_the_same_decision_on_every_rank(
+        tmp_path: Path) -> None:
+    # only the last rank's FSDP2 shard is not finite: it drops the run's start, the others
+    # keep theirs; the start they hold is no target for them either (agreed at the flush),
+    # so every rank stops alike rather than one going back while the other stops (a hang)
+    results = _spawn(dw.resume_nonfinite_shard, 2, tmp_path)
+    first = results[0]
+    assert first["stopped"] and first["actions"] and first["actions"][0][0] == "stop"
+    for r in results:
+        assert r == first

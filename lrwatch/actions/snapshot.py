@@ -582,6 +582,15 @@ class SnapshotStore:
             self._delete(s)
         return len(drop)
 
+    def discard_after(self, step: int) -> int:
+        """Forget every snapshot taken after ``step``, known good or not (never a pinned one):
+        a rollback to ``step`` abandoned the trajectory they belong to."""
+        drop = [s for s in self.snapshots if s.step > step and not s.pinned]
+        for s in drop:
+            self.snapshots.remove(s)
+            self._delete(s)
+        return len(drop)
+
     def latest_good(self) -> Snapshot | None:
         return next((s for s in reversed(self.snapshots) if s.good), None)
 

@@ -246,6 +246,9 @@ class PlanExecutor(ActionAlerts):
             p = self._probe(p, target.step)
         if p.action == "rollback":
             self.store.discard_pending()
+            # newer known-good ones too: the rollback abandoned their trajectory (kept, the
+            # next failure would go back to one of them instead of further back)
+            self.store.discard_after(target.step)
             self._skip_remaining += p.skip_batches
             self.exporter.rollbacks.inc()
             agree = (lambda n: min(self.dist.gather(n))) if self.dist.active else None

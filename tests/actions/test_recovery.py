@@ -629,6 +629,30 @@ def test_persistent_fault_escalates_the_cut_and_goes_further_back(tmp_path: Path
     assert all(torch.isfinite(p).all() for p in r["model"].parameters())
 
 
+def test_failing_again_never_goes_back_to_a_snapshot_a_rollback_abandoned(
+        tmp_path: Path) -> None:
+    """A rollback to a snapshot older than the newest known-good one (the newest failed once
+    already) abandons the trajectory the newer ones belong to: they are dropped, so that the
+    next failure goes further back still. Before, the newer one stayed the newest known-good
+    snapshot, and the rollbacks went back and forth between two states (30, 25, 30, ...)."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trace = tmp_path / "trace.jsonl"
+    w = lrwatch.Watcher(model, opt, flush_every=1, trace=trace, rules=_rules(tmp_path),
+                        recovery={"good_after": 5, "min_interval": 5, "max_interval": 5,
+                                  "keep": 4, "cooldown": 0, "guard": "off"})
+    for b in w.batches(_batches()):
+        if w.step >= 60:
+            break
+        step = w.step + 1
+        w.log(loss=_step(model, opt, b), poison=1.0 if step in (40, 43, 46) else 0.0)
+    w.close()
+    rb = [e for s in read_trace(trace) for e in s.events if e.get("type") == "rollback"]
+    assert [e["step"] for e in rb] == [40, 43, 46]
+    to = [e["to_step"] for e in rb]
+    assert to[0] < 40 and to[1] < to[0] and to[2] < to[1], to
+
+
 def test_rollback_held_by_the_cooldown_is_not_lost_at_close(tmp_path: Path) -> None:
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -225,7 +225,7 @@ def test_the_ranks_agree_on_host_memory(tmp_path: Path, mode: str) -> None:
 @pytest.mark.parametrize("flush_lag", [0, 1])
 def test_a_snapshot_one_rank_could_not_take_is_no_target_on_any_rank(tmp_path: Path,
                                                                       flush_lag: int) -> None:
-    # before the fix, the last rank (no snapshot after step 25) rolled back to step 10 while
+    # before the fix, the last rank (no snapshot of steps 26-47) rolled back to step 10 while
     # rank 0 rolled back to step 32: different weights on every rank from then on
     results = _spawn(dw.snapshot_fails_on_one_rank, 2, tmp_path, flush_lag)
     first = results[0]

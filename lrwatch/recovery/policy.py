@@ -443,6 +443,7 @@ class PolicyState:
     ramp: list[float] = field(default_factory=list)   # one factor per coming step
     restarts: int = 0                       # rollbacks to the run's start
     ramp_restart: bool = False              # the ramp is a restart's warm-up (not lr_recover)
+    stopped: bool = False                   # a stop was planned: notifications only from now
 
     def on_probation(self, step: int) -> bool:
         return self.probation_until is not None and step <= self.probation_until
@@ -616,7 +617,7 @@ def decide(events: Sequence[Any], step: int, state: PolicyState,
     1
     """
     out, control = _split_events(events)
-    if config is None:
+    if config is None or state.stopped:   # after a stop, a loop that goes on is left alone
         return out
     escalated = _probation_escalation(events, step, state, config, control)
     if escalated is not None:
@@ -888,10 +889,12 @@ class RecoveryPolicy:
                   and getattr(e, "severity", None) in ("warning", "critical")]
         if alarms:
             st.last_alarm = max(alarms + [st.last_alarm or alarms[0]])
-        if (rc is not None and st.probation_until is not None
+        if (rc is not None and st.probation_until is not None and not st.stopped
                 and progress.step > st.probation_until
                 and not any(p.action in CONTROL_ACTIONS for p in out)):
             out.extend(self._end_probation(progress.step))
+        if any(p.action == "stop" for p in out):
+            st.stopped = True
         return out
 
     def release_held(self, progress: Progress) -> list[Plan]:
@@ -899,7 +902,7 @@ class RecoveryPolicy:
         st, rc = self.state, self.config
         held, step = st.held, st.held_step
         st.held = st.held_step = None
-        if rc is None or held is None:
+        if rc is None or held is None or st.stopped:
             return []
         if st.rollbacks >= rc.max_rollbacks:
             return [Plan("stop", held, step or progress.step,
@@ -1165,6 +1168,7 @@ class RecoveryPolicy:
 
     def load_state_dict(self, d: Mapping[str, Any]) -> None:
         for f in fields(PolicyState):
-            if f.name in d:
+            if f.name in d and f.name != "stopped":   # a resumed run is the user's decision
                 v = d[f.name]
                 setattr(self.state, f.name, list(v) if f.name == "ramp" else v)
+        self.state.stopped = False

@@ -101,6 +101,24 @@ def test_repeated_failures_compound_and_go_further_back() -> None:
     assert pol.lr_scale == pytest.approx(0.5 * 0.25)
 
 
+def test_after_a_stop_the_policy_plans_nothing_but_notifications() -> None:
+    """A loop that goes on after a stop (it only calls log(), never reads should_stop) is
+    left alone: no rollback, skip, cut or recovery of the rate, no held rollback released
+    at the end; alerts still go out. A resumed run decides again."""
+    pol = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0))
+    pol.promoted([SnapshotInfo(10, True)])
+    s = snaps(10, 20)
+    (stop,) = control(pol.plan([fire("halt", 25, ("stop",))], Progress(25, s)))
+    assert stop.action == "stop"
+    plans = pol.plan([fire("loss_blowup", 30, ("rollback", "alert"))], Progress(30, s))
+    assert [p.action for p in plans] == ["alert"]
+    assert pol.rollbacks == 0 and pol.release_held(Progress(40, s)) == []
+    resumed = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0))
+    resumed.load_state_dict(pol.state_dict())
+    (p,) = control(resumed.plan([fire("loss_blowup", 50)], Progress(50, s)))
+    assert p.action == "rollback"
+
+
 def test_budget_cooldown_and_held_rollbacks() -> None:
     pol = RecoveryPolicy(RecoveryConfig(max_rollbacks=1, cooldown=20, good_after=5))
     pol.promoted([SnapshotInfo(10, True)])

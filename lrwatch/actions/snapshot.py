@@ -136,10 +136,17 @@ _IN_FLIGHT = "host_copy"   # the HostCopy of a captured state whose copies may b
 
 
 def all_finite(model: torch.nn.Module) -> bool:
-    """Whether every parameter and floating buffer of ``model`` is finite (one host read)."""
+    """Whether every parameter and floating buffer of ``model`` is finite (one host read).
+    Tensors that hold no values yet (on the ``meta`` device, a lazy module's uninitialized
+    parameters) have nothing to judge and are passed over."""
     checks = [torch.isfinite(t).all() for t in itertools.chain(model.parameters(), model.buffers())
-              if t.is_floating_point() and t.numel()]
+              if _holds_values(t) and t.is_floating_point() and t.numel()]
     return bool(torch.stack([c.to(checks[0].device) for c in checks]).all()) if checks else True
+
+
+def _holds_values(t: torch.Tensor) -> bool:
+    return t.device.type != "meta" and not isinstance(
+        t, torch.nn.parameter.UninitializedTensorMixin)
 
 
 def settle(state: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -93,3 +93,16 @@ def test_store_falls_back_when_the_directory_fails_later(tmp_path: Path) -> None
     third = store.take(10, 10, model, opt)
     assert third is not None and third.state is not None and errors == [1]
     assert torch.equal(second.load()["model"]["weight"], model.weight.detach())
+
+
+def test_all_finite_passes_over_tensors_that_hold_no_values_yet() -> None:
+    """A lazy module before its first forward and a model on the meta device (a resume
+    checks the weights it starts from): nothing to judge, no error."""
+    from lrwatch.actions.snapshot import all_finite
+
+    lazy = torch.nn.Sequential(torch.nn.LazyLinear(3), torch.nn.Linear(3, 2))
+    assert all_finite(lazy)
+    assert all_finite(torch.nn.Linear(3, 3, device="meta"))
+    with torch.no_grad():
+        lazy[1].weight[0, 0] = float("nan")
+    assert not all_finite(lazy)

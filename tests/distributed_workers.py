@@ -222,6 +222,20 @@ def per_rank_export(rank: int, world: int, store: str, out: str, port: int, go: 
     finish()
 
 
+def _probing_watcher(model: nn.Module, opt: Any, probe_loss: Any) -> lrwatch.Watcher:
+    """A Watcher whose rollbacks measure their rate (probe="auto"), no start check."""
+    return lrwatch.Watcher(model, opt, flush_every=5, probe_loss=probe_loss,
+                           recovery={"good_after": 10, "min_interval": 5,
+                                     "restart_warmup": 10, "probe": "auto",
+                                     "start_check": "off"})
+
+
+def _recovery_events(events: list[Any]) -> list[Any]:
+    """The rollback, probe and stop events, as comparable tuples."""
+    return [(e["type"], e["step"], e.get("to_step"), e.get("lr_factor"), e.get("steps"))
+            for e in events if e.get("type") in ("rollback", "probe", "stop")]
+
+
 def _watched_mse_loop(w: lrwatch.Watcher, model: nn.Module, opt: torch.optim.Optimizer,
                       stream: Any, events: list[dict[str, Any]], steps: int) -> None:
     """Train on ``w.batches(stream)`` with an MSE loss until ``steps`` steps, collecting the
@@ -257,15 +271,11 @@ def probe_restart(rank: int, world: int, store: str, out: str, kind: str = "ddp"
         shard_of[rank] = True
         return nn.functional.mse_loss(m(batch[0]), batch[1])
 
-    w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=probe_loss,
-                        recovery={"good_after": 10, "min_interval": 5, "restart_warmup": 10,
-                                  "probe": "auto", "start_check": "off"})
+    w = _probing_watcher(model, opt, probe_loss)
     _watched_mse_loop(w, model, opt, stream(), events, steps=80)
     flat = torch.tensor(_full_weights(model))
     _write(out, rank, {
-        "events": [(e["type"], e["step"], e.get("to_step"), e.get("lr_factor"),
-                    e.get("steps")) for e in events
-                   if e.get("type") in ("rollback", "probe", "stop")],
+        "events": _recovery_events(events),
         "probe_steps": w.policy.state.probe_steps, "weights": flat.tolist(),
         "finite": bool(torch.isfinite(flat).all()), "lr": opt.param_groups[0]["lr"],
         "step": w.step, "probed": bool(shard_of)})
@@ -504,15 +514,11 @@ def probe_fails_on_one_rank(rank: int, world: int, store: str, out: str) -> None
             raise RuntimeError("probe_loss failed on this rank")
         return nn.functional.mse_loss(m(batch[0]), batch[1])
 
-    w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=probe_loss,
-                        recovery={"good_after": 10, "min_interval": 5, "restart_warmup": 10,
-                                  "probe": "auto", "start_check": "off"})
+    w = _probing_watcher(model, opt, probe_loss)
     _watched_mse_loop(w, model, opt, stream(), events, steps=60)
     flat = torch.tensor(_full_weights(model))
     _write(out, rank, {
-        "events": [(e["type"], e["step"], e.get("to_step"), e.get("lr_factor"),
-                    e.get("steps")) for e in events
-                   if e.get("type") in ("rollback", "probe", "stop")],
+        "events": _recovery_events(events),
         "weights": flat.tolist(), "lr": opt.param_groups[0]["lr"], "step": w.step,
         "calls": calls[0], "errors": w.exporter.internal_errors._value.get()})
     finish()

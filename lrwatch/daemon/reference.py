@@ -41,7 +41,7 @@ from .records import (DEFAULT_LIMITS, NonFinite, RecordError, _check_features, _
 from .state import atomic_write
 
 __all__ = ["FeatureProfile", "Reference", "profile_records", "read_data", "cat_key",
-           "unwrap_prediction", "describe_prediction_type",
+           "unwrap_prediction", "describe_prediction_type", "class_one_probabilities",
            "PREDICTION", "FINE_BINS", "COARSE_BINS"]
 
 #: Name under which the model output is profiled next to the features.
@@ -172,6 +172,20 @@ def _profile(name: str, values: Sequence[Any], kind: str | None = None) -> Featu
 def unwrap_prediction(p: Any) -> Any:
     """``{"proba": [...]}`` as its list (records that did not go through validation)."""
     return p["proba"] if type(p) is dict and "proba" in p else p
+
+
+def class_one_probabilities(raw: Sequence[Any]) -> Sequence[Any]:
+    """A binary model's predictions sent as ``[p0, p1]`` in some records and as ``p1`` in
+    others (two client versions, say): the lists as their ``p1``, which is how the daemon reads
+    them against a reference of class-1 probabilities (``records.Limits.binary_probability``).
+    Anything else comes back as it is: lists of another width, numbers outside [0, 1], class
+    names, or lists only (a reference of probability lists, see docs/daemon.md)."""
+    lists = [p for p in raw if type(p) is list]
+    numbers = [p for p in raw if p is not None and type(p) is not list]
+    if not lists or not numbers or any(len(p) != 2 for p in lists) \
+            or not all(_is_num(p) and 0.0 <= p <= 1.0 for p in numbers):
+        return raw
+    return [p[1] if type(p) is list else p for p in raw]
 
 
 def _prediction_value(p: Any) -> Any:
@@ -364,7 +378,7 @@ def profile_records(records: Iterable[Mapping[str, Any]], *,
                               f"or binary")
     cols, notes = _feature_columns(rows, kinds)
     feats = [_profile(n, vals, kinds.get(n)) for n, vals in cols.items()]
-    raw = [unwrap_prediction(r.get("prediction")) for r in rows]
+    raw = class_one_probabilities([unwrap_prediction(r.get("prediction")) for r in rows])
     preds = [_prediction_value(p) for p in raw]
     # from the raw values (a probability list is not a class) and the labels (numbers in
     # [0, 1] are a regression's outputs when the labels are values, not classes)

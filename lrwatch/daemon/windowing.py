@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["WindowsMixin"]
 
 _log = logging.getLogger("lrwatch.daemon")
+_PLAIN = frozenset({float, int, str, bool})
 
 
 class WindowsMixin:
@@ -89,6 +90,11 @@ class WindowsMixin:
 
     def _windowize(self, b: Batch, t_arrival: float) -> None:
         """Put counted records into windows, a slice at a time (closing them as they fill)."""
+        if self.reference.prediction_type == "probability" \
+                and not _PLAIN.issuperset(map(type, b.preds)):  # type: ignore[union-attr]
+            # validated before the live reference was known (the batch that completed it,
+            # those of its calibration): [p0, p1] is p1, as validation reads it against it
+            b.preds = [p[1] if type(p) is list and len(p) == 2 else p for p in b.preds]
         n = len(b)
         ws = self.config.window_seconds
         size = self.config.window_size

@@ -21,9 +21,11 @@ import itertools
 import logging
 from collections import deque
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import Any, Iterator, Mapping, Sequence
 
-from ..actions.rollback import scale_learning_rate
+# (the rate keys scale_learning_rate scales in param groups)
+from ..actions.rollback import _GROUP_KEYS as LR_GROUP_KEYS, scale_learning_rate
 from ..actions.snapshot import Snapshot, restore_state
 from .action_alerts import ActionAlerts
 from .policy import CONTROL_ACTIONS, EXIT_BUDGET, Plan, Progress, SnapshotInfo, restart_warmup_for
@@ -37,6 +39,24 @@ log = logging.getLogger("lrwatch")
 #: rollback, skip, reduce_lr, lr_recover, stop): a console that prints the trace's events
 #: itself can drop exactly these (``getattr(record, "lrwatch_event", False)``).
 _EVENT = {"lrwatch_event": True}
+
+
+def _gained_keys(optimizer: Any, state: Mapping[str, Any]) -> list[tuple[str, ...]]:
+    """Per param group, the learning-rate keys the live group holds and the captured
+    ``state``'s optimizer lacks: SWALR's ``swa_lr``, a later scheduler's ``initial_lr``. A
+    restore keeps them as they are, at the scale of before the restore."""
+    saved = state["optimizer"].get("param_groups", ())
+    return [tuple(k for k in LR_GROUP_KEYS if k in now and k not in was)
+            for now, was in zip(optimizer.param_groups, saved)]
+
+
+def _scale_gained(optimizer: Any, gained: Sequence[tuple[str, ...]], factor: float) -> None:
+    """Scale the ``gained`` keys by ``factor`` (to the restored snapshot's scale), so that
+    the cut the snapshot's rates are then scaled by reaches them once, not twice."""
+    for group, keys in zip(optimizer.param_groups, gained):
+        if keys and factor != 1.0:
+            scale_learning_rate(SimpleNamespace(param_groups=[group]),  # type: ignore[arg-type]
+                                None, factor, keys)
 
 
 class PlanExecutor(ActionAlerts):
@@ -236,12 +256,13 @@ class PlanExecutor(ActionAlerts):
     def _rollback(self, p: Plan, target: Snapshot | None) -> None:
         assert target is not None and self.store is not None
         state = target.load()
+        gained = _gained_keys(self.optimizer, state)
         restore_state(state, self.model, self.optimizer, self.scheduler, self.scaler)
         # steps trained since the flush that decided this, not judged yet (``flush_lag=1``):
         # the trajectory they belong to is abandoned, so the rules never see them
         self._discard_unjudged()
         self._restored_at = self.step
-        self._to_planned_scale(target)
+        self._to_planned_scale(target, gained, p.from_scale)
         if p.action == "rollback" and p.probe:
             p = self._probe(p, target.step)
         if p.action == "rollback":
@@ -273,10 +294,15 @@ class PlanExecutor(ActionAlerts):
                         target.step + 1, self.step, extra=_EVENT)
         self._snaps.forget_awaiting()
 
-    def _to_planned_scale(self, restored: Snapshot) -> None:
+    def _to_planned_scale(self, restored: Snapshot, gained: Sequence[tuple[str, ...]] = (),
+                          carried: float | None = None) -> None:
         """The learning rates of a snapshot just restored carry the scale of its time; bring
-        them to the scale the policy planned (for a skip or a stop: today's)."""
-        rel = self.policy.lr_scale / float(restored.extra.get("lr_scale", 1.0))
+        them to the scale the policy planned (for a skip or a stop: today's). Rate keys the
+        groups gained since (:func:`_gained_keys`) carry ``carried`` (default: today's)."""
+        then = float(restored.extra.get("lr_scale", 1.0))
+        _scale_gained(self.optimizer, gained,
+                      then / (self.policy.lr_scale if carried is None else carried))
+        rel = self.policy.lr_scale / then
         if rel != 1.0:
             scale_learning_rate(self.optimizer, self.scheduler, rel)
 
@@ -400,10 +426,11 @@ class PlanExecutor(ActionAlerts):
             # The run could not be healed: leave it at its last known-good state rather than
             # the diverged one, so the final snapshot is worth resuming from.
             try:
-                restore_state(good.load(), self.model, self.optimizer, self.scheduler,
-                              self.scaler)
+                state = good.load()
+                gained = _gained_keys(self.optimizer, state)
+                restore_state(state, self.model, self.optimizer, self.scheduler, self.scaler)
                 # at the rate the run was at (the final snapshot is tagged with it)
-                self._to_planned_scale(good)
+                self._to_planned_scale(good, gained)
                 where = f"; restored the known-good state of step {good.step}"
             except Exception:
                 self._internal_error("restoring the last known-good state before stopping")

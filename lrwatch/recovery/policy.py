@@ -490,8 +490,11 @@ class Plan:
     the rates to ``scale`` x configured (a snapshot records the scale it was taken at, so the
     executor multiplies by ``scale / snapshot_scale``), the cut being ``lr_factor`` of the rate
     before the failure, warmed up over ``warmup`` steps (``restart``: the target is the state
-    the run started from). With ``probe`` the executor measures the rate instead and reports it
-    with :meth:`RecoveryPolicy.probed`. ``skip``: restore ``target`` and keep the rate.
+    the run started from; a learning-rate key a param group gained after the snapshot, which
+    the restore keeps -- SWALR's ``swa_lr`` --, carries ``from_scale``, the scale the rates
+    had when this was planned). With ``probe`` the executor measures the rate instead and
+    reports it with :meth:`RecoveryPolicy.probed`. ``skip``: restore ``target`` and keep the
+    rate.
     ``reduce_lr``: multiply the rates by ``lr_factor``. ``stop``: end with ``exit_status``.
     ``lr_recover``: the rate comes back by ``lr_factor`` over ``warmup`` steps (the ramp is
     in the policy). ``skip_batches``: batches to drop after it. ``replay_drop``: for a
@@ -515,6 +518,7 @@ class Plan:
     params: Mapping[str, Any] = field(default_factory=dict, compare=False)
     probe_from: float = 1.0   # the scale that failed: the top of the probe's range
     replay_drop: tuple[int, int] | None = None
+    from_scale: float | None = None   # the scale the rates carry when planned (None: ``scale``)
 
     def describe(self, budget: int, used: int) -> str:
         """The log line's words: what happened, the real factor, and why."""
@@ -1077,6 +1081,7 @@ class RecoveryPolicy:
         else:
             st.rollback_repeats = 0
         st.last_rollback_to, st.last_rollback_at = target.step, step
+        now = st.lr_scale   # what the rates carry until the plan is carried out
         since = getattr(d.event, "since", None)
         restart = target.pinned and (not st.ever_healthy or since is not None)
         cut, warmup, reason, replay_drop = self._rollback_cut(d, restart)
@@ -1096,7 +1101,7 @@ class RecoveryPolicy:
         return Plan("rollback", d.rule, d.step, reason, target=target.step, lr_factor=cut,
                     scale=scale, warmup=warmup if warmup > 1 else 0, restart=restart,
                     probe=probe, skip_batches=rc.skip_batches, event=d.event,
-                    probe_from=heading, replay_drop=replay_drop)
+                    probe_from=heading, replay_drop=replay_drop, from_scale=now)
 
     def _rollback_cut(self, d: Decision, restart: bool
                       ) -> tuple[float, int, str | None, Any]:

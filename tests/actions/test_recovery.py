@@ -615,6 +615,52 @@ def test_a_resumed_run_whose_rate_was_cut_restarts_from_its_resumed_rate() -> No
     assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * w2.policy.lr_scale / 0.1)
 
 
+def test_a_rollback_to_before_the_swa_swap_after_a_cut_cuts_swa_lr_once(tmp_path: Path) -> None:
+    """Lightning's StochasticWeightAveraging swaps SWALR in mid-run and the Watcher is rebound
+    to it (``rebind_scheduler``: the standing cut reaches ``swa_lr``). A later rollback to a
+    snapshot from before the swap and before the cut keeps the groups' ``swa_lr`` (and
+    SWALR's ``initial_lr``), which carry today's scale; they were then scaled by the factor
+    measured from the snapshot's scale, so the standing cut reached them twice."""
+    cut = """
+  - name: cut
+    metric: cut
+    detector: threshold
+    params: {above: 0.5}
+    severity: warning
+    actions: [reduce_lr]
+"""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    trace = tmp_path / "swa.jsonl"
+    w = lrwatch.Watcher(model, opt, flush_every=1, rules=_rules(tmp_path, extra=cut),
+                        trace=trace,
+                        recovery={"good_after": 2, "min_interval": 10, "max_interval": 10,
+                                  "cooldown": 0, "guard": "off", "lr_recover": False,
+                                  "sudden_lr_factor": 0.5})
+    swa = None
+    for b in w.batches(_batches()):
+        step = w.step + 1
+        if step > 30:
+            break
+        if step == 25:   # after the cut at step 22 (the rates at x0.5)
+            swa = torch.optim.swa_utils.SWALR(opt, swa_lr=0.04, anneal_epochs=1)
+            w.rebind_scheduler(swa)
+        loss = _step(model, opt, b)
+        if swa is not None:
+            swa.step()
+        w.log(loss=loss, cut=float(step == 22), poison=float(step == 27))
+    w.close()
+    # the rollback at step 27 went back to step 10 (scale 1, before the cut and the swap)
+    # and cut the rate x0.5: the scale 0.5 x 0.5
+    rb = [e for x in read_trace(trace) for e in x.events if e.get("type") == "rollback"]
+    assert [(e["step"], e["to_step"], e["lr_factor"]) for e in rb] == [(27, 10, 0.5)]
+    assert w.policy.lr_scale == 0.25
+    group = opt.param_groups[0]
+    assert group["swa_lr"] == pytest.approx(0.04 * 0.25)       # not 0.04 * 0.5 * 0.25
+    assert group["initial_lr"] == pytest.approx(1.0 * 0.25)    # SWALR's base: the rate x0.25
+    assert group["lr"] == pytest.approx(0.04 * 0.25)           # annealed to its target
+
+
 def test_persistent_fault_escalates_the_cut_and_goes_further_back(tmp_path: Path) -> None:
     r = _run(tmp_path, steps=120, poison_from=15, poison_to=10**9,
              recovery={"max_rollbacks": 4, "good_after": 3, "min_interval": 3})

@@ -73,6 +73,10 @@ class Profile:
         self.hi = np.array([f.max for f in self.num], dtype=np.float64)
         # widths between consecutive inner edges, for the Wasserstein distance
         self.widths = np.array([np.diff(e) for e in self.edges]).reshape(fn, FINE_BINS - 2)
+        # features whose inner edges coincide (one value in >= 95% of the reference: a
+        # constant, a sparse count): no width for the binned Wasserstein distance to span
+        self.point = np.array([j for j, e in enumerate(self.edges) if len(e) and e[0] == e[-1]],
+                              dtype=np.int64)
         self.codes: list[dict[str, int]] = [
             {k: i for i, k in enumerate(f.categories)} for f in self.cat]
         # categorical counts: known categories..., unseen, then missing last
@@ -102,6 +106,15 @@ class Profile:
     def location(self) -> NormalScores:
         """Each numeric feature's map to reference normal scores (:mod:`.scale`)."""
         return NormalScores.fit(self.sample_x, self.ref_mean, self.ref_std)
+
+    @cached_property
+    def point_tails(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For the :attr:`point` features: the value ``c`` that fills their inner bins, and
+        the reference's mean ``(c - x)+`` and ``(x - c)+`` (from the row sample; 0 without
+        one), for :func:`_point_wasserstein`."""
+        c = np.array([self.edges[j][0] for j in self.point], dtype=np.float64)
+        below, above = _tail_means(self.sample_x[:, self.point], c)
+        return c, below, above
 
     # --- the joint test's input: numeric features on the location scale, then indicators -----
     @cached_property
@@ -342,6 +355,30 @@ def categorical_tests(a: list[np.ndarray], b: list[np.ndarray],
     return {k: np.stack(v, axis=-1) for k, v in cols.items()}
 
 
+def _tail_means(x: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of ``x`` (NaN missing), the mean of ``(c - x)+`` and of ``(x - c)+`` over
+    its present values (0 when none is)."""
+    present = np.maximum((~np.isnan(x)).sum(axis=0), 1)
+    d = x - c
+    return (np.nansum(np.maximum(-d, 0.0), axis=0) / present,
+            np.nansum(np.maximum(d, 0.0), axis=0) / present)
+
+
+def _point_wasserstein(prof: Profile, x: np.ndarray, wass: np.ndarray) -> np.ndarray:
+    """``wass`` with the distance of each :attr:`Profile.point` feature measured beyond its
+    value ``c`` too. Its inner bins have no width, so the binned distance reads 0 whatever the
+    window (``x``) holds, and the effect gate kept every alarm of such a feature off. Below
+    ``c`` the distance is at least ``|E_w (c - X)+ - E_ref (c - X)+|``, above it likewise
+    (``|integral of F_w - F_ref|``): exact for a constant reference."""
+    j = prof.point
+    c, ref_below, ref_above = prof.point_tails
+    below, above = _tail_means(x[:, j], c)
+    out = wass.copy()
+    out[j] = np.maximum(wass[j], (np.abs(below - ref_below) + np.abs(above - ref_above))
+                        / prof.ref_std[j])
+    return out
+
+
 def window_tests(prof: Profile, x: np.ndarray, cats: list[np.ndarray],
                  located: tuple[np.ndarray, np.ndarray] | None = None) -> WindowTests:
     """All tests of one live window: ``x`` is ``(n, Fn)`` float64 (NaN missing), ``cats`` the
@@ -356,6 +393,8 @@ def window_tests(prof: Profile, x: np.ndarray, cats: list[np.ndarray],
         a = prof.bin_numeric(x, xs)
         asum = np.nansum(xt, axis=0)
     nt = numeric_tests(prof, a, asum, float(n))
+    if len(prof.point):
+        nt["wasserstein"] = _point_wasserstein(prof, x, nt["wasserstein"])
     with np.errstate(invalid="ignore"):
         oor = ((x < prof.lo) | (x > prof.hi)).sum(axis=0) / max(n, 1) if prof.num else np.zeros(0)
     ca = [np.bincount(c, minlength=len(prof.codes[j]) + 2).astype(np.float64)

@@ -106,3 +106,37 @@ def test_pending_store_is_bounded(run_daemon):
     assert r.post("/v1/predictions", [make_record(rng, k) for k in range(25)])[0] == 200
     assert r.metric("lrwatch_labels_expired_total") == 15
     assert len(r.daemon.pending) == 10
+
+
+def test_a_feature_constant_in_the_reference_that_starts_to_vary_is_caught():
+    """A feature held at one value in the reference (mean-imputed while its source was down,
+    say; or a sparse feature, 0 in 98% of the rows) that varies around that value live: its quantile
+    bins have no width, so the binned Wasserstein distance read 0 and gated every alarm off,
+    however far the values spread (a KS score 30 times its threshold, never detected)."""
+    from lrwatch.daemon import build_reference
+
+    rng = random.Random(21)
+    rows = [{"features": {"x": rng.gauss(0, 1), "k": 3.0,
+                          "s": 0.0 if rng.random() < 0.98 else rng.gauss(5, 1)},
+             "prediction": rng.random()} for _ in range(2000)]
+    det = DriftDetector(build_reference(rows, window_size=WINDOW, sims=200, seed=0))
+    prof = det.profile
+    k, s = prof.num_names.index("k"), prof.num_names.index("s")
+    nrng = np.random.default_rng(22)
+
+    def window(k_sd: float = 0.0, s_sd: float = 0.0) -> np.ndarray:
+        x = np.column_stack([nrng.normal(0, 1, WINDOW) for _ in prof.num_names])
+        x[:, prof.num_names.index("_prediction")] = nrng.random(WINDOW)
+        x[:, k] = 3.0 + k_sd * nrng.normal(0, 1, WINDOW)
+        sparse = nrng.random(WINDOW) >= 0.98
+        x[:, s] = np.where(sparse, nrng.normal(5, 1, WINDOW), s_sd * nrng.normal(0, 1, WINDOW))
+        return x
+
+    calm = det.update(window(), [])
+    assert not calm.detected and calm.tests.wasserstein[k] == 0.0
+    assert det.update(window(k_sd=1.0), []).drifted_features == ["k"]
+    det.reset()
+    assert det.update(window(s_sd=1.0), []).drifted_features == ["s"]
+    det.reset()
+    # float noise around the constant is no effect (the gate's job)
+    assert not det.update(window(k_sd=1e-9), []).detected

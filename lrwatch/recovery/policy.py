@@ -227,8 +227,11 @@ class RecoveryConfig:
         wrong rate: the rollback goes to the newest snapshot at least ``sudden_margin`` steps
         before the firing (a non-finite value: just before it), known good or not yet (the
         rules were quiet since it, or a rollback would have discarded it), and keeps the rate
-        (1.0). If it was the rate after all, the run fails again within its probation and the
-        cut compounds from ``lr_factor`` (or is measured).
+        (1.0). If it was the rate after all, the run fails again within its probation: that
+        rollback goes further back and is cut as the second of a series, ``lr_factor ** 2``
+        (x0.25 at the defaults: the sudden rollback, which kept the rate, was the first), and
+        each further repeat by one more power (``lr_factor ** 3``, ...), or the rate is
+        measured.
     sudden_margin:
         Steps between a sudden firing and the snapshot it goes back to: the rules fire a few
         steps after the onset (``for:``, the untrained-loss rules' 6 steps).

@@ -594,3 +594,39 @@ def resume_nonfinite_shard(rank: int, world: int, store: str, out: str) -> None:
     _write(out, rank, {"actions": [(e["type"], e["step"]) for e in events],
                        "stopped": w.should_stop, "step": w.step})
     finish()
+
+
+def probe_with_no_batch_on_one_rank(rank: int, world: int, store: str, out: str) -> None:
+    """SGD far too hot under DDP, driven the way the framework callbacks drive the Watcher
+    (``skip_batch``, ``remember_batch``, ``log``): the last rank hands no batch to
+    ``remember_batch``, so its range-test buffer is empty when the restart's range test
+    (``probe="auto"``) comes. Every rank must test, or none (the fixed factor stands in),
+    with no rank left waiting in the test's collectives."""
+    init(rank, world, store, timeout_s=60)
+    model = _wrapped("ddp")
+    opt = torch.optim.SGD(model.parameters(), lr=8.0)
+    events: list[dict[str, Any]] = []
+
+    def probe_loss(m: nn.Module, batch: Any) -> torch.Tensor:
+        return nn.functional.mse_loss(m(batch[0]), batch[1])
+
+    w = _probing_watcher(model, opt, probe_loss)
+    w.add_listener(lambda s: events.extend({k: v for k, v in e.items() if k != "engine_state"}
+                                           for e in s.events))
+    for step in range(10_000):
+        if w.step >= 60 or w.should_stop:
+            break
+        if w.skip_batch():
+            continue
+        x, y = _global_batch(step)
+        batch = _mine(x, rank, world), _mine(y, rank, world)
+        if rank != world - 1:
+            w.remember_batch(batch)
+        w.log(loss=_mse_step(model, opt, *batch, nan=False))
+    w.close()
+    flat = torch.tensor(_full_weights(model))
+    _write(out, rank, {
+        "events": _recovery_events(events), "weights": flat.tolist(),
+        "lr": opt.param_groups[0]["lr"], "step": w.step,
+        "probe_steps": w.policy.state.probe_steps})
+    finish()

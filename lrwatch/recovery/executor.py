@@ -320,7 +320,10 @@ class PlanExecutor(ActionAlerts):
         assert self.recovery is not None and self._probe_loss is not None
         before = self.policy.lr_scale
         measured, steps, failed = None, 0, None
-        if self._recent:  # (no batch seen yet: the fixed factor stands in)
+        have = bool(self._recent)   # (no batch seen yet: the fixed factor stands in)
+        if self.dist.active:   # every rank tests or none: the test's steps are collectives
+            have = all(self.dist.gather(have))
+        if have:
             failed = configured_rate(self.optimizer, self.scheduler, before) * p.probe_from
             self._probing = True
             try:

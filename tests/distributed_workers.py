@@ -630,3 +630,44 @@ def probe_with_no_batch_on_one_rank(rank: int, world: int, store: str, out: str)
         "lr": opt.param_groups[0]["lr"], "step": w.step,
         "probe_steps": w.policy.state.probe_steps})
     finish()
+
+
+def best_state_resume(rank: int, world: int, store: str, out: str) -> None:
+    """Each rank holds a different part of the model (a pipeline stage: here a network of
+    its own seed) and keeps its own best evaluated state beside the snapshots. Rank 0 alone
+    writes the checkpoint of ``Watcher.state_dict()``; every rank resumes from it and
+    restores the best: each must get its own stage's weights back, not rank 0's."""
+    init(rank, world, store, timeout_s=60)
+    model = _model(seed=rank)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    snaps = Path(out, "snapshots")
+    kw: dict[str, Any] = dict(flush_every=5, rules=None, keep_best="eval_loss",
+                              recovery={"snapshot_dir": str(snaps)})
+    w = lrwatch.Watcher(model, opt, **kw)
+    kept: list[float] = []
+    for step in range(12):
+        x, y = _global_batch(step)
+        loss = _mse_step(model, opt, x, y, nan=False)
+        if step in (4, 9):   # an evaluation every rank agrees on (a framework's synced metric)
+            w.log(loss=loss, eval_loss=1.0 if step == 4 else 0.5)
+            if step == 9:
+                kept = torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
+        else:
+            w.log(loss=loss)
+    ckpt = Path(out, "ckpt.json")
+    if rank == 0:
+        ckpt.write_text(json.dumps(w.state_dict()))
+    w.close()
+    dist.barrier()
+    with torch.no_grad():   # the resumed weights are not the best ones
+        for p in model.parameters():
+            p.add_(1.0)
+    w = lrwatch.Watcher(model, opt, **kw)
+    w.load_state_dict(json.loads(ckpt.read_text()))
+    restored = w.restore_best()
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
+    w.close()
+    _write(out, rank, {"step": restored.step if restored else None,
+                       "where": Path(restored.where).name if restored else None,
+                       "own": flat == kept})
+    finish()

@@ -223,7 +223,11 @@ class BestState:
     def load_state_dict(self, d: Mapping[str, Any]) -> None:
         """Resume: the metric and mode carry over; the best carries over only when its state is
         in a file that still exists (a state kept in memory died with the process, and comparing
-        against a value whose state is gone would keep nothing until it is beaten)."""
+        against a value whose state is gone would keep nothing until it is beaten).
+
+        Under torch.distributed each rank keeps its own file (``best-eval.rank<r>.pt``); a
+        checkpoint that names another rank's (rank 0 wrote it, every rank loads it) resumes
+        from this rank's own file, as its own ``.json`` beside it describes it."""
         if d.get("metric") is not None and (self.metric is None or self.metric == d["metric"]):
             self.metric, self.mode = d["metric"], d.get("mode") or self.mode
         best = d.get("best")
@@ -231,13 +235,34 @@ class BestState:
             return
         rec = BestEval(int(best["step"]), str(best["metric"]), float(best["value"]),
                        str(best["where"]))
+        checksum = best.get("sha256")
+        if rec.where != "memory" and Path(rec.where).name != self.filename:
+            own, checksum = self._own_record(Path(rec.where).with_name(self.filename), rec)
+            if own is None:
+                log.info("lrwatch: the resumed best evaluated state is another rank's (%s) "
+                         "and this rank kept no %s of its own; it is tracked afresh",
+                         Path(rec.where).name, self.filename)
+                return
+            rec = own
         if rec.where != "memory" and Path(rec.where).is_file():
-            self._record, self._checksum, self._state = rec, best.get("sha256"), None
+            self._record, self._checksum, self._state = rec, checksum, None
         else:
             log.info("lrwatch: %s was kept in memory and is gone after the resume; the best "
                      "evaluated state is tracked afresh", rec.describe())
 
     # --- internals ---------------------------------------------------------------------------
+    def _own_record(self, path: Path, theirs: BestEval) -> tuple[BestEval | None, str | None]:
+        """This rank's own state at ``path``, from the ``.json`` written beside it (its step,
+        value and checksum), where ``theirs`` is another rank's; ``None`` without one."""
+        try:
+            meta = json.loads(path.with_suffix(".json").read_text())
+            if meta.get("metric") != theirs.metric or meta.get("file") != path.name:
+                return None, None
+            return (BestEval(int(meta["step"]), theirs.metric, float(meta["value"]), str(path)),
+                    meta.get("sha256"))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None, None
+
     def _best_value(self) -> float | None:
         return self._record.value if self._record is not None else None
 

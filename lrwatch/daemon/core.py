@@ -132,8 +132,9 @@ class Daemon(WindowsMixin, EvaluationMixin, OutputsMixin, PublishingMixin):
                              self._stop)
         self.queue: BoundedQueue = self.ingest.queue
         self.limits: Limits = self.ingest.limits
-        self._load_reference()
-        self._restore()
+        snap = self._load_snapshot() if config.state_dir else None
+        self._load_reference(snap)
+        self._restore(snap)
 
     # --- set-up --------------------------------------------------------------------------------
     def _setup_actions(self) -> None:
@@ -164,13 +165,28 @@ class Daemon(WindowsMixin, EvaluationMixin, OutputsMixin, PublishingMixin):
             return os.path.join(self.config.state_dir, "reference.json")
         return None
 
-    def _load_reference(self) -> None:
+    def _load_reference(self, snap: dict[str, Any] | None) -> None:
         path = self._ref_path()
         if path and os.path.exists(path):
+            if not self.config.reference and self._replay_builds_reference(snap):
+                _log.info("the last snapshot predates the live reference: the journal "
+                          "builds it again")
+                return
             self._set_reference(Reference.load(path), save=False)
         elif self.config.reference:
             raise ConfigError(f"reference {self.config.reference!r} does not exist; build one "
                               f"with `lrwatch baseline build DATA -o {self.config.reference}`")
+
+    def _replay_builds_reference(self, snap: dict[str, Any] | None) -> bool:
+        """Whether the journal replay starts before the live reference was complete (a crash
+        after it was saved, before a snapshot held it: none is written while it is
+        calibrated). Then the replay collects its rows and builds it again, as they were
+        first taken: loaded, it would window its own rows and validate the records accepted
+        before it against its kind of prediction and label, which they need not fit."""
+        if snap is not None:
+            return snap.get("detector") is None
+        segs = self.journal.segments() if self.journal is not None else []
+        return bool(segs) and segs[0] == 1  # the whole journal, from the first record
 
     # --- durability ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -200,10 +216,9 @@ class Daemon(WindowsMixin, EvaluationMixin, OutputsMixin, PublishingMixin):
                               f"{segs[0] if segs else 'gone'}): restore the file from a backup, "
                               f"or move {state_dir} away to start afresh") from exc
 
-    def _restore(self) -> None:
+    def _restore(self, snap: dict[str, Any] | None) -> None:
         if not self.config.state_dir:
             return
-        snap = self._load_snapshot()
         if snap is not None:
             if snap.get("version") != STATE_VERSION:
                 raise ConfigError(f"state version {snap.get('version')!r} is not "

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ except ImportError:  # pragma: no cover - exercised when orjson is not installed
 __all__ = ["REASONS", "DATA_REASONS", "RecordError", "Invalid", "Limits", "Batch",
            "parse_payload", "parse_lines", "validate_predictions", "validate_labels",
            "validate_prediction", "MAX_ERRORS", "JSON_BACKEND", "dumps_bytes", "loads",
+           "loads_record",
            "strict_json", "longest_line", "lines_within", "fits_reference_kind",
            "TIME_FUTURE_SLACK", "times_plausible", "labels_are_classes"]
 
@@ -226,14 +228,57 @@ def _loader(backend: str | None) -> Callable[[Any], Any]:
         raise ValueError(f"backend must be 'orjson' or 'stdlib', got {backend!r}")
     if b == "orjson" and _orjson is not None:
         return _orjson_then_stdlib
-    return _stdlib_loads
+    return _stdlib_record
 
 
 def _orjson_then_stdlib(data: bytes | str) -> Any:
     try:
         return _orjson.loads(data)  # type: ignore[union-attr]
     except ValueError:
-        return _stdlib_loads(data)
+        return _stdlib_record(data)
+
+
+def loads_record(data: bytes | str) -> Any:
+    """:func:`loads` for records (bodies, tailed lines, reference data): a string with a lone
+    UTF-16 surrogate is a ``ValueError`` too (see :func:`_stdlib_record`)."""
+    return _loader(None)(data)
+
+
+#: A ``\uD800``-``\uDFFF`` escape: only where one is can a parsed string hold a surrogate
+#: (raw UTF-8 cannot encode one; such bytes are not UTF-8).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+
+
+def _stdlib_record(data: bytes | str) -> Any:
+    """:func:`_stdlib_loads`, refusing what orjson and msgspec refuse: a string holding a lone
+    surrogate (``"\\ud800"`` without its pair) is valid JSON text but no Unicode character,
+    and cannot be written as UTF-8; as a feature name it became a metric label that made
+    every scrape of /metrics fail."""
+    doc = _stdlib_loads(data)
+    raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
+    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(doc):
+        raise ValueError("a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff "
+                         "without its pair), which is no Unicode character")
+    return doc
+
+
+def _has_lone_surrogate(doc: Any) -> bool:
+    stack = [doc]
+    while stack:
+        v = stack.pop()
+        t = type(v)
+        if t is str:
+            if not v.isascii():
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    return True
+        elif t is dict:
+            stack.extend(v)
+            stack.extend(v.values())
+        elif t is list:
+            stack.extend(v)
+    return False
 
 
 def longest_line(body: bytes) -> int:
@@ -326,7 +371,7 @@ def parse_lines(lines: Sequence[bytes], *, backend: str | None = None,
                     out.append(Invalid(f"line {i} is not UTF-8"))
                     continue
             try:  # the standard library's message, whichever back end parsed
-                _stdlib_loads(ln)
+                _stdlib_record(ln)
                 out.append(Invalid(f"line {i} is not JSON"))
             except ValueError as exc:
                 out.append(Invalid(f"line {i} is not JSON: {exc}"))

@@ -37,7 +37,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from .records import (DEFAULT_LIMITS, NonFinite, RecordError, _check_features, _check_label,
-                      loads, validate_prediction)
+                      loads_record, validate_prediction)
 from .state import atomic_write
 
 __all__ = ["FeatureProfile", "Reference", "profile_records", "read_data", "cat_key",
@@ -540,7 +540,7 @@ def read_data(path: str | os.PathLike[str], *, prediction_column: str = "predict
             if not line.strip():
                 continue
             try:
-                rec = loads(line)
+                rec = loads_record(line)
             except ValueError as exc:
                 raise ConfigError(f"{p}:{lineno}: not JSON ({exc})") from exc
             if not isinstance(rec, dict):

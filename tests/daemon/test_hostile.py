@@ -291,3 +291,46 @@ def test_a_compressed_body_is_a_415_not_lines_that_are_not_utf8(run_daemon) -> N
     status, out = r.post("/v1/predictions", GOOD_LINE, headers={"Content-Encoding": "identity"})
     assert status == 200 and out["accepted"] == 1
     assert_balanced(r.daemon)
+
+
+@pytest.mark.parametrize("backend", ["orjson", "stdlib"])
+def test_a_lone_surrogate_escape_is_invalid_json_and_metrics_stay_servable(
+        run_daemon, monkeypatch, backend) -> None:
+    """``"\\ud800"`` is valid JSON text but no Unicode character: the standard library's
+    parser (orjson's fallback) made it a Python string that cannot be written as UTF-8. As a
+    feature name of a live reference it became a metric label, and every scrape of /metrics
+    failed from then on (and after a restart: the reference keeps it). A pair that makes one
+    character (an emoji escaped as two) is fine."""
+    from lrwatch.daemon import records
+    from services import promtool_check_metrics
+
+    monkeypatch.setattr(records, "JSON_BACKEND", backend)
+    r = run_daemon(reference=None, live_records=100)
+    rng = random.Random(31)
+    lines = []
+    for i in range(300):
+        key = "\\ud83d\\ude00" if i % 2 else "\\ud800k"   # a pair; a lone high surrogate
+        lines.append('{"features": {"x": %r, "%s": %r}, "prediction": %r}'
+                     % (rng.gauss(0, 1), key, rng.gauss(0, 1), rng.random()))
+    lines.append('{"features": {"x": 1.0}, "prediction": "\\udc00"}')  # a lone low one
+    status, body = r.post("/v1/predictions", "\n".join(lines))
+    assert status == 200 and body["accepted"] == 150, body
+    assert body["reasons"] == {"invalid_json": 151}
+    assert "surrogate" in body["errors"][0]
+    r.daemon.drain()
+    assert r.daemon.reference is not None and "\U0001f600" in r.daemon.reference.names
+    status, text = r.get("/metrics")
+    assert status == 200 and "\U0001f600".encode() in text
+    rc, out = promtool_check_metrics(text)
+    assert rc == 0, out
+    assert_balanced(r.daemon)
+
+
+def test_reference_data_with_a_lone_surrogate_names_the_line(tmp_path) -> None:
+    from lrwatch.daemon.reference import read_data
+    from lrwatch.errors import ConfigError
+
+    path = tmp_path / "ref.jsonl"
+    path.write_text(GOOD_LINE + '\n{"features": {"\\udfff": 1.0}, "prediction": 0.4}\n')
+    with pytest.raises(ConfigError, match=r"ref\.jsonl:2: not JSON .*surrogate"):
+        read_data(path)

@@ -7,7 +7,8 @@ costs one ``bincount`` (classes) or one sort of ``n`` values (quantiles).
 
 * ``class``, ``probabilities``: the share of each predicted class. The classes are the
   reference's (the ``MAX_CLASSES`` most frequent), every other class is folded into
-  ``"other"``: the label stays bounded whatever the model sends.
+  ``"other"``: the label stays bounded whatever the model sends. A class of the model that is
+  itself named ``"other"`` is folded there too (one label, one value).
 * ``probability`` (a binary classifier's class-1 probability): the shares of class ``"0"``
   and ``"1"`` (at 0.5), and the mean and quantiles of the probability.
 * ``regression``: the mean and quantiles.
@@ -58,13 +59,15 @@ class PredictionDistribution:
             else -1
         if self._cat_j >= 0:
             fp = profile.cat[self._cat_j]
-            keys = list(fp.categories)  # most frequent first
-            kept = keys[:MAX_CLASSES]
-            total = max(fp.count, 1)
-            self.classes = kept + [OTHER]
-            self.reference_ratio = [fp.categories[k] / total for k in kept] + [
-                sum(fp.categories[k] for k in keys[MAX_CLASSES:]) / total]
-            self._k = len(fp.categories)
+            counts = list(fp.categories.values())  # most frequent first
+            # a class of the model named "other" goes to that series: one label, one value
+            own = [i for i, k in enumerate(fp.categories) if k != OTHER][:MAX_CLASSES]
+            total = max(sum(counts), 1)
+            self.classes = [list(fp.categories)[i] for i in own] + [OTHER]
+            kept = [counts[i] / total for i in own]
+            self.reference_ratio = kept + [max(0.0, 1.0 - sum(kept)) if counts else 0.0]
+            self._own = np.array(own, dtype=np.int64)
+            self._k = len(counts)
         elif self.prediction_type == "probability":
             vals = np.array([v for v in ref.sample.get(PREDICTION, []) if v is not None],
                             dtype=np.float64)
@@ -86,10 +89,10 @@ class PredictionDistribution:
             k = self._k
             counts = np.bincount(codes, minlength=k + 2).astype(np.float64)
             seen = counts[:k + 1]  # known classes, then unseen; missing left out
-            kept = len(self.classes) - 1
-            ratio = np.empty(kept + 1)
-            ratio[:kept] = seen[:kept]
-            ratio[kept] = seen[kept:].sum()  # rarer reference classes and unseen ones
+            ratio = np.empty(len(self.classes))
+            ratio[:-1] = seen[self._own]
+            # "other": rarer reference classes, unseen ones, and a class named so
+            ratio[-1] = seen.sum() - ratio[:-1].sum()
             out["class_ratio"] = ratio / max(seen.sum(), 1.0)
         if self.numeric and x is not None:
             v = x[:, self._num_j]

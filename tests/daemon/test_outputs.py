@@ -89,6 +89,27 @@ def test_class_shares_fold_unknown_classes_into_other(run_daemon) -> None:
     assert r.metric("lrwatch_prediction_mean") is None  # not a numeric output
 
 
+def test_a_class_named_other_shares_the_other_series() -> None:
+    """A model with a class called "other" (spam / ham / other): its series and the bucket
+    of classes beyond the reference's had the same label, so the reference share of the
+    real class was overwritten by the bucket's (0.0 against a live 0.3), and the window's
+    share of unseen classes was dropped. Now "other" is both, in the reference and live."""
+    from lrwatch.daemon.distribution import PredictionDistribution
+    from lrwatch.daemon.stats import Profile
+
+    preds = ["spam"] * 30 + ["ham"] * 40 + ["other"] * 30
+    ref = build_reference([{"features": {"x": float(i)}, "prediction": p}
+                           for i, p in enumerate(preds * 10)], calibrate=False)
+    prof = Profile(ref)
+    dist = PredictionDistribution(prof)
+    assert dist.classes == ["ham", "spam", "other"]
+    assert dist.reference_ratio == pytest.approx([0.4, 0.3, 0.3])
+    live = ["spam"] * 20 + ["ham"] * 40 + ["other"] * 30 + ["eggs"] * 10
+    codes = prof.encode(prof.cat_names.index("_prediction"), live)
+    share = dist.window(None, [codes])["class_ratio"]
+    assert share.tolist() == pytest.approx([0.4, 0.2, 0.4])
+
+
 def test_probability_outputs_have_mean_quantiles_and_class_shares(run_daemon,
                                                                  binary_reference) -> None:
     r = run_daemon(reference=binary_reference)

@@ -169,8 +169,7 @@ class Daemon(WindowsMixin, EvaluationMixin, OutputsMixin, PublishingMixin):
         path = self._ref_path()
         if path and os.path.exists(path):
             if not self.config.reference and self._replay_builds_reference(snap):
-                _log.info("the last snapshot predates the live reference: the journal "
-                          "builds it again")
+                _log.info("the snapshot predates the live reference: the replay builds it")
                 return
             self._set_reference(Reference.load(path), save=False)
         elif self.config.reference:
@@ -178,11 +177,9 @@ class Daemon(WindowsMixin, EvaluationMixin, OutputsMixin, PublishingMixin):
                               f"with `lrwatch baseline build DATA -o {self.config.reference}`")
 
     def _replay_builds_reference(self, snap: dict[str, Any] | None) -> bool:
-        """Whether the journal replay starts before the live reference was complete (a crash
-        after it was saved, before a snapshot held it: none is written while it is
-        calibrated). Then the replay collects its rows and builds it again, as they were
-        first taken: loaded, it would window its own rows and validate the records accepted
-        before it against its kind of prediction and label, which they need not fit."""
+        """Whether the replay starts before the live reference was complete (saved, then a
+        crash before a snapshot held it). Then the replay builds it again: loaded, it would
+        window its own rows and hold earlier records to its kind, which they need not fit."""
         if snap is not None:
             return snap.get("detector") is None
         segs = self.journal.segments() if self.journal is not None else []

@@ -54,11 +54,31 @@ class RankContext:
         self.group = group
         self.rank = dist.get_rank(group) if self.active else 0
         self.world = dist.get_world_size(group) if self.active else 1
+        #: this process's rank in the default (world) group: distinct across subgroups
+        self.global_rank = dist.get_rank() if self.active else 0
         self._dist = dist if self.active else None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def export_rank(self, export: str) -> int | None:
+        """The rank that names what this rank exports (``port +`` it, the trace
+        ``run.rank<it>.jsonl``, a ``rank`` label), or ``None`` for the plain names.
+
+        With ``"all"``: the global rank. With ``"rank0"``: the global rank of a group's rank 0
+        when that is not the world's rank 0, so that Watchers on separate subgroups (a
+        pipeline's stages, each with its own data-parallel group) do not share a port and a
+        trace; the world's rank 0 keeps the plain names.
+
+        >>> RankContext().export_rank("all") is None   # outside torch.distributed
+        True
+        """
+        if not self.active:
+            return None
+        if export == "all":
+            return self.global_rank
+        return self.global_rank if self.is_main and self.global_rank != 0 else None
 
     def gather(self, payload: Any) -> list[Any]:
         """Every rank's ``payload``, in rank order (one collective)."""

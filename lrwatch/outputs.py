@@ -3,7 +3,9 @@
 :class:`Outputs` owns the :class:`~lrwatch.exporters.prometheus.TrainingExporter` (and the
 ``/metrics`` server over its registry), the trace writer, the listeners and, at the end of the
 run, the one push to a Pushgateway. Under ``export="all"`` every rank exports on
-``port + rank`` with a ``rank`` label and writes its own trace (:func:`rank_trace_path`).
+``port + rank`` with a ``rank`` label and writes its own trace (:func:`rank_trace_path`);
+the rank is the global one, and a subgroup's rank 0 exporting under ``"rank0"`` is named the
+same way when it is not the world's rank 0.
 
 It writes and decides nothing. Fail open: the writes of a flush go through the ``guard`` the
 Watcher hands in, and the server, the trace writer and the push count their own failures
@@ -64,7 +66,9 @@ class Outputs:
         The per-layer index whose labels the gradient-norm families get (``None``: none).
     dist, export:
         The rank context and the Watcher's ``export``: with ``"all"`` under
-        ``torch.distributed``, a ``rank`` label, ``port + rank`` and one trace per rank.
+        ``torch.distributed``, a ``rank`` label, ``port + rank`` and one trace per rank (the
+        global rank); with ``"rank0"`` on a subgroup whose rank 0 is not the world's, the
+        same with that rank's global rank (:meth:`RankContext.export_rank`).
     """
 
     def __init__(self, *, registry: CollectorRegistry | None, port: int | None, host: str,
@@ -72,10 +76,11 @@ class Outputs:
                  info: dict[str, str], layers: LayerIndex | None, dist: RankContext,
                  export: str) -> None:
         const_labels: dict[str, str] = {}
-        if dist.active and export == "all":
-            const_labels = {"rank": str(dist.rank)}
-            port = port + dist.rank if port else port
-            trace = rank_trace_path(trace, dist.rank) if trace is not None else None
+        named = dist.export_rank(export)   # distinct across ranks and subgroups
+        if named is not None:
+            const_labels = {"rank": str(named)}
+            port = port + named if port else port
+            trace = rank_trace_path(trace, named) if trace is not None else None
         self.run = info["run"]
         self.exporter = TrainingExporter(registry, run_info=info,
                                          layer_labels=layers.labels if layers else (),

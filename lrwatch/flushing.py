@@ -17,6 +17,8 @@ in flight): the trajectory they were trained on is abandoned, and the rules neve
 the trace either. :meth:`Flushing.flush` and ``close()`` land the flush in flight first (when
 that plans a rollback, the steps after it are left to be dropped); ``state_dict()`` does not
 (the detectors' state it saves is the last judged flush's, as for steps not flushed yet).
+The evaluations a flush reads are decided once its plans are known, so that a rollback can
+drop those of the steps it abandons (:mod:`lrwatch.best_keeper`).
 
 :class:`Flushing` is a mixin over the Watcher's state (``recorder``, ``dist``, ``_evals``,
 ``_rules``, ``_snaps``, ``outputs``, ``_faults``, ``batch_size``, ``flush_every``,
@@ -68,11 +70,17 @@ class Flushing:
         """Copy what the device holds to the host now and hand it to the listeners (a flush
         still in flight is landed first); returns the samples, in step order."""
         landed = self._land()
-        if any(p.action in ("rollback", "skip") for p, _ in self._pending):
+        if self._going_back:
             # the landed flush planned going back: the steps after it are on the trajectory
             # that abandons (dropped at the safe point), not judged by the restored detectors
             return landed
         return landed + self._judge(self._send(asynchronous=False))
+
+    @property
+    def _going_back(self) -> bool:
+        """Whether a rollback or skip waits for the safe point (the steps since its target,
+        and those trained until then, are abandoned)."""
+        return any(p.action in ("rollback", "skip") for p, _ in self._pending)
 
     @property
     def flush_in_flight(self) -> bool:
@@ -90,8 +98,10 @@ class Flushing:
                 self.flush()
 
     def _discard_unjudged(self) -> int:
-        """Drop the steps not judged yet, committed or in flight (a rollback abandoned the
-        trajectory they were trained on); returns how many."""
+        """Drop the steps not judged yet, committed or in flight, and the evaluations not
+        decided yet (a rollback abandoned the trajectory they were trained on); returns how
+        many steps."""
+        self._evals.abandon()
         n = self.recorder.discard()
         if self._in_flight is not None:
             n += len(self._in_flight.rows)
@@ -117,17 +127,21 @@ class Flushing:
         if transfer is None:
             return []
         samples, best_values = transfer.result(self.batch_size)
-        if transfer.n_extra:   # before the rules judge this flush: a stop restores the best known now
+        if transfer.n_extra:   # decided once the plans are known (a stop's: before it restores)
             pending = self._evals.pending_values()
             if len(pending) != transfer.n_extra:   # evaluated again since the copy was queued
                 best_values = materialise([], pending, self.recorder.device, self.batch_size)[1]
-            self._evals.decide(best_values)
+            self._evals.judged(best_values)
         self.flushes += 1
         if self.dist.active:
             samples = self._agree(samples)
         if self._rules is not None:   # the rules judge, the executor acts on their events
             samples, events = self._rules(samples)
             samples = self._act(events, samples)
+        # a rollback or skip drops the evaluations of the steps it abandons
+        back = [t.step for p, t in self._pending
+                if p.action in ("rollback", "skip") and t is not None]
+        self._evals.settle(min(back) if back else None)
         self.outputs.emit(samples, self._faults.guard)
         return samples
 

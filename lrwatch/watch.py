@@ -402,7 +402,7 @@ class Watcher(DataSide, PlanExecutor, StepPath, Flushing):
                 continue
             row.put(key, v)
             if key == best:
-                self._evals.offer(row.step, v)
+                self._evals.offer(row.step, v, self.flush_in_flight or self._going_back)
         if batch_size is not None:
             row.host["_batch"] = float(batch_size)
         row.logged = True

@@ -132,6 +132,67 @@ def test_a_rollback_decided_one_step_late_drops_the_abandoned_step(tmp_path: Pat
     assert replayed.error is None and [(f.rule, f.step) for f in replayed.firings] == live
 
 
+@pytest.mark.parametrize("as_tensor", [True, False])
+@pytest.mark.parametrize("lag", [0, 1])
+def test_an_evaluation_of_a_step_a_rollback_abandons_is_never_kept_as_the_best(
+        tmp_path: Path, lag: int, as_tensor: bool) -> None:
+    """A NaN step 20 is rolled back to a snapshot before it; the run's best evaluation is
+    logged at step 21. With ``flush_lag=1`` step 20's flush lands at step 21, which was
+    trained from the NaN weights and is dropped unjudged: its evaluation was kept as the best
+    (restored by ``restore_best()`` and a stop). With ``flush_lag=0`` step 21 is trained from
+    the restored state, and its evaluation is the best."""
+    trace = tmp_path / "lag.jsonl"
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = lrwatch.Watcher(model, opt, flush_every=1, flush_lag=lag, trace=trace,
+                        keep_best="eval_accuracy",
+                        recovery={"good_after": 3, "min_interval": 3, "max_interval": 3,
+                                  "guard": "off"})
+    for i in range(30):
+        step = w.step + 1
+        loss = _step(model, opt, i, nan=step == 20)
+        acc = {12: 0.5, 21: 0.9}.get(step)
+        if acc is None:
+            w.log(loss=loss)
+        else:
+            w.log(loss=loss, eval_accuracy=torch.tensor(acc) if as_tensor else acc)
+    w.close()
+    (rb,) = [e for s in read_trace(trace) for e in s.events if e.get("type") == "rollback"]
+    assert (rb["step"], rb["to_step"]) == (20, 18)   # a snapshot every 3 steps
+    assert w.best_eval is not None
+    assert w.best_eval.step == (21 if lag == 0 else 12)
+    assert (21 in [s.step for s in read_trace(trace)]) == (lag == 0)
+
+
+@pytest.mark.parametrize("lag", [0, 1])
+def test_a_rollback_drops_the_evaluations_its_flush_read_after_its_target(
+        tmp_path: Path, lag: int) -> None:
+    """flush_every=5: an evaluation logged as a tensor at step 19 waits for the flush of
+    steps 16-20, which rolls back to a snapshot before step 19 for a poisoned step 20:
+    step 19 is abandoned, and its evaluation was decided, and kept, before the rules judged
+    that flush."""
+    rules = tmp_path / "poison.yml"
+    rules.write_text("version: 1\nrules:\n  - name: poisoned\n    metric: poison\n"
+                     "    detector: threshold\n    params: {above: 0.5}\n"
+                     "    severity: critical\n    actions: [rollback]\n")
+    trace = tmp_path / "poison.jsonl"
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = lrwatch.Watcher(model, opt, flush_every=5, flush_lag=lag, keep_best="eval_accuracy",
+                        rules=str(rules), trace=trace,
+                        recovery={"good_after": 3, "min_interval": 3, "max_interval": 3})
+    for i in range(30):
+        step = w.step + 1
+        loss = _step(model, opt, i)
+        acc = {4: 0.5, 19: 0.9}.get(step)
+        w.log(loss=loss, poison=float(step == 20),
+              **({} if acc is None else {"eval_accuracy": torch.tensor(acc)}))
+    w.close()
+    (rb,) = [e for s in read_trace(trace) for e in s.events if e.get("type") == "rollback"]
+    assert rb["step"] == 20 and 4 <= rb["to_step"] < 19   # (6 with lag 0, 14 with lag 1)
+    assert w.best_eval is not None and w.best_eval.step == 4
+
+
 @pytest.mark.parametrize("lag", [0, 1])
 def test_a_loop_without_log_rolls_back_once_and_drops_the_step_already_trained(
         tmp_path: Path, lag: int) -> None:

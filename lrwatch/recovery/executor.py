@@ -195,6 +195,7 @@ class PlanExecutor(ActionAlerts):
             if p.params.get("restore"):
                 rec["restore"] = p.params["restore"]
                 if p.params["restore"] == "best":
+                    self._evals.settle()   # the evaluations this flush read count
                     rec["message"] = self._evals.note()
             records.append(rec)
             self.exporter.actions.labels(p.action).inc()

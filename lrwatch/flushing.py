@@ -30,6 +30,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from .distributed import combine_rank_samples
+from .exporters.trace import TraceWriter
 from .samples import Sample
 from .steps import Transfer, materialise
 
@@ -65,6 +66,7 @@ class Flushing:
     _pending: list[Any]   # (lrwatch.recovery.executor) plans for the next safe point
     _act: Callable[[Any, list[Sample]], list[Sample]]
     _internal_error: Callable[[str], None]
+    trace: Any   # the trace writer, the outputs' (opened again: _reopen_trace)
 
     def flush(self) -> list[Sample]:
         """Copy what the device holds to the host now and hand it to the listeners (a flush
@@ -107,6 +109,32 @@ class Flushing:
             n += len(self._in_flight.rows)
             self._in_flight = None
         return n
+
+    def _resume_at(self, step: int) -> int:
+        """``load_state_dict`` resumes the run at ``step``; the trace goes on from there (the
+        lines up to it kept, :class:`~lrwatch.exporters.trace.TraceWriter`'s ``resume``);
+        returns the lines kept. On a Watcher that already recorded steps (a checkpoint loaded
+        mid-run), what came after the checkpoint was trained on the trajectory it replaces,
+        as at a rollback: the steps not judged yet, the plans waiting for the safe point and
+        the snapshots after ``step`` go, and the trace, whose lines go past ``step``, is
+        opened again, which moves them aside for its ``resume`` (its steps must increase)."""
+        self._discard_unjudged()
+        self._pending.clear()
+        if self._snaps is not None:
+            self._snaps.store.discard_after(step)
+        old = self.outputs.trace
+        if old is not None and old.path is not None:
+            self._faults.guard(old.flush)
+            if old.lines_written:
+                self._reopen_trace(old)
+        return self.outputs.resume(step)
+
+    def _reopen_trace(self, old: Any) -> Any:
+        """The trace writer ``old`` closed and opened again on its path, which moves what it
+        wrote aside for the new one's ``resume``; the new one."""
+        self._faults.guard(old.close)
+        new = self.trace = self.outputs.trace = TraceWriter(old.path, on_error=old.on_error)
+        return new
 
     def _land(self) -> list[Sample]:
         transfer, self._in_flight = self._in_flight, None

@@ -244,7 +244,8 @@ class Watcher(DataSide, PlanExecutor, StepPath, Flushing):
             registry=registry, port=port, host=host, trace=trace, pushgateway=pushgateway,
             info=run_info(self.run_name, self.model, self.optimizer, self.scheduler),
             layers=self.recorder.layers, dist=self.dist, export=self.export)
-        # the same objects as the outputs' (none is replaced while the Watcher runs)
+        # the same objects as the outputs' (the trace is opened again by a checkpoint loaded
+        # mid-run, Flushing._reopen_trace; nothing else is replaced while the Watcher runs)
         self.exporter, self.registry = self.outputs.exporter, self.outputs.registry
         self.trace, self.pushgateway = self.outputs.trace, self.outputs.pushgateway
         self._faults = FailOpen(self.exporter.count_error)
@@ -371,7 +372,7 @@ class Watcher(DataSide, PlanExecutor, StepPath, Flushing):
         if self.best is not None and state.get("best"):
             self.best.load_state_dict(state["best"])
         # the trace goes on from the checkpoint; replay loads the detectors' state from here
-        kept = self.outputs.resume(self.step)
+        kept = self._resume_at(self.step)
         if self.engine is not None:
             self._late_records.append({"type": "resume", "step": self.step, "trace_lines": kept,
                                        "engine_state": self.engine.state_dict()})

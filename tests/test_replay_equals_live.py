@@ -178,3 +178,53 @@ def test_a_resumed_run_continues_its_trace_and_replay_follows_it(tmp_path: Path)
     replayed = replay_trace(trace, load_pack("training"))
     assert replayed.error is None
     assert [(f.rule, f.step, f.severity) for f in replayed.firings] == live
+
+
+@pytest.mark.parametrize("flush_lag", [0, 1])
+def test_a_checkpoint_loaded_mid_run_into_the_same_watcher_continues_its_trace(
+        tmp_path: Path, flush_lag: int) -> None:
+    """The same run, resumed in the same process: at step 80 the model, optimizer, scheduler
+    and the same Watcher load the checkpoint of step 60. The trace's steps went back from 80
+    to 61 (a file a strict reader refuses). It goes on as a resumed run's does: steps 1-60
+    kept, 61-80 (trained again now) gone, with the resume event; the steps not flushed yet at
+    the load were trained after the checkpoint and go too."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 10)
+    y = (x @ torch.randn(10, 1)).squeeze(1)
+    trace = tmp_path / "run.jsonl"
+    g = torch.Generator().manual_seed(1)
+    order = [torch.randint(0, 256, (32,), generator=g) for _ in range(220)]
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=300)
+    w = lrwatch.Watcher(model, opt, sched, trace=trace, flush_every=7, flush_lag=flush_lag)
+
+    def train(until: int) -> None:
+        while w.step < until and not w.should_stop:
+            s = sched.last_epoch
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x[order[s]]).squeeze(1), y[order[s]])
+            loss.backward()
+            opt.step()
+            sched.step()
+            w.log(loss=loss)
+
+    train(60)
+    ckpt = {"model": {k: v.clone() for k, v in model.state_dict().items()},
+            "opt": opt.state_dict(), "sched": sched.state_dict(), "watch": w.state_dict()}
+    train(80)                                # 80 is not a flush step: 78-80 wait for one
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    sched.load_state_dict(ckpt["sched"])
+    w.load_state_dict(ckpt["watch"])
+    train(120)
+    w.close()
+    samples = read_trace(trace)   # strict: the steps must increase
+    assert [s.step for s in samples] == list(range(1, 121))
+    resumed = [(s.step, e) for s in samples for e in s.events if e.get("type") == "resume"]
+    assert [(at, e["step"], e["trace_lines"]) for at, e in resumed] == [(61, 60, 60)]
+    replayed = replay_trace(trace, load_pack("training"))
+    assert replayed.error is None
+    assert ([(f.rule, f.step, f.severity) for f in replayed.firings]
+            == _firings_from_trace_events(samples))

@@ -16,10 +16,11 @@ from typing import Any, Sequence
 
 import torch
 
+from .errors import ConfigError
 from .samples import Sample
 
 __all__ = ["RankContext", "split_by_placement", "combine_rank_samples", "SQ_REP", "SQ_SHARD",
-           "EXPORT_CHOICES", "EXPORT_KEYS"]
+           "EXPORT_CHOICES", "EXPORT_KEYS", "JOIN_ERROR"]
 
 #: Who exports (``/metrics``, trace, alerts, Pushgateway, hook) in a distributed run: the
 #: Watcher's and the framework callbacks' ``export`` values.
@@ -30,6 +31,15 @@ EXPORT_KEYS = ("port", "trace", "pushgateway", "alerts", "alertmanager", "hook")
 #: Row keys that carry partial sums of squares of a norm ``NAME``; combined at the flush.
 SQ_REP = "_sq_rep/"
 SQ_SHARD = "_sq_shard/"
+#: Why lrwatch refuses ``Join`` (``torch.distributed.algorithms.join``) and what to do instead.
+JOIN_ERROR = (
+    "lrwatch: the {} is in torch.distributed's Join context (uneven inputs). lrwatch is not "
+    "Joinable: a rank that has run out of batches shadows DDP's collectives, not lrwatch's "
+    "gather at each flush, which would meet the wrong collective (a hang or an abort). Give "
+    "every rank the same number of batches (DistributedSampler(drop_last=True), or stop "
+    "every rank at the shortest shard's length), or use Join(..., "
+    "throw_on_early_termination=True): it stops every rank at the same step when the first "
+    "runs out of data (catch its RuntimeError, then call watch.close() on every rank).")
 # Values that are the same on every rank: take rank 0's. Times: the slowest rank's.
 _FROM_RANK0 = ("lr",)
 _MAX_KEYS = ("step_time_seconds", "skipped", "snapshot_seconds")
@@ -57,6 +67,8 @@ class RankContext:
         #: this process's rank in the default (world) group: distinct across subgroups
         self.global_rank = dist.get_rank() if self.active else 0
         self._dist = dist if self.active else None
+        self._joinables: list[Any] = []   # see follow_join
+        self._refused: list[Any] = []     # the Join configurations refused (once each)
 
     @property
     def is_main(self) -> bool:
@@ -80,10 +92,28 @@ class RankContext:
             return self.global_rank
         return self.global_rank if self.is_main and self.global_rank != 0 else None
 
+    def follow_join(self, *objs: Any) -> None:
+        """Refuse to gather while any of ``objs`` (the model, the optimizer) is in DDP's
+        ``Join`` context (:meth:`gather`)."""
+        self._joinables = [o for o in objs if hasattr(o, "_join_config")]
+        self._refused = []
+
     def gather(self, payload: Any) -> list[Any]:
-        """Every rank's ``payload``, in rank order (one collective)."""
+        """Every rank's ``payload``, in rank order (one collective).
+
+        Raises :class:`~lrwatch.errors.ConfigError` on every rank alike, before any rank
+        has joined, inside a ``Join`` that shadows the others' collectives (see
+        :data:`JOIN_ERROR`): there the gather would meet a joined rank's shadow collective.
+        Once per ``Join``: ``Join`` leaves its mark on the module when it ends, and the error
+        took every rank out of it, so ``close()`` gathers safely after it."""
         if self._dist is None or self.world == 1:
             return [payload]
+        for obj in self._joinables:
+            cfg = obj._join_config
+            if (cfg.enable and not cfg.throw_on_early_termination
+                    and all(cfg is not r for r in self._refused)):
+                self._refused.append(cfg)
+                raise ConfigError(JOIN_ERROR.format(type(obj).__name__))
         out: list[Any] = [None] * self.world
         self._dist.all_gather_object(out, payload, group=self.group)
         return out

@@ -671,3 +671,28 @@ def best_state_resume(rank: int, world: int, store: str, out: str) -> None:
                        "where": Path(restored.where).name if restored else None,
                        "own": flat == kept})
     finish()
+
+
+def ddp_join(rank: int, world: int, store: str, out: str, throw: bool) -> None:
+    """DDP under ``torch.distributed``'s ``Join`` (uneven inputs): the last rank has 12
+    batches, the others 20. A joined rank shadows DDP's collectives, not lrwatch's gather at
+    each flush. ``throw``: ``Join(..., throw_on_early_termination=True)``, where every rank
+    stops at the first rank out of data, in lock-step."""
+    from torch.distributed.algorithms.join import Join
+
+    init(rank, world, store, timeout_s=60)
+    model = nn.parallel.DistributedDataParallel(_model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    w = lrwatch.Watcher(model, opt, flush_every=5)
+    error = None
+    try:
+        with Join([model], throw_on_early_termination=throw):
+            for step in range(12 if rank == world - 1 else 20):
+                x, y = _global_batch(step)
+                w.log(loss=_mse_step(model, opt, _mine(x, rank, world), _mine(y, rank, world),
+                                     nan=False))
+    except (lrwatch.ConfigError, RuntimeError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    w.close()
+    _write(out, rank, {"error": error, "step": w.step, "flushes": w.flushes})
+    finish()

@@ -27,6 +27,7 @@ drop those of the steps it abandons (:mod:`lrwatch.best_keeper`).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable
 
 from .distributed import combine_rank_samples
@@ -67,6 +68,13 @@ class Flushing:
     _act: Callable[[Any, list[Sample]], list[Sample]]
     _internal_error: Callable[[str], None]
     trace: Any   # the trace writer, the outputs' (opened again: _reopen_trace)
+    policy: Any
+    should_stop: bool
+    _late_records: list[Any]   # (lrwatch.recovery.executor) events after a flush
+    _queue: Callable[[Any, list[Any]], None]
+    _progress: Callable[[], Any]
+    _safe_point: Callable[[], bool]
+    _last_line: Sample | None = None   # the trace's last line (its sample), once written
 
     def flush(self) -> list[Sample]:
         """Copy what the device holds to the host now and hand it to the listeners (a flush
@@ -122,12 +130,36 @@ class Flushing:
         self._pending.clear()
         if self._snaps is not None:
             self._snaps.store.discard_after(step)
+        self._last_line = None
         old = self.outputs.trace
         if old is not None and old.path is not None:
             self._faults.guard(old.flush)
             if old.lines_written:
                 self._reopen_trace(old)
         return self.outputs.resume(step)
+
+    def _final_flush(self) -> None:
+        """``close()``'s flush; then a rollback the cooldown held is carried out (it must not
+        be lost), and what was done after the trace's last line was written -- its events,
+        a range test's -- goes on that line (:meth:`_amend_last_line`)."""
+        self.flush()
+        done: list[dict[str, Any]] = []
+        if self.policy.held is not None and not self.should_stop:
+            self._queue(self.policy.release_held(self._progress()), done)
+        late = len(self._late_records)
+        self._safe_point()
+        self._amend_last_line(done + self._late_records[late:])
+
+    def _amend_last_line(self, records: list[dict[str, Any]]) -> None:
+        """Write the trace's last line again with ``records`` added to its events (what was
+        done after it was written, at the end of the run). A writer only appends: it is
+        opened again, and its lines before that one come back (its ``resume``)."""
+        last, old = self._last_line, self.outputs.trace
+        if not records or last is None or old is None or old.path is None:
+            return
+        new = self._reopen_trace(old)
+        self._faults.guard(new.resume, last.step - 1)
+        self._faults.guard(new.write, replace(last, events=last.events + tuple(records)))
 
     def _reopen_trace(self, old: Any) -> Any:
         """The trace writer ``old`` closed and opened again on its path, which moves what it
@@ -171,6 +203,8 @@ class Flushing:
                 if p.action in ("rollback", "skip") and t is not None]
         self._evals.settle(min(back) if back else None)
         self.outputs.emit(samples, self._faults.guard)
+        if samples:
+            self._last_line = samples[-1]
         return samples
 
     def _agree(self, samples: list[Sample]) -> list[Sample]:

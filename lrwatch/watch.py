@@ -245,7 +245,7 @@ class Watcher(DataSide, PlanExecutor, StepPath, Flushing):
             info=run_info(self.run_name, self.model, self.optimizer, self.scheduler),
             layers=self.recorder.layers, dist=self.dist, export=self.export)
         # the same objects as the outputs' (the trace is opened again by a checkpoint loaded
-        # mid-run, Flushing._reopen_trace; nothing else is replaced while the Watcher runs)
+        # mid-run and at the end, Flushing._reopen_trace; nothing else is replaced)
         self.exporter, self.registry = self.outputs.exporter, self.outputs.registry
         self.trace, self.pushgateway = self.outputs.trace, self.outputs.pushgateway
         self._faults = FailOpen(self.exporter.count_error)
@@ -415,11 +415,8 @@ class Watcher(DataSide, PlanExecutor, StepPath, Flushing):
         """Flush, stop the server, close the trace and remove the hooks. Idempotent."""
         if self._closed:
             return
-        try:
-            self.flush()
-            if self.policy.held is not None and not self.should_stop:
-                self._queue(self.policy.release_held(self._progress()), [])
-            self._safe_point()
+        try:   # (a rollback the cooldown held is carried out, and in the trace)
+            self._final_flush()
         finally:
             self._closed = True
             self._close_alerting()

@@ -19,6 +19,8 @@ from lrwatch.actions.policy import EXIT_BUDGET, EXIT_STOPPED, RecoveryConfig
 from lrwatch.actions.snapshot import SnapshotStore, capture_state, restore_state
 from lrwatch.errors import ConfigError
 from lrwatch.exporters.trace import read_trace
+from lrwatch.rules import load_pack
+from lrwatch.rules.replay import replay_trace
 from prometheus_client import generate_latest
 
 
@@ -720,6 +722,43 @@ def test_rollback_held_by_the_cooldown_is_not_lost_at_close(tmp_path: Path) -> N
     w.close()
     assert w.policy.rollbacks == 2 and w.policy.held is None
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("flush_every", [1, 4])
+def test_a_rollback_held_by_the_cooldown_and_released_at_close_is_in_the_trace(
+        tmp_path: Path, flush_every: int) -> None:
+    """The rollback that ``close()`` releases (held by the cooldown until the end) was carried
+    out but left no event in the trace: its records went nowhere. Its event now sits on the
+    run's last line, whether the final flush wrote lines (``flush_every=4``) or the last line
+    was written before (``flush_every=1``: written again with the event)."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trace = tmp_path / "held.jsonl"
+    w = lrwatch.Watcher(model, opt, flush_every=flush_every, trace=trace,
+                        recovery={"guard": "off",
+                                  "good_after": 3, "min_interval": 3, "cooldown": 1000})
+    seen: list[Any] = []
+    w.add_listener(seen.append)
+    for i in range(15):
+        x, y = _data(i)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        if i in (10, 14):  # the second NaN falls inside the cooldown of the first rollback
+            loss = loss * float("nan")
+        loss.backward()
+        opt.step()
+        w.log(loss=loss)
+    assert (w.policy.held is not None) == (flush_every == 1)
+    w.close()
+    assert w.policy.rollbacks == 2
+    samples = read_trace(trace)   # strict: the steps increase
+    assert [s.step for s in samples] == list(range(1, 16))
+    rb = [(s.step, e) for s in samples for e in s.events if e.get("type") == "rollback"]
+    assert [(at, e["step"]) for at, e in rb] == [(12 if flush_every == 4 else 11, 11), (15, 15)]
+    assert "held by the cooldown until the end" in rb[1][1]["reason"]
+    live = [(e["rule"], e["step"]) for x in seen for e in x.events if e.get("type") == "firing"]
+    replayed = replay_trace(trace, load_pack("training"))
+    assert replayed.error is None and [(f.rule, f.step) for f in replayed.firings] == live
 
 
 _WARN_RULE = """

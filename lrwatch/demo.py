@@ -247,6 +247,10 @@ class DemoConsole:
             text = ("the step was not applied (its gradient was not finite or a spike; "
                     "skipped on the device)")
             why = ""
+        elif kind == "watch":
+            text = "a sudden failure in a healthy run: watched before any rollback"
+        elif kind == "recovered":
+            text = "the sudden failure passed by itself: no rollback"
         elif kind in ("start_check", "lr_check"):
             name = "start check" if kind == "start_check" else "learning-rate check"
             f = float(e.get("lr_factor", 1.0))

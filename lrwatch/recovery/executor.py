@@ -202,8 +202,9 @@ class PlanExecutor(ActionAlerts):
             if p.action == "lr_recover":   # the policy ramps the rate back; nothing to restore
                 log.warning("lrwatch: step %d: %s", self.step, p.describe(0, 0), extra=_EVENT)
                 continue
-            if p.action == "dropped":   # the step path already dropped it; nothing to do
-                log.warning("lrwatch: step %d: %s", p.step, p.describe(0, 0), extra=_EVENT)
+            if p.action in ("dropped", "watch", "recovered"):   # nothing to carry out
+                log.warning("lrwatch: step %d: %s%s", p.step, f"{p.rule}: " if p.rule else "",
+                            p.describe(0, 0), extra=_EVENT)
                 continue
             self._pending.append((p, target))
 

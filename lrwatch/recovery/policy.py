@@ -235,6 +235,16 @@ class RecoveryConfig:
     sudden_margin:
         Steps between a sudden firing and the snapshot it goes back to: the rules fire a few
         steps after the onset (``for:``, the untrained-loss rules' 6 steps).
+    sudden_hold:
+        Steps a sudden failure is watched before its rollback (0: roll back at once). A bad
+        batch that reached the parameters often does little harm: the next batches' losses
+        are back where they were, and a rollback would only throw away the steps since the
+        snapshot (up to ``min_interval``). So a sudden failure on finite values is watched
+        first: when the rule that fired has resolved ``sudden_hold`` steps after it and no
+        other rollback was asked for meanwhile, the run goes on untouched (a ``recovered``
+        event); otherwise the rollback happens then, to the same snapshot before the onset.
+        The decision is taken at a flush, so the wait is at least one flush. A non-finite
+        value is never watched (the parameters may be lost).
     guard:
         A step whose gradient is not finite, or whose gradient norm is more than
         ``guard_ratio`` times the median of the last 50 kept steps' (once 20 exist: a batch of
@@ -316,6 +326,7 @@ class RecoveryConfig:
     start_check_gate: float = 1.05
     sudden_lr_factor: float = 1.0
     sudden_margin: int = 10
+    sudden_hold: int = 5
     guard: str = "auto"
     guard_ratio: float = 100.0
     replay: bool = False
@@ -343,7 +354,7 @@ class RecoveryConfig:
             if not (isinstance(v, (int, float)) and 0 < v <= 1):
                 raise ConfigError(f"{name} must be in (0, 1], got {v!r}")
         for name in ("max_rollbacks", "cooldown", "skip_batches", "max_skips", "good_after",
-                     "restart_warmup", "sudden_margin"):
+                     "restart_warmup", "sudden_margin", "sudden_hold"):
             v = getattr(self, name)
             if name == "restart_warmup" and v == "auto":
                 continue
@@ -447,6 +458,9 @@ class PolicyState:
     restarts: int = 0                       # rollbacks to the run's start
     ramp_restart: bool = False              # the ramp is a restart's warm-up (not lr_recover)
     stopped: bool = False                   # a stop was planned: notifications only from now
+    watching: str | None = None             # a rule whose sudden failure is watched
+    watching_step: int | None = None        # ... the step it fired at
+    watching_open: list[str] = field(default_factory=list)   # ... rules still firing
 
     def on_probation(self, step: int) -> bool:
         return self.probation_until is not None and step <= self.probation_until
@@ -500,7 +514,9 @@ class Plan:
     rate.
     ``reduce_lr``: multiply the rates by ``lr_factor``. ``stop``: end with ``exit_status``.
     ``lr_recover``: the rate comes back by ``lr_factor`` over ``warmup`` steps (the ramp is
-    in the policy). ``skip_batches``: batches to drop after it. ``replay_drop``: for a
+    in the policy). ``dropped``, ``watch``, ``recovered``: nothing to carry out, told in the
+    log and the trace (a dropped step; a sudden failure watched before its rollback,
+    ``RecoveryConfig.sudden_hold``; the watched failure passed). ``skip_batches``: batches to drop after it. ``replay_drop``: for a
     rollback after a sudden failure, the steps (first, last) whose batches are not trained on
     again; the batches drawn since ``target`` outside it are (``None``: no replay).
     """
@@ -647,8 +663,14 @@ def decide(events: Sequence[Any], step: int, state: PolicyState,
         control["rollback"] = e  # too many skips: the run needs more than undoing steps
         wants_rollback = True
     if wants_rollback:
-        d = _rollback_decision(control.get("rollback"), escalated, step, in_cooldown, state,
-                               config)
+        e = control.get("rollback")
+        if state.watching is not None:   # failing again while watched: no passing fault
+            e = _end_watch(state)
+        elif _to_watch(e, escalated, in_cooldown, state, config):
+            state.watching, state.watching_step, state.watching_open = e.rule, e.step, []
+            out.append(Decision("watch", e.rule, e.step, _watch_reason(config), event=e))
+            return out
+        d = _rollback_decision(e, escalated, step, in_cooldown, state, config)
         if d is not None:
             out.append(d)
         return out
@@ -755,6 +777,49 @@ def _rollback_decision(e: Any | None, escalated: Any | None, step: int, in_coold
     reason = (f"warning {rule} during the probation after the rollback at step "
               f"{state.probation_from}" if e is not None and e is escalated else "")
     return Decision("rollback", str(rule), first, reason, event=e)
+
+
+def _is_sudden(e: Any, state: PolicyState, config: RecoveryConfig) -> bool:
+    """A first failure, out of a quiet stretch, in a run that proved healthy (``e``: the
+    firing behind the rollback request)."""
+    quiet = state.last_alarm is None or e.step - state.last_alarm > config.good_after
+    since = getattr(e, "since", None)   # an escalation: when its evidence began
+    return (quiet and state.ever_healthy and not state.on_probation(e.step)
+            and (since is None or since >= e.step - config.sudden_margin))
+
+
+def _to_watch(e: Any | None, escalated: Any | None, in_cooldown: bool, state: PolicyState,
+              config: RecoveryConfig) -> bool:
+    """Whether the rollback ``e`` asks for is watched first (``RecoveryConfig.sudden_hold``):
+    a sudden failure on finite values, nothing held, no cooldown, no escalation."""
+    return (e is not None and e is not escalated and config.sudden_hold > 0
+            and state.held is None and not in_cooldown and not _nonfinite(e)
+            and _is_sudden(e, state, config))
+
+
+def _watch_reason(config: RecoveryConfig) -> str:
+    return (f"a sudden failure in a healthy run: watched for {config.sudden_hold} steps "
+            "before rolling back (a bad batch often does no lasting harm)")
+
+
+class _Watched:
+    """The firing of a watched sudden failure whose rollback comes now (a rollback request
+    in its own name, at its own step, still judged sudden)."""
+
+    sudden = True
+
+    def __init__(self, rule: str, step: int) -> None:
+        self.rule, self.step, self.since = rule, step, None
+        self.kind, self.actions = "firing", ("rollback",)
+
+
+def _end_watch(state: PolicyState) -> "_Watched":
+    """End the watch of a sudden failure: its rollback is due after all."""
+    assert state.watching is not None and state.watching_step is not None
+    e = _Watched(state.watching, state.watching_step)
+    state.watching = state.watching_step = None
+    state.watching_open = []
+    return e
 
 
 def _nonfinite(e: Any) -> bool:
@@ -892,6 +957,8 @@ class RecoveryPolicy:
             self._suspects = None
             out.append(self._plan_one(d, progress))
         self._sudden_now, self._suspects = False, None
+        if st.watching is not None and rc is not None and not st.stopped:
+            out.extend(self._watched(events, progress))
         alarms = [e.step for e in events if e.kind == "firing"
                   and getattr(e, "severity", None) in ("warning", "critical")]
         if alarms:
@@ -904,9 +971,40 @@ class RecoveryPolicy:
             st.stopped = True
         return out
 
+    def _watched(self, events: Sequence[Any], progress: Progress) -> list[Plan]:
+        """A watched sudden failure (``RecoveryConfig.sudden_hold``), at a flush: once its
+        rule has resolved and the hold is over, the run goes on (``recovered``); a rule still
+        firing when the hold is over rolls back, as the failure would have at once."""
+        st, rc = self.state, self.config
+        assert rc is not None and st.watching is not None and st.watching_step is not None
+        for e in events:   # the rules that asked for a rollback since, until they resolve
+            if (e.kind == "firing" and "rollback" in tuple(e.actions)
+                    and e.step >= st.watching_step and e.rule not in st.watching_open):
+                st.watching_open.append(e.rule)
+            elif e.kind == "resolved" and e.rule in st.watching_open:
+                st.watching_open.remove(e.rule)
+        if progress.step < st.watching_step + rc.sudden_hold:
+            return []
+        if not st.watching_open:
+            rule, step = st.watching, st.watching_step
+            st.watching = st.watching_step = None
+            return [Plan("recovered", rule, step,
+                         f"the sudden failure at step {step} passed: {rule} resolved within "
+                         f"{progress.step - step} steps and nothing else failed; no rollback")]
+        d = _rollback_decision(_end_watch(st), None, progress.step, False, st, rc)
+        assert d is not None
+        self._sudden_now = d.action == "rollback"
+        try:
+            return [self._plan_one(d, progress)]
+        finally:
+            self._sudden_now, self._suspects = False, None
+
     def release_held(self, progress: Progress) -> list[Plan]:
         """At the end of the run: a rollback held back by the cooldown must not be lost."""
         st, rc = self.state, self.config
+        if st.watching is not None and st.watching_open and st.held is None:
+            st.held, st.held_step = st.watching, st.watching_step   # still failing: roll back
+        st.watching, st.watching_step, st.watching_open = None, None, []
         held, step = st.held, st.held_step
         st.held = st.held_step = None
         if rc is None or held is None or st.stopped:
@@ -1015,7 +1113,7 @@ class RecoveryPolicy:
 
     def _plan_one(self, d: Decision, progress: Progress) -> Plan:
         st, rc = self.state, self.config
-        if d.action in ("alert", "resolve", "hook", "stop"):
+        if d.action in ("alert", "resolve", "hook", "stop", "watch"):
             return Plan(d.action, d.rule, d.step, d.reason, d.exit_status, event=d.event,
                         params=d.params)
         if d.action == "reduce_lr":
@@ -1064,13 +1162,10 @@ class RecoveryPolicy:
 
     def _sudden(self, d: Decision) -> bool:
         """A first failure, out of a quiet stretch, in a run that proved healthy."""
-        st, rc = self.state, self.config
-        assert rc is not None
-        quiet = st.last_alarm is None or d.step - st.last_alarm > rc.good_after
-        since = getattr(d.event, "since", None)   # an escalation: when its evidence began
-        return (d.event is not None and quiet and st.ever_healthy
-                and not st.on_probation(d.step)
-                and (since is None or since >= d.step - rc.sudden_margin))
+        assert self.config is not None
+        if getattr(d.event, "sudden", False):   # a watched failure, judged when it fired
+            return True
+        return d.event is not None and _is_sudden(d.event, self.state, self.config)
 
     def _rollback(self, d: Decision, target: SnapshotInfo, step: int) -> Plan:
         st, rc = self.state, self.config
@@ -1178,5 +1273,6 @@ class RecoveryPolicy:
         for f in fields(PolicyState):
             if f.name in d and f.name != "stopped":   # a resumed run is the user's decision
                 v = d[f.name]
-                setattr(self.state, f.name, list(v) if f.name == "ramp" else v)
+                setattr(self.state, f.name,
+                        list(v) if f.name in ("ramp", "watching_open") else v)
         self.state.stopped = False

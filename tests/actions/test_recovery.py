@@ -151,7 +151,10 @@ def _run(tmp_path: Path, *, steps: int, poison_from: int, poison_to: int | None 
         sched: Any = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.1 * s))
     else:
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.5)
-    rec = {"good_after": 5, "min_interval": 3, "cooldown": 0, **(recovery or {})}
+    # sudden_hold 0: these tests are about what a rollback does; a single poisoned step out of
+    # a quiet run would otherwise be watched first (test_a_sudden_failure_that_passes_...)
+    rec = {"good_after": 5, "min_interval": 3, "cooldown": 0, "sudden_hold": 0,
+           **(recovery or {})}
     trace = tmp_path / "trace.jsonl"
     w = lrwatch.Watcher(model, opt, sched, flush_every=flush_every, trace=trace,
                         rules=_rules(tmp_path, action), recovery=rec, **kw)
@@ -223,7 +226,8 @@ def test_rollback_restores_the_snapshot_bit_for_bit(tmp_path: Path) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     went: list[int] = []
     w = lrwatch.Watcher(model, opt, rules=_rules(tmp_path), flush_every=1,
-                        recovery={"good_after": 3, "min_interval": 4, "lr_factor": 1.0},
+                        recovery={"good_after": 3, "min_interval": 4, "lr_factor": 1.0,
+                                  "sudden_hold": 0},
                         listeners=[lambda s: went.extend(e["to_step"] for e in s.events
                                                          if e.get("type") == "rollback")])
     captured: dict[int, dict[str, Any]] = {}
@@ -342,7 +346,8 @@ def _sgd_run(tmp_path: Path, nan_at: set[int], recovery: dict[str, Any] | None,
            else torch.optim.SGD(model.parameters(), lr=0.05, **kw))
     w = (lrwatch.Watcher(model, opt, rules=_nonfinite_rules(tmp_path), flush_every=4,
                          trace=tmp_path / "guard.jsonl",
-                         recovery={"good_after": 5, "min_interval": 5, **recovery})
+                         recovery={"good_after": 5, "min_interval": 5, "sudden_hold": 0,
+                                   **recovery})
          if recovery is not None else None)
     if w is not None and mode is not None:
         w.recorder.set_guard(mode, w.recovery.guard_ratio)
@@ -638,7 +643,7 @@ def test_a_rollback_to_before_the_swa_swap_after_a_cut_cuts_swa_lr_once(tmp_path
                         trace=trace,
                         recovery={"good_after": 2, "min_interval": 10, "max_interval": 10,
                                   "cooldown": 0, "guard": "off", "lr_recover": False,
-                                  "sudden_lr_factor": 0.5})
+                                  "sudden_lr_factor": 0.5, "sudden_hold": 0})
     swa = None
     for b in w.batches(_batches()):
         step = w.step + 1
@@ -688,7 +693,7 @@ def test_failing_again_never_goes_back_to_a_snapshot_a_rollback_abandoned(
     trace = tmp_path / "trace.jsonl"
     w = lrwatch.Watcher(model, opt, flush_every=1, trace=trace, rules=_rules(tmp_path),
                         recovery={"good_after": 5, "min_interval": 5, "max_interval": 5,
-                                  "keep": 4, "cooldown": 0, "guard": "off"})
+                                  "keep": 4, "cooldown": 0, "guard": "off", "sudden_hold": 0})
     for b in w.batches(_batches()):
         if w.step >= 60:
             break
@@ -786,7 +791,7 @@ def _probation_run(tmp_path: Path, wobble_at: int, recovery: dict[str, Any] | No
     w = lrwatch.Watcher(model, opt, flush_every=1, trace=trace,
                         rules=_rules(tmp_path, extra=_WARN_RULE),
                         recovery={"good_after": 5, "min_interval": 3, "cooldown": 0,
-                                  **(recovery or {})})
+                                  "sudden_hold": 0, **(recovery or {})})
     for b in w.batches(_batches()):
         if w.step >= 80:
             break
@@ -1059,3 +1064,23 @@ def test_rules_as_a_list_join_in_order_and_bad_entries_are_clear(tmp_path: Path)
         rule_set(["training", "training"])
     with pytest.raises(ConfigError, match="non-empty list"):
         rule_set([])
+
+
+@pytest.mark.parametrize("flush_every", [1, 10])
+def test_a_sudden_failure_that_passes_is_watched_and_not_rolled_back(
+        tmp_path: Path, flush_every: int) -> None:
+    """One poisoned step out of a quiet, healthy run (RecoveryConfig.sudden_hold, default 5):
+    the rule resolves at the next step and nothing else fails, so the run goes on with every
+    batch in order and no rollback; the trace says what was watched and that it passed. With
+    the hold off the same run rolls back."""
+    r = _run(tmp_path, steps=40, poison_from=20, flush_every=flush_every,
+             recovery={"sudden_hold": 5})
+    events = [e for s in r["trace"] for e in s.events if e.get("type") in
+              ("watch", "recovered", "rollback", "skip")]
+    assert [e["type"] for e in events] == ["watch", "recovered"]
+    assert events[0]["rule"] == events[1]["rule"] == "poisoned"
+    assert events[0]["step"] == events[1]["step"] == r["poisoned_at"][0]
+    assert r["w"].policy.rollbacks == 0 and r["batches"] == list(range(len(r["batches"])))
+    (tmp_path / "off").mkdir()
+    off = _run(tmp_path / "off", steps=40, poison_from=20, flush_every=flush_every)
+    assert off["w"].policy.rollbacks == 1     # (the helper turns the hold off)

@@ -18,8 +18,11 @@ from lrwatch.samples import Sample
 
 def fire(rule: str, step: int, actions: tuple[str, ...] = ("rollback",),
          severity: str = "critical", metric: str = "loss", since: int | None = None) -> Any:
+    # the pack's `nonfinite` rule fires on a NaN/inf value (a finite sudden failure is watched
+    # first, RecoveryConfig.sudden_hold)
+    value = math.nan if rule == "nonfinite" else 1.0
     return SimpleNamespace(rule=rule, step=step, kind="firing", actions=actions,
-                           severity=severity, metric=metric, since=since)
+                           severity=severity, metric=metric, since=since, value=value)
 
 
 START = SnapshotInfo(0, True, pinned=True)
@@ -105,7 +108,7 @@ def test_after_a_stop_the_policy_plans_nothing_but_notifications() -> None:
     """A loop that goes on after a stop (it only calls log(), never reads should_stop) is
     left alone: no rollback, skip, cut or recovery of the rate, no held rollback released
     at the end; alerts still go out. A resumed run decides again."""
-    pol = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0))
+    pol = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0, sudden_hold=0))
     pol.promoted([SnapshotInfo(10, True)])
     s = snaps(10, 20)
     (stop,) = control(pol.plan([fire("halt", 25, ("stop",))], Progress(25, s)))
@@ -113,14 +116,15 @@ def test_after_a_stop_the_policy_plans_nothing_but_notifications() -> None:
     plans = pol.plan([fire("loss_blowup", 30, ("rollback", "alert"))], Progress(30, s))
     assert [p.action for p in plans] == ["alert"]
     assert pol.rollbacks == 0 and pol.release_held(Progress(40, s)) == []
-    resumed = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0))
+    resumed = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0, sudden_hold=0))
     resumed.load_state_dict(pol.state_dict())
     (p,) = control(resumed.plan([fire("loss_blowup", 50)], Progress(50, s)))
     assert p.action == "rollback"
 
 
 def test_budget_cooldown_and_held_rollbacks() -> None:
-    pol = RecoveryPolicy(RecoveryConfig(max_rollbacks=1, cooldown=20, good_after=5))
+    pol = RecoveryPolicy(RecoveryConfig(max_rollbacks=1, cooldown=20, good_after=5,
+                                        sudden_hold=0))
     pol.promoted([SnapshotInfo(10, True)])
     s = snaps(10)
     assert control(pol.plan([fire("r", 30)], Progress(30, s)))[0].action == "rollback"
@@ -206,7 +210,7 @@ def _script(pol: RecoveryPolicy, start: int = 0, stop: int = 400) -> list[tuple]
 
 
 def test_state_dict_resumes_exactly() -> None:
-    cfg = RecoveryConfig(good_after=10, cooldown=0, restart_warmup=20)
+    cfg = RecoveryConfig(good_after=10, cooldown=0, restart_warmup=20, sudden_hold=0)
     whole = _script(RecoveryPolicy(cfg))
     first = RecoveryPolicy(cfg)
     part = _script(first, 0, 41)     # mid-warm-up, mid-probation, after a compounding
@@ -309,13 +313,13 @@ def test_one_nonfinite_step_in_a_healthy_run_keeps_the_rate_until_it_repeats() -
 
 
 def test_a_sudden_finite_spike_goes_back_before_its_onset_and_keeps_the_rate() -> None:
-    pol = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0))
+    pol = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0, sudden_hold=0))
     pol.promoted([SnapshotInfo(100, True)])
     s = snaps(100) + [SnapshotInfo(140, False), SnapshotInfo(148, False)]
     (p,) = control(pol.plan([fire("loss_blowup", 150)], Progress(150, s)))
     assert (p.target, p.lr_factor) == (140, 1.0)       # 148 is within the 10-step margin
     # after an alarm (a warning) the run is not quiet: an ordinary rollback with a cut
-    pol2 = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0))
+    pol2 = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0, sudden_hold=0))
     pol2.promoted([SnapshotInfo(100, True)])
     pol2.plan([fire("loss_shift", 145, ("alert",), "warning")], Progress(145, s))
     (q,) = control(pol2.plan([fire("loss_blowup", 150)], Progress(150, s)))
@@ -328,7 +332,8 @@ def test_a_sudden_failure_replays_its_batches_but_those_of_its_window() -> None:
     nan.value = float("nan")
     spike = fire("loss_blowup", 150)
     for event, drop in ((nan, (150, 150)), (spike, (141, 150))):
-        pol = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0, replay=True))
+        pol = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0, replay=True,
+                                            sudden_hold=0))
         pol.promoted([SnapshotInfo(100, True)])
         (p,) = control(pol.plan([event], Progress(152, s)))
         assert p.target == 140 and p.replay_drop == drop
@@ -564,3 +569,96 @@ def test_reduce_lr_takes_its_factor_from_the_rule_and_checks_it() -> None:
         rule = SimpleNamespace(name="r", source="f.yml:3", action_params={"reduce_lr": params})
         with pytest.raises(ConfigError, match=msg):
             check_action_params([rule])
+
+
+def resolve(rule: str, step: int) -> Any:
+    return SimpleNamespace(rule=rule, step=step, kind="resolved", actions=("rollback",),
+                           severity="critical", metric="loss", since=None)
+
+
+def _watching(**cfg: Any) -> tuple[RecoveryPolicy, list[SnapshotInfo]]:
+    """A healthy run (good at 100; 140 pending) whose loss blows up at step 150, out of a
+    quiet stretch: a sudden failure, watched (sudden_hold 5 by default)."""
+    pol = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0, **cfg))
+    pol.promoted([SnapshotInfo(100, True)])
+    s = snaps(100) + [SnapshotInfo(140, False)]
+    (w,) = control(pol.plan([fire("loss_blowup", 150)], Progress(150, s)))
+    assert w.action == "watch" and w.step == 150 and "watched for 5 steps" in w.reason
+    assert pol.rollbacks == 0 and pol.state.watching == "loss_blowup"
+    return pol, s
+
+
+def test_a_sudden_failure_that_passes_within_the_hold_is_left_alone() -> None:
+    """A bad batch that reached the parameters often does no lasting harm: the rule that
+    fired resolves, nothing else asks for a rollback, and the run goes on untouched."""
+    pol, s = _watching()
+    assert control(pol.plan([resolve("loss_blowup", 153)], Progress(154, s))) == []  # hold on
+    (ok,) = control(pol.plan([], Progress(160, s)))
+    assert ok.action == "recovered" and ok.step == 150 and "no rollback" in ok.reason
+    assert pol.rollbacks == 0 and pol.lr_scale == 1.0 and pol.state.watching is None
+    # a firing and its resolution within one flush: decided at that flush
+    pol2 = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0))
+    pol2.promoted([SnapshotInfo(100, True)])
+    plans = control(pol2.plan([fire("loss_blowup", 150), resolve("loss_blowup", 153)],
+                              Progress(160, s)))
+    assert [p.action for p in plans] == ["watch", "recovered"] and pol2.rollbacks == 0
+
+
+def test_a_watched_failure_that_goes_on_rolls_back_before_its_onset() -> None:
+    # still firing when the hold is over: the rollback the failure would have had at once
+    pol, s = _watching()
+    (p,) = control(pol.plan([], Progress(160, s)))
+    assert (p.action, p.target, p.lr_factor, p.step) == ("rollback", 140, 1.0, 150)
+    assert "sudden failure in a healthy run" in p.reason and pol.rollbacks == 1
+    # another rule asks for a rollback meanwhile: at once, to the same snapshot
+    pol, s = _watching()
+    (q,) = control(pol.plan([fire("loss_runaway", 152)], Progress(152, s)))
+    assert (q.action, q.target, q.lr_factor, q.step) == ("rollback", 140, 1.0, 150)
+    # one of two rules that fired with it still firing: a rollback too
+    pol3 = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0))
+    pol3.promoted([SnapshotInfo(100, True)])
+    pol3.plan([fire("loss_blowup", 150), fire("grad_loss_divergence", 150),
+               resolve("grad_loss_divergence", 151)], Progress(150, s))
+    (r,) = control(pol3.plan([], Progress(160, s)))
+    assert r.action == "rollback" and r.target == 140
+    # and a run that ends while still failing is rolled back at close, as a held rollback is
+    pol4, s = _watching()
+    (h,) = pol4.release_held(Progress(152, s))
+    assert h.action == "rollback"
+
+
+def test_what_is_never_watched() -> None:
+    s = snaps(100) + [SnapshotInfo(140, False)]
+    # a non-finite value (the parameters may be gone), a run not yet proved healthy, the
+    # hold turned off: the rollback comes at once
+    cases = [(RecoveryConfig(good_after=10, cooldown=0), fire("nonfinite", 150), True),
+             (RecoveryConfig(good_after=10, cooldown=0), fire("loss_blowup", 150), False),
+             (RecoveryConfig(good_after=10, cooldown=0, sudden_hold=0),
+              fire("loss_blowup", 150), True)]
+    for cfg, event, healthy in cases:
+        pol = RecoveryPolicy(cfg)
+        if healthy:
+            pol.promoted([SnapshotInfo(100, True)])
+        (p,) = control(pol.plan([event], Progress(150, s)))
+        assert p.action == "rollback", (cfg, event.rule, healthy)
+    # after an alarm the run is not quiet: not sudden, not watched
+    pol = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0))
+    pol.promoted([SnapshotInfo(100, True)])
+    pol.plan([fire("loss_shift", 145, ("alert",), "warning")], Progress(145, s))
+    (q,) = control(pol.plan([fire("loss_blowup", 150)], Progress(150, s)))
+    assert q.action == "rollback" and q.lr_factor == 0.5
+    with pytest.raises(Exception, match="sudden_hold"):
+        RecoveryConfig(sudden_hold=-1)
+
+
+def test_a_resume_during_the_watch_carries_it_on() -> None:
+    pol, s = _watching()
+    resumed = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0))
+    resumed.load_state_dict(pol.state_dict())
+    (p,) = control(resumed.plan([], Progress(160, s)))
+    assert p.action == "rollback" and p.target == 140 and p.step == 150
+    pol, s = _watching()
+    pol.plan([resolve("loss_blowup", 152)], Progress(152, s))
+    resumed = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0))
+    resumed.load_state_dict(pol.state_dict())
+    assert [p.action for p in control(resumed.plan([], Progress(160, s)))] == ["recovered"]

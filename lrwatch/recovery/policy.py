@@ -663,17 +663,9 @@ def decide(events: Sequence[Any], step: int, state: PolicyState,
         control["rollback"] = e  # too many skips: the run needs more than undoing steps
         wants_rollback = True
     if wants_rollback:
-        e = control.get("rollback")
-        if state.watching is not None:   # failing again while watched: no passing fault
-            e = _end_watch(state)
-        elif _to_watch(e, escalated, in_cooldown, state, config):
-            state.watching, state.watching_step, state.watching_open = e.rule, e.step, []
-            out.append(Decision("watch", e.rule, e.step, _watch_reason(config), event=e))
-            return out
-        d = _rollback_decision(e, escalated, step, in_cooldown, state, config)
-        if d is not None:
-            out.append(d)
-        return out
+        d = _rollback_or_watch(control.get("rollback"), escalated, step, in_cooldown, state,
+                               config)
+        return out + ([d] if d is not None else [])
     if "reduce_lr" in control and not in_cooldown:
         unscheduled = config.cut_unscheduled and not scheduled
         asked = _reduction(events, state, action_params, unscheduled)
@@ -788,6 +780,19 @@ def _is_sudden(e: Any, state: PolicyState, config: RecoveryConfig) -> bool:
             and (since is None or since >= e.step - config.sudden_margin))
 
 
+def _rollback_or_watch(e: Any | None, escalated: Any | None, step: int, in_cooldown: bool,
+                       state: PolicyState, config: RecoveryConfig) -> Decision | None:
+    """The rollback ``e`` asks for (``None``: the held one), or the watch of a sudden failure
+    (``RecoveryConfig.sudden_hold``); a request while one is watched ends the watch with its
+    rollback."""
+    if state.watching is not None:   # failing again while watched: no passing fault
+        e = _end_watch(state)
+    elif _to_watch(e, escalated, in_cooldown, state, config):
+        state.watching, state.watching_step, state.watching_open = e.rule, e.step, []
+        return Decision("watch", e.rule, e.step, _watch_reason(config), event=e)
+    return _rollback_decision(e, escalated, step, in_cooldown, state, config)
+
+
 def _to_watch(e: Any | None, escalated: Any | None, in_cooldown: bool, state: PolicyState,
               config: RecoveryConfig) -> bool:
     """Whether the rollback ``e`` asks for is watched first (``RecoveryConfig.sudden_hold``):
@@ -800,6 +805,39 @@ def _to_watch(e: Any | None, escalated: Any | None, in_cooldown: bool, state: Po
 def _watch_reason(config: RecoveryConfig) -> str:
     return (f"a sudden failure in a healthy run: watched for {config.sudden_hold} steps "
             "before rolling back (a bad batch often does no lasting harm)")
+
+
+def _drops(events: Sequence[Any], dropped: Sequence[int], st: PolicyState,
+           rc: RecoveryConfig) -> tuple[list[Any], list[Plan]]:
+    """Dropped steps (non-finite or spiking gradients, not applied). The first in a quiet
+    stretch (none in the ``good_after`` steps before it) needs nothing more: the firings
+    of its step lose their control actions (what they saw never reached the parameters),
+    and a ``dropped`` plan says so. A repeat within ``good_after`` steps is a failure: it
+    asks for a rollback (a rule that stays active over a run of NaN steps fires only
+    once)."""
+    handled: set[int] = set()
+    repeat: int | None = None
+    for d in sorted(set(dropped)):
+        if st.last_dropped is None or d - st.last_dropped > rc.good_after:
+            handled.add(d)
+        elif repeat is None:
+            repeat = d
+        st.last_dropped = d
+    if handled:   # an alarm: a failure soon after it is no longer out of a quiet stretch
+        st.last_alarm = max(handled | {st.last_alarm or 0})
+    kept: list[Any] = []
+    for e in events:
+        if e.kind == "firing" and (e.step in handled or
+                                   (e.step == repeat and _nonfinite(e))):
+            e = _Disarmed(e)   # handled here (or by the repeat's own request below)
+        kept.append(e)
+    plans = [Plan("dropped", "", d, "the gradient was not finite or far above its recent "
+                  "median; the step was not applied (skipped, held back or zeroed) and "
+                  "training goes on") for d in sorted(handled)]
+    st.drops_handled += len(handled)
+    if repeat is not None:
+        kept.append(_DroppedAgain(repeat))
+    return kept, plans
 
 
 class _Watched:
@@ -950,7 +988,7 @@ class RecoveryPolicy:
         st, rc = self.state, self.config
         out: list[Plan] = []
         if rc is not None and progress.dropped:
-            events, handled = self._drops(events, progress.dropped)
+            events, handled = _drops(events, progress.dropped, st, rc)
             out.extend(handled)
         for d in decide(events, progress.step, st, rc, self.action_params, self.scheduled):
             self._sudden_now = d.action == "rollback" and self._sudden(d)
@@ -1076,40 +1114,6 @@ class RecoveryPolicy:
         st.lr_scale = start   # the warm-up ramp (if any) keeps its shape up to the new rate
         reason = f"{plan.reason}; {why}" if plan.reason else why
         return replace(plan, reason=reason, lr_factor=cut, scale=start, probe=False)
-
-    def _drops(self, events: Sequence[Any], dropped: Sequence[int]
-               ) -> tuple[list[Any], list[Plan]]:
-        """Dropped steps (non-finite or spiking gradients, not applied). The first in a quiet
-        stretch (none in the ``good_after`` steps before it) needs nothing more: the firings
-        of its step lose their control actions (what they saw never reached the parameters),
-        and a ``dropped`` plan says so. A repeat within ``good_after`` steps is a failure: it
-        asks for a rollback (a rule that stays active over a run of NaN steps fires only
-        once)."""
-        st, rc = self.state, self.config
-        assert rc is not None
-        handled: set[int] = set()
-        repeat: int | None = None
-        for d in sorted(set(dropped)):
-            if st.last_dropped is None or d - st.last_dropped > rc.good_after:
-                handled.add(d)
-            elif repeat is None:
-                repeat = d
-            st.last_dropped = d
-        if handled:   # an alarm: a failure soon after it is no longer out of a quiet stretch
-            st.last_alarm = max(handled | {st.last_alarm or 0})
-        kept: list[Any] = []
-        for e in events:
-            if e.kind == "firing" and (e.step in handled or
-                                       (e.step == repeat and _nonfinite(e))):
-                e = _Disarmed(e)   # handled here (or by the repeat's own request below)
-            kept.append(e)
-        plans = [Plan("dropped", "", d, "the gradient was not finite or far above its recent "
-                      "median; the step was not applied (skipped, held back or zeroed) and "
-                      "training goes on") for d in sorted(handled)]
-        st.drops_handled += len(handled)
-        if repeat is not None:
-            kept.append(_DroppedAgain(repeat))
-        return kept, plans
 
     def _plan_one(self, d: Decision, progress: Progress) -> Plan:
         st, rc = self.state, self.config

@@ -664,7 +664,7 @@ def decide(events: Sequence[Any], step: int, state: PolicyState,
         wants_rollback = True
     if wants_rollback:
         d = _rollback_or_watch(control.get("rollback"), escalated, step, in_cooldown, state,
-                               config)
+                               config, events)
         return out + ([d] if d is not None else [])
     if "reduce_lr" in control and not in_cooldown:
         unscheduled = config.cut_unscheduled and not scheduled
@@ -781,25 +781,30 @@ def _is_sudden(e: Any, state: PolicyState, config: RecoveryConfig) -> bool:
 
 
 def _rollback_or_watch(e: Any | None, escalated: Any | None, step: int, in_cooldown: bool,
-                       state: PolicyState, config: RecoveryConfig) -> Decision | None:
+                       state: PolicyState, config: RecoveryConfig,
+                       events: Sequence[Any] = ()) -> Decision | None:
     """The rollback ``e`` asks for (``None``: the held one), or the watch of a sudden failure
     (``RecoveryConfig.sudden_hold``); a request while one is watched ends the watch with its
     rollback."""
     if state.watching is not None:   # failing again while watched: no passing fault
         e = _end_watch(state)
-    elif _to_watch(e, escalated, in_cooldown, state, config):
+    elif _to_watch(e, escalated, in_cooldown, state, config, events):
         state.watching, state.watching_step, state.watching_open = e.rule, e.step, []
         return Decision("watch", e.rule, e.step, _watch_reason(config), event=e)
     return _rollback_decision(e, escalated, step, in_cooldown, state, config)
 
 
 def _to_watch(e: Any | None, escalated: Any | None, in_cooldown: bool, state: PolicyState,
-              config: RecoveryConfig) -> bool:
+              config: RecoveryConfig, events: Sequence[Any] = ()) -> bool:
     """Whether the rollback ``e`` asks for is watched first (``RecoveryConfig.sudden_hold``):
-    a sudden failure on finite values, nothing held, no cooldown, no escalation."""
+    a sudden failure on finite values, nothing held, no cooldown, no escalation. No firing of
+    the flush (``events``) that asks for a rollback may be on a non-finite value: ``e`` is
+    only the first of them."""
+    nonfinite = any(x.kind == "firing" and "rollback" in tuple(x.actions) and _nonfinite(x)
+                    for x in events)
     return (e is not None and e is not escalated and config.sudden_hold > 0
             and state.held is None and not in_cooldown and not _nonfinite(e)
-            and _is_sudden(e, state, config))
+            and not nonfinite and _is_sudden(e, state, config))
 
 
 def _watch_reason(config: RecoveryConfig) -> str:

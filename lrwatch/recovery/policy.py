@@ -1001,7 +1001,9 @@ class RecoveryPolicy:
             out.append(self._plan_one(d, progress))
         self._sudden_now, self._suspects = False, None
         if st.watching is not None and rc is not None and not st.stopped:
-            out.extend(self._watched(events, progress))
+            # decided at a flush with no other control plan (one per flush; a stop outranks)
+            busy = any(p.action in CONTROL_ACTIONS for p in out)
+            out.extend(self._watched(events, progress, busy))
         alarms = [e.step for e in events if e.kind == "firing"
                   and getattr(e, "severity", None) in ("warning", "critical")]
         if alarms:
@@ -1014,10 +1016,12 @@ class RecoveryPolicy:
             st.stopped = True
         return out
 
-    def _watched(self, events: Sequence[Any], progress: Progress) -> list[Plan]:
+    def _watched(self, events: Sequence[Any], progress: Progress,
+                 busy: bool = False) -> list[Plan]:
         """A watched sudden failure (``RecoveryConfig.sudden_hold``), at a flush: once its
         rule has resolved and the hold is over, the run goes on (``recovered``); a rule still
-        firing when the hold is over rolls back, as the failure would have at once."""
+        firing when the hold is over rolls back, as the failure would have at once. ``busy``:
+        the flush has a control plan already (a stop, a skip, a rate cut): decided later."""
         st, rc = self.state, self.config
         assert rc is not None and st.watching is not None and st.watching_step is not None
         for e in events:   # the rules that asked for a rollback since, until they resolve
@@ -1026,7 +1030,7 @@ class RecoveryPolicy:
                 st.watching_open.append(e.rule)
             elif e.kind == "resolved" and e.rule in st.watching_open:
                 st.watching_open.remove(e.rule)
-        if progress.step < st.watching_step + rc.sudden_hold:
+        if busy or progress.step < st.watching_step + rc.sudden_hold:
             return []
         if not st.watching_open:
             rule, step = st.watching, st.watching_step

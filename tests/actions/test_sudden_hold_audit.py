@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import lrwatch
+from lrwatch.recovery.policy import EXIT_STOPPED
 from lrwatch.exporters.trace import read_trace
 
 _RULES = """
@@ -100,3 +101,29 @@ def test_a_nonfinite_firing_in_the_flush_of_a_finite_one_is_not_watched(tmp_path
     assert rb and r["w"].policy.rollbacks == 1
     at = next(s.step for s in r["trace"] if any(e.get("type") == "rollback" for e in s.events))
     assert at <= 21 + 3   # decided at the flush that judged the NaN
+
+
+def test_a_stop_at_the_flush_where_a_watch_ends_is_the_only_control_plan(tmp_path: Path) -> None:
+    """A watched failure still firing when its hold ends, and a ``stop`` rule firing at that
+    very flush: the run stops, as it would have without the watch (a stop outranks a
+    rollback); it is not rolled back after the stop as well."""
+    r = _train(tmp_path, 40, 1, lambda s, ev: {"poison": float(s >= 20), "halt": float(s == 25)})
+    assert _types(r)[:1] == ["watch"] and r["events"][0]["step"] == 20
+    assert "stop" in _types(r)
+    assert "rollback" not in _types(r), r["events"]
+    w = r["w"]
+    assert w.exit_status == EXIT_STOPPED and w.policy.rollbacks == 0
+
+
+def test_a_rate_cut_at_the_flush_where_a_watch_ends_is_not_a_second_control_plan(
+        tmp_path: Path) -> None:
+    """A ``reduce_lr`` firing at the flush where a watched failure's hold ends: one control
+    plan per flush (the rollback comes at the next flush)."""
+    r = _train(tmp_path, 40, 1, lambda s, ev: {"poison": float(s >= 20), "nudge": float(s == 25)})
+    by_step: dict[int, list[str]] = {}
+    for s in r["trace"]:
+        for e in s.events:
+            if e.get("type") in ("rollback", "reduce_lr", "skip", "stop"):
+                by_step.setdefault(s.step, []).append(e["type"])
+    assert "rollback" in sum(by_step.values(), []), by_step
+    assert all(len(v) == 1 for v in by_step.values()), by_step

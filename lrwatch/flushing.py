@@ -139,12 +139,14 @@ class Flushing:
         return self.outputs.resume(step)
 
     def _final_flush(self) -> None:
-        """``close()``'s flush; then a rollback the cooldown held is carried out (it must not
-        be lost), and what was done after the trace's last line was written -- its events,
-        a range test's -- goes on that line (:meth:`_amend_last_line`)."""
+        """``close()``'s flush; then a rollback the cooldown held, or a watched failure's
+        still firing, is carried out (it must not be lost), and what was done after the
+        trace's last line was written -- its events, a range test's -- goes on that line
+        (:meth:`_amend_last_line`)."""
         self.flush()
         done: list[dict[str, Any]] = []
-        if self.policy.held is not None and not self.should_stop:
+        if ((self.policy.held is not None or self.policy.watching is not None)
+                and not self.should_stop):   # (a watched failure still firing rolls back)
             self._queue(self.policy.release_held(self._progress()), done)
         late = len(self._late_records)
         self._safe_point()

@@ -1047,12 +1047,15 @@ class RecoveryPolicy:
             self._sudden_now, self._suspects = False, None
 
     def release_held(self, progress: Progress) -> list[Plan]:
-        """At the end of the run: a rollback held back by the cooldown must not be lost."""
+        """At the end of the run: a rollback held back by the cooldown must not be lost, nor
+        that of a watched failure still firing (to the snapshot its hold's end would take)."""
         st, rc = self.state, self.config
-        if st.watching is not None and st.watching_open and st.held is None:
-            st.held, st.held_step = st.watching, st.watching_step   # still failing: roll back
+        watched = (_end_watch(st) if st.watching is not None and st.watching_open
+                   and st.held is None else None)   # still failing: roll back
         st.watching, st.watching_step, st.watching_open = None, None, []
         held, step = st.held, st.held_step
+        if watched is not None:
+            held, step = watched.rule, watched.step
         st.held = st.held_step = None
         if rc is None or held is None or st.stopped:
             return []
@@ -1060,11 +1063,16 @@ class RecoveryPolicy:
             return [Plan("stop", held, step or progress.step,
                          f"rollback budget of {rc.max_rollbacks} spent", EXIT_BUDGET)]
         d = Decision("rollback", held, step or progress.step,
-                     "held by the cooldown until the end")
+                     "watched, still failing at the end of the run" if watched is not None
+                     else "held by the cooldown until the end", event=watched)
         if not progress.snapshots:
             return []
         st.rollbacks += 1
-        return [self._plan_one(d, progress)]
+        self._sudden_now = watched is not None
+        try:
+            return [self._plan_one(d, progress)]
+        finally:
+            self._sudden_now, self._suspects = False, None
 
     def lr_check_due(self, step: int) -> bool:
         """Whether the pre-flight range test should run now: asked for, not run yet, and the

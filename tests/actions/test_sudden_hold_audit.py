@@ -127,3 +127,17 @@ def test_a_rate_cut_at_the_flush_where_a_watch_ends_is_not_a_second_control_plan
                 by_step.setdefault(s.step, []).append(e["type"])
     assert "rollback" in sum(by_step.values(), []), by_step
     assert all(len(v) == 1 for v in by_step.values()), by_step
+
+
+def test_a_run_that_ends_while_a_watched_failure_still_fires_is_rolled_back_at_close(
+        tmp_path: Path) -> None:
+    """close() three steps into the hold, the watched rule still firing: the rollback comes
+    at close() (docs/recovery.md), to the snapshot before the failure the hold's end would
+    have gone to, in the trace; not forgotten."""
+    r = _train(tmp_path, 40, 1, lambda s, ev: {"poison": float(s >= 37)})
+    rb = [e for s in r["trace"] for e in s.events if e.get("type") == "rollback"]
+    assert len(rb) == 1 and r["w"].policy.rollbacks == 1, rb
+    assert rb[0]["rule"] == "poisoned" and rb[0]["step"] == 37
+    assert rb[0]["to_step"] <= 37 - 10          # sudden_margin before the failure
+    assert "cooldown" not in rb[0].get("reason", "")
+    assert r["w"].policy.state.watching is None

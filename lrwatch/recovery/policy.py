@@ -1009,8 +1009,8 @@ class RecoveryPolicy:
         if alarms:
             st.last_alarm = max(alarms + [st.last_alarm or alarms[0]])
         if (rc is not None and st.probation_until is not None and not st.stopped
-                and progress.step > st.probation_until
-                and not any(p.action in CONTROL_ACTIONS for p in out)):
+                and progress.step > st.probation_until and st.watching is None
+                and not any(p.action in CONTROL_ACTIONS for p in out)):   # (not mid-watch)
             out.extend(self._end_probation(progress.step))
         if any(p.action == "stop" for p in out):
             st.stopped = True

@@ -69,7 +69,8 @@ def _train(tmp_path: Path, steps: int, flush_every: int,
     w = lrwatch.Watcher(model, opt, flush_every=flush_every, trace=trace, rules=str(rules),
                         recovery=rec,
                         listeners=[lambda s: events.extend(
-                            e for e in s.events if e.get("type") not in ("firing", "resolved"))])
+                            {**e, "line": s.step} for e in s.events
+                            if e.get("type") not in ("firing", "resolved"))])
     for i in range(steps):
         if w.should_stop:
             break
@@ -141,3 +142,24 @@ def test_a_run_that_ends_while_a_watched_failure_still_fires_is_rolled_back_at_c
     assert rb[0]["to_step"] <= 37 - 10          # sudden_margin before the failure
     assert "cooldown" not in rb[0].get("reason", "")
     assert r["w"].policy.state.watching is None
+
+
+def test_the_rate_does_not_come_back_while_a_sudden_failure_is_watched(tmp_path: Path) -> None:
+    """A rollback with a cut, its probation passed, and a sudden failure at the very flush
+    that ends the probation: the rate is not ramped back (``lr_recover``) while that failure
+    is watched -- with the hold off, the rollback it asks for comes first and no ramp starts.
+    The ramp waits for the watch to end."""
+    def extra(step: int, events: list[dict[str, Any]]) -> dict[str, float]:
+        rb = [e for e in events if e["type"] == "rollback"]
+        if not rb:
+            return {"poison": float(step >= 20)}     # the first failure: still firing, rolled back
+        line, target = rb[0]["line"], rb[0]["to_step"]
+        until = 2 * line - target + 5                 # its probation (good_after 5)
+        return {"poison": float(step == until + 1)}
+
+    r = _train(tmp_path, 80, 1, extra, recovery={"sudden_lr_factor": 0.5})
+    watched = [e for e in r["events"] if e["type"] == "watch"]
+    assert len(watched) == 2, r["events"]
+    second = watched[1]["line"]
+    assert not [e for e in r["events"] if e["type"] == "lr_recover" and e["line"] == second], \
+        r["events"]

@@ -240,9 +240,10 @@ class RecoveryConfig:
         batch that reached the parameters often does little harm: the next batches' losses
         are back where they were, and a rollback would only throw away the steps since the
         snapshot (up to ``min_interval``). So a sudden failure on finite values is watched
-        first: when the rule that fired has resolved ``sudden_hold`` steps after it and no
-        other rollback was asked for meanwhile, the run goes on untouched (a ``recovered``
-        event); otherwise the rollback happens then, to the same snapshot before the onset.
+        first: when every rule that asked for a rollback has resolved by the first flush at
+        least ``sudden_hold`` steps after it, the run goes on untouched (a ``recovered``
+        event); one still firing then rolls back, to the same snapshot before the onset, and
+        a rollback asked for at a later flush meanwhile comes at once, to that snapshot too.
         The decision is taken at a flush, so the wait is at least one flush. A non-finite
         value is never watched (the parameters may be lost).
     guard:

@@ -116,18 +116,23 @@ def test_replay_equals_live_with_evaluations_on_a_cyclical_schedule(tmp_path: Pa
     assert [(f.rule, f.step, f.severity) for f in replayed.firings] == live
 
 
+def _regression_data() -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The resume tests' data: a seeded linear regression and a fixed order of 220 batches."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 10)
+    y = (x @ torch.randn(10, 1)).squeeze(1)
+    g = torch.Generator().manual_seed(1)
+    return x, y, [torch.randint(0, 256, (32,), generator=g) for _ in range(220)]
+
+
 def test_a_resumed_run_continues_its_trace_and_replay_follows_it(tmp_path: Path) -> None:
     """A run checkpointed at step 60 goes on to step 80 and dies; the resumed run loads the
     checkpoint into a new Watcher on the same trace path. The trace keeps steps 1-60, drops
     61-80 (trained again now) and goes on; the resume event carries the detectors' state of the
     checkpoint (which had not judged the steps since its last flush), so replay decides as the
     resumed run did, a fault after the resume included."""
-    torch.manual_seed(0)
-    x = torch.randn(256, 10)
-    y = (x @ torch.randn(10, 1)).squeeze(1)
+    x, y, order = _regression_data()
     trace = tmp_path / "run.jsonl"
-    g = torch.Generator().manual_seed(1)
-    order = [torch.randint(0, 256, (32,), generator=g) for _ in range(220)]
 
     def train(w: lrwatch.Watcher, model: nn.Module, opt: torch.optim.Optimizer,
               sched: torch.optim.lr_scheduler.LRScheduler, until: int) -> None:
@@ -188,12 +193,8 @@ def test_a_checkpoint_loaded_mid_run_into_the_same_watcher_continues_its_trace(
     to 61 (a file a strict reader refuses). It goes on as a resumed run's does: steps 1-60
     kept, 61-80 (trained again now) gone, with the resume event; the steps not flushed yet at
     the load were trained after the checkpoint and go too."""
-    torch.manual_seed(0)
-    x = torch.randn(256, 10)
-    y = (x @ torch.randn(10, 1)).squeeze(1)
+    x, y, order = _regression_data()
     trace = tmp_path / "run.jsonl"
-    g = torch.Generator().manual_seed(1)
-    order = [torch.randint(0, 256, (32,), generator=g) for _ in range(220)]
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)

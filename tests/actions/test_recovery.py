@@ -706,23 +706,28 @@ def test_failing_again_never_goes_back_to_a_snapshot_a_rollback_abandoned(
     assert to[0] < 40 and to[1] < to[0] and to[2] < to[1], to
 
 
+def _two_nans_in_a_cooldown(w: lrwatch.Watcher, model: nn.Module,
+                            opt: torch.optim.Optimizer, steps: int = 15) -> None:
+    """Train ``steps`` steps with a NaN loss at steps 10 and 14: the second falls inside the
+    cooldown of the first one's rollback, so its rollback is held."""
+    for i in range(steps):
+        x, y = _data(i)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        if i in (10, 14):
+            loss = loss * float("nan")
+        loss.backward()
+        opt.step()
+        w.log(loss=loss)
+
+
 def test_rollback_held_by_the_cooldown_is_not_lost_at_close(tmp_path: Path) -> None:
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     w = lrwatch.Watcher(model, opt, flush_every=1,
                         recovery={"guard": "off",
                                   "good_after": 3, "min_interval": 3, "cooldown": 1000})
-    for i in range(30):
-        x, y = _data(i)
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        if i in (10, 14):  # the second NaN falls inside the cooldown of the first rollback
-            loss = loss * float("nan")
-        loss.backward()
-        opt.step()
-        w.log(loss=loss)
-        if i == 14:
-            break
+    _two_nans_in_a_cooldown(w, model, opt)
     assert w.policy.held is not None
     w.close()
     assert w.policy.rollbacks == 2 and w.policy.held is None
@@ -744,15 +749,7 @@ def test_a_rollback_held_by_the_cooldown_and_released_at_close_is_in_the_trace(
                                   "good_after": 3, "min_interval": 3, "cooldown": 1000})
     seen: list[Any] = []
     w.add_listener(seen.append)
-    for i in range(15):
-        x, y = _data(i)
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        if i in (10, 14):  # the second NaN falls inside the cooldown of the first rollback
-            loss = loss * float("nan")
-        loss.backward()
-        opt.step()
-        w.log(loss=loss)
+    _two_nans_in_a_cooldown(w, model, opt)
     assert (w.policy.held is not None) == (flush_every == 1)
     w.close()
     assert w.policy.rollbacks == 2

@@ -176,10 +176,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         R.FAM_CACHE = external.cache_dir("recovery", a.tasks_from)
     tasks = a.tasks.split(",") if a.tasks else tasks
     import torch
-    torch.set_num_threads(1)
-    logging.getLogger("lrwatch").setLevel(logging.CRITICAL)
-    res = compare(arms, tasks, opts, [int(s) for s in a.seeds.split(",")], parts,
-                  progress=lambda m: print(m, file=sys.stderr, flush=True))
+    threads, logger = torch.get_num_threads(), logging.getLogger("lrwatch")
+    level = logger.level
+    torch.set_num_threads(1)      # tiny steps: OpenMP threads waiting on a busy core are slow
+    logger.setLevel(logging.CRITICAL)
+    try:
+        res = compare(arms, tasks, opts, [int(s) for s in a.seeds.split(",")], parts,
+                      progress=lambda m: print(m, file=sys.stderr, flush=True))
+    finally:   # in-process callers (the smoke test) get their settings back
+        torch.set_num_threads(threads)
+        logger.setLevel(level)
     print(summary(res, list(arms)))
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))

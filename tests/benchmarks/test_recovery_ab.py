@@ -8,6 +8,7 @@ row, so that a difference the tool reports is the setting's.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -27,10 +28,12 @@ from benchmarks import recovery_ab as ab  # noqa: E402
 def test_two_arms_side_by_side(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr(R, "FAM_CACHE", tmp_path / "cache")
+    level = logging.getLogger("lrwatch").level
     out = tmp_path / "ab.json"
     assert ab.main(["--arm", "a={}", "--arm", 'b={"max_skips": 7}', "--parts", "faults",
                     "--seeds", "0", "--tasks", "synth_clf_mlp", "--json", str(out)]) == 0
     table = capsys.readouterr().out
+    assert logging.getLogger("lrwatch").level == level   # nothing leaks into later tests
     assert "| part | a | b |" in table and "| faults | " in table
     rows = json.loads(out.read_text())["faults"]
     assert [(r["fault"], r["seed"]) for r in rows] == [(f, 0) for f in R.FAM_FAULTS] * len(

@@ -866,6 +866,13 @@ def _end_watch(state: PolicyState) -> "_Watched":
     return e
 
 
+def _passed(e: "_Watched", step: int) -> Plan:
+    """The ``recovered`` plan of a watched failure whose rules resolved (at ``step``)."""
+    return Plan("recovered", e.rule, e.step,
+                f"the sudden failure at step {e.step} passed: {e.rule} resolved within "
+                f"{step - e.step} steps and nothing else failed; no rollback")
+
+
 def _nonfinite(e: Any) -> bool:
     """A firing on a non-finite value (a NaN/inf loss or gradient, or the device flag)."""
     v = getattr(e, "value", None)
@@ -1034,11 +1041,7 @@ class RecoveryPolicy:
         if busy or progress.step < st.watching_step + rc.sudden_hold:
             return []
         if not st.watching_open:
-            rule, step = st.watching, st.watching_step
-            st.watching = st.watching_step = None
-            return [Plan("recovered", rule, step,
-                         f"the sudden failure at step {step} passed: {rule} resolved within "
-                         f"{progress.step - step} steps and nothing else failed; no rollback")]
+            return [_passed(_end_watch(st), progress.step)]
         d = _rollback_decision(_end_watch(st), None, progress.step, False, st, rc)
         assert d is not None
         self._sudden_now = d.action == "rollback"
@@ -1051,6 +1054,8 @@ class RecoveryPolicy:
         """At the end of the run: a rollback held back by the cooldown must not be lost, nor
         that of a watched failure still firing (to the snapshot its hold's end would take)."""
         st, rc = self.state, self.config
+        if st.watching is not None and not st.watching_open and not st.stopped:
+            return [_passed(_end_watch(st), progress.step)]   # resolved before the end
         watched = (_end_watch(st) if st.watching is not None and st.watching_open
                    and st.held is None else None)   # still failing: roll back
         st.watching, st.watching_step, st.watching_open = None, None, []

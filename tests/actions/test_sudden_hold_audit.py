@@ -163,3 +163,16 @@ def test_the_rate_does_not_come_back_while_a_sudden_failure_is_watched(tmp_path:
     second = watched[1]["line"]
     assert not [e for e in r["events"] if e["type"] == "lr_recover" and e["line"] == second], \
         r["events"]
+
+
+def test_a_watch_that_passed_before_the_run_ended_closes_with_recovered(tmp_path: Path) -> None:
+    """A one-step poison three steps before the end: its rule resolved, but the run ended
+    before the hold was over. close() says how the watch ended (``recovered``, no rollback)
+    instead of leaving a ``watch`` with nothing after it."""
+    r = _train(tmp_path, 40, 1, lambda s, ev: {"poison": float(s == 36)})
+    assert _types(r) == ["watch"]   # what the listeners saw before close()
+    traced = [e for s in r["trace"] for e in s.events
+              if e.get("type") in ("watch", "recovered", "rollback")]
+    assert [e["type"] for e in traced] == ["watch", "recovered"], traced
+    assert traced[1]["step"] == 36 and r["w"].policy.rollbacks == 0
+    assert r["w"].policy.state.watching is None

@@ -229,7 +229,7 @@ class Daemon(WindowsMixin, EvaluationMixin, OutputsMixin, PublishingMixin):
             self.pending.load_state_dict(snap["pending"])
             self._ref_rows = snap.get("ref_rows") or []
             if snap.get("detector") and self.detector:
-                self.detector.load_state_dict(snap["detector"])
+                self.detector.resume(snap["detector"])  # another reference: afresh
             try:
                 self.engine.load_state_dict(snap["engine"])
             except ConfigError as exc:  # the rules changed: start them fresh

@@ -383,17 +383,27 @@ class DriftDetector:
 
     # --- resume ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The accumulated evidence (JSON-ready): per-feature sums, and the joint test's."""
-        state: dict[str, Any] = {"history": [[s.tolist(), c.tolist()] for s, c in self._hist]}
+        """The accumulated evidence (JSON-ready): per-feature sums, and the joint test's, with
+        the reference they were measured against (when it was built, its features)."""
+        state: dict[str, Any] = {"history": [[s.tolist(), c.tolist()] for s, c in self._hist],
+                                 "reference": {"created": self.reference.created,
+                                               "features": self.names}}
         if self._joint_model is not None:
             state["joint_history"] = [[s.tolist(), n] for s, n in self._jhist]
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from :meth:`state_dict`. A state saved without the joint test's part (older
-        lrwatch, or the test was off) starts the joint accumulation afresh."""
+        lrwatch, or the test was off) starts the joint accumulation afresh. A state measured
+        against another reference raises :class:`~lrwatch.errors.ConfigError`."""
         self._hist.clear()
         self._jhist.clear()
+        saved = state.get("reference")
+        if saved is not None and (saved.get("created") != self.reference.created
+                                  or list(saved.get("features") or []) != self.names):
+            raise ConfigError(f"saved sequential state was measured against another reference "
+                              f"(built at {saved.get('created')}, this one at "
+                              f"{self.reference.created})")
         fn = len(self.profile.num)
         for s, c in state.get("history", []):
             if len(s) != fn:
@@ -406,6 +416,24 @@ class DriftDetector:
                 self._jhist.clear()
                 raise ConfigError("saved joint drift state does not match the reference")
             self._jhist.append((np.asarray(s, dtype=np.float64), float(n)))
+
+    @property
+    def joint_active(self) -> bool:
+        """Whether the joint test runs: a joint model was fitted and calibrated (a numeric
+        input and one more input column, a categorical one's indicator included)."""
+        return self._joint_model is not None
+
+    def resume(self, state: Mapping[str, Any]) -> bool:
+        """:meth:`load_state_dict`, or, for a state of another reference (one rebuilt between
+        two runs of the daemon), a warning and the evidence accumulated afresh: windows tested
+        against that reference are no evidence against this one. Whether it was restored."""
+        try:
+            self.load_state_dict(state)
+            return True
+        except ConfigError as exc:
+            self.reset()
+            _log.warning("the drift evidence of the last windows starts afresh: %s", exc)
+            return False
 
     def reset(self) -> None:
         """Forget the accumulated evidence (after the reference changed, say)."""

@@ -46,6 +46,9 @@ __all__ = ["PerformanceEstimator", "MIN_REFERENCE_ROWS", "ESTIMATOR_VERSION"]
 
 #: Fewer labelled reference rows than this cannot calibrate anything.
 MIN_REFERENCE_ROWS = 30
+#: A window's own spread of estimated correctness is used for its drop's standard error from
+#: this many rows; a smaller window uses the reference's (see ``PerformanceEstimator._drop``).
+MIN_SPREAD_ROWS = 30
 ESTIMATOR_VERSION = 1
 #: Bootstrap calibrators per estimator (their spread is the calibration uncertainty).
 N_BAGS = 16
@@ -427,9 +430,14 @@ class PerformanceEstimator:
 
     def _drop(self, c: np.ndarray, acc: float) -> dict[str, float]:
         """How far the estimate fell below the baseline, in standard errors of that difference
-        (the window's spread of estimated correctness and the reference's)."""
+        (the window's spread of estimated correctness and the reference's). A window of fewer
+        than :data:`MIN_SPREAD_ROWS` rows is too small to measure its own spread (one row's is
+        0, and its drop read dozens of standard errors): the reference's stands in for it,
+        the spread the window has when nothing moved."""
         m = max(self.reference_rows, 1)
-        se = math.sqrt(float(c.var()) / len(c) + self.baseline_sd ** 2 / m + 1e-12)
+        n = len(c)
+        spread = float(c.var()) if n >= MIN_SPREAD_ROWS else self.baseline_sd ** 2
+        se = math.sqrt(spread / n + self.baseline_sd ** 2 / m + 1e-12)
         drop = self.baseline - acc
         return {"accuracy_drop": drop, "drop_z": drop / se}
 

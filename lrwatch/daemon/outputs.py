@@ -22,7 +22,6 @@ from .coverage import LabelCoverage
 from .distribution import PredictionDistribution
 from .estimate_tracking import EstimateTracker
 from .model_metrics import ESTIMATED_METRICS
-from .reference import PREDICTION
 
 if TYPE_CHECKING:
     from .config import DaemonConfig
@@ -68,9 +67,10 @@ class OutputsMixin:
         if self.estimates is not None:
             names = ESTIMATED_METRICS if self.estimates.estimator.n_classes == 2 \
                 else ESTIMATED_METRICS[:3]
-        inputs = [nm for nm in det.profile.num_names if nm != PREDICTION]
+        # the joint test's own families whenever it runs: one numeric input with a category
+        # runs it too (until 6 December its decision counted in drift_detected unreported)
         self.metrics.model.bind(dist.classes, dist.reference_ratio, dist.numeric, names,
-                                bool(getattr(det, "joint", False)) and len(inputs) > 1)
+                                bool(getattr(det, "joint_active", False)))
 
     def _make_tracker(self, ref: Reference) -> EstimateTracker | None:
         if not self.config.estimation or not ref.estimator or \

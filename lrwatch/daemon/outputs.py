@@ -45,6 +45,7 @@ class OutputsMixin:
     estimates: EstimateTracker | None
     _distribution: PredictionDistribution | None
     _errors: list[float]
+    _waiting: list[tuple[Any, ...]]  # closed windows waiting for a calibration (first: Window)
     ingest: Any
     limits: Any
 
@@ -134,8 +135,17 @@ class OutputsMixin:
         return vals
 
     def _estimation_join(self, window: int | None, correct: float) -> None:
-        """A label scored against its window's estimate (from the label join)."""
+        """A label scored against its window's estimate (from the label join). A window that
+        waits for a live reference's calibration keeps it as its own label, as the open
+        window does: it is estimated, and its labels counted in, once the thresholds are
+        ready (until 6 December such labels were lost to its estimate)."""
         t = self.estimates
+        if t is None and window is not None:
+            for w, *_ in self._waiting:
+                if w.index == window:
+                    w.own_joined += 1
+                    w.own_correct += correct
+                    return
         if t is None or window is None:
             return
         t.join(window, correct)

@@ -202,3 +202,48 @@ def test_a_joint_test_of_one_numeric_feature_and_a_category_is_reported(tmp_path
             "multivariate_drift_score"]}
     finally:
         d.stop()
+
+
+# --- labels of windows that wait for a live reference's calibration -----------------------------
+def test_labels_of_windows_closed_while_the_live_reference_calibrates_meet_their_estimate(
+        tmp_path: Any) -> None:
+    """A live reference is calibrated off the worker; the windows that close meanwhile wait
+    and are estimated afterwards. Labels that came for them while they waited were joined
+    (counted, scored in the open window) but lost for their window's estimate, so with labels
+    quicker than the calibration no window of that time was ever compared."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    gate = threading.Event()
+    pool.submit(gate.wait, 120)  # the calibration queues behind this
+    d = Daemon(DaemonConfig(live_records=600, window_size=WINDOW, port=0,
+                            calibration_sims=300, log_alerts=False), executor=pool)
+    d.start()
+    try:
+        rng = random.Random(40)
+        _post(d, [_binary(rng, i) for i in range(600)])  # the reference, labelled inline
+        live = [_binary(rng, 1000 + i, label=False) for i in range(3 * WINDOW + 10)]
+        _post(d, live)
+        deadline = time.monotonic() + 30
+        while len(d._waiting) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert d.status()["calibrating"] and len(d._waiting) == 3
+        x = {r["id"]: r["features"]["x"] for r in live}
+        labels = [{"id": r["id"], "label": int(rng.random() < 1 / (1 + math.exp(-2 * x[r["id"]])))}
+                  for r in live[:WINDOW]]  # every label of the first waiting window
+        status, body = d.submit("labels", json.dumps(labels).encode())
+        assert status == 200 and body["accepted"] == WINDOW
+        deadline = time.monotonic() + 30
+        while d.counters["labels"] < WINDOW and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gate.set()
+        assert d.drain(timeout=120)
+        assert d.reference is not None and d.estimates is not None
+        assert d.counters["windows"] == 3 and d.counters["labels_joined"] == WINDOW
+        assert d.registry.get_sample_value("lrwatch_estimation_windows_compared_total") == 1
+        assert not math.isnan(d.registry.get_sample_value("lrwatch_estimation_error"))
+    finally:
+        gate.set()
+        d.stop()
+        pool.shutdown()

@@ -462,12 +462,21 @@ def _jsonable(v: Any) -> Any:
     return str(v)
 
 
+#: CSV cells that are a boolean (pandas' ``to_csv`` and Python's ``csv`` write ``True`` and
+#: ``False``; other tools ``true``/``false``): live JSON sends the column as ``true``/``false``.
+_CSV_BOOLEANS = {"true": True, "false": False}
+
+
 def _csv_value(s: str) -> Any:
     """A CSV cell as the JSON reader would give it: empty -> None, numbers as numbers (an
-    integer no float can hold, or a non-finite number: refused by the record checks), else
-    the text."""
+    integer no float can hold, or a non-finite number: refused by the record checks),
+    ``True``/``False`` (any case) as booleans, else the text. (Until 6 December a boolean
+    stayed text, so its categories were never the ``0``/``1`` of live JSON booleans.)"""
     if s == "":
         return None
+    b = _CSV_BOOLEANS.get(s.lower()) if len(s) <= 5 else None
+    if b is not None:
+        return b
     try:
         v: Any = int(s)
         float(v)

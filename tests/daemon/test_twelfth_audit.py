@@ -247,3 +247,47 @@ def test_labels_of_windows_closed_while_the_live_reference_calibrates_meet_their
         gate.set()
         d.stop()
         pool.shutdown()
+
+
+# --- booleans in a CSV reference ----------------------------------------------------------------
+def test_a_csv_reference_reads_true_and_false_as_the_booleans_json_sends(tmp_path: Any) -> None:
+    """pandas' ``to_csv`` and Python's ``csv`` write a boolean column as ``True``/``False``.
+    Those cells stayed text, the categories ``"True"``/``"False"``, while live JSON sends the
+    booleans ``true``/``false`` (the categories ``"1"``/``"0"``): every live window had the
+    feature's values all unseen and the feature drifted at once; a label column of booleans
+    fitted no estimator."""
+    import csv
+
+    from lrwatch.daemon.reference import read_data
+
+    rng = random.Random(50)
+    path = tmp_path / "reference.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["x", "flag", "prediction", "label"])
+        for i in range(2000):
+            x = rng.gauss(0.0, 1.0)
+            p = 1.0 / (1.0 + math.exp(-2.0 * x))
+            w.writerow([x, rng.random() < 0.3 if i % 3 else str(rng.random() < 0.3).lower(),
+                        round(p, 6), rng.random() < p])
+    rows = read_data(str(path))
+    ref = build_reference(rows, window_size=WINDOW, sims=300)
+    flag = next(f for f in ref.features if f.name == "flag")
+    assert set(flag.categories) == {"0", "1"}
+    assert ref.prediction_type == "probability" and ref.estimator is not None, ref.notes
+    saved = str(tmp_path / "reference.json")
+    ref.save(saved)
+    d = _daemon(saved)
+    d.start()
+    try:
+        live = []
+        for i in range(2 * WINDOW):
+            x = rng.gauss(0.0, 1.0)
+            live.append({"id": f"l{i}", "features": {"x": x, "flag": rng.random() < 0.3},
+                         "prediction": 1.0 / (1.0 + math.exp(-2.0 * x))})
+        _post(d, live)
+        assert d.drain() and d.counters["windows"] == 2
+        assert d.last["values"]["unseen_category_ratio"] == 0.0
+        assert "flag" not in d.last["drifted_features"]
+    finally:
+        d.stop()

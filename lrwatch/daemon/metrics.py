@@ -101,6 +101,10 @@ class DaemonMetrics:
         self.error = Gauge("lrwatch_model_error",
                            "Mean absolute error of the labels joined in the last window "
                            "(regression).", registry=r)
+        # NaN until a window had labels: a made-up 0 after a start without state fired
+        # LrwatchModelAccuracyRegression (its average against the best of the day)
+        self.accuracy.set(math.nan)
+        self.error.set(math.nan)
 
     def _register_drift(self, r: CollectorRegistry) -> None:
         """The last window's drift: overall, and the per-feature families whose children

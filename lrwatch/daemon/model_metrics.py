@@ -75,6 +75,7 @@ class ModelMetrics:
                         registry=r)
             for c, share in zip(classes, reference_ratio):
                 self.class_ratio[c] = ratio.labels(c)
+                self.class_ratio[c].set(NAN)  # until a window closed (as every gauge here)
                 self.class_reference[c] = ref.labels(c)
                 self.class_reference[c].set(share)
         if numeric:
@@ -85,6 +86,8 @@ class ModelMetrics:
                       "Quantiles of the last window's predictions (numeric outputs), by level q.",
                       ["q"], registry=r)
             self.quantiles = [q.labels(f"{p:g}") for p in QUANTILES]
+            for g in (self.mean, *self.quantiles):
+                g.set(NAN)
         if estimated:
             self._bind_estimation(estimated)
         if multivariate:
@@ -101,6 +104,9 @@ class ModelMetrics:
                     "(accuracy_low, accuracy_high) and, binary, precision, recall, f1, roc_auc.",
                     ["metric"], registry=r)
         self.estimated = {m: fam.labels(m) for m in estimated}
+        self.estimated_accuracy.set(NAN)
+        for g in self.estimated.values():
+            g.set(NAN)
         self.estimated_drop = Gauge(
             "lrwatch_estimated_accuracy_drop",
             "The reference's estimated accuracy minus the last window's estimate.", registry=r)
@@ -108,6 +114,8 @@ class ModelMetrics:
             "lrwatch_estimated_accuracy_drop_zscore",
             "lrwatch_estimated_accuracy_drop in its standard errors (the window's and the "
             "reference's).", registry=r)
+        self.estimated_drop.set(NAN)
+        self.estimated_drop_z.set(NAN)
         self.estimation_error = Gauge(
             "lrwatch_estimation_error",
             "Estimated minus realised accuracy of the last window whose labels came in "

@@ -291,3 +291,67 @@ def test_a_csv_reference_reads_true_and_false_as_the_booleans_json_sends(tmp_pat
         assert "flag" not in d.last["drifted_features"]
     finally:
         d.stop()
+
+
+# --- the last window's gauges before any window measured them -----------------------------------
+def _scrape(d: Daemon) -> dict[str, float]:
+    from prometheus_client import generate_latest
+
+    out = {}
+    for line in generate_latest(d.registry).decode().splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def test_a_fresh_daemon_exports_no_made_up_accuracy_that_fires_the_regression_alert(
+        binary_reference: str, tmp_path: Any) -> None:
+    """A daemon without a state directory (or its first start) exported
+    ``lrwatch_model_accuracy 0`` (and an estimated accuracy, prediction mean and quantiles
+    of 0) until a window measured them: after a restart with labels an hour late, the
+    accuracy read 0 for that hour and ``LrwatchModelAccuracyRegression`` (its 30-minute
+    average against the best of the day) fired on a model that had not changed."""
+    import os
+    import subprocess
+
+    from services import find_binary
+
+    d = _daemon(binary_reference)
+    d.start()
+    try:
+        rng = random.Random(60)
+        _post(d, [_binary(rng, i, label=False) for i in range(WINDOW // 2)])
+        assert d.drain() and d.counters["windows"] == 0
+        before = _scrape(d)
+        _post(d, [_binary(rng, i, label=False) for i in range(WINDOW // 2, WINDOW + WINDOW // 2)])
+        assert d.drain() and d.counters["windows"] == 1
+        after = _scrape(d)
+    finally:
+        d.stop()
+    for name in ("lrwatch_model_accuracy", "lrwatch_model_error", "lrwatch_prediction_mean",
+                 'lrwatch_prediction_quantile{q="0.5"}', 'lrwatch_prediction_class_ratio{class="1"}',
+                 "lrwatch_estimated_accuracy", 'lrwatch_estimated_metric{metric="accuracy"}',
+                 "lrwatch_estimated_accuracy_drop", "lrwatch_estimated_accuracy_drop_zscore"):
+        assert math.isnan(before[name]), (name, before[name])
+    # a window without labels measures the outputs but no accuracy
+    assert math.isnan(after["lrwatch_model_accuracy"])
+    assert 0.0 < after["lrwatch_prediction_mean"] < 1.0
+    assert 0.5 < after["lrwatch_estimated_accuracy"] < 1.0
+    # what Prometheus makes of it: an hour at 0.9 before the restart, then what it exports
+    value = after["lrwatch_model_accuracy"]
+    rules = os.path.join(os.path.dirname(__file__), "..", "..", "rules",
+                         "lrwatch-serving.rules.yml")
+    series = 'lrwatch_model_accuracy{job="lrwatch-daemon",instance="serve0:9410"}'
+    test = tmp_path / "restart.test.yml"
+    test.write_text(json.dumps({
+        "rule_files": [os.path.abspath(rules)], "evaluation_interval": "1m",
+        "tests": [{"interval": "1m",
+                   "input_series": [{"series": series, "values": " ".join(
+                       ["0.9"] * 60 + ["NaN" if math.isnan(value) else repr(value)] * 60)}],
+                   "alert_rule_test": [{"eval_time": "110m",
+                                        "alertname": "LrwatchModelAccuracyRegression",
+                                        "exp_alerts": []}]}]}))
+    proc = subprocess.run([find_binary("promtool"), "test", "rules", str(test)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

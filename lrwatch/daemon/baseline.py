@@ -72,8 +72,8 @@ def _labels_and_proba(rows: Sequence[Mapping[str, Any]], ref: Reference
                               f"probabilities name ({want})")
         labels[j] = int(k)
     preds = [unwrap_prediction(rows[i].get("prediction")) for i in idx]
-    if ref.prediction_type == "probability":  # [p0, p1] among them: p1 (profile_records)
-        preds = [p[1] if type(p) is list and len(p) == 2 else p for p in preds]
+    if ref.prediction_type == "probability":  # [p0, p1] among them: p1, [p]: p
+        preds = [p[-1] if type(p) is list and len(p) in (1, 2) else p for p in preds]
     proba = np.array(preds, dtype=np.float64)
     return proba, labels
 

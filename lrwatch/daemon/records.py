@@ -399,12 +399,12 @@ def _as_reference_kind(p: Any, limits: Limits) -> Any:
             raise RecordError("invalid_prediction", f"the reference's predictions are lists "
                               f"of {limits.proba_width} class probabilities; got {p!r:.40}")
         return p
-    if t is list:
-        if len(p) != 2:
+    if t is list:  # [p0, p1], or [p]: a sigmoid output (Keras' predict(x)[i].tolist())
+        if len(p) not in (1, 2):
             raise RecordError("invalid_prediction", f"the reference's predictions are a "
                               f"binary model's class-1 probabilities; got {len(p)} class "
                               f"probabilities")
-        return p[1]
+        return p[-1]
     if t in (int, float):   # a number outside [0, 1] is kept: a regression whose reference
         return p            # values all fell in [0, 1] reads as probabilities too
     raise RecordError("invalid_prediction", f"the reference's predictions are numbers (a "

@@ -178,8 +178,12 @@ def class_one_probabilities(raw: Sequence[Any]) -> Sequence[Any]:
     """A binary model's predictions sent as ``[p0, p1]`` in some records and as ``p1`` in
     others (two client versions, say): the lists as their ``p1``, which is how the daemon reads
     them against a reference of class-1 probabilities (``records.Limits.binary_probability``).
-    Anything else comes back as it is: lists of another width, numbers outside [0, 1], class
-    names, or lists only (a reference of probability lists, see docs/daemon.md)."""
+    A list of one, ``[p]`` (a sigmoid output: Keras' ``predict(x)[i].tolist()``), is ``p``
+    wherever it is. Anything else comes back as it is: lists of another width, numbers outside
+    [0, 1], class names, or lists only (a reference of probability lists, see
+    docs/daemon.md)."""
+    if any(type(p) is list and len(p) == 1 for p in raw):
+        raw = [p[0] if type(p) is list and len(p) == 1 else p for p in raw]
     lists = [p for p in raw if type(p) is list]
     numbers = [p for p in raw if p is not None and type(p) is not list]
     if not lists or not numbers or any(len(p) != 2 for p in lists) \

@@ -93,8 +93,9 @@ class WindowsMixin:
         if self.reference.prediction_type == "probability" \
                 and not _PLAIN.issuperset(map(type, b.preds)):  # type: ignore[union-attr]
             # validated before the live reference was known (the batch that completed it,
-            # those of its calibration): [p0, p1] is p1, as validation reads it against it
-            b.preds = [p[1] if type(p) is list and len(p) == 2 else p for p in b.preds]
+            # those of its calibration): [p0, p1] is p1 and [p] is p, as validation reads
+            # them against it
+            b.preds = [p[-1] if type(p) is list and len(p) in (1, 2) else p for p in b.preds]
         n = len(b)
         ws = self.config.window_seconds
         size = self.config.window_size

@@ -355,3 +355,58 @@ def test_a_fresh_daemon_exports_no_made_up_accuracy_that_fires_the_regression_al
     proc = subprocess.run([find_binary("promtool"), "test", "rules", str(test)],
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --- a binary model's probability as a list of one ----------------------------------------------
+def _sigmoid_list(rng: random.Random, i: int, label: bool = True) -> dict[str, Any]:
+    """What a Keras/TensorFlow binary classifier (one sigmoid output) sends:
+    ``model.predict(x)[i].tolist()`` is ``[p]``."""
+    r = _binary(rng, i, label=label)
+    r["prediction"] = [r["prediction"]]
+    return r
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_a_list_of_one_probability_is_a_binary_models_class_1_probability(
+        tmp_path: Any, live: bool) -> None:
+    """``[p]`` made a reference of 'probabilities' of one class: the estimator read it as a
+    binary model's p (and was fitted with labels 0 and 1), but the daemon read every record as
+    class 0 (the arg max of one), so the prediction's drift and class shares saw a constant
+    and every live label 1 was refused (``invalid_label``, "send a class index 0..0")."""
+    rng = random.Random(70)
+    ref_rows = [_sigmoid_list(rng, i) for i in range(2000)]
+    if live:
+        d = _daemon(None, live_records=2000, calibration_sims=300)
+    else:
+        ref = build_reference(ref_rows, window_size=WINDOW, sims=300)
+        assert ref.prediction_type == "probability" and ref.proba_width is None
+        assert ref.estimator is not None, ref.notes
+        path = str(tmp_path / "reference.json")
+        ref.save(path)
+        d = _daemon(path)
+    d.start()
+    try:
+        if live:
+            _post(d, ref_rows)
+            assert d.drain()
+            assert d.reference.prediction_type == "probability", d.reference.prediction_type
+        stream = [_sigmoid_list(rng, 5000 + i, label=False) for i in range(2 * WINDOW)]
+        stream[3]["prediction"] = stream[3]["prediction"][0]  # a client sending p: the same
+        _post(d, stream)
+        labels = [{"id": r["id"], "label": int(rng.random() < (
+            r["prediction"][0] if type(r["prediction"]) is list else r["prediction"]))}
+            for r in stream]
+        status, body = d.submit("labels", json.dumps(labels).encode())
+        assert status == 200 and body["accepted"] == 2 * WINDOW, body
+        assert d.drain() and d.counters["labels_joined"] == 2 * WINDOW
+        _post(d, [_sigmoid_list(rng, 9000 + i, label=False) for i in range(WINDOW)])
+        assert d.drain()
+        vals = d.last["values"]
+        assert 0.6 < vals["model_accuracy"] < 0.95
+        assert 0.2 < vals["prediction_mean"] < 0.8
+        assert 0.6 < vals["estimated_accuracy"] < 0.95
+        share = d.registry.get_sample_value("lrwatch_prediction_class_ratio", {"class": "1"})
+        assert 0.2 < share < 0.8
+        assert_balanced(d)
+    finally:
+        d.stop()

@@ -46,7 +46,7 @@ from .flushing import Flushing, resolve_flush_lag
 from .exporters.prometheus import MetricsServer
 from .judge import Judge
 from .outputs import Listener, Outputs, rank_trace_path, run_info
-from .recovery.executor import PlanExecutor
+from .recovery.executor import PlanExecutor, adopt_before_failure, before_failure
 from .recovery.keeper import SnapshotKeeper
 from .recovery.policy import RecoveryConfig, RecoveryPolicy
 from .rules import Engine, RuleSet
@@ -347,17 +347,20 @@ class Watcher(DataSide, PlanExecutor, StepPath, Flushing):
         The detectors' state is the one of the last flush judged: steps not flushed yet, or
         whose flush is still in flight (``flush_lag=1``), are not in it (landing one here
         could plan a rollback the checkpoint would not carry out, and under torch.distributed
-        would need every rank, where a framework may call this on rank 0 alone)."""
+        would need every rank, where a framework may call this on rank 0 alone). A failure
+        waiting for its rollback names the snapshots on disk from before it (resumable)."""
         return {"step": self.step, "data_position": self.data_position,
                 "skip_remaining": self._skip_remaining, "ramped_at": self._ramped_at,
                 "policy": self.policy.state_dict(),
                 "engine": self.engine.state_dict() if self.engine is not None else None,
-                "best": self.best.state_dict() if self.best is not None else None}
+                "best": self.best.state_dict() if self.best is not None else None,
+                "before_failure": before_failure(self.policy.state, self.store, self.dist.active)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from :meth:`state_dict`, once the model and optimizer hold their resumed
         state: the state they hold now becomes the run's start (the snapshot a restart goes
-        back to), with the rate's scale and the detectors' state just loaded."""
+        back to), with the rate's scale and the detectors' state just loaded (a failure from
+        before it rolls back to a snapshot the checkpoint named, or stops the run)."""
         self.step = int(state["step"])
         self.data_position = int(state.get("data_position", 0))
         self._skip_remaining = int(state.get("skip_remaining", 0))
@@ -366,6 +369,7 @@ class Watcher(DataSide, PlanExecutor, StepPath, Flushing):
         for key in ("lr_scale", "ramp"):   # kept beside the policy before version 0.x
             if key in state and key not in policy:
                 policy[key] = state[key]
+        policy["resumed_at"] = self.step
         self.policy.load_state_dict(policy)
         if self.engine is not None and state.get("engine") is not None:
             self.engine.load_state_dict(state["engine"])
@@ -385,6 +389,7 @@ class Watcher(DataSide, PlanExecutor, StepPath, Flushing):
                             "was written after a failure lrwatch had not judged yet): there is "
                             "no state to roll back to, so a rollback will stop the run; resume "
                             "from an earlier checkpoint")
+            adopt_before_failure(self.store, state.get("before_failure") or ())
 
     def log(self, *, batch_size: int | None = None, **metrics: torch.Tensor | float | int) -> None:
         """Record this step's metrics (``loss=``, ``accuracy=``, or any other name).

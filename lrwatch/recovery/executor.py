@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from collections import deque
 from dataclasses import replace
 from types import SimpleNamespace
@@ -32,7 +33,7 @@ from .policy import CONTROL_ACTIONS, EXIT_BUDGET, Plan, Progress, SnapshotInfo, 
 from .probe import check_cost, check_rate, configured_rate, probe_rate
 from .replay import ReplayBuffer
 
-__all__ = ["PlanExecutor"]
+__all__ = ["PlanExecutor", "before_failure", "adopt_before_failure"]
 
 log = logging.getLogger("lrwatch")
 #: ``extra=`` of the log records that report a rule event or an action (firing, resolved,
@@ -57,6 +58,41 @@ def _scale_gained(optimizer: Any, gained: Sequence[tuple[str, ...]], factor: flo
         if keys and factor != 1.0:
             scale_learning_rate(SimpleNamespace(param_groups=[group]),  # type: ignore[arg-type]
                                 None, factor, keys)
+
+
+def before_failure(state: Any, store: Any, distributed: bool) -> list[dict[str, Any]]:
+    """For ``Watcher.state_dict``, while a failure waits for its rollback (a watched sudden
+    failure, a rollback the cooldown holds; the policy's ``state``): the snapshots ``store``
+    holds on disk (``snapshot_dir``) from before it, by path and checksum, which a run
+    resumed from the checkpoint can go back to (its own start, the resumed state, is after
+    the failure). Not under ``torch.distributed`` (rank 0's checkpoint names its own files)."""
+    since = (state.watching_step if state.watching is not None
+             else state.held_step if state.held is not None else None)
+    if since is None or store is None or distributed:
+        return []
+    return [{"step": s.step, "data_position": s.data_position, "path": s.path,
+             "checksum": s.checksum, "good": s.good, "lr_scale": s.extra.get("lr_scale", 1.0),
+             "engine_state": s.extra.get("engine_state")}
+            for s in store.snapshots if s.path and s.step < since]
+
+
+def adopt_before_failure(store: Any, carried: Sequence[Mapping[str, Any]]) -> None:
+    """``Watcher.load_state_dict``: the snapshots :func:`before_failure` carried, where their
+    files are still there, go into ``store`` before every snapshot it holds (the resumed
+    start); a rollback for that failure goes back to one of them. A file is verified when
+    it is loaded: one that changed since fails the rollback, which stops the run."""
+    if store is None:
+        return
+    oldest = min((x.step for x in store.snapshots), default=None)
+    for c in sorted(carried, key=lambda c: -int(c["step"])):
+        step = int(c["step"])
+        if (oldest is not None and step >= oldest) or not os.path.exists(c.get("path") or ""):
+            continue
+        extra = {"lr_scale": c.get("lr_scale", 1.0), "engine_state": c.get("engine_state")}
+        store.snapshots.appendleft(Snapshot(step, int(c["data_position"]), None, 0.0,
+                                            path=c["path"], checksum=c.get("checksum"),
+                                            good=bool(c.get("good")), extra=extra))
+        oldest = step
 
 
 class PlanExecutor(ActionAlerts):

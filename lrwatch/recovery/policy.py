@@ -243,9 +243,13 @@ class RecoveryConfig:
         first: when every rule that asked for a rollback has resolved by the first flush at
         least ``sudden_hold`` steps after it, the run goes on untouched (a ``recovered``
         event); one still firing then rolls back, to the same snapshot before the onset, and
-        a rollback asked for at a later flush meanwhile comes at once, to that snapshot too.
-        The decision is taken at a flush, so the wait is at least one flush. A non-finite
-        value is never watched (the parameters may be lost).
+        a rollback asked for at a later flush meanwhile comes at once, to that snapshot too
+        (not held by the cooldown of a cut taken during the watch). A ``skip`` back to before
+        the failure ends the watch (it undid the failure). The decision is taken at a flush,
+        so the wait is at least one flush. A non-finite value is never watched (the
+        parameters may be lost). A run resumed during a watch rolls back to a snapshot from
+        before the failure that its checkpoint names (``snapshot_dir``), or else stops: its
+        start, the resumed state, is after the failure.
     guard:
         A step whose gradient is not finite, or whose gradient norm is more than
         ``guard_ratio`` times the median of the last 50 kept steps' (once 20 exist: a batch of
@@ -462,6 +466,7 @@ class PolicyState:
     watching: str | None = None             # a rule whose sudden failure is watched
     watching_step: int | None = None        # ... the step it fired at
     watching_open: list[str] = field(default_factory=list)   # ... rules still firing
+    resumed_at: int | None = None           # the step this run was last resumed at
 
     def on_probation(self, step: int) -> bool:
         return self.probation_until is not None and step <= self.probation_until
@@ -789,6 +794,7 @@ def _rollback_or_watch(e: Any | None, escalated: Any | None, step: int, in_coold
     rollback."""
     if state.watching is not None:   # failing again while watched: no passing fault
         e = _end_watch(state)
+        in_cooldown = False   # due since the failure, before any cut meanwhile (as at the end)
     elif _to_watch(e, escalated, in_cooldown, state, config, events):
         state.watching, state.watching_step, state.watching_open = e.rule, e.step, []
         return Decision("watch", e.rule, e.step, _watch_reason(config), event=e)
@@ -871,6 +877,44 @@ def _passed(e: "_Watched", step: int) -> Plan:
     return Plan("recovered", e.rule, e.step,
                 f"the sudden failure at step {e.step} passed: {e.rule} resolved within "
                 f"{step - e.step} steps and nothing else failed; no rollback")
+
+
+def _undone(state: PolicyState, plans: Sequence[Plan]) -> list[Plan]:
+    """The end of a watch whose failure a ``skip`` of this flush undid (its target is before
+    the failure; the engine goes back there too, so the watched rule never resolves)."""
+    skip = next((p for p in plans if p.action == "skip"), None)
+    if (state.watching is None or state.watching_step is None or skip is None
+            or skip.target is None or skip.target >= state.watching_step):
+        return []
+    e = _end_watch(state)
+    return [Plan("recovered", e.rule, e.step,
+                 f"the sudden failure at step {e.step} was undone by the skip to step "
+                 f"{skip.target} ({skip.rule}); no rollback")]
+
+
+def _past_resume(state: PolicyState, d: Decision, target: SnapshotInfo | None,
+                 snaps: Sequence[SnapshotInfo]) -> SnapshotInfo | None:
+    """The target of a rollback ``d`` for a failure from before the run was resumed (a watch
+    or a held rollback the checkpoint carried): the resume point is after that failure, so a
+    rollback there would undo nothing of it. A snapshot from before the failure the
+    checkpoint carried (``snapshot_dir``) is taken instead; ``None`` if there is none."""
+    if (target is None or not target.pinned or target.step != state.resumed_at
+            or target.step < d.step):
+        return target
+    return next((s for s in reversed(snaps) if s.step < d.step and not s.pinned
+                 and (s.good or getattr(d.event, "sudden", False))), None)
+
+
+def _undoes_nothing(state: PolicyState, d: Decision, resumed_at: int) -> Plan:
+    """No snapshot from before the failure ``d`` answers: the run stops (as where no snapshot
+    is held) and says why; the rollback booked for it is given back."""
+    state.rollbacks = max(0, state.rollbacks - 1)
+    return Plan("stop", d.rule, d.step,
+                f"no snapshot from before the failure at step {d.step}: the run was resumed at "
+                f"step {resumed_at}, after it, and a rollback there would undo nothing; resume "
+                f"from a checkpoint written before step {d.step} (with snapshot_dir, a "
+                "checkpoint carries the snapshots from before a failure it has not rolled "
+                "back yet)", EXIT_BUDGET, event=d.event)
 
 
 def _nonfinite(e: Any) -> bool:
@@ -1008,6 +1052,7 @@ class RecoveryPolicy:
             self._suspects = None
             out.append(self._plan_one(d, progress))
         self._sudden_now, self._suspects = False, None
+        out.extend(_undone(st, out))
         if st.watching is not None and rc is not None and not st.stopped:
             # decided at a flush with no other control plan (one per flush; a stop outranks)
             busy = any(p.action in CONTROL_ACTIONS for p in out)
@@ -1149,7 +1194,11 @@ class RecoveryPolicy:
             st.lr_scale *= factor
             return Plan("reduce_lr", d.rule, d.step, d.reason, lr_factor=factor,
                         scale=st.lr_scale, event=d.event)
-        target = self._target(d, progress)
+        found = self._target(d, progress)
+        target = _past_resume(self.state, d, found, progress.snapshots) if (
+            d.action == "rollback") else found
+        if target is None and found is not None:
+            return _undoes_nothing(self.state, d, found.step)
         if target is None:
             return Plan("stop", d.rule, d.step, "no snapshot to go back to", EXIT_BUDGET,
                         event=d.event)

@@ -579,7 +579,7 @@ def resolve(rule: str, step: int) -> Any:
 def _watching(**cfg: Any) -> tuple[RecoveryPolicy, list[SnapshotInfo]]:
     """A healthy run (good at 100; 140 pending) whose loss blows up at step 150, out of a
     quiet stretch: a sudden failure, watched (sudden_hold 5 by default)."""
-    pol = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0, **cfg))
+    pol = RecoveryPolicy(RecoveryConfig(**{"good_after": 10, "cooldown": 0, **cfg}))
     pol.promoted([SnapshotInfo(100, True)])
     s = snaps(100) + [SnapshotInfo(140, False)]
     (w,) = control(pol.plan([fire("loss_blowup", 150)], Progress(150, s)))
@@ -662,3 +662,64 @@ def test_a_resume_during_the_watch_carries_it_on() -> None:
     resumed = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0))
     resumed.load_state_dict(pol.state_dict())
     assert [p.action for p in control(resumed.plan([], Progress(160, s)))] == ["recovered"]
+
+
+def test_a_resume_past_a_watched_failure_does_not_roll_back_to_the_resume_point() -> None:
+    """Resumed at step 152, two steps into a watch, holding only its resume point (pinned):
+    a rollback there would undo nothing of the failure at 150. With a snapshot from before
+    it (one the checkpoint carried from ``snapshot_dir``) the rollback goes there; without
+    one, the run stops and says why, and no rollback is booked."""
+    pol, _ = _watching()
+    for held in ([SnapshotInfo(152, True, pinned=True)],
+                 [SnapshotInfo(100, True), SnapshotInfo(152, True, pinned=True)]):
+        resumed = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0))
+        resumed.load_state_dict({**pol.state_dict(), "resumed_at": 152})
+        (p,) = control(resumed.plan([], Progress(160, held)))
+        if len(held) == 1:
+            assert (p.action, p.exit_status, p.step) == ("stop", EXIT_BUDGET, 150)
+            assert "resumed at step 152" in p.reason and resumed.rollbacks == 0
+        else:
+            assert (p.action, p.target, p.lr_factor) == ("rollback", 100, 1.0)
+    # a rollback the cooldown held across the resume: the same
+    pol = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=20, sudden_hold=0))
+    pol.plan([fire("loss_blowup", 50, severity="warning")], Progress(50, snaps(40)))
+    assert control(pol.plan([fire("loss_runaway", 60)], Progress(60, snaps(40)))) == []
+    assert pol.state.held == "loss_runaway" and pol.rollbacks == 1
+    resumed = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=20, sudden_hold=0))
+    resumed.load_state_dict({**pol.state_dict(), "resumed_at": 62})
+    (q,) = control(resumed.plan([], Progress(70, [SnapshotInfo(62, True, pinned=True)])))
+    assert q.action == "stop" and resumed.rollbacks == 1 and "resumed at step 62" in q.reason
+    # a run not resumed: its start (pinned, at 0) is before the failure, a restart as before
+    fresh = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0))
+    (r,) = control(fresh.plan([fire("nonfinite", 5)], Progress(5, [START])))
+    assert (r.action, r.target, r.restart) == ("rollback", 0, True)
+
+
+def test_a_skip_that_undoes_a_watched_failure_ends_the_watch() -> None:
+    """A skip during the watch back to before the failure undid it (the engine goes back
+    there too, so the watched rule never resolves): the watch ends at the skip, without a
+    rollback. A skip back to after the failure leaves the watch as it was."""
+    pol, s = _watching()
+    held = s + [SnapshotInfo(152, False)]
+    plans = control(pol.plan([fire("spiky", 151, ("skip",), "warning")], Progress(151, s)))
+    assert [p.action for p in plans] == ["skip", "recovered"] and plans[0].target == 140
+    assert "undone by the skip to step 140" in plans[1].reason and pol.state.watching is None
+    assert pol.rollbacks == 0 and control(pol.plan([], Progress(160, s))) == []
+    pol, _ = _watching()
+    plans = control(pol.plan([fire("spiky", 153, ("skip",), "warning")], Progress(153, held)))
+    assert [p.action for p in plans] == ["skip"] and pol.state.watching == "loss_blowup"
+
+
+def test_a_rollback_asked_for_during_a_watch_is_not_held_by_a_later_cut() -> None:
+    """A rate cut during the watch starts a cooldown; a rollback asked for after it ends the
+    watch with the watched failure's rollback, due since before the cut: at once, to the
+    snapshot before the onset, the rate kept (before: held for the cooldown, then to the
+    newest good snapshot, with a cut)."""
+    pol, s = _watching(cooldown=20)
+    (cut,) = control(pol.plan([fire("stall", 151, ("reduce_lr",), "warning")],
+                              Progress(151, s)))
+    assert cut.action == "reduce_lr"
+    (p,) = control(pol.plan([fire("loss_runaway", 152)], Progress(152, s)))
+    assert (p.action, p.rule, p.step, p.target, p.lr_factor) == (
+        "rollback", "loss_blowup", 150, 140, 1.0)
+    assert pol.state.held is None and pol.rollbacks == 1

@@ -633,17 +633,16 @@ def decide(events: Sequence[Any], step: int, state: PolicyState,
 
     Notifications (``alert``, ``resolve``, ``hook``) come for every event that asks for them.
     At most one training-control decision per flush, the strongest asked for: ``stop`` >
-    ``rollback`` > ``skip`` > ``reduce_lr``. With ``config=None`` no control decision is made.
+    ``rollback`` > ``skip`` > ``reduce_lr`` (the ``watch`` of a sudden failure is none: a skip
+    or a cut asked beside it goes ahead). With ``config=None`` no control decision is made.
     ``scheduled``: the run has a learning-rate scheduler (``reduce_lr`` marked ``unscheduled``
     is then not carried out).
 
     >>> from types import SimpleNamespace as E
     >>> st = PolicyState()
     >>> ev = [E(rule="nonfinite", step=7, kind="firing", actions=("rollback", "alert"))]
-    >>> [(d.action, d.rule) for d in decide(ev, 10, st, RecoveryConfig())]
-    [('alert', 'nonfinite'), ('rollback', 'nonfinite')]
-    >>> st.rollbacks
-    1
+    >>> [(d.action, d.rule) for d in decide(ev, 10, st, RecoveryConfig())], st.rollbacks
+    ([('alert', 'nonfinite'), ('rollback', 'nonfinite')], 1)
     """
     out, control = _split_events(events)
     if config is None or state.stopped:   # after a stop, a loop that goes on is left alone
@@ -659,19 +658,22 @@ def decide(events: Sequence[Any], step: int, state: PolicyState,
         out.append(Decision("stop", e.rule, e.step, f"rule {e.rule} asked to stop",
                             EXIT_STOPPED, event=e, params=dict(params)))
         return out
-    wants_rollback = "rollback" in control or state.held is not None
-    if "skip" in control and not wants_rollback:
+    watched = None
+    if "rollback" in control or state.held is not None:
+        watched = _rollback_or_watch(control.get("rollback"), escalated, step, in_cooldown,
+                                     state, config, events)
+        if watched is None or watched.action != "watch":
+            return out + ([watched] if watched is not None else [])
+        out.append(watched)   # no control plan: a skip or a cut asked beside it goes ahead
+    if "skip" in control:
         e = control["skip"]
         if state.skips < config.max_skips:
             state.skips += 1
             out.append(Decision("skip", e.rule, e.step, event=e))
             return out
-        control["rollback"] = e  # too many skips: the run needs more than undoing steps
-        wants_rollback = True
-    if wants_rollback:
-        d = _rollback_or_watch(control.get("rollback"), escalated, step, in_cooldown, state,
-                               config, events)
-        return out + ([d] if d is not None else [])
+        if watched is None:   # too many skips: the run needs more than undoing steps
+            d = _rollback_or_watch(e, escalated, step, in_cooldown, state, config, events)
+            return out + ([d] if d is not None else [])
     if "reduce_lr" in control and not in_cooldown:
         unscheduled = config.cut_unscheduled and not scheduled
         asked = _reduction(events, state, action_params, unscheduled)

@@ -268,3 +268,31 @@ def test_a_rollback_asked_for_during_a_watch_after_a_rate_cut_goes_before_the_fa
     assert rb["rule"] == "poisoned" and rb["step"] == 20, rb
     assert rb["to_step"] <= 10 and rb["lr_factor"] == 1.0, rb
     assert rb["line"] <= 23, rb
+
+
+# --- a skip or a rate cut asked for in the flush that starts a watch ----------------------
+
+def test_a_skip_asked_for_in_the_flush_that_starts_a_watch_is_carried_out(
+        tmp_path: Path) -> None:
+    """A ``skip`` rule firing at the step of a sudden failure: the watch is no control plan,
+    so the skip is carried out (before, it was dropped: a rollback outranks a skip, but no
+    rollback came, and a rule fires once, so the skip was never done). It goes back to the
+    snapshot of step 18, before the failure, which ends the watch."""
+    r = _Run(tmp_path, 1, lambda s, ev: {"poison": float(s == 20), "undo": float(s == 20)},
+             ).train(40).close()
+    seen = r.traced("watch", "skip", "recovered", "rollback")
+    assert [e["type"] for e in seen] == ["watch", "skip", "recovered"], seen
+    assert seen[1]["to_step"] == 18 and {e["line"] for e in seen} == {20}, seen
+    assert r.w.policy.skips == 1 and r.w.policy.rollbacks == 0
+
+
+def test_a_rate_cut_asked_for_in_the_flush_that_starts_a_watch_is_carried_out(
+        tmp_path: Path) -> None:
+    """The same for ``reduce_lr``: the cut is taken (it was dropped), and the watch goes on
+    to its end (the poisoned rule resolved: ``recovered``)."""
+    r = _Run(tmp_path, 1, lambda s, ev: {"poison": float(s == 20), "nudge": float(s == 20)},
+             ).train(40).close()
+    seen = r.traced("watch", "reduce_lr", "recovered", "rollback")
+    assert [e["type"] for e in seen] == ["watch", "reduce_lr", "recovered"], seen
+    assert r.w.policy.lr_scale == 0.5 and r.w.policy.rollbacks == 0
+    assert r.opt.param_groups[0]["lr"] == 0.05

@@ -723,3 +723,23 @@ def test_a_rollback_asked_for_during_a_watch_is_not_held_by_a_later_cut() -> Non
     assert (p.action, p.rule, p.step, p.target, p.lr_factor) == (
         "rollback", "loss_blowup", 150, 140, 1.0)
     assert pol.state.held is None and pol.rollbacks == 1
+
+
+def test_a_skip_or_a_cut_asked_for_beside_a_watched_failure_goes_ahead() -> None:
+    """A watch is no control plan: a skip or a rate cut asked for in the flush that starts one
+    is decided as in a flush without a rollback request (it was dropped, and a rule fires
+    once). A skip back to before the failure undoes it: the watch ends there."""
+    pol = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0))
+    pol.promoted([SnapshotInfo(100, True)])
+    s = snaps(100) + [SnapshotInfo(140, False)]
+    plans = control(pol.plan([fire("loss_blowup", 150), fire("spiky", 150, ("skip",))],
+                             Progress(150, s)))
+    assert [p.action for p in plans] == ["watch", "skip", "recovered"], plans
+    assert plans[1].target == 140 and pol.skips == 1 and pol.rollbacks == 0
+    pol = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0))
+    pol.promoted([SnapshotInfo(100, True)])
+    plans = control(pol.plan([fire("loss_blowup", 150),
+                              fire("stall", 150, ("reduce_lr",), "warning")],
+                             Progress(150, s)))
+    assert [p.action for p in plans] == ["watch", "reduce_lr"] and pol.lr_scale == 0.5
+    assert pol.state.watching == "loss_blowup"

@@ -15,7 +15,6 @@ from typing import Any, Iterator
 import click
 
 from ..errors import ConfigError, RuleError
-from ..recovery.policy import check_action_params
 from .detectors import DETECTORS
 from .engine import Firing
 from .replay import TraceResult, expand_traces, replay_trace
@@ -112,7 +111,8 @@ def replay_command(traces: tuple[str, ...], rules_file: str | None, pack: str, a
 def _load_rules_or_exit(rules_file: str | None, pack: str) -> RuleSet:
     """The rule file, else the pack; a malformed one prints its errors and exits 2."""
     try:
-        return load_rules(rules_file) if rules_file else load_pack(pack)
+        # the action parameters too: a file 'rules check' refuses is not replayed
+        return load_rules(rules_file, check_actions=True) if rules_file else load_pack(pack)
     except RuleError as exc:
         for line in exc.errors:
             click.echo(line, err=True)
@@ -194,7 +194,8 @@ _WORKER_RULES: dict[str, RuleSet] = {}   # per worker process: the rules, loaded
 
 
 def _worker_init(rules_file: str | None, pack: str) -> None:
-    _WORKER_RULES["rules"] = load_rules(rules_file) if rules_file else load_pack(pack)
+    _WORKER_RULES["rules"] = (load_rules(rules_file, check_actions=True) if rules_file
+                              else load_pack(pack))
 
 
 def _worker_replay(job: tuple[str, bool]) -> TraceResult:
@@ -230,16 +231,12 @@ def check_command(files: tuple[str, ...]) -> None:
     bad = 0
     for f in files:
         try:
-            rs = load_rules(f)
-            check_action_params(rs)   # {stop: {restore: ...}}, {reduce_lr: {factor: ...}}
+            # {stop: {restore: ...}}, {reduce_lr: {factor: ...}} too, with the other errors
+            rs = load_rules(f, check_actions=True)
         except RuleError as exc:
             bad += 1
             for line in exc.errors:
                 click.echo(line)
-            continue
-        except ConfigError as exc:
-            bad += 1
-            click.echo(str(exc))
             continue
         click.echo(f"{f}: ok ({len(rs)} rule{'s' if len(rs) != 1 else ''})")
     if bad:

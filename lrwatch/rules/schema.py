@@ -324,13 +324,22 @@ class _Errors:
     def __init__(self, source: str) -> None:
         self.source = source
         self.items: list[str] = []
+        #: how many of ``items`` are action-parameter problems (see :func:`parse_rules`)
+        self.actions = 0
 
-    def add(self, node: yaml.Node | None, key: str, msg: str, choices: Any = None) -> None:
+    @property
+    def hard(self) -> int:
+        """The problems that make a rule unusable (all but the action parameters')."""
+        return len(self.items) - self.actions
+
+    def add(self, node: yaml.Node | None, key: str, msg: str, choices: Any = None, *,
+            action: bool = False) -> None:
         line = node.start_mark.line + 1 if node is not None else 1
         text = f"{self.source}:{line}: key {short(key)}: {msg}"
         if choices is not None:
             text += f" (valid choices: {', '.join(map(str, choices))})"
         self.items.append(text)
+        self.actions += action
 
 
 def _items(node: yaml.MappingNode, ctor: yaml.constructor.SafeConstructor, path: str,
@@ -467,7 +476,7 @@ def _rule(node: yaml.Node, idx: int, ctor: Any, errs: _Errors, refs: _Refs) -> R
     if not isinstance(node, yaml.MappingNode):
         errs.add(node, path, "each rule must be a mapping with 'name', 'metric', 'detector', ...")
         return None
-    n_before = len(errs.items)
+    n_before = errs.hard
     e = _Entries(node, ctor, path, errs)
     for key, (knode, _) in e.map.items():
         if key not in _RULE_KEYS:
@@ -502,7 +511,7 @@ def _rule(node: yaml.Node, idx: int, ctor: Any, errs: _Errors, refs: _Refs) -> R
     if annode is not None:
         annotations = _str_map(annode, ctor, f"{path}.annotations", errs, template=True)
     enabled = refs.enabled[idx] = _rule_enabled(e)
-    if len(errs.items) > n_before or name is None:
+    if errs.hard > n_before or name is None:
         return None
     return Rule(
         name=name, metrics=metrics, detector=cls.name if cls else "", severity=sev,
@@ -754,8 +763,27 @@ def _rule_actions(e: _Entries) -> tuple[tuple[str, ...], dict[str, Mapping[str, 
         else:
             actions.append(aname)
             if aparams:
+                for problem in _action_param_problems(aname, aparams):
+                    e.errs.add(item, full, problem, action=True)
                 action_params[aname] = MappingProxyType(dict(aparams))
     return tuple(actions), action_params
+
+
+def _action_param_problems(action: str, params: Mapping[str, Any]) -> list[str]:
+    """What is wrong with the parameters a rule gives ``action`` (``{stop: {restore: ...}}``),
+    checked here with the rest of the file so that every problem is reported with its key and
+    line, and a file ``replay`` accepts is one the Watcher accepts (the checks live with the
+    recovery policy that reads the parameters)."""
+    from types import SimpleNamespace
+
+    from ..recovery.policy import check_action_params   # (it imports the detectors' helpers)
+    try:
+        check_action_params([SimpleNamespace(name="", source="", action_params={action: params})])
+    except ConfigError as exc:
+        prefix = ": rule '': "
+        return [line[len(prefix):] if line.startswith(prefix) else line
+                for line in str(exc).splitlines()]
+    return []
 
 
 def _rule_enabled(e: _Entries) -> bool:
@@ -799,11 +827,15 @@ def _check_refs(refs: _Refs, errs: _Errors) -> None:
                              f"itself, directly or through other rules")
 
 
-def parse_rules(text: str, source: str = "<string>") -> RuleSet:
+def parse_rules(text: str, source: str = "<string>", *, check_actions: bool = False) -> RuleSet:
     """Validate rule-file text and return its enabled rules.
 
     Raises :class:`~lrwatch.errors.RuleError` whose ``errors`` lists every problem as
-    ``SOURCE:LINE: key 'PATH': message (valid choices: ...)``.
+    ``SOURCE:LINE: key 'PATH': message (valid choices: ...)``. Problems with the parameters
+    of actions (``{reduce_lr: {factor: 5}}``) are among them when the file has others; alone
+    they raise only with ``check_actions`` (``lrwatch rules check``, ``lrwatch replay``): else
+    the Watcher reports them, as :func:`~lrwatch.recovery.policy.check_action_params` does
+    for any RuleSet, in a :class:`~lrwatch.errors.ConfigError`.
 
     Examples
     --------
@@ -823,13 +855,13 @@ def parse_rules(text: str, source: str = "<string>") -> RuleSet:
     lrwatch.errors.RuleError: f.yml:1: key 'rules[0].severity': 'urgent' is not a severity (valid choices: critical, warning, info)
     """
     try:
-        return _parse_rules(text, source)
+        return _parse_rules(text, source, check_actions)
     except RecursionError:   # YAML nested deeper than the interpreter's recursion limit
         msg = f"{source}:1: invalid YAML: nested too deeply for a rule file"
         raise RuleError(msg, [msg]) from None
 
 
-def _parse_rules(text: str, source: str) -> RuleSet:
+def _parse_rules(text: str, source: str, check_actions: bool) -> RuleSet:
     errs = _Errors(source)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -854,7 +886,7 @@ def _parse_rules(text: str, source: str) -> RuleSet:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else 1
         errs.items.append(f"{source}:{line}: invalid YAML: {getattr(exc, 'problem', exc)}")
-    if errs.items:
+    if errs.hard or (check_actions and errs.items):
         n = len(errs.items)
         head = errs.items[0] if n == 1 else f"{source}: {n} errors:\n  " + "\n  ".join(errs.items)
         raise RuleError(head, list(errs.items))
@@ -952,7 +984,7 @@ def _validate(root: yaml.Node | None, ctor: Any, errs: _Errors, rules: list[Rule
                 _check_refs(refs, errs)
 
 
-def load_rules(path: str | os.PathLike[str]) -> RuleSet:
+def load_rules(path: str | os.PathLike[str], *, check_actions: bool = False) -> RuleSet:
     """Load and validate the rule file at ``path`` (see :func:`parse_rules`)."""
     name = os.fspath(path)
     try:
@@ -961,7 +993,7 @@ def load_rules(path: str | os.PathLike[str]) -> RuleSet:
     except (OSError, UnicodeDecodeError) as exc:
         msg = f"{name}:1: key 'rules': cannot read the file: {exc}"
         raise RuleError(msg, [msg]) from None
-    return parse_rules(text, name)
+    return parse_rules(text, name, check_actions=check_actions)
 
 
 def pack_text(name: str) -> str:

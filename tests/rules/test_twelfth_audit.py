@@ -1,0 +1,81 @@
+"""Defects found by the twelfth round's audit of rule files, replay and the trace reader
+(6 December; docs/rules.md, "Defects found by the twelfth round's audit"). Each test failed
+on the code before its fix."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from lrwatch.cli import cli
+from lrwatch.errors import RuleError
+from lrwatch.rules import Engine, load_pack
+from lrwatch.rules.replay import replay_trace
+from lrwatch.rules.schema import parse_rules
+from lrwatch.samples import Sample
+from lrwatch.trace import read_trace
+
+
+def _file(tmp_path: Path, name: str, text: str) -> Path:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text).lstrip())
+    return p
+
+
+# --- 1. action parameters: every problem, with its key and line; replay refuses them too ----
+
+_BAD_ACTIONS = """
+    rules:
+      - name: a
+        metric: loss
+        detector: nonfinite
+        severity: urgent
+      - name: b
+        metric: loss
+        detector: nonfinite
+        severity: critical
+        actions:
+          - alert
+          - {reduce_lr: {factor: 5}}
+          - {rollback: {lr_factor: 0.1}}
+    """
+
+
+def test_action_parameter_errors_come_with_the_other_errors_and_name_key_and_line() -> None:
+    """They were checked only once the rest of the file was valid (the bad severity hid them:
+    'every problem in a file is reported'), as 'FILE:LINE: rule ...' without the key, at the
+    rule's line rather than the action's."""
+    with pytest.raises(RuleError) as info:
+        parse_rules(textwrap.dedent(_BAD_ACTIONS).lstrip(), "f.yml")
+    errors = info.value.errors
+    assert errors[0].startswith("f.yml:5: key 'rules[0].severity'")
+    assert ("f.yml:12: key 'rules[1].actions[1]': reduce_lr: factor: must be a number > 0 "
+            "and < 1, got 5") in errors
+    assert ("f.yml:13: key 'rules[1].actions[2]': rollback: takes no parameters, got "
+            "'lr_factor' (write it as a bare name: rollback)") in errors
+    assert len(errors) == 3
+
+
+def test_replay_refuses_a_rule_file_that_rules_check_refuses(tmp_path: Path) -> None:
+    """``replay --rules`` replayed a file whose action parameters ``rules check`` and the
+    Watcher reject, and exited 0 (the docs: 2 for a bad rule file)."""
+    rules = _file(tmp_path, "r.yml", """
+        rules:
+          - name: b
+            metric: loss
+            detector: nonfinite
+            severity: critical
+            actions: [{reduce_lr: {factor: 5}}]
+        """)
+    trace = _file(tmp_path, "t.jsonl", '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": "nan"}\n')
+    check = CliRunner().invoke(cli, ["rules", "check", str(rules)])
+    assert check.exit_code == 1
+    assert f"{rules}:6: key 'rules[0].actions[0]': reduce_lr: factor: must be" in check.stdout
+    res = CliRunner().invoke(cli, ["replay", str(trace), "--rules", str(rules)])
+    assert res.exit_code == 2, res.output
+    assert f"{rules}:6: key 'rules[0].actions[0]': reduce_lr: factor: must be" in res.stderr
+    assert "Traceback" not in res.output

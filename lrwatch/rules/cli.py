@@ -55,10 +55,14 @@ def _event_row(res: TraceResult, e: Firing) -> list[str]:
 @click.command("replay")
 @click.argument("traces", nargs=-1, required=True,
                 type=click.Path(exists=True, file_okay=True, dir_okay=True))
-@click.option("--rules", "rules_file", type=click.Path(dir_okay=False),
-              help="Rule file to use instead of a default pack.")
-@click.option("--pack", type=click.Choice(PACKS), default="training", show_default=True,
-              help="Default rule pack to use when --rules is not given.")
+@click.option("--rules", "rules_files", type=click.Path(dir_okay=False), multiple=True,
+              help="Rule file to use instead of a default pack, or a pack's name "
+                   f"({', '.join(PACKS)}). Repeat it to join several in the order given, as "
+                   "Watcher(rules=[...]) does (e.g. --rules training --rules my-rules.yml).")
+@click.option("--pack", "packs", type=click.Choice(PACKS), multiple=True,
+              default=("training",), show_default=True,
+              help="Default rule pack to use when --rules is not given (repeat it to join "
+                   "packs: --pack training --pack plateau_cut).")
 @click.option("--json", "as_json", is_flag=True,
               help="One JSON object per firing on stdout (the replay contract).")
 @click.option("--fail-on", type=click.Choice(SEVERITIES), default=None,
@@ -73,16 +77,18 @@ def _event_row(res: TraceResult, e: Firing) -> list[str]:
               help="Processes replaying traces in parallel (0: one per CPU, up to 8, for "
                    f"{_PROGRESS_MIN_TRACES}+ traces; 1: in this process). The output is the "
                    "same, in the same order.")
-def replay_command(traces: tuple[str, ...], rules_file: str | None, pack: str, as_json: bool,
+def replay_command(traces: tuple[str, ...], rules_files: tuple[str, ...],
+                   packs: tuple[str, ...], as_json: bool,
                    fail_on: str | None, lenient: bool, show_resolved: bool,
                    progress: bool | None, jobs: int) -> None:
     """Run rules over recorded TRACE files (or directories of *.jsonl) as the live engine would.
 
     Each trace starts with fresh engine state. Exit status: 0 whether or not rules fire, 1 when
-    --fail-on is given and a rule of that severity or higher fired, 2 when a rule file or a
-    trace is malformed (without --lenient).
+    --fail-on is given and a rule of that severity or higher fired, 2 when a rule file is
+    malformed, a trace is (without --lenient) or holds no sample, or no trace is found.
     """
-    rules = _load_rules_or_exit(rules_file, pack)
+    specs = rules_files or packs
+    rules = _load_rules_or_exit(specs)
     paths = list(expand_traces(traces))
     if not paths:   # a CI job pointed at the wrong folder must not pass on nothing
         click.echo(f"Error: no trace found: {', '.join(map(str, traces))} holds no *.jsonl "
@@ -93,7 +99,7 @@ def replay_command(traces: tuple[str, ...], rules_file: str | None, pack: str, a
     rows: list[list[str]] = []
     totals = _Totals()
     last_progress = time.monotonic()
-    for i, res in enumerate(_replay_all(paths, rules, rules_file, pack, not lenient, jobs), 1):
+    for i, res in enumerate(_replay_all(paths, rules, specs, not lenient, jobs), 1):
         _report_trace(res, totals, rows, out, as_json, show_resolved)
         if show_progress and (time.monotonic() - last_progress >= _PROGRESS_EVERY_S
                               or i == len(paths)):
@@ -108,14 +114,28 @@ def replay_command(traces: tuple[str, ...], rules_file: str | None, pack: str, a
         raise SystemExit(1)
 
 
-def _load_rules_or_exit(rules_file: str | None, pack: str) -> RuleSet:
-    """The rule file, else the pack; a malformed one prints its errors and exits 2."""
+def _load_specs(specs: tuple[str, ...]) -> RuleSet:
+    """The rule sets ``specs`` names (pack names and rule files) joined in order, as the
+    Watcher joins its ``rules=[...]`` list (a pack's name is the pack)."""
+    # the action parameters too: a file 'rules check' refuses is not replayed
+    parts = [load_pack(s) if s in PACKS else load_rules(s, check_actions=True) for s in specs]
+    joined = parts[0]
+    for part in parts[1:]:
+        joined = joined + part
+    return joined
+
+
+def _load_rules_or_exit(specs: tuple[str, ...]) -> RuleSet:
+    """The rule sets of ``specs`` joined; a malformed one prints its errors (a clash of
+    names across them, the names) and exits 2."""
     try:
-        # the action parameters too: a file 'rules check' refuses is not replayed
-        return load_rules(rules_file, check_actions=True) if rules_file else load_pack(pack)
+        return _load_specs(specs)
     except RuleError as exc:
         for line in exc.errors:
             click.echo(line, err=True)
+        raise SystemExit(2) from None
+    except ConfigError as exc:   # the same rule name in two of them
+        click.echo(f"Error: {', '.join(specs)}: {exc}", err=True)
         raise SystemExit(2) from None
 
 
@@ -193,9 +213,8 @@ def _print_report(rows: list[list[str]], summary: str, as_json: bool) -> None:
 _WORKER_RULES: dict[str, RuleSet] = {}   # per worker process: the rules, loaded once
 
 
-def _worker_init(rules_file: str | None, pack: str) -> None:
-    _WORKER_RULES["rules"] = (load_rules(rules_file, check_actions=True) if rules_file
-                              else load_pack(pack))
+def _worker_init(specs: tuple[str, ...]) -> None:
+    _WORKER_RULES["rules"] = _load_specs(specs)
 
 
 def _worker_replay(job: tuple[str, bool]) -> TraceResult:
@@ -203,7 +222,7 @@ def _worker_replay(job: tuple[str, bool]) -> TraceResult:
     return replay_trace(path, _WORKER_RULES["rules"], strict=strict)
 
 
-def _replay_all(paths: list[str], rules: RuleSet, rules_file: str | None, pack: str,
+def _replay_all(paths: list[str], rules: RuleSet, specs: tuple[str, ...],
                 strict: bool, jobs: int) -> Iterator[TraceResult]:
     """Each trace's result, in order; in worker processes when that pays (many traces)."""
     if jobs == 0:
@@ -214,7 +233,7 @@ def _replay_all(paths: list[str], rules: RuleSet, rules_file: str | None, pack: 
         return
     # workers load the rules themselves (a RuleSet holds read-only mappings, not picklable)
     with ProcessPoolExecutor(jobs, initializer=_worker_init,
-                             initargs=(rules_file, pack)) as ex:
+                             initargs=(specs,)) as ex:
         chunk = max(1, min(16, len(paths) // (4 * jobs)))
         yield from ex.map(_worker_replay, [(p, strict) for p in paths], chunksize=chunk)
 

@@ -13,11 +13,9 @@ from click.testing import CliRunner
 
 from lrwatch.cli import cli
 from lrwatch.errors import RuleError
-from lrwatch.rules import Engine, load_pack
+from lrwatch.rules import load_pack
 from lrwatch.rules.replay import replay_trace
 from lrwatch.rules.schema import parse_rules
-from lrwatch.samples import Sample
-from lrwatch.trace import read_trace
 
 
 def _file(tmp_path: Path, name: str, text: str) -> Path:
@@ -79,3 +77,41 @@ def test_replay_refuses_a_rule_file_that_rules_check_refuses(tmp_path: Path) -> 
     assert res.exit_code == 2, res.output
     assert f"{rules}:6: key 'rules[0].actions[0]': reduce_lr: factor: must be" in res.stderr
     assert "Traceback" not in res.output
+
+
+# --- 2. replay with several rule sets, as the Watcher takes them ------------------------------
+
+def test_replay_joins_every_rules_option_as_the_watcher_joins_its_list(tmp_path: Path) -> None:
+    """``--rules a.yml --rules b.yml`` replayed b.yml alone (click keeps the last value of an
+    option given twice), without a word; and a run watched with ``rules=["training",
+    "plateau_cut"]`` (the documented way to add the cut) could not be replayed as live."""
+    a = _file(tmp_path, "a.yml", """
+        rules:
+          - {name: a_nan, metric: loss, detector: nonfinite, severity: critical}
+        """)
+    b = _file(tmp_path, "b.yml", """
+        rules:
+          - {name: b_high, metric: loss, detector: threshold, params: {above: 5}, severity: warning}
+        """)
+    trace = _file(tmp_path, "t.jsonl", '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": "nan"}\n'
+                                       '{"step": 3, "loss": 9}\n')
+    res = CliRunner().invoke(cli, ["replay", str(trace), "--json", "--rules", str(a),
+                                   "--rules", str(b)])
+    assert res.exit_code == 0, res.output
+    assert [(r["rule"], r["step"]) for r in map(json.loads, res.stdout.splitlines())] == [
+        ("a_nan", 2), ("b_high", 3)]
+    # pack names, as in Watcher(rules=[...]): joined in the order given
+    joined = load_pack("training") + load_pack("plateau_cut")
+    lines = [json.dumps({"step": s, "lr": 0.1, "loss": 2.0 + 0.001 * (s % 3)})
+             for s in range(1, 301)]
+    flat = _file(tmp_path, "flat.jsonl", "\n".join(lines) + "\n")
+    want = [e.to_json(str(flat)) for e in replay_trace(str(flat), joined).firings]
+    assert any(r["rule"] == "loss_plateau_cut" for r in want)
+    for args in (["--rules", "training", "--rules", "plateau_cut"],
+                 ["--pack", "training", "--pack", "plateau_cut"]):
+        res = CliRunner().invoke(cli, ["replay", str(flat), "--json", *args])
+        assert res.exit_code == 0, res.output
+        assert [json.loads(x) for x in res.stdout.splitlines()] == want
+    # the same rule twice is an error, as in the Watcher's list
+    res = CliRunner().invoke(cli, ["replay", str(trace), "--rules", str(a), "--rules", str(a)])
+    assert res.exit_code == 2 and "duplicate rule names: a_nan" in res.stderr

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import reprlib
 from dataclasses import dataclass
 from typing import IO, Any, Iterator, Mapping
 
@@ -39,6 +40,20 @@ __all__ = ["TraceReader", "iter_trace", "read_trace", "encode_sample", "parse_re
 _NONFINITE_IN = {"nan": math.nan, "inf": math.inf, "+inf": math.inf, "-inf": -math.inf,
                  "infinity": math.inf, "-infinity": -math.inf}
 _RESERVED = ("step", "time", "lr", "events")
+# what a message echoes of a line, cut short: a 200,000-character value made a 200 kB message
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = _SHORT.maxlong = 80
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = 8
+_SHORT.maxlevel = 2
+
+
+def _short(value: Any) -> str:
+    """``repr(value)`` cut to a readable length, for messages that echo a trace line.
+
+    >>> len(_short("x" * 10_000)), _short([0] * 100)
+    (80, '[0, 0, 0, 0, 0, 0, 0, 0, ...]')
+    """
+    return _SHORT.repr(value)
 
 
 def encode_sample(sample: Sample) -> dict[str, Any]:
@@ -64,18 +79,19 @@ def encode_sample(sample: Sample) -> dict[str, Any]:
 
 def _to_float(v: Any, key: str) -> float:
     if isinstance(v, bool):
-        raise ValueError(f"key {key!r}: expected a number, got a boolean")
+        raise ValueError(f"key {_short(key)}: expected a number, got a boolean")
     if isinstance(v, (int, float)):
         try:
             return float(v)
         except OverflowError:
-            raise ValueError(f"key {key!r}: an integer beyond the float range") from None
+            raise ValueError(f"key {_short(key)}: an integer beyond the float range") from None
     if isinstance(v, str):
         f = _NONFINITE_IN.get(v.strip().lower())
         if f is not None:
             return f
-        raise ValueError(f"key {key!r}: expected a number or \"nan\"/\"inf\"/\"-inf\", got {v!r}")
-    raise ValueError(f"key {key!r}: expected a number, got {type(v).__name__}")
+        raise ValueError(f"key {_short(key)}: expected a number or \"nan\"/\"inf\"/\"-inf\", "
+                         f"got {_short(v)}")
+    raise ValueError(f"key {_short(key)}: expected a number, got {type(v).__name__}")
 
 
 def parse_record(rec: Any) -> Sample:
@@ -92,7 +108,7 @@ def parse_record(rec: Any) -> Sample:
         if isinstance(step, float) and step.is_integer():
             step = int(step)
         else:
-            raise ValueError(f"key 'step': expected an integer, got {step!r}")
+            raise ValueError(f"key 'step': expected an integer, got {_short(step)}")
     t = rec.get("time")
     time_ = None if t is None else _to_float(t, "time")
     values: dict[str, float] = {}

@@ -514,7 +514,10 @@ class Engine:
                hit: _Hit) -> Firing:
         metric, value, det = hit
         stat = det.statistic
-        ctx = _Ctx(rule=rule.name, metric="" if metric is None else metric, step=step, time=t,
+        # a sample without a time renders {time} as nan, as a missing value does: formatting
+        # None failed ("{time:.0f}") and left the raw template as the message
+        ctx = _Ctx(rule=rule.name, metric="" if metric is None else metric, step=step,
+                   time=math.nan if t is None else t,
                    severity=rule.severity, value=math.nan if value is None else value,
                    statistic=math.nan if stat is None else stat,
                    detector="when" if rule.when is not None else rule.detector,

@@ -13,9 +13,11 @@ from click.testing import CliRunner
 
 from lrwatch.cli import cli
 from lrwatch.errors import RuleError
-from lrwatch.rules import load_pack
+from lrwatch.rules import Engine, load_pack
 from lrwatch.rules.replay import replay_trace
 from lrwatch.rules.schema import parse_rules
+from lrwatch.samples import Sample
+from lrwatch.trace import read_trace
 
 
 def _file(tmp_path: Path, name: str, text: str) -> Path:
@@ -115,3 +117,48 @@ def test_replay_joins_every_rules_option_as_the_watcher_joins_its_list(tmp_path:
     # the same rule twice is an error, as in the Watcher's list
     res = CliRunner().invoke(cli, ["replay", str(trace), "--rules", str(a), "--rules", str(a)])
     assert res.exit_code == 2 and "duplicate rule names: a_nan" in res.stderr
+
+
+# --- 3. a trace line's error message echoes at most a short piece of what it holds ------------
+
+def test_a_malformed_trace_line_is_named_with_its_value_cut_short(tmp_path: Path) -> None:
+    """A value that is not a number was echoed whole: a 200,000-character string made a
+    200 kB error line (and ``--lenient`` kept up to 100 of them in memory)."""
+    from lrwatch.errors import TraceFormatError
+    huge = "x" * 200_000
+    lines = [{"step": 1, "loss": 1.0}, {"step": 2, "loss": huge}, {"step": [0] * 50_000},
+             {"step": 4, "lr": [huge]}, {"step": 5, "loss": 2.0}]
+    trace = _file(tmp_path, "t.jsonl", "".join(json.dumps(x) + "\n" for x in lines))
+    with pytest.raises(TraceFormatError) as info:
+        read_trace(trace)
+    assert str(info.value).startswith(f"{trace}:2: key 'loss': expected a number")
+    assert len(str(info.value)) < 300
+    res = CliRunner().invoke(cli, ["replay", "--lenient", str(trace)])
+    assert res.exit_code == 0 and "2 samples" in res.stdout and "3 malformed line(s)" in res.stdout
+    assert len(res.stderr) < 500, res.stderr[:300]
+    from lrwatch.trace import TraceReader
+    reader = TraceReader(trace, strict=False)
+    assert [s.step for s in reader] == [1, 5]
+    assert [e[len(str(trace)) + 1:].split(":")[0] for e in reader.errors] == ["2", "3", "4"]
+    assert all(len(e) < len(str(trace)) + 200 for e in reader.errors), reader.errors
+
+
+# --- 4. {time} in a summary of a sample without a time ---------------------------------------
+
+def test_a_summary_with_a_time_format_renders_on_samples_without_a_time() -> None:
+    """The trace contract makes ``time`` optional, and a duration is met on samples without
+    one; but a summary ``"... at {time:.0f}"`` came out as that raw template, braces and all
+    (formatting ``None`` failed and the template was kept), in replay and live alike."""
+    rules = parse_rules(textwrap.dedent("""
+        rules:
+          - name: high
+            metric: loss
+            detector: threshold
+            params: {above: 5}
+            severity: warning
+            annotations: {summary: "loss {value:.2f} at t={time:.0f}", description: "{time}"}
+        """))
+    (e,) = Engine(rules).update(Sample(step=3, values={"loss": 9.0}))
+    assert e.message == "loss 9.00 at t=nan" and e.annotations["description"] == "nan"
+    (e,) = Engine(rules).update(Sample(step=3, time=100.0, values={"loss": 9.0}))
+    assert e.message == "loss 9.00 at t=100"

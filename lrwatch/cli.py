@@ -61,6 +61,9 @@ def demo(steps: int, port: int, host: str, trace: str, flush_every: int, batch_s
     from .demo import DemoConfig, run_demo
     from .errors import ConfigError
 
+    if inject_at is not None and inject is None:   # it would train the run with no fault
+        raise click.UsageError(f"--inject-at needs --inject FAULT (one of nan, nan-burst, "
+                               f"blowup, lr-bug); without it step {inject_at} is not touched")
     cfg = DemoConfig(steps=steps, port=port, host=host, trace=trace or None,
                      flush_every=flush_every, batch_size=batch_size, seed=seed, linger=linger,
                      inject=inject, inject_at=inject_at, snapshot_dir=snapshot_dir)

@@ -42,3 +42,11 @@ def test_stack_and_dashboards_name_a_path_they_cannot_use(tmp_path: Path) -> Non
     assert res.exit_code == 1 and "cannot write the dashboards" in res.output
     res = _invoke("stack", "--data-dir", str(blocker / "sub"))
     assert res.exit_code == 1 and "cannot use --data-dir" in res.output
+
+
+def test_demo_refuses_an_injection_step_without_a_fault() -> None:
+    """``--inject-at 40`` without ``--inject`` trained the whole run with no fault and said
+    nothing (twelfth round's audit, docs/rules.md): the option a user gave was dropped."""
+    res = _invoke("demo", "--steps", "20", "--port", "0", "--trace", "", "--inject-at", "10")
+    assert res.exit_code == 2 and "--inject-at needs --inject" in res.output
+    assert "done:" not in res.output

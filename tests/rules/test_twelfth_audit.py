@@ -162,3 +162,52 @@ def test_a_summary_with_a_time_format_renders_on_samples_without_a_time() -> Non
     assert e.message == "loss 9.00 at t=nan" and e.annotations["description"] == "nan"
     (e,) = Engine(rules).update(Sample(step=3, time=100.0, values={"loss": 9.0}))
     assert e.message == "loss 9.00 at t=100"
+
+
+# --- 6. a state saved with a longer window, loaded into a shorter one ------------------------
+
+def _canonical(state: dict, window: int, sums: bool) -> dict:
+    """``state`` as a detector of ``window`` values holds it: the last ``window`` values, and
+    what is derived from them computed from them alone."""
+    buf = state["buf"][-window:]
+    out = {**state, "buf": buf}
+    if sums:   # trend: the sums over the window, recomputed
+        import math
+        out.update(sy=math.fsum(buf), syy=math.fsum(y * y for y in buf),
+                   sty=math.fsum(i * y for i, y in enumerate(buf)), since=0)
+    else:      # spike: the sorted copy of the window
+        out["sorted"] = sorted(buf)
+    return out
+
+
+@pytest.mark.parametrize("name", ["spike", "trend"])
+def test_a_state_of_a_longer_window_loads_as_its_last_values(name: str) -> None:
+    """Back-testing a rule with another window (``lrwatch rules show training > my.yml``,
+    ``window: 10`` for ``loss_blowup``, ``lrwatch replay --rules my.yml`` on a run with a
+    rollback) loads the live run's state of the same detector: its window deque kept the last
+    10 values, but spike kept all 50 in its sorted copy -- for the rest of the run its median
+    and scale came from 40 values frozen at the rollback -- and trend kept the sums of 50 until
+    its next recomputation. What was derived from the window is now derived again."""
+    import random
+
+    from lrwatch.rules.detectors import DETECTORS
+    cls = DETECTORS[name]
+    kw = {"window": 50, "warmup": 5} if name == "spike" else {"window": 50}
+    short_kw = {**kw, "window": 10}
+    rng = random.Random(3)
+    d50 = cls(**kw)
+    for i in range(60):
+        d50.update(1.0 + 0.01 * i + rng.gauss(0, 0.05))
+    state = json.loads(json.dumps(d50.state_dict()))
+    loaded, canonical = cls(**short_kw), cls(**short_kw)
+    loaded.load_state_dict(state)
+    canonical.load_state_dict(_canonical(state, 10, sums=name == "trend"))
+    assert loaded.state_dict() == canonical.state_dict()
+    for i in range(100):
+        x = 1.6 + 0.02 * i + rng.gauss(0, 0.05) if i != 50 else 40.0
+        assert loaded.update(x) == canonical.update(x), i
+        assert loaded.statistic == canonical.statistic, i
+    # the same window keeps its state exactly (the resume and replay-equals-live contract)
+    same = cls(**kw)
+    same.load_state_dict(state)
+    assert same.state_dict() == d50.state_dict()

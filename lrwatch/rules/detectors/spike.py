@@ -177,3 +177,8 @@ class Spike(RunLengthTest, Detector):
         # states saved before the cached scale (or the run-length test) existed
         super().load_state_dict({"scale": self.min_scale, "seen": 0, "beyond": 0, "run": 0,
                                  **state})
+        if len(self._sorted) != len(self._buf):
+            # a state of a longer window (replay with the rule's window edited, adopt_state):
+            # the deque kept its last values; the sorted copy must hold those alone, or the
+            # values beyond the window stay in the median and scale for good
+            self._sorted = sorted(self._buf)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from statistics import NormalDist
-from typing import ClassVar, Mapping
+from typing import Any, ClassVar, Mapping
 
 from .base import Detector, Param
 
@@ -149,6 +149,13 @@ class Trend(Detector):
         self._syy = math.fsum(y * y for y in self._buf)
         self._sty = math.fsum(i * y for i, y in enumerate(self._buf))
         self._since = 0
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        if len(state["buf"]) > self.window:
+            # a state of a longer window (replay with the rule's window edited): the deque
+            # kept its last values; the sums were of them all
+            self._recompute()
 
     def update(self, x: float, t: float | None = None) -> bool | None:
         if not math.isfinite(x) or (self.log and x <= 0.0):

@@ -87,6 +87,12 @@ def replay_command(traces: tuple[str, ...], rules_files: tuple[str, ...],
     --fail-on is given and a rule of that severity or higher fired, 2 when a rule file is
     malformed, a trace is (without --lenient) or holds no sample, or no trace is found.
     """
+    source = click.get_current_context().get_parameter_source("packs")
+    if rules_files and source is not None and source.name == "COMMANDLINE":
+        # --pack is the default for when --rules is not given: beside it, it was dropped
+        raise click.UsageError(f"--pack is not used with --rules; name the packs in --rules, "
+                               f"in the order wanted: --rules {' --rules '.join(packs)} "
+                               f"--rules {' --rules '.join(rules_files)}")
     specs = rules_files or packs
     rules = _load_rules_or_exit(specs)
     paths = list(expand_traces(traces))

@@ -211,3 +211,19 @@ def test_a_state_of_a_longer_window_loads_as_its_last_values(name: str) -> None:
     same = cls(**kw)
     same.load_state_dict(state)
     assert same.state_dict() == d50.state_dict()
+
+
+def test_replay_refuses_a_pack_it_would_drop(tmp_path: Path) -> None:
+    """``--pack plateau_cut --rules my.yml`` replayed my.yml alone: --pack is the default
+    for when --rules is not given, and was dropped without a word beside it."""
+    a = _file(tmp_path, "a.yml", """
+        rules:
+          - {name: a_nan, metric: loss, detector: nonfinite, severity: critical}
+        """)
+    trace = _file(tmp_path, "t.jsonl", '{"step": 1, "loss": 1.0}\n')
+    res = CliRunner().invoke(cli, ["replay", str(trace), "--pack", "plateau_cut",
+                                   "--rules", str(a)])
+    assert res.exit_code == 2 and "--rules plateau_cut" in res.output
+    res = CliRunner().invoke(cli, ["replay", str(trace), "--rules", "plateau_cut",
+                                   "--rules", str(a)])
+    assert res.exit_code == 0, res.output

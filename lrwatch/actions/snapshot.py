@@ -343,8 +343,10 @@ class SnapshotStore:
     Parameters
     ----------
     keep:
-        How many snapshots to keep (the newest known-good one is never dropped while a newer
-        pending one exists).
+        How many snapshots to keep besides the pinned start: at most ``keep - 1`` pending ones
+        (no snapshot is due while that many are pending) and the two newest known-good ones,
+        so ``keep + 1`` while ``keep - 1`` are pending and two are good (see :meth:`_trim`).
+        A pending snapshot is never dropped before it is judged.
     directory:
         Write snapshots here (atomic rename, sha256 checksum, ``weights_only`` load) instead of
         keeping CPU copies in memory. If a write fails with ``OSError`` (read-only, full,
@@ -378,8 +380,10 @@ class SnapshotStore:
         if good_after < 0 or min_interval < 1 or max_interval < min_interval:
             raise ConfigError("need good_after >= 0 and 1 <= min_interval <= max_interval")
         self.keep = keep
-        #: Pending snapshots held beyond ``keep`` while their promotion may be in flight (the
-        #: Watcher sets 1 with ``flush_lag=1``; see :meth:`_trim`).
+        #: Pending snapshots held beyond the ``keep - 1`` that :meth:`due` allows while their
+        #: promotion may be in flight (the Watcher sets 1 with ``flush_lag=1``; since the
+        #: twelfth round no pending snapshot within that is trimmed, so it only matters for
+        #: one taken out of schedule; see :meth:`_trim`).
         self.pending_slack = 0
         self.directory = Path(directory) if directory is not None else None
         self.good_after = good_after
@@ -527,20 +531,33 @@ class SnapshotStore:
         snap.state = None  # the disk copy is the snapshot; keep memory free
 
     def _trim(self) -> None:
-        while (held := sum(1 for s in self.snapshots if not s.pinned)) > self.keep:
-            # Drop the oldest, but never a pinned one nor the two newest known-good ones: when
-            # a rollback to the newest did not help, the one before it is the next target.
-            protected = {id(s) for s in self.snapshots if s.pinned}
-            protected |= {id(s) for s in [s for s in self.snapshots if s.good][-2:]}
-            victim = next((s for s in self.snapshots if id(s) not in protected), None)
+        """Drop snapshots beyond ``keep`` (the pinned start never counts, nor is dropped).
+
+        Known-good ones go first, oldest first, but never the two newest: when a rollback to
+        the newest did not help, the one before it is the next target. A pending snapshot is
+        never dropped to make room while :meth:`due` allows it (at most ``keep - 1`` are
+        pending, plus ``pending_slack`` whose promotion may be in flight): dropping it before
+        its ``good_after`` steps are judged would keep every snapshot pending forever when the
+        interval is shorter than ``good_after``. So at most ``keep + 1`` snapshots are held
+        besides the pinned start (``keep - 1`` pending and the two newest known-good ones),
+        and ``keep`` again as soon as a pending one is promoted; a snapshot taken out of
+        schedule (the final one of a stopped run) may add one more pending."""
+        while sum(1 for s in self.snapshots if not s.pinned) > self.keep:
+            victim = self._victim()
             if victim is None:
-                break
-            if not victim.good and held <= self.keep + self.pending_slack:
-                # Its promotion may be in flight (the Watcher's flush_lag=1 judges a step one
-                # step late): hold one more until the next promotion trims again.
                 break
             self.snapshots.remove(victim)
             self._delete(victim)
+
+    def _victim(self) -> Snapshot | None:
+        """The snapshot :meth:`_trim` drops next, or ``None`` (see there)."""
+        good = [s for s in self.snapshots if s.good and not s.pinned]
+        if len(good) > 2:
+            return good[0]
+        pending = [s for s in self.snapshots if not s.good and not s.pinned]
+        if len(pending) > max(self.keep - 1, 1) + self.pending_slack:
+            return pending[0]   # more than due() allows (taken out of schedule)
+        return None
 
     def drop_pinned(self, step: int) -> None:
         """Forget the pinned snapshot of ``step`` (the run's start, about to be retaken after
@@ -576,8 +593,8 @@ class SnapshotStore:
             if not s.good and s.step + self.good_after <= quiet_through:
                 s.good = True
                 promoted.append(s)
-        if promoted and self.pending_slack:
-            self._trim()   # the one held for its promotion: now the oldest good one goes
+        if promoted:
+            self._trim()   # a third known-good one: the oldest good one goes
         return promoted
 
     def discard_pending(self, after_step: int | None = None) -> int:

@@ -1,0 +1,138 @@
+"""The twelfth round's audit of lrwatch/actions/ (snapshots, the best state, the rollback):
+each test reproduced a defect on the code before its fix (docs/recovery.md, "Defects found by
+the twelfth round's audit")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import lrwatch
+from lrwatch.actions.snapshot import SnapshotStore
+
+
+def _rules(tmp_path: Path) -> str:
+    path = tmp_path / "rules.yml"
+    path.write_text("""
+version: 1
+rules:
+  - name: poisoned
+    metric: poison
+    detector: threshold
+    params: {above: 0.5}
+    severity: critical
+    actions: [rollback]
+    annotations:
+      summary: "poison is {value} at step {step}"
+      description: "test rule"
+  - name: wobbly
+    metric: wobble
+    detector: threshold
+    params: {above: 0.5}
+    severity: warning
+    actions: [alert]
+    annotations:
+      summary: "wobble at step {step}"
+      description: "a warning: the failure after it is no sudden one"
+""")
+    return str(path)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 2))
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, i: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 + i)
+    x, y = torch.randn(16, 6, generator=g), torch.randint(0, 2, (16,), generator=g)
+    opt.zero_grad()
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def _rollback_target(tmp_path: Path, recovery: dict[str, Any], *, fail_at: int,
+                     flush_lag: int = 0) -> tuple[int, list[tuple[int, bool]]]:
+    """Train a tiny model, poison the step ``fail_at`` (once, after a warning), return the
+    step the rollback went to and the snapshots (step, good) held just before the failure."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    went: list[int] = []
+    w = lrwatch.Watcher(model, opt, flush_every=1, flush_lag=flush_lag, rules=_rules(tmp_path),
+                        recovery={"cooldown": 0, "sudden_hold": 0, "sudden_margin": 0,
+                                  "guard": "off", "start_check": "off", **recovery},
+                        listeners=[lambda s: went.extend(e["to_step"] for e in s.events
+                                                         if e.get("type") == "rollback")])
+    held: list[tuple[int, bool]] = []
+    for i in w.batches(range(10 ** 6)):
+        if w.step >= fail_at + 5:
+            break
+        if w.step + 1 == fail_at and not went:
+            assert w.store is not None
+            held = [(s.step, s.good) for s in w.store.snapshots]
+        loss = _step(model, opt, i)
+        # a warning three steps before: the failure is not sudden, and goes back to the
+        # newest known-good snapshot (a sudden one goes to the newest snapshot before it)
+        w.log(loss=loss, poison=1.0 if w.step == fail_at and not went else 0.0,
+              wobble=1.0 if w.step == fail_at - 3 else 0.0)
+    w.close()
+    assert w.policy.rollbacks == 1 and len(went) == 1, went
+    return went[0], held
+
+
+# --- 1. a snapshot interval shorter than good_after ------------------------------------------
+
+@pytest.mark.parametrize("flush_lag", [0, 1])
+@pytest.mark.parametrize("keep", [2, 3])
+def test_an_interval_shorter_than_good_after_still_rolls_back_to_a_recent_snapshot(
+        tmp_path: Path, flush_lag: int, keep: int) -> None:
+    # min_interval 3 < good_after 5: every snapshot is pending when the next one is taken
+    to_step, held = _rollback_target(
+        tmp_path, {"min_interval": 3, "max_interval": 3, "good_after": 5, "keep": keep},
+        fail_at=60, flush_lag=flush_lag)
+    # a snapshot becomes good 5 (+1 with the lag) steps after it is taken, and they are
+    # taken every 3 to 6 steps: the newest known-good one is at most ~12 steps back
+    assert to_step >= 60 - 14, (to_step, held)
+    assert any(good and step >= 40 for step, good in held), held
+
+
+def _store_run(store: SnapshotStore, steps: int, lag: int = 0) -> tuple[set[int], int]:
+    """Drive ``store`` as the Watcher does with nothing ever firing; the steps that became
+    known good and the most snapshots held at once (the pinned start not counted)."""
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    store.pending_slack = lag
+    store.take(0, 0, model, opt, good=True, pinned=True)
+    good: set[int] = set()
+    most = 0
+    for step in range(1, steps):
+        store.promote(step - lag)
+        good |= {s.step for s in store.snapshots if s.good and not s.pinned}
+        if store.due(step):
+            store.take(step, step, model, opt)
+        most = max(most, sum(1 for s in store.snapshots if not s.pinned))
+    return good, most
+
+
+@pytest.mark.parametrize("lag", [0, 1])
+@pytest.mark.parametrize("keep,interval,good_after", [(3, 3, 5), (2, 3, 5), (3, 1, 5),
+                                                      (2, 50, 50), (3, 10, 50), (3, 50, 50),
+                                                      (5, 2, 9)])
+def test_every_pending_snapshot_lives_until_it_is_judged_and_memory_stays_bounded(
+        keep: int, interval: int, good_after: int, lag: int) -> None:
+    store = SnapshotStore(keep=keep, good_after=good_after, min_interval=interval,
+                          max_interval=interval)
+    good, most = _store_run(store, 400, lag)
+    # snapshots keep coming and keep becoming known good: the newest one is recent, and one
+    # becomes good at least every good_after + interval (+ the lag) steps
+    spacing = max(interval, good_after + lag + 1)
+    assert max(good) >= 400 - good_after - lag - 2 * spacing, sorted(good)
+    assert len(good) >= 400 // (good_after + interval + lag + 1) - 1, sorted(good)
+    # the bound the docstring gives: keep - 1 pending and the two newest known-good ones
+    assert most <= keep + 1, most

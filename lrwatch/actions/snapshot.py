@@ -202,11 +202,15 @@ def restore_state(state: Mapping[str, Any], model: torch.nn.Module,
     # keys a param group gained after the snapshot (SWA's ``swa_lr``, a scheduler's
     # ``initial_lr``) are kept: the code that added them still reads them
     later = [dict(g) for g in optimizer.param_groups]
-    optimizer.load_state_dict(_placed_state(optimizer, state["optimizer"]))
+    saved, added = _with_added_groups(optimizer, state["optimizer"])
+    optimizer.load_state_dict(_placed_state(optimizer, saved))
     for group, now in zip(optimizer.param_groups, later):
         for key, value in now.items():
             if key not in group:
                 group[key] = value
+    first_added = len(later) - added
+    for group, now in zip(optimizer.param_groups[first_added:], later[first_added:]):
+        group.update(now)   # an added group's settings as they are (a tensor rate included)
     if scheduler is not None and state.get("scheduler") is not None and (
             state.get("scheduler_type") in (None, type(scheduler).__qualname__)):
         # (a state of another kind of scheduler, from before the run's scheduler was swapped
@@ -263,6 +267,26 @@ def _live_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
            for t in live.values()):
         return None
     return live
+
+
+def _with_added_groups(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]
+                       ) -> tuple[Mapping[str, Any], int]:
+    """``saved`` (an optimizer state dict) with the param groups added to ``optimizer`` since
+    it was captured (``add_param_group``: a backbone unfrozen mid-run), and how many: the
+    groups it knew are restored, an added one keeps its settings and loses its per-parameter
+    state (its parameters are back at the snapshot's values, where the optimizer held none
+    for them). ``saved`` as it is (and 0) unless it holds fewer groups than ``optimizer``,
+    each of the same size as the live one (else ``load_state_dict`` says what is wrong)."""
+    groups, live = saved.get("param_groups"), optimizer.param_groups
+    if (not isinstance(groups, list) or not 0 < len(groups) < len(live)
+            or any(len(g.get("params", ())) != len(now["params"])
+                   for g, now in zip(groups, live))):
+        return saved, 0
+    ids = [i for g in groups for i in g["params"]]
+    fresh = itertools.count(1 + max((i for i in ids if isinstance(i, int)), default=-1))
+    extra = [{**{k: v for k, v in g.items() if k != "params"},
+              "params": [next(fresh) for _ in g["params"]]} for g in live[len(groups):]]
+    return {**saved, "param_groups": list(groups) + extra}, len(extra)
 
 
 def _placed_state(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> dict[str, Any]:

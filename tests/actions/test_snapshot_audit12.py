@@ -136,3 +136,51 @@ def test_every_pending_snapshot_lives_until_it_is_judged_and_memory_stays_bounde
     assert len(good) >= 400 // (good_after + interval + lag + 1) - 1, sorted(good)
     # the bound the docstring gives: keep - 1 pending and the two newest known-good ones
     assert most <= keep + 1, most
+
+
+# --- 2. a param group added after the snapshot (progressive unfreezing) ----------------------
+
+def test_a_rollback_to_before_a_param_group_was_added_is_carried_out(tmp_path: Path) -> None:
+    # the backbone is frozen, then unfrozen and added to the optimizer at step 25 (once: a
+    # flag); a failure at step 30 rolls back to step 20, before the group existed
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 2))
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.SGD(model[2].parameters(), lr=0.05, momentum=0.9)
+    went: list[int] = []
+    w = lrwatch.Watcher(model, opt, flush_every=1, rules=_rules(tmp_path),
+                        recovery={"cooldown": 0, "sudden_hold": 0, "sudden_margin": 0,
+                                  "guard": "off", "start_check": "off", "min_interval": 10,
+                                  "max_interval": 10, "good_after": 10},
+                        listeners=[lambda s: went.extend(e["to_step"] for e in s.events
+                                                         if e.get("type") == "rollback")])
+    at: dict[int, dict[str, Any]] = {}
+    unfrozen, checked = False, False
+    for i in w.batches(range(60)):
+        if went and not checked:   # just rolled back: what the snapshot held
+            checked = True
+            assert all(torch.equal(v, at[20]["model"][k])
+                       for k, v in model.state_dict().items())
+            assert all(torch.equal(opt.state[p]["momentum_buffer"], m)
+                       for p, m in zip(model[2].parameters(), at[20]["momentum"]))
+            # the group added since is kept (its parameters are back at the snapshot's
+            # values, where the optimizer held no state for them)
+            assert len(opt.param_groups) == 2 and opt.param_groups[1]["lr"] == 0.01
+            assert all(not opt.state.get(p) for p in model[0].parameters())
+        if w.step == 25 and not unfrozen:
+            unfrozen = True
+            for p in model[0].parameters():
+                p.requires_grad_(True)
+            opt.add_param_group({"params": list(model[0].parameters()), "lr": 0.01})
+        if w.step == 20 and not w.policy.rollbacks:
+            at[20] = {"model": {k: v.clone() for k, v in model.state_dict().items()},
+                      "momentum": [opt.state[p]["momentum_buffer"].clone()
+                                   for p in model[2].parameters()]}
+        loss = _step(model, opt, i)
+        w.log(loss=loss, poison=1.0 if w.step == 30 and not w.policy.rollbacks else 0.0)
+    w.close()
+    assert went == [20] and checked and w.exit_status == 0 and w.policy.rollbacks == 1
+    # training went on with both groups: the backbone moved after the rollback
+    assert not torch.equal(model[0].weight, at[20]["model"]["0.weight"])
+    assert opt.state[model[0].weight]["momentum_buffer"] is not None

@@ -85,10 +85,12 @@ class BestState:
         ``"max"``, ``"min"`` or ``"auto"`` (from the metric's name; see :func:`mode_for`).
     directory:
         Keep the state in ``directory / filename`` (atomic write, sha256, ``weights_only`` load)
-        instead of in CPU memory.
+        instead of in CPU memory. If a write fails with ``OSError`` (read-only, full, gone),
+        that state and every later one are kept in memory (``directory`` becomes ``None``),
+        said once, as the snapshots do.
     on_error:
         Called (no arguments) when the state cannot be copied or written (fail open: the
-        previous best stays).
+        previous best stays), and once when the directory cannot be written.
 
     Examples
     --------
@@ -306,26 +308,52 @@ class BestState:
 
     def _commit(self, step: int, value: float, state: dict[str, Any]) -> BestEval | None:
         assert self.metric is not None
+        checksum = None
         try:
-            where, checksum = "memory", None
             if self.directory is not None:
-                path = self.directory / self.filename
-                checksum = save_verified(state, path)
-                where = str(path)
-                meta = {"step": step, "metric": self.metric, "value": value, "sha256": checksum,
-                        "file": path.name}
-                path.with_suffix(".json").write_text(json.dumps(meta))
-        except Exception as exc:  # disk full, permissions: keep the previous best, train on
+                checksum = self._write(step, value, state)
+        except OSError as exc:   # read-only, full, gone: this state and later ones in memory
+            self._fall_back_to_memory(step, exc)
+        except Exception as exc:  # it cannot be written at all: keep the previous best, train on
             log.warning("lrwatch: keeping the evaluated state of step %d failed (%s); the "
                         "previous best stays", step, exc)
             if self.on_error is not None:
                 self.on_error()
             return None
+        where = str(self.directory / self.filename) if self.directory is not None else "memory"
         self._record = BestEval(step, self.metric, value, where)
         self._checksum = checksum
         self._state = state if self.directory is None else None
         self.copies += 1
         return self._record
+
+    def _write(self, step: int, value: float, state: dict[str, Any]) -> str:
+        """Write ``state`` and its ``.json`` under ``directory``; the sha256."""
+        assert self.directory is not None and self.metric is not None
+        path = self.directory / self.filename
+        checksum = save_verified(state, path)
+        meta = {"step": step, "metric": self.metric, "value": value, "sha256": checksum,
+                "file": path.name}
+        path.with_suffix(".json").write_text(json.dumps(meta))
+        return checksum
+
+    def _fall_back_to_memory(self, step: int, exc: OSError) -> None:
+        """``directory`` cannot be written (read-only, full, gone): keep this best state and
+        every later one in memory, as the snapshots do (said once, reported to
+        ``on_error``). A file the failed write left (a temporary one, or a state whose
+        ``.json`` could not follow) is removed: it describes no best the run keeps."""
+        where, self.directory = self.directory, None
+        assert where is not None
+        path = where / self.filename
+        for stale in (path.with_suffix(path.suffix + ".tmp"), path, path.with_suffix(".json")):
+            try:
+                stale.unlink(missing_ok=True)
+            except OSError:
+                pass
+        log.warning("lrwatch: cannot write the best evaluated state to %s (%s); keeping it in "
+                    "memory from step %d on, and training goes on", where, exc, step)
+        if self.on_error is not None:
+            self.on_error()
 
 
 def keep_best_state(keep_best: bool | str, mode: str, rules: Sequence[Any], *,

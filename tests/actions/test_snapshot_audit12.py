@@ -184,3 +184,41 @@ def test_a_rollback_to_before_a_param_group_was_added_is_carried_out(tmp_path: P
     # training went on with both groups: the backbone moved after the rollback
     assert not torch.equal(model[0].weight, at[20]["model"]["0.weight"])
     assert opt.state[model[0].weight]["momentum_buffer"] is not None
+
+
+# --- 3. the best evaluated state with a snapshot_dir that cannot be written ------------------
+
+def test_the_best_state_is_kept_in_memory_when_snapshot_dir_is_full(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    if not Path("/dev/full").exists():
+        pytest.skip("/dev/full is needed for a real disk-full error")
+    snapdir = tmp_path / "full"
+    snapdir.mkdir()
+    (snapdir / "best-eval.pt.tmp").symlink_to("/dev/full")
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = lrwatch.Watcher(model, opt, flush_every=1,
+                        recovery={"snapshot_dir": str(snapdir), "start_check": "off"})
+    kept = {}
+    with caplog.at_level("WARNING", logger="lrwatch"):
+        for i in range(30):
+            g = torch.Generator().manual_seed(i)
+            x, y = torch.randn(8, 4, generator=g), torch.randint(0, 2, (8,), generator=g)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            evaluation = {}
+            if i % 5 == 4:
+                evaluation = {"eval_loss": 1.0 / (i + 1)}
+                kept[w.step] = {k: v.clone() for k, v in model.state_dict().items()}
+            w.log(loss=loss.detach(), **evaluation)
+    best = w.best_eval
+    assert best is not None and best.where == "memory" and best.step == 30
+    w.restore_best()
+    assert all(torch.equal(v, kept[30][k]) for k, v in model.state_dict().items())
+    w.close()
+    said = [r for r in caplog.records if "evaluated state" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in said]   # said once, not at every eval
+    assert not (snapdir / "best-eval.json").exists()

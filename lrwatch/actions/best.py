@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 from ..errors import ConfigError
+from .host_copy import memory_key
 from .snapshot import load_verified, save_verified
 
 __all__ = ["BestEval", "BestState", "KEEP_BEST_MODES", "AUTO_METRICS", "mode_for", "keep_best_state"]
@@ -286,7 +287,7 @@ class BestState:
         live = state_fn()
         with torch.no_grad():
             if self._pending is None:
-                self._pending = _with_metadata(live, {k: _clone(v) for k, v in live.items()})
+                self._pending = _with_metadata(live, _copies(live, _clone))
                 dev = _device_of(self._pending)
                 v = _as_device_value(value, dev)
                 self._pending_value = v
@@ -399,16 +400,29 @@ def _as_device_value(value: torch.Tensor | float, device: torch.device) -> torch
     return torch.full((), float(value), dtype=torch.float32, device=device)
 
 
+def _copies(state: Mapping[str, Any], make: Callable[[Any], Any]) -> dict[str, Any]:
+    """``{k: make(v)}``, but entries that are the same tensor (tied weights, by
+    :func:`~lrwatch.actions.host_copy.memory_key`) get one copy between them, shared as in
+    ``state``: the best state holds a tied matrix once, on the device and on the host."""
+    out: dict[str, Any] = {}
+    made: dict[Any, Any] = {}
+    for k, v in state.items():
+        key = memory_key(v) if isinstance(v, torch.Tensor) else None
+        if key is None:
+            out[k] = make(v)
+        else:
+            out[k] = made[key] if key in made else made.setdefault(key, make(v))
+    return out
+
+
 def _host_copy(state: Mapping[str, Any], *, owned: bool) -> dict[str, Any]:
     """``state`` on the CPU; ``owned`` tensors (our own clones) already there are not copied."""
-    out: dict[str, Any] = {}
-    for k, v in state.items():
+    def host(v: Any) -> Any:
         if isinstance(v, torch.Tensor):
             v = v.detach()
-            out[k] = v if owned and v.device.type == "cpu" else v.to("cpu", copy=True)
-        else:
-            out[k] = v if owned else copy.deepcopy(v)
-    return _with_metadata(state, out)
+            return v if owned and v.device.type == "cpu" else v.to("cpu", copy=True)
+        return v if owned else copy.deepcopy(v)
+    return _with_metadata(state, _copies(state, host))
 
 
 def _with_metadata(src: Mapping[str, Any], out: dict[str, Any]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["HostCopy"]
+__all__ = ["HostCopy", "memory_key"]
 
 log = logging.getLogger("lrwatch")
 
@@ -52,26 +52,31 @@ class HostCopy:
         return t.detach().to("cpu", copy=True)
 
     def copy(self, obj: Any) -> Any:
-        if not self.asynchronous:
-            return self._rebuild(obj, None)
-        found: list[torch.Tensor] = []
-        _gather(obj, found)
-        hosts = iter(self._bulk(found)) if found else None
-        return self._rebuild(obj, hosts)
+        """``obj`` with its tensors copied (see the class docstring). Entries that are the
+        same tensor (tied weights: a decoder sharing its embedding's matrix is two entries of
+        one ``state_dict()``) get one copy between them, shared as in the original, so a
+        snapshot holds them, and writes them to disk, once."""
+        copies: dict[Any, torch.Tensor] = {}
+        if self.asynchronous:
+            found: dict[Any, torch.Tensor] = {}
+            _gather(obj, found)
+            copies = dict(zip(found, self._bulk(list(found.values())))) if found else {}
+        return self._rebuild(obj, copies)
 
-    def _rebuild(self, obj: Any, hosts: Any) -> Any:
-        """``obj`` with every tensor replaced: CUDA ones by the next of ``hosts`` (their bulk
-        copies, in :func:`_gather`'s order), the others by :meth:`tensor`."""
+    def _rebuild(self, obj: Any, copies: dict[Any, torch.Tensor]) -> Any:
+        """``obj`` with every tensor replaced by its copy in ``copies`` (by :func:`_key`: the
+        bulk copies, and each one :meth:`tensor` made so far), made by :meth:`tensor` if none."""
         if isinstance(obj, torch.Tensor):
-            if hosts is not None and _bulk_kind(obj):
-                return next(hosts)
-            return self.tensor(obj)
+            key = _key(obj)
+            if key not in copies:
+                copies[key] = self.tensor(obj)
+            return copies[key]
         if isinstance(obj, dict):  # dict and OrderedDict (model state dicts)
-            return type(obj)((k, self._rebuild(v, hosts)) for k, v in obj.items())
+            return type(obj)((k, self._rebuild(v, copies)) for k, v in obj.items())
         if isinstance(obj, list):
-            return [self._rebuild(v, hosts) for v in obj]
+            return [self._rebuild(v, copies) for v in obj]
         if isinstance(obj, tuple):
-            return tuple(self._rebuild(v, hosts) for v in obj)
+            return tuple(self._rebuild(v, copies) for v in obj)
         return obj  # ints, floats, strings, None: immutable
 
     def _bulk(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -131,11 +136,34 @@ def _bulk_kind(t: torch.Tensor) -> bool:
     return t.device.type == "cuda" and t.layout == torch.strided
 
 
-def _gather(obj: Any, found: list[torch.Tensor]) -> None:
-    """The bulk-copied tensors of ``obj``, in the order :meth:`HostCopy._rebuild` visits them."""
+def memory_key(t: torch.Tensor) -> Any:
+    """What makes two tensors the same values in the same memory (the same storage, offset,
+    shape, strides and dtype: ``state_dict()`` hands a tied weight out as two detached views
+    of one parameter), or ``None`` for one never shared (empty, not strided, no storage)."""
+    if t.layout != torch.strided or not t.numel() or t.device.type == "meta":
+        return None
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):   # a tensor subclass without plain storage
+        return None
+    if not ptr:
+        return None
+    return (t.device, t.dtype, ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+            type(t))
+
+
+def _key(t: torch.Tensor) -> Any:
+    """:func:`memory_key`, or for a tensor never shared the object itself (the structure
+    copied holds it while it is copied, so its ``id`` is its own)."""
+    return memory_key(t) or ("object", id(t))
+
+
+def _gather(obj: Any, found: dict[Any, torch.Tensor]) -> None:
+    """The bulk-copied tensors of ``obj``, each once (by :func:`_key`)."""
     if isinstance(obj, torch.Tensor):
-        if _bulk_kind(obj):
-            found.append(obj)
+        key = _key(obj)
+        if _bulk_kind(obj) and key not in found:
+            found[key] = obj
     elif isinstance(obj, dict):
         for v in obj.values():
             _gather(v, found)

@@ -222,3 +222,95 @@ def test_the_best_state_is_kept_in_memory_when_snapshot_dir_is_full(
     said = [r for r in caplog.records if "evaluated state" in r.getMessage()]
     assert len(said) == 1, [r.getMessage() for r in said]   # said once, not at every eval
     assert not (snapdir / "best-eval.json").exists()
+
+
+# --- 4. tied weights ------------------------------------------------------------------------
+
+class _TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(500, 32)
+        self.out = nn.Linear(32, 500, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.emb(x))
+
+
+def _storage_bytes(state: dict[str, Any]) -> int:
+    seen = {}
+    for v in state.values():
+        if isinstance(v, torch.Tensor):
+            seen[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_a_snapshot_holds_tied_weights_once(tmp_path: Path, on_disk: bool) -> None:
+    torch.manual_seed(0)
+    model = _TiedLM()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    store = SnapshotStore(keep=2, directory=tmp_path if on_disk else None)
+    snap = store.take(1, 0, model, opt)
+    assert snap is not None
+    saved = snap.load()["model"]
+    weights = 500 * 32 * 4
+    assert _storage_bytes(saved) == weights   # one copy of the tied matrix, not two
+    if on_disk:
+        assert Path(snap.path or "").stat().st_size < 2 * weights   # no Adam state yet
+    # and the rollback still restores it, tied
+    before = model.emb.weight.detach().clone()
+    x = torch.randint(0, 500, (4, 8))
+    opt.zero_grad()
+    model(x).sum().backward()
+    opt.step()
+    from lrwatch.actions.snapshot import restore_state
+    restore_state(snap.load(), model, opt)
+    assert model.out.weight is model.emb.weight and torch.equal(model.emb.weight, before)
+
+
+def test_a_best_state_whose_directory_cannot_be_made_is_kept_in_memory(tmp_path: Path) -> None:
+    from lrwatch.actions.best import BestState
+    (tmp_path / "a-file").write_text("")
+    errors: list[int] = []
+    best = BestState("eval_loss", directory=tmp_path / "a-file" / "best",
+                     on_error=lambda: errors.append(1))
+    model = nn.Linear(2, 1)
+    best.offer(10, 0.5, model.state_dict)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    best.offer(20, 0.4, model.state_dict)
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    record = best.restore(model)
+    assert record is not None and record.step == 20 and record.where == "memory"
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+    assert errors == [1] and best.copies == 2
+    assert best.state_dict()["best"]["where"] == "memory"
+
+
+def test_the_best_state_holds_tied_weights_once(tmp_path: Path) -> None:
+    from lrwatch.actions.best import BestState
+    torch.manual_seed(0)
+    model = _TiedLM()
+    weights = 500 * 32 * 4
+    best = BestState("eval_loss")
+    best.offer(10, 0.5, model.state_dict)        # a number: copied at once
+    kept = best.load()
+    assert kept is not None and _storage_bytes(kept) == weights
+    with torch.no_grad():
+        model.emb.weight.add_(1.0)
+    best.offer(20, torch.tensor(0.4), model.state_dict)   # a tensor: cloned until the flush
+    best.offer(21, torch.tensor(0.3), model.state_dict)
+    assert best._pending is not None and _storage_bytes(best._pending) == weights
+    record = best.decide_at_flush([0.4, 0.3])
+    assert record is not None and record.step == 21
+    kept = best.load()
+    assert kept is not None and _storage_bytes(kept) == weights
+    assert torch.equal(kept["out.weight"], model.emb.weight)
+    with torch.no_grad():
+        model.emb.weight.zero_()
+    best.restore(model)
+    assert model.out.weight is model.emb.weight and torch.equal(model.emb.weight,
+                                                                 kept["emb.weight"])

@@ -330,6 +330,14 @@ def _placed(value: Any, param: torch.Tensor, on_device: bool, step: bool) -> Any
     return value.detach().to(device=param.device, dtype=dtype, non_blocking=True, copy=True)
 
 
+def _rank_tag() -> str:
+    """``".rank<r>"`` in a ``torch.distributed`` group of more than one process, else ``""``."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return f".rank{dist.get_rank()}"
+    return ""
+
+
 @dataclass
 class Snapshot:
     """One captured state. ``state`` is ``None`` when it lives on disk at ``path``."""
@@ -373,10 +381,11 @@ class SnapshotStore:
         A pending snapshot is never dropped before it is judged.
     directory:
         Write snapshots here (atomic rename, sha256 checksum, ``weights_only`` load) instead of
-        keeping CPU copies in memory. If a write fails with ``OSError`` (read-only, full,
-        removed), that snapshot and all later ones are kept in memory (``directory`` becomes
-        ``None``), with one warning and one ``on_error`` call: a rollback must not be lost
-        to an unusable disk.
+        keeping CPU copies in memory: ``snapshot-<step>.pt`` and its ``.json``, under
+        ``torch.distributed`` ``snapshot-<step>.rank<r>.pt`` (see :meth:`_filename`). If a
+        write fails with ``OSError`` (read-only, full, removed), that snapshot and all later
+        ones are kept in memory (``directory`` becomes ``None``), with one warning and one
+        ``on_error`` call: a rollback must not be lost to an unusable disk.
     good_after:
         Steps the rules must stay quiet after a snapshot before it counts as known good.
     budget:
@@ -410,6 +419,7 @@ class SnapshotStore:
         #: one taken out of schedule; see :meth:`_trim`).
         self.pending_slack = 0
         self.directory = Path(directory) if directory is not None else None
+        self._rank_tag = _rank_tag()
         self.good_after = good_after
         self.budget = budget
         self.min_interval = min_interval
@@ -531,7 +541,7 @@ class SnapshotStore:
         if snap.path:   # the data file was written, its metadata was not: the memory copy wins
             self._delete(snap)
         try:   # a half-written temporary file (a full disk) would only take more space
-            (where / f"snapshot-{snap.step:010d}.pt.tmp").unlink(missing_ok=True)
+            (where / (self._filename(snap.step) + ".tmp")).unlink(missing_ok=True)
         except OSError:
             pass
         snap.path = snap.checksum = None
@@ -546,13 +556,21 @@ class SnapshotStore:
     def _write(self, snap: Snapshot) -> None:
         assert self.directory is not None and snap.state is not None
         snap.wait()
-        final = self.directory / f"snapshot-{snap.step:010d}.pt"
+        final = self.directory / self._filename(snap.step)
         snap.checksum = save_verified(snap.state, final)
         snap.path = str(final)
         meta = {"step": snap.step, "data_position": snap.data_position,
                 "sha256": snap.checksum, "file": final.name}
         (final.with_suffix(".json")).write_text(json.dumps(meta))
         snap.state = None  # the disk copy is the snapshot; keep memory free
+
+    def _filename(self, step: int) -> str:
+        """``snapshot-<step>.pt``; under ``torch.distributed`` (a group of more than one
+        process) ``snapshot-<step>.rank<r>.pt``, the global rank: the ranks of one machine,
+        or of a shared filesystem, share ``directory``, and each must write, verify and delete
+        its own files (the same name made the ranks overwrite each other's snapshots, or one
+        rank's rename find the other's temporary file gone)."""
+        return f"snapshot-{step:010d}{self._rank_tag}.pt"
 
     def _trim(self) -> None:
         """Drop snapshots beyond ``keep`` (the pinned start never counts, nor is dropped).

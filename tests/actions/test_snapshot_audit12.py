@@ -314,3 +314,27 @@ def test_the_best_state_holds_tied_weights_once(tmp_path: Path) -> None:
     best.restore(model)
     assert model.out.weight is model.emb.weight and torch.equal(model.emb.weight,
                                                                  kept["emb.weight"])
+
+
+# --- 5. ranks sharing a snapshot_dir ---------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fail_at", [3, 37])
+def test_ranks_sharing_a_snapshot_dir_each_roll_back_to_their_own_snapshot(
+        tmp_path: Path, fail_at: int) -> None:
+    # 3: back to the run's start (step 0); 37: to a snapshot taken since
+    import json
+
+    import torch.multiprocessing as mp
+
+    from actions import snapshot_audit12_workers as workers
+
+    mp.spawn(workers.shared_snapshot_dir,
+             args=(2, str(tmp_path / "store"), str(tmp_path), fail_at), nprocs=2)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in results:
+        assert [a[0] for a in r["actions"]] == ["rollback"], r
+        assert r["exit_status"] == 0 and r["fallbacks"] == 0 and r["on_disk"], r
+    assert results[0]["actions"] == results[1]["actions"]
+    files = results[0]["files"]
+    assert files and all(".rank0." in f or ".rank1." in f for f in files), files

@@ -410,6 +410,11 @@ class SnapshotStore:
                               f"got {keep}")
         if not 0 < budget < 1:
             raise ConfigError(f"budget must be a fraction in (0, 1), got {budget}")
+        if not isinstance(min_interval, int) or isinstance(min_interval, bool) or not (
+                isinstance(max_interval, int) and not isinstance(max_interval, bool)
+                or max_interval == math.inf):
+            raise ConfigError(f"min_interval must be an integer and max_interval an integer or "
+                              f"infinity (steps), got {min_interval!r} and {max_interval!r}")
         if good_after < 0 or min_interval < 1 or max_interval < min_interval:
             raise ConfigError("need good_after >= 0 and 1 <= min_interval <= max_interval")
         self.keep = keep

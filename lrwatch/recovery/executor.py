@@ -44,11 +44,13 @@ _EVENT = {"lrwatch_event": True}
 
 def _gained_keys(optimizer: Any, state: Mapping[str, Any]) -> list[tuple[str, ...]]:
     """Per param group, the learning-rate keys the live group holds and the captured
-    ``state``'s optimizer lacks: SWALR's ``swa_lr``, a later scheduler's ``initial_lr``. A
+    ``state``'s optimizer lacks: SWALR's ``swa_lr``, a later scheduler's ``initial_lr``; every
+    rate key of a group added since (``add_param_group``: a backbone unfrozen mid-run). A
     restore keeps them as they are, at the scale of before the restore."""
-    saved = state["optimizer"].get("param_groups", ())
-    return [tuple(k for k in LR_GROUP_KEYS if k in now and k not in was)
-            for now, was in zip(optimizer.param_groups, saved)]
+    saved = list(state["optimizer"].get("param_groups", ()))
+    return [tuple(k for k in LR_GROUP_KEYS
+                  if k in now and (i >= len(saved) or k not in saved[i]))
+            for i, now in enumerate(optimizer.param_groups)]
 
 
 def _scale_gained(optimizer: Any, gained: Sequence[tuple[str, ...]], factor: float) -> None:

@@ -155,8 +155,9 @@ class LrwatchCallback(pl.Callback):
                 "the restart's range test")
         self.watcher = Watcher(pl_module, opt, sched, scaler=scaler, step_hooks=False,
                                start_step=int(trainer.global_step), **kw)
-        if self._loaded is not None:
-            self.watcher.load_state_dict(self._loaded)
+        saved = self._resumable(int(trainer.global_step))
+        if saved is not None:
+            self.watcher.load_state_dict(saved)
         self._optimizer = opt
         self._handle = opt.register_step_post_hook(self._post_step)
         self._stepped, self._loss_sum, self._loss_n, self._done = False, None, 0, None
@@ -207,9 +208,23 @@ class LrwatchCallback(pl.Callback):
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-        if self.watcher is not None:
+        # (a closed Watcher's state is kept already; a checkpoint's loaded since must stay)
+        if self.watcher is not None and not self.watcher._closed:
             self._loaded = self.watcher.state_dict()
             self.watcher.close()
+
+    def _resumable(self, step: int) -> dict[str, Any] | None:
+        """The state the fit starting at global step ``step`` resumes: a checkpoint's (Lightning
+        restores its global step too), or this callback's last fit's where the fit goes on from
+        where it ended (the same Trainer). A fresh fit (a new Trainer, no checkpoint) starts
+        afresh: lrwatch's step is the framework's global step."""
+        saved = self._loaded
+        if saved is None or int(saved.get("step", step)) == step:
+            return saved
+        logging.getLogger("lrwatch").info(
+            "lrwatch: this fit starts at step %d, not where the state kept from the last one "
+            "ends (step %s): lrwatch starts afresh", step, saved.get("step"))
+        return None
 
     # --- the step ------------------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
@@ -294,7 +309,9 @@ class LrwatchCallback(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded = dict(state_dict) if state_dict else None
-        if self.watcher is not None and self._loaded:
+        # Lightning calls this before on_train_start: a Watcher here is the last fit's, closed
+        # (loading into it opened its trace again, and the new Watcher could not write it)
+        if self.watcher is not None and not self.watcher._closed and self._loaded:
             self.watcher.load_state_dict(self._loaded)
 
 

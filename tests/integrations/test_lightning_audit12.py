@@ -1,0 +1,69 @@
+"""Twelfth audit round (6 December): the Lightning callback under unusual but legitimate use,
+with a real ``lightning.Trainer`` on the tiny MLP of ``test_lightning`` (CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pl = pytest.importorskip("lightning.pytorch")
+
+from lrwatch.exporters.trace import read_trace  # noqa: E402
+from lrwatch.integrations.lightning import LrwatchCallback  # noqa: E402
+
+from .test_lightning import LrBomb, TinyMLP, _loader, _trainer  # noqa: E402
+
+
+def test_one_callback_fits_then_resumes_from_an_earlier_checkpoint(tmp_path: Path) -> None:
+    """The same callback object in a second ``fit(ckpt_path=...)`` (a notebook, a script that
+    builds its callbacks once): Lightning hands it the checkpoint's state before the fit
+    starts, while the first fit's Watcher is closed. That state went into the closed Watcher,
+    whose trace it opened again and kept open: the resumed run could not write its trace
+    (another writer) and its steps after the checkpoint were lost."""
+    ckdir = tmp_path / "ck"
+    ck = pl.callbacks.ModelCheckpoint(dirpath=ckdir, every_n_train_steps=10, save_top_k=-1)
+    trace = tmp_path / "run.jsonl"
+    cb = LrwatchCallback(flush_every=2, trace=str(trace),
+                         recovery={"good_after": 4, "min_interval": 5, "cooldown": 0})
+    _trainer(tmp_path, [cb, ck, LrBomb(at=18), LrBomb(at=35)], max_steps=50,
+             enable_checkpointing=True).fit(TinyMLP(sched=False), _loader())
+    ckpt = next(ckdir.glob("*step=30.ckpt"))
+    saved = next(v for k, v in torch.load(ckpt, weights_only=False)["callbacks"].items()
+                 if "LrwatchCallback" in k)
+    at_30 = saved["policy"]["rollbacks"]
+    assert saved["step"] == 30 and 0 < at_30 < cb.rollbacks   # a rollback after it, too
+
+    seen: dict[str, Any] = {}
+
+    class Probe(pl.Callback):
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            assert cb.watcher is not None
+            seen.update(step=cb.watcher.step, rollbacks=cb.rollbacks)
+
+    trainer = _trainer(tmp_path, [cb, Probe()], max_steps=40)
+    trainer.fit(TinyMLP(sched=False), _loader(), ckpt_path=str(ckpt))
+    assert seen == {"step": 30, "rollbacks": at_30}   # the checkpoint's state, not the fit's end
+    w = cb.watcher
+    assert w is not None and w.step == 40 == trainer.global_step
+    assert w.exporter.internal_errors._value.get() == 0
+    samples = read_trace(trace)
+    assert [s.step for s in samples] == list(range(1, 41))   # 1-30 kept, 31-40 resumed
+    assert any(e.get("type") == "resume" for s in samples for e in s.events)
+
+
+def test_one_callback_in_a_second_fresh_fit_starts_at_the_trainers_step(tmp_path: Path
+                                                                         ) -> None:
+    """A second ``fit`` from scratch (a new Trainer, no checkpoint) with the same callback:
+    lrwatch's step must be the framework's global step again, not the first fit's end."""
+    cb = LrwatchCallback(flush_every=5, recovery=False)
+    _trainer(tmp_path, [cb], max_steps=20).fit(TinyMLP(sched=False), _loader())
+    assert cb.watcher is not None and cb.watcher.step == 20
+    trace = tmp_path / "second.jsonl"
+    cb.watcher_kwargs["trace"] = str(trace)
+    trainer = _trainer(tmp_path, [cb], max_steps=10)
+    trainer.fit(TinyMLP(sched=False), _loader())
+    assert cb.watcher.step == 10 == trainer.global_step
+    assert [s.step for s in read_trace(trace)] == list(range(1, 11))

@@ -205,9 +205,21 @@ class LrwatchCallback(TrainerCallback):
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None,
+                     **kwargs: Any) -> None:
+        kept = _best_loaded(args, state, model)
+        rollbacks = self.rollbacks
         log_completed_step(self, start_check=False)   # training is over: no check now
-        self._close()
+        self._close()   # (its last flush may roll back or restore: carried out on the model)
+        if kept is not None:
+            # load_best_model_at_end: the Trainer loaded its best checkpoint before this
+            # event; the weights it loaded are the run's result, whatever lrwatch did since
+            model.load_state_dict(kept)
+            if self.rollbacks > rollbacks:
+                logging.getLogger("lrwatch").warning(
+                    "lrwatch: the rollback at the end of training leaves the weights alone: "
+                    "load_best_model_at_end loaded the best checkpoint (%s), which stands",
+                    state.best_model_checkpoint)
 
     def _close(self) -> None:
         for h in self._handles:
@@ -398,6 +410,15 @@ def _sample_batches(loader: Any, n: int, batch_size: int, model: Any) -> list[An
         return []
     with rng_kept():   # a collator that masks at random (MLM) draws from the global RNGs
         return list(itertools.islice(iter(batches), n))
+
+
+def _best_loaded(args: Any, state: Any, model: Any) -> dict[str, torch.Tensor] | None:
+    """A host copy of the weights the Trainer loaded from its best checkpoint after the loop
+    (``load_best_model_at_end``, as the Trainer decides it), or ``None`` when it loaded none."""
+    if (model is None or not getattr(args, "load_best_model_at_end", False)
+            or getattr(state, "best_model_checkpoint", None) is None):
+        return None
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def _model_loss(model: Any, batch: Mapping[str, Any]) -> torch.Tensor:

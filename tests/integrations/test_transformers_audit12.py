@@ -1,0 +1,35 @@
+"""Twelfth audit round (6 December): the Hugging Face callback under unusual but legitimate
+use, with a real ``transformers.Trainer`` on the tiny GPT-2 of ``test_transformers`` (CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+safetensors = pytest.importorskip("safetensors.torch")
+
+from lrwatch.integrations.transformers import LrwatchCallback  # noqa: E402
+
+from .test_transformers import Poison, _model, _train  # noqa: E402
+
+
+def test_load_best_model_at_end_keeps_the_best_checkpoint(tmp_path: Path) -> None:
+    """The last steps fail; the Trainer loads its best checkpoint after the loop and only then
+    calls on_train_end, where lrwatch's last flush judged the failure and rolled the model
+    back (here: restarted it from its initial weights) over the best checkpoint the user
+    asked for."""
+    model = _model()
+    cb = LrwatchCallback(flush_every=5, recovery={"guard": "off"})
+    trainer = _train(tmp_path, cb, [Poison(model, {19, 20})], model=model, max_steps=20,
+                     eval_strategy="steps", eval_steps=10, save_strategy="steps", save_steps=10,
+                     load_best_model_at_end=True)
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and cb.rollbacks >= 1       # the failure was acted on
+    saved = safetensors.load_file(str(Path(best) / "model.safetensors"))
+    mine = model.state_dict()
+    for name, value in saved.items():
+        assert torch.equal(mine[name], value), name

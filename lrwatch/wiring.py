@@ -22,6 +22,7 @@ from .errors import ConfigError
 from .probe import LayerIndex
 from .recovery.policy import RecoveryConfig, check_action_params
 from .rules import RuleSet, load_pack, load_rules
+from .rules.layering import join
 from .rules.schema import PACKS
 from .steps import StepRecorder
 
@@ -72,7 +73,8 @@ def check_probe(recovery: RecoveryConfig | None, probe_loss: Callable[..., Any] 
 
 def rule_set(rules: "str | os.PathLike[str] | RuleSet | Sequence[Any] | None") -> RuleSet | None:
     """The rules a Watcher judges by: a pack name, a rule-file path, a RuleSet, a list of
-    these (joined in order: ``["training", "plateau_cut"]``), or None."""
+    these (joined in order as layers, as ``lrwatch replay --rules A --rules B`` joins them:
+    ``["training", "my.yml"]``, see docs/rules.md, "Layering rule sets"), or None."""
     if rules is None or isinstance(rules, RuleSet):
         return rules
     if isinstance(rules, str) and rules in PACKS:
@@ -80,13 +82,12 @@ def rule_set(rules: "str | os.PathLike[str] | RuleSet | Sequence[Any] | None") -
     if isinstance(rules, (str, os.PathLike)):
         return load_rules(rules)
     if isinstance(rules, (list, tuple)) and rules:
-        parts = [rule_set(r) for r in rules]
-        if any(p is None for p in parts):
+        # joined as layers (lrwatch.rules.layering): a file may refer to the rules of the
+        # others, and turn off or replace (override: true) a rule of an earlier one
+        if any(r is None for r in rules):
             raise ConfigError("rules: a list of rule sets cannot contain None")
-        joined = parts[0]
-        for p in parts[1:]:
-            joined = joined + p   # type: ignore[operator]
-        return joined
+        return join([r if isinstance(r, (str, os.PathLike, RuleSet)) else rule_set(r)
+                     for r in rules])
     raise ConfigError(f"rules must be a pack name {sorted(PACKS)}, a rule file path, a RuleSet, "
                       f"a non-empty list of these, or None, got {type(rules).__name__}")
 

@@ -18,7 +18,8 @@ from ..errors import ConfigError, RuleError
 from .detectors import DETECTORS
 from .engine import Firing
 from .replay import TraceResult, expand_traces, replay_trace
-from .schema import PACKS, SEVERITIES, RuleSet, load_pack, load_rules, pack_text
+from .layering import Layer, join, join_layers, spec_layer
+from .schema import PACKS, SEVERITIES, RuleSet, load_layer, pack_text
 
 __all__ = ["replay_command", "rules_group"]
 
@@ -121,14 +122,11 @@ def replay_command(traces: tuple[str, ...], rules_files: tuple[str, ...],
 
 
 def _load_specs(specs: tuple[str, ...]) -> RuleSet:
-    """The rule sets ``specs`` names (pack names and rule files) joined in order, as the
-    Watcher joins its ``rules=[...]`` list (a pack's name is the pack)."""
+    """The rule sets ``specs`` names (pack names and rule files) joined in order as layers,
+    as the Watcher joins its ``rules=[...]`` list (a pack's name is the pack): references
+    across them resolve, and a later one may turn off or replace a rule of an earlier one."""
     # the action parameters too: a file 'rules check' refuses is not replayed
-    parts = [load_pack(s) if s in PACKS else load_rules(s, check_actions=True) for s in specs]
-    joined = parts[0]
-    for part in parts[1:]:
-        joined = joined + part
-    return joined
+    return join(specs, check_actions=True)
 
 
 def _load_rules_or_exit(specs: tuple[str, ...]) -> RuleSet:
@@ -136,11 +134,11 @@ def _load_rules_or_exit(specs: tuple[str, ...]) -> RuleSet:
     names across them, the names) and exits 2."""
     try:
         return _load_specs(specs)
-    except RuleError as exc:
+    except RuleError as exc:   # a clash of names across them too, with file and line
         for line in exc.errors:
             click.echo(line, err=True)
         raise SystemExit(2) from None
-    except ConfigError as exc:   # the same rule name in two of them
+    except ConfigError as exc:   # pragma: no cover - a join raises RuleError
         click.echo(f"Error: {', '.join(specs)}: {exc}", err=True)
         raise SystemExit(2) from None
 
@@ -251,22 +249,49 @@ def rules_group() -> None:
 
 @rules_group.command("check")
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
-def check_command(files: tuple[str, ...]) -> None:
-    """Validate rule FILES; every error is printed as FILE:LINE: key 'KEY': message."""
+@click.option("--with", "with_sets", multiple=True, metavar="PACK|FILE",
+              help="Check each FILE as it will be joined after this rule set: a pack's name "
+                   f"({', '.join(PACKS)}) or a rule file. Repeat it to join several, in order "
+                   "(--with training --with team.yml), as Watcher(rules=[...]) and replay "
+                   "--rules join them.")
+def check_command(files: tuple[str, ...], with_sets: tuple[str, ...]) -> None:
+    """Validate rule FILES; every error is printed as FILE:LINE: key 'KEY': message.
+
+    With --with, each FILE is checked joined after those rule sets: its 'when' rules may
+    refer to their rules, and it may turn one off ({name: X, enabled: false}) or replace it
+    (override: true).
+    """
     bad = 0
+    shown: set[str] = set()   # a --with set's own errors, printed once
     for f in files:
         try:
             # {stop: {restore: ...}}, {reduce_lr: {factor: ...}} too, with the other errors
-            rs = load_rules(f, check_actions=True)
+            layers = [spec_layer(s) for s in with_sets] + [load_layer(f)]
+            rs = join_layers(layers, check_actions=True)
         except RuleError as exc:
             bad += 1
             for line in exc.errors:
-                click.echo(line)
+                if line not in shown:
+                    click.echo(line)
+                    shown.add(line)
             continue
-        click.echo(f"{f}: ok ({len(rs)} rule{'s' if len(rs) != 1 else ''})")
+        click.echo(f"{f}: ok ({_check_summary(f, rs, layers[-1], with_sets)})")
     if bad:
         click.echo(f"{bad} of {len(files)} file(s) have errors", err=True)
         raise SystemExit(1)
+
+
+def _check_summary(path: str, rs: RuleSet, layer: Layer, with_sets: tuple[str, ...]) -> str:
+    """What a checked file holds: ``3 rules`` alone; with --with also what it replaces and
+    turns off of the sets before it, and the size of the join."""
+    n = sum(1 for e in layer.entries if e.kind == "rule" and e.enabled)
+    text = f"{n} rule{'s' if n != 1 else ''}"
+    if not with_sets:
+        return text
+    replaced = sum(1 for e in layer.entries if e.override and e.kind == "rule" and e.enabled)
+    off = sum(1 for e in layer.entries if e.kind == "disable" or (e.override and not e.enabled))
+    return (f"{text}, {replaced} replacing and {off} turning off a rule of "
+            f"{', '.join(with_sets)}; {len(rs)} rules joined")
 
 
 @rules_group.command("show")

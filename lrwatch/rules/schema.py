@@ -24,6 +24,10 @@ A rule file is a mapping with a ``rules`` list (see ``docs/rules.md``)::
 
 Validation collects *every* problem, each as ``FILE:LINE: key 'PATH': message (valid choices:
 ...)``, and raises one :class:`~lrwatch.errors.RuleError` carrying them all.
+
+A file joined after other rule sets (``lrwatch.rules.layering``) may also turn a rule of
+theirs off, ``{name: X, enabled: false}``, or replace it, the full rule with ``override: true``;
+here each file is parsed alone into a ``Layer`` and the join resolves names across them.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import string
 from dataclasses import dataclass, field
 from importlib import resources
 from types import MappingProxyType
-from typing import Any, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 import yaml
 
@@ -43,9 +47,12 @@ from ..errors import ConfigError, RuleError
 from .detectors import DETECTORS, Detector
 from .detectors.base import short
 
+if TYPE_CHECKING:
+    from .layering import Layer
+
 __all__ = ["Rule", "RuleSet", "Span", "When", "load_rules", "load_pack", "parse_rules",
-           "pack_text", "when_order", "PACKS", "SEVERITIES", "ACTIONS", "TEMPLATE_FIELDS",
-           "WHEN_KEYS", "WHEN_MODES"]
+           "parse_layer", "load_layer", "pack_layer", "pack_text", "when_order", "PACKS",
+           "SEVERITIES", "ACTIONS", "TEMPLATE_FIELDS", "WHEN_KEYS", "WHEN_MODES"]
 
 SEVERITIES = ("critical", "warning", "info")
 ACTIONS = ("rollback", "reduce_lr", "skip", "stop", "alert", "hook")
@@ -59,7 +66,11 @@ WHEN_KEYS = WHEN_MODES + ("within", "unless")
 #: ``within: run``: at any step of the run so far (stored as this many steps).
 WITHIN_RUN = 2 ** 62
 _RULE_KEYS = ("name", "metric", "metrics", "detector", "params", "given", "when", "for",
-              "cooldown", "hysteresis", "severity", "actions", "labels", "annotations", "enabled")
+              "cooldown", "hysteresis", "severity", "actions", "labels", "annotations", "enabled",
+              "override")
+#: The keys of an entry that turns off a rule of an earlier rule set: ``{name: X, enabled: false}``
+#: (docs/rules.md, "Layering rule sets").
+_STUB_KEYS = ("name", "enabled", "override")
 _TOP_KEYS = ("version", "rules")
 _LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 #: Label names every alert of a rule sets itself (lrwatch.actions.alerts.Alert.for_rule).
@@ -463,12 +474,16 @@ class _Entries:
 
 @dataclass
 class _Refs:
-    """What the rules of one file are called and refer to, for the checks across rules."""
+    """What the rules of one file are called and refer to, for the checks across rules (made
+    by the join of rule sets, :mod:`lrwatch.rules.layering`)."""
 
-    names: dict[str, int] = field(default_factory=dict)      # name -> index of its first rule
     enabled: dict[int, bool] = field(default_factory=dict)   # rule index -> enabled
     whens: dict[int, tuple[str | None, str, yaml.Node]] = field(default_factory=dict)
     refs: list[tuple[int, str, str, yaml.Node]] = field(default_factory=list)  # idx, key, target
+    overrides: dict[int, bool] = field(default_factory=dict)  # rule index -> override: true
+    nodes: dict[int, dict[str, yaml.Node]] = field(default_factory=dict)  # index -> key -> value
+    entries: dict[int, Rule | None] = field(default_factory=dict)  # kept entries; None: no rule
+    stubs: set[int] = field(default_factory=set)             # {name: X, enabled: false} entries
 
 
 def _rule(node: yaml.Node, idx: int, ctor: Any, errs: _Errors, refs: _Refs) -> Rule | None:
@@ -478,12 +493,12 @@ def _rule(node: yaml.Node, idx: int, ctor: Any, errs: _Errors, refs: _Refs) -> R
         return None
     n_before = errs.hard
     e = _Entries(node, ctor, path, errs)
+    refs.nodes[idx] = {k: vn for k, (_, vn) in e.map.items()}
+    refs.nodes[idx]["<entry>"] = node
     for key, (knode, _) in e.map.items():
         if key not in _RULE_KEYS:
             _unknown(errs, knode, f"{path}.{key}", key, _RULE_KEYS)
     name = _rule_name(e)
-    if name is not None:
-        refs.names.setdefault(name, idx)
     metrics: tuple[str, ...] = ()
     cls: type[Detector] | None = None
     params: dict[str, Any] = {}
@@ -510,7 +525,8 @@ def _rule(node: yaml.Node, idx: int, ctor: Any, errs: _Errors, refs: _Refs) -> R
     _, annode = e.val("annotations")
     if annode is not None:
         annotations = _str_map(annode, ctor, f"{path}.annotations", errs, template=True)
-    enabled = refs.enabled[idx] = _rule_enabled(e)
+    enabled = refs.enabled[idx] = _rule_flag(e, "enabled", True)
+    refs.overrides[idx] = _rule_flag(e, "override", False)
     if errs.hard > n_before or name is None:
         return None
     return Rule(
@@ -786,45 +802,41 @@ def _action_param_problems(action: str, params: Mapping[str, Any]) -> list[str]:
     return []
 
 
-def _rule_enabled(e: _Entries) -> bool:
-    enabled, enode = e.val("enabled")
-    if enode is None:
-        return True
-    if not isinstance(enabled, bool):
-        e.errs.add(enode, f"{e.path}.enabled", f"expected true or false, got {short(enabled)}")
-        return True
-    return enabled
+def _rule_flag(e: _Entries, key: str, default: bool) -> bool:
+    """A rule's ``enabled`` or ``override``: true or false."""
+    value, vnode = e.val(key)
+    if vnode is None:
+        return default
+    if not isinstance(value, bool):
+        e.errs.add(vnode, f"{e.path}.{key}", f"expected true or false, got {short(value)}")
+        return default
+    return value
 
 
-def _check_refs(refs: _Refs, errs: _Errors) -> None:
-    """Errors for references to unknown, disabled or the same rule, and for reference cycles."""
-    graph: dict[str, list[str]] = {}
-    at: dict[str, int] = {}  # a 'when' rule's name -> its index, to place cycle errors
-    for idx, path, target, node in refs.refs:
-        owner = refs.whens[idx][0]
-        on = refs.enabled.get(idx, True)
-        if target == owner:
-            errs.add(node, path, f"rule {owner!r} refers to itself; a 'when' rule watches other "
-                                 f"rules")
-            continue
-        if target not in refs.names:
-            choices = [n for n, i in refs.names.items()
-                       if n != owner and (refs.enabled.get(i, True) or not on)]
-            near = difflib.get_close_matches(target, choices, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
-            errs.add(node, path, f"unknown rule {target!r}{hint}", choices or ("none",))
-            continue
-        if on and not refs.enabled.get(refs.names[target], True):
-            errs.add(node, path, f"rule {target!r} is disabled (enabled: false); enable it or "
-                                 f"remove the reference")
-            continue
-        if owner is not None:
-            graph.setdefault(owner, []).append(target)
-            at.setdefault(owner, idx)
-    for cycle in _walk(graph)[1]:
-        _, path, node = refs.whens[at[cycle[0]]]
-        errs.add(node, path, f"reference cycle: {' -> '.join(cycle)}; a rule cannot depend on "
-                             f"itself, directly or through other rules")
+def _is_stub(node: yaml.Node) -> bool:
+    """Whether a rule entry holds only ``name`` and ``enabled`` (and ``override``): an entry
+    that turns a rule of an earlier rule set off, not a rule."""
+    if not isinstance(node, yaml.MappingNode):
+        return False
+    keys = {k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+    return len(keys) == len(node.value) and {"name", "enabled"} <= keys <= set(_STUB_KEYS)
+
+
+def _stub(node: yaml.MappingNode, idx: int, ctor: Any, errs: _Errors, refs: _Refs) -> str | None:
+    """The name an entry ``{name: X, enabled: false}`` turns off (None on errors)."""
+    n_before = errs.hard
+    e = _Entries(node, ctor, f"rules[{idx}]", errs)
+    refs.nodes[idx] = {k: vn for k, (_, vn) in e.map.items()}
+    refs.nodes[idx]["<entry>"] = node
+    name = _rule_name(e)
+    enabled = refs.enabled[idx] = _rule_flag(e, "enabled", True)
+    refs.overrides[idx] = _rule_flag(e, "override", False)
+    if enabled and errs.hard == n_before:
+        e.errs.add(e.map["enabled"][1], f"{e.path}.enabled",
+                   "an entry of only 'name' and 'enabled' turns off a rule of an earlier rule "
+                   "set: write 'enabled: false'; to change that rule, give it in full with "
+                   "'override: true'")
+    return name if errs.hard == n_before else None
 
 
 def parse_rules(text: str, source: str = "<string>", *, check_actions: bool = False) -> RuleSet:
@@ -854,14 +866,24 @@ def parse_rules(text: str, source: str = "<string>", *, check_actions: bool = Fa
     ...
     lrwatch.errors.RuleError: f.yml:1: key 'rules[0].severity': 'urgent' is not a severity (valid choices: critical, warning, info)
     """
+    from .layering import join_layers   # (it builds on this module)
+    return join_layers([parse_layer(text, source)], check_actions=check_actions)
+
+
+def parse_layer(text: str, source: str = "<string>") -> "Layer":
+    """Validate rule-file text as one rule set of a join (:func:`~lrwatch.rules.layering.join`):
+    its problems, its entries and its ``when`` references, which the join resolves across
+    every set joined with it. Raises :class:`~lrwatch.errors.RuleError` only for text that is
+    not YAML or not a bounded one; every other problem is in the layer's ``errors``."""
     try:
-        return _parse_rules(text, source, check_actions)
+        return _parse_layer(text, source)
     except RecursionError:   # YAML nested deeper than the interpreter's recursion limit
         msg = f"{source}:1: invalid YAML: nested too deeply for a rule file"
         raise RuleError(msg, [msg]) from None
 
 
-def _parse_rules(text: str, source: str, check_actions: bool) -> RuleSet:
+def _parse_layer(text: str, source: str) -> "Layer":
+    from .layering import make_layer
     errs = _Errors(source)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -879,18 +901,22 @@ def _parse_rules(text: str, source: str, check_actions: bool) -> RuleSet:
                           f"with a 'rules' list")
     elif not isinstance(root, yaml.MappingNode):
         errs.add(root, "<top>", "expected a mapping with a 'rules' list")
-    rules: list[Rule] = []
+    refs = _Refs()
     try:
-        _validate(root, ctor, errs, rules)
+        _validate(root, ctor, errs, refs)
     except yaml.YAMLError as exc:  # e.g. an unknown tag such as !!python/object
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else 1
         errs.items.append(f"{source}:{line}: invalid YAML: {getattr(exc, 'problem', exc)}")
-    if errs.hard or (check_actions and errs.items):
-        n = len(errs.items)
-        head = errs.items[0] if n == 1 else f"{source}: {n} errors:\n  " + "\n  ".join(errs.items)
-        raise RuleError(head, list(errs.items))
-    return RuleSet(tuple(r for r in rules if r.enabled), source)
+        refs = _Refs()
+    return make_layer(source, errs.items, errs.actions, refs, _where(errs))
+
+
+def _where(errs: _Errors) -> Any:
+    """``where(node, key)``: ``FILE:LINE: key 'KEY'``, the head of a message about ``key``."""
+    def where(node: yaml.Node, key: str) -> str:
+        return f"{errs.source}:{node.start_mark.line + 1}: key {short(key)}"
+    return where
 
 
 #: The most YAML nodes a rule file may stand for once its aliases are expanded. The training
@@ -948,7 +974,7 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
     return []
 
 
-def _validate(root: yaml.Node | None, ctor: Any, errs: _Errors, rules: list[Rule]) -> None:
+def _validate(root: yaml.Node | None, ctor: Any, errs: _Errors, refs: _Refs) -> None:
     if not errs.items and root is not None:
         top = {k: (kn, vn) for k, kn, vn in _items(root, ctor, "", errs)}
         for key, (knode, _) in top.items():
@@ -969,23 +995,50 @@ def _validate(root: yaml.Node | None, ctor: Any, errs: _Errors, rules: list[Rule
             if not isinstance(rnode, yaml.SequenceNode):
                 errs.add(rnode, "rules", "expected a list of rules")
             else:
-                names: dict[str, int] = {}
-                refs = _Refs()
-                for i, item in enumerate(rnode.value):
-                    r = _rule(item, i, ctor, errs, refs)
-                    if r is None:
-                        continue
-                    if r.name in names:
-                        errs.add(item, f"rules[{i}].name",
-                                 f"duplicate rule name {r.name!r} (first at rules[{names[r.name]}])")
-                        continue
-                    names[r.name] = i
-                    rules.append(r)
-                _check_refs(refs, errs)
+                _validate_rules(rnode, ctor, errs, refs)
+
+
+def _validate_rules(rnode: yaml.SequenceNode, ctor: Any, errs: _Errors, refs: _Refs) -> None:
+    """The entries of the ``rules`` list, into ``refs.entries`` (a rule, or None for an entry
+    ``{name: X, enabled: false}`` and for a rule with errors, whose name is still known)."""
+    names: dict[str, int] = {}
+    for i, item in enumerate(rnode.value):
+        n_before = errs.hard
+        stub = _is_stub(item)
+        r = None
+        if stub:
+            name = _stub(item, i, ctor, errs, refs)
+        else:
+            r = _rule(item, i, ctor, errs, refs)
+            name = r.name if r is not None else None
+            if name is None and errs.hard > n_before:   # a rule with errors: its name is known
+                nnode = refs.nodes.get(i, {}).get("name")
+                name = nnode.value if isinstance(nnode, yaml.ScalarNode) and \
+                    _NAME_RE.match(str(nnode.value)) else None
+                if name in names:
+                    continue
+        if name is None:
+            continue
+        if name in names:
+            hint = ("; 'override: true' replaces a rule of an earlier rule set, not one of the "
+                    "same file") if refs.overrides.get(i) else ""
+            errs.add(item, f"rules[{i}].name",
+                     f"duplicate rule name {name!r} (first at rules[{names[name]}]){hint}")
+            continue
+        names[name] = i
+        refs.entries[i] = r
+        if stub:
+            refs.stubs.add(i)
 
 
 def load_rules(path: str | os.PathLike[str], *, check_actions: bool = False) -> RuleSet:
     """Load and validate the rule file at ``path`` (see :func:`parse_rules`)."""
+    from .layering import join_layers   # (it builds on this module)
+    return join_layers([load_layer(path)], check_actions=check_actions)
+
+
+def load_layer(path: str | os.PathLike[str]) -> "Layer":
+    """The rule file at ``path`` as one rule set of a join (see :func:`parse_layer`)."""
     name = os.fspath(path)
     try:
         with open(name, "r", encoding="utf-8") as fh:
@@ -993,7 +1046,7 @@ def load_rules(path: str | os.PathLike[str], *, check_actions: bool = False) -> 
     except (OSError, UnicodeDecodeError) as exc:
         msg = f"{name}:1: key 'rules': cannot read the file: {exc}"
         raise RuleError(msg, [msg]) from None
-    return parse_rules(text, name, check_actions=check_actions)
+    return parse_layer(text, name)
 
 
 def pack_text(name: str) -> str:
@@ -1007,6 +1060,11 @@ def pack_text(name: str) -> str:
 def load_pack(name: str) -> RuleSet:
     """The rule pack ``name``, shipped as package data (see :func:`pack_text`)."""
     return parse_rules(pack_text(name), f"<pack {name}>")
+
+
+def pack_layer(name: str) -> "Layer":
+    """The rule pack ``name`` as one rule set of a join (see :func:`parse_layer`)."""
+    return parse_layer(pack_text(name), f"<pack {name}>")
 
 
 def duration_seconds(text: str) -> float:

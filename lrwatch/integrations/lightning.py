@@ -104,6 +104,8 @@ class LrwatchCallback(pl.Callback):
         self._done: dict[str, Any] | None = None  # the last step's values, logged at the boundary
         self._eval: dict[str, Any] = {}
         self._untrained_due = False   # measure the untrained loss at the first batch
+        self._measured = False   # manual optimization: measured before training_step clipped
+        self._clip_wrapped: Any = None   # the module whose clip_gradients measures first
 
     # --- convenience ---------------------------------------------------------------------------
     @property
@@ -163,6 +165,8 @@ class LrwatchCallback(pl.Callback):
         self._stepped, self._loss_sum, self._loss_n, self._done = False, None, 0, None
         self._untrained_due = int(trainer.global_step) == 0 and self.watcher.untrained_batches > 0
         self._wrap_data(trainer)
+        if not getattr(pl_module, "automatic_optimization", True) and scaler is None:
+            self._measure_before_clipping(pl_module)
 
     def _find_lr(self, trainer: Any, pl_module: Any, opt: Any, sched: Any,
                  scaler: Any) -> None:
@@ -208,6 +212,9 @@ class LrwatchCallback(pl.Callback):
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        if self._clip_wrapped is not None:
+            self._clip_wrapped.__dict__.pop("clip_gradients", None)
+            self._clip_wrapped = None
         # (a closed Watcher's state is kept already; a checkpoint's loaded since must stay)
         if self.watcher is not None and not self.watcher._closed:
             self._loaded = self.watcher.state_dict()
@@ -228,10 +235,29 @@ class LrwatchCallback(pl.Callback):
 
     # --- the step ------------------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        if self.watcher is not None and _unwrap(optimizer) is self._optimizer:
+        if self.watcher is not None and _unwrap(optimizer) is self._optimizer \
+                and not self._measured:
             self.watcher.before_step()
 
+    def _measure_before_clipping(self, pl_module: Any) -> None:
+        """Manual optimization clips in ``training_step`` (``self.clip_gradients``) before
+        ``opt.step()``, inside which Lightning calls ``on_before_optimizer_step``: the
+        gradients are measured (and guarded) when ``clip_gradients`` is called instead, as
+        they are before Lightning's own clipping under automatic optimization. (A GradScaler's
+        gradients are still scaled there: measured in the step, after clipping.)"""
+        original = pl_module.clip_gradients
+
+        def clip_gradients(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+            if self.watcher is not None and _unwrap(optimizer) is self._optimizer:
+                self.watcher.before_step()
+                self._measured = True
+            return original(optimizer, *args, **kwargs)
+
+        pl_module.clip_gradients = clip_gradients
+        self._clip_wrapped = pl_module
+
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._measured = False
         if self.watcher is not None:
             self.watcher.after_step()
             self._stepped = True
@@ -267,6 +293,7 @@ class LrwatchCallback(pl.Callback):
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
                              batch_idx: int) -> int | None:
+        self._measured = False   # (a clip_gradients call with no step after it)
         self._boundary(trainer)
         if self.watcher is not None and self.watcher.should_stop:
             return -1  # ends the epoch before this batch; should_stop ends the fit

@@ -67,3 +67,36 @@ def test_one_callback_in_a_second_fresh_fit_starts_at_the_trainers_step(tmp_path
     trainer.fit(TinyMLP(sched=False), _loader())
     assert cb.watcher.step == 10 == trainer.global_step
     assert [s.step for s in read_trace(trace)] == list(range(1, 11))
+
+
+class ManualClipped(TinyMLP):
+    """Manual optimization as Lightning documents it: backward, clip, step, schedule."""
+
+    def __init__(self, clip: float, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.automatic_optimization = False
+        self.clip = clip
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        opt = self.optimizers()
+        x, y, _ = batch
+        loss = torch.nn.functional.cross_entropy(self.net(x), y)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        self.clip_gradients(opt, gradient_clip_val=self.clip, gradient_clip_algorithm="norm")
+        opt.step()
+        return loss
+
+
+def test_manual_optimization_measures_the_gradient_before_its_clipping(tmp_path: Path
+                                                                       ) -> None:
+    """Under manual optimization training_step clips (``self.clip_gradients``) before it
+    steps, and Lightning calls on_before_optimizer_step inside ``opt.step()``: the recorded
+    norm was the clipped one (1e-3 at every step, an explosion clipped away from the rules)."""
+    trace = tmp_path / "run.jsonl"
+    cb = LrwatchCallback(trace=str(trace), flush_every=10, rules=None,
+                         probe_loss=lambda m, b: torch.nn.functional.cross_entropy(
+                             m.net(b[0]), b[1]))
+    _trainer(tmp_path, [cb], max_steps=20).fit(ManualClipped(1e-3, sched=False), _loader())
+    norms = [s.values["grad_norm"] for s in read_trace(trace)]
+    assert len(norms) == 20 and min(norms) > 1e-2   # the clipped norm would be 1e-3

@@ -59,7 +59,9 @@ def _event_row(res: TraceResult, e: Firing) -> list[str]:
 @click.option("--rules", "rules_files", type=click.Path(dir_okay=False), multiple=True,
               help="Rule file to use instead of a default pack, or a pack's name "
                    f"({', '.join(PACKS)}). Repeat it to join several in the order given, as "
-                   "Watcher(rules=[...]) does (e.g. --rules training --rules my-rules.yml).")
+                   "Watcher(rules=[...]) does (e.g. --rules training --rules my-rules.yml): a "
+                   "later file may refer to the rules of the others and turn off or replace "
+                   "(override: true) a rule of an earlier one.")
 @click.option("--pack", "packs", type=click.Choice(PACKS), multiple=True,
               default=("training",), show_default=True,
               help="Default rule pack to use when --rules is not given (repeat it to join "

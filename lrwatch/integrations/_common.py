@@ -155,6 +155,33 @@ def reapply_best(watcher: Any) -> None:
         watcher._stop_restored = None
 
 
+def stop_snapshot(watcher: Any) -> Any:
+    """The snapshot a stop took of the state it left the run in (the last known-good state,
+    the best evaluated one, or the state at the stop), or ``None``: kept at the boundary
+    where the stop happened, for :func:`undo_step_after_stop`."""
+    store = getattr(watcher, "store", None) if watcher is not None else None
+    snap = store.latest() if store is not None else None
+    return snap if snap is not None and snap.step == watcher.step else None
+
+
+def undo_step_after_stop(watcher: Any, snapshot: Any) -> None:
+    """Put the state a stop left the run in back after the step a framework runs past it
+    (the HF Trainer honours a stop only after the step in progress, which trained on top of
+    it): the stop's final ``snapshot`` (model, optimizer, scheduler, scaler); without one, the
+    best evaluated state when the stop restored it (:func:`reapply_best`)."""
+    if watcher is None or snapshot is None:
+        reapply_best(watcher)
+        return
+    from ..actions.snapshot import restore_state
+
+    try:
+        restore_state(snapshot.load(), watcher.model, watcher.optimizer, watcher.scheduler,
+                      watcher.scaler)
+        watcher._stop_restored = None
+    except Exception:   # fail open, as the Watcher does
+        watcher._internal_error("putting the stop's state back after the framework's step")
+
+
 def log_completed_step(callback: Any, *, start_check: bool = True) -> bool:
     """Hand the completed step (and the evaluation that followed it) to the Watcher.
 

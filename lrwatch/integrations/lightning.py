@@ -20,8 +20,8 @@ The iteration boundary (rollback, snapshots, stop) is ``on_train_batch_start`` o
 (and ``on_train_end``): by then the scheduler has stepped and validation has run, so a step's
 evaluation results join that step's sample, and a rollback restores module, optimizer, scheduler,
 GradScaler and RNG at the same point of the loop where snapshots are taken. A stop sets
-``trainer.should_stop``; Lightning still runs that batch (it reads a ``-1`` from the module's hook
-only), so a stop that restores the best evaluated state restores it again after the batch.
+``trainer.should_stop`` and has the module's ``on_train_batch_start`` answer ``-1`` once
+(Lightning reads a ``-1`` from the module's hook only), so the batch at hand is not trained.
 """
 
 from __future__ import annotations
@@ -296,7 +296,8 @@ class LrwatchCallback(pl.Callback):
         self._measured = False   # (a clip_gradients call with no step after it)
         self._boundary(trainer)
         if self.watcher is not None and self.watcher.should_stop:
-            return -1  # ends the epoch before this batch; should_stop ends the fit
+            _end_epoch_before_this_batch(pl_module)   # should_stop then ends the fit
+            return -1
         if self.watcher is not None:
             self._follow_scheduler(trainer)
             if self._untrained_due:   # in a batch hook, where training_step may self.log
@@ -388,6 +389,18 @@ def _training_step_loss(pl_module: Any, batch: Any) -> torch.Tensor:
         raise ConfigError("training_step returned no loss tensor; pass probe_loss= to "
                           "LrwatchCallback to probe the learning rate")
     return loss
+
+
+def _end_epoch_before_this_batch(pl_module: Any) -> None:
+    """Lightning skips the batch at hand (and ends the epoch) on a ``-1`` from the module's
+    ``on_train_batch_start``, which it calls right after the callbacks' -- a callback's own
+    ``-1`` is ignored, and the batch was trained on top of a stop's restored state. The
+    module's hook answers ``-1`` for this one call."""
+    def on_train_batch_start(*args: Any, **kwargs: Any) -> int:
+        pl_module.__dict__.pop("on_train_batch_start", None)
+        return -1
+
+    pl_module.on_train_batch_start = on_train_batch_start
 
 
 def _drop(*args: Any, **kwargs: Any) -> None:

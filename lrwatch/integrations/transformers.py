@@ -22,8 +22,8 @@ Where each measurement comes from (all on the device, no per-step host sync):
 
 The iteration boundary (rollback, snapshots, stop) is the next ``on_step_begin`` (and
 ``on_train_end``), after the scheduler step, evaluation and checkpointing of the step before.
-A stop sets ``control.should_training_stop``; the Trainer honours it after the step in progress
-(a stop that restores the best evaluated state restores it again after that step).
+A stop sets ``control.should_training_stop``; the Trainer honours it after the step in progress,
+which is then undone: the state the stop left the run in (its final snapshot) is put back.
 lrwatch's state is written to ``lrwatch_state.json`` in each checkpoint folder (``on_save``) and
 read back when the Trainer resumes from that checkpoint.
 """
@@ -49,8 +49,8 @@ except ImportError as exc:  # pragma: no cover - depends on what is installed
 from ..errors import ConfigError
 from ..watch import Watcher
 from ._common import (check_export, check_lr_find, eval_name, export_kwargs,
-                      log_completed_step, lr_find_args, reapply_best, rng_kept, scalar,
-                      start_at_suggestion, with_clip, wrap_dataloader)
+                      log_completed_step, lr_find_args, rng_kept, scalar, start_at_suggestion,
+                      stop_snapshot, undo_step_after_stop, with_clip, wrap_dataloader)
 
 __all__ = ["LrwatchCallback", "STATE_FILE"]
 
@@ -115,6 +115,7 @@ class LrwatchCallback(TrainerCallback):
         self._done: dict[str, Any] | None = None
         self._eval: dict[str, Any] = {}
         self._control: Any = None
+        self._stopped_at: Any = None   # the stop's final snapshot, until the Trainer's last step
 
     @property
     def exit_status(self) -> int:
@@ -173,6 +174,7 @@ class LrwatchCallback(TrainerCallback):
                               "rollbacks will not skip extra batches", stacklevel=2)
         self._measured = self._stepped = False
         self._loss_sum, self._loss_n, self._done, self._eval = None, 0, None, {}
+        self._stopped_at = None
         if int(state.global_step) == 0 and w.untrained_batches and train_dataloader is not None:
             w.measure_untrained(_sample_batches(
                 train_dataloader, w.untrained_batches,
@@ -304,7 +306,9 @@ class LrwatchCallback(TrainerCallback):
         if self._stepped or self._done is None:
             self._done = done
         self._stepped = False
-        reapply_best(self.watcher)  # a stop at on_step_begin: the Trainer still ran this step
+        # a stop at on_step_begin: the Trainer still ran this step; it is undone
+        stopped, self._stopped_at = self._stopped_at, None
+        undo_step_after_stop(self.watcher, stopped)
 
     def _model_normalises(self, n: int) -> bool | None:
         """At the first step of ``n`` micro-batches with ``num_items_in_batch``: whether the
@@ -346,6 +350,7 @@ class LrwatchCallback(TrainerCallback):
     def _boundary(self, control: Any) -> None:
         if log_completed_step(self):
             control.should_training_stop = True
+            self._stopped_at = stop_snapshot(self.watcher)   # (None once the step ran)
 
     # --- checkpoints ---------------------------------------------------------------------------
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -100,3 +100,25 @@ def test_manual_optimization_measures_the_gradient_before_its_clipping(tmp_path:
     _trainer(tmp_path, [cb], max_steps=20).fit(ManualClipped(1e-3, sched=False), _loader())
     norms = [s.values["grad_norm"] for s in read_trace(trace)]
     assert len(norms) == 20 and min(norms) > 1e-2   # the clipped norm would be 1e-3
+
+
+def test_a_stop_trains_no_further_batch(tmp_path: Path) -> None:
+    """The rollback budget spent: the stop puts the last known-good state back and takes a
+    final snapshot of it. Lightning reads a -1 from the module's on_train_batch_start only, not
+    from a callback's, so it trained the batch at hand on top: the weights it ended with (and
+    wrote to its last checkpoint) were neither the known-good state nor the final snapshot."""
+    cb = LrwatchCallback(flush_every=1, recovery={"guard": "off", "good_after": 3,
+                                                  "min_interval": 3, "cooldown": 0,
+                                                  "max_rollbacks": 2})
+    model = TinyMLP(sched=False, nan_from=20)
+    trainer = _trainer(tmp_path, [cb], max_steps=200)
+    trainer.fit(model, _loader())
+    w = cb.watcher
+    assert w is not None and w.should_stop and cb.exit_status == 4
+    assert w.store is not None
+    final = w.store.latest()
+    assert final is not None and final.step == w.step == trainer.global_step
+    kept = final.load()["model"]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, kept[name]), name
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -33,3 +33,24 @@ def test_load_best_model_at_end_keeps_the_best_checkpoint(tmp_path: Path) -> Non
     mine = model.state_dict()
     for name, value in saved.items():
         assert torch.equal(mine[name], value), name
+
+
+def test_the_step_the_trainer_runs_after_a_stop_is_undone(tmp_path: Path) -> None:
+    """The rollback budget spent: the stop puts the last known-good state back and takes a
+    final snapshot of it; the Trainer honours the stop only after the step in progress, which
+    trained on top of it (the run ended neither at the known-good state nor at the snapshot
+    lrwatch said it stopped at; only a best-state restore was put back after that step)."""
+    model = _model()
+    cb = LrwatchCallback(flush_every=1, recovery={"guard": "off", "good_after": 3,
+                                                  "min_interval": 3, "cooldown": 0,
+                                                  "max_rollbacks": 2})
+    _train(tmp_path, cb, [Poison(model, set(range(20, 400, 12)))], model=model, max_steps=120)
+    w = cb.watcher
+    assert w is not None and w.should_stop and cb.exit_status == 4
+    assert w.store is not None
+    final = w.store.latest()
+    assert final is not None
+    kept = final.load()["model"]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, kept[name]), name
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -203,6 +203,13 @@ class LrwatchCallback(TrainerCallback):
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         path = os.path.join(folder, STATE_FILE) if folder else None
         if path is None or not os.path.isfile(path):
+            if path is not None:   # the Trainer resumes, or resume_from names a folder
+                logging.getLogger("lrwatch").warning(
+                    "lrwatch: the Trainer resumes at step %d, but %s holds no lrwatch state "
+                    "(the Trainer does not tell callbacks which checkpoint it resumed from): "
+                    "the rollback budget, the rate's scale and the detectors start afresh; "
+                    "pass resume_from=<that checkpoint folder> to LrwatchCallback",
+                    state.global_step, folder)
             return None
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)

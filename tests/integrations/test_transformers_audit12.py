@@ -54,3 +54,28 @@ def test_the_step_the_trainer_runs_after_a_stop_is_undone(tmp_path: Path) -> Non
     for name, value in model.state_dict().items():
         assert torch.equal(value, kept[name]), name
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_resume_from_a_checkpoint_elsewhere_says_lrwatchs_state_is_not_found(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``train(resume_from_checkpoint=<a folder outside output_dir>)``: the callback looks for
+    its state in ``output_dir/checkpoint-N`` only (the Trainer does not tell callbacks where it
+    resumed from), and went on without it in silence: the rollback budget, the rate's scale
+    and the detectors started afresh. It now says so and names ``resume_from=``, which
+    loads it."""
+    import shutil
+
+    first = LrwatchCallback(flush_every=2)
+    _train(tmp_path / "a", first, max_steps=6, save_strategy="steps", save_steps=6)
+    moved = tmp_path / "kept" / "checkpoint-6"
+    shutil.copytree(tmp_path / "a" / "out" / "checkpoint-6", moved)
+    caplog.set_level("WARNING", logger="lrwatch")
+    cb = LrwatchCallback(flush_every=2)
+    _train(tmp_path / "b", cb, max_steps=8, resume=str(moved))
+    said = [r.getMessage() for r in caplog.records if "resume_from" in r.getMessage()]
+    assert len(said) == 1 and "checkpoint-6" in said[0]
+    caplog.clear()
+    cb = LrwatchCallback(flush_every=2, resume_from=str(moved))
+    _train(tmp_path / "c", cb, max_steps=8, resume=str(moved))
+    assert not [r for r in caplog.records if "resume_from" in r.getMessage()]
+    assert cb.watcher is not None and cb.watcher.policy.state.resumed_at == 6

@@ -26,6 +26,7 @@ GradScaler and RNG at the same point of the loop where snapshots are taken. A st
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import logging
@@ -373,11 +374,17 @@ def _training_step_loss(pl_module: Any, batch: Any) -> torch.Tensor:
     """The loss of ``training_step`` on ``batch`` (a tensor, or a dict's ``"loss"``), with
     its ``self.log``/``self.log_dict`` calls dropped: lrwatch's extra calls (the untrained
     loss, the start check's shadow, a range test) must not reach the user's logged metrics
-    (an epoch mean of the training loss would average them in)."""
+    (an epoch mean of the training loss would average them in). It runs in the precision
+    plugin's ``train_step_context`` (autocast under ``bf16-mixed``/``16-mixed``), as the fit
+    loop runs it: a shadow adopted by the start check is then the run at its rate."""
     saved = {k: pl_module.__dict__[k] for k in ("log", "log_dict") if k in pl_module.__dict__}
     pl_module.log = pl_module.log_dict = _drop
+    # under the precision plugin's context (bf16/16-mixed: autocast), as the fit loop runs it
+    plugin = getattr(getattr(pl_module, "_trainer", None), "precision_plugin", None)
+    context = getattr(plugin, "train_step_context", None)
     try:
-        out = pl_module.training_step(batch, 0)
+        with context() if callable(context) else contextlib.nullcontext():
+            out = pl_module.training_step(batch, 0)
     finally:
         for k in ("log", "log_dict"):
             if k in saved:

@@ -146,3 +146,19 @@ def test_a_validation_between_micro_batches_joins_the_step_it_evaluated(tmp_path
     joined = [s.step for s in read_trace(trace) if "eval_loss" in s.values]
     assert evaluated == [1, 3, 4, 6, 7]
     assert joined == evaluated
+
+
+def test_under_bf16_mixed_the_adopted_shadow_is_the_run_at_a_tenth(tmp_path: Path) -> None:
+    """precision="bf16-mixed": Lightning runs training_step under its precision plugin's
+    autocast; lrwatch's own calls of it (the untrained loss, the start check's shadow, the
+    range tests) ran outside it, in float32, so an adopted shadow was not the run configured
+    at a tenth of the rate (the docs say bit for bit), and the untrained loss and the gate
+    scored another network than the run trains."""
+    from .test_lightning import _check_run
+
+    model, w, trainer, _, events = _check_run(tmp_path, "hot", 3.0, "auto",
+                                              precision="bf16-mixed")
+    ref, _, _, _, none = _check_run(tmp_path, "tenth", 0.3, "off", precision="bf16-mixed")
+    assert none == [] and len(events) == 1 and events[0]["step"] == 16
+    assert trainer.global_step == 40 and w.policy.rollbacks == 0
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))

@@ -36,8 +36,9 @@ __all__ = ["daemon_command", "baseline_group"]
               help="Where snapshots and the journal live (durability).")
 @click.option("--tail", "tail", multiple=True, type=click.Path(dir_okay=False),
               help="JSONL file to follow (repeatable).")
-@click.option("--rules", type=click.Path(exists=True, dir_okay=False),
-              help="Rule file (default: the serving pack).")
+@click.option("--rules", multiple=True,
+              help="Rule file or pack name (default: the serving pack); repeatable: joined "
+                   "in order as layers, e.g. --rules serving --rules my-rules.yml.")
 @click.option("--alertmanager", multiple=True, help="Alertmanager URL (repeatable).")
 @click.option("--token-file", type=click.Path(exists=True, dir_okay=False),
               help="File holding the bearer token clients must send.")
@@ -45,7 +46,7 @@ __all__ = ["daemon_command", "baseline_group"]
 def daemon_command(config_path: str | None, host: str | None, port: int | None,
                    reference: str | None, live_reference: int | None, window_size: int | None,
                    window_seconds: float | None, target_windows: float | None,
-                   label_horizon: float | None, state_dir: str | None, tail: tuple[str, ...], rules: str | None,
+                   label_horizon: float | None, state_dir: str | None, tail: tuple[str, ...], rules: tuple[str, ...],
                    alertmanager: tuple[str, ...], token_file: str | None, verbose: bool) -> None:
     """Watch a model in production: drift, accuracy from delayed labels, alerts, hooks.
 
@@ -68,7 +69,7 @@ def daemon_command(config_path: str | None, host: str | None, port: int | None,
         cfg = cfg.replace(host=host, port=port, reference=reference,
                           live_records=live_reference, window_size=window_size,
                           window_seconds=window_seconds, target_windows=target_windows,
-                          label_horizon_seconds=label_horizon, state_dir=state_dir, tail=list(tail) or None, rules=rules,
+                          label_horizon_seconds=label_horizon, state_dir=state_dir, tail=list(tail) or None, rules=list(rules) or None,
                           alertmanager=list(alertmanager) or None, token=token)
         d = Daemon(cfg)
         d.tailers = [FileTailer(d, p, cfg.tail_poll) for p in cfg.tail]

@@ -19,7 +19,9 @@ Example config file (every key optional)::
     state_dir: /var/lib/lrwatch                  # snapshots + journal (durability)
     snapshot_interval: 2.0
     tail: [/var/log/model/predictions.jsonl]
-    rules: null                                  # a rule file; default: the serving pack
+    rules: null                                  # default: the serving pack; or a rule file,
+                                                 # a pack name, or a list of them joined as
+                                                 # layers: [serving, my-rules.yml]
     alerts: {alertmanager: [http://127.0.0.1:9093], webhook: [], log: true}
     hook: {argv: [/usr/local/bin/revert-model, --to, previous], cooldown: 300, timeout: 30,
            rules: [data_drift, accuracy_regression]}
@@ -38,6 +40,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 import yaml
+
+from ..rules.schema import PACKS
 
 from ..errors import ConfigError
 
@@ -245,7 +249,7 @@ class DaemonConfig:
     snapshot_interval: float = 2.0
     tail: list[str] = field(default_factory=list)
     tail_poll: float = 0.2
-    rules: str | None = None
+    rules: str | list[str] | None = None   # pack names and rule files, joined as layers
     alertmanager: list[str] = field(default_factory=list)
     webhook: list[str] = field(default_factory=list)
     log_alerts: bool = True
@@ -364,8 +368,9 @@ class DaemonConfig:
             for p in kw["tail"]:
                 if os.path.isdir(p):
                     raise ConfigError(f"tail: {p!r} is a directory; name the file to follow")
-        if d.get("rules") is not None:
-            kw["rules"] = path(_path("rules", d["rules"]))
+        if d.get("rules") is not None:   # pack names and files, joined in order as layers
+            kw["rules"] = [x if x in PACKS else path(x) for x in
+                           _strings("rules", d["rules"], "a rule file or pack name")]
         return cls(**kw)
 
     @classmethod

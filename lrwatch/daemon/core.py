@@ -114,9 +114,12 @@ class Daemon(WindowsMixin, EvaluationMixin, OutputsMixin, PublishingMixin):
         self._dirty = False
         self._last_snapshot = time.monotonic()
         self.tailers: list[Any] = []
-        from ..rules import Engine, load_pack, load_rules
+        from ..rules import Engine, load_pack
+        from ..rules.layering import join
 
-        rules = load_rules(config.rules) if config.rules else load_pack("serving")
+        # pack names and files, joined in order as layers (docs/rules.md, "Layering rule sets")
+        rules = self.rules = (join([config.rules] if isinstance(config.rules, str)
+                                   else config.rules) if config.rules else load_pack("serving"))
         unknown = sorted(set(config.hook_rules or ()) - set(rules.names))
         if unknown:  # a hook that never runs, without a word: a typo in the config
             raise ConfigError(f"hook rules {unknown} are not rules of "

@@ -43,7 +43,7 @@ def test_an_empty_token_file_is_refused_not_read_as_no_authentication(tmp_path, 
 
 @pytest.mark.parametrize("mapping, message", [
     ({"state_dir": 5}, "state_dir must be a file path"),
-    ({"rules": 5}, "rules must be a file path"),
+    ({"rules": 5}, "rules must be a rule file or pack name"),
     ({"reference": {"path": ["a"]}}, "reference.path must be a file path"),
     ({"http": {"tls_certfile": 5, "tls_keyfile": "k"}}, "tls_certfile must be a file path"),
     ({"listen": {"host": 5}}, "listen.host must be text"),

@@ -62,6 +62,23 @@ _log = logging.getLogger("lrwatch.daemon")
 STATE_VERSION = 1
 
 
+
+def daemon_rules(config: DaemonConfig) -> Any:
+    """The daemon's rules: the serving pack, or the config's pack names and rule files joined
+    in order as layers (docs/rules.md, "Layering rule sets"); every ``hook.rules`` name must
+    be one of them."""
+    from ..rules import load_pack
+    from ..rules.layering import join
+
+    rules = (join([config.rules] if isinstance(config.rules, str) else config.rules)
+             if config.rules else load_pack("serving"))
+    unknown = sorted(set(config.hook_rules or ()) - set(rules.names))
+    if unknown:  # a hook that never runs, without a word: a typo in the config
+        raise ConfigError(f"hook rules {unknown} are not rules of "
+                          f"{config.rules or 'the serving pack'}; its rules: "
+                          f"{', '.join(rules.names)}")
+    return rules
+
 class Daemon(WindowsMixin, EvaluationMixin, OutputsMixin, PublishingMixin):
     """The serving-side watcher. ``start()`` runs the worker; front ends call :meth:`submit`.
 
@@ -114,18 +131,10 @@ class Daemon(WindowsMixin, EvaluationMixin, OutputsMixin, PublishingMixin):
         self._dirty = False
         self._last_snapshot = time.monotonic()
         self.tailers: list[Any] = []
-        from ..rules import Engine, load_pack
-        from ..rules.layering import join
+        from ..rules import Engine
 
-        # pack names and files, joined in order as layers (docs/rules.md, "Layering rule sets")
-        rules = self.rules = (join([config.rules] if isinstance(config.rules, str)
-                                   else config.rules) if config.rules else load_pack("serving"))
-        unknown = sorted(set(config.hook_rules or ()) - set(rules.names))
-        if unknown:  # a hook that never runs, without a word: a typo in the config
-            raise ConfigError(f"hook rules {unknown} are not rules of "
-                              f"{config.rules or 'the serving pack'}; its rules: "
-                              f"{', '.join(rules.names)}")
-        self.engine = Engine(rules)
+        self.rules = daemon_rules(config)
+        self.engine = Engine(self.rules)
         self._setup_actions()
         self.journal: Journal | None = None
         if config.state_dir:

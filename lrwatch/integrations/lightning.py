@@ -97,6 +97,7 @@ class LrwatchCallback(pl.Callback):
         self.watcher_kwargs = watcher_kwargs
         self.watcher: Watcher | None = None
         self._loaded: dict[str, Any] | None = None
+        self._from_checkpoint = False   # _loaded came from Lightning's checkpoint
         self._handle: Any = None
         self._optimizer: Any = None
         self._stepped = False
@@ -218,16 +219,17 @@ class LrwatchCallback(pl.Callback):
             self._clip_wrapped = None
         # (a closed Watcher's state is kept already; a checkpoint's loaded since must stay)
         if self.watcher is not None and not self.watcher._closed:
-            self._loaded = self.watcher.state_dict()
+            self._loaded, self._from_checkpoint = self.watcher.state_dict(), False
             self.watcher.close()
 
     def _resumable(self, step: int) -> dict[str, Any] | None:
-        """The state the fit starting at global step ``step`` resumes: a checkpoint's (Lightning
-        restores its global step too), or this callback's last fit's where the fit goes on from
-        where it ended (the same Trainer). A fresh fit (a new Trainer, no checkpoint) starts
-        afresh: lrwatch's step is the framework's global step."""
+        """The state the fit starting at global step ``step`` resumes: a checkpoint's (as it is:
+        under manual optimization with several optimizers Lightning's global step counts every
+        optimizer's steps, lrwatch's the first one's), or this callback's last fit's where the
+        fit goes on from where it ended (the same Trainer). A fresh fit (a new Trainer, no
+        checkpoint) starts afresh: lrwatch's step is the framework's global step."""
         saved = self._loaded
-        if saved is None or int(saved.get("step", step)) == step:
+        if saved is None or self._from_checkpoint or int(saved.get("step", step)) == step:
             return saved
         logging.getLogger("lrwatch").info(
             "lrwatch: this fit starts at step %d, not where the state kept from the last one "
@@ -338,6 +340,7 @@ class LrwatchCallback(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded = dict(state_dict) if state_dict else None
+        self._from_checkpoint = self._loaded is not None
         # Lightning calls this before on_train_start: a Watcher here is the last fit's, closed
         # (loading into it opened its trace again, and the new Watcher could not write it)
         if self.watcher is not None and not self.watcher._closed and self._loaded:

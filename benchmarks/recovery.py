@@ -1101,6 +1101,32 @@ FAM_SCHEDULE = "constant"
 FAM_BUDGET = 1
 
 
+def family_args(tasks_from: str | None, tasks: str | None, opts: str | None
+                ) -> tuple[list[str], list[str]]:
+    """The families a family-protocol benchmark runs, from its ``--tasks-from FILE``,
+    ``--tasks`` and ``--opts`` (comma-separated): the suite's by default, a task file's
+    (whose runs then cache under their own directory, ``FAM_CACHE``) with ``--tasks-from``.
+    Raises ``ValueError`` naming what to fix: a task file that does not load, an unknown
+    task."""
+    from benchmarks import external
+    from benchmarks import families as fam
+
+    names, file_opts = list(FAM_TASKS), list(FAM_OPTS)
+    if tasks_from:
+        global FAM_CACHE
+        try:
+            loaded, opts_of_file = external.load(tasks_from)
+        except external.TaskFileError as e:
+            raise ValueError(str(e)) from e
+        names, file_opts = list(loaded), list(opts_of_file)
+        FAM_CACHE = external.cache_dir("recovery", tasks_from)
+    names = tasks.split(",") if tasks else names
+    unknown = [x for x in names if x not in fam.TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; known: {sorted(fam.TASKS)}")
+    return names, (opts.split(",") if opts else file_opts)
+
+
 def fam_steps(task: Any) -> int:
     """The run's budget of optimizer steps (``FAM_BUDGET`` x the task's own)."""
     return int(task.steps * FAM_BUDGET)

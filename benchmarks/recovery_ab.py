@@ -165,16 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parts = [p for p in a.parts.split(",") if p]
     if len(arms) < 2 or any(p not in PARTS for p in parts):
         ap.error(f"need two arms or more and parts from {PARTS}")
-    tasks, opts = list(R.FAM_TASKS), list(R.FAM_OPTS)
-    if a.tasks_from:
-        from benchmarks import external
-        try:
-            names, file_opts = external.load(a.tasks_from)
-        except external.TaskFileError as exc:
-            ap.error(str(exc))
-        tasks, opts = list(names), list(file_opts)
-        R.FAM_CACHE = external.cache_dir("recovery", a.tasks_from)
-    tasks = a.tasks.split(",") if a.tasks else tasks
+    try:
+        tasks, opts = R.family_args(a.tasks_from, a.tasks, None)
+    except ValueError as exc:
+        ap.error(str(exc))
     import torch
     threads, logger = torch.get_num_threads(), logging.getLogger("lrwatch")
     level = logger.level

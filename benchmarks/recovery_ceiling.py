@@ -50,7 +50,6 @@ if __package__ in (None, ""):            # run as a script: make `benchmarks` im
 
 import torch  # noqa: E402
 
-from benchmarks import external  # noqa: E402
 from benchmarks import families as fam  # noqa: E402
 from benchmarks import recovery as R  # noqa: E402
 
@@ -279,23 +278,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="also a second start check 10 steps after one that adopted a tenth")
     ap.add_argument("--json", default=None, metavar="OUT", help="also write the results")
     a = ap.parse_args(argv)
-    tasks: Sequence[str] = R.FAM_TASKS
-    opts: Sequence[str] = R.FAM_OPTS
-    if a.tasks_from:
-        try:
-            names, file_opts = external.load(a.tasks_from)
-        except external.TaskFileError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        tasks, opts = list(names), list(file_opts)
-        R.FAM_CACHE = external.cache_dir("recovery", a.tasks_from)
-    if a.tasks:
-        tasks = a.tasks.split(",")
-    unknown = [x for x in tasks if x not in fam.TASKS]
-    if unknown:
-        print(f"error: unknown task(s) {unknown}; known: {sorted(fam.TASKS)}", file=sys.stderr)
+    try:
+        tasks, opts = R.family_args(a.tasks_from, a.tasks, a.opts)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    opts = a.opts.split(",") if a.opts else opts
     seeds = [int(x) for x in a.seeds.split(",")]
     rows = list(selection(tasks, opts, seeds))
     res = measure(rows, a)

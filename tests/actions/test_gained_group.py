@@ -12,43 +12,12 @@ import torch
 from torch import nn
 
 import lrwatch
+from flag_rules import flag_rule, train_step as _step, write_flag_rules
 
 
 def _rules(tmp_path: Path) -> str:
-    path = tmp_path / "rules.yml"
-    path.write_text("""
-version: 1
-rules:
-  - name: poisoned
-    metric: poison
-    detector: threshold
-    params: {above: 0.5}
-    severity: critical
-    actions: [rollback]
-    annotations:
-      summary: "poison at step {step}"
-      description: "test rule"
-  - name: slow_down
-    metric: slow
-    detector: threshold
-    params: {above: 0.5}
-    severity: warning
-    actions: [reduce_lr]
-    annotations:
-      summary: "slow down at step {step}"
-      description: "test rule: a rate cut"
-""")
-    return str(path)
-
-
-def _step(model: nn.Module, opt: torch.optim.Optimizer, i: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1000 + i)
-    x, y = torch.randn(16, 6, generator=g), torch.randint(0, 2, (16,), generator=g)
-    opt.zero_grad()
-    loss = nn.functional.cross_entropy(model(x), y)
-    loss.backward()
-    opt.step()
-    return loss.detach()
+    return write_flag_rules(tmp_path / "rules.yml", flag_rule("poisoned", "poison"),
+                            flag_rule("slow_down", "slow", ["reduce_lr"], severity="warning"))
 
 
 def test_a_group_added_after_the_snapshot_and_a_cut_is_cut_once_by_the_rollback(

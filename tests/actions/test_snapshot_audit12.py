@@ -13,48 +13,18 @@ from torch import nn
 
 import lrwatch
 from lrwatch.actions.snapshot import SnapshotStore
+from flag_rules import flag_rule, train_step as _step, write_flag_rules
 
 
 def _rules(tmp_path: Path) -> str:
-    path = tmp_path / "rules.yml"
-    path.write_text("""
-version: 1
-rules:
-  - name: poisoned
-    metric: poison
-    detector: threshold
-    params: {above: 0.5}
-    severity: critical
-    actions: [rollback]
-    annotations:
-      summary: "poison is {value} at step {step}"
-      description: "test rule"
-  - name: wobbly
-    metric: wobble
-    detector: threshold
-    params: {above: 0.5}
-    severity: warning
-    actions: [alert]
-    annotations:
-      summary: "wobble at step {step}"
-      description: "a warning: the failure after it is no sudden one"
-""")
-    return str(path)
+    # "wobbly": a warning, so that the failure after it is no sudden one
+    return write_flag_rules(tmp_path / "rules.yml", flag_rule("poisoned", "poison"),
+                            flag_rule("wobbly", "wobble", ["alert"], severity="warning"))
 
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 2))
-
-
-def _step(model: nn.Module, opt: torch.optim.Optimizer, i: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1000 + i)
-    x, y = torch.randn(16, 6, generator=g), torch.randint(0, 2, (16,), generator=g)
-    opt.zero_grad()
-    loss = nn.functional.cross_entropy(model(x), y)
-    loss.backward()
-    opt.step()
-    return loss.detach()
 
 
 def _rollback_target(tmp_path: Path, recovery: dict[str, Any], *, fail_at: int,

@@ -13,49 +13,15 @@ import torch
 from torch import nn
 
 import lrwatch
+from flag_rules import flag_rule, flag_rules
 from lrwatch.exporters.trace import read_trace
 from lrwatch.recovery.policy import EXIT_BUDGET
 
-_RULES = """
-version: 1
-rules:
-  - name: poisoned
-    metric: poison
-    detector: threshold
-    params: {above: 0.5}
-    severity: critical
-    actions: [rollback]
-    annotations: {summary: "poison at step {step}", description: "test rule"}
-  - name: blowup
-    metric: blow
-    detector: threshold
-    params: {above: 0.5}
-    hysteresis: 3
-    severity: critical
-    actions: [rollback]
-    annotations: {summary: "blow-up at step {step}", description: "test rule"}
-  - name: spike
-    metric: spike
-    detector: threshold
-    params: {above: 0.5}
-    severity: critical
-    actions: [rollback]
-    annotations: {summary: "spike at step {step}", description: "test rule"}
-  - name: undo
-    metric: undo
-    detector: threshold
-    params: {above: 0.5}
-    severity: warning
-    actions: [skip]
-    annotations: {summary: "undo at step {step}", description: "test rule"}
-  - name: nudge
-    metric: nudge
-    detector: threshold
-    params: {above: 0.5}
-    severity: warning
-    actions: [reduce_lr]
-    annotations: {summary: "nudge at step {step}", description: "test rule"}
-"""
+_RULES = flag_rules(flag_rule("poisoned", "poison"),
+                    flag_rule("blowup", "blow", hysteresis=3),
+                    flag_rule("spike", "spike"),
+                    flag_rule("undo", "undo", ["skip"], severity="warning"),
+                    flag_rule("nudge", "nudge", ["reduce_lr"], severity="warning"))
 _EXTRA = ("poison", "blow", "spike", "undo", "nudge")
 
 

@@ -135,6 +135,34 @@ def test_ema_ratio_ignores_nonpositive_start_and_smooth_warmup():
     assert fires(EmaRatio(alpha=0.3, above=4.0, warmup=3), lr3) == [20]  # then the EMA adapts
 
 
+def test_ema_ratio_clip_keeps_one_spike_from_making_ordinary_values_look_vanished():
+    # blind set AG's NALU: one gradient norm 1,300x its level at step 10, then ordinary norms
+    # 30x below the level; the plain EMA, inflated by the spike, calls them "vanished"
+    norms = [100.0] * 10 + [134_695.0] + [3.0] * 30
+    plain = EmaRatio(alpha=0.05, below=0.001, warmup=5)
+    clipped = EmaRatio(alpha=0.05, below=0.001, warmup=5, clip=10.0)
+    assert fires(plain, norms) != []
+    assert fires(clipped, norms) == []
+
+
+def test_ema_ratio_clip_still_sees_a_real_vanishing_and_follows_a_rise():
+    det = EmaRatio(alpha=0.05, below=0.001, warmup=5, clip=10.0)
+    assert fires(det, [1.0] * 30 + [1e-5] * 3) == [30, 31, 32]
+    rise = EmaRatio(alpha=0.05, below=0.001, warmup=5, clip=10.0)
+    for x in [1.0] * 10 + [1000.0] * 200:            # a sustained level is followed ...
+        rise.update(x)
+    assert rise.ema == pytest.approx(1000.0, rel=1e-3)
+    slow = EmaRatio(alpha=0.05, below=0.001, warmup=5, clip=10.0)
+    for x in [1.0] * 10 + [1000.0] * 5:              # ... at no more than 1.45x per value
+        slow.update(x)
+    assert slow.ema == pytest.approx(1.45 ** 5, rel=1e-6)
+
+
+def test_ema_ratio_clip_must_be_at_least_one():
+    with pytest.raises(ConfigError):
+        EmaRatio(alpha=0.05, below=0.001, clip=0.5)
+
+
 def test_cusum_golden():
     det = Cusum(k=0.5, h=4.0, warmup=10, alpha=0.0)
     xs = [0.0, 1.0] * 5 + [0.5] * 5 + [3.0] * 3

@@ -25,6 +25,12 @@ class EmaRatio(Detector):
         Ratio bounds; at least one must be set.
     warmup:
         Values in the EMA before the first decision.
+    clip:
+        Optional. A value enters the EMA as at most ``clip`` times the EMA, so one spike can
+        raise the average by at most ``alpha * (clip - 1)`` of itself (a single gradient-norm
+        spike 10^4x its level no longer makes the ordinary values after it look "vanished");
+        a sustained rise is followed at up to ``1 + alpha * (clip - 1)`` per value. Falls are
+        followed as without it. The comparison itself uses the raw value.
 
     Notes
     -----
@@ -51,12 +57,15 @@ class EmaRatio(Detector):
         "above": Param(float, "fire when x / EMA is greater", min=0, optional=True),
         "below": Param(float, "fire when x / EMA is smaller", min=0, optional=True),
         "warmup": Param(int, "values before the first decision", min=1),
+        "clip": Param(float, "a value enters the EMA as at most clip x EMA", min=1,
+                      optional=True),
     }
     _STATE = ("ema", "n", "ratio")
 
     def __init__(self, *, alpha: float = 0.1, above: float | None = None,
-                 below: float | None = None, warmup: int = 5) -> None:
-        self._set_params(alpha=alpha, above=above, below=below, warmup=warmup)
+                 below: float | None = None, warmup: int = 5,
+                 clip: float | None = None) -> None:
+        self._set_params(alpha=alpha, above=above, below=below, warmup=warmup, clip=clip)
         if above is None and below is None:
             raise ConfigError("ema_ratio needs 'above', 'below' or both")
         if above is not None and below is not None and below >= above:
@@ -90,6 +99,8 @@ class EmaRatio(Detector):
             if self._n >= self.warmup:
                 verdict = (self.above is not None and r > self.above) or (
                     self.below is not None and r < self.below)
+        if self.clip is not None and ema > 0.0:
+            x = min(x, self.clip * ema)
         self._ema = ema + self.alpha * (x - ema)
         self._n += 1
         return verdict

@@ -14,7 +14,8 @@ Example config file (every key optional)::
     drift: {target_windows: 1000, min_effect: 0.05, min_effect_categorical: 0.02,
             min_missing_delta: 0.01, sequential: true, seq_min_effect: 0.03,
             joint: true}                         # the joint test of the numeric features
-    labels: {horizon_seconds: 3600}              # H of the label coverage over a horizon
+    labels: {horizon_seconds: 3600,              # H of the label coverage over a horizon
+             early_seconds: 300, max_early: 10000}  # labels that come before their prediction
     estimation: {enabled: true, min_window_labels: 30}  # label-free accuracy estimates
     state_dir: /var/lib/lrwatch                  # snapshots + journal (durability)
     snapshot_interval: 2.0
@@ -112,7 +113,9 @@ _SECTIONS: dict[str, _Spec] = {
               "sequential": ("sequential", "flag"),
               "calibration_sims": ("calibration_sims", "integer"),
               "joint": ("joint_drift", "flag")},
-    "labels": {"horizon_seconds": ("label_horizon_seconds", "number")},
+    "labels": {"horizon_seconds": ("label_horizon_seconds", "number"),
+               "early_seconds": ("early_label_seconds", "number"),
+               "max_early": ("max_early_labels", "integer")},
     "estimation": {"enabled": ("estimation", "flag"),
                    "min_window_labels": ("estimation_min_window_labels", "integer")},
     "alerts": {"alertmanager": ("alertmanager", "urls"), "webhook": ("webhook", "urls"),
@@ -243,6 +246,10 @@ class DaemonConfig:
     calibration_sims: int | None = None
     joint_drift: bool = True
     label_horizon_seconds: float = 3600.0
+    # a label that comes before its prediction waits this long for it (0: not at all), at
+    # most max_early_labels of them (docs/daemon.md, "Delayed labels")
+    early_label_seconds: float = 300.0
+    max_early_labels: int = 10_000
     estimation: bool = True
     estimation_min_window_labels: int = 30
     state_dir: str | None = None
@@ -310,6 +317,12 @@ class DaemonConfig:
                      "seq_min_effect"):
             v = getattr(self, name)
             need(isinstance(v, (int, float)) and v >= 0, f"{name} must be >= 0, got {v!r}")
+        need(isinstance(self.early_label_seconds, (int, float))
+             and 0 <= self.early_label_seconds <= MAX_LABEL_HORIZON,
+             f"early label seconds must be a number in 0..{MAX_LABEL_HORIZON:.0f} (0: labels "
+             f"never wait for their prediction), got {self.early_label_seconds!r}")
+        need(isinstance(self.max_early_labels, int) and self.max_early_labels >= 0,
+             f"max_early_labels must be an integer >= 0, got {self.max_early_labels!r}")
         # a day's buckets of 2H must stay finite numbers of seconds: a year is plenty
         need(self.label_horizon_seconds <= MAX_LABEL_HORIZON,
              f"label horizon must be at most {MAX_LABEL_HORIZON:.0f} s (a year), got "

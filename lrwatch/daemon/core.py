@@ -44,7 +44,7 @@ from .evaluation import EvaluationMixin
 from .ingest import BoundedQueue, Ingest
 from .coverage import LabelCoverage
 from .estimate_tracking import EstimateTracker
-from .labels import PendingLabels
+from .labels import EarlyLabels, PendingLabels
 from .metrics import DaemonMetrics
 from .outputs import OutputsMixin
 from .publishing import PublishingMixin
@@ -95,9 +95,9 @@ class Daemon(WindowsMixin, EvaluationMixin, OutputsMixin, PublishingMixin):
 
     def __init__(self, config: DaemonConfig, *, registry: Any = None,
                  executor: Any = None) -> None:
-        self.config = config
-        self._executor = executor
-        self.pending = PendingLabels(config.max_pending_labels)
+        self.config, self._executor = config, executor
+        self.pending = PendingLabels(config.max_pending_labels, EarlyLabels(
+            config.max_early_labels, config.early_label_seconds))
         # lrwatch_pending_labels reads the store's size when scraped (len is atomic)
         self.metrics = DaemonMetrics(registry, pending=self.pending.__len__)
         self.registry = self.metrics.registry
@@ -345,10 +345,9 @@ class Daemon(WindowsMixin, EvaluationMixin, OutputsMixin, PublishingMixin):
         self._snapshot()
         if self.journal is not None:
             self.journal.close()
-        if self.alerts is not None:
-            self.alerts.close()
-        if self.hook is not None:
-            self.hook.close()
+        for closing in (self.alerts, self.hook):
+            if closing is not None:
+                closing.close()
 
     def drain(self, timeout: float = 30.0) -> bool:
         """Wait until every queued entry has been applied (for tests and benchmarks)."""
@@ -466,3 +465,4 @@ class Daemon(WindowsMixin, EvaluationMixin, OutputsMixin, PublishingMixin):
         # labels come between windows: the horizon coverage follows them
         self.metrics.model.set_coverage(self.coverage.ratio())
         self._estimation_sweep(self.coverage.now)
+        self._expire_early(now)

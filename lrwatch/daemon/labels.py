@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 from .reference import cat_key
 
-__all__ = ["PendingLabels", "score", "is_classification"]
+__all__ = ["EarlyLabels", "PendingLabels", "score", "is_classification"]
 
 
 def is_classification(prediction_type: str) -> bool:
@@ -58,17 +58,93 @@ def _predicted_class(p: list[Any]) -> int | None:
     return max(range(len(p)), key=p.__getitem__) if p else None
 
 
+class EarlyLabels:
+    """Labels that came before their prediction (a label pipeline racing the prediction log),
+    by id: held at most ``hold_seconds`` (by arrival time) and at most ``max_labels`` of them,
+    oldest given up first. ``hold_seconds == 0`` holds none.
+
+    Every method that gives labels up returns how many, for the caller to count as unmatched.
+
+    >>> e = EarlyLabels(max_labels=2, hold_seconds=60.0)
+    >>> e.hold("a", 1, 5.0, 10.0), e.hold("b", 0, 6.0, 11.0), e.hold("c", 1, 7.0, 12.0)
+    (0, 0, 1)
+    >>> e.take("a") is None, e.take("b"), len(e)
+    (True, (0, 6.0), 1)
+    >>> e.expire(71.0), e.expire(72.5), len(e)
+    (0, 1, 0)
+    """
+
+    def __init__(self, max_labels: int = 10_000, hold_seconds: float = 300.0) -> None:
+        if max_labels < 0 or not hold_seconds >= 0:
+            raise ValueError(f"max_labels and hold_seconds must be >= 0, got {max_labels}, "
+                             f"{hold_seconds}")
+        self.max_labels = max_labels
+        self.hold_seconds = float(hold_seconds)
+        # id -> (label, label time, arrival time), in arrival order
+        self._items: OrderedDict[str, tuple[Any, float, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether labels are held at all."""
+        return bool(self.max_labels and self.hold_seconds)
+
+    def hold(self, id_: str, label: Any, t_label: float, t_arrival: float) -> int:
+        """Hold a label whose prediction has not come; returns how many labels were given up
+        (this one when nothing is held, a re-sent id's older label, the oldest when full)."""
+        if not self.enabled:
+            return 1
+        items = self._items
+        given_up = 0
+        if items.pop(id_, None) is not None:
+            given_up += 1  # a re-sent label: the newest wins
+        items[id_] = (label, t_label, t_arrival)
+        while len(items) > self.max_labels:
+            items.popitem(last=False)
+            given_up += 1
+        return given_up
+
+    def expire(self, now: float) -> int:
+        """Give up the labels held longer than ``hold_seconds`` at ``now``; how many."""
+        items = self._items
+        limit = now - self.hold_seconds
+        k = 0
+        while items:
+            first = next(iter(items.values()))
+            if first[2] >= limit:
+                break
+            items.popitem(last=False)
+            k += 1
+        return k
+
+    def take(self, id_: str) -> tuple[Any, float] | None:
+        """The ``(label, label time)`` held for this id (and forget it), or ``None``."""
+        hit = self._items.pop(id_, None)
+        return None if hit is None else (hit[0], hit[1])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"items": [[k, lab, t, a] for k, (lab, t, a) in self._items.items()]}
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        self._items = OrderedDict((str(it[0]), (it[1], float(it[2]), float(it[3])))
+                                  for it in (state or {}).get("items", []))
+
+
 class PendingLabels:
     """Predictions waiting for labels, by id; at most ``max_pending``, oldest evicted first.
 
     Each remembers its prediction, its time and the index of the window it joined (the label
-    is scored against that window's estimate, see :mod:`.estimate_tracking`)."""
+    is scored against that window's estimate, see :mod:`.estimate_tracking`). Labels that came
+    first wait in :attr:`early` (an :class:`EarlyLabels`), saved with this store."""
 
-    def __init__(self, max_pending: int = 100_000) -> None:
+    def __init__(self, max_pending: int = 100_000, early: EarlyLabels | None = None) -> None:
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, got {max_pending}")
         self.max_pending = max_pending
         self._items: OrderedDict[str, tuple[Any, float, int | None]] = OrderedDict()
+        self.early = early if early is not None else EarlyLabels()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -110,10 +186,13 @@ class PendingLabels:
         return self._items.pop(id_, None)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"items": [[k, p, t, w] for k, (p, t, w) in self._items.items()]}
+        return {"items": [[k, p, t, w] for k, (p, t, w) in self._items.items()],
+                "early": self.early.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        # snapshots before the window index was kept hold [id, prediction, time]
+        # snapshots before the window index was kept hold [id, prediction, time]; before
+        # early labels were held, no "early"
+        self.early.load_state_dict(state.get("early"))
         self._items = OrderedDict(
             (str(it[0]), (it[1], float(it[2]), int(it[3]) if len(it) > 3 and it[3] is not None
                           else None)) for it in state.get("items", []))

@@ -83,6 +83,7 @@ class WindowsMixin:
         self.counters["received"] += n
         self.metrics.predictions.inc(n)
         self.metrics.received.inc(n)
+        self._expire_early(t_arrival)
         if self.reference is None:
             self._collect_reference(b, t_arrival)
             return
@@ -175,10 +176,10 @@ class WindowsMixin:
                 elif ids is not None and ids[i] is not None:
                     waiting.append(i)
             if waiting:
-                self._expired(self.pending.add_many(
+                self._await_labels(
                     [ids[i] for i in waiting], [preds[i] for i in waiting],  # type: ignore
                     [times[i] for i in waiting] if times is not None
-                    else [t_arrival] * len(waiting), w.index))
+                    else [t_arrival] * len(waiting), w.index)
         elif ids is not None:
             sl = ids[lo:hi]
             if None in sl:
@@ -190,7 +191,40 @@ class WindowsMixin:
                 ps = preds[lo:hi]
                 ts = times[lo:hi] if times is not None else [t_arrival] * (hi - lo)
             if sl:
-                self._expired(self.pending.add_many(sl, ps, ts, w.index))
+                self._await_labels(sl, ps, ts, w.index)  # type: ignore[arg-type]
+
+    def _await_labels(self, ids: list[str], preds: list[Any], times: list[float],
+                      window: int) -> None:
+        """Predictions with an id wait for their label, unless it came first (then they are
+        joined now)."""
+        early = self.pending.early
+        if len(early):
+            ptype = self.reference.prediction_type  # type: ignore[union-attr]
+            keep = []
+            for i, id_ in enumerate(ids):
+                hit = early.take(id_)
+                if hit is None:
+                    keep.append(i)
+                    continue
+                self.counters["labels_early_joined"] = \
+                    self.counters.get("labels_early_joined", 0) + 1
+                self._join(preds[i], hit[0], times[i], hit[1], ptype, window)
+            if len(keep) < len(ids):
+                ids, preds, times = ([a[i] for i in keep] for a in (ids, preds, times))
+        if ids:
+            self._expired(self.pending.add_many(ids, preds, times, window))
+
+    def _expire_early(self, now: float) -> None:
+        """Labels that waited for their prediction longer than ``early_label_seconds``: given
+        up, counted as unmatched (arrival times: a replay gives them up alike)."""
+        self._unmatched(self.pending.early.expire(now), "labels_early_expired")
+
+    def _unmatched(self, k: int, also: str | None = None) -> None:
+        if k:
+            self.counters["labels_unmatched"] += k
+            self.metrics.labels_unmatched.inc(k)
+            if also is not None:
+                self.counters[also] = self.counters.get(also, 0) + k
 
     def _expired(self, k: int) -> None:
         if k:
@@ -239,11 +273,15 @@ class WindowsMixin:
         self.metrics.labels.inc(n)
         self.metrics.received.inc(n)
         ptype = self.reference.prediction_type if self.reference else "class"
+        early = self.pending.early
+        self._expire_early(t_arrival)
         for r in recs:
             hit = self.pending.join(r["id"])
-            if hit is None:
-                self.counters["labels_unmatched"] += 1
-                self.metrics.labels_unmatched.inc()
+            if hit is None:  # its prediction may be on its way: held (docs/daemon.md)
+                self._unmatched(early.hold(r["id"], r["label"], r.get("time", t_arrival),
+                                           t_arrival))
+                if early.enabled:
+                    self.counters["labels_early"] = self.counters.get("labels_early", 0) + 1
                 continue
             pred, tp, widx = hit
             self._join(pred, r["label"], tp, r.get("time", t_arrival), ptype, widx)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import numpy as np
 
@@ -93,6 +94,9 @@ def test_delayed_labels_are_joined_and_accuracy_exported(run_daemon):
     assert r.post("/v1/labels", labels)[1]["accepted"] == WINDOW + 1
     _stream(r, rng, 10_000, WINDOW)  # closes a window holding those joins
     assert r.metric("lrwatch_labels_joined_total") == WINDOW
+    # the unknown id waits for its prediction (it may come after its label), then is given up
+    assert r.metric("lrwatch_labels_unmatched_total") == 0 and len(r.daemon.pending.early) == 1
+    r.daemon.tick(time.time() + r.daemon.config.early_label_seconds + 1.0)
     assert r.metric("lrwatch_labels_unmatched_total") == 1
     assert r.metric("lrwatch_model_accuracy") == 0.5
     assert r.metric("lrwatch_label_coverage_ratio") == 1.0

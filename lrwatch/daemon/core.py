@@ -199,7 +199,7 @@ class Daemon(WindowsMixin, EvaluationMixin, OutputsMixin, PublishingMixin):
 
     # --- durability ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "counters": self.counters, "files": self.files,
+        return {"version": STATE_VERSION, "counters": self._counters_state(), "files": self.files,
                 "journal": self.journal_pos, "window": self.window.state_dict(),
                 "pending": self.pending.state_dict(), "ref_rows": self._ref_rows,
                 "detector": self.detector.state_dict() if self.detector else None,

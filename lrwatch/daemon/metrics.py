@@ -215,3 +215,15 @@ class DaemonMetrics:
         for reason, v in (counters.get("errors") or {}).items():
             if v and reason in self.errors:
                 self.errors[reason].inc(v)
+        # the rest started from 0 after every restart (docs/daemon.md, thirteenth audit)
+        if counters.get("internal_errors"):
+            self.internal_errors.inc(counters["internal_errors"])
+        for rule, by_severity in (counters.get("firings") or {}).items():
+            for severity, v in by_severity.items():
+                self.firings.labels(rule, severity).inc(v)
+        self.model.restore(counters)
+
+    def internal_error_total(self) -> float:
+        """``lrwatch_internal_errors_total`` now (saved in the snapshot's counters: it is
+        counted on every thread, so the worker's counters cannot keep it)."""
+        return self.registry.get_sample_value("lrwatch_internal_errors_total") or 0.0

@@ -59,10 +59,11 @@ class ModelMetrics:
 
     # --- binding (once the reference is known) -------------------------------------------------
     def bind(self, classes: Sequence[str], reference_ratio: Sequence[float], numeric: bool,
-             estimated: Sequence[str], multivariate: bool) -> None:
-        """Register the families this reference needs (once; later calls do nothing)."""
+             estimated: Sequence[str], multivariate: bool) -> bool:
+        """Register the families this reference needs (once; later calls do nothing and
+        return ``False``)."""
         if self._bound:
-            return
+            return False
         self._bound = True
         r = self.registry
         if classes:
@@ -92,6 +93,7 @@ class ModelMetrics:
             self._bind_estimation(estimated)
         if multivariate:
             self._bind_multivariate()
+        return True
 
     def _bind_estimation(self, estimated: Sequence[str]) -> None:
         r = self.registry
@@ -169,10 +171,19 @@ class ModelMetrics:
             self.estimated_drop.set(est.get("accuracy_drop", NAN))
             self.estimated_drop_z.set(est.get("drop_z", NAN))
 
-    def publish_error(self, error: float) -> None:
+    def publish_error(self, error: float) -> bool:
+        """A window's estimation error; whether it was counted (estimation is bound)."""
         if self.estimation_error is not None and self.estimation_compared is not None:
             self.estimation_error.set(error)
             self.estimation_compared.inc()
+            return True
+        return False
+
+    def restore(self, counters: Mapping[str, Any]) -> None:
+        """The bound counters from saved totals (:meth:`.metrics.DaemonMetrics.restore`)."""
+        n = counters.get("estimation_compared")
+        if n and self.estimation_compared is not None:
+            self.estimation_compared.inc(n)
 
     def publish_multivariate(self, values: Mapping[str, float]) -> None:
         for k, g in self.multivariate.items():

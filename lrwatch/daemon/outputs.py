@@ -45,6 +45,7 @@ class OutputsMixin:
     estimates: EstimateTracker | None
     _distribution: PredictionDistribution | None
     _errors: list[float]
+    counters: dict[str, Any]
     _waiting: list[tuple[Any, ...]]  # closed windows waiting for a calibration (first: Window)
     ingest: Any
     limits: Any
@@ -70,8 +71,11 @@ class OutputsMixin:
                 else ESTIMATED_METRICS[:3]
         # the joint test's own families whenever it runs: one numeric input with a category
         # runs it too (until 6 December its decision counted in drift_detected unreported)
-        self.metrics.model.bind(dist.classes, dist.reference_ratio, dist.numeric, names,
-                                bool(getattr(det, "joint_active", False)))
+        model = self.metrics.model
+        if model.bind(dist.classes, dist.reference_ratio, dist.numeric, names,
+                      bool(getattr(det, "joint_active", False))):
+            # a live reference bound after a restart: its counter from the saved total
+            model.restore(self.counters)
 
     def _make_tracker(self, ref: Reference) -> EstimateTracker | None:
         if not self.config.estimation or not ref.estimator or \
@@ -129,7 +133,7 @@ class OutputsMixin:
         errors = self._errors + t.take_completed()
         self._errors = []
         for err in errors:
-            self.metrics.model.publish_error(err)
+            self._publish_error(err)
         if errors:
             vals["estimation_error"] = errors[-1]
         return vals
@@ -160,9 +164,16 @@ class OutputsMixin:
 
     def _take_errors(self, t: EstimateTracker) -> None:
         for err in t.take_completed():
-            self.metrics.model.publish_error(err)
+            self._publish_error(err)
             self._errors.append(err)  # the next window's sample carries the newest
         del self._errors[:-1]
+
+    def _publish_error(self, err: float) -> None:
+        """One window's estimate compared: the gauge, and the counter (saved in the
+        snapshot's counters: it started from 0 after every restart)."""
+        if self.metrics.model.publish_error(err):
+            self.counters["estimation_compared"] = \
+                self.counters.get("estimation_compared", 0) + 1
 
     def _joint_values(self, res: DriftResult) -> dict[str, float]:
         """The joint test's statistic, evidence (in units of its calibrated thresholds) and

@@ -81,7 +81,8 @@ class PublishingMixin:
         before the restart and are not run again."""
         self.metrics.restore_last((self.last or {}).get("values") or {})
         for ev in self.engine.active.values():
-            self.metrics.engine.set_rule_state(ev.rule, ev.severity, True)
+            # the gauge only: lrwatch_firings_total is restored, and this is no new edge
+            self.metrics.rule_firing.labels(ev.rule, ev.severity).set(1.0)
             if "alert" in ev.actions:
                 self.notifier.fire(ev)
 
@@ -97,6 +98,9 @@ class PublishingMixin:
         m = self.metrics
         firing = ev.kind == "firing"
         m.engine.set_rule_state(ev.rule, ev.severity, firing)
+        if firing:  # kept in the snapshot's counters (lrwatch_firings_total survives)
+            by = self.counters.setdefault("firings", {}).setdefault(ev.rule, {})
+            by[ev.severity] = by.get(ev.severity, 0) + 1
         _log.warning("%s %s: %s", ev.kind, ev.rule, ev.message)
         # which events go out is the daemon's decision; carrying them is the shared notifier's
         if "alert" in ev.actions:

@@ -58,6 +58,12 @@ class WindowsMixin:
         def _start_calibration(self, ref: Reference) -> None:  # see EvaluationMixin
             ...
 
+    def _counters_state(self) -> dict[str, Any]:
+        """The counters to save, with ``lrwatch_internal_errors_total`` (counted on every
+        thread, so read from the metric)."""
+        self.counters["internal_errors"] = self.metrics.internal_error_total()
+        return self.counters
+
     def _count_rejections(self, rej: Mapping[str, int]) -> None:
         if not rej:
             return

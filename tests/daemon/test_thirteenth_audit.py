@@ -4,11 +4,14 @@ by the thirteenth round's audit"): each test failed before its fix."""
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 
+import pytest
+
 from daemon_helpers import WINDOW, assert_balanced, make_record
-from lrwatch.daemon import Daemon, DaemonConfig
+from lrwatch.daemon import Daemon, DaemonConfig, build_reference
 
 
 def _daemon(reference_path, state=None, **kw):
@@ -91,5 +94,89 @@ def test_early_labels_survive_a_restart(reference_path, tmp_path):
         _submit(d, "predictions", recs)
         assert d.drain()
         assert d.counters["labels_joined"] == 10 and d.counters["labels_unmatched"] == 0
+    finally:
+        d.stop(timeout=2)
+
+
+# --- cumulative counters across a restart ----------------------------------------------------
+def _binary(rng, i, shift=0.0):
+    """A calibrated binary model with its label inline: p = sigmoid(2x), label ~ B(p)."""
+    x = rng.gauss(shift, 1.0)
+    p = 1.0 / (1.0 + math.exp(-2.0 * x))
+    return {"id": f"b{i}", "features": {"x": x, "y": rng.gauss(0, 1)},
+            "prediction": round(p, 6), "label": int(rng.random() < p)}
+
+
+@pytest.fixture(scope="module")
+def binary_reference(tmp_path_factory):
+    rng = random.Random(5)
+    ref = build_reference([_binary(rng, i) for i in range(2000)], window_size=WINDOW, sims=200)
+    assert ref.estimator is not None
+    path = str(tmp_path_factory.mktemp("bref13") / "reference.json")
+    ref.save(path)
+    return path
+
+
+def test_cumulative_counters_survive_a_restart(binary_reference, tmp_path):
+    """lrwatch_estimation_windows_compared_total, lrwatch_firings_total and
+    lrwatch_internal_errors_total started from 0 after a restart although the daemon keeps
+    its state (and a rule still firing counted one more firing: a new edge that was none)."""
+    rng = random.Random(33)
+    d = _daemon(binary_reference, tmp_path)
+    d.start()
+    k = 0
+    for _ in range(3):  # windows with 20% of their records rejected: ingest_errors fires
+        recs = [_binary(rng, k + i) for i in range(WINDOW)]
+        recs += [{"id": "bad", "features": "none", "prediction": 0.5}] * 25
+        k += WINDOW
+        _submit(d, "predictions", recs)
+    _submit(d, "predictions", [_binary(rng, k + i) for i in range(WINDOW)])  # resolves it
+    k += WINDOW
+    d.metrics.internal_errors.inc(2)   # two failures absorbed (fail open)
+    assert d.drain()
+    m = d.registry.get_sample_value
+    fired = {"rule": "ingest_errors", "severity": "warning"}
+    assert m("lrwatch_firings_total", fired) == 1 and "ingest_errors" not in d.engine.active
+    compared = m("lrwatch_estimation_windows_compared_total")
+    assert compared == 4   # inline labels: every window compared at once
+    d.stop(timeout=2)
+
+    d = _daemon(binary_reference, tmp_path)
+    d.start()
+    try:
+        m = d.registry.get_sample_value
+        assert m("lrwatch_estimation_windows_compared_total") == compared
+        assert m("lrwatch_firings_total", fired) == 1
+        assert m("lrwatch_internal_errors_total") == 2
+        _submit(d, "predictions", [_binary(rng, k + i) for i in range(WINDOW)])
+        assert d.drain()
+        assert m("lrwatch_estimation_windows_compared_total") == compared + 1
+    finally:
+        d.stop(timeout=2)
+    d = _daemon(binary_reference, tmp_path)  # and again: nothing counted twice
+    try:
+        assert d.registry.get_sample_value("lrwatch_internal_errors_total") == 2
+        assert d.registry.get_sample_value("lrwatch_estimation_windows_compared_total") \
+            == compared + 1
+    finally:
+        d.stop(timeout=2)
+
+
+def test_a_rule_firing_at_a_restart_is_no_new_firing(binary_reference, tmp_path):
+    """The restart republished a firing rule through the rising-edge path: with the saved
+    firings restored it counted 2 (before, the reset to 0 hid the extra one)."""
+    rng = random.Random(34)
+    d = _daemon(binary_reference, tmp_path)
+    d.start()
+    for j in range(3):
+        recs = [_binary(rng, j * WINDOW + i) for i in range(WINDOW)]
+        _submit(d, "predictions", recs + [{"id": "bad", "features": "none"}] * 25)
+    assert d.drain() and "ingest_errors" in d.engine.active
+    d.stop(timeout=2)
+    d = _daemon(binary_reference, tmp_path)
+    try:
+        fired = {"rule": "ingest_errors", "severity": "warning"}
+        assert d.registry.get_sample_value("lrwatch_firings_total", fired) == 1
+        assert d.registry.get_sample_value("lrwatch_rule_firing", fired) == 1
     finally:
         d.stop(timeout=2)

@@ -42,7 +42,7 @@ import numpy as np
 from ..errors import ConfigError
 from .calibrate import (Calibration, calibrate, normal_scores, row_skew, standardise, unskew,
                         window_skew)
-from .multivariate import JointModel
+from .multivariate import MIN_WINDOW_ROWS, JointModel, gap_rows
 from .reference import PREDICTION, Reference
 from .scale import LOCATION_SCALE
 from .stats import Profile, WindowTests, window_tests
@@ -96,6 +96,12 @@ class DriftResult:
     joint_names: list[str] = field(default_factory=list)
     joint_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
     joint_features: list[str] = field(default_factory=list)
+    #: input features missing in the window far more often than in the reference (their
+    #: missing test fired): the rows where they are missing are left out of the joint test
+    #: (:func:`.multivariate.gap_rows`), and ``joint_rows`` rows were tested; with fewer than
+    #: :data:`.multivariate.MIN_WINDOW_ROWS` left, the window has no joint test (NaN)
+    joint_excluded: list[str] = field(default_factory=list)
+    joint_rows: int = 0
 
     @property
     def detected(self) -> bool:
@@ -303,18 +309,48 @@ class DriftDetector:
                           seq_threshold=self.seq_threshold,
                           drifted_features=[n for n, d in zip(self.names, drifted) if d])
         if self._joint_model is not None and located is not None and x.shape[0] > 0:
-            self._joint(prof.joint_input(located[1], cats), res)
+            # a feature whose missing test fired: its gap is no change of relation
+            gaps = (np.concatenate([num_s[:, 3] > t, cat_s[:, 1] > t])
+                    & (miss_delta >= self.min_missing_delta)
+                    & (np.concatenate([tests.missing_ratio, tests.c_missing_ratio])
+                       > self._ref_missing_rate))
+            self._joint(prof.joint_input(located[1], cats), res, gaps)
         return res
 
-    def _joint(self, x: np.ndarray, res: DriftResult) -> None:
-        """The joint test of window ``x`` (on the location scale), per window and accumulated,
-        into ``res``."""
+    def _joint_gaps(self, x: np.ndarray, gaps: np.ndarray, res: DriftResult
+                    ) -> np.ndarray | None:
+        """Window ``x`` without the rows where a feature flagged in ``gaps`` (per feature) is
+        missing beyond its reference share (:func:`.multivariate.gap_rows`), or ``None`` when
+        none of the joint test's columns is flagged. Names them in ``res``."""
         model = self._joint_model
         assert model is not None
-        n = float(x.shape[0])
+        fn = len(self.profile.num)
+        feature = list(range(fn)) + [fn + j for j, keep in
+                                     enumerate(self.profile.indicators.levels)
+                                     for _ in keep]  # the feature of each input column
+        cols = [int(c) for c in model.cols if gaps[feature[c]]]
+        if not cols:
+            return None
+        keep = gap_rows(x, cols, [self._ref_missing_rate[feature[c]] for c in cols])
+        res.joint_excluded = sorted({self.names[feature[c]] for c in cols})
+        return x[keep]
+
+    def _joint(self, x: np.ndarray, res: DriftResult, gaps: np.ndarray) -> None:
+        """The joint test of window ``x`` (on the location scale), per window and accumulated,
+        into ``res``; ``gaps``: per feature, whether its missing values are a change of their
+        own (see :meth:`_joint_gaps`)."""
+        model = self._joint_model
+        assert model is not None
         present = res.tests.present
         if x.shape[1] > len(present):  # indicator columns: missing where their feature is
             present = np.concatenate([present, (~np.isnan(x[:, len(present):])).sum(axis=0)])
+        kept = self._joint_gaps(x, gaps, res) if gaps.any() else None
+        if kept is not None:
+            x, present = kept, None
+        res.joint_rows = n_rows = x.shape[0]
+        if kept is not None and n_rows < MIN_WINDOW_ROWS:
+            return  # too few complete rows: no joint test in this window (NaN)
+        n = float(n_rows)
         sums = model.window_sums(x, present)
         mean_w = sums / n
         z = (mean_w - self._jmean) / (self._jrsd * math.sqrt(1.0 / n + 1.0 / self._jm))

@@ -242,6 +242,8 @@ class EvaluationMixin:
         self.last = {"window": w.index, "time": t, "records": n, "values": values,
                      "drifted_features": res.drifted_features,
                      "joint_features": list(getattr(res, "joint_features", [])),
+                     # left out of the joint test: their gap is no change of relation
+                     "joint_excluded": list(getattr(res, "joint_excluded", [])),
                      "features": self._feature_status(res)}
 
     def _window_values(self, w: Window, n: int, res: DriftResult) -> dict[str, float]:

@@ -59,13 +59,15 @@ import numpy as np
 
 from .reference import PREDICTION
 
-__all__ = ["JointModel", "RIDGE", "MIN_ROWS_PER_FEATURE"]
+__all__ = ["JointModel", "RIDGE", "MIN_ROWS_PER_FEATURE", "MIN_WINDOW_ROWS", "gap_rows"]
 
 #: Ridge on the standardised Gram matrix (relative to the rows): keeps exactly collinear
 #: features (a column that is the sum of others) invertible at a negligible cost in power.
 RIDGE = 1e-4
 #: A joint test needs at least this many reference rows per joint feature (plus 20).
 MIN_ROWS_PER_FEATURE = 2
+#: Fewest rows a window keeps for its joint test when rows are left out (:func:`gap_rows`).
+MIN_WINDOW_ROWS = 20
 #: Upper bound of the measured coefficient-error constant ``c`` (the module notes): above the
 #: Gaussian theory's 3.5, so a noisy measurement on a large reference, where ``p / m`` makes the
 #: term negligible anyway, cannot inflate it more than theory allows.
@@ -185,6 +187,33 @@ class JointModel:
             excess = float(np.mean(vals)) - 1.0
             c = min(max(excess / (a * p / (a - p) ** 2), 0.0), COEF_ERROR_MAX)
         return 1.0 + c * m * p / (m - p) ** 2
+
+
+def gap_rows(x: np.ndarray, gapped: Sequence[int], ref_rate: Sequence[float]) -> np.ndarray:
+    """Rows of window ``x`` the joint test keeps when columns ``gapped`` are missing far more
+    often than in the reference (``ref_rate``: their reference missing shares).
+
+    Imputed with the reference mean, a column missing in the window makes the features it
+    helps predict look unrelated to the others: the joint test named *them* as drifting. So
+    the rows where a gapped column is missing are left out, but for as many as keep its
+    reference share among the rows kept (the reference's residuals include rows imputed at
+    that share: leaving them all out would shrink the residuals of its neighbours).
+
+    >>> x = np.array([[1.0, np.nan], [2.0, 1.0], [3.0, np.nan], [4.0, 2.0], [5.0, np.nan]])
+    >>> gap_rows(x, [1], [0.0]).tolist()
+    [False, True, False, True, False]
+    >>> gap_rows(x, [1], [1 / 3]).tolist()     # 2 present rows: one missing row kept
+    [True, True, False, True, False]
+    """
+    keep = np.ones(x.shape[0], dtype=bool)
+    for c, rate in zip(gapped, ref_rate):
+        miss = np.isnan(x[:, c]) & keep
+        present = int(keep.sum()) - int(miss.sum())
+        share = min(max(float(rate), 0.0), 0.99)
+        allowed = int(round(share / (1.0 - share) * present))
+        drop = np.flatnonzero(miss)[allowed:]
+        keep[drop] = False
+    return keep
 
 
 def _loo_stat(z: np.ndarray, prec: np.ndarray) -> np.ndarray:

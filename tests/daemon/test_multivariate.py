@@ -260,3 +260,32 @@ def test_calibration_without_joint_skew_gets_it_measured(ref: Reference) -> None
     assert old.joint_skew == []
     det = DriftDetector(ref, calibration=old)
     assert np.allclose(det._jskew, cal.joint_skew)
+
+
+@pytest.mark.parametrize("share", [1.0, 0.5, 0.2])
+def test_a_feature_missing_in_the_window_is_reported_not_its_neighbours(
+        ref: Reference, share: float) -> None:
+    """``a`` missing in a window (its source down): imputed with the reference mean, it made
+    ``b``, ``c`` and ``d``, which it helps predict, read as drifting jointly (thirteenth
+    audit). Its missing test names ``a``; the joint test leaves its gap out and says so."""
+    det = DriftDetector(ref)
+    rng = np.random.default_rng(7)
+    x = _window(det, rng)
+    x[rng.random(len(x)) < share, det.profile.num_names.index("a")] = np.nan
+    res = det.update(x, [])
+    assert res.drifted_features == ["a"]
+    assert res.joint_features == [] and not res.joint_detected
+    assert res.joint_excluded == ["a"]
+    if share == 1.0:  # no row to test jointly
+        assert math.isnan(res.joint_stat) and res.joint_rows == 0
+    else:
+        assert res.joint_score < res.threshold and 0 < res.joint_rows < WINDOW
+
+
+def test_decorrelation_is_still_caught_beside_a_missing_feature(ref: Reference) -> None:
+    det = DriftDetector(ref)
+    rng = np.random.default_rng(8)
+    x = _window(det, rng, decorrelate=1.0)
+    x[rng.random(len(x)) < 0.5, det.profile.num_names.index("a")] = np.nan
+    res = det.update(x, [])
+    assert res.joint_detected and "b" in res.joint_features and res.joint_excluded == ["a"]

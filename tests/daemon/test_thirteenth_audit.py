@@ -180,3 +180,18 @@ def test_a_rule_firing_at_a_restart_is_no_new_firing(binary_reference, tmp_path)
         assert d.registry.get_sample_value("lrwatch_rule_firing", fired) == 1
     finally:
         d.stop(timeout=2)
+
+
+# --- the joint test and a feature missing in the window --------------------------------------
+def test_status_names_the_feature_left_out_of_the_joint_test(run_daemon):
+    r = run_daemon()
+    rng = random.Random(35)
+    recs = [make_record(rng, k) for k in range(WINDOW)]
+    for rec in recs:
+        del rec["features"]["x"]   # its source is down
+    assert r.post("/v1/predictions", recs)[0] == 200
+    r.daemon.drain()
+    status = json.loads(r.get("/v1/status")[1])
+    assert "x" in status["last_window"]["drifted_features"]
+    assert status["last_window"]["joint_excluded"] == ["x"]
+    assert status["last_window"]["joint_features"] == []

@@ -414,6 +414,8 @@ def _feature_columns(rows: list[Mapping[str, Any]], kinds: Mapping[str, str]
     for r in rows:
         for k in r["features"]:
             names.setdefault(k, None)
+    # the prediction's own name: profiled under it too, the reference held it twice
+    reserved = names.pop(PREDICTION, 0) is None
     cols = {n: [r["features"].get(n) for r in rows] for n in sorted(names)}
     empty = [n for n, vals in cols.items() if all(_jsonable(v) is None for v in vals)]
     for n in empty:
@@ -427,6 +429,9 @@ def _feature_columns(rows: list[Mapping[str, Any]], kinds: Mapping[str, str]
         raise ConfigError(f"no feature has a value in {MIN_PRESENT_SHARE:.0%} of the "
                           f"{len(rows)} reference records (and in at least 2)")
     notes = []
+    if reserved:
+        notes.append(f"left out: the input feature {PREDICTION!r} (the name lrwatch gives the "
+                     f"model's prediction; rename the feature to have it watched)")
     if empty:
         notes.append(f"left out: {_names(empty)} (null or NaN in all {len(rows)} reference "
                      f"records; nothing to compare a window with)")

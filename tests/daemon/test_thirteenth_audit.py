@@ -195,3 +195,24 @@ def test_status_names_the_feature_left_out_of_the_joint_test(run_daemon):
     assert "x" in status["last_window"]["drifted_features"]
     assert status["last_window"]["joint_excluded"] == ["x"]
     assert status["last_window"]["joint_features"] == []
+
+
+# --- the audit of the ingest path --------------------------------------------------------------
+def test_an_input_feature_named_like_the_prediction_is_left_out_with_a_note(run_daemon,
+                                                                           tmp_path):
+    """A feature named ``_prediction`` (an upstream model's score logged as a feature) was
+    profiled beside the prediction under the same name: the reference listed
+    ``_prediction`` twice, and its drift, metrics and joint model mixed the two."""
+    rng = random.Random(36)
+    rows = [make_record(rng, i) for i in range(600)]
+    for row in rows:
+        row["features"]["_prediction"] = rng.gauss(5.0, 1.0)
+    ref = build_reference(rows, window_size=WINDOW, sims=150, seed=0)
+    assert ref.names.count("_prediction") == 1
+    assert any("'_prediction'" in note and "rename" in note for note in ref.notes)
+    path = str(tmp_path / "reference.json")
+    ref.save(path)
+    r = run_daemon(reference=path)
+    assert r.post("/v1/predictions", rows[:WINDOW])[0] == 200
+    assert r.metric("lrwatch_windows_total") == 1
+    assert r.daemon.last["features"]["_prediction"]["drifted"] is False

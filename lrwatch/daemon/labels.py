@@ -119,6 +119,11 @@ class EarlyLabels:
             k += 1
         return k
 
+    def any_of(self, ids: list[str]) -> bool:
+        """Whether a label is held for any of ``ids`` (one C-level pass: the common answer
+        is no, and a batch then skips the per-record look-up)."""
+        return bool(self._items) and not self._items.keys().isdisjoint(ids)
+
     def take(self, id_: str) -> tuple[Any, float] | None:
         """The ``(label, label time)`` held for this id (and forget it), or ``None``."""
         hit = self._items.pop(id_, None)

@@ -204,7 +204,7 @@ class WindowsMixin:
         """Predictions with an id wait for their label, unless it came first (then they are
         joined now)."""
         early = self.pending.early
-        if len(early):
+        if early.any_of(ids):
             ptype = self.reference.prediction_type  # type: ignore[union-attr]
             keep = []
             for i, id_ in enumerate(ids):

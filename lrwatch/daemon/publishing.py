@@ -128,6 +128,7 @@ class PublishingMixin:
             "thresholds": None if det is None else {"score": det.threshold,
                                                     "sequential_z": det.seq_threshold},
             "pending_labels": len(self.pending),
+            "early_labels": len(self.pending.early),  # labels waiting for their prediction
             "queue_records": self.queue.records,
             "last_window": self.last,
             "firing": sorted(self.engine.active),

@@ -37,6 +37,7 @@ def test_labels_that_come_before_their_predictions_are_joined(run_daemon):
     assert r.post("/v1/labels", labels)[1]["accepted"] == WINDOW
     r.daemon.drain()
     assert r.metric("lrwatch_labels_unmatched_total") == 0
+    assert json.loads(r.get("/v1/status")[1])["early_labels"] == WINDOW
     assert r.post("/v1/predictions", recs)[0] == 200  # closes the window with its labels
     assert r.metric("lrwatch_labels_joined_total") == WINDOW
     assert r.metric("lrwatch_model_accuracy") == 1.0

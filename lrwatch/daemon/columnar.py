@@ -205,8 +205,14 @@ class ChunkDecoder:
         # field names are placeholders, renamed to the features' real names (any string)
         rename = {f"n{i}": nm for i, nm in enumerate(self.names)}
         rename.update({f"c{j}": nm for j, nm in enumerate(self.cat_names)})
-        feats = _msgspec.defstruct("Features", fields, rename=rename,
-                                   forbid_unknown_fields=True, gc=False)
+        try:
+            feats = _msgspec.defstruct("Features", fields, rename=rename,
+                                       forbid_unknown_fields=True, gc=False)
+        except ValueError:
+            # a name with '"', a backslash or a control character (legal JSON keys) cannot
+            # be a renamed field: the compiled decoder, or the general path, takes the chunks
+            # (until the thirteenth audit this raised: every NDJSON body got a 500)
+            return
         # other top-level keys are ignored, as on the general path
         rec = _msgspec.defstruct("Prediction", [
             ("features", feats), ("prediction", Union[i64, float, str, bool]),

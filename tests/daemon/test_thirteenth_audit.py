@@ -12,6 +12,7 @@ import pytest
 
 from daemon_helpers import WINDOW, assert_balanced, make_record
 from lrwatch.daemon import Daemon, DaemonConfig, build_reference
+from services import wait_until
 
 
 def _daemon(reference_path, state=None, **kw):
@@ -217,3 +218,44 @@ def test_an_input_feature_named_like_the_prediction_is_left_out_with_a_note(run_
     assert r.post("/v1/predictions", rows[:WINDOW])[0] == 200
     assert r.metric("lrwatch_windows_total") == 1
     assert r.daemon.last["features"]["_prediction"]["drifted"] is False
+
+
+def _quoted_record(rng, i):
+    """A record whose feature names hold a quote, a backslash and non-ASCII letters."""
+    return {"id": f"q{i}", "features": {'size "cm"': rng.gauss(0, 1), "path\\dir": rng.gauss(0, 1),
+                                        "température": rng.choice(["东京", "大阪"])},
+            "prediction": rng.random()}
+
+
+def test_feature_names_with_a_quote_or_a_backslash_are_ingested(run_daemon, tmp_path):
+    """A reference feature named with a ``"`` or a ``\\`` (legal JSON keys) made the chunk
+    decoder's set-up raise (msgspec refuses such renamed fields): every NDJSON body failed
+    with a 500 and was counted nowhere, and a tailed file's chunks were lost to an internal
+    error on the worker."""
+    rng = random.Random(37)
+    ref = build_reference([_quoted_record(rng, i) for i in range(600)], window_size=WINDOW,
+                          sims=150, seed=0)
+    assert {'size "cm"', "path\\dir", "température"} <= set(ref.names)
+    path = str(tmp_path / "reference.json")
+    ref.save(path)
+    recs = [_quoted_record(rng, i) for i in range(WINDOW)]
+    tail = tmp_path / "predictions.jsonl"
+    tail.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs),
+                    encoding="utf-8")
+    r = run_daemon(reference=path)
+    body = "\n".join(json.dumps(x, ensure_ascii=False) for x in recs)
+    status, out = r.post("/v1/predictions", body)
+    assert status == 200 and out["accepted"] == WINDOW
+    assert r.metric("lrwatch_windows_total") == 1
+    assert r.metric("lrwatch_internal_errors_total") == 0
+    # the same lines from a tailed file
+    from lrwatch.daemon.sources import FileTailer
+
+    t = FileTailer(r.daemon, str(tail), 0.05)
+    r.daemon.tailers.append(t)
+    t.start()
+    assert wait_until(lambda: r.daemon.counters["predictions"] >= 2 * WINDOW, timeout=30)
+    assert r.metric("lrwatch_predictions_total") == 2 * WINDOW
+    assert r.metric("lrwatch_windows_total") == 2
+    assert r.metric("lrwatch_internal_errors_total") == 0
+    assert_balanced(r.daemon)

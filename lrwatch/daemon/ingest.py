@@ -180,6 +180,15 @@ class Ingest:
         prof = self._profile_of()
         if not self.fast_ingest or prof is None or body[:1] != b"{":
             return None
+        try:
+            return self._decode_http_chunk(body, prof)
+        except Exception:  # noqa: BLE001 - a decoder bug must not cost the body: parse it again
+            self.metrics.internal_errors.inc()
+            _log.exception("the chunk decoder failed on an HTTP body; the general path parses "
+                           "it (please report this)")
+            return None
+
+    def _decode_http_chunk(self, body: bytes, prof: Any) -> Any:
         dec = self._http_decoder
         if dec is None or dec.profile is not prof:
             try:

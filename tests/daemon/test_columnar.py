@@ -423,3 +423,29 @@ def test_http_bodies_take_the_columnar_path_with_the_same_results(reference_path
     finally:
         fast.stop()
         slow.stop()
+
+
+def test_a_chunk_decoder_failure_falls_back_to_the_general_path(reference_path, monkeypatch):
+    """An unexpected exception inside the chunk decoder (a bug, not bad input) must not turn
+    a body of valid records into an uncounted 500: the general path parses the body, the
+    records are accepted and the failure is counted as an internal error."""
+    bodies = [b for b in _stream(7, 12) if b.count(b"\n") >= 3]
+    d, ref = _daemon(reference_path, True), _daemon(reference_path, False)
+
+    def broken(self, chunk, n):
+        raise IndexError("a decoder bug")
+
+    try:
+        assert any(d.ingest._decode_http(b) is not None for b in bodies)
+        monkeypatch.setattr(ChunkDecoder, "decode", broken)
+        before = d.metrics.internal_error_total()
+        for b in bodies:
+            assert d.submit("predictions", b) == ref.submit("predictions", b)
+            for x in (d, ref):
+                x._apply(x.queue.get(0))
+        assert d.metrics.internal_error_total() == before + len(bodies)
+        assert d.counters["predictions"] == ref.counters["predictions"] > 0
+        assert d.counters["received"] == ref.counters["received"]
+    finally:
+        d.stop()
+        ref.stop()

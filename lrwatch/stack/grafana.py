@@ -52,6 +52,13 @@ def _new_events(counter: str, selector: str, window: str) -> str:
     return f"(({s} unless {s} offset {window}) or increase({s}[{window}])) > 0"
 
 
+def _events_in_range(counter: str) -> str:
+    """The events of ``counter`` in the dashboard's time range, summed over the selection, as
+    the alerts count them (:func:`_new_events`): a rollback before the first scrape is not 0."""
+    s = f"{counter}{{{SEL}}}"
+    return f"sum(({s} unless {s} offset $__range) or increase({s}[$__range]))"
+
+
 class _Layout:
     """Panels in a 24-column grid, left to right, top to bottom, with stable ids."""
 
@@ -240,19 +247,19 @@ def _training_overview(lay: _Layout) -> None:
         unit="ops", description="Optimizer steps per second, summed over the selected ranks."),
         w=4, h=4)
     lay.add(_stat("Rollbacks in range", _targets(
-        (f"sum(increase(lrwatch_rollbacks_total{{{SEL}}}[$__range]))", "rollbacks")),
+        (_events_in_range("lrwatch_rollbacks_total"), "rollbacks")),
         decimals=0, thresholds=[{"color": "green", "value": None},
                                 {"color": "orange", "value": 1}],
         description="Rollbacks to a known-good snapshot (lrwatch_rollbacks_total)."), w=4, h=4)
     lay.add(_stat("Non-finite steps in range", _targets(
-        (f"sum(increase(lrwatch_nonfinite_steps_total{{{SEL}}}[$__range]))", "non-finite")),
+        (_events_in_range("lrwatch_nonfinite_steps_total"), "non-finite")),
         decimals=0, thresholds=[{"color": "green", "value": None},
                                 {"color": "red", "value": 1}],
         description="Steps whose loss or gradients were NaN or Inf."), w=4, h=4)
     lay.add(_stat("Eval accuracy", _targets((f"max(lrwatch_eval_accuracy{{{SEL}}})", "eval")),
                   unit="percentunit", description="Accuracy of the last evaluation."), w=4, h=4)
     lay.add(_stat("lrwatch internal errors in range", _targets(
-        (f"sum(increase(lrwatch_internal_errors_total{{{SEL}}}[$__range]))", "errors")),
+        (_events_in_range("lrwatch_internal_errors_total"), "errors")),
         decimals=0, thresholds=[{"color": "green", "value": None},
                                 {"color": "orange", "value": 1}],
         description="Monitoring failures lrwatch absorbed (fail open)."), w=4, h=4)

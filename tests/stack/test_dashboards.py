@@ -132,3 +132,48 @@ def test_provisioning_files() -> None:
     assert dash["apiVersion"] == 1
     (provider,) = dash["providers"]
     assert provider["type"] == "file" and provider["options"]["path"]
+
+
+def _promtool_eval(tmp_path: Path, series: dict[str, str], expr: str, at: str) -> str:
+    """The value of ``expr`` at ``at`` over ``series``, computed by the real promtool (its
+    ``promql_expr_test`` reports what it got when the expectation fails)."""
+    import subprocess
+
+    from services import find_binary
+
+    test = {"rule_files": [], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [{"series": k, "values": v} for k, v in series.items()],
+        "promql_expr_test": [{"expr": expr, "eval_time": at,
+                              "exp_samples": [{"labels": "{}", "value": -12345}]}]}]}
+    path = tmp_path / "eval.test.yml"
+    path.write_text(yaml.safe_dump(test))
+    proc = subprocess.run([find_binary("promtool"), "test", "rules", str(path)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    m = re.search(r"got:\s*(.*)", proc.stdout + proc.stderr)
+    assert m, proc.stdout + proc.stderr
+    return m.group(1).strip()
+
+
+@pytest.mark.prometheus
+@pytest.mark.parametrize("title,counter", [
+    ("Rollbacks in range", "lrwatch_rollbacks_total"),
+    ("Non-finite steps in range", "lrwatch_nonfinite_steps_total"),
+    ("lrwatch internal errors in range", "lrwatch_internal_errors_total"),
+])
+def test_event_stats_count_events_before_the_first_scrape(tmp_path: Path, title: str,
+                                                          counter: str) -> None:
+    """A run that rolled back twice before Prometheus first scraped it (the alerts fire) shows
+    2 in the stat, not 0; a rank without events stays 0, another job is not counted, and once
+    the range starts after the first scrape only the events inside it count."""
+    d = _load(DASHBOARDS_DIR / "lrwatch-training.json")
+    (panel,) = [p for p in _panels(d["panels"]) if p["title"] == title]
+    (target,) = panel["targets"]
+    expr = substitute(target["expr"], {"job": "lrwatch-training", "instance": ".+",
+                                       "__range": "1h"})
+    series = {f'{counter}{{job="lrwatch-training",instance="rank0:9400"}}': "_x9 2x60",
+              f'{counter}{{job="lrwatch-training",instance="rank1:9400"}}': "_x9 0x60",
+              f'{counter}{{job="lrwatch-training",instance="rank2:9400"}}': "0x60 1x10",
+              f'{counter}{{job="other",instance="rank0:9400"}}': "_x9 7x60"}
+    assert _promtool_eval(tmp_path, series, expr, "60m") == "{} 2E+00"
+    assert _promtool_eval(tmp_path, series, expr, "70m") == "{} 1E+00"

@@ -26,7 +26,7 @@ import yaml
 
 from ..errors import ConfigError, LrwatchError
 
-__all__ = ["StackConfig", "LocalStack", "find_binary", "repo_root", "BINARIES",
+__all__ = ["StackConfig", "LocalStack", "find_binary", "repo_root", "assign_ports", "BINARIES",
            "OPTIONAL_LABEL"]
 
 #: Service -> (executable names, Debian package).
@@ -59,10 +59,43 @@ def find_binary(service: str) -> str:
                       f"it, e.g. `apt-get install {package}`")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def assign_ports(requested: dict[str, int | None]) -> dict[str, int]:
+    """The port of each service: the one asked for, or for 0 a free one; ``None``: not started.
+
+    Two services asked to share a port would fight over it, and the loser's log would be the
+    only hint (``lrwatch stack --prometheus-port 9091`` beside the default Pushgateway): that
+    is a :class:`~lrwatch.errors.ConfigError` naming both options. Free ports are held open
+    together while they are chosen, so two 0s never get the same one.
+
+    >>> assign_ports({"prometheus": 9091, "pushgateway": 9091})
+    Traceback (most recent call last):
+    ...
+    lrwatch.errors.ConfigError: --prometheus-port and --pushgateway-port are both 9091: give each service its own port (or 0 for any free one)
+    """
+    seen: dict[int, str] = {}
+    for name, port in requested.items():
+        if port:
+            if port in seen:
+                raise ConfigError(f"--{seen[port]}-port and --{name}-port are both {port}: give "
+                                  "each service its own port (or 0 for any free one)")
+            seen[port] = name
+    out: dict[str, int] = {}
+    held: list[socket.socket] = []
+    try:
+        for name, port in requested.items():
+            if port is None:
+                continue
+            while not port:   # held open: the next one cannot be the same
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", 0))
+                port = int(s.getsockname()[1])
+                port = 0 if port in seen else port   # a port asked for by another service
+            out[name] = port
+    finally:
+        for s in held:
+            s.close()
+    return out
 
 
 @dataclass
@@ -171,9 +204,11 @@ class LocalStack:
     def start(self) -> "LocalStack":
         c = self.config
         try:
-            am_port = c.alertmanager_port or _free_port()
-            pg_port = (c.pushgateway_port or _free_port()) if c.pushgateway else None
-            prom_port = c.prometheus_port or _free_port()
+            ports = assign_ports({"alertmanager": c.alertmanager_port,
+                                  "pushgateway": c.pushgateway_port if c.pushgateway else None,
+                                  "prometheus": c.prometheus_port})
+            am_port, prom_port = ports["alertmanager"], ports["prometheus"]
+            pg_port = ports.get("pushgateway")
             for service, port in (("alertmanager", am_port), ("pushgateway", pg_port),
                                   ("prometheus", prom_port)):
                 if port is not None:

@@ -82,3 +82,21 @@ def test_stack_reports_a_taken_port(tmp_path: Path) -> None:
             assert f"port {taken.port} for prometheus is taken" in proc.log()
         finally:
             proc.stop()
+
+
+def test_two_services_on_one_port_is_a_clear_error(tmp_path: Path) -> None:
+    """`--prometheus-port 9091` beside the default Pushgateway: one of the two used to lose the
+    port and the error was its log tail; now nothing starts and the error names both options."""
+    find_binary("prometheus")
+    with MetricsHTTPServer(CollectorRegistry()) as probe:
+        port = probe.port          # a port that is free once the probe stops
+    proc = Proc(lrwatch_cmd("stack", "--prometheus-port", str(port), "--alertmanager-port", "0",
+                            "--pushgateway-port", str(port), "--data-dir",
+                            str(tmp_path / "data")), tmp_path / "stack.log")
+    try:
+        assert proc.proc.wait(timeout=60) == 1
+        assert (f"--pushgateway-port and --prometheus-port are both {port}: give each service "
+                "its own port") in proc.log(), proc.log()
+        assert not (tmp_path / "data" / "prometheus.log").exists()   # nothing was started
+    finally:
+        proc.stop()

@@ -324,9 +324,10 @@ def _training_speed(lay: _Layout) -> None:
     lay.add(_timeseries(
         "Step rate",
         _targets((f"rate(lrwatch_training_steps_total{{{SEL}}}[$__rate_interval])", "{{instance}}"),
-                 ('sum by (job) (rate(lrwatch_training_steps_total{job=~"$job"}[$__rate_interval]))',
-                  "{{job}} (all ranks)")),
-        unit="ops", description="Optimizer steps per second."), w=8)
+                 (f"sum by (job) (rate(lrwatch_training_steps_total{{{SEL}}}[$__rate_interval]))",
+                  "{{job}} (selected ranks)")),
+        unit="ops", description="Optimizer steps per second, per rank and summed over the "
+                                "selected ranks (not over every run of the job)."), w=8)
     lay.add(_timeseries(
         "Step duration",
         _targets(("histogram_quantile(0.5, sum by (instance, le) "

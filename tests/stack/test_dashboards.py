@@ -101,6 +101,7 @@ def test_structure(path: Path) -> None:
         assert re.search(r"\b(rate|increase)\(", expr) is None or (
             "$__rate_interval" in expr or "$__range" in expr), where
         assert '$job' in expr, f"{where}: not filtered by $job"
+        assert '$instance' in expr, f"{where}: not filtered by $instance"
         substitute(expr, {"job": "j", "instance": "i", "feature": "f"})
 
 
@@ -177,3 +178,21 @@ def test_event_stats_count_events_before_the_first_scrape(tmp_path: Path, title:
               f'{counter}{{job="other",instance="rank0:9400"}}': "_x9 7x60"}
     assert _promtool_eval(tmp_path, series, expr, "60m") == "{} 2E+00"
     assert _promtool_eval(tmp_path, series, expr, "70m") == "{} 1E+00"
+
+
+@pytest.mark.prometheus
+def test_step_rate_sum_covers_the_selected_ranks_only(tmp_path: Path) -> None:
+    """Two runs scraped under one job (file_sd, as in exporters/targets/): with run a's two
+    ranks selected, the summed step rate is run a's (2 + 3 steps/s), not the job's."""
+    d = _load(DASHBOARDS_DIR / "lrwatch-training.json")
+    (panel,) = [p for p in _panels(d["panels"]) if p["title"] == "Step rate"]
+    (summed,) = [t for t in panel["targets"] if t["expr"].startswith("sum by (job)")]
+    expr = substitute(summed["expr"], {"job": "lrwatch-training",
+                                       "instance": "(a0:9400|a1:9400)"})
+    series = {'lrwatch_training_steps_total{job="lrwatch-training",instance="a0:9400"}': "0+120x20",
+              'lrwatch_training_steps_total{job="lrwatch-training",instance="a1:9400"}': "0+180x20",
+              'lrwatch_training_steps_total{job="lrwatch-training",instance="b0:9400"}': "0+600x20"}
+    got = _promtool_eval(tmp_path, series, f"sum({expr})", "10m")
+    assert got == "{} 5E+00"
+    assert "{{instance}}" in panel["targets"][0]["legendFormat"]
+    assert "all ranks" not in summed["legendFormat"]

@@ -342,8 +342,9 @@ def start_metrics_server(registry: CollectorRegistry, port: int, host: str = "12
     try:
         return MetricsServer(registry, port, host)
     except OSError as exc:
-        log.warning("lrwatch: cannot serve /metrics on %s:%s (%s); training goes on without it",
-                    host, port, exc)
+        log.warning("lrwatch: cannot serve /metrics on %s:%s (%s); training goes on without it "
+                    "(give another port, or port=0 for a free one; the failure is counted in "
+                    "lrwatch_internal_errors_total)", host, port, exc)
         if on_error is not None:
             on_error()
         return None

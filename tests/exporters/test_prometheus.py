@@ -73,6 +73,7 @@ def test_taken_port_warns_counts_and_training_goes_on(caplog: pytest.LogCaptureF
             w = lrwatch.Watcher(model, opt, port=port)
         assert w.metrics_url is None
         assert "cannot serve /metrics" in caplog.text
+        assert "port=0 for a free one" in caplog.text   # the warning says what to do
         _train(w, model, opt, 3)
         w.close()
         assert w.step == 3

@@ -24,9 +24,11 @@ __all__ = ["stack_command", "dashboards_group"]
               show_default=True, help="Pushgateway port (0: any free one).")
 @click.option("--no-pushgateway", is_flag=True, help="Do not start a Pushgateway.")
 @click.option("--training", "training", multiple=True, metavar="HOST:PORT",
-              help="Scrape this training rank (repeatable) instead of the config's targets.")
+              help="Scrape this training rank (repeatable) instead of the config's static "
+                   "targets (its file_sd lists stay).")
 @click.option("--daemon", "daemon", multiple=True, metavar="HOST:PORT",
-              help="Scrape this `lrwatch daemon` (repeatable) instead of the config's targets.")
+              help="Scrape this `lrwatch daemon` (repeatable) instead of the config's static "
+                   "targets (its file_sd lists stay).")
 @click.option("--scrape-interval", default=None, metavar="DURATION",
               help="Scrape and rule-evaluation interval, e.g. 5s [default: the config's].")
 @click.option("--prometheus-config", type=click.Path(exists=True, dir_okay=False),

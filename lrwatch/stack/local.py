@@ -11,6 +11,7 @@ Production set-ups load those files into their own Prometheus and Alertmanager i
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -26,8 +27,8 @@ import yaml
 
 from ..errors import ConfigError, LrwatchError
 
-__all__ = ["StackConfig", "LocalStack", "find_binary", "repo_root", "assign_ports", "BINARIES",
-           "OPTIONAL_LABEL"]
+__all__ = ["StackConfig", "LocalStack", "find_binary", "repo_root", "assign_ports",
+           "check_stack_options", "BINARIES", "OPTIONAL_LABEL"]
 
 #: Service -> (executable names, Debian package).
 BINARIES: dict[str, tuple[tuple[str, ...], str]] = {
@@ -98,6 +99,35 @@ def assign_ports(requested: dict[str, int | None]) -> dict[str, int]:
     return out
 
 
+_TARGET = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})$")
+_DURATION = re.compile(r"^(\d+y)?(\d+w)?(\d+d)?(\d+h)?(\d+m)?(\d+s)?(\d+ms)?$")
+
+
+def check_stack_options(training: Sequence[str], daemon: Sequence[str],
+                        scrape_interval: str | None) -> None:
+    """Raise :class:`~lrwatch.errors.ConfigError` for a target that is not ``HOST:PORT`` (the
+    URL ``lrwatch demo`` prints is not one) or an interval Prometheus would not parse, before
+    anything starts: Prometheus would exit with an error about a config file in a temporary
+    directory that is gone by the time it is read.
+
+    >>> check_stack_options(["127.0.0.1:9400", "[::1]:9401", "gpu-3:9400"], [], "15s")
+    >>> check_stack_options(["http://127.0.0.1:9400/metrics"], [], None)
+    Traceback (most recent call last):
+    ...
+    lrwatch.errors.ConfigError: --training 'http://127.0.0.1:9400/metrics' is not HOST:PORT (e.g. 127.0.0.1:9400; no scheme, no /metrics path)
+    """
+    for option, targets in (("--training", training), ("--daemon", daemon)):
+        for t in targets:
+            m = _TARGET.match(t)
+            if m is None or not 0 < int(m.group(2)) <= 65535:
+                raise ConfigError(f"{option} {t!r} is not HOST:PORT (e.g. 127.0.0.1:9400; no "
+                                  "scheme, no /metrics path)")
+    if scrape_interval is not None and (not _DURATION.match(scrape_interval)
+                                        or not re.search(r"[1-9]", scrape_interval)):
+        raise ConfigError(f"--scrape-interval {scrape_interval!r} is not a Prometheus duration "
+                          "above zero (e.g. 5s, 1m, 1m30s)")
+
+
 @dataclass
 class StackConfig:
     """What :class:`LocalStack` starts. Ports of 0 are chosen free at start."""
@@ -119,6 +149,9 @@ class StackConfig:
     #: about such a target once it has been up (a demo on :9400 but no daemon on :9410 is no
     #: outage). Set by :meth:`from_repo`; a config of your own declares its targets.
     optional_defaults: bool = False
+
+    def __post_init__(self) -> None:
+        check_stack_options(self.training_targets, self.daemon_targets, self.scrape_interval)
 
     @classmethod
     def from_repo(cls, root: Path | None = None, **kw: Any) -> "StackConfig":

@@ -100,3 +100,25 @@ def test_two_services_on_one_port_is_a_clear_error(tmp_path: Path) -> None:
         assert not (tmp_path / "data" / "prometheus.log").exists()   # nothing was started
     finally:
         proc.stop()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--training", "http://127.0.0.1:9400/metrics"],
+     "--training 'http://127.0.0.1:9400/metrics' is not HOST:PORT"),
+    (["--daemon", "127.0.0.1"], "--daemon '127.0.0.1' is not HOST:PORT"),
+    (["--scrape-interval", "5x"], "--scrape-interval '5x' is not a Prometheus duration"),
+])
+def test_bad_targets_and_intervals_are_refused_before_anything_starts(
+        tmp_path: Path, args: list[str], message: str) -> None:
+    """The URL `lrwatch demo` prints, a target without a port, an interval Prometheus cannot
+    parse: each used to start Alertmanager and the Pushgateway, then fail with Prometheus's
+    error about a config file in a directory that was already removed."""
+    proc = Proc(lrwatch_cmd("stack", "--prometheus-port", "0", "--alertmanager-port", "0",
+                            "--pushgateway-port", "0", "--data-dir", str(tmp_path / "data"),
+                            *args), tmp_path / "stack.log")
+    try:
+        assert proc.proc.wait(timeout=60) == 1
+        assert message in proc.log(), proc.log()
+        assert not (tmp_path / "data" / "alertmanager.log").exists()   # nothing was started
+    finally:
+        proc.stop()

@@ -231,7 +231,11 @@ class TrainingExporter:
                                          "Gradient L2 norm per top-level module (opt-in).",
                                          ["layer"], registry=None))
         self._metrics = m
-        self._layer_children = {lab: self.layer_grad_norm.labels(lab) for lab in layer_labels}
+        # A layer's child is made at its first measurement (once; cached after): made here it
+        # would export 0 for layers never measured (sharded parameters have no per-layer
+        # norms), and a gradient norm of 0 reads as vanished gradients.
+        self._layer_labels = tuple(layer_labels)
+        self._layer_children: dict[str, Any] = {}
         self._lr_children: list[Any] = []
         self._mom_children: list[Any] = []
         self._collector = _LockedCollector(self._lock, m, self.latest, const_labels or {})
@@ -287,9 +291,12 @@ class TrainingExporter:
                 (k for k in last.values if k.startswith("momentum/")), key=_group_index)]
             if mom:
                 self._set_groups(self.momentum, self._mom_children, mom)
-            for lab, child in self._layer_children.items():
+            for lab in self._layer_labels:
                 val = last.values.get(f"grad_norm/{lab}")
                 if val is not None:
+                    child = self._layer_children.get(lab)
+                    if child is None:
+                        child = self._layer_children[lab] = self.layer_grad_norm.labels(lab)
                     child.set(val)
 
     @staticmethod

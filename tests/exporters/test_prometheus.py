@@ -12,6 +12,7 @@ from torch import nn
 
 import lrwatch
 from lrwatch.exporters.prometheus import TrainingExporter
+from lrwatch.samples import Sample
 from prometheus_client import CollectorRegistry, generate_latest
 
 from services import promtool_check_metrics
@@ -59,6 +60,18 @@ def test_unmeasured_gauges_are_absent_not_zero() -> None:
     text = generate_latest(exp.registry).decode()
     assert "lrwatch_eval_accuracy " not in text and "lrwatch_loss " not in text
     assert "lrwatch_training_steps_total 0.0" in text
+
+
+def test_unmeasured_layers_are_absent_not_zero() -> None:
+    """Per-layer norms that were never measured (sharded parameters have none, and nothing is
+    measured before the first flush) are not exported as a gradient norm of 0."""
+    exp = TrainingExporter(CollectorRegistry(), layer_labels=["encoder", "decoder"])
+    assert "lrwatch_layer_grad_norm{" not in generate_latest(exp.registry).decode()
+    exp.observe([Sample(step=1, values={"grad_norm": 2.0, "grad_norm/encoder": 1.5})])
+    exp.observe([Sample(step=2, values={"grad_norm": 2.0})])   # a step without per-layer norms
+    text = generate_latest(exp.registry).decode()
+    assert 'lrwatch_layer_grad_norm{layer="encoder"} 1.5' in text
+    assert 'layer="decoder"' not in text
 
 
 def test_taken_port_warns_counts_and_training_goes_on(caplog: pytest.LogCaptureFixture) -> None:

@@ -108,6 +108,9 @@ def dashboards_generate(out: str, check: bool) -> None:
     from .grafana import check_dashboards, write_dashboards
 
     if check:
+        if not Path(out).is_dir():   # run from elsewhere than the repository root
+            raise click.ClickException(f"{out} is not a directory (from {Path.cwd()}): pass "
+                                       "--out with the directory that holds the dashboards")
         stale = check_dashboards(out)
         if stale:
             raise click.ClickException(f"out of date in {out}: {', '.join(stale)}; run "

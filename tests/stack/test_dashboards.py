@@ -52,6 +52,15 @@ def test_generate_cli_writes_and_checks(tmp_path: Path) -> None:
     assert r.exit_code == 1 and "lrwatch-serving.json" in r.output
 
 
+def test_check_of_a_missing_directory_says_so(tmp_path: Path) -> None:
+    """`--check` from outside the repository (the default --out is relative) used to report
+    both dashboards as "out of date" instead of saying there is no such directory."""
+    r = CliRunner().invoke(cli, ["dashboards", "generate", "--check",
+                                 "--out", str(tmp_path / "nowhere")])
+    assert r.exit_code == 1
+    assert "is not a directory" in r.output and "out of date" not in r.output, r.output
+
+
 def test_titles_and_unique_uids() -> None:
     ds = [_load(p) for p in FILES]
     assert {d["title"] for d in ds} == {"lrwatch / Training", "lrwatch / Serving"}

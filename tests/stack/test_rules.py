@@ -152,3 +152,29 @@ def test_example_alertmanager_config_is_valid(alertmanager_factory: Any) -> None
         proc = subprocess.run([amtool, "check-config", str(REPO / "exporters" / "alertmanager.yml")],
                               capture_output=True, text=True, timeout=60, check=False)
         assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_example_training_targets_do_not_clash_with_exported_labels(
+        prometheus_factory: Any) -> None:
+    """The example config's training targets, scraping a rank that exports under
+    ``export="all"`` (its own ``rank`` label), as Prometheus stores it: a target label of the
+    same name (the example used to set ``rank: "0"``) renames the exported one to
+    ``exported_rank`` on every series."""
+    from lrwatch.exporters.prometheus import MetricsServer, TrainingExporter
+
+    cfg = yaml.safe_load((REPO / "exporters" / "prometheus.yml").read_text())
+    (job,) = [j for j in cfg["scrape_configs"] if j["job_name"] == "lrwatch-training"]
+    exp = TrainingExporter(run_info={"run": "r"}, const_labels={"rank": "0"})
+    server = MetricsServer(exp.registry, 0)
+    try:
+        static = [{**sc, "targets": [f"127.0.0.1:{server.port}"]}
+                  for sc in job["static_configs"]][:1]
+        prom = prometheus_factory(extra_scrape_configs=[
+            {"job_name": job["job_name"], "static_configs": static}])
+        (series,) = prom.wait_for('lrwatch_training_steps_total{job="lrwatch-training"}',
+                                  timeout=60)
+    finally:
+        server.close()
+    labels = series["metric"]
+    assert labels["rank"] == "0"
+    assert [k for k in labels if k.startswith("exported_")] == [], labels

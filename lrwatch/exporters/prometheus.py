@@ -64,6 +64,15 @@ _GAUGES: dict[str, tuple[str, str]] = {
 }
 
 
+# Gauges the exporter derives itself (keys no sample value can have).
+_DERIVED: dict[str, tuple[str, str]] = {
+    "@flush_interval": ("lrwatch_flush_interval_seconds",
+                        "Time between the last steps of the last two flushes (step times): "
+                        "LrwatchTrainingStalled waits three of these, at least 15 minutes, so "
+                        "runs with slow steps or a large flush_every are not stalled."),
+}
+
+
 class EngineMetrics:
     """The engine and health families that every lrwatch process exports, defined once for the
     training exporter and the daemon: ``lrwatch_build_info{version,python,component}``,
@@ -114,7 +123,7 @@ class _LockedCollector(Collector):
     def collect(self) -> Iterator[Any]:
         with self._lock:
             families = [f for m in self._metrics for f in m.collect()]
-            for key, (name, doc) in _GAUGES.items():
+            for key, (name, doc) in (*_GAUGES.items(), *_DERIVED.items()):
                 if key in self._latest:
                     families.append(GaugeMetricFamily(name, doc, value=self._latest[key]))
         if self._const:  # e.g. rank="3" when every rank serves its own endpoint
@@ -280,6 +289,9 @@ class TrainingExporter:
                 return
             self.latest["step"] = float(last.step)
             if last.time is not None:
+                before = self.latest.get("time")
+                if before is not None and last.time > before:
+                    self.latest["@flush_interval"] = last.time - before
                 self.latest["time"] = last.time
             for key in _GAUGES:
                 val = last.values.get(key)

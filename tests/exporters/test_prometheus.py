@@ -74,6 +74,20 @@ def test_unmeasured_layers_are_absent_not_zero() -> None:
     assert 'layer="decoder"' not in text
 
 
+def test_flush_interval_is_the_step_time_between_flushes() -> None:
+    """LrwatchTrainingStalled waits three of these: absent after one flush, then the time
+    between the last steps of the last two flushes."""
+    exp = TrainingExporter(CollectorRegistry())
+    exp.observe([Sample(step=s, time=1000.0 + 40 * s, values={}) for s in range(1, 26)])
+    assert exp.registry.get_sample_value("lrwatch_flush_interval_seconds") is None
+    exp.observe([Sample(step=s, time=1000.0 + 40 * s, values={}) for s in range(26, 51)])
+    assert exp.registry.get_sample_value("lrwatch_flush_interval_seconds") == 1000.0
+    exp.observe([Sample(step=51, time=None, values={})])   # a step without a time: kept
+    assert exp.registry.get_sample_value("lrwatch_flush_interval_seconds") == 1000.0
+    rc, out = promtool_check_metrics(generate_latest(exp.registry))
+    assert rc == 0 and out.strip() == "", out
+
+
 def test_taken_port_warns_counts_and_training_goes_on(caplog: pytest.LogCaptureFixture) -> None:
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", 0))

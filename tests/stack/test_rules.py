@@ -141,6 +141,19 @@ def test_example_prometheus_config_is_valid() -> None:
     assert cfg["alerting"]["alertmanagers"][0]["api_version"] == "v2"
 
 
+def test_example_file_sd_targets_carry_no_label_lrwatch_exports_itself() -> None:
+    """The file_sd example's target labels must not shadow the exporter's own labels: a
+    target label `run` (or `rank`) makes Prometheus rename lrwatch_run_info's `run` (a rank's
+    `rank`) to `exported_run` (`exported_rank`), and the rules and dashboards that join on
+    them find nothing. The example set `run` on every target until 6 December."""
+    import json
+
+    groups = json.loads((REPO / "exporters" / "targets" / "training.json.example").read_text())
+    assert groups and all(g["targets"] for g in groups)
+    for g in groups:
+        assert not {"run", "rank", "job", "instance"} & set(g.get("labels", {})), g
+
+
 def test_example_alertmanager_config_is_valid(alertmanager_factory: Any) -> None:
     """A real Alertmanager starts with it (and amtool accepts it, where installed)."""
     text = (REPO / "exporters" / "alertmanager.yml").read_text()

@@ -98,6 +98,12 @@ class RankContext:
         self._joinables = [o for o in objs if hasattr(o, "_join_config")]
         self._refused = []
 
+    def all_reduce_sum(self, t: torch.Tensor) -> None:
+        """Add ``t`` across the group's ranks, in place (the sharded guard's one number per
+        step; on a GPU enqueued like the wrapper's own collectives, no wait on the host)."""
+        if self._dist is not None and self.world > 1:
+            self._dist.all_reduce(t, group=self.group)
+
     def gather(self, payload: Any) -> list[Any]:
         """Every rank's ``payload``, in rank order (one collective).
 

@@ -71,6 +71,10 @@ class StepRecorder:
     sharded:
         Gradients are FSDP2/DTensor shards: record sums of squares, added across ranks at the
         flush.
+    sum_ranks:
+        With ``sharded``: adds a one-element tensor across the ranks in place (an all-reduce,
+        enqueued on the device like the wrapper's own collectives). The guard judges the
+        global norm, so every rank drops a spike that only one shard shows, or none does.
     update_ratio, update_ratio_every:
         Measure ||Δθ||/||θ|| on every k-th step (a parameter copy before those steps).
     scaler:
@@ -90,12 +94,14 @@ class StepRecorder:
 
     def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, *,
                  layers: LayerIndex | None = None, sharded: bool = False,
+                 sum_ranks: Callable[[torch.Tensor], Any] | None = None,
                  update_ratio: bool = False, update_ratio_every: int = 10,
                  scaler: Any = None, on_commit: Callable[[], None] = lambda: None) -> None:
         self.optimizer = optimizer
         self.device = device
         self.layers = layers
         self.sharded = sharded
+        self.sum_ranks = sum_ranks
         self.update_ratio = update_ratio
         self.update_ratio_every = update_ratio_every
         self.scaler = scaler
@@ -165,20 +171,15 @@ class StepRecorder:
             # returned None); a norm of 0 would read as a vanished gradient
             return
         grads = [p.grad for p in params]
+        guarding = bool(self.guard and guard and grads and not skipped)
         if self.sharded:
-            # Sums of squares, rank-local; added across ranks at the flush (one collective).
-            rep, shard = split_by_placement(grads)  # type: ignore[arg-type]
-            local = []
-            for prefix, part in ((SQ_REP, rep), (SQ_SHARD, shard)):
-                local.append(total_norm(tensor_norms(part), self.device).square())
-                row.put(prefix + "grad_norm", local[-1])
             norms = []
-            norm = (local[0] + local[1]).sqrt()   # rank-local: each rank guards its own shard
+            norm = self._sharded_norm(row, grads, guarding)
         else:
             norms = tensor_norms(grads)  # type: ignore[arg-type]
             norm = total_norm(norms, self.device)
             row.put("grad_norm", norm)
-        if self.guard and guard and grads and not skipped:
+        if guarding:
             self._guard_step(row, params, norm)
         if self.layers is not None and norms:
             per = self.layers.per_layer(params, norms, self.device)
@@ -194,6 +195,22 @@ class StepRecorder:
                 row.put("loss_scale", scale.detach().reshape(()).float().clone())
         if skipped:
             row.host["skipped"] = 1.0
+
+    def _sharded_norm(self, row: Row, grads: list[Any], guarding: bool) -> torch.Tensor:
+        """Record the rank-local sums of squares (added across ranks at the flush, in its one
+        collective); the norm the guard judges. That is the global one when the guard is on:
+        judged per shard, a spike that one shard shows dropped that rank's half of the step
+        while the other ranks applied theirs."""
+        rep, shard = split_by_placement(grads)  # type: ignore[arg-type]
+        local = []
+        for prefix, part in ((SQ_REP, rep), (SQ_SHARD, shard)):
+            local.append(total_norm(tensor_norms(part), self.device).square())
+            row.put(prefix + "grad_norm", local[-1])
+        sharded = local[1]
+        if guarding and self.sum_ranks is not None:
+            sharded = sharded.clone()
+            self.sum_ranks(sharded)
+        return (local[0] + sharded).sqrt()
 
     def set_guard(self, mode: str | None, ratio: float) -> None:
         """Turn the guard on (``"skip"``, ``"hold"``, ``"zero"``) or off (``None``); ``ratio``:

@@ -119,6 +119,7 @@ def build_recorder(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dis
     named = [(names.get(id(p), f"param{i}"), p) for i, p in enumerate(params)]
     layers = LayerIndex(named, depth=layer_depth, max_layers=max_layers) if per_layer else None
     return StepRecorder(optimizer, device, layers=layers, sharded=sharded,
+                        sum_ranks=dist.all_reduce_sum if sharded else None,
                         update_ratio=bool(update_ratio), update_ratio_every=update_ratio_every,
                         scaler=scaler, on_commit=on_commit)
 

@@ -201,11 +201,13 @@ def nan_replay(rank: int, world: int, store: str, out: str) -> None:
     finish()
 
 
-def per_rank_export(rank: int, world: int, store: str, out: str, port: int, go: str) -> None:
+def per_rank_export(rank: int, world: int, store: str, out: str, port: int, go: str,
+                    pushgateway: str | None = None) -> None:
     init(rank, world, store)
     model = nn.parallel.DistributedDataParallel(_model())
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    w = lrwatch.Watcher(model, opt, flush_every=2, port=port, export="all", run_name="dist")
+    w = lrwatch.Watcher(model, opt, flush_every=2, port=port, export="all", run_name="dist",
+                        pushgateway=pushgateway)
     for step in range(10):
         x, y = _global_batch(step)
         opt.zero_grad()
@@ -695,4 +697,42 @@ def ddp_join(rank: int, world: int, store: str, out: str, throw: bool) -> None:
         error = f"{type(exc).__name__}: {exc}"
     w.close()
     _write(out, rank, {"error": error, "step": w.step, "flushes": w.flushes})
+    finish()
+
+
+def fsdp_guard_spike_on_one_shard(rank: int, world: int, store: str, out: str) -> None:
+    """FSDP2, one Linear layer sharded by rows: rank 0 holds outputs 0-3, rank 1 outputs 4-7.
+    At step 41 the batch's targets of outputs 0-3 are 1000x off, so the gradient spikes in
+    rank 0's shard only. The guard must take one decision for the whole step: either every
+    shard steps or none does (a step applied to half the parameters is no step anyone took)."""
+    from torch.distributed.fsdp import fully_shard
+
+    init(rank, world, store, timeout_s=60)
+    torch.manual_seed(0)
+    model = nn.Linear(8, 8)
+    fully_shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    w = lrwatch.Watcher(model, opt, flush_every=5)
+
+    def full() -> torch.Tensor:
+        return model.weight.full_tensor().detach().clone()
+
+    deltas = {}
+    for step in range(1, 46):
+        g = torch.Generator().manual_seed(900 + step)
+        x, y = torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g)
+        if step == 41:
+            y[:, :4] += 1000.0
+        before = full() if step == 41 else None
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(_mine(x, rank, world)), _mine(y, rank, world))
+        loss.backward()
+        opt.step()
+        w.log(loss=loss)
+        if before is not None:
+            after = full()
+            deltas = {"rows_0_3": float((after[:4] - before[:4]).abs().max()),
+                      "rows_4_7": float((after[4:] - before[4:]).abs().max())}
+    w.close()
+    _write(out, rank, {"deltas": deltas})
     finish()

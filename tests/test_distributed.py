@@ -12,7 +12,7 @@ import pytest
 import torch.multiprocessing as mp
 
 import distributed_workers as dw
-from services import PrometheusServer, free_port
+from services import PrometheusServer, PushgatewayServer, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -143,6 +143,7 @@ def test_ddp_replay_after_a_nan_batch_stays_in_lock_step(tmp_path: Path) -> None
 
 @pytest.mark.prometheus
 def test_per_rank_export_scraped_by_prometheus(prometheus_factory: Callable[..., PrometheusServer],
+                                               pushgateway: PushgatewayServer,
                                                tmp_path: Path) -> None:
     port = free_port()
     while True:  # need two consecutive free ports
@@ -160,7 +161,7 @@ def test_per_rank_export_scraped_by_prometheus(prometheus_factory: Callable[...,
     def run() -> None:
         try:
             mp.spawn(dw.per_rank_export, args=(2, str(tmp_path / "store"), str(tmp_path), port,
-                                               str(go)), nprocs=2)
+                                               str(go), pushgateway.url), nprocs=2)
         except BaseException as exc:  # reported in the main thread
             errors.append(exc)
 
@@ -179,6 +180,11 @@ def test_per_rank_export_scraped_by_prometheus(prometheus_factory: Callable[...,
     assert not errors, errors
     urls = [json.loads((tmp_path / f"rank{r}.json").read_text())["url"] for r in range(2)]
     assert urls == [f"http://127.0.0.1:{port}/metrics", f"http://127.0.0.1:{port + 1}/metrics"]
+    # each rank's end-of-run summary is its own Pushgateway group (rank in the grouping key):
+    # with job + run alone, the second rank's push replaced the first's
+    pushed = pushgateway.samples("lrwatch_step")
+    assert sorted((s.labels["run"], s.labels["rank"]) for s in pushed) == [
+        ("dist", "0"), ("dist", "1")], pushed
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
@@ -300,3 +306,12 @@ def test_a_resume_not_finite_on_one_rank_takes_the_same_decision_on_every_rank(
     assert first["stopped"] and first["actions"] and first["actions"][0][0] == "stop"
     for r in results:
         assert r == first
+
+
+def test_fsdp2_guard_takes_one_decision_for_a_spike_in_one_shard(tmp_path: Path) -> None:
+    # a spike in rank 0's shard only: the guard judged each shard's own norm, so rank 0
+    # dropped its half of the step and rank 1 applied its half (a partial step)
+    results = _spawn(dw.fsdp_guard_spike_on_one_shard, 2, tmp_path)
+    d = results[0]["deltas"]
+    assert results[1]["deltas"] == d
+    assert d["rows_0_3"] == 0.0 and d["rows_4_7"] == 0.0, d

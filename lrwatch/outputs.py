@@ -82,6 +82,7 @@ class Outputs:
             port = port + named if port else port
             trace = rank_trace_path(trace, named) if trace is not None else None
         self.run = info["run"]
+        self.grouping = const_labels   # a rank that exports its own pushes its own group
         self.exporter = TrainingExporter(registry, run_info=info,
                                          layer_labels=layers.labels if layers else (),
                                          const_labels=const_labels)
@@ -129,6 +130,7 @@ class Outputs:
             from .exporters.pushgateway import push_summary
 
             push_summary(self.pushgateway, self.registry, run=self.run,
+                         extra_grouping=self.grouping or None,
                          on_error=self.exporter.count_error)
         if self.server is not None:
             self.server.close()

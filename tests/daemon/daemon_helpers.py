@@ -3,6 +3,7 @@ path)."""
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -26,3 +27,31 @@ def assert_balanced(daemon: Any) -> None:
     errors = sum(m("lrwatch_ingest_errors_total", {"reason": x}) for x in REASONS)
     assert m("lrwatch_predictions_total") + m("lrwatch_labels_total") + errors == \
         m("lrwatch_ingest_received_total")
+
+
+def binary_record(rng: random.Random, i: int, *, shift: float = 0.0, t: float | None = None,
+                  label: bool = True) -> dict[str, Any]:
+    """A calibrated binary model's record: p = sigmoid(2x), its label (inline) ~ B(p)."""
+    x = rng.gauss(shift, 1.0)
+    p = 1.0 / (1.0 + math.exp(-2.0 * x))
+    r: dict[str, Any] = {"id": f"b{i}", "features": {"x": x, "y": rng.gauss(0, 1)},
+                         "prediction": round(p, 6)}
+    if label:
+        r["label"] = int(rng.random() < p)
+    if t is not None:
+        r["time"] = t
+    return r
+
+
+def saved_binary_reference(factory: Any, seed: int, n: int, sims: int, name: str) -> str:
+    """A reference of ``n`` :func:`binary_record` rows with its fitted estimator, saved under
+    a fresh directory of ``factory`` (pytest's ``tmp_path_factory``); its path."""
+    from lrwatch.daemon import build_reference
+
+    rng = random.Random(seed)
+    ref = build_reference([binary_record(rng, i) for i in range(n)], window_size=WINDOW,
+                          sims=sims)
+    assert ref.estimator is not None
+    path = str(factory.mktemp(name) / "reference.json")
+    ref.save(path)
+    return path

@@ -4,13 +4,13 @@ by the thirteenth round's audit"): each test failed before its fix."""
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 
 import pytest
 
-from daemon_helpers import WINDOW, assert_balanced, make_record
+from daemon_helpers import (WINDOW, assert_balanced, binary_record, make_record,
+                            saved_binary_reference)
 from lrwatch.daemon import Daemon, DaemonConfig, build_reference
 from services import wait_until
 
@@ -101,22 +101,12 @@ def test_early_labels_survive_a_restart(reference_path, tmp_path):
 
 
 # --- cumulative counters across a restart ----------------------------------------------------
-def _binary(rng, i, shift=0.0):
-    """A calibrated binary model with its label inline: p = sigmoid(2x), label ~ B(p)."""
-    x = rng.gauss(shift, 1.0)
-    p = 1.0 / (1.0 + math.exp(-2.0 * x))
-    return {"id": f"b{i}", "features": {"x": x, "y": rng.gauss(0, 1)},
-            "prediction": round(p, 6), "label": int(rng.random() < p)}
+_binary = binary_record
 
 
 @pytest.fixture(scope="module")
 def binary_reference(tmp_path_factory):
-    rng = random.Random(5)
-    ref = build_reference([_binary(rng, i) for i in range(2000)], window_size=WINDOW, sims=200)
-    assert ref.estimator is not None
-    path = str(tmp_path_factory.mktemp("bref13") / "reference.json")
-    ref.save(path)
-    return path
+    return saved_binary_reference(tmp_path_factory, 5, 2000, 200, "bref13")
 
 
 def test_cumulative_counters_survive_a_restart(binary_reference, tmp_path):

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from daemon_helpers import WINDOW, assert_balanced, make_record
+from daemon_helpers import (WINDOW, assert_balanced, binary_record, make_record,
+                            saved_binary_reference)
 from lrwatch.daemon import Daemon, DaemonConfig, build_reference
 from lrwatch.daemon.estimation import PerformanceEstimator
 
@@ -101,27 +102,12 @@ def test_a_reference_rebuilt_with_the_same_features_starts_its_evidence_afresh(
 
 
 # --- the estimated drop of small windows ------------------------------------------------------
-def _binary(rng: random.Random, i: int, t: float | None = None,
-            label: bool = True) -> dict[str, Any]:
-    x = rng.gauss(0.0, 1.0)
-    p = 1.0 / (1.0 + math.exp(-2.0 * x))
-    r: dict[str, Any] = {"id": f"b{i}", "features": {"x": x, "y": rng.gauss(0, 1)},
-                         "prediction": round(p, 6)}
-    if label:
-        r["label"] = int(rng.random() < p)
-    if t is not None:
-        r["time"] = t
-    return r
+_binary = binary_record
 
 
 @pytest.fixture(scope="module")
 def binary_reference(tmp_path_factory: pytest.TempPathFactory) -> str:
-    rng = random.Random(3)
-    ref = build_reference([_binary(rng, i) for i in range(3000)], window_size=WINDOW, sims=300)
-    assert ref.estimator is not None
-    path = str(tmp_path_factory.mktemp("bref") / "reference.json")
-    ref.save(path)
-    return path
+    return saved_binary_reference(tmp_path_factory, 3, 3000, 300, "bref")
 
 
 def test_one_record_windows_do_not_fire_the_estimated_drop_rule(binary_reference: str) -> None:

@@ -206,7 +206,12 @@ class LocalStack:
         except (OSError, yaml.YAMLError) as exc:
             raise ConfigError(f"{c.prometheus_config}: {exc}") from exc
         base = Path(c.prometheus_config).resolve().parent
-        cfg["rule_files"] = [str(Path(c.rules_dir).resolve() / "*.rules.yml")]
+        # lrwatch's rules, then the config's own (a user's recording rules and alerts kept;
+        # they were replaced until 6 December), each once
+        own = [str(Path(c.rules_dir).resolve() / "*.rules.yml")]
+        theirs = [str((base / f).resolve()) for f in cfg.get("rule_files") or []
+                  if isinstance(f, str)]
+        cfg["rule_files"] = own + [f for f in dict.fromkeys(theirs) if f not in own]
         cfg["alerting"] = {"alertmanagers": [{"api_version": "v2", "static_configs": [
             {"targets": [f"127.0.0.1:{am_port}"]}]}]}
         if c.scrape_interval:

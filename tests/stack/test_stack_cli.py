@@ -122,3 +122,35 @@ def test_bad_targets_and_intervals_are_refused_before_anything_starts(
         assert not (tmp_path / "data" / "alertmanager.log").exists()   # nothing was started
     finally:
         proc.stop()
+
+
+def test_a_prometheus_config_keeps_its_own_rule_files(tmp_path: Path) -> None:
+    """--prometheus-config with rule_files of its own: they are loaded beside lrwatch's rules
+    (they were silently replaced by lrwatch's), the shipped ../rules glob once; promtool
+    accepts the config the stack writes."""
+    import subprocess
+
+    import yaml
+
+    from lrwatch.stack import LocalStack, StackConfig, repo_root
+
+    root = repo_root()
+    cfg = yaml.safe_load((root / "exporters" / "prometheus.yml").read_text())
+    mine = tmp_path / "my.rules.yml"
+    mine.write_text("groups:\n  - name: mine\n    rules:\n"
+                    "      - record: job:my_custom:one\n        expr: vector(1)\n")
+    cfg["rule_files"] = [str(root / "rules" / "*.rules.yml"), "my.rules.yml"]
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    stack = LocalStack(StackConfig(prometheus_config=path,
+                                   alertmanager_config=root / "exporters" / "alertmanager.yml",
+                                   rules_dir=root / "rules", data_dir=tmp_path / "stack"))
+    out = stack.prometheus_yaml(9093, 9091)
+    assert out["rule_files"] == [str((root / "rules").resolve() / "*.rules.yml"),
+                                 str(mine.resolve())]
+    written = tmp_path / "out.yml"
+    written.write_text(yaml.safe_dump(out))
+    proc = subprocess.run([find_binary("promtool"), "check", "config", str(written)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "my.rules.yml" in proc.stdout and "SUCCESS" in proc.stdout

@@ -42,9 +42,11 @@ def check_args(model: Any, optimizer: Any, flush_every: Any, port: Any, batch_si
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(flush_every, int) or isinstance(flush_every, bool) or flush_every < 1:
         raise ConfigError(f"flush_every must be a positive integer, got {flush_every!r}")
-    if port is not None and (not isinstance(port, int) or not 0 <= port <= 65535):
+    if port is not None and (not isinstance(port, int) or isinstance(port, bool)
+                             or not 0 <= port <= 65535):
         raise ConfigError(f"port must be None or an integer in 0..65535, got {port!r}")
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
+                                   or batch_size < 1):
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     if not isinstance(keep_best, (bool, str)) or keep_best == "":
         raise ConfigError(f"keep_best must be True (eval_accuracy if logged, else "

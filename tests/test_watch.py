@@ -309,6 +309,11 @@ def test_bad_arguments_are_clear() -> None:
         lrwatch.Watcher(model, "adam")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="port"):
         lrwatch.Watcher(model, opt, port=70000)
+    # a bool is an int to Python: port=True served on port 1, batch_size=True meant 1
+    with pytest.raises(ConfigError, match="port"):
+        lrwatch.Watcher(model, opt, port=True)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="batch_size"):
+        lrwatch.Watcher(model, opt, batch_size=True)  # type: ignore[arg-type]
 
 
 def test_bad_logged_values_warn_count_and_do_not_crash() -> None:

@@ -14,18 +14,19 @@ Python number: per-step values stay on the device and are copied to the host in 
 
 The Watcher is the loop's side of lrwatch: the step counter, the flush, the iteration
 boundaries and the public API. The rest is in modules of their own: :mod:`lrwatch.wiring`
-checks the arguments and builds the parts; :mod:`lrwatch.step_path` turns the optimizer's
-(and GradScaler's) steps into rows that :mod:`lrwatch.steps` records; :mod:`lrwatch.judge`
-runs the rules over each flush; :mod:`lrwatch.outputs` exports it (Prometheus, trace,
-listeners); :mod:`lrwatch.best_keeper` keeps the best evaluated state;
-:mod:`lrwatch.recovery.keeper` keeps the snapshots; :mod:`lrwatch.recovery.executor` carries
-the recovery policy's plans out and sends the alerts; :mod:`lrwatch.data_side` hands out the
-batches (:meth:`Watcher.batches`) and measures the untrained loss on the first ones.
+checks the arguments and builds the parts, which :mod:`lrwatch.watch_setup` puts on the
+Watcher; :mod:`lrwatch.step_path` turns the optimizer's (and GradScaler's) steps into rows
+that :mod:`lrwatch.steps` records; :mod:`lrwatch.judge` runs the rules over each flush;
+:mod:`lrwatch.outputs` exports it (Prometheus, trace, listeners); :mod:`lrwatch.best_keeper`
+keeps the best evaluated state; :mod:`lrwatch.recovery.keeper` keeps the snapshots;
+:mod:`lrwatch.recovery.executor` carries the recovery policy's plans out and sends the
+alerts; :mod:`lrwatch.data_side` hands out the batches (:meth:`Watcher.batches`) and
+measures the untrained loss on the first ones; :mod:`lrwatch.checkpointing` is the
+checkpoint (``state_dict``/``load_state_dict``).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import uuid
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -33,35 +34,28 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from prometheus_client import CollectorRegistry
 
-from ._failopen import FailOpen
-from .actions.alerts import make_sender
 from .actions.rollback import scale_learning_rate
 from .actions.best import BestEval
-from .actions.notify import Notifier
-from .actions.snapshot import SnapshotStore, all_finite
 from .best_keeper import BestKeeper
+from .checkpointing import Checkpointing
 from .data_side import DataSide
 from .distributed import RankContext
 from .flushing import Flushing, resolve_flush_lag
 from .exporters.prometheus import MetricsServer
-from .judge import Judge
-from .outputs import Listener, Outputs, rank_trace_path, run_info
-from .recovery.executor import PlanExecutor, adopt_before_failure, before_failure
-from .recovery.keeper import SnapshotKeeper
-from .recovery.policy import RecoveryConfig, RecoveryPolicy
-from .rules import Engine, RuleSet
+from .outputs import Listener, rank_trace_path
+from .recovery.executor import PlanExecutor
+from .recovery.policy import RecoveryConfig
+from .rules import RuleSet
 from .step_path import StepPath
 from .steps import as_value
 from .untrained import UNTRAINED_BATCHES, check_untrained_batches
+from .watch_setup import WatcherSetup
 from .wiring import (action_params, build_best, build_recorder, check_args, check_probe,
                      closure_limits, guard_mode, rule_set)
 
 __all__ = ["Watcher", "Listener", "RecoveryConfig", "BestEval", "rank_trace_path"]
 
-log = logging.getLogger("lrwatch")
-
-
-class Watcher(DataSide, PlanExecutor, StepPath, Flushing):
+class Watcher(DataSide, PlanExecutor, StepPath, Flushing, Checkpointing, WatcherSetup):
     """Watches a plain PyTorch training loop.
 
     Parameters
@@ -236,58 +230,6 @@ class Watcher(DataSide, PlanExecutor, StepPath, Flushing):
         closure_limits(optimizer, self.policy)
         self._attach_step_hooks(step_hooks)
 
-    def _setup_outputs(self, registry: CollectorRegistry | None, port: int | None, host: str,
-                       trace: "str | os.PathLike[str] | None", pushgateway: str | None,
-                       listeners: Iterable[Listener]) -> None:
-        """Prometheus, the trace and the listeners (per rank with ``export="all"``)."""
-        self.outputs = Outputs(
-            registry=registry, port=port, host=host, trace=trace, pushgateway=pushgateway,
-            info=run_info(self.run_name, self.model, self.optimizer, self.scheduler),
-            layers=self.recorder.layers, dist=self.dist, export=self.export)
-        # the same objects as the outputs' (the trace is opened again by a checkpoint loaded
-        # mid-run and at the end, Flushing._reopen_trace; nothing else is replaced)
-        self.exporter, self.registry = self.outputs.exporter, self.outputs.registry
-        self.trace, self.pushgateway = self.outputs.trace, self.outputs.pushgateway
-        self._faults = FailOpen(self.exporter.count_error)
-        for listener in listeners:
-            self.add_listener(listener)
-
-    def _setup_recovery(self, ruleset: RuleSet | None, recovery: Any, alerts: Any,
-                        alertmanager: str | None, hook: Any) -> None:
-        """The engine, the pure recovery policy, alerting and the snapshots."""
-        self.engine: Engine | None = Engine(ruleset) if ruleset is not None else None
-        self.recovery = RecoveryConfig.coerce(recovery) if self.engine is not None else None
-        # Every recovery decision and counter (budget, compounding, probation, ramps, the
-        # rate's scale) lives in the pure policy; the Watcher carries its plans out.
-        self.policy = RecoveryPolicy(self.recovery)
-        self.data_position = 0
-        self.skipped_batches = 0
-        self._boundary_kind: str | None = None
-        self._observed = None   # the start check's batches, where the framework draws them
-        self.sender = make_sender(alerts, alertmanager, registry=self.registry,
-                                  on_error=self.exporter.count_error)
-        self.hook = hook
-        self.notifier = Notifier(self.sender, hook, on_error=self.exporter.count_error,
-                                 labels={"run": self.run_name})
-        self._snaps: SnapshotKeeper | None = None
-        if self.recovery is not None:
-            self._snaps = SnapshotKeeper(
-                self.recovery, engine=self.engine, policy=self.policy, model=self.model,
-                optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
-                on_error=self.exporter.count_error, deferred_schedule=self.dist.active)
-            if self.dist.active:   # the first snapshot and the start check decide on these
-                try:
-                    self._snaps.agree_memory(self.dist.gather(self._snaps.memory_report()))
-                except Exception:
-                    self._internal_error("gathering the ranks' host memory")
-            self._snaps.take_first(self.step, self.data_position)
-        self.store: SnapshotStore | None = self._snaps.store if self._snaps else None
-        if self.store is not None:   # a step is judged a flush late: see SnapshotStore._trim
-            self.store.pending_slack = self.flush_lag
-        self._rules = Judge(self.engine, set_rule_state=self.exporter.set_rule_state,
-                            on_judged=self._snaps.judged if self._snaps else None,
-                            on_error=self._internal_error) if self.engine is not None else None
-
     # --- public API ----------------------------------------------------------------------------
     @property
     def metrics_url(self) -> str | None:
@@ -340,56 +282,6 @@ class Watcher(DataSide, PlanExecutor, StepPath, Flushing):
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener(sample)`` for every flushed step sample, in step order."""
         self.outputs.add_listener(listener)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Counters and detector state, so a resumed run keeps its rules and rollback budget.
-
-        The detectors' state is the one of the last flush judged: steps not flushed yet, or
-        whose flush is still in flight (``flush_lag=1``), are not in it (landing one here
-        could plan a rollback the checkpoint would not carry out, and under torch.distributed
-        would need every rank, where a framework may call this on rank 0 alone). A failure
-        waiting for its rollback names the snapshots on disk from before it (resumable)."""
-        return {"step": self.step, "data_position": self.data_position,
-                "skip_remaining": self._skip_remaining, "ramped_at": self._ramped_at,
-                "policy": self.policy.state_dict(),
-                "engine": self.engine.state_dict() if self.engine is not None else None,
-                "best": self.best.state_dict() if self.best is not None else None,
-                "before_failure": before_failure(self.policy.state, self.store, self.dist.active)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resume from :meth:`state_dict`, once the model and optimizer hold their resumed
-        state: the state they hold now becomes the run's start (the snapshot a restart goes
-        back to), with the rate's scale and the detectors' state just loaded (a failure from
-        before it rolls back to a snapshot the checkpoint named, or stops the run)."""
-        self.step = int(state["step"])
-        self.data_position = int(state.get("data_position", 0))
-        self._skip_remaining = int(state.get("skip_remaining", 0))
-        self._ramped_at = state.get("ramped_at")   # this step's ramp step already taken
-        policy = dict(state.get("policy", {}))
-        for key in ("lr_scale", "ramp"):   # kept beside the policy before version 0.x
-            if key in state and key not in policy:
-                policy[key] = state[key]
-        policy["resumed_at"] = self.step
-        self.policy.load_state_dict(policy)
-        if self.engine is not None and state.get("engine") is not None:
-            self.engine.load_state_dict(state["engine"])
-        if self.best is not None and state.get("best"):
-            self.best.load_state_dict(state["best"])
-        # the trace goes on from the checkpoint; replay loads the detectors' state from here
-        kept = self._resume_at(self.step)
-        if self.engine is not None:
-            self._late_records.append({"type": "resume", "step": self.step, "trace_lines": kept,
-                                       "engine_state": self.engine.state_dict()})
-        if self._snaps is not None:   # it was taken before the policy's scale was known
-            if all_finite(self.model):
-                self._snaps.retake_first(self.step, self.data_position)
-            else:   # a checkpoint written after a failure its flush had not judged yet
-                self._snaps.drop_first()
-                log.warning("lrwatch: the resumed weights are not all finite (the checkpoint "
-                            "was written after a failure lrwatch had not judged yet): there is "
-                            "no state to roll back to, so a rollback will stop the run; resume "
-                            "from an earlier checkpoint")
-            adopt_before_failure(self.store, state.get("before_failure") or ())
 
     def log(self, *, batch_size: int | None = None, **metrics: torch.Tensor | float | int) -> None:
         """Record this step's metrics (``loss=``, ``accuracy=``, or any other name).

@@ -13,6 +13,7 @@ import logging
 from typing import Any, Callable, Mapping
 
 from .actions.snapshot import all_finite
+from .errors import ConfigError
 from .recovery.executor import adopt_before_failure, before_failure
 
 __all__ = ["Checkpointing"]
@@ -58,7 +59,15 @@ class Checkpointing:
         """Resume from :meth:`state_dict`, once the model and optimizer hold their resumed
         state: the state they hold now becomes the run's start (the snapshot a restart goes
         back to), with the rate's scale and the detectors' state just loaded (a failure from
-        before it rolls back to a snapshot the checkpoint named, or stops the run)."""
+        before it rolls back to a snapshot the checkpoint named, or stops the run).
+
+        Raises :class:`~lrwatch.errors.ConfigError` on a closed Watcher (its trace, hooks and
+        server are gone): load before ``close()``, or build a new Watcher and load into that."""
+        if self._closed:
+            raise ConfigError("load_state_dict() on a closed Watcher: its trace, hooks and "
+                              "server are gone, and loading would open its trace again. "
+                              "Build a new Watcher for the resumed run and call its "
+                              "load_state_dict(), or load before close()")
         self.step = int(state["step"])
         self.data_position = int(state.get("data_position", 0))
         self._skip_remaining = int(state.get("skip_remaining", 0))

@@ -4,17 +4,20 @@ recovery policy, the detectors, the best evaluation) and how
 
 :class:`Checkpointing` is a mixin over the Watcher's state (``step``, ``data_position``,
 ``policy``, ``engine``, ``best``, ``store``, ``_snaps``, ``dist``, ``model``, ``_closed``)
-and its ``_resume_at`` (:mod:`lrwatch.flushing`).
+and its ``_resume_at``, ``_unjudged`` and ``_judge_samples`` (:mod:`lrwatch.flushing`).
 """
 
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 from typing import Any, Callable, Mapping
 
 from .actions.snapshot import all_finite
 from .errors import ConfigError
 from .recovery.executor import adopt_before_failure, before_failure
+from .samples import Sample
+from .trace import encode_sample, parse_record
 
 __all__ = ["Checkpointing"]
 
@@ -39,6 +42,8 @@ class Checkpointing:
     _ramped_at: int | None
     _late_records: list[Any]
     _resume_at: Callable[[int], int]
+    _unjudged: Callable[[], list[Sample]]
+    _judge_samples: Callable[[list[Sample], bool], list[Sample]]
 
     def state_dict(self) -> dict[str, Any]:
         """Counters and detector state, so a resumed run keeps its rules and rollback budget.
@@ -47,13 +52,35 @@ class Checkpointing:
         whose flush is still in flight (``flush_lag=1``), are not in it (landing one here
         could plan a rollback the checkpoint would not carry out, and under torch.distributed
         would need every rank, where a framework may call this on rank 0 alone). A failure
-        waiting for its rollback names the snapshots on disk from before it (resumable)."""
+        waiting for its rollback names the snapshots on disk from before it (resumable).
+
+        The steps not judged yet go with it as trace records (``"unjudged"``; this waits for
+        the device once), and the resumed Watcher judges them first: a failure among them is
+        not lost with the process. Not under torch.distributed, where judging needs every
+        rank's rows. The snapshots on disk from before those steps go with it too, as for a
+        failure waiting for its rollback."""
+        unjudged = [] if self.dist.active else [encode_sample(x) for x in self._unjudged()]
         return {"step": self.step, "data_position": self.data_position,
                 "skip_remaining": self._skip_remaining, "ramped_at": self._ramped_at,
                 "policy": self.policy.state_dict(),
                 "engine": self.engine.state_dict() if self.engine is not None else None,
                 "best": self.best.state_dict() if self.best is not None else None,
-                "before_failure": before_failure(self.policy.state, self.store, self.dist.active)}
+                "before_failure": before_failure(self._failure_since(unjudged), self.store,
+                                                 self.dist.active),
+                "unjudged": unjudged}
+
+    def _failure_since(self, unjudged: list[dict[str, Any]]) -> Any:
+        """The policy's state for :func:`before_failure`, with the first step not judged yet
+        as the earliest a failure may have begun (the snapshots on disk from before it go
+        with the checkpoint: a failure there is judged by the resumed run)."""
+        st = self.policy.state
+        since = [st.watching_step if st.watching is not None else None,
+                 st.held_step if st.held is not None else None,
+                 unjudged[0]["step"] if unjudged else None]
+        if not unjudged:
+            return st
+        return SimpleNamespace(watching=True, watching_step=min(x for x in since if x is not None),
+                               held=None, held_step=None)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from :meth:`state_dict`, once the model and optimizer hold their resumed
@@ -82,13 +109,18 @@ class Checkpointing:
             self.engine.load_state_dict(state["engine"])
         if self.best is not None and state.get("best"):
             self.best.load_state_dict(state["best"])
-        # the trace goes on from the checkpoint; replay loads the detectors' state from here
+        # the trace goes on from the checkpoint
         kept = self._resume_at(self.step)
-        if self.engine is not None:
-            self._late_records.append({"type": "resume", "step": self.step, "trace_lines": kept,
-                                       "engine_state": self.engine.state_dict()})
         if self._snaps is not None:
             self._resume_start(state)
+        late, self._late_records = self._late_records, []
+        carried = [] if self.dist.active else [parse_record(r) for r in state.get("unjudged") or ()]
+        if carried:   # what the predecessor had not judged: its plans go to the first boundary
+            late += self._judge_carried(carried)
+        if self.engine is not None:   # replay loads the detectors' state from here
+            late.insert(0, {"type": "resume", "step": self.step, "trace_lines": kept,
+                            "engine_state": self.engine.state_dict()})
+        self._late_records = late
 
     def _resume_start(self, state: Mapping[str, Any]) -> None:
         """The resumed state becomes the run's first snapshot (it was taken before the
@@ -102,3 +134,32 @@ class Checkpointing:
                         "no state to roll back to, so a rollback will stop the run; resume "
                         "from an earlier checkpoint")
         adopt_before_failure(self.store, state.get("before_failure") or ())
+
+    def _judge_carried(self, carried: list[Sample]) -> list[dict[str, Any]]:
+        """Judge the steps the checkpoint had not judged, before the resumed run's first (not
+        written again: the trace keeps the lines up to the checkpoint as the predecessor
+        wrote them, or lacks them); what was decided on them besides the firings, for the
+        trace's next line. Where a rule began firing on one of them, the resumed state came
+        out of a failure the rules saw too late: it is no known-good start (a rollback to it
+        would undo nothing) until ``good_after`` quiet steps promote it, as any snapshot of
+        a step not judged yet."""
+        judged = self._judge_samples(carried, emit=False)
+        decided = [dict(e) for x in judged for e in x.events
+                   if e.get("type") not in ("firing", "resolved")]
+        first = next((x for x in self.store.snapshots if x.pinned and x.step == self.step),
+                     None) if self.store is not None else None
+        if first is None:
+            return decided
+        first.extra["engine_state"] = self.engine.state_dict()   # judged through its step now
+        fired = sorted({str(e.get("rule")) for x in judged for e in x.events
+                        if e.get("type") == "firing"})
+        if fired and first.good:
+            first.good = False
+            log.warning("lrwatch: %s began firing on steps %d-%d, which the checkpoint had not "
+                        "judged when it was written: the resumed state (step %d) is not known "
+                        "good until %d quiet steps pass, and a rollback before then stops the "
+                        "run instead of going back to it (it would undo nothing); resume from "
+                        "an earlier checkpoint to go back before the failure",
+                        ", ".join(fired), carried[0].step, carried[-1].step, self.step,
+                        self.store.good_after)
+        return decided

@@ -118,6 +118,19 @@ class Flushing:
             self._in_flight = None
         return n
 
+    def _unjudged(self) -> list[Sample]:
+        """The steps recorded and not judged yet -- a flush in flight, the committed rows, the
+        open row once its step happened -- as samples on the host, left where they are (for
+        ``state_dict``: this waits for the device, and judges nothing)."""
+        rows = list(self.recorder.rows)
+        row = self.recorder.open
+        if row is not None and row.stepped:
+            rows.append(row)
+        samples = self._in_flight.result(self.batch_size)[0] if self._in_flight else []
+        if rows:
+            samples += materialise(rows, [], self.recorder.device, self.batch_size)[0]
+        return samples
+
     def _resume_at(self, step: int) -> int:
         """``load_state_dict`` resumes the run at ``step``; the trace goes on from there (the
         lines up to it kept, :class:`~lrwatch.exporters.trace.TraceWriter`'s ``resume``);
@@ -195,6 +208,12 @@ class Flushing:
                 best_values = materialise([], pending, self.recorder.device, self.batch_size)[1]
             self._evals.judged(best_values)
         self.flushes += 1
+        return self._judge_samples(samples)
+
+    def _judge_samples(self, samples: list[Sample], emit: bool = True) -> list[Sample]:
+        """One flush's samples judged by the rules (the ranks agree on them first), acted on
+        and exported (not with ``emit=False``); the samples, with the events that ride on
+        them."""
         if self.dist.active:
             samples = self._agree(samples)
         if self._rules is not None:   # the rules judge, the executor acts on their events
@@ -204,8 +223,9 @@ class Flushing:
         back = [t.step for p, t in self._pending
                 if p.action in ("rollback", "skip") and t is not None]
         self._evals.settle(min(back) if back else None)
-        self.outputs.emit(samples, self._faults.guard)
-        if samples:
+        if emit:
+            self.outputs.emit(samples, self._faults.guard)
+        if samples and emit:
             self._last_line = samples[-1]
         return samples
 

@@ -14,6 +14,8 @@ from torch import nn
 import lrwatch
 from lrwatch.errors import ConfigError
 from lrwatch.exporters.trace import read_trace
+from lrwatch.rules import load_pack
+from lrwatch.rules.replay import replay_trace
 
 
 def _model() -> nn.Module:
@@ -57,3 +59,90 @@ def test_load_state_dict_after_close_raises_and_leaves_the_trace_alone(tmp_path:
     assert [s.step for s in read_trace(trace)] == list(range(1, 16))
     assert w2.exporter.internal_errors._value.get() == 0
     json.dumps(state, allow_nan=True)   # (what the HF callback writes)
+
+
+# --- a checkpoint written after a failure, before the flush that judges it -------------------
+
+_REC = {"guard": "off", "good_after": 5, "min_interval": 5, "max_interval": 5, "cooldown": 0}
+
+
+def _bombed_step(model: nn.Module, opt: torch.optim.Optimizer, i: int, bomb: bool
+                 ) -> torch.Tensor:
+    """A training step; ``bomb``: this one step runs at 3000x the rate (finite, ruined
+    weights: the loss goes from 0.7 to about 18 and stays up)."""
+    scale = 3000.0 if bomb else 1.0
+    for group in opt.param_groups:
+        group["lr"] *= scale
+    try:
+        return _step(model, opt, i)
+    finally:
+        for group in opt.param_groups:
+            group["lr"] /= scale
+
+
+def _bomb_run(trace: Path, rec: dict, *, checkpoint_at: int | None = None,
+              resume: dict | None = None, until: int = 60) -> tuple[dict | None, lrwatch.Watcher]:
+    """flush_every=5, the rate bomb at step 23; ``checkpoint_at``: keep what a script saves
+    right after that step (before the flush at 25 judges 21-24); ``resume``: a new process
+    (model, optimizer, Watcher) starts from such a checkpoint."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    w = lrwatch.Watcher(model, opt, flush_every=5, trace=trace, recovery=rec)
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        w.load_state_dict(json.loads(json.dumps(resume["lrwatch"], allow_nan=True)))
+    ckpt = None
+    while w.step < until and not w.should_stop:
+        i = w.step
+        w.log(loss=_bombed_step(model, opt, i, bomb=i + 1 == 23 and resume is None))
+        if w.step == checkpoint_at and ckpt is None:
+            ckpt = {"model": {k: v.clone() for k, v in model.state_dict().items()},
+                    "optimizer": opt.state_dict(), "lrwatch": w.state_dict()}
+    w.close()
+    return ckpt, w
+
+
+def _events(trace: Path, *types: str) -> list[dict]:
+    return [{**e, "line": s.step} for s in read_trace(trace) for e in s.events
+            if e.get("type") in types]
+
+
+def test_a_checkpoint_before_the_flush_carries_the_failure_it_had_not_judged(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The checkpoint of step 24 was written after the bomb (step 23) and before the flush
+    at 25: it held no record of the failure (the detectors' state of step 20). The resumed
+    run saw the loss high from its first step and rolled back to its resume point, the
+    ruined state, five times (the cut compounding), then stopped on a spent budget. Now the
+    checkpoint carries steps 21-24, the resumed run judges them first, and its resumed state
+    (out of a failure) is no rollback target: it stops at once and says why."""
+    trace = tmp_path / "run.jsonl"
+    ckpt, _ = _bomb_run(trace, _REC, checkpoint_at=24, until=26)
+    assert ckpt is not None and [r["step"] for r in ckpt["lrwatch"]["unjudged"]] == [21, 22, 23, 24]
+    _, w = _bomb_run(trace, _REC, resume=ckpt)   # (the trace goes on from step 24)
+    assert not _events(trace, "rollback"), _events(trace, "rollback")
+    assert w.should_stop and w.exit_status == 4
+    assert "not known good" in caplog.text and "steps 21-24" in caplog.text
+    samples = read_trace(trace)
+    assert [s.step for s in samples] == list(range(1, w.step + 1))
+    assert samples[24].events[0]["type"] == "resume"   # on step 25, after 21-24 were judged
+    live = [(e["rule"], e["step"], e["severity"]) for s in samples for e in s.events
+            if e.get("type") == "firing"]
+    replayed = replay_trace(trace, load_pack("training"))
+    assert replayed.error is None
+    assert [(f.rule, f.step, f.severity) for f in replayed.firings] == live
+
+
+def test_a_checkpoint_before_the_flush_rolls_back_before_the_failure_from_snapshot_dir(
+        tmp_path: Path) -> None:
+    """The same with snapshots on disk: the checkpoint names those from before the steps it
+    had not judged, and the resumed run goes back before the bomb, as the run that was not
+    interrupted does, and recovers."""
+    rec = {**_REC, "snapshot_dir": str(tmp_path / "snaps")}
+    ckpt, _ = _bomb_run(tmp_path / "a.jsonl", rec, checkpoint_at=24, until=26)
+    trace = tmp_path / "b.jsonl"
+    _, w = _bomb_run(trace, rec, resume=ckpt)
+    (rb,) = _events(trace, "rollback")
+    assert rb["to_step"] < 23, rb
+    assert w.policy.rollbacks == 1 and not w.should_stop and w.step == 60

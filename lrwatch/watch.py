@@ -22,7 +22,8 @@ keeps the best evaluated state; :mod:`lrwatch.recovery.keeper` keeps the snapsho
 :mod:`lrwatch.recovery.executor` carries the recovery policy's plans out and sends the
 alerts; :mod:`lrwatch.data_side` hands out the batches (:meth:`Watcher.batches`) and
 measures the untrained loss on the first ones; :mod:`lrwatch.checkpointing` is the
-checkpoint (``state_dict``/``load_state_dict``).
+checkpoint (``state_dict``/``load_state_dict``); :mod:`lrwatch.log_api` is ``log()`` (and
+``log_evaluation()``, for adapters).
 """
 
 from __future__ import annotations
@@ -41,13 +42,13 @@ from .checkpointing import Checkpointing
 from .data_side import DataSide
 from .distributed import RankContext
 from .flushing import Flushing, resolve_flush_lag
+from .log_api import LogApi
 from .exporters.prometheus import MetricsServer
 from .outputs import Listener, rank_trace_path
 from .recovery.executor import PlanExecutor
 from .recovery.policy import RecoveryConfig
 from .rules import RuleSet
 from .step_path import StepPath
-from .steps import as_value
 from .untrained import UNTRAINED_BATCHES, check_untrained_batches
 from .watch_setup import WatcherSetup
 from .wiring import (action_params, build_best, build_recorder, check_args, check_probe,
@@ -55,7 +56,7 @@ from .wiring import (action_params, build_best, build_recorder, check_args, chec
 
 __all__ = ["Watcher", "Listener", "RecoveryConfig", "BestEval", "rank_trace_path"]
 
-class Watcher(DataSide, PlanExecutor, StepPath, Flushing, Checkpointing, WatcherSetup):
+class Watcher(LogApi, DataSide, PlanExecutor, StepPath, Flushing, Checkpointing, WatcherSetup):
     """Watches a plain PyTorch training loop.
 
     Parameters
@@ -282,31 +283,6 @@ class Watcher(DataSide, PlanExecutor, StepPath, Flushing, Checkpointing, Watcher
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener(sample)`` for every flushed step sample, in step order."""
         self.outputs.add_listener(listener)
-
-    def log(self, *, batch_size: int | None = None, **metrics: torch.Tensor | float | int) -> None:
-        """Record this step's metrics (``loss=``, ``accuracy=``, or any other name).
-
-        Tensors are kept on the device (detached, no host sync); numbers are taken as they are.
-        Call it once per optimizer step, before or after ``optimizer.step()``.
-        """
-        if self._closed:
-            return
-        row = self.recorder.row_for_log(self.step + 1)
-        best = self._evals.metric_for(metrics)
-        for key, value in metrics.items():
-            v, why = as_value(key, value)
-            if v is None:
-                self._faults.warn_once(f"bad:{key}", why or "")  # points at the caller of log()
-                continue
-            row.put(key, v)
-            if key == best:
-                self._evals.offer(row.step, v, self.flush_in_flight or self._going_back)
-        if batch_size is not None:
-            row.host["_batch"] = float(batch_size)
-        row.logged = True
-        if row.stepped:
-            self.recorder.commit()
-            self._boundary("log")
 
     def close(self) -> None:
         """Flush, stop the server, close the trace and remove the hooks. Idempotent."""

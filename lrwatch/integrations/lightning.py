@@ -145,6 +145,10 @@ class LrwatchCallback(pl.Callback):
         kw = export_kwargs(self.watcher_kwargs, int(trainer.global_rank), self.export)
         if several:   # a rollback would rewind every weight but only one optimizer's state
             kw["recovery"] = False
+        if int(getattr(trainer, "accumulate_grad_batches", 1) or 1) > 1:
+            # a validation between micro-batches joins the step logged before it, whose flush
+            # must not be judged yet then: the flush is landed a step late (flush_lag=1)
+            kw.setdefault("flush_lag", 1)
         if getattr(trainer, "gradient_clip_algorithm", None) in (None, "norm"):
             kw = with_clip(kw, getattr(trainer, "gradient_clip_val", None))
         # A rollback that must measure its rate runs the module's own training_step -- not
@@ -288,11 +292,16 @@ class LrwatchCallback(pl.Callback):
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if trainer.sanity_checking or self.watcher is None:
             return
+        results: dict[str, Any] = {}
         for key, value in trainer.callback_metrics.items():
             name = eval_name(str(key), self.eval_prefixes)
             v = scalar(value) if name is not None else None
             if v is not None:
-                self._eval[name] = v  # type: ignore[index]
+                results[name] = v
+        # Between micro-batches (the last step logged at its boundary, the next one not
+        # taken yet) the weights evaluated are the last step's: the results join it
+        if results and not (self._done is None and self.watcher.log_evaluation(**results)):
+            self._eval.update(results)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
                              batch_idx: int) -> int | None:

@@ -124,28 +124,37 @@ def test_a_stop_trains_no_further_batch(tmp_path: Path) -> None:
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@pytest.mark.xfail(strict=True, reason="needs the Watcher to take an evaluation for the step "
-                   "it already logged (lrwatch/watch.py; reported, not fixed here)")
 def test_a_validation_between_micro_batches_joins_the_step_it_evaluated(tmp_path: Path
                                                                          ) -> None:
     """accumulate_grad_batches=2, val_check_interval=3 batches: Lightning validates after
     batch 3, the first micro-batch of step 2, so the weights it evaluates are step 1's. The
     boundary of step 1 has passed by then (the first micro-batch's on_train_batch_start), so
-    the result joins step 2 -- and keep_best keeps step 2's weights for step 1's score."""
+    the result joined step 2 -- and keep_best kept step 2's weights for step 1's score. Now
+    it joins the step it evaluated, and the best kept is the state that was evaluated."""
     evaluated: list[int] = []
+    weights: dict[int, list[torch.Tensor]] = {}
 
     class Spy(pl.Callback):
         def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
             evaluated.append(int(trainer.global_step))
+            weights[int(trainer.global_step)] = [p.detach().clone()
+                                                 for p in pl_module.parameters()]
 
     trace = tmp_path / "run.jsonl"
     cb = LrwatchCallback(flush_every=2, trace=str(trace), recovery=False)
+    model = TinyMLP()
     _trainer(tmp_path, [cb, Spy()], max_steps=8, accumulate_grad_batches=2,
              val_check_interval=3, limit_val_batches=1).fit(
-        TinyMLP(), _loader(), _loader(64, seed=1))
+        model, _loader(), _loader(64, seed=1))
     joined = [s.step for s in read_trace(trace) if "eval_loss" in s.values]
     assert evaluated == [1, 3, 4, 6, 7]
     assert joined == evaluated
+    w = cb.watcher
+    assert w is not None and w.best_eval is not None
+    best = w.best_eval.step
+    assert best in evaluated
+    w.restore_best()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), weights[best])), best
 
 
 def test_under_bf16_mixed_the_adopted_shadow_is_the_run_at_a_tenth(tmp_path: Path) -> None:

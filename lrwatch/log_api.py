@@ -1,0 +1,85 @@
+"""The Watcher's logging API: :meth:`LogApi.log` (a step's metrics, from the training loop)
+and :meth:`LogApi.log_evaluation` (an evaluation of the step logged last, from a framework
+adapter), and the checks both apply to each value (a bad one is warned about once, counted
+and left out: logging never raises into the loop).
+
+:class:`LogApi` is a mixin over the Watcher's state (``recorder``, ``step``, ``_evals``,
+``_faults``, ``_closed``, ``_in_flight``, ``flush_in_flight``, ``_going_back``) and its
+``_boundary``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+
+from .steps import Row, as_value
+
+__all__ = ["LogApi"]
+
+
+class LogApi:
+    """The Watcher's ``log`` and ``log_evaluation`` (see the module docstring)."""
+
+    # attributes the Watcher provides (declared for readers and type checkers)
+    recorder: Any
+    step: int
+    _evals: Any
+    _faults: Any
+    _closed: bool
+    _in_flight: Any
+    flush_in_flight: bool
+    _going_back: bool
+    _boundary: Callable[[str], None]
+
+    def log(self, *, batch_size: int | None = None, **metrics: torch.Tensor | float | int) -> None:
+        """Record this step's metrics (``loss=``, ``accuracy=``, or any other name).
+
+        Tensors are kept on the device (detached, no host sync); numbers are taken as they are.
+        Call it once per optimizer step, before or after ``optimizer.step()``.
+        """
+        if self._closed:
+            return
+        row = self.recorder.row_for_log(self.step + 1)
+        self._put_metrics(row, metrics, on_host=False)
+        if batch_size is not None:
+            row.host["_batch"] = float(batch_size)
+        row.logged = True
+        if row.stepped:
+            self.recorder.commit()
+            self._boundary("log")
+
+    def log_evaluation(self, **metrics: torch.Tensor | float | int) -> bool:
+        """Record an evaluation of the last completed step after that step was logged (a
+        framework that validates between the micro-batches of the next step: the model still
+        holds that step's weights). The values join that step's sample, and the best
+        evaluated state is kept for it. Returns ``False``, recording nothing, when that step
+        is judged already (its flush came at its log, ``flush_lag=0``) or there is none yet:
+        log the values with the next step instead."""
+        in_flight = self._in_flight is not None and any(
+            r.step == self.step for r in self._in_flight.rows)
+        rows = self.recorder.rows
+        row = self._in_flight.rows[-1] if in_flight else (
+            rows[-1] if rows and rows[-1].step == self.step else None)
+        if self._closed or row is None or self.step == 0:
+            return False
+        # (a row in flight has its device values copied already: host numbers join it)
+        self._put_metrics(row, metrics, on_host=in_flight)
+        return True
+
+    def _put_metrics(self, row: Row, metrics: Mapping[str, Any], *, on_host: bool) -> None:
+        """Put the good values into ``row`` (as host numbers with ``on_host``), and offer the
+        watched evaluation to the best keeper; warn about the bad ones once each."""
+        best = self._evals.metric_for(metrics)
+        for key, value in metrics.items():
+            v, why = as_value(key, value)
+            if v is None:   # (points at the caller of log())
+                self._faults.warn_once(f"bad:{key}", why or "", stacklevel=4)
+                continue
+            if on_host:
+                row.host[key] = float(v)
+            else:
+                row.put(key, v)
+            if key == best:
+                self._evals.offer(row.step, v, self.flush_in_flight or self._going_back)

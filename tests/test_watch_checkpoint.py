@@ -81,14 +81,16 @@ def _bombed_step(model: nn.Module, opt: torch.optim.Optimizer, i: int, bomb: boo
 
 
 def _bomb_run(trace: Path, rec: dict, *, checkpoint_at: int | None = None,
-              resume: dict | None = None, until: int = 60) -> tuple[dict | None, lrwatch.Watcher]:
+              resume: dict | None = None, until: int = 60, flush_lag: int = 0
+              ) -> tuple[dict | None, lrwatch.Watcher]:
     """flush_every=5, the rate bomb at step 23; ``checkpoint_at``: keep what a script saves
     right after that step (before the flush at 25 judges 21-24); ``resume``: a new process
     (model, optimizer, Watcher) starts from such a checkpoint."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    w = lrwatch.Watcher(model, opt, flush_every=5, trace=trace, recovery=rec)
+    w = lrwatch.Watcher(model, opt, flush_every=5, trace=trace, recovery=rec,
+                        flush_lag=flush_lag)
     if resume is not None:
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
@@ -109,24 +111,28 @@ def _events(trace: Path, *types: str) -> list[dict]:
             if e.get("type") in types]
 
 
+@pytest.mark.parametrize("flush_lag", [0, 1])
 def test_a_checkpoint_before_the_flush_carries_the_failure_it_had_not_judged(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, flush_lag: int) -> None:
     """The checkpoint of step 24 was written after the bomb (step 23) and before the flush
     at 25: it held no record of the failure (the detectors' state of step 20). The resumed
     run saw the loss high from its first step and rolled back to its resume point, the
     ruined state, five times (the cut compounding), then stopped on a spent budget. Now the
     checkpoint carries steps 21-24, the resumed run judges them first, and its resumed state
-    (out of a failure) is no rollback target: it stops at once and says why."""
+    (out of a failure) is no rollback target: it stops at once and says why. With
+    ``flush_lag=1`` the checkpoint of step 25 carries the flush in flight (21-25)."""
     trace = tmp_path / "run.jsonl"
-    ckpt, _ = _bomb_run(trace, _REC, checkpoint_at=24, until=26)
-    assert ckpt is not None and [r["step"] for r in ckpt["lrwatch"]["unjudged"]] == [21, 22, 23, 24]
-    _, w = _bomb_run(trace, _REC, resume=ckpt)   # (the trace goes on from step 24)
+    at = 24 + flush_lag
+    ckpt, _ = _bomb_run(trace, _REC, checkpoint_at=at, until=26, flush_lag=flush_lag)
+    assert ckpt is not None
+    assert [r["step"] for r in ckpt["lrwatch"]["unjudged"]] == list(range(21, at + 1))
+    _, w = _bomb_run(trace, _REC, resume=ckpt, flush_lag=flush_lag)   # (the trace goes on)
     assert not _events(trace, "rollback"), _events(trace, "rollback")
     assert w.should_stop and w.exit_status == 4
-    assert "not known good" in caplog.text and "steps 21-24" in caplog.text
+    assert "not known good" in caplog.text and f"steps 21-{at}" in caplog.text
     samples = read_trace(trace)
     assert [s.step for s in samples] == list(range(1, w.step + 1))
-    assert samples[24].events[0]["type"] == "resume"   # on step 25, after 21-24 were judged
+    assert samples[at].events[0]["type"] == "resume"   # after 21-24(25) were judged
     live = [(e["rule"], e["step"], e["severity"]) for s in samples for e in s.events
             if e.get("type") == "firing"]
     replayed = replay_trace(trace, load_pack("training"))

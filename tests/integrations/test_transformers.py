@@ -211,7 +211,15 @@ def test_resume_from_trainer_checkpoint_keeps_lrwatch_state(tmp_path: Path) -> N
     cb2 = LrwatchCallback(flush_every=2, trace=str(trace))
     _train(tmp_path, cb2, [Probe()], max_steps=40, resume=str(ck))
     assert seen["step"] == 30 and seen["rollbacks"] == 1
-    assert seen["engine"] == saved["engine"]
+    # the detectors' state of the checkpoint, and the steps it had not judged judged on it
+    from lrwatch.rules import Engine, load_pack
+    from lrwatch.trace import parse_record
+    assert saved["unjudged"] and saved["unjudged"][-1]["step"] == 30
+    engine = Engine(load_pack("training"))
+    engine.load_state_dict(saved["engine"])
+    for record in saved["unjudged"]:
+        engine.update(parse_record(record))
+    assert seen["engine"] == json.loads(json.dumps(engine.state_dict()))
     assert [s.step for s in read_trace(trace)] == list(range(31, 41))
 
 

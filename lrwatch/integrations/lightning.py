@@ -15,6 +15,10 @@ Where each measurement comes from (all on the device, no per-step host sync):
   averaged over gradient-accumulation batches);
 - evaluation: ``trainer.callback_metrics`` at ``on_validation_end`` (``val_loss`` ->
   ``eval_loss``, ``val_acc``/``val_accuracy`` -> ``eval_accuracy``, ``val_x`` -> ``eval_x``).
+  A validation between micro-batches (``accumulate_grad_batches`` with a
+  ``val_check_interval`` that is not a multiple of it) evaluated the last completed step, whose
+  boundary has passed: it joins that step (``Watcher.log_evaluation``; under accumulation the
+  Watcher runs with ``flush_lag=1`` unless given, so that step is not judged yet).
 
 The iteration boundary (rollback, snapshots, stop) is ``on_train_batch_start`` of the next batch
 (and ``on_train_end``): by then the scheduler has stepped and validation has run, so a step's

@@ -18,7 +18,7 @@ import math
 import platform
 import threading
 import weakref
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
@@ -228,6 +228,20 @@ class TrainingExporter:
                                    registry=None))
         self.rule_firing = self.engine.rule_firing
         self.firings = self.engine.firings
+        self._add_per_step(add)
+        self._metrics = m
+        # A layer's child is made at its first measurement (once; cached after): made here it
+        # would export 0 for layers never measured (sharded parameters have no per-layer
+        # norms), and a gradient norm of 0 reads as vanished gradients.
+        self._layer_labels = tuple(layer_labels)
+        self._layer_children: dict[str, Any] = {}
+        self._lr_children: list[Any] = []
+        self._mom_children: list[Any] = []
+        self._collector = _LockedCollector(self._lock, m, self.latest, const_labels or {})
+        self._register()
+
+    def _add_per_step(self, add: Callable[[Any], Any]) -> None:
+        """The families of every step's values (histograms) and the per-layer norms."""
         self.loss_hist = add(Histogram("lrwatch_step_loss", "Training loss of every step.",
                                        buckets=LOG_BUCKETS, registry=None))
         self.grad_norm_hist = add(Histogram("lrwatch_step_grad_norm",
@@ -239,16 +253,6 @@ class TrainingExporter:
         self.layer_grad_norm = add(Gauge("lrwatch_layer_grad_norm",
                                          "Gradient L2 norm per top-level module (opt-in).",
                                          ["layer"], registry=None))
-        self._metrics = m
-        # A layer's child is made at its first measurement (once; cached after): made here it
-        # would export 0 for layers never measured (sharded parameters have no per-layer
-        # norms), and a gradient norm of 0 reads as vanished gradients.
-        self._layer_labels = tuple(layer_labels)
-        self._layer_children: dict[str, Any] = {}
-        self._lr_children: list[Any] = []
-        self._mom_children: list[Any] = []
-        self._collector = _LockedCollector(self._lock, m, self.latest, const_labels or {})
-        self._register()
 
     def _register(self) -> None:
         self.closed = False

@@ -98,7 +98,8 @@ class Watcher(LogApi, DataSide, PlanExecutor, StepPath, Flushing, Checkpointing,
     listeners:
         Callables that receive every flushed :class:`~lrwatch.samples.Sample`, in step order.
     run_name:
-        Identity of the run in ``lrwatch_run_info`` (a random id by default).
+        Identity of the run in ``lrwatch_run_info`` (a random id by default; under
+        ``torch.distributed`` rank 0's, so that every rank reports one run).
     start_step:
         The global step the run starts from (for resumed runs).
     pushgateway:
@@ -202,11 +203,12 @@ class Watcher(LogApi, DataSide, PlanExecutor, StepPath, Flushing, Checkpointing,
         self.scaler = scaler
         self.flush_every = flush_every
         self.batch_size = batch_size
-        self.run_name = run_name or uuid.uuid4().hex[:12]
         self.step = int(start_step)
         self._closed = False
         self.flushes = 0
         self.dist = RankContext(process_group)
+        # one run, one name: every rank takes rank 0's (each drew its own until 6 December)
+        self.run_name = run_name or self.dist.gather(uuid.uuid4().hex[:12])[0]
         self.export = export
         self.recorder = build_recorder(
             model, optimizer, self.dist, scaler=scaler, per_layer=per_layer,

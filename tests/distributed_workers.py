@@ -86,7 +86,7 @@ def ddp_norm(rank: int, world: int, store: str, out: str) -> None:
         w.log(loss=loss)
     w.close()
     _write(out, rank, {"norms": [s.values["grad_norm"] for s in got], "refs": refs,
-                       "steps": [s.step for s in got]})
+                       "steps": [s.step for s in got], "run": w.run_name})
     finish()
 
 

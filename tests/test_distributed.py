@@ -30,6 +30,8 @@ def test_ddp_grad_norm_equals_single_process_reference(tmp_path: Path, world: in
         for got, ref in zip(r["norms"], r["refs"]):
             assert got == pytest.approx(ref, rel=1e-5)
     assert all(r["norms"] == results[0]["norms"] for r in results)  # one view on every rank
+    # one run, one name: the default run name is rank 0's on every rank (each drew its own)
+    assert len({r["run"] for r in results}) == 1
 
 
 def test_fsdp2_sharded_grad_norm_equals_unsharded(tmp_path: Path) -> None:

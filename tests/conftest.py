@@ -19,13 +19,22 @@ Tests that use the service fixtures are marked ``prometheus`` (explicitly, and a
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Iterator
 
-import pytest
+# One intra-op thread for torch, here and in every process a test starts (they inherit the
+# environment). The suite trains tiny models, for which a second OpenMP thread buys nothing and
+# costs a great deal whenever the cores are busy -- under `pytest -n 2`, or on a shared machine
+# (measured: a 40-step Adam test took 8.3 s with 2 threads on a loaded 2-core machine, 0.7 s with
+# 1). A user's own setting stands.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
 
 # pyproject.toml sets ``pythonpath = ["tests"]`` (with ``--import-mode=importlib``), so the
 # helpers import as the top-level module ``services`` from here and from any test file.
-from services import (
+from services import (  # noqa: E402
     AlertmanagerServer,
     MetricsHTTPServer,
     PrometheusServer,

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator
 # 1). A user's own setting stands.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS (the joint drift model's fits)
 
 import pytest  # noqa: E402
 

@@ -9,16 +9,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-import torch.multiprocessing as mp
 
 import distributed_workers as dw
+from ranks import spawn_ranks
 from services import PrometheusServer, PushgatewayServer, free_port
 
 pytestmark = pytest.mark.slow
 
 
 def _spawn(fn: Callable[..., None], world: int, tmp_path: Path, *extra: Any) -> list[dict]:
-    mp.spawn(fn, args=(world, str(tmp_path / "store"), str(tmp_path), *extra), nprocs=world)
+    spawn_ranks(fn, (world, str(tmp_path / "store"), str(tmp_path), *extra), world)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
 
 
@@ -162,8 +162,8 @@ def test_per_rank_export_scraped_by_prometheus(prometheus_factory: Callable[...,
 
     def run() -> None:
         try:
-            mp.spawn(dw.per_rank_export, args=(2, str(tmp_path / "store"), str(tmp_path), port,
-                                               str(go), pushgateway.url), nprocs=2)
+            spawn_ranks(dw.per_rank_export, (2, str(tmp_path / "store"), str(tmp_path), port,
+                                             str(go), pushgateway.url), 2)
         except BaseException as exc:  # reported in the main thread
             errors.append(exc)
 

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-import torch.multiprocessing as mp
 
 import distributed_workers as dw
+from ranks import spawn_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 def test_every_rank_resumes_its_own_best_state_from_rank_0s_checkpoint(tmp_path: Path) -> None:
     # before the fix the last rank read rank 0's best-eval.rank0.pt (the path in the
     # checkpoint) and restored rank 0's stage weights into its own stage
-    mp.spawn(dw.best_state_resume, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    spawn_ranks(dw.best_state_resume, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for rank, r in enumerate(results):
         assert r["step"] == 10, r

@@ -6,15 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
-import torch.multiprocessing as mp
 
 import distributed_workers as dw
+from ranks import spawn_ranks
 
 pytestmark = pytest.mark.slow
 
 
 def _run(tmp_path: Path, throw: bool) -> list[dict]:
-    mp.spawn(dw.ddp_join, args=(2, str(tmp_path / "store"), str(tmp_path), throw), nprocs=2)
+    spawn_ranks(dw.ddp_join, args=(2, str(tmp_path / "store"), str(tmp_path), throw), nprocs=2)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
 

@@ -7,9 +7,9 @@ import socket
 from pathlib import Path
 
 import pytest
-import torch.multiprocessing as mp
 
 import rank_trace_workers as rtw
+from ranks import spawn_ranks
 from lrwatch.trace import read_trace
 from services import free_port
 
@@ -35,8 +35,8 @@ def test_watchers_on_separate_subgroups_get_their_own_port_and_trace(tmp_path: P
     port = _two_free_ports()
     out = tmp_path / "traces"
     out.mkdir()
-    mp.spawn(rtw.subgroups, args=(2, str(tmp_path / "store"), str(out), export, port),
-             nprocs=2)
+    spawn_ranks(rtw.subgroups, args=(2, str(tmp_path / "store"), str(out), export, port),
+                nprocs=2)
     names = {"rank0": ["run.jsonl", "run.rank1.jsonl"],
              "all": ["run.rank0.jsonl", "run.rank1.jsonl"]}[export]
     assert sorted(p.name for p in out.glob("run*")) == names

@@ -7,9 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch.multiprocessing as mp
 
 import rank_trace_workers as rtw
+from ranks import spawn_ranks
 from lrwatch.integrations._common import export_kwargs
 from lrwatch.rules.replay import expand_traces
 from lrwatch.trace import read_trace
@@ -19,7 +19,7 @@ from lrwatch.watch import rank_trace_path
 def test_watcher_export_all_names_rank_traces_so_replay_finds_them(tmp_path: Path) -> None:
     out = tmp_path / "traces"
     out.mkdir()
-    mp.spawn(rtw.export_all, args=(2, str(tmp_path / "store"), str(out)), nprocs=2)
+    spawn_ranks(rtw.export_all, args=(2, str(tmp_path / "store"), str(out)), nprocs=2)
     assert sorted(p.name for p in out.glob("run*")) == ["run.rank0.jsonl", "run.rank1.jsonl"]
     found = [Path(p).name for p in expand_traces([out])]
     assert found == ["run.rank0.jsonl", "run.rank1.jsonl"]

@@ -295,12 +295,11 @@ def test_ranks_sharing_a_snapshot_dir_each_roll_back_to_their_own_snapshot(
     # 3: back to the run's start (step 0); 37: to a snapshot taken since
     import json
 
-    import torch.multiprocessing as mp
-
     from actions import snapshot_audit12_workers as workers
+    from ranks import spawn_ranks
 
-    mp.spawn(workers.shared_snapshot_dir,
-             args=(2, str(tmp_path / "store"), str(tmp_path), fail_at), nprocs=2)
+    spawn_ranks(workers.shared_snapshot_dir,
+                args=(2, str(tmp_path / "store"), str(tmp_path), fail_at), nprocs=2)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r in results:
         assert [a[0] for a in r["actions"]] == ["rollback"], r

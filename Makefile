@@ -10,7 +10,8 @@ STAMP   = $(VENV)/.lrwatch-installed
 PROM_BINS = prometheus promtool prometheus-pushgateway prometheus-alertmanager
 PROM_PKGS = prometheus prometheus-alertmanager prometheus-pushgateway
 DEMO_ARGS ?=
-PYTEST_ARGS ?=
+# Two workers (pytest-xdist), a test file per worker at a time (module fixtures start once).
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: demo test setup system-deps bench clean
 

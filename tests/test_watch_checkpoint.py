@@ -16,6 +16,7 @@ from lrwatch.errors import ConfigError
 from lrwatch.exporters.trace import read_trace
 from lrwatch.rules import load_pack
 from lrwatch.rules.replay import replay_trace
+from flag_rules import train_step
 
 
 def _model() -> nn.Module:
@@ -23,14 +24,7 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 2))
 
 
-def _step(model: nn.Module, opt: torch.optim.Optimizer, i: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1000 + i)
-    x, y = torch.randn(16, 6, generator=g), torch.randint(0, 2, (16,), generator=g)
-    opt.zero_grad()
-    loss = nn.functional.cross_entropy(model(x), y)
-    loss.backward()
-    opt.step()
-    return loss.detach()
+_step = train_step
 
 
 def test_load_state_dict_after_close_raises_and_leaves_the_trace_alone(tmp_path: Path) -> None:

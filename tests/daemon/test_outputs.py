@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from daemon_helpers import WINDOW, assert_balanced
+from daemon_helpers import WINDOW, assert_balanced, binary_record
 from lrwatch.daemon import Reference, build_reference
 from lrwatch.daemon.coverage import LabelCoverage
 from lrwatch.daemon.records import Limits, parse_payload, validate_predictions
@@ -21,18 +21,7 @@ from lrwatch.daemon.records import Limits, parse_payload, validate_predictions
 T0 = 1_760_000_000.0
 
 
-def _binary(rng: random.Random, i: int, shift: float = 0.0, label: bool = True,
-            t: float | None = None) -> dict[str, Any]:
-    """A calibrated binary model: p = sigmoid(2x), label ~ Bernoulli(p)."""
-    x = rng.gauss(shift, 1.0)
-    p = 1.0 / (1.0 + math.exp(-2.0 * x))
-    r: dict[str, Any] = {"id": f"b{i}", "features": {"x": x, "y": rng.gauss(0, 1)},
-                         "prediction": round(p, 6)}
-    if label:
-        r["label"] = int(rng.random() < p)
-    if t is not None:
-        r["time"] = t
-    return r
+_binary = binary_record
 
 
 def _multiclass(rng: random.Random, i: int, k: int = 3) -> dict[str, Any]:

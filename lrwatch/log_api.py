@@ -54,19 +54,41 @@ class LogApi:
         """Record an evaluation of the last completed step after that step was logged (a
         framework that validates between the micro-batches of the next step: the model still
         holds that step's weights). The values join that step's sample, and the best
-        evaluated state is kept for it. Returns ``False``, recording nothing, when that step
-        is judged already (its flush came at its log, ``flush_lag=0``) or there is none yet:
-        log the values with the next step instead."""
+        evaluated state is kept for it. Before this Watcher's first step (an evaluation of
+        the start or resumed state, as the Hugging Face Trainer's ``eval_on_start`` runs) no
+        sample holds the values: the watched one is offered to the best evaluated state as
+        the start's (a fine-tuning that only gets worse restores its start), and ``True``
+        says the values are taken. Returns ``False``, recording nothing, when that step is
+        judged already (its flush came at its log, ``flush_lag=0``): log the values with the
+        next step instead."""
+        if self._closed:
+            return False
         in_flight = self._in_flight is not None and any(
             r.step == self.step for r in self._in_flight.rows)
         rows = self.recorder.rows
         row = self._in_flight.rows[-1] if in_flight else (
             rows[-1] if rows and rows[-1].step == self.step else None)
-        if self._closed or row is None or self.step == 0:
+        if row is None and self.flushes == 0 and self._in_flight is None \
+                and not any(r.stepped for r in rows):
+            self._offer_start(metrics)
+            return True
+        if row is None:
             return False
         # (a row in flight has its device values copied already: host numbers join it)
         self._put_metrics(row, metrics, on_host=in_flight)
         return True
+
+    def _offer_start(self, metrics: Mapping[str, Any]) -> None:
+        """The watched evaluation of the state before this Watcher's first step, to the best
+        keeper (no sample holds it; a bad value is warned about once and left out)."""
+        best = self._evals.metric_for(metrics)
+        if best is None:
+            return
+        v, why = as_value(best, metrics[best])
+        if v is None:
+            self._faults.warn_once(f"bad:{best}", why or "", stacklevel=4)
+            return
+        self._evals.offer(self.step, v)
 
     def _put_metrics(self, row: Row, metrics: Mapping[str, Any], *, on_host: bool) -> None:
         """Put the good values into ``row`` (as host numbers with ``on_host``), and offer the

@@ -345,11 +345,17 @@ class LrwatchCallback(TrainerCallback):
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None,
                     **kwargs: Any) -> None:
+        values: dict[str, Any] = {}
         for key, value in (metrics or {}).items():
             name = eval_name(str(key), ("eval_",))
             v = scalar(value) if name is not None else None
             if v is not None:
-                self._eval[name] = v  # type: ignore[index]
+                values[name] = v
+        # Before the first step (``eval_on_start``) the start state was evaluated: no step's
+        # sample holds it (it used to join step 1); the Watcher offers it to the best state
+        if values and not (self._done is None and self.watcher is not None
+                           and self.watcher.log_evaluation(**values)):
+            self._eval.update(values)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._boundary(control)

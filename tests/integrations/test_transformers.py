@@ -186,6 +186,40 @@ def test_budget_uses_the_trainer_stop(tmp_path: Path) -> None:
     assert trainer.state.global_step < 300  # control.should_training_stop ended the run
 
 
+class CountDown(Seqs):
+    """Counting *down* mod 32: what it teaches makes the counting-up evaluation worse."""
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = (self.starts[i] - torch.arange(16)) % 32
+        return {"input_ids": ids, "labels": ids.clone(), "idx": torch.tensor(i)}
+
+
+def test_eval_on_start_is_the_start_state_and_not_step_one(tmp_path: Path) -> None:
+    """``eval_on_start`` evaluates the start state before step 1: its values join no step
+    (they used to join step 1's sample), and when training only makes the evaluation worse the
+    best evaluated state is the start's, and restoring it puts the start weights back."""
+    trace = tmp_path / "run.jsonl"
+    cb = LrwatchCallback(trace=str(trace), flush_every=5, keep_best="eval_loss")
+    model = _model()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = Trainer(model=model, args=_args(tmp_path, eval_on_start=True,
+                                              eval_strategy="steps", eval_steps=40),
+                      train_dataset=CountDown(2000), eval_dataset=Seqs(32, seed=1),
+                      data_collator=_collate, callbacks=[cb])
+    trainer.train()
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [0, 40]
+    assert evals[0]["eval_loss"] < evals[1]["eval_loss"]
+    samples = read_trace(trace)
+    assert [s.step for s in samples if "eval_loss" in s.values] == [40]
+    best = cb.watcher.best_eval
+    assert best is not None and best.step == 0
+    assert best.value == pytest.approx(evals[0]["eval_loss"], rel=1e-5)
+    cb.watcher.restore_best()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, start[k]), k
+
+
 @pytest.mark.slow
 def test_resume_from_trainer_checkpoint_keeps_lrwatch_state(tmp_path: Path) -> None:
     model = _model()

@@ -94,6 +94,7 @@ class EngineMetrics:
                                  ["rule", "severity"], registry=registry)
         self.firings = Counter("lrwatch_firings", "Times a rule started firing.",
                                ["rule", "severity"], registry=registry)
+        self._states: set[tuple[str, str]] = set()   # the rule_firing children made
 
     @property
     def metrics(self) -> list[Any]:
@@ -104,6 +105,14 @@ class EngineMetrics:
         if firing:
             self.firings.labels(rule, severity).inc()
         self.rule_firing.labels(rule, severity).set(1.0 if firing else 0.0)
+        self._states.add((rule, severity))
+
+    def end_firing(self) -> None:
+        """Nothing is evaluated any more (the run is over): every ``lrwatch_rule_firing`` is
+        0. The series stay (a dashboard shows when the rule stopped), and so do the counts of
+        ``lrwatch_firings_total``."""
+        for rule, severity in self._states:
+            self.rule_firing.labels(rule, severity).set(0.0)
 
 
 class _LockedCollector(Collector):
@@ -260,7 +269,10 @@ class TrainingExporter:
 
     def close(self) -> None:
         """The run is over: its metrics stay in the registry until another Watcher replaces
-        them there."""
+        them there, with every ``lrwatch_rule_firing`` at 0 (no rule of a finished run fires:
+        a process that goes on serving the registry would page for it otherwise)."""
+        with self._lock:
+            self.engine.end_firing()
         self.closed = True
 
     # --- feeding -----------------------------------------------------------------------------

@@ -227,3 +227,53 @@ def test_momentum_of_many_parameter_groups_keeps_its_group() -> None:
     for g in range(12):
         got = registry.get_sample_value("lrwatch_momentum", {"param_group": str(g)})
         assert got == pytest.approx(0.5 + 0.04 * g)
+
+
+SIGNAL_RULE = """
+version: 1
+rules:
+  - name: signal_high
+    metric: signal
+    detector: threshold
+    params: {above: 0.5}
+    severity: critical
+"""
+
+
+def _scrape_firing(url: str) -> dict[str, float]:
+    from services import http_get
+
+    text = http_get(url).decode()
+    return {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+            if ln.startswith(("lrwatch_rule_firing{", "lrwatch_firings_total{"))}
+
+
+def test_a_closed_watcher_fires_no_rule_on_a_registry_still_served(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A process that serves its registry itself (``registry=``, its own server) goes on
+    serving after the run: the last run's ``lrwatch_rule_firing`` stayed at 1, and
+    LrwatchRuleFiringCritical paged for a finished run. At close every firing gauge is 0;
+    the count of firings stays."""
+    from lrwatch.exporters.prometheus import MetricsServer
+
+    rules = tmp_path / "rules.yml"
+    rules.write_text(SIGNAL_RULE)
+    registry = CollectorRegistry()
+    server = MetricsServer(registry, 0)
+    try:
+        model = nn.Linear(4, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        w = lrwatch.Watcher(model, opt, registry=registry, rules=str(rules), flush_every=1,
+                            recovery=False, run_name="served")
+        for _ in range(4):
+            opt.zero_grad()
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            loss.backward()
+            opt.step()
+            w.log(loss=loss, signal=1.0)
+        firing = 'lrwatch_rule_firing{rule="signal_high",severity="critical"}'
+        count = 'lrwatch_firings_total{rule="signal_high",severity="critical"}'
+        assert _scrape_firing(server.url) == {firing: 1.0, count: 1.0}
+        w.close()
+        assert _scrape_firing(server.url) == {firing: 0.0, count: 1.0}
+    finally:
+        server.close()

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 from prometheus_client import CollectorRegistry
 
 from ._failopen import FailOpen
-from .actions.alerts import make_sender
+from .actions.alerts import export_no_sinks, make_sender
 from .actions.notify import Notifier
 from .judge import Judge
 from .outputs import Listener, Outputs, run_info
@@ -74,6 +74,8 @@ class WatcherSetup:
         self._observed = None   # the start check's batches, where the framework draws them
         self.sender = make_sender(alerts, alertmanager, registry=self.registry,
                                   on_error=self.exporter.count_error)
+        if self.sender is None:   # lrwatch_alerts_sent_total at 0, not missing
+            export_no_sinks(self.registry, self.exporter)
         self.hook = hook
         self.notifier = Notifier(self.sender, hook, on_error=self.exporter.count_error,
                                  labels={"run": self.run_name})

@@ -52,6 +52,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import weakref
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from types import MappingProxyType
@@ -72,6 +73,7 @@ __all__ = [
     "AlertSender",
     "DeliveryError",
     "SEVERITIES",
+    "export_no_sinks",
     "make_sender",
 ]
 
@@ -676,6 +678,7 @@ class AlertSender:
         self._thread.start()
 
     def _register_metrics(self, names: Sequence[str]) -> None:
+        _drop_no_sinks(self.registry)   # this sender's counts replace the 0 of no sinks
         sent = Counter("lrwatch_alerts_sent", "Alerts delivered to a sink (re-sends included).",
                        ["sink"], registry=None)
         failed = Counter("lrwatch_alerts_failed", "Alerts a sink did not take after every retry.",
@@ -899,6 +902,33 @@ class AlertSender:
                 self._give_up(d, "sender closed before the next retry")
         finally:
             self._cond.acquire()
+
+
+#: per registry, the ``lrwatch_alerts_sent_total`` of a process without alert sinks
+_NO_SINKS: "weakref.WeakKeyDictionary[CollectorRegistry, Counter]" = weakref.WeakKeyDictionary()
+
+
+def export_no_sinks(registry: CollectorRegistry, owner: Any) -> None:
+    """Export ``lrwatch_alerts_sent_total`` at 0, without a ``sink`` label, where no alert
+    sink is configured: DESIGN.md lists it among the families every process exports, and a
+    dashboard or alert that reads it should see no alerts sent, not missing data. Registered
+    for ``owner`` (:func:`~lrwatch.exporters.prometheus.register_owned`); an
+    :class:`AlertSender` registered later in the same registry replaces it."""
+    from ..exporters.prometheus import register_owned
+
+    sent = Counter("lrwatch_alerts_sent", "Alerts delivered to a sink (no sink is configured).",
+                   registry=None)
+    register_owned(registry, owner, [sent])
+    _NO_SINKS[registry] = sent
+
+
+def _drop_no_sinks(registry: CollectorRegistry) -> None:
+    sent = _NO_SINKS.pop(registry, None)
+    if sent is not None:
+        try:
+            registry.unregister(sent)
+        except KeyError:   # already made way for a later run
+            pass
 
 
 def make_sender(alerts: Any, alertmanager: str | None, *,

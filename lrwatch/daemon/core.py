@@ -151,6 +151,7 @@ class Daemon(WindowsMixin, EvaluationMixin, OutputsMixin, PublishingMixin):
     # --- set-up --------------------------------------------------------------------------------
     def _setup_actions(self) -> None:
         from ..actions import AlertmanagerSink, AlertSender, HookAction, LogSink, WebhookSink
+        from ..actions.alerts import export_no_sinks
         from ..actions.notify import Notifier
 
         cfg = self.config
@@ -162,6 +163,8 @@ class Daemon(WindowsMixin, EvaluationMixin, OutputsMixin, PublishingMixin):
         self.alerts = AlertSender(sinks, registry=self.registry,
                                   resend_interval=cfg.resend_interval,
                                   on_error=self.metrics.internal_errors.inc) if sinks else None
+        if self.alerts is None:   # lrwatch_alerts_sent_total at 0, not missing
+            export_no_sinks(self.registry, self)
         self.hook = HookAction(cfg.hook_argv, cooldown=cfg.hook_cooldown,
                                timeout=cfg.hook_timeout, registry=self.registry,
                                on_error=self.metrics.internal_errors.inc) \

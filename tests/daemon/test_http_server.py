@@ -216,3 +216,22 @@ def test_accepted_connections_have_nagle_off(run_daemon) -> None:
         sock = p.transport.get_extra_info("socket")
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     conn.close()
+
+
+def test_alerts_sent_is_exported_at_zero_without_sinks(run_daemon) -> None:
+    """DESIGN.md's engine family ``lrwatch_alerts_sent_total`` was absent from a daemon with no
+    alert sink, so what reads it saw missing data; it is 0 (no ``sink`` label) there, and a
+    daemon with sinks exports one series per sink instead."""
+    from services import promtool_check_metrics
+
+    bare = run_daemon()
+    status, text = bare.get("/metrics")
+    assert status == 200
+    sent = [ln for ln in text.decode().splitlines() if ln.startswith("lrwatch_alerts_sent_total")]
+    assert sent == ["lrwatch_alerts_sent_total 0.0"]
+    rc, out = promtool_check_metrics(text.decode())
+    assert rc == 0, out
+    logged = run_daemon(log_alerts=True)
+    text = logged.get("/metrics")[1].decode()
+    sent = [ln for ln in text.splitlines() if ln.startswith("lrwatch_alerts_sent_total")]
+    assert sent == ['lrwatch_alerts_sent_total{sink="log"} 0.0']

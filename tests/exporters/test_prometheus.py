@@ -277,3 +277,24 @@ def test_a_closed_watcher_fires_no_rule_on_a_registry_still_served(tmp_path) -> 
         assert _scrape_firing(server.url) == {firing: 0.0, count: 1.0}
     finally:
         server.close()
+
+
+def test_alerts_sent_is_exported_at_zero_without_sinks() -> None:
+    """A Watcher without alert sinks served no ``lrwatch_alerts_sent_total`` (an engine family
+    of DESIGN.md): it is 0, without a ``sink`` label; a later run on the same registry with a
+    sink exports that sink's series instead."""
+    from services import http_get
+
+    registry = CollectorRegistry()
+    for alertmanager, want in ((None, ["lrwatch_alerts_sent_total 0.0"]),
+                               ("http://127.0.0.1:9",
+                                ['lrwatch_alerts_sent_total{sink="alertmanager"} 0.0'])):
+        model = nn.Linear(4, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with lrwatch.Watcher(model, opt, registry=registry, port=0, flush_every=1,
+                             alertmanager=alertmanager) as w:
+            _train(w, model, opt, 2)
+            assert w.metrics_url is not None
+            text = http_get(w.metrics_url).decode()
+        assert [ln for ln in text.splitlines()
+                if ln.startswith("lrwatch_alerts_sent_total")] == want

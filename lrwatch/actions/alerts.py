@@ -751,6 +751,26 @@ class AlertSender:
         """Wait until everything queued has been delivered or given up; ``False`` on timeout."""
         return wait_drained(self, timeout)
 
+    def counts(self) -> dict[str, Any]:
+        """The delivery counters' totals (``sent`` and ``failed`` by sink, ``dropped``), which
+        the daemon saves with its state so that a restart does not reset them."""
+        get = self.registry.get_sample_value
+        return {"sent": {n: get("lrwatch_alerts_sent_total", {"sink": n}) or 0.0
+                         for n in self._sent},
+                "failed": {n: get("lrwatch_alerts_failed_total", {"sink": n}) or 0.0
+                           for n in self._failed},
+                "dropped": get("lrwatch_alerts_dropped_total") or 0.0}
+
+    def restore_counts(self, saved: Mapping[str, Any]) -> None:
+        """Add the totals of :meth:`counts` saved before a restart (before anything is
+        counted); a sink no longer configured is left out."""
+        for key, children in (("sent", self._sent), ("failed", self._failed)):
+            for name, v in (saved.get(key) or {}).items():
+                if name in children and is_saved_count(v):
+                    children[name].inc(v)
+        if is_saved_count(saved.get("dropped")):
+            self._dropped.inc(saved["dropped"])
+
     def close(self, timeout: float = 5.0, *, resolve_active: bool = False) -> bool:
         """Deliver what is queued (pending resolves included) within ``timeout``, then stop.
 
@@ -902,6 +922,11 @@ class AlertSender:
                 self._give_up(d, "sender closed before the next retry")
         finally:
             self._cond.acquire()
+
+
+def is_saved_count(v: Any) -> bool:
+    """A saved count worth restoring (a number above 0; a counter cannot go down)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf
 
 
 #: per registry, the ``lrwatch_alerts_sent_total`` of a process without alert sinks

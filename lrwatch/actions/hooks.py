@@ -52,7 +52,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from ..errors import ConfigError
 from ..samples import encode_number
-from .alerts import BoundedQueue, DeliveryError, post_json, wait_drained
+from .alerts import BoundedQueue, DeliveryError, is_saved_count, post_json, wait_drained
 
 __all__ = ["HookAction", "hook_payload"]
 
@@ -253,6 +253,22 @@ class HookAction:
             return False
 
     __call__ = run
+
+    def counts(self) -> dict[str, Any]:
+        """The counters' totals (``run`` by result, ``suppressed`` by reason), which the daemon
+        saves with its state so that a restart does not reset them."""
+        get = self.registry.get_sample_value
+        return {"run": {r: get("lrwatch_hooks_run_total", {"result": r}) or 0.0
+                        for r in self._runs},
+                "suppressed": {r: get("lrwatch_hooks_suppressed_total", {"reason": r}) or 0.0
+                               for r in self._suppressed}}
+
+    def restore_counts(self, saved: Mapping[str, Any]) -> None:
+        """Add the totals of :meth:`counts` saved before a restart (before anything runs)."""
+        for key, children in (("run", self._runs), ("suppressed", self._suppressed)):
+            for name, v in (saved.get(key) or {}).items():
+                if name in children and is_saved_count(v):
+                    children[name].inc(v)
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every queued run has finished; ``False`` on timeout."""

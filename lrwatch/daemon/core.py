@@ -208,7 +208,11 @@ class Daemon(WindowsMixin, EvaluationMixin, OutputsMixin, PublishingMixin):
                 "detector": self.detector.state_dict() if self.detector else None,
                 "engine": self.engine.state_dict(), "last": self.last,
                 "coverage": self.coverage.state_dict(),
-                "estimates": self.estimates.state_dict() if self.estimates else None}
+                "estimates": self.estimates.state_dict() if self.estimates else None,
+                "metric_totals": self.metrics.totals(self._actions())}
+
+    def _actions(self) -> dict[str, Any]:
+        return {"alerts": self.alerts, "hook": self.hook}
 
     def _load_snapshot(self) -> dict[str, Any] | None:
         """The saved state; when it cannot be read, ``None`` (the whole journal rebuilds the
@@ -253,6 +257,7 @@ class Daemon(WindowsMixin, EvaluationMixin, OutputsMixin, PublishingMixin):
             self.coverage.load_state_dict(snap.get("coverage") or {})
             if self.estimates is not None:
                 self.estimates.load_state_dict(snap.get("estimates"))
+            self.metrics.restore_totals(snap.get("metric_totals") or {}, self._actions())
         self.metrics.restore(self.counters)
         assert self.journal is not None
         replayed = 0
@@ -345,12 +350,12 @@ class Daemon(WindowsMixin, EvaluationMixin, OutputsMixin, PublishingMixin):
             self._cal_done.wait(max(timeout, 60.0))
             if self._cal_result is not None:
                 self._finish_calibration()
+        for closing in (self.alerts, self.hook):   # their last counts go in the snapshot
+            if closing is not None:
+                closing.close()
         self._snapshot()
         if self.journal is not None:
             self.journal.close()
-        for closing in (self.alerts, self.hook):
-            if closing is not None:
-                closing.close()
 
     def drain(self, timeout: float = 30.0) -> bool:
         """Wait until every queued entry has been applied (for tests and benchmarks)."""

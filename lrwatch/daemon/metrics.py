@@ -8,17 +8,23 @@ Label children are cached per feature when the reference is known, outside the h
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
+import threading
 from functools import partial
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from ..exporters.prometheus import EngineMetrics
 from .model_metrics import ModelMetrics
 from .records import REASONS
 
-__all__ = ["DaemonMetrics", "STAT_METHODS", "P_METHODS"]
+__all__ = ["DaemonMetrics", "SavedHistogram", "STAT_METHODS", "P_METHODS"]
 
 #: ``method`` values of ``lrwatch_drift_statistic``.
 STAT_METHODS = ("ks", "chi2", "mean_z", "psi", "wasserstein", "jensen_shannon", "score",
@@ -30,6 +36,58 @@ WINDOW_NUMERIC = tuple(f"stat_{m}" for m in STAT_METHODS) + tuple(
     f"p_{m}" for m in P_METHODS) + ("detected", "missing", "oor")
 WINDOW_CATEGORICAL = ("stat_chi2", "stat_psi", "stat_jensen_shannon", "stat_score", "p_chi2",
                       "p_missing", "detected", "missing", "unseen")
+
+
+class SavedHistogram(Collector):
+    """A histogram whose totals are saved with the daemon's state and restored at start
+    (``lrwatch_label_delay_seconds``): prometheus_client's ``Histogram`` cannot be set, so it
+    started from 0 after every restart while the other cumulative counters carried on."""
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float],
+                 registry: CollectorRegistry) -> None:
+        self.name, self.documentation = name, documentation
+        self.bounds = tuple(float(b) for b in buckets) + (math.inf,)
+        self._counts = [0] * len(self.bounds)   # per bucket, not cumulative
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        i = bisect.bisect_left(self.bounds, value)   # (bound before, bound]: le= includes it
+        with self._lock:
+            self._counts[min(i, len(self._counts) - 1)] += 1
+            self._sum += value
+
+    def state(self) -> dict[str, Any]:
+        with self._lock:
+            return {"le": list(self.bounds[:-1]), "counts": list(self._counts), "sum": self._sum}
+
+    def restore(self, saved: Mapping[str, Any]) -> None:
+        """Add saved totals; totals of other buckets (the bounds changed) are left out."""
+        counts, total = saved.get("counts"), saved.get("sum")
+        if saved.get("le") != list(self.bounds[:-1]) or not isinstance(counts, list) \
+                or len(counts) != len(self._counts) or not isinstance(total, (int, float)) \
+                or not all(isinstance(c, int) and c >= 0 for c in counts):
+            return
+        with self._lock:
+            self._counts = [a + b for a, b in zip(self._counts, counts)]
+            self._sum += float(total)
+
+    def _family(self, counts: Sequence[int] | None, total: float = 0.0) -> Any:
+        if counts is None:
+            return HistogramMetricFamily(self.name, self.documentation)
+        cumulative = itertools.accumulate(counts)
+        return HistogramMetricFamily(
+            self.name, self.documentation, sum_value=total,
+            buckets=[(floatToGoString(b), float(c)) for b, c in zip(self.bounds, cumulative)])
+
+    def collect(self) -> Iterator[Any]:
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        yield self._family(counts, total)
+
+    def describe(self) -> Iterator[Any]:
+        yield self._family(None)
 
 
 class DaemonMetrics:
@@ -88,9 +146,9 @@ class DaemonMetrics:
                           registry=r)
         self.window_records = Gauge("lrwatch_window_records", "Records in the last window.",
                                     registry=r)
-        self.label_delay = Histogram(
+        self.label_delay = SavedHistogram(
             "lrwatch_label_delay_seconds", "Time from a prediction to its label.",
-            buckets=(1, 10, 60, 300, 900, 3600, 4 * 3600, 86400, 7 * 86400), registry=r)
+            (1, 10, 60, 300, 900, 3600, 4 * 3600, 86400, 7 * 86400), r)
         self.label_coverage = Gauge("lrwatch_label_coverage_ratio",
                                     "Labels joined while the last window was open, per record "
                                     "of that window (delayed labels count in later windows; "
@@ -222,6 +280,21 @@ class DaemonMetrics:
             for severity, v in by_severity.items():
                 self.firings.labels(rule, severity).inc(v)
         self.model.restore(counters)
+
+    def totals(self, actions: Mapping[str, Any]) -> dict[str, Any]:
+        """What the worker's counters do not hold but a restart must not reset: the label
+        delay histogram and the counters of the ``actions`` (an alert sender, a hook: what
+        their ``counts()`` say), saved with the state."""
+        return {"label_delay": self.label_delay.state(),
+                "actions": {k: a.counts() for k, a in actions.items() if a is not None}}
+
+    def restore_totals(self, saved: Mapping[str, Any], actions: Mapping[str, Any]) -> None:
+        """Add what :meth:`totals` saved (at start, before anything is counted); an action
+        no longer configured is left out."""
+        self.label_delay.restore(saved.get("label_delay") or {})
+        for k, counts in (saved.get("actions") or {}).items():
+            if actions.get(k) is not None and isinstance(counts, Mapping):
+                actions[k].restore_counts(counts)
 
     def internal_error_total(self) -> float:
         """``lrwatch_internal_errors_total`` now (saved in the snapshot's counters: it is

@@ -97,7 +97,8 @@ class Daemon(WindowsMixin, EvaluationMixin, OutputsMixin, PublishingMixin):
                  executor: Any = None) -> None:
         self.config, self._executor = config, executor
         self.pending = PendingLabels(config.max_pending_labels, EarlyLabels(
-            config.max_early_labels, config.early_label_seconds))
+            config.max_early_labels, config.early_label_seconds,
+            max_joined=config.max_pending_labels))
         # lrwatch_pending_labels reads the store's size when scraped (len is atomic)
         self.metrics = DaemonMetrics(registry, pending=self.pending.__len__)
         self.registry = self.metrics.registry

@@ -65,6 +65,11 @@ class EarlyLabels:
 
     Every method that gives labels up returns how many, for the caller to count as unmatched.
 
+    The ids joined in the last ``hold_seconds`` are remembered too (at most ``max_joined``,
+    while labels are held at all): a label re-sent for a prediction already joined
+    (at-least-once delivery) is a duplicate, not a label whose prediction is on its way, and
+    must not be held for a later prediction that reuses the id (:meth:`was_joined`).
+
     >>> e = EarlyLabels(max_labels=2, hold_seconds=60.0)
     >>> e.hold("a", 1, 5.0, 10.0), e.hold("b", 0, 6.0, 11.0), e.hold("c", 1, 7.0, 12.0)
     (0, 0, 1)
@@ -72,16 +77,24 @@ class EarlyLabels:
     (True, (0, 6.0), 1)
     >>> e.expire(71.0), e.expire(72.5), len(e)
     (0, 1, 0)
+    >>> e.joined("p", 80.0); e.was_joined("p"), e.was_joined("q")
+    (True, False)
+    >>> e.predicted(["p"]); e.was_joined("p")   # a new prediction with that id: live again
+    False
     """
 
-    def __init__(self, max_labels: int = 10_000, hold_seconds: float = 300.0) -> None:
-        if max_labels < 0 or not hold_seconds >= 0:
-            raise ValueError(f"max_labels and hold_seconds must be >= 0, got {max_labels}, "
-                             f"{hold_seconds}")
+    def __init__(self, max_labels: int = 10_000, hold_seconds: float = 300.0,
+                 max_joined: int = 100_000) -> None:
+        if max_labels < 0 or not hold_seconds >= 0 or max_joined < 0:
+            raise ValueError(f"max_labels, hold_seconds and max_joined must be >= 0, got "
+                             f"{max_labels}, {hold_seconds}, {max_joined}")
         self.max_labels = max_labels
         self.hold_seconds = float(hold_seconds)
+        self.max_joined = max_joined
         # id -> (label, label time, arrival time), in arrival order
         self._items: OrderedDict[str, tuple[Any, float, float]] = OrderedDict()
+        # id -> arrival time of its join, in that order
+        self._joined: OrderedDict[str, float] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -106,10 +119,36 @@ class EarlyLabels:
             given_up += 1
         return given_up
 
+    def joined(self, id_: str, t_arrival: float) -> None:
+        """A label of this id met its prediction (remembered while labels are held)."""
+        if not self.enabled or not self.max_joined:
+            return
+        joined = self._joined
+        joined.pop(id_, None)
+        joined[id_] = t_arrival
+        if len(joined) > self.max_joined:
+            joined.popitem(last=False)
+
+    def was_joined(self, id_: str) -> bool:
+        """Whether a label of this id was joined in the last ``hold_seconds`` (and no
+        prediction with the id came since): another label for it is a duplicate."""
+        return id_ in self._joined
+
+    def predicted(self, ids: list[str]) -> None:
+        """Predictions with these ids came: a label for one of them is no duplicate."""
+        joined = self._joined
+        if joined and not joined.keys().isdisjoint(ids):
+            for id_ in ids:
+                joined.pop(id_, None)
+
     def expire(self, now: float) -> int:
-        """Give up the labels held longer than ``hold_seconds`` at ``now``; how many."""
-        items = self._items
+        """Give up the labels held longer than ``hold_seconds`` at ``now``; how many. Joined
+        ids older than that are forgotten too."""
         limit = now - self.hold_seconds
+        joined = self._joined
+        while joined and next(iter(joined.values())) < limit:
+            joined.popitem(last=False)
+        items = self._items
         k = 0
         while items:
             first = next(iter(items.values()))
@@ -130,11 +169,15 @@ class EarlyLabels:
         return None if hit is None else (hit[0], hit[1])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"items": [[k, lab, t, a] for k, (lab, t, a) in self._items.items()]}
+        return {"items": [[k, lab, t, a] for k, (lab, t, a) in self._items.items()],
+                "joined": [[k, a] for k, a in self._joined.items()]}
 
     def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        # snapshots before the joined ids were remembered have no "joined"
         self._items = OrderedDict((str(it[0]), (it[1], float(it[2]), float(it[3])))
                                   for it in (state or {}).get("items", []))
+        self._joined = OrderedDict((str(it[0]), float(it[1]))
+                                   for it in (state or {}).get("joined", []))
 
 
 class PendingLabels:

@@ -185,7 +185,7 @@ class WindowsMixin:
                 self._await_labels(
                     [ids[i] for i in waiting], [preds[i] for i in waiting],  # type: ignore
                     [times[i] for i in waiting] if times is not None
-                    else [t_arrival] * len(waiting), w.index)
+                    else [t_arrival] * len(waiting), w.index, t_arrival)
         elif ids is not None:
             sl = ids[lo:hi]
             if None in sl:
@@ -197,13 +197,14 @@ class WindowsMixin:
                 ps = preds[lo:hi]
                 ts = times[lo:hi] if times is not None else [t_arrival] * (hi - lo)
             if sl:
-                self._await_labels(sl, ps, ts, w.index)  # type: ignore[arg-type]
+                self._await_labels(sl, ps, ts, w.index, t_arrival)  # type: ignore[arg-type]
 
     def _await_labels(self, ids: list[str], preds: list[Any], times: list[float],
-                      window: int) -> None:
+                      window: int, t_arrival: float) -> None:
         """Predictions with an id wait for their label, unless it came first (then they are
         joined now)."""
         early = self.pending.early
+        early.predicted(ids)
         if early.any_of(ids):
             ptype = self.reference.prediction_type  # type: ignore[union-attr]
             keep = []
@@ -214,6 +215,7 @@ class WindowsMixin:
                     continue
                 self.counters["labels_early_joined"] = \
                     self.counters.get("labels_early_joined", 0) + 1
+                early.joined(id_, t_arrival)
                 self._join(preds[i], hit[0], times[i], hit[1], ptype, window)
             if len(keep) < len(ids):
                 ids, preds, times = ([a[i] for i in keep] for a in (ids, preds, times))
@@ -283,6 +285,11 @@ class WindowsMixin:
         self._expire_early(t_arrival)
         for r in recs:
             hit = self.pending.join(r["id"])
+            if hit is None and early.was_joined(r["id"]):
+                # re-sent for a prediction already joined: a duplicate, never held for a
+                # later prediction that reuses the id (docs/daemon.md)
+                self._unmatched(1, "labels_duplicate")
+                continue
             if hit is None:  # its prediction may be on its way: held (docs/daemon.md)
                 self._unmatched(early.hold(r["id"], r["label"], r.get("time", t_arrival),
                                            t_arrival))
@@ -290,6 +297,7 @@ class WindowsMixin:
                     self.counters["labels_early"] = self.counters.get("labels_early", 0) + 1
                 continue
             pred, tp, widx = hit
+            early.joined(r["id"], t_arrival)
             self._join(pred, r["label"], tp, r.get("time", t_arrival), ptype, widx)
 
     def _join(self, pred: Any, label: Any, t_pred: float, t_label: float, ptype: str,

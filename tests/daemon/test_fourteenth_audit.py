@@ -87,3 +87,48 @@ def test_label_delay_and_action_counters_survive_a_restart(reference_path, tmp_p
             before[("lrwatch_alerts_sent_total", (("sink", "log"),))]
     finally:
         d.stop(timeout=5)
+
+
+# --- a label re-sent for a prediction already joined ------------------------------------------
+def test_a_label_resent_for_a_joined_prediction_is_a_duplicate(reference_path, tmp_path):
+    """At-least-once label delivery re-sends a label after its prediction was joined: it was
+    held as an early label and joined the next prediction that reused the id (with the
+    label of another record). It is counted unmatched at once, as a duplicate
+    (``labels_duplicate``), also after a restart; a new prediction with the id waits for a
+    label of its own."""
+    rng = random.Random(142)
+
+    def start():
+        d = Daemon(DaemonConfig(reference=reference_path, window_size=WINDOW, port=0,
+                                state_dir=str(tmp_path), log_alerts=False))
+        d.start()
+        return d
+
+    d = start()
+    try:
+        recs = [make_record(rng, k, time=1000.0 + k) for k in range(WINDOW // 2)]
+        labels = [{"id": r["id"], "label": 1} for r in recs]
+        _submit(d, "predictions", recs)
+        _submit(d, "labels", labels)
+        assert d.drain() and d.counters["labels_joined"] == WINDOW // 2
+    finally:
+        d.stop(timeout=5)
+    d = start()   # the joined ids are saved with the state
+    try:
+        _submit(d, "labels", labels)   # re-sent
+        assert d.drain()
+        c = d.counters
+        assert len(d.pending.early) == 0   # before the fix: all held as early labels
+        assert c["labels_duplicate"] == WINDOW // 2
+        assert c["labels_unmatched"] == WINDOW // 2
+        # a new batch of predictions reuses the ids: they wait for labels of their own
+        _submit(d, "predictions", [make_record(rng, k, time=2000.0 + k)
+                                   for k in range(WINDOW // 2)])
+        assert d.drain()
+        assert c["labels_joined"] == WINDOW // 2 and len(d.pending) == WINDOW // 2
+        _submit(d, "labels", [{"id": recs[0]["id"], "label": 0}])   # its own label joins
+        assert d.drain() and c["labels_joined"] == WINDOW // 2 + 1
+        assert c["labels"] == c["labels_joined"] + c["labels_unmatched"] + len(d.pending.early)
+        assert d.registry.get_sample_value("lrwatch_labels_unmatched_total") == WINDOW // 2
+    finally:
+        d.stop(timeout=5)

@@ -695,6 +695,28 @@ def test_a_resume_past_a_watched_failure_does_not_roll_back_to_the_resume_point(
     assert (r.action, r.target, r.restart) == ("rollback", 0, True)
 
 
+def test_a_failure_that_began_before_the_resume_but_fires_after_it_still_rolls_back() -> None:
+    """The resume check compares the *firing* step with the resume point, not the onset
+    (``since``, which only escalations carry): an escalation whose warning began at 115,
+    before the resume at 120, firing at 130, is answered from the snapshots before its onset
+    where the checkpoint carried one (``_target`` looks before ``since``); holding only the
+    resume point, the rollback goes there -- it undoes steps 120-130 of the failure, as the
+    run that was not interrupted goes back to its start when it holds nothing before the
+    onset -- instead of stopping the run as one that would undo nothing (fourteenth round:
+    kept, docs/recovery.md)."""
+    pol = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0))
+    pol.promoted([SnapshotInfo(100, True)])
+    pol.plan([fire("loss_shift", 115, ("alert",), "warning")], Progress(115, snaps(100, 110)))
+    runaway = fire("loss_runaway", 130, since=115)
+    for held, target in (([SnapshotInfo(120, True, pinned=True)], 120),
+                         ([SnapshotInfo(100, True), SnapshotInfo(120, True, pinned=True)], 100)):
+        resumed = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0))
+        resumed.load_state_dict({**pol.state_dict(), "resumed_at": 120})
+        (p,) = control(resumed.plan([runaway], Progress(130, held)))
+        assert (p.action, p.target, p.step) == ("rollback", target, 130), p
+        assert resumed.rollbacks == 1 and not resumed.state.stopped
+
+
 def test_a_skip_that_undoes_a_watched_failure_ends_the_watch() -> None:
     """A skip during the watch back to before the failure undid it (the engine goes back
     there too, so the watched rule never resolves): the watch ends at the skip, without a

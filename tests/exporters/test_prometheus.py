@@ -15,6 +15,7 @@ from lrwatch.exporters.prometheus import TrainingExporter
 from lrwatch.samples import Sample
 from prometheus_client import CollectorRegistry, generate_latest
 
+from flag_rules import flag_rule, write_flag_rules
 from services import promtool_check_metrics
 
 
@@ -229,15 +230,6 @@ def test_momentum_of_many_parameter_groups_keeps_its_group() -> None:
         assert got == pytest.approx(0.5 + 0.04 * g)
 
 
-SIGNAL_RULE = """
-version: 1
-rules:
-  - name: signal_high
-    metric: signal
-    detector: threshold
-    params: {above: 0.5}
-    severity: critical
-"""
 
 
 def _scrape_firing(url: str) -> dict[str, float]:
@@ -255,8 +247,7 @@ def test_a_closed_watcher_fires_no_rule_on_a_registry_still_served(tmp_path) -> 
     the count of firings stays."""
     from lrwatch.exporters.prometheus import MetricsServer
 
-    rules = tmp_path / "rules.yml"
-    rules.write_text(SIGNAL_RULE)
+    rules = write_flag_rules(tmp_path / "rules.yml", flag_rule("signal_high", "signal", ()))
     registry = CollectorRegistry()
     server = MetricsServer(registry, 0)
     try:

@@ -114,7 +114,7 @@ class Watcher(LogApi, DataSide, PlanExecutor, StepPath, Flushing, Checkpointing,
         for no rules.
     recovery:
         How to act on ``rollback``/``skip``/``reduce_lr``/``stop`` actions
-        (:class:`~lrwatch.recovery.policy.RecoveryConfig` or a dict of its fields); ``False``
+        (:class:`~lrwatch.recovery.config.RecoveryConfig` or a dict of its fields); ``False``
         only reports. Recovery keeps snapshots (CPU copies by default, or ``snapshot_dir``).
     alerts:
         An :class:`~lrwatch.actions.alerts.AlertSender`, or a list of sinks, for ``alert``
@@ -158,7 +158,7 @@ class Watcher(LogApi, DataSide, PlanExecutor, StepPath, Flushing, Checkpointing,
         :meth:`remember_batch`), from the restored state, and leaves everything as it was;
         the Watcher keeps references to those batches. With ``recovery`` ``lr_check="auto"``
         it also runs the pre-flight learning-rate check on the first batches of
-        :meth:`batches` (see :class:`~lrwatch.recovery.policy.RecoveryConfig`). And before
+        :meth:`batches` (see :class:`~lrwatch.recovery.config.RecoveryConfig`). And before
         the first step it measures the untrained loss (below).
     untrained_batches:
         With ``probe_loss``, :meth:`batches` scores the untouched model on this many batches

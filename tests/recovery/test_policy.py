@@ -37,8 +37,9 @@ def control(plans: list[Plan]) -> list[Plan]:
 
 
 def test_policy_imports_no_torch() -> None:
-    code = ("import sys, lrwatch.recovery.policy, lrwatch.recovery.config, lrwatch.recovery.replay, "
-            "lrwatch.actions.policy; assert 'torch' not in sys.modules")
+    code = ("import sys, lrwatch.recovery.policy, lrwatch.recovery.config, "
+            "lrwatch.recovery.replay, lrwatch.actions.policy; "
+            "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -8,6 +8,8 @@ import json
 import math
 import os
 import sys
+import sysconfig
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -19,39 +21,30 @@ from .curve import SUGGEST_RULES, LRCurve
 
 __all__ = ["lr_find_command", "load_target", "render_curve", "plot_curve"]
 
+_LRWATCH_DIR = str(Path(__file__).resolve().parent.parent)
+_STDLIB_DIR = sysconfig.get_paths()["stdlib"]
 _KEYS = ("model", "optimizer", "loader", "loss_fn", "batch_loss", "scheduler", "scaler")
 
 
 def load_target(spec: str) -> Mapping[str, Any]:
     """Call ``module:function`` or ``path/to/file.py:function``; it returns a mapping (or an
     object with attributes) with ``model``, ``optimizer``, ``loader`` and ``loss_fn`` or
-    ``batch_loss`` (optionally ``scheduler``, ``scaler``)."""
+    ``batch_loss`` (optionally ``scheduler``, ``scaler``).
+
+    A target that cannot be imported or whose function raises is a :class:`ConfigError` that
+    names the exception and where in the user's code it was raised (the CLI's exit status 2).
+    """
     mod_name, sep, func = spec.rpartition(":")
     if not sep or not mod_name or not func:
         raise ConfigError(f"TARGET must be 'module:function' or 'file.py:function', got {spec!r}")
-    if mod_name.endswith(".py") or "/" in mod_name:
-        path = Path(mod_name)
-        if not path.is_file():
-            raise ConfigError(f"TARGET file {path} does not exist")
-        loaded = importlib.util.spec_from_file_location(path.stem, path)
-        assert loaded is not None and loaded.loader is not None
-        module = importlib.util.module_from_spec(loaded)
-        sys.path.insert(0, str(path.resolve().parent))
-        sys.modules[loaded.name] = module   # dataclasses and pickling look the module up
-        loaded.loader.exec_module(module)
-    else:
-        if "" not in sys.path and os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())   # as `python -m` would (the console script not)
-        try:
-            module = importlib.import_module(mod_name)
-        except ModuleNotFoundError as exc:
-            raise ConfigError(f"TARGET module {mod_name!r} cannot be imported ({exc}); run "
-                              f"from the folder that holds it, or give its file: "
-                              f"path/to/{mod_name.replace('.', '/')}.py:{func}") from exc
+    module = _import_target(mod_name, func)
     factory = getattr(module, func, None)
     if not callable(factory):
         raise ConfigError(f"{mod_name} has no callable {func!r}")
-    made = factory()
+    try:
+        made = factory()
+    except Exception as exc:   # the user's code: say what it raised and where, not a traceback
+        raise ConfigError(f"TARGET {spec} raised {_where(exc)}") from exc
     if not isinstance(made, Mapping):
         made = {k: getattr(made, k) for k in _KEYS if hasattr(made, k)}
     missing = [k for k in ("model", "optimizer", "loader") if made.get(k) is None]
@@ -61,6 +54,57 @@ def load_target(spec: str) -> Mapping[str, Any]:
                           f"(missing: {missing or 'the loss'}); got "
                           f"{sorted(k for k, v in made.items() if v is not None)}")
     return made
+
+
+def _import_target(mod_name: str, func: str) -> Any:
+    """The module of a TARGET: a file path, or a module name looked up from the cwd."""
+    if mod_name.endswith(".py") or "/" in mod_name:
+        path = Path(mod_name)
+        if not path.is_file():
+            raise ConfigError(f"TARGET file {path} does not exist")
+        loaded = importlib.util.spec_from_file_location(path.stem, path)
+        assert loaded is not None and loaded.loader is not None
+        module = importlib.util.module_from_spec(loaded)
+        sys.path.insert(0, str(path.resolve().parent))
+        sys.modules[loaded.name] = module   # dataclasses and pickling look the module up
+        try:
+            loaded.loader.exec_module(module)
+        except Exception as exc:   # a syntax error, a failing import, ... in the user's file
+            sys.modules.pop(loaded.name, None)
+            raise ConfigError(f"TARGET file {path} cannot be loaded: {_where(exc)}") from exc
+        return module
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())   # as `python -m` would (the console script not)
+    try:
+        return importlib.import_module(mod_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != mod_name:   # found, but it imports something that is not installed
+            raise ConfigError(f"TARGET module {mod_name!r} cannot be loaded: "
+                              f"{_where(exc)}") from exc
+        raise ConfigError(f"TARGET module {mod_name!r} cannot be imported ({exc}); run "
+                          f"from the folder that holds it, or give its file: "
+                          f"path/to/{mod_name.replace('.', '/')}.py:{func}") from exc
+    except Exception as exc:
+        raise ConfigError(f"TARGET module {mod_name!r} cannot be loaded: {_where(exc)}") from exc
+
+
+def _where(exc: BaseException) -> str:
+    """``ValueError: message (at mytask.py:12, in make)``: the exception and the innermost
+    frame of the user's code (a syntax error names its own file and line)."""
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, SyntaxError):
+        return text
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if _users(f.filename)]
+    if frames:
+        f = frames[-1]
+        text += f" (at {f.filename}:{f.lineno}, in {f.name})"
+    return text
+
+
+def _users(filename: str) -> bool:
+    """A frame of the user's code: not lrwatch's, Python's own or an installed package's."""
+    return not (filename.startswith(("<", _LRWATCH_DIR, _STDLIB_DIR))
+                or "site-packages" in filename or "dist-packages" in filename)
 
 
 def _demo_target(seed: int) -> dict[str, Any]:

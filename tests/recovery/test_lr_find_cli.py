@@ -73,3 +73,22 @@ def test_no_suggestion_exits_1_and_says_why(target: str, tmp_path: Path,
 def test_listed_in_help() -> None:
     res = CliRunner().invoke(cli, ["--help"])
     assert "lr-find" in res.output
+
+
+@pytest.mark.parametrize("source, expect", [
+    ("def make(:\n    pass\n", "SyntaxError"),                        # a typo in the file
+    ("import no_such_dependency_xyz\n", "No module named 'no_such_dependency_xyz'"),
+    ("def make():\n    raise ValueError('no data here')\n", "ValueError: no data here"),
+])
+def test_a_target_that_fails_is_a_usage_error_not_a_traceback(
+        tmp_path: Path, source: str, expect: str) -> None:
+    """The fourteenth round's audit: a target file with a syntax error, an import that fails or
+    a factory that raises ended `lrwatch lr-find` with a Python traceback (exit 1, which the
+    docs give to "no suggestion"); bad input is exit 2 with the error and where it was raised."""
+    f = tmp_path / "badtask.py"
+    f.write_text(source)
+    res = CliRunner().invoke(cli, ["lr-find", f"{f}:make", "-q"])
+    assert res.exit_code == 2, (res.exit_code, res.output, res.exception)
+    assert expect in res.output and "Traceback" not in res.output
+    if "raise" in source:
+        assert f"{f}:2, in make" in res.output      # where in the user's code it was raised

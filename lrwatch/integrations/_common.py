@@ -15,7 +15,7 @@ from ..errors import ConfigError
 from ..watch import rank_trace_path
 
 __all__ = ["SkipSampler", "wrap_dataloader", "export_kwargs", "eval_name", "scalar",
-           "EXPORT_CHOICES", "reapply_best", "check_lr_find", "lr_find_args",
+           "EXPORT_CHOICES", "reapply_best", "check_lr_find", "lr_find_args", "LR_FIND_KEYS",
            "start_at_suggestion", "with_clip"]
 
 
@@ -203,11 +203,22 @@ def log_completed_step(callback: Any, *, start_check: bool = True) -> bool:
     return bool(w.should_stop)
 
 
+#: The ``lrwatch.lr_find`` arguments a callback's ``lr_find={...}`` may set (the rest it passes).
+LR_FIND_KEYS = ("min_lr", "max_lr", "num_steps", "rule", "fraction", "beta", "diverge",
+                "process_group")
+
+
 def check_lr_find(lr_find: Any) -> Any:
     """The callbacks' ``lr_find`` argument: ``True``/``False`` or a dict of ``lr_find`` args."""
     if not isinstance(lr_find, (bool, Mapping)):
         raise ConfigError(f"lr_find must be True/False or a dict of lrwatch.lr_find "
                           f"arguments, got {type(lr_find).__name__}")
+    if isinstance(lr_find, Mapping):   # now, not when the fit has started
+        bad = sorted(str(k) for k in lr_find if k not in LR_FIND_KEYS)
+        if bad:
+            raise ConfigError(f"unknown lr_find argument(s) {bad}; valid: "
+                              f"{', '.join(LR_FIND_KEYS)} (the callback passes the model, "
+                              f"optimizer, data, loss, scheduler and scaler itself)")
     return lr_find
 
 

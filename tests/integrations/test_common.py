@@ -116,3 +116,24 @@ def test_lrwatchs_own_passes_over_the_data_keep_every_random_generator() -> None
     with rng_kept():
         random.random(), np.random.rand(), torch.rand(5)
     assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == want
+
+
+@pytest.mark.parametrize("framework", ["lightning", "transformers"])
+def test_a_misspelt_lr_find_argument_is_refused_when_the_callback_is_built(framework: str) -> None:
+    """The fourteenth round's audit: ``LrwatchCallback(lr_find={"num_step": 50})`` was accepted
+    and failed only once the fit had started (a TypeError out of ``lr_find``, after the
+    trainer's set-up). It is refused at once, with the valid names, which are exactly the
+    arguments of ``lrwatch.lr_find`` that the callback does not pass itself."""
+    import importlib
+    import inspect
+
+    from lrwatch.integrations._common import LR_FIND_KEYS
+
+    callback = importlib.import_module(f"lrwatch.integrations.{framework}").LrwatchCallback
+    with pytest.raises(ConfigError, match=r"unknown lr_find argument\(s\) \['num_step'\]; "
+                                          r"valid: min_lr, max_lr, num_steps"):
+        callback(lr_find={"num_step": 50})
+    assert callback(lr_find={"num_steps": 50, "fraction": 0.2}).lr_find["num_steps"] == 50
+    passed = {"model", "optimizer", "loader", "loss_fn", "batch_loss", "scheduler", "scaler"}
+    assert LR_FIND_KEYS == tuple(p for p in inspect.signature(lrwatch.lr_find).parameters
+                                 if p not in passed)

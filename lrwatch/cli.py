@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ._cli_help import examples
 from ._version import __version__
 
 
@@ -19,9 +20,13 @@ def cli() -> None:
     """
 
 
-@cli.command()
+@cli.command(epilog=examples(
+    "lrwatch demo --inject nan-burst               # a fault caught and rolled back",
+    "lrwatch demo --inject blowup --linger 120     # /metrics kept up 2 minutes after it",
+    "lrwatch demo --port 0 --trace run.jsonl --snapshot-dir snaps"))
 @click.option("--steps", type=click.IntRange(1), default=300, show_default=True,
-              help="Optimizer steps to train.")
+              help="Length of the learning-rate schedule, in optimizer steps (a rollback "
+                   "repeats part of it, so more steps may run).")
 @click.option("--port", type=click.IntRange(0, 65535), default=9400, show_default=True,
               help="Port for /metrics (0 picks a free one).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind /metrics to.")
@@ -41,11 +46,12 @@ def cli() -> None:
               help="Inject a fault to see it detected and acted on: nan (a poisoned batch: the "
                    "non-finite step is dropped on the device), nan-burst (three in a row: the "
                    "repeat rolls back), blowup (one step with a 1000x learning rate), lr-bug "
-                   "(base learning rates x100).")
+                   "(base learning rates x100).  [default: none]")
 @click.option("--inject-at", type=click.IntRange(1), default=None,
               help="Step of the injected fault [default: 60% into the run].")
 @click.option("--snapshot-dir", type=click.Path(file_okay=False), default=None,
-              help="Keep rollback snapshots on disk here instead of in memory.")
+              help="Keep rollback snapshots on disk here instead of in memory "
+                   "[default: in memory].")
 def demo(steps: int, port: int, host: str, trace: str, flush_every: int, batch_size: int,
          seed: int, linger: float, inject: str | None, inject_at: int | None,
          snapshot_dir: str | None) -> None:
@@ -75,7 +81,9 @@ def demo(steps: int, port: int, host: str, trace: str, flush_every: int, batch_s
         raise SystemExit(int(summary["exit_status"]))
 
 
-@cli.command("report")
+@cli.command("report", epilog=examples(
+    "lrwatch report run.trace.jsonl --out run.png",
+    "lrwatch report run.trace.jsonl other.trace.jsonl --out runs.html   # overlaid, with events"))
 @click.argument("traces", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--out", "out", type=click.Path(dir_okay=False), default="lrwatch-report.png",
               show_default=True, help="Where to write: a .png picture, or an .html page with the "

@@ -10,12 +10,16 @@ import threading
 
 import click
 
+from .._cli_help import examples
 from ..errors import LrwatchError
 
 __all__ = ["daemon_command", "baseline_group"]
 
 
-@click.command("daemon")
+@click.command("daemon", epilog=examples(
+    "lrwatch daemon --reference reference.json --state-dir /var/lib/lrwatch",
+    "lrwatch daemon --config lrwatch.yml",
+    "lrwatch daemon --live-reference 5000 --tail predictions.jsonl --rules serving --rules my-rules.yml"))
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
               help="YAML config file (see docs/daemon.md).")
 @click.option("--host", help="Address to bind (default 127.0.0.1).")
@@ -23,17 +27,19 @@ __all__ = ["daemon_command", "baseline_group"]
 @click.option("--reference", type=click.Path(dir_okay=False),
               help="Reference profile from `lrwatch baseline build`.")
 @click.option("--live-reference", type=click.IntRange(10), default=None,
-              help="Without --reference: build it from the first N live records.")
-@click.option("--window-size", type=click.IntRange(10), help="Records per window.")
+              help="Without --reference: build it from the first N live records (default 5000).")
+@click.option("--window-size", type=click.IntRange(10),
+              help="Records per window (default 1000).")
 @click.option("--window-seconds", type=click.FloatRange(min=0, min_open=True),
-              help="Time windows of this many seconds instead of counts.")
+              help="Time windows of this many seconds instead of counts (default: counts).")
 @click.option("--target-windows", type=click.FloatRange(min=1, min_open=True),
               help="One false drift alarm per this many windows (default 1000).")
 @click.option("--label-horizon", type=click.FloatRange(min=0, min_open=True),
               help="H of the label coverage: the share of predictions made 2H to H ago that "
                    "got a label (seconds, default 3600).")
 @click.option("--state-dir", type=click.Path(file_okay=False),
-              help="Where snapshots and the journal live (durability).")
+              help="Where snapshots and the journal live (durability; default: none, nothing "
+                   "survives a restart).")
 @click.option("--tail", "tail", multiple=True, type=click.Path(dir_okay=False),
               help="JSONL file to follow (repeatable).")
 @click.option("--rules", multiple=True,
@@ -51,6 +57,7 @@ def daemon_command(config_path: str | None, host: str | None, port: int | None,
     """Watch a model in production: drift, accuracy from delayed labels, alerts, hooks.
 
     Serves POST /v1/predictions, POST /v1/labels, GET /metrics, /healthz and /v1/status.
+    The options override the --config file's settings; every setting is in docs/daemon.md.
     """
     from .config import DaemonConfig, read_token_file
     from .core import Daemon
@@ -101,7 +108,9 @@ def baseline_group() -> None:
     """Reference profiles for `lrwatch daemon`."""
 
 
-@baseline_group.command("build")
+@baseline_group.command("build", epilog=examples(
+    "lrwatch baseline build reference.jsonl -o reference.json",
+    "lrwatch baseline build reference.csv -o reference.json --window-size 500 --kind zip=categorical"))
 @click.argument("data", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Where to write the reference JSON.")
@@ -113,7 +122,8 @@ def baseline_group() -> None:
               help="Force a feature's kind: numeric, categorical or binary (repeatable).")
 @click.option("--sims", type=click.IntRange(100), default=None,
               help="Resamples for calibration (default 2000).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the calibration's resamples (a build repeats exactly).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 def baseline_build(data: str, output: str, window_size: int, target_windows: float,
                    kinds: tuple[str, ...], sims: int | None, seed: int, quiet: bool) -> None:
@@ -163,7 +173,9 @@ def baseline_build(data: str, output: str, window_size: int, target_windows: flo
         click.echo(note)
 
 
-@baseline_group.command("recalibrate")
+@baseline_group.command("recalibrate", epilog=examples(
+    "lrwatch baseline recalibrate reference.json",
+    "lrwatch baseline recalibrate old.json -o reference.json --window-size 500"))
 @click.argument("reference", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Where to write the result (default: REFERENCE itself, replaced atomically).")
@@ -175,7 +187,8 @@ def baseline_build(data: str, output: str, window_size: int, target_windows: flo
 @click.option("--no-joint", is_flag=True, help="Calibrate without the joint drift test.")
 @click.option("--sims", type=click.IntRange(100), default=None,
               help="Resamples for calibration (default 2000).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the calibration's resamples (a run repeats exactly).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 def baseline_recalibrate(reference: str, output: str | None, window_size: int | None,
                          target_windows: float | None, no_joint: bool, sims: int | None,

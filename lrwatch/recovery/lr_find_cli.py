@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 
 import click
 
+from .._cli_help import examples
 from ..errors import ConfigError
 from ..progress import Progress
 from .curve import SUGGEST_RULES, LRCurve
@@ -223,7 +224,10 @@ def plot_curve(curve: LRCurve, path: str) -> None:
     plt.close(fig)
 
 
-@click.command("lr-find")
+@click.command("lr-find", epilog=examples(
+    "lrwatch lr-find mytask.py:make --plot curve.png   # make() returns the dict above",
+    "lrwatch lr-find mypackage.tasks:make --json -q",
+    "lrwatch lr-find                                   # the demo's byte-level GRU"))
 @click.argument("target", required=False)
 @click.option("--min-lr", type=click.FloatRange(min=0, min_open=True), default=1e-7,
               show_default=True, help="First rate of the test.")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -14,6 +15,7 @@ from typing import Any, Iterator
 
 import click
 
+from .._cli_help import examples
 from ..errors import ConfigError, RuleError
 from .detectors import DETECTORS
 from .engine import Firing
@@ -53,7 +55,10 @@ def _event_row(res: TraceResult, e: Firing) -> list[str]:
             ",".join(e.actions) or "-", msg]
 
 
-@click.command("replay")
+@click.command("replay", epilog=examples(
+    "lrwatch replay run.trace.jsonl",
+    "lrwatch replay runs/ --json --fail-on critical          # for CI: exit 1 on a critical firing",
+    "lrwatch replay runs/ --rules training --rules my-rules.yml"))
 @click.argument("traces", nargs=-1, required=True,
                 type=click.Path(exists=True, file_okay=True, dir_okay=True))
 @click.option("--rules", "rules_files", type=click.Path(dir_okay=False), multiple=True,
@@ -69,7 +74,8 @@ def _event_row(res: TraceResult, e: Firing) -> list[str]:
 @click.option("--json", "as_json", is_flag=True,
               help="One JSON object per firing on stdout (the replay contract).")
 @click.option("--fail-on", type=click.Choice(SEVERITIES), default=None,
-              help="Exit 1 if any rule of this severity or higher fires (for CI).")
+              help="Exit 1 if any rule of this severity or higher fires (for CI)  [default: exit "
+                   "0 whatever fires].")
 @click.option("--lenient", is_flag=True,
               help="Skip malformed trace lines (counted and reported) instead of stopping.")
 @click.option("--resolved", "show_resolved", is_flag=True,
@@ -249,7 +255,9 @@ def rules_group() -> None:
     """Validate rule files, print the default packs, list detectors."""
 
 
-@rules_group.command("check")
+@rules_group.command("check", epilog=examples(
+    "lrwatch rules check my-rules.yml",
+    "lrwatch rules check my-additions.yml --with training    # a file of additions to the pack"))
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--with", "with_sets", multiple=True, metavar="PACK|FILE",
               help="Check each FILE as it will be joined after this rule set: a pack's name "
@@ -296,7 +304,8 @@ def _check_summary(path: str, rs: RuleSet, layer: Layer, with_sets: tuple[str, .
             f"{', '.join(with_sets)}; {len(rs)} rules joined")
 
 
-@rules_group.command("show")
+@rules_group.command("show", epilog=examples(
+    "lrwatch rules show training > my-rules.yml"))
 @click.argument("pack", type=click.Choice(PACKS))
 def show_command(pack: str) -> None:
     """Print the default rule PACK (a starting point for your own rule file)."""
@@ -306,13 +315,26 @@ def show_command(pack: str) -> None:
         raise click.BadParameter(str(exc)) from None
 
 
-@rules_group.command("detectors")
+@rules_group.command("detectors", epilog=examples("lrwatch rules detectors"))
 def detectors_command() -> None:
-    """List the detectors and their parameters."""
+    """List the detectors, their parameters (with their defaults, as a rule file writes them)
+    and which take the rule key 'given'."""
     for name, cls in DETECTORS.items():
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         click.echo(f"{name}: {doc}")
+        defaults = inspect.signature(cls.__init__).parameters
         for pname, p in cls.PARAMS.items():
-            click.echo(f"    {pname}: {p.describe()} - {p.doc}")
+            default = defaults[pname].default if pname in defaults else inspect.Parameter.empty
+            shown = "" if default is inspect.Parameter.empty else f" [default: {_yaml(default)}]"
+            click.echo(f"    {pname}: {p.describe()} - {p.doc}{shown}")
         if cls.takes_given:
             click.echo("    (takes the rule key 'given: METRIC': sees that metric's latest value)")
+
+
+def _yaml(value: object) -> str:
+    """A default as a rule file writes it: ``null``, ``true``/``false``, numbers, words."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)

@@ -10,12 +10,15 @@ from typing import Any
 
 import click
 
+from .._cli_help import examples
 from ..errors import LrwatchError
 
 __all__ = ["stack_command", "dashboards_group"]
 
 
-@click.command("stack")
+@click.command("stack", epilog=examples(
+    "lrwatch stack",
+    "lrwatch stack --training 127.0.0.1:9400 --scrape-interval 5s --data-dir stack-data"))
 @click.option("--prometheus-port", type=click.IntRange(0, 65535), default=9090,
               show_default=True, help="Prometheus port on 127.0.0.1 (0: any free one).")
 @click.option("--alertmanager-port", type=click.IntRange(0, 65535), default=9093,
@@ -97,7 +100,9 @@ def dashboards_group() -> None:
     """The Grafana dashboards (generated from lrwatch/stack/grafana.py)."""
 
 
-@dashboards_group.command("generate")
+@dashboards_group.command("generate", epilog=examples(
+    "lrwatch dashboards generate",
+    "lrwatch dashboards generate --check     # in CI: exit 1 if grafana/dashboards is stale"))
 @click.option("--out", "out", type=click.Path(file_okay=False), default="grafana/dashboards",
               show_default=True, help="Directory to write the dashboard JSON files into.")
 @click.option("--check", is_flag=True,

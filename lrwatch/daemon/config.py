@@ -179,6 +179,8 @@ def _convert(name: str, convert: Any, value: Any, path: Any) -> Any:
     if convert == "urls":
         return _urls(name, value)
     if convert == "names":  # a list: one name as a string would match its substrings
+        if value is None:   # written out, the default: every rule whose actions have hook
+            return None
         if not isinstance(value, list):
             raise ConfigError(f"{name} must be a list of rule names, got {value!r}")
         return _strings(name, value, "a rule name")

@@ -90,3 +90,14 @@ def test_hook_rules_must_name_rules_of_the_pack(reference_path):
     with pytest.raises(ConfigError, match=r"hook rules \['no_such_rule'\] are not rules"):
         Daemon(DaemonConfig(reference=reference_path, hook_argv=["true"],
                             hook_rules=["no_such_rule", "data_drift"], log_alerts=False))
+
+
+def test_hook_rules_written_out_as_its_default_null_is_accepted():
+    """The fourteenth round's audit: docs/daemon.md's config gives every key with its default,
+    and `hook: {rules: null}` (the default: every rule whose actions include hook) was refused
+    ("hook.rules must be a list of rule names, got None") although the top-level `rules: null`
+    and `tls_certfile: null` are accepted. A list is still required when one is given."""
+    cfg = DaemonConfig.from_mapping({"hook": {"argv": ["x"], "rules": None}})
+    assert cfg.hook_rules is None and cfg.hook_argv == ["x"]
+    with pytest.raises(ConfigError, match="hook.rules must be a list"):
+        DaemonConfig.from_mapping({"hook": {"argv": ["x"], "rules": "data_drift"}})

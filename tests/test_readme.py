@@ -14,6 +14,11 @@ earlier ones wrote. This test does exactly that:
   written into the directory, where the sh blocks after them use them;
 - ``text`` blocks are synopses, not examples (``[...]`` marks options), and are not run.
 
+What the README says an example prints is checked too: a ``print(...)`` whose comment shows
+its output (``# BestEval(step=..., ...)``, ``...`` standing for any value) must print a line of
+that form, and a command's comment or the paragraph after it that says what it shows
+(``EXPECTED_OUTPUT``) must be in its output.
+
 Any other fence (or none) fails the test, so no example escapes it. The set-up block is the one
 exception: its two commands (``make demo``, ``make test``) are the set-up this test runs in.
 """
@@ -39,6 +44,27 @@ SETUP_COMMANDS = ["make demo", "make test"]
 #: Commands that run until interrupted -> what they print once they are up.
 LONG_RUNNING = {"lrwatch stack": "Ctrl-C stops them", "--linger": "trace:"}
 STACK_PORTS = (9090, 9091, 9093)
+#: What the README says a command shows -> a piece of its output that says so.
+EXPECTED_OUTPUT = {
+    # "no snapshot has proved healthy by the fault at step 36, so the rollback is a restart
+    # from step 0 at a tenth of the rate"
+    "lrwatch demo --steps 60 --inject nan-burst": "restart from step 0 at lr x0.1",
+    "lrwatch replay lrwatch-demo.trace.jsonl --json --fail-on critical": "a critical rule fired",
+    "lrwatch rules check my-rules.yml": "my-rules.yml: ok",
+}
+_PRINTS = re.compile(r"^\s*print\(.*\)\s+# ([A-Za-z_]\w*\(.*\))\s*$", re.M)
+
+
+def _check_output(block: "Block", out: str) -> None:
+    """What the README says the block prints is in its output."""
+    for shown in _PRINTS.findall(block.code):
+        pattern = ".+?".join(re.escape(part) for part in shown.split("..."))
+        assert any(re.fullmatch(pattern, ln.strip()) for ln in out.splitlines()), \
+            f"{block}: README says it prints {shown!r}; it printed:\n{out[-2000:]}"
+    for cmd in _commands(block.code):
+        for start, piece in EXPECTED_OUTPUT.items():
+            if cmd.startswith(start):
+                assert piece in out, f"{block}: `{cmd}` did not show {piece!r}:\n{out[-3000:]}"
 
 
 @dataclass
@@ -159,6 +185,7 @@ def _run(block: Block, scratch: Path) -> str | None:
     assert proc.returncode == 0, (f"{block} exited {proc.returncode}:\n{block.code}\n"
                                   f"--- stdout\n{proc.stdout[-3000:]}\n"
                                   f"--- stderr\n{proc.stderr[-3000:]}")
+    _check_output(block, proc.stdout + proc.stderr)
     return None
 
 
@@ -199,6 +226,9 @@ def test_every_readme_example_runs_as_pasted(tmp_path: Path) -> None:
         print(f"{block}: {time.monotonic() - t0:.1f} s")
         ran += 1
     assert ran >= 8
+    shown = {c for b in readme_blocks(README.read_text(encoding="utf-8"))
+             for c in _commands(b.code) for start in EXPECTED_OUTPUT if c.startswith(start)}
+    assert len(shown) == len(EXPECTED_OUTPUT), "an EXPECTED_OUTPUT command left the README"
     # What the examples said they would write is there.
     for name in ("run.trace.jsonl", "run.png", "runs.html"):
         assert (scratch / name).stat().st_size > 0, name

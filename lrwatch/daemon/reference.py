@@ -26,6 +26,7 @@ Examples
 from __future__ import annotations
 
 import csv
+import difflib
 import json
 import math
 import os
@@ -380,6 +381,7 @@ def profile_records(records: Iterable[Mapping[str, Any]], *,
         if v not in ("numeric", "categorical", "binary"):
             raise ConfigError(f"kind {v!r} for {k!r} is invalid; choose numeric, categorical "
                               f"or binary")
+    _check_forced_names(rows, kinds)
     cols, notes = _feature_columns(rows, kinds)
     feats = [_profile(n, vals, kinds.get(n)) for n, vals in cols.items()]
     raw = class_one_probabilities([unwrap_prediction(r.get("prediction")) for r in rows])
@@ -401,6 +403,22 @@ def profile_records(records: Iterable[Mapping[str, Any]], *,
                     else None, prediction_basis=basis)
     ref.notes.extend(notes)
     return ref
+
+
+def _check_forced_names(rows: list[Mapping[str, Any]], kinds: Mapping[str, str]) -> None:
+    """A kind forced for a feature that no record has is a typo, not a choice: said, with the
+    names nearest to it, instead of building a reference without it."""
+    if not kinds:
+        return
+    names = {k for r in rows for k in r["features"]}
+    unknown = sorted(set(kinds) - names)
+    if unknown:
+        near = {u: difflib.get_close_matches(u, names, n=1) for u in unknown}
+        hint = "; ".join(f"did you mean {near[u][0]!r} for {u!r}?" for u in unknown if near[u])
+        listed = sorted(names)[:20]
+        raise ConfigError(f"a kind is forced for {unknown}, which no reference record has as a "
+                          f"feature{'; ' + hint if hint else ''} (features: "
+                          f"{', '.join(listed)}{', ...' if len(names) > 20 else ''})")
 
 
 def _feature_columns(rows: list[Mapping[str, Any]], kinds: Mapping[str, str]

@@ -62,6 +62,25 @@ def test_baseline_build_from_csv_with_forced_kind(tmp_path):
     assert ref.prediction_type == "class"
 
 
+def test_baseline_build_refuses_a_kind_forced_for_a_feature_the_data_lacks(tmp_path):
+    """The fourteenth round's audit: `--kind zpi=categorical` (a typo of `zip`) built the
+    reference without a word, with `zip` profiled as numeric: the forced kind was dropped.
+    It is an error naming the unknown feature and the nearest name."""
+    data = tmp_path / "ref.csv"
+    rng = random.Random(3)
+    with open(data, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["age", "zip", "prediction"])
+        for _ in range(100):
+            w.writerow([rng.randint(18, 90), rng.choice([10115, 80331]), rng.random()])
+    out = tmp_path / "reference.json"
+    res = CliRunner().invoke(cli, ["baseline", "build", str(data), "-o", str(out), "--kind",
+                                   "zpi=categorical", "--sims", "100", "-q"])
+    assert res.exit_code == 1 and not out.exists(), res.output
+    assert "['zpi'], which no reference record has" in res.output
+    assert "did you mean 'zip'" in res.output and "(features: age, zip)" in res.output
+
+
 @pytest.mark.parametrize("label, kind, says", [
     (lambda rng, p: round(min(1.0, max(0.0, p + rng.gauss(0, 0.05))), 4), "regression",
      "prediction regression (outputs in [0, 1], but the labels are values"),

@@ -162,8 +162,8 @@ def _urls(name: str, v: Any) -> list[str]:
 def _convert(name: str, convert: Any, value: Any, path: Any) -> Any:
     if convert is None:
         return value
-    if convert == "path":
-        return path(_path(name, value))
+    if convert == "path":   # null written out: the default, none
+        return None if value is None else path(_path(name, value))
     if convert == "path?":
         return path(_path(name, value)) if value else value
     if convert == "flag":
@@ -176,8 +176,8 @@ def _convert(name: str, convert: Any, value: Any, path: Any) -> Any:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{name} must be text, got {value!r}")
         return value
-    if convert == "urls":
-        return _urls(name, value)
+    if convert == "urls":   # null written out: the default, none
+        return [] if value is None else _urls(name, value)
     if convert == "names":  # a list: one name as a string would match its substrings
         if value is None:   # written out, the default: every rule whose actions have hook
             return None

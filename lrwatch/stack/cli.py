@@ -54,8 +54,15 @@ def stack_command(prometheus_port: int, alertmanager_port: int, pushgateway_port
     the jobs of exporters/prometheus.yml (a training rank on :9400, a daemon on :9410, the
     Pushgateway); point Grafana at the printed Prometheus URL and provision grafana/.
     """
-    from .local import LocalStack
+    from .local import LocalStack, check_distinct_ports, check_stack_options
 
+    try:   # the options themselves: a usage error (exit 2), as replay's and lr-find's are
+        check_stack_options(training, daemon, scrape_interval)
+        check_distinct_ports({"alertmanager": alertmanager_port,
+                              "pushgateway": None if no_pushgateway else pushgateway_port,
+                              "prometheus": prometheus_port})
+    except LrwatchError as exc:
+        raise click.UsageError(str(exc)) from exc
     try:
         cfg = _stack_config(prometheus_port, alertmanager_port, pushgateway_port,
                             no_pushgateway, training, daemon, scrape_interval,

@@ -21,14 +21,14 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Sequence
+from typing import IO, Any, Mapping, Sequence
 
 import yaml
 
 from ..errors import ConfigError, LrwatchError
 
 __all__ = ["StackConfig", "LocalStack", "find_binary", "repo_root", "assign_ports",
-           "check_stack_options", "BINARIES", "OPTIONAL_LABEL"]
+           "check_stack_options", "check_distinct_ports", "BINARIES", "OPTIONAL_LABEL"]
 
 #: Service -> (executable names, Debian package).
 BINARIES: dict[str, tuple[tuple[str, ...], str]] = {
@@ -60,6 +60,18 @@ def find_binary(service: str) -> str:
                       f"it, e.g. `apt-get install {package}`")
 
 
+def check_distinct_ports(requested: Mapping[str, int | None]) -> None:
+    """Raise :class:`~lrwatch.errors.ConfigError` naming both options when two services are
+    asked for the same port (0 and ``None`` ask for none)."""
+    seen: dict[int, str] = {}
+    for name, port in requested.items():
+        if port:
+            if port in seen:
+                raise ConfigError(f"--{seen[port]}-port and --{name}-port are both {port}: give "
+                                  "each service its own port (or 0 for any free one)")
+            seen[port] = name
+
+
 def assign_ports(requested: dict[str, int | None]) -> dict[str, int]:
     """The port of each service: the one asked for, or for 0 a free one; ``None``: not started.
 
@@ -73,13 +85,8 @@ def assign_ports(requested: dict[str, int | None]) -> dict[str, int]:
     ...
     lrwatch.errors.ConfigError: --prometheus-port and --pushgateway-port are both 9091: give each service its own port (or 0 for any free one)
     """
-    seen: dict[int, str] = {}
-    for name, port in requested.items():
-        if port:
-            if port in seen:
-                raise ConfigError(f"--{seen[port]}-port and --{name}-port are both {port}: give "
-                                  "each service its own port (or 0 for any free one)")
-            seen[port] = name
+    check_distinct_ports(requested)
+    seen = {port for port in requested.values() if port}
     out: dict[str, int] = {}
     held: list[socket.socket] = []
     try:

@@ -92,6 +92,20 @@ def test_hook_rules_must_name_rules_of_the_pack(reference_path):
                             hook_rules=["no_such_rule", "data_drift"], log_alerts=False))
 
 
+def test_a_url_list_or_the_reference_path_written_out_as_null_is_its_default():
+    """The fourteenth round's audit: `alerts: {alertmanager: null}` and `reference: {path:
+    null}` were refused ("must be an http:// or https:// URL", "must be a file path") where
+    every other optional key takes null as its default. Null is none now; a wrong value is
+    still refused."""
+    cfg = DaemonConfig.from_mapping({"alerts": {"alertmanager": None, "webhook": None},
+                                     "reference": {"path": None}})
+    assert cfg.alertmanager == [] and cfg.webhook == [] and cfg.reference is None
+    with pytest.raises(ConfigError, match="alertmanager"):
+        DaemonConfig.from_mapping({"alerts": {"alertmanager": "localhost:9093"}})
+    with pytest.raises(ConfigError, match="reference.path must be a file path"):
+        DaemonConfig.from_mapping({"reference": {"path": 3}})
+
+
 def test_hook_rules_written_out_as_its_default_null_is_accepted():
     """The fourteenth round's audit: docs/daemon.md's config gives every key with its default,
     and `hook: {rules: null}` (the default: every rule whose actions include hook) was refused

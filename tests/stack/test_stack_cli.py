@@ -94,7 +94,7 @@ def test_two_services_on_one_port_is_a_clear_error(tmp_path: Path) -> None:
                             "--pushgateway-port", str(port), "--data-dir",
                             str(tmp_path / "data")), tmp_path / "stack.log")
     try:
-        assert proc.proc.wait(timeout=60) == 1
+        assert proc.proc.wait(timeout=60) == 2   # a usage error (fourteenth round: it was 1)
         assert (f"--pushgateway-port and --prometheus-port are both {port}: give each service "
                 "its own port") in proc.log(), proc.log()
         assert not (tmp_path / "data" / "prometheus.log").exists()   # nothing was started
@@ -117,7 +117,7 @@ def test_bad_targets_and_intervals_are_refused_before_anything_starts(
                             "--pushgateway-port", "0", "--data-dir", str(tmp_path / "data"),
                             *args), tmp_path / "stack.log")
     try:
-        assert proc.proc.wait(timeout=60) == 1
+        assert proc.proc.wait(timeout=60) == 2   # a usage error, as replay's and lr-find's
         assert message in proc.log(), proc.log()
         assert not (tmp_path / "data" / "alertmanager.log").exists()   # nothing was started
     finally:

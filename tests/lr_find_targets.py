@@ -31,6 +31,11 @@ def nan_loss():
     d["loss_fn"] = lambda out, y: nn.functional.cross_entropy(out, y) * float("nan")
     return d
 
+def warm_up():   # a LambdaLR warm-up from 0: the optimizer's rate is 0 at the start
+    d = make()
+    d["scheduler"] = torch.optim.lr_scheduler.LambdaLR(d["optimizer"], lambda s: s / 10)
+    return d
+
 def make_batch_loss():
     d = make()
     fn = d.pop("loss_fn")

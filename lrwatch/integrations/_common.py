@@ -271,11 +271,9 @@ def start_at_suggestion(curve: Any, optimizer: Any, scheduler: Any) -> None:
 def configured_rate(optimizer: Any, scheduler: Any) -> float:
     """Group 0's configured rate: the schedule's base rate (its peak, for a warm-up that
     starts at 0), else the rate the optimizer was built with, else its rate now."""
-    base = getattr(scheduler, "base_lrs", None)
-    if base:
-        return float(base[0])
-    group = optimizer.param_groups[0]
-    return float(group.get("initial_lr", group["lr"]))
+    from ..recovery.lr_find import configured_rates
+
+    return configured_rates(optimizer, scheduler)[0]
 
 
 def with_clip(kwargs: dict[str, Any], clip: Any) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from ..actions.snapshot import _rng_state, _set_rng_state
 from ..errors import ConfigError
 from .curve import LRCurve, RangeTest, geometric_rates
 
-__all__ = ["lr_find", "run_range_test", "SavedTraining", "BatchLoss"]
+__all__ = ["lr_find", "run_range_test", "SavedTraining", "BatchLoss", "configured_rates"]
 
 #: ``batch_loss(model, batch) -> loss``: one step's scalar loss (with the graph).
 BatchLoss = Callable[[torch.nn.Module, Any], torch.Tensor]
@@ -140,12 +140,23 @@ def _set_rate(optimizer: torch.optim.Optimizer, ratios: list[float], lr: float) 
     set_group_rates(optimizer, [lr * r for r in ratios])
 
 
-def _group_ratios(optimizer: torch.optim.Optimizer) -> list[float]:
-    """Each group's rate relative to group 0's, so the probe keeps the groups' proportions."""
-    lrs = [float(g["lr"]) for g in optimizer.param_groups]
-    if not lrs[0] > 0:
-        return [1.0] * len(lrs)
-    return [x / lrs[0] for x in lrs]
+def configured_rates(optimizer: torch.optim.Optimizer, scheduler: Any = None) -> list[float]:
+    """Each group's configured rate: the schedule's base rate (its peak, for a warm-up that
+    starts at 0), else the rate the optimizer was built with (``initial_lr``), else its rate
+    now."""
+    base = list(getattr(scheduler, "base_lrs", None) or ()) if scheduler is not None else []
+    return [float(base[i]) if i < len(base) else float(g.get("initial_lr", g["lr"]))
+            for i, g in enumerate(optimizer.param_groups)]
+
+
+def _group_ratios(optimizer: torch.optim.Optimizer, scheduler: Any = None) -> list[float]:
+    """Each group's rate relative to group 0's, so the probe keeps the groups' proportions:
+    the rates now, or where group 0's is 0 now (a warm-up from 0), the configured ones."""
+    for lrs in ([float(g["lr"]) for g in optimizer.param_groups],
+                configured_rates(optimizer, scheduler)):
+        if lrs[0] > 0:
+            return [x / lrs[0] for x in lrs]
+    return [1.0] * len(optimizer.param_groups)
 
 
 def _cycle(batches: Iterable[Any]) -> Iterator[Any]:
@@ -201,7 +212,8 @@ def _clip(model: torch.nn.Module, max_norm: float) -> None:
 def run_range_test(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    batches: Iterator[Any], batch_loss: BatchLoss, test: RangeTest, *,
                    scaler: Any = None, reduce: Callable[[float], float] | None = None,
-                   reference: Any = None, clip: float | None = None) -> LRCurve:
+                   reference: Any = None, clip: float | None = None,
+                   scheduler: Any = None) -> LRCurve:
     """Run the steps of ``test`` on the model as it is (the caller saves and restores).
 
     ``reduce`` turns a rank's loss into the loss every rank agrees on (a mean over the
@@ -212,8 +224,10 @@ def run_range_test(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     the loss of the batch just trained on: its changes are the model's, not the differences
     between batches. ``curve.extra`` then has ``baseline`` (the loss before the first step),
     ``forwards`` (the extra forwards run) and ``batch_losses`` (the training batches' losses).
+    ``scheduler``: where group 0's rate is 0 now (a warm-up from 0), the groups keep the
+    proportions of the schedule's base rates.
     """
-    ratios = _group_ratios(optimizer)
+    ratios = _group_ratios(optimizer, scheduler)
     model.train()
     agree = reduce if reduce is not None else (lambda x: x)
     baseline = agree(reference_loss(model, batch_loss, reference)) if reference is not None \
@@ -354,7 +368,8 @@ def lr_find(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: It
     saved = SavedTraining.capture(model, optimizer, scheduler, scaler, loader)
     try:
         curve = run_range_test(model, optimizer, _cycle(loader), batch_loss, test,
-                               scaler=scaler, reduce=_dist_mean(process_group))
+                               scaler=scaler, reduce=_dist_mean(process_group),
+                               scheduler=scheduler)
     finally:
         saved.restore(model, optimizer, scheduler, scaler)
     return curve

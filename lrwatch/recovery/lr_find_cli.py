@@ -262,7 +262,7 @@ def lr_find_command(target: str | None, min_lr: float, max_lr: float, steps: int
     """
     import torch
 
-    from .lr_find import lr_find
+    from .lr_find import configured_rates, lr_find
 
     try:
         if plot:
@@ -286,13 +286,16 @@ def lr_find_command(target: str | None, min_lr: float, max_lr: float, steps: int
             plot_curve(curve, plot)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
-    configured = float(made["optimizer"].param_groups[0]["lr"])
+    # group 0's configured rate: a schedule's base rate (a warm-up from 0 starts at 0)
+    configured = configured_rates(made["optimizer"], made.get("scheduler"))[0]
     if as_json:
         click.echo(json.dumps({**curve.to_dict(), "configured_lr": configured}))
         sys.exit(0 if curve.suggestion is not None else 1)
     click.echo(render_curve(curve))
-    if curve.suggestion is not None:
-        click.echo(f"\nthe optimizer is configured with {configured:.3g}: the suggestion is "
+    if curve.suggestion is not None and configured > 0:
+        what = "the schedule's base rate is" if made.get("scheduler") is not None else \
+            "the optimizer is configured with"
+        click.echo(f"\n{what} {configured:.3g}: the suggestion is "
                    f"x{curve.suggestion / configured:.3g} of it")
     if plot:
         click.echo(f"plot: {plot}")

@@ -56,7 +56,8 @@ def probe_rate(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     saved = SavedTraining.capture(model, optimizer, scheduler, scaler)
     try:
         curve = run_range_test(model, optimizer, _cycle(list(batches)), batch_loss, test,
-                               scaler=scaler, reduce=reduce, clip=config.clip_grad_norm)
+                               scaler=scaler, reduce=reduce, clip=config.clip_grad_norm,
+                               scheduler=scheduler)
     finally:
         saved.restore(model, optimizer, scheduler, scaler)
     measured = None if curve.suggestion is None else curve.suggestion / failed_lr
@@ -94,7 +95,8 @@ def check_rate(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     saved = SavedTraining.capture(model, optimizer, scheduler, scaler)
     try:
         curve = run_range_test(model, optimizer, _cycle(batches), batch_loss, test,
-                               scaler=scaler, reduce=reduce, reference=batches[0], clip=clip)
+                               scaler=scaler, reduce=reduce, reference=batches[0], clip=clip,
+                               scheduler=scheduler)
     finally:
         saved.restore(model, optimizer, scheduler, scaler)
     return preflight_factor(curve, lr), curve

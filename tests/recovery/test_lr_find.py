@@ -167,3 +167,25 @@ def test_errors_tell_what_to_pass() -> None:
     with pytest.raises(ConfigError):   # restored even when the probe fails part-way
         lrwatch.lr_find(model, opt, [{"x": 1}], nn.functional.cross_entropy)
     assert _equal(before, _state(model, opt))
+
+
+def test_groups_keep_their_ratio_under_a_warm_up_that_starts_at_0() -> None:
+    """A warm-up from 0 (HF's linear schedule, a LambdaLR from 0) leaves every group at rate 0
+    when the test starts: the groups keep the proportions of the schedule's base rates. Before,
+    they all ran at group 0's rate (the 10:1 of the two groups was lost)."""
+    x, y = _data()
+    model = _model()
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.1},
+                           {"params": model[4].parameters(), "lr": 0.01}], momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: s / 10)
+    assert [g["lr"] for g in opt.param_groups] == [0.0, 0.0]
+    seen: list[tuple[float, float]] = []
+
+    def batch_loss(m: nn.Module, batch: tuple) -> torch.Tensor:
+        seen.append((opt.param_groups[0]["lr"], opt.param_groups[1]["lr"]))
+        return nn.functional.cross_entropy(m(batch[0]), batch[1])
+
+    lrwatch.lr_find(model, opt, [(x[:64], y[:64])], batch_loss=batch_loss, scheduler=sched,
+                    num_steps=10)
+    assert len(seen) == 10 and all(b == pytest.approx(a / 10) for a, b in seen)
+    assert [g["lr"] for g in opt.param_groups] == [0.0, 0.0]

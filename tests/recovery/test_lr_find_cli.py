@@ -92,3 +92,14 @@ def test_a_target_that_fails_is_a_usage_error_not_a_traceback(
     assert expect in res.output and "Traceback" not in res.output
     if "raise" in source:
         assert f"{f}:2, in make" in res.output      # where in the user's code it was raised
+
+
+def test_a_warm_up_from_0_is_compared_with_the_schedules_base_rate(target: str) -> None:
+    """The optimizer's rate is 0 under a warm-up from 0: the suggestion is given against the
+    schedule's base rate (it crashed dividing by 0), and the JSON's configured_lr is it."""
+    runner = CliRunner()
+    res = runner.invoke(cli, ["lr-find", f"{target}:warm_up", "--steps", "30", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "the schedule's base rate is 0.05: the suggestion is x" in res.output
+    res = runner.invoke(cli, ["lr-find", f"{target}:warm_up", "--steps", "30", "-q", "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["configured_lr"] == 0.05

@@ -128,7 +128,8 @@ class RangeTest:
         larger jump in rate.
     diverge:
         Stop once the smoothed loss exceeds ``diverge`` times its minimum (fastai and Lightning
-        use 4), or a loss is not finite.
+        use 4; for a minimum below 0, once it rose ``diverge - 1`` times the minimum's size
+        above it), or a loss is not finite.
     rule, fraction:
         See :func:`suggest`.
 
@@ -178,13 +179,21 @@ class RangeTest:
         self._avg = self.beta * self._avg + (1 - self.beta) * loss
         smooth = self._avg / (1 - self.beta ** len(self.losses))
         self._best = min(self._best, smooth)
-        if len(self.losses) > 1 and smooth > self.diverge * self._best:
+        if len(self.losses) > 1 and smooth > self._limit():
             self.stopped = "diverged"
             return True
         if len(self.losses) >= len(self.lrs):
             self.stopped = "end"
             return True
         return False
+
+    def _limit(self) -> float:
+        """The smoothed loss past which the test stops: ``diverge`` x its minimum, i.e. a rise
+        of ``diverge - 1`` times the minimum's size above it, which is what it stays for a
+        minimum below 0 (a negative log-likelihood, an ELBO: ``diverge`` x a negative minimum
+        would be below the minimum itself, and every step would stop the test)."""
+        best = self._best
+        return self.diverge * best if best >= 0 else best + (self.diverge - 1) * -best
 
     def curve(self) -> LRCurve:
         """The curve so far, with the suggestion."""

@@ -53,6 +53,17 @@ def test_loss_that_never_turns_says_to_raise_max_lr() -> None:
     assert "raise max_lr" in c.reason
 
 
+def test_a_curve_below_0_stops_where_the_same_curve_above_0_does() -> None:
+    """The stop test is a rise of ``diverge - 1`` times the minimum's size above it, for a
+    negative minimum too (4 x a negative minimum is below it: every step stopped the test)."""
+    losses = [3.0, 3.0, 2.9, 2.5, 1.8, 1.2, 1.0, 1.3, 4.0, 20.0, 90.0]
+    up, down = _run(losses).curve(), _run([x - 2.0 for x in losses]).curve()
+    assert down.stopped == up.stopped == "diverged" and down.steps == up.steps
+    assert down.suggestion == pytest.approx(up.suggestion)
+    falling = _run([-1.0 - i for i in range(10)]).curve()
+    assert falling.stopped == "end" and "raise max_lr" in falling.reason
+
+
 def test_loss_that_never_falls_gives_no_suggestion() -> None:
     c = _run([1.0, 2.0, 4.0, 8.0, 16.0, 32.0], n=8).curve()
     assert c.suggestion is None and "lower min_lr" in c.reason

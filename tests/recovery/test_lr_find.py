@@ -189,3 +189,24 @@ def test_groups_keep_their_ratio_under_a_warm_up_that_starts_at_0() -> None:
                     num_steps=10)
     assert len(seen) == 10 and all(b == pytest.approx(a / 10) for a, b in seen)
     assert [g["lr"] for g in opt.param_groups] == [0.0, 0.0]
+
+
+def test_a_loss_below_0_is_tested_like_the_same_loss_above_0() -> None:
+    """A loss that is negative (a negative log-likelihood, an ELBO; here the MSE less 10,
+    which has the same gradients) gives the curve the plain MSE gives. Before, the stop test
+    compared the smoothed loss with 4 x its negative minimum, which every loss exceeds: the
+    test stopped at its second step as "diverged", with no suggestion."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=g)
+    y = x @ torch.randn(8, 1, generator=g)
+    curves = []
+    for shift in (0.0, 10.0):
+        torch.manual_seed(0)
+        model = nn.Linear(8, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+        curves.append(lrwatch.lr_find(
+            model, opt, loader, lambda out, t, s=shift: nn.functional.mse_loss(out, t) - s))
+    plain, shifted = curves
+    assert plain.stopped == shifted.stopped == "diverged" and shifted.steps > 50
+    assert shifted.suggestion == pytest.approx(plain.suggestion)

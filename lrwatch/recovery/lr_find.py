@@ -11,6 +11,7 @@ is one copy of the state, as a snapshot does.
 
 from __future__ import annotations
 
+import collections.abc
 import copy
 import math
 from dataclasses import dataclass
@@ -161,14 +162,33 @@ def _group_ratios(optimizer: torch.optim.Optimizer, scheduler: Any = None) -> li
 
 def _cycle(batches: Iterable[Any]) -> Iterator[Any]:
     """Batches, starting the iterable over when it runs out (a short loader still probes)."""
+    total = 0
     while True:
         it = iter(batches)
         first = True
         for b in it:
             first = False
+            total += 1
             yield b
+        if first and total:
+            raise ConfigError(f"the loader yielded {total} batches, then none when iterated "
+                              f"again; a range test longer than the loader goes over it again: "
+                              f"give a loader that can be iterated more than once (a "
+                              f"DataLoader, a list of batches), or fewer steps")
         if first:
             raise ConfigError("the loader yielded no batch; the range test needs data")
+
+
+def _check_reiterable(loader: Any) -> None:
+    """``lr_find`` leaves the data where it was: a one-shot iterator (a generator,
+    ``iter(loader)``) would lose every batch the test draws from it, so it is refused before
+    anything is drawn."""
+    if isinstance(loader, collections.abc.Iterator):
+        raise ConfigError(
+            f"lr_find got an iterator ({type(loader).__name__}) as its loader: the test would "
+            f"consume the batches it draws, and the training loop would never see them; give "
+            f"something it can iterate afresh (the DataLoader itself, a list of batches; for "
+            f"a stream, list(itertools.islice(stream, n)))")
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any,
@@ -363,6 +383,7 @@ def lr_find(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: It
                                   "pass batch_loss=lambda model, batch: ... instead")
             return fn(m(batch[0]), batch[1])  # type: ignore[misc]
 
+    _check_reiterable(loader)
     test = RangeTest(geometric_rates(min_lr, max_lr, num_steps), beta=beta, diverge=diverge,
                      rule=rule, fraction=fraction)
     saved = SavedTraining.capture(model, optimizer, scheduler, scaler, loader)

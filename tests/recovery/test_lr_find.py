@@ -210,3 +210,26 @@ def test_a_loss_below_0_is_tested_like_the_same_loss_above_0() -> None:
     plain, shifted = curves
     assert plain.stopped == shifted.stopped == "diverged" and shifted.steps > 50
     assert shifted.suggestion == pytest.approx(plain.suggestion)
+
+
+def test_an_iterator_is_refused_before_a_batch_is_drawn() -> None:
+    """A one-shot iterator as the loader: the test consumed the batches it drew (the data
+    moved on), and one shorter than the test ended in "the loader yielded no batch" after
+    yielding 8. Now it is refused before anything is drawn, saying what to pass; an iterable
+    whose passes run dry is told apart from an empty one."""
+    x, y = _data(256)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    it = iter(loader)
+    with pytest.raises(ConfigError, match="iterator .* list of batches"):
+        lrwatch.lr_find(model, opt, it, nn.functional.cross_entropy, num_steps=20)
+    assert torch.equal(next(it)[0], x[:32])   # nothing was drawn from it
+    batches = ((x[i:i + 32], y[i:i + 32]) for i in range(0, 256, 32))
+
+    class Once:   # a new iterator each pass, over one shared generator
+        def __iter__(self) -> object:
+            return batches
+
+    with pytest.raises(ConfigError, match="yielded 8 batches, then none when iterated again"):
+        lrwatch.lr_find(model, opt, Once(), nn.functional.cross_entropy, num_steps=20)

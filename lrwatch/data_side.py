@@ -73,7 +73,8 @@ class DataSide(StartGate):
 
         After a rollback it drops the configured window of batches (``skip_batches``); after a
         rollback for a sudden failure it first yields again the batches drawn since the
-        snapshot, less the failure's (``RecoveryConfig.replay``); after a ``stop`` it ends the
+        snapshot, less the failure's (``RecoveryConfig.replay``; also for a rollback carried
+        out when ``iterable`` has run out, after its last batch); after a ``stop`` it ends the
         loop. ``data_position`` counts the batches drawn, and snapshots
         record it.
         """
@@ -86,13 +87,7 @@ class DataSide(StartGate):
             iterable = self._start_check(iter(iterable))
         for batch in iterable:
             self._boundary("batches")
-            while not self.should_stop:   # a rollback after a bad batch: its batches again
-                due, again = self._replay.next()
-                if not due:
-                    break
-                self._hold(again)
-                yield again
-                self._boundary("batches")
+            yield from self._replayed()
             if self.should_stop:
                 return
             if self.skip_batch():
@@ -100,6 +95,19 @@ class DataSide(StartGate):
             self._hold(batch)
             yield batch
         self._safe_point()
+        # a rollback carried out at the end of the data still trains its batches again
+        yield from self._replayed()
+
+    def _replayed(self) -> Iterator[Any]:
+        """After a rollback for a bad batch, the batches drawn since its snapshot, again (less
+        the bad one; ``RecoveryConfig.replay``), each followed by its boundary."""
+        while not self.should_stop:
+            due, again = self._replay.next()
+            if not due:
+                return
+            self._hold(again)
+            yield again
+            self._boundary("batches")
 
     def _start_check(self, it: Iterator[T]) -> Iterator[T]:
         """Yield the first ``start_check_steps`` batches (trained on as usual), then run the

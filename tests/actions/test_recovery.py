@@ -293,8 +293,12 @@ rules:
     return str(rules)
 
 
+@pytest.mark.parametrize("nan_at,flush_every", [(33, 4), (59, 4), (59, 1)])
 def test_replay_after_a_nan_batch_trains_exactly_as_a_run_without_that_batch(
-        tmp_path: Path) -> None:
+        tmp_path: Path, nan_at: int, flush_every: int) -> None:
+    """The NaN batch mid-run, and as the last batch of the data (59): the rollback is carried
+    out at the end of the data, and the batches since its snapshot are still trained again
+    (before, ``batches()`` ended there and the run kept the snapshot's weights)."""
     def model_opt() -> tuple[nn.Module, torch.optim.Optimizer]:
         torch.manual_seed(3)
         m = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 2))
@@ -310,9 +314,9 @@ def test_replay_after_a_nan_batch_trains_exactly_as_a_run_without_that_batch(
         o.step()
         return loss.detach()
 
-    nan_at, n = 33, 60
+    n = 60
     model, opt = model_opt()
-    w = lrwatch.Watcher(model, opt, rules=_nonfinite_rules(tmp_path), flush_every=4,
+    w = lrwatch.Watcher(model, opt, rules=_nonfinite_rules(tmp_path), flush_every=flush_every,
                         recovery={"good_after": 5, "min_interval": 5, "cooldown": 0,
                                   "replay": True,
                                   "guard": "off"})   # (the guard would drop it: no rollback)

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Iterator, TypeVar
 
 from .actions.host_memory import copies_fit, reports_fit
 from .actions.snapshot import capture_state
+from .recovery.lr_find import NO_RATES, rates_settable
 from .recovery.probe import FORWARD_COST
 from .recovery.shadow import ObservedStart, group_rates, shadow_check
 from .start_gate import StartGate
@@ -114,6 +115,10 @@ class DataSide(StartGate):
         start check (``RecoveryConfig.start_check``; :mod:`lrwatch.recovery.shadow`) on them
         and the next ``start_check_batches``, which are yielded after it, then the rest."""
         rc = self.recovery
+        if not rates_settable(self.optimizer):   # (the same on every rank)
+            self._skip_start_check(NO_RATES)
+            yield from it
+            return
         fits, why = self._copies_fit(2)   # the start, the run at 10
         if not fits:
             self._skip_start_check(why, warn=True)

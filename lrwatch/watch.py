@@ -52,7 +52,7 @@ from .step_path import StepPath
 from .untrained import UNTRAINED_BATCHES, check_untrained_batches
 from .watch_setup import WatcherSetup
 from .wiring import (action_params, build_best, build_recorder, check_args, check_probe,
-                     closure_limits, guard_mode, rule_set)
+                     closure_limits, guard_mode, rate_limits, rule_set)
 
 __all__ = ["Watcher", "Listener", "RecoveryConfig", "BestEval", "rank_trace_path"]
 
@@ -231,6 +231,7 @@ class Watcher(LogApi, DataSide, PlanExecutor, StepPath, Flushing, Checkpointing,
         self.recorder.set_guard(guard_mode(self.recovery, optimizer, scaler),
                                 self.recovery.guard_ratio if self.recovery else 0.0)
         closure_limits(optimizer, self.policy)
+        rate_limits(optimizer, self.recovery)
         self._attach_step_hooks(step_hooks)
 
     # --- public API ----------------------------------------------------------------------------

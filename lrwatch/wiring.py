@@ -27,7 +27,8 @@ from .rules.schema import PACKS
 from .steps import StepRecorder
 
 __all__ = ["check_args", "check_probe", "rule_set", "snapshot_dir", "build_recorder",
-           "action_params", "build_best", "guard_mode", "step_needs_closure", "closure_limits"]
+           "action_params", "build_best", "guard_mode", "step_needs_closure", "closure_limits",
+           "rate_limits"]
 
 log = logging.getLogger("lrwatch")
 
@@ -167,6 +168,19 @@ def closure_limits(optimizer: Any, policy: Any) -> None:
                 "without a closure). Loss, learning rate and the rules work as usual.",
                 type(optimizer).__name__)
     policy.start_checked(0)
+
+
+def rate_limits(optimizer: Any, recovery: Any) -> None:
+    """Say once that an optimizer without a learning rate to set (Adafactor with
+    ``relative_step=True``) takes rollbacks without their cut, and no range tests."""
+    from .recovery.lr_find import NO_RATES, rates_settable
+
+    if recovery is None or rates_settable(optimizer):
+        return
+    log.warning("lrwatch: %s: %s. Rollbacks and skips restore snapshots as usual, but a rate "
+                "cut (a rollback's, reduce_lr) changes nothing, and the range tests (the start "
+                "check, lr_check, a rollback's probe) are skipped.", type(optimizer).__name__,
+                NO_RATES)
 
 
 def action_params(rules: Sequence[Any]) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from ..actions.rollback import _GROUP_KEYS as LR_GROUP_KEYS, scale_learning_rate
 from ..actions.snapshot import Snapshot, restore_state
 from .action_alerts import ActionAlerts
 from .policy import CONTROL_ACTIONS, EXIT_BUDGET, Plan, Progress, SnapshotInfo, restart_warmup_for
+from .lr_find import NO_RATES, rates_settable
 from .probe import check_cost, check_rate, configured_rate, probe_rate
 from .replay import ReplayBuffer
 
@@ -360,7 +361,8 @@ class PlanExecutor(ActionAlerts):
         assert self.recovery is not None and self._probe_loss is not None
         before = self.policy.lr_scale
         measured, steps, failed = None, 0, None
-        have = bool(self._recent)   # (no batch seen yet: the fixed factor stands in)
+        # (no batch seen yet, or no rate to set: the fixed factor stands in)
+        have = bool(self._recent) and rates_settable(self.optimizer)
         if self.dist.active:   # every rank tests or none: the test's steps are collectives
             have = all(self.dist.gather(have))
         if have:
@@ -389,6 +391,12 @@ class PlanExecutor(ActionAlerts):
         """The pre-flight range test on the first ``lr_check_steps`` batches of ``it``; those
         batches are then trained on as usual (the returned iterator yields them first)."""
         assert self.recovery is not None and self._probe_loss is not None
+        if not rates_settable(self.optimizer):
+            self.policy.lr_checked(0)
+            log.info("lrwatch: learning-rate check skipped: %s", NO_RATES)
+            self._late_records.append({"type": "lr_check", "step": self.step, "steps": 0,
+                                       "cost_steps": 0, "lr_factor": 1.0, "reason": NO_RATES})
+            return it
         first = list(itertools.islice(it, self.recovery.lr_check_steps))
         lr = configured_rate(self.optimizer, self.scheduler, self.policy.lr_scale)
         factor, steps, cost, why = None, 0, 0, "no batch to test on"

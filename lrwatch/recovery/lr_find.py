@@ -126,6 +126,22 @@ class SavedTraining:
             g.set_state(st)
 
 
+#: why a range test (the start check, ``lr_check``, a rollback's probe) cannot run
+NO_RATES = ("the optimizer's parameter groups hold no learning rate to set ('lr' absent or "
+            "None, as in Adafactor with relative_step=True)")
+
+
+def rates_settable(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every parameter group holds a learning rate a range test can set: ``lr`` a
+    number or a tensor. Adafactor with ``relative_step=True`` holds ``lr=None`` (it computes
+    its own step size), and an optimizer of one's own may hold none at all."""
+    def settable(lr: Any) -> bool:
+        return isinstance(lr, torch.Tensor) or (isinstance(lr, (int, float))
+                                                and not isinstance(lr, bool))
+    return bool(optimizer.param_groups) and all(settable(g.get("lr"))
+                                                for g in optimizer.param_groups)
+
+
 def set_group_rates(optimizer: torch.optim.Optimizer, rates: Iterable[Any]) -> None:
     """Set each parameter group's rate (a number, or a tensor for a tensor rate, which keeps
     its identity: a capturable optimizer holds on to it)."""
@@ -384,6 +400,10 @@ def lr_find(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: It
             return fn(m(batch[0]), batch[1])  # type: ignore[misc]
 
     _check_reiterable(loader)
+    if not rates_settable(optimizer):
+        raise ConfigError(f"lr_find: {NO_RATES}; the range test sets every group's rate (give "
+                          f"the optimizer a learning rate, e.g. Adafactor(lr=1e-3, "
+                          f"relative_step=False))")
     test = RangeTest(geometric_rates(min_lr, max_lr, num_steps), beta=beta, diverge=diverge,
                      rule=rule, fraction=fraction)
     saved = SavedTraining.capture(model, optimizer, scheduler, scaler, loader)

@@ -1,0 +1,88 @@
+"""An optimizer whose parameter groups hold no learning rate to set (Hugging Face's Adafactor
+with ``relative_step=True`` holds ``lr=None``; an optimizer of one's own may hold no ``lr``):
+the range tests that set rates (the start check, ``lr_check``, a rollback's probe) are skipped
+and said so once, and the run trains and rolls back as usual. Before, the start check (on by
+default whenever ``probe_loss`` is given, as the framework callbacks give it) and ``lr_check``
+raised ``TypeError``/``KeyError`` out of ``watch.batches()`` into the training loop."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import torch
+from torch import nn
+
+import lrwatch
+from prometheus_client import generate_latest
+
+from flag_rules import flag_rule, write_flag_rules
+
+
+class StepSizeSGD(torch.optim.Optimizer):
+    """Plain SGD whose groups call their rate ``step_size``: no ``lr`` key at all."""
+
+    def __init__(self, params: Any, step_size: float = 0.05) -> None:
+        super().__init__(params, {"step_size": step_size})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["step_size"])
+
+
+def _adafactor(params: Any) -> torch.optim.Optimizer:
+    transformers = pytest.importorskip("transformers")
+    return transformers.optimization.Adafactor(params, lr=None, relative_step=True,
+                                               warmup_init=True)
+
+
+def _data() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    i = 0
+    while True:
+        g = torch.Generator().manual_seed(1000 + i)
+        i += 1
+        yield torch.randn(16, 6, generator=g), torch.randint(0, 2, (16,), generator=g)
+
+
+@pytest.mark.parametrize("make", [StepSizeSGD, _adafactor], ids=["no_lr_key", "lr_none"])
+def test_range_tests_are_skipped_and_the_run_rolls_back(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        make: Callable[[Any], torch.optim.Optimizer]) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 2))
+    opt = make(model.parameters())
+    rules = write_flag_rules(tmp_path / "rules.yml", flag_rule("poisoned", "poison"))
+    with caplog.at_level(logging.INFO, logger="lrwatch"):
+        w = lrwatch.Watcher(
+            model, opt, flush_every=1, rules=rules,
+            probe_loss=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]),
+            recovery={"good_after": 3, "min_interval": 2, "cooldown": 0, "sudden_hold": 0,
+                      "probe": "auto", "lr_check": "auto"})
+        for i, (x, y) in enumerate(w.batches(_data())):
+            if i >= 30:
+                break
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            w.log(loss=loss, poison=1.0 if i == 15 else 0.0)
+        w.close()
+    assert w.policy.rollbacks == 1 and w.exit_status == 0 and w.step == 30
+    assert "lrwatch_internal_errors_total 0.0" in generate_latest(w.registry).decode()
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("hold no learning rate to set" in m and "a rate cut" in m for m in said) == 1
+    assert any(m.startswith("lrwatch: start check skipped (") for m in said)
+    assert any(m.startswith("lrwatch: learning-rate check skipped") for m in said)
+
+
+def test_lr_find_says_it_needs_a_rate_to_set() -> None:
+    model = nn.Linear(6, 2)
+    opt = StepSizeSGD(model.parameters())
+    batches = [next(_data())]
+    with pytest.raises(lrwatch.ConfigError, match="hold no learning rate to set"):
+        lrwatch.lr_find(model, opt, batches, nn.functional.cross_entropy)

@@ -12,6 +12,7 @@ is one copy of the state, as a snapshot does.
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -39,6 +40,29 @@ def _generators(loader: Any) -> list[torch.Generator]:
         if isinstance(g, torch.Generator) and all(g is not h for h in found):
             found.append(g)
     return found
+
+
+@contextlib.contextmanager
+def _own_workers(loader: Any) -> Iterator[None]:
+    """A DataLoader with ``persistent_workers`` keeps its iterator (and its worker processes)
+    for the next pass, which then only resets it: iterated by the test, the run's first pass
+    would reuse the test's workers and draw its order without the base seed a fresh iterator
+    draws first (a different order), and a pass in progress would be reset under the run.
+    So the test iterates with workers of its own, shut down after it, and the loader gets
+    back the iterator it had (or none)."""
+    if not (isinstance(loader, torch.utils.data.DataLoader)
+            and getattr(loader, "persistent_workers", False) and loader.num_workers > 0):
+        yield
+        return
+    saved = loader._iterator
+    loader._iterator = None
+    try:
+        yield
+    finally:
+        mine = loader._iterator
+        loader._iterator = saved
+        if mine is not None and mine is not saved:
+            mine._shutdown_workers()
 
 
 def _copy_value(v: Any) -> Any:
@@ -408,9 +432,10 @@ def lr_find(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: It
                      rule=rule, fraction=fraction)
     saved = SavedTraining.capture(model, optimizer, scheduler, scaler, loader)
     try:
-        curve = run_range_test(model, optimizer, _cycle(loader), batch_loss, test,
-                               scaler=scaler, reduce=_dist_mean(process_group),
-                               scheduler=scheduler)
+        with _own_workers(loader):
+            curve = run_range_test(model, optimizer, _cycle(loader), batch_loss, test,
+                                   scaler=scaler, reduce=_dist_mean(process_group),
+                                   scheduler=scheduler)
     finally:
         saved.restore(model, optimizer, scheduler, scaler)
     return curve

@@ -233,3 +233,32 @@ def test_an_iterator_is_refused_before_a_batch_is_drawn() -> None:
 
     with pytest.raises(ConfigError, match="yielded 8 batches, then none when iterated again"):
         lrwatch.lr_find(model, opt, Once(), nn.functional.cross_entropy, num_steps=20)
+
+
+def test_a_loader_with_persistent_workers_keeps_its_order_and_its_pass() -> None:
+    """``persistent_workers=True`` keeps the loader's iterator for the next pass, which only
+    resets it: the test's pass left its iterator behind, and the run's first pass then drew
+    another order (no fresh base seed drawn first); a pass in progress was reset under the
+    run. Now the test iterates with workers of its own and the loader gets its iterator back."""
+    def run(probe_at: int | None) -> list[int]:
+        torch.manual_seed(0)
+        ds = torch.utils.data.TensorDataset(torch.arange(64.0).unsqueeze(1),
+                                            torch.zeros(64, dtype=torch.long))
+        loader = torch.utils.data.DataLoader(ds, batch_size=8, shuffle=True, num_workers=1,
+                                             persistent_workers=True)
+        model = nn.Linear(1, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        seen: list[int] = []
+        for _ in range(2):   # two passes; the probe before the first, or inside it
+            if probe_at == -1 and not seen:
+                lrwatch.lr_find(model, opt, loader, nn.functional.cross_entropy, num_steps=5)
+            for i, (x, _) in enumerate(loader):
+                seen.append(int(x[0, 0]))
+                if probe_at == i and len(seen) == i + 1:
+                    lrwatch.lr_find(model, opt, loader, nn.functional.cross_entropy,
+                                    num_steps=5)
+        return seen
+
+    bare = run(None)
+    assert run(-1) == bare     # before the first pass
+    assert run(3) == bare      # in the middle of the first pass

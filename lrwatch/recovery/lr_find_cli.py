@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from ..progress import Progress
 from .curve import SUGGEST_RULES, LRCurve
 
-__all__ = ["lr_find_command", "load_target", "render_curve", "plot_curve"]
+__all__ = ["lr_find_command", "load_target", "render_curve", "plot_curve", "save_plot"]
 
 _LRWATCH_DIR = str(Path(__file__).resolve().parent.parent)
 _STDLIB_DIR = sysconfig.get_paths()["stdlib"]
@@ -192,6 +192,18 @@ def check_plot(path: str) -> None:
         raise ConfigError(f"--plot {path}: the folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise ConfigError(f"--plot {path}: the folder {folder} cannot be written")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise ConfigError(f"--plot {path}: the file exists and cannot be written")
+
+
+def save_plot(curve: LRCurve, path: str) -> str | None:
+    """:func:`plot_curve`, after the test: ``None``, or why the file could not be written (a
+    full disk, a path that changed since :func:`check_plot`), so the curve is still shown."""
+    try:
+        plot_curve(curve, path)
+    except (OSError, ConfigError) as exc:
+        return str(exc)
+    return None
 
 
 def plot_curve(curve: LRCurve, path: str) -> None:
@@ -258,11 +270,12 @@ def lr_find_command(target: str | None, min_lr: float, max_lr: float, steps: int
     batch_loss(model, batch); scheduler and scaler are optional. Without TARGET the demo's
     byte-level GRU is tested. The model, optimizer and data are left exactly as they were.
     Progress goes to stderr (a line every few seconds); the curve, or its JSON, to stdout.
-    Exit status 1 when the curve gives no suggestion (the reason says why), 2 on bad input.
+    Exit status 1 when the curve gives no suggestion (the reason says why), 2 on bad input
+    (a --plot file that cannot be written after the test: the curve is still printed).
     """
     import torch
 
-    from .lr_find import configured_rates, lr_find
+    from .lr_find import lr_find
 
     try:
         if plot:
@@ -282,15 +295,26 @@ def lr_find_command(target: str | None, min_lr: float, max_lr: float, steps: int
                         scaler=made.get("scaler"), min_lr=min_lr, max_lr=max_lr,
                         num_steps=steps, rule=rule, fraction=fraction)
         progress.message(f"{curve.steps} of {steps} steps, stopped: {curve.stopped}")
-        if plot:
-            plot_curve(curve, plot)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
-    # group 0's configured rate: a schedule's base rate (a warm-up from 0 starts at 0)
+    failed = save_plot(curve, plot) if plot else None
+    _report(curve, made, as_json, plot if failed is None else None)
+    if failed is not None:   # the curve is out; the plot the user asked for is not
+        click.echo(f"Error: --plot {plot}: not written ({failed})", err=True)
+        sys.exit(2)
+    if curve.suggestion is None:   # the curve and the reason are printed; a script must know
+        sys.exit(1)
+
+
+def _report(curve: LRCurve, made: Mapping[str, Any], as_json: bool, plot: str | None) -> None:
+    """The curve on stdout: its JSON, or the summary, chart and suggestion against the
+    configured rate (group 0's: a schedule's base rate, since a warm-up from 0 starts at 0)."""
+    from .lr_find import configured_rates
+
     configured = configured_rates(made["optimizer"], made.get("scheduler"))[0]
     if as_json:
         click.echo(json.dumps({**curve.to_dict(), "configured_lr": configured}))
-        sys.exit(0 if curve.suggestion is not None else 1)
+        return
     click.echo(render_curve(curve))
     if curve.suggestion is not None and configured > 0:
         what = "the schedule's base rate is" if made.get("scheduler") is not None else \
@@ -299,5 +323,3 @@ def lr_find_command(target: str | None, min_lr: float, max_lr: float, steps: int
                    f"x{curve.suggestion / configured:.3g} of it")
     if plot:
         click.echo(f"plot: {plot}")
-    if curve.suggestion is None:   # the curve and the reason are printed; a script must know
-        sys.exit(1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,27 @@ def test_a_warm_up_from_0_is_compared_with_the_schedules_base_rate(target: str) 
     assert "the schedule's base rate is 0.05: the suggestion is x" in res.output
     res = runner.invoke(cli, ["lr-find", f"{target}:warm_up", "--steps", "30", "-q", "--json"])
     assert res.exit_code == 0 and json.loads(res.stdout)["configured_lr"] == 0.05
+
+
+def test_a_plot_that_cannot_be_written_keeps_the_curve(target: str, tmp_path: Path) -> None:
+    """A --plot file the test cannot write: a traceback after the whole test, exit status 1
+    (the status of "no suggestion"), and the curve lost. Now a file that exists and cannot be
+    written is refused before the test (2), and a write that fails after it (here: a full
+    disk) leaves the curve on stdout and exits 2 saying why."""
+    from services import fill_filesystem, tmpfs
+
+    runner = CliRunner()
+    locked = tmp_path / "locked.png"
+    locked.write_bytes(b"")
+    locked.chmod(0o444)
+    if not os.access(locked, os.W_OK):   # (root may write it anyway: the next case covers it)
+        res = runner.invoke(cli, ["lr-find", f"{target}:make", "-q", "--plot", str(locked)])
+        assert res.exit_code == 2 and "exists and cannot be written" in res.output
+        assert "range test" not in res.output
+    with tmpfs(tmp_path / "small", "size=64k") as where:
+        fill_filesystem(where / "filler")
+        res = runner.invoke(cli, ["lr-find", f"{target}:make", "--steps", "20", "-q", "--json",
+                                  "--plot", str(where / "curve.png")])
+    assert res.exit_code == 2, res.output
+    assert json.loads(res.stdout)["suggestion"] is not None   # the curve came out
+    assert "--plot" in res.stderr and "not written" in res.stderr and "No space" in res.stderr

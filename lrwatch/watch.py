@@ -52,7 +52,7 @@ from .step_path import StepPath
 from .untrained import UNTRAINED_BATCHES, check_untrained_batches
 from .watch_setup import WatcherSetup
 from .wiring import (action_params, build_best, build_recorder, check_args, check_probe,
-                     closure_limits, guard_mode, rate_limits, rule_set)
+                     check_run_name, closure_limits, guard_mode, rate_limits, rule_set)
 
 __all__ = ["Watcher", "Listener", "RecoveryConfig", "BestEval", "rank_trace_path"]
 
@@ -196,6 +196,7 @@ class Watcher(LogApi, DataSide, PlanExecutor, StepPath, Flushing, Checkpointing,
     ) -> None:
         check_args(model, optimizer, flush_every, port, batch_size, keep_best, probe_loss,
                    update_ratio_every, export)
+        check_run_name(run_name, pushgateway)
         self.untrained_batches = check_untrained_batches(untrained_batches)
         self.model = model
         self.optimizer = optimizer

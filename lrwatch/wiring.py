@@ -26,9 +26,9 @@ from .rules.layering import join
 from .rules.schema import PACKS
 from .steps import StepRecorder
 
-__all__ = ["check_args", "check_probe", "rule_set", "snapshot_dir", "build_recorder",
-           "action_params", "build_best", "guard_mode", "step_needs_closure", "closure_limits",
-           "rate_limits"]
+__all__ = ["check_args", "check_run_name", "check_probe", "rule_set", "snapshot_dir",
+           "build_recorder", "action_params", "build_best", "guard_mode", "step_needs_closure",
+           "closure_limits", "rate_limits"]
 
 log = logging.getLogger("lrwatch")
 
@@ -62,6 +62,18 @@ def check_args(model: Any, optimizer: Any, flush_every: Any, port: Any, batch_si
     if probe_loss is not None and not callable(probe_loss):
         raise ConfigError(f"probe_loss must be callable as probe_loss(model, batch) -> "
                           f"loss, got {type(probe_loss).__name__}")
+
+
+def check_run_name(run_name: Any, pushgateway: Any) -> None:
+    """``run_name`` goes into a label (``lrwatch_run_info``) and the Pushgateway's grouping
+    key, and ``pushgateway`` is a URL: anything but text broke every ``/metrics`` scrape (an
+    int label value: HTTP 500) and raised out of ``close()`` after the run."""
+    if run_name is not None and not isinstance(run_name, str):
+        raise ConfigError(f"run_name must be a string (or None for a generated id), got "
+                          f"{type(run_name).__name__} {run_name!r}: pass str(...) of it")
+    if pushgateway is not None and (not isinstance(pushgateway, str) or not pushgateway):
+        raise ConfigError(f"pushgateway must be the URL of a Pushgateway, such as "
+                          f"'http://host:9091', or None, got {pushgateway!r}")
 
 
 def check_probe(recovery: RecoveryConfig | None, probe_loss: Callable[..., Any] | None) -> bool:

@@ -289,3 +289,23 @@ def test_alerts_sent_is_exported_at_zero_without_sinks() -> None:
             text = http_get(w.metrics_url).decode()
         assert [ln for ln in text.splitlines()
                 if ln.startswith("lrwatch_alerts_sent_total")] == want
+
+
+def test_a_run_name_that_is_not_text_is_refused_at_once() -> None:
+    """``run_name=42`` was taken: every /metrics scrape then failed with HTTP 500 (an int
+    label value of lrwatch_run_info), and with a Pushgateway ``close()`` raised after the run,
+    leaving the server up. Now the Watcher refuses it when built, saying what to pass; text
+    of any kind (quotes, a newline, unicode) goes through escaped and promtool-clean."""
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for bad in (42, b"run", ("a",)):
+        with pytest.raises(lrwatch.ConfigError, match="run_name must be a string"):
+            lrwatch.Watcher(model, opt, run_name=bad, port=0)  # type: ignore[arg-type]
+    with pytest.raises(lrwatch.ConfigError, match="pushgateway must be the URL"):
+        lrwatch.Watcher(model, opt, pushgateway=9091)  # type: ignore[arg-type]
+    with lrwatch.Watcher(model, opt, port=0, run_name='a "quoted"\nrun ü') as w:
+        _train(w, model, opt, 2)
+        text = urllib.request.urlopen(w.metrics_url, timeout=5).read().decode()
+    assert 'run="a \\"quoted\\"\\nrun ü"' in text
+    rc, out = promtool_check_metrics(text)
+    assert rc == 0 and out.strip() == "", out

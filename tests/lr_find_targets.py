@@ -36,6 +36,11 @@ def warm_up():   # a LambdaLR warm-up from 0: the optimizer's rate is 0 at the s
     d["scheduler"] = torch.optim.lr_scheduler.LambdaLR(d["optimizer"], lambda s: s / 10)
     return d
 
+def wrong_loss():   # the loss raises: one target for a batch of outputs
+    d = make()
+    d["loss_fn"] = lambda out, y: nn.functional.cross_entropy(out, y[:1])
+    return d
+
 def make_batch_loss():
     d = make()
     fn = d.pop("loss_fn")

@@ -11,7 +11,7 @@ import sys
 import sysconfig
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NoReturn
 
 import click
 
@@ -271,7 +271,8 @@ def lr_find_command(target: str | None, min_lr: float, max_lr: float, steps: int
     byte-level GRU is tested. The model, optimizer and data are left exactly as they were.
     Progress goes to stderr (a line every few seconds); the curve, or its JSON, to stdout.
     Exit status 1 when the curve gives no suggestion (the reason says why), 2 on bad input
-    (a --plot file that cannot be written after the test: the curve is still printed).
+    (also when the target's code raises: the traceback says where; and for a --plot file
+    that cannot be written after the test: the curve is still printed).
     """
     import torch
 
@@ -297,6 +298,8 @@ def lr_find_command(target: str | None, min_lr: float, max_lr: float, steps: int
         progress.message(f"{curve.steps} of {steps} steps, stopped: {curve.stopped}")
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
+    except Exception as exc:   # the target's code (its factory, model or loss) raised
+        _target_failed(exc)
     failed = save_plot(curve, plot) if plot else None
     _report(curve, made, as_json, plot if failed is None else None)
     if failed is not None:   # the curve is out; the plot the user asked for is not
@@ -304,6 +307,14 @@ def lr_find_command(target: str | None, min_lr: float, max_lr: float, steps: int
         sys.exit(2)
     if curve.suggestion is None:   # the curve and the reason are printed; a script must know
         sys.exit(1)
+
+
+def _target_failed(exc: BaseException) -> NoReturn:
+    """The traceback (it points into the target's code) and exit status 2: a failing target
+    is bad input, and exit status 1 means "no suggestion" to a script."""
+    traceback.print_exception(exc)
+    click.echo(f"Error: the target raised {type(exc).__name__}: {exc}", err=True)
+    sys.exit(2)
 
 
 def _report(curve: LRCurve, made: Mapping[str, Any], as_json: bool, plot: str | None) -> None:

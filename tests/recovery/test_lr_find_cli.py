@@ -128,3 +128,13 @@ def test_a_plot_that_cannot_be_written_keeps_the_curve(target: str, tmp_path: Pa
     assert res.exit_code == 2, res.output
     assert json.loads(res.stdout)["suggestion"] is not None   # the curve came out
     assert "--plot" in res.stderr and "not written" in res.stderr and "No space" in res.stderr
+
+
+def test_a_target_that_raises_exits_2_with_its_traceback(target: str) -> None:
+    """The target's own code raising (here its loss: a shape mismatch) left Python's exit
+    status 1, which the command documents as "no suggestion": a script read a broken target
+    as a curve without a suggestion. Now it is bad input, 2, with the traceback."""
+    res = CliRunner().invoke(cli, ["lr-find", f"{target}:wrong_loss", "--steps", "10", "-q"])
+    assert res.exit_code == 2, res.output
+    assert "Traceback" in res.stderr and "cross_entropy" in res.stderr
+    assert "Error: the target raised" in res.stderr and "range test" not in res.stdout

@@ -65,6 +65,9 @@ class DataSide(StartGate):
     _pending: list[Any]
     engine: Any
     flush: Any
+    flush_in_flight: bool
+    _going_back: bool
+    _land: Any
     _safe_point: Any
     _restore_engine: Any
     #: the untrained loss :meth:`measure_untrained` measured (a device scalar), or ``None``
@@ -95,9 +98,19 @@ class DataSide(StartGate):
                 continue
             self._hold(batch)
             yield batch
-        self._safe_point()
+        self._end_of_data()
         # a rollback carried out at the end of the data still trains its batches again
         yield from self._replayed()
+
+    def _end_of_data(self) -> None:
+        """The data ran out: judge the flush still in flight (``flush_lag=1``: it holds the
+        last steps, and a failure among them is answered now, while its replay can still be
+        yielded; not when a rollback or skip waits, which abandons those steps unjudged, nor
+        under ``torch.distributed``, where judging is collective and the ranks' data may run
+        out apart), then carry out what waits."""
+        if self.flush_in_flight and not self._going_back and not self.dist.active:
+            self._land()
+        self._safe_point()
 
     def _replayed(self) -> Iterator[Any]:
         """After a rollback for a bad batch, the batches drawn since its snapshot, again (less

@@ -293,12 +293,15 @@ rules:
     return str(rules)
 
 
-@pytest.mark.parametrize("nan_at,flush_every", [(33, 4), (59, 4), (59, 1)])
+@pytest.mark.parametrize("nan_at,flush_every,flush_lag",
+                         [(33, 4, 0), (59, 4, 0), (59, 1, 0), (59, 4, 1), (59, 1, 1), (58, 1, 1)])
 def test_replay_after_a_nan_batch_trains_exactly_as_a_run_without_that_batch(
-        tmp_path: Path, nan_at: int, flush_every: int) -> None:
+        tmp_path: Path, nan_at: int, flush_every: int, flush_lag: int) -> None:
     """The NaN batch mid-run, and as the last batch of the data (59): the rollback is carried
     out at the end of the data, and the batches since its snapshot are still trained again
-    (before, ``batches()`` ended there and the run kept the snapshot's weights)."""
+    (before, ``batches()`` ended there and the run kept the snapshot's weights). With
+    ``flush_lag=1`` (the default on CUDA) the flush still in flight at the end of the data
+    is judged there first (not when a rollback already waits: 58)."""
     def model_opt() -> tuple[nn.Module, torch.optim.Optimizer]:
         torch.manual_seed(3)
         m = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 2))
@@ -317,6 +320,7 @@ def test_replay_after_a_nan_batch_trains_exactly_as_a_run_without_that_batch(
     n = 60
     model, opt = model_opt()
     w = lrwatch.Watcher(model, opt, rules=_nonfinite_rules(tmp_path), flush_every=flush_every,
+                        flush_lag=flush_lag,
                         recovery={"good_after": 5, "min_interval": 5, "cooldown": 0,
                                   "replay": True,
                                   "guard": "off"})   # (the guard would drop it: no rollback)

@@ -15,7 +15,7 @@ import collections.abc
 import contextlib
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -69,6 +69,22 @@ def _copy_value(v: Any) -> Any:
     return v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
 
 
+def _buffer_slots(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, Any]]:
+    """Every buffer slot, as (module, name, the tensor in it now). A module may *rebind* a
+    buffer in its forward (``self.count = self.count + 1``, an EMA written as
+    ``self.avg = 0.9 * self.avg + ...``): the slot then holds a new tensor, and copying the
+    saved values into the old one would leave the new one in place."""
+    return [(m, name, b) for m in model.modules() for name, b in m._buffers.items()]
+
+
+def _rebind(slots: list[tuple[torch.nn.Module, str, Any]]) -> None:
+    """Put each buffer slot's tensor of :func:`_buffer_slots` back (its values are the
+    caller's to restore)."""
+    for m, name, b in slots:
+        if m._buffers.get(name) is not b:
+            m._buffers[name] = b
+
+
 @dataclass
 class SavedTraining:
     """Everything a probe may change, kept so that :meth:`restore` puts it back bit for bit."""
@@ -82,6 +98,7 @@ class SavedTraining:
     scaler: dict[str, Any] | None
     rng: dict[str, Any]
     generators: list[tuple[torch.Generator, torch.Tensor]]
+    buffers: list[tuple[torch.nn.Module, str, Any]] = field(default_factory=list)
 
     @classmethod
     def capture(cls, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -104,11 +121,14 @@ class SavedTraining:
                    opt_state,
                    copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None,
                    copy.deepcopy(scaler.state_dict()) if scaler is not None else None,
-                   _rng_state(), [(g, g.get_state()) for g in _generators(loader)])
+                   _rng_state(), [(g, g.get_state()) for g in _generators(loader)],
+                   _buffer_slots(model))
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 scheduler: Any = None, scaler: Any = None) -> None:
-        """Put everything back in place (tensors keep their identity)."""
+        """Put everything back in place (tensors keep their identity, and a buffer the
+        model rebound holds its own tensor again)."""
+        _rebind(self.buffers)
         with torch.no_grad():
             for t, saved in self.tensors:
                 t.copy_(saved)
@@ -316,7 +336,8 @@ def reference_loss(model: torch.nn.Module, batch_loss: BatchLoss, batch: Any) ->
     any counter a forward keeps, must not move)."""
     drop = [m for m in model.modules()
             if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training]
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    slots = _buffer_slots(model)
+    saved = [(b, b.detach().clone()) for _, _, b in slots if b is not None]
     for m in drop:
         m.eval()
     try:
@@ -325,6 +346,7 @@ def reference_loss(model: torch.nn.Module, batch_loss: BatchLoss, batch: Any) ->
     finally:
         for m in drop:
             m.train()
+        _rebind(slots)
         with torch.no_grad():
             for buf, was in saved:
                 buf.copy_(was)

@@ -262,3 +262,40 @@ def test_a_loader_with_persistent_workers_keeps_its_order_and_its_pass() -> None
     bare = run(None)
     assert run(-1) == bare     # before the first pass
     assert run(3) == bare      # in the middle of the first pass
+
+
+class _Rebinding(nn.Module):
+    """Keeps a count and an average of its inputs in buffers it *rebinds* in its forward
+    (``self.seen = self.seen + n``), as custom modules often do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(10, 2)
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+        self.register_buffer("avg", torch.zeros(10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.seen = self.seen + x.shape[0]
+            self.avg = 0.9 * self.avg + 0.1 * x.mean(0)
+        return self.lin(x)
+
+
+def test_buffers_the_model_rebinds_are_put_back() -> None:
+    """A buffer the forward rebinds holds a new tensor after each step: the probe copied the
+    saved values into the old tensors and left the new ones in the model (its count at the
+    test's 640 samples, its average moved). Now every buffer slot gets its own tensor back;
+    the scoring pass of the pre-flight check (``reference_loss``) does the same."""
+    from lrwatch.recovery.lr_find import reference_loss
+
+    x, y = _data(64)
+    model = _Rebinding()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(x)   # the buffers hold values of their own before the test
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    held = dict(model.named_buffers())
+    lrwatch.lr_find(model, opt, [(x, y)], nn.functional.cross_entropy, num_steps=10)
+    assert _equal(before, model.state_dict())
+    assert all(model.get_buffer(k) is t for k, t in held.items())
+    reference_loss(model, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), (x, y))
+    assert _equal(before, model.state_dict())

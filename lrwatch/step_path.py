@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 import torch
 
+from .recovery.throwaway import watch_steps
+
 __all__ = ["StepHooks", "StepPath"]
 
 Hook = Callable[[Any, Any, Any], None]   # hook(optimizer, args, kwargs), as torch calls it
@@ -100,6 +102,8 @@ class StepPath:
         self._hooks = StepHooks(self.optimizer, self.scaler, pre=self._pre_step,
                                 post=self._post_step, before_update=self._scaler_updating,
                                 register=register)
+        if register:   # an lr_find from outside tells these hooks its steps are not the run's
+            watch_steps(self.optimizer, self)
 
     def before_step(self) -> None:
         """Measure the gradients now (they must be final: unscaled, not yet clipped or stepped).

@@ -23,6 +23,7 @@ import torch
 from ..actions.snapshot import _rng_state, _set_rng_state
 from ..errors import ConfigError
 from .curve import LRCurve, RangeTest, geometric_rates
+from .throwaway import throwaway_steps
 
 __all__ = ["lr_find", "run_range_test", "SavedTraining", "BatchLoss", "configured_rates"]
 
@@ -454,7 +455,7 @@ def lr_find(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: It
                      rule=rule, fraction=fraction)
     saved = SavedTraining.capture(model, optimizer, scheduler, scaler, loader)
     try:
-        with _own_workers(loader):
+        with _own_workers(loader), throwaway_steps(optimizer):
             curve = run_range_test(model, optimizer, _cycle(loader), batch_loss, test,
                                    scaler=scaler, reduce=_dist_mean(process_group),
                                    scheduler=scheduler)

@@ -299,3 +299,33 @@ def test_buffers_the_model_rebinds_are_put_back() -> None:
     assert all(model.get_buffer(k) is t for k, t in held.items())
     reference_loss(model, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), (x, y))
     assert _equal(before, model.state_dict())
+
+
+def test_a_watcher_on_the_optimizer_does_not_record_the_tests_steps(tmp_path) -> None:
+    """``lrwatch.lr_find`` on an optimizer a Watcher already watches: the Watcher's step hooks
+    recorded the test's steps as the run's (its step at 50 before training began, the trace's
+    first 50 lines at the test's rates, the rules judging its blow-up). Now they skip them, as
+    they skip the Watcher's own range tests, and the curve is the one without a Watcher."""
+    x, y = _data(256)
+    batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 256, 32)]
+    curves = []
+    for watched in (False, True):
+        torch.manual_seed(0)
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        w = lrwatch.Watcher(model, opt, flush_every=1, trace=tmp_path / "t.jsonl",
+                            rules="training") if watched else None
+        curves.append(lrwatch.lr_find(model, opt, batches, nn.functional.cross_entropy,
+                                      num_steps=50))
+    assert w is not None and w.step == 0
+    for bx, by in batches[:3]:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(bx), by)
+        loss.backward()
+        opt.step()
+        w.log(loss=loss)
+    w.close()
+    assert w.step == 3
+    lines = (tmp_path / "t.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and all('"lr": 0.1' in ln for ln in lines)
+    assert curves[0].losses == curves[1].losses

@@ -41,6 +41,13 @@ def wrong_loss():   # the loss raises: one target for a batch of outputs
     d["loss_fn"] = lambda out, y: nn.functional.cross_entropy(out, y[:1])
     return d
 
+def frozen_first():   # group 0 frozen by its rate 0; group 1 at 0.05
+    d = make()
+    model = d["model"]
+    d["optimizer"] = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.0},
+                                      {"params": model[2].parameters(), "lr": 0.05}])
+    return d
+
 def make_batch_loss():
     d = make()
     fn = d.pop("loss_fn")

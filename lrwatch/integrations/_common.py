@@ -269,11 +269,12 @@ def start_at_suggestion(curve: Any, optimizer: Any, scheduler: Any) -> None:
 
 
 def configured_rate(optimizer: Any, scheduler: Any) -> float:
-    """Group 0's configured rate: the schedule's base rate (its peak, for a warm-up that
-    starts at 0), else the rate the optimizer was built with, else its rate now."""
-    from ..recovery.lr_find import configured_rates
+    """The configured rate of the group the range test's rates are (group 0, or the first
+    with a rate when group 0 is frozen at 0): the schedule's base rate (its peak, for a
+    warm-up that starts at 0), else the rate the optimizer was built with, else its rate now."""
+    from ..recovery.lr_find import leading_rate
 
-    return configured_rates(optimizer, scheduler)[0]
+    return leading_rate(optimizer, scheduler)[1]
 
 
 def with_clip(kwargs: dict[str, Any], clip: Any) -> dict[str, Any]:

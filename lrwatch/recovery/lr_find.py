@@ -25,7 +25,8 @@ from ..errors import ConfigError
 from .curve import LRCurve, RangeTest, geometric_rates
 from .throwaway import throwaway_steps
 
-__all__ = ["lr_find", "run_range_test", "SavedTraining", "BatchLoss", "configured_rates"]
+__all__ = ["lr_find", "run_range_test", "SavedTraining", "BatchLoss", "configured_rates",
+           "leading_rate"]
 
 #: ``batch_loss(model, batch) -> loss``: one step's scalar loss (with the graph).
 BatchLoss = Callable[[torch.nn.Module, Any], torch.Tensor]
@@ -213,12 +214,27 @@ def configured_rates(optimizer: torch.optim.Optimizer, scheduler: Any = None) ->
 
 def _group_ratios(optimizer: torch.optim.Optimizer, scheduler: Any = None) -> list[float]:
     """Each group's rate relative to group 0's, so the probe keeps the groups' proportions:
-    the rates now, or where group 0's is 0 now (a warm-up from 0), the configured ones."""
-    for lrs in ([float(g["lr"]) for g in optimizer.param_groups],
-                configured_rates(optimizer, scheduler)):
+    the rates now, or where group 0's is 0 now (a warm-up from 0), the configured ones. A
+    group 0 configured at 0 (frozen by its rate) stays at 0: the first group with a rate
+    leads (:func:`leading_rate`)."""
+    candidates = ([float(g["lr"]) for g in optimizer.param_groups],
+                  configured_rates(optimizer, scheduler))
+    for lrs in candidates:
         if lrs[0] > 0:
             return [x / lrs[0] for x in lrs]
+    for lrs in candidates:
+        lead = next((x for x in lrs if x > 0), None)
+        if lead is not None:
+            return [x / lead for x in lrs]
     return [1.0] * len(optimizer.param_groups)
+
+
+def leading_rate(optimizer: torch.optim.Optimizer, scheduler: Any = None) -> tuple[int, float]:
+    """The group whose rates a range test's curve gives, and its configured rate: group 0,
+    or when it is configured at 0 (frozen by its rate), the first group with a rate."""
+    rates = configured_rates(optimizer, scheduler)
+    i = next((i for i, x in enumerate(rates) if x > 0), 0)
+    return i, rates[i]
 
 
 def _cycle(batches: Iterable[Any]) -> Iterator[Any]:

@@ -196,18 +196,19 @@ def check_plot(path: str) -> None:
         raise ConfigError(f"--plot {path}: the file exists and cannot be written")
 
 
-def save_plot(curve: LRCurve, path: str) -> str | None:
+def save_plot(curve: LRCurve, path: str, group: int = 0) -> str | None:
     """:func:`plot_curve`, after the test: ``None``, or why the file could not be written (a
     full disk, a path that changed since :func:`check_plot`), so the curve is still shown."""
     try:
-        plot_curve(curve, path)
+        plot_curve(curve, path, group)
     except (OSError, ConfigError) as exc:
         return str(exc)
     return None
 
 
-def plot_curve(curve: LRCurve, path: str) -> None:
-    """Save the curve as a PNG (matplotlib, the optional ``plot`` extra)."""
+def plot_curve(curve: LRCurve, path: str, group: int = 0) -> None:
+    """Save the curve as a PNG (matplotlib, the optional ``plot`` extra); ``group``: the
+    parameter group whose rates the curve gives (:func:`~lrwatch.recovery.lr_find.leading_rate`)."""
     check_plot(path)
     import matplotlib
 
@@ -223,7 +224,7 @@ def plot_curve(curve: LRCurve, path: str) -> None:
         ax.axvline(curve.suggestion, color="C2", ls="-",
                    label=f"suggestion {curve.suggestion:.3g}")
     ax.set_xscale("log")
-    ax.set_xlabel("learning rate (parameter group 0)")
+    ax.set_xlabel(f"learning rate (parameter group {group})")
     ax.set_ylabel("training loss")
     finite = [x for x in curve.smoothed if math.isfinite(x)]
     if finite:   # keep the blow-up from flattening the useful part
@@ -276,7 +277,7 @@ def lr_find_command(target: str | None, min_lr: float, max_lr: float, steps: int
     """
     import torch
 
-    from .lr_find import lr_find
+    from .lr_find import leading_rate, lr_find
 
     try:
         if plot:
@@ -300,7 +301,8 @@ def lr_find_command(target: str | None, min_lr: float, max_lr: float, steps: int
         raise click.UsageError(str(exc)) from exc
     except Exception as exc:   # the target's code (its factory, model or loss) raised
         _target_failed(exc)
-    failed = save_plot(curve, plot) if plot else None
+    group = leading_rate(made["optimizer"], made.get("scheduler"))[0]
+    failed = save_plot(curve, plot, group) if plot else None
     _report(curve, made, as_json, plot if failed is None else None)
     if failed is not None:   # the curve is out; the plot the user asked for is not
         click.echo(f"Error: --plot {plot}: not written ({failed})", err=True)
@@ -319,14 +321,18 @@ def _target_failed(exc: BaseException) -> NoReturn:
 
 def _report(curve: LRCurve, made: Mapping[str, Any], as_json: bool, plot: str | None) -> None:
     """The curve on stdout: its JSON, or the summary, chart and suggestion against the
-    configured rate (group 0's: a schedule's base rate, since a warm-up from 0 starts at 0)."""
-    from .lr_find import configured_rates
+    configured rate (group 0's, or the first group's with a rate when group 0 is frozen at 0;
+    a schedule's base rate, since a warm-up from 0 starts at 0)."""
+    from .lr_find import leading_rate
 
-    configured = configured_rates(made["optimizer"], made.get("scheduler"))[0]
+    group, configured = leading_rate(made["optimizer"], made.get("scheduler"))
     if as_json:
-        click.echo(json.dumps({**curve.to_dict(), "configured_lr": configured}))
+        click.echo(json.dumps({**curve.to_dict(), "configured_lr": configured,
+                               "param_group": group}))
         return
     click.echo(render_curve(curve))
+    if group:
+        click.echo(f"\nrates are parameter group {group}'s (group 0 is at rate 0 and stays there)")
     if curve.suggestion is not None and configured > 0:
         what = "the schedule's base rate is" if made.get("scheduler") is not None else \
             "the optimizer is configured with"

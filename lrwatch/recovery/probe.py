@@ -19,7 +19,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .curve import DEFAULT_FRACTION, LRCurve, RangeTest, geometric_rates, preflight_factor
-from .lr_find import BatchLoss, SavedTraining, _cycle, _dist_mean, agreed_loss, run_range_test
+from .lr_find import (BatchLoss, SavedTraining, _cycle, _dist_mean, agreed_loss, leading_rate,
+                      run_range_test)
 from .policy import RecoveryConfig
 
 __all__ = ["probe_rate", "ProbeResult", "configured_rate", "check_rate", "check_cost",
@@ -36,9 +37,12 @@ class ProbeResult:
 
 def configured_rate(optimizer: torch.optim.Optimizer, scheduler: Any, scale: float) -> float:
     """Group 0's rate at scale 1: the scheduler's base rate (which carries ``scale``), else
-    the optimizer's current rate."""
+    the optimizer's current rate; for a group 0 frozen at rate 0, the rate of the first group
+    with one (the group a range test's rates are: ``leading_rate``)."""
     base = getattr(scheduler, "base_lrs", None) if scheduler is not None else None
     lr = float(base[0]) if base else float(optimizer.param_groups[0]["lr"])
+    if not lr > 0:
+        lr = leading_rate(optimizer, scheduler)[1]
     return lr / scale if scale > 0 else lr
 
 

@@ -329,3 +329,27 @@ def test_a_watcher_on_the_optimizer_does_not_record_the_tests_steps(tmp_path) ->
     lines = (tmp_path / "t.jsonl").read_text().splitlines()
     assert len(lines) == 3 and all('"lr": 0.1' in ln for ln in lines)
     assert curves[0].losses == curves[1].losses
+
+
+def test_a_group_frozen_at_rate_0_stays_frozen() -> None:
+    """Group 0 at rate 0 (a backbone frozen by its rate): every group ran at the test's
+    rates, the frozen one included, so the curve was of another model than the one trained.
+    Now it stays at 0, the first group with a rate leads and the others keep their ratio."""
+    x, y = _data()
+    model = _model()
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.0},
+                           {"params": model[4].parameters(), "lr": 0.01},
+                           {"params": model[1].parameters(), "lr": 0.005}])
+    seen: list[list[float]] = []
+
+    def batch_loss(m: nn.Module, batch: tuple) -> torch.Tensor:
+        seen.append([g["lr"] for g in opt.param_groups])
+        return nn.functional.cross_entropy(m(batch[0]), batch[1])
+
+    curve = lrwatch.lr_find(model, opt, [(x[:64], y[:64])], batch_loss=batch_loss, num_steps=10)
+    assert [s[0] for s in seen] == [0.0] * len(seen)
+    assert [s[1] for s in seen] == pytest.approx(curve.lrs)
+    assert all(c == pytest.approx(b / 2) for _, b, c in seen)
+    from lrwatch.recovery.lr_find import leading_rate
+
+    assert leading_rate(opt) == (1, 0.01)

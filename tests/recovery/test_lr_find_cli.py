@@ -138,3 +138,17 @@ def test_a_target_that_raises_exits_2_with_its_traceback(target: str) -> None:
     assert res.exit_code == 2, res.output
     assert "Traceback" in res.stderr and "cross_entropy" in res.stderr
     assert "Error: the target raised" in res.stderr and "range test" not in res.stdout
+
+
+def test_a_group_frozen_at_rate_0_is_named_and_the_leading_group_compared(target: str) -> None:
+    """Group 0 frozen at rate 0: the suggestion is compared with the rate of the group the
+    curve's rates are (group 1), and the output says which group that is."""
+    runner = CliRunner()
+    res = runner.invoke(cli, ["lr-find", f"{target}:frozen_first", "--steps", "30", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "rates are parameter group 1's" in res.output
+    assert "the optimizer is configured with 0.05: the suggestion is x" in res.output
+    res = runner.invoke(cli, ["lr-find", f"{target}:frozen_first", "--steps", "30", "-q",
+                              "--json"])
+    d = json.loads(res.stdout)
+    assert d["param_group"] == 1 and d["configured_lr"] == 0.05

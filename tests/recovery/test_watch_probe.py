@@ -92,3 +92,31 @@ def test_probe_loss_must_be_callable() -> None:
     model, opt, _ = _setup(0.01)
     with pytest.raises(lrwatch.ConfigError, match="probe_loss"):
         lrwatch.Watcher(model, opt, probe_loss=3)  # type: ignore[arg-type]
+
+
+def test_a_group_frozen_at_rate_0_leaves_the_probe_measuring_the_others(tmp_path: Path) -> None:
+    """Group 0 frozen at rate 0: the restart's range test read its failed rate off group 0
+    (0), could not run (an internal error each time) and fell back to the fixed cut. Now it
+    tests the first group with a rate and group 0 stays at 0."""
+    model, _, stream = _setup(lr=0.3)
+    opt = torch.optim.Adam([{"params": model[0].parameters(), "lr": 0.0},
+                            {"params": [*model[2].parameters(), *model[4].parameters()],
+                             "lr": 3.0}])   # far too hot: it blows up, twice
+    trace = tmp_path / "frozen.jsonl"
+    w = lrwatch.Watcher(model, opt, flush_every=5, trace=trace,
+                        recovery={"good_after": 10, "min_interval": 5, "restart_warmup": 20,
+                                  "probe": "auto", "start_check": "off"}, probe_loss=_loss)
+    for batch in w.batches(stream):
+        if w.step >= 60:
+            break
+        loss = _loss(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        w.log(loss=loss.detach())
+    w.close()
+    probes = [e for s in read_trace(trace) for e in s.events if e["type"] == "probe"]
+    assert probes and probes[0]["failed_lr"] > 0 and probes[0]["steps"] >= 3
+    assert "range test" in probes[0]["reason"]
+    assert w.exporter.internal_errors._value.get() == 0
+    assert opt.param_groups[0]["lr"] == 0.0

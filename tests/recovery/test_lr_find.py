@@ -350,6 +350,10 @@ def test_a_group_frozen_at_rate_0_stays_frozen() -> None:
     assert [s[0] for s in seen] == [0.0] * len(seen)
     assert [s[1] for s in seen] == pytest.approx(curve.lrs)
     assert all(c == pytest.approx(b / 2) for _, b, c in seen)
+    from lrwatch.integrations._common import start_at_suggestion
     from lrwatch.recovery.lr_find import leading_rate
 
     assert leading_rate(opt) == (1, 0.01)
+    start_at_suggestion(curve, opt, None)   # the callbacks' lr_find=True: it was kept at 0.01
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx(
+        [0.0, curve.suggestion, curve.suggestion / 2])

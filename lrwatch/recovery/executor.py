@@ -3,7 +3,8 @@
 :class:`PlanExecutor` is the part of the :class:`~lrwatch.watch.Watcher` that acts: it hands
 the policy the run's progress, records each plan in the trace (with the engine state of its
 target, which ``lrwatch replay`` restores), and at the next safe point restores snapshots,
-scales learning rates, runs a rollback's range test, ramps, and stops. It also sends what
+scales learning rates, runs a rollback's range test (the range tests themselves are
+:class:`~lrwatch.recovery.rate_checks.RateChecks`), ramps, and stops. It also sends what
 the plans notify (rule alerts, hooks, and the alerts of lrwatch's own actions) and closes the
 sender and the hook at the end of the run. It decides nothing: every choice comes from
 :class:`~lrwatch.recovery.policy.RecoveryPolicy`.
@@ -17,21 +18,19 @@ It is a mixin over the Watcher's state (``model``, ``optimizer``, ``scheduler``,
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 from collections import deque
 from dataclasses import replace
 from types import SimpleNamespace
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 # (the rate keys scale_learning_rate scales in param groups)
 from ..actions.rollback import _GROUP_KEYS as LR_GROUP_KEYS, scale_learning_rate
 from ..actions.snapshot import Snapshot, restore_state
 from .action_alerts import ActionAlerts
+from .rate_checks import RateChecks
 from .policy import CONTROL_ACTIONS, EXIT_BUDGET, Plan, Progress, SnapshotInfo, restart_warmup_for
-from .lr_find import NO_RATES, rates_settable
-from .probe import check_cost, check_rate, configured_rate, probe_rate
 from .replay import ReplayBuffer
 
 __all__ = ["PlanExecutor", "before_failure", "adopt_before_failure"]
@@ -98,7 +97,7 @@ def adopt_before_failure(store: Any, carried: Sequence[Mapping[str, Any]]) -> No
         oldest = step
 
 
-class PlanExecutor(ActionAlerts):
+class PlanExecutor(RateChecks, ActionAlerts):
     """The Watcher's executor of recovery plans (see the module docstring)."""
 
     # attributes the Watcher provides (declared for readers and type checkers)
@@ -354,92 +353,6 @@ class PlanExecutor(ActionAlerts):
         if self._replay.max_bytes > 0 and self.store is not None:
             oldest = min((x.step for x in self.store.snapshots if not x.pinned), default=None)
             self._replay.hold(self.step + 1, batch, oldest)
-
-    def _probe(self, p: Plan, at: int) -> Plan:
-        """Measure the rate for ``p`` with a range test from the restored state; the policy
-        takes the measured rate (or its fixed factor when the test cannot run)."""
-        assert self.recovery is not None and self._probe_loss is not None
-        before = self.policy.lr_scale
-        measured, steps, failed = None, 0, None
-        # (no batch seen yet, or no rate to set: the fixed factor stands in)
-        have = bool(self._recent) and rates_settable(self.optimizer)
-        if self.dist.active:   # every rank tests or none: the test's steps are collectives
-            have = all(self.dist.gather(have))
-        if have:
-            failed = configured_rate(self.optimizer, self.scheduler, before) * p.probe_from
-            self._probing = True
-            try:
-                res = probe_rate(self.model, self.optimizer, self.scheduler, self.scaler,
-                                 list(self._recent), self._probe_loss, self.recovery, failed,
-                                 process_group=self.dist.group if self.dist.active else None)
-                measured, steps = res.measured, res.steps
-            except Exception:
-                self._internal_error("probing the learning rate")
-            finally:
-                self._probing = False
-        real = self.policy.probed(p, measured, steps)
-        rel = self.policy.lr_scale / before
-        if rel != 1.0:
-            scale_learning_rate(self.optimizer, self.scheduler, rel)
-        self.exporter.actions.labels("probe").inc()
-        self._late_records.append({"type": "probe", "rule": p.rule, "step": self.step,
-                                   "from_step": at, "steps": steps, "failed_lr": failed,
-                                   "lr_factor": real.lr_factor, "reason": real.reason})
-        return real
-
-    def _lr_check(self, it: Iterator[Any]) -> Iterator[Any]:
-        """The pre-flight range test on the first ``lr_check_steps`` batches of ``it``; those
-        batches are then trained on as usual (the returned iterator yields them first)."""
-        assert self.recovery is not None and self._probe_loss is not None
-        if not rates_settable(self.optimizer):
-            self.policy.lr_checked(0)
-            log.info("lrwatch: learning-rate check skipped: %s", NO_RATES)
-            self._late_records.append({"type": "lr_check", "step": self.step, "steps": 0,
-                                       "cost_steps": 0, "lr_factor": 1.0, "reason": NO_RATES})
-            return it
-        first = list(itertools.islice(it, self.recovery.lr_check_steps))
-        lr = configured_rate(self.optimizer, self.scheduler, self.policy.lr_scale)
-        factor, steps, cost, why = None, 0, 0, "no batch to test on"
-        if first:
-            self._probing = True
-            try:
-                factor, curve = check_rate(
-                    self.model, self.optimizer, self.scheduler, self.scaler, first,
-                    self._probe_loss, lr, self.recovery.lr_check_steps,
-                    process_group=self.dist.group if self.dist.active else None,
-                    clip=self.recovery.clip_grad_norm)
-                steps, cost = curve.steps, check_cost(curve)
-                why = ("the loss of a fixed batch rose above its starting level at a rate up "
-                       "to the configured one" if factor is not None else
-                       "no rise above the starting level at rates up to the configured one")
-            except Exception:
-                self._internal_error("checking the learning rate before the first step")
-                why = "the range test failed; the configured rate stands"
-            finally:
-                self._probing = False
-        self.policy.lr_checked(cost)
-        if factor is not None:
-            scale_learning_rate(self.optimizer, self.scheduler, factor)
-            self._retake_initial_snapshot()
-            log.warning("lrwatch: learning-rate check: in a %d-step range test the loss of a "
-                        "fixed batch rose above its starting level at rates up to the "
-                        "configured %.3g; starting at %.3g (x%.3g)",
-                        steps, lr, lr * factor, factor, extra=_EVENT)
-            self.exporter.actions.labels("lr_check").inc()
-        else:
-            log.info("lrwatch: learning-rate check (%d steps): the configured rate %.3g "
-                     "stands", steps, lr)
-        self._late_records.append({"type": "lr_check", "step": self.step, "steps": steps,
-                                   "cost_steps": cost, "lr": lr,
-                                   "lr_factor": factor if factor is not None else 1.0,
-                                   "reason": why})
-        return itertools.chain(first, it)
-
-    def _retake_initial_snapshot(self) -> None:
-        """The run's starting point (the pinned snapshot a restart goes back to) now has the
-        checked rate: replace the one taken before the check."""
-        if self._snaps is not None:
-            self._snaps.retake_first(self.step, self.data_position)
 
     def _ramp_step(self) -> None:
         """One step of the policy's learning-rate ramp (warm-up after a restart, or the

@@ -416,6 +416,26 @@ def agreed_loss(batch_loss: BatchLoss, agree: Callable[[float], float]) -> Batch
     return loss
 
 
+def _batch_loss_of(loss_fn: Callable[..., torch.Tensor] | None,
+                   batch_loss: BatchLoss | None) -> BatchLoss:
+    """``batch_loss``, or one made of ``loss_fn`` for ``(inputs, targets)`` batches; exactly
+    one of them must be given."""
+    if (loss_fn is None) == (batch_loss is None):
+        raise ConfigError("lr_find needs exactly one of loss_fn (called as "
+                          "loss_fn(model(inputs), targets)) or batch_loss(model, batch)")
+    if batch_loss is not None:
+        return batch_loss
+    fn = loss_fn
+
+    def from_loss_fn(m: torch.nn.Module, batch: Any) -> torch.Tensor:
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise ConfigError("loss_fn needs (inputs, targets) batches; for other batches "
+                              "pass batch_loss=lambda model, batch: ... instead")
+        return fn(m(batch[0]), batch[1])  # type: ignore[misc]
+
+    return from_loss_fn
+
+
 def lr_find(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Iterable[Any],
             loss_fn: Callable[..., torch.Tensor] | None = None, *,
             batch_loss: BatchLoss | None = None, scheduler: Any = None, scaler: Any = None,
@@ -450,18 +470,7 @@ def lr_find(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: It
     >>> curve.stopped, 0.01 < curve.suggestion < 1.0
     ('diverged', True)
     """
-    if (loss_fn is None) == (batch_loss is None):
-        raise ConfigError("lr_find needs exactly one of loss_fn (called as "
-                          "loss_fn(model(inputs), targets)) or batch_loss(model, batch)")
-    if batch_loss is None:
-        fn = loss_fn
-
-        def batch_loss(m: torch.nn.Module, batch: Any) -> torch.Tensor:
-            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-                raise ConfigError("loss_fn needs (inputs, targets) batches; for other batches "
-                                  "pass batch_loss=lambda model, batch: ... instead")
-            return fn(m(batch[0]), batch[1])  # type: ignore[misc]
-
+    batch_loss = _batch_loss_of(loss_fn, batch_loss)
     _check_reiterable(loader)
     if not rates_settable(optimizer):
         raise ConfigError(f"lr_find: {NO_RATES}; the range test sets every group's rate (give "

@@ -1,8 +1,8 @@
-"""The Watcher's range tests on a real run: a rollback's measured rate
-(:meth:`RateChecks._probe`, ``recovery.probe="auto"``) and the pre-flight check of the
-configured rate on the first batches (:meth:`RateChecks._lr_check`, ``recovery.lr_check="auto"``). Each runs on the live
-model and optimizer from their current state, puts them back exactly, and hands what it
-measured to the :class:`~lrwatch.recovery.policy.RecoveryPolicy`, which decides.
+"""The Watcher's range tests on a real run: a rollback's measured rate (:meth:`RateChecks._probe`,
+``recovery.probe="auto"``) and the pre-flight check of the configured rate on the first batches
+(:meth:`RateChecks._lr_check`, ``recovery.lr_check="auto"``). Each runs on the live model and
+optimizer from their current state, puts them back exactly, and hands what it measured to the
+:class:`~lrwatch.recovery.policy.RecoveryPolicy`, which decides.
 
 A mixin of :class:`~lrwatch.recovery.executor.PlanExecutor` over the Watcher's state
 (``model``, ``optimizer``, ``scheduler``, ``scaler``, ``policy``, ``recovery``, ``exporter``,

@@ -42,7 +42,8 @@ import numpy as np
 
 from ..errors import ConfigError
 
-__all__ = ["PerformanceEstimator", "MIN_REFERENCE_ROWS", "ESTIMATOR_VERSION"]
+__all__ = ["PerformanceEstimator", "MIN_REFERENCE_ROWS", "ESTIMATOR_VERSION",
+           "PROBA_SUM_TOLERANCE"]
 
 #: Fewer labelled reference rows than this cannot calibrate anything.
 MIN_REFERENCE_ROWS = 30
@@ -79,6 +80,11 @@ RIDGES = (1.0, 10.0, 100.0, 1000.0)
 #: targets towards it). 0.1 lost to 0 in the benchmark, so it is off by default.
 PRIOR_WEIGHT = 0.0
 CROSS_FOLDS = 5
+#: How far a row of class probabilities may sum from 1 (outputs rounded to two decimals, or
+#: float16 softmaxes, pass; per-class sigmoid scores of a multi-label model do not). The
+#: daemon refuses live lists off by more (``invalid_prediction``) against a reference with
+#: an estimator.
+PROBA_SUM_TOLERANCE = 0.05
 
 
 # --- isotonic regression -----------------------------------------------------------------------
@@ -262,26 +268,42 @@ def _apply(cals: Any, a: np.ndarray, method: str) -> np.ndarray:
 # --- input checks -------------------------------------------------------------------------------
 def _as_proba(proba: Any, n_classes: int | None, *, exc: type[Exception]) -> np.ndarray:
     """``proba`` as float64: ``(n,)`` for binary, ``(n, k)`` for multiclass. A binary ``(n, 2)``
-    array becomes its class-1 column. Raises ``exc`` on NaN, a wrong width or out-of-range
-    values."""
+    array becomes its class-1 column. Raises ``exc`` on NaN, a wrong width, out-of-range
+    values or rows of several columns that do not sum to 1."""
     try:
         a = np.asarray(proba, dtype=np.float64)
     except (TypeError, ValueError) as e:
         raise exc(f"proba must be an array of numbers: {e}") from None
-    if a.ndim == 2 and a.shape[1] == 2 and n_classes in (None, 2):
-        a = a[:, 1]
-    if a.ndim == 2 and a.shape[1] == 1:
-        a = a[:, 0]
     if a.ndim not in (1, 2):
         raise exc(f"proba must be (n,) or (n, k), got shape {a.shape}")
-    k = 2 if a.ndim == 1 else a.shape[1]
-    if n_classes is not None and k != n_classes:
-        raise exc(f"proba has {k} classes, the estimator was fitted on {n_classes}")
     if a.size and not np.isfinite(a).all():
         raise exc(f"proba has {int((~np.isfinite(a)).sum())} NaN or infinite values")
     if a.size and (a.min() < -1e-9 or a.max() > 1 + 1e-9):
         raise exc(f"proba must lie in [0, 1], got values in [{a.min():.4g}, {a.max():.4g}]")
+    if a.ndim == 2 and a.shape[1] >= 2 and len(a):
+        _check_sums(a, exc)
+    if a.ndim == 2 and a.shape[1] == 2 and n_classes in (None, 2):
+        a = a[:, 1]
+    if a.ndim == 2 and a.shape[1] == 1:
+        a = a[:, 0]
+    k = 2 if a.ndim == 1 else a.shape[1]
+    if n_classes is not None and k != n_classes:
+        raise exc(f"proba has {k} classes, the estimator was fitted on {n_classes}")
     return np.clip(a, 0.0, 1.0)
+
+
+def _check_sums(a: np.ndarray, exc: type[Exception]) -> None:
+    """Rows of class probabilities must sum to 1 (within :data:`PROBA_SUM_TOLERANCE`): the
+    top-class probability of per-class scores (one sigmoid per class, a multi-label model)
+    says nothing about how often the arg max is right, and such a window read as
+    probabilities made up an estimate (``[0.9, 0.9, 0.9]`` read 92% for a model of 68%)."""
+    sums = a.sum(axis=1)
+    off = np.abs(sums - 1.0) > PROBA_SUM_TOLERANCE
+    if off.any():
+        i = int(np.argmax(off))
+        raise exc(f"{int(off.sum())} of {len(a)} proba rows do not sum to 1 (row {i} sums to "
+                  f"{sums[i]:.4g}; tolerance {PROBA_SUM_TOLERANCE}): send class probabilities "
+                  f"(a softmax), not per-class scores")
 
 
 def _as_labels(labels: Any, n: int, k: int, classes: Sequence[Any] | None) -> np.ndarray:
@@ -347,8 +369,8 @@ class PerformanceEstimator:
         """Calibrate on a labelled reference. ``proba``: ``(n,)`` probabilities of class 1
         (binary; ``(n, 2)`` works too) or ``(n, k)`` class probabilities; ``labels``: ``(n,)``
         class indices (or names listed in ``classes``). Raises
-        :class:`~lrwatch.errors.ConfigError` on too few rows, NaNs, labels outside the classes
-        or a shape mismatch."""
+        :class:`~lrwatch.errors.ConfigError` on too few rows, NaNs, labels outside the classes,
+        a shape mismatch or rows of class probabilities that do not sum to 1."""
         if method not in METHODS:
             raise ConfigError(f"unknown estimation method {method!r}; choose one of {METHODS}")
         if n_bags < 2 or not 0.0 <= prior_weight < 10.0:
@@ -404,7 +426,8 @@ class PerformanceEstimator:
         ``accuracy_drop`` (baseline minus estimate) and ``drop_z`` (that drop in standard
         errors); binary adds ``precision``, ``recall``, ``f1`` and ``roc_auc`` where
         they are defined. An empty window gives ``records`` 0 and NaN accuracies. Raises
-        ``ValueError`` on a malformed array (wrong width, NaN, values outside [0, 1])."""
+        ``ValueError`` on a malformed array (wrong width, NaN, values outside [0, 1], rows
+        that do not sum to 1)."""
         a = _as_proba(proba, self.n_classes, exc=ValueError)
         n = len(a)
         if n == 0:

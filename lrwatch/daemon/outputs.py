@@ -60,9 +60,16 @@ class OutputsMixin:
         elif ref.prediction_type == "probability":   # so is what is not a class-1 probability
             # (a regression in [0, 1] whose reference labels said so is "regression": its
             # labels are values, kept and scored as errors)
+            # (an estimator was fitted on 0/1 labels too: a reference saved before
+            # prediction_basis was kept has one without it)
             self.limits = dataclasses.replace(
                 self.limits, binary_probability=True,
-                binary_from_labels=ref.prediction_basis == "labels")
+                binary_from_labels=ref.prediction_basis == "labels" or bool(ref.estimator))
+            self.ingest.limits = self.limits
+        if ref.estimator and ref.prediction_type in ESTIMABLE:
+            # its rows summed to 1 (the estimator's fit checks): live lists must too, or the
+            # estimator refuses the whole window (and per-class scores made up an estimate)
+            self.limits = dataclasses.replace(self.limits, proba_sum=True)
             self.ingest.limits = self.limits
         self.estimates = self._make_tracker(ref)
         names: tuple[str, ...] = ()

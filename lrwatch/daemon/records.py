@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from ..errors import LrwatchError
 from ..samples import encode_number
+from .estimation import PROBA_SUM_TOLERANCE
 
 try:  # the optional ``fast`` extra
     import orjson as _orjson
@@ -117,6 +118,9 @@ class Limits:
     #: a classifier for sure. Without them it may be a regression with outputs in [0, 1], and
     #: a fractional label's message says how to have it read as one
     binary_from_labels: bool = False
+    #: the reference has a performance estimator, which reads lists as class probabilities:
+    #: a list of two or more must sum to 1 (within ``estimation.PROBA_SUM_TOLERANCE``)
+    proba_sum: bool = False
 
 
 DEFAULT_LIMITS = Limits()
@@ -406,9 +410,16 @@ def _as_reference_kind(p: Any, limits: Limits) -> Any:
                               f"probabilities")
         return p[-1]
     if t in (int, float):   # a number outside [0, 1] is kept: a regression whose reference
-        return p            # values all fell in [0, 1] reads as probabilities too
+        if limits.binary_from_labels and not 0 <= p <= 1:   # values all fell in [0, 1] reads
+            raise RecordError("invalid_prediction", _not_a_probability(p))  # as probabilities
+        return p            # too, unless the reference's 0/1 labels made it a classifier
     raise RecordError("invalid_prediction", f"the reference's predictions are numbers (a "
                       f"binary model's class-1 probabilities, or [p0, p1]); got {p!r:.40}")
+
+
+def _not_a_probability(p: Any) -> str:
+    return (f"prediction {p!r:.40} is outside [0, 1]: the reference's labels (0/1) make the "
+            f"model a binary classifier, whose prediction is its class-1 probability")
 
 
 def _any_prediction(p: Any, limits: Limits) -> Any:
@@ -454,6 +465,10 @@ def _check_probabilities(p: list[Any], limits: Limits) -> None:
     if width is not None and n != width:
         raise RecordError("invalid_prediction", f"the prediction has {n} class probabilities; "
                           f"the reference's model has {width} classes")
+    if limits.proba_sum and n > 1 and abs(sum(p) - 1.0) > PROBA_SUM_TOLERANCE:
+        raise RecordError("invalid_prediction", f"class probabilities must sum to 1 (within "
+                          f"{PROBA_SUM_TOLERANCE}), these sum to {sum(p):.4g}: send the "
+                          f"model's probabilities (a softmax), not per-class scores")
 
 
 def _check_id(r: dict[str, Any]) -> None:
@@ -716,12 +731,14 @@ def _fast_predictions(items: list[Any], limits: Limits, short_strings: bool) -> 
 
 def fits_reference_kind(preds: list[Any], limits: Limits) -> bool:
     """Whether plain predictions (numbers, class names) are all of the kind the reference's
-    limits ask for: anything without a probability reference; class-1 probabilities in
-    [0, 1] for a binary one; never, for a reference of probability lists."""
+    limits ask for: anything without a probability reference; numbers for a binary one (in
+    [0, 1] when its labels made it a classifier); never, for a reference of probability
+    lists."""
     if limits.proba_width is not None:
         return False
     if limits.binary_probability:
-        return set(map(type, preds)) <= _PROBA_TYPES
+        return set(map(type, preds)) <= _PROBA_TYPES and (
+            not limits.binary_from_labels or not preds or 0 <= min(preds) <= max(preds) <= 1)
     return True
 
 
@@ -747,6 +764,8 @@ def _probability_column(preds: list[Any], pt: set[type], limits: Limits) -> list
         return None
     if not math.isfinite(sum(flat)) or min(flat) < 0 or max(flat) > 1:
         return None  # NaN/inf never get here as floats (NonFinite); kept for direct callers
+    if limits.proba_sum and max(abs(s - 1.0) for s in map(sum, preds)) > PROBA_SUM_TOLERANCE:
+        return None
     return preds
 
 

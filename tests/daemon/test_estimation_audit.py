@@ -1,0 +1,146 @@
+"""Defects found by the fourteenth round's audit of label-free performance estimation
+(docs/performance-estimation.md, "Defects found by the fourteenth round's audit"): each test
+failed before its fix."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from typing import Any
+
+import numpy as np
+import pytest
+
+from daemon_helpers import WINDOW, assert_balanced, binary_record
+from lrwatch.daemon import build_reference
+from lrwatch.daemon.estimation import PerformanceEstimator
+from lrwatch.errors import ConfigError
+
+
+def _ndjson(recs: list[dict[str, Any]]) -> str:
+    return "\n".join(json.dumps(r) for r in recs)
+
+
+def _softmax_record(rng: random.Random, i: int, k: int = 3) -> dict[str, Any]:
+    x = rng.gauss(0, 1)
+    z = [math.exp(x * (j - 1) * 1.5) for j in range(k)]
+    p = [round(v / sum(z), 6) for v in z]
+    return {"id": f"m{i}", "features": {"x": x, "y": rng.gauss(0, 1)},
+            "prediction": {"proba": p}, "label": rng.choices(range(k), weights=p)[0]}
+
+
+@pytest.fixture(scope="module")
+def multiclass_reference(tmp_path_factory: pytest.TempPathFactory) -> str:
+    rng = random.Random(41)
+    ref = build_reference([_softmax_record(rng, i) for i in range(1500)], window_size=WINDOW,
+                          sims=200)
+    assert ref.proba_width == 3 and ref.estimator is not None
+    path = str(tmp_path_factory.mktemp("mref14") / "reference.json")
+    ref.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def binary_reference(tmp_path_factory: pytest.TempPathFactory) -> str:
+    rng = random.Random(42)
+    ref = build_reference([binary_record(rng, i) for i in range(1500)], window_size=WINDOW,
+                          sims=200)
+    assert ref.prediction_type == "probability" and ref.estimator is not None
+    path = str(tmp_path_factory.mktemp("bref14") / "reference.json")
+    ref.save(path)
+    return path
+
+
+# --- class probabilities that do not sum to 1 ---------------------------------------------------
+def test_the_estimator_refuses_rows_that_do_not_sum_to_1() -> None:
+    """Per-class scores (a sigmoid per class) read as probabilities made up an estimate:
+    ``[0.9, 0.9, 0.9]`` read 92% for a model of 68%."""
+    rng = np.random.default_rng(43)
+    p = rng.dirichlet(np.ones(3), 600)
+    y = np.array([rng.choice(3, p=r) for r in p])
+    est = PerformanceEstimator.fit(p, y)
+    assert est.estimate(np.round(p[:100], 2))["records"] == 100   # rounded outputs pass
+    with pytest.raises(ValueError, match="do not sum to 1"):
+        est.estimate(np.full((100, 3), 0.9))
+    with pytest.raises(ConfigError, match="do not sum to 1"):
+        PerformanceEstimator.fit(np.minimum(p * 2, 1.0), y)
+    b = PerformanceEstimator.fit(p[:, 1] / (p[:, 0] + p[:, 1]), (y == 1).astype(int))
+    with pytest.raises(ValueError, match="do not sum to 1"):   # a binary [p0, p1]
+        b.estimate(np.column_stack([np.full(50, 0.9), p[:50, 1]]))
+
+
+def test_live_class_probabilities_that_do_not_sum_to_1_are_refused(run_daemon,
+                                                                    multiclass_reference):
+    """Against a reference with an estimator, a list that does not sum to 1 is
+    ``invalid_prediction`` (it was accepted, and the window's estimate read it as
+    probabilities); the good records of the same request are kept and estimated."""
+    r = run_daemon(reference=multiclass_reference)
+    rng = random.Random(44)
+    good = [_softmax_record(rng, i) for i in range(WINDOW)]
+    for x in good:
+        del x["label"]
+    bad = [{"id": f"s{i}", "features": {"x": 0.0, "y": 0.0}, "prediction": [0.9, 0.9, 0.9]}
+           for i in range(30)]
+    status, body = r.post("/v1/predictions", _ndjson(bad))   # all of a batch (the fast path)
+    assert status == 400 and body["reasons"] == {"invalid_prediction": 30}, body
+    assert "sum to 1" in body["error"] and "2.7" in body["error"]
+    status, body = r.post("/v1/predictions", _ndjson(good[:50] + bad + good[50:]))
+    assert status == 200 and body["accepted"] == WINDOW and body["rejected"] == 30, body
+    assert "sum to 1" in body["errors"][0]
+    est = r.metric("lrwatch_estimated_accuracy")
+    assert est is not None and est < 0.8   # the softmax rows' estimate (0.9 rows read ~0.92)
+    assert r.daemon.counters["errors"]["invalid_prediction"] == 60
+    assert r.metric("lrwatch_internal_errors_total") == 0
+    assert_balanced(r.daemon)
+
+
+def test_live_binary_lists_that_do_not_sum_to_1_are_refused(run_daemon, binary_reference):
+    """``[p0, p1]`` against a binary reference with an estimator was read as ``p1`` whatever
+    ``p0`` said."""
+    r = run_daemon(reference=binary_reference)
+    recs = [{"id": "a", "features": {"x": 0.1, "y": 0.0}, "prediction": [0.9, 0.7]},
+            {"id": "b", "features": {"x": 0.1, "y": 0.0}, "prediction": [0.3, 0.7]},
+            {"id": "c", "features": {"x": 0.1, "y": 0.0}, "prediction": [0.7]}]
+    status, body = r.post("/v1/predictions", _ndjson(recs))
+    assert status == 200 and body["accepted"] == 2 and body["rejected"] == 1, body
+    assert body["errors"][0].startswith("record 1: class probabilities must sum to 1")
+    assert_balanced(r.daemon)
+
+
+def test_lists_without_an_estimator_are_not_held_to_a_sum(run_daemon, tmp_path) -> None:
+    """A reference without labels has no estimator: its lists (a multi-label model's
+    scores, say) are read by their arg max only, as before."""
+    rng = random.Random(45)
+    rows = [_softmax_record(rng, i) for i in range(600)]
+    for x in rows:
+        del x["label"]
+        x["prediction"] = [min(1.0, 2 * v) for v in x["prediction"]["proba"]]
+    ref = build_reference(rows, window_size=WINDOW, sims=100)
+    assert ref.estimator is None and ref.proba_width == 3
+    path = str(tmp_path / "ref.json")
+    ref.save(path)
+    r = run_daemon(reference=path)
+    status, body = r.post("/v1/predictions", _ndjson(rows[:WINDOW]))
+    assert status == 200 and body == {"accepted": WINDOW, "rejected": 0}, body
+
+
+# --- a binary classifier's prediction outside [0, 1] --------------------------------------------
+def test_a_binary_classifiers_prediction_outside_0_1_is_refused(run_daemon, binary_reference):
+    """Against a reference whose 0/1 labels made it a binary classifier, ``1.7`` or ``-0.2``
+    was accepted and silently left out of the window's estimate (a window of them had no
+    estimate at all, and the gauge kept the last window's)."""
+    r = run_daemon(reference=binary_reference)
+    assert r.daemon.limits.binary_from_labels
+    rng = random.Random(46)
+    good = [binary_record(rng, i, label=False) for i in range(WINDOW)]
+    bad = [dict(binary_record(rng, 1000 + i, label=False), prediction=v)
+           for i, v in enumerate([1.7, -0.2, 2, -1] * 5)]
+    status, body = r.post("/v1/predictions", _ndjson(bad))
+    assert status == 400 and body["reasons"] == {"invalid_prediction": 20}, body
+    assert "outside [0, 1]" in body["error"]
+    status, body = r.post("/v1/predictions", _ndjson(good[:50] + bad + good[50:]))
+    assert status == 200 and body["accepted"] == WINDOW and body["rejected"] == 20, body
+    assert r.daemon.counters["windows"] == 1
+    assert r.metric("lrwatch_estimated_accuracy") is not None
+    assert_balanced(r.daemon)

@@ -35,6 +35,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .estimation import PROBA_SUM_TOLERANCE
+
 __all__ = ["EstimateTracker", "MAX_TRACKED", "window_probabilities"]
 
 #: Windows whose estimate waits for its labels (the oldest are dropped uncompared).
@@ -45,8 +47,10 @@ def window_probabilities(preds: Sequence[Any], prediction_type: str, width: int 
                          ) -> np.ndarray | None:
     """The window's predictions as the estimator reads them: ``(n,)`` class-1 probabilities
     (``probability``) or ``(n, k)`` (``probabilities``). Predictions that do not fit (another
-    width, a value outside [0, 1]; validation rejects those once the reference is known) are
-    left out. ``None`` when nothing is left."""
+    width, a value outside [0, 1], a list that does not sum to 1; validation rejects those once
+    the reference is known, and a live reference's later records were validated before it
+    was) are left out: the estimator would refuse the whole window for one of them. ``None``
+    when nothing is left."""
     if prediction_type == "probability":
         try:  # the common case, one C-level conversion
             a = np.array(preds, dtype=np.float64)
@@ -62,7 +66,8 @@ def window_probabilities(preds: Sequence[Any], prediction_type: str, width: int 
                          dtype=np.float64)
         if a.ndim != 2 or (width is not None and a.shape[1] != width):
             return None
-        a = a[((a >= 0.0) & (a <= 1.0)).all(axis=1)]
+        a = a[((a >= 0.0) & (a <= 1.0)).all(axis=1)
+              & (np.abs(a.sum(axis=1) - 1.0) <= PROBA_SUM_TOLERANCE)]
     return a if len(a) else None
 
 

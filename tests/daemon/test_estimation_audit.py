@@ -144,3 +144,24 @@ def test_a_binary_classifiers_prediction_outside_0_1_is_refused(run_daemon, bina
     assert r.daemon.counters["windows"] == 1
     assert r.metric("lrwatch_estimated_accuracy") is not None
     assert_balanced(r.daemon)
+
+
+def test_lists_accepted_before_a_live_reference_do_not_cost_their_window_its_estimate(
+        run_daemon) -> None:
+    """The records after a live reference's rows are validated before it is known, so lists
+    that do not sum to 1 get in there: the estimator refused the whole window for them (an
+    internal error, no estimate for its good records). They are left out of the estimate,
+    as values outside [0, 1] already were."""
+    rng = random.Random(47)
+    r = run_daemon(reference=None, live_records=1000)
+    recs = [_softmax_record(rng, i) for i in range(1000 + 2 * WINDOW)]
+    for i in range(1000, 1000 + WINDOW, 2):
+        recs[i]["prediction"] = [0.9, 0.9, 0.9]
+    status, body = r.post("/v1/predictions", _ndjson(recs))
+    assert status == 200 and body["accepted"] == len(recs), body
+    r.daemon.drain()
+    assert r.daemon.reference is not None and r.daemon.reference.estimator is not None
+    assert r.daemon.counters["windows"] == 2
+    # inline labels: each estimated window is compared with them at once
+    assert r.metric("lrwatch_estimation_windows_compared_total") == 2
+    assert r.metric("lrwatch_internal_errors_total") == 0

@@ -66,7 +66,8 @@ def _labels_and_proba(rows: Sequence[Mapping[str, Any]], ref: Reference
     labels = np.empty(len(idx), dtype=np.int64)
     for j, i in enumerate(idx):
         k = keys[i]
-        if not (k.isdigit() and (ref.prediction_type == "probabilities" or k in ("0", "1"))):
+        if not (k.isascii() and k.isdigit() and (len(k) == 1 or k[0] != "0")
+                and (ref.prediction_type == "probabilities" or k in ("0", "1"))):
             want = "0 or 1" if ref.prediction_type == "probability" else "class indexes 0..k-1"
             raise ConfigError(f"label {rows[i].get('label')!r} is not a class the "
                               f"probabilities name ({want})")

@@ -557,8 +557,9 @@ def labels_are_classes(labels: Iterable[Any], limits: Limits) -> bool:
         for v in labels:
             if v is None:
                 continue
-            k = _class_key(v)
-            if not (k.isascii() and k.isdigit() and int(k) < width):
+            k = _class_key(v)   # "01" is no class index: scored as a string it never
+            if not (k.isascii() and k.isdigit() and int(k) < width  # matched class 1
+                    and (len(k) == 1 or k[0] != "0")):
                 return False
     return True
 

@@ -165,3 +165,32 @@ def test_lists_accepted_before_a_live_reference_do_not_cost_their_window_its_est
     # inline labels: each estimated window is compared with them at once
     assert r.metric("lrwatch_estimation_windows_compared_total") == 2
     assert r.metric("lrwatch_internal_errors_total") == 0
+
+
+# --- a zero-padded class index -------------------------------------------------------------------
+def test_a_zero_padded_class_index_is_no_label(run_daemon, multiclass_reference) -> None:
+    """``"01"`` passed the class check against a reference of probability lists (its digits
+    name class 1) but was scored as the string ``"01"``, which no predicted class matched:
+    every such label read as a wrong prediction (realised accuracy 0, estimation error +0.67,
+    the accuracy and estimation alerts armed). It is ``invalid_label`` now, inline and
+    delayed, and a reference with such labels fits no estimator (it read them as classes)."""
+    r = run_daemon(reference=multiclass_reference)
+    rng = random.Random(48)
+    recs = [_softmax_record(rng, i) for i in range(WINDOW)]
+    labels = [{"id": x["id"], "label": "%02d" % x.pop("label")} for x in recs]
+    status, body = r.post("/v1/predictions", _ndjson(
+        [dict(recs[0], id="inline", label="01")] + recs))
+    assert status == 200 and body["rejected"] == 1, body
+    assert body["reasons"] == {"invalid_label": 1} and "class index 0..2" in body["errors"][0]
+    status, body = r.post("/v1/labels", _ndjson(labels))
+    assert status == 400 and body["reasons"] == {"invalid_label": WINDOW}, body
+    assert r.metric("lrwatch_model_accuracy") is None or math.isnan(
+        r.metric("lrwatch_model_accuracy"))
+    assert r.daemon.counters["labels_joined"] == 0
+    assert_balanced(r.daemon)
+
+    rows = [_softmax_record(rng, i) for i in range(300)]
+    for x in rows:
+        x["label"] = "%02d" % x["label"]
+    ref = build_reference(rows, calibrate=False)
+    assert ref.estimator is None and "is not a class" in " ".join(ref.notes), ref.notes

@@ -78,8 +78,12 @@ class EstimateTracker:
     window's error to :attr:`completed`; :meth:`take_completed` hands them over."""
 
     def __init__(self, estimator: Any, prediction_type: str, *, horizon: float,
-                 width: int | None = None, min_labels: int = 30) -> None:
+                 width: int | None = None, min_labels: int = 30,
+                 reference: float | None = None) -> None:
         self.estimator = estimator
+        #: when the reference (with its estimator) was built: a saved state of another
+        #: reference's estimates is not restored (:meth:`load_state_dict`)
+        self.reference = reference
         self.prediction_type = prediction_type
         self.horizon = float(horizon)
         self.width = width
@@ -134,8 +138,21 @@ class EstimateTracker:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"open": [[i, *w] for i, w in self._open.items()]}
+        state: dict[str, Any] = {"open": [[i, *w] for i, w in self._open.items()]}
+        if self.reference is not None:
+            state["reference"] = self.reference
+        return state
 
-    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> bool:
+        """Resume the estimates waiting for their labels; whether they were restored. Those of
+        another reference (one rebuilt between two runs) are not: its estimator made them,
+        and their errors would be exported as this one's (``LrwatchEstimationInaccurate``
+        kept firing for hours after the rebuild it asks for)."""
+        state = state or {}
+        saved = state.get("reference")
+        if saved is not None and self.reference is not None and float(saved) != self.reference:
+            self._open = OrderedDict()
+            return False
         self._open = OrderedDict((int(r[0]), [float(v) for v in r[1:6]])
-                                 for r in (state or {}).get("open", []))
+                                 for r in state.get("open", []))
+        return True

@@ -99,7 +99,8 @@ class OutputsMixin:
             return None
         return EstimateTracker(est, ref.prediction_type, horizon=self.config.label_horizon_seconds,
                                width=ref.proba_width,
-                               min_labels=self.config.estimation_min_window_labels)
+                               min_labels=self.config.estimation_min_window_labels,
+                               reference=ref.created)
 
     def _output_values(self, w: Window, n: int, x: np.ndarray, cats: list[np.ndarray],
                        res: DriftResult, proba: np.ndarray | None) -> dict[str, float]:

@@ -194,3 +194,38 @@ def test_a_zero_padded_class_index_is_no_label(run_daemon, multiclass_reference)
         x["label"] = "%02d" % x["label"]
     ref = build_reference(rows, calibrate=False)
     assert ref.estimator is None and "is not a class" in " ".join(ref.notes), ref.notes
+
+
+# --- a reference rebuilt between two runs --------------------------------------------------------
+def test_estimates_of_a_rebuilt_reference_are_not_compared_as_this_ones(
+        binary_reference, tmp_path) -> None:
+    """The estimates waiting for their labels were restored whatever reference made them:
+    after `lrwatch baseline build` and a restart, the old estimator's errors were exported
+    as the new one's (for up to 256 windows), so ``LrwatchEstimationInaccurate``, which asks
+    for that rebuild, kept being fed. With the same reference they are still compared."""
+    from lrwatch.daemon import Daemon, DaemonConfig
+
+    rng = random.Random(49)
+    rebuilt = build_reference([binary_record(rng, i) for i in range(1500)], window_size=WINDOW,
+                              sims=200)
+    rebuilt_path = str(tmp_path / "rebuilt.json")
+    rebuilt.save(rebuilt_path)
+    recs = [binary_record(rng, 5000 + i, t=1000.0 + i) for i in range(2 * WINDOW)]
+    labels = [{"id": x["id"], "label": x.pop("label")} for x in recs]
+
+    def run(state: str, reference: str, kind: str, body: list[dict[str, Any]]) -> Any:
+        d = Daemon(DaemonConfig(reference=reference, window_size=WINDOW, port=0,
+                                state_dir=state, log_alerts=False))
+        d.start()
+        try:
+            status, out = d.submit(kind, _ndjson(body).encode())
+            assert status == 200, out
+            assert d.drain()
+            return d.registry.get_sample_value("lrwatch_estimation_windows_compared_total")
+        finally:
+            d.stop(timeout=5)
+
+    for name, second, compared in (("same", binary_reference, 2), ("rebuilt", rebuilt_path, 0)):
+        state = str(tmp_path / name)
+        assert run(state, binary_reference, "predictions", recs) == 0   # estimated, no labels
+        assert run(state, second, "labels", labels) == compared, name

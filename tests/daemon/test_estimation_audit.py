@@ -229,3 +229,68 @@ def test_estimates_of_a_rebuilt_reference_are_not_compared_as_this_ones(
         state = str(tmp_path / name)
         assert run(state, binary_reference, "predictions", recs) == 0   # estimated, no labels
         assert run(state, second, "labels", labels) == compared, name
+
+
+# --- the drop rule end to end, on a real dataset -------------------------------------------------
+def test_the_drop_rule_fires_on_a_real_drop_and_not_on_an_unshifted_stream(tmp_path) -> None:
+    """The audit's end-to-end check (not a defect): a scikit-learn model on breast cancer,
+    a labelled reference of its jittered rows, then unlabelled windows through the daemon.
+    Unshifted windows leave the serving pack's ``estimated_accuracy_drop`` quiet; windows
+    selected towards hard examples (as ``benchmarks/performance_estimation.py`` builds its
+    ``drop`` streams), whose realised accuracy is >= 3 points lower, fire it within 2."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from lrwatch.daemon import Daemon, DaemonConfig
+
+    x, y = datasets.load_breast_cancer(return_X_y=True)
+    x_tr, x_pool, y_tr, y_pool = train_test_split(x, y, train_size=0.4, stratify=y,
+                                                  random_state=0)
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=2000))
+    model.fit(x_tr, y_tr)
+    sd = x_tr.std(axis=0) * 0.1
+    rng = np.random.default_rng(1)
+    conf = np.abs(model.predict_proba(x_pool)[:, 1] - 0.5) + 0.5
+    hard = np.exp(2.0 * (1.0 - conf) / 0.5)
+    hard /= hard.sum()
+    n = 0
+
+    def rows(count: int, weights: np.ndarray | None, labelled: bool) -> tuple[list, float]:
+        nonlocal n
+        idx = rng.choice(len(y_pool), count, p=weights)
+        xs = x_pool[idx] + rng.standard_normal((count, x.shape[1])) * sd
+        p = model.predict_proba(xs)[:, 1]
+        out = []
+        for j, i in enumerate(idx):
+            r = {"id": f"r{n}", "features": {f"f{c}": float(xs[j, c]) for c in range(4)},
+                 "prediction": float(p[j])}
+            if labelled:
+                r["label"] = int(y_pool[i])
+            out.append(r)
+            n += 1
+        return out, float(((p >= 0.5) == y_pool[idx]).mean())
+
+    ref_rows, ref_acc = rows(2000, None, True)
+    ref = build_reference(ref_rows, window_size=500, sims=200)
+    assert ref.estimator is not None
+    path = str(tmp_path / "reference.json")
+    ref.save(path)
+    d = Daemon(DaemonConfig(reference=path, window_size=500, port=0, log_alerts=False))
+    d.start()
+    try:
+        fired = []
+        for w in range(5):
+            recs, acc = rows(500, hard if w >= 3 else None, False)
+            status, body = d.submit("predictions", _ndjson(recs).encode())
+            assert status == 200, body
+            assert d.drain()
+            fired.append("estimated_accuracy_drop" in d.engine.active)
+            if w >= 3:
+                assert acc <= ref_acc - 0.03, (w, acc, ref_acc)   # a real drop
+            assert abs(d.last["values"]["estimated_accuracy"] - acc) < 0.03
+        assert fired == [False, False, False, False, True]
+    finally:
+        d.stop(timeout=5)

@@ -75,6 +75,12 @@ def _labels_and_proba(rows: Sequence[Mapping[str, Any]], ref: Reference
     preds = [unwrap_prediction(rows[i].get("prediction")) for i in idx]
     if ref.prediction_type == "probability":  # [p0, p1] among them: p1, [p]: p
         preds = [p[-1] if type(p) is list and len(p) in (1, 2) else p for p in preds]
+    else:
+        widths = sorted({len(p) if type(p) is list else 0 for p in preds})
+        if len(widths) > 1:   # numpy's own message said "inhomogeneous shape"
+            raise ConfigError(f"the labelled rows' predictions are not lists of one width "
+                              f"(widths {widths[:4]}; 0: not a list): send one model's class "
+                              f"probabilities, one per class, in every record")
     proba = np.array(preds, dtype=np.float64)
     return proba, labels
 

@@ -294,3 +294,14 @@ def test_the_drop_rule_fires_on_a_real_drop_and_not_on_an_unshifted_stream(tmp_p
         assert fired == [False, False, False, False, True]
     finally:
         d.stop(timeout=5)
+
+
+def test_a_reference_of_lists_of_several_widths_says_why_it_fits_no_estimator() -> None:
+    """Lists of 3 and 4 class probabilities (two model versions) fitted no estimator, with
+    numpy's "inhomogeneous shape" message as the reason."""
+    rng = random.Random(50)
+    rows = [_softmax_record(rng, i, k=3 if i % 2 else 4) for i in range(200)]
+    ref = build_reference(rows, calibrate=False)
+    assert ref.estimator is None
+    (note,) = ref.notes
+    assert "not lists of one width (widths [3, 4]" in note and "inhomogeneous" not in note

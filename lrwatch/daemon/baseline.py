@@ -60,9 +60,13 @@ def build_reference(records: Iterable[Mapping[str, Any]], *, kinds: Mapping[str,
 
 def _labels_and_proba(rows: Sequence[Mapping[str, Any]], ref: Reference
                       ) -> tuple[np.ndarray, np.ndarray]:
-    """The labelled rows' probabilities and integer labels (class index; binary: 0/1)."""
+    """The labelled rows' probabilities and integer labels (class index; binary: 0/1). A row
+    without a prediction (an empty CSV cell, a record without the key) says nothing about the
+    model's confidence and is left out, as an unlabelled one is (it read as NaN and fitted no
+    estimator at all)."""
     keys = [cat_key(r.get("label")) for r in rows]
-    idx = [i for i, k in enumerate(keys) if k is not None]
+    idx = [i for i, k in enumerate(keys)
+           if k is not None and unwrap_prediction(rows[i].get("prediction")) is not None]
     labels = np.empty(len(idx), dtype=np.int64)
     for j, i in enumerate(idx):
         k = keys[i]

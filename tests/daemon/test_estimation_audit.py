@@ -305,3 +305,25 @@ def test_a_reference_of_lists_of_several_widths_says_why_it_fits_no_estimator() 
     assert ref.estimator is None
     (note,) = ref.notes
     assert "not lists of one width (widths [3, 4]" in note and "inhomogeneous" not in note
+
+
+def test_labelled_rows_without_a_prediction_do_not_cost_the_reference_its_estimator(
+        tmp_path) -> None:
+    """Two of 300 labelled rows without a prediction (an empty CSV cell, a JSONL record
+    without the key) fitted no estimator, with "proba has 2 NaN or infinite values" as the
+    reason; they are left out of the fit, as unlabelled rows are."""
+    from lrwatch.daemon import read_data
+
+    rng = random.Random(51)
+    rows = [binary_record(rng, i) for i in range(300)]
+    jsonl, csv = tmp_path / "ref.jsonl", tmp_path / "ref.csv"
+    jsonl.write_text("".join(json.dumps({k: v for k, v in r.items()
+                                         if not (i in (3, 4) and k == "prediction")}) + "\n"
+                             for i, r in enumerate(rows)))
+    csv.write_text("x,y,prediction,label\n" + "".join(
+        f"{r['features']['x']},{r['features']['y']},"
+        f"{'' if i in (3, 4) else r['prediction']},{r['label']}\n" for i, r in enumerate(rows)))
+    for path in (jsonl, csv):
+        ref = build_reference(read_data(str(path)), calibrate=False)
+        assert ref.prediction_type == "probability" and not ref.notes, (path, ref.notes)
+        assert ref.estimator is not None and ref.estimator["reference_rows"] == 298

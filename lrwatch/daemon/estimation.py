@@ -370,7 +370,9 @@ class PerformanceEstimator:
         (binary; ``(n, 2)`` works too) or ``(n, k)`` class probabilities; ``labels``: ``(n,)``
         class indices (or names listed in ``classes``). Raises
         :class:`~lrwatch.errors.ConfigError` on too few rows, NaNs, labels outside the classes,
-        a shape mismatch or rows of class probabilities that do not sum to 1."""
+        a shape mismatch, rows of class probabilities that do not sum to 1, or a reference
+        with nothing to calibrate on (binary labels of one class; a multiclass model right, or
+        wrong, on every row)."""
         if method not in METHODS:
             raise ConfigError(f"unknown estimation method {method!r}; choose one of {METHODS}")
         if n_bags < 2 or not 0.0 <= prior_weight < 10.0:
@@ -384,6 +386,8 @@ class PerformanceEstimator:
                               f"labelled reference rows, got {len(a)}")
         y = _as_labels(labels, len(a), k, classes)
         target = y.astype(np.float64) if a.ndim == 1 else (a.argmax(axis=1) == y) * 1.0
+        if target.min() == target.max():
+            raise ConfigError(_one_sided(a, y))
         rng = np.random.default_rng(seed)
         if method == "auto":
             method = _choose_method(a, target, rng, prior_weight)
@@ -505,6 +509,23 @@ class PerformanceEstimator:
         if not (math.isfinite(est.baseline) and math.isfinite(est.baseline_sd)):
             raise ConfigError("estimator dict has a non-finite baseline")
         return est
+
+
+def _one_sided(a: np.ndarray, y: np.ndarray) -> str:
+    """Why a reference whose calibration target never varies cannot be fitted: binary labels
+    of one class (every class-1 prediction read as wrong, for sure), or a multiclass model
+    right (or wrong) on every row, which pinned every window's estimate at 100% with a band
+    of zero width, whatever its confidences, so the drop rule could never fire."""
+    n = len(y)
+    if a.ndim == 1:
+        return (f"the reference's {n} labels are all {int(y[0])}: the estimator learns how "
+                f"often the model is right at each confidence from labelled rows of both "
+                f"classes (add labelled rows of class {1 - int(y[0])})")
+    right = bool(a[0].argmax() == y[0])
+    return (f"the model is {'right' if right else 'wrong'} on every one of the {n} labelled "
+            f"reference rows: the estimator learns how its accuracy changes with its "
+            f"confidence from rows it gets right and wrong (add labelled rows it gets "
+            f"{'wrong' if right else 'right'}: a larger or harder sample)")
 
 
 def _correct(a: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -327,3 +327,33 @@ def test_labelled_rows_without_a_prediction_do_not_cost_the_reference_its_estima
         ref = build_reference(read_data(str(path)), calibrate=False)
         assert ref.prediction_type == "probability" and not ref.notes, (path, ref.notes)
         assert ref.estimator is not None and ref.estimator["reference_rows"] == 298
+
+
+# --- a reference with nothing to calibrate on ------------------------------------------------------
+def _always_right(rng: random.Random, i: int) -> dict[str, Any]:
+    """A 3-class model sure enough on its reference to be right on every row."""
+    label = rng.randrange(3)
+    top = rng.uniform(0.7, 1.0)
+    rest = (1.0 - top) * rng.random()
+    p = [0.0, 0.0, 0.0]
+    p[label], p[(label + 1) % 3], p[(label + 2) % 3] = top, rest, 1.0 - top - rest
+    return {"id": f"a{i}", "features": {"x": rng.gauss(0, 1)}, "prediction": p, "label": label}
+
+
+def test_a_reference_the_model_is_always_right_on_fits_no_estimator() -> None:
+    """A multiclass model right on every labelled reference row (an easy problem, a small
+    sample) fitted an estimator whose every window read 100% with a band of zero width,
+    however unsure the window's predictions, so the drop rule could never fire. Binary labels
+    of one class likewise read every class-1 prediction as wrong, for sure. Neither fits one
+    now; the note says what to add."""
+    rng = random.Random(52)
+    rows = [_always_right(rng, i) for i in range(300)]
+    ref = build_reference(rows, calibrate=False)
+    assert ref.proba_width == 3 and ref.estimator is None, ref.estimator
+    (note,) = ref.notes
+    assert "right on every one of the 300 labelled reference rows" in note
+    with pytest.raises(ConfigError, match="labels are all 0"):
+        PerformanceEstimator.fit(np.linspace(0.01, 0.99, 100), np.zeros(100, dtype=int))
+    # one wrong row is enough to calibrate on
+    rows[0]["label"] = (rows[0]["label"] + 1) % 3
+    assert build_reference(rows, calibrate=False).estimator is not None

@@ -372,7 +372,7 @@ class PerformanceEstimator:
         :class:`~lrwatch.errors.ConfigError` on too few rows, NaNs, labels outside the classes,
         a shape mismatch, rows of class probabilities that do not sum to 1, or a reference
         with nothing to calibrate on (binary labels of one class; a multiclass model right, or
-        wrong, on every row)."""
+        wrong, on every row; one confidence on every row)."""
         if method not in METHODS:
             raise ConfigError(f"unknown estimation method {method!r}; choose one of {METHODS}")
         if n_bags < 2 or not 0.0 <= prior_weight < 10.0:
@@ -388,6 +388,13 @@ class PerformanceEstimator:
         target = y.astype(np.float64) if a.ndim == 1 else (a.argmax(axis=1) == y) * 1.0
         if target.min() == target.max():
             raise ConfigError(_one_sided(a, y))
+        conf = _score(a)
+        if conf.min() == conf.max():
+            raise ConfigError(
+                f"the model's confidence is {conf[0]:.4g} on every one of the {len(a)} "
+                f"labelled reference rows (hard one-hot outputs, or a constant model): the "
+                f"estimator learns how often the model is right at each confidence, and there "
+                f"is only one (send the model's probabilities)")
         rng = np.random.default_rng(seed)
         if method == "auto":
             method = _choose_method(a, target, rng, prior_weight)

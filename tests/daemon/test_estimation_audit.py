@@ -141,8 +141,8 @@ def test_a_binary_classifiers_prediction_outside_0_1_is_refused(run_daemon, bina
     assert "outside [0, 1]" in body["error"]
     status, body = r.post("/v1/predictions", _ndjson(good[:50] + bad + good[50:]))
     assert status == 200 and body["accepted"] == WINDOW and body["rejected"] == 20, body
+    assert r.metric("lrwatch_estimated_accuracy") is not None   # (drains first)
     assert r.daemon.counters["windows"] == 1
-    assert r.metric("lrwatch_estimated_accuracy") is not None
     assert_balanced(r.daemon)
 
 
@@ -357,3 +357,23 @@ def test_a_reference_the_model_is_always_right_on_fits_no_estimator() -> None:
     # one wrong row is enough to calibrate on
     rows[0]["label"] = (rows[0]["label"] + 1) % 3
     assert build_reference(rows, calibrate=False).estimator is not None
+
+
+def test_a_reference_of_one_confidence_fits_no_estimator() -> None:
+    """A model that sends hard one-hot outputs (or one constant probability) has one
+    confidence on every reference row: the calibrators had one point to learn from, so a
+    window of real probabilities extrapolated to an estimated accuracy of 0 with a drop of
+    10^5 standard errors (the reference's spread was 0)."""
+    rng = random.Random(53)
+    rows = []
+    for i in range(300):
+        c = rng.randrange(3)
+        rows.append({"id": f"h{i}", "features": {"x": rng.gauss(0, 1)},
+                     "prediction": [1.0 if j == c else 0.0 for j in range(3)],
+                     "label": c if rng.random() < 0.7 else (c + 1) % 3})
+    ref = build_reference(rows, calibrate=False)
+    assert ref.proba_width == 3 and ref.estimator is None, ref.estimator
+    (note,) = ref.notes
+    assert "confidence is 1 on every one of the 300 labelled reference rows" in note
+    with pytest.raises(ConfigError, match="confidence is 0.7 on every one"):
+        PerformanceEstimator.fit(np.full(100, 0.7), np.arange(100) % 2)

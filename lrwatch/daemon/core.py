@@ -256,10 +256,8 @@ class Daemon(WindowsMixin, EvaluationMixin, OutputsMixin, PublishingMixin):
                 _log.warning("rule state not restored: %s", exc)
             self.last = snap.get("last") or {}
             self.coverage.load_state_dict(snap.get("coverage") or {})
-            if self.estimates is not None and not self.estimates.load_state_dict(
-                    snap.get("estimates")):
-                _log.warning("the estimates waiting for their labels were made with another "
-                             "reference's estimator: they are not compared")
+            if self.estimates is not None:
+                self.estimates.load_state_dict(snap.get("estimates"))
             self.metrics.restore_totals(snap.get("metric_totals") or {}, self._actions())
         self.metrics.restore(self.counters)
         assert self.journal is not None

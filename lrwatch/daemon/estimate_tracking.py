@@ -30,6 +30,7 @@ Examples
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from typing import Any, Mapping, Sequence
 
@@ -38,6 +39,8 @@ import numpy as np
 from .estimation import PROBA_SUM_TOLERANCE
 
 __all__ = ["EstimateTracker", "MAX_TRACKED", "window_probabilities"]
+
+_log = logging.getLogger("lrwatch.daemon")
 
 #: Windows whose estimate waits for its labels (the oldest are dropped uncompared).
 MAX_TRACKED = 256
@@ -152,6 +155,8 @@ class EstimateTracker:
         saved = state.get("reference")
         if saved is not None and self.reference is not None and float(saved) != self.reference:
             self._open = OrderedDict()
+            _log.warning("the estimates waiting for their labels were made with another "
+                         "reference's estimator (one rebuilt since): they are not compared")
             return False
         self._open = OrderedDict((int(r[0]), [float(v) for v in r[1:6]])
                                  for r in state.get("open", []))

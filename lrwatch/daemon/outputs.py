@@ -66,12 +66,12 @@ class OutputsMixin:
                 self.limits, binary_probability=True,
                 binary_from_labels=ref.prediction_basis == "labels" or bool(ref.estimator))
             self.ingest.limits = self.limits
-        if ref.estimator and ref.prediction_type in ESTIMABLE:
-            # its rows summed to 1 (the estimator's fit checks): live lists must too, or the
-            # estimator refuses the whole window (and per-class scores made up an estimate)
+        self.estimates = self._make_tracker(ref)
+        if self.estimates is not None:
+            # the reference's rows summed to 1 (the estimator's fit checks): live lists must
+            # too, or they are left out of the estimate (per-class scores made one up)
             self.limits = dataclasses.replace(self.limits, proba_sum=True)
             self.ingest.limits = self.limits
-        self.estimates = self._make_tracker(ref)
         names: tuple[str, ...] = ()
         if self.estimates is not None:
             names = ESTIMATED_METRICS if self.estimates.estimator.n_classes == 2 \

@@ -125,6 +125,16 @@ def test_lists_without_an_estimator_are_not_held_to_a_sum(run_daemon, tmp_path) 
     assert status == 200 and body == {"accepted": WINDOW, "rejected": 0}, body
 
 
+def test_lists_are_not_held_to_a_sum_with_estimation_off(run_daemon, multiclass_reference):
+    """``estimation: {enabled: false}``: no estimator reads the lists, so their sums are not
+    checked (the reference's estimator is not used)."""
+    r = run_daemon(reference=multiclass_reference, estimation=False)
+    recs = [{"id": f"s{i}", "features": {"x": 0.0, "y": 0.0}, "prediction": [0.9, 0.9, 0.9]}
+            for i in range(10)]
+    status, body = r.post("/v1/predictions", _ndjson(recs))
+    assert status == 200 and body == {"accepted": 10, "rejected": 0}, body
+
+
 # --- a binary classifier's prediction outside [0, 1] --------------------------------------------
 def test_a_binary_classifiers_prediction_outside_0_1_is_refused(run_daemon, binary_reference):
     """Against a reference whose 0/1 labels made it a binary classifier, ``1.7`` or ``-0.2``

@@ -82,8 +82,8 @@ PRIOR_WEIGHT = 0.0
 CROSS_FOLDS = 5
 #: How far a row of class probabilities may sum from 1 (outputs rounded to two decimals, or
 #: float16 softmaxes, pass; per-class sigmoid scores of a multi-label model do not). The
-#: daemon refuses live lists off by more (``invalid_prediction``) against a reference with
-#: an estimator.
+#: daemon refuses live lists off by more (``invalid_prediction``) while it estimates
+#: performance.
 PROBA_SUM_TOLERANCE = 0.05
 
 

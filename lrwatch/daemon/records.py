@@ -118,8 +118,8 @@ class Limits:
     #: a classifier for sure. Without them it may be a regression with outputs in [0, 1], and
     #: a fractional label's message says how to have it read as one
     binary_from_labels: bool = False
-    #: the reference has a performance estimator, which reads lists as class probabilities:
-    #: a list of two or more must sum to 1 (within ``estimation.PROBA_SUM_TOLERANCE``)
+    #: the daemon estimates performance, and its estimator reads lists as class
+    #: probabilities: a list of two or more must sum to 1 (``estimation.PROBA_SUM_TOLERANCE``)
     proba_sum: bool = False
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from daemon_helpers import WINDOW, assert_balanced, binary_record
+from daemon_helpers import WINDOW, assert_balanced, binary_record, saved_binary_reference
 from lrwatch.daemon import build_reference
 from lrwatch.daemon.estimation import PerformanceEstimator
 from lrwatch.errors import ConfigError
@@ -43,13 +43,7 @@ def multiclass_reference(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="module")
 def binary_reference(tmp_path_factory: pytest.TempPathFactory) -> str:
-    rng = random.Random(42)
-    ref = build_reference([binary_record(rng, i) for i in range(1500)], window_size=WINDOW,
-                          sims=200)
-    assert ref.prediction_type == "probability" and ref.estimator is not None
-    path = str(tmp_path_factory.mktemp("bref14") / "reference.json")
-    ref.save(path)
-    return path
+    return saved_binary_reference(tmp_path_factory, 42, 1500, 200, "bref14")
 
 
 # --- class probabilities that do not sum to 1 ---------------------------------------------------

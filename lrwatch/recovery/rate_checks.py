@@ -25,6 +25,8 @@ __all__ = ["RateChecks"]
 
 log = logging.getLogger("lrwatch")
 _EVENT = {"lrwatch_event": True}   # (as the executor's: a record that reports an action)
+#: Why a range test was skipped for an optimizer whose every group is at rate 0.
+NO_POSITIVE_RATE = "every parameter group's learning rate is 0: there is no rate to test"
 
 
 class RateChecks:
@@ -48,6 +50,14 @@ class RateChecks:
     _snaps: Any
     _internal_error: Callable[[str], None]   # the Watcher's: counted and logged, not raised
 
+    def _positive_rate(self) -> float | None:
+        """The configured rate a range test scales (``configured_rate``), or ``None`` when
+        there is none to test: no rate to set, or every group's rate at 0."""
+        if not rates_settable(self.optimizer):
+            return None
+        lr = configured_rate(self.optimizer, self.scheduler, self.policy.lr_scale)
+        return lr if lr > 0 else None
+
     def _probe(self, p: Plan, at: int) -> Plan:
         """Measure the rate for ``p`` with a range test from the restored state; the policy
         takes the measured rate (or its fixed factor when the test cannot run)."""
@@ -55,7 +65,7 @@ class RateChecks:
         before = self.policy.lr_scale
         measured, steps, failed = None, 0, None
         # (no batch seen yet, or no rate to set: the fixed factor stands in)
-        have = bool(self._recent) and rates_settable(self.optimizer)
+        have = bool(self._recent) and self._positive_rate() is not None
         if self.dist.active:   # every rank tests or none: the test's steps are collectives
             have = all(self.dist.gather(have))
         if have:
@@ -84,14 +94,15 @@ class RateChecks:
         """The pre-flight range test on the first ``lr_check_steps`` batches of ``it``; those
         batches are then trained on as usual (the returned iterator yields them first)."""
         assert self.recovery is not None and self._probe_loss is not None
-        if not rates_settable(self.optimizer):
+        lr = self._positive_rate()
+        if lr is None:
+            why = NO_RATES if not rates_settable(self.optimizer) else NO_POSITIVE_RATE
             self.policy.lr_checked(0)
-            log.info("lrwatch: learning-rate check skipped: %s", NO_RATES)
+            log.info("lrwatch: learning-rate check skipped: %s", why)
             self._late_records.append({"type": "lr_check", "step": self.step, "steps": 0,
-                                       "cost_steps": 0, "lr_factor": 1.0, "reason": NO_RATES})
+                                       "cost_steps": 0, "lr_factor": 1.0, "reason": why})
             return it
         first = list(itertools.islice(it, self.recovery.lr_check_steps))
-        lr = configured_rate(self.optimizer, self.scheduler, self.policy.lr_scale)
         factor, steps, cost, why = None, 0, 0, "no batch to test on"
         if first:
             self._probing = True

@@ -86,3 +86,34 @@ def test_lr_find_says_it_needs_a_rate_to_set() -> None:
     batches = [next(_data())]
     with pytest.raises(lrwatch.ConfigError, match="hold no learning rate to set"):
         lrwatch.lr_find(model, opt, batches, nn.functional.cross_entropy)
+
+
+def test_every_group_at_rate_0_skips_the_range_tests_without_an_internal_error(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The fourteenth round: every group at rate 0 and no scheduler (a run whose rates a
+    callback of its own sets later, or all frozen) made ``lr_check`` and a rollback's probe
+    raise inside lrwatch ("the rate range must satisfy 0 < min_lr < max_lr, got 0.0..0.0"),
+    counted as internal errors with a traceback in the log. They are skipped, saying why."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    rules = write_flag_rules(tmp_path / "rules.yml", flag_rule("poisoned", "poison"))
+    with caplog.at_level(logging.INFO, logger="lrwatch"):
+        w = lrwatch.Watcher(
+            model, opt, flush_every=1, rules=rules,
+            probe_loss=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]),
+            recovery={"good_after": 3, "min_interval": 2, "cooldown": 0, "sudden_hold": 0,
+                      "probe": "auto", "lr_check": "auto"})
+        for i, (x, y) in enumerate(w.batches(_data())):
+            if i >= 30:
+                break
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            w.log(loss=loss, poison=1.0 if i == 15 else 0.0)
+        w.close()
+    assert w.policy.rollbacks == 1 and w.step == 30
+    assert "lrwatch_internal_errors_total 0.0" in generate_latest(w.registry).decode()
+    said = [r.getMessage() for r in caplog.records]
+    assert any("learning-rate check skipped" in m and "rate is 0" in m for m in said), said

@@ -245,6 +245,8 @@ def suggest(lrs: Sequence[float], smoothed: Sequence[float], rule: str = "stable
     >>> s = suggest(lrs, [5, 5, 4.9, 4, 3, 2, 2.5, 8, 30], "stable", 0.1)
     >>> [round(x, 6) for x in s[:3]]
     [0.031623, 0.017783, 0.003162]
+    >>> suggest(lrs, [5.0] * 9, "stable", 0.3)[3][:44]
+    'the loss did not move at any rate in the ran'
     """
     if not smoothed:
         return None, None, None, "no steps ran"
@@ -255,6 +257,11 @@ def suggest(lrs: Sequence[float], smoothed: Sequence[float], rule: str = "stable
                   for i in range(i_min)]
         j = min(range(len(slopes)), key=lambda i: slopes[i])
         steep = math.sqrt(lrs[j] * lrs[j + 1])   # the middle of the steepest segment
+    if i_min == 0 and max(smoothed) - smoothed[0] <= 1e-9 * max(1.0, abs(smoothed[0])):
+        return None, None, None, ("the loss did not move at any rate in the range: the "
+                                  "parameters the optimizer steps may not reach the loss "
+                                  "(frozen, or a loss computed without them), or every rate "
+                                  "is too small to show: raise max_lr")
     if i_min == 0:
         return None, steep, None, ("the loss fell at no rate in the range: the lowest rate "
                                    f"{lrs[0]:.3g} is already past the edge, or the range is "

@@ -15,8 +15,9 @@ from typing import Iterable, Sequence
 
 import torch
 
-__all__ = ["tensor_norms", "total_norm", "GradGuard", "HostGradGuard", "drop_gradient",
-           "hold_gradients", "return_gradients", "layer_of", "LayerIndex"]
+__all__ = ["tensor_norms", "total_norm", "GradGuard", "HostGradGuard", "AUTO_FLOOR",
+           "AUTO_MULT", "drop_gradient", "hold_gradients", "return_gradients", "layer_of",
+           "LayerIndex"]
 
 
 def tensor_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -66,10 +67,29 @@ def _stack_on(norms: Sequence[torch.Tensor], device: torch.device) -> torch.Tens
     return stacked if stacked.device == device else stacked.to(device, non_blocking=True)
 
 
+#: ``guard_ratio="auto"``: a step is a spike above ``max(AUTO_FLOOR, AUTO_MULT x the largest
+#: ratio of a kept step so far)``. The floor: the largest ratio on 60 healthy runs of five
+#: held-out families was 19.4 (docs/recovery.md, "Held-out check of the spike threshold");
+#: the factor: a run whose own steps spiked (a NALU, a keypoint locator: 30-3,500x) lifts its
+#: threshold above them, a quiet one keeps 20 (a poisoned batch 40x a pointer network's
+#: median is held). Replayed on 503 healthy traces of 41 families it holds no tuned run twice
+#: more than the fixed 100 does (``benchmarks/guard_scan.py``).
+AUTO_FLOOR = 20.0
+AUTO_MULT = 3.0
+
+
+def _ratio_setting(ratio: float | str) -> tuple[float, bool]:
+    """(the fixed ratio, or the floor; whether it adapts) of a ``guard_ratio``."""
+    if ratio == "auto":
+        return AUTO_FLOOR, True
+    return float(ratio), False
+
+
 class GradGuard:
     """Which steps to keep off the parameters, decided on the device (no host sync): a step
     whose gradient norm is not finite, or more than ``ratio`` times the median of the last
-    ``window`` kept steps' norms once ``warmup`` of them exist (``ratio=0``: non-finite only).
+    ``window`` kept steps' norms once ``warmup`` of them exist (``ratio=0``: non-finite only;
+    ``"auto"``: more than ``max(AUTO_FLOOR, AUTO_MULT x the largest ratio of a kept step)``).
 
     The median is of kept steps only (a dropped step leaves the reference as it was), so a run
     of spikes does not raise its own reference. The default ratio, 100, is 3.5 times the
@@ -78,10 +98,12 @@ class GradGuard:
     orders of magnitude. Costs a handful of scalar kernels per step.
     """
 
-    def __init__(self, device: torch.device, *, ratio: float = 100.0, window: int = 50,
+    def __init__(self, device: torch.device, *, ratio: float | str = 100.0, window: int = 50,
                  warmup: int = 20) -> None:
-        self.ratio, self.window, self.warmup = float(ratio), int(window), int(warmup)
+        self.ratio, self.adaptive = _ratio_setting(ratio)
+        self.window, self.warmup = int(window), int(warmup)
         self._norms = torch.full((self.window,), float("nan"), device=device)
+        self._largest = torch.zeros((), device=device)   # of a kept step's ratio ("auto")
         self._i = 0
 
     def bad(self, norm: torch.Tensor) -> torch.Tensor:
@@ -89,9 +111,15 @@ class GradGuard:
         norm = norm.to(self._norms.device, torch.float32)
         bad = ~torch.isfinite(norm)
         if self.ratio > 0:
-            kept = (~torch.isnan(self._norms)).sum()
-            spike = norm > self.ratio * torch.nanmedian(self._norms)
-            bad = bad | ((kept >= self.warmup) & spike)
+            warm = (~torch.isnan(self._norms)).sum() >= self.warmup
+            ratio = norm / torch.nanmedian(self._norms)
+            limit = (torch.clamp(AUTO_MULT * self._largest, min=self.ratio) if self.adaptive
+                     else self.ratio)
+            bad = bad | (warm & (ratio > limit))
+            if self.adaptive:
+                grow = warm & ~bad
+                self._largest = torch.where(grow, torch.maximum(self._largest, ratio),
+                                            self._largest)
         slot = self._i % self.window
         self._norms[slot] = torch.where(bad, self._norms[slot], norm)   # kept steps only
         self._i += 1
@@ -101,28 +129,43 @@ class GradGuard:
 class HostGradGuard:
     """:class:`GradGuard`'s verdict on the host, for parameters on the CPU, where reading a
     number from a tensor waits for nothing: the same rule (not finite, or more than ``ratio``
-    times the lower median of the last ``window`` kept norms once ``warmup`` of them exist) on
-    Python floats, a few microseconds per step where the tensor version launches a handful of
-    small kernels (measured in docs/overhead.md, "The guard on the CPU").
+    times the lower median of the last ``window`` kept norms once ``warmup`` of them exist;
+    ``"auto"``: the threshold that adapts) on Python floats, a few microseconds per step where
+    the tensor version launches a handful of small kernels (measured in docs/overhead.md,
+    "The guard on the CPU").
 
     >>> g = HostGradGuard(ratio=100.0, window=50, warmup=3)
     >>> [g.bad(x) for x in (1.0, 2.0, 1.5, 1000.0, float("nan"), 3.0)]
     [False, False, False, True, True, False]
+    >>> g = HostGradGuard(ratio="auto", window=50, warmup=3)
+    >>> [g.bad(x) for x in (1.0, 1.0, 1.0, 15.0, 1.0, 40.0, 1.0, 200.0)]
+    [False, False, False, False, False, False, False, True]
     """
 
-    def __init__(self, *, ratio: float = 100.0, window: int = 50, warmup: int = 20) -> None:
-        self.ratio, self.window, self.warmup = float(ratio), int(window), int(warmup)
+    def __init__(self, *, ratio: float | str = 100.0, window: int = 50,
+                 warmup: int = 20) -> None:
+        self.ratio, self.adaptive = _ratio_setting(ratio)
+        self.window, self.warmup = int(window), int(warmup)
         self._norms: list[float | None] = [None] * self.window
+        self._largest = 0.0
         self._i = 0
 
     def bad(self, norm: float) -> bool:
         """The step's verdict from its gradient norm; remembers the norm of a kept step."""
         bad = not math.isfinite(norm)
+        ratio = None
         if not bad and self.ratio > 0:
             kept = sorted(v for v in self._norms if v is not None)
-            bad = len(kept) >= self.warmup and norm > self.ratio * kept[(len(kept) - 1) // 2]
+            if len(kept) >= self.warmup:
+                med = kept[(len(kept) - 1) // 2]
+                ratio = norm / med if med > 0 else math.inf
+                limit = (max(self.ratio, AUTO_MULT * self._largest) if self.adaptive
+                         else self.ratio)
+                bad = ratio > limit
         if not bad:
             self._norms[self._i % self.window] = norm
+            if self.adaptive and ratio is not None:
+                self._largest = max(self._largest, ratio)
         self._i += 1
         return bad
 

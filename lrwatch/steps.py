@@ -212,7 +212,7 @@ class StepRecorder:
             self.sum_ranks(sharded)
         return (local[0] + sharded).sqrt()
 
-    def set_guard(self, mode: str | None, ratio: float) -> None:
+    def set_guard(self, mode: str | None, ratio: float | str) -> None:
         """Turn the guard on (``"skip"``, ``"hold"``, ``"zero"``) or off (``None``); ``ratio``:
         the spike threshold of :class:`~lrwatch.probe.GradGuard` (0: non-finite steps only)."""
         if mode not in (None, "skip", "hold", "zero"):

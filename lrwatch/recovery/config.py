@@ -228,6 +228,9 @@ class RecoveryConfig:
     guard_ratio:
         The spike threshold of the guard; 0 drops non-finite steps only. The default, 100, is
         3.5 times the largest ratio on 137 healthy runs of six model families (28.5).
+        ``"auto"``: a threshold sized by the run's own spikes, ``max(20, 3 x the largest
+        ratio of a step it kept)`` (:data:`lrwatch.probe.AUTO_FLOOR`), so a quiet run holds a
+        poisoned batch 40x its median and a run whose ordinary steps spike keeps them.
     replay:
         After a sudden failure's rollback, ``watch.batches()`` trains again on the batches it
         drew since the snapshot, except the failure's window (the non-finite step; else the
@@ -287,7 +290,7 @@ class RecoveryConfig:
     sudden_margin: int = 10
     sudden_hold: int = 5
     guard: str = "auto"
-    guard_ratio: float = 100.0
+    guard_ratio: float | str = 100.0
     replay: bool = False
     replay_mb: float = 512.0
     max_rollbacks: int = 5
@@ -320,10 +323,11 @@ class RecoveryConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 extra = ' or "auto"' if name == "restart_warmup" else ""
                 raise ConfigError(f"{name} must be a non-negative integer{extra}, got {v!r}")
-        if (not isinstance(self.guard_ratio, (int, float)) or isinstance(self.guard_ratio, bool)
+        if self.guard_ratio != "auto" and (
+                not isinstance(self.guard_ratio, (int, float)) or isinstance(self.guard_ratio, bool)
                 or not (self.guard_ratio == 0 or self.guard_ratio > 1)):
-            raise ConfigError(f"guard_ratio must be 0 (non-finite steps only) or a number above "
-                              f"1, got {self.guard_ratio!r}")
+            raise ConfigError(f"guard_ratio must be 0 (non-finite steps only), a number above "
+                              f"1 or \"auto\", got {self.guard_ratio!r}")
         if self.guard not in ("auto", "on", "off"):
             raise ConfigError(f"guard must be 'auto', 'on' or 'off', got {self.guard!r}")
         for name in ("replay", "cut_unscheduled"):

@@ -479,6 +479,49 @@ def test_the_guard_drops_non_finite_steps_and_spikes_above_its_ratio() -> None:
 
 
 
+def test_the_auto_ratio_holds_a_spike_in_a_quiet_run_and_follows_a_spiky_one() -> None:
+    """``guard_ratio="auto"``: a step is a spike above max(20, 3 x the largest ratio the run
+    kept). A quiet run holds a batch 40x its median (a pointer network's poisoned batch,
+    which the fixed 100 lets through); a run whose ordinary steps reach 30-50x keeps them
+    (a keypoint locator's, which a fixed 30 held twice and rolled back). The device guard and
+    the host guard agree step for step."""
+    import random
+
+    import torch
+
+    from lrwatch.probe import GradGuard, HostGradGuard
+
+    def verdicts(norms: list[float], ratio: object) -> tuple[list[bool], list[bool]]:
+        dev = GradGuard(torch.device("cpu"), ratio=ratio)   # type: ignore[arg-type]
+        host = HostGradGuard(ratio=ratio)                    # type: ignore[arg-type]
+        return ([bool(dev.bad(torch.tensor(x))) for x in norms],
+                [host.bad(x) for x in norms])
+
+    quiet = [1.0 + 0.1 * (i % 3) for i in range(150)] + [40.0] + [1.0] * 20
+    for ratio, held in (("auto", True), (100.0, False)):
+        dev, host = verdicts(quiet, ratio)
+        assert dev == host and dev[150] is held and sum(dev) == int(held)
+    spiky = [1.0] * 30 + [12.0] + [1.0] * 30 + [35.0] + [1.0] * 30 + [50.0] + [1.0] * 10
+    dev, host = verdicts(spiky, "auto")
+    assert dev == host and not any(dev)
+    dev, _ = verdicts(spiky, 30.0)
+    assert sum(dev) == 2                     # held twice within 50 steps: a rollback
+    rng = random.Random(5)                   # heavy tails, NaNs: the two guards agree
+    noisy = [rng.lognormvariate(0, 1.5) if rng.random() > 0.02 else float("nan")
+             for _ in range(400)]
+    for ratio in ("auto", 100.0, 0.0):
+        dev, host = verdicts(noisy, ratio)
+        assert dev == host
+
+
+def test_guard_ratio_takes_auto_and_refuses_other_text() -> None:
+    from lrwatch.errors import ConfigError
+
+    assert RecoveryConfig(guard_ratio="auto").guard_ratio == "auto"
+    with pytest.raises(ConfigError, match='guard_ratio must be .* or "auto"'):
+        RecoveryConfig(guard_ratio="adaptive")
+
+
 def test_a_stall_cuts_the_rate_only_after_lrwatch_cut_it_for_a_failure() -> None:
     gated = {"loss_plateau": {"reduce_lr": {"after_cut": True}}}
     stall = lambda step: fire("loss_plateau", step, ("reduce_lr",), "info")  # noqa: E731

@@ -265,6 +265,21 @@ def test_no_tensor_to_host_conversion_between_flushes(opt_name: str, guard: str)
     assert w.flushes == 2
 
 
+@pytest.mark.parametrize("ratio", [100.0, "auto", 0.0])
+def test_the_device_guard_converts_nothing_to_the_host(ratio: object) -> None:
+    """The device guard (a fused optimizer's flag, or the gradient zeroed on a GPU) decides
+    with tensor operations only, the threshold sized by the run's own spikes too
+    (``guard_ratio="auto"``); run here on CPU tensors, the same code a GPU runs."""
+    from lrwatch.probe import GradGuard
+
+    g = GradGuard(torch.device("cpu"), ratio=ratio)  # type: ignore[arg-type]
+    norms = [torch.tensor(v) for v in [1.0] * 25 + [15.0, 1.0, 40.0, float("nan"), 500.0]]
+    with _count_host_conversions(only_lrwatch=False) as counts:
+        verdicts = [g.bad(n) for n in norms]
+    assert sum(counts.values()) == 0
+    assert bool(verdicts[-2]) and (bool(verdicts[-1]) is (ratio != 0.0))
+
+
 def test_trace_written_and_readable(tmp_path) -> None:  # type: ignore[no-untyped-def]
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -12,14 +12,14 @@ rank sees a NaN, every rank rolls back, to the same snapshot step.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from .errors import ConfigError
 from .samples import Sample
 
-__all__ = ["RankContext", "split_by_placement", "combine_rank_samples", "SQ_REP", "SQ_SHARD",
+__all__ = ["RankContext", "RankFailed", "split_by_placement", "combine_rank_samples", "SQ_REP", "SQ_SHARD",
            "EXPORT_CHOICES", "EXPORT_KEYS", "JOIN_ERROR"]
 
 #: Who exports (``/metrics``, trace, alerts, Pushgateway, hook) in a distributed run: the
@@ -52,6 +52,11 @@ def _dtensor_type() -> Any:
     except Exception:  # pragma: no cover - torch without DTensor
         return None
     return DTensor
+
+
+class RankFailed(RuntimeError):
+    """What another rank failed to do (:meth:`RankContext.all_or_none`), raised on this one so
+    that every rank takes the same way on."""
 
 
 class RankContext:
@@ -103,6 +108,25 @@ class RankContext:
         step; on a GPU enqueued like the wrapper's own collectives, no wait on the host)."""
         if self._dist is not None and self.world > 1:
             self._dist.all_reduce(t, group=self.group)
+
+    def all_or_none(self, call: Callable[[], Any], what: str) -> Any:
+        """``call()``, then under ``torch.distributed`` whether every rank's succeeded (one
+        collective): where any rank raised, every rank raises, that one its own error, the
+        others :class:`RankFailed` naming it. For what each rank does on its own before a
+        step every rank must take alike (loading a rollback's snapshot: a rank that could
+        not load it must not stop while the others roll back and train on)."""
+        try:
+            out, err = call(), None
+        except Exception as exc:
+            out, err = None, exc
+        if self._dist is not None and self.world > 1:
+            got = self.gather(None if err is None else f"{type(err).__name__}: {err}")
+            failed = next(((r, e) for r, e in enumerate(got) if e is not None), None)
+            if err is None and failed is not None:
+                raise RankFailed(f"{what} failed on rank {failed[0]}: {failed[1]}")
+        if err is not None:
+            raise err
+        return out
 
     def gather(self, payload: Any) -> list[Any]:
         """Every rank's ``payload``, in rank order (one collective).

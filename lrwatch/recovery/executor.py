@@ -295,7 +295,8 @@ class PlanExecutor(RateChecks, ActionAlerts):
 
     def _rollback(self, p: Plan, target: Snapshot | None) -> None:
         assert target is not None and self.store is not None
-        state = target.load()
+        # every rank restores, or none does (a rank that cannot stops, and so must the others)
+        state = self.dist.all_or_none(target.load, f"loading the snapshot of step {target.step}")
         gained = _gained_keys(self.optimizer, state)
         restore_state(state, self.model, self.optimizer, self.scheduler, self.scaler)
         # steps trained since the flush that decided this, not judged yet (``flush_lag=1``):
@@ -390,7 +391,8 @@ class PlanExecutor(RateChecks, ActionAlerts):
             # The run could not be healed: leave it at its last known-good state rather than
             # the diverged one, so the final snapshot is worth resuming from.
             try:
-                state = good.load()
+                state = self.dist.all_or_none(good.load,
+                                              f"loading the snapshot of step {good.step}")
                 gained = _gained_keys(self.optimizer, state)
                 restore_state(state, self.model, self.optimizer, self.scheduler, self.scaler)
                 # at the rate the run was at (the final snapshot is tagged with it)

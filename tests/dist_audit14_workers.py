@@ -1,0 +1,68 @@
+"""Worker processes for tests/test_distributed_audit14.py (real gloo groups on CPU)."""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import lrwatch
+from distributed_workers import _global_batch, _mine, finish, init
+
+
+def _ddp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.parallel.DistributedDataParallel(
+        nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 1)))
+
+
+def _result(out: str, rank: int, w: lrwatch.Watcher, model: nn.Module,
+            events: list[Any]) -> None:
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    Path(out, f"rank{rank}.json").write_text(json.dumps({
+        "actions": events, "step": w.step, "stopped": w.should_stop,
+        # repr: NaN weights compare equal too
+        "weights": repr(flat.tolist())}))
+
+
+def snapshot_unreadable_on_one_rank(rank: int, world: int, store: str, out: str) -> None:
+    """Snapshots on disk; before a NaN batch (step 22, last rank) the last rank's snapshot
+    files are overwritten, so its rollback cannot load its snapshot while the others can.
+    Every rank must take the same way: all roll back or all stop, no rank left training
+    alone (a hang: the collective timeout fails the test)."""
+    init(rank, world, store, timeout_s=30)
+    model = _ddp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    snaps = Path(out, "snapshots")
+    w = lrwatch.Watcher(model, opt, flush_every=5,
+                        recovery={"guard": "off", "good_after": 5, "min_interval": 5,
+                                  "snapshot_dir": str(snaps)})
+    events: list[Any] = []
+    w.add_listener(lambda s: events.extend([e["type"], e["step"], e.get("to_step")]
+                                           for e in s.events
+                                           if e.get("type") in ("rollback", "stop")))
+    last = rank == world - 1
+
+    def stream() -> Any:
+        for step in range(40):
+            x, y = _global_batch(step)
+            yield _mine(x, rank, world), _mine(y, rank, world)
+
+    for x, y in w.batches(stream()):
+        if last and w.step == 21:
+            for f in glob.glob(str(snaps / f"*.rank{rank}.pt")):
+                Path(f).write_bytes(b"not a snapshot")
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        if last and w.step == 22:
+            loss = loss * float("nan")
+        loss.backward()
+        opt.step()
+        w.log(loss=loss)
+    _result(out, rank, w, model, events)
+    w.close()
+    finish()

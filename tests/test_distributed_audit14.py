@@ -1,0 +1,31 @@
+"""The fourteenth round's audit of lrwatch under torch.distributed (2 gloo ranks on CPU):
+each test reproduced a defect on the code before its fix (docs/distributed.md, "Defects found
+by the fourteenth round's audit")."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import dist_audit14_workers as dw
+from ranks import spawn_ranks
+
+pytestmark = pytest.mark.slow
+
+
+def _results(tmp_path: Path, world: int = 2) -> list[dict]:
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def test_a_snapshot_one_rank_cannot_load_stops_every_rank_alike(tmp_path: Path) -> None:
+    # before the fix the last rank stopped (its rollback failed) while rank 0 rolled back and
+    # trained on alone: its next DDP all-reduce waited for the stopped rank until the timeout
+    spawn_ranks(dw.snapshot_unreadable_on_one_rank,
+                args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    r0, r1 = _results(tmp_path)
+    assert r0["stopped"] and r1["stopped"], (r0, r1)
+    assert r0["step"] == r1["step"]
+    assert r0["actions"] == r1["actions"]
+    assert r0["weights"] == r1["weights"]

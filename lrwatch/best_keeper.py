@@ -36,13 +36,17 @@ log = logging.getLogger("lrwatch")
 
 class BestKeeper:
     """``state`` (or ``None``) for ``model``; ``on_error(what)`` reports a failure from
-    inside its ``except`` block (the Watcher counts and logs it)."""
+    inside its ``except`` block (the Watcher counts and logs it); ``all_or_none(call, what)``
+    (``RankContext.all_or_none``): under torch.distributed, ``call()`` raising on every rank
+    where it raised on any, so that a stop puts the best back on every rank or on none."""
 
     def __init__(self, state: BestState | None, model: torch.nn.Module,
-                 on_error: Callable[[str], None]) -> None:
+                 on_error: Callable[[str], None],
+                 all_or_none: Callable[[Callable[[], Any], str], Any] | None = None) -> None:
         self.state = state
         self.model = model
         self.on_error = on_error
+        self.all_or_none = all_or_none or (lambda call, what: call())
         self._steps: list[int] = []   # the steps of the evaluations pending
         self._read: Sequence[float] | None = None   # their host values, read by a flush
 
@@ -124,10 +128,12 @@ class BestKeeper:
     def restore_for_stop(self) -> tuple[BestEval | None, str]:
         """Put the best evaluated state back before stopping: what was restored (``None``
         when nothing was) and what was done, for the log."""
-        if self.state is None or self.state.record is None:
+        if self.state is None:
             return None, self.note()
-        try:
-            restored = self.state.restore(self.model)
+        state = self.state
+        try:   # (every rank loads, one without a best too: the agreement is collective)
+            restored = state.restore(self.model, load=lambda: self.all_or_none(
+                state.load, "loading the best evaluated state"))
         except Exception:
             self.on_error("restoring the best evaluated state before stopping")
             return None, "restoring the best evaluated state failed, so none was restored"

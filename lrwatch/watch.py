@@ -227,7 +227,8 @@ class Watcher(LogApi, DataSide, PlanExecutor, StepPath, Flushing, Checkpointing,
         self._action_params = self.policy.action_params = action_params(rule_list)
         self.best = build_best(keep_best, keep_best_mode, rule_list, recovery, self.dist,
                                on_error=self.exporter.count_error)
-        self._evals = BestKeeper(self.best, model, on_error=self._internal_error)
+        self._evals = BestKeeper(self.best, model, on_error=self._internal_error,
+                                 all_or_none=self.dist.all_or_none)
         self._setup_executor(probe_loss, check_probe(self.recovery, probe_loss))
         self.recorder.set_guard(guard_mode(self.recovery, optimizer, scaler),
                                 self.recovery.guard_ratio if self.recovery else 0.0)

@@ -66,3 +66,46 @@ def snapshot_unreadable_on_one_rank(rank: int, world: int, store: str, out: str)
     _result(out, rank, w, model, events)
     w.close()
     finish()
+
+
+_STOP_RESTORING_BEST = """version: 1
+rules:
+  - name: eval_accuracy_low
+    metric: eval_accuracy
+    detector: threshold
+    params: {below: 0.5}
+    severity: critical
+    actions: [alert, {stop: {restore: best}}]
+"""
+
+
+def best_unreadable_on_one_rank(rank: int, world: int, store: str, out: str) -> None:
+    """DDP keeping the best evaluated state on disk (an agreed evaluation: 0.9 at step 6,
+    0.2 at step 12, where a rule stops the run with ``restore: best``); the last rank's
+    best-eval file is overwritten before the stop. The ranks must stop with the same
+    weights: every rank puts the best back, or none does."""
+    init(rank, world, store, timeout_s=30)
+    model = _ddp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    snaps, rules = Path(out, "snapshots"), Path(out, f"rules{rank}.yml")
+    rules.write_text(_STOP_RESTORING_BEST)
+    w = lrwatch.Watcher(model, opt, flush_every=5, rules=str(rules), keep_best="eval_accuracy",
+                        recovery={"guard": "off", "snapshot_dir": str(snaps)})
+    events: list[Any] = []
+    w.add_listener(lambda s: events.extend([e["type"], e["step"], e.get("message")]
+                                           for e in s.events if e.get("type") == "stop"))
+    for step in range(30):
+        if w.should_stop:
+            break
+        x, y = _global_batch(step)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(_mine(x, rank, world)), _mine(y, rank, world))
+        loss.backward()
+        opt.step()
+        evals = {6: {"eval_accuracy": 0.9}, 12: {"eval_accuracy": 0.2}}.get(w.step + 1, {})
+        w.log(loss=loss, **evals)
+        if rank == world - 1 and w.step == 9:
+            Path(snaps, f"best-eval.rank{rank}.pt").write_bytes(b"not a state")
+    _result(out, rank, w, model, events)
+    w.close()
+    finish()

@@ -29,3 +29,15 @@ def test_a_snapshot_one_rank_cannot_load_stops_every_rank_alike(tmp_path: Path) 
     assert r0["step"] == r1["step"]
     assert r0["actions"] == r1["actions"]
     assert r0["weights"] == r1["weights"]
+
+
+def test_a_best_state_one_rank_cannot_load_is_put_back_on_no_rank(tmp_path: Path) -> None:
+    # before the fix rank 0 stopped at its best evaluated state (step 6) and the last rank,
+    # whose file could not be read, at its last step: the replicas' weights differed
+    spawn_ranks(dw.best_unreadable_on_one_rank,
+                args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    r0, r1 = _results(tmp_path)
+    assert r0["stopped"] and r1["stopped"], (r0, r1)
+    assert r0["actions"] == r1["actions"], (r0["actions"], r1["actions"])
+    assert r0["step"] == r1["step"]
+    assert r0["weights"] == r1["weights"]

@@ -206,9 +206,12 @@ class BestState:
             return self._state
         return load_verified(self._record.where, self._checksum)
 
-    def restore(self, model: torch.nn.Module) -> BestEval | None:
-        """Load the best state into ``model`` in place; ``None`` (nothing done) if none is kept."""
-        state = self.load()
+    def restore(self, model: torch.nn.Module,
+                load: Callable[[], dict[str, Any] | None] | None = None) -> BestEval | None:
+        """Load the best state into ``model`` in place; ``None`` (nothing done) if none is kept.
+        ``load``: what reads the state instead of :meth:`load` (one that agrees with the
+        other ranks before anything is put in)."""
+        state = (load or self.load)()
         if state is None:
             return None
         with torch.no_grad():

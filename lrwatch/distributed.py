@@ -68,6 +68,12 @@ class RankContext:
         self.active = dist.is_available() and dist.is_initialized()
         self.group = group
         self.rank = dist.get_rank(group) if self.active else 0
+        if self.rank < 0:   # torch's NON_GROUP_MEMBER: new_group() on a rank left out of it
+            raise ConfigError(
+                f"process_group: this process (global rank {dist.get_rank()}) is not a member "
+                "of the group it was given, so it has no rank there to gather with. Build a "
+                "Watcher only on the group's ranks, or pass the group this rank belongs to "
+                "(each rank its own data-parallel group)")
         self.world = dist.get_world_size(group) if self.active else 1
         #: this process's rank in the default (world) group: distinct across subgroups
         self.global_rank = dist.get_rank() if self.active else 0

@@ -109,3 +109,37 @@ def best_unreadable_on_one_rank(rank: int, world: int, store: str, out: str) -> 
     _result(out, rank, w, model, events)
     w.close()
     finish()
+
+
+def watcher_outside_its_group(rank: int, world: int, store: str, out: str) -> None:
+    """A subgroup of rank 0 alone; every rank builds a Watcher on it (the last rank is not a
+    member: torch hands it ``GroupMember.NON_GROUP_MEMBER``). The member trains as usual;
+    the other must get an error that names the mistake."""
+    import torch.distributed as dist
+
+    init(rank, world, store, timeout_s=30)
+    group = dist.new_group([0])
+    torch.manual_seed(0)
+    model = nn.Linear(12, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    error, steps = None, 0
+    try:
+        w = lrwatch.Watcher(model, opt, flush_every=2, process_group=group)
+        for step in range(4):
+            x, y = _global_batch(step)
+            w.log(loss=_mse(model, opt, x, y))
+        w.close()
+        steps = w.step
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"error": error, "step": steps}))
+    finish()
+
+
+def _mse(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
+         y: torch.Tensor) -> torch.Tensor:
+    opt.zero_grad()
+    loss = nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss

@@ -41,3 +41,14 @@ def test_a_best_state_one_rank_cannot_load_is_put_back_on_no_rank(tmp_path: Path
     assert r0["actions"] == r1["actions"], (r0["actions"], r1["actions"])
     assert r0["step"] == r1["step"]
     assert r0["weights"] == r1["weights"]
+
+
+def test_a_rank_outside_the_process_group_is_told_so(tmp_path: Path) -> None:
+    # before the fix the rank outside the group got "IndexError: list index out of range"
+    # from inside the Watcher (its rank there is -1, its gather returned no row)
+    spawn_ranks(dw.watcher_outside_its_group,
+                args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    member, outsider = _results(tmp_path)
+    assert member == {"error": None, "step": 4}
+    assert outsider["error"].startswith("ConfigError: process_group: this process (global "
+                                        "rank 1) is not a member of the group"), outsider

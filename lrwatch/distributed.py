@@ -115,6 +115,24 @@ class RankContext:
         if self._dist is not None and self.world > 1:
             self._dist.all_reduce(t, group=self.group)
 
+    def agree_settings(self, run_id: str, settings: dict[str, Any]) -> str:
+        """Rank 0's ``run_id`` (one collective, the Watcher's first), having checked that
+        every rank was built with the same ``settings`` (what paces the collectives: the
+        flush interval and lag, the first step, the rules, recovery on or off). Raises
+        :class:`~lrwatch.errors.ConfigError` on every rank alike where they differ: ranks
+        that flush at different steps, or judge with different rules, pair one rank's gather
+        with another's, and wait in the end until the collective timeout."""
+        got = self.gather((run_id, settings))
+        for key, value in got[0][1].items():
+            differ = {r: s.get(key) for r, (_, s) in enumerate(got) if s.get(key) != value}
+            if differ:
+                raise ConfigError(
+                    f"lrwatch: the ranks' Watchers were built with different {key}: rank 0 "
+                    f"{value!r}, " + ", ".join(f"rank {r} {v!r}" for r, v in differ.items())
+                    + f". Give every rank of the process group the same {key}: their flushes "
+                    "and decisions are collectives, taken together")
+        return str(got[0][0])
+
     def all_or_none(self, call: Callable[[], Any], what: str) -> Any:
         """``call()``, then under ``torch.distributed`` whether every rank's succeeded (one
         collective): where any rank raised, every rank raises, that one its own error, the

@@ -52,7 +52,8 @@ from .step_path import StepPath
 from .untrained import UNTRAINED_BATCHES, check_untrained_batches
 from .watch_setup import WatcherSetup
 from .wiring import (action_params, build_best, build_recorder, check_args, check_probe,
-                     check_run_name, closure_limits, guard_mode, rate_limits, rule_set)
+                     check_run_name, closure_limits, guard_mode, pacing, rate_limits,
+                     rule_set)
 
 __all__ = ["Watcher", "Listener", "RecoveryConfig", "BestEval", "rank_trace_path"]
 
@@ -208,8 +209,6 @@ class Watcher(LogApi, DataSide, PlanExecutor, StepPath, Flushing, Checkpointing,
         self._closed = False
         self.flushes = 0
         self.dist = RankContext(process_group)
-        # one run, one name: every rank takes rank 0's (each drew its own until 6 December)
-        self.run_name = run_name or self.dist.gather(uuid.uuid4().hex[:12])[0]
         self.export = export
         self.recorder = build_recorder(
             model, optimizer, self.dist, scaler=scaler, per_layer=per_layer,
@@ -217,11 +216,16 @@ class Watcher(LogApi, DataSide, PlanExecutor, StepPath, Flushing, Checkpointing,
             update_ratio_every=update_ratio_every, on_commit=self._commit_done)
         self._sharded = self.recorder.sharded
         self.flush_lag = resolve_flush_lag(flush_lag, self.recorder.device)
+        ruleset = rule_set(rules)
+        # one run, one name: every rank takes rank 0's (each drew its own until 6 December),
+        # and the ranks' settings that pace the collectives agree (one collective)
+        run_id = self.dist.agree_settings(uuid.uuid4().hex[:12], pacing(
+            flush_every, self.flush_lag, self.step, ruleset, recovery))
+        self.run_name = run_name or run_id
         self._in_flight = None
         if not (self.dist.is_main or export == "all"):   # this rank exports nothing
             port = trace = pushgateway = alerts = alertmanager = hook = None
         self._setup_outputs(registry, port, host, trace, pushgateway, listeners)
-        ruleset = rule_set(rules)
         self._setup_recovery(ruleset, recovery, alerts, alertmanager, hook)
         rule_list = list(ruleset) if ruleset is not None else []
         self._action_params = self.policy.action_params = action_params(rule_list)

@@ -28,7 +28,7 @@ from .steps import StepRecorder
 
 __all__ = ["check_args", "check_run_name", "check_probe", "rule_set", "snapshot_dir",
            "build_recorder", "action_params", "build_best", "guard_mode", "step_needs_closure",
-           "closure_limits", "rate_limits"]
+           "closure_limits", "rate_limits", "pacing"]
 
 log = logging.getLogger("lrwatch")
 
@@ -105,6 +105,18 @@ def rule_set(rules: "str | os.PathLike[str] | RuleSet | Sequence[Any] | None") -
                      for r in rules])
     raise ConfigError(f"rules must be a pack name {sorted(PACKS)}, a rule file path, a RuleSet, "
                       f"a non-empty list of these, or None, got {type(rules).__name__}")
+
+
+def pacing(flush_every: int, flush_lag: int, step: int, ruleset: Any,
+           recovery: Any) -> dict[str, Any]:
+    """The settings that pace a Watcher's collectives under torch.distributed, which every
+    rank must share (``RankContext.agree_settings``): when it flushes, its first step, the
+    rules it judges with and whether it recovers (the snapshots' memory agreement, rollbacks,
+    range tests). Per-rank settings (``snapshot_dir``, ``replay_mb``, the exports) may differ."""
+    names = [r.name for r in ruleset] if ruleset is not None else None
+    return {"flush_every": flush_every, "flush_lag": flush_lag, "start_step": step,
+            "rules": names,
+            "recovery": ruleset is not None and RecoveryConfig.coerce(recovery) is not None}
 
 
 def snapshot_dir(recovery: Any) -> str | None:

@@ -143,3 +143,28 @@ def _mse(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
     loss.backward()
     opt.step()
     return loss
+
+
+def watchers_built_apart(rank: int, world: int, store: str, out: str) -> None:
+    """Every rank builds a Watcher, the last with another ``flush_every``, then another
+    with no rules, then one like the others': the first two must raise a ConfigError on
+    every rank (not pair one rank's flush with another's and wait until the collective
+    timeout), the third trains."""
+    init(rank, world, store, timeout_s=30)
+    model = _ddp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    last = rank == world - 1
+    errors = []
+    for kw in ({"flush_every": 4 if last else 5}, {"rules": None if last else "training"}, {}):
+        try:
+            w = lrwatch.Watcher(model, opt, **{"flush_every": 5, **kw})
+        except lrwatch.ConfigError as exc:
+            errors.append(str(exc))
+            continue
+        for step in range(12):
+            x, y = _global_batch(step)
+            w.log(loss=_mse(model, opt, _mine(x, rank, world), _mine(y, rank, world)))
+        w.close()
+        errors.append(f"trained {w.step} steps")
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"errors": errors}))
+    finish()

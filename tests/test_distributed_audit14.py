@@ -52,3 +52,16 @@ def test_a_rank_outside_the_process_group_is_told_so(tmp_path: Path) -> None:
     assert member == {"error": None, "step": 4}
     assert outsider["error"].startswith("ConfigError: process_group: this process (global "
                                         "rank 1) is not a member of the group"), outsider
+
+
+def test_ranks_built_with_different_settings_are_told_so(tmp_path: Path) -> None:
+    # before the fix the ranks flushed at different steps (every 5, every 4) and one rank's
+    # gather met another's, until the collective timeout
+    spawn_ranks(dw.watchers_built_apart, args=(2, str(tmp_path / "store"), str(tmp_path)),
+                nprocs=2)
+    r0, r1 = _results(tmp_path)
+    assert r0 == r1, (r0, r1)
+    interval, rules, trained = r0["errors"]
+    assert "different flush_every: rank 0 5, rank 1 4" in interval
+    assert "different rules: rank 0 [" in rules and "rank 1 None" in rules
+    assert trained == "trained 12 steps"

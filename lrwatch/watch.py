@@ -199,12 +199,9 @@ class Watcher(LogApi, DataSide, PlanExecutor, StepPath, Flushing, Checkpointing,
                    update_ratio_every, export)
         check_run_name(run_name, pushgateway)
         self.untrained_batches = check_untrained_batches(untrained_batches)
-        self.model = model
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.scaler = scaler
-        self.flush_every = flush_every
-        self.batch_size = batch_size
+        self.model, self.optimizer = model, optimizer
+        self.scheduler, self.scaler = scheduler, scaler
+        self.flush_every, self.batch_size = flush_every, batch_size
         self.step = int(start_step)
         self._closed = False
         self.flushes = 0

@@ -7,8 +7,25 @@ import click
 from ._cli_help import examples
 from ._version import __version__
 
+#: The shell's exit status for a command ended by Ctrl-C (SIGINT): 128 + 2.
+INTERRUPTED = 130
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class _Group(click.Group):
+    """The command group; a Ctrl-C that a command does not handle itself ends with status 130
+    and one line on stderr. (click's own "Aborted!" exits 1, which ``replay --fail-on`` uses
+    for "a rule fired": a CI job that interrupted a replay read it as a failed check.)"""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            name = " ".join(filter(None, ("lrwatch", ctx.invoked_subcommand)))
+            click.echo(f"\n{name}: interrupted", err=True)
+            ctx.exit(INTERRUPTED)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lrwatch")
 def cli() -> None:
     """lrwatch watches models while they train and serve, and acts when something goes wrong.

@@ -7,7 +7,8 @@ The format is a contract (see docs/design.md)::
 ``step`` is required and strictly increasing; ``time`` is optional; ``lr`` is a number or a list
 with one number per parameter group; every other key is a metric with a number. Non-finite numbers
 are written as the strings ``"nan"``, ``"inf"`` and ``"-inf"``; readers also accept bare
-``NaN``/``Infinity``. A line may carry ``"events": [...]``.
+``NaN``/``Infinity``. A line may carry ``"events": [...]``. A trace file kept gzip-compressed is
+read as the trace it holds, and a byte-order mark before its first line is ignored.
 
 This module is pure (no side effects but reading the file it is given) and torch-free: the
 engine side (``lrwatch replay``, ``lrwatch report``) reads traces through it; the writer that
@@ -25,10 +26,12 @@ Examples
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
 import reprlib
+import zlib
 from dataclasses import dataclass
 from typing import IO, Any, Iterator, Mapping
 
@@ -169,9 +172,7 @@ class TraceReader:
     def __iter__(self) -> Iterator[Sample]:
         if isinstance(self.source, (str, os.PathLike)):
             name = str(self.source)
-            # surrogateescape, not "replace": a byte that is not UTF-8 must make its line bad,
-            # not turn a key "loss" into another metric whose NaN nobody judges (_iter checks)
-            with open(self.source, "r", encoding="utf-8", errors="surrogateescape") as fh:
+            with _open_text(self.source) as fh:
                 yield from self._iter(fh, name)
         else:
             yield from self._iter(self.source, getattr(self.source, "name", "<stream>"))
@@ -191,10 +192,27 @@ class TraceReader:
         if len(self.errors) < 100:
             self.errors.append(where_msg)
 
+    def _numbered(self, fh: IO[str], name: str) -> Iterator[tuple[int, str]]:
+        """The numbered lines of ``fh``. A compressed stream cut short or corrupt (a copy
+        still being written) ends the trace after the whole lines before it: the line it
+        broke in is bad (raised with ``strict``, else counted)."""
+        lineno = 0
+        try:
+            for lineno, line in enumerate(fh, 1):
+                yield lineno, line
+        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            msg = (f"the gzip-compressed trace is cut short or corrupt here ({exc}); the "
+                   f"lines before it were read")
+            if self.strict:
+                raise TraceFormatError(name, lineno + 1, msg) from None
+            self._skip(f"{name}:{lineno + 1}: {msg}")
+
     def _iter(self, fh: IO[str], name: str) -> Iterator[Sample]:
         self._name = name
         last_step: int | None = None
-        for lineno, line in enumerate(fh, 1):
+        for lineno, line in self._numbered(fh, name):
+            if lineno == 1 and line.startswith(_BOM):   # (Notepad, PowerShell's Out-File)
+                line = line[1:]
             if not line.strip():
                 continue
             self.lines += 1
@@ -214,6 +232,22 @@ class TraceReader:
             last_step = sample.step
             self.lineno = lineno
             yield sample
+
+
+_BOM = "\ufeff"
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _open_text(path: str | os.PathLike[str]) -> IO[str]:
+    """The trace at ``path`` opened for reading text; a gzip-compressed one (``gzip run.jsonl``)
+    is decompressed as it is read."""
+    # surrogateescape, not "replace": a byte that is not UTF-8 must make its line bad, not
+    # turn a key "loss" into another metric whose NaN nobody judges (_iter checks)
+    with open(path, "rb") as probe:
+        compressed = probe.read(2) == _GZIP_MAGIC
+    if compressed:
+        return gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape")
+    return open(path, "r", encoding="utf-8", errors="surrogateescape")
 
 
 def iter_trace(source: str | os.PathLike[str] | IO[str], *, strict: bool = True) -> Iterator[Sample]:

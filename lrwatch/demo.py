@@ -27,6 +27,9 @@ from .watch import Watcher
 __all__ = ["StdlibText", "CharGRU", "DemoConfig", "DemoConsole", "run_demo", "stdlib_corpus",
            "FAULTS"]
 
+#: Poisoned steps in a row of the fault ``nan-burst``.
+BURST = 3
+
 #: Faults ``lrwatch demo --inject`` can inject, with what each does.
 FAULTS = {
     "nan": "a poisoned batch makes the forward pass produce NaN at the onset step (the step "
@@ -294,6 +297,13 @@ def _check_fault(cfg: DemoConfig) -> None:
     if cfg.inject and not 1 <= _inject_at(cfg) <= cfg.steps:
         raise ConfigError(f"--inject-at {_inject_at(cfg)} is outside the run's {cfg.steps} "
                           f"steps: the fault would never be injected")
+    last = _inject_at(cfg) + BURST - 1
+    if cfg.inject == "nan-burst" and last > cfg.steps:   # (the burst poisons BURST steps)
+        raise ConfigError(f"--inject nan-burst --inject-at {_inject_at(cfg)} poisons steps "
+                          f"{_inject_at(cfg)}-{last}, past the run's {cfg.steps} steps: the "
+                          f"repeat that rolls back would never come; give " + (
+                              f"--inject-at {cfg.steps - BURST + 1} or less, or more --steps"
+                              if cfg.steps >= BURST else f"--steps {BURST} or more"))
 
 
 def run_demo(cfg: DemoConfig, out: TextIO | None = None) -> dict[str, float]:
@@ -363,7 +373,7 @@ def _train(cfg: DemoConfig, watch: Watcher, model: nn.Module, opt: torch.optim.O
     evals = data.eval_batches()
     inject_at = _inject_at(cfg)
     injected = False
-    burst = set(range(inject_at, inject_at + 3)) if cfg.inject == "nan-burst" else set()
+    burst = set(range(inject_at, inject_at + BURST)) if cfg.inject == "nan-burst" else set()
 
     def stream() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:

@@ -50,3 +50,15 @@ def test_demo_refuses_an_injection_step_without_a_fault() -> None:
     res = _invoke("demo", "--steps", "20", "--port", "0", "--trace", "", "--inject-at", "10")
     assert res.exit_code == 2 and "--inject-at needs --inject" in res.output
     assert "done:" not in res.output
+
+
+def test_demo_refuses_a_nan_burst_that_would_not_fit_in_the_run() -> None:
+    """``--inject nan-burst --inject-at`` the last step poisoned one step and never the repeat
+    that rolls back (fourteenth round's audit, docs/design.md): the run showed a plain `nan`
+    and said it injected a burst."""
+    res = _invoke("demo", "--steps", "5", "--batch-size", "4", "--port", "0", "--trace", "",
+                  "--inject", "nan-burst", "--inject-at", "4")
+    assert res.exit_code == 2 and "poisons steps 4-6, past the run's 5 steps" in res.output
+    assert "--inject-at 3 or less" in res.output and "done:" not in res.output
+    res = _invoke("demo", "--steps", "2", "--port", "0", "--trace", "", "--inject", "nan-burst")
+    assert res.exit_code == 2 and "--steps 3 or more" in res.output

@@ -11,7 +11,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -28,6 +28,7 @@ __all__ = ["replay_command", "rules_group"]
 _RANK = {"info": 0, "warning": 1, "critical": 2}
 _PROGRESS_MIN_TRACES = 20   # fewer traces finish before progress would help
 _PROGRESS_EVERY_S = 1.0
+_PROGRESS_SAMPLES = 50_000   # inside one trace: a line per this many samples (a few seconds)
 _MESSAGE_WIDTH = 100
 
 
@@ -81,7 +82,8 @@ def _event_row(res: TraceResult, e: Firing) -> list[str]:
 @click.option("--resolved", "show_resolved", is_flag=True,
               help="Also report resolutions (JSON records then carry \"kind\").")
 @click.option("--progress/--no-progress", default=None,
-              help=f"Progress on stderr (default: on for {_PROGRESS_MIN_TRACES}+ traces).")
+              help=f"Progress on stderr (default: on for {_PROGRESS_MIN_TRACES}+ traces, and "
+                   f"every {_PROGRESS_SAMPLES} samples of a long trace).")
 @click.option("--jobs", "-j", type=click.IntRange(min=0), default=0, show_default=True,
               help="Processes replaying traces in parallel (0: one per CPU, up to 8, for "
                    f"{_PROGRESS_MIN_TRACES}+ traces; 1: in this process). The output is the "
@@ -115,7 +117,8 @@ def replay_command(traces: tuple[str, ...], rules_files: tuple[str, ...],
     rows: list[list[str]] = []
     totals = _Totals()
     last_progress = time.monotonic()
-    for i, res in enumerate(_replay_all(paths, rules, specs, not lenient, jobs), 1):
+    within = _within_trace if progress is not False else None
+    for i, res in enumerate(_replay_all(paths, rules, specs, not lenient, jobs, within), 1):
         _report_trace(res, totals, rows, out, as_json, show_resolved)
         if show_progress and (time.monotonic() - last_progress >= _PROGRESS_EVERY_S
                               or i == len(paths)):
@@ -235,14 +238,25 @@ def _worker_replay(job: tuple[str, bool]) -> TraceResult:
     return replay_trace(path, _WORKER_RULES["rules"], strict=strict)
 
 
-def _replay_all(paths: list[str], rules: RuleSet, specs: tuple[str, ...],
-                strict: bool, jobs: int) -> Iterator[TraceResult]:
-    """Each trace's result, in order; in worker processes when that pays (many traces)."""
+def _within_trace(path: str, samples: int) -> None:
+    """Progress inside one long trace (a line per trace came only at its end: a trace of
+    millions of steps replayed for minutes in silence, ``--progress`` or not)."""
+    click.echo(f"replay: {path}: {samples} samples so far", err=True)
+
+
+def _replay_all(paths: list[str], rules: RuleSet, specs: tuple[str, ...], strict: bool,
+                jobs: int, within: Callable[[str, int], None] | None = None
+                ) -> Iterator[TraceResult]:
+    """Each trace's result, in order; in worker processes when that pays (many traces).
+    ``within(path, samples)`` is told the progress inside each trace replayed in this
+    process."""
     if jobs == 0:
         jobs = min(os.cpu_count() or 1, 8) if len(paths) >= _PROGRESS_MIN_TRACES else 1
     if jobs <= 1 or len(paths) < 2:
         for path in paths:
-            yield replay_trace(path, rules, strict=strict)
+            tell = None if within is None else (lambda n, p=path: within(p, n))
+            yield replay_trace(path, rules, strict=strict, on_progress=tell,
+                               progress_every=_PROGRESS_SAMPLES)
         return
     # workers load the rules themselves (a RuleSet holds read-only mappings, not picklable)
     with ProcessPoolExecutor(jobs, initializer=_worker_init,

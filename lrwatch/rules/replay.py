@@ -19,7 +19,7 @@ import os
 import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator, Mapping
+from typing import IO, Any, Callable, Iterable, Iterator, Mapping
 
 from ..errors import LrwatchError, TraceFormatError
 from ..samples import Sample
@@ -52,7 +52,9 @@ class TraceResult:
 
 
 def replay_trace(source: str | os.PathLike[str] | IO[str], rules: RuleSet | Iterable[Rule], *,
-                 strict: bool = True, name: str | None = None) -> TraceResult:
+                 strict: bool = True, name: str | None = None,
+                 on_progress: Callable[[int], object] | None = None,
+                 progress_every: int = 50_000) -> TraceResult:
     """Replay one trace with a fresh :class:`Engine` over ``rules``.
 
     Malformed lines raise nothing: with ``strict`` the replay stops at the first one and
@@ -61,6 +63,8 @@ def replay_trace(source: str | os.PathLike[str] | IO[str], rules: RuleSet | Iter
     the recorded events that cannot be read counts as a malformed line. Nothing else raises
     either: an exception out of the engine (a bug, or a detector that cannot cope with a
     value) ends that trace with ``error`` set, so one trace never takes a batch down.
+    ``on_progress``, if given, is called with the samples replayed so far every
+    ``progress_every`` samples (a long trace takes minutes).
     """
     label = name or (os.fspath(source) if isinstance(source, (str, os.PathLike))
                      else getattr(source, "name", "<stream>"))
@@ -72,6 +76,8 @@ def replay_trace(source: str | os.PathLike[str] | IO[str], rules: RuleSet | Iter
         for sample in reader:
             n += 1
             _judge(engine, reader, sample, res.events)
+            if on_progress is not None and n % progress_every == 0:
+                on_progress(n)
     except TraceFormatError as exc:
         res.error = str(exc) if name is None else f"{label}:{exc.line}: " + \
             str(exc).split(": ", 2)[-1]

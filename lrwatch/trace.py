@@ -225,6 +225,8 @@ class TraceReader:
                                      f"(previous {last_step})")
             except ValueError as exc:  # json.JSONDecodeError is a ValueError
                 msg = str(exc).splitlines()[0]
+                if isinstance(exc, json.JSONDecodeError) and not line.endswith("\n"):
+                    msg = _CUT_SHORT + msg
                 if self.strict:
                     raise TraceFormatError(name, lineno, msg) from None
                 self._skip(f"{name}:{lineno}: {msg}")
@@ -234,6 +236,9 @@ class TraceReader:
             yield sample
 
 
+#: what a last line without its newline that does not parse most likely is
+_CUT_SHORT = ("the last line is cut short, without its newline (the run stopped while it "
+              "wrote it, or is still writing it; --lenient skips it): ")
 _BOM = "\ufeff"
 _GZIP_MAGIC = b"\x1f\x8b"
 

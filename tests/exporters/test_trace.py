@@ -225,3 +225,20 @@ def test_a_process_forked_while_a_trace_is_written_does_not_keep_it_locked(tmp_p
         worker.join(30)
     assert not errors and second.ok
     assert [json.loads(x)["loss"] for x in path.read_text().splitlines()] == [2.0]
+
+
+def test_a_last_line_cut_short_says_so_and_what_to_do(tmp_path):  # type: ignore[no-untyped-def]
+    """A run that stopped while it wrote its last line (fourteenth round's audit, docs/rules.md)
+    was refused with only json's "Unterminated string starting at: line 1 column 13", which
+    neither says why nor what to do; a whole bad line elsewhere keeps json's message alone."""
+    path = tmp_path / "crashed.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n{"step": 3, "lo')
+    with pytest.raises(TraceFormatError, match=r"crashed.jsonl:3: the last line is cut short, "
+                                               r"without its newline .*--lenient skips it"):
+        read_trace(path)
+    reader = TraceReader(path, strict=False)
+    assert [s.step for s in reader] == [1, 2] and reader.skipped == 1
+    path.write_text('{"step": 1, "lo\n{"step": 2, "loss": 1.9}\n')
+    with pytest.raises(TraceFormatError) as info:
+        read_trace(path)
+    assert "cut short" not in str(info.value) and ":1: " in str(info.value)

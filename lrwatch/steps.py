@@ -313,8 +313,17 @@ class StepRecorder:
             return delta / theta.clamp_min(1e-12)
 
 
+#: the trace's keys that are not metrics (docs/design.md, trace format v1), with what they hold
+TRACE_KEYS = {"step": "step count", "time": "clock at each step",
+              "events": "record of firings and actions"}
+
+
 def as_value(key: str, value: Any) -> tuple[torch.Tensor | float | None, str | None]:
     """A logged value as a detached device scalar or a float, or ``(None, why)``."""
+    if key in TRACE_KEYS:   # the trace writes its own there: the value would vanish from it
+        return None, (f"lrwatch: log({key}=...): {key!r} is a key of the trace's own (the "
+                      f"Watcher's {TRACE_KEYS[key]}); give the metric another name, e.g. "
+                      f"log(my_{key}=...); value ignored")
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             return None, (f"lrwatch: log({key}=...) needs a scalar, got a tensor of shape "

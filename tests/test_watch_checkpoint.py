@@ -146,3 +146,36 @@ def test_a_checkpoint_before_the_flush_rolls_back_before_the_failure_from_snapsh
     (rb,) = _events(trace, "rollback")
     assert rb["to_step"] < 23, rb
     assert w.policy.rollbacks == 1 and not w.should_stop and w.step == 60
+
+
+def test_a_resume_after_a_change_of_directory_continues_the_same_trace(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trace given as a relative path, and a process that changed directory before it
+    resumed from a checkpoint: the trace was opened again relative to the new directory, so
+    the resumed steps went to a second file there without the steps before the checkpoint,
+    and the first kept the abandoned ones (fourteenth round's audit, docs/design.md)."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    monkeypatch.chdir(first)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = lrwatch.Watcher(model, opt, trace="run.jsonl", flush_every=1)
+
+    def train(n: int) -> None:
+        for _ in range(n):
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.log(loss=loss)
+
+    train(5)
+    checkpoint = w.state_dict()
+    train(5)
+    monkeypatch.chdir(second)
+    w.load_state_dict(checkpoint)
+    train(3)
+    w.close()
+    assert not (second / "run.jsonl").exists()
+    assert [s.step for s in read_trace(first / "run.jsonl")] == list(range(1, 9))

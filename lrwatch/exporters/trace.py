@@ -89,7 +89,9 @@ class TraceWriter:
         self._logged = False
         self._before: Path | None = None   # an earlier run's lines, until resumed or dropped
         if isinstance(target, (str, os.PathLike)):
-            self.path: str | None = str(target)
+            # absolute: a writer opened again on it (a resume, the last line amended at the
+            # close) after the process changed directory wrote a second trace there
+            self.path: str | None = os.path.abspath(target)
             try:
                 path = Path(target)
                 if path.parent and not path.parent.exists():

@@ -207,8 +207,9 @@ class RecoveryConfig:
     guard:
         A step whose gradient is not finite, or whose gradient norm is more than
         ``guard_ratio`` times the median of the last 50 kept steps' (once 20 exist: a batch of
-        garbage), is not applied, and the Watcher records ``grad_dropped``
-        (:class:`lrwatch.probe.GradGuard`; decided on the device, no host sync). ``"auto"``
+        garbage; by default a ratio sized by the run's own spikes), is not applied, and the
+        Watcher records ``grad_dropped`` (:class:`lrwatch.probe.GradGuard`; decided on the
+        device, no host sync). ``"auto"``
         (default): where it costs nothing. For an optimizer built with ``fused=True`` (Adam,
         AdamW, SGD, Adagrad) the Watcher hands the fused step the flag
         (``optimizer.found_inf``, the hook ``GradScaler`` uses), and the step is skipped on the
@@ -226,11 +227,12 @@ class RecoveryConfig:
         reached the parameters). Another within ``good_after`` steps is a failure
         (``dropped_again``), handled like any other.
     guard_ratio:
-        The spike threshold of the guard; 0 drops non-finite steps only. The default, 100, is
-        3.5 times the largest ratio on 137 healthy runs of six model families (28.5).
-        ``"auto"``: a threshold sized by the run's own spikes, ``max(20, 3 x the largest
-        ratio of a step it kept)`` (:data:`lrwatch.probe.AUTO_FLOOR`), so a quiet run holds a
-        poisoned batch 40x its median and a run whose ordinary steps spike keeps them.
+        The spike threshold of the guard. ``"auto"`` (default since 6 December, fourteenth
+        round): a threshold sized by the run's own spikes, ``max(20, 3 x the largest ratio of
+        a step it kept)`` (:data:`lrwatch.probe.AUTO_FLOOR`), so a quiet run holds a poisoned
+        batch 40x its median and a run whose ordinary steps spike (30-3,500x) keeps them. A
+        number: that fixed ratio (100, the default before, is 3.5 times the largest ratio on
+        137 healthy runs of six model families, 28.5); 0 drops non-finite steps only.
     replay:
         After a sudden failure's rollback, ``watch.batches()`` trains again on the batches it
         drew since the snapshot, except the failure's window (the non-finite step; else the
@@ -290,7 +292,7 @@ class RecoveryConfig:
     sudden_margin: int = 10
     sudden_hold: int = 5
     guard: str = "auto"
-    guard_ratio: float | str = 100.0
+    guard_ratio: float | str = "auto"
     replay: bool = False
     replay_mb: float = 512.0
     max_rollbacks: int = 5

@@ -7,7 +7,7 @@ import os
 import sys
 import warnings
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 import torch
@@ -331,19 +331,27 @@ def test_bad_arguments_are_clear() -> None:
         lrwatch.Watcher(model, opt, batch_size=True)  # type: ignore[arg-type]
 
 
-def test_bad_logged_values_warn_count_and_do_not_crash() -> None:
+def _log_once(metrics: Any, **kw: Any) -> tuple[Any, list[Any]]:
+    """One step of the MLP logged with ``metrics(loss)``; the closed Watcher and the warnings
+    that ``log`` gave (they must point at the caller: this file)."""
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    got: list[Sample] = []
-    w = lrwatch.Watcher(model, opt, listeners=[got.append])
+    w = lrwatch.Watcher(model, opt, **kw)
     x, y = _batch(0)
     loss = nn.functional.cross_entropy(model(x), y)
     loss.backward()
     opt.step()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        w.log(loss=loss, vec=torch.ones(3), name="oops")  # type: ignore[arg-type]
+        w.log(**metrics(loss))
     w.close()
+    return w, list(caught)
+
+
+def test_bad_logged_values_warn_count_and_do_not_crash() -> None:
+    got: list[Sample] = []
+    w, caught = _log_once(lambda loss: {"loss": loss, "vec": torch.ones(3), "name": "oops"},
+                          listeners=[got.append])
     assert len(caught) == 2
     # the warnings point at the line that called log(), not inside lrwatch
     assert [c.filename for c in caught] == [__file__, __file__], [c.filename for c in caught]
@@ -355,19 +363,10 @@ def test_a_metric_named_as_a_trace_key_is_refused_not_dropped_silently(tmp_path)
     """``log(step=...)`` (as wandb.log takes it), ``time=`` or ``events=`` went into the live
     sample, and vanished from the trace, whose own keys those are, with no word (fourteenth
     round's audit, docs/design.md). They are bad input now: warned about, counted, left out."""
-    model = _mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     got: list[Sample] = []
     path = tmp_path / "run.jsonl"
-    w = lrwatch.Watcher(model, opt, trace=path, listeners=[got.append])
-    x, y = _batch(0)
-    loss = nn.functional.cross_entropy(model(x), y)
-    loss.backward()
-    opt.step()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        w.log(loss=loss, step=100, time=5.0, events=1.0)
-    w.close()
+    w, caught = _log_once(lambda loss: {"loss": loss, "step": 100, "time": 5.0, "events": 1.0},
+                          trace=path, listeners=[got.append])
     messages = [str(c.message) for c in caught]
     assert len(messages) == 3 and all("a key of the trace's own" in m for m in messages)
     assert "log(my_step=...)" in messages[0]

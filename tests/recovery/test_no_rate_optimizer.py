@@ -49,13 +49,10 @@ def _data() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         yield torch.randn(16, 6, generator=g), torch.randint(0, 2, (16,), generator=g)
 
 
-@pytest.mark.parametrize("make", [StepSizeSGD, _adafactor], ids=["no_lr_key", "lr_none"])
-def test_range_tests_are_skipped_and_the_run_rolls_back(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture,
-        make: Callable[[Any], torch.optim.Optimizer]) -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 2))
-    opt = make(model.parameters())
+def _poisoned_run(tmp_path: Path, caplog: pytest.LogCaptureFixture, model: nn.Module,
+                  opt: torch.optim.Optimizer) -> Any:
+    """30 steps with the range tests on (``lr_check``, a rollback's ``probe``) and one poisoned
+    step (15) that rolls back; the closed Watcher (its log in ``caplog``)."""
     rules = write_flag_rules(tmp_path / "rules.yml", flag_rule("poisoned", "poison"))
     with caplog.at_level(logging.INFO, logger="lrwatch"):
         w = lrwatch.Watcher(
@@ -72,6 +69,17 @@ def test_range_tests_are_skipped_and_the_run_rolls_back(
             opt.step()
             w.log(loss=loss, poison=1.0 if i == 15 else 0.0)
         w.close()
+    return w
+
+
+@pytest.mark.parametrize("make", [StepSizeSGD, _adafactor], ids=["no_lr_key", "lr_none"])
+def test_range_tests_are_skipped_and_the_run_rolls_back(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        make: Callable[[Any], torch.optim.Optimizer]) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 2))
+    opt = make(model.parameters())
+    w = _poisoned_run(tmp_path, caplog, model, opt)
     assert w.policy.rollbacks == 1 and w.exit_status == 0 and w.step == 30
     assert "lrwatch_internal_errors_total 0.0" in generate_latest(w.registry).decode()
     said = [r.getMessage() for r in caplog.records]
@@ -97,22 +105,7 @@ def test_every_group_at_rate_0_skips_the_range_tests_without_an_internal_error(
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    rules = write_flag_rules(tmp_path / "rules.yml", flag_rule("poisoned", "poison"))
-    with caplog.at_level(logging.INFO, logger="lrwatch"):
-        w = lrwatch.Watcher(
-            model, opt, flush_every=1, rules=rules,
-            probe_loss=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]),
-            recovery={"good_after": 3, "min_interval": 2, "cooldown": 0, "sudden_hold": 0,
-                      "probe": "auto", "lr_check": "auto"})
-        for i, (x, y) in enumerate(w.batches(_data())):
-            if i >= 30:
-                break
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            w.log(loss=loss, poison=1.0 if i == 15 else 0.0)
-        w.close()
+    w = _poisoned_run(tmp_path, caplog, model, opt)
     assert w.policy.rollbacks == 1 and w.step == 30
     assert "lrwatch_internal_errors_total 0.0" in generate_latest(w.registry).decode()
     said = [r.getMessage() for r in caplog.records]

@@ -92,7 +92,8 @@ def replay_command(traces: tuple[str, ...], rules_files: tuple[str, ...],
                    packs: tuple[str, ...], as_json: bool,
                    fail_on: str | None, lenient: bool, show_resolved: bool,
                    progress: bool | None, jobs: int) -> None:
-    """Run rules over recorded TRACE files (or directories of *.jsonl) as the live engine would.
+    """Run rules over recorded TRACE files (or directories of *.jsonl and *.jsonl.gz) as
+    the live engine would.
 
     Each trace starts with fresh engine state. Exit status: 0 whether or not rules fire, 1 when
     --fail-on is given and a rule of that severity or higher fired, 2 when a rule file is
@@ -110,7 +111,7 @@ def replay_command(traces: tuple[str, ...], rules_files: tuple[str, ...],
     paths = list(expand_traces(traces))
     if not paths:   # a CI job pointed at the wrong folder must not pass on nothing
         click.echo(f"Error: no trace found: {', '.join(map(str, traces))} holds no *.jsonl "
-                   f"file", err=True)
+                   f"or *.jsonl.gz file", err=True)
         sys.exit(2)
     show_progress = progress if progress is not None else len(paths) >= _PROGRESS_MIN_TRACES
     out = sys.stdout  # looked up per call: CliRunner and redirections replace it

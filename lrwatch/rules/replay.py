@@ -174,10 +174,22 @@ def _same_detectors(mine: Mapping[str, Any], saved: Mapping[str, Any]) -> bool:
 
 
 def expand_traces(paths: Iterable[str | os.PathLike[str]]) -> Iterator[str]:
-    """Each path, with directories replaced by the ``*.jsonl`` files under them (sorted)."""
+    """Each path, with directories replaced by the ``*.jsonl`` and ``*.jsonl.gz`` files under
+    them (sorted); a compressed copy beside its ``.jsonl`` is left out (one run, read once).
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> for name in ("a.jsonl", "a.jsonl.gz", "b.jsonl.gz", "notes.txt"):
+    ...     _ = (d / name).write_text("")
+    >>> [Path(p).name for p in expand_traces([d])]
+    ['a.jsonl', 'b.jsonl.gz']
+    """
     for p in paths:
         path = Path(p)
         if path.is_dir():
-            yield from (str(f) for f in sorted(path.rglob("*.jsonl")) if f.is_file())
+            plain = {f for f in path.rglob("*.jsonl") if f.is_file()}
+            packed = {f for f in path.rglob("*.jsonl.gz")
+                      if f.is_file() and f.with_suffix("") not in plain}
+            yield from (str(f) for f in sorted(plain | packed))
         else:
             yield str(path)

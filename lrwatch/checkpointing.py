@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 from .actions.snapshot import all_finite
 from .errors import ConfigError
 from .recovery.executor import adopt_before_failure, before_failure
+from .recovery.policy import open_failure
 from .samples import Sample
 from .trace import encode_sample, parse_record
 
@@ -70,14 +71,18 @@ class Checkpointing:
                 "unjudged": unjudged}
 
     def _failure_since(self, unjudged: list[dict[str, Any]]) -> Any:
-        """The policy's state for :func:`before_failure`, with the first step not judged yet
-        as the earliest a failure may have begun (the snapshots on disk from before it go
-        with the checkpoint: a failure there is judged by the resumed run)."""
+        """The policy's state for :func:`before_failure`, with the earliest step a failure
+        not rolled back yet may have begun: the first step not judged yet (a failure there
+        is judged by the resumed run), and the onset of a training-control rule whose
+        ``for:`` window is under way (it may fire after the resume: the snapshots on disk
+        from before it go with the checkpoint)."""
         st = self.policy.state
+        opened = open_failure(self.engine.open_onsets(), self.engine.rules) if (
+            self.engine is not None) else None
         since = [st.watching_step if st.watching is not None else None,
                  st.held_step if st.held is not None else None,
-                 unjudged[0]["step"] if unjudged else None]
-        if not unjudged:
+                 unjudged[0]["step"] if unjudged else None, opened]
+        if not unjudged and opened is None:
             return st
         return SimpleNamespace(watching=True, watching_step=min(x for x in since if x is not None),
                                held=None, held_step=None)

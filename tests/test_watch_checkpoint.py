@@ -14,7 +14,7 @@ from torch import nn
 import lrwatch
 from lrwatch.errors import ConfigError
 from lrwatch.exporters.trace import read_trace
-from lrwatch.rules import load_pack
+from lrwatch.rules import load_pack, parse_rules
 from lrwatch.rules.replay import replay_trace
 from flag_rules import train_step
 
@@ -179,3 +179,87 @@ def test_a_resume_after_a_change_of_directory_continues_the_same_trace(
     w.close()
     assert not (second / "run.jsonl").exists()
     assert [s.step for s in read_trace(first / "run.jsonl")] == list(range(1, 9))
+
+
+# --- a checkpoint written while a rule's for: window is under way ----------------------------
+
+_DAMAGE_RULES = """version: 1
+rules:
+  - name: damaged
+    metric: damage
+    detector: threshold
+    params: {above: 0.5}
+    for: 3
+    severity: critical
+    actions: [rollback]
+    annotations: {summary: "damaged at step {step}", description: "test rule"}
+"""
+_WINDOW_REC = {"guard": "off", "sudden_hold": 0, "max_rollbacks": 3, "good_after": 5,
+               "min_interval": 2, "max_interval": 2, "cooldown": 0}
+
+
+def _damage_run(tmp: Path, name: str, rec: dict, *, checkpoint_at: int | None = None,
+                resume: dict | None = None, until: int = 40
+                ) -> tuple[dict | None, lrwatch.Watcher, Path]:
+    """flush_every=1; before step 20 of the first run the model is damaged (a buffer the
+    snapshots carry, logged as ``damage``): the ``for: 3`` rule's window opens at 20 and it
+    fires at 22. A rollback to a state from before 20 undoes the damage; one to a later
+    state restores it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 2))
+    model.register_buffer("damage", torch.zeros(()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    rules = tmp / "damage.yml"
+    rules.write_text(_DAMAGE_RULES)
+    trace = tmp / f"{name}.jsonl"
+    w = lrwatch.Watcher(model, opt, flush_every=1, trace=trace, recovery=rec, rules=str(rules))
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        w.load_state_dict(json.loads(json.dumps(resume["lrwatch"], allow_nan=True)))
+    ckpt = None
+    while w.step < until and not w.should_stop:
+        i = w.step
+        if i + 1 == 20 and resume is None:
+            model.damage.fill_(1.0)
+        w.log(loss=_step(model, opt, i), damage=model.damage.item())
+        if w.step == checkpoint_at and ckpt is None:
+            ckpt = {"model": {k: v.clone() for k, v in model.state_dict().items()},
+                    "optimizer": opt.state_dict(), "lrwatch": w.state_dict()}
+    w.close()
+    return ckpt, w, trace
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_a_checkpoint_inside_a_for_window_does_not_roll_back_to_itself(
+        tmp_path: Path, on_disk: bool) -> None:
+    """The failure began at step 20 (the rule's window opened), the checkpoint was written at
+    21 while the window was under way, the rule fired at 22. The run that was not interrupted
+    rolls back once, to step 12 (``sudden_margin`` before the firing), and goes on. The run
+    resumed at 21 rolled back to its resume point at 22, 23 and 24 (x1, x0.25, x0.125: the
+    damage and the window came back with it) and stopped on a spent budget (docs/recovery.md,
+    fourteenth round). Now the firing carries its onset (20): with ``snapshot_dir`` the
+    checkpoint carries the snapshots from before it and the resumed run rolls back to the same
+    step as the run that was not interrupted, and recovers; without, it stops at 22 and says
+    why, no rollback spent."""
+    rec = {**_WINDOW_REC, **({"snapshot_dir": str(tmp_path / "snaps")} if on_disk else {})}
+    _, whole, trace = _damage_run(tmp_path, "whole", rec)
+    assert [(e["line"], e["to_step"], e["lr_factor"]) for e in _events(trace, "rollback")] \
+        == [(22, 12, 1.0)]
+    assert whole.step == 40 and not whole.should_stop
+    ckpt, _, _ = _damage_run(tmp_path, "first", rec, checkpoint_at=21, until=21)
+    assert ckpt is not None and ckpt["lrwatch"]["engine"]["rules"]["damaged"]["pending"] == 2
+    _, w, trace = _damage_run(tmp_path, "first", rec, resume=ckpt)   # (the trace goes on)
+    rollbacks = [(e["line"], e["to_step"], e["lr_factor"]) for e in _events(trace, "rollback")]
+    if on_disk:
+        assert rollbacks == [(22, 12, 1.0)]
+        assert w.step == 40 and not w.should_stop and w.policy.rollbacks == 1
+    else:
+        assert rollbacks == []
+        (stop,) = _events(trace, "stop")
+        assert stop["line"] == 22 and "began at step 20" in stop["reason"], stop
+        assert w.should_stop and w.exit_status == 4 and w.policy.rollbacks == 0
+    live = [(e["rule"], e["step"]) for e in _events(trace, "firing")]
+    replayed = replay_trace(trace, parse_rules(_DAMAGE_RULES))
+    assert replayed.error is None
+    assert [(f.rule, f.step) for f in replayed.firings] == live

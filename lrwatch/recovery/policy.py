@@ -527,27 +527,75 @@ def _undone(state: PolicyState, plans: Sequence[Plan]) -> list[Plan]:
 
 def _past_resume(state: PolicyState, d: Decision, target: SnapshotInfo | None,
                  snaps: Sequence[SnapshotInfo]) -> SnapshotInfo | None:
-    """The target of a rollback ``d`` for a failure from before the run was resumed (a watch
-    or a held rollback the checkpoint carried): the resume point is after that failure, so a
-    rollback there would undo nothing of it. A snapshot from before the failure the
-    checkpoint carried (``snapshot_dir``) is taken instead; ``None`` if there is none."""
-    if (target is None or not target.pinned or target.step != state.resumed_at
-            or target.step < d.step):
+    """The target of a rollback ``d`` for a failure from before the run was resumed: the
+    resume point is after it, so a rollback there would undo nothing of it (a watch or a
+    held rollback the checkpoint carried; a rule whose ``for:`` window was under way at the
+    checkpoint and fired after it, :func:`_began_before`, whose restored window fires it
+    again at once). A snapshot from before the failure the checkpoint carried
+    (``snapshot_dir``) is taken instead; ``None`` if there is none."""
+    if target is None or not target.pinned or target.step != state.resumed_at:
         return target
-    return next((s for s in reversed(snaps) if s.step < d.step and not s.pinned
+    if target.step < d.step and not _began_before(d, target.step):
+        return target
+    onset = getattr(d.event, "onset", None)
+    began = d.step if onset is None else min(d.step, onset)
+    return next((s for s in reversed(snaps) if s.step < began and not s.pinned
                  and (s.good or getattr(d.event, "sudden", False))), None)
+
+
+def _began_before(d: Decision, resumed_at: int) -> bool:
+    """Whether the failure behind ``d`` began at or before the step the run was resumed at
+    (its rule's ``for:`` window was under way at the checkpoint: the resumed state is in the
+    failure, and the engine's state restored with it fires the rule again at once). Not for
+    an escalation (a firing with ``since``): a rollback to the resume point with its cut still
+    undoes the steps since and changes the rate, as the run that was not interrupted does from
+    its start when it holds nothing from before the evidence (the fourteenth round's decision,
+    docs/recovery.md).
+
+    >>> from types import SimpleNamespace as E
+    >>> [_began_before(Decision("rollback", "r", 22, event=E(onset=o, since=s)), 21)
+    ...  for o, s in ((20, None), (21, None), (22, None), (None, None), (20, 20))]
+    [True, True, False, False, False]
+    """
+    onset = getattr(d.event, "onset", None)
+    return (onset is not None and onset <= resumed_at
+            and getattr(d.event, "since", None) is None)
+
+
+def open_failure(onsets: Mapping[str, int], rules: Iterable[Any]) -> int | None:
+    """The earliest onset among ``onsets`` (rule name to the step its failure began, for the
+    rules whose ``for:`` window is under way: ``Engine.open_onsets``) of a rule that asks for
+    a training-control action; ``None`` if there is none.
+
+    >>> from types import SimpleNamespace as R
+    >>> rules = [R(name="a", actions=("alert",)), R(name="b", actions=("rollback",))]
+    >>> open_failure({"a": 3, "b": 20}, rules), open_failure({"a": 3}, rules)
+    (20, None)
+    """
+    control = {r.name for r in rules if set(r.actions) & set(CONTROL_ACTIONS)}
+    return min((s for n, s in onsets.items() if n in control), default=None)
 
 
 def _undoes_nothing(state: PolicyState, d: Decision, resumed_at: int) -> Plan:
     """No snapshot from before the failure ``d`` answers: the run stops (as where no snapshot
     is held) and says why; the rollback booked for it is given back."""
     state.rollbacks = max(0, state.rollbacks - 1)
+    if _began_before(d, resumed_at) and d.step > resumed_at:
+        onset = d.event.onset
+        what = (f"{d.rule} fired at step {d.step}, but the failure began at step {onset}: its "
+                f"for: window was under way when the checkpoint was written, the run was "
+                f"resumed at step {resumed_at}, inside it, and a rollback there would restore "
+                f"the failure and its window (it fires again at once)")
+        first = onset
+    else:
+        what = (f"the run was resumed at step {resumed_at}, after it, and a rollback there "
+                f"would undo nothing")
+        first = d.step
     return Plan("stop", d.rule, d.step,
-                f"no snapshot from before the failure at step {d.step}: the run was resumed at "
-                f"step {resumed_at}, after it, and a rollback there would undo nothing; resume "
-                f"from a checkpoint written before step {d.step} (with snapshot_dir, a "
-                "checkpoint carries the snapshots from before a failure it has not rolled "
-                "back yet)", EXIT_BUDGET, event=d.event)
+                f"no snapshot from before the failure at step {first}: {what}; resume from a "
+                f"checkpoint written before step {first} (with snapshot_dir, a checkpoint "
+                "carries the snapshots from before a failure it has not rolled back yet)",
+                EXIT_BUDGET, event=d.event)
 
 
 def _nonfinite(e: Any) -> bool:

@@ -94,8 +94,8 @@ def judged_values(sample: Sample) -> Mapping[str, float]:
 _DEFAULT_SUMMARY = "{rule}: {metric} = {value:.4g} at step {step}"
 #: The saved state of a rule that has seen nothing (for 'when' rules added since a state was saved).
 _FRESH: Mapping[str, Any] = MappingProxyType({
-    "pending": 0, "pending_since": None, "clear": 0, "clear_since": None, "resolved_step": None,
-    "resolved_time": None, "detectors": {}, "firing": None})
+    "pending": 0, "pending_since": None, "pending_step": None, "clear": 0, "clear_since": None,
+    "resolved_step": None, "resolved_time": None, "detectors": {}, "firing": None})
 _SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
 
 
@@ -130,6 +130,12 @@ class Firing:
     #: For a ``when`` rule: the step at which its evidence began (the earliest start of the
     #: referenced firings it relied on), so that a rollback can go back before it.
     since: int | None = None
+    #: The step the failure began: the first anomalous judgement of the streak that made the
+    #: rule fire (a ``for:`` window's first pending step; the firing step without ``for:``),
+    #: and for a ``when`` rule the earliest onset of the firings it combines. The recovery
+    #: policy compares it with a resumed run's start (``None``: unknown, from a state saved
+    #: before onsets were kept).
+    onset: int | None = None
 
     def to_json(self, trace: str) -> dict[str, Any]:
         """The ``lrwatch replay --json`` record (non-finite values as ``"nan"``/``"inf"``).
@@ -147,7 +153,7 @@ class Firing:
                 "severity": self.severity, "actions": list(self.actions),
                 "value": _num(self.value), "message": self.message, "kind": self.kind,
                 "labels": dict(self.labels), "annotations": dict(self.annotations),
-                "metric": self.metric, "since": self.since}
+                "metric": self.metric, "since": self.since, "onset": self.onset}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Firing":
@@ -156,7 +162,7 @@ class Firing:
                    value=_unnum(d.get("value")), message=d.get("message", ""),
                    kind=d.get("kind", "firing"), labels=dict(d.get("labels", {})),
                    annotations=dict(d.get("annotations", {})), metric=d.get("metric"),
-                   since=d.get("since"))
+                   since=d.get("since"), onset=d.get("onset"))
 
     @property
     def severity_rank(self) -> int:
@@ -203,7 +209,8 @@ class _RuleState:
     firing and that firing event; for a ``when`` rule, the states of the rules it refers to.
     """
 
-    __slots__ = ("rule", "pairs", "absent", "given", "pending", "pending_since", "clear", "clear_since",
+    __slots__ = ("rule", "pairs", "absent", "given", "pending", "pending_since", "pending_step",
+                 "clear", "clear_since",
                  "resolved_step", "resolved_time", "firing", "refs", "unless", "tracked",
                  "last_step", "last_firing")
 
@@ -214,6 +221,7 @@ class _RuleState:
         self.given = rule.given
         self.pending = 0
         self.pending_since: float | None = None
+        self.pending_step: int | None = None   # the step of the streak's first anomalous judgement
         self.clear = 0
         self.clear_since: float | None = None
         self.resolved_step: int | None = None
@@ -235,6 +243,7 @@ class _RuleState:
 
     def state_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {k: getattr(self, k) for k in self._COUNTERS}
+        d["pending_step"] = self.pending_step
         d["detectors"] = {m: det.state_dict() for m, det in self.pairs}
         d["firing"] = self.firing.to_dict() if self.firing is not None else None
         if self.tracked:  # only referenced rules: packs without 'when' keep their state as it was
@@ -251,6 +260,9 @@ class _RuleState:
             det.load_state_dict(dets[m])
         for k in self._COUNTERS:
             setattr(self, k, d[k])
+        # saved before onsets were kept: a streak's first step is unknown (None)
+        step = d.get("pending_step")
+        self.pending_step = int(step) if step is not None and self.pending else None
         self.firing = Firing.from_dict(d["firing"]) if d.get("firing") else None
         # states saved before 'when' rules existed carry no last firing: never fired
         step, last = d.get("last_firing_step"), d.get("last_firing")
@@ -420,22 +432,53 @@ class Engine:
             n = len(events)
             self._judge(rs, src is not None, step, t, hit, events)
             if len(events) > n and events[-1] is rs.firing:
-                rs.firing = events[-1] = replace(rs.firing, since=self._since(rs, step))
+                rs.firing = events[-1] = replace(rs.firing, since=self._since(rs, step),
+                                                 onset=self._onset(rs, step))
             if rs.tracked and rs.firing is not None:
                 rs.last_step, rs.last_firing = step, rs.firing
 
     @staticmethod
-    def _since(rs: _RuleState, step: int) -> int:
-        """The earliest start among the referenced firings that make ``rs``'s condition hold."""
+    def _held_refs(rs: _RuleState, step: int) -> list[Firing]:
+        """The referenced firings that make ``rs``'s condition hold at ``step`` (firing now,
+        or within its ``within`` window)."""
         when = rs.rule.when
         assert when is not None
         lo = step - when.within if when.within is not None else step
-        starts = [f.since if f.since is not None else f.step
-                  for r in rs.refs
-                  for f in ((r.firing or r.last_firing),)
-                  if f is not None and (r.firing is not None
-                                        or (r.last_step is not None and r.last_step >= lo))]
+        return [f for r in rs.refs for f in ((r.firing or r.last_firing),)
+                if f is not None and (r.firing is not None
+                                      or (r.last_step is not None and r.last_step >= lo))]
+
+    @classmethod
+    def _since(cls, rs: _RuleState, step: int) -> int:
+        """The earliest start among the referenced firings that make ``rs``'s condition hold."""
+        starts = [f.since if f.since is not None else f.step for f in cls._held_refs(rs, step)]
         return min(starts) if starts else step
+
+    @classmethod
+    def _onset(cls, rs: _RuleState, step: int) -> int | None:
+        """When the failure behind ``rs`` began: its own streak's first step, and for a
+        ``when`` rule the earliest of that and the onsets of the referenced firings that make
+        its condition hold (their starts where they carry no onset). ``None``: unknown."""
+        if rs.rule.when is None:
+            return rs.pending_step
+        starts = [f.onset if f.onset is not None else f.since if f.since is not None else f.step
+                  for f in cls._held_refs(rs, step)]
+        if rs.pending_step is not None:
+            starts.append(rs.pending_step)
+        return min(starts) if starts else None
+
+    def open_onsets(self) -> dict[str, int]:
+        """The rules whose condition holds but that have not fired yet (a ``for:`` window
+        under way), each with the step its failure began (:attr:`Firing.onset`, as it would
+        fire now): a checkpoint written now resumes inside that failure."""
+        step = self._last_step if self._last_step is not None else 0
+        out: dict[str, int] = {}
+        for rs in self._states:
+            if rs.pending and rs.firing is None:
+                onset = self._onset(rs, step)
+                if onset is not None:
+                    out[rs.rule.name] = onset
+        return out
 
     @staticmethod
     def _holds(rs: _RuleState, step: int) -> Firing | None:
@@ -481,12 +524,15 @@ class Engine:
             rs.pending += 1
             if rs.pending_since is None:
                 rs.pending_since = t
+            if rs.pending == 1:
+                rs.pending_step = step
             if rs.firing is None and _met(rule.for_, rs.pending, rs.pending_since, t) \
                     and not self._quiet(rs, step, t):
-                rs.firing = self._event(rule, "firing", step, t, hit)
+                rs.firing = replace(self._event(rule, "firing", step, t, hit),
+                                    onset=rs.pending_step)
                 events.append(rs.firing)
             return
-        rs.pending, rs.pending_since = 0, None
+        rs.pending, rs.pending_since, rs.pending_step = 0, None, None
         if rs.firing is None:
             return
         rs.clear += 1

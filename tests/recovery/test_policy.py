@@ -809,3 +809,59 @@ def test_a_skip_or_a_cut_asked_for_beside_a_watched_failure_goes_ahead() -> None
                              Progress(150, s)))
     assert [p.action for p in plans] == ["watch", "reduce_lr"] and pol.lr_scale == 0.5
     assert pol.state.watching == "loss_blowup"
+
+
+def _resumed_at_21(good_after: int = 5) -> RecoveryPolicy:
+    """A policy resumed at step 21 of a run that proved healthy (nothing failed before)."""
+    pol = RecoveryPolicy(RecoveryConfig(good_after=good_after, cooldown=0, sudden_hold=0,
+                                        max_rollbacks=3))
+    pol.promoted([SnapshotInfo(10, True)])
+    resumed = RecoveryPolicy(RecoveryConfig(good_after=good_after, cooldown=0, sudden_hold=0,
+                                            max_rollbacks=3))
+    resumed.load_state_dict({**pol.state_dict(), "resumed_at": 21})
+    return resumed
+
+
+def test_a_for_window_under_way_at_the_resume_is_no_rollback_to_the_resume_point() -> None:
+    """A ``for: 3`` rule whose condition began at step 20 (its onset), the checkpoint written
+    at 21 while it was pending, firing at 22: the resume point is inside the failure, and the
+    engine's state restored with it fires the rule again at once (before: rollbacks to step
+    21 at 22, 23, 24 with the cut compounding, then the budget stop). Holding only the resume
+    point, the run stops at once and says why, no rollback booked; holding snapshots the
+    checkpoint carried (``snapshot_dir``), the rollback goes before the onset, to the one the
+    run that was not interrupted takes (``sudden_margin`` before the firing, the rate kept)."""
+    damaged = SimpleNamespace(**vars(fire("damaged", 22)), onset=20)
+    resumed = _resumed_at_21()
+    (p,) = control(resumed.plan([damaged], Progress(22, [SnapshotInfo(21, True, pinned=True)])))
+    assert (p.action, p.exit_status, p.step) == ("stop", EXIT_BUDGET, 22), p
+    assert "began at step 20" in p.reason and "resumed at step 21" in p.reason, p.reason
+    assert "checkpoint written before step 20" in p.reason
+    assert resumed.rollbacks == 0 and resumed.state.stopped
+    carried = [SnapshotInfo(10, True), SnapshotInfo(12, True), SnapshotInfo(19, False),
+               SnapshotInfo(21, True, pinned=True)]
+    resumed = _resumed_at_21()
+    (p,) = control(resumed.plan([damaged], Progress(22, carried)))
+    assert (p.action, p.target, p.lr_factor) == ("rollback", 12, 1.0), p
+    uninterrupted = RecoveryPolicy(RecoveryConfig(good_after=5, cooldown=0, sudden_hold=0))
+    uninterrupted.promoted([SnapshotInfo(10, True)])
+    (q,) = control(uninterrupted.plan([damaged], Progress(22, snaps(10, 12, 19, 21))))
+    assert (q.action, q.target, q.lr_factor) == (p.action, p.target, p.lr_factor)
+    # not sudden (the run never proved healthy): the newest good snapshot before the onset
+    resumed = RecoveryPolicy(RecoveryConfig(good_after=5, cooldown=0, sudden_hold=0))
+    resumed.load_state_dict({"resumed_at": 21})
+    (r,) = control(resumed.plan([damaged], Progress(22, carried)))
+    assert (r.action, r.target) == ("rollback", 12), r
+
+
+def test_a_failure_that_began_after_the_resume_still_rolls_back_to_the_resume_point() -> None:
+    """The resume point is only skipped for a failure that began at or before it: an onset
+    after it (the window opened in the resumed run), an onset the firing does not carry (a
+    state saved before onsets were kept), and an escalation (``since``: its cut is the
+    remedy, the fourteenth round's decision pinned above) roll back to it as before."""
+    resume = [SnapshotInfo(21, True, pinned=True)]
+    for onset, since in ((22, None), (None, None), (18, 19)):
+        event = SimpleNamespace(**vars(fire("damaged", 24, since=since)), onset=onset)
+        resumed = _resumed_at_21()
+        (p,) = control(resumed.plan([event], Progress(24, resume)))
+        assert (p.action, p.target) == ("rollback", 21), (onset, since, p)
+        assert resumed.rollbacks == 1

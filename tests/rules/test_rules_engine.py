@@ -343,3 +343,57 @@ def test_a_vanished_gradient_on_a_network_that_beats_a_constant_prediction_is_no
         fired = {e.rule for e in _run_pack(_scale_invariant_start(0.7, seed))
                  if e.kind == "firing"}
         assert "vanishing_gradient" in fired, seed
+
+
+def _onsets(eng: Engine, xs, start: int = 0) -> list[tuple[str, int, int | None]]:
+    return [(e.kind, e.step, e.onset) for i, x in enumerate(xs)
+            for e in eng.update(Sample(step=start + i, values={"x": x}))]
+
+
+def test_a_firing_carries_the_step_its_for_window_began():
+    """A ``for: 3`` rule fires on the third anomalous judgement in a row; its firing carries
+    the first one (its onset), which the recovery policy compares with a resumed run's
+    start. A broken streak starts over; without ``for:`` the onset is the firing step."""
+    eng = one_rule("    for: 3")
+    assert _onsets(eng, [0, 2, 2, 0, 2, 2, 2, 2, 0]) == [("firing", 6, 4), ("resolved", 8, None)]
+    assert _onsets(one_rule(), [0, 2]) == [("firing", 1, 1)]
+
+
+def test_the_onset_of_a_window_under_way_survives_a_resume():
+    """The checkpoint of step 21, written while the window that began at 20 is under way:
+    ``open_onsets`` names it, and the resumed engine fires at 22 with onset 20, as the engine
+    that was not interrupted does (the onset was lost: the state kept only the count). A
+    state saved before onsets were kept gives an unknown onset (``None``), not a wrong one."""
+    xs = [0.0] * 20 + [2.0] * 5
+    whole = _onsets(one_rule("    for: 3"), xs)
+    assert whole == [("firing", 22, 20)]
+    first = one_rule("    for: 3")
+    got = _onsets(first, xs[:22])
+    assert got == [] and first.open_onsets() == {"r": 20}
+    state = json.loads(json.dumps(first.state_dict()))
+    second = one_rule("    for: 3")
+    second.load_state_dict(state)
+    assert second.open_onsets() == {"r": 20}
+    assert _onsets(second, xs[22:], start=22) == whole
+    assert second.open_onsets() == {}   # firing now: no window under way
+    del state["rules"]["r"]["pending_step"]
+    old = one_rule("    for: 3")
+    old.load_state_dict(state)
+    assert old.open_onsets() == {} and _onsets(old, xs[22:], start=22) == [("firing", 22, None)]
+
+
+def test_an_escalation_carries_the_earliest_onset_of_the_firings_it_combines():
+    """A ``when`` rule's onset is the earliest onset among the referenced firings that make
+    its condition hold (``a`` with ``for: 2`` began at 3, fired at 4; ``b`` began at 6), not
+    their firing steps (``since``, 4)."""
+    eng = Engine(parse_rules("""
+rules:
+  - {name: a, metric: x, detector: threshold, params: {above: 1}, severity: warning, for: 2}
+  - {name: b, metric: y, detector: threshold, params: {above: 1}, severity: warning}
+  - {name: both, when: {all: [a, b], within: 5}, severity: critical, actions: [rollback]}
+"""))
+    xs = [0, 0, 0, 2, 2, 2, 2, 2]
+    ys = [0, 0, 0, 0, 0, 0, 2, 2]
+    got = [(e.rule, e.step, e.since, e.onset) for i, (x, y) in enumerate(zip(xs, ys))
+           for e in eng.update(Sample(step=i, values={"x": x, "y": y}))]
+    assert got == [("a", 4, None, 3), ("b", 6, None, 6), ("both", 6, 4, 3)]

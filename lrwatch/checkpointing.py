@@ -45,6 +45,7 @@ class Checkpointing:
     _resume_at: Callable[[int], int]
     _unjudged: Callable[[], list[Sample]]
     _judge_samples: Callable[[list[Sample], bool], list[Sample]]
+    _last_flush: tuple[int, int, tuple[str, ...]] | None
 
     def state_dict(self) -> dict[str, Any]:
         """Counters and detector state, so a resumed run keeps its rules and rollback budget.
@@ -59,30 +60,47 @@ class Checkpointing:
         the device once), and the resumed Watcher judges them first: a failure among them is
         not lost with the process. Not under torch.distributed, where judging needs every
         rank's rows. The snapshots on disk from before those steps go with it too, as for a
-        failure waiting for its rollback."""
+        failure waiting for its rollback. Written right after the flush that judged its own
+        step (``flush_lag=0``; with ``flush_lag=1`` that flush is in flight and goes with it
+        unjudged), the rules that began firing on that flush's steps go with it
+        (``"fired_late"``): the last step's update shows only in the resumed run's samples,
+        so the resumed state is not known good, whichever the flush lag."""
         unjudged = [] if self.dist.active else [encode_sample(x) for x in self._unjudged()]
+        late = self._fired_late(unjudged)
         return {"step": self.step, "data_position": self.data_position,
                 "skip_remaining": self._skip_remaining, "ramped_at": self._ramped_at,
                 "policy": self.policy.state_dict(),
                 "engine": self.engine.state_dict() if self.engine is not None else None,
                 "best": self.best.state_dict() if self.best is not None else None,
-                "before_failure": before_failure(self._failure_since(unjudged), self.store,
-                                                 self.dist.active),
-                "unjudged": unjudged}
+                "before_failure": before_failure(self._failure_since(unjudged, late),
+                                                 self.store, self.dist.active),
+                "unjudged": unjudged, "fired_late": late}
 
-    def _failure_since(self, unjudged: list[dict[str, Any]]) -> Any:
+    def _fired_late(self, unjudged: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """The rules that began firing on the steps of the flush that judged the checkpoint's
+        own step, with nothing after it (what a checkpoint with ``flush_lag=1`` carries
+        unjudged instead); ``None`` where none did. Not under torch.distributed, as for the
+        steps not judged."""
+        last = self._last_flush
+        if unjudged or self.dist.active or last is None or last[1] != self.step or not last[2]:
+            return None
+        return {"from": last[0], "to": last[1], "rules": list(last[2])}
+
+    def _failure_since(self, unjudged: list[dict[str, Any]],
+                       late: Mapping[str, Any] | None = None) -> Any:
         """The policy's state for :func:`before_failure`, with the earliest step a failure
         not rolled back yet may have begun: the first step not judged yet (a failure there
-        is judged by the resumed run), and the onset of a training-control rule whose
-        ``for:`` window is under way (it may fire after the resume: the snapshots on disk
-        from before it go with the checkpoint)."""
+        is judged by the resumed run) or of the flush that fired ``late``, and the onset of
+        a training-control rule whose ``for:`` window is under way (it may fire after the
+        resume: the snapshots on disk from before it go with the checkpoint)."""
         st = self.policy.state
         opened = open_failure(self.engine.open_onsets(), self.engine.rules) if (
             self.engine is not None) else None
         since = [st.watching_step if st.watching is not None else None,
                  st.held_step if st.held is not None else None,
-                 unjudged[0]["step"] if unjudged else None, opened]
-        if not unjudged and opened is None:
+                 unjudged[0]["step"] if unjudged else None, opened,
+                 late["from"] if late else None]
+        if not unjudged and opened is None and not late:
             return st
         return SimpleNamespace(watching=True, watching_step=min(x for x in since if x is not None),
                                held=None, held_step=None)
@@ -122,6 +140,9 @@ class Checkpointing:
         carried = [] if self.dist.active else [parse_record(r) for r in state.get("unjudged") or ()]
         if carried:   # what the predecessor had not judged: its plans go to the first boundary
             late += self._judge_carried(carried)
+        elif state.get("fired_late"):
+            fired = state["fired_late"]
+            self._not_known_good(list(fired["rules"]), int(fired["from"]), int(fired["to"]))
         if self.engine is not None:   # replay loads the detectors' state from here
             late.insert(0, {"type": "resume", "step": self.step, "trace_lines": kept,
                             "engine_state": self.engine.state_dict()})
@@ -151,20 +172,35 @@ class Checkpointing:
         judged = self._judge_samples(carried, emit=False)
         decided = [dict(e) for x in judged for e in x.events
                    if e.get("type") not in ("firing", "resolved")]
-        first = next((x for x in self.store.snapshots if x.pinned and x.step == self.step),
-                     None) if self.store is not None else None
+        first = self._resume_snapshot()
         if first is None:
             return decided
         first.extra["engine_state"] = self.engine.state_dict()   # judged through its step now
         fired = sorted({str(e.get("rule")) for x in judged for e in x.events
                         if e.get("type") == "firing"})
-        if fired and first.good:
-            first.good = False
-            log.warning("lrwatch: %s began firing on steps %d-%d, which the checkpoint had not "
-                        "judged when it was written: the resumed state (step %d) is not known "
-                        "good until %d quiet steps pass, and a rollback before then stops the "
-                        "run instead of going back to it (it would undo nothing); resume from "
-                        "an earlier checkpoint to go back before the failure",
-                        ", ".join(fired), carried[0].step, carried[-1].step, self.step,
-                        self.store.good_after)
+        self._not_known_good(fired, carried[0].step, carried[-1].step)
         return decided
+
+    def _resume_snapshot(self) -> Any:
+        """The pinned snapshot of the resumed state, or ``None``."""
+        if self.store is None:
+            return None
+        return next((x for x in self.store.snapshots if x.pinned and x.step == self.step),
+                    None)
+
+    def _not_known_good(self, fired: list[str], first_step: int, last_step: int) -> None:
+        """``fired`` began firing on steps ``first_step``-``last_step``, which the checkpoint
+        had not judged, or judged in the flush it was written right after: the resumed state
+        came out of a failure the rules saw late (the last step's update shows only in the
+        next samples). It is no known-good start (a rollback to it would undo nothing) until
+        ``good_after`` quiet steps promote it, as any snapshot of a step not judged yet."""
+        first = self._resume_snapshot()
+        if not fired or first is None or not first.good:
+            return
+        first.good = False
+        log.warning("lrwatch: %s began firing on steps %d-%d, which the checkpoint had not "
+                    "judged when it was written, or judged right before it: the resumed state "
+                    "(step %d) is not known good until %d quiet steps pass, and a rollback "
+                    "before then stops the run instead of going back to it (it would undo "
+                    "nothing); resume from an earlier checkpoint to go back before the failure",
+                    ", ".join(fired), first_step, last_step, self.step, self.store.good_after)

@@ -75,6 +75,8 @@ class Flushing:
     _progress: Callable[[], Any]
     _safe_point: Callable[[], bool]
     _last_line: Sample | None = None   # the trace's last line (its sample), once written
+    #: the last flush judged: its first and last steps and the rules that began firing on them
+    _last_flush: tuple[int, int, tuple[str, ...]] | None = None
 
     def flush(self) -> list[Sample]:
         """Copy what the device holds to the host now and hand it to the listeners (a flush
@@ -112,6 +114,7 @@ class Flushing:
         decided yet (a rollback abandoned the trajectory they were trained on); returns how
         many steps."""
         self._evals.abandon()
+        self._last_flush = None   # the state is no longer the one after the last flush
         n = self.recorder.discard()
         if self._in_flight is not None:
             n += len(self._in_flight.rows)
@@ -227,6 +230,9 @@ class Flushing:
             self.outputs.emit(samples, self._faults.guard)
         if samples and emit:
             self._last_line = samples[-1]
+            self._last_flush = (samples[0].step, samples[-1].step, tuple(sorted(
+                {str(e.get("rule")) for x in samples for e in x.events
+                 if e.get("type") == "firing"})))
         return samples
 
     def _agree(self, samples: list[Sample]) -> list[Sample]:

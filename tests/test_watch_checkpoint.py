@@ -75,11 +75,11 @@ def _bombed_step(model: nn.Module, opt: torch.optim.Optimizer, i: int, bomb: boo
 
 
 def _bomb_run(trace: Path, rec: dict, *, checkpoint_at: int | None = None,
-              resume: dict | None = None, until: int = 60, flush_lag: int = 0
-              ) -> tuple[dict | None, lrwatch.Watcher]:
-    """flush_every=5, the rate bomb at step 23; ``checkpoint_at``: keep what a script saves
-    right after that step (before the flush at 25 judges 21-24); ``resume``: a new process
-    (model, optimizer, Watcher) starts from such a checkpoint."""
+              resume: dict | None = None, until: int = 60, flush_lag: int = 0,
+              bomb_at: int = 23) -> tuple[dict | None, lrwatch.Watcher]:
+    """flush_every=5, the rate bomb at step ``bomb_at``; ``checkpoint_at``: keep what a script
+    saves right after that step (at 24: before the flush at 25 judges 21-24); ``resume``: a
+    new process (model, optimizer, Watcher) starts from such a checkpoint."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -92,7 +92,7 @@ def _bomb_run(trace: Path, rec: dict, *, checkpoint_at: int | None = None,
     ckpt = None
     while w.step < until and not w.should_stop:
         i = w.step
-        w.log(loss=_bombed_step(model, opt, i, bomb=i + 1 == 23 and resume is None))
+        w.log(loss=_bombed_step(model, opt, i, bomb=i + 1 == bomb_at and resume is None))
         if w.step == checkpoint_at and ckpt is None:
             ckpt = {"model": {k: v.clone() for k, v in model.state_dict().items()},
                     "optimizer": opt.state_dict(), "lrwatch": w.state_dict()}
@@ -263,3 +263,39 @@ def test_a_checkpoint_inside_a_for_window_does_not_roll_back_to_itself(
     replayed = replay_trace(trace, parse_rules(_DAMAGE_RULES))
     assert replayed.error is None
     assert [(f.rule, f.step) for f in replayed.firings] == live
+
+
+@pytest.mark.parametrize("flush_lag", [0, 1])
+def test_a_checkpoint_right_after_the_flush_of_a_failure_is_no_known_good_start(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, flush_lag: int) -> None:
+    """The rate bomb in step 25, the checkpoint of step 25: the loss shows the ruined weights
+    from step 26 on, in the resumed run. With ``flush_lag=1`` the flush of 21-25 is in flight
+    and goes with the checkpoint unjudged (the rate rules fire on it: the resumed state is
+    not known good, and the run stops at the first rollback). With ``flush_lag=0`` it was
+    judged right before the checkpoint, the resumed state counted as known good, and the
+    resumed run rolled back to it five times (x0.5 ... x0.03), to the ruined weights, then
+    stopped on a spent budget. Now the rules that fired on that flush go with the checkpoint
+    and the resumed run is the same with either lag; with ``snapshot_dir`` it goes back
+    before the bomb, as the run that was not interrupted does, and recovers."""
+    trace = tmp_path / "run.jsonl"
+    ckpt, _ = _bomb_run(trace, _REC, checkpoint_at=25, until=25, flush_lag=flush_lag,
+                        bomb_at=25)
+    assert ckpt is not None
+    _, w = _bomb_run(trace, _REC, resume=ckpt, flush_lag=flush_lag, bomb_at=25)
+    assert not _events(trace, "rollback"), _events(trace, "rollback")
+    assert w.should_stop and w.exit_status == 4
+    assert "not known good" in caplog.text and "steps 21-25" in caplog.text
+    live = [(e["rule"], e["step"], e["severity"]) for e in _events(trace, "firing")]
+    replayed = replay_trace(trace, load_pack("training"))
+    assert replayed.error is None
+    assert [(f.rule, f.step, f.severity) for f in replayed.firings] == live
+    rec = {**_REC, "snapshot_dir": str(tmp_path / "snaps")}
+    _, whole = _bomb_run(tmp_path / "whole.jsonl", {**rec, "snapshot_dir": str(tmp_path / "w")},
+                         flush_lag=flush_lag, bomb_at=25)
+    (first,) = _events(tmp_path / "whole.jsonl", "rollback")
+    ckpt, _ = _bomb_run(tmp_path / "a.jsonl", rec, checkpoint_at=25, until=25,
+                        flush_lag=flush_lag, bomb_at=25)
+    _, w = _bomb_run(tmp_path / "b.jsonl", rec, resume=ckpt, flush_lag=flush_lag, bomb_at=25)
+    (rb,) = _events(tmp_path / "b.jsonl", "rollback")
+    assert rb["to_step"] == first["to_step"] < 25, (rb, first)
+    assert w.policy.rollbacks == 1 and not w.should_stop and w.step == 60

@@ -232,7 +232,7 @@ def _damage_run(tmp: Path, name: str, rec: dict, *, checkpoint_at: int | None = 
 
 @pytest.mark.parametrize("on_disk", [False, True])
 def test_a_checkpoint_inside_a_for_window_does_not_roll_back_to_itself(
-        tmp_path: Path, on_disk: bool) -> None:
+        tmp_path: Path, on_disk: bool, caplog: pytest.LogCaptureFixture) -> None:
     """The failure began at step 20 (the rule's window opened), the checkpoint was written at
     21 while the window was under way, the rule fired at 22. The run that was not interrupted
     rolls back once, to step 12 (``sudden_margin`` before the firing), and goes on. The run
@@ -259,6 +259,9 @@ def test_a_checkpoint_inside_a_for_window_does_not_roll_back_to_itself(
         (stop,) = _events(trace, "stop")
         assert stop["line"] == 22 and "began at step 20" in stop["reason"], stop
         assert w.should_stop and w.exit_status == 4 and w.policy.rollbacks == 0
+        # The resume point is inside the failure: not restored, and not called known good.
+        said = [r.getMessage() for r in caplog.records if "stopping the run" in r.getMessage()]
+        assert said and not any("known-good" in m for m in said), said
     live = [(e["rule"], e["step"]) for e in _events(trace, "firing")]
     replayed = replay_trace(trace, parse_rules(_DAMAGE_RULES))
     assert replayed.error is None

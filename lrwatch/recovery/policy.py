@@ -587,15 +587,19 @@ def _undoes_nothing(state: PolicyState, d: Decision, resumed_at: int) -> Plan:
                 f"resumed at step {resumed_at}, inside it, and a rollback there would restore "
                 f"the failure and its window (it fires again at once)")
         first = onset
+        # The only known-good state held is the resume point, inside the failure: restoring
+        # it would undo nothing and the stop line would call it known good.
+        params = {"restore": "none"}
     else:
         what = (f"the run was resumed at step {resumed_at}, after it, and a rollback there "
                 f"would undo nothing")
         first = d.step
+        params = {}
     return Plan("stop", d.rule, d.step,
                 f"no snapshot from before the failure at step {first}: {what}; resume from a "
                 f"checkpoint written before step {first} (with snapshot_dir, a checkpoint "
                 "carries the snapshots from before a failure it has not rolled back yet)",
-                EXIT_BUDGET, event=d.event)
+                EXIT_BUDGET, event=d.event, params=params)
 
 
 def _nonfinite(e: Any) -> bool:

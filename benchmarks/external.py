@@ -18,7 +18,10 @@ A *task file* is a Python file that defines
 
 Tune the rates with ``python benchmarks/external.py my_tasks.py --sweep`` (the suite's rule,
 ``families.sweep_base_lr``; the file may hold placeholder rates meanwhile) and paste what it
-prints into the file. What the protocol assumes of a task:
+prints into the file. A recorded run is cached under a hash of its settings and rates, not of
+the task's code: after changing a task's data, model or loss without changing its rates,
+record again with ``--rebuild`` (``detection.py``), or the old traces are served. What the
+protocol assumes of a task:
 
 * a classifier (``classification`` true) returns one logit per class, also for two classes
   (``[0, s]`` for a single score ``s`` gives the same cross-entropy as a sigmoid), and its

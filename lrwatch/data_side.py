@@ -105,10 +105,15 @@ class DataSide(StartGate):
     def _end_of_data(self) -> None:
         """The data ran out: judge the flush still in flight (``flush_lag=1``: it holds the
         last steps, and a failure among them is answered now, while its replay can still be
-        yielded; not when a rollback or skip waits, which abandons those steps unjudged, nor
-        under ``torch.distributed``, where judging is collective and the ranks' data may run
-        out apart), then carry out what waits."""
-        if self.flush_in_flight and not self._going_back and not self.dist.active:
+        yielded; not when a rollback or skip waits, which abandons those steps unjudged), then
+        carry out what waits.
+
+        Under ``torch.distributed`` judging is collective: every rank lands here at the same
+        step when every rank is given the same number of batches, which lrwatch requires
+        (docs/distributed.md). Not inside DDP's ``Join``: there one rank's data runs out while
+        the others still train (their next collective is ``Join``'s own), so that flush is
+        judged at ``close()``, as before."""
+        if self.flush_in_flight and not self._going_back and not self.dist.in_join:
             self._land()
         self._safe_point()
 

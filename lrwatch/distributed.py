@@ -109,6 +109,13 @@ class RankContext:
         self._joinables = [o for o in objs if hasattr(o, "_join_config")]
         self._refused = []
 
+    @property
+    def in_join(self) -> bool:
+        """Whether the model or optimizer carries the mark of DDP's ``Join`` (inside one, or
+        after one: the mark stays), where the ranks' data may run out at different steps (a
+        rank out of data inside a ``Join`` must not start a collective of its own)."""
+        return any(o._join_config.enable for o in self._joinables)
+
     def all_reduce_sum(self, t: torch.Tensor) -> None:
         """Add ``t`` across the group's ranks, in place (the sharded guard's one number per
         step; on a GPU enqueued like the wrapper's own collectives, no wait on the host)."""

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-__all__ = ["Sample", "encode_number", "decode_number", "NONFINITE"]
+__all__ = ["Sample", "encode_number", "decode_number", "first_rate", "NONFINITE"]
 
 #: How trace format v1 (and every JSON lrwatch writes) spells a non-finite number.
 NONFINITE = ("nan", "inf", "-inf")
@@ -35,6 +35,17 @@ def decode_number(v: Any) -> Any:
     return v
 
 
+def first_rate(lr_groups: tuple[float, ...]) -> float:
+    """The run's learning rate (``values["lr"]``) from every group's (``lr_groups``, one per
+    parameter group, NaN for a group that holds no rate: ``lr=None``): the first group's
+    that has one, else the first's (NaN).
+
+    >>> first_rate((float("nan"), 0.001, 0.01)), first_rate((0.1, 0.01))
+    (0.001, 0.1)
+    """
+    return next((x for x in lr_groups if not math.isnan(x)), lr_groups[0])
+
+
 @dataclass(frozen=True)
 class Sample:
     """One optimizer step (training) or one window (serving).
@@ -47,9 +58,11 @@ class Sample:
         Unix seconds when the step finished, or ``None`` when unknown.
     values:
         Metric name to float. Non-finite values are kept as ``nan``/``inf``. ``lr`` holds the
-        learning rate of the first parameter group; ``lr_groups`` holds all of them.
+        learning rate of the first parameter group that has one (:func:`first_rate`);
+        ``lr_groups`` holds all of them.
     lr_groups:
-        The learning rate of every parameter group, or ``None`` when not measured.
+        The learning rate of every parameter group, in group order (NaN for a group that
+        holds none: ``lr=None``), or ``None`` when not measured (no group holds one).
     events:
         Things that happened at this step (rollbacks, firings), as JSON-ready dicts.
 

@@ -24,7 +24,7 @@ import torch
 from .distributed import SQ_REP, SQ_SHARD, split_by_placement
 from .probe import (GradGuard, HostGradGuard, LayerIndex, drop_gradient, hold_gradients,
                     return_gradients, tensor_norms, total_norm)
-from .samples import Sample
+from .samples import Sample, first_rate
 
 __all__ = ["Row", "StepRecorder", "Transfer", "as_value", "materialise"]
 
@@ -42,7 +42,7 @@ class Row:
     keys: list[str] = field(default_factory=list)
     tensors: list[torch.Tensor] = field(default_factory=list)
     host: dict[str, float] = field(default_factory=dict)
-    lr: list[float | None] = field(default_factory=list)
+    lr: list[float | None] = field(default_factory=list)   # per group; None: it holds none
     stepped: bool = False  # the optimizer step (or a skip) has happened for this row
     logged: bool = False  # watch.log() has delivered this step's values
 
@@ -281,9 +281,9 @@ class StepRecorder:
             lr = group.get("lr")
             if isinstance(lr, torch.Tensor):  # capturable / tensor LR: stays on the device
                 row.put(f"lr/{i}", lr.detach().reshape(()).float().clone())
-                row.lr.append(None)
-            elif lr is not None:
-                row.lr.append(float(lr))
+                row.lr.append(math.nan)   # (its place: the value comes as "lr/<i>")
+            else:   # (None: a group that holds no rate keeps its place, and so the others')
+                row.lr.append(None if lr is None else float(lr))
             mom = group.get("momentum")
             if mom is None and isinstance(group.get("betas"), (tuple, list)):
                 mom = group["betas"][0]
@@ -402,10 +402,13 @@ def _sample(r: Row, values: dict[str, float], batch_size: int | None) -> Sample:
     for k, v in r.host.items():
         if not k.startswith("_"):
             values[k] = v
-    lrs = [values.pop(f"lr/{i}", lr) if lr is None else lr for i, lr in enumerate(r.lr)]
-    lr_groups = tuple(float(x) for x in lrs if x is not None) or None
+    # every group in its place (a group with no rate as NaN), so that group g's rate is
+    # exported as param_group="g"; none when no group holds a rate
+    lrs = [values.pop(f"lr/{i}", lr) for i, lr in enumerate(r.lr)]
+    lr_groups = (tuple(math.nan if x is None else float(x) for x in lrs)
+                 if any(x is not None for x in lrs) else None)
     if lr_groups:
-        values["lr"] = lr_groups[0]
+        values["lr"] = first_rate(lr_groups)
     if "loss" in values:
         values["nonfinite_loss"] = 0.0 if math.isfinite(values["loss"]) else 1.0
     if "grad_norm" in values:

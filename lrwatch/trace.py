@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import IO, Any, Iterator, Mapping
 
 from .errors import TraceFormatError
-from .samples import Sample, encode_number
+from .samples import Sample, encode_number, first_rate
 
 __all__ = ["TraceReader", "iter_trace", "read_trace", "encode_sample", "parse_record"]
 
@@ -124,7 +124,7 @@ def parse_record(rec: Any) -> Sample:
             lr_groups = tuple(_to_float(x, "lr") for x in lr)
         else:
             lr_groups = (_to_float(lr, "lr"),)
-        values["lr"] = lr_groups[0]
+        values["lr"] = first_rate(lr_groups)
     for k, v in rec.items():
         if k in _RESERVED or v is None:
             continue

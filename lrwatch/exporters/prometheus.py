@@ -145,12 +145,6 @@ class _LockedCollector(Collector):
         return iter([f for m in self._metrics for f in m.describe()])
 
 
-def _group_index(key: str) -> tuple[int, str]:
-    """``momentum/<g>`` in group order (``momentum/10`` after ``momentum/9``)."""
-    tail = key.partition("/")[2]
-    return (int(tail), "") if tail.isdigit() else (1 << 30, tail)
-
-
 #: per registry, the collectors lrwatch registered there and the object owning each
 _OWNED: "weakref.WeakKeyDictionary[CollectorRegistry, list[tuple[Any, Any]]]" = \
     weakref.WeakKeyDictionary()
@@ -244,8 +238,8 @@ class TrainingExporter:
         # norms), and a gradient norm of 0 reads as vanished gradients.
         self._layer_labels = tuple(layer_labels)
         self._layer_children: dict[str, Any] = {}
-        self._lr_children: list[Any] = []
-        self._mom_children: list[Any] = []
+        self._lr_children: dict[int, Any] = {}   # param_group index -> its series
+        self._mom_children: dict[int, Any] = {}
         self._collector = _LockedCollector(self._lock, m, self.latest, const_labels or {})
         self._register()
 
@@ -313,12 +307,13 @@ class TrainingExporter:
                 val = last.values.get(key)
                 if val is not None:
                     self.latest[key] = val
-            if last.lr_groups is not None:
-                self._set_groups(self.learning_rate, self._lr_children, last.lr_groups)
-            mom = [last.values[k] for k in sorted(
-                (k for k in last.values if k.startswith("momentum/")), key=_group_index)]
-            if mom:
-                self._set_groups(self.momentum, self._mom_children, mom)
+            if last.lr_groups is not None:   # (a group that holds no rate, NaN: no series)
+                self._set_groups(self.learning_rate, self._lr_children,
+                                 [(g, v) for g, v in enumerate(last.lr_groups)
+                                  if not math.isnan(v)])
+            self._set_groups(self.momentum, self._mom_children,
+                             [(int(k[len("momentum/"):]), v) for k, v in last.values.items()
+                              if k.startswith("momentum/") and k[len("momentum/"):].isdigit()])
             for lab in self._layer_labels:
                 val = last.values.get(f"grad_norm/{lab}")
                 if val is not None:
@@ -328,10 +323,14 @@ class TrainingExporter:
                     child.set(val)
 
     @staticmethod
-    def _set_groups(gauge: Gauge, children: list[Any], values: Sequence[float]) -> None:
-        while len(children) < len(values):
-            children.append(gauge.labels(str(len(children))))
-        for child, val in zip(children, values):
+    def _set_groups(gauge: Gauge, children: dict[int, Any],
+                    values: Sequence[tuple[int, float]]) -> None:
+        """Each ``(group, value)`` on the series ``param_group="<group>"`` (the group's index
+        in ``optimizer.param_groups``, also where an earlier group has no value)."""
+        for g, val in values:
+            child = children.get(g)
+            if child is None:
+                child = children[g] = gauge.labels(str(g))
             child.set(val)
 
     def set_rule_state(self, rule: str, severity: str, firing: bool) -> None:

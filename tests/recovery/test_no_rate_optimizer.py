@@ -110,3 +110,76 @@ def test_every_group_at_rate_0_skips_the_range_tests_without_an_internal_error(
     assert "lrwatch_internal_errors_total 0.0" in generate_latest(w.registry).decode()
     said = [r.getMessage() for r in caplog.records]
     assert any("learning-rate check skipped" in m and "rate is 0" in m for m in said), said
+
+
+class MixedRateSGD(torch.optim.Optimizer):
+    """SGD whose groups hold a rate of any kind: none (``lr=None``: a fixed step of 0.01), a
+    tensor, or a float; only the last holds a momentum."""
+
+    def __init__(self, params: Any) -> None:
+        super().__init__(params, {"lr": None})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            lr = 0.01 if group["lr"] is None else float(group["lr"])
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-lr)
+
+
+def _mixed_adafactor(model: nn.Module) -> torch.optim.Optimizer:
+    transformers = pytest.importorskip("transformers")
+    return transformers.optimization.Adafactor(
+        [{"params": model[0].parameters()},   # a relative step: lr=None
+         {"params": model[2].parameters(), "lr": 1e-3, "relative_step": False}],
+        lr=None, relative_step=True, warmup_init=False)
+
+
+def _mixed_sgd(model: nn.Module) -> torch.optim.Optimizer:
+    return MixedRateSGD([{"params": model[0].parameters()},
+                         {"params": [model[2].weight], "lr": torch.tensor(0.25)},
+                         {"params": [model[2].bias], "lr": 0.03, "momentum": 0.9}])
+
+
+@pytest.mark.parametrize("make,series,trace_lr", [
+    (_mixed_adafactor, ['lrwatch_learning_rate{param_group="1"} 0.001'], ["nan", 0.001]),
+    (_mixed_sgd, ['lrwatch_learning_rate{param_group="1"} 0.25',
+                  'lrwatch_learning_rate{param_group="2"} 0.03',
+                  'lrwatch_momentum{param_group="2"} 0.9'], ["nan", 0.25, 0.03])],
+    ids=["adafactor", "none_tensor_float"])
+def test_a_group_without_a_rate_leaves_the_other_groups_labels_in_place(
+        tmp_path: Path, make: Callable[[nn.Module], torch.optim.Optimizer],
+        series: list[str], trace_lr: list[Any]) -> None:
+    """The fifteenth round: a group whose ``lr`` is ``None`` was left out of the exported
+    rates, so the next group's rate was exported as ``param_group="0"`` (and written to the
+    trace as the only group's); a momentum after a group without one likewise. Scraped from
+    the Watcher's own /metrics."""
+    import json
+    import urllib.request
+
+    from lrwatch.trace import read_trace
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 2))
+    opt = make(model)
+    trace = tmp_path / "run.jsonl"
+    live: list[Any] = []
+    with lrwatch.Watcher(model, opt, port=0, flush_every=2, trace=trace,
+                         listeners=[live.append]) as w:
+        for i, (x, y) in enumerate(_data()):
+            if i == 4:
+                break
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            w.log(loss=1.0)
+        assert w.metrics_url is not None
+        text = urllib.request.urlopen(w.metrics_url, timeout=5).read().decode()
+    got = sorted(line for line in text.splitlines()
+                 if line.startswith(("lrwatch_learning_rate{", "lrwatch_momentum{")))
+    assert got == sorted(series), got
+    first = json.loads(trace.read_text().splitlines()[0])
+    assert first["lr"] == trace_lr
+    # the run's rate (rules, replay) is the first group's that has one, live and replayed
+    assert live[0].values["lr"] == read_trace(trace)[0].values["lr"] == trace_lr[1]

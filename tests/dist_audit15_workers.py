@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 import torch
 from torch import nn
 
@@ -94,4 +95,84 @@ def join_with_batches(rank: int, world: int, store: str, out: str) -> None:
     w.close()
     Path(out, f"rank{rank}.json").write_text(json.dumps({
         "error": error, "step": w.step, "flushes": w.flushes, "weights": repr(_flat(model))}))
+    finish()
+
+
+def _ddp_zero(lr: float = 0.01) -> tuple[nn.Module, torch.optim.Optimizer]:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    torch.manual_seed(3)
+    model = nn.parallel.DistributedDataParallel(
+        nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 1)))
+    return model, ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam,
+                                          lr=lr)
+
+
+def zero_rollback(rank: int, world: int, store: str, out: str, n: int, nan_at: int) -> None:
+    """DDP with ``ZeroRedundancyOptimizer`` (Adam, its state sharded over the ranks) over
+    ``n`` batches, batch ``nan_at``'s loss NaN on the last rank, ``replay: True``: every rank
+    rolls back to its own shard's snapshot and trains the batches since again, so the final
+    weights equal those of the same run without that batch."""
+    init(rank, world, store, timeout_s=60)
+    clean, copt = _ddp_zero()
+    for b in range(n):
+        if b != nan_at:
+            _sgd_step(clean, copt, b, rank, world, nan=False)
+    model, opt = _ddp_zero()
+    rules = Path(out, f"rules{rank}.yml")
+    rules.write_text(_NONFINITE_ROLLBACK)
+    w = lrwatch.Watcher(model, opt, rules=str(rules), flush_every=4,
+                        recovery={"good_after": 5, "min_interval": 5, "cooldown": 0,
+                                  "replay": True, "guard": "off"})
+    for b in w.batches(iter(range(n))):
+        w.log(loss=_sgd_step(model, opt, b, rank, world, nan=b == nan_at and rank == world - 1))
+    w.close()
+    Path(out, f"rank{rank}.json").write_text(json.dumps({
+        "rollbacks": w.policy.rollbacks, "stopped": w.should_stop, "step": w.step,
+        "equal": _flat(model) == _flat(clean), "weights": repr(_flat(model))}))
+    finish()
+
+
+def zero_shard_on_another_layout(rank: int, world: int, store: str, out: str) -> None:
+    """A ZeRO snapshot restored where its shard does not belong: rank 0's on rank 1 (the
+    ranks' snapshots swapped), and one of the 2-rank layout into a ZeRO on a group of one
+    rank (a run resumed on another world size). Each is refused with an error that names it,
+    and the live state is left as it was."""
+    import torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    from lrwatch.actions.snapshot import capture_state, restore_state
+
+    init(rank, world, store, timeout_s=60)
+    model, opt = _ddp_zero()
+    for b in range(3):
+        _sgd_step(model, opt, b, rank, world, nan=False)
+    mine = capture_state(model, opt)
+    got: list[Any] = [None] * world
+    dist.all_gather_object(got, mine)
+    errors = []
+    def live() -> list[torch.Tensor]:
+        return [v.clone() for s in opt.optim.state.values() for v in s.values()
+                if isinstance(v, torch.Tensor)] + [p.detach().clone() for p in model.parameters()]
+
+    for b in range(3, 5):   # (the live state moves on from the snapshot)
+        _sgd_step(model, opt, b, rank, world, nan=False)
+    before = live()
+    try:
+        restore_state(got[(rank + 1) % world], model, opt)
+    except ValueError as exc:
+        errors.append(str(exc))
+    after = live()
+    groups = [dist.new_group([r]) for r in range(world)]   # (every rank builds every group)
+    alone = groups[rank]
+    torch.manual_seed(3)
+    solo = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 1))
+    solo_opt = ZeroRedundancyOptimizer(solo.parameters(), optimizer_class=torch.optim.Adam,
+                                       lr=0.01, process_group=alone)
+    try:
+        restore_state(mine, solo, solo_opt)
+    except ValueError as exc:
+        errors.append(str(exc))
+    Path(out, f"rank{rank}.json").write_text(json.dumps({
+        "errors": errors, "kept": all(torch.equal(a, b) for a, b in zip(before, after))}))
     finish()

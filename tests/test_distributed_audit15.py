@@ -47,3 +47,27 @@ def test_the_end_of_a_ranks_data_inside_join_starts_no_collective(tmp_path: Path
         assert r["error"] and r["error"].startswith("RuntimeError"), r
         assert r["step"] == 12 and r["flushes"] == r0["flushes"], r
     assert r0["weights"] == r1["weights"]
+
+
+def test_a_rollback_under_zero_restores_each_ranks_own_shard(tmp_path: Path) -> None:
+    # before the fix every snapshot failed (ZeroRedundancyOptimizer.state_dict() needs
+    # consolidate_state_dict() on every rank first), so the rollback found no snapshot and
+    # stopped the run on every rank
+    spawn_ranks(dw.zero_rollback, args=(2, str(tmp_path / "store"), str(tmp_path), 40, 22),
+                nprocs=2)
+    r0, r1 = _results(tmp_path)
+    assert r0["weights"] == r1["weights"]
+    for r in (r0, r1):
+        assert r["rollbacks"] == 1 and not r["stopped"], r
+        assert r["equal"], r
+
+
+def test_a_zero_shard_is_restored_only_on_the_layout_it_was_taken_on(tmp_path: Path) -> None:
+    spawn_ranks(dw.zero_shard_on_another_layout,
+                args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    for rank, r in enumerate(_results(tmp_path)):
+        swapped, resized = r["errors"]
+        assert f"holds the shard of rank {1 - rank} of 2, and this is rank {rank} of 2" in swapped
+        assert f"holds the shard of rank {rank} of 2, and this is rank 0 of 1" in resized
+        assert "resume on the same number of ranks" in resized
+        assert r["kept"]

@@ -37,6 +37,7 @@ __all__ = ["Snapshot", "SnapshotStore", "all_finite", "capture_state", "restore_
 
 from .._ratelimit import LogLimiter
 from .host_copy import HostCopy
+from .optimizer_shard import is_sharded, shard_state, shard_to_load
 from .host_memory import MemoryReport, copies_fit, reports_fit
 
 log = logging.getLogger("lrwatch")
@@ -121,7 +122,9 @@ def capture_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
     copier = copier if copier is not None else HostCopy()
     state: dict[str, Any] = {
         "model": copier.copy(model.state_dict()),
-        "optimizer": copier.copy(optimizer.state_dict()),
+        # (a ZeroRedundancyOptimizer: this rank's shard, optimizer_shard)
+        "optimizer": copier.copy(shard_state(optimizer) if is_sharded(optimizer)
+                                 else optimizer.state_dict()),
         "scheduler": copier.copy(scheduler.state_dict()) if scheduler is not None else None,
         "scheduler_type": type(scheduler).__qualname__ if scheduler is not None else None,
         "scaler": _scaler_state(scaler, copier) if scaler is not None else None,
@@ -196,21 +199,18 @@ def restore_state(state: Mapping[str, Any], model: torch.nn.Module,
     placed where ``Optimizer.load_state_dict`` puts it before it is loaded
     (:func:`_placed_state`)."""
     settle(state)
+    # (a ZeroRedundancyOptimizer: this rank's shard, refused before anything is put back
+    # where it was taken on another layout; optimizer_shard)
+    sharded = is_sharded(optimizer)
+    saved = shard_to_load(optimizer, state["optimizer"]) if sharded else state["optimizer"]
     with torch.no_grad():
         if not _copy_into(model, state["model"]):
             model.load_state_dict(state["model"])
-    # keys a param group gained after the snapshot (SWA's ``swa_lr``, a scheduler's
-    # ``initial_lr``) are kept: the code that added them still reads them
-    later = [dict(g) for g in optimizer.param_groups]
-    saved, added = _with_added_groups(optimizer, state["optimizer"])
-    optimizer.load_state_dict(_placed_state(optimizer, saved))
-    for group, now in zip(optimizer.param_groups, later):
-        for key, value in now.items():
-            if key not in group:
-                group[key] = value
-    first_added = len(later) - added
-    for group, now in zip(optimizer.param_groups[first_added:], later[first_added:]):
-        group.update(now)   # an added group's settings as they are (a tensor rate included)
+    if sharded:   # into the local optimizer, its rates then the wrapper's groups' too
+        _restore_optimizer(optimizer.optim, saved)
+        optimizer._sync_param_groups(optimizer.optim.param_groups, optimizer.param_groups)
+    else:
+        _restore_optimizer(optimizer, saved)
     if scheduler is not None and state.get("scheduler") is not None and (
             state.get("scheduler_type") in (None, type(scheduler).__qualname__)):
         # (a state of another kind of scheduler, from before the run's scheduler was swapped
@@ -219,6 +219,22 @@ def restore_state(state: Mapping[str, Any], model: torch.nn.Module,
     if scaler is not None and state.get("scaler") is not None:
         scaler.load_state_dict(_scaler_numbers(state["scaler"]))
     _set_rng_state(state["rng"])
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> None:
+    """``saved`` (an optimizer state dict) into ``optimizer``. Keys a param group gained after
+    the snapshot (SWA's ``swa_lr``, a scheduler's ``initial_lr``) are kept: the code that added
+    them still reads them."""
+    later = [dict(g) for g in optimizer.param_groups]
+    saved, added = _with_added_groups(optimizer, saved)
+    optimizer.load_state_dict(_placed_state(optimizer, saved))
+    for group, now in zip(optimizer.param_groups, later):
+        for key, value in now.items():
+            if key not in group:
+                group[key] = value
+    first_added = len(later) - added
+    for group, now in zip(optimizer.param_groups[first_added:], later[first_added:]):
+        group.update(now)   # an added group's settings as they are (a tensor rate included)
 
 
 # Modules whose own ``_load_from_state_dict`` only does what a plain copy does for a state dict

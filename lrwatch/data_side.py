@@ -65,7 +65,7 @@ class DataSide(StartGate):
     _pending: list[Any]
     engine: Any
     flush: Any
-    flush_in_flight: bool
+    _unjudged_steps: bool
     _going_back: bool
     _land: Any
     _safe_point: Any
@@ -79,8 +79,9 @@ class DataSide(StartGate):
         rollback for a sudden failure it first yields again the batches drawn since the
         snapshot, less the failure's (``RecoveryConfig.replay``; also for a rollback carried
         out when ``iterable`` has run out, after its last batch); after a ``stop`` it ends the
-        loop. ``data_position`` counts the batches drawn, and snapshots
-        record it.
+        loop. When ``iterable`` runs out it flushes (a collective under ``torch.distributed``,
+        outside DDP's ``Join``), so the last steps are judged while their replay can still be
+        yielded. ``data_position`` counts the batches drawn, and snapshots record it.
         """
         self._boundary_kind = "batches"
         if self._probe_loss is not None and self.step == 0 and self.untrained_batches:
@@ -103,18 +104,19 @@ class DataSide(StartGate):
         yield from self._replayed()
 
     def _end_of_data(self) -> None:
-        """The data ran out: judge the flush still in flight (``flush_lag=1``: it holds the
-        last steps, and a failure among them is answered now, while its replay can still be
-        yielded; not when a rollback or skip waits, which abandons those steps unjudged), then
+        """The data ran out: judge the steps not judged yet -- the flush still in flight
+        (``flush_lag=1``) and the rows since the last flush (fewer than ``flush_every``) --
+        so that a failure among the last steps is answered now, while its replay can still be
+        yielded (not when a rollback or skip waits, which abandons those steps unjudged); then
         carry out what waits.
 
-        Under ``torch.distributed`` judging is collective: every rank lands here at the same
+        Under ``torch.distributed`` judging is collective: every rank comes here at the same
         step when every rank is given the same number of batches, which lrwatch requires
         (docs/distributed.md). Not inside DDP's ``Join``: there one rank's data runs out while
-        the others still train (their next collective is ``Join``'s own), so that flush is
+        the others still train (their next collective is ``Join``'s own), so those steps are
         judged at ``close()``, as before."""
-        if self.flush_in_flight and not self._going_back and not self.dist.in_join:
-            self._land()
+        if self._unjudged_steps and not self._going_back and not self.dist.in_join:
+            self.flush()
         self._safe_point()
 
     def _replayed(self) -> Iterator[Any]:

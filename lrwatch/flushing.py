@@ -99,6 +99,14 @@ class Flushing:
         """Whether a flush's copy was queued and not yet judged (``flush_lag=1``)."""
         return self._in_flight is not None
 
+    @property
+    def _unjudged_steps(self) -> bool:
+        """Whether steps were recorded and not judged yet (in flight, committed, or the open
+        row once its step happened); the same on every rank of a run in lock-step."""
+        row = self.recorder.open
+        return (self._in_flight is not None or bool(self.recorder.rows)
+                or (row is not None and row.stepped))
+
     def _commit_done(self) -> None:
         """A row was committed: land the flush in flight, then send the next when it is due."""
         if self._in_flight is not None:

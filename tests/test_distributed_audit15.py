@@ -19,12 +19,14 @@ def _results(tmp_path: Path, world: int = 2) -> list[dict]:
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
 
 
-@pytest.mark.parametrize("n,flush_every,flush_lag", [(40, 4, 1), (40, 1, 1), (40, 4, 0)])
+@pytest.mark.parametrize("n,flush_every,flush_lag",
+                         [(40, 4, 1), (40, 1, 1), (40, 4, 0), (42, 4, 1), (42, 4, 0)])
 def test_a_nan_last_batch_under_flush_lag_1_replays_as_in_a_single_process(
         tmp_path: Path, n: int, flush_every: int, flush_lag: int) -> None:
     # before the fix the flush in flight at the end of the data (flush_lag=1) was judged at
     # close(): the rollback ran there, with no batches left to replay, and the run ended at
-    # the snapshot's weights on every rank
+    # the snapshot's weights on every rank; with 42 batches (no multiple of flush_every) the
+    # last two steps were still unflushed there, in a single process too
     spawn_ranks(dw.replay_of_the_last_batch,
                 args=(2, str(tmp_path / "store"), str(tmp_path), n, flush_every, flush_lag),
                 nprocs=2)

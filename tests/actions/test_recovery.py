@@ -302,6 +302,23 @@ def test_replay_after_a_nan_batch_trains_exactly_as_a_run_without_that_batch(
     (before, ``batches()`` ended there and the run kept the snapshot's weights). With
     ``flush_lag=1`` (the default on CUDA) the flush still in flight at the end of the data
     is judged there first (not when a rollback already waits: 58)."""
+    _replay_run_equals_run_without(tmp_path, 60, nan_at, flush_every, flush_lag)
+
+
+@pytest.mark.parametrize("n,flush_every,flush_lag", [(62, 4, 0), (62, 4, 1), (61, 4, 1)])
+def test_a_nan_last_batch_after_the_last_full_flush_is_replayed_too(
+        tmp_path: Path, n: int, flush_every: int, flush_lag: int) -> None:
+    """The fifteenth round: data whose length is no multiple of ``flush_every`` (the common
+    case: 24 lengths in 25 with the default) left its last steps unflushed at the end of the
+    data; a NaN among them was judged at ``close()`` and the run ended at the snapshot's
+    weights. The end of the data judges every step not judged yet."""
+    _replay_run_equals_run_without(tmp_path, n, n - 1, flush_every, flush_lag)
+
+
+def _replay_run_equals_run_without(tmp_path: Path, n: int, nan_at: int, flush_every: int,
+                                   flush_lag: int) -> None:
+    """``n`` batches, batch ``nan_at``'s loss NaN, ``replay: True``: one rollback, the bad
+    batch trained once, and the final weights those of the run without it."""
     def model_opt() -> tuple[nn.Module, torch.optim.Optimizer]:
         torch.manual_seed(3)
         m = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 2))
@@ -317,7 +334,6 @@ def test_replay_after_a_nan_batch_trains_exactly_as_a_run_without_that_batch(
         o.step()
         return loss.detach()
 
-    n = 60
     model, opt = model_opt()
     w = lrwatch.Watcher(model, opt, rules=_nonfinite_rules(tmp_path), flush_every=flush_every,
                         flush_lag=flush_lag,

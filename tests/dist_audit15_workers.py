@@ -176,3 +176,39 @@ def zero_shard_on_another_layout(rank: int, world: int, store: str, out: str) ->
     Path(out, f"rank{rank}.json").write_text(json.dumps({
         "errors": errors, "kept": all(torch.equal(a, b) for a, b in zip(before, after))}))
     finish()
+
+
+def zero_range_tests(rank: int, world: int, store: str, out: str) -> None:
+    """DDP with ``ZeroRedundancyOptimizer`` and ``probe_loss``: the start check and
+    ``lr_check`` capture and restore the run's state (each rank its shard) and run on every
+    rank; before the fix the start state could not be captured and both were skipped."""
+    import logging
+
+    from prometheus_client import generate_latest
+
+    init(rank, world, store, timeout_s=60)
+    said: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+
+    logging.getLogger("lrwatch").addHandler(Keep(logging.INFO))
+    logging.getLogger("lrwatch").setLevel(logging.INFO)
+    model, opt = _ddp_zero()
+
+    def probe(m: nn.Module, b: int) -> torch.Tensor:
+        x, y = _global_batch(b)
+        return nn.functional.mse_loss(m(_mine(x, rank, world)), _mine(y, rank, world))
+
+    w = lrwatch.Watcher(model, opt, flush_every=4, probe_loss=probe,
+                        recovery={"lr_check": "auto", "guard": "off"})
+    for b in w.batches(iter(range(40))):
+        w.log(loss=_sgd_step(model, opt, b, rank, world, nan=False))
+    w.close()
+    errors = [line for line in generate_latest(w.registry).decode().splitlines()
+              if line.startswith("lrwatch_internal_errors_total")]
+    Path(out, f"rank{rank}.json").write_text(json.dumps({
+        "checks": [m for m in said if "start check" in m or "learning-rate check" in m],
+        "errors": errors, "weights": repr(_flat(model))}))
+    finish()

@@ -73,3 +73,17 @@ def test_a_zero_shard_is_restored_only_on_the_layout_it_was_taken_on(tmp_path: P
         assert f"holds the shard of rank {rank} of 2, and this is rank 0 of 1" in resized
         assert "resume on the same number of ranks" in resized
         assert r["kept"]
+
+
+def test_the_range_tests_run_under_zero(tmp_path: Path) -> None:
+    # before the fix the start state could not be captured (ZeRO's state_dict() refused):
+    # the start check and lr_check were skipped on every rank, counted as internal errors
+    spawn_ranks(dw.zero_range_tests, args=(2, str(tmp_path / "store"), str(tmp_path)),
+                nprocs=2)
+    r0, r1 = _results(tmp_path)
+    assert r0["weights"] == r1["weights"]
+    for r in (r0, r1):
+        assert r["errors"] == ["lrwatch_internal_errors_total 0.0"], r
+        assert any(m.startswith("lrwatch: start check: ") for m in r["checks"]), r["checks"]
+        assert any(m.startswith("lrwatch: learning-rate check (") for m in r["checks"]), r
+        assert not any("skipped" in m for m in r["checks"]), r["checks"]

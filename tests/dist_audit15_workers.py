@@ -98,27 +98,30 @@ def join_with_batches(rank: int, world: int, store: str, out: str) -> None:
     finish()
 
 
-def _ddp_zero(lr: float = 0.01) -> tuple[nn.Module, torch.optim.Optimizer]:
+def _ddp_zero(lr: float = 0.01, bucket_view: bool = False
+              ) -> tuple[nn.Module, torch.optim.Optimizer]:
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     torch.manual_seed(3)
     model = nn.parallel.DistributedDataParallel(
         nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 1)))
     return model, ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam,
-                                          lr=lr)
+                                          lr=lr, parameters_as_bucket_view=bucket_view)
 
 
-def zero_rollback(rank: int, world: int, store: str, out: str, n: int, nan_at: int) -> None:
+def zero_rollback(rank: int, world: int, store: str, out: str, n: int, nan_at: int,
+                  bucket_view: bool) -> None:
     """DDP with ``ZeroRedundancyOptimizer`` (Adam, its state sharded over the ranks) over
     ``n`` batches, batch ``nan_at``'s loss NaN on the last rank, ``replay: True``: every rank
     rolls back to its own shard's snapshot and trains the batches since again, so the final
-    weights equal those of the same run without that batch."""
+    weights equal those of the same run without that batch. ``bucket_view``: the parameters
+    are views into ZeRO's flat buckets (``parameters_as_bucket_view=True``)."""
     init(rank, world, store, timeout_s=60)
-    clean, copt = _ddp_zero()
+    clean, copt = _ddp_zero(bucket_view=bucket_view)
     for b in range(n):
         if b != nan_at:
             _sgd_step(clean, copt, b, rank, world, nan=False)
-    model, opt = _ddp_zero()
+    model, opt = _ddp_zero(bucket_view=bucket_view)
     rules = Path(out, f"rules{rank}.yml")
     rules.write_text(_NONFINITE_ROLLBACK)
     w = lrwatch.Watcher(model, opt, rules=str(rules), flush_every=4,

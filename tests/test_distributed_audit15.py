@@ -51,12 +51,14 @@ def test_the_end_of_a_ranks_data_inside_join_starts_no_collective(tmp_path: Path
     assert r0["weights"] == r1["weights"]
 
 
-def test_a_rollback_under_zero_restores_each_ranks_own_shard(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bucket_view", [False, True])
+def test_a_rollback_under_zero_restores_each_ranks_own_shard(tmp_path: Path,
+                                                             bucket_view: bool) -> None:
     # before the fix every snapshot failed (ZeroRedundancyOptimizer.state_dict() needs
     # consolidate_state_dict() on every rank first), so the rollback found no snapshot and
     # stopped the run on every rank
-    spawn_ranks(dw.zero_rollback, args=(2, str(tmp_path / "store"), str(tmp_path), 40, 22),
-                nprocs=2)
+    spawn_ranks(dw.zero_rollback,
+                args=(2, str(tmp_path / "store"), str(tmp_path), 40, 22, bucket_view), nprocs=2)
     r0, r1 = _results(tmp_path)
     assert r0["weights"] == r1["weights"]
     for r in (r0, r1):

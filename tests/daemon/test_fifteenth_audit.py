@@ -1,0 +1,58 @@
+"""Defects found by the fifteenth round's audit (6 December), each reproduced on real daemons
+(in process, and over HTTP on loopback ports the tests pick)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from typing import Any
+
+from daemon_helpers import WINDOW, assert_balanced, make_record
+from lrwatch.daemon import Daemon, DaemonConfig, build_reference
+
+
+def _daemon(reference: str, **kw: Any) -> Daemon:
+    kw.setdefault("window_size", WINDOW)
+    return Daemon(DaemonConfig(reference=reference, port=0, log_alerts=False, **kw))
+
+
+# --- a reference file that starts with a UTF-8 byte order mark ---------------------------------
+def test_a_reference_file_with_a_byte_order_mark_names_its_first_feature_as_sent(
+        tmp_path: Any) -> None:
+    """Excel's "CSV UTF-8" and pandas' ``to_csv(encoding="utf-8-sig")`` start the file with a
+    byte order mark. It stayed part of the first column's name (``"\\ufeffx"``), a feature no
+    live record has: the first window found it missing in every record and drifted, while the
+    live ``x`` was an unknown key. A JSONL file with one was refused on line 1."""
+    from lrwatch.daemon.reference import read_data
+
+    rng = random.Random(150)
+    rows = [make_record(rng, i) for i in range(3000)]
+    path = tmp_path / "reference.csv"
+    with open(path, "w", newline="", encoding="utf-8-sig") as fh:
+        w = csv.writer(fh)
+        w.writerow(["x", "y", "c", "prediction"])
+        for r in rows:
+            f = r["features"]
+            w.writerow([f["x"], f["y"], f["c"], r["prediction"]])
+    read = read_data(str(path))
+    assert set(read[0]["features"]) == {"x", "y", "c"}
+    jsonl = tmp_path / "reference.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows[:20]), encoding="utf-8-sig")
+    assert read_data(str(jsonl))[0]["features"] == rows[0]["features"]
+
+    ref = build_reference(read, window_size=WINDOW, sims=300, seed=0)
+    assert {f.name for f in ref.features} == {"x", "y", "c", "_prediction"}
+    saved = str(tmp_path / "reference.json")
+    ref.save(saved)
+    d = _daemon(saved)
+    d.start()
+    try:
+        body = "\n".join(json.dumps(make_record(rng, i)) for i in range(WINDOW))
+        assert d.submit("predictions", body.encode())[0] == 200
+        assert d.drain() and d.counters["windows"] == 1
+        assert d.last["values"]["missing_ratio"] == 0.0
+        assert "x" not in d.last["drifted_features"]
+        assert_balanced(d)
+    finally:
+        d.stop()

@@ -54,6 +54,29 @@ MAX_LABEL_HORIZON = 365 * 86400.0
 MIN_SIMS = 100
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key written twice in one mapping. PyYAML keeps the
+    last silently, so a second ``limits:`` (or ``auth:``) block further down dropped every
+    setting of the first without a word; rule files refuse duplicates too."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for knode, _ in node.value:   # before merge keys (<<) are resolved: those may be
+            if not isinstance(knode, yaml.ScalarNode) or knode.tag == _MERGE:   # overridden
+                continue
+            key = self.construct_object(knode)
+            if key in seen:
+                mark = knode.start_mark
+                raise ConfigError(f"{mark.name}:{mark.line + 1}: key {key!r} is written twice "
+                                  f"in one mapping; keep one (YAML would silently drop the "
+                                  f"first)")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_MERGE = "tag:yaml.org,2002:merge"
+
+
 def _flag(name: str, v: Any) -> bool:
     if not isinstance(v, bool):
         raise ConfigError(f"{name} must be true or false, got {v!r}")
@@ -392,7 +415,7 @@ class DaemonConfig:
     def load(cls, path: str) -> "DaemonConfig":
         try:
             with open(path, encoding="utf-8") as fh:
-                data = yaml.safe_load(fh) or {}
+                data = yaml.load(fh, Loader=_UniqueKeyLoader) or {}
         except RecursionError:
             raise ConfigError(f"cannot read config {path!r}: YAML nested too deeply") from None
         except UnicodeDecodeError as exc:

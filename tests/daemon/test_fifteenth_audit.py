@@ -56,3 +56,27 @@ def test_a_reference_file_with_a_byte_order_mark_names_its_first_feature_as_sent
         assert_balanced(d)
     finally:
         d.stop()
+
+
+# --- a key written twice in the config file -----------------------------------------------------
+def test_a_config_key_written_twice_is_refused_not_silently_dropped(tmp_path: Any) -> None:
+    """PyYAML keeps the last of two equal keys without a word: a config with ``auth`` set at
+    the top and an ``auth: {}`` added further down ran with no authentication at all (and two
+    ``limits:`` blocks lost the first one's limits). Rule files already refuse duplicates."""
+    import pytest
+
+    from lrwatch.daemon.config import DaemonConfig as Config
+    from lrwatch.errors import ConfigError
+
+    cfg = tmp_path / "lrwatch.yml"
+    cfg.write_text("auth: {token: s3cret}\nlisten: {port: 0}\nauth: {}\n")
+    with pytest.raises(ConfigError, match=r"lrwatch.yml:3: key 'auth' is written twice"):
+        Config.load(str(cfg))
+    cfg.write_text("limits: {max_body_bytes: 1000, max_body_bytes: 2000}\n")
+    with pytest.raises(ConfigError, match="'max_body_bytes' is written twice"):
+        Config.load(str(cfg))
+    # a merge key (<<) that the mapping overrides is no duplicate
+    cfg.write_text("limits: {<<: {max_body_bytes: 1000}, max_body_bytes: 2000}\n"
+                   "auth: {token: s3cret}\n")
+    loaded = Config.load(str(cfg))
+    assert loaded.max_body_bytes == 2000 and loaded.token == "s3cret"

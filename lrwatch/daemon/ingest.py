@@ -4,7 +4,7 @@
 parses and validates a payload (on the columnar path when the chunk decoder takes it), appends
 it to the journal before the client gets its answer (:mod:`.state`), and puts it on the
 :class:`BoundedQueue` that the worker (:mod:`.core`) applies in order. A full queue answers 429
-and a journal that cannot be written 503; request-level rejections (401, 411, 413, 429, 503)
+and a journal that cannot be written 503; request-level rejections (401, 413, 415, 429, 503)
 are only counted, never journaled, and the worker picks the counts up
 (:meth:`Ingest.take_refused`).
 
@@ -95,7 +95,7 @@ class Ingest:
         self.queue = BoundedQueue(config.max_queue_records)
         self.limits = Limits(config.max_line_bytes, config.max_string_chars,
                              config.max_features)
-        # request-level rejections (401, 411, 413, 429, 503): counted by the worker, never
+        # request-level rejections (401, 413, 415, 429, 503): counted by the worker, never
         # journaled (a flood of them must not fill the disk or the queue)
         self._refused: dict[str, int] = {}
         #: decode chunks and NDJSON bodies straight into columns when possible (tests turn it

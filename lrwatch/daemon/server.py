@@ -3,8 +3,9 @@
 ``POST /v1/predictions``, ``POST /v1/labels``, ``GET /metrics``, ``GET /healthz``,
 ``GET /v1/status``. Bound to 127.0.0.1 unless told otherwise; with a token, every endpoint but
 ``/healthz`` needs ``Authorization: Bearer <token>``. Bodies over ``max_body_bytes`` get 413
-without being read, a full queue 429, a journal that cannot be written 503 (both with
-``Retry-After``), bad records 400 with a JSON body naming them. Each of those is counted in
+without being read (a chunked one once it passes the limit), a full queue 429, a journal that
+cannot be written 503 (both with ``Retry-After``), bad records 400 with a JSON body naming
+them. Each of those is counted in
 ``lrwatch_ingest_errors_total{reason}``.
 
 Why uvicorn with httptools (measured side by side, see docs/daemon.md "HTTP server"): of the
@@ -44,6 +45,7 @@ __all__ = ["DaemonServer"]
 
 _log = logging.getLogger("lrwatch.daemon")
 _ENDPOINTS = {"/v1/predictions": "predictions", "/v1/labels": "labels"}
+_GETS = ("/metrics", "/healthz", "/v1/status")
 _JSON = "application/json"
 #: (status, body, content type, close the connection after it)
 Response = tuple[int, bytes, str, bool]
@@ -78,15 +80,20 @@ class _Api:
             return 200, generate_latest(d.registry), CONTENT_TYPE_LATEST, False
         if path == "/v1/status":
             return self.json(200, d.status())
+        if path in _ENDPOINTS:
+            return self.json(405, {"error": f"{path} takes POST (records as JSON or NDJSON), "
+                                            f"not GET"})
         return self.json(404, {"error": f"no such endpoint {path}; try /v1/predictions, "
                                         f"/v1/labels, /metrics, /healthz, /v1/status"})
 
     def before_body(self, path: str, auth: bytes | None, length: int,
                     encoding: bytes = b"") -> Response | None:
-        """The answer to a POST that is refused before its body is read (``length`` -1: no
-        valid ``Content-Length``; ``encoding`` other than identity: a 415), or ``None`` to
-        read it."""
+        """The answer to a POST that is refused before its body is read (``length`` -1: a
+        chunked body, whose size is checked while it is read; ``encoding`` other than
+        identity: a 415), or ``None`` to read it."""
         d = self.daemon
+        if path in _GETS:
+            return self.json(405, {"error": f"{path} takes GET, not POST"}, length > 1 << 20)
         if path not in _ENDPOINTS:
             return self.json(404, {"error": f"no such endpoint {path}; POST to "
                                             f"/v1/predictions or /v1/labels"}, length > 1 << 20)
@@ -99,26 +106,30 @@ class _Api:
             return self.json(415, {"error": f"Content-Encoding {encoding.decode('latin-1')!r} "
                                             f"is not supported: send the JSON uncompressed",
                                    "reason": "invalid_json"}, length > 1 << 20)
-        if length < 0:
-            d.reject("too_large")
-            return self.json(411, {"error": "a Content-Length header is required",
-                                   "reason": "too_large"}, True)
         if length > d.config.max_body_bytes:
-            d.reject("too_large")
-            return self.json(413, {"error": f"body of {length} bytes is over the limit of "
-                                            f"{d.config.max_body_bytes}",
-                                   "reason": "too_large"}, True)
+            return self.too_large(length)
         return None
+
+    def too_large(self, length: int | None) -> Response:
+        """413 for a body over ``max_body_bytes`` (``None``: a chunked one, cut off there)."""
+        limit = self.daemon.config.max_body_bytes
+        self.daemon.reject("too_large")
+        size = f"of {length} bytes" if length is not None else "sent in chunks"
+        return self.json(413, {"error": f"body {size} is over the limit of {limit} bytes "
+                                        f"(max_body_bytes)", "reason": "too_large"}, True)
 
     def post(self, path: str, body: bytes) -> Response:
         status, out = self.daemon.submit(_ENDPOINTS[path], body)
         return self.json(status, out)
 
 
-def _headers(status: int, ctype: str, length: int, close: bool) -> list[tuple[bytes, bytes]]:
+def _headers(status: int, ctype: str, length: int, close: bool,
+             path: str = "") -> list[tuple[bytes, bytes]]:
     h = [(b"content-type", ctype.encode()), (b"content-length", b"%d" % length)]
     if status in (429, 503):
         h.append((b"retry-after", b"1"))
+    if status == 405:   # RFC 9110, 15.5.6: say which methods the resource takes
+        h.append((b"allow", b"POST" if path in _ENDPOINTS else b"GET, HEAD"))
     if close:
         h.append((b"connection", b"close"))
     return h
@@ -135,7 +146,7 @@ class _Asgi:
         if scope["type"] != "http":
             return
         auth: bytes | None = None
-        length = -1
+        length = 0   # neither Content-Length nor Transfer-Encoding: no body (RFC 9112, 6.3)
         encoding = b""
         for k, v in scope["headers"]:
             if k == b"authorization":
@@ -144,33 +155,50 @@ class _Asgi:
                 length = int(v)  # llhttp checked it: digits only, one value
             elif k == b"content-encoding":
                 encoding = v.strip().lower()
+            elif k == b"transfer-encoding":
+                length = -1   # chunked (llhttp refuses it together with Content-Length)
         method, path = scope["method"], scope["path"]
         if method == "GET" or method == "HEAD":
             resp = self.api.get(path, auth)
         elif method == "POST":
             refused = self.api.before_body(path, auth, length, encoding)
             if refused is None:
-                body = await _read_body(receive, length)
-                if body is None:  # the client hung up mid-body: never a request, not counted
-                    return
-                resp = self.api.post(path, body)
+                try:
+                    body = await _read_body(receive, self.api.daemon.config.max_body_bytes)
+                except _BodyTooLarge:
+                    resp = self.api.too_large(None)
+                else:
+                    if body is None:  # the client hung up mid-body: not a request, not counted
+                        return
+                    resp = self.api.post(path, body)
             else:
                 resp = refused
         else:
             resp = _Api.json(405, {"error": f"method {method} not allowed; GET or POST"})
         status, data, ctype, close = resp
         await send({"type": "http.response.start", "status": status,
-                    "headers": _headers(status, ctype, len(data), close)})
+                    "headers": _headers(status, ctype, len(data), close, path)})
         await send({"type": "http.response.body", "body": data})
 
 
-async def _read_body(receive: Callable[[], Any], length: int) -> bytes | None:
+class _BodyTooLarge(Exception):
+    """A chunked body (whose size no header announced) passed ``max_body_bytes``."""
+
+
+async def _read_body(receive: Callable[[], Any], limit: int) -> bytes | None:
+    """The body, or ``None`` when the client hung up before its end; :class:`_BodyTooLarge`
+    once more than ``limit`` bytes came."""
     parts = []
+    size = 0
     while True:
         msg = await receive()
         if msg["type"] == "http.disconnect":
             return None
-        parts.append(msg.get("body", b""))
+        part = msg.get("body", b"")
+        size += len(part)
+        if size > limit:
+            raise _BodyTooLarge
+        parts.append(part)
         if not msg.get("more_body"):
             break
     return parts[0] if len(parts) == 1 else b"".join(parts)

@@ -80,3 +80,81 @@ def test_a_config_key_written_twice_is_refused_not_silently_dropped(tmp_path: An
                    "auth: {token: s3cret}\n")
     loaded = Config.load(str(cfg))
     assert loaded.max_body_bytes == 2000 and loaded.token == "s3cret"
+
+
+# --- HTTP: chunked bodies, a POST without a body, the wrong method -----------------------------
+def _raw(port: int, data: bytes) -> bytes:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(data)
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+                if b"\r\n\r\n" in out:
+                    head, _, rest = out.partition(b"\r\n\r\n")
+                    n = [int(h.split(b":")[1]) for h in head.lower().split(b"\r\n")
+                         if h.startswith(b"content-length:")]
+                    if n and len(rest) >= n[0]:
+                        break
+        except (socket.timeout, ConnectionResetError):
+            pass
+        return out
+
+
+def _chunked(path: str, parts: list[bytes]) -> bytes:
+    body = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
+    return (b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" % path.encode()) + body
+
+
+def test_a_chunked_body_is_read_and_one_over_the_limit_is_413(run_daemon: Any) -> None:
+    """A client that streams its body (``requests`` with a generator, Go's ``http.Client``
+    with an ``io.Reader``, Java's chunked streaming mode) sends it chunked, without a
+    ``Content-Length``: every such request got ``411`` and was counted as ``too_large``, so
+    the records never arrived while the errors said the bodies were too big. A POST with
+    neither header (``curl -X POST`` without data) has an empty body by HTTP/1.1 and got the
+    same 411."""
+    r = run_daemon(max_body_bytes=4000)
+    port = r.server.address[1]
+    rng = random.Random(151)
+    lines = [json.dumps(make_record(rng, i)).encode() + b"\n" for i in range(6)]
+    out = _raw(port, _chunked("/v1/predictions", [lines[0] + lines[1], lines[2]]))
+    assert out.startswith(b"HTTP/1.1 200"), out[:300]
+    assert json.loads(out.partition(b"\r\n\r\n")[2])["accepted"] == 3
+    out = _raw(port, _chunked("/v1/labels", [b'{"id": "r0", "label": 1}']))
+    assert out.startswith(b"HTTP/1.1 200"), out[:300]
+    # over max_body_bytes, announced by no header: cut off there, 413, counted
+    big = json.dumps(make_record(rng, 9)).encode() + b"\n"
+    out = _raw(port, _chunked("/v1/predictions", [big] * 40))
+    assert out.startswith(b"HTTP/1.1 413"), out[:300]
+    assert b"max_body_bytes" in out and b"connection: close" in out.lower()
+    out = _raw(port, b"POST /v1/predictions HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 400") and b"empty payload" in out, out[:300]
+    d = r.daemon
+    assert d.drain()
+    assert d.counters["predictions"] == 3 and d.counters["labels"] == 1
+    assert d.counters["errors"]["too_large"] == 1 and d.counters["errors"]["invalid_json"] == 1
+    assert_balanced(d)
+
+
+def test_the_wrong_method_on_an_endpoint_is_405_naming_the_right_one(run_daemon: Any) -> None:
+    """``GET /v1/predictions`` (an operator checking that the endpoint exists) answered
+    ``404 no such endpoint /v1/predictions; try /v1/predictions, ...``, and ``POST /metrics``
+    ``404 no such endpoint /metrics``: both deny the endpoint that is there."""
+    r = run_daemon()
+    port = r.server.address[1]
+    for path in ("/v1/predictions", "/v1/labels"):
+        out = _raw(port, b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
+        assert out.startswith(b"HTTP/1.1 405"), out[:300]
+        assert b"allow: POST\r\n" in out.lower().replace(b"post", b"POST")
+        assert b"takes POST" in out and b"no such endpoint" not in out
+    for path in ("/metrics", "/v1/status", "/healthz"):
+        out = _raw(port, b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+                   % path.encode())
+        assert out.startswith(b"HTTP/1.1 405"), out[:300]
+        assert b"allow: get, head\r\n" in out.lower() and b"takes GET" in out
+    assert r.get("/nope")[0] == 404
+    r.daemon.drain()
+    assert r.daemon.counters["received"] == 0

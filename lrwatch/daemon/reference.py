@@ -537,9 +537,39 @@ def _checked(rec: dict[str, Any], where: str) -> dict[str, Any]:
     return rec
 
 
+def _check_header(names: list[str] | None, p: str, delimiter: str) -> None:
+    """Refuse a CSV header that would silently make features no live record has: an unnamed
+    column (pandas' ``to_csv`` writes its index so, as a feature that counts rows), a name
+    written twice (``csv.DictReader`` keeps the last column), a name with spaces around it
+    (``x, y``: the live key is ``y``), and one column holding another delimiter."""
+    if not names:
+        return
+    where = f"{p}:1"
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names, 1):
+        if not name.strip():
+            raise ConfigError(f"{where}: column {i} has no name (pandas' to_csv writes its "
+                              f"index so: save with index=False, or name the column)")
+        if name != name.strip():
+            raise ConfigError(f"{where}: column {i} is named {name!r}, with spaces around "
+                              f"it; live records name their features without them: write "
+                              f"{name.strip()!r}")
+        if name in seen:
+            raise ConfigError(f"{where}: columns {seen[name]} and {i} are both named "
+                              f"{name!r}; give each column its own name")
+        seen[name] = i
+    other = ";" if delimiter != ";" else ","
+    if len(names) == 1 and (other in names[0] or "\t" in names[0]):
+        raise ConfigError(f"{where}: the header is one column, {names[0]!r}: the file looks "
+                          f"separated by another character than {delimiter!r}; save it with "
+                          f"{delimiter!r} between the columns")
+
+
 def _csv_records(fh: Any, p: str, prediction_column: str,
                  label_column: str) -> list[dict[str, Any]]:
-    reader = csv.DictReader(fh, delimiter="\t" if p.endswith(".tsv") else ",")
+    delimiter = "\t" if p.endswith(".tsv") else ","
+    reader = csv.DictReader(fh, delimiter=delimiter)
+    _check_header(reader.fieldnames, p, delimiter)
     out: list[dict[str, Any]] = []
     for row in reader:
         where = f"{p}:{reader.line_num}"

@@ -158,3 +158,40 @@ def test_the_wrong_method_on_an_endpoint_is_405_naming_the_right_one(run_daemon:
     assert r.get("/nope")[0] == 404
     r.daemon.drain()
     assert r.daemon.counters["received"] == 0
+
+
+# --- CSV headers that made features no live record has ------------------------------------------
+def test_a_csv_header_that_makes_features_no_live_record_has_is_refused(tmp_path: Any) -> None:
+    """``df.to_csv("reference.csv")`` (pandas' default, ``index=True``) writes the row index as
+    a first column with no name: it became the numeric feature ``""``, absent from every live
+    record, so the first window drifted on it. Two columns of one name kept the last silently
+    (``csv.DictReader``), ``x, y, prediction`` made the features ``" y"`` and ``" prediction"``
+    (and no prediction), and a ``;``-separated file one categorical feature named
+    ``"x;y;prediction"``. Each is a clear error naming the column now."""
+    import pytest
+
+    from lrwatch.daemon.reference import read_data
+    from lrwatch.errors import ConfigError
+
+    rng = random.Random(152)
+    rows = [(rng.gauss(0, 1), rng.gauss(0, 1), round(rng.random(), 4)) for _ in range(50)]
+
+    def write(name: str, header: str, sep: str = ",", index: bool = False) -> str:
+        path = tmp_path / name
+        path.write_text(header + "\n" + "".join(
+            (f"{i}{sep}" if index else "") + sep.join(map(str, r)) + "\n"
+            for i, r in enumerate(rows)))
+        return str(path)
+
+    cases = {
+        write("pandas.csv", ",x,y,prediction", index=True): "column 1 has no name",
+        write("twice.csv", "x,x,prediction"): "columns 1 and 2 are both named 'x'",
+        write("spaces.csv", "x, y, prediction"): "column 2 is named ' y'",
+        write("semi.csv", "x;y;prediction", sep=";"): "looks separated by another character",
+    }
+    for path, message in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            read_data(path)
+    ok = read_data(write("ok.csv", "x,y,prediction"))
+    assert len(ok) == 50 and set(ok[0]["features"]) == {"x", "y"}
+    assert ok[0]["prediction"] == rows[0][2]

@@ -378,8 +378,21 @@ def parse_lines(lines: Sequence[bytes], *, backend: str | None = None,
                 _stdlib_record(ln)
                 out.append(Invalid(f"line {i} is not JSON"))
             except ValueError as exc:
-                out.append(Invalid(f"line {i} is not JSON: {exc}"))
+                out.append(Invalid(f"line {i} is not JSON: {exc}{_glued_hint(ln, exc)}"))
     return out
+
+
+def _glued_hint(line: bytes, exc: ValueError) -> str:
+    """What to do about a line of records glued together (``{...}{...}``): ``curl -d @file``
+    drops the file's newlines, and the whole body was one record rejected with only
+    "Extra data" to say why."""
+    pos = getattr(exc, "pos", None)
+    if getattr(exc, "msg", "") != "Extra data" or pos is None:
+        return ""
+    if line.decode("utf-8", "replace")[pos:pos + 1] not in ("{", "["):   # pos: characters
+        return ""
+    return (" (records glued together on one line: NDJSON needs one record per line; "
+            "curl -d drops newlines, send the file with --data-binary)")
 
 
 def validate_prediction(p: Any, limits: Limits = DEFAULT_LIMITS) -> Any:

@@ -195,3 +195,25 @@ def test_a_csv_header_that_makes_features_no_live_record_has_is_refused(tmp_path
     ok = read_data(write("ok.csv", "x,y,prediction"))
     assert len(ok) == 50 and set(ok[0]["features"]) == {"x", "y"}
     assert ok[0]["prediction"] == rows[0][2]
+
+
+# --- records glued together on one line -------------------------------------------------------
+def test_records_glued_on_one_line_are_refused_with_what_to_do(run_daemon: Any) -> None:
+    """``curl -d @predictions.ndjson`` (not ``--data-binary``) drops the file's newlines: the
+    records arrive glued together (``{...}{...}``), and the body was one ``invalid_json``
+    record with only "Extra data: line 1 column 347" to say why."""
+    r = run_daemon()
+    rng = random.Random(153)
+    recs = [make_record(rng, i) for i in range(3)]
+    status, out = r.post("/v1/predictions", "".join(json.dumps(x) for x in recs))
+    assert status == 400 and out["reasons"] == {"invalid_json": 1}
+    assert "one record per line" in out["error"] and "--data-binary" in out["error"], out
+    # non-ASCII before the join: the parser's position counts characters, not bytes
+    recs[0]["features"]["c"] = "é€"
+    status, out = r.post("/v1/predictions", "".join(json.dumps(x, ensure_ascii=False)
+                                                    for x in recs))
+    assert status == 400 and "--data-binary" in out["error"], out
+    # a line that is merely cut short or has trailing junk gets no such hint
+    status, out = r.post("/v1/predictions", json.dumps(recs[1]) + " x")
+    assert status == 400 and "--data-binary" not in out["error"], out
+    assert_balanced(r.daemon)

@@ -492,6 +492,11 @@ def _jsonable(v: Any) -> Any:
 #: CSV cells that are a boolean (pandas' ``to_csv`` and Python's ``csv`` write ``True`` and
 #: ``False``; other tools ``true``/``false``): live JSON sends the column as ``true``/``false``.
 _CSV_BOOLEANS = {"true": True, "false": False}
+#: How tools write a missing value in a CSV (pandas' ``read_csv`` reads these as missing; R's
+#: ``write.csv`` writes ``NA``). Read as missing only in a column whose other cells are all
+#: numbers: elsewhere ``NA`` may be a category (Namibia's country code).
+_CSV_MISSING = frozenset({"NA", "N/A", "n/a", "NULL", "null", "None", "#N/A", "#N/A N/A",
+                          "#NA", "<NA>", "-1.#IND", "-1.#QNAN", "1.#IND", "1.#QNAN"})
 
 
 def _csv_value(s: str) -> Any:
@@ -516,7 +521,35 @@ def _csv_value(s: str) -> Any:
         f = float(s)
     except ValueError:
         return s
+    if math.isnan(f):   # "nan", as Python's csv writes float("nan"): a missing value, as the
+        return None     # JSON literal NaN is (until 6 December only "NaN" was; "nan" refused)
     return f if math.isfinite(f) else NonFinite(s)
+
+
+def _numeric_missing(rows: list[dict[str, Any]]) -> None:
+    """In a column whose cells are numbers or :data:`_CSV_MISSING` spellings, those cells are
+    missing values (in place). Until 6 December R's ``NA`` made such a column a categorical
+    feature of ~1000 float "categories", every live value unseen: no drift of it was ever
+    detected."""
+    numbers: set[str] = set()
+    other: set[str] = set()
+    spelled: set[str] = set()
+    for r in rows:
+        for k, v in r["features"].items():
+            t = type(v)
+            if t is int or t is float:
+                numbers.add(k)
+            elif t is str and v in _CSV_MISSING:
+                spelled.add(k)
+            elif v is not None:
+                other.add(k)
+    cols = (spelled & numbers) - other
+    if cols:
+        for r in rows:
+            f = r["features"]
+            for k in cols:
+                if type(f.get(k)) is str:
+                    f[k] = None
 
 
 def _checked(rec: dict[str, Any], where: str) -> dict[str, Any]:
@@ -586,6 +619,7 @@ def _csv_records(fh: Any, p: str, prediction_column: str,
         if row.get(label_column) not in (None, ""):
             rec["label"] = _csv_value(row[label_column])
         out.append(_checked(rec, where))
+    _numeric_missing(out)
     return out
 
 

@@ -217,3 +217,44 @@ def test_records_glued_on_one_line_are_refused_with_what_to_do(run_daemon: Any) 
     status, out = r.post("/v1/predictions", json.dumps(recs[1]) + " x")
     assert status == 400 and "--data-binary" not in out["error"], out
     assert_balanced(r.daemon)
+
+
+# --- missing values in a CSV as other tools write them ------------------------------------------
+def test_a_csv_numeric_column_with_missing_values_written_na_or_nan_stays_numeric(
+        tmp_path: Any) -> None:
+    """R's ``write.csv`` writes a missing value as ``NA``; Python's ``csv`` writes
+    ``float("nan")`` as ``nan``. ``NA`` made the column a categorical feature of ~1000 float
+    "categories", every live value unseen, so its drift was never detected (a shift of 3
+    standard deviations went by); ``nan`` refused the file ("feature values must be finite"),
+    though ``NaN`` is a missing value everywhere else. In a numeric column both are missing
+    values now; ``NA`` among other text stays a category (Namibia's country code)."""
+    from lrwatch.daemon.reference import read_data
+
+    rng = random.Random(154)
+    path = tmp_path / "reference.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["x", "y", "country", "prediction"])
+        for i in range(2000):
+            w.writerow(["NA" if i % 20 == 0 else rng.gauss(0, 1),
+                        float("nan") if i % 15 == 0 else rng.gauss(0, 1),
+                        rng.choice(["NA", "DE", "FR"]), round(rng.random(), 4)])
+    rows = read_data(str(path))
+    assert rows[0]["features"]["x"] is None and rows[0]["features"]["y"] is None
+    assert {r["features"]["country"] for r in rows} == {"NA", "DE", "FR"}
+    ref = build_reference(rows, window_size=WINDOW, sims=300, seed=0)
+    kinds = {f.name: f.kind for f in ref.features}
+    assert kinds["x"] == kinds["y"] == "numeric", kinds
+    saved = str(tmp_path / "reference.json")
+    ref.save(saved)
+    d = _daemon(saved)
+    d.start()
+    try:
+        live = [{"features": {"x": rng.gauss(3, 1), "y": rng.gauss(0, 1),
+                              "country": rng.choice(["NA", "DE", "FR"])},
+                 "prediction": round(rng.random(), 4)} for _ in range(WINDOW)]
+        assert d.submit("predictions", "\n".join(map(json.dumps, live)).encode())[0] == 200
+        assert d.drain() and d.counters["windows"] == 1
+        assert d.last["drifted_features"] == ["x"]
+    finally:
+        d.stop()

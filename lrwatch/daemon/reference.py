@@ -131,12 +131,27 @@ class FeatureProfile:
                    categories={str(k): int(v) for k, v in d.get("categories", {}).items()})
 
 
+#: How tools write a missing value (pandas' ``read_csv`` reads these as missing; R's
+#: ``write.csv`` writes ``NA``). Read as missing only in a feature whose other values are all
+#: numbers: elsewhere ``NA`` may be a category (Namibia's country code).
+_MISSING_SPELLINGS = frozenset({"", "NA", "N/A", "n/a", "NULL", "null", "None", "nan", "NaN",
+                                "-nan", "-NaN", "#N/A", "#N/A N/A", "#NA", "<NA>", "-1.#IND",
+                                "-1.#QNAN", "1.#IND", "1.#QNAN"})
+
+
 def _infer_kind(values: Sequence[Any]) -> str:
     present = [v for v in values if v is not None and not (type(v) is float and v != v)]
     if present and all(_is_num(v) for v in present):
         distinct = set(present)
         if distinct <= {0, 1}:
             return "binary"
+        return "numeric"
+    # numbers and "NA"-like strings: a numeric feature with its missing values spelled out
+    # (its profile counts them missing, as a window counts a string in a numeric feature).
+    # Until 6 December it was categorical, every live value unseen: its drift went unseen.
+    nums = [v for v in present if not (type(v) is str and v in _MISSING_SPELLINGS)]
+    if nums and len(nums) < len(present) and all(_is_num(v) for v in nums) \
+            and not set(nums) <= {0, 1}:
         return "numeric"
     keys = {cat_key(v) for v in present}
     return "binary" if len(keys) <= 2 else "categorical"
@@ -492,11 +507,6 @@ def _jsonable(v: Any) -> Any:
 #: CSV cells that are a boolean (pandas' ``to_csv`` and Python's ``csv`` write ``True`` and
 #: ``False``; other tools ``true``/``false``): live JSON sends the column as ``true``/``false``.
 _CSV_BOOLEANS = {"true": True, "false": False}
-#: How tools write a missing value in a CSV (pandas' ``read_csv`` reads these as missing; R's
-#: ``write.csv`` writes ``NA``). Read as missing only in a column whose other cells are all
-#: numbers: elsewhere ``NA`` may be a category (Namibia's country code).
-_CSV_MISSING = frozenset({"NA", "N/A", "n/a", "NULL", "null", "None", "#N/A", "#N/A N/A",
-                          "#NA", "<NA>", "-1.#IND", "-1.#QNAN", "1.#IND", "1.#QNAN"})
 
 
 def _csv_value(s: str) -> Any:
@@ -527,7 +537,7 @@ def _csv_value(s: str) -> Any:
 
 
 def _numeric_missing(rows: list[dict[str, Any]]) -> None:
-    """In a column whose cells are numbers or :data:`_CSV_MISSING` spellings, those cells are
+    """In a column whose cells are numbers or :data:`_MISSING_SPELLINGS`, those cells are
     missing values (in place). Until 6 December R's ``NA`` made such a column a categorical
     feature of ~1000 float "categories", every live value unseen: no drift of it was ever
     detected."""
@@ -539,7 +549,7 @@ def _numeric_missing(rows: list[dict[str, Any]]) -> None:
             t = type(v)
             if t is int or t is float:
                 numbers.add(k)
-            elif t is str and v in _CSV_MISSING:
+            elif t is str and v in _MISSING_SPELLINGS:
                 spelled.add(k)
             elif v is not None:
                 other.add(k)

@@ -258,3 +258,38 @@ def test_a_csv_numeric_column_with_missing_values_written_na_or_nan_stays_numeri
         assert d.last["drifted_features"] == ["x"]
     finally:
         d.stop()
+
+
+def test_a_json_numeric_feature_with_missing_values_sent_as_na_strings_stays_numeric(
+        tmp_path: Any) -> None:
+    """The same in JSON records (a reference file, or the live reference's first records): a
+    sender that writes a missing number as ``"NA"`` (or ``""``) made the feature categorical,
+    and its drift went unseen. A window already counts a string in a numeric feature as a
+    missing value; the reference now does too."""
+    rng = random.Random(155)
+
+    def rec(shift: float, i: int) -> dict[str, Any]:
+        x: Any = rng.gauss(shift, 1)
+        if i % 20 == 0:
+            x = "NA" if i % 40 else ""
+        return {"features": {"x": x, "y": rng.gauss(0, 1), "z": rng.choice(["NA", "b", "c"])},
+                "prediction": round(rng.random(), 4)}
+
+    ref = build_reference([rec(0, i) for i in range(2000)], window_size=WINDOW, sims=300,
+                          seed=0)
+    kinds = {f.name: f.kind for f in ref.features}
+    assert kinds["x"] == "numeric" and kinds["z"] == "categorical", kinds
+    x = next(f for f in ref.features if f.name == "x")
+    assert x.missing == 100
+    saved = str(tmp_path / "reference.json")
+    ref.save(saved)
+    d = _daemon(saved)
+    d.start()
+    try:
+        body = "\n".join(json.dumps(rec(3, i)) for i in range(WINDOW))
+        assert d.submit("predictions", body.encode())[0] == 200
+        assert d.drain() and d.counters["windows"] == 1
+        assert d.last["drifted_features"] == ["x"]
+        assert_balanced(d)
+    finally:
+        d.stop()

@@ -110,7 +110,7 @@ def _chunked(path: str, parts: list[bytes]) -> bytes:
 
 
 def test_a_chunked_body_is_read_and_one_over_the_limit_is_413(run_daemon: Any) -> None:
-    """A client that streams its body (``requests`` with a generator, Go's ``http.Client``
+    """A client that streams its body (``requests`` with a generator, Go's ``net/http`` client
     with an ``io.Reader``, Java's chunked streaming mode) sends it chunked, without a
     ``Content-Length``: every such request got ``411`` and was counted as ``too_large``, so
     the records never arrived while the errors said the bodies were too big. A POST with

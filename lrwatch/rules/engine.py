@@ -61,6 +61,7 @@ from ..errors import ConfigError
 from ..samples import Sample, encode_number
 from .detectors import Detector
 from .schema import Rule, RuleSet, Span, when_order
+from .templates import render
 
 __all__ = ["Engine", "Firing", "STEP_METRIC"]
 
@@ -187,11 +188,6 @@ class _HasStatistic(Protocol):
 #: What triggered an event: the metric, its value, and what reports the statistic (a detector,
 #: or for a 'when' rule its state: the number of samples the condition has held).
 _Hit = Tuple[Optional[str], Optional[float], _HasStatistic]
-
-
-class _Ctx(dict):  # type: ignore[type-arg]
-    def __missing__(self, key: str) -> str:
-        return ""
 
 
 def _met(span: Span, count: int, since: float | None, t: float | None) -> bool:
@@ -562,21 +558,22 @@ class Engine:
         stat = det.statistic
         # a sample without a time renders {time} as nan, as a missing value does: formatting
         # None failed ("{time:.0f}") and left the raw template as the message
-        ctx = _Ctx(rule=rule.name, metric="" if metric is None else metric, step=step,
+        ctx = dict(rule=rule.name, metric="" if metric is None else metric, step=step,
                    time=math.nan if t is None else t,
                    severity=rule.severity, value=math.nan if value is None else value,
                    statistic=math.nan if stat is None else stat,
                    detector="when" if rule.when is not None else rule.detector,
-                   labels=_Ctx(rule.labels))
+                   labels=dict(rule.labels))
         annotations = {}
         for key, template in rule.annotations.items():
             try:
-                annotations[key] = template.format_map(ctx)
+                # fields and labels[NAME] only: str.format follows attributes ({value.__class__})
+                annotations[key] = render(template, ctx)
             except (ValueError, TypeError, KeyError, IndexError, AttributeError):
                 annotations[key] = template  # validated at load; never fail the run over text
         message = annotations.get("summary")
         if not message:
-            message = _DEFAULT_SUMMARY.format_map(ctx) if rule.when is None else \
+            message = render(_DEFAULT_SUMMARY, ctx) if rule.when is None else \
                 f"{rule.name}: {rule.when.describe()} at step {step}"
         if kind == "resolved":
             message = f"resolved: {message}"

@@ -35,7 +35,6 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import string
 from dataclasses import dataclass, field
 from importlib import resources
 from types import MappingProxyType
@@ -46,6 +45,7 @@ import yaml
 from ..errors import ConfigError, RuleError
 from .detectors import DETECTORS, Detector
 from .detectors.base import short
+from .templates import FIELDS, check_template
 
 if TYPE_CHECKING:
     from .layering import Layer
@@ -58,8 +58,7 @@ SEVERITIES = ("critical", "warning", "info")
 ACTIONS = ("rollback", "reduce_lr", "skip", "stop", "alert", "hook")
 PACKS = ("training", "serving", "plateau_cut")
 #: Fields a summary/description template may use, e.g. ``"{metric} = {value:.3g}"``.
-TEMPLATE_FIELDS = ("rule", "metric", "value", "step", "time", "severity", "statistic",
-                   "detector", "labels")
+TEMPLATE_FIELDS = FIELDS
 #: The forms of ``when`` (a rule on other rules) and every key a ``when`` mapping may have.
 WHEN_MODES = ("firing", "all", "any")
 WHEN_KEYS = WHEN_MODES + ("within", "unless")
@@ -406,26 +405,10 @@ def _span(value: Any, node: yaml.Node, full: str, errs: _Errors, *, allow_zero: 
 
 
 def _check_template(text: str, node: yaml.Node, full: str, errs: _Errors) -> None:
-    ctx = {"rule": "r", "metric": "m", "value": 1.0, "step": 1, "time": 0.0, "severity": "info",
-           "statistic": 1.0, "detector": "d", "labels": _Lenient()}
-    try:
-        for _, fname, _, _ in string.Formatter().parse(text):
-            if fname is None:
-                continue
-            root = re.split(r"[.\[]", fname, maxsplit=1)[0]
-            if root not in TEMPLATE_FIELDS:
-                errs.add(node, full, f"unknown template field {{{root}}}", TEMPLATE_FIELDS)
-                return
-        text.format_map(_Lenient(ctx))
-    except (ValueError, IndexError, KeyError, AttributeError, TypeError) as exc:
-        errs.add(node, full, f"bad template: {exc}")
-
-
-class _Lenient(dict):  # type: ignore[type-arg]
-    """Template context: label lookups that miss give an empty string instead of raising."""
-
-    def __missing__(self, key: str) -> str:
-        return ""
+    problem = check_template(text)
+    if problem is not None:
+        errs.add(node, full, problem,
+                 TEMPLATE_FIELDS if problem.startswith("unknown template field") else None)
 
 
 def _str_map(node: yaml.Node, ctor: Any, full: str, errs: _Errors,

@@ -223,8 +223,8 @@ class TraceReader:
                 if last_step is not None and sample.step <= last_step:
                     raise ValueError(f"key 'step': {sample.step} does not increase "
                                      f"(previous {last_step})")
-            except ValueError as exc:  # json.JSONDecodeError is a ValueError
-                msg = str(exc).splitlines()[0]
+            except (ValueError, RecursionError) as exc:  # json.JSONDecodeError: a ValueError
+                msg = _bad_line_message(exc)
                 if isinstance(exc, json.JSONDecodeError) and not line.endswith("\n"):
                     msg = _CUT_SHORT + msg
                 if self.strict:
@@ -234,6 +234,24 @@ class TraceReader:
             last_step = sample.step
             self.lineno = lineno
             yield sample
+
+
+def _bad_line_message(exc: Exception) -> str:
+    """What is wrong with a line that did not parse, in the words of the trace format: json's
+    own, except where they would mislead (a value nested past the parser's recursion limit
+    raised out of the reader and ended the trace, ``--lenient`` or not; an integer of over
+    4300 digits advised ``sys.set_int_max_str_digits()``).
+
+    >>> _bad_line_message(RecursionError("maximum recursion depth exceeded"))
+    'a value nested too deeply to read (a corrupt line)'
+    """
+    if isinstance(exc, RecursionError):
+        return "a value nested too deeply to read (a corrupt line)"
+    msg = str(exc).splitlines()[0]
+    if "integer string conversion" in msg:
+        return "an integer of more than 4300 digits (a corrupt line: trace values are " \
+               "floats, steps integers)"
+    return msg
 
 
 #: what a last line without its newline that does not parse most likely is

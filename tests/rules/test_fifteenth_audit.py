@@ -11,6 +11,7 @@ import pytest
 
 from lrwatch.errors import RuleError
 from lrwatch.rules import Engine
+from lrwatch.rules.replay import replay_trace
 from lrwatch.rules.schema import parse_rules
 from lrwatch.samples import Sample
 
@@ -51,3 +52,26 @@ def test_a_template_may_not_follow_attributes_to_the_environment(monkeypatch) ->
     hostile = dataclasses.replace(rule, annotations={"summary": _LEAK})
     events = Engine([hostile]).update(Sample(step=1, values={"loss": 5.0}))
     assert "hunter2" not in events[0].message and events[0].message == _LEAK
+
+
+# --- 2. a trace line nested too deeply ended the trace, --lenient or not -------------------
+
+def test_a_line_nested_too_deeply_is_one_malformed_line(tmp_path) -> None:
+    """json's recursion limit raised RecursionError out of the trace reader: replay ended the
+    trace at once, with --lenient too (the lines after it never read), blamed the rules ('the
+    rules failed on this line') and named the line before it."""
+    deep = "[" * 100_000 + "]" * 100_000
+    path = tmp_path / "t.jsonl"
+    path.write_text(f'{{"step": 1, "loss": 1.0}}\n{{"step": 2, "loss": {deep}}}\n'
+                    f'{{"step": 3, "loss": 1.0}}\n{{"step": 4, "loss": 1{"0" * 5000}}}\n'
+                    '{"step": 5, "loss": "nan"}\n')
+    rules = parse_rules("rules:\n  - {name: n, metric: loss, detector: nonfinite, "
+                        "severity: critical}\n")
+    strict = replay_trace(path, rules)
+    assert strict.error == (f"{path}:2: a value nested too deeply to read (a corrupt line)")
+    lenient = replay_trace(path, rules, strict=False)
+    assert lenient.error is None
+    assert (lenient.samples, lenient.skipped) == (3, 2)
+    assert [(e.rule, e.step) for e in lenient.firings] == [("n", 5)]
+    assert lenient.bad_lines[1] == (f"{path}:4: an integer of more than 4300 digits (a corrupt "
+                                    "line: trace values are floats, steps integers)")

@@ -118,6 +118,9 @@ class Checkpointing:
                               "server are gone, and loading would open its trace again. "
                               "Build a new Watcher for the resumed run and call its "
                               "load_state_dict(), or load before close()")
+        if self.engine is not None and state.get("engine") is not None:
+            # first: a state saved under other rules raises before anything else is loaded
+            self.engine.load_state_dict(state["engine"])
         self.step = int(state["step"])
         self.data_position = int(state.get("data_position", 0))
         self._skip_remaining = int(state.get("skip_remaining", 0))
@@ -128,8 +131,6 @@ class Checkpointing:
                 policy[key] = state[key]
         policy["resumed_at"] = self.step
         self.policy.load_state_dict(policy)
-        if self.engine is not None and state.get("engine") is not None:
-            self.engine.load_state_dict(state["engine"])
         if self.best is not None and state.get("best"):
             self.best.load_state_dict(state["best"])
         # the trace goes on from the checkpoint

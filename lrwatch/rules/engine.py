@@ -171,6 +171,34 @@ class Firing:
         return _SEVERITY_RANK.get(self.severity, 0)
 
 
+def _names(names: Iterable[str], most: int = 8) -> str:
+    """Up to ``most`` names, sorted, and how many more.
+
+    >>> _names(["b", "a"]), _names("abcde", most=2)
+    ('a, b', 'a, b and 3 more')
+    """
+    ordered = sorted(names)
+    more = len(ordered) - most
+    return ", ".join(ordered[:most]) + (f" and {more} more" if more > 0 else "")
+
+
+def _mismatch(saved: set[str], expected: set[str]) -> str:
+    """Why a saved state does not load: the rules it holds that the engine lacks and those it
+    lacks, by name (the two whole lists, 60 names each, hid a single turned-off rule).
+
+    >>> print(_mismatch({"a", "b", "stalled"}, {"a", "b", "mine"}))
+    the engine state was saved under other rules: it holds rules these rules lack (turned off, renamed or removed since): stalled; it lacks rules these rules have (added since): mine. Load it with the rules it was saved with (the same packs and files, in the same order)
+    """
+    parts = []
+    if saved - expected:
+        parts.append(f"it holds rules these rules lack (turned off, renamed or removed since): "
+                     f"{_names(saved - expected)}")
+    if expected - saved:
+        parts.append(f"it lacks rules these rules have (added since): {_names(expected - saved)}")
+    return (f"the engine state was saved under other rules: {'; '.join(parts)}. Load it with "
+            f"the rules it was saved with (the same packs and files, in the same order)")
+
+
 def _latest(firings: Iterable[Firing | None]) -> Firing | None:
     """The firing that started latest (the first of equals), ignoring ``None``."""
     best: Firing | None = None
@@ -253,7 +281,11 @@ class _RuleState:
             raise ConfigError(f"rule {self.rule.name!r}: saved metrics {sorted(dets)} do not "
                               f"match the rule's {list(self.rule.metrics)}")
         for m, det in self.pairs:
-            det.load_state_dict(dets[m])
+            try:
+                det.load_state_dict(dets[m])
+            except ConfigError as exc:
+                raise ConfigError(f"rule {self.rule.name!r}, metric {m!r}: {exc} (the rule "
+                                  f"was changed since the state was saved)") from None
         for k in self._COUNTERS:
             setattr(self, k, d[k])
         # saved before onsets were kept: a streak's first step is unknown (None)
@@ -598,6 +630,8 @@ class Engine:
 
         ``when`` rules missing from ``state`` (saved before they were added: they hold no
         detector) start fresh; a state saved without last firings counts as never fired.
+        All or nothing: a state that does not load (``ConfigError`` naming the rules that
+        differ) leaves the engine as it was.
         """
         if state.get("version") != 1:
             raise ConfigError(f"unsupported engine state version {state.get('version')!r}")
@@ -605,8 +639,16 @@ class Engine:
         names = {s.rule.name for s in self._states}
         fresh = {s.rule.name for s in self._when} - set(saved)
         if set(saved) != names - fresh:
-            raise ConfigError(f"saved rules {sorted(saved)} do not match the engine's "
-                              f"{sorted(names)}")
+            raise ConfigError(_mismatch(set(saved), names - fresh))
+        before = self.state_dict()
+        try:
+            self._load(state)
+        except Exception:
+            self._load(before)   # a half-loaded engine judges wrongly
+            raise
+
+    def _load(self, state: Mapping[str, Any]) -> None:
+        saved = state["rules"]
         for s in self._states:
             s.load_state_dict(saved.get(s.rule.name, _FRESH))
         self._last_step = state.get("last_step")

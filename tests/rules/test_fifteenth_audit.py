@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from lrwatch.errors import RuleError
+from lrwatch.errors import ConfigError, RuleError
 from lrwatch.rules import Engine
 from lrwatch.rules.replay import replay_trace
 from lrwatch.rules.schema import parse_rules
@@ -75,3 +75,68 @@ def test_a_line_nested_too_deeply_is_one_malformed_line(tmp_path) -> None:
     assert [(e.rule, e.step) for e in lenient.firings] == [("n", 5)]
     assert lenient.bad_lines[1] == (f"{path}:4: an integer of more than 4300 digits (a corrupt "
                                     "line: trace values are floats, steps integers)")
+
+
+# --- 3. a state saved under other rules: the difference named, nothing half-loaded ---------
+
+def test_resuming_with_a_rule_turned_off_names_it_and_loads_nothing(tmp_path) -> None:
+    """A checkpoint of a run watched with the training pack, resumed with a file that turns
+    'stalled' off: the error listed both sets of rule names whole (2.6 kB, 62 names each, the
+    difference left to the reader), and came after the Watcher had taken the checkpoint's
+    step and policy (a caller that went on ran a half-resumed Watcher)."""
+    import torch
+    from torch import nn
+
+    import lrwatch
+
+    off = tmp_path / "off.yml"
+    off.write_text("rules:\n  - {name: stalled, enabled: false}\n")
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    w = lrwatch.Watcher(model, opt)
+    for _ in range(12):
+        opt.zero_grad()
+        loss = model(torch.randn(4, 3)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        w.log(loss=loss)
+    state = w.state_dict()
+    w.close()
+    w2 = lrwatch.Watcher(model, opt, rules=["training", str(off)])
+    try:
+        with pytest.raises(ConfigError) as info:
+            w2.load_state_dict(state)
+        assert str(info.value) == (
+            "the engine state was saved under other rules: it holds rules these rules lack "
+            "(turned off, renamed or removed since): stalled. Load it with the rules it was "
+            "saved with (the same packs and files, in the same order)")
+        assert w2.step == 0 and w2.policy.state.resumed_at is None
+    finally:
+        w2.close()
+
+
+def test_a_state_that_does_not_load_leaves_the_engine_as_it_was() -> None:
+    """A rule replaced by one with another detector on the same metric: the rules before it
+    took the saved state, the error ('state is for detector ...') named no rule, and the
+    engine was left half-loaded."""
+    saved_rules = parse_rules("rules:\n"
+                              "  - {name: a, metric: x, detector: threshold, params: {above: 1},"
+                              " for: 3, severity: info}\n"
+                              "  - {name: b, metric: x, detector: spike, severity: info}\n")
+    now_rules = parse_rules("rules:\n"
+                            "  - {name: a, metric: x, detector: threshold, params: {above: 1},"
+                            " for: 3, severity: info}\n"
+                            "  - {name: b, metric: x, detector: nonfinite, severity: info}\n")
+    old = Engine(saved_rules)
+    for step in (1, 2):
+        old.update(Sample(step=step, values={"x": 5.0}))
+    eng = Engine(now_rules)
+    eng.update(Sample(step=1, values={"x": 0.0}))
+    before = eng.state_dict()
+    with pytest.raises(ConfigError) as info:
+        eng.load_state_dict(old.state_dict())
+    assert str(info.value) == ("rule 'b', metric 'x': state is for detector 'spike', not "
+                               "'nonfinite' (the rule was changed since the state was saved)")
+    assert eng.state_dict() == before and eng.open_onsets() == {}
+

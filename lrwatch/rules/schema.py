@@ -1024,12 +1024,37 @@ def load_layer(path: str | os.PathLike[str]) -> "Layer":
     """The rule file at ``path`` as one rule set of a join (see :func:`parse_layer`)."""
     name = os.fspath(path)
     try:
-        with open(name, "r", encoding="utf-8") as fh:
-            text = fh.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        msg = f"{name}:1: key 'rules': cannot read the file: {exc}"
+        with open(name, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        msg = f"{name}:1: key 'rules': cannot read the file: {exc.strerror or exc}"
+        if isinstance(exc, FileNotFoundError) and not os.path.splitext(name)[1]:
+            guess = difflib.get_close_matches(os.path.basename(name), PACKS, n=1)
+            msg += (f"; did you mean the pack {guess[0]!r}?" if guess else "") + \
+                f" (valid choices for a pack: {', '.join(PACKS)})"
+        raise RuleError(msg, [msg]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        msg = _not_utf8(name, data, exc)
         raise RuleError(msg, [msg]) from None
     return parse_layer(text, name)
+
+
+def _not_utf8(name: str, data: bytes, exc: UnicodeDecodeError) -> str:
+    r"""Where a rule file stops being UTF-8, and what to do (the decoder's words gave a byte
+    offset at line 1 of the file, whatever the line).
+
+    >>> _not_utf8("f.yml", b"rules:\n  - {name: \xe9t\xe9}\n",
+    ...           UnicodeDecodeError("utf-8", b"", 18, 19, "invalid continuation byte"))
+    'f.yml:2: the file is not UTF-8 text (byte 0xe9 at column 12): save it as UTF-8'
+    """
+    line = data.count(b"\n", 0, exc.start) + 1
+    col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return f"{name}:1: the file is UTF-16 text: save it as UTF-8"
+    return (f"{name}:{line}: the file is not UTF-8 text (byte 0x{data[exc.start]:02x} at "
+            f"column {col}): save it as UTF-8")
 
 
 def pack_text(name: str) -> str:

@@ -140,3 +140,29 @@ def test_a_state_that_does_not_load_leaves_the_engine_as_it_was() -> None:
                                "'nonfinite' (the rule was changed since the state was saved)")
     assert eng.state_dict() == before and eng.open_onsets() == {}
 
+
+# --- 4. a rule file that is not UTF-8, a pack's name misspelt ------------------------------
+
+def test_a_file_not_utf8_names_its_line_and_a_misspelt_pack_its_name(tmp_path) -> None:
+    """A Latin-1 file (an accent in a summary) was refused at line 1 as "key 'rules': cannot
+    read the file: 'utf-8' codec can't decode byte 0xe9 in position 118", whatever its line,
+    and did not say what to do; '--rules trainig' said only that no such file exists."""
+    from click.testing import CliRunner
+
+    from lrwatch.cli import cli
+    from lrwatch.rules.schema import load_rules
+
+    path = tmp_path / "latin.yml"
+    path.write_bytes("rules:\n  - {name: a, metric: loss, detector: nonfinite, severity: info,\n"
+                     "     annotations: {summary: \"perte non définie\"}}\n".encode("latin-1"))
+    with pytest.raises(RuleError) as info:
+        load_rules(path)
+    assert info.value.errors == [f"{path}:3: the file is not UTF-8 text (byte 0xe9 at column "
+                                 "41): save it as UTF-8"]
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"step": 1, "loss": 1.0}\n')
+    res = CliRunner().invoke(cli, ["replay", str(trace), "--rules", "trainig"])
+    assert res.exit_code == 2
+    assert ("trainig:1: key 'rules': cannot read the file: No such file or directory; did you "
+            "mean the pack 'training'? (valid choices for a pack: training, serving, "
+            "plateau_cut)") in res.output

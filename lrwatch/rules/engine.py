@@ -459,6 +459,11 @@ class Engine:
             hit: _Hit = (last.metric, last.value, rs) if last is not None else (None, None, rs)
             n = len(events)
             self._judge(rs, src is not None, step, t, hit, events)
+            if rs.pending == 1:
+                # the streak began with the failures held now: with 'any' (or 'within') the
+                # rules that hold change during a 'for:' window, and one that began it may
+                # hold no longer when the rule fires
+                rs.pending_step = self._onset(rs, step)
             if len(events) > n and events[-1] is rs.firing:
                 rs.firing = events[-1] = replace(rs.firing, since=self._since(rs, step),
                                                  onset=self._onset(rs, step))
@@ -485,8 +490,9 @@ class Engine:
     @classmethod
     def _onset(cls, rs: _RuleState, step: int) -> int | None:
         """When the failure behind ``rs`` began: its own streak's first step, and for a
-        ``when`` rule the earliest of that and the onsets of the referenced firings that make
-        its condition hold (their starts where they carry no onset). ``None``: unknown."""
+        ``when`` rule the earliest of that (the onset of the firings that held when its
+        streak began) and the onsets of the referenced firings that make its condition hold
+        (their starts where they carry no onset). ``None``: unknown."""
         if rs.rule.when is None:
             return rs.pending_step
         starts = [f.onset if f.onset is not None else f.since if f.since is not None else f.step

@@ -166,3 +166,30 @@ def test_a_file_not_utf8_names_its_line_and_a_misspelt_pack_its_name(tmp_path) -
     assert ("trainig:1: key 'rules': cannot read the file: No such file or directory; did you "
             "mean the pack 'training'? (valid choices for a pack: training, serving, "
             "plateau_cut)") in res.output
+
+
+# --- 5. an escalation's onset when the rules that hold change during its 'for:' window -----
+
+def test_an_any_escalation_keeps_the_onset_of_the_rule_that_began_its_window() -> None:
+    """'any: [a, b]' with 'for: 3': a (for: 2, its condition from step 1) fires at 2 and
+    resolves at 3 as b fires; the escalation fires at 4 on b alone. Its onset was 2 (its own
+    window's first step), not 1 where a's failure began: the onset counted only the
+    firings that held when it fired, though the docs promise the earliest onset of those it
+    combines, and a checkpoint inside the window (Engine.open_onsets) said 2 too."""
+    rules = parse_rules("rules:\n"
+                        "  - {name: a, metric: x, detector: threshold, params: {above: 1}, "
+                        "for: 2, severity: info}\n"
+                        "  - {name: b, metric: y, detector: threshold, params: {above: 1}, "
+                        "severity: info}\n"
+                        "  - {name: w, when: {any: [a, b]}, for: 3, severity: critical, "
+                        "actions: [rollback]}\n")
+    eng = Engine(rules)
+    fired = {}
+    opened = []
+    for step, (x, y) in enumerate([(5, 0), (5, 0), (0, 5), (0, 5)], 1):
+        for e in eng.update(Sample(step=step, values={"x": float(x), "y": float(y)})):
+            if e.kind == "firing":
+                fired[e.rule] = (e.step, e.onset)
+        opened.append(eng.open_onsets().get("w"))
+    assert fired == {"a": (2, 1), "b": (3, 3), "w": (4, 1)}
+    assert opened == [None, 1, 1, None]

@@ -180,6 +180,10 @@ class Alert:
         for key, val in dict(self.annotations).items():
             if not isinstance(key, str) or not isinstance(val, str):
                 raise ConfigError(f"alert annotation {key!r} must map a string to a string")
+            if not _LABEL_NAME.match(key):
+                # Alertmanager answers 400 (the batch's delivery fails): refused here, by name
+                raise ConfigError(f"alert annotation name {key!r} is invalid: use letters, "
+                                  f"digits and underscores, not starting with a digit")
         object.__setattr__(self, "labels", _frozen(labels))
         object.__setattr__(self, "annotations", _frozen(self.annotations))
 

@@ -421,6 +421,12 @@ def _str_map(node: yaml.Node, ctor: Any, full: str, errs: _Errors,
         if label_names and (not _LABEL_RE.match(key) or key.startswith("__")):
             errs.add(knode, f"{full}.{key}", "not a valid Prometheus label name")
             continue
+        if template and not _LABEL_RE.match(key):
+            # Alertmanager refuses an alert with such an annotation (HTTP 400): every alert
+            # of the rule would be lost
+            errs.add(knode, f"{full}.{key}", "not a valid annotation name: letters, digits and "
+                     "underscores, not starting with a digit (Alertmanager refuses others)")
+            continue
         if label_names and key in RESERVED_LABELS:
             # every alert sets these itself: an alertname of its own makes the alert unbuildable
             # (lost), a severity of its own one outside critical|warning|info

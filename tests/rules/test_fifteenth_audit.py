@@ -193,3 +193,49 @@ def test_an_any_escalation_keeps_the_onset_of_the_rule_that_began_its_window() -
         opened.append(eng.open_onsets().get("w"))
     assert fired == {"a": (2, 1), "b": (3, 3), "w": (4, 1)}
     assert opened == [None, 1, 1, None]
+
+
+# --- 6. an annotation name Alertmanager refuses lost the alerts sent with it ---------------
+
+def test_an_annotation_name_alertmanager_refuses_is_an_error_and_loses_no_other_alert(
+        alertmanager) -> None:
+    """'runbook-url' passed 'rules check', and Alertmanager refuses an alert with such an
+    annotation (HTTP 400, not retried): every alert of the rule was lost, and the batch it
+    came in counted as a failed delivery. The file is refused now, and an alert built with
+    such a name (a Rule made in Python) is refused by name before it is sent."""
+    from lrwatch.actions.alerts import Alert, AlertmanagerSink, AlertSender
+    from lrwatch.actions.notify import Notifier
+
+    text = textwrap.dedent("""\
+        rules:
+          - {name: nan_loss, metric: loss, detector: nonfinite, severity: critical}
+          - name: loss_high
+            metric: loss
+            detector: threshold
+            params: {above: 1}
+            severity: warning
+            annotations: {runbook-url: "https://example.org/runbook"}
+        """)
+    with pytest.raises(RuleError) as info:
+        parse_rules(text, "f.yml")
+    assert info.value.errors == [
+        "f.yml:8: key 'rules[1].annotations.runbook-url': not a valid annotation name: "
+        "letters, digits and underscores, not starting with a digit (Alertmanager refuses "
+        "others)"]
+    # a Rule built in Python skips the file's checks: its alert alone is refused
+    good, bad = parse_rules(text.replace("runbook-url", "runbook_url"))
+    bad = dataclasses.replace(bad, annotations={"runbook-url": "https://example.org/runbook"})
+    eng = Engine([good, bad])
+    events = eng.update(Sample(step=1, values={"loss": float("inf")}))
+    assert [e.rule for e in events] == ["nan_loss", "loss_high"]
+    with pytest.raises(ConfigError, match="alert annotation name 'runbook-url' is invalid"):
+        Alert.from_firing(events[1])
+    errors: list[int] = []
+    with AlertSender([AlertmanagerSink(alertmanager.url)], backoff=(0.01, 0.05),
+                     on_error=lambda: errors.append(1)) as sender:
+        notifier = Notifier(sender, on_error=lambda: errors.append(1))
+        for e in events:
+            notifier.fire(e)
+        assert sender.flush(10)
+    assert [a["labels"]["rule"] for a in alertmanager.alerts()] == ["nan_loss"]
+    assert errors == [1]

@@ -384,9 +384,7 @@ def _unknown(errs: _Errors, knode: yaml.Node, full: str, key: str, valid: tuple[
 
 def _span(value: Any, node: yaml.Node, full: str, errs: _Errors, *, allow_zero: bool) -> Span | None:
     lo = 0 if allow_zero else 1
-    if isinstance(value, bool):
-        value = None
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         if value < lo:
             errs.add(node, full, f"must be at least {lo}, got {value}")
             return None

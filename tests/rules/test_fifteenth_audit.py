@@ -239,3 +239,17 @@ def test_an_annotation_name_alertmanager_refuses_is_an_error_and_loses_no_other_
         assert sender.flush(10)
     assert [a["labels"]["rule"] for a in alertmanager.alerts()] == ["nan_loss"]
     assert errors == [1]
+
+
+# --- 7. 'for: true' was reported as 'got None' ----------------------------------------------
+
+def test_a_boolean_for_or_hysteresis_is_echoed_as_written() -> None:
+    """The message said 'got None' for 'for: true' (the value was dropped before the
+    message): the file says true, and nothing in it is None."""
+    with pytest.raises(RuleError) as info:
+        parse_rules("rules:\n  - {name: a, metric: x, detector: nonfinite, severity: info, "
+                    "for: true, hysteresis: false}\n", "f.yml")
+    assert info.value.errors == [
+        f"f.yml:2: key 'rules[0].{key}': expected a number of samples or a duration such as "
+        f"'30s', '5m', '1h', got {value}" for key, value in (("for", True),
+                                                             ("hysteresis", False))]

@@ -338,4 +338,28 @@ def join(specs: Sequence[Any], *, check_actions: bool = False) -> RuleSet:
     check FILE --with ...`` judge by (see :func:`join_layers`)."""
     if not specs:
         raise ConfigError("no rule set to join")
+    _refuse_repeats(specs)
     return join_layers([spec_layer(s) for s in specs], check_actions=check_actions)
+
+
+def _refuse_repeats(specs: Sequence[Any]) -> None:
+    """A pack or a file given twice would report every one of its rules as a duplicate name:
+    say once which set was repeated.
+
+    >>> _refuse_repeats(["training", "training"])
+    Traceback (most recent call last):
+    ...
+    lrwatch.errors.ConfigError: rule set 'training' is given twice (rule sets 1 and 2): give each rule set once
+    """
+    seen: dict[str, int] = {}
+    for i, spec in enumerate(specs, 1):
+        if isinstance(spec, str) and spec in PACKS:
+            key = f"pack:{spec}"
+        elif isinstance(spec, (str, os.PathLike)):
+            key = f"file:{os.path.realpath(os.fspath(spec))}"
+        else:
+            continue
+        if key in seen:
+            raise ConfigError(f"rule set {os.fspath(spec)!r} is given twice (rule sets "
+                              f"{seen[key]} and {i}): give each rule set once")
+        seen[key] = i

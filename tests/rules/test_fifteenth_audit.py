@@ -253,3 +253,29 @@ def test_a_boolean_for_or_hysteresis_is_echoed_as_written() -> None:
         f"f.yml:2: key 'rules[0].{key}': expected a number of samples or a duration such as "
         f"'30s', '5m', '1h', got {value}" for key, value in (("for", True),
                                                              ("hysteresis", False))]
+
+
+# --- the lead's follow-up: a rule set given twice ------------------------------------------
+
+
+def test_a_rule_set_given_twice_is_one_error_naming_it(tmp_path) -> None:
+    """'--rules training --rules training' printed 62 duplicate-name errors, one per rule of
+    the pack, and never said that the pack was given twice; the same file under two spellings
+    of its path did the same."""
+    from click.testing import CliRunner
+
+    from lrwatch.cli import cli
+    from lrwatch.rules.layering import join
+
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"step": 1, "loss": 1.0}\n')
+    res = CliRunner().invoke(cli, ["replay", str(trace), "--rules", "training",
+                                   "--rules", "training"])
+    assert res.exit_code == 2
+    assert "rule set 'training' is given twice (rule sets 1 and 2)" in res.output
+    assert "duplicate rule names" not in res.output
+    mine = tmp_path / "mine.yml"
+    mine.write_text("rules:\n  - {name: a, metric: loss, detector: nonfinite, severity: info}\n")
+    with pytest.raises(ConfigError, match="is given twice .rule sets 2 and 3."):
+        join(["training", str(mine), str(tmp_path / "." / "mine.yml")])
+    assert join(["training", str(mine)]).names[-1] == "a"

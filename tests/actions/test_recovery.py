@@ -1081,7 +1081,7 @@ def test_rules_as_a_list_join_in_order_and_bad_entries_are_clear(tmp_path: Path)
     assert rs.names[:-1] == lrwatch.rules.load_pack("training").names
     with pytest.raises(ConfigError, match="cannot contain None"):
         rule_set(["training", None])
-    with pytest.raises(ConfigError, match="duplicate rule names: .*nonfinite"):
+    with pytest.raises(ConfigError, match="rule set 'training' is given twice"):
         rule_set(["training", "training"])
     with pytest.raises(ConfigError, match="non-empty list"):
         rule_set([])

@@ -114,8 +114,13 @@ def test_replay_joins_every_rules_option_as_the_watcher_joins_its_list(tmp_path:
         res = CliRunner().invoke(cli, ["replay", str(flat), "--json", *args])
         assert res.exit_code == 0, res.output
         assert [json.loads(x) for x in res.stdout.splitlines()] == want
-    # the same rule twice is an error, as in the Watcher's list
+    # the same rule set twice is an error, as in the Watcher's list (one line since the
+    # fifteenth round; a rule name in two sets is still a duplicate name)
     res = CliRunner().invoke(cli, ["replay", str(trace), "--rules", str(a), "--rules", str(a)])
+    assert res.exit_code == 2 and "is given twice (rule sets 1 and 2)" in res.stderr
+    again = _file(tmp_path, "again.yml", a.read_text())
+    res = CliRunner().invoke(cli, ["replay", str(trace), "--rules", str(a), "--rules",
+                                   str(again)])
     assert res.exit_code == 2 and "duplicate rule names: a_nan" in res.stderr
 
 

@@ -343,6 +343,7 @@ class LrwatchCallback(pl.Callback):
         flushes when due, and carries out rollback, skip, reduce_lr or stop right here."""
         if log_completed_step(self):
             trainer.should_stop = True
+            _lift_minimums(trainer)
 
     # --- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -412,6 +413,32 @@ def _training_step_loss(pl_module: Any, batch: Any) -> torch.Tensor:
         raise ConfigError("training_step returned no loss tensor; pass probe_loss= to "
                           "LrwatchCallback to probe the learning rate")
     return loss
+
+
+def _lift_minimums(trainer: Any) -> None:
+    """Let lrwatch's stop end the fit before ``min_steps``/``min_epochs``: Lightning ignores
+    ``should_stop`` until they are met, so the fit went on through epochs that each ended at
+    their first batch (the stop answers ``-1`` there), until ``max_epochs`` -- for ever with
+    ``max_steps`` and no ``max_epochs``. Said once, with the minimums lifted."""
+    loop = getattr(trainer, "fit_loop", None)
+    epoch_loop = getattr(loop, "epoch_loop", None)
+    if loop is None or epoch_loop is None:
+        return
+    min_steps, min_epochs = getattr(epoch_loop, "min_steps", None), loop.min_epochs
+    progress = getattr(getattr(loop, "epoch_progress", None), "current", None)
+    short_steps = bool(min_steps) and int(trainer.global_step) < int(min_steps)
+    # (the epoch at hand ends at the stop's -1 and counts: min_epochs=1, Lightning's
+    # default, is met by then in the first epoch)
+    short_epochs = bool(min_epochs) and progress is not None and \
+        int(progress.processed) + 1 < int(min_epochs)
+    if not (short_steps or short_epochs):
+        return
+    logging.getLogger("lrwatch").warning(
+        "lrwatch: stopping at step %d before the Trainer's min_steps=%s / min_epochs=%s, "
+        "which would keep the fit going: lrwatch's stop lifts them",
+        int(trainer.global_step), min_steps, min_epochs)
+    epoch_loop.min_steps = None
+    loop.min_epochs = None
 
 
 def _end_epoch_before_this_batch(pl_module: Any) -> None:

@@ -173,6 +173,7 @@ class LrwatchCallback(pl.Callback):
         self._optimizer = opt
         self._handle = opt.register_step_post_hook(self._post_step)
         self._stepped, self._loss_sum, self._loss_n, self._done = False, None, 0, None
+        self._eval = {}
         self._untrained_due = int(trainer.global_step) == 0 and self.watcher.untrained_batches > 0
         self._wrap_data(trainer)
         if not getattr(pl_module, "automatic_optimization", True) and scaler is None:
@@ -294,8 +295,8 @@ class LrwatchCallback(pl.Callback):
             self._loss_sum, self._loss_n = None, 0
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        if trainer.sanity_checking or self.watcher is None:
-            return
+        if trainer.sanity_checking or self.watcher is None or not _fitting(trainer):
+            return   # (trainer.validate() after a fit evaluated no step of a fit to come)
         results: dict[str, Any] = {}
         for key, value in trainer.callback_metrics.items():
             name = eval_name(str(key), self.eval_prefixes)
@@ -413,6 +414,12 @@ def _training_step_loss(pl_module: Any, batch: Any) -> torch.Tensor:
         raise ConfigError("training_step returned no loss tensor; pass probe_loss= to "
                           "LrwatchCallback to probe the learning rate")
     return loss
+
+
+def _fitting(trainer: Any) -> bool:
+    """Whether the trainer runs ``fit`` (not ``validate``/``test``/``predict``)."""
+    fn = getattr(getattr(trainer, "state", None), "fn", None)
+    return fn is None or fn == "fit"
 
 
 def _lift_minimums(trainer: Any) -> None:

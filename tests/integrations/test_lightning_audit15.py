@@ -10,6 +10,7 @@ import pytest
 
 pl = pytest.importorskip("lightning.pytorch")
 
+from lrwatch.exporters.trace import read_trace  # noqa: E402
 from lrwatch.integrations.lightning import LrwatchCallback  # noqa: E402
 
 from .test_lightning import TinyMLP, _loader, _trainer  # noqa: E402
@@ -45,3 +46,21 @@ def test_a_stop_ends_the_fit_before_the_trainers_minimum(tmp_path: Path,
     assert w is not None and w.should_stop and cb.exit_status == 4
     assert trainer.global_step == w.step < 60
     assert seen.epochs == 2 and seen.batches == w.step + 1   # not 23 more empty epochs
+
+
+def test_a_validate_after_the_fit_joins_no_step_of_the_next_fit(tmp_path: Path) -> None:
+    """``trainer.validate()`` after a fit (the callback still in the trainer) evaluated the
+    fit's end state; its results waited in the callback and joined the first step of the next
+    fit with the same callback, and ``keep_best`` kept that step's weights for them."""
+    cb = LrwatchCallback(flush_every=5, recovery={"start_check": "off"})
+    model = TinyMLP(sched=False)
+    trainer = _trainer(tmp_path, [cb], max_steps=10, limit_val_batches=2)
+    trainer.fit(model, _loader())
+    assert trainer.validate(model, _loader(64, seed=1), verbose=False)[0]["val_acc"] > 0
+    trace = tmp_path / "second.jsonl"
+    cb.watcher_kwargs["trace"] = str(trace)
+    _trainer(tmp_path, [cb], max_steps=10).fit(TinyMLP(sched=False), _loader())
+    samples = read_trace(trace)
+    assert [s.step for s in samples] == list(range(1, 11))
+    assert not any("eval_loss" in s.values for s in samples)   # no validation in this fit
+    assert cb.watcher is not None and cb.watcher.best_eval is None

@@ -73,7 +73,8 @@ class LrwatchCallback(TrainerCallback):
     resume_from:
         A checkpoint folder to read lrwatch's state from. By default, when the Trainer starts at
         a global step above zero, ``output_dir/checkpoint-{global_step}`` is used if it holds
-        lrwatch's state.
+        lrwatch's state. A state of another step than the one the Trainer starts at is not
+        loaded (a warning says so): lrwatch's step is the Trainer's global step.
     lr_find:
         Before the first step, run a learning-rate range test (:func:`lrwatch.lr_find`) with
         the model's own loss on batches of the training dataset (drawn with a private
@@ -212,7 +213,17 @@ class LrwatchCallback(TrainerCallback):
                     state.global_step, folder)
             return None
         with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+            saved = json.load(fh)
+        if int(saved.get("step", state.global_step)) != int(state.global_step):
+            # (resume_from names another checkpoint than the one the Trainer resumes from, or
+            # the Trainer starts afresh): lrwatch's step must stay the Trainer's global step
+            logging.getLogger("lrwatch").warning(
+                "lrwatch: %s holds lrwatch's state at step %s, but the Trainer starts at step "
+                "%d: not loaded, lrwatch starts afresh at the Trainer's step; pass "
+                "resume_from=<the checkpoint folder the Trainer resumes from>",
+                path, saved.get("step"), state.global_step)
+            return None
+        return saved
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None,
                      **kwargs: Any) -> None:

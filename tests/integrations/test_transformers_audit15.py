@@ -1,0 +1,35 @@
+"""Fifteenth audit round (6 December): the Hugging Face callback with a real
+``transformers.Trainer`` on the tiny GPT-2 of ``test_transformers`` (CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from lrwatch.exporters.trace import read_trace  # noqa: E402
+from lrwatch.integrations.transformers import LrwatchCallback  # noqa: E402
+
+from .test_transformers import _train  # noqa: E402
+
+
+def test_resume_from_a_checkpoint_of_another_step_is_not_loaded(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``resume_from=`` naming a checkpoint of another step than the one the Trainer starts
+    at (a fresh ``train()``, or a resume from a later checkpoint): its state was loaded as it
+    was, and lrwatch's step ran ahead of or behind the Trainer's global step for the whole
+    run (a fresh run's trace began at step 7). It is not loaded now, and a warning says so."""
+    _train(tmp_path / "a", LrwatchCallback(flush_every=2), max_steps=6,
+           save_strategy="steps", save_steps=6)
+    trace = tmp_path / "run.jsonl"
+    caplog.set_level("WARNING", logger="lrwatch")
+    cb = LrwatchCallback(flush_every=2, trace=str(trace),
+                         resume_from=str(tmp_path / "a" / "out" / "checkpoint-6"))
+    trainer = _train(tmp_path / "b", cb, max_steps=4)
+    assert cb.watcher is not None and cb.watcher.step == 4 == trainer.state.global_step
+    assert [s.step for s in read_trace(trace)] == [1, 2, 3, 4]
+    said = [r.getMessage() for r in caplog.records if "Trainer starts at step 0" in r.getMessage()]
+    assert len(said) == 1 and "step 6" in said[0]

@@ -1,6 +1,6 @@
 """The Watcher's logging API: :meth:`LogApi.log` (a step's metrics, from the training loop)
 and :meth:`LogApi.log_evaluation` (an evaluation of the step logged last, from a framework
-adapter), and the checks both apply to each value (a bad one is warned about once, counted
+adapter) and :meth:`LogApi.note_unlogged` (a step's values before a checkpoint, ditto), and the checks both apply to each value (a bad one is warned about once, counted
 and left out: logging never raises into the loop).
 
 :class:`LogApi` is a mixin over the Watcher's state (``recorder``, ``step``, ``_evals``,
@@ -77,6 +77,22 @@ class LogApi:
         # (a row in flight has its device values copied already: host numbers join it)
         self._put_metrics(row, metrics, on_host=in_flight)
         return True
+
+    def note_unlogged(self, **metrics: torch.Tensor | float | int) -> None:
+        """Put values into the row of the step that has happened and is not logged yet,
+        without logging it: for adapters whose framework writes a checkpoint between the
+        optimizer step and the boundary where the adapter calls :meth:`log` (Lightning's
+        ``ModelCheckpoint``, the Hugging Face ``on_save``). :meth:`state_dict` then carries
+        them with that step's row (a resumed run judges the step with its loss and
+        evaluation); :meth:`log` delivers them again at the boundary. Bad values are left
+        out (``log`` warns about them)."""
+        row = self.recorder.open
+        if self._closed or row is None or not row.stepped or row.logged:
+            return
+        for key, value in metrics.items():
+            v, _ = as_value(key, value)
+            if v is not None:
+                row.put(key, v)
 
     def _offer_start(self, metrics: Mapping[str, Any]) -> None:
         """The watched evaluation of the state before this Watcher's first step, to the best

@@ -203,6 +203,15 @@ def log_completed_step(callback: Any, *, start_check: bool = True) -> bool:
     return bool(w.should_stop)
 
 
+def note_pending(callback: Any) -> None:
+    """Before the Watcher's ``state_dict`` for a framework checkpoint: the completed step's
+    values (its loss) and the evaluation after it wait in ``callback`` for the next boundary;
+    they go into the step's row (``Watcher.note_unlogged``), so the checkpoint carries them."""
+    w = callback.watcher
+    if w is not None and callback._done is not None:
+        w.note_unlogged(**{**callback._done, **callback._eval})
+
+
 #: The ``lrwatch.lr_find`` arguments a callback's ``lr_find={...}`` may set (the rest it passes).
 LR_FIND_KEYS = ("min_lr", "max_lr", "num_steps", "rule", "fraction", "beta", "diverge",
                 "process_group")

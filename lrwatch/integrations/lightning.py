@@ -50,8 +50,8 @@ except ImportError:  # pragma: no cover - depends on what is installed
 from ..errors import ConfigError
 from ..watch import Watcher
 from ._common import (check_export, check_lr_find, eval_name, export_kwargs,
-                      log_completed_step, lr_find_args, reapply_best, rng_kept, scalar,
-                      start_at_suggestion, with_clip, wrap_dataloader)
+                      log_completed_step, lr_find_args, note_pending, reapply_best, rng_kept,
+                      scalar, start_at_suggestion, with_clip, wrap_dataloader)
 
 __all__ = ["LrwatchCallback"]
 
@@ -348,8 +348,10 @@ class LrwatchCallback(pl.Callback):
 
     # --- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The Watcher's counters and detector state (saved in Lightning's checkpoint)."""
+        """The Watcher's counters and detector state (saved in Lightning's checkpoint), with
+        the step just completed (logged at the next boundary) and its values."""
         if self.watcher is not None:
+            note_pending(self)
             return self.watcher.state_dict()
         return dict(self._loaded or {})
 

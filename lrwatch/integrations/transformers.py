@@ -49,8 +49,9 @@ except ImportError as exc:  # pragma: no cover - depends on what is installed
 from ..errors import ConfigError
 from ..watch import Watcher
 from ._common import (check_export, check_lr_find, eval_name, export_kwargs,
-                      log_completed_step, lr_find_args, rng_kept, scalar, start_at_suggestion,
-                      stop_snapshot, undo_step_after_stop, with_clip, wrap_dataloader)
+                      log_completed_step, lr_find_args, note_pending, rng_kept, scalar,
+                      start_at_suggestion, stop_snapshot, undo_step_after_stop, with_clip,
+                      wrap_dataloader)
 
 __all__ = ["LrwatchCallback", "STATE_FILE"]
 
@@ -383,6 +384,7 @@ class LrwatchCallback(TrainerCallback):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if not os.path.isdir(folder):
             return
+        note_pending(self)   # the step's loss and evaluation, logged at the next boundary
         tmp = os.path.join(folder, STATE_FILE + ".tmp")
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(self.watcher.state_dict(), fh, allow_nan=True)

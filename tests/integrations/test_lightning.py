@@ -214,7 +214,7 @@ def test_resume_from_lightning_checkpoint_keeps_lrwatch_state(tmp_path: Path) ->
     trainer.fit(TinyMLP(sched=False), _loader(), ckpt_path=str(ckdir / "last.ckpt"))
     assert seen["step"] == 50 and seen["rollbacks"] == 1
     # the detectors' state of the checkpoint, and the steps it had not judged judged on it
-    # (the step Lightning saved at was not logged yet: its row went without a loss)
+    # (the step Lightning saved at was not logged yet: its row carries its loss all the same)
     from lrwatch.rules import Engine, load_pack
     from lrwatch.trace import parse_record
     assert [r["step"] for r in state["unjudged"]] == [49, 50]

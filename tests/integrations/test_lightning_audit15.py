@@ -64,3 +64,26 @@ def test_a_validate_after_the_fit_joins_no_step_of_the_next_fit(tmp_path: Path) 
     assert [s.step for s in samples] == list(range(1, 11))
     assert not any("eval_loss" in s.values for s in samples)   # no validation in this fit
     assert cb.watcher is not None and cb.watcher.best_eval is None
+
+
+def test_a_checkpoint_carries_its_own_steps_loss_and_validation(tmp_path: Path) -> None:
+    """Lightning writes a checkpoint between the optimizer step and the next batch, where the
+    callback logs the step: the step's row went into the checkpoint without its loss and
+    without the validation that preceded the checkpoint, and a run resumed from it judged
+    that step without them."""
+    import torch
+
+    ck = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", monitor="val_loss",
+                                      save_top_k=-1, filename="{step}")
+    trace = tmp_path / "run.jsonl"
+    cb = LrwatchCallback(flush_every=4, trace=str(trace), recovery={"start_check": "off"})
+    _trainer(tmp_path, [cb, ck], max_steps=20, val_check_interval=10, limit_val_batches=2,
+             enable_checkpointing=True).fit(TinyMLP(sched=False), _loader(),
+                                            _loader(64, seed=1))
+    by_step = {s.step: s.values for s in read_trace(trace)}
+    saved = torch.load(tmp_path / "ck" / "step=10.ckpt", weights_only=False)["callbacks"]
+    state = next(v for k, v in saved.items() if "LrwatchCallback" in k)
+    own = [r for r in state["unjudged"] if r["step"] == 10]
+    assert state["step"] == 10 and len(own) == 1
+    for key in ("loss", "eval_loss", "eval_accuracy"):
+        assert own[0].get(key) == pytest.approx(by_step[10][key], rel=1e-6), key

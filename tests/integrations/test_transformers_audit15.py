@@ -33,3 +33,24 @@ def test_resume_from_a_checkpoint_of_another_step_is_not_loaded(
     assert [s.step for s in read_trace(trace)] == [1, 2, 3, 4]
     said = [r.getMessage() for r in caplog.records if "Trainer starts at step 0" in r.getMessage()]
     assert len(said) == 1 and "step 6" in said[0]
+
+
+def test_a_checkpoint_carries_its_own_steps_loss_and_evaluation(tmp_path: Path) -> None:
+    """The Trainer saves (``on_save``) after the step and its evaluation, before the next
+    ``on_step_begin`` where the callback logs the step: the step's row went into
+    ``lrwatch_state.json`` without its loss and evaluation, and a run resumed from it judged
+    that step without them."""
+    import json
+
+    from lrwatch.integrations.transformers import STATE_FILE
+
+    trace = tmp_path / "run.jsonl"
+    cb = LrwatchCallback(flush_every=4, trace=str(trace), recovery={"start_check": "off"})
+    _train(tmp_path, cb, max_steps=6, save_strategy="steps", save_steps=6,
+           eval_strategy="steps", eval_steps=6)
+    by_step = {s.step: s.values for s in read_trace(trace)}
+    state = json.loads((tmp_path / "out" / "checkpoint-6" / STATE_FILE).read_text())
+    own = [r for r in state["unjudged"] if r["step"] == 6]
+    assert state["step"] == 6 and len(own) == 1
+    for key in ("loss", "eval_loss"):
+        assert own[0].get(key) == pytest.approx(by_step[6][key], rel=1e-6), key

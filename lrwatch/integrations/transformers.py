@@ -114,6 +114,7 @@ class LrwatchCallback(TrainerCallback):
         self._hook_loss = False  # the forward hook has seen a loss tensor
         self._said_no_loss = False
         self._stepped = False
+        self._micro = 0   # the run's training forwards since its last optimizer step
         self._done: dict[str, Any] | None = None
         self._eval: dict[str, Any] = {}
         self._control: Any = None
@@ -175,6 +176,7 @@ class LrwatchCallback(TrainerCallback):
                 warnings.warn("lrwatch: this train dataloader has no BatchSampler to wrap; "
                               "rollbacks will not skip extra batches", stacklevel=2)
         self._measured = self._stepped = False
+        self._micro = 0
         self._loss_sum, self._loss_n, self._done, self._eval = None, 0, None, {}
         self._stopped_at = None
         if int(state.global_step) == 0 and w.untrained_batches and train_dataloader is not None:
@@ -256,6 +258,7 @@ class LrwatchCallback(TrainerCallback):
         w = self.watcher
         if w is not None and w._probing:   # a range test's throw-away step, not the run's
             return
+        self._micro += 1
         if w is not None and kwargs and not args:
             w.remember_batch(dict(kwargs))
         loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
@@ -299,6 +302,7 @@ class LrwatchCallback(TrainerCallback):
         self._measured = False
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._micro = 0
         if self.watcher is not None:
             self.watcher.after_step()
             self._stepped = True
@@ -368,6 +372,24 @@ class LrwatchCallback(TrainerCallback):
         if values and not (self._done is None and self.watcher is not None
                            and self.watcher.log_evaluation(**values)):
             self._eval.update(values)
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, model: Any = None,
+                     **kwargs: Any) -> None:
+        """An epoch that a rollback's skip window shortened (the ``SkipSampler``) can end in
+        the middle of a gradient accumulation: the Trainer plans its optimizer steps on the
+        epoch's full length, so the micro-batches after the last step got no step of their
+        own, and their gradients (and losses) went into the next epoch's first step. They are
+        dropped here, as the skipped batches are."""
+        if not self._micro:
+            return
+        model = model if model is not None else getattr(self.watcher, "model", None)
+        if model is not None:
+            model.zero_grad(set_to_none=True)
+        logging.getLogger("lrwatch").info(
+            "lrwatch: the epoch ended %d micro-batch(es) into a gradient accumulation (a "
+            "rollback's skipped batches shortened it): their gradients are dropped, not "
+            "carried into the next epoch's first step", self._micro)
+        self._micro, self._loss_sum, self._loss_n = 0, None, 0
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._boundary(control)

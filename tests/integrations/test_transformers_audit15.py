@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,3 +55,44 @@ def test_a_checkpoint_carries_its_own_steps_loss_and_evaluation(tmp_path: Path) 
     assert state["step"] == 6 and len(own) == 1
     for key in ("loss", "eval_loss"):
         assert own[0].get(key) == pytest.approx(by_step[6][key], rel=1e-6), key
+
+
+def test_an_epoch_a_skip_shortened_leaves_no_gradient_to_the_next_step(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Under gradient accumulation the Trainer plans an epoch's optimizer steps on its full
+    length; a rollback's ``skip_batches`` (the ``SkipSampler``) shortened the epoch, so its
+    last micro-batch got no step of its own: its gradient went into the next epoch's first
+    step (three micro-batches, one of them weighted double) and that step's loss was the sum
+    of three (6.5 on a loss of 3.3, a spike the rules read)."""
+    import math
+
+    from transformers import Trainer, TrainerCallback
+
+    from .test_transformers import Poison, Seqs, _args, _collate, _model
+
+    held: list[int] = []
+
+    class NoGradientHeld(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None,
+                          **kw: Any) -> None:
+            if any(p.grad is not None and bool(p.grad.ne(0).any())
+                   for p in model.parameters()):
+                held.append(state.global_step + 1)
+
+    model = _model()
+    trace = tmp_path / "run.jsonl"
+    cb = LrwatchCallback(flush_every=2, trace=str(trace),
+                         recovery={"guard": "off", "start_check": "off", "good_after": 2,
+                                   "min_interval": 2, "cooldown": 0, "skip_batches": 4})
+    caplog.set_level("INFO", logger="lrwatch")
+    # 7 batches an epoch, 2 per step: steps of 2, 2, 2 and 1 micro-batches; a NaN at step 4
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=-1, num_train_epochs=3,
+                                              gradient_accumulation_steps=2),
+                      train_dataset=Seqs(56), data_collator=_collate,
+                      callbacks=[cb, Poison(model, {4}), NoGradientHeld()])
+    trainer.train()
+    assert cb.rollbacks >= 1 and cb.watcher is not None and cb.watcher.skipped_batches == 4
+    assert held == []
+    losses = [s.values["loss"] for s in read_trace(trace) if math.isfinite(s.values["loss"])]
+    assert max(losses) < 4.0   # log(32) = 3.47: the untrained loss on 32 tokens
+    assert any("micro-batch" in r.getMessage() for r in caplog.records)

@@ -28,10 +28,13 @@ class SkipSampler:
     """
 
     def __init__(self, sampler: Any, batch_size: int, take: Callable[[], bool],
-                 group: int = 1) -> None:
+                 group: int = 1, never_empty: bool = False) -> None:
         self.sampler = sampler
         self.batch_size = int(batch_size)
         self.take = take
+        # the Hugging Face Trainer reads a pass that yields no batch as the end of the data
+        # and stops training: a skip window longer than a pass leaves it its last batch
+        self.never_empty = never_empty
         # Under a sharding wrapper that deals whole batches round-robin to ``group`` processes,
         # one batch *per process* is ``group`` batches here: take() is asked once per group and
         # drops the whole group, so every rank drops the same per-rank batches.
@@ -39,13 +42,16 @@ class SkipSampler:
 
     def __iter__(self) -> Iterator[Any]:
         it = iter(self.sampler)
-        while True:
-            chunk = list(itertools.islice(it, self.batch_size * self.group))
-            if not chunk:
-                return
-            if self.take():
-                continue
-            yield from chunk
+        size = self.batch_size * self.group
+        chunk, yielded = list(itertools.islice(it, size)), False
+        while chunk:
+            following = list(itertools.islice(it, size))   # (indices only: cheap)
+            # never_empty: the pass's last batch, none yielded yet, is kept (not counted
+            # by take(): the skip window goes on in the next pass)
+            if (self.never_empty and not yielded and not following) or not self.take():
+                yielded = True
+                yield from chunk
+            chunk = following
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -56,7 +62,7 @@ class SkipSampler:
         return getattr(self.sampler, name)
 
 
-def wrap_dataloader(loader: Any, take: Callable[[], bool]) -> bool:
+def wrap_dataloader(loader: Any, take: Callable[[], bool], never_empty: bool = False) -> bool:
     """Put a :class:`SkipSampler` under ``loader``'s batch sampler, in place.
 
     Follows wrappers that keep the real batch sampler in ``.batch_sampler`` down to the innermost
@@ -64,7 +70,8 @@ def wrap_dataloader(loader: Any, take: Callable[[], bool]) -> bool:
     the global batch sampler it wraps, dealing its batches round-robin to ``num_processes``
     ranks: then one ``take()`` covers that many global batches, one per rank). Returns ``False``
     when there is no ``torch`` ``BatchSampler`` to wrap (iterable datasets, custom batch
-    samplers): then a rollback cannot skip extra batches.
+    samplers): then a rollback cannot skip extra batches. ``never_empty``: a pass the skip
+    window would leave without a batch keeps its last one (:class:`SkipSampler`).
     """
     bs = getattr(loader, "batch_sampler", None)
     group = 1
@@ -78,9 +85,10 @@ def wrap_dataloader(loader: Any, take: Callable[[], bool]) -> bool:
     if not isinstance(bs, torch.utils.data.BatchSampler) or bs.batch_size is None:
         return False
     if not isinstance(bs.sampler, SkipSampler):
-        bs.sampler = SkipSampler(bs.sampler, bs.batch_size, take, group)
+        bs.sampler = SkipSampler(bs.sampler, bs.batch_size, take, group, never_empty)
     else:
         bs.sampler.take, bs.sampler.group = take, max(1, group)
+        bs.sampler.never_empty = never_empty
     return True
 
 

@@ -171,7 +171,8 @@ class LrwatchCallback(TrainerCallback):
             w.load_state_dict(saved)
         self._handles = [inner.register_step_post_hook(self._post_step),
                          model.register_forward_hook(self._forward_hook, with_kwargs=True)]
-        if train_dataloader is not None and not wrap_dataloader(train_dataloader, w.skip_batch):
+        if train_dataloader is not None and not wrap_dataloader(
+                train_dataloader, w.skip_batch, never_empty=True):
             if w.recovery is not None and w.recovery.skip_batches:
                 warnings.warn("lrwatch: this train dataloader has no BatchSampler to wrap; "
                               "rollbacks will not skip extra batches", stacklevel=2)

@@ -96,3 +96,26 @@ def test_an_epoch_a_skip_shortened_leaves_no_gradient_to_the_next_step(
     losses = [s.values["loss"] for s in read_trace(trace) if math.isfinite(s.values["loss"])]
     assert max(losses) < 4.0   # log(32) = 3.47: the untrained loss on 32 tokens
     assert any("micro-batch" in r.getMessage() for r in caplog.records)
+
+
+def test_a_skip_window_longer_than_an_epoch_does_not_end_the_training(tmp_path: Path) -> None:
+    """The Trainer reads an epoch that yields no batch as the end of the data ("There seems
+    not to be a single sample in your epoch_iterator") and stops: a rollback's
+    ``skip_batches`` longer than an epoch (5 on epochs of 3 batches) ended the run at step 3
+    of 18. The epoch the window would empty keeps its last batch now, and the window goes on
+    after it."""
+    from transformers import Trainer
+
+    from .test_transformers import Poison, Seqs, _args, _collate, _model
+
+    model = _model()
+    cb = LrwatchCallback(flush_every=1, recovery={"guard": "off", "start_check": "off",
+                                                  "good_after": 1, "min_interval": 1,
+                                                  "cooldown": 0, "skip_batches": 5})
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=-1, num_train_epochs=6),
+                      train_dataset=Seqs(24), data_collator=_collate,
+                      callbacks=[cb, Poison(model, {2})])
+    trainer.train()
+    w = cb.watcher
+    assert w is not None and cb.rollbacks == 1 and w.skipped_batches == 5
+    assert trainer.state.global_step == 6 * 3 - 5 == w.step

@@ -25,7 +25,8 @@ The iteration boundary (rollback, snapshots, stop) is ``on_train_batch_start`` o
 evaluation results join that step's sample, and a rollback restores module, optimizer, scheduler,
 GradScaler and RNG at the same point of the loop where snapshots are taken. A stop sets
 ``trainer.should_stop`` and has the module's ``on_train_batch_start`` answer ``-1`` once
-(Lightning reads a ``-1`` from the module's hook only), so the batch at hand is not trained.
+(Lightning reads a ``-1`` from the module's hook only), so the batch at hand is not trained,
+and lifts the Trainer's ``min_steps``/``min_epochs`` (which would keep the fit going).
 """
 
 from __future__ import annotations

@@ -10,15 +10,8 @@ from torch import nn
 
 import lrwatch
 from distributed_workers import _global_batch, _mine, finish, init
+from flag_rules import NONFINITE_ROLLBACK
 
-_NONFINITE_ROLLBACK = """version: 1
-rules:
-  - name: nonfinite
-    metric: loss
-    detector: nonfinite
-    severity: critical
-    actions: [rollback]
-"""
 
 
 def _ddp_sgd() -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -58,7 +51,7 @@ def replay_of_the_last_batch(rank: int, world: int, store: str, out: str, n: int
             _sgd_step(clean, copt, b, rank, world, nan=False)
     model, opt = _ddp_sgd()
     rules = Path(out, f"rules{rank}.yml")
-    rules.write_text(_NONFINITE_ROLLBACK)
+    rules.write_text(NONFINITE_ROLLBACK)
     w = lrwatch.Watcher(model, opt, rules=str(rules), flush_every=flush_every,
                         flush_lag=flush_lag,
                         recovery={"good_after": 5, "min_interval": 5, "cooldown": 0,
@@ -123,7 +116,7 @@ def zero_rollback(rank: int, world: int, store: str, out: str, n: int, nan_at: i
             _sgd_step(clean, copt, b, rank, world, nan=False)
     model, opt = _ddp_zero(bucket_view=bucket_view)
     rules = Path(out, f"rules{rank}.yml")
-    rules.write_text(_NONFINITE_ROLLBACK)
+    rules.write_text(NONFINITE_ROLLBACK)
     w = lrwatch.Watcher(model, opt, rules=str(rules), flush_every=4,
                         recovery={"good_after": 5, "min_interval": 5, "cooldown": 0,
                                   "replay": True, "guard": "off"})

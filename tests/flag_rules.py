@@ -42,3 +42,15 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, i: int) -> torch.Te
     loss.backward()
     opt.step()
     return loss.detach()
+
+
+#: One rule: a non-finite loss rolls the run back (the tests of a NaN batch's rollback).
+NONFINITE_ROLLBACK = """version: 1
+rules:
+  - name: nonfinite
+    metric: loss
+    detector: nonfinite
+    severity: critical
+    actions: [rollback]
+    annotations: {summary: "loss is {value} at step {step}", description: "test rule"}
+"""

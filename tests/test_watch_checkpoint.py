@@ -19,6 +19,20 @@ from lrwatch.rules.replay import replay_trace
 from flag_rules import train_step
 
 
+def _checkpoint(model: nn.Module, opt: torch.optim.Optimizer, w: lrwatch.Watcher) -> dict:
+    """What a training script saves: the weights (copied), the optimizer, the Watcher."""
+    return {"model": {k: v.clone() for k, v in model.state_dict().items()},
+            "optimizer": opt.state_dict(), "lrwatch": w.state_dict()}
+
+
+def _resume(ckpt: dict, model: nn.Module, opt: torch.optim.Optimizer,
+            w: lrwatch.Watcher) -> None:
+    """A new process starting from :func:`_checkpoint` (the Watcher's state through JSON)."""
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    w.load_state_dict(json.loads(json.dumps(ckpt["lrwatch"], allow_nan=True)))
+
+
 def _model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 2))
@@ -86,16 +100,13 @@ def _bomb_run(trace: Path, rec: dict, *, checkpoint_at: int | None = None,
     w = lrwatch.Watcher(model, opt, flush_every=5, trace=trace, recovery=rec,
                         flush_lag=flush_lag)
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        w.load_state_dict(json.loads(json.dumps(resume["lrwatch"], allow_nan=True)))
+        _resume(resume, model, opt, w)
     ckpt = None
     while w.step < until and not w.should_stop:
         i = w.step
         w.log(loss=_bombed_step(model, opt, i, bomb=i + 1 == bomb_at and resume is None))
         if w.step == checkpoint_at and ckpt is None:
-            ckpt = {"model": {k: v.clone() for k, v in model.state_dict().items()},
-                    "optimizer": opt.state_dict(), "lrwatch": w.state_dict()}
+            ckpt = _checkpoint(model, opt, w)
     w.close()
     return ckpt, w
 
@@ -214,9 +225,7 @@ def _damage_run(tmp: Path, name: str, rec: dict, *, checkpoint_at: int | None = 
     trace = tmp / f"{name}.jsonl"
     w = lrwatch.Watcher(model, opt, flush_every=1, trace=trace, recovery=rec, rules=str(rules))
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        w.load_state_dict(json.loads(json.dumps(resume["lrwatch"], allow_nan=True)))
+        _resume(resume, model, opt, w)
     ckpt = None
     while w.step < until and not w.should_stop:
         i = w.step
@@ -224,8 +233,7 @@ def _damage_run(tmp: Path, name: str, rec: dict, *, checkpoint_at: int | None = 
             model.damage.fill_(1.0)
         w.log(loss=_step(model, opt, i), damage=model.damage.item())
         if w.step == checkpoint_at and ckpt is None:
-            ckpt = {"model": {k: v.clone() for k, v in model.state_dict().items()},
-                    "optimizer": opt.state_dict(), "lrwatch": w.state_dict()}
+            ckpt = _checkpoint(model, opt, w)
     w.close()
     return ckpt, w, trace
 

@@ -21,6 +21,7 @@ from lrwatch.errors import ConfigError
 from lrwatch.exporters.trace import read_trace
 from lrwatch.rules import load_pack
 from lrwatch.rules.replay import replay_trace
+from flag_rules import NONFINITE_ROLLBACK
 from prometheus_client import generate_latest
 
 
@@ -280,16 +281,7 @@ def test_a_sudden_failure_replays_the_batches_since_the_snapshot_but_its_own(
 
 def _nonfinite_rules(tmp_path: Path) -> str:
     rules = tmp_path / "nonfinite.yml"
-    rules.write_text("""
-version: 1
-rules:
-  - name: nonfinite
-    metric: loss
-    detector: nonfinite
-    severity: critical
-    actions: [rollback]
-    annotations: {summary: "loss is {value} at step {step}", description: "test rule"}
-""")
+    rules.write_text(NONFINITE_ROLLBACK)
     return str(rules)
 
 

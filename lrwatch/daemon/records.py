@@ -378,20 +378,44 @@ def parse_lines(lines: Sequence[bytes], *, backend: str | None = None,
                 _stdlib_record(ln)
                 out.append(Invalid(f"line {i} is not JSON"))
             except ValueError as exc:
-                out.append(Invalid(f"line {i} is not JSON: {exc}{_glued_hint(ln, exc)}"))
+                n = _glued_count(ln, exc)
+                out.append(Invalid(f"line {i} is not JSON: {exc}{_glued_hint(n)}"))
+                out.extend(Invalid(f"line {i}: record {k} of the {n} glued together on it "
+                                   f"(one record per line)") for k in range(2, n + 1))
     return out
 
 
-def _glued_hint(line: bytes, exc: ValueError) -> str:
-    """What to do about a line of records glued together (``{...}{...}``): ``curl -d @file``
-    drops the file's newlines, and the whole body was one record rejected with only
-    "Extra data" to say why."""
+_JSON_SPACE = re.compile(r"[ \t\r]*")
+
+
+def _glued_count(line: bytes, exc: ValueError) -> int:
+    """How many records a line that is not JSON holds: more than one when they were glued
+    together (``{...}{...}``: ``curl -d @file`` drops the file's newlines), each refused and
+    counted (it was one rejection for all of them); a value that does not parse ends the
+    count (it and whatever follows are one more). 1 for any other line."""
     pos = getattr(exc, "pos", None)
     if getattr(exc, "msg", "") != "Extra data" or pos is None:
+        return 1
+    text = line.decode("utf-8", "replace")
+    if text[pos:pos + 1] not in ("{", "["):   # pos: characters
+        return 1
+    decode, n, end = json.JSONDecoder().raw_decode, 1, len(text)
+    while pos < end:
+        try:
+            pos = decode(text, pos)[1]
+        except (ValueError, RecursionError):
+            return n + 1
+        n += 1
+        pos = _JSON_SPACE.match(text, pos).end()
+    return n
+
+
+def _glued_hint(n: int) -> str:
+    """What to do about ``n`` records glued together on one line (the whole body was one
+    record rejected with only "Extra data" to say why)."""
+    if n < 2:
         return ""
-    if line.decode("utf-8", "replace")[pos:pos + 1] not in ("{", "["):   # pos: characters
-        return ""
-    return (" (records glued together on one line: NDJSON needs one record per line; "
+    return (f" ({n} records glued together on one line: NDJSON needs one record per line; "
             "curl -d drops newlines, send the file with --data-binary)")
 
 

@@ -206,7 +206,7 @@ def test_records_glued_on_one_line_are_refused_with_what_to_do(run_daemon: Any) 
     rng = random.Random(153)
     recs = [make_record(rng, i) for i in range(3)]
     status, out = r.post("/v1/predictions", "".join(json.dumps(x) for x in recs))
-    assert status == 400 and out["reasons"] == {"invalid_json": 1}
+    assert status == 400 and out["reasons"] == {"invalid_json": 3}  # each one counted
     assert "one record per line" in out["error"] and "--data-binary" in out["error"], out
     # non-ASCII before the join: the parser's position counts characters, not bytes
     recs[0]["features"]["c"] = "é€"

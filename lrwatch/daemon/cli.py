@@ -58,6 +58,8 @@ def daemon_command(config_path: str | None, host: str | None, port: int | None,
 
     Serves POST /v1/predictions, POST /v1/labels, GET /metrics, /healthz and /v1/status.
     The options override the --config file's settings; every setting is in docs/daemon.md.
+    SIGTERM, SIGINT and SIGHUP stop it cleanly (the queue drained, a last snapshot written,
+    exit 0); nothing is reloaded: restart it to read a changed config or reference.
     """
     from .config import DaemonConfig, read_token_file
     from .core import Daemon
@@ -89,15 +91,20 @@ def daemon_command(config_path: str | None, host: str | None, port: int | None,
                f"(reference: {'loaded' if d.reference else 'from the first %d records' % cfg.live_records})",
                err=True)
     stop = threading.Event()
+    got: list[str] = []
 
     def _term(signum: int, frame: object) -> None:
+        got.append(signal.Signals(signum).name)
         stop.set()
 
-    signal.signal(signal.SIGTERM, _term)
-    signal.signal(signal.SIGINT, _term)
+    # SIGHUP too (its terminal closed, a `kill -HUP` meant as a reload): Python's
+    # default ended the process with no drain and no last snapshot. Nothing is reloaded.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _term)
     server.start()
     stop.wait()
-    click.echo("stopping: draining the queue and writing a snapshot", err=True)
+    click.echo(f"stopping ({got[0] if got else 'signal'}): draining the queue and writing "
+               f"a snapshot", err=True)
     server.stop()
     d.stop()
     sys.exit(0)

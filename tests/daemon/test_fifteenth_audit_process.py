@@ -5,10 +5,15 @@ real daemon serving HTTP on a loopback port the test picks)."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
 from typing import Any
 
-from daemon_helpers import assert_balanced, make_record
+from daemon_helpers import WINDOW, assert_balanced, make_record
+from services import free_port, http_request, wait_until
 
 
 # --- records glued together on one line are counted one by one --------------------------------
@@ -32,3 +37,60 @@ def test_records_glued_on_one_line_are_each_counted_as_refused(run_daemon: Any) 
     assert r.metric("lrwatch_ingest_errors_total", {"reason": "invalid_json"}) == 9
     assert r.metric("lrwatch_ingest_received_total") == 11
     assert_balanced(r.daemon)
+
+
+# --- SIGHUP -------------------------------------------------------------------------------------
+def _start(reference: str, state: str, port: int, log: str) -> "subprocess.Popen[bytes]":
+    with open(log, "ab") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lrwatch", "daemon", "--reference", reference, "--state-dir",
+             state, "--port", str(port), "--window-size", str(WINDOW), "-v"],
+            stdout=subprocess.DEVNULL, stderr=err)
+    wait_until(lambda: _get(port, "/healthz") == 200 or proc.poll() is not None, timeout=60,
+               message="daemon up")
+    assert proc.poll() is None, open(log).read()[-3000:]
+    return proc
+
+
+def _get(port: int, path: str) -> int:
+    try:
+        return http_request(f"http://127.0.0.1:{port}{path}", timeout=1)[0]
+    except OSError:
+        return 0
+
+
+def _post(port: int, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
+    status, out = http_request(f"http://127.0.0.1:{port}{path}", method="POST", data=body)
+    return status, json.loads(out)
+
+
+def test_sighup_stops_the_daemon_cleanly_with_a_last_snapshot(reference_path: str,
+                                                              tmp_path: Any) -> None:
+    """``SIGHUP`` (its terminal closed, a ``kill -HUP`` meant as a reload) ended the daemon by
+    Python's default: no drain, no last snapshot, killed by the signal. It stops as on
+    ``SIGTERM`` now (nothing is promised to be reloaded, so nothing is)."""
+    state, log, port = str(tmp_path / "state"), str(tmp_path / "daemon.log"), free_port()
+    proc = _start(reference_path, state, port, log)
+    try:
+        rng = random.Random(155)
+        body = "\n".join(json.dumps(make_record(rng, i)) for i in range(WINDOW + 7)).encode()
+        assert _post(port, "/v1/predictions", body)[0] == 200
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(30) == 0, open(log).read()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert "stopping (SIGHUP): draining the queue" in open(log).read()
+    with open(os.path.join(state, "state.json"), "rb") as fh:
+        saved = json.load(fh)
+    assert saved["counters"]["predictions"] == WINDOW + 7 and saved["counters"]["windows"] == 1
+    # the journal was applied up to its end: a restart replays nothing
+    proc = _start(reference_path, state, port, log)
+    try:
+        assert json.loads(http_request(f"http://127.0.0.1:{port}/v1/status")[1])[
+            "counters"]["predictions"] == WINDOW + 7
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert "replayed" not in open(log).read()

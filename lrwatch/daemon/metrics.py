@@ -24,7 +24,15 @@ from ..exporters.prometheus import EngineMetrics
 from .model_metrics import ModelMetrics
 from .records import REASONS
 
-__all__ = ["DaemonMetrics", "SavedHistogram", "STAT_METHODS", "P_METHODS"]
+__all__ = ["DaemonMetrics", "SavedHistogram", "STAT_METHODS", "P_METHODS", "PROBLEMS"]
+
+#: ``reason`` values of ``lrwatch_daemon_problems_total``: problems with the daemon's own
+#: files that it works around (each counted once per episode, logged once with what to do).
+PROBLEMS = (
+    "snapshot_set_aside",   # state.json was not a state: renamed, rebuilt from the journal
+    "tail_not_a_file",      # a tailed path is a directory (or a path through a file)
+    "tail_unreadable",      # a tailed path cannot be opened (permissions, ...)
+)
 
 #: ``method`` values of ``lrwatch_drift_statistic``.
 STAT_METHODS = ("ks", "chi2", "mean_z", "psi", "wasserstein", "jensen_shannon", "score",
@@ -109,6 +117,11 @@ class DaemonMetrics:
         self.rule_firing = self.engine.rule_firing
         self.firings = self.engine.firings
         self._register_ingest(r)
+        problems = Counter("lrwatch_daemon_problems",
+                           "Problems with the daemon's own files that it worked around, by "
+                           "reason (once per episode; the log says what to do).", ["reason"],
+                           registry=r)
+        self.problems = {reason: problems.labels(reason) for reason in PROBLEMS}
         self.model = ModelMetrics(r, pending)
         self.pending = self.model.pending
         self._register_window(r)
@@ -276,6 +289,9 @@ class DaemonMetrics:
         # the rest started from 0 after every restart (docs/daemon.md, thirteenth audit)
         if counters.get("internal_errors"):
             self.internal_errors.inc(counters["internal_errors"])
+        for reason, v in (counters.get("problems") or {}).items():
+            if v and reason in self.problems:
+                self.problems[reason].inc(v)
         for rule, by_severity in (counters.get("firings") or {}).items():
             for severity, v in by_severity.items():
                 self.firings.labels(rule, severity).inc(v)
@@ -295,6 +311,13 @@ class DaemonMetrics:
         for k, counts in (saved.get("actions") or {}).items():
             if actions.get(k) is not None and isinstance(counts, Mapping):
                 actions[k].restore_counts(counts)
+
+    def problem_totals(self) -> dict[str, float]:
+        """``lrwatch_daemon_problems_total`` by reason now (saved with the counters: the
+        tailers count on their own threads)."""
+        get = self.registry.get_sample_value
+        return {r: get("lrwatch_daemon_problems_total", {"reason": r}) or 0.0
+                for r in PROBLEMS}
 
     def internal_error_total(self) -> float:
         """``lrwatch_internal_errors_total`` now (saved in the snapshot's counters: it is

@@ -51,6 +51,8 @@ class FileTailer:
         self.poll = poll
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: why the path cannot be opened now (a ``PROBLEMS`` reason), ``None`` while it can
+        self.problem: str | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"lrwatch-tail:{self.path}",
@@ -127,11 +129,34 @@ class FileTailer:
             pos.fh = open(self.path, "rb")
         except FileNotFoundError:
             return False
+        except OSError as exc:  # a directory, no permission: say so once, retry quietly
+            self._cannot_open(exc)
+            return False
+        if self.problem is not None:
+            _log.warning("%s can be read again; following it", self.path)
+            self.problem = None
         st = os.fstat(pos.fh.fileno())
         if (st.st_dev, st.st_ino) != (pos.dev, pos.ino):
             pos.dev, pos.ino, pos.offset = st.st_dev, st.st_ino, 0
         pos.buf, pos.skipped = b"", 0
         return True
+
+    def _cannot_open(self, exc: OSError) -> None:
+        """The path exists but cannot be read: one log line saying what to do and one count
+        per episode (it was a traceback and an internal error every second), then quiet
+        retries until a file can be opened there again."""
+        if isinstance(exc, (IsADirectoryError, NotADirectoryError)):
+            reason, what = "tail_not_a_file", ("is not a file (a directory, or a path through a "
+                                               "file)")
+        else:
+            reason, what = "tail_unreadable", f"cannot be opened ({exc.strerror or exc})"
+        if self.problem == reason:
+            return
+        self.problem = reason
+        self.daemon.metrics.problems[reason].inc()
+        _log.warning("tailed path %s %s: nothing is read from it until it can be; put the "
+                     "JSONL file there (or fix --tail / the config's tail:); retrying every "
+                     "%g s without a word", self.path, what, self.poll)
 
     def _read(self, pos: _Position) -> bytes:
         """The next chunk after what was read (from the start if the file was truncated)."""
@@ -197,6 +222,6 @@ class FileTailer:
         """Whether the path now names another file than the one being read."""
         try:
             cur = os.stat(self.path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # gone: the open file is read on
             return False
         return (cur.st_dev, cur.st_ino) != (pos.dev, pos.ino)

@@ -59,9 +59,11 @@ class WindowsMixin:
             ...
 
     def _counters_state(self) -> dict[str, Any]:
-        """The counters to save, with ``lrwatch_internal_errors_total`` (counted on every
-        thread, so read from the metric)."""
+        """The counters to save, with ``lrwatch_internal_errors_total`` and
+        ``lrwatch_daemon_problems_total`` (counted on every thread, so read from the
+        metrics)."""
         self.counters["internal_errors"] = self.metrics.internal_error_total()
+        self.counters["problems"] = self.metrics.problem_totals()
         return self.counters
 
     def _count_rejections(self, rej: Mapping[str, int]) -> None:

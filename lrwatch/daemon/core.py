@@ -51,7 +51,7 @@ from .publishing import PublishingMixin
 from .records import REASONS, Limits, lines_within, loads, parse_payload, validate_labels, \
     validate_predictions
 from .reference import Reference
-from .state import Journal, load_snapshot, save_snapshot
+from .state import Journal, load_checked_snapshot, save_snapshot
 from .stats import Profile
 from .windowing import WindowsMixin
 from .windows import Window
@@ -216,30 +216,17 @@ class Daemon(WindowsMixin, EvaluationMixin, OutputsMixin, PublishingMixin):
         return {"alerts": self.alerts, "hook": self.hook}
 
     def _load_snapshot(self) -> dict[str, Any] | None:
-        """The saved state; when it cannot be read, ``None`` (the whole journal rebuilds the
-        state) if the journal still holds every record, else a ConfigError saying what to do."""
-        state_dir = self.config.state_dir
-        try:
-            return load_snapshot(state_dir)
-        except ValueError as exc:
-            where = os.path.join(state_dir, "state.json")
-            segs = self.journal.segments() if self.journal is not None else []
-            if segs and segs[0] == 1:
-                _log.warning("%s cannot be read (%s): rebuilding the state from the whole "
-                             "journal", where, exc)
-                return None
-            raise ConfigError(f"{where} cannot be read ({exc}) and the journal no longer "
-                              f"holds every record (its oldest segment is "
-                              f"{segs[0] if segs else 'gone'}): restore the file from a backup, "
-                              f"or move {state_dir} away to start afresh") from exc
+        """The saved state (:func:`.state.load_checked_snapshot`: one that is no state is set
+        aside and the whole journal rebuilds it)."""
+        assert self.journal is not None and self.config.state_dir
+        return load_checked_snapshot(self.config.state_dir, STATE_VERSION,
+                                     self.journal.segments(),
+                                     self.metrics.problems["snapshot_set_aside"].inc)
 
     def _restore(self, snap: dict[str, Any] | None) -> None:
         if not self.config.state_dir:
             return
         if snap is not None:
-            if snap.get("version") != STATE_VERSION:
-                raise ConfigError(f"state version {snap.get('version')!r} is not "
-                                  f"{STATE_VERSION}; move {self.config.state_dir} away")
             self.counters = snap["counters"]
             for r in REASONS:
                 self.counters["errors"].setdefault(r, 0)
@@ -252,7 +239,9 @@ class Daemon(WindowsMixin, EvaluationMixin, OutputsMixin, PublishingMixin):
                 self.detector.resume(snap["detector"])  # another reference: afresh
             try:
                 self.engine.load_state_dict(snap["engine"])
-            except ConfigError as exc:  # the rules changed: start them fresh
+            except (ConfigError, TypeError, ValueError, KeyError, AttributeError,
+                    IndexError) as exc:  # the rules changed (or a damaged part of their
+                # state, which the engine restores all or nothing): start them fresh
                 _log.warning("rule state not restored: %s", exc)
             self.last = snap.get("last") or {}
             self.coverage.load_state_dict(snap.get("coverage") or {})

@@ -9,6 +9,10 @@
 * On start the snapshot is loaded and the journal is replayed from the snapshot's position; a
   torn last entry (a write cut by the kill, never acknowledged) is cut off. So nothing that was
   acknowledged is lost, and nothing is applied twice.
+* A snapshot that cannot be read or is no state (every field the loader reads is checked
+  first, :mod:`.state_check`) is renamed ``state.json.bad-<time>`` and the whole journal
+  rebuilds the state, while the journal still starts at its first segment
+  (:func:`load_checked_snapshot`).
 
 Journal entry: ``b"<kind> <length> <time>\\n" + payload + b"\\n"``; segments
 ``journal-000001.log``, ... are deleted once a snapshot has moved past them.
@@ -25,13 +29,19 @@ daemon's ``/healthz`` is not ok meanwhile.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
-from typing import Any, Iterator
+import time
+from typing import Any, Callable, Iterator
 
+from ..errors import ConfigError
 from .records import dumps_bytes, loads
+from .state_check import newer_version, snapshot_problem
 
-__all__ = ["atomic_write", "Journal", "load_snapshot", "save_snapshot"]
+__all__ = ["atomic_write", "Journal", "load_snapshot", "load_checked_snapshot", "save_snapshot"]
+
+_log = logging.getLogger("lrwatch.daemon")
 
 _SEGMENT = re.compile(r"^journal-(\d{6})\.log$")
 SNAPSHOT = "state.json"
@@ -81,6 +91,55 @@ def load_snapshot(directory: str) -> dict[str, Any] | None:
     if not isinstance(d, dict):
         raise ValueError(f"not a JSON object but a {type(d).__name__}")
     return d
+
+
+def load_checked_snapshot(directory: str, version: int, segments: list[int],
+                          on_set_aside: Callable[[], Any]) -> dict[str, Any] | None:
+    """The saved state, checked (:func:`.state_check.snapshot_problem`) before anything is
+    restored; ``None`` when there is none. One that cannot be read (empty, truncated, garbage)
+    or is no state of ``version`` (``{}``, a counter ``"x"``) is set aside and ``None``
+    returned, so that the whole journal rebuilds the state, while the journal's ``segments``
+    still start at the first; else a ConfigError says what to do, as for a state of a newer
+    lrwatch (never silently downgraded)."""
+    where = os.path.join(directory, SNAPSHOT)
+    try:
+        snap = load_snapshot(directory)
+    except ValueError as exc:
+        return _set_aside(where, str(exc), segments, on_set_aside)
+    if snap is None:
+        return None
+    if newer_version(snap, version):
+        raise ConfigError(f"{where} was written by a newer lrwatch (state version "
+                          f"{snap['version']}, this one reads {version}): run that version, "
+                          f"or move {directory} away to start afresh")
+    problem = snapshot_problem(snap, version)
+    if problem is None:
+        return snap
+    return _set_aside(where, f"no state of version {version}: {problem}", segments,
+                      on_set_aside)
+
+
+def _set_aside(where: str, why: str, segments: list[int],
+               on_set_aside: Callable[[], Any]) -> None:
+    """Rename a snapshot that is no state out of the way (kept for a look, never deleted) so
+    that the whole journal rebuilds it, or say what to do when the journal no longer holds
+    every record."""
+    if not (segments and segments[0] == 1):
+        raise ConfigError(f"{where} cannot be read ({why}) and the journal no longer holds "
+                          f"every record (its oldest segment is "
+                          f"{segments[0] if segments else 'gone'}): restore the file from a "
+                          f"backup, or move {os.path.dirname(where)} away to start afresh")
+    stem = aside = f"{where}.bad-{time.strftime('%Y%m%dT%H%M%S')}"
+    n = 1
+    while os.path.exists(aside):
+        n += 1
+        aside = f"{stem}.{n}"
+    os.replace(where, aside)
+    on_set_aside()
+    _log.warning("%s cannot be restored (%s): moved to %s, and the state is rebuilt from the "
+                 "whole journal (nothing acknowledged is lost); look at the moved file, delete "
+                 "it when done", where, why, aside)
+    return None
 
 
 class Journal:

@@ -153,3 +153,114 @@ def test_a_tailed_path_that_becomes_a_directory_is_said_once_and_counted_once(
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+# --- a hand-edited or damaged state.json ---------------------------------------------------------
+def _damaged(good: dict[str, Any], edit: str) -> Any:
+    """``good`` with one hand edit (a path of keys, then the new value as JSON)."""
+    if not edit.startswith("."):
+        return json.loads(edit)
+    path, value = edit[1:].split("=", 1)
+    snap = json.loads(json.dumps(good))
+    *keys, last = path.split(".")
+    d = snap
+    for k in keys:
+        d = d[int(k)] if isinstance(d, list) else d[k]
+    d[int(last) if isinstance(d, list) else last] = json.loads(value)
+    return snap
+
+
+_EDITS = ["{}", '{"counters": {"predictions": "x"}}', '{"version": "1"}',
+          '.counters.predictions="x"', '.counters.errors.invalid_json=null', ".counters=[]",
+          '.files={"/x": [1, 2]}', ".journal=[1]", '.window.index="3"', ".window.feats=5",
+          '.window.preds=[]', '.window.start="now"', '.window.joined=1.5',
+          '.pending.items=[["a", 1, "t"]]', ".pending.early.items=[[1]]",
+          '.detector.history=[["x", [1]]]', '.coverage.buckets=[[1, 2]]',
+          '.estimates={"open": [[1, 2]]}', '.last.values={"drift_score": "high"}',
+          ".engine=null", ".ref_rows=[1]", ".version=0"]
+
+
+def test_a_state_file_that_is_no_state_is_set_aside_and_rebuilt(run_daemon: Any,
+                                                                  tmp_path: Any) -> None:
+    """A ``state.json`` that was JSON but no state stopped the start: ``{}`` with "state
+    version None is not 1; move ... away" (while ``[]`` or a truncated file was rebuilt from
+    the journal), a counter ``"x"`` with a traceback, and some wrong types (the window's
+    records, say) were restored and broke the worker later. Every field the loader reads is
+    checked first now; a file that fails is renamed aside (kept), said once in the log,
+    counted, and the state rebuilt from the journal with the same counts."""
+    import pytest
+
+    from lrwatch.daemon import Daemon, DaemonConfig
+    from lrwatch.errors import ConfigError
+
+    state = tmp_path / "state"
+    r = run_daemon(state_dir=str(state))
+    rng = random.Random(157)
+    body = "\n".join(json.dumps(make_record(rng, i, id=f"r{i}")) for i in range(WINDOW + 30))
+    assert r.post("/v1/predictions", body + "\n{broken")[0] == 200
+    r.post("/v1/labels", [{"id": f"r{i}", "label": 1} for i in range(10)])
+    r.daemon.drain()
+    r.server.stop()
+    r.daemon.stop()
+    good = json.loads((state / "state.json").read_text())
+    expected = {k: v for k, v in good["counters"].items() if k not in ("internal_errors",
+                                                                       "problems")}
+    cfg = DaemonConfig(reference=r.daemon.config.reference, window_size=WINDOW,
+                       state_dir=str(state), log_alerts=False)
+    for edit in _EDITS:
+        for old in state.glob("state.json.bad-*"):
+            old.unlink()
+        damaged = _damaged(good, edit)
+        (state / "state.json").write_text(json.dumps(damaged))
+        d = Daemon(cfg)
+        try:
+            got = {k: v for k, v in d.counters.items() if k in expected}
+            assert got == expected, edit
+            assert len(d.window) == 30 and len(d.pending) == WINDOW + 20, edit
+            assert d.registry.get_sample_value("lrwatch_daemon_problems_total",
+                                               {"reason": "snapshot_set_aside"}) == 1, edit
+            aside = list(state.glob("state.json.bad-*"))
+            assert len(aside) == 1 and json.loads(aside[0].read_text()) == damaged, edit
+        finally:
+            d.stop()
+    # a state of a newer lrwatch is refused, not rebuilt (no silent downgrade), and kept
+    newer = dict(good, version=2)
+    (state / "state.json").write_text(json.dumps(newer))
+    with pytest.raises(ConfigError, match="written by a newer lrwatch .state version 2, this "
+                                          "one reads 1.: run that version"):
+        Daemon(cfg)
+    assert json.loads((state / "state.json").read_text()) == newer
+
+
+def test_a_daemon_process_starts_on_a_hand_edited_state_file(reference_path: str,
+                                                             tmp_path: Any) -> None:
+    """The audit's reproduction with a real process: ``echo '{}' > STATE/state.json``, and a
+    saved state with a counter edited to ``"x"``, then a start."""
+    state, log, port = str(tmp_path / "state"), str(tmp_path / "daemon.log"), free_port()
+    proc = _start(reference_path, state, port, log)
+    try:
+        rng = random.Random(158)
+        body = "\n".join(json.dumps(make_record(rng, i)) for i in range(WINDOW + 3)).encode()
+        assert _post(port, "/v1/predictions", body)[0] == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    with open(os.path.join(state, "state.json")) as fh:
+        edited = json.load(fh)
+    edited["counters"]["predictions"] = "x"
+    for text in ("{}", json.dumps(edited)):
+        with open(os.path.join(state, "state.json"), "w") as fh:
+            fh.write(text)
+        proc = _start(reference_path, state, port, log)
+        try:
+            assert _predictions(port) == WINDOW + 3
+            assert _metric(port, 'lrwatch_daemon_problems_total{reason="snapshot_set_aside"}') \
+                == 1.0
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+    out = open(log).read()
+    assert "Traceback" not in out and out.count("cannot be restored") == 2, out[-3000:]
+    assert "no state of version 1: 'version' is missing" in out
+    assert "'counters'.'predictions' is not a whole number" in out
+    assert len([n for n in os.listdir(state) if n.startswith("state.json.bad-")]) == 2

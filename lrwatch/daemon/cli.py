@@ -59,7 +59,8 @@ def daemon_command(config_path: str | None, host: str | None, port: int | None,
     Serves POST /v1/predictions, POST /v1/labels, GET /metrics, /healthz and /v1/status.
     The options override the --config file's settings; every setting is in docs/daemon.md.
     SIGTERM, SIGINT and SIGHUP stop it cleanly (the queue drained, a last snapshot written,
-    exit 0); nothing is reloaded: restart it to read a changed config or reference.
+    exit 0; under nohup SIGHUP stays ignored); nothing is reloaded: restart it to read a
+    changed config or reference.
     """
     from .config import DaemonConfig, read_token_file
     from .core import Daemon
@@ -99,8 +100,10 @@ def daemon_command(config_path: str | None, host: str | None, port: int | None,
 
     # SIGHUP too (its terminal closed, a `kill -HUP` meant as a reload): Python's
     # default ended the process with no drain and no last snapshot. Nothing is reloaded.
+    # Under `nohup` (SIGHUP ignored when started) it stays ignored.
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, _term)
+        if not (sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN):
+            signal.signal(sig, _term)
     server.start()
     stop.wait()
     click.echo(f"stopping ({got[0] if got else 'signal'}): draining the queue and writing "

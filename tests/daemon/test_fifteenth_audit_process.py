@@ -96,6 +96,25 @@ def test_sighup_stops_the_daemon_cleanly_with_a_last_snapshot(reference_path: st
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     assert "replayed" not in open(log).read()
+    # under nohup (SIGHUP ignored when the process starts) it stays ignored
+    nohup_log = str(tmp_path / "nohup.log")
+    with open(nohup_log, "ab") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lrwatch", "daemon", "--reference", reference_path,
+             "--state-dir", state, "--port", str(port), "--window-size", str(WINDOW)],
+            stdout=subprocess.DEVNULL, stderr=err,
+            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        wait_until(lambda: _get(port, "/healthz") == 200 or proc.poll() is not None,
+                   timeout=60, message="daemon up")
+        proc.send_signal(signal.SIGHUP)
+        proc.send_signal(signal.SIGTERM)   # delivered after the SIGHUP (a lower number)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert "stopping (SIGTERM)" in open(nohup_log).read()
 
 
 # --- a tailed path that turns into a directory ---------------------------------------------------

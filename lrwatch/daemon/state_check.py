@@ -7,9 +7,9 @@ one is (see ``Daemon._load_snapshot``), instead of stopping the start with a tra
 restoring a value that breaks the worker later. :func:`newer_version` tells a state written by
 a newer lrwatch, which is refused rather than rebuilt (no silent downgrade).
 
-The rule engine's own state is checked only as far as its shape (a mapping with a version);
-the engine restores it all or nothing, and the daemon starts the rules afresh when it does not
-load.
+The rule engine's state is checked down to each rule's streak counters; its detectors' states
+are the engine's to check (it restores them all or nothing, and the daemon starts the rules
+afresh when they do not load).
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ _WINDOW_TIMES = ("start", "end", "first_time", "last_time", "clock_time", "clock
                  "last_arrival")
 _WINDOW_COUNTS = ("rejected", "joined", "own_joined")
 _WINDOW_SUMS = ("score_sum", "delay_sum", "own_correct")
+_RULE_TIMES = ("pending_since", "clear_since", "resolved_step", "resolved_time", "pending_step",
+               "last_firing_step")
 
 
 class _Bad(Exception):
@@ -104,8 +106,7 @@ def _check(snap: Any, version: int) -> None:
         _rows(d["ref_rows"], "'ref_rows'", lambda r: isinstance(r, dict), "an object")
     if d.get("detector") is not None:
         _detector(d["detector"])
-    engine = _mapping(d.get("engine"), "'engine'")
-    _need(isinstance(engine.get("rules"), dict), "'engine'.'rules'", "an object")
+    _engine(d.get("engine"))
     if d.get("last") is not None:
         last = _mapping(d["last"], "'last'")
         for k, v in _mapping(last.get("values") or {}, "'last'.'values'").items():
@@ -197,6 +198,27 @@ def _detector(det: Any) -> None:
     _rows(det.get("joint_history", []), "'detector'.'joint_history'",
           lambda r: isinstance(r, list) and len(r) == 2 and _numbers(r[0]) and _is_time(r[1]),
           "[sums, count]")
+
+
+def _engine(e: Any) -> None:
+    """The rule engine's state as far as the daemon's start reads it: each rule's streak
+    counters (a ``"x"`` there loaded, and broke the worker at the rule's next window). The
+    detectors' states are the engine's to check: it loads them all or nothing, and the
+    daemon starts the rules afresh when they do not load."""
+    e = _mapping(e, "'engine'")
+    _need(_is_time(e.get("last_step")) and _is_time(e.get("last_time")),
+          "'engine'.'last_step'/'last_time'", "a number or null")
+    for name, r in _mapping(e.get("rules"), "'engine'.'rules'").items():
+        where = f"'engine'.'rules'.{name!r}"
+        r = _mapping(r, where)
+        for k in ("pending", "clear"):
+            _need(type(r.get(k)) is int and r[k] >= 0, f"{where}.{k!r}", "a whole number >= 0")
+        for k in _RULE_TIMES:
+            _need(_is_time(r.get(k)), f"{where}.{k!r}", "a number or null")
+        _mapping(r.get("detectors"), f"{where}.'detectors'")
+        for k in ("firing", "last_firing"):
+            _need(r.get(k) is None or isinstance(r[k], dict), f"{where}.{k!r}",
+                  "an object or null")
 
 
 def _coverage(c: Any) -> None:

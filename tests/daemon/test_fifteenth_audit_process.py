@@ -196,7 +196,8 @@ _EDITS = ["{}", '{"counters": {"predictions": "x"}}', '{"version": "1"}',
           '.pending.items=[["a", 1, "t"]]', ".pending.early.items=[[1]]",
           '.detector.history=[["x", [1]]]', '.coverage.buckets=[[1, 2]]',
           '.estimates={"open": [[1, 2]]}', '.last.values={"drift_score": "high"}',
-          ".engine=null", ".ref_rows=[1]", ".version=0"]
+          ".engine=null", ".ref_rows=[1]", ".version=0", '.engine.rules.data_drift.pending="x"',
+          '.engine.rules.data_drift.clear_since="x"', ".engine.rules.data_drift.detectors=[]"]
 
 
 def test_a_state_file_that_is_no_state_is_set_aside_and_rebuilt(run_daemon: Any,

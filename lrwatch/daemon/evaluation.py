@@ -187,7 +187,7 @@ class EvaluationMixin:
             self._cal_rows = []
             _log.info("live reference calibrated; testing %d waiting windows", len(waiting))
             for w, n, x, cats, proba in waiting:
-                self._evaluate(w, n, x, cats, 0.0, proba)
+                self._test_window(w, n, x, cats, 0.0, proba)
         finally:
             self._calibrating = False  # only now: drain() waits for the waiting windows
 
@@ -208,7 +208,18 @@ class EvaluationMixin:
                 self._cal_done.wait()  # bounded memory: ingest waits (the queue answers 429)
                 self._finish_calibration()
             return
-        self._evaluate(w, n, x, cats, time.perf_counter() - t0, proba)
+        self._test_window(w, n, x, cats, time.perf_counter() - t0, proba)
+
+    def _test_window(self, w: Window, n: int, x: np.ndarray, cats: list[np.ndarray],
+                     seconds: float, proba: np.ndarray | None) -> None:
+        """Test one closed window, failing open: an error costs that window's verdict (counted,
+        logged), never the records after it in the same batch, which go on into windows."""
+        try:
+            self._evaluate(w, n, x, cats, seconds, proba)
+        except Exception:  # noqa: BLE001 - the rest of the batch must still be windowed
+            self.metrics.internal_errors.inc()
+            _log.exception("testing window %d (%d records) failed; its records stay counted "
+                           "and the next windows are tested as usual", w.index, n)
 
     def _window_probabilities(self, w: Window) -> np.ndarray | None:
         """The closed window's class probabilities, when its reference can estimate

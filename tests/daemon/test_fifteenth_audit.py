@@ -293,3 +293,34 @@ def test_a_json_numeric_feature_with_missing_values_sent_as_na_strings_stays_num
         assert_balanced(d)
     finally:
         d.stop()
+
+
+# --- the lead's follow-up: an error testing one window cost the rest of its batch -----------
+def test_an_error_testing_one_window_costs_only_that_windows_verdict(run_daemon: Any) -> None:
+    """A window whose test raised (found with a hand-edited engine state, since refused)
+    dropped the rest of its request from windowing: 650 records counted, 3 windows closed of
+    6, the open window empty. Now only the failing window's verdict is lost (counted as an
+    internal error); the records after it in the same request are windowed and tested."""
+    r = run_daemon()
+    d = r.daemon
+    real = d.detector.update
+    calls = {"n": 0}
+
+    def second_fails(*a: Any, **kw: Any) -> Any:  # a fault in lrwatch's own test, once
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("injected: the second window's test fails")
+        return real(*a, **kw)
+
+    d.detector.update = second_fails
+    rng = random.Random(3)
+    n = 3 * WINDOW + WINDOW // 2
+    body = "\n".join(json.dumps(make_record(rng, i)) for i in range(n))
+    status, out = r.post("/v1/predictions", body)
+    assert status == 200, out
+    assert d.drain()
+    assert d.counters["predictions"] == n
+    assert d.counters["windows"] == 2       # windows 1 and 3 tested; 2 failed
+    assert len(d.window) == WINDOW // 2     # the request's last records wait in the open one
+    assert r.metric("lrwatch_internal_errors_total") == 1
+    assert_balanced(d)

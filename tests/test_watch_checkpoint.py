@@ -210,18 +210,18 @@ _WINDOW_REC = {"guard": "off", "sudden_hold": 0, "max_rollbacks": 3, "good_after
 
 
 def _damage_run(tmp: Path, name: str, rec: dict, *, checkpoint_at: int | None = None,
-                resume: dict | None = None, until: int = 40
+                resume: dict | None = None, until: int = 40, rules_text: str = _DAMAGE_RULES
                 ) -> tuple[dict | None, lrwatch.Watcher, Path]:
     """flush_every=1; before step 20 of the first run the model is damaged (a buffer the
     snapshots carry, logged as ``damage``): the ``for: 3`` rule's window opens at 20 and it
-    fires at 22. A rollback to a state from before 20 undoes the damage; one to a later
-    state restores it."""
+    fires at 22 (``rules_text``: other rules on ``damage``). A rollback to a state from
+    before 20 undoes the damage; one to a later state restores it."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 2))
     model.register_buffer("damage", torch.zeros(()))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     rules = tmp / "damage.yml"
-    rules.write_text(_DAMAGE_RULES)
+    rules.write_text(rules_text)
     trace = tmp / f"{name}.jsonl"
     w = lrwatch.Watcher(model, opt, flush_every=1, trace=trace, recovery=rec, rules=str(rules))
     if resume is not None:
@@ -272,6 +272,61 @@ def test_a_checkpoint_inside_a_for_window_does_not_roll_back_to_itself(
         assert said and not any("known-good" in m for m in said), said
     live = [(e["rule"], e["step"]) for e in _events(trace, "firing")]
     replayed = replay_trace(trace, parse_rules(_DAMAGE_RULES))
+    assert replayed.error is None
+    assert [(f.rule, f.step) for f in replayed.firings] == live
+
+
+# An info building block with the for: window, under a critical escalation that carries the
+# action (the structure of the training pack: loss_far_above_start, for: 6, under
+# loss_above_start).
+_BLOCK_RULES = """version: 1
+rules:
+  - name: damage_seen
+    metric: damage
+    detector: threshold
+    params: {above: 0.5}
+    for: FOR
+    severity: info
+    annotations: {summary: "damage at step {step}", description: "building block"}
+  - name: damaged
+    when: {firing: damage_seen}
+    severity: critical
+    actions: [rollback]
+    annotations: {summary: "damaged at step {step}", description: "test escalation"}
+"""
+
+
+@pytest.mark.parametrize("window,keep,checkpoint_at", [(5, 3, 21), (5, 3, 23), (15, 12, 22),
+                                                       (15, 12, 30)])
+def test_a_checkpoint_inside_a_building_blocks_window_rolls_back_as_the_whole_run(
+        tmp_path: Path, window: int, keep: int, checkpoint_at: int) -> None:
+    """The damage at step 20 opens the window of an ``info`` rule (``for: window``) that a
+    critical ``when:`` escalation turns into a rollback. A checkpoint written inside the window
+    carried no snapshot from before it (only rules with a control action of their own counted
+    as an open failure), and the resumed run restarted from its resume point, inside the
+    failure, until the budget ran out. And the escalation's target was looked for before the
+    step its building block *fired* (``since``), not before the window's first step
+    (``onset``): with a window longer than ``sudden_margin`` the run that was not interrupted
+    went back to step 24, inside the failure. Now both go back to the same snapshot, before
+    the onset, and the runs recover."""
+    rules = _BLOCK_RULES.replace("FOR", str(window))
+    fired = 20 + window - 1
+    rec = {**_WINDOW_REC, "keep": keep, "snapshot_dir": str(tmp_path / "snaps")}
+    _, whole, trace = _damage_run(tmp_path, "whole", rec, rules_text=rules)
+    (rb,) = [(e["line"], e["to_step"], e["lr_factor"]) for e in _events(trace, "rollback")]
+    assert rb[0] == fired and rb[1] < 20, rb   # before the onset
+    assert whole.step == 40 and not whole.should_stop
+    ckpt, w, _ = _damage_run(tmp_path, "first", rec, checkpoint_at=checkpoint_at,
+                             until=checkpoint_at, rules_text=rules)
+    assert ckpt is not None and w.engine.open_onsets() == {"damage_seen": 20}
+    carried = [c["step"] for c in ckpt["lrwatch"]["before_failure"]]
+    assert carried and max(carried) < 20, carried
+    _, w, trace = _damage_run(tmp_path, "first", rec, resume=ckpt, rules_text=rules)
+    rollbacks = [(e["line"], e["to_step"], e["lr_factor"]) for e in _events(trace, "rollback")]
+    assert rollbacks == [rb], (rollbacks, rb)
+    assert w.step == 40 and not w.should_stop and w.policy.rollbacks == 1
+    live = [(e["rule"], e["step"]) for e in _events(trace, "firing")]
+    replayed = replay_trace(trace, parse_rules(rules))
     assert replayed.error is None
     assert [(f.rule, f.step) for f in replayed.firings] == live
 

@@ -565,15 +565,39 @@ def _began_before(d: Decision, resumed_at: int) -> bool:
 def open_failure(onsets: Mapping[str, int], rules: Iterable[Any]) -> int | None:
     """The earliest onset among ``onsets`` (rule name to the step its failure began, for the
     rules whose ``for:`` window is under way: ``Engine.open_onsets``) of a rule that asks for
-    a training-control action; ``None`` if there is none.
+    a training-control action or whose firing feeds one through ``when:`` (at any depth: the
+    training pack's ``info`` building blocks, such as ``loss_far_above_start`` with its
+    ``for: 6`` under ``loss_above_start``, carry no action of their own); ``None`` if there is
+    none. A rule in an ``unless`` only explains a failure away: it is not counted.
 
     >>> from types import SimpleNamespace as R
+    >>> from lrwatch.rules.schema import When
     >>> rules = [R(name="a", actions=("alert",)), R(name="b", actions=("rollback",))]
     >>> open_failure({"a": 3, "b": 20}, rules), open_failure({"a": 3}, rules)
     (20, None)
+    >>> rules = [R(name="w", actions=()), R(name="x", actions=(), when=When("firing", ("w",))),
+    ...          R(name="c", actions=("rollback",), when=When("any", ("x",)))]
+    >>> open_failure({"w": 11}, rules)
+    11
     """
-    control = {r.name for r in rules if set(r.actions) & set(CONTROL_ACTIONS)}
-    return min((s for n, s in onsets.items() if n in control), default=None)
+    rules = list(rules)
+    feeds = _feeding(rules)
+    return min((s for n, s in onsets.items() if n in feeds), default=None)
+
+
+def _feeding(rules: Sequence[Any]) -> set[str]:
+    """The names of the rules that ask for a training-control action, and of every rule whose
+    firing makes one of them fire (the rules its ``when`` names, theirs, and so on)."""
+    when = {r.name: getattr(r, "when", None) for r in rules}
+    out = {r.name for r in rules if set(r.actions) & set(CONTROL_ACTIONS)}
+    todo = list(out)
+    while todo:
+        w = when.get(todo.pop())
+        for name in (w.rules if w is not None else ()):
+            if name not in out:
+                out.add(name)
+                todo.append(name)
+    return out
 
 
 def _undoes_nothing(state: PolicyState, d: Decision, resumed_at: int) -> Plan:
@@ -634,6 +658,21 @@ class _DroppedAgain:
     value: float = 1.0
     message: str = "a step was dropped again within good_after steps"
     since: int | None = None
+
+
+def _began_at(e: Any) -> int | None:
+    """The step the failure behind the firing ``e`` began: the earliest of its ``since`` (an
+    escalation's evidence: the firings it combines) and its ``onset`` (the first step of its
+    ``for:`` window, or of the windows of the firings an escalation combines: an ``info``
+    building block's ``for: 6`` under a critical ``when:``); ``None`` where it carries neither.
+
+    >>> from types import SimpleNamespace as E
+    >>> [_began_at(E(since=s, onset=o)) for s, o in ((15, 11), (15, None), (None, 20),
+    ...                                               (None, None))]
+    [11, 15, 20, None]
+    """
+    known = [x for x in (getattr(e, "since", None), getattr(e, "onset", None)) if x is not None]
+    return min(known, default=None)
 
 
 def _good_before(snaps: Sequence[SnapshotInfo], step: int) -> SnapshotInfo | None:
@@ -902,16 +941,19 @@ class RecoveryPolicy:
             margin = 0 if _nonfinite(d.event) else self.config.sudden_margin  # type: ignore
             onset = min(d.step, getattr(d.event, "since", None) or d.step)
             limit = onset - margin if margin else onset - 1
+            began = _began_at(d.event)   # a for: window longer than the margin: before it
+            limit = limit if began is None else min(limit, began - 1)
             newest = next((s for s in reversed(snaps) if s.step <= limit), None)
             if newest is not None and not newest.pinned:
                 self.state.last_to_pending = not newest.good
                 self._suspects = (limit + 1, d.step)   # the batches not to replay
                 return newest
         target = next((s for s in reversed(snaps) if s.good), None)
-        since = getattr(d.event, "since", None)
-        if target is not None and since is not None and target.step >= since:
-            # an escalation: its evidence began at `since`, so later snapshots are suspect
-            target = _good_before(snaps, since) or target
+        began = _began_at(d.event)
+        if target is not None and began is not None and target.step >= began:
+            # the failure began there (an escalation's evidence, a for: window's first step,
+            # a window of a rule it escalates), so later snapshots are suspect
+            target = _good_before(snaps, began) or target
         last, was_pending = self.state.last_rollback_to, self.state.last_to_pending
         self.state.last_to_pending = False
         if (target is not None and last is not None

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from lrwatch.recovery.policy import (EXIT_BUDGET, Plan, Progress, RecoveryConfig,
-                                     RecoveryPolicy, SnapshotInfo)
-from lrwatch.rules import Engine, load_pack
+                                     RecoveryPolicy, SnapshotInfo, open_failure)
+from lrwatch.rules import Engine, load_pack, parse_rules
 from lrwatch.samples import Sample
 
 
@@ -851,6 +851,90 @@ def test_a_for_window_under_way_at_the_resume_is_no_rollback_to_the_resume_point
     resumed.load_state_dict({"resumed_at": 21})
     (r,) = control(resumed.plan([damaged], Progress(22, carried)))
     assert (r.action, r.target) == ("rollback", 12), r
+
+
+_BLOCK = """version: 1
+rules:
+  - {name: b, metric: loss, detector: threshold, params: {above: 5}, for: 5, severity: info}
+  - {name: esc, when: {firing: b}, severity: critical, actions: [rollback]}
+"""
+
+
+def test_an_open_window_of_a_building_block_under_an_escalation_is_an_open_failure() -> None:
+    """The training pack's structure: an ``info`` rule with the ``for:`` window (no action of
+    its own) under a critical ``when:`` escalation that carries the rollback. Loss 1.0 at
+    steps 1-10, then 10.0: after step 13 the window of ``b`` is under way from step 11, and
+    ``open_failure`` said ``None`` (it counted only rules with a control action), so a
+    checkpoint there carried no snapshot from before the failure. At step 15 ``esc`` fires
+    with onset 11, since 15; its rollback looked for a snapshot before 15 only and took 14,
+    inside the failure. Now the open failure is 11 and the target 10."""
+    eng = Engine(parse_rules(_BLOCK))
+    for step in range(1, 14):
+        eng.update(Sample(step=step, values={"loss": 1.0 if step <= 10 else 10.0}))
+    assert eng.open_onsets() == {"b": 11}
+    assert open_failure(eng.open_onsets(), eng.rules) == 11
+    events = [e for step in (14, 15) for e in eng.update(Sample(step=step, values={"loss": 10.0}))]
+    (esc,) = [e for e in events if e.rule == "esc"]
+    assert (esc.step, esc.onset, esc.since) == (15, 11, 15)
+    held = snaps(10, 12, 14)
+    pol = RecoveryPolicy(RecoveryConfig(good_after=5, cooldown=0, sudden_hold=0))
+    (p,) = control(pol.plan([esc], Progress(15, held)))   # never proved healthy: not sudden
+    assert (p.action, p.target) == ("rollback", 10), p
+    pol = RecoveryPolicy(RecoveryConfig(good_after=5, cooldown=0, sudden_hold=0,
+                                        sudden_margin=2))
+    pol.promoted([SnapshotInfo(5, True)])   # sudden: sudden_margin before since was 13
+    (p,) = control(pol.plan([esc], Progress(15, held)))
+    assert (p.action, p.target) == ("rollback", 10), p
+    # resumed at 13 inside the window, holding what the checkpoint carried: before the onset
+    resumed = RecoveryPolicy(RecoveryConfig(good_after=5, cooldown=0, sudden_hold=0))
+    resumed.load_state_dict({"resumed_at": 13})
+    carried = [START, SnapshotInfo(10, True), SnapshotInfo(13, True, pinned=True)]
+    (p,) = control(resumed.plan([esc], Progress(15, carried)))
+    assert (p.action, p.target) == ("rollback", 10), p
+    # holding only the resume point, the escalation still rolls back there (by design:
+    # test_a_failure_that_began_before_the_resume_but_fires_after_it_still_rolls_back)
+    resumed = RecoveryPolicy(RecoveryConfig(good_after=5, cooldown=0, sudden_hold=0))
+    resumed.load_state_dict({"resumed_at": 13})
+    (p,) = control(resumed.plan([esc], Progress(15, [SnapshotInfo(13, True, pinned=True)])))
+    assert (p.action, p.target) == ("rollback", 13), p
+
+
+def test_open_failure_follows_when_references_at_any_depth() -> None:
+    """A rule counts when its firing makes a control rule fire, through any number of
+    ``when:`` rules; a rule named only in an ``unless`` explains a failure away and does not;
+    nor does a chain that ends in notifications only."""
+    rules = parse_rules("""version: 1
+rules:
+  - {name: a, metric: x, detector: threshold, params: {above: 1}, for: 4, severity: info}
+  - {name: v, metric: y, detector: threshold, params: {above: 1}, for: 4, severity: info}
+  - {name: n, metric: z, detector: threshold, params: {above: 1}, for: 4, severity: info}
+  - {name: mid, when: {any: [a, n]}, severity: info}
+  - {name: top, when: {all: [mid, a], within: 5, unless: [v]}, severity: critical,
+     actions: [skip]}
+  - {name: told, when: {firing: n}, severity: warning, actions: [alert]}
+""")
+    assert open_failure({"a": 7}, rules) == 7
+    assert open_failure({"n": 9, "v": 3}, rules) == 9   # n feeds top through mid
+    assert open_failure({"v": 3}, rules) is None
+    alone = parse_rules("""version: 1
+rules:
+  - {name: n, metric: z, detector: threshold, params: {above: 1}, for: 4, severity: info}
+  - {name: told, when: {firing: n}, severity: warning, actions: [alert]}
+""")
+    assert open_failure({"n": 9}, alone) is None
+
+
+def test_the_training_packs_building_blocks_count_as_open_failures() -> None:
+    """The training pack's ``for:`` windows sit on ``info`` building blocks under critical
+    escalations (``loss_far_above_start``, ``for: 6``, under ``loss_above_start``;
+    ``grad_vanished``, ``for: 3``, under ``vanishing_gradient``): a checkpoint inside either
+    window now carries the snapshots from before it. ``loss_falling`` is only an ``unless``."""
+    pack = load_pack("training")
+    assert open_failure({"loss_far_above_start": 24}, pack) == 24
+    assert open_failure({"grad_vanished": 30, "loss_far_above_start": 31}, pack) == 30
+    assert open_failure({"loss_falling": 24}, pack) is None
+    windows = [r.name for r in pack if r.for_.count > 1 or r.for_.seconds is not None]
+    assert all(open_failure({n: 5}, pack) == 5 for n in windows), windows
 
 
 def test_a_failure_that_began_after_the_resume_still_rolls_back_to_the_resume_point() -> None:

@@ -97,6 +97,7 @@ class PolicyState:
     watching: str | None = None             # a rule whose sudden failure is watched
     watching_step: int | None = None        # ... the step it fired at
     watching_open: list[str] = field(default_factory=list)   # ... rules still firing
+    watching_onset: int | None = None       # ... the step its failure began (its onset)
     resumed_at: int | None = None           # the step this run was last resumed at
 
     def on_probation(self, step: int) -> bool:
@@ -430,6 +431,7 @@ def _rollback_or_watch(e: Any | None, escalated: Any | None, step: int, in_coold
         in_cooldown = False   # due since the failure, before any cut meanwhile (as at the end)
     elif _to_watch(e, escalated, in_cooldown, state, config, events):
         state.watching, state.watching_step, state.watching_open = e.rule, e.step, []
+        state.watching_onset = _began_at(e)
         return Decision("watch", e.rule, e.step, _watch_reason(config), event=e)
     return _rollback_decision(e, escalated, step, in_cooldown, state, config)
 
@@ -487,20 +489,21 @@ def _drops(events: Sequence[Any], dropped: Sequence[int], st: PolicyState,
 
 class _Watched:
     """The firing of a watched sudden failure whose rollback comes now (a rollback request
-    in its own name, at its own step, still judged sudden)."""
+    in its own name, at its own step, still judged sudden; ``onset``: the step the failure
+    began, its ``for:`` window's first step or an escalation's evidence, where known)."""
 
     sudden = True
 
-    def __init__(self, rule: str, step: int) -> None:
-        self.rule, self.step, self.since = rule, step, None
+    def __init__(self, rule: str, step: int, onset: int | None = None) -> None:
+        self.rule, self.step, self.since, self.onset = rule, step, None, onset
         self.kind, self.actions = "firing", ("rollback",)
 
 
 def _end_watch(state: PolicyState) -> "_Watched":
     """End the watch of a sudden failure: its rollback is due after all."""
     assert state.watching is not None and state.watching_step is not None
-    e = _Watched(state.watching, state.watching_step)
-    state.watching = state.watching_step = None
+    e = _Watched(state.watching, state.watching_step, state.watching_onset)
+    state.watching = state.watching_step = state.watching_onset = None
     state.watching_open = []
     return e
 
@@ -827,7 +830,7 @@ class RecoveryPolicy:
             return [_passed(_end_watch(st), progress.step)]   # resolved before the end
         watched = (_end_watch(st) if st.watching is not None and st.watching_open
                    and st.held is None else None)   # still failing: roll back
-        st.watching, st.watching_step, st.watching_open = None, None, []
+        st.watching, st.watching_step, st.watching_open, st.watching_onset = None, None, [], None
         held, step = st.held, st.held_step
         if watched is not None:
             held, step = watched.rule, watched.step

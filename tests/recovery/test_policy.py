@@ -899,6 +899,27 @@ def test_an_open_window_of_a_building_block_under_an_escalation_is_an_open_failu
     assert (p.action, p.target) == ("rollback", 13), p
 
 
+def test_a_watched_failure_goes_back_before_its_onset_at_the_end_of_the_hold() -> None:
+    """An escalation of a ``for: 15`` building block fires at 34 with onset 20 (its window's
+    first step) and is watched (``sudden_hold: 5``). The end of the watch made a new firing
+    in the rule's name with neither ``since`` nor ``onset``, so the rollback went
+    ``sudden_margin`` before 34, to 24, inside the failure. Now the watch keeps the onset (in
+    the policy's state: a run resumed during the watch keeps it too) and goes back to 18."""
+    esc = SimpleNamespace(**vars(fire("esc", 34, since=34)), onset=20)
+    held = snaps(*range(14, 34, 2))
+    cfg = dict(good_after=5, cooldown=0, sudden_hold=5)
+    pol = RecoveryPolicy(RecoveryConfig(**cfg))
+    pol.promoted([SnapshotInfo(10, True)])
+    (w,) = control(pol.plan([esc], Progress(34, held)))
+    assert w.action == "watch" and pol.state.watching_onset == 20
+    resumed = RecoveryPolicy(RecoveryConfig(**cfg))
+    resumed.load_state_dict({**pol.state_dict(), "resumed_at": 36})
+    for p in (pol, resumed):
+        (rb,) = control(p.plan([], Progress(39, held)))
+        assert (rb.action, rb.target) == ("rollback", 18), rb
+        assert p.state.watching is None and p.state.watching_onset is None
+
+
 def test_open_failure_follows_when_references_at_any_depth() -> None:
     """A rule counts when its firing makes a control rule fire, through any number of
     ``when:`` rules; a rule named only in an ``unless`` explains a failure away and does not;

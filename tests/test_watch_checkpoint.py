@@ -296,11 +296,13 @@ rules:
 """
 
 
-@pytest.mark.parametrize("window,keep,checkpoint_at,hold", [
-    (5, 3, 21, 0), (5, 3, 23, 0), (15, 12, 22, 0), (15, 12, 30, 0), (15, 12, 22, 5),
-    (15, 12, 36, 5)])
+@pytest.mark.parametrize("window,keep,checkpoint_at,hold,block", [
+    (5, 3, 21, 0, True), (5, 3, 23, 0, True), (15, 12, 22, 0, True), (15, 12, 30, 0, True),
+    (15, 12, 22, 5, True), (15, 12, 36, 5, True), (15, 12, 22, 0, False),
+    (15, 12, 22, 5, False)])
 def test_a_checkpoint_inside_a_building_blocks_window_rolls_back_as_the_whole_run(
-        tmp_path: Path, window: int, keep: int, checkpoint_at: int, hold: int) -> None:
+        tmp_path: Path, window: int, keep: int, checkpoint_at: int, hold: int,
+        block: bool) -> None:
     """The damage at step 20 opens the window of an ``info`` rule (``for: window``) that a
     critical ``when:`` escalation turns into a rollback. A checkpoint written inside the window
     carried no snapshot from before it (only rules with a control action of their own counted
@@ -310,9 +312,11 @@ def test_a_checkpoint_inside_a_building_blocks_window_rolls_back_as_the_whole_ru
     (``onset``): with a window longer than ``sudden_margin`` the run that was not interrupted
     went back to step 24, inside the failure, and so did a failure watched first
     (``sudden_hold: 5``, the default: the watch's end forgot the onset), a checkpoint written
-    during the watch (at 36) too. Now both go back to the same snapshot, before the onset,
-    and the runs recover."""
-    rules = _BLOCK_RULES.replace("FOR", str(window))
+    during the watch (at 36) too, and a critical rule with the window itself (``block``
+    False). Now both go back to the same snapshot, before the onset, and the runs
+    recover."""
+    rules = (_BLOCK_RULES if block else _DAMAGE_RULES.replace("for: 3", "for: FOR")).replace(
+        "FOR", str(window))
     fired = 20 + window - 1
     rec = {**_WINDOW_REC, "keep": keep, "sudden_hold": hold,
            "snapshot_dir": str(tmp_path / "snaps")}
@@ -325,7 +329,8 @@ def test_a_checkpoint_inside_a_building_blocks_window_rolls_back_as_the_whole_ru
     carried = [c["step"] for c in ckpt["lrwatch"]["before_failure"]] if ckpt else []
     assert carried and min(carried) < 20, carried
     if checkpoint_at < fired:   # inside the window: only what came before it
-        assert w.engine.open_onsets() == {"damage_seen": 20} and max(carried) < 20, carried
+        opened = {"damage_seen" if block else "damaged": 20}
+        assert w.engine.open_onsets() == opened and max(carried) < 20, carried
     _, w, trace = _damage_run(tmp_path, "first", rec, resume=ckpt, rules_text=rules)
     # (a first run that ends during the watch rolls back at its close(), at 36)
     rollbacks = [(e["line"], e["to_step"], e["lr_factor"]) for e in _events(trace, "rollback")

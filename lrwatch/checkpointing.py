@@ -91,11 +91,14 @@ class Checkpointing:
         """The policy's state for :func:`before_failure`, with the earliest step a failure
         not rolled back yet may have begun: the first step not judged yet (a failure there
         is judged by the resumed run) or of the flush that fired ``late``, and the onset of
-        a training-control rule whose ``for:`` window is under way (it may fire after the
-        resume: the snapshots on disk from before it go with the checkpoint)."""
+        a training-control rule whose ``for:`` window is under way, or of a rule that feeds
+        one through ``when:`` whose window is under way or that fires while a veto holds the
+        control rule back (it may fire after the resume: the snapshots on disk from before
+        it go with the checkpoint; :func:`open_failure`)."""
         st = self.policy.state
-        opened = open_failure(self.engine.open_onsets(), self.engine.rules) if (
-            self.engine is not None) else None
+        eng = self.engine
+        opened = open_failure(eng.open_onsets(), eng.rules, eng.firing_onsets()) if (
+            eng is not None) else None
         since = [st.watching_step if st.watching is not None else None,
                  st.held_step if st.held is not None else None,
                  unjudged[0]["step"] if unjudged else None, opened,

@@ -210,12 +210,13 @@ _WINDOW_REC = {"guard": "off", "sudden_hold": 0, "max_rollbacks": 3, "good_after
 
 
 def _damage_run(tmp: Path, name: str, rec: dict, *, checkpoint_at: int | None = None,
-                resume: dict | None = None, until: int = 40, rules_text: str = _DAMAGE_RULES
-                ) -> tuple[dict | None, lrwatch.Watcher, Path]:
+                resume: dict | None = None, until: int = 40, rules_text: str = _DAMAGE_RULES,
+                veto: tuple[int, int] = (0, -1)) -> tuple[dict | None, lrwatch.Watcher, Path]:
     """flush_every=1; before step 20 of the first run the model is damaged (a buffer the
     snapshots carry, logged as ``damage``): the ``for: 3`` rule's window opens at 20 and it
-    fires at 22 (``rules_text``: other rules on ``damage``). A rollback to a state from
-    before 20 undoes the damage; one to a later state restores it."""
+    fires at 22 (``rules_text``: other rules on ``damage``, and on ``falling``, 1 at the steps
+    in ``veto``). A rollback to a state from before 20 undoes the damage; one to a later
+    state restores it."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 2))
     model.register_buffer("damage", torch.zeros(()))
@@ -231,7 +232,8 @@ def _damage_run(tmp: Path, name: str, rec: dict, *, checkpoint_at: int | None = 
         i = w.step
         if i + 1 == 20 and resume is None:
             model.damage.fill_(1.0)
-        w.log(loss=_step(model, opt, i), damage=model.damage.item())
+        w.log(loss=_step(model, opt, i), damage=model.damage.item(),
+              falling=float(veto[0] <= i + 1 <= veto[1]))
         if w.step == checkpoint_at and ckpt is None:
             ckpt = _checkpoint(model, opt, w)
     w.close()
@@ -341,6 +343,40 @@ def test_a_checkpoint_inside_a_building_blocks_window_rolls_back_as_the_whole_ru
     replayed = replay_trace(trace, parse_rules(rules))
     assert replayed.error is None
     assert [(f.rule, f.step) for f in replayed.firings] == live
+
+
+def test_a_checkpoint_while_a_veto_holds_an_escalation_back_rolls_back_as_the_whole_run(
+        tmp_path: Path) -> None:
+    """The building block fires at 24 (its window opened at 20), a veto (``unless``, as
+    ``loss_falling`` holds back ``loss_above_start``) holds the escalation back over 22-28,
+    the checkpoint is written at 26, and the escalation fires at 29 with onset 20. No window
+    was under way at 26, so the checkpoint carried nothing, and the resumed run restarted from
+    its resume point, inside the failure, at 29, 30 and 31 (x0.1, x0.05, x0.025), then stopped
+    on a spent budget; the run that was not interrupted went back to step 14. Now a firing
+    building block under a control rule that is not firing counts as an open failure."""
+    rules = _BLOCK_RULES.replace("FOR", "5").replace("when: {firing: damage_seen}", (
+        "when: {firing: damage_seen, unless: [damage_falling]}")) + """
+  - name: damage_falling
+    metric: falling
+    detector: threshold
+    params: {above: 0.5}
+    severity: info
+    annotations: {summary: "falling at step {step}", description: "the veto"}
+"""
+    rec = {**_WINDOW_REC, "snapshot_dir": str(tmp_path / "snaps")}
+    _, whole, trace = _damage_run(tmp_path, "whole", rec, rules_text=rules, veto=(22, 28))
+    (rb,) = [(e["line"], e["to_step"], e["lr_factor"]) for e in _events(trace, "rollback")]
+    assert rb[0] == 29 and rb[1] < 20, rb
+    ckpt, w, _ = _damage_run(tmp_path, "first", rec, checkpoint_at=26, until=26,
+                             rules_text=rules, veto=(22, 28))
+    assert ckpt is not None and w.engine.open_onsets() == {}
+    carried = [c["step"] for c in ckpt["lrwatch"]["before_failure"]]
+    assert carried and max(carried) < 20, carried
+    _, w, trace = _damage_run(tmp_path, "first", rec, resume=ckpt, rules_text=rules,
+                              veto=(22, 28))
+    rollbacks = [(e["line"], e["to_step"], e["lr_factor"]) for e in _events(trace, "rollback")]
+    assert rollbacks == [rb], (rollbacks, rb)
+    assert w.step == 40 and not w.should_stop and w.policy.rollbacks == 1
 
 
 @pytest.mark.parametrize("flush_lag", [0, 1])

@@ -565,13 +565,18 @@ def _began_before(d: Decision, resumed_at: int) -> bool:
             and getattr(d.event, "since", None) is None)
 
 
-def open_failure(onsets: Mapping[str, int], rules: Iterable[Any]) -> int | None:
-    """The earliest onset among ``onsets`` (rule name to the step its failure began, for the
-    rules whose ``for:`` window is under way: ``Engine.open_onsets``) of a rule that asks for
-    a training-control action or whose firing feeds one through ``when:`` (at any depth: the
-    training pack's ``info`` building blocks, such as ``loss_far_above_start`` with its
-    ``for: 6`` under ``loss_above_start``, carry no action of their own); ``None`` if there is
-    none. A rule in an ``unless`` only explains a failure away: it is not counted.
+def open_failure(onsets: Mapping[str, int], rules: Iterable[Any],
+                 firing: Mapping[str, int] | None = None) -> int | None:
+    """The earliest step a failure not answered yet began: among ``onsets`` (rule name to the
+    step its failure began, for the rules whose ``for:`` window is under way:
+    ``Engine.open_onsets``), that of a rule that asks for a training-control action or whose
+    firing feeds one through ``when:`` (at any depth: the training pack's ``info`` building
+    blocks, such as ``loss_far_above_start`` with its ``for: 6`` under ``loss_above_start``,
+    carry no action of their own); among ``firing`` (the rules firing now:
+    ``Engine.firing_onsets``), that of a rule that feeds a control rule that is not firing (a
+    veto, ``unless: [loss_falling]``, holds it back: it fires when the veto ends, with this
+    onset). ``None`` if there is none. A rule in an ``unless`` only explains a failure away:
+    it is not counted.
 
     >>> from types import SimpleNamespace as R
     >>> from lrwatch.rules.schema import When
@@ -580,26 +585,32 @@ def open_failure(onsets: Mapping[str, int], rules: Iterable[Any]) -> int | None:
     (20, None)
     >>> rules = [R(name="w", actions=()), R(name="x", actions=(), when=When("firing", ("w",))),
     ...          R(name="c", actions=("rollback",), when=When("any", ("x",)))]
-    >>> open_failure({"w": 11}, rules)
-    11
+    >>> open_failure({"w": 11}, rules), open_failure({}, rules, {"w": 11, "x": 15})
+    (11, 11)
+    >>> open_failure({}, rules, {"w": 11, "x": 15, "c": 15}) is None   # c fired: the policy has it
+    True
     """
-    rules = list(rules)
-    feeds = _feeding(rules)
-    return min((s for n, s in onsets.items() if n in feeds), default=None)
+    feeds = _feeding(list(rules))
+    now = dict(firing or {})
+    starts = [s for n, s in onsets.items() if feeds.get(n)]
+    starts += [s for n, s in now.items() if feeds.get(n, set()) - set(now)]
+    return min(starts, default=None)
 
 
-def _feeding(rules: Sequence[Any]) -> set[str]:
-    """The names of the rules that ask for a training-control action, and of every rule whose
-    firing makes one of them fire (the rules its ``when`` names, theirs, and so on)."""
+def _feeding(rules: Sequence[Any]) -> dict[str, set[str]]:
+    """Rule name to the rules asking for a training-control action that its firing makes
+    fire: itself, if it asks for one, and the control rules whose ``when`` names it, or a
+    rule that they name, and so on. Rules that feed none are left out."""
     when = {r.name: getattr(r, "when", None) for r in rules}
-    out = {r.name for r in rules if set(r.actions) & set(CONTROL_ACTIONS)}
-    todo = list(out)
-    while todo:
-        w = when.get(todo.pop())
-        for name in (w.rules if w is not None else ()):
-            if name not in out:
-                out.add(name)
-                todo.append(name)
+    out: dict[str, set[str]] = {}
+    for c in (r.name for r in rules if set(r.actions) & set(CONTROL_ACTIONS)):
+        todo = [c]
+        while todo:
+            name = todo.pop()
+            if c not in out.setdefault(name, set()):
+                out[name].add(c)
+                w = when.get(name)
+                todo.extend(w.rules if w is not None else ())
     return out
 
 

@@ -514,6 +514,17 @@ class Engine:
                     out[rs.rule.name] = onset
         return out
 
+    def firing_onsets(self) -> dict[str, int]:
+        """The rules firing now, each with the step its failure began (:attr:`Firing.onset`;
+        its start where the firing carries none): a building block that fires while a veto
+        (``unless``) holds back the escalation above it is a failure not answered yet."""
+        out: dict[str, int] = {}
+        for rs in self._states:
+            f = rs.firing
+            if f is not None:
+                out[rs.rule.name] = min(x for x in (f.onset, f.since, f.step) if x is not None)
+        return out
+
     @staticmethod
     def _holds(rs: _RuleState, step: int) -> Firing | None:
         """If ``rs``'s condition holds: the firing of the referenced rule that started latest.

@@ -945,6 +945,27 @@ rules:
     assert open_failure({"n": 9}, alone) is None
 
 
+def test_a_firing_building_block_under_a_vetoed_escalation_is_an_open_failure() -> None:
+    """``b`` fires at 15 (its window opened at 11) while a veto (``unless: [v]``, 14-18)
+    holds ``esc`` back; ``esc`` fires at 19 with onset 11. At 17 no window is under way
+    (``open_onsets`` is empty), and the failure is not answered yet: it began at 11. Once the
+    escalation fires (its decision is the policy's), the building block no longer counts."""
+    eng = Engine(parse_rules(_BLOCK.replace("when: {firing: b}", "when: {firing: b, unless: [v]}")
+                             + "  - {name: v, metric: falling, detector: threshold, "
+                               "params: {above: 0.5}, severity: info}\n"))
+    fired = []
+    for step in range(1, 20):
+        vals = {"loss": 1.0 if step <= 10 else 10.0, "falling": float(14 <= step <= 18)}
+        fired += [(e.rule, e.step, e.onset) for e in eng.update(Sample(step=step, values=vals))
+                  if e.kind == "firing"]
+        if step == 17:
+            assert eng.open_onsets() == {} and eng.firing_onsets() == {"v": 14, "b": 11}
+            assert open_failure(eng.open_onsets(), eng.rules) is None   # (before)
+            assert open_failure(eng.open_onsets(), eng.rules, eng.firing_onsets()) == 11
+    assert fired == [("v", 14, 14), ("b", 15, 11), ("esc", 19, 11)]
+    assert open_failure(eng.open_onsets(), eng.rules, eng.firing_onsets()) is None
+
+
 def test_the_training_packs_building_blocks_count_as_open_failures() -> None:
     """The training pack's ``for:`` windows sit on ``info`` building blocks under critical
     escalations (``loss_far_above_start``, ``for: 6``, under ``loss_above_start``;

@@ -99,10 +99,14 @@ class EstimateTracker:
                joined: float = 0.0, correct: float = 0.0) -> dict[str, float] | None:
         """Estimate one closed window from its probabilities (see :func:`window_probabilities`)
         and keep it until its labels come; ``joined``/``correct``: its own labels that came
-        while it was open (inline ones, say). ``None`` when the estimator had nothing to say."""
+        while it was open (inline ones, say). ``None`` when the estimator had nothing to say;
+        a window whose estimate was withheld (``withheld``: its confidences lie outside the
+        reference's) is returned but not kept: there is no estimate to compare."""
         est = self.estimator.estimate(proba)
         if "accuracy" not in est:
             return None
+        if est.get("withheld"):   # no estimate to compare (the window is outside the support)
+            return est
         self._open[index] = [float(est["accuracy"]), float(records), float(joined),
                              float(correct), float(last_time)]
         while len(self._open) > MAX_TRACKED:

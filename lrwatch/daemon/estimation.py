@@ -41,9 +41,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import ConfigError
+from .support import WITHHELD_REASON, confidence, support_check
 
 __all__ = ["PerformanceEstimator", "MIN_REFERENCE_ROWS", "ESTIMATOR_VERSION",
-           "PROBA_SUM_TOLERANCE"]
+           "PROBA_SUM_TOLERANCE", "WITHHELD_REASON"]
 
 #: Fewer labelled reference rows than this cannot calibrate anything.
 MIN_REFERENCE_ROWS = 30
@@ -356,6 +357,11 @@ class PerformanceEstimator:
         self.baseline = math.nan
         #: standard deviation of one reference row's estimated correctness
         self.baseline_sd = 0.0
+        #: the reference's largest confidence and how many of its rows reached it: the top of
+        #: the range the calibration saw (``None``: an estimator saved before they were kept,
+        #: whose windows are not checked against it; see :mod:`.support`)
+        self.support_top: float | None = None
+        self.support_top_rows = 0
 
     @property
     def binary(self) -> bool:
@@ -406,6 +412,9 @@ class PerformanceEstimator:
         est.baseline = float(c_ref.mean())
         est.baseline_sd = float(c_ref.std())
         est.reference_estimate = est._cross_fit(a, target, rng, prior_weight)
+        top = confidence(a)
+        est.support_top = float(top.max())
+        est.support_top_rows = int((top >= est.support_top).sum())
         return est
 
     def _cross_fit(self, a: np.ndarray, target: np.ndarray, rng: np.random.Generator,
@@ -428,7 +437,7 @@ class PerformanceEstimator:
             return np.where(a >= 0.5, q, 1.0 - q)
         return q
 
-    def estimate(self, proba: Any) -> dict[str, float]:
+    def estimate(self, proba: Any, *, check_support: bool = True) -> dict[str, float]:
         """Estimated performance of one window of predictions (no labels).
 
         Keys: ``accuracy``, ``accuracy_low``/``accuracy_high`` (a ~95% band for the window's
@@ -436,16 +445,21 @@ class PerformanceEstimator:
         apart as ``accuracy_se_window`` and ``accuracy_se_calibration``), ``records``,
         ``accuracy_drop`` (baseline minus estimate) and ``drop_z`` (that drop in standard
         errors); binary adds ``precision``, ``recall``, ``f1`` and ``roc_auc`` where
-        they are defined. An empty window gives ``records`` 0 and NaN accuracies. Raises
+        they are defined. ``support_pvalue`` and ``confidence_above_reference`` say whether
+        the window's confidences lie inside the range the reference calibrated
+        (:mod:`.support`); a window outside it (hard 0/1 or one-hot outputs: every row at
+        confidence 1.0) has its estimate **withheld**: ``withheld`` 1.0 and NaN for
+        everything estimated (``check_support=False`` skips the check: what the calibration
+        would extrapolate). An empty window gives ``records`` 0 and NaN accuracies. Raises
         ``ValueError`` on a malformed array (wrong width, NaN, values outside [0, 1], rows
         that do not sum to 1)."""
         a = _as_proba(proba, self.n_classes, exc=ValueError)
         n = len(a)
         if n == 0:
-            nan = math.nan
-            return {"accuracy": nan, "accuracy_low": nan, "accuracy_high": nan, "records": 0.0,
-                    "accuracy_se_window": nan, "accuracy_se_calibration": nan,
-                    "accuracy_drop": nan, "drop_z": nan}
+            return _withheld(0, {})
+        support = self._support(a) if check_support else {}
+        if support.get("withheld"):
+            return _withheld(n, support)
         qb = _apply(self._cals, a, self.method)
         cb = np.where(a >= 0.5, qb, 1.0 - qb) if a.ndim == 1 else qb
         c = cb.mean(axis=0)
@@ -456,10 +470,23 @@ class PerformanceEstimator:
         out = {"accuracy": acc, "accuracy_low": max(0.0, acc - half),
                "accuracy_high": min(1.0, acc + half), "records": float(n),
                "accuracy_se_window": math.sqrt(var_sampling),
-               "accuracy_se_calibration": math.sqrt(var_cal)}
+               "accuracy_se_calibration": math.sqrt(var_cal), **support}
         out.update(self._drop(c, acc))
         if self.binary:
             out.update(_binary_metrics(a, qb.mean(axis=0)))
+        return out
+
+    def _support(self, a: np.ndarray) -> dict[str, float]:
+        """The window against the top of the reference's confidences (:mod:`.support`):
+        ``support_pvalue``, ``confidence_above_reference`` and, outside, ``withheld``. Empty
+        for an estimator saved before the reference's top was kept."""
+        if self.support_top is None:
+            return {}
+        s = support_check(confidence(a), top=self.support_top, top_rows=self.support_top_rows,
+                          reference_rows=self.reference_rows)
+        out = {"support_pvalue": s["pvalue"], "confidence_above_reference": s["above_share"]}
+        if s["outside"]:
+            out["withheld"] = 1.0
         return out
 
     def _drop(self, c: np.ndarray, acc: float) -> dict[str, float]:
@@ -490,6 +517,8 @@ class PerformanceEstimator:
             "reference_estimate": self.reference_estimate,
             "baseline": self.baseline, "baseline_sd": self.baseline_sd,
             "calibrators": cals,
+            **({} if self.support_top is None else {
+                "support_top": self.support_top, "support_top_rows": self.support_top_rows}),
         }
 
     @classmethod
@@ -509,13 +538,30 @@ class PerformanceEstimator:
             est.reference_rows = int(d["reference_rows"])
             for key in ("reference_accuracy", "reference_estimate", "baseline", "baseline_sd"):
                 setattr(est, key, float(d[key]))
+            if d.get("support_top") is not None:   # (absent: saved before 6 December)
+                est.support_top = float(d["support_top"])
+                est.support_top_rows = int(d["support_top_rows"])
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, ConfigError):
                 raise
             raise ConfigError(f"estimator dict is malformed: {type(e).__name__}: {e}") from None
         if not (math.isfinite(est.baseline) and math.isfinite(est.baseline_sd)):
             raise ConfigError("estimator dict has a non-finite baseline")
+        if est.support_top is not None and not (
+                0.0 <= est.support_top <= 1.0 and 1 <= est.support_top_rows <= est.reference_rows):
+            raise ConfigError(f"estimator dict's support_top ({est.support_top}) must be a "
+                              f"confidence in [0, 1] reached by 1..reference_rows "
+                              f"({est.reference_rows}) rows, got {est.support_top_rows}")
         return est
+
+
+def _withheld(n: int, support: Mapping[str, float]) -> dict[str, float]:
+    """The estimate of a window with nothing to say: empty (``records`` 0), or outside the
+    reference's confidences (``support`` has ``withheld``): NaN for everything estimated."""
+    nan = math.nan
+    return {"accuracy": nan, "accuracy_low": nan, "accuracy_high": nan, "records": float(n),
+            "accuracy_se_window": nan, "accuracy_se_calibration": nan,
+            "accuracy_drop": nan, "drop_z": nan, **support}
 
 
 def _one_sided(a: np.ndarray, y: np.ndarray) -> str:

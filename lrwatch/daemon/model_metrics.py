@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from .distribution import QUANTILES
+from .support import WITHHELD_REASON
 
 __all__ = ["ModelMetrics", "ESTIMATED_METRICS"]
 
@@ -52,6 +53,7 @@ class ModelMetrics:
         self.estimated_accuracy: Gauge | None = None
         self.estimation_error: Gauge | None = None
         self.estimation_compared: Counter | None = None
+        self.estimation_withheld: Any = None
         self.estimated_drop: Gauge | None = None
         self.estimated_drop_z: Any = None
         self.multivariate: dict[str, Gauge] = {}
@@ -126,6 +128,12 @@ class ModelMetrics:
         self.estimation_compared = Counter(
             "lrwatch_estimation_windows_compared",
             "Windows whose estimate was compared with their realised accuracy.", registry=r)
+        self.estimation_withheld = Counter(
+            "lrwatch_estimation_withheld",
+            "Windows whose accuracy estimate was withheld (exported as NaN), by reason: "
+            "confidence_outside_reference (the window's confidences lie beyond the range the "
+            "reference calibrated: hard 0/1 or one-hot outputs).", ["reason"],
+            registry=r).labels(WITHHELD_REASON)
 
     def _bind_multivariate(self) -> None:
         r = self.registry
@@ -179,11 +187,22 @@ class ModelMetrics:
             return True
         return False
 
+    def publish_withheld(self) -> bool:
+        """A window's estimate withheld (exported as NaN, its reason counted); whether it was
+        counted (estimation is bound)."""
+        if self.estimation_withheld is None:
+            return False
+        self.publish_estimate({})
+        self.estimation_withheld.inc()
+        return True
+
     def restore(self, counters: Mapping[str, Any]) -> None:
         """The bound counters from saved totals (:meth:`.metrics.DaemonMetrics.restore`)."""
-        n = counters.get("estimation_compared")
-        if n and self.estimation_compared is not None:
-            self.estimation_compared.inc(n)
+        for key, counter in (("estimation_compared", self.estimation_compared),
+                             ("estimation_withheld", self.estimation_withheld)):
+            n = counters.get(key)
+            if n and counter is not None:
+                counter.inc(n)
 
     def publish_multivariate(self, values: Mapping[str, float]) -> None:
         for k, g in self.multivariate.items():

@@ -133,17 +133,36 @@ class OutputsMixin:
             return {}
         if est is None:
             return {}
-        self.metrics.model.publish_estimate(est)
-        vals = {f"estimated_{k}": float(v) for k, v in est.items()
-                if k in ESTIMATED_METRICS or k == "accuracy_drop"}
-        if "drop_z" in est:
-            vals["estimated_accuracy_drop_z"] = float(est["drop_z"])
+        vals = self._estimate_values(est)
         errors = self._errors + t.take_completed()
         self._errors = []
         for err in errors:
             self._publish_error(err)
         if errors:
             vals["estimation_error"] = errors[-1]
+        return vals
+
+    def _estimate_values(self, est: dict[str, float]) -> dict[str, float]:
+        """A window's estimate published, and its sample values: the estimates, or, when the
+        estimator withheld them (the window's confidences lie outside the reference's: hard
+        0/1 or one-hot outputs read ~100%), NaN gauges, the reason counted (saved in the
+        snapshot's counters) and ``estimation_withheld`` 1 (the serving pack's
+        ``estimate_withheld``)."""
+        vals = {f"estimation_{k}": float(est[k]) for k in ("support_pvalue",
+                                                           "confidence_above_reference")
+                if k in est}
+        if est.get("withheld"):
+            if self.metrics.model.publish_withheld():
+                self.counters["estimation_withheld"] = \
+                    self.counters.get("estimation_withheld", 0) + 1
+            return {**vals, "estimation_withheld": 1.0}
+        self.metrics.model.publish_estimate(est)
+        vals.update({f"estimated_{k}": float(v) for k, v in est.items()
+                     if k in ESTIMATED_METRICS or k == "accuracy_drop"})
+        if "drop_z" in est:
+            vals["estimated_accuracy_drop_z"] = float(est["drop_z"])
+        if "support_pvalue" in est:
+            vals["estimation_withheld"] = 0.0
         return vals
 
     def _estimation_join(self, window: int | None, correct: float) -> None:

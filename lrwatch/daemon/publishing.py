@@ -150,6 +150,7 @@ class PublishingMixin:
                 "classes": ref.estimator.get("n_classes"),
                 "reference_accuracy": ref.estimator.get("reference_accuracy"),
                 "reference_estimate": ref.estimator.get("reference_estimate"),
+                "withheld_windows": self.counters.get("estimation_withheld", 0),
                 "last_window": {k: v for k, v in vals.items()
                                 if k.startswith("estimat")}},
             "multivariate_drift": None if det is None else {

@@ -304,7 +304,7 @@ def test_metrics_with_every_new_family_are_promtool_clean(run_daemon, request, w
             "lrwatch_pending_labels", "lrwatch_estimated_accuracy", "lrwatch_estimated_metric",
             "lrwatch_estimated_accuracy_drop", "lrwatch_estimated_accuracy_drop_zscore",
             "lrwatch_estimation_error", "lrwatch_estimation_windows_compared_total",
-            "lrwatch_multivariate_drift_score"} <= names
+            "lrwatch_estimation_withheld_total", "lrwatch_multivariate_drift_score"} <= names
     assert ("lrwatch_prediction_mean" in names) == (which == "binary_reference")
 
 

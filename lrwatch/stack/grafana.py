@@ -439,11 +439,16 @@ def _estimation_panels(lay: _Layout) -> None:
                   "{{instance}} {{metric}}"),
                  (f"lrwatch_estimated_accuracy_drop{{{SEL}}}", "{{instance}} accuracy drop"),
                  (f"lrwatch_estimated_accuracy_drop_zscore{{{SEL}}}",
-                  "{{instance}} drop in standard errors")),
+                  "{{instance}} drop in standard errors"),
+                 (f"increase(lrwatch_estimation_withheld_total{{{SEL}}}[$__rate_interval])",
+                  "{{instance}} windows withheld ({{reason}})")),
         description="Binary classifiers: label-free estimates of precision, recall, F1 and "
                     "ROC AUC. The drop is the reference's estimate minus the window's; "
-                    "LrwatchAccuracyEstimateDrop fires over 2 points at 3.09 standard errors.",
-        overrides=[{"matcher": {"id": "byRegexp", "options": ".*standard errors"},
+                    "LrwatchAccuracyEstimateDrop fires over 2 points at 3.09 standard errors. "
+                    "Windows withheld: windows whose confidences lie outside the range the "
+                    "labelled reference calibrated (hard 0/1 or one-hot outputs); their "
+                    "estimates are NaN (LrwatchAccuracyEstimateWithheld).",
+        overrides=[{"matcher": {"id": "byRegexp", "options": ".*(standard errors|withheld.*)"},
                     "properties": [{"id": "custom.axisPlacement", "value": "right"}]}]), w=12)
 
 

@@ -278,7 +278,8 @@ def score_window(ests: dict[str, Any], p: np.ndarray, y: np.ndarray,
                  meta: dict[str, Any]) -> dict[str, Any]:
     """Every estimator on one window, next to the realised accuracy."""
     row = dict(meta, realised=realised(p, y), naive=naive(p), lrwatch={})
-    row["oracle"] = ests["oracle"].estimate(p)["accuracy"]
+    # (the oracle is a floor, not the product: never withheld)
+    row["oracle"] = ests["oracle"].estimate(p, check_support=False)["accuracy"]
     for name, est in ests.items():
         if name == "oracle":
             continue
@@ -287,6 +288,8 @@ def score_window(ests: dict[str, Any], p: np.ndarray, y: np.ndarray,
                                                   "accuracy_drop", "drop_z",
                                                   "accuracy_se_window")}
         row["lrwatch"][name]["se_cal_raw"] = r["accuracy_se_calibration"] / CAL_SCALE_NOW
+        row["lrwatch"][name]["withheld"] = bool(r.get("withheld"))
+        row["lrwatch"][name]["support_pvalue"] = r.get("support_pvalue", 1.0)
         if p.ndim == 1:
             row["lrwatch"][name]["binary"] = {k: r[k] for k in ("precision", "recall", "f1",
                                                                 "roc_auc") if k in r}
@@ -327,7 +330,34 @@ def run_case(case: Case, n_windows: int, nml_dir: str | None) -> list[dict[str, 
                  k=case.k)
         for j, r in enumerate(rows):
             r["nml_file"], r["nml_chunk"] = os.path.basename(path), j
-    return rows
+    # last, on a generator of their own: the windows above are those of earlier runs
+    return rows + hard_output_rows(case, ests, np.random.default_rng(case.seed + 911), meta)
+
+
+def hard_outputs(p: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
+    """``p`` with a ``share`` of its rows replaced by the model's hard decision (binary 0/1,
+    multiclass one-hot): a deployment that sends ``predict`` instead of ``predict_proba``,
+    on every replica (1.0) or some (0.3)."""
+    hard = (p >= 0.5).astype(float) if p.ndim == 1 else np.eye(p.shape[1])[p.argmax(axis=1)]
+    pick = rng.random(len(p)) < share
+    return np.where(pick, hard, p) if p.ndim == 1 else np.where(pick[:, None], hard, p)
+
+
+def hard_output_rows(case: Case, ests: dict[str, Any], rng: np.random.Generator,
+                     meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """Unshifted windows whose probabilities became hard outputs (:func:`hard_outputs`), every
+    row (``hard_outputs``) or 30% of them (``hard_outputs_30``): whether the estimate is
+    withheld, and what the calibration would have exported (``extrapolated``; the realised
+    accuracy is unchanged, the decisions are the same)."""
+    out = []
+    for variant, share in (("hard_outputs", 1.0), ("hard_outputs_30", 0.3)):
+        for i in range(2):
+            p, y = window(case, rng, None)
+            h = hard_outputs(p, share, rng)
+            row = score_window(ests, h, y, dict(meta, variant=variant, window=i))
+            row["extrapolated"] = ests["auto"].estimate(h, check_support=False)["accuracy"]
+            out.append(row)
+    return out
 
 
 def case_file(case: Case) -> str:
@@ -411,7 +441,8 @@ def lodo_choice(rows: list[dict[str, Any]], held_out: str | None) -> str:
         errs = []
         for kd in ("binary", "multiclass"):
             e = [abs(r["lrwatch"][name]["accuracy"] - r["realised"]) for r in rows
-                 if r["dataset"] != held_out and r["variant"] in HEADLINE and kind(r) == kd]
+                 if r["dataset"] != held_out and r["variant"] in HEADLINE and kind(r) == kd
+                 and not r["lrwatch"][name].get("withheld")]
             if e:
                 errs.append(float(np.mean(e)))
         if errs and np.mean(errs) < best_err:
@@ -432,6 +463,12 @@ def attach_lodo(rows: list[dict[str, Any]]) -> dict[str, str]:
     return chosen
 
 
+def estimated(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The windows whose estimate was not withheld (their confidences lie inside the
+    reference's; see lrwatch/daemon/support.py): every table's MAE is over these."""
+    return [r for r in rows if not r["lr"].get("withheld")]
+
+
 def mae(rows: list[dict[str, Any]], key: str) -> float | None:
     vals = [abs((r["lr"]["accuracy"] if key == "lrwatch" else r[key]) - r["realised"])
             for r in rows if key == "lrwatch" or key in r]
@@ -443,9 +480,11 @@ def mae_table(rows: list[dict[str, Any]], group: str) -> dict[str, dict[str, Any
     out: dict[str, dict[str, Any]] = {}
     for g in sorted({r[group] for r in rows}):
         for kd in ("binary", "multiclass"):
-            sub = [r for r in rows if r[group] == g and kind(r) == kd]
+            every = [r for r in rows if r[group] == g and kind(r) == kd]
+            sub = estimated(every)
             if sub:
-                out[f"{g}/{kd}"] = {"windows": len(sub), "lrwatch": mae(sub, "lrwatch"),
+                out[f"{g}/{kd}"] = {"windows": len(sub), "withheld": len(every) - len(sub),
+                                    "lrwatch": mae(sub, "lrwatch"),
                                     "nannyml": mae(sub, "nannyml"), "naive": mae(sub, "naive"),
                                     "oracle": mae(sub, "oracle")}
     return out
@@ -526,6 +565,7 @@ def _delay(flags: list[bool]) -> float:
 def _covered(rows: list[dict[str, Any]], scale: float) -> float:
     """Share of windows inside the band whose calibration term is multiplied by ``scale``
     (NaN when there are none)."""
+    rows = estimated(rows)
     if not rows:
         return math.nan
     hits = []
@@ -561,7 +601,7 @@ def binary_metric_mae(rows: list[dict[str, Any]]) -> dict[str, Any]:
     variants)."""
     out = {}
     for m in ("precision", "recall", "f1", "roc_auc"):
-        e = [abs(r["lr"]["binary"][m] - r["binary_truth"][m]) for r in rows
+        e = [abs(r["lr"]["binary"][m] - r["binary_truth"][m]) for r in estimated(rows)
              if r["variant"] in HEADLINE and m in r["lr"].get("binary", {})
              and m in r.get("binary_truth", {})]
         if e:
@@ -660,8 +700,9 @@ def summarise(rows, chosen, args) -> dict[str, Any]:
     """One mode's summary: LODO choices, MAE tables, band, detection."""
     from lrwatch.daemon.estimation import DEFAULT_METHOD, PRIOR_WEIGHT
 
-    real = [r for r in rows if r["dataset"] in REAL and not r["variant"].startswith("drop")]
-    synth = [r for r in rows if r["dataset"] not in REAL and not r["variant"].startswith("drop")]
+    special = ("drop", "hard_outputs")
+    real = [r for r in rows if r["dataset"] in REAL and not r["variant"].startswith(special)]
+    synth = [r for r in rows if r["dataset"] not in REAL and not r["variant"].startswith(special)]
     datasets = sorted(chosen)
     return {
         "lodo_choice": {d: {"config": c, "tuned_on": [o for o in datasets if o != d]}
@@ -677,7 +718,29 @@ def summarise(rows, chosen, args) -> dict[str, Any]:
         "binary_metrics": binary_metric_mae(rows),
         "detection": detection(rows),
         "detection_noise": detection(rows, "drop_noise"),
+        "support": support_table(rows),
     }
+
+
+def support_table(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per variant and binary/multiclass: windows, how many had their estimate withheld, the
+    smallest support p-value (lrwatch/daemon/support.py); for the hard-output variants also
+    the MAE (points) of what the calibration would have exported (``extrapolated``)."""
+    out: dict[str, dict[str, Any]] = {}
+    for v in sorted({r["variant"] for r in rows}):
+        for kd in ("binary", "multiclass"):
+            sub = [r for r in rows if r["variant"] == v and kind(r) == kd]
+            if not sub:
+                continue
+            t = {"windows": len(sub), "withheld": len(sub) - len(estimated(sub)),
+                 "min_pvalue": float(min(r["lr"]["support_pvalue"] for r in sub))}
+            if all("extrapolated" in r for r in sub):
+                t["extrapolated_mae"] = round(100 * float(np.mean(
+                    [abs(r["extrapolated"] - r["realised"]) for r in sub])), 2)
+                t["extrapolated_mean_error"] = round(100 * float(np.mean(
+                    [r["extrapolated"] - r["realised"] for r in sub])), 2)
+            out[f"{v}/{kd}"] = t
+    return out
 
 
 def config_table(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -687,7 +750,8 @@ def config_table(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     for name in CONFIGS:
         for kd in ("binary", "multiclass"):
             e = [abs(r["lrwatch"][name]["accuracy"] - r["realised"]) for r in rows
-                 if r["variant"] in HEADLINE and kind(r) == kd]
+                 if r["variant"] in HEADLINE and kind(r) == kd
+                 and not r["lrwatch"][name].get("withheld")]
             if e:
                 out.setdefault(name, {})[kd] = round(100 * float(np.mean(e)), 2)
     return out
@@ -755,6 +819,10 @@ def _print_mode(s: dict[str, Any]) -> None:
                       f"{det[m]['median_delay']}, missed {det[m]['missed']}/"
                       f"{det[m]['streams']}")
         print(f"  false alarms per 100 unshifted windows: {det['false_alarms_per_100']}")
+    print("windows outside the reference's confidences (estimate withheld; min_pvalue: the "
+          "smallest support p-value; extrapolated: what the calibration would have exported)")
+    for g, t in s["support"].items():
+        print(f"  {g:28s} " + ", ".join(f"{k} {v}" for k, v in t.items()))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -85,6 +85,12 @@ def test_tiny_run_writes_every_table(tmp_path):
             assert math.isfinite(t["lrwatch"]) and math.isfinite(t["naive"])
             assert t["nannyml"] is None  # not run here
         assert s["detection"]["false_alarms_per_100"]["windows"] > 0
+        # hard outputs on every row are withheld; the ordinary windows keep their estimates
+        sup = s["support"]
+        for kd in ("binary", "multiclass"):
+            hard = sup[f"hard_outputs/{kd}"]
+            assert hard["withheld"] == hard["windows"] > 0 and hard["extrapolated_mae"] >= 0
+            assert sup[f"none/{kd}"]["withheld"] == 0
         for cov in s["band_coverage"]["by_dataset"].values():
             assert cov["scale"] in bench.CAL_SCALES
             assert all(0.0 <= cov[v] <= 1.0 for v in bench.VARIANTS)

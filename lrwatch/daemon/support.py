@@ -20,8 +20,9 @@ exchangeable with the reference's" (nothing moved) tell such a window apart:
 
 A window is outside the support when a test's p-value is below :data:`SUPPORT_ALPHA`, and for
 the first test only when the rows above are also at least :data:`MIN_OUTSIDE_SHARE` of the
-window: rows outside the calibrated range move the estimate by at most their share, and a
-handful slightly more confident than a large reference's largest is immaterial.
+window: rows outside the calibrated range move the estimate by at most their share, and
+ordinary windows (unshifted, covariate-shifted, noisier inputs) put up to 8% of their rows
+beyond a reference's largest confidence in the benchmark.
 
 Examples
 --------
@@ -51,9 +52,12 @@ __all__ = ["SUPPORT_ALPHA", "MIN_OUTSIDE_SHARE", "WITHHELD_REASON", "support_che
 #: (docs/performance-estimation.md, "Windows outside the reference's confidences").
 SUPPORT_ALPHA = 1e-6
 #: Rows above the reference's largest confidence move the estimate by at most their share; a
-#: window is withheld for them only from this share on (the serving pack's 2-point floor of
-#: an estimated drop).
-MIN_OUTSIDE_SHARE = 0.02
+#: window is withheld for them only from this share on. Ordinary windows of the benchmark put
+#: up to 8% of their rows there (a 49-row iris reference; noisier inputs that make a model
+#: surer than any reference row): at 2%, 52 of its windows of noisier inputs were withheld
+#: against a 2000-row reference (docs/performance-estimation.md). Hard outputs put every row
+#: there (those of 30% of the rows: 30%).
+MIN_OUTSIDE_SHARE = 0.2
 #: The reason a withheld window's estimate is counted under.
 WITHHELD_REASON = "confidence_outside_reference"
 

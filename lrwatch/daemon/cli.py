@@ -91,19 +91,7 @@ def daemon_command(config_path: str | None, host: str | None, port: int | None,
     click.echo(f"lrwatch daemon listening on http://{host_}:{port_} "
                f"(reference: {'loaded' if d.reference else 'from the first %d records' % cfg.live_records})",
                err=True)
-    stop = threading.Event()
-    got: list[str] = []
-
-    def _term(signum: int, frame: object) -> None:
-        got.append(signal.Signals(signum).name)
-        stop.set()
-
-    # SIGHUP too (its terminal closed, a `kill -HUP` meant as a reload): Python's
-    # default ended the process with no drain and no last snapshot. Nothing is reloaded.
-    # Under `nohup` (SIGHUP ignored when started) it stays ignored.
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        if not (sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN):
-            signal.signal(sig, _term)
+    stop, got = _stop_on_signals()
     server.start()
     stop.wait()
     click.echo(f"stopping ({got[0] if got else 'signal'}): draining the queue and writing "
@@ -111,6 +99,25 @@ def daemon_command(config_path: str | None, host: str | None, port: int | None,
     server.stop()
     d.stop()
     sys.exit(0)
+
+
+def _stop_on_signals() -> tuple[threading.Event, list[str]]:
+    """An event set by SIGTERM, SIGINT or SIGHUP, and the list their names go to.
+
+    SIGHUP too (its terminal closed, a `kill -HUP` meant as a reload): Python's default
+    ended the process with no drain and no last snapshot. Nothing is reloaded. Under
+    `nohup` (SIGHUP ignored when started) it stays ignored."""
+    stop = threading.Event()
+    got: list[str] = []
+
+    def _term(signum: int, frame: object) -> None:
+        got.append(signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        if not (sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN):
+            signal.signal(sig, _term)
+    return stop, got
 
 
 @click.group("baseline")

@@ -281,7 +281,9 @@ def rules_group() -> None:
                    "(--with training --with team.yml), as Watcher(rules=[...]) and replay "
                    "--rules join them.")
 def check_command(files: tuple[str, ...], with_sets: tuple[str, ...]) -> None:
-    """Validate rule FILES; every error is printed as FILE:LINE: key 'KEY': message.
+    """Validate rule FILES; every error is printed on stderr as FILE:LINE: key 'KEY':
+    message, with the count of files with errors last (exit 1); a good file's "FILE: ok"
+    line goes to stdout.
 
     With --with, each FILE is checked joined after those rule sets: its 'when' rules may
     refer to their rules, and it may turn one off ({name: X, enabled: false}) or replace it
@@ -297,8 +299,8 @@ def check_command(files: tuple[str, ...], with_sets: tuple[str, ...]) -> None:
         except RuleError as exc:
             bad += 1
             for line in exc.errors:
-                if line not in shown:
-                    click.echo(line)
+                if line not in shown:   # on stderr with the summary, as replay's errors
+                    click.echo(line, err=True)
                     shown.add(line)
             continue
         click.echo(f"{f}: ok ({_check_summary(f, rs, layers[-1], with_sets)})")

@@ -263,7 +263,8 @@ def test_rules_check_with_validates_a_file_as_it_will_be_joined(tmp_path: Path) 
     # them and how to check the file with it
     res = CliRunner().invoke(cli, ["rules", "check", str(my)])
     assert res.exit_code == 1
-    lines = res.stdout.splitlines()
+    lines = res.stderr.splitlines()
+    assert lines.pop() == "1 of 1 file(s) have errors"
     assert len(lines) == 2, lines
     assert lines[0].startswith(f"{my}:7: key 'rules[1].enabled': no earlier rule set has a "
                                f"rule 'stalled' to disable")
@@ -275,7 +276,7 @@ def test_rules_check_with_validates_a_file_as_it_will_be_joined(tmp_path: Path) 
                                      "severity: info}]\n")
     res = CliRunner().invoke(cli, ["rules", "check", str(esc)])
     assert res.exit_code == 1
-    assert res.stdout.startswith(f"{esc}:1: key 'rules[0].when.firing': unknown rule "
+    assert res.stderr.startswith(f"{esc}:1: key 'rules[0].when.firing': unknown rule "
                                  f"'lr_anomaly'; 'lr_anomaly' is a rule of pack 'training': "
                                  f"join the pack first (lrwatch rules check {esc} --with "
                                  f"training;")
@@ -292,7 +293,7 @@ def test_rules_check_with_validates_a_file_as_it_will_be_joined(tmp_path: Path) 
     res = CliRunner().invoke(cli, ["rules", "check", str(bad), "--with", "training",
                                    "--with", str(my)])
     assert res.exit_code == 1
-    assert res.stdout.startswith(f"{bad}:1: key 'rules[0].when.firing': unknown rule "
+    assert res.stderr.startswith(f"{bad}:1: key 'rules[0].when.firing': unknown rule "
                                  f"'lr_bug_sen'; did you mean 'lr_bug_seen'?")
 
 

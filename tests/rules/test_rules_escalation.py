@@ -549,7 +549,8 @@ def test_validation_errors(case, tmp_path):
     assert info.value.errors == [e.replace("f.yml:", f"{f}:", 1) for e in expected]
     out = CliRunner().invoke(cli, ["rules", "check", str(f)])
     assert out.exit_code == 1
-    assert out.stdout.splitlines() == info.value.errors
+    assert out.stderr.splitlines() == info.value.errors + ["1 of 1 file(s) have errors"]
+    assert out.stdout == ""
 
 
 def test_all_errors_are_collected_and_cli_accepts_a_good_file(tmp_path):

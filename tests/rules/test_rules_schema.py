@@ -390,7 +390,7 @@ def test_rules_check_cli(tmp_path):
     assert res.exit_code == 1
     assert f"{good}: ok (1 rule)" in res.stdout
     assert (f"{bad}:5: key 'rules[0].severity': 'urgent' is not a severity "
-            "(valid choices: critical, warning, info)") in res.stdout
+            "(valid choices: critical, warning, info)") in res.stderr
     assert "Traceback" not in res.output
     res = CliRunner().invoke(cli, ["rules", "check", str(good)])
     assert res.exit_code == 0
@@ -399,7 +399,7 @@ def test_rules_check_cli(tmp_path):
     params.write_text(rule("metric: loss\ndetector: nonfinite\nseverity: info\n"
                            "actions: [{reduce_lr: {factor: 2}}]\n"))
     res = CliRunner().invoke(cli, ["rules", "check", str(params)])
-    assert res.exit_code == 1 and "reduce_lr: factor: must be a number > 0 and < 1, got 2" in res.stdout
+    assert res.exit_code == 1 and "reduce_lr: factor: must be a number > 0 and < 1, got 2" in res.stderr
     # parameters on an action that takes none were ignored without a word; 5e-1 was refused
     params.write_text(rule("metric: loss\ndetector: nonfinite\nseverity: critical\n"
                            "actions: [{rollback: {lr_factor: 0.1}}]\n"))
@@ -410,7 +410,7 @@ def test_rules_check_cli(tmp_path):
     assert res.exit_code == 1 and f"{exp}: ok (1 rule)" in res.stdout
     # (at the action's line, naming its key since the twelfth round's audit, docs/rules.md)
     assert (f"{params}:6: key 'rules[0].actions[0]': rollback: takes no parameters, got "
-            f"'lr_factor'" in res.stdout)
+            f"'lr_factor'" in res.stderr)
 
 
 def test_rules_show_and_detectors_cli():

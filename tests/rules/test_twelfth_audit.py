@@ -74,7 +74,7 @@ def test_replay_refuses_a_rule_file_that_rules_check_refuses(tmp_path: Path) -> 
     trace = _file(tmp_path, "t.jsonl", '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": "nan"}\n')
     check = CliRunner().invoke(cli, ["rules", "check", str(rules)])
     assert check.exit_code == 1
-    assert f"{rules}:6: key 'rules[0].actions[0]': reduce_lr: factor: must be" in check.stdout
+    assert f"{rules}:6: key 'rules[0].actions[0]': reduce_lr: factor: must be" in check.stderr
     res = CliRunner().invoke(cli, ["replay", str(trace), "--rules", str(rules)])
     assert res.exit_code == 2, res.output
     assert f"{rules}:6: key 'rules[0].actions[0]': reduce_lr: factor: must be" in res.stderr

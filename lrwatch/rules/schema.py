@@ -981,6 +981,10 @@ def _validate(root: yaml.Node | None, ctor: Any, errs: _Errors, refs: _Refs) -> 
             rnode = top["rules"][1]
             if not isinstance(rnode, yaml.SequenceNode):
                 errs.add(rnode, "rules", "expected a list of rules")
+            elif not rnode.value:   # 'ok (0 rules)' checked nothing and replayed nothing
+                errs.add(rnode, "rules", "the list is empty: a rule file holds at least one "
+                         "rule, or an entry {name: X, enabled: false} that turns off a rule of "
+                         "an earlier rule set")
             else:
                 _validate_rules(rnode, ctor, errs, refs)
 

@@ -43,3 +43,30 @@ def test_rules_check_writes_its_errors_and_summary_to_stderr(tmp_path: Path) -> 
     assert res.stderr == (f"{bad}:2: key 'rules[0].severity': 'urgent' is not a severity "
                           f"(valid choices: critical, warning, info)\n"
                           f"1 of 2 file(s) have errors\n")
+
+
+# --- 'rules: []' was "ok (0 rules)" -------------------------------------------------------------
+
+def test_an_empty_rule_list_is_an_error_and_a_file_that_only_turns_rules_off_is_not(
+        tmp_path: Path) -> None:
+    """`rules: []` passed `rules check` as "ok (0 rules)" and replay replayed nothing, exit 0
+    (a file emptied by mistake, or a list written under another key, checked nothing). A file
+    of only `{name: X, enabled: false}` entries, joined after a pack, stays valid, and so does
+    a file whose own rules are all turned off."""
+    empty = _file(tmp_path, "empty.yml", "version: 1\nrules: []\n")
+    msg = (f"{empty}:2: key 'rules': the list is empty: a rule file holds at least one rule, "
+           f"or an entry {{name: X, enabled: false}} that turns off a rule of an earlier rule set")
+    for extra in ([], ["--with", "training"]):
+        res = CliRunner().invoke(cli, ["rules", "check", str(empty), *extra])
+        assert res.exit_code == 1, res.output
+        assert res.stderr.splitlines()[0] == msg
+    trace = _file(tmp_path, "t.jsonl", '{"step": 1, "loss": 1.0}\n')
+    res = CliRunner().invoke(cli, ["replay", str(trace), "--rules", str(empty)])
+    assert res.exit_code == 2 and msg in res.stderr
+    off = _file(tmp_path, "off.yml", "rules:\n  - {name: stalled, enabled: false}\n")
+    res = CliRunner().invoke(cli, ["rules", "check", str(off), "--with", "training"])
+    assert res.exit_code == 0, res.output
+    assert "0 replacing and 1 turning off a rule of training" in res.stdout
+    own_off = _file(tmp_path, "own_off.yml", "rules:\n" + _RULE.replace("}", ", enabled: false}"))
+    res = CliRunner().invoke(cli, ["rules", "check", str(own_off)])
+    assert res.exit_code == 0 and res.stdout == f"{own_off}: ok (0 rules)\n"

@@ -301,7 +301,9 @@ def test_structure_errors(tmp_path):
         "1: key '<top>': expected a mapping with a 'rules' list"]
     assert errors_of(tmp_path, "rules: {a: 1}\n") == ["1: key 'rules': expected a list of rules"]
     assert errors_of(tmp_path, "version: 2\nrules: []\n") == [
-        "1: key 'version': unsupported version 2 (valid choices: 1)"]
+        "1: key 'version': unsupported version 2 (valid choices: 1)",
+        "2: key 'rules': the list is empty: a rule file holds at least one rule, or an entry "
+        "{name: X, enabled: false} that turns off a rule of an earlier rule set"]
     errs = errors_of(tmp_path, "rules:\n  - just a string\n")
     assert errs[0].startswith("2: key 'rules[0]': each rule must be a mapping")
 

@@ -551,9 +551,10 @@ def _rule_metrics(e: _Entries) -> tuple[str, ...]:
         if isinstance(m1, str) and m1:
             return (m1,)
         errs.add(m1node, f"{path}.metric", f"expected a metric name, got {short(m1)}")
+    elif isinstance(ms, str):   # one metric is 'metric: NAME'; 'metrics' takes a list
+        errs.add(msnode, f"{path}.metrics", f"expected a list of metric names: write "
+                                            f"metric: {ms} or metrics: [{ms}]")
     else:
-        if isinstance(ms, str):
-            ms = [ms]
         if isinstance(ms, list) and ms and all(isinstance(m, str) and m for m in ms):
             return tuple(dict.fromkeys(ms))
         errs.add(msnode, f"{path}.metrics", f"expected a non-empty list of metric names, "
@@ -740,15 +741,15 @@ def _rule_actions(e: _Entries) -> tuple[tuple[str, ...], dict[str, Mapping[str, 
     _, anode = e.val("actions")
     if anode is None:
         return (), action_params
-    if isinstance(anode, yaml.ScalarNode) and not anode.tag.endswith(":null"):
-        anode_items: list[yaml.Node] = [anode]
-    elif isinstance(anode, yaml.SequenceNode):
+    anode_items: list[yaml.Node] = []
+    if isinstance(anode, yaml.SequenceNode):
         anode_items = list(anode.value)
-    elif isinstance(anode, yaml.ScalarNode):
-        anode_items = []
-    else:
+    elif isinstance(anode, yaml.ScalarNode) and not anode.tag.endswith(":null"):
+        # a list key takes a list, as 'metrics' and the lists of 'when' do: one spelling
+        e.errs.add(anode, f"{e.path}.actions", f"expected a list of actions: write "
+                   f"actions: [{_plain(anode, e.ctor)}]", ACTIONS)
+    elif not isinstance(anode, yaml.ScalarNode):
         e.errs.add(anode, f"{e.path}.actions", "expected a list of actions", ACTIONS)
-        anode_items = []
     for j, item in enumerate(anode_items):
         full = f"{e.path}.actions[{j}]"
         if isinstance(item, yaml.MappingNode) and len(item.value) == 1:

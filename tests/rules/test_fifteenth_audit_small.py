@@ -70,3 +70,26 @@ def test_an_empty_rule_list_is_an_error_and_a_file_that_only_turns_rules_off_is_
     own_off = _file(tmp_path, "own_off.yml", "rules:\n" + _RULE.replace("}", ", enabled: false}"))
     res = CliRunner().invoke(cli, ["rules", "check", str(own_off)])
     assert res.exit_code == 0 and res.stdout == f"{own_off}: ok (0 rules)\n"
+
+
+# --- 'actions: rollback' (a string, not a list) was accepted without being documented ----------
+
+def test_a_list_key_given_one_name_says_how_to_write_the_list() -> None:
+    """`actions: rollback` and `metrics: loss` were taken as one-item lists, undocumented,
+    where the lists of `when` (`any`, `all`, `unless`) refuse a name alone: one spelling for
+    every list key, and the message shows it."""
+    text = ("rules:\n  - {name: a, metric: loss, detector: nonfinite, severity: info, "
+            "actions: rollback}\n"
+            "  - {name: b, metrics: loss, detector: nonfinite, severity: info}\n"
+            "  - {name: c, when: {any: a}, severity: info}\n")
+    assert _errors(text) == [
+        "f.yml:2: key 'rules[0].actions': expected a list of actions: write actions: "
+        "[rollback] (valid choices: rollback, reduce_lr, skip, stop, alert, hook)",
+        "f.yml:3: key 'rules[1].metrics': expected a list of metric names: write "
+        "metric: loss or metrics: [loss]",
+        "f.yml:4: key 'rules[2].when.any': expected a list of at least 1 rule name, got 'a'"]
+    ok = parse_rules("rules:\n  - {name: a, metrics: [loss], detector: nonfinite, "
+                     "severity: info, actions: [rollback]}\n"
+                     "  - {name: b, metric: loss, detector: nonfinite, severity: info, "
+                     "actions: null}\n")
+    assert [r.actions for r in ok] == [("rollback",), ()]

@@ -74,6 +74,10 @@ _TOP_KEYS = ("version", "rules")
 _LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 #: Label names every alert of a rule sets itself (lrwatch.actions.alerts.Alert.for_rule).
 RESERVED_LABELS = ("alertname", "severity", "rule")
+#: Annotation names every alert of a rule sets itself, and from what
+#: (lrwatch.actions.alerts.Alert.from_firing); a rule's own would replace them without a word.
+RESERVED_ANNOTATIONS = {"value": "the firing's value", "step": "the firing's step",
+                        "metric": "the metric that fired"}
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]*$")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -179,6 +183,10 @@ class Rule:
         problem = _given_problem(self.given, self.metrics, self.detector, self.params)
         if problem:
             raise ConfigError(f"rule {self.name!r}: {problem}")
+        reserved = [k for k in self.annotations if k in RESERVED_ANNOTATIONS]
+        if reserved:   # (a Rule built in Python skips the file's checks)
+            raise ConfigError(f"rule {self.name!r}: annotation {reserved[0]!r}: "
+                              f"{_reserved_annotation(reserved[0])}")
 
     @property
     def references(self) -> tuple[str, ...]:
@@ -425,6 +433,9 @@ def _str_map(node: yaml.Node, ctor: Any, full: str, errs: _Errors,
             errs.add(knode, f"{full}.{key}", "not a valid annotation name: letters, digits and "
                      "underscores, not starting with a digit (Alertmanager refuses others)")
             continue
+        if template and key in RESERVED_ANNOTATIONS:
+            errs.add(knode, f"{full}.{key}", _reserved_annotation(key))
+            continue
         if label_names and key in RESERVED_LABELS:
             # every alert sets these itself: an alertname of its own makes the alert unbuildable
             # (lost), a severity of its own one outside critical|warning|info
@@ -442,6 +453,13 @@ def _str_map(node: yaml.Node, ctor: Any, full: str, errs: _Errors,
             _check_template(v, vnode, f"{full}.{key}", errs)
         out[key] = v
     return out
+
+
+def _reserved_annotation(key: str) -> str:
+    """Why the annotation ``key`` is refused (one of :data:`RESERVED_ANNOTATIONS`)."""
+    return (f"reserved: every alert sets the annotation {key!r} itself "
+            f"({RESERVED_ANNOTATIONS[key]}, which a template writes as {{{key}}}); rename "
+            f"the annotation")
 
 
 class _Entries:

@@ -93,3 +93,38 @@ def test_a_list_key_given_one_name_says_how_to_write_the_list() -> None:
                      "  - {name: b, metric: loss, detector: nonfinite, severity: info, "
                      "actions: null}\n")
     assert [r.actions for r in ok] == [("rollback",), ()]
+
+
+# --- 'annotations: {value: ...}' replaced lrwatch's own 'value' annotation ---------------------
+
+def test_an_annotation_lrwatch_sets_itself_is_reserved() -> None:
+    """`annotations: {value: "see runbook"}` passed `rules check`, and every alert of the rule
+    carried that text as its `value`, where lrwatch puts the firing's value (Alertmanager's
+    templates, the log line `(value=...)`); `step` and `metric` likewise. They are refused,
+    in a file (with the key) and in a Rule built in Python."""
+    from lrwatch.actions.alerts import Alert
+    from lrwatch.errors import ConfigError
+    from lrwatch.rules import Engine
+    from lrwatch.rules.schema import Rule
+    from lrwatch.samples import Sample
+
+    text = ("rules:\n  - name: a\n    metric: loss\n    detector: threshold\n"
+            "    params: {above: 1}\n    severity: info\n    annotations:\n"
+            "      value: see runbook\n      step: '{step}'\n      metric: m\n"
+            "      runbook_url: http://x/{metric}\n")
+    assert _errors(text) == [
+        f"f.yml:{line}: key 'rules[0].annotations.{key}': reserved: every alert sets the "
+        f"annotation {key!r} itself ({what}, which a template writes as {{{key}}}); rename "
+        f"the annotation"
+        for line, key, what in ((8, "value", "the firing's value"),
+                                (9, "step", "the firing's step"),
+                                (10, "metric", "the metric that fired"))]
+    with pytest.raises(ConfigError, match="rule 'a': annotation 'value': reserved"):
+        Rule("a", ("loss",), "nonfinite", annotations={"value": "see runbook"})
+    # the names a rule may use still reach the alert beside lrwatch's own
+    rs = parse_rules(text.replace("      value: see runbook\n      step: '{step}'\n"
+                                  "      metric: m\n", ""))
+    firing = Engine(rs).update(Sample(step=7, values={"loss": 5.0}))[0]
+    ann = Alert.from_firing(firing).annotations
+    assert (ann["value"], ann["step"], ann["metric"]) == ("5", "7", "loss")
+    assert ann["runbook_url"] == "http://x/loss"

@@ -7,7 +7,8 @@ The format is a contract (see docs/design.md)::
 ``step`` is required and strictly increasing; ``time`` is optional; ``lr`` is a number or a list
 with one number per parameter group; every other key is a metric with a number. Non-finite numbers
 are written as the strings ``"nan"``, ``"inf"`` and ``"-inf"``; readers also accept bare
-``NaN``/``Infinity``. A line may carry ``"events": [...]``. A trace file kept gzip-compressed is
+``NaN``/``Infinity``. A line may carry ``"events": [...]``. An object holds each key once (a
+line with a key twice is a bad line). A trace file kept gzip-compressed is
 read as the trace it holds, and a byte-order mark before its first line is ignored.
 
 This module is pure (no side effects but reading the file it is given) and torch-free: the
@@ -219,7 +220,7 @@ class TraceReader:
             try:
                 if not line.isascii():
                     _check_utf8(line)
-                sample = parse_record(json.loads(line))
+                sample = parse_record(json.loads(line, object_pairs_hook=_once_each))
                 if last_step is not None and sample.step <= last_step:
                     raise ValueError(f"key 'step': {sample.step} does not increase "
                                      f"(previous {last_step})")
@@ -234,6 +235,27 @@ class TraceReader:
             last_step = sample.step
             self.lineno = lineno
             yield sample
+
+
+def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are each given once (json keeps the last of a repeated key
+    without a word: ``{"loss": 1.0, "loss": "nan"}`` was a finite loss to one reader and a NaN
+    to another). Raises ``ValueError`` naming the first repeated key.
+
+    >>> _once_each([("step", 1), ("loss", 1.0), ("loss", "nan")])
+    Traceback (most recent call last):
+    ...
+    ValueError: key 'loss' is given twice on the line (a trace line holds each key once: which value is meant is not known)
+    """
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"key {_short(key)} is given twice on the line (a trace line "
+                                 f"holds each key once: which value is meant is not known)")
+            seen.add(key)
+    return obj
 
 
 def _bad_line_message(exc: Exception) -> str:

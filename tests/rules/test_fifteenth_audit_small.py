@@ -128,3 +128,28 @@ def test_an_annotation_lrwatch_sets_itself_is_reserved() -> None:
     ann = Alert.from_firing(firing).annotations
     assert (ann["value"], ann["step"], ann["metric"]) == ("5", "7", "loss")
     assert ann["runbook_url"] == "http://x/loss"
+
+
+# --- a trace line with a key twice kept the last value without a word --------------------------
+
+def test_a_trace_line_with_a_key_twice_is_one_malformed_line(tmp_path: Path) -> None:
+    """`{"step": 2, "loss": 1.0, "loss": "nan"}` was read as a NaN loss (json keeps the last
+    value), and the rule on NaN fired on a line another JSON reader takes as finite. The trace
+    is lrwatch's own format, which writes each key once: the line is malformed, named with the
+    key, and with --lenient skipped and counted like any malformed line, the others kept."""
+    rules = _file(tmp_path, "r.yml", "rules:\n" + _RULE)
+    trace = _file(tmp_path, "t.jsonl", '{"step": 1, "loss": 1.0}\n'
+                                       '{"step": 2, "loss": 1.0, "loss": "nan"}\n'
+                                       '{"step": 3, "loss": 1.0}\n')
+    msg = (f"{trace}:2: key 'loss' is given twice on the line (a trace line holds each key "
+           f"once: which value is meant is not known)")
+    res = CliRunner().invoke(cli, ["replay", str(trace), "--rules", str(rules)])
+    assert res.exit_code == 2 and msg in res.stderr, res.output
+    res = CliRunner().invoke(cli, ["replay", str(trace), "--rules", str(rules), "--lenient"])
+    assert res.exit_code == 0, res.output
+    assert f"warning: {trace}: skipped 1 malformed line(s); first: {msg}" in res.stderr
+    assert res.stdout.splitlines()[-2:] == [
+        "no rule fired", "1 trace(s), 2 samples, 0 firing(s) (critical: 0, warning: 0, "
+        "info: 0), 1 malformed line(s) skipped"]
+    res = CliRunner().invoke(cli, ["report", str(trace)])
+    assert res.exit_code != 0 and msg in res.output

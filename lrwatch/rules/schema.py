@@ -44,7 +44,7 @@ import yaml
 
 from ..errors import ConfigError, RuleError
 from .detectors import DETECTORS, Detector
-from .detectors.base import short
+from .detectors.base import MAX_COUNT, short
 from .templates import FIELDS, check_template
 
 if TYPE_CHECKING:
@@ -390,11 +390,22 @@ def _unknown(errs: _Errors, knode: yaml.Node, full: str, key: str, valid: tuple[
     errs.add(knode, full, hint, valid)
 
 
+#: what a span no run reaches would mean, and what to write instead
+_SPAN_HINTS = {"for": "; the rule would never fire (to turn it off write enabled: false)",
+               "hysteresis": "; the rule would never resolve",
+               "cooldown": f"; a cooldown of {MAX_COUNT} already lasts the whole run"}
+
+
 def _span(value: Any, node: yaml.Node, full: str, errs: _Errors, *, allow_zero: bool) -> Span | None:
     lo = 0 if allow_zero else 1
+    hint = _SPAN_HINTS.get(full.rsplit(".", 1)[-1], "")
     if isinstance(value, int) and not isinstance(value, bool):
         if value < lo:
             errs.add(node, full, f"must be at least {lo}, got {value}")
+            return None
+        if value > MAX_COUNT:
+            errs.add(node, full, f"must be at most {MAX_COUNT} samples, got {short(value)}: "
+                                 f"more than a run has{hint}")
             return None
         return Span(count=value)
     if isinstance(value, str):
@@ -403,6 +414,10 @@ def _span(value: Any, node: yaml.Node, full: str, errs: _Errors, *, allow_zero: 
             secs = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
             if secs <= 0 and not allow_zero:
                 errs.add(node, full, f"duration must be positive, got {short(value)}")
+                return None
+            if secs > MAX_COUNT:
+                errs.add(node, full, f"must be at most {MAX_COUNT}s (about 31 years), got "
+                                     f"{short(value)}: longer than a run{hint}")
                 return None
             return Span(count=lo, seconds=secs)
     errs.add(node, full, f"expected a number of samples or a duration such as '30s', "

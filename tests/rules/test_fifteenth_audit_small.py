@@ -153,3 +153,53 @@ def test_a_trace_line_with_a_key_twice_is_one_malformed_line(tmp_path: Path) -> 
         "info: 0), 1 malformed line(s) skipped"]
     res = CliRunner().invoke(cli, ["report", str(trace)])
     assert res.exit_code != 0 and msg in res.output
+
+
+# --- a window (or 'for:') of 10**12 was accepted -------------------------------------------------
+
+def test_a_window_past_what_a_detector_may_keep_and_a_span_past_any_run_are_errors() -> None:
+    """`params: {window: 1000000000000}` passed `rules check`: the spike detector then kept
+    every value of the run (its memory and the state every checkpoint holds grew with it);
+    `for: 1000000000000` made a rule that never fires, without a word. A parameter that sizes
+    what a detector keeps is at most MAX_KEPT values, any other count (and for, hysteresis,
+    cooldown) at most MAX_COUNT, each with its reason; the bounds themselves are accepted."""
+    from lrwatch.errors import ConfigError
+    from lrwatch.rules import Engine
+    from lrwatch.rules.detectors import DETECTORS
+    from lrwatch.rules.detectors.base import MAX_COUNT, MAX_KEPT
+    from lrwatch.samples import Sample
+
+    big = 10 ** 12
+    text = ("rules:\n"
+            f"  - {{name: a, metric: loss, detector: spike, params: {{window: {big}}}, "
+            f"severity: info}}\n"
+            f"  - {{name: b, metric: loss, detector: plateau, params: {{patience: {big}}}, "
+            f"severity: info}}\n"
+            f"  - {{name: c, metric: loss, detector: nonfinite, severity: info, for: {big}, "
+            f"hysteresis: {big}, cooldown: {big}}}\n"
+            f"  - {{name: d, metric: loss, detector: nonfinite, severity: info, "
+            f"for: 100000000000s}}\n")
+    assert _errors(text) == [
+        f"f.yml:2: key 'rules[0].params.window': parameter 'window' must be an integer >= 3 "
+        f"and <= {MAX_KEPT}, got {big}: the detector keeps this many values, in memory and in "
+        f"the state every checkpoint holds",
+        f"f.yml:3: key 'rules[1].params.patience': parameter 'patience' must be an integer "
+        f">= 1 and <= {MAX_COUNT}, got {big}: more values than a run has (it would never "
+        f"decide)",
+        f"f.yml:4: key 'rules[2].for': must be at most {MAX_COUNT} samples, got {big}: more "
+        f"than a run has; the rule would never fire (to turn it off write enabled: false)",
+        f"f.yml:4: key 'rules[2].cooldown': must be at most {MAX_COUNT} samples, got {big}: "
+        f"more than a run has; a cooldown of {MAX_COUNT} already lasts the whole run",
+        f"f.yml:4: key 'rules[2].hysteresis': must be at most {MAX_COUNT} samples, got {big}: "
+        f"more than a run has; the rule would never resolve",
+        f"f.yml:5: key 'rules[3].for': must be at most {MAX_COUNT}s (about 31 years), got "
+        f"'100000000000s': longer than a run; the rule would never fire (to turn it off "
+        f"write enabled: false)"]
+    with pytest.raises(ConfigError, match="keeps this many values"):
+        DETECTORS["trend"](window=MAX_KEPT + 1)   # a detector built in Python too
+    rs = parse_rules("rules:\n"
+                     f"  - {{name: a, metric: loss, detector: spike, params: {{window: "
+                     f"{MAX_KEPT}}}, severity: info}}\n"
+                     f"  - {{name: c, metric: loss, detector: nonfinite, severity: info, "
+                     f"for: {MAX_COUNT}, cooldown: {MAX_COUNT}}}\n")
+    Engine(rs).update(Sample(step=1, values={"loss": 1.0}))

@@ -47,7 +47,7 @@ class AboveMin(Detector):
 
     name: ClassVar[str] = "above_min"
     PARAMS: ClassVar[Mapping[str, Param]] = {
-        "window": Param(int, "values the minimum is taken over", min=1),
+        "window": Param(int, "values the minimum is taken over", min=1, keeps=True),
         "factor": Param(float, "ratio to the minimum that fires", min=1, min_open=True),
     }
     _STATE = ("n", "q", "ratio")

@@ -18,9 +18,19 @@ from typing import Any, ClassVar, Mapping
 from ...errors import ConfigError
 from ...samples import decode_number, encode_number
 
-__all__ = ["Detector", "Param", "DIRECTIONS", "short", "exponent_number"]
+__all__ = ["Detector", "Param", "DIRECTIONS", "MAX_KEPT", "MAX_COUNT", "short",
+           "exponent_number"]
 
 DIRECTIONS = ("up", "down", "both")
+#: The most values a detector parameter may ask a detector to keep (a window, a warm-up whose
+#: values are kept for their median, ``max_bins``): the detector holds them in memory and its
+#: state, written into every checkpoint and rollback event, holds them as JSON (about 2 MB per
+#: rule and metric at this bound). A window of 10**12 grew the detector with the run.
+MAX_KEPT = 100_000
+#: The largest count of values any other integer parameter (and a rule's ``for``, ``hysteresis``
+#: and ``cooldown``) may give: more samples than a run has (a billion steps), so a larger one
+#: only ever means "never" (a typo, or a rule that ``enabled: false`` turns off plainly).
+MAX_COUNT = 1_000_000_000
 
 #: A number in exponent notation that YAML 1.1 (PyYAML) reads as text: ``1e-5`` (no dot),
 #: ``1.0e5`` (no sign in the exponent).
@@ -72,6 +82,16 @@ class Param:
     max: float | None = None
     min_open: bool = False  # True: the value must be strictly greater than ``min``
     optional: bool = False
+    #: an ``int`` parameter that sizes what the detector keeps: at most :data:`MAX_KEPT`
+    #: (other ``int`` parameters, counters, at most :data:`MAX_COUNT`)
+    keeps: bool = False
+
+    @property
+    def upper(self) -> float | None:
+        """The largest value allowed: ``max``, else the bound of an ``int`` parameter."""
+        if self.max is not None or self.kind is not int:
+            return self.max
+        return MAX_KEPT if self.keeps else MAX_COUNT
 
     def check(self, name: str, value: Any) -> Any:
         """Return ``value`` converted to the parameter's type, or raise :class:`ConfigError`."""
@@ -94,8 +114,15 @@ class Param:
             if not math.isfinite(value):
                 raise ConfigError(f"parameter {name!r} must be finite, got {short(value)}")
             lo_bad = self.min is not None and (value <= self.min if self.min_open else value < self.min)
-            if lo_bad or (self.max is not None and value > self.max):
-                raise ConfigError(f"parameter {name!r} must be {self.describe()}, got {short(value)}")
+            hi = self.upper
+            if lo_bad or (hi is not None and value > hi):
+                why = ""
+                if not lo_bad and self.max is None:
+                    why = (": the detector keeps this many values, in memory and in the state "
+                           "every checkpoint holds" if self.keeps else
+                           ": more values than a run has (it would never decide)")
+                raise ConfigError(f"parameter {name!r} must be {self.describe()}, got "
+                                  f"{short(value)}{why}")
             return value
         if not isinstance(value, str):
             raise ConfigError(f"parameter {name!r} must be a string, got {short(value)}")
@@ -111,8 +138,10 @@ class Param:
         parts = [kind]
         if self.min is not None:
             parts.append(f"{'>' if self.min_open else '>='} {self.min:g}")
-        if self.max is not None:
-            parts.append(f"{'and ' if self.min is not None else ''}<= {self.max:g}")
+        hi = self.upper
+        if hi is not None:
+            shown = str(hi) if isinstance(hi, int) else f"{hi:g}"
+            parts.append(f"{'and ' if self.min is not None else ''}<= {shown}")
         return " ".join(parts) + (" or null" if self.optional else "")
 
 

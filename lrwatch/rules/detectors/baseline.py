@@ -68,12 +68,13 @@ class Baseline(RunLengthTest, Detector):
     name: ClassVar[str] = "baseline"
     takes_given: ClassVar[bool] = True
     PARAMS: ClassVar[Mapping[str, Param]] = {
-        "warmup": Param(int, "initial values whose median is the baseline", min=1),
+        "warmup": Param(int, "initial values whose median is the baseline", min=1, keeps=True),
         "arm": Param(float, "ratio to the baseline that arms the detector", min=0, min_open=True),
         "level": Param(float, "ratio to the baseline that fires", min=0, min_open=True),
         "direction": Param(str, "up (loss) or down (accuracy)", choices=("up", "down")),
         "smooth": Param(float, "EWMA weight of the newest value", min=0, min_open=True, max=1),
-        "median": Param(int, "running median over this many values before the EWMA", min=1),
+        "median": Param(int, "running median over this many values before the EWMA",
+                        min=1, keeps=True),
         "alpha": Param(float, "per-value false-alarm probability of the run-length test "
                        "(0: off)", min=0, max=0.5),
     }

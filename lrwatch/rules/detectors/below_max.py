@@ -53,7 +53,8 @@ class BelowMax(Detector):
     PARAMS: ClassVar[Mapping[str, Param]] = {
         "factor": Param(float, "share of the maximum at or below which it fires", min=0,
                         max=1, min_open=True),
-        "hold": Param(int, "consecutive values a level must last to count as a maximum", min=1),
+        "hold": Param(int, "consecutive values a level must last to count as a maximum",
+                      min=1, keeps=True),
     }
     _STATE = ("last", "max", "ratio")
 

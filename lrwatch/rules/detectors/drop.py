@@ -114,8 +114,8 @@ class Drop(Detector):
         "mode": Param(str, "which direction is better", choices=("min", "max")),
         "z": Param(float, "drop below the best in noise standard deviations", min=0,
                    min_open=True),
-        "count": Param(int, "consecutive values that far below", min=1),
-        "window": Param(int, "values the noise is measured on", min=3),
+        "count": Param(int, "consecutive values that far below", min=1, keeps=True),
+        "window": Param(int, "values the noise is measured on", min=3, keeps=True),
         "warmup": Param(int, "values before the first decision", min=3),
         "log": Param(bool, "compare log(x)"),
         "given_factor": Param(float, "with 'given': references are earlier values whose given "

@@ -45,7 +45,7 @@ class Frozen(Detector):
 
     name: ClassVar[str] = "frozen"
     PARAMS: ClassVar[Mapping[str, Param]] = {
-        "count": Param(int, "values in the window", min=2),
+        "count": Param(int, "values in the window", min=2, keeps=True),
         "rtol": Param(float, "largest relative range that counts as frozen", min=0),
     }
     _STATE = ("buf", "range")

@@ -94,7 +94,7 @@ class Spike(RunLengthTest, Detector):
 
     name: ClassVar[str] = "spike"
     PARAMS: ClassVar[Mapping[str, Param]] = {
-        "window": Param(int, "values that define normal", min=3),
+        "window": Param(int, "values that define normal", min=3, keeps=True),
         "threshold": Param(float, "robust z-score that fires", min=0, min_open=True),
         "warmup": Param(int, "values before the first decision", min=3),
         "direction": Param(str, "which side fires", choices=DIRECTIONS),

@@ -88,9 +88,9 @@ class Stall(Detector):
         "progress": Param(float, "improvement per window that counts as progress", min=0),
         "confidence": Param(float, "one-sided confidence of the bound", min=0.5, min_open=True,
                             max=0.999999),
-        "blocks": Param(int, "block means the line is fitted to", min=4),
+        "blocks": Param(int, "block means the line is fitted to", min=4, keeps=True),
         "log": Param(bool, "judge log(x)"),
-        "max_bins": Param(int, "bins the values are kept in", min=8),
+        "max_bins": Param(int, "bins the values are kept in", min=8, keeps=True),
     }
     _STATE = ("sums", "counts", "width", "n", "stat", "verdict", "next")
 

@@ -89,11 +89,12 @@ class StartRatio(Detector):
     takes_given: ClassVar[bool] = True
     GIVEN_PARAMS: ClassVar[tuple[str, ...]] = ("given_only",)
     PARAMS: ClassVar[Mapping[str, Param]] = {
-        "warmup": Param(int, "first values whose median is the start level", min=1),
+        "warmup": Param(int, "first values whose median is the start level", min=1, keeps=True),
         "above": Param(float, "fire when x / start is greater", min=0, min_open=True,
                        optional=True),
         "below": Param(float, "fire when x / start is smaller", min=0, optional=True),
-        "window": Param(int, "median of the last N values is compared (1: each value)", min=1),
+        "window": Param(int, "median of the last N values is compared (1: each value)",
+                        min=1, keeps=True),
         "given_only": Param(bool, "with 'given': no decision until the given level is known "
                                   "(no fallback to the first values)"),
     }

@@ -107,7 +107,7 @@ class Trend(Detector):
 
     name: ClassVar[str] = "trend"
     PARAMS: ClassVar[Mapping[str, Param]] = {
-        "window": Param(int, "values the slope is fitted to", min=5),
+        "window": Param(int, "values the slope is fitted to", min=5, keeps=True),
         "confidence": Param(float, "one-sided confidence level", min=0.5, min_open=True,
                             max=0.999999),
         "direction": Param(str, "which slope fires", choices=("up", "down")),

@@ -67,8 +67,8 @@ class Untrained(Detector):
     name: ClassVar[str] = "untrained"
     takes_given: ClassVar[bool] = True
     PARAMS: ClassVar[Mapping[str, Param]] = {
-        "warmup": Param(int, "first values whose median is the untrained level", min=1),
-        "window": Param(int, "values in the trend window", min=8),
+        "warmup": Param(int, "first values whose median is the untrained level", min=1, keeps=True),
+        "window": Param(int, "values in the trend window", min=8, keeps=True),
         "above": Param(float, "level (x untrained) at or above which a flat loss fires",
                        min=0, min_open=True),
         "z": Param(float, "standard errors of fall that count as learning", min=0),

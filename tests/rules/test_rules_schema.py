@@ -109,7 +109,7 @@ def test_bad_param_type(tmp_path):
         severity: info
     """))
     assert errs == ["6: key 'rules[0].params.window': parameter 'window' must be an integer "
-                    ">= 3, got 'fifty'"]
+                    ">= 3 and <= 100000, got 'fifty'"]
 
 
 def test_bad_param_choice_and_unknown_param(tmp_path):

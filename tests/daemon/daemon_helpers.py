@@ -4,8 +4,13 @@ path)."""
 from __future__ import annotations
 
 import math
+import os
 import random
+import subprocess
+import sys
 from typing import Any
+
+from services import http_request, wait_until
 
 WINDOW = 100
 
@@ -55,3 +60,26 @@ def saved_binary_reference(factory: Any, seed: int, n: int, sims: int, name: str
     path = str(factory.mktemp(name) / "reference.json")
     ref.save(path)
     return path
+
+
+def start_daemon_process(reference: str, state: str, port: int, log: str = os.devnull,
+                         extra: tuple[str, ...] = ()) -> "subprocess.Popen[bytes]":
+    """``lrwatch daemon`` as a real process on ``port`` with a state directory, up (healthz)
+    when it returns; its stderr goes to ``log``."""
+    with open(log, "ab") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lrwatch", "daemon", "--reference", reference, "--state-dir",
+             state, "--port", str(port), "--window-size", str(WINDOW), "-v", *extra],
+            stdout=subprocess.DEVNULL, stderr=err)
+    wait_until(lambda: http_status(port, "/healthz") == 200 or proc.poll() is not None,
+               timeout=60, message="daemon up")
+    assert proc.poll() is None, open(log).read()[-3000:] if log != os.devnull else "exited"
+    return proc
+
+
+def http_status(port: int, path: str) -> int:
+    """The status of ``GET path`` on a local daemon, 0 while nothing answers."""
+    try:
+        return http_request(f"http://127.0.0.1:{port}{path}", timeout=1)[0]
+    except OSError:
+        return 0

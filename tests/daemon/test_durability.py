@@ -6,36 +6,14 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from daemon_helpers import WINDOW, make_record
+from daemon_helpers import WINDOW, start_daemon_process, make_record
 from services import free_port, http_request, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-def _start(reference: str, state: str, port: int, log: str = os.devnull,
-           extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lrwatch", "daemon", "--reference", reference, "--state-dir",
-             state, "--port", str(port), "--window-size", str(WINDOW), "-v", *extra],
-            stdout=subprocess.DEVNULL, stderr=err)
-    wait_until(lambda: _get(port, "/healthz") == 200 or proc.poll() is not None, timeout=60,
-               message="daemon up")
-    assert proc.poll() is None, open(log).read()[-2000:] if log != os.devnull else "exited"
-    return proc
-
-
-def _get(port: int, path: str) -> int:
-    try:
-        return http_request(f"http://127.0.0.1:{port}{path}", timeout=1)[0]
-    except OSError:
-        return 0
 
 
 def _status(port: int) -> dict:
@@ -67,7 +45,7 @@ def test_kill_9_mid_stream_loses_nothing_and_counts_nothing_twice(reference_path
         assert status == 200
         expected["labels"] += 10
 
-    proc = _start(reference_path, state, port)
+    proc = start_daemon_process(reference_path, state, port)
     try:
         for _ in range(40):
             post_batch(port)
@@ -82,7 +60,7 @@ def test_kill_9_mid_stream_loses_nothing_and_counts_nothing_twice(reference_path
     assert os.path.exists(os.path.join(state, "state.json"))
 
     log = str(tmp_path / "restart.log")
-    proc = _start(reference_path, state, port, log)
+    proc = start_daemon_process(reference_path, state, port, log)
     assert "replayed" in open(log).read()  # the journal, not only the snapshot, was needed
     try:
         for _ in range(10):
@@ -108,7 +86,7 @@ def test_kill_9_mid_stream_loses_nothing_and_counts_nothing_twice(reference_path
         # one more clean restart (SIGTERM) keeps the same totals
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-        proc = _start(reference_path, state, port)
+        proc = start_daemon_process(reference_path, state, port)
         assert _status(port)["counters"] == c
     finally:
         proc.kill()
@@ -141,7 +119,7 @@ def test_kill_9_while_tailing_a_file_resumes_at_the_exact_line(reference_path, t
                 expected["predictions"] += 1
 
     tail = ("--tail", str(data))
-    proc = _start(reference_path, state, port, extra=tail)
+    proc = start_daemon_process(reference_path, state, port, extra=tail)
     try:
         append(20_000)
         wait_until(lambda: _status(port)["counters"]["predictions"] == 20_000, timeout=60,
@@ -155,7 +133,7 @@ def test_kill_9_while_tailing_a_file_resumes_at_the_exact_line(reference_path, t
     finally:
         if proc.poll() is None:
             proc.kill()
-    proc = _start(reference_path, state, port, extra=tail)
+    proc = start_daemon_process(reference_path, state, port, extra=tail)
     try:
         append(5_000)
 

@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-from daemon_helpers import WINDOW, assert_balanced, make_record
+from daemon_helpers import WINDOW, http_status, start_daemon_process, assert_balanced, make_record
 from services import free_port, http_request, wait_until
 
 
@@ -41,26 +41,6 @@ def test_records_glued_on_one_line_are_each_counted_as_refused(run_daemon: Any) 
 
 
 # --- SIGHUP -------------------------------------------------------------------------------------
-def _start(reference: str, state: str, port: int, log: str,
-           *extra: str) -> "subprocess.Popen[bytes]":
-    with open(log, "ab") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lrwatch", "daemon", "--reference", reference, "--state-dir",
-             state, "--port", str(port), "--window-size", str(WINDOW), "-v", *extra],
-            stdout=subprocess.DEVNULL, stderr=err)
-    wait_until(lambda: _get(port, "/healthz") == 200 or proc.poll() is not None, timeout=60,
-               message="daemon up")
-    assert proc.poll() is None, open(log).read()[-3000:]
-    return proc
-
-
-def _get(port: int, path: str) -> int:
-    try:
-        return http_request(f"http://127.0.0.1:{port}{path}", timeout=1)[0]
-    except OSError:
-        return 0
-
-
 def _post(port: int, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
     status, out = http_request(f"http://127.0.0.1:{port}{path}", method="POST", data=body)
     return status, json.loads(out)
@@ -72,7 +52,7 @@ def test_sighup_stops_the_daemon_cleanly_with_a_last_snapshot(reference_path: st
     Python's default: no drain, no last snapshot, killed by the signal. It stops as on
     ``SIGTERM`` now (nothing is promised to be reloaded, so nothing is)."""
     state, log, port = str(tmp_path / "state"), str(tmp_path / "daemon.log"), free_port()
-    proc = _start(reference_path, state, port, log)
+    proc = start_daemon_process(reference_path, state, port, log)
     try:
         rng = random.Random(155)
         body = "\n".join(json.dumps(make_record(rng, i)) for i in range(WINDOW + 7)).encode()
@@ -88,7 +68,7 @@ def test_sighup_stops_the_daemon_cleanly_with_a_last_snapshot(reference_path: st
         saved = json.load(fh)
     assert saved["counters"]["predictions"] == WINDOW + 7 and saved["counters"]["windows"] == 1
     # the journal was applied up to its end: a restart replays nothing
-    proc = _start(reference_path, state, port, log)
+    proc = start_daemon_process(reference_path, state, port, log)
     try:
         assert json.loads(http_request(f"http://127.0.0.1:{port}/v1/status")[1])[
             "counters"]["predictions"] == WINDOW + 7
@@ -105,7 +85,7 @@ def test_sighup_stops_the_daemon_cleanly_with_a_last_snapshot(reference_path: st
             stdout=subprocess.DEVNULL, stderr=err,
             preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
     try:
-        wait_until(lambda: _get(port, "/healthz") == 200 or proc.poll() is not None,
+        wait_until(lambda: http_status(port, "/healthz") == 200 or proc.poll() is not None,
                    timeout=60, message="daemon up")
         proc.send_signal(signal.SIGHUP)
         proc.send_signal(signal.SIGTERM)   # delivered after the SIGHUP (a lower number)
@@ -143,7 +123,7 @@ def test_a_tailed_path_that_becomes_a_directory_is_said_once_and_counted_once(
     data.write_text("".join(json.dumps(make_record(rng, i)) + "\n" for i in range(30)))
     state, log, port = str(tmp_path / "state"), str(tmp_path / "daemon.log"), free_port()
     problem = 'lrwatch_daemon_problems_total{reason="tail_not_a_file"}'
-    proc = _start(reference_path, state, port, log, "--tail", str(data))
+    proc = start_daemon_process(reference_path, state, port, log, extra=("--tail", str(data)))
     try:
         wait_until(lambda: _predictions(port) == 30, timeout=30, message="the file read")
         data.unlink()
@@ -167,7 +147,7 @@ def test_a_tailed_path_that_becomes_a_directory_is_said_once_and_counted_once(
         wait_until(lambda: _metric(port, problem) == 2.0, timeout=30, message="again")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-        proc = _start(reference_path, state, port, log)  # the count survives a restart
+        proc = start_daemon_process(reference_path, state, port, log)  # the count survives a restart
         assert _metric(port, problem) == 2.0
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -257,7 +237,7 @@ def test_a_daemon_process_starts_on_a_hand_edited_state_file(reference_path: str
     """The audit's reproduction with a real process: ``echo '{}' > STATE/state.json``, and a
     saved state with a counter edited to ``"x"``, then a start."""
     state, log, port = str(tmp_path / "state"), str(tmp_path / "daemon.log"), free_port()
-    proc = _start(reference_path, state, port, log)
+    proc = start_daemon_process(reference_path, state, port, log)
     try:
         rng = random.Random(158)
         body = "\n".join(json.dumps(make_record(rng, i)) for i in range(WINDOW + 3)).encode()
@@ -271,7 +251,7 @@ def test_a_daemon_process_starts_on_a_hand_edited_state_file(reference_path: str
     for text in ("{}", json.dumps(edited)):
         with open(os.path.join(state, "state.json"), "w") as fh:
             fh.write(text)
-        proc = _start(reference_path, state, port, log)
+        proc = start_daemon_process(reference_path, state, port, log)
         try:
             assert _predictions(port) == WINDOW + 3
             assert _metric(port, 'lrwatch_daemon_problems_total{reason="snapshot_set_aside"}') \

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from ..errors import ConfigError
 from ..rules.detectors.base import exponent_number, short
 from .config import UNKNOWN_OPTIMIZER_WARMUP, RecoveryConfig, restart_warmup_for
-from .start_check import StartVerdict, compare
+from .preflight_booking import PreflightBooking
 
 __all__ = ["RecoveryConfig", "RecoveryPolicy", "PolicyState", "Plan", "Progress",
            "SnapshotInfo", "Decision", "decide", "CONTROL_ACTIONS", "EXIT_STOPPED",
@@ -693,7 +693,7 @@ def _good_before(snaps: Sequence[SnapshotInfo], step: int) -> SnapshotInfo | Non
     return next((s for s in reversed(snaps) if s.good and s.step < step), None)
 
 
-class RecoveryPolicy:
+class RecoveryPolicy(PreflightBooking):
     """Firings and progress in, plans out (see the module docstring).
 
     >>> from types import SimpleNamespace as E
@@ -862,43 +862,6 @@ class RecoveryPolicy:
             return [self._plan_one(d, progress)]
         finally:
             self._sudden_now, self._suspects = False, None
-
-    def lr_check_due(self, step: int) -> bool:
-        """Whether the pre-flight range test should run now: asked for, not run yet, and the
-        run has not started (a resumed run keeps the rate it was checked at)."""
-        rc = self.config
-        return (rc is not None and rc.lr_check == "auto" and not self.state.lr_checked
-                and step == 0)
-
-    def lr_checked(self, steps: int) -> None:
-        """The executor ran the pre-flight test (``steps`` of it): booked like a probe, against
-        the run's budget, and never run again (``state_dict`` keeps it)."""
-        st = self.state
-        st.lr_checked = True
-        if steps:
-            st.probes += 1
-            st.probe_steps += steps
-
-    def start_check_due(self, step: int) -> bool:
-        """Whether the start check should be set up now: asked for, not done yet, and the run
-        has not started (a resumed run keeps the rate it has)."""
-        rc = self.config
-        return (rc is not None and rc.start_check == "auto" and not self.state.start_checked
-                and step == 0)
-
-    def start_checked(self, cost: int, real: Sequence[float] | None = None,
-                      shadow: Sequence[float] | None = None) -> StartVerdict | None:
-        """The executor ran the start check (``cost`` steps' worth, booked against the budget
-        like a probe) or gave it up (``real`` None). Returns the verdict: adopt the shadow or
-        keep the run. Never run again (``state_dict`` keeps it)."""
-        st, rc = self.state, self.config
-        st.start_checked = True
-        if cost:
-            st.probes += 1
-            st.probe_steps += cost
-        if rc is None or real is None or shadow is None:
-            return None
-        return compare(real, shadow, rc.start_check_confidence)
 
     def probed(self, plan: Plan, measured: float | None, steps: int) -> Plan:
         """The executor ran the range test for ``plan``: ``measured`` is the rate to restart

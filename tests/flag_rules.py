@@ -44,13 +44,11 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, i: int) -> torch.Te
     return loss.detach()
 
 
-#: One rule: a non-finite loss rolls the run back (the tests of a NaN batch's rollback).
-NONFINITE_ROLLBACK = """version: 1
-rules:
-  - name: nonfinite
-    metric: loss
-    detector: nonfinite
-    severity: critical
-    actions: [rollback]
-    annotations: {summary: "loss is {value} at step {step}", description: "test rule"}
-"""
+#: A non-finite loss rolls the run back, as a list item for :func:`flag_rules`.
+NONFINITE_ROLLBACK_RULE = (
+    "  - name: nonfinite\n    metric: loss\n    detector: nonfinite\n    severity: critical\n"
+    "    actions: [rollback]\n"
+    "    annotations: {summary: \"loss is {value} at step {step}\", description: \"test rule\"}\n")
+
+#: That rule alone as a rule file (the tests of a NaN batch's rollback).
+NONFINITE_ROLLBACK = flag_rules(NONFINITE_ROLLBACK_RULE)

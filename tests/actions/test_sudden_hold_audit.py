@@ -13,38 +13,11 @@ from torch import nn
 import lrwatch
 from lrwatch.recovery.policy import EXIT_STOPPED
 from lrwatch.exporters.trace import read_trace
+from flag_rules import NONFINITE_ROLLBACK_RULE, flag_rule, flag_rules
 
-_RULES = """
-version: 1
-rules:
-  - name: poisoned
-    metric: poison
-    detector: threshold
-    params: {above: 0.5}
-    severity: critical
-    actions: [rollback]
-    annotations: {summary: "poison at step {step}", description: "test rule"}
-  - name: nonfinite
-    metric: loss
-    detector: nonfinite
-    severity: critical
-    actions: [rollback]
-    annotations: {summary: "loss is {value} at step {step}", description: "test rule"}
-  - name: halt
-    metric: halt
-    detector: threshold
-    params: {above: 0.5}
-    severity: critical
-    actions: [stop]
-    annotations: {summary: "halt at step {step}", description: "test rule"}
-  - name: nudge
-    metric: nudge
-    detector: threshold
-    params: {above: 0.5}
-    severity: warning
-    actions: [reduce_lr]
-    annotations: {summary: "nudge at step {step}", description: "test rule"}
-"""
+_RULES = flag_rules(flag_rule("poisoned", "poison"), NONFINITE_ROLLBACK_RULE,
+                    flag_rule("halt", "halt", ("stop",)),
+                    flag_rule("nudge", "nudge", ("reduce_lr",), severity="warning"))
 
 
 def _data(i: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -439,6 +439,11 @@ class SnapshotStore:
         #: twelfth round no pending snapshot within that is trimmed, so it only matters for
         #: one taken out of schedule; see :meth:`_trim`).
         self.pending_slack = 0
+        #: The step the earliest failure not answered yet began (a ``for:`` window under
+        #: way, a rule firing whose rollback has not come yet; the keeper sets it at every
+        #: judged step), or ``None``: the newest known-good snapshot before it is kept
+        #: besides the two newest, so the rollback it asks for still has a target before it.
+        self.keep_before: int | None = None
         self.directory = Path(directory) if directory is not None else None
         self._rank_tag = _rank_tag()
         self.good_after = good_after
@@ -602,7 +607,8 @@ class SnapshotStore:
         pending, plus ``pending_slack`` whose promotion may be in flight): dropping it before
         its ``good_after`` steps are judged would keep every snapshot pending forever when the
         interval is shorter than ``good_after``. So at most ``keep + 1`` snapshots are held
-        besides the pinned start (``keep - 1`` pending and the two newest known-good ones),
+        besides the pinned start (``keep - 1`` pending and the two newest known-good ones;
+        ``keep + 2`` while a failure is open, :attr:`keep_before`),
         and ``keep`` again as soon as a pending one is promoted; a snapshot taken out of
         schedule (the final one of a stopped run) may add one more pending."""
         while sum(1 for s in self.snapshots if not s.pinned) > self.keep:
@@ -613,10 +619,16 @@ class SnapshotStore:
             self._delete(victim)
 
     def _victim(self) -> Snapshot | None:
-        """The snapshot :meth:`_trim` drops next, or ``None`` (see there)."""
+        """The snapshot :meth:`_trim` drops next, or ``None`` (see there). The newest
+        known-good snapshot before :attr:`keep_before` is kept too (a failure whose ``for:``
+        window outlasts the interval times ``keep`` would otherwise find every snapshot from
+        before its onset trimmed: the rollback went back to the run's start)."""
         good = [s for s in self.snapshots if s.good and not s.pinned]
-        if len(good) > 2:
-            return good[0]
+        held = None if self.keep_before is None else next(
+            (s for s in reversed(good) if s.step < self.keep_before), None)
+        extra = int(held is not None and held not in good[-2:])
+        if len(good) > 2 + extra:
+            return next(s for s in good if s is not held)
         pending = [s for s in self.snapshots if not s.good and not s.pinned]
         if len(pending) > max(self.keep - 1, 1) + self.pending_slack:
             return pending[0]   # more than due() allows (taken out of schedule)

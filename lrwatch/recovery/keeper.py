@@ -8,7 +8,9 @@ with recovery, and around it what the store does not know about the run:
 - what each snapshot records besides the training state: the policy's learning-rate scale, and
   the rules engine's state as judged at the snapshot's step (``lrwatch replay`` restores it,
   so replay and live agree). A snapshot taken before its step is judged waits for the flush;
-- promotion to known good while no training-control rule fires;
+- promotion to known good while no training-control rule fires, and the newest known-good
+  snapshot from before a failure not answered yet kept from trimming (a ``for:`` window
+  longer than ``keep`` snapshot intervals);
 - under ``torch.distributed``, one snapshot interval for all ranks, adapted from the slowest
   rank's figures, so every rank snapshots (and rolls back to) the same steps; and one verdict
   on host memory, from every rank's :class:`~lrwatch.actions.host_memory.MemoryReport`, so
@@ -23,7 +25,8 @@ from typing import Any, Sequence
 from ..actions.host_memory import MemoryReport, local_report
 from ..actions.snapshot import Snapshot, SnapshotStore
 from ..samples import Sample
-from .policy import CONTROL_ACTIONS, RecoveryConfig, RecoveryPolicy, SnapshotInfo
+from .policy import (CONTROL_ACTIONS, RecoveryConfig, RecoveryPolicy, SnapshotInfo,
+                     unanswered_onset)
 
 __all__ = ["SnapshotKeeper", "steps_not_held_everywhere"]
 
@@ -106,6 +109,9 @@ class SnapshotKeeper:
         snap = self._awaiting_engine.pop(step, None)
         if snap is not None:
             snap.extra["engine_state"] = self.engine.state_dict()
+        eng = self.engine
+        self.store.keep_before = unanswered_onset(
+            eng.open_onsets(), eng.rules, eng.firing_onsets(), self.policy.state.watching_onset)
         if not any(set(f.actions) & set(CONTROL_ACTIONS) for f in self.engine.active.values()):
             promoted = self.store.promote(step)
             if promoted:

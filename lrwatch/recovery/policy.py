@@ -26,7 +26,7 @@ from .preflight_booking import PreflightBooking
 __all__ = ["RecoveryConfig", "RecoveryPolicy", "PolicyState", "Plan", "Progress",
            "SnapshotInfo", "Decision", "decide", "CONTROL_ACTIONS", "EXIT_STOPPED",
            "EXIT_BUDGET", "STOP_RESTORE", "check_action_params", "restart_warmup_for",
-           "UNKNOWN_OPTIMIZER_WARMUP"]
+           "UNKNOWN_OPTIMIZER_WARMUP", "unanswered_onset"]
 
 #: Actions that change the training run (as opposed to telling someone).
 CONTROL_ACTIONS = ("rollback", "skip", "reduce_lr", "stop")
@@ -594,6 +594,28 @@ def open_failure(onsets: Mapping[str, int], rules: Iterable[Any],
     now = dict(firing or {})
     starts = [s for n, s in onsets.items() if feeds.get(n)]
     starts += [s for n, s in now.items() if feeds.get(n, set()) - set(now)]
+    return min(starts, default=None)
+
+
+def unanswered_onset(onsets: Mapping[str, int], rules: Iterable[Any],
+                     firing: Mapping[str, int], watching_onset: int | None = None
+                     ) -> int | None:
+    """The earliest step a failure the policy has not rolled back yet began: that of
+    :func:`open_failure`, of a rule firing now that asks for a training-control action or
+    feeds one (its rollback may wait for a watch or the cooldown), and the onset of a watched
+    failure. The snapshot store keeps the newest known-good snapshot before it
+    (``SnapshotStore.keep_before``).
+
+    >>> from types import SimpleNamespace as R
+    >>> rules = [R(name="a", actions=("alert",)), R(name="b", actions=("rollback",))]
+    >>> unanswered_onset({"b": 20}, rules, {"a": 3}), unanswered_onset({}, rules, {"b": 9}, 7)
+    (20, 7)
+    """
+    rules = list(rules)
+    feeds = _feeding(rules)
+    starts = [s for n, s in firing.items() if feeds.get(n)]
+    starts += [x for x in (open_failure(onsets, rules, firing), watching_onset)
+               if x is not None]
     return min(starts, default=None)
 
 

@@ -417,3 +417,31 @@ def test_a_checkpoint_right_after_the_flush_of_a_failure_is_no_known_good_start(
     (rb,) = _events(tmp_path / "b.jsonl", "rollback")
     assert rb["to_step"] == first["to_step"] < 25, (rb, first)
     assert w.policy.rollbacks == 1 and not w.should_stop and w.step == 60
+
+
+# --- a skip back into a watched failure's for: window (sixteenth round's audit) --------------
+
+def test_a_skip_into_a_watched_failures_window_does_not_end_the_watch(tmp_path: Path) -> None:
+    """The ``for: 3`` window opens at 20 (the damage), the rule fires at 22 and is watched
+    (``sudden_hold: 5``); a ``skip`` asked for in the same flush goes back to step 21, inside
+    the window. The policy compared the skip's target with the step the rule *fired* at (22),
+    not its onset (20): it ended the watch as "undone by the skip", the restored window fired
+    the rule again at 23, no longer out of a quiet stretch, and the run rolled back with a
+    cut (x0.5) it owes to no rate. Now the watch goes on: the rule firing again at 23 ends it
+    with the watched failure's rollback, to a snapshot before the onset, the rate kept."""
+    rules = _DAMAGE_RULES + """  - name: glitch
+    metric: falling
+    detector: threshold
+    params: {above: 0.5}
+    severity: warning
+    actions: [skip]
+    annotations: {summary: "glitch at step {step}", description: "test skip"}
+"""
+    rec = {**_WINDOW_REC, "sudden_hold": 5, "keep": 12, "min_interval": 1, "max_interval": 1}
+    _, w, trace = _damage_run(tmp_path, "run", rec, rules_text=rules, veto=(22, 22))
+    (skip,) = _events(trace, "skip")
+    assert skip["line"] == 22 and 20 <= skip["to_step"] < 22, skip
+    assert not _events(trace, "recovered"), _events(trace, "recovered")
+    (rb,) = [(e["line"], e["to_step"], e["lr_factor"]) for e in _events(trace, "rollback")]
+    assert rb[0] == 23 and rb[1] < 20 and rb[2] == 1.0, rb   # (it fired again: at once)
+    assert w.step == 40 and not w.should_stop and w.policy.rollbacks == 1

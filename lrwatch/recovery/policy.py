@@ -517,10 +517,17 @@ def _passed(e: "_Watched", step: int) -> Plan:
 
 def _undone(state: PolicyState, plans: Sequence[Plan]) -> list[Plan]:
     """The end of a watch whose failure a ``skip`` of this flush undid (its target is before
-    the failure; the engine goes back there too, so the watched rule never resolves)."""
+    the failure; the engine goes back there too, so the watched rule never resolves). Before
+    the failure means before its onset (``watching_onset``: a ``for:`` window's first step),
+    not before the step it fired at: a skip to a state inside the window restores the
+    failure, and the watch goes on (its rule still counts as firing: the rollback comes at
+    the hold's end, to a snapshot before the onset)."""
     skip = next((p for p in plans if p.action == "skip"), None)
-    if (state.watching is None or state.watching_step is None or skip is None
-            or skip.target is None or skip.target >= state.watching_step):
+    if state.watching is None or state.watching_step is None or skip is None:
+        return []
+    began = state.watching_step if state.watching_onset is None else min(
+        state.watching_step, state.watching_onset)
+    if skip.target is None or skip.target >= began:
         return []
     e = _end_watch(state)
     return [Plan("recovered", e.rule, e.step,

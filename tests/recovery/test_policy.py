@@ -776,6 +776,26 @@ def test_a_skip_that_undoes_a_watched_failure_ends_the_watch() -> None:
     assert [p.action for p in plans] == ["skip"] and pol.state.watching == "loss_blowup"
 
 
+def test_a_skip_into_a_watched_failures_window_leaves_the_watch_as_it_was() -> None:
+    """The watched failure fired at 150, its ``for:`` window opened at 145 (its onset): a
+    skip back to 146 restores a state inside the failure and is no undoing of it (before,
+    the target was compared with the firing step, 150, and the watch ended as undone). A
+    skip back to before the onset still ends it."""
+    for target, undone in ((146, False), (144, True)):
+        pol = RecoveryPolicy(RecoveryConfig(good_after=10, cooldown=0))
+        pol.promoted([SnapshotInfo(100, True)])
+        s = snaps(100) + [SnapshotInfo(target, False)]
+        blowup = fire("loss_blowup", 150)
+        blowup.onset = 145
+        plans = control(pol.plan([blowup, fire("spiky", 150, ("skip",))], Progress(150, s)))
+        assert [p.action for p in plans][:2] == ["watch", "skip"] and plans[1].target == target
+        assert (plans[-1].action == "recovered") is undone, plans
+        assert (pol.state.watching is None) is undone
+        if not undone:   # the hold's end: still firing (the engine never saw it resolve)
+            (p,) = control(pol.plan([], Progress(155, s)))
+            assert (p.action, p.target, p.lr_factor) == ("rollback", 100, 1.0), p
+
+
 def test_a_rollback_asked_for_during_a_watch_is_not_held_by_a_later_cut() -> None:
     """A rate cut during the watch starts a cooldown; a rollback asked for after it ends the
     watch with the watched failure's rollback, due since before the cut: at once, to the

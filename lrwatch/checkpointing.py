@@ -64,7 +64,9 @@ class Checkpointing:
         step (``flush_lag=0``; with ``flush_lag=1`` that flush is in flight and goes with it
         unjudged), the rules that began firing on that flush's steps go with it
         (``"fired_late"``): the last step's update shows only in the resumed run's samples,
-        so the resumed state is not known good, whichever the flush lag."""
+        so the resumed state is not known good, whichever the flush lag. With ``snapshot_dir``
+        the snapshots on disk from before the checkpoint's step go with it in any case (its
+        last update is measured only by the resumed run's samples)."""
         unjudged = [] if self.dist.active else [encode_sample(x) for x in self._unjudged()]
         late = self._fired_late(unjudged)
         return {"step": self.step, "data_position": self.data_position,
@@ -94,7 +96,10 @@ class Checkpointing:
         a training-control rule whose ``for:`` window is under way, or of a rule that feeds
         one through ``when:`` whose window is under way or that fires while a veto holds the
         control rule back (it may fire after the resume: the snapshots on disk from before
-        it go with the checkpoint; :func:`open_failure`)."""
+        it go with the checkpoint; :func:`open_failure`); at the latest, the checkpoint's own
+        step: its last update shows only in the resumed run's samples, so the snapshots on disk
+        from before it always go with the checkpoint (references to files the store keeps; a
+        failure no rule saw before the checkpoint goes back to one of them)."""
         st = self.policy.state
         eng = self.engine
         opened = open_failure(eng.open_onsets(), eng.rules, eng.firing_onsets()) if (
@@ -102,9 +107,7 @@ class Checkpointing:
         since = [st.watching_step if st.watching is not None else None,
                  st.held_step if st.held is not None else None,
                  unjudged[0]["step"] if unjudged else None, opened,
-                 late["from"] if late else None]
-        if not unjudged and opened is None and not late:
-            return st
+                 late["from"] if late else None, self.step]
         return SimpleNamespace(watching=True, watching_step=min(x for x in since if x is not None),
                                held=None, held_step=None)
 

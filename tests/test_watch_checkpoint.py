@@ -445,3 +445,71 @@ def test_a_skip_into_a_watched_failures_window_does_not_end_the_watch(tmp_path: 
     (rb,) = [(e["line"], e["to_step"], e["lr_factor"]) for e in _events(trace, "rollback")]
     assert rb[0] == 23 and rb[1] < 20 and rb[2] == 1.0, rb   # (it fired again: at once)
     assert w.step == 40 and not w.should_stop and w.policy.rollbacks == 1
+
+
+# --- a failure in the checkpoint's own last update (sixteenth round's audit) ----------------
+
+def _ruin_run(trace: Path, rec: dict, *, checkpoint_at: int | None = None,
+              resume: dict | None = None, until: int = 60, flush_lag: int = 0
+              ) -> tuple[dict | None, lrwatch.Watcher]:
+    """flush_every=5; after step 25's update (its loss measured, no rate signal) the weights
+    are ruined: only the samples from step 26 on show it. ``checkpoint_at``, ``resume``: as
+    in :func:`_bomb_run`."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    w = lrwatch.Watcher(model, opt, flush_every=5, trace=trace, recovery=rec,
+                        flush_lag=flush_lag)
+    if resume is not None:
+        _resume(resume, model, opt, w)
+    ckpt = None
+    while w.step < until and not w.should_stop:
+        i = w.step
+        loss = _step(model, opt, i)
+        if i + 1 == 25 and resume is None:
+            g = torch.Generator().manual_seed(7)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn(p.shape, generator=g) * 3)
+        w.log(loss=loss)
+        if w.step == checkpoint_at and ckpt is None:
+            ckpt = _checkpoint(model, opt, w)
+    w.close()
+    return ckpt, w
+
+
+@pytest.mark.parametrize("flush_lag", [0, 1])
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_a_failure_in_the_checkpoints_last_update_does_not_loop_back_to_the_resume_point(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, flush_lag: int,
+        on_disk: bool) -> None:
+    """The weights are ruined by step 25's update, after its loss was measured, and the
+    checkpoint is written at 25: no rule sees it before the checkpoint. The run that was not
+    interrupted rolls back once, to step 15, and recovers. The resumed run rolled back to its
+    resume point, the ruined weights, five times (x1, x0.25 ... x0.03) until the budget was
+    spent. Now with ``snapshot_dir`` the checkpoint carries the snapshots on disk from before
+    its step, and the resumed run goes back to step 15 as the whole run does; without, it
+    tries its resume point once (a bad batch after it would be undone so) and, failing again
+    before getting past it, stops and says why (exit status 4)."""
+    rec = {**_REC, **({"snapshot_dir": str(tmp_path / "snaps")} if on_disk else {})}
+    _, whole = _ruin_run(tmp_path / "whole.jsonl",
+                         {**rec, **({"snapshot_dir": str(tmp_path / "w")} if on_disk else {})},
+                         flush_lag=flush_lag)
+    (first,) = _events(tmp_path / "whole.jsonl", "rollback")
+    assert first["to_step"] < 25 and whole.step == 60 and not whole.should_stop, first
+    ckpt, _ = _ruin_run(tmp_path / "a.jsonl", rec, checkpoint_at=25, until=25,
+                        flush_lag=flush_lag)
+    assert ckpt is not None and not ckpt["lrwatch"]["fired_late"]
+    trace = tmp_path / "b.jsonl"
+    _, w = _ruin_run(trace, rec, resume=ckpt, flush_lag=flush_lag)
+    rollbacks = [(e["to_step"], e["lr_factor"]) for e in _events(trace, "rollback")]
+    if on_disk:
+        assert rollbacks == [(first["to_step"], first["lr_factor"])], rollbacks
+        assert w.step == 60 and not w.should_stop and w.policy.rollbacks == 1
+        return
+    assert rollbacks == [(25, 1.0)], rollbacks
+    (stop,) = _events(trace, "stop")
+    assert "resumed at (25)" in stop["reason"] and "before step 25" in stop["reason"], stop
+    assert w.should_stop and w.exit_status == 4 and w.policy.rollbacks == 1
+    said = [r.getMessage() for r in caplog.records if "stopping the run" in r.getMessage()]
+    assert said and not any("known-good" in m for m in said), said

@@ -669,6 +669,33 @@ def _undoes_nothing(state: PolicyState, d: Decision, resumed_at: int) -> Plan:
                 EXIT_BUDGET, event=d.event, params=params)
 
 
+def _resume_failed_again(state: PolicyState, target: SnapshotInfo,
+                         snaps: Sequence[SnapshotInfo]) -> bool:
+    """Whether a rollback to ``target`` goes to the resume point of a run that proved healthy
+    a second time, the first not having got the run past it (no snapshot since proved good),
+    with nothing held from before it: the checkpoint's own last update is measured only by
+    the resumed run's samples, so the resume point itself may be the damage, and going back
+    to it again, the cut compounding, would loop until the budget is spent."""
+    return (target.pinned and state.resumed_at is not None and target.step == state.resumed_at
+            and target.step > 0 and state.ever_healthy
+            and state.last_rollback_to == target.step
+            and not any(s.good and s.step < target.step for s in snaps))
+
+
+def _resume_point_suspect(state: PolicyState, d: Decision, resumed_at: int) -> Plan:
+    """The stop of :func:`_resume_failed_again` (exit status 4, the rollback booked for it
+    given back), leaving the state as it is (the resume point is no known-good state)."""
+    state.rollbacks = max(0, state.rollbacks - 1)
+    return Plan("stop", d.rule, d.step,
+                f"the run failed again after its rollback to the step it was resumed at "
+                f"({resumed_at}), and no snapshot from before it is held: the checkpoint's "
+                f"state may itself be damaged (its last update shows only in the resumed "
+                f"run's samples), and going back to it again would undo nothing; resume from "
+                f"a checkpoint written before step {resumed_at} (with snapshot_dir, a "
+                "checkpoint carries the snapshots from before it, and the resumed run goes "
+                "back to those)", EXIT_BUDGET, event=d.event, params={"restore": "none"})
+
+
 def _nonfinite(e: Any) -> bool:
     """A firing on a non-finite value (a NaN/inf loss or gradient, or the device flag)."""
     v = getattr(e, "value", None)
@@ -932,6 +959,9 @@ class RecoveryPolicy(PreflightBooking):
         if target is None:
             return Plan("stop", d.rule, d.step, "no snapshot to go back to", EXIT_BUDGET,
                         event=d.event)
+        if d.action == "rollback" and _resume_failed_again(self.state, target,
+                                                           progress.snapshots):
+            return _resume_point_suspect(self.state, d, target.step)
         if d.action == "skip":
             return Plan("skip", d.rule, d.step, d.reason, target=target.step,
                         scale=st.lr_scale, event=d.event)

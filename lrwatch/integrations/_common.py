@@ -14,7 +14,7 @@ from ..distributed import EXPORT_CHOICES, EXPORT_KEYS
 from ..errors import ConfigError
 from ..watch import rank_trace_path
 
-__all__ = ["SkipSampler", "wrap_dataloader", "export_kwargs", "eval_name", "scalar",
+__all__ = ["SkipSampler", "wrap_dataloader", "skip_sampler_of", "export_kwargs", "eval_name", "scalar",
            "EXPORT_CHOICES", "reapply_best", "check_lr_find", "lr_find_args", "LR_FIND_KEYS",
            "start_at_suggestion", "with_clip"]
 
@@ -30,6 +30,13 @@ class SkipSampler:
     def __init__(self, sampler: Any, batch_size: int, take: Callable[[], bool],
                  group: int = 1, never_empty: bool = False) -> None:
         self.sampler = sampler
+        #: the current pass: the batches yielded, and for each batch dropped the number
+        #: yielded before it (what a checkpoint carries: :meth:`pass_state`)
+        self.yielded = 0
+        self.drops: list[int] = []
+        #: batches dropped in the passes before the current one (resumes included)
+        self.earlier = 0
+        self._replay: tuple[int, list[int]] | None = None
         self.batch_size = int(batch_size)
         self.take = take
         # the Hugging Face Trainer reads a pass that yields no batch as the end of the data
@@ -43,15 +50,44 @@ class SkipSampler:
     def __iter__(self) -> Iterator[Any]:
         it = iter(self.sampler)
         size = self.batch_size * self.group
+        replay, self._replay = self._replay, None
+        self.earlier += len(self.drops)
+        self.yielded, self.drops = (replay[0], list(replay[1])) if replay else (0, [])
+        left, ys = (list(replay[1]), 0) if replay else ([], self.yielded)
         chunk, yielded = list(itertools.islice(it, size)), False
         while chunk:
             following = list(itertools.islice(it, size))   # (indices only: cheap)
+            if left and left[0] == ys:   # resumed: dropped before the checkpoint
+                left.pop(0)
+            elif ys < self.yielded:   # resumed: yielded before it (the framework skips them)
+                ys, yielded = ys + 1, True
+                yield from chunk
             # never_empty: the pass's last batch, none yielded yet, is kept (not counted
             # by take(): the skip window goes on in the next pass)
-            if (self.never_empty and not yielded and not following) or not self.take():
+            elif (self.never_empty and not yielded and not following) or not self.take():
                 yielded = True
+                ys = self.yielded = self.yielded + 1
                 yield from chunk
+            else:
+                self.drops.append(self.yielded)
             chunk = following
+
+    def pass_state(self) -> dict[str, Any]:
+        """What a checkpoint carries of the current pass: the batches it yielded, the
+        batches it dropped (each as the number yielded before it), and the batches dropped
+        in the passes before it."""
+        return {"yielded": self.yielded, "drops": list(self.drops), "earlier": self.earlier}
+
+    def resume(self, state: Mapping[str, Any]) -> None:
+        """Continue the pass :meth:`pass_state` describes: the next pass is that one again,
+        its batches yielded and dropped as they were (not counted again: the checkpoint's
+        ``data_position`` and skip window have them), and the framework, which fast-forwards
+        past the batches it trained on, lands where the checkpoint was. The pass's order must
+        be the same (the Hugging Face Trainer's resume restores the sampler's epoch and
+        seed)."""
+        self.earlier = int(state.get("earlier", 0))
+        self._replay = (int(state.get("yielded", 0)), [int(x) for x in state.get("drops", ())])
+        self.yielded, self.drops = 0, []
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -60,6 +96,18 @@ class SkipSampler:
         if name == "sampler":
             raise AttributeError(name)
         return getattr(self.sampler, name)
+
+
+def skip_sampler_of(loader: Any) -> SkipSampler | None:
+    """The :class:`SkipSampler` :func:`wrap_dataloader` put under ``loader``, or ``None``."""
+    bs = getattr(loader, "batch_sampler", None)
+    for _ in range(4):
+        inner = getattr(bs, "batch_sampler", None)
+        if inner is None:
+            break
+        bs = inner
+    found = getattr(bs, "sampler", None)
+    return found if isinstance(found, SkipSampler) else None
 
 
 def wrap_dataloader(loader: Any, take: Callable[[], bool], never_empty: bool = False) -> bool:

@@ -50,8 +50,8 @@ from ..errors import ConfigError
 from ..watch import Watcher
 from ._common import (check_export, check_lr_find, eval_name, export_kwargs,
                       log_completed_step, lr_find_args, note_pending, rng_kept, scalar,
-                      start_at_suggestion, stop_snapshot, undo_step_after_stop, with_clip,
-                      wrap_dataloader)
+                      skip_sampler_of, start_at_suggestion, stop_snapshot,
+                      undo_step_after_stop, with_clip, wrap_dataloader)
 
 __all__ = ["LrwatchCallback", "STATE_FILE"]
 
@@ -119,6 +119,7 @@ class LrwatchCallback(TrainerCallback):
         self._eval: dict[str, Any] = {}
         self._control: Any = None
         self._stopped_at: Any = None   # the stop's final snapshot, until the Trainer's last step
+        self._sampler: Any = None   # the SkipSampler under the Trainer's dataloader, or None
 
     @property
     def exit_status(self) -> int:
@@ -176,6 +177,9 @@ class LrwatchCallback(TrainerCallback):
             if w.recovery is not None and w.recovery.skip_batches:
                 warnings.warn("lrwatch: this train dataloader has no BatchSampler to wrap; "
                               "rollbacks will not skip extra batches", stacklevel=2)
+        self._sampler = skip_sampler_of(train_dataloader)
+        if saved is not None and self._sampler is not None and saved.get("data_pass"):
+            _resume_pass(self._sampler, saved["data_pass"], args, state, train_dataloader)
         self._measured = self._stepped = False
         self._micro = 0
         self._loss_sum, self._loss_n, self._done, self._eval = None, 0, None, {}
@@ -408,9 +412,12 @@ class LrwatchCallback(TrainerCallback):
         if not os.path.isdir(folder):
             return
         note_pending(self)   # the step's loss and evaluation, logged at the next boundary
+        saved = self.watcher.state_dict()
+        if self._sampler is not None:   # what a skip dropped of this epoch (_resume_pass)
+            saved["data_pass"] = self._sampler.pass_state()
         tmp = os.path.join(folder, STATE_FILE + ".tmp")
         with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(self.watcher.state_dict(), fh, allow_nan=True)
+            json.dump(saved, fh, allow_nan=True)
         os.replace(tmp, os.path.join(folder, STATE_FILE))
 
     def state_dict(self) -> dict[str, Any]:
@@ -464,6 +471,34 @@ def _sample_batches(loader: Any, n: int, batch_size: int, model: Any) -> list[An
         return []
     with rng_kept():   # a collator that masks at random (MLM) draws from the global RNGs
         return list(itertools.islice(iter(batches), n))
+
+
+def _resume_pass(sampler: Any, carried: Mapping[str, Any], args: Any, state: Any,
+                 loader: Any) -> None:
+    """The Trainer resumes: it fast-forwards ``global_step`` % steps-per-epoch x accumulation
+    batches into epoch ``global_step`` // steps-per-epoch (``Trainer._init_training_state``),
+    counting optimizer steps; the batches a rollback's skip window dropped are none, so it
+    would land that many batches early and train them. The checkpoint's pass is replayed
+    instead (:meth:`SkipSampler.resume`: its batches dropped and yielded as they were), so the
+    fast-forward lands where the checkpoint was. Not when batches were dropped in an earlier
+    epoch (the Trainer's epoch arithmetic is off by them: said, not corrected), nor at an
+    epoch's end, nor with ``ignore_data_skip``."""
+    earlier, drops = int(carried.get("earlier", 0)), list(carried.get("drops", ()))
+    n, acc = len(loader), max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1))
+    per_epoch = max(n // acc + int(n % acc > 0), 1)
+    forward = int(state.global_step) % per_epoch * acc   # what the Trainer fast-forwards
+    if earlier:
+        logging.getLogger("lrwatch").warning(
+            "lrwatch: rollbacks' skip windows dropped %d batch(es) in epochs before the "
+            "checkpoint's: the Trainer's resume counts global_step x accumulation batches "
+            "from epoch boundaries those batches moved, so the resumed run does not start at "
+            "the batch the run would have trained next (not corrected; docs/integrations.md)",
+            earlier)
+    if earlier or forward == 0 or getattr(args, "ignore_data_skip", False) or (
+            forward > int(carried.get("yielded", 0))):
+        sampler.earlier = earlier + len(drops)
+        return
+    sampler.resume(carried)
 
 
 def _best_loaded(args: Any, state: Any, model: Any) -> dict[str, torch.Tensor] | None:

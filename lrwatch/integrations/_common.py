@@ -36,7 +36,12 @@ class SkipSampler:
         self.drops: list[int] = []
         #: batches dropped in the passes before the current one (resumes included)
         self.earlier = 0
-        self._replay: tuple[int, list[int]] | None = None
+        self.done = False   # the current pass has run out
+        #: added to the epoch the framework sets (a resumed Hugging Face Trainer counts
+        #: fewer epochs than ran where skips shortened them: the order stays the run's)
+        self.epoch_shift = 0
+        self._replay: tuple[int, list[int], int] | None = None
+        self._pad = 0   # a pass of that many copies of a first batch comes first
         self.batch_size = int(batch_size)
         self.take = take
         # the Hugging Face Trainer reads a pass that yields no batch as the end of the data
@@ -50,18 +55,27 @@ class SkipSampler:
     def __iter__(self) -> Iterator[Any]:
         it = iter(self.sampler)
         size = self.batch_size * self.group
+        if self._pad:   # (not counted: a resumed framework fast-forwards past them)
+            pad, self._pad = self._pad, 0
+            first = list(itertools.islice(it, size))
+            for _ in range(pad if first else 0):
+                yield from first
+            return
         replay, self._replay = self._replay, None
         self.earlier += len(self.drops)
         self.yielded, self.drops = (replay[0], list(replay[1])) if replay else (0, [])
         left, ys = (list(replay[1]), 0) if replay else ([], self.yielded)
+        hide, self.done = (replay[2] if replay else 0), False
         chunk, yielded = list(itertools.islice(it, size)), False
         while chunk:
             following = list(itertools.islice(it, size))   # (indices only: cheap)
             if left and left[0] == ys:   # resumed: dropped before the checkpoint
                 left.pop(0)
-            elif ys < self.yielded:   # resumed: yielded before it (the framework skips them)
-                ys, yielded = ys + 1, True
-                yield from chunk
+            elif ys < self.yielded:   # resumed: yielded before it (the framework skips them,
+                ys += 1               # but for the first ``hide``, which it counts as none)
+                if ys > hide:
+                    yielded = True
+                    yield from chunk
             # never_empty: the pass's last batch, none yielded yet, is kept (not counted
             # by take(): the skip window goes on in the next pass)
             elif (self.never_empty and not yielded and not following) or not self.take():
@@ -71,23 +85,37 @@ class SkipSampler:
             else:
                 self.drops.append(self.yielded)
             chunk = following
+        self.done = True
 
     def pass_state(self) -> dict[str, Any]:
         """What a checkpoint carries of the current pass: the batches it yielded, the
         batches it dropped (each as the number yielded before it), and the batches dropped
         in the passes before it."""
-        return {"yielded": self.yielded, "drops": list(self.drops), "earlier": self.earlier}
+        return {"yielded": self.yielded, "drops": list(self.drops), "earlier": self.earlier,
+                "done": self.done}
 
-    def resume(self, state: Mapping[str, Any]) -> None:
+    def resume(self, state: Mapping[str, Any], hide: int = 0, pad: int = 0) -> None:
         """Continue the pass :meth:`pass_state` describes: the next pass is that one again,
         its batches yielded and dropped as they were (not counted again: the checkpoint's
         ``data_position`` and skip window have them), and the framework, which fast-forwards
         past the batches it trained on, lands where the checkpoint was. The pass's order must
         be the same (the Hugging Face Trainer's resume restores the sampler's epoch and
-        seed)."""
+        seed). ``hide``: the first that many batches it yielded are passed by too (the
+        framework's fast-forward falls that many short: batches dropped in an earlier pass
+        moved the pass's start). ``pad``: a pass of that many copies of a first batch comes
+        before it, for a framework that fast-forwards further into an epoch than the
+        checkpoint's pass had got (it drops them, and its epoch ends there)."""
         self.earlier = int(state.get("earlier", 0))
-        self._replay = (int(state.get("yielded", 0)), [int(x) for x in state.get("drops", ())])
+        yielded, drops = int(state.get("yielded", 0)), [int(x) for x in state.get("drops", ())]
+        self._replay = (yielded, drops, int(hide)) if yielded or drops else None
+        self._pad = int(pad)
         self.yielded, self.drops = 0, []
+
+    def set_epoch(self, epoch: int) -> None:
+        """The wrapped sampler's ``set_epoch``, ``epoch_shift`` added (a no-op without one)."""
+        inner = getattr(self.sampler, "set_epoch", None)
+        if inner is not None:
+            inner(epoch + self.epoch_shift)
 
     def __len__(self) -> int:
         return len(self.sampler)

@@ -120,6 +120,9 @@ class LrwatchCallback(TrainerCallback):
         self._control: Any = None
         self._stopped_at: Any = None   # the stop's final snapshot, until the Trainer's last step
         self._sampler: Any = None   # the SkipSampler under the Trainer's dataloader, or None
+        #: its pass: the Trainer's epoch, the step it began at, the step the next one goes on
+        #: from (a resumed pass), epochs of copies to drop before it (on_epoch_begin)
+        self._pass: dict[str, Any] | None = None
 
     @property
     def exit_status(self) -> int:
@@ -178,8 +181,14 @@ class LrwatchCallback(TrainerCallback):
                 warnings.warn("lrwatch: this train dataloader has no BatchSampler to wrap; "
                               "rollbacks will not skip extra batches", stacklevel=2)
         self._sampler = skip_sampler_of(train_dataloader)
-        if saved is not None and self._sampler is not None and saved.get("data_pass"):
-            _resume_pass(self._sampler, saved["data_pass"], args, state, train_dataloader)
+        self._pass = None
+        if self._sampler is not None:   # (the Trainer's epoch and the step it begins at)
+            start, pad = None, 0
+            if saved is not None and saved.get("data_pass"):
+                start, pad = _resume_pass(self._sampler, saved["data_pass"], args, state,
+                                          train_dataloader)
+            self._pass = {"epoch": _trainer_position(args, state, train_dataloader)[0] - 1,
+                          "start": None, "armed": start, "pad": pad}
         self._measured = self._stepped = False
         self._micro = 0
         self._loss_sum, self._loss_n, self._done, self._eval = None, 0, None, {}
@@ -378,6 +387,19 @@ class LrwatchCallback(TrainerCallback):
                            and self.watcher.log_evaluation(**values)):
             self._eval.update(values)
 
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """The pass a checkpoint describes (``data_pass``): the Trainer's epoch, and the step
+        it began at (a resumed pass replayed: the step the checkpoint's began at)."""
+        p = self._pass
+        if p is None:
+            return
+        p["epoch"] += 1
+        if p["pad"]:   # copies for the Trainer to drop: no step runs in this epoch
+            p["pad"] -= 1
+            return
+        p["start"] = state.global_step if p["armed"] is None else p["armed"]
+        p["armed"] = None
+
     def on_epoch_end(self, args: Any, state: Any, control: Any, model: Any = None,
                      **kwargs: Any) -> None:
         """An epoch that a rollback's skip window shortened (the ``SkipSampler``) can end in
@@ -413,8 +435,9 @@ class LrwatchCallback(TrainerCallback):
             return
         note_pending(self)   # the step's loss and evaluation, logged at the next boundary
         saved = self.watcher.state_dict()
-        if self._sampler is not None:   # what a skip dropped of this epoch (_resume_pass)
-            saved["data_pass"] = self._sampler.pass_state()
+        if self._sampler is not None and self._pass is not None:   # (_resume_pass)
+            saved["data_pass"] = {**self._sampler.pass_state(), "start": self._pass["start"],
+                                  "epoch": self._pass["epoch"] + self._sampler.epoch_shift}
         tmp = os.path.join(folder, STATE_FILE + ".tmp")
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(saved, fh, allow_nan=True)
@@ -473,32 +496,58 @@ def _sample_batches(loader: Any, n: int, batch_size: int, model: Any) -> list[An
         return list(itertools.islice(iter(batches), n))
 
 
-def _resume_pass(sampler: Any, carried: Mapping[str, Any], args: Any, state: Any,
-                 loader: Any) -> None:
-    """The Trainer resumes: it fast-forwards ``global_step`` % steps-per-epoch x accumulation
-    batches into epoch ``global_step`` // steps-per-epoch (``Trainer._init_training_state``),
-    counting optimizer steps; the batches a rollback's skip window dropped are none, so it
-    would land that many batches early and train them. The checkpoint's pass is replayed
-    instead (:meth:`SkipSampler.resume`: its batches dropped and yielded as they were), so the
-    fast-forward lands where the checkpoint was. Not when batches were dropped in an earlier
-    epoch (the Trainer's epoch arithmetic is off by them: said, not corrected), nor at an
-    epoch's end, nor with ``ignore_data_skip``."""
-    earlier, drops = int(carried.get("earlier", 0)), list(carried.get("drops", ()))
+def _trainer_position(args: Any, state: Any, loader: Any) -> tuple[int, int, int]:
+    """Where the Trainer resumes at ``state.global_step``: the epoch, the batches it
+    fast-forwards into it (``Trainer._init_training_state``: global_step // and % the
+    optimizer steps of an epoch, the latter x accumulation), and the accumulation."""
     n, acc = len(loader), max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1))
     per_epoch = max(n // acc + int(n % acc > 0), 1)
-    forward = int(state.global_step) % per_epoch * acc   # what the Trainer fast-forwards
-    if earlier:
+    step = int(state.global_step)
+    return step // per_epoch, step % per_epoch * acc, acc
+
+
+def _resume_pass(sampler: Any, carried: Mapping[str, Any], args: Any, state: Any,
+                 loader: Any) -> tuple[int | None, int]:
+    """The Trainer resumes (see :func:`_trainer_position`) counting optimizer steps; the
+    batches a rollback's skip window dropped are none, so it would land that many batches
+    early and train them. The checkpoint's pass is replayed instead
+    (:meth:`SkipSampler.resume`: its batches dropped and yielded as they were, not counted
+    again), and the fast-forward is met where it lands: where batches dropped in an
+    earlier epoch moved the pass's start, as many more of the pass's first batches are
+    passed by as it falls short; where it goes further into its epoch than the pass had
+    got (skips worth an epoch or more: the Trainer resumes an epoch behind the run), that
+    epoch is a pass of copies for it to drop, and the pass goes on in its next; and the
+    Trainer's epoch numbers are shifted to the run's (``SkipSampler.epoch_shift``: the
+    sampler's order is the run's). So the resumed run trains the batches the run would
+    have trained next. Not with ``ignore_data_skip``; said, not corrected, where the
+    Trainer would resume in a later epoch than the run's (not seen). Returns the step the
+    pass began at, where it goes on, and the epochs that are copies to drop (0 or 1)."""
+    epoch, forward, acc = _trainer_position(args, state, loader)
+    pass_epoch, start = carried.get("epoch"), carried.get("start")
+    drops, earlier = list(carried.get("drops", ())), int(carried.get("earlier", 0))
+    sampler.earlier = earlier + len(drops)
+    if pass_epoch is None or start is None or getattr(args, "ignore_data_skip", False):
+        return None, 0
+    trained = (int(state.global_step) - int(start)) * acc   # this pass's batches trained
+    yielded = int(carried.get("yielded", 0))
+    fresh = bool(carried.get("done")) and trained >= yielded   # the pass is over
+    real = int(pass_epoch) + fresh
+    trained = 0 if fresh else trained
+    pad = int(forward > trained)   # the Trainer's first epoch: copies to drop
+    if real - epoch - pad < 0 or trained > yielded:
         logging.getLogger("lrwatch").warning(
-            "lrwatch: rollbacks' skip windows dropped %d batch(es) in epochs before the "
-            "checkpoint's: the Trainer's resume counts global_step x accumulation batches "
-            "from epoch boundaries those batches moved, so the resumed run does not start at "
-            "the batch the run would have trained next (not corrected; docs/integrations.md)",
-            earlier)
-    if earlier or forward == 0 or getattr(args, "ignore_data_skip", False) or (
-            forward > int(carried.get("yielded", 0))):
-        sampler.earlier = earlier + len(drops)
-        return
-    sampler.resume(carried)
+            "lrwatch: rollbacks' skip windows dropped %d batch(es) before the checkpoint: the "
+            "Trainer resumes in epoch %d, %d batch(es) in, where the run was %d batch(es) "
+            "into epoch %d: the resumed run does not train the batches the run would have "
+            "trained next (not corrected; docs/integrations.md)", sampler.earlier, epoch,
+            forward, trained, real)
+        return None, 0
+    sampler.epoch_shift = real - epoch - pad   # the Trainer's epoch e is the run's e + shift
+    if fresh:
+        sampler.resume({"earlier": sampler.earlier}, pad=forward if pad else 0)
+        return None, pad
+    sampler.resume(carried, hide=trained - forward * (1 - pad), pad=forward if pad else 0)
+    return int(start), pad
 
 
 def _best_loaded(args: Any, state: Any, model: Any) -> dict[str, torch.Tensor] | None:

@@ -40,37 +40,51 @@ class Batches(TrainerCallback):
         self.step = state.global_step + 1
 
 
-def _run(tmp_path: Path, resume: str | None = None, **kw: Any) -> tuple[Any, Batches, Any]:
+def _run(tmp_path: Path, resume: str | None = None, rows: int = 2000, poison: int = 5,
+         save: int = 10, **kw: Any) -> tuple[Any, Batches, Any]:
     model = _model()
     seen = Batches(model)
     cb = LrwatchCallback(flush_every=1, recovery=_REC)
-    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=16, save_strategy="steps",
-                                              save_steps=10, **kw),
-                      train_dataset=Seqs(2000), data_collator=_collate,
-                      callbacks=[cb, Poison(model, {5}), seen])
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=save + 6,
+                                              save_strategy="steps", save_steps=save, **kw),
+                      train_dataset=Seqs(rows), data_collator=_collate,
+                      callbacks=[cb, Poison(model, {poison}), seen])
     trainer.train(resume_from_checkpoint=resume)
     return cb, seen, trainer
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
+@pytest.mark.parametrize("rows,poison,save,accumulation", [
+    (2000, 5, 10, 1), (2000, 5, 10, 2), (48, 2, 8, 1), (64, 2, 12, 1), (24, 2, 8, 1),
+    (32, 2, 9, 1)])
 def test_a_resume_after_a_skip_trains_the_batches_the_whole_run_trains(
-        tmp_path: Path, accumulation: int) -> None:
-    """A NaN at step 5 rolls back and the skip window drops the next 3 batches; the
-    checkpoint at step 10. The Trainer fast-forwards ``global_step`` x accumulation batches
-    into the epoch, but the dropped batches are no steps: the resumed run landed 3 batches
-    early, trained the very batches the skip had dropped at steps 11-13 and the rest of the
-    epoch 3 batches late, and counted the fast-forwarded batches in ``data_position`` again.
-    Now the checkpoint carries what the skip dropped of the current epoch, and the resumed
-    run's sampler passes the same batches by: it trains what the whole run trains, and
-    counts as it does."""
-    whole, seen, _ = _run(tmp_path / "a", gradient_accumulation_steps=accumulation)
+        tmp_path: Path, rows: int, poison: int, save: int, accumulation: int,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A NaN at step ``poison`` rolls back and the skip window drops the next 3 batches; the
+    checkpoint at step ``save``. The Trainer fast-forwards ``global_step`` x accumulation
+    batches into the epoch ``global_step`` // steps per epoch, but the dropped batches are
+    no steps: the resumed run landed 3 batches early, trained the very batches the skip had
+    dropped (250 batches an epoch: at steps 11-13) and the rest of the epoch 3 batches late,
+    and counted the fast-forwarded batches in ``data_position`` again. Now the checkpoint
+    carries what the skip dropped of the current epoch, the Trainer's epoch and the step the
+    epoch began at, and the resumed run's sampler passes the same batches by, also where
+    the drops were in an earlier epoch (6 and 8 batches an epoch) and where they shortened
+    a whole epoch's worth (3 and 4 batches an epoch: the Trainer resumes an epoch behind the
+    run, and 1 batch into a fresh one at 9): it trains what the whole run trains, and
+    counts as it does. (With 3 and 4 batches an epoch the whole run ends before
+    ``max_steps``, at 12 and 13: the Trainer plans its epochs on their full length, and
+    the skips ran it out of epochs; resumed at 8, one epoch behind, it goes on to 14.)"""
+    kw = dict(rows=rows, poison=poison, save=save, gradient_accumulation_steps=accumulation)
+    whole, seen, first = _run(tmp_path / "a", **kw)
     assert whole.rollbacks == 1 and whole.watcher.skipped_batches == 3
-    ck = tmp_path / "a" / "out" / "checkpoint-10"
+    ck = tmp_path / "a" / "out" / f"checkpoint-{save}"
     saved = json.loads((ck / STATE_FILE).read_text())
-    assert saved["skip_remaining"] == 0
-    resumed, again, _ = _run(tmp_path / "a", resume=str(ck),
-                             gradient_accumulation_steps=accumulation)
-    assert sorted(again.by_step) == list(range(11, 17))
-    assert {s: again.by_step[s] for s in range(11, 17)} == {
-        s: seen.by_step[s] for s in range(11, 17)}
-    assert resumed.watcher.data_position == whole.watcher.data_position
+    assert saved["skip_remaining"] == 0 and saved["data_pass"]["epoch"] >= (rows < 100)
+    resumed, again, second = _run(tmp_path / "a", resume=str(ck), **kw)
+    after = [s for s in range(save + 1, save + 7) if s in seen.by_step]
+    assert len(after) >= 3 and sorted(again.by_step)[:len(after)] == after
+    assert {s: again.by_step[s] for s in after} == {s: seen.by_step[s] for s in after}
+    if first.state.global_step == second.state.global_step:
+        assert resumed.watcher.data_position == whole.watcher.data_position
+    else:   # the whole run ran out of epochs (see above)
+        assert rows < 40 and first.state.global_step < second.state.global_step
+    assert "not corrected" not in caplog.text

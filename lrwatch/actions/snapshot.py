@@ -393,7 +393,9 @@ class SnapshotStore:
     keep:
         How many snapshots to keep besides the pinned start: at most ``keep - 1`` pending ones
         (no snapshot is due while that many are pending) and the two newest known-good ones,
-        so ``keep + 1`` while ``keep - 1`` are pending and two are good (see :meth:`_trim`).
+        so ``keep + 1`` while ``keep - 1`` are pending and two are good (see :meth:`_trim`),
+        and one more while a failure is open: the newest known-good one before its onset
+        (:attr:`keep_before`).
         A pending snapshot is never dropped before it is judged.
     directory:
         Write snapshots here (atomic rename, sha256 checksum, ``weights_only`` load) instead of

@@ -64,7 +64,9 @@ def _scale_gained(optimizer: Any, gained: Sequence[tuple[str, ...]], factor: flo
 
 def before_failure(state: Any, store: Any, distributed: bool) -> list[dict[str, Any]]:
     """For ``Watcher.state_dict``, while a failure waits for its rollback (a watched sudden
-    failure, a rollback the cooldown holds; the policy's ``state``): the snapshots ``store``
+    failure, a rollback the cooldown holds; the policy's ``state``, or what stands for it:
+    since the sixteenth round at the latest the checkpoint's own step, whose last update only
+    the resumed run measures): the snapshots ``store``
     holds on disk (``snapshot_dir``) from before it, by path and checksum, which a run
     resumed from the checkpoint can go back to (its own start, the resumed state, is after
     the failure). Not under ``torch.distributed`` (rank 0's checkpoint names its own files)."""

@@ -36,6 +36,35 @@ def test_wrapped_dataloader_drops_whole_batches_on_request() -> None:
     assert not wrap_dataloader(ds_iter, lambda: False)
 
 
+def test_a_resumed_skip_sampler_replays_its_pass_without_counting_it_again() -> None:
+    """The pass a checkpoint describes (``pass_state``: batches 0-4 drawn, 2 and 3 dropped)
+    is replayed by the resumed sampler: the same batches dropped and yielded, ``take()``
+    not asked for them (the checkpoint's ``data_position`` and skip window have them), then
+    the pass goes on as it would have. ``hide`` passes by that many more of its first
+    batches, ``pad`` puts a pass of copies of a first batch before it (for a framework whose
+    fast-forward falls short of, or goes past, where the checkpoint was)."""
+    ds = torch.utils.data.TensorDataset(torch.arange(40))
+    dl = torch.utils.data.DataLoader(ds, batch_size=4)
+    calls = iter(range(100))
+    assert wrap_dataloader(dl, lambda: next(calls) in {2, 3})
+    sampler = dl.batch_sampler.sampler
+    it = iter(dl)
+    assert [int(next(it)[0][0]) for _ in range(3)] == [0, 4, 16]
+    state = sampler.pass_state()
+    assert state == {"yielded": 3, "drops": [2, 2], "earlier": 0, "done": False}
+    asked: list[int] = []
+    for hide, pad, firsts in ((0, 0, [0, 4, 16, 20, 24]), (2, 0, [16, 20, 24]),
+                              (0, 2, [0, 0])):
+        other = torch.utils.data.DataLoader(ds, batch_size=4)
+        assert wrap_dataloader(other, lambda: bool(asked.append(1)))
+        other.batch_sampler.sampler.resume(state, hide=hide, pad=pad)
+        got = [int(b[0][0]) for b in other]
+        assert got[:len(firsts)] == firsts, (hide, pad, got)
+        if pad:   # the pass after the copies is the checkpoint's, replayed
+            assert [int(b[0][0]) for b in other][:3] == [0, 4, 16]
+    assert len(asked) == 3 * 5   # each run's batches after the replayed ones (20-36)
+
+
 def test_under_accelerate_batch_sampler_shard_every_rank_drops_the_same_own_batches() -> None:
     """accelerate's ``BatchSamplerShard`` (a ``BatchSampler`` subclass) deals the batches of the
     global batch sampler round-robin to the processes: the wrapper goes under it, and one skip

@@ -7,6 +7,7 @@ from collections import deque
 from operator import sub
 from typing import Any, ClassVar, Mapping
 
+from ...errors import ConfigError
 from .base import Detector, Param, sorted_median
 from .start_ratio import given_level, take_start
 
@@ -41,6 +42,13 @@ class Untrained(Detector):
     z:
         One-sided test: the newer half must be this many standard errors lower to count as
         learning (3: a false "not learning" on a steadily falling loss about 1 time in 700).
+    trend:
+        Judge the fall over only the newest ``trend`` values (even, at least 8, at most
+        ``window``; default: the whole window): their older half against their newer half, the
+        noise from their own step-to-step differences. The level is still the newer half of
+        the whole window. With ``trend`` half the window, a fall that ended inside the window
+        (a loss that came down from an early blow-up, or relearned its output bias, and then
+        settled) no longer counts as learning: what counts is whether the loss is falling now.
 
     Notes
     -----
@@ -72,12 +80,19 @@ class Untrained(Detector):
         "above": Param(float, "level (x untrained) at or above which a flat loss fires",
                        min=0, min_open=True),
         "z": Param(float, "standard errors of fall that count as learning", min=0),
+        "trend": Param(int, "newest values the fall is judged over (default: the whole window)",
+                       min=8, keeps=True, optional=True),
     }
     _STATE = ("first", "start", "buf", "level")
 
     def __init__(self, *, warmup: int = 1, window: int = 40, above: float = 0.9,
-                 z: float = 3.0) -> None:
-        self._set_params(warmup=warmup, window=window - window % 2, above=above, z=z)
+                 z: float = 3.0, trend: int | None = None) -> None:
+        self._set_params(warmup=warmup, window=window - window % 2, above=above, z=z,
+                         trend=None if trend is None else trend - trend % 2)
+        if self.trend is not None and self.trend > self.window:
+            raise ConfigError(f"untrained 'trend' ({trend}) must be at most 'window' "
+                              f"({window}): the fall is judged over the newest values of the "
+                              "window")
         self._first: list[float] = []
         self._start: float | None = None
         self._buf: deque[float] = deque(maxlen=self.window)
@@ -113,6 +128,10 @@ class Untrained(Detector):
         self._level = new / self._start
         if self._level < self.above:       # the common case: well below the untrained level
             return False
+        if self.trend is not None and self.trend < self.window:
+            vals = vals[-self.trend:]         # the fall is judged on the newest values only
+            h = self.trend // 2
+            new = sorted_median(sorted(vals[h:]))
         old = sorted_median(sorted(vals[:h]))
         diffs = sorted(map(abs, map(sub, vals[1:], vals[:-1])))   # C loops: the hot path
         sd = _MAD_TO_SD * sorted_median(diffs) / math.sqrt(2.0)

@@ -464,6 +464,29 @@ def test_untrained_golden():
     assert Untrained().update(float("nan")) is None
 
 
+def test_untrained_trend_judges_the_fall_on_the_newest_values_only():
+    # a loss that came down from a blow-up in the older half of the window and then settled
+    # at 1.05x the level: over the whole window the fall reads as learning; over the newest
+    # half (trend) it has stopped, so the run is not learning
+    rng = random.Random(3)
+    settled = [1.0] + [4.0 * 0.9 ** i + 1.05 for i in range(20)] + [
+        1.05 * (1 + 0.01 * rng.gauss(0, 1)) for _ in range(40)]
+    whole, newest = Untrained(window=40, above=1.0), Untrained(window=40, above=1.0, trend=20)
+    got_whole = [whole.update(x) for x in settled]
+    got_newest = [newest.update(x) for x in settled]
+    assert not any(got_whole[41:52]), got_whole          # the fall is still in the window
+    assert all(got_newest[50:]), got_newest              # it is not falling now
+    assert newest.statistic == pytest.approx(1.05, rel=0.02)   # the level: newer half of 40
+    # still falling in the newest values: learning either way
+    falling = Untrained(window=40, above=1.0, trend=20)
+    assert not any(falling.update(x) for x in [1.0] + [3.0 - 0.02 * i for i in range(60)])
+    # trend == window is the whole-window test; a trend longer than the window is refused
+    same, plain = Untrained(window=40, above=1.0, trend=40), Untrained(window=40, above=1.0)
+    assert [same.update(x) for x in settled] == [plain.update(x) for x in settled]
+    with pytest.raises(ConfigError, match="at most 'window'"):
+        Untrained(window=40, trend=60)
+
+
 def test_frozen_golden():
     det = Frozen(count=3)
     # identical held-out accuracies (a constant prediction) fire; any change breaks the run

@@ -271,30 +271,22 @@ class TrainingExporter:
 
     # --- feeding -----------------------------------------------------------------------------
     def observe(self, samples: Iterable[Sample]) -> None:
-        """Update every family from one flush of samples (in step order)."""
+        """Update every family from one flush of samples (in step order).
+
+        A gauge takes the newest value of its key *in the flush*, not only the flush's last
+        sample's: an evaluation, an ``accuracy`` or a per-layer norm logged on a step that does
+        not end a flush (an evaluation every epoch of 391 steps, ``flush_every=25``) would be
+        lost from ``/metrics`` otherwise, and the gauge would keep an older value, or none."""
         with self._lock:
             last: Sample | None = None
+            newest: dict[str, float] = {}     # sample key -> its newest value in the flush
+            lr_groups: tuple[float, ...] | None = None
             for s in samples:
                 last = s
-                self.steps.inc()
-                v = s.values
-                if v.get("nonfinite_loss") or v.get("nonfinite_grad"):
-                    self.nonfinite_steps.inc()
-                if v.get("skipped") or v.get("grad_dropped"):
-                    self.skipped_steps.inc()
-                loss = v.get("loss")
-                if loss is not None and math.isfinite(loss):
-                    self.loss_hist.observe(loss)
-                gn = v.get("grad_norm")
-                if gn is not None and math.isfinite(gn):
-                    self.grad_norm_hist.observe(gn)
-                for k in ("untrained_loss", "constant_loss"):   # in step 1 only: kept
-                    u = v.get(k)
-                    if u is not None:
-                        self.latest[k] = u
-                st = v.get("step_time_seconds")
-                if st is not None and math.isfinite(st) and st >= 0:
-                    self.step_seconds.observe(st)
+                self._count(s.values)
+                newest.update(s.values)
+                if s.lr_groups is not None:
+                    lr_groups = s.lr_groups
             if last is None:
                 return
             self.latest["step"] = float(last.step)
@@ -304,23 +296,39 @@ class TrainingExporter:
                     self.latest["@flush_interval"] = last.time - before
                 self.latest["time"] = last.time
             for key in _GAUGES:
-                val = last.values.get(key)
+                val = newest.get(key)
                 if val is not None:
                     self.latest[key] = val
-            if last.lr_groups is not None:   # (a group that holds no rate, NaN: no series)
+            if lr_groups is not None:   # (a group that holds no rate, NaN: no series)
                 self._set_groups(self.learning_rate, self._lr_children,
-                                 [(g, v) for g, v in enumerate(last.lr_groups)
-                                  if not math.isnan(v)])
+                                 [(g, v) for g, v in enumerate(lr_groups) if not math.isnan(v)])
             self._set_groups(self.momentum, self._mom_children,
-                             [(int(k[len("momentum/"):]), v) for k, v in last.values.items()
+                             [(int(k[len("momentum/"):]), v) for k, v in newest.items()
                               if k.startswith("momentum/") and k[len("momentum/"):].isdigit()])
             for lab in self._layer_labels:
-                val = last.values.get(f"grad_norm/{lab}")
+                val = newest.get(f"grad_norm/{lab}")
                 if val is not None:
                     child = self._layer_children.get(lab)
                     if child is None:
                         child = self._layer_children[lab] = self.layer_grad_norm.labels(lab)
                     child.set(val)
+
+    def _count(self, v: Mapping[str, float]) -> None:
+        """One step's counters and histograms (every step counts, not only a flush's last)."""
+        self.steps.inc()
+        if v.get("nonfinite_loss") or v.get("nonfinite_grad"):
+            self.nonfinite_steps.inc()
+        if v.get("skipped") or v.get("grad_dropped"):
+            self.skipped_steps.inc()
+        loss = v.get("loss")
+        if loss is not None and math.isfinite(loss):
+            self.loss_hist.observe(loss)
+        gn = v.get("grad_norm")
+        if gn is not None and math.isfinite(gn):
+            self.grad_norm_hist.observe(gn)
+        st = v.get("step_time_seconds")
+        if st is not None and math.isfinite(st) and st >= 0:
+            self.step_seconds.observe(st)
 
     @staticmethod
     def _set_groups(gauge: Gauge, children: dict[int, Any],

@@ -309,3 +309,32 @@ def test_a_run_name_that_is_not_text_is_refused_at_once() -> None:
     assert 'run="a \\"quoted\\"\\nrun ü"' in text
     rc, out = promtool_check_metrics(text)
     assert rc == 0 and out.strip() == "", out
+
+
+def test_an_evaluation_on_a_step_that_ends_no_flush_reaches_metrics() -> None:
+    """An evaluation logged on a step inside a flush (every epoch of 391 steps with
+    flush_every=25) reaches /metrics at that flush: the gauges took the flush's last sample
+    only, so lrwatch_eval_accuracy stayed absent (or at an older evaluation) for the run."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with lrwatch.Watcher(model, opt, port=0, flush_every=5, run_name="eval-mid") as w:
+        assert w.metrics_url is not None
+        for step in range(1, 11):
+            opt.zero_grad()
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            loss.backward()
+            opt.step()
+            extra = {"eval_accuracy": 0.75, "eval_loss": 0.5} if step == 3 else {}
+            if step == 8:
+                extra = {"eval_accuracy": 0.8, "accuracy": 0.6}
+            w.log(loss=loss, **extra)
+            if step == 5:   # the first flush is done: step 3's evaluation is exported
+                text = urllib.request.urlopen(w.metrics_url, timeout=5).read().decode()
+                assert "lrwatch_step 5.0" in text
+                assert "lrwatch_eval_accuracy 0.75" in text, text
+                assert "lrwatch_eval_loss 0.5" in text
+        text = urllib.request.urlopen(w.metrics_url, timeout=5).read().decode()
+    assert "lrwatch_step 10.0" in text
+    assert "lrwatch_eval_accuracy 0.8" in text and "lrwatch_accuracy 0.6" in text
+    assert "lrwatch_eval_loss 0.5" in text    # not measured since: its last value stays

@@ -683,8 +683,7 @@ class AlertSender:
 
     def _register_metrics(self, names: Sequence[str]) -> None:
         _drop_no_sinks(self.registry)   # this sender's counts replace the 0 of no sinks
-        sent = Counter("lrwatch_alerts_sent", "Alerts delivered to a sink (re-sends included).",
-                       ["sink"], registry=None)
+        sent = Counter("lrwatch_alerts_sent", SENT_HELP, ["sink"], registry=None)
         failed = Counter("lrwatch_alerts_failed", "Alerts a sink did not take after every retry.",
                          ["sink"], registry=None)
         self._dropped = Counter("lrwatch_alerts_dropped",
@@ -937,6 +936,13 @@ def is_saved_count(v: Any) -> bool:
 _NO_SINKS: "weakref.WeakKeyDictionary[CollectorRegistry, Counter]" = weakref.WeakKeyDictionary()
 
 
+#: One HELP for ``lrwatch_alerts_sent_total`` with sinks and without: a Pushgateway holding the
+#: summaries of runs of both kinds (or a federating Prometheus) finds one family, not two
+#: inconsistent ones ("This is bad. Fix your pushed metrics!" on every gather).
+SENT_HELP = ("Alerts delivered to a sink, re-sends included (0 without a sink label where no "
+             "sink is configured).")
+
+
 def export_no_sinks(registry: CollectorRegistry, owner: Any) -> None:
     """Export ``lrwatch_alerts_sent_total`` at 0, without a ``sink`` label, where no alert
     sink is configured: DESIGN.md lists it among the families every process exports, and a
@@ -945,8 +951,7 @@ def export_no_sinks(registry: CollectorRegistry, owner: Any) -> None:
     :class:`AlertSender` registered later in the same registry replaces it."""
     from ..exporters.prometheus import register_owned
 
-    sent = Counter("lrwatch_alerts_sent", "Alerts delivered to a sink (no sink is configured).",
-                   registry=None)
+    sent = Counter("lrwatch_alerts_sent", SENT_HELP, registry=None)
     register_owned(registry, owner, [sent])
     _NO_SINKS[registry] = sent
 

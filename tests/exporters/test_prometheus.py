@@ -338,3 +338,22 @@ def test_an_evaluation_on_a_step_that_ends_no_flush_reaches_metrics() -> None:
     assert "lrwatch_step 10.0" in text
     assert "lrwatch_eval_accuracy 0.8" in text and "lrwatch_accuracy 0.6" in text
     assert "lrwatch_eval_loss 0.5" in text    # not measured since: its last value stays
+
+
+@pytest.mark.prometheus
+def test_summaries_with_and_without_alert_sinks_are_one_family(pushgateway) -> None:  # type: ignore[no-untyped-def]
+    """A run without alert sinks and one with an Alertmanager push lrwatch_alerts_sent_total
+    with one HELP: two made the Pushgateway log "inconsistent help strings ... This is bad.
+    Fix your pushed metrics!" at every push after the second."""
+    for run, kwargs in (("no-sinks", {}), ("with-sink", {"alertmanager": "http://127.0.0.1:9"}),
+                        ("no-sinks-2", {})):
+        model = nn.Linear(4, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with lrwatch.Watcher(model, opt, pushgateway=pushgateway.url, run_name=run,
+                             rules=None, **kwargs) as w:
+            _train(w, model, opt, 2)
+        assert w.registry.get_sample_value("lrwatch_internal_errors_total") == 0.0
+    text = pushgateway.metrics_text()
+    assert 'lrwatch_alerts_sent_total{instance="",job="lrwatch",run="no-sinks"} 0' in text
+    assert 'run="with-sink",sink="alertmanager"} 0' in text
+    assert "inconsistent help" not in pushgateway.read_log()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import platform
 import threading
 import weakref
@@ -354,14 +355,20 @@ class MetricsServer:
     """The ``/metrics`` HTTP server of one registry, in a daemon thread.
 
     ``port=0`` picks a free port; :attr:`port` tells which. Stop it with :meth:`close`.
+
+    A process forked while it serves (DataLoader workers) closes its copy of the listening
+    socket at once: a persistent worker kept it open after :meth:`close`, so the port stayed
+    taken (the next Watcher on it could not serve) and scrapes of it hung unanswered.
     """
 
     def __init__(self, registry: CollectorRegistry, port: int, host: str = "127.0.0.1") -> None:
         from prometheus_client import start_http_server
 
+        self._server: Any
         self._server, self._thread = start_http_server(port, addr=host, registry=registry)
         self.host = host
         self.port: int = int(self._server.server_port)
+        _SERVING.add(self)
 
     @property
     def url(self) -> str:
@@ -369,9 +376,35 @@ class MetricsServer:
         return f"http://{host}:{self.port}/metrics"
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        server, self._server = self._server, None
+        if server is None:   # closed, or this is a forked child (its copy is closed)
+            return
+        server.shutdown()
+        server.server_close()
         self._thread.join(timeout=5)
+
+    def _forget(self) -> None:
+        """In a forked child: close this process's copy of the socket, never serve (the
+        serving thread is the parent's; ``shutdown()`` here would wait for it for ever)."""
+        server, self._server = self._server, None
+        if server is not None:
+            try:
+                server.socket.close()
+            except OSError:
+                pass
+
+
+#: the servers of this process, for :func:`_forget_servers_in_child`
+_SERVING: "weakref.WeakSet[MetricsServer]" = weakref.WeakSet()
+
+
+def _forget_servers_in_child() -> None:
+    for server in list(_SERVING):
+        server._forget()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_servers_in_child)
 
 
 def start_metrics_server(registry: CollectorRegistry, port: int, host: str = "127.0.0.1",

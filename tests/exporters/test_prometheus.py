@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import urllib.request
 
@@ -357,3 +358,37 @@ def test_summaries_with_and_without_alert_sinks_are_one_family(pushgateway) -> N
     assert 'lrwatch_alerts_sent_total{instance="",job="lrwatch",run="no-sinks"} 0' in text
     assert 'run="with-sink",sink="alertmanager"} 0' in text
     assert "inconsistent help" not in pushgateway.read_log()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not hasattr(os, "register_at_fork"), reason="needs fork")
+def test_a_forked_dataloader_worker_does_not_keep_the_metrics_port() -> None:
+    """Persistent DataLoader workers forked while a Watcher served /metrics kept its
+    listening socket: after close() the port stayed taken, so the next Watcher on it (the
+    next run of a sweep in this process) could not serve, and scrapes of it hung."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    port = _free_port()
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(TensorDataset(torch.randn(32, 4)), batch_size=8, num_workers=1,
+                        persistent_workers=True, multiprocessing_context="fork")
+    with lrwatch.Watcher(model, opt, port=port, rules=None) as w:
+        assert w.metrics_url is not None
+        for (x,) in loader:   # the worker is forked now, and stays
+            opt.zero_grad()
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            opt.step()
+            w.log(loss=loss)
+    assert any(p.is_alive() for p in loader._iterator._workers)   # still there
+    with lrwatch.Watcher(model, opt, port=port, rules=None, run_name="next") as w2:
+        assert w2.metrics_url == f"http://127.0.0.1:{port}/metrics"
+        text = urllib.request.urlopen(w2.metrics_url, timeout=5).read().decode()
+        assert 'run="next"' in text
+    del loader

@@ -416,7 +416,7 @@ def start_metrics_server(registry: CollectorRegistry, port: int, host: str = "12
     """
     try:
         return MetricsServer(registry, port, host)
-    except OSError as exc:
+    except (OSError, OverflowError) as exc:   # OverflowError: past 65535 (port + rank)
         log.warning("lrwatch: cannot serve /metrics on %s:%s (%s); training goes on without it "
                     "(give another port, or port=0 for a free one; the failure is counted in "
                     "lrwatch_internal_errors_total)", host, port, exc)

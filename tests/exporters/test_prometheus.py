@@ -392,3 +392,17 @@ def test_a_forked_dataloader_worker_does_not_keep_the_metrics_port() -> None:
         text = urllib.request.urlopen(w2.metrics_url, timeout=5).read().decode()
         assert 'run="next"' in text
     del loader
+
+
+def test_a_port_past_65535_fails_open(caplog: pytest.LogCaptureFixture) -> None:
+    """Under export="all" rank r serves on port + r: port=65535 put rank 1 on 65536, and
+    bind()'s OverflowError (not an OSError) crashed that rank's Watcher at construction."""
+    from lrwatch.exporters.prometheus import start_metrics_server
+
+    errors: list[int] = []
+    with caplog.at_level(logging.WARNING, logger="lrwatch"):
+        server = start_metrics_server(CollectorRegistry(), 65535 + 1,
+                                      on_error=lambda: errors.append(1))
+    assert server is None and errors == [1]
+    assert "cannot serve /metrics on 127.0.0.1:65536" in caplog.text
+    assert "port=0 for a free one" in caplog.text

@@ -57,7 +57,7 @@ def stack_command(prometheus_port: int, alertmanager_port: int, pushgateway_port
     from .local import LocalStack, check_distinct_ports, check_stack_options
 
     try:   # the options themselves: a usage error (exit 2), as replay's and lr-find's are
-        check_stack_options(training, daemon, scrape_interval)
+        check_stack_options(training, daemon, scrape_interval, rules_dir)
         check_distinct_ports({"alertmanager": alertmanager_port,
                               "pushgateway": None if no_pushgateway else pushgateway_port,
                               "prometheus": prometheus_port})

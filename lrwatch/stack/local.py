@@ -111,7 +111,7 @@ _DURATION = re.compile(r"^(\d+y)?(\d+w)?(\d+d)?(\d+h)?(\d+m)?(\d+s)?(\d+ms)?$")
 
 
 def check_stack_options(training: Sequence[str], daemon: Sequence[str],
-                        scrape_interval: str | None) -> None:
+                        scrape_interval: str | None, rules_dir: str | None = None) -> None:
     """Raise :class:`~lrwatch.errors.ConfigError` for a target that is not ``HOST:PORT`` (the
     URL ``lrwatch demo`` prints is not one) or an interval Prometheus would not parse, before
     anything starts: Prometheus would exit with an error about a config file in a temporary
@@ -133,6 +133,21 @@ def check_stack_options(training: Sequence[str], daemon: Sequence[str],
                                         or not re.search(r"[1-9]", scrape_interval)):
         raise ConfigError(f"--scrape-interval {scrape_interval!r} is not a Prometheus duration "
                           "above zero (e.g. 5s, 1m, 1m30s)")
+    if rules_dir is not None:
+        _check_rules_dir(Path(rules_dir))
+
+
+def _check_rules_dir(rules_dir: Path) -> None:
+    """A ``--rules`` directory without a ``*.rules.yml`` file started Prometheus with no
+    alerting rule at all, and said ``rules: DIR/*.rules.yml`` as if they were loaded."""
+    if any(rules_dir.glob("*.rules.yml")):
+        return
+    other = sorted(p.name for p in rules_dir.iterdir()
+                   if p.suffix in (".yml", ".yaml") and p.is_file())[:5]
+    hint = (f" (it has {', '.join(other)}: name a rule file NAME.rules.yml)" if other else "")
+    raise ConfigError(f"--rules {rules_dir}: no *.rules.yml file there, so Prometheus would "
+                      f"load no alerting rule{hint}; the shipped rules are in the "
+                      "repository's rules/")
 
 
 @dataclass

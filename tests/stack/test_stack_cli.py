@@ -154,3 +154,22 @@ def test_a_prometheus_config_keeps_its_own_rule_files(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "my.rules.yml" in proc.stdout and "SUCCESS" in proc.stdout
+
+
+def test_a_rules_directory_without_rule_files_is_refused(tmp_path: Path) -> None:
+    """`--rules DIR` where DIR holds no *.rules.yml (rule files named alerts.yml) started
+    Prometheus with no alerting rule and printed `rules: DIR/*.rules.yml`: nothing could
+    ever fire."""
+    rules = tmp_path / "my-rules"
+    rules.mkdir()
+    (rules / "alerts.yml").write_text("groups: []\n")
+    proc = Proc(lrwatch_cmd("stack", "--prometheus-port", "0", "--alertmanager-port", "0",
+                            "--pushgateway-port", "0", "--data-dir", str(tmp_path / "data"),
+                            "--rules", str(rules)), tmp_path / "stack.log")
+    try:
+        assert proc.proc.wait(timeout=60) == 2, proc.log()
+        assert f"--rules {rules}: no *.rules.yml file there" in proc.log(), proc.log()
+        assert "alerts.yml: name a rule file NAME.rules.yml" in proc.log()
+        assert not (tmp_path / "data" / "alertmanager.log").exists()   # nothing was started
+    finally:
+        proc.stop()

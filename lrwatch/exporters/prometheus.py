@@ -71,6 +71,10 @@ _DERIVED: dict[str, tuple[str, str]] = {
                         "Time between the last steps of the last two flushes (step times): "
                         "LrwatchTrainingStalled waits three of these, at least 15 minutes, so "
                         "runs with slow steps or a large flush_every are not stalled."),
+    "@steps_per_second": ("lrwatch_steps_per_second",
+                          "Optimizer steps per second between the last steps of the last two "
+                          "flushes (step times): the rate of lrwatch_training_steps_total is 0 "
+                          "in windows between flushes further apart than the window."),
 }
 
 
@@ -290,11 +294,15 @@ class TrainingExporter:
                     lr_groups = s.lr_groups
             if last is None:
                 return
+            before_step = self.latest.get("step")
             self.latest["step"] = float(last.step)
             if last.time is not None:
                 before = self.latest.get("time")
                 if before is not None and last.time > before:
                     self.latest["@flush_interval"] = last.time - before
+                    if before_step is not None and last.step > before_step:
+                        self.latest["@steps_per_second"] = \
+                            (last.step - before_step) / (last.time - before)
                 self.latest["time"] = last.time
             for key in _GAUGES:
                 val = newest.get(key)

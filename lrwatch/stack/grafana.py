@@ -236,15 +236,28 @@ def _firing_panels(lay: _Layout) -> None:
 
 # --- the dashboards ----------------------------------------------------------------------------------
 
+def _step_rate() -> str:
+    """Steps/s of each selected rank. A Watcher's counters move at flushes only, so the rate of
+    ``lrwatch_training_steps_total`` over ``$__rate_interval`` (1 min at a 15 s scrape) read 0
+    in the windows between flushes further apart (25 steps of 3 s) and overshot in the others.
+    It is the rate between the rank's last two flushes (``lrwatch_steps_per_second``) while the
+    next is not overdue (three flush intervals, at least 15 minutes: LrwatchTrainingStalled's
+    measure), else, and before a second flush, the counter's rate (0 for a stalled run)."""
+    return (f"(lrwatch_steps_per_second{{{SEL}}} and on (job, instance) "
+            f"(time() - lrwatch_last_step_timestamp_seconds{{{SEL}}} < on (job, instance) "
+            f"clamp_min(3 * lrwatch_flush_interval_seconds{{{SEL}}}, 900))) "
+            f"or rate(lrwatch_training_steps_total{{{SEL}}}[$__rate_interval])")
+
+
 def _training_overview(lay: _Layout) -> None:
     """The "Overview" row."""
     lay.row("Overview")
     lay.add(_stat("Step", _targets((f"max(lrwatch_step{{{SEL}}})", "step")),
                   description="Global optimizer step of the last flushed sample "
                               "(lrwatch_step)."), w=4, h=4)
-    lay.add(_stat("Steps / s", _targets(
-        (f"sum(rate(lrwatch_training_steps_total{{{SEL}}}[$__rate_interval]))", "steps/s")),
-        unit="ops", description="Optimizer steps per second, summed over the selected ranks."),
+    lay.add(_stat("Steps / s", _targets((f"sum({_step_rate()})", "steps/s")),
+        unit="ops", description="Optimizer steps per second, summed over the selected ranks "
+                                "(between each rank's last two flushes; 0 once it is overdue)."),
         w=4, h=4)
     lay.add(_stat("Rollbacks in range", _targets(
         (_events_in_range("lrwatch_rollbacks_total"), "rollbacks")),
@@ -323,11 +336,12 @@ def _training_speed(lay: _Layout) -> None:
     lay.row("Speed")
     lay.add(_timeseries(
         "Step rate",
-        _targets((f"rate(lrwatch_training_steps_total{{{SEL}}}[$__rate_interval])", "{{instance}}"),
-                 (f"sum by (job) (rate(lrwatch_training_steps_total{{{SEL}}}[$__rate_interval]))",
-                  "{{job}} (selected ranks)")),
+        _targets((_step_rate(), "{{instance}}"),
+                 (f"sum by (job) ({_step_rate()})", "{{job}} (selected ranks)")),
         unit="ops", description="Optimizer steps per second, per rank and summed over the "
-                                "selected ranks (not over every run of the job)."), w=8)
+                                "selected ranks (not over every run of the job): between a "
+                                "rank's last two flushes (lrwatch_steps_per_second), 0 once it "
+                                "is overdue as LrwatchTrainingStalled judges."), w=8)
     lay.add(_timeseries(
         "Step duration",
         _targets(("histogram_quantile(0.5, sum by (instance, le) "

@@ -406,3 +406,17 @@ def test_a_port_past_65535_fails_open(caplog: pytest.LogCaptureFixture) -> None:
     assert server is None and errors == [1]
     assert "cannot serve /metrics on 127.0.0.1:65536" in caplog.text
     assert "port=0 for a free one" in caplog.text
+
+
+def test_steps_per_second_is_the_rate_between_the_last_two_flushes() -> None:
+    """What the dashboards' step rate reads: the rate of lrwatch_training_steps_total over a
+    minute is 0 between flushes further apart than that."""
+    exp = TrainingExporter(CollectorRegistry())
+    exp.observe([Sample(step=s, time=1000.0 + 40 * s, values={}) for s in range(1, 26)])
+    assert exp.registry.get_sample_value("lrwatch_steps_per_second") is None
+    exp.observe([Sample(step=s, time=1000.0 + 40 * s, values={}) for s in range(26, 51)])
+    assert exp.registry.get_sample_value("lrwatch_steps_per_second") == 25 / 1000
+    exp.observe([Sample(step=s, time=3000.0 + 60 * (s - 50), values={}) for s in range(51, 61)])
+    assert exp.registry.get_sample_value("lrwatch_steps_per_second") == 10 / 600
+    rc, out = promtool_check_metrics(generate_latest(exp.registry))
+    assert rc == 0 and out.strip() == "", out

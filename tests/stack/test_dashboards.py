@@ -144,7 +144,8 @@ def test_provisioning_files() -> None:
     assert provider["type"] == "file" and provider["options"]["path"]
 
 
-def _promtool_eval(tmp_path: Path, series: dict[str, str], expr: str, at: str) -> str:
+def _promtool_eval(tmp_path: Path, series: dict[str, str], expr: str, at: str,
+                   interval: str = "1m") -> str:
     """The value of ``expr`` at ``at`` over ``series``, computed by the real promtool (its
     ``promql_expr_test`` reports what it got when the expectation fails)."""
     import subprocess
@@ -152,7 +153,7 @@ def _promtool_eval(tmp_path: Path, series: dict[str, str], expr: str, at: str) -
     from services import find_binary
 
     test = {"rule_files": [], "evaluation_interval": "1m", "tests": [{
-        "interval": "1m",
+        "interval": interval,
         "input_series": [{"series": k, "values": v} for k, v in series.items()],
         "promql_expr_test": [{"expr": expr, "eval_time": at,
                               "exp_samples": [{"labels": "{}", "value": -12345}]}]}]}
@@ -205,3 +206,36 @@ def test_step_rate_sum_covers_the_selected_ranks_only(tmp_path: Path) -> None:
     assert got == "{} 5E+00"
     assert "{{instance}}" in panel["targets"][0]["legendFormat"]
     assert "all ranks" not in summed["legendFormat"]
+
+
+@pytest.mark.prometheus
+@pytest.mark.parametrize("title", ["Steps / s", "Step rate"])
+def test_step_rate_of_a_run_that_flushes_less_often_than_the_window(tmp_path: Path,
+                                                                    title: str) -> None:
+    """25 steps of 3 s between flushes, scraped every 15 s: the rate of the counter over
+    $__rate_interval (1m) read 0.42 and 0 in turn for a run at 0.33 steps/s. The panels show
+    the rate between the last two flushes, and 0 once the run is overdue (stalled)."""
+    d = _load(DASHBOARDS_DIR / "lrwatch-training.json")
+    (panel,) = [p for p in _panels(d["panels"]) if p["title"] == title]
+    expr = substitute(panel["targets"][0]["expr"], {"job": "lrwatch-training",
+                                                    "instance": ".+"})
+    expr = expr if expr.startswith("sum(") else f"sum({expr})"
+    sel = '{job="lrwatch-training",instance="a:9400"}'
+    # sample i at 15 i s; flush k at 75 k s (steps 25 k); the run hangs after 40 flushes
+    flushes = [min(i // 5, 40) for i in range(300)]
+    series = {f"lrwatch_training_steps_total{sel}": " ".join(str(25 * k) for k in flushes),
+              f"lrwatch_step{sel}": " ".join(str(25 * k) for k in flushes),
+              f"lrwatch_last_step_timestamp_seconds{sel}": " ".join(
+                  str(75 * k) for k in flushes),
+              f"lrwatch_flush_interval_seconds{sel}": " ".join(
+                  "_" if k < 2 else "75" for k in flushes),
+              f"lrwatch_steps_per_second{sel}": " ".join(
+                  "_" if k < 2 else str(25 / 75) for k in flushes)}
+    for at in ("600s", "615s", "630s", "645s", "660s"):   # flushing every 75 s
+        assert _promtool_eval(tmp_path, series, expr, at, interval="15s") == \
+            "{} 3.333333333333333E-01", at
+    # it hangs after its flush at 3000 s: three intervals are under 15 minutes, so it is
+    # overdue after 3900 s and the rate is then the counter's, 0
+    assert _promtool_eval(tmp_path, series, expr, "3600s", interval="15s") == \
+        "{} 3.333333333333333E-01"
+    assert _promtool_eval(tmp_path, series, expr, "4200s", interval="15s") == "{} 0E+00"

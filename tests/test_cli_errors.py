@@ -62,3 +62,18 @@ def test_demo_refuses_a_nan_burst_that_would_not_fit_in_the_run() -> None:
     assert "--inject-at 3 or less" in res.output and "done:" not in res.output
     res = _invoke("demo", "--steps", "2", "--port", "0", "--trace", "", "--inject", "nan-burst")
     assert res.exit_code == 2 and "--steps 3 or more" in res.output
+
+
+def test_daemon_on_a_taken_port_names_the_port_and_the_fix(tmp_path: Path) -> None:
+    """`lrwatch daemon --port P` with P taken said only `[Errno 98] Address already in use`."""
+    import socket
+
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen(1)
+        port = blocker.getsockname()[1]
+        res = _invoke("daemon", "--port", str(port), "--live-reference", "100",
+                      "--state-dir", str(tmp_path / "state"))
+    assert res.exit_code == 1, res.output
+    assert f"cannot listen on 127.0.0.1:{port} (Address already in use)" in res.output
+    assert "give another --port (0 picks a free one)" in res.output

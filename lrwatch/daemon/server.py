@@ -333,9 +333,11 @@ def _listen(host: str, port: int, backlog: int) -> socket.socket:
     try:
         sock.bind((host, port))
         sock.listen(backlog)
-    except OSError:
+    except OSError as exc:   # "[Errno 98] Address already in use" named neither port nor fix
         sock.close()
-        raise
+        raise OSError(exc.errno, f"cannot listen on {host}:{port} ({exc.strerror or exc}): "
+                      "give another --port (0 picks a free one), or stop what holds it"
+                      ) from exc
     sock.setblocking(False)
     return sock
 

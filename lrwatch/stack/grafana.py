@@ -52,6 +52,14 @@ def _new_events(counter: str, selector: str, window: str) -> str:
     return f"(({s} unless {s} offset {window}) or increase({s}[{window}])) > 0"
 
 
+def _per_interval(counter: str) -> str:
+    """Increases of ``counter`` per ``$__rate_interval``, a series new in it counted in full:
+    ``lrwatch_actions_total{action}`` and ``lrwatch_firings_total{rule,severity}`` get a
+    series at their first event, which plain ``increase()`` never showed (most runs roll
+    back once: the panel stayed empty)."""
+    return _new_events(counter, SEL, "$__rate_interval")
+
+
 def _events_in_range(counter: str) -> str:
     """The events of ``counter`` in the dashboard's time range, summed over the selection, as
     the alerts count them (:func:`_new_events`): a rollback before the first scrape is not 0."""
@@ -363,12 +371,13 @@ def _training_rules_and_actions(lay: _Layout) -> None:
     _firing_panels(lay)
     lay.add(_timeseries(
         "Actions taken",
-        _targets((f"sum by (instance, action) (increase(lrwatch_actions_total{{{SEL}}}[$__rate_interval]))",
+        _targets((f"sum by (instance, action) ({_per_interval('lrwatch_actions_total')})",
                   "{{instance}} {{action}}"),
-                 (f"sum by (instance, rule) (increase(lrwatch_firings_total{{{SEL}}}[$__rate_interval]))",
+                 (f"sum by (instance, rule) ({_per_interval('lrwatch_firings_total')})",
                   "{{instance}} {{rule}} fired")),
         description="Training-control actions (rollback, skip, reduce_lr, stop) and rule "
-                    "firings per interval.", draw_style="bars"), w=24, h=7)
+                    "firings per interval (the first of each kind too: its series is made "
+                    "by it).", draw_style="bars"), w=24, h=7)
 
 
 def training_dashboard() -> dict[str, Any]:

@@ -239,3 +239,26 @@ def test_step_rate_of_a_run_that_flushes_less_often_than_the_window(tmp_path: Pa
     assert _promtool_eval(tmp_path, series, expr, "3600s", interval="15s") == \
         "{} 3.333333333333333E-01"
     assert _promtool_eval(tmp_path, series, expr, "4200s", interval="15s") == "{} 0E+00"
+
+
+@pytest.mark.prometheus
+def test_actions_taken_shows_the_first_action_of_each_kind(tmp_path: Path) -> None:
+    """lrwatch_actions_total{action} and lrwatch_firings_total{rule,severity} get a series at
+    their first event, at 1: plain increase() over $__rate_interval never showed it, so a
+    run that rolled back once had an empty "Actions taken" panel."""
+    d = _load(DASHBOARDS_DIR / "lrwatch-training.json")
+    (panel,) = [p for p in _panels(d["panels"]) if p["title"] == "Actions taken"]
+    sel = 'job="lrwatch-training",instance="a:9400"'
+    series = {f'lrwatch_actions_total{{{sel},action="rollback"}}': "_x10 1x10 2x10",
+              f'lrwatch_firings_total{{{sel},rule="nonfinite",severity="critical"}}':
+                  "_x10 1x20"}
+    values = {"job": "lrwatch-training", "instance": ".+"}
+    actions, firings = (substitute(t["expr"], values) for t in panel["targets"])
+    assert _promtool_eval(tmp_path, series, actions, "10m") == \
+        '{action="rollback", instance="a:9400"} 1E+00'
+    assert _promtool_eval(tmp_path, series, firings, "10m") == \
+        '{instance="a:9400", rule="nonfinite"} 1E+00'
+    # the next rollback (at 21m) counts as an increase of one; none in between
+    assert _promtool_eval(tmp_path, series, actions, "15m") == "nil"
+    assert _promtool_eval(tmp_path, series, actions, "21m") == \
+        '{action="rollback", instance="a:9400"} 1E+00'

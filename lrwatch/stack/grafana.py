@@ -181,7 +181,9 @@ def _variables(series: str, extra: list[dict[str, Any]] | None = None) -> dict[s
         {"type": "datasource", "name": "datasource", "label": "Data source",
          "query": "prometheus", "regex": "", "refresh": 1, "hide": 0, "current": {},
          "options": [], "multi": False, "includeAll": False},
-        _query_var("job", "Job", f"label_values({series}, job)", multi=False,
+        # not the Pushgateway's end-of-job summaries (instance="" under honor_labels): their
+        # job "lrwatch" sorted first, so the dashboard opened on it, with no instance to show
+        _query_var("job", "Job", f'label_values({series}{{instance!=""}}, job)', multi=False,
                    include_all=False),
         _query_var("instance", "Instance", f'label_values({series}{{job=~"$job"}}, instance)',
                    multi=True, include_all=True, all_value=".+"),

@@ -17,7 +17,7 @@ from lrwatch.exporters.pushgateway import push_summary
 from lrwatch.samples import Sample
 
 sys.path.insert(0, str(Path(__file__).parent))
-from stack_helpers import RULES_DIR  # noqa: E402
+from stack_helpers import DASHBOARDS_DIR, RULES_DIR, substitute  # noqa: E402
 
 pytestmark = [pytest.mark.prometheus, pytest.mark.slow]
 
@@ -72,5 +72,42 @@ def test_pushed_summaries_fire_nothing_and_live_targets_still_do(
         bad = [(r["name"], r.get("lastError")) for g in prom.rules() for r in g["rules"]
                if r.get("health") not in ("ok", "unknown")]
         assert bad == []
+    finally:
+        server.close()
+
+
+def _label_values(definition: str) -> tuple[str, str]:
+    inner = definition[len("label_values("):-1]
+    selector, label = inner.rsplit(",", 1)
+    return selector.strip(), label.strip()
+
+
+def test_the_dashboards_open_on_a_live_job_not_on_pushed_summaries(
+        pushgateway: Any, prometheus_factory: Callable[..., Any]) -> None:
+    """With an end-of-job summary on the Pushgateway (job "lrwatch", instance "" under
+    honor_labels), the job variable listed "lrwatch" first (sorted), so the training dashboard
+    opened on it and its instance variable had nothing to select: every panel empty."""
+    import json
+
+    assert push_summary(pushgateway.url, _ended_with_a_critical_rule("nightly").registry,
+                        run="nightly")
+    live = _ended_with_a_critical_rule("live")
+    server = MetricsServer(live.registry, 0)
+    try:
+        prom = prometheus_factory(
+            {"lrwatch-training": [f"127.0.0.1:{server.port}"]},
+            extra_scrape_configs=[{"job_name": "lrwatch-pushgateway", "honor_labels": True,
+                                   "static_configs": [{"targets": [pushgateway.address]}]}])
+        prom.wait_for("lrwatch_training_steps_total", lambda r: len(r) == 2, timeout=60)
+        d = json.loads((DASHBOARDS_DIR / "lrwatch-training.json").read_text())
+        var = {v["name"]: v for v in d["templating"]["list"]}
+        assert var["job"]["sort"] == 1   # alphabetical: Grafana opens on the first
+        selector, label = _label_values(var["job"]["definition"])
+        jobs = sorted({r["metric"][label] for r in prom.query(selector)})
+        assert jobs == ["lrwatch-training"], jobs
+        selector, label = _label_values(substitute(var["instance"]["definition"],
+                                                   {"job": jobs[0]}))
+        assert {r["metric"][label] for r in prom.query(selector)} == \
+            {f"127.0.0.1:{server.port}"}
     finally:
         server.close()

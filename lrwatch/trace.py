@@ -27,7 +27,9 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import json
 import math
 import os
@@ -283,16 +285,24 @@ _BOM = "\ufeff"
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
-def _open_text(path: str | os.PathLike[str]) -> IO[str]:
+@contextlib.contextmanager
+def _open_text(path: str | os.PathLike[str]) -> Iterator[IO[str]]:
     """The trace at ``path`` opened for reading text; a gzip-compressed one (``gzip run.jsonl``)
-    is decompressed as it is read."""
+    is decompressed as it is read.
+
+    Opened once, its first bytes peeked: a pipe (``/dev/stdin``, ``<(zcat run.jsonl.gz)``)
+    cannot be opened twice, and a probe that opened it first read its data away (the trace
+    was "no samples")."""
     # surrogateescape, not "replace": a byte that is not UTF-8 must make its line bad, not
     # turn a key "loss" into another metric whose NaN nobody judges (_iter checks)
-    with open(path, "rb") as probe:
-        compressed = probe.read(2) == _GZIP_MAGIC
-    if compressed:
-        return gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape")
-    return open(path, "r", encoding="utf-8", errors="surrogateescape")
+    with open(path, "rb") as raw:
+        if raw.peek(2)[:2] == _GZIP_MAGIC:
+            with gzip.GzipFile(fileobj=raw, mode="rb") as gz, \
+                    io.TextIOWrapper(gz, encoding="utf-8", errors="surrogateescape") as fh:
+                yield fh
+        else:
+            with io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape") as fh:
+                yield fh
 
 
 def iter_trace(source: str | os.PathLike[str] | IO[str], *, strict: bool = True) -> Iterator[Sample]:

@@ -57,3 +57,30 @@ def test_a_byte_order_mark_before_the_first_line_is_not_part_of_it(tmp_path: Pat
     path.write_bytes(b'{"step": 1, "loss": 2.0}\n\xef\xbb\xbf{"step": 2, "loss": 2.0}\n')
     with pytest.raises(TraceFormatError, match=":2:"):
         read_trace(path)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "gzip"])
+def test_a_trace_read_from_a_pipe_keeps_every_line(tmp_path: Path, packed: bool) -> None:
+    """`lrwatch replay /dev/stdin < run.jsonl`, `<(zcat run.jsonl.gz)`: the reader opened the
+    path once to look for gzip's magic bytes and again to read it, and from a pipe the first
+    open had read the data away: "no samples in the trace" (or a trace starting mid-line)."""
+    import os
+    import threading
+
+    plain = tmp_path / "run.jsonl"
+    plain.write_bytes(LINES)
+    data = gzip.compress(LINES) if packed else LINES
+    r, w = os.pipe()
+
+    def feed() -> None:
+        with os.fdopen(w, "wb") as fh:
+            fh.write(data)
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    try:
+        got = read_trace(f"/dev/fd/{r}")
+    finally:
+        writer.join(timeout=10)
+        os.close(r)
+    assert got == read_trace(plain) and len(got) == 400

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import click
 
 from ._cli_help import examples
@@ -9,6 +12,8 @@ from ._version import __version__
 
 #: The shell's exit status for a command ended by Ctrl-C (SIGINT): 128 + 2.
 INTERRUPTED = 130
+#: ... and for one whose output pipe was closed (SIGPIPE): 128 + 13.
+CLOSED_PIPE = 141
 
 
 class _Group(click.Group):
@@ -18,11 +23,19 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> object:
         try:
-            return super().invoke(ctx)
+            out = super().invoke(ctx)
+            sys.stdout.flush()   # a closed pipe shows here, not at the interpreter's exit
+            return out
         except KeyboardInterrupt:
             name = " ".join(filter(None, ("lrwatch", ctx.invoked_subcommand)))
             click.echo(f"\n{name}: interrupted", err=True)
             ctx.exit(INTERRUPTED)
+        except BrokenPipeError:
+            # `lrwatch replay --json ... | head`: the reader went away. click's own handling
+            # exits 1, the status `replay --fail-on` gives for "a rule fired"; a shell's
+            # command killed by SIGPIPE exits 128 + 13. Nothing more can reach that stdout.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(CLOSED_PIPE)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

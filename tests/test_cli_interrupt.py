@@ -43,3 +43,23 @@ def test_replay_interrupted_exits_130_not_1(tmp_path: Path) -> None:
     assert proc.returncode == 130, (proc.returncode, out, err)
     assert "lrwatch replay: interrupted" in err and "Aborted" not in err + out
     assert "Traceback" not in err
+
+
+def test_replay_into_a_closed_pipe_exits_141_not_1(tmp_path: Path) -> None:
+    """`lrwatch replay --json ... | head -1`: the reader goes away. click's own handling exited
+    1, the status `--fail-on` gives for "a rule fired"; now 141, a shell's status for a
+    command ended by SIGPIPE, and no traceback."""
+    trace = tmp_path / "flip.jsonl"
+    loss = {0: "1.0", 1: '"nan"'}   # every other step a NaN: over 100 kB of firings
+    trace.write_text("".join(f'{{"step": {i}, "loss": {loss[i % 2]}}}\n'
+                             for i in range(1, 8001)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lrwatch", "replay", "--json", "--no-progress", str(trace)],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith(b'{"trace": ')   # many more follow (~130 kB)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

@@ -98,7 +98,7 @@ def replay_command(traces: tuple[str, ...], rules_files: tuple[str, ...],
     Each trace starts with fresh engine state. Exit status: 0 whether or not rules fire, 1 when
     --fail-on is given and a rule of that severity or higher fired, 2 when a rule file is
     malformed, a trace is (without --lenient) or holds no sample, or no trace is found;
-    130 when interrupted (Ctrl-C).
+    130 when interrupted (Ctrl-C); 141 when its output pipe closes (`| head`).
     """
     source = click.get_current_context().get_parameter_source("packs")
     if rules_files and source is not None and source.name == "COMMANDLINE":

@@ -143,6 +143,7 @@ class Case:
     feature: int
     mode: str = "disjoint"
     windows: dict[str, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    ref_x: np.ndarray | None = None  # the jittered reference inputs the model scored
 
 
 def proba_of(model: Any, x: np.ndarray) -> np.ndarray:
@@ -183,14 +184,15 @@ def make_case(dataset: str, model_name: str, seed: int, jitter: float,
         warnings.simplefilter("ignore")  # MLP iteration caps, SVC(probability=True) notices
         model = make_model(model_name, seed).fit(x_tr, y_tr)
     sd = x_tr.std(axis=0) * jitter
-    ref_p = proba_of(model, x_ref + rng.standard_normal(x_ref.shape) * sd)
+    ref_x = x_ref + rng.standard_normal(x_ref.shape) * sd
+    ref_p = proba_of(model, ref_x)
     pool_p = proba_of(model, x_pool)
     conf, correct = top_and_correct(pool_p, y_pool)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         f = np.nan_to_num(f_classif(x_tr, y_tr)[0])
     return Case(dataset, model_name, seed, model, int(y.max()) + 1, sd, ref_p, y_ref,
-                x_pool, y_pool, conf, correct, int(np.argmax(f)), mode)
+                x_pool, y_pool, conf, correct, int(np.argmax(f)), mode, ref_x=ref_x)
 
 
 def weights(case: Case, variant: str, strength: float = 3.0) -> np.ndarray | None:
@@ -223,10 +225,16 @@ def window(case: Case, rng: np.random.Generator, p: np.ndarray | None, noise: fl
            n: int = WINDOW) -> tuple[np.ndarray, np.ndarray]:
     """One jittered window: the model's probabilities and the labels. ``noise`` adds that many
     more jitter standard deviations of Gaussian noise (a degraded sensor)."""
+    return window_x(case, rng, p, noise, n)[1:]
+
+
+def window_x(case: Case, rng: np.random.Generator, p: np.ndarray | None, noise: float = 0.0,
+             n: int = WINDOW) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`window` with the jittered inputs the model scored first."""
     idx = rng.choice(len(case.pool_y), n, p=p)
     sd = case.jitter_sd * math.sqrt(1.0 + noise ** 2)
     xs = case.pool_x[idx] + rng.standard_normal((n, case.pool_x.shape[1])) * sd
-    return proba_of(case.model, xs), case.pool_y[idx]
+    return xs, proba_of(case.model, xs), case.pool_y[idx]
 
 
 def noise_level(case: Case, rng: np.random.Generator, target: float = 0.04) -> float | None:

@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import ConfigError
 from .calibrate import ProgressFn
 from .calibrate import calibrate as _calibrate
-from .reference import Reference, unwrap_prediction, cat_key, profile_records
+from .reference import PREDICTION, Reference, unwrap_prediction, cat_key, profile_records
 
 __all__ = ["build_reference", "fit_estimator", "ESTIMABLE"]
 
@@ -59,7 +59,7 @@ def build_reference(records: Iterable[Mapping[str, Any]], *, kinds: Mapping[str,
 
 
 def _labels_and_proba(rows: Sequence[Mapping[str, Any]], ref: Reference
-                      ) -> tuple[np.ndarray, np.ndarray]:
+                      ) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """The labelled rows' probabilities and integer labels (class index; binary: 0/1). A row
     without a prediction (an empty CSV cell, a record without the key) says nothing about the
     model's confidence and is left out, as an unlabelled one is (it read as NaN and fitted no
@@ -86,7 +86,38 @@ def _labels_and_proba(rows: Sequence[Mapping[str, Any]], ref: Reference
                               f"(widths {widths[:4]}; 0: not a list): send one model's class "
                               f"probabilities, one per class, in every record")
     proba = np.array(preds, dtype=np.float64)
-    return proba, labels
+    return proba, labels, idx
+
+
+def _numeric_inputs(rows: Sequence[Mapping[str, Any]], idx: Sequence[int], ref: Reference
+                    ) -> tuple[list[str], np.ndarray]:
+    """The reference's numeric features (the prediction left out) of rows ``idx``: NaN where
+    a row has none or not a number."""
+    names = [f.name for f in ref.features if f.kind == "numeric" and f.name != PREDICTION]
+    x = np.full((len(idx), len(names)), np.nan)
+    for j, i in enumerate(idx):
+        feats = rows[i].get("features") or {}
+        for c, name in enumerate(names):
+            v = feats.get(name)
+            if type(v) in (int, float):
+                x[j, c] = v
+    return names, x
+
+
+def _fit_disagreement(rows: Sequence[Mapping[str, Any]], idx: Sequence[int], ref: Reference,
+                      proba: np.ndarray, labels: np.ndarray, n_classes: int) -> None:
+    """The input-disagreement signal (:mod:`.agreement`), kept in the estimator's dict; when
+    it cannot be fitted (no numeric feature), the note says so and estimation goes on."""
+    from .agreement import InputDisagreement
+
+    names, x = _numeric_inputs(rows, idx, ref)
+    try:
+        mon = InputDisagreement.fit(names, x, proba, labels, n_classes)
+    except ConfigError as exc:
+        ref.notes.append(f"no input-disagreement drop signal: {exc}")
+        return
+    assert ref.estimator is not None
+    ref.estimator["agreement"] = mon.to_dict()
 
 
 def fit_estimator(rows: Sequence[Mapping[str, Any]], ref: Reference) -> None:
@@ -110,9 +141,10 @@ def fit_estimator(rows: Sequence[Mapping[str, Any]], ref: Reference) -> None:
     try:
         from .estimation import PerformanceEstimator
 
-        proba, labels = _labels_and_proba(rows, ref)
+        proba, labels, idx = _labels_and_proba(rows, ref)
         est = PerformanceEstimator.fit(proba, labels)
     except (ConfigError, ValueError, ImportError) as exc:
         ref.notes.append(f"no performance estimation: {exc}")
         return
     ref.estimator = est.to_dict()
+    _fit_disagreement(rows, idx, ref, proba, labels, est.n_classes)

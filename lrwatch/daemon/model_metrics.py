@@ -57,6 +57,7 @@ class ModelMetrics:
         self.estimated_drop: Gauge | None = None
         self.estimated_drop_z: Any = None
         self.multivariate: dict[str, Gauge] = {}
+        self.disagreement: dict[str, Gauge] = {}
         self._bound = False
 
     # --- binding (once the reference is known) -------------------------------------------------
@@ -134,6 +135,29 @@ class ModelMetrics:
             "confidence_outside_reference (the window's confidences lie beyond the range the "
             "reference calibrated: hard 0/1 or one-hot outputs).", ["reason"],
             registry=r).labels(WITHHELD_REASON)
+
+    def bind_disagreement(self) -> None:
+        """The input-disagreement drop signal's gauges (:mod:`.agreement`; once)."""
+        if self.disagreement:
+            return
+        r = self.registry
+        self.disagreement = {
+            "disagreement": Gauge(
+                "lrwatch_estimated_disagreement_ratio",
+                "Share of the last window's rows on which classifiers fitted on the labelled "
+                "reference's inputs decide otherwise than the model (no labels).", registry=r),
+            "disagreement_z": Gauge(
+                "lrwatch_estimated_disagreement_rise_zscore",
+                "The rise of lrwatch_estimated_disagreement_ratio over its level on held-out "
+                "reference rows, in its standard errors: noisier inputs that leave the model "
+                "confident show here (docs/performance-estimation.md).", registry=r),
+        }
+        for g in self.disagreement.values():
+            g.set(NAN)  # until a window was scored
+
+    def publish_disagreement(self, values: Mapping[str, float]) -> None:
+        for k, g in self.disagreement.items():
+            g.set(values.get(k, NAN))
 
     def _bind_multivariate(self) -> None:
         r = self.registry

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..errors import ConfigError
+from .agreement import InputDisagreement
 from .baseline import ESTIMABLE
 from .coverage import LabelCoverage
 from .distribution import PredictionDistribution
@@ -49,6 +51,8 @@ class OutputsMixin:
     _waiting: list[tuple[Any, ...]]  # closed windows waiting for a calibration (first: Window)
     ingest: Any
     limits: Any
+    #: the input-disagreement signal and its inputs' columns in the window matrix
+    _agreement: tuple[InputDisagreement, list[int]] | None = None
 
     def _bind_outputs(self, ref: Reference, det: DriftDetector) -> None:
         """Set up what this reference allows: the distribution, the estimator (when the
@@ -83,6 +87,9 @@ class OutputsMixin:
                       bool(getattr(det, "joint_active", False))):
             # a live reference bound after a restart: its counter from the saved total
             model.restore(self.counters)
+        self._agreement = self._make_agreement(ref, det)
+        if self._agreement is not None:
+            model.bind_disagreement()
 
     def _make_tracker(self, ref: Reference) -> EstimateTracker | None:
         if not self.config.estimation or not ref.estimator or \
@@ -102,6 +109,37 @@ class OutputsMixin:
                                min_labels=self.config.estimation_min_window_labels,
                                reference=ref.created)
 
+    def _make_agreement(self, ref: Reference, det: DriftDetector
+                        ) -> tuple[InputDisagreement, list[int]] | None:
+        """The reference's input-disagreement signal, with estimation on and every input it
+        was fitted on among the profile's numeric features (None otherwise)."""
+        saved = (ref.estimator or {}).get("agreement")
+        if self.estimates is None or not saved:
+            return None
+        try:
+            mon = InputDisagreement.from_dict(saved)
+        except ConfigError as exc:  # damaged: the rest of the estimation still works
+            self.metrics.internal_errors.inc()
+            _log.error("the reference's input-disagreement signal cannot be used (%s); "
+                       "rebuild the reference with `lrwatch baseline build`", exc)
+            return None
+        cols = {name: i for i, name in enumerate(det.profile.num_names)}
+        if not all(name in cols for name in mon.names):
+            return None
+        return mon, [cols[name] for name in mon.names]
+
+    def _disagreement(self, n: int, x: np.ndarray, proba: np.ndarray | None
+                      ) -> dict[str, float]:
+        """The window's input disagreement (its sample values), when every record's
+        probabilities were read (the rows must line up with the inputs')."""
+        if self._agreement is None or proba is None or len(proba) != n:
+            return {}
+        mon, cols = self._agreement
+        d = mon.window(x[:, cols], proba)
+        self.metrics.model.publish_disagreement(d)
+        return {"estimated_disagreement": d["disagreement"],
+                "estimated_disagreement_z": d["disagreement_z"]}
+
     def _output_values(self, w: Window, n: int, x: np.ndarray, cats: list[np.ndarray],
                        res: DriftResult, proba: np.ndarray | None) -> dict[str, float]:
         """The window's values about the model's outputs (and publishes their metrics)."""
@@ -117,6 +155,7 @@ class OutputsMixin:
         if ratio is not None:
             vals["label_coverage_horizon"] = ratio
         vals.update(self._estimate(w, n, proba))
+        vals.update(self._disagreement(n, x, proba))
         vals.update(self._joint_values(res))
         return vals
 

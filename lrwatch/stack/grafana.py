@@ -465,6 +465,8 @@ def _estimation_panels(lay: _Layout) -> None:
                  (f"lrwatch_estimated_accuracy_drop{{{SEL}}}", "{{instance}} accuracy drop"),
                  (f"lrwatch_estimated_accuracy_drop_zscore{{{SEL}}}",
                   "{{instance}} drop in standard errors"),
+                 (f"lrwatch_estimated_disagreement_rise_zscore{{{SEL}}}",
+                  "{{instance}} input disagreement rise in standard errors"),
                  (f"increase(lrwatch_estimation_withheld_total{{{SEL}}}[$__rate_interval])",
                   "{{instance}} windows withheld ({{reason}})")),
         description="Binary classifiers: label-free estimates of precision, recall, F1 and "
@@ -472,7 +474,10 @@ def _estimation_panels(lay: _Layout) -> None:
                     "LrwatchAccuracyEstimateDrop fires over 2 points at 3.09 standard errors. "
                     "Windows withheld: windows whose confidences lie outside the range the "
                     "labelled reference calibrated (hard 0/1 or one-hot outputs); their "
-                    "estimates are NaN (LrwatchAccuracyEstimateWithheld).",
+                    "estimates are NaN (LrwatchAccuracyEstimateWithheld). Input disagreement: "
+                    "how far classifiers fitted on the reference's inputs disagree with the "
+                    "model more than on held-out reference rows, a drop the confidences miss "
+                    "(LrwatchInputDisagreementHigh fires over 4 for 10 minutes).",
         overrides=[{"matcher": {"id": "byRegexp", "options": ".*(standard errors|withheld.*)"},
                     "properties": [{"id": "custom.axisPlacement", "value": "right"}]}]), w=12)
 

@@ -133,6 +133,12 @@ class Signals:
         # smoothed (add-one) for the variance: a null of 0 on 49 rows is no certainty
         self.null_s = {n: (float(np.concatenate(v).sum()) + 1) / (self.m + 2)
                        for n, v in held.items()}
+        self.shipped = None
+        if "agreement" in active:
+            from lrwatch.daemon.agreement import InputDisagreement
+
+            self.shipped = InputDisagreement.fit([str(i) for i in range(x.shape[1])], x, p, y,
+                                                 k, seed)
         rng = np.random.default_rng(seed + 1)
         self.bags: dict[str, list[tuple[Any, float]]] = {}
         for n in (n for n in BAGGED if n in fitters):
@@ -155,6 +161,11 @@ class Signals:
                 rise = float((model(z) != dec).mean()) - d0
             v = ds * (1 - ds) * (1 / n + 1 / self.m)
             out[name] = {"rise": rise, "z": rise / np.sqrt(v)}
+        if self.shipped is not None:   # the daemon's own (lrwatch.daemon.agreement)
+            t0 = time.perf_counter()
+            r = self.shipped.window(x, p)
+            out["agreement"] = {"rise": r["disagreement_rise"], "z": r["disagreement_z"],
+                                "ms": 1000 * (time.perf_counter() - t0)}
         for name, bag in self.bags.items():
             rises = np.array([float((m(z) != dec).mean()) - d for m, d in bag])
             ds = self.null_s[name]
@@ -241,8 +252,9 @@ def evaluate(rows: list[dict[str, Any]], fire: Callable[[dict], bool],
             "sel": 100 * float(np.mean([fire(r) for r in sel]))}
 
 
-GRID = [(n, z, rise) for n in SIGNALS + tuple(b + "_bag" for b in BAGGED) for z in (3.0, 4.0, 5.0, 6.0, 8.0)
-        for rise in (0.02, 0.03, 0.05)]
+GRID = [(n, z, rise) for n in SIGNALS + tuple(b + "_bag" for b in BAGGED) + ("agreement",)
+        for z in (3.0, 4.0, 5.0, 6.0, 8.0)
+        for rise in (0.0, 0.02, 0.03, 0.05)]
 #: Within the 5 ms budget at 10 classes / 31 features (kNN against a 2000-row reference is not)
 CHEAP = ("lda", "nb", "centroid", "lda_bag", "nb_bag", "centroid_bag")
 
@@ -307,6 +319,41 @@ def summary(paths: list[str], signals: tuple[str, ...]) -> None:
         big = ms[[r["k"] == 10 for r in mr]]
         print(f"\n{mode}: all signals together per window: median {np.median(ms):.2f} ms, "
               f"10 classes median {np.median(big):.2f} ms")
+        own = [r["signals"]["agreement"]["ms"] for r in mr if r["k"] == 10
+               and "agreement" in r["signals"]]
+        if own:
+            print(f"{mode}: lrwatch.daemon.agreement alone, 10 classes / 64 features: median "
+                  f"{np.median(own):.3f} ms, p95 {np.percentile(own, 95):.3f} ms")
+
+
+def timing(features: int = 31, classes: int = 10, reference: int = 2000,
+           repeats: int = 200) -> dict[str, float]:
+    """Milliseconds per window of :data:`pe.WINDOW` rows: the shipped signal
+    (``lrwatch.daemon.agreement``) and the confidence-based estimate beside it, on a
+    ``make_classification`` reference of ``features`` inputs and ``classes`` classes."""
+    from sklearn.datasets import make_classification
+    from sklearn.linear_model import LogisticRegression
+
+    from lrwatch.daemon.agreement import InputDisagreement
+    from lrwatch.daemon.estimation import PerformanceEstimator
+
+    x, y = make_classification(reference + pe.WINDOW, features, n_informative=12,
+                               n_classes=classes, random_state=0)
+    p = LogisticRegression(max_iter=2000).fit(x[:reference], y[:reference]).predict_proba(x)
+    mon = InputDisagreement.fit([str(i) for i in range(features)], x[:reference],
+                                p[:reference], y[:reference], classes)
+    est = PerformanceEstimator.fit(p[:reference], y[:reference])
+    out = {}
+    for name, fn in (("agreement", lambda: mon.window(x[reference:], p[reference:])),
+                     ("estimate", lambda: est.estimate(p[reference:]))):
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - t0))
+        out[name + "_median_ms"] = float(np.median(times))
+        out[name + "_p95_ms"] = float(np.percentile(times, 95))
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -321,7 +368,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--summary", nargs="*", help="summarise these output files instead")
     ap.add_argument("--signals", default=",".join(CHEAP),
                     help="the signals the leave-one-dataset-out choice may pick")
+    ap.add_argument("--timing", action="store_true",
+                    help="time the shipped signal per window (10 classes, 31 and 300 inputs)")
     a = ap.parse_args(argv)
+    if a.timing:
+        for f in (31, 300):
+            print(f"{f} features, 10 classes:", timing(features=f))
+        return
     if a.summary:
         summary(a.summary, tuple(a.signals.split(",")))
         return

@@ -21,7 +21,8 @@ the reference's own uncertainty: a small reference's null level is off for a str
 rows, and the spread says by how much. Measured in ``benchmarks/disagreement_check.py``
 (docs/performance-estimation.md, "Input disagreement").
 
-Pure numpy. Missing inputs count as the reference's mean (0 after standardising).
+Pure numpy. Missing inputs count as the reference's mean (0 after standardising); an input
+missing from half the labelled reference rows or more is not used.
 
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)
@@ -50,6 +51,9 @@ BAGS = 8
 SHRINK = 0.2
 #: Labelled reference rows with inputs the fit needs (the estimator's minimum too).
 MIN_ROWS = 30
+#: An input present in fewer of the labelled reference rows is left out: read as its mean on
+#: most rows, it would make a window where it is present look shifted.
+MIN_PRESENT = 0.5
 AGREEMENT_VERSION = 1
 
 
@@ -92,7 +96,8 @@ class InputDisagreement:
     def fit(cls, names: Sequence[str], x: np.ndarray, proba: np.ndarray, labels: np.ndarray,
             n_classes: int | None = None, seed: int = 0) -> "InputDisagreement":
         """Fit on the labelled reference rows' numeric inputs ``x`` (``(m, d)``, NaN for
-        missing), the model's probabilities and the labels (class indices). Raises
+        missing), the model's probabilities and the labels (class indices); inputs present
+        in under :data:`MIN_PRESENT` of the rows are left out of :attr:`names`. Raises
         :class:`ConfigError` when it cannot (no numeric input, too few rows)."""
         x = np.asarray(x, dtype=np.float64)
         y = np.asarray(labels, dtype=np.int64)
@@ -102,6 +107,11 @@ class InputDisagreement:
         if m < MIN_ROWS or x.shape[0] != m:
             raise ConfigError(f"the input-disagreement signal needs {MIN_ROWS} labelled "
                               f"reference rows with inputs, got {m}")
+        present = np.isfinite(x).mean(axis=0) >= MIN_PRESENT
+        if not present.any():
+            raise ConfigError(f"no numeric input is present in {MIN_PRESENT:.0%} of the "
+                              f"labelled reference rows")
+        names, x = [n for n, keep in zip(names, present) if keep], x[:, present]
         k = int(n_classes or max(int(y.max()) + 1, 2))
         with np.errstate(invalid="ignore"):
             mean = np.nan_to_num(np.nanmean(np.where(np.isfinite(x), x, np.nan), axis=0))

@@ -99,7 +99,7 @@ def _numeric_inputs(rows: Sequence[Mapping[str, Any]], idx: Sequence[int], ref: 
         feats = rows[i].get("features") or {}
         for c, name in enumerate(names):
             v = feats.get(name)
-            if type(v) in (int, float):
+            if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool):
                 x[j, c] = v
     return names, x
 

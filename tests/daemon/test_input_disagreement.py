@@ -150,3 +150,22 @@ def test_the_fit_and_the_saved_form_are_checked() -> None:
         InputDisagreement.from_dict(d)
     with pytest.raises(ConfigError, match="version"):
         InputDisagreement.from_dict({"version": 99})
+
+
+def test_an_input_missing_from_most_labelled_rows_is_left_out() -> None:
+    """Read as its mean on most reference rows, such an input would make every window where
+    it is present look shifted; it is left out of the fit (and the window's value is not
+    read)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((400, 3))
+    y = (x[:, 0] + x[:, 2] > 0).astype(int)
+    p = 1 / (1 + np.exp(-3 * (x[:, 0] + x[:, 2])))
+    sparse = x.copy()
+    sparse[rng.random(400) < 0.8, 2] = np.nan
+    mon = InputDisagreement.fit(["a", "b", "c"], sparse, p, y)
+    assert mon.names == ["a", "b"]
+    w = rng.standard_normal((500, 3))
+    pw = 1 / (1 + np.exp(-3 * (w[:, 0] + w[:, 2])))
+    assert math.isfinite(mon.window(w[:, :2], pw)["disagreement_z"])
+    with pytest.raises(ConfigError, match="present"):
+        InputDisagreement.fit(["c"], sparse[:, 2:], p, y)

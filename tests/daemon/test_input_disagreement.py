@@ -169,3 +169,21 @@ def test_an_input_missing_from_most_labelled_rows_is_left_out() -> None:
     assert math.isfinite(mon.window(w[:, :2], pw)["disagreement_z"])
     with pytest.raises(ConfigError, match="present"):
         InputDisagreement.fit(["c"], sparse[:, 2:], p, y)
+
+
+def test_windows_of_a_few_records_are_not_read_as_a_rise(digits) -> None:
+    """Two records of two that the discriminants decide otherwise than the model read a rise
+    of 4.3 standard errors (the normal approximation at this reference's null level of 9%),
+    which fired ``input_disagreement_rise`` on unshifted two-record windows; their exact
+    binomial tail is the null level squared (z 2.4)."""
+    stream, _ = digits
+    x, p, y = stream.arrays(1500)
+    mon = InputDisagreement.fit([f"p{c}" for c in range(x.shape[1])], x, p, y, 10)
+    xs, ps, _ = stream.arrays(400)
+    zs = [mon.window(xs[i:i + 1], ps[i:i + 1])["disagreement_z"] for i in range(400)]
+    assert max(zs) < 4, sorted(zs)[-5:]
+    for n in (2, 5, 30):
+        zs = [mon.window(xs[i:i + n], ps[i:i + n])["disagreement_z"] for i in range(0, 400, n)]
+        assert max(zs) < 4, (n, sorted(zs)[-3:])
+    xn, pn, _ = stream.arrays(30, NOISY)   # 30 noisy rows still read as a rise
+    assert mon.window(xn, pn)["disagreement_z"] > 4

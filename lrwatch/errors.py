@@ -4,6 +4,8 @@ Every error lrwatch raises on purpose derives from :class:`LrwatchError`::
 
     LrwatchError
     ├── ConfigError          bad arguments or settings (lists the valid choices)
+    │   └── DamagedStateError  a saved detector state whose values no detector keeps (wrong
+    │                          types, shapes, non-finite sums): refused, not restored
     ├── TraceFormatError     a malformed trace line (names file and line)
     ├── RuleError            a rule file that does not validate (names file, line and key)
     ├── ExporterError        an exporter that cannot be set up when the caller asked to fail hard
@@ -18,7 +20,8 @@ the training loop: they are logged and counted in ``lrwatch_internal_errors_tota
 
 from __future__ import annotations
 
-__all__ = ["LrwatchError", "ConfigError", "TraceFormatError", "RuleError", "ExporterError"]
+__all__ = ["LrwatchError", "ConfigError", "DamagedStateError", "TraceFormatError", "RuleError",
+           "ExporterError"]
 
 
 class LrwatchError(Exception):
@@ -27,6 +30,12 @@ class LrwatchError(Exception):
 
 class ConfigError(LrwatchError, ValueError):
     """An argument or setting is invalid; the message says which and lists valid choices."""
+
+
+class DamagedStateError(ConfigError):
+    """A saved detector state holds what the detector never keeps (a string where it keeps a
+    number, a row of another width, a missing sum): a hand-edited file, or one written by
+    another version. It is refused, never restored; the message names the field."""
 
 
 class TraceFormatError(LrwatchError, ValueError):

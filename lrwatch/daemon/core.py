@@ -1,6 +1,6 @@
 """The daemon: front end, worker, durability, and the parts it is made of.
 
-:class:`Daemon` ties together four responsibilities, each in a module of its own:
+:class:`Daemon` ties together five responsibilities, each in a module of its own:
 
 * ingest and journal (:mod:`.ingest`, :class:`~.ingest.Ingest`, its own object on the front
   ends' threads): parse and validate payloads, journal them before they are acknowledged (see
@@ -9,9 +9,10 @@
   counting happens in one place and the state it snapshots is consistent;
 * evaluation (:mod:`.evaluation`): closed windows are tested against the reference, and a live
   reference is calibrated in the background;
-* publishing and status (:mod:`.publishing`): metrics, rule actions, ``/v1/status``.
+* publishing and status (:mod:`.publishing`): metrics, rule actions, ``/v1/status``;
+* durability (:mod:`.durability`): snapshots, the start from one, the journal replay.
 
-This module keeps what binds them: set-up, the worker loop, snapshots and journal replay.
+This module keeps what binds them: set-up and the worker loop.
 
 A tailed file's chunks are parsed on the worker, right before they are windowed: with the
 ``fast`` extra or the compiled ``_jsonl`` extension, :class:`~.columnar.ChunkDecoder` turns a
@@ -48,10 +49,10 @@ from .labels import EarlyLabels, PendingLabels
 from .metrics import DaemonMetrics
 from .outputs import OutputsMixin
 from .publishing import PublishingMixin
-from .records import REASONS, Limits, lines_within, loads, parse_payload, validate_labels, \
-    validate_predictions
+from .durability import DurabilityMixin
+from .records import REASONS, Limits
 from .reference import Reference
-from .state import Journal, load_checked_snapshot, save_snapshot
+from .state import Journal
 from .stats import Profile
 from .windowing import WindowsMixin
 from .windows import Window
@@ -59,7 +60,6 @@ from .windows import Window
 __all__ = ["Daemon"]
 
 _log = logging.getLogger("lrwatch.daemon")
-STATE_VERSION = 1
 
 
 
@@ -79,7 +79,7 @@ def daemon_rules(config: DaemonConfig) -> Any:
                           f"{', '.join(rules.names)}")
     return rules
 
-class Daemon(WindowsMixin, EvaluationMixin, OutputsMixin, PublishingMixin):
+class Daemon(DurabilityMixin, WindowsMixin, EvaluationMixin, OutputsMixin, PublishingMixin):
     """The serving-side watcher. ``start()`` runs the worker; front ends call :meth:`submit`.
 
     Parameters
@@ -200,93 +200,6 @@ class Daemon(WindowsMixin, EvaluationMixin, OutputsMixin, PublishingMixin):
             return snap.get("detector") is None
         segs = self.journal.segments() if self.journal is not None else []
         return bool(segs) and segs[0] == 1  # the whole journal, from the first record
-
-    # --- durability ----------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "counters": self._counters_state(), "files": self.files,
-                "journal": self.journal_pos, "window": self.window.state_dict(),
-                "pending": self.pending.state_dict(), "ref_rows": self._ref_rows,
-                "detector": self.detector.state_dict() if self.detector else None,
-                "engine": self.engine.state_dict(), "last": self.last,
-                "coverage": self.coverage.state_dict(),
-                "estimates": self.estimates.state_dict() if self.estimates else None,
-                "metric_totals": self.metrics.totals(self._actions())}
-
-    def _actions(self) -> dict[str, Any]:
-        return {"alerts": self.alerts, "hook": self.hook}
-
-    def _load_snapshot(self) -> dict[str, Any] | None:
-        """The saved state (:func:`.state.load_checked_snapshot`: one that is no state is set
-        aside and the whole journal rebuilds it)."""
-        assert self.journal is not None and self.config.state_dir
-        return load_checked_snapshot(self.config.state_dir, STATE_VERSION,
-                                     self.journal.segments(),
-                                     self.metrics.problems["snapshot_set_aside"].inc)
-
-    def _restore(self, snap: dict[str, Any] | None) -> None:
-        if not self.config.state_dir:
-            return
-        if snap is not None:
-            self.counters = snap["counters"]
-            for r in REASONS:
-                self.counters["errors"].setdefault(r, 0)
-            self.files = {k: list(v) for k, v in snap["files"].items()}
-            self.journal_pos = list(snap["journal"])
-            self.window = Window.from_state(snap["window"])
-            self.pending.load_state_dict(snap["pending"])
-            self._ref_rows = snap.get("ref_rows") or []
-            if snap.get("detector") and self.detector:
-                self.detector.resume(snap["detector"])  # another reference: afresh
-            try:
-                self.engine.load_state_dict(snap["engine"])
-            except (ConfigError, TypeError, ValueError, KeyError, AttributeError,
-                    IndexError) as exc:  # the rules changed (or a damaged part of their
-                # state, which the engine restores all or nothing): start them fresh
-                _log.warning("rule state not restored: %s", exc)
-            self.last = snap.get("last") or {}
-            self.coverage.load_state_dict(snap.get("coverage") or {})
-            if self.estimates is not None:
-                self.estimates.load_state_dict(snap.get("estimates"))
-            self.metrics.restore_totals(snap.get("metric_totals") or {}, self._actions())
-        self.metrics.restore(self.counters)
-        assert self.journal is not None
-        replayed = 0
-        self._replaying = True  # a live reference completed during replay calibrates inline
-        try:
-            for seg, end, kind, t, payload in self.journal.replay(*self.journal_pos):
-                self._apply_journal(kind, t, payload)
-                self.journal_pos = [seg, end]
-                replayed += 1
-        finally:
-            self._replaying = False
-        self.journal.segment = max([self.journal_pos[0]] + self.journal.segments())
-        self.journal.open()
-        if replayed:
-            _log.info("replayed %d journal entries", replayed)
-            self._snapshot()
-        self._republish()
-
-    def _snapshot(self) -> None:
-        if not self.config.state_dir or self._calibrating:
-            return  # see the module notes: never snapshot windows that are not tested yet
-        try:
-            save_snapshot(self.config.state_dir, self.state_dict())
-        except OSError:
-            self.metrics.internal_errors.inc()
-            _log.exception("snapshot failed")
-            return
-        self._dirty = False
-        self._last_snapshot = time.monotonic()
-        j = self.journal
-        if j is not None:
-            try:
-                with self.queue.cond:
-                    if j.size > 64 * 1024 * 1024 and self.journal_pos[0] == j.segment:
-                        j.roll()
-                j.prune(self.journal_pos[0])
-            except OSError:  # a full disk: the current segment stays; tried again next time
-                self.metrics.internal_errors.inc()
-                _log.exception("rolling the journal failed")
 
     # --- front-end side (any thread): see Ingest ----------------------------------------------
     def submit(self, kind: str, body: bytes) -> tuple[int, dict[str, Any]]:
@@ -435,22 +348,6 @@ class Daemon(WindowsMixin, EvaluationMixin, OutputsMixin, PublishingMixin):
             self._on_tick(entry[1])
         self._dirty = True
         self.metrics.queue.set(self.queue.records)
-
-    def _apply_journal(self, kind: bytes, t: float, payload: bytes) -> None:
-        """Re-apply one journal entry during replay (same parse, same validation)."""
-        if kind == b"R":
-            self._count_rejections(loads(payload))
-            return
-        lim = self.limits
-        items = parse_payload(payload, limits=lim)
-        ok, rej, _ = (validate_predictions(
-            items, lim, short_strings=lines_within(payload, lim.max_string_chars))
-            if kind == b"P" else validate_labels(items, lim))
-        self._count_rejections(rej)
-        if kind == b"P":
-            self._add_predictions(ok, t)
-        else:
-            self._add_labels(ok, t)
 
     def _on_tick(self, now: float) -> None:
         ws = self.config.window_seconds

@@ -39,12 +39,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DamagedStateError
 from .calibrate import (Calibration, calibrate, normal_scores, row_skew, standardise, unskew,
                         window_skew)
 from .multivariate import MIN_WINDOW_ROWS, JointModel, gap_rows
 from .reference import PREDICTION, Reference
 from .scale import LOCATION_SCALE
+from .state_check import evidence_problem
 from .stats import Profile, WindowTests, window_tests
 
 __all__ = ["DriftDetector", "DriftResult"]
@@ -441,17 +442,18 @@ class DriftDetector:
                               f"(built at {saved.get('created')}, this one at "
                               f"{self.reference.created})")
         fn = len(self.profile.num)
+        joint = self._joint_model.dims if self._joint_model is not None else None
+        problem = evidence_problem(state, fn, joint)
+        if problem is not None:
+            if saved is None:  # saved before states named their reference: maybe another's
+                raise ConfigError(f"saved drift evidence does not match the reference "
+                                  f"({problem})")
+            raise DamagedStateError(f"saved drift evidence: {problem}")
         for s, c in state.get("history", []):
-            if len(s) != fn:
-                raise ConfigError("saved sequential state does not match the reference")
             self._hist.append((np.asarray(s, dtype=np.float64), np.asarray(c, dtype=np.float64)))
-        if self._joint_model is None:
-            return
-        for s, n in state.get("joint_history", []):
-            if len(s) != self._joint_model.dims:
-                self._jhist.clear()
-                raise ConfigError("saved joint drift state does not match the reference")
-            self._jhist.append((np.asarray(s, dtype=np.float64), float(n)))
+        if joint is not None:
+            for s, n in state.get("joint_history", []):
+                self._jhist.append((np.asarray(s, dtype=np.float64), float(n)))
 
     @property
     def joint_active(self) -> bool:
@@ -462,10 +464,15 @@ class DriftDetector:
     def resume(self, state: Mapping[str, Any]) -> bool:
         """:meth:`load_state_dict`, or, for a state of another reference (one rebuilt between
         two runs of the daemon), a warning and the evidence accumulated afresh: windows tested
-        against that reference are no evidence against this one. Whether it was restored."""
+        against that reference are no evidence against this one. Whether it was restored.
+        A damaged state (:class:`~lrwatch.errors.DamagedStateError`) is raised, after the
+        evidence was reset: the caller counts it."""
         try:
             self.load_state_dict(state)
             return True
+        except DamagedStateError:
+            self.reset()
+            raise
         except ConfigError as exc:
             self.reset()
             _log.warning("the drift evidence of the last windows starts afresh: %s", exc)

@@ -32,6 +32,8 @@ PROBLEMS = (
     "snapshot_set_aside",   # state.json was not a state: renamed, rebuilt from the journal
     "tail_not_a_file",      # a tailed path is a directory (or a path through a file)
     "tail_unreadable",      # a tailed path cannot be opened (permissions, ...)
+    "detector_state_refused",  # a detector's saved state in state.json was damaged (wrong
+                               # types, widths, missing sums): refused, started afresh
 )
 
 #: ``method`` values of ``lrwatch_drift_statistic``.

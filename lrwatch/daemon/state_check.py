@@ -9,7 +9,9 @@ a newer lrwatch, which is refused rather than rebuilt (no silent downgrade).
 
 The rule engine's state is checked down to each rule's streak counters; its detectors' states
 are the engine's to check (it restores them all or nothing, and the daemon starts the rules
-afresh when they do not load).
+afresh when they do not load). :func:`evidence_problem` checks the drift detector's saved
+evidence against the reference it is restored for (widths, finite sums, counts): a damaged
+one is refused on its own (the evidence starts afresh, counted), the rest of the state kept.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Mapping
 
-__all__ = ["snapshot_problem", "newer_version"]
+__all__ = ["snapshot_problem", "newer_version", "evidence_problem"]
 
 #: counters every state holds (whole numbers >= 0)
 _COUNTS = ("predictions", "labels", "received", "labels_joined", "labels_unmatched",
@@ -229,3 +231,36 @@ def _coverage(c: Any) -> None:
           lambda r: isinstance(r, list) and len(r) == 3 and type(r[0]) is int
           and _is_whole(r[1]) and _is_whole(r[2]), "[bucket, predictions, labelled] (whole "
           "numbers)")
+
+
+def _finite(v: Any) -> bool:
+    return (type(v) is int or type(v) is float) and math.isfinite(v)
+
+
+def _sums(v: Any, width: int) -> bool:
+    return isinstance(v, list) and len(v) == width and all(map(_finite, v))
+
+
+def evidence_problem(state: Mapping[str, Any], width: int, joint_width: int | None
+                     ) -> str | None:
+    """What makes a drift detector's saved evidence (``DriftDetector.state_dict``) no evidence
+    of a detector with ``width`` numeric features and a joint test of ``joint_width`` features
+    (``None``: none runs): the first row found, ``None`` when every row is one.
+
+    A sum or count that is ``null`` was read as NaN, and one NaN made the feature's
+    accumulated test NaN, never over its threshold, for the 16 windows the row stays; a
+    ``null`` window size of the joint test stopped the start with a ``TypeError``; a count
+    row shorter than the sums was broadcast."""
+    for i, row in enumerate(state.get("history") or []):
+        if not (isinstance(row, list) and len(row) == 2 and _sums(row[0], width)
+                and _sums(row[1], width) and all(v >= 0 for v in row[1])):
+            return (f"'history'[{i}] is not [{width} finite sums, {width} counts >= 0] "
+                    f"(one of each per numeric feature)")
+    if joint_width is None:
+        return None
+    for i, row in enumerate(state.get("joint_history") or []):
+        if not (isinstance(row, list) and len(row) == 2 and _sums(row[0], joint_width)
+                and _finite(row[1]) and row[1] > 0):
+            return (f"'joint_history'[{i}] is not [{joint_width} finite sums, a window size "
+                    f"> 0] (one sum per feature of the joint test)")
+    return None

@@ -57,7 +57,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Optional, Protocol, Tuple
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DamagedStateError
 from ..samples import Sample, encode_number
 from .detectors import Detector
 from .schema import Rule, RuleSet, Span, when_order
@@ -283,6 +283,9 @@ class _RuleState:
         for m, det in self.pairs:
             try:
                 det.load_state_dict(dets[m])
+            except DamagedStateError as exc:
+                raise DamagedStateError(f"rule {self.rule.name!r}, metric {m!r}: {exc}") \
+                    from None
             except ConfigError as exc:
                 raise ConfigError(f"rule {self.rule.name!r}, metric {m!r}: {exc} (the rule "
                                   f"was changed since the state was saved)") from None

@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
-from ...errors import ConfigError
+from ...errors import ConfigError, DamagedStateError
 from ...samples import decode_number, encode_number
 
 __all__ = ["Detector", "Param", "DIRECTIONS", "MAX_KEPT", "MAX_COUNT", "short",
@@ -168,6 +168,40 @@ def _dec(v: Any) -> Any:
     return decode_number(v)
 
 
+def _is_number(v: Any) -> bool:
+    return type(v) is float or type(v) is int
+
+
+def _kept_kind(fresh: Any, v: Any) -> str | None:
+    """What a saved value should have been, ``None`` when ``v`` is of the kind the detector
+    keeps in that attribute (``fresh``: its value in a new detector). A number is a number
+    (``"nan"``/``"inf"`` decoded), a count a whole number, a buffer a list of numbers or of
+    lists of numbers; an attribute that starts as ``None`` keeps ``None``, a number or a
+    boolean. Nothing else any detector keeps: a string there broke its next update (every
+    later window's verdict, in the daemon) and was restored without a word."""
+    if isinstance(fresh, bool):
+        return None if isinstance(v, bool) else "true or false"
+    if type(fresh) is int:  # a count: 3.0 (an older state, another writer) counts 3
+        return None if type(v) is int or type(v) is float and v.is_integer() else \
+            "a whole number"
+    if type(fresh) is float:
+        return None if _is_number(v) else "a number"
+    if fresh is None:
+        return None if v is None or _is_number(v) or isinstance(v, bool) else \
+            "a number or null"
+    if isinstance(fresh, (list, deque)):
+        ok = isinstance(v, list) and all(
+            _is_number(x) or isinstance(x, list) and all(map(_is_number, x)) for x in v)
+        return None if ok else "a list of numbers"
+    return None
+
+
+def _has_nan(v: Any) -> bool:
+    if isinstance(v, list):
+        return any(map(_has_nan, v))
+    return isinstance(v, float) and v != v
+
+
 class Detector:
     """Base class: a streaming test over one metric.
 
@@ -179,6 +213,10 @@ class Detector:
     name: ClassVar[str] = ""
     PARAMS: ClassVar[Mapping[str, Param]] = {}
     _STATE: ClassVar[tuple[str, ...]] = ()
+    #: Names in ``_STATE`` whose values (or buffers' values) this detector never sets to NaN:
+    #: a NaN there in a saved state is damage, and is refused (``best`` NaN silenced the
+    #: regression test for good: no level is below NaN).
+    _NO_NAN: ClassVar[tuple[str, ...]] = ()
     #: True for detectors that judge the *absence* of a metric (staleness): the engine calls
     #: :meth:`miss` for samples without the metric and :meth:`check` on ``Engine.tick``.
     watches_absence: ClassVar[bool] = False
@@ -230,11 +268,19 @@ class Detector:
         missing = [k for k in self._STATE if k not in state]
         if missing:
             raise ConfigError(f"{self.name} state lacks {', '.join(missing)}")
-        for k in self._STATE:
-            cur = getattr(self, "_" + k)
+        loaded = {}
+        fresh = type(self)(**self.params)  # what each attribute holds before any update
+        for k in self._STATE:  # every value checked before any is set: all or nothing
+            cur = getattr(fresh, "_" + k)
             v = _dec(state[k])
-            if isinstance(cur, deque):
-                v = deque(v, maxlen=cur.maxlen)
+            what = _kept_kind(cur, v)
+            if what is None and k in self._NO_NAN and _has_nan(v):
+                what = "a number (NaN: this detector never keeps one there)"
+            if what:
+                raise DamagedStateError(f"{self.name} state {k!r} is {short(state[k])}, not "
+                                        f"{what} (a damaged or hand-edited state)")
+            loaded[k] = deque(v, maxlen=cur.maxlen) if isinstance(cur, deque) else v
+        for k, v in loaded.items():
             setattr(self, "_" + k, v)
 
     def __repr__(self) -> str:

@@ -80,6 +80,7 @@ class Regression(Detector):
         "warmup": Param(int, "values before the first decision", min=2),
     }
     _STATE = ("n", "prev", "prev2", "level", "best", "diffs", "llr", "sigma")
+    _NO_NAN = ("prev", "prev2", "best", "diffs", "llr", "sigma")  # level: inf - inf
 
     def __init__(self, *, mode: str = "min", confidence: float = 0.95, tolerance: float = 3.0,
                  min_delta: float = 0.0, smooth: float = 0.3, warmup: int = 3) -> None:

@@ -47,6 +47,7 @@ class Staleness(Detector):
         "samples": Param(int, "samples without the metric that fire", min=1, optional=True),
     }
     _STATE = ("last_t", "misses", "age")
+    _NO_NAN = ("last_t", "age")
     watches_absence: ClassVar[bool] = True
 
     def __init__(self, *, seconds: float | None = None, samples: int | None = None) -> None:

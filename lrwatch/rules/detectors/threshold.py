@@ -37,6 +37,7 @@ class Threshold(Detector):
         "below": Param(float, "fire when the value is smaller", optional=True),
     }
     _STATE = ("last",)
+    _NO_NAN = ("last",)
 
     def __init__(self, *, above: float | None = None, below: float | None = None) -> None:
         self._set_params(above=above, below=below)

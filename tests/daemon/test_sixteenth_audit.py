@@ -1,0 +1,166 @@
+"""Defects found by the sixteenth round's audit (6 December) of ``lrwatch daemon``: each
+reproduced with a real daemon (a process, or one serving HTTP on a loopback port the test
+picks) fed by real clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+from typing import Any
+
+from daemon_helpers import WINDOW, assert_balanced, make_record, start_daemon_process
+from services import free_port, http_request
+
+from lrwatch.daemon import Daemon, DaemonConfig
+
+
+def _edited(good: dict[str, Any], edit: str) -> dict[str, Any]:
+    """``good`` with one hand edit: a path of keys (list indices as numbers), ``=``, the new
+    value as JSON."""
+    path, value = edit.split("=", 1)
+    snap = json.loads(json.dumps(good))
+    *keys, last = path.split(".")
+    d = snap
+    for k in keys:
+        d = d[int(k)] if isinstance(d, list) else d[k]
+    d[int(last) if isinstance(d, list) else last] = json.loads(value)
+    return snap
+
+
+_REG = "engine.rules.accuracy_regression.detectors.model_accuracy"
+#: hand edits of the detectors' saved states, and what each did before it was refused
+_DETECTOR_EDITS = {
+    "detector.history.0.0.0=null": "a sum read as NaN: the feature's accumulated test NaN, "
+                                   "never over its threshold, for 16 windows",
+    "detector.history.0.1=[100.0]": "one count for three features: broadcast",
+    "detector.history.0.1.1=-5": "a negative count",
+    "detector.joint_history.0.1=null": "the start stopped: float(None)",
+    "detector.joint_history.0.1=0": "a window of no rows: its mean divided by zero",
+    "detector.joint_history.0.0=[1.0]": "one sum for four features",
+    f"{_REG}.best=\"x\"": "every later window's test failed (TypeError)",
+    f"{_REG}.best=\"nan\"": "no level is below NaN: the regression test silenced for good",
+    f"{_REG}.n=1.5": "a count that is no count",
+    f"{_REG}.diffs=[\"x\"]": "every later window's test failed",
+    "engine.rules.no_traffic.detectors.step.last_t=\"x\"": "every window and every clock tick "
+                                                          "failed",
+    "engine.rules.data_drift.detectors.drift_detected.last=[1]": "a list for a number",
+}
+
+
+def _saved_state(reference_path: str, state: Any) -> dict[str, Any]:
+    """A state directory after five windows with labels (the regression detector has seen
+    values, the drift detector holds evidence, the joint test's too); the saved state."""
+    d = Daemon(DaemonConfig(reference=reference_path, window_size=WINDOW, state_dir=str(state),
+                            log_alerts=False))
+    d.start()
+    rng = random.Random(160)
+    for w in range(6):  # each window's labels before the next window closes it
+        recs = [make_record(rng, i) for i in range(w * WINDOW, w * WINDOW + WINDOW)][
+            :WINDOW if w < 5 else 30]
+        d.submit("predictions", "\n".join(map(json.dumps, recs)).encode())
+        d.submit("labels", json.dumps([{"id": r["id"], "label": int(r["prediction"] > 0.4)}
+                                       for r in recs]).encode())
+        assert d.drain()
+    d.stop()
+    good = json.loads((state / "state.json").read_text())
+    assert len(good["detector"]["history"]) == 5 and len(good["detector"]["joint_history"]) == 5
+    assert good["engine"]["rules"]["accuracy_regression"]["detectors"]["model_accuracy"]["n"] > 1
+    return good
+
+
+def test_a_damaged_detector_state_is_refused_counted_and_the_detector_rebuilt(
+        reference_path: str, tmp_path: Any) -> None:
+    """The detectors' saved states in ``state.json`` were not checked: a ``null`` sum in the
+    drift evidence (NaN), a count row of another width, a ``null`` window size of the joint
+    test (the start stopped with a ``TypeError``), a rule detector's ``best`` edited to
+    ``"x"`` (every later window's test failed) or to ``"nan"`` (the regression test silenced
+    for good). Each is refused now, named in a warning, counted in
+    ``lrwatch_daemon_problems_total{reason="detector_state_refused"}``, and only that part
+    starts afresh: the drift detector from the reference with no evidence, the rules from
+    nothing; the counters, the open window and the pending labels are kept (no record
+    accepted is lost), and the windows after it are tested without an error."""
+    base = tmp_path / "state"
+    good = _saved_state(reference_path, base)
+    saved = {k: good["counters"][k] for k in ("predictions", "labels", "received", "windows",
+                                               "labels_joined")}
+    fresh_engine = Daemon(DaemonConfig(reference=reference_path, window_size=WINDOW,
+                                       log_alerts=False)).engine.state_dict()["rules"]
+    for n, (edit, before) in enumerate(_DETECTOR_EDITS.items()):
+        state = tmp_path / f"state{n}"
+        shutil.copytree(base, state)
+        (state / "state.json").write_text(json.dumps(_edited(good, edit)))
+        d = Daemon(DaemonConfig(reference=reference_path, window_size=WINDOW,
+                                state_dir=str(state), log_alerts=False))
+        try:
+            m = d.registry.get_sample_value
+            assert m("lrwatch_daemon_problems_total", {"reason": "detector_state_refused"}) \
+                == 1, (edit, before)
+            assert m("lrwatch_daemon_problems_total", {"reason": "snapshot_set_aside"}) == 0, \
+                edit
+            assert not list(state.glob("state.json.bad-*")), edit
+            assert {k: d.counters[k] for k in saved} == saved, edit
+            assert len(d.window) == 30 and len(d.pending) == len(good["pending"]["items"]), edit
+            assert d.detector is not None
+            if edit.startswith("detector."):
+                assert d.detector.state_dict()["history"] == [], edit
+                assert d.detector.state_dict()["joint_history"] == [], edit
+            else:  # the drift evidence was not damaged: kept
+                assert len(d.detector.state_dict()["history"]) == 5, edit
+                assert d.engine.state_dict()["rules"] == fresh_engine, edit
+            d.start()
+            rng = random.Random(161 + n)
+            recs = [make_record(rng, i) for i in range(9000, 9000 + 2 * WINDOW)]
+            d.submit("predictions", "\n".join(map(json.dumps, recs)).encode())
+            d.submit("labels", json.dumps([{"id": r["id"], "label": 1} for r in recs]).encode())
+            assert d.drain()
+            d.tick()
+            assert d.drain()
+            assert d.counters["windows"] == saved["windows"] + 2, edit
+            assert m("lrwatch_internal_errors_total") == 0, (edit, before)
+            assert_balanced(d)
+        finally:
+            d.stop()
+
+
+def test_a_daemon_process_starts_on_a_state_with_a_damaged_joint_drift_state(
+        reference_path: str, tmp_path: Any) -> None:
+    """The audit's reproduction with a real process: a saved state whose joint test window
+    size was edited to ``null`` stopped every start with a ``TypeError`` traceback (the check
+    of the state's fields let a ``null`` number through, as it does for times). It starts
+    now, says what it refused, counts it on /metrics, and takes records."""
+    state, log, port = str(tmp_path / "state"), str(tmp_path / "daemon.log"), free_port()
+    proc = start_daemon_process(reference_path, state, port, log)
+    try:
+        rng = random.Random(170)
+        body = "\n".join(json.dumps(make_record(rng, i)) for i in range(3 * WINDOW + 3))
+        assert http_request(f"http://127.0.0.1:{port}/v1/predictions", method="POST",
+                            data=body.encode())[0] == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    with open(os.path.join(state, "state.json")) as fh:
+        snap = json.load(fh)
+    assert snap["detector"]["joint_history"], "no joint evidence to damage"
+    snap["detector"]["joint_history"][0][1] = None
+    with open(os.path.join(state, "state.json"), "w") as fh:
+        json.dump(snap, fh)
+    proc = start_daemon_process(reference_path, state, port, log)
+    try:
+        status, text = http_request(f"http://127.0.0.1:{port}/metrics")
+        assert status == 200
+        assert 'lrwatch_daemon_problems_total{reason="detector_state_refused"} 1.0' in \
+            text.decode(), text.decode()[-2000:]
+        body = "\n".join(json.dumps(make_record(rng, i)) for i in range(1000, 1000 + WINDOW))
+        status, out = http_request(f"http://127.0.0.1:{port}/v1/predictions", method="POST",
+                                   data=body.encode())
+        assert status == 200 and json.loads(out)["accepted"] == WINDOW
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    with open(log) as fh:
+        text = fh.read()
+    assert "a damaged detector state is not restored" in text and \
+        "'joint_history'[0]" in text and "Traceback" not in text, text[-3000:]

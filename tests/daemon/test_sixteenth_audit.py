@@ -164,3 +164,44 @@ def test_a_daemon_process_starts_on_a_state_with_a_damaged_joint_drift_state(
         text = fh.read()
     assert "a damaged detector state is not restored" in text and \
         "'joint_history'[0]" in text and "Traceback" not in text, text[-3000:]
+
+
+def test_an_integer_id_beyond_64_bits_is_refused_alike_by_both_json_back_ends(
+        run_daemon: Any, reference_path: str, tmp_path: Any, monkeypatch: Any) -> None:
+    """``json.dumps({"id": uuid.uuid4().int, ...})`` writes a 39-digit integer. With the
+    ``fast`` extra (orjson) it was refused as "id must be ... or an integer" (orjson reads
+    integers beyond 64 bits as floats), without it (the standard library) it was accepted:
+    the same payload, two answers. It is refused by both now, with what to do (send it as
+    a string); 64-bit integers, unsigned ones included, are ids in both."""
+    import uuid
+
+    rng = random.Random(180)
+    big = uuid.UUID(int=rng.getrandbits(128) | 1 << 127).int
+    recs = [make_record(rng, 1, id=big), make_record(rng, 2, id=2 ** 64 - 1),
+            make_record(rng, 3, id=-2 ** 63), make_record(rng, 4, id=str(big))]
+    body = "\n".join(map(json.dumps, recs))
+    labels = json.dumps([{"id": big, "label": 1}, {"id": 2 ** 64 - 1, "label": 1}])
+
+    def check(status: int, out: dict[str, Any], accepted: int) -> None:
+        assert status == 200 and out["accepted"] == accepted, out
+        assert out["reasons"] == {"invalid_id": 1}, out
+        assert "an integer id beyond 64 bits" in out["errors"][0] and \
+            "send it as a string" in out["errors"][0], out
+
+    r = run_daemon()
+    check(*r.post("/v1/predictions", body), 3)
+    check(*r.post("/v1/labels", labels), 1)
+    assert r.daemon.drain() and r.daemon.counters["labels_joined"] == 1
+    assert_balanced(r.daemon)
+    # the standard library's parser (no fast extra), in a daemon process
+    monkeypatch.setenv("LRWATCH_JSON", "stdlib")
+    state, port = str(tmp_path / "state"), free_port()
+    proc = start_daemon_process(reference_path, state, port, str(tmp_path / "daemon.log"))
+    try:
+        for path, data, accepted in (("/v1/predictions", body, 3), ("/v1/labels", labels, 1)):
+            status, out = http_request(f"http://127.0.0.1:{port}{path}", method="POST",
+                                       data=data.encode())
+            check(status, json.loads(out), accepted)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0

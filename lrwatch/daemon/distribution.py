@@ -28,6 +28,7 @@ Examples
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -98,7 +99,12 @@ class PredictionDistribution:
             v = x[:, self._num_j]
             v = v[np.isfinite(v)]
             if v.size:
-                out["mean"] = float(v.mean())
+                with np.errstate(over="ignore"):
+                    mean = float(v.mean())
+                if not math.isfinite(mean):  # the sum overflowed (outputs near 1e308)
+                    top = float(np.abs(v).max())
+                    mean = float((v / top).mean() * top)
+                out["mean"] = mean
                 out["quantiles"] = np.quantile(v, QUANTILES)
                 if self.prediction_type == "probability":
                     one = float((v >= 0.5).mean())

@@ -15,6 +15,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, DamagedStateError
+from ..samples import decode_number, encode_number
 from .records import REASONS, lines_within, loads, parse_payload, validate_labels, \
     validate_predictions
 from .state import load_checked_snapshot, save_snapshot
@@ -36,6 +37,27 @@ __all__ = ["DurabilityMixin", "STATE_VERSION"]
 _log = logging.getLogger("lrwatch.daemon")
 #: the version of ``state.json`` this lrwatch writes and reads
 STATE_VERSION = 1
+
+
+def _saved_last(last: dict[str, Any]) -> dict[str, Any]:
+    """The last window's summary for the snapshot: a value that is no finite number (the
+    mean of predictions near the float range, an absolute error that overflowed) as
+    ``"inf"``/``"nan"``, since JSON has none (orjson wrote ``null``, which stopped every later
+    start when the gauges were restored from it)."""
+    values = last.get("values")
+    if not values:
+        return last
+    return {**last, "values": {k: encode_number(v) for k, v in values.items()}}
+
+
+def _loaded_last(last: dict[str, Any]) -> dict[str, Any]:
+    """:func:`_saved_last` read back; a ``null`` value (a snapshot written before) is left
+    out: what it was is unknown."""
+    values = last.get("values")
+    if not values:
+        return last
+    return {**last, "values": {k: decode_number(v) for k, v in values.items()
+                               if v is not None}}
 
 
 class DurabilityMixin:
@@ -85,7 +107,7 @@ class DurabilityMixin:
                 "journal": self.journal_pos, "window": self.window.state_dict(),
                 "pending": self.pending.state_dict(), "ref_rows": self._ref_rows,
                 "detector": self.detector.state_dict() if self.detector else None,
-                "engine": self.engine.state_dict(), "last": self.last,
+                "engine": self.engine.state_dict(), "last": _saved_last(self.last),
                 "coverage": self.coverage.state_dict(),
                 "estimates": self.estimates.state_dict() if self.estimates else None,
                 "metric_totals": self.metrics.totals(self._actions())}
@@ -114,7 +136,7 @@ class DurabilityMixin:
             self.pending.load_state_dict(snap["pending"])
             self._ref_rows = snap.get("ref_rows") or []
             self._restore_detectors(snap)
-            self.last = snap.get("last") or {}
+            self.last = _loaded_last(snap.get("last") or {})
             self.coverage.load_state_dict(snap.get("coverage") or {})
             if self.estimates is not None:
                 self.estimates.load_state_dict(snap.get("estimates"))

@@ -35,6 +35,10 @@ _RULE_TIMES = ("pending_since", "clear_since", "resolved_step", "resolved_time",
                "last_firing_step")
 
 
+#: how a snapshot writes a value that is no finite number (trace format v1)
+_NONFINITE = ("nan", "inf", "-inf")
+
+
 class _Bad(Exception):
     """The first field that is not what the loader reads."""
 
@@ -112,7 +116,7 @@ def _check(snap: Any, version: int) -> None:
     if d.get("last") is not None:
         last = _mapping(d["last"], "'last'")
         for k, v in _mapping(last.get("values") or {}, "'last'.'values'").items():
-            _need(_is_time(v), f"'last'.'values'.{k!r}", "a number")
+            _need(_is_time(v) or v in _NONFINITE, f"'last'.'values'.{k!r}", "a number")
     if d.get("coverage"):
         _coverage(d["coverage"])
     if d.get("estimates") is not None:
@@ -153,9 +157,9 @@ def _window(w: Any) -> None:
     for k in _WINDOW_COUNTS:
         if k in w:
             _need(_is_whole(w[k]), f"'window'.{k!r}", "a whole number >= 0")
-    for k in _WINDOW_SUMS:
+    for k in _WINDOW_SUMS:  # an overflowed sum is saved as "inf" (Window.SUMS)
         if k in w:
-            _need(_is_num(w[k]), f"'window'.{k!r}", "a number")
+            _need(_is_num(w[k]) or w[k] in _NONFINITE, f"'window'.{k!r}", "a number")
     feats, preds = w.get("feats", []), w.get("preds", [])
     _rows(feats, "'window'.'feats'", lambda r: isinstance(r, dict), "an object")
     _need(isinstance(preds, list) and len(preds) == len(feats), "'window'.'preds'",

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..samples import decode_number, encode_number
 from .reference import PREDICTION
 from .stats import Profile
 
@@ -145,15 +146,23 @@ class Window:
             else self.clock_arrival - self.clock_time
         return now - lag >= self.end + 0.1 * seconds
 
+    #: sums that can overflow to infinity (absolute errors of a regression near the float
+    #: range: 1e308 against -1e308): saved as ``"inf"`` (trace format v1), since JSON has
+    #: no infinity (orjson writes ``null``, and a snapshot with ``null`` there was no state)
+    SUMS = ("score_sum", "delay_sum", "own_correct")
+
     def state_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.STATE}
+        state = {k: getattr(self, k) for k in self.STATE}
+        for k in self.SUMS:
+            state[k] = encode_number(state[k])
+        return state
 
     @classmethod
     def from_state(cls, d: Mapping[str, Any]) -> "Window":
         w = cls(int(d["index"]))
         for k in cls.STATE:
             if k in d:
-                setattr(w, k, d[k])
+                setattr(w, k, decode_number(d[k]) if k in cls.SUMS else d[k])
         return w
 
 

@@ -205,3 +205,78 @@ def test_an_integer_id_beyond_64_bits_is_refused_alike_by_both_json_back_ends(
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+def test_a_regression_near_the_float_range_does_not_stop_the_next_start(
+        tmp_path: Any) -> None:
+    """A regression model's outputs near the float range (a diverged model: 1e308 against a
+    label of -1e308) made the window's absolute-error sum and the last window's
+    ``model_error`` infinite, and its prediction mean (a sum of 1e307s) too. The snapshot
+    wrote them as ``null`` (JSON has no infinity): at the next start the open window's
+    ``null`` sum made the state "no state" (set aside, and refused once the journal was
+    pruned), and the last window's ``null`` stopped every start with a ``TypeError`` while
+    restoring the gauges. They are saved as ``"inf"`` now and read back; the mean is computed
+    without overflow."""
+    from lrwatch.daemon import build_reference
+
+    rng = random.Random(190)
+
+    def rec(i: int, **kw: Any) -> dict[str, Any]:
+        return make_record(rng, i, prediction=rng.gauss(10.0, 3.0), **kw)
+
+    ref = build_reference([rec(i) for i in range(1500)], window_size=WINDOW, sims=200, seed=0)
+    assert ref.prediction_type == "regression"
+    reference = str(tmp_path / "reference.json")
+    ref.save(reference)
+    state, log, port = str(tmp_path / "state"), str(tmp_path / "daemon.log"), free_port()
+    recs = [rec(i) for i in range(WINDOW + 30)]
+    for r in recs[:3] + recs[WINDOW + 3:WINDOW + 6]:  # in the closed window and the open one
+        r["prediction"], r["label"] = 1e308, -1e308
+    for r in recs[10:20]:
+        r["prediction"] = 1e307
+    proc = start_daemon_process(reference, state, port, log)
+    try:
+        status, out = http_request(f"http://127.0.0.1:{port}/v1/predictions", method="POST",
+                                   data="\n".join(map(json.dumps, recs)).encode())
+        assert status == 200 and json.loads(out)["accepted"] == WINDOW + 30
+        status, text = http_request(f"http://127.0.0.1:{port}/metrics")
+        assert "lrwatch_model_error +Inf" in text.decode()
+        mean = [ln for ln in text.decode().splitlines()
+                if ln.startswith("lrwatch_prediction_mean ")]
+        assert mean and 3.9e306 < float(mean[0].split()[1]) < 4.1e306, mean  # 4e308 / 100
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    proc = start_daemon_process(reference, state, port, log)  # stopped with a TypeError
+    try:
+        status, out = http_request(f"http://127.0.0.1:{port}/v1/status")
+        st = json.loads(out)
+        assert st["counters"]["predictions"] == WINDOW + 30 and st["window"]["records"] == 30
+        assert st["last_window"]["values"]["model_error"] == "inf"
+        status, text = http_request(f"http://127.0.0.1:{port}/metrics")
+        text = text.decode()
+        assert "lrwatch_model_error +Inf" in text
+        assert 'lrwatch_daemon_problems_total{reason="snapshot_set_aside"} 0.0' in text
+        more = [rec(i, label=10.0) for i in range(1000, 1000 + WINDOW)]
+        status, out = http_request(f"http://127.0.0.1:{port}/v1/predictions", method="POST",
+                                   data="\n".join(map(json.dumps, more)).encode())
+        assert status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    # the window with the overflow closed: its model_error is the last window's, the open
+    # window holds none (this state stopped every start: float(None) restoring the gauge)
+    with open(os.path.join(state, "state.json")) as fh:
+        snap = json.load(fh)
+    assert snap["last"]["values"]["model_error"] == "inf" and snap["window"]["score_sum"] < 1e6
+    proc = start_daemon_process(reference, state, port, log)
+    try:
+        status, text = http_request(f"http://127.0.0.1:{port}/metrics")
+        assert "lrwatch_model_error +Inf" in text.decode()
+        assert 'lrwatch_predictions_total 230.0' in text.decode()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    with open(log) as fh:
+        text = fh.read()
+    assert "Traceback" not in text and "cannot be restored" not in text, text[-3000:]

@@ -542,6 +542,9 @@ def calibrate(ref: Reference, *, window_size: int = 1000, target_windows: float 
     """
     _check_targets(window_size, target_windows)
     t0 = time.perf_counter()
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        # numpy's own error ("expected non-negative integer") named no argument
+        raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
     sims = 2000 if sims is None else int(sims)
     prof = Profile(ref)
     rs = _Resampler(prof)

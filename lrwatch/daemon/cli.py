@@ -139,7 +139,7 @@ def baseline_group() -> None:
               help="Force a feature's kind: numeric, categorical or binary (repeatable).")
 @click.option("--sims", type=click.IntRange(100), default=None,
               help="Resamples for calibration (default 2000).")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the calibration's resamples (a build repeats exactly).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 def baseline_build(data: str, output: str, window_size: int, target_windows: float,
@@ -204,7 +204,7 @@ def baseline_build(data: str, output: str, window_size: int, target_windows: flo
 @click.option("--no-joint", is_flag=True, help="Calibrate without the joint drift test.")
 @click.option("--sims", type=click.IntRange(100), default=None,
               help="Resamples for calibration (default 2000).")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the calibration's resamples (a run repeats exactly).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 def baseline_recalibrate(reference: str, output: str | None, window_size: int | None,

@@ -356,6 +356,17 @@ class DaemonConfig:
                                                and self.calibration_sims >= MIN_SIMS),
              f"calibration_sims must be an integer >= {MIN_SIMS}, got "
              f"{self.calibration_sims!r}")
+        # every record of the open window is held in memory, and the thresholds are
+        # calibrated by resampling windows of this size at the start (100,000: 10 s;
+        # 1,000,000: more than 2 minutes, before the port even opened)
+        need(self.window_size <= self.window_max_records,
+             f"window size {self.window_size} is over window.max_records "
+             f"({self.window_max_records}), the most records a window holds: a typo? "
+             f"(raise window.max_records too if you mean it)")
+        # numpy's generators take no negative seed: -1 passed here and stopped the start
+        # with numpy's traceback ("expected non-negative integer") once a calibration ran
+        need(type(self.seed) is int and self.seed >= 0,
+             f"seed must be an integer >= 0, got {self.seed!r}")
         need(self.live_records >= 10, f"live_records must be at least 10 (a reference needs "
              f"10 records), got {self.live_records!r}")
         need(isinstance(self.host, str) and bool(self.host),

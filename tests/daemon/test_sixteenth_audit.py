@@ -12,7 +12,7 @@ import signal
 from typing import Any
 
 from daemon_helpers import WINDOW, assert_balanced, make_record, start_daemon_process
-from services import free_port, http_request
+from services import free_port, http_request, wait_until
 
 from lrwatch.daemon import Daemon, DaemonConfig
 
@@ -239,8 +239,13 @@ def test_a_regression_near_the_float_range_does_not_stop_the_next_start(
         status, out = http_request(f"http://127.0.0.1:{port}/v1/predictions", method="POST",
                                    data="\n".join(map(json.dumps, recs)).encode())
         assert status == 200 and json.loads(out)["accepted"] == WINDOW + 30
-        status, text = http_request(f"http://127.0.0.1:{port}/metrics")
-        assert "lrwatch_model_error +Inf" in text.decode()
+
+        def metrics() -> str:
+            return http_request(f"http://127.0.0.1:{port}/metrics")[1].decode()
+
+        wait_until(lambda: "lrwatch_model_error +Inf" in metrics(), timeout=30,
+                   message="the window with the overflow tested")
+        text = metrics().encode()
         mean = [ln for ln in text.decode().splitlines()
                 if ln.startswith("lrwatch_prediction_mean ")]
         assert mean and 3.9e306 < float(mean[0].split()[1]) < 4.1e306, mean  # 4e308 / 100
@@ -280,3 +285,61 @@ def test_a_regression_near_the_float_range_does_not_stop_the_next_start(
     with open(log) as fh:
         text = fh.read()
     assert "Traceback" not in text and "cannot be restored" not in text, text[-3000:]
+
+
+def _lrwatch(*args: str) -> Any:
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "lrwatch", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_a_negative_seed_is_refused_naming_it_not_with_numpys_traceback(
+        reference_path: str, tmp_path: Any) -> None:
+    """``seed: -1`` in the daemon's config passed the config check and stopped the start with
+    numpy's traceback ("expected non-negative integer", no word of which setting) once a
+    calibration ran; ``lrwatch baseline build --seed -1`` the same. Refused now, naming the
+    seed, before anything is built."""
+    import pytest
+
+    from lrwatch.daemon import build_reference
+    from lrwatch.errors import ConfigError
+
+    cfg = tmp_path / "lrwatch.yml"
+    cfg.write_text(f"reference: {{path: {reference_path}}}\nwindow: {{size: 150}}\n"
+                   f"seed: -1\n")
+    out = _lrwatch("daemon", "--config", str(cfg), "--port", "0")
+    assert out.returncode != 0 and "seed must be an integer >= 0, got -1" in out.stderr, \
+        out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    rng = random.Random(200)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(make_record(rng, i)) + "\n" for i in range(300)))
+    out = _lrwatch("baseline", "build", str(data), "-o", str(tmp_path / "ref.json"),
+                   "--seed", "-1", "-q")
+    assert out.returncode == 2 and "'--seed'" in out.stderr and "Traceback" not in out.stderr
+    with pytest.raises(ConfigError, match="seed must be an integer >= 0, got -1"):
+        build_reference([make_record(rng, i) for i in range(300)], window_size=WINDOW,
+                        sims=100, seed=-1)
+
+
+def test_a_window_size_beyond_what_a_window_holds_is_refused_at_once(
+        reference_path: str, tmp_path: Any) -> None:
+    """``--window-size 1000000000`` (a typo of zeros) was accepted: the start recalibrated
+    the thresholds by resampling windows of that size, and hung before the port opened
+    (1,000,000 took more than two minutes; 100,000 ten seconds), and a window that size
+    would have held every record in memory. Over ``window.max_records`` (100,000, the most a
+    time window holds) it is refused now, saying how to mean it."""
+    import pytest
+
+    from lrwatch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="raise window.max_records too"):
+        DaemonConfig(reference=reference_path, window_size=200_000)
+    out = _lrwatch("daemon", "--reference", reference_path, "--window-size", "1000000000",
+                   "--port", "0")
+    assert out.returncode != 0 and "window size 1000000000 is over window.max_records " \
+        "(100000)" in out.stderr, out.stderr[-2000:]
+    assert DaemonConfig(reference=reference_path, window_size=200_000,
+                        window_max_records=200_000).window_size == 200_000

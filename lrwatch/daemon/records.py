@@ -634,6 +634,26 @@ def _check_features(r: dict[str, Any], feats: dict[str, Any], limits: Limits) ->
                               f"characters, over the limit of {limits.max_string_chars}")
 
 
+_LABEL_HINT = (" (this one looks like a delayed label, an 'id' and a 'label': send those "
+               "to /v1/labels)")
+_PREDICTION_HINT = (" (this one looks like a prediction record, with 'features' or a "
+                    "'prediction': send those to /v1/predictions)")
+
+
+def _near_miss(r: dict[str, Any], key: str, hint: str) -> str:
+    """What to add to the message for a record that lacks ``key``: the key written in
+    another case (``"Features"``: keys are case-sensitive), or, for a record of the other
+    endpoint's kind, ``hint``; ``""`` otherwise."""
+    other = next((k for k in r if type(k) is str and k.lower() == key), None)
+    if other is not None:
+        return f" (it has {other!r}: keys are case-sensitive, write {key!r})"
+    if key == "features" and "label" in r and "prediction" not in r:
+        return hint
+    if key == "label" and ("features" in r or "prediction" in r):
+        return hint
+    return ""
+
+
 def _prediction(r: Any, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
     if type(r) is not dict:
         if isinstance(r, Invalid):
@@ -641,10 +661,12 @@ def _prediction(r: Any, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
         raise RecordError("not_an_object", "a record must be a JSON object")
     feats = r.get("features")
     if type(feats) is not dict:
-        raise RecordError("missing_features", "a record needs a 'features' object")
+        raise RecordError("missing_features", "a record needs a 'features' object"
+                          + _near_miss(r, "features", _LABEL_HINT))
     _check_features(r, feats, limits)
     if "prediction" not in r:
-        raise RecordError("invalid_prediction", "a record needs a 'prediction'")
+        raise RecordError("invalid_prediction", "a record needs a 'prediction'"
+                          + _near_miss(r, "prediction", ""))
     r["prediction"] = validate_prediction(r["prediction"], limits)
     if "id" in r:
         _check_id(r)
@@ -664,7 +686,8 @@ def _label(r: Any, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
         raise RecordError("invalid_id", "a label needs the 'id' of its prediction")
     _check_id(r)
     if "label" not in r:
-        raise RecordError("invalid_label", "a label record needs a 'label'")
+        raise RecordError("invalid_label", "a label record needs a 'label'"
+                          + _near_miss(r, "label", _PREDICTION_HINT))
     _check_label(r["label"], limits)
     if "time" in r:
         _check_time(r)

@@ -343,3 +343,33 @@ def test_a_window_size_beyond_what_a_window_holds_is_refused_at_once(
         "(100000)" in out.stderr, out.stderr[-2000:]
     assert DaemonConfig(reference=reference_path, window_size=200_000,
                         window_max_records=200_000).window_size == 200_000
+
+
+def test_a_record_sent_to_the_other_endpoint_or_with_a_key_in_another_case_says_so(
+        run_daemon: Any) -> None:
+    """A delayed label posted to /v1/predictions was refused with "a record needs a
+    'features' object", a prediction posted to /v1/labels with "a label record needs a
+    'label'", and ``"Features"``/``"Prediction"``/``"Label"`` the same: nothing said what was
+    wrong. The message names the endpoint to use, or the key as written and as it must be."""
+    r = run_daemon()
+    rng = random.Random(210)
+    rec = make_record(rng, 1)
+    cases = [
+        ("/v1/predictions", {"id": "r1", "label": 1}, "missing_features", "send those to "
+         "/v1/labels"),
+        ("/v1/labels", rec, "invalid_label", "send those to /v1/predictions"),
+        ("/v1/predictions", {"Features": rec["features"], "prediction": 0.5},
+         "missing_features", "it has 'Features': keys are case-sensitive, write 'features'"),
+        ("/v1/predictions", {"features": rec["features"], "Prediction": 0.5},
+         "invalid_prediction", "it has 'Prediction': keys are case-sensitive"),
+        ("/v1/labels", {"id": "r1", "Label": 1}, "invalid_label",
+         "it has 'Label': keys are case-sensitive, write 'label'"),
+    ]
+    for path, body, reason, says in cases:
+        status, out = r.post(path, [body])
+        assert status == 400 and out["reasons"] == {reason: 1}, (body, out)
+        assert says in out["error"], (body, out)
+    # a record of its own endpoint that lacks the key gets no hint
+    status, out = r.post("/v1/predictions", [{"prediction": 0.5}])
+    assert out["error"].endswith("a record needs a 'features' object"), out
+    assert_balanced(r.daemon)

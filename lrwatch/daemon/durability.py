@@ -102,6 +102,12 @@ class DurabilityMixin:
         def _republish(self) -> None:  # see PublishingMixin
             ...
 
+        def _expired(self, k: int) -> None:  # see WindowsMixin
+            ...
+
+        def _unmatched(self, k: int, also: str | None = None) -> None:  # see WindowsMixin
+            ...
+
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "counters": self._counters_state(), "files": self.files,
                 "journal": self.journal_pos, "window": self.window.state_dict(),
@@ -142,6 +148,7 @@ class DurabilityMixin:
                 self.estimates.load_state_dict(snap.get("estimates"))
             self.metrics.restore_totals(snap.get("metric_totals") or {}, self._actions())
         self.metrics.restore(self.counters)
+        self._trim_labels()
         assert self.journal is not None
         replayed = 0
         self._replaying = True  # a live reference completed during replay calibrates inline
@@ -158,6 +165,20 @@ class DurabilityMixin:
             _log.info("replayed %d journal entries", replayed)
             self._snapshot()
         self._republish()
+
+    def _trim_labels(self) -> None:
+        """A state saved under larger label limits (``max_pending_labels``,
+        ``labels.max_early``, lowered for memory) is brought within the new ones at once, the
+        predictions forgotten counted as expired and the labels given up as unmatched, as
+        when they are pushed out at run time."""
+        forgotten, given_up = self.pending.trim()
+        if forgotten or given_up:
+            _log.warning("the saved state held more than the label limits allow now: %d "
+                         "pending predictions forgotten (counted as expired), %d early "
+                         "labels given up (counted as unmatched)", forgotten, given_up)
+            self._expired(forgotten)
+            self._unmatched(given_up)
+            self._dirty = True
 
     def _restore_detectors(self, snap: dict[str, Any]) -> None:
         """The drift evidence and the rules' states. Another reference's evidence, or rules

@@ -141,6 +141,16 @@ class EarlyLabels:
             for id_ in ids:
                 joined.pop(id_, None)
 
+    def trim(self) -> int:
+        """Give up the oldest labels over ``max_labels`` (all of them when none are held: a
+        state saved under larger limits); how many."""
+        items = self._items
+        keep = self.max_labels if self.enabled else 0
+        k = max(len(items) - keep, 0)
+        for _ in range(k):
+            items.popitem(last=False)
+        return k
+
     def expire(self, now: float) -> int:
         """Give up the labels held longer than ``hold_seconds`` at ``now``; how many. Joined
         ids older than that are forgotten too."""
@@ -227,6 +237,17 @@ class PendingLabels:
             return 0
         deque(map(items.popitem, repeat(False, over)), maxlen=0)  # the oldest, in C
         return over
+
+    def trim(self) -> tuple[int, int]:
+        """Forget the oldest predictions over ``max_pending``, and give up the oldest early
+        labels over their limit (a state saved under larger limits: restored whole, the store
+        stayed over its bound, and :meth:`add` evicts one per prediction); how many of
+        each."""
+        items = self._items
+        k = max(len(items) - self.max_pending, 0)
+        for _ in range(k):
+            items.popitem(last=False)
+        return k, self.early.trim()
 
     def join(self, id_: str) -> tuple[Any, float, int | None] | None:
         """The ``(prediction, time, window)`` waiting for this id (and forget it), or

@@ -373,3 +373,42 @@ def test_a_record_sent_to_the_other_endpoint_or_with_a_key_in_another_case_says_
     status, out = r.post("/v1/predictions", [{"prediction": 0.5}])
     assert out["error"].endswith("a record needs a 'features' object"), out
     assert_balanced(r.daemon)
+
+
+def test_a_restart_with_lower_label_limits_brings_the_saved_labels_within_them(
+        reference_path: str, tmp_path: Any) -> None:
+    """``limits.max_pending_labels`` or ``labels.max_early`` lowered between two runs (for
+    memory): the saved pending predictions and early labels were restored whole, so
+    ``lrwatch_pending_labels`` read five times its bound, and a batch whose ids repeat (one
+    eviction per prediction) kept the store over it for good. They are brought within the
+    limits at the start now, the oldest first, counted as at run time (predictions forgotten:
+    expired; labels given up: unmatched, so labels = joined + unmatched + held still holds)."""
+    state = str(tmp_path / "state")
+    d = Daemon(DaemonConfig(reference=reference_path, window_size=WINDOW, state_dir=state,
+                            log_alerts=False))
+    d.start()
+    rng = random.Random(220)
+    recs = [make_record(rng, i) for i in range(500)]
+    d.submit("predictions", "\n".join(map(json.dumps, recs)).encode())
+    d.submit("labels", json.dumps([{"id": f"u{i}", "label": 1} for i in range(300)]).encode())
+    assert d.drain() and len(d.pending) == 500 and len(d.pending.early) == 300
+    d.stop()
+    d = Daemon(DaemonConfig(reference=reference_path, window_size=WINDOW, state_dir=state,
+                            log_alerts=False, max_pending_labels=100, max_early_labels=50))
+    try:
+        m = d.registry.get_sample_value
+        assert len(d.pending) == 100 and m("lrwatch_pending_labels") == 100
+        assert len(d.pending.early) == 50
+        assert d.counters["labels_expired"] == 400 and m("lrwatch_labels_expired_total") == 400
+        assert d.counters["labels_unmatched"] == 250
+        kept = [it[0] for it in d.pending.state_dict()["items"]]
+        assert kept == [f"r{i}" for i in range(400, 500)]  # the newest kept
+        d.start()
+        again = [make_record(rng, i) for i in range(1000, 1010)] * 2  # ids repeat
+        d.submit("predictions", "\n".join(map(json.dumps, again)).encode())
+        assert d.drain() and len(d.pending) == 100
+        c = d.counters
+        assert c["labels"] == c["labels_joined"] + c["labels_unmatched"] + len(d.pending.early)
+        assert_balanced(d)
+    finally:
+        d.stop()

@@ -412,11 +412,17 @@ class DaemonConfig:
             kw["snapshot_interval"] = _number("snapshot_interval", d["snapshot_interval"])
         if "seed" in d:
             kw["seed"] = _integer("seed", d["seed"])
+        if d.get("tail") == "":  # an unset variable in a template: it tailed nothing
+            raise ConfigError("tail: '' names no file: give a file path or a list of them, "
+                              "or leave the key out")
         if d.get("tail"):
             kw["tail"] = [path(p) for p in _tail_paths(d["tail"])]
             for p in kw["tail"]:
                 if os.path.isdir(p):
                     raise ConfigError(f"tail: {p!r} is a directory; name the file to follow")
+        if d.get("rules") == []:  # it read as "no rules" and ran the serving pack
+            raise ConfigError("rules: the list is empty: name packs or rule files (or leave "
+                              "the key out, or null, for the serving pack)")
         if d.get("rules") is not None:   # pack names and files, joined in order as layers
             kw["rules"] = [x if x in PACKS else path(x) for x in
                            _strings("rules", d["rules"], "a rule file or pack name")]

@@ -412,3 +412,22 @@ def test_a_restart_with_lower_label_limits_brings_the_saved_labels_within_them(
         assert_balanced(d)
     finally:
         d.stop()
+
+
+def test_an_empty_rules_list_or_tail_path_in_the_config_is_refused(
+        reference_path: str, tmp_path: Any) -> None:
+    """``rules: []`` read as "no rules" and ran the whole serving pack (rule files refuse an
+    empty rule list since the fifteenth round); ``tail: ''`` (an unset variable in a
+    template) tailed nothing, without a word. Both are refused, saying what to write."""
+    import pytest
+
+    from lrwatch.errors import ConfigError
+
+    for text, says in (("rules: []", "rules: the list is empty"),
+                       ("tail: ''", "tail: '' names no file")):
+        cfg = tmp_path / "lrwatch.yml"
+        cfg.write_text(f"reference: {{path: {reference_path}}}\n{text}\n")
+        with pytest.raises(ConfigError, match=says):
+            DaemonConfig.load(str(cfg))
+    cfg.write_text(f"reference: {{path: {reference_path}}}\nrules: null\ntail: []\n")
+    assert DaemonConfig.load(str(cfg)).rules is None

@@ -24,9 +24,9 @@ from typing import Any, Callable, Mapping
 from . import columnar
 from .config import DaemonConfig
 from .metrics import DaemonMetrics
-from .records import (Batch, Limits, fits_reference_kind, labels_are_classes, lines_within,
-                      parse_lines, parse_payload, times_plausible, validate_labels,
-                      validate_predictions)
+from .records import (Batch, Limits, TooManyRecords, fits_reference_kind, labels_are_classes,
+                      lines_within, parse_lines, parse_payload, times_plausible,
+                      validate_labels, validate_predictions)
 from .state import Journal
 from .stats import Profile
 
@@ -120,15 +120,22 @@ class Ingest:
                 self._refuse_locked("queue_full", 1)
             return 429, {"error": "queue full, retry later", "reason": "queue_full",
                          "rejected": 1}
-        ok, rejected, errors, received = self._parse(kind, body)
+        try:
+            ok, rejected, errors, received = self._parse(kind, body)
+        except TooManyRecords as exc:  # refused before any record is checked: see below
+            ok, received = (), exc.count
         code = b"P" if kind == "predictions" else b"L"
         now = time.time()
-        if len(ok) > q.max_records:   # never fits, however long the client waits: not a 429
+        if len(ok) > q.max_records or not ok and received > q.max_records:
+            # never fits, however long the client waits: not a 429. A body of more records
+            # than the queue holds is refused before they are checked one by one: 5 million
+            # lines of junk in a 10 MB body held the HTTP loop (every client, /healthz)
+            # for five minutes
             with q.cond:
                 self._refuse_locked("too_large", received)
-            return 413, {"error": f"the body holds {len(ok)} valid records, over the queue's "
-                                  f"limit of {q.max_records} (max_queue_records): send them in "
-                                  f"smaller bodies", "reason": "too_large",
+            return 413, {"error": f"the body holds {max(len(ok), received)} records, over "
+                                  f"the queue's limit of {q.max_records} (max_queue_records): "
+                                  f"send them in smaller bodies", "reason": "too_large",
                          "rejected": received}
         with q.cond:
             if ok and q.records + len(ok) > q.max_records:
@@ -163,7 +170,7 @@ class Ingest:
         ok: Any = self._decode_http(body) if kind == "predictions" and short else None
         if ok is not None:  # the columnar path: no dict per record (see _decode_http)
             return ok, Counter(), [], len(ok)
-        items = parse_payload(body, limits=lim)
+        items = parse_payload(body, limits=lim, max_items=self.queue.max_records)
         if kind == "predictions":
             ok, rejected, errors = validate_predictions(items, lim, short_strings=short)
         else:

@@ -385,21 +385,17 @@ def parse_lines(lines: Sequence[bytes], *, backend: str | None = None,
             continue
         try:
             out.append(ld(ln))
-        except ValueError:
+        except ValueError as exc:  # the standard library's message: both loaders end in it
             if not ln.isascii():
                 try:
                     ln.decode("utf-8")
                 except UnicodeDecodeError:
                     out.append(Invalid(f"line {i} is not UTF-8"))
                     continue
-            try:  # the standard library's message, whichever back end parsed
-                _stdlib_record(ln)
-                out.append(Invalid(f"line {i} is not JSON"))
-            except ValueError as exc:
-                n = _glued_count(ln, exc)
-                out.append(Invalid(f"line {i} is not JSON: {exc}{_glued_hint(n)}"))
-                out.extend(Invalid(f"line {i}: record {k} of the {n} glued together on it "
-                                   f"(one record per line)") for k in range(2, n + 1))
+            n = _glued_count(ln, exc)
+            out.append(Invalid(f"line {i} is not JSON: {exc}{_glued_hint(n)}"))
+            out.extend(Invalid(f"line {i}: record {k} of the {n} glued together on it "
+                               f"(one record per line)") for k in range(2, n + 1))
     return out
 
 

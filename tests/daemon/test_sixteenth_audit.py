@@ -12,7 +12,7 @@ import signal
 from typing import Any
 
 from daemon_helpers import WINDOW, assert_balanced, make_record, start_daemon_process
-from services import free_port, http_request, wait_until
+from services import PrometheusServer, free_port, http_request, wait_until
 
 from lrwatch.daemon import Daemon, DaemonConfig
 
@@ -153,6 +153,10 @@ def test_a_daemon_process_starts_on_a_state_with_a_damaged_joint_drift_state(
         assert status == 200
         assert 'lrwatch_daemon_problems_total{reason="detector_state_refused"} 1.0' in \
             text.decode(), text.decode()[-2000:]
+        with PrometheusServer([f"127.0.0.1:{port}"], workdir=tmp_path / "prometheus") as prom:
+            got = prom.wait_for('lrwatch_daemon_problems_total{reason="detector_state_refused"}'
+                                ' == 1', timeout=60)
+            assert got[0]["metric"]["job"] == "lrwatch"
         body = "\n".join(json.dumps(make_record(rng, i)) for i in range(1000, 1000 + WINDOW))
         status, out = http_request(f"http://127.0.0.1:{port}/v1/predictions", method="POST",
                                    data=body.encode())

@@ -58,12 +58,17 @@ class _Api:
         self.daemon = daemon
         token = daemon.config.token
         # None only: DaemonConfig refuses an empty token, so no empty string turns auth off
-        self._expected = f"Bearer {token}".encode() if token is not None else None
+        self._expected = token.encode() if token is not None else None
 
     def authorized(self, header: bytes | None) -> bool:
+        """Whether ``header`` is ``Bearer <token>``: the scheme in any case (HTTP's schemes
+        are case-insensitive, RFC 9110 11.1: a Prometheus scrape with ``type: bearer`` sends
+        ``bearer``, and was refused), then spaces, then the token exactly."""
         if self._expected is None:
             return True
-        return hmac.compare_digest(header or b"", self._expected)
+        scheme, _, given = (header or b"").partition(b" ")
+        ok = scheme.lower() == b"bearer"
+        return hmac.compare_digest(given.lstrip(b" "), self._expected) and ok
 
     @staticmethod
     def json(status: int, obj: Any, close: bool = False) -> Response:

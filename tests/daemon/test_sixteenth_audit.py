@@ -468,3 +468,29 @@ def test_a_body_of_more_records_than_the_queue_holds_is_refused_before_checking_
     assert status == 200 and out["accepted"] == 200, out
     assert r.metric("lrwatch_ingest_errors_total", {"reason": "too_large"}) == 3003
     assert_balanced(r.daemon)
+
+
+def test_the_bearer_scheme_is_read_without_regard_to_case(run_daemon: Any,
+                                                         tmp_path: Any) -> None:
+    """``Authorization: bearer TOKEN`` (and ``BEARER``, or two spaces after the scheme) got
+    401 "missing or wrong bearer token" with the right token: the header was compared with
+    ``Bearer TOKEN`` byte for byte, while HTTP's authentication scheme is case-insensitive
+    (RFC 9110, 11.1). A Prometheus scrape config with ``authorization: {type: bearer}`` sends
+    it so, and the daemon's target was down. The scheme is read case-insensitively now; the
+    token still has to match exactly."""
+    r = run_daemon(token="s3cret")
+    for header, want in (("Bearer s3cret", 200), ("bearer s3cret", 200), ("BEARER s3cret", 200),
+                         ("Bearer  s3cret", 200), ("Bearer S3cret", 401), ("Bearer s3cre", 401),
+                         ("Basic s3cret", 401), ("s3cret", 401), ("Bearer", 401),
+                         ("bearers3cret", 401)):
+        assert r.get("/metrics", {"Authorization": header})[0] == want, header
+    status, out = r.post("/v1/labels", {"id": "a", "label": 1},
+                         {"Authorization": "bearer s3cret"})
+    assert status == 200, out
+    port = r.url.rsplit(":", 1)[1].split("/")[0]
+    with PrometheusServer(extra_scrape_configs=[{
+            "job_name": "lrwatch", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}],
+            "authorization": {"type": "bearer", "credentials": "s3cret"}}],
+            workdir=tmp_path / "prometheus") as prom:
+        prom.wait_for('up{job="lrwatch"} == 1', timeout=60)
+        assert prom.wait_for('lrwatch_labels_total{job="lrwatch"} == 1', timeout=30)

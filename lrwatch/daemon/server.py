@@ -179,7 +179,9 @@ class _Asgi:
             else:
                 resp = refused
         else:
-            resp = _Api.json(405, {"error": f"method {method} not allowed; GET or POST"})
+            takes = "POST" if path in _ENDPOINTS else "GET or HEAD"  # as its Allow header
+            resp = _Api.json(405, {"error": f"method {method} not allowed: {path} takes "
+                                            f"{takes}"})
         status, data, ctype, close = resp
         await send({"type": "http.response.start", "status": status,
                     "headers": _headers(status, ctype, len(data), close, path)})

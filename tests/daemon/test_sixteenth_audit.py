@@ -494,3 +494,25 @@ def test_the_bearer_scheme_is_read_without_regard_to_case(run_daemon: Any,
             workdir=tmp_path / "prometheus") as prom:
         prom.wait_for('up{job="lrwatch"} == 1', timeout=60)
         assert prom.wait_for('lrwatch_labels_total{job="lrwatch"} == 1', timeout=30)
+
+
+def test_another_method_is_refused_naming_what_the_endpoint_takes_as_its_allow_header(
+        run_daemon: Any) -> None:
+    """``OPTIONS /v1/predictions`` (a CORS preflight, say) got 405 with ``Allow: POST`` and
+    the message "method OPTIONS not allowed; GET or POST": the body contradicted the header
+    (a GET there is a 405 too). The message names what the endpoint takes, as the header."""
+    import urllib.request
+
+    r = run_daemon()
+    for path, takes in (("/v1/predictions", "POST"), ("/v1/labels", "POST"),
+                        ("/metrics", "GET or HEAD")):
+        req = urllib.request.Request(r.url + path, method="OPTIONS")
+        try:
+            urllib.request.urlopen(req, timeout=10)
+            raise AssertionError("OPTIONS accepted")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 405
+            allow = exc.headers["Allow"]
+            out = json.loads(exc.read())
+        assert out["error"] == f"method OPTIONS not allowed: {path} takes {takes}", out
+        assert allow == takes.replace(" or ", ", "), allow

@@ -50,6 +50,8 @@ __all__ = ["DaemonConfig", "read_token_file"]
 
 #: The longest label horizon accepted (seconds): a year.
 MAX_LABEL_HORIZON = 365 * 86400.0
+#: The most records a live reference may be built from (held in memory until it is).
+MAX_LIVE_RECORDS = 1_000_000
 #: The fewest calibration resamples accepted (fewer cannot place a 1-in-1000 threshold).
 MIN_SIMS = 100
 
@@ -369,6 +371,14 @@ class DaemonConfig:
              f"seed must be an integer >= 0, got {self.seed!r}")
         need(self.live_records >= 10, f"live_records must be at least 10 (a reference needs "
              f"10 records), got {self.live_records!r}")
+        # the records are held (as dicts, ~0.5 KB a record of 3 features) until the reference
+        # is built, and no window is tested before: 1e12 (a typo of 1e4) never monitored
+        # anything and grew until the process was killed
+        need(self.live_records <= MAX_LIVE_RECORDS,
+             f"live_records must be at most {MAX_LIVE_RECORDS:,} (they are held in memory "
+             f"until the reference is built, and nothing is tested before), got "
+             f"{self.live_records!r}: for a larger reference, build it from a file with "
+             f"`lrwatch baseline build` and give it as reference.path")
         need(isinstance(self.host, str) and bool(self.host),
              f"host must be text, got {self.host!r}")
 

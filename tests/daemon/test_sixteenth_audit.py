@@ -516,3 +516,23 @@ def test_another_method_is_refused_naming_what_the_endpoint_takes_as_its_allow_h
             out = json.loads(exc.read())
         assert out["error"] == f"method OPTIONS not allowed: {path} takes {takes}", out
         assert allow == takes.replace(" or ", ", "), allow
+
+
+def test_a_live_reference_of_a_million_records_or_more_is_refused(tmp_path: Any) -> None:
+    """``reference: {live_records: 1e12}`` (a typo of 1e4) was accepted: every record is held
+    in memory until the reference is built, and no window is tested before, so the daemon
+    monitored nothing and grew until it was killed. More than 1,000,000 is refused now,
+    saying to build a larger reference from a file."""
+    import pytest
+
+    from lrwatch.errors import ConfigError
+
+    cfg = tmp_path / "lrwatch.yml"
+    cfg.write_text("reference: {live_records: 1e12}\n")
+    with pytest.raises(ConfigError, match="live_records must be at most 1,000,000 .*"
+                                          "lrwatch baseline build"):
+        DaemonConfig.load(str(cfg))
+    out = _lrwatch("daemon", "--live-reference", "5000000", "--port", "0")
+    assert out.returncode != 0 and "live_records must be at most 1,000,000" in out.stderr, \
+        out.stderr[-2000:]
+    assert DaemonConfig(live_records=1_000_000).live_records == 1_000_000

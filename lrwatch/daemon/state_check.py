@@ -157,9 +157,9 @@ def _window(w: Any) -> None:
     for k in _WINDOW_COUNTS:
         if k in w:
             _need(_is_whole(w[k]), f"'window'.{k!r}", "a whole number >= 0")
-    for k in _WINDOW_SUMS:  # an overflowed sum is saved as "inf" (Window.SUMS)
-        if k in w:
-            _need(_is_num(w[k]) or w[k] in _NONFINITE, f"'window'.{k!r}", "a number")
+    for k in _WINDOW_SUMS:  # an overflowed sum is saved as "inf" (Window.SUMS); sums of
+        if k in w:          # absolute errors, delays and counts are never NaN nor negative
+            _need(_is_num(w[k]) or w[k] == "inf", f"'window'.{k!r}", "a number")
     feats, preds = w.get("feats", []), w.get("preds", [])
     _rows(feats, "'window'.'feats'", lambda r: isinstance(r, dict), "an object")
     _need(isinstance(preds, list) and len(preds) == len(feats), "'window'.'preds'",

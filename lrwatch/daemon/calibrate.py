@@ -517,6 +517,12 @@ def _sequential_thresholds(rs: _Resampler, window_size: int, m: int, rate: float
     return _sequential_threshold(blocks, window_size, sizes, rate, rng, HORIZONS, progress)
 
 
+def _check_seed(seed: object) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        # numpy's own error ("expected non-negative integer") named no argument
+        raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
+
+
 def calibrate(ref: Reference, *, window_size: int = 1000, target_windows: float = 1000.0,
               sims: int | None = None, seed: int = 0, sequential: bool = True,
               joint: bool = True, progress: ProgressFn | None = None) -> Calibration:
@@ -541,10 +547,8 @@ def calibrate(ref: Reference, *, window_size: int = 1000, target_windows: float 
         result.
     """
     _check_targets(window_size, target_windows)
+    _check_seed(seed)
     t0 = time.perf_counter()
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        # numpy's own error ("expected non-negative integer") named no argument
-        raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
     sims = 2000 if sims is None else int(sims)
     prof = Profile(ref)
     rs = _Resampler(prof)

@@ -29,6 +29,7 @@ from typing import Any, Mapping, Sequence
 from ..actions.rollback import _GROUP_KEYS as LR_GROUP_KEYS, scale_learning_rate
 from ..actions.snapshot import Snapshot, restore_state
 from .action_alerts import ActionAlerts
+from .drop_check import tainted_drops
 from .rate_checks import RateChecks
 from .policy import CONTROL_ACTIONS, EXIT_BUDGET, Plan, Progress, SnapshotInfo, restart_warmup_for
 from .replay import ReplayBuffer
@@ -158,7 +159,9 @@ class PlanExecutor(RateChecks, ActionAlerts):
         snaps = [SnapshotInfo(x.step, x.good, x.pinned)
                  for x in (self.store.snapshots if self.store is not None else ())]
         dropped = [s.step for s in samples if s.values.get("grad_dropped", 0.0) >= 0.5]
-        return Progress(self.step if step is None else step, snaps, dropped)
+        tainted = tainted_drops(self.model, dropped, self.dist)   # (BatchNorm took a NaN in)
+        return Progress(self.step if step is None else step, snaps,
+                        [d for d in dropped if d not in tainted], tainted)
 
     def _plan(self, events: Sequence[Any], progress: Progress) -> list[Plan]:
         """The policy's plans for one flush; when they end a probation (the run got past its

@@ -115,12 +115,16 @@ class SnapshotInfo:
 
 @dataclass(frozen=True)
 class Progress:
-    """The run as the executor sees it at a flush: the step, the snapshots it holds, and the
-    steps of this flush whose non-finite gradient was dropped (``RecoveryConfig.guard``)."""
+    """The run as the executor sees it at a flush: the step, the snapshots it holds, the
+    steps of this flush whose non-finite gradient was dropped (``RecoveryConfig.guard``), and
+    those dropped steps that still left a non-finite value in the model (``tainted``: a
+    BatchNorm's running statistics take the batch in before the step; each is a rollback
+    request, :mod:`lrwatch.recovery.drop_check`)."""
 
     step: int
     snapshots: Sequence[SnapshotInfo] = ()
     dropped: Sequence[int] = ()
+    tainted: Sequence[int] = ()
 
 
 @dataclass(frozen=True)
@@ -730,6 +734,10 @@ class _DroppedAgain:
     since: int | None = None
 
 
+_TAINTED = ("a dropped step left non-finite values in the model's buffers (a BatchNorm's "
+            "running statistics)")
+
+
 def _began_at(e: Any) -> int | None:
     """The step the failure behind the firing ``e`` began: the earliest of its ``since`` (an
     escalation's evidence: the firings it combines) and its ``onset`` (the first step of its
@@ -841,6 +849,10 @@ class RecoveryPolicy(PreflightBooking):
         if rc is not None and progress.dropped:
             events, handled = _drops(events, progress.dropped, st, rc)
             out.extend(handled)
+        if rc is not None and progress.tainted:   # (dropped, and still not finite)
+            events = list(events) + [_DroppedAgain(d, rule="dropped_tainted",
+                                                   metric="nonfinite_state",
+                                                   message=_TAINTED) for d in progress.tainted]
         for d in decide(events, progress.step, st, rc, self.action_params, self.scheduled):
             self._sudden_now = d.action == "rollback" and self._sudden(d)
             self._suspects = None

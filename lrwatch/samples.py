@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-__all__ = ["Sample", "encode_number", "decode_number", "first_rate", "NONFINITE"]
+__all__ = ["Sample", "encode_number", "decode_number", "first_rate", "not_applied", "NONFINITE"]
 
 #: How trace format v1 (and every JSON lrwatch writes) spells a non-finite number.
 NONFINITE = ("nan", "inf", "-inf")
@@ -44,6 +44,36 @@ def first_rate(lr_groups: tuple[float, ...]) -> float:
     (0.001, 0.1)
     """
     return next((x for x in lr_groups if not math.isnan(x)), lr_groups[0])
+
+
+def not_applied(values: dict[str, float], norm_keys: tuple[str, ...]) -> None:
+    """The ``values`` (edited in place) of a step a ``GradScaler`` skipped: its gradients held
+    an inf or a NaN, and it never reached the parameters. ``norm_keys``: the names the step's
+    gradient norms are recorded under (each also with ``/layer`` after it).
+
+    With a finite loss, at a loss scale of at least 1, that is the scaler's own calibration
+    (a scale too high for fp16 gradients, which it halves), not a failure of the run: the
+    norms of gradients it scaled say nothing of the run and are left out, so no non-finite
+    rule fires (every such overflow rolled the run back or restarted it until the sixteenth
+    round). A non-finite loss, or gradients that overflow even unscaled (a scale below 1), is
+    a step the scaler dropped: ``grad_dropped``, as the guard's drops, which the recovery
+    policy deals with alike (a first one in a quiet stretch rolls nothing back, a repeat
+    does).
+
+    >>> v = {"loss": 0.7, "loss_scale": 65536.0, "grad_norm": float("inf"), "skipped": 1.0}
+    >>> not_applied(v, ("grad_norm",)); v
+    {'loss': 0.7, 'loss_scale': 65536.0, 'skipped': 1.0}
+    >>> v = {"loss": float("nan"), "grad_norm": float("nan"), "skipped": 1.0}
+    >>> not_applied(v, ("grad_norm",)); v["grad_dropped"]
+    1.0
+    """
+    loss, scale = values.get("loss", 0.0), values.get("loss_scale", 1.0)
+    if math.isfinite(loss) and scale >= 1.0:
+        for key in [k for k in values
+                    if k in norm_keys or k.startswith(tuple(b + "/" for b in norm_keys))]:
+            del values[key]
+    else:
+        values["grad_dropped"] = 1.0
 
 
 @dataclass(frozen=True)

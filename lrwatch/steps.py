@@ -24,7 +24,7 @@ import torch
 from .distributed import SQ_REP, SQ_SHARD, split_by_placement
 from .probe import (GradGuard, HostGradGuard, LayerIndex, drop_gradient, hold_gradients,
                     return_gradients, tensor_norms, total_norm)
-from .samples import Sample, first_rate
+from .samples import Sample, first_rate, not_applied
 
 __all__ = ["Row", "StepRecorder", "Transfer", "as_value", "materialise"]
 
@@ -398,6 +398,10 @@ class Transfer:
         return samples, extra_vals
 
 
+#: the gradient norms a step records (the total, per layer, and their per-rank squares)
+_NORM_KEYS = ("grad_norm", SQ_REP + "grad_norm", SQ_SHARD + "grad_norm")
+
+
 def _sample(r: Row, values: dict[str, float], batch_size: int | None) -> Sample:
     for k, v in r.host.items():
         if not k.startswith("_"):
@@ -409,6 +413,8 @@ def _sample(r: Row, values: dict[str, float], batch_size: int | None) -> Sample:
                  if any(x is not None for x in lrs) else None)
     if lr_groups:
         values["lr"] = first_rate(lr_groups)
+    if values.get("skipped", 0.0) >= 0.5:
+        not_applied(values, _NORM_KEYS)
     if "loss" in values:
         values["nonfinite_loss"] = 0.0 if math.isfinite(values["loss"]) else 1.0
     if "grad_norm" in values:

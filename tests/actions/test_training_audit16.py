@@ -5,6 +5,7 @@ docs/recovery.md, "Defects found by the sixteenth round's audit"."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -81,3 +82,67 @@ def test_a_tainted_drop_is_a_rollback_request_even_without_a_firing() -> None:
     rollback = [p for p in plans if p.action == "rollback"]
     assert len(rollback) == 1 and rollback[0].target == 15 and rollback[0].lr_factor == 1.0
     assert rollback[0].rule == "dropped_tainted"
+
+
+def _amp_run(watch: bool, n: int, nan_at: int | None = None, bn: bool = False,
+             listeners: list = ()) -> tuple[nn.Module, Any, int]:
+    """A mixed-precision loop (fp16 autocast on the CPU, a GradScaler whose first scale is
+    too high for fp16 gradients and that grows every 8 steps: overflows at the start and
+    now and then after)."""
+    torch.manual_seed(5)
+    layers = [nn.Linear(6, 32)] + ([nn.BatchNorm1d(32)] if bn else []) + [nn.Tanh(),
+                                                                          nn.Linear(32, 2)]
+    model = nn.Sequential(*layers)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 22, growth_interval=8)
+    w = lrwatch.Watcher(model, opt, scaler=scaler, flush_every=5, listeners=listeners,
+                        recovery={"start_check": "off", "good_after": 10, "min_interval": 5,
+                                  "max_interval": 5}) if watch else None
+    for i in (w.batches(range(n)) if w is not None else range(n)):
+        x, y = _data(i, bad=i == nan_at and not (w and w.rollbacks))
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = nn.functional.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        if w is not None:
+            w.log(loss=loss.detach())
+    if w is not None:
+        w.close()
+    return model, w, scaler
+
+
+def test_gradscaler_overflows_are_its_calibration_not_a_failure() -> None:
+    """A GradScaler skips a step whose fp16 gradients overflowed and halves its scale: at the
+    start (the scale too high) and each time it has grown back too far. Every such step was
+    recorded with an infinite gradient norm, and the non-finite rules restarted the run from
+    its start with the rate cut x0.1, x0.05, ... (four times in 60 steps), the restore putting
+    the scale back up to overflow again. The overflow is left to the scaler now: no rollback,
+    the run trained exactly as without the Watcher, the skipped steps recorded as such."""
+    got: list = []
+    model, w, scaler = _amp_run(True, 60, listeners=[got.append])
+    bare, _, bare_scaler = _amp_run(False, 60)
+    skipped = [s for s in got if s.values.get("skipped")]
+    assert len(skipped) >= 4, [s.step for s in skipped]
+    assert all("grad_norm" not in s.values and "nonfinite_grad" not in s.values
+               and not s.values.get("grad_dropped") for s in skipped)
+    assert w.rollbacks == 0 and not w.should_stop
+    assert scaler.get_scale() == bare_scaler.get_scale()
+    for (k, a), b in zip(model.state_dict().items(), bare.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_a_nan_batch_under_a_gradscaler_is_a_dropped_step() -> None:
+    """A NaN batch under a GradScaler: the scaler skipped the step, so nothing reached the
+    parameters; it is a dropped step (as the guard's), not a rollback. With a BatchNorm the
+    batch's statistics went in all the same, and the step is rolled back."""
+    got: list = []
+    _, w, _ = _amp_run(True, 60, nan_at=40, listeners=[got.append])
+    bad = next(s for s in got if s.step == 41)
+    assert bad.values["grad_dropped"] == 1.0 and bad.values["nonfinite_loss"] == 1.0
+    assert any(e.get("type") == "dropped" for e in bad.events)
+    assert w.rollbacks == 0
+    model, w, _ = _amp_run(True, 60, nan_at=40, bn=True)
+    assert w.rollbacks == 1
+    assert torch.isfinite(model[1].running_mean).all()

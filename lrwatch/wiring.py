@@ -28,7 +28,7 @@ from .steps import StepRecorder
 
 __all__ = ["check_args", "check_run_name", "check_probe", "rule_set", "snapshot_dir",
            "build_recorder", "action_params", "build_best", "guard_mode", "step_needs_closure",
-           "closure_limits", "rate_limits", "pacing"]
+           "closure_limits", "rate_limits", "schedule_limits", "pacing"]
 
 log = logging.getLogger("lrwatch")
 
@@ -205,6 +205,22 @@ def rate_limits(optimizer: Any, recovery: Any) -> None:
                 "cut (a rollback's, reduce_lr) changes nothing, and the range tests (the start "
                 "check, lr_check, a rollback's probe) are skipped.", type(optimizer).__name__,
                 NO_RATES)
+
+
+def schedule_limits(scheduler: Any, recovery: Any) -> None:
+    """Say once that a scheduler without ``state_dict()``/``load_state_dict()`` (one of the
+    user's own) is not in the snapshots: every snapshot failed on it until the sixteenth
+    round, and a rollback had nowhere to go."""
+    from .actions.scheduler_state import restorable
+
+    if recovery is None or scheduler is None or restorable(scheduler):
+        return
+    log.warning("lrwatch: the scheduler %s has no state_dict()/load_state_dict(): snapshots "
+                "hold the model, the optimizer (its rates included), the scaler and the data "
+                "position, not the schedule, which goes on from where it is after a rollback; "
+                "a rollback's rate cut lasts only where it scales the rates it finds in the "
+                "optimizer's param groups. Give it both methods to have it restored.",
+                type(scheduler).__name__)
 
 
 def action_params(rules: Sequence[Any]) -> dict[str, Any]:

@@ -37,6 +37,7 @@ __all__ = ["Snapshot", "SnapshotStore", "all_finite", "capture_state", "restore_
 
 from .._ratelimit import LogLimiter
 from .host_copy import HostCopy
+from .scheduler_state import restorable, scheduler_state, storable
 from .optimizer_shard import is_sharded, shard_state, shard_to_load
 from .host_memory import MemoryReport, copies_fit, reports_fit
 
@@ -125,7 +126,8 @@ def capture_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
         # (a ZeroRedundancyOptimizer: this rank's shard, optimizer_shard)
         "optimizer": copier.copy(shard_state(optimizer) if is_sharded(optimizer)
                                  else optimizer.state_dict()),
-        "scheduler": copier.copy(scheduler.state_dict()) if scheduler is not None else None,
+        # (None for a scheduler of one's own without state_dict(): the rest is still held)
+        "scheduler": scheduler_state(scheduler, copier.copy),
         "scheduler_type": type(scheduler).__qualname__ if scheduler is not None else None,
         "scaler": _scaler_state(scaler, copier) if scaler is not None else None,
         "rng": _rng_state(),
@@ -211,7 +213,7 @@ def restore_state(state: Mapping[str, Any], model: torch.nn.Module,
         optimizer._sync_param_groups(optimizer.optim.param_groups, optimizer.param_groups)
     else:
         _restore_optimizer(optimizer, saved)
-    if scheduler is not None and state.get("scheduler") is not None and (
+    if restorable(scheduler) and state.get("scheduler") is not None and (
             state.get("scheduler_type") in (None, type(scheduler).__qualname__)):
         # (a state of another kind of scheduler, from before the run's scheduler was swapped
         # -- Lightning's SWA puts SWALR in -- is not loaded into the new one)
@@ -369,6 +371,9 @@ class Snapshot:
     pinned: bool = False  # never trimmed (the state a run started from)
     #: host copies possibly still in flight (see :class:`~lrwatch.actions.host_copy.HostCopy`)
     copies: HostCopy | None = field(default=None, repr=False, compare=False)
+    #: on disk: the scheduler's state where the file could not hold it (objects of the
+    #: user's that ``weights_only`` refuses, :mod:`~lrwatch.actions.scheduler_state`)
+    scheduler_state: Any = field(default=None, repr=False, compare=False)
 
     def wait(self) -> None:
         """Block until the captured tensors have landed in host memory (a no-op once they have)."""
@@ -382,7 +387,10 @@ class Snapshot:
             self.wait()
             return self.state
         assert self.path is not None
-        return load_verified(self.path, self.checksum)
+        state = load_verified(self.path, self.checksum)
+        if self.scheduler_state is not None:
+            state["scheduler"] = self.scheduler_state
+        return state
 
 
 class SnapshotStore:
@@ -585,7 +593,14 @@ class SnapshotStore:
         assert self.directory is not None and snap.state is not None
         snap.wait()
         final = self.directory / self._filename(snap.step)
-        snap.checksum = save_verified(snap.state, final)
+        state = snap.state
+        if state.get("scheduler") is not None and not storable(state["scheduler"]):
+            self._limit.warning(log, "scheduler", "lrwatch: the scheduler's state holds "
+                                "objects a snapshot file cannot hold (torch.save, then "
+                                "torch.load(weights_only=True)): it is kept in memory beside "
+                                "each snapshot in %s", self.directory)
+            snap.scheduler_state, state = state["scheduler"], {**state, "scheduler": None}
+        snap.checksum = save_verified(state, final)
         snap.path = str(final)
         meta = {"step": snap.step, "data_position": snap.data_position,
                 "sha256": snap.checksum, "file": final.name}

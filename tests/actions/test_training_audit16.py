@@ -4,14 +4,16 @@ docs/recovery.md, "Defects found by the sixteenth round's audit"."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import pytest
 import torch
 from torch import nn
 
 import lrwatch
-from flag_rules import NONFINITE_ROLLBACK
+from flag_rules import NONFINITE_ROLLBACK, flag_rule, write_flag_rules
 from lrwatch.recovery.policy import Progress, RecoveryConfig, RecoveryPolicy, SnapshotInfo
 
 
@@ -146,3 +148,104 @@ def test_a_nan_batch_under_a_gradscaler_is_a_dropped_step() -> None:
     model, w, _ = _amp_run(True, 60, nan_at=40, bn=True)
     assert w.rollbacks == 1
     assert torch.isfinite(model[1].running_mean).all()
+
+
+class _Warmup:
+    """A warm-up for LambdaLR kept as a callable object, as schedules with settings often are;
+    its ``__dict__`` (the scheduler's state holds it) carries a lambda and a logger."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+        self.floor = lambda s: 0.1            # torch.save cannot write a lambda
+        self.log = logging.getLogger("warmup")   # weights_only cannot read a logger back
+
+    def __call__(self, s: int) -> float:
+        return max(self.floor(s), min(1.0, (s + 1) / self.steps))
+
+
+class _LoggedWarmup:
+    """A warm-up object whose ``__dict__`` pickles, but holds a logger ``weights_only``
+    refuses to read back."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps, self.log = steps, logging.getLogger("warmup")
+
+    def __call__(self, s: int) -> float:
+        return min(1.0, (s + 1) / self.steps)
+
+
+class _OwnDecay:
+    """A scheduler of one's own: ``step()`` sets the rates, no ``state_dict()``."""
+
+    def __init__(self, opt: torch.optim.Optimizer) -> None:
+        self.opt, self.n = opt, 0
+
+    def step(self) -> None:
+        self.n += 1
+        for g in self.opt.param_groups:
+            g["lr"] = 0.05 / (1 + 0.01 * self.n)
+
+
+def _scheduled_run(tmp_path: Path, make: Callable[[Any], Any], where: str | None
+                   ) -> tuple[Any, list[float], nn.Module]:
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sched = make(opt)
+    rc: dict[str, Any] = {"cooldown": 0, "sudden_hold": 0, "sudden_margin": 0, "guard": "off",
+                          "start_check": "off", "min_interval": 5, "max_interval": 5,
+                          "good_after": 3}
+    if where is not None:
+        rc["snapshot_dir"] = str(tmp_path / where)
+    rules = write_flag_rules(tmp_path / "poison.yml", flag_rule("poisoned", "poison"))
+    w = lrwatch.Watcher(model, opt, sched, flush_every=1, rules=rules, recovery=rc)
+    rates = []
+    for i in w.batches(range(30)):
+        rates.append(opt.param_groups[0]["lr"])
+        x, y = _data(i)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        sched.step()
+        w.log(loss=loss.detach(), poison=1.0 if w.step == 20 and not w.rollbacks else 0.0)
+    w.close()
+    return w, rates, model
+
+
+@pytest.mark.parametrize("kind", ["lambda", "logger", "cyclic", "multiplicative"])
+def test_a_scheduler_state_a_snapshot_file_cannot_hold_is_kept_beside_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str) -> None:
+    """``snapshot_dir`` with a LambdaLR/MultiplicativeLR whose lambda is a callable object,
+    or a CyclicLR whose ``scale_fn`` is one: the scheduler's state holds its ``__dict__``.
+    With a lambda in it every snapshot failed to be written (no rollback had anywhere to go:
+    the run stopped); with a logger in it the file was written but ``weights_only`` refused
+    to read it back, and the rollback failed and stopped the run. That state is kept in
+    memory beside each file now, and the run rolls back as with snapshots in memory."""
+    sched = torch.optim.lr_scheduler
+    make = {"lambda": lambda o: sched.LambdaLR(o, _Warmup(10)),
+            "logger": lambda o: sched.LambdaLR(o, _LoggedWarmup(10)),
+            "multiplicative": lambda o: sched.MultiplicativeLR(o, _Warmup(10)),
+            "cyclic": lambda o: sched.CyclicLR(o, 0.01, 0.1, step_size_up=5,
+                                               scale_fn=_Warmup(3))}[kind]
+    mem, mem_rates, mem_model = _scheduled_run(tmp_path, make, None)
+    with caplog.at_level(logging.WARNING, logger="lrwatch"):
+        disk, rates, model = _scheduled_run(tmp_path, make, "snaps")
+    assert "kept in memory beside each snapshot" in caplog.text
+    assert disk.rollbacks == mem.rollbacks == 1 and not disk.should_stop
+    assert disk.store.failed == 0 and disk.store.directory is not None
+    assert rates == mem_rates
+    for a, b in zip(model.parameters(), mem_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_scheduler_without_state_dict_leaves_the_snapshots_to_the_rest(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A scheduler of one's own without ``state_dict()`` made every snapshot fail (the
+    start's included: "no snapshot to go back to", the run stopped at its first rollback).
+    The snapshots hold the rest now, the Watcher says once what is not restored, and the
+    rollback is carried out."""
+    with caplog.at_level(logging.WARNING, logger="lrwatch"):
+        w, _, _ = _scheduled_run(tmp_path, _OwnDecay, None)
+    assert "_OwnDecay has no state_dict()/load_state_dict()" in caplog.text
+    assert w.rollbacks == 1 and not w.should_stop and w.store.failed == 0

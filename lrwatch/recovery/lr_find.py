@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from ..actions.scheduler_state import restorable, scheduler_state
 from ..actions.snapshot import _rng_state, _set_rng_state
 from ..errors import ConfigError
 from .curve import LRCurve, RangeTest, geometric_rates
@@ -121,7 +122,7 @@ class SavedTraining:
                      for p, st in optimizer.state.items()}
         return cls(tensors, grads, [(m, m.training) for m in model.modules()], groups,
                    opt_state,
-                   copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None,
+                   scheduler_state(scheduler, copy.deepcopy),   # (None: one without)
                    copy.deepcopy(scaler.state_dict()) if scaler is not None else None,
                    _rng_state(), [(g, g.get_state()) for g in _generators(loader)],
                    _buffer_slots(model))
@@ -163,7 +164,7 @@ class SavedTraining:
                         cur.copy_(v)
                 else:
                     st[k] = _copy_value(v)
-        if scheduler is not None and self.scheduler is not None:
+        if restorable(scheduler) and self.scheduler is not None:
             scheduler.load_state_dict(copy.deepcopy(self.scheduler))
         if scaler is not None and self.scaler is not None:
             scaler.load_state_dict(copy.deepcopy(self.scaler))

@@ -249,3 +249,35 @@ def test_a_scheduler_without_state_dict_leaves_the_snapshots_to_the_rest(
         w, _, _ = _scheduled_run(tmp_path, _OwnDecay, None)
     assert "_OwnDecay has no state_dict()/load_state_dict()" in caplog.text
     assert w.rollbacks == 1 and not w.should_stop and w.store.failed == 0
+
+
+def test_the_range_tests_run_with_a_scheduler_without_state_dict(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The range tests keep the run's state to put it back (``lrwatch.lr_find``): with a
+    scheduler of one's own the pre-flight check raised ``AttributeError`` inside lrwatch
+    (an internal error, counted, a traceback in the log) and never ran."""
+    from prometheus_client import generate_latest
+
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=5.0, momentum=0.9)
+    sched = _OwnDecay(opt)
+
+    def probe(m: nn.Module, b: int) -> torch.Tensor:
+        x, y = _data(b)
+        return nn.functional.cross_entropy(m(x), y)
+
+    with caplog.at_level(logging.WARNING, logger="lrwatch"):
+        w = lrwatch.Watcher(model, opt, sched, flush_every=5, probe_loss=probe,
+                            recovery={"lr_check": "auto", "start_check": "off"})
+        for i in w.batches(range(12)):
+            x, y = _data(i)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            sched.step()
+            w.log(loss=loss.detach())
+        w.close()
+    assert "lrwatch_internal_errors_total 0.0" in generate_latest(w.registry).decode()
+    assert "learning-rate check: in a" in caplog.text

@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .steps import Row, as_value
+from .steps import LOGGED_NORM, Row, as_value
 
 __all__ = ["LogApi"]
 
@@ -38,11 +38,20 @@ class LogApi:
 
         Tensors are kept on the device (detached, no host sync); numbers are taken as they are.
         Call it once per optimizer step, before or after ``optimizer.step()``.
+
+        A loop that clips its gradients before ``optimizer.step()`` logs the norm
+        ``clip_grad_norm_`` returns as ``grad_norm=``: the step hook runs after the clipping
+        and measures the clipped gradients (the norm flat at ``max_norm`` while clipping is
+        active), where ``grad_norm`` is the norm before clipping (the guard still judges the
+        gradients the optimizer is given). A logged ``grad_norm`` is the step's, whichever
+        side of the step ``log`` is called on.
         """
         if self._closed:
             return
         row = self.recorder.row_for_log(self.step + 1)
         self._put_metrics(row, metrics, on_host=False)
+        if "grad_norm" in metrics and as_value("grad_norm", metrics["grad_norm"])[0] is not None:
+            row.host[LOGGED_NORM] = 1.0   # (the loop's own, before its clipping)
         if batch_size is not None:
             row.host["_batch"] = float(batch_size)
         row.logged = True

@@ -178,7 +178,8 @@ class StepRecorder:
         else:
             norms = tensor_norms(grads)  # type: ignore[arg-type]
             norm = total_norm(norms, self.device)
-            row.put("grad_norm", norm)
+            if LOGGED_NORM not in row.host:   # (the loop's own, from before its clipping)
+                row.put("grad_norm", norm)
         if guarding:
             self._guard_step(row, params, norm)
         if self.layers is not None and norms:
@@ -205,7 +206,8 @@ class StepRecorder:
         local = []
         for prefix, part in ((SQ_REP, rep), (SQ_SHARD, shard)):
             local.append(total_norm(tensor_norms(part), self.device).square())
-            row.put(prefix + "grad_norm", local[-1])
+            if LOGGED_NORM not in row.host:
+                row.put(prefix + "grad_norm", local[-1])
         sharded = local[1]
         if guarding and self.sum_ranks is not None:
             sharded = sharded.clone()
@@ -397,6 +399,10 @@ class Transfer:
             samples.append(_sample(r, values, batch_size))
         return samples, extra_vals
 
+
+#: set in a row whose ``grad_norm`` the loop logged itself (what ``clip_grad_norm_`` returned:
+#: the norm before its clipping, which the step hook, running after it, cannot see)
+LOGGED_NORM = "_grad_norm_logged"
 
 #: the gradient norms a step records (the total, per layer, and their per-rank squares)
 _NORM_KEYS = ("grad_norm", SQ_REP + "grad_norm", SQ_SHARD + "grad_norm")

@@ -281,3 +281,36 @@ def test_the_range_tests_run_with_a_scheduler_without_state_dict(
         w.close()
     assert "lrwatch_internal_errors_total 0.0" in generate_latest(w.registry).decode()
     assert "learning-rate check: in a" in caplog.text
+
+
+@pytest.mark.parametrize("log_first", [False, True])
+def test_a_loop_that_clips_records_the_norm_before_clipping_it_logs(log_first: bool) -> None:
+    """A plain loop that clips before ``optimizer.step()``: the step hook measures the
+    clipped gradients (a norm flat at ``max_norm``: 0.1 at every step here, the 15x spike of
+    batch 5 unseen), where ``grad_norm`` is the norm before clipping. The norm the loop
+    logs (``clip_grad_norm_``'s) is the step's now; logged before the step it was
+    overwritten by the clipped one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    got: list = []
+    norms: list[float] = []
+    w = lrwatch.Watcher(model, opt, flush_every=5, listeners=[got.append],
+                        recovery={"start_check": "off"})
+    for i in w.batches(range(10)):
+        x, y = _data(i)
+        if i == 5:
+            x = x * 100
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        total = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        norms.append(float(total))
+        if log_first:
+            w.log(loss=loss.detach(), grad_norm=total)
+        opt.step()
+        if not log_first:
+            w.log(loss=loss.detach(), grad_norm=total)
+    w.close()
+    assert [s.values["grad_norm"] for s in got] == pytest.approx(norms, rel=1e-6)
+    assert max(norms) > 10 * 0.1

@@ -53,7 +53,7 @@ from .untrained import UNTRAINED_BATCHES, check_untrained_batches
 from .watch_setup import WatcherSetup
 from .wiring import (action_params, build_best, build_recorder, check_args, check_probe,
                      check_run_name, closure_limits, guard_mode, pacing, rate_limits,
-                     rule_set, schedule_limits)
+                     rule_set, schedule_limits, untracked_params)
 
 __all__ = ["Watcher", "Listener", "RecoveryConfig", "BestEval", "rank_trace_path"]
 
@@ -236,6 +236,7 @@ class Watcher(LogApi, DataSide, PlanExecutor, StepPath, Flushing, Checkpointing,
         closure_limits(optimizer, self.policy)
         rate_limits(optimizer, self.recovery)
         schedule_limits(scheduler, self.recovery)
+        untracked_params(model, optimizer, self.recovery)
         self._attach_step_hooks(step_hooks)
 
     # --- public API ----------------------------------------------------------------------------

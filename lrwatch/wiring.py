@@ -28,7 +28,7 @@ from .steps import StepRecorder
 
 __all__ = ["check_args", "check_run_name", "check_probe", "rule_set", "snapshot_dir",
            "build_recorder", "action_params", "build_best", "guard_mode", "step_needs_closure",
-           "closure_limits", "rate_limits", "schedule_limits", "pacing"]
+           "closure_limits", "rate_limits", "schedule_limits", "untracked_params", "pacing"]
 
 log = logging.getLogger("lrwatch")
 
@@ -221,6 +221,26 @@ def schedule_limits(scheduler: Any, recovery: Any) -> None:
                 "a rollback's rate cut lasts only where it scales the rates it finds in the "
                 "optimizer's param groups. Give it both methods to have it restored.",
                 type(scheduler).__name__)
+
+
+def untracked_params(model: torch.nn.Module, optimizer: Any, recovery: Any) -> None:
+    """Say once that parameters of ``model`` that require gradients are in no param group of
+    ``optimizer``: another optimizer trains them (a GAN's discriminator, an actor-critic's
+    critic), whose state no snapshot holds. A rollback put their values back and left that
+    optimizer's moments and step counts where the abandoned steps had taken them, silently
+    until the sixteenth round."""
+    if recovery is None:
+        return
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    loose = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+    if loose:
+        log.warning("lrwatch: %d parameter tensor(s) of the model that require gradients are "
+                    "in no param group of the optimizer lrwatch watches (%s%s): a rollback "
+                    "puts their values back, not the state of another optimizer that trains "
+                    "them (a GAN's second optimizer: its moments go on from the abandoned "
+                    "steps). Give lrwatch one optimizer over every trained parameter, or set "
+                    "requires_grad=False on those you do not train.", len(loose),
+                    ", ".join(loose[:3]), ", ..." if len(loose) > 3 else "")
 
 
 def action_params(rules: Sequence[Any]) -> dict[str, Any]:

@@ -314,3 +314,23 @@ def test_a_loop_that_clips_records_the_norm_before_clipping_it_logs(log_first: b
     w.close()
     assert [s.values["grad_norm"] for s in got] == pytest.approx(norms, rel=1e-6)
     assert max(norms) > 10 * 0.1
+
+
+def test_parameters_another_optimizer_trains_are_named_at_the_start(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A GAN watched through its generator's optimizer, the model holding both networks: a
+    rollback put the discriminator's weights back and left its optimizer's moments where
+    the abandoned steps had taken them, and nothing said so. The Watcher names such
+    parameters once; a model whose trained parameters are all in the optimizer (the rest
+    frozen) hears nothing."""
+    gan = nn.ModuleDict({"G": nn.Linear(6, 6), "D": nn.Linear(6, 1)})
+    with caplog.at_level(logging.WARNING, logger="lrwatch"):
+        lrwatch.Watcher(gan, torch.optim.Adam(gan["G"].parameters())).close()
+    assert "2 parameter tensor(s) of the model that require gradients" in caplog.text
+    assert "D.weight, D.bias" in caplog.text
+    caplog.clear()
+    gan["D"].requires_grad_(False)
+    with caplog.at_level(logging.WARNING, logger="lrwatch"):
+        lrwatch.Watcher(gan, torch.optim.Adam(gan["G"].parameters())).close()
+        lrwatch.Watcher(gan, torch.optim.Adam(gan["G"].parameters()), recovery=False).close()
+    assert "require gradients" not in caplog.text

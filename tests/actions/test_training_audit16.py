@@ -334,3 +334,37 @@ def test_parameters_another_optimizer_trains_are_named_at_the_start(
         lrwatch.Watcher(gan, torch.optim.Adam(gan["G"].parameters())).close()
         lrwatch.Watcher(gan, torch.optim.Adam(gan["G"].parameters()), recovery=False).close()
     assert "require gradients" not in caplog.text
+
+
+class _RunMean(nn.Module):
+    """Centres its input; keeps a running mean for evaluation in a buffer no state_dict
+    holds (``persistent=False``)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.register_buffer("avg", torch.zeros(n), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                self.avg.mul_(0.9).add_(0.1 * x.mean(0))
+            return x - x.mean(0)
+        return x - self.avg
+
+
+def test_a_dropped_step_is_not_rolled_back_for_a_buffer_no_snapshot_holds(
+        tmp_path: Path) -> None:
+    """The tainted-drop check looks only at what a rollback puts back: a buffer registered
+    with ``persistent=False`` is in no snapshot, and rolling back for it would undo steps
+    and mend nothing."""
+    (tmp_path / "r.yml").write_text(NONFINITE_ROLLBACK)
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(6, 12), _RunMean(12), nn.Tanh(), nn.Linear(12, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    w = lrwatch.Watcher(model, opt, rules=str(tmp_path / "r.yml"), flush_every=4,
+                        recovery={"good_after": 5, "min_interval": 5, "max_interval": 5,
+                                  "cooldown": 0, "start_check": "off"})
+    for i in w.batches(range(40)):
+        w.log(loss=_bn_step(model, opt, i, bad=i == 27))
+    w.close()
+    assert w.rollbacks == 0 and not torch.isfinite(model[1].avg).all()

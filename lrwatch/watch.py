@@ -72,7 +72,9 @@ class Watcher(LogApi, DataSide, PlanExecutor, StepPath, Flushing, Checkpointing,
         optimizer's param groups, which the scheduler writes).
     scaler:
         A ``torch.amp.GradScaler``: gradient norms are then measured after unscaling, the loss
-        scale is exported, and steps the scaler skips for overflow are recorded as non-finite.
+        scale is exported, and a step the scaler skips is recorded as ``skipped``: for an
+        overflow of its scaled gradients (a finite loss), without their norm, as the scaler's
+        calibration, which rolls nothing back; with a non-finite loss as a dropped step.
     flush_every:
         Steps between host transfers. Larger is cheaper; the rules see samples at each flush.
     port:

@@ -21,7 +21,9 @@ class NonFinite(Detector):
     Notes
     -----
     False alarms: none by construction; a non-finite loss or gradient is always a fault (with
-    mixed precision the *loss scaler* skips such steps; watch ``nonfinite_grad`` to tell apart).
+    mixed precision the *loss scaler* skips the steps whose scaled gradients overflow: the
+    Watcher records those as ``skipped``, without their gradient norm, so they are not seen
+    here).
     Memory: O(1), a single counter.
 
     Examples

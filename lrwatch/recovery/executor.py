@@ -30,6 +30,7 @@ from ..actions.rollback import _GROUP_KEYS as LR_GROUP_KEYS, scale_learning_rate
 from ..actions.snapshot import Snapshot, restore_state
 from .action_alerts import ActionAlerts
 from .drop_check import tainted_drops
+from .loop_schedule import LiveSchedule
 from .rate_checks import RateChecks
 from .policy import CONTROL_ACTIONS, EXIT_BUDGET, Plan, Progress, SnapshotInfo, restart_warmup_for
 from .replay import ReplayBuffer
@@ -300,6 +301,7 @@ class PlanExecutor(RateChecks, ActionAlerts):
 
     def _rollback(self, p: Plan, target: Snapshot | None) -> None:
         assert target is not None and self.store is not None
+        live = LiveSchedule(self.optimizer, self.scheduler, LR_GROUP_KEYS)
         # every rank restores, or none does (a rank that cannot stops, and so must the others)
         state = self.dist.all_or_none(target.load, f"loading the snapshot of step {target.step}")
         gained = _gained_keys(self.optimizer, state)
@@ -308,7 +310,12 @@ class PlanExecutor(RateChecks, ActionAlerts):
         # the trajectory they belong to is abandoned, so the rules never see them
         self._discard_unjudged()
         self._restored_at = self.step
-        self._to_planned_scale(target, gained, p.from_scale)
+        if live.keep(state, self.step - target.step):   # stepped per epoch: where the loop is
+            live.put_back(self.optimizer, self.scheduler)
+            now = self.policy.lr_scale if p.from_scale is None else p.from_scale
+            self._to_planned_scale(SimpleNamespace(extra={"lr_scale": now}))  # type: ignore
+        else:
+            self._to_planned_scale(target, gained, p.from_scale)
         if p.action == "rollback" and p.probe:
             p = self._probe(p, target.step)
         if p.action == "rollback":

@@ -368,3 +368,55 @@ def test_a_dropped_step_is_not_rolled_back_for_a_buffer_no_snapshot_holds(
         w.log(loss=_bn_step(model, opt, i, bad=i == 27))
     w.close()
     assert w.rollbacks == 0 and not torch.isfinite(model[1].avg).all()
+
+
+def _epoch_run(tmp_path: Path, make: Callable[[Any], Any], poison: bool
+               ) -> tuple[Any, list[float], Any]:
+    """Five epochs of ten steps, the scheduler stepped at each epoch's end; with ``poison``
+    a bad step 22 (in epoch 2) rolls back to the snapshot of step 18 (epoch 1)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = make(opt)
+    rules = write_flag_rules(tmp_path / "poison.yml", flag_rule("poisoned", "poison"))
+    w = lrwatch.Watcher(model, opt, sched, flush_every=1, rules=rules,
+                        recovery={"cooldown": 0, "sudden_hold": 0, "sudden_margin": 0,
+                                  "guard": "off", "start_check": "off", "min_interval": 6,
+                                  "max_interval": 6, "good_after": 3, "replay": True})
+    ends = []
+    for epoch in range(5):
+        for i in w.batches(range(epoch * 10, epoch * 10 + 10)):
+            x, y = _data(i)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            w.log(loss=loss.detach(),
+                  poison=1.0 if poison and w.step == 22 and not w.rollbacks else 0.0)
+        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            sched.step(1.0)   # a validation loss that never improves: cut every 2nd epoch
+        else:
+            sched.step()
+        ends.append(opt.param_groups[0]["lr"])
+    w.close()
+    return w, ends, sched
+
+
+@pytest.mark.parametrize("kind", ["step", "cosine", "plateau", "chained"])
+def test_a_rollback_across_an_epoch_end_keeps_a_per_epoch_schedule_where_the_loop_is(
+        tmp_path: Path, kind: str) -> None:
+    """A scheduler stepped at each epoch's end, a rollback from epoch 2 to a snapshot in
+    epoch 1: the restore put the scheduler back to epoch 1, and no replay steps it again
+    (the loop's epoch end is behind it), so the schedule stayed an epoch behind the loop for
+    the rest of the run (StepLR halving per epoch ended at 0.00625 instead of 0.003125). It
+    keeps the loop's epoch now, as the run without the failure does."""
+    s = torch.optim.lr_scheduler
+    make = {"step": lambda o: s.StepLR(o, 1, gamma=0.5),
+            "cosine": lambda o: s.CosineAnnealingLR(o, T_max=5),
+            "plateau": lambda o: s.ReduceLROnPlateau(o, patience=0),
+            "chained": lambda o: s.ChainedScheduler([s.StepLR(o, 1, gamma=0.5),
+                                                     s.ExponentialLR(o, 0.9)])}[kind]
+    _, clean, _ = _epoch_run(tmp_path, make, False)
+    w, ends, _ = _epoch_run(tmp_path, make, True)
+    assert w.rollbacks == 1
+    assert ends == pytest.approx(clean, rel=1e-12)

@@ -38,11 +38,13 @@ def nonfinite_state(model: torch.nn.Module, limit: int = 3) -> list[str]:
                                                 model.named_buffers())
              if n not in loose and t.is_floating_point() and t.numel() and t.device.type != "meta"
              and not isinstance(t, torch.nn.parameter.UninitializedTensorMixin)]
-    if not named:
+    # (a shard, FSDP2's DTensor: this rank's part; the ranks' verdicts are gathered)
+    local = [(n, t.to_local() if hasattr(t, "to_local") else t) for n, t in named]
+    if not local:
         return []
-    flags = torch.stack([(~torch.isfinite(t.detach())).any().to(named[0][1].device)
-                         for _, t in named]).cpu().tolist()
-    return [n for (n, _), bad in zip(named, flags) if bad][:limit]
+    flags = torch.stack([(~torch.isfinite(t.detach())).any().to(local[0][1].device)
+                         for _, t in local]).cpu().tolist()
+    return [n for (n, _), bad in zip(local, flags) if bad][:limit]
 
 
 def tainted_drops(model: torch.nn.Module, dropped: Sequence[int], dist: Any) -> list[int]:
@@ -51,7 +53,11 @@ def tainted_drops(model: torch.nn.Module, dropped: Sequence[int], dist: Any) -> 
     gather, only at a flush with dropped steps, which every rank judges alike), else none."""
     if not dropped:
         return []
-    bad = nonfinite_state(model)
+    try:
+        bad = nonfinite_state(model)
+    except Exception:   # fail open: the drops stay dealt with, as before the check
+        log.exception("lrwatch: checking the model after a dropped step failed")
+        bad = []
     try:
         everywhere = dist.gather(bad)
     except Exception:   # (inside DDP's Join no collective can run: this rank's own view)

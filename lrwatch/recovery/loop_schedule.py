@@ -56,6 +56,7 @@ class LiveSchedule:
                  keys: Sequence[str]) -> None:
         self.state: Any = None
         self.rates: list[dict[str, Any]] = []
+        self.kind = type(scheduler).__qualname__
         try:
             self.state = copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None
         except Exception:   # (a scheduler of one's own without one: restored as before)
@@ -74,6 +75,8 @@ class LiveSchedule:
     def keep(self, restored: Mapping[str, Any], opt_steps: int) -> bool:
         """Whether to keep this state instead of ``restored``'s (a snapshot's state) after
         ``opt_steps`` optimizer steps since it: see :func:`follows_loop`."""
+        if restored.get("scheduler_type") not in (None, self.kind):
+            return False   # (another scheduler's state, from before a swap: not loaded)
         now, then = _counter(self.state), _counter(restored.get("scheduler"))
         return now is not None and then is not None and follows_loop(now - then, opt_steps)
 

@@ -22,6 +22,7 @@ from .actions.snapshot import capture_state
 from .recovery.lr_find import NO_RATES, rates_settable
 from .recovery.probe import FORWARD_COST
 from .recovery.shadow import ObservedStart, group_rates, shadow_check
+from .mid_check_side import MidCheckSide
 from .start_gate import StartGate
 from .untrained import OutputShapes, measure_constant_loss, measure_untrained_loss
 
@@ -33,7 +34,7 @@ _EVENT = {"lrwatch_event": True}   # as the executor's: a rule event or an actio
 T = TypeVar("T")
 
 
-class DataSide(StartGate):
+class DataSide(StartGate, MidCheckSide):
     """Batches in, decisions carried out between them (a mixin of the Watcher, whose
     attributes it uses: the step, the policy, the recorder, the replay and skip state)."""
 
@@ -90,6 +91,8 @@ class DataSide(StartGate):
             iterable = self._lr_check(iter(iterable))
         if self._probe_loss is not None and self.policy.start_check_due(self.step):
             iterable = self._start_check(iter(iterable))
+        if self._probe_loss is not None and self.policy.mid_check_step() is not None:
+            iterable = self._mid_checks(iter(iterable))
         for batch in iterable:
             self._boundary("batches")
             yield from self._replayed()

@@ -158,6 +158,21 @@ class RecoveryConfig:
         ``None`` (default): no clipping. The Lightning and Hugging Face callbacks fill it in
         from the trainer (``gradient_clip_val`` with the norm algorithm; ``max_grad_norm``)
         unless it is given.
+    mid_check:
+        ``"auto"``: a Watcher given ``probe_loss`` and handed its batches by
+        :meth:`~lrwatch.watch.Watcher.batches`, in a run without a scheduler, checks its rate
+        again at steps ``mid_check_first``, twice that, four times that, ...: from the run's
+        state then, a shadow trains on the run's next ``mid_check_steps`` batches at
+        ``mid_check_factor`` of its rates; both are scored on the ``mid_check_batches`` after
+        them, and the run goes on from the shadow at that rate when its loss is lower with
+        ``start_check_confidence`` (:mod:`lrwatch.recovery.mid_check`). Not during a
+        restart's warm-up or a rollback's probation. Each check costs its shadow's steps and
+        forwards (a third of a step each) against the budget: 5 + 3 = 8 steps at the
+        defaults. ``"off"`` (default): no check (docs/recovery.md, "The mid-run rate check").
+        The framework callbacks do not run it.
+    mid_check_first, mid_check_factor, mid_check_steps, mid_check_batches:
+        The step of the first mid-run check (at least 2), the shadow's share of the rate (in
+        (0, 1)), its steps and the held-out batches (at least 2 each).
     start_check_steps, start_check_batches, start_check_confidence:
         The steps before the check (at least 2), the held-out batches it scores both models
         on (at least 2), and the confidence of the paired test (in (0.5, 1)).
@@ -288,6 +303,11 @@ class RecoveryConfig:
     start_check_batches: int = 6
     start_check_confidence: float = 0.95
     start_check_gate: float = 1.05
+    mid_check: str = "off"
+    mid_check_first: int = 40
+    mid_check_factor: float = 0.3
+    mid_check_steps: int = 5
+    mid_check_batches: int = 4
     sudden_lr_factor: float = 1.0
     sudden_margin: int = 10
     sudden_hold: int = 5
@@ -352,6 +372,15 @@ class RecoveryConfig:
                               f"{self.lr_check_steps!r}")
         if self.start_check not in ("off", "auto"):
             raise ConfigError(f"start_check must be 'off' or 'auto', got {self.start_check!r}")
+        if self.mid_check not in ("off", "auto"):
+            raise ConfigError(f"mid_check must be 'off' or 'auto', got {self.mid_check!r}")
+        for name in ("mid_check_first", "mid_check_steps", "mid_check_batches"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 2:
+                raise ConfigError(f"{name} must be an integer >= 2, got {v!r}")
+        f = self.mid_check_factor
+        if not (isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f < 1):
+            raise ConfigError(f"mid_check_factor must be a number in (0, 1), got {f!r}")
         for name in ("start_check_steps", "start_check_batches"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 2:

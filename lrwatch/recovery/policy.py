@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from ..errors import ConfigError
 from ..rules.detectors.base import exponent_number, short
 from .config import UNKNOWN_OPTIMIZER_WARMUP, RecoveryConfig, restart_warmup_for
+from .mid_check import MidCheckBooking
 from .preflight_booking import PreflightBooking
 
 __all__ = ["RecoveryConfig", "RecoveryPolicy", "PolicyState", "Plan", "Progress",
@@ -71,6 +72,9 @@ class PolicyState:
     probe_steps: int = 0
     lr_checked: bool = False                # the pre-flight range test ran (or was not due)
     start_checked: bool = False             # the start check ran (or was not due)
+    mid_checks: int = 0                     # mid-run rate checks run (or given up)
+    mid_adopted: int = 0                    # ... whose lower-rate shadow the run took
+    mid_check_next: int = 0                 # ... the step the next is due at (0: the first)
     last_rollback_step: int | None = None   # cooldown (rollbacks and reductions)
     held: str | None = None                 # a rule whose rollback waits for the cooldown
     held_step: int | None = None
@@ -757,7 +761,7 @@ def _good_before(snaps: Sequence[SnapshotInfo], step: int) -> SnapshotInfo | Non
     return next((s for s in reversed(snaps) if s.good and s.step < step), None)
 
 
-class RecoveryPolicy(PreflightBooking):
+class RecoveryPolicy(PreflightBooking, MidCheckBooking):
     """Firings and progress in, plans out (see the module docstring).
 
     >>> from types import SimpleNamespace as E

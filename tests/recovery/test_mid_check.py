@@ -1,0 +1,180 @@
+"""The mid-run rate check (``RecoveryConfig.mid_check``): from the run's state at steps 40, 80,
+160, ... a shadow trains on the run's next batches at 0.3x its rate; both are scored on the
+batches after them and the run goes on from the shadow where it is better with 95%
+confidence. A rate that keeps a regression bouncing above its noise floor is cut; a run that
+still makes progress at its rate is left bit for bit as it was; no batch is lost or repeated;
+the check is booked against the budget; the policy's part is pure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import lrwatch
+from lrwatch.errors import ConfigError
+from lrwatch.exporters.trace import read_trace
+from lrwatch.recovery.policy import RecoveryConfig, RecoveryPolicy
+from lrwatch.rules import load_pack
+from lrwatch.rules.replay import replay_trace
+
+ON = {"mid_check": "auto", "start_check": "off"}
+
+
+def _setup(lr: float, seed: int = 1, n: int = 120) -> tuple:
+    """Linear regression with noisy targets (noise variance 1, the loss's floor) under plain
+    SGD: at 0.4 the steps keep the weights bouncing well above the floor, at 0.01 the run is
+    still falling towards it at step 80."""
+    torch.manual_seed(seed)
+    model = nn.Linear(20, 1)
+    g = torch.Generator().manual_seed(seed)
+    truth = torch.randn(20, 1, generator=g)
+    batches = []
+    for _ in range(n):
+        x = torch.randn(32, 20, generator=g)
+        batches.append((x, x @ truth + torch.randn(32, 1, generator=g)))
+    return model, torch.optim.SGD(model.parameters(), lr=lr), batches
+
+
+def _loss(model: nn.Module, batch: tuple) -> torch.Tensor:
+    return nn.functional.mse_loss(model(batch[0]), batch[1])
+
+
+def _train(w: lrwatch.Watcher, model: nn.Module, opt: torch.optim.Optimizer, batches: list,
+           sched: object = None) -> list:
+    seen = []
+    for b in w.batches(batches):
+        seen.append(b)
+        loss = _loss(model, b)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        w.log(loss=loss.detach())
+    return seen
+
+
+def _events(path: Path) -> list[dict]:
+    return [e for rec in read_trace(path) for e in rec.events
+            if isinstance(e, dict) and e.get("type") == "mid_check"]
+
+
+# -- the policy's part (pure) ----------------------------------------------------------------
+
+def test_due_at_40_then_at_twice_the_step_it_ran_from_and_booked() -> None:
+    pol = RecoveryPolicy(RecoveryConfig(mid_check="auto"))
+    assert [s for s in (0, 39, 40, 41) if pol.mid_check_due(s)] == [40, 41]
+    pol.mid_checked(45, 8, adopted=True)          # delayed to 45 (a probation, say)
+    assert not pol.mid_check_due(89) and pol.mid_check_due(90)
+    st = pol.state
+    assert (st.mid_checks, st.mid_adopted, st.probes, st.probe_steps) == (1, 1, 1, 8)
+    pol.mid_checked(90, 0, adopted=False)         # given up: nothing booked
+    assert (st.mid_checks, st.probes, st.probe_steps) == (2, 1, 8)
+    resumed = RecoveryPolicy(RecoveryConfig(mid_check="auto"))
+    resumed.load_state_dict(pol.state_dict())
+    assert resumed.mid_check_step() == 180 and resumed.state.mid_adopted == 1
+
+
+def test_not_due_with_a_schedule_a_ramp_a_probation_a_watch_a_stop_or_when_off() -> None:
+    assert RecoveryPolicy(RecoveryConfig()).mid_check_step() is None    # off by default
+    assert not RecoveryPolicy(RecoveryConfig()).mid_check_due(100)
+    for change in ({"ramp": [0.5]}, {"probation_until": 200}, {"watching": "loss_spike"},
+                   {"stopped": True}):
+        pol = RecoveryPolicy(RecoveryConfig(mid_check="auto"))
+        for k, v in change.items():
+            setattr(pol.state, k, v)
+        assert not pol.mid_check_due(100), change
+    pol = RecoveryPolicy(RecoveryConfig(mid_check="auto"))
+    pol.scheduled = True
+    assert not pol.mid_check_due(100)
+
+
+def test_the_verdict_is_the_paired_test_at_the_start_check_s_confidence() -> None:
+    pol = RecoveryPolicy(RecoveryConfig(mid_check="auto"))
+    assert pol.mid_check_verdict([2.0, 2.2, 1.9, 2.1], [1.0, 1.1, 1.0, 1.2]).adopt
+    assert not pol.mid_check_verdict([1.0, 1.1, 0.9, 1.0], [0.99, 1.12, 0.88, 1.01]).adopt
+
+
+def test_configuration_errors_say_what_to_fix() -> None:
+    with pytest.raises(ConfigError, match="mid_check must be"):
+        RecoveryConfig(mid_check="on")
+    for name in ("mid_check_first", "mid_check_steps", "mid_check_batches"):
+        for bad in (1, True, 2.5):
+            with pytest.raises(ConfigError, match=name):
+                RecoveryConfig(**{name: bad})
+    for bad in (0, 1, 1.5, True, "0.3"):
+        with pytest.raises(ConfigError, match="mid_check_factor"):
+            RecoveryConfig(mid_check_factor=bad)
+
+
+# -- on a real run ---------------------------------------------------------------------------
+
+def test_a_rate_that_keeps_the_run_bouncing_above_its_floor_is_cut(tmp_path: Path) -> None:
+    model, opt, batches = _setup(lr=0.4)
+    trace = tmp_path / "t.jsonl"
+    w = lrwatch.Watcher(model, opt, flush_every=5, trace=trace, probe_loss=_loss, recovery=ON)
+    seen = _train(w, model, opt, batches)
+    w.close()
+    assert len(seen) == len(batches) and all(a is b for a, b in zip(seen, batches))
+    ev = _events(trace)
+    assert ev and ev[0]["from_step"] == 40 and ev[0]["lr_factor"] == 0.3, ev
+    assert ev[0]["shadow_loss"] < ev[0]["held_out_loss"]
+    assert ev[0]["cost_steps"] == 5 + 3           # 5 shadow steps, 8 forwards at a third
+    assert w.policy.state.mid_adopted >= 1
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.4 * 0.3 ** w.policy.state.mid_adopted)
+    assert w.policy.state.probe_steps == sum(e["cost_steps"] for e in ev)
+    live = [(e["rule"], e["step"], e["severity"]) for rec in read_trace(trace)
+            for e in rec.events if isinstance(e, dict) and e.get("type") == "firing"]
+    replayed = replay_trace(trace, load_pack("training"))
+    assert replayed.error is None
+    assert [(f.rule, f.step, f.severity) for f in replayed.firings] == live
+
+
+def test_the_adopted_run_is_the_run_trained_again_from_step_40_at_the_lower_rate() -> None:
+    """Going on from the shadow is the same as having trained batches 41-45 at 0.3x the rate
+    from the run's state at step 40 (the held-out batches 46-49 are trained on after the
+    check, in their place)."""
+    model, opt, batches = _setup(lr=0.4, n=60)
+    w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=_loss, recovery=ON)
+    _train(w, model, opt, batches)
+    w.close()
+    assert w.policy.state.mid_adopted == 1 and w.policy.state.rollbacks == 0
+    ref, ref_opt, _ = _setup(lr=0.4, n=60)
+    for i, b in enumerate(batches):
+        if i == 40:
+            ref_opt.param_groups[0]["lr"] = 0.4 * 0.3
+        loss = _loss(ref, b)
+        ref_opt.zero_grad()
+        loss.backward()
+        ref_opt.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_run_still_making_progress_keeps_its_rate_bit_for_bit(tmp_path: Path) -> None:
+    runs = []
+    for check in ("auto", "off"):
+        model, opt, batches = _setup(lr=0.01)
+        w = lrwatch.Watcher(model, opt, flush_every=5, trace=tmp_path / f"{check}.jsonl",
+                            probe_loss=_loss, recovery={**ON, "mid_check": check})
+        seen = _train(w, model, opt, batches)
+        w.close()
+        assert len(seen) == len(batches) and opt.param_groups[0]["lr"] == 0.01
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    ev = _events(tmp_path / "auto.jsonl")
+    assert [e["from_step"] for e in ev] == [40, 80] and all(e["lr_factor"] == 1.0 for e in ev)
+    assert _events(tmp_path / "off.jsonl") == []
+
+
+def test_a_run_with_a_scheduler_is_left_to_it() -> None:
+    model, opt, batches = _setup(lr=0.4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    w = lrwatch.Watcher(model, opt, sched, flush_every=5, probe_loss=_loss, recovery=ON)
+    _train(w, model, opt, batches, sched)
+    w.close()
+    assert w.policy.state.mid_checks == 0 and opt.param_groups[0]["lr"] == 0.4

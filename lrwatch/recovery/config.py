@@ -161,18 +161,19 @@ class RecoveryConfig:
     mid_check:
         ``"auto"``: a Watcher given ``probe_loss`` and handed its batches by
         :meth:`~lrwatch.watch.Watcher.batches`, in a run without a scheduler, checks its rate
-        again at steps ``mid_check_first``, twice that, four times that, ...: from the run's
-        state then, a shadow trains on the run's next ``mid_check_steps`` batches at
-        ``mid_check_factor`` of its rates; both are scored on the ``mid_check_batches`` after
-        them, and the run goes on from the shadow at that rate when its loss is lower with
-        ``start_check_confidence`` (:mod:`lrwatch.recovery.mid_check`). Not during a
-        restart's warm-up or a rollback's probation. Each check costs its shadow's steps and
-        forwards (a third of a step each) against the budget: 5 + 3 = 8 steps at the
-        defaults. ``"off"`` (default): no check (docs/recovery.md, "The mid-run rate check").
-        The framework callbacks do not run it.
+        again at step ``mid_check_first``, then at twice the step the last check ran from
+        (100, 200, 400, ...): from the run's state then, a shadow trains on the run's next
+        ``mid_check_steps`` batches at ``mid_check_factor`` of its rates; both are scored on
+        the ``mid_check_batches`` after them, and the run goes on from the shadow at that
+        rate when its loss is lower with ``start_check_confidence``
+        (:mod:`lrwatch.recovery.mid_check`). Not during a restart's warm-up or a rollback's
+        probation. Each check costs its shadow's steps and forwards (a third of a step each)
+        against the budget: 5 + 3 = 8 steps at the defaults. ``"off"`` (default): no check
+        (docs/recovery.md, "The mid-run rate check"). The framework callbacks do not run it.
     mid_check_first, mid_check_factor, mid_check_steps, mid_check_batches:
-        The step of the first mid-run check (at least 2), the shadow's share of the rate (in
-        (0, 1)), its steps and the held-out batches (at least 2 each).
+        The step of the first mid-run check (at least 2; 100: at 40 the check cut a slow
+        starter's tuned run on blind set AK), the shadow's share of the rate (in (0, 1)), its
+        steps and the held-out batches (at least 2 each).
     start_check_steps, start_check_batches, start_check_confidence:
         The steps before the check (at least 2), the held-out batches it scores both models
         on (at least 2), and the confidence of the paired test (in (0.5, 1)).
@@ -304,7 +305,7 @@ class RecoveryConfig:
     start_check_confidence: float = 0.95
     start_check_gate: float = 1.05
     mid_check: str = "off"
-    mid_check_first: int = 40
+    mid_check_first: int = 100
     mid_check_factor: float = 0.3
     mid_check_steps: int = 5
     mid_check_batches: int = 4

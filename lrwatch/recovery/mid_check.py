@@ -12,8 +12,8 @@ batches at a fraction of the rate settles lower at once in that regime, and does
 the run is still making progress at its own rate (a tuned run), which a few held-out batches
 tell apart.
 
-The check runs at step ``mid_check_first``, then at twice the step the last one ran from (40,
-80, 160, ...: a long run pays for a few checks, not one per window), only in runs without a
+The check runs at step ``mid_check_first``, then at twice the step the last one ran from (100,
+200, 400, ...: a long run pays for a few checks, not one per window), only in runs without a
 learning-rate scheduler (a schedule anneals the run itself, as with the stall cut), not during
 a restart's warm-up or a rollback's probation, and not once the run has been stopped. Each
 check is booked against the run's budget like the start check: its shadow's steps and its

@@ -1,5 +1,5 @@
-"""The mid-run rate check (``RecoveryConfig.mid_check``): from the run's state at steps 40, 80,
-160, ... a shadow trains on the run's next batches at 0.3x its rate; both are scored on the
+"""The mid-run rate check (``RecoveryConfig.mid_check``): from the run's state at steps 100,
+200, 400, ... (40, 80, ... here) a shadow trains on the run's next batches at 0.3x its rate; both are scored on the
 batches after them and the run goes on from the shadow where it is better with 95%
 confidence. A rate that keeps a regression bouncing above its noise floor is cut; a run that
 still makes progress at its rate is left bit for bit as it was; no batch is lost or repeated;
@@ -20,7 +20,7 @@ from lrwatch.recovery.policy import RecoveryConfig, RecoveryPolicy
 from lrwatch.rules import load_pack
 from lrwatch.rules.replay import replay_trace
 
-ON = {"mid_check": "auto", "start_check": "off"}
+ON = {"mid_check": "auto", "mid_check_first": 40, "start_check": "off"}
 
 
 def _setup(lr: float, seed: int = 1, n: int = 120) -> tuple:
@@ -65,7 +65,8 @@ def _events(path: Path) -> list[dict]:
 # -- the policy's part (pure) ----------------------------------------------------------------
 
 def test_due_at_40_then_at_twice_the_step_it_ran_from_and_booked() -> None:
-    pol = RecoveryPolicy(RecoveryConfig(mid_check="auto"))
+    assert RecoveryPolicy(RecoveryConfig(mid_check="auto")).mid_check_step() == 100
+    pol = RecoveryPolicy(RecoveryConfig(mid_check="auto", mid_check_first=40))
     assert [s for s in (0, 39, 40, 41) if pol.mid_check_due(s)] == [40, 41]
     pol.mid_checked(45, 8, adopted=True)          # delayed to 45 (a probation, say)
     assert not pol.mid_check_due(89) and pol.mid_check_due(90)

@@ -1,7 +1,7 @@
 """The default pack warns before the first non-finite value where no history helps: a loss that
-overflows at the third step, a geometric climb of six steps, a step that moves the weights by
-more than their norm; and it stays quiet on an adaptive optimizer's early spike that training
-comes back from (docs/detection.md, "Warned before the first non-finite value (sixteenth
+overflows at the third step with an update far beyond the weights' norm, a geometric climb of
+six steps; and it stays quiet on an adaptive optimizer's early spike that training comes back
+from, however high (docs/detection.md, "Warned before the first non-finite value (sixteenth
 round)")."""
 
 from __future__ import annotations
@@ -44,8 +44,10 @@ def _warned_before_nonfinite(samples) -> list[tuple[str, int]]:
 
 def test_a_loss_that_overflows_at_the_third_step_is_warned_at_the_second_finite_one():
     # a Fourier neural operator under momentum at 100x its rate (blind set AF): 0.52, 3.5,
-    # 2e8, NaN -- one finite step up there, nothing to compare it with
-    s = _samples([0.517, 3.47, 2.0e8, NAN], [0.17, 4.9, 3.9e8, NAN], untrained=0.517)
+    # 2e8, NaN -- one finite step up there, nothing to compare it with; its update at that
+    # step is 8.5e7 times the weights' norm
+    s = _samples([0.517, 3.47, 2.0e8, NAN], [0.17, 4.9, 3.9e8, NAN],
+                 ratios=[0.29, 7.7, 8.5e7, NAN], untrained=0.517)
     assert ("nonfinite_ahead", 3) in _warned_before_nonfinite(s), _alarms(s)
 
 
@@ -74,4 +76,17 @@ def test_an_adaptive_optimizers_early_spike_that_comes_back_is_not_warned():
     grads = [1.0, 8.6e5, 50.0, 3.0] + [1.0] * 40
     ratios = [128.0, 0.9, 0.5, 0.2] + [0.05] * 40
     s = _samples(losses, grads, ratios=ratios, untrained=2.3)
+    assert not [a for a in _alarms(s) if a[0] == "nonfinite_ahead"], _alarms(s)
+
+
+def test_a_first_spike_a_million_times_the_untrained_loss_that_comes_back_is_not_warned():
+    # an N-BEATS forecaster under RMSprop at 10x (blind set AM, healthy): its second loss
+    # 1.8e6x the untrained one, down to 1.04x by step 8, then it trains; a line on the loss
+    # alone (10^6x, the candidate before AM was read) warned it
+    u = 2.346
+    losses = [2.377, 4.148e6, 1.268e6, 5287.0, 4.158e4, 112.0, 18.57, 2.437, 1.603, 1.501] + \
+        [1.4 * 0.99 ** k for k in range(40)]
+    grads = [0.517, 3.44e7, 8.78e6, 4.6e4, 2.87e5, 1120.0, 325.0, 26.5, 6.26, 12.7] + [5.0] * 40
+    ratios = [1.21, 0.555, 0.335, 0.186, 0.149, 0.113, 0.095, 0.040, 0.039, 0.037] + [0.03] * 40
+    s = _samples(losses, grads, ratios=ratios, untrained=u)
     assert not [a for a in _alarms(s) if a[0] == "nonfinite_ahead"], _alarms(s)

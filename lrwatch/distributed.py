@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .errors import ConfigError
+from .rank_settings import first_difference
 from .samples import Sample
 
 __all__ = ["RankContext", "RankFailed", "split_by_placement", "combine_rank_samples", "SQ_REP", "SQ_SHARD",
@@ -125,7 +126,8 @@ class RankContext:
     def agree_settings(self, run_id: str, settings: dict[str, Any]) -> str:
         """Rank 0's ``run_id`` (one collective, the Watcher's first), having checked that
         every rank was built with the same ``settings`` (what paces the collectives: the
-        flush interval and lag, the first step, the rules, recovery on or off). Raises
+        flush interval and lag, the first step, the rules and their settings, the recovery
+        settings: :func:`~lrwatch.wiring.pacing`). Raises
         :class:`~lrwatch.errors.ConfigError` on every rank alike where they differ: ranks
         that flush at different steps, or judge with different rules, pair one rank's gather
         with another's, and wait in the end until the collective timeout."""
@@ -133,8 +135,9 @@ class RankContext:
         for key, value in got[0][1].items():
             differ = {r: s.get(key) for r, (_, s) in enumerate(got) if s.get(key) != value}
             if differ:
+                where, value, differ = first_difference(key, value, differ)
                 raise ConfigError(
-                    f"lrwatch: the ranks' Watchers were built with different {key}: rank 0 "
+                    f"lrwatch: the ranks' Watchers were built with different {where}: rank 0 "
                     f"{value!r}, " + ", ".join(f"rank {r} {v!r}" for r, v in differ.items())
                     + f". Give every rank of the process group the same {key}: their flushes "
                     "and decisions are collectives, taken together")

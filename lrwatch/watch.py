@@ -219,7 +219,9 @@ class Watcher(LogApi, DataSide, PlanExecutor, StepPath, Flushing, Checkpointing,
         # one run, one name: every rank takes rank 0's (each drew its own until 6 December),
         # and the ranks' settings that pace the collectives agree (one collective)
         run_id = self.dist.agree_settings(uuid.uuid4().hex[:12], pacing(
-            flush_every, self.flush_lag, self.step, ruleset, recovery))
+            flush_every, self.flush_lag, self.step, ruleset, recovery, optimizer=optimizer,
+            scaler=scaler, probe_loss=probe_loss, keep_best=keep_best,
+            keep_best_mode=keep_best_mode))
         self.run_name = run_name or run_id
         self._in_flight = None
         if not (self.dist.is_main or export == "all"):   # this rank exports nothing

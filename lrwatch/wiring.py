@@ -20,6 +20,7 @@ from .actions.best import BestState, keep_best_state
 from .distributed import EXPORT_CHOICES, RankContext, split_by_placement
 from .errors import ConfigError
 from .probe import LayerIndex
+from .rank_settings import recovery_settings, rule_settings
 from .recovery.policy import RecoveryConfig, check_action_params
 from .rules import RuleSet, load_pack, load_rules
 from .rules.layering import join
@@ -107,16 +108,23 @@ def rule_set(rules: "str | os.PathLike[str] | RuleSet | Sequence[Any] | None") -
                       f"a non-empty list of these, or None, got {type(rules).__name__}")
 
 
-def pacing(flush_every: int, flush_lag: int, step: int, ruleset: Any,
-           recovery: Any) -> dict[str, Any]:
+def pacing(flush_every: int, flush_lag: int, step: int, ruleset: Any, recovery: Any, *,
+           optimizer: torch.optim.Optimizer, scaler: Any = None, probe_loss: Any = None,
+           keep_best: Any = True, keep_best_mode: str = "auto") -> dict[str, Any]:
     """The settings that pace a Watcher's collectives under torch.distributed, which every
     rank must share (``RankContext.agree_settings``): when it flushes, its first step, the
     rules it judges with and whether it recovers (the snapshots' memory agreement, rollbacks,
-    range tests). Per-rank settings (``snapshot_dir``, ``replay_mb``, the exports) may differ."""
+    range tests), and what decides its actions: every rule's definition (a threshold), every
+    recovery setting (``replay``, the factors, the budget), whether it has a ``probe_loss``
+    (the range tests are collectives), what best state it keeps and whether it guards the
+    steps. Per-rank settings (``snapshot_dir``, ``replay_mb``, the exports) may differ."""
     names = [r.name for r in ruleset] if ruleset is not None else None
+    rc = RecoveryConfig.coerce(recovery) if ruleset is not None else None
     return {"flush_every": flush_every, "flush_lag": flush_lag, "start_step": step,
-            "rules": names,
-            "recovery": ruleset is not None and RecoveryConfig.coerce(recovery) is not None}
+            "rules": names, "recovery": rc is not None,
+            "rule settings": rule_settings(ruleset), "recovery settings": recovery_settings(rc),
+            "probe_loss": probe_loss is not None, "keep_best": [keep_best, keep_best_mode],
+            "guard": guard_mode(rc, optimizer, scaler) is not None}
 
 
 def snapshot_dir(recovery: Any) -> str | None:

@@ -1,0 +1,67 @@
+"""Worker processes for tests/test_distributed_audit16.py (real gloo groups on CPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import lrwatch
+from dist_audit15_workers import _ddp_sgd, _flat, _sgd_step
+from distributed_workers import _global_batch, _mine, finish, init
+from flag_rules import NONFINITE_ROLLBACK_RULE, flag_rule, flag_rules
+
+#: How each rank's Watcher differs from rank 0's in :func:`watchers_deciding_apart`.
+APART = {
+    # the same rule names, another threshold: the rule fires on rank 0 only
+    "threshold": lambda rank: {"above": 0.5 if rank == 0 else 5.0},
+    # replay on rank 0 only: after the same rollback, rank 0 trains more batches
+    "replay": lambda rank: {"recovery": {"replay": rank == 0}},
+    # a probe_loss on rank 0 only: rank 0 runs the start check's collectives alone
+    "probe_loss": lambda rank: {"probe": rank == 0},
+    # the same everywhere: trains, rolls back alike
+    "same": lambda rank: {},
+}
+
+
+def watchers_deciding_apart(rank: int, world: int, store: str, out: str, case: str) -> None:
+    """Every rank builds a Watcher whose flushes are paced alike (same ``flush_every``, the
+    same rule names) but that decides apart (:data:`APART`), then trains 30 batches, rank
+    ``world - 1``'s loss NaN at batch 14 and a flag logged from batch 14 on. The Watcher
+    must refuse to be built, on every rank alike, naming the setting; before the fix the
+    ranks trained, one rolled back (or replayed, or ran the start check) alone, and the next
+    collective waited until its timeout."""
+    init(rank, world, store, timeout_s=20)
+    model, opt = _ddp_sgd()
+    how = APART[case](rank)
+    rule = flag_rule("flag", "poison").replace("above: 0.5", f"above: {how.get('above', 0.5)}")
+    rules = Path(out, f"rules{rank}.yml")
+    rules.write_text(flag_rules(rule, NONFINITE_ROLLBACK_RULE))
+
+    def probe(m: nn.Module, b: int) -> torch.Tensor:
+        x, y = _global_batch(b)
+        return nn.functional.mse_loss(m(_mine(x, rank, world)), _mine(y, rank, world))
+
+    recovery = {"good_after": 5, "min_interval": 5, "cooldown": 0, "guard": "off",
+                "snapshot_dir": str(Path(out, f"snaps{rank}")), "replay_mb": 64.0 + rank,
+                **how.get("recovery", {})}
+    outcome: dict[str, Any] = {}
+    try:
+        w = lrwatch.Watcher(model, opt, rules=str(rules), flush_every=4, recovery=recovery,
+                            probe_loss=probe if how.get("probe", True) else None)
+    except lrwatch.ConfigError as exc:
+        outcome["error"] = str(exc)
+    else:
+        seen = 0
+        for b in w.batches(iter(range(30))):
+            seen += 1
+            w.log(loss=_sgd_step(model, opt, b, rank, world, nan=b == 14 and rank == world - 1),
+                  poison=float(b >= 14))
+        w.close()
+        outcome.update(rollbacks=w.policy.rollbacks, seen=seen)
+    outcome["weights"] = repr(_flat(model))
+    Path(out, f"rank{rank}.json").write_text(json.dumps(outcome))
+    finish()

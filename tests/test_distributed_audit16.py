@@ -1,0 +1,42 @@
+"""The sixteenth round's audit of lrwatch under torch.distributed (2 gloo ranks on CPU):
+each test reproduced a defect on the code before its fix (docs/distributed.md, "Defects found
+by the sixteenth round's audit")."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import dist_audit16_workers as dw
+from ranks import spawn_ranks
+
+pytestmark = pytest.mark.slow
+
+
+def _results(tmp_path: Path, world: int = 2) -> list[dict]:
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.mark.parametrize("case,says", [
+    ("threshold", "different rule settings['flag']['params']['above']: rank 0 0.5, rank 1 5.0"),
+    ("replay", "different recovery settings['replay']: rank 0 True, rank 1 False"),
+    ("probe_loss", "different probe_loss: rank 0 True, rank 1 False"),
+    ("same", None)])
+def test_ranks_that_would_decide_apart_are_told_so(tmp_path: Path, case: str,
+                                                   says: str | None) -> None:
+    # before the fix only the rules' names and recovery on/off were compared: a rule with
+    # another threshold rolled rank 0 back alone, replay on one rank trained it more batches,
+    # a probe_loss on one rank ran the start check alone; each waited, in the end, until the
+    # collective timeout
+    spawn_ranks(dw.watchers_deciding_apart,
+                args=(2, str(tmp_path / "store"), str(tmp_path), case), nprocs=2)
+    r0, r1 = _results(tmp_path)
+    assert r0["weights"] == r1["weights"]
+    if says is None:   # per-rank snapshot_dir and replay_mb are accepted
+        assert "error" not in r0 and r0 == r1, (r0, r1)
+        assert r0["rollbacks"] >= 1
+        return
+    assert r0["error"] == r1["error"], (r0, r1)
+    assert says in r0["error"], r0["error"]

@@ -28,6 +28,7 @@ checkpoint (``state_dict``/``load_state_dict``); :mod:`lrwatch.log_api` is ``log
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -56,6 +57,8 @@ from .wiring import (action_params, build_best, build_recorder, check_args, chec
                      rule_set, schedule_limits, untracked_params)
 
 __all__ = ["Watcher", "Listener", "RecoveryConfig", "BestEval", "rank_trace_path"]
+
+log = logging.getLogger("lrwatch")
 
 class Watcher(LogApi, DataSide, PlanExecutor, StepPath, Flushing, Checkpointing, WatcherSetup):
     """Watches a plain PyTorch training loop.
@@ -137,7 +140,9 @@ class Watcher(LogApi, DataSide, PlanExecutor, StepPath, Flushing, Checkpointing,
         view of the run (default: the world). Norms are shard-correct (FSDP2 / DTensor
         sharded gradients are summed as squares across ranks, once per flush), every rank
         judges identical samples and so takes identical decisions. ``flush()`` and ``close()``
-        are then collective: call them on every rank.
+        are then collective: call them on every rank. Leaving a ``with Watcher(...)`` block
+        on an exception closes without the final flush (no collective: the other ranks are
+        not in it).
     export:
         ``"rank0"`` (default): only rank 0 serves ``/metrics``, writes the trace, pushes and
         alerts. ``"all"``: every rank serves on ``port + rank`` with a ``rank`` label and
@@ -298,10 +303,14 @@ class Watcher(LogApi, DataSide, PlanExecutor, StepPath, Flushing, Checkpointing,
 
     def close(self) -> None:
         """Flush, stop the server, close the trace and remove the hooks. Idempotent."""
+        self._close(final_flush=True)
+
+    def _close(self, final_flush: bool) -> None:
         if self._closed:
             return
         try:   # (a rollback the cooldown held is carried out, and in the trace)
-            self._final_flush()
+            if final_flush:
+                self._final_flush()
         finally:
             self._closed = True
             self._close_alerting()
@@ -311,8 +320,18 @@ class Watcher(LogApi, DataSide, PlanExecutor, StepPath, Flushing, Checkpointing,
     def __enter__(self) -> "Watcher":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        # A rank leaving on its own error must start no collective: the other ranks are in
+        # their step (their next DDP all-reduce), not in the final flush's gather, which would
+        # wait for them until the collective timeout and then replace the error it left on.
+        alone = exc_type is not None and self.dist.world > 1
+        if alone and not self._closed:
+            log.warning("lrwatch: leaving the Watcher on %s under torch.distributed: closed "
+                        "without its final flush (a collective the other ranks are not in), "
+                        "so the steps since the last flush are not judged or exported; where "
+                        "every rank raises alike, call watch.close() on every rank before "
+                        "leaving the with block", exc_type.__name__)
+        self._close(final_flush=not alone)
 
     # --- loop side (host side, between steps) --------------------------------------------------
     def _boundary(self, where: str) -> None:

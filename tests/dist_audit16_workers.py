@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +66,25 @@ def watchers_deciding_apart(rank: int, world: int, store: str, out: str, case: s
     outcome["weights"] = repr(_flat(model))
     Path(out, f"rank{rank}.json").write_text(json.dumps(outcome))
     finish()
+
+
+def error_inside_with(rank: int, world: int, store: str, out: str) -> None:
+    """Every rank trains in a ``with Watcher(...)`` block; the last rank's code raises at
+    batch 9 (between two flushes). That rank must leave with its own error at once (its
+    ``__exit__`` starts no collective), so the others, in their next DDP all-reduce, see it
+    gone. Before the fix its ``__exit__`` ran ``close()``, whose final flush gathered: it
+    waited for the others (in DDP's all-reduce, not in lrwatch's gather) until the
+    collective timeout, and raised gloo's timeout instead of the error."""
+    init(rank, world, store, timeout_s=20)
+    model, opt = _ddp_sgd()
+    error = None
+    try:
+        with lrwatch.Watcher(model, opt, flush_every=4) as w:
+            for b in range(30):
+                if rank == world - 1 and b == 9:
+                    raise ValueError("the user's error on the last rank")
+                w.log(loss=_sgd_step(model, opt, b, rank, world, nan=False))
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"error": error, "step": w.step}))
+    os._exit(0)   # (no finish(): the group is broken; the results are written)

@@ -40,3 +40,16 @@ def test_ranks_that_would_decide_apart_are_told_so(tmp_path: Path, case: str,
         return
     assert r0["error"] == r1["error"], (r0, r1)
     assert says in r0["error"], r0["error"]
+
+
+def test_a_rank_leaving_its_with_block_on_an_error_starts_no_collective(tmp_path: Path) -> None:
+    # before the fix the raising rank's __exit__ ran close(), whose final flush waited in a
+    # gather the other ranks were not in (they were in DDP's all-reduce) until the
+    # collective timeout; the error it left on was replaced by gloo's timeout
+    spawn_ranks(dw.error_inside_with, args=(2, str(tmp_path / "store"), str(tmp_path)),
+                nprocs=2)
+    r0, r1 = _results(tmp_path)
+    assert r1["error"] == "ValueError: the user's error on the last rank", r1
+    assert r1["step"] == 9
+    # rank 0, in DDP's all-reduce of batch 9, finds rank 1 gone (not a timeout)
+    assert r0["error"].startswith("RuntimeError") and "Timed out" not in r0["error"], r0

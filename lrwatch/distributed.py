@@ -123,17 +123,31 @@ class RankContext:
         if self._dist is not None and self.world > 1:
             self._dist.all_reduce(t, group=self.group)
 
-    def agree_settings(self, run_id: str, settings: dict[str, Any]) -> str:
+    def agree_settings(self, run_id: str, settings: dict[str, Any],
+                       failed: BaseException | None = None) -> str:
         """Rank 0's ``run_id`` (one collective, the Watcher's first), having checked that
         every rank was built with the same ``settings`` (what paces the collectives: the
         flush interval and lag, the first step, the rules and their settings, the recovery
         settings: :func:`~lrwatch.wiring.pacing`). Raises
         :class:`~lrwatch.errors.ConfigError` on every rank alike where they differ: ranks
         that flush at different steps, or judge with different rules, pair one rank's gather
-        with another's, and wait in the end until the collective timeout."""
-        got = self.gather((run_id, settings))
+        with another's, and wait in the end until the collective timeout.
+
+        ``failed``: why this rank could not build its Watcher (a rule file it cannot read);
+        it raises that, the others a ``ConfigError`` naming it, so that no rank goes on to
+        a collective the failed one will not be in."""
+        why = None if failed is None else f"{type(failed).__name__}: {failed}"
+        got = self.gather((run_id, settings, why))
+        if failed is not None:
+            raise failed
+        bad = next(((r, w) for r, (_, _, w) in enumerate(got) if w is not None), None)
+        if bad is not None:
+            raise ConfigError(
+                f"lrwatch: rank {bad[0]} could not build its Watcher ({bad[1]}), so no rank "
+                "builds one: their flushes and decisions are collectives, taken together. "
+                f"Fix rank {bad[0]}'s settings (or what it reads: a rule file on each node)")
         for key, value in got[0][1].items():
-            differ = {r: s.get(key) for r, (_, s) in enumerate(got) if s.get(key) != value}
+            differ = {r: s.get(key) for r, (_, s, _) in enumerate(got) if s.get(key) != value}
             if differ:
                 where, value, differ = first_difference(key, value, differ)
                 raise ConfigError(

@@ -202,31 +202,35 @@ class Watcher(LogApi, DataSide, PlanExecutor, StepPath, Flushing, Checkpointing,
         probe_loss: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,
         untrained_batches: int = UNTRAINED_BATCHES, flush_lag: int | None = None,
     ) -> None:
-        check_args(model, optimizer, flush_every, port, batch_size, keep_best, probe_loss,
-                   update_ratio_every, export)
-        check_run_name(run_name, pushgateway)
-        self.untrained_batches = check_untrained_batches(untrained_batches)
-        self.model, self.optimizer = model, optimizer
-        self.scheduler, self.scaler = scheduler, scaler
-        self.flush_every, self.batch_size = flush_every, batch_size
-        self.step = int(start_step)
-        self._closed = False
-        self.flushes = 0
         self.dist = RankContext(process_group)
-        self.export = export
-        self.recorder = build_recorder(
-            model, optimizer, self.dist, scaler=scaler, per_layer=per_layer,
-            layer_depth=layer_depth, max_layers=max_layers, update_ratio=update_ratio,
-            update_ratio_every=update_ratio_every, on_commit=self._commit_done)
-        self._sharded = self.recorder.sharded
-        self.flush_lag = resolve_flush_lag(flush_lag, self.recorder.device)
-        ruleset = rule_set(rules)
+        try:   # (a rank that cannot build its Watcher tells the others at their first gather)
+            check_args(model, optimizer, flush_every, port, batch_size, keep_best, probe_loss,
+                       update_ratio_every, export)
+            check_run_name(run_name, pushgateway)
+            self.untrained_batches = check_untrained_batches(untrained_batches)
+            self.model, self.optimizer = model, optimizer
+            self.scheduler, self.scaler = scheduler, scaler
+            self.flush_every, self.batch_size = flush_every, batch_size
+            self.step = int(start_step)
+            self._closed = False
+            self.flushes = 0
+            self.export = export
+            self.recorder = build_recorder(
+                model, optimizer, self.dist, scaler=scaler, per_layer=per_layer,
+                layer_depth=layer_depth, max_layers=max_layers, update_ratio=update_ratio,
+                update_ratio_every=update_ratio_every, on_commit=self._commit_done)
+            self._sharded = self.recorder.sharded
+            self.flush_lag = resolve_flush_lag(flush_lag, self.recorder.device)
+            ruleset = rule_set(rules)
+            settings, failed = pacing(
+                flush_every, self.flush_lag, self.step, ruleset, recovery, optimizer=optimizer,
+                scaler=scaler, probe_loss=probe_loss, keep_best=keep_best,
+                keep_best_mode=keep_best_mode), None
+        except Exception as exc:
+            settings, failed = {}, exc
         # one run, one name: every rank takes rank 0's (each drew its own until 6 December),
         # and the ranks' settings that pace the collectives agree (one collective)
-        run_id = self.dist.agree_settings(uuid.uuid4().hex[:12], pacing(
-            flush_every, self.flush_lag, self.step, ruleset, recovery, optimizer=optimizer,
-            scaler=scaler, probe_loss=probe_loss, keep_best=keep_best,
-            keep_best_mode=keep_best_mode))
+        run_id = self.dist.agree_settings(uuid.uuid4().hex[:12], settings, failed)
         self.run_name = run_name or run_id
         self._in_flight = None
         if not (self.dist.is_main or export == "all"):   # this rank exports nothing

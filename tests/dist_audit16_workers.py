@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import lrwatch
+from lrwatch.errors import LrwatchError
 from dist_audit15_workers import _ddp_sgd, _flat, _sgd_step
 from distributed_workers import _global_batch, _mine, finish, init
 from flag_rules import NONFINITE_ROLLBACK_RULE, flag_rule, flag_rules
@@ -88,3 +89,31 @@ def error_inside_with(rank: int, world: int, store: str, out: str) -> None:
         error = f"{type(exc).__name__}: {exc}"
     Path(out, f"rank{rank}.json").write_text(json.dumps({"error": error, "step": w.step}))
     os._exit(0)   # (no finish(): the group is broken; the results are written)
+
+
+def build_error_on_one_rank(rank: int, world: int, store: str, out: str) -> None:
+    """The last rank's rule file is missing (a path that exists on the first node only):
+    its Watcher raises a ConfigError before the Watcher's first collective. Every rank must
+    raise one (the others naming that rank and its error), so that a loop that goes on
+    without lrwatch where it cannot be built goes on alike on every rank. Before the fix the
+    other ranks waited in that collective (the last rank, training on, was in DDP's
+    all-reduce) until the collective timeout."""
+    init(rank, world, store, timeout_s=20)
+    model, opt = _ddp_sgd()
+    rules = Path(out, "rules.yml") if rank < world - 1 else Path(out, "missing", "rules.yml")
+    if rank < world - 1:
+        rules.write_text(flag_rules(NONFINITE_ROLLBACK_RULE))
+    error, w = None, None
+    try:
+        w = lrwatch.Watcher(model, opt, rules=str(rules), flush_every=4)
+    except LrwatchError as exc:   # go on without lrwatch
+        error = f"{type(exc).__name__}: {exc}"
+    for b in range(12):
+        loss = _sgd_step(model, opt, b, rank, world, nan=False)
+        if w is not None:
+            w.log(loss=loss)
+    if w is not None:
+        w.close()
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"error": error,
+                                                         "weights": repr(_flat(model))}))
+    finish()

@@ -53,3 +53,16 @@ def test_a_rank_leaving_its_with_block_on_an_error_starts_no_collective(tmp_path
     assert r1["step"] == 9
     # rank 0, in DDP's all-reduce of batch 9, finds rank 1 gone (not a timeout)
     assert r0["error"].startswith("RuntimeError") and "Timed out" not in r0["error"], r0
+
+
+def test_a_rank_that_cannot_build_its_watcher_takes_every_rank_with_it(tmp_path: Path) -> None:
+    # before the fix the last rank raised before the Watcher's first collective and went on
+    # without lrwatch, while the others waited in that collective until its timeout
+    spawn_ranks(dw.build_error_on_one_rank, args=(2, str(tmp_path / "store"), str(tmp_path)),
+                nprocs=2)
+    r0, r1 = _results(tmp_path)
+    assert r1["error"].startswith("RuleError: ") and "cannot read the file" in r1["error"], r1
+    assert r0["error"].startswith("ConfigError: lrwatch: rank 1 could not build its Watcher "
+                                  "(RuleError: "), r0
+    assert "cannot read the file" in r0["error"]
+    assert r0["weights"] == r1["weights"]   # both went on without lrwatch, alike

@@ -117,6 +117,24 @@ class RankContext:
         rank out of data inside a ``Join`` must not start a collective of its own)."""
         return any(o._join_config.enable for o in self._joinables)
 
+    def check_covers(self, model: Any, params: Sequence[Any]) -> None:
+        """Raise :class:`~lrwatch.errors.ConfigError` where the ranks that train ``model``
+        together (a ``DistributedDataParallel`` wrapper's group, the device mesh of sharded
+        parameters) are not all in this group: those outside it would judge apart, and a
+        rollback on one replica only leaves the replicas' weights apart, silently."""
+        if self._dist is None or self.group is None:   # the world holds every rank
+            return
+        ours = set(self._dist.get_process_group_ranks(self.group))
+        for what, ranks in _training_ranks(model, params):
+            if not set(ranks) <= ours:
+                raise ConfigError(
+                    f"process_group: the model is trained by global ranks {sorted(ranks)} "
+                    f"({what}), and the Watcher's group holds ranks {sorted(ours)} only: "
+                    "the ranks outside it would take their own decisions (a rollback on one "
+                    "replica leaves the replicas' weights apart). Pass the group the model is "
+                    "trained over (for DDP: process_group=model.process_group), or one that "
+                    "holds all its ranks")
+
     def all_reduce_sum(self, t: torch.Tensor) -> None:
         """Add ``t`` across the group's ranks, in place (the sharded guard's one number per
         step; on a GPU enqueued like the wrapper's own collectives, no wait on the host)."""
@@ -195,6 +213,24 @@ class RankContext:
         out: list[Any] = [None] * self.world
         self._dist.all_gather_object(out, payload, group=self.group)
         return out
+
+
+def _training_ranks(model: Any, params: Sequence[Any]) -> list[tuple[str, list[int]]]:
+    """The global ranks that train ``model`` together, with where that is read from: a DDP
+    wrapper's process group, the device mesh of DTensor (FSDP2) parameters."""
+    import torch.distributed as dist
+
+    found: list[tuple[str, list[int]]] = []
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        found.append(("its DistributedDataParallel process group",
+                      dist.get_process_group_ranks(model.process_group)))
+    dtensor = _dtensor_type()
+    mesh = next((p.device_mesh for p in params if dtensor is not None
+                 and isinstance(p, dtensor)), None)
+    if mesh is not None:
+        found.append(("the device mesh of its sharded parameters",
+                      [int(r) for r in mesh.mesh.flatten().tolist()]))
+    return found
 
 
 def split_by_placement(grads: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor],

@@ -139,11 +139,13 @@ def build_recorder(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dis
                    update_ratio: bool, update_ratio_every: int,
                    on_commit: Callable[[], None]) -> StepRecorder:
     """The per-step recorder; per-layer norms and the update ratio are off for shards.
-    ``dist`` follows the model and optimizer into DDP's ``Join`` (``RankContext.follow_join``).
+    ``dist`` follows the model and optimizer into DDP's ``Join`` (``RankContext.follow_join``)
+    and must hold every rank the model is trained over (``RankContext.check_covers``).
 
     Called from the Watcher's ``__init__`` (the warning points at the line that built it)."""
     dist.follow_join(model, optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    dist.check_covers(model, params)
     device = params[0].device if params else torch.device("cpu")
     sharded = bool(dist.active and split_by_placement(params)[1])
     if sharded and (per_layer or update_ratio):

@@ -117,3 +117,41 @@ def build_error_on_one_rank(rank: int, world: int, store: str, out: str) -> None
     Path(out, f"rank{rank}.json").write_text(json.dumps({"error": error,
                                                          "weights": repr(_flat(model))}))
     finish()
+
+
+def watcher_group_narrower_than_the_model(rank: int, world: int, store: str, out: str) -> None:
+    """The model is trained over every rank (DDP over the world, then FSDP2 over a mesh of
+    every rank), and each rank's Watcher is given a group of that rank alone: it must refuse,
+    naming the model's ranks. Before the fix each Watcher judged its own rank: a flag logged
+    on the last rank rolled that replica back five times and left the others alone, and the
+    replicas' weights ended apart, without a word. Then the DDP model again, watched over
+    ``model.process_group``: it trains, and both ranks roll back alike."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    init(rank, world, store, timeout_s=20)
+    alone = [dist.new_group([r]) for r in range(world)][rank]   # (every rank builds every group)
+    rules = Path(out, f"rules{rank}.yml")
+    rules.write_text(flag_rules(flag_rule("flag", "poison")))
+    errors: list[str] = []
+    model, opt = _ddp_sgd()
+    torch.manual_seed(3)
+    sharded = fully_shard(nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 1)))
+    sharded_opt = torch.optim.SGD(sharded.parameters(), lr=0.05)
+    for m, o, group in ((model, opt, alone), (sharded, sharded_opt, alone),
+                        (model, opt, model.process_group)):
+        try:
+            w = lrwatch.Watcher(m, o, rules=str(rules), flush_every=4, process_group=group,
+                                recovery={"good_after": 5, "min_interval": 5, "cooldown": 0,
+                                          "guard": "off", "sudden_hold": 0})
+        except lrwatch.ConfigError as exc:
+            errors.append(str(exc))
+            continue
+        for b in w.batches(iter(range(30))):
+            w.log(loss=_sgd_step(m, o, b, rank, world, nan=False),
+                  poison=2.0 * (b >= 14 and rank == world - 1))   # (the mean: 1)
+        w.close()
+        errors.append(f"trained, {w.policy.rollbacks} rollbacks")
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"errors": errors,
+                                                         "weights": repr(_flat(model))}))
+    finish()

@@ -66,3 +66,21 @@ def test_a_rank_that_cannot_build_its_watcher_takes_every_rank_with_it(tmp_path:
                                   "(RuleError: "), r0
     assert "cannot read the file" in r0["error"]
     assert r0["weights"] == r1["weights"]   # both went on without lrwatch, alike
+
+
+def test_a_watcher_group_narrower_than_the_models_ranks_is_refused(tmp_path: Path) -> None:
+    # before the fix each rank's Watcher on a group of its own judged alone: the last rank
+    # rolled its DDP replica back and the other did not, and their weights ended apart
+    spawn_ranks(dw.watcher_group_narrower_than_the_model,
+                args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    r0, r1 = _results(tmp_path)
+    assert r0["weights"] == r1["weights"]
+    for rank, r in enumerate((r0, r1)):
+        ddp, fsdp, whole = r["errors"]
+        assert ddp.startswith("process_group: the model is trained by global ranks [0, 1] "
+                              f"(its DistributedDataParallel process group), and the "
+                              f"Watcher's group holds ranks [{rank}] only"), ddp
+        assert "process_group=model.process_group" in ddp
+        assert "(the device mesh of its sharded parameters)" in fsdp, fsdp
+        assert whole == r0["errors"][2] and whole.startswith("trained, "), whole
+        assert not whole.startswith("trained, 0 ")

@@ -104,8 +104,9 @@ class Watcher(LogApi, DataSide, PlanExecutor, StepPath, Flushing, Checkpointing,
     listeners:
         Callables that receive every flushed :class:`~lrwatch.samples.Sample`, in step order.
     run_name:
-        Identity of the run in ``lrwatch_run_info`` (a random id by default; under
-        ``torch.distributed`` rank 0's, so that every rank reports one run).
+        Identity of the run in ``lrwatch_run_info`` (a random id by default). Under
+        ``torch.distributed`` every rank takes rank 0's (its ``run_name`` or id), so that
+        every rank reports one run: give it on rank 0 at least.
     start_step:
         The global step the run starts from (for resumed runs).
     pushgateway:
@@ -228,10 +229,14 @@ class Watcher(LogApi, DataSide, PlanExecutor, StepPath, Flushing, Checkpointing,
                 keep_best_mode=keep_best_mode), None
         except Exception as exc:
             settings, failed = {}, exc
-        # one run, one name: every rank takes rank 0's (each drew its own until 6 December),
-        # and the ranks' settings that pace the collectives agree (one collective)
-        run_id = self.dist.agree_settings(uuid.uuid4().hex[:12], settings, failed)
-        self.run_name = run_name or run_id
+        # one run, one name: every rank takes rank 0's (each drew its own until 6 December;
+        # a rank given none took rank 0's random id while rank 0 kept its run_name), and the
+        # ranks' settings that pace the collectives agree (one collective)
+        self.run_name = self.dist.agree_settings(run_name or uuid.uuid4().hex[:12], settings,
+                                                 failed)
+        if run_name and run_name != self.run_name:
+            log.warning("lrwatch: run_name %r on this rank, %r on rank 0 of its process "
+                        "group: every rank reports rank 0's, one run", run_name, self.run_name)
         self._in_flight = None
         if not (self.dist.is_main or export == "all"):   # this rank exports nothing
             port = trace = pushgateway = alerts = alertmanager = hook = None

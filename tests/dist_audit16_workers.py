@@ -155,3 +155,22 @@ def watcher_group_narrower_than_the_model(rank: int, world: int, store: str, out
     Path(out, f"rank{rank}.json").write_text(json.dumps({"errors": errors,
                                                          "weights": repr(_flat(model))}))
     finish()
+
+
+def run_name_on_rank_0_only(rank: int, world: int, store: str, out: str) -> None:
+    """``run_name`` given on rank 0 only (a name a tracker hands rank 0, such as a wandb
+    run's), ``export="all"``: every rank must report rank 0's name. Before the fix the other
+    ranks took rank 0's random id, which rank 0 itself did not use: two runs in Prometheus."""
+    from prometheus_client import generate_latest
+
+    init(rank, world, store, timeout_s=20)
+    model, opt = _ddp_sgd()
+    w = lrwatch.Watcher(model, opt, flush_every=4, export="all",
+                        run_name="night-run" if rank == 0 else None)
+    for b in range(4):
+        w.log(loss=_sgd_step(model, opt, b, rank, world, nan=False))
+    w.close()
+    info = [line for line in generate_latest(w.registry).decode().splitlines()
+            if line.startswith("lrwatch_run_info{")]
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"name": w.run_name, "info": info}))
+    finish()

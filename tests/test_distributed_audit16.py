@@ -84,3 +84,12 @@ def test_a_watcher_group_narrower_than_the_models_ranks_is_refused(tmp_path: Pat
         assert "(the device mesh of its sharded parameters)" in fsdp, fsdp
         assert whole == r0["errors"][2] and whole.startswith("trained, "), whole
         assert not whole.startswith("trained, 0 ")
+
+
+def test_a_run_name_given_on_rank_0_only_names_every_ranks_run(tmp_path: Path) -> None:
+    # before the fix rank 1 reported rank 0's random id and rank 0 its run_name
+    spawn_ranks(dw.run_name_on_rank_0_only, args=(2, str(tmp_path / "store"), str(tmp_path)),
+                nprocs=2)
+    for r in _results(tmp_path):
+        assert r["name"] == "night-run", r
+        assert len(r["info"]) == 1 and 'run="night-run"' in r["info"][0], r

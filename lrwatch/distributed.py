@@ -234,20 +234,27 @@ def _training_ranks(model: Any, params: Sequence[Any]) -> list[tuple[str, list[i
 
 
 def split_by_placement(grads: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor],
-                                                                list[torch.Tensor]]:
-    """Local tensors of replicated and of sharded gradients, for shard-correct norms.
+                                                                dict[int, list[torch.Tensor]]]:
+    """Local tensors of replicated and of sharded gradients, for shard-correct norms: the
+    replicated ones, and the sharded ones by the number of ranks that hold each shard.
 
     Plain tensors count as replicated (DDP all-reduces gradients, so every rank has the global
-    ones). A DTensor is sharded if any of its placements shards it.
+    ones). A DTensor is sharded if any of its placements shards it; the mesh dimensions it is
+    not sharded on replicate its shard (HSDP: ``fully_shard`` over a 2-D mesh), so adding
+    every rank's sum of squares counts each shard that many times: the sums are divided by
+    it. Before 6 December (sixteenth round) they were not, and an HSDP run's norm read
+    ``sqrt(replicas)`` times the true one.
     """
     dtensor = _dtensor_type()
     rep: list[torch.Tensor] = []
-    shard: list[torch.Tensor] = []
+    shard: dict[int, list[torch.Tensor]] = {}
     for g in grads:
         if dtensor is not None and isinstance(g, dtensor):
             local = g.to_local()
             if any(p.is_shard() for p in g.placements):
-                shard.append(local)
+                copies = math.prod(g.device_mesh.size(i) for i, p in enumerate(g.placements)
+                                   if not p.is_shard())
+                shard.setdefault(copies, []).append(local)
             else:
                 rep.append(local)
         else:

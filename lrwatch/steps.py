@@ -202,13 +202,16 @@ class StepRecorder:
         collective); the norm the guard judges. That is the global one when the guard is on:
         judged per shard, a spike that one shard shows dropped that rank's half of the step
         while the other ranks applied theirs."""
-        rep, shard = split_by_placement(grads)  # type: ignore[arg-type]
-        local = []
-        for prefix, part in ((SQ_REP, rep), (SQ_SHARD, shard)):
-            local.append(total_norm(tensor_norms(part), self.device).square())
-            if LOGGED_NORM not in row.host:
-                row.put(prefix + "grad_norm", local[-1])
-        sharded = local[1]
+        rep, shards = split_by_placement(grads)  # type: ignore[arg-type]
+        local = [total_norm(tensor_norms(rep), self.device).square()]
+        sharded = total_norm([], self.device).square()
+        for copies, part in shards.items():   # (HSDP: each shard held by `copies` ranks)
+            sq = total_norm(tensor_norms(part), self.device).square()
+            sharded = sharded + (sq / copies if copies > 1 else sq)
+        local.append(sharded)
+        if LOGGED_NORM not in row.host:
+            row.put(SQ_REP + "grad_norm", local[0])
+            row.put(SQ_SHARD + "grad_norm", local[1])
         if guarding and self.sum_ranks is not None:
             sharded = sharded.clone()
             self.sum_ranks(sharded)

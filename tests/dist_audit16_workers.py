@@ -174,3 +174,37 @@ def run_name_on_rank_0_only(rank: int, world: int, store: str, out: str) -> None
             if line.startswith("lrwatch_run_info{")]
     Path(out, f"rank{rank}.json").write_text(json.dumps({"name": w.run_name, "info": info}))
     finish()
+
+
+def hsdp_norm(rank: int, world: int, store: str, out: str) -> None:
+    """HSDP: ``fully_shard`` over a 2-D mesh (replicate 2 x shard 1, so every rank holds
+    its own replica of one whole shard). The recorded gradient norm must equal a single
+    process's on the same global batch; before the fix every rank's sum of squares was added
+    and the norm read sqrt(2) times too high."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    init(rank, world, store, timeout_s=20)
+    mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard"))
+    torch.manual_seed(3)
+    ref = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 1))
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    torch.manual_seed(3)
+    model = fully_shard(nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 1)),
+                        mesh=mesh)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    got: list[Any] = []
+    refs = []
+    w = lrwatch.Watcher(model, opt, flush_every=2, listeners=[got.append])
+    for b in range(6):
+        x, y = _global_batch(b)
+        ref_opt.zero_grad()
+        nn.functional.mse_loss(ref(x), y).backward()
+        refs.append(float(torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()])))
+        ref_opt.step()
+        w.log(loss=_sgd_step(model, opt, b, rank, world, nan=False))
+    w.close()
+    Path(out, f"rank{rank}.json").write_text(json.dumps({
+        "norms": [s.values["grad_norm"] for s in got], "refs": refs,
+        "placements": str(next(model.parameters()).placements)}))
+    finish()

@@ -93,3 +93,14 @@ def test_a_run_name_given_on_rank_0_only_names_every_ranks_run(tmp_path: Path) -
     for r in _results(tmp_path):
         assert r["name"] == "night-run", r
         assert len(r["info"]) == 1 and 'run="night-run"' in r["info"][0], r
+
+
+def test_an_hsdp_gradient_norm_counts_each_replicated_shard_once(tmp_path: Path) -> None:
+    # before the fix the sums of squares of the shards were added over every rank, each
+    # replica's too: the norm read sqrt(2) times the single-process one (ratio 1.41421)
+    spawn_ranks(dw.hsdp_norm, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    for r in _results(tmp_path):
+        assert r["placements"] == "(Replicate(), Shard(dim=0))"
+        assert len(r["norms"]) == len(r["refs"]) == 6
+        for got, ref in zip(r["norms"], r["refs"]):
+            assert got == pytest.approx(ref, rel=1e-5), (r["norms"], r["refs"])

@@ -280,6 +280,6 @@ class EvaluationMixin:
             if is_classification(ptype):
                 vals["model_accuracy"] = w.score_sum / w.joined
             else:
-                vals["model_error"] = w.score_sum / w.joined
+                vals["model_error"] = w.mean_error()
             vals["label_delay_seconds"] = w.delay_sum / w.joined
         return vals

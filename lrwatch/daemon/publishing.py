@@ -26,6 +26,20 @@ __all__ = ["PublishingMixin"]
 _log = logging.getLogger("lrwatch.daemon")
 
 
+def _copied(d: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of the worker's live ``counters`` (nested dicts) for the front end to serialise.
+
+    ``dict.copy`` is one C call under the GIL, so the worker cannot add a key during it; the
+    live dict serialised instead could gain one mid-way (a new rejection reason, a rule's first
+    firing), and ``strict_json``'s walk of a status holding a non-finite value raised
+    "dictionary changed size during iteration": a 500."""
+    out = d.copy()
+    for k, v in out.items():
+        if type(v) is dict:
+            out[k] = _copied(v)
+    return out
+
+
 class PublishingMixin:
     """Metrics of a window, actions of a firing, and the status document."""
 
@@ -123,7 +137,7 @@ class PublishingMixin:
                 "have": len(self._ref_rows), "need": self.config.live_records,
                 "error": getattr(self, "reference_error", None)},
             "calibrating": self._calibrating,
-            "counters": self.counters,
+            "counters": _copied(self.counters),
             "window": {"index": self.window.index, "records": len(self.window)},
             "thresholds": None if det is None else {"score": det.threshold,
                                                     "sequential_z": det.seq_threshold},

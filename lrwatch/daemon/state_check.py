@@ -30,7 +30,7 @@ _OPTIONAL_COUNTS = ("internal_errors", "estimation_compared", "labels_early",
 _WINDOW_TIMES = ("start", "end", "first_time", "last_time", "clock_time", "clock_arrival",
                  "last_arrival")
 _WINDOW_COUNTS = ("rejected", "joined", "own_joined")
-_WINDOW_SUMS = ("score_sum", "delay_sum", "own_correct")
+_WINDOW_SUMS = ("score_sum", "delay_sum", "own_correct", "error_mean")
 _RULE_TIMES = ("pending_since", "clear_since", "resolved_step", "resolved_time", "pending_step",
                "last_firing_step")
 

@@ -323,6 +323,8 @@ class WindowsMixin:
                 w.own_correct += s
             else:
                 self._estimation_join(window, s)
+        else:
+            w.add_error(s)
 
     def _update_fill(self, now: float) -> None:
         w = self.window

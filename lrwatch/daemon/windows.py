@@ -39,11 +39,11 @@ class Window:
 
     __slots__ = ("index", "start", "end", "_parts", "_n", "preds", "rejected", "joined",
                  "score_sum", "delay_sum", "first_time", "last_time", "cols", "own_joined",
-                 "own_correct", "clock_time", "clock_arrival", "last_arrival")
+                 "own_correct", "clock_time", "clock_arrival", "last_arrival", "error_mean")
     #: what a snapshot holds (``cols`` is rebuilt from ``feats``)
     STATE = ("index", "start", "end", "feats", "preds", "rejected", "joined", "score_sum",
              "delay_sum", "first_time", "last_time", "own_joined", "own_correct",
-             "clock_time", "clock_arrival", "last_arrival")
+             "clock_time", "clock_arrival", "last_arrival", "error_mean")
 
     def __init__(self, index: int, start: float | None = None, end: float | None = None) -> None:
         self.index = index
@@ -57,6 +57,9 @@ class Window:
         self.joined = 0  # labels joined while open
         self.score_sum = 0.0  # correct count (classification) or absolute-error sum
         self.delay_sum = 0.0
+        # the mean absolute error (regression) kept as a running mean: a sum of finite errors
+        # near the float range overflows (100 errors of 2e307) while their mean does not
+        self.error_mean = 0.0
         # labels of this window's own predictions that came while it was open (inline ones):
         # the start of its estimate's comparison (see estimate_tracking)
         self.own_joined = 0
@@ -149,7 +152,7 @@ class Window:
     #: sums that can overflow to infinity (absolute errors of a regression near the float
     #: range: 1e308 against -1e308): saved as ``"inf"`` (trace format v1), since JSON has
     #: no infinity (orjson writes ``null``, and a snapshot with ``null`` there was no state)
-    SUMS = ("score_sum", "delay_sum", "own_correct")
+    SUMS = ("score_sum", "delay_sum", "own_correct", "error_mean")
 
     def state_dict(self) -> dict[str, Any]:
         state = {k: getattr(self, k) for k in self.STATE}
@@ -163,7 +166,23 @@ class Window:
         for k in cls.STATE:
             if k in d:
                 setattr(w, k, decode_number(d[k]) if k in cls.SUMS else d[k])
+        if "error_mean" not in d and w.joined:  # a snapshot of before the sixteenth round
+            w.error_mean = w.score_sum / w.joined
         return w
+
+    def add_error(self, err: float) -> None:
+        """Fold one joined label's absolute error (>= 0) into ``error_mean`` (``joined``
+        already counts it). An infinite error makes the mean infinite for good."""
+        m = self.error_mean
+        if math.isinf(err) or math.isinf(m):
+            self.error_mean = math.inf
+        else:
+            self.error_mean = m + (err - m) / self.joined
+
+    def mean_error(self) -> float:
+        """The window's mean absolute error: the sum's, unless the sum overflowed."""
+        mean = self.score_sum / self.joined
+        return mean if math.isfinite(mean) else self.error_mean
 
 
 def _to_float(v: Any) -> float:

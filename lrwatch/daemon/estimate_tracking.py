@@ -54,24 +54,44 @@ def window_probabilities(preds: Sequence[Any], prediction_type: str, width: int 
     the reference is known, and a live reference's later records were validated before it
     was) are left out: the estimator would refuse the whole window for one of them. ``None``
     when nothing is left."""
+    return probability_rows(preds, prediction_type, width)[0]
+
+
+def probability_rows(preds: Sequence[Any], prediction_type: str, width: int | None
+                     ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """:func:`window_probabilities` and which rows it kept: a boolean mask over ``preds``, or
+    ``None`` when it kept them all (the input-disagreement signal lines its inputs up by
+    it)."""
+    n = len(preds)
     if prediction_type == "probability":
         try:  # the common case, one C-level conversion
             a = np.array(preds, dtype=np.float64)
         except (TypeError, ValueError):  # a class name or a list among them
             a = np.fromiter((p if type(p) in (int, float) else np.nan for p in preds),
-                            dtype=np.float64, count=len(preds))
-        a = a[(a >= 0.0) & (a <= 1.0)] if a.ndim == 1 else np.empty(0)
+                            dtype=np.float64, count=n)
+        if a.ndim != 1:
+            return None, None
+        keep = (a >= 0.0) & (a <= 1.0)
     else:
         try:
             a = np.array(preds, dtype=np.float64)
+            rows = None
         except ValueError:  # rows of different widths
-            a = np.array([p for p in preds if type(p) is list and len(p) == width],
-                         dtype=np.float64)
+            rows = np.array([type(p) is list and len(p) == width for p in preds], dtype=bool)
+            a = np.array([p for p, ok in zip(preds, rows) if ok], dtype=np.float64)
         if a.ndim != 2 or (width is not None and a.shape[1] != width):
-            return None
-        a = a[((a >= 0.0) & (a <= 1.0)).all(axis=1)
-              & (np.abs(a.sum(axis=1) - 1.0) <= PROBA_SUM_TOLERANCE)]
-    return a if len(a) else None
+            return None, None
+        keep = ((a >= 0.0) & (a <= 1.0)).all(axis=1) \
+            & (np.abs(a.sum(axis=1) - 1.0) <= PROBA_SUM_TOLERANCE)
+        if rows is not None:
+            full = np.zeros(n, dtype=bool)
+            full[np.flatnonzero(rows)[keep]] = True
+            a, keep = a[keep], full
+            return (a, None if keep.all() else keep) if len(a) else (None, None)
+    a = a[keep]
+    if not len(a):
+        return None, None
+    return a, None if len(a) == n else keep
 
 
 class EstimateTracker:

@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..samples import Sample
 from .detector import DriftDetector, DriftResult
 from .baseline import ESTIMABLE, fit_estimator
-from .estimate_tracking import window_probabilities
+from .estimate_tracking import probability_rows
 from .labels import is_classification
 from .reference import PREDICTION, Reference
 from .stats import Profile
@@ -228,7 +228,8 @@ class EvaluationMixin:
         if ref is None or not self.config.estimation or ref.prediction_type not in ESTIMABLE \
                 or not (ref.estimator or self.detector is None):  # (being fitted meanwhile)
             return None
-        return window_probabilities(w.preds, ref.prediction_type, ref.proba_width)
+        proba, w.proba_rows = probability_rows(w.preds, ref.prediction_type, ref.proba_width)
+        return proba
 
     def _evaluate(self, w: Window, n: int, x: np.ndarray, cats: list[np.ndarray],
                   seconds: float, proba: np.ndarray | None = None) -> None:

@@ -128,12 +128,19 @@ class OutputsMixin:
             return None
         return mon, [cols[name] for name in mon.names]
 
-    def _disagreement(self, n: int, x: np.ndarray, proba: np.ndarray | None
+    def _disagreement(self, w: Window, n: int, x: np.ndarray, proba: np.ndarray | None
                       ) -> dict[str, float]:
-        """The window's input disagreement (its sample values), when every record's
-        probabilities were read (the rows must line up with the inputs')."""
-        if self._agreement is None or proba is None or len(proba) != n:
+        """The window's input disagreement (its sample values), on the records whose
+        probabilities were read (``w.proba_rows``; the rows must line up with the inputs').
+        Records left out (predictions that fit no probability, accepted before a live
+        reference said what they are) are counted in ``disagreement_rows_left_out``."""
+        if self._agreement is None or proba is None:
             return {}
+        rows = w.proba_rows
+        if rows is not None:
+            x = x[rows]
+            self.counters["disagreement_rows_left_out"] = \
+                self.counters.get("disagreement_rows_left_out", 0) + n - len(proba)
         mon, cols = self._agreement
         d = mon.window(x[:, cols], proba)
         self.metrics.model.publish_disagreement(d)
@@ -155,7 +162,7 @@ class OutputsMixin:
         if ratio is not None:
             vals["label_coverage_horizon"] = ratio
         vals.update(self._estimate(w, n, proba))
-        vals.update(self._disagreement(n, x, proba))
+        vals.update(self._disagreement(w, n, x, proba))
         vals.update(self._joint_values(res))
         return vals
 

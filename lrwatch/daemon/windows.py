@@ -39,7 +39,8 @@ class Window:
 
     __slots__ = ("index", "start", "end", "_parts", "_n", "preds", "rejected", "joined",
                  "score_sum", "delay_sum", "first_time", "last_time", "cols", "own_joined",
-                 "own_correct", "clock_time", "clock_arrival", "last_arrival", "error_mean")
+                 "own_correct", "clock_time", "clock_arrival", "last_arrival", "error_mean",
+                 "proba_rows")
     #: what a snapshot holds (``cols`` is rebuilt from ``feats``)
     STATE = ("index", "start", "end", "feats", "preds", "rejected", "joined", "score_sum",
              "delay_sum", "first_time", "last_time", "own_joined", "own_correct",
@@ -75,6 +76,8 @@ class Window:
         self.last_arrival: float | None = None
         # columns extracted per appended slice, while the parsed dicts are still in the cache
         self.cols: list[tuple[np.ndarray, list[np.ndarray]]] = []
+        # once closed: which records' probabilities the estimation read (None: all of them)
+        self.proba_rows: np.ndarray | None = None
 
     def __len__(self) -> int:
         return self._n

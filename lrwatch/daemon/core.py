@@ -116,6 +116,9 @@ class Daemon(DurabilityMixin, WindowsMixin, EvaluationMixin, OutputsMixin, Publi
         self.reference: Reference | None = None
         self.detector: DriftDetector | None = None
         self._ref_rows: list[dict[str, Any]] = []
+        # ids of the records a live reference was collected from (never windowed): their
+        # labels are counted at once, as `labels_reference_record`, not held (docs/daemon.md)
+        self._ref_ids: set[Any] = set()
         self.reference_error: str | None = None  # why the last live rows made no reference
         self._profile: Profile | None = None  # the reference's arrays (before the detector)
         self._calibrating = False

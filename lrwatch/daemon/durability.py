@@ -81,6 +81,7 @@ class DurabilityMixin:
     hook: Any
     last: dict[str, Any]
     _ref_rows: list[dict[str, Any]]
+    _ref_ids: set[Any]
     _calibrating: bool
     _replaying: bool
     _dirty: bool
@@ -112,6 +113,7 @@ class DurabilityMixin:
         return {"version": STATE_VERSION, "counters": self._counters_state(), "files": self.files,
                 "journal": self.journal_pos, "window": self.window.state_dict(),
                 "pending": self.pending.state_dict(), "ref_rows": self._ref_rows,
+                "ref_ids": list(self._ref_ids),
                 "detector": self.detector.state_dict() if self.detector else None,
                 "engine": self.engine.state_dict(), "last": _saved_last(self.last),
                 "coverage": self.coverage.state_dict(),
@@ -141,6 +143,7 @@ class DurabilityMixin:
             self.window = Window.from_state(snap["window"])
             self.pending.load_state_dict(snap["pending"])
             self._ref_rows = snap.get("ref_rows") or []
+            self._ref_ids = set(snap.get("ref_ids") or [])
             self._restore_detectors(snap)
             self.last = _loaded_last(snap.get("last") or {})
             self.coverage.load_state_dict(snap.get("coverage") or {})

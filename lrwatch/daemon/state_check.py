@@ -110,6 +110,8 @@ def _check(snap: Any, version: int) -> None:
     _pending(d.get("pending"))
     if d.get("ref_rows") is not None:
         _rows(d["ref_rows"], "'ref_rows'", lambda r: isinstance(r, dict), "an object")
+    if d.get("ref_ids") is not None:
+        _rows(d["ref_ids"], "'ref_ids'", _is_id, "an id (a string or an integer)")
     if d.get("detector") is not None:
         _detector(d["detector"])
     _engine(d.get("engine"))

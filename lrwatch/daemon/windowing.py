@@ -45,6 +45,7 @@ class WindowsMixin:
     reference: Reference | None
     _profile: Profile | None
     _ref_rows: list[dict[str, Any]]
+    _ref_ids: set[Any]
     coverage: LabelCoverage
     reference_error: str | None
 
@@ -248,6 +249,8 @@ class WindowsMixin:
                               {"features": f, "prediction": p, "label": lab}
                               for f, p, lab in zip(b.feats[:need], b.preds[:need],
                                                    labels or [None] * need))
+        if b.ids is not None:
+            self._ref_ids.update(i for i in b.ids[:need] if i is not None)
         if len(self._ref_rows) >= self.config.live_records:
             _log.info("building the reference from the first %d records", len(self._ref_rows))
             # calibration and the estimator's fit happen off the worker (_start_calibration)
@@ -291,6 +294,11 @@ class WindowsMixin:
                 # re-sent for a prediction already joined: a duplicate, never held for a
                 # later prediction that reuses the id (docs/daemon.md)
                 self._unmatched(1, "labels_duplicate")
+                continue
+            if hit is None and r["id"] in self._ref_ids:
+                # a record of the live reference: not windowed, so there is nothing to join
+                # (the reference's estimator was fitted on its inline labels; docs/daemon.md)
+                self._unmatched(1, "labels_reference_record")
                 continue
             if hit is None:  # its prediction may be on its way: held (docs/daemon.md)
                 self._unmatched(early.hold(r["id"], r["label"], r.get("time", t_arrival),

@@ -65,3 +65,61 @@ def test_the_status_document_is_a_copy_the_worker_cannot_change_while_it_is_writ
     assert set(counters) == keys and errors == errors_then
     status, body = d.get("/v1/status")
     assert status == 200 and json.loads(body)["counters"]["labels_early"] == 1
+
+
+def test_a_window_with_probabilities_left_out_still_gets_its_disagreement_and_says_so(
+        run_daemon: Callable[..., Any]) -> None:
+    """Records accepted before a live reference existed (the rest of the batch that completed
+    it) are not checked against its kind of prediction: a probability of 1.5 among them is
+    left out of the window's probabilities, and the window got no input-disagreement value
+    at all (its rows no longer lined up with the inputs'), and nothing counted it. It is read
+    on the records whose probabilities were read now, the others counted."""
+    from daemon_helpers import binary_record
+
+    d = run_daemon(reference=None, live_records=300, calibration_sims=200)
+    rng = random.Random(163)
+    recs = [binary_record(rng, i) for i in range(300 + WINDOW + 1)]
+    recs[300 + 7]["prediction"] = 1.5  # after the reference's rows, before it existed
+    status, out = d.post("/v1/predictions", "\n".join(map(json.dumps, recs)))
+    assert status == 200 and out["accepted"] == len(recs)
+    assert d.daemon.drain(timeout=120)
+    st = d.daemon.status()
+    assert st["reference"] is not None and st["reference"]["prediction_type"] == "probability"
+    assert "agreement" in d.daemon.reference.estimator, st["reference"]["notes"]
+    values = st["last_window"]["values"]
+    assert values["window_records"] == WINDOW
+    assert 0.0 <= values["estimated_disagreement"] <= 1.0, values
+    assert st["counters"]["disagreement_rows_left_out"] == 1
+
+
+def test_labels_of_the_live_references_own_records_are_counted_at_once_saying_why(
+        run_daemon: Callable[..., Any], tmp_path: Any) -> None:
+    """The records a live reference is collected from are not windowed, so their delayed
+    labels have no prediction to meet: they were held for ``labels.early_seconds`` (300 s) as
+    if their prediction were on its way, then counted unmatched as expired, and the docs did
+    not say so. They are counted at once now (unmatched, ``labels_reference_record``), also
+    after a restart (the ids are saved with the state)."""
+    from daemon_helpers import binary_record
+
+    rng = random.Random(164)
+    recs = [binary_record(rng, i, label=False) for i in range(300 + WINDOW)]
+    d = run_daemon(reference=None, live_records=300, calibration_sims=200,
+                   state_dir=str(tmp_path / "state"))
+    status, _ = d.post("/v1/predictions", "\n".join(map(json.dumps, recs)))
+    assert status == 200 and d.daemon.drain(timeout=120)
+    status, out = d.post("/v1/labels", [{"id": r["id"], "label": 1} for r in recs[:5]]
+                         + [{"id": recs[300]["id"], "label": 1}])  # a windowed one joins
+    assert status == 200 and d.daemon.drain()
+    st = d.daemon.status()
+    assert st["early_labels"] == 0, st  # held for 300 s before
+    c = st["counters"]
+    assert c["labels_reference_record"] == 5 and c["labels_unmatched"] == 5
+    assert c["labels_joined"] == 1
+    d.server.stop()
+    d.daemon.stop(timeout=5)
+    d = run_daemon(reference=None, live_records=300, calibration_sims=200,
+                   state_dir=str(tmp_path / "state"))
+    status, out = d.post("/v1/labels", [{"id": recs[10]["id"], "label": 0}])
+    assert status == 200 and d.daemon.drain()
+    st = d.daemon.status()
+    assert st["early_labels"] == 0 and st["counters"]["labels_reference_record"] == 6

@@ -44,6 +44,7 @@ import numpy as np
 from scipy.special import bdtrc, ndtri
 
 from ..errors import ConfigError
+from . import finite_stats
 
 __all__ = ["InputDisagreement", "BAGS", "MIN_ROWS", "AGREEMENT_VERSION"]
 
@@ -57,6 +58,11 @@ MIN_ROWS = 30
 #: most rows, it would make a window where it is present look shifted.
 MIN_PRESENT = 0.5
 AGREEMENT_VERSION = 1
+#: Standardised inputs are clipped to this many reference spreads: an input near 1e308 made
+#: the discriminants' products overflow (numpy's raw warnings on stderr, and NaN decisions);
+#: this far out every discriminant decides by the input's sign alone anyway.
+MAX_Z = 1e6
+_MAX = float(np.finfo(np.float64).max)
 
 
 def decisions(proba: np.ndarray) -> np.ndarray:
@@ -93,6 +99,14 @@ def _binomial_z(rate: float, n: int, d0: float) -> float:
     return float(-ndtri(max(float(bdtrc(k - 1, n, d0)), 1e-300)))
 
 
+def _rounded(a: Any) -> list[Any]:
+    """``a`` rounded to 8 decimals for the saved form; a value beyond 1e300 as it is (rounding
+    multiplies by 1e8: a mean near 1e308 became infinite)."""
+    a = np.asarray(a, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.where(np.abs(a) < 1e300, np.round(a, 8), a).tolist()
+
+
 class InputDisagreement:
     """Bagged discriminants on the reference's numeric inputs (see the module notes)."""
 
@@ -127,10 +141,12 @@ class InputDisagreement:
                               f"labelled reference rows")
         names, x = [n for n, keep in zip(names, present) if keep], x[:, present]
         k = int(n_classes or max(int(y.max()) + 1, 2))
-        with np.errstate(invalid="ignore"):
-            mean = np.nan_to_num(np.nanmean(np.where(np.isfinite(x), x, np.nan), axis=0))
-            z0 = np.where(np.isfinite(x), x - mean, 0.0)
-        scale = np.sqrt((z0 ** 2).mean(axis=0))
+        fin = np.isfinite(x)
+        mean = np.array([finite_stats.mean(x[fin[:, j], j]) if fin[:, j].any() else 0.0
+                         for j in range(x.shape[1])])
+        with np.errstate(over="ignore"):  # values near 1e308 of both signs: clipped
+            z0 = np.clip(np.where(fin, x - mean, 0.0), -_MAX, _MAX)
+        scale = finite_stats.rms(z0, axis=0)  # (a sum of squares near 1e308 overflowed)
         scale = np.where(scale > 1e-12, scale, 1.0)
         z = z0 / scale
         dec = decisions(np.asarray(proba, dtype=np.float64))
@@ -155,7 +171,9 @@ class InputDisagreement:
         if n == 0:
             return {"disagreement": math.nan, "disagreement_rise": math.nan,
                     "disagreement_z": math.nan}
-        z = np.where(np.isfinite(x), (x - self.mean) / self.scale, 0.0)
+        with np.errstate(over="ignore", invalid="ignore"):  # inputs near 1e308: clipped
+            z = np.clip(np.where(np.isfinite(x), (x - self.mean) / self.scale, 0.0),
+                        -MAX_Z, MAX_Z)
         dec = decisions(np.asarray(proba, dtype=np.float64))
         rates = np.array([float(((z @ c + o).argmax(axis=1) != dec).mean())
                           for c, o in zip(self.coefs, self.offsets)])
@@ -169,7 +187,7 @@ class InputDisagreement:
                                       _binomial_z(float(rates.mean()), n, d0))}
 
     def to_dict(self) -> dict[str, Any]:
-        r = (lambda a: np.round(np.asarray(a, dtype=np.float64), 8).tolist())
+        r = _rounded
         return {"version": AGREEMENT_VERSION, "names": self.names, "mean": r(self.mean),
                 "scale": r(self.scale), "coefs": [r(c) for c in self.coefs],
                 "offsets": [r(o) for o in self.offsets], "nulls": r(self.nulls),

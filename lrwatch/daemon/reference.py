@@ -37,6 +37,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from ..errors import ConfigError
+from . import finite_stats
 from .records import (DEFAULT_LIMITS, NonFinite, RecordError, _check_features, _check_label,
                       loads_record, validate_prediction)
 from .state import atomic_write
@@ -168,8 +169,8 @@ def _profile(name: str, values: Sequence[Any], kind: str | None = None) -> Featu
         probs = np.linspace(0, 1, FINE_BINS + 1)[1:-1]
         edges = np.quantile(ok, probs)
         counts = np.bincount(np.searchsorted(edges, ok, side="right"), minlength=FINE_BINS)
-        std = float(ok.std(ddof=1))
-        return FeatureProfile(name, kind, len(ok), missing, mean=float(ok.mean()),
+        std = float(finite_stats.std(ok, ddof=1))  # values near 1e308 do not overflow it
+        return FeatureProfile(name, kind, len(ok), missing, mean=float(finite_stats.mean(ok)),
                               std=std if std > 0 else 1.0, min=float(ok.min()),
                               max=float(ok.max()), edges=[float(e) for e in edges],
                               counts=[int(c) for c in counts])

@@ -36,6 +36,10 @@ import math
 import numpy as np
 from scipy import special
 
+from . import finite_stats
+
+_MAX = float(np.finfo(np.float64).max)
+
 __all__ = ["NormalScores", "LOCATION_SCALE", "MAX_KNOTS"]
 
 #: Name of the location scale, stored with a calibration: a calibration made on another scale
@@ -82,7 +86,7 @@ class NormalScores:
             xk, zk = _knots(col)
             xs.append(xk)
             zs.append(zk)
-            sd[j] = float(col.std(ddof=1))
+            sd[j] = float(finite_stats.std(col, ddof=1))
         return cls(xs, zs, sd)
 
     def apply(self, x: np.ndarray) -> np.ndarray:
@@ -100,7 +104,9 @@ class NormalScores:
             rows, cols = np.nonzero((xt > hi) | (xt < lo))  # a few per window
         if len(rows):
             v = xt[rows, cols]
-            d = np.maximum(v - self.hi[rows], 0.0) - np.maximum(self.lo[rows] - v, 0.0)
+            with np.errstate(over="ignore"):  # -1.7e308 below a positive knot: clipped
+                d = np.clip(np.maximum(v - self.hi[rows], 0.0)
+                            - np.maximum(self.lo[rows] - v, 0.0), -_MAX, _MAX)
             out[rows, cols] += np.sign(d) * np.log1p(np.abs(d) / self.sd[rows])
         return out
 

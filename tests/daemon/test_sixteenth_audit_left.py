@@ -5,12 +5,17 @@ process) fed by real clients."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
 from typing import Any, Callable
 
 import pytest
 
-from daemon_helpers import WINDOW, make_record
+from daemon_helpers import WINDOW, make_record, start_daemon_process
+from services import free_port, http_request, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +128,62 @@ def test_labels_of_the_live_references_own_records_are_counted_at_once_saying_wh
     assert status == 200 and d.daemon.drain()
     st = d.daemon.status()
     assert st["early_labels"] == 0 and st["counters"]["labels_reference_record"] == 6
+
+
+def _near_the_float_range(rng: random.Random, i: int, big: float) -> dict[str, Any]:
+    """A labelled binary record whose ``x`` is ``big`` in one record of ten."""
+    x = big if i % 10 == 0 else rng.gauss(0.0, 1.0)
+    p = round(rng.random(), 6)
+    return {"id": f"f{i}", "features": {"x": x, "y": rng.gauss(0.0, 1.0)}, "prediction": p,
+            "label": int(rng.random() < p)}
+
+
+def test_values_near_the_float_range_print_no_numpy_warning_and_keep_the_statistics_finite(
+        tmp_path: Any) -> None:
+    """Feature values near 1e308 (finite, so accepted) made numpy print "overflow encountered
+    in square / reduce / multiply / subtract" on stderr from `lrwatch baseline build` (the
+    feature's mean and spread, the input-disagreement fit, its saved form) and from the daemon
+    (the disagreement discriminants, the normal scores beyond the reference's knots), and the
+    reference's spread of such a feature was infinite (a saved mean rounded to infinity). They
+    are computed without overflow now (``finite_stats``), extremes clipped."""
+    rng = random.Random(165)
+    data = tmp_path / "reference.jsonl"
+    data.write_text("".join(json.dumps(_near_the_float_range(rng, i, 1e308)) + "\n"
+                            for i in range(600)))
+    reference = str(tmp_path / "reference.json")
+    env = {**os.environ, "PYTHONWARNINGS": "default"}
+    built = subprocess.run(
+        [sys.executable, "-m", "lrwatch", "baseline", "build", str(data), "-o", reference,
+         "--window-size", str(WINDOW), "--sims", "100", "-q"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert built.returncode == 0, built.stderr
+    assert "Warning" not in built.stderr and "overflow" not in built.stderr, built.stderr
+    with open(reference) as fh:
+        ref = json.load(fh)
+    x = next(f for f in ref["features"] if f["name"] == "x")
+    assert 1e306 < x["mean"] < 1e308 and 1e306 < x["std"] < 1e308, x
+    agreement = ref["estimator"]["agreement"]
+    assert all(abs(v) < 1e308 for v in agreement["mean"] + agreement["scale"]), agreement
+    state, log, port = str(tmp_path / "state"), str(tmp_path / "daemon.log"), free_port()
+    proc = start_daemon_process(reference, state, port, log)
+    try:
+        recs = [_near_the_float_range(rng, i, big) for big in (1e308, -1e308, 1.7e308)
+                for i in range(WINDOW)] + [_near_the_float_range(rng, 999, 0.0)]
+        status, out = http_request(f"http://127.0.0.1:{port}/v1/predictions", method="POST",
+                                   data="\n".join(map(json.dumps, recs)).encode())
+        assert status == 200 and json.loads(out)["accepted"] == len(recs)
+        def status_doc() -> dict[str, Any]:
+            return json.loads(http_request(f"http://127.0.0.1:{port}/v1/status")[1])
+
+        wait_until(lambda: status_doc()["counters"]["windows"] == 3, timeout=60,
+                   message="three windows tested")
+        values = status_doc()["last_window"]["values"]
+        assert 0.0 <= values["estimated_disagreement"] <= 1.0, values
+        _, text = http_request(f"http://127.0.0.1:{port}/metrics")
+        assert "lrwatch_internal_errors_total 0.0" in text.decode()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    with open(log) as fh:
+        logged = fh.read()
+    assert "Warning" not in logged and "overflow" not in logged, logged[-3000:]

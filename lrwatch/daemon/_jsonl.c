@@ -7,7 +7,9 @@
  * None when no record has a non-null value, or None when the chunk holds anything it does not
  * handle with certainty: any backslash escape or control character in a string, a feature key
  * outside the layout, a duplicate known key (other top-level keys are checked and ignored, as on
- * the general path), an integer outside int64 (or "-0"), a
+ * the general path, except one that looks like an optional key misnamed, "Label", "ID",
+ * "Time" or "timestamp", while the record lacks that key: then it returns False, and the
+ * general path, not msgspec, takes the chunk and refuses that record naming the key), an integer outside int64 (or "-0"), a
  * number JSON forbids, a float out of range or below the normal range, NaN/Infinity literals,
  * invalid UTF-8, a nested value, a blank line, a newline inside a record, a boolean or string
  * where a number is expected, an id that is not a string of 1..256 characters. The caller then
@@ -286,6 +288,27 @@ static int load_keys(PyObject *seq, Key *out, Py_ssize_t nk) {
 
 enum { K_FEATURES = 1, K_PREDICTION = 2, K_ID = 4, K_TIME = 8, K_LABEL = 16 };
 
+/* ASCII case-insensitive equality of a key with a lowercase word */
+static int same_word(const char *s, Py_ssize_t len, const char *w, Py_ssize_t wl) {
+    if (len != wl) return 0;
+    for (Py_ssize_t i = 0; i < len; i++) {
+        char ch = s[i];
+        if (ch >= 'A' && ch <= 'Z') ch = (char)(ch - 'A' + 'a');
+        if (ch != w[i]) return 0;
+    }
+    return 1;
+}
+
+/* The optional key an ignored top-level key looks like (records.misnamed_key): "Label",
+   "ID", "Time" (another case) or "timestamp" (any case); 0 for any other key. Only keys that
+   are not the record's own get here, so this costs nothing on the usual records. */
+static int misnamed(const char *s, Py_ssize_t len) {
+    if (same_word(s, len, "label", 5)) return K_LABEL;
+    if (same_word(s, len, "time", 4) || same_word(s, len, "timestamp", 9)) return K_TIME;
+    if (same_word(s, len, "id", 2)) return K_ID;
+    return 0;
+}
+
 static PyObject *decode(PyObject *self, PyObject *args) {
     Py_buffer body, out;
     Py_ssize_t n;
@@ -330,7 +353,7 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     for (Py_ssize_t i = 0; i < n; i++) {
         double *row = num + i * nk;
         for (Py_ssize_t j = 0; j < nk; j++) row[j] = nan;
-        int seen = 0;
+        int seen = 0, misnamed_keys = 0;
         skip_ws(&c);
         if (c.p >= c.end || *c.p != '{') goto refuse;
         c.p++;
@@ -451,6 +474,8 @@ static PyObject *decode(PyObject *self, PyObject *args) {
                 /* other top-level keys are ignored, as on the general path (their values are
                    still checked: any doubt refuses the chunk) */
                 goto refuse;
+            } else {
+                misnamed_keys |= misnamed(ks, kl);
             }
             skip_ws(&c);
             if (c.p >= c.end) goto refuse;
@@ -459,6 +484,7 @@ static PyObject *decode(PyObject *self, PyObject *args) {
             goto refuse;
         }
         if ((seen & (K_FEATURES | K_PREDICTION)) != (K_FEATURES | K_PREDICTION)) goto refuse;
+        if (misnamed_keys & ~seen) goto general;  /* the general path names the key */
         if (!(seen & K_ID)) { Py_INCREF(Py_None); PyList_SET_ITEM(ids, i, Py_None); }
         if (!(seen & K_TIME)) { Py_INCREF(Py_None); PyList_SET_ITEM(times, i, Py_None); }
         if (!(seen & K_LABEL)) { Py_INCREF(Py_None); PyList_SET_ITEM(labels, i, Py_None); }
@@ -478,6 +504,11 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     }
     result = Py_BuildValue("(OOOOO)", preds, any_id ? ids : Py_None, any_time ? times : Py_None,
                            any_label ? labels : Py_None, cats);
+    goto done;
+general:
+    /* False: the general path must take this chunk (msgspec would ignore the key too) */
+    Py_INCREF(Py_False);
+    result = Py_False;
     goto done;
 refuse:
     if (PyErr_Occurred()) {

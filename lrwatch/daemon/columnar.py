@@ -77,7 +77,12 @@ try:  # the optional compiled decoder (built by ``pip install`` when a C compile
 except ImportError:  # pragma: no cover - exercised when the extension was not built
     _cjsonl = None
 
-__all__ = ["BACKENDS", "ENABLED", "ChunkDecoder", "ColumnBatch"]
+__all__ = ["BACKENDS", "ENABLED", "ChunkDecoder", "ColumnBatch", "MISSPELT_KEYS"]
+
+#: misnamed optional keys the msgspec decoder sends to the general path (the compiled
+#: decoder checks every case of "label", "time", "id" and "timestamp")
+MISSPELT_KEYS = ("Label", "LABEL", "Time", "TIME", "ID", "Id", "iD", "timestamp",
+                 "Timestamp", "TIMESTAMP", "TimeStamp")
 
 _OFF = ("0", "no", "off", "false")
 
@@ -213,12 +218,16 @@ class ChunkDecoder:
             # be a renamed field: the compiled decoder, or the general path, takes the chunks
             # (until the thirteenth audit this raised: every NDJSON body got a 500)
             return
-        # other top-level keys are ignored, as on the general path
+        # other top-level keys are ignored, as on the general path, except the usual
+        # misspellings of the optional keys ("Label", "ID", "timestamp"): typed UNSET, which
+        # no JSON value is, so a record holding one fails the chunk, and the general path
+        # names the key (records.misnamed_key) at no cost to the chunks without one
         rec = _msgspec.defstruct("Prediction", [
             ("features", feats), ("prediction", Union[i64, float, str, bool]),
             ("id", Union[Annotated[str, _msgspec.Meta(min_length=1, max_length=256)], None],
              None),
-            ("time", Union[i64, float, None], None), ("label", value, None)], gc=False)
+            ("time", Union[i64, float, None], None), ("label", value, None),
+            *((k, _msgspec.UnsetType, _msgspec.UNSET) for k in MISSPELT_KEYS)], gc=False)
         self._decoder = _msgspec.json.Decoder(list[rec])  # type: ignore[valid-type]
         self._cat_get = [attrgetter(f"c{j}") for j in range(len(self.cat_names))]
         self._astuple = _msgspec.structs.astuple
@@ -230,6 +239,8 @@ class ChunkDecoder:
         if self._ckeys is not None:
             num = np.empty((n, len(self.names)), dtype=np.float64)
             r = _cjsonl.decode(body, n, self._ckeys[0], self._ckeys[1], num)
+            if r is False:  # a misnamed key ("Label"): msgspec would ignore it too
+                return None
             if r is not None:
                 preds, ids, times, labels, cats = r
                 return ColumnBatch(self.profile, self.names, self.cat_names, num, cats, preds,

@@ -647,6 +647,41 @@ def _check_features(r: dict[str, Any], feats: dict[str, Any], limits: Limits) ->
                               f"characters, over the limit of {limits.max_string_chars}")
 
 
+#: the keys of a record; any other top-level key is ignored, unless it looks like one of the
+#: optional ones misnamed (:func:`misnamed_key`)
+RECORD_KEYS = frozenset({"features", "prediction", "id", "time", "label"})
+#: what a misnamed optional key was meant to be: its reason and the key to write
+_MISNAMED = {"label": "invalid_label", "time": "invalid_time", "id": "invalid_id"}
+_TIME_ALIASES = frozenset({"timestamp"})
+
+
+def misnamed_key(r: dict[str, Any]) -> tuple[str, str, str] | None:
+    """``(reason, key as written, key meant)`` when record ``r`` has a top-level key that
+    is an optional key in another case (``"Label"``, ``"ID"``, ``"Time"``: keys are
+    case-sensitive) or ``"timestamp"`` (any case) for ``"time"``, while the key itself is
+    absent; ``None`` otherwise. Such a key was ignored: the label never joined, the arrival
+    time stood in for the record's. Other keys are the sender's own and stay ignored."""
+    for k in r:
+        if k in RECORD_KEYS or type(k) is not str:
+            continue
+        low = k.lower()
+        meant = "time" if low in _TIME_ALIASES else low
+        if meant in _MISNAMED and meant not in r:
+            return _MISNAMED[meant], k, meant
+    return None
+
+
+def _check_misnamed(r: dict[str, Any]) -> None:
+    if len(r) > 2 and not RECORD_KEYS.issuperset(r):
+        bad = misnamed_key(r)
+        if bad is not None:
+            reason, k, meant = bad
+            why = "keys are case-sensitive" if k.lower() == meant else \
+                "the prediction's time (unix seconds) is read from 'time' only"
+            raise RecordError(reason, f"the record has {k!r}, which is not read ({why}): "
+                              f"write {meant!r}")
+
+
 _LABEL_HINT = (" (this one looks like a delayed label, an 'id' and a 'label': send those "
                "to /v1/labels)")
 _PREDICTION_HINT = (" (this one looks like a prediction record, with 'features' or a "
@@ -681,6 +716,7 @@ def _prediction(r: Any, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
         raise RecordError("invalid_prediction", "a record needs a 'prediction'"
                           + _near_miss(r, "prediction", ""))
     r["prediction"] = validate_prediction(r["prediction"], limits)
+    _check_misnamed(r)
     if "id" in r:
         _check_id(r)
     if "time" in r:
@@ -696,8 +732,10 @@ def _label(r: Any, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
             raise RecordError(r.reason, r.message)
         raise RecordError("not_an_object", "a label must be a JSON object")
     if r.get("id") is None:
-        raise RecordError("invalid_id", "a label needs the 'id' of its prediction")
+        raise RecordError("invalid_id", "a label needs the 'id' of its prediction"
+                          + _near_miss(r, "id", ""))
     _check_id(r)
+    _check_misnamed(r)
     if "label" not in r:
         raise RecordError("invalid_label", "a label record needs a 'label'"
                           + _near_miss(r, "label", _PREDICTION_HINT))
@@ -781,6 +819,9 @@ def _fast_predictions(items: list[Any], limits: Limits, short_strings: bool) -> 
         return None
     if not items or set(map(type, feats)) != {dict} or set(map(type, items)) != {dict}:
         return None
+    if not RECORD_KEYS.issuperset(chain.from_iterable(items)) \
+            and any(map(misnamed_key, items)):
+        return None  # the per-record path names the misnamed key
     if max(map(len, feats)) > limits.max_features:
         return None
     vt = set(map(type, chain.from_iterable(map(dict.values, feats))))

@@ -513,3 +513,44 @@ def test_a_failure_in_the_checkpoints_last_update_does_not_loop_back_to_the_resu
     assert w.should_stop and w.exit_status == 4 and w.policy.rollbacks == 1
     said = [r.getMessage() for r in caplog.records if "stopping the run" in r.getMessage()]
     assert said and not any("known-good" in m for m in said), said
+
+
+@pytest.mark.parametrize("flush_lag", [0, 1])
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_a_never_healthy_resumed_run_does_not_restart_at_its_resume_point_again_and_again(
+        tmp_path: Path, flush_lag: int, on_disk: bool) -> None:
+    """The run of the test above with ``good_after: 30``: nothing proved good by the
+    checkpoint at 25. The run that was not interrupted restarts from step 0 at x0.1 and
+    recovers. The resumed run restarted from its resume point, the ruined weights, at 30, 35,
+    40, 45 and 50 (x0.1 down to x0.006) and stopped on the spent budget. Now, without
+    ``snapshot_dir``, its restart failing again before getting past where the run failed
+    (where the cut would compound) stops the run (exit status 4) and says to resume from an
+    earlier checkpoint, keep snapshots on disk, or lower the rate. With ``snapshot_dir`` the
+    checkpoint carries the run's start, but the resumed Watcher's own start (step 0, taken
+    before the checkpoint is loaded) overwrote its file and deleted it when the resumed state
+    replaced it: the stop said to use ``snapshot_dir``. The start's file is now the store's
+    own, and the second restart goes to the carried step 0; the run recovers."""
+    rec = {**_REC, "good_after": 30,
+           **({"snapshot_dir": str(tmp_path / "snaps")} if on_disk else {})}
+    _, whole = _ruin_run(tmp_path / "whole.jsonl",
+                         {**rec, **({"snapshot_dir": str(tmp_path / "w")} if on_disk else {})},
+                         flush_lag=flush_lag)
+    (first,) = _events(tmp_path / "whole.jsonl", "rollback")
+    assert (first["to_step"], first["lr_factor"]) == (0, 0.1), first
+    assert whole.step == 60 and not whole.should_stop
+    ckpt, _ = _ruin_run(tmp_path / "a.jsonl", rec, checkpoint_at=25, until=25,
+                        flush_lag=flush_lag)
+    assert ckpt is not None
+    trace = tmp_path / "b.jsonl"
+    _, w = _ruin_run(trace, rec, resume=ckpt, flush_lag=flush_lag)
+    rollbacks = [(e["to_step"], round(e["lr_factor"], 3)) for e in _events(trace, "rollback")]
+    if on_disk:
+        assert rollbacks[0] == (25, 0.1) and rollbacks[1][0] == 0, rollbacks
+        assert w.step == 60 and not w.should_stop, rollbacks
+        return
+    assert rollbacks == [(25, 0.1)], rollbacks
+    (stop,) = _events(trace, "stop")
+    assert "resumed at (25)" in stop["reason"] and "before step 25" in stop["reason"], stop
+    assert "snapshot_dir" in stop["reason"], stop
+    assert "never proved healthy" in stop["reason"] and "lower learning rate" in stop["reason"]
+    assert w.should_stop and w.exit_status == 4 and w.policy.rollbacks == 1

@@ -408,7 +408,8 @@ class SnapshotStore:
     directory:
         Write snapshots here (atomic rename, sha256 checksum, ``weights_only`` load) instead of
         keeping CPU copies in memory: ``snapshot-<step>.pt`` and its ``.json``, under
-        ``torch.distributed`` ``snapshot-<step>.rank<r>.pt`` (see :meth:`_filename`). If a
+        ``torch.distributed`` ``snapshot-<step>.rank<r>.pt``, the pinned start
+        ``snapshot-<step>.start-<hex>.pt`` (see :meth:`_filename`). If a
         write fails with ``OSError`` (read-only, full, removed), that snapshot and all later
         ones are kept in memory (``directory`` becomes ``None``), with one warning and one
         ``on_error`` call: a rollback must not be lost to an unusable disk.
@@ -456,6 +457,9 @@ class SnapshotStore:
         self.keep_before: int | None = None
         self.directory = Path(directory) if directory is not None else None
         self._rank_tag = _rank_tag()
+        #: this store's own name for its pinned start (see :meth:`_filename`; not from an
+        #: RNG the snapshots capture)
+        self._start_tag = f".start-{os.urandom(4).hex()}"
         self.good_after = good_after
         self.budget = budget
         self.min_interval = min_interval
@@ -577,7 +581,7 @@ class SnapshotStore:
         if snap.path:   # the data file was written, its metadata was not: the memory copy wins
             self._delete(snap)
         try:   # a half-written temporary file (a full disk) would only take more space
-            (where / (self._filename(snap.step) + ".tmp")).unlink(missing_ok=True)
+            (where / (self._filename(snap.step, snap.pinned) + ".tmp")).unlink(missing_ok=True)
         except OSError:
             pass
         snap.path = snap.checksum = None
@@ -592,7 +596,7 @@ class SnapshotStore:
     def _write(self, snap: Snapshot) -> None:
         assert self.directory is not None and snap.state is not None
         snap.wait()
-        final = self.directory / self._filename(snap.step)
+        final = self.directory / self._filename(snap.step, snap.pinned)
         state = snap.state
         if state.get("scheduler") is not None and not storable(state["scheduler"]):
             self._limit.warning(log, "scheduler", "lrwatch: the scheduler's state holds "
@@ -607,13 +611,18 @@ class SnapshotStore:
         (final.with_suffix(".json")).write_text(json.dumps(meta))
         snap.state = None  # the disk copy is the snapshot; keep memory free
 
-    def _filename(self, step: int) -> str:
+    def _filename(self, step: int, pinned: bool = False) -> str:
         """``snapshot-<step>.pt``; under ``torch.distributed`` (a group of more than one
         process) ``snapshot-<step>.rank<r>.pt``, the global rank: the ranks of one machine,
         or of a shared filesystem, share ``directory``, and each must write, verify and delete
         its own files (the same name made the ranks overwrite each other's snapshots, or one
-        rank's rename find the other's temporary file gone)."""
-        return f"snapshot-{step:010d}{self._rank_tag}.pt"
+        rank's rename find the other's temporary file gone). The pinned start is
+        ``snapshot-<step>.start-<8 hex>[.rank<r>].pt``, the hex this store's own: a resumed
+        Watcher takes its start (step 0) before its checkpoint is loaded, and under the plain
+        name it overwrote, then deleted (replaced by the resumed state), the start of the run
+        it resumes, which the checkpoint names for a restart (``before_failure``)."""
+        tag = self._start_tag if pinned else ""
+        return f"snapshot-{step:010d}{tag}{self._rank_tag}.pt"
 
     def _trim(self) -> None:
         """Drop snapshots beyond ``keep`` (the pinned start never counts, nor is dropped).

@@ -678,30 +678,51 @@ def _undoes_nothing(state: PolicyState, d: Decision, resumed_at: int) -> Plan:
 
 
 def _resume_failed_again(state: PolicyState, target: SnapshotInfo,
-                         snaps: Sequence[SnapshotInfo]) -> bool:
-    """Whether a rollback to ``target`` goes to the resume point of a run that proved healthy
-    a second time, the first not having got the run past it (no snapshot since proved good),
-    with nothing held from before it: the checkpoint's own last update is measured only by
-    the resumed run's samples, so the resume point itself may be the damage, and going back
-    to it again, the cut compounding, would loop until the budget is spent."""
-    return (target.pinned and state.resumed_at is not None and target.step == state.resumed_at
-            and target.step > 0 and state.ever_healthy
-            and state.last_rollback_to == target.step
-            and not any(s.good and s.step < target.step for s in snaps))
+                         snaps: Sequence[SnapshotInfo], step: int, good_after: int) -> bool:
+    """Whether a rollback at ``step`` to ``target`` goes to the resume point a second time,
+    the first not having got the run past it (no snapshot since proved good), with nothing
+    held from before it: the checkpoint's own last update is measured only by the resumed
+    run's samples, so the resume point itself may be the damage, and going back to it again,
+    the cut compounding, would loop until the budget is spent. In a run that never proved
+    healthy the first was a restart at a cut rate: the same, once the restart failed again
+    before getting past where the run failed at the full rate (the steps it went back over,
+    plus ``good_after``: where :meth:`RecoveryPolicy._rollback` would compound the cut).
+
+    >>> st = PolicyState(resumed_at=25, last_rollback_to=25, last_rollback_at=30)
+    >>> t = SnapshotInfo(25, True, pinned=True)
+    >>> [_resume_failed_again(st, t, [t], s, 5) for s in (40, 41)]
+    [True, False]
+    >>> _resume_failed_again(st, t, [SnapshotInfo(0, True), t], 35, 5)
+    False
+    """
+    again = (target.pinned and state.resumed_at is not None
+             and target.step == state.resumed_at and target.step > 0
+             and state.last_rollback_to == target.step
+             and not any(s.good and s.step < target.step for s in snaps))
+    if not again or state.ever_healthy:
+        return again
+    last = state.last_rollback_at
+    return last is not None and step - last <= (last - target.step) + good_after
 
 
 def _resume_point_suspect(state: PolicyState, d: Decision, resumed_at: int) -> Plan:
     """The stop of :func:`_resume_failed_again` (exit status 4, the rollback booked for it
     given back), leaving the state as it is (the resume point is no known-good state)."""
     state.rollbacks = max(0, state.rollbacks - 1)
+    how, rate = "", ""
+    if not state.ever_healthy:
+        how = (", restarted there at a cut rate, before getting past where it had failed "
+               "(the run never proved healthy since it was resumed)")
+        rate = ", or, if that checkpoint is sound, at a lower learning rate"
     return Plan("stop", d.rule, d.step,
                 f"the run failed again after its rollback to the step it was resumed at "
-                f"({resumed_at}), and no snapshot from before it is held: the checkpoint's "
-                f"state may itself be damaged (its last update shows only in the resumed "
-                f"run's samples), and going back to it again would undo nothing; resume from "
-                f"a checkpoint written before step {resumed_at} (with snapshot_dir, a "
-                "checkpoint carries the snapshots from before it, and the resumed run goes "
-                "back to those)", EXIT_BUDGET, event=d.event, params={"restore": "none"})
+                f"({resumed_at}){how}, and no snapshot from before it is held: the "
+                f"checkpoint's state may itself be damaged (its last update shows only in "
+                f"the resumed run's samples), and going back to it again would undo nothing; "
+                f"resume from a checkpoint written before step {resumed_at} (with "
+                "snapshot_dir, a checkpoint carries the snapshots from before it, and the "
+                f"resumed run goes back to those){rate}", EXIT_BUDGET, event=d.event,
+                params={"restore": "none"})
 
 
 def _nonfinite(e: Any) -> bool:
@@ -975,8 +996,9 @@ class RecoveryPolicy(PreflightBooking, MidCheckBooking):
         if target is None:
             return Plan("stop", d.rule, d.step, "no snapshot to go back to", EXIT_BUDGET,
                         event=d.event)
-        if d.action == "rollback" and _resume_failed_again(self.state, target,
-                                                           progress.snapshots):
+        if d.action == "rollback" and _resume_failed_again(
+                self.state, target, progress.snapshots, progress.step,
+                rc.good_after if rc is not None else 0):
             return _resume_point_suspect(self.state, d, target.step)
         if d.action == "skip":
             return Plan("skip", d.rule, d.step, d.reason, target=target.step,

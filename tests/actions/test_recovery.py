@@ -585,9 +585,13 @@ def test_snapshot_write_failure_is_counted_and_training_goes_on(tmp_path: Path) 
     w.close()
     assert w.step == 30
     # The first failed write switches the store to memory: one failure, counted once, and
-    # every snapshot (the first included) is kept, so rollbacks still have a target.
+    # every snapshot is kept, so rollbacks still have a target: the start on disk (its file
+    # is the store's own name since the sixteenth round, not one of the links), every one
+    # after it in memory.
     assert w.store is not None and w.store.failed == 1 and w.store.directory is None
-    assert w.store.taken >= 2 and all(s.state is not None for s in w.store.snapshots)
+    start, *later = w.store.snapshots
+    assert start.pinned and start.path and os.path.exists(start.path)
+    assert w.store.taken >= 2 and later and all(s.state is not None for s in later)
     text = generate_latest(w.registry).decode()
     line = next(ln for ln in text.splitlines() if ln.startswith("lrwatch_internal_errors_total "))
     assert float(line.split()[1]) == w.store.failed

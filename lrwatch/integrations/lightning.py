@@ -52,7 +52,8 @@ from ..errors import ConfigError
 from ..watch import Watcher
 from ._common import (check_export, check_lr_find, eval_name, export_kwargs,
                       log_completed_step, lr_find_args, note_pending, reapply_best, rng_kept,
-                      scalar, start_at_suggestion, with_clip, wrap_dataloader)
+                      scalar, skip_sampler_of, start_at_suggestion, with_clip,
+                      wrap_dataloader)
 
 __all__ = ["LrwatchCallback"]
 
@@ -113,6 +114,7 @@ class LrwatchCallback(pl.Callback):
         self._untrained_due = False   # measure the untrained loss at the first batch
         self._measured = False   # manual optimization: measured before training_step clipped
         self._clip_wrapped: Any = None   # the module whose clip_gradients measures first
+        self._sampler: Any = None   # the training loader's SkipSampler (a single loader)
 
     # --- convenience ---------------------------------------------------------------------------
     @property
@@ -177,6 +179,8 @@ class LrwatchCallback(pl.Callback):
         self._eval = {}
         self._untrained_due = int(trainer.global_step) == 0 and self.watcher.untrained_batches > 0
         self._wrap_data(trainer)
+        if saved is not None and saved.get("data_pass") and self._sampler is not None:
+            _resume_pass(self._sampler, saved["data_pass"], trainer)
         if not getattr(pl_module, "automatic_optimization", True) and scaler is None:
             self._measure_before_clipping(pl_module)
 
@@ -201,15 +205,15 @@ class LrwatchCallback(pl.Callback):
         if w is None:
             return
         loaders = getattr(trainer, "train_dataloader", None)
-        stack = [loaders]
+        stack, self._sampler = [loaders], None
         while stack:
             obj = stack.pop()
             if isinstance(obj, Mapping):
                 stack.extend(obj.values())
             elif isinstance(obj, (list, tuple)):
                 stack.extend(obj)
-            elif obj is not None:
-                wrap_dataloader(obj, w.skip_batch)
+            elif obj is not None and wrap_dataloader(obj, w.skip_batch) and obj is loaders:
+                self._sampler = skip_sampler_of(obj)   # (_resume_pass)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         log_completed_step(self, start_check=False)   # the fit is over: no check now
@@ -353,7 +357,10 @@ class LrwatchCallback(pl.Callback):
         the step just completed (logged at the next boundary) and its values."""
         if self.watcher is not None:
             note_pending(self)
-            return self.watcher.state_dict()
+            saved = self.watcher.state_dict()
+            if self._sampler is not None:   # the current pass (_resume_pass)
+                saved["data_pass"] = self._sampler.pass_state()
+            return saved
         return dict(self._loaded or {})
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -363,6 +370,26 @@ class LrwatchCallback(pl.Callback):
         # (loading into it opened its trace again, and the new Watcher could not write it)
         if self.watcher is not None and not self.watcher._closed and self._loaded:
             self.watcher.load_state_dict(self._loaded)
+
+
+def _resume_pass(sampler: Any, carried: Mapping[str, Any], trainer: Any) -> None:
+    """A fit resumed from a checkpoint written mid-epoch. Lightning restores the epoch and
+    its batch count, and a training loader that resumes mid-epoch (``state_dict`` /
+    ``load_state_dict``, as Lightning asks of one: torchdata's ``StatefulDataLoader``)
+    passes by the batches it yielded; the batches a rollback's skip window dropped are none,
+    so it would land that many batches early, train them, and the ``SkipSampler`` would
+    count the passed-by batches in ``data_position`` again. The checkpoint's pass is
+    replayed instead (:meth:`SkipSampler.resume`: its batches yielded and dropped as they
+    were, not counted again). A loader that does not resume starts the epoch afresh
+    (Lightning warns that the results are unreliable): the pass is not replayed there, nor
+    where it had run out (the fit goes on in a fresh epoch)."""
+    loader = getattr(trainer, "train_dataloader", None)
+    resumes = callable(getattr(loader, "state_dict", None)) and callable(
+        getattr(loader, "load_state_dict", None))
+    if resumes and not carried.get("done"):
+        sampler.resume(carried)
+    else:
+        sampler.earlier = int(carried.get("earlier", 0)) + len(carried.get("drops", ()))
 
 
 def _first_batches(trainer: Any, n: int) -> list[Any]:

@@ -72,7 +72,8 @@ def test_a_resume_after_a_skip_trains_the_batches_the_whole_run_trains(
     run, and 1 batch into a fresh one at 9): it trains what the whole run trains, and
     counts as it does. (With 3 and 4 batches an epoch the whole run ends before
     ``max_steps``, at 12 and 13: the Trainer plans its epochs on their full length, and
-    the skips ran it out of epochs; resumed at 8, one epoch behind, it goes on to 14.)"""
+    the skips ran it out of epochs; resumed at 8, one epoch behind, it goes on to 14. The
+    whole run now says so: it ended silently.)"""
     kw = dict(rows=rows, poison=poison, save=save, gradient_accumulation_steps=accumulation)
     whole, seen, first = _run(tmp_path / "a", **kw)
     assert whole.rollbacks == 1 and whole.watcher.skipped_batches == 3
@@ -87,4 +88,8 @@ def test_a_resume_after_a_skip_trains_the_batches_the_whole_run_trains(
         assert resumed.watcher.data_position == whole.watcher.data_position
     else:   # the whole run ran out of epochs (see above)
         assert rows < 40 and first.state.global_step < second.state.global_step
+    short = [t.state.global_step for t in (first, second) if t.state.global_step < save + 6]
+    for step in short:   # said (it ended silently), not corrected
+        assert f"training ended at step {step}, before max_steps={save + 6}" in caplog.text
+    assert bool(short) == ("before max_steps" in caplog.text) == (rows < 40)
     assert "not corrected" not in caplog.text

@@ -24,12 +24,18 @@ class SkipSampler:
 
     ``take()`` is asked once per batch drawn (``Watcher.skip_batch``); when it says ``True`` the
     batch's indices are dropped, so the framework never sees that batch: its step counters, the
-    scheduler and the loss all stay untouched. The epoch simply ends that many batches early.
+    scheduler and the loss all stay untouched. The epoch simply ends that many batches early;
+    with ``refill`` (the Hugging Face Trainer, which plans its epochs on their full length) it
+    is topped up to its full length from the next epoch's order instead (:meth:`_chunks`).
     """
 
     def __init__(self, sampler: Any, batch_size: int, take: Callable[[], bool],
-                 group: int = 1, never_empty: bool = False) -> None:
+                 group: int = 1, never_empty: bool = False, refill: bool = False) -> None:
         self.sampler = sampler
+        #: a pass yields its full length: the batches dropped are replaced by the first
+        #: ones of the next epoch's order (:meth:`_stream`); the epoch last set
+        self.refill = refill
+        self._epoch = 0
         #: the current pass: the batches yielded, and for each batch dropped the number
         #: yielded before it (what a checkpoint carries: :meth:`pass_state`)
         self.yielded = 0
@@ -53,11 +59,10 @@ class SkipSampler:
         self.group = max(1, int(group))
 
     def __iter__(self) -> Iterator[Any]:
-        it = iter(self.sampler)
         size = self.batch_size * self.group
         if self._pad:   # (not counted: a resumed framework fast-forwards past them)
             pad, self._pad = self._pad, 0
-            first = list(itertools.islice(it, size))
+            first = list(itertools.islice(iter(self.sampler), size))
             for _ in range(pad if first else 0):
                 yield from first
             return
@@ -66,9 +71,14 @@ class SkipSampler:
         self.yielded, self.drops = (replay[0], list(replay[1])) if replay else (0, [])
         left, ys = (list(replay[1]), 0) if replay else ([], self.yielded)
         hide, self.done = (replay[2] if replay else 0), False
-        chunk, yielded = list(itertools.islice(it, size)), False
+        # refill: the pass ends at its full length, a short last batch (``tail``) last
+        full = -(-len(self.sampler) // size) if self.refill else None
+        chunks, tail = self._chunks(size), None
+        chunk, yielded = next(chunks, []), False
         while chunk:
-            following = list(itertools.islice(it, size))   # (indices only: cheap)
+            following = next(chunks, [])   # (indices only: cheap)
+            if full is not None and 0 < len(following) < size:
+                tail, following = following, next(chunks, [])
             if left and left[0] == ys:   # resumed: dropped before the checkpoint
                 left.pop(0)
             elif ys < self.yielded:   # resumed: yielded before it (the framework skips them,
@@ -84,8 +94,35 @@ class SkipSampler:
                 yield from chunk
             else:
                 self.drops.append(self.yielded)
-            chunk = following
+            if ys == full:
+                chunk = []
+            elif tail is not None and ys + 1 == full:
+                chunk, tail = tail, None
+            else:
+                chunk = following
         self.done = True
+
+    def _chunks(self, size: int) -> Iterator[list[Any]]:
+        """A pass's batches of indices: its epoch's order, and with ``refill`` the full
+        batches of the next epochs' orders after it (the wrapped sampler's ``set_epoch``
+        moved on; the framework sets it again for its next epoch), as far as the pass takes
+        them. A framework that plans its epochs on their full length before it starts (the
+        Hugging Face Trainer, whose ``max_steps`` is a number of such epochs) then reaches
+        the steps it planned; the batches a pass tops up with are trained again in the next
+        epoch, at their place in its order."""
+        it = iter(self.sampler)
+        while chunk := list(itertools.islice(it, size)):
+            yield chunk
+        set_epoch = getattr(self.sampler, "set_epoch", None)
+        for k in range(1, 1001 if self.refill else 1):
+            if set_epoch is not None:
+                set_epoch(self._epoch + k)
+            it, got = iter(self.sampler), False
+            while len(chunk := list(itertools.islice(it, size))) == size:
+                got = True
+                yield chunk
+            if not got:
+                return
 
     def pass_state(self) -> dict[str, Any]:
         """What a checkpoint carries of the current pass: the batches it yielded, the
@@ -113,6 +150,7 @@ class SkipSampler:
 
     def set_epoch(self, epoch: int) -> None:
         """The wrapped sampler's ``set_epoch``, ``epoch_shift`` added (a no-op without one)."""
+        self._epoch = epoch + self.epoch_shift
         inner = getattr(self.sampler, "set_epoch", None)
         if inner is not None:
             inner(epoch + self.epoch_shift)
@@ -138,7 +176,8 @@ def skip_sampler_of(loader: Any) -> SkipSampler | None:
     return found if isinstance(found, SkipSampler) else None
 
 
-def wrap_dataloader(loader: Any, take: Callable[[], bool], never_empty: bool = False) -> bool:
+def wrap_dataloader(loader: Any, take: Callable[[], bool], never_empty: bool = False,
+                    refill: bool = False) -> bool:
     """Put a :class:`SkipSampler` under ``loader``'s batch sampler, in place.
 
     Follows wrappers that keep the real batch sampler in ``.batch_sampler`` down to the innermost
@@ -161,10 +200,10 @@ def wrap_dataloader(loader: Any, take: Callable[[], bool], never_empty: bool = F
     if not isinstance(bs, torch.utils.data.BatchSampler) or bs.batch_size is None:
         return False
     if not isinstance(bs.sampler, SkipSampler):
-        bs.sampler = SkipSampler(bs.sampler, bs.batch_size, take, group, never_empty)
+        bs.sampler = SkipSampler(bs.sampler, bs.batch_size, take, group, never_empty, refill)
     else:
         bs.sampler.take, bs.sampler.group = take, max(1, group)
-        bs.sampler.never_empty = never_empty
+        bs.sampler.never_empty, bs.sampler.refill = never_empty, refill
     return True
 
 

@@ -176,7 +176,7 @@ class LrwatchCallback(TrainerCallback):
         self._handles = [inner.register_step_post_hook(self._post_step),
                          model.register_forward_hook(self._forward_hook, with_kwargs=True)]
         if train_dataloader is not None and not wrap_dataloader(
-                train_dataloader, w.skip_batch, never_empty=True):
+                train_dataloader, w.skip_batch, never_empty=True, refill=True):
             if w.recovery is not None and w.recovery.skip_batches:
                 warnings.warn("lrwatch: this train dataloader has no BatchSampler to wrap; "
                               "rollbacks will not skip extra batches", stacklevel=2)
@@ -246,7 +246,6 @@ class LrwatchCallback(TrainerCallback):
                      **kwargs: Any) -> None:
         kept = _best_loaded(args, state, model)
         rollbacks = self.rollbacks
-        _say_short_of_max_steps(args, state, control, self._sampler)
         log_completed_step(self, start_check=False)   # training is over: no check now
         self._close()   # (its last flush may roll back or restore: carried out on the model)
         if kept is not None:
@@ -495,21 +494,6 @@ def _sample_batches(loader: Any, n: int, batch_size: int, model: Any) -> list[An
         return []
     with rng_kept():   # a collator that masks at random (MLM) draws from the global RNGs
         return list(itertools.islice(iter(batches), n))
-
-
-def _say_short_of_max_steps(args: Any, state: Any, control: Any, sampler: Any) -> None:
-    """A warning where the Trainer ran out of epochs before ``max_steps`` after skip windows
-    dropped batches: it plans its epochs on their full length before any callback runs, and
-    the dropped batches are no steps (not corrected: docs/integrations.md, the sixteenth
-    round's list). Not where something stopped the training (lrwatch, early stopping)."""
-    dropped = 0 if sampler is None else sampler.earlier + len(sampler.drops)
-    wanted, step = int(getattr(args, "max_steps", -1) or -1), int(state.global_step)
-    if dropped and 0 < step < wanted and not control.should_training_stop:
-        logging.getLogger("lrwatch").warning(
-            "lrwatch: training ended at step %d, before max_steps=%d: rollbacks' skip windows "
-            "dropped %d batch(es), and the Trainer plans its epochs on their full length, so "
-            "it ran out of epochs first (docs/integrations.md, sixteenth round)", step, wanted,
-            dropped)
 
 
 def _trainer_position(args: Any, state: Any, loader: Any) -> tuple[int, int, int]:

@@ -71,14 +71,14 @@ class SkipSampler:
         self.yielded, self.drops = (replay[0], list(replay[1])) if replay else (0, [])
         left, ys = (list(replay[1]), 0) if replay else ([], self.yielded)
         hide, self.done = (replay[2] if replay else 0), False
-        # refill: the pass ends at its full length, a short last batch (``tail``) last
+        # refill: the pass ends at its full length, a short last batch (``tail``) last, and
+        # the next batch is drawn only once this one is decided (the next epoch's order is
+        # drawn only where the pass needs it: a sampler without set_epoch is not moved on)
         full = -(-len(self.sampler) // size) if self.refill else None
         chunks, tail = self._chunks(size), None
         chunk, yielded = next(chunks, []), False
         while chunk:
-            following = next(chunks, [])   # (indices only: cheap)
-            if full is not None and 0 < len(following) < size:
-                tail, following = following, next(chunks, [])
+            following = next(chunks, []) if full is None else [0]   # (indices only: cheap)
             if left and left[0] == ys:   # resumed: dropped before the checkpoint
                 left.pop(0)
             elif ys < self.yielded:   # resumed: yielded before it (the framework skips them,
@@ -94,12 +94,16 @@ class SkipSampler:
                 yield from chunk
             else:
                 self.drops.append(self.yielded)
-            if ys == full:
+            if full is None:
+                chunk = following
+            elif ys >= full:
                 chunk = []
             elif tail is not None and ys + 1 == full:
                 chunk, tail = tail, None
             else:
-                chunk = following
+                chunk = next(chunks, [])
+                if 0 < len(chunk) < size and ys + 1 < full:   # its own short last batch:
+                    tail, chunk = chunk, next(chunks, [])      # kept for the end
         self.done = True
 
     def _chunks(self, size: int) -> Iterator[list[Any]]:

@@ -166,3 +166,30 @@ def test_a_misspelt_lr_find_argument_is_refused_when_the_callback_is_built(frame
     passed = {"model", "optimizer", "loader", "loss_fn", "batch_loss", "scheduler", "scaler"}
     assert LR_FIND_KEYS == tuple(p for p in inspect.signature(lrwatch.lr_find).parameters
                                  if p not in passed)
+
+
+def test_a_refilled_pass_keeps_its_full_length_and_moves_no_order_it_does_not_need() -> None:
+    """``refill`` (the Hugging Face callback's): a pass that dropped a batch is topped up
+    with the first batch of the next epoch's order, its own short last batch kept last (not
+    merged with a refill batch), so it yields as many batches as the framework planned
+    (10 samples, 4 a batch: 4, 4, 2). A pass that dropped nothing draws no next order: a
+    sampler without ``set_epoch`` (a random one on a generator) gives the run the orders it
+    gives without lrwatch."""
+    ds = torch.utils.data.TensorDataset(torch.arange(10))
+    inner = torch.utils.data.DistributedSampler(ds, num_replicas=1, rank=0, seed=3)
+    dl = torch.utils.data.DataLoader(ds, batch_size=4, sampler=inner)
+    calls = iter(range(100))
+    assert wrap_dataloader(dl, lambda: next(calls) == 0, refill=True)
+    dl.batch_sampler.sampler.set_epoch(0)
+    own = list(torch.utils.data.DistributedSampler(ds, num_replicas=1, rank=0, seed=3))
+    ahead = torch.utils.data.DistributedSampler(ds, num_replicas=1, rank=0, seed=3)
+    ahead.set_epoch(1)
+    following = list(ahead)
+    got = [b[0].tolist() for b in dl]
+    assert got == [own[4:8], following[:4], own[8:]], got
+    g, h = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    plain = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True, generator=g)
+    wrapped = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True, generator=h)
+    assert wrap_dataloader(wrapped, lambda: False, refill=True)
+    for _ in range(3):
+        assert [b[0].tolist() for b in wrapped] == [b[0].tolist() for b in plain]

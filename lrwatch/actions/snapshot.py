@@ -1,7 +1,8 @@
 """Health-tagged snapshots of a training run, kept in memory or on disk.
 
 A snapshot holds everything a rollback must restore bit for bit: the model, optimizer, LR
-scheduler and GradScaler states, the RNG states (CPU, CUDA where present, Python, NumPy) and the
+scheduler and GradScaler states, the model's buffers its ``state_dict`` leaves out
+(``persistent=False``, :mod:`~lrwatch.actions.loose_buffers`), the RNG states (CPU, CUDA where present, Python, NumPy) and the
 data position. A snapshot is *pending* when taken and becomes *known good* only once the rules
 have stayed quiet for ``good_after`` steps after it; a rollback goes to the newest known-good one.
 
@@ -38,6 +39,7 @@ __all__ = ["Snapshot", "SnapshotStore", "all_finite", "capture_state", "restore_
 from .._ratelimit import LogLimiter
 from .host_copy import HostCopy
 from .scheduler_state import restorable, scheduler_state, storable
+from .loose_buffers import loose_buffers, restore_loose
 from .optimizer_shard import is_sharded, shard_state, shard_to_load
 from .host_memory import MemoryReport, copies_fit, reports_fit
 
@@ -123,6 +125,8 @@ def capture_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
     copier = copier if copier is not None else HostCopy()
     state: dict[str, Any] = {
         "model": copier.copy(model.state_dict()),
+        # (registered with persistent=False: in no state_dict, this rank's own)
+        "buffers": copier.copy(loose_buffers(model)),
         # (a ZeroRedundancyOptimizer: this rank's shard, optimizer_shard)
         "optimizer": copier.copy(shard_state(optimizer) if is_sharded(optimizer)
                                  else optimizer.state_dict()),
@@ -208,6 +212,7 @@ def restore_state(state: Mapping[str, Any], model: torch.nn.Module,
     with torch.no_grad():
         if not _copy_into(model, state["model"]):
             model.load_state_dict(state["model"])
+    restore_loose(model, state.get("buffers") or {})   # (none in a state from before them)
     if sharded:   # into the local optimizer, its rates then the wrapper's groups' too
         _restore_optimizer(optimizer.optim, saved)
         optimizer._sync_param_groups(optimizer.optim.param_groups, optimizer.param_groups)

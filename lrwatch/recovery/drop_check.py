@@ -27,16 +27,14 @@ log = logging.getLogger("lrwatch")
 
 def nonfinite_state(model: torch.nn.Module, limit: int = 3) -> list[str]:
     """The names of ``model``'s floating parameters and buffers that hold a NaN or an
-    infinity (the first ``limit``; one host read), among those its ``state_dict`` holds: a
-    rollback puts back only those (a buffer registered with ``persistent=False`` is in no
-    snapshot, and rolling back would not mend it). Tensors with no values yet (``meta``,
+    infinity (the first ``limit``; one host read): a rollback puts back each of them (a
+    buffer registered with ``persistent=False`` too: a snapshot holds those beside the state
+    dict, :mod:`~lrwatch.actions.loose_buffers`). Tensors with no values yet (``meta``,
     uninitialized lazy ones) are passed over."""
     # (not state_dict(): a wrapper's can be a collective, FSDP's gathering every shard)
-    loose = {f"{m}.{b}" if m else b for m, mod in model.named_modules()
-             for b in getattr(mod, "_non_persistent_buffers_set", ())}
     named = [(n, t) for n, t in itertools.chain(model.named_parameters(),
                                                 model.named_buffers())
-             if n not in loose and t.is_floating_point() and t.numel() and t.device.type != "meta"
+             if t.is_floating_point() and t.numel() and t.device.type != "meta"
              and not isinstance(t, torch.nn.parameter.UninitializedTensorMixin)]
     # (a shard, FSDP2's DTensor: this rank's part; the ranks' verdicts are gathered)
     local = [(n, t.to_local() if hasattr(t, "to_local") else t) for n, t in named]

@@ -14,6 +14,7 @@ from torch import nn
 
 import lrwatch
 from flag_rules import NONFINITE_ROLLBACK, flag_rule, write_flag_rules
+from lrwatch.actions.snapshot import capture_state, load_verified, restore_state
 from lrwatch.recovery.policy import Progress, RecoveryConfig, RecoveryPolicy, SnapshotInfo
 
 
@@ -352,22 +353,75 @@ class _RunMean(nn.Module):
         return x - self.avg
 
 
-def test_a_dropped_step_is_not_rolled_back_for_a_buffer_no_snapshot_holds(
-        tmp_path: Path) -> None:
-    """The tainted-drop check looks only at what a rollback puts back: a buffer registered
-    with ``persistent=False`` is in no snapshot, and rolling back for it would undo steps
-    and mend nothing."""
-    (tmp_path / "r.yml").write_text(NONFINITE_ROLLBACK)
+def _run_mean_model() -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(4)
-    model = nn.Sequential(nn.Linear(6, 12), _RunMean(12), nn.Tanh(), nn.Linear(12, 2))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    m = nn.Sequential(nn.Linear(6, 12), _RunMean(12), nn.Tanh(), nn.Linear(12, 2))
+    return m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+
+
+@pytest.mark.parametrize("on_disk,guard", [(False, "auto"), (True, "auto"), (False, "off")])
+def test_a_rollback_puts_back_a_buffer_the_state_dict_leaves_out(
+        tmp_path: Path, on_disk: bool, guard: str) -> None:
+    """A buffer registered with ``persistent=False`` was in no snapshot: a NaN batch the
+    guard kept off the parameters left the running mean NaN for good, and the tainted-drop
+    check passed it over (rolling back would have mended nothing). Snapshots hold such
+    buffers now (on disk in the snapshot file), the dropped step is rolled back, and the run
+    ends equal to the run that never saw the batch, the buffer included. With the guard off
+    the NaN loss's rule rolls back: the weights came back, the running mean stayed NaN."""
+    (tmp_path / "r.yml").write_text(NONFINITE_ROLLBACK)
+    n, bad_at = 40, 27
+    model, opt = _run_mean_model()
+    recovery: dict[str, Any] = {"good_after": 5, "min_interval": 5, "max_interval": 5,
+                                "cooldown": 0, "replay": True, "start_check": "off",
+                                "guard": guard}
+    if on_disk:
+        recovery["snapshot_dir"] = str(tmp_path / "snaps")
     w = lrwatch.Watcher(model, opt, rules=str(tmp_path / "r.yml"), flush_every=4,
-                        recovery={"good_after": 5, "min_interval": 5, "max_interval": 5,
-                                  "cooldown": 0, "start_check": "off"})
-    for i in w.batches(range(40)):
-        w.log(loss=_bn_step(model, opt, i, bad=i == 27))
+                        recovery=recovery)
+    for i in w.batches(range(n)):
+        w.log(loss=_bn_step(model, opt, i, bad=i == bad_at and not w.rollbacks))
+        if on_disk and i == 30:   # (the file holds the buffer: a resumed run's too)
+            snap = w.store.latest()
+            assert snap.path and "1.avg" in load_verified(snap.path, snap.checksum)["buffers"]
     w.close()
-    assert w.rollbacks == 0 and not torch.isfinite(model[1].avg).all()
+    assert w.rollbacks == 1 and torch.isfinite(model[1].avg).all()
+    ref, ref_opt = _run_mean_model()
+    for i in range(n):
+        if i != bad_at:
+            _bn_step(ref, ref_opt, i, bad=False)
+    assert torch.equal(model[1].avg, ref[1].avg)
+    for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+class _Cache(nn.Module):
+    """A cache of its own in a buffer no state_dict holds, grown (rebound) on demand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.arange(4.0), persistent=False)
+        self.register_buffer("count", torch.zeros((), dtype=torch.long), persistent=False)
+
+    def grow(self, n: int) -> None:
+        self.table = torch.arange(float(n))
+
+
+def test_a_snapshot_restores_buffers_the_state_dict_leaves_out_to_its_values() -> None:
+    """The restore puts each such buffer back to the snapshot's values: in place where it
+    has its shape (the live tensor kept), rebound where it grew since; one the model did not
+    have then is left as it is."""
+    model = nn.Sequential(nn.Linear(3, 3), _Cache())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = capture_state(model, opt)
+    assert set(state["buffers"]) == {"1.table", "1.count"}
+    live = model[1].count
+    model[1].count += 5
+    model[1].grow(9)
+    model[1].register_buffer("later", torch.ones(2), persistent=False)
+    restore_state(state, model, opt)
+    assert model[1].count is live and int(live) == 0
+    assert torch.equal(model[1].table, torch.arange(4.0))
+    assert torch.equal(model[1].later, torch.ones(2))
 
 
 def _epoch_run(tmp_path: Path, make: Callable[[Any], Any], poison: bool
@@ -420,3 +474,23 @@ def test_a_rollback_across_an_epoch_end_keeps_a_per_epoch_schedule_where_the_loo
     w, ends, _ = _epoch_run(tmp_path, make, True)
     assert w.rollbacks == 1
     assert ends == pytest.approx(clean, rel=1e-12)
+
+
+@pytest.mark.slow
+def test_under_ddp_each_rank_gets_back_its_own_buffer_the_state_dict_leaves_out(
+        tmp_path: Path) -> None:
+    """2 gloo ranks, DDP without buffer broadcast (each rank its own running mean in a
+    ``persistent=False`` buffer), a NaN input on the last rank: every rank rolls back to its
+    own snapshot, its own running mean included (before, the last rank's stayed NaN), and
+    ends as the run without the batch."""
+    import json
+
+    import dist_buffers16_workers as dw
+    from ranks import spawn_ranks
+
+    spawn_ranks(dw.loose_buffer_rollback,
+                args=(2, str(tmp_path / "store"), str(tmp_path), 30, 17), nprocs=2)
+    r = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in range(2)]
+    for x in r:
+        assert x["rollbacks"] == 1 and x["finite"] and x["avg_equal"] and x["weights_equal"], x
+    assert r[0]["avg"] != r[1]["avg"]   # (each rank's own)

@@ -1,0 +1,81 @@
+"""Worker processes for the distributed test of tests/actions/test_training_audit16.py:
+buffers registered with ``persistent=False`` under DDP (real gloo groups on CPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import lrwatch
+from distributed_workers import _global_batch, _mine, finish, init
+from flag_rules import NONFINITE_ROLLBACK
+
+
+class RunMean(nn.Module):
+    """Centres its input; a running mean of this rank's batches in a buffer no state_dict
+    holds (``persistent=False``)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.register_buffer("avg", torch.zeros(n), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                self.avg.mul_(0.9).add_(0.1 * x.mean(0))
+            return x - x.mean(0)
+        return x - self.avg
+
+
+def _ddp() -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(3)
+    model = nn.parallel.DistributedDataParallel(
+        nn.Sequential(nn.Linear(12, 16), RunMean(16), nn.Tanh(), nn.Linear(16, 1)),
+        broadcast_buffers=False)   # (each rank keeps its own running mean)
+    return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, b: int, rank: int, world: int,
+          nan: bool) -> torch.Tensor:
+    x, y = _global_batch(b)
+    x = _mine(x, rank, world).clone()
+    if nan:
+        x[0, 0] = float("nan")
+    opt.zero_grad()
+    loss = nn.functional.mse_loss(model(x), _mine(y, rank, world))
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def loose_buffer_rollback(rank: int, world: int, store: str, out: str, n: int,
+                          nan_at: int) -> None:
+    """DDP over ``n`` batches, batch ``nan_at``'s input NaN on the last rank (its running
+    mean NaN, every rank's weights NaN through the all-reduce), ``replay: True``: every rank
+    rolls back to its own snapshot, its own running mean included, and ends as the run
+    without that batch."""
+    init(rank, world, store, timeout_s=60)
+    clean, copt = _ddp()
+    for b in range(n):
+        if b != nan_at:
+            _step(clean, copt, b, rank, world, nan=False)
+    model, opt = _ddp()
+    rules = Path(out, f"rules{rank}.yml")
+    rules.write_text(NONFINITE_ROLLBACK)
+    w = lrwatch.Watcher(model, opt, rules=str(rules), flush_every=4,
+                        recovery={"good_after": 5, "min_interval": 5, "cooldown": 0,
+                                  "replay": True, "guard": "off", "start_check": "off"})
+    for b in w.batches(iter(range(n))):
+        w.log(loss=_step(model, opt, b, rank, world,
+                         nan=b == nan_at and rank == world - 1 and not w.policy.rollbacks))
+    w.close()
+    avg, ref = model.module[1].avg, clean.module[1].avg
+    Path(out, f"rank{rank}.json").write_text(json.dumps({
+        "rollbacks": w.policy.rollbacks, "finite": bool(torch.isfinite(avg).all()),
+        "avg_equal": torch.equal(avg, ref), "avg": avg.tolist(),
+        "weights_equal": all(torch.equal(a, b) for a, b in
+                             zip(model.parameters(), clean.parameters()))}))
+    finish()

@@ -32,12 +32,21 @@ class LogApi:
     flush_in_flight: bool
     _going_back: bool
     _boundary: Callable[[str], None]
+    _last_logged: Row | None = None   # the row log() gave values last
 
     def log(self, *, batch_size: int | None = None, **metrics: torch.Tensor | float | int) -> None:
         """Record this step's metrics (``loss=``, ``accuracy=``, or any other name).
 
         Tensors are kept on the device (detached, no host sync); numbers are taken as they are.
-        Call it once per optimizer step, before or after ``optimizer.step()``.
+        Call it once per optimizer step, before or after ``optimizer.step()``, or several
+        times: after the step, a call that logs none of the names already logged for that
+        step joins it (the loss, then an evaluation's values after an evaluation pass, go on
+        one trace line); before the step, every call joins the step about to happen (a name
+        logged again there: the last value wins). A name logged again after the step starts
+        the next step's values. With ``flush_lag=0`` a call after the step whose flush came
+        at its first ``log()`` (every ``flush_every``-th step) is too late for it: its values
+        go with the next step, with a warning (log them in the step's first call, or use
+        ``flush_lag=1``).
 
         A loop that clips its gradients before ``optimizer.step()`` logs the norm
         ``clip_grad_norm_`` returns as ``grad_norm=``: the step hook runs after the clipping
@@ -48,16 +57,57 @@ class LogApi:
         """
         if self._closed:
             return
+        if self._join_last_step(metrics, batch_size):
+            return
         row = self.recorder.row_for_log(self.step + 1)
         self._put_metrics(row, metrics, on_host=False)
         if "grad_norm" in metrics and as_value("grad_norm", metrics["grad_norm"])[0] is not None:
             row.host[LOGGED_NORM] = 1.0   # (the loop's own, before its clipping)
+        row.logged_keys.update(metrics)
+        self._last_logged = row
         if batch_size is not None:
             row.host["_batch"] = float(batch_size)
         row.logged = True
         if row.stepped:
             self.recorder.commit()
             self._boundary("log")
+
+    def _join_last_step(self, metrics: Mapping[str, Any], batch_size: int | None) -> bool:
+        """Put ``metrics`` into the row of the step completed last when they belong to it: a
+        ``log()`` after its step's first one, before the next step, with none of the names
+        logged for it (the row waits for the flush, or is in flight: its device values then
+        follow in a copy of their own). ``False``: they go to the open row, as a first call's."""
+        if self.recorder.open is not None:
+            return False
+        in_flight = self._in_flight
+        row = self.recorder.last_logged(self.step)
+        if row is None and in_flight is not None and in_flight.rows \
+                and in_flight.rows[-1].step == self.step and in_flight.rows[-1].logged:
+            row = in_flight.rows[-1]
+        else:
+            in_flight = None
+        if row is None:
+            last = self._last_logged
+            if last is not None and last.step == self.step and last.stepped \
+                    and not (metrics.keys() & last.logged_keys):
+                self._faults.warn_once("log:judged", (
+                    f"lrwatch: log({', '.join(metrics)}) came after step {self.step} was judged "
+                    f"(its flush came before this call; with flush_lag=0 at that step's first "
+                    f"log()): the values "
+                    f"go with step {self.step + 1}; log them in the step's first log() call, "
+                    f"or use Watcher(flush_lag=1)"), stacklevel=4)
+            return False
+        if metrics.keys() & row.logged_keys:
+            return False
+        late: dict[str, torch.Tensor] = {}   # (device values after the copy was queued)
+        self._put_metrics(row, metrics, on_host=False, stacklevel=5,
+                          device_into=late if in_flight is not None else None)
+        if in_flight is not None:
+            in_flight.add_late(row, late)
+        row.logged_keys.update(metrics)
+        if batch_size is not None:
+            row.host["_batch"] = float(batch_size)
+        return True
 
     def log_evaluation(self, **metrics: torch.Tensor | float | int) -> bool:
         """Record an evaluation of the last completed step after that step was logged (a
@@ -115,17 +165,22 @@ class LogApi:
             return
         self._evals.offer(self.step, v)
 
-    def _put_metrics(self, row: Row, metrics: Mapping[str, Any], *, on_host: bool) -> None:
-        """Put the good values into ``row`` (as host numbers with ``on_host``), and offer the
-        watched evaluation to the best keeper; warn about the bad ones once each."""
+    def _put_metrics(self, row: Row, metrics: Mapping[str, Any], *, on_host: bool,
+                     device_into: dict[str, torch.Tensor] | None = None,
+                     stacklevel: int = 4) -> None:
+        """Put the good values into ``row`` (as host numbers with ``on_host``; with
+        ``device_into``, its device values there instead), and offer the watched evaluation
+        to the best keeper; warn about the bad ones once each."""
         best = self._evals.metric_for(metrics)
         for key, value in metrics.items():
             v, why = as_value(key, value)
             if v is None:   # (points at the caller of log())
-                self._faults.warn_once(f"bad:{key}", why or "", stacklevel=4)
+                self._faults.warn_once(f"bad:{key}", why or "", stacklevel=stacklevel)
                 continue
             if on_host:
                 row.host[key] = float(v)
+            elif device_into is not None and isinstance(v, torch.Tensor):
+                device_into[key] = v
             else:
                 row.put(key, v)
             if key == best:

@@ -45,15 +45,22 @@ class Row:
     lr: list[float | None] = field(default_factory=list)   # per group; None: it holds none
     stepped: bool = False  # the optimizer step (or a skip) has happened for this row
     logged: bool = False  # watch.log() has delivered this step's values
+    logged_keys: set[str] = field(default_factory=set)   # the names log() gave it
 
     def put(self, key: str, value: torch.Tensor | float | int) -> None:
+        """Keep ``value`` under ``key``; a second value for a key replaces the first (the
+        last value wins, on the device or the host)."""
         if isinstance(value, torch.Tensor):
-            if key in self.keys:  # a second log() of the same step: last value wins
+            self.host.pop(key, None)
+            if key in self.keys:
                 self.tensors[self.keys.index(key)] = value
             else:
                 self.keys.append(key)
                 self.tensors.append(value)
         else:
+            if key in self.keys:
+                i = self.keys.index(key)
+                del self.keys[i], self.tensors[i]
             self.host[key] = float(value)
 
 
@@ -144,17 +151,26 @@ class StepRecorder:
             self.on_commit()
 
     def row_for_log(self, next_step: int) -> Row:
-        """The row a ``log()`` call belongs to.
+        """The row a ``log()`` call belongs to, when it does not join the last completed step's
+        (the Watcher decides that: :meth:`~lrwatch.log_api.LogApi.log`).
 
         A log after the step completes that step's row; a log before the step opens the row of
-        the step about to happen. A second log for a row that already has one starts the next.
+        the step about to happen, and further logs before that step join it (a key logged
+        again there: the last value wins, as for gradient accumulation's micro-batches).
         """
         row = self.open
-        if row is None or row.logged:
-            if row is not None and row.stepped:
-                self.commit()
+        if row is not None and row.stepped and row.logged:   # (not left so by the Watcher)
+            self.commit()
+            row = None
+        if row is None:
             row = self.open = Row(step=next_step)
         return row
+
+    def last_logged(self, step: int) -> Row | None:
+        """The committed row of ``step`` not sent to the host yet, if ``log()`` gave it
+        values; else ``None``."""
+        row = self.rows[-1] if self.rows else None
+        return row if row is not None and row.step == step and row.logged else None
 
     def measure_grads(self, next_step: int, *, skipped: bool, guard: bool = True) -> None:
         """Gradient norms (and the loss scale) of the step about to happen; ``guard=False``:
@@ -365,10 +381,12 @@ class Transfer:
                  *, asynchronous: bool = False) -> None:
         self.rows = list(rows)
         self.n_extra = len(extra)
+        self.device, self.asynchronous = device, asynchronous
         flat = [t for r in self.rows for t in r.tensors] + list(extra)
         self._values: list[float] | None = [] if not flat else None
         self._host: torch.Tensor | None = None
         self._event: Any = None
+        self._late: list[tuple[Row, list[str], Transfer]] = []
         if not flat:
             return
         stacked = torch.stack([t.to(device) for t in flat])
@@ -385,8 +403,19 @@ class Transfer:
                 return
         self._values = stacked.cpu().tolist()
 
+    def add_late(self, row: Row, values: dict[str, torch.Tensor]) -> None:
+        """Device values logged for ``row`` (one of this transfer's) after its copy was queued:
+        copied on their own the same way (without the host waiting, on CUDA), and put into
+        the row's host values when :meth:`result` reads this transfer."""
+        if values:
+            self._late.append((row, list(values), Transfer(
+                [], list(values.values()), self.device, asynchronous=self.asynchronous)))
+
     def result(self, batch_size: int | None) -> tuple[list[Sample], list[float]]:
         """The rows as samples and the extra values (waiting for the copy if it is in flight)."""
+        for row, keys, late in self._late:
+            row.host.update(zip(keys, late.result(None)[1]))
+        self._late = []
         if self._values is None:
             assert self._host is not None
             self._event.synchronize()

@@ -480,3 +480,66 @@ def test_unusable_trace_is_counted_at_every_dropped_flush_and_training_goes_on(
         assert w.exporter.internal_errors._value.get() == failures
         warned = [r for r in caplog.records if "trace" in r.getMessage()]
         assert len(warned) == 1 and warned[0].exc_info is None, [r.getMessage() for r in warned]
+
+
+def _loop_with_evaluations(log_first: bool, flush_lag: int, trace: Any = None,
+                           counts: dict[str, int] | None = None) -> list[Sample]:
+    """Eight steps, each logging its loss once (before or after ``opt.step()``); after the
+    steps 3, 5 and 7 an evaluation is logged in a call of its own, before the next step.
+    With ``counts``, the host conversions lrwatch makes in the evaluations' calls at steps 3
+    and 7 (not flush steps: ``flush_every=5``) are added there."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    got: list[Sample] = []
+    with lrwatch.Watcher(model, opt, flush_every=5, flush_lag=flush_lag, rules=None,
+                         trace=trace, listeners=[got.append], recovery={"guard": "off"}) as w:
+        for i in range(1, 9):
+            x, y = _batch(i)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            if log_first:
+                w.log(loss=loss)
+            opt.step()
+            if not log_first:
+                w.log(loss=loss)
+            if i in (3, 5, 7):
+                value = torch.tensor(float(i))   # a tensor: kept on the device
+                if counts is not None and i != 5:
+                    with _count_host_conversions(only_lrwatch=True) as c:
+                        w.log(eval_loss=value, eval_accuracy=i / 10)
+                    counts["n"] = counts.get("n", 0) + sum(c.values())
+                else:
+                    w.log(eval_loss=value, eval_accuracy=i / 10)
+    return got
+
+
+@pytest.mark.parametrize("log_first", [False, True])
+@pytest.mark.parametrize("flush_lag", [0, 1])
+def test_a_second_log_call_in_a_step_joins_that_step(log_first: bool, flush_lag: int,
+                                                     tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The loss logged, then an evaluation's values in a second ``log()`` after an evaluation
+    pass: both go on the step's one sample and trace line (sixteenth round's audit: the
+    second call's values went on the next step's line, and in a loop that logs before
+    ``opt.step()`` they were lost, as was, after the step, the next step's loss). With
+    ``flush_lag=1`` even the flush step's (its copy in flight) joins; with ``flush_lag=0``
+    the flush step was judged at its first ``log()``: its evaluation goes with the next
+    step, with a warning that says what to do. No host conversion in those calls."""
+    path = tmp_path / "run.jsonl"
+    counts: dict[str, int] = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = _loop_with_evaluations(log_first, flush_lag, trace=path, counts=counts)
+    assert [s.step for s in got] == list(range(1, 9))
+    assert all("loss" in s.values for s in got)   # no step's loss lost
+    late = flush_lag == 0   # the flush step 5 was judged before its evaluation was logged
+    want = {3: 3.0, 6 if late else 5: 5.0, 7: 7.0}
+    assert {s.step: s.values["eval_loss"] for s in got if "eval_loss" in s.values} == want
+    assert {s.step: s.values["eval_accuracy"] for s in got
+            if "eval_accuracy" in s.values} == pytest.approx({k: v / 10 for k, v in want.items()})
+    assert [s.values for s in read_trace(path)] == [s.values for s in got]
+    judged = [str(c.message) for c in caught if "was judged" in str(c.message)]
+    assert len(judged) == (1 if late else 0), judged
+    if late:
+        assert "came after step 5" in judged[0] and "flush_lag=1" in judged[0]
+    assert counts["n"] == 0   # the evaluation joins its step on the device

@@ -22,8 +22,8 @@ Examples
 >>> with TraceWriter(buf) as w:
 ...     w.write_many(Sample(step=s, values={"loss": 3.0 / s}, lr_groups=(0.1,)) for s in (1, 2))
 >>> run = load_run(io.StringIO(buf.getvalue()), name="demo")
->>> run.steps, run.series("loss"), run.lr_groups
-([1, 2], [3.0, 1.5], [[0.1, 0.1]])
+>>> run.n_steps, run.series("loss"), [g.points() for g in run.lr_groups]
+(2, [3.0, 1.5], [([1, 2], [0.1, 0.1])])
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import html
 import io
 import math
 import os
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Mapping, Sequence
@@ -56,67 +57,173 @@ class ReportError(LrwatchError):
     """A report cannot be drawn: no samples, an unknown output format, matplotlib missing."""
 
 
+#: Points a series keeps exactly; past this many its steps are taken in buckets
+#: (:class:`Series`). The figure is about 1,100 pixels wide: a trace of up to this many steps
+#: draws exactly as every step's point would, a longer one from each bucket's extremes.
+EXACT_POINTS = 10_000
+
+
+class Series:
+    """One metric's measured values in step order, in bounded memory: up to
+    :data:`EXACT_POINTS` finite values are kept exactly; past that, consecutive values are
+    taken in buckets (of 2, 4, 8, ... values, doubled whenever the buckets would pass that
+    many) and each bucket keeps its lowest and its highest value, in step order (the curve's
+    envelope: what a line that fills its pixels shows). The steps of non-finite values
+    (marked on the plot) are kept the same way, the first of each bucket; the last value and
+    whether any was measured are kept exactly. Its memory does not grow with the trace's
+    length (``lrwatch report`` on a trace of millions of steps, docs/design.md).
+
+    >>> s = Series()
+    >>> for step in (1, 2, 3):
+    ...     s.add(step, 1.0 / step)
+    >>> s.add(4, float("nan"))
+    >>> s.points(), s.nonfinite_steps(), s.last
+    (([1, 2, 3], [1.0, 0.5, 0.3333333333333333]), [4], nan)
+    """
+
+    __slots__ = ("_xs", "_ys", "_sizes", "_width", "_n", "_lo", "_hi", "_bad", "_bad_n",
+                 "_bad_width", "measured", "last")
+
+    def __init__(self) -> None:
+        self._xs: list[int] = []    # the buckets' points, flat (steps: any int the trace has)
+        self._ys = array("d")
+        self._sizes = bytearray()   # points per bucket: 1 or 2
+        self._width = 1             # values per bucket
+        self._n = 0                 # values in the bucket being filled,
+        self._lo = self._hi = (0, 0.0)   # its lowest and highest (step, value)
+        self._bad: list[int] = []   # steps of non-finite values, one per bucket
+        self._bad_n = 0
+        self._bad_width = 1
+        self.measured = False
+        self.last: float | None = None   # the last value measured (non-finite too)
+
+    def add(self, step: int, value: float) -> None:
+        """Take the value measured at ``step`` (steps increase from call to call)."""
+        self.measured, self.last = True, value
+        if not math.isfinite(value):
+            self._add_bad(step)
+            return
+        p = (step, value)
+        if self._n == 0:
+            self._lo = self._hi = p
+        elif value < self._lo[1]:
+            self._lo = p
+        elif value > self._hi[1]:
+            self._hi = p
+        self._n += 1
+        if self._n == self._width:
+            self._put(self._lo, self._hi)
+            self._n = 0
+            if len(self._sizes) > EXACT_POINTS:
+                self._merge()
+
+    def _add_bad(self, step: int) -> None:
+        if self._bad_n == 0:
+            self._bad.append(step)
+        self._bad_n = (self._bad_n + 1) % self._bad_width
+        if self._bad_n == 0 and len(self._bad) > EXACT_POINTS:
+            self._bad, self._bad_width = self._bad[::2], self._bad_width * 2
+
+    def _put(self, lo: tuple[int, float], hi: tuple[int, float]) -> None:
+        """A bucket of its lowest and highest points (one, when they are the same)."""
+        pts = (lo,) if lo is hi or lo == hi else ((lo, hi) if lo[0] <= hi[0] else (hi, lo))
+        for x, y in pts:
+            self._xs.append(x)
+            self._ys.append(y)
+        self._sizes.append(len(pts))
+
+    def _merge(self) -> None:
+        """Pairs of buckets become one, of twice the values: still their extremes."""
+        xs, ys, sizes = self._xs, self._ys, self._sizes
+        self._xs, self._ys, self._sizes = [], array("d"), bytearray()
+        at, buckets = 0, []
+        for n in sizes:
+            buckets.append([(xs[i], ys[i]) for i in range(at, at + n)])
+            at += n
+            if len(buckets) == 2 or at == len(xs):
+                pts = [p for b in buckets for p in b]
+                lo = min(pts, key=lambda p: p[1])
+                hi = max(pts, key=lambda p: p[1])
+                self._put(lo, hi)
+                buckets = []
+        self._width *= 2
+
+    def points(self) -> tuple[list[int], list[float]]:
+        """The finite values kept, as steps and values (every one, in a short trace)."""
+        xs, ys = list(self._xs), self._ys.tolist()
+        if self._n:   # the bucket being filled
+            lo, hi = self._lo, self._hi
+            for x, y in ((lo,) if lo is hi or lo == hi else
+                         ((lo, hi) if lo[0] <= hi[0] else (hi, lo))):
+                xs.append(x)
+                ys.append(y)
+        return xs, ys
+
+    def nonfinite_steps(self) -> list[int]:
+        """The steps of the non-finite values kept (every one, in a short trace)."""
+        return list(self._bad)
+
+
 @dataclass
 class Run:
-    """One trace, as columns: ``steps`` and, per metric, its value at each step (``nan`` where
-    it was not measured, so that plots leave a gap)."""
+    """One trace, read once: per metric a :class:`Series` of its values (memory bounded
+    whatever the trace's length), the learning rate of each parameter group likewise, the
+    step count and range, and every event."""
 
     name: str
-    steps: list[int] = field(default_factory=list)
-    columns: dict[str, list[float]] = field(default_factory=dict)
-    lr_groups: list[list[float]] = field(default_factory=list)  # one list per parameter group
+    n_steps: int = 0
+    first_step: int = 0
+    last_step: int = 0
+    columns: dict[str, Series] = field(default_factory=dict)
+    lr_groups: list[Series] = field(default_factory=list)  # one per parameter group
     events: list[dict[str, Any]] = field(default_factory=list)
     skipped_lines: int = 0
 
     def series(self, name: str) -> list[float]:
-        return self.columns.get(name, [])
+        """The finite values of ``name`` kept (every one, in a trace of up to
+        :data:`EXACT_POINTS` steps)."""
+        col = self.columns.get(name)
+        return col.points()[1] if col is not None else []
 
     def has(self, name: str) -> bool:
         """Whether ``name`` was measured at least once (non-finite counts as measured)."""
-        return any(not _missing(v) for v in self.series(name))
+        col = self.columns.get(name)
+        return col is not None and col.measured
 
     def count(self, event_type: str) -> int:
         return sum(1 for e in self.events if e.get("type") == event_type)
 
 
-#: "Not measured at this step": one NaN object, told apart from a measured NaN by identity (a
-#: measured non-finite value is marked on the plot, a missing one is a gap).
-_MISSING = float("nan")
-
-
-def _missing(v: float) -> bool:
-    return v is _MISSING
-
-
 def load_run(source: str | os.PathLike[str] | IO[str], *, name: str | None = None,
              strict: bool = True) -> Run:
-    """Read a trace into a :class:`Run`. ``strict=False`` skips (and counts) malformed lines."""
+    """Read a trace into a :class:`Run`, one line at a time (memory bounded whatever its
+    length). ``strict=False`` skips (and counts) malformed lines."""
     reader = TraceReader(source, strict=strict)
     run = Run(name=name or (str(source) if isinstance(source, (str, os.PathLike))
                             else getattr(source, "name", "trace")))
-    for i, s in enumerate(reader):
-        run.steps.append(s.step)
+    for s in reader:
+        if not run.n_steps:
+            run.first_step = s.step
+        run.n_steps += 1
+        run.last_step = s.step
         for k, v in s.values.items():
-            if k == "lr":
+            if k == "lr" or "/" in k:
                 continue
             col = run.columns.get(k)
             if col is None:
-                col = run.columns[k] = [_MISSING] * i
-            col.append(float(v))
+                col = run.columns[k] = Series()
+            col.add(s.step, float(v))
         groups = s.lr_groups or ()
         while len(run.lr_groups) < len(groups):
-            run.lr_groups.append([_MISSING] * i)
-        for g, col in enumerate(run.lr_groups):
-            col.append(float(groups[g]) if g < len(groups) else _MISSING)
-        for col in run.columns.values():
-            if len(col) < i + 1:
-                col.append(_MISSING)
+            run.lr_groups.append(Series())
+        for g, x in enumerate(groups):
+            run.lr_groups[g].add(s.step, float(x))
         for e in s.events:
             # ``step`` is what the event is about (the step a rule saw); ``line_step`` is the
             # trace line it came with: an action is carried out after that line's flush.
             run.events.append({"step": s.step, **dict(e), "line_step": s.step})
     run.skipped_lines = reader.skipped
-    if not run.steps:
+    if not run.n_steps:
         raise ReportError(f"{run.name}: no samples in the trace")
     return run
 
@@ -155,20 +262,15 @@ def _panels(runs: Sequence[Run]) -> list[tuple[str, list[str], bool]]:
     return out
 
 
-def _finite(xs: Sequence[int], ys: Sequence[float]) -> tuple[list[int], list[float]]:
-    pts = [(x, y) for x, y in zip(xs, ys) if math.isfinite(y)]
-    return [p[0] for p in pts], [p[1] for p in pts]
-
-
 def _plot_metric(ax: Any, run: Run, metric: str, colour: str, style: str, log: bool,
                  label: str) -> None:
-    xs, ys = _finite(run.steps, run.series(metric))
+    col = run.columns[metric]
+    xs, ys = col.points()
     if log:
         xs, ys = [x for x, y in zip(xs, ys) if y > 0], [y for y in ys if y > 0]
     marker = "o" if metric.startswith("eval_") else None
     ax.plot(xs, ys, style, color=colour, label=label, marker=marker, markersize=3, linewidth=1.2)
-    bad = [x for x, y in zip(run.steps, run.series(metric)) if not _missing(y) and
-           not math.isfinite(y)]
+    bad = col.nonfinite_steps()
     if bad:  # non-finite values have no place on the axis: mark them along the top
         ax.plot(bad, [1.0] * len(bad), "x", color=colour, transform=ax.get_xaxis_transform(),
                 clip_on=False, label=f"{label} non-finite")
@@ -225,7 +327,7 @@ def draw(runs: Sequence[Run], *, title: str | None = None) -> Any:
             prefix = f"{Path(run.name).name}: " if many else ""
             if metrics == ["lr"]:
                 for g, col in enumerate(run.lr_groups):
-                    xs, ys = _finite(run.steps, col)
+                    xs, ys = col.points()
                     ax.plot(xs, ys, ["-", "--", ":", "-."][g % 4], color=colour, linewidth=1.2,
                             label=f"{prefix}group {g}" if len(run.lr_groups) > 1 or many
                             else "lr")
@@ -304,10 +406,10 @@ def _event_detail(e: Mapping[str, Any]) -> str:
 
 def _summary_row(run: Run) -> list[str]:
     def last(metric: str) -> str:
-        vals = [v for v in run.series(metric) if not _missing(v)]
-        return f"{vals[-1]:.4g}" if vals else ""
+        col = run.columns.get(metric)
+        return f"{col.last:.4g}" if col is not None and col.last is not None else ""
 
-    return [Path(run.name).name, str(len(run.steps)), f"{run.steps[0]}..{run.steps[-1]}",
+    return [Path(run.name).name, str(run.n_steps), f"{run.first_step}..{run.last_step}",
             last("loss"), last("eval_accuracy"), str(run.count("firing")),
             str(run.count("rollback")), str(run.count("stop"))]
 

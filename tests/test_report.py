@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import base64
 import html.parser
+import json
+import math
 import struct
 import subprocess
 import sys
 import textwrap
+import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,7 +22,7 @@ from click.testing import CliRunner
 import lrwatch
 from lrwatch.cli import cli
 from lrwatch.exporters.trace import read_trace
-from lrwatch.report import load_run
+from lrwatch.report import EXACT_POINTS, load_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -110,7 +114,10 @@ def test_recorded_trace_has_a_rollback(faulty_trace: Path) -> None:
     rb = next(e for e in run.events if e["type"] == "rollback")
     assert rb["to_step"] < rb["step"]
     assert run.has("loss") and run.has("grad_norm") and run.has("eval_loss")
-    assert [s.step for s in read_trace(faulty_trace)] == run.steps
+    steps = [s.step for s in read_trace(faulty_trace)]
+    assert (run.n_steps, run.first_step, run.last_step) == (len(steps), steps[0], steps[-1])
+    assert run.columns["loss"].points()[0] == [
+        s.step for s in read_trace(faulty_trace) if math.isfinite(s.values.get("loss", math.nan))]
 
 
 def test_png_is_a_sane_image(faulty_trace: Path, tmp_path: Path) -> None:
@@ -148,7 +155,7 @@ def test_html_embeds_the_picture_and_tables_every_event(faulty_trace: Path,
 def test_two_parameter_groups_draw_one_line_each(healthy_trace: Path) -> None:
     run = load_run(healthy_trace)
     assert len(run.lr_groups) == 2
-    assert run.lr_groups[1][0] == pytest.approx(0.01)
+    assert run.lr_groups[1].points()[1][0] == pytest.approx(0.01)
     from lrwatch.report import draw
     import matplotlib.pyplot as plt
 
@@ -285,3 +292,49 @@ def test_rollback_shades_every_abandoned_step(faulty_trace: Path) -> None:
         assert (rb["to_step"], rb["line_step"]) in spans, spans
     finally:
         plt.close(fig)
+
+
+def _long_trace(path: Path, steps: int, spike_at: int) -> Path:
+    """A generated trace: a loss that falls, one spike, a NaN stretch, an evaluation every
+    100 steps, two parameter groups' rates."""
+    with open(path, "w", encoding="utf-8") as f:
+        for s in range(1, steps + 1):
+            loss = 50.0 if s == spike_at else 3.0 / math.sqrt(s)
+            rec = {"step": s, "lr": [1e-3, 1e-4], "grad_norm": 1.0 + (s % 7) / 10,
+                   "loss": "nan" if steps // 2 <= s < steps // 2 + 5 else loss}
+            if s % 100 == 0:
+                rec["eval_loss"] = loss
+            f.write(json.dumps(rec) + "\n")
+    return path
+
+
+def _peak_bytes_reading(path: Path) -> tuple[int, Any]:
+    tracemalloc.start()
+    try:
+        run = load_run(path)
+        return tracemalloc.get_traced_memory()[1], run
+    finally:
+        tracemalloc.stop()
+
+
+def test_report_reads_a_long_trace_in_bounded_memory(tmp_path: Path) -> None:
+    """``lrwatch report`` held every sample in memory (272 MB resident for 100,000 steps;
+    sixteenth round's audit). It streams now: a trace five times as long takes about the
+    same memory to read (benchmarks/report_memory.py measures the command's resident set),
+    and what it keeps of a long series still holds its extremes (a one-step spike is drawn),
+    its last value and every step count; a short trace is drawn from every value."""
+    short_peak, short = _peak_bytes_reading(_long_trace(tmp_path / "a.jsonl", 20_000, 7_777))
+    long_peak, run = _peak_bytes_reading(_long_trace(tmp_path / "b.jsonl", 100_000, 77_777))
+    assert long_peak < 2 * short_peak, (short_peak, long_peak)   # (it grew 4.7x)
+    assert (run.n_steps, run.first_step, run.last_step) == (100_000, 1, 100_000)
+    xs, ys = run.columns["loss"].points()
+    assert len(xs) <= 2 * EXACT_POINTS + 2 and xs == sorted(xs)
+    assert max(ys) == 50.0 and xs[ys.index(50.0)] == 77_777        # the spike is kept
+    assert min(ys) == pytest.approx(3.0 / math.sqrt(100_000))    # so is the lowest value
+    assert run.columns["loss"].nonfinite_steps() == list(range(50_000, 50_005))
+    assert run.columns["loss"].last == pytest.approx(3.0 / math.sqrt(100_000))
+    assert run.columns["eval_loss"].points()[0] == list(range(100, 100_001, 100))  # 1,000: all
+    assert [g.points()[1][-1] for g in run.lr_groups] == [1e-3, 1e-4]
+    few = _long_trace(tmp_path / "c.jsonl", 500, 250)
+    assert load_run(few).columns["grad_norm"].points() == (
+        list(range(1, 501)), [1.0 + (s % 7) / 10 for s in range(1, 501)])

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from .actions.best import BestEval, BestState
+from .actions.best import BestEval, BestState, model_state
 
 __all__ = ["BestKeeper"]
 
@@ -67,7 +67,7 @@ class BestKeeper:
         if hold and not isinstance(value, torch.Tensor):
             value = torch.tensor(float(value))
         try:
-            self.state.offer(step, value, self.model.state_dict)
+            self.state.offer(step, value, lambda: model_state(self.model))
         except Exception:
             self.abandon()
             self.on_error("keeping the best evaluated state")

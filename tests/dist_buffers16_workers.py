@@ -79,3 +79,35 @@ def loose_buffer_rollback(rank: int, world: int, store: str, out: str, n: int,
         "weights_equal": all(torch.equal(a, b) for a, b in
                              zip(model.parameters(), clean.parameters()))}))
     finish()
+
+
+def loose_buffer_best(rank: int, world: int, store: str, out: str, n: int, best_at: int) -> None:
+    """DDP over ``n`` batches, each rank its own running mean, an evaluation every rank agrees
+    on every 3 batches, best at batch ``best_at``, the best state on disk (a file per rank):
+    ``restore_best()`` puts back the best batch's weights and this rank's own running mean
+    of then."""
+    init(rank, world, store, timeout_s=60)
+    model, opt = _ddp()
+    w = lrwatch.Watcher(model, opt, rules=None, flush_every=8, keep_best="eval_loss",
+                        recovery={"snapshot_dir": str(Path(out, "snaps")),
+                                  "start_check": "off"})
+    kept: tuple[list[torch.Tensor], torch.Tensor] | None = None
+    for b in w.batches(iter(range(n))):
+        loss = _step(model, opt, b, rank, world, nan=False)
+        if b % 3 == 2:
+            if b == best_at:
+                kept = ([p.detach().clone() for p in model.parameters()],
+                        model.module[1].avg.clone())
+            w.log(loss=loss, eval_loss=torch.tensor(0.5 + abs(b - best_at) / 10))
+        else:
+            w.log(loss=loss)
+    w.close()
+    assert kept is not None
+    moved = not torch.equal(model.module[1].avg, kept[1])
+    record = w.restore_best()
+    Path(out, f"rank{rank}.json").write_text(json.dumps({
+        "where": Path(record.where).name if record else None, "moved": moved,
+        "avg_equal": torch.equal(model.module[1].avg, kept[1]),
+        "avg": model.module[1].avg.tolist(),
+        "weights_equal": all(torch.equal(a, b) for a, b in zip(model.parameters(), kept[0]))}))
+    finish()

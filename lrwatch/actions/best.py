@@ -3,7 +3,10 @@
 A ``stop`` action can put it back (``actions: [alert, {stop: {restore: best}}]``) when the
 evaluation regresses while the training loss looks fine, and users can call
 ``Watcher.restore_best()`` after training. What is kept: the model's ``state_dict()`` (parameters
-and buffers). Not the optimizer: the state is for stopping at or deploying the best model, not for
+and buffers) and, beside it, the buffers it leaves out (``persistent=False``: a running
+statistic kept for evaluation, a rotary table; :func:`model_state`, under keys that start with
+:data:`LOOSE_PREFIX`, so a state file holds them too); a state kept before they were has none,
+and restores as before (those buffers left as they are). Not the optimizer: the state is for stopping at or deploying the best model, not for
 resuming training from it, and Adam's moments would triple the memory.
 
 Cost, without a host–device sync on the step path:
@@ -31,9 +34,11 @@ import torch
 
 from ..errors import ConfigError
 from .host_copy import memory_key
+from .loose_buffers import loose_buffers, restore_loose
 from .snapshot import load_verified, save_verified
 
-__all__ = ["BestEval", "BestState", "KEEP_BEST_MODES", "AUTO_METRICS", "mode_for", "keep_best_state"]
+__all__ = ["BestEval", "BestState", "KEEP_BEST_MODES", "AUTO_METRICS", "LOOSE_PREFIX", "mode_for",
+           "keep_best_state", "model_state"]
 
 log = logging.getLogger("lrwatch")
 
@@ -48,6 +53,36 @@ _MIN_WORDS = ("loss", "error", "err", "perplexity", "ppl", "wer", "cer", "mse", 
               "nll")
 
 StateFn = Callable[[], Mapping[str, Any]]
+
+#: Where the kept state holds a ``persistent=False`` buffer: this prefix and the buffer's name
+#: in the model (no ``state_dict()`` key starts with it: module and buffer names have no ``<``).
+LOOSE_PREFIX = "<lrwatch persistent=False buffer>."
+
+
+def model_state(model: torch.nn.Module) -> Mapping[str, Any]:
+    """What the best state keeps of ``model`` (live tensors, not copies): its ``state_dict()``
+    and its ``persistent=False`` buffers under :data:`LOOSE_PREFIX` (the state dict itself,
+    ``_metadata`` included, when it has none)."""
+    state = model.state_dict()
+    loose = loose_buffers(model)
+    if not loose:
+        return state
+    out = _with_metadata(state, dict(state))
+    out.update((LOOSE_PREFIX + name, t) for name, t in loose.items())
+    return out
+
+
+def _load_model_state(model: torch.nn.Module, state: Mapping[str, Any]) -> None:
+    """Put a kept state back into ``model``: the state dict, then the ``persistent=False``
+    buffers (:func:`~lrwatch.actions.loose_buffers.restore_loose`; none in a state kept
+    before they were, or with a ``state_fn`` other than :func:`model_state`)."""
+    n = len(LOOSE_PREFIX)
+    loose = {k[n:]: v for k, v in state.items() if k.startswith(LOOSE_PREFIX)}
+    if loose:
+        state = _with_metadata(state, {k: v for k, v in state.items()
+                                       if not k.startswith(LOOSE_PREFIX)})
+    model.load_state_dict(state)
+    restore_loose(model, loose)
 
 
 def mode_for(metric: str) -> str | None:
@@ -164,7 +199,8 @@ class BestState:
     def offer(self, step: int, value: torch.Tensor | float, state_fn: StateFn) -> None:
         """An evaluation of the current model: ``value`` of the watched metric at ``step``.
 
-        ``state_fn()`` returns the live state (``model.state_dict``); it is copied only when
+        ``state_fn()`` returns the live state (:func:`model_state`, or ``model.state_dict``
+        without the ``persistent=False`` buffers); it is copied only when
         the value improves (a number) or, for a tensor, cloned on the device without a sync.
         """
         if isinstance(value, torch.Tensor) or self._candidates:
@@ -215,7 +251,7 @@ class BestState:
         if state is None:
             return None
         with torch.no_grad():
-            model.load_state_dict(state)
+            _load_model_state(model, state)
         return self._record
 
     def state_dict(self) -> dict[str, Any]:
@@ -301,8 +337,10 @@ class BestState:
                 on: dict[torch.device, torch.Tensor] = {}
                 for k, t in self._pending.items():
                     src = live.get(k)
-                    if not isinstance(t, torch.Tensor) or not isinstance(src, torch.Tensor):
-                        continue  # non-tensor extra state: kept from the first pending one
+                    if not isinstance(t, torch.Tensor) or not isinstance(src, torch.Tensor) \
+                            or (k.startswith(LOOSE_PREFIX) and src.shape != t.shape):
+                        continue  # non-tensor extra state, or a persistent=False cache that
+                        # grew since: kept from the first pending one (choosing needs a sync)
                     c = on.get(t.device)
                     if c is None:
                         c = on[t.device] = better.to(t.device, non_blocking=True)

@@ -494,3 +494,77 @@ def test_under_ddp_each_rank_gets_back_its_own_buffer_the_state_dict_leaves_out(
     for x in r:
         assert x["rollbacks"] == 1 and x["finite"] and x["avg_equal"] and x["weights_equal"], x
     assert r[0]["avg"] != r[1]["avg"]   # (each rank's own)
+
+
+@pytest.mark.parametrize("as_tensor,on_disk", [(False, False), (True, False), (True, True)])
+def test_restore_best_puts_back_a_buffer_the_state_dict_leaves_out(
+        tmp_path: Path, as_tensor: bool, on_disk: bool) -> None:
+    """The best evaluated state held the model's ``state_dict()`` only: after
+    ``restore_best()`` the weights were the best step's and a ``persistent=False`` running
+    mean was the end of the run's. It holds such buffers now (in the file with a
+    ``snapshot_dir``), and two evaluations of one flush (tensors) keep the winner's."""
+    model, opt = _run_mean_model()
+    kw: dict[str, Any] = {"rules": None, "keep_best": "eval_loss", "flush_every": 8}
+    if on_disk:
+        kw["recovery"] = {"snapshot_dir": str(tmp_path / "snaps"), "start_check": "off"}
+    w = lrwatch.Watcher(model, opt, **kw)
+    seen: dict[int, tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
+    for i in w.batches(range(40)):
+        loss = _bn_step(model, opt, i, bad=False)
+        if i % 3 == 2:   # a made-up evaluation, best at step 14, worse after
+            value = 0.5 + abs(i - 14) / 10
+            seen[i] = ({k: v.clone() for k, v in model.state_dict().items()},
+                       model[1].avg.clone())
+            w.log(loss=loss, eval_loss=torch.tensor(value) if as_tensor else value)
+        else:
+            w.log(loss=loss)
+    w.close()
+    assert w.best_eval is not None and w.best_eval.step == 15   # (batch 14 is step 15)
+    assert (w.best_eval.where != "memory") == on_disk
+    weights, avg = seen[14]
+    assert not torch.equal(model[1].avg, avg)
+    w.restore_best()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    assert torch.equal(model[1].avg, avg)
+
+
+def test_a_best_state_kept_without_its_loose_buffers_still_restores(tmp_path: Path) -> None:
+    """A best state file written before the buffers were kept (a plain state dict) loads the
+    weights and leaves the ``persistent=False`` buffer as it is."""
+    from lrwatch.actions.best import BestState, model_state
+    model, _ = _run_mean_model()
+    old = BestState("eval_loss", directory=tmp_path)
+    old.offer(10, 0.5, model.state_dict)
+    assert not any(k.startswith("<") for k in load_verified(
+        old.record.where, old.state_dict()["best"]["sha256"]))
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+        model[1].avg.fill_(3.0)
+    assert old.restore(model) is not None
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert torch.equal(model[1].avg, torch.full((12,), 3.0))
+    assert set(model_state(model)) == set(weights) | {
+        "<lrwatch persistent=False buffer>.1.avg"}
+
+
+@pytest.mark.slow
+def test_under_ddp_restore_best_puts_back_each_rank_its_own_loose_buffer(
+        tmp_path: Path) -> None:
+    """2 gloo ranks, DDP without buffer broadcast (each rank its own running mean in a
+    ``persistent=False`` buffer), the best state on disk, a file per rank: ``restore_best()``
+    gives every rank the best step's weights and its own running mean of then (before, the
+    end of the run's)."""
+    import json
+
+    import dist_buffers16_workers as dw
+    from ranks import spawn_ranks
+
+    spawn_ranks(dw.loose_buffer_best,
+                args=(2, str(tmp_path / "store"), str(tmp_path), 30, 14), nprocs=2)
+    r = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in range(2)]
+    for k, x in enumerate(r):
+        assert x["where"] == f"best-eval.rank{k}.pt" and x["moved"], x
+        assert x["avg_equal"] and x["weights_equal"], x
+    assert r[0]["avg"] != r[1]["avg"]   # (each rank's own)

@@ -1,4 +1,5 @@
-"""A model's buffers that its ``state_dict()`` leaves out, for snapshots.
+"""A model's buffers that its ``state_dict()`` leaves out, for snapshots (and the best
+evaluated state, :func:`~lrwatch.actions.best.model_state`).
 
 A buffer registered with ``register_buffer(..., persistent=False)`` (a running statistic kept
 for evaluation, a rotary table, a causal mask) is in no ``state_dict()``, so a snapshot of the

@@ -568,3 +568,27 @@ def test_under_ddp_restore_best_puts_back_each_rank_its_own_loose_buffer(
         assert x["where"] == f"best-eval.rank{k}.pt" and x["moved"], x
         assert x["avg_equal"] and x["weights_equal"], x
     assert r[0]["avg"] != r[1]["avg"]   # (each rank's own)
+
+
+def test_a_loose_cache_that_grew_between_two_pending_evaluations_keeps_the_first() -> None:
+    """Two tensor evaluations before one flush, a ``persistent=False`` cache grown (rebound)
+    between them: the merge of the pending copy cannot take the winner's without a sync, so
+    it keeps the first one's (no error, the run's best still kept), and the restore rebinds
+    the cache to it; the weights are the winner's."""
+    from lrwatch.actions.best import BestState, model_state
+    model = nn.Sequential(nn.Linear(3, 3), _Cache())
+    best = BestState("eval_loss")
+    best.offer(1, torch.tensor(0.5), lambda: model_state(model))
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    model[1].grow(9)
+    best.offer(2, torch.tensor(0.4), lambda: model_state(model))
+    weights = model[0].weight.clone()
+    record = best.decide_at_flush([0.5, 0.4])
+    assert record is not None and record.step == 2
+    model[1].grow(2)
+    with torch.no_grad():
+        model[0].weight.zero_()
+    best.restore(model)
+    assert torch.equal(model[0].weight, weights)
+    assert torch.equal(model[1].table, torch.arange(4.0))

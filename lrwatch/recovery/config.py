@@ -333,6 +333,11 @@ class RecoveryConfig:
     max_interval: int = 1000
 
     def __post_init__(self) -> None:
+        self._check_actions()
+        self._check_pre_flight()
+
+    def _check_actions(self) -> None:
+        """The rollback, cut, skip, guard and replay settings."""
         for name in ("lr_factor", "restart_lr_factor", "reduce_lr_factor", "probe_fraction",
                      "sudden_lr_factor"):
             v = getattr(self, name)
@@ -359,6 +364,9 @@ class RecoveryConfig:
         if (not isinstance(self.replay_mb, (int, float)) or isinstance(self.replay_mb, bool)
                 or not self.replay_mb >= 0):
             raise ConfigError(f"replay_mb must be a number >= 0, got {self.replay_mb!r}")
+
+    def _check_pre_flight(self) -> None:
+        """The probe, the range tests, the start and mid-run checks, the clip norm."""
         if self.probe not in ("off", "auto"):
             raise ConfigError(f"probe must be 'off' or 'auto', got {self.probe!r}")
         if not isinstance(self.probe_steps, int) or self.probe_steps < 3:

@@ -229,14 +229,7 @@ class Watcher(LogApi, DataSide, PlanExecutor, StepPath, Flushing, Checkpointing,
                 keep_best_mode=keep_best_mode), None
         except Exception as exc:
             settings, failed = {}, exc
-        # one run, one name: every rank takes rank 0's (each drew its own until 6 December;
-        # a rank given none took rank 0's random id while rank 0 kept its run_name), and the
-        # ranks' settings that pace the collectives agree (one collective)
-        self.run_name = self.dist.agree_settings(run_name or uuid.uuid4().hex[:12], settings,
-                                                 failed)
-        if run_name and run_name != self.run_name:
-            log.warning("lrwatch: run_name %r on this rank, %r on rank 0 of its process "
-                        "group: every rank reports rank 0's, one run", run_name, self.run_name)
+        self.run_name = self._agree_run(run_name, settings, failed)
         self._in_flight = None
         if not (self.dist.is_main or export == "all"):   # this rank exports nothing
             port = trace = pushgateway = alerts = alertmanager = hook = None
@@ -251,11 +244,25 @@ class Watcher(LogApi, DataSide, PlanExecutor, StepPath, Flushing, Checkpointing,
         self._setup_executor(probe_loss, check_probe(self.recovery, probe_loss))
         self.recorder.set_guard(guard_mode(self.recovery, optimizer, scaler),
                                 self.recovery.guard_ratio if self.recovery else 0.0)
-        closure_limits(optimizer, self.policy)
-        rate_limits(optimizer, self.recovery)
-        schedule_limits(scheduler, self.recovery)
-        untracked_params(model, optimizer, self.recovery)
+        self._say_limits()
         self._attach_step_hooks(step_hooks)
+
+    def _agree_run(self, run_name: str | None, settings: Any, failed: Exception | None) -> str:
+        """One run, one name: every rank takes rank 0's (each drew its own until 6 December;
+        a rank given none took rank 0's random id while rank 0 kept its run_name), and the
+        ranks' settings that pace the collectives agree (one collective)."""
+        agreed = self.dist.agree_settings(run_name or uuid.uuid4().hex[:12], settings, failed)
+        if run_name and run_name != agreed:
+            log.warning("lrwatch: run_name %r on this rank, %r on rank 0 of its process "
+                        "group: every rank reports rank 0's, one run", run_name, agreed)
+        return agreed
+
+    def _say_limits(self) -> None:
+        """Say once what this optimizer, scheduler and model leave out of the recovery."""
+        closure_limits(self.optimizer, self.policy)
+        rate_limits(self.optimizer, self.recovery)
+        schedule_limits(self.scheduler, self.recovery)
+        untracked_params(self.model, self.optimizer, self.recovery)
 
     # --- public API ----------------------------------------------------------------------------
     @property

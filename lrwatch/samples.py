@@ -43,7 +43,10 @@ def first_rate(lr_groups: tuple[float, ...]) -> float:
     >>> first_rate((float("nan"), 0.001, 0.01)), first_rate((0.1, 0.01))
     (0.001, 0.1)
     """
-    return next((x for x in lr_groups if not math.isnan(x)), lr_groups[0])
+    first = lr_groups[0]
+    if first == first:   # not NaN: the common case, without a generator
+        return first
+    return next((x for x in lr_groups if not math.isnan(x)), first)
 
 
 def not_applied(values: dict[str, float], norm_keys: tuple[str, ...]) -> None:

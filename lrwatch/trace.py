@@ -129,9 +129,11 @@ def parse_record(rec: Any) -> Sample:
             lr_groups = (_to_float(lr, "lr"),)
         values["lr"] = first_rate(lr_groups)
     for k, v in rec.items():
-        if k in _RESERVED or v is None:
-            continue
-        values[k] = _to_float(v, k)
+        if type(v) is float:   # the common case, as _to_float takes it
+            if k not in _RESERVED:
+                values[k] = v
+        elif k not in _RESERVED and v is not None:
+            values[k] = _to_float(v, k)
     ev = rec.get("events")
     events: tuple[Mapping[str, Any], ...] = ()
     if ev is not None:
@@ -222,7 +224,7 @@ class TraceReader:
             try:
                 if not line.isascii():
                     _check_utf8(line)
-                sample = parse_record(json.loads(line, object_pairs_hook=_once_each))
+                sample = parse_record(_decode(line))
                 if last_step is not None and sample.step <= last_step:
                     raise ValueError(f"key 'step': {sample.step} does not increase "
                                      f"(previous {last_step})")
@@ -258,6 +260,23 @@ def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
                                  f"holds each key once: which value is meant is not known)")
             seen.add(key)
     return obj
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_once_each)
+
+
+def _decode(line: str) -> Any:
+    """``json.loads(line, object_pairs_hook=_once_each)``, without building a decoder per line
+    (a tenth of a replay's time): the same values and the same errors.
+
+    >>> _decode('{"step": 1}'), _decode(_BOM + '{"step": 1}')
+    Traceback (most recent call last):
+    ...
+    json.decoder.JSONDecodeError: Unexpected UTF-8 BOM (decode using utf-8-sig): line 1 column 1 (char 0)
+    """
+    if line.startswith(_BOM):   # as json.loads (the first line's mark is dropped before)
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", line, 0)
+    return _DECODER.decode(line)
 
 
 def _bad_line_message(exc: Exception) -> str:

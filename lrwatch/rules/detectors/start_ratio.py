@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, insort
 from collections import deque
 from typing import Any, ClassVar, Mapping
 
@@ -113,6 +114,7 @@ class StartRatio(Detector):
         self._start: float | None = None
         self._ratio: float | None = None
         self._buf: deque[float] = deque(maxlen=self.window)
+        self._sorted: list[float] = []   # the window's values, sorted (rebuilt on a load)
 
     @property
     def start(self) -> float | None:
@@ -131,10 +133,16 @@ class StartRatio(Detector):
             self._start = take_start(self._first, x, self.warmup)
             return None
         if self.window > 1:
-            self._buf.append(x)
-            if len(self._buf) < self.window:
+            buf, srt = self._buf, self._sorted
+            if len(buf) == self.window:
+                # the oldest value is the first of its equals in the sorted copy, which thus
+                # stays element for element what sorting the window would give
+                del srt[bisect_left(srt, buf[0])]
+            buf.append(x)
+            insort(srt, x)
+            if len(buf) < self.window:
                 return None
-            x = sorted_median(sorted(self._buf))
+            x = sorted_median(srt)
         r = x / self._start
         self._ratio = r
         return (self.above is not None and r > self.above) or (
@@ -146,7 +154,8 @@ class StartRatio(Detector):
         level = given_level(given)
         if level is not None:
             self._start = level
-            self._first.clear()
+            if self._first:
+                self._first.clear()
         elif self.given_only and self._start is None:
             return None   # only a measured level will do: silent until it is known
         return self.update(x, t)
@@ -154,3 +163,4 @@ class StartRatio(Detector):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         # states saved before `window` existed have no buffer: start it empty
         super().load_state_dict({"buf": [], **state})
+        self._sorted = sorted(self._buf)

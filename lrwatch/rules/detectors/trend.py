@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from functools import lru_cache
 from statistics import NormalDist
 from typing import Any, ClassVar, Mapping
 
@@ -31,10 +32,12 @@ def _t_two_sided(t: float, df: int) -> float:
     return math.sin(theta) * acc
 
 
+@lru_cache(maxsize=256)
 def t_quantile(p: float, df: int) -> float:
     """The ``p`` quantile (``p > 0.5``) of Student's t with ``df`` degrees of freedom.
 
-    Exact to 1e-9 (bisection on the closed-form CDF), stdlib only, computed once per detector.
+    Exact to 1e-9 (bisection on the closed-form CDF), stdlib only, computed once per
+    confidence and window (a replay builds every detector afresh for each trace).
 
     >>> round(t_quantile(0.975, 30), 3), round(t_quantile(0.99, 5), 3)
     (2.042, 3.365)

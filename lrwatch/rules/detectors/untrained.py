@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from operator import sub
 from typing import Any, ClassVar, Mapping
 
 from ...errors import ConfigError
-from .base import Detector, Param, sorted_median
+from .base import Detector, Param
+from .sliding import SortedSpans
 from .start_ratio import given_level, take_start
 
 __all__ = ["Untrained"]
@@ -98,6 +98,7 @@ class Untrained(Detector):
         self._buf: deque[float] = deque(maxlen=self.window)
         self._level: float | None = None
         self._cnt: int | None = 0
+        self._spans: SortedSpans | None = None   # sorted parts of the full window, or None
 
     @property
     def statistic(self) -> float | None:
@@ -117,26 +118,39 @@ class Untrained(Detector):
         buf = self._buf
         if len(buf) >= h:                     # the value that leaves the newer half
             self._cnt -= buf[-h] >= thr
+            if self._spans is not None and len(buf) == self.window:
+                self._spans.slide(buf, x)
         buf.append(x)
         self._cnt += x >= thr
         if len(buf) < self.window:
             return None
         if 2 * self._cnt < h:                 # the newer half's median is below thr: no sort
+            self._spans = None                # (sorted afresh when next needed)
             return False
-        vals = list(buf)
-        new = sorted_median(sorted(vals[h:]))
-        self._level = new / self._start
+        spans = self._spans
+        if spans is None:
+            spans = self._spans = self._new_spans()
+            spans.build(buf)
+        self._level = spans.median(0) / self._start
         if self._level < self.above:       # the common case: well below the untrained level
             return False
         if self.trend is not None and self.trend < self.window:
-            vals = vals[-self.trend:]         # the fall is judged on the newest values only
-            h = self.trend // 2
-            new = sorted_median(sorted(vals[h:]))
-        old = sorted_median(sorted(vals[:h]))
-        diffs = sorted(map(abs, map(sub, vals[1:], vals[:-1])))   # C loops: the hot path
-        sd = _MAD_TO_SD * sorted_median(diffs) / math.sqrt(2.0)
+            h = self.trend // 2               # the fall is judged on the newest values only
+            new, old = spans.median(1), spans.median(2)
+        else:
+            new, old = spans.median(0), spans.median(1)
+        sd = _MAD_TO_SD * spans.diff_median() / math.sqrt(2.0)
         se = _MEDIAN_SE * sd * math.sqrt(2.0 / h)
         return not old - new > self.z * se      # not learning
+
+    def _new_spans(self) -> SortedSpans:
+        """The sorted parts of the window the test reads: the newer half (the level), and the
+        halves and differences of the values the fall is judged over."""
+        h = self.window // 2
+        if self.trend is not None and self.trend < self.window:
+            t = self.trend
+            return SortedSpans(((0, h), (0, t // 2), (t // 2, t)), diffs=t)
+        return SortedSpans(((0, h), (h, self.window)), diffs=self.window)
 
     def update_given(self, x: float, given: float | None, t: float | None = None) -> bool | None:
         """As :meth:`update`, with the untrained level measured: ``given`` (``given:
@@ -151,3 +165,4 @@ class Untrained(Detector):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         self._cnt = None                      # recounted from the buffer at the next update
+        self._spans = None                    # sorted afresh when next needed

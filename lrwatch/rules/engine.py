@@ -98,6 +98,8 @@ _FRESH: Mapping[str, Any] = MappingProxyType({
     "pending": 0, "pending_since": None, "pending_step": None, "clear": 0, "clear_since": None,
     "resolved_step": None, "resolved_time": None, "detectors": {}, "firing": None})
 _SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
+#: The most sets of metric names whose rule plans an engine keeps (a run logs a handful).
+_MOST_PLANS = 64
 
 
 def _num(v: float | None) -> float | str | None:
@@ -236,7 +238,7 @@ class _RuleState:
     __slots__ = ("rule", "pairs", "absent", "given", "pending", "pending_since", "pending_step",
                  "clear", "clear_since",
                  "resolved_step", "resolved_time", "firing", "refs", "unless", "tracked",
-                 "last_step", "last_firing")
+                 "last_step", "last_firing", "needed", "within")
 
     def __init__(self, rule: Rule) -> None:
         self.rule = rule
@@ -256,6 +258,8 @@ class _RuleState:
         self.tracked = False
         self.last_step: int | None = None
         self.last_firing: Firing | None = None
+        self.needed: _RuleState | None = None   # for a 'when' rule: see Engine.__init__
+        self.within: int | None = None
 
     _COUNTERS = ("pending", "pending_since", "clear", "clear_since", "resolved_step",
                  "resolved_time")
@@ -299,6 +303,118 @@ class _RuleState:
         step, last = d.get("last_firing_step"), d.get("last_firing")
         self.last_step = int(step) if step is not None and last else None
         self.last_firing = Firing.from_dict(last) if step is not None and last else None
+
+
+def _held_refs(rs: _RuleState, step: int) -> list[Firing]:
+    """The referenced firings that make ``rs``'s condition hold at ``step`` (firing now,
+    or within its ``within`` window)."""
+    when = rs.rule.when
+    assert when is not None
+    lo = step - when.within if when.within is not None else step
+    return [f for r in rs.refs for f in ((r.firing or r.last_firing),)
+            if f is not None and (r.firing is not None
+                                  or (r.last_step is not None and r.last_step >= lo))]
+
+
+def _since(rs: _RuleState, step: int) -> int:
+    """The earliest start among the referenced firings that make ``rs``'s condition hold."""
+    starts = [f.since if f.since is not None else f.step for f in _held_refs(rs, step)]
+    return min(starts) if starts else step
+
+
+def _onset(rs: _RuleState, step: int) -> int | None:
+    """When the failure behind ``rs`` began: its own streak's first step, and for a
+    ``when`` rule the earliest of that (the onset of the firings that held when its
+    streak began) and the onsets of the referenced firings that make its condition hold
+    (their starts where they carry no onset). ``None``: unknown."""
+    if rs.rule.when is None:
+        return rs.pending_step
+    starts = [f.onset if f.onset is not None else f.since if f.since is not None else f.step
+              for f in _held_refs(rs, step)]
+    if rs.pending_step is not None:
+        starts.append(rs.pending_step)
+    return min(starts) if starts else None
+
+
+def _holds(rs: _RuleState, step: int) -> Firing | None:
+    """If ``rs``'s condition holds: the firing of the referenced rule that started latest.
+
+    Without ``within`` the named rules must be firing now; with it, have been firing on a
+    sample whose step is ``>= step - within``. Ties go to the rule listed first.
+    """
+    when = rs.rule.when
+    assert when is not None
+    every = when.mode == "all"
+    ok: list[Firing | None] = []
+    if when.within is None:
+        for r in rs.refs:
+            if r.firing is not None:
+                ok.append(r.firing)
+            elif every:
+                return None  # the common case, decided without looking further
+    else:
+        lo = step - when.within
+        for r in rs.refs:
+            if r.last_step is not None and r.last_step >= lo:
+                ok.append(r.last_firing)
+            elif every:
+                return None
+    return _latest(ok) if ok else None
+
+
+def _current(rs: _RuleState, vals: Mapping[str, float],
+             step: int) -> _Hit:
+    for metric, det in rs.pairs:
+        x = vals.get(metric)
+        if x is not None:
+            return metric, (det.statistic if det.watches_absence else x), det
+    metric, det = rs.pairs[0]
+    return metric, (float(step) if metric == STEP_METRIC else None), det
+
+
+def _quiet(rs: _RuleState, step: int, t: float | None) -> bool:
+    """In the cooldown after the last resolution."""
+    cd = rs.rule.cooldown
+    if rs.resolved_step is None:
+        return False
+    if cd.seconds is not None:
+        return t is not None and rs.resolved_time is not None and \
+            t - rs.resolved_time < cd.seconds
+    return step - rs.resolved_step < cd.count
+
+
+def _event(rule: Rule, kind: str, step: int, t: float | None,
+           hit: _Hit) -> Firing:
+    metric, value, det = hit
+    stat = det.statistic
+    # a sample without a time renders {time} as nan, as a missing value does: formatting
+    # None failed ("{time:.0f}") and left the raw template as the message
+    ctx = dict(rule=rule.name, metric="" if metric is None else metric, step=step,
+               time=math.nan if t is None else t,
+               severity=rule.severity, value=math.nan if value is None else value,
+               statistic=math.nan if stat is None else stat,
+               detector="when" if rule.when is not None else rule.detector,
+               labels=dict(rule.labels))
+    annotations = {}
+    for key, template in rule.annotations.items():
+        try:
+            # fields and labels[NAME] only: str.format follows attributes ({value.__class__})
+            annotations[key] = render(template, ctx)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            annotations[key] = template  # validated at load; never fail the run over text
+    message = annotations.get("summary")
+    if not message:
+        message = render(_DEFAULT_SUMMARY, ctx) if rule.when is None else \
+            f"{rule.name}: {rule.when.describe()} at step {step}"
+    if kind == "resolved":
+        message = f"resolved: {message}"
+    return Firing(rule=rule.name, step=step, time=t, severity=rule.severity,
+                  actions=rule.actions, value=value, message=message, kind=kind,
+                  labels=dict(rule.labels), annotations=annotations, metric=metric)
+
+
+#: One metric rule of a sample's plan (``Engine._plan``).
+_Step = Tuple[_RuleState, Optional[str], Optional[Detector], Optional[str]]
 
 
 class Engine:
@@ -345,9 +461,13 @@ class Engine:
             assert ws.rule.when is not None
             ws.refs = tuple(by_name[n] for n in ws.rule.when.rules)
             ws.unless = tuple(by_name[n] for n in ws.rule.when.unless)
+            # a rule the condition cannot hold without: the first of 'all' (or 'firing')
+            ws.needed = ws.refs[0] if ws.rule.when.mode == "all" or len(ws.refs) == 1 else None
+            ws.within = ws.rule.when.within
             for ref in ws.refs:
                 ref.tracked = True
         self._tracked = [s for s in self._metric if s.tracked]
+        self._plans: dict[tuple[str, ...], list[_Step]] = {}
         # on tick (no sample), judge only the 'when' rules that depend on time-based rules
         timed = {s.rule.name for s in self._absent}
         for ws in self._when:  # evaluation order: references are classified first
@@ -378,42 +498,79 @@ class Engine:
         events: list[Firing] = []
         if self._given:
             self._see_given(vals, step)
-        for rs in self._metric:
-            verdict: bool | None = None
-            hit: _Hit | None = None
-            for metric, det in rs.pairs:
-                x = vals.get(metric)
-                if x is None and metric == STEP_METRIC:
-                    x = float(step)
-                if x is None:
-                    if not rs.absent:
-                        continue
-                    r = det.miss(t)
-                    if r and hit is None:
-                        hit = (metric, det.statistic, det)
-                else:
-                    if rs.absent and det.watches_absence and t is not None and det.check(t):
-                        # the gap before this sample was too long: fire for it, then judge it
-                        self._judge(rs, True, step, t, (metric, det.statistic, det), events)
-                    r = det.update(x, t) if rs.given is None else \
-                        det.update_given(x, self._given[rs.given], t)
-                    if r and hit is None:
-                        hit = (metric, x, det)
-                if r:
-                    verdict = True
-                elif r is not None and verdict is None:
-                    verdict = False
-            if verdict is None or (not verdict and rs.pending == 0 and rs.firing is None):
+        given = self._given
+        for rs, metric, det, gkey in self._plan(vals):
+            if det is None:
+                self._judge_pairs(rs, vals, step, t, events)
+                continue
+            x = vals.get(metric)
+            if x is None:
+                if metric != STEP_METRIC:
+                    continue
+                x = float(step)
+            r = det.update(x, t) if gkey is None else det.update_given(x, given[gkey], t)
+            if r is None or (not r and rs.pending == 0 and rs.firing is None):
                 continue  # the common case: nothing to do
-            if hit is None:
-                hit = self._current(rs, vals, step)
-            self._judge(rs, verdict, step, t, hit, events)
+            self._judge(rs, r, step, t, (metric, x, det), events)
         if self._when:
             self._judge_when(self._when, step, t, events)
         self._last_step = step
         if t is not None:
             self._last_time = t
         return events
+
+    def _judge_pairs(self, rs: _RuleState, vals: Mapping[str, float], step: int,
+                     t: float | None, events: list[Firing]) -> None:
+        """Judge a rule over several metrics, or one that watches a metric's absence: anomalous
+        if any detector answers ``True``, normal if none does and one answers ``False``."""
+        verdict: bool | None = None
+        hit: _Hit | None = None
+        for metric, det in rs.pairs:
+            x = vals.get(metric)
+            if x is None and metric == STEP_METRIC:
+                x = float(step)
+            if x is None:
+                if not rs.absent:
+                    continue
+                r = det.miss(t)
+                if r and hit is None:
+                    hit = (metric, det.statistic, det)
+            else:
+                if rs.absent and det.watches_absence and t is not None and det.check(t):
+                    # the gap before this sample was too long: fire for it, then judge it
+                    self._judge(rs, True, step, t, (metric, det.statistic, det), events)
+                r = det.update(x, t) if rs.given is None else \
+                    det.update_given(x, self._given[rs.given], t)
+                if r and hit is None:
+                    hit = (metric, x, det)
+            if r:
+                verdict = True
+            elif r is not None and verdict is None:
+                verdict = False
+        if verdict is None or (not verdict and rs.pending == 0 and rs.firing is None):
+            return  # the common case: nothing to do
+        if hit is None:
+            hit = _current(rs, vals, step)
+        self._judge(rs, verdict, step, t, hit, events)
+
+    def _plan(self, vals: Mapping[str, float]) -> list[_Step]:
+        """The metric rules a sample with these metrics can make judge anything, in rule order:
+        those that watch one of them, the step or an absence. The others would skip every
+        metric; the plan is kept per set of metric names (a run logs few different sets).
+        A rule on one metric comes with it, its detector and its 'given' metric (the fast
+        path); any other with ``None`` for all three."""
+        key = tuple(vals)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= _MOST_PLANS:
+                self._plans.clear()
+            names = set(key) | {STEP_METRIC}
+            plan = self._plans[key] = [
+                (rs, *rs.pairs[0], rs.given) if len(rs.pairs) == 1 and not rs.absent else
+                (rs, None, None, None)
+                for rs in self._metric
+                if rs.absent or any(m in names for m, _ in rs.pairs)]
+        return plan
 
     def _see_given(self, vals: Mapping[str, float], step: int) -> None:
         """Remember the latest value of every 'given' metric this sample carries."""
@@ -440,7 +597,7 @@ class Engine:
                     verdict = False
             if verdict is None or (not verdict and rs.pending == 0 and rs.firing is None):
                 continue
-            self._judge(rs, verdict, step, now, hit or self._current(rs, {}, step), events)
+            self._judge(rs, verdict, step, now, hit or _current(rs, {}, step), events)
         if self._when_timed:
             self._judge_when(self._when_timed, step, now, events)
         return events
@@ -452,9 +609,24 @@ class Engine:
             if rs.firing is not None:
                 rs.last_step, rs.last_firing = step, rs.firing
         for rs in states:
-            src = self._holds(rs, step)
-            if src is not None and any(u.firing is not None for u in rs.unless):
-                src = None  # explained away: a rule in 'unless' is firing on this sample
+            if rs.pending == 0 and rs.firing is None:   # idle: skip it while it cannot hold
+                need = rs.needed
+                if need is not None:
+                    if need.firing is None if rs.within is None else (
+                            need.last_step is None or need.last_step < step - rs.within):
+                        continue  # a rule the condition needs does not hold: the common case
+                elif rs.within is None:
+                    for r in rs.refs:
+                        if r.firing is not None:
+                            break
+                    else:
+                        continue  # 'any' of rules none of which is firing
+            src = _holds(rs, step)
+            if src is not None:
+                for u in rs.unless:
+                    if u.firing is not None:
+                        src = None  # explained away: a rule in 'unless' is firing now
+                        break
             if src is None and rs.pending == 0 and rs.firing is None:
                 continue  # normal and idle: judging would change nothing
             # the event reports the referenced rule that fired most recently: its metric, value
@@ -466,43 +638,12 @@ class Engine:
                 # the streak began with the failures held now: with 'any' (or 'within') the
                 # rules that hold change during a 'for:' window, and one that began it may
                 # hold no longer when the rule fires
-                rs.pending_step = self._onset(rs, step)
+                rs.pending_step = _onset(rs, step)
             if len(events) > n and events[-1] is rs.firing:
-                rs.firing = events[-1] = replace(rs.firing, since=self._since(rs, step),
-                                                 onset=self._onset(rs, step))
+                rs.firing = events[-1] = replace(rs.firing, since=_since(rs, step),
+                                                 onset=_onset(rs, step))
             if rs.tracked and rs.firing is not None:
                 rs.last_step, rs.last_firing = step, rs.firing
-
-    @staticmethod
-    def _held_refs(rs: _RuleState, step: int) -> list[Firing]:
-        """The referenced firings that make ``rs``'s condition hold at ``step`` (firing now,
-        or within its ``within`` window)."""
-        when = rs.rule.when
-        assert when is not None
-        lo = step - when.within if when.within is not None else step
-        return [f for r in rs.refs for f in ((r.firing or r.last_firing),)
-                if f is not None and (r.firing is not None
-                                      or (r.last_step is not None and r.last_step >= lo))]
-
-    @classmethod
-    def _since(cls, rs: _RuleState, step: int) -> int:
-        """The earliest start among the referenced firings that make ``rs``'s condition hold."""
-        starts = [f.since if f.since is not None else f.step for f in cls._held_refs(rs, step)]
-        return min(starts) if starts else step
-
-    @classmethod
-    def _onset(cls, rs: _RuleState, step: int) -> int | None:
-        """When the failure behind ``rs`` began: its own streak's first step, and for a
-        ``when`` rule the earliest of that (the onset of the firings that held when its
-        streak began) and the onsets of the referenced firings that make its condition hold
-        (their starts where they carry no onset). ``None``: unknown."""
-        if rs.rule.when is None:
-            return rs.pending_step
-        starts = [f.onset if f.onset is not None else f.since if f.since is not None else f.step
-                  for f in cls._held_refs(rs, step)]
-        if rs.pending_step is not None:
-            starts.append(rs.pending_step)
-        return min(starts) if starts else None
 
     def open_onsets(self) -> dict[str, int]:
         """The rules whose condition holds but that have not fired yet (a ``for:`` window
@@ -512,7 +653,7 @@ class Engine:
         out: dict[str, int] = {}
         for rs in self._states:
             if rs.pending and rs.firing is None:
-                onset = self._onset(rs, step)
+                onset = _onset(rs, step)
                 if onset is not None:
                     out[rs.rule.name] = onset
         return out
@@ -528,42 +669,6 @@ class Engine:
                 out[rs.rule.name] = min(x for x in (f.onset, f.since, f.step) if x is not None)
         return out
 
-    @staticmethod
-    def _holds(rs: _RuleState, step: int) -> Firing | None:
-        """If ``rs``'s condition holds: the firing of the referenced rule that started latest.
-
-        Without ``within`` the named rules must be firing now; with it, have been firing on a
-        sample whose step is ``>= step - within``. Ties go to the rule listed first.
-        """
-        when = rs.rule.when
-        assert when is not None
-        every = when.mode == "all"
-        ok: list[Firing | None] = []
-        if when.within is None:
-            for r in rs.refs:
-                if r.firing is not None:
-                    ok.append(r.firing)
-                elif every:
-                    return None  # the common case, decided without looking further
-        else:
-            lo = step - when.within
-            for r in rs.refs:
-                if r.last_step is not None and r.last_step >= lo:
-                    ok.append(r.last_firing)
-                elif every:
-                    return None
-        return _latest(ok) if ok else None
-
-    @staticmethod
-    def _current(rs: _RuleState, vals: Mapping[str, float],
-                 step: int) -> _Hit:
-        for metric, det in rs.pairs:
-            x = vals.get(metric)
-            if x is not None:
-                return metric, (det.statistic if det.watches_absence else x), det
-        metric, det = rs.pairs[0]
-        return metric, (float(step) if metric == STEP_METRIC else None), det
-
     def _judge(self, rs: _RuleState, verdict: bool, step: int, t: float | None,
                hit: _Hit, events: list[Firing]) -> None:
         rule = rs.rule
@@ -575,8 +680,8 @@ class Engine:
             if rs.pending == 1:
                 rs.pending_step = step
             if rs.firing is None and _met(rule.for_, rs.pending, rs.pending_since, t) \
-                    and not self._quiet(rs, step, t):
-                rs.firing = replace(self._event(rule, "firing", step, t, hit),
+                    and not _quiet(rs, step, t):
+                rs.firing = replace(_event(rule, "firing", step, t, hit),
                                     onset=rs.pending_step)
                 events.append(rs.firing)
             return
@@ -587,51 +692,10 @@ class Engine:
         if rs.clear_since is None:
             rs.clear_since = t
         if _met(rule.hysteresis, rs.clear, rs.clear_since, t):
-            events.append(self._event(rule, "resolved", step, t, hit))
+            events.append(_event(rule, "resolved", step, t, hit))
             rs.firing = None
             rs.clear, rs.clear_since = 0, None
             rs.resolved_step, rs.resolved_time = step, t
-
-    @staticmethod
-    def _quiet(rs: _RuleState, step: int, t: float | None) -> bool:
-        """In the cooldown after the last resolution."""
-        cd = rs.rule.cooldown
-        if rs.resolved_step is None:
-            return False
-        if cd.seconds is not None:
-            return t is not None and rs.resolved_time is not None and \
-                t - rs.resolved_time < cd.seconds
-        return step - rs.resolved_step < cd.count
-
-    @staticmethod
-    def _event(rule: Rule, kind: str, step: int, t: float | None,
-               hit: _Hit) -> Firing:
-        metric, value, det = hit
-        stat = det.statistic
-        # a sample without a time renders {time} as nan, as a missing value does: formatting
-        # None failed ("{time:.0f}") and left the raw template as the message
-        ctx = dict(rule=rule.name, metric="" if metric is None else metric, step=step,
-                   time=math.nan if t is None else t,
-                   severity=rule.severity, value=math.nan if value is None else value,
-                   statistic=math.nan if stat is None else stat,
-                   detector="when" if rule.when is not None else rule.detector,
-                   labels=dict(rule.labels))
-        annotations = {}
-        for key, template in rule.annotations.items():
-            try:
-                # fields and labels[NAME] only: str.format follows attributes ({value.__class__})
-                annotations[key] = render(template, ctx)
-            except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-                annotations[key] = template  # validated at load; never fail the run over text
-        message = annotations.get("summary")
-        if not message:
-            message = render(_DEFAULT_SUMMARY, ctx) if rule.when is None else \
-                f"{rule.name}: {rule.when.describe()} at step {step}"
-        if kind == "resolved":
-            message = f"resolved: {message}"
-        return Firing(rule=rule.name, step=step, time=t, severity=rule.severity,
-                      actions=rule.actions, value=value, message=message, kind=kind,
-                      labels=dict(rule.labels), annotations=annotations, metric=metric)
 
     def state_dict(self) -> dict[str, Any]:
         """Every detector's state and every rule's counters; JSON-serialisable.

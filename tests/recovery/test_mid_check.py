@@ -14,11 +14,10 @@ import torch
 from torch import nn
 
 import lrwatch
+from shadow_checks import (assert_equals_reference, assert_replay_equals_live, check_events,
+                          train_watched)
 from lrwatch.errors import ConfigError
-from lrwatch.exporters.trace import read_trace
 from lrwatch.recovery.policy import RecoveryConfig, RecoveryPolicy
-from lrwatch.rules import load_pack
-from lrwatch.rules.replay import replay_trace
 
 ON = {"mid_check": "auto", "mid_check_first": 40, "start_check": "off"}
 
@@ -42,24 +41,8 @@ def _loss(model: nn.Module, batch: tuple) -> torch.Tensor:
     return nn.functional.mse_loss(model(batch[0]), batch[1])
 
 
-def _train(w: lrwatch.Watcher, model: nn.Module, opt: torch.optim.Optimizer, batches: list,
-           sched: object = None) -> list:
-    seen = []
-    for b in w.batches(batches):
-        seen.append(b)
-        loss = _loss(model, b)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
-        w.log(loss=loss.detach())
-    return seen
-
-
 def _events(path: Path) -> list[dict]:
-    return [e for rec in read_trace(path) for e in rec.events
-            if isinstance(e, dict) and e.get("type") == "mid_check"]
+    return check_events(path, "mid_check")
 
 
 # -- the policy's part (pure) ----------------------------------------------------------------
@@ -117,7 +100,7 @@ def test_a_rate_that_keeps_the_run_bouncing_above_its_floor_is_cut(tmp_path: Pat
     model, opt, batches = _setup(lr=0.4)
     trace = tmp_path / "t.jsonl"
     w = lrwatch.Watcher(model, opt, flush_every=5, trace=trace, probe_loss=_loss, recovery=ON)
-    seen = _train(w, model, opt, batches)
+    seen = train_watched(_loss, w, model, opt, batches)
     w.close()
     assert len(seen) == len(batches) and all(a is b for a, b in zip(seen, batches))
     ev = _events(trace)
@@ -127,11 +110,7 @@ def test_a_rate_that_keeps_the_run_bouncing_above_its_floor_is_cut(tmp_path: Pat
     assert w.policy.state.mid_adopted >= 1
     assert opt.param_groups[0]["lr"] == pytest.approx(0.4 * 0.3 ** w.policy.state.mid_adopted)
     assert w.policy.state.probe_steps == sum(e["cost_steps"] for e in ev)
-    live = [(e["rule"], e["step"], e["severity"]) for rec in read_trace(trace)
-            for e in rec.events if isinstance(e, dict) and e.get("type") == "firing"]
-    replayed = replay_trace(trace, load_pack("training"))
-    assert replayed.error is None
-    assert [(f.rule, f.step, f.severity) for f in replayed.firings] == live
+    assert_replay_equals_live(trace)
 
 
 def test_the_adopted_run_is_the_run_trained_again_from_step_40_at_the_lower_rate() -> None:
@@ -140,19 +119,11 @@ def test_the_adopted_run_is_the_run_trained_again_from_step_40_at_the_lower_rate
     check, in their place)."""
     model, opt, batches = _setup(lr=0.4, n=60)
     w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=_loss, recovery=ON)
-    _train(w, model, opt, batches)
+    train_watched(_loss, w, model, opt, batches)
     w.close()
     assert w.policy.state.mid_adopted == 1 and w.policy.state.rollbacks == 0
     ref, ref_opt, _ = _setup(lr=0.4, n=60)
-    for i, b in enumerate(batches):
-        if i == 40:
-            ref_opt.param_groups[0]["lr"] = 0.4 * 0.3
-        loss = _loss(ref, b)
-        ref_opt.zero_grad()
-        loss.backward()
-        ref_opt.step()
-    for a, b in zip(model.parameters(), ref.parameters()):
-        torch.testing.assert_close(a, b)
+    assert_equals_reference(_loss, model, ref, ref_opt, batches, {40: 0.4 * 0.3})
 
 
 def test_a_run_still_making_progress_keeps_its_rate_bit_for_bit(tmp_path: Path) -> None:
@@ -161,7 +132,7 @@ def test_a_run_still_making_progress_keeps_its_rate_bit_for_bit(tmp_path: Path) 
         model, opt, batches = _setup(lr=0.01)
         w = lrwatch.Watcher(model, opt, flush_every=5, trace=tmp_path / f"{check}.jsonl",
                             probe_loss=_loss, recovery={**ON, "mid_check": check})
-        seen = _train(w, model, opt, batches)
+        seen = train_watched(_loss, w, model, opt, batches)
         w.close()
         assert len(seen) == len(batches) and opt.param_groups[0]["lr"] == 0.01
         runs.append([p.detach().clone() for p in model.parameters()])
@@ -176,6 +147,6 @@ def test_a_run_with_a_scheduler_is_left_to_it() -> None:
     model, opt, batches = _setup(lr=0.4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     w = lrwatch.Watcher(model, opt, sched, flush_every=5, probe_loss=_loss, recovery=ON)
-    _train(w, model, opt, batches, sched)
+    train_watched(_loss, w, model, opt, batches, sched)
     w.close()
     assert w.policy.state.mid_checks == 0 and opt.param_groups[0]["lr"] == 0.4

@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 import lrwatch
+from shadow_checks import (assert_equals_reference, assert_replay_equals_live, check_events,
+                          train_watched)
 from lrwatch.errors import ConfigError
 from lrwatch.exporters.trace import read_trace
 from lrwatch.recovery.policy import RecoveryConfig, RecoveryPolicy
 from lrwatch.recovery.start_check import compare, worst_ratio
-from lrwatch.rules import load_pack
-from lrwatch.rules.replay import replay_trace
 
 #: the shadow trained whatever the run's first steps did (the gate off), for the tests of
 #: the shadow itself; the gate has tests of its own below
@@ -42,24 +42,8 @@ def _loss(model: nn.Module, batch: tuple) -> torch.Tensor:
     return nn.functional.cross_entropy(model(batch[0]), batch[1])
 
 
-def _train(w: lrwatch.Watcher, model: nn.Module, opt: torch.optim.Optimizer, batches: list,
-           sched: object = None) -> list:
-    seen = []
-    for b in w.batches(batches):
-        seen.append(b)
-        loss = _loss(model, b)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
-        w.log(loss=loss.detach())
-    return seen
-
-
 def _events(path: Path) -> list[dict]:
-    return [e for rec in read_trace(path) for e in rec.events
-            if isinstance(e, dict) and e.get("type") == "start_check"]
+    return check_events(path, "start_check")
 
 
 # -- the decision (pure) ---------------------------------------------------------------------
@@ -132,7 +116,7 @@ def test_a_rate_far_too_high_goes_on_from_the_shadow_at_a_tenth(tmp_path: Path) 
     trace = tmp_path / "t.jsonl"
     w = lrwatch.Watcher(model, opt, flush_every=5, trace=trace, probe_loss=_loss,
                         recovery=ALWAYS)
-    seen = _train(w, model, opt, batches)
+    seen = train_watched(_loss, w, model, opt, batches)
     w.close()
     assert len(seen) == len(batches) and all(a is b for a, b in zip(seen, batches))
     ev = _events(trace)
@@ -148,11 +132,7 @@ def test_a_rate_far_too_high_goes_on_from_the_shadow_at_a_tenth(tmp_path: Path) 
     # the detectors start afresh from the run's start (the event carries their state, and
     # the replay, which reads it, gives the live firings)
     assert isinstance(ev[0].get("engine_state"), dict)
-    live = [(e["rule"], e["step"], e["severity"]) for rec in read_trace(trace)
-            for e in rec.events if isinstance(e, dict) and e.get("type") == "firing"]
-    replayed = replay_trace(trace, load_pack("training"))
-    assert replayed.error is None
-    assert [(f.rule, f.step, f.severity) for f in replayed.firings] == live
+    assert_replay_equals_live(trace)
 
 
 def test_the_adopted_run_is_the_shadow_trained_from_the_start_at_a_tenth() -> None:
@@ -160,17 +140,11 @@ def test_the_adopted_run_is_the_shadow_trained_from_the_start_at_a_tenth() -> No
     same batches (the held-out batches are trained on after the check, in their place)."""
     model, opt, batches = _setup(lr=3.0, n=30)
     w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=_loss, recovery=ALWAYS)
-    _train(w, model, opt, batches)
+    train_watched(_loss, w, model, opt, batches)
     w.close()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.3)
     ref, ref_opt, _ = _setup(lr=0.3, n=30)
-    for b in batches:
-        loss = _loss(ref, b)
-        ref_opt.zero_grad()
-        loss.backward()
-        ref_opt.step()
-    for a, b in zip(model.parameters(), ref.parameters()):
-        torch.testing.assert_close(a, b)
+    assert_equals_reference(_loss, model, ref, ref_opt, batches)
 
 
 def test_the_shadow_clips_its_gradients_as_the_run_does() -> None:
@@ -205,7 +179,7 @@ def test_a_good_rate_stands_and_the_check_leaves_no_trace(tmp_path: Path) -> Non
         model, opt, batches = _setup(lr=0.05)
         w = lrwatch.Watcher(model, opt, flush_every=5, trace=tmp_path / f"{check}.jsonl",
                             probe_loss=_loss, recovery={**ALWAYS, "start_check": check})
-        seen = _train(w, model, opt, batches)
+        seen = train_watched(_loss, w, model, opt, batches)
         w.close()
         assert len(seen) == len(batches)
         runs.append([p.detach().clone() for p in model.parameters()])
@@ -242,7 +216,7 @@ def test_skipped_without_enough_batches_or_with_several_batches_per_step(
     model, opt, batches = _setup(lr=3.0, n=12)                  # 10 + 6 needed
     w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=_loss, trace=tmp_path / "a.jsonl",
                         recovery=ALWAYS)
-    assert len(_train(w, model, opt, batches)) == 12
+    assert len(train_watched(_loss, w, model, opt, batches)) == 12
     w.close()
     assert w.policy.state.start_checked and w.policy.state.probe_steps == 0
     assert opt.param_groups[0]["lr"] == 3.0 and _events(tmp_path / "a.jsonl") == []
@@ -266,7 +240,7 @@ def test_skipped_without_enough_batches_or_with_several_batches_per_step(
 def test_without_probe_loss_there_is_no_check() -> None:
     model, opt, batches = _setup(lr=3.0, n=20)
     w = lrwatch.Watcher(model, opt, flush_every=5)
-    assert len(_train(w, model, opt, batches)) == 20
+    assert len(train_watched(_loss, w, model, opt, batches)) == 20
     w.close()
     assert not w.policy.state.start_checked and w.policy.state.probe_steps == 0
 
@@ -285,7 +259,7 @@ def test_skipped_with_a_warning_when_its_copies_would_not_fit_in_host_memory(
     w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=_loss, trace=tmp_path / "t.jsonl",
                         recovery=ALWAYS)
     with caplog.at_level(logging.WARNING, logger="lrwatch"):
-        seen = _train(w, model, opt, batches)
+        seen = train_watched(_loss, w, model, opt, batches)
     w.close()
     assert "start check skipped (2 copies" in caplog.text
     assert len(seen) == 30 and w.policy.state.probe_steps == 0
@@ -402,7 +376,7 @@ def test_a_run_whose_steps_made_no_batch_worse_keeps_its_rate_at_no_cost(tmp_pat
         trace = tmp_path / f"{check}.jsonl"
         w = lrwatch.Watcher(model, opt, flush_every=5, trace=trace, probe_loss=_loss,
                             recovery={"start_check": check})
-        _train(w, model, opt, batches)
+        train_watched(_loss, w, model, opt, batches)
         w.close()
         runs[check] = (w, [p.detach().clone() for p in model.parameters()], _events(trace))
     w, weights, ev = runs["auto"]
@@ -416,7 +390,7 @@ def test_a_rate_that_made_a_batch_worse_opens_the_gate(tmp_path: Path) -> None:
     model, opt, batches = _setup(lr=3.0)
     trace = tmp_path / "t.jsonl"
     w = lrwatch.Watcher(model, opt, flush_every=5, trace=trace, probe_loss=_loss)
-    _train(w, model, opt, batches)
+    train_watched(_loss, w, model, opt, batches)
     w.close()
     ev = _events(trace)
     assert len(ev) == 1 and ev[0]["lr_factor"] == 0.1 and ev[0]["cost_steps"] == 14, ev
@@ -432,7 +406,7 @@ def test_a_probe_loss_on_another_scale_leaves_the_gate_open(tmp_path: Path) -> N
         return nn.functional.cross_entropy(m(b[0]), b[1], reduction="sum")
 
     w = lrwatch.Watcher(model, opt, flush_every=5, trace=trace, probe_loss=summed)
-    _train(w, model, opt, batches)
+    train_watched(_loss, w, model, opt, batches)
     w.close()
     ev = _events(trace)
     assert len(ev) == 1 and ev[0]["steps"] == 10 and "held_out_loss" in ev[0], ev
@@ -456,7 +430,7 @@ def test_the_gate_reads_the_first_steps_whatever_the_untrained_batches_are(tmp_p
     trace = tmp_path / "t.jsonl"
     w = lrwatch.Watcher(model, opt, flush_every=5, trace=trace, probe_loss=_loss,
                         untrained_batches=16)
-    _train(w, model, opt, batches)
+    train_watched(_loss, w, model, opt, batches)
     w.close()
     ev = _events(trace)
     assert len(ev) == 1 and ev[0]["steps"] == 0 and ev[0]["worst_ratio"] <= 1.05, ev
@@ -467,7 +441,7 @@ def test_the_gate_reads_the_first_steps_whatever_the_untrained_batches_are(tmp_p
 def test_a_skipped_check_keeps_nothing_for_the_gate() -> None:
     model, opt, batches = _setup(lr=0.05, n=14)       # fewer than the check needs
     w = lrwatch.Watcher(model, opt, flush_every=5, probe_loss=_loss)
-    _train(w, model, opt, batches)
+    train_watched(_loss, w, model, opt, batches)
     w.close()
     assert w._untrained_inputs == [] and w._early_losses is None and w._untrained_each == []
 

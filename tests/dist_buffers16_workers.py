@@ -12,22 +12,7 @@ from torch import nn
 import lrwatch
 from distributed_workers import _global_batch, _mine, finish, init
 from flag_rules import NONFINITE_ROLLBACK
-
-
-class RunMean(nn.Module):
-    """Centres its input; a running mean of this rank's batches in a buffer no state_dict
-    holds (``persistent=False``)."""
-
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.register_buffer("avg", torch.zeros(n), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            with torch.no_grad():
-                self.avg.mul_(0.9).add_(0.1 * x.mean(0))
-            return x - x.mean(0)
-        return x - self.avg
+from run_mean import RunMean
 
 
 def _ddp() -> tuple[nn.Module, torch.optim.Optimizer]:

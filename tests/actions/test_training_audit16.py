@@ -14,6 +14,7 @@ from torch import nn
 
 import lrwatch
 from flag_rules import NONFINITE_ROLLBACK, flag_rule, write_flag_rules
+from run_mean import RunMean
 from lrwatch.actions.snapshot import capture_state, load_verified, restore_state
 from lrwatch.recovery.policy import Progress, RecoveryConfig, RecoveryPolicy, SnapshotInfo
 
@@ -32,7 +33,9 @@ def _bn_model() -> tuple[nn.Module, torch.optim.Optimizer]:
     return m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
 
 
-def _bn_step(m: nn.Module, o: torch.optim.Optimizer, i: int, bad: bool) -> torch.Tensor:
+def _train_step(m: nn.Module, o: torch.optim.Optimizer, i: int, bad: bool = False
+                ) -> torch.Tensor:
+    """One step on batch ``i`` (``bad``: with a NaN in it); the loss, detached."""
     x, y = _data(i, bad)
     o.zero_grad()
     loss = nn.functional.cross_entropy(m(x), y)
@@ -57,7 +60,7 @@ def test_a_dropped_nan_batch_that_poisoned_batchnorm_statistics_is_rolled_back(
     assert w.recorder.guard == "hold"   # (the default on the CPU)
     for i in w.batches(range(n)):
         model.train()
-        w.log(loss=_bn_step(model, opt, i, bad=i == bad_at and not w.rollbacks))
+        w.log(loss=_train_step(model, opt, i, bad=i == bad_at and not w.rollbacks))
     w.close()
     bn = model[1]
     assert torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()
@@ -65,7 +68,7 @@ def test_a_dropped_nan_batch_that_poisoned_batchnorm_statistics_is_rolled_back(
     ref, ref_opt = _bn_model()
     for i in range(n):
         if i != bad_at:
-            _bn_step(ref, ref_opt, i, bad=False)
+            _train_step(ref, ref_opt, i, bad=False)
     for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(a, b), k
 
@@ -203,13 +206,9 @@ def _scheduled_run(tmp_path: Path, make: Callable[[Any], Any], where: str | None
     rates = []
     for i in w.batches(range(30)):
         rates.append(opt.param_groups[0]["lr"])
-        x, y = _data(i)
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
+        loss = _train_step(model, opt, i)
         sched.step()
-        w.log(loss=loss.detach(), poison=1.0 if w.step == 20 and not w.rollbacks else 0.0)
+        w.log(loss=loss, poison=1.0 if w.step == 20 and not w.rollbacks else 0.0)
     w.close()
     return w, rates, model
 
@@ -272,13 +271,9 @@ def test_the_range_tests_run_with_a_scheduler_without_state_dict(
         w = lrwatch.Watcher(model, opt, sched, flush_every=5, probe_loss=probe,
                             recovery={"lr_check": "auto", "start_check": "off"})
         for i in w.batches(range(12)):
-            x, y = _data(i)
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
+            loss = _train_step(model, opt, i)
             sched.step()
-            w.log(loss=loss.detach())
+            w.log(loss=loss)
         w.close()
     assert "lrwatch_internal_errors_total 0.0" in generate_latest(w.registry).decode()
     assert "learning-rate check: in a" in caplog.text
@@ -337,25 +332,9 @@ def test_parameters_another_optimizer_trains_are_named_at_the_start(
     assert "require gradients" not in caplog.text
 
 
-class _RunMean(nn.Module):
-    """Centres its input; keeps a running mean for evaluation in a buffer no state_dict
-    holds (``persistent=False``)."""
-
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.register_buffer("avg", torch.zeros(n), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            with torch.no_grad():
-                self.avg.mul_(0.9).add_(0.1 * x.mean(0))
-            return x - x.mean(0)
-        return x - self.avg
-
-
 def _run_mean_model() -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(4)
-    m = nn.Sequential(nn.Linear(6, 12), _RunMean(12), nn.Tanh(), nn.Linear(12, 2))
+    m = nn.Sequential(nn.Linear(6, 12), RunMean(12), nn.Tanh(), nn.Linear(12, 2))
     return m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
 
 
@@ -379,7 +358,7 @@ def test_a_rollback_puts_back_a_buffer_the_state_dict_leaves_out(
     w = lrwatch.Watcher(model, opt, rules=str(tmp_path / "r.yml"), flush_every=4,
                         recovery=recovery)
     for i in w.batches(range(n)):
-        w.log(loss=_bn_step(model, opt, i, bad=i == bad_at and not w.rollbacks))
+        w.log(loss=_train_step(model, opt, i, bad=i == bad_at and not w.rollbacks))
         if on_disk and i == 30:   # (the file holds the buffer: a resumed run's too)
             snap = w.store.latest()
             assert snap.path and "1.avg" in load_verified(snap.path, snap.checksum)["buffers"]
@@ -388,7 +367,7 @@ def test_a_rollback_puts_back_a_buffer_the_state_dict_leaves_out(
     ref, ref_opt = _run_mean_model()
     for i in range(n):
         if i != bad_at:
-            _bn_step(ref, ref_opt, i, bad=False)
+            _train_step(ref, ref_opt, i, bad=False)
     assert torch.equal(model[1].avg, ref[1].avg)
     for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(a, b), k
@@ -440,12 +419,7 @@ def _epoch_run(tmp_path: Path, make: Callable[[Any], Any], poison: bool
     ends = []
     for epoch in range(5):
         for i in w.batches(range(epoch * 10, epoch * 10 + 10)):
-            x, y = _data(i)
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            w.log(loss=loss.detach(),
+            w.log(loss=_train_step(model, opt, i),
                   poison=1.0 if poison and w.step == 22 and not w.rollbacks else 0.0)
         if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
             sched.step(1.0)   # a validation loss that never improves: cut every 2nd epoch
@@ -510,7 +484,7 @@ def test_restore_best_puts_back_a_buffer_the_state_dict_leaves_out(
     w = lrwatch.Watcher(model, opt, **kw)
     seen: dict[int, tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
     for i in w.batches(range(40)):
-        loss = _bn_step(model, opt, i, bad=False)
+        loss = _train_step(model, opt, i, bad=False)
         if i % 3 == 2:   # a made-up evaluation, best at step 14, worse after
             value = 0.5 + abs(i - 14) / 10
             seen[i] = ({k: v.clone() for k, v in model.state_dict().items()},

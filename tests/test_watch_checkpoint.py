@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -94,6 +95,17 @@ def _bomb_run(trace: Path, rec: dict, *, checkpoint_at: int | None = None,
     """flush_every=5, the rate bomb at step ``bomb_at``; ``checkpoint_at``: keep what a script
     saves right after that step (at 24: before the flush at 25 judges 21-24); ``resume``: a
     new process (model, optimizer, Watcher) starts from such a checkpoint."""
+    def step(model: nn.Module, opt: torch.optim.Optimizer, i: int) -> torch.Tensor:
+        return _bombed_step(model, opt, i, bomb=i + 1 == bomb_at and resume is None)
+
+    return _checkpointed_run(trace, rec, step, checkpoint_at, resume, until, flush_lag)
+
+
+def _checkpointed_run(trace: Path, rec: dict, step: Callable[..., torch.Tensor],
+                      checkpoint_at: int | None, resume: dict | None, until: int,
+                      flush_lag: int) -> tuple[dict | None, lrwatch.Watcher]:
+    """The run of :func:`_bomb_run` and :func:`_ruin_run`: ``step(model, opt, i)`` trains
+    step ``i`` and gives its loss."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -103,8 +115,7 @@ def _bomb_run(trace: Path, rec: dict, *, checkpoint_at: int | None = None,
         _resume(resume, model, opt, w)
     ckpt = None
     while w.step < until and not w.should_stop:
-        i = w.step
-        w.log(loss=_bombed_step(model, opt, i, bomb=i + 1 == bomb_at and resume is None))
+        w.log(loss=step(model, opt, w.step))
         if w.step == checkpoint_at and ckpt is None:
             ckpt = _checkpoint(model, opt, w)
     w.close()
@@ -455,27 +466,16 @@ def _ruin_run(trace: Path, rec: dict, *, checkpoint_at: int | None = None,
     """flush_every=5; after step 25's update (its loss measured, no rate signal) the weights
     are ruined: only the samples from step 26 on show it. ``checkpoint_at``, ``resume``: as
     in :func:`_bomb_run`."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 2))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    w = lrwatch.Watcher(model, opt, flush_every=5, trace=trace, recovery=rec,
-                        flush_lag=flush_lag)
-    if resume is not None:
-        _resume(resume, model, opt, w)
-    ckpt = None
-    while w.step < until and not w.should_stop:
-        i = w.step
+    def step(model: nn.Module, opt: torch.optim.Optimizer, i: int) -> torch.Tensor:
         loss = _step(model, opt, i)
         if i + 1 == 25 and resume is None:
             g = torch.Generator().manual_seed(7)
             with torch.no_grad():
                 for p in model.parameters():
                     p.add_(torch.randn(p.shape, generator=g) * 3)
-        w.log(loss=loss)
-        if w.step == checkpoint_at and ckpt is None:
-            ckpt = _checkpoint(model, opt, w)
-    w.close()
-    return ckpt, w
+        return loss
+
+    return _checkpointed_run(trace, rec, step, checkpoint_at, resume, until, flush_lag)
 
 
 @pytest.mark.parametrize("flush_lag", [0, 1])

@@ -3,6 +3,7 @@ path)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -83,3 +84,16 @@ def http_status(port: int, path: str) -> int:
         return http_request(f"http://127.0.0.1:{port}{path}", timeout=1)[0]
     except OSError:
         return 0
+
+
+def edited_state(good: dict[str, Any], edit: str) -> dict[str, Any]:
+    """``good`` (a saved state.json, as read) with one hand edit: a path of keys (list indices
+    as numbers), ``=``, the new value as JSON."""
+    path, value = edit.split("=", 1)
+    snap = json.loads(json.dumps(good))
+    *keys, last = path.split(".")
+    d = snap
+    for k in keys:
+        d = d[int(k)] if isinstance(d, list) else d[k]
+    d[int(last) if isinstance(d, list) else last] = json.loads(value)
+    return snap

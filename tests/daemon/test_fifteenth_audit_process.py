@@ -13,7 +13,8 @@ import sys
 import time
 from typing import Any
 
-from daemon_helpers import WINDOW, http_status, start_daemon_process, assert_balanced, make_record
+from daemon_helpers import (WINDOW, assert_balanced, edited_state, http_status, make_record,
+                            start_daemon_process)
 from services import free_port, http_request, wait_until
 
 
@@ -159,14 +160,7 @@ def _damaged(good: dict[str, Any], edit: str) -> Any:
     """``good`` with one hand edit (a path of keys, then the new value as JSON)."""
     if not edit.startswith("."):
         return json.loads(edit)
-    path, value = edit[1:].split("=", 1)
-    snap = json.loads(json.dumps(good))
-    *keys, last = path.split(".")
-    d = snap
-    for k in keys:
-        d = d[int(k)] if isinstance(d, list) else d[k]
-    d[int(last) if isinstance(d, list) else last] = json.loads(value)
-    return snap
+    return edited_state(good, edit[1:])
 
 
 _EDITS = ["{}", '{"counters": {"predictions": "x"}}', '{"version": "1"}',

@@ -11,23 +11,11 @@ import shutil
 import signal
 from typing import Any
 
-from daemon_helpers import WINDOW, assert_balanced, make_record, start_daemon_process
+from daemon_helpers import (WINDOW, assert_balanced, edited_state, make_record,
+                            start_daemon_process)
 from services import PrometheusServer, free_port, http_request, wait_until
 
 from lrwatch.daemon import Daemon, DaemonConfig
-
-
-def _edited(good: dict[str, Any], edit: str) -> dict[str, Any]:
-    """``good`` with one hand edit: a path of keys (list indices as numbers), ``=``, the new
-    value as JSON."""
-    path, value = edit.split("=", 1)
-    snap = json.loads(json.dumps(good))
-    *keys, last = path.split(".")
-    d = snap
-    for k in keys:
-        d = d[int(k)] if isinstance(d, list) else d[k]
-    d[int(last) if isinstance(d, list) else last] = json.loads(value)
-    return snap
 
 
 _REG = "engine.rules.accuracy_regression.detectors.model_accuracy"
@@ -91,7 +79,7 @@ def test_a_damaged_detector_state_is_refused_counted_and_the_detector_rebuilt(
     for n, (edit, before) in enumerate(_DETECTOR_EDITS.items()):
         state = tmp_path / f"state{n}"
         shutil.copytree(base, state)
-        (state / "state.json").write_text(json.dumps(_edited(good, edit)))
+        (state / "state.json").write_text(json.dumps(edited_state(good, edit)))
         d = Daemon(DaemonConfig(reference=reference_path, window_size=WINDOW,
                                 state_dir=str(state), log_alerts=False))
         try:

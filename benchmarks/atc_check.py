@@ -46,39 +46,28 @@ def atc_threshold(p: np.ndarray, y: np.ndarray, kind: str) -> float:
 
 
 def run(mode: str, datasets: list[str], models: list[str], windows: int) -> dict[Any, Any]:
-    from lrwatch.daemon.estimation import PerformanceEstimator
-
     errs: dict[tuple[str, str], dict[str, list[float]]] = {}
-    for ds in datasets:
-        for mn in models:
-            for seed in (0, 1):
-                case = pe.make_case(ds, mn, seed, 0.1, mode)
-                rng = np.random.default_rng(case.seed * 7919 + 3)
-                est = PerformanceEstimator.fit(case.ref_proba, case.ref_y, seed=case.seed)
-                t = {k: atc_threshold(case.ref_proba, case.ref_y, k) for k in ("mc", "ne")}
-                lvl = pe.noise_level(case, rng)
-                for v in VARIANTS:
-                    if v == "noise" and lvl is None:
-                        continue
-                    w = pe.weights(case, v)
-                    for _ in range(windows):
-                        p, y = pe.window(case, rng, w, lvl if v == "noise" else 0.0)
-                        real = pe.realised(p, y)
-                        got = {"lrwatch": est.estimate(p)["accuracy"], "naive": pe.naive(p),
-                               **{f"atc_{k}": float((score(p, k) > t[k]).mean()) for k in t}}
-                        d = errs.setdefault((v, "binary" if case.k == 2 else "multiclass"), {})
-                        for name, val in got.items():
-                            d.setdefault(name, []).append(abs(val - real))
-        print(f"done {ds}", file=sys.stderr, flush=True)
+    for _ds, _mn, _seed, case, rng, est in pe.fitted_cases(mode, datasets, models):
+        t = {k: atc_threshold(case.ref_proba, case.ref_y, k) for k in ("mc", "ne")}
+        lvl = pe.noise_level(case, rng)
+        for v in VARIANTS:
+            if v == "noise" and lvl is None:
+                continue
+            w = pe.weights(case, v)
+            for _ in range(windows):
+                p, y = pe.window(case, rng, w, lvl if v == "noise" else 0.0)
+                real = pe.realised(p, y)
+                got = {"lrwatch": est.estimate(p)["accuracy"], "naive": pe.naive(p),
+                       **{f"atc_{k}": float((score(p, k) > t[k]).mean()) for k in t}}
+                d = errs.setdefault((v, "binary" if case.k == 2 else "multiclass"), {})
+                for name, val in got.items():
+                    d.setdefault(name, []).append(abs(val - real))
     return errs
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mode", choices=pe.MODES, default="shared")
-    ap.add_argument("--datasets", default=",".join(pe.REAL))
-    ap.add_argument("--models", default=",".join(pe.MODELS))
-    ap.add_argument("--windows", type=int, default=6, help="windows per variant and case")
+    pe.add_case_arguments(ap, "shared")
     a = ap.parse_args(argv)
     errs = run(a.mode, a.datasets.split(","), a.models.split(","), a.windows)
     names = ("lrwatch", "atc_mc", "atc_ne", "naive")

@@ -177,39 +177,30 @@ class Signals:
 
 def run(mode: str, datasets: list[str], models: list[str], windows: int,
         active: tuple[str, ...] = SIGNALS) -> list[dict[str, Any]]:
-    from lrwatch.daemon.estimation import PerformanceEstimator
-
     rows: list[dict[str, Any]] = []
-    for ds in datasets:
-        for mn in models:
-            for seed in (0, 1):
-                case = pe.make_case(ds, mn, seed, 0.1, mode)
-                rng = np.random.default_rng(case.seed * 7919 + 3)
-                est = PerformanceEstimator.fit(case.ref_proba, case.ref_y, seed=case.seed)
-                sig = Signals(case.ref_x, case.ref_proba, case.ref_y, case.k, case.seed,
-                              active)
-                lvl = pe.noise_level(case, rng)
-                s = pe.drop_strength(case)
-                meta = {"dataset": ds, "model": mn, "seed": seed, "k": case.k, "mode": mode,
-                        "null": sig.null}
-                plan = [(v, i, pe.weights(case, v), lvl if v == "noise" else 0.0)
-                        for v in VARIANTS if not (v == "noise" and lvl is None)
-                        for i in range(windows)]
-                for variant, ok in (("drop", s is not None), ("drop_noise", lvl is not None)):
-                    w = pe.weights(case, "hard", s) if variant == "drop" and ok else None
-                    plan += [(variant, i, None if i < pe.PRE_WINDOWS else w,
-                              lvl if variant == "drop_noise" and i >= pe.PRE_WINDOWS else 0.0)
-                             for i in range(pe.PRE_WINDOWS + pe.DROP_WINDOWS if ok else 0)]
-                for variant, i, w, noise in plan:
-                    x, p, y = pe.window_x(case, rng, w, noise)
-                    r = est.estimate(p)
-                    t0 = time.perf_counter()
-                    stats = sig.window(x, p)
-                    rows.append(dict(meta, variant=variant, window=i, realised=pe.realised(p, y),
-                                     drop_z=r["drop_z"], accuracy_drop=r["accuracy_drop"],
-                                     ms=1000 * (time.perf_counter() - t0), signals=stats,
-                                     features=x.shape[1]))
-        print(f"done {ds}", file=sys.stderr, flush=True)
+    for ds, mn, seed, case, rng, est in pe.fitted_cases(mode, datasets, models):
+        sig = Signals(case.ref_x, case.ref_proba, case.ref_y, case.k, case.seed, active)
+        lvl = pe.noise_level(case, rng)
+        s = pe.drop_strength(case)
+        meta = {"dataset": ds, "model": mn, "seed": seed, "k": case.k, "mode": mode,
+                "null": sig.null}
+        plan = [(v, i, pe.weights(case, v), lvl if v == "noise" else 0.0)
+                for v in VARIANTS if not (v == "noise" and lvl is None)
+                for i in range(windows)]
+        for variant, ok in (("drop", s is not None), ("drop_noise", lvl is not None)):
+            w = pe.weights(case, "hard", s) if variant == "drop" and ok else None
+            plan += [(variant, i, None if i < pe.PRE_WINDOWS else w,
+                      lvl if variant == "drop_noise" and i >= pe.PRE_WINDOWS else 0.0)
+                     for i in range(pe.PRE_WINDOWS + pe.DROP_WINDOWS if ok else 0)]
+        for variant, i, w, noise in plan:
+            x, p, y = pe.window_x(case, rng, w, noise)
+            r = est.estimate(p)
+            t0 = time.perf_counter()
+            stats = sig.window(x, p)
+            rows.append(dict(meta, variant=variant, window=i, realised=pe.realised(p, y),
+                             drop_z=r["drop_z"], accuracy_drop=r["accuracy_drop"],
+                             ms=1000 * (time.perf_counter() - t0), signals=stats,
+                             features=x.shape[1]))
     return rows
 
 
@@ -358,10 +349,7 @@ def timing(features: int = 31, classes: int = 10, reference: int = 2000,
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mode", choices=pe.MODES, default="disjoint")
-    ap.add_argument("--datasets", default=",".join(pe.REAL))
-    ap.add_argument("--models", default=",".join(pe.MODELS))
-    ap.add_argument("--windows", type=int, default=6, help="windows per variant and case")
+    pe.add_case_arguments(ap, "disjoint")
     ap.add_argument("--active", default=",".join(SIGNALS),
                     help="the auxiliaries to fit (the cheap ones are also bagged)")
     ap.add_argument("--out", default="/tmp/disagreement.json")

@@ -47,7 +47,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -245,6 +245,32 @@ def noise_level(case: Case, rng: np.random.Generator, target: float = 0.04) -> f
         if base - realised(*window(case, rng, None, lvl, n=2000)) >= target:
             return lvl
     return None
+
+
+def fitted_cases(mode: str, datasets: list[str], models: list[str]
+                 ) -> Iterator[tuple[str, str, int, Case, np.random.Generator, Any]]:
+    """For the checks built on these cases (``atc_check.py``, ``disagreement_check.py``): each
+    dataset x model x seed (0, 1) case as ``(dataset, model, seed, case, rng, estimator)``,
+    the estimator fitted on its reference; says on stderr when a dataset is done."""
+    from lrwatch.daemon.estimation import PerformanceEstimator
+
+    for ds in datasets:
+        for mn in models:
+            for seed in (0, 1):
+                case = make_case(ds, mn, seed, 0.1, mode)
+                rng = np.random.default_rng(case.seed * 7919 + 3)
+                est = PerformanceEstimator.fit(case.ref_proba, case.ref_y, seed=case.seed)
+                yield ds, mn, seed, case, rng, est
+        print(f"done {ds}", file=sys.stderr, flush=True)
+
+
+def add_case_arguments(ap: argparse.ArgumentParser, mode: str) -> None:
+    """The options of those checks that pick the cases and windows (``--mode``, default
+    ``mode``; ``--datasets``, ``--models``, ``--windows``)."""
+    ap.add_argument("--mode", choices=MODES, default=mode)
+    ap.add_argument("--datasets", default=",".join(REAL))
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--windows", type=int, default=6, help="windows per variant and case")
 
 
 def realised(p: np.ndarray, y: np.ndarray) -> float:

@@ -123,6 +123,7 @@ class Flushing:
         many steps."""
         self._evals.abandon()
         self._last_flush = None   # the state is no longer the one after the last flush
+        self._last_logged = None   # (a log() after this is not late for a judged step)
         n = self.recorder.discard()
         if self._in_flight is not None:
             n += len(self._in_flight.rows)

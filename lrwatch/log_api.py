@@ -96,6 +96,8 @@ class LogApi:
                     f"log()): the values "
                     f"go with step {self.step + 1}; log them in the step's first log() call, "
                     f"or use Watcher(flush_lag=1)"), stacklevel=4)
+                self._put_late(metrics, batch_size)
+                return True
             return False
         if metrics.keys() & row.logged_keys:
             return False
@@ -108,6 +110,17 @@ class LogApi:
         if batch_size is not None:
             row.host["_batch"] = float(batch_size)
         return True
+
+    def _put_late(self, metrics: Mapping[str, Any], batch_size: int | None) -> None:
+        """Values that came after their step was judged, into the next step's row without
+        logging it: that step's own ``log()`` calls still complete it as in any other step
+        (marked logged, the row would be committed at its optimizer step, before the loop's
+        loss; each later call then a step late, the rest of the run shifted by one step, a
+        rollback's abandoned values on the replayed step)."""
+        row = self.recorder.row_for_log(self.step + 1)
+        self._put_metrics(row, metrics, on_host=False, stacklevel=6)
+        if batch_size is not None:
+            row.host["_batch"] = float(batch_size)
 
     def log_evaluation(self, **metrics: torch.Tensor | float | int) -> bool:
         """Record an evaluation of the last completed step after that step was logged (a

@@ -132,13 +132,15 @@ class StepRecorder:
         return rows
 
     def discard(self) -> int:
-        """Drop the committed rows, and the open one once its step happened (steps of a
-        trajectory a rollback abandoned before they were judged: a loop that never calls
-        ``log()`` is rolled back at the optimizer's post-step hook, after a step its row still
-        holds); returns how many."""
+        """Drop the committed rows and the open one (steps of a trajectory a rollback
+        abandoned before they were judged: a loop that never calls ``log()`` is rolled back at
+        the optimizer's post-step hook, after a step its row still holds; an open row before
+        its step holds values taken on the abandoned weights, a late evaluation's); returns
+        how many steps."""
         n, self.rows = len(self.rows), []
-        if self.open is not None and self.open.stepped:
-            self.open, n = None, n + 1
+        if self.open is not None:   # (one not stepped: values taken on the abandoned weights)
+            n += self.open.stepped
+            self.open = None
         return n
 
     def commit(self, notify: bool = True) -> None:

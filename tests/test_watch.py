@@ -543,3 +543,80 @@ def test_a_second_log_call_in_a_step_joins_that_step(log_first: bool, flush_lag:
     if late:
         assert "came after step 5" in judged[0] and "flush_lag=1" in judged[0]
     assert counts["n"] == 0   # the evaluation joins its step on the device
+
+
+def _nan_run_with_evaluations(flush_lag: int, use_batches: bool, tmp_path: Any,
+                              every: int = 1) -> tuple["lrwatch.Watcher", list[Sample], dict[int, float],
+                                         list[str]]:
+    """40 steps, each logging its loss after ``opt.step()`` and then an evaluation in a
+    second call (every ``every``-th step); a NaN batch at step 26 (the guard off) rolls the run back. Returns the
+    Watcher, the samples, each step's own loss as the loop saw it, and lrwatch's warnings."""
+    from flag_rules import NONFINITE_ROLLBACK
+    (tmp_path / "r.yml").write_text(NONFINITE_ROLLBACK)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    got: list[Sample] = []
+    losses: dict[int, float] = {}
+    w = lrwatch.Watcher(model, opt, rules=str(tmp_path / "r.yml"), flush_every=4,
+                        flush_lag=flush_lag, listeners=[got.append],
+                        recovery={"good_after": 5, "min_interval": 5, "max_interval": 5,
+                                  "cooldown": 0, "replay": True, "start_check": "off",
+                                  "guard": "off"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in (w.batches(range(40)) if use_batches else range(40)):
+            x, y = _batch(i)
+            if i == 25 and not w.rollbacks:
+                x[0, 0] = float("nan")
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            losses[w.step] = float(loss)
+            w.log(loss=loss.detach())
+            if w.step % every:
+                continue
+            with torch.no_grad():
+                w.log(eval_loss=nn.functional.cross_entropy(model(_batch(99)[0]), _batch(99)[1]))
+        w.close()
+    return w, got, losses, [str(c.message) for c in caught if "lrwatch" in str(c.message)]
+
+
+def test_a_value_too_late_for_a_judged_step_leaves_the_next_steps_as_they_are(
+        tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``flush_lag=0``, an evaluation logged after each step's loss: the flush step's
+    evaluation comes after that step was judged and goes with the next step (one warning).
+    It went there as a log before that step, which committed the row at the optimizer step,
+    before the loop's loss: that loss then came late too, and from there every step's loss
+    and evaluation went on the next step's line; a NaN batch's loss was on the line after
+    its step, after the rollback too, and a second rollback followed (x0.25, to step 20;
+    the sixteenth round's distributed audit saw it). Each step keeps its own loss now."""
+    w, got, losses, said = _nan_run_with_evaluations(0, True, tmp_path)
+    assert w.rollbacks == 1
+    for s in got:
+        if "loss" in s.values and math.isfinite(s.values["loss"]):
+            assert s.values["loss"] == pytest.approx(losses[s.step], rel=1e-6), s.step
+    assert sum("was judged" in m for m in said) == 1
+
+
+def test_a_log_after_a_rollback_dropped_its_step_is_not_said_to_be_late(
+        tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``flush_lag=1``, no ``batches()``: the rollback is carried out at the loss's
+    ``log()`` of the step whose flush lands, and drops that step (not judged); the
+    evaluation logged next was said to come "after step N was judged"."""
+    w, _, _, said = _nan_run_with_evaluations(1, False, tmp_path)
+    assert w.rollbacks == 1
+    assert not [m for m in said if "was judged" in m], said
+
+
+def test_a_late_evaluation_of_a_rolled_back_step_does_not_go_onto_the_replay(
+        tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``flush_lag=0``, an evaluation logged on each flush step after its loss: the flush
+    of step 28 judged the NaN steps and asked for a rollback, and that step's (NaN)
+    evaluation, too late for it, waited for step 29; the rollback (at ``batches()``) kept
+    it, and the replayed step 29 carried the abandoned weights' evaluation."""
+    w, got, _, _ = _nan_run_with_evaluations(0, True, tmp_path, every=4)
+    assert w.rollbacks == 1
+    back = next(s.step for s in got if any(e.get("type") == "rollback" for e in s.events))
+    after = [s.values["eval_loss"] for s in got if s.step > back and "eval_loss" in s.values]
+    assert after and all(math.isfinite(v) for v in after), after

@@ -93,6 +93,7 @@ class StepPath:
     _closed: bool
     _probing: bool
     policy: Any
+    _snaps: Any   # the SnapshotKeeper (None without recovery): counts the scaler's skips
     flush: Callable[[], Any]
     _boundary: Callable[[str], None]
     _internal_error: Callable[[str], None]
@@ -120,6 +121,7 @@ class StepPath:
         if skipped:  # counted in lrwatch_skipped_steps_total from the flag, at the flush
             if self.recorder.open is not None:
                 self.recorder.open.host["skipped"] = 1.0
+            self._count_scaler_skip()
         self._post_step(self.optimizer, (), {})
 
     # --- no host sync here: the recorder keeps device scalars until the flush ----------------
@@ -162,6 +164,13 @@ class StepPath:
         if row.logged:
             self.recorder.commit()
 
+    def _count_scaler_skip(self) -> None:
+        """A step the scaler skipped: a loop may leave its per-step scheduler unstepped
+        there, which a rollback's reading of the scheduler's cadence must know
+        (:mod:`lrwatch.recovery.loop_schedule`)."""
+        if getattr(self, "_snaps", None) is not None:
+            self._snaps.scaler_skips += 1
+
     def _scaler_updating(self) -> None:
         """Before each GradScaler.update(): a step the scaler skipped for overflow ran no
         optimizer hook, so it is recorded here (as non-finite)."""
@@ -169,6 +178,7 @@ class StepPath:
             try:
                 self.recorder.measure_grads(self.step + 1, skipped=True)
                 self._finish_step()
+                self._count_scaler_skip()
             except Exception:
                 self._internal_error("recording a skipped AMP step")
         self._stepped_since_update = False

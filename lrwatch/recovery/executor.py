@@ -299,6 +299,14 @@ class PlanExecutor(RateChecks, ActionAlerts):
                     self._stop(Plan("stop", p.rule, p.step, f"{p.action} failed", EXIT_BUDGET))
         return acted
 
+    def _applied_since(self, target: Snapshot) -> int:
+        """The optimizer steps since ``target`` that the ``GradScaler`` did not skip: a loop
+        that steps its per-step scheduler only on those (the scale did not drop) steps it
+        once per applied step, and in a window mostly skipped (an fp16 run's first steps)
+        counting every step read it as per-epoch, kept ahead by the steps replayed."""
+        skipped = self._snaps.scaler_skips - int(target.extra.get("scaler_skips", 0))
+        return self.step - target.step - max(0, skipped)
+
     def _rollback(self, p: Plan, target: Snapshot | None) -> None:
         assert target is not None and self.store is not None
         live = LiveSchedule(self.optimizer, self.scheduler, LR_GROUP_KEYS)
@@ -310,7 +318,7 @@ class PlanExecutor(RateChecks, ActionAlerts):
         # the trajectory they belong to is abandoned, so the rules never see them
         self._discard_unjudged()
         self._restored_at = self.step
-        if live.keep(state, self.step - target.step):   # stepped per epoch: where the loop is
+        if live.keep(state, self._applied_since(target)):   # per epoch: where the loop is
             live.put_back(self.optimizer, self.scheduler)
             now = self.policy.lr_scale if p.from_scale is None else p.from_scale
             self._to_planned_scale(SimpleNamespace(extra={"lr_scale": now}))  # type: ignore

@@ -5,7 +5,9 @@ with recovery, and around it what the store does not know about the run:
 
 - the pinned first snapshot (the state the run starts from, known good by definition), taken
   again after the pre-flight learning-rate check;
-- what each snapshot records besides the training state: the policy's learning-rate scale, and
+- what each snapshot records besides the training state: the policy's learning-rate scale, the
+  steps the ``GradScaler`` skipped so far (a rollback reads a scheduler's cadence against the
+  steps applied since its target), and
   the rules engine's state as judged at the snapshot's step (``lrwatch replay`` restores it,
   so replay and live agree). A snapshot taken before its step is judged waits for the flush;
 - promotion to known good while no training-control rule fires, and the newest known-good
@@ -50,6 +52,7 @@ class SnapshotKeeper:
         self._state = (model, optimizer, scheduler, scaler)
         self._awaiting_engine: dict[int, Snapshot] = {}   # step -> snapshot not yet judged
         self._seconds: list[float] = []   # capture times since the last flush
+        self.scaler_skips = 0   # steps the GradScaler skipped so far (the step path counts)
 
     def rebind_scheduler(self, scheduler: Any) -> None:
         """Snapshots capture (and restore into) ``scheduler`` from now on."""
@@ -58,7 +61,7 @@ class SnapshotKeeper:
 
     def extra(self) -> dict[str, Any]:
         """What a snapshot records besides the training state."""
-        return {"lr_scale": self.policy.lr_scale}
+        return {"lr_scale": self.policy.lr_scale, "scaler_skips": self.scaler_skips}
 
     def take(self, step: int, data_position: int) -> Snapshot | None:
         """A snapshot now, due or not (the final one of a stopped run)."""

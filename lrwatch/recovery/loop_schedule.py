@@ -12,7 +12,8 @@ rate). Such a scheduler keeps its state and the rates it set, as the loop left t
 rollback's cut applies to them as to restored ones.
 
 Which cadence a scheduler has is read off the rollback itself (:func:`follows_loop`): how many
-times it was stepped since the snapshot against how many optimizer steps were.
+times it was stepped since the snapshot against how many optimizer steps were applied (those
+a ``GradScaler`` skipped left out: a loop may step its per-step scheduler only on the others).
 """
 
 from __future__ import annotations

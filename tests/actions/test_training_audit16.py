@@ -450,6 +450,60 @@ def test_a_rollback_across_an_epoch_end_keeps_a_per_epoch_schedule_where_the_loo
     assert ends == pytest.approx(clean, rel=1e-12)
 
 
+def _skipping_run(tmp_path: Path, watch: bool, omit: int | None = None
+                  ) -> tuple[Any, Any, nn.Module]:
+    """40 fp16 steps under a GradScaler whose first scale (2**38) makes the first ones
+    overflow (steps 1-19 and 22 skipped), a per-step scheduler the loop steps only where the
+    scaler did not skip (its scale did not drop); watched, a flag at step 22 rolls back to
+    the snapshot of step 18 (two of the four steps since it skipped); ``omit``: a batch the
+    loop leaves out (the run without the failed step)."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.97)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 38, growth_interval=10000)
+    w = lrwatch.Watcher(
+        model, opt, sched, scaler=scaler, flush_every=1,
+        rules=write_flag_rules(tmp_path / "poison.yml", flag_rule("poisoned", "poison")),
+        recovery={"cooldown": 0, "sudden_hold": 0, "sudden_margin": 0, "guard": "off",
+                  "start_check": "off", "min_interval": 6, "max_interval": 6,
+                  "good_after": 3, "replay": True}) if watch else None
+    for i in (w.batches(range(40)) if w is not None else range(40)):
+        if i == omit:
+            continue
+        x, y = _data(i)
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = nn.functional.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        before = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        if scaler.get_scale() >= before:
+            sched.step()
+        if w is not None:
+            w.log(loss=loss.detach(), poison=float(w.step == 22 and not w.rollbacks))
+    if w is not None:
+        w.close()
+    return w, sched, model
+
+
+def test_a_rollback_over_steps_the_scaler_skipped_restores_a_per_step_schedule(
+        tmp_path: Path) -> None:
+    """A per-step scheduler stepped only on the steps the GradScaler applied, a rollback over
+    a window the scaler mostly skipped (an fp16 run's first steps): stepped twice over four
+    steps, it was read as per-epoch and kept where the loop was, and the replayed steps
+    stepped it again (two steps ahead of the run without the failed step at the end). The
+    cadence is read against the steps applied now: restored, and the run ends as the run
+    that never saw the failed step's batch."""
+    w, sched, model = _skipping_run(tmp_path, True)
+    assert w.rollbacks == 1
+    _, ref_sched, ref = _skipping_run(tmp_path, False, omit=21)
+    assert sched.last_epoch == ref_sched.last_epoch
+    for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
 @pytest.mark.slow
 def test_under_ddp_each_rank_gets_back_its_own_buffer_the_state_dict_leaves_out(
         tmp_path: Path) -> None:

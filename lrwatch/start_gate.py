@@ -1,8 +1,8 @@
 """The start check's gate: no shadow where the run's first steps made no batch worse.
 
-:class:`StartGate` is a mixin of :class:`lrwatch.data_side.DataSide` (so of the Watcher). It
-keeps the run's loss at its first steps and the untouched network's loss on the same batches,
-and before the start check trains its shadow it asks
+:class:`StartGate` is a mixin of :class:`lrwatch.start_check_side.StartCheckSide` (so of the
+Watcher). It keeps the run's loss at its first steps and the untouched network's loss on the
+same batches, and before the start check trains its shadow it asks
 :func:`~lrwatch.recovery.start_check.worst_ratio` whether any step left a batch worse than
 ``RecoveryConfig.start_check_gate`` times the untouched network's loss on it. Where it did
 not, the rate stands at no shadow's cost.

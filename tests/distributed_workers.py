@@ -461,7 +461,7 @@ def start_check_fails_on_one_rank(rank: int, world: int, store: str, out: str,
     be saved; ``"probe"``, its ``probe_loss`` raises on a held-out batch of the check;
     ``"probe_train"``, on a training step of the shadow (under DDP). Every rank must
     skip the check (or give it up) alike, with no rank left waiting in a collective."""
-    from lrwatch import data_side
+    from lrwatch import start_check_side
 
     init(rank, world, store, timeout_s=60)
     model = _wrapped("ddp")
@@ -470,7 +470,7 @@ def start_check_fails_on_one_rank(rank: int, world: int, store: str, out: str,
     if mode == "capture" and last:
         def no_capture(*a: Any, **k: Any) -> Any:
             raise RuntimeError("cannot save the start state on this rank")
-        data_side.capture_state = no_capture   # type: ignore[assignment]
+        start_check_side.capture_state = no_capture   # type: ignore[assignment]
     calls = [0]
 
     def stream() -> Any:
@@ -532,19 +532,19 @@ def adapter_start_check_fails_on_one_rank(rank: int, world: int, store: str, out
     ``start_check_boundary``, the framework drawing the data) under DDP, where the last rank
     cannot save a state: ``which`` 1, the start state; 2, the run's after its first steps.
     Every rank must skip the check alike, with no rank left waiting in a collective."""
-    from lrwatch import data_side
+    from lrwatch import start_check_side
 
     init(rank, world, store, timeout_s=60)
     model = _wrapped("ddp")
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    capture, captures = data_side.capture_state, [0]
+    capture, captures = start_check_side.capture_state, [0]
 
     def flaky(*a: Any, **k: Any) -> Any:
         captures[0] += 1
         if rank == world - 1 and captures[0] == which:
             raise RuntimeError("cannot save a state on this rank")
         return capture(*a, **k)
-    data_side.capture_state = flaky   # type: ignore[assignment]
+    start_check_side.capture_state = flaky   # type: ignore[assignment]
 
     def probe_loss(m: nn.Module, batch: Any) -> torch.Tensor:
         return nn.functional.mse_loss(m(batch[0]), batch[1])

@@ -30,7 +30,8 @@ from typing import Sequence
 
 from ..rules.detectors.trend import t_quantile
 
-__all__ = ["StartVerdict", "compare", "worst_ratio"]
+__all__ = ["StartVerdict", "check_cost", "compare", "first_reason", "skip_reason",
+           "worst_ratio"]
 
 
 @dataclass(frozen=True)
@@ -126,3 +127,35 @@ def worst_ratio(run: Sequence[float], untrained: Sequence[float]) -> float | Non
         r = got / base if math.isfinite(got) else math.inf
         worst = r if worst is None else max(worst, r)
     return worst
+
+
+def skip_reason(held: int, peek: int, step: int, steps: int, batches: int, stopped: bool,
+                rolled_back: bool) -> str | None:
+    """Why the start check cannot run on the batches it holds, or ``None``: ``held`` batches
+    trained on (``steps`` wanted), ``peek`` drawn after them (``batches`` wanted), ``step``
+    logged steps by then (one per batch wanted), the run ``stopped`` or ``rolled_back``
+    meanwhile."""
+    if held < steps or peek < batches:
+        return "too few batches"
+    if stopped:
+        return "the run stopped"
+    if rolled_back:
+        return "lrwatch rolled the run back meanwhile"
+    if step != steps:
+        return f"{step} logged steps on its first {steps} batches, not one per batch"
+    return None
+
+
+def first_reason(mine: str | None, every: Sequence[str | None]) -> str | None:
+    """The reason every rank agrees on to skip the start check: this rank's own (``mine``), or
+    else the first one any rank gave (``every``, in rank order), named by its rank; ``None``
+    when no rank has one (the check's collectives need every rank: all run it or none)."""
+    if mine is not None:
+        return mine
+    return next((f"rank {r}: {w}" for r, w in enumerate(every) if w is not None), None)
+
+
+def check_cost(steps: int, forwards: int, forward_cost: float) -> int:
+    """A check's cost in steps: the shadow's ``steps`` and ``forwards`` forward passes at
+    ``forward_cost`` of a step each (rounded up)."""
+    return steps + math.ceil(forwards * forward_cost - 1e-9)

@@ -19,7 +19,8 @@ from shadow_checks import (assert_equals_reference, assert_replay_equals_live, c
 from lrwatch.errors import ConfigError
 from lrwatch.exporters.trace import read_trace
 from lrwatch.recovery.policy import RecoveryConfig, RecoveryPolicy
-from lrwatch.recovery.start_check import compare, worst_ratio
+from lrwatch.recovery.start_check import (check_cost, compare, first_reason, skip_reason,
+                                          worst_ratio)
 
 #: the shadow trained whatever the run's first steps did (the gate off), for the tests of
 #: the shadow itself; the gate has tests of its own below
@@ -365,6 +366,25 @@ def test_worst_ratio_reads_the_steps_after_the_first_against_the_same_batches() 
     assert worst_ratio([float("nan"), 1.0], [2.0, 2.0]) is None
     with pytest.raises(ConfigError, match="start_check_gate"):
         RecoveryConfig(start_check_gate=-1)
+
+
+def test_the_reasons_to_skip_the_check_and_its_cost_are_decided_on_plain_numbers() -> None:
+    # 10 steps on 10 batches, 5 held out drawn: the check runs
+    assert skip_reason(10, 5, 10, 10, 5, False, False) is None
+    assert skip_reason(9, 5, 9, 10, 5, False, False) == "too few batches"
+    assert skip_reason(10, 4, 10, 10, 5, True, True) == "too few batches"
+    assert skip_reason(10, 5, 10, 10, 5, True, True) == "the run stopped"
+    assert skip_reason(10, 5, 10, 10, 5, False, True) == "lrwatch rolled the run back meanwhile"
+    assert skip_reason(10, 5, 5, 10, 5, False, False) == (
+        "5 logged steps on its first 10 batches, not one per batch")
+    # every rank agrees: this rank's own reason, else the first rank's that has one
+    assert first_reason(None, [None, None]) is None
+    assert first_reason("mine", [None, "mine", "other"]) == "mine"
+    assert first_reason(None, [None, "too few batches", "x"]) == "rank 1: too few batches"
+    # the shadow's steps, and its forwards at a third of a step each, rounded up
+    assert check_cost(10, 0, 1 / 3) == 10
+    assert check_cost(10, 6, 1 / 3) == 12
+    assert check_cost(0, 7, 1 / 3) == 3
 
 
 def test_a_run_whose_steps_made_no_batch_worse_keeps_its_rate_at_no_cost(tmp_path: Path) -> None:

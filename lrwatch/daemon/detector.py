@@ -14,6 +14,10 @@ A feature has drifted in a window when
   more than the calibrated sequential threshold **and** by at least ``seq_min_effect`` standard
   deviations.
 
+The joint (multivariate) test on the input features is the mixin
+:class:`~lrwatch.daemon.joint_drift.JointDrift`; :class:`DriftResult` is defined in
+:mod:`lrwatch.daemon.drift_result` and importable from here.
+
 Examples
 --------
 >>> import random
@@ -34,16 +38,15 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
 
 from ..errors import ConfigError, DamagedStateError
-from .calibrate import (Calibration, calibrate, normal_scores, row_skew, standardise, unskew,
-                        window_skew)
-from .multivariate import MIN_WINDOW_ROWS, JointModel, gap_rows
-from .reference import PREDICTION, Reference
+from .calibrate import Calibration, calibrate, normal_scores, standardise
+from .drift_result import DriftResult
+from .joint_drift import JointDrift, _fit_joint
+from .reference import Reference
 from .scale import LOCATION_SCALE
 from .state_check import evidence_problem
 from .stats import Profile, WindowTests, window_tests
@@ -53,80 +56,7 @@ __all__ = ["DriftDetector", "DriftResult"]
 _log = logging.getLogger("lrwatch.daemon")
 
 
-def _fit_joint(ref: Reference, prof: Profile) -> JointModel | None:
-    """The joint test's model of ``ref`` (``None``, with a log line, when it cannot have one)."""
-    inputs = len(prof.num_names) - (PREDICTION in prof.num_names)
-    if inputs < 1 or inputs + prof.indicators.width < 2:
-        return None  # one input column: nothing to be joint with
-    lengths = {len(ref.sample.get(name) or ()) for name in prof.num_names}
-    if len(lengths) != 1 or 0 in lengths:
-        _log.info("no joint drift test: the reference sample lacks numeric columns or they "
-                  "differ in length (rebuild it with `lrwatch baseline build`)")
-        return None
-    model = JointModel.fit(prof.joint_sample, prof.joint_names)
-    if model is None:
-        _log.info("no joint drift test: fewer than 2 usable input columns or too few "
-                  "reference rows (%d)", prof.joint_sample.shape[0])
-    return model
-
-
-@dataclass
-class DriftResult:
-    """What one window showed. Arrays follow ``Profile.num_names + Profile.cat_names``."""
-
-    tests: WindowTests
-    names: list[str]
-    scores: np.ndarray  # standardised score per (feature, test) dim
-    feature_score: np.ndarray  # per feature: max standardised per-window score
-    seq_z: np.ndarray  # per feature: max |z| of the accumulated means (0 for categorical)
-    drifted: np.ndarray  # per feature bool
-    threshold: float
-    seq_threshold: float
-    drifted_features: list[str] = field(default_factory=list)
-    #: the joint (multivariate) test on the input features (:mod:`.multivariate`):
-    #: its raw statistic (NaN when there is no joint test, e.g. fewer than 2 input columns),
-    #: its standardised score (same units as ``feature_score``, compared with ``threshold``)
-    joint_stat: float = math.nan
-    joint_score: float = math.nan
-    joint_threshold: float = math.inf
-    joint_detected: bool = False
-    #: the joint test's accumulated evidence over windows (compared with ``seq_threshold``)
-    joint_seq_z: float = math.nan
-    #: per joint feature: its standardised per-window score, and those whose relation to the
-    #: other features changed (per window or accumulated)
-    joint_names: list[str] = field(default_factory=list)
-    joint_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    joint_features: list[str] = field(default_factory=list)
-    #: input features missing in the window far more often than in the reference (their
-    #: missing test fired): the rows where they are missing are left out of the joint test
-    #: (:func:`.multivariate.gap_rows`), and ``joint_rows`` rows were tested; with fewer than
-    #: :data:`.multivariate.MIN_WINDOW_ROWS` left, the window has no joint test (NaN)
-    joint_excluded: list[str] = field(default_factory=list)
-    joint_rows: int = 0
-
-    @property
-    def detected(self) -> bool:
-        """Any input feature drifted, or the joint test fired (the prediction is apart)."""
-        return self.joint_detected or any(n != PREDICTION for n in self.drifted_features)
-
-    @property
-    def prediction_drift(self) -> bool:
-        return PREDICTION in self.drifted_features
-
-    @property
-    def score(self) -> float:
-        """The largest evidence in units of its threshold (>= 1 means over a threshold)."""
-        a = float(self.feature_score.max(initial=0.0)) / self.threshold
-        b = float(self.seq_z.max(initial=0.0)) / self.seq_threshold \
-            if math.isfinite(self.seq_threshold) else 0.0
-        c = self.joint_score / self.joint_threshold \
-            if math.isfinite(self.joint_score) and math.isfinite(self.joint_threshold) else 0.0
-        d = self.joint_seq_z / self.seq_threshold \
-            if math.isfinite(self.joint_seq_z) and math.isfinite(self.seq_threshold) else 0.0
-        return max(a, b, c, d)
-
-
-class DriftDetector:
+class DriftDetector(JointDrift):
     """Per-window drift decisions against a reference, with calibrated thresholds.
 
     Parameters
@@ -186,13 +116,7 @@ class DriftDetector:
             self.threshold = float(cached.base_threshold or cached.threshold)
             self.seq_threshold = float(cached.base_seq_threshold or cached.seq_threshold) \
                 if sequential else math.inf
-        self._jmu = np.asarray(cached.mu[nd:])
-        self._jsd = np.asarray(cached.sd[nd:])
-        self._jmean = np.asarray(cached.joint_mean)
-        self._jrsd = np.maximum(np.asarray(cached.joint_sd), 1e-12)
-        self._jskew = self._joint_row_skew(cached)
-        self.joint_min_effect = float(joint_min_effect)
-        self._jhist: deque[tuple[np.ndarray, float]] = deque(maxlen=max(cached.horizons))
+        self._init_joint(cached, nd, joint_min_effect)
         self.min_effect = float(min_effect)
         self.min_effect_categorical = float(min_effect_categorical)
         self.min_missing_delta = float(min_missing_delta)
@@ -213,16 +137,6 @@ class DriftDetector:
         cat_missing = np.array([f.missing / max(f.count + f.missing, 1)
                                 for f in self.profile.cat])
         self._ref_missing_rate = np.concatenate([ref_missing, cat_missing])
-
-    def _joint_row_skew(self, cached: Calibration) -> np.ndarray:
-        """Per joint feature, the skewness of the reference rows' ``|e|`` (measured here when the
-        calibration predates it)."""
-        model = self._joint_model
-        if model is None:
-            return np.zeros(0)
-        if len(cached.joint_skew) == len(model.names):
-            return np.asarray(cached.joint_skew, dtype=np.float64)
-        return row_skew(model.loo_residuals(self.profile.joint_sample))
 
     def _resolve_calibration(self, given: Calibration | None, window_size: int | None,
                              target_windows: float | None, seed: int, sims: int | None,
@@ -318,81 +232,6 @@ class DriftDetector:
             self._joint(prof.joint_input(located[1], cats), res, gaps)
         return res
 
-    def _joint_gaps(self, x: np.ndarray, gaps: np.ndarray, res: DriftResult
-                    ) -> np.ndarray | None:
-        """Window ``x`` without the rows where a feature flagged in ``gaps`` (per feature) is
-        missing beyond its reference share (:func:`.multivariate.gap_rows`), or ``None`` when
-        none of the joint test's columns is flagged. Names them in ``res``."""
-        model = self._joint_model
-        assert model is not None
-        fn = len(self.profile.num)
-        feature = list(range(fn)) + [fn + j for j, keep in
-                                     enumerate(self.profile.indicators.levels)
-                                     for _ in keep]  # the feature of each input column
-        cols = [int(c) for c in model.cols if gaps[feature[c]]]
-        if not cols:
-            return None
-        keep = gap_rows(x, cols, [self._ref_missing_rate[feature[c]] for c in cols])
-        res.joint_excluded = sorted({self.names[feature[c]] for c in cols})
-        return x[keep]
-
-    def _joint(self, x: np.ndarray, res: DriftResult, gaps: np.ndarray) -> None:
-        """The joint test of window ``x`` (on the location scale), per window and accumulated,
-        into ``res``; ``gaps``: per feature, whether its missing values are a change of their
-        own (see :meth:`_joint_gaps`)."""
-        model = self._joint_model
-        assert model is not None
-        present = res.tests.present
-        if x.shape[1] > len(present):  # indicator columns: missing where their feature is
-            present = np.concatenate([present, (~np.isnan(x[:, len(present):])).sum(axis=0)])
-        kept = self._joint_gaps(x, gaps, res) if gaps.any() else None
-        if kept is not None:
-            x, present = kept, None
-        res.joint_rows = n_rows = x.shape[0]
-        if kept is not None and n_rows < MIN_WINDOW_ROWS:
-            return  # too few complete rows: no joint test in this window (NaN)
-        n = float(n_rows)
-        sums = model.window_sums(x, present)
-        mean_w = sums / n
-        z = (mean_w - self._jmean) / (self._jrsd * math.sqrt(1.0 / n + 1.0 / self._jm))
-        # |e| is right-skewed, and so is a small window's mean of it: score it on the normal
-        # scale before folding, so that the Gaussian calibration holds in both tails
-        skew = window_skew(self._jskew, n, self._m, self._jm)
-        scores = np.abs(unskew((z - self._jmu) / self._jsd, skew))
-        effect = np.abs(mean_w / self._jmean - 1.0) >= self.joint_min_effect
-        hit = (scores > self.threshold) & effect
-        top = int(np.argmax(scores))
-        res.joint_names = model.names
-        res.joint_scores = scores
-        res.joint_stat = float(mean_w[top] / self._jmean[top])
-        res.joint_score = float(scores[top])
-        res.joint_threshold = self.threshold
-        if self.sequential:
-            seq_z, seq_hit = self._joint_sequential(sums, n)
-            res.joint_seq_z = seq_z
-            hit |= seq_hit
-        res.joint_detected = bool(hit.any())
-        res.joint_features = [name for name, h in zip(model.names, hit) if h]
-
-    def _joint_sequential(self, sums: np.ndarray, n: float) -> tuple[float, np.ndarray]:
-        """Max ``|z|`` of the joint features' accumulated mean ``|e|`` over the horizons, and
-        which features are over ``seq_threshold`` (with at least ``joint_min_effect``)."""
-        self._jhist.append((sums.copy(), n))
-        best = np.zeros(len(sums))
-        hit = np.zeros(len(sums), dtype=bool)
-        s = np.zeros(len(sums))
-        c = 0.0
-        for k, (ws, wn) in enumerate(reversed(self._jhist), start=1):
-            s += ws
-            c += wn
-            if k in self.horizons:
-                mean = s / c
-                z = np.abs(mean - self._jmean) / (self._jrsd * math.sqrt(1.0 / c + 1.0 / self._jm))
-                best = np.maximum(best, z)
-                hit |= (z > self.seq_threshold) & \
-                    (np.abs(mean / self._jmean - 1.0) >= self.joint_min_effect)
-        return float(best.max(initial=0.0)), hit
-
     def _sequential(self, tests: WindowTests) -> np.ndarray:
         self._hist.append((tests.sums.copy(), tests.present.copy()))
         prof = self.profile
@@ -454,12 +293,6 @@ class DriftDetector:
         if joint is not None:
             for s, n in state.get("joint_history", []):
                 self._jhist.append((np.asarray(s, dtype=np.float64), float(n)))
-
-    @property
-    def joint_active(self) -> bool:
-        """Whether the joint test runs: a joint model was fitted and calibrated (a numeric
-        input and one more input column, a categorical one's indicator included)."""
-        return self._joint_model is not None
 
     def resume(self, state: Mapping[str, Any]) -> bool:
         """:meth:`load_state_dict`, or, for a state of another reference (one rebuilt between

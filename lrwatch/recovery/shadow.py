@@ -162,13 +162,7 @@ def shadow_check(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sched
                                   reason=verdict.reason + "; the shadow then failed on the "
                                   "held-out batches")
         if verdict is not None and verdict.adopt:
-            # the shadow's weights and optimizer state; the run's schedule position and RNG
-            settle(now)
-            if scheduler is not None and now.get("scheduler") is not None:
-                scheduler.load_state_dict(cpu_copy(now["scheduler"]))
-            _set_rates(optimizer, lrs_now, 1.0)
-            _set_rng_state(now["rng"])
-            scale_learning_rate(optimizer, scheduler, factor)
+            _adopt(optimizer, scheduler, now, lrs_now, factor)
             adopted = True
     finally:
         if not adopted:
@@ -178,6 +172,19 @@ def shadow_check(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sched
     if verdict is None:
         return None
     return ShadowResult(verdict, steps, 2 * len(held_out))
+
+
+def _adopt(optimizer: torch.optim.Optimizer, scheduler: Any, now: Mapping[str, Any],
+           lrs_now: Sequence[Any], factor: float) -> None:
+    """Go on from the shadow: its weights and optimizer state, with the run's schedule
+    position and RNG (``now``, the run's state before the check) and the run's rates
+    (``lrs_now``) scaled by ``factor``."""
+    settle(now)
+    if scheduler is not None and now.get("scheduler") is not None:
+        scheduler.load_state_dict(cpu_copy(now["scheduler"]))
+    _set_rates(optimizer, lrs_now, 1.0)
+    _set_rng_state(now["rng"])
+    scale_learning_rate(optimizer, scheduler, factor)
 
 
 def same_batches(a: Any, b: Any) -> bool:

@@ -70,3 +70,25 @@ def test_performance_estimation_doc_quotes_the_stored_run() -> None:
     assert f"logistic regression ({lr['lrwatch']:.2f} vs {lr['nannyml']:.2f})" in doc
     assert f"logistic regression {lr_d['lrwatch']:.2f} vs {lr_d['nannyml']:.2f}" in doc
     assert lr["lrwatch"] < lr["nannyml"] and lr_d["lrwatch"] > lr_d["nannyml"]
+
+
+def test_the_gpu_guards_cost_is_what_the_stored_h200_run_measured() -> None:
+    """`guard="on"`'s pass over the gradients, over the Watcher's defaults, as a share of the
+    unwatched step: one measure for both models (the sixteenth round's text gave the MLP's
+    share over the defaults and the transformer's over the unwatched loop, "2.9-4.4%")."""
+    shares, extra = [], {}
+    for row in _result("overhead_cuda_h200_guard.json")["results"]:
+        v = row["variants"]
+        base, watched, guarded = (v[k]["median_ms"] for k in ("baseline", "lrwatch", "lrwatch guard-on"))
+        shares.append((guarded - watched) / base)
+        # as the tables print them: each variant's overhead over the baseline, in whole µs
+        extra[row["model"]] = (round(v["lrwatch guard-on"]["wall"]["overhead_us"])
+                               - round(v["lrwatch"]["wall"]["overhead_us"]))
+    claim = f"{100 * min(shares):.1f}-{100 * max(shares):.1f}% of an H200 step"
+    for doc in ("README.md", "docs/overhead.md", "docs/recovery.md"):
+        assert claim in _doc(doc), doc
+    assert f"costs {100 * min(shares):.1f}-{100 * max(shares):.1f}% of a GPU step" in _doc("docs/design.md")
+    text = _doc("docs/recovery.md")
+    assert f"+{extra['mlp-gpu']} µs ({100 * shares[0]:.1f}% of the step) over the Watcher's defaults" in text
+    assert "2.9-4.4%" not in " ".join(_doc(d) for d in ("README.md", "docs/overhead.md",
+                                                         "docs/recovery.md", "docs/design.md"))

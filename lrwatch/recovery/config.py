@@ -236,7 +236,7 @@ class RecoveryConfig:
         are held back for that step (``p.grad = None``, given back after it): every torch
         optimizer then leaves the parameters and its state alone, as the fused step does.
         ``"on"``: also for other optimizers on a GPU, by zeroing the gradient on the device
-        (one pass over the gradients per step, 2.9-4.4% of an H200 step, docs/recovery.md);
+        (one pass over the gradients per step, 2.0-4.4% of an H200 step, docs/recovery.md);
         the optimizer then steps on a zero gradient (momentum still moves it). ``"off"``:
         every step is applied. Never with a ``GradScaler``, which skips non-finite steps
         itself. A single dropped step in a quiet stretch (none in the ``good_after`` steps

@@ -124,3 +124,33 @@ def test_the_open_lists_healing_range_is_the_blind_sets_shares() -> None:
     assert (f"healed {pct[low]}-{pct[high]}% on the blind sets scored since the start check's "
             f"gate ({low} {shares[low][0]}/{shares[low][1]} to {high} "
             f"{shares[high][0]}/{shares[high][1]}") in doc
+
+
+def _pct(k: int, n: int) -> str:
+    return "100%" if k == n else f"{100 * k / n:.1f}%"
+
+
+def test_the_suites_lofo_tables_and_anchors_are_the_stored_run() -> None:
+    """docs/detection.md's "headline" LOFO table and its anchors table, and the README's
+    SpikeDetection line, were the run before the tenth round's data fix (93.6%, 131 healthy
+    runs) while the status table quoted the stored rerun (94.8%, 132)."""
+    run = _result("detection_suite_lofo.json")
+    pooled = run["lofo"]["all"]
+    doc = _doc("docs/detection.md")
+    section = doc.split("### Leave-one-family-out (the headline)", 1)[1].split("Before the data fix", 1)[0]
+    assert (f"**pooled held-out** | **{_pct(pooled['caught'], pooled['faults'])} "
+            f"({pooled['caught']}/{pooled['faults']})**") in section
+    for family, a in run["lofo"]["by_family"].items():
+        assert (f"| {family} | {_pct(a['caught'], a['faults'])} ({a['caught']}/{a['faults']}) | "
+                f"{_pct(a['warned'], a['nonfinite_runs'])} ({a['warned']}/{a['nonfinite_runs']}) |"
+                ) in section, family
+    anchors = doc.split("### Against the anchors, pooled over all families", 1)[1].split(
+        "Before the data fix", 1)[0]
+    for anchor in run["anchors"].values():
+        a = anchor["all"]
+        assert (f"| {anchor['name']} | {_pct(a['caught'], a['faults'])} ({a['caught']}/{a['faults']}) |"
+                ) in anchors, anchor["name"]
+        assert f"({a['false_alarms_healthy']}/{a['healthy']}) |" in anchors, anchor["name"]
+    spike = run["anchors"]["lightning_spike_detection"]["all"]
+    assert (f"Lightning's SpikeDetection on the suite: {_pct(spike['caught'], spike['faults'])} "
+            f"caught, {spike['false_alarms_healthy']} of {spike['healthy']} healthy runs") in _doc("README.md")

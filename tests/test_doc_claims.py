@@ -154,3 +154,23 @@ def test_the_suites_lofo_tables_and_anchors_are_the_stored_run() -> None:
     spike = run["anchors"]["lightning_spike_detection"]["all"]
     assert (f"Lightning's SpikeDetection on the suite: {_pct(spike['caught'], spike['faults'])} "
             f"caught, {spike['false_alarms_healthy']} of {spike['healthy']} healthy runs") in _doc("README.md")
+
+
+def test_the_sync_audit_table_is_the_stored_runs() -> None:
+    """docs/overhead.md's sync table, before and after the fixes, against the stored audits."""
+    doc = _doc("docs/overhead.md")
+    table = doc.split("### Where the host waited for the GPU (the sync audit)", 1)[1].split("\n\n", 1)[0]
+    before = {r["config"]: r for r in _result("sync_audit_h200_before.json")["runs"]}
+    after = {r["config"]: r for r in _result("sync_audit_h200.json")["runs"]}
+    rows = {  # the doc's row -> the audit's configuration
+        "no monitor": "no monitor",
+        "lrwatch defaults": "lrwatch defaults",
+        "`guard=\"on\"`": "lrwatch guard=on",
+        "Lightning `Trainer` + `LrwatchCallback`": "lightning Trainer + LrwatchCallback",
+        "transformers `Trainer` + `LrwatchCallback`": "transformers Trainer + LrwatchCallback",
+    }
+    for row, config in rows.items():
+        cells = table.split(f"| {row} | ", 1)[1].split(" | ")
+        first = int(cells[0].split()[0].replace(",", ""))
+        second = int(cells[1].strip("*").replace(",", ""))
+        assert (first, second) == (before[config]["syncs"], after[config]["syncs"]), row

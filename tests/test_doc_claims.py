@@ -174,3 +174,30 @@ def test_the_sync_audit_table_is_the_stored_runs() -> None:
         first = int(cells[0].split()[0].replace(",", ""))
         second = int(cells[1].strip("*").replace(",", ""))
         assert (first, second) == (before[config]["syncs"], after[config]["syncs"]), row
+
+
+def _blind_sets(prefix: str) -> list[str]:
+    """The letters of the blind sets with a stored result, oldest first (AC < ... < AM)."""
+    names = [p.stem[len(prefix):] for p in RESULTS.glob(f"{prefix}*.json")]
+    return sorted({n.split("_")[0].upper() for n in names if re.fullmatch(r"[a-z]{2}(_\w+)?", n)},
+                  key=lambda s: (len(s), s))
+
+
+def test_the_readme_quotes_the_newest_blind_sets() -> None:
+    """README's detection and recovery summaries called AJ "the newest set" after AK, AL and
+    (detection) AM had been read: each blind set's stored headline is quoted there."""
+    readme = _doc("README.md").replace("**", "")
+    detection = readme.split("[`docs/detection.md`](docs/detection.md): default rules", 1)[1].split(
+        "- [`docs/recovery.md`]", 1)[0]
+    for blind in _blind_sets("detection_blind_"):
+        a = _result(f"detection_blind_{blind.lower()}.json")["shipped"]["all"]
+        assert f"{100 * a['caught_ratio']:.1f}% of {a['faults']}" in detection, blind
+    newest = _blind_sets("detection_blind_")[-1]
+    assert f"On the newest set, scored once blind (sixteenth round, {newest}:" in detection
+    recovery = readme.split("- [`docs/recovery.md`](docs/recovery.md): self-healing", 1)[1].split(
+        "- [`docs/lr-find.md`]", 1)[0]
+    for blind, (name, part, arm) in _BLIND_WOULD_DIVERGE.items():
+        if part == "wd" and blind >= "AH":       # the sets whose would-diverge part is stored alone
+            ok, n = _healed(blind)
+            assert f"{ok} of {n}" in recovery, blind
+    assert "On the newest set of five families, scored once (sixteenth round, AL:" in recovery

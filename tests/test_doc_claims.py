@@ -213,3 +213,27 @@ def test_the_readmes_stall_false_call_rates_are_the_stored_rows() -> None:
     readme = _doc("README.md")
     assert f"stalled on {100 * iid[0]:.1f}-{100 * iid[-1]:.1f}% of decisions with independent noise" in readme
     assert f"{100 * ar1[0]:.1f}% and {100 * ar1[-1]:.1f}% under autocorrelated noise" in readme
+
+
+def test_the_status_tables_numbers_with_the_shipped_pack_are_the_rescored_ones() -> None:
+    """docs/detection.md's status table quotes each blind set's read and, where this round's
+    pack scores it otherwise, "with this round's pack": every rescored count is in its cell
+    (the sixteenth round's table left out AH's healthy runs, 3/51 and 4/51 now)."""
+    table = [ln for ln in (ROOT / "docs/detection.md").read_text(encoding="utf-8").splitlines()
+             if ln.startswith("| ")]
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")] for r in table[2:9]}
+    sets = _result("detection_shipped_pack_audit17.json")["sets"]
+    for name, run in sets.items():
+        col = next((i for i, h in enumerate(header) if re.search(rf"\bblind set {name}\b", h)), None)
+        if col is None:
+            continue
+        a = run["all"]
+        cell = {k: v[col] for k, v in rows.items()}
+        assert f"{a['caught']}/{a['faults']}" in cell["faults caught >= 0.92"], name
+        assert f"{a['warned']}/{a['nonfinite_runs']}" in cell[
+            "every run that reaches a non-finite value warned before it"], name
+        fa = cell["no critical false alarm on healthy runs / before an onset"]
+        assert f"{a['false_alarms_healthy']}/{a['healthy']}" in fa, name
+        assert f"{a['false_alarms_before_onset']}/{a['faults']}" in fa, name
+        assert f"{a['warned_healthy']}/{a['healthy']}" in cell["warnings on healthy runs <= 5%"], name

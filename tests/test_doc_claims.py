@@ -237,3 +237,14 @@ def test_the_status_tables_numbers_with_the_shipped_pack_are_the_rescored_ones()
         assert f"{a['false_alarms_healthy']}/{a['healthy']}" in fa, name
         assert f"{a['false_alarms_before_onset']}/{a['faults']}" in fa, name
         assert f"{a['warned_healthy']}/{a['healthy']}" in cell["warnings on healthy runs <= 5%"], name
+
+
+def test_the_scheduled_stall_cut_numbers_are_the_stored_run() -> None:
+    """With warm-up + cosine: the defaults against the cut on every stall (`plateau_cut`)."""
+    rows = [r for r in _result("recovery_families_warmup.json")["rows"] if r.get("diverged")]
+    fixed = sum(bool(r["fixed"]["ok"]) for r in rows)
+    cut = sum(bool(r["plateau_cut"]["ok"]) for r in rows)
+    assert (f"with warm-up + cosine the cut healed {cut} of {len(rows)} instead of {fixed}"
+            ) in _doc("README.md")
+    assert (f"the defaults **{fixed} of {len(rows)}**, the cut on every stall **{cut} of "
+            f"{len(rows)}**") in _doc("docs/recovery.md")

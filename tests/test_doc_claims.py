@@ -248,3 +248,9 @@ def test_the_scheduled_stall_cut_numbers_are_the_stored_run() -> None:
             ) in _doc("README.md")
     assert (f"the defaults **{fixed} of {len(rows)}**, the cut on every stall **{cut} of "
             f"{len(rows)}**") in _doc("docs/recovery.md")
+
+
+def test_the_estimation_speed_target_quotes_the_stored_timing() -> None:
+    ms = _result("performance_estimation.json")["timing"]["ms_per_window"]
+    assert f"| ≤ 5 ms per window, 10 classes | {ms:.2f} ms (the stored run" in _doc(
+        "docs/performance-estimation.md")

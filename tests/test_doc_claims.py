@@ -237,6 +237,10 @@ def test_the_status_tables_numbers_with_the_shipped_pack_are_the_rescored_ones()
         assert f"{a['false_alarms_healthy']}/{a['healthy']}" in fa, name
         assert f"{a['false_alarms_before_onset']}/{a['faults']}" in fa, name
         assert f"{a['warned_healthy']}/{a['healthy']}" in cell["warnings on healthy runs <= 5%"], name
+        delay = cell["median delay <= 2 steps (<= 1 evaluation)"].replace("*", "")
+        assert f"{a['median_delay']:g}, {a['median_delay_evals']:g}" in delay, name
+        drops = run["eval_drop"]
+        assert f"{drops['caught']}/{drops['faults']}" in cell["silent evaluation drops within 3 evaluations"], name
 
 
 def test_the_scheduled_stall_cut_numbers_are_the_stored_run() -> None:

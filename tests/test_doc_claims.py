@@ -258,3 +258,11 @@ def test_the_estimation_speed_target_quotes_the_stored_timing() -> None:
     ms = _result("performance_estimation.json")["timing"]["ms_per_window"]
     assert f"| ≤ 5 ms per window, 10 classes | {ms:.2f} ms (the stored run" in _doc(
         "docs/performance-estimation.md")
+
+
+def test_the_long_run_stall_table_is_the_stored_one() -> None:
+    doc = _doc("docs/recovery.md")
+    for row in _result("stall_calibration.json")["long"]:
+        first = "" if row["first_median"] is None else f" {row['first_median']}"
+        assert (f"| {100 * row['improvement_per_window']:.0f}%{' (the threshold)' if row['mean'] > 5 else ''} | "
+                f"{'0' if row['mean'] == 0 else format(row['mean'], '.1f')}, {row['max']} | {row['runs_with_any']}/10 |{first} |") in doc, row

@@ -352,7 +352,7 @@ def test_state_saved_before_when_rules_loads_as_never_fired():
     eng.load_state_dict(state)
     assert only(feed(eng, [2, 0, 0, 0, 0, 0, 0], [2] + [0] * 6, start=3), "c") == [
         ("c", "firing", 3), ("c", "resolved", 9)]
-    with pytest.raises(ConfigError, match="saved under other rules: it lacks rules these rules have \(added since\): d"):
+    with pytest.raises(ConfigError, match=r"saved under other rules: it lacks rules these rules have \(added since\): d"):
         engine("- {name: d, metric: w, detector: nonfinite, severity: info}").load_state_dict(
             state)
 

@@ -55,7 +55,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any, Iterable, Mapping, Optional, Protocol, Tuple
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Tuple
 
 from ..errors import ConfigError, DamagedStateError
 from ..samples import Sample, encode_number
@@ -384,7 +384,7 @@ def _quiet(rs: _RuleState, step: int, t: float | None) -> bool:
 
 
 def _event(rule: Rule, kind: str, step: int, t: float | None,
-           hit: _Hit) -> Firing:
+           hit: _Hit, onset: int | None = None) -> Firing:
     metric, value, det = hit
     stat = det.statistic
     # a sample without a time renders {time} as nan, as a missing value does: formatting
@@ -410,11 +410,23 @@ def _event(rule: Rule, kind: str, step: int, t: float | None,
         message = f"resolved: {message}"
     return Firing(rule=rule.name, step=step, time=t, severity=rule.severity,
                   actions=rule.actions, value=value, message=message, kind=kind,
-                  labels=dict(rule.labels), annotations=annotations, metric=metric)
+                  labels=dict(rule.labels), annotations=annotations, metric=metric,
+                  onset=onset)
 
 
-#: One metric rule of a sample's plan (``Engine._plan``).
-_Step = Tuple[_RuleState, Optional[str], Optional[Detector], Optional[str]]
+#: One metric rule of a sample's plan (``Engine._plan``): its state, and for a rule on one
+#: metric that metric, its detector, the detector's bound ``update`` (or ``update_given``)
+#: and the 'given' metric.
+_Step = Tuple[_RuleState, Optional[str], Optional[Detector], Optional[Callable[..., Any]],
+              Optional[str]]
+
+
+def _fast_step(rs: _RuleState) -> _Step:
+    """The plan entry of a rule on one metric (``Engine._plan``): the detector's method is
+    bound once per plan, not on every value."""
+    metric, det = rs.pairs[0]
+    judge = det.update if rs.given is None else det.update_given
+    return rs, metric, det, judge, rs.given
 
 
 class Engine:
@@ -499,8 +511,8 @@ class Engine:
         if self._given:
             self._see_given(vals, step)
         given = self._given
-        for rs, metric, det, gkey in self._plan(vals):
-            if det is None:
+        for rs, metric, det, judge, gkey in self._plan(vals):
+            if judge is None:
                 self._judge_pairs(rs, vals, step, t, events)
                 continue
             x = vals.get(metric)
@@ -508,7 +520,7 @@ class Engine:
                 if metric != STEP_METRIC:
                     continue
                 x = float(step)
-            r = det.update(x, t) if gkey is None else det.update_given(x, given[gkey], t)
+            r = judge(x, t) if gkey is None else judge(x, given[gkey], t)
             if r is None or (not r and rs.pending == 0 and rs.firing is None):
                 continue  # the common case: nothing to do
             self._judge(rs, r, step, t, (metric, x, det), events)
@@ -557,8 +569,9 @@ class Engine:
         """The metric rules a sample with these metrics can make judge anything, in rule order:
         those that watch one of them, the step or an absence. The others would skip every
         metric; the plan is kept per set of metric names (a run logs few different sets).
-        A rule on one metric comes with it, its detector and its 'given' metric (the fast
-        path); any other with ``None`` for all three."""
+        A rule on one metric comes with it, its detector, the detector's bound ``update``
+        (``update_given`` with a 'given' metric) and that metric (the fast path); any other
+        with ``None`` for all four."""
         key = tuple(vals)
         plan = self._plans.get(key)
         if plan is None:
@@ -566,8 +579,8 @@ class Engine:
                 self._plans.clear()
             names = set(key) | {STEP_METRIC}
             plan = self._plans[key] = [
-                (rs, *rs.pairs[0], rs.given) if len(rs.pairs) == 1 and not rs.absent else
-                (rs, None, None, None)
+                _fast_step(rs) if len(rs.pairs) == 1 and not rs.absent else
+                (rs, None, None, None, None)
                 for rs in self._metric
                 if rs.absent or any(m in names for m, _ in rs.pairs)]
         return plan
@@ -681,8 +694,7 @@ class Engine:
                 rs.pending_step = step
             if rs.firing is None and _met(rule.for_, rs.pending, rs.pending_since, t) \
                     and not _quiet(rs, step, t):
-                rs.firing = replace(_event(rule, "firing", step, t, hit),
-                                    onset=rs.pending_step)
+                rs.firing = _event(rule, "firing", step, t, hit, rs.pending_step)
                 events.append(rs.firing)
             return
         rs.pending, rs.pending_since, rs.pending_step = 0, None, None

@@ -46,6 +46,7 @@ __all__ = ["TraceReader", "iter_trace", "read_trace", "encode_sample", "parse_re
 _NONFINITE_IN = {"nan": math.nan, "inf": math.inf, "+inf": math.inf, "-inf": -math.inf,
                  "infinity": math.inf, "-infinity": -math.inf}
 _RESERVED = ("step", "time", "lr", "events")
+_RESERVED_SET = frozenset(_RESERVED)   # (a set: the test made for every key of every line)
 # what a message echoes of a line, cut short: a 200,000-character value made a 200 kB message
 _SHORT = reprlib.Repr()
 _SHORT.maxstring = _SHORT.maxother = _SHORT.maxlong = 80
@@ -128,11 +129,12 @@ def parse_record(rec: Any) -> Sample:
         else:
             lr_groups = (_to_float(lr, "lr"),)
         values["lr"] = first_rate(lr_groups)
+    reserved = _RESERVED_SET
     for k, v in rec.items():
         if type(v) is float:   # the common case, as _to_float takes it
-            if k not in _RESERVED:
+            if k not in reserved:
                 values[k] = v
-        elif k not in _RESERVED and v is not None:
+        elif k not in reserved and v is not None:
             values[k] = _to_float(v, k)
     ev = rec.get("events")
     events: tuple[Mapping[str, Any], ...] = ()
@@ -140,7 +142,24 @@ def parse_record(rec: Any) -> Sample:
         if not isinstance(ev, list) or not all(isinstance(e, dict) for e in ev):
             raise ValueError("key 'events': expected a list of objects")
         events = tuple(ev)
-    return Sample(step=step, time=time_, values=values, lr_groups=lr_groups, events=events)
+    return _sample(step, time_, values, lr_groups, events)
+
+
+_new = object.__new__
+
+
+def _sample(step: int, time: float | None, values: dict[str, float],
+            lr_groups: tuple[float, ...] | None, events: tuple[Mapping[str, Any], ...]) -> Sample:
+    """``Sample(step=step, time=time, ...)`` of checked fields, built without the frozen
+    dataclass's ``__init__`` (a field at a time through ``object.__setattr__``: 2% of
+    a replay's time); equal to it in every field, in the same order.
+
+    >>> _sample(3, None, {"loss": 1.0}, None, ()) == Sample(step=3, values={"loss": 1.0})
+    True
+    """
+    s = _new(Sample)
+    s.__dict__.update(step=step, time=time, values=values, lr_groups=lr_groups, events=events)
+    return s
 
 
 def _check_utf8(line: str) -> None:

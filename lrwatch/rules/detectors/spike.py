@@ -15,23 +15,33 @@ _MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standar
 
 
 def _mad(a: list[float], m: float) -> float:
-    """Median absolute deviation of sorted ``a`` around ``m``, by merging the deviations that
-    grow to the left and to the right of ``m`` (O(n), no allocation)."""
+    """Median absolute deviation of sorted ``a`` around ``m``: the deviations grow to the left
+    and to the right of ``m`` (two sorted runs), and the middle ones of their merge are found
+    by bisection (O(log n), no allocation; the merge itself, walked, was a replay's hot path).
+    """
     n = len(a)
     j = bisect_left(a, m)
-    i = j - 1
     k_lo, k_hi = (n - 1) // 2, n // 2
-    lo = d = 0.0
-    for c in range(k_hi + 1):
-        if i >= 0 and (j >= n or m - a[i] <= a[j] - m):
-            d = m - a[i]
-            i -= 1
+    hi = _kth_deviation(a, m, j, k_hi)
+    lo = hi if k_lo == k_hi else _kth_deviation(a, m, j, k_lo)
+    return 0.5 * (lo + hi)
+
+
+def _kth_deviation(a: list[float], m: float, j: int, k: int) -> float:
+    """The ``k``-th smallest (from 0) of the deviations ``m - a[i]`` (``i < j``, growing as
+    ``i`` falls) and ``a[i] - m`` (``i >= j``, growing as ``i`` rises) of sorted ``a`` split
+    at ``j``: the bisection picks how many of the ``k + 1`` smallest lie to the left."""
+    left, right = j, len(a) - j
+    lo, hi = max(0, k + 1 - right), min(k + 1, left)
+    while lo < hi:   # the fewest taken from the left such that its next one is not smaller
+        x = (lo + hi) // 2
+        if m - a[j - 1 - x] < a[j + k - x] - m:
+            lo = x + 1
         else:
-            d = a[j] - m
-            j += 1
-        if c == k_lo:
-            lo = d
-    return 0.5 * (lo + d)
+            hi = x
+    d_left = m - a[j - lo] if lo else -1.0           # the largest taken from each side
+    d_right = a[j + k - lo] - m if lo <= k else -1.0
+    return d_left if d_left > d_right else d_right
 
 
 class Spike(RunLengthTest, Detector):

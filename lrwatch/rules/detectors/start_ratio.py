@@ -12,6 +12,8 @@ from .base import Detector, Param, sorted_median
 
 __all__ = ["StartRatio", "take_start", "given_level"]
 
+_INF = math.inf
+
 
 def given_level(given: float | None) -> float | None:
     """A measured start level handed over with ``given`` (e.g. ``given: untrained_loss``, the
@@ -127,9 +129,11 @@ class StartRatio(Detector):
         return self._ratio
 
     def update(self, x: float, t: float | None = None) -> bool | None:
-        if not math.isfinite(x) or x < 0.0 or (x == 0.0 and self._start is None):
-            return None  # a zero after the start is a ratio of 0 (a loss that underflowed)
-        if self._start is None:
+        start = self._start
+        if not 0.0 < x < _INF:   # (one test for the common case: positive and finite)
+            if x != 0.0 or start is None:
+                return None  # a zero after the start is a ratio of 0 (a loss that underflowed)
+        if start is None:
             self._start = take_start(self._first, x, self.warmup)
             return None
         if self.window > 1:
@@ -143,7 +147,7 @@ class StartRatio(Detector):
             if len(buf) < self.window:
                 return None
             x = sorted_median(srt)
-        r = x / self._start
+        r = x / start
         self._ratio = r
         return (self.above is not None and r > self.above) or (
             self.below is not None and r < self.below)
@@ -151,9 +155,8 @@ class StartRatio(Detector):
     def update_given(self, x: float, given: float | None, t: float | None = None) -> bool | None:
         """As :meth:`update`, with the start level measured: ``given`` (see
         :func:`given_level`) replaces the first ``warmup`` values as the start level."""
-        level = given_level(given)
-        if level is not None:
-            self._start = level
+        if given is not None and 0.0 < given < _INF:   # given_level(given) is given
+            self._start = given
             if self._first:
                 self._first.clear()
         elif self.given_only and self._start is None:

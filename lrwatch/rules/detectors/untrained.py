@@ -9,10 +9,11 @@ from typing import Any, ClassVar, Mapping
 from ...errors import ConfigError
 from .base import Detector, Param
 from .sliding import SortedSpans
-from .start_ratio import given_level, take_start
+from .start_ratio import take_start
 
 __all__ = ["Untrained"]
 
+_INF = math.inf
 _MAD_TO_SD = 1.4826        # MAD -> standard deviation for Gaussian noise
 _MEDIAN_SE = 1.2533        # standard error of a median = 1.2533 sd / sqrt(n)
 
@@ -106,7 +107,7 @@ class Untrained(Detector):
         return self._level
 
     def update(self, x: float, t: float | None = None) -> bool | None:
-        if not math.isfinite(x) or x <= 0.0:
+        if not 0.0 < x < _INF:   # not finite, or not positive
             return None
         if self._start is None:
             self._start = take_start(self._first, x, self.warmup)
@@ -155,9 +156,8 @@ class Untrained(Detector):
     def update_given(self, x: float, given: float | None, t: float | None = None) -> bool | None:
         """As :meth:`update`, with the untrained level measured: ``given`` (``given:
         untrained_loss``) replaces the median of the first ``warmup`` values once known."""
-        level = given_level(given)
-        if level is not None and level != self._start:
-            self._start = level
+        if given is not None and 0.0 < given < _INF and given != self._start:
+            self._start = given               # given_level(given) is given, and new
             self._first.clear()
             self._cnt = None                  # the threshold moved: recount the newer half
         return self.update(x, t)

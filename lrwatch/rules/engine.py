@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from operator import attrgetter
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Tuple
 
@@ -98,6 +99,8 @@ _FRESH: Mapping[str, Any] = MappingProxyType({
     "pending": 0, "pending_since": None, "pending_step": None, "clear": 0, "clear_since": None,
     "resolved_step": None, "resolved_time": None, "detectors": {}, "firing": None})
 _SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
+#: A rule state's firing (the tracked rules firing now are picked by it, in C).
+_FIRING = attrgetter("firing")
 #: The most sets of metric names whose rule plans an engine keeps (a run logs a handful).
 _MOST_PLANS = 64
 
@@ -618,9 +621,8 @@ class Engine:
     def _judge_when(self, states: list[_RuleState], step: int, t: float | None,
                     events: list[Firing]) -> None:
         """Judge ``when`` rules (in evaluation order) after the metric rules of a sample."""
-        for rs in self._tracked:
-            if rs.firing is not None:
-                rs.last_step, rs.last_firing = step, rs.firing
+        for rs in filter(_FIRING, self._tracked):   # (a Firing is never falsy)
+            rs.last_step, rs.last_firing = step, rs.firing
         for rs in states:
             if rs.pending == 0 and rs.firing is None:   # idle: skip it while it cannot hold
                 need = rs.needed

@@ -1,7 +1,8 @@
 """The replay's hot paths made cheaper in the seventeenth round give what the plain code gave,
 to the bit: the spike detector's MAD (found by bisection, not by walking the merge), a trace
 line's Sample (built without the frozen dataclass's __init__), and the measured start level the
-start-ratio and untrained detectors take (``given_level`` inlined)."""
+start-ratio and untrained detectors take (``given_level`` inlined), and the trend test
+with its running sums in local variables."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import random
 
 import pytest
 
-from lrwatch.rules.detectors import StartRatio, Untrained
+from lrwatch.rules.detectors import StartRatio, Trend, Untrained
 from lrwatch.rules.detectors.spike import _mad
 from lrwatch.rules.detectors.start_ratio import given_level
+from lrwatch.rules.engine import Firing
 from lrwatch.samples import Sample
-from lrwatch.trace import parse_record
+from lrwatch.trace import _DECODER, _decode, parse_record
 
 
 def _median(vals):
@@ -64,7 +66,8 @@ def test_the_mad_is_the_walked_merges_to_the_bit():
     '{"step": 3, "time": 1.5, "lr": 0.1, "loss": 2.0, "grad_norm": "nan", "acc": 1}',
     '{"step": 4, "lr": [0.1, "nan"], "loss": "-inf", "events": [{"type": "rollback"}]}',
     '{"step": 5.0, "time": null, "loss": 1e308}',
-    '{"step": 6}'])
+    '{"step": 6}', '{"step": 7, "lr": NaN, "time": Infinity, "loss": -0.0}',
+    '{"step": 8, "lr": 1, "time": 2, "grad_norm": 3}', '{"step": 9, "lr": "inf", "time": "nan"}'])
 def test_a_parsed_line_is_the_sample_built_field_by_field(line):
     rec = json.loads(line)
     got = parse_record(rec)
@@ -74,7 +77,9 @@ def test_a_parsed_line_is_the_sample_built_field_by_field(line):
     values = {} if groups is None else {"lr": groups[0]}
     values.update({k: float(v) for k, v in rec.items()
                    if k not in ("step", "time", "lr", "events") and v is not None})
-    want = Sample(step=int(rec["step"]), time=rec.get("time"), values=values,
+    t = rec.get("time")
+    t = {"nan": math.nan}.get(t, t) if isinstance(t, str) else t
+    want = Sample(step=int(rec["step"]), time=None if t is None else float(t), values=values,
                   lr_groups=groups, events=tuple(rec.get("events", ())))
     # every field (one added to Sample and not to the reader's fast path fails here), in order
     assert list(vars(got).items()) == list(vars(want).items()) or (
@@ -128,3 +133,107 @@ def test_the_untrained_test_takes_the_measured_level_as_given_level_says():
         elif start is None and 0.0 < x < math.inf:
             start = x                         # warmup 1: the first positive finite value
         assert det._start == start, (i, g)
+
+
+class _OldTrend(Trend):
+    """The trend test with its sums kept on the detector between every operation, as before."""
+
+    def update(self, x, t=None):
+        if not math.isfinite(x) or (self.log and x <= 0.0):
+            return None
+        y = math.log(x) if self.log else x
+        if abs(y) > 1e150:
+            return None
+        buf = self._buf
+        if len(buf) == self.window:
+            old = buf.popleft()
+            self._sy -= old
+            self._syy -= old * old
+            self._sty -= self._sy
+        self._sty += len(buf) * y
+        self._sy += y
+        self._syy += y * y
+        buf.append(y)
+        self._since += 1
+        if self._since >= self.window:
+            self._recompute()
+        n = len(buf)
+        if n < self.window:
+            return None
+        sxx = n * (n * n - 1) / 12.0
+        sxy = self._sty - 0.5 * (n - 1) * self._sy
+        syy = self._syy - self._sy * self._sy / n
+        b = sxy / sxx
+        se = math.sqrt(max(syy - b * sxy, 0.0) / (n - 2) / sxx)
+        if se > 1e-12 * (abs(self._sy) / n + 1e-300):
+            tt = b / se
+        else:
+            tt = 0.0 if b == 0 else math.copysign(1e12, b)
+        self._t = tt
+        if self.direction == "down":
+            tt = -tt
+        if tt <= self._crit:
+            return False
+        change = abs(b) * (n - 1)
+        if self.log:
+            return change > self.min_change
+        return change > self.min_change * abs(self._sy / n)
+
+
+@pytest.mark.parametrize("params", [
+    dict(window=6, direction="down", log=True, min_change=0.5),
+    dict(window=5, direction="up", min_change=0.05, confidence=0.99),
+    dict(window=30, direction="up", log=True, min_change=0.0, confidence=0.999)])
+def test_the_trend_test_gives_what_it_gave_with_its_sums_on_the_detector(params):
+    rng = random.Random(params["window"])
+    det, ref = Trend(**params), _OldTrend(**params)
+    level, decided = 2.0, 0
+    for i in range(5000):
+        level *= math.exp(rng.gauss(-0.002, 0.05))
+        x = rng.choice([level, level, level, level, 0.0, -level, math.nan, math.inf, 1e200,
+                        5.0 * level, 1.0])
+        got, want = det.update(x), ref.update(x)
+        assert got == want and det.statistic == ref.statistic, (i, x)
+        assert (det._sy, det._syy, det._sty, det._since) == (
+            ref._sy, ref._syy, ref._sty, ref._since), i
+        decided += want is not None
+        if i % 613 == 0:   # a resumed run
+            state = json.loads(json.dumps(det.state_dict()))
+            det, ref = Trend(**params), _OldTrend(**params)
+            det.load_state_dict(state)
+            ref.load_state_dict(state)
+    assert decided > 2000
+
+
+def test_a_firing_is_never_falsy():
+    # the engine picks the referenced rules firing now by their firing's truth (in C)
+    assert Firing("", 0, None, "", (), None, "", labels={}, annotations={})
+    assert not hasattr(Firing, "__len__") and not hasattr(Firing, "__bool__")
+
+
+def _outcome(fn, line):
+    try:
+        return "ok", repr(fn(line))
+    except (ValueError, RecursionError) as exc:   # json.JSONDecodeError: a ValueError
+        return type(exc).__name__, str(exc)
+
+
+def test_a_line_decodes_as_the_json_decoder_decodes_it_errors_included():
+    lines = ['{"step": 1}\n', '{"step": 1}', '{"step": 1} \n', '{"step": 1}\n\n', '{"a": 1}\r\n',
+             '{"step": 1}x\n', '{"step": 1}{"a": 2}\n', '{"step": 1, "step": 2}\n', '{"a": }\n',
+             '{"a": {"b": 1, "b": 2}}\n', '{', '{"a": NaN}\n', '{}\n', '{} \t\r\n', ' {"a": 1}\n',
+             '{"a": 1}\n ', '{"a": [1, {"b": 2}]}\n', '{"a": 1,}\n', '[1]\n', '"x"\n', '\n']
+    rng = random.Random(9)
+    base = '{"step": 12, "loss": 1.5, "lr": [0.1, "nan"], "events": [{"type": "rollback"}]}\n'
+    for _ in range(2000):   # a record with a few characters dropped, added or changed
+        chars = list(base)
+        for _ in range(rng.randint(1, 3)):
+            i, c = rng.randrange(len(chars)), rng.choice('{}[]",: \n\t1ae')
+            chars[i:i + rng.randint(0, 1)] = [c] if rng.random() < 0.7 else []
+        lines.append("".join(chars))
+    kinds = set()
+    for line in lines:
+        want = _outcome(_DECODER.decode, line)
+        assert _outcome(_decode, line) == want, line
+        kinds.add(want[0])
+    assert kinds == {"ok", "JSONDecodeError", "ValueError"}   # repeated keys among them

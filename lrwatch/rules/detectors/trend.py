@@ -61,6 +61,7 @@ def t_quantile(p: float, df: int) -> float:
     return 0.5 * (lo + hi)
 
 
+_INF = math.inf
 #: Values beyond this magnitude are skipped: the running sums hold squares and products with
 #: indices, which would overflow to infinity (or make math.fsum raise) past about 1e154.
 _MAX_ABS = 1e150
@@ -161,34 +162,43 @@ class Trend(Detector):
             self._recompute()
 
     def update(self, x: float, t: float | None = None) -> bool | None:
-        if not math.isfinite(x) or (self.log and x <= 0.0):
+        if self.log:
+            if not 0.0 < x < _INF:   # not finite, or not positive
+                return None
+            y = math.log(x)
+        elif not math.isfinite(x):
             return None
-        y = math.log(x) if self.log else x
+        else:
+            y = x
         if abs(y) > _MAX_ABS:   # its square would overflow the sums: skipped like a NaN
             return None
-        buf = self._buf
-        if len(buf) == self.window:  # drop the oldest (index 0), every index shifts down by one
+        buf, window = self._buf, self.window
+        sy, syy, sty = self._sy, self._syy, self._sty   # (locals: the replay's hot path)
+        if len(buf) == window:  # drop the oldest (index 0), every index shifts down by one
             old = buf.popleft()
-            self._sy -= old
-            self._syy -= old * old
-            self._sty -= self._sy
-        self._sty += len(buf) * y
-        self._sy += y
-        self._syy += y * y
+            sy -= old
+            syy -= old * old
+            sty -= sy
+        sty += len(buf) * y
+        sy += y
+        syy += y * y
         buf.append(y)
         self._since += 1
-        if self._since >= self.window:
+        if self._since >= window:
             self._recompute()
+            sy, syy, sty = self._sy, self._syy, self._sty
+        else:
+            self._sy, self._syy, self._sty = sy, syy, sty
         n = len(buf)
-        if n < self.window:
+        if n < window:
             return None
         sxx = n * (n * n - 1) / 12.0
-        sxy = self._sty - 0.5 * (n - 1) * self._sy
-        syy = self._syy - self._sy * self._sy / n
+        sxy = sty - 0.5 * (n - 1) * sy
+        syy = syy - sy * sy / n
         b = sxy / sxx
         rss = max(syy - b * sxy, 0.0)
         se = math.sqrt(rss / (n - 2) / sxx)
-        if se > 1e-12 * (abs(self._sy) / n + 1e-300):
+        if se > 1e-12 * (abs(sy) / n + 1e-300):
             tt = b / se
         else:
             tt = 0.0 if b == 0 else math.copysign(1e12, b)  # exact line: significant if sloped
@@ -198,7 +208,7 @@ class Trend(Detector):
         if tt <= self._crit:
             return False
         change = abs(b) * (n - 1)
-        mean = abs(self._sy / n)
+        mean = abs(sy / n)
         if self.log:
             return change > self.min_change
         return change > self.min_change * mean

@@ -117,11 +117,15 @@ def parse_record(rec: Any) -> Sample:
         else:
             raise ValueError(f"key 'step': expected an integer, got {_short(step)}")
     t = rec.get("time")
-    time_ = None if t is None else _to_float(t, "time")
+    # a float is taken as it is (what _to_float returns for one), without the call
+    time_ = t if type(t) is float or t is None else _to_float(t, "time")
     values: dict[str, float] = {}
     lr_groups: tuple[float, ...] | None = None
     lr = rec.get("lr")
-    if lr is not None:
+    if type(lr) is float:   # one group: first_rate((lr,)) is lr, NaN or not
+        lr_groups = (lr,)
+        values["lr"] = lr
+    elif lr is not None:
         if isinstance(lr, list):
             if not lr:
                 raise ValueError("key 'lr': empty list")
@@ -237,7 +241,7 @@ class TraceReader:
         for lineno, line in self._numbered(fh, name):
             if lineno == 1 and line.startswith(_BOM):   # (Notepad, PowerShell's Out-File)
                 line = line[1:]
-            if not line.strip():
+            if line[:1] != "{" and not line.strip():   # (a record's line: no copy made)
                 continue
             self.lines += 1
             try:
@@ -295,7 +299,22 @@ def _decode(line: str) -> Any:
     """
     if line.startswith(_BOM):   # as json.loads (the first line's mark is dropped before)
         raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", line, 0)
+    if line[:1] == "{":
+        # the common line, an object from its first character to its newline: scanned as
+        # JSONDecoder.decode scans it, without its two calls and two whitespace matches;
+        # anything else (a value missing inside, text after the object) goes through decode,
+        # which scans it again and gives json's own error
+        try:
+            obj, end = _SCAN(line, 0)
+        except StopIteration:
+            return _DECODER.decode(line)
+        n = len(line)
+        if end == n or (end == n - 1 and line[end] == "\n"):
+            return obj
     return _DECODER.decode(line)
+
+
+_SCAN = _DECODER.scan_once
 
 
 def _bad_line_message(exc: Exception) -> str:

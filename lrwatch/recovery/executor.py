@@ -318,7 +318,8 @@ class PlanExecutor(RateChecks, ActionAlerts):
         # the trajectory they belong to is abandoned, so the rules never see them
         self._discard_unjudged()
         self._restored_at = self.step
-        if live.keep(state, self._applied_since(target)):   # per epoch: where the loop is
+        # per epoch: where the loop is
+        if live.keep(state, self._applied_since(target), self.step - target.step):
             live.put_back(self.optimizer, self.scheduler)
             now = self.policy.lr_scale if p.from_scale is None else p.from_scale
             self._to_planned_scale(SimpleNamespace(extra={"lr_scale": now}))  # type: ignore

@@ -13,7 +13,8 @@ rollback's cut applies to them as to restored ones.
 
 Which cadence a scheduler has is read off the rollback itself (:func:`follows_loop`): how many
 times it was stepped since the snapshot against how many optimizer steps were applied (those
-a ``GradScaler`` skipped left out: a loop may step its per-step scheduler only on the others).
+a ``GradScaler`` skipped left out: a loop may step its per-step scheduler only on the others),
+and, where it was stepped more often than that, against every step taken.
 """
 
 from __future__ import annotations
@@ -26,15 +27,25 @@ import torch
 __all__ = ["follows_loop", "LiveSchedule"]
 
 
-def follows_loop(sched_steps: int, opt_steps: int) -> bool:
+def follows_loop(sched_steps: int, opt_steps: int, all_steps: int | None = None) -> bool:
     """Whether a scheduler stepped ``sched_steps`` times over ``opt_steps`` optimizer steps
-    follows the loop's own cadence rather than the steps: stepped at least once, and at most
-    half as often as the optimizer (a per-step scheduler that missed a few steps is not).
+    applied (of ``all_steps`` taken, the ``GradScaler``'s skipped ones included; default:
+    none skipped) follows the loop's own cadence rather than the steps: stepped at least
+    once, and at most half as often as the optimizer applied a step (a per-step scheduler
+    that missed a few steps is not). One stepped more often than the steps applied steps
+    with them all, skipped ones included, or follows the loop: the latter where it was
+    stepped at most half as often as all the steps (an epoch end in a window the scaler
+    skipped entirely: the rollback would otherwise lose that epoch's stepping).
 
     >>> follows_loop(1, 4), follows_loop(0, 4), follows_loop(4, 4), follows_loop(3, 4)
     (True, False, False, False)
+    >>> follows_loop(1, 0, 4), follows_loop(2, 2, 4), follows_loop(4, 2, 4)
+    (True, False, False)
     """
-    return 0 < sched_steps and 2 * sched_steps <= opt_steps
+    if all_steps is None:
+        all_steps = opt_steps
+    return 0 < sched_steps and (2 * sched_steps <= opt_steps
+                                or opt_steps < sched_steps and 2 * sched_steps <= all_steps)
 
 
 def _counter(state: Any) -> int | None:
@@ -73,13 +84,15 @@ class LiveSchedule:
             self.rates = [{**{k: copy.deepcopy(g[k]) for k in keys if k in g and k != "lr"},
                            "lr": copy.deepcopy(lr)} for g, lr in zip(groups, last)]
 
-    def keep(self, restored: Mapping[str, Any], opt_steps: int) -> bool:
+    def keep(self, restored: Mapping[str, Any], opt_steps: int,
+             all_steps: int | None = None) -> bool:
         """Whether to keep this state instead of ``restored``'s (a snapshot's state) after
-        ``opt_steps`` optimizer steps since it: see :func:`follows_loop`."""
+        ``opt_steps`` optimizer steps applied since it, of ``all_steps``: see
+        :func:`follows_loop`."""
         if restored.get("scheduler_type") not in (None, self.kind):
             return False   # (another scheduler's state, from before a swap: not loaded)
         now, then = _counter(self.state), _counter(restored.get("scheduler"))
-        return now is not None and then is not None and follows_loop(now - then, opt_steps)
+        return now is not None and then is not None and follows_loop(now - then, opt_steps, all_steps)
 
     def put_back(self, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
         """The scheduler's state and the groups' rates as they were (a tensor rate in place)."""

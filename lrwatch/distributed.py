@@ -81,6 +81,7 @@ class RankContext:
         self._dist = dist if self.active else None
         self._joinables: list[Any] = []   # see follow_join
         self._refused: list[Any] = []     # the Join configurations refused (once each)
+        self.peers: list[Any] = []        # what each rank holds (agree_settings)
 
     @property
     def is_main(self) -> bool:
@@ -142,7 +143,7 @@ class RankContext:
             self._dist.all_reduce(t, group=self.group)
 
     def agree_settings(self, run_id: str, settings: dict[str, Any],
-                       failed: BaseException | None = None) -> str:
+                       failed: BaseException | None = None, peer: Any = None) -> str:
         """Rank 0's ``run_id`` (one collective, the Watcher's first), having checked that
         every rank was built with the same ``settings`` (what paces the collectives: the
         flush interval and lag, the first step, the rules and their settings, the recovery
@@ -153,19 +154,23 @@ class RankContext:
 
         ``failed``: why this rank could not build its Watcher (a rule file it cannot read);
         it raises that, the others a ``ConfigError`` naming it, so that no rank goes on to
-        a collective the failed one will not be in."""
+        a collective the failed one will not be in.
+
+        ``peer``: what this rank holds (:func:`~lrwatch.pipeline.stage_peer`); every rank's
+        is left in :attr:`peers`, in rank order."""
         why = None if failed is None else f"{type(failed).__name__}: {failed}"
-        got = self.gather((run_id, settings, why))
+        got = self.gather((run_id, settings, why, peer))
+        self.peers = [g[3] for g in got]
         if failed is not None:
             raise failed
-        bad = next(((r, w) for r, (_, _, w) in enumerate(got) if w is not None), None)
+        bad = next(((r, g[2]) for r, g in enumerate(got) if g[2] is not None), None)
         if bad is not None:
             raise ConfigError(
                 f"lrwatch: rank {bad[0]} could not build its Watcher ({bad[1]}), so no rank "
                 "builds one: their flushes and decisions are collectives, taken together. "
                 f"Fix rank {bad[0]}'s settings (or what it reads: a rule file on each node)")
         for key, value in got[0][1].items():
-            differ = {r: s.get(key) for r, (_, s, _) in enumerate(got) if s.get(key) != value}
+            differ = {r: g[1].get(key) for r, g in enumerate(got) if g[1].get(key) != value}
             if differ:
                 where, value, differ = first_difference(key, value, differ)
                 raise ConfigError(

@@ -109,6 +109,7 @@ class StepRecorder:
         self.layers = layers
         self.sharded = sharded
         self.sum_ranks = sum_ranks
+        self.replicas: int | None = None   # see split_stages
         self.update_ratio = update_ratio
         self.update_ratio_every = update_ratio_every
         self.scaler = scaler
@@ -215,6 +216,17 @@ class StepRecorder:
         if skipped:
             row.host["skipped"] = 1.0
 
+    def split_stages(self, replicas: int, sum_ranks: Callable[[torch.Tensor], Any]) -> bool:
+        """This rank's replicated (plain) gradients are held by ``replicas`` ranks only, fewer
+        than the group's (pipeline stages: :mod:`lrwatch.pipeline`): record them as sums of
+        squares divided by that count, added across the ranks like shards', and judge the
+        guard on the global norm. Per-layer norms and the update ratio (per rank, not yet
+        combined across stages) go off; returns whether they were on."""
+        was_on = self.layers is not None or self.update_ratio
+        self.sharded, self.replicas, self.sum_ranks = True, replicas, sum_ranks
+        self.layers, self.update_ratio = None, False
+        return was_on
+
     def _sharded_norm(self, row: Row, grads: list[Any], guarding: bool) -> torch.Tensor:
         """Record the rank-local sums of squares (added across ranks at the flush, in its one
         collective); the norm the guard judges. That is the global one when the guard is on:
@@ -223,6 +235,9 @@ class StepRecorder:
         rep, shards = split_by_placement(grads)  # type: ignore[arg-type]
         local = [total_norm(tensor_norms(rep), self.device).square()]
         sharded = total_norm([], self.device).square()
+        if self.replicas is not None:   # (pipeline stages: this stage's, held by `replicas`)
+            sharded = sharded + local[0] / self.replicas
+            local[0] = torch.zeros_like(local[0])
         for copies, part in shards.items():   # (HSDP: each shard held by `copies` ranks)
             sq = total_norm(tensor_norms(part), self.device).square()
             sharded = sharded + (sq / copies if copies > 1 else sq)

@@ -46,6 +46,7 @@ from .flushing import Flushing, resolve_flush_lag
 from .log_api import LogApi
 from .exporters.prometheus import MetricsServer
 from .outputs import Listener, rank_trace_path
+from .pipeline import split_stages, stage_peer
 from .recovery.executor import PlanExecutor
 from .recovery.policy import RecoveryConfig
 from .rules import RuleSet
@@ -227,9 +228,12 @@ class Watcher(LogApi, DataSide, PlanExecutor, StepPath, Flushing, Checkpointing,
                 flush_every, self.flush_lag, self.step, ruleset, recovery, optimizer=optimizer,
                 scaler=scaler, probe_loss=probe_loss, keep_best=keep_best,
                 keep_best_mode=keep_best_mode), None
+            peer = stage_peer(model) if self.dist.active else None
         except Exception as exc:
-            settings, failed = {}, exc
-        self.run_name = self._agree_run(run_name, settings, failed)
+            settings, failed, peer = {}, exc, None
+        self.run_name = self._agree_run(run_name, settings, failed, peer)
+        split_stages(self.recorder, self.dist, probe_loss)   # (pipeline stages: one norm)
+        self._sharded = self.recorder.sharded
         self._in_flight = None
         if not (self.dist.is_main or export == "all"):   # this rank exports nothing
             port = trace = pushgateway = alerts = alertmanager = hook = None
@@ -247,11 +251,13 @@ class Watcher(LogApi, DataSide, PlanExecutor, StepPath, Flushing, Checkpointing,
         self._say_limits()
         self._attach_step_hooks(step_hooks)
 
-    def _agree_run(self, run_name: str | None, settings: Any, failed: Exception | None) -> str:
+    def _agree_run(self, run_name: str | None, settings: Any, failed: Exception | None,
+                   peer: Any = None) -> str:
         """One run, one name: every rank takes rank 0's (each drew its own until 6 December;
         a rank given none took rank 0's random id while rank 0 kept its run_name), and the
         ranks' settings that pace the collectives agree (one collective)."""
-        agreed = self.dist.agree_settings(run_name or uuid.uuid4().hex[:12], settings, failed)
+        agreed = self.dist.agree_settings(run_name or uuid.uuid4().hex[:12], settings, failed,
+                                          peer)
         if run_name and run_name != agreed:
             log.warning("lrwatch: run_name %r on this rank, %r on rank 0 of its process "
                         "group: every rank reports rank 0's, one run", run_name, agreed)

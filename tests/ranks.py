@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 _PRELOAD = ["torch", "torch.distributed", "torch.nn.parallel", "lrwatch", "lrwatch.samples",
             "distributed_workers", "dist_audit14_workers", "rank_trace_workers", "actions.snapshot_audit12_workers",
-            "dist_audit15_workers", "dist_audit16_workers"]
+            "dist_audit15_workers", "dist_audit16_workers", "dist_audit17_workers"]
 multiprocessing.get_context("forkserver").set_forkserver_preload(_PRELOAD)
 
 

@@ -1,0 +1,61 @@
+"""The seventeenth round's audit of lrwatch under torch.distributed (real gloo groups on
+CPU): a pipeline of two stages under one Watcher (docs/distributed.md, "Defects found by the
+seventeenth round's audit")."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import dist_audit17_workers as dw
+from ranks import spawn_ranks
+
+pytestmark = pytest.mark.slow
+
+
+def _results(tmp_path: Path, world: int) -> list[dict]:
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.mark.parametrize("world,ddp", [(2, False), (4, True)])
+def test_one_watcher_over_pipeline_stages_records_the_whole_models_norm(
+        tmp_path: Path, world: int, ddp: bool) -> None:
+    """Two pipeline stages (one rank each, plain modules; or two ranks each, DDP over the
+    stage's ranks) under one Watcher over every rank: the recorded gradient norm was rank
+    0's replicated one, the first stage's layers alone (0.88 against the whole model's 1.29
+    at the first step). Each rank's sum of squares now counts once per stage: the norm
+    equals the whole model's in one process, on every rank."""
+    spawn_ranks(dw.pipeline_norm, args=(world, str(tmp_path / "store"), str(tmp_path), ddp),
+                nprocs=world)
+    got = _results(tmp_path, world)
+    for r in got:
+        assert "error" not in r, r
+        assert r["worst"] < 1e-5, r
+        assert r["norms"] == got[0]["norms"]
+
+
+def test_a_probe_loss_over_pipeline_stages_is_refused_on_every_rank(tmp_path: Path) -> None:
+    """The start check, range tests and untrained-loss measurement train or score the model
+    alone with probe_loss(model, batch), which a stage cannot: every rank is told so, with
+    the stages named."""
+    spawn_ranks(dw.pipeline_norm, args=(2, str(tmp_path / "store"), str(tmp_path), False, True),
+                nprocs=2)
+    for r in _results(tmp_path, 2):
+        assert "pipeline stages: ranks [0] | ranks [1]" in r.get("error", ""), r
+        assert "Pass no probe_loss" in r["error"]
+
+
+@pytest.mark.parametrize("guard", ["off", "on"])
+def test_one_watcher_over_pipeline_stages_rolls_every_stage_back_alike(
+        tmp_path: Path, guard: str) -> None:
+    """The documented way for stages to agree: one Watcher over every stage's ranks. A NaN
+    loss on the last stage (the guard off: rolled back, the batch replayed without it; on:
+    the step held on every stage): each stage ends with its layers of the whole model
+    trained without that batch."""
+    spawn_ranks(dw.pipeline_rollback,
+                args=(2, str(tmp_path / "store"), str(tmp_path), False, guard), nprocs=2)
+    for r in _results(tmp_path, 2):
+        assert r["rollbacks"] == (1 if guard == "off" else 0), r
+        assert r["worst"] < 1e-6, r

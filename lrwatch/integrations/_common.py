@@ -47,6 +47,10 @@ class SkipSampler:
         #: fewer epochs than ran where skips shortened them: the order stays the run's)
         self.epoch_shift = 0
         self._replay: tuple[int, list[int], int] | None = None
+        #: orders of the next passes a refill drew ahead of them (a sampler whose order is
+        #: not a function of ``set_epoch``: a random one on a generator draws a new one at
+        #: each pass), each taken by its pass
+        self._early: list[list[Any]] = []
         self._pad = 0   # a pass of that many copies of a first batch comes first
         self.batch_size = int(batch_size)
         self.take = take
@@ -113,15 +117,25 @@ class SkipSampler:
         them. A framework that plans its epochs on their full length before it starts (the
         Hugging Face Trainer, whose ``max_steps`` is a number of such epochs) then reaches
         the steps it planned; the batches a pass tops up with are trained again in the next
-        epoch, at their place in its order."""
-        it = iter(self.sampler)
+        epoch, at their place in its order. A sampler without ``set_epoch`` draws a new order
+        at each pass: the order drawn for the refill is kept for the next pass (before the
+        seventeenth round that pass drew another, so the batches topped up with were from
+        an order never trained, and every later epoch's order was one draw further on)."""
+        # an order a refill drew ahead of its pass (a sampler without set_epoch): its pass
+        # takes it, so the batches topped up with come again at their place
+        it = iter(self._early.pop(0)) if self._early else iter(self.sampler)
         while chunk := list(itertools.islice(it, size)):
             yield chunk
         set_epoch = getattr(self.sampler, "set_epoch", None)
         for k in range(1, 1001 if self.refill else 1):
             if set_epoch is not None:
                 set_epoch(self._epoch + k)
-            it, got = iter(self.sampler), False
+                it = iter(self.sampler)
+            else:   # each pass over it draws a new order: the next pass's, drawn early
+                if len(self._early) < k:
+                    self._early.append(list(self.sampler))
+                it = iter(self._early[k - 1])
+            got = False
             while len(chunk := list(itertools.islice(it, size))) == size:
                 got = True
                 yield chunk

@@ -193,3 +193,26 @@ def test_a_refilled_pass_keeps_its_full_length_and_moves_no_order_it_does_not_ne
     assert wrap_dataloader(wrapped, lambda: False, refill=True)
     for _ in range(3):
         assert [b[0].tolist() for b in wrapped] == [b[0].tolist() for b in plain]
+
+
+def test_a_refill_from_a_sampler_without_set_epoch_keeps_the_order_it_drew_for_the_next_pass(
+        ) -> None:
+    """Seventeenth round: a sampler whose order is not a function of ``set_epoch`` (a random
+    one on a generator draws a new order at each pass). The refill drew the next order early
+    to top up a pass that dropped a batch, and the next pass drew another: the batches topped
+    up with came from an order never trained, and every later epoch was one draw further on
+    than the run without the skip. The order drawn early is the next pass's now: that pass
+    trains it (the refill batch again at its place), and the pass after it trains the order
+    the run without lrwatch trains third."""
+    ds = torch.utils.data.TensorDataset(torch.arange(10))
+    ref = torch.utils.data.RandomSampler(ds, generator=torch.Generator().manual_seed(7))
+    orders = [list(ref) for _ in range(3)]
+    dl = torch.utils.data.DataLoader(ds, batch_size=4, sampler=torch.utils.data.RandomSampler(
+        ds, generator=torch.Generator().manual_seed(7)))
+    calls = iter(range(100))
+    assert wrap_dataloader(dl, lambda: next(calls) == 0, refill=True)
+    passes = [[b[0].tolist() for b in dl] for _ in range(3)]
+    first, second, third = orders
+    assert passes[0] == [first[4:8], second[:4], first[8:]], passes[0]
+    assert passes[1] == [second[:4], second[4:8], second[8:]], passes[1]
+    assert passes[2] == [third[:4], third[4:8], third[8:]], passes[2]

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -235,3 +236,27 @@ def test_hf_trainer_ddp_export_all_writes_one_trace_per_rank(tmp_path: Path) -> 
     for a, b in zip(*traces):
         assert a.values["grad_norm"] == b.values["grad_norm"]
     assert None not in [r["metrics_url"] for r in results]
+
+
+def test_hf_trainer_ddp_resume_after_a_skip_trains_what_the_whole_run_trains(
+        tmp_path: Path) -> None:
+    """Seventeenth round, a resume under torch.distributed after skipped batches (the
+    sixteenth round's resume fix was checked in one process only): a NaN on rank 1 at step
+    13 rolls both ranks back to step 10 and the skip window drops 2 batches per rank
+    (accelerate's BatchSamplerShard deals the batches round-robin, the SkipSampler under
+    it); the checkpoint at step 20, written by rank 0, resumed on both ranks. Each rank
+    trains, step for step, the samples the whole run trains after step 20, and ends with
+    its weights to the bit."""
+    whole = _hf(tmp_path / "a", "--nan-at", str(NAN_AT["hf"]), "--steps", "30",
+                "--save-steps", "20")
+    assert [r["rollbacks"] for r in whole] == [1, 1]
+    assert [r["skipped_batches"] for r in whole] == [2, 2]
+    ck = tmp_path / "b" / "hf" / "checkpoint-20"   # (the callback reads lrwatch's state there)
+    shutil.copytree(tmp_path / "a" / "hf" / "checkpoint-20", ck)
+    resumed = _hf(tmp_path / "b", "--nan-at", str(NAN_AT["hf"]), "--steps", "30",
+                  "--save-steps", "20", "--resume", str(ck))
+    for a, b in zip(whole, resumed):
+        assert b["rollbacks"] == 1 and b["global_step"] == b["watcher_step"] == 30
+        assert b["seen"] == a["seen"][-10:]
+        assert b["data_position"] == a["data_position"]
+        assert b["weights"] == a["weights"]

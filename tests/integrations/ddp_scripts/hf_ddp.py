@@ -125,6 +125,9 @@ def main() -> None:
     # off by default: its shadow's forwards would add to `seen`
     ap.add_argument("--start-check", default="off")
     ap.add_argument("--check-confidence", type=float, default=0.95)
+    # a checkpoint every that many steps; a run resumed from a checkpoint folder
+    ap.add_argument("--save-steps", type=int, default=0)
+    ap.add_argument("--resume", default=None)
     a = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(a.out)
@@ -141,13 +144,14 @@ def main() -> None:
     model = make_model()
     args = TrainingArguments(
         output_dir=str(out / "hf"), per_device_train_batch_size=BATCH, learning_rate=a.lr,
-        max_steps=a.steps, logging_steps=5, report_to=[], save_strategy="no", use_cpu=True,
+        max_steps=a.steps, logging_steps=5, report_to=[], use_cpu=True,
+        save_strategy="steps" if a.save_steps else "no", save_steps=a.save_steps or 500,
         ddp_backend="gloo", disable_tqdm=True, seed=0, lr_scheduler_type="constant",
         max_grad_norm=CLIP, weight_decay=0.0, remove_unused_columns=False,
         dataloader_num_workers=0)
     trainer = Trainer(model=model, args=args, train_dataset=Seqs(), data_collator=collate,
                       callbacks=[scrape := Scrape(cb), cb, PoisonOnRank1(model, a.nan_at)])
-    trainer.train()
+    trainer.train(resume_from_checkpoint=a.resume)
     w = cb.watcher
     assert w is not None
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -1,10 +1,11 @@
 """Pipeline stages under one Watcher: which ranks hold the same parameters.
 
 Under ``torch.distributed`` the Watcher reads a replicated gradient (DDP, a plain module) as
-the same on every rank of its group, and takes rank 0's. A pipeline's stages hold different
-layers: one Watcher over every stage's ranks (the one way their decisions agree, so that a
-rollback puts every stage back to the same step) took rank 0's stage's gradients for the
-whole model's norm, and the guard judged each stage's own. So each rank tells the others,
+the same on every rank of its group: the ranks' norms are averaged (under FSDP2, rank 0's
+replicated sum of squares is taken). A pipeline's stages hold different layers: one Watcher
+over every stage's ranks (the one way their decisions agree, so that a rollback puts every
+stage back to the same step) recorded the mean of the stages' norms for the whole model's
+(0.88, the mean of 0.64 and 1.12, against 1.29), and the guard judged each stage's own. So each rank tells the others,
 in the Watcher's first collective, what it holds (:func:`stage_peer`): the layout of its
 parameters, and the size of the DDP group it is replicated over. A rank's gradients are then
 held by :func:`replica_counts` ranks; where that is fewer than the group's ranks, each rank's

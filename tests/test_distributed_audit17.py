@@ -23,9 +23,9 @@ def _results(tmp_path: Path, world: int) -> list[dict]:
 def test_one_watcher_over_pipeline_stages_records_the_whole_models_norm(
         tmp_path: Path, world: int, ddp: bool) -> None:
     """Two pipeline stages (one rank each, plain modules; or two ranks each, DDP over the
-    stage's ranks) under one Watcher over every rank: the recorded gradient norm was rank
-    0's replicated one, the first stage's layers alone (0.88 against the whole model's 1.29
-    at the first step). Each rank's sum of squares now counts once per stage: the norm
+    stage's ranks) under one Watcher over every rank: the recorded gradient norm was the
+    mean of the ranks' norms, read as replicas (0.88, the mean of the stages' 0.64 and 1.12,
+    against the whole model's 1.29 at the first step). Each rank's sum of squares now counts once per stage: the norm
     equals the whole model's in one process, on every rank."""
     spawn_ranks(dw.pipeline_norm, args=(world, str(tmp_path / "store"), str(tmp_path), ddp),
                 nprocs=world)

@@ -27,15 +27,20 @@ drop those of the steps it abandons (:mod:`lrwatch.best_keeper`).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from typing import Any, Callable
 
 from .distributed import combine_rank_samples
 from .exporters.trace import TraceWriter
+from .pipeline import NOT_REPLICAS, replicas_apart
 from .samples import Sample
 from .steps import Transfer, materialise
 
 __all__ = ["Flushing", "resolve_flush_lag"]
+
+
+log = logging.getLogger("lrwatch")
 
 
 def resolve_flush_lag(flush_lag: int | None, device: Any) -> int:
@@ -75,6 +80,7 @@ class Flushing:
     _progress: Callable[[], Any]
     _safe_point: Callable[[], bool]
     _last_line: Sample | None = None   # the trace's last line (its sample), once written
+    _said_not_replicas = False   # (lrwatch.pipeline.NOT_REPLICAS, said once)
     #: the last flush judged: its first and last steps and the rules that began firing on them
     _last_flush: tuple[int, int, tuple[str, ...]] | None = None
 
@@ -254,6 +260,11 @@ class Flushing:
             except Exception:
                 self._internal_error("reading the host memory")
         gathered = self.dist.gather((samples, took, memory, held))
+        if not (self.recorder.sharded or self._said_not_replicas):
+            apart = replicas_apart([g[0] for g in gathered])
+            if apart is not None:   # (every rank says it: the same rows)
+                self._said_not_replicas = True
+                log.warning(NOT_REPLICAS.format(**apart))
         merged = combine_rank_samples([g[0] for g in gathered])
         if self._snaps is not None:
             self._snaps.adapt(max(g[1] for g in gathered), merged)

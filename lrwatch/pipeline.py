@@ -14,19 +14,23 @@ guard in one all-reduce per step), as for sharded gradients.
 
 A plain module's replicas are the ranks whose parameters have the same names, shapes and
 dtypes: stages that happen to have the same layout (two halves of a stack of identical
-blocks, each built as its own ``nn.Sequential``) read as replicas. Wrap each stage in
-``DistributedDataParallel`` over its stage's ranks (a group of one rank works) to say so.
+blocks, each built as its own ``nn.Sequential``) read as replicas; their gradient norms
+differ, which replicas' do not, and every rank warns once at the flush that shows it
+(:func:`replicas_apart`). Wrap each stage in ``DistributedDataParallel`` over its stage's
+ranks (a group of one rank works) to say so.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import warnings
 from typing import Any, Sequence
 
 import torch
 
-__all__ = ["stage_peer", "replica_counts", "stages_of", "split_stages", "STAGES_PROBE_ERROR"]
+__all__ = ["stage_peer", "replica_counts", "stages_of", "split_stages", "replicas_apart",
+           "STAGES_PROBE_ERROR", "NOT_REPLICAS"]
 
 #: Why a Watcher over pipeline stages refuses ``probe_loss``.
 STAGES_PROBE_ERROR = (
@@ -97,3 +101,41 @@ def split_stages(recorder: Any, dist: Any, probe_loss: Any) -> None:
         warnings.warn("lrwatch: the ranks hold different parameters (pipeline stages: "
                       f"{stages_of(dist.peers)}): per-layer norms and the update ratio are "
                       "not yet combined across stages; they are off", stacklevel=3)
+
+
+#: What the Watcher says once where ranks it reads as replicas record other gradient norms.
+NOT_REPLICAS = (
+    "lrwatch: rank {rank}'s gradient norm at step {step} is {theirs:.6g}, rank 0's {ours:.6g}: "
+    "the Watcher reads the ranks' gradients as replicas (their parameters have the same "
+    "layout and the module has no DDP wrapper), so the recorded norm is their mean and the "
+    "guard judges each rank's own, where the ranks' gradients differ. Pipeline stages with "
+    "the same layout: wrap each stage in DistributedDataParallel over its stage's ranks (a "
+    "group of one rank works), so the norm is summed over the stages; data-parallel "
+    "replicas: average the gradients over the ranks before optimizer.step()")
+
+
+def replicas_apart(per_rank: Sequence[Sequence[Any]], rel: float = 1e-6
+                   ) -> dict[str, Any] | None:
+    """The first step whose ``grad_norm`` differs between rank 0 and another rank by more
+    than ``rel`` (relative), as :data:`NOT_REPLICAS`'s fields, or ``None``. Replicas
+    record the same norm (DDP hands every rank the same averaged gradients); ranks that
+    differ are not replicas (pipeline stages read as such, gradients not averaged).
+
+    >>> from lrwatch.samples import Sample
+    >>> a = [Sample(step=1, values={"grad_norm": 1.0})]
+    >>> replicas_apart([a, [Sample(step=1, values={"grad_norm": 1.0})]]) is None
+    True
+    >>> replicas_apart([a, [Sample(step=1, values={"grad_norm": 0.5})]])["rank"]
+    1
+    """
+    for i, s0 in enumerate(per_rank[0]):
+        ours = s0.values.get("grad_norm")
+        if ours is None or not math.isfinite(ours):
+            continue
+        for r in range(1, len(per_rank)):
+            row = per_rank[r][i] if i < len(per_rank[r]) else None
+            theirs = None if row is None or row.step != s0.step else row.values.get("grad_norm")
+            if theirs is not None and math.isfinite(theirs) and \
+                    abs(theirs - ours) > rel * max(abs(ours), abs(theirs)):
+                return {"rank": r, "step": s0.step, "ours": ours, "theirs": theirs}
+    return None

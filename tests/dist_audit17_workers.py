@@ -6,6 +6,7 @@ ranks of that stage)."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -22,19 +23,28 @@ from flag_rules import NONFINITE_ROLLBACK
 CUT = 2
 
 
-def full_model() -> nn.Sequential:
+def full_model(alike: bool = False) -> nn.Sequential:
+    """The whole model; ``alike``: two halves of the same layout (12 -> 12 twice), each
+    stage then built as its own ``nn.Sequential`` (the same parameter names)."""
     torch.manual_seed(0)
+    if alike:
+        return nn.Sequential(nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh())
     return nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 1))
 
 
 def stage_of(model: nn.Sequential, stage: int) -> nn.Sequential:
-    return model[:CUT] if stage == 0 else model[CUT:]
+    return nn.Sequential(*(model[:CUT] if stage == 0 else model[CUT:]))
 
 
-def reference(steps: int, omit: int | None = None) -> tuple[list[float], nn.Sequential]:
+def _loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.mse_loss(out[:, :1], y)
+
+
+def reference(steps: int, omit: int | None = None, alike: bool = False
+              ) -> tuple[list[float], nn.Sequential]:
     """The whole model trained in one process on the global batches (``omit``: a batch
     left out): each step's gradient norm, and the model."""
-    model = full_model()
+    model = full_model(alike)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     norms = []
     for b in range(steps):
@@ -42,7 +52,7 @@ def reference(steps: int, omit: int | None = None) -> tuple[list[float], nn.Sequ
             continue
         x, y = _global_batch(b)
         opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
+        _loss(model(x), y).backward()
         norms.append(float(torch.nn.utils.get_total_norm(
             [p.grad for p in model.parameters()])))
         opt.step()
@@ -54,11 +64,12 @@ class Stage:
     rank ``stage * dp + replica``; with ``ddp`` each stage's module wrapped in DDP over its
     stage's ranks."""
 
-    def __init__(self, rank: int, world: int, ddp: bool) -> None:
+    def __init__(self, rank: int, world: int, ddp: bool, alike: bool = False) -> None:
         self.dp = world // 2
         self.stage, self.replica = divmod(rank, self.dp)
+        self.width = 12 if alike else 32
         groups = [dist.new_group(list(range(s * self.dp, (s + 1) * self.dp))) for s in (0, 1)]
-        self.module: nn.Module = stage_of(full_model(), self.stage)
+        self.module: nn.Module = stage_of(full_model(alike), self.stage)
         if ddp:
             self.module = nn.parallel.DistributedDataParallel(
                 self.module, process_group=groups[self.stage])
@@ -79,10 +90,10 @@ class Stage:
             h.backward(grad)
             self.opt.step()
             return None
-        h = torch.empty(x.shape[0], 32)
+        h = torch.empty(x.shape[0], self.width)
         dist.recv(h, self.peer)
         h.requires_grad_(True)
-        loss = nn.functional.mse_loss(self.module(h), y)
+        loss = _loss(self.module(h), y)
         if nan:
             loss = loss * float("nan")
         loss.backward()
@@ -95,12 +106,17 @@ class Stage:
 
 
 def pipeline_norm(rank: int, world: int, store: str, out: str, ddp: bool,
-                  probe: bool = False) -> None:
+                  probe: bool = False, alike: bool = False) -> None:
     """One Watcher over every stage's ranks (the default group, the world), 12 steps: the
     gradient norm each rank records, against the whole model's in one process (``probe``:
-    every rank given a ``probe_loss``, which a stage cannot compute alone)."""
+    every rank given a ``probe_loss``, which a stage cannot compute alone; ``alike``: two
+    stages of the same layout), and what lrwatch warned."""
     init(rank, world, store, timeout_s=60)
-    st = Stage(rank, world, ddp)
+    st = Stage(rank, world, ddp, alike)
+    said: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("lrwatch").addHandler(handler)
     got: list[float] = []
     outcome: dict[str, Any] = {}
 
@@ -119,8 +135,8 @@ def pipeline_norm(rank: int, world: int, store: str, out: str, ddp: bool,
             loss = st.step(b)
             w.log(**({} if loss is None else {"loss": loss}))   # (every stage: one flush step)
         w.close()
-        ref, _ = reference(12)
-        outcome.update(norms=got, ref=ref, worst=max(
+        ref, _ = reference(12, alike=alike)
+        outcome.update(norms=got, ref=ref, said=said, worst=max(
             abs(a - r) / r for a, r in zip(got, ref)) if len(got) == len(ref) else math.inf)
     Path(out, f"rank{rank}.json").write_text(json.dumps(outcome))
     finish()

@@ -34,6 +34,7 @@ def test_one_watcher_over_pipeline_stages_records_the_whole_models_norm(
         assert "error" not in r, r
         assert r["worst"] < 1e-5, r
         assert r["norms"] == got[0]["norms"]
+        assert not [s for s in r["said"] if "as replicas" in s], r["said"]
 
 
 def test_a_probe_loss_over_pipeline_stages_is_refused_on_every_rank(tmp_path: Path) -> None:
@@ -59,3 +60,23 @@ def test_one_watcher_over_pipeline_stages_rolls_every_stage_back_alike(
     for r in _results(tmp_path, 2):
         assert r["rollbacks"] == (1 if guard == "off" else 0), r
         assert r["worst"] < 1e-6, r
+
+
+@pytest.mark.parametrize("ddp", [False, True])
+def test_stages_of_the_same_layout_read_as_replicas_are_told_so(tmp_path: Path,
+                                                                ddp: bool) -> None:
+    """Two stages of the same parameter layout (each its own ``nn.Sequential``), one rank
+    each: without a DDP wrapper they read as replicas, and the recorded norm was the mean of
+    the stages' norms, silently. Every rank now warns once, at the first flush where the
+    ranks' norms differ, naming the way out; wrapped in DDP over each stage's one rank (that
+    way), the norm is the whole model's and nothing is said."""
+    spawn_ranks(dw.pipeline_norm,
+                args=(2, str(tmp_path / "store"), str(tmp_path), ddp, False, True), nprocs=2)
+    for r in _results(tmp_path, 2):
+        told = [s for s in r["said"] if "reads the ranks' gradients as replicas" in s]
+        if ddp:
+            assert r["worst"] < 1e-5 and not told, r
+        else:
+            assert r["worst"] > 0.01, r   # (the mean, not the whole model's norm)
+            assert len(told) == 1 and "rank 1's gradient norm at step 1" in told[0], r["said"]
+            assert "wrap each stage in DistributedDataParallel" in told[0]

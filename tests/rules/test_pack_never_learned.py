@@ -201,3 +201,39 @@ def test_the_same_loss_with_a_gradient_above_its_start_is_judged_on_the_whole_wi
     for seed in range(3):
         steps = [s for r, s in critical(_settled_at_bias(seed, 1.5)) if r == "never_learned"]
         assert not steps or steps[0] > 100, (seed, steps)
+
+
+def _gradient_fell_early(seed: int, grad_after: float) -> list[Sample]:
+    """A classifier (untrained loss 1.65, best constant prediction 1.6, both measured) whose
+    loss sits at 1.02x the constant level (3% batch noise) from the first step, with no blow-up;
+    its gradient norm is 1.0 at step 1 and ``grad_after`` from step 2 on (10% noise): a
+    collapse in the first steps, before the median of the first five could see it."""
+    rng = random.Random(seed)
+    out = []
+    for step in range(1, 201):
+        vals = {"loss": 1.6 * 1.02 * math.exp(rng.gauss(0, 0.03)),
+                "grad_norm": grad_after * (1 + 0.1 * rng.random())}
+        if step == 1:
+            vals.update(loss=1.65, untrained_loss=1.65, constant_loss=1.6, grad_norm=1.0)
+        if step % 10 == 0:
+            vals["eval_loss"] = 1.65 * (1 + 0.01 * math.sin(0.7 * step))
+        out.append(Sample(step=step, values=vals))
+    return out
+
+
+def test_a_gradient_that_collapsed_in_the_first_steps_is_damage():
+    # seventeenth round: `grad_faded` compares with the first five steps' median, which a
+    # gradient at 0.25x the first step's from step 2 already is (an STN under momentum at 100x
+    # its rate, blind set AE); against the first step's gradient it faded
+    for seed in range(3):
+        steps = [s for r, s in critical(_gradient_fell_early(seed, 0.25))
+                 if r == "never_learned"]
+        assert steps and 80 <= steps[0] <= 90, (seed, steps)     # the pack before: none
+
+
+def test_a_gradient_above_half_the_first_steps_is_no_damage():
+    # the same run with its gradient at 0.6x the first step's: not faded by either reference,
+    # no excursion, a slow starter as far as the trace can tell
+    for seed in range(3):
+        crit = critical(_gradient_fell_early(seed, 0.6))
+        assert "never_learned" not in {r for r, _ in crit}, (seed, crit)

@@ -193,7 +193,7 @@ def test_the_readme_quotes_the_newest_blind_sets() -> None:
         a = _result(f"detection_blind_{blind.lower()}.json")["shipped"]["all"]
         assert f"{100 * a['caught_ratio']:.1f}% of {a['faults']}" in detection, blind
     newest = _blind_sets("detection_blind_")[-1]
-    assert f"On the newest set, scored once blind (sixteenth round, {newest}:" in detection
+    assert f"On the newest set, scored once blind (seventeenth round, {newest}:" in detection
     recovery = readme.split("- [`docs/recovery.md`](docs/recovery.md): self-healing", 1)[1].split(
         "- [`docs/lr-find.md`]", 1)[0]
     for blind, (name, part, arm) in _BLIND_WOULD_DIVERGE.items():

@@ -314,10 +314,11 @@ def score_window(ests: dict[str, Any], p: np.ndarray, y: np.ndarray,
     row = dict(meta, realised=realised(p, y), naive=naive(p), lrwatch={})
     # (the oracle is a floor, not the product: never withheld)
     row["oracle"] = ests["oracle"].estimate(p, check_support=False)["accuracy"]
+    row["share"] = share_stats(ests["auto"], p)
     for name, est in ests.items():
         if name == "oracle":
             continue
-        r = est.estimate(p)
+        r = est.estimate(p, share_test=False)   # both arms come from these (with_share_test)
         row["lrwatch"][name] = {k: r[k] for k in ("accuracy", "accuracy_low", "accuracy_high",
                                                   "accuracy_drop", "drop_z",
                                                   "accuracy_se_window")}
@@ -330,6 +331,38 @@ def score_window(ests: dict[str, Any], p: np.ndarray, y: np.ndarray,
     if p.ndim == 1:
         row["binary_truth"] = binary_truth(p, y)
     return row
+
+
+def share_stats(est: Any, p: np.ndarray) -> dict[str, Any]:
+    """The share-at-the-top test of lrwatch/daemon/support.py on one window, whatever the
+    module's default: whether it flags the window, its p-value and excess share."""
+    from lrwatch.daemon.support import confidence, share_outside
+
+    if est.support_top is None:
+        return {"outside": False, "p": 1.0, "excess": 0.0}
+    conf = confidence(p)
+    out, pv, excess = share_outside(len(conf), est.reference_rows,
+                                    int((conf >= est.support_top).sum()), est.support_top_rows)
+    return {"outside": out, "p": pv, "excess": excess}
+
+
+def with_share_test(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows as the estimator with the share test on would have scored them: a window the
+    test flags (and the other tests kept) is withheld, every configuration's estimate NaN. The
+    estimate of a window that is not withheld does not depend on the test, so one run gives
+    both arms on the same windows."""
+    nan = math.nan
+    out = []
+    for r in rows:
+        if not r.get("share", {}).get("outside"):
+            out.append(r)
+            continue
+        r = dict(r, lrwatch={n: dict(v, withheld=True, accuracy=nan, accuracy_low=nan,
+                                     accuracy_high=nan, accuracy_drop=nan, drop_z=nan,
+                                     support_pvalue=min(v["support_pvalue"], r["share"]["p"]))
+                             for n, v in r["lrwatch"].items()})
+        out.append(r)
+    return out
 
 
 def run_case(case: Case, n_windows: int, nml_dir: str | None) -> list[dict[str, Any]]:
@@ -702,10 +735,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     nml = run_nannyml(args.nannyml_python, paths, rows) if paths else {"skipped": True}
     out: dict[str, Any] = {"modes": {}, "nannyml": nml, "timing": timing(cases),
                            "choice_all_modes_and_datasets": lodo_choice(rows, None)}
+    out["modes_share_test"] = {}
     for mode in args.modes.split(","):
         sub = [r for r in rows if r["mode"] == mode]
         chosen = attach_lodo(sub)
         out["modes"][mode] = summarise(sub, chosen, args)
+        # the other arm, on the same windows: the share test on (lrwatch/daemon/support.py)
+        sub = with_share_test(sub)
+        chosen = attach_lodo(sub)
+        out["modes_share_test"][mode] = summarise(sub, chosen, args)
     out["settings"] = {"window": WINDOW, "seeds": args.seeds, "windows": args.windows,
                        "jitter": args.jitter, "models": args.models.split(","),
                        "datasets": args.datasets.split(","), "configs": CONFIGS,
@@ -802,6 +840,9 @@ def print_tables(out: dict[str, Any]) -> None:
           f"variant and case; NannyML: {out['nannyml'].get('version', 'not run')}")
     for mode, s in out["modes"].items():
         print(f"\n===== {mode} reference =====")
+        _print_mode(s)
+    for mode, s in out.get("modes_share_test", {}).items():
+        print(f"\n===== {mode} reference, share test on (same windows) =====")
         _print_mode(s)
     print(f"\nconfiguration chosen on every dataset of both modes (the module default should "
           f"be this one): {out['choice_all_modes_and_datasets']}")

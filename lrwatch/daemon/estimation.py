@@ -437,7 +437,8 @@ class PerformanceEstimator:
             return np.where(a >= 0.5, q, 1.0 - q)
         return q
 
-    def estimate(self, proba: Any, *, check_support: bool = True) -> dict[str, float]:
+    def estimate(self, proba: Any, *, check_support: bool = True,
+                 share_test: bool | None = None) -> dict[str, float]:
         """Estimated performance of one window of predictions (no labels).
 
         Keys: ``accuracy``, ``accuracy_low``/``accuracy_high`` (a ~95% band for the window's
@@ -450,14 +451,15 @@ class PerformanceEstimator:
         (:mod:`.support`); a window outside it (hard 0/1 or one-hot outputs: every row at
         confidence 1.0) has its estimate **withheld**: ``withheld`` 1.0 and NaN for
         everything estimated (``check_support=False`` skips the check: what the calibration
-        would extrapolate). An empty window gives ``records`` 0 and NaN accuracies. Raises
+        would extrapolate; ``share_test`` overrides :data:`.support.SHARE_TEST`, whether the
+        share of rows at the reference's largest confidence decides too). An empty window gives ``records`` 0 and NaN accuracies. Raises
         ``ValueError`` on a malformed array (wrong width, NaN, values outside [0, 1], rows
         that do not sum to 1)."""
         a = _as_proba(proba, self.n_classes, exc=ValueError)
         n = len(a)
         if n == 0:
             return _withheld(0, {})
-        support = self._support(a) if check_support else {}
+        support = self._support(a, share_test) if check_support else {}
         if support.get("withheld"):
             return _withheld(n, support)
         qb = _apply(self._cals, a, self.method)
@@ -476,14 +478,14 @@ class PerformanceEstimator:
             out.update(_binary_metrics(a, qb.mean(axis=0)))
         return out
 
-    def _support(self, a: np.ndarray) -> dict[str, float]:
+    def _support(self, a: np.ndarray, share_test: bool | None = None) -> dict[str, float]:
         """The window against the top of the reference's confidences (:mod:`.support`):
         ``support_pvalue``, ``confidence_above_reference`` and, outside, ``withheld``. Empty
         for an estimator saved before the reference's top was kept."""
         if self.support_top is None:
             return {}
         s = support_check(confidence(a), top=self.support_top, top_rows=self.support_top_rows,
-                          reference_rows=self.reference_rows)
+                          reference_rows=self.reference_rows, share_test=share_test)
         out = {"support_pvalue": s["pvalue"], "confidence_above_reference": s["above_share"]}
         if s["outside"]:
             out["withheld"] = 1.0

@@ -244,3 +244,50 @@ def test_withheld_windows_are_counted_across_a_restart(tmp_path) -> None:
         assert d.drain() and d.registry.get_sample_value(*WITHHELD) == 2
     finally:
         d.stop(timeout=5)
+
+
+def test_the_share_pvalue_is_the_hypergeometric_upper_tail() -> None:
+    """The share test's p-value (numpy only, summed from the pmf's ratio recursion) is the
+    upper tail of ``k`` window rows at the top among ``k + t`` top rows of ``n + m``."""
+    from scipy.stats import hypergeom
+
+    from lrwatch.daemon.support import share_pvalue
+
+    for n, m, k, t in ((500, 2000, 150, 30), (500, 171, 50, 10), (500, 49, 300, 3),
+                       (500, 2000, 10, 40), (3, 50, 3, 1), (40, 60, 1, 59), (500, 171, 1, 0)):
+        want = float(hypergeom.sf(k - 1, n + m, k + t, n))
+        assert share_pvalue(n, m, k, t) == pytest.approx(want, rel=1e-9, abs=1e-300), (n, m, k)
+    assert share_pvalue(500, 2000, 0, 30) == 1.0
+
+
+def test_hard_outputs_on_part_of_the_traffic_against_a_saturated_reference() -> None:
+    """A forest's largest confidence on its reference is exactly 1.0 on many rows, so no row
+    can be above it and hard outputs on 30% of a window (some replicas sending ``predict``)
+    passed both support tests, reading 1-3 points too high. The share test (the window's
+    share of rows at 1.0 against the reference's) withholds that window; unshifted windows of
+    probabilities keep their estimates."""
+    from lrwatch.daemon.support import SHARE_TEST, share_outside
+
+    stream = Stream("breast_cancer", "forest")
+
+    def window(count: int, share_hard: float) -> np.ndarray:
+        idx = stream.rng.choice(len(stream.y), count)
+        xs = stream.x[idx] + stream.rng.standard_normal((count, stream.x.shape[1])) * stream.sd
+        p = stream.model.predict_proba(xs)[:, 1]
+        pick = stream.rng.random(count) < share_hard
+        return np.where(pick, (p >= 0.5).astype(float), p), stream.y[idx]
+
+    ref_p, ref_y = window(1500, 0.0)
+    est = PerformanceEstimator.fit(ref_p, ref_y)
+    assert est.support_top == 1.0 and est.support_top_rows > 1
+    hard, _ = window(500, 0.3)
+    assert "withheld" not in est.estimate(hard, share_test=False)
+    r = est.estimate(hard, share_test=True)
+    assert r.get("withheld") == 1.0 and r["support_pvalue"] < SUPPORT_ALPHA
+    assert ("withheld" in est.estimate(hard)) == SHARE_TEST   # the module's default
+    for _ in range(5):
+        soft, _ = window(500, 0.0)
+        assert "withheld" not in est.estimate(soft, share_test=True)
+    outside, p, excess = share_outside(500, 1500, 300, 30)
+    assert outside and p < 1e-100 and excess == pytest.approx(0.58)
+    assert not share_outside(500, 1500, 110, 300)[0]   # 2 points above the reference's share

@@ -139,6 +139,12 @@ class Signals:
 
             self.shipped = InputDisagreement.fit([str(i) for i in range(x.shape[1])], x, p, y,
                                                  k, seed)
+        self.noise = {}
+        for fam in ("nb", "lda"):   # benchmarks/noise_check.py's candidate
+            if "noise_" + fam in active:
+                from benchmarks.noise_check import NoiseProxy
+
+                self.noise["noise_" + fam] = NoiseProxy(x, y, k, fam, seed)
         rng = np.random.default_rng(seed + 1)
         self.bags: dict[str, list[tuple[Any, float]]] = {}
         for n in (n for n in BAGGED if n in fitters):
@@ -166,6 +172,9 @@ class Signals:
             r = self.shipped.window(x, p)
             out["agreement"] = {"rise": r["disagreement_rise"], "z": r["disagreement_z"],
                                 "ms": 1000 * (time.perf_counter() - t0)}
+        for name, proxy in self.noise.items():
+            t0 = time.perf_counter()
+            out[name] = dict(proxy.window(x), ms=1000 * (time.perf_counter() - t0))
         for name, bag in self.bags.items():
             rises = np.array([float((m(z) != dec).mean()) - d for m, d in bag])
             ds = self.null_s[name]
@@ -194,18 +203,26 @@ def run(mode: str, datasets: list[str], models: list[str], windows: int,
                      for i in range(pe.PRE_WINDOWS + pe.DROP_WINDOWS if ok else 0)]
         for variant, i, w, noise in plan:
             x, p, y = pe.window_x(case, rng, w, noise)
-            r = est.estimate(p)
+            r = est.estimate(p, share_test=False)
             t0 = time.perf_counter()
             stats = sig.window(x, p)
             rows.append(dict(meta, variant=variant, window=i, realised=pe.realised(p, y),
                              drop_z=r["drop_z"], accuracy_drop=r["accuracy_drop"],
+                             share_outside=pe.share_stats(est, p)["outside"],
                              ms=1000 * (time.perf_counter() - t0), signals=stats,
                              features=x.shape[1]))
     return rows
 
 
 # --- summary -----------------------------------------------------------------------------------
+#: Whether the summary scores the estimator with the share test on (``--share-test``): a
+#: window it flags is withheld, so the confidence rule cannot fire on it
+SHARE_TEST = False
+
+
 def lr_fires(r: dict[str, Any]) -> bool:
+    if SHARE_TEST and r.get("share_outside"):
+        return False
     return bool(r["drop_z"] >= pe.RULE_Z and r["accuracy_drop"] >= pe.RULE_MIN_DROP)
 
 
@@ -299,6 +316,9 @@ def summary(paths: list[str], signals: tuple[str, ...]) -> None:
                   f"| {a['sel']:.1f} | {b['sel']:.1f} |")
     for mode in sorted({r["mode"] for r in rows}):
         mr = [r for r in rows if r["mode"] == mode]
+        flagged = {v: sum(bool(r.get("share_outside")) for r in mr if r["variant"] == v)
+                   for v in sorted({r["variant"] for r in mr})}
+        print(f"{mode}: windows the share test flags, by variant: {flagged}")
         fire_lodo = (lambda r: r["_or"])
         a, b = evaluate(mr, lr_fires, "drop_noise"), evaluate(mr, fire_lodo, "drop_noise")
         ha, hb = evaluate(mr, lr_fires, "drop"), evaluate(mr, fire_lodo, "drop")
@@ -356,6 +376,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--summary", nargs="*", help="summarise these output files instead")
     ap.add_argument("--signals", default=",".join(CHEAP),
                     help="the signals the leave-one-dataset-out choice may pick")
+    ap.add_argument("--share-test", action="store_true",
+                    help="summarise with the estimator's share test on (flagged windows "
+                         "withheld)")
     ap.add_argument("--timing", action="store_true",
                     help="time the shipped signal per window (10 classes, 31 and 300 inputs)")
     a = ap.parse_args(argv)
@@ -364,6 +387,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{f} features, 10 classes:", timing(features=f))
         return
     if a.summary:
+        global SHARE_TEST
+        SHARE_TEST = a.share_test
         summary(a.summary, tuple(a.signals.split(",")))
         return
     rows = run(a.mode, a.datasets.split(","), a.models.split(","), a.windows,

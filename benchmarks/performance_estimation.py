@@ -31,6 +31,10 @@ for dataset D (calibrator, prior weight) is the one with the lowest MAE on the u
 covariate-shifted windows of all other datasets; the chosen configuration and its tuning
 datasets are printed next to D's numbers.
 
+Both arms of the support check's share test (``lrwatch/daemon/support.py``) come from one run:
+every window is estimated with the test off and its share statistic recorded, and the summary
+is made twice (``modes``: off; ``modes_share_test``: the windows it flags withheld).
+
 Run: ``python benchmarks/performance_estimation.py [--seeds 2] [--windows 8]
 [--nannyml-python /tmp/nannyml-venv-est/bin/python]``.
 """

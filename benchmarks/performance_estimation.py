@@ -33,7 +33,8 @@ datasets are printed next to D's numbers.
 
 Both arms of the support check's share test (``lrwatch/daemon/support.py``) come from one run:
 every window is estimated with the test off and its share statistic recorded, and the summary
-is made twice (``modes``: off; ``modes_share_test``: the windows it flags withheld).
+is made twice (``modes``: the module's default, ``SHARE_TEST``; ``modes_other_arm``: the
+other way; with the test on, the windows it flags are withheld).
 
 Run: ``python benchmarks/performance_estimation.py [--seeds 2] [--windows 8]
 [--nannyml-python /tmp/nannyml-venv-est/bin/python]``.
@@ -739,15 +740,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     nml = run_nannyml(args.nannyml_python, paths, rows) if paths else {"skipped": True}
     out: dict[str, Any] = {"modes": {}, "nannyml": nml, "timing": timing(cases),
                            "choice_all_modes_and_datasets": lodo_choice(rows, None)}
-    out["modes_share_test"] = {}
+    from lrwatch.daemon.support import SHARE_TEST
+
+    # ``modes``: the module's default arm; ``modes_other_arm``: the share test the other way,
+    # on the same windows (lrwatch/daemon/support.py)
+    out["share_test_default"], out["modes_other_arm"] = SHARE_TEST, {}
     for mode in args.modes.split(","):
         sub = [r for r in rows if r["mode"] == mode]
-        chosen = attach_lodo(sub)
-        out["modes"][mode] = summarise(sub, chosen, args)
-        # the other arm, on the same windows: the share test on (lrwatch/daemon/support.py)
-        sub = with_share_test(sub)
-        chosen = attach_lodo(sub)
-        out["modes_share_test"][mode] = summarise(sub, chosen, args)
+        arms = {False: sub, True: with_share_test(sub)}
+        for key, arm in (("modes", arms[SHARE_TEST]), ("modes_other_arm", arms[not SHARE_TEST])):
+            chosen = attach_lodo(arm)
+            out[key][mode] = summarise(arm, chosen, args)
     out["settings"] = {"window": WINDOW, "seeds": args.seeds, "windows": args.windows,
                        "jitter": args.jitter, "models": args.models.split(","),
                        "datasets": args.datasets.split(","), "configs": CONFIGS,
@@ -845,8 +848,9 @@ def print_tables(out: dict[str, Any]) -> None:
     for mode, s in out["modes"].items():
         print(f"\n===== {mode} reference =====")
         _print_mode(s)
-    for mode, s in out.get("modes_share_test", {}).items():
-        print(f"\n===== {mode} reference, share test on (same windows) =====")
+    other = "off" if out.get("share_test_default") else "on"
+    for mode, s in out.get("modes_other_arm", {}).items():
+        print(f"\n===== {mode} reference, share test {other} (same windows) =====")
         _print_mode(s)
     print(f"\nconfiguration chosen on every dataset of both modes (the module default should "
           f"be this one): {out['choice_all_modes_and_datasets']}")

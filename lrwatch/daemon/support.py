@@ -57,7 +57,8 @@ __all__ = ["SUPPORT_ALPHA", "MIN_OUTSIDE_SHARE", "WITHHELD_REASON", "SHARE_TEST"
 #: unshifted window (rows exchangeable with the reference's) at most this often; together
 #: with the share test (:data:`SHARE_ALPHA`), at most three times. Small because real windows
 #: are clustered (the benchmark's draw ~3 times from each of a few hundred rows) and
-#: covariate shifts put a few rows beyond a small reference's largest legitimately: the smallest p-value of the benchmark's ordinary windows was ~3e-4
+#: covariate shifts put a few rows beyond a small reference's largest legitimately: the
+#: smallest p-value of the benchmark's ordinary windows was ~3e-4
 #: (docs/performance-estimation.md, "Windows outside the reference's confidences").
 SUPPORT_ALPHA = 1e-6
 #: Rows above the reference's largest confidence move the estimate by at most their share; a

@@ -213,15 +213,12 @@ class Watcher(LogApi, DataSide, PlanExecutor, StepPath, Flushing, Checkpointing,
             self.model, self.optimizer = model, optimizer
             self.scheduler, self.scaler = scheduler, scaler
             self.flush_every, self.batch_size = flush_every, batch_size
-            self.step = int(start_step)
-            self._closed = False
-            self.flushes = 0
-            self.export = export
+            self.step, self.export = int(start_step), export
+            self._closed, self.flushes = False, 0
             self.recorder = build_recorder(
                 model, optimizer, self.dist, scaler=scaler, per_layer=per_layer,
                 layer_depth=layer_depth, max_layers=max_layers, update_ratio=update_ratio,
                 update_ratio_every=update_ratio_every, on_commit=self._commit_done)
-            self._sharded = self.recorder.sharded
             self.flush_lag = resolve_flush_lag(flush_lag, self.recorder.device)
             ruleset = rule_set(rules)
             settings, failed = pacing(

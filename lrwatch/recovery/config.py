@@ -166,7 +166,7 @@ class RecoveryConfig:
         (100, 200, 400, ...): from the run's state then, a shadow trains on the run's next
         ``mid_check_steps`` batches at ``mid_check_factor`` of its rates; both are scored on
         the ``mid_check_batches`` after them, and the run goes on from the shadow at that
-        rate when its loss is lower with ``start_check_confidence``
+        rate when its loss is lower by ``mid_check_margin`` with ``start_check_confidence``
         (:mod:`lrwatch.recovery.mid_check`). Not during a restart's warm-up or a rollback's
         probation. Each check costs its shadow's steps and forwards (a third of a step each)
         against the budget: 5 + 3 = 8 steps at the defaults. ``"off"`` (default): no check
@@ -175,6 +175,12 @@ class RecoveryConfig:
         The step of the first mid-run check (at least 2; 100: at 40 the check cut a slow
         starter's tuned run on blind set AK), the shadow's share of the rate (in (0, 1)), its
         steps and the held-out batches (at least 2 each).
+    mid_check_margin:
+        How much lower the shadow's held-out loss must be, as a share of the run's (in
+        [0, 1); 0.05): the paired test is on the run's loss less the shadow's less this
+        share, so that a lower rate's small short-term gain in a run that sits in its own
+        noise (a tuned run) is not taken for a rate too high to settle (docs/recovery.md,
+        "The mid-run check's margin").
     start_check_steps, start_check_batches, start_check_confidence:
         The steps before the check (at least 2), the held-out batches it scores both models
         on (at least 2), and the confidence of the paired test (in (0.5, 1)).
@@ -310,6 +316,7 @@ class RecoveryConfig:
     mid_check_factor: float = 0.3
     mid_check_steps: int = 5
     mid_check_batches: int = 4
+    mid_check_margin: float = 0.05
     sudden_lr_factor: float = 1.0
     sudden_margin: int = 10
     sudden_hold: int = 5

@@ -70,6 +70,9 @@ def check_pre_flight(self: RecoveryConfig) -> None:
     f = self.mid_check_factor
     if not (isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f < 1):
         raise ConfigError(f"mid_check_factor must be a number in (0, 1), got {f!r}")
+    f = self.mid_check_margin
+    if not (isinstance(f, (int, float)) and not isinstance(f, bool) and 0 <= f < 1):
+        raise ConfigError(f"mid_check_margin must be a number in [0, 1), got {f!r}")
     for name in ("start_check_steps", "start_check_batches"):
         v = getattr(self, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 2:

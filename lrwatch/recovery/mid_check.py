@@ -68,9 +68,11 @@ class MidCheckBooking:
 
     def mid_check_verdict(self, real: Sequence[float], shadow: Sequence[float]
                           ) -> StartVerdict:
-        """Adopt the shadow when its held-out losses are lower with the start check's
-        confidence (a one-sided paired t-test, :func:`~lrwatch.recovery.start_check.compare`)."""
-        return compare(real, shadow, self.config.start_check_confidence)
+        """Adopt the shadow when its held-out losses are lower than the run's by
+        ``mid_check_margin`` of the run's with the start check's confidence (a one-sided
+        paired t-test, :func:`~lrwatch.recovery.start_check.compare`)."""
+        return compare(real, shadow, self.config.start_check_confidence,
+                       self.config.mid_check_margin)
 
     def mid_checked(self, step: int, cost: int, adopted: bool) -> None:
         """The executor ran the check that started at ``step`` (``cost`` steps' worth, booked

@@ -50,14 +50,22 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
-def compare(real: Sequence[float], shadow: Sequence[float], confidence: float = 0.95
-            ) -> StartVerdict:
+def compare(real: Sequence[float], shadow: Sequence[float], confidence: float = 0.95,
+            margin: float = 0.0) -> StartVerdict:
     """Adopt the shadow when its losses on the held-out batches are lower than the run's.
 
     ``real[i]`` and ``shadow[i]`` are the two models' losses on held-out batch ``i``. A shadow
     whose loss is not finite is never adopted; a run whose loss is not finite while the
     shadow's is, always. Otherwise a one-sided paired t-test on ``real - shadow`` at
-    ``confidence`` (at least two batches).
+    ``confidence`` (at least two batches). With ``margin`` the shadow must be lower by more
+    than that share of the run's mean held-out loss (its absolute value): the test is on
+    ``real - shadow - margin * |mean(real)|`` (the mid-run check's, where a lower rate is a
+    little better over a few steps in any run that sits in its own noise).
+
+    >>> compare([2.0, 2.2, 1.9], [1.9, 2.1, 1.8]).adopt                # 5% lower, every batch
+    True
+    >>> compare([2.0, 2.2, 1.9], [1.9, 2.1, 1.8], margin=0.1).adopt    # not by 10%
+    False
 
     >>> compare([2.0, 2.2, 1.9], [1.0, 1.1, 1.0]).adopt
     True
@@ -80,19 +88,21 @@ def compare(real: Sequence[float], shadow: Sequence[float], confidence: float = 
                             "the run's held-out loss is not finite; the shadow's is")
     if len(r) < 2:
         return StartVerdict(False, mr, ms, None, "one held-out batch: no test")
-    d = [a - b for a, b in zip(r, s)]
+    bar = margin * abs(mr)
+    d = [a - b - bar for a, b in zip(r, s)]
     md, sd = _mean(d), statistics.stdev(d)
+    by = f" by {margin:.0%} of the run's" if margin else ""
     if sd == 0.0:
         adopt = md > 0
         return StartVerdict(adopt, mr, ms, None, "every held-out batch " + (
-            "lower" if adopt else "no lower") + " for the shadow")
+            "lower" if adopt else "no lower") + f" for the shadow{by}")
     t = md / (sd / math.sqrt(len(d)))
     crit = t_quantile(confidence, len(d) - 1)
     adopt = t > crit
     return StartVerdict(adopt, mr, ms, t,
                         f"held-out loss {ms:.4g} for the shadow against {mr:.4g} "
                         f"(paired t {t:.2f} {'>' if adopt else '<='} {crit:.2f}, "
-                        f"{len(d)} batches)")
+                        f"{len(d)} batches" + (f", lower{by} asked" if margin else "") + ")")
 
 
 def worst_ratio(run: Sequence[float], untrained: Sequence[float]) -> float | None:

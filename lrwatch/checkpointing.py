@@ -31,6 +31,7 @@ class Checkpointing:
     # attributes the Watcher provides (declared for readers and type checkers)
     step: int
     data_position: int
+    skipped_batches: int
     policy: Any
     engine: Any
     best: Any
@@ -70,6 +71,7 @@ class Checkpointing:
         unjudged = [] if self.dist.active else [encode_sample(x) for x in self._unjudged()]
         late = self._fired_late(unjudged)
         return {"step": self.step, "data_position": self.data_position,
+                "skipped_batches": self.skipped_batches,
                 "skip_remaining": self._skip_remaining, "ramped_at": self._ramped_at,
                 "policy": self.policy.state_dict(),
                 "engine": self.engine.state_dict() if self.engine is not None else None,
@@ -129,6 +131,8 @@ class Checkpointing:
             self.engine.load_state_dict(state["engine"])
         self.step = int(state["step"])
         self.data_position = int(state.get("data_position", 0))
+        # (not in a checkpoint before the seventeenth round's audit: counted from 0 there)
+        self.skipped_batches = int(state.get("skipped_batches", 0))
         self._skip_remaining = int(state.get("skip_remaining", 0))
         self._ramped_at = state.get("ramped_at")   # this step's ramp step already taken
         policy = dict(state.get("policy", {}))

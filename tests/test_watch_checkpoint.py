@@ -554,3 +554,46 @@ def test_a_never_healthy_resumed_run_does_not_restart_at_its_resume_point_again_
     assert "snapshot_dir" in stop["reason"], stop
     assert "never proved healthy" in stop["reason"] and "lower learning rate" in stop["reason"]
     assert w.should_stop and w.exit_status == 4 and w.policy.rollbacks == 1
+
+
+# --- the skip counter (seventeenth round's audit) ---------------------------------------------
+
+def _skip_run(tmp_path: Path, resume: dict | None = None) -> tuple[dict, lrwatch.Watcher]:
+    """flush_every=1, a rule that rolls back while the logged ``poison`` flag is up (batch
+    12, once), ``skip_batches=3``; the checkpoint is kept at step 20 (the skip behind it);
+    ``resume``: a new Watcher starts from such a checkpoint and trains to step 25."""
+    from flag_rules import flag_rule, write_flag_rules
+    tmp_path.mkdir()
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    rules = write_flag_rules(tmp_path / "poison.yml", flag_rule("poison", "poison"))
+    w = lrwatch.Watcher(model, opt, flush_every=1, trace=tmp_path / "run.jsonl", rules=rules,
+                        recovery={"skip_batches": 3, "good_after": 3, "min_interval": 3,
+                                  "cooldown": 0, "sudden_hold": 0})
+    if resume is not None:
+        _resume(resume, model, opt, w)
+    ckpt: dict = {}
+    for b in w.batches(range(w.data_position, 100)):
+        w.log(loss=_step(model, opt, b), poison=float(b == 12 and resume is None))
+        if w.step == 20 and not ckpt:
+            ckpt = _checkpoint(model, opt, w)
+        if w.step >= 25:
+            break
+    w.close()
+    return ckpt, w
+
+
+def test_a_resumed_watcher_keeps_the_count_of_batches_skipped(tmp_path: Path) -> None:
+    """``skipped_batches`` was not in the checkpoint: a resumed Watcher counted from 0 (in
+    one process too) while ``data_position`` was restored. A checkpoint from before it
+    carries no count and still loads (counting from 0, as before)."""
+    ckpt, whole = _skip_run(tmp_path / "whole")
+    assert whole.policy.rollbacks == 1 and whole.skipped_batches == 3
+    assert ckpt["lrwatch"]["skipped_batches"] == 3
+    _, resumed = _skip_run(tmp_path / "resumed", resume=ckpt)
+    assert resumed.skipped_batches == 3, resumed.skipped_batches
+    assert resumed.data_position == whole.data_position and resumed.step == 25
+    old = {**ckpt, "lrwatch": {k: v for k, v in ckpt["lrwatch"].items()
+                               if k != "skipped_batches"}}
+    _, from_old = _skip_run(tmp_path / "old", resume=old)
+    assert from_old.skipped_batches == 0 and from_old.data_position == whole.data_position

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import numbers
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -79,7 +80,8 @@ class SkipSampler:
         # the next batch is drawn only once this one is decided (the next epoch's order is
         # drawn only where the pass needs it: a sampler without set_epoch is not moved on)
         full = -(-len(self.sampler) // size) if self.refill else None
-        chunks, tail = self._chunks(size), None
+        # (a replayed pass draws its own order: the ones drawn early are its refill's)
+        chunks, tail = self._chunks(size, own_early=replay is None), None
         chunk, yielded = next(chunks, []), False
         while chunk:
             following = next(chunks, []) if full is None else [0]   # (indices only: cheap)
@@ -110,7 +112,7 @@ class SkipSampler:
                     tail, chunk = chunk, next(chunks, [])      # kept for the end
         self.done = True
 
-    def _chunks(self, size: int) -> Iterator[list[Any]]:
+    def _chunks(self, size: int, own_early: bool = True) -> Iterator[list[Any]]:
         """A pass's batches of indices: its epoch's order, and with ``refill`` the full
         batches of the next epochs' orders after it (the wrapped sampler's ``set_epoch``
         moved on; the framework sets it again for its next epoch), as far as the pass takes
@@ -120,10 +122,13 @@ class SkipSampler:
         epoch, at their place in its order. A sampler without ``set_epoch`` draws a new order
         at each pass: the order drawn for the refill is kept for the next pass (before the
         seventeenth round that pass drew another, so the batches topped up with were from
-        an order never trained, and every later epoch's order was one draw further on)."""
+        an order never trained, and every later epoch's order was one draw further on).
+        ``own_early=False``: a pass a checkpoint's resume replays, which draws its own order
+        from the sampler; the orders drawn early that came with the checkpoint are its
+        refill's."""
         # an order a refill drew ahead of its pass (a sampler without set_epoch): its pass
         # takes it, so the batches topped up with come again at their place
-        it = iter(self._early.pop(0)) if self._early else iter(self.sampler)
+        it = iter(self._early.pop(0)) if self._early and own_early else iter(self.sampler)
         while chunk := list(itertools.islice(it, size)):
             yield chunk
         set_epoch = getattr(self.sampler, "set_epoch", None)
@@ -145,9 +150,16 @@ class SkipSampler:
     def pass_state(self) -> dict[str, Any]:
         """What a checkpoint carries of the current pass: the batches it yielded, the
         batches it dropped (each as the number yielded before it), and the batches dropped
-        in the passes before it."""
-        return {"yielded": self.yielded, "drops": list(self.drops), "earlier": self.earlier,
-                "done": self.done}
+        in the passes before it; and the orders a refill drew ahead of the next passes
+        (``early``; a sampler without ``set_epoch``), where there are any and they are
+        indices: a run resumed before those passes trains them as the run does."""
+        state: dict[str, Any] = {"yielded": self.yielded, "drops": list(self.drops),
+                                 "earlier": self.earlier, "done": self.done}
+        early = [[int(i) for i in order] for order in self._early
+                 if all(isinstance(i, numbers.Integral) for i in order)]
+        if early and len(early) == len(self._early):
+            state["early"] = early
+        return state
 
     def resume(self, state: Mapping[str, Any], hide: int = 0, pad: int = 0) -> None:
         """Continue the pass :meth:`pass_state` describes: the next pass is that one again,
@@ -159,12 +171,16 @@ class SkipSampler:
         framework's fast-forward falls that many short: batches dropped in an earlier pass
         moved the pass's start). ``pad``: a pass of that many copies of a first batch comes
         before it, for a framework that fast-forwards further into an epoch than the
-        checkpoint's pass had got (it drops them, and its epoch ends there)."""
+        checkpoint's pass had got (it drops them, and its epoch ends there). The orders a
+        refill had drawn ahead (``early``) are taken by the passes after it, as in the run."""
         self.earlier = int(state.get("earlier", 0))
         yielded, drops = int(state.get("yielded", 0)), [int(x) for x in state.get("drops", ())]
         self._replay = (yielded, drops, int(hide)) if yielded or drops else None
         self._pad = int(pad)
         self.yielded, self.drops = 0, []
+        # the orders the run's refill drew ahead (not in a checkpoint before the seventeenth
+        # round's audit: the resumed run drew those passes' orders afresh)
+        self._early = [list(order) for order in state.get("early", ())]
 
     def set_epoch(self, epoch: int) -> None:
         """The wrapped sampler's ``set_epoch``, ``epoch_shift`` added (a no-op without one)."""

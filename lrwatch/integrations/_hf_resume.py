@@ -160,7 +160,8 @@ def _resume_pass(sampler: Any, carried: Mapping[str, Any], args: Any, state: Any
         return None, 0
     sampler.epoch_shift = real - epoch - pad   # the Trainer's epoch e is the run's e + shift
     if fresh:
-        sampler.resume({"earlier": sampler.earlier}, pad=forward if pad else 0)
+        sampler.resume({"earlier": sampler.earlier, "early": carried.get("early", ())},
+                       pad=forward if pad else 0)
         return None, pad
     sampler.resume(carried, hide=trained - forward * (1 - pad), pad=forward if pad else 0)
     return int(start), pad

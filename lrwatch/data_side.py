@@ -55,6 +55,7 @@ class DataSide(StartCheckSide, MidCheckSide):
     _unjudged_steps: bool
     _going_back: bool
     _safe_point: Any
+    _refuse_unlogged_stage: Any   # (StepPath)
     #: the untrained loss :meth:`measure_untrained` measured (a device scalar), or ``None``
     untrained_level: Any = None
     def batches(self, iterable: Iterable[T]) -> Iterator[T]:
@@ -78,6 +79,7 @@ class DataSide(StartCheckSide, MidCheckSide):
         if self._probe_loss is not None and self.policy.mid_check_step() is not None:
             iterable = self._mid_checks(iter(iterable))
         for batch in iterable:
+            self._refuse_unlogged_stage()   # (a pipeline stage: StepPath)
             self._boundary("batches")
             yield from self._replayed()
             if self.should_stop:

@@ -55,6 +55,15 @@ def _dtensor_type() -> Any:
     return DTensor
 
 
+#: What a gather that failed says (a rank timed out waiting for the others, or one is gone).
+GATHER_FAILED = (
+    "lrwatch: rank {rank}'s gather with the other ranks of the Watcher's group failed ({why}): "
+    "a rank was not in it -- it stopped (its own error says why), or it is at another point "
+    "of the loop. Every rank of the group calls watch.log() once per step (pipeline stages "
+    "without the loss too: watch.log() with no values), with the same flush_every, and is "
+    "given the same number of batches")
+
+
 class RankFailed(RuntimeError):
     """What another rank failed to do (:meth:`RankContext.all_or_none`), raised on this one so
     that every rank takes the same way on."""
@@ -216,7 +225,10 @@ class RankContext:
                 self._refused.append(cfg)
                 raise ConfigError(JOIN_ERROR.format(type(obj).__name__))
         out: list[Any] = [None] * self.world
-        self._dist.all_gather_object(out, payload, group=self.group)
+        try:
+            self._dist.all_gather_object(out, payload, group=self.group)
+        except RuntimeError as exc:   # gloo's timeout, a rank gone: say what to check
+            raise RankFailed(GATHER_FAILED.format(rank=self.rank, why=exc)) from exc
         return out
 
 

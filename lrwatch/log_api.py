@@ -33,6 +33,7 @@ class LogApi:
     _going_back: bool
     _boundary: Callable[[str], None]
     _last_logged: Row | None = None   # the row log() gave values last
+    _logged_once = False   # log() was called (a pipeline stage must: StepPath)
 
     def log(self, *, batch_size: int | None = None, **metrics: torch.Tensor | float | int) -> None:
         """Record this step's metrics (``loss=``, ``accuracy=``, or any other name).
@@ -65,6 +66,7 @@ class LogApi:
             row.host[LOGGED_NORM] = 1.0   # (the loop's own, before its clipping)
         row.logged_keys.update(metrics)
         self._last_logged = row
+        self._logged_once = True
         if batch_size is not None:
             row.host["_batch"] = float(batch_size)
         row.logged = True

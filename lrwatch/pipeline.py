@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import torch
 
 __all__ = ["stage_peer", "replica_counts", "stages_of", "split_stages", "replicas_apart",
-           "STAGES_PROBE_ERROR", "NOT_REPLICAS"]
+           "STAGES_PROBE_ERROR", "NOT_REPLICAS", "UNLOGGED_STAGE"]
 
 #: Why a Watcher over pipeline stages refuses ``probe_loss``.
 STAGES_PROBE_ERROR = (
@@ -40,6 +40,16 @@ STAGES_PROBE_ERROR = (
     "which a pipeline stage cannot do without the other stages. Pass no probe_loss on any "
     "rank (and leave recovery lr_check and mid_check off): the rules, rollbacks, replays and "
     "the guard work over every stage without it")
+
+#: Why a pipeline stage that completed a step without ``watch.log()`` stops (fails fast: the
+#: other stages' next flush would wait for it until the collective timeout).
+UNLOGGED_STAGE = (
+    "lrwatch: this rank completed step {step} without calling watch.log(), and the ranks of "
+    "the Watcher's group hold different parameters (pipeline stages: {stages}). Every stage "
+    "calls watch.log() once per step, the stages without the loss with no values "
+    "(watch.log()): a stage that never logs flushes a step later than the others, and their "
+    "gathers then wait for each other until the collective timeout. Call watch.log() after "
+    "each step on this stage too")
 
 
 def stage_peer(model: torch.nn.Module) -> tuple[str, int | None]:
@@ -84,16 +94,17 @@ def stages_of(peers: Sequence[Any]) -> str:
     return " | ".join(f"ranks {g}" for g in groups.values())
 
 
-def split_stages(recorder: Any, dist: Any, probe_loss: Any) -> None:
+def split_stages(recorder: Any, dist: Any, probe_loss: Any) -> bool:
     """After the Watcher's first collective (``dist.peers`` filled): where this group's ranks
     hold different parameters, record this rank's gradients as its stage's part of the
     global norm (``StepRecorder.split_stages``), or refuse ``probe_loss`` (every rank alike:
-    each reads the same peers and the same ``probe_loss`` setting, agreed)."""
+    each reads the same peers and the same ``probe_loss`` setting, agreed). Returns whether
+    they do."""
     if not dist.active or not dist.peers or any(p is None for p in dist.peers):
-        return
+        return False
     counts = replica_counts(dist.peers)
     if min(counts) >= dist.world:
-        return
+        return False
     if probe_loss is not None:
         from .errors import ConfigError
         raise ConfigError(STAGES_PROBE_ERROR.format(stages_of(dist.peers)))
@@ -101,6 +112,7 @@ def split_stages(recorder: Any, dist: Any, probe_loss: Any) -> None:
         warnings.warn("lrwatch: the ranks hold different parameters (pipeline stages: "
                       f"{stages_of(dist.peers)}): per-layer norms and the update ratio are "
                       "not yet combined across stages; they are off", stacklevel=3)
+    return True
 
 
 #: What the Watcher says once where ranks it reads as replicas record other gradient norms.

@@ -9,7 +9,9 @@ framework adapter, through :meth:`StepPath.before_step` / :meth:`StepPath.after_
 measures the gradients before the step, closes the step's row after it, advances the step
 counter, and reaches the iteration boundary. Nothing here converts a tensor to a Python number
 (the :class:`~lrwatch.steps.StepRecorder` keeps device scalars until the flush), and nothing
-here raises into the training step (fail open). Range tests (``_probing``) are not the run's
+here raises into the training step (fail open), but for a pipeline stage that completes its
+second step without ever calling ``log()`` (:meth:`StepPath._refuse_unlogged_stage`: the other
+stages' next flush would wait for it until the collective timeout). Range tests (``_probing``) are not the run's
 steps and are not recorded.
 
 Like :class:`~lrwatch.recovery.executor.PlanExecutor`, :class:`StepPath` is a mixin over the
@@ -24,6 +26,8 @@ from typing import Any, Callable
 
 import torch
 
+from .errors import ConfigError
+from .pipeline import UNLOGGED_STAGE, stages_of
 from .recovery.throwaway import watch_steps
 
 __all__ = ["StepHooks", "StepPath"]
@@ -97,6 +101,20 @@ class StepPath:
     flush: Callable[[], Any]
     _boundary: Callable[[str], None]
     _internal_error: Callable[[str], None]
+    dist: Any
+    _stages = False          # the group's ranks hold different parameters (pipeline stages)
+    _logged_once = False     # log() was called (LogApi)
+    _unlogged_steps = 0      # steps completed before any log()
+
+    def _refuse_unlogged_stage(self) -> None:
+        """Raise :class:`~lrwatch.errors.ConfigError` on a pipeline stage that completed a
+        step and never called ``log()`` (at the next batch :meth:`batches` draws, or the next
+        step's end): it would flush a step later than the stages that log, and their gathers
+        wait for each other until the collective timeout (seventeenth round's audit). Failing
+        here, before the stage sends its next activations, ends the others' wait too."""
+        if self._stages and not self._logged_once and self._unlogged_steps:
+            raise ConfigError(UNLOGGED_STAGE.format(step=self.step,
+                                                    stages=stages_of(self.dist.peers)))
 
     def _attach_step_hooks(self, register: bool) -> None:
         self._stepped_since_update = False   # an optimizer step ran since the scaler's update
@@ -146,6 +164,7 @@ class StepPath:
         self.recorder.step_done()
         if self._probing:
             return
+        self._refuse_unlogged_stage()
         try:
             self._finish_step()
         except Exception:
@@ -161,6 +180,8 @@ class StepPath:
             self.store.observe_step_time(seconds)
         self.step += 1
         self._stepped_since_update = True
+        if not (row.logged or self._logged_once):
+            self._unlogged_steps += 1
         if row.logged:
             self.recorder.commit()
 

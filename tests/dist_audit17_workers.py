@@ -167,3 +167,27 @@ def pipeline_rollback(rank: int, world: int, store: str, out: str, ddp: bool,
         "rollbacks": w.rollbacks, "stage": st.stage,
         "worst": max(abs(a - b) for a, b in zip(have, want))}))
     finish()
+
+
+def pipeline_unlogged(rank: int, world: int, store: str, out: str, hooks_only: bool,
+                      flush_every: int) -> None:
+    """One Watcher over two stages (one rank each); the first stage never calls
+    ``watch.log()`` (the last stage logs its loss each step). ``hooks_only``: the first stage
+    does not draw its batches through ``watch.batches()`` either. What each rank raised
+    (type and message), and the step it had reached."""
+    init(rank, world, store, timeout_s=30)
+    st = Stage(rank, world, False)
+    w = lrwatch.Watcher(st.module, st.opt, flush_every=flush_every, rules=None, recovery=False)
+    outcome: dict[str, Any] = {}
+    try:
+        batches = range(12) if hooks_only and st.stage == 0 else w.batches(range(12))
+        for b in batches:
+            loss = st.step(b)
+            if loss is not None:
+                w.log(loss=loss)
+    except Exception as exc:
+        outcome.update(type=type(exc).__name__, error=str(exc))
+    outcome["step"] = w.step
+    Path(out, f"rank{rank}.json").write_text(json.dumps(outcome))
+    import os
+    os._exit(0)   # (the group is broken: no collective to leave it together)

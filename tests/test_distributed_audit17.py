@@ -80,3 +80,26 @@ def test_stages_of_the_same_layout_read_as_replicas_are_told_so(tmp_path: Path,
             assert r["worst"] > 0.01, r   # (the mean, not the whole model's norm)
             assert len(told) == 1 and "rank 1's gradient norm at step 1" in told[0], r["said"]
             assert "wrap each stage in DistributedDataParallel" in told[0]
+
+
+@pytest.mark.parametrize("hooks_only,flush_every", [(False, 1), (False, 4), (True, 4)])
+def test_a_pipeline_stage_that_never_logs_fails_fast_and_says_so(
+        tmp_path: Path, hooks_only: bool, flush_every: int) -> None:
+    """The first stage never calls ``watch.log()``: it flushed a step later than the last
+    stage, and each stage waited in its own collective (the last stage's gather, the first
+    stage's ``send``) until the collective timeout, both raising gloo's "Timed out waiting"
+    with nothing about lrwatch. Now the stage that does not log raises a ``ConfigError``
+    naming the fix once it has completed a step without it (at its next batch from
+    ``watch.batches()``, or at the end of its next step), before the other stage's flush
+    waits for it; a gather that fails says which rank and what to check."""
+    spawn_ranks(dw.pipeline_unlogged,
+                args=(2, str(tmp_path / "store"), str(tmp_path), hooks_only, flush_every),
+                nprocs=2)
+    first, last = _results(tmp_path, 2)
+    assert first["type"] == "ConfigError", first
+    assert "without calling watch.log()" in first["error"], first
+    assert "pipeline stages: ranks [0] | ranks [1]" in first["error"]
+    assert first["step"] == 1, first   # (raised in step 2: at its draw, or its end)
+    assert "Timed out" not in last.get("error", ""), last   # (the peer's exit, at once)
+    if flush_every == 1:   # the last stage's gather of step 1 meets the first stage's exit
+        assert last["type"] == "RankFailed" and "watch.log() once per step" in last["error"], last

@@ -229,8 +229,7 @@ class Watcher(LogApi, DataSide, PlanExecutor, StepPath, Flushing, Checkpointing,
         except Exception as exc:
             settings, failed, peer = {}, exc, None
         self.run_name = self._agree_run(run_name, settings, failed, peer)
-        # (pipeline stages: one norm, and every stage logs each step: StepPath)
-        self._stages = split_stages(self.recorder, self.dist, probe_loss)
+        self._stages = split_stages(self.recorder, self.dist, probe_loss)   # (see StepPath)
         self._sharded = self.recorder.sharded
         self._in_flight = None
         if not (self.dist.is_main or export == "all"):   # this rank exports nothing

@@ -43,13 +43,13 @@ import numpy as np
 from ..errors import ConfigError
 from .support import WITHHELD_REASON, confidence, support_check
 
-__all__ = ["PerformanceEstimator", "MIN_REFERENCE_ROWS", "ESTIMATOR_VERSION",
+__all__ = ["PerformanceEstimator", "drop_test", "MIN_REFERENCE_ROWS", "ESTIMATOR_VERSION",
            "PROBA_SUM_TOLERANCE", "WITHHELD_REASON"]
 
 #: Fewer labelled reference rows than this cannot calibrate anything.
 MIN_REFERENCE_ROWS = 30
 #: A window's own spread of estimated correctness is used for its drop's standard error from
-#: this many rows; a smaller window uses the reference's (see ``PerformanceEstimator._drop``).
+#: this many rows; a smaller window uses the reference's (see :func:`drop_test`).
 MIN_SPREAD_ROWS = 30
 ESTIMATOR_VERSION = 1
 #: Bootstrap calibrators per estimator (their spread is the calibration uncertainty).
@@ -430,6 +430,12 @@ class PerformanceEstimator:
         return float(c.mean())
 
     # -- estimating --
+    def correctness(self, proba: Any) -> np.ndarray:
+        """``(n,)``: each row's estimated probability that the model is right (the mean over
+        the bagged calibrators; the window's estimate is their mean). Raises ``ValueError`` on
+        a malformed array, as :meth:`estimate` does."""
+        return self._row_correctness(_as_proba(proba, self.n_classes, exc=ValueError)).mean(axis=0)
+
     def _row_correctness(self, a: np.ndarray, cals: list[Any] | None = None) -> np.ndarray:
         """``(B, n)``: per calibrator, each row's probability that the model is right."""
         q = _apply(self._cals if cals is None else cals, a, self.method)
@@ -493,16 +499,9 @@ class PerformanceEstimator:
 
     def _drop(self, c: np.ndarray, acc: float) -> dict[str, float]:
         """How far the estimate fell below the baseline, in standard errors of that difference
-        (the window's spread of estimated correctness and the reference's). A window of fewer
-        than :data:`MIN_SPREAD_ROWS` rows is too small to measure its own spread (one row's is
-        0, and its drop read dozens of standard errors): the reference's stands in for it,
-        the spread the window has when nothing moved."""
-        m = max(self.reference_rows, 1)
-        n = len(c)
-        spread = float(c.var()) if n >= MIN_SPREAD_ROWS else self.baseline_sd ** 2
-        se = math.sqrt(spread / n + self.baseline_sd ** 2 / m + 1e-12)
-        drop = self.baseline - acc
-        return {"accuracy_drop": drop, "drop_z": drop / se}
+        (:func:`drop_test`)."""
+        z = drop_test(c, self.baseline, self.baseline_sd, self.reference_rows)
+        return {"accuracy_drop": self.baseline - acc, "drop_z": z}
 
     # -- persistence --
     def to_dict(self) -> dict[str, Any]:
@@ -555,6 +554,32 @@ class PerformanceEstimator:
                               f"confidence in [0, 1] reached by 1..reference_rows "
                               f"({est.reference_rows}) rows, got {est.support_top_rows}")
         return est
+
+
+def drop_test(c: np.ndarray, baseline: float, baseline_sd: float, reference_rows: int, *,
+              pooled: bool = True) -> float:
+    """``(baseline - mean(c)) / se``: the drop of a window whose rows' estimated correctness is
+    ``c`` from the reference's ``baseline`` (mean over ``reference_rows`` rows, spread
+    ``baseline_sd``), in standard errors of the difference of the two means.
+
+    ``pooled`` (the default): one spread for both, the rows' pooled variance, so ``se^2 =
+    s^2 (1/n + 1/m)``, the two-sample statistic of "window and reference come from one
+    population". Unpooled (each mean its own sample's spread: what shipped until the
+    seventeenth round), a small reference that happens to be easier than the stream reads its
+    own spread on the same lucky rows, too small (60 rows with few hard ones), and unshifted
+    windows alarmed (8 of 10 in one generated case; docs/performance-estimation.md). A window of
+    fewer than :data:`MIN_SPREAD_ROWS` rows is too small to measure its own spread (one row's
+    is 0, and its drop read dozens of standard errors): the reference's stands in for it, the
+    spread the window has when nothing moved."""
+    m, n = max(int(reference_rows), 1), len(c)
+    v_ref = baseline_sd ** 2
+    v_win = float(c.var()) if n >= MIN_SPREAD_ROWS else v_ref
+    if pooled:
+        s2 = (n * v_win + m * v_ref) / (n + m)
+        var = s2 / n + s2 / m
+    else:
+        var = v_win / n + v_ref / m
+    return (baseline - float(c.mean())) / math.sqrt(var + 1e-12)
 
 
 def _withheld(n: int, support: Mapping[str, float]) -> dict[str, float]:

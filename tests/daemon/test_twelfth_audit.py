@@ -146,11 +146,14 @@ def test_the_drop_of_a_small_window_is_in_the_null_standard_error() -> None:
         n = len(window)
         se = est.baseline_sd * math.sqrt(1.0 / n + 1.0 / est.reference_rows)
         assert r["drop_z"] == pytest.approx(r["accuracy_drop"] / se, rel=1e-6), window
-    # large windows keep their own spread (what the benchmark measured)
+    # large windows measure their own spread, pooled with the reference's (the seventeenth
+    # round: docs/performance-estimation.md, "The band and the drop statistic")
     big = np.random.default_rng(1).random(500)
     r = est.estimate(big)
-    c = est._row_correctness(big).mean(axis=0)
-    se = math.sqrt(c.var() / 500 + est.baseline_sd ** 2 / est.reference_rows + 1e-12)
+    c = est.correctness(big)
+    m = est.reference_rows
+    s2 = (500 * c.var() + m * est.baseline_sd ** 2) / (500 + m)
+    se = math.sqrt(s2 / 500 + s2 / m + 1e-12)
     assert r["drop_z"] == pytest.approx(r["accuracy_drop"] / se)
 
 

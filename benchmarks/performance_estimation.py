@@ -329,6 +329,7 @@ def score_window(ests: dict[str, Any], p: np.ndarray, y: np.ndarray,
                                                   "accuracy_se_window")}
         row["lrwatch"][name]["se_cal_raw"] = r["accuracy_se_calibration"] / CAL_SCALE_NOW
         row["lrwatch"][name]["withheld"] = bool(r.get("withheld"))
+        row["lrwatch"][name]["drop_z_unpooled"] = unpooled_drop_z(est, p, r)
         row["lrwatch"][name]["support_pvalue"] = r.get("support_pvalue", 1.0)
         if p.ndim == 1:
             row["lrwatch"][name]["binary"] = {k: r[k] for k in ("precision", "recall", "f1",
@@ -336,6 +337,25 @@ def score_window(ests: dict[str, Any], p: np.ndarray, y: np.ndarray,
     if p.ndim == 1:
         row["binary_truth"] = binary_truth(p, y)
     return row
+
+
+def unpooled_drop_z(est: Any, p: np.ndarray, r: dict[str, Any]) -> float:
+    """The drop statistic that shipped until the seventeenth round (each mean with its own
+    spread; lrwatch/daemon/estimation.py: drop_test), on the same window: NaN where the
+    estimate is withheld."""
+    from lrwatch.daemon.estimation import drop_test
+
+    if r.get("withheld"):
+        return math.nan
+    return drop_test(est.correctness(p), est.baseline, est.baseline_sd, est.reference_rows,
+                     pooled=False)
+
+
+def with_unpooled_drop_test(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of the rows whose ``drop_z`` is the unpooled statistic: the detection table of
+    the drop test before the seventeenth round, on the same windows and estimates."""
+    return [dict(r, lrwatch={n: dict(v, drop_z=v.get("drop_z_unpooled", math.nan))
+                             for n, v in r["lrwatch"].items()}) for r in rows]
 
 
 def share_stats(est: Any, p: np.ndarray) -> dict[str, Any]:
@@ -751,6 +771,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for key, arm in (("modes", arms[SHARE_TEST]), ("modes_other_arm", arms[not SHARE_TEST])):
             chosen = attach_lodo(arm)
             out[key][mode] = summarise(arm, chosen, args)
+        # the drop test as it shipped before the seventeenth round, on the default arm's windows
+        before = with_unpooled_drop_test(arms[SHARE_TEST])
+        attach_lodo(before)
+        out.setdefault("drop_test_unpooled", {})[mode] = {
+            "detection": detection(before), "detection_noise": detection(before, "drop_noise")}
     out["settings"] = {"window": WINDOW, "seeds": args.seeds, "windows": args.windows,
                        "jitter": args.jitter, "models": args.models.split(","),
                        "datasets": args.datasets.split(","), "configs": CONFIGS,
@@ -848,6 +873,10 @@ def print_tables(out: dict[str, Any]) -> None:
     for mode, s in out["modes"].items():
         print(f"\n===== {mode} reference =====")
         _print_mode(s)
+    for mode, s in out.get("drop_test_unpooled", {}).items():
+        print(f"\n===== {mode} reference, the unpooled drop test (before the seventeenth "
+              f"round; same windows) =====")
+        _print_detection(s)
     other = "off" if out.get("share_test_default") else "on"
     for mode, s in out.get("modes_other_arm", {}).items():
         print(f"\n===== {mode} reference, share test {other} (same windows) =====")
@@ -889,6 +918,14 @@ def _print_mode(s: dict[str, Any]) -> None:
     for d, c in bc["by_dataset"].items():
         print(f"  {d:15s} " + ", ".join(f"{k} {v}" for k, v in c.items()))
     print(f"binary metrics, MAE in points: {s['binary_metrics']}")
+    _print_detection(s)
+    print("windows outside the reference's confidences (estimate withheld; min_pvalue: the "
+          "smallest support p-value; extrapolated: what the calibration would have exported)")
+    for g, t in s["support"].items():
+        print(f"  {g:28s} " + ", ".join(f"{k} {v}" for k, v in t.items()))
+
+
+def _print_detection(s: dict[str, Any]) -> None:
     for key, what in (("detection", "hard-example selection"),
                       ("detection_noise", "noisier inputs")):
         det = s[key]
@@ -902,10 +939,6 @@ def _print_mode(s: dict[str, Any]) -> None:
                       f"{det[m]['median_delay']}, missed {det[m]['missed']}/"
                       f"{det[m]['streams']}")
         print(f"  false alarms per 100 unshifted windows: {det['false_alarms_per_100']}")
-    print("windows outside the reference's confidences (estimate withheld; min_pvalue: the "
-          "smallest support p-value; extrapolated: what the calibration would have exported)")
-    for g, t in s["support"].items():
-        print(f"  {g:28s} " + ", ".join(f"{k} {v}" for k, v in t.items()))
 
 
 def main(argv: list[str] | None = None) -> None:

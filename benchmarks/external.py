@@ -33,6 +33,10 @@ protocol assumes of a task:
 * a regression or autoencoder target is a float tensor of shape ``(n, k)``; corruption
   negates it, so a loss that is unbounded below for negated targets needs its own ``Data``
   subclass with a ``corrupt`` that keeps targets valid;
+* the recovery benchmark's poisoned batch multiplies every float input and target by 1000
+  (``Data.poison``); a task whose float inputs or targets hold indices (node ids, a class
+  column) overrides ``poison`` in its ``Data`` subclass to keep them valid, or the benchmark
+  stops at that fault with an error naming the task;
 * ``families.split_idx``, ``standardise``, ``pc1`` and ``mlp`` are the suite's own building
   blocks (split, scaling, the subset key of ``Data``, a plain MLP).
 

@@ -129,6 +129,16 @@ class Data:
         """The whole held-out split (fixed for a seed)."""
         return self.x_eval, self.y_eval
 
+    def poison(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The recovery benchmark's poisoned batch: garbage inputs (every float input x 1000)
+        and wrong targets (float targets x 1000, class targets drawn at random), a huge, wrong
+        gradient. A task whose float inputs or targets hold indices (node ids, a class column)
+        overrides this to keep them valid."""
+        xb = xb * 1e3 if xb.is_floating_point() else xb
+        yb = (yb * 1e3 if yb.is_floating_point() else
+              torch.randint_like(yb, 0, max(2, self.n_classes)))
+        return xb, yb
+
     def corrupt(self, y: torch.Tensor, mask: torch.Tensor, g: torch.Generator,
                 mode: str) -> torch.Tensor:
         """A copy of targets ``y`` whose rows (LMs: sequences) under ``mask`` are corrupted.

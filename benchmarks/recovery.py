@@ -1300,14 +1300,25 @@ def fam_run(task_name: str, opt: str, mult: float, seed: int, *, fault: str | No
 
 def _fam_fault(fault: str | None, data: Any, xb: torch.Tensor, yb: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A poisoned batch: garbage inputs (x 1000) and wrong targets (a huge, wrong gradient);
-    any other fault leaves the batch as it is (a NaN batch is made at the loss)."""
-    if fault != "poisoned_batch":
-        return xb, yb
-    xb = xb * 1e3 if xb.is_floating_point() else xb
-    yb = (yb * 1e3 if yb.is_floating_point() else
-          torch.randint_like(yb, 0, max(2, data.n_classes)))
-    return xb, yb
+    """A poisoned batch (``Data.poison``: garbage inputs, wrong targets); any other fault
+    leaves the batch as it is (a NaN batch is made at the loss)."""
+    return data.poison(xb, yb) if fault == "poisoned_batch" else (xb, yb)
+
+
+def _fam_loss(task: Any, model: nn.Module, xb: torch.Tensor, yb: torch.Tensor,
+              poisoned: bool) -> torch.Tensor:
+    """The batch's loss; a poisoned batch the task's model or loss cannot take (float columns
+    that hold indices, multiplied with the rest) stops with an error that names the fix."""
+    if not poisoned:
+        return task.loss(model(xb), yb)
+    try:
+        return task.loss(model(xb), yb)
+    except (IndexError, RuntimeError, ValueError) as e:
+        raise SystemExit(
+            f"task {task.name}: its model or loss cannot take the poisoned batch (every float "
+            f"input and target x 1000, Data.poison): {type(e).__name__}: {e}. If its float "
+            f"inputs or targets hold indices, give its Data a poison(xb, yb) that keeps them "
+            f"valid (benchmarks/external.py)") from e
 
 
 def _fam_loop(task: Any, data: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -1328,7 +1339,7 @@ def _fam_loop(task: Any, data: Any, model: nn.Module, optimizer: torch.optim.Opt
         if hit:
             faulted = True
             xb, yb = _fam_fault(fault, data, xb, yb)
-        loss = task.loss(model(xb), yb)
+        loss = _fam_loss(task, model, xb, yb, hit and fault == "poisoned_batch")
         if fault == "nan_batch" and hit:
             loss = loss * float("nan")
         optimizer.zero_grad(set_to_none=True)

@@ -229,3 +229,38 @@ def test_a_classifier_without_accuracy_is_an_error_not_a_nan() -> None:
     assert bench.fam_value(SimpleNamespace(name="reg", classification=False), run) == 0.4
     assert math.isnan(bench.fam_value(SimpleNamespace(name="reg", classification=False),
                                       {"finite": False, "final": {}}))
+
+
+def test_a_poisoned_batch_a_task_cannot_take_names_the_task_and_the_fix() -> None:
+    """Blind set AM's Poincare embedding keeps node ids in a float input: the poisoned batch
+    (x 1000) stopped the benchmark with a bare IndexError from inside the model."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch import nn
+
+    from benchmarks import families as fam
+
+    table = nn.Embedding(10, 3)
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        return table(x.long()).sum(-1)
+
+    task = SimpleNamespace(name="ids_as_floats",
+                           loss=lambda out, y: ((out - y) ** 2).mean())
+    xb, yb = torch.tensor([1.0, 2.0, 3.0]), torch.zeros(3)
+    assert bench._fam_loss(task, model, xb, yb, poisoned=False).ndim == 0
+    data = fam.Data.__new__(fam.Data)
+    data.n_classes = 0
+    px, py = bench._fam_fault("poisoned_batch", data, xb, yb)
+    assert torch.equal(px, xb * 1e3)
+    with pytest.raises(SystemExit, match="task ids_as_floats: .*poison"):
+        bench._fam_loss(task, model, px, py, poisoned=True)
+
+    class KeepIds(fam.Data):           # the fix the message names
+        def poison(self, xb, yb):
+            return xb, yb * 1e3
+    keep = KeepIds.__new__(KeepIds)
+    px, py = bench._fam_fault("poisoned_batch", keep, xb, yb)
+    assert torch.equal(px, xb)
+    assert bench._fam_loss(task, model, px, py, poisoned=True).ndim == 0

@@ -105,6 +105,7 @@ _BLIND_WOULD_DIVERGE = {
     "AJ": ("recovery_blind_aj.json", "wd", "defaults"),
     "AK": ("recovery_blind_ak_wd.json", "wd", "defaults"),
     "AL": ("recovery_blind_al.json", "wd", "now"),
+    "AM": ("recovery_blind_am_wd.json", "wd", "defaults"),
 }
 
 
@@ -200,7 +201,7 @@ def test_the_readme_quotes_the_newest_blind_sets() -> None:
         if part == "wd" and blind >= "AH":       # the sets whose would-diverge part is stored alone
             ok, n = _healed(blind)
             assert f"{ok} of {n}" in recovery, blind
-    assert "On the newest set of five families, scored once (sixteenth round, AL:" in recovery
+    assert "On the newest set of five families, scored once (seventeenth round, AM:" in recovery
 
 
 def test_the_readmes_stall_false_call_rates_are_the_stored_rows() -> None:

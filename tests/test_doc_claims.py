@@ -157,6 +157,26 @@ def test_the_suites_lofo_tables_and_anchors_are_the_stored_run() -> None:
             f"caught, {spike['false_alarms_healthy']} of {spike['healthy']} healthy runs") in _doc("README.md")
 
 
+
+def test_the_seventeenth_rounds_lofo_folds_are_the_stored_run() -> None:
+    """The seventeenth round reran the suite's LOFO search with its pack, fold by fold within
+    its time (``benchmarks/lofo_folds.py``); the status table's LOFO cell and the headline
+    section quote each finished fold, and the pooled row only when every fold ran."""
+    run = _result("detection_suite_lofo_seventeenth.json")
+    doc = _doc("docs/detection.md")
+    section = doc.split("**The seventeenth round's pack, fold by fold**", 1)[1].split("The stored run", 1)[0]
+    cell = doc.split("| faults caught >= 0.92 | ", 1)[1].split(" | ", 1)[0]
+    for family in run["held_out_done"]:
+        a = run["lofo"]["by_family"][family]
+        assert (f"| {family} | {_pct(a['caught'], a['faults'])} ({a['caught']}/{a['faults']}) | "
+                f"{_pct(a['warned'], a['nonfinite_runs'])} ({a['warned']}/{a['nonfinite_runs']}) |"
+                ) in section, family
+        assert f"{family} {a['caught']}/{a['faults']}" in cell, family
+    pooled = run["lofo"]["all"]
+    claim = f"**{_pct(pooled['caught'], pooled['faults'])}** ({pooled['caught']}/{pooled['faults']}"
+    assert (claim in cell) == run["complete"], "the pooled LOFO number belongs to a complete run"
+
+
 def test_the_sync_audit_table_is_the_stored_runs() -> None:
     """docs/overhead.md's sync table, before and after the fixes, against the stored audits."""
     doc = _doc("docs/overhead.md")

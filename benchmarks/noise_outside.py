@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.disagreement_outside import accuracy, proba   # (the same scoring)
+
 WINDOW, NULL_WINDOWS, DROP_WINDOWS = 500, 10, 6
 REFERENCES = (3000, 60)
 LEVELS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
@@ -92,17 +94,6 @@ def model(name: str) -> Any:
             "mlp": make_pipeline(StandardScaler(), MLPClassifier((32, 32), max_iter=500,
                                                                  random_state=0)),
             "knn": make_pipeline(StandardScaler(), KNeighborsClassifier(15))}[name]
-
-
-def proba(m: Any, x: np.ndarray) -> np.ndarray:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        p = m.predict_proba(x)
-    return p[:, 1] if p.shape[1] == 2 else p
-
-
-def accuracy(p: np.ndarray, y: np.ndarray) -> float:
-    return float((((p >= 0.5).astype(int) if p.ndim == 1 else p.argmax(1)) == y).mean())
 
 
 INFORMATIVE = {"xor": 0, "spirals": 0, "checker": 0, "hetero": 0, "mc5": 0, "spheres": 0}

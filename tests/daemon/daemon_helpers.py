@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -63,6 +64,14 @@ def saved_binary_reference(factory: Any, seed: int, n: int, sims: int, name: str
     return path
 
 
+def _sighup_default() -> None:
+    """The daemon starts with SIGHUP's default disposition, as from a terminal, whatever the
+    test runner inherited: under `nohup pytest` (or a CI runner that ignores SIGHUP) the
+    daemon kept SIGHUP ignored, as it should, and the SIGHUP test waited for an exit that
+    never came."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def start_daemon_process(reference: str, state: str, port: int, log: str = os.devnull,
                          extra: tuple[str, ...] = ()) -> "subprocess.Popen[bytes]":
     """``lrwatch daemon`` as a real process on ``port`` with a state directory, up (healthz)
@@ -71,7 +80,7 @@ def start_daemon_process(reference: str, state: str, port: int, log: str = os.de
         proc = subprocess.Popen(
             [sys.executable, "-m", "lrwatch", "daemon", "--reference", reference, "--state-dir",
              state, "--port", str(port), "--window-size", str(WINDOW), "-v", *extra],
-            stdout=subprocess.DEVNULL, stderr=err)
+            stdout=subprocess.DEVNULL, stderr=err, preexec_fn=_sighup_default)
     wait_until(lambda: http_status(port, "/healthz") == 200 or proc.poll() is not None,
                timeout=60, message="daemon up")
     assert proc.poll() is None, open(log).read()[-3000:] if log != os.devnull else "exited"

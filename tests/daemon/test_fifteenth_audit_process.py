@@ -17,10 +17,6 @@ from daemon_helpers import (WINDOW, assert_balanced, edited_state, http_status, 
                             start_daemon_process)
 from services import free_port, http_request, wait_until
 
-# A guard against a hang, not a timing claim: under a loaded CI machine (2 cores, two test
-# workers, other suites' gloo ranks) the drain and last snapshot once took over 30 s.
-HANG_S = 120
-
 
 # --- records glued together on one line are counted one by one --------------------------------
 def test_records_glued_on_one_line_are_each_counted_as_refused(run_daemon: Any) -> None:
@@ -63,7 +59,7 @@ def test_sighup_stops_the_daemon_cleanly_with_a_last_snapshot(reference_path: st
         body = "\n".join(json.dumps(make_record(rng, i)) for i in range(WINDOW + 7)).encode()
         assert _post(port, "/v1/predictions", body)[0] == 200
         proc.send_signal(signal.SIGHUP)
-        assert proc.wait(HANG_S) == 0, open(log).read()[-3000:]
+        assert proc.wait(30) == 0, open(log).read()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -79,7 +75,7 @@ def test_sighup_stops_the_daemon_cleanly_with_a_last_snapshot(reference_path: st
             "counters"]["predictions"] == WINDOW + 7
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(HANG_S) == 0
+        assert proc.wait(30) == 0
     assert "replayed" not in open(log).read()
     # under nohup (SIGHUP ignored when the process starts) it stays ignored
     nohup_log = str(tmp_path / "nohup.log")
@@ -94,7 +90,7 @@ def test_sighup_stops_the_daemon_cleanly_with_a_last_snapshot(reference_path: st
                    timeout=60, message="daemon up")
         proc.send_signal(signal.SIGHUP)
         proc.send_signal(signal.SIGTERM)   # delivered after the SIGHUP (a lower number)
-        assert proc.wait(HANG_S) == 0
+        assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -151,12 +147,12 @@ def test_a_tailed_path_that_becomes_a_directory_is_said_once_and_counted_once(
         data.mkdir()
         wait_until(lambda: _metric(port, problem) == 2.0, timeout=30, message="again")
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(HANG_S) == 0
+        assert proc.wait(30) == 0
         proc = start_daemon_process(reference_path, state, port, log)  # the count survives a restart
         assert _metric(port, problem) == 2.0
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(HANG_S)
+        proc.wait(30)
 
 
 # --- a hand-edited or damaged state.json ---------------------------------------------------------
@@ -242,7 +238,7 @@ def test_a_daemon_process_starts_on_a_hand_edited_state_file(reference_path: str
         assert _post(port, "/v1/predictions", body)[0] == 200
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(HANG_S) == 0
+        assert proc.wait(30) == 0
     with open(os.path.join(state, "state.json")) as fh:
         edited = json.load(fh)
     edited["counters"]["predictions"] = "x"
@@ -256,7 +252,7 @@ def test_a_daemon_process_starts_on_a_hand_edited_state_file(reference_path: str
                 == 1.0
         finally:
             proc.send_signal(signal.SIGTERM)
-            assert proc.wait(HANG_S) == 0
+            assert proc.wait(30) == 0
     out = open(log).read()
     assert "Traceback" not in out and out.count("cannot be restored") == 2, out[-3000:]
     assert "no state of version 1: 'version' is missing" in out

@@ -14,6 +14,7 @@ from torch import nn
 
 import lrwatch
 from flag_rules import NONFINITE_ROLLBACK, flag_rule, write_flag_rules
+from fp16_steps import fp16_step
 from run_mean import RunMean
 from lrwatch.actions.snapshot import capture_state, load_verified, restore_state
 from lrwatch.recovery.policy import Progress, RecoveryConfig, RecoveryPolicy, SnapshotInfo
@@ -471,15 +472,8 @@ def _skipping_run(tmp_path: Path, watch: bool, omit: int | None = None
     for i in (w.batches(range(40)) if w is not None else range(40)):
         if i == omit:
             continue
-        x, y = _data(i)
-        opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.float16):
-            loss = nn.functional.cross_entropy(model(x), y)
-        scaler.scale(loss).backward()
-        before = scaler.get_scale()
-        scaler.step(opt)
-        scaler.update()
-        if scaler.get_scale() >= before:
+        loss, applied = fp16_step(model, opt, scaler, *_data(i))
+        if applied:
             sched.step()
         if w is not None:
             w.log(loss=loss.detach(), poison=float(w.step == 22 and not w.rollbacks))

@@ -13,6 +13,7 @@ from torch import nn
 
 import lrwatch
 from flag_rules import flag_rule, write_flag_rules
+from fp16_steps import fp16_step
 
 
 def _data(i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,15 +41,8 @@ def _skipped_epoch_run(tmp_path: Path, poison: bool) -> tuple[Any, list[float], 
     ends, skipped = [], []
     for epoch in range(5):
         for i in w.batches(range(epoch * 10, epoch * 10 + 10)):
-            x, y = _data(i)
-            opt.zero_grad()
-            with torch.autocast("cpu", dtype=torch.float16):
-                loss = nn.functional.cross_entropy(model(x), y)
-            scaler.scale(loss).backward()
-            before = scaler.get_scale()
-            scaler.step(opt)
-            scaler.update()
-            if scaler.get_scale() < before:
+            loss, applied = fp16_step(model, opt, scaler, *_data(i))
+            if not applied:
                 skipped.append(w.step)
             w.log(loss=loss.detach(), poison=float(poison and w.step == 12 and not w.rollbacks))
         with warnings.catch_warnings():   # (torch's: every optimizer step skipped so far)
